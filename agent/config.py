@@ -1,0 +1,217 @@
+"""Agent configuration: YAML in, a validated frozen tree out.
+
+Every problem is reported as one ConfigError sentence naming the key; the CLI turns it
+into exit code 2 before anything is applied to the host.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_RULES = PACKAGE_DIR / "rules" / "network.yaml"
+DEFAULT_CONFIG = PACKAGE_DIR / "config" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message is meant for the operator as is."""
+
+
+@dataclass(frozen=True)
+class Allowlist:
+    management: tuple[str, ...] = ()     # operators' networks: never blocked
+    mesh: tuple[str, ...] = ()           # mesh control plane: never blocked
+    load_balancers: tuple[str, ...] = ()  # exempt from connection-rate rules, never blocked
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False)
+                for n in (*self.management, *self.mesh, *self.load_balancers)]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    packets_per_second: int = 20
+    burst: int = 40
+
+
+@dataclass(frozen=True)
+class Reroute:
+    sinkhole_v4: str | None = None   # DNAT target for rerouted IPv4 sources
+    sinkhole_v6: str | None = None
+    mark: int | None = None          # packet mark for policy routing (ip rule fwmark)
+
+
+@dataclass(frozen=True)
+class Enforce:
+    set_size: int = 65536
+    rate_limit: RateLimit = RateLimit()
+    service_rate_limit: RateLimit = RateLimit(packets_per_second=100, burst=200)
+    reroute: Reroute = Reroute()
+
+
+@dataclass(frozen=True)
+class MitigationPolicy:
+    default_ttl_s: float = 600.0
+    max_ttl_s: float = 86400.0
+    repeat_factor: float = 2.0        # each earlier mitigation of the same target multiplies the ttl
+    repeat_window_s: float = 86400.0  # how far back earlier mitigations count
+    max_sources_per_rule: int = 64    # per minute; beyond it the response targets the service
+
+
+@dataclass(frozen=True)
+class Probes:
+    map_entries: int = 65536          # LRU size of per-source maps
+    window_ms: int = 1000             # kernel counting window
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = "/var/lib/swarm-agent"
+    run_dir: str = "/run/swarm-agent"
+    rules_file: str | None = None
+    dry_run: bool = False
+    log_level: str = "info"
+    interfaces: tuple[str, ...] = ()  # empty: every non-loopback interface in the namespace
+    allowlist: Allowlist = Allowlist()
+    mitigation: MitigationPolicy = MitigationPolicy()
+    enforce: Enforce = Enforce()
+    probes: Probes = Probes()
+
+    @property
+    def rules_path(self) -> Path:
+        return Path(self.rules_file) if self.rules_file else DEFAULT_RULES
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.state_dir) / "agent.db"
+
+    @property
+    def status_path(self) -> Path:
+        return Path(self.state_dir) / "status.json"
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a config file; None gives the defaults."""
+    if path is None:
+        return validate(Config())
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p} must be a mapping of keys to values")
+    return validate(_build(Config, data, ""))
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".")
+    text = str(hint)
+    if text.startswith("tuple"):
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings")
+        return tuple(value)
+    if value is None and "None" in text:
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false")
+        return value
+    if hint is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string")
+    return value
+
+
+def _check_networks(key: str, values: tuple[str, ...]) -> None:
+    for v in values:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}: {v!r} is not an IP address or CIDR") from None
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that need more than a type; raises ConfigError."""
+    for name in ("management", "mesh", "load_balancers"):
+        _check_networks(f"allowlist.{name}", getattr(cfg.allowlist, name))
+    rr = cfg.enforce.reroute
+    for key, val, version in (("sinkhole_v4", rr.sinkhole_v4, 4), ("sinkhole_v6", rr.sinkhole_v6, 6)):
+        if val is None:
+            continue
+        try:
+            if ipaddress.ip_address(val).version != version:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"enforce.reroute.{key}: {val!r} is not an IPv{version} address") from None
+    if rr.mark is not None and not 0 < rr.mark < 2**32:
+        raise ConfigError("enforce.reroute.mark must be between 1 and 4294967295")
+    positive = {
+        "enforce.set_size": cfg.enforce.set_size,
+        "enforce.rate_limit.packets_per_second": cfg.enforce.rate_limit.packets_per_second,
+        "enforce.rate_limit.burst": cfg.enforce.rate_limit.burst,
+        "enforce.service_rate_limit.packets_per_second": cfg.enforce.service_rate_limit.packets_per_second,
+        "enforce.service_rate_limit.burst": cfg.enforce.service_rate_limit.burst,
+        "mitigation.default_ttl_s": cfg.mitigation.default_ttl_s,
+        "mitigation.max_ttl_s": cfg.mitigation.max_ttl_s,
+        "mitigation.repeat_window_s": cfg.mitigation.repeat_window_s,
+        "mitigation.max_sources_per_rule": cfg.mitigation.max_sources_per_rule,
+        "probes.map_entries": cfg.probes.map_entries,
+        "probes.window_ms": cfg.probes.window_ms,
+    }
+    for key, val in positive.items():
+        if val <= 0:
+            raise ConfigError(f"{key} must be greater than 0 (got {val})")
+    if cfg.mitigation.repeat_factor < 1:
+        raise ConfigError("mitigation.repeat_factor must be at least 1")
+    if cfg.mitigation.max_ttl_s < cfg.mitigation.default_ttl_s:
+        raise ConfigError("mitigation.max_ttl_s must not be below mitigation.default_ttl_s")
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level must be one of debug, info, warning, error")
+    if cfg.rules_file is not None and not Path(cfg.rules_file).is_file():
+        raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
+    return cfg
+
+
+def check_interfaces(cfg: Config) -> None:
+    """Interfaces must exist in this network namespace (checked at start, not at load)."""
+    for name in cfg.interfaces:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise ConfigError(f"interfaces: no interface named {name!r} in this network namespace") from None

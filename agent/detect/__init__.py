@@ -1,0 +1,1 @@
+"""detect stage; see DESIGN.md."""

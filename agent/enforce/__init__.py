@@ -1,0 +1,1 @@
+"""enforce stage; see DESIGN.md."""

@@ -1,0 +1,154 @@
+"""The core model shared by every stage: Event -> Finding -> Incident -> Mitigation.
+
+Times: `*_ns` fields named `mono` are CLOCK_MONOTONIC nanoseconds (the clock BPF's
+bpf_ktime_get_ns() and time.monotonic_ns() share), used for latency; wall-clock times
+are float seconds since the epoch (`*_at`), used for storage and display.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class EventClass(enum.StrEnum):
+    """The four rows of the specification table, with their deadlines."""
+
+    SECURITY_BREACH = "security_breach"
+    POLICY_VIOLATION = "policy_violation"
+    SUSPICIOUS_ACTIVITY = "suspicious_activity"
+    SYSTEM_ATTACK = "system_attack"
+
+    @property
+    def deadline_s(self) -> float:
+        return _DEADLINES_S[self]
+
+
+_DEADLINES_S = {
+    EventClass.SECURITY_BREACH: 60.0,
+    EventClass.POLICY_VIOLATION: 300.0,
+    EventClass.SUSPICIOUS_ACTIVITY: 900.0,
+    EventClass.SYSTEM_ATTACK: 30.0,
+}
+
+
+class Severity(enum.StrEnum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class IncidentState(enum.StrEnum):
+    OPEN = "open"
+    MITIGATED = "mitigated"
+    ESCALATED = "escalated"
+    RESOLVED = "resolved"
+    FALSE_POSITIVE = "false_positive"
+
+
+class MitigationKind(enum.StrEnum):
+    BLOCK_IP = "block_ip"                # target: address or CIDR
+    RATE_LIMIT = "rate_limit"            # target: address or CIDR
+    REROUTE = "reroute"                  # target: address or CIDR
+    RATE_LIMIT_SERVICE = "rate_limit_service"  # target: "tcp/80", "udp/53"
+    REMOVE_PEER = "remove_peer"
+    ISOLATE_NODE = "isolate_node"
+    ISOLATE_SERVICE = "isolate_service"
+    KILL_PROCESS = "kill_process"
+    FREEZE_CGROUP = "freeze_cgroup"
+
+
+class MitigationState(enum.StrEnum):
+    ACTIVE = "active"
+    DRY_RUN = "dry_run"      # recorded, not applied (dry-run mode)
+    LIFTED = "lifted"        # removed by an operator
+    EXPIRED = "expired"      # its lifetime ran out
+    FAILED = "failed"        # could not be applied; the incident says why
+
+
+def mono_ns() -> int:
+    return time.monotonic_ns()
+
+
+def mono_to_wall(mono: int) -> float:
+    """Convert a CLOCK_MONOTONIC timestamp to wall-clock seconds."""
+    return time.time() - (time.monotonic_ns() - mono) / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What a source saw. `subject` is an address ("10.0.0.1", "2001:db8::1") or a
+    service ("tcp/80"); `first_mono_ns` is when the evidence it carries began (the start
+    of the kernel's counting window), `mono_ns` when it was observed."""
+
+    kind: str
+    subject: str
+    mono_ns: int
+    first_mono_ns: int
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A rule fired. `entity` is "ip:<addr>" or "service:<proto>/<port>"."""
+
+    rule_id: str
+    rule_version: int
+    event_class: EventClass
+    severity: Severity
+    entity: str
+    action: str                  # what the rule asks for: block, rate_limit, reroute, report
+    first_mono_ns: int           # time of the first evidence
+    detected_mono_ns: int
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def rule(self) -> str:
+        return f"{self.rule_id}@{self.rule_version}"
+
+
+@dataclass(slots=True)
+class Incident:
+    id: str
+    event_class: EventClass
+    entity: str
+    severity: Severity
+    state: IncidentState
+    first_seen_at: float
+    detected_at: float
+    mitigated_at: float | None = None
+    resolved_at: float | None = None
+    rules: list[str] = field(default_factory=list)
+    findings: int = 1
+    summary: str = ""
+
+
+@dataclass(slots=True)
+class Mitigation:
+    """A host change owned by the agent. `expires_at` None means until lifted."""
+
+    kind: MitigationKind
+    target: str
+    created_at: float
+    expires_at: float | None
+    incident_id: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    state: MitigationState = MitigationState.ACTIVE
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    reason: str = ""
+
+    def remaining_s(self, now: float) -> float | None:
+        return None if self.expires_at is None else max(0.0, self.expires_at - now)
+
+
+def parse_target(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address or CIDR as a network; raises ValueError with a readable message."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP address or CIDR: {text!r}") from None

@@ -1,0 +1,1 @@
+"""respond stage; see DESIGN.md."""

@@ -1,0 +1,1 @@
+"""state stage; see DESIGN.md."""

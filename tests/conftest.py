@@ -1,0 +1,59 @@
+"""Shared fixtures.
+
+`privileged` tests need root, BPF, nftables and network namespaces. A user without them
+gets a clear skip; in CI (CI=true) a missing capability is a failure, never a skip.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from agent.lab import Lab
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing_privileges() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (BPF, nftables and network namespaces)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"needs the {tool!r} command (run install.sh)"
+    return None
+
+
+def require_privileges() -> None:
+    reason = _missing_privileges()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"CI must run privileged tests, but: {reason}")
+        pytest.skip(reason)
+
+
+def skip_unsupported(reason: str) -> None:
+    """Skip for something this host does not support; in CI that is a failure."""
+    if IN_CI:
+        pytest.fail(f"unsupported in CI: {reason}")
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("privileged"):
+            item.fixturenames.insert(0, "_privileged")
+
+
+@pytest.fixture
+def _privileged():
+    require_privileges()
+
+
+@pytest.fixture
+def lab():
+    """An attacker and a victim namespace joined by veth (see agent.lab.Lab); removed after
+    the test, with every process left inside them."""
+    require_privileges()
+    with Lab() as built:
+        yield built
