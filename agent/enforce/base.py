@@ -1,0 +1,95 @@
+"""The enforcer contract: every enforcer applies, lifts and reconciles, and has a dry-run twin.
+
+Only `agent.enforce` changes the host. Callers (the responder, the control API) hold
+Mitigation objects; an enforcer turns them into kernel state and back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+from agent.model import Mitigation
+
+
+class EnforceError(RuntimeError):
+    """A host change failed; nothing of the batch was applied. `batch` is what was sent."""
+
+    def __init__(self, message: str, batch: Any = None):
+        super().__init__(message)
+        self.batch = batch
+
+
+class AllowlistedError(EnforceError):
+    """The target lies inside the allowlist: it is reported, never blocked."""
+
+
+class UnsupportedMitigation(EnforceError):
+    """This enforcer does not handle that kind of mitigation."""
+
+
+@dataclass
+class Drift:
+    """What reconcile found different from the desired state and put right."""
+
+    table_recreated: bool = False
+    elements_added: list[str] = field(default_factory=list)
+    elements_removed: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.table_recreated or bool(self.elements_added or self.elements_removed)
+
+
+class Enforcer(Protocol):
+    def setup(self, desired: Sequence[Mitigation], now: float) -> None:
+        """Create (or replace) the agent's state on the host, holding exactly `desired`."""
+
+    def apply(self, m: Mitigation, now: float) -> None:
+        """Put one mitigation in force with its remaining lifetime; atomic."""
+
+    def lift(self, m: Mitigation) -> None:
+        """Remove one mitigation; lifting one that is already gone is not an error."""
+
+    def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
+        """Compare the host with `desired`, repair any difference atomically, say what changed."""
+
+    def remove(self) -> None:
+        """Remove everything the agent owns on the host, and nothing else."""
+
+    def is_allowlisted(self, target: str) -> bool:
+        """True when `target` (address or CIDR) lies within the allowlist."""
+
+
+class DryRunEnforcer:
+    """Records what would have been done; never touches the host."""
+
+    def __init__(self, allowlisted: Sequence[str] = ()):
+        import ipaddress
+
+        self._allow = [ipaddress.ip_network(n, strict=False) for n in allowlisted]
+        self.actions: list[tuple[str, str, str]] = []   # (verb, kind, target)
+
+    def setup(self, desired: Sequence[Mitigation], now: float) -> None:
+        self.actions.append(("setup", "", str(len(desired))))
+
+    def apply(self, m: Mitigation, now: float) -> None:
+        if self.is_allowlisted(m.target):
+            raise AllowlistedError(f"{m.target} is allowlisted")
+        self.actions.append(("apply", m.kind.value, m.target))
+
+    def lift(self, m: Mitigation) -> None:
+        self.actions.append(("lift", m.kind.value, m.target))
+
+    def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
+        return Drift()
+
+    def remove(self) -> None:
+        self.actions.append(("remove", "", ""))
+
+    def is_allowlisted(self, target: str) -> bool:
+        import ipaddress
+
+        try:
+            net = ipaddress.ip_network(target, strict=False)
+        except ValueError:
+            return False
+        return any(net.version == a.version and net.subnet_of(a) for a in self._allow)
