@@ -15,7 +15,7 @@ import yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_RULES = PACKAGE_DIR / "rules" / "network.yaml"
-DEFAULT_CONFIG = PACKAGE_DIR / "config" / "default.yaml"
+SYSTEM_CONFIG = Path("/etc/swarm-agent/config.yaml")
 
 
 class ConfigError(ValueError):

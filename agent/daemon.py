@@ -1,0 +1,241 @@
+"""The agent process: one asyncio loop whose TaskGroup owns the probe, the drift watcher
+and housekeeping. Data flows sources -> detect -> respond -> enforce.
+
+Ready (status file `ready: true`, sd_notify READY=1) only after the table is reconciled
+with the database and the probes are attached. The first SIGTERM/SIGINT stops gracefully;
+a second exits at once. Mitigations stay in the kernel across a restart (they carry their
+own timeouts) and are re-asserted from the database on the next start.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+from agent import __version__
+from agent.config import Config, ConfigError, check_interfaces
+from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
+from agent.enforce.base import DryRunEnforcer, EnforceError
+from agent.model import Event
+from agent.respond.engine import Responder
+from agent.state.store import Store
+
+log = logging.getLogger("swarm_agent")
+
+HOUSEKEEPING_S = 0.5
+STATUS_EVERY_S = 2.0
+RECONCILE_EVERY_S = 5.0   # a backstop: change notifications can be lost (ENOBUFS)
+
+
+def netns_id() -> str:
+    """The inode of this process's network namespace, to tell agents apart."""
+    return os.readlink("/proc/self/ns/net")
+
+
+class Agent:
+    """Wires one namespace's sources, detector, responder and enforcer together."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        try:
+            self.rules = load_rules(cfg.rules_path)
+        except RuleError as e:
+            raise ConfigError(str(e)) from None
+        self.detector = Detector(self.rules, cfg)
+        self.counters: Counter[str] = Counter()
+        self.started_at = time.time()
+        self.probe = None
+        self.probe_status: dict[str, dict[str, str]] = {}
+        self.last_drift_at: float | None = None
+        self._lock_fd: int | None = None
+        self.ready = False
+
+    # -- start-up: everything that can fail with a clear sentence happens here -------------
+
+    def prepare(self) -> None:
+        check_interfaces(self.cfg)
+        state = Path(self.cfg.state_dir)
+        try:
+            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = os.open(state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise ConfigError(f"state_dir {state}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another agent is already running with state_dir {state}") from None
+        self.store = Store(self.cfg.db_path)
+        self.enforcer = self._make_enforcer()
+        self.responder = Responder(self.cfg, self.store, self.enforcer)
+        now = time.time()
+        self.enforcer.setup(self.responder.desired(now), now)
+        self._open_probe()
+
+    def _make_enforcer(self):
+        if self.cfg.dry_run:
+            return DryRunEnforcer([str(n) for n in self.cfg.allowlist.networks()])
+        from agent.enforce.nft import NftEnforcer
+
+        return NftEnforcer(self.cfg)
+
+    def _open_probe(self) -> None:
+        try:
+            from agent.sources.net import NetProbe
+
+            probe = NetProbe(self.cfg.probes, list(self.cfg.interfaces), kernel_thresholds(self.rules))
+            probe.open()
+        except (OSError, RuntimeError, ImportError) as e:
+            # The agent keeps enforcing and answering without its network probe.
+            reason = getattr(e, "strerror", None) or str(e)
+            self.probe_status = {"net": {"state": "failed", "reason": reason}}
+            log.error("network probe unavailable", extra={"reason": reason})
+            return
+        self.probe = probe
+        self.probe_status = probe.status()
+
+    # -- the pipeline -----------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        """Called for every decoded kernel alert, on the loop thread."""
+        self.counters[f"events.{event.kind}"] += 1
+        for finding in self.detector.evaluate(event, event.mono_ns):
+            self.counters[f"findings.{finding.rule}"] += 1
+            incident = self.responder.handle(finding)
+            log.info("finding", extra={"rule": finding.rule, "entity": finding.entity,
+                                       "incident": incident.id, "state": str(incident.state)})
+
+    def on_drift(self) -> None:
+        now = time.time()
+        try:
+            drift = self.enforcer.reconcile(self.responder.desired(now), now)
+        except EnforceError as e:
+            log.error("reconcile failed", extra={"error": str(e)})
+            self.counters["reconcile.failed"] += 1
+            return
+        if drift:
+            self.last_drift_at = now
+            self.counters["reconcile.repaired"] += 1
+            log.warning("nftables drift repaired", extra={
+                "table_recreated": drift.table_recreated, "added": drift.elements_added,
+                "removed": drift.elements_removed})
+
+    async def housekeeping(self) -> None:
+        last_status = last_reconcile = 0.0
+        while True:
+            now = time.time()
+            for m in self.responder.expire(now):
+                log.info("mitigation expired", extra={"kind": str(m.kind), "target": m.target})
+            if now - last_reconcile >= RECONCILE_EVERY_S:
+                self.on_drift()
+                last_reconcile = now
+            if now - last_status >= STATUS_EVERY_S:
+                self.write_status()
+                last_status = now
+            await asyncio.sleep(HOUSEKEEPING_S)
+
+    async def watch_table(self) -> None:
+        if self.cfg.dry_run:
+            return
+        from agent.enforce.monitor import NftMonitor, watch
+
+        monitor = NftMonitor()
+        try:
+            await watch(monitor, self.on_drift)
+        finally:
+            monitor.close()
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        if self.probe is not None:
+            self.probe_status = self.probe.status()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "netns": netns_id(),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "ready": self.ready,
+            "dry_run": self.cfg.dry_run,
+            "probes": self.probe_status,
+            "ringbuf_losses": self.probe.losses() if self.probe else 0,
+            "counters": dict(self.counters),
+            "last_drift_at": self.last_drift_at,
+            "rules": [f"{r.id}@{r.version}" for r in self.rules],
+        }
+
+    def write_status(self) -> None:
+        path = self.cfg.status_path
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        os.replace(tmp, path)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.prepare()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.probe is not None:
+                    tg.create_task(self.probe.run(self.on_event))
+                tg.create_task(self.watch_table())
+                tg.create_task(self.housekeeping())
+                self.ready = True
+                self.write_status()
+                sd_notify("READY=1")
+                log.info("agent ready", extra={"probes": self.probe_status, "dry_run": self.cfg.dry_run})
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.ready = False
+        if self.probe is not None:
+            self.probe.close()
+        with contextlib.suppress(OSError):
+            self.write_status()
+        if getattr(self, "store", None) is not None:
+            self.store.close()
+
+
+def sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
+
+
+def run_forever(cfg: Config) -> None:
+    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    agent = Agent(cfg)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        stopping = False
+
+        def on_signal() -> None:
+            nonlocal stopping
+            if stopping:
+                os._exit(1)
+            stopping = True
+            log.info("stopping")
+            task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent.run()
+
+    asyncio.run(main())

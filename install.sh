@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Sets up this host to run swarm-agent from a checkout. Idempotent: installs only what is
+# missing (Debian packages, the venv, the compiled probes), so running it again is cheap.
+#
+#   sudo ./install.sh          # runtime: system packages, .venv, probes
+#   sudo ./install.sh --test   # the same plus the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")"
+
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_tests=1 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install.sh: run as root (it installs Debian packages and builds BPF probes)" >&2
+  exit 2
+fi
+
+# Runtime: Debian's python3 (its python3-nftables binding is the libnftables JSON API),
+# libbpf1, nftables, iproute2. Build: clang/llvm and libbpf headers for the CO-RE probes,
+# bpftool to generate vmlinux.h from the kernel's BTF.
+packages=(python3 python3-venv python3-nftables nftables libnftables1 libbpf1 iproute2
+          clang llvm libbpf-dev bpftool make)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The venv sees Debian's site-packages so `import nftables` binds the system libnftables.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nftables' 2>/dev/null; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+extra=""
+[ "$with_tests" = 1 ] && extra="[test]"
+stamp=".venv/.installed${extra}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
+  touch "$stamp"
+fi
+
+make -s -C probes
+echo "install.sh: ready. Run: sudo .venv/bin/swarm-agent run --config packaging/config.yaml"
