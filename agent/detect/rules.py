@@ -1,0 +1,314 @@
+"""Threshold rules: YAML in, validated frozen rules out, and a pure detector over them.
+
+A rule fires on one event when every threshold of one of its conditions holds. Rate
+thresholds (`*_per_s`) are per second; count thresholds (`ports`, `sources`) are distinct
+counts per kernel window. The detector does no I/O and reads no clock: `now_mono_ns` is
+given, so every rule is testable from a file (tests/rules/*.cases).
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from agent.config import DEFAULT_RULES, Config
+from agent.model import Event, EventClass, Finding, Severity
+
+
+class RuleError(ValueError):
+    """An invalid rule file; the message names the rule and key, meant for the operator."""
+
+
+# event kind -> threshold name -> (event field, per second?, kernel threshold key)
+METRICS: dict[str, dict[str, tuple[str, bool, str]]] = {
+    "net.source": {
+        "syns_per_s": ("syns", True, "syns"),
+        "packets_per_s": ("packets", True, "packets"),
+        "udp_per_s": ("udp", True, "udp"),
+        "ports": ("ports", False, "ports"),
+    },
+    "net.service": {
+        "syns_per_s": ("syns", True, "svc_syns"),
+        "packets_per_s": ("packets", True, "svc_packets"),
+        "udp_per_s": ("udp", True, "svc_udp"),
+        "sources": ("sources", False, "svc_sources"),
+    },
+    "tcp.established": {"conns_per_s": ("conns", True, "conns")},
+    "tcp.reset": {"resets_per_s": ("resets", True, "resets")},
+}
+KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
+               "svc_syns", "svc_packets", "svc_udp", "svc_sources")
+SOURCE_ACTIONS = ("block", "rate_limit", "reroute")
+SERVICE_ACTIONS = ("rate_limit_service",)
+ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "report")
+EXEMPTIONS = ("management", "mesh", "load_balancers")
+# Copied into a finding's evidence when the event carries them.
+EVIDENCE_FIELDS = ("packets", "bytes", "syns", "udp", "ports", "sources", "conns", "resets",
+                   "reason", "dport", "proto", "family", "window_ns")
+
+_RULE_KEYS = {"id", "version", "class", "severity", "event", "thresholds", "match",
+              "action", "ttl_s", "exempt", "description"}
+_ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One event kind and the thresholds that must all hold on it."""
+
+    event: str
+    thresholds: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    version: int
+    event_class: EventClass
+    severity: Severity
+    conditions: tuple[Condition, ...]
+    action: str
+    ttl_s: float | None = None
+    exempt: tuple[str, ...] = ()     # allowlist groups whose sources never match
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}@{self.version}"
+
+
+def load_rules(path: str | Path | None = None) -> list[Rule]:
+    """Read and validate a rules file (None: the packaged defaults); raises RuleError."""
+    p = Path(path) if path is not None else DEFAULT_RULES
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise RuleError(f"cannot read rules file {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RuleError(f"rules file {p} is not valid YAML: {e}") from None
+    return parse_rules(data, origin=str(p))
+
+
+def parse_rules(data: Any, origin: str = "rules") -> list[Rule]:
+    """Validate `{"rules": [...]}` as read from YAML; raises RuleError naming rule and key."""
+    if not isinstance(data, dict) or set(data) != {"rules"} or not isinstance(data["rules"], list):
+        raise RuleError(f"{origin}: must be a mapping with one key, 'rules', holding a list")
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for index, item in enumerate(data["rules"]):
+        rule = _parse_rule(item, origin, index)
+        if rule.id in seen:
+            raise RuleError(f"{origin}: rule {rule.id}: duplicate id")
+        seen.add(rule.id)
+        rules.append(rule)
+    return rules
+
+
+def _parse_rule(item: Any, origin: str, index: int) -> Rule:
+    if not isinstance(item, dict):
+        raise RuleError(f"{origin}: rule #{index + 1} must be a mapping")
+    rid = item.get("id")
+    if not isinstance(rid, str) or not _ID_RE.match(rid):
+        raise RuleError(f"{origin}: rule #{index + 1}: id must look like 'net.syn_flood' "
+                        f"(got {rid!r})")
+    where = f"{origin}: rule {rid}"
+    for key in item:
+        if key not in _RULE_KEYS:
+            raise RuleError(f"{where}: unknown key {key!r}")
+    for key in ("version", "class", "severity", "action"):
+        if key not in item:
+            raise RuleError(f"{where}: missing key {key!r}")
+    version = item["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RuleError(f"{where}: version must be a positive integer")
+    return Rule(
+        id=rid, version=version,
+        event_class=_enum(EventClass, item["class"], where, "class"),
+        severity=_enum(Severity, item["severity"], where, "severity"),
+        conditions=_conditions(item, where),
+        action=_action(item, where),
+        ttl_s=_ttl(item.get("ttl_s"), where),
+        exempt=_exempt(item.get("exempt", []), where),
+        description=str(item.get("description", "")),
+    )
+
+
+def _enum(cls: Any, value: Any, where: str, key: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(v.value for v in cls)
+        raise RuleError(f"{where}: unknown {key} {value!r} (one of {allowed})") from None
+
+
+def _conditions(item: dict, where: str) -> tuple[Condition, ...]:
+    """`event` + `thresholds`, or `match`: a list of them (any one may fire the rule)."""
+    if "match" in item:
+        if "event" in item or "thresholds" in item:
+            raise RuleError(f"{where}: use either 'match' or 'event' + 'thresholds', not both")
+        entries = item["match"]
+        if not isinstance(entries, list) or not entries:
+            raise RuleError(f"{where}: match must be a non-empty list")
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, dict) or set(entry) - {"event", "thresholds"}:
+                raise RuleError(f"{where}: match #{n + 1} may hold only 'event' and 'thresholds'")
+    else:
+        entries = [{k: item[k] for k in ("event", "thresholds") if k in item}]
+    return tuple(_condition(e, where) for e in entries)
+
+
+def _condition(entry: dict, where: str) -> Condition:
+    for key in ("event", "thresholds"):
+        if key not in entry:
+            raise RuleError(f"{where}: missing key {key!r}")
+    kind = entry["event"]
+    if kind not in METRICS:
+        raise RuleError(f"{where}: unknown event {kind!r} (one of {', '.join(METRICS)})")
+    th = entry["thresholds"]
+    if not isinstance(th, dict) or not th:
+        raise RuleError(f"{where}: thresholds must be a non-empty mapping")
+    pairs = []
+    for name, value in th.items():
+        if name not in METRICS[kind]:
+            known = ", ".join(METRICS[kind])
+            raise RuleError(f"{where}: unknown threshold {name!r} for {kind} (one of {known})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RuleError(f"{where}: threshold {name} must be a number")
+        if value <= 0:
+            raise RuleError(f"{where}: threshold {name} must be greater than 0 (got {value})")
+        pairs.append((name, float(value)))
+    return Condition(kind, tuple(pairs))
+
+
+def _action(item: dict, where: str) -> str:
+    action = item["action"]
+    if action not in ACTIONS:
+        raise RuleError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
+    kinds = [c.event for c in _conditions(item, where)]
+    if action in SERVICE_ACTIONS and any(k != "net.service" for k in kinds):
+        raise RuleError(f"{where}: action {action} needs net.service events")
+    if action in SOURCE_ACTIONS and "net.service" in kinds:
+        raise RuleError(f"{where}: action {action} needs per-source events, not net.service")
+    return action
+
+
+def _ttl(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise RuleError(f"{where}: ttl_s must be a number greater than 0")
+    return float(value)
+
+
+def _exempt(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise RuleError(f"{where}: exempt must be a list")
+    for name in value:
+        if name not in EXEMPTIONS:
+            raise RuleError(f"{where}: unknown exempt group {name!r} (one of {', '.join(EXEMPTIONS)})")
+    return tuple(value)
+
+
+def kernel_thresholds(rules: Iterable[Rule]) -> dict[str, int]:
+    """Per kernel metric, the lowest threshold any rule uses (per second for rates,
+    per window for counts), rounded down and at least 1; 0 when no rule uses it.
+
+    The probe signals from the kernel when a counter reaches its value; the detector
+    then checks the full rule, so a lower kernel value only costs events, never findings.
+    """
+    out = dict.fromkeys(KERNEL_KEYS, 0)
+    for rule in rules:
+        for cond in rule.conditions:
+            for name, value in cond.thresholds:
+                key = METRICS[cond.event][name][2]
+                v = max(1, int(value))
+                out[key] = v if out[key] == 0 else min(out[key], v)
+    return out
+
+
+class Detector:
+    """Pure evaluation of rules against events.
+
+    Contract: `evaluate` returns one Finding per rule that fires, in rule order; it never
+    raises on malformed events (a subject that is not an address matches nothing), does
+    no I/O and reads no clock.
+    """
+
+    def __init__(self, rules: Sequence[Rule], cfg: Config):
+        self._by_kind: dict[str, list[tuple[Rule, Condition]]] = {}
+        for rule in rules:
+            for cond in rule.conditions:
+                self._by_kind.setdefault(cond.event, []).append((rule, cond))
+        self._window_s = cfg.probes.window_ms / 1000.0
+        self._exempt = {name: [ipaddress.ip_network(n, strict=False)
+                               for n in getattr(cfg.allowlist, name)] for name in EXEMPTIONS}
+
+    def evaluate(self, event: Event, now_mono_ns: int) -> list[Finding]:
+        candidates = self._by_kind.get(event.kind)
+        if not candidates:
+            return []
+        entity, addr = _entity(event)
+        if entity is None:
+            return []
+        window_s = self._event_window_s(event)
+        findings: list[Finding] = []
+        fired: set[str] = set()
+        for rule, cond in candidates:
+            if rule.id in fired or self._is_exempt(rule, addr):
+                continue
+            if all(_value(event, cond, name, window_s) >= limit for name, limit in cond.thresholds):
+                fired.add(rule.id)
+                findings.append(_finding(rule, event, entity, now_mono_ns))
+        return findings
+
+    def _event_window_s(self, event: Event) -> float:
+        # Never divide by less than the configured window: a short burst reported with a
+        # tiny elapsed window would otherwise look like a huge per-second rate.
+        window_ns = event.fields.get("window_ns")
+        if isinstance(window_ns, (int, float)) and window_ns > 0:
+            return max(self._window_s, window_ns / 1e9)
+        return self._window_s
+
+    def _is_exempt(self, rule: Rule, addr: Any) -> bool:
+        if addr is None:
+            return False
+        return any(addr.version == net.version and addr in net
+                   for group in rule.exempt for net in self._exempt[group])
+
+
+def _entity(event: Event) -> tuple[str | None, Any]:
+    if event.kind == "net.service":
+        return f"service:{event.subject.strip().lower()}", None
+    try:
+        addr = ipaddress.ip_address(event.subject.strip())
+    except ValueError:
+        return None, None
+    return f"ip:{addr.compressed}", addr
+
+
+def _value(event: Event, cond: Condition, name: str, window_s: float) -> float:
+    field, per_second, _ = METRICS[cond.event][name]
+    raw = event.fields.get(field, 0)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        return 0.0
+    return raw / window_s if per_second else float(raw)
+
+
+def _finding(rule: Rule, event: Event, entity: str, now_mono_ns: int) -> Finding:
+    evidence: dict[str, Any] = {k: event.fields[k] for k in EVIDENCE_FIELDS if k in event.fields}
+    return Finding(
+        rule_id=rule.id, rule_version=rule.version, event_class=rule.event_class,
+        severity=rule.severity, entity=entity, action=rule.action,
+        first_mono_ns=event.first_mono_ns, detected_mono_ns=now_mono_ns,
+        evidence=evidence,
+    )
+
+
+def rules_by_name(rules: Iterable[Rule]) -> Mapping[str, Rule]:
+    """Index rules by "id@version" (Finding.rule), for the responder's ttl lookup."""
+    return {r.name: r for r in rules}
