@@ -1,0 +1,59 @@
+"""What this kernel lets the agent load: BPF program types, BTF, kprobes, BPF LSM.
+
+probe() returns name -> (ok, reason) so the loader and `swarm-agent status` can say why a
+probe runs degraded. Loading a type is not the whole story (kprobes load but cannot
+attach without the kprobe PMU; LSM programs need "bpf" in the active LSM list), so those
+extra conditions are checked too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.sources import libbpf
+
+PROG_TYPES = {  # enum bpf_prog_type
+    "socket_filter": 1,
+    "kprobe": 2,
+    "sched_cls": 3,
+    "tracepoint": 5,
+    "xdp": 6,
+    "raw_tracepoint": 17,
+    "tracing": 26,   # fentry/fexit, tp_btf
+    "lsm": 29,
+}
+
+
+def _prog_type(type_id: int) -> tuple[bool, str]:
+    ret = libbpf.probe_prog_type(type_id)
+    if ret == 1:
+        return True, "supported"
+    if ret == 0:
+        return False, "the kernel refuses this program type"
+    return False, os.strerror(-ret)
+
+
+def _exists(path: str, missing: str) -> tuple[bool, str]:
+    return (True, "present") if Path(path).exists() else (False, missing)
+
+
+def _lsm() -> tuple[bool, str]:
+    ok, reason = _prog_type(PROG_TYPES["lsm"])
+    if not ok:
+        return ok, reason
+    try:
+        active = Path("/sys/kernel/security/lsm").read_text().split(",")
+    except OSError as e:
+        return False, f"cannot read the active LSM list: {e.strerror}"
+    return ("bpf" in active, "active" if "bpf" in active else "bpf is not in the active LSM list")
+
+
+def probe() -> dict[str, tuple[bool, str]]:
+    """Capability name -> (ok, reason)."""
+    result = {name: _prog_type(t) for name, t in PROG_TYPES.items() if name != "lsm"}
+    result["lsm"] = _lsm()
+    result["btf"] = _exists("/sys/kernel/btf/vmlinux", "no kernel BTF (/sys/kernel/btf/vmlinux)")
+    result["kprobe_pmu"] = _exists("/sys/bus/event_source/devices/kprobe",
+                                   "kernel built without the kprobe event source")
+    result["tracefs"] = _exists("/sys/kernel/tracing/events", "tracefs is not mounted")
+    return result

@@ -1,0 +1,17 @@
+// SPDX-License-Identifier: GPL-2.0
+/* One global of each shared struct so that all of events.h lands in this object's BTF;
+ * tests/unit/test_abi.py compares that BTF with agent/sources/abi.py. Never loaded. */
+#include "vmlinux.h"
+#include "events.h"
+
+struct event_header abi_event_header;
+struct addr_key abi_addr_key;
+struct service_key abi_service_key;
+struct source_stats abi_source_stats;
+struct service_stats abi_service_stats;
+struct remote_stats abi_remote_stats;
+struct net_thresholds abi_net_thresholds;
+struct net_config abi_net_config;
+struct net_source_event abi_net_source_event;
+struct net_service_event abi_net_service_event;
+struct tcp_remote_event abi_tcp_remote_event;

@@ -1,0 +1,377 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Network probe: per-source and per-service counters at XDP, passive TCP connections and
+ * sent resets from tracepoints. Threshold crossings are pushed to the `alerts` ring
+ * buffer at once, at most once per window per subject per reason.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
+#include "events.h"
+#include "net.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Set by the loader before load (window length, own network namespace). */
+const volatile struct net_config net_cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);	/* Probes.map_entries, set before load */
+	__type(key, struct addr_key);
+	__type(value, struct source_stats);
+} sources SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct service_key);
+	__type(value, struct service_stats);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct addr_key);
+	__type(value, struct remote_stats);
+} remotes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct net_thresholds);
+} thresholds SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} alerts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} losses SEC(".maps");
+
+static __always_inline void count_loss(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&losses, &zero);
+
+	if (n)
+		*n += 1;	/* per-CPU slot: no atomic needed */
+}
+
+static __always_inline struct net_thresholds *get_thresholds(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&thresholds, &zero);
+}
+
+/* True the first time `reason` is claimed in this window; atomic so two CPUs crossing
+ * the same threshold together raise one alert. */
+static __always_inline int claim(__u64 *alerted, __u32 reason)
+{
+	__u64 bit = 1ULL << reason;
+
+	return !(__sync_fetch_and_or(alerted, bit) & bit);
+}
+
+/* Sets the hashed bit for `h`; returns 1 if it was new. */
+static __always_inline int mark_distinct(__u64 *bits, __u32 h)
+{
+	__u32 idx = (h * 0x9E3779B1u) >> 22;	/* Fibonacci hash to 10 bits */
+	__u64 bit = 1ULL << (idx & 63);
+
+	return !(__sync_fetch_and_or(&bits[(idx >> 6) & (DISTINCT_WORDS - 1)], bit) & bit);
+}
+
+static __always_inline __u32 hash_addr(const struct addr_key *k)
+{
+	const __u32 *w = (const __u32 *)k->addr;
+
+	return ((w[0] * 0x85EBCA6Bu ^ w[1]) * 0xC2B2AE35u ^ w[2]) * 0x27D4EB2Fu ^ w[3] ^ k->family;
+}
+
+static __always_inline int over(__u64 value, __u64 limit)
+{
+	return limit && value >= limit;
+}
+
+static __always_inline void emit_source(const struct addr_key *k, struct source_stats *s,
+					__u32 reason, __u64 now)
+{
+	struct net_source_event *e;
+
+	if (!claim(&s->alerted, reason))
+		return;
+	e = bpf_ringbuf_reserve(&alerts, sizeof(*e), 0);
+	if (!e) {
+		count_loss();
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));	/* padding must not leak kernel memory */
+	e->hdr.kind = EVENT_NET_SOURCE;
+	e->hdr.size = sizeof(*e);
+	e->hdr.ts_ns = now;
+	__builtin_memcpy(e->addr, k->addr, 16);
+	e->family = k->family;
+	e->reason = reason;
+	e->window_start_ns = s->window_start_ns;
+	e->packets = s->packets;
+	e->bytes = s->bytes;
+	e->syns = s->syns;
+	e->udp = s->udp;
+	e->port_bits = s->ports;
+	e->dport = s->dport;
+	e->proto = s->proto;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void emit_service(const struct service_key *k, struct service_stats *s,
+					 __u32 reason, __u64 now)
+{
+	struct net_service_event *e;
+
+	if (!claim(&s->alerted, reason))
+		return;
+	e = bpf_ringbuf_reserve(&alerts, sizeof(*e), 0);
+	if (!e) {
+		count_loss();
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->hdr.kind = EVENT_NET_SERVICE;
+	e->hdr.size = sizeof(*e);
+	e->hdr.ts_ns = now;
+	e->window_start_ns = s->window_start_ns;
+	e->packets = s->packets;
+	e->syns = s->syns;
+	e->udp = s->udp;
+	e->source_bits = s->sources;
+	e->reason = reason;
+	e->dport = k->dport;
+	e->proto = k->proto;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Returns the entry for `key`, starting a new window when the current one is over.
+ * A new window replaces the whole value (one update) instead of clearing fields one by
+ * one, so readers never see half-reset counters. */
+static __always_inline void *window_entry(void *map, const void *key, void *fresh, __u64 now)
+{
+	__u64 *start = bpf_map_lookup_elem(map, key);
+
+	if (start && now - *start <= net_cfg.window_ns)
+		return start;
+	*(__u64 *)fresh = now;	/* every stats struct starts with window_start_ns */
+	bpf_map_update_elem(map, key, fresh, BPF_ANY);
+	return bpf_map_lookup_elem(map, key);
+}
+
+static __always_inline void count_source(const struct pkt *p, struct net_thresholds *t, __u64 now)
+{
+	struct source_stats fresh = {}, *s;
+
+	s = window_entry(&sources, &p->src, &fresh, now);
+	if (!s)
+		return;
+	__sync_fetch_and_add(&s->packets, 1);
+	__sync_fetch_and_add(&s->bytes, p->len);
+	if (p->syn)
+		__sync_fetch_and_add(&s->syns, 1);
+	if (p->proto == IPPROTO_UDP)
+		__sync_fetch_and_add(&s->udp, 1);
+	if (p->proto && mark_distinct(s->port_bits, p->dport + 1))
+		__sync_fetch_and_add(&s->ports, 1);
+	s->dport = p->dport;
+	s->proto = p->proto;
+	if (over(s->syns, t->syns))
+		emit_source(&p->src, s, REASON_SYNS, now);
+	if (over(s->packets, t->packets))
+		emit_source(&p->src, s, REASON_PACKETS, now);
+	if (over(s->udp, t->udp))
+		emit_source(&p->src, s, REASON_UDP, now);
+	if (over(s->ports, t->port_bits))
+		emit_source(&p->src, s, REASON_PORTS, now);
+}
+
+static __always_inline void count_service(const struct pkt *p, struct net_thresholds *t, __u64 now)
+{
+	struct service_key k = { .dport = p->dport, .proto = p->proto };
+	struct service_stats fresh = {}, *s;
+
+	s = window_entry(&services, &k, &fresh, now);
+	if (!s)
+		return;
+	__sync_fetch_and_add(&s->packets, 1);
+	if (p->syn)
+		__sync_fetch_and_add(&s->syns, 1);
+	if (p->proto == IPPROTO_UDP)
+		__sync_fetch_and_add(&s->udp, 1);
+	if (mark_distinct(s->source_bits, hash_addr(&p->src)))
+		__sync_fetch_and_add(&s->sources, 1);
+	if (s->sources < t->svc_source_bits)
+		return;
+	if (over(s->syns, t->svc_syns))
+		emit_service(&k, s, REASON_SVC_SYNS, now);
+	if (over(s->packets, t->svc_packets))
+		emit_service(&k, s, REASON_SVC_PACKETS, now);
+	if (over(s->udp, t->svc_udp))
+		emit_service(&k, s, REASON_SVC_UDP, now);
+}
+
+SEC("xdp")
+int handle_xdp(struct xdp_md *ctx)
+{
+	struct net_thresholds *t = get_thresholds();
+	struct pkt p = {};
+	__u64 now;
+
+	if (!t || parse_packet(ctx, &p) < 0)
+		return XDP_PASS;
+	now = bpf_ktime_get_ns();
+	count_source(&p, t, now);
+	if (p.proto)
+		count_service(&p, t, now);
+	return XDP_PASS;	/* observe only: enforcement is nftables' job */
+}
+
+/* --- TCP tracepoints ---------------------------------------------------------------
+ * Tracepoints fire for every namespace; several agents (and the tests) run side by side
+ * in different namespaces, so each object keeps only events of net_cfg.netns_ino. */
+
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_RECV 3
+
+/* tcp_send_reset before Linux 6.10 had separate port/family/address fields; the
+ * current layout stores two sockaddrs. CO-RE picks whichever this kernel has. */
+struct trace_event_raw_tcp_send_reset___v1 {
+	const void *skaddr;
+	__u16 sport;
+	__u16 family;
+	__u8 daddr[4];
+	__u8 daddr_v6[16];
+} __attribute__((preserve_access_index));
+
+static __always_inline int own_netns(const struct sock *sk, const struct sk_buff *skb)
+{
+	__u32 ino = 0;
+
+	/* sock_common is shared by full, request and timewait sockets, so skc_net is valid
+	 * for all three. A reset for a packet with no socket uses the device's netns. */
+	if (sk)
+		ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	else if (skb)
+		ino = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
+	return ino && ino == net_cfg.netns_ino;
+}
+
+static __always_inline void emit_remote(const struct addr_key *k, struct remote_stats *r,
+					__u32 kind, __u32 reason, __u64 count, __u16 dport,
+					__u64 now)
+{
+	struct tcp_remote_event *e;
+
+	if (!claim(&r->alerted, reason))
+		return;
+	e = bpf_ringbuf_reserve(&alerts, sizeof(*e), 0);
+	if (!e) {
+		count_loss();
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->hdr.kind = kind;
+	e->hdr.size = sizeof(*e);
+	e->hdr.ts_ns = now;
+	__builtin_memcpy(e->addr, k->addr, 16);
+	e->family = k->family;
+	e->reason = reason;
+	e->window_start_ns = r->window_start_ns;
+	e->count = count;
+	e->dport = dport;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline void count_remote(const struct addr_key *k, __u16 dport, int reset)
+{
+	struct net_thresholds *t = get_thresholds();
+	struct remote_stats fresh = {}, *r;
+	__u64 now = bpf_ktime_get_ns(), n;
+
+	if (!t)
+		return;
+	r = window_entry(&remotes, k, &fresh, now);
+	if (!r)
+		return;
+	if (reset) {
+		n = __sync_add_and_fetch(&r->resets, 1);
+		if (over(n, t->resets))
+			emit_remote(k, r, EVENT_TCP_RESET, REASON_RESETS, n, dport, now);
+	} else {
+		n = __sync_add_and_fetch(&r->conns, 1);
+		if (over(n, t->conns))
+			emit_remote(k, r, EVENT_TCP_ESTABLISHED, REASON_CONNS, n, dport, now);
+	}
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int handle_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	struct addr_key k = {};
+
+	/* A passive open: the child socket leaves SYN_RECV for ESTABLISHED. */
+	if (ctx->protocol != IPPROTO_TCP || ctx->oldstate != TCP_SYN_RECV ||
+	    ctx->newstate != TCP_ESTABLISHED)
+		return 0;
+	if (!own_netns(ctx->skaddr, NULL))
+		return 0;
+	k.family = ctx->family;
+	/* Arrays in a CO-RE-relocated ctx are read with bpf_core_read: a wide load of a
+	 * __u8 array is rejected as a mismatched field access. */
+	if (k.family == AF_INET)
+		bpf_core_read(k.addr, 4, &ctx->daddr);
+	else
+		bpf_core_read(k.addr, 16, &ctx->daddr_v6);
+	count_remote(&k, ctx->sport, 0);	/* sport: the local port, host order */
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_send_reset")
+int handle_tcp_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
+{
+	struct trace_event_raw_tcp_send_reset___v1 *old = (void *)ctx;
+	struct addr_key k = {};
+	__u16 dport;
+
+	if (!own_netns(ctx->skaddr, ctx->skbaddr))
+		return 0;
+	if (bpf_core_field_exists(old->family)) {
+		k.family = old->family;
+		dport = old->sport;
+		if (k.family == AF_INET)
+			bpf_core_read(k.addr, 4, &old->daddr);
+		else
+			bpf_core_read(k.addr, 16, &old->daddr_v6);
+	} else {
+		/* daddr is the reset's destination, the remote; sockaddr ports are network order */
+		__u8 sa[24];
+		__u16 sport;
+
+		bpf_core_read(sa, sizeof(sa), &ctx->daddr);
+		bpf_core_read(&sport, sizeof(sport), &ctx->saddr[2]);
+		k.family = *(__u16 *)sa;
+		dport = bpf_ntohs(sport);
+		if (k.family == AF_INET)
+			__builtin_memcpy(k.addr, sa + 4, 4);
+		else
+			__builtin_memcpy(k.addr, sa + 8, 16);
+	}
+	if (k.family != AF_INET && k.family != AF_INET6)
+		return 0;
+	count_remote(&k, dport, 1);
+	return 0;
+}

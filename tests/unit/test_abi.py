@@ -1,0 +1,102 @@
+"""The kernel/user ABI: the ctypes mirror in agent/sources/abi.py must match the C structs
+of probes/include/events.h exactly (size, field names, offsets, field sizes), as recorded
+in the BTF of abi.bpf.o; program and map names must exist in net.bpf.o."""
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.sources import abi
+from tests.conftest import skip_unsupported
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _btf(obj: Path) -> dict[int, dict]:
+    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj), "format", "raw"],
+                         check=True, capture_output=True, text=True, timeout=30).stdout
+    return {t["id"]: t for t in json.loads(out)["types"]}
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    """Builds the probes (a no-op when up to date); needs clang and bpftool."""
+    for tool in ("clang", "bpftool", "make"):
+        if shutil.which(tool) is None:
+            skip_unsupported(f"building probes needs {tool}")
+    subprocess.run(["make", "-s", "-C", str(REPO / "probes")], check=True, timeout=300)
+
+
+def _size(types: dict[int, dict], type_id: int) -> int:
+    t = types[type_id]
+    while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE"):
+        t = types[t["type_id"]]
+    if t["kind"] == "ARRAY":
+        return t["nr_elems"] * _size(types, t["type_id"])
+    return t["size"]
+
+
+def _c_layout(types: dict[int, dict], name: str) -> tuple[int, list[tuple[str, int, int]]]:
+    found = [t for t in types.values() if t["kind"] == "STRUCT" and t["name"] == name]
+    assert found, f"struct {name} missing from abi.bpf.o BTF (add a global to abi.bpf.c)"
+    t = found[0]
+    return t["size"], [(m["name"], m["bits_offset"] // 8, _size(types, m["type_id"]))
+                       for m in t["members"]]
+
+
+def _py_layout(cls: type[ctypes.Structure]) -> tuple[int, list[tuple[str, int, int]]]:
+    return ctypes.sizeof(cls), [(name, getattr(cls, name).offset, getattr(cls, name).size)
+                                for name, *_ in cls._fields_]
+
+
+@pytest.mark.parametrize("cls", abi.SHARED_STRUCTS, ids=lambda c: c.__name__)
+def test_struct_matches_c(built, cls):
+    assert _py_layout(cls) == _c_layout(_btf(abi.ABI_OBJECT), cls.__name__)
+
+
+def test_every_c_struct_is_mirrored(built):
+    c_names = {t["name"] for t in _btf(abi.ABI_OBJECT).values() if t["kind"] == "STRUCT"}
+    assert c_names == {c.__name__ for c in abi.SHARED_STRUCTS}
+
+
+def test_decoders_cover_every_kind():
+    assert set(abi.DECODERS) == set(abi.EventKind)
+    for kind, cls in abi.DECODERS.items():
+        assert cls._fields_[0] == ("hdr", abi.event_header), kind
+
+
+def _datasec_vars(types: dict[int, dict], section: str) -> dict[str, dict]:
+    sec = [t for t in types.values() if t["kind"] == "DATASEC" and t["name"] == section]
+    assert sec, f"no {section} in net.bpf.o"
+    return {types[v["type_id"]]["name"]: {**v, "var": types[v["type_id"]]} for v in sec[0]["vars"]}
+
+
+def test_program_and_map_names(built):
+    types = _btf(abi.NET_OBJECT)
+    funcs = {t["name"] for t in types.values() if t["kind"] == "FUNC" and t["linkage"] == "global"}
+    assert {p.value for p in abi.NetProg} <= funcs
+    maps = _datasec_vars(types, ".maps")
+    assert {m.value for m in abi.NetMap if m is not abi.NetMap.RODATA} == set(maps)
+
+
+def test_rodata_holds_only_net_config(built):
+    types = _btf(abi.NET_OBJECT)
+    rodata = _datasec_vars(types, ".rodata")
+    assert list(rodata) == [abi.RODATA_VAR]
+    var = rodata[abi.RODATA_VAR]
+    assert var["offset"] == 0 and var["size"] == ctypes.sizeof(abi.net_config)
+
+
+def test_decode_roundtrip():
+    ev = abi.tcp_remote_event(count=7, dport=80)
+    ev.hdr.kind, ev.hdr.size = abi.EventKind.TCP_RESET, ctypes.sizeof(ev)
+    got = abi.decode(bytes(ev))
+    assert isinstance(got, abi.tcp_remote_event) and got.count == 7 and got.dport == 80
+    assert abi.decode(bytes(ev)[:20]) is None
+    ev.hdr.kind = 99
+    assert abi.decode(bytes(ev)) is None
