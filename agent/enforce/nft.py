@@ -1,0 +1,217 @@
+"""NftEnforcer: blocks, rate limits and reroutes in nftables table `inet swarm_agent`.
+
+Construct it inside the network namespace it protects: the libnftables context and the
+rtnetlink socket it opens belong to that namespace for good. Every change is one atomic
+libnftables JSON transaction; a refused batch raises EnforceError carrying it, and then
+nothing changed. Other tables are never touched.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from typing import Any, Sequence
+
+import nftables
+
+from agent.config import Config
+from agent.enforce import listing
+from agent.enforce.base import AllowlistedError, Drift, EnforceError
+from agent.enforce.ifaddr import AddressReader
+from agent.enforce.ruleset import (ELEMENT_SETS, FAMILY, TABLE, Key, Service, SetContents,
+                                   desired_contents, element_cmd, elements_json, parse_network,
+                                   set_for, table_batch)
+from agent.model import Mitigation
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class NftEnforcer:
+    """The Enforcer (agent.enforce.base) for BLOCK_IP, RATE_LIMIT, REROUTE (address or CIDR)
+    and RATE_LIMIT_SERVICE ("tcp/80"); other kinds raise UnsupportedMitigation.
+
+    It remembers the mitigations in force (set by setup/reconcile, changed by apply/lift)
+    because kernel interval sets cannot hold overlapping elements: each set's elements are
+    the partition of all its mitigations, so one change may reshape neighbouring elements.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._addrs = AddressReader()
+        self._desired: dict[str, Mitigation] = {}
+        self._structure: str | None = None     # fingerprint of the table as last created
+        self._allow: list[Network] = self._read_allowlist()
+
+    # --- the Enforcer contract -------------------------------------------------------------
+
+    def setup(self, desired: Sequence[Mitigation], now: float) -> None:
+        """Replace the table with a fresh one holding exactly `desired` (remaining lifetimes)."""
+        self._allow = self._read_allowlist()
+        self._recreate(desired, now)
+
+    def apply(self, m: Mitigation, now: float) -> None:
+        """Put `m` in force; raises AllowlistedError, UnsupportedMitigation or EnforceError
+        (invalid target, kernel refusal), and then nothing changed."""
+        name, key = set_for(m, self.cfg)
+        if not isinstance(key, Service) and self.is_allowlisted(m.target):
+            raise AllowlistedError(
+                f"{m.target} is allowlisted (loopback, management, mesh, load balancer or this "
+                "host's own address) and is never blocked, rate limited or rerouted")
+        if m.expires_at is not None and m.expires_at <= now:
+            raise EnforceError(f"the {m.kind.value} mitigation of {m.target} has already expired")
+        self._change(name, {**self._desired, m.id: m}, now)
+
+    def lift(self, m: Mitigation) -> None:
+        """Remove `m` (by id, else every mitigation of the same kind and target)."""
+        try:
+            name, _ = set_for(m, self.cfg)
+        except EnforceError:
+            return      # never applied, so nothing to lift
+        new = {i: d for i, d in self._desired.items() if i != m.id}
+        if len(new) == len(self._desired):
+            new = {i: d for i, d in new.items() if (d.kind, d.target) != (m.kind, m.target)}
+        if len(new) != len(self._desired):
+            self._change(name, new, time.time())
+
+    def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
+        """Compare the kernel's table with `desired` and repair it in one transaction.
+
+        A missing table or a changed structure recreates the whole table; element drift
+        (missing, extra, or a timeout off by more than a tolerance) rewrites those sets.
+        Finding nothing changes nothing, so reconciling on every notification is quiet."""
+        self._allow = self._read_allowlist()
+        want = desired_contents(desired, self.cfg, now, self._allow)
+        objs = self._list()
+        have = listing.elements(objs or [])
+        added, removed, drifted = _diff(want, have, now)
+        if objs is None or self._structure is None or listing.fingerprint(objs) != self._structure:
+            self._recreate(desired, now)
+            return Drift(True, added, removed)
+        if drifted:
+            cmds: list[dict[str, Any]] = []
+            for name in drifted:
+                cmds.append({"flush": {"set": {"family": FAMILY, "table": TABLE, "name": name}}})
+                if want[name]:
+                    cmds.append(element_cmd("add", name, elements_json(want[name], now)))
+            self._send(cmds)
+        self._desired = {m.id: m for m in desired}
+        return Drift(False, added, removed)
+
+    def remove(self) -> None:
+        """Delete table inet swarm_agent; no error when it is absent."""
+        table = {"family": FAMILY, "name": TABLE}
+        self._send([{"add": {"table": table}}, {"delete": {"table": table}}])
+        self._structure = None
+
+    def is_allowlisted(self, target: str) -> bool:
+        """True when `target` lies wholly inside the allowlist (invalid targets: False)."""
+        try:
+            net = parse_network(target)
+        except EnforceError:
+            return False
+        return any(net.version == a.version and net.subnet_of(a) for a in self._allow)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._addrs.close()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _read_allowlist(self) -> list[Network]:
+        own = [ipaddress.ip_network(a) for a in self._addrs.addresses()]
+        return [*LOOPBACK, *self.cfg.allowlist.networks(), *own]
+
+    def _recreate(self, desired: Sequence[Mitigation], now: float) -> None:
+        contents = desired_contents(desired, self.cfg, now, self._allow)
+        self._send(table_batch(self.cfg, contents, now))
+        self._desired = {m.id: m for m in desired}
+        objs = self._list()
+        self._structure = listing.fingerprint(objs) if objs is not None else None
+
+    def _change(self, name: str, new: dict[str, Mitigation], now: float) -> None:
+        old_c = desired_contents(self._desired.values(), self.cfg, now, self._allow)[name]
+        new_c = desired_contents(new.values(), self.cfg, now, self._allow)[name]
+        try:
+            self._send(_incremental(name, old_c, new_c, now))
+        except EnforceError:
+            # The kernel is not what we believed (table deleted, elements edited or just
+            # expired): repair everything towards the new state in one transaction instead.
+            self.reconcile(list(new.values()), now)
+            return
+        self._desired = new
+
+    def _list(self) -> list[dict[str, Any]] | None:
+        """The table's objects, or None when it does not exist."""
+        cmd = {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}
+        rc, out, err = self._nft.json_cmd(cmd)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise EnforceError(f"cannot read table {FAMILY} {TABLE}: {_first_line(err)}", cmd)
+        return listing.objects(out)
+
+    def _send(self, cmds: list[dict[str, Any]]) -> None:
+        """Send one atomic transaction; EnforceError (carrying the batch) when refused."""
+        batch = {"nftables": cmds}
+        _validate(batch)
+        if not cmds:
+            return
+        rc, _, err = self._nft.json_cmd(batch)
+        if rc != 0:
+            raise EnforceError(f"nftables refused the change: {_first_line(err)}", batch)
+
+
+def _validate(batch: dict[str, Any]) -> None:
+    """Catch malformed batches before the kernel sees them: each command is one verb on one
+    object of our table, and the whole batch serialises."""
+    for cmd in batch["nftables"]:
+        if not isinstance(cmd, dict) or len(cmd) != 1:
+            raise EnforceError("internal error: a command must be one verb", batch)
+        (body,) = cmd.values()
+        (obj,) = body.values()
+        if obj.get("family") != FAMILY or TABLE not in (obj.get("table"), obj.get("name")):
+            raise EnforceError("internal error: a command left table inet swarm_agent", batch)
+    try:
+        json.dumps(batch)
+    except (TypeError, ValueError) as e:
+        raise EnforceError(f"internal error: batch does not serialise: {e}", batch) from None
+
+
+def _incremental(name: str, old: SetContents, new: SetContents, now: float) -> list[dict[str, Any]]:
+    """Commands turning set `name` from `old` into `new`. Deleting an element the kernel has
+    already expired would fail the batch, so each is added (a no-op if present) first."""
+    gone = [k for k in old if k not in new or new[k] != old[k]]
+    fresh = {k: e for k, e in new.items() if k not in old or old[k] != e}
+    cmds = []
+    if gone:
+        keys = [k.to_json() for k in sorted(gone)]
+        cmds += [element_cmd("add", name, keys), element_cmd("delete", name, keys)]
+    if fresh:
+        cmds.append(element_cmd("add", name, elements_json(fresh, now)))
+    return cmds
+
+
+def _diff(want: dict[str, SetContents], have: listing.KernelContents, now: float
+          ) -> tuple[list[str], list[str], list[str]]:
+    added: list[str] = []
+    removed: list[str] = []
+    drifted = []
+    for name in ELEMENT_SETS:
+        a, r = listing.diff_set(want.get(name, {}), have.get(name, {}), now)
+        added += [_label(name, k) for k in a]
+        removed += [_label(name, k) for k in r]
+        if a or r:
+            drifted.append(name)
+    return added, removed, drifted
+
+
+def _label(name: str, key: Key) -> str:
+    return f"{name}:{key}"
+
+
+def _first_line(err: str) -> str:
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    msgs = [ln.split("Error:", 1)[1].strip() for ln in lines if "Error:" in ln]
+    return msgs[0] if msgs else (lines[0] if lines else "unknown error")

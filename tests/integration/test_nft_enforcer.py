@@ -1,0 +1,265 @@
+"""NftEnforcer against the real kernel in lab namespaces: real handshakes from the attacker
+namespace, assertions on `nft -j list table inet swarm_agent` in the victim."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+from agent.config import Allowlist, Config, Enforce, RateLimit, Reroute
+from agent.enforce.base import AllowlistedError, EnforceError, UnsupportedMitigation
+from agent.enforce.nft import NftEnforcer
+from agent.lab import Lab, netns, sh, wait_for
+from agent.model import Mitigation, MitigationKind
+from tests.integration.nftlab import connect, listener, reaches, wait_reaches
+
+pytestmark = pytest.mark.privileged
+PORT = 8080
+
+
+def mit(kind: MitigationKind, target: str, lifetime_s: float | None = 600.0) -> Mitigation:
+    now = time.time()
+    return Mitigation(kind, target, now, None if lifetime_s is None else now + lifetime_s)
+
+
+def block(target: str, lifetime_s: float | None = 600.0) -> Mitigation:
+    return mit(MitigationKind.BLOCK_IP, target, lifetime_s)
+
+
+def kernel_elements(lab: Lab, set_name: str) -> dict[str, float | None]:
+    """{element text: remaining seconds or None} of one set, from `nft -j list`."""
+    out = sh("nft", "-j", "list", "set", "inet", "swarm_agent", set_name, ns=lab.victim).stdout
+    (s,) = [o["set"] for o in json.loads(out)["nftables"] if "set" in o]
+    result = {}
+    for item in s.get("elem", []):
+        if isinstance(item, dict) and "elem" in item:
+            result[json.dumps(item["elem"]["val"])] = float(item["elem"].get("expires", 0))
+        else:
+            result[json.dumps(item)] = None
+    return result
+
+
+@pytest.fixture
+def enforcer(lab: Lab) -> Iterator[Callable[..., NftEnforcer]]:
+    """Runs the test thread inside the victim namespace and builds NftEnforcers there; every
+    one built is removed afterwards (the lab then deletes the namespaces)."""
+    built: list[NftEnforcer] = []
+
+    def make(**enforce: object) -> NftEnforcer:
+        allow = enforce.pop("allowlist", Allowlist())
+        e = NftEnforcer(Config(allowlist=allow, enforce=Enforce(**enforce)))  # type: ignore[arg-type]
+        built.append(e)
+        return e
+
+    with netns(lab.victim):
+        yield make
+        for e in built:
+            e.remove()
+            e.close()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_block_stops_handshake_and_lift_restores(lab, enforcer, v6):
+    e = enforcer()
+    e.setup([], time.time())
+    victim, attacker = lab.addr("victim", v6), lab.addr("attacker", v6)
+    with listener(lab.victim, victim, PORT):
+        assert connect(lab.attacker, victim, PORT) == "ok"
+        m = block(attacker)
+        e.apply(m, time.time())
+        assert not reaches(lab.attacker, victim, PORT)
+        assert len(kernel_elements(lab, "block_v6" if v6 else "block_v4")) == 1
+        e.lift(m)
+        assert connect(lab.attacker, victim, PORT) == "ok"
+
+
+def test_cidr_block_matches_inside_not_outside(lab, enforcer):
+    outside = f"10.{lab.subnet}.0.77"
+    sh("ip", "addr", "add", f"{outside}/24", "dev", "a0", ns=lab.attacker)
+    e = enforcer()
+    e.setup([block(f"10.{lab.subnet}.0.0/28")], time.time())
+    victim = lab.addr("victim")
+    with listener(lab.victim, victim, PORT):
+        assert not reaches(lab.attacker, victim, PORT, src=lab.addr("attacker"))
+        assert reaches(lab.attacker, victim, PORT, src=outside)
+
+
+def test_allowlist_refused_and_wins_over_covering_block(lab, enforcer):
+    friend = f"10.{lab.subnet}.0.77"
+    sh("ip", "addr", "add", f"{friend}/24", "dev", "a0", ns=lab.attacker)
+    e = enforcer(allowlist=Allowlist(management=(f"{friend}/32",)))
+    e.setup([], time.time())
+    for target in (friend, "127.0.0.1", "::1", lab.addr("victim")):
+        assert e.is_allowlisted(target)
+        with pytest.raises(AllowlistedError):
+            e.apply(block(target), time.time())
+    assert kernel_elements(lab, "block_v4") == {}
+    e.apply(block(f"10.{lab.subnet}.0.0/24"), time.time())
+    victim = lab.addr("victim")
+    with listener(lab.victim, victim, PORT):
+        assert reaches(lab.attacker, victim, PORT, src=friend)
+        assert not reaches(lab.attacker, victim, PORT, src=lab.addr("attacker"))
+
+
+def test_invalid_targets_and_kinds_change_nothing(lab, enforcer):
+    e = enforcer()
+    e.setup([block("192.0.2.1")], time.time())
+    before = sh("nft", "-j", "list", "table", "inet", "swarm_agent", ns=lab.victim).stdout
+    with pytest.raises(EnforceError, match="not an IP address or CIDR"):
+        e.apply(block("10.0.0.300"), time.time())
+    with pytest.raises(EnforceError, match="not a service"):
+        e.apply(mit(MitigationKind.RATE_LIMIT_SERVICE, "icmp/7"), time.time())
+    with pytest.raises(UnsupportedMitigation):
+        e.apply(mit(MitigationKind.KILL_PROCESS, "1234"), time.time())
+    with pytest.raises(UnsupportedMitigation, match="reroute"):
+        e.apply(mit(MitigationKind.REROUTE, "192.0.2.9"), time.time())
+    # A batch the kernel refuses part of: the valid half must not be applied either.
+    good = {"add": {"element": {"family": "inet", "table": "swarm_agent", "name": "block_v4",
+                                "elem": ["192.0.2.2"]}}}
+    bad = {"add": {"element": {"family": "inet", "table": "swarm_agent", "name": "no_such_set",
+                               "elem": ["192.0.2.3"]}}}
+    with pytest.raises(EnforceError) as info:
+        e._send([good, bad])
+    assert info.value.batch == {"nftables": [good, bad]}
+    assert sh("nft", "-j", "list", "table", "inet", "swarm_agent", ns=lab.victim).stdout == before
+
+
+def _udp_received(lab: Lab, count: int) -> int:
+    """Send `count` datagrams attacker -> victim; how many arrived (bounded wait)."""
+    import socket
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # created in the victim
+    rx.bind((lab.addr("victim"), 0))
+    rx.setblocking(False)
+    with netns(lab.attacker):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    got = 0
+    with rx, tx:
+        for _ in range(count):
+            tx.sendto(b"x", rx.getsockname())
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                rx.recv(16)
+                got += 1
+            except BlockingIOError:
+                if got >= count:
+                    break
+                time.sleep(0.01)
+    return got
+
+
+def test_rate_limit_lets_the_configured_rate_through(lab, enforcer):
+    e = enforcer(rate_limit=RateLimit(packets_per_second=10, burst=10))
+    e.setup([], time.time())
+    assert _udp_received(lab, 200) == 200
+    e.apply(mit(MitigationKind.RATE_LIMIT, lab.addr("attacker")), time.time())
+    got = _udp_received(lab, 200)
+    assert 5 <= got <= 40, got          # burst plus what the rate refills in ~1 s
+
+
+def _syn_burst(lab: Lab, port: int, count: int) -> int:
+    """Open `count` connections at once; how many handshakes finish within 0.7 s (before
+    a dropped SYN would be retransmitted)."""
+    import select
+    import socket
+
+    with netns(lab.attacker):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.setblocking(False)
+            s.connect_ex((lab.addr("victim"), port))
+        done: set[int] = set()
+        deadline = time.monotonic() + 0.7
+        while time.monotonic() < deadline and len(done) < count:
+            _, w, _ = select.select([], [s for s in socks if s.fileno() not in done], [], 0.05)
+            done.update(s.fileno() for s in w if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+        return len(done)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_service_rate_limit_caps_new_connections(lab, enforcer):
+    import socket
+
+    e = enforcer(service_rate_limit=RateLimit(packets_per_second=5, burst=5))
+    e.setup([], time.time())
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind((lab.addr("victim"), PORT))
+    srv.listen(256)
+    with srv:
+        assert _syn_burst(lab, PORT, 40) == 40
+        e.apply(mit(MitigationKind.RATE_LIMIT_SERVICE, f"tcp/{PORT}"), time.time())
+        assert (f'{{"concat": ["tcp", {PORT}]}}') in kernel_elements(lab, "svc_ratelimit")
+        got = _syn_burst(lab, PORT, 40)
+    assert 1 <= got <= 15, got
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_reroute_to_sinkhole(lab, enforcer, v6):
+    sink = f"fd00:{lab.subnet:x}:9::9" if v6 else f"10.{lab.subnet}.9.9"
+    sh("ip", "addr", "add", f"{sink}/{128 if v6 else 32}", "dev", "lo", ns=lab.victim)
+    rr = Reroute(sinkhole_v6=sink) if v6 else Reroute(sinkhole_v4=sink)
+    e = enforcer(reroute=rr)
+    e.setup([], time.time())
+    victim = lab.addr("victim", v6)
+    with listener(lab.victim, victim, PORT, "real"), listener(lab.victim, sink, PORT, "sinkhole"):
+        assert connect(lab.attacker, victim, PORT) == "real"
+        e.apply(mit(MitigationKind.REROUTE, lab.addr("attacker", v6)), time.time())
+        assert connect(lab.attacker, victim, PORT) == "sinkhole"
+
+
+def test_reroute_mark_seen_by_a_later_rule_and_remove_leaves_other_tables(lab, enforcer):
+    sh("nft", "-f", "-", ns=lab.victim, input=(
+        "table inet test_other { chain input { type filter hook input priority 0; "
+        "meta mark 0x10 counter; }; }"))
+    e = enforcer(reroute=Reroute(mark=0x10))
+    e.setup([mit(MitigationKind.REROUTE, lab.addr("attacker"))], time.time())
+    victim = lab.addr("victim")
+    with listener(lab.victim, victim, PORT):
+        assert connect(lab.attacker, victim, PORT) == "ok"
+    other = json.loads(sh("nft", "-j", "list", "table", "inet", "test_other", ns=lab.victim).stdout)
+    (rule,) = [o["rule"] for o in other["nftables"] if "rule" in o]
+    assert rule["expr"][-1]["counter"]["packets"] > 0
+    e.remove()
+    e.remove()      # absent: no error
+    tables = sh("nft", "list", "tables", ns=lab.victim).stdout
+    assert "test_other" in tables and "swarm_agent" not in tables
+
+
+def test_elements_expire_in_the_kernel(lab, enforcer):
+    e = enforcer()
+    e.setup([], time.time())
+    victim = lab.addr("victim")
+    with listener(lab.victim, victim, PORT):
+        e.apply(block(lab.addr("attacker"), lifetime_s=2.0), time.time())
+        (remaining,) = kernel_elements(lab, "block_v4").values()
+        assert remaining is not None and remaining <= 2
+        assert not reaches(lab.attacker, victim, PORT)
+        wait_for(lambda: kernel_elements(lab, "block_v4") == {}, 5.0)
+        wait_reaches(lab.attacker, victim, PORT, True)
+
+
+@pytest.mark.parametrize("damage", ["flush ruleset", "delete table inet swarm_agent", "element"])
+def test_reconcile_repairs_with_remaining_lifetime(lab, enforcer, damage):
+    e = enforcer()
+    desired = [block(lab.addr("attacker"), lifetime_s=100), block("192.0.2.0/24", None)]
+    e.setup(desired, time.time())
+    assert not e.reconcile(desired, time.time())
+    if damage == "element":
+        damage = f"delete element inet swarm_agent block_v4 {{ {lab.addr('attacker')} }}"
+    sh("nft", *damage.split(), ns=lab.victim)
+    drift = e.reconcile(desired, time.time())
+    assert f"block_v4:{lab.addr('attacker')}" in drift.elements_added
+    assert drift.table_recreated is ("element" not in damage)
+    elems = kernel_elements(lab, "block_v4")
+    remaining = elems[json.dumps(lab.addr("attacker"))]
+    assert remaining is not None and 95 <= remaining <= 100
+    assert elems[json.dumps({"prefix": {"addr": "192.0.2.0", "len": 24}})] is None
+    assert not e.reconcile(desired, time.time())
+    with listener(lab.victim, lab.addr("victim"), PORT):
+        assert not reaches(lab.attacker, lab.addr("victim"), PORT)
