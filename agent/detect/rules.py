@@ -210,7 +210,8 @@ def _exempt(value: Any, where: str) -> tuple[str, ...]:
         raise RuleError(f"{where}: exempt must be a list")
     for name in value:
         if name not in EXEMPTIONS:
-            raise RuleError(f"{where}: unknown exempt group {name!r} (one of {', '.join(EXEMPTIONS)})")
+            raise RuleError(f"{where}: unknown exempt group {name!r} "
+                            f"(one of {', '.join(EXEMPTIONS)})")
     return tuple(value)
 
 
@@ -261,7 +262,8 @@ class Detector:
         for rule, cond in candidates:
             if rule.id in fired or self._is_exempt(rule, addr):
                 continue
-            if all(_value(event, cond, name, window_s) >= limit for name, limit in cond.thresholds):
+            if all(_value(event, cond, name, window_s) >= limit
+                   for name, limit in cond.thresholds):
                 fired.add(rule.id)
                 findings.append(_finding(rule, event, entity, now_mono_ns))
         return findings

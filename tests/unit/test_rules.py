@@ -109,7 +109,8 @@ def _rule(**over) -> dict:
 
 @pytest.mark.parametrize("over,message", [
     ({"colour": "red"}, "rule net.test: unknown key 'colour'"),
-    ({"thresholds": {"syns_per_s": -5}}, "rule net.test: threshold syns_per_s must be greater than 0"),
+    ({"thresholds": {"syns_per_s": -5}},
+     "rule net.test: threshold syns_per_s must be greater than 0"),
     ({"thresholds": {"syns_per_s": 0}}, "threshold syns_per_s must be greater than 0"),
     ({"thresholds": {"syns_per_s": "many"}}, "threshold syns_per_s must be a number"),
     ({"thresholds": {"conns_per_s": 5}}, "unknown threshold 'conns_per_s' for net.source"),

@@ -1,0 +1,314 @@
+"""The responder: findings -> incidents -> mitigations put in force through an enforcer.
+
+Automatic and manual mitigations go through the same path (`_put_in_force`), so a block
+from the control API and one from the detector are recorded and enforced alike.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from agent.config import Config
+from agent.detect.rules import Rule, load_rules
+from agent.enforce.base import AllowlistedError, EnforceError, Enforcer
+from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
+                         MitigationState, mono_to_wall)
+from agent.respond import policy
+from agent.state.store import Store
+
+ALLOWLISTED_NOTE = "allowlisted: reported, never blocked"
+
+
+class Outcome(enum.Enum):
+    APPLIED = "applied"
+    DRY_RUN = "dry_run"
+    ALLOWLISTED = "allowlisted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do for one finding: the finding as recorded (the distributed switch files
+    it under the service), and the mitigation kind and target (None: report only)."""
+
+    finding: Finding
+    kind: MitigationKind | None
+    target: str | None
+    note: str = ""
+
+
+class Responder:
+    """Turns findings into incidents and mitigations.
+
+    Contract: `handle` never raises on enforcement failure — an allowlisted target is
+    noted and never mitigated, an EnforceError leaves a FAILED mitigation and an
+    escalated incident. Every mitigation it creates expires; repeat offenders get longer
+    lifetimes; in dry-run mode mitigations are recorded as DRY_RUN and the enforcer is
+    never asked to apply or lift. `clock` gives wall seconds; `to_wall` converts the
+    findings' monotonic times (injectable so tests control both clocks).
+    """
+
+    def __init__(self, cfg: Config, store: Store, enforcer: Enforcer,
+                 clock: Callable[[], float] = time.time, *,
+                 rules: Sequence[Rule] | None = None,
+                 to_wall: Callable[[int], float] = mono_to_wall):
+        self._cfg = cfg
+        self._store = store
+        self._enforcer = enforcer
+        self._clock = clock
+        self._to_wall = to_wall
+        self._allow = cfg.allowlist.networks()
+        self.set_rules(load_rules(cfg.rules_path) if rules is None else rules)
+
+    def set_rules(self, rules: Sequence[Rule]) -> None:
+        """Use these rules' ttl_s from now on (after a rules reload)."""
+        self._ttl_by_rule = {r.name: r.ttl_s for r in rules}
+
+    # -- findings ----------------------------------------------------------------------
+
+    def handle(self, finding: Finding) -> Incident:
+        """Record `finding` in its incident, mitigate per its rule, return the incident."""
+        now = self._clock()
+        plan = self._plan(finding, now)
+        incident = self._store.record_finding(plan.finding,
+                                              self._to_wall(finding.first_mono_ns),
+                                              self._to_wall(finding.detected_mono_ns))
+        if plan.note:
+            self._store.add_incident_event(incident.id, "note", plan.note, now)
+        if plan.kind is not None and plan.target is not None:
+            existing = self._in_force(plan.kind, plan.target, now)
+            if existing is not None:
+                self._keep(existing, plan, incident, now)
+            else:
+                self._mitigate(plan, incident, now)
+        return self._store.incident(incident.id) or incident
+
+    def _plan(self, finding: Finding, now: float) -> Plan:
+        kind = policy.ACTION_KINDS.get(finding.action)
+        if kind is None:
+            return Plan(finding, None, None, f"{finding.rule}: action {finding.action}, "
+                                             "reported only")
+        target = policy.target_of(finding.entity)
+        if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
+                and self._over_source_bound(finding.rule, now):
+            return self._distributed(finding, target)
+        return Plan(finding, kind, target)
+
+    def _over_source_bound(self, rule: str, now: float) -> bool:
+        since = now - policy.DISTRIBUTED_WINDOW_S
+        count = self._store.sources_mitigated_by_rule(rule, since)
+        return count >= self._cfg.mitigation.max_sources_per_rule
+
+    def _distributed(self, finding: Finding, source: str) -> Plan:
+        """Past the per-rule source bound the attack is treated as distributed: the
+        service is rate-limited instead, so a spoofed flood cannot grow the block set
+        (or the incident table) without bound."""
+        bound = self._cfg.mitigation.max_sources_per_rule
+        why = (f"distributed: {finding.rule} mitigated {bound} sources within "
+               f"{policy.DISTRIBUTED_WINDOW_S:.0f} s")
+        service = policy.service_of(finding)
+        if service is None:
+            return Plan(finding, None, None, f"{why}; no service port in the evidence, "
+                                             f"{source} reported only")
+        filed = replace(finding, entity=f"service:{service}",
+                        evidence={**finding.evidence, "source": source})
+        return Plan(filed, MitigationKind.RATE_LIMIT_SERVICE, service,
+                    f"{why}; rate-limiting {service} instead of {source}")
+
+    def _mitigate(self, plan: Plan, incident: Incident, now: float) -> None:
+        assert plan.kind is not None and plan.target is not None
+        ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
+        m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
+                       expires_at=now + ttl_s, incident_id=incident.id,
+                       params={**policy.params_for(plan.kind, self._cfg), "ttl_s": ttl_s},
+                       reason=f"{plan.finding.rule} on {plan.finding.entity}")
+        outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
+        self._record_outcome(incident, m, outcome, error)
+
+    def _record_outcome(self, incident: Incident, m: Mitigation, outcome: Outcome,
+                        error: EnforceError | None) -> None:
+        at = self._clock()
+        what = f"{m.kind.value} {m.target}"
+        data = {"mitigation_id": m.id, "kind": m.kind.value, "target": m.target,
+                "ttl_s": m.params.get("ttl_s")}
+        if outcome is Outcome.APPLIED:
+            self._store.add_incident_event(incident.id, "mitigation_applied",
+                                           f"{what} for {m.params['ttl_s']:.0f} s", at, data)
+            self._mark_mitigated(incident, at)
+        elif outcome is Outcome.DRY_RUN:
+            self._store.add_incident_event(incident.id, "mitigation_dry_run",
+                                           f"dry run: would apply {what}", at, data)
+        elif outcome is Outcome.ALLOWLISTED:
+            self._store.add_incident_event(incident.id, "note", ALLOWLISTED_NOTE, at, data)
+        else:
+            self._store.add_incident_event(incident.id, "mitigation_failed",
+                                           f"{what} failed: {error}", at,
+                                           {**data, "error": str(error)})
+            self._store.set_incident_state(incident.id, IncidentState.ESCALATED, at,
+                                           f"escalated: {what} could not be applied")
+
+    def _mark_mitigated(self, incident: Incident, mitigated_at: float) -> None:
+        # The deadline runs from the first evidence (kernel window start) to the action
+        # being in force; only the first mitigation of an incident counts.
+        if incident.mitigated_at is not None:
+            return
+        latency_s = mitigated_at - incident.first_seen_at
+        missed = latency_s > incident.event_class.deadline_s
+        self._store.mark_mitigated(incident.id, mitigated_at, missed)
+        incident.mitigated_at = mitigated_at
+
+    def _keep(self, m: Mitigation, plan: Plan, incident: Incident, now: float) -> None:
+        """A mitigation of the same kind is already in force: renew it when less than
+        half its lifetime remains, otherwise leave it as it is."""
+        if m.state is MitigationState.ACTIVE:
+            self._mark_mitigated(incident, now)
+        if m.expires_at is None:
+            return
+        lifetime_s = float(m.params.get("ttl_s") or (m.expires_at - m.created_at))
+        if m.expires_at - now >= lifetime_s / 2:
+            return
+        ttl_s = self._lifetime_s(plan.finding.rule, m.target, now, m.created_at)
+        renewed = replace(m, expires_at=now + ttl_s, params={**m.params, "ttl_s": ttl_s})
+        if renewed.state is MitigationState.ACTIVE:
+            try:
+                self._enforcer.apply(renewed, now)
+            except EnforceError as e:
+                self._store.add_incident_event(
+                    incident.id, "mitigation_failed",
+                    f"renewal of {m.kind.value} {m.target} failed: {e}", now,
+                    {"mitigation_id": m.id, "error": str(e)})
+                return
+        self._store.set_mitigation_expiry(m.id, renewed.expires_at, now, renewed.params)
+        self._store.add_incident_event(
+            incident.id, "mitigation_renewed",
+            f"{m.kind.value} {m.target} renewed for {ttl_s:.0f} s", now,
+            {"mitigation_id": m.id, "ttl_s": ttl_s, "expires_at": renewed.expires_at})
+
+    def _lifetime_s(self, rule: str, target: str, now: float, until: float | None) -> float:
+        """The rule's ttl (or the default), grown for each earlier mitigation of the target
+        within repeat_window_s (created before `until` when renewing), capped."""
+        pol = self._cfg.mitigation
+        base_s = self._ttl_by_rule.get(rule) or pol.default_ttl_s
+        prior = self._store.prior_mitigations(target, now - pol.repeat_window_s, until)
+        return policy.lifetime_s(base_s, prior, pol)
+
+    # -- the shared path ---------------------------------------------------------------
+
+    def _put_in_force(self, m: Mitigation, now: float,
+                      rule: str | None) -> tuple[Outcome, EnforceError | None]:
+        """Record and apply one new mitigation. The row is written before the host is
+        changed, so a crash in between is repaired by reconcile rather than forgotten."""
+        if self._is_allowlisted(m.target):
+            return Outcome.ALLOWLISTED, None
+        if self._cfg.dry_run:
+            m.state = MitigationState.DRY_RUN
+            self._store.add_mitigation(m, rule=rule)
+            return Outcome.DRY_RUN, None
+        m.state = MitigationState.ACTIVE
+        self._store.add_mitigation(m, rule=rule)
+        try:
+            self._enforcer.apply(m, now)
+        except AllowlistedError:
+            self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
+            m.state = MitigationState.FAILED
+            return Outcome.ALLOWLISTED, None
+        except EnforceError as e:
+            self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
+            m.state = MitigationState.FAILED
+            return Outcome.FAILED, e
+        return Outcome.APPLIED, None
+
+    def _is_allowlisted(self, target: str) -> bool:
+        if self._enforcer.is_allowlisted(target):
+            return True
+        try:
+            net = ipaddress.ip_network(target, strict=False)
+        except ValueError:
+            return False     # a service or peer, not an address
+        return any(net.version == a.version and net.subnet_of(a) for a in self._allow)
+
+    def _in_force(self, kind: MitigationKind, target: str, now: float) -> Mitigation | None:
+        state = MitigationState.DRY_RUN if self._cfg.dry_run else MitigationState.ACTIVE
+        found = self._store.mitigations(state=state, kind=kind, target=target, live_at=now,
+                                        limit=1)
+        return found[0] if found else None
+
+    # -- lifetimes and manual control --------------------------------------------------
+
+    def expire(self, now: float | None = None) -> list[Mitigation]:
+        """Lift and mark EXPIRED every mitigation whose lifetime has run out by `now`.
+        A failed lift is noted, not raised: the kernel element carries its own timeout."""
+        now = self._clock() if now is None else now
+        states = (MitigationState.ACTIVE, MitigationState.DRY_RUN)
+        expired = self._store.mitigations(state=states, expired_by=now)
+        for m in expired:
+            text = f"{m.kind.value} {m.target} expired"
+            if m.state is MitigationState.ACTIVE:
+                try:
+                    self._enforcer.lift(m)
+                except EnforceError as e:
+                    text += f" (lift failed: {e}; the kernel timeout removes it)"
+            self._store.set_mitigation_state(m.id, MitigationState.EXPIRED, now)
+            m.state = MitigationState.EXPIRED
+            if m.incident_id:
+                self._store.add_incident_event(m.incident_id, "mitigation_expired", text, now,
+                                               {"mitigation_id": m.id})
+        return expired
+
+    def desired(self, now: float | None = None) -> list[Mitigation]:
+        """What should be in force on the host at `now` (for enforcer setup/reconcile)."""
+        return self._store.active_mitigations(self._clock() if now is None else now)
+
+    def apply_manual(self, kind: MitigationKind | str, target: str, ttl_s: float | None,
+                     reason: str) -> Mitigation:
+        """An operator's mitigation (ttl_s None: until lifted). Raises ValueError for a bad
+        kind or target, AllowlistedError for an allowlisted target, EnforceError when the
+        host change failed (the FAILED mitigation is recorded)."""
+        kind = MitigationKind(kind)
+        target = policy.check_target(kind, target)
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError("ttl_s must be greater than 0")
+        now = self._clock()
+        expires_at = None if ttl_s is None else now + ttl_s
+        existing = self._in_force(kind, target, now)
+        if existing is not None:
+            return self._extend_manual(existing, expires_at, ttl_s, now)
+        m = Mitigation(kind=kind, target=target, created_at=now, expires_at=expires_at,
+                       params={**policy.params_for(kind, self._cfg), "ttl_s": ttl_s},
+                       reason=reason or "manual")
+        outcome, error = self._put_in_force(m, now, rule=None)
+        if outcome is Outcome.ALLOWLISTED:
+            raise AllowlistedError(f"{target} is allowlisted: it is never blocked")
+        if error is not None:
+            raise error
+        return m
+
+    def _extend_manual(self, m: Mitigation, expires_at: float | None, ttl_s: float | None,
+                       now: float) -> Mitigation:
+        renewed = replace(m, expires_at=expires_at, params={**m.params, "ttl_s": ttl_s})
+        if renewed.state is MitigationState.ACTIVE:
+            self._enforcer.apply(renewed, now)
+        self._store.set_mitigation_expiry(m.id, expires_at, now, renewed.params)
+        return renewed
+
+    def lift(self, mitigation_id: str) -> Mitigation:
+        """Remove a mitigation now and mark it LIFTED; one no longer in force is returned
+        unchanged. Raises KeyError for an unknown id, EnforceError if the host refused."""
+        m = self._store.mitigation(mitigation_id)
+        if m is None:
+            raise KeyError(f"no mitigation {mitigation_id}")
+        if m.state not in (MitigationState.ACTIVE, MitigationState.DRY_RUN):
+            return m
+        if m.state is MitigationState.ACTIVE:
+            self._enforcer.lift(m)
+        now = self._clock()
+        self._store.set_mitigation_state(m.id, MitigationState.LIFTED, now)
+        m.state = MitigationState.LIFTED
+        if m.incident_id:
+            self._store.add_incident_event(m.incident_id, "mitigation_lifted",
+                                           f"{m.kind.value} {m.target} lifted", now,
+                                           {"mitigation_id": m.id})
+        return m

@@ -1,0 +1,79 @@
+"""Response policy: which mitigation a rule's action means, its parameters and lifetime.
+
+Pure functions over the config; the responder (engine.py) owns state and side effects.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from agent.config import Config, MitigationPolicy, RateLimit
+from agent.model import Finding, MitigationKind, parse_target
+
+ACTION_KINDS: dict[str, MitigationKind] = {
+    "block": MitigationKind.BLOCK_IP,
+    "rate_limit": MitigationKind.RATE_LIMIT,
+    "reroute": MitigationKind.REROUTE,
+    "rate_limit_service": MitigationKind.RATE_LIMIT_SERVICE,
+}
+SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE)
+SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.ISOLATE_SERVICE)
+# The distributed switch counts the sources one rule mitigated over this span.
+DISTRIBUTED_WINDOW_S = 60.0
+_SERVICE_RE = re.compile(r"^(tcp|udp)/([0-9]{1,5})$")
+
+
+def lifetime_s(base_ttl_s: float, prior: int, policy: MitigationPolicy) -> float:
+    """base ttl x repeat_factor ^ earlier mitigations of the target, capped at max_ttl_s."""
+    # Cap the exponent too: a very frequent offender must not overflow the float.
+    ttl = base_ttl_s * policy.repeat_factor ** min(prior, 64)
+    return min(ttl, policy.max_ttl_s)
+
+
+def target_of(entity: str) -> str:
+    """"ip:2001:db8::1" -> "2001:db8::1", "service:tcp/80" -> "tcp/80"."""
+    return entity.split(":", 1)[1] if ":" in entity else entity
+
+
+def service_of(finding: Finding) -> str | None:
+    """The attacked service from a finding's evidence ("tcp/80"), or None without a port.
+
+    Events without a proto come from TCP state probes, hence the tcp default."""
+    ev: Mapping[str, Any] = finding.evidence
+    dport = ev.get("dport")
+    if isinstance(dport, bool) or not isinstance(dport, int) or not 0 < dport < 65536:
+        return None
+    proto = str(ev.get("proto") or "tcp").lower()
+    return f"{proto}/{dport}" if proto in ("tcp", "udp") else None
+
+
+def params_for(kind: MitigationKind, cfg: Config) -> dict[str, Any]:
+    """The enforcement parameters a mitigation of `kind` carries."""
+    if kind is MitigationKind.RATE_LIMIT:
+        return _rate(cfg.enforce.rate_limit)
+    if kind is MitigationKind.RATE_LIMIT_SERVICE:
+        return _rate(cfg.enforce.service_rate_limit)
+    if kind is MitigationKind.REROUTE:
+        rr = cfg.enforce.reroute
+        return {"sinkhole_v4": rr.sinkhole_v4, "sinkhole_v6": rr.sinkhole_v6, "mark": rr.mark}
+    return {}
+
+
+def _rate(rl: RateLimit) -> dict[str, Any]:
+    return {"packets_per_second": rl.packets_per_second, "burst": rl.burst}
+
+
+def check_target(kind: MitigationKind, target: str) -> str:
+    """Validate and normalise a manual target; raises ValueError with a readable message."""
+    if kind in SOURCE_KINDS:
+        net = parse_target(target)
+        # A single address is stored as the detector writes it, so that a manual and an
+        # automatic block of the same host are recognised as the same target.
+        is_host = net.prefixlen == net.max_prefixlen
+        return str(net.network_address) if is_host else str(net)
+    if kind in SERVICE_KINDS:
+        m = _SERVICE_RE.match(target.strip().lower())
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ValueError(f"not a service like 'tcp/80': {target!r}")
+        return f"{m.group(1)}/{int(m.group(2))}"
+    return target.strip()

@@ -1,0 +1,396 @@
+"""The agent's SQLite store: incidents, their timelines, and mitigations.
+
+Only this module touches the database. WAL lets a CLI process read while the agent
+writes; synchronous=FULL makes every committed write survive a crash or power loss;
+the schema is migrated forward by PRAGMA user_version. Every public method is one
+transaction, serialised by a lock so the store may be used from worker threads.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from agent.model import (EventClass, Finding, Incident, IncidentState, Mitigation,
+                         MitigationKind, MitigationState, Severity)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (unreadable, or from a newer agent)."""
+
+
+# Each entry migrates the schema from version i to i + 1; never edit one, append.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE incidents (
+            id TEXT PRIMARY KEY, class TEXT NOT NULL, entity TEXT NOT NULL,
+            severity TEXT NOT NULL, state TEXT NOT NULL,
+            first_seen_at REAL NOT NULL, detected_at REAL NOT NULL,
+            mitigated_at REAL, resolved_at REAL, rules TEXT NOT NULL DEFAULT '[]',
+            findings INTEGER NOT NULL DEFAULT 1, deadline_missed INTEGER,
+            summary TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX incidents_by_entity ON incidents (class, entity, state)",
+        """CREATE TABLE incident_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            incident_id TEXT NOT NULL REFERENCES incidents (id),
+            at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL DEFAULT '',
+            data TEXT NOT NULL DEFAULT '{}')""",
+        "CREATE INDEX incident_events_by_incident ON incident_events (incident_id, seq)",
+        """CREATE TABLE mitigations (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, expires_at REAL,
+            state TEXT NOT NULL, incident_id TEXT REFERENCES incidents (id),
+            reason TEXT NOT NULL DEFAULT '', rule TEXT, updated_at REAL NOT NULL)""",
+        "CREATE INDEX mitigations_by_target ON mitigations (target, created_at)",
+        "CREATE INDEX mitigations_by_state ON mitigations (state, expires_at)",
+        "CREATE INDEX mitigations_by_rule ON mitigations (rule, created_at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+LIVE_INCIDENT_STATES = (IncidentState.OPEN, IncidentState.MITIGATED, IncidentState.ESCALATED)
+_SEVERITY_ORDER = list(Severity)
+# States that count as an earlier mitigation of a target (a failed one never was).
+_COUNTED_STATES = (MitigationState.ACTIVE, MitigationState.DRY_RUN,
+                   MitigationState.EXPIRED, MitigationState.LIFTED)
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentEvent:
+    """One timeline entry: kind is finding, mitigation_applied, mitigation_failed,
+    mitigation_renewed, mitigation_expired, mitigation_lifted, mitigation_dry_run or note."""
+
+    seq: int
+    incident_id: str
+    at: float
+    kind: str
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """Durable state of one agent. `readonly=True` opens an existing database for a
+    reader (the CLI) without migrating or writing anything."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = self._connect(readonly)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {self.path}: {e}") from None
+        if not readonly:
+            self._migrate()
+        elif self.schema_version != SCHEMA_VERSION:
+            self._db.close()
+            raise StoreError(f"database {self.path} has schema version {self.schema_version}, "
+                             f"this program reads {SCHEMA_VERSION}")
+
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                 isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+        # The agent and a reading CLI may briefly contend for the lock: wait, do not fail.
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _migrate(self) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise StoreError(f"database {self.path} has schema version {version}, newer than "
+                             f"this agent's {SCHEMA_VERSION}; upgrade the agent")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._tx() as db:
+                for statement in MIGRATIONS[target - 1]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={target}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._read("PRAGMA user_version")[0][0]
+
+    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        # Under the lock, so a read from another thread never sees a half-done transaction.
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- incidents ---------------------------------------------------------------------
+
+    def record_finding(self, finding: Finding, first_seen_at: float,
+                       detected_at: float) -> Incident:
+        """Add a finding to the live (open, mitigated or escalated) incident of its
+        (class, entity), or open a new one; append it to the timeline; return the incident."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM incidents WHERE class=? AND entity=? AND state IN (?,?,?) "
+                "ORDER BY detected_at DESC LIMIT 1",
+                (finding.event_class.value, finding.entity, *LIVE_INCIDENT_STATES)).fetchone()
+            if row is None:
+                incident = _new_incident(finding, first_seen_at, detected_at)
+                db.execute("INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           _incident_values(incident, None))
+            else:
+                incident = _merge(_incident(row), finding, first_seen_at)
+                db.execute("UPDATE incidents SET severity=?, first_seen_at=?, rules=?, "
+                           "findings=? WHERE id=?",
+                           (incident.severity.value, incident.first_seen_at,
+                            json.dumps(incident.rules), incident.findings, incident.id))
+            _append_event(db, incident.id, detected_at, "finding", finding.rule,
+                          {"rule": finding.rule, "action": finding.action,
+                           "evidence": dict(finding.evidence)})
+        return incident
+
+    def incident(self, incident_id: str) -> Incident | None:
+        rows = self._read("SELECT * FROM incidents WHERE id=?", (incident_id,))
+        return _incident(rows[0]) if rows else None
+
+    def incidents(self, *, state: IncidentState | Iterable[IncidentState] | None = None,
+                  event_class: EventClass | None = None, entity: str | None = None,
+                  since: float | None = None, limit: int | None = None) -> list[Incident]:
+        """Incidents matching every given filter, newest detection first."""
+        where, args = _filters(state=state, **{"class": event_class, "entity": entity})
+        if since is not None:
+            where.append("detected_at >= ?")
+            args.append(since)
+        sql = "SELECT * FROM incidents" + _where(where) + " ORDER BY detected_at DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [_incident(r) for r in self._read(sql, args)]
+
+    def deadline_missed(self, incident_id: str) -> bool | None:
+        """Whether the incident's class deadline was missed; None until it is mitigated."""
+        rows = self._read("SELECT deadline_missed FROM incidents WHERE id=?", (incident_id,))
+        return None if not rows or rows[0][0] is None else bool(rows[0][0])
+
+    def mark_mitigated(self, incident_id: str, mitigated_at: float,
+                       deadline_missed: bool) -> None:
+        """Record the first mitigation of an incident; later ones keep the first time.
+        An open incident becomes mitigated; an escalated one stays escalated."""
+        with self._tx() as db:
+            db.execute("UPDATE incidents SET mitigated_at=?, deadline_missed=?, "
+                       "state=CASE WHEN state=? THEN ? ELSE state END "
+                       "WHERE id=? AND mitigated_at IS NULL",
+                       (mitigated_at, int(deadline_missed), IncidentState.OPEN,
+                        IncidentState.MITIGATED, incident_id))
+
+    def set_incident_state(self, incident_id: str, state: IncidentState, at: float,
+                           note: str = "") -> None:
+        """Move an incident to `state` (resolved and false_positive set resolved_at)."""
+        closing = state in (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
+        with self._tx() as db:
+            db.execute("UPDATE incidents SET state=?, resolved_at=? WHERE id=?",
+                       (state.value, at if closing else None, incident_id))
+            _append_event(db, incident_id, at, "note", note or f"state -> {state.value}",
+                          {"state": state.value})
+
+    def add_incident_event(self, incident_id: str, kind: str, text: str, at: float,
+                           data: dict[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            _append_event(db, incident_id, at, kind, text, data or {})
+
+    def incident_events(self, incident_id: str) -> list[IncidentEvent]:
+        rows = self._read("SELECT * FROM incident_events WHERE incident_id=? ORDER BY seq",
+                          (incident_id,))
+        return [IncidentEvent(r["seq"], r["incident_id"], r["at"], r["kind"], r["text"],
+                              json.loads(r["data"])) for r in rows]
+
+    def counts_by_class(self) -> dict[str, dict[str, int]]:
+        """class -> {"total", each incident state, "deadline_met", "deadline_missed"}."""
+        out: dict[str, dict[str, int]] = {}
+        rows = self._read("SELECT class, state, deadline_missed, COUNT(*) AS n "
+                          "FROM incidents GROUP BY class, state, deadline_missed")
+        for r in rows:
+            c = out.setdefault(r["class"], {"total": 0, "deadline_met": 0, "deadline_missed": 0,
+                                            **{s.value: 0 for s in IncidentState}})
+            c["total"] += r["n"]
+            c[r["state"]] += r["n"]
+            if r["deadline_missed"] is not None:
+                c["deadline_missed" if r["deadline_missed"] else "deadline_met"] += r["n"]
+        return out
+
+    # -- mitigations -------------------------------------------------------------------
+
+    def add_mitigation(self, m: Mitigation, *, rule: str | None = None) -> None:
+        """Insert a mitigation; `rule` ("id@version") is the rule that asked for it."""
+        with self._tx() as db:
+            db.execute("INSERT INTO mitigations VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (m.id, m.kind.value, m.target, json.dumps(m.params), m.created_at,
+                        m.expires_at, m.state.value, m.incident_id, m.reason, rule,
+                        m.created_at))
+
+    def mitigation(self, mitigation_id: str) -> Mitigation | None:
+        rows = self._read("SELECT * FROM mitigations WHERE id=?", (mitigation_id,))
+        return _mitigation(rows[0]) if rows else None
+
+    def set_mitigation_state(self, mitigation_id: str, state: MitigationState,
+                             at: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE mitigations SET state=?, updated_at=? WHERE id=?",
+                       (state.value, at, mitigation_id))
+
+    def set_mitigation_expiry(self, mitigation_id: str, expires_at: float | None, at: float,
+                              params: dict[str, Any] | None = None) -> None:
+        """Renew: a new expiry (and optionally new parameters) for an existing mitigation."""
+        with self._tx() as db:
+            db.execute("UPDATE mitigations SET expires_at=?, updated_at=?, "
+                       "params=COALESCE(?, params) WHERE id=?",
+                       (expires_at, at, json.dumps(params) if params is not None else None,
+                        mitigation_id))
+
+    def active_mitigations(self, now: float) -> list[Mitigation]:
+        """What must be in force at `now`: state active and not expired."""
+        return self.mitigations(state=MitigationState.ACTIVE, live_at=now)
+
+    def mitigations(self, *, state: MitigationState | Iterable[MitigationState] | None = None,
+                    kind: MitigationKind | None = None, target: str | None = None,
+                    incident_id: str | None = None, live_at: float | None = None,
+                    expired_by: float | None = None,
+                    limit: int | None = None) -> list[Mitigation]:
+        """Mitigations matching every given filter, oldest first; `live_at` keeps those
+        without expiry or expiring after that time, `expired_by` those whose expiry is at
+        or before that time."""
+        where, args = _filters(state=state, kind=kind, target=target, incident_id=incident_id)
+        if live_at is not None:
+            where.append("(expires_at IS NULL OR expires_at > ?)")
+            args.append(live_at)
+        if expired_by is not None:
+            where.append("expires_at <= ?")
+            args.append(expired_by)
+        sql = "SELECT * FROM mitigations" + _where(where) + " ORDER BY created_at, rowid"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [_mitigation(r) for r in self._read(sql, args)]
+
+    def prior_mitigations(self, target: str, since: float, until: float | None = None) -> int:
+        """How many mitigations of `target` (any kind, failed ones excluded) were created
+        in [since, until) — the repeat-offender count."""
+        sql = ("SELECT COUNT(*) FROM mitigations WHERE target=? AND created_at >= ? "
+               f"AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
+        args: list[Any] = [target, since, *_COUNTED_STATES]
+        if until is not None:
+            sql += " AND created_at < ?"
+            args.append(until)
+        return self._read(sql, args)[0][0]
+
+    def sources_mitigated_by_rule(self, rule: str, since: float) -> int:
+        """Distinct targets that `rule` mitigated (failed ones excluded) since `since`."""
+        sql = ("SELECT COUNT(DISTINCT target) FROM mitigations WHERE rule=? AND created_at >= ? "
+               f"AND kind != ? AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
+        return self._read(sql, (rule, since, MitigationKind.RATE_LIMIT_SERVICE,
+                                *_COUNTED_STATES))[0][0]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT under the store's lock; ROLLBACK on any exception."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
+        self._db, self._lock = db, lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            # IMMEDIATE takes the write lock now, so a concurrent reader never makes a
+            # read-then-write transaction fail half way with SQLITE_BUSY.
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._db
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()
+
+
+def _filters(**columns: Any) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    for column, value in columns.items():
+        if value is None:
+            continue
+        if isinstance(value, (str, int, float)):
+            where.append(f"{column} = ?")
+            args.append(value)
+        else:
+            values = list(value)
+            where.append(f"{column} IN ({','.join('?' * len(values))})")
+            args.extend(values)
+    return where, args
+
+
+def _where(clauses: list[str]) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def _append_event(db: sqlite3.Connection, incident_id: str, at: float, kind: str,
+                  text: str, data: dict[str, Any]) -> None:
+    db.execute("INSERT INTO incident_events (incident_id, at, kind, text, data) "
+               "VALUES (?,?,?,?,?)", (incident_id, at, kind, text, json.dumps(data, default=str)))
+
+
+def _new_incident(f: Finding, first_seen_at: float, detected_at: float) -> Incident:
+    details = ", ".join(f"{k}={v}" for k, v in f.evidence.items())
+    return Incident(id=uuid.uuid4().hex, event_class=f.event_class, entity=f.entity,
+                    severity=f.severity, state=IncidentState.OPEN,
+                    first_seen_at=first_seen_at, detected_at=detected_at, rules=[f.rule],
+                    findings=1,
+                    summary=f"{f.rule} on {f.entity}" + (f" ({details})" if details else ""))
+
+
+def _merge(incident: Incident, f: Finding, first_seen_at: float) -> Incident:
+    incident.findings += 1
+    incident.first_seen_at = min(incident.first_seen_at, first_seen_at)
+    if f.rule not in incident.rules:
+        incident.rules.append(f.rule)
+    if _SEVERITY_ORDER.index(f.severity) > _SEVERITY_ORDER.index(incident.severity):
+        incident.severity = f.severity
+    return incident
+
+
+def _incident_values(i: Incident, deadline_missed: bool | None) -> tuple:
+    return (i.id, i.event_class.value, i.entity, i.severity.value, i.state.value,
+            i.first_seen_at, i.detected_at, i.mitigated_at, i.resolved_at,
+            json.dumps(i.rules), i.findings,
+            None if deadline_missed is None else int(deadline_missed), i.summary)
+
+
+def _incident(r: sqlite3.Row) -> Incident:
+    return Incident(id=r["id"], event_class=EventClass(r["class"]), entity=r["entity"],
+                    severity=Severity(r["severity"]), state=IncidentState(r["state"]),
+                    first_seen_at=r["first_seen_at"], detected_at=r["detected_at"],
+                    mitigated_at=r["mitigated_at"], resolved_at=r["resolved_at"],
+                    rules=json.loads(r["rules"]), findings=r["findings"], summary=r["summary"])
+
+
+def _mitigation(r: sqlite3.Row) -> Mitigation:
+    return Mitigation(kind=MitigationKind(r["kind"]), target=r["target"],
+                      created_at=r["created_at"], expires_at=r["expires_at"],
+                      incident_id=r["incident_id"], params=json.loads(r["params"]),
+                      state=MitigationState(r["state"]), id=r["id"], reason=r["reason"])
