@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import secrets
 import subprocess
@@ -81,7 +82,7 @@ class Lab:
     def addr(self, side: str, v6: bool = False, link: int = 0) -> str:
         host = 1 if side == "attacker" else 2
         if v6:
-            return f"fd00:{self.subnet:x}:{link}::{host}"
+            return str(ipaddress.ip_address(f"fd00:{self.subnet:x}:{link}::{host}"))
         return f"10.{self.subnet}.{link}.{host}"
 
     def __enter__(self) -> "Lab":
