@@ -88,7 +88,12 @@ class Agent:
 
     def _open_probe(self) -> None:
         try:
+            from agent.sources.capability import ensure_tracefs
             from agent.sources.net import NetProbe
+
+            tracefs_problem = ensure_tracefs()
+            if tracefs_problem:
+                log.warning("tracepoints unavailable", extra={"reason": tracefs_problem})
 
             probe = NetProbe(self.cfg.probes, list(self.cfg.interfaces), kernel_thresholds(self.rules))
             probe.open()

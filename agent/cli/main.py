@@ -165,7 +165,7 @@ def format_status(st: dict) -> str:
     lines.append("probes:")
     for name, p in sorted((agent.get("probes") or {}).items()):
         reason = f" - {p['reason']}" if p.get("reason") else ""
-        lines.append(f"  {name:<16} {p['state']}{reason}")
+        lines.append(f"  {name:<28} {p['state']}{reason}")
     if not agent.get("probes"):
         lines.append("  (none reported)")
     if agent.get("ringbuf_losses"):
@@ -173,7 +173,8 @@ def format_status(st: dict) -> str:
     lines.append("incidents by class:")
     counts = st.get("incidents_by_class") or {}
     for cls, n in sorted(counts.items()):
-        lines.append(f"  {cls:<22} {n}")
+        lines.append(f"  {cls:<20} {n['total']} total, {n['open']} open, {n['mitigated']} mitigated, "
+                     f"{n['escalated']} escalated, deadline missed {n['deadline_missed']}")
     if not counts:
         lines.append("  (none)")
     mits = st.get("mitigations") or []

@@ -57,3 +57,22 @@ def probe() -> dict[str, tuple[bool, str]]:
                                    "kernel built without the kprobe event source")
     result["tracefs"] = _exists("/sys/kernel/tracing/events", "tracefs is not mounted")
     return result
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def ensure_tracefs() -> str | None:
+    """Mount tracefs where tracepoint attachment needs it; None on success, else why not.
+
+    `ip netns exec` gives the agent a private mount namespace with a fresh /sys, without
+    tracefs: mounting it there is invisible to the rest of the host."""
+    if (TRACEFS / "events").is_dir():
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"nodev", str(TRACEFS).encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        return f"tracefs is not mounted and mounting it failed: {os.strerror(err)}"
+    return None
