@@ -100,7 +100,7 @@ class Lab:
         for ns in (self.attacker, self.victim):
             sh("ip", "netns", "add", ns)
             self.namespaces.append(ns)
-            sh("ip", "link", "set", "lo", "up", ns=ns)
+            self._prepare(ns)
         self._link(self.attacker, "a0", "v0", 0)
         # Replies to spoofed sources leave towards the attacker, as they would on the internet.
         sh("ip", "route", "add", "default", "via", self.addr("attacker"), ns=self.victim)
@@ -111,9 +111,17 @@ class Lab:
         ns = f"swa-at{index}-{self.tag}"
         sh("ip", "netns", "add", ns)
         self.namespaces.append(ns)
-        sh("ip", "link", "set", "lo", "up", ns=ns)
+        self._prepare(ns)
         self._link(ns, "a0", f"v{index}", index)
         return ns
+
+    @staticmethod
+    def _prepare(ns: str) -> None:
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+        # No duplicate address detection: addresses (link-local ones too) are usable at
+        # once, so spoofed IPv6 traffic does not wait ~2 s for neighbour discovery.
+        for scope in ("all", "default"):
+            sh("sysctl", "-qw", f"net.ipv6.conf.{scope}.accept_dad=0", ns=ns)
 
     def _link(self, ns: str, a_if: str, v_if: str, link: int) -> None:
         # Create the pair inside the attacker namespace so the root namespace never
