@@ -63,7 +63,10 @@ def estimate_distinct(bits: int) -> int:
 def address_text(addr: bytes, family: int) -> str:
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(bytes(addr[:4])))
-    return str(ipaddress.IPv6Address(bytes(addr)))
+    v6 = ipaddress.IPv6Address(bytes(addr))
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; rules, the allowlist and
+    # the block sets all speak plain IPv4 for them.
+    return str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
 
 
 def window_thresholds(per_s: dict[str, int], window_ms: int) -> abi.net_thresholds:
