@@ -24,8 +24,8 @@ fi
 # Runtime: Debian's python3 (its python3-nftables binding is the libnftables JSON API),
 # libbpf1, nftables, iproute2. Build: clang/llvm and libbpf headers for the CO-RE probes,
 # bpftool to generate vmlinux.h from the kernel's BTF.
-packages=(python3 python3-venv python3-nftables python3-grpcio python3-protobuf nftables libnftables1 libbpf1 iproute2
-          clang llvm libbpf-dev bpftool make)
+packages=(python3 python3-venv python3-nftables nftables libnftables1 libbpf1 iproute2
+          python3-grpcio python3-protobuf clang llvm libbpf-dev bpftool make)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
