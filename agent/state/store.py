@@ -49,6 +49,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX mitigations_by_state ON mitigations (state, expires_at)",
         "CREATE INDEX mitigations_by_rule ON mitigations (rule, created_at)",
     ),
+    (
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
+            identity TEXT NOT NULL, role TEXT NOT NULL, method TEXT NOT NULL,
+            arguments TEXT NOT NULL DEFAULT '{}', result TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX audit_by_time ON audit (at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -303,6 +311,31 @@ class Store:
                f"AND kind != ? AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
         return self._read(sql, (rule, since, MitigationKind.RATE_LIMIT_SERVICE,
                                 *_COUNTED_STATES))[0][0]
+
+
+    # -- audit -------------------------------------------------------------------------
+
+    def record_audit(self, at: float, identity: str, role: str, method: str,
+                     arguments: dict[str, Any], result: str, detail: str = "") -> int:
+        """Append one control call to the audit log (durable on return); its seq."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO audit (at, identity, role, method, arguments, result, "
+                             "detail) VALUES (?,?,?,?,?,?,?)",
+                             (at, identity, role, method, json.dumps(arguments, default=str),
+                              result, detail))
+            return int(cur.lastrowid)
+
+    def audit(self, *, since: float | None = None, identity: str | None = None,
+              limit: int = 100) -> list[dict[str, Any]]:
+        """Audit entries, newest first: dicts of seq, at, identity, role, method,
+        arguments (a dict), result, detail."""
+        where, args = _filters(identity=identity)
+        if since is not None:
+            where.append("at >= ?")
+            args.append(since)
+        rows = self._read("SELECT * FROM audit" + _where(where) +
+                          f" ORDER BY seq DESC LIMIT {int(limit)}", args)
+        return [{**dict(r), "arguments": json.loads(r["arguments"])} for r in rows]
 
 
 class _Transaction:
