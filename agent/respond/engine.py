@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from agent.config import Config
 from agent.detect.rules import Rule, load_rules
@@ -20,6 +21,9 @@ from agent.respond import policy
 from agent.state.store import Store
 
 ALLOWLISTED_NOTE = "allowlisted: reported, never blocked"
+# An observer gets ("incident", Incident) or ("mitigation", Mitigation) after each change.
+Observer = Callable[[str, Any], None]
+log = logging.getLogger("swarm_agent")
 
 
 class Outcome(enum.Enum):
@@ -62,6 +66,17 @@ class Responder:
         self._to_wall = to_wall
         self._allow = cfg.allowlist.networks()
         self.set_rules(load_rules(cfg.rules_path) if rules is None else rules)
+        # Called on the caller's thread after every recorded change (the control server's
+        # watch stream, the mesh reporter); an observer must be quick and must not raise.
+        self.observers: list[Observer] = []
+
+    def notify(self, kind: str, obj: Any) -> None:
+        """Tell every observer about a change (also for callers that recorded one)."""
+        for observer in list(self.observers):
+            try:
+                observer(kind, obj)
+            except Exception:  # one broken observer must not stop the response
+                log.exception("responder observer failed", extra={"observer": repr(observer)})
 
     def set_rules(self, rules: Sequence[Rule]) -> None:
         """Use these rules' ttl_s from now on (after a rules reload)."""
@@ -84,7 +99,9 @@ class Responder:
                 self._keep(existing, plan, incident, now)
             else:
                 self._mitigate(plan, incident, now)
-        return self._store.incident(incident.id) or incident
+        incident = self._store.incident(incident.id) or incident
+        self.notify("incident", incident)
+        return incident
 
     def _plan(self, finding: Finding, now: float) -> Plan:
         kind = policy.ACTION_KINDS.get(finding.action)
@@ -131,6 +148,8 @@ class Responder:
     def _record_outcome(self, incident: Incident, m: Mitigation, outcome: Outcome,
                         error: EnforceError | None) -> None:
         at = self._clock()
+        if outcome is not Outcome.ALLOWLISTED:
+            self.notify("mitigation", m)
         what = f"{m.kind.value} {m.target}"
         data = {"mitigation_id": m.id, "kind": m.kind.value, "target": m.target,
                 "ttl_s": m.params.get("ttl_s")}
@@ -186,6 +205,7 @@ class Responder:
             incident.id, "mitigation_renewed",
             f"{m.kind.value} {m.target} renewed for {ttl_s:.0f} s", now,
             {"mitigation_id": m.id, "ttl_s": ttl_s, "expires_at": renewed.expires_at})
+        self.notify("mitigation", renewed)
 
     def _lifetime_s(self, rule: str, target: str, now: float, until: float | None) -> float:
         """The rule's ttl (or the default), grown for each earlier mitigation of the target
@@ -253,6 +273,7 @@ class Responder:
                     text += f" (lift failed: {e}; the kernel timeout removes it)"
             self._store.set_mitigation_state(m.id, MitigationState.EXPIRED, now)
             m.state = MitigationState.EXPIRED
+            self.notify("mitigation", m)
             if m.incident_id:
                 self._store.add_incident_event(m.incident_id, "mitigation_expired", text, now,
                                                {"mitigation_id": m.id})
@@ -282,6 +303,7 @@ class Responder:
         outcome, error = self._put_in_force(m, now, rule=None)
         if outcome is Outcome.ALLOWLISTED:
             raise AllowlistedError(f"{target} is allowlisted: it is never blocked")
+        self.notify("mitigation", m)
         if error is not None:
             raise error
         return m
@@ -292,6 +314,7 @@ class Responder:
         if renewed.state is MitigationState.ACTIVE:
             self._enforcer.apply(renewed, now)
         self._store.set_mitigation_expiry(m.id, expires_at, now, renewed.params)
+        self.notify("mitigation", renewed)
         return renewed
 
     def lift(self, mitigation_id: str) -> Mitigation:
@@ -311,4 +334,17 @@ class Responder:
             self._store.add_incident_event(m.incident_id, "mitigation_lifted",
                                            f"{m.kind.value} {m.target} lifted", now,
                                            {"mitigation_id": m.id})
+        self.notify("mitigation", m)
         return m
+
+    def set_incident_state(self, incident_id: str, state: IncidentState,
+                           note: str = "") -> Incident:
+        """An operator's verdict (resolved, false_positive, ...) on an incident, noted in
+        its timeline. Raises KeyError for an unknown id."""
+        if self._store.incident(incident_id) is None:
+            raise KeyError(f"no incident {incident_id}")
+        self._store.set_incident_state(incident_id, state, self._clock(), note)
+        incident = self._store.incident(incident_id)
+        assert incident is not None
+        self.notify("incident", incident)
+        return incident
