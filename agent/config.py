@@ -70,6 +70,20 @@ class Probes:
 
 
 @dataclass(frozen=True)
+class Control:
+    """The control API: always on the unix socket <run_dir>/control.sock (root only);
+    also on TCP with mutual TLS when `listen` is set. Client certificate identities (CN
+    or a DNS/URI SAN) listed as viewers may read, operators may also act."""
+
+    listen: str | None = None         # "host:port" for the mTLS listener; null: socket only
+    tls_cert: str | None = None       # server certificate (PEM)
+    tls_key: str | None = None        # its private key (PEM)
+    tls_ca: str | None = None         # CA that signs client certificates (PEM)
+    viewers: tuple[str, ...] = ()
+    operators: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/swarm-agent"
     run_dir: str = "/run/swarm-agent"
@@ -81,6 +95,7 @@ class Config:
     mitigation: MitigationPolicy = MitigationPolicy()
     enforce: Enforce = Enforce()
     probes: Probes = Probes()
+    control: Control = Control()
 
     @property
     def rules_path(self) -> Path:
@@ -93,6 +108,10 @@ class Config:
     @property
     def status_path(self) -> Path:
         return Path(self.state_dir) / "status.json"
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.run_dir) / "control.sock"
 
 
 def load(path: str | Path | None) -> Config:
@@ -205,7 +224,23 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("log_level must be one of debug, info, warning, error")
     if cfg.rules_file is not None and not Path(cfg.rules_file).is_file():
         raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
+    _check_control(cfg.control)
     return cfg
+
+
+def _check_control(c: Control) -> None:
+    if c.listen is None:
+        return
+    host, sep, port = c.listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"control.listen: {c.listen!r} is not host:port")
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        path = getattr(c, key)
+        if path is None:
+            raise ConfigError(f"control.{key} is required when control.listen is set "
+                              "(the TCP listener only accepts mutual TLS)")
+        if not Path(path).is_file():
+            raise ConfigError(f"control.{key}: {path} does not exist")
 
 
 def check_interfaces(cfg: Config) -> None:
