@@ -57,6 +57,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             detail TEXT NOT NULL DEFAULT '')""",
         "CREATE INDEX audit_by_time ON audit (at)",
     ),
+    (
+        # The mesh outbox (agent/report/outbox.py): triggers queue a snapshot of every
+        # incident and mitigation change in the same transaction as the change, so no
+        # crash can lose a report; a newer snapshot replaces one of the same row still
+        # queued (its id was never acknowledged, the newer one supersedes it).
+        """CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL, ref TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL,
+            created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX outbox_by_ref ON outbox (kind, ref)",
+        *(f"""CREATE TRIGGER outbox_{table}_{event} AFTER {event.upper()} ON {table}s BEGIN
+            DELETE FROM outbox WHERE kind = '{table}' AND ref = NEW.id;
+            INSERT INTO outbox (id, kind, ref, payload, created_at) VALUES
+              (lower(hex(randomblob(16))), '{table}', NEW.id, {payload},
+               (julianday('now') - 2440587.5) * 86400.0);
+          END""" for table, payload in (
+            ("incident", "json_object('incident_id', NEW.id, 'event_class', NEW.class, "
+                         "'entity', NEW.entity, 'severity', NEW.severity, 'state', NEW.state, "
+                         "'first_seen_at', NEW.first_seen_at, 'detected_at', NEW.detected_at, "
+                         "'mitigated_at', NEW.mitigated_at, 'resolved_at', NEW.resolved_at, "
+                         "'rules', json(NEW.rules), 'findings', NEW.findings, "
+                         "'deadline_missed', NEW.deadline_missed, 'summary', NEW.summary)"),
+            ("mitigation", "json_object('mitigation_id', NEW.id, 'kind', NEW.kind, "
+                           "'target', NEW.target, 'state', NEW.state, "
+                           "'incident_id', NEW.incident_id, 'created_at', NEW.created_at, "
+                           "'expires_at', NEW.expires_at, 'updated_at', NEW.updated_at, "
+                           "'reason', NEW.reason, 'rule', NEW.rule, 'params', json(NEW.params))"),
+          ) for event in ("insert", "update")),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
