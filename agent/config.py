@@ -6,12 +6,15 @@ into exit code 2 before anything is applied to the host.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
+
+from agent.model import EventClass, Severity
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_RULES = PACKAGE_DIR / "rules" / "network.yaml"
@@ -84,6 +87,47 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Mesh:
+    """Mesh reporting (agent/report/mesh.py): incidents, mitigation changes and heartbeats
+    over gRPC with mutual TLS, through the on-disk outbox. No endpoint: standalone."""
+
+    endpoint: str | None = None       # "host:port" of the mesh reporting service
+    server_name: str | None = None    # name in the mesh's certificate; default: endpoint host
+    tls_cert: str | None = None       # this node's client certificate (PEM)
+    tls_key: str | None = None        # its private key (PEM)
+    tls_ca: str | None = None         # CA that signs the mesh's server certificate (PEM)
+    node_id: str | None = None        # how the node names itself; default: the host name
+    heartbeat_s: float = 30.0
+    batch_size: int = 200             # reports per call
+    timeout_s: float = 10.0           # per call
+    backoff_initial_s: float = 0.5    # first retry delay after a failed call, doubled per failure
+    backoff_max_s: float = 60.0       # cap on the retry delay (full jitter below it)
+    outbox_max: int = 10000           # above it: oldest heartbeats, then mitigation reports dropped
+    outbox_hard_max: int = 50000      # above it: oldest reports of any kind dropped
+
+
+@dataclass(frozen=True)
+class Alerts:
+    """Administrator notifications through Alertmanager's v2 API (agent/report/alerts.py).
+    Labels of an incident's alert: the built-in ones, then `labels`, then those of its
+    class and severity, then `escalation_labels` when it needs a human."""
+
+    url: str | None = None            # Alertmanager base URL, e.g. http://127.0.0.1:9093
+    resend_s: float = 60.0            # live incidents are re-sent so Alertmanager keeps them firing
+    timeout_s: float = 5.0
+    labels: dict[str, str] = field(default_factory=dict)
+    class_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    severity_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    escalate_classes: tuple[str, ...] = ("security_breach", "suspicious_activity")
+    escalation_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    listen: str | None = "127.0.0.1:9464"   # Prometheus /metrics; null: off
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/swarm-agent"
     run_dir: str = "/run/swarm-agent"
@@ -96,6 +140,9 @@ class Config:
     enforce: Enforce = Enforce()
     probes: Probes = Probes()
     control: Control = Control()
+    mesh: Mesh = Mesh()
+    alerts: Alerts = Alerts()
+    metrics: Metrics = Metrics()
 
     @property
     def rules_path(self) -> Path:
@@ -149,6 +196,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if get_origin(hint) is dict:
+        return _mapping(hint, value, key)
     if is_dataclass(hint):
         return _build(hint, value if value is not None else {}, key + ".")
     text = str(hint)
@@ -175,6 +224,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string")
     return value
+
+
+def _mapping(hint: Any, value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"{key} must be a mapping with string keys")
+    value_hint = get_args(hint)[1]
+    return {k: _coerce(value_hint, v, f"{key}.{k}") for k, v in value.items()}
 
 
 def _check_networks(key: str, values: tuple[str, ...]) -> None:
@@ -225,6 +283,10 @@ def validate(cfg: Config) -> Config:
     if cfg.rules_file is not None and not Path(cfg.rules_file).is_file():
         raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
     _check_control(cfg.control)
+    _check_mesh(cfg.mesh)
+    _check_alerts(cfg.alerts)
+    if cfg.metrics.listen is not None:
+        _check_host_port("metrics.listen", cfg.metrics.listen)
     return cfg
 
 
@@ -241,6 +303,59 @@ def _check_control(c: Control) -> None:
                               "(the TCP listener only accepts mutual TLS)")
         if not Path(path).is_file():
             raise ConfigError(f"control.{key}: {path} does not exist")
+
+
+def _check_host_port(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {value!r} is not host:port")
+
+
+def _check_mesh(m: Mesh) -> None:
+    for key in ("heartbeat_s", "batch_size", "timeout_s", "backoff_initial_s",
+                "backoff_max_s", "outbox_max", "outbox_hard_max"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"mesh.{key} must be greater than 0 (got {getattr(m, key)})")
+    if m.outbox_hard_max < m.outbox_max:
+        raise ConfigError("mesh.outbox_hard_max must not be below mesh.outbox_max")
+    if m.endpoint is None:
+        return
+    _check_host_port("mesh.endpoint", m.endpoint)
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        path = getattr(m, key)
+        if path is None:
+            raise ConfigError(f"mesh.{key} is required when mesh.endpoint is set "
+                              "(the mesh is only reached over mutual TLS)")
+        if not Path(path).is_file():
+            raise ConfigError(f"mesh.{key}: {path} does not exist")
+
+
+_LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_alerts(a: Alerts) -> None:
+    if a.url is not None and not a.url.startswith(("http://", "https://")):
+        raise ConfigError(f"alerts.url: {a.url!r} is not an http:// or https:// URL")
+    for key in ("resend_s", "timeout_s"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"alerts.{key} must be greater than 0 (got {getattr(a, key)})")
+    classes, severities = {c.value for c in EventClass}, {s.value for s in Severity}
+    labelsets = {"alerts.labels": a.labels, "alerts.escalation_labels": a.escalation_labels}
+    for key, table, known in (("class_labels", a.class_labels, classes),
+                              ("severity_labels", a.severity_labels, severities)):
+        for name, labels in table.items():
+            if name not in known:
+                raise ConfigError(f"alerts.{key}: unknown {key.split('_')[0]} {name!r} "
+                                  f"(one of {', '.join(sorted(known))})")
+            labelsets[f"alerts.{key}.{name}"] = labels
+    for key, labels in labelsets.items():
+        for label in labels:
+            if not _LABEL_RE.match(label):
+                raise ConfigError(f"{key}: {label!r} is not a valid Prometheus label name")
+    for name in a.escalate_classes:
+        if name not in classes:
+            raise ConfigError(f"alerts.escalate_classes: unknown class {name!r} "
+                              f"(one of {', '.join(sorted(classes))})")
 
 
 def check_interfaces(cfg: Config) -> None:
