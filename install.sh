@@ -25,7 +25,10 @@ fi
 # libbpf1, nftables, iproute2. Build: clang/llvm and libbpf headers for the CO-RE probes,
 # bpftool to generate vmlinux.h from the kernel's BTF.
 packages=(python3 python3-venv python3-nftables nftables libnftables1 libbpf1 iproute2
-          python3-grpcio python3-protobuf clang llvm libbpf-dev bpftool make)
+          python3-grpcio python3-protobuf python3-prometheus-client
+          clang llvm libbpf-dev bpftool make)
+# Tests only: a real Alertmanager to notify (the tests start it themselves, on loopback).
+[ "$with_tests" = 1 ] && packages+=(prometheus-alertmanager)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
