@@ -1,0 +1,468 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Process probe: exec and exit, opens of watched paths, module loads, ptrace attaches
+ * and BPF program loads, pushed one by one through the `events` ring buffer.
+ *
+ * These tracepoints are host-global. The kernel filters so that the ring buffer carries
+ * only what the breach rules read:
+ * - exec: the new comm is a watched program (shell/interpreter), or the parent is a
+ *   watched service, or fd 0/1/2 is an inet socket (reverse-shell shape); every exec
+ *   with proc_cfg.all_execs. Exits only of processes whose exec was emitted.
+ * - open: absolute paths matching a watched prefix/exact path (LPM trie) or suffix
+ *   (LPM trie over the reversed path), opened for writing, or for reading too where the
+ *   pattern says so. Relative paths and "..", "//" spellings are not resolved: syscall
+ *   entry only has the user's string (bpf_d_path needs fentry/LSM, refused here).
+ * - module loads, ptrace attach/seize (at syscall exit, with the tracee), BPF_PROG_LOAD:
+ *   all of them (rare), except the agent's own (proc_cfg.agent_tgid).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include "events.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define AF_INET 2
+#define AF_INET6 10
+#define O_ACCMODE 3
+#define O_CREAT 0100
+#define O_TRUNC 01000
+#define PTRACE_ATTACH 16
+#define PTRACE_SEIZE 0x4206
+#define BPF_PROG_LOAD_CMD 5
+
+const volatile struct proc_config proc_cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1024 * 1024);	/* ProcProbe(ring_bytes=...) before load */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} losses SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct comm_key);
+	__type(value, __u32);			/* enum comm_flag bits */
+} watched_comms SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);	/* required for LPM tries */
+	__type(key, struct path_key);
+	__type(value, struct path_rule);
+} watched_prefixes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct path_key);
+	__type(value, struct path_rule);
+} watched_suffixes SEC(".maps");
+
+/* Processes whose exec was emitted, so that their exit is too. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u8);
+} tracked SEC(".maps");
+
+struct ptrace_pending {
+	__u32 request;
+	__u32 pid;
+};
+
+/* ptrace requests between syscall entry and exit, per thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct ptrace_pending);
+} pending_ptrace SEC(".maps");
+
+struct open_scratch {
+	struct path_key fwd;
+	struct path_key rev;
+};
+
+/* 520 bytes of path keys do not fit the 512-byte BPF stack: per-CPU scratch instead. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct open_scratch);
+} scratch SEC(".maps");
+
+static __always_inline void count_loss(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&losses, &zero);
+
+	if (n)
+		*n += 1;	/* per-CPU slot: no atomic needed */
+}
+
+static __always_inline int is_agent(void)
+{
+	return proc_cfg.agent_tgid && (bpf_get_current_pid_tgid() >> 32) == proc_cfg.agent_tgid;
+}
+
+/* Reserves a zeroed event (padding must not leak kernel memory) or counts a loss. */
+static __always_inline void *reserve(__u32 size, __u32 kind)
+{
+	struct event_header *h = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (!h) {
+		count_loss();
+		return NULL;
+	}
+	__builtin_memset(h, 0, size);
+	h->kind = kind;
+	h->size = size;
+	h->ts_ns = bpf_ktime_get_ns();
+	return h;
+}
+
+static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *task)
+{
+	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+	__u64 id = bpf_get_current_pid_tgid();
+
+	p->cgroup_id = bpf_get_current_cgroup_id();
+	p->pid = id >> 32;
+	p->tid = (__u32)id;
+	p->ppid = BPF_CORE_READ(parent, tgid);
+	p->uid = BPF_CORE_READ(task, cred, uid.val);
+	p->euid = BPF_CORE_READ(task, cred, euid.val);
+	bpf_get_current_comm(p->comm, sizeof(p->comm));
+	bpf_core_read_str(p->parent_comm, sizeof(p->parent_comm), &parent->comm);
+}
+
+/* --- exec and exit ------------------------------------------------------------------- */
+
+/* What fd `fd` of the exec'ing task is: read through the fd table with CO-RE. Safe in
+ * the exec tracepoint: the task is current and single-threaded after de_thread(), so
+ * nobody swaps its table; every read is a checked probe read anyway. */
+static __always_inline __u16 fd_family(struct file **fds, __u32 max_fds, __u32 fd)
+{
+	struct file *f = NULL;
+	struct socket *sock;
+	__u16 mode;
+
+	if (fd >= max_fds)
+		return 0;
+	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return 0;
+	mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return STDIO_NOT_SOCKET;
+	sock = BPF_CORE_READ(f, private_data);	/* a socket file's private_data */
+	return BPF_CORE_READ(sock, sk, __sk_common.skc_family);
+}
+
+static __always_inline int is_inet(__u16 family)
+{
+	return family == AF_INET || family == AF_INET6;
+}
+
+static __always_inline __u32 comm_flags(const void *comm)
+{
+	__u32 *flags = bpf_map_lookup_elem(&watched_comms, comm);
+
+	return flags ? *flags : 0;
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	__u32 max_fds = BPF_CORE_READ(fdt, max_fds);
+	struct comm_key comm = {}, pcomm = {};
+	struct task_struct *parent;
+	struct proc_exec_event *e;
+	__u16 fam[3];
+	__u16 reason = 0;
+	__u64 start, end, n;
+	__u32 tgid, off;
+
+	if (is_agent())
+		return 0;
+	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
+	parent = BPF_CORE_READ(task, real_parent);
+	bpf_core_read_str(pcomm.comm, sizeof(pcomm.comm), &parent->comm);
+	fam[0] = fd_family(fds, max_fds, 0);
+	fam[1] = fd_family(fds, max_fds, 1);
+	fam[2] = fd_family(fds, max_fds, 2);
+	if (comm_flags(&comm) & COMM_PROGRAM)
+		reason |= EXEC_PROGRAM;
+	if (comm_flags(&pcomm) & COMM_SERVICE)
+		reason |= EXEC_SERVICE_CHILD;
+	if (is_inet(fam[0]) || is_inet(fam[1]) || is_inet(fam[2]))
+		reason |= EXEC_SOCKET_STDIO;
+	if (proc_cfg.all_execs)
+		reason |= EXEC_ALL;
+	if (!reason)
+		return 0;
+
+	e = reserve(sizeof(*e), EVENT_PROC_EXEC);
+	if (!e)
+		return 0;
+	fill_proc(&e->proc, task);
+	e->stdio_family[0] = fam[0];
+	e->stdio_family[1] = fam[1];
+	e->stdio_family[2] = fam[2];
+	e->reason = reason;
+	off = ctx->__data_loc_filename & 0xFFFF;	/* __data_loc: offset in the low half */
+	n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), (void *)ctx + off);
+	e->filename_len = n > 0 ? n - 1 : 0;
+	/* argv only, up to arg_end: the environment that follows may hold secrets. The new
+	 * stack was just written by exec, so these user pages are present. */
+	start = BPF_CORE_READ(task, mm, arg_start);
+	end = BPF_CORE_READ(task, mm, arg_end);
+	n = end > start ? end - start : 0;
+	e->args_total = n;
+	if (n > ARGS_LEN)
+		n = ARGS_LEN;
+	if (n && !bpf_probe_read_user(e->args, n, (void *)start))
+		e->args_len = n;
+	tgid = e->proc.pid;
+	bpf_ringbuf_submit(e, 0);
+	bpf_map_update_elem(&tracked, &tgid, &(__u8){1}, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int handle_sched_process_exit(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct proc_exit_event *e;
+
+	/* The whole process is gone when its last thread exits: signal->live reaches 0
+	 * before this tracepoint (do_exit), whichever thread is last. */
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	if (!bpf_map_lookup_elem(&tracked, &tgid))
+		return 0;
+	bpf_map_delete_elem(&tracked, &tgid);
+	e = reserve(sizeof(*e), EVENT_PROC_EXIT);
+	if (!e)
+		return 0;
+	fill_proc(&e->proc, task);
+	e->exit_code = BPF_CORE_READ(task, exit_code);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* --- opens of watched paths ------------------------------------------------------------ */
+
+static __always_inline struct path_rule *match_path(struct open_scratch *s, __u32 len)
+{
+	struct path_rule *r;
+	__u32 i;
+
+	s->fwd.prefixlen = len * 8;
+	r = bpf_map_lookup_elem(&watched_prefixes, &s->fwd);
+	if (r && (!(r->flags & PATH_EXACT) || r->len == len))
+		return r;
+	/* Suffixes ("*\/.ssh/authorized_keys") are prefixes of the reversed path. */
+	for (i = 0; i < PATH_LEN; i++) {
+		if (i >= len)
+			break;
+		s->rev.path[i] = s->fwd.path[(len - 1 - i) & (PATH_LEN - 1)];
+	}
+	s->rev.prefixlen = len * 8;
+	return bpf_map_lookup_elem(&watched_suffixes, &s->rev);
+}
+
+static __always_inline int check_open(const char *upath, __u32 flags, __u32 mode, __u16 syscall)
+{
+	struct task_struct *task;
+	struct file_open_event *e;
+	struct open_scratch *s;
+	struct path_rule *r;
+	__u32 zero = 0;
+	long n;
+	int write;
+
+	if (is_agent())
+		return 0;
+	s = bpf_map_lookup_elem(&scratch, &zero);
+	if (!s)
+		return 0;
+	n = bpf_probe_read_user_str(s->fwd.path, sizeof(s->fwd.path), upath);
+	if (n <= 1 || s->fwd.path[0] != '/')
+		return 0;
+	r = match_path(s, (n - 1) & (PATH_LEN - 1));
+	if (!r)
+		return 0;
+	/* Linux truncates on O_TRUNC even with O_RDONLY, so that is a write too. */
+	write = (flags & O_ACCMODE) || (flags & (O_CREAT | O_TRUNC));
+	if (!write && !(r->flags & PATH_READS))
+		return 0;
+	e = reserve(sizeof(*e), EVENT_FILE_OPEN);
+	if (!e)
+		return 0;
+	task = (struct task_struct *)bpf_get_current_task();
+	fill_proc(&e->proc, task);
+	e->flags = flags;
+	e->mode = mode;
+	e->rule_id = r->id;
+	e->rule_flags = r->flags;
+	e->syscall = syscall;
+	e->path_len = n - 1;
+	bpf_probe_read_kernel(e->path, sizeof(e->path), s->fwd.path);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat")
+int handle_sys_enter_openat(struct trace_event_raw_sys_enter *ctx)
+{
+	return check_open((const char *)ctx->args[1], ctx->args[2], ctx->args[3], OPEN_OPENAT);
+}
+
+SEC("tracepoint/syscalls/sys_enter_openat2")
+int handle_sys_enter_openat2(struct trace_event_raw_sys_enter *ctx)
+{
+	struct open_how how = {};
+
+	bpf_probe_read_user(&how, sizeof(how), (void *)ctx->args[2]);
+	return check_open((const char *)ctx->args[1], how.flags, how.mode, OPEN_OPENAT2);
+}
+
+/* open(2) and creat(2) exist on x86-64 but not on arm64: their attach may fail. */
+SEC("tracepoint/syscalls/sys_enter_open")
+int handle_sys_enter_open(struct trace_event_raw_sys_enter *ctx)
+{
+	return check_open((const char *)ctx->args[0], ctx->args[1], ctx->args[2], OPEN_OPEN);
+}
+
+SEC("tracepoint/syscalls/sys_enter_creat")
+int handle_sys_enter_creat(struct trace_event_raw_sys_enter *ctx)
+{
+	/* creat() is open(O_CREAT | O_WRONLY | O_TRUNC) */
+	return check_open((const char *)ctx->args[0], O_CREAT | 1 | O_TRUNC, ctx->args[1],
+			  OPEN_CREAT);
+}
+
+/* --- module loads ----------------------------------------------------------------------- */
+
+/* module:module_load's layout (include/trace/events/module.h), stable since 2.6; not in
+ * vmlinux.h on kernels built without modules, where the attach fails instead. */
+struct module_load_args {
+	__u64 common;
+	__u32 taints;
+	__u32 data_loc_name;
+};
+
+SEC("tracepoint/module/module_load")
+int handle_module_load(struct module_load_args *ctx)
+{
+	struct module_load_event *e;
+	__u32 off;
+
+	if (is_agent())
+		return 0;
+	e = reserve(sizeof(*e), EVENT_MODULE_LOAD);
+	if (!e)
+		return 0;
+	fill_proc(&e->proc, (struct task_struct *)bpf_get_current_task());
+	e->taints = ctx->taints;
+	off = ctx->data_loc_name & 0xFFFF;
+	bpf_probe_read_kernel_str(e->name, sizeof(e->name), (void *)ctx + off);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* --- ptrace ------------------------------------------------------------------------------ */
+
+SEC("tracepoint/syscalls/sys_enter_ptrace")
+int handle_sys_enter_ptrace(struct trace_event_raw_sys_enter *ctx)
+{
+	struct ptrace_pending p = { .request = ctx->args[0], .pid = ctx->args[1] };
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if ((p.request != PTRACE_ATTACH && p.request != PTRACE_SEIZE) || is_agent())
+		return 0;
+	bpf_map_update_elem(&pending_ptrace, &id, &p, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_ptrace")
+int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ptrace_pending *p = bpf_map_lookup_elem(&pending_ptrace, &id);
+	struct task_struct *tracee;
+	struct ptrace_event *e;
+	struct list_head *first;
+
+	if (!p)
+		return 0;
+	e = reserve(sizeof(*e), EVENT_PTRACE);
+	if (!e) {
+		bpf_map_delete_elem(&pending_ptrace, &id);
+		return 0;
+	}
+	fill_proc(&e->proc, task);
+	e->request = p->request;
+	e->target_pid = p->pid;
+	e->result = ctx->ret;
+	bpf_map_delete_elem(&pending_ptrace, &id);
+	/* A successful attach links the tracee at the head of the tracer's ptraced list
+	 * (__ptrace_link: list_add), so the newest tracee is ptraced.next. */
+	first = BPF_CORE_READ(task, ptraced.next);
+	if (e->result == 0 && first && first != &task->ptraced) {
+		tracee = (void *)first - bpf_core_field_offset(struct task_struct, ptrace_entry);
+		e->target_tgid = BPF_CORE_READ(tracee, tgid);
+		e->target_tid = BPF_CORE_READ(tracee, pid);
+		e->target_uid = BPF_CORE_READ(tracee, real_cred, uid.val);
+		e->target_euid = BPF_CORE_READ(tracee, real_cred, euid.val);
+		bpf_core_read_str(e->target_comm, sizeof(e->target_comm), &tracee->comm);
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* --- bpf() ------------------------------------------------------------------------------- */
+
+SEC("tracepoint/syscalls/sys_enter_bpf")
+int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
+{
+	const union bpf_attr *uattr = (const void *)ctx->args[1];
+	__u32 size = ctx->args[2];
+	struct bpf_prog_load_event *e;
+	__u32 name_off = __builtin_offsetof(union bpf_attr, prog_name);
+
+	if (ctx->args[0] != BPF_PROG_LOAD_CMD || is_agent())
+		return 0;
+	e = reserve(sizeof(*e), EVENT_BPF_PROG_LOAD);
+	if (!e)
+		return 0;
+	fill_proc(&e->proc, (struct task_struct *)bpf_get_current_task());
+	/* union bpf_attr is UAPI: fixed offsets, no CO-RE needed. Read no further than the
+	 * caller's size: the rest of its buffer is not ours to interpret. */
+	if (size >= 8) {
+		bpf_probe_read_user(&e->prog_type, 4, (void *)uattr);
+		bpf_probe_read_user(&e->insn_cnt, 4, (void *)uattr + 4);
+	}
+	if (size >= name_off + COMM_LEN)
+		bpf_probe_read_user(e->prog_name, COMM_LEN, (void *)uattr + name_off);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
