@@ -89,7 +89,8 @@ class AgentProcess:
             ["ip", "netns", "exec", self.ns, *cmd, "run", "--config", str(self.config_path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout_s
-        while not any('"agent ready"' in line for line in self.log_lines):
+        first = len(self.log_lines)   # a restart must not see the last run's "ready"
+        while not any('"agent ready"' in line for line in self.log_lines[first:]):
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None:
                 self.stop()
