@@ -1,7 +1,8 @@
 """Python mirror of probes/include/events.h, and the names the objects must contain.
 
 Classes are named after the C structs; tests/unit/test_abi.py checks sizes, field names
-and offsets against the BTF of abi.bpf.o, and the names below against net.bpf.o.
+and offsets against the BTF of abi.bpf.o, and the names below against net.bpf.o and
+proc.bpf.o.
 DECODERS is the one table from event kind to its structure.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ctypes import c_uint8 as u8, c_uint16 as u16, c_uint32 as u32, c_uint64 as 
 
 PROBES_DIR = Path(__file__).resolve().parent.parent / "probes"
 NET_OBJECT = PROBES_DIR / "net.bpf.o"
+PROC_OBJECT = PROBES_DIR / "proc.bpf.o"
 ABI_OBJECT = PROBES_DIR / "abi.bpf.o"
 
 DISTINCT_BITS = 1024
@@ -52,6 +54,12 @@ class EventKind(enum.IntEnum):
     NET_SERVICE = 2
     TCP_ESTABLISHED = 3
     TCP_RESET = 4
+    PROC_EXEC = 5
+    PROC_EXIT = 6
+    FILE_OPEN = 7
+    MODULE_LOAD = 8
+    PTRACE = 9
+    BPF_PROG_LOAD = 10
 
 
 class Reason(enum.IntEnum):
@@ -125,16 +133,133 @@ class tcp_remote_event(_S):
                 ("window_start_ns", u64), ("count", u64), ("dport", u16), ("pad0", u8 * 6)]
 
 
+# --- process probe (proc.bpf.c) ------------------------------------------------------
+
+COMM_LEN, PATH_LEN, ARGS_LEN, MODULE_NAME_LEN = 16, 256, 256, 64
+COMM_PROGRAM, COMM_SERVICE = 1, 2                 # enum comm_flag
+EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all"}
+STDIO_NOT_SOCKET = 0xFFFF
+PATH_EXACT, PATH_READS = 1, 2                     # enum path_flag
+OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat"}
+
+
+class ProcProg(enum.StrEnum):
+    EXEC = "handle_sched_process_exec"
+    EXIT = "handle_sched_process_exit"
+    OPENAT = "handle_sys_enter_openat"
+    OPENAT2 = "handle_sys_enter_openat2"
+    OPEN = "handle_sys_enter_open"
+    CREAT = "handle_sys_enter_creat"
+    MODULE_LOAD = "handle_module_load"
+    PTRACE_ENTER = "handle_sys_enter_ptrace"
+    PTRACE_EXIT = "handle_sys_exit_ptrace"
+    BPF = "handle_sys_enter_bpf"
+
+
+PROC_TRACEPOINTS = {
+    ProcProg.EXEC: ("sched", "sched_process_exec"),
+    ProcProg.EXIT: ("sched", "sched_process_exit"),
+    ProcProg.OPENAT: ("syscalls", "sys_enter_openat"),
+    ProcProg.OPENAT2: ("syscalls", "sys_enter_openat2"),
+    ProcProg.OPEN: ("syscalls", "sys_enter_open"),
+    ProcProg.CREAT: ("syscalls", "sys_enter_creat"),
+    ProcProg.MODULE_LOAD: ("module", "module_load"),
+    ProcProg.PTRACE_ENTER: ("syscalls", "sys_enter_ptrace"),
+    ProcProg.PTRACE_EXIT: ("syscalls", "sys_exit_ptrace"),
+    ProcProg.BPF: ("syscalls", "sys_enter_bpf"),
+}
+
+
+class ProcMap(enum.StrEnum):
+    EVENTS = "events"
+    LOSSES = "losses"
+    WATCHED_COMMS = "watched_comms"
+    WATCHED_PREFIXES = "watched_prefixes"
+    WATCHED_SUFFIXES = "watched_suffixes"
+    TRACKED = "tracked"
+    PENDING_PTRACE = "pending_ptrace"
+    SCRATCH = "scratch"
+    RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
+
+
+PROC_RODATA_VAR = "proc_cfg"
+
+
+class proc_config(_S):
+    _fields_ = [("agent_tgid", u32), ("all_execs", u32)]
+
+
+class comm_key(_S):
+    _fields_ = [("comm", u8 * COMM_LEN)]
+
+
+class path_key(_S):
+    _fields_ = [("prefixlen", u32), ("path", u8 * PATH_LEN)]
+
+
+class path_rule(_S):
+    _fields_ = [("flags", u16), ("len", u16), ("id", u32)]
+
+
+class proc_ctx(_S):
+    _fields_ = [("cgroup_id", u64), ("pid", u32), ("tid", u32), ("ppid", u32), ("uid", u32),
+                ("euid", u32), ("pad0", u32), ("comm", u8 * COMM_LEN),
+                ("parent_comm", u8 * COMM_LEN)]
+
+
+class proc_exec_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("stdio_family", u16 * 3),
+                ("reason", u16), ("filename_len", u32), ("args_len", u32),
+                ("args_total", u32), ("pad0", u32), ("filename", u8 * PATH_LEN),
+                ("args", u8 * ARGS_LEN)]
+
+
+class proc_exit_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("exit_code", u32), ("pad0", u32)]
+
+
+class file_open_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("flags", u32), ("rule_id", u32),
+                ("path_len", u16), ("syscall", u16), ("rule_flags", u16), ("pad0", u16),
+                ("mode", u32), ("pad1", u32), ("path", u8 * PATH_LEN)]
+
+
+class module_load_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("taints", u32), ("pad0", u32),
+                ("name", u8 * MODULE_NAME_LEN)]
+
+
+class ptrace_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("result", ctypes.c_int64),
+                ("request", u32), ("target_pid", u32), ("target_tgid", u32),
+                ("target_tid", u32), ("target_uid", u32), ("target_euid", u32),
+                ("target_comm", u8 * COMM_LEN)]
+
+
+class bpf_prog_load_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("prog_type", u32),
+                ("insn_cnt", u32), ("prog_name", u8 * COMM_LEN)]
+
+
 # Every struct shared with C, for the ABI test.
 SHARED_STRUCTS = (event_header, addr_key, service_key, source_stats, service_stats,
                   remote_stats, net_thresholds, net_config, net_source_event,
-                  net_service_event, tcp_remote_event)
+                  net_service_event, tcp_remote_event,
+                  proc_config, comm_key, path_key, path_rule, proc_ctx, proc_exec_event,
+                  proc_exit_event, file_open_event, module_load_event, ptrace_event,
+                  bpf_prog_load_event)
 
 DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.NET_SOURCE: net_source_event,
     EventKind.NET_SERVICE: net_service_event,
     EventKind.TCP_ESTABLISHED: tcp_remote_event,
     EventKind.TCP_RESET: tcp_remote_event,
+    EventKind.PROC_EXEC: proc_exec_event,
+    EventKind.PROC_EXIT: proc_exit_event,
+    EventKind.FILE_OPEN: file_open_event,
+    EventKind.MODULE_LOAD: module_load_event,
+    EventKind.PTRACE: ptrace_event,
+    EventKind.BPF_PROG_LOAD: bpf_prog_load_event,
 }
 
 

@@ -100,3 +100,19 @@ def test_decode_roundtrip():
     assert abi.decode(bytes(ev)[:20]) is None
     ev.hdr.kind = 99
     assert abi.decode(bytes(ev)) is None
+
+
+def test_proc_program_and_map_names(built):
+    types = _btf(abi.PROC_OBJECT)
+    funcs = {t["name"] for t in types.values() if t["kind"] == "FUNC" and t["linkage"] == "global"}
+    assert {p.value for p in abi.ProcProg} == funcs
+    assert set(abi.PROC_TRACEPOINTS) == set(abi.ProcProg)
+    maps = _datasec_vars(types, ".maps")
+    assert {m.value for m in abi.ProcMap if m is not abi.ProcMap.RODATA} == set(maps)
+
+
+def test_proc_rodata_holds_only_proc_config(built):
+    rodata = _datasec_vars(_btf(abi.PROC_OBJECT), ".rodata")
+    assert list(rodata) == [abi.PROC_RODATA_VAR]
+    var = rodata[abi.PROC_RODATA_VAR]
+    assert var["offset"] == 0 and var["size"] == ctypes.sizeof(abi.proc_config)
