@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Builds the swarm-agent packages from this checkout:
+#   dist/swarm-agent_<version>_<debarch>.deb        (dpkg-deb)
+#   dist/swarm-agent-<version>-1.<arch>.rpm         (rpmbuild)
+# The version comes from pyproject.toml, the dependencies from packaging/dependencies.
+#
+#   packaging/build.sh            # both
+#   packaging/build.sh deb        # only the .deb (or: rpm)
+#
+# Needs make/clang/bpftool for the probes (install.sh), dpkg-deb, rpmbuild (apt-get install rpm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$PWD
+
+[ $# -gt 0 ] || set -- deb rpm
+formats=("$@")
+for f in "${formats[@]}"; do
+  case "$f" in deb|rpm) ;; *) echo "build.sh: unknown format $f (deb or rpm)" >&2; exit 2 ;; esac
+done
+
+version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+code_version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' agent/__init__.py)
+if [ "$version" != "$code_version" ]; then
+  # `swarm-agent --version` must tell the truth about the package it came in.
+  echo "build.sh: pyproject.toml says $version but agent/__init__.py says $code_version" >&2
+  exit 1
+fi
+
+# The probes are compiled here, once, and travel in the package (CO-RE: they relocate
+# against the provider's kernel BTF at load time, no compiler or headers needed there).
+make -s -C probes
+objs=(agent/probes/*.bpf.o)
+[ -e "${objs[0]}" ] || { echo "build.sh: no compiled probes in agent/probes/" >&2; exit 1; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p dist
+
+# stage ROOT UNITDIR: the installed file system, the same for both formats but for where
+# the distribution keeps systemd units.
+stage() {
+  local root=$1 unitdir=$2 lib=$1/usr/lib/swarm-agent
+  install -d -m 0755 "$root/usr/bin" "$lib" "$root$unitdir" "$root/etc/swarm-agent/rules" \
+    "$root/usr/share/doc/swarm-agent"
+  install -d -m 0700 "$root/var/lib/swarm-agent"
+  # The whole Python package as it stands (modules, probes, rules, generated gRPC code):
+  # a hand-kept file list would rot as others add modules.
+  tar -C "$top" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.tmp' -cf - agent \
+    | tar -C "$lib" -xf - --no-same-owner
+  # Rules live in /etc (conffiles: local tuning survives upgrades); the package keeps a
+  # symlink where agent.config looks for its default rules.
+  local rule
+  for rule in "$lib"/agent/rules/*.yaml; do
+    mv "$rule" "$root/etc/swarm-agent/rules/"
+    ln -s "/etc/swarm-agent/rules/$(basename "$rule")" "$rule"
+  done
+  install -m 0755 packaging/swarm-agent "$root/usr/bin/swarm-agent"
+  install -m 0644 packaging/config.yaml "$root/etc/swarm-agent/config.yaml"
+  install -m 0644 packaging/swarm-agent.service "$root$unitdir/swarm-agent.service"
+  install -m 0644 README.md "$root/usr/share/doc/swarm-agent/README.md"
+  install -m 0644 packaging/README.md "$root/usr/share/doc/swarm-agent/README.packaging.md"
+  printf 'swarm-agent\nLicense: Apache-2.0\nOn Debian systems the full license is in /usr/share/common-licenses/Apache-2.0.\n' \
+    > "$root/usr/share/doc/swarm-agent/copyright"
+  find "$lib" -type d -exec chmod 0755 {} +
+  find "$lib" -type f -exec chmod 0644 {} +
+}
+
+# deps COLUMN: the dependencies of one family (1: Debian, 2: RPM), comments and "-" dropped.
+deps() {
+  awk -F'|' -v col="$1" '!/^[[:space:]]*(#|$)/ {
+      d = $col; gsub(/^[[:space:]]+|[[:space:]]+$/, "", d); if (d != "-" && d != "") print d }' \
+    packaging/dependencies
+}
+
+build_deb() {
+  local arch root=$work/deb out
+  arch=$(dpkg --print-architecture)
+  out=dist/swarm-agent_${version}_${arch}.deb
+  stage "$root" /lib/systemd/system
+  install -d "$root/DEBIAN"
+  install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$root/DEBIAN/"
+  # Everything under /etc is a conffile: dpkg keeps an admin's edits on upgrade.
+  (cd "$root" && find etc -type f | sort | sed 's|^|/|') > "$root/DEBIAN/conffiles"
+  cat > "$root/DEBIAN/control" <<EOF
+Package: swarm-agent
+Version: $version
+Architecture: $arch
+Maintainer: Swarm <packages@swarm.invalid>
+Section: admin
+Priority: optional
+Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
+Depends: $(deps 1 | paste -sd, | sed 's/,/, /g')
+Description: Swarm node security agent (eBPF detection, nftables mitigation)
+ The security agent of Swarm GPU provider machines: eBPF probes feed an
+ in-process detector that mitigates attacks through nftables within a fraction
+ of a second, recording incidents and mitigations in a local SQLite store.
+EOF
+  (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z \
+    | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
+  dpkg-deb --root-owner-group -Zxz --build "$root" "$out" >/dev/null
+  echo "$out"
+}
+
+build_rpm() {
+  local arch root=$work/rpmroot out
+  arch=$(uname -m)
+  out=dist/swarm-agent-${version}-1.${arch}.rpm
+  stage "$root" /usr/lib/systemd/system
+  # The file list from the staged tree: config files noreplace (an edited file is kept and
+  # the new one lands as .rpmnew), our directories owned, the state directory private.
+  {
+    echo '%dir %attr(0755,root,root) /etc/swarm-agent'
+    echo '%dir %attr(0755,root,root) /etc/swarm-agent/rules'
+    (cd "$root" && find etc -type f | sort | sed 's|^|%config(noreplace) %attr(0644,root,root) /|')
+    echo '%dir %attr(0700,root,root) /var/lib/swarm-agent'
+    (cd "$root" && find usr/lib/swarm-agent usr/share/doc/swarm-agent -type d | sort | sed 's|^|%dir /|')
+    (cd "$root" && find usr \( -type f -o -type l \) | sort | sed 's|^|/|')
+  } > "$work/files.list"
+  local requires
+  requires=$(deps 2 | sed 's/^/Requires:       /')
+  awk -v v="$version" -v a="$arch" -v r="$requires" \
+    '{ gsub(/@VERSION@/, v); gsub(/@ARCH@/, a); if ($0 == "@REQUIRES@") print r; else print }' \
+    packaging/rpm/swarm-agent.spec.in > "$work/swarm-agent.spec"
+  rpmbuild -bb --quiet \
+    --define "_topdir $work/rpmbuild" \
+    --define "_rpmdir $top/dist" \
+    --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
+    --define "stage $root" \
+    --define "filelist $work/files.list" \
+    "$work/swarm-agent.spec" >/dev/null
+  echo "$out"
+}
+
+for f in "${formats[@]}"; do
+  "build_$f"
+done
