@@ -15,13 +15,14 @@ from typing import Any, Sequence
 import nftables
 
 from agent.config import Config
-from agent.enforce import listing
+from agent.enforce import isolate, listing
 from agent.enforce.base import AllowlistedError, Drift, EnforceError
+from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
 from agent.enforce.ruleset import (ELEMENT_SETS, FAMILY, TABLE, Key, Service, SetContents,
                                    desired_contents, element_cmd, elements_json, parse_network,
                                    set_for, table_batch)
-from agent.model import Mitigation
+from agent.model import Mitigation, MitigationKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -29,15 +30,20 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 
 class NftEnforcer:
     """The Enforcer (agent.enforce.base) for BLOCK_IP, RATE_LIMIT, REROUTE (address or CIDR)
-    and RATE_LIMIT_SERVICE ("tcp/80"); other kinds raise UnsupportedMitigation.
+    and RATE_LIMIT_SERVICE ("tcp/80"), ISOLATE_NODE (any target, "node" by convention) and
+    the network cut of ISOLATE_SERVICE (a cgroup path; agent.enforce.cgroup freezes it);
+    other kinds raise UnsupportedMitigation. `agent_cgroup` (default: this process's) is
+    exempt from node isolation and never isolated itself.
 
     It remembers the mitigations in force (set by setup/reconcile, changed by apply/lift)
     because kernel interval sets cannot hold overlapping elements: each set's elements are
     the partition of all its mitigations, so one change may reshape neighbouring elements.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, agent_cgroup: str | None = None):
         self.cfg = cfg
+        self._agent_cgroup = agent_cgroup or own_cgroup()
+        self._isolated = isolate.Isolation()   # what the isolation chains hold
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._addrs = AddressReader()
@@ -54,7 +60,11 @@ class NftEnforcer:
 
     def apply(self, m: Mitigation, now: float) -> None:
         """Put `m` in force; raises AllowlistedError, UnsupportedMitigation or EnforceError
-        (invalid target, kernel refusal), and then nothing changed."""
+        (invalid target, kernel refusal), and then nothing changed. Isolation may also raise
+        IsolationRefused (no allowlist, not forced) or CgroupError (absent, the agent's)."""
+        if m.kind in isolate.ISOLATION_KINDS:
+            self._apply_isolation(m, now)
+            return
         name, key = set_for(m, self.cfg)
         if not isinstance(key, Service) and self.is_allowlisted(m.target):
             raise AllowlistedError(
@@ -66,6 +76,11 @@ class NftEnforcer:
 
     def lift(self, m: Mitigation) -> None:
         """Remove `m` (by id, else every mitigation of the same kind and target)."""
+        if m.kind in isolate.ISOLATION_KINDS:
+            new = {d.id: d for d in isolate.lifted(list(self._desired.values()), m)}
+            if len(new) != len(self._desired):
+                self._isolate(new, time.time())
+            return
         try:
             name, _ = set_for(m, self.cfg)
         except EnforceError:
@@ -90,6 +105,11 @@ class NftEnforcer:
         if objs is None or self._structure is None or listing.fingerprint(objs) != self._structure:
             self._recreate(desired, now)
             return Drift(True, added, removed)
+        iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
+        if iso != self._isolated:
+            added += sorted(iso.labels() - self._isolated.labels())
+            removed += sorted(self._isolated.labels() - iso.labels())
+            self._send_isolation(iso)
         if drifted:
             cmds: list[dict[str, Any]] = []
             for name in drifted:
@@ -126,6 +146,11 @@ class NftEnforcer:
     def _recreate(self, desired: Sequence[Mitigation], now: float) -> None:
         contents = desired_contents(desired, self.cfg, now, self._allow)
         self._send(table_batch(self.cfg, contents, now))
+        self._isolated = isolate.Isolation()
+        # The isolation rules follow in a second transaction (text: see agent.enforce.isolate).
+        iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
+        if iso:
+            self._send_isolation(iso)
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
@@ -141,6 +166,35 @@ class NftEnforcer:
             self.reconcile(list(new.values()), now)
             return
         self._desired = new
+
+    def _apply_isolation(self, m: Mitigation, now: float) -> None:
+        if m.expires_at is not None and m.expires_at <= now:
+            raise EnforceError(f"the {m.kind.value} mitigation of {m.target} has already expired")
+        if m.kind is MitigationKind.ISOLATE_NODE:
+            isolate.check_node(m, self.cfg)
+        else:
+            isolate.check_service(m.target, self._agent_cgroup)
+        self._isolate({**self._desired, m.id: m}, now)
+
+    def _isolate(self, new: dict[str, Mitigation], now: float) -> None:
+        iso = isolate.desired(new.values(), self.cfg, now, self._agent_cgroup)
+        try:
+            self._send_isolation(iso)
+        except EnforceError:
+            self.reconcile(list(new.values()), now)    # the table is not what we believed
+            return
+        self._desired = new
+
+    def _send_isolation(self, iso: isolate.Isolation) -> None:
+        """Rewrite the isolation chains as one text transaction, then re-read the structure
+        (the isolation rules are part of it, so drift in them is seen)."""
+        text = isolate.rules_text(iso)
+        rc, _, err = self._nft.cmd(text)
+        if rc != 0:
+            raise EnforceError(f"nftables refused the isolation change: {_first_line(err)}", text)
+        self._isolated = iso
+        objs = self._list()
+        self._structure = listing.fingerprint(objs) if objs is not None else None
 
     def _list(self) -> list[dict[str, Any]] | None:
         """The table's objects, or None when it does not exist."""

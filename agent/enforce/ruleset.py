@@ -37,6 +37,8 @@ _PROTOS = {"tcp": 6, "udp": 17}
 INTERVAL_SETS = tuple(f"{p}{s}" for p in ("allow", "block", "ratelimit", "reroute")
                       for _, _, _, s in _FAMILIES)
 ELEMENT_SETS = (*INTERVAL_SETS, SERVICE_SET)
+# Node and service isolation (agent.enforce.isolate fills them): (chain, hook), priority -10.
+ISOLATION_CHAINS = (("isolate_in", "input"), ("isolate_out", "output"), ("isolate_fwd", "forward"))
 
 
 @dataclass(frozen=True, order=True)
@@ -284,6 +286,8 @@ def table_batch(cfg: Config, contents: Mapping[str, SetContents], now: float) ->
     cmds.append({"add": {"chain": _obj(name=FILTER_CHAIN, type="filter", hook="prerouting", prio=-300,
                                        policy="accept")}})
     cmds += _filter_rules(cfg) + _nat_rules(cfg)
+    cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-10, policy="accept")}}
+             for name, hook in ISOLATION_CHAINS]
     for name in ELEMENT_SETS:
         elems = elements_json(contents.get(name, {}), now)
         if elems:
