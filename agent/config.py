@@ -17,7 +17,7 @@ import yaml
 from agent.model import EventClass, Severity
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_RULES = PACKAGE_DIR / "rules" / "network.yaml"
+DEFAULT_RULES = PACKAGE_DIR / "rules"   # a directory: every *.yaml in it
 SYSTEM_CONFIG = Path("/etc/swarm-agent/config.yaml")
 
 
@@ -127,6 +127,38 @@ class Metrics:
     listen: str | None = "127.0.0.1:9464"   # Prometheus /metrics; null: off
 
 
+# Process comm names (the kernel's 15-character comm) for the breach rules and the process
+# probe; paths are watch patterns: "/exact", "/prefix*", "/dir/", "*suffix".
+SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "ash", "busybox",
+          "python", "python2", "python3", "python3.8", "python3.9", "python3.10",
+          "python3.11", "python3.12", "python3.13", "perl", "ruby", "php", "lua", "node",
+          "nc", "ncat", "netcat", "socat", "telnet")
+SERVICE_COMMS = ("nginx", "apache2", "httpd", "caddy", "haproxy", "envoy", "traefik",
+                 "lighttpd", "tritonserver", "ollama", "gunicorn", "uvicorn", "redis-server",
+                 "postgres", "mysqld", "mongod", "memcached")
+PACKAGE_MANAGERS = ("dpkg", "apt", "apt-get", "aptitude", "unattended-upgr", "rpm", "dnf",
+                    "yum", "microdnf", "zypper", "packagekitd")
+CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group*",
+                    "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
+                    "*/.ssh/authorized_keys2")
+
+
+@dataclass(frozen=True)
+class Breach:
+    """What the process probe watches and the breach rules compare against (named lists
+    in rules: "@shells", ...; see breach_lists)."""
+
+    shells: tuple[str, ...] = SHELLS              # shells and interpreters: exec always seen
+    service_comms: tuple[str, ...] = SERVICE_COMMS  # network-facing services (parent comm)
+    service_cgroups: tuple[str, ...] = ()         # or their cgroup v2 paths (globs)
+    package_managers: tuple[str, ...] = PACKAGE_MANAGERS  # may write credential/agent files
+    bpf_loaders: tuple[str, ...] = ("systemd",)   # may load BPF programs (besides the agent)
+    allowed_modules: tuple[str, ...] = ("nvidia*", "wireguard")  # globs of module names
+    credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
+    agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always
+    read_paths: tuple[str, ...] = ("/etc/shadow*", "/etc/gshadow*")  # reads reported too
+
+
 @dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/swarm-agent"
@@ -143,6 +175,7 @@ class Config:
     mesh: Mesh = Mesh()
     alerts: Alerts = Alerts()
     metrics: Metrics = Metrics()
+    breach: Breach = Breach()
 
     @property
     def rules_path(self) -> Path:
@@ -280,8 +313,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("mitigation.max_ttl_s must not be below mitigation.default_ttl_s")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level must be one of debug, info, warning, error")
-    if cfg.rules_file is not None and not Path(cfg.rules_file).is_file():
+    if cfg.rules_file is not None and not Path(cfg.rules_file).exists():
         raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
+    _check_breach(cfg)
     _check_control(cfg.control)
     _check_mesh(cfg.mesh)
     _check_alerts(cfg.alerts)
@@ -365,3 +399,37 @@ def check_interfaces(cfg: Config) -> None:
             socket.if_nametoindex(name)
         except OSError:
             raise ConfigError(f"interfaces: no interface named {name!r} in this network namespace") from None
+
+
+def _check_breach(cfg: Config) -> None:
+    for name, paths in breach_lists(cfg).items():
+        if name.endswith("_paths"):
+            for p in paths:
+                try:
+                    split_pattern(p)
+                except ValueError as e:
+                    raise ConfigError(f"breach.{name}: {e}") from None
+
+
+def split_pattern(pattern: str) -> tuple[str, str]:
+    """A watch pattern as (how, text): "exact", "prefix" ("/etc/shadow*", "/root/.ssh/")
+    or "suffix" ("*/.ssh/authorized_keys"); raises ValueError for anything else."""
+    if "?" in pattern or "[" in pattern or len(pattern.encode()) > 255 or len(pattern) < 2:
+        raise ValueError(f"{pattern!r} is not a watch pattern")
+    if pattern.startswith("*") and "*" not in pattern[1:]:
+        return "suffix", pattern[1:]
+    if not pattern.startswith("/") or "*" in pattern.rstrip("*") or pattern.endswith("**"):
+        raise ValueError(f"{pattern!r} is not a watch pattern (\"/path\", \"/prefix*\", "
+                         "\"/dir/\" or \"*suffix\")")
+    if pattern.endswith("*") or pattern.endswith("/"):
+        return "prefix", pattern.rstrip("*")
+    return "exact", pattern
+
+
+def breach_lists(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """The named lists breach rules refer to ("@shells"), from cfg.breach; agent_paths
+    always include the state directory."""
+    b = cfg.breach
+    lists = {f.name: getattr(b, f.name) for f in fields(Breach)}
+    lists["agent_paths"] = (*b.agent_paths, cfg.state_dir.rstrip("/") + "/")
+    return lists

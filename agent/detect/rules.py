@@ -1,4 +1,8 @@
-"""Threshold rules: YAML in, validated frozen rules out, and a pure detector over them.
+"""Rules: YAML in, validated frozen rules out, and a pure detector over them.
+
+Two kinds of condition: `thresholds` on kernel counter alerts (network rules), and
+`where` field tests on process events (breach rules, agent/detect/match.py). A breach
+rule names the `scope` it isolates: `node`, or `service` (the event's cgroup).
 
 A rule fires on one event when every threshold of one of its conditions holds. Rate
 thresholds (`*_per_s`) are per second; count thresholds (`ports`, `sources`) are distinct
@@ -9,13 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from agent.config import DEFAULT_RULES, Config
+from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
+from agent.detect import match
 from agent.model import Event, EventClass, Finding, Severity
 
 
@@ -44,23 +49,26 @@ KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                "svc_syns", "svc_packets", "svc_udp", "svc_sources")
 SOURCE_ACTIONS = ("block", "rate_limit", "reroute")
 SERVICE_ACTIONS = ("rate_limit_service",)
-ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "report")
+ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report")
+SCOPES = ("node", "service")   # what an `isolate` rule cuts off
+LIST_NAMES = {f.name for f in fields(Breach)}
 EXEMPTIONS = ("management", "mesh", "load_balancers")
 # Copied into a finding's evidence when the event carries them.
 EVIDENCE_FIELDS = ("packets", "bytes", "syns", "udp", "ports", "sources", "conns", "resets",
                    "reason", "dport", "proto", "family", "window_ns")
 
 _RULE_KEYS = {"id", "version", "class", "severity", "event", "thresholds", "match",
-              "action", "ttl_s", "exempt", "description"}
+              "action", "ttl_s", "exempt", "description", "scope", "where"}
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One event kind and the thresholds that must all hold on it."""
+    """One event kind and the thresholds (or field tests) that must all hold on it."""
 
     event: str
     thresholds: tuple[tuple[str, float], ...]
+    where: tuple[match.Test, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,15 +82,32 @@ class Rule:
     ttl_s: float | None = None
     exempt: tuple[str, ...] = ()     # allowlist groups whose sources never match
     description: str = ""
+    scope: str | None = None         # isolate rules: "node" or "service"
 
     @property
     def name(self) -> str:
         return f"{self.id}@{self.version}"
 
 
-def load_rules(path: str | Path | None = None) -> list[Rule]:
-    """Read and validate a rules file (None: the packaged defaults); raises RuleError."""
-    p = Path(path) if path is not None else DEFAULT_RULES
+def load_rules(path: str | Path | Sequence[str | Path] | None = None) -> list[Rule]:
+    """Read and validate a rules file, every *.yaml of a directory, or a list of either
+    (None: the packaged defaults); ids must be unique across all; raises RuleError."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [DEFAULT_RULES])
+    files = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
+    rules: list[Rule] = []
+    for p in files:
+        rules.extend(_load_file(p))
+    seen: set[str] = set()
+    for rule in rules:
+        if rule.id in seen:
+            raise RuleError(f"rule {rule.id}: duplicate id (in more than one rules file)")
+        seen.add(rule.id)
+    return rules
+
+
+def _load_file(p: Path) -> list[Rule]:
     try:
         text = p.read_text()
     except OSError as e:
@@ -135,7 +160,17 @@ def _parse_rule(item: Any, origin: str, index: int) -> Rule:
         ttl_s=_ttl(item.get("ttl_s"), where),
         exempt=_exempt(item.get("exempt", []), where),
         description=str(item.get("description", "")),
+        scope=_scope(item, where),
     )
+
+
+def _scope(item: dict, where: str) -> str | None:
+    scope = item.get("scope")
+    if (item["action"] == "isolate") != (scope is not None):
+        raise RuleError(f"{where}: action isolate needs a scope, and only it takes one")
+    if scope is not None and scope not in SCOPES:
+        raise RuleError(f"{where}: unknown scope {scope!r} (one of {', '.join(SCOPES)})")
+    return scope
 
 
 def _enum(cls: Any, value: Any, where: str, key: str) -> Any:
@@ -149,26 +184,40 @@ def _enum(cls: Any, value: Any, where: str, key: str) -> Any:
 def _conditions(item: dict, where: str) -> tuple[Condition, ...]:
     """`event` + `thresholds`, or `match`: a list of them (any one may fire the rule)."""
     if "match" in item:
-        if "event" in item or "thresholds" in item:
+        if "event" in item or "thresholds" in item or "where" in item:
             raise RuleError(f"{where}: use either 'match' or 'event' + 'thresholds', not both")
         entries = item["match"]
         if not isinstance(entries, list) or not entries:
             raise RuleError(f"{where}: match must be a non-empty list")
         for n, entry in enumerate(entries):
-            if not isinstance(entry, dict) or set(entry) - {"event", "thresholds"}:
-                raise RuleError(f"{where}: match #{n + 1} may hold only 'event' and 'thresholds'")
+            if not isinstance(entry, dict) or set(entry) - {"event", "thresholds", "where"}:
+                raise RuleError(f"{where}: match #{n + 1} may hold only 'event' and "
+                                "'thresholds' or 'where'")
     else:
-        entries = [{k: item[k] for k in ("event", "thresholds") if k in item}]
+        entries = [{k: item[k] for k in ("event", "thresholds", "where") if k in item}]
     return tuple(_condition(e, where) for e in entries)
 
 
 def _condition(entry: dict, where: str) -> Condition:
+    if entry.get("event") in match.FIELDS:
+        if "thresholds" in entry or "where" not in entry:
+            raise RuleError(f"{where}: {entry['event']} conditions take 'where', not 'thresholds'")
+
+        def fail(message: str):
+            raise RuleError(f"{where}: {message}")
+
+        return Condition(entry["event"], (), match.parse_where(entry["event"], entry["where"],
+                                                               LIST_NAMES, fail))
+    if "where" in entry:
+        raise RuleError(f"{where}: 'where' needs a process event "
+                        f"(one of {', '.join(match.FIELDS)})")
     for key in ("event", "thresholds"):
         if key not in entry:
             raise RuleError(f"{where}: missing key {key!r}")
     kind = entry["event"]
     if kind not in METRICS:
-        raise RuleError(f"{where}: unknown event {kind!r} (one of {', '.join(METRICS)})")
+        raise RuleError(f"{where}: unknown event {kind!r} "
+                        f"(one of {', '.join([*METRICS, *match.FIELDS])})")
     th = entry["thresholds"]
     if not isinstance(th, dict) or not th:
         raise RuleError(f"{where}: thresholds must be a non-empty mapping")
@@ -190,9 +239,11 @@ def _action(item: dict, where: str) -> str:
     if action not in ACTIONS:
         raise RuleError(f"{where}: unknown action {action!r} (one of {', '.join(ACTIONS)})")
     kinds = [c.event for c in _conditions(item, where)]
+    if action == "isolate" and any(k not in match.FIELDS for k in kinds):
+        raise RuleError(f"{where}: action isolate needs process events")
     if action in SERVICE_ACTIONS and any(k != "net.service" for k in kinds):
         raise RuleError(f"{where}: action {action} needs net.service events")
-    if action in SOURCE_ACTIONS and "net.service" in kinds:
+    if action in SOURCE_ACTIONS and any(k == "net.service" or k in match.FIELDS for k in kinds):
         raise RuleError(f"{where}: action {action} needs per-source events, not net.service")
     return action
 
@@ -248,11 +299,15 @@ class Detector:
         self._window_s = cfg.probes.window_ms / 1000.0
         self._exempt = {name: [ipaddress.ip_network(n, strict=False)
                                for n in getattr(cfg.allowlist, name)] for name in EXEMPTIONS}
+        self._lists = {name: match.path_globs(v) if name.endswith("_paths") else v
+                       for name, v in breach_lists(cfg).items()}
 
     def evaluate(self, event: Event, now_mono_ns: int) -> list[Finding]:
         candidates = self._by_kind.get(event.kind)
         if not candidates:
             return []
+        if event.kind in match.FIELDS:
+            return self._evaluate_where(event, candidates, now_mono_ns)
         entity, addr = _entity(event)
         if entity is None:
             return []
@@ -266,6 +321,16 @@ class Detector:
                    for name, limit in cond.thresholds):
                 fired.add(rule.id)
                 findings.append(_finding(rule, event, entity, now_mono_ns))
+        return findings
+
+    def _evaluate_where(self, event: Event, candidates: list[tuple[Rule, Condition]],
+                        now_mono_ns: int) -> list[Finding]:
+        findings: list[Finding] = []
+        for rule, cond in candidates:
+            if any(f.rule_id == rule.id for f in findings):
+                continue
+            if all(match.holds(t, event.fields, self._lists) for t in cond.where):
+                findings.append(_scoped_finding(rule, event, now_mono_ns))
         return findings
 
     def _event_window_s(self, event: Event) -> float:
@@ -308,6 +373,26 @@ def _finding(rule: Rule, event: Event, entity: str, now_mono_ns: int) -> Finding
         severity=rule.severity, entity=entity, action=rule.action,
         first_mono_ns=event.first_mono_ns, detected_mono_ns=now_mono_ns,
         evidence=evidence,
+    )
+
+
+def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
+    """A breach finding: entity "node", or "cgroup:<path>" for a service-scoped rule.
+    A process in the root cgroup, or one whose cgroup is unknown, is no isolatable
+    service: the finding then falls back to the node (evidence says so)."""
+    cgroup = event.fields.get("cgroup")
+    scope = rule.scope or "node"
+    evidence: dict[str, Any] = {"subject": event.subject, **event.fields}
+    if scope == "service" and not (isinstance(cgroup, str) and cgroup.startswith("/")
+                                   and cgroup != "/"):
+        scope, evidence["scope_fallback"] = "node", f"no service cgroup ({cgroup!r})"
+    evidence["scope"] = scope
+    entity = f"cgroup:{cgroup}" if scope == "service" else "node"
+    action = f"isolate_{scope}" if rule.action == "isolate" else rule.action
+    return Finding(
+        rule_id=rule.id, rule_version=rule.version, event_class=rule.event_class,
+        severity=rule.severity, entity=entity, action=action,
+        first_mono_ns=event.first_mono_ns, detected_mono_ns=now_mono_ns, evidence=evidence,
     )
 
 

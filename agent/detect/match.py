@@ -1,0 +1,136 @@
+"""Field matchers for event-by-event rules (the breach rules): `where:` in a rule file.
+
+A condition's `where` maps event fields to tests, all of which must hold:
+
+    where:
+      comm: {in: "@shells"}            # a named list from the config (config.breach_lists)
+      write: true                      # a bare value: equality
+      stdio_inet: {ge: 1}              # numbers: gt, ge, lt, le
+      path: {glob: "@credential_paths"}  # fnmatch; "/dir/" in a named list means "/dir/*"
+      uid: {ne_field: target_uid}      # compare with another field of the same event
+      ancestors: {none_in: "@package_managers"}  # list fields: any_in, none_in
+
+Operators: eq, ne, in, not_in, glob, not_glob, prefix, not_prefix, gt, ge, lt, le,
+eq_field, ne_field, any_in, none_in. A field the event lacks fails every positive test
+and passes every negative one (ne, not_*, none_in): an event missing its evidence of
+innocence still fires. Comparing with a missing field never holds.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+NEGATIVE = {"ne", "not_in", "not_glob", "not_prefix", "none_in"}
+LIST_OPS = {"in", "not_in", "any_in", "none_in"}
+TEXT_OPS = {"glob", "not_glob", "prefix", "not_prefix"}
+NUMBER_OPS = {"gt", "ge", "lt", "le"}
+FIELD_OPS = {"eq_field", "ne_field"}
+OPS = {"eq", "ne"} | LIST_OPS | TEXT_OPS | NUMBER_OPS | FIELD_OPS
+
+# Event fields a `where` may test, per event kind (documented in agent/sources/proc.py).
+_PROC = ("pid", "tid", "ppid", "uid", "euid", "cgroup_id", "cgroup", "comm", "parent_comm")
+FIELDS: dict[str, tuple[str, ...]] = {
+    "proc.exec": (*_PROC, "filename", "argv", "args", "stdin", "stdout", "stderr",
+                  "stdio_inet", "reason"),
+    "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
+    "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern"),
+    "kernel.module_load": (*_PROC, "ancestors", "name", "taints"),
+    "proc.ptrace": (*_PROC, "ancestors", "request", "result", "target_pid", "target_tgid",
+                    "target_uid", "target_euid", "target_comm"),
+    "bpf.prog_load": (*_PROC, "ancestors", "prog_type", "prog_name", "insn_cnt"),
+}
+
+
+@dataclass(frozen=True)
+class Test:
+    """One operator on one field; `value` may name a list ("@shells") resolved later."""
+
+    field: str
+    op: str
+    value: Any
+
+
+def parse_where(kind: str, where: Any, list_names: set[str], fail: Callable[[str], None]
+                ) -> tuple[Test, ...]:
+    """Validate a `where` mapping for events of `kind`; calls fail(message) on errors."""
+    if not isinstance(where, dict) or not where:
+        fail("where must be a non-empty mapping of field to test")
+    known = FIELDS[kind]
+    tests = []
+    for name, spec in where.items():
+        if name not in known:
+            fail(f"unknown field {name!r} for {kind} (one of {', '.join(known)})")
+        ops = spec if isinstance(spec, dict) else {"eq": spec}
+        if not ops:
+            fail(f"field {name}: no test")
+        for op, value in ops.items():
+            tests.append(_test(kind, name, op, value, list_names, fail))
+    return tuple(tests)
+
+
+def _test(kind: str, name: str, op: Any, value: Any, list_names: set[str],
+          fail: Callable[[str], None]) -> Test:
+    where = f"field {name}"
+    if op not in OPS:
+        fail(f"{where}: unknown test {op!r} (one of {', '.join(sorted(OPS))})")
+    if isinstance(value, str) and value.startswith("@"):
+        if op not in LIST_OPS | TEXT_OPS:
+            fail(f"{where}: {op} cannot take a named list")
+        if value[1:] not in list_names:
+            fail(f"{where}: unknown list {value!r} (one of "
+                 f"{', '.join('@' + n for n in sorted(list_names))})")
+    elif op in LIST_OPS:
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            fail(f"{where}: {op} needs a list of values or a named list")
+    elif op in TEXT_OPS:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(f"{where}: {op} needs a string, a list of strings or a named list")
+    elif op in NUMBER_OPS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{where}: {op} needs a number")
+    elif op in FIELD_OPS:
+        if value not in FIELDS[kind]:
+            fail(f"{where}: {op} names an unknown field {value!r}")
+    elif isinstance(value, (list, dict)):
+        fail(f"{where}: {op} needs a single value")
+    return Test(name, op, tuple(value) if isinstance(value, list) else value)
+
+
+def path_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """Watch patterns ("/dir/", "/prefix*", "*suffix") as fnmatch globs."""
+    return tuple(p + "*" if p.endswith("/") else p for p in patterns)
+
+
+def holds(test: Test, fields: Mapping[str, Any], lists: Mapping[str, tuple]) -> bool:
+    """Whether one test holds on an event's fields (never raises)."""
+    actual = fields.get(test.field)
+    if actual is None:
+        return test.op in NEGATIVE
+    value = test.value
+    if isinstance(value, str) and value.startswith("@"):
+        value = lists.get(value[1:], ())
+    op = test.op
+    if op in FIELD_OPS:
+        other = fields.get(value)
+        return other is not None and (actual == other) == (op == "eq_field")
+    if op in ("eq", "ne"):
+        return (actual == value) == (op == "eq")
+    if op in ("in", "not_in"):
+        return (actual in value) == (op == "in")
+    if op in ("any_in", "none_in"):
+        seq = actual if isinstance(actual, (list, tuple)) else (actual,)
+        return any(a in value for a in seq) == (op == "any_in")
+    if op in TEXT_OPS:
+        text = str(actual)
+        if op.endswith("glob"):
+            hit = any(fnmatch.fnmatchcase(text, p) for p in value)
+        else:
+            hit = any(text.startswith(p) for p in value)
+        return hit != op.startswith("not_")
+    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
+        return False
+    return {"gt": actual > value, "ge": actual >= value,
+            "lt": actual < value, "le": actual <= value}[op]
