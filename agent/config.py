@@ -186,10 +186,6 @@ class Config:
         return Path(self.state_dir) / "agent.db"
 
     @property
-    def status_path(self) -> Path:
-        return Path(self.state_dir) / "status.json"
-
-    @property
     def control_socket(self) -> Path:
         return Path(self.run_dir) / "control.sock"
 

@@ -1,8 +1,10 @@
-"""The agent process: one asyncio loop whose TaskGroup owns the probe, the drift watcher
-and housekeeping. Data flows sources -> detect -> respond -> enforce.
+"""The agent process: one asyncio loop whose TaskGroup owns the probe, the drift watcher,
+housekeeping and the control server. Data flows sources -> detect -> respond -> enforce.
 
-Ready (status file `ready: true`, sd_notify READY=1) only after the table is reconciled
-with the database and the probes are attached. The first SIGTERM/SIGINT stops gracefully;
+Ready (the control API's status and health say so; sd_notify READY=1) only after the
+table is reconciled with the database, the probes are attached and the control socket
+listens. Control calls run on the same loop thread as the detector, so every host change
+is serialised. The first SIGTERM/SIGINT stops gracefully;
 a second exits at once. Mitigations stay in the kernel across a restart (they carry their
 own timeouts) and are re-asserted from the database on the next start.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.config import Config, ConfigError, check_interfaces
+from agent.control.server import ControlServer
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
 from agent.enforce.base import DryRunEnforcer, EnforceError
 from agent.model import Event
@@ -31,7 +33,6 @@ from agent.state.store import Store
 log = logging.getLogger("swarm_agent")
 
 HOUSEKEEPING_S = 0.5
-STATUS_EVERY_S = 2.0
 RECONCILE_EVERY_S = 5.0   # a backstop: change notifications can be lost (ENOBUFS)
 
 
@@ -133,7 +134,7 @@ class Agent:
                 "removed": drift.elements_removed})
 
     async def housekeeping(self) -> None:
-        last_status = last_reconcile = 0.0
+        last_reconcile = 0.0
         while True:
             now = time.time()
             for m in self.responder.expire(now):
@@ -141,9 +142,6 @@ class Agent:
             if now - last_reconcile >= RECONCILE_EVERY_S:
                 self.on_drift()
                 last_reconcile = now
-            if now - last_status >= STATUS_EVERY_S:
-                self.write_status()
-                last_status = now
             await asyncio.sleep(HOUSEKEEPING_S)
 
     async def watch_table(self) -> None:
@@ -178,24 +176,35 @@ class Agent:
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
         }
 
-    def write_status(self) -> None:
-        path = self.cfg.status_path
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=1))
-        os.replace(tmp, path)
+    def reload_rules(self) -> list[str]:
+        """Re-read the rules file and use it everywhere (detector, responder lifetimes,
+        kernel thresholds); raises ConfigError and keeps the old rules on a bad file."""
+        try:
+            rules = load_rules(self.cfg.rules_path)
+        except RuleError as e:
+            raise ConfigError(str(e)) from None
+        detector = Detector(rules, self.cfg)
+        if self.probe is not None:
+            self.probe.set_thresholds(kernel_thresholds(rules))
+        self.rules, self.detector = rules, detector
+        self.responder.set_rules(rules)
+        log.info("rules reloaded", extra={"rules": len(rules)})
+        return [f"{r.id}@{r.version}" for r in rules]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         self.prepare()
+        control = ControlServer(self)
         try:
+            await control.start()
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(control.run())
                 if self.probe is not None:
                     tg.create_task(self.probe.run(self.on_event))
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
                 self.ready = True
-                self.write_status()
                 sd_notify("READY=1")
                 log.info("agent ready", extra={"probes": self.probe_status, "dry_run": self.cfg.dry_run})
         finally:
@@ -205,8 +214,6 @@ class Agent:
         self.ready = False
         if self.probe is not None:
             self.probe.close()
-        with contextlib.suppress(OSError):
-            self.write_status()
         if getattr(self, "store", None) is not None:
             self.store.close()
 

@@ -1,18 +1,18 @@
 """The `swarm-agent` command.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad input (config, arguments), 3 agent not
-running (status). Users see one sentence, never a traceback.
+Exit codes: see agent.cli.client.EXIT_CODES_HELP (0 success, 1 failure, 2 bad input,
+3 agent not running, 4 not found, 5 permission denied, 6 refused). Users see one
+sentence, never a traceback. Every command but run, cleanup and demo talks to the agent
+through the control API (agent/cli/client.py).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
-from pathlib import Path
 
 from agent import __version__, config
+from agent.cli import client
 from agent.config import ConfigError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
@@ -21,7 +21,8 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swarm-agent",
-        description="Swarm node security agent: detects attacks with eBPF and mitigates them with nftables.")
+        description="Swarm node security agent: detects attacks with eBPF and mitigates them with nftables.",
+        epilog=client.EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"swarm-agent {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -33,9 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--dry-run", action="store_true", help="detect and record, change nothing on the host")
 
-    st = sub.add_parser("status", help="probes, active mitigations and incidents by class")
-    with_config(st)
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    _control_parsers(sub, with_config)
 
     cl = sub.add_parser("cleanup", help="remove the agent's nftables table (and nothing else)")
     with_config(cl)
@@ -46,6 +45,49 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--list", action="store_true", help="list the attack patterns and exit")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _control_parsers(sub, with_config) -> None:
+    """The control commands' subparsers (each with --config and the connection options)."""
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, epilog=client.EXIT_CODES_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        with_config(sp)
+        client.add_connection_args(sp)
+        return sp
+
+    add("status", "version, uptime, probes, incidents and deadlines per class")
+    sp = add("incidents", "list incidents (newest first), or --watch changes as they happen")
+    sp.add_argument("--watch", action="store_true", help="live incidents, then every change")
+    sp.add_argument("--state", action="append", help="only this state (repeatable)")
+    sp.add_argument("--class", dest="event_class", help="only this event class")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    sp = add("incident", "one incident with its timeline and mitigations")
+    sp.add_argument("id", help="incident id (a unique prefix will do)")
+    sp = add("ack", "acknowledge an incident")
+    sp.add_argument("id", help="incident id (a unique prefix will do)")
+    sp.add_argument("--comment", help="why, for the timeline")
+    sp = add("resolve", "resolve an incident (or mark it a false positive)")
+    sp.add_argument("id", help="incident id (a unique prefix will do)")
+    sp.add_argument("--false-positive", action="store_true",
+                    help="it was not an attack: also lift its mitigations")
+    sp.add_argument("--comment", help="why, for the timeline")
+    sp = add("mitigations", "mitigations in force")
+    sp.add_argument("--all", action="store_true", help="also lifted, expired and failed ones")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    sp = add("block", "block (or rate-limit, or reroute) an address or CIDR")
+    sp.add_argument("target", help="IPv4/IPv6 address or CIDR")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--rate-limit", action="store_true", help="rate-limit instead of block")
+    how.add_argument("--reroute", action="store_true", help="reroute to the sinkhole instead")
+    sp.add_argument("--ttl", type=float, metavar="S",
+                    help="lifetime in seconds (default: mitigation.default_ttl_s)")
+    sp.add_argument("--reason", help="why, for the record")
+    sp = add("unblock", "lift the mitigations of an address or CIDR, or one by id")
+    sp.add_argument("target", help="address, CIDR or mitigation id (a unique prefix will do)")
+    sp = add("audit", "the audit log of control calls, newest first")
+    sp.add_argument("--identity", help="only calls by this identity")
+    sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
 
 
 def _load_config(path: str | None) -> config.Config:
@@ -100,89 +142,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_status(cfg: config.Config) -> dict:
-    """What the agent last published plus the database's view; works when it is down."""
-    from agent.state.store import Store
-
-    out: dict = {"running": False, "agent": None}
-    try:
-        agent = json.loads(cfg.status_path.read_text())
-    except (OSError, ValueError):
-        agent = None
-    if agent:
-        out["agent"] = agent
-        out["running"] = bool(agent.get("ready")) and _alive(agent.get("pid"))
-    if cfg.db_path.exists():
-        now = time.time()
-        store = Store(cfg.db_path)
-        try:
-            out["mitigations"] = [_mitigation_dict(m, now) for m in store.active_mitigations(now)]
-            out["incidents_by_class"] = store.counts_by_class()
-        finally:
-            store.close()
-    else:
-        out["mitigations"], out["incidents_by_class"] = [], {}
-    return out
-
-
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return Path(f"/proc/{pid}").exists()
-
-
-def _mitigation_dict(m, now: float) -> dict:
-    return {"id": m.id, "kind": str(m.kind), "target": m.target, "state": str(m.state),
-            "remaining_s": None if m.expires_at is None else round(m.remaining_s(now), 1),
-            "incident": m.incident_id, "reason": m.reason}
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config)
-    st = read_status(cfg)
-    if args.json:
-        print(json.dumps(st, indent=2, default=str))
-    else:
-        print(format_status(st))
-    return 0 if st["running"] else EXIT_NOT_RUNNING
-
-
-def format_status(st: dict) -> str:
-    agent = st.get("agent") or {}
-    lines = []
-    if st["running"]:
-        up = time.time() - agent.get("started_at", time.time())
-        mode = " (dry run)" if agent.get("dry_run") else ""
-        lines.append(f"agent: running{mode}, pid {agent['pid']}, up {up:.0f} s, version {agent['version']}")
-    else:
-        lines.append("agent: not running (showing the last recorded state)")
-    lines.append("probes:")
-    for name, p in sorted((agent.get("probes") or {}).items()):
-        reason = f" - {p['reason']}" if p.get("reason") else ""
-        lines.append(f"  {name:<28} {p['state']}{reason}")
-    if not agent.get("probes"):
-        lines.append("  (none reported)")
-    if agent.get("ringbuf_losses"):
-        lines.append(f"  ring buffer losses: {agent['ringbuf_losses']}")
-    lines.append("incidents by class:")
-    counts = st.get("incidents_by_class") or {}
-    for cls, n in sorted(counts.items()):
-        lines.append(f"  {cls:<20} {n['total']} total, {n['open']} open, {n['mitigated']} mitigated, "
-                     f"{n['escalated']} escalated, deadline missed {n['deadline_missed']}")
-    if not counts:
-        lines.append("  (none)")
-    mits = st.get("mitigations") or []
-    lines.append(f"active mitigations: {len(mits)}")
-    for m in mits:
-        left = "no expiry" if m["remaining_s"] is None else f"{m['remaining_s']:.0f} s left"
-        lines.append(f"  {m['kind']:<18} {m['target']:<28} {m['state']:<8} {left}")
-    return "\n".join(lines)
+def cmd_control(args: argparse.Namespace) -> int:
+    """status, incidents, block, ...: one call (or a watch) over the control API."""
+    return client.run(client.COMMANDS[args.command], args, _load_config(args.config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -191,7 +153,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "cleanup": cmd_cleanup, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
+            **{name: cmd_control for name in client.COMMANDS}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,73 @@
+"""Model objects -> control API messages (agent.proto.swarm.control.v1). Pure functions."""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from agent.model import EventClass, Incident, IncidentState, Mitigation
+from agent.proto.swarm.control.v1 import control_pb2 as pb
+from agent.state.store import IncidentEvent
+
+ACK_EVENT = "acknowledged"
+
+
+def incident(i: Incident, timeline: list[IncidentEvent] | None = None) -> pb.Incident:
+    """An incident; with its timeline, also who acknowledged it last."""
+    msg = pb.Incident(id=i.id, event_class=i.event_class.value, entity=i.entity,
+                      severity=i.severity.value, state=i.state.value,
+                      first_seen_at=i.first_seen_at, detected_at=i.detected_at,
+                      mitigated_at=i.mitigated_at or 0.0, resolved_at=i.resolved_at or 0.0,
+                      rules=i.rules, findings=i.findings, summary=i.summary)
+    for ev in reversed(timeline or []):
+        if ev.kind == ACK_EVENT:
+            msg.acknowledged_by = str(ev.data.get("by", ""))
+            msg.acknowledged_at = ev.at
+            break
+    return msg
+
+
+def mitigation(m: Mitigation) -> pb.Mitigation:
+    return pb.Mitigation(id=m.id, kind=m.kind.value, target=m.target, state=m.state.value,
+                         created_at=m.created_at, expires_at=m.expires_at or 0.0,
+                         incident_id=m.incident_id or "", reason=m.reason,
+                         params_json=json.dumps(m.params, sort_keys=True, default=str))
+
+
+def timeline_entry(ev: IncidentEvent) -> pb.TimelineEntry:
+    return pb.TimelineEntry(at=ev.at, kind=ev.kind, text=ev.text,
+                            data_json=json.dumps(ev.data, sort_keys=True, default=str))
+
+
+def class_stats(counts: Mapping[str, Mapping[str, int]]) -> list[pb.ClassStats]:
+    """One entry per event class, zeros included, so a reader sees every deadline."""
+    out = []
+    for cls in EventClass:
+        c = counts.get(cls.value, {})
+        out.append(pb.ClassStats(
+            event_class=cls.value, total=c.get("total", 0), deadline_s=cls.deadline_s,
+            deadline_met=c.get("deadline_met", 0), deadline_missed=c.get("deadline_missed", 0),
+            **{s.value: c.get(s.value, 0) for s in IncidentState}))
+    return out
+
+
+def status(st: Mapping[str, Any], counts: Mapping[str, Mapping[str, int]], active: int,
+           now: float) -> pb.Status:
+    """From the agent's status() dict and the store's counts."""
+    probes = [pb.Probe(name=name, state=p.get("state", ""), reason=p.get("reason", ""))
+              for name, p in sorted((st.get("probes") or {}).items())]
+    return pb.Status(version=st.get("version", ""), host=st.get("host", ""),
+                     pid=st.get("pid", 0), started_at=st.get("started_at", 0.0),
+                     uptime_s=max(0.0, now - st.get("started_at", now)),
+                     ready=bool(st.get("ready")), dry_run=bool(st.get("dry_run")),
+                     probes=probes, ringbuf_losses=int(st.get("ringbuf_losses") or 0),
+                     counters={k: int(v) for k, v in (st.get("counters") or {}).items()},
+                     classes=class_stats(counts), active_mitigations=active,
+                     rules=list(st.get("rules") or []),
+                     last_drift_at=st.get("last_drift_at") or 0.0)
+
+
+def audit_entry(e: Mapping[str, Any]) -> pb.AuditEntry:
+    return pb.AuditEntry(seq=e["seq"], at=e["at"], identity=e["identity"], role=e["role"],
+                         method=e["method"],
+                         arguments_json=json.dumps(e["arguments"], sort_keys=True),
+                         result=e["result"], detail=e["detail"])

@@ -1,0 +1,297 @@
+"""swarm.control.v1.Control: the calls, their validation, authorization and audit.
+
+Every handler runs on the agent's event loop thread (grpc.aio), the thread the detector
+runs on, and calls the responder synchronously: host changes stay serialised, and a
+manual block takes the same path as an automatic one. A call is checked whole before
+anything changes, so an error status means nothing changed. Mutating calls, refused ones
+included, are written to the audit table before the answer leaves.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import json_format
+
+from agent.control import convert
+from agent.control.auth import OPERATOR, VIEWER, Caller, caller_of
+from agent.control.watch import WatchHub
+from agent.enforce.base import AllowlistedError, EnforceError
+from agent.model import EventClass, IncidentState, MitigationKind, MitigationState
+from agent.proto.swarm.control.v1 import control_pb2 as pb
+from agent.proto.swarm.control.v1 import control_pb2_grpc
+from agent.respond import policy
+
+log = logging.getLogger("swarm_agent")
+Code = grpc.StatusCode
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+MAX_TEXT = 1024                  # comment, reason: longer is an oversized request
+MIN_PREFIX = {4: 8, 6: 16}       # broader targets than these are refused as absurd
+KINDS = {pb.MITIGATION_KIND_UNSPECIFIED: MitigationKind.BLOCK_IP,
+         pb.BLOCK: MitigationKind.BLOCK_IP, pb.RATE_LIMIT: MitigationKind.RATE_LIMIT,
+         pb.REROUTE: MitigationKind.REROUTE}
+CLOSED = (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
+IN_FORCE = (MitigationState.ACTIVE, MitigationState.DRY_RUN)
+
+
+class CallError(Exception):
+    """A refused call: its gRPC status and the sentence the caller sees."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def rpc(role: str, mutating: bool) -> Callable:
+    """Wrap a handler `fn(self, request, caller) -> (response, detail)`: authorize,
+    audit mutating calls (and any refused for the role), turn CallError into a status."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self: ControlService, request, context):
+            caller = caller_of(context, self.agent.cfg.control)
+            name = fn.__name__
+            if not caller.may(role):
+                err = CallError(Code.PERMISSION_DENIED,
+                                f"{caller.identity} ({caller.role}) may not call {name}: "
+                                f"it needs the {role} role")
+                self._audit(caller, name, request, err.code.name, err.message)
+                await context.abort(err.code, err.message)
+            try:
+                response, detail = fn(self, request, caller)
+            except CallError as err:
+                if mutating:
+                    self._audit(caller, name, request, err.code.name, err.message)
+                await context.abort(err.code, err.message)
+            except Exception as e:  # a bug or a host failure: say so, never a traceback
+                log.exception("control call failed", extra={"method": name})
+                message = f"{name} failed: {e}"
+                if mutating:
+                    self._audit(caller, name, request, Code.INTERNAL.name, message)
+                await context.abort(Code.INTERNAL, message)
+            if mutating:
+                self._audit(caller, name, request, "OK", detail)
+            return response
+        return handler
+    return wrap
+
+
+class ControlService(control_pb2_grpc.ControlServicer):
+    """Serves one agent: `agent` has cfg, store, responder, status() and reload_rules()."""
+
+    def __init__(self, agent: Any, hub: WatchHub, clock: Callable[[], float] = time.time):
+        self.agent, self.hub, self.clock = agent, hub, clock
+
+    @property
+    def store(self):
+        return self.agent.store
+
+    def _audit(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
+        args = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        self.store.record_audit(self.clock(), caller.identity, caller.role, method, args,
+                                result, detail)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @rpc(VIEWER, mutating=False)
+    def GetStatus(self, request, caller):
+        now = self.clock()
+        active = len(self.store.active_mitigations(now))
+        return convert.status(self.agent.status(), self.store.counts_by_class(), active,
+                              now), ""
+
+    @rpc(VIEWER, mutating=False)
+    def ListIncidents(self, request, caller):
+        states = [_enum(IncidentState, s, "state") for s in request.states] or None
+        cls = _enum(EventClass, request.event_class, "event_class") if request.event_class else None
+        found = self.store.incidents(state=states, event_class=cls,
+                                     entity=request.entity or None,
+                                     since=request.since or None, limit=_limit(request.limit))
+        return pb.ListIncidentsResponse(incidents=[convert.incident(i) for i in found]), ""
+
+    @rpc(VIEWER, mutating=False)
+    def GetIncident(self, request, caller):
+        i = self._incident(request.id)
+        timeline = self.store.incident_events(i.id)
+        return pb.IncidentDetail(
+            incident=convert.incident(i, timeline),
+            timeline=[convert.timeline_entry(e) for e in timeline],
+            mitigations=[convert.mitigation(m)
+                         for m in self.store.mitigations(incident_id=i.id)]), ""
+
+    @rpc(VIEWER, mutating=False)
+    def ListMitigations(self, request, caller):
+        now = self.clock()
+        states = [_enum(MitigationState, s, "state") for s in request.states]
+        kind = _enum(MitigationKind, request.kind, "kind") if request.kind else None
+        target = _target(request.target) if request.target else None
+        found = self.store.mitigations(state=states or IN_FORCE, kind=kind, target=target,
+                                       incident_id=request.incident_id or None,
+                                       live_at=None if states else now)
+        found = found[-_limit(request.limit):]   # the newest, oldest first
+        return pb.ListMitigationsResponse(mitigations=[convert.mitigation(m) for m in found]), ""
+
+    @rpc(VIEWER, mutating=False)
+    def ListAudit(self, request, caller):
+        entries = self.store.audit(since=request.since or None,
+                                   identity=request.identity or None,
+                                   limit=_limit(request.limit))
+        return pb.ListAuditResponse(entries=[convert.audit_entry(e) for e in entries]), ""
+
+    async def WatchIncidents(self, request, context):
+        caller = caller_of(context, self.agent.cfg.control)
+        if not caller.may(VIEWER):
+            await context.abort(Code.PERMISSION_DENIED,
+                                f"{caller.identity} ({caller.role}) may not watch incidents")
+        initial = []
+        if request.initial:
+            live = self.store.incidents(state=(IncidentState.OPEN, IncidentState.MITIGATED,
+                                               IncidentState.ESCALATED), limit=MAX_LIMIT)
+            initial = [pb.Change(incident=convert.incident(i)) for i in reversed(live)]
+        async for change in self.hub.subscribe(context, initial):
+            yield change
+
+    # -- acting ------------------------------------------------------------------------------
+
+    @rpc(OPERATOR, mutating=True)
+    def AcknowledgeIncident(self, request, caller):
+        comment = _text("comment", request.comment)
+        i = self._incident(request.id, open_only=True)
+        self.store.add_incident_event(i.id, convert.ACK_EVENT,
+                                      f"acknowledged by {caller.identity}" +
+                                      (f": {comment}" if comment else ""), self.clock(),
+                                      {"by": caller.identity, "comment": comment})
+        self.agent.responder.notify("incident", i)
+        return convert.incident(i, self.store.incident_events(i.id)), "acknowledged"
+
+    @rpc(OPERATOR, mutating=True)
+    def ResolveIncident(self, request, caller):
+        comment = _text("comment", request.comment)
+        i = self._incident(request.id, open_only=True)
+        state = IncidentState.FALSE_POSITIVE if request.false_positive else IncidentState.RESOLVED
+        lifted = []
+        if request.false_positive:
+            # A false positive's mitigations were wrong: lift them (the usual lift path).
+            for m in self.store.mitigations(incident_id=i.id, state=IN_FORCE):
+                lifted.append(self.agent.responder.lift(m.id).id)
+        note = f"{state.value} by {caller.identity}" + (f": {comment}" if comment else "")
+        done = self.agent.responder.set_incident_state(i.id, state, note)
+        detail = state.value + (f", lifted {', '.join(lifted)}" if lifted else "")
+        return convert.incident(done, self.store.incident_events(i.id)), detail
+
+    @rpc(OPERATOR, mutating=True)
+    def ApplyMitigation(self, request, caller):
+        kind = KINDS.get(request.kind)
+        if kind is None:
+            raise CallError(Code.INVALID_ARGUMENT, f"unknown mitigation kind {request.kind}")
+        target = _target(request.target, broad_ok=False)
+        ttl_s = self._ttl(request)
+        reason = _text("reason", request.reason) or f"manual, by {caller.identity}"
+        try:
+            m = self.agent.responder.apply_manual(kind, target, ttl_s, reason)
+        except AllowlistedError as e:
+            raise CallError(Code.FAILED_PRECONDITION, str(e)) from None
+        except EnforceError as e:
+            raise CallError(Code.INTERNAL, f"the host refused {kind.value} {target}: {e}") from None
+        return convert.mitigation(m), f"{m.kind.value} {m.target} {m.state.value} id {m.id}"
+
+    @rpc(OPERATOR, mutating=True)
+    def LiftMitigation(self, request, caller):
+        if request.id:
+            m = self.store.mitigation(request.id)
+            if m is None:
+                raise CallError(Code.NOT_FOUND, f"no mitigation with id {request.id!r}")
+            if m.state not in IN_FORCE:
+                raise CallError(Code.FAILED_PRECONDITION,
+                                f"mitigation {m.id} is not in force (it is {m.state.value})")
+            todo = [m]
+        elif request.target:
+            target = _target(request.target)
+            kind = KINDS.get(request.kind) if request.kind else None
+            if request.kind and kind is None:
+                raise CallError(Code.INVALID_ARGUMENT, f"unknown mitigation kind {request.kind}")
+            todo = self.store.mitigations(state=IN_FORCE, target=target, kind=kind,
+                                          live_at=self.clock())
+            if not todo:
+                raise CallError(Code.NOT_FOUND, f"no mitigation in force on {target}")
+        else:
+            raise CallError(Code.INVALID_ARGUMENT, "give a mitigation id or a target")
+        lifted = [self.agent.responder.lift(m.id) for m in todo]
+        return (pb.LiftMitigationResponse(lifted=[convert.mitigation(m) for m in lifted]),
+                "lifted " + ", ".join(f"{m.kind.value} {m.target}" for m in lifted))
+
+    @rpc(OPERATOR, mutating=True)
+    def ReloadRules(self, request, caller):
+        try:
+            names = self.agent.reload_rules()
+        except ValueError as e:   # ConfigError / RuleError: the old rules stay
+            raise CallError(Code.FAILED_PRECONDITION, str(e)) from None
+        return pb.ReloadRulesResponse(rules=names), f"{len(names)} rules"
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _incident(self, incident_id: str, open_only: bool = False):
+        if not incident_id:
+            raise CallError(Code.INVALID_ARGUMENT, "an incident id is required")
+        if len(incident_id) > 64:
+            raise CallError(Code.INVALID_ARGUMENT, "an incident id is at most 64 characters")
+        i = self.store.incident(incident_id)
+        if i is None:
+            raise CallError(Code.NOT_FOUND, f"no incident with id {incident_id!r}")
+        if open_only and i.state in CLOSED:
+            raise CallError(Code.FAILED_PRECONDITION,
+                            f"incident {i.id} is already closed ({i.state.value})")
+        return i
+
+    def _ttl(self, request) -> float:
+        pol = self.agent.cfg.mitigation
+        if not request.HasField("ttl_s"):
+            return pol.default_ttl_s
+        ttl = request.ttl_s
+        if not math.isfinite(ttl) or ttl <= 0 or ttl > pol.max_ttl_s:
+            raise CallError(Code.INVALID_ARGUMENT,
+                            f"ttl_s must be more than 0 and at most {pol.max_ttl_s:g} s "
+                            f"(mitigation.max_ttl_s), got {ttl:g}")
+        return ttl
+
+
+def _limit(n: int) -> int:
+    if n > MAX_LIMIT:
+        raise CallError(Code.INVALID_ARGUMENT, f"limit must be at most {MAX_LIMIT}, got {n}")
+    return n or DEFAULT_LIMIT
+
+
+def _text(name: str, value: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise CallError(Code.RESOURCE_EXHAUSTED,
+                        f"{name} is {len(value)} characters long; the limit is {MAX_TEXT}")
+    return value.strip()
+
+
+def _enum(cls: type, value: str, name: str):
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(v.value for v in cls)
+        raise CallError(Code.INVALID_ARGUMENT,
+                        f"unknown {name} {value!r} (one of {choices})") from None
+
+
+def _target(text: str, broad_ok: bool = True) -> str:
+    """A normalised address or CIDR, as the responder stores it."""
+    if len(text) > 64:
+        raise CallError(Code.INVALID_ARGUMENT, "a target is at most 64 characters")
+    try:
+        target = policy.check_target(MitigationKind.BLOCK_IP, text)
+    except ValueError as e:
+        raise CallError(Code.INVALID_ARGUMENT, str(e)) from None
+    net = policy.parse_target(target)
+    if not broad_ok and net.prefixlen < MIN_PREFIX[net.version]:
+        raise CallError(Code.INVALID_ARGUMENT,
+                        f"{target} is too broad: the shortest prefix accepted is "
+                        f"/{MIN_PREFIX[net.version]} for IPv{net.version}")
+    return target
