@@ -296,6 +296,15 @@ static __always_inline void emit_remote(const struct addr_key *k, struct remote_
 	bpf_ringbuf_submit(e, 0);
 }
 
+static __always_inline int is_zero_addr(const __u8 *a)
+{
+	__u64 hi, lo;
+
+	__builtin_memcpy(&hi, a, 8);
+	__builtin_memcpy(&lo, a + 8, 8);
+	return !hi && !lo;
+}
+
 static __always_inline void count_remote(const struct addr_key *k, __u16 dport, int reset)
 {
 	struct net_thresholds *t = get_thresholds();
@@ -371,6 +380,11 @@ int handle_tcp_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
 			__builtin_memcpy(k.addr, sa + 8, 16);
 	}
 	if (k.family != AF_INET && k.family != AF_INET6)
+		return 0;
+	/* A reset sent on behalf of a listening socket (e.g. to a stray ACK) is recorded
+	 * with the listener's own addresses, and a dual-stack listener has no peer: the
+	 * "remote" is :: then. Counting it would blame the unspecified address. */
+	if (is_zero_addr(k.addr))
 		return 0;
 	count_remote(&k, dport, 1);
 	return 0;

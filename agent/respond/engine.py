@@ -109,6 +109,8 @@ class Responder:
             return Plan(finding, None, None, f"{finding.rule}: action {finding.action}, "
                                              "reported only")
         target = policy.target_of(finding.entity)
+        if kind in policy.SOURCE_KINDS and (why := policy.unblockable(target)):
+            return Plan(finding, None, None, f"{finding.rule}: {target} {why}, reported only")
         if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
                 and self._over_source_bound(finding.rule, now):
             return self._distributed(finding, target)

@@ -63,10 +63,28 @@ def _rate(rl: RateLimit) -> dict[str, Any]:
     return {"packets_per_second": rl.packets_per_second, "burst": rl.burst}
 
 
+def unblockable(target: str) -> str | None:
+    """Why `target` must never be a source mitigation, or None. The unspecified and
+    multicast addresses are never a real attacker's source: blocking them only hides a
+    decoding problem or takes down something shared."""
+    try:
+        net = parse_target(target)
+    except ValueError:
+        return None
+    addr = net.network_address
+    if addr.is_unspecified:
+        return "is the unspecified address"
+    if addr.is_multicast:
+        return "is a multicast address"
+    return None
+
+
 def check_target(kind: MitigationKind, target: str) -> str:
     """Validate and normalise a manual target; raises ValueError with a readable message."""
     if kind in SOURCE_KINDS:
         net = parse_target(target)
+        if (why := unblockable(target)) is not None:
+            raise ValueError(f"{target} {why}; it cannot be blocked")
         # A single address is stored as the detector writes it, so that a manual and an
         # automatic block of the same host are recognised as the same target.
         is_host = net.prefixlen == net.max_prefixlen

@@ -297,3 +297,13 @@ def test_report_only_rule(env) -> None:
     inc = responder.handle(flood(env.clock, rules=rules))
     assert inc.rules == ["net.watch@2"] and inc.state is IncidentState.OPEN
     assert store.mitigations() == [] and enf.actions == []
+
+
+@pytest.mark.parametrize("target", ["::", "0.0.0.0", "224.0.0.1", "ff02::1"])
+def test_unspecified_or_multicast_source_is_reported_never_blocked(target):
+    from agent.respond import policy
+    from agent.model import MitigationKind
+
+    assert policy.unblockable(target)
+    with pytest.raises(ValueError, match="cannot be blocked"):
+        policy.check_target(MitigationKind.BLOCK_IP, target)
