@@ -152,7 +152,7 @@ class Breach:
     service_comms: tuple[str, ...] = SERVICE_COMMS  # network-facing services (parent comm)
     service_cgroups: tuple[str, ...] = ()         # or their cgroup v2 paths (globs)
     package_managers: tuple[str, ...] = PACKAGE_MANAGERS  # may write credential/agent files
-    bpf_loaders: tuple[str, ...] = ("systemd",)   # may load BPF programs (besides the agent)
+    bpf_loaders: tuple[str, ...] = ("systemd", "swarm-agent")  # may load BPF (other agents too)
     allowed_modules: tuple[str, ...] = ("nvidia*", "wireguard")  # globs of module names
     credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
     agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always
@@ -324,7 +324,8 @@ def _check_control(c: Control) -> None:
     if c.listen is None:
         return
     host, sep, port = c.listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # Port 0 (any free port) is for tests; the server logs the port it got.
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"control.listen: {c.listen!r} is not host:port")
     for key in ("tls_cert", "tls_key", "tls_ca"):
         path = getattr(c, key)

@@ -38,10 +38,12 @@ def private_socket(cfg: Config) -> Path:
 
 
 class ControlServer:
-    """Serves `agent` (cfg, store, responder, status(), reload_rules(), ready)."""
+    """Serves `agent` (cfg, store, responder, status(), reload_rules(), ready). Only
+    peers with a uid in `allowed_uids` may use the local socket."""
 
-    def __init__(self, agent: Any):
+    def __init__(self, agent: Any, allowed_uids: tuple[int, ...] = (0,)):
         self.agent = agent
+        self.allowed_uids = allowed_uids
         self.cfg: Config = agent.cfg
         self.server: grpc.aio.Server | None = None
         self.front: LocalFront | None = None
@@ -65,7 +67,7 @@ class ControlServer:
         await server.start()
         self.server = server
         os.chmod(backend, 0o600)
-        self.front = LocalFront(self.cfg.control_socket, backend)
+        self.front = LocalFront(self.cfg.control_socket, backend, self.allowed_uids)
         try:
             await self.front.start()
         except (SocketInUse, OSError) as e:
@@ -115,7 +117,7 @@ class ControlServer:
         if self.server is None:
             await self.start()
         log.info("control server listening", extra={
-            "socket": str(self.cfg.control_socket), "tcp": self.cfg.control.listen})
+            "socket": str(self.cfg.control_socket), "tcp_port": self.tcp_port})
         try:
             await asyncio.Event().wait()
         finally:
