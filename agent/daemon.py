@@ -27,6 +27,7 @@ from agent.control.server import ControlServer
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
 from agent.enforce.base import DryRunEnforcer, EnforceError
 from agent.model import Event
+from agent.report.reporting import Reporting
 from agent.respond.engine import Responder
 from agent.state.store import Store
 
@@ -79,6 +80,9 @@ class Agent:
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()
+        self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
+                                   status=self.status,
+                                   losses=lambda: self.probe.losses() if self.probe else 0)
 
     def _make_enforcer(self):
         if self.cfg.dry_run:
@@ -112,7 +116,9 @@ class Agent:
     def on_event(self, event: Event) -> None:
         """Called for every decoded kernel alert, on the loop thread."""
         self.counters[f"events.{event.kind}"] += 1
-        for finding in self.detector.evaluate(event, event.mono_ns):
+        findings = self.detector.evaluate(event, event.mono_ns)
+        self.reporting.observe_event(event, findings)
+        for finding in findings:
             self.counters[f"findings.{finding.rule}"] += 1
             incident = self.responder.handle(finding)
             log.info("finding", extra={"rule": finding.rule, "entity": finding.entity,
@@ -204,6 +210,8 @@ class Agent:
                     tg.create_task(self.probe.run(self.on_event))
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
+                for task in self.reporting.tasks():
+                    tg.create_task(task)
                 self.ready = True
                 sd_notify("READY=1")
                 log.info("agent ready", extra={"probes": self.probe_status, "dry_run": self.cfg.dry_run})
@@ -214,6 +222,8 @@ class Agent:
         self.ready = False
         if self.probe is not None:
             self.probe.close()
+        if getattr(self, "reporting", None) is not None:
+            self.reporting.close()
         if getattr(self, "store", None) is not None:
             self.store.close()
 

@@ -1,0 +1,170 @@
+"""Administrator notifications through Alertmanager's v2 API (POST /api/v2/alerts), so
+they follow the routing, grouping and silences the operators already have.
+
+Each incident is one alert. Its labels identify it and route it: alertname, event_class,
+severity, entity, incident_id, node and escalated, then the configured `labels`, the
+labels of its class and of its severity, and `escalation_labels` when it needs a human
+(its class is in `escalate_classes`, or the responder escalated it because a mitigation
+failed). State and times are annotations, so the alert keeps its identity while the
+incident moves from open to mitigated.
+
+Alertmanager forgets an alert that is not re-sent, so live incidents are re-sent every
+`resend_s` with an end time 4 x resend_s ahead; changes are sent at once. A closed
+incident is sent once more with its resolution time as the end; an alert whose labels
+changed (severity raised, escalated later) is ended under its old labels. The live set is
+read from the store each round, so a restart or an unreachable Alertmanager loses nothing
+that is still live.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Iterable
+
+from agent.config import Alerts
+from agent.model import Incident, IncidentState
+from agent.state.store import LIVE_INCIDENT_STATES, Store
+
+log = logging.getLogger("swarm_agent")
+
+ALERTNAME = "SwarmAgentIncident"
+MAX_LIVE = 5000          # live incidents re-sent per round (the newest)
+CHUNK = 500              # alerts per POST
+RETRY_S = 5.0            # after a failed POST, before the next one
+_CLOSED = (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
+# Never through an environment proxy: Alertmanager is on the operators' own network.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def needs_human(cfg: Alerts, incident: Incident) -> str:
+    """Why the incident is escalated to a human ('' when it is not)."""
+    if incident.state is IncidentState.ESCALATED:
+        return "escalated by the agent: a mitigation could not be applied"
+    if incident.event_class.value in cfg.escalate_classes:
+        return f"{incident.event_class.value} needs a human"
+    return ""
+
+
+def labels_for(cfg: Alerts, incident: Incident, node: str) -> dict[str, str]:
+    escalated = bool(needs_human(cfg, incident))
+    labels = {"alertname": ALERTNAME, "event_class": incident.event_class.value,
+              "severity": incident.severity.value, "entity": incident.entity,
+              "node": node, "escalated": "true" if escalated else "false"}
+    labels.update(cfg.labels)
+    labels.update(cfg.class_labels.get(incident.event_class.value, {}))
+    labels.update(cfg.severity_labels.get(incident.severity.value, {}))
+    if escalated:
+        labels.update(cfg.escalation_labels)
+    labels["incident_id"] = incident.id     # last: the alert's identity is not configurable
+    return labels
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).isoformat()
+
+
+def to_alert(cfg: Alerts, incident: Incident, node: str, now: float) -> dict[str, Any]:
+    """The v2 API's postable alert for `incident` at `now`."""
+    ann = {"summary": incident.summary, "state": incident.state.value,
+           "detected_at": _iso(incident.detected_at), "rules": ", ".join(incident.rules),
+           "findings": str(incident.findings)}
+    if incident.mitigated_at is not None:
+        ann["mitigated_at"] = _iso(incident.mitigated_at)
+    why = needs_human(cfg, incident)
+    if why:
+        ann["escalation"] = why
+    closed = incident.state in _CLOSED
+    ends = (incident.resolved_at or now) if closed else now + 4 * cfg.resend_s
+    return {"labels": labels_for(cfg, incident, node), "annotations": ann,
+            "startsAt": _iso(incident.first_seen_at), "endsAt": _iso(ends)}
+
+
+def post(url: str, alerts: list[dict[str, Any]], timeout_s: float) -> None:
+    """POST alerts to Alertmanager; raises OSError (URLError, HTTPError, timeout)."""
+    req = urllib.request.Request(url.rstrip("/") + "/api/v2/alerts",
+                                 data=json.dumps(alerts).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with _OPENER.open(req, timeout=timeout_s) as resp:
+        resp.read()
+
+
+class Notifier:
+    """Keeps Alertmanager's view of this node's incidents current (see the module
+    docstring). `observe` is the responder's observer hook; `run` is the task."""
+
+    def __init__(self, cfg: Alerts, store: Store, node_id: str | None = None, *,
+                 on_sent: Callable[[int], None] = lambda n: None,
+                 on_failure: Callable[[], None] = lambda: None):
+        assert cfg.url is not None
+        self.cfg, self._store = cfg, store
+        self.node = node_id or socket.gethostname()
+        self._on_sent, self._on_failure = on_sent, on_failure
+        self._changed: dict[str, Incident] = {}
+        self._sent: dict[str, dict[str, str]] = {}   # incident id -> labels last sent
+        self._wake = asyncio.Event()
+        self.failing = False
+
+    def observe(self, kind: str, obj: Any) -> None:
+        if kind == "incident":
+            self._changed[obj.id] = obj
+            self._wake.set()
+
+    async def run(self) -> None:
+        next_full = 0.0
+        while True:
+            batch = dict(self._changed)
+            self._changed.clear()
+            if time.monotonic() >= next_full:
+                live = self._store.incidents(state=LIVE_INCIDENT_STATES, limit=MAX_LIVE)
+                batch = {**{i.id: i for i in live}, **batch}
+                next_full = time.monotonic() + self.cfg.resend_s
+            self._wake.clear()
+            if batch and not await self.send(batch.values()):
+                for incident_id, incident in batch.items():
+                    self._changed.setdefault(incident_id, incident)
+                await asyncio.sleep(RETRY_S)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_full - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    async def send(self, incidents: Iterable[Incident]) -> bool:
+        """Post the alerts for `incidents` (and the ends of superseded label sets)."""
+        now = time.time()
+        alerts, sent = [], {}
+        for incident in incidents:
+            alert = to_alert(self.cfg, incident, self.node, now)
+            old = self._sent.get(incident.id)
+            if old is not None and old != alert["labels"]:
+                alerts.append({"labels": old, "annotations": alert["annotations"],
+                               "startsAt": alert["startsAt"], "endsAt": _iso(now)})
+            alerts.append(alert)
+            sent[incident.id] = None if incident.state in _CLOSED else alert["labels"]
+        try:
+            for i in range(0, len(alerts), CHUNK):
+                await asyncio.to_thread(post, self.cfg.url, alerts[i:i + CHUNK],
+                                        self.cfg.timeout_s)
+        except (OSError, ValueError) as e:
+            self._on_failure()
+            if not self.failing:
+                log.warning("Alertmanager unreachable; alerts are retried",
+                            extra={"url": self.cfg.url, "error": str(e)})
+            self.failing = True
+            return False
+        if self.failing:
+            log.info("Alertmanager reachable again", extra={"url": self.cfg.url})
+        self.failing = False
+        for incident_id, labels in sent.items():
+            if labels is None:
+                self._sent.pop(incident_id, None)
+            else:
+                self._sent[incident_id] = labels
+        self._on_sent(len(alerts))
+        return True

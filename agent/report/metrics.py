@@ -1,0 +1,183 @@
+"""Prometheus metrics, served on loopback by default (config `metrics.listen`).
+
+Counted in process: events and findings per source and rule, time-to-detect and
+time-to-mitigate histograms per event class (from the first evidence), mesh deliveries
+and failed calls, alerts sent and failed posts. Read from the store and the outbox at each
+scrape, so they survive restarts and never drift: incidents per class and state, deadline
+hits and misses per class, active mitigations per kind, outbox depth and drops. The probe's
+ring-buffer losses come from the probe itself. The HTTP server is a daemon thread; a
+scrape reads the store under its lock, like any other reader thread.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import OrderedDict
+from socketserver import ThreadingMixIn
+from typing import Any, Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from agent.model import Event, Finding, Incident, MitigationKind
+from agent.state.store import Store
+
+log = logging.getLogger("swarm_agent")
+
+PREFIX = "swarm_agent"
+# From well under the System Attack deadline (30 s) to the Suspicious Activity one (900 s).
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+_SEEN_MAX = 100_000       # incidents remembered so each latency is observed once
+
+
+class Metrics:
+    """The agent's metrics. `observe_event` is called by the pipeline, `observe` is the
+    responder's observer hook; `losses()` gives the probe's lost ring-buffer events and
+    `outbox` (optional) the mesh outbox."""
+
+    def __init__(self, store: Store, *, losses: Callable[[], int] = lambda: 0,
+                 outbox: Any = None, clock: Callable[[], float] = time.time):
+        self.registry = CollectorRegistry()
+        self._started_at = clock()
+        self._seen_detect: OrderedDict[str, None] = OrderedDict()
+        self._seen_mitigate: OrderedDict[str, None] = OrderedDict()
+        self._server: WSGIServer | None = None
+        r = self.registry
+        self.events = Counter(f"{PREFIX}_events", "Events from the sources",
+                              ["source", "kind"], registry=r)
+        self.findings = Counter(f"{PREFIX}_findings", "Findings (a rule fired)",
+                                ["source", "rule"], registry=r)
+        self.time_to_detect = Histogram(
+            f"{PREFIX}_time_to_detect_seconds", "First evidence to detection, per new incident",
+            ["event_class"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.time_to_mitigate = Histogram(
+            f"{PREFIX}_time_to_mitigate_seconds",
+            "First evidence to the first mitigation in force, per incident",
+            ["event_class"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.delivered = Counter(f"{PREFIX}_mesh_reports_delivered",
+                                 "Reports the mesh acknowledged", ["kind"], registry=r)
+        self.delivery_failures = Counter(f"{PREFIX}_mesh_delivery_failures",
+                                         "Failed calls to the mesh (reports stay queued)",
+                                         registry=r)
+        self.alerts_sent = Counter(f"{PREFIX}_alerts_sent", "Alerts posted to Alertmanager",
+                                   registry=r)
+        self.alert_failures = Counter(f"{PREFIX}_alert_failures",
+                                      "Failed posts to Alertmanager", registry=r)
+        r.register(_StateCollector(store, losses, outbox))
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def observe_event(self, event: Event, findings: Iterable[Finding]) -> None:
+        source = event.source or "unknown"
+        self.events.labels(source, event.kind).inc()
+        for f in findings:
+            self.findings.labels(source, f.rule).inc()
+
+    def observe(self, kind: str, obj: Any) -> None:
+        if kind != "incident":
+            return
+        incident: Incident = obj
+        cls = incident.event_class.value
+        # Only incidents detected (mitigated) by this process: the one before it observed
+        # the earlier ones.
+        if incident.detected_at >= self._started_at and _first(self._seen_detect, incident.id):
+            self.time_to_detect.labels(cls).observe(
+                max(0.0, incident.detected_at - incident.first_seen_at))
+        at = incident.mitigated_at
+        if at is not None and at >= self._started_at and _first(self._seen_mitigate, incident.id):
+            self.time_to_mitigate.labels(cls).observe(max(0.0, at - incident.first_seen_at))
+
+    def on_delivered(self, counts: dict[str, int]) -> None:
+        for kind, n in counts.items():
+            self.delivered.labels(kind).inc(n)
+
+    # -- serving -------------------------------------------------------------------------
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on `listen` ("host:port", "[v6]:port") in a daemon thread;
+        raises OSError when the address cannot be bound."""
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        server_class = _V6Server if ipaddress.ip_address(host).version == 6 else _Server
+        self._server = make_server(host, int(port), make_wsgi_app(self.registry),
+                                   server_class, handler_class=_QuietHandler)
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self._server.server_address[:2] if self._server else None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _first(seen: OrderedDict[str, None], key: str) -> bool:
+    if key in seen:
+        return False
+    seen[key] = None
+    if len(seen) > _SEEN_MAX:
+        seen.popitem(last=False)
+    return True
+
+
+class _StateCollector:
+    """Metrics read at scrape time from the store, the probe and the outbox."""
+
+    def __init__(self, store: Store, losses: Callable[[], int], outbox: Any):
+        self._store, self._losses, self._outbox = store, losses, outbox
+
+    def collect(self):
+        incidents = GaugeMetricFamily(f"{PREFIX}_incidents", "Incidents per class and state",
+                                      labels=["event_class", "state"])
+        misses = CounterMetricFamily(f"{PREFIX}_deadline_misses",
+                                     "Incidents mitigated after their class deadline",
+                                     labels=["event_class"])
+        met = CounterMetricFamily(f"{PREFIX}_deadline_met",
+                                  "Incidents mitigated within their class deadline",
+                                  labels=["event_class"])
+        for cls, counts in self._store.counts_by_class().items():
+            for state, n in counts.items():
+                if state not in ("total", "deadline_met", "deadline_missed"):
+                    incidents.add_metric([cls, state], n)
+            misses.add_metric([cls], counts["deadline_missed"])
+            met.add_metric([cls], counts["deadline_met"])
+        active = GaugeMetricFamily(f"{PREFIX}_active_mitigations",
+                                   "Mitigations in force, per kind", labels=["kind"])
+        by_kind = dict.fromkeys((k.value for k in MitigationKind), 0)
+        for m in self._store.active_mitigations(time.time()):
+            by_kind[m.kind.value] += 1
+        for kind, n in by_kind.items():
+            active.add_metric([kind], n)
+        yield from (incidents, misses, met, active)
+        yield CounterMetricFamily(f"{PREFIX}_ringbuf_lost_events",
+                                  "Events the kernel could not put in the ring buffer",
+                                  value=self._losses())
+        if self._outbox is not None:
+            depth = GaugeMetricFamily(f"{PREFIX}_outbox_reports",
+                                      "Reports waiting for the mesh", labels=["kind"])
+            dropped = CounterMetricFamily(f"{PREFIX}_outbox_dropped",
+                                          "Reports dropped at the outbox bound", labels=["kind"])
+            for kind, n in self._outbox.depth().items():
+                depth.add_metric([kind], n)
+                dropped.add_metric([kind], self._outbox.dropped.get(kind, 0))
+            yield from (depth, dropped)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _V6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:   # no access log on stderr
+        pass

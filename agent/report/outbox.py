@@ -1,0 +1,145 @@
+"""The mesh outbox: reports waiting for the mesh's acknowledgement, kept in the agent's
+SQLite database (table `outbox`, migration 3 in agent/state/store.py).
+
+How nothing is lost: triggers queue a snapshot of every incident and mitigation change in
+the same transaction as the change itself, so a crash or SIGKILL at any instant leaves
+either both or neither. Heartbeats are queued here. A report leaves the outbox only once
+the mesh has acknowledged its id, so delivery is at least once; ids are random, stored with
+the report and reused on every retry, so the mesh can de-duplicate. A newer snapshot of
+the same incident or mitigation replaces one still queued (it carries everything the older
+one did), which also bounds the incident and mitigation reports to one per row.
+
+The bound (documented in packaging/config.yaml, enforced by `trim`, each drop counted in
+`dropped` and logged): above `max_reports` the oldest heartbeats are dropped first, then
+the oldest mitigation reports, never an incident; above `hard_max_reports` the oldest
+reports of any kind go, incidents included, so the database cannot grow without limit in
+a mesh outage that never ends.
+
+The outbox uses its own connection to the database (WAL lets it run beside the store's);
+it only ever touches the `outbox` table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger("swarm_agent")
+
+KINDS = ("incident", "mitigation", "heartbeat")
+# Which reports go first when the outbox is over its bound (incidents only past the hard one).
+_DROP_ORDER = ("heartbeat", "mitigation")
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """One queued report. `attempts`: failed deliveries so far."""
+
+    seq: int
+    id: str
+    kind: str
+    ref: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+
+
+class Outbox:
+    """Durable queue of mesh reports; every method is one short transaction."""
+
+    def __init__(self, db_path: str | Path, *, max_reports: int, hard_max_reports: int):
+        self.max_reports, self.hard_max_reports = max_reports, hard_max_reports
+        self.dropped: Counter[str] = Counter()     # kind -> reports dropped at the bound
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA synchronous=FULL")
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name='outbox'").fetchone():
+            self._db.close()
+            raise RuntimeError(f"database {db_path} has no outbox table (open the Store first)")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).rowcount
+
+    def add_heartbeat(self, body: dict[str, Any], at: float) -> str:
+        """Queue a heartbeat; returns its id."""
+        report_id = uuid.uuid4().hex
+        self._write("INSERT INTO outbox (id, kind, ref, payload, created_at) "
+                    "VALUES (?, 'heartbeat', '', ?, ?)", (report_id, json.dumps(body), at))
+        return report_id
+
+    def pending(self, limit: int) -> list[Pending]:
+        """Up to `limit` reports to send: incidents and mitigations before heartbeats,
+        oldest first within each."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, id, kind, ref, payload, created_at, attempts FROM outbox "
+                "ORDER BY kind = 'heartbeat', seq LIMIT ?", (limit,)).fetchall()
+        return [Pending(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
+
+    def acknowledge(self, ids: Iterable[str]) -> int:
+        """Remove reports the mesh has processed; returns how many were still queued (a
+        report replaced by a newer snapshot meanwhile is already gone)."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        return self._write(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+
+    def failed(self, ids: Iterable[str]) -> None:
+        """Count one more failed delivery of each report (they stay queued)."""
+        ids = list(ids)
+        if ids:
+            marks = ",".join("?" * len(ids))
+            self._write(f"UPDATE outbox SET attempts = attempts + 1 WHERE id IN ({marks})", ids)
+
+    def depth(self) -> dict[str, int]:
+        """Queued reports per kind (every kind present, zero included)."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall()
+        return {**dict.fromkeys(KINDS, 0), **dict(rows)}
+
+    def clear(self) -> int:
+        """Forget every queued report (standalone: there is no mesh to deliver to)."""
+        return self._write("DELETE FROM outbox")
+
+    def trim(self) -> dict[str, int]:
+        """Enforce the bound (see the module docstring); returns what was dropped, by kind."""
+        total = sum(self.depth().values())
+        dropped: Counter[str] = Counter()
+        for kind in _DROP_ORDER:
+            if total <= self.max_reports:
+                break
+            n = self._drop_oldest(total - self.max_reports, kind)
+            dropped[kind] += n
+            total -= n
+        if total > self.hard_max_reports:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT kind, COUNT(*) FROM (SELECT kind FROM outbox ORDER BY seq LIMIT ?) "
+                    "GROUP BY kind", (total - self.hard_max_reports,)).fetchall()
+            self._drop_oldest(total - self.hard_max_reports, None)
+            dropped.update(dict(rows))
+        if dropped:
+            self.dropped.update(dropped)
+            log.warning("mesh outbox over its bound: oldest reports dropped",
+                        extra={"dropped": dict(dropped), "max_reports": self.max_reports,
+                               "hard_max_reports": self.hard_max_reports})
+        return dict(dropped)
+
+    def _drop_oldest(self, n: int, kind: str | None) -> int:
+        where = "WHERE kind = ?" if kind else ""
+        args = (kind, n) if kind else (n,)
+        return self._write(f"DELETE FROM outbox WHERE seq IN "
+                           f"(SELECT seq FROM outbox {where} ORDER BY seq LIMIT ?)", args)

@@ -1,0 +1,94 @@
+"""Everything that tells the outside world what the agent saw and did: the mesh reporter
+(with its outbox), the Alertmanager notifier and the Prometheus metrics.
+
+Built by the daemon after the store and the responder (a bad mesh certificate is a
+ConfigError then, before the agent is ready); it listens to the responder's observer
+hook; `tasks()` go into the agent's TaskGroup; `close()` on the way out. Without a mesh
+endpoint the agent is standalone: nothing is sent and the outbox is kept empty. A metrics
+address that cannot be bound is logged and reported as a degraded reporter, never fatal:
+metrics must not keep the agent from protecting the host.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Coroutine, Iterable
+
+from agent import __version__
+from agent.config import Config
+from agent.model import Event, Finding, IncidentState
+from agent.report.alerts import Notifier
+from agent.report.mesh import MeshReporter
+from agent.report.metrics import Metrics
+from agent.report.outbox import Outbox
+from agent.state.store import Store
+
+log = logging.getLogger("swarm_agent")
+
+STANDALONE_CLEAR_S = 5.0
+_LIVE = (IncidentState.OPEN.value, IncidentState.MITIGATED.value, IncidentState.ESCALATED.value)
+
+
+class Reporting:
+    """See the module docstring. `status()` is the agent's status dict (for heartbeats),
+    `losses()` the probe's lost ring-buffer events."""
+
+    def __init__(self, cfg: Config, store: Store, observers: list, *,
+                 status: Callable[[], dict[str, Any]], losses: Callable[[], int]):
+        self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
+        self.problems: dict[str, str] = {}     # reporter -> why it is not working
+        self.outbox = Outbox(cfg.db_path, max_reports=cfg.mesh.outbox_max,
+                             hard_max_reports=cfg.mesh.outbox_hard_max)
+        standalone = cfg.mesh.endpoint is None
+        self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox)
+        observers.append(self.metrics.observe)
+        self.mesh: MeshReporter | None = None
+        if not standalone:
+            self.mesh = MeshReporter(cfg.mesh, self.outbox, self._heartbeat,
+                                     on_delivered=self.metrics.on_delivered,
+                                     on_failure=self.metrics.delivery_failures.inc)
+            observers.append(lambda kind, obj: self.mesh.wake())
+        self.notifier: Notifier | None = None
+        if cfg.alerts.url is not None:
+            self.notifier = Notifier(cfg.alerts, store, cfg.mesh.node_id,
+                                     on_sent=self.metrics.alerts_sent.inc,
+                                     on_failure=self.metrics.alert_failures.inc)
+            observers.append(self.notifier.observe)
+        if cfg.metrics.listen is not None:
+            try:
+                self.metrics.serve(cfg.metrics.listen)
+            except OSError as e:
+                self.problems["metrics"] = f"cannot listen on {cfg.metrics.listen}: {e.strerror}"
+                log.error("metrics unavailable", extra={"reason": self.problems["metrics"]})
+
+    def observe_event(self, event: Event, findings: Iterable[Finding]) -> None:
+        self.metrics.observe_event(event, findings)
+
+    def tasks(self) -> list[Coroutine[Any, Any, None]]:
+        out: list[Coroutine[Any, Any, None]] = []
+        out.append(self.mesh.run() if self.mesh else self._standalone())
+        if self.notifier is not None:
+            out.append(self.notifier.run())
+        return out
+
+    async def _standalone(self) -> None:
+        # The triggers queue every change whether or not a mesh is configured.
+        while True:
+            self.outbox.clear()
+            await asyncio.sleep(STANDALONE_CLEAR_S)
+
+    def _heartbeat(self) -> dict[str, Any]:
+        s = self._status()
+        probes = {name: str(p.get("state", "")) + (f": {p['reason']}" if p.get("reason") else "")
+                  for name, p in (s.get("probes") or {}).items() if isinstance(p, dict)}
+        counts = self._store.counts_by_class().values()
+        return {"version": __version__, "started_at": float(s.get("started_at") or 0.0),
+                "ready": bool(s.get("ready")), "dry_run": self.cfg.dry_run, "probes": probes,
+                "active_mitigations": len(self._store.active_mitigations(time.time())),
+                "live_incidents": sum(c[state] for c in counts for state in _LIVE),
+                "ringbuf_losses": self._losses()}
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.outbox.close()
