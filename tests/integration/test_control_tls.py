@@ -1,0 +1,135 @@
+"""The authorization matrix over the TCP listener (mutual TLS, loopback only): no client
+certificate or one from another CA is refused by the handshake; a viewer reads and gets
+PERMISSION_DENIED (audited) when it acts; an operator acts; an unlisted identity gets
+nothing. Certificates are made with openssl for each test run.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.proto.swarm.control.v1 import control_pb2 as pb
+from agent.proto.swarm.control.v1 import control_pb2_grpc
+from tests.integration.test_control_api import Served, code_of, make_cfg
+
+Code = grpc.StatusCode
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-days", "2", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+             cwd=d)
+
+
+def _leaf(d: Path, ca: str, name: str, cn: str, san: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+             cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, the agent's certificate (127.0.0.1), clients viewer/operator/stranger, and a
+    client signed by an unrelated CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "ca", "server", "agent", "IP:127.0.0.1,DNS:localhost")
+    _leaf(d, "ca", "viewer", "viewer.example", "DNS:viewer.example")
+    _leaf(d, "ca", "operator", "someone", "DNS:ops.example")   # listed by SAN
+    _leaf(d, "ca", "stranger", "stranger.example", "DNS:stranger.example")
+    _leaf(d, "rogue-ca", "rogue", "ops.example", "DNS:ops.example")
+    return d
+
+
+@pytest.fixture
+def tls_served(tmp_path, pki):
+    s = Served(make_cfg(tmp_path, listen="127.0.0.1:0", tls_cert=str(pki / "server.pem"),
+                        tls_key=str(pki / "server.key"), tls_ca=str(pki / "ca.pem"),
+                        viewers=("viewer.example",), operators=("ops.example",)))
+    yield s
+    s.close()
+
+
+def _stub(s: Served, pki: Path, client: str | None) -> tuple[grpc.Channel, control_pb2_grpc.ControlStub]:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(pki / "ca.pem").read_bytes(),
+        private_key=(pki / f"{client}.key").read_bytes() if client else None,
+        certificate_chain=(pki / f"{client}.pem").read_bytes() if client else None)
+    ch = grpc.secure_channel(f"127.0.0.1:{s.server.tcp_port}", creds)
+    return ch, control_pb2_grpc.ControlStub(ch)
+
+
+BLOCK = pb.ApplyMitigationRequest(target="198.51.100.20", ttl_s=60)
+
+
+@pytest.mark.parametrize("client", [None, "rogue"])
+def test_tcp_refuses_clients_without_a_valid_certificate(tls_served, pki, client):
+    ch, stub = _stub(tls_served, pki, client)
+    with ch:
+        code, _ = code_of(lambda: stub.GetStatus(pb.GetStatusRequest(), timeout=5))
+    assert code is Code.UNAVAILABLE   # the TLS handshake fails: no call is made
+    assert tls_served.agent.store.audit() == []
+
+
+def test_viewer_reads_and_may_not_act(tls_served, pki):
+    ch, stub = _stub(tls_served, pki, "viewer")
+    with ch:
+        assert stub.GetStatus(pb.GetStatusRequest(), timeout=10).ready
+        assert not stub.ListMitigations(pb.ListMitigationsRequest(), timeout=10).mitigations
+        code, details = code_of(lambda: stub.ApplyMitigation(BLOCK, timeout=10))
+        assert code is Code.PERMISSION_DENIED and "operator" in details
+    assert tls_served.agent.store.mitigations() == []
+    [entry] = tls_served.agent.store.audit()
+    assert (entry["identity"], entry["role"], entry["method"], entry["result"]) == \
+        ("viewer.example", "viewer", "ApplyMitigation", "PERMISSION_DENIED")
+    assert entry["arguments"]["target"] == "198.51.100.20"
+
+
+def test_operator_acts(tls_served, pki):
+    ch, stub = _stub(tls_served, pki, "operator")
+    with ch:
+        m = stub.ApplyMitigation(BLOCK, timeout=10)
+        assert m.state == "active"
+        audit = stub.ListAudit(pb.ListAuditRequest(), timeout=10).entries
+    assert [(e.identity, e.role, e.result) for e in audit] == [("ops.example", "operator", "OK")]
+
+
+def test_unlisted_identity_gets_nothing(tls_served, pki):
+    ch, stub = _stub(tls_served, pki, "stranger")
+    with ch:
+        code, _ = code_of(lambda: stub.GetStatus(pb.GetStatusRequest(), timeout=10))
+    assert code is Code.PERMISSION_DENIED
+
+
+def test_cli_remote(tls_served, pki, tmp_path):
+    base = [sys.executable, "-m", "agent.cli.main"]
+    remote = ["--remote", f"127.0.0.1:{tls_served.server.tcp_port}", "--ca", str(pki / "ca.pem")]
+
+    def cli(client: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args, *remote, "--cert", str(pki / f"{client}.pem"),
+                               "--key", str(pki / f"{client}.key")],
+                              capture_output=True, text=True, timeout=60)
+
+    denied = cli("viewer", "block", "198.51.100.21")
+    assert denied.returncode == 5 and "may not call ApplyMitigation" in denied.stderr
+    done = cli("operator", "block", "198.51.100.21", "--ttl", "30", "--json")
+    assert done.returncode == 0, done.stderr
+    assert '"target": "198.51.100.21"' in done.stdout
+    missing = subprocess.run([*base, "status", *remote], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "--remote needs --cert, --key" in missing.stderr
