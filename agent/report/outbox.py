@@ -122,8 +122,9 @@ class Outbox:
             if total <= self.max_reports:
                 break
             n = self._drop_oldest(total - self.max_reports, kind)
-            dropped[kind] += n
-            total -= n
+            if n:
+                dropped[kind] += n
+                total -= n
         if total > self.hard_max_reports:
             with self._lock:
                 rows = self._db.execute(
