@@ -1,0 +1,88 @@
+"""Names for what the kernel reports by number: cgroup v2 ids -> paths, and a process's
+ancestry (comms up to pid 1) from /proc. Both are best effort and cheap: a process or a
+cgroup that is already gone gives None or a shorter list, never an error."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+RESCAN_S = 1.0          # at most one walk of the cgroup tree per second
+MAX_ANCESTORS = 16
+
+
+def cgroup2_mount() -> Path | None:
+    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on hybrid hosts."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return Path(left.split()[4])
+    return None
+
+
+class CgroupNames:
+    """cgroup id (bpf_get_current_cgroup_id: the cgroup directory's inode) -> path
+    relative to the v2 root ("/system.slice/nginx.service"), cached."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or cgroup2_mount()
+        self._paths: dict[int, str] = {}
+        self._scanned_at = 0.0
+
+    def path(self, cgroup_id: int, pid: int | None = None) -> str | None:
+        if self.root is None or not cgroup_id:
+            return None
+        hit = self._paths.get(cgroup_id)
+        if hit is not None:
+            return hit
+        if pid and self._from_proc(cgroup_id, pid):
+            return self._paths[cgroup_id]
+        if time.monotonic() - self._scanned_at >= RESCAN_S:
+            self._scan()
+        return self._paths.get(cgroup_id)
+
+    def _from_proc(self, cgroup_id: int, pid: int) -> bool:
+        # The process's own view, checked by inode: it may have moved since the event.
+        try:
+            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+                if line.startswith("0::"):
+                    rel = line[3:]
+                    if os.stat(self.root / rel.lstrip("/")).st_ino == cgroup_id:
+                        self._paths[cgroup_id] = rel
+                        return True
+        except OSError:
+            pass
+        return False
+
+    def _scan(self) -> None:
+        self._scanned_at = time.monotonic()
+        for dirpath, _dirs, _files in os.walk(self.root):
+            try:
+                ino = os.stat(dirpath).st_ino
+            except OSError:
+                continue
+            rel = "/" + os.path.relpath(dirpath, self.root)
+            self._paths[ino] = "/" if rel == "/." else rel
+
+
+def ancestors(ppid: int, limit: int = MAX_ANCESTORS) -> list[str]:
+    """comms of `ppid`, its parent, ... up to pid 1 (as far as /proc still has them)."""
+    out: list[str] = []
+    pid = ppid
+    while pid > 0 and len(out) < limit:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        # comm may hold spaces and parentheses: it ends at the last ")".
+        head, _, rest = stat.rpartition(")")
+        out.append(head.split("(", 1)[1])
+        if pid == 1:
+            break
+        pid = int(rest.split()[1])
+    return out

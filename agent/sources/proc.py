@@ -1,0 +1,312 @@
+"""The process probe: exec and exit, opens of watched paths, kernel module loads, ptrace
+attaches and BPF program loads, from probes/proc.bpf.c through one ring buffer.
+
+The tracepoints are host-global: one agent per host runs this probe (tests run several
+and match their own pids). The kernel filters (see proc.bpf.c); the agent's own process
+is never reported. Events (agent.model.Event, source "bpf.proc"); every kind carries the
+acting process: pid (tgid, init pid namespace), tid, ppid, uid, euid, comm, parent_comm,
+cgroup_id and cgroup (the cgroup v2 path, None when it cannot be resolved):
+
+- "proc.exec", subject "pid:<pid>": filename, argv (list, at most 256 bytes of it), args
+  (argv joined by spaces), stdin/stdout/stderr ("closed", "file", "unix", "inet", "inet6",
+  "af<N>"), stdio_inet (how many of the three are inet sockets), reason (why the kernel
+  sent it: "program", "service_child", "socket_stdio", "all").
+- "proc.exit", subject "pid:<pid>" (only of processes whose exec was sent): exit_code
+  (the wait status), exit_status, signal.
+- "file.open", subject the path: path (as given to open(2)), flags, write (bool),
+  syscall ("openat", "openat2", "open", "creat"), pattern (the watch pattern it
+  matched), ancestors (comms of parent, grandparent, ... up to pid 1, from /proc).
+- "kernel.module_load", subject "module:<name>": name, taints, ancestors.
+- "proc.ptrace", subject "pid:<tracer>": request ("attach", "seize"), result, target_pid
+  (as the tracer passed it), target_tgid/target_uid/target_euid/target_comm (the global
+  tracee, read in the kernel; None when the attach failed), ancestors.
+- "bpf.prog_load", subject "pid:<pid>": prog_type, prog_name, insn_cnt, ancestors.
+
+Socket stdio is read in the kernel at exec (the task's fd table through CO-RE), not from
+/proc afterwards: a one-line reverse shell may be gone before user space looks.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+from pathlib import Path
+from typing import Callable
+
+from agent.config import Config, breach_lists, split_pattern
+from agent.model import Event
+from agent.sources import abi, libbpf
+from agent.sources.abi import ProcMap, ProcProg
+from agent.sources.cgroups import CgroupNames, ancestors
+
+SOURCE = "bpf.proc"
+REFUSED = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT,
+           errno.ENODEV, errno.EBUSY, 524}  # 524: the kernel's ENOTSUPP
+# Programs whose tracepoint only some kernels have (no open/creat on arm64, no
+# module:module_load without module support): their absence is expected, not a failure.
+OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD}
+FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
+REQUESTS = {16: "attach", 0x4206: "seize"}
+
+
+def _text(raw) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+class ProcProbe:
+    """Loads probes/proc.bpf.o: host-global tracepoints, filtered in the kernel.
+
+    open() loads and attaches; programs the kernel refuses, or whose tracepoint this
+    kernel lacks, are reported by status() as "degraded" with the reason, the rest runs; a
+    missing or broken object raises. run() emits one Event per kernel event until
+    cancelled; poll() returns those queued now. losses() counts events the kernel could
+    not queue. close() detaches everything and is idempotent.
+    """
+
+    def __init__(self, cfg: Config, *, agent_tgid: int | None = None, all_execs: bool = False,
+                 ring_bytes: int = 1 << 20, object_path: str | os.PathLike = abi.PROC_OBJECT):
+        self.cfg = cfg
+        self.agent_tgid = os.getpid() if agent_tgid is None else agent_tgid
+        self.all_execs = all_execs
+        self.ring_bytes = ring_bytes
+        self.object_path = str(object_path)
+        self.patterns = self._patterns()
+        self.cgroups = CgroupNames()
+        self._obj: libbpf.Object | None = None
+        self._links: list[libbpf.Link] = []
+        self._ring: libbpf.RingBuffer | None = None
+        self._status: dict[str, dict[str, str]] = {}
+        self.undecoded = 0
+
+    def _patterns(self) -> list[tuple[str, str, int]]:
+        """(how, text, path_flags) per distinct watch pattern; its index is its rule id."""
+        lists = breach_lists(self.cfg)
+        reads = {split_pattern(p) for p in lists["read_paths"]}
+        out: dict[tuple[str, str], int] = {}
+        for p in (*lists["credential_paths"], *lists["agent_paths"], *lists["read_paths"]):
+            how, text = split_pattern(p)
+            flags = (abi.PATH_EXACT if how == "exact" else 0) | \
+                    (abi.PATH_READS if (how, text) in reads else 0)
+            out[(how, text)] = out.get((how, text), 0) | flags
+        return [(how, text, flags) for (how, text), flags in out.items()]
+
+    # --- loading -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            refused = self._classify()
+            self._obj = self._configured(set(ProcProg) - set(refused))
+            if len(refused) < len(ProcProg):
+                self._obj.load()
+                self._fill_maps()
+                self._ring = libbpf.RingBuffer(self._map(ProcMap.EVENTS))
+            for prog, reason in refused.items():
+                self._set(prog, "degraded", f"the kernel refused the program: {reason}")
+            for prog, (category, name) in abi.PROC_TRACEPOINTS.items():
+                if prog not in refused:
+                    self._attach(prog, category, name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _configured(self, progs: set[ProcProg]) -> libbpf.Object:
+        obj = libbpf.Object(self.object_path)
+        try:
+            obj.map(ProcMap.EVENTS).set_max_entries(self.ring_bytes)
+            rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs))
+            obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
+            for prog in ProcProg:
+                obj.program(prog).set_autoload(prog in progs)
+        except BaseException:
+            obj.close()
+            raise
+        return obj
+
+    def _classify(self) -> dict[ProcProg, str]:
+        """Programs this kernel will not load, with why (each alone, only if all fail)."""
+        try:
+            self._trial(set(ProcProg))
+            return {}
+        except OSError:
+            pass
+        refused = {}
+        for prog in ProcProg:
+            try:
+                self._trial({prog})
+            except OSError as e:
+                if e.errno not in REFUSED:
+                    raise
+                refused[prog] = f"{e.strerror} ({libbpf.log_tail(1) or 'no log'})"
+        return refused
+
+    def _trial(self, progs: set[ProcProg]) -> None:
+        obj = self._configured(progs)
+        try:
+            obj.load()
+        finally:
+            obj.close()
+
+    def _fill_maps(self) -> None:
+        comms: dict[str, int] = {}
+        lists = breach_lists(self.cfg)
+        for name in lists["shells"]:
+            comms[name] = comms.get(name, 0) | abi.COMM_PROGRAM
+        for name in lists["service_comms"]:
+            comms[name] = comms.get(name, 0) | abi.COMM_SERVICE
+        watched = self._map(ProcMap.WATCHED_COMMS)
+        for name, flags in comms.items():
+            key = abi.comm_key()
+            raw = name.encode()[:abi.COMM_LEN - 1]  # the kernel keeps 15 characters
+            ctypes.memmove(key.comm, raw, len(raw))
+            watched.update(key, ctypes.c_uint32(flags))
+        for rule_id, (how, text, flags) in enumerate(self.patterns):
+            raw = text.encode()[::-1] if how == "suffix" else text.encode()
+            key = abi.path_key(prefixlen=len(raw) * 8)
+            ctypes.memmove(key.path, raw, len(raw))
+            trie = ProcMap.WATCHED_SUFFIXES if how == "suffix" else ProcMap.WATCHED_PREFIXES
+            self._map(trie).update(key, abi.path_rule(flags=flags, len=len(raw), id=rule_id))
+
+    def _attach(self, prog: ProcProg, category: str, name: str) -> None:
+        try:
+            self._links.append(self._obj.program(prog).attach_tracepoint(category, name))
+            self._set(prog, "loaded", f"attached to {category}:{name}")
+        except OSError as e:
+            if prog in OPTIONAL and e.errno == errno.ENOENT:
+                reason = f"this kernel has no tracepoint {category}:{name}"
+            else:
+                reason = str(e)
+            self._set(prog, "degraded" if e.errno in REFUSED else "failed", reason)
+
+    def _set(self, prog: ProcProg, state: str, reason: str) -> None:
+        self._status[prog.value] = {"state": state, "reason": reason}
+
+    def _map(self, name: ProcMap) -> libbpf.Map:
+        if self._obj is None:
+            raise RuntimeError("the process probe is not loaded")
+        return self._obj.map(name)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, dict[str, str]]:
+        return {k: dict(v) for k, v in self._status.items()}
+
+    def losses(self) -> int:
+        """Events the kernel could not queue (ring buffer full), over all CPUs."""
+        return sum(self.losses_per_cpu())
+
+    def losses_per_cpu(self) -> list[int]:
+        if self._ring is None:
+            return []
+        values = (ctypes.c_uint64 * libbpf.num_possible_cpus())()
+        self._map(ProcMap.LOSSES).lookup(ctypes.c_uint32(0), values)
+        return list(values)
+
+    def poll(self) -> list[Event]:
+        """Events queued now, decoded (what run() emits; usable without a loop)."""
+        if self._ring is None:
+            return []
+        events = []
+        for record in self._ring.consume():
+            event = self.to_event(abi.decode(record))
+            if event is None:
+                self.undecoded += 1
+            else:
+                events.append(event)
+        return events
+
+    async def run(self, emit: Callable[[Event], None]) -> None:
+        """Emit every event until cancelled; woken by the ring buffer's epoll fd."""
+        if self._ring is None:
+            await asyncio.Future()  # nothing loaded: idle until cancelled
+        loop = asyncio.get_running_loop()
+        fd = self._ring.epoll_fd
+
+        def drain() -> None:
+            for event in self.poll():
+                emit(event)
+
+        loop.add_reader(fd, drain)
+        try:
+            drain()  # events queued before the reader was registered
+            await asyncio.Future()
+        finally:
+            loop.remove_reader(fd)
+
+    # --- decoding ------------------------------------------------------------------------
+
+    def to_event(self, ev: ctypes.Structure | None) -> Event | None:
+        if ev is None or not hasattr(ev, "proc"):
+            return None
+        p = ev.proc
+        common = {"pid": p.pid, "tid": p.tid, "ppid": p.ppid, "uid": p.uid, "euid": p.euid,
+                  "comm": _text(p.comm), "parent_comm": _text(p.parent_comm),
+                  "cgroup_id": p.cgroup_id, "cgroup": self.cgroups.path(p.cgroup_id, p.pid)}
+        kind = ev.hdr.kind
+        if kind == abi.EventKind.PROC_EXEC:
+            name, subject, extra = "proc.exec", f"pid:{p.pid}", _exec_fields(ev)
+        elif kind == abi.EventKind.PROC_EXIT:
+            code = ev.exit_code
+            name, subject = "proc.exit", f"pid:{p.pid}"
+            extra = {"exit_code": code, "exit_status": (code >> 8) & 0xFF, "signal": code & 0x7F}
+        elif kind == abi.EventKind.FILE_OPEN:
+            path = bytes(ev.path[:ev.path_len]).decode(errors="replace")
+            how, text, _ = self.patterns[ev.rule_id] if ev.rule_id < len(self.patterns) else ("", "", 0)
+            name, subject = "file.open", path
+            extra = {"path": path, "flags": ev.flags, "write": bool(ev.flags & 3 or ev.flags & 0o1100),
+                     "syscall": abi.OPEN_SYSCALLS.get(ev.syscall, str(ev.syscall)),
+                     "pattern": {"suffix": "*" + text, "prefix": text + "*"}.get(how, text),
+                     "ancestors": ancestors(p.ppid)}
+        elif kind == abi.EventKind.MODULE_LOAD:
+            mod = _text(ev.name)
+            name, subject = "kernel.module_load", f"module:{mod}"
+            extra = {"name": mod, "taints": ev.taints, "ancestors": ancestors(p.ppid)}
+        elif kind == abi.EventKind.PTRACE:
+            known = ev.target_tgid != 0
+            name, subject = "proc.ptrace", f"pid:{p.pid}"
+            extra = {"request": REQUESTS.get(ev.request, str(ev.request)), "result": ev.result,
+                     "target_pid": ev.target_pid,
+                     "target_tgid": ev.target_tgid if known else None,
+                     "target_uid": ev.target_uid if known else None,
+                     "target_euid": ev.target_euid if known else None,
+                     "target_comm": _text(ev.target_comm) if known else None,
+                     "ancestors": ancestors(p.ppid)}
+        elif kind == abi.EventKind.BPF_PROG_LOAD:
+            name, subject = "bpf.prog_load", f"pid:{p.pid}"
+            extra = {"prog_type": ev.prog_type, "prog_name": _text(ev.prog_name),
+                     "insn_cnt": ev.insn_cnt, "ancestors": ancestors(p.ppid)}
+        else:
+            return None
+        return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
+
+    # --- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._ring:
+            self._ring.free()
+            self._ring = None
+        for link in self._links:
+            link.destroy()
+        self._links.clear()
+        if self._obj:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> "ProcProbe":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _exec_fields(ev: abi.proc_exec_event) -> dict:
+    argv = [a.decode(errors="replace") for a in bytes(ev.args[:ev.args_len]).split(b"\0")]
+    if argv and argv[-1] == "":
+        argv.pop()
+    fams = [FAMILIES.get(f, f"af{f}") for f in ev.stdio_family]
+    return {"filename": bytes(ev.filename[:ev.filename_len]).decode(errors="replace"),
+            "argv": argv, "args": " ".join(argv),
+            "stdin": fams[0], "stdout": fams[1], "stderr": fams[2],
+            "stdio_inet": sum(f in ("inet", "inet6") for f in fams),
+            "reason": [n for bit, n in abi.EXEC_REASONS.items() if ev.reason & bit]}
