@@ -27,6 +27,10 @@ fi
 packages=(python3 python3-venv python3-nftables nftables libnftables1 libbpf1 iproute2
           python3-grpcio python3-protobuf python3-prometheus-client
           clang llvm libbpf-dev bpftool make)
+# WireGuard peer quarantine: pyroute2 for kernel WireGuard (userspace uses the UAPI socket);
+# the tests run two wireguard-go nodes configured with wg.
+packages+=(python3-pyroute2)
+[ "$with_tests" = 1 ] && packages+=(wireguard-go wireguard-tools)
 # Tests only: a real Alertmanager to notify (the tests start it themselves, on loopback).
 [ "$with_tests" = 1 ] && packages+=(prometheus-alertmanager)
 missing=()
