@@ -1,0 +1,267 @@
+"""The .deb on a clean Debian 12: built by packaging/build.sh, installed with apt into a
+fresh debootstrap root (dependencies from Debian's mirror alone), run against a network
+namespace with exactly the unit's capabilities, upgraded, removed and purged.
+
+The minbase root is cached as a tarball under .cache/packaging/ (the first debootstrap
+takes about half a minute), and downloaded .debs under .cache/packaging/apt-archives.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import signal
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.lab import sh, wait_for
+from tests.conftest import skip_unsupported
+
+pytestmark = pytest.mark.privileged
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache" / "packaging"
+ROOT_TAR = CACHE / "debian-bookworm-minbase.tar"
+ARCHIVES = CACHE / "apt-archives"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+UNIT = REPO / "packaging" / "swarm-agent.service"
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q",
+       "-o", "APT::Sandbox::User=root", "--no-install-recommends"]
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this host's apt uses for bookworm (not the security archive)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        # one-line format: deb [opts] URI SUITE COMPONENTS...
+        for m in re.finditer(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M):
+            if "security" not in m.group(1):
+                return m.group(1)
+        # deb822 format: a stanza with URIs: and Suites: listing bookworm
+        for stanza in text.split("\n\n"):
+            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            suites = re.search(r"^Suites:(.*)$", stanza, re.M)
+            if uris and suites and "bookworm" in suites.group(1).split() \
+                    and "security" not in uris.group(1):
+                return uris.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def run(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc
+
+
+def cached_root_tar() -> Path:
+    """Debootstrap bookworm minbase once; later runs unpack the tarball."""
+    if ROOT_TAR.exists():
+        return ROOT_TAR
+    for tool in ("debootstrap", "dpkg-deb"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+            skip_unsupported(f"needs {tool} (run install.sh --test)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    build = CACHE / "root.build"
+    run("rm", "-rf", "--one-file-system", str(build))
+    run("debootstrap", "--variant=minbase", "bookworm", str(build), debian_mirror(), timeout=1200)
+    run("chroot", str(build), "apt-get", "clean")
+    tmp = ROOT_TAR.with_suffix(".tar.tmp")
+    run("tar", "--numeric-owner", "-C", str(build), "-cpf", str(tmp), ".")
+    tmp.rename(ROOT_TAR)
+    run("rm", "-rf", "--one-file-system", str(build))
+    return ROOT_TAR
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
+def kill_processes_in(root: Path) -> None:
+    """Kill whatever still runs chrooted in `root`, so its mounts can go."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if Path(proc / "root").resolve() == root.resolve():
+                subprocess.run(["kill", "-KILL", proc.name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def deb_package() -> Path:
+    """dist/swarm-agent_<version>_<arch>.deb, built by the one build command."""
+    proc = run(str(REPO / "packaging" / "build.sh"), "deb", timeout=600)
+    deb = REPO / proc.stdout.strip().splitlines()[-1]
+    assert deb.name == f"swarm-agent_{VERSION}_amd64.deb" or deb.name.startswith(f"swarm-agent_{VERSION}_")
+    return deb
+
+
+@pytest.fixture
+def debian_root(tmp_path: Path) -> Iterator[Path]:
+    """A fresh bookworm minbase root with /proc, /sys, /dev mounted, service starts denied
+    (policy-rc.d) and apt's download cache shared through .cache/. Cleanup kills anything
+    still running in it, unmounts, and deletes it without crossing into other file systems."""
+    root = tmp_path / "root"
+    root.mkdir()
+    run("tar", "--numeric-owner", "-C", str(root), "-xpf", str(cached_root_tar()))
+    (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\n# no service starts in a test root\nexit 101\n")
+    (root / "usr/sbin/policy-rc.d").chmod(0o755)
+    (ARCHIVES / "partial").mkdir(parents=True, exist_ok=True)
+    try:
+        run("mount", "-t", "proc", "proc", str(root / "proc"))
+        for api in ("sys", "dev"):
+            run("mount", "--rbind", f"/{api}", str(root / api))
+            run("mount", "--make-rslave", str(root / api))  # unmounting must not reach the host
+        run("mount", "--bind", str(ARCHIVES), str(root / "var/cache/apt/archives"))
+        run("chroot", str(root), *APT, "update", timeout=300)
+        yield root
+    finally:
+        kill_processes_in(root)
+        for point in ("var/cache/apt/archives", "dev", "sys", "proc"):
+            subprocess.run(["umount", "-R", str(root / point)], capture_output=True)
+        left = mounts_under(root)
+        assert not left, f"still mounted, not deleting {root}: {left}"
+        run("rm", "-rf", "--one-file-system", str(root))
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A network namespace with lo and a veth pair up (an interface for XDP); deleted after."""
+    name = f"swa-pkg-{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        sh("ip", "-n", name, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
+        sh("ip", "-n", name, "link", "set", "p0", "up")
+        sh("ip", "-n", name, "link", "set", "p1", "up")
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+
+
+def install(root: Path, deb: Path) -> None:
+    target = root / "tmp" / deb.name
+    target.write_bytes(deb.read_bytes())
+    run("chroot", str(root), *APT, "install", f"/tmp/{deb.name}", timeout=600)
+
+
+def unit_capabilities() -> list[str]:
+    m = re.search(r"^CapabilityBoundingSet=(.*)$", UNIT.read_text(), re.M)
+    assert m, "the unit must bound its capabilities"
+    return m.group(1).split()
+
+
+def nft_tables(ns: str) -> str:
+    return sh("nft", "list", "tables", ns=ns).stdout
+
+
+@contextlib.contextmanager
+def packaged_agent(root: Path, ns: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`swarm-agent run` from the installed package, chrooted into `root`, inside `ns`, with
+    only the capabilities of the systemd unit. The namespace's own /sys and a tracefs are
+    mounted in the private mount namespace `ip netns exec` makes, as a host provides them
+    to the service. SIGTERM (then SIGKILL) on exit."""
+    caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in unit_capabilities())
+    script = (f'mount --rbind /sys "{root}/sys" && '
+              f'mount -t tracefs nodev "{root}/sys/kernel/tracing" && '
+              f'exec chroot "{root}" setpriv --bounding-set=-all,{caps} '
+              f'swarm-agent run --config /etc/swarm-agent/config.yaml')
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, "sh", "-c", script],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def status(root: Path, ns: str) -> subprocess.CompletedProcess[str]:
+    return sh("chroot", str(root), "swarm-agent", "status", ns=ns, check=False, timeout=30)
+
+
+def test_deb_installs_runs_and_removes_cleanly(deb_package, debian_root, namespace, tmp_path):
+    root, ns = debian_root, namespace
+    install(root, deb_package)
+
+    version = run("chroot", str(root), "swarm-agent", "--version").stdout.strip()
+    assert version == f"swarm-agent {VERSION}"
+    assert (root / "etc/swarm-agent/config.yaml").is_file()
+    assert (root / "etc/systemd/system/multi-user.target.wants/swarm-agent.service").is_symlink(), \
+        "postinst enables the service"
+    assert (root / "var/lib/swarm-agent").stat().st_mode & 0o777 == 0o700
+    assert list((root / "usr/lib/swarm-agent/agent").rglob("__pycache__/*.pyc")), "postinst compiles"
+
+    log = tmp_path / "agent.log"
+    with packaged_agent(root, ns, log) as agent:
+        def ready():
+            assert agent.poll() is None, f"agent exited {agent.returncode}:\n{log.read_text()[-3000:]}"
+            st = status(root, ns)
+            return st if st.returncode == 0 and "handle_xdp" in st.stdout else None
+        try:
+            st = wait_for(ready, timeout_s=60, interval_s=0.5)
+        except TimeoutError:
+            pytest.fail(f"packaged agent never reported ready:\n{log.read_text()[-3000:]}")
+        # Every probe the packaged objects carry loads with the unit's capabilities.
+        assert "failed" not in st.stdout, st.stdout
+        assert "inet swarm_agent" in nft_tables(ns)
+    assert agent.returncode == 0, log.read_text()[-3000:]
+    assert "inet swarm_agent" in nft_tables(ns), "stopping keeps the mitigations in force"
+
+    # Removal runs in the namespace: prerm's `swarm-agent cleanup` acts on the table there.
+    sh("chroot", str(root), *APT, "remove", "swarm-agent", ns=ns, timeout=300)
+    assert "swarm_agent" not in nft_tables(ns)
+    assert not (root / "usr/lib/swarm-agent").exists() and not (root / "usr/bin/swarm-agent").exists()
+    assert (root / "var/lib/swarm-agent/agent.db").is_file(), "remove keeps incident history"
+    assert (root / "etc/swarm-agent/config.yaml").is_file(), "remove keeps the config"
+
+    run("chroot", str(root), *APT, "purge", "swarm-agent")
+    assert not (root / "var/lib/swarm-agent").exists()
+    assert not (root / "etc/swarm-agent").exists()
+
+
+def repack(deb: Path, version: str, out_dir: Path) -> Path:
+    """The same package under a newer version: an upgrade without a second checkout."""
+    tree = out_dir / "tree"
+    run("dpkg-deb", "-R", str(deb), str(tree))
+    control = tree / "DEBIAN" / "control"
+    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.M))
+    new = out_dir / f"swarm-agent_{version}_amd64.deb"
+    run("dpkg-deb", "--root-owner-group", "--build", str(tree), str(new))
+    return new
+
+
+def test_deb_upgrade_keeps_local_config_and_state(deb_package, debian_root, tmp_path):
+    root = debian_root
+    install(root, deb_package)
+    config = root / "etc/swarm-agent/config.yaml"
+    config.write_text(config.read_text() + "\n# local edit\nlog_level: debug\n")
+    rules = root / "etc/swarm-agent/rules/network.yaml"
+    rules.write_text(rules.read_text() + "\n# tuned here\n")
+    marker = root / "var/lib/swarm-agent/agent.db"
+    marker.write_bytes(b"incident history stand-in")
+
+    install(root, repack(deb_package, f"{VERSION}+upgrade1", tmp_path))
+    installed = run("chroot", str(root), "dpkg-query", "-W", "-f=${Version}", "swarm-agent").stdout
+    assert installed == f"{VERSION}+upgrade1"
+    assert config.read_text().endswith("log_level: debug\n"), "upgrade keeps local config edits"
+    assert rules.read_text().endswith("# tuned here\n"), "upgrade keeps local rule edits"
+    assert marker.read_bytes() == b"incident history stand-in", "upgrade leaves the state alone"
+    link = root / "usr/lib/swarm-agent/agent/rules/network.yaml"
+    assert os.readlink(link) == "/etc/swarm-agent/rules/network.yaml"
+    assert run("chroot", str(root), "swarm-agent", "--version").stdout.strip() == f"swarm-agent {VERSION}"

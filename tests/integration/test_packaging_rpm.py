@@ -1,0 +1,139 @@
+"""The .rpm: built by packaging/build.sh with rpmbuild; its file list, declared
+dependencies and scriptlets read back with `rpm -qp`; installed into a scratch root with
+`rpm --root` to check that every path the systemd unit names is where it expects it.
+Also the unit's `systemd-analyze security` exposure stays within its recorded budget."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import skip_unsupported
+
+pytestmark = pytest.mark.privileged
+
+REPO = Path(__file__).resolve().parents[2]
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+UNIT = REPO / "packaging" / "swarm-agent.service"
+# packaging/README.md records the score; a change that loosens the sandbox must say so there.
+EXPOSURE_BUDGET = 3.5
+
+
+def run(*args: str, timeout: float = 300) -> str:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def rpm_package() -> Path:
+    if shutil.which("rpmbuild") is None:
+        skip_unsupported("needs rpmbuild (apt-get install rpm; install.sh --test does)")
+    out = run(str(REPO / "packaging" / "build.sh"), "rpm", timeout=600)
+    rpm = REPO / out.strip().splitlines()[-1]
+    assert rpm.name == f"swarm-agent-{VERSION}-1.x86_64.rpm", rpm.name
+    return rpm
+
+
+def declared_rpm_dependencies() -> set[str]:
+    deps = set()
+    for line in (REPO / "packaging" / "dependencies").read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        dep = line.split("|")[1].strip()
+        if dep != "-":
+            deps.add(dep)
+    return deps
+
+
+def unit_setting(key: str) -> list[str]:
+    return re.findall(rf"^{key}=(.*)$", UNIT.read_text(), re.M)
+
+
+def test_rpm_file_list_has_the_whole_package(rpm_package):
+    files = set(run("rpm", "-qp", "--list", str(rpm_package)).split())
+    for path in ("/usr/bin/swarm-agent", "/etc/swarm-agent/config.yaml",
+                 "/etc/swarm-agent/rules/network.yaml", "/usr/lib/systemd/system/swarm-agent.service",
+                 "/var/lib/swarm-agent"):
+        assert path in files
+    # Built from the package tree: every module, probe object and rules file of the checkout.
+    tree = REPO / "agent"
+    expected = {f"/usr/lib/swarm-agent/agent/{p.relative_to(tree)}"
+                for p in tree.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".o", ".yaml")}
+    assert any(p.endswith(".bpf.o") for p in expected), "build the probes first (make -C probes)"
+    assert expected - files == set()
+    assert not any("__pycache__" in f for f in files)
+
+    flags = run("rpm", "-qp", "--qf", r"[%{FILENAMES} %{FILEFLAGS:fflags}\n]", str(rpm_package))
+    config = dict(line.rsplit(" ", 1) for line in flags.splitlines() if line.startswith("/etc/"))
+    assert "c" in config["/etc/swarm-agent/config.yaml"] and "n" in config["/etc/swarm-agent/config.yaml"], \
+        "config is %config(noreplace): upgrades keep local edits"
+    assert "n" in config["/etc/swarm-agent/rules/network.yaml"]
+
+
+def test_rpm_requires_exactly_the_declared_dependencies(rpm_package):
+    requires = {r.strip() for r in run("rpm", "-qp", "--requires", str(rpm_package)).splitlines()}
+    ours = {r for r in requires if not r.startswith("rpmlib(") and r != "/bin/sh"}
+    assert ours == declared_rpm_dependencies()
+
+
+def test_rpm_scriptlets_enable_restart_and_clean_up(rpm_package):
+    scripts = run("rpm", "-qp", "--scripts", str(rpm_package))
+    parts = dict(re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)",
+                            scripts, re.M | re.S))
+    assert set(parts) >= {"postinstall", "preuninstall", "postuninstall"}
+    assert "systemctl enable swarm-agent.service" in parts["postinstall"]
+    assert "[ $1 -eq 1 ]" in parts["postinstall"], "enable only on first install"
+    assert "[ $1 -eq 0 ]" in parts["preuninstall"], "stop and clean up on erase, not upgrade"
+    assert "swarm-agent cleanup" in parts["preuninstall"]
+    assert "disable --now" in parts["preuninstall"]
+    assert "try-restart" in parts["postuninstall"], "upgrade restarts the service"
+    code = "\n".join(line for line in scripts.splitlines() if not line.lstrip().startswith("#"))
+    assert "/var/lib/swarm-agent" not in code, "no scriptlet touches the state"
+
+
+def test_rpm_installs_where_the_unit_expects(rpm_package, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run("rpm", "--root", str(scratch), "--initdb")
+    run("rpm", "--root", str(scratch), "-i", "--nodeps", "--noscripts", str(rpm_package))
+
+    exec_start = unit_setting("ExecStart")[0].split()
+    binary, config = exec_start[0], exec_start[exec_start.index("--config") + 1]
+    assert os.access(scratch / binary.lstrip("/"), os.X_OK), binary
+    assert (scratch / config.lstrip("/")).is_file(), config
+    assert (scratch / "usr/lib/systemd/system/swarm-agent.service").read_text() == UNIT.read_text()
+    state = scratch / "var/lib" / unit_setting("StateDirectory")[0]
+    assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
+    for path in unit_setting("ReadWritePaths")[0].split():
+        # /run is a tmpfs that RuntimeDirectory= creates at start; the rest ships.
+        assert path.startswith("/run/") or (scratch / path.lstrip("/")).is_dir(), path
+    link = scratch / "usr/lib/swarm-agent/agent/rules/network.yaml"
+    assert (scratch / os.readlink(link).lstrip("/")).is_file(), "the default rules resolve to /etc"
+
+    # The launcher's code imports and runs from where it was installed.
+    launcher = (scratch / binary.lstrip("/")).read_text()
+    assert launcher.startswith("#!/usr/bin/python3")
+    lib = re.search(r'sys\.path\.insert\(0, "([^"]+)"\)', launcher).group(1)
+    out = run("/usr/bin/python3", "-I", "-c",
+              f"import sys; sys.path.insert(0, {str(scratch) + lib!r}); "
+              "import agent; assert agent.__file__.startswith(sys.path[0]), agent.__file__; "
+              "from agent.cli.main import main; main(['--version'])")
+    assert out.strip() == f"swarm-agent {VERSION}"
+
+
+def test_unit_exposure_within_budget():
+    if shutil.which("systemd-analyze") is None:
+        skip_unsupported("needs systemd-analyze")
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+                          capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
+    assert m, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert float(m.group(1)) <= EXPOSURE_BUDGET
