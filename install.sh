@@ -33,6 +33,9 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(wireguard-go wireguard-tools)
 # Tests only: a real Alertmanager to notify (the tests start it themselves, on loopback).
 [ "$with_tests" = 1 ] && packages+=(prometheus-alertmanager)
+# Tests only: the packaging tests build the .deb and .rpm (rpmbuild) and install the .deb
+# into a fresh debootstrap root.
+[ "$with_tests" = 1 ] && packages+=(debootstrap rpm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
