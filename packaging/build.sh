@@ -97,7 +97,9 @@ Description: Swarm node security agent (eBPF detection, nftables mitigation)
 EOF
   (cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z \
     | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
-  dpkg-deb --root-owner-group -Zxz --build "$root" "$out" >/dev/null
+  # Built aside and renamed: a concurrent build (or test) never sees half a package.
+  dpkg-deb --root-owner-group -Zxz --build "$root" "$work/out.deb" >/dev/null
+  mv -f "$work/out.deb" "$out"
   echo "$out"
 }
 
@@ -123,11 +125,12 @@ build_rpm() {
     packaging/rpm/swarm-agent.spec.in > "$work/swarm-agent.spec"
   rpmbuild -bb --quiet \
     --define "_topdir $work/rpmbuild" \
-    --define "_rpmdir $top/dist" \
+    --define "_rpmdir $work/out" \
     --define "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm" \
     --define "stage $root" \
     --define "filelist $work/files.list" \
     "$work/swarm-agent.spec" >/dev/null
+  mv -f "$work/out/$(basename "$out")" "$out"
   echo "$out"
 }
 
