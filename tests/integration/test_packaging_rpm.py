@@ -137,3 +137,15 @@ def test_unit_exposure_within_budget():
     m = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
     assert m, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert float(m.group(1)) <= EXPOSURE_BUDGET
+
+
+def test_unit_verifies_without_warnings(tmp_path):
+    """`systemd-analyze verify` only warns (exit 0) on unknown keys or bad values, which
+    systemd then ignores: a typo would silently drop a sandbox setting. ExecStart points at
+    /bin/true because the agent is not installed on the test host."""
+    if shutil.which("systemd-analyze") is None:
+        skip_unsupported("needs systemd-analyze")
+    unit = tmp_path / "swarm-agent.service"
+    unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/swarm-agent", "ExecStart=/bin/true"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
