@@ -8,11 +8,14 @@ takes about half a minute), and downloaded .debs under .cache/packaging/apt-arch
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Iterator
@@ -30,8 +33,7 @@ ROOT_TAR = CACHE / "debian-bookworm-minbase.tar"
 ARCHIVES = CACHE / "apt-archives"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 UNIT = REPO / "packaging" / "swarm-agent.service"
-APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q",
-       "-o", "APT::Sandbox::User=root", "--no-install-recommends"]
+APT = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-y", "-q", "--no-install-recommends"]
 
 
 def debian_mirror() -> str:
@@ -64,22 +66,47 @@ def run(*args: str, timeout: float = 300, check: bool = True) -> subprocess.Comp
 
 
 def cached_root_tar() -> Path:
-    """Debootstrap bookworm minbase once; later runs unpack the tarball."""
-    if ROOT_TAR.exists():
-        return ROOT_TAR
-    for tool in ("debootstrap", "dpkg-deb"):
-        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
-            skip_unsupported(f"needs {tool} (run install.sh --test)")
+    """Debootstrap bookworm minbase once; later runs unpack the tarball. Other engineers'
+    test runs share the cache: one builds it under the lock, the others wait for it."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    build = CACHE / "root.build"
-    run("rm", "-rf", "--one-file-system", str(build))
-    run("debootstrap", "--variant=minbase", "bookworm", str(build), debian_mirror(), timeout=1200)
-    run("chroot", str(build), "apt-get", "clean")
-    tmp = ROOT_TAR.with_suffix(".tar.tmp")
-    run("tar", "--numeric-owner", "-C", str(build), "-cpf", str(tmp), ".")
-    tmp.rename(ROOT_TAR)
-    run("rm", "-rf", "--one-file-system", str(build))
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ROOT_TAR.exists():
+            return ROOT_TAR
+        for tool in ("debootstrap", "dpkg-deb"):
+            if shutil.which(tool) is None:
+                skip_unsupported(f"needs {tool} (run install.sh --test)")
+        build = Path(tempfile.mkdtemp(dir=CACHE, prefix="root."))
+        try:
+            run("debootstrap", "--variant=minbase", "bookworm", str(build), debian_mirror(), timeout=1200)
+            run("chroot", str(build), "apt-get", "clean")
+            tmp = ROOT_TAR.with_suffix(".tar.tmp")
+            run("tar", "--numeric-owner", "-C", str(build), "-cpf", str(tmp), ".")
+            tmp.rename(ROOT_TAR)
+        finally:
+            run("rm", "-rf", "--one-file-system", str(build))
     return ROOT_TAR
+
+
+def seed_archives(root: Path) -> None:
+    """Hand the root the .debs earlier runs downloaded (hard links: same file system)."""
+    target = root / "var/cache/apt/archives"
+    for deb in ARCHIVES.glob("*.deb"):
+        with contextlib.suppress(FileExistsError):
+            try:
+                os.link(deb, target / deb.name)
+            except OSError:
+                shutil.copyfile(deb, target / deb.name)
+
+
+def save_archives(root: Path) -> None:
+    """Keep what apt downloaded; written aside and renamed, as concurrent runs share it."""
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        dest = ARCHIVES / deb.name
+        if not dest.exists():
+            tmp = ARCHIVES / f".{deb.name}.{os.getpid()}"
+            shutil.copyfile(deb, tmp)
+            tmp.rename(dest)
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -109,25 +136,25 @@ def deb_package() -> Path:
 @pytest.fixture
 def debian_root(tmp_path: Path) -> Iterator[Path]:
     """A fresh bookworm minbase root with /proc, /sys, /dev mounted, service starts denied
-    (policy-rc.d) and apt's download cache shared through .cache/. Cleanup kills anything
+    (policy-rc.d) and apt's downloads seeded from .cache/. Cleanup kills anything
     still running in it, unmounts, and deletes it without crossing into other file systems."""
     root = tmp_path / "root"
     root.mkdir()
     run("tar", "--numeric-owner", "-C", str(root), "-xpf", str(cached_root_tar()))
     (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\n# no service starts in a test root\nexit 101\n")
     (root / "usr/sbin/policy-rc.d").chmod(0o755)
-    (ARCHIVES / "partial").mkdir(parents=True, exist_ok=True)
+    ARCHIVES.mkdir(parents=True, exist_ok=True)
+    seed_archives(root)
     try:
         run("mount", "-t", "proc", "proc", str(root / "proc"))
         for api in ("sys", "dev"):
             run("mount", "--rbind", f"/{api}", str(root / api))
             run("mount", "--make-rslave", str(root / api))  # unmounting must not reach the host
-        run("mount", "--bind", str(ARCHIVES), str(root / "var/cache/apt/archives"))
         run("chroot", str(root), *APT, "update", timeout=300)
         yield root
     finally:
         kill_processes_in(root)
-        for point in ("var/cache/apt/archives", "dev", "sys", "proc"):
+        for point in ("dev", "sys", "proc"):
             subprocess.run(["umount", "-R", str(root / point)], capture_output=True)
         left = mounts_under(root)
         assert not left, f"still mounted, not deleting {root}: {left}"
@@ -153,6 +180,7 @@ def install(root: Path, deb: Path) -> None:
     target = root / "tmp" / deb.name
     target.write_bytes(deb.read_bytes())
     run("chroot", str(root), *APT, "install", f"/tmp/{deb.name}", timeout=600)
+    save_archives(root)
 
 
 def unit_capabilities() -> list[str]:
