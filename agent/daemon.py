@@ -180,6 +180,7 @@ class Agent:
             "counters": dict(self.counters),
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
+            "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
         }
 
     def reload_rules(self) -> list[str]:

@@ -78,6 +78,20 @@ class Reporting:
             self.outbox.clear()
             await asyncio.sleep(STANDALONE_CLEAR_S)
 
+    def status(self) -> dict[str, Any]:
+        """For the agent's status: mesh state, outbox figures, notifier state, problems."""
+        if self.mesh is None:
+            mesh = "standalone"
+        else:
+            mesh = {None: "connecting", True: "reachable", False: "unreachable"}[self.mesh.reachable]
+        out: dict[str, Any] = {"mesh": mesh, "problems": dict(self.problems)}
+        if self.mesh is not None:
+            out["outbox"] = self.outbox.depth()
+            out["outbox_dropped"] = dict(self.outbox.dropped)
+        if self.notifier is not None:
+            out["alerts"] = "failing" if self.notifier.failing else "ok"
+        return out
+
     def _heartbeat(self) -> dict[str, Any]:
         s = self._status()
         probes = {name: str(p.get("state", "")) + (f": {p['reason']}" if p.get("reason") else "")
