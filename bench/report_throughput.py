@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import select
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,6 @@ def finding(i: int) -> Finding:
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
