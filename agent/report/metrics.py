@@ -102,7 +102,11 @@ class Metrics:
         raises OSError when the address cannot be bound."""
         host, _, port = listen.rpartition(":")
         host = host.strip("[]")
-        server_class = _V6Server if ipaddress.ip_address(host).version == 6 else _Server
+        try:
+            v6 = ipaddress.ip_address(host).version == 6
+        except ValueError:
+            v6 = False       # a host name; bind resolves it
+        server_class = _V6Server if v6 else _Server
         self._server = make_server(host, int(port), make_wsgi_app(self.registry),
                                    server_class, handler_class=_QuietHandler)
         threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
