@@ -64,6 +64,9 @@ class MitigationPolicy:
     repeat_factor: float = 2.0        # each earlier mitigation of the same target multiplies the ttl
     repeat_window_s: float = 86400.0  # how far back earlier mitigations count
     max_sources_per_rule: int = 64    # per minute; beyond it the response targets the service
+    # Automatic isolations (node, service) and WireGuard peer quarantines: None keeps them
+    # until a human releases them (they are escalated); a number makes them expire.
+    isolation_ttl_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer")
         return value
-    if hint is float:
+    if hint is float or text.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number")
         return float(value)
@@ -303,6 +306,10 @@ def validate(cfg: Config) -> Config:
     for key, val in positive.items():
         if val <= 0:
             raise ConfigError(f"{key} must be greater than 0 (got {val})")
+    iso_ttl = cfg.mitigation.isolation_ttl_s
+    if iso_ttl is not None and not 0 < iso_ttl <= cfg.mitigation.max_ttl_s:
+        raise ConfigError("mitigation.isolation_ttl_s must be null (until released) or "
+                          "greater than 0 and at most mitigation.max_ttl_s")
     if cfg.mitigation.repeat_factor < 1:
         raise ConfigError("mitigation.repeat_factor must be at least 1")
     if cfg.mitigation.max_ttl_s < cfg.mitigation.default_ttl_s:
