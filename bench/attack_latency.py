@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent import attacks  # noqa: E402
-from agent.scenario import PATTERNS, SERVICE_PORT, Scenario, active  # noqa: E402
+from agent.scenario import PATTERNS, SERVICE_PORT, Scenario, _proc_stat, active  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -53,18 +53,19 @@ def spoofed_run(n: int) -> dict:
 
     with Scenario() as sc:
         t0 = time.monotonic()
+        _, cpu_before = _proc_stat(sc.agent.pid)
         res = attacks.run(sc.lab.attacker, "distributed_syn_flood", timeout_s=300,
                           target=sc.target(False), port=SERVICE_PORT, sources=n, count=n,
                           spoof_cidr="172.16.0.0/12", duration_s=120)
         elapsed = time.monotonic() - t0
-        status = Path(f"/proc/{sc.agent.pid}/status").read_text()
-        hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        hwm_kb, cpu_after = _proc_stat(sc.agent.pid)
         listing = json.loads(sh("nft", "-j", "list", "table", "inet", "swarm_agent", ns=sc.lab.victim).stdout)
         sizes = {i["set"]["name"]: len(i["set"].get("elem", [])) for i in listing["nftables"] if "set" in i}
         with sc.agent.store() as store:
             mitigations = [(str(m.kind), m.target) for m in store.mitigations()]
     return {"sources": n, "sent": res["sent"], "rate_pps": res["rate_pps"], "seconds": round(elapsed, 1),
             "agent_peak_rss_mb": round(hwm_kb / 1024, 1),
+            "agent_cpu_s": round(cpu_after - cpu_before, 2),
             "set_elements": {k: v for k, v in sizes.items() if v}, "mitigations": mitigations}
 
 
