@@ -55,7 +55,9 @@ class Agent:
         self.counters: Counter[str] = Counter()
         self.started_at = time.time()
         self.probe = None
+        self.proc_probe = None
         self.probe_status: dict[str, dict[str, str]] = {}
+        self.proc_status: dict[str, dict[str, str]] = {}
         self.last_drift_at: float | None = None
         self._lock_fd: int | None = None
         self.ready = False
@@ -74,31 +76,38 @@ class Agent:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"another agent is already running with state_dir {state}") from None
+        self._ensure_mounts()
         self.store = Store(self.cfg.db_path)
         self.enforcer = self._make_enforcer()
         self.responder = Responder(self.cfg, self.store, self.enforcer)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()
+        self._open_proc_probe()
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
-                                   status=self.status,
-                                   losses=lambda: self.probe.losses() if self.probe else 0)
+                                   status=self.status, losses=self.losses)
+
+    def _ensure_mounts(self) -> None:
+        """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and
+        without cgroup v2 (nft's socket cgroupv2 match, the freezer, cgroup names): mount
+        them in this private mount namespace. A failure degrades, never stops, the agent."""
+        from agent.enforce.cgroup import ensure_cgroup2
+        from agent.sources.capability import ensure_tracefs
+
+        for what, problem in (("tracefs", ensure_tracefs()), ("cgroup2", ensure_cgroup2())):
+            if problem:
+                log.warning(f"{what} unavailable", extra={"reason": problem})
 
     def _make_enforcer(self):
         if self.cfg.dry_run:
             return DryRunEnforcer([str(n) for n in self.cfg.allowlist.networks()])
-        from agent.enforce.nft import NftEnforcer
+        from agent.enforce.composite import CompositeEnforcer
 
-        return NftEnforcer(self.cfg)
+        return CompositeEnforcer(self.cfg)
 
     def _open_probe(self) -> None:
         try:
-            from agent.sources.capability import ensure_tracefs
             from agent.sources.net import NetProbe
-
-            tracefs_problem = ensure_tracefs()
-            if tracefs_problem:
-                log.warning("tracepoints unavailable", extra={"reason": tracefs_problem})
 
             probe = NetProbe(self.cfg.probes, list(self.cfg.interfaces), kernel_thresholds(self.rules))
             probe.open()
@@ -110,6 +119,26 @@ class Agent:
             return
         self.probe = probe
         self.probe_status = probe.status()
+
+    def _open_proc_probe(self) -> None:
+        """The process probe (breach rules) beside the network probe; host-global, so one
+        agent per host runs it. Without it the agent runs on, reported degraded."""
+        try:
+            from agent.sources.proc import ProcProbe
+
+            probe = ProcProbe(self.cfg)
+            probe.open()
+        except (OSError, RuntimeError, ImportError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            self.proc_status = {"proc": {"state": "failed", "reason": reason}}
+            log.error("process probe unavailable", extra={"reason": reason})
+            return
+        self.proc_probe = probe
+        self.proc_status = probe.status()
+
+    def losses(self) -> int:
+        """Events both probes' kernels could not queue."""
+        return sum(p.losses() for p in (self.probe, self.proc_probe) if p is not None)
 
     # -- the pipeline -----------------------------------------------------------------------
 
@@ -166,6 +195,8 @@ class Agent:
     def status(self) -> dict:
         if self.probe is not None:
             self.probe_status = self.probe.status()
+        if self.proc_probe is not None:
+            self.proc_status = self.proc_probe.status()
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -175,8 +206,8 @@ class Agent:
             "updated_at": time.time(),
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
-            "probes": self.probe_status,
-            "ringbuf_losses": self.probe.losses() if self.probe else 0,
+            "probes": {**self.probe_status, **self.proc_status},
+            "ringbuf_losses": self.losses(),
             "counters": dict(self.counters),
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
@@ -207,22 +238,25 @@ class Agent:
             await control.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(control.run())
-                if self.probe is not None:
-                    tg.create_task(self.probe.run(self.on_event))
+                for probe in (self.probe, self.proc_probe):
+                    if probe is not None:
+                        tg.create_task(probe.run(self.on_event))
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
                 for task in self.reporting.tasks():
                     tg.create_task(task)
                 self.ready = True
                 sd_notify("READY=1")
-                log.info("agent ready", extra={"probes": self.probe_status, "dry_run": self.cfg.dry_run})
+                log.info("agent ready", extra={"probes": {**self.probe_status, **self.proc_status},
+                                               "dry_run": self.cfg.dry_run})
         finally:
             self.close()
 
     def close(self) -> None:
         self.ready = False
-        if self.probe is not None:
-            self.probe.close()
+        for probe in (self.probe, self.proc_probe):
+            if probe is not None:
+                probe.close()
         if getattr(self, "reporting", None) is not None:
             self.reporting.close()
         if getattr(self, "store", None) is not None:

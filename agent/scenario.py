@@ -27,6 +27,7 @@ from agent.model import Mitigation, MitigationState
 from agent.state.store import Store
 
 SERVICE_PORT = 8080
+NETWORK_RULES = Path(__file__).resolve().parent / "rules" / "network.yaml"
 READY_TIMEOUT_S = 30.0
 
 
@@ -67,14 +68,22 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
 class AgentProcess:
     """`swarm-agent run` inside a namespace, with its config and state in a temp dir.
 
-    start() returns once the agent logged that it is ready; stop() sends SIGTERM and
-    waits. The state dir survives stop() so a restart sees the same database."""
+    start() returns once the agent logged that it is ready (and refuses an agent that
+    ended up in this process's own network namespace: a test must never isolate the
+    host); stop() sends SIGTERM and waits. The state dir survives stop() so a restart
+    sees the same database.
+
+    The process probe is host-global, so unless `extra_config` sets rules_file the agent
+    gets only the network rules: breach rules would otherwise act on whatever else runs
+    on the host (other tests' shells and BPF loads). Breach tests bring their own, scoped
+    to processes they start (tests/integration/test_breach_e2e.py)."""
 
     def __init__(self, ns: str, workdir: Path, extra_config: str = ""):
         self.ns, self.workdir = ns, workdir
         self.config_path = workdir / "config.yaml"
+        rules = "" if "rules_file:" in extra_config else f"rules_file: {NETWORK_RULES}\n"
         self.config_path.write_text(
-            f"state_dir: {workdir}/state\nrun_dir: {workdir}/run\n{extra_config}")
+            f"state_dir: {workdir}/state\nrun_dir: {workdir}/run\n{rules}{extra_config}")
         self.proc: subprocess.Popen[str] | None = None
         self.log_lines: list[str] = []
 
@@ -100,6 +109,9 @@ class AgentProcess:
                 line = self.proc.stderr.readline()
                 if line:
                     self.log_lines.append(line)
+        if os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            self.stop()
+            raise RuntimeError(f"the agent runs in this process's network namespace, not {self.ns}")
 
     @property
     def pid(self) -> int:

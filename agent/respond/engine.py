@@ -99,6 +99,8 @@ class Responder:
                 self._keep(existing, plan, incident, now)
             else:
                 self._mitigate(plan, incident, now)
+            if plan.kind in policy.ISOLATION_KINDS:
+                self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
         incident = self._store.incident(incident.id) or incident
         self.notify("incident", incident)
         return incident
@@ -111,10 +113,19 @@ class Responder:
         target = policy.target_of(finding.entity)
         if kind in policy.SOURCE_KINDS and (why := policy.unblockable(target)):
             return Plan(finding, None, None, f"{finding.rule}: {target} {why}, reported only")
+        if kind in policy.SOURCE_KINDS and (peer := self._peer_of(target)):
+            # Blocking a tunnel address leaves the peer connected; quarantine the peer.
+            return Plan(finding, MitigationKind.REMOVE_PEER, peer,
+                        f"{finding.rule}: {target} is WireGuard peer {peer}: quarantining it")
         if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
                 and self._over_source_bound(finding.rule, now):
             return self._distributed(finding, target)
         return Plan(finding, kind, target)
+
+    def _peer_of(self, target: str) -> str | None:
+        """"IFNAME:KEY" of the WireGuard peer whose tunnel address `target` is, or None."""
+        find = getattr(self._enforcer, "peer_for_address", None)
+        return None if find is None or "/" in target else find(target)
 
     def _over_source_bound(self, rule: str, now: float) -> bool:
         since = now - policy.DISTRIBUTED_WINDOW_S
@@ -139,9 +150,13 @@ class Responder:
 
     def _mitigate(self, plan: Plan, incident: Incident, now: float) -> None:
         assert plan.kind is not None and plan.target is not None
-        ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
+        if plan.kind in policy.ISOLATION_KINDS:
+            ttl_s = self._cfg.mitigation.isolation_ttl_s     # None: until released
+        else:
+            ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
         m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
-                       expires_at=now + ttl_s, incident_id=incident.id,
+                       expires_at=None if ttl_s is None else now + ttl_s,
+                       incident_id=incident.id,
                        params={**policy.params_for(plan.kind, self._cfg), "ttl_s": ttl_s},
                        reason=f"{plan.finding.rule} on {plan.finding.entity}")
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
@@ -157,7 +172,7 @@ class Responder:
                 "ttl_s": m.params.get("ttl_s")}
         if outcome is Outcome.APPLIED:
             self._store.add_incident_event(incident.id, "mitigation_applied",
-                                           f"{what} for {m.params['ttl_s']:.0f} s", at, data)
+                                           f"{what} {_lifetime(m)}", at, data)
             self._mark_mitigated(incident, at)
         elif outcome is Outcome.DRY_RUN:
             self._store.add_incident_event(incident.id, "mitigation_dry_run",
@@ -170,6 +185,14 @@ class Responder:
                                            {**data, "error": str(error)})
             self._store.set_incident_state(incident.id, IncidentState.ESCALATED, at,
                                            f"escalated: {what} could not be applied")
+
+    def _escalate(self, incident_id: str, what: str) -> None:
+        """Isolations and quarantines always need a human: escalate a live incident."""
+        i = self._store.incident(incident_id)
+        if i is not None and i.state in (IncidentState.OPEN, IncidentState.MITIGATED):
+            self._store.set_incident_state(i.id, IncidentState.ESCALATED, self._clock(),
+                                           f"escalated: {what} needs a human to look "
+                                           "and release it")
 
     def _mark_mitigated(self, incident: Incident, mitigated_at: float) -> None:
         # The deadline runs from the first evidence (kernel window start) to the action
@@ -350,3 +373,8 @@ class Responder:
         assert incident is not None
         self.notify("incident", incident)
         return incident
+
+
+def _lifetime(m: Mitigation) -> str:
+    ttl_s = m.params.get("ttl_s")
+    return "until released" if ttl_s is None else f"for {ttl_s:.0f} s"

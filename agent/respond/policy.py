@@ -15,9 +15,15 @@ ACTION_KINDS: dict[str, MitigationKind] = {
     "rate_limit": MitigationKind.RATE_LIMIT,
     "reroute": MitigationKind.REROUTE,
     "rate_limit_service": MitigationKind.RATE_LIMIT_SERVICE,
+    "isolate_node": MitigationKind.ISOLATE_NODE,        # breach rules, scope node
+    "isolate_service": MitigationKind.ISOLATE_SERVICE,  # breach rules, scope service (cgroup)
 }
 SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE)
-SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.ISOLATE_SERVICE)
+SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE,)
+# Isolations and quarantines: each escalates its incident for a human, and lasts
+# mitigation.isolation_ttl_s (None: until released).
+ISOLATION_KINDS = (MitigationKind.ISOLATE_NODE, MitigationKind.ISOLATE_SERVICE,
+                   MitigationKind.FREEZE_CGROUP, MitigationKind.REMOVE_PEER)
 # The distributed switch counts the sources one rule mitigated over this span.
 DISTRIBUTED_WINDOW_S = 60.0
 _SERVICE_RE = re.compile(r"^(tcp|udp)/([0-9]{1,5})$")

@@ -1,0 +1,219 @@
+"""CompositeEnforcer: the one Enforcer the agent uses, dispatching each mitigation to the
+enforcer that owns its kind of host state.
+
+    block_ip, rate_limit, reroute,        -> NftEnforcer (table inet swarm_agent)
+    rate_limit_service, isolate_node
+    isolate_service                       -> nftables cut first, then the cgroup freeze;
+                                             a failed freeze undoes the cut
+    freeze_cgroup                         -> CgroupEnforcer (cgroup.freeze)
+    remove_peer ("IFNAME:BASE64KEY")      -> WireGuardEnforcer (saved peers in state_dir)
+
+setup, reconcile and remove fan out to all three. `check` validates an isolation target
+without changing anything, raising typed errors the control API maps to statuses.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent.config import Config
+from agent.enforce import isolate
+from agent.enforce.base import AllowlistedError, Drift, EnforceError
+from agent.enforce.cgroup import CgroupEnforcer, CgroupError, cgroup2_mount, normalise
+from agent.enforce.nft import NftEnforcer
+from agent.enforce.wgapi import NotWireGuard, WireGuardError
+from agent.enforce.wireguard import WireGuardEnforcer, parse_target
+from agent.model import Mitigation, MitigationKind
+
+log = logging.getLogger("swarm_agent")
+
+CGROUP_KINDS = (MitigationKind.ISOLATE_SERVICE, MitigationKind.FREEZE_CGROUP)
+
+
+class InvalidTarget(EnforceError):
+    """The target is malformed for its kind (not a cgroup path, not IFNAME:KEY)."""
+
+
+class TargetNotFound(EnforceError):
+    """The target is well formed but does not exist (no such cgroup, interface or peer)."""
+
+
+class CompositeEnforcer:
+    """The Enforcer contract (agent.enforce.base) over nftables, the cgroup freezer and
+    WireGuard. Construct it inside the network namespace it protects (as NftEnforcer).
+
+    Contract: apply either puts the whole mitigation in force or raises with nothing
+    changed (isolate_service included); lift tries every part and raises the first error
+    after; reconcile repairs every part and raises only after all were tried."""
+
+    def __init__(self, cfg: Config, *, nft: NftEnforcer | None = None,
+                 cgroups: CgroupEnforcer | None = None, wg: WireGuardEnforcer | None = None):
+        self.cfg = cfg
+        self.nft = nft or NftEnforcer(cfg)
+        self.cgroups = cgroups or CgroupEnforcer()
+        allow = (*cfg.allowlist.mesh, *cfg.allowlist.management)
+        self.wg = wg or WireGuardEnforcer(Path(cfg.state_dir), allowlist=allow)
+
+    # --- the Enforcer contract -------------------------------------------------------------
+
+    def setup(self, desired: Sequence[Mitigation], now: float) -> None:
+        self.nft.setup(desired, now)
+        # A freezer or WireGuard problem (a corrupt saved-peers file) must not keep the
+        # agent from starting: it is logged, and reconcile retries every few seconds.
+        try:
+            self._each("setup", lambda e: e.setup(desired, now), (self.cgroups, self.wg))
+        except EnforceError:
+            pass
+
+    def apply(self, m: Mitigation, now: float) -> None:
+        if m.kind is MitigationKind.REMOVE_PEER:
+            self.wg.apply(m, now)
+        elif m.kind is MitigationKind.FREEZE_CGROUP:
+            self.cgroups.apply(m, now)
+        elif m.kind is MitigationKind.ISOLATE_SERVICE:
+            self._isolate_service(m, now)
+        else:
+            self.nft.apply(m, now)
+
+    def _isolate_service(self, m: Mitigation, now: float) -> None:
+        # The cut first: traffic stops at once, even while the freeze is still settling.
+        self.cgroups.check(m.target)
+        self.nft.apply(m, now)
+        try:
+            self.cgroups.apply(m, now)
+        except EnforceError:
+            try:
+                self.nft.lift(m)
+            except EnforceError as e:
+                log.error("could not undo a service cut", extra={"target": m.target,
+                                                                 "error": str(e)})
+            raise
+
+    def lift(self, m: Mitigation) -> None:
+        if m.kind is MitigationKind.REMOVE_PEER:
+            self.wg.lift(m)
+            return
+        if m.kind is MitigationKind.FREEZE_CGROUP:
+            self.cgroups.lift(m)
+            return
+        if m.kind is MitigationKind.ISOLATE_SERVICE:
+            self._each("lift", lambda e: e.lift(m), (self.cgroups, self.nft))
+            return
+        self.nft.lift(m)
+
+    def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
+        drifts: list[Drift] = []
+        self._each("reconcile", lambda e: drifts.append(e.reconcile(desired, now)),
+                   (self.nft, self.cgroups, self.wg))
+        out = Drift()
+        for d in drifts:
+            out.table_recreated |= d.table_recreated
+            out.elements_added += d.elements_added
+            out.elements_removed += d.elements_removed
+        return out
+
+    def remove(self) -> None:
+        self._each("remove", lambda e: e.remove(), (self.nft, self.cgroups, self.wg))
+
+    def is_allowlisted(self, target: str) -> bool:
+        if _is_peer(target):
+            return self.wg.is_allowlisted(target)
+        return self.nft.is_allowlisted(target)
+
+    def close(self) -> None:
+        self.nft.close()
+
+    # --- beyond the contract ---------------------------------------------------------------
+
+    def peer_for_address(self, addr: str) -> str | None:
+        """The "IFNAME:KEY" target of the WireGuard peer whose allowed IPs route `addr`:
+        a live peer, else one already quarantined (so late findings about it map to the
+        same mitigation); None when the address is no peer's."""
+        try:
+            found = self.wg.peer_for_address(addr)
+            if found is None:
+                found = self._saved_peer_for(addr)
+        except WireGuardError as e:
+            log.warning("cannot look up WireGuard peers", extra={"error": str(e)})
+            return None
+        return None if found is None else f"{found[0]}:{found[1]}"
+
+    def _saved_peer_for(self, addr: str) -> tuple[str, str] | None:
+        import ipaddress
+
+        ip = ipaddress.ip_address(addr)
+        for ifname, peers in self.wg.saved().items():
+            for key, peer in peers.items():
+                if any(ip in ipaddress.ip_network(n) for n in peer.allowed_ips
+                       if ipaddress.ip_network(n).version == ip.version):
+                    return ifname, key
+        return None
+
+    def check(self, kind: MitigationKind, target: str, params: dict[str, Any]) -> str:
+        """Validate an isolation target without changing anything; the normalised target.
+        Raises InvalidTarget, TargetNotFound, or another EnforceError for a refusal
+        (no allowlist, the agent's own cgroup, not a WireGuard interface, allowlisted)."""
+        if kind is MitigationKind.ISOLATE_NODE:
+            isolate.check_node(Mitigation(kind, "node", 0.0, None, params=params), self.cfg)
+            return "node"
+        if kind in CGROUP_KINDS:
+            return self._check_cgroup(target)
+        if kind is MitigationKind.REMOVE_PEER:
+            return self._check_peer(target)
+        raise InvalidTarget(f"{kind.value} is not an isolation")
+
+    def _check_cgroup(self, target: str) -> str:
+        try:
+            path = normalise(target)
+        except CgroupError as e:
+            raise InvalidTarget(str(e)) from None
+        if path == "/":
+            raise CgroupError("the root cgroup holds the whole node: isolate the node instead")
+        try:
+            exists = (cgroup2_mount() / path.lstrip("/") / "cgroup.procs").is_file()
+        except CgroupError:
+            exists = True       # let check() below say why cgroups cannot be used
+        if not exists:
+            raise TargetNotFound(f"no cgroup {path}")
+        return self.cgroups.check(path).path
+
+    def _check_peer(self, target: str) -> str:
+        try:
+            ifname, key = parse_target(target)
+        except WireGuardError as e:
+            raise InvalidTarget(str(e)) from None
+        try:
+            peers = self.wg.peers(ifname)
+        except NotWireGuard:
+            raise
+        except WireGuardError as e:
+            raise TargetNotFound(str(e)) from None
+        if not any(p.public_key == key for p in peers):
+            raise TargetNotFound(f"{ifname} has no peer with public key {key}")
+        if self.wg.is_allowlisted(target):
+            raise AllowlistedError(f"peer {key} of {ifname} routes allowlisted networks and "
+                                   "is never removed")
+        return f"{ifname}:{key}"
+
+    @staticmethod
+    def _each(what: str, fn, enforcers) -> None:
+        """Run `fn` on every enforcer; raise the first error after all were tried."""
+        first: EnforceError | None = None
+        for e in enforcers:
+            try:
+                fn(e)
+            except EnforceError as err:
+                log.error(f"{what} failed", extra={"enforcer": type(e).__name__,
+                                                   "error": str(err)})
+                first = first or err
+        if first is not None:
+            raise first
+
+
+def _is_peer(target: str) -> bool:
+    try:
+        parse_target(target)
+    except WireGuardError:
+        return False
+    return True
