@@ -29,9 +29,10 @@ EXIT_CODES_HELP = """exit codes (scripts can rely on them):
   1  failure inside the agent (or anything unexpected)
   2  bad input: arguments, config, an invalid address, lifetime or oversized request
   3  the agent is not running (or cannot be reached with --remote)
-  4  not found: no such incident or mitigation
+  4  not found: no such incident, mitigation, cgroup, interface or peer
   5  permission denied: not root, or this client certificate's role may not do that
-  6  refused: an allowlisted target, an incident already closed, unreadable rules"""
+  6  refused: an allowlisted target, an incident already closed, unreadable rules,
+     an isolation without allowlist (unless --force), the agent's own cgroup"""
 _STATUS_EXIT = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
     grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_USAGE,

@@ -12,7 +12,7 @@ import os
 import sys
 
 from agent import __version__, config
-from agent.cli import client
+from agent.cli import client, isolation
 from agent.config import ConfigError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
@@ -85,6 +85,7 @@ def _control_parsers(sub, with_config) -> None:
     sp.add_argument("--reason", help="why, for the record")
     sp = add("unblock", "lift the mitigations of an address or CIDR, or one by id")
     sp.add_argument("target", help="address, CIDR or mitigation id (a unique prefix will do)")
+    isolation.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -144,7 +145,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_control(args: argparse.Namespace) -> int:
     """status, incidents, block, ...: one call (or a watch) over the control API."""
-    return client.run(client.COMMANDS[args.command], args, _load_config(args.config))
+    command = {**client.COMMANDS, **isolation.COMMANDS}[args.command]
+    return client.run(command, args, _load_config(args.config))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -154,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
-            **{name: cmd_control for name in client.COMMANDS}}
+            **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,9 @@ import grpc
 from google.protobuf import json_format
 
 from agent.control import convert
+from agent.control import isolation
 from agent.control.auth import OPERATOR, VIEWER, Caller, caller_of
+from agent.control.errors import CallError
 from agent.control.watch import WatchHub
 from agent.enforce.base import AllowlistedError, EnforceError
 from agent.model import EventClass, IncidentState, MitigationKind, MitigationState
@@ -37,14 +39,6 @@ KINDS = {pb.MITIGATION_KIND_UNSPECIFIED: MitigationKind.BLOCK_IP,
          pb.REROUTE: MitigationKind.REROUTE}
 CLOSED = (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
 IN_FORCE = (MitigationState.ACTIVE, MitigationState.DRY_RUN)
-
-
-class CallError(Exception):
-    """A refused call: its gRPC status and the sentence the caller sees."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def rpc(role: str, mutating: bool) -> Callable:
@@ -225,6 +219,18 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 "lifted " + ", ".join(f"{m.kind.value} {m.target}" for m in lifted))
 
     @rpc(OPERATOR, mutating=True)
+    def Isolate(self, request, caller):
+        m = isolation.isolate(self.agent, request, caller, self._ttl_or_none(request),
+                              _text("reason", request.reason))
+        return convert.mitigation(m), f"{m.kind.value} {m.target} {m.state.value} id {m.id}"
+
+    @rpc(OPERATOR, mutating=True)
+    def Release(self, request, caller):
+        lifted = isolation.release(self.agent, request, self.clock())
+        return (pb.LiftMitigationResponse(lifted=[convert.mitigation(m) for m in lifted]),
+                "released " + ", ".join(f"{m.kind.value} {m.target}" for m in lifted))
+
+    @rpc(OPERATOR, mutating=True)
     def ReloadRules(self, request, caller):
         try:
             names = self.agent.reload_rules()
@@ -246,6 +252,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             raise CallError(Code.FAILED_PRECONDITION,
                             f"incident {i.id} is already closed ({i.state.value})")
         return i
+
+    def _ttl_or_none(self, request) -> float | None:
+        """An isolation's lifetime: unset gives mitigation.isolation_ttl_s (None: until
+        released)."""
+        if not request.HasField("ttl_s"):
+            return self.agent.cfg.mitigation.isolation_ttl_s
+        return self._ttl(request)
 
     def _ttl(self, request) -> float:
         pol = self.agent.cfg.mitigation

@@ -59,6 +59,16 @@ class ControlStub(object):
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationRequest.SerializeToString,
                 response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationResponse.FromString,
                 )
+        self.Isolate = channel.unary_unary(
+                '/swarm.control.v1.Control/Isolate',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.IsolateRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.Mitigation.FromString,
+                )
+        self.Release = channel.unary_unary(
+                '/swarm.control.v1.Control/Release',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationResponse.FromString,
+                )
         self.ReloadRules = channel.unary_unary(
                 '/swarm.control.v1.Control/ReloadRules',
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesRequest.SerializeToString,
@@ -133,6 +143,22 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Isolate(self, request, context):
+        """Isolate the node, a service (its cgroup: network cut + freeze) or quarantine a
+        WireGuard peer, as a breach rule would: opens an escalated security_breach incident.
+        Node isolation without a mesh or management allowlist is refused unless forced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Lift isolations and quarantines: one by id, or every one in force on a target.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReloadRules(self, request, context):
         """Re-read the rules file; on an error the old rules stay in force.
         """
@@ -192,6 +218,16 @@ def add_ControlServicer_to_server(servicer, server):
             'LiftMitigation': grpc.unary_unary_rpc_method_handler(
                     servicer.LiftMitigation,
                     request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationResponse.SerializeToString,
+            ),
+            'Isolate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Isolate,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.IsolateRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.Mitigation.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ReleaseRequest.FromString,
                     response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationResponse.SerializeToString,
             ),
             'ReloadRules': grpc.unary_unary_rpc_method_handler(
@@ -363,6 +399,40 @@ class Control(object):
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/LiftMitigation',
             swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Isolate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/Isolate',
+            swarm_dot_control_dot_v1_dot_control__pb2.IsolateRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.Mitigation.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/Release',
+            swarm_dot_control_dot_v1_dot_control__pb2.ReleaseRequest.SerializeToString,
             swarm_dot_control_dot_v1_dot_control__pb2.LiftMitigationResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
