@@ -1,0 +1,200 @@
+"""Simulated breaches for the breach tests and bench/breach_latency.py: a "service" that
+does what breach.service_shell describes, throw-away cgroups, and two nodes joined by
+wireguard-go. Everything is bounded in time and removed by its context manager.
+
+The service renames itself (prctl PR_SET_NAME) to a name the agent under test lists in
+breach.service_comms, answers UDP datagrams (echo), and on a line "exec" on its stdin
+starts `/bin/sh -c 'sleep 3'` as its child — a shell spawned by a network-facing service
+— and prints "exec <CLOCK_MONOTONIC ns just before the spawn>". Triggering over stdin,
+not the network, keeps the breach independent of the isolation it causes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from agent.enforce.cgroup import cgroup2_mount
+from agent.enforce.wgapi import UAPI_DIR
+from agent.lab import Lab, sh, wait_for
+
+SERVICE = r"""
+import ctypes, select, socket, subprocess, sys, time
+name, addr, port, duration_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)   # PR_SET_NAME: the comm rules see
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((addr, port))
+print("ready", flush=True)
+children, deadline = [], time.monotonic() + duration_s
+while time.monotonic() < deadline:
+    ready, _, _ = select.select([s, sys.stdin], [], [], 0.2)
+    if s in ready:
+        data, peer = s.recvfrom(64)
+        try:
+            s.sendto(data, peer)
+        except OSError:      # EPERM while an nft output rule drops the reply
+            pass
+    if sys.stdin in ready:
+        if not sys.stdin.readline():
+            break
+        t = time.monotonic_ns()
+        children.append(subprocess.Popen(["/bin/sh", "-c", "sleep 3"]))
+        print(f"exec {t}", flush=True)
+for c in children:
+    c.kill()
+    c.wait()
+"""
+
+
+def service_name() -> str:
+    """A comm no other process on the host has (15 characters at most)."""
+    return f"swsvc-{secrets.token_hex(4)}"
+
+
+class Service:
+    """The breach service in namespace `ns`, a member of `cgroup` (a directory of the
+    cgroup v2 hierarchy; its root for a breach that falls back to the node) from its first
+    instruction, so its sockets belong to that cgroup. Killed by close()."""
+
+    def __init__(self, ns: str, name: str, addr: str, port: int, cgroup: Path,
+                 duration_s: float = 120.0):
+        script = f'echo $$ > "{cgroup}/cgroup.procs" && exec ip netns exec "{ns}" "$@"'
+        self.proc = subprocess.Popen(
+            ["sh", "-c", script, "sh", sys.executable, "-c", SERVICE, name, addr, str(port),
+             str(duration_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addr, self.port = addr, port
+        if self._line() != "ready":
+            self.close()
+            raise RuntimeError("the breach service did not start")
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def breach(self) -> int:
+        """Spawn the shell; CLOCK_MONOTONIC ns just before the spawn."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("exec\n")
+        self.proc.stdin.flush()
+        word, _, t = self._line().partition(" ")
+        if word != "exec":
+            raise RuntimeError("the breach service did not spawn its shell")
+        return int(t)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cgroup_path(d: Path) -> str:
+    """"/swa-x" for a directory of the cgroup v2 hierarchy (as the agent names it)."""
+    return "/" + str(d.relative_to(cgroup2_mount()))
+
+
+@contextlib.contextmanager
+def throwaway_cgroup(prefix: str = "swa-breach") -> Iterator[Path]:
+    """A fresh cgroup under the v2 root; afterwards thawed, emptied (cgroup.kill), removed."""
+    d = cgroup2_mount() / f"{prefix}-{secrets.token_hex(3)}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        with contextlib.suppress(OSError):
+            (d / "cgroup.freeze").write_text("0")
+            (d / "cgroup.kill").write_text("1")
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 5.0)
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+@dataclass
+class WgPair:
+    """The lab's attacker and victim joined by wireguard-go (interfaces named per lab:
+    the UAPI socket directory is shared by every namespace)."""
+
+    victim_if: str
+    attacker_if: str
+    attacker_key: str
+    attacker_tunnel: str
+    victim_tunnel: str
+
+    @property
+    def target(self) -> str:
+        """The REMOVE_PEER target quarantining the attacker on the victim."""
+        return f"{self.victim_if}:{self.attacker_key}"
+
+
+@contextlib.contextmanager
+def wireguard_pair(lab: Lab, tmp: Path, subnet_octet: int = 202,
+                   port: int = 51822) -> Iterator[WgPair]:
+    """wireguard-go in both lab namespaces, peered over the veth (keepalive set, so a
+    restored peer handshakes at once); daemons killed and sockets removed after."""
+    env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+    procs: list[subprocess.Popen[bytes]] = []
+    keys: dict[str, tuple[str, str, str, str]] = {}
+    try:
+        for side, octet in (("attacker", 1), ("victim", 2)):
+            ns, ifname = getattr(lab, side), f"wz{side[0]}{lab.tag}"
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "wireguard-go", "-f", ifname],
+                                          env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            wait_for(lambda: (UAPI_DIR / f"{ifname}.sock").is_socket(), 10.0)
+            private = sh("wg", "genkey").stdout.strip()
+            (tmp / f"wg-{side}.key").write_text(private + "\n")
+            (tmp / f"wg-{side}.key").chmod(0o600)
+            pub = sh("wg", "pubkey", input=private + "\n").stdout.strip()
+            tunnel = f"10.{lab.subnet}.{subnet_octet}.{octet}"
+            keys[side] = (ns, ifname, pub, tunnel)
+            sh("wg", "set", ifname, "private-key", str(tmp / f"wg-{side}.key"),
+               "listen-port", str(port), ns=ns)
+            sh("ip", "addr", "add", f"{tunnel}/24", "dev", ifname, ns=ns)
+            sh("ip", "link", "set", ifname, "up", ns=ns)
+        for me, other in (("attacker", "victim"), ("victim", "attacker")):
+            ns, ifname, _, _ = keys[me]
+            _, _, pub, tunnel = keys[other]
+            sh("wg", "set", ifname, "peer", pub, "endpoint", f"{lab.addr(other)}:{port}",
+               "persistent-keepalive", "25", "allowed-ips", f"{tunnel}/32", ns=ns)
+        yield WgPair(keys["victim"][1], keys["attacker"][1], keys["attacker"][2],
+                     keys["attacker"][3], keys["victim"][3])
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=5)
+        for _, ifname, _, _ in keys.values():
+            with contextlib.suppress(FileNotFoundError):
+                (UAPI_DIR / f"{ifname}.sock").unlink()
+
+
+def agent_config(name: str, rules_dir: Path, extra: str = "") -> str:
+    """Config for an agent under breach test: breach rules scoped to `name` (only a shell
+    whose parent is that comm fires), network rules as packaged, XDP on the lab veth."""
+    return (f"rules_file: {rules_dir}\ninterfaces: [v0]\n"
+            f"breach:\n  service_comms: [{name}]\n  credential_paths: []\n"
+            f"  read_paths: []\n{extra}")
+
+
+def scoped_rules(dest: Path, breach_ids: tuple[str, ...] = ("breach.service_shell",)) -> Path:
+    """A rules directory: the packaged network rules and only `breach_ids` of the packaged
+    breach rules (the others react to host-wide activity: BPF loads, ptrace, modules)."""
+    import yaml
+
+    packaged = Path(__file__).resolve().parent / "rules"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "network.yaml").write_text((packaged / "network.yaml").read_text())
+    rules = yaml.safe_load((packaged / "breach.yaml").read_text())["rules"]
+    kept = [r for r in rules if r["id"] in breach_ids]
+    (dest / "breach.yaml").write_text(yaml.safe_dump({"rules": kept}, sort_keys=False))
+    return dest
