@@ -13,7 +13,9 @@ without changing anything, raising typed errors the control API maps to statuses
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +31,8 @@ from agent.model import Mitigation, MitigationKind
 log = logging.getLogger("swarm_agent")
 
 CGROUP_KINDS = (MitigationKind.ISOLATE_SERVICE, MitigationKind.FREEZE_CGROUP)
+PEER_CACHE_S = 1.0
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class InvalidTarget(EnforceError):
@@ -54,6 +58,8 @@ class CompositeEnforcer:
         self.cgroups = cgroups or CgroupEnforcer()
         allow = (*cfg.allowlist.mesh, *cfg.allowlist.management)
         self.wg = wg or WireGuardEnforcer(Path(cfg.state_dir), allowlist=allow)
+        self._peers: list[tuple[IPNetwork, str]] = []
+        self._peers_at: float | None = None
 
     # --- the Enforcer contract -------------------------------------------------------------
 
@@ -127,28 +133,36 @@ class CompositeEnforcer:
     # --- beyond the contract ---------------------------------------------------------------
 
     def peer_for_address(self, addr: str) -> str | None:
-        """The "IFNAME:KEY" target of the WireGuard peer whose allowed IPs route `addr`:
-        a live peer, else one already quarantined (so late findings about it map to the
-        same mitigation); None when the address is no peer's."""
+        """The "IFNAME:KEY" target of the WireGuard peer whose allowed IPs route `addr`
+        (longest prefix, as WireGuard's cryptokey routing): a live peer, else one already
+        quarantined, so late findings about it map to the same mitigation; None when the
+        address is no peer's. The peer table is read at most every PEER_CACHE_S: a flood
+        of findings must not become a flood of UAPI/netlink requests."""
         try:
-            found = self.wg.peer_for_address(addr)
-            if found is None:
-                found = self._saved_peer_for(addr)
-        except WireGuardError as e:
-            log.warning("cannot look up WireGuard peers", extra={"error": str(e)})
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
             return None
-        return None if found is None else f"{found[0]}:{found[1]}"
+        now = time.monotonic()
+        if self._peers_at is None or now - self._peers_at >= PEER_CACHE_S:
+            try:
+                self._peers = self._peer_table()
+            except WireGuardError as e:
+                log.warning("cannot list WireGuard peers", extra={"error": str(e)})
+                self._peers = []
+            self._peers_at = now
+        best = max(((net.prefixlen, target) for net, target in self._peers
+                    if net.version == ip.version and ip in net), default=None,
+                   key=lambda x: x[0])
+        return None if best is None else best[1]
 
-    def _saved_peer_for(self, addr: str) -> tuple[str, str] | None:
-        import ipaddress
-
-        ip = ipaddress.ip_address(addr)
-        for ifname, peers in self.wg.saved().items():
-            for key, peer in peers.items():
-                if any(ip in ipaddress.ip_network(n) for n in peer.allowed_ips
-                       if ipaddress.ip_network(n).version == ip.version):
-                    return ifname, key
-        return None
+    def _peer_table(self) -> list[tuple[IPNetwork, str]]:
+        live = [(ipaddress.ip_network(n), f"{ifname}:{p.public_key}")
+                for ifname in self.wg.interfaces() for p in self.wg.peers(ifname)
+                for n in p.allowed_ips]
+        saved = [(ipaddress.ip_network(n), f"{ifname}:{key}")
+                 for ifname, peers in self.wg.saved().items() for key, p in peers.items()
+                 for n in p.allowed_ips]
+        return live + saved     # max() keeps the first of equal prefixes: live wins
 
     def check(self, kind: MitigationKind, target: str, params: dict[str, Any]) -> str:
         """Validate an isolation target without changing anything; the normalised target.
