@@ -214,7 +214,8 @@ class Responder:
         lifetime_s = float(m.params.get("ttl_s") or (m.expires_at - m.created_at))
         if m.expires_at - now >= lifetime_s / 2:
             return
-        ttl_s = self._lifetime_s(plan.finding.rule, m.target, now, m.created_at)
+        ttl_s = (self._cfg.mitigation.isolation_ttl_s if m.kind in policy.ISOLATION_KINDS
+                 else None) or self._lifetime_s(plan.finding.rule, m.target, now, m.created_at)
         renewed = replace(m, expires_at=now + ttl_s, params={**m.params, "ttl_s": ttl_s})
         if renewed.state is MitigationState.ACTIVE:
             try:
