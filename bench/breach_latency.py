@@ -45,7 +45,8 @@ from agent.scenario import AgentProcess  # noqa: E402
 PORT = 9200
 
 
-def first_unanswered_ns(ns: str, addr: str, act: Callable[[], int], limit_s: float = 10.0) -> tuple[int, int]:
+def first_unanswered_ns(ns: str, addr: str, act: Callable[[], int],
+                        limit_s: float = 10.0) -> tuple[int, int]:
     """(start ns returned by act(), send time of the first datagram never answered)."""
     with netns(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
