@@ -42,10 +42,12 @@ _CLOSED = (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def needs_human(cfg: Alerts, incident: Incident) -> str:
-    """Why the incident is escalated to a human ('' when it is not)."""
+def needs_human(cfg: Alerts, incident: Incident, escalation_note: str = "") -> str:
+    """Why the incident is escalated to a human ('' when it is not). The responder
+    escalates for different reasons (a failed mitigation, an isolation or quarantine to
+    review and release); its timeline note says which."""
     if incident.state is IncidentState.ESCALATED:
-        return "escalated by the agent: a mitigation could not be applied"
+        return escalation_note or "escalated by the agent: see the incident's timeline"
     if incident.event_class.value in cfg.escalate_classes:
         return f"{incident.event_class.value} needs a human"
     return ""
@@ -69,14 +71,15 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).isoformat()
 
 
-def to_alert(cfg: Alerts, incident: Incident, node: str, now: float) -> dict[str, Any]:
+def to_alert(cfg: Alerts, incident: Incident, node: str, now: float,
+             escalation_note: str = "") -> dict[str, Any]:
     """The v2 API's postable alert for `incident` at `now`."""
     ann = {"summary": incident.summary, "state": incident.state.value,
            "detected_at": _iso(incident.detected_at), "rules": ", ".join(incident.rules),
            "findings": str(incident.findings)}
     if incident.mitigated_at is not None:
         ann["mitigated_at"] = _iso(incident.mitigated_at)
-    why = needs_human(cfg, incident)
+    why = needs_human(cfg, incident, escalation_note)
     if why:
         ann["escalation"] = why
     closed = incident.state in _CLOSED
@@ -135,12 +138,19 @@ class Notifier:
             except TimeoutError:
                 pass
 
+    def _escalation_note(self, incident: Incident) -> str:
+        if incident.state is not IncidentState.ESCALATED:
+            return ""
+        notes = [e.text for e in self._store.incident_events(incident.id)
+                 if e.kind == "note" and e.text.startswith("escalated")]
+        return notes[-1] if notes else ""
+
     async def send(self, incidents: Iterable[Incident]) -> bool:
         """Post the alerts for `incidents` (and the ends of superseded label sets)."""
         now = time.time()
         alerts, sent = [], {}
         for incident in incidents:
-            alert = to_alert(self.cfg, incident, self.node, now)
+            alert = to_alert(self.cfg, incident, self.node, now, self._escalation_note(incident))
             old = self._sent.get(incident.id)
             if old is not None and old != alert["labels"]:
                 alerts.append({"labels": old, "annotations": alert["annotations"],

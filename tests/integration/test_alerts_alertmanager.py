@@ -120,7 +120,8 @@ def test_incidents_reach_alertmanager_routed_escalated_and_resolved(tmp_path, al
     store.mark_mitigated(attack.id, 2.5, False)
     breach = store.record_finding(finding(EventClass.SECURITY_BREACH, "process:42"), 1.0, 2.0)
     failed = store.record_finding(finding(EventClass.SYSTEM_ATTACK, "ip:192.0.2.9"), 1.0, 2.0)
-    store.set_incident_state(failed.id, IncidentState.ESCALATED, 3.0, "block failed")
+    store.set_incident_state(failed.id, IncidentState.ESCALATED, 3.0,
+                             "escalated: block_ip 192.0.2.9 could not be applied")
     sent: list[int] = []
     notifier = Notifier(cfg, store, "node-a", on_sent=sent.append)
 
@@ -161,7 +162,9 @@ def test_incidents_reach_alertmanager_routed_escalated_and_resolved(tmp_path, al
     assert first[attack.id]["annotations"]["state"] == "mitigated"
     assert first[breach.id]["annotations"]["escalation"] == "security_breach needs a human"
     assert first[failed.id]["labels"]["escalated"] == "true"
-    assert "mitigation could not be applied" in first[failed.id]["annotations"]["escalation"]
+    # The responder's own escalation note says why (a failure here; an isolation elsewhere).
+    assert first[failed.id]["annotations"]["escalation"] == \
+        "escalated: block_ip 192.0.2.9 could not be applied"
     assert set(later) == {breach.id, failed.id}
     assert later[breach.id]["labels"]["priority"] == "P1"
     assert sum(sent) >= 5
