@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class AgentProcess:
             f"state_dir: {workdir}/state\nrun_dir: {workdir}/run\n{rules}{extra_config}")
         self.proc: subprocess.Popen[str] | None = None
         self.log_lines: list[str] = []
+        self._drain: threading.Thread | None = None
 
     @property
     def db_path(self) -> Path:
@@ -112,6 +114,14 @@ class AgentProcess:
         if os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
             self.stop()
             raise RuntimeError(f"the agent runs in this process's network namespace, not {self.ns}")
+        # Keep draining its log: an agent that logs a lot (a finding a line) would block on
+        # a full pipe and stop answering.
+        self._drain = threading.Thread(target=self._read_log, args=(self.proc.stderr,), daemon=True)
+        self._drain.start()
+
+    def _read_log(self, stream) -> None:
+        for line in stream:
+            self.log_lines.append(line)
 
     @property
     def pid(self) -> int:
@@ -127,8 +137,11 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        rest = self.proc.stderr.read() if self.proc.stderr else ""
-        self.log_lines.extend(rest.splitlines(keepends=True))
+        if self._drain is not None:
+            self._drain.join(5)
+            self._drain = None
+        elif self.proc.stderr:
+            self.log_lines.extend(self.proc.stderr.read().splitlines(keepends=True))
         return self.proc.returncode
 
     def store(self) -> Store:
