@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.config import Mesh  # noqa: E402
 from agent.model import EventClass, Finding, Severity  # noqa: E402
 from agent.report.mesh import MeshReporter  # noqa: E402
-from agent.report.outbox import Outbox  # noqa: E402
+from agent.state.outbox import Outbox  # noqa: E402
 from agent.state.store import Store  # noqa: E402
 from tests.meshrecv import make_certs, received  # noqa: E402
 

@@ -22,7 +22,7 @@ import grpc
 
 from agent.config import ConfigError, Mesh
 from agent.proto.swarm.mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from agent.report.outbox import Outbox, Pending
+from agent.state.outbox import Outbox, Pending
 
 log = logging.getLogger("swarm_agent")
 

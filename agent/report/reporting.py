@@ -21,7 +21,7 @@ from agent.model import Event, Finding, IncidentState
 from agent.report.alerts import Notifier
 from agent.report.mesh import MeshReporter
 from agent.report.metrics import Metrics
-from agent.report.outbox import Outbox
+from agent.state.outbox import Outbox
 from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")

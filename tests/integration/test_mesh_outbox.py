@@ -15,7 +15,7 @@ from agent.config import Mesh
 from agent.model import (EventClass, Finding, IncidentState, Mitigation, MitigationKind,
                          MitigationState, Severity)
 from agent.report.mesh import MeshReporter, backoff_s
-from agent.report.outbox import Outbox
+from agent.state.outbox import Outbox
 from agent.state.store import Store
 from tests.meshrecv import make_certs, received, serve
 

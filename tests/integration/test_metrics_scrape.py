@@ -15,7 +15,7 @@ from agent.lab import sh, wait_for
 from agent.model import (Event, EventClass, Finding, Mitigation, MitigationKind, Severity,
                          mono_ns)
 from agent.report.metrics import Metrics
-from agent.report.outbox import Outbox
+from agent.state.outbox import Outbox
 from agent.scenario import Scenario
 from agent.state.store import Store
 

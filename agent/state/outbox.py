@@ -1,5 +1,5 @@
 """The mesh outbox: reports waiting for the mesh's acknowledgement, kept in the agent's
-SQLite database (table `outbox`, migration 3 in agent/state/store.py).
+SQLite database (table `outbox`, migration 3 in agent/state/schema.py).
 
 How nothing is lost: triggers queue a snapshot of every incident and mitigation change in
 the same transaction as the change itself, so a crash or SIGKILL at any instant leaves

@@ -1,0 +1,72 @@
+"""The database schema, as forward migrations (PRAGMA user_version counts how many ran).
+
+Only agent/state uses it: the store (incidents, timelines, mitigations, audit) and the
+mesh outbox (agent/state/outbox.py) share one database file.
+"""
+from __future__ import annotations
+
+# Each entry migrates the schema from version i to i + 1; never edit one, append.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE incidents (
+            id TEXT PRIMARY KEY, class TEXT NOT NULL, entity TEXT NOT NULL,
+            severity TEXT NOT NULL, state TEXT NOT NULL,
+            first_seen_at REAL NOT NULL, detected_at REAL NOT NULL,
+            mitigated_at REAL, resolved_at REAL, rules TEXT NOT NULL DEFAULT '[]',
+            findings INTEGER NOT NULL DEFAULT 1, deadline_missed INTEGER,
+            summary TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX incidents_by_entity ON incidents (class, entity, state)",
+        """CREATE TABLE incident_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            incident_id TEXT NOT NULL REFERENCES incidents (id),
+            at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL DEFAULT '',
+            data TEXT NOT NULL DEFAULT '{}')""",
+        "CREATE INDEX incident_events_by_incident ON incident_events (incident_id, seq)",
+        """CREATE TABLE mitigations (
+            id TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL,
+            params TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, expires_at REAL,
+            state TEXT NOT NULL, incident_id TEXT REFERENCES incidents (id),
+            reason TEXT NOT NULL DEFAULT '', rule TEXT, updated_at REAL NOT NULL)""",
+        "CREATE INDEX mitigations_by_target ON mitigations (target, created_at)",
+        "CREATE INDEX mitigations_by_state ON mitigations (state, expires_at)",
+        "CREATE INDEX mitigations_by_rule ON mitigations (rule, created_at)",
+    ),
+    (
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
+            identity TEXT NOT NULL, role TEXT NOT NULL, method TEXT NOT NULL,
+            arguments TEXT NOT NULL DEFAULT '{}', result TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX audit_by_time ON audit (at)",
+    ),
+    (
+        # The mesh outbox (agent/state/outbox.py): triggers queue a snapshot of every
+        # incident and mitigation change in the same transaction as the change, so no
+        # crash can lose a report; a newer snapshot replaces one of the same row still
+        # queued (its id was never acknowledged, the newer one supersedes it).
+        """CREATE TABLE outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL, ref TEXT NOT NULL DEFAULT '', payload TEXT NOT NULL,
+            created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX outbox_by_ref ON outbox (kind, ref)",
+        *(f"""CREATE TRIGGER outbox_{table}_{event} AFTER {event.upper()} ON {table}s BEGIN
+            DELETE FROM outbox WHERE kind = '{table}' AND ref = NEW.id;
+            INSERT INTO outbox (id, kind, ref, payload, created_at) VALUES
+              (lower(hex(randomblob(16))), '{table}', NEW.id, {payload},
+               (julianday('now') - 2440587.5) * 86400.0);
+          END""" for table, payload in (
+            ("incident", "json_object('incident_id', NEW.id, 'event_class', NEW.class, "
+                         "'entity', NEW.entity, 'severity', NEW.severity, 'state', NEW.state, "
+                         "'first_seen_at', NEW.first_seen_at, 'detected_at', NEW.detected_at, "
+                         "'mitigated_at', NEW.mitigated_at, 'resolved_at', NEW.resolved_at, "
+                         "'rules', json(NEW.rules), 'findings', NEW.findings, "
+                         "'deadline_missed', NEW.deadline_missed, 'summary', NEW.summary)"),
+            ("mitigation", "json_object('mitigation_id', NEW.id, 'kind', NEW.kind, "
+                           "'target', NEW.target, 'state', NEW.state, "
+                           "'incident_id', NEW.incident_id, 'created_at', NEW.created_at, "
+                           "'expires_at', NEW.expires_at, 'updated_at', NEW.updated_at, "
+                           "'reason', NEW.reason, 'rule', NEW.rule, 'params', json(NEW.params))"),
+          ) for event in ("insert", "update")),
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
