@@ -1,0 +1,86 @@
+/* Kernel-only helpers of proc.bpf.c: event reservation, loss counting, process context,
+ * the exec'ing task's stdio. Included by proc.bpf.c after its maps, which these use. */
+#ifndef SWARM_PROC_BPF_H
+#define SWARM_PROC_BPF_H
+
+static __always_inline void count_loss(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&losses, &zero);
+
+	if (n)
+		*n += 1;	/* per-CPU slot: no atomic needed */
+}
+
+static __always_inline int is_agent(void)
+{
+	return proc_cfg.agent_tgid && (bpf_get_current_pid_tgid() >> 32) == proc_cfg.agent_tgid;
+}
+
+/* Reserves a zeroed event (padding must not leak kernel memory) or counts a loss. */
+static __always_inline void *reserve(__u32 size, __u32 kind)
+{
+	struct event_header *h = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (!h) {
+		count_loss();
+		return NULL;
+	}
+	__builtin_memset(h, 0, size);
+	h->kind = kind;
+	h->size = size;
+	h->ts_ns = bpf_ktime_get_ns();
+	return h;
+}
+
+static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *task)
+{
+	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+	__u64 id = bpf_get_current_pid_tgid();
+
+	p->cgroup_id = bpf_get_current_cgroup_id();
+	p->pid = id >> 32;
+	p->tid = (__u32)id;
+	p->ppid = BPF_CORE_READ(parent, tgid);
+	p->uid = BPF_CORE_READ(task, cred, uid.val);
+	p->euid = BPF_CORE_READ(task, cred, euid.val);
+	bpf_get_current_comm(p->comm, sizeof(p->comm));
+	bpf_core_read_str(p->parent_comm, sizeof(p->parent_comm), &parent->comm);
+}
+
+/* --- exec and exit ------------------------------------------------------------------- */
+
+/* What fd `fd` of the exec'ing task is: read through the fd table with CO-RE. Safe in
+ * the exec tracepoint: the task is current and single-threaded after de_thread(), so
+ * nobody swaps its table; every read is a checked probe read anyway. */
+static __always_inline __u16 fd_family(struct file **fds, __u32 max_fds, __u32 fd)
+{
+	struct file *f = NULL;
+	struct socket *sock;
+	__u16 mode;
+
+	if (fd >= max_fds)
+		return 0;
+	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return 0;
+	mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return STDIO_NOT_SOCKET;
+	sock = BPF_CORE_READ(f, private_data);	/* a socket file's private_data */
+	return BPF_CORE_READ(sock, sk, __sk_common.skc_family);
+}
+
+static __always_inline int is_inet(__u16 family)
+{
+	return family == AF_INET || family == AF_INET6;
+}
+
+static __always_inline __u32 comm_flags(const void *comm)
+{
+	__u32 *flags = bpf_map_lookup_elem(&watched_comms, comm);
+
+	return flags ? *flags : 0;
+}
+
+#endif /* SWARM_PROC_BPF_H */
