@@ -48,7 +48,7 @@ static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *ta
 	bpf_core_read_str(p->parent_comm, sizeof(p->parent_comm), &parent->comm);
 }
 
-/* --- exec and exit ------------------------------------------------------------------- */
+/* --- the exec'ing task's stdio ------------------------------------------------------- */
 
 /* What fd `fd` of the exec'ing task is: read through the fd table with CO-RE. Safe in
  * the exec tracepoint: the task is current and single-threaded after de_thread(), so
