@@ -6,28 +6,23 @@ by ifindex there, and the tracepoint programs only count events of that namespac
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
-import errno
 import ipaddress
 import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable
 
 from agent.config import Probes
 from agent.model import Event
 from agent.sources import abi, libbpf
 from agent.sources.abi import NetMap, NetProg
+from agent.sources.probe import BpfProbe
 
 SOURCE = "bpf.net"
 THRESHOLD_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                   "svc_syns", "svc_packets", "svc_udp", "svc_sources")
-# What a kernel says when it does not allow something (as opposed to a broken object).
-REFUSED = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT,
-           errno.ENODEV, errno.EBUSY, 524}  # 524: the kernel's ENOTSUPP
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -95,7 +90,7 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class NetProbe:
+class NetProbe(BpfProbe):
     """Loads probes/net.bpf.o into the calling thread's network namespace.
 
     open() loads and attaches; what the kernel refuses is reported by status() as
@@ -104,92 +99,42 @@ class NetProbe:
     close() detaches everything (from the namespace open() ran in) and is idempotent.
     """
 
+    NAME = "network"
+    PROGS = NetProg
+    TRACEPOINTS = abi.NET_TRACEPOINTS
+    RING_MAP = NetMap.ALERTS
+    LOSS_MAP = NetMap.LOSSES
+    ATTACHED = "attached"  # its status() text as before; the tracepoints are in abi
+
     def __init__(self, probes_cfg: Probes, interfaces: list[str], thresholds: dict[str, int],
                  object_path: str | os.PathLike = abi.NET_OBJECT):
         self.cfg = probes_cfg
         self.interfaces = list(interfaces)
         self.thresholds = window_thresholds(thresholds, probes_cfg.window_ms)
-        self.object_path = str(object_path)
-        self._obj: libbpf.Object | None = None
-        self._links: list[libbpf.Link | libbpf.XdpLink] = []
-        self._ring: libbpf.RingBuffer | None = None
+        super().__init__(object_path)
         self._netns_fd: int | None = None
-        self._status: dict[str, dict[str, str]] = {}
-        self.undecoded = 0
 
     # --- loading -------------------------------------------------------------------------
 
     def open(self) -> None:
+        # Held until close(): .rodata filters on its inode, and XDP must be detached here.
         self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            refused = self._classify()
-            self._obj = self._configured(set(NetProg) - set(refused))
-            if len(refused) < len(NetProg):
-                self._obj.load()
-                self._map(NetMap.THRESHOLDS).update(ctypes.c_uint32(0), self.thresholds)
-                self._ring = libbpf.RingBuffer(self._map(NetMap.ALERTS))
-            for prog, reason in refused.items():
-                self._set(prog, "degraded", f"the kernel refused the program: {reason}")
-            if len(refused) < len(NetProg):
-                self._attach(set(NetProg) - set(refused))
-        except BaseException:
-            self.close()
-            raise
+        super().open()
 
-    def _configured(self, progs: set[NetProg]) -> libbpf.Object:
-        """An opened object with sizes and .rodata set and only `progs` loading."""
-        obj = libbpf.Object(self.object_path)
-        try:
-            for name in abi.SIZED_MAPS:
-                obj.map(name).set_max_entries(self.cfg.map_entries)
-            cfg = abi.net_config(window_ns=self.cfg.window_ms * 1_000_000,
-                                 netns_ino=os.fstat(self._netns_fd).st_ino)
-            obj.map(NetMap.RODATA).set_initial_value(bytes(cfg))
-            for prog in NetProg:
-                obj.program(prog).set_autoload(prog in progs)
-        except BaseException:
-            obj.close()
-            raise
-        return obj
+    def _configure(self, obj: libbpf.Object) -> None:
+        for name in abi.SIZED_MAPS:
+            obj.map(name).set_max_entries(self.cfg.map_entries)
+        cfg = abi.net_config(window_ns=self.cfg.window_ms * 1_000_000,
+                             netns_ino=os.fstat(self._netns_fd).st_ino)
+        obj.map(NetMap.RODATA).set_initial_value(bytes(cfg))
 
-    def _classify(self) -> dict[NetProg, str]:
-        """Programs this kernel will not load, with why: first everything at once, and
-        only if that fails, each program alone."""
-        try:
-            self._trial(set(NetProg))
-            return {}
-        except OSError:
-            pass
-        refused = {}
-        for prog in NetProg:
-            try:
-                self._trial({prog})
-            except OSError as e:
-                if e.errno not in REFUSED:
-                    raise
-                refused[prog] = f"{e.strerror} ({libbpf.log_tail(1) or 'no log'})"
-        return refused
-
-    def _trial(self, progs: set[NetProg]) -> None:
-        obj = self._configured(progs)
-        try:
-            obj.load()
-        finally:
-            obj.close()
+    def _fill_maps(self) -> None:
+        self._map(NetMap.THRESHOLDS).update(ctypes.c_uint32(0), self.thresholds)
 
     def _attach(self, progs: set[NetProg]) -> None:
-        for prog, (category, name) in abi.NET_TRACEPOINTS.items():
-            if prog in progs:
-                self._attach_one(prog, lambda: self._obj.program(prog).attach_tracepoint(category, name))
+        super()._attach(progs)
         if NetProg.XDP in progs:
             self._attach_xdp()
-
-    def _attach_one(self, prog: NetProg, attach: Callable[[], libbpf.Link]) -> None:
-        try:
-            self._links.append(attach())
-            self._set(prog, "loaded", "attached")
-        except OSError as e:
-            self._set(prog, "degraded" if e.errno in REFUSED else "failed", str(e))
 
     def _attach_xdp(self) -> None:
         names = self.interfaces or [n for _, n in socket.if_nameindex() if n != "lo"]
@@ -208,22 +153,7 @@ class NetProbe:
         else:
             self._set(NetProg.XDP, "loaded", f"generic XDP on {', '.join(names)}")
 
-    def _set(self, prog: NetProg, state: str, reason: str) -> None:
-        self._status[prog.value] = {"state": state, "reason": reason}
-
-    def _map(self, name: NetMap) -> libbpf.Map:
-        if self._obj is None:
-            raise RuntimeError("the network probe is not loaded")
-        return self._obj.map(name)
-
     # --- reading -------------------------------------------------------------------------
-
-    def status(self) -> dict[str, dict[str, str]]:
-        return {k: dict(v) for k, v in self._status.items()}
-
-    def losses(self) -> int:
-        """Alerts the kernel could not queue (ring buffer full), over all CPUs."""
-        return self._map(NetMap.LOSSES).percpu_u64_sum() if self._ring else 0
 
     def set_thresholds(self, thresholds: dict[str, int]) -> None:
         """Replace the thresholds of the running probe (per second, as in __init__)."""
@@ -238,54 +168,21 @@ class NetProbe:
             proto=PROTO_NAMES.get(v.proto, "ip"))
             for k, v in self._map(NetMap.SOURCES).items(abi.addr_key, abi.source_stats)]
 
-    def poll(self) -> list[Event]:
-        """Alerts queued now, decoded (what run() emits; usable without a loop)."""
-        if self._ring is None:
-            return []
-        events = []
-        for record in self._ring.consume():
-            event = to_event(abi.decode(record), self.cfg.window_ms)
-            if event is None:
-                self.undecoded += 1
-            else:
-                events.append(event)
-        return events
-
-    async def run(self, emit: Callable[[Event], None]) -> None:
-        """Emit every alert until cancelled; woken by the ring buffer's epoll fd."""
-        if self._ring is None:
-            await asyncio.Future()  # nothing loaded: idle until cancelled
-        loop = asyncio.get_running_loop()
-        fd = self._ring.epoll_fd
-
-        def drain() -> None:
-            for event in self.poll():
-                emit(event)
-
-        loop.add_reader(fd, drain)
-        try:
-            drain()  # alerts queued before the reader was registered
-            await asyncio.Future()
-        finally:
-            loop.remove_reader(fd)
+    def _decode(self, record: bytes) -> Event | None:
+        return to_event(abi.decode(record), self.cfg.window_ms)
 
     # --- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._ring:
-            self._ring.free()
-            self._ring = None
-        if self._links:
-            with self._in_own_netns():
-                for link in self._links:
-                    link.destroy()
-            self._links.clear()
-        if self._obj:
-            self._obj.close()
-            self._obj = None
+        super().close()
         if self._netns_fd is not None:
             os.close(self._netns_fd)
             self._netns_fd = None
+
+    def _detach(self) -> None:
+        if self._links:
+            with self._in_own_netns():
+                super()._detach()
 
     @contextlib.contextmanager
     def _in_own_netns(self):
@@ -303,13 +200,6 @@ class NetProbe:
                     _setns(home)
         finally:
             os.close(home)
-
-    def __enter__(self) -> "NetProbe":
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def to_event(ev: ctypes.Structure | None, window_ms: int) -> Event | None:

@@ -27,22 +27,17 @@ Socket stdio is read in the kernel at exec (the task's fd table through CO-RE), 
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import errno
 import os
-from pathlib import Path
-from typing import Callable
 
 from agent.config import Config, breach_lists, split_pattern
 from agent.model import Event
 from agent.sources import abi, libbpf
 from agent.sources.abi import ProcMap, ProcProg
 from agent.sources.cgroups import CgroupNames, ancestors
+from agent.sources.probe import BpfProbe
 
 SOURCE = "bpf.proc"
-REFUSED = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT,
-           errno.ENODEV, errno.EBUSY, 524}  # 524: the kernel's ENOTSUPP
 # Programs whose tracepoint only some kernels have (no open/creat on arm64, no
 # module:module_load without module support): their absence is expected, not a failure.
 OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD}
@@ -54,7 +49,7 @@ def _text(raw) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
-class ProcProbe:
+class ProcProbe(BpfProbe):
     """Loads probes/proc.bpf.o: host-global tracepoints, filtered in the kernel.
 
     open() loads and attaches; programs the kernel refuses, or whose tracepoint this
@@ -64,20 +59,22 @@ class ProcProbe:
     not queue. close() detaches everything and is idempotent.
     """
 
+    NAME = "process"
+    PROGS = ProcProg
+    TRACEPOINTS = abi.PROC_TRACEPOINTS
+    RING_MAP = ProcMap.EVENTS
+    LOSS_MAP = ProcMap.LOSSES
+    OPTIONAL = frozenset(OPTIONAL)
+
     def __init__(self, cfg: Config, *, agent_tgid: int | None = None, all_execs: bool = False,
                  ring_bytes: int = 1 << 20, object_path: str | os.PathLike = abi.PROC_OBJECT):
         self.cfg = cfg
         self.agent_tgid = os.getpid() if agent_tgid is None else agent_tgid
         self.all_execs = all_execs
         self.ring_bytes = ring_bytes
-        self.object_path = str(object_path)
+        super().__init__(object_path)
         self.patterns = self._patterns()
         self.cgroups = CgroupNames()
-        self._obj: libbpf.Object | None = None
-        self._links: list[libbpf.Link] = []
-        self._ring: libbpf.RingBuffer | None = None
-        self._status: dict[str, dict[str, str]] = {}
-        self.undecoded = 0
 
     def _patterns(self) -> list[tuple[str, str, int]]:
         """(how, text, path_flags) per distinct watch pattern; its index is its rule id."""
@@ -93,59 +90,10 @@ class ProcProbe:
 
     # --- loading -------------------------------------------------------------------------
 
-    def open(self) -> None:
-        try:
-            refused = self._classify()
-            self._obj = self._configured(set(ProcProg) - set(refused))
-            if len(refused) < len(ProcProg):
-                self._obj.load()
-                self._fill_maps()
-                self._ring = libbpf.RingBuffer(self._map(ProcMap.EVENTS))
-            for prog, reason in refused.items():
-                self._set(prog, "degraded", f"the kernel refused the program: {reason}")
-            for prog, (category, name) in abi.PROC_TRACEPOINTS.items():
-                if prog not in refused:
-                    self._attach(prog, category, name)
-        except BaseException:
-            self.close()
-            raise
-
-    def _configured(self, progs: set[ProcProg]) -> libbpf.Object:
-        obj = libbpf.Object(self.object_path)
-        try:
-            obj.map(ProcMap.EVENTS).set_max_entries(self.ring_bytes)
-            rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs))
-            obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
-            for prog in ProcProg:
-                obj.program(prog).set_autoload(prog in progs)
-        except BaseException:
-            obj.close()
-            raise
-        return obj
-
-    def _classify(self) -> dict[ProcProg, str]:
-        """Programs this kernel will not load, with why (each alone, only if all fail)."""
-        try:
-            self._trial(set(ProcProg))
-            return {}
-        except OSError:
-            pass
-        refused = {}
-        for prog in ProcProg:
-            try:
-                self._trial({prog})
-            except OSError as e:
-                if e.errno not in REFUSED:
-                    raise
-                refused[prog] = f"{e.strerror} ({libbpf.log_tail(1) or 'no log'})"
-        return refused
-
-    def _trial(self, progs: set[ProcProg]) -> None:
-        obj = self._configured(progs)
-        try:
-            obj.load()
-        finally:
-            obj.close()
+    def _configure(self, obj: libbpf.Object) -> None:
+        obj.map(ProcMap.EVENTS).set_max_entries(self.ring_bytes)
+        rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs))
+        obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
 
     def _fill_maps(self) -> None:
         comms: dict[str, int] = {}
@@ -167,73 +115,10 @@ class ProcProbe:
             trie = ProcMap.WATCHED_SUFFIXES if how == "suffix" else ProcMap.WATCHED_PREFIXES
             self._map(trie).update(key, abi.path_rule(flags=flags, len=len(raw), id=rule_id))
 
-    def _attach(self, prog: ProcProg, category: str, name: str) -> None:
-        try:
-            self._links.append(self._obj.program(prog).attach_tracepoint(category, name))
-            self._set(prog, "loaded", f"attached to {category}:{name}")
-        except OSError as e:
-            if prog in OPTIONAL and e.errno == errno.ENOENT:
-                reason = f"this kernel has no tracepoint {category}:{name}"
-            else:
-                reason = str(e)
-            self._set(prog, "degraded" if e.errno in REFUSED else "failed", reason)
-
-    def _set(self, prog: ProcProg, state: str, reason: str) -> None:
-        self._status[prog.value] = {"state": state, "reason": reason}
-
-    def _map(self, name: ProcMap) -> libbpf.Map:
-        if self._obj is None:
-            raise RuntimeError("the process probe is not loaded")
-        return self._obj.map(name)
-
-    # --- reading -------------------------------------------------------------------------
-
-    def status(self) -> dict[str, dict[str, str]]:
-        return {k: dict(v) for k, v in self._status.items()}
-
-    def losses(self) -> int:
-        """Events the kernel could not queue (ring buffer full), over all CPUs."""
-        return sum(self.losses_per_cpu())
-
-    def losses_per_cpu(self) -> list[int]:
-        if self._ring is None:
-            return []
-        values = (ctypes.c_uint64 * libbpf.num_possible_cpus())()
-        self._map(ProcMap.LOSSES).lookup(ctypes.c_uint32(0), values)
-        return list(values)
-
-    def poll(self) -> list[Event]:
-        """Events queued now, decoded (what run() emits; usable without a loop)."""
-        if self._ring is None:
-            return []
-        events = []
-        for record in self._ring.consume():
-            event = self.to_event(abi.decode(record))
-            if event is None:
-                self.undecoded += 1
-            else:
-                events.append(event)
-        return events
-
-    async def run(self, emit: Callable[[Event], None]) -> None:
-        """Emit every event until cancelled; woken by the ring buffer's epoll fd."""
-        if self._ring is None:
-            await asyncio.Future()  # nothing loaded: idle until cancelled
-        loop = asyncio.get_running_loop()
-        fd = self._ring.epoll_fd
-
-        def drain() -> None:
-            for event in self.poll():
-                emit(event)
-
-        loop.add_reader(fd, drain)
-        try:
-            drain()  # events queued before the reader was registered
-            await asyncio.Future()
-        finally:
-            loop.remove_reader(fd)
-
     # --- decoding ------------------------------------------------------------------------
+
+    def _decode(self, record: bytes) -> Event | None:
+        return self.to_event(abi.decode(record))
 
     def to_event(self, ev: ctypes.Structure | None) -> Event | None:
         if ev is None or not hasattr(ev, "proc"):
@@ -278,26 +163,6 @@ class ProcProbe:
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
-
-    # --- teardown ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        if self._ring:
-            self._ring.free()
-            self._ring = None
-        for link in self._links:
-            link.destroy()
-        self._links.clear()
-        if self._obj:
-            self._obj.close()
-            self._obj = None
-
-    def __enter__(self) -> "ProcProbe":
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _exec_fields(ev: abi.proc_exec_event) -> dict:
