@@ -185,12 +185,6 @@ class Map:
         if ret != -errno.ENOENT:
             check(ret, f"iterate {self.name}")
 
-    def percpu_u64_sum(self, index: int = 0) -> int:
-        """Sum of a per-CPU array slot of u64 over all possible CPUs."""
-        values = (ctypes.c_uint64 * num_possible_cpus())()
-        self.lookup(ctypes.c_uint32(index), values)
-        return sum(values)
-
 
 class _NoBatch(Exception):
     pass
