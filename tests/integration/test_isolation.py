@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from agent.breachlab import throwaway_cgroup
 from agent.config import Allowlist, Config
 from agent.enforce.cgroup import CgroupEnforcer, CgroupError, cgroup2_mount, own_cgroup
 from agent.enforce.isolate import IsolationRefused
@@ -33,23 +33,6 @@ def mit(kind: MitigationKind, target: str, **params: object) -> Mitigation:
 
 def table(lab: Lab) -> str:
     return sh("nft", "list", "table", "inet", "swarm_agent", ns=lab.victim).stdout
-
-
-@contextlib.contextmanager
-def throwaway_cgroup(prefix: str = "swa-test") -> Iterator[Path]:
-    """A fresh cgroup under the cgroup v2 root; afterwards thawed, emptied (cgroup.kill)
-    and removed."""
-    d = cgroup2_mount() / f"{prefix}-{secrets.token_hex(3)}"
-    d.mkdir()
-    try:
-        yield d
-    finally:
-        with contextlib.suppress(OSError):
-            (d / "cgroup.freeze").write_text("0")
-            (d / "cgroup.kill").write_text("1")
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 5.0)
-        d.rmdir()
 
 
 def in_cgroup(cg: Path, ns: str, *argv: str) -> subprocess.Popen[str]:
