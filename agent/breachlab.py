@@ -1,6 +1,7 @@
 """Simulated breaches for the breach tests and bench/breach_latency.py: a "service" that
-does what breach.service_shell describes, throw-away cgroups, and two nodes joined by
-wireguard-go. Everything is bounded in time and removed by its context manager.
+does what breach.service_shell describes, throw-away cgroups, two nodes joined by
+wireguard-go, and the cut-off prober both latency benches time an isolation with.
+Everything is bounded in time and removed by its context manager.
 
 The service renames itself (prctl PR_SET_NAME) to a name the agent under test lists in
 breach.service_comms, answers UDP datagrams (echo), and on a line "exec" on its stdin
@@ -13,15 +14,20 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Generic, Iterator, TypeVar
 
 from agent.enforce.cgroup import cgroup2_mount
 from agent.enforce.wgapi import UAPI_DIR
-from agent.lab import Lab, sh, wait_for
+from agent.lab import Lab, netns, sh, wait_for
+
+T = TypeVar("T", int, float)
 
 SERVICE = r"""
 import ctypes, select, socket, subprocess, sys, time
@@ -198,3 +204,79 @@ def scoped_rules(dest: Path, breach_ids: tuple[str, ...] = ("breach.service_shel
     kept = [r for r in rules if r["id"] in breach_ids]
     (dest / "breach.yaml").write_text(yaml.safe_dump({"rules": kept}, sort_keys=False))
     return dest
+
+
+class CutProber(Generic[T]):
+    """When did traffic to a UDP echo server stop being answered?
+
+    Contract: as a context manager, it opens a UDP socket in namespace `ns` (so the probes
+    cross only the lab's own links), connects it to `addr`:`port`, and starts two threads:
+    a sender that sends datagram n (n as 8 bytes, big-endian) every ~`interval_s`,
+    recording `clock()` just before each send, for at most `send_limit_s`; and a receiver
+    that records every number echoed back. Leaving the block stops and joins both threads
+    and closes the socket. The caller brackets its action with wait_answering() before and
+    its own settling wait after; first_unanswered() is then the send time of the datagram
+    after the highest one answered. `clock` is the caller's, so the result compares with
+    the caller's own start time (CLOCK_MONOTONIC ns from another process, or perf_counter).
+    """
+
+    def __init__(self, ns: str, addr: str, port: int, *, interval_s: float,
+                 send_limit_s: float, clock: Callable[[], T]):
+        self.ns, self.addr, self.port = ns, addr, port
+        self.interval_s, self.send_limit_s, self.clock = interval_s, send_limit_s, clock
+        self.sent: list[T] = []       # index = datagram number; only the sender appends
+        self.answered: set[int] = set()
+        self.highest = -1             # kept as answers come: polled often, the set only grows
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._receive), threading.Thread(target=self._send)]
+
+    def __enter__(self) -> "CutProber[T]":
+        with netns(self.ns):          # the socket belongs to the namespace it was made in
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # A short timeout lets the receiver notice the stop event while nothing comes back.
+            self.sock.settimeout(0.05)
+            self.sock.connect((self.addr, self.port))
+        except OSError:
+            self.sock.close()
+            raise
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self.sock.close()
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            # A timeout, or ECONNREFUSED/EPERM while the path is cut, is just "no answer".
+            with contextlib.suppress(OSError):
+                n = int.from_bytes(self.sock.recv(16), "big")
+                self.answered.add(n)
+                self.highest = max(self.highest, n)
+
+    def _send(self) -> None:
+        # Bounded on its own, so a caller that hangs cannot leave it flooding.
+        deadline = time.monotonic() + self.send_limit_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.sent.append(self.clock())
+            with contextlib.suppress(OSError):   # EPERM from an nft output drop, say
+                self.sock.send((len(self.sent) - 1).to_bytes(8, "big"))
+            time.sleep(self.interval_s)
+
+    def wait_answering(self, timeout_s: float, count: int = 20) -> None:
+        """Wait until `count` datagrams came back, so a later silence means a cut."""
+        wait_for(lambda: len(self.answered) >= count, timeout_s)
+
+    def silent_for(self, n: int) -> bool:
+        """None of the last `n` datagrams sent has been answered (yet)."""
+        return self.highest < len(self.sent) - n
+
+    def first_unanswered(self) -> T | None:
+        """Send time of the first datagram after the highest answered; None if none was
+        sent after it (the path was never seen cut)."""
+        i = self.highest + 1
+        return self.sent[i] if i < len(self.sent) else None

@@ -17,7 +17,6 @@ traffic seen flowing again before the next.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import socket
 import statistics
@@ -33,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 
 from agent import attacks  # noqa: E402
-from agent.breachlab import (Service, agent_config, cgroup_path, scoped_rules,  # noqa: E402
-                             service_name, throwaway_cgroup, wireguard_pair)
+from agent.breachlab import (CutProber, Service, agent_config, cgroup_path,  # noqa: E402
+                             scoped_rules, service_name, throwaway_cgroup, wireguard_pair)
 from agent.enforce.cgroup import cgroup2_mount  # noqa: E402
 from agent.enforce.wgapi import open_device  # noqa: E402
 from agent.lab import Lab, netns, wait_for  # noqa: E402
@@ -48,41 +47,15 @@ PORT = 9200
 def first_unanswered_ns(ns: str, addr: str, act: Callable[[], int],
                         limit_s: float = 10.0) -> tuple[int, int]:
     """(start ns returned by act(), send time of the first datagram never answered)."""
-    with netns(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sent: list[int] = []
-    answered: set[int] = set()
-    stop = threading.Event()
-
-    def receive() -> None:
-        s.settimeout(0.05)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                answered.add(int.from_bytes(s.recv(16), "big"))
-
-    def send() -> None:
-        deadline = time.monotonic() + limit_s + 1.0
-        while not stop.is_set() and time.monotonic() < deadline:
-            sent.append(time.monotonic_ns())
-            with contextlib.suppress(OSError):
-                s.send((len(sent) - 1).to_bytes(8, "big"))
-            time.sleep(0.0005)
-
-    threads = [threading.Thread(target=receive), threading.Thread(target=send)]
-    with s:
-        s.connect((addr, PORT))
-        for t in threads:
-            t.start()
-        try:
-            wait_for(lambda: len(answered) >= 20, 5.0)
-            start = act()
-            # Cut once nothing sent in the last 0.3 s came back.
-            wait_for(lambda: sent and max(answered) < len(sent) - 600, limit_s, 0.01)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-    return start, sent[max(answered) + 1]
+    with CutProber(ns, addr, PORT, interval_s=0.0005, send_limit_s=limit_s + 1.0,
+                   clock=time.monotonic_ns) as probe:
+        probe.wait_answering(5.0)
+        start = act()
+        # Cut once nothing sent in the last 0.3 s came back.
+        wait_for(lambda: probe.silent_for(600), limit_s, 0.01)
+    cut = probe.first_unanswered()
+    assert cut is not None     # silent_for() held: datagrams followed the last answer
+    return start, cut
 
 
 class Control:

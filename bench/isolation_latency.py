@@ -15,17 +15,16 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.breachlab import CutProber  # noqa: E402
 from agent.config import Allowlist, Config  # noqa: E402
 from agent.enforce.cgroup import CgroupEnforcer, cgroup2_mount  # noqa: E402
 from agent.enforce.nft import NftEnforcer  # noqa: E402
@@ -65,42 +64,14 @@ def time_to_cut(ns: str, addr: str, apply: Callable[[], None], limit_s: float = 
     """Seconds from apply() to the first unanswered probe. A sender thread probes all along
     (~5000 datagrams per second, at most limit_s + 0.3 s), so a cut that lands in the middle
     of apply() is seen there."""
-    with netns(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sent: list[float] = []
-    answered: set[int] = set()
-    stop = threading.Event()
-
-    def receive() -> None:
-        s.settimeout(0.05)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                answered.add(int.from_bytes(s.recv(16), "big"))
-
-    def send() -> None:
-        deadline = time.monotonic() + limit_s + 0.3
-        while not stop.is_set() and time.monotonic() < deadline:
-            sent.append(time.perf_counter())
-            with contextlib.suppress(OSError):
-                s.send((len(sent) - 1).to_bytes(8, "big"))
-            time.sleep(0.0002)
-
-    threads = [threading.Thread(target=receive), threading.Thread(target=send)]
-    with s:
-        s.connect((addr, PORT))
-        for t in threads:
-            t.start()
-        try:
-            wait_for(lambda: len(answered) >= 20, limit_s)
-            t0 = time.perf_counter()
-            apply()
-            time.sleep(0.3)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-    last = max(answered)
-    return max(0.0, sent[last + 1] - t0) if last + 1 < len(sent) else float("inf")
+    with CutProber(ns, addr, PORT, interval_s=0.0002, send_limit_s=limit_s + 0.3,
+                   clock=time.perf_counter) as probe:
+        probe.wait_answering(limit_s)
+        t0 = time.perf_counter()
+        apply()
+        time.sleep(0.3)
+    cut = probe.first_unanswered()
+    return float("inf") if cut is None else max(0.0, cut - t0)
 
 
 def mit(kind: MitigationKind, target: str) -> Mitigation:
