@@ -61,4 +61,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 make -s -C probes
-echo "install.sh: ready. Run: sudo .venv/bin/swarm-agent run --config packaging/config.yaml"
+echo "install.sh: ready. Run (as root): .venv/bin/swarm-agent run --config packaging/config.yaml"
