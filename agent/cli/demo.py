@@ -20,14 +20,21 @@ def _fmt_ms(value: float | None) -> str:
 
 def format_timeline(tl: Timeline) -> str:
     d = tl.as_dict()
+    pattern = PATTERNS[tl.pattern]
     mits = active(d["mitigations"]) or d["mitigations"]
     what = ", ".join(f"{m['kind']} {m['target']} ({m['ttl_s']} s)" for m in mits) or "none"
+    unit = "connection attempts" if pattern.attack in ("conn_flood", "port_scan") else "packets"
+    if pattern.kind == "rate_limit":
+        # A per-source rate limit lets a trickle through by design: no hard cut-off.
+        last = "  attacker limited  " + f"{_fmt_ms(d['mitigated_ms']):<9}  (a trickle of handshakes still passes)"
+    else:
+        last = f"  attacker cut off  {_fmt_ms(d['cut_off_ms']):<9}  (no TCP handshake for ~1 s from here)"
     return "\n".join([
-        f"{tl.pattern}: {PATTERNS[tl.pattern].description}",
-        f"  first packet      0.0 ms   ({d['packets_sent']} packets sent)",
+        f"{tl.pattern}: {pattern.description}",
+        f"  first packet      0.0 ms   ({d['packets_sent']} {unit} sent)",
         f"  detected          {_fmt_ms(d['detected_ms']):<9}  rule {d['rule'] or '-'}",
         f"  mitigated         {_fmt_ms(d['mitigated_ms']):<9}  {what}",
-        f"  attacker cut off  {_fmt_ms(d['cut_off_ms']):<9}  (no TCP handshake for ~1 s from here)",
+        last,
     ])
 
 

@@ -1,0 +1,35 @@
+"""`swarm-agent demo` as an operator runs it: its own namespaces, a real agent, cleanup."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli.main", "demo", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_list_and_unknown_pattern():
+    listed = demo("--list")
+    assert listed.returncode == 0 and "syn_flood" in listed.stdout and "port_scan_v6" in listed.stdout
+    bad = demo("--patterns", "nope")
+    assert bad.returncode == 2 and "unknown pattern nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.privileged
+def test_demo_stops_a_port_scan_and_leaves_nothing_behind():
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = demo("--patterns", "port_scan", "--json")
+    assert out.returncode == 0, out.stderr
+    [tl] = json.loads(out.stdout)
+    assert "net.port_scan@1" in tl["rule"]
+    assert tl["mitigated_ms"] < 30_000 and tl["cut_off_ms"] is not None
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
+
+    human = demo("--patterns", "port_scan")
+    assert human.returncode == 0
+    assert "attacker cut off" in human.stdout and "block_ip" in human.stdout
