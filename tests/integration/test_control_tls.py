@@ -15,6 +15,7 @@ import pytest
 
 from agent.proto.swarm.control.v1 import control_pb2 as pb
 from agent.proto.swarm.control.v1 import control_pb2_grpc
+from tests.conftest import skip_unsupported
 from tests.integration.test_control_api import Served, code_of, make_cfg
 
 Code = grpc.StatusCode
@@ -44,7 +45,7 @@ def pki(tmp_path_factory):
     """A CA, the agent's certificate (127.0.0.1), clients viewer/operator/stranger, and a
     client signed by an unrelated CA."""
     if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
+        skip_unsupported("needs the openssl command")
     d = tmp_path_factory.mktemp("pki")
     _ca(d, "ca")
     _ca(d, "rogue-ca")
