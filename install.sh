@@ -25,7 +25,7 @@ fi
 # libbpf1, nftables, iproute2. Build: clang/llvm and libbpf headers for the CO-RE probes,
 # bpftool to generate vmlinux.h from the kernel's BTF.
 packages=(python3 python3-venv python3-nftables nftables libnftables1 libbpf1 iproute2
-          python3-grpcio python3-protobuf python3-prometheus-client
+          python3-yaml python3-grpcio python3-protobuf python3-prometheus-client
           clang llvm libbpf-dev bpftool make)
 # WireGuard peer quarantine: pyroute2 for kernel WireGuard (userspace uses the UAPI socket);
 # the tests run two wireguard-go nodes configured with wg.
@@ -36,6 +36,8 @@ packages+=(python3-pyroute2)
 # Tests only: the packaging tests build the .deb and .rpm (rpmbuild) and install the .deb
 # into a fresh debootstrap root.
 [ "$with_tests" = 1 ] && packages+=(debootstrap rpm)
+# Tests only: certificates for the mutual-TLS tests, sysctl for the lab namespaces.
+[ "$with_tests" = 1 ] && packages+=(openssl procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
