@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -44,6 +45,26 @@ def sh(*args: str, check: bool = True, ns: str | None = None, timeout: float = 3
        input: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
     return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout, input=input)
+
+
+def spawn_in(ns: str, *argv: str, cgroup: Path | str | None = None) -> subprocess.Popen[str]:
+    """Start `argv` in namespace `ns`; with `cgroup` (a cgroup v2 directory) it is a member
+    from its first instruction, so every socket it opens belongs to that cgroup."""
+    pre = f'echo $$ > "{cgroup}/cgroup.procs" && ' if cgroup else ""
+    return subprocess.Popen(["sh", "-c", pre + 'exec ip netns exec "$0" "$@"', ns, *argv],
+                            stdout=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def serving(ns: str, *argv: str, cgroup: Path | str | None = None) -> Iterator[subprocess.Popen[str]]:
+    """A server started with spawn_in that prints "ready" once it listens; killed after."""
+    proc = spawn_in(ns, *argv, cgroup=cgroup)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.02) -> object:

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import secrets
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,12 +21,12 @@ from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.breachlab import CutProber  # noqa: E402
+from agent.breachlab import CutProber, throwaway_cgroup, wireguard_pair  # noqa: E402
 from agent.config import Allowlist, Config  # noqa: E402
 from agent.enforce.cgroup import CgroupEnforcer, cgroup2_mount  # noqa: E402
 from agent.enforce.nft import NftEnforcer  # noqa: E402
 from agent.enforce.wireguard import WireGuardEnforcer  # noqa: E402
-from agent.lab import Lab, netns, sh, wait_for  # noqa: E402
+from agent.lab import Lab, netns, serving, wait_for  # noqa: E402
 from agent.model import Mitigation, MitigationKind  # noqa: E402
 
 PORT, WG_PORT = 9000, 51821
@@ -49,15 +46,8 @@ while True:
 @contextlib.contextmanager
 def echo(ns: str, addr: str, cgroup: Path | None = None) -> Iterator[None]:
     """A UDP echo server in `ns` (a member of `cgroup` from its start when given)."""
-    pre = f'echo $$ > "{cgroup}/cgroup.procs" && ' if cgroup else ""
-    proc = subprocess.Popen(["sh", "-c", pre + f'exec ip netns exec "{ns}" "$@"', "sh", sys.executable,
-                             "-c", ECHO, addr, str(PORT)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with serving(ns, sys.executable, "-c", ECHO, addr, str(PORT), cgroup=cgroup):
         yield
-    finally:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 def time_to_cut(ns: str, addr: str, apply: Callable[[], None], limit_s: float = 3.0) -> float:
@@ -97,9 +87,7 @@ def bench_node(lab: Lab, runs: int) -> list[float]:
 
 def bench_service(lab: Lab, runs: int) -> tuple[list[float], list[float]]:
     cut, frozen = [], []
-    cg = cgroup2_mount() / f"swa-bench-{secrets.token_hex(3)}"
-    cg.mkdir()
-    try:
+    with throwaway_cgroup("swa-bench") as cg:
         path = "/" + str(cg.relative_to(cgroup2_mount()))
         with echo(lab.victim, lab.addr("victim"), cg), netns(lab.victim):
             e, freezer = NftEnforcer(Config()), CgroupEnforcer()
@@ -120,57 +108,18 @@ def bench_service(lab: Lab, runs: int) -> tuple[list[float], list[float]]:
             finally:
                 e.remove()
                 e.close()
-    finally:
-        with contextlib.suppress(OSError):
-            (cg / "cgroup.freeze").write_text("0")
-            (cg / "cgroup.kill").write_text("1")
-        wait_for(lambda: not (cg / "cgroup.procs").read_text().strip(), 5.0)
-        cg.rmdir()
     return cut, frozen
-
-
-def wireguard_pair(lab: Lab, tmp: Path) -> tuple[str, str, list[subprocess.Popen[bytes]]]:
-    """wireguard-go in both namespaces, peered; (victim ifname, attacker public key, daemons)."""
-    env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
-    procs, keys = [], {}
-    for side, octet in (("attacker", 1), ("victim", 2)):
-        ns, ifname = getattr(lab, side), f"wb{side[0]}{lab.tag}"
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, "wireguard-go", "-f", ifname], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: Path(f"/var/run/wireguard/{ifname}.sock").is_socket(), 10.0)
-        private = sh("wg", "genkey").stdout.strip()
-        (tmp / side).write_text(private + "\n")
-        keys[side] = (ns, ifname, sh("wg", "pubkey", input=private + "\n").stdout.strip(), octet)
-        sh("wg", "set", ifname, "private-key", str(tmp / side), "listen-port", str(WG_PORT), ns=ns)
-        sh("ip", "addr", "add", f"10.{lab.subnet}.201.{octet}/24", "dev", ifname, ns=ns)
-        sh("ip", "link", "set", ifname, "up", ns=ns)
-    for me, other in (("attacker", "victim"), ("victim", "attacker")):
-        ns, ifname, _, _ = keys[me]
-        _, _, pub, octet = keys[other]
-        # A keepalive interval makes the restored peer start a handshake at once.
-        sh("wg", "set", ifname, "peer", pub, "endpoint", f"{lab.addr(other)}:{WG_PORT}",
-           "persistent-keepalive", "25", "allowed-ips", f"10.{lab.subnet}.201.{octet}/32", ns=ns)
-    return keys["victim"][1], keys["attacker"][2], procs
 
 
 def bench_peer(lab: Lab, runs: int, tmp: Path) -> list[float]:
     out = []
-    ifname, attacker_key, procs = wireguard_pair(lab, tmp)
-    tunnel_victim = f"10.{lab.subnet}.201.2"
-    try:
-        with echo(lab.victim, tunnel_victim), netns(lab.victim):
-            wg = WireGuardEnforcer(tmp / "state")
-            for _ in range(runs):
-                m = mit(MitigationKind.REMOVE_PEER, f"{ifname}:{attacker_key}")
-                out.append(time_to_cut(lab.attacker, tunnel_victim, lambda: wg.apply(m, time.time())))
-                wg.lift(m)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=5)
-        for side in "av":
-            with contextlib.suppress(FileNotFoundError):
-                Path(f"/var/run/wireguard/wb{side}{lab.tag}.sock").unlink()
+    with wireguard_pair(lab, tmp, port=WG_PORT) as pair, \
+            echo(lab.victim, pair.victim_tunnel), netns(lab.victim):
+        wg = WireGuardEnforcer(tmp / "state")
+        for _ in range(runs):
+            m = mit(MitigationKind.REMOVE_PEER, pair.target)
+            out.append(time_to_cut(lab.attacker, pair.victim_tunnel, lambda: wg.apply(m, time.time())))
+            wg.lift(m)
     return out
 
 

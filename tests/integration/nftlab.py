@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
 import sys
 from typing import Iterator
 
-from agent.lab import netns, wait_for
+from agent.lab import netns, serving, wait_for
 
 _LISTENER = r"""
 import socket, sys
@@ -28,14 +27,8 @@ while True:
 @contextlib.contextmanager
 def listener(ns: str, addr: str, port: int, banner: str = "ok") -> Iterator[None]:
     """A TCP server in `ns` on addr:port that sends `banner` to each client; killed after."""
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _LISTENER,
-                             addr, str(port), banner], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with serving(ns, sys.executable, "-c", _LISTENER, addr, str(port), banner):
         yield
-    finally:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 def connect(ns: str, addr: str, port: int, timeout_s: float = 1.0, src: str | None = None) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from agent.config import Allowlist, Config
 from agent.enforce.cgroup import CgroupEnforcer, CgroupError, cgroup2_mount, own_cgroup
 from agent.enforce.isolate import IsolationRefused
 from agent.enforce.nft import NftEnforcer
-from agent.lab import Lab, netns, sh, wait_for
+from agent.lab import Lab, netns, serving, sh, spawn_in, wait_for
 from agent.model import Mitigation, MitigationKind
 from tests.integration.nftlab import _LISTENER, connect, listener, reaches
 
@@ -35,29 +34,17 @@ def table(lab: Lab) -> str:
     return sh("nft", "list", "table", "inet", "swarm_agent", ns=lab.victim).stdout
 
 
-def in_cgroup(cg: Path, ns: str, *argv: str) -> subprocess.Popen[str]:
-    """Start `argv` in namespace `ns` as a member of `cg` from its first instruction, so
-    the sockets it opens belong to the cgroup."""
-    script = f'echo $$ > "{cg}/cgroup.procs" && exec ip netns exec "{ns}" "$@"'
-    return subprocess.Popen(["sh", "-c", script, "sh", *argv], stdout=subprocess.PIPE, text=True)
-
-
 @contextlib.contextmanager
 def listener_in(cg: Path, ns: str, addr: str, port: int, banner: str) -> Iterator[None]:
-    proc = in_cgroup(cg, ns, sys.executable, "-c", _LISTENER, addr, str(port), banner)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with serving(ns, sys.executable, "-c", _LISTENER, addr, str(port), banner, cgroup=cg):
         yield
-    finally:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 def connect_from(cg: Path, ns: str, addr: str, port: int) -> str:
     """The banner a one-shot client started in cgroup `cg` reads (empty on failure)."""
     code = ("import socket,sys\ns=socket.create_connection((sys.argv[1],int(sys.argv[2])),0.5)\n"
             "print(s.recv(64).decode())")
-    proc = in_cgroup(cg, ns, sys.executable, "-c", code, addr, str(port))
+    proc = spawn_in(ns, sys.executable, "-c", code, addr, str(port), cgroup=cg)
     out, _ = proc.communicate(timeout=10)
     return out.strip()
 
