@@ -146,7 +146,6 @@ def test_spoofed_flood_does_not_grow_the_block_set_without_bound():
     # max_sources_per_rule of them, then rate-limits the service instead.
     sc = Scenario("mitigation:\n  max_sources_per_rule: 16\n")
     with sc:
-        pattern = PATTERNS["distributed_syn_flood"]
         attacks.run(sc.lab.attacker, "distributed_syn_flood", timeout_s=60, target=sc.target(False),
                     port=SERVICE_PORT, sources=100, rate=40000, count=120000, duration_s=4)
         blocked = elements(sc.lab.victim, "block_v4")
@@ -155,7 +154,6 @@ def test_spoofed_flood_does_not_grow_the_block_set_without_bound():
         assert services, "the service was not rate-limited"
         with sc.agent.store() as store:
             assert len([m for m in store.mitigations() if m.kind == "block_ip"]) <= 16
-        assert pattern.kind == "rate_limit_service"
 
 
 def test_dry_run_records_but_changes_nothing(tmp_path):
