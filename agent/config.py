@@ -145,6 +145,11 @@ CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group
                     "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
                     "*/.ssh/authorized_keys2")
 
+REMOTE_ACCESS = ("/usr/sbin/sshd", "/usr/lib/openssh/sshd-session", "/usr/libexec/openssh/sshd-session",
+                 "/usr/sbin/dropbear", "/usr/bin/mosh-server", "/usr/sbin/in.telnetd")
+SERVICE_MANAGERS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/usr/sbin/inetd",
+                    "/usr/sbin/openbsd-inetd", "/usr/sbin/xinetd", "/usr/bin/tcpserver")
+
 
 @dataclass(frozen=True)
 class Breach:
@@ -160,6 +165,13 @@ class Breach:
     credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
     agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always
     read_paths: tuple[str, ...] = ("/etc/shadow*", "/etc/gshadow*")  # reads reported too
+    # Executables (absolute paths or globs, verified against the kernel's inode) that hold
+    # a terminal and a network connection by design: their sessions' shells are no
+    # reverse shells (breach.stdio_network).
+    remote_access: tuple[str, ...] = REMOTE_ACCESS
+    # Executables that put accepted sockets on a service's stdin/stdout (socket
+    # activation, inetd): their dup2 onto fd 0-2 is no reverse shell (breach.socket_dup).
+    service_managers: tuple[str, ...] = SERVICE_MANAGERS
 
 
 @dataclass(frozen=True)
@@ -406,6 +418,11 @@ def check_interfaces(cfg: Config) -> None:
 
 
 def _check_breach(cfg: Config) -> None:
+    for name in ("remote_access", "service_managers"):
+        for p in getattr(cfg.breach, name):
+            if not p.startswith("/"):
+                raise ConfigError(f"breach.{name}: {p!r} is not an absolute executable path "
+                                  "or glob")
     for name, paths in breach_lists(cfg).items():
         if name.endswith("_paths"):
             for p in paths:

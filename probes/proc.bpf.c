@@ -388,3 +388,215 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
+
+/* --- reverse shells however they are wired ---------------------------------------------
+ * 1. A network socket duplicated onto a standard stream: dup/dup2/dup3/fcntl(F_DUPFD)
+ *    whose result is fd 0, 1 or 2 and now an AF_INET/AF_INET6 socket (what Falco's
+ *    "Redirect STDOUT/STDIN to Network Connection" watches). Read at the syscall's exit
+ *    from the fd it returned, so only a duplication that happened is reported.
+ * 2. A watched program (shell/interpreter) exec'd with its stdin and its stdout or stderr
+ *    on pipes, fifos, ptys or unix sockets: each stream's kind and identity (pipe inode,
+ *    fifo dev+inode, pty number, unix peer's inode) go to user space, which looks for the
+ *    processes at the other ends and whether they hold a network connection
+ *    (agent/sources/stdio.py): the kernel cannot see "the other end of a pipe". */
+
+#include <bpf/bpf_endian.h>
+
+#define S_IFIFO 0010000
+#define S_IFCHR 0020000
+#define AF_UNIX 1
+#define PIPEFS_MAGIC 0x50495045
+#define F_DUPFD 0
+#define F_DUPFD_CLOEXEC 1030
+
+/* fcntl(F_DUPFD*, arg <= 2) between syscall entry and exit, per thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u8);
+} pending_dupfd SEC(".maps");
+
+static __always_inline struct file *task_fd(struct task_struct *task, __u32 fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+
+	if (fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+static __always_inline void exe_identity(struct task_struct *task, __u64 *ino, __u32 *dev)
+{
+	struct inode *exe = BPF_CORE_READ(task, mm, exe_file, f_inode);
+
+	*ino = BPF_CORE_READ(exe, i_ino);
+	*dev = BPF_CORE_READ(exe, i_sb, s_dev);
+}
+
+static __always_inline void classify_fd(struct file *f, struct stdio_fd *out)
+{
+	struct inode *inode;
+	struct socket *sock;
+	struct sock *sk, *peer;
+	__u32 major, minor;
+	__u16 mode;
+
+	if (!f)
+		return;		/* STDIO_CLOSED */
+	inode = BPF_CORE_READ(f, f_inode);
+	mode = BPF_CORE_READ(inode, i_mode) & S_IFMT;
+	out->ino = BPF_CORE_READ(inode, i_ino);
+	out->dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	out->flags = BPF_CORE_READ(f, f_flags);
+	out->kind = STDIO_FILE;
+	if (mode == S_IFSOCK) {
+		sock = BPF_CORE_READ(f, private_data);
+		sk = BPF_CORE_READ(sock, sk);
+		out->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+		if (out->family == AF_UNIX) {
+			out->kind = STDIO_UNIX;
+			peer = BPF_CORE_READ((struct unix_sock *)sk, peer);
+			out->ino = peer ? BPF_CORE_READ(peer, sk_socket, file, f_inode, i_ino) : 0;
+		} else {
+			out->kind = is_inet(out->family) ? STDIO_INET : STDIO_SOCKET;
+		}
+	} else if (mode == S_IFIFO) {
+		out->kind = BPF_CORE_READ(inode, i_sb, s_magic) == PIPEFS_MAGIC ? STDIO_PIPE
+									       : STDIO_FIFO;
+	} else if (mode == S_IFCHR) {
+		out->rdev = BPF_CORE_READ(inode, i_rdev);
+		major = out->rdev >> 20;
+		minor = out->rdev & 0xFFFFF;
+		if (major >= 136 && major <= 143)		/* UNIX98_PTY_SLAVE_MAJOR */
+			out->kind = STDIO_PTY;
+		else if (major == 5 && minor == 2)		/* /dev/ptmx, /dev/pts/ptmx */
+			out->kind = STDIO_PTMX;
+		else if (major == 4 || (major == 5 && minor < 2) || major == 204 || major == 229)
+			out->kind = STDIO_TTY;
+		else
+			out->kind = STDIO_CHAR;
+	}
+}
+
+static __always_inline int is_channel(__u16 kind)
+{
+	return kind == STDIO_PIPE || kind == STDIO_FIFO || kind == STDIO_PTY || kind == STDIO_UNIX;
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int handle_exec_stdio(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct stdio_fd fd0 = {}, fd1 = {}, fd2 = {};
+	struct comm_key comm = {};
+	struct proc_stdio_event *e;
+
+	if (is_agent())
+		return 0;
+	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
+	if (!(comm_flags(&comm) & COMM_PROGRAM))
+		return 0;
+	classify_fd(task_fd(task, 0), &fd0);
+	classify_fd(task_fd(task, 1), &fd1);
+	classify_fd(task_fd(task, 2), &fd2);
+	if (!is_channel(fd0.kind) || !(is_channel(fd1.kind) || is_channel(fd2.kind)))
+		return 0;
+	e = reserve(sizeof(*e), EVENT_PROC_STDIO);
+	if (!e)
+		return 0;
+	fill_proc(&e->proc, task);
+	e->fd[0] = fd0;
+	e->fd[1] = fd1;
+	e->fd[2] = fd2;
+	exe_identity(task, &e->exe_ino, &e->exe_dev);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+static __always_inline int check_dup(long ret, __u16 syscall)
+{
+	struct task_struct *task;
+	struct stdio_dup_event *e;
+	struct socket *sock;
+	struct file *f;
+	struct sock *sk;
+	__u32 daddr4;
+	__u16 family;
+
+	if (ret < 0 || ret > 2 || is_agent())
+		return 0;
+	task = (struct task_struct *)bpf_get_current_task();
+	f = task_fd(task, ret);
+	if (!f || (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(f, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (!is_inet(family))
+		return 0;
+	e = reserve(sizeof(*e), EVENT_STDIO_DUP);
+	if (!e)
+		return 0;
+	fill_proc(&e->proc, task);
+	exe_identity(task, &e->exe_ino, &e->exe_dev);
+	e->newfd = ret;
+	e->syscall = syscall;
+	e->family = family;
+	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (family == AF_INET) {
+		daddr4 = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(e->daddr, &daddr4, sizeof(daddr4));
+	} else
+		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr);
+	e->sock_ino = BPF_CORE_READ(f, f_inode, i_ino);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_dup")
+int handle_sys_exit_dup(struct trace_event_raw_sys_exit *ctx)
+{
+	return check_dup(ctx->ret, DUP_DUP);
+}
+
+/* dup2(2) exists on x86-64 but not on arm64 (glibc uses dup3 there): its attach may fail. */
+SEC("tracepoint/syscalls/sys_exit_dup2")
+int handle_sys_exit_dup2(struct trace_event_raw_sys_exit *ctx)
+{
+	return check_dup(ctx->ret, DUP_DUP2);
+}
+
+SEC("tracepoint/syscalls/sys_exit_dup3")
+int handle_sys_exit_dup3(struct trace_event_raw_sys_exit *ctx)
+{
+	return check_dup(ctx->ret, DUP_DUP3);
+}
+
+/* fcntl(fd, F_DUPFD, 0) gives the lowest free fd >= 0: fd 0 once stdin is closed. The
+ * command is only known at entry; other commands may return 0-2 too (F_GETFL). */
+SEC("tracepoint/syscalls/sys_enter_fcntl")
+int handle_sys_enter_fcntl(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if ((ctx->args[1] != F_DUPFD && ctx->args[1] != F_DUPFD_CLOEXEC) || ctx->args[2] > 2)
+		return 0;
+	bpf_map_update_elem(&pending_dupfd, &id, &(__u8){1}, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_fcntl")
+int handle_sys_exit_fcntl(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (!bpf_map_lookup_elem(&pending_dupfd, &id))
+		return 0;
+	bpf_map_delete_elem(&pending_dupfd, &id);
+	return check_dup(ctx->ret, DUP_FCNTL);
+}

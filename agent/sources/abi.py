@@ -60,6 +60,8 @@ class EventKind(enum.IntEnum):
     MODULE_LOAD = 8
     PTRACE = 9
     BPF_PROG_LOAD = 10
+    STDIO_DUP = 11
+    PROC_STDIO = 12
 
 
 class Reason(enum.IntEnum):
@@ -154,6 +156,12 @@ class ProcProg(enum.StrEnum):
     PTRACE_ENTER = "handle_sys_enter_ptrace"
     PTRACE_EXIT = "handle_sys_exit_ptrace"
     BPF = "handle_sys_enter_bpf"
+    EXEC_STDIO = "handle_exec_stdio"
+    DUP_EXIT = "handle_sys_exit_dup"
+    DUP2_EXIT = "handle_sys_exit_dup2"
+    DUP3_EXIT = "handle_sys_exit_dup3"
+    FCNTL_ENTER = "handle_sys_enter_fcntl"
+    FCNTL_EXIT = "handle_sys_exit_fcntl"
 
 
 PROC_TRACEPOINTS = {
@@ -167,6 +175,12 @@ PROC_TRACEPOINTS = {
     ProcProg.PTRACE_ENTER: ("syscalls", "sys_enter_ptrace"),
     ProcProg.PTRACE_EXIT: ("syscalls", "sys_exit_ptrace"),
     ProcProg.BPF: ("syscalls", "sys_enter_bpf"),
+    ProcProg.EXEC_STDIO: ("sched", "sched_process_exec"),
+    ProcProg.DUP_EXIT: ("syscalls", "sys_exit_dup"),
+    ProcProg.DUP2_EXIT: ("syscalls", "sys_exit_dup2"),
+    ProcProg.DUP3_EXIT: ("syscalls", "sys_exit_dup3"),
+    ProcProg.FCNTL_ENTER: ("syscalls", "sys_enter_fcntl"),
+    ProcProg.FCNTL_EXIT: ("syscalls", "sys_exit_fcntl"),
 }
 
 
@@ -179,6 +193,7 @@ class ProcMap(enum.StrEnum):
     TRACKED = "tracked"
     PENDING_PTRACE = "pending_ptrace"
     SCRATCH = "scratch"
+    PENDING_DUPFD = "pending_dupfd"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 
@@ -241,13 +256,48 @@ class bpf_prog_load_event(_S):
                 ("insn_cnt", u32), ("prog_name", u8 * COMM_LEN)]
 
 
+# --- reverse shells however they are wired (proc.bpf.c, end) --------------------------
+
+DUP_SYSCALLS = {1: "dup", 2: "dup2", 3: "dup3", 4: "fcntl"}   # enum dup_syscall
+
+
+class StdioKind(enum.IntEnum):
+    CLOSED = 0
+    FILE = 1
+    PIPE = 2
+    FIFO = 3
+    PTY = 4
+    PTMX = 5
+    TTY = 6
+    CHAR = 7
+    UNIX = 8
+    INET = 9
+    SOCKET = 10
+
+
+class stdio_fd(_S):
+    _fields_ = [("ino", u64), ("dev", u32), ("rdev", u32), ("kind", u16), ("family", u16),
+                ("flags", u32)]
+
+
+class stdio_dup_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("exe_ino", u64), ("exe_dev", u32),
+                ("newfd", u32), ("syscall", u16), ("family", u16), ("dport", u16),
+                ("sport", u16), ("daddr", u8 * 16), ("sock_ino", u64)]
+
+
+class proc_stdio_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("fd", stdio_fd * 3),
+                ("exe_ino", u64), ("exe_dev", u32), ("pad0", u32)]
+
+
 # Every struct shared with C, for the ABI test.
 SHARED_STRUCTS = (event_header, addr_key, service_key, source_stats, service_stats,
                   remote_stats, net_thresholds, net_config, net_source_event,
                   net_service_event, tcp_remote_event,
                   proc_config, comm_key, path_key, path_rule, proc_ctx, proc_exec_event,
                   proc_exit_event, file_open_event, module_load_event, ptrace_event,
-                  bpf_prog_load_event)
+                  bpf_prog_load_event, stdio_fd, stdio_dup_event, proc_stdio_event)
 
 DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.NET_SOURCE: net_source_event,
@@ -260,6 +310,8 @@ DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.MODULE_LOAD: module_load_event,
     EventKind.PTRACE: ptrace_event,
     EventKind.BPF_PROG_LOAD: bpf_prog_load_event,
+    EventKind.STDIO_DUP: stdio_dup_event,
+    EventKind.PROC_STDIO: proc_stdio_event,
 }
 
 

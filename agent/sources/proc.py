@@ -32,7 +32,7 @@ import os
 
 from agent.config import Config, breach_lists, split_pattern
 from agent.model import Event
-from agent.sources import abi, libbpf
+from agent.sources import abi, libbpf, stdio
 from agent.sources.abi import ProcMap, ProcProg
 from agent.sources.cgroups import CgroupNames, ancestors
 from agent.sources.probe import BpfProbe
@@ -40,7 +40,7 @@ from agent.sources.probe import BpfProbe
 SOURCE = "bpf.proc"
 # Programs whose tracepoint only some kernels have (no open/creat on arm64, no
 # module:module_load without module support): their absence is expected, not a failure.
-OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD}
+OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD, ProcProg.DUP2_EXIT}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
 
@@ -115,6 +115,20 @@ class ProcProbe(BpfProbe):
             trie = ProcMap.WATCHED_SUFFIXES if how == "suffix" else ProcMap.WATCHED_PREFIXES
             self._map(trie).update(key, abi.path_rule(flags=flags, len=len(raw), id=rule_id))
 
+    async def run(self, emit) -> None:
+        """BpfProbe.run, with "proc.stdio" events correlated off the loop into
+        "proc.stdio_network" events (agent.sources.stdio)."""
+        self.correlator = stdio.StdioCorrelator(emit)
+
+        def both(event: Event) -> None:
+            emit(event)
+            self.correlator.submit(event)
+
+        try:
+            await super().run(both)
+        finally:
+            self.correlator.close()
+
     # --- decoding ------------------------------------------------------------------------
 
     def _decode(self, record: bytes) -> Event | None:
@@ -160,6 +174,10 @@ class ProcProbe(BpfProbe):
             name, subject = "bpf.prog_load", f"pid:{p.pid}"
             extra = {"prog_type": ev.prog_type, "prog_name": _text(ev.prog_name),
                      "insn_cnt": ev.insn_cnt, "ancestors": ancestors(p.ppid)}
+        elif kind == abi.EventKind.STDIO_DUP:
+            name, subject, extra = "proc.stdio_dup", f"pid:{p.pid}", stdio.dup_fields(ev)
+        elif kind == abi.EventKind.PROC_STDIO:
+            name, subject, extra = "proc.stdio", f"pid:{p.pid}", stdio.exec_stdio_fields(ev)
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)

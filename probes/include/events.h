@@ -24,6 +24,8 @@ enum event_kind {
 	EVENT_MODULE_LOAD = 8,
 	EVENT_PTRACE = 9,
 	EVENT_BPF_PROG_LOAD = 10,
+	EVENT_STDIO_DUP = 11,
+	EVENT_PROC_STDIO = 12,
 };
 
 /* Why an alert fired; bit (1 << reason) marks "already alerted in this window". */
@@ -321,5 +323,70 @@ struct bpf_prog_load_event {
 	__u8 prog_name[COMM_LEN];
 };
 _Static_assert(sizeof(struct bpf_prog_load_event) == 104, "bpf_prog_load_event size");
+
+/* --- reverse shells however they are wired (proc.bpf.c, end) ----------------------- */
+
+/* Which syscall put a socket on a standard stream (stdio_dup_event.syscall). */
+enum dup_syscall {
+	DUP_DUP = 1,
+	DUP_DUP2 = 2,
+	DUP_DUP3 = 3,
+	DUP_FCNTL = 4,		/* F_DUPFD / F_DUPFD_CLOEXEC */
+};
+
+/* What one standard stream is (stdio_fd.kind). */
+enum stdio_kind {
+	STDIO_CLOSED = 0,
+	STDIO_FILE = 1,		/* regular file, directory, anything not below */
+	STDIO_PIPE = 2,		/* anonymous pipe (pipefs); ino identifies it */
+	STDIO_FIFO = 3,		/* named pipe; dev + ino identify it */
+	STDIO_PTY = 4,		/* a pty slave /dev/pts/N; rdev gives N */
+	STDIO_PTMX = 5,		/* a pty master */
+	STDIO_TTY = 6,		/* another terminal: console, /dev/ttyN, serial */
+	STDIO_CHAR = 7,		/* another character device (/dev/null) */
+	STDIO_UNIX = 8,		/* AF_UNIX socket; ino is its PEER's inode (0: none) */
+	STDIO_INET = 9,		/* AF_INET/AF_INET6 socket; ino is its own inode */
+	STDIO_SOCKET = 10,	/* a socket of another family (see family) */
+};
+
+/* One standard stream of an exec'ing process, read from its fd table in the kernel. */
+struct stdio_fd {
+	__u64 ino;		/* the file's inode number (unix sockets: the peer's) */
+	__u32 dev;		/* the inode's superblock device, kernel encoding (major << 20 | minor) */
+	__u32 rdev;		/* character devices: the device number, kernel encoding */
+	__u16 kind;		/* enum stdio_kind */
+	__u16 family;		/* sockets: AF_* */
+	__u32 flags;		/* the open file's f_flags (O_ACCMODE: which end of a pipe) */
+};
+_Static_assert(sizeof(struct stdio_fd) == 24, "stdio_fd size");
+
+/* An AF_INET/AF_INET6 socket duplicated onto fd 0, 1 or 2 (dup, dup2, dup3, fcntl
+ * F_DUPFD), raised at the syscall's exit from the fd it returned. */
+struct stdio_dup_event {
+	struct event_header hdr;
+	struct proc_ctx proc;
+	__u64 exe_ino;		/* the task's executable (mm->exe_file), as the kernel holds it */
+	__u32 exe_dev;		/* its superblock device, kernel encoding */
+	__u32 newfd;		/* 0, 1 or 2 */
+	__u16 syscall;		/* enum dup_syscall */
+	__u16 family;		/* AF_INET or AF_INET6 */
+	__u16 dport;		/* the socket's remote port, host order (0: not connected) */
+	__u16 sport;		/* its local port, host order */
+	__u8 daddr[16];		/* its remote address, network order */
+	__u64 sock_ino;		/* the socket's inode (socket:[ino] in /proc/PID/fd) */
+};
+_Static_assert(sizeof(struct stdio_dup_event) == 128, "stdio_dup_event size");
+
+/* Exec of a watched program (COMM_PROGRAM) whose stdin and stdout or stderr are pipes,
+ * fifos, ptys or sockets: the shape user space correlates with the other ends. */
+struct proc_stdio_event {
+	struct event_header hdr;
+	struct proc_ctx proc;
+	struct stdio_fd fd[3];	/* fds 0, 1, 2 */
+	__u64 exe_ino;
+	__u32 exe_dev;
+	__u32 pad0;
+};
+_Static_assert(sizeof(struct proc_stdio_event) == 168, "proc_stdio_event size");
 
 #endif

@@ -1,0 +1,462 @@
+"""Reverse shells wired through pipes, fifos, ptys and unix sockets: who is at the other
+end of an exec'd shell's standard streams, and does it hold a network connection?
+
+The kernel reports a watched program (shell/interpreter) exec'd with its stdin and its
+stdout or stderr on such channels ("proc.stdio", probes/proc.bpf.c); it cannot see the
+other end of a pipe. This module looks, from /proc, off the event loop (one worker
+thread at a time, a bounded number of pending shells, drops counted), a few times over
+~2 s because a pipeline's members start together and `nc` may connect after `sh` execs:
+
+- a pipe (pipe:[ino]) or fifo (same dev+inode): the processes holding its other end —
+  the writers of the shell's stdin, the readers of its stdout/stderr (the open mode in
+  /proc/PID/fdinfo), never the shell itself or its children, which share its ends;
+- a pty slave /dev/pts/N: the holders of the master (/dev/ptmx with `tty-index: N`);
+- a unix socket: the holder of its peer (the kernel sends the peer's inode);
+- one hop further, through a process that only relays (`cat` reading the fifo that `nc`
+  writes): the other ends of that process's own pipes and fifos, in the same direction.
+
+A process "holds the network" when one of its sockets (socket:[ino]) is a TCP/UDP
+socket of its network namespace (/proc/PID/net/{tcp,tcp6,udp,udp6}) connected to a
+remote address that is not loopback (a loopback peer is a local relay: ssh forwards,
+IDE servers). Derived event "proc.stdio_network" (source "bpf.proc.stdio"), emitted when
+the shell's input comes from the network; fields (besides the shell's pid, tid, ppid,
+uid, euid, comm, parent_comm, cgroup_id, cgroup):
+
+  exe                   the shell's executable path, verified: the kernel's (dev, inode)
+                        of its executable equals the path's; None when it cannot be
+  stdin/stdout/stderr   "pipe", "fifo", "pty", "unix", ... (agent.sources.abi.StdioKind)
+  input_network         stdin leads to a network-holding process
+  output_network        stdout or stderr leads to one
+  streams               which of stdin/stdout/stderr lead to one
+  input_peer_pid/_comm/_exe/_hops, output_peer_pid/_comm/_exe/_hops
+                        the network-holding process of each direction (exe verified by
+                        inode like the shell's, None when unknown; hops: 0 direct, 1 relay)
+  remote, inbound       the input side's connection ("addr:port"), and whether it was
+                        accepted on a listening port (a bind shell, a web terminal)
+  checks                how many looks it took
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.model import Event
+from agent.sources.abi import DUP_SYSCALLS, StdioKind
+
+SOURCE = "bpf.proc.stdio"
+STREAMS = ("stdin", "stdout", "stderr")
+CHECK_AT_S = (0.05, 0.3, 0.8, 1.5, 2.5)   # after the exec: a pipeline's members start together
+MAX_PENDING = 64          # shells being correlated at once; more are dropped (counted)
+MAX_LINKS = 200_000       # fd links read per snapshot of /proc; beyond it the snapshot is partial
+SNAPSHOT_TTL_S = 0.1      # one /proc pass serves every shell examined within this time
+TCP_LISTEN, TCP_CLOSE = 0x0A, 0x07
+NET_TABLES = ("tcp", "tcp6", "udp", "udp6")
+
+
+def user_dev(kdev: int) -> int:
+    """A kernel dev_t (major << 20 | minor) as stat(2)'s st_dev."""
+    return os.makedev(kdev >> 20, kdev & 0xFFFFF)
+
+
+def verified_exe(pid: int, dev: int | None = None, ino: int | None = None) -> str | None:
+    """The executable path of `pid` when the path's (dev, inode) is the process's: the
+    kernel's when given (kernel dev_t), else what /proc/PID/exe holds. None when the
+    process is gone, or its path now names another file (replaced, renamed, deleted)."""
+    try:
+        path = os.readlink(f"/proc/{pid}/exe")
+        if dev is None or ino is None:
+            held = os.stat(f"/proc/{pid}/exe")
+            dev, ino = held.st_dev, held.st_ino
+        else:
+            dev = user_dev(dev)
+        on_disk = os.stat(path)
+    except OSError:
+        return None
+    return path if (on_disk.st_dev, on_disk.st_ino) == (dev, ino) else None
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def _access(pid: int, fd: int) -> int | None:
+    """O_ACCMODE of an open fd (0 read, 1 write, 2 both), from /proc/PID/fdinfo."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    return int(line.split()[1], 8) & 3
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _tty_index(pid: int, fd: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("tty-index:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _addr(hex_addr: str) -> str:
+    raw = bytes.fromhex(hex_addr)
+    # /proc/net prints each 32-bit word in host (little-endian) order
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(raw))
+
+
+@dataclass
+class Conn:
+    remote: str
+    port: int
+    inbound: bool
+
+
+@dataclass
+class Snapshot:
+    """One pass over /proc/*/fd: every process's fd links, and who holds what."""
+
+    fds: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
+    holders: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # link -> (pid, fd)
+    partial: bool = False
+    _net: dict[str, dict[int, Conn]] = field(default_factory=dict)    # netns -> inode -> conn
+
+    @classmethod
+    def take(cls, max_links: int = MAX_LINKS) -> "Snapshot":
+        snap, links = cls(), 0
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            try:
+                entries = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue          # gone, or a kernel thread
+            mine = snap.fds.setdefault(pid, [])
+            for entry in entries:
+                links += 1
+                if links > max_links:
+                    snap.partial = True
+                    return snap
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{entry}")
+                except OSError:
+                    continue
+                mine.append((int(entry), link))
+                snap.holders.setdefault(link, []).append((pid, int(entry)))
+        return snap
+
+    def connections(self, pid: int) -> list[Conn]:
+        """The remote, non-loopback TCP/UDP connections among `pid`'s sockets."""
+        inodes = {int(link[8:-1]) for _, link in self.fds.get(pid, ())
+                  if link.startswith("socket:[")}
+        if not inodes:
+            return []
+        try:
+            netns = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            return []
+        if netns not in self._net:
+            self._net[netns] = _read_net(pid)
+        table = self._net[netns]
+        return [table[i] for i in sorted(inodes) if i in table]
+
+
+def _read_net(pid: int) -> dict[int, Conn]:
+    """inode -> connection, for sockets of pid's namespace with a remote end."""
+    rows = []
+    listening: set[int] = set()
+    for table in NET_TABLES:
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) < 10:
+                        continue
+                    local, remote, state, inode = cols[1], cols[2], int(cols[3], 16), int(cols[9])
+                    lport = int(local.rsplit(":", 1)[1], 16)
+                    if table.startswith("tcp") and state == TCP_LISTEN:
+                        listening.add(lport)
+                        continue
+                    rows.append((table, local, remote, state, inode, lport))
+        except (OSError, ValueError):
+            continue
+    out: dict[int, Conn] = {}
+    for table, _local, remote, state, inode, lport in rows:
+        raddr, rport = remote.rsplit(":", 1)
+        try:
+            addr = _addr(raddr)
+        except ValueError:
+            continue
+        ip = ipaddress.ip_address(addr)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if int(rport, 16) == 0 or ip.is_unspecified or (mapped or ip).is_loopback:
+            continue
+        if table.startswith("tcp") and state == TCP_CLOSE:
+            continue
+        out[inode] = Conn(str(mapped or ip), int(rport, 16), table.startswith("tcp") and lport in listening)
+    return out
+
+
+@dataclass
+class Lead:
+    """Where one direction of the shell's streams leads."""
+
+    pid: int
+    conns: list[Conn]
+    hops: int
+
+
+class Examiner:
+    """One look at one shell's streams (blocking: run it in a worker thread)."""
+
+    def __init__(self, snap: Snapshot, shell_pid: int, streams: list[dict]):
+        self.snap = snap
+        self.shell = shell_pid
+        self.streams = streams
+
+    def direction(self, fds: tuple[int, ...], want: int) -> tuple[Lead | None, list[str]]:
+        """The network-holding process the shell's `fds` lead to (want: 1 the writers
+        into them, 0 the readers of them), and which of those streams lead there."""
+        found: Lead | None = None
+        names = []
+        for fd in fds:
+            stream = self.streams[fd]
+            peers = self._peers(fd, stream, want)
+            path = self._follow(peers, want)
+            if path:
+                names.append(STREAMS[fd])
+                found = found or path
+        return found, names
+
+    def _peers(self, fd: int, stream: dict, want: int) -> set[int]:
+        kind = stream["kind"]
+        if kind == "pty":
+            return {p for link in ("/dev/ptmx", "/dev/pts/ptmx")
+                    for p, f in self.snap.holders.get(link, ())
+                    if p != self.shell and _tty_index(p, f) == stream["pty"]}
+        if kind == "unix":
+            if not stream["ino"]:
+                return set()
+            return {p for p, _ in self.snap.holders.get(f"socket:[{stream['ino']}]", ())
+                    if p != self.shell}
+        if kind not in ("pipe", "fifo"):
+            return set()
+        ident = (user_dev(stream["dev"]), stream["ino"])
+        if kind == "fifo" and _fifo_id(self.shell, fd) != ident:
+            return set()           # not the fifo the kernel saw any more
+        return self._ends(self.shell, fd, want)
+
+    def _ends(self, pid: int, fd: int, want: int) -> set[int]:
+        """Processes other than the shell and `pid` holding the same pipe or fifo as
+        `pid`'s fd open for reading (want 0) or writing (want 1)."""
+        link = next((lk for f, lk in self.snap.fds.get(pid, ()) if f == fd), None)
+        if link is None:
+            return set()
+        fifo = None
+        if not link.startswith("pipe:["):
+            fifo = _fifo_id(pid, fd)
+            if fifo is None:
+                return set()       # a regular file, a terminal, /dev/null: no relay
+        out = set()
+        for p, f in self.snap.holders.get(link, ()):
+            if p in (self.shell, pid) or (fifo is not None and _fifo_id(p, f) != fifo):
+                continue
+            mode = _access(p, f)
+            if mode == 2 or mode == want:
+                out.add(p)
+        return out
+
+    def _follow(self, peers: set[int], want: int) -> Lead | None:
+        for p in sorted(peers):
+            conns = self.snap.connections(p)
+            if conns:
+                return Lead(p, conns, 0)
+        # one relay: the peer's own pipes and fifos, those it reads from on the input
+        # side (want 1), those it writes to on the output side (want 0)
+        for p in sorted(peers):
+            for pfd, _link in self.snap.fds.get(p, ()):
+                mode = _access(p, pfd)
+                if mode is None or (mode != 2 and mode == want):
+                    continue
+                for q in sorted(self._ends(p, pfd, want)):
+                    conns = self.snap.connections(q)
+                    if conns:
+                        return Lead(q, conns, 1)
+        return None
+
+
+def _fifo_id(pid: int, fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a pipe or fifo open at pid's fd; None for anything else."""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+def examine(event: Event, snap: Snapshot) -> dict | None:
+    """One look; None when the shell is gone, else the derived fields (maybe empty)."""
+    f = event.fields
+    pid = f["pid"]
+    if pid not in snap.fds:
+        return None
+    ex = Examiner(snap, pid, f["stdio"])
+    inp, in_streams = ex.direction((0,), 1)
+    out, out_streams = ex.direction((1, 2), 0)
+    return {"input": inp, "output": out, "streams": in_streams + out_streams}
+
+
+def derived_event(event: Event, look: dict, checks: int) -> Event:
+    f = event.fields
+    fields = {k: f[k] for k in ("pid", "tid", "ppid", "uid", "euid", "comm", "parent_comm",
+                                "cgroup_id", "cgroup", "exe", "stdin", "stdout", "stderr")}
+    fields.update(input_network=look["input"] is not None,
+                  output_network=look["output"] is not None, streams=look["streams"],
+                  checks=checks)
+    for side in ("input", "output"):
+        path: Lead | None = look[side]
+        fields[f"{side}_peer_pid"] = path.pid if path else None
+        fields[f"{side}_peer_comm"] = _comm(path.pid) if path else None
+        fields[f"{side}_peer_exe"] = verified_exe(path.pid) if path else None
+        fields[f"{side}_hops"] = path.hops if path else None
+    conn = look["input"].conns[0] if look["input"] else None
+    fields["remote"] = (f"[{conn.remote}]:{conn.port}" if ":" in conn.remote
+                        else f"{conn.remote}:{conn.port}") if conn else None
+    fields["inbound"] = conn.inbound if conn else None
+    return Event("proc.stdio_network", event.subject, event.mono_ns, event.first_mono_ns,
+                 fields, SOURCE)
+
+
+class StdioCorrelator:
+    """Correlates "proc.stdio" events off the loop; emits "proc.stdio_network".
+
+    submit() is called on the loop for each event; at most MAX_PENDING shells are being
+    looked at, beyond that they are dropped and counted in `dropped`. Looks run one at a
+    time in a worker thread and share a /proc snapshot for SNAPSHOT_TTL_S.
+    """
+
+    def __init__(self, emit: Callable[[Event], None], check_at_s: tuple[float, ...] = CHECK_AT_S,
+                 max_pending: int = MAX_PENDING):
+        self.emit = emit
+        self.check_at_s = check_at_s
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.partial = 0       # snapshots cut short at MAX_LINKS
+        self._tasks: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
+        self._snap: tuple[float, Snapshot] | None = None
+
+    def submit(self, event: Event) -> None:
+        if event.kind != "proc.stdio":
+            return
+        if len(self._tasks) >= self.max_pending:
+            self.dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._correlate(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        if self._snap is None or now - self._snap[0] > SNAPSHOT_TTL_S:
+            snap = Snapshot.take()
+            self.partial += snap.partial
+            self._snap = (time.monotonic(), snap)
+        return self._snap[1]
+
+    def look(self, event: Event) -> dict | None:
+        return examine(event, self._snapshot())
+
+    async def _correlate(self, event: Event) -> None:
+        result = await correlate_async(event, self.check_at_s, self._look_async)
+        if result is not None:
+            self.emit(result)
+
+    async def _look_async(self, event: Event) -> dict | None:
+        async with self._lock:
+            return await asyncio.to_thread(self.look, event)
+
+
+async def correlate_async(event: Event, check_at_s: tuple[float, ...], look) -> Event | None:
+    """Look at each of check_at_s after the exec until both directions lead to the
+    network or the shell is gone; the derived event when its input does."""
+    best, checks = None, 0
+    for at_s in check_at_s:
+        delay = event.mono_ns / 1e9 + at_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        result = await look(event)
+        checks += 1
+        if result is None:
+            break
+        best = result
+        if result["input"] and result["output"]:
+            break
+    if best is None or best["input"] is None:
+        return None
+    return derived_event(event, best, checks)
+
+
+def correlate(event: Event, check_at_s: tuple[float, ...] = CHECK_AT_S) -> Event | None:
+    """correlate_async, blocking, with a fresh snapshot per look (tests, tools)."""
+    async def look(ev: Event) -> dict | None:
+        return examine(ev, Snapshot.take())
+    return asyncio.run(correlate_async(event, check_at_s, look))
+
+
+def kind_name(kind: int) -> str:
+    try:
+        return StdioKind(kind).name.lower()
+    except ValueError:
+        return f"kind{kind}"
+
+
+
+# --- decoding the kernel's events (agent/sources/proc.py) ---------------------------------
+
+def exec_stdio_fields(ev) -> dict:
+    """Fields of "proc.stdio": stdin/stdout/stderr kinds, the shell's verified exe, and
+    `stdio`: per fd {kind, ino, dev (kernel dev_t), rdev, flags, pty (index or None)}."""
+    streams = []
+    for fd in ev.fd:
+        major, minor = fd.rdev >> 20, fd.rdev & 0xFFFFF
+        streams.append({"kind": kind_name(fd.kind), "ino": fd.ino, "dev": fd.dev,
+                        "rdev": fd.rdev, "flags": fd.flags, "family": fd.family,
+                        "pty": (major - 136) * 256 + minor if fd.kind == StdioKind.PTY else None})
+    return {"exe": verified_exe(ev.proc.pid, ev.exe_dev, ev.exe_ino),
+            "stdin": streams[0]["kind"], "stdout": streams[1]["kind"],
+            "stderr": streams[2]["kind"], "stdio": streams}
+
+
+def dup_fields(ev) -> dict:
+    """Fields of "proc.stdio_dup": newfd, syscall, family, remote ("addr:port"), dport,
+    sport, sock_ino, exe (verified by the kernel's inode of the executable)."""
+    v6 = ev.family == socket.AF_INET6
+    raw = bytes(ev.daddr[:16] if v6 else ev.daddr[:4])
+    addr = ipaddress.ip_address(raw)
+    mapped = getattr(addr, "ipv4_mapped", None) or addr
+    remote = f"[{mapped}]:{ev.dport}" if mapped.version == 6 else f"{mapped}:{ev.dport}"
+    return {"newfd": ev.newfd, "syscall": DUP_SYSCALLS.get(ev.syscall, str(ev.syscall)),
+            "family": "inet6" if v6 else "inet", "remote": remote, "dport": ev.dport,
+            "sport": ev.sport, "sock_ino": ev.sock_ino,
+            "exe": verified_exe(ev.proc.pid, ev.exe_dev, ev.exe_ino)}
