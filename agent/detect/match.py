@@ -39,6 +39,14 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "proc.ptrace": (*_PROC, "ancestors", "request", "result", "target_pid", "target_tgid",
                     "target_uid", "target_euid", "target_comm"),
     "bpf.prog_load": (*_PROC, "ancestors", "prog_type", "prog_name", "insn_cnt"),
+    # reverse shells however they are wired (agent/sources/stdio.py)
+    "proc.stdio_dup": (*_PROC, "exe", "newfd", "syscall", "family", "remote", "dport",
+                       "sport", "sock_ino"),
+    "proc.stdio_network": (*_PROC, "exe", "stdin", "stdout", "stderr", "input_network",
+                           "output_network", "streams", "input_peer_pid", "input_peer_comm",
+                           "input_peer_exe", "input_hops", "output_peer_pid",
+                           "output_peer_comm", "output_peer_exe", "output_hops", "remote",
+                           "inbound", "checks"),
 }
 
 

@@ -75,6 +75,8 @@ class ProcProbe(BpfProbe):
         super().__init__(object_path)
         self.patterns = self._patterns()
         self.cgroups = CgroupNames()
+        lists = breach_lists(cfg)
+        self.exes = stdio.ExeIndex((*lists["remote_access"], *lists["service_managers"]))
 
     def _patterns(self) -> list[tuple[str, str, int]]:
         """(how, text, path_flags) per distinct watch pattern; its index is its rule id."""
@@ -175,9 +177,9 @@ class ProcProbe(BpfProbe):
             extra = {"prog_type": ev.prog_type, "prog_name": _text(ev.prog_name),
                      "insn_cnt": ev.insn_cnt, "ancestors": ancestors(p.ppid)}
         elif kind == abi.EventKind.STDIO_DUP:
-            name, subject, extra = "proc.stdio_dup", f"pid:{p.pid}", stdio.dup_fields(ev)
+            name, subject, extra = "proc.stdio_dup", f"pid:{p.pid}", stdio.dup_fields(ev, self.exes)
         elif kind == abi.EventKind.PROC_STDIO:
-            name, subject, extra = "proc.stdio", f"pid:{p.pid}", stdio.exec_stdio_fields(ev)
+            name, subject, extra = "proc.stdio", f"pid:{p.pid}", stdio.exec_stdio_fields(ev, self.exes)
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)

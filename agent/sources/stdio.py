@@ -38,6 +38,7 @@ uid, euid, comm, parent_comm, cgroup_id, cgroup):
 from __future__ import annotations
 
 import asyncio
+import glob
 import ipaddress
 import os
 import socket
@@ -62,6 +63,37 @@ NET_TABLES = ("tcp", "tcp6", "udp", "udp6")
 def user_dev(kdev: int) -> int:
     """A kernel dev_t (major << 20 | minor) as stat(2)'s st_dev."""
     return os.makedev(kdev >> 20, kdev & 0xFFFFF)
+
+
+class ExeIndex:
+    """(dev, inode) -> path of the executables named by config lists (globs expanded):
+    what a kernel identity is matched against when the process may have exec'd
+    something else since (systemd's child dup2s a socket, then execs the service at
+    once). Re-read when a lookup misses and the index is older than refresh_s (packages
+    replace binaries with new inodes)."""
+
+    def __init__(self, patterns: tuple[str, ...] = (), refresh_s: float = 10.0):
+        self.patterns = patterns
+        self.refresh_s = refresh_s
+        self._paths: dict[tuple[int, int], str] = {}
+        self._at = -refresh_s
+
+    def _build(self) -> None:
+        paths = {}
+        for pattern in self.patterns:
+            for path in sorted(glob.glob(pattern)):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                paths.setdefault((st.st_dev, st.st_ino), path)
+        self._paths, self._at = paths, time.monotonic()
+
+    def path(self, kdev: int, ino: int) -> str | None:
+        key = (user_dev(kdev), ino)
+        if key not in self._paths and time.monotonic() - self._at >= self.refresh_s:
+            self._build()
+        return self._paths.get(key)
 
 
 def verified_exe(pid: int, dev: int | None = None, ino: int | None = None) -> str | None:
@@ -434,7 +466,14 @@ def kind_name(kind: int) -> str:
 
 # --- decoding the kernel's events (agent/sources/proc.py) ---------------------------------
 
-def exec_stdio_fields(ev) -> dict:
+def kernel_exe(ev, exes: ExeIndex | None) -> str | None:
+    """The path of the executable the kernel saw (ev.exe_dev, ev.exe_ino): a configured
+    one, else /proc/PID/exe while it is still that file, else None."""
+    known = exes.path(ev.exe_dev, ev.exe_ino) if exes else None
+    return known or verified_exe(ev.proc.pid, ev.exe_dev, ev.exe_ino)
+
+
+def exec_stdio_fields(ev, exes: ExeIndex | None = None) -> dict:
     """Fields of "proc.stdio": stdin/stdout/stderr kinds, the shell's verified exe, and
     `stdio`: per fd {kind, ino, dev (kernel dev_t), rdev, flags, pty (index or None)}."""
     streams = []
@@ -443,12 +482,12 @@ def exec_stdio_fields(ev) -> dict:
         streams.append({"kind": kind_name(fd.kind), "ino": fd.ino, "dev": fd.dev,
                         "rdev": fd.rdev, "flags": fd.flags, "family": fd.family,
                         "pty": (major - 136) * 256 + minor if fd.kind == StdioKind.PTY else None})
-    return {"exe": verified_exe(ev.proc.pid, ev.exe_dev, ev.exe_ino),
+    return {"exe": kernel_exe(ev, exes),
             "stdin": streams[0]["kind"], "stdout": streams[1]["kind"],
             "stderr": streams[2]["kind"], "stdio": streams}
 
 
-def dup_fields(ev) -> dict:
+def dup_fields(ev, exes: ExeIndex | None = None) -> dict:
     """Fields of "proc.stdio_dup": newfd, syscall, family, remote ("addr:port"), dport,
     sport, sock_ino, exe (verified by the kernel's inode of the executable)."""
     v6 = ev.family == socket.AF_INET6
@@ -459,4 +498,4 @@ def dup_fields(ev) -> dict:
     return {"newfd": ev.newfd, "syscall": DUP_SYSCALLS.get(ev.syscall, str(ev.syscall)),
             "family": "inet6" if v6 else "inet", "remote": remote, "dport": ev.dport,
             "sport": ev.sport, "sock_ino": ev.sock_ino,
-            "exe": verified_exe(ev.proc.pid, ev.exe_dev, ev.exe_ino)}
+            "exe": kernel_exe(ev, exes)}

