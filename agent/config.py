@@ -145,8 +145,9 @@ CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group
                     "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
                     "*/.ssh/authorized_keys2")
 
-REMOTE_ACCESS = ("/usr/sbin/sshd", "/usr/lib/openssh/sshd-session", "/usr/libexec/openssh/sshd-session",
-                 "/usr/sbin/dropbear", "/usr/bin/mosh-server", "/usr/sbin/in.telnetd")
+REMOTE_ACCESS = ("/usr/sbin/sshd", "/usr/lib/openssh/sshd-session",
+                 "/usr/libexec/openssh/sshd-session", "/usr/sbin/dropbear",
+                 "/usr/bin/mosh-server", "/usr/sbin/in.telnetd")
 SERVICE_MANAGERS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/usr/sbin/inetd",
                     "/usr/sbin/openbsd-inetd", "/usr/sbin/xinetd", "/usr/bin/tcpserver")
 

@@ -21,6 +21,14 @@ cgroup_id and cgroup (the cgroup v2 path, None when it cannot be resolved):
   (as the tracer passed it), target_tgid/target_uid/target_euid/target_comm (the global
   tracee, read in the kernel; None when the attach failed), ancestors.
 - "bpf.prog_load", subject "pid:<pid>": prog_type, prog_name, insn_cnt, ancestors.
+- "proc.stdio_dup", subject "pid:<pid>": an inet socket duplicated onto fd 0-2 (read at
+  the exit of dup/dup2/dup3/fcntl F_DUPFD): newfd, syscall, family, remote, dport,
+  sport, sock_ino, exe (the executable the kernel held, by inode: a configured one, else
+  /proc/PID/exe while still that file, else None).
+- "proc.stdio", subject "pid:<pid>": a watched program exec'd with stdin and stdout or
+  stderr on pipes/fifos/ptys/unix sockets: stdin/stdout/stderr kinds, stdio (per fd:
+  kind, ino, dev, rdev, flags, family, pty), exe. ProcProbe.run correlates these off the
+  loop into "proc.stdio_network" (agent/sources/stdio.py).
 
 Socket stdio is read in the kernel at exec (the task's fd table through CO-RE), not from
 /proc afterwards: a one-line reverse shell may be gone before user space looks.

@@ -71,3 +71,12 @@ def test_cli_missing_interface_exits_2_and_applies_nothing(tmp_path, lab):
     tables = subprocess.run(["ip", "netns", "exec", lab.victim, "nft", "list", "tables"],
                             capture_output=True, text=True).stdout
     assert "swarm_agent" not in tables
+
+
+@pytest.mark.parametrize("key", ["remote_access", "service_managers"])
+def test_executable_lists_need_absolute_paths(tmp_path, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"breach:\n  {key}: [sshd]\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value) == f"breach.{key}: 'sshd' is not an absolute executable path or glob"
