@@ -393,7 +393,8 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
  * 1. A network socket duplicated onto a standard stream: dup/dup2/dup3/fcntl(F_DUPFD)
  *    whose result is fd 0, 1 or 2 and now an AF_INET/AF_INET6 socket (what Falco's
  *    "Redirect STDOUT/STDIN to Network Connection" watches). Read at the syscall's exit
- *    from the fd it returned, so only a duplication that happened is reported.
+ *    from the fd it returned, so only a duplication that happened is reported, and only
+ *    when that socket is on no other standard fd yet (its arrival on stdio, once).
  * 2. A watched program (shell/interpreter) exec'd with its stdin and its stdout or stderr
  *    on pipes, fifos, ptys or unix sockets: each stream's kind and identity (pipe inode,
  *    fifo dev+inode, pty number, unix peer's inode) go to user space, which looks for the
@@ -532,6 +533,11 @@ static __always_inline int check_dup(long ret, __u16 syscall)
 	task = (struct task_struct *)bpf_get_current_task();
 	f = task_fd(task, ret);
 	if (!f || (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	/* Already on another standard fd (a socket-activated service's `2>&1`, a shell
+	 * restoring a saved stdout): the socket did not just arrive on stdio. */
+	if ((ret != 0 && task_fd(task, 0) == f) || (ret != 1 && task_fd(task, 1) == f) ||
+	    (ret != 2 && task_fd(task, 2) == f))
 		return 0;
 	sock = BPF_CORE_READ(f, private_data);
 	sk = BPF_CORE_READ(sock, sk);

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from agent.sources.abi import DUP_SYSCALLS, StdioKind
 from agent.sources.procfd import (Conn, ExeIndex, Snapshot, access, comm, fifo_id,
                                   tty_index, user_dev, verified_exe)
 
+log = logging.getLogger("swarm_agent")
 SOURCE = "bpf.proc.stdio"
 STREAMS = ("stdin", "stdout", "stderr")
 CHECK_AT_S = (0.05, 0.3, 0.8, 1.5, 2.5)   # after the exec: a pipeline's members start together
@@ -194,8 +196,9 @@ class StdioCorrelator:
     """Correlates "proc.stdio" events off the loop; emits "proc.stdio_network".
 
     submit() is called on the loop for each event; at most MAX_PENDING shells are being
-    looked at, beyond that they are dropped and counted in `dropped`. Looks run one at a
-    time in a worker thread and share a /proc snapshot for SNAPSHOT_TTL_S.
+    looked at, beyond that they are dropped and counted in `dropped` (a look that fails
+    is logged and counted in `failed`). Looks run one at a time in a worker thread and
+    share /proc snapshots (see _snapshot).
     """
 
     def __init__(self, emit: Callable[[Event], None], check_at_s: tuple[float, ...] = CHECK_AT_S,
@@ -204,10 +207,12 @@ class StdioCorrelator:
         self.check_at_s = check_at_s
         self.max_pending = max_pending
         self.dropped = 0
+        self.failed = 0
         self.partial = 0       # snapshots cut short at MAX_LINKS
         self._tasks: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
         self._snap: tuple[float, Snapshot] | None = None
+        self._took_s = 0.0
 
     def submit(self, event: Event) -> None:
         if event.kind != "proc.stdio":
@@ -223,19 +228,30 @@ class StdioCorrelator:
         for task in list(self._tasks):
             task.cancel()
 
-    def _snapshot(self) -> Snapshot:
+    def _snapshot(self, since_s: float) -> Snapshot:
+        """A /proc snapshot taken after `since_s` (monotonic), reused for SNAPSHOT_TTL_S
+        or 4x as long as the last one took: scanning /proc costs at most ~20% of one CPU
+        however many shells wait."""
         now = time.monotonic()
-        if self._snap is None or now - self._snap[0] > SNAPSHOT_TTL_S:
+        if self._snap is None or self._snap[0] < since_s or \
+                now - self._snap[0] > max(SNAPSHOT_TTL_S, 4 * self._took_s):
             snap = Snapshot.take()
             self.partial += snap.partial
-            self._snap = (time.monotonic(), snap)
+            self._took_s = time.monotonic() - now
+            self._snap = (now, snap)
         return self._snap[1]
 
     def look(self, event: Event) -> dict | None:
-        return examine(event, self._snapshot())
+        return examine(event, self._snapshot(event.mono_ns / 1e9))
 
     async def _correlate(self, event: Event) -> None:
-        result = await correlate_async(event, self.check_at_s, self._look_async)
+        try:
+            result = await correlate_async(event, self.check_at_s, self._look_async)
+        except Exception as e:          # one shell's failure never stops the others
+            self.failed += 1
+            log.error("stdio correlation failed", extra={"subject": event.subject,
+                                                         "error": repr(e)})
+            return
         if result is not None:
             self.emit(result)
 
