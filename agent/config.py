@@ -145,9 +145,12 @@ CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group
                     "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
                     "*/.ssh/authorized_keys2")
 
+# Remote-access and remote-execution daemons: they hold a job's pty or pipes and the
+# connection it is driven over (ssh, Slurm's srun, MPI launchers).
 REMOTE_ACCESS = ("/usr/sbin/sshd", "/usr/lib/openssh/sshd-session",
                  "/usr/libexec/openssh/sshd-session", "/usr/sbin/dropbear",
-                 "/usr/bin/mosh-server", "/usr/sbin/in.telnetd")
+                 "/usr/bin/mosh-server", "/usr/sbin/in.telnetd", "/usr/sbin/slurmstepd",
+                 "/usr/bin/orted", "/usr/bin/prted", "/usr/bin/hydra_pmi_proxy")
 SERVICE_MANAGERS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/usr/sbin/inetd",
                     "/usr/sbin/openbsd-inetd", "/usr/sbin/xinetd", "/usr/bin/tcpserver")
 
