@@ -139,6 +139,17 @@ class ProcProbe(BpfProbe):
         finally:
             self.correlator.close()
 
+    def status(self) -> dict[str, dict[str, str]]:
+        """BpfProbe.status, plus the stdio correlation's counters while run() runs."""
+        out = super().status()
+        c = getattr(self, "correlator", None)
+        if c is not None:
+            out["stdio_correlation"] = {
+                "state": "degraded" if c.dropped or c.failed else "loaded",
+                "reason": f"{c.dropped} shells not examined (over {c.max_pending} pending), "
+                          f"{c.failed} failed, {c.partial} /proc snapshots cut short"}
+        return out
+
     # --- decoding ------------------------------------------------------------------------
 
     def _decode(self, record: bytes) -> Event | None:
