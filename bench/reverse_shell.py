@@ -1,0 +1,134 @@
+"""Reverse shells however they are wired: time from starting the wiring to the breach
+finding, and what the kernel side costs per invocation.
+
+Each wiring (agent.breachlab: bash /dev/tcp, python dup2 + pty.spawn, mkfifo | sh -i |
+nc, socat EXEC) runs in a lab victim namespace against a listener in the attacker
+namespace, while the process probe runs as in the agent (ProcProbe.run on one asyncio
+loop: kernel events, and "proc.stdio" correlated off the loop) and every event goes
+through the breach rules. Clock start: CLOCK_MONOTONIC just before the wiring's first
+process is started; end: the first finding for the wiring's cgroup, per rule.
+Kernel cost: run time per invocation of the new programs (BPF_ENABLE_STATS while the
+bench runs, read with bpftool).
+
+    sudo .venv/bin/python bench/reverse_shell.py [--runs 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.breachlab import BASH_TCP, FIFO, PY_PTY, SOCAT, python_wiring, reverse_shell  # noqa: E402
+from agent.config import Config  # noqa: E402
+from agent.detect.rules import Detector, load_rules  # noqa: E402
+from agent.lab import Lab  # noqa: E402
+from agent.sources.proc import ProcProbe  # noqa: E402
+
+BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
+PROGRAMS = ("handle_exec_stdio", "handle_sys_exit_dup", "handle_sys_exit_dup2",
+            "handle_sys_exit_dup3", "handle_sys_enter_fcntl", "handle_sys_exit_fcntl")
+
+
+def enable_stats() -> int:
+    """An fd that keeps the kernel's BPF run-time statistics on while it is open."""
+    attr = ctypes.c_uint32(BPF_STATS_RUN_TIME)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(BPF_SYSCALL[platform.machine()], BPF_ENABLE_STATS, ctypes.byref(attr), 4)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "BPF_ENABLE_STATS")
+    return fd
+
+
+def program_costs() -> dict[str, dict]:
+    out = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
+                                    text=True, check=True).stdout)
+    costs = {}
+    for prog in out:
+        if prog.get("name") in PROGRAMS and prog.get("run_cnt"):
+            costs[prog["name"]] = {"runs": prog["run_cnt"],
+                                   "ns_per_run": round(prog["run_time_ns"] / prog["run_cnt"])}
+    return costs
+
+
+def wirings(tmp: Path) -> dict[str, tuple[str, ...]]:
+    return {"bash /dev/tcp": (BASH_TCP,), "python dup2+pty.spawn": python_wiring(PY_PTY),
+            "mkfifo, cat f \\| sh -i \\| nc": (FIFO, str(tmp / "f")), "socat EXEC:sh": (SOCAT,)}
+
+
+async def measure(runs: int) -> tuple[dict, dict]:
+    cfg = Config()
+    detector = Detector(load_rules(), cfg)
+    probe = ProcProbe(cfg)
+    probe.open()
+    findings: list[tuple[int, str, str]] = []   # (mono ns, cgroup, rule)
+
+    def on_event(event) -> None:
+        for f in detector.evaluate(event, event.mono_ns):
+            findings.append((time.monotonic_ns(), event.fields.get("cgroup"), f.rule))
+
+    def one(script: tuple[str, ...]) -> dict[str, float]:
+        with Lab() as lab:
+            t0 = time.monotonic_ns()
+            with reverse_shell(lab, *script) as (cg, _):
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:   # the correlation may take ~2.5 s
+                    time.sleep(0.05)
+                    if len({r for _, c, r in findings if c == cg}) >= 2:
+                        break
+        first: dict[str, float] = {}
+        for t, c, rule in findings:
+            if c == cg and rule not in first:
+                first[rule] = (t - t0) / 1e6
+        return first
+
+    task = asyncio.create_task(probe.run(on_event))
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, script in wirings(Path(tmp)).items():
+                for _ in range(runs):
+                    for rule, ms in (await asyncio.to_thread(one, script)).items():
+                        results.setdefault(name, {}).setdefault(rule, []).append(ms)
+        costs = program_costs()          # while the probe's programs are loaded
+    finally:
+        task.cancel()
+        probe.close()
+    return results, costs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    stats_fd = enable_stats()
+    try:
+        results, costs = asyncio.run(measure(args.runs))
+    finally:
+        os.close(stats_fd)
+    if args.json:
+        print(json.dumps({"latency_ms": results, "kernel": costs}, indent=2))
+        return
+    print("| wiring | rule | runs | median ms | max ms |\n|---|---|---|---|---|")
+    for name, rules in results.items():
+        for rule, ms in sorted(rules.items()):
+            print(f"| {name} | {rule} | {len(ms)} | {statistics.median(ms):.0f} | {max(ms):.0f} |")
+    print("\n| program | runs | ns/run |\n|---|---|---|")
+    for name, c in costs.items():
+        print(f"| {name} | {c['runs']} | {c['ns_per_run']} |")
+
+
+if __name__ == "__main__":
+    main()
