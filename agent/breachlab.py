@@ -8,6 +8,11 @@ breach.service_comms, answers UDP datagrams (echo), and on a line "exec" on its 
 starts `/bin/sh -c 'sleep 3'` as its child — a shell spawned by a network-facing service
 — and prints "exec <CLOCK_MONOTONIC ns just before the spawn>". Triggering over stdin,
 not the network, keeps the breach independent of the isolation it causes.
+
+Reverse shells (tests/integration/test_reverse_shells.py, bench/reverse_shell.py):
+reverse_shell() runs one wiring (BASH_TCP, PY_PTY, FIFO, SOCAT, ...) in a lab victim,
+in a throw-away cgroup and under `timeout`, against a ShellListener in the attacker
+namespace that waits until a command it sent has really run.
 """
 from __future__ import annotations
 
