@@ -85,7 +85,7 @@ class Agent:
         self._open_probe()
         self._open_proc_probe()
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
-                                   status=self.status, losses=self.losses)
+                                   status=self.status, losses=self.losses, unparsed=self.unparsed)
 
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and
@@ -139,6 +139,10 @@ class Agent:
     def losses(self) -> int:
         """Events both probes' kernels could not queue."""
         return sum(p.losses() for p in (self.probe, self.proc_probe) if p is not None)
+
+    def unparsed(self) -> dict[str, int]:
+        """Packets the network probe's parser could not follow, by reason."""
+        return self.probe.unparsed() if self.probe is not None else {}
 
     # -- the pipeline -----------------------------------------------------------------------
 
@@ -208,7 +212,9 @@ class Agent:
             "dry_run": self.cfg.dry_run,
             "probes": {**self.probe_status, **self.proc_status},
             "ringbuf_losses": self.losses(),
-            "counters": dict(self.counters),
+            # What the packet parser could not follow: in `status` and the control API.
+            "counters": {**self.counters,
+                         **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()}},
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},

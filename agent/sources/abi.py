@@ -43,6 +43,7 @@ class NetMap(enum.StrEnum):
     ALERTS = "alerts"
     LOSSES = "losses"
     RODATA = ".rodata"   # holds `net_cfg` (struct net_config) at offset 0
+    UNPARSED = "unparsed"   # per-CPU u64 per enum parse_failure
 
 
 RODATA_VAR = "net_cfg"
@@ -72,6 +73,19 @@ class Reason(enum.IntEnum):
     SVC_UDP = 7
     CONNS = 8
     RESETS = 9
+
+
+class ParseFailure(enum.IntEnum):
+    """Why the XDP parser could not follow a packet (enum parse_failure, the index of
+    map `unparsed`)."""
+    TRUNCATED = 1
+    CHAIN_TOO_LONG = 2
+    UNKNOWN_HEADER = 3
+    VLAN_DEPTH = 4
+    BAD_HEADER = 5
+
+
+PARSE_FAILURES = 6   # entries of map `unparsed`
 
 
 class _S(ctypes.Structure):

@@ -322,4 +322,17 @@ struct bpf_prog_load_event {
 };
 _Static_assert(sizeof(struct bpf_prog_load_event) == 104, "bpf_prog_load_event size");
 
+/* --- network probe, parser (net.bpf.h) --------------------------------------------- */
+
+/* Why the XDP parser could not follow a packet: the index of per-CPU map `unparsed`.
+ * Such a packet still counts to its source whenever the source address was read. */
+enum parse_failure {
+	PARSE_TRUNCATED = 1,		/* a header runs past the end of the packet */
+	PARSE_CHAIN_TOO_LONG = 2,	/* more IPv6 extension headers than the parser follows */
+	PARSE_UNKNOWN_HEADER = 3,	/* an IPv6 next header neither followed nor an upper layer */
+	PARSE_VLAN_DEPTH = 4,		/* more than two VLAN tags */
+	PARSE_BAD_HEADER = 5,		/* wrong IP version, IPv4 header length below 20 */
+};
+#define PARSE_FAILURES 6		/* entries of map `unparsed` (index 0 unused) */
+
 #endif
