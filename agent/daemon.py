@@ -121,8 +121,9 @@ class Agent:
         self.probe_status = probe.status()
 
     def _open_proc_probe(self) -> None:
-        """The process probe (breach rules) beside the network probe; host-global, so one
-        agent per host runs it. Without it the agent runs on, reported degraded."""
+        """The process probe (breach rules) beside the network probe, for the processes this
+        agent owns (agent.sources.owners: its namespace's; the host agent's also those of
+        namespaces without an agent). Without it the agent runs on, reported degraded."""
         try:
             from agent.sources.proc import ProcProbe
 

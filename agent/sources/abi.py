@@ -168,6 +168,7 @@ class ProcProg(enum.StrEnum):
     PTRACE_ENTER = "handle_sys_enter_ptrace"
     PTRACE_EXIT = "handle_sys_exit_ptrace"
     BPF = "handle_sys_enter_bpf"
+    AGENT_EXIT = "handle_agent_exit"
 
 
 PROC_TRACEPOINTS = {
@@ -181,6 +182,7 @@ PROC_TRACEPOINTS = {
     ProcProg.PTRACE_ENTER: ("syscalls", "sys_enter_ptrace"),
     ProcProg.PTRACE_EXIT: ("syscalls", "sys_exit_ptrace"),
     ProcProg.BPF: ("syscalls", "sys_enter_bpf"),
+    ProcProg.AGENT_EXIT: ("sched", "sched_process_exit"),
 }
 
 
@@ -193,6 +195,8 @@ class ProcMap(enum.StrEnum):
     TRACKED = "tracked"
     PENDING_PTRACE = "pending_ptrace"
     SCRATCH = "scratch"
+    FOREIGN_NETNS = "foreign_netns"
+    FOREIGN_AGENTS = "foreign_agents"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 
@@ -200,7 +204,7 @@ PROC_RODATA_VAR = "proc_cfg"
 
 
 class proc_config(_S):
-    _fields_ = [("agent_tgid", u32), ("all_execs", u32)]
+    _fields_ = [("agent_tgid", u32), ("all_execs", u32), ("netns_ino", u32), ("host_scope", u32)]
 
 
 class comm_key(_S):

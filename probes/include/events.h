@@ -214,8 +214,10 @@ enum open_syscall {
 struct proc_config {
 	__u32 agent_tgid;	/* never report this process (the agent itself); 0: none */
 	__u32 all_execs;	/* 1: emit every exec (benchmarks), 0: only what rules need */
+	__u32 netns_ino;	/* the agent's network namespace: its processes are the agent's */
+	__u32 host_scope;	/* 1: also those of every namespace not in map foreign_netns */
 };
-_Static_assert(sizeof(struct proc_config) == 8, "proc_config size");
+_Static_assert(sizeof(struct proc_config) == 16, "proc_config size");
 
 struct comm_key {
 	__u8 comm[COMM_LEN];
