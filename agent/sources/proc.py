@@ -1,10 +1,9 @@
 """The process probe: exec and exit, opens of watched paths, kernel module loads, ptrace
 attaches and BPF program loads, from probes/proc.bpf.c through one ring buffer.
 
-The tracepoints are host-global; the kernel keeps the processes this agent owns
-(agent.sources.owners: those of its network namespace, and for the host agent also those
-of every namespace without an agent of its own) and filters further (see proc.bpf.c); the
-agent's own process is never reported. Events (agent.model.Event, source "bpf.proc"); every kind carries the
+The tracepoints are host-global; the kernel keeps only the processes this agent owns
+(agent.sources.owners) and filters further (see proc.bpf.c); the agent's own process
+is never reported. Events (agent.model.Event, source "bpf.proc"); every kind carries the
 acting process: pid (tgid, init pid namespace), tid, ppid, uid, euid, comm, parent_comm,
 cgroup_id and cgroup (the cgroup v2 path, None when it cannot be resolved):
 
@@ -165,9 +164,15 @@ class ProcProbe(BpfProbe):
             return await super().run(emit)
 
         async def refresh() -> None:
+            scope = dict(self._status["process_scope"])
             while True:
                 await asyncio.sleep(REFRESH_OWNERS_S)
-                self.refresh_owners()
+                try:
+                    self.refresh_owners()
+                    self._status["process_scope"] = scope
+                except (OSError, RuntimeError) as e:   # keeps the last registrations it read
+                    self._status["process_scope"] = {
+                        "state": "degraded", "reason": f"cannot read the other agents' registrations: {e}"}
 
         task = asyncio.create_task(refresh())
         try:
