@@ -9,15 +9,15 @@ import enum
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 from agent.config import Config
 from agent.detect.rules import Rule, load_rules
 from agent.enforce.base import AllowlistedError, EnforceError, Enforcer
 from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
                          MitigationState, mono_to_wall)
-from agent.respond import policy
+from agent.respond import authority, policy
 from agent.state.store import Store
 
 ALLOWLISTED_NOTE = "allowlisted: reported, never blocked"
@@ -42,6 +42,8 @@ class Plan:
     kind: MitigationKind | None
     target: str | None
     note: str = ""
+    escalate: bool = False             # a human must look (authority narrowed a breach)
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Responder:
@@ -65,6 +67,8 @@ class Responder:
         self._clock = clock
         self._to_wall = to_wall
         self._allow = cfg.allowlist.networks()
+        if cfg.dry_run and not enforcer.dry_run:
+            raise ValueError("dry run needs the enforcer in dry-run mode")
         self.set_rules(load_rules(cfg.rules_path) if rules is None else rules)
         # Called on the caller's thread after every recorded change (the control server's
         # watch stream, the mesh reporter); an observer must be quick and must not raise.
@@ -99,8 +103,9 @@ class Responder:
                 self._keep(existing, plan, incident, now)
             else:
                 self._mitigate(plan, incident, now)
-            if plan.kind in policy.ISOLATION_KINDS:
-                self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
+        if plan.kind in policy.ISOLATION_KINDS or plan.escalate:
+            what = f"{plan.kind.value} {plan.target}" if plan.kind else "a breach"
+            self._escalate(incident.id, what)
         incident = self._store.incident(incident.id) or incident
         self.notify("incident", incident)
         return incident
@@ -110,6 +115,9 @@ class Responder:
         if kind is None:
             return Plan(finding, None, None, f"{finding.rule}: action {finding.action}, "
                                              "reported only")
+        if (answer := authority.narrow(finding, kind)) is not None:
+            return Plan(answer.finding, answer.kind, answer.target, answer.note,
+                        escalate=True, params=answer.params)
         target = policy.target_of(finding.entity)
         if kind in policy.SOURCE_KINDS and (why := policy.unblockable(target)):
             return Plan(finding, None, None, f"{finding.rule}: {target} {why}, reported only")
@@ -124,8 +132,7 @@ class Responder:
 
     def _peer_of(self, target: str) -> str | None:
         """"IFNAME:KEY" of the WireGuard peer whose tunnel address `target` is, or None."""
-        find = getattr(self._enforcer, "peer_for_address", None)
-        return None if find is None or "/" in target else find(target)
+        return None if "/" in target else self._enforcer.peer_for_address(target)
 
     def _over_source_bound(self, rule: str, now: float) -> bool:
         since = now - policy.DISTRIBUTED_WINDOW_S
@@ -157,7 +164,8 @@ class Responder:
         m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
                        expires_at=None if ttl_s is None else now + ttl_s,
                        incident_id=incident.id,
-                       params={**policy.params_for(plan.kind, self._cfg), "ttl_s": ttl_s},
+                       params={**policy.params_for(plan.kind, self._cfg), **plan.params,
+                               "ttl_s": ttl_s},
                        reason=f"{plan.finding.rule} on {plan.finding.entity}")
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
         self._record_outcome(incident, m, outcome, error)
@@ -180,8 +188,9 @@ class Responder:
         elif outcome is Outcome.ALLOWLISTED:
             self._store.add_incident_event(incident.id, "note", ALLOWLISTED_NOTE, at, data)
         else:
-            self._store.add_incident_event(incident.id, "mitigation_failed",
-                                           f"{what} failed: {error}", at,
+            text = (f"dry run: {what} would fail: {error}" if self._cfg.dry_run
+                    else f"{what} failed: {error}")
+            self._store.add_incident_event(incident.id, "mitigation_failed", text, at,
                                            {**data, "error": str(error)})
             self._store.set_incident_state(incident.id, IncidentState.ESCALATED, at,
                                            f"escalated: {what} could not be applied")
@@ -249,11 +258,10 @@ class Responder:
         changed, so a crash in between is repaired by reconcile rather than forgotten."""
         if self._is_allowlisted(m.target):
             return Outcome.ALLOWLISTED, None
-        if self._cfg.dry_run:
-            m.state = MitigationState.DRY_RUN
-            self._store.add_mitigation(m, rule=rule)
-            return Outcome.DRY_RUN, None
-        m.state = MitigationState.ACTIVE
+        # In dry run the enforcer runs every check the live one does and stops before the
+        # host change, so the plan meets the same refusals (agent.enforce.composite).
+        dry = self._cfg.dry_run
+        m.state = MitigationState.DRY_RUN if dry else MitigationState.ACTIVE
         self._store.add_mitigation(m, rule=rule)
         try:
             self._enforcer.apply(m, now)
@@ -265,7 +273,7 @@ class Responder:
             self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
             m.state = MitigationState.FAILED
             return Outcome.FAILED, e
-        return Outcome.APPLIED, None
+        return (Outcome.DRY_RUN if dry else Outcome.APPLIED), None
 
     def _is_allowlisted(self, target: str) -> bool:
         if self._enforcer.is_allowlisted(target):
