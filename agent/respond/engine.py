@@ -103,9 +103,10 @@ class Responder:
                 self._keep(existing, plan, incident, now)
             else:
                 self._mitigate(plan, incident, now)
-        if plan.kind in policy.ISOLATION_KINDS or plan.escalate:
-            what = f"{plan.kind.value} {plan.target}" if plan.kind else "a breach"
-            self._escalate(incident.id, what)
+        if plan.kind in policy.ISOLATION_KINDS:
+            self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
+        elif plan.escalate:
+            self._escalate(incident.id, "", plan.note or finding.rule)
         incident = self._store.incident(incident.id) or incident
         self.notify("incident", incident)
         return incident
@@ -195,13 +196,14 @@ class Responder:
             self._store.set_incident_state(incident.id, IncidentState.ESCALATED, at,
                                            f"escalated: {what} could not be applied")
 
-    def _escalate(self, incident_id: str, what: str) -> None:
-        """Isolations and quarantines always need a human: escalate a live incident."""
+    def _escalate(self, incident_id: str, what: str, why: str = "") -> None:
+        """Isolations and quarantines always need a human, and so does a breach narrowed
+        by authority (`why`): escalate a live incident."""
         i = self._store.incident(incident_id)
         if i is not None and i.state in (IncidentState.OPEN, IncidentState.MITIGATED):
-            self._store.set_incident_state(i.id, IncidentState.ESCALATED, self._clock(),
-                                           f"escalated: {what} needs a human to look "
-                                           "and release it")
+            text = (f"escalated: {why}" if why else
+                    f"escalated: {what} needs a human to look and release it")
+            self._store.set_incident_state(i.id, IncidentState.ESCALATED, self._clock(), text)
 
     def _mark_mitigated(self, incident: Incident, mitigated_at: float) -> None:
         # The deadline runs from the first evidence (kernel window start) to the action

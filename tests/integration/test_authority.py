@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.breachlab import cgroup_path, scoped_rules, throwaway_cgroup
+from agent.breachlab import (SERVICE, agent_config, cgroup_path, scoped_rules, service_name,
+                             throwaway_cgroup)
 from agent.enforce.base import InvalidTarget, TargetNotFound
 from agent.enforce.cgroup import cgroup2_mount
 from agent.enforce.process import ProcessEnforcer, ProcessError
@@ -28,7 +29,7 @@ from agent.lab import sh, wait_for
 from agent.model import Mitigation, MitigationKind
 from agent.scenario import AgentProcess
 from tests.conftest import skip_unsupported
-from tests.integration.test_breach_e2e import agent_stopped, cli
+from tests.integration.test_breach_e2e import agent_stopped, cli, echoes
 
 pytestmark = pytest.mark.privileged
 NOBODY = 65534
@@ -167,3 +168,46 @@ def test_unprivileged_credential_write_never_isolates_the_node(lab, tmp_path, se
             writer.kill()
             writer.wait()
             shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_unprivileged_process_renamed_as_a_service_cannot_isolate_the_node(lab, tmp_path,
+                                                                          setpriv):
+    """The issue's case: nobody's process names itself like a service (prctl) and starts a
+    shell from the root cgroup. breach.service_shell fires and falls back to the node;
+    authority answers it by killing the actor's session instead."""
+    name = service_name()
+    agent = AgentProcess(lab.victim, tmp_path, agent_config(
+        name, scoped_rules(tmp_path / "rules"),
+        "allowlist:\n  management: [192.0.2.0/24]\n"))
+    agent.start()
+    victim = lab.addr("victim")
+    with agent_stopped(agent):
+        script = f'echo $$ > "{cgroup2_mount()}/cgroup.procs" && exec "$@"'
+        svc = subprocess.Popen(
+            ["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim, *AS_NOBODY,
+             "/usr/bin/python3", "-c", SERVICE, name, victim, "9100", "60"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert svc.stdout is not None and svc.stdin is not None
+            assert svc.stdout.readline().strip() == "ready"
+            svc.stdin.write("exec\n")
+            svc.stdin.flush()
+            assert svc.wait(timeout=DEADLINE_S) == -9            # its session was killed
+            wait_for(lambda: cli(agent, "incidents") != [], 5.0)
+            (inc,) = cli(agent, "incidents")
+            assert (inc["entity"], inc["state"]) == (f"user:{NOBODY}", "escalated")
+            assert inc["rules"] == ["breach.service_shell@1"]
+            assert [m["kind"] for m in cli(agent, "mitigations")] == ["kill_process"]
+            fwd = sh("nft", "list", "chain", "inet", "swarm_agent", "isolate_fwd",
+                     ns=lab.victim).stdout
+            assert "drop" not in fwd
+            # The node keeps serving: a root echo server in the victim still answers.
+            with subprocess.Popen(["ip", "netns", "exec", lab.victim, "/usr/bin/python3", "-c",
+                                   SERVICE, service_name(), victim, "9101", "20"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as ok:
+                assert ok.stdout is not None and ok.stdout.readline().strip() == "ready"
+                assert echoes(lab.attacker, victim, 9101)
+                ok.kill()
+        finally:
+            svc.kill()
+            svc.wait()
