@@ -100,7 +100,8 @@ class Responder:
         if plan.kind is not None and plan.target is not None:
             existing = self._in_force(plan.kind, plan.target, now)
             if existing is not None:
-                self._keep(existing, plan, incident, now)
+                if plan.kind is not MitigationKind.KILL_PROCESS:   # a kill is never renewed
+                    self._keep(existing, plan, incident, now)
             else:
                 self._mitigate(plan, incident, now)
         if plan.kind in policy.ISOLATION_KINDS:
@@ -160,6 +161,8 @@ class Responder:
         assert plan.kind is not None and plan.target is not None
         if plan.kind in policy.ISOLATION_KINDS:
             ttl_s = self._cfg.mitigation.isolation_ttl_s     # None: until released
+        elif plan.kind is MitigationKind.KILL_PROCESS:
+            ttl_s = policy.KILL_RECORD_S
         else:
             ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
         m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
@@ -280,6 +283,8 @@ class Responder:
     def _is_allowlisted(self, target: str) -> bool:
         if self._enforcer.is_allowlisted(target):
             return True
+        if target.isdigit():
+            return False     # a pid (kill_process), which ip_network would read as an address
         try:
             net = ipaddress.ip_network(target, strict=False)
         except ValueError:

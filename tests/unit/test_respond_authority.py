@@ -10,7 +10,7 @@ import pytest
 from agent.config import Allowlist, Config
 from agent.enforce.base import DryRunEnforcer
 from agent.model import EventClass, Finding, IncidentState, MitigationKind, Severity
-from agent.respond import authority
+from agent.respond import authority, policy
 from agent.respond.engine import Responder
 from agent.state.store import Store
 
@@ -137,11 +137,30 @@ def test_unprivileged_actor_without_a_pid_is_reported_and_escalated_only(make):
     assert "reported only" in notes(store, inc.id)
 
 
-def test_a_repeated_finding_keeps_the_one_kill(make):
+def test_a_repeated_finding_keeps_the_one_kill_which_is_never_renewed(make, tmp_path):
     r, store, enf = make()
     r.handle(breach())
     r.handle(breach())
-    assert len(store.mitigations()) == 1 and len(enf.actions) == 1
+    (m,) = store.mitigations()
+    assert len(enf.actions) == 1
+    assert m.expires_at == BASE_S + 2.0 + policy.KILL_RECORD_S
+
+
+def test_a_pid_is_judged_afresh_once_the_kill_record_lapsed(tmp_path):
+    clock = [BASE_S]
+    cfg = Config(state_dir=str(tmp_path))
+    with Store(tmp_path / "agent.db") as store:
+        enf = DryRunEnforcer()
+        r = Responder(cfg, store, enf, clock=lambda: clock[0], rules=[],
+                      to_wall=lambda ns: BASE_S)
+        r.handle(breach())
+        clock[0] += policy.KILL_RECORD_S / 2 + 1
+        r.handle(breach())                      # queued repeat: no renewal, no second kill
+        assert store.mitigations()[0].expires_at == BASE_S + policy.KILL_RECORD_S
+        clock[0] = BASE_S + policy.KILL_RECORD_S + 1
+        r.expire()
+        r.handle(breach())                      # a process that reused the pid: killed too
+        assert [a[1] for a in enf.actions if a[0] == "apply"] == ["kill_process"] * 2
 
 
 def test_network_findings_are_not_touched(make):
