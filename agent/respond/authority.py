@@ -12,9 +12,11 @@ user namespace (a container's root mapped to uid 100000 is uid 100000 here).
   (ADMIN_CAPS). The rule's own response stands: a node-scoped breach isolates the node.
 - Unprivileged (everyone else): it cannot bring down the node. Its breach is answered on
   what it owns, and the incident is escalated:
-    * its cgroup when that cgroup is its own (OWN_CGROUP): a service's unit, a login
+    * its cgroup when that cgroup is its own (own_cgroup): a service's unit, a login
       session's scope (/user.slice/user-1000.slice/session-3.scope), a container's; the
-      service or session is isolated (network cut + freeze), as a service breach is;
+      service or session is isolated (network cut + freeze), as a service breach is. A
+      process with a login (loginuid set) owns only cgroups in /user.slice: a user's
+      cron job inside cron.service is not cron's to lose;
     * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown)
       its processes: KILL_PROCESS on the acting pid, which kills the members of its
       POSIX session that run as the same uid (agent.enforce.process), never anyone else's.
@@ -24,7 +26,10 @@ Capabilities without uid/euid 0 are not in today's events; such a process counts
 unprivileged, so its breach is contained (killed or isolated by the agent, which is
 root) rather than answered with the node. loginuid and sessionid never raise or lower
 authority (root from a user's sudo is still root); they are named in the note so the
-security team sees which login the actor came from.
+security team sees which login the actor came from, and loginuid narrows which cgroup is
+the actor's own (above). Until the probe sends loginuid, a user's process inside a
+system service's cgroup (cron jobs on hosts without pam_systemd for cron) gets that
+service isolated, never the node.
 """
 from __future__ import annotations
 
@@ -61,6 +66,15 @@ class Actor:
         if self.uid == 0 or self.euid == 0:
             return True
         return self.cap_effective is not None and bool(self.cap_effective & ADMIN_CAPS)
+
+    def owns_session_of(self, cgroup: str | None) -> bool:
+        """A process with a login (loginuid set: SSH, console, a cron or at job) owns a
+        cgroup only inside the users' slice: one in a system service (a cron job inside
+        cron.service, a session on a host without pam_systemd inside ssh.service) is
+        running in somebody else's unit, shared with other users."""
+        if self.loginuid is None or self.loginuid == UNSET_ID:
+            return True
+        return bool(cgroup) and (cgroup + "/").startswith("/user.slice/")
 
     def describe(self) -> str:
         """"uid 1000" with whatever else is known: "uid 1000 (euid 0, login uid 1000, session 3)"."""
@@ -122,7 +136,7 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         return None
     who = f"actor {actor.describe()} is unprivileged"
     asked = "the node" if kind is MitigationKind.ISOLATE_NODE else f"service {finding.entity}"
-    if own_cgroup(actor.cgroup):
+    if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
         assert actor.cgroup is not None
         target = actor.cgroup.rstrip("/")
         note = f"{finding.rule}: {who}: isolated its cgroup {target} instead of {asked}"

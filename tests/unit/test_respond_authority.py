@@ -121,6 +121,20 @@ def test_without_credentials_the_rule_response_stands(make, fields):
     assert enf.actions == [("apply", "isolate_node", "node")]
 
 
+@pytest.mark.parametrize("cgroup, loginuid, answer", [
+    ("/system.slice/cron.service", 1000, "kill_process"),     # a user's cron job
+    ("/system.slice/ssh.service", 1000, "kill_process"),      # no pam_systemd
+    (SESSION, 1000, "isolate_service"),
+    (SESSION, authority.UNSET_ID, "isolate_service"),
+    ("/system.slice/nginx.service", authority.UNSET_ID, "isolate_service"),   # a worker
+    ("/system.slice/nginx.service", None, "isolate_service"),  # probe without loginuid
+])
+def test_a_login_owns_only_cgroups_in_the_users_slice(make, cgroup, loginuid, answer):
+    r, _, enf = make()
+    r.handle(breach(cgroup=cgroup, loginuid=loginuid))
+    assert [a[1] for a in enf.actions] == [answer]
+
+
 def test_login_and_session_are_named_in_the_note(make):
     r, store, _ = make()
     inc = r.handle(breach(loginuid=1000, sessionid=7))
