@@ -72,6 +72,7 @@ class CompositeEnforcer:
 
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
         if self.dry_run:
+            self.nft.refresh_allowlist()
             return
         self.nft.setup(desired, now)
         # A freezer or WireGuard problem (a corrupt saved-peers file) must not keep the
@@ -131,6 +132,7 @@ class CompositeEnforcer:
 
     def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
         if self.dry_run:
+            self.nft.refresh_allowlist()     # the host's addresses, as live reconcile does
             return Drift()
         drifts: list[Drift] = []
         self._each("reconcile", lambda e: drifts.append(e.reconcile(desired, now)),

@@ -150,6 +150,11 @@ class NftEnforcer:
     def close(self) -> None:
         self._addrs.close()
 
+    def refresh_allowlist(self) -> None:
+        """Re-read the host's own addresses into the allowlist (setup and reconcile do it
+        too); the dry run, which does neither, calls this instead."""
+        self._allow = self._read_allowlist()
+
     # --- internals ---------------------------------------------------------------------------
 
     def _read_allowlist(self) -> list[Network]:
