@@ -139,9 +139,9 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
     if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
         assert actor.cgroup is not None
         target = actor.cgroup.rstrip("/")
-        note = f"{finding.rule}: {who}: isolated its cgroup {target} instead of {asked}"
+        note = f"{finding.rule}: {who}: isolating its own cgroup {target} instead of {asked}"
         if kind is MitigationKind.ISOLATE_SERVICE and finding.entity == f"cgroup:{target}":
-            note = f"{finding.rule}: {who}: isolated its own cgroup {target}"
+            note = f"{finding.rule}: {who}: isolating its own cgroup {target}"
         filed = _filed(finding, f"cgroup:{target}", note)
         return Answer(filed, MitigationKind.ISOLATE_SERVICE, target, note, {})
     if actor.pid is None or actor.pid <= 1:
@@ -150,8 +150,8 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         note = f"{finding.rule}: {who} and names no process of its own: reported only"
         return Answer(_filed(finding, f"user:{actor.uid}", note), None, None, note, {})
     note = (f"{finding.rule}: {who} and its cgroup {actor.cgroup or '(unknown)'} is not its "
-            f"own: killed its processes (session of pid {actor.pid}, uid {actor.uid}) "
-            f"instead of isolating {asked}")
+            f"own: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
+            f"only) instead of isolating {asked}")
     filed = _filed(finding, f"user:{actor.uid}", note)
     return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note,
                   {"uid": actor.uid})

@@ -66,7 +66,7 @@ def test_unprivileged_actor_in_its_own_cgroup_gets_that_cgroup_isolated(make, cg
     inc = r.handle(breach(cgroup=cgroup))
     assert enf.actions == [("apply", "isolate_service", cgroup)]
     assert (inc.entity, inc.state) == (f"cgroup:{cgroup}", IncidentState.ESCALATED)
-    assert f"isolated its cgroup {cgroup} instead of the node" in notes(store, inc.id)
+    assert f"isolating its own cgroup {cgroup} instead of the node" in notes(store, inc.id)
 
 
 def test_service_shell_fallback_to_the_node_is_narrowed_too(make):
