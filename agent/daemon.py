@@ -25,7 +25,7 @@ from agent import __version__
 from agent.config import Config, ConfigError, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
-from agent.enforce.base import DryRunEnforcer, EnforceError
+from agent.enforce.base import EnforceError
 from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond.engine import Responder
@@ -99,11 +99,11 @@ class Agent:
                 log.warning(f"{what} unavailable", extra={"reason": problem})
 
     def _make_enforcer(self):
-        if self.cfg.dry_run:
-            return DryRunEnforcer([str(n) for n in self.cfg.allowlist.networks()])
+        # Dry run is the live enforcer stopping before each host change, so it plans what
+        # the live agent would do (its checks, refusals, peer quarantines).
         from agent.enforce.composite import CompositeEnforcer
 
-        return CompositeEnforcer(self.cfg)
+        return CompositeEnforcer(self.cfg, dry_run=self.cfg.dry_run)
 
     def _open_probe(self) -> None:
         try:
