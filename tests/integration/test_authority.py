@@ -6,8 +6,8 @@ namespace, its real process probe) answers a credential write by uid 65534 (nobo
 a node-scoped rule, with a management allowlist so node isolation would go ahead for
 root -- on the writer's throw-away cgroup, or, from the root cgroup, by killing it.
 
-Scoping (the probe is host-global): the agent gets only breach.credential_write, with
-credential_paths set to one file the test creates, so it reacts to nothing else.
+Scoping: the agent owns only its namespace's processes (the writer runs there) and gets
+only breach.credential_write, with credential_paths set to one file the test creates.
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def test_unprivileged_credential_write_never_isolates_the_node(lab, tmp_path, se
         home = cg if own_cgroup else cgroup2_mount()
         script = f'echo $$ > "{home}/cgroup.procs" && exec "$@"'
         writer = subprocess.Popen(
-            ["sh", "-c", script, "sh", *AS_NOBODY, "/usr/bin/python3", "-c", WRITER,
-             str(watched)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            ["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim, *AS_NOBODY,
+             "/usr/bin/python3", "-c", WRITER, str(watched)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             start_new_session=True)
         try:
             assert writer.stdout is not None and writer.stdin is not None
