@@ -73,6 +73,9 @@ class MitigationPolicy:
 class Probes:
     map_entries: int = 65536          # LRU size of per-source maps
     window_ms: int = 1000             # kernel counting window
+    # Where the host's agents register the network namespace whose processes each owns
+    # (README, "Running it"); shared by every agent on the host, writable by root only.
+    process_owners: str = "/run/swarm-agent/process-owners"
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("mitigation.repeat_factor must be at least 1")
     if cfg.mitigation.max_ttl_s < cfg.mitigation.default_ttl_s:
         raise ConfigError("mitigation.max_ttl_s must not be below mitigation.default_ttl_s")
+    if not cfg.probes.process_owners.startswith("/"):
+        raise ConfigError("probes.process_owners must be an absolute path")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level must be one of debug, info, warning, error")
     if cfg.rules_file is not None and not Path(cfg.rules_file).exists():

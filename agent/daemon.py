@@ -25,7 +25,7 @@ from agent import __version__
 from agent.config import Config, ConfigError, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
-from agent.enforce.base import DryRunEnforcer, EnforceError
+from agent.enforce.base import EnforceError
 from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond.engine import Responder
@@ -85,7 +85,7 @@ class Agent:
         self._open_probe()
         self._open_proc_probe()
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
-                                   status=self.status, losses=self.losses)
+                                   status=self.status, losses=self.losses, unparsed=self.unparsed)
 
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and
@@ -99,11 +99,11 @@ class Agent:
                 log.warning(f"{what} unavailable", extra={"reason": problem})
 
     def _make_enforcer(self):
-        if self.cfg.dry_run:
-            return DryRunEnforcer([str(n) for n in self.cfg.allowlist.networks()])
+        # Dry run is the live enforcer stopping before each host change, so it plans what
+        # the live agent would do (its checks, refusals, peer quarantines).
         from agent.enforce.composite import CompositeEnforcer
 
-        return CompositeEnforcer(self.cfg)
+        return CompositeEnforcer(self.cfg, dry_run=self.cfg.dry_run)
 
     def _open_probe(self) -> None:
         try:
@@ -121,8 +121,9 @@ class Agent:
         self.probe_status = probe.status()
 
     def _open_proc_probe(self) -> None:
-        """The process probe (breach rules) beside the network probe; host-global, so one
-        agent per host runs it. Without it the agent runs on, reported degraded."""
+        """The process probe (breach rules) beside the network probe, for the processes this
+        agent owns (agent.sources.owners: its namespace's; the host agent's also those of
+        namespaces without an agent). Without it the agent runs on, reported degraded."""
         try:
             from agent.sources.proc import ProcProbe
 
@@ -139,6 +140,10 @@ class Agent:
     def losses(self) -> int:
         """Events both probes' kernels could not queue."""
         return sum(p.losses() for p in (self.probe, self.proc_probe) if p is not None)
+
+    def unparsed(self) -> dict[str, int]:
+        """Packets the network probe's parser could not follow, by reason."""
+        return self.probe.unparsed() if self.probe is not None else {}
 
     # -- the pipeline -----------------------------------------------------------------------
 
@@ -208,7 +213,9 @@ class Agent:
             "dry_run": self.cfg.dry_run,
             "probes": {**self.probe_status, **self.proc_status},
             "ringbuf_losses": self.losses(),
-            "counters": dict(self.counters),
+            # What the packet parser could not follow: in `status` and the control API.
+            "counters": {**self.counters,
+                         **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()}},
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},

@@ -26,6 +26,7 @@ struct file_open_event abi_file_open_event;
 struct module_load_event abi_module_load_event;
 struct ptrace_event abi_ptrace_event;
 struct bpf_prog_load_event abi_bpf_prog_load_event;
+enum parse_failure abi_parse_failure;
 struct stdio_fd abi_stdio_fd;
 struct stdio_dup_event abi_stdio_dup_event;
 struct proc_stdio_event abi_proc_stdio_event;

@@ -55,6 +55,22 @@ struct {
 	__type(value, __u64);
 } losses SEC(".maps");
 
+/* Packets by why the parser could not follow them (enum parse_failure). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PARSE_FAILURES);
+	__type(key, __u32);
+	__type(value, __u64);
+} unparsed SEC(".maps");
+
+static __always_inline void count_unparsed(__u32 why)
+{
+	__u64 *n = bpf_map_lookup_elem(&unparsed, &why);
+
+	if (n)
+		*n += 1;
+}
+
 static __always_inline void count_loss(void)
 {
 	__u32 zero = 0;
@@ -230,9 +246,18 @@ int handle_xdp(struct xdp_md *ctx)
 	struct net_thresholds *t = get_thresholds();
 	struct pkt p = {};
 	__u64 now;
+	int parsed;
 
-	if (!t || parse_packet(ctx, &p) < 0)
+	parsed = parse_packet(ctx, &p);
+	if (!t || parsed < 0)
 		return XDP_PASS;
+	if (parsed > 0) {
+		count_unparsed(parsed);
+		if (!p.src.family)
+			return XDP_PASS;	/* counted by reason; no source to count it to */
+		p.proto = 0;	/* what it carries is unknown: no ports, no service */
+		p.syn = 0;
+	}
 	now = bpf_ktime_get_ns();
 	count_source(&p, t, now);
 	if (p.proto)

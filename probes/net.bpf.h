@@ -1,14 +1,31 @@
-/* Packet parsing for the XDP program: Ethernet (one optional VLAN tag), IPv4 and IPv6
- * (no extension headers), TCP and UDP. Kernel-only. */
+/* Packet parsing for the XDP program: Ethernet with up to two VLAN tags (802.1Q, 802.1ad),
+ * IPv4 with options and fragments, IPv6 with its extension-header chain (hop-by-hop,
+ * routing, fragment, destination options, AH), TCP and UDP. Kernel-only.
+ *
+ * A packet is judged by what it carries, not by how it is wrapped: a SYN behind a chain
+ * of extension headers is a SYN. What the parser cannot follow is never passed silently:
+ * parse_packet says why (enum parse_failure), and the caller counts that and still counts
+ * the packet to its source when the source address was read. */
 #ifndef SWARM_NET_BPF_H
 #define SWARM_NET_BPF_H
 
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100
+#define ETH_P_8021AD 0x88A8
 #define AF_INET 2
 #define AF_INET6 10
 #define IP_OFFSET_MASK 0x1FFF
+#define IP6_OFFSET_MASK 0xFFF8	/* fragment offset bits of the fragment header's frag_off */
+#define MAX_VLAN_TAGS 2
+#define MAX_EXT_HEADERS 8	/* extension headers followed before PARSE_CHAIN_TOO_LONG */
+
+/* IPv6 next-header values (IANA). */
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
+#define NEXTHDR_DEST 60
 
 struct pkt {
 	struct addr_key src;
@@ -16,6 +33,14 @@ struct pkt {
 	__u16 dport;	/* host order; 0 when not TCP/UDP */
 	__u8 proto;	/* IPPROTO_TCP, IPPROTO_UDP, or 0 for anything else */
 	__u8 syn;	/* SYN without ACK */
+};
+
+/* The first four bytes every extension header (and AH) starts with; frag_off is only
+ * meaningful in a fragment header. */
+struct ext_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen;
+	__be16 frag_off;
 };
 
 /* Every pointer is checked against data_end right before use: the verifier tracks
@@ -26,7 +51,7 @@ static __always_inline int parse_l4(void *l4, void *end, __u8 proto, struct pkt 
 		struct tcphdr *th = l4;
 
 		if ((void *)(th + 1) > end)
-			return 0;
+			return PARSE_TRUNCATED;
 		p->proto = IPPROTO_TCP;
 		p->dport = bpf_ntohs(th->dest);
 		p->syn = th->syn && !th->ack;
@@ -34,11 +59,79 @@ static __always_inline int parse_l4(void *l4, void *end, __u8 proto, struct pkt 
 		struct udphdr *uh = l4;
 
 		if ((void *)(uh + 1) > end)
-			return 0;
+			return PARSE_TRUNCATED;
 		p->proto = IPPROTO_UDP;
 		p->dport = bpf_ntohs(uh->dest);
 	}
 	return 0;
+}
+
+/* Protocols that end an IPv6 chain: what follows is not an extension header. Anything
+ * else that is not an extension header we follow is PARSE_UNKNOWN_HEADER (Mobility, HIP,
+ * Shim6, experimental values: the stack may follow them, we cannot). */
+static __always_inline int upper_layer(__u8 nh)
+{
+	switch (nh) {
+	case 4:		/* IPv4 in IPv6 */
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case 41:	/* IPv6 in IPv6 */
+	case 47:	/* GRE */
+	case 50:	/* ESP: the rest is encrypted */
+	case 58:	/* ICMPv6 */
+	case 59:	/* no next header */
+	case 103:	/* PIM */
+	case 112:	/* VRRP */
+	case 115:	/* L2TP */
+	case 132:	/* SCTP */
+	case 136:	/* UDP-Lite */
+	case 137:	/* MPLS in IP */
+	case 143:	/* Ethernet */
+		return 1;
+	}
+	return 0;
+}
+
+/* Follows the headers from `cur` (first one `nh`) to the upper layer. IPv6 follows its
+ * extension headers; IPv4 only AH (the one "extension" it has). A non-first fragment
+ * stops the walk: it carries no L4 header, so it counts to its source without ports. */
+static __always_inline int parse_chain(void *cur, void *end, __u8 nh, int v6, struct pkt *p)
+{
+	struct ext_hdr *h;
+	__u32 len;
+	int i;
+
+	for (i = 0; i < MAX_EXT_HEADERS; i++) {
+		if (nh == NEXTHDR_AUTH) {
+			h = cur;
+			if ((void *)(h + 1) > end)
+				return PARSE_TRUNCATED;
+			len = ((__u32)h->hdrlen + 2) * 4;	/* AH counts 4-byte words, less 2 */
+		} else if (!v6) {
+			return parse_l4(cur, end, nh, p);
+		} else if (nh == NEXTHDR_HOP || nh == NEXTHDR_ROUTING || nh == NEXTHDR_DEST) {
+			h = cur;
+			if ((void *)(h + 1) > end)
+				return PARSE_TRUNCATED;
+			len = ((__u32)h->hdrlen + 1) * 8;	/* 8-byte units, less the first */
+		} else if (nh == NEXTHDR_FRAGMENT) {
+			h = cur;
+			if ((void *)(h + 1) > end)
+				return PARSE_TRUNCATED;
+			if (h->frag_off & bpf_htons(IP6_OFFSET_MASK))
+				return 0;
+			len = 8;
+		} else if (upper_layer(nh)) {
+			return parse_l4(cur, end, nh, p);
+		} else {
+			return PARSE_UNKNOWN_HEADER;
+		}
+		nh = h->nexthdr;
+		cur += len;
+	}
+	if (nh == NEXTHDR_AUTH || (v6 && !upper_layer(nh)))
+		return PARSE_CHAIN_TOO_LONG;
+	return parse_l4(cur, end, nh, p);
 }
 
 static __always_inline int parse_ipv4(void *l3, void *end, struct pkt *p)
@@ -47,16 +140,20 @@ static __always_inline int parse_ipv4(void *l3, void *end, struct pkt *p)
 	__u32 hlen;
 
 	if ((void *)(ip + 1) > end)
-		return -1;
-	hlen = ip->ihl * 4;
-	if (hlen < sizeof(*ip))
-		return -1;
+		return PARSE_TRUNCATED;
+	if (ip->version != 4)
+		return PARSE_BAD_HEADER;
 	p->src.family = AF_INET;
 	__builtin_memcpy(p->src.addr, &ip->saddr, 4);
+	hlen = ip->ihl * 4;	/* options included */
+	if (hlen < sizeof(*ip))
+		return PARSE_BAD_HEADER;
+	if (l3 + hlen > end)
+		return PARSE_TRUNCATED;
 	/* A non-first fragment carries no L4 header: count the packet, not its "ports". */
 	if (ip->frag_off & bpf_htons(IP_OFFSET_MASK))
 		return 0;
-	return parse_l4(l3 + hlen, end, ip->protocol, p);
+	return parse_chain(l3 + hlen, end, ip->protocol, 0, p);
 }
 
 static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
@@ -64,12 +161,22 @@ static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
 	struct ipv6hdr *ip6 = l3;
 
 	if ((void *)(ip6 + 1) > end)
-		return -1;
+		return PARSE_TRUNCATED;
+	if (ip6->version != 6)
+		return PARSE_BAD_HEADER;
 	p->src.family = AF_INET6;
 	__builtin_memcpy(p->src.addr, &ip6->saddr, 16);
-	return parse_l4(ip6 + 1, end, ip6->nexthdr, p);
+	return parse_chain(ip6 + 1, end, ip6->nexthdr, 1, p);
 }
 
+/* Returns -1 for a frame that is not IP (nothing to count), 0 for a parsed packet, or
+ * the enum parse_failure it stopped at; p->src.family is non-zero when the source
+ * address was read all the same.
+ *
+ * VLAN tags: a tag still in the frame is skipped here. With generic XDP (what the agent
+ * attaches) a tag the sender or NIC put in the skb's hwaccel field (a vlan device on a
+ * veth, VLAN rx offload) is not in the frame at all: XDP sees the untagged packet,
+ * which parses the same way. */
 static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
 {
 	void *data = (void *)(long)ctx->data;
@@ -77,23 +184,28 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
 	struct ethhdr *eth = data;
 	void *l3 = eth + 1;
 	__u16 proto;
+	int i;
 
 	if (l3 > end)
 		return -1;
+	p->len = end - data;
 	proto = eth->h_proto;
-	if (proto == bpf_htons(ETH_P_8021Q)) {
+	for (i = 0; i < MAX_VLAN_TAGS; i++) {
 		struct vlan_hdr *vh = l3;
 
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
 		if ((void *)(vh + 1) > end)
-			return -1;
+			return PARSE_TRUNCATED;
 		proto = vh->h_vlan_encapsulated_proto;
 		l3 = vh + 1;
 	}
-	p->len = end - data;
 	if (proto == bpf_htons(ETH_P_IP))
 		return parse_ipv4(l3, end, p);
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return parse_ipv6(l3, end, p);
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+		return PARSE_VLAN_DEPTH;
 	return -1;
 }
 

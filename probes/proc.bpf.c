@@ -13,6 +13,7 @@
  *   entry only has the user's string (bpf_d_path needs fentry/LSM, refused here).
  * - module loads, ptrace attach/seize (at syscall exit, with the tracee), BPF_PROG_LOAD:
  *   all of them (rare), except the agent's own (proc_cfg.agent_tgid).
+ * All of it only for processes this agent owns (owned(): README, "Running it").
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -103,6 +104,24 @@ struct {
 	__type(value, struct open_scratch);
 } scratch SEC(".maps");
 
+/* One host, several agents (README, "Running it"): network namespaces whose processes
+ * another live agent owns (netns inode -> its tgid), and the same by owner (tgid -> netns
+ * inode). Written by user space from the agents' registrations; an owner's entries go
+ * the moment it exits (handle_agent_exit), so a dead agent never blinds this one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} foreign_netns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+} foreign_agents SEC(".maps");
+
 #include "proc.bpf.h"
 
 SEC("tracepoint/sched/sched_process_exec")
@@ -121,6 +140,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	__u32 tgid, off;
 
 	if (is_agent())
+		return 0;
+	if (!owned())
 		return 0;
 	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
 	parent = BPF_CORE_READ(task, real_parent);
@@ -222,6 +243,8 @@ static __always_inline int check_open(const char *upath, __u32 flags, __u32 mode
 
 	if (is_agent())
 		return 0;
+	if (!owned())
+		return 0;
 	s = bpf_map_lookup_elem(&scratch, &zero);
 	if (!s)
 		return 0;
@@ -299,6 +322,8 @@ int handle_module_load(struct module_load_args *ctx)
 
 	if (is_agent())
 		return 0;
+	if (!owned())
+		return 0;
 	e = reserve(sizeof(*e), EVENT_MODULE_LOAD);
 	if (!e)
 		return 0;
@@ -320,6 +345,8 @@ int handle_sys_enter_ptrace(struct trace_event_raw_sys_enter *ctx)
 
 	if ((p.request != PTRACE_ATTACH && p.request != PTRACE_SEIZE) || is_agent())
 		return 0;
+	if (!owned())
+		return 0;	/* the exit handler reports only what entry kept */
 	bpf_map_update_elem(&pending_ptrace, &id, &p, BPF_ANY);
 	return 0;
 }
@@ -373,6 +400,8 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 
 	if (ctx->args[0] != BPF_PROG_LOAD_CMD || is_agent())
 		return 0;
+	if (!owned())
+		return 0;
 	e = reserve(sizeof(*e), EVENT_BPF_PROG_LOAD);
 	if (!e)
 		return 0;
@@ -389,6 +418,25 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
+/* --- several agents ------------------------------------------------------------------ */
+
+/* Forgets another agent the moment its last thread exits: its namespace is the host
+ * agent's again. (handle_sched_process_exit, on the same tracepoint, only reports.) */
+SEC("tracepoint/sched/sched_process_exit")
+int handle_agent_exit(void *ctx)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 *ino = bpf_map_lookup_elem(&foreign_agents, &tgid);
+	__u32 netns;
+
+	if (!ino || BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	netns = *ino;
+	bpf_map_delete_elem(&foreign_netns, &netns);
+	bpf_map_delete_elem(&foreign_agents, &tgid);
+	return 0;
+}
 /* --- reverse shells however they are wired ---------------------------------------------
  * 1. A network socket duplicated onto a standard stream: dup/dup2/dup3/fcntl(F_DUPFD)
  *    whose result is fd 0, 1 or 2 and now an AF_INET/AF_INET6 socket (what Falco's
@@ -498,6 +546,8 @@ int handle_exec_stdio(void *ctx)
 
 	if (is_agent())
 		return 0;
+	if (!owned())
+		return 0;
 	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
 	if (!(comm_flags(&comm) & COMM_PROGRAM))
 		return 0;
@@ -529,6 +579,8 @@ static __always_inline int check_dup(long ret, __u16 syscall)
 	__u16 family;
 
 	if (ret < 0 || ret > 2 || is_agent())
+		return 0;
+	if (!owned())
 		return 0;
 	task = (struct task_struct *)bpf_get_current_task();
 	f = task_fd(task, ret);

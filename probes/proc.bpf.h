@@ -17,6 +17,20 @@ static __always_inline int is_agent(void)
 	return proc_cfg.agent_tgid && (bpf_get_current_pid_tgid() >> 32) == proc_cfg.agent_tgid;
 }
 
+/* Whether the current task is this agent's to report (README, "Running it"): an agent
+ * owns the processes of its own network namespace; the host agent (host_scope, in the
+ * initial namespace) also those of every namespace no other live agent owns. A task
+ * whose namespace cannot be read (0) is only the host agent's. */
+static __always_inline int owned(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 ino = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+
+	if (ino && ino == proc_cfg.netns_ino)
+		return 1;
+	return proc_cfg.host_scope && !bpf_map_lookup_elem(&foreign_netns, &ino);
+}
+
 /* Reserves a zeroed event (padding must not leak kernel memory) or counts a loss. */
 static __always_inline void *reserve(__u32 size, __u32 kind)
 {

@@ -293,6 +293,19 @@ def _ago(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _entry(e: pb.TimelineEntry) -> str:
+    """A timeline line; a finding repeated N times (one line in the store) says until when."""
+    if e.kind != "finding":
+        return e.text
+    try:
+        data = json.loads(e.data_json or "{}")
+    except ValueError:
+        return e.text
+    if not isinstance(data, dict) or int(data.get("count") or 1) <= 1:
+        return e.text
+    return f"{e.text}, last at {_ago(float(data.get('last_at') or 0))}"
+
+
 def _left(m: pb.Mitigation) -> str:
     if not m.expires_at:
         return "until lifted"
@@ -343,7 +356,7 @@ def format_detail(d: pb.IncidentDetail) -> str:
     if i.acknowledged_by:
         lines.append(f"  acknowledged by {i.acknowledged_by} at {_ago(i.acknowledged_at)}")
     lines.append("timeline:")
-    lines += [f"  {_ago(e.at)}  {e.kind:<20} {e.text}" for e in d.timeline]
+    lines += [f"  {_ago(e.at)}  {e.kind:<20} {_entry(e)}" for e in d.timeline]
     lines.append("mitigations:")
     lines += [f"  {m.id[:12]}  {m.kind:<18} {m.target:<24} {m.state:<8} {_left(m)}"
               for m in d.mitigations] or ["  (none)"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from agent.model import Mitigation
+from agent.model import Mitigation, MitigationKind
 
 
 class EnforceError(RuntimeError):
@@ -27,6 +27,15 @@ class UnsupportedMitigation(EnforceError):
     """This enforcer does not handle that kind of mitigation."""
 
 
+class InvalidTarget(EnforceError):
+    """The target is malformed for its kind (not a cgroup path, not IFNAME:KEY, not a pid)."""
+
+
+class TargetNotFound(EnforceError):
+    """The target is well formed but does not exist (no such cgroup, interface, peer or
+    process)."""
+
+
 @dataclass
 class Drift:
     """What reconcile found different from the desired state and put right."""
@@ -40,6 +49,17 @@ class Drift:
 
 
 class Enforcer(Protocol):
+    # True: apply runs every check the live enforcer does and stops before the host change.
+    dry_run: bool
+
+    def check(self, kind: MitigationKind, target: str, params: dict[str, Any]) -> str:
+        """Validate a mitigation of `kind` on `target` without changing anything; the
+        normalised target. Raises what apply would: InvalidTarget, TargetNotFound,
+        AllowlistedError, or another EnforceError for a refusal."""
+
+    def peer_for_address(self, addr: str) -> str | None:
+        """"IFNAME:KEY" of the WireGuard peer whose tunnel address `addr` is, or None."""
+
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
         """Create (or replace) the agent's state on the host, holding exactly `desired`."""
 
@@ -60,13 +80,26 @@ class Enforcer(Protocol):
 
 
 class DryRunEnforcer:
-    """Records what would have been done; never touches the host."""
+    """A recording stand-in for tests of the enforcer's callers (responder, control API):
+    it changes nothing, knows no peers and refuses only allowlisted targets. The agent's
+    own dry-run mode is not this: it is CompositeEnforcer(dry_run=True), which runs the
+    live enforcer's checks and stops before the host change."""
+
+    dry_run = True
 
     def __init__(self, allowlisted: Sequence[str] = ()):
         import ipaddress
 
         self._allow = [ipaddress.ip_network(n, strict=False) for n in allowlisted]
         self.actions: list[tuple[str, str, str]] = []   # (verb, kind, target)
+
+    def check(self, kind: MitigationKind, target: str, params: dict[str, Any]) -> str:
+        if self.is_allowlisted(target):
+            raise AllowlistedError(f"{target} is allowlisted")
+        return "node" if kind is MitigationKind.ISOLATE_NODE else (target.strip() or "node")
+
+    def peer_for_address(self, addr: str) -> str | None:
+        return None
 
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
         self.actions.append(("setup", "", str(len(desired))))

@@ -7,9 +7,15 @@ enforcer that owns its kind of host state.
                                              a failed freeze undoes the cut
     freeze_cgroup                         -> CgroupEnforcer (cgroup.freeze)
     remove_peer ("IFNAME:BASE64KEY")      -> WireGuardEnforcer (saved peers in state_dir)
+    kill_process (a pid, params uid)      -> ProcessEnforcer (the actor's session)
 
-setup, reconcile and remove fan out to all three. `check` validates an isolation target
+setup, reconcile and remove fan out to all of them. `check` validates any mitigation
 without changing anything, raising typed errors the control API maps to statuses.
+
+Dry run (dry_run=True) is this same enforcer: apply runs `check` -- every target check
+and refusal the live apply meets -- and stops before the host change, recording the plan
+in `planned`; setup, reconcile and remove change nothing; peer_for_address reads the live
+peers. So a dry run quarantines the peer a live one would, and refuses what it refuses.
 """
 from __future__ import annotations
 
@@ -21,9 +27,11 @@ from typing import Any, Sequence
 
 from agent.config import Config
 from agent.enforce import isolate
-from agent.enforce.base import AllowlistedError, Drift, EnforceError
+from agent.enforce.base import (AllowlistedError, Drift, EnforceError, InvalidTarget,
+                                TargetNotFound)
 from agent.enforce.cgroup import CgroupEnforcer, CgroupError, cgroup2_mount, normalise
 from agent.enforce.nft import NftEnforcer
+from agent.enforce.process import ProcessEnforcer
 from agent.enforce.wgapi import NotWireGuard, WireGuardError
 from agent.enforce.wireguard import WireGuardEnforcer, parse_target
 from agent.model import Mitigation, MitigationKind
@@ -35,12 +43,7 @@ PEER_CACHE_S = 1.0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class InvalidTarget(EnforceError):
-    """The target is malformed for its kind (not a cgroup path, not IFNAME:KEY)."""
-
-
-class TargetNotFound(EnforceError):
-    """The target is well formed but does not exist (no such cgroup, interface or peer)."""
+__all__ = ["CompositeEnforcer", "InvalidTarget", "TargetNotFound"]
 
 
 class CompositeEnforcer:
@@ -52,8 +55,12 @@ class CompositeEnforcer:
     after; reconcile repairs every part and raises only after all were tried."""
 
     def __init__(self, cfg: Config, *, nft: NftEnforcer | None = None,
-                 cgroups: CgroupEnforcer | None = None, wg: WireGuardEnforcer | None = None):
+                 cgroups: CgroupEnforcer | None = None, wg: WireGuardEnforcer | None = None,
+                 procs: ProcessEnforcer | None = None, dry_run: bool = False):
         self.cfg = cfg
+        self.dry_run = dry_run
+        self.planned: list[tuple[str, str, str]] = []     # dry run: (verb, kind, target)
+        self.procs = procs or ProcessEnforcer()
         self.nft = nft or NftEnforcer(cfg)
         self.cgroups = cgroups or CgroupEnforcer()
         allow = (*cfg.allowlist.mesh, *cfg.allowlist.management)
@@ -64,6 +71,9 @@ class CompositeEnforcer:
     # --- the Enforcer contract -------------------------------------------------------------
 
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
+        if self.dry_run:
+            self.nft.refresh_allowlist()
+            return
         self.nft.setup(desired, now)
         # A freezer or WireGuard problem (a corrupt saved-peers file) must not keep the
         # agent from starting: it is logged, and reconcile retries every few seconds.
@@ -73,7 +83,14 @@ class CompositeEnforcer:
             pass
 
     def apply(self, m: Mitigation, now: float) -> None:
-        if m.kind is MitigationKind.REMOVE_PEER:
+        # One decision path for both modes: whatever check refuses, apply refuses.
+        self.check(m.kind, m.target, m.params)
+        if self.dry_run:
+            self.planned.append(("apply", m.kind.value, m.target))
+            return
+        if m.kind is MitigationKind.KILL_PROCESS:
+            self.procs.apply(m, now)
+        elif m.kind is MitigationKind.REMOVE_PEER:
             self.wg.apply(m, now)
         elif m.kind is MitigationKind.FREEZE_CGROUP:
             self.cgroups.apply(m, now)
@@ -97,6 +114,11 @@ class CompositeEnforcer:
             raise
 
     def lift(self, m: Mitigation) -> None:
+        if self.dry_run:
+            self.planned.append(("lift", m.kind.value, m.target))
+            return
+        if m.kind is MitigationKind.KILL_PROCESS:
+            return          # a kill cannot be undone
         if m.kind is MitigationKind.REMOVE_PEER:
             self.wg.lift(m)
             return
@@ -109,6 +131,9 @@ class CompositeEnforcer:
         self.nft.lift(m)
 
     def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
+        if self.dry_run:
+            self.nft.refresh_allowlist()     # the host's addresses, as live reconcile does
+            return Drift()
         drifts: list[Drift] = []
         self._each("reconcile", lambda e: drifts.append(e.reconcile(desired, now)),
                    (self.nft, self.cgroups, self.wg))
@@ -120,17 +145,19 @@ class CompositeEnforcer:
         return out
 
     def remove(self) -> None:
+        if self.dry_run:
+            return
         self._each("remove", lambda e: e.remove(), (self.nft, self.cgroups, self.wg))
 
     def is_allowlisted(self, target: str) -> bool:
+        if target.strip().isdigit():
+            return self.procs.is_allowlisted(target)
         if _is_peer(target):
             return self.wg.is_allowlisted(target)
         return self.nft.is_allowlisted(target)
 
     def close(self) -> None:
         self.nft.close()
-
-    # --- beyond the contract ---------------------------------------------------------------
 
     def peer_for_address(self, addr: str) -> str | None:
         """The "IFNAME:KEY" target of the WireGuard peer whose allowed IPs route `addr`
@@ -165,9 +192,10 @@ class CompositeEnforcer:
         return live + saved     # max() keeps the first of equal prefixes: live wins
 
     def check(self, kind: MitigationKind, target: str, params: dict[str, Any]) -> str:
-        """Validate an isolation target without changing anything; the normalised target.
-        Raises InvalidTarget, TargetNotFound, or another EnforceError for a refusal
-        (no allowlist, the agent's own cgroup, not a WireGuard interface, allowlisted)."""
+        """Validate a mitigation without changing anything; the normalised target. Raises
+        InvalidTarget, TargetNotFound, or another EnforceError for a refusal (no
+        allowlist, the agent's own cgroup, not a WireGuard interface, allowlisted, another
+        user's process). apply runs it first, live and dry alike."""
         if kind is MitigationKind.ISOLATE_NODE:
             isolate.check_node(Mitigation(kind, "node", 0.0, None, params=params), self.cfg)
             return "node"
@@ -175,7 +203,10 @@ class CompositeEnforcer:
             return self._check_cgroup(target)
         if kind is MitigationKind.REMOVE_PEER:
             return self._check_peer(target)
-        raise InvalidTarget(f"{kind.value} is not an isolation")
+        if kind is MitigationKind.KILL_PROCESS:
+            return self.procs.check(target, params)
+        self.nft.check(Mitigation(kind, target, 0.0, None, params=params))
+        return target
 
     def _check_cgroup(self, target: str) -> str:
         try:

@@ -62,17 +62,30 @@ class NftEnforcer:
         """Put `m` in force; raises AllowlistedError, UnsupportedMitigation or EnforceError
         (invalid target, kernel refusal), and then nothing changed. Isolation may also raise
         IsolationRefused (no allowlist, not forced) or CgroupError (absent, the agent's)."""
+        self.check(m)
         if m.kind in isolate.ISOLATION_KINDS:
             self._apply_isolation(m, now)
             return
-        name, key = set_for(m, self.cfg)
+        name, _ = set_for(m, self.cfg)
+        if m.expires_at is not None and m.expires_at <= now:
+            raise EnforceError(f"the {m.kind.value} mitigation of {m.target} has already expired")
+        self._change(name, {**self._desired, m.id: m}, now)
+
+    def check(self, m: Mitigation) -> None:
+        """The refusals apply meets, without changing anything (the dry run shares them):
+        UnsupportedMitigation, EnforceError for an invalid target, AllowlistedError,
+        IsolationRefused, CgroupError."""
+        if m.kind is MitigationKind.ISOLATE_NODE:
+            isolate.check_node(m, self.cfg)
+            return
+        if m.kind is MitigationKind.ISOLATE_SERVICE:
+            isolate.check_service(m.target, self._agent_cgroup)
+            return
+        _, key = set_for(m, self.cfg)
         if not isinstance(key, Service) and self.is_allowlisted(m.target):
             raise AllowlistedError(
                 f"{m.target} is allowlisted (loopback, management, mesh, load balancer or this "
                 "host's own address) and is never blocked, rate limited or rerouted")
-        if m.expires_at is not None and m.expires_at <= now:
-            raise EnforceError(f"the {m.kind.value} mitigation of {m.target} has already expired")
-        self._change(name, {**self._desired, m.id: m}, now)
 
     def lift(self, m: Mitigation) -> None:
         """Remove `m` (by id, else every mitigation of the same kind and target)."""
@@ -137,6 +150,11 @@ class NftEnforcer:
     def close(self) -> None:
         self._addrs.close()
 
+    def refresh_allowlist(self) -> None:
+        """Re-read the host's own addresses into the allowlist (setup and reconcile do it
+        too); the dry run, which does neither, calls this instead."""
+        self._allow = self._read_allowlist()
+
     # --- internals ---------------------------------------------------------------------------
 
     def _read_allowlist(self) -> list[Network]:
@@ -170,10 +188,6 @@ class NftEnforcer:
     def _apply_isolation(self, m: Mitigation, now: float) -> None:
         if m.expires_at is not None and m.expires_at <= now:
             raise EnforceError(f"the {m.kind.value} mitigation of {m.target} has already expired")
-        if m.kind is MitigationKind.ISOLATE_NODE:
-            isolate.check_node(m, self.cfg)
-        else:
-            isolate.check_service(m.target, self._agent_cgroup)
         self._isolate({**self._desired, m.id: m}, now)
 
     def _isolate(self, new: dict[str, Mitigation], now: float) -> None:

@@ -5,7 +5,8 @@ time-to-mitigate histograms per event class (from the first evidence), mesh deli
 and failed calls, alerts sent and failed posts. Read from the store and the outbox at each
 scrape, so they survive restarts and never drift: incidents per class and state, deadline
 hits and misses per class, active mitigations per kind, outbox depth and drops. The probe's
-ring-buffer losses come from the probe itself. The HTTP server is a daemon thread; a
+ring-buffer losses and the packets its parser could not follow (by reason) come from the
+probe itself. The HTTP server is a daemon thread; a
 scrape reads the store under its lock, like any other reader thread.
 """
 from __future__ import annotations
@@ -36,11 +37,13 @@ _SEEN_MAX = 100_000       # incidents remembered so each latency is observed onc
 
 class Metrics:
     """The agent's metrics. `observe_event` is called by the pipeline, `observe` is the
-    responder's observer hook; `losses()` gives the probe's lost ring-buffer events and
-    `outbox` (optional) the mesh outbox."""
+    responder's observer hook; `losses()` gives the probe's lost ring-buffer events,
+    `unparsed()` the packets its parser could not follow by reason, and `outbox`
+    (optional) the mesh outbox."""
 
     def __init__(self, store: Store, *, losses: Callable[[], int] = lambda: 0,
-                 outbox: Any = None, clock: Callable[[], float] = time.time):
+                 outbox: Any = None, clock: Callable[[], float] = time.time,
+                 unparsed: Callable[[], dict[str, int]] = dict):
         self.registry = CollectorRegistry()
         self._started_at = clock()
         self._seen_detect: OrderedDict[str, None] = OrderedDict()
@@ -67,7 +70,7 @@ class Metrics:
                                    registry=r)
         self.alert_failures = Counter(f"{PREFIX}_alert_failures",
                                       "Failed posts to Alertmanager", registry=r)
-        r.register(_StateCollector(store, losses, outbox))
+        r.register(_StateCollector(store, losses, outbox, unparsed))
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -134,8 +137,10 @@ def _first(seen: OrderedDict[str, None], key: str) -> bool:
 class _StateCollector:
     """Metrics read at scrape time from the store, the probe and the outbox."""
 
-    def __init__(self, store: Store, losses: Callable[[], int], outbox: Any):
+    def __init__(self, store: Store, losses: Callable[[], int], outbox: Any,
+                 unparsed: Callable[[], dict[str, int]] = dict):
         self._store, self._losses, self._outbox = store, losses, outbox
+        self._unparsed = unparsed
 
     def collect(self):
         incidents = GaugeMetricFamily(f"{PREFIX}_incidents", "Incidents per class and state",
@@ -163,6 +168,13 @@ class _StateCollector:
         yield CounterMetricFamily(f"{PREFIX}_ringbuf_lost_events",
                                   "Events the kernel could not put in the ring buffer",
                                   value=self._losses())
+        unparsed = CounterMetricFamily(f"{PREFIX}_unparsed_packets",
+                                       "Packets the XDP parser could not follow, by reason "
+                                       "(still counted to their source where it was read)",
+                                       labels=["reason"])
+        for reason, n in self._unparsed().items():
+            unparsed.add_metric([reason], n)
+        yield unparsed
         if self._outbox is not None:
             depth = GaugeMetricFamily(f"{PREFIX}_outbox_reports",
                                       "Reports waiting for the mesh", labels=["kind"])

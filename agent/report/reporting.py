@@ -32,16 +32,19 @@ _LIVE = (IncidentState.OPEN.value, IncidentState.MITIGATED.value, IncidentState.
 
 class Reporting:
     """See the module docstring. `status()` is the agent's status dict (for heartbeats),
-    `losses()` the probe's lost ring-buffer events."""
+    `losses()` the probe's lost ring-buffer events, `unparsed()` the packets its parser
+    could not follow, by reason."""
 
     def __init__(self, cfg: Config, store: Store, observers: list, *,
-                 status: Callable[[], dict[str, Any]], losses: Callable[[], int]):
+                 status: Callable[[], dict[str, Any]], losses: Callable[[], int],
+                 unparsed: Callable[[], dict[str, int]] = dict):
         self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
         self.problems: dict[str, str] = {}     # reporter -> why it is not working
         self.outbox = Outbox(cfg.db_path, max_reports=cfg.mesh.outbox_max,
                              hard_max_reports=cfg.mesh.outbox_hard_max)
         standalone = cfg.mesh.endpoint is None
-        self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox)
+        self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox,
+                               unparsed=unparsed)
         observers.append(self.metrics.observe)
         self.mesh: MeshReporter | None = None
         if not standalone:

@@ -9,15 +9,15 @@ import enum
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
 
 from agent.config import Config
 from agent.detect.rules import Rule, load_rules
 from agent.enforce.base import AllowlistedError, EnforceError, Enforcer
 from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
                          MitigationState, mono_to_wall)
-from agent.respond import policy
+from agent.respond import authority, policy
 from agent.state.store import Store
 
 ALLOWLISTED_NOTE = "allowlisted: reported, never blocked"
@@ -42,6 +42,8 @@ class Plan:
     kind: MitigationKind | None
     target: str | None
     note: str = ""
+    escalate: bool = False             # a human must look (authority narrowed a breach)
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Responder:
@@ -65,6 +67,8 @@ class Responder:
         self._clock = clock
         self._to_wall = to_wall
         self._allow = cfg.allowlist.networks()
+        if cfg.dry_run and not enforcer.dry_run:
+            raise ValueError("dry run needs the enforcer in dry-run mode")
         self.set_rules(load_rules(cfg.rules_path) if rules is None else rules)
         # Called on the caller's thread after every recorded change (the control server's
         # watch stream, the mesh reporter); an observer must be quick and must not raise.
@@ -96,11 +100,14 @@ class Responder:
         if plan.kind is not None and plan.target is not None:
             existing = self._in_force(plan.kind, plan.target, now)
             if existing is not None:
-                self._keep(existing, plan, incident, now)
+                if plan.kind is not MitigationKind.KILL_PROCESS:   # a kill is never renewed
+                    self._keep(existing, plan, incident, now)
             else:
                 self._mitigate(plan, incident, now)
-            if plan.kind in policy.ISOLATION_KINDS:
-                self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
+        if plan.kind in policy.ISOLATION_KINDS:
+            self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
+        elif plan.escalate:
+            self._escalate(incident.id, "", plan.note or finding.rule)
         incident = self._store.incident(incident.id) or incident
         self.notify("incident", incident)
         return incident
@@ -110,6 +117,9 @@ class Responder:
         if kind is None:
             return Plan(finding, None, None, f"{finding.rule}: action {finding.action}, "
                                              "reported only")
+        if (answer := authority.narrow(finding, kind)) is not None:
+            return Plan(answer.finding, answer.kind, answer.target, answer.note,
+                        escalate=True, params=answer.params)
         target = policy.target_of(finding.entity)
         if kind in policy.SOURCE_KINDS and (why := policy.unblockable(target)):
             return Plan(finding, None, None, f"{finding.rule}: {target} {why}, reported only")
@@ -124,8 +134,7 @@ class Responder:
 
     def _peer_of(self, target: str) -> str | None:
         """"IFNAME:KEY" of the WireGuard peer whose tunnel address `target` is, or None."""
-        find = getattr(self._enforcer, "peer_for_address", None)
-        return None if find is None or "/" in target else find(target)
+        return None if "/" in target else self._enforcer.peer_for_address(target)
 
     def _over_source_bound(self, rule: str, now: float) -> bool:
         since = now - policy.DISTRIBUTED_WINDOW_S
@@ -152,12 +161,15 @@ class Responder:
         assert plan.kind is not None and plan.target is not None
         if plan.kind in policy.ISOLATION_KINDS:
             ttl_s = self._cfg.mitigation.isolation_ttl_s     # None: until released
+        elif plan.kind is MitigationKind.KILL_PROCESS:
+            ttl_s = policy.KILL_RECORD_S
         else:
             ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
         m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
                        expires_at=None if ttl_s is None else now + ttl_s,
                        incident_id=incident.id,
-                       params={**policy.params_for(plan.kind, self._cfg), "ttl_s": ttl_s},
+                       params={**policy.params_for(plan.kind, self._cfg), **plan.params,
+                               "ttl_s": ttl_s},
                        reason=f"{plan.finding.rule} on {plan.finding.entity}")
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
         self._record_outcome(incident, m, outcome, error)
@@ -180,19 +192,21 @@ class Responder:
         elif outcome is Outcome.ALLOWLISTED:
             self._store.add_incident_event(incident.id, "note", ALLOWLISTED_NOTE, at, data)
         else:
-            self._store.add_incident_event(incident.id, "mitigation_failed",
-                                           f"{what} failed: {error}", at,
+            text = (f"dry run: {what} would fail: {error}" if self._cfg.dry_run
+                    else f"{what} failed: {error}")
+            self._store.add_incident_event(incident.id, "mitigation_failed", text, at,
                                            {**data, "error": str(error)})
             self._store.set_incident_state(incident.id, IncidentState.ESCALATED, at,
                                            f"escalated: {what} could not be applied")
 
-    def _escalate(self, incident_id: str, what: str) -> None:
-        """Isolations and quarantines always need a human: escalate a live incident."""
+    def _escalate(self, incident_id: str, what: str, why: str = "") -> None:
+        """Isolations and quarantines always need a human, and so does a breach narrowed
+        by authority (`why`): escalate a live incident."""
         i = self._store.incident(incident_id)
         if i is not None and i.state in (IncidentState.OPEN, IncidentState.MITIGATED):
-            self._store.set_incident_state(i.id, IncidentState.ESCALATED, self._clock(),
-                                           f"escalated: {what} needs a human to look "
-                                           "and release it")
+            text = (f"escalated: {why}" if why else
+                    f"escalated: {what} needs a human to look and release it")
+            self._store.set_incident_state(i.id, IncidentState.ESCALATED, self._clock(), text)
 
     def _mark_mitigated(self, incident: Incident, mitigated_at: float) -> None:
         # The deadline runs from the first evidence (kernel window start) to the action
@@ -249,11 +263,10 @@ class Responder:
         changed, so a crash in between is repaired by reconcile rather than forgotten."""
         if self._is_allowlisted(m.target):
             return Outcome.ALLOWLISTED, None
-        if self._cfg.dry_run:
-            m.state = MitigationState.DRY_RUN
-            self._store.add_mitigation(m, rule=rule)
-            return Outcome.DRY_RUN, None
-        m.state = MitigationState.ACTIVE
+        # In dry run the enforcer runs every check the live one does and stops before the
+        # host change, so the plan meets the same refusals (agent.enforce.composite).
+        dry = self._cfg.dry_run
+        m.state = MitigationState.DRY_RUN if dry else MitigationState.ACTIVE
         self._store.add_mitigation(m, rule=rule)
         try:
             self._enforcer.apply(m, now)
@@ -265,11 +278,13 @@ class Responder:
             self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
             m.state = MitigationState.FAILED
             return Outcome.FAILED, e
-        return Outcome.APPLIED, None
+        return (Outcome.DRY_RUN if dry else Outcome.APPLIED), None
 
     def _is_allowlisted(self, target: str) -> bool:
         if self._enforcer.is_allowlisted(target):
             return True
+        if target.isdigit():
+            return False     # a pid (kill_process), which ip_network would read as an address
         try:
             net = ipaddress.ip_network(target, strict=False)
         except ValueError:

@@ -34,7 +34,7 @@ def isolate(r: "Responder", kind: MitigationKind | str, target: str, ttl_s: floa
             reason: str, *, force: bool = False, by: str = "operator") -> Mitigation:
     """Isolate the node, a service (cgroup path) or a WireGuard peer ("IFNAME:KEY") now.
 
-    The target is checked by the enforcer first (enforce.composite.CompositeEnforcer.check:
+    The target is checked by the enforcer first (the Enforcer contract's check:
     InvalidTarget, TargetNotFound, or a refusal), so a bad request changes nothing, not
     even the database. One already in force is returned as it is. ttl_s None: until
     released. Raises EnforceError (recorded as FAILED, incident escalated) when the host
@@ -45,8 +45,7 @@ def isolate(r: "Responder", kind: MitigationKind | str, target: str, ttl_s: floa
     if ttl_s is not None and ttl_s <= 0:
         raise ValueError("ttl_s must be greater than 0")
     params: dict[str, Any] = {"force": True} if force else {}
-    check = getattr(r._enforcer, "check", None)
-    target = check(kind, target, params) if check else (target.strip() or "node")
+    target = r._enforcer.check(kind, target, params)
     now = r._clock()
     existing = r._in_force(kind, target, now)
     if existing is not None:

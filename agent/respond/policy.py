@@ -101,3 +101,9 @@ def check_target(kind: MitigationKind, target: str) -> str:
             raise ValueError(f"not a service like 'tcp/80': {target!r}")
         return f"{m.group(1)}/{int(m.group(2))}"
     return target.strip()
+
+
+# A kill (authority's answer to an unprivileged actor) is done once; its record stays in
+# force this long so that findings queued before the kill do not kill again, and a later
+# process that reused the pid is judged afresh rather than taken for the killed one.
+KILL_RECORD_S = 10.0

@@ -43,6 +43,7 @@ class NetMap(enum.StrEnum):
     ALERTS = "alerts"
     LOSSES = "losses"
     RODATA = ".rodata"   # holds `net_cfg` (struct net_config) at offset 0
+    UNPARSED = "unparsed"   # per-CPU u64 per enum parse_failure
 
 
 RODATA_VAR = "net_cfg"
@@ -74,6 +75,19 @@ class Reason(enum.IntEnum):
     SVC_UDP = 7
     CONNS = 8
     RESETS = 9
+
+
+class ParseFailure(enum.IntEnum):
+    """Why the XDP parser could not follow a packet (enum parse_failure, the index of
+    map `unparsed`)."""
+    TRUNCATED = 1
+    CHAIN_TOO_LONG = 2
+    UNKNOWN_HEADER = 3
+    VLAN_DEPTH = 4
+    BAD_HEADER = 5
+
+
+PARSE_FAILURES = 6   # entries of map `unparsed`
 
 
 class _S(ctypes.Structure):
@@ -156,6 +170,7 @@ class ProcProg(enum.StrEnum):
     PTRACE_ENTER = "handle_sys_enter_ptrace"
     PTRACE_EXIT = "handle_sys_exit_ptrace"
     BPF = "handle_sys_enter_bpf"
+    AGENT_EXIT = "handle_agent_exit"
     EXEC_STDIO = "handle_exec_stdio"
     DUP_EXIT = "handle_sys_exit_dup"
     DUP2_EXIT = "handle_sys_exit_dup2"
@@ -175,6 +190,7 @@ PROC_TRACEPOINTS = {
     ProcProg.PTRACE_ENTER: ("syscalls", "sys_enter_ptrace"),
     ProcProg.PTRACE_EXIT: ("syscalls", "sys_exit_ptrace"),
     ProcProg.BPF: ("syscalls", "sys_enter_bpf"),
+    ProcProg.AGENT_EXIT: ("sched", "sched_process_exit"),
     ProcProg.EXEC_STDIO: ("sched", "sched_process_exec"),
     ProcProg.DUP_EXIT: ("syscalls", "sys_exit_dup"),
     ProcProg.DUP2_EXIT: ("syscalls", "sys_exit_dup2"),
@@ -193,6 +209,8 @@ class ProcMap(enum.StrEnum):
     TRACKED = "tracked"
     PENDING_PTRACE = "pending_ptrace"
     SCRATCH = "scratch"
+    FOREIGN_NETNS = "foreign_netns"
+    FOREIGN_AGENTS = "foreign_agents"
     PENDING_DUPFD = "pending_dupfd"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
@@ -201,7 +219,7 @@ PROC_RODATA_VAR = "proc_cfg"
 
 
 class proc_config(_S):
-    _fields_ = [("agent_tgid", u32), ("all_execs", u32)]
+    _fields_ = [("agent_tgid", u32), ("all_execs", u32), ("netns_ino", u32), ("host_scope", u32)]
 
 
 class comm_key(_S):

@@ -168,6 +168,19 @@ class NetProbe(BpfProbe):
             proto=PROTO_NAMES.get(v.proto, "ip"))
             for k, v in self._map(NetMap.SOURCES).items(abi.addr_key, abi.source_stats)]
 
+    def unparsed(self) -> dict[str, int]:
+        """Packets the XDP parser could not follow, by reason (over all CPUs): "truncated",
+        "chain_too_long", "unknown_header", "vlan_depth", "bad_header". Each still counted
+        to its source when the source address was readable. {} when nothing is loaded."""
+        if self._obj is None:
+            return {}
+        per_cpu = (ctypes.c_uint64 * libbpf.num_possible_cpus())()
+        counts = {}
+        for why in abi.ParseFailure:
+            self._map(NetMap.UNPARSED).lookup(ctypes.c_uint32(why), per_cpu)
+            counts[why.name.lower()] = sum(per_cpu)
+        return counts
+
     def _decode(self, record: bytes) -> Event | None:
         return to_event(abi.decode(record), self.cfg.window_ms)
 

@@ -1,8 +1,8 @@
 """The process probe: exec and exit, opens of watched paths, kernel module loads, ptrace
 attaches and BPF program loads, from probes/proc.bpf.c through one ring buffer.
 
-The tracepoints are host-global: one agent per host runs this probe (tests run several
-and match their own pids). The kernel filters (see proc.bpf.c); the agent's own process
+The tracepoints are host-global; the kernel keeps only the processes this agent owns
+(agent.sources.owners) and filters further (see proc.bpf.c); the agent's own process
 is never reported. Events (agent.model.Event, source "bpf.proc"); every kind carries the
 acting process: pid (tgid, init pid namespace), tid, ppid, uid, euid, comm, parent_comm,
 cgroup_id and cgroup (the cgroup v2 path, None when it cannot be resolved):
@@ -35,6 +35,7 @@ Socket stdio is read in the kernel at exec (the task's fd table through CO-RE), 
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 
@@ -43,6 +44,7 @@ from agent.model import Event
 from agent.sources import abi, libbpf, stdio
 from agent.sources.abi import ProcMap, ProcProg
 from agent.sources.cgroups import CgroupNames, ancestors
+from agent.sources.owners import Registry, initial_netns_inode, netns_inode
 from agent.sources.probe import BpfProbe
 
 SOURCE = "bpf.proc"
@@ -51,6 +53,7 @@ SOURCE = "bpf.proc"
 OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD, ProcProg.DUP2_EXIT}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
+REFRESH_OWNERS_S = 1.0   # how often the host agent re-reads the other agents' registrations
 
 
 def _text(raw) -> str:
@@ -83,6 +86,8 @@ class ProcProbe(BpfProbe):
         super().__init__(object_path)
         self.patterns = self._patterns()
         self.cgroups = CgroupNames()
+        self.owners = Registry(cfg.probes.process_owners)
+        self.netns, self.host_scope = 0, False
         lists = breach_lists(cfg)
         self.exes = stdio.ExeIndex((*lists["remote_access"], *lists["service_managers"]))
 
@@ -100,9 +105,26 @@ class ProcProbe(BpfProbe):
 
     # --- loading -------------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Loads in, and owns the processes of, the calling thread's network namespace
+        (agent.sources.owners); OwnerConflict when another live agent owns them."""
+        self.netns, initial = netns_inode(), initial_netns_inode()
+        self.host_scope = initial == self.netns
+        self.owners.claim(self.netns, os.getpid())
+        try:
+            super().open()
+        except BaseException:
+            self.owners.release(self.netns, os.getpid())
+            raise
+        self._status["process_scope"] = {"state": "loaded", "reason": (
+            "processes of this network namespace and of every one without its own agent"
+            if self.host_scope else "processes of this network namespace" + (
+                "" if initial else " (the host's initial namespace could not be identified)"))}
+
     def _configure(self, obj: libbpf.Object) -> None:
         obj.map(ProcMap.EVENTS).set_max_entries(self.ring_bytes)
-        rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs))
+        rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs),
+                                 netns_ino=self.netns, host_scope=int(self.host_scope))
         obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
 
     def _fill_maps(self) -> None:
@@ -124,10 +146,60 @@ class ProcProbe(BpfProbe):
             ctypes.memmove(key.path, raw, len(raw))
             trie = ProcMap.WATCHED_SUFFIXES if how == "suffix" else ProcMap.WATCHED_PREFIXES
             self._map(trie).update(key, abi.path_rule(flags=flags, len=len(raw), id=rule_id))
+        self.refresh_owners()
+
+    def refresh_owners(self) -> None:
+        """The host agent: leave the namespaces other live agents registered to them, and
+        take back those whose agent is gone (the kernel also does that the moment an
+        owner exits). run() calls this every REFRESH_OWNERS_S."""
+        if not self.host_scope or self._obj is None:
+            return
+        live = {ino: o for ino, o in self.owners.live().items() if ino != self.netns}
+        by_netns, by_pid = self._map(ProcMap.FOREIGN_NETNS), self._map(ProcMap.FOREIGN_AGENTS)
+        u32 = ctypes.c_uint32
+        value = lambda x: getattr(x, "value", x)   # batch reads give ints, others c_uint32
+        for ino, pid in [(value(k), value(v)) for k, v in by_netns.items(u32, u32)]:
+            if ino not in live:
+                by_netns.delete(u32(ino))
+                by_pid.delete(u32(pid))
+        for ino, owner in live.items():
+            by_netns.update(u32(ino), u32(owner.pid))
+            by_pid.update(u32(owner.pid), u32(ino))
+            if not owner.alive():     # exited before its entry was in: the kernel missed it
+                by_netns.delete(u32(ino))
+                by_pid.delete(u32(owner.pid))
+
+    async def _run_scoped(self, emit) -> None:
+        """BpfProbe.run; the host agent also re-reads the other agents' registrations."""
+        if not self.host_scope:
+            return await super().run(emit)
+
+        async def refresh() -> None:
+            scope = dict(self._status["process_scope"])
+            while True:
+                await asyncio.sleep(REFRESH_OWNERS_S)
+                try:
+                    self.refresh_owners()
+                    self._status["process_scope"] = scope
+                except (OSError, RuntimeError) as e:   # keeps the last registrations it read
+                    self._status["process_scope"] = {
+                        "state": "degraded", "reason": f"cannot read the other agents' registrations: {e}"}
+
+        task = asyncio.create_task(refresh())
+        try:
+            await super().run(emit)
+        finally:
+            task.cancel()
+
+    def close(self) -> None:
+        super().close()
+        if self.netns:
+            self.owners.release(self.netns, os.getpid())
+            self.netns = 0
 
     async def run(self, emit) -> None:
-        """BpfProbe.run, with "proc.stdio" events correlated off the loop into
-        "proc.stdio_network" events (agent.sources.stdio)."""
+        """Emit every event until cancelled; "proc.stdio" events are also correlated off
+        the loop into "proc.stdio_network" events (agent.sources.stdio)."""
         self.correlator = stdio.StdioCorrelator(emit)
 
         def both(event: Event) -> None:
@@ -135,7 +207,7 @@ class ProcProbe(BpfProbe):
             self.correlator.submit(event)
 
         try:
-            await super().run(both)
+            await self._run_scoped(both)
         finally:
             self.correlator.close()
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from agent.model import (EventClass, Finding, Incident, IncidentState, Mitigation,
                          MitigationKind, MitigationState, Severity)
+from agent.state import timeline
 from agent.state.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -117,7 +118,8 @@ class Store:
     def record_finding(self, finding: Finding, first_seen_at: float,
                        detected_at: float) -> Incident:
         """Add a finding to the live (open, mitigated or escalated) incident of its
-        (class, entity), or open a new one; append it to the timeline; return the incident."""
+        (class, entity), or open a new one; add it to the timeline (a repeat of an
+        identical finding counts on its line: agent.state.timeline); return the incident."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM incidents WHERE class=? AND entity=? AND state IN (?,?,?) "
@@ -133,9 +135,7 @@ class Store:
                            "findings=? WHERE id=?",
                            (incident.severity.value, incident.first_seen_at,
                             json.dumps(incident.rules), incident.findings, incident.id))
-            _append_event(db, incident.id, detected_at, "finding", finding.rule,
-                          {"rule": finding.rule, "action": finding.action,
-                           "evidence": dict(finding.evidence)})
+            timeline.record(db, incident.id, detected_at, finding)
         return incident
 
     def incident(self, incident_id: str) -> Incident | None:

@@ -216,8 +216,10 @@ enum open_syscall {
 struct proc_config {
 	__u32 agent_tgid;	/* never report this process (the agent itself); 0: none */
 	__u32 all_execs;	/* 1: emit every exec (benchmarks), 0: only what rules need */
+	__u32 netns_ino;	/* the agent's network namespace: its processes are the agent's */
+	__u32 host_scope;	/* 1: also those of every namespace not in map foreign_netns */
 };
-_Static_assert(sizeof(struct proc_config) == 8, "proc_config size");
+_Static_assert(sizeof(struct proc_config) == 16, "proc_config size");
 
 struct comm_key {
 	__u8 comm[COMM_LEN];
@@ -323,6 +325,19 @@ struct bpf_prog_load_event {
 	__u8 prog_name[COMM_LEN];
 };
 _Static_assert(sizeof(struct bpf_prog_load_event) == 104, "bpf_prog_load_event size");
+
+/* --- network probe, parser (net.bpf.h) --------------------------------------------- */
+
+/* Why the XDP parser could not follow a packet: the index of per-CPU map `unparsed`.
+ * Such a packet still counts to its source whenever the source address was read. */
+enum parse_failure {
+	PARSE_TRUNCATED = 1,		/* a header runs past the end of the packet */
+	PARSE_CHAIN_TOO_LONG = 2,	/* more IPv6 extension headers than the parser follows */
+	PARSE_UNKNOWN_HEADER = 3,	/* an IPv6 next header neither followed nor an upper layer */
+	PARSE_VLAN_DEPTH = 4,		/* more than two VLAN tags */
+	PARSE_BAD_HEADER = 5,		/* wrong IP version, IPv4 header length below 20 */
+};
+#define PARSE_FAILURES 6		/* entries of map `unparsed` (index 0 unused) */
 
 /* --- reverse shells however they are wired (proc.bpf.c, end) ----------------------- */
 

@@ -39,7 +39,8 @@ def scrape(host: str, port: int) -> str:
 def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
     store = Store(tmp_path / "agent.db")
     box = Outbox(store.path, max_reports=100, hard_max_reports=200)
-    metrics = Metrics(store, losses=lambda: 7, outbox=box, clock=lambda: 0.0)
+    metrics = Metrics(store, losses=lambda: 7, outbox=box, clock=lambda: 0.0,
+                      unparsed=lambda: {"chain_too_long": 4, "truncated": 0})
     metrics.serve("127.0.0.1:0")
     try:
         event = Event(kind="syn_alert", subject="192.0.2.1", mono_ns=mono_ns(),
@@ -75,6 +76,7 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
     assert value(got, "swarm_agent_time_to_mitigate_seconds_bucket", event_class="system_attack",
                  le="0.5") == 1                   # 0.3 s from the first evidence
     assert value(got, "swarm_agent_ringbuf_lost_events_total") == 7
+    assert value(got, "swarm_agent_unparsed_packets_total", reason="chain_too_long") == 4
     assert value(got, "swarm_agent_outbox_reports", kind="incident") == 1
     assert value(got, "swarm_agent_outbox_reports", kind="mitigation") == 1
     assert value(got, "swarm_agent_outbox_dropped_total", kind="heartbeat") == 3

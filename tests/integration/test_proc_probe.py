@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import CREDENTIAL_PATHS, Breach, Config
+from agent.config import CREDENTIAL_PATHS, Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
 from agent.sources import capability
 from agent.sources.abi import PROC_OBJECT, ProcProg
@@ -41,7 +41,8 @@ def watched(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cfg(watched: Path) -> Config:
     return Config(state_dir=str(watched / "state"), breach=Breach(
-        credential_paths=(*CREDENTIAL_PATHS, f"{watched}/creds/")))
+        credential_paths=(*CREDENTIAL_PATHS, f"{watched}/creds/")),
+        probes=Probes(process_owners=str(watched / "owners")))  # not the host's registrations
 
 
 @pytest.fixture(scope="module")

@@ -116,3 +116,11 @@ def test_proc_rodata_holds_only_proc_config(built):
     assert list(rodata) == [abi.PROC_RODATA_VAR]
     var = rodata[abi.PROC_RODATA_VAR]
     assert var["offset"] == 0 and var["size"] == ctypes.sizeof(abi.proc_config)
+
+
+def test_parse_failures_match_c(built):
+    enums = [t for t in _btf(abi.ABI_OBJECT).values() if t["kind"] == "ENUM" and t["name"] == "parse_failure"]
+    assert enums, "enum parse_failure missing from abi.bpf.o BTF"
+    assert {v["name"]: v["val"] for v in enums[0]["values"]} == {
+        f"PARSE_{r.name}": r.value for r in abi.ParseFailure}
+    assert abi.PARSE_FAILURES == max(abi.ParseFailure) + 1

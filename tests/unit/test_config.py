@@ -25,6 +25,7 @@ def test_example_config_is_the_defaults():
     ("mitigation:\n  default_ttl_s: -5\n", "mitigation.default_ttl_s must be greater than 0"),
     ("enforce:\n  rate_limit:\n    packets_per_second: 0\n", "enforce.rate_limit.packets_per_second must be greater than 0"),
     ("probes:\n  window_ms: ten\n", "probes.window_ms must be an integer"),
+    ("probes:\n  process_owners: run/owners\n", "probes.process_owners must be an absolute path"),
     ("dry_run: maybe\n", "dry_run must be true or false"),
     ("enforce:\n  reroute:\n    sinkhole_v4: '2001:db8::1'\n", "enforce.reroute.sinkhole_v4"),
     ("interfaces: eth0\n", "interfaces must be a list of strings"),

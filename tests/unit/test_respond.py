@@ -231,7 +231,9 @@ def test_dry_run_records_and_never_enforces(env) -> None:
     responder, store, enf = env(dry_run=True)
     inc = responder.handle(flood(env.clock))
     responder.handle(flood(env.clock))
-    assert enf.actions == []
+    # The dry-run enforcer is asked once (it runs the live checks, changes nothing); the
+    # repeat finds the DRY_RUN mitigation in force; nothing is ever lifted.
+    assert enf.actions == [("apply", "block_ip", "198.51.100.7")]
     [m] = store.mitigations()
     assert m.state is MitigationState.DRY_RUN
     assert inc.state is IncidentState.OPEN and inc.mitigated_at is None
@@ -239,7 +241,7 @@ def test_dry_run_records_and_never_enforces(env) -> None:
     assert responder.desired(env.clock()) == []
     env.clock.t_s += 600
     [gone] = responder.expire(env.clock())
-    assert gone.state is MitigationState.EXPIRED and enf.actions == []
+    assert gone.state is MitigationState.EXPIRED and len(enf.actions) == 1
 
 
 def test_restart_returns_the_same_mitigations(env, tmp_path: Path) -> None:

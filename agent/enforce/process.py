@@ -1,0 +1,163 @@
+"""KILL_PROCESS: ending an unprivileged actor's processes (agent.respond.authority), when its
+breach cannot be answered on a cgroup of its own.
+
+Target: the acting pid ("1234"); params {"uid": N}, the actor's real uid. What is killed:
+the members of that process's POSIX session (setsid: a login shell and what it started,
+a daemonised attack and its children) whose real uid is N. Never another user's process
+(a root `sudo` in the same session, the sshd above it), never PID 1 or the agent itself,
+never uid 0 (root's breach is answered with isolation instead).
+
+Races, which the attacker controls the timing of: the acting process may have exited and
+its pid been reused by the time the agent acts. Each candidate is pinned with a pidfd
+first and its uid and session read again afterwards, so a signal goes only to a process
+that matched while pinned; a reused pid of another user is refused ("belongs to uid M").
+Members are all stopped (SIGSTOP) before any is killed, so none can respawn the others.
+
+A kill cannot be undone: lift does nothing, reconcile does nothing (re-killing a pid after
+a restart could hit an innocent reuse), and applying the same mitigation again (a renewal)
+does not signal twice.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent.enforce.base import (Drift, EnforceError, InvalidTarget, TargetNotFound,
+                                UnsupportedMitigation)
+from agent.model import Mitigation, MitigationKind
+
+PROC = Path("/proc")
+
+
+class ProcessError(EnforceError):
+    """A kill was refused (another user's process, root, the agent); nothing was signalled."""
+
+
+def parse_pid(target: str) -> int:
+    text = target.strip()
+    if not text.isdigit() or len(text) > 10:
+        raise InvalidTarget(f"not a process id: {target!r}")
+    return int(text)
+
+
+def identity(pid: int) -> tuple[int, int]:
+    """(real uid, session id) of `pid`; TargetNotFound when it is gone."""
+    try:
+        status = (PROC / str(pid) / "status").read_text()
+        stat = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        raise TargetNotFound(f"process {pid} has exited") from None
+    uid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:"))
+    # comm (field 2) may hold spaces and parentheses: the fields after it follow the last ')'.
+    rest = stat.rsplit(")", 1)[1].split()
+    return uid, int(rest[3])                  # state ppid pgrp session ...
+
+
+def _pin(pid: int) -> int | None:
+    """A pidfd on `pid` (None when it is gone): signals through it reach this process only."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _uid_param(params: dict[str, Any]) -> int:
+    uid = params.get("uid")
+    if isinstance(uid, bool) or not isinstance(uid, int) or uid < 0:
+        raise InvalidTarget("kill_process needs the actor's uid (params {\"uid\": N})")
+    if uid == 0:
+        raise ProcessError("refusing to kill root's processes: root's breach is answered "
+                           "with isolation")
+    return uid
+
+
+class ProcessEnforcer:
+    """The Enforcer (agent.enforce.base) for KILL_PROCESS."""
+
+    def __init__(self, protect: Sequence[int] = ()):
+        self._protect = {1, os.getpid(), *protect}
+        self._done: set[str] = set()            # mitigation ids already carried out
+
+    def check(self, target: str, params: dict[str, Any]) -> str:
+        """The normalised pid; raises InvalidTarget, TargetNotFound or ProcessError."""
+        pid = parse_pid(target)
+        uid = _uid_param(params)
+        if pid in self._protect:
+            raise ProcessError(f"refusing to kill process {pid}: PID 1 or the agent itself")
+        owner, _ = identity(pid)
+        if owner != uid:
+            raise ProcessError(f"process {pid} belongs to uid {owner}, not the actor's uid "
+                               f"{uid} (its pid was reused?): nothing killed")
+        return str(pid)
+
+    def members(self, sid: int, uid: int) -> list[int]:
+        """The processes of session `sid` running as `uid` (PID 1 and the agent excepted)."""
+        out = []
+        for d in PROC.iterdir():
+            if not d.name.isdigit() or int(d.name) in self._protect:
+                continue
+            try:
+                if identity(int(d.name)) == (uid, sid):
+                    out.append(int(d.name))
+            except (TargetNotFound, StopIteration, IndexError, ValueError, OSError):
+                continue
+        return out
+
+    def setup(self, desired: Sequence[Mitigation], now: float) -> None:
+        return None
+
+    def apply(self, m: Mitigation, now: float) -> None:
+        if m.kind is not MitigationKind.KILL_PROCESS:
+            raise UnsupportedMitigation(f"the process enforcer does not enforce {m.kind.value}")
+        if m.id in self._done:
+            return
+        pid = int(self.check(m.target, m.params))
+        uid = _uid_param(m.params)
+        pinned: list[int] = []
+        try:
+            lead = _pin(pid)
+            if lead is None:
+                raise TargetNotFound(f"process {pid} has exited")
+            pinned.append(lead)
+            owner, sid = identity(pid)        # read again now that the pid is pinned
+            if owner != uid:
+                raise ProcessError(f"process {pid} belongs to uid {owner}, not the actor's "
+                                   f"uid {uid} (its pid was reused?): nothing killed")
+            for p in self.members(sid, uid):
+                if p != pid and (fd := _pin(p)) is not None:
+                    try:
+                        same = identity(p) == (uid, sid)
+                    except (TargetNotFound, StopIteration, IndexError, ValueError, OSError):
+                        same = False
+                    if same:
+                        pinned.append(fd)
+                    else:
+                        os.close(fd)
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                for fd in pinned:
+                    try:
+                        signal.pidfd_send_signal(fd, sig)
+                    except ProcessLookupError:
+                        pass
+        finally:
+            for fd in pinned:
+                os.close(fd)
+        self._done.add(m.id)
+
+    def lift(self, m: Mitigation) -> None:
+        return None         # a killed process stays dead
+
+    def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
+        return Drift()
+
+    def remove(self) -> None:
+        return None
+
+    def is_allowlisted(self, target: str) -> bool:
+        """PID 1 and the agent are never killed."""
+        try:
+            return parse_pid(target) in self._protect
+        except InvalidTarget:
+            return False

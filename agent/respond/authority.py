@@ -1,0 +1,162 @@
+"""Authority: the response to a breach fits who acted.
+
+A breach rule asks for node or service isolation; who may bring that about is decided
+here, from the acting process's credentials as the kernel reported them (uid, euid, and
+loginuid/sessionid/cap_effective when the process probe sends them). None of these is the
+process's to choose: the probe reads them from the task's credentials, in the initial
+user namespace (a container's root mapped to uid 100000 is uid 100000 here).
+
+- Privileged: real or effective uid 0 (a setuid-root program runs with root's power, so
+  its breach is treated as root's: the kernel would let it do anything root can), or,
+  when the event carries `cap_effective`, any capability that amounts to root
+  (ADMIN_CAPS). The rule's own response stands: a node-scoped breach isolates the node.
+- Unprivileged (everyone else): it cannot bring down the node. Its breach is answered on
+  what it owns, and the incident is escalated:
+    * its cgroup when that cgroup is its own (own_cgroup): a service's unit, a login
+      session's scope (/user.slice/user-1000.slice/session-3.scope), a container's; the
+      service or session is isolated (network cut + freeze), as a service breach is. A
+      process with a login (loginuid set) owns only cgroups in /user.slice: a user's
+      cron job inside cron.service is not cron's to lose;
+    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown)
+      its processes: KILL_PROCESS on the acting pid, which kills the members of its
+      POSIX session that run as the same uid (agent.enforce.process), never anyone else's.
+- Unknown (no uid in the evidence: not a process finding): the rule's response stands.
+
+Capabilities without uid/euid 0 are not in today's events; such a process counts as
+unprivileged, so its breach is contained (killed or isolated by the agent, which is
+root) rather than answered with the node. loginuid and sessionid never raise or lower
+authority (root from a user's sudo is still root); they are named in the note so the
+security team sees which login the actor came from, and loginuid narrows which cgroup is
+the actor's own (above). Until the probe sends loginuid, a user's process inside a
+system service's cgroup (cron jobs on hosts without pam_systemd for cron) gets that
+service isolated, never the node.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from agent.model import Finding, MitigationKind
+
+# Breach responses that authority can narrow.
+NARROWED_KINDS = (MitigationKind.ISOLATE_NODE, MitigationKind.ISOLATE_SERVICE)
+UNSET_ID = 0xFFFFFFFF     # (u32)-1: the loginuid/sessionid of a process outside any login
+# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN,
+# CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_MAC_ADMIN, CAP_BPF:
+# each is, or leads in a step to, full control of the host.
+ADMIN_CAPS = sum(1 << c for c in (1, 2, 3, 6, 7, 12, 16, 17, 19, 21, 33, 39))
+_SHARED_UNITS = re.compile(r"^(init\.scope|.*\.slice)$")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """The acting process of a breach finding, from its evidence."""
+
+    uid: int
+    euid: int
+    pid: int | None = None
+    cgroup: str | None = None
+    loginuid: int | None = None
+    sessionid: int | None = None
+    cap_effective: int | None = None
+
+    @property
+    def privileged(self) -> bool:
+        if self.uid == 0 or self.euid == 0:
+            return True
+        return self.cap_effective is not None and bool(self.cap_effective & ADMIN_CAPS)
+
+    def owns_session_of(self, cgroup: str | None) -> bool:
+        """A process with a login (loginuid set: SSH, console, a cron or at job) owns a
+        cgroup only inside the users' slice: one in a system service (a cron job inside
+        cron.service, a session on a host without pam_systemd inside ssh.service) is
+        running in somebody else's unit, shared with other users."""
+        if self.loginuid is None or self.loginuid == UNSET_ID:
+            return True
+        return bool(cgroup) and (cgroup + "/").startswith("/user.slice/")
+
+    def describe(self) -> str:
+        """"uid 1000" with whatever else is known: "uid 1000 (euid 0, login uid 1000, session 3)"."""
+        more = []
+        if self.euid != self.uid:
+            more.append(f"euid {self.euid}")
+        if self.loginuid is not None and self.loginuid != UNSET_ID:
+            more.append(f"login uid {self.loginuid}")
+        if self.sessionid is not None and self.sessionid != UNSET_ID:
+            more.append(f"session {self.sessionid}")
+        return f"uid {self.uid}" + (f" ({', '.join(more)})" if more else "")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The narrowed response: the finding as filed, the mitigation (None: report only),
+    why. The incident is always escalated."""
+
+    finding: Finding
+    kind: MitigationKind | None
+    target: str | None
+    note: str
+    params: Mapping[str, Any]
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def actor_of(evidence: Mapping[str, Any]) -> Actor | None:
+    """The acting process, or None when the evidence names no credentials."""
+    uid, euid = _int(evidence.get("uid")), _int(evidence.get("euid"))
+    if uid is None or euid is None:
+        return None
+    cgroup = evidence.get("cgroup")
+    return Actor(uid, euid, _int(evidence.get("pid")),
+                 cgroup if isinstance(cgroup, str) else None,
+                 _int(evidence.get("loginuid")), _int(evidence.get("sessionid")),
+                 _int(evidence.get("cap_effective")))
+
+
+def own_cgroup(path: str | None) -> bool:
+    """Whether cgroup `path` belongs to one workload (a service, a session scope, a
+    container) rather than being shared: never the root, a slice (a grouping of several
+    units: user.slice, user-1000.slice, system.slice) or init.scope (PID 1)."""
+    if not path or not path.startswith("/") or ".." in path.split("/"):
+        return False
+    leaf = path.rstrip("/").rsplit("/", 1)[-1]
+    return bool(leaf) and not _SHARED_UNITS.match(leaf)
+
+
+def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
+    """The response an unprivileged actor's breach gets instead of `kind`; None when the
+    rule's own response stands (a privileged or unknown actor, or not an isolation)."""
+    if kind not in NARROWED_KINDS:
+        return None
+    actor = actor_of(finding.evidence)
+    if actor is None or actor.privileged:
+        return None
+    who = f"actor {actor.describe()} is unprivileged"
+    asked = "the node" if kind is MitigationKind.ISOLATE_NODE else f"service {finding.entity}"
+    if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
+        assert actor.cgroup is not None
+        target = actor.cgroup.rstrip("/")
+        note = f"{finding.rule}: {who}: isolating its own cgroup {target} instead of {asked}"
+        if kind is MitigationKind.ISOLATE_SERVICE and finding.entity == f"cgroup:{target}":
+            note = f"{finding.rule}: {who}: isolating its own cgroup {target}"
+        filed = _filed(finding, f"cgroup:{target}", note)
+        return Answer(filed, MitigationKind.ISOLATE_SERVICE, target, note, {})
+    if actor.pid is None or actor.pid <= 1:
+        # Nothing of its own to act on (cannot happen with the process probe's events):
+        # reported and escalated, still never the node.
+        note = f"{finding.rule}: {who} and names no process of its own: reported only"
+        return Answer(_filed(finding, f"user:{actor.uid}", note), None, None, note, {})
+    note = (f"{finding.rule}: {who} and its cgroup {actor.cgroup or '(unknown)'} is not its "
+            f"own: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
+            f"only) instead of isolating {asked}")
+    filed = _filed(finding, f"user:{actor.uid}", note)
+    return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note,
+                  {"uid": actor.uid})
+
+
+def _filed(finding: Finding, entity: str, note: str) -> Finding:
+    return replace(finding, entity=entity,
+                   evidence={**finding.evidence, "authority": note, "asked_entity": finding.entity})

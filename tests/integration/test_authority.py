@@ -1,0 +1,213 @@
+"""Authority with real processes: an unprivileged user's breach never isolates the node.
+
+The process enforcer kills only the actor's session members of its own uid (real
+processes, real pidfds); and a real agent (`swarm-agent run` in the lab's victim
+namespace, its real process probe) answers a credential write by uid 65534 (nobody) --
+a node-scoped rule, with a management allowlist so node isolation would go ahead for
+root -- on the writer's throw-away cgroup, or, from the root cgroup, by killing it.
+
+Scoping: the agent owns only its namespace's processes (the writer runs there) and gets
+only breach.credential_write, with credential_paths set to one file the test creates.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from agent.breachlab import (SERVICE, agent_config, cgroup_path, scoped_rules, service_name,
+                             throwaway_cgroup)
+from agent.enforce.base import InvalidTarget, TargetNotFound
+from agent.enforce.cgroup import cgroup2_mount
+from agent.enforce.process import ProcessEnforcer, ProcessError
+from agent.lab import sh, wait_for
+from agent.model import Mitigation, MitigationKind
+from agent.scenario import AgentProcess
+from tests.conftest import skip_unsupported
+from tests.integration.test_breach_e2e import agent_stopped, cli, echoes
+
+pytestmark = pytest.mark.privileged
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+DEADLINE_S = 10.0
+# The unprivileged writer: told when to write, then waits (bounded) to be frozen or killed.
+WRITER = r"""
+import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+open(sys.argv[1], "a").close()
+print("wrote", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    time.sleep(0.1)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def setpriv():
+    if shutil.which("setpriv") is None:
+        skip_unsupported("needs setpriv (util-linux)")
+
+
+def test_kill_process_kills_only_the_actors_session_members(setpriv):
+    # One session: a root sleeper, then nobody's shell (the actor) and its child.
+    inner = "sleep 60 & echo $!; exec sleep 61"
+    outer = f"sleep 60 & echo $!; exec {' '.join(AS_NOBODY)} sh -c '{inner}'"
+    actor = subprocess.Popen(["sh", "-c", outer], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    other = subprocess.Popen([*AS_NOBODY, "sleep", "60"], start_new_session=True)
+    assert actor.stdout is not None
+    root_sleeper, child = int(actor.stdout.readline()), int(actor.stdout.readline())
+    try:
+        wait_for(lambda: Path(f"/proc/{actor.pid}/status").read_text().count(f"\t{NOBODY}") >= 1,
+                 5.0)
+        enf = ProcessEnforcer()
+        with pytest.raises(ProcessError, match="belongs to uid 0"):
+            enf.check(str(root_sleeper), {"uid": NOBODY})
+        with pytest.raises(ProcessError, match="root"):
+            enf.check(str(child), {"uid": 0})
+        with pytest.raises(InvalidTarget):
+            enf.check("12ab", {"uid": NOBODY})
+        assert enf.is_allowlisted(str(os.getpid())) and enf.is_allowlisted("1")
+
+        enf.apply(Mitigation(MitigationKind.KILL_PROCESS, str(child), 0.0, None,
+                             params={"uid": NOBODY}), 0.0)
+        assert actor.wait(timeout=5) == -9                    # the actor's shell
+        wait_for(lambda: not alive(child), 5.0)               # and its child
+        assert alive(root_sleeper)                            # root's, same session: spared
+        assert other.poll() is None                           # nobody's other session: spared
+        with pytest.raises(TargetNotFound, match="has exited"):
+            enf.check(str(actor.pid), {"uid": NOBODY})
+    finally:
+        for pid in (root_sleeper, child):
+            if alive(pid):
+                os.kill(pid, 9)
+        for p in (actor, other):
+            p.kill()
+            p.wait()
+
+
+def _watched_file() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="swa-auth-", dir="/tmp"))
+    d.chmod(0o755)
+    f = d / "shadow"
+    f.write_text("")
+    os.chown(f, NOBODY, NOBODY)
+    return f
+
+
+def _agent(lab, tmp: Path, watched: Path) -> AgentProcess:
+    rules = scoped_rules(tmp / "rules", ("breach.credential_write",))
+    # A management allowlist: without it node isolation is refused anyway, and this test
+    # could not tell authority from that refusal.
+    agent = AgentProcess(lab.victim, tmp, (
+        f"rules_file: {rules}\ninterfaces: [v0]\n"
+        "allowlist:\n  management: [192.0.2.0/24]\n"
+        f"breach:\n  service_comms: [swa-none]\n  credential_paths: [{watched}]\n"
+        "  read_paths: []\n"))
+    agent.start()
+    probes = cli(agent, "status")["probes"]
+    if not any(p["name"] == "handle_sys_enter_openat" and p["state"] == "loaded" for p in probes):
+        agent.stop()
+        skip_unsupported(f"the file open probe does not run here: {probes}")
+    return agent
+
+
+@pytest.mark.parametrize("own_cgroup", [True, False], ids=["own-cgroup", "root-cgroup"])
+def test_unprivileged_credential_write_never_isolates_the_node(lab, tmp_path, setpriv,
+                                                              own_cgroup):
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent), throwaway_cgroup("swa-auth") as cg:
+        home = cg if own_cgroup else cgroup2_mount()
+        script = f'echo $$ > "{home}/cgroup.procs" && exec "$@"'
+        writer = subprocess.Popen(
+            ["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim, *AS_NOBODY,
+             "/usr/bin/python3", "-c", WRITER, str(watched)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            assert writer.stdout is not None and writer.stdin is not None
+            assert writer.stdout.readline().strip() == "ready"
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "wrote"
+            if own_cgroup:
+                wait_for(lambda: "frozen 1" in (cg / "cgroup.events").read_text(), DEADLINE_S)
+                entity, kind, target = (f"cgroup:{cgroup_path(cg)}", "isolate_service",
+                                        cgroup_path(cg))
+            else:
+                assert writer.wait(timeout=DEADLINE_S) == -9     # killed, not the node
+                entity, kind, target = (f"user:{NOBODY}", "kill_process", str(writer.pid))
+            wait_for(lambda: any(i["entity"] == entity for i in cli(agent, "incidents")), 5.0)
+            (inc,) = cli(agent, "incidents")
+            assert (inc["entity"], inc["state"]) == (entity, "escalated")
+            assert inc["rules"] == ["breach.credential_write@1"]
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["target"]) == (kind, target)
+            timeline = cli(agent, "incident", inc["id"])
+            assert f"actor uid {NOBODY} is unprivileged" in str(timeline)
+            # The kernel's own view: no node isolation rule (the forward chain stays empty).
+            fwd = sh("nft", "list", "chain", "inet", "swarm_agent", "isolate_fwd",
+                     ns=lab.victim).stdout
+            assert "drop" not in fwd
+        finally:
+            writer.kill()
+            writer.wait()
+            shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_unprivileged_process_renamed_as_a_service_cannot_isolate_the_node(lab, tmp_path,
+                                                                          setpriv):
+    """The issue's case: nobody's process names itself like a service (prctl) and starts a
+    shell from the root cgroup. breach.service_shell fires and falls back to the node;
+    authority answers it by killing the actor's session instead."""
+    name = service_name()
+    agent = AgentProcess(lab.victim, tmp_path, agent_config(
+        name, scoped_rules(tmp_path / "rules"),
+        "allowlist:\n  management: [192.0.2.0/24]\n"))
+    agent.start()
+    victim = lab.addr("victim")
+    with agent_stopped(agent):
+        script = f'echo $$ > "{cgroup2_mount()}/cgroup.procs" && exec "$@"'
+        svc = subprocess.Popen(
+            ["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim, *AS_NOBODY,
+             "/usr/bin/python3", "-c", SERVICE, name, victim, "9100", "60"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert svc.stdout is not None and svc.stdin is not None
+            assert svc.stdout.readline().strip() == "ready"
+            svc.stdin.write("exec\n")
+            svc.stdin.flush()
+            assert svc.wait(timeout=DEADLINE_S) == -9            # its session was killed
+            wait_for(lambda: cli(agent, "incidents") != [], 5.0)
+            (inc,) = cli(agent, "incidents")
+            assert (inc["entity"], inc["state"]) == (f"user:{NOBODY}", "escalated")
+            assert inc["rules"] == ["breach.service_shell@1"]
+            assert [m["kind"] for m in cli(agent, "mitigations")] == ["kill_process"]
+            fwd = sh("nft", "list", "chain", "inet", "swarm_agent", "isolate_fwd",
+                     ns=lab.victim).stdout
+            assert "drop" not in fwd
+            # The node keeps serving: a root echo server in the victim still answers.
+            with subprocess.Popen(["ip", "netns", "exec", lab.victim, "/usr/bin/python3", "-c",
+                                   SERVICE, service_name(), victim, "9101", "20"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as ok:
+                assert ok.stdout is not None and ok.stdout.readline().strip() == "ready"
+                assert echoes(lab.attacker, victim, 9101)
+                ok.kill()
+        finally:
+            svc.kill()
+            svc.wait()
