@@ -14,6 +14,7 @@ service manager, tmux, a plain pipeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sys
 import time
@@ -22,11 +23,12 @@ from pathlib import Path
 import pytest
 
 from agent.breachlab import (BASH_TCP, FIFO, FIFO_RELAYED, PTY_RELAY, PY_PTY, SOCAT,
-                             ShellListener, cgroup_path, python_wiring, reverse_shell,
-                             run_wiring, throwaway_cgroup)
+                             ShellListener, agent_config, cgroup_path, python_wiring,
+                             reverse_shell, run_wiring, scoped_rules, throwaway_cgroup)
+from agent.enforce.cgroup import cgroup2_mount
 from agent.config import REMOTE_ACCESS, SERVICE_MANAGERS, Breach, Config
 from agent.detect.rules import Detector, load_rules
-from agent.lab import Lab
+from agent.lab import Lab, wait_for as wait_for_state
 from agent.sources import stdio
 from tests.conftest import skip_unsupported
 from tests.integration.test_proc_probe import probe, wait_for  # noqa: F401 (fixture)
@@ -260,3 +262,33 @@ def test_tmux_and_plain_pipelines_are_quiet(probe, detector, lab, tmp_path):
             proc.wait(timeout=10)
     assert {e.fields["stdin"] for e in shells} >= {"pty", "pipe"}
     assert derived == [None] * len(shells)
+
+
+def test_agent_isolates_a_mkfifo_reverse_shell(lab, tmp_path):
+    """End to end through a real agent (`swarm-agent run` in the victim namespace, only
+    breach.stdio_network among the breach rules): the wiring's cgroup is frozen and its
+    connection cut, and the incident names the rule."""
+    from agent.scenario import AgentProcess
+    from tests.integration.test_breach_e2e import DEADLINE_S, agent_stopped, cli, incident_of
+
+    rules = scoped_rules(tmp_path / "rules", ("breach.stdio_network",))
+    agent = AgentProcess(lab.victim, tmp_path, agent_config("swa-none", rules))
+    agent.start()
+    probes = {p["name"]: p["state"] for p in cli(agent, "status")["probes"]}
+    if probes.get("handle_exec_stdio") != "loaded":
+        agent.stop()
+        skip_unsupported(f"the process probe does not run here: {probes}")
+    with agent_stopped(agent), reverse_shell(lab, FIFO, str(tmp_path / "f")) as (cg, listener):
+        cgdir = cgroup2_mount() / cg.lstrip("/")
+        wait_for_state(lambda: "frozen 1" in (cgdir / "cgroup.events").read_text(), DEADLINE_S)
+        inc = incident_of(agent, f"cgroup:{cg}")
+        assert inc["rules"] == ["breach.stdio_network@1"] and inc["state"] == "escalated"
+        (m,) = cli(agent, "mitigations")
+        assert (m["kind"], m["target"]) == ("isolate_service", cg)
+        listener.conn.sendall(b"echo AGAIN-$((1+1))\n")       # the shell no longer answers
+        listener.conn.settimeout(1.0)
+        got = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := listener.conn.recv(4096):
+                got += chunk
+        assert b"AGAIN-2" not in got
