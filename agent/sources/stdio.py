@@ -70,6 +70,8 @@ class Lead:
     pid: int
     conns: list[Conn]
     hops: int
+    comm: str | None = None
+    exe: str | None = None      # verified by inode (procfd.verified_exe)
 
 
 class Examiner:
@@ -85,13 +87,15 @@ class Examiner:
         into them, 0 the readers of them), and which of those streams lead there."""
         found: Lead | None = None
         names = []
+        done: dict[tuple, Lead | None] = {}
         for fd in fds:
             stream = self.streams[fd]
-            peers = self._peers(fd, stream, want)
-            path = self._follow(peers, want)
-            if path:
+            key = (stream["kind"], stream["ino"], stream["dev"], stream["pty"])
+            if key not in done:       # stdout and stderr are often the same pipe
+                done[key] = self._follow(self._peers(fd, stream, want), want)
+            if done[key]:
                 names.append(STREAMS[fd])
-                found = found or path
+                found = found or done[key]
         return found, names
 
     def _peers(self, fd: int, stream: dict, want: int) -> set[int]:
@@ -141,7 +145,7 @@ class Examiner:
             for p in frontier:
                 conns = self.snap.connections(p)
                 if conns:
-                    return Lead(p, conns, hops)
+                    return Lead(p, conns, hops, comm(p), verified_exe(p))
             if hops == MAX_HOPS or len(seen) > MAX_VISITED:
                 return None
             nxt: set[int] = set()
@@ -163,8 +167,8 @@ def examine(event: Event, snap: Snapshot) -> dict | None:
     """One look; None when the shell is gone, else the derived fields (maybe empty)."""
     f = event.fields
     pid = f["pid"]
-    if pid not in snap.fds:
-        return None
+    if pid not in snap.fds:      # gone, unless the snapshot stopped short of it
+        return {"input": None, "output": None, "streams": []} if snap.partial else None
     ex = Examiner(snap, pid, f["stdio"])
     inp, in_streams = ex.direction((0,), 1)
     out, out_streams = ex.direction((1, 2), 0)
@@ -179,11 +183,11 @@ def derived_event(event: Event, look: dict, checks: int) -> Event:
                   output_network=look["output"] is not None, streams=look["streams"],
                   checks=checks)
     for side in ("input", "output"):
-        path: Lead | None = look[side]
-        fields[f"{side}_peer_pid"] = path.pid if path else None
-        fields[f"{side}_peer_comm"] = comm(path.pid) if path else None
-        fields[f"{side}_peer_exe"] = verified_exe(path.pid) if path else None
-        fields[f"{side}_hops"] = path.hops if path else None
+        lead: Lead | None = look[side]
+        fields[f"{side}_peer_pid"] = lead.pid if lead else None
+        fields[f"{side}_peer_comm"] = lead.comm if lead else None
+        fields[f"{side}_peer_exe"] = lead.exe if lead else None
+        fields[f"{side}_hops"] = lead.hops if lead else None
     conn = look["input"].conns[0] if look["input"] else None
     fields["remote"] = (f"[{conn.remote}]:{conn.port}" if ":" in conn.remote
                         else f"{conn.remote}:{conn.port}") if conn else None
