@@ -200,7 +200,7 @@ class ProcProbe(BpfProbe):
     async def run(self, emit) -> None:
         """Emit every event until cancelled; "proc.stdio" events are also correlated off
         the loop into "proc.stdio_network" events (agent.sources.stdio)."""
-        self.correlator = stdio.StdioCorrelator(emit)
+        self.correlator = stdio.StdioCorrelator(emit, self.exes)
 
         def both(event: Event) -> None:
             emit(event)

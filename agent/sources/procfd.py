@@ -46,7 +46,18 @@ class ExeIndex:
         self._paths, self._at = paths, time.monotonic()
 
     def path(self, kdev: int, ino: int) -> str | None:
-        key = (user_dev(kdev), ino)
+        """The listed path of the file the kernel knows as (kdev, ino); None if unlisted."""
+        return self._lookup((user_dev(kdev), ino))
+
+    def of_process(self, pid: int) -> str | None:
+        """The listed path of the executable `pid` runs now; None if unlisted or gone."""
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        return self._lookup((st.st_dev, st.st_ino))
+
+    def _lookup(self, key: tuple[int, int]) -> str | None:
         if key not in self._paths and time.monotonic() - self._at >= self.refresh_s:
             self._build()
         return self._paths.get(key)

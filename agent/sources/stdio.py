@@ -32,8 +32,9 @@ comm, parent_comm, cgroup_id, cgroup):
   output_network        stdout or stderr leads to one
   streams               which of stdin/stdout/stderr lead to one
   input_peer_pid/_comm/_exe/_hops, output_peer_pid/_comm/_exe/_hops
-                        the network-holding process of each direction (exe verified by
-                        inode like the shell's, None when unknown; hops: relays between)
+                        the network-holding process of each direction (exe: the listed
+                        path of its inode, or its own path verified by inode, or None;
+                        hops: relays between)
   remote, inbound       the input side's connection ("addr:port"), and whether it was
                         accepted on a listening port (a bind shell, a web terminal)
   checks                how many looks it took
@@ -77,10 +78,12 @@ class Lead:
 class Examiner:
     """One look at one shell's streams (blocking: run it in a worker thread)."""
 
-    def __init__(self, snap: Snapshot, shell_pid: int, streams: list[dict]):
+    def __init__(self, snap: Snapshot, shell_pid: int, streams: list[dict],
+                 exes: ExeIndex | None = None):
         self.snap = snap
         self.shell = shell_pid
         self.streams = streams
+        self.exes = exes
 
     def direction(self, fds: tuple[int, ...], want: int) -> tuple[Lead | None, list[str]]:
         """The network-holding process the shell's `fds` lead to (want: 1 the writers
@@ -145,7 +148,8 @@ class Examiner:
             for p in frontier:
                 conns = self.snap.connections(p)
                 if conns:
-                    return Lead(p, conns, hops, comm(p), verified_exe(p))
+                    exe = (self.exes.of_process(p) if self.exes else None) or verified_exe(p)
+                    return Lead(p, conns, hops, comm(p), exe)
             if hops == MAX_HOPS or len(seen) > MAX_VISITED:
                 return None
             nxt: set[int] = set()
@@ -163,13 +167,13 @@ class Examiner:
         return None
 
 
-def examine(event: Event, snap: Snapshot) -> dict | None:
+def examine(event: Event, snap: Snapshot, exes: ExeIndex | None = None) -> dict | None:
     """One look; None when the shell is gone, else the derived fields (maybe empty)."""
     f = event.fields
     pid = f["pid"]
     if pid not in snap.fds:      # gone, unless the snapshot stopped short of it
         return {"input": None, "output": None, "streams": []} if snap.partial else None
-    ex = Examiner(snap, pid, f["stdio"])
+    ex = Examiner(snap, pid, f["stdio"], exes)
     inp, in_streams = ex.direction((0,), 1)
     out, out_streams = ex.direction((1, 2), 0)
     return {"input": inp, "output": out, "streams": in_streams + out_streams}
@@ -205,9 +209,10 @@ class StdioCorrelator:
     share /proc snapshots (see _snapshot).
     """
 
-    def __init__(self, emit: Callable[[Event], None], check_at_s: tuple[float, ...] = CHECK_AT_S,
-                 max_pending: int = MAX_PENDING):
+    def __init__(self, emit: Callable[[Event], None], exes: ExeIndex | None = None,
+                 check_at_s: tuple[float, ...] = CHECK_AT_S, max_pending: int = MAX_PENDING):
         self.emit = emit
+        self.exes = exes
         self.check_at_s = check_at_s
         self.max_pending = max_pending
         self.dropped = 0
@@ -246,7 +251,7 @@ class StdioCorrelator:
         return self._snap[1]
 
     def look(self, event: Event) -> dict | None:
-        return examine(event, self._snapshot(event.mono_ns / 1e9))
+        return examine(event, self._snapshot(event.mono_ns / 1e9), self.exes)
 
     async def _correlate(self, event: Event) -> None:
         try:
@@ -284,10 +289,11 @@ async def correlate_async(event: Event, check_at_s: tuple[float, ...], look) -> 
     return derived_event(event, best, checks)
 
 
-def correlate(event: Event, check_at_s: tuple[float, ...] = CHECK_AT_S) -> Event | None:
+def correlate(event: Event, check_at_s: tuple[float, ...] = CHECK_AT_S,
+              exes: ExeIndex | None = None) -> Event | None:
     """correlate_async, blocking, with a fresh snapshot per look (tests, tools)."""
     async def look(ev: Event) -> dict | None:
-        return examine(ev, Snapshot.take())
+        return examine(ev, Snapshot.take(), exes)
     return asyncio.run(correlate_async(event, check_at_s, look))
 
 

@@ -45,6 +45,9 @@ def fakes(tmp_path_factory) -> dict[str, Path]:
     for name in ("fake-sshd", "fake-inetd"):
         shutil.copy2(Path(PY).resolve(), d / name)
         out[name] = d / name
+    # listed under another name (as /sbin/sshd is /usr/sbin/sshd): the inode decides
+    (d / "sshd-link").symlink_to(d / "fake-sshd")
+    out["sshd-link"] = d / "sshd-link"
     yield out
     shutil.rmtree(d, ignore_errors=True)
 
@@ -52,7 +55,7 @@ def fakes(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cfg(fakes, tmp_path_factory) -> Config:
     return Config(state_dir=str(tmp_path_factory.mktemp("state")), breach=Breach(
-        remote_access=(*REMOTE_ACCESS, str(fakes["fake-sshd"])),
+        remote_access=(*REMOTE_ACCESS, str(fakes["sshd-link"])),
         service_managers=(*SERVICE_MANAGERS, str(fakes["fake-inetd"]))))
 
 
@@ -83,7 +86,8 @@ def fired(detector: Detector, events) -> set[str]:
 def shell_network(probe, cg: str) -> list:
     """The derived events of every shell the wiring exec'd with piped stdio."""
     shells = events_of(probe, cg, "proc.stdio", timeout_s=3.0)
-    return [d for d in map(stdio.correlate, shells) if d is not None]
+    derived = [stdio.correlate(e, exes=probe.exes) for e in shells]
+    return [d for d in derived if d is not None]
 
 
 def test_bash_dev_tcp(probe, detector, lab):
@@ -182,7 +186,8 @@ def test_sshd_shaped_relay_by_a_remote_access_executable(probe, detector, lab, f
     with reverse_shell(lab, *python_wiring(PTY_RELAY, sshd)) as (cg, _):
         [net] = shell_network(probe, cg)
     f = net.fields
-    assert (f["input_network"], f["output_network"], f["input_peer_exe"]) == (True, True, str(sshd))
+    assert (f["input_network"], f["output_network"], f["input_peer_exe"]) == \
+        (True, True, str(fakes["sshd-link"]))
     assert fired(detector, [net]) == set()
 
 
@@ -256,7 +261,7 @@ def test_tmux_and_plain_pipelines_are_quiet(probe, detector, lab, tmp_path):
                 events_of(probe, cgroup_path(d), "proc.stdio",
                           lambda e: e.fields["stdin"] == stdin, timeout_s=5)
             shells = events_of(probe, cgroup_path(d), "proc.stdio", timeout_s=0)
-            derived = [stdio.correlate(e, (0.05, 0.3)) for e in shells]
+            derived = [stdio.correlate(e, (0.05, 0.3), probe.exes) for e in shells]
         finally:
             proc.kill()
             proc.wait(timeout=10)
