@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.breachlab import BASH_TCP, FIFO, PY_PTY, SOCAT, python_wiring, reverse_shell  # noqa: E402
+from agent.breachlab import (BASH_TCP, FIFO, PY_PTY, SOCAT, python_wiring,  # noqa: E402
+                             reverse_shell)
 from agent.config import Config  # noqa: E402
 from agent.detect.rules import Detector, load_rules  # noqa: E402
 from agent.lab import Lab  # noqa: E402

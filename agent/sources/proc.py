@@ -268,9 +268,11 @@ class ProcProbe(BpfProbe):
             extra = {"prog_type": ev.prog_type, "prog_name": _text(ev.prog_name),
                      "insn_cnt": ev.insn_cnt, "ancestors": ancestors(p.ppid)}
         elif kind == abi.EventKind.STDIO_DUP:
-            name, subject, extra = "proc.stdio_dup", f"pid:{p.pid}", stdio.dup_fields(ev, self.exes)
+            name, subject = "proc.stdio_dup", f"pid:{p.pid}"
+            extra = stdio.dup_fields(ev, self.exes)
         elif kind == abi.EventKind.PROC_STDIO:
-            name, subject, extra = "proc.stdio", f"pid:{p.pid}", stdio.exec_stdio_fields(ev, self.exes)
+            name, subject = "proc.stdio", f"pid:{p.pid}"
+            extra = stdio.exec_stdio_fields(ev, self.exes)
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
