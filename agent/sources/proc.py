@@ -218,8 +218,9 @@ class ProcProbe(BpfProbe):
         if c is not None:
             out["stdio_correlation"] = {
                 "state": "degraded" if c.dropped or c.failed else "loaded",
-                "reason": f"{c.dropped} shells not examined (over {c.max_pending} pending), "
-                          f"{c.failed} failed, {c.partial} /proc snapshots cut short"}
+                "reason": f"{c.dropped} shells not examined and {c.cut_short} cut short "
+                          f"(over {c.max_pending} pending), {c.failed} failed, "
+                          f"{c.partial} /proc snapshots cut short"}
         return out
 
     # --- decoding ------------------------------------------------------------------------

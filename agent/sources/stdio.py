@@ -58,7 +58,7 @@ log = logging.getLogger("swarm_agent")
 SOURCE = "bpf.proc.stdio"
 STREAMS = ("stdin", "stdout", "stderr")
 CHECK_AT_S = (0.05, 0.3, 0.8, 1.5, 2.5)   # after the exec: a pipeline's members start together
-MAX_PENDING = 64          # shells being correlated at once; more are dropped (counted)
+MAX_PENDING = 256         # shells being correlated at once (see StdioCorrelator)
 SNAPSHOT_TTL_S = 0.1      # one /proc pass serves every shell examined within this time
 MAX_HOPS = 3              # relays followed between the shell and a network holder
 MAX_VISITED = 64          # processes looked at per direction
@@ -204,8 +204,10 @@ class StdioCorrelator:
     """Correlates "proc.stdio" events off the loop; emits "proc.stdio_network".
 
     submit() is called on the loop for each event; at most MAX_PENDING shells are being
-    looked at, beyond that they are dropped and counted in `dropped` (a look that fails
-    is logged and counted in `failed`). Looks run one at a time in a worker thread and
+    looked at. When that many are, a new shell takes the place of the oldest one that
+    was already looked at twice (`cut_short`), so a flood of shells cannot hide the next
+    one; only when none has been, the new one is dropped (`dropped`). A look that fails
+    is logged and counted in `failed`. Looks run one at a time in a worker thread and
     share /proc snapshots (see _snapshot).
     """
 
@@ -216,9 +218,10 @@ class StdioCorrelator:
         self.check_at_s = check_at_s
         self.max_pending = max_pending
         self.dropped = 0
+        self.cut_short = 0
         self.failed = 0
         self.partial = 0       # snapshots cut short at MAX_LINKS
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, int] = {}    # pending shells, oldest first: looks
         self._lock = asyncio.Lock()
         self._snap: tuple[float, Snapshot] | None = None
         self._took_s = 0.0
@@ -227,11 +230,16 @@ class StdioCorrelator:
         if event.kind != "proc.stdio":
             return
         if len(self._tasks) >= self.max_pending:
-            self.dropped += 1
-            return
+            old = next((t for t, looks in self._tasks.items() if looks >= 2), None)
+            if old is None:
+                self.dropped += 1
+                return
+            self.cut_short += 1
+            old.cancel()
+            del self._tasks[old]
         task = asyncio.get_running_loop().create_task(self._correlate(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = 0
+        task.add_done_callback(lambda t: self._tasks.pop(t, None))
 
     def close(self) -> None:
         for task in list(self._tasks):
@@ -266,7 +274,11 @@ class StdioCorrelator:
 
     async def _look_async(self, event: Event) -> dict | None:
         async with self._lock:
-            return await asyncio.to_thread(self.look, event)
+            result = await asyncio.to_thread(self.look, event)
+        task = asyncio.current_task()
+        if task in self._tasks:
+            self._tasks[task] += 1
+        return result
 
 
 async def correlate_async(event: Event, check_at_s: tuple[float, ...], look) -> Event | None:

@@ -297,3 +297,46 @@ def test_agent_isolates_a_mkfifo_reverse_shell(lab, tmp_path):
             while chunk := listener.conn.recv(4096):
                 got += chunk
         assert b"AGAIN-2" not in got
+
+
+def test_a_flood_of_shells_does_not_hide_the_next(probe, lab, tmp_path):
+    """With every slot taken by long-lived piped shells, a new shell takes the place of
+    one already looked at twice: the reverse shell after the flood is still found."""
+    got: list = []
+    flood = "for i in $(seq 12); do sleep 6 | sh -c 'sleep 6' | cat & done; wait"
+
+    async def main() -> tuple[str, stdio.StdioCorrelator]:
+        corr = stdio.StdioCorrelator(got.append, probe.exes, max_pending=4)
+
+        async def pump() -> None:
+            while True:
+                for event in probe.poll():
+                    corr.submit(event)
+                await asyncio.sleep(0.02)
+
+        def drive() -> str:
+            with throwaway_cgroup("swa-revsh") as d:
+                proc = run_wiring(lab, d, flood)
+                try:
+                    time.sleep(1.0)               # the flood's shells have been looked at twice
+                    with reverse_shell(lab, FIFO, str(tmp_path / "f")) as (cg, _):
+                        deadline = time.monotonic() + 10
+                        while not [e for e in got if e.fields["cgroup"] == cg]:
+                            assert time.monotonic() < deadline
+                            time.sleep(0.05)
+                        return cg
+                finally:
+                    proc.kill()
+                    proc.wait(timeout=10)
+
+        task = asyncio.create_task(pump())
+        try:
+            return await asyncio.to_thread(drive), corr
+        finally:
+            task.cancel()
+            corr.close()
+
+    cg, corr = asyncio.run(main())
+    assert corr.cut_short > 0
+    [net] = [e for e in got if e.fields["cgroup"] == cg and e.fields["comm"] == "sh"]
+    assert net.fields["input_network"] and net.fields["output_network"]
