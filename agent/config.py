@@ -130,32 +130,61 @@ class Metrics:
     listen: str | None = "127.0.0.1:9464"   # Prometheus /metrics; null: off
 
 
-# Process comm names (the kernel's 15-character comm) for the breach rules and the process
-# probe; paths are watch patterns: "/exact", "/prefix*", "/dir/", "*suffix".
-SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "ash", "busybox",
-          "python", "python2", "python3", "python3.8", "python3.9", "python3.10",
-          "python3.11", "python3.12", "python3.13", "perl", "ruby", "php", "lua", "node",
-          "nc", "ncat", "netcat", "socat", "telnet")
-SERVICE_COMMS = ("nginx", "apache2", "httpd", "caddy", "haproxy", "envoy", "traefik",
-                 "lighttpd", "tritonserver", "ollama", "gunicorn", "uvicorn", "redis-server",
-                 "postgres", "mysqld", "mongod", "memcached")
-PACKAGE_MANAGERS = ("dpkg", "apt", "apt-get", "aptitude", "unattended-upgr", "rpm", "dnf",
-                    "yum", "microdnf", "zypper", "packagekitd")
+# Executables by path (fnmatch globs allowed: "/usr/bin/python3*"), never by comm: the
+# agent stat()s them on the host and the kernel matches the executable's (dev, ino), so a
+# renamed process, a copy of the binary or a container's own /usr/bin/dpkg is none of
+# them. Re-resolved every REFRESH_S (package upgrades replace binaries). Interpreted
+# programs (gunicorn, uvicorn, dnf 4, unattended-upgrade) run as their interpreter: name
+# their cgroups instead (service_cgroups). Paths are watch patterns: "/exact",
+# "/prefix*", "/dir/", "*/dir/name".
+SHELLS = ("/usr/bin/sh", "/usr/bin/bash", "/usr/bin/dash", "/usr/bin/zsh", "/usr/bin/ksh*",
+          "/usr/bin/mksh", "/usr/bin/csh", "/usr/bin/tcsh", "/usr/bin/fish", "/usr/bin/ash",
+          "/usr/bin/busybox", "/usr/bin/python[0-9]*", "/usr/local/bin/python[0-9]*",
+          "/usr/bin/perl", "/usr/bin/perl5*", "/usr/bin/ruby*", "/usr/bin/php*",
+          "/usr/bin/lua[0-9]*", "/usr/bin/node", "/usr/bin/nodejs", "/usr/bin/nc",
+          "/usr/bin/nc.*", "/usr/bin/ncat", "/usr/bin/netcat", "/usr/bin/socat",
+          "/usr/bin/telnet*")
+SERVICES = ("/usr/sbin/nginx", "/usr/sbin/apache2", "/usr/sbin/httpd", "/usr/bin/caddy",
+            "/usr/sbin/haproxy", "/usr/bin/envoy", "/usr/local/bin/envoy", "/usr/bin/traefik",
+            "/usr/local/bin/traefik", "/usr/sbin/lighttpd",
+            "/opt/tritonserver/bin/tritonserver", "/usr/bin/ollama", "/usr/local/bin/ollama",
+            "/usr/bin/redis-server", "/usr/lib/postgresql/*/bin/postgres", "/usr/sbin/mysqld",
+            "/usr/sbin/mariadbd", "/usr/bin/mongod", "/usr/bin/memcached")
+SERVICE_MANAGERS = ("/usr/lib/systemd/systemd", "/usr/bin/containerd-shim*", "/usr/bin/runc",
+                    "/usr/sbin/runc", "/usr/bin/crun", "/usr/bin/conmon")
+PACKAGE_MANAGERS = ("/usr/bin/dpkg", "/usr/bin/apt", "/usr/bin/apt-get", "/usr/bin/aptitude*",
+                    "/usr/bin/rpm", "/usr/bin/dnf5", "/usr/bin/microdnf", "/usr/bin/zypper",
+                    "/usr/libexec/packagekitd")
+ADMIN_TOOLS = ("/usr/sbin/useradd", "/usr/sbin/usermod", "/usr/sbin/userdel",
+               "/usr/sbin/groupadd", "/usr/sbin/groupmod", "/usr/sbin/groupdel",
+               "/usr/sbin/newusers", "/usr/sbin/chpasswd", "/usr/sbin/chgpasswd",
+               "/usr/bin/passwd", "/usr/bin/gpasswd", "/usr/bin/chage", "/usr/bin/chsh",
+               "/usr/bin/chfn", "/usr/sbin/vipw", "/usr/sbin/vigr", "/usr/sbin/visudo",
+               "/usr/sbin/pwconv", "/usr/sbin/grpconv")
 CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group*",
                     "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
                     "*/.ssh/authorized_keys2")
+# The lists of executables (rules test an event's `exe_is`/`ancestors_are` against these
+# names) and the keys older configs used for comm names, refused with one sentence.
+EXE_LISTS = ("shells", "services", "service_managers", "package_managers", "admin_tools",
+             "bpf_loaders")
+REPLACED = {"service_comms": "services"}
+REFRESH_S = 10.0
 
 
 @dataclass(frozen=True)
 class Breach:
     """What the process probe watches and the breach rules compare against (named lists
-    in rules: "@shells", ...; see breach_lists)."""
+    in rules: "@service_cgroups", ...; executables by identity: see EXE_LISTS)."""
 
     shells: tuple[str, ...] = SHELLS              # shells and interpreters: exec always seen
-    service_comms: tuple[str, ...] = SERVICE_COMMS  # network-facing services (parent comm)
+    services: tuple[str, ...] = SERVICES          # network-facing services (ancestry)
     service_cgroups: tuple[str, ...] = ()         # or their cgroup v2 paths (globs)
+    service_managers: tuple[str, ...] = SERVICE_MANAGERS  # start services: not their shell
     package_managers: tuple[str, ...] = PACKAGE_MANAGERS  # may write credential/agent files
-    bpf_loaders: tuple[str, ...] = ("systemd", "swarm-agent")  # may load BPF (other agents too)
+    admin_tools: tuple[str, ...] = ADMIN_TOOLS    # root's user administration: not a breach
+    bpf_loaders: tuple[str, ...] = ("/usr/lib/systemd/systemd",)  # may load BPF programs
+    bpf_loader_cgroups: tuple[str, ...] = ("/system.slice/swarm-agent*.service",)  # agents
     allowed_modules: tuple[str, ...] = ("nvidia*", "wireguard")  # globs of module names
     credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
     agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always
@@ -217,6 +246,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in data:
+        if prefix == "breach." and key in REPLACED:
+            raise ConfigError(f"breach.{key} is no longer read (process names can be forged): "
+                              f"list the executables' paths in breach.{REPLACED[key]} instead")
         if key not in known:
             raise ConfigError(f"unknown config key {prefix}{key}")
     kwargs = {}
@@ -406,6 +438,12 @@ def check_interfaces(cfg: Config) -> None:
 
 
 def _check_breach(cfg: Config) -> None:
+    for name in EXE_LISTS:
+        for p in getattr(cfg.breach, name):
+            if not p.startswith("/"):
+                raise ConfigError(
+                    f"breach.{name}: {p!r} is not an executable path (write e.g. /usr/bin/{p}: "
+                    "executables are matched by the file they run, not by process name)")
     for name, paths in breach_lists(cfg).items():
         if name.endswith("_paths"):
             for p in paths:
@@ -421,6 +459,11 @@ def split_pattern(pattern: str) -> tuple[str, str]:
     if "?" in pattern or "[" in pattern or len(pattern.encode()) > 255 or len(pattern) < 2:
         raise ValueError(f"{pattern!r} is not a watch pattern")
     if pattern.startswith("*") and "*" not in pattern[1:]:
+        parts = pattern[1:].split("/")
+        if len(parts) != 3 or parts[0] or not all(parts[1:]) or \
+                any(len(p.encode()) >= 64 for p in parts):
+            raise ValueError(f"{pattern!r}: a suffix pattern names a directory and a file in "
+                             "it (\"*/.ssh/authorized_keys\")")
         return "suffix", pattern[1:]
     if not pattern.startswith("/") or "*" in pattern.rstrip("*") or pattern.endswith("**"):
         raise ValueError(f"{pattern!r} is not a watch pattern (\"/path\", \"/prefix*\", "

@@ -1,16 +1,21 @@
-// SPDX-License-Identifier: GPL-2.0
-/* Process probe: exec and exit, opens of watched paths, module loads, ptrace attaches
+/* Process probe: exec and exit, opens of watched files, module loads, ptrace attaches
  * and BPF program loads, pushed one by one through the `events` ring buffer.
  *
- * These tracepoints are host-global. The kernel filters so that the ring buffer carries
- * only what the breach rules read:
- * - exec: the new comm is a watched program (shell/interpreter), or the parent is a
- *   watched service, or fd 0/1/2 is an inet socket (reverse-shell shape); every exec
- *   with proc_cfg.all_execs. Exits only of processes whose exec was emitted.
- * - open: absolute paths matching a watched prefix/exact path (LPM trie) or suffix
- *   (LPM trie over the reversed path), opened for writing, or for reading too where the
- *   pattern says so. Relative paths and "..", "//" spellings are not resolved: syscall
- *   entry only has the user's string (bpf_d_path needs fentry/LSM, refused here).
+ * These tracepoints are host-global. Identities come from the kernel, never from what a
+ * process says of itself (comm, argv): every event carries the executable's (dev, ino)
+ * and those of ANCESTORS real_parent levels (ident.bpf.h). The kernel filters so that the
+ * ring buffer carries only what the breach rules read:
+ * - exec: the new executable is a watched program (shell/interpreter, by (dev, ino) in
+ *   watched_exes), or an ancestor's is a watched service, or the task runs in a service
+ *   cgroup, or fd 0/1/2 is an inet socket (reverse-shell shape); every exec with
+ *   proc_cfg.all_execs. Exits only of processes whose exec was emitted. The exec of a
+ *   service executable outside a login session marks its cgroup as a service cgroup.
+ * - open: at the syscall's exit, the file behind the returned fd: its (dev, ino) is a
+ *   watched file, or its directory's (dev, ino) and its name match a watched directory
+ *   pattern, or its directory's name and its name a "*\/dir/name" pattern; opened for
+ *   writing or created, or read too where the pattern says so. Any spelling of the path
+ *   counts (relative, dirfd, "//", ".", symlinks, hard links); the event has the path
+ *   the kernel resolved.
  * - module loads, ptrace attach/seize (at syscall exit, with the tracee), BPF_PROG_LOAD:
  *   all of them (rare), except the agent's own (proc_cfg.agent_tgid).
  */
@@ -25,12 +30,12 @@ char LICENSE[] SEC("license") = "GPL";
 #define S_IFSOCK 0140000
 #define AF_INET 2
 #define AF_INET6 10
-#define O_ACCMODE 3
-#define O_CREAT 0100
-#define O_TRUNC 01000
+#define FMODE_WRITE 0x2
+#define FMODE_CREATED 0x100000
 #define PTRACE_ATTACH 16
 #define PTRACE_SEIZE 0x4206
 #define BPF_PROG_LOAD_CMD 5
+#define ROOT_CGROUP_ID 1
 
 const volatile struct proc_config proc_cfg = {};
 
@@ -46,28 +51,52 @@ struct {
 	__type(value, __u64);
 } losses SEC(".maps");
 
+#define ZERO_LEN 2048
+
+/* Never written: what reserve() clears events with. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u8[ZERO_LEN]);
+} zeroes SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct file_id);
+	__type(value, __u32);			/* enum exe_flag bits */
+} watched_exes SEC(".maps");
+
+/* cgroup ids of services: configured by the agent, or marked here at a service's exec. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} service_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct file_id);
+	__type(value, struct path_rule);
+} watched_files SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
-	__type(key, struct comm_key);
-	__type(value, __u32);			/* enum comm_flag bits */
-} watched_comms SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 256);
 	__uint(map_flags, BPF_F_NO_PREALLOC);	/* required for LPM tries */
-	__type(key, struct path_key);
+	__type(key, struct dir_key);
 	__type(value, struct path_rule);
-} watched_prefixes SEC(".maps");
+} watched_dirs SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct path_key);
+	__type(key, struct name_key);
 	__type(value, struct path_rule);
-} watched_suffixes SEC(".maps");
+} watched_names SEC(".maps");
 
 /* Processes whose exec was emitted, so that their exit is too. */
 struct {
@@ -90,20 +119,29 @@ struct {
 	__type(value, struct ptrace_pending);
 } pending_ptrace SEC(".maps");
 
-struct open_scratch {
-	struct path_key fwd;
-	struct path_key rev;
+struct work {
+	struct proc_ctx ctx;
+	struct dir_key dir;
+	struct name_key names;
+	__u8 path[2 * PATH_LEN];	/* walk_path's buffer */
 };
 
-/* 520 bytes of path keys do not fit the 512-byte BPF stack: per-CPU scratch instead. */
+/* More than the 512-byte BPF stack holds: per-CPU scratch instead. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct open_scratch);
+	__type(value, struct work);
 } scratch SEC(".maps");
 
 #include "proc.bpf.h"
+
+static __always_inline struct work *work(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch, &zero);
+}
 
 SEC("tracepoint/sched/sched_process_exec")
 int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
@@ -112,26 +150,38 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	__u32 max_fds = BPF_CORE_READ(fdt, max_fds);
-	struct comm_key comm = {}, pcomm = {};
-	struct task_struct *parent;
 	struct proc_exec_event *e;
+	struct file *exe;
+	struct work *w;
+	__u32 self, above, tgid, off;
 	__u16 fam[3];
 	__u16 reason = 0;
 	__u64 start, end, n;
-	__u32 tgid, off;
 
 	if (is_agent())
 		return 0;
-	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
-	parent = BPF_CORE_READ(task, real_parent);
-	bpf_core_read_str(pcomm.comm, sizeof(pcomm.comm), &parent->comm);
+	w = work();
+	if (!w)
+		return 0;
+	__builtin_memset(&w->ctx, 0, sizeof(w->ctx));
+	above = fill_proc_ancestry(&w->ctx, task);
+	self = exe_flags(&w->ctx.exe);
+	/* A service started outside a login session (by a service manager): its cgroup is a
+	 * service's from now on, so a double fork that reparents to init is still seen. */
+	if ((self & EXE_SERVICE) && w->ctx.loginuid == 0xFFFFFFFF &&
+	    w->ctx.cgroup_id > ROOT_CGROUP_ID && !(w->ctx.flags & CTX_SERVICE_CGROUP)) {
+		bpf_map_update_elem(&service_cgroups, &w->ctx.cgroup_id, &(__u8){1}, BPF_ANY);
+		return 0;	/* the service's own start */
+	}
 	fam[0] = fd_family(fds, max_fds, 0);
 	fam[1] = fd_family(fds, max_fds, 1);
 	fam[2] = fd_family(fds, max_fds, 2);
-	if (comm_flags(&comm) & COMM_PROGRAM)
+	if (self & EXE_PROGRAM)
 		reason |= EXEC_PROGRAM;
-	if (comm_flags(&pcomm) & COMM_SERVICE)
+	if (above & EXE_SERVICE)
 		reason |= EXEC_SERVICE_CHILD;
+	if (w->ctx.flags & CTX_SERVICE_CGROUP)
+		reason |= EXEC_SERVICE_CGROUP;
 	if (is_inet(fam[0]) || is_inet(fam[1]) || is_inet(fam[2]))
 		reason |= EXEC_SOCKET_STDIO;
 	if (proc_cfg.all_execs)
@@ -142,7 +192,7 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_EXEC);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, task);
+	__builtin_memcpy(&e->proc, &w->ctx, sizeof(e->proc));
 	e->stdio_family[0] = fam[0];
 	e->stdio_family[1] = fam[1];
 	e->stdio_family[2] = fam[2];
@@ -160,6 +210,13 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 		n = ARGS_LEN;
 	if (n && !bpf_probe_read_user(e->args, n, (void *)start))
 		e->args_len = n;
+	exe = BPF_CORE_READ(task, mm, exe_file);
+	if (exe) {
+		n = walk_path(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
+			      w->path, &e->exe_path_flags);
+		e->exe_path_len = n;
+		bpf_probe_read_kernel(e->exe_path, sizeof(e->exe_path), w->path);
+	}
 	tgid = e->proc.pid;
 	bpf_ringbuf_submit(e, 0);
 	bpf_map_update_elem(&tracked, &tgid, &(__u8){1}, BPF_ANY);
@@ -183,102 +240,121 @@ int handle_sched_process_exit(void *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_EXIT);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, task);
+	fill_proc_ancestry(&e->proc, task);
 	e->exit_code = BPF_CORE_READ(task, exit_code);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
 
-/* --- opens of watched paths ------------------------------------------------------------ */
+/* --- opens of watched files ------------------------------------------------------------- */
 
-static __always_inline struct path_rule *match_path(struct open_scratch *s, __u32 len)
+/* Which watch the file matches: by its identity, by its directory's identity and its name,
+ * or by its directory's name and its name. */
+static __always_inline struct path_rule *match_file(struct work *w, struct file *f,
+						    __u32 *how)
 {
+	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
+	struct dentry *dir = BPF_CORE_READ(d, d_parent);
+	const __u8 *name = BPF_CORE_READ(d, d_name.name);
 	struct path_rule *r;
-	__u32 i;
+	long n;
 
-	s->fwd.prefixlen = len * 8;
-	r = bpf_map_lookup_elem(&watched_prefixes, &s->fwd);
-	if (r && (!(r->flags & PATH_EXACT) || r->len == len))
+	inode_id(BPF_CORE_READ(f, f_inode), &w->dir.dir);
+	r = bpf_map_lookup_elem(&watched_files, &w->dir.dir);
+	if (r) {
+		*how = MATCH_FILE;
 		return r;
-	/* Suffixes ("*\/.ssh/authorized_keys") are prefixes of the reversed path. */
-	for (i = 0; i < PATH_LEN; i++) {
-		if (i >= len)
-			break;
-		s->rev.path[i] = s->fwd.path[(len - 1 - i) & (PATH_LEN - 1)];
 	}
-	s->rev.prefixlen = len * 8;
-	return bpf_map_lookup_elem(&watched_suffixes, &s->rev);
+	inode_id(BPF_CORE_READ(dir, d_inode), &w->dir.dir);
+	__builtin_memset(w->dir.name, 0, sizeof(w->dir.name));
+	n = bpf_probe_read_kernel_str(w->dir.name, sizeof(w->dir.name), name);
+	if (n <= 1)
+		return NULL;
+	w->dir.prefixlen = (4 + sizeof(w->dir.dir) + n - 1) * 8;	/* pad0, dir, name */
+	r = bpf_map_lookup_elem(&watched_dirs, &w->dir);
+	if (r && (!(r->flags & PATH_EXACT) || r->len == n - 1)) {
+		*how = MATCH_DIR;
+		return r;
+	}
+	__builtin_memset(&w->names, 0, sizeof(w->names));
+	bpf_probe_read_kernel(w->names.name, sizeof(w->names.name), w->dir.name);
+	bpf_probe_read_kernel_str(w->names.dir, sizeof(w->names.dir),
+				  BPF_CORE_READ(dir, d_name.name));
+	*how = MATCH_NAME;
+	return bpf_map_lookup_elem(&watched_names, &w->names);
 }
 
-static __always_inline int check_open(const char *upath, __u32 flags, __u32 mode, __u16 syscall)
+static __always_inline int check_open(long fd, __u16 syscall)
 {
-	struct task_struct *task;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct file_open_event *e;
-	struct open_scratch *s;
+	struct file **fds, *f = NULL;
+	struct fdtable *fdt;
 	struct path_rule *r;
-	__u32 zero = 0;
-	long n;
-	int write;
+	struct work *w;
+	__u32 fmode, how = 0, n;
 
-	if (is_agent())
+	if (fd < 0 || is_agent())
 		return 0;
-	s = bpf_map_lookup_elem(&scratch, &zero);
-	if (!s)
+	w = work();
+	if (!w)
 		return 0;
-	n = bpf_probe_read_user_str(s->fwd.path, sizeof(s->fwd.path), upath);
-	if (n <= 1 || s->fwd.path[0] != '/')
+	fdt = BPF_CORE_READ(task, files, fdt);
+	if (fd >= BPF_CORE_READ(fdt, max_fds))
 		return 0;
-	r = match_path(s, (n - 1) & (PATH_LEN - 1));
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return 0;
+	r = match_file(w, f, &how);
 	if (!r)
 		return 0;
-	/* Linux truncates on O_TRUNC even with O_RDONLY, so that is a write too. */
-	write = (flags & O_ACCMODE) || (flags & (O_CREAT | O_TRUNC));
-	if (!write && !(r->flags & PATH_READS))
+	fmode = BPF_CORE_READ(f, f_mode);
+	if (!(fmode & (FMODE_WRITE | FMODE_CREATED)) && !(r->flags & PATH_READS))
 		return 0;
 	e = reserve(sizeof(*e), EVENT_FILE_OPEN);
 	if (!e)
 		return 0;
-	task = (struct task_struct *)bpf_get_current_task();
-	fill_proc(&e->proc, task);
-	e->flags = flags;
-	e->mode = mode;
+	fill_proc_ancestry(&e->proc, task);
+	e->flags = BPF_CORE_READ(f, f_flags);
+	e->fmode = fmode;
 	e->rule_id = r->id;
 	e->rule_flags = r->flags;
 	e->syscall = syscall;
-	e->path_len = n - 1;
-	bpf_probe_read_kernel(e->path, sizeof(e->path), s->fwd.path);
+	e->match = how;
+	inode_id(BPF_CORE_READ(f, f_inode), &e->file);
+	inode_id(BPF_CORE_READ(f, f_path.dentry, d_parent, d_inode), &e->dir);
+	n = walk_path(BPF_CORE_READ(f, f_path.dentry), BPF_CORE_READ(f, f_path.mnt), w->path,
+		      &e->path_flags);
+	e->path_len = n;
+	bpf_probe_read_kernel(e->path, sizeof(e->path), w->path);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_enter_openat")
-int handle_sys_enter_openat(struct trace_event_raw_sys_enter *ctx)
+SEC("tracepoint/syscalls/sys_exit_openat")
+int handle_sys_exit_openat(struct trace_event_raw_sys_exit *ctx)
 {
-	return check_open((const char *)ctx->args[1], ctx->args[2], ctx->args[3], OPEN_OPENAT);
+	return check_open(ctx->ret, OPEN_OPENAT);
 }
 
-SEC("tracepoint/syscalls/sys_enter_openat2")
-int handle_sys_enter_openat2(struct trace_event_raw_sys_enter *ctx)
+SEC("tracepoint/syscalls/sys_exit_openat2")
+int handle_sys_exit_openat2(struct trace_event_raw_sys_exit *ctx)
 {
-	struct open_how how = {};
-
-	bpf_probe_read_user(&how, sizeof(how), (void *)ctx->args[2]);
-	return check_open((const char *)ctx->args[1], how.flags, how.mode, OPEN_OPENAT2);
+	return check_open(ctx->ret, OPEN_OPENAT2);
 }
 
 /* open(2) and creat(2) exist on x86-64 but not on arm64: their attach may fail. */
-SEC("tracepoint/syscalls/sys_enter_open")
-int handle_sys_enter_open(struct trace_event_raw_sys_enter *ctx)
+SEC("tracepoint/syscalls/sys_exit_open")
+int handle_sys_exit_open(struct trace_event_raw_sys_exit *ctx)
 {
-	return check_open((const char *)ctx->args[0], ctx->args[1], ctx->args[2], OPEN_OPEN);
+	return check_open(ctx->ret, OPEN_OPEN);
 }
 
-SEC("tracepoint/syscalls/sys_enter_creat")
-int handle_sys_enter_creat(struct trace_event_raw_sys_enter *ctx)
+SEC("tracepoint/syscalls/sys_exit_creat")
+int handle_sys_exit_creat(struct trace_event_raw_sys_exit *ctx)
 {
-	/* creat() is open(O_CREAT | O_WRONLY | O_TRUNC) */
-	return check_open((const char *)ctx->args[0], O_CREAT | 1 | O_TRUNC, ctx->args[1],
-			  OPEN_CREAT);
+	return check_open(ctx->ret, OPEN_CREAT);
 }
 
 /* --- module loads ----------------------------------------------------------------------- */
@@ -302,7 +378,7 @@ int handle_module_load(struct module_load_args *ctx)
 	e = reserve(sizeof(*e), EVENT_MODULE_LOAD);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, (struct task_struct *)bpf_get_current_task());
+	fill_proc_ancestry(&e->proc, (struct task_struct *)bpf_get_current_task());
 	e->taints = ctx->taints;
 	off = ctx->data_loc_name & 0xFFFF;
 	bpf_probe_read_kernel_str(e->name, sizeof(e->name), (void *)ctx + off);
@@ -341,7 +417,7 @@ int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
 		bpf_map_delete_elem(&pending_ptrace, &id);
 		return 0;
 	}
-	fill_proc(&e->proc, task);
+	fill_proc_ancestry(&e->proc, task);
 	e->request = p->request;
 	e->target_pid = p->pid;
 	e->result = ctx->ret;
@@ -376,7 +452,7 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 	e = reserve(sizeof(*e), EVENT_BPF_PROG_LOAD);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, (struct task_struct *)bpf_get_current_task());
+	fill_proc_ancestry(&e->proc, (struct task_struct *)bpf_get_current_task());
 	/* union bpf_attr is UAPI: fixed offsets, no CO-RE needed. Read no further than the
 	 * caller's size: the rest of its buffer is not ours to interpret. */
 	if (size >= 8) {

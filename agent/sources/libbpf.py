@@ -41,6 +41,7 @@ _SIGS: dict[str, tuple[object, list[object]]] = {
     "bpf_xdp_detach": (ctypes.c_int, [ctypes.c_int, ctypes.c_uint32, _P]),
     "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _P, _P]),
     "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _P, _P, ctypes.c_uint64]),
+    "bpf_map_delete_elem": (ctypes.c_int, [ctypes.c_int, _P]),
     "bpf_map_get_next_key": (ctypes.c_int, [ctypes.c_int, _P, _P]),
     "bpf_map_lookup_batch": (ctypes.c_int, [ctypes.c_int, _P, _P, _P, _P,
                                             ctypes.POINTER(ctypes.c_uint32), _P]),
@@ -145,6 +146,14 @@ class Map:
     def update(self, key, value, flags: int = BPF_ANY) -> None:
         check(_lib.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
               f"update of {self.name}")
+
+    def delete(self, key) -> bool:
+        """Remove `key`; False when it was absent."""
+        ret = _lib.bpf_map_delete_elem(self.fd, ctypes.byref(key))
+        if ret == -errno.ENOENT:
+            return False
+        check(ret, f"delete from {self.name}")
+        return True
 
     def items(self, key_type, value_type, batch: int = 256) -> Iterator[tuple[object, object]]:
         """Every entry, by batch lookup where the kernel has it, else key by key."""
