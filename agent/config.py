@@ -185,6 +185,9 @@ class Breach:
     admin_tools: tuple[str, ...] = ADMIN_TOOLS    # root's user administration: not a breach
     bpf_loaders: tuple[str, ...] = ("/usr/lib/systemd/systemd",)  # may load BPF programs
     bpf_loader_cgroups: tuple[str, ...] = ("/system.slice/swarm-agent*.service",)  # agents
+    # where the system's own executables live (globs of the kernel-resolved path): below
+    # a service, an executable elsewhere (a copied or dropped shell) is a breach
+    system_exec_dirs: tuple[str, ...] = ("/usr/*", "/opt/*")
     allowed_modules: tuple[str, ...] = ("nvidia*", "wireguard")  # globs of module names
     credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
     agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always

@@ -67,6 +67,9 @@ static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *ta
 	}
 	if (bpf_map_lookup_elem(&service_cgroups, &p->cgroup_id))
 		p->flags |= CTX_SERVICE_CGROUP;
+	/* fork records the parent's exec counter; reparenting to a reaper keeps it */
+	if (BPF_CORE_READ(task, parent_exec_id) != BPF_CORE_READ(parent, self_exec_id))
+		p->flags |= CTX_REPARENTED;
 }
 
 /* The process context with ancestry; returns the ancestors' watched_exes flags. */

@@ -145,7 +145,7 @@ PATH_EXACT, PATH_READS = 1, 2                     # enum path_flag
 OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat"}
 OPEN_MATCHES = {1: "file", 2: "dir", 3: "name"}  # enum open_match
 WALK_COMPLETE, WALK_TRUNCATED = 1, 2              # enum walk_flag
-CTX_SERVICE_CGROUP = 1                            # enum ctx_flag
+CTX_SERVICE_CGROUP, CTX_REPARENTED = 1, 2        # enum ctx_flag
 FMODE_WRITE, FMODE_CREATED = 0x2, 0x100000
 UNSET_ID = 0xFFFFFFFF                             # loginuid / sessionid not set
 

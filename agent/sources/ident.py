@@ -80,6 +80,13 @@ def patterns(cfg: Config) -> list[tuple[str, str, int]]:
     return [(how, text, flags) for (how, text), flags in out.items()]
 
 
+def watch_lists(cfg: Config, pats: list[tuple[str, str, int]]) -> list[list[str]]:
+    """Per pattern (rule id): the names of the config's path lists that hold it."""
+    lists = {n: {split_pattern(p) for p in v} for n, v in breach_lists(cfg).items()
+             if n.endswith("_paths")}
+    return [sorted(n for n, v in lists.items() if (how, text) in v) for how, text, _ in pats]
+
+
 def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved) -> None:
     """Watches by identity for every pattern: the directory (so that a file created or
     renamed into it later counts) and the files there now (so hard links count)."""

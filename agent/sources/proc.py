@@ -104,6 +104,7 @@ class ProcProbe(BpfProbe):
         self.refresh_s = refresh_s
         super().__init__(object_path)
         self.patterns = ident.patterns(cfg)
+        self._watch_lists = ident.watch_lists(cfg, self.patterns)
         self.cgroups = CgroupNames()
         self.resolved = ident.Resolved()
         self._paths: OrderedDict[ident.FileId, str] = OrderedDict()
@@ -201,7 +202,12 @@ class ProcProbe(BpfProbe):
                 "parent_is": sorted(self._lists(anc[0])) if anc else [],
                 "loginuid": None if p.loginuid == abi.UNSET_ID else p.loginuid,
                 "sessionid": None if p.sessionid == abi.UNSET_ID else p.sessionid,
-                "service_cgroup": bool(p.flags & abi.CTX_SERVICE_CGROUP)}
+                "service_cgroup": bool(p.flags & abi.CTX_SERVICE_CGROUP),
+                "reparented": bool(p.flags & abi.CTX_REPARENTED),
+                # what a service manager's start of a service looks like (not an orphan
+                # that a double fork left to init)
+                "manager_start": bool(anc) and "service_managers" in self._lists(anc[0])
+                and not p.flags & abi.CTX_REPARENTED}
 
     def to_event(self, ev: ctypes.Structure | None) -> Event | None:
         if ev is None or not hasattr(ev, "proc"):
@@ -261,7 +267,9 @@ class ProcProbe(BpfProbe):
                 "created": bool(ev.fmode & abi.FMODE_CREATED),
                 "syscall": abi.OPEN_SYSCALLS.get(ev.syscall, str(ev.syscall)),
                 "match": abi.OPEN_MATCHES.get(ev.match, str(ev.match)),
-                "pattern": {"suffix": "*" + text, "prefix": text + "*"}.get(how, text)}
+                "pattern": {"suffix": "*" + text, "prefix": text + "*"}.get(how, text),
+                "watch_lists": self._watch_lists[ev.rule_id]
+                if ev.rule_id < len(self._watch_lists) else []}
 
 
 def _file_key(k: ident.FileId) -> abi.file_id:

@@ -223,6 +223,7 @@ enum walk_flag {
 /* proc_ctx.flags */
 enum ctx_flag {
 	CTX_SERVICE_CGROUP = 1,	/* the task's cgroup is in map service_cgroups */
+	CTX_REPARENTED = 2,	/* real_parent is not who forked it (orphan: double fork) */
 };
 
 /* Which syscall a file_open_event came from. */
