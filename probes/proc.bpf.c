@@ -136,13 +136,6 @@ struct {
 
 #include "proc.bpf.h"
 
-static __always_inline struct work *work(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&scratch, &zero);
-}
-
 SEC("tracepoint/sched/sched_process_exec")
 int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 {
@@ -151,8 +144,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	__u32 max_fds = BPF_CORE_READ(fdt, max_fds);
 	struct proc_exec_event *e;
-	struct file *exe;
 	struct work *w;
+	void *z;
 	__u32 self, above, tgid, off;
 	__u16 fam[3];
 	__u16 reason = 0;
@@ -161,9 +154,10 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	if (is_agent())
 		return 0;
 	w = work();
-	if (!w)
+	z = zeroed();
+	if (!w || !z)
 		return 0;
-	__builtin_memset(&w->ctx, 0, sizeof(w->ctx));
+	bpf_probe_read_kernel(&w->ctx, sizeof(w->ctx), z);
 	above = fill_proc_ancestry(&w->ctx, task);
 	self = exe_flags(&w->ctx.exe);
 	/* A service started outside a login session (by a service manager): its cgroup is a
@@ -192,7 +186,7 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_EXEC);
 	if (!e)
 		return 0;
-	__builtin_memcpy(&e->proc, &w->ctx, sizeof(e->proc));
+	bpf_probe_read_kernel(&e->proc, sizeof(e->proc), &w->ctx);
 	e->stdio_family[0] = fam[0];
 	e->stdio_family[1] = fam[1];
 	e->stdio_family[2] = fam[2];
@@ -210,13 +204,6 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 		n = ARGS_LEN;
 	if (n && !bpf_probe_read_user(e->args, n, (void *)start))
 		e->args_len = n;
-	exe = BPF_CORE_READ(task, mm, exe_file);
-	if (exe) {
-		n = walk_path(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(exe, f_path.mnt),
-			      w->path, &e->exe_path_flags);
-		e->exe_path_len = n;
-		bpf_probe_read_kernel(e->exe_path, sizeof(e->exe_path), w->path);
-	}
 	tgid = e->proc.pid;
 	bpf_ringbuf_submit(e, 0);
 	bpf_map_update_elem(&tracked, &tgid, &(__u8){1}, BPF_ANY);

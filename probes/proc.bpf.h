@@ -20,11 +20,25 @@ static __always_inline int is_agent(void)
 	return proc_cfg.agent_tgid && (bpf_get_current_pid_tgid() >> 32) == proc_cfg.agent_tgid;
 }
 
+static __always_inline struct work *work(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch, &zero);
+}
+
+/* ZERO_LEN zero bytes (an array map's only entry: NULL never happens, but is checked). */
+static __always_inline void *zeroed(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&zeroes, &zero);
+}
+
 /* Reserves a zeroed event (padding must not leak kernel memory) or counts a loss. */
 static __always_inline void *reserve(__u32 size, __u32 kind)
 {
 	struct event_header *h = bpf_ringbuf_reserve(&events, size, 0);
-	__u32 zero = 0;
 	void *z;
 
 	if (!h) {
@@ -33,7 +47,7 @@ static __always_inline void *reserve(__u32 size, __u32 kind)
 	}
 	/* clang expands memset only up to a size (and merges pieces): copy from a zeroed
 	 * map value instead, which the verifier bounds by ZERO_LEN. */
-	z = bpf_map_lookup_elem(&zeroes, &zero);
+	z = zeroed();
 	if (!z || size > ZERO_LEN || bpf_probe_read_kernel(h, size, z)) {
 		bpf_ringbuf_discard(h, 0);
 		count_loss();
@@ -72,10 +86,20 @@ static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *ta
 		p->flags |= CTX_REPARENTED;
 }
 
-/* The process context with ancestry; returns the ancestors' watched_exes flags. */
+/* The process context with the executable's path and ancestry; returns the ancestors'
+ * watched_exes flags. Uses the scratch path buffer. */
 static __always_inline __u32 fill_proc_ancestry(struct proc_ctx *p, struct task_struct *task)
 {
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct work *w = work();
+
 	fill_proc(p, task);
+	if (exe && w) {
+		p->exe_path_len = walk_path(BPF_CORE_READ(exe, f_path.dentry),
+					    BPF_CORE_READ(exe, f_path.mnt), w->path,
+					    &p->exe_path_flags);
+		bpf_probe_read_kernel(p->exe_path, sizeof(p->exe_path), w->path);
+	}
 	return fill_ancestry(p, task);
 }
 

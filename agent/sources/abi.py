@@ -220,15 +220,15 @@ class proc_ctx(_S):
                 ("euid", u32), ("pad0", u32), ("comm", u8 * COMM_LEN),
                 ("parent_comm", u8 * COMM_LEN), ("exe", file_id), ("loginuid", u32),
                 ("sessionid", u32), ("flags", u32), ("ancestor_count", u32),
-                ("ancestors", file_id * ANCESTORS)]
+                ("ancestors", file_id * ANCESTORS), ("exe_path_len", u16),
+                ("exe_path_flags", u16), ("pad1", u32), ("exe_path", u8 * PATH_LEN)]
 
 
 class proc_exec_event(_S):
     _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("stdio_family", u16 * 3),
                 ("reason", u16), ("filename_len", u32), ("args_len", u32),
                 ("args_total", u32), ("pad0", u32), ("filename", u8 * PATH_LEN),
-                ("args", u8 * ARGS_LEN), ("exe_path_len", u16), ("exe_path_flags", u16),
-                ("pad1", u32), ("exe_path", u8 * PATH_LEN)]
+                ("args", u8 * ARGS_LEN)]
 
 
 class proc_exit_event(_S):

@@ -11,8 +11,8 @@ acting process:
   cgroup_id and cgroup (the cgroup v2 path, None when it cannot be resolved),
   loginuid and sessionid (audit; None when the process is not from a login),
   service_cgroup (bool: the kernel holds its cgroup for a service's),
-- exe (the executable's path as the kernel resolved it at exec; None when unknown or
-  the walk was truncated), exe_id ("major:minor:inode"), exe_is (sorted names of the
+- exe (the executable's path as the kernel resolved it, walking mm->exe_file's dentries;
+  None when the walk was truncated), exe_id ("major:minor:inode"), exe_is (sorted names of the
   config's executable lists, config.EXE_LISTS, whose files on this host ARE this
   executable by (dev, ino): ["shells"], ["admin_tools"], ...),
 - ancestor_exes (paths, or "major:minor:inode" when unknown, of real_parent's
@@ -214,15 +214,12 @@ class ProcProbe(BpfProbe):
             return None
         p = ev.proc
         kind = ev.hdr.kind
-        exe = self._path(p.exe)
-        if kind == abi.EventKind.PROC_EXEC:
-            exe = ident.walked_path(ev.exe_path, ev.exe_path_len, ev.exe_path_flags,
-                                    abi.WALK_COMPLETE)
-            if exe is not None:
-                self._paths[_fid(p.exe)] = exe
-                self._paths.move_to_end(_fid(p.exe))
-                while len(self._paths) > PATH_CACHE:
-                    self._paths.popitem(last=False)
+        exe = ident.walked_path(p.exe_path, p.exe_path_len, p.exe_path_flags, abi.WALK_COMPLETE)
+        if exe is not None:     # ancestors' paths, as far as their events were seen
+            self._paths[_fid(p.exe)] = exe
+            self._paths.move_to_end(_fid(p.exe))
+            while len(self._paths) > PATH_CACHE:
+                self._paths.popitem(last=False)
         common = {"pid": p.pid, "tid": p.tid, "ppid": p.ppid, "uid": p.uid, "euid": p.euid,
                   "comm": _text(p.comm), "parent_comm": _text(p.parent_comm),
                   "cgroup_id": p.cgroup_id, "cgroup": self.cgroups.path(p.cgroup_id, p.pid),

@@ -292,8 +292,14 @@ struct proc_ctx {
 	__u32 flags;		/* enum ctx_flag */
 	__u32 ancestor_count;	/* entries used in ancestors */
 	struct file_id ancestors[ANCESTORS];	/* exe of real_parent, its real_parent, ... */
+	__u16 exe_path_len;	/* bytes used in exe_path */
+	__u16 exe_path_flags;	/* enum walk_flag */
+	__u32 pad1;
+	/* exe's path as the kernel resolved it (mm->exe_file's dentries): its components
+	 * leaf first, each NUL terminated ("sh\0bin\0usr\0" is /usr/bin/sh) */
+	__u8 exe_path[PATH_LEN];
 };
-_Static_assert(sizeof(struct proc_ctx) == 224, "proc_ctx size");
+_Static_assert(sizeof(struct proc_ctx) == 488, "proc_ctx size");
 
 struct proc_exec_event {
 	struct event_header hdr;
@@ -306,12 +312,6 @@ struct proc_exec_event {
 	__u32 pad0;
 	__u8 filename[PATH_LEN];	/* as the caller spelled it */
 	__u8 args[ARGS_LEN];
-	__u16 exe_path_len;	/* bytes used in exe_path */
-	__u16 exe_path_flags;	/* enum walk_flag */
-	__u32 pad1;
-	/* the executable's path as the kernel resolved it (mm->exe_file's dentries): its
-	 * components leaf first, each NUL terminated ("sh\0bin\0usr\0" is /usr/bin/sh) */
-	__u8 exe_path[PATH_LEN];
 };
 _Static_assert(sizeof(struct proc_exec_event) == 1040, "proc_exec_event size");
 
@@ -321,7 +321,7 @@ struct proc_exit_event {
 	__u32 exit_code;	/* wait(2) status: exit status << 8, or the signal */
 	__u32 pad0;
 };
-_Static_assert(sizeof(struct proc_exit_event) == 248, "proc_exit_event size");
+_Static_assert(sizeof(struct proc_exit_event) == 512, "proc_exit_event size");
 
 /* Raised when an open returns: the file is the one the returned fd refers to, so any
  * spelling of its path (relative, dirfd, "//", ".", symlinks, hard links) counts. */
@@ -338,9 +338,9 @@ struct file_open_event {
 	__u32 match;		/* enum open_match */
 	struct file_id file;
 	struct file_id dir;	/* the directory the file was opened in (its dentry's parent) */
-	__u8 path[PATH_LEN];	/* resolved path, components leaf first (see exe_path) */
+	__u8 path[PATH_LEN];	/* resolved path, components leaf first (see proc_ctx) */
 };
-_Static_assert(sizeof(struct file_open_event) == 552, "file_open_event size");
+_Static_assert(sizeof(struct file_open_event) == 816, "file_open_event size");
 
 struct module_load_event {
 	struct event_header hdr;
@@ -349,7 +349,7 @@ struct module_load_event {
 	__u32 pad0;
 	__u8 name[MODULE_NAME_LEN];
 };
-_Static_assert(sizeof(struct module_load_event) == 312, "module_load_event size");
+_Static_assert(sizeof(struct module_load_event) == 576, "module_load_event size");
 
 /* Raised when ptrace(PTRACE_ATTACH | PTRACE_SEIZE) returns; the tracee is read from the
  * tracer's ptraced list, so it is the global task even across pid namespaces. */
@@ -365,7 +365,7 @@ struct ptrace_event {
 	__u32 target_euid;
 	__u8 target_comm[COMM_LEN];
 };
-_Static_assert(sizeof(struct ptrace_event) == 288, "ptrace_event size");
+_Static_assert(sizeof(struct ptrace_event) == 552, "ptrace_event size");
 
 struct bpf_prog_load_event {
 	struct event_header hdr;
@@ -374,6 +374,6 @@ struct bpf_prog_load_event {
 	__u32 insn_cnt;
 	__u8 prog_name[COMM_LEN];
 };
-_Static_assert(sizeof(struct bpf_prog_load_event) == 264, "bpf_prog_load_event size");
+_Static_assert(sizeof(struct bpf_prog_load_event) == 528, "bpf_prog_load_event size");
 
 #endif
