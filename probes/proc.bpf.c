@@ -13,7 +13,9 @@
  * - open: at the syscall's exit, the file behind the returned fd: its (dev, ino) is a
  *   watched file, or its directory's (dev, ino) and its name match a watched directory
  *   pattern, or its directory's name and its name a "*\/dir/name" pattern; opened for
- *   writing or created, or read too where the pattern says so. Any spelling of the path
+ *   writing or created, or read too where the pattern says so. Files created in a
+ *   directory holding watched files too (PATH_CREATIONS): user space attributes a later
+ *   rename of one over a watched file (useradd, vipw, sed -i) to its creator. Any spelling of the path
  *   counts (relative, dirfd, "//", ".", symlinks, hard links); the event has the path
  *   the kernel resolved.
  * - module loads, ptrace attach/seize (at syscall exit, with the tracee), BPF_PROG_LOAD:
@@ -298,6 +300,8 @@ static __always_inline int check_open(long fd, __u16 syscall)
 		return 0;
 	fmode = BPF_CORE_READ(f, f_mode);
 	if (!(fmode & (FMODE_WRITE | FMODE_CREATED)) && !(r->flags & PATH_READS))
+		return 0;
+	if ((r->flags & PATH_CREATIONS) && !(fmode & FMODE_CREATED))
 		return 0;
 	e = reserve(sizeof(*e), EVENT_FILE_OPEN);
 	if (!e)

@@ -43,7 +43,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                   "stdio_inet", "reason"),
     "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
     "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern",
-                  "file_id", "dir_id", "created", "match", "watch_lists"),
+                  "file_id", "dir_id", "created", "match", "watch_lists", "replaced"),
     "kernel.module_load": (*_PROC, "ancestors", "name", "taints"),
     "proc.ptrace": (*_PROC, "ancestors", "request", "result", "target_pid", "target_tgid",
                     "target_uid", "target_euid", "target_comm"),

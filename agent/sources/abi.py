@@ -141,7 +141,8 @@ EXE_PROGRAM, EXE_SERVICE = 1, 2                   # enum exe_flag
 EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
                 16: "service_cgroup"}
 STDIO_NOT_SOCKET = 0xFFFF
-PATH_EXACT, PATH_READS = 1, 2                     # enum path_flag
+PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
+CREATIONS_ID = 0xFFFFFFFF
 OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat"}
 OPEN_MATCHES = {1: "file", 2: "dir", 3: "name"}  # enum open_match
 WALK_COMPLETE, WALK_TRUNCATED = 1, 2              # enum walk_flag

@@ -46,6 +46,7 @@ class Resolved:
     # (dir id, name, exact) -> watch; name "" is every file in the directory
     dirs: dict[tuple[FileId, str, bool], Watch] = field(default_factory=dict)
     names: dict[tuple[str, str], Watch] = field(default_factory=dict)   # "*/dir/name"
+    paths: dict[FileId, str] = field(default_factory=dict)   # watched files' paths now
 
 
 def resolve_exes(cfg: Config) -> dict[FileId, tuple[str, frozenset[str]]]:
@@ -89,7 +90,12 @@ def watch_lists(cfg: Config, pats: list[tuple[str, str, int]]) -> list[list[str]
 
 def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved) -> None:
     """Watches by identity for every pattern: the directory (so that a file created or
-    renamed into it later counts) and the files there now (so hard links count)."""
+    renamed into it later counts) and the files there now (so hard links count); and
+    every file created in a directory holding watched names (CREATIONS), so that a
+    temporary file later renamed over a watched one is attributed to its creator."""
+    from agent.sources import abi
+
+    holders: set[FileId] = set()
     for rule_id, (how, text, flags) in enumerate(pats):
         w = Watch(rule_id, flags)
         if how == "suffix":
@@ -106,6 +112,7 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved) -> None:
         except OSError:
             continue
         into.dirs.setdefault((dir_id, name, how == "exact"), w)
+        holders.add(dir_id)
         try:
             entries = list(os.scandir(parent))
         except OSError:
@@ -116,6 +123,9 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved) -> None:
                     _watch_dir(Path(entry.path), w, into)     # /etc/sudoers.d
                 else:
                     _watch_file(entry.path, w, into)
+    creations = Watch(abi.CREATIONS_ID, abi.PATH_CREATIONS)
+    for dir_id in holders:
+        into.dirs.setdefault((dir_id, "", False), creations)
 
 
 def _watch_dir(d: Path, w: Watch, into: Resolved) -> None:
@@ -136,6 +146,7 @@ def _watch_file(path: str, w: Watch, into: Resolved) -> None:
         return
     if stat.S_ISREG(st.st_mode):
         into.files.setdefault(file_id(st), w)
+        into.paths.setdefault(file_id(st), path)
 
 
 def resolve(cfg: Config, pats: list[tuple[str, str, int]]) -> Resolved:

@@ -65,7 +65,10 @@ OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
 EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE}
-PATH_CACHE = 4096       # executables' paths remembered from exec events, by (dev, ino)
+PATH_CACHE = 4096       # executables' paths remembered from events, by (dev, ino)
+CREATED_KEPT = 1024     # files seen created, for attributing a rename over a watched file
+SOON_S = 0.5            # refresh this soon after a file is created beside watched ones
+TICK_S = 0.25
 
 
 def _text(raw) -> str:
@@ -108,6 +111,9 @@ class ProcProbe(BpfProbe):
         self.cgroups = CgroupNames()
         self.resolved = ident.Resolved()
         self._paths: OrderedDict[ident.FileId, str] = OrderedDict()
+        # files seen created: (dev, ino) -> (event, created under a watched name)
+        self._created: OrderedDict[ident.FileId, tuple[Event, bool]] = OrderedDict()
+        self._refresh_due = 0.0
 
     # --- loading -------------------------------------------------------------------------
 
@@ -119,12 +125,18 @@ class ProcProbe(BpfProbe):
     def _fill_maps(self) -> None:
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self) -> list[Event]:
         """Re-resolve executables, watched files and service cgroups on the host and bring
         the kernel maps to that: new entries added, stale ones (a replaced binary or
-        /etc/shadow renamed over: their old inode may be reused) removed."""
+        /etc/shadow renamed over: their old inode may be reused) removed. Returns a
+        "file.open" event (match "rename", replaced true) for every watched file that was
+        replaced by a file not judged when it was opened: by its creator's event when the
+        kernel saw it created in the watched directory, with no process fields when it
+        was not (moved in from elsewhere: the rules treat an unknown writer as a breach)."""
+        self._refresh_due = time.monotonic() + self.refresh_s
         new = ident.resolve(self.cfg, self.patterns)
         old, self.resolved = self.resolved, new
+        replaced = self._replacements(old, new)
         exes = {k: sum(EXE_FLAGS.get(n, 0) for n in lists) for k, (_, lists) in new.exes.items()}
         old_exes = {k for k, (_, lists) in old.exes.items()
                     if any(n in EXE_FLAGS for n in lists)}
@@ -140,6 +152,30 @@ class ProcProbe(BpfProbe):
                                            for k, w in new.names.items()],
                    [_name_key(*k) for k in old.names])
         self._mark_service_cgroups()
+        return replaced
+
+    def _replacements(self, old: ident.Resolved, new: ident.Resolved) -> list[Event]:
+        if not old.paths:
+            return []           # the first resolution: nothing to compare with
+        before = {path: fid for fid, path in old.paths.items()}
+        now_ns, out = time.monotonic_ns(), []
+        for fid, path in new.paths.items():
+            if path not in before or before[path] == fid:
+                continue        # a new file (judged when opened) or the same one
+            rec = self._created.get(fid)
+            if rec is not None and rec[1]:
+                continue        # created under a watched name: judged when opened
+            watch = new.files[fid]
+            lists = self._watch_lists[watch.rule_id] if watch.rule_id < len(self._watch_lists) else []
+            if rec is None and "credential_paths" not in lists:
+                continue        # maybe the agent's own (its events are never sent)
+            fields = dict(rec[0].fields) if rec else {}
+            fields.update(path=path, file_id=ident.id_text(fid), write=True, created=True,
+                          match="rename", replaced=True, watch_lists=lists,
+                          pattern=self._pattern_text(watch.rule_id))
+            first = rec[0].first_mono_ns if rec else now_ns
+            out.append(Event("file.open", path, now_ns, first, fields, SOURCE))
+        return out
 
     def _sync(self, name: str, want: list[tuple], had: list) -> None:
         m = self._map(name)
@@ -167,8 +203,10 @@ class ProcProbe(BpfProbe):
     async def run(self, emit: Callable[[Event], None]) -> None:
         async def refresher() -> None:
             while True:
-                await asyncio.sleep(self.refresh_s)
-                await asyncio.to_thread(self.refresh)
+                await asyncio.sleep(TICK_S)
+                if time.monotonic() >= self._refresh_due:
+                    for event in await asyncio.to_thread(self.refresh):
+                        emit(event)
 
         task = asyncio.create_task(refresher()) if self._ring is not None else None
         try:
@@ -234,6 +272,10 @@ class ProcProbe(BpfProbe):
             name, extra = "file.open", self._open_fields(ev)
             subject = extra["path"] or extra["file_id"]
             extra["ancestors"] = ancestors(p.ppid)
+            if extra["created"]:
+                event = Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
+                self._remember_creation(_fid(ev.file), event, ev.rule_id != abi.CREATIONS_ID)
+                return event
         elif kind == abi.EventKind.MODULE_LOAD:
             mod = _text(ev.name)
             name, subject = "kernel.module_load", f"module:{mod}"
@@ -256,15 +298,28 @@ class ProcProbe(BpfProbe):
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
 
+    def _remember_creation(self, fid: ident.FileId, event: Event, direct: bool) -> None:
+        self._created[fid] = (event, direct)
+        self._created.move_to_end(fid)
+        while len(self._created) > CREATED_KEPT:
+            self._created.popitem(last=False)
+        if not direct:          # a temporary file beside watched ones: look again soon
+            self._refresh_due = min(self._refresh_due, time.monotonic() + SOON_S)
+
+    def _pattern_text(self, rule_id: int) -> str | None:
+        if rule_id >= len(self.patterns):
+            return None
+        how, text, _ = self.patterns[rule_id]
+        return {"suffix": "*" + text, "prefix": text + "*"}.get(how, text)
+
     def _open_fields(self, ev: abi.file_open_event) -> dict:
-        how, text, _ = self.patterns[ev.rule_id] if ev.rule_id < len(self.patterns) else ("", "", 0)
         return {"path": ident.walked_path(ev.path, ev.path_len, ev.path_flags, abi.WALK_COMPLETE),
                 "file_id": ident.id_text(_fid(ev.file)), "dir_id": ident.id_text(_fid(ev.dir)),
                 "flags": ev.flags, "write": bool(ev.fmode & (abi.FMODE_WRITE | abi.FMODE_CREATED)),
                 "created": bool(ev.fmode & abi.FMODE_CREATED),
                 "syscall": abi.OPEN_SYSCALLS.get(ev.syscall, str(ev.syscall)),
                 "match": abi.OPEN_MATCHES.get(ev.match, str(ev.match)),
-                "pattern": {"suffix": "*" + text, "prefix": text + "*"}.get(how, text),
+                "pattern": self._pattern_text(ev.rule_id), "replaced": False,
                 "watch_lists": self._watch_lists[ev.rule_id]
                 if ev.rule_id < len(self._watch_lists) else []}
 

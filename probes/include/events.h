@@ -205,7 +205,12 @@ enum exec_reason {
 enum path_flag {
 	PATH_EXACT = 1,		/* the name must be exactly `len` bytes (no prefix match) */
 	PATH_READS = 2,		/* emit read-only opens too, not only writes */
+	PATH_CREATIONS = 4,	/* emit only files this open created (a directory holding
+				 * watched files: a later rename over one is attributed) */
 };
+
+/* path_rule.id of the PATH_CREATIONS entries (no pattern of the config). */
+#define CREATIONS_ID 0xFFFFFFFF
 
 /* file_open_event.match: which watch map the opened file matched. */
 enum open_match {

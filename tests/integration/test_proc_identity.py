@@ -175,6 +175,30 @@ def test_new_file_in_a_watched_directory_and_prefix(probe, detector, root):
     assert fired(detector, [ev]) == {"breach.credential_write@2"}
 
 
+def test_rename_over_a_watched_file_is_attributed(probe, detector, root):
+    """sed -i writes a temporary file beside the watched one and renames it over: the
+    kernel reports the creation (a directory holding watched files), the next refresh
+    finds the watched file's new inode and attributes the replacement to sed."""
+    target, sed = root / "etc/passwd", shutil.which("sed") or "/usr/bin/sed"
+    probe.refresh()
+    pid = run(sed, "-i", "s/root/root/", str(target))
+    [tmp] = events_of(probe, pid, "file.open")
+    assert tmp.fields["created"] and tmp.fields["pattern"] is None
+    assert tmp.fields["watch_lists"] == [] and fired(detector, [tmp]) == set()
+    [ev] = probe.refresh()
+    f = ev.fields
+    assert (ev.subject, f["match"], f["replaced"], f["pid"]) == (str(target), "rename", True, pid)
+    assert f["exe"] == os.path.realpath(sed)
+    assert fired(detector, [ev]) == {"breach.credential_write@2"}
+    assert probe.refresh() == []
+    # moved in from a directory that is not watched: no writer known, still a breach
+    (root / "elsewhere").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.rename(root / "elsewhere", target)
+    [ev] = probe.refresh()
+    assert ev.fields["replaced"] and "pid" not in ev.fields
+    assert fired(detector, [ev]) == {"breach.credential_write@2"}
+
+
 # --- executables by identity --------------------------------------------------------------
 
 def test_renamed_dpkg_and_python_named_dpkg_are_no_package_manager(probe, detector, root):
@@ -218,7 +242,7 @@ def test_root_useradd_is_administration_and_its_copy_a_breach(probe, detector, r
     assert all(e.fields["exe_is"] == ["admin_tools"] for e in evs)
     assert fired(detector, evs) == set()
     # useradd replaced shadow by rename: after a refresh the new inode is watched
-    probe.refresh()
+    assert probe.refresh() == []       # shadow+ was judged when created: no replacement
     st = os.stat(ua / "etc/shadow")
     assert any(k[1] == st.st_ino for k in probe.resolved.files)
     shutil.copy(useradd, root / "bin/useradd")
