@@ -100,6 +100,22 @@ struct {
 	__type(value, struct path_rule);
 } watched_names SEC(".maps");
 
+/* Prefilters, so that most opens cost two hash lookups: the directories with entries in
+ * watched_dirs, and the lengths (bit n: n bytes) of the names in watched_names. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct file_id);
+	__type(value, __u8);
+} watched_dir_ids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} watched_name_lens SEC(".maps");
+
 /* Processes whose exec was emitted, so that their exit is too. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -246,6 +262,8 @@ static __always_inline struct path_rule *match_file(struct work *w, struct file 
 	struct dentry *dir = BPF_CORE_READ(d, d_parent);
 	const __u8 *name = BPF_CORE_READ(d, d_name.name);
 	struct path_rule *r;
+	__u32 len, zero = 0;
+	__u64 *lens;
 	long n;
 
 	inode_id(BPF_CORE_READ(f, f_inode), &w->dir.dir);
@@ -255,18 +273,25 @@ static __always_inline struct path_rule *match_file(struct work *w, struct file 
 		return r;
 	}
 	inode_id(BPF_CORE_READ(dir, d_inode), &w->dir.dir);
-	__builtin_memset(w->dir.name, 0, sizeof(w->dir.name));
-	n = bpf_probe_read_kernel_str(w->dir.name, sizeof(w->dir.name), name);
-	if (n <= 1)
-		return NULL;
-	w->dir.prefixlen = (4 + sizeof(w->dir.dir) + n - 1) * 8;	/* pad0, dir, name */
-	r = bpf_map_lookup_elem(&watched_dirs, &w->dir);
-	if (r && (!(r->flags & PATH_EXACT) || r->len == n - 1)) {
-		*how = MATCH_DIR;
-		return r;
+	if (bpf_map_lookup_elem(&watched_dir_ids, &w->dir.dir)) {
+		__builtin_memset(w->dir.name, 0, sizeof(w->dir.name));
+		n = bpf_probe_read_kernel_str(w->dir.name, sizeof(w->dir.name), name);
+		if (n <= 1)
+			return NULL;
+		w->dir.prefixlen = (4 + sizeof(w->dir.dir) + n - 1) * 8;	/* pad0, dir, name */
+		r = bpf_map_lookup_elem(&watched_dirs, &w->dir);
+		if (r && (!(r->flags & PATH_EXACT) || r->len == n - 1)) {
+			*how = MATCH_DIR;
+			return r;
+		}
 	}
+	/* "*\/dir/name" patterns: only names of a length one of them has */
+	len = BPF_CORE_READ(d, d_name.len);
+	lens = bpf_map_lookup_elem(&watched_name_lens, &zero);
+	if (!lens || len >= NAME_LEN || !(*lens & (1ULL << (len & (NAME_LEN - 1)))))
+		return NULL;
 	__builtin_memset(&w->names, 0, sizeof(w->names));
-	bpf_probe_read_kernel(w->names.name, sizeof(w->names.name), w->dir.name);
+	bpf_probe_read_kernel_str(w->names.name, sizeof(w->names.name), name);
 	bpf_probe_read_kernel_str(w->names.dir, sizeof(w->names.dir),
 				  BPF_CORE_READ(dir, d_name.name));
 	*how = MATCH_NAME;

@@ -187,6 +187,8 @@ class ProcMap(enum.StrEnum):
     WATCHED_FILES = "watched_files"
     WATCHED_DIRS = "watched_dirs"
     WATCHED_NAMES = "watched_names"
+    WATCHED_DIR_IDS = "watched_dir_ids"
+    WATCHED_NAME_LENS = "watched_name_lens"
     TRACKED = "tracked"
     PENDING_PTRACE = "pending_ptrace"
     SCRATCH = "scratch"

@@ -151,6 +151,11 @@ class ProcProbe(BpfProbe):
         self._sync(ProcMap.WATCHED_NAMES, [(_name_key(*k), _rule(w, k[1]))
                                            for k, w in new.names.items()],
                    [_name_key(*k) for k in old.names])
+        self._sync(ProcMap.WATCHED_DIR_IDS, [(_file_key(k), ctypes.c_uint8(1))
+                                             for k in {d for d, _, _ in new.dirs}],
+                   [_file_key(k) for k in {d for d, _, _ in old.dirs}])
+        lens = sum(1 << len(n.encode()) for _, n in new.names if len(n.encode()) < abi.NAME_LEN)
+        self._map(ProcMap.WATCHED_NAME_LENS).update(ctypes.c_uint32(0), ctypes.c_uint64(lens))
         self._mark_service_cgroups()
         return replaced
 
