@@ -255,12 +255,13 @@ int handle_sched_process_exit(void *ctx)
 
 /* Which watch the file matches: by its identity, by its directory's identity and its name,
  * or by its directory's name and its name. */
+/* Runs at every open's exit: every read here is a helper call, so few of them. */
 static __always_inline struct path_rule *match_file(struct work *w, struct file *f,
 						    __u32 *how)
 {
 	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
 	struct dentry *dir = BPF_CORE_READ(d, d_parent);
-	const __u8 *name = BPF_CORE_READ(d, d_name.name);
+	const __u8 *name;
 	struct path_rule *r;
 	__u32 len, zero = 0;
 	__u64 *lens;
@@ -272,7 +273,9 @@ static __always_inline struct path_rule *match_file(struct work *w, struct file 
 		*how = MATCH_FILE;
 		return r;
 	}
-	inode_id(BPF_CORE_READ(dir, d_inode), &w->dir.dir);
+	/* d_parent never leaves the superblock: the directory's dev is the file's */
+	w->dir.dir.ino = BPF_CORE_READ(dir, d_inode, i_ino);
+	name = BPF_CORE_READ(d, d_name.name);
 	if (bpf_map_lookup_elem(&watched_dir_ids, &w->dir.dir)) {
 		__builtin_memset(w->dir.name, 0, sizeof(w->dir.name));
 		n = bpf_probe_read_kernel_str(w->dir.name, sizeof(w->dir.name), name);
@@ -286,9 +289,11 @@ static __always_inline struct path_rule *match_file(struct work *w, struct file 
 		}
 	}
 	/* "*\/dir/name" patterns: only names of a length one of them has */
-	len = BPF_CORE_READ(d, d_name.len);
 	lens = bpf_map_lookup_elem(&watched_name_lens, &zero);
-	if (!lens || len >= NAME_LEN || !(*lens & (1ULL << (len & (NAME_LEN - 1)))))
+	if (!lens || !*lens)
+		return NULL;
+	len = BPF_CORE_READ(d, d_name.len);
+	if (len >= NAME_LEN || !(*lens & (1ULL << (len & (NAME_LEN - 1)))))
 		return NULL;
 	__builtin_memset(&w->names, 0, sizeof(w->names));
 	bpf_probe_read_kernel_str(w->names.name, sizeof(w->names.name), name);
