@@ -8,8 +8,9 @@
  * - exec: the new executable is a watched program (shell/interpreter, by (dev, ino) in
  *   watched_exes), or an ancestor's is a watched service, or the task runs in a service
  *   cgroup, or fd 0/1/2 is an inet socket (reverse-shell shape); every exec with
- *   proc_cfg.all_execs. Exits only of processes whose exec was emitted. The exec of a
- *   service executable outside a login session marks its cgroup as a service cgroup.
+ *   proc_cfg.all_execs. Exits only of processes whose exec was emitted. A service
+ *   manager's start of a service executable outside a login session marks its cgroup
+ *   as a service cgroup.
  * - open: at the syscall's exit, the file behind the returned fd: its (dev, ino) is a
  *   watched file, or its directory's (dev, ino) and its name match a watched directory
  *   pattern, or its directory's name and its name a "*\/dir/name" pattern; opened for
@@ -178,13 +179,13 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	bpf_probe_read_kernel(&w->ctx, sizeof(w->ctx), z);
 	above = fill_proc_ancestry(&w->ctx, task);
 	self = exe_flags(&w->ctx.exe);
-	/* A service started outside a login session (by a service manager): its cgroup is a
+	/* A service executable started by a service manager (its real child, not an orphan
+	 * it reaped) outside a login session, in a cgroup of its own: that cgroup is a
 	 * service's from now on, so a double fork that reparents to init is still seen. */
-	if ((self & EXE_SERVICE) && w->ctx.loginuid == 0xFFFFFFFF &&
-	    w->ctx.cgroup_id > ROOT_CGROUP_ID && !(w->ctx.flags & CTX_SERVICE_CGROUP)) {
+	if ((self & EXE_SERVICE) && (exe_flags(&w->ctx.ancestors[0]) & EXE_MANAGER) &&
+	    !(w->ctx.flags & (CTX_REPARENTED | CTX_SERVICE_CGROUP)) &&
+	    w->ctx.loginuid == 0xFFFFFFFF && w->ctx.cgroup_id > ROOT_CGROUP_ID)
 		bpf_map_update_elem(&service_cgroups, &w->ctx.cgroup_id, &(__u8){1}, BPF_ANY);
-		return 0;	/* the service's own start */
-	}
 	fam[0] = fd_family(fds, max_fds, 0);
 	fam[1] = fd_family(fds, max_fds, 1);
 	fam[2] = fd_family(fds, max_fds, 2);

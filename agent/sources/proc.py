@@ -64,7 +64,8 @@ SOURCE = "bpf.proc"
 OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
-EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE}
+EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE,
+             "service_managers": abi.EXE_MANAGER}
 PATH_CACHE = 4096       # executables' paths remembered from events, by (dev, ino)
 CREATED_KEPT = 1024     # files seen created, for attributing a rename over a watched file
 SOON_S = 0.5            # refresh this soon after a file is created beside watched ones

@@ -187,6 +187,7 @@ _Static_assert(sizeof(struct tcp_remote_event) == 64, "tcp_remote_event size");
 enum exe_flag {
 	EXE_PROGRAM = 1,	/* a shell or interpreter: its exec is always emitted */
 	EXE_SERVICE = 2,	/* a network-facing service: execs below it are emitted */
+	EXE_MANAGER = 4,	/* a service manager (systemd): what it starts is a service */
 };
 
 /* proc_exec_event.reason bits: why the kernel emitted the exec. */

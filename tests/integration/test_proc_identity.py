@@ -50,6 +50,7 @@ def root(tmp_path_factory) -> Path:
     shutil.copy(PY, d / "bin/svc")                          # the service's executable
     shutil.copy(os.path.realpath("/bin/sh"), d / "bin/kworker")   # a shell, renamed
     shutil.copy(PY, d / "bin/dpkg")                         # python named dpkg
+    shutil.copy(PY, d / "bin/mgr")                          # a service manager
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -60,6 +61,7 @@ def cfg(root: Path) -> Config:
              *(f"{root}/uaroot/etc/{n}*" for n in ("passwd", "group", "shadow", "gshadow")))
     return Config(state_dir=str(root / "state"), breach=Breach(
         services=(f"{root}/bin/svc",), service_cgroups=(f"/{CG_PREFIX}-*",),
+        service_managers=(f"{root}/bin/mgr",),
         credential_paths=creds, read_paths=()))
 
 
@@ -303,3 +305,32 @@ def test_shell_behind_a_double_fork_in_a_service_cgroup(probe, detector, root):
     assert f["service_cgroup"] and f["reparented"] and "services" not in f["ancestors_are"]
     assert "service_cgroup" in f["reason"] and f["ppid"] != svc.pid
     assert fired(detector, [ev]) == {"breach.service_shell@2"}
+
+
+MANAGER = """
+import os, sys
+cg, svc, code = sys.argv[1:4]
+pid = os.fork()
+if pid == 0:
+    with open(cg + "/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+    os.execv(svc, [svc, "-c", code])
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.parametrize("manager", [True, False])
+def test_a_service_managers_start_marks_the_cgroup(probe, detector, root, manager):
+    """Not configured: the cgroup is a service's because the kernel saw a service manager
+    (by inode) start a service executable in it; started by anything else it is not."""
+    starter = str(root / "bin/mgr") if manager else PY
+    with throwaway_cgroup("swa-unconf") as cg:
+        mgr = subprocess.Popen([starter, "-c", MANAGER, str(cg), str(root / "bin/svc"),
+                                DOUBLE_FORK])
+        assert mgr.wait(timeout=30) == 0
+        evs = execs_where(probe, lambda f: f["argv"] == ["sh", "-c", "exit 0"]
+                          and f["cgroup"] == "/" + cg.name)
+    [ev] = evs                      # a shell: always sent
+    assert ev.fields["service_cgroup"] is manager and not ev.fields["manager_start"]
+    assert "services" not in ev.fields["ancestors_are"]
+    assert fired(detector, [ev]) == ({"breach.service_shell@2"} if manager else set())
