@@ -154,6 +154,9 @@ class Breach:
     credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
     agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always
     read_paths: tuple[str, ...] = ("/etc/shadow*", "/etc/gshadow*")  # reads reported too
+    # where the host's root filesystem is seen from the agent: "/", or in a container a
+    # read-only bind mount of the host's / (executables and watched files are the host's)
+    host_root: str = "/"
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,13 @@ def _check_alerts(a: Alerts) -> None:
                               f"(one of {', '.join(sorted(classes))})")
 
 
+def check_host_root(cfg: Config) -> None:
+    """breach.host_root must exist (checked at start: a container mounts it at run time)."""
+    if not Path(cfg.breach.host_root).is_dir():
+        raise ConfigError(f"breach.host_root: {cfg.breach.host_root} is not a directory (the "
+                          "host's / as the agent sees it: mount it, or set /)")
+
+
 def check_interfaces(cfg: Config) -> None:
     """Interfaces must exist in this network namespace (checked at start, not at load)."""
     for name in cfg.interfaces:
@@ -403,6 +413,8 @@ def check_interfaces(cfg: Config) -> None:
 
 
 def _check_breach(cfg: Config) -> None:
+    if not cfg.breach.host_root.startswith("/"):
+        raise ConfigError(f"breach.host_root: {cfg.breach.host_root!r} is not an absolute path")
     for name in EXE_LISTS:
         for p in getattr(cfg.breach, name):
             if not p.startswith("/"):

@@ -12,7 +12,6 @@ import glob
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
 
@@ -49,19 +48,27 @@ class Resolved:
     paths: dict[FileId, str] = field(default_factory=dict)   # watched files' paths now
 
 
+def on_host(root: str, path: str) -> str:
+    """Where the agent sees the host's `path` (breach.host_root: "/" or a bind mount)."""
+    return path if root in ("", "/") else os.path.join(root, path.lstrip("/"))
+
+
 def resolve_exes(cfg: Config) -> dict[FileId, tuple[str, frozenset[str]]]:
     """(dev, ino) -> (the configured path that found it, the lists it is in)."""
+    root = cfg.breach.host_root
+    cut = 0 if root in ("", "/") else len(root.rstrip("/"))
     out: dict[FileId, tuple[str, set[str]]] = {}
     for name in EXE_LISTS:
         for pattern in getattr(cfg.breach, name):
-            for path in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
+            seen = on_host(root, pattern)
+            for path in sorted(glob.glob(seen)) if glob.has_magic(pattern) else [seen]:
                 try:
                     st = os.stat(path)      # follows /bin -> /usr/bin, python3 -> python3.11
                 except OSError:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                path_, lists = out.setdefault(file_id(st), (path, set()))
+                _, lists = out.setdefault(file_id(st), (path[cut:], set()))
                 lists.add(name)
     return {k: (p, frozenset(v)) for k, (p, v) in out.items()}
 
@@ -88,7 +95,7 @@ def watch_lists(cfg: Config, pats: list[tuple[str, str, int]]) -> list[list[str]
     return [sorted(n for n, v in lists.items() if (how, text) in v) for how, text, _ in pats]
 
 
-def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved) -> None:
+def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved, root: str = "/") -> None:
     """Watches by identity for every pattern: the directory (so that a file created or
     renamed into it later counts) and the files there now (so hard links count); and
     every file created in a directory holding watched names (CREATIONS), so that a
@@ -103,45 +110,43 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved) -> None:
             into.names.setdefault((d, name), w)
             continue
         if how == "prefix" and text.endswith("/"):
-            _watch_dir(Path(text), w, into)
+            _watch_dir(text, w, into, root)
             continue
         parent, _, name = text.rpartition("/")
         parent = parent or "/"
         try:
-            dir_id = file_id(os.stat(parent))
+            dir_id = file_id(os.stat(on_host(root, parent)))
+            entries = list(os.scandir(on_host(root, parent)))
         except OSError:
             continue
         into.dirs.setdefault((dir_id, name, how == "exact"), w)
         holders.add(dir_id)
-        try:
-            entries = list(os.scandir(parent))
-        except OSError:
-            continue
         for entry in entries:
             if entry.name == name or (how == "prefix" and entry.name.startswith(name)):
+                path = os.path.join(parent, entry.name)
                 if entry.is_dir(follow_symlinks=False):
-                    _watch_dir(Path(entry.path), w, into)     # /etc/sudoers.d
+                    _watch_dir(path, w, into, root)     # /etc/sudoers.d
                 else:
-                    _watch_file(entry.path, w, into)
+                    _watch_file(path, w, into, root)
     creations = Watch(abi.CREATIONS_ID, abi.PATH_CREATIONS)
     for dir_id in holders:
         into.dirs.setdefault((dir_id, "", False), creations)
 
 
-def _watch_dir(d: Path, w: Watch, into: Resolved) -> None:
+def _watch_dir(d: str, w: Watch, into: Resolved, root: str) -> None:
     try:
-        into.dirs.setdefault((file_id(os.stat(d)), "", False), w)
-        entries = list(os.scandir(d))
+        into.dirs.setdefault((file_id(os.stat(on_host(root, d))), "", False), w)
+        entries = list(os.scandir(on_host(root, d)))
     except OSError:
         return
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
-            _watch_file(entry.path, w, into)
+            _watch_file(os.path.join(d, entry.name), w, into, root)
 
 
-def _watch_file(path: str, w: Watch, into: Resolved) -> None:
+def _watch_file(path: str, w: Watch, into: Resolved, root: str) -> None:
     try:
-        st = os.stat(path, follow_symlinks=False)
+        st = os.stat(on_host(root, path), follow_symlinks=False)
     except OSError:
         return
     if stat.S_ISREG(st.st_mode):
@@ -151,7 +156,7 @@ def _watch_file(path: str, w: Watch, into: Resolved) -> None:
 
 def resolve(cfg: Config, pats: list[tuple[str, str, int]]) -> Resolved:
     r = Resolved(exes=resolve_exes(cfg))
-    resolve_watches(pats, r)
+    resolve_watches(pats, r, cfg.breach.host_root)
     return r
 
 

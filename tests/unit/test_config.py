@@ -37,6 +37,7 @@ def test_example_config_is_the_defaults():
     ("breach:\n  package_managers: [dpkg]\n",
      "breach.package_managers: 'dpkg' is not an executable path (write e.g. /usr/bin/dpkg"),
     ("breach:\n  shells: [/usr/bin/bash, sh]\n", "breach.shells: 'sh' is not an executable path"),
+    ("breach:\n  host_root: host\n", "breach.host_root: 'host' is not an absolute path"),
     ("breach:\n  credential_paths: ['*authorized_keys']\n",
      "a suffix pattern names a directory and a file in it"),
 ])
