@@ -68,6 +68,7 @@ EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE,
              "service_managers": abi.EXE_MANAGER}
 PATH_CACHE = 4096       # executables' paths remembered from events, by (dev, ino)
 CREATED_KEPT = 1024     # files seen created, for attributing a rename over a watched file
+CREATED_TTL_NS = 60 * 10**9   # ... and for how long (inode numbers are reused)
 SOON_S = 0.5            # refresh this soon after a file is created beside watched ones
 TICK_S = 0.25
 
@@ -131,9 +132,10 @@ class ProcProbe(BpfProbe):
         the kernel maps to that: new entries added, stale ones (a replaced binary or
         /etc/shadow renamed over: their old inode may be reused) removed. Returns a
         "file.open" event (match "rename", replaced true) for every watched file that was
-        replaced by a file not judged when it was opened: by its creator's event when the
-        kernel saw it created in the watched directory, with no process fields when it
-        was not (moved in from elsewhere: the rules treat an unknown writer as a breach)."""
+        replaced, or appeared in a watched directory, by a file not judged when it was
+        opened: with its creator's fields when the kernel saw it created beside watched
+        files (sed -i), with none when it never saw it created (moved or linked in from
+        elsewhere: the rules treat an unknown writer of a credential file as a breach)."""
         self._refresh_due = time.monotonic() + self.refresh_s
         new = ident.resolve(self.cfg, self.patterns)
         old, self.resolved = self.resolved, new
@@ -164,17 +166,23 @@ class ProcProbe(BpfProbe):
         if not old.paths:
             return []           # the first resolution: nothing to compare with
         before = {path: fid for fid, path in old.paths.items()}
+        old_dirs = {d for d, _, _ in old.dirs}
         now_ns, out = time.monotonic_ns(), []
+        for fid in old.files.keys() - new.files.keys():
+            self._created.pop(fid, None)           # gone: its inode may be reused
         for fid, path in new.paths.items():
-            if path not in before or before[path] == fid:
-                continue        # a new file (judged when opened) or the same one
-            rec = self._created.get(fid)
+            if before.get(path) == fid or fid in old.files:
+                continue        # the same file, or a watched one renamed: judged before
+            rec = self._created.pop(fid, None)     # used once: its inode may be reused
+            if rec is not None and now_ns - rec[0].mono_ns > CREATED_TTL_NS:
+                rec = None
             if rec is not None and rec[1]:
                 continue        # created under a watched name: judged when opened
             watch = new.files[fid]
             lists = self._watch_lists[watch.rule_id] if watch.rule_id < len(self._watch_lists) else []
-            if rec is None and "credential_paths" not in lists:
-                continue        # maybe the agent's own (its events are never sent)
+            if rec is None and ("credential_paths" not in lists  # maybe the agent's own
+                                or path not in before and not self._watched_dir(old_dirs, path)):
+                continue        # (its events are never sent), or a directory not watched
             fields = dict(rec[0].fields) if rec else {}
             fields.update(path=path, file_id=ident.id_text(fid), write=True, created=True,
                           match="rename", replaced=True, watch_lists=lists,
@@ -303,6 +311,14 @@ class ProcProbe(BpfProbe):
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
+
+    def _watched_dir(self, dirs: set[ident.FileId], path: str) -> bool:
+        """Whether `path`'s directory was watched: then its creation would have been seen."""
+        try:
+            st = os.stat(ident.on_host(self.cfg.breach.host_root, os.path.dirname(path)))
+        except OSError:
+            return False
+        return ident.file_id(st) in dirs
 
     def _remember_creation(self, fid: ident.FileId, event: Event, direct: bool) -> None:
         self._created[fid] = (event, direct)

@@ -199,6 +199,17 @@ def test_rename_over_a_watched_file_is_attributed(probe, detector, root):
     [ev] = probe.refresh()
     assert ev.fields["replaced"] and "pid" not in ev.fields
     assert fired(detector, [ev]) == {"breach.credential_write@2"}
+    # a new watched name moved in, and a temporary file renamed to a new watched name
+    (root / "elsewhere").write_text("x\n")
+    os.rename(root / "elsewhere", root / "etc/passwd.new")
+    pid = run(PY, "-c", "import os; open('tmpfile', 'w').close(); os.rename('tmpfile', 'passwd.py')",
+              cwd=root / "etc")
+    events_of(probe, pid, "file.open")
+    evs = {e.subject: e for e in probe.refresh()}
+    assert set(evs) == {str(root / "etc/passwd.new"), str(root / "etc/passwd.py")}
+    assert "pid" not in evs[str(root / "etc/passwd.new")].fields
+    assert evs[str(root / "etc/passwd.py")].fields["pid"] == pid
+    assert fired(detector, evs.values()) == {"breach.credential_write@2"}
 
 
 # --- executables by identity --------------------------------------------------------------
