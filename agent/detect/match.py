@@ -88,6 +88,10 @@ def _test(kind: str, name: str, op: Any, value: Any, list_names: set[str],
     where = f"field {name}"
     if op not in OPS:
         fail(f"{where}: unknown test {op!r} (one of {', '.join(sorted(OPS))})")
+    if isinstance(value, str) and value[1:] in EXE_LISTS and value.startswith("@"):
+        fail(f"{where}: {value} names executables, which are judged by inode, not by a "
+             f"name or path: test exe_is, parent_is or ancestors_are with "
+             f"{{any_in: [{value[1:]}]}} (or none_in)")
     if isinstance(value, str) and value.startswith("@"):
         if op not in LIST_OPS | TEXT_OPS:
             fail(f"{where}: {op} cannot take a named list")

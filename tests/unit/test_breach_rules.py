@@ -148,6 +148,9 @@ def _rule(**over) -> dict:
     ({"where": {"uid": {"ge": "@service_cgroups"}}}, "ge cannot take a named list"),
     ({"where": {"exe_is": {"any_in": ["shell"]}}},
      "field exe_is: 'shell' is not an executable list"),
+    # comm is the process's to set: a rule may not compare it with executable lists
+    ({"where": {"comm": {"in": "@shells"}}},
+     "field comm: @shells names executables, which are judged by inode"),
     ({"where": {}}, "where must be a non-empty mapping"),
     ({"where": None, "thresholds": {"syns_per_s": 1}}, "proc.exec conditions take 'where'"),
     ({"scope": None}, "action isolate needs a scope"),
