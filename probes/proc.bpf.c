@@ -178,7 +178,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	if (!w || !z)
 		return 0;
 	bpf_probe_read_kernel(&w->ctx, sizeof(w->ctx), z);
-	above = fill_proc_ancestry(&w->ctx, task);
+	fill_proc(&w->ctx, task);
+	above = fill_ancestry(&w->ctx, task);	/* the path walk waits for the verdict */
 	self = exe_flags(&w->ctx.exe);
 	/* A service executable started by a service manager (its real child, not an orphan
 	 * it reaped) outside a login session, in a cgroup of its own: that cgroup is a
@@ -206,6 +207,7 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_EXEC);
 	if (!e)
 		return 0;
+	fill_exe_path(&w->ctx, task);
 	bpf_probe_read_kernel(&e->proc, sizeof(e->proc), &w->ctx);
 	e->stdio_family[0] = fam[0];
 	e->stdio_family[1] = fam[1];

@@ -86,20 +86,26 @@ static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *ta
 		p->flags |= CTX_REPARENTED;
 }
 
-/* The process context with the executable's path and ancestry; returns the ancestors'
- * watched_exes flags. Uses the scratch path buffer. */
-static __always_inline __u32 fill_proc_ancestry(struct proc_ctx *p, struct task_struct *task)
+/* The executable's path as the kernel resolves it (uses the scratch path buffer). */
+static __always_inline void fill_exe_path(struct proc_ctx *p, struct task_struct *task)
 {
 	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
 	struct work *w = work();
 
-	fill_proc(p, task);
 	if (exe && w) {
 		p->exe_path_len = walk_path(BPF_CORE_READ(exe, f_path.dentry),
 					    BPF_CORE_READ(exe, f_path.mnt), w->path,
 					    &p->exe_path_flags);
 		bpf_probe_read_kernel(p->exe_path, sizeof(p->exe_path), w->path);
 	}
+}
+
+/* The whole process context: identity, executable path, ancestry; returns the
+ * ancestors' watched_exes flags. */
+static __always_inline __u32 fill_proc_ancestry(struct proc_ctx *p, struct task_struct *task)
+{
+	fill_proc(p, task);
+	fill_exe_path(p, task);
 	return fill_ancestry(p, task);
 }
 
