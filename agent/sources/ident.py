@@ -154,10 +154,37 @@ def _watch_file(path: str, w: Watch, into: Resolved, root: str) -> None:
         into.paths.setdefault(file_id(st), path)
 
 
-def resolve(cfg: Config, pats: list[tuple[str, str, int]]) -> Resolved:
+def resolve(cfg: Config, pats: list[tuple[str, str, int]],
+            before: Resolved | None = None) -> Resolved:
     r = Resolved(exes=resolve_exes(cfg))
+    if before is not None:
+        keep_running(before.exes, r.exes)
     resolve_watches(pats, r, cfg.breach.host_root)
     return r
+
+
+def keep_running(old: dict[FileId, tuple[str, frozenset[str]]],
+                 new: dict[FileId, tuple[str, frozenset[str]]], proc: str = "/proc") -> None:
+    """An upgrade replaced a configured executable (dpkg upgrading dpkg): the processes
+    still running the old one keep its identity while they run (its inode stays
+    allocated, so no other file can take its number until they exit)."""
+    gone = old.keys() - new.keys()
+    if not gone:
+        return
+    try:
+        pids = [d for d in os.listdir(proc) if d.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            ident = file_id(os.stat(f"{proc}/{pid}/exe"))     # the running file, deleted or not
+        except OSError:
+            continue
+        if ident in gone:
+            new[ident] = old[ident]
+            gone.discard(ident)
+            if not gone:
+                return
 
 
 def walked_path(raw: bytes, length: int, flags: int, complete: int) -> str | None:

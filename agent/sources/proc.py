@@ -137,7 +137,7 @@ class ProcProbe(BpfProbe):
         files (sed -i), with none when it never saw it created (moved or linked in from
         elsewhere: the rules treat an unknown writer of a credential file as a breach)."""
         self._refresh_due = time.monotonic() + self.refresh_s
-        new = ident.resolve(self.cfg, self.patterns)
+        new = ident.resolve(self.cfg, self.patterns, self.resolved)
         old, self.resolved = self.resolved, new
         replaced = self._replacements(old, new)
         exes = {k: sum(EXE_FLAGS.get(n, 0) for n in lists) for k, (_, lists) in new.exes.items()}

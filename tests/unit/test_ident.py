@@ -8,7 +8,12 @@ from pathlib import Path
 
 from agent.config import Breach, Config
 from agent.sources import abi
-from agent.sources.ident import file_id, id_text, patterns, resolve, walked_path, watch_lists
+import shutil
+import subprocess
+import sys
+
+from agent.sources.ident import (file_id, id_text, patterns, resolve, resolve_exes, walked_path,
+                                 watch_lists)
 
 
 def _host(tmp_path: Path) -> Path:
@@ -55,3 +60,26 @@ def test_walked_path_is_whole_or_none():
     assert walked_path(raw, 11, abi.WALK_COMPLETE, abi.WALK_COMPLETE) == "/etc/shadow"
     assert walked_path(raw, 11, abi.WALK_TRUNCATED, abi.WALK_COMPLETE) is None
     assert walked_path(b"", 0, abi.WALK_COMPLETE, abi.WALK_COMPLETE) == "/"
+
+
+def test_a_replaced_executable_keeps_its_identity_while_it_runs(tmp_path):
+    """dpkg upgrading dpkg: the old inode stays the package manager while it runs."""
+    pm = tmp_path / "pm"
+    shutil.copy(os.path.realpath(sys.executable), pm)
+    cfg = Config(breach=Breach(package_managers=(str(pm),), shells=(), services=(),
+                               service_managers=(), admin_tools=(), bpf_loaders=()))
+    running = subprocess.Popen([str(pm), "-c", "import time; time.sleep(30)"])
+    try:
+        first = resolve(cfg, [])
+        old_id = file_id(os.stat(pm))
+        shutil.copy(os.path.realpath(sys.executable), tmp_path / "pm.new")
+        os.rename(tmp_path / "pm.new", pm)                 # the upgrade
+        new_id = file_id(os.stat(pm))
+        assert new_id != old_id and set(resolve_exes(cfg)) == {new_id}
+        second = resolve(cfg, [], first)
+        assert set(second.exes) == {old_id, new_id}
+        assert second.exes[old_id][1] == frozenset({"package_managers"})
+    finally:
+        running.kill()
+        running.wait()
+    assert set(resolve(cfg, [], second).exes) == {new_id}   # gone with its last process
