@@ -197,6 +197,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 		reason |= EXEC_SERVICE_CHILD;
 	if (w->ctx.flags & CTX_SERVICE_CGROUP)
 		reason |= EXEC_SERVICE_CGROUP;
+	if (self & EXE_PACKAGER)
+		reason |= EXEC_PACKAGE_MANAGER;
 	if (is_inet(fam[0]) || is_inet(fam[1]) || is_inet(fam[2]))
 		reason |= EXEC_SOCKET_STDIO;
 	if (proc_cfg.all_execs)

@@ -137,9 +137,9 @@ class tcp_remote_event(_S):
 
 COMM_LEN, PATH_LEN, ARGS_LEN, MODULE_NAME_LEN = 16, 256, 256, 64
 NAME_LEN, ANCESTORS = 64, 8
-EXE_PROGRAM, EXE_SERVICE, EXE_MANAGER = 1, 2, 4  # enum exe_flag
+EXE_PROGRAM, EXE_SERVICE, EXE_MANAGER, EXE_PACKAGER = 1, 2, 4, 8  # enum exe_flag
 EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
-                16: "service_cgroup"}
+                16: "service_cgroup", 32: "package_manager"}
 STDIO_NOT_SOCKET = 0xFFFF
 PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
 CREATIONS_ID = 0xFFFFFFFF

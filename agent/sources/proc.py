@@ -24,7 +24,7 @@ Per kind:
   at most 256 bytes of it), args (argv joined by spaces), stdin/stdout/stderr ("closed",
   "file", "unix", "inet", "inet6", "af<N>"), stdio_inet (how many of the three are inet
   sockets), reason (why the kernel sent it: "program", "service_child", "socket_stdio",
-  "all", "service_cgroup").
+  "all", "service_cgroup", "package_manager": its exit brings a refresh).
 - "proc.exit", subject "pid:<pid>" (only of processes whose exec was sent): exit_code
   (the wait status), exit_status, signal.
 - "file.open", subject the path: path (resolved by the kernel from the opened file;
@@ -65,7 +65,7 @@ OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
 EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE,
-             "service_managers": abi.EXE_MANAGER}
+             "service_managers": abi.EXE_MANAGER, "package_managers": abi.EXE_PACKAGER}
 PATH_CACHE = 4096       # executables' paths remembered from events, by (dev, ino)
 CREATED_KEPT = 1024     # files seen created, for attributing a rename over a watched file
 CREATED_TTL_NS = 60 * 10**9   # ... and for how long (inode numbers are reused)
@@ -279,6 +279,8 @@ class ProcProbe(BpfProbe):
         if kind == abi.EventKind.PROC_EXEC:
             name, subject, extra = "proc.exec", f"pid:{p.pid}", _exec_fields(ev)
         elif kind == abi.EventKind.PROC_EXIT:
+            if "package_managers" in common["exe_is"]:     # binaries may have changed
+                self._refresh_due = min(self._refresh_due, time.monotonic() + SOON_S)
             code = ev.exit_code
             name, subject = "proc.exit", f"pid:{p.pid}"
             extra = {"exit_code": code, "exit_status": (code >> 8) & 0xFF, "signal": code & 0x7F}

@@ -188,6 +188,8 @@ enum exe_flag {
 	EXE_PROGRAM = 1,	/* a shell or interpreter: its exec is always emitted */
 	EXE_SERVICE = 2,	/* a network-facing service: execs below it are emitted */
 	EXE_MANAGER = 4,	/* a service manager (systemd): what it starts is a service */
+	EXE_PACKAGER = 8,	/* a package manager: its exec and exit are emitted (binaries
+				 * may have changed: user space re-resolves at its exit) */
 };
 
 /* proc_exec_event.reason bits: why the kernel emitted the exec. */
@@ -197,6 +199,7 @@ enum exec_reason {
 	EXEC_SOCKET_STDIO = 4,	/* fd 0, 1 or 2 is an AF_INET/AF_INET6 socket */
 	EXEC_ALL = 8,		/* proc_config.all_execs */
 	EXEC_SERVICE_CGROUP = 16,	/* runs in a service cgroup (map service_cgroups) */
+	EXEC_PACKAGE_MANAGER = 32,	/* a package manager (EXE_PACKAGER) */
 };
 
 /* proc_exec_event.stdio_family: 0 fd not open, STDIO_NOT_SOCKET, else the socket family */

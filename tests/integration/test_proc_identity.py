@@ -232,6 +232,9 @@ def test_the_real_dpkg_is_a_package_manager(probe, detector, root):
         skip_unsupported("no dpkg on this host")
     pid = run(dpkg, f"--admindir={root}/dpkgdb", "--clear-avail")
     evs = events_of(probe, pid, "file.open", count=3, timeout_s=3)
+    [start] = events_of(probe, pid, "proc.exec")          # a package manager: sent, and
+    assert "package_manager" in start.fields["reason"]    # its exit brings a refresh soon
+    assert events_of(probe, pid, "proc.exit") and probe._refresh_due < time.monotonic() + 1
     assert {e.fields["path"] for e in evs} >= {f"{root}/dpkgdb/available-new"}
     assert all(e.fields["exe_is"] == ["package_managers"] for e in evs)
     assert fired(detector, evs) == set()
