@@ -3,8 +3,9 @@ does what breach.service_shell describes, throw-away cgroups, two nodes joined b
 wireguard-go, and the cut-off prober both latency benches time an isolation with.
 Everything is bounded in time and removed by its context manager.
 
-The service renames itself (prctl PR_SET_NAME) to a name the agent under test lists in
-breach.service_comms, answers UDP datagrams (echo), and on a line "exec" on its stdin
+The service runs a copy of the Python interpreter at a path of its own (service_exe: a
+file no other process on the host runs, by inode) that the agent under test lists in
+breach.services, answers UDP datagrams (echo), and on a line "exec" on its stdin
 starts `/bin/sh -c 'sleep 3'` as its child — a shell spawned by a network-facing service
 — and prints "exec <CLOCK_MONOTONIC ns just before the spawn>". Triggering over stdin,
 not the network, keeps the breach independent of the isolation it causes.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,7 +39,7 @@ T = TypeVar("T", int, float)
 SERVICE = r"""
 import ctypes, select, socket, subprocess, sys, time
 name, addr, port, duration_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)   # PR_SET_NAME: the comm rules see
+ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)   # PR_SET_NAME: display only
 s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((addr, port))
 print("ready", flush=True)
@@ -62,9 +64,26 @@ for c in children:
 """
 
 
+EXE_DIR = Path("/tmp/swarm-breachlab")
+EXE_KEEP_S = 3600.0
+
+
 def service_name() -> str:
-    """A comm no other process on the host has (15 characters at most)."""
-    return f"swsvc-{secrets.token_hex(4)}"
+    """A fresh service name, 15 characters at most, whose executable (service_exe) is a
+    new copy of the Python interpreter; copies older than an hour are removed."""
+    name = f"swsvc-{secrets.token_hex(4)}"
+    EXE_DIR.mkdir(mode=0o755, exist_ok=True)
+    for old in EXE_DIR.iterdir():
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > EXE_KEEP_S:
+                old.unlink()
+    shutil.copy(os.path.realpath(sys.executable), service_exe(name))
+    return name
+
+
+def service_exe(name: str) -> Path:
+    """The executable of service `name` (see service_name)."""
+    return EXE_DIR / name
 
 
 class Service:
@@ -76,7 +95,7 @@ class Service:
                  duration_s: float = 120.0):
         script = f'echo $$ > "{cgroup}/cgroup.procs" && exec ip netns exec "{ns}" "$@"'
         self.proc = subprocess.Popen(
-            ["sh", "-c", script, "sh", sys.executable, "-c", SERVICE, name, addr, str(port),
+            ["sh", "-c", script, "sh", str(service_exe(name)), "-c", SERVICE, name, addr, str(port),
              str(duration_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.addr, self.port = addr, port
         if self._line() != "ready":
@@ -190,10 +209,10 @@ def wireguard_pair(lab: Lab, tmp: Path, subnet_octet: int = 202,
 
 
 def agent_config(name: str, rules_dir: Path, extra: str = "") -> str:
-    """Config for an agent under breach test: breach rules scoped to `name` (only a shell
-    whose parent is that comm fires), network rules as packaged, XDP on the lab veth."""
+    """Config for an agent under breach test: breach rules scoped to service `name` (only
+    a shell below its executable fires), network rules as packaged, XDP on the lab veth."""
     return (f"rules_file: {rules_dir}\ninterfaces: [v0]\n"
-            f"breach:\n  service_comms: [{name}]\n  credential_paths: []\n"
+            f"breach:\n  services: [{service_exe(name)}]\n  credential_paths: []\n"
             f"  read_paths: []\n{extra}")
 
 

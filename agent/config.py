@@ -14,6 +14,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+# The `breach:` section's defaults (executables by path, never by comm), re-exported.
+from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, EXE_LISTS,  # noqa: F401
+                                   PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
+                                   SERVICE_MANAGERS, SERVICES, SHELLS)
 from agent.model import EventClass, Severity
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -133,41 +137,22 @@ class Metrics:
     listen: str | None = "127.0.0.1:9464"   # Prometheus /metrics; null: off
 
 
-# Process comm names (the kernel's 15-character comm) for the breach rules and the process
-# probe; paths are watch patterns: "/exact", "/prefix*", "/dir/", "*suffix".
-SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "ash", "busybox",
-          "python", "python2", "python3", "python3.8", "python3.9", "python3.10",
-          "python3.11", "python3.12", "python3.13", "perl", "ruby", "php", "lua", "node",
-          "nc", "ncat", "netcat", "socat", "telnet")
-SERVICE_COMMS = ("nginx", "apache2", "httpd", "caddy", "haproxy", "envoy", "traefik",
-                 "lighttpd", "tritonserver", "ollama", "gunicorn", "uvicorn", "redis-server",
-                 "postgres", "mysqld", "mongod", "memcached")
-PACKAGE_MANAGERS = ("dpkg", "apt", "apt-get", "aptitude", "unattended-upgr", "rpm", "dnf",
-                    "yum", "microdnf", "zypper", "packagekitd")
-CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group*",
-                    "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
-                    "*/.ssh/authorized_keys2")
-
-# Remote-access and remote-execution daemons: they hold a job's pty or pipes and the
-# connection it is driven over (ssh, Slurm's srun, MPI launchers).
-REMOTE_ACCESS = ("/usr/sbin/sshd", "/usr/lib/openssh/sshd-session",
-                 "/usr/libexec/openssh/sshd-session", "/usr/sbin/dropbear",
-                 "/usr/bin/mosh-server", "/usr/sbin/in.telnetd", "/usr/sbin/slurmstepd",
-                 "/usr/bin/orted", "/usr/bin/prted", "/usr/bin/hydra_pmi_proxy")
-SERVICE_MANAGERS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/usr/sbin/inetd",
-                    "/usr/sbin/openbsd-inetd", "/usr/sbin/xinetd", "/usr/bin/tcpserver")
-
-
 @dataclass(frozen=True)
 class Breach:
     """What the process probe watches and the breach rules compare against (named lists
-    in rules: "@shells", ...; see breach_lists)."""
+    in rules: "@service_cgroups", ...; executables by identity: see EXE_LISTS)."""
 
     shells: tuple[str, ...] = SHELLS              # shells and interpreters: exec always seen
-    service_comms: tuple[str, ...] = SERVICE_COMMS  # network-facing services (parent comm)
+    services: tuple[str, ...] = SERVICES          # network-facing services (ancestry)
     service_cgroups: tuple[str, ...] = ()         # or their cgroup v2 paths (globs)
+    service_managers: tuple[str, ...] = SERVICE_MANAGERS  # start services: not their shell
     package_managers: tuple[str, ...] = PACKAGE_MANAGERS  # may write credential/agent files
-    bpf_loaders: tuple[str, ...] = ("systemd", "swarm-agent")  # may load BPF (other agents too)
+    admin_tools: tuple[str, ...] = ADMIN_TOOLS    # root's user administration: not a breach
+    bpf_loaders: tuple[str, ...] = ("/usr/lib/systemd/systemd",)  # may load BPF programs
+    bpf_loader_cgroups: tuple[str, ...] = ("/system.slice/swarm-agent*.service",)  # agents
+    # where the system's own executables live (globs of the kernel-resolved path): below
+    # a service, an executable elsewhere (a copied or dropped shell) is a breach
+    system_exec_dirs: tuple[str, ...] = ("/usr/*", "/opt/*")
     allowed_modules: tuple[str, ...] = ("nvidia*", "wireguard")  # globs of module names
     credential_paths: tuple[str, ...] = CREDENTIAL_PATHS
     agent_paths: tuple[str, ...] = ("/etc/swarm-agent/",)  # plus state_dir, always
@@ -176,9 +161,9 @@ class Breach:
     # a terminal and a network connection by design: their sessions' shells are no
     # reverse shells (breach.stdio_network).
     remote_access: tuple[str, ...] = REMOTE_ACCESS
-    # Executables that put accepted sockets on a service's stdin/stdout (socket
-    # activation, inetd): their dup2 onto fd 0-2 is no reverse shell (breach.socket_dup).
-    service_managers: tuple[str, ...] = SERVICE_MANAGERS
+    # where the host's root filesystem is seen from the agent: "/", or in a container a
+    # read-only bind mount of the host's / (executables and watched files are the host's)
+    host_root: str = "/"
 
 
 @dataclass(frozen=True)
@@ -236,6 +221,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in data:
+        if prefix == "breach." and key in REPLACED:
+            raise ConfigError(f"breach.{key} is no longer read (process names can be forged): "
+                              f"list the executables' paths in breach.{REPLACED[key]} instead")
         if key not in known:
             raise ConfigError(f"unknown config key {prefix}{key}")
     kwargs = {}
@@ -417,6 +405,13 @@ def _check_alerts(a: Alerts) -> None:
                               f"(one of {', '.join(sorted(classes))})")
 
 
+def check_host_root(cfg: Config) -> None:
+    """breach.host_root must exist (checked at start: a container mounts it at run time)."""
+    if not Path(cfg.breach.host_root).is_dir():
+        raise ConfigError(f"breach.host_root: {cfg.breach.host_root} is not a directory (the "
+                          "host's / as the agent sees it: mount it, or set /)")
+
+
 def check_interfaces(cfg: Config) -> None:
     """Interfaces must exist in this network namespace (checked at start, not at load)."""
     for name in cfg.interfaces:
@@ -427,11 +422,14 @@ def check_interfaces(cfg: Config) -> None:
 
 
 def _check_breach(cfg: Config) -> None:
-    for name in ("remote_access", "service_managers"):
+    if not cfg.breach.host_root.startswith("/"):
+        raise ConfigError(f"breach.host_root: {cfg.breach.host_root!r} is not an absolute path")
+    for name in EXE_LISTS:
         for p in getattr(cfg.breach, name):
             if not p.startswith("/"):
-                raise ConfigError(f"breach.{name}: {p!r} is not an absolute executable path "
-                                  "or glob")
+                raise ConfigError(
+                    f"breach.{name}: {p!r} is not an executable path (write e.g. /usr/bin/{p}: "
+                    "executables are matched by the file they run, not by process name)")
     for name, paths in breach_lists(cfg).items():
         if name.endswith("_paths"):
             for p in paths:
@@ -447,6 +445,11 @@ def split_pattern(pattern: str) -> tuple[str, str]:
     if "?" in pattern or "[" in pattern or len(pattern.encode()) > 255 or len(pattern) < 2:
         raise ValueError(f"{pattern!r} is not a watch pattern")
     if pattern.startswith("*") and "*" not in pattern[1:]:
+        parts = pattern[1:].split("/")
+        if len(parts) != 3 or parts[0] or not all(parts[1:]) or \
+                any(len(p.encode()) >= 64 for p in parts):
+            raise ValueError(f"{pattern!r}: a suffix pattern names a directory and a file in "
+                             "it (\"*/.ssh/authorized_keys\")")
         return "suffix", pattern[1:]
     if not pattern.startswith("/") or "*" in pattern.rstrip("*") or pattern.endswith("**"):
         raise ValueError(f"{pattern!r} is not a watch pattern (\"/path\", \"/prefix*\", "

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from agent import __version__
-from agent.config import Config, ConfigError, check_interfaces
+from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
 from agent.enforce.base import EnforceError
@@ -66,6 +66,7 @@ class Agent:
 
     def prepare(self) -> None:
         check_interfaces(self.cfg)
+        check_host_root(self.cfg)
         state = Path(self.cfg.state_dir)
         try:
             state.mkdir(parents=True, exist_ok=True, mode=0o700)

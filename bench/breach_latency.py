@@ -1,8 +1,8 @@
 """Time to isolate, end to end through a real agent (`swarm-agent run` in a lab victim with
 its probes, detector, responder and enforcers), from the breach to the kernel enforcing it.
 
-node / service: a service (agent.breachlab.Service) renamed to a comm listed in
-breach.service_comms spawns /bin/sh; clock start = CLOCK_MONOTONIC just before the spawn.
+node / service: a service (agent.breachlab.Service) whose executable is listed in
+breach.services spawns /bin/sh; clock start = CLOCK_MONOTONIC just before the spawn.
 A prober in the attacker namespace sends a numbered UDP datagram every ~0.5 ms to the
 service's echo all along; "in force" = send time of the first datagram never answered.
 Node: the service runs in the root cgroup (the rule falls back to the node). Service: it

@@ -1,16 +1,25 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Process probe: exec and exit, opens of watched paths, module loads, ptrace attaches
+/* Process probe: exec and exit, opens of watched files, module loads, ptrace attaches
  * and BPF program loads, pushed one by one through the `events` ring buffer.
  *
- * These tracepoints are host-global. The kernel filters so that the ring buffer carries
- * only what the breach rules read:
- * - exec: the new comm is a watched program (shell/interpreter), or the parent is a
- *   watched service, or fd 0/1/2 is an inet socket (reverse-shell shape); every exec
- *   with proc_cfg.all_execs. Exits only of processes whose exec was emitted.
- * - open: absolute paths matching a watched prefix/exact path (LPM trie) or suffix
- *   (LPM trie over the reversed path), opened for writing, or for reading too where the
- *   pattern says so. Relative paths and "..", "//" spellings are not resolved: syscall
- *   entry only has the user's string (bpf_d_path needs fentry/LSM, refused here).
+ * These tracepoints are host-global. Identities come from the kernel, never from what a
+ * process says of itself (comm, argv): every event carries the executable's (dev, ino)
+ * and those of ANCESTORS real_parent levels (ident.bpf.h). The kernel filters so that the
+ * ring buffer carries only what the breach rules read:
+ * - exec: the new executable is a watched program (shell/interpreter, by (dev, ino) in
+ *   watched_exes), or an ancestor's is a watched service, or the task runs in a service
+ *   cgroup, or fd 0/1/2 is an inet socket (reverse-shell shape); every exec with
+ *   proc_cfg.all_execs. Exits only of processes whose exec was emitted. A service
+ *   manager's start of a service executable outside a login session marks its cgroup
+ *   as a service cgroup.
+ * - open: at the syscall's exit, the file behind the returned fd: its (dev, ino) is a
+ *   watched file, or its directory's (dev, ino) and its name match a watched directory
+ *   pattern, or its directory's name and its name a "*\/dir/name" pattern; opened for
+ *   writing or created, or read too where the pattern says so. Files created in a
+ *   directory holding watched files too (PATH_CREATIONS): user space attributes a later
+ *   rename of one over a watched file (useradd, vipw, sed -i) to its creator. Any spelling of the path
+ *   counts (relative, dirfd, "//", ".", symlinks, hard links); the event has the path
+ *   the kernel resolved.
  * - module loads, ptrace attach/seize (at syscall exit, with the tracee), BPF_PROG_LOAD:
  *   all of them (rare), except the agent's own (proc_cfg.agent_tgid).
  * All of it only for processes this agent owns (owned(): README, "Running it").
@@ -26,12 +35,12 @@ char LICENSE[] SEC("license") = "GPL";
 #define S_IFSOCK 0140000
 #define AF_INET 2
 #define AF_INET6 10
-#define O_ACCMODE 3
-#define O_CREAT 0100
-#define O_TRUNC 01000
+#define FMODE_WRITE 0x2
+#define FMODE_CREATED 0x100000
 #define PTRACE_ATTACH 16
 #define PTRACE_SEIZE 0x4206
 #define BPF_PROG_LOAD_CMD 5
+#define ROOT_CGROUP_ID 1
 
 const volatile struct proc_config proc_cfg = {};
 
@@ -47,28 +56,68 @@ struct {
 	__type(value, __u64);
 } losses SEC(".maps");
 
+#define ZERO_LEN 2048
+
+/* Never written: what reserve() clears events with. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u8[ZERO_LEN]);
+} zeroes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct file_id);
+	__type(value, __u32);			/* enum exe_flag bits */
+} watched_exes SEC(".maps");
+
+/* cgroup ids of services: configured by the agent, or marked here at a service's exec. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} service_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct file_id);
+	__type(value, struct path_rule);
+} watched_files SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);	/* required for LPM tries */
+	__type(key, struct dir_key);
+	__type(value, struct path_rule);
+} watched_dirs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct name_key);
+	__type(value, struct path_rule);
+} watched_names SEC(".maps");
+
+/* Prefilters, so that most opens cost two hash lookups: the directories with entries in
+ * watched_dirs, and the lengths (bit n: n bytes) of the names in watched_names. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
-	__type(key, struct comm_key);
-	__type(value, __u32);			/* enum comm_flag bits */
-} watched_comms SEC(".maps");
+	__type(key, struct file_id);
+	__type(value, __u8);
+} watched_dir_ids SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 256);
-	__uint(map_flags, BPF_F_NO_PREALLOC);	/* required for LPM tries */
-	__type(key, struct path_key);
-	__type(value, struct path_rule);
-} watched_prefixes SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 256);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct path_key);
-	__type(value, struct path_rule);
-} watched_suffixes SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} watched_name_lens SEC(".maps");
 
 /* Processes whose exec was emitted, so that their exit is too. */
 struct {
@@ -91,17 +140,19 @@ struct {
 	__type(value, struct ptrace_pending);
 } pending_ptrace SEC(".maps");
 
-struct open_scratch {
-	struct path_key fwd;
-	struct path_key rev;
+struct work {
+	struct proc_ctx ctx;
+	struct dir_key dir;
+	struct name_key names;
+	__u8 path[2 * PATH_LEN];	/* walk_path's buffer */
 };
 
-/* 520 bytes of path keys do not fit the 512-byte BPF stack: per-CPU scratch instead. */
+/* More than the 512-byte BPF stack holds: per-CPU scratch instead. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct open_scratch);
+	__type(value, struct work);
 } scratch SEC(".maps");
 
 /* One host, several agents (README, "Running it"): network namespaces whose processes
@@ -123,6 +174,7 @@ struct {
 } foreign_agents SEC(".maps");
 
 #include "proc.bpf.h"
+#include "files.bpf.h"
 
 SEC("tracepoint/sched/sched_process_exec")
 int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
@@ -131,28 +183,44 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	__u32 max_fds = BPF_CORE_READ(fdt, max_fds);
-	struct comm_key comm = {}, pcomm = {};
-	struct task_struct *parent;
 	struct proc_exec_event *e;
+	struct work *w;
+	void *z;
+	__u32 self, above, tgid, off;
 	__u16 fam[3];
 	__u16 reason = 0;
 	__u64 start, end, n;
-	__u32 tgid, off;
 
 	if (is_agent())
 		return 0;
 	if (!owned())
 		return 0;
-	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
-	parent = BPF_CORE_READ(task, real_parent);
-	bpf_core_read_str(pcomm.comm, sizeof(pcomm.comm), &parent->comm);
+	w = work();
+	z = zeroed();
+	if (!w || !z)
+		return 0;
+	bpf_probe_read_kernel(&w->ctx, sizeof(w->ctx), z);
+	fill_proc(&w->ctx, task);
+	above = fill_ancestry(&w->ctx, task);	/* the path walk waits for the verdict */
+	self = exe_flags(&w->ctx.exe);
+	/* A service executable started by a service manager (its real child, not an orphan
+	 * it reaped) outside a login session, in a cgroup of its own: that cgroup is a
+	 * service's from now on, so a double fork that reparents to init is still seen. */
+	if ((self & EXE_SERVICE) && (exe_flags(&w->ctx.ancestors[0]) & EXE_MANAGER) &&
+	    !(w->ctx.flags & (CTX_REPARENTED | CTX_SERVICE_CGROUP)) &&
+	    w->ctx.loginuid == 0xFFFFFFFF && w->ctx.cgroup_id > ROOT_CGROUP_ID)
+		bpf_map_update_elem(&service_cgroups, &w->ctx.cgroup_id, &(__u8){1}, BPF_ANY);
 	fam[0] = fd_family(fds, max_fds, 0);
 	fam[1] = fd_family(fds, max_fds, 1);
 	fam[2] = fd_family(fds, max_fds, 2);
-	if (comm_flags(&comm) & COMM_PROGRAM)
+	if (self & EXE_PROGRAM)
 		reason |= EXEC_PROGRAM;
-	if (comm_flags(&pcomm) & COMM_SERVICE)
+	if (above & EXE_SERVICE)
 		reason |= EXEC_SERVICE_CHILD;
+	if (w->ctx.flags & CTX_SERVICE_CGROUP)
+		reason |= EXEC_SERVICE_CGROUP;
+	if (self & EXE_PACKAGER)
+		reason |= EXEC_PACKAGE_MANAGER;
 	if (is_inet(fam[0]) || is_inet(fam[1]) || is_inet(fam[2]))
 		reason |= EXEC_SOCKET_STDIO;
 	if (proc_cfg.all_execs)
@@ -163,7 +231,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_EXEC);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, task);
+	fill_exe_path(&w->ctx, task);
+	bpf_probe_read_kernel(&e->proc, sizeof(e->proc), &w->ctx);
 	e->stdio_family[0] = fam[0];
 	e->stdio_family[1] = fam[1];
 	e->stdio_family[2] = fam[2];
@@ -204,104 +273,37 @@ int handle_sched_process_exit(void *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_EXIT);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, task);
+	fill_proc_ancestry(&e->proc, task);
 	e->exit_code = BPF_CORE_READ(task, exit_code);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
 
-/* --- opens of watched paths ------------------------------------------------------------ */
+/* --- opens of watched files (files.bpf.h) ----------------------------------------------- */
 
-static __always_inline struct path_rule *match_path(struct open_scratch *s, __u32 len)
+SEC("tracepoint/syscalls/sys_exit_openat")
+int handle_sys_exit_openat(struct trace_event_raw_sys_exit *ctx)
 {
-	struct path_rule *r;
-	__u32 i;
-
-	s->fwd.prefixlen = len * 8;
-	r = bpf_map_lookup_elem(&watched_prefixes, &s->fwd);
-	if (r && (!(r->flags & PATH_EXACT) || r->len == len))
-		return r;
-	/* Suffixes ("*\/.ssh/authorized_keys") are prefixes of the reversed path. */
-	for (i = 0; i < PATH_LEN; i++) {
-		if (i >= len)
-			break;
-		s->rev.path[i] = s->fwd.path[(len - 1 - i) & (PATH_LEN - 1)];
-	}
-	s->rev.prefixlen = len * 8;
-	return bpf_map_lookup_elem(&watched_suffixes, &s->rev);
+	return check_open(ctx->ret, OPEN_OPENAT);
 }
 
-static __always_inline int check_open(const char *upath, __u32 flags, __u32 mode, __u16 syscall)
+SEC("tracepoint/syscalls/sys_exit_openat2")
+int handle_sys_exit_openat2(struct trace_event_raw_sys_exit *ctx)
 {
-	struct task_struct *task;
-	struct file_open_event *e;
-	struct open_scratch *s;
-	struct path_rule *r;
-	__u32 zero = 0;
-	long n;
-	int write;
-
-	if (is_agent())
-		return 0;
-	if (!owned())
-		return 0;
-	s = bpf_map_lookup_elem(&scratch, &zero);
-	if (!s)
-		return 0;
-	n = bpf_probe_read_user_str(s->fwd.path, sizeof(s->fwd.path), upath);
-	if (n <= 1 || s->fwd.path[0] != '/')
-		return 0;
-	r = match_path(s, (n - 1) & (PATH_LEN - 1));
-	if (!r)
-		return 0;
-	/* Linux truncates on O_TRUNC even with O_RDONLY, so that is a write too. */
-	write = (flags & O_ACCMODE) || (flags & (O_CREAT | O_TRUNC));
-	if (!write && !(r->flags & PATH_READS))
-		return 0;
-	e = reserve(sizeof(*e), EVENT_FILE_OPEN);
-	if (!e)
-		return 0;
-	task = (struct task_struct *)bpf_get_current_task();
-	fill_proc(&e->proc, task);
-	e->flags = flags;
-	e->mode = mode;
-	e->rule_id = r->id;
-	e->rule_flags = r->flags;
-	e->syscall = syscall;
-	e->path_len = n - 1;
-	bpf_probe_read_kernel(e->path, sizeof(e->path), s->fwd.path);
-	bpf_ringbuf_submit(e, 0);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_openat")
-int handle_sys_enter_openat(struct trace_event_raw_sys_enter *ctx)
-{
-	return check_open((const char *)ctx->args[1], ctx->args[2], ctx->args[3], OPEN_OPENAT);
-}
-
-SEC("tracepoint/syscalls/sys_enter_openat2")
-int handle_sys_enter_openat2(struct trace_event_raw_sys_enter *ctx)
-{
-	struct open_how how = {};
-
-	bpf_probe_read_user(&how, sizeof(how), (void *)ctx->args[2]);
-	return check_open((const char *)ctx->args[1], how.flags, how.mode, OPEN_OPENAT2);
+	return check_open(ctx->ret, OPEN_OPENAT2);
 }
 
 /* open(2) and creat(2) exist on x86-64 but not on arm64: their attach may fail. */
-SEC("tracepoint/syscalls/sys_enter_open")
-int handle_sys_enter_open(struct trace_event_raw_sys_enter *ctx)
+SEC("tracepoint/syscalls/sys_exit_open")
+int handle_sys_exit_open(struct trace_event_raw_sys_exit *ctx)
 {
-	return check_open((const char *)ctx->args[0], ctx->args[1], ctx->args[2], OPEN_OPEN);
+	return check_open(ctx->ret, OPEN_OPEN);
 }
 
-SEC("tracepoint/syscalls/sys_enter_creat")
-int handle_sys_enter_creat(struct trace_event_raw_sys_enter *ctx)
+SEC("tracepoint/syscalls/sys_exit_creat")
+int handle_sys_exit_creat(struct trace_event_raw_sys_exit *ctx)
 {
-	/* creat() is open(O_CREAT | O_WRONLY | O_TRUNC) */
-	return check_open((const char *)ctx->args[0], O_CREAT | 1 | O_TRUNC, ctx->args[1],
-			  OPEN_CREAT);
+	return check_open(ctx->ret, OPEN_CREAT);
 }
 
 /* --- module loads ----------------------------------------------------------------------- */
@@ -327,7 +329,7 @@ int handle_module_load(struct module_load_args *ctx)
 	e = reserve(sizeof(*e), EVENT_MODULE_LOAD);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, (struct task_struct *)bpf_get_current_task());
+	fill_proc_ancestry(&e->proc, (struct task_struct *)bpf_get_current_task());
 	e->taints = ctx->taints;
 	off = ctx->data_loc_name & 0xFFFF;
 	bpf_probe_read_kernel_str(e->name, sizeof(e->name), (void *)ctx + off);
@@ -368,7 +370,7 @@ int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
 		bpf_map_delete_elem(&pending_ptrace, &id);
 		return 0;
 	}
-	fill_proc(&e->proc, task);
+	fill_proc_ancestry(&e->proc, task);
 	e->request = p->request;
 	e->target_pid = p->pid;
 	e->result = ctx->ret;
@@ -405,7 +407,7 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 	e = reserve(sizeof(*e), EVENT_BPF_PROG_LOAD);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, (struct task_struct *)bpf_get_current_task());
+	fill_proc_ancestry(&e->proc, (struct task_struct *)bpf_get_current_task());
 	/* union bpf_attr is UAPI: fixed offsets, no CO-RE needed. Read no further than the
 	 * caller's size: the rest of its buffer is not ours to interpret. */
 	if (size >= 8) {
@@ -541,15 +543,15 @@ int handle_exec_stdio(void *ctx)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct stdio_fd fd0 = {}, fd1 = {}, fd2 = {};
-	struct comm_key comm = {};
 	struct proc_stdio_event *e;
+	struct file_id exe;
 
 	if (is_agent())
 		return 0;
 	if (!owned())
 		return 0;
-	bpf_get_current_comm(comm.comm, sizeof(comm.comm));
-	if (!(comm_flags(&comm) & COMM_PROGRAM))
+	exe_id(task, &exe);	/* a shell or interpreter by what it runs, not by its comm */
+	if (!(exe_flags(&exe) & EXE_PROGRAM))
 		return 0;
 	classify_fd(task_fd(task, 0), &fd0);
 	classify_fd(task_fd(task, 1), &fd1);
@@ -559,7 +561,7 @@ int handle_exec_stdio(void *ctx)
 	e = reserve(sizeof(*e), EVENT_PROC_STDIO);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, task);
+	fill_proc_ancestry(&e->proc, task);
 	e->fd[0] = fd0;
 	e->fd[1] = fd1;
 	e->fd[2] = fd2;
@@ -599,7 +601,7 @@ static __always_inline int check_dup(long ret, __u16 syscall)
 	e = reserve(sizeof(*e), EVENT_STDIO_DUP);
 	if (!e)
 		return 0;
-	fill_proc(&e->proc, task);
+	fill_proc_ancestry(&e->proc, task);
 	exe_identity(task, &e->exe_ino, &e->exe_dev);
 	e->newfd = ret;
 	e->syscall = syscall;

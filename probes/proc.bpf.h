@@ -1,7 +1,10 @@
-/* Kernel-only helpers of proc.bpf.c: event reservation, loss counting, process context,
- * the exec'ing task's stdio. Included by proc.bpf.c after its maps, which these use. */
+/* Kernel-only helpers of proc.bpf.c: event reservation, loss counting, process context
+ * (with ident.bpf.h's identities), the exec'ing task's stdio. Included by proc.bpf.c
+ * after its maps, which these use. */
 #ifndef SWARM_PROC_BPF_H
 #define SWARM_PROC_BPF_H
+
+#include "ident.bpf.h"
 
 static __always_inline void count_loss(void)
 {
@@ -31,16 +34,39 @@ static __always_inline int owned(void)
 	return proc_cfg.host_scope && !bpf_map_lookup_elem(&foreign_netns, &ino);
 }
 
+static __always_inline struct work *work(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch, &zero);
+}
+
+/* ZERO_LEN zero bytes (an array map's only entry: NULL never happens, but is checked). */
+static __always_inline void *zeroed(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&zeroes, &zero);
+}
+
 /* Reserves a zeroed event (padding must not leak kernel memory) or counts a loss. */
 static __always_inline void *reserve(__u32 size, __u32 kind)
 {
 	struct event_header *h = bpf_ringbuf_reserve(&events, size, 0);
+	void *z;
 
 	if (!h) {
 		count_loss();
 		return NULL;
 	}
-	__builtin_memset(h, 0, size);
+	/* clang expands memset only up to a size (and merges pieces): copy from a zeroed
+	 * map value instead, which the verifier bounds by ZERO_LEN. */
+	z = zeroed();
+	if (!z || size > ZERO_LEN || bpf_probe_read_kernel(h, size, z)) {
+		bpf_ringbuf_discard(h, 0);
+		count_loss();
+		return NULL;
+	}
 	h->kind = kind;
 	h->size = size;
 	h->ts_ns = bpf_ktime_get_ns();
@@ -60,6 +86,41 @@ static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *ta
 	p->euid = BPF_CORE_READ(task, cred, euid.val);
 	bpf_get_current_comm(p->comm, sizeof(p->comm));
 	bpf_core_read_str(p->parent_comm, sizeof(p->parent_comm), &parent->comm);
+	exe_id(task, &p->exe);
+	p->loginuid = 0xFFFFFFFF;
+	p->sessionid = 0xFFFFFFFF;
+	if (bpf_core_field_exists(task->loginuid)) {	/* CONFIG_AUDIT */
+		p->loginuid = BPF_CORE_READ(task, loginuid.val);
+		p->sessionid = BPF_CORE_READ(task, sessionid);
+	}
+	if (bpf_map_lookup_elem(&service_cgroups, &p->cgroup_id))
+		p->flags |= CTX_SERVICE_CGROUP;
+	/* fork records the parent's exec counter; reparenting to a reaper keeps it */
+	if (BPF_CORE_READ(task, parent_exec_id) != BPF_CORE_READ(parent, self_exec_id))
+		p->flags |= CTX_REPARENTED;
+}
+
+/* The executable's path as the kernel resolves it (uses the scratch path buffer). */
+static __always_inline void fill_exe_path(struct proc_ctx *p, struct task_struct *task)
+{
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct work *w = work();
+
+	if (exe && w) {
+		p->exe_path_len = walk_path(BPF_CORE_READ(exe, f_path.dentry),
+					    BPF_CORE_READ(exe, f_path.mnt), w->path,
+					    &p->exe_path_flags);
+		bpf_probe_read_kernel(p->exe_path, sizeof(p->exe_path), w->path);
+	}
+}
+
+/* The whole process context: identity, executable path, ancestry; returns the
+ * ancestors' watched_exes flags. */
+static __always_inline __u32 fill_proc_ancestry(struct proc_ctx *p, struct task_struct *task)
+{
+	fill_proc(p, task);
+	fill_exe_path(p, task);
+	return fill_ancestry(p, task);
 }
 
 /* --- the exec'ing task's stdio ------------------------------------------------------- */
@@ -90,11 +151,5 @@ static __always_inline int is_inet(__u16 family)
 	return family == AF_INET || family == AF_INET6;
 }
 
-static __always_inline __u32 comm_flags(const void *comm)
-{
-	__u32 *flags = bpf_map_lookup_elem(&watched_comms, comm);
-
-	return flags ? *flags : 0;
-}
 
 #endif /* SWARM_PROC_BPF_H */

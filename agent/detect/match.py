@@ -3,12 +3,13 @@
 A condition's `where` maps event fields to tests, all of which must hold:
 
     where:
-      comm: {in: "@shells"}            # a named list from the config (config.breach_lists)
+      exe_is: {any_in: [shells]}       # the executable IS one of the config's (by inode)
+      cgroup: {glob: "@service_cgroups"}  # a named list from the config (breach_lists)
       write: true                      # a bare value: equality
       stdio_inet: {ge: 1}              # numbers: gt, ge, lt, le
       path: {glob: "@credential_paths"}  # fnmatch; "/dir/" in a named list means "/dir/*"
       uid: {ne_field: target_uid}      # compare with another field of the same event
-      ancestors: {none_in: "@package_managers"}  # list fields: any_in, none_in
+      ancestors_are: {none_in: [package_managers]}  # list fields: any_in, none_in
 
 Operators: eq, ne, in, not_in, glob, not_glob, prefix, not_prefix, gt, ge, lt, le,
 eq_field, ne_field, any_in, none_in. A field the event lacks fails every positive test
@@ -21,6 +22,10 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from agent.config import EXE_LISTS
+
+# Fields holding names of the config's executable lists (agent.config.EXE_LISTS).
+IDENTITY_FIELDS = {"exe_is", "ancestors_are", "parent_is", "input_peer_is", "output_peer_is"}
 NEGATIVE = {"ne", "not_in", "not_glob", "not_prefix", "none_in"}
 LIST_OPS = {"in", "not_in", "any_in", "none_in"}
 TEXT_OPS = {"glob", "not_glob", "prefix", "not_prefix"}
@@ -29,23 +34,27 @@ FIELD_OPS = {"eq_field", "ne_field"}
 OPS = {"eq", "ne"} | LIST_OPS | TEXT_OPS | NUMBER_OPS | FIELD_OPS
 
 # Event fields a `where` may test, per event kind (documented in agent/sources/proc.py).
-_PROC = ("pid", "tid", "ppid", "uid", "euid", "cgroup_id", "cgroup", "comm", "parent_comm")
+# comm and parent_comm are the process's to set: for display, never to decide on.
+_PROC = ("pid", "tid", "ppid", "uid", "euid", "cgroup_id", "cgroup", "comm", "parent_comm",
+         "exe", "exe_id", "exe_is", "ancestor_exes", "ancestors_are", "parent_is",
+         "loginuid", "sessionid", "service_cgroup", "reparented", "manager_start")
 FIELDS: dict[str, tuple[str, ...]] = {
     "proc.exec": (*_PROC, "filename", "argv", "args", "stdin", "stdout", "stderr",
                   "stdio_inet", "reason"),
     "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
-    "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern"),
+    "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern",
+                  "file_id", "dir_id", "created", "match", "watch_lists", "replaced"),
     "kernel.module_load": (*_PROC, "ancestors", "name", "taints"),
     "proc.ptrace": (*_PROC, "ancestors", "request", "result", "target_pid", "target_tgid",
                     "target_uid", "target_euid", "target_comm"),
     "bpf.prog_load": (*_PROC, "ancestors", "prog_type", "prog_name", "insn_cnt"),
     # reverse shells however they are wired (agent/sources/stdio.py)
-    "proc.stdio_dup": (*_PROC, "exe", "newfd", "syscall", "family", "remote", "dport",
+    "proc.stdio_dup": (*_PROC, "newfd", "syscall", "family", "remote", "dport",
                        "sport", "sock_ino"),
-    "proc.stdio_network": (*_PROC, "exe", "stdin", "stdout", "stderr", "input_network",
+    "proc.stdio_network": (*_PROC, "stdin", "stdout", "stderr", "input_network",
                            "output_network", "streams", "input_peer_pid", "input_peer_comm",
-                           "input_peer_exe", "input_hops", "output_peer_pid",
-                           "output_peer_comm", "output_peer_exe", "output_hops", "remote",
+                           "input_peer_exe", "input_peer_is", "input_hops", "output_peer_pid",
+                           "output_peer_comm", "output_peer_exe", "output_peer_is", "output_hops", "remote",
                            "inbound", "checks"),
 }
 
@@ -73,6 +82,11 @@ def parse_where(kind: str, where: Any, list_names: set[str], fail: Callable[[str
         if not ops:
             fail(f"field {name}: no test")
         for op, value in ops.items():
+            if name in IDENTITY_FIELDS and isinstance(value, list):
+                unknown = [v for v in value if v not in EXE_LISTS]
+                if unknown:
+                    fail(f"field {name}: {unknown[0]!r} is not an executable list (one of "
+                         f"{', '.join(EXE_LISTS)})")
             tests.append(_test(kind, name, op, value, list_names, fail))
     return tuple(tests)
 
@@ -82,6 +96,10 @@ def _test(kind: str, name: str, op: Any, value: Any, list_names: set[str],
     where = f"field {name}"
     if op not in OPS:
         fail(f"{where}: unknown test {op!r} (one of {', '.join(sorted(OPS))})")
+    if isinstance(value, str) and value[1:] in EXE_LISTS and value.startswith("@"):
+        fail(f"{where}: {value} names executables, which are judged by inode, not by a "
+             f"name or path: test exe_is, parent_is or ancestors_are with "
+             f"{{any_in: [{value[1:]}]}} (or none_in)")
     if isinstance(value, str) and value.startswith("@"):
         if op not in LIST_OPS | TEXT_OPS:
             fail(f"{where}: {op} cannot take a named list")

@@ -152,20 +152,28 @@ class tcp_remote_event(_S):
 # --- process probe (proc.bpf.c) ------------------------------------------------------
 
 COMM_LEN, PATH_LEN, ARGS_LEN, MODULE_NAME_LEN = 16, 256, 256, 64
-COMM_PROGRAM, COMM_SERVICE = 1, 2                 # enum comm_flag
-EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all"}
+NAME_LEN, ANCESTORS = 64, 8
+EXE_PROGRAM, EXE_SERVICE, EXE_MANAGER, EXE_PACKAGER = 1, 2, 4, 8  # enum exe_flag
+EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
+                16: "service_cgroup", 32: "package_manager"}
 STDIO_NOT_SOCKET = 0xFFFF
-PATH_EXACT, PATH_READS = 1, 2                     # enum path_flag
+PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
+CREATIONS_ID = 0xFFFFFFFF
 OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat"}
+OPEN_MATCHES = {1: "file", 2: "dir", 3: "name"}  # enum open_match
+WALK_COMPLETE, WALK_TRUNCATED = 1, 2              # enum walk_flag
+CTX_SERVICE_CGROUP, CTX_REPARENTED = 1, 2        # enum ctx_flag
+FMODE_WRITE, FMODE_CREATED = 0x2, 0x100000
+UNSET_ID = 0xFFFFFFFF                             # loginuid / sessionid not set
 
 
 class ProcProg(enum.StrEnum):
     EXEC = "handle_sched_process_exec"
     EXIT = "handle_sched_process_exit"
-    OPENAT = "handle_sys_enter_openat"
-    OPENAT2 = "handle_sys_enter_openat2"
-    OPEN = "handle_sys_enter_open"
-    CREAT = "handle_sys_enter_creat"
+    OPENAT = "handle_sys_exit_openat"
+    OPENAT2 = "handle_sys_exit_openat2"
+    OPEN = "handle_sys_exit_open"
+    CREAT = "handle_sys_exit_creat"
     MODULE_LOAD = "handle_module_load"
     PTRACE_ENTER = "handle_sys_enter_ptrace"
     PTRACE_EXIT = "handle_sys_exit_ptrace"
@@ -182,10 +190,10 @@ class ProcProg(enum.StrEnum):
 PROC_TRACEPOINTS = {
     ProcProg.EXEC: ("sched", "sched_process_exec"),
     ProcProg.EXIT: ("sched", "sched_process_exit"),
-    ProcProg.OPENAT: ("syscalls", "sys_enter_openat"),
-    ProcProg.OPENAT2: ("syscalls", "sys_enter_openat2"),
-    ProcProg.OPEN: ("syscalls", "sys_enter_open"),
-    ProcProg.CREAT: ("syscalls", "sys_enter_creat"),
+    ProcProg.OPENAT: ("syscalls", "sys_exit_openat"),
+    ProcProg.OPENAT2: ("syscalls", "sys_exit_openat2"),
+    ProcProg.OPEN: ("syscalls", "sys_exit_open"),
+    ProcProg.CREAT: ("syscalls", "sys_exit_creat"),
     ProcProg.MODULE_LOAD: ("module", "module_load"),
     ProcProg.PTRACE_ENTER: ("syscalls", "sys_enter_ptrace"),
     ProcProg.PTRACE_EXIT: ("syscalls", "sys_exit_ptrace"),
@@ -203,9 +211,14 @@ PROC_TRACEPOINTS = {
 class ProcMap(enum.StrEnum):
     EVENTS = "events"
     LOSSES = "losses"
-    WATCHED_COMMS = "watched_comms"
-    WATCHED_PREFIXES = "watched_prefixes"
-    WATCHED_SUFFIXES = "watched_suffixes"
+    ZEROES = "zeroes"
+    WATCHED_EXES = "watched_exes"
+    SERVICE_CGROUPS = "service_cgroups"
+    WATCHED_FILES = "watched_files"
+    WATCHED_DIRS = "watched_dirs"
+    WATCHED_NAMES = "watched_names"
+    WATCHED_DIR_IDS = "watched_dir_ids"
+    WATCHED_NAME_LENS = "watched_name_lens"
     TRACKED = "tracked"
     PENDING_PTRACE = "pending_ptrace"
     SCRATCH = "scratch"
@@ -222,12 +235,16 @@ class proc_config(_S):
     _fields_ = [("agent_tgid", u32), ("all_execs", u32), ("netns_ino", u32), ("host_scope", u32)]
 
 
-class comm_key(_S):
-    _fields_ = [("comm", u8 * COMM_LEN)]
+class file_id(_S):
+    _fields_ = [("ino", u64), ("dev", u32), ("pad0", u32)]
 
 
-class path_key(_S):
-    _fields_ = [("prefixlen", u32), ("path", u8 * PATH_LEN)]
+class dir_key(_S):
+    _fields_ = [("prefixlen", u32), ("pad0", u32), ("dir", file_id), ("name", u8 * NAME_LEN)]
+
+
+class name_key(_S):
+    _fields_ = [("dir", u8 * NAME_LEN), ("name", u8 * NAME_LEN)]
 
 
 class path_rule(_S):
@@ -237,7 +254,10 @@ class path_rule(_S):
 class proc_ctx(_S):
     _fields_ = [("cgroup_id", u64), ("pid", u32), ("tid", u32), ("ppid", u32), ("uid", u32),
                 ("euid", u32), ("pad0", u32), ("comm", u8 * COMM_LEN),
-                ("parent_comm", u8 * COMM_LEN)]
+                ("parent_comm", u8 * COMM_LEN), ("exe", file_id), ("loginuid", u32),
+                ("sessionid", u32), ("flags", u32), ("ancestor_count", u32),
+                ("ancestors", file_id * ANCESTORS), ("exe_path_len", u16),
+                ("exe_path_flags", u16), ("pad1", u32), ("exe_path", u8 * PATH_LEN)]
 
 
 class proc_exec_event(_S):
@@ -253,8 +273,9 @@ class proc_exit_event(_S):
 
 class file_open_event(_S):
     _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("flags", u32), ("rule_id", u32),
-                ("path_len", u16), ("syscall", u16), ("rule_flags", u16), ("pad0", u16),
-                ("mode", u32), ("pad1", u32), ("path", u8 * PATH_LEN)]
+                ("path_len", u16), ("syscall", u16), ("rule_flags", u16),
+                ("path_flags", u16), ("fmode", u32), ("match", u32), ("file", file_id),
+                ("dir", file_id), ("path", u8 * PATH_LEN)]
 
 
 class module_load_event(_S):
@@ -313,7 +334,7 @@ class proc_stdio_event(_S):
 SHARED_STRUCTS = (event_header, addr_key, service_key, source_stats, service_stats,
                   remote_stats, net_thresholds, net_config, net_source_event,
                   net_service_event, tcp_remote_event,
-                  proc_config, comm_key, path_key, path_rule, proc_ctx, proc_exec_event,
+                  proc_config, file_id, dir_key, name_key, path_rule, proc_ctx, proc_exec_event,
                   proc_exit_event, file_open_event, module_load_event, ptrace_event,
                   bpf_prog_load_event, stdio_fd, stdio_dup_event, proc_stdio_event)
 

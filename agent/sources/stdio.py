@@ -73,6 +73,7 @@ class Lead:
     hops: int
     comm: str | None = None
     exe: str | None = None      # verified by inode (procfd.verified_exe)
+    exempt: bool = False        # its executable is one of breach.remote_access (by inode)
 
 
 class Examiner:
@@ -148,8 +149,9 @@ class Examiner:
             for p in frontier:
                 conns = self.snap.connections(p)
                 if conns:
-                    exe = (self.exes.of_process(p) if self.exes else None) or verified_exe(p)
-                    return Lead(p, conns, hops, comm(p), exe)
+                    listed = self.exes.of_process(p) if self.exes else None
+                    return Lead(p, conns, hops, comm(p), listed or verified_exe(p),
+                                listed is not None)
             if hops == MAX_HOPS or len(seen) > MAX_VISITED:
                 return None
             nxt: set[int] = set()
@@ -181,8 +183,9 @@ def examine(event: Event, snap: Snapshot, exes: ExeIndex | None = None) -> dict 
 
 def derived_event(event: Event, look: dict, checks: int) -> Event:
     f = event.fields
-    fields = {k: f[k] for k in ("pid", "tid", "ppid", "uid", "euid", "comm", "parent_comm",
-                                "cgroup_id", "cgroup", "exe", "stdin", "stdout", "stderr")}
+    # the acting process as the kernel identified it (exe, exe_is, loginuid, ...), not
+    # the per-fd detail
+    fields = {k: v for k, v in f.items() if k != "stdio"}
     fields.update(input_network=look["input"] is not None,
                   output_network=look["output"] is not None, streams=look["streams"],
                   checks=checks)
@@ -191,6 +194,7 @@ def derived_event(event: Event, look: dict, checks: int) -> Event:
         fields[f"{side}_peer_pid"] = lead.pid if lead else None
         fields[f"{side}_peer_comm"] = lead.comm if lead else None
         fields[f"{side}_peer_exe"] = lead.exe if lead else None
+        fields[f"{side}_peer_is"] = ["remote_access"] if lead and lead.exempt else []
         fields[f"{side}_hops"] = lead.hops if lead else None
     conn = look["input"].conns[0] if look["input"] else None
     fields["remote"] = (f"[{conn.remote}]:{conn.port}" if ":" in conn.remote
@@ -319,15 +323,8 @@ def kind_name(kind: int) -> str:
 
 # --- decoding the kernel's events (agent/sources/proc.py) ---------------------------------
 
-def kernel_exe(ev, exes: ExeIndex | None) -> str | None:
-    """The path of the executable the kernel saw (ev.exe_dev, ev.exe_ino): a configured
-    one, else /proc/PID/exe while it is still that file, else None."""
-    known = exes.path(ev.exe_dev, ev.exe_ino) if exes else None
-    return known or verified_exe(ev.proc.pid, ev.exe_dev, ev.exe_ino)
-
-
 def exec_stdio_fields(ev, exes: ExeIndex | None = None) -> dict:
-    """Fields of "proc.stdio": stdin/stdout/stderr kinds, the shell's verified exe, and
+    """Fields of "proc.stdio": stdin/stdout/stderr kinds, and
     `stdio`: per fd {kind, ino, dev (kernel dev_t), rdev, flags, pty (index or None)}."""
     streams = []
     for fd in ev.fd:
@@ -335,14 +332,13 @@ def exec_stdio_fields(ev, exes: ExeIndex | None = None) -> dict:
         streams.append({"kind": kind_name(fd.kind), "ino": fd.ino, "dev": fd.dev,
                         "rdev": fd.rdev, "flags": fd.flags, "family": fd.family,
                         "pty": (major - 136) * 256 + minor if fd.kind == StdioKind.PTY else None})
-    return {"exe": kernel_exe(ev, exes),
-            "stdin": streams[0]["kind"], "stdout": streams[1]["kind"],
+    return {"stdin": streams[0]["kind"], "stdout": streams[1]["kind"],
             "stderr": streams[2]["kind"], "stdio": streams}
 
 
 def dup_fields(ev, exes: ExeIndex | None = None) -> dict:
     """Fields of "proc.stdio_dup": newfd, syscall, family, remote ("addr:port"), dport,
-    sport, sock_ino, exe (verified by the kernel's inode of the executable)."""
+    sport, sock_ino (the process's executable is in the common fields: exe, exe_is)."""
     v6 = ev.family == socket.AF_INET6
     raw = bytes(ev.daddr[:16] if v6 else ev.daddr[:4])
     addr = ipaddress.ip_address(raw)
@@ -350,5 +346,4 @@ def dup_fields(ev, exes: ExeIndex | None = None) -> dict:
     remote = f"[{mapped}]:{ev.dport}" if mapped.version == 6 else f"{mapped}:{ev.dport}"
     return {"newfd": ev.newfd, "syscall": DUP_SYSCALLS.get(ev.syscall, str(ev.syscall)),
             "family": "inet6" if v6 else "inet", "remote": remote, "dport": ev.dport,
-            "sport": ev.sport, "sock_ino": ev.sock_ino,
-            "exe": kernel_exe(ev, exes)}
+            "sport": ev.sport, "sock_ino": ev.sock_ino}

@@ -181,10 +181,17 @@ _Static_assert(sizeof(struct tcp_remote_event) == 64, "tcp_remote_event size");
 #define ARGS_LEN 256
 #define MODULE_NAME_LEN 64
 
-/* Values of map `watched_comms` (key struct comm_key): why exec of that comm matters. */
-enum comm_flag {
-	COMM_PROGRAM = 1,	/* a shell or interpreter: its exec is always emitted */
-	COMM_SERVICE = 2,	/* a network-facing service: every exec it starts is emitted */
+#define NAME_LEN 64		/* one path component in map keys (longer names: no match) */
+#define ANCESTORS 8		/* real_parent levels whose executable each event carries */
+
+/* Values of map `watched_exes` (key struct file_id): why exec of that executable matters.
+ * The agent fills it from the executables it stat()s on the host, by (dev, ino). */
+enum exe_flag {
+	EXE_PROGRAM = 1,	/* a shell or interpreter: its exec is always emitted */
+	EXE_SERVICE = 2,	/* a network-facing service: execs below it are emitted */
+	EXE_MANAGER = 4,	/* a service manager (systemd): what it starts is a service */
+	EXE_PACKAGER = 8,	/* a package manager: its exec and exit are emitted (binaries
+				 * may have changed: user space re-resolves at its exit) */
 };
 
 /* proc_exec_event.reason bits: why the kernel emitted the exec. */
@@ -193,15 +200,41 @@ enum exec_reason {
 	EXEC_SERVICE_CHILD = 2,
 	EXEC_SOCKET_STDIO = 4,	/* fd 0, 1 or 2 is an AF_INET/AF_INET6 socket */
 	EXEC_ALL = 8,		/* proc_config.all_execs */
+	EXEC_SERVICE_CGROUP = 16,	/* runs in a service cgroup (map service_cgroups) */
+	EXEC_PACKAGE_MANAGER = 32,	/* a package manager (EXE_PACKAGER) */
 };
 
 /* proc_exec_event.stdio_family: 0 fd not open, STDIO_NOT_SOCKET, else the socket family */
 #define STDIO_NOT_SOCKET 0xFFFF
 
-/* Values of the path tries: how a matched pattern filters opens. */
+/* Values of the watch maps: how a matched pattern filters opens. */
 enum path_flag {
-	PATH_EXACT = 1,		/* the path must be exactly `len` bytes (no prefix match) */
+	PATH_EXACT = 1,		/* the name must be exactly `len` bytes (no prefix match) */
 	PATH_READS = 2,		/* emit read-only opens too, not only writes */
+	PATH_CREATIONS = 4,	/* emit only files this open created (a directory holding
+				 * watched files: a later rename over one is attributed) */
+};
+
+/* path_rule.id of the PATH_CREATIONS entries (no pattern of the config). */
+#define CREATIONS_ID 0xFFFFFFFF
+
+/* file_open_event.match: which watch map the opened file matched. */
+enum open_match {
+	MATCH_FILE = 1,		/* its (dev, ino) is a watched file (map watched_files) */
+	MATCH_DIR = 2,		/* its directory's (dev, ino) + its name (map watched_dirs) */
+	MATCH_NAME = 3,		/* its directory's name + its name (map watched_names) */
+};
+
+/* Flags of a path the kernel resolved by walking dentries (*_path_flags). */
+enum walk_flag {
+	WALK_COMPLETE = 1,	/* reached the root: the path is whole */
+	WALK_TRUNCATED = 2,	/* too deep or too long: never to be trusted */
+};
+
+/* proc_ctx.flags */
+enum ctx_flag {
+	CTX_SERVICE_CGROUP = 1,	/* the task's cgroup is in map service_cgroups */
+	CTX_REPARENTED = 2,	/* real_parent is not who forked it (orphan: double fork) */
 };
 
 /* Which syscall a file_open_event came from. */
@@ -221,18 +254,32 @@ struct proc_config {
 };
 _Static_assert(sizeof(struct proc_config) == 16, "proc_config size");
 
-struct comm_key {
-	__u8 comm[COMM_LEN];
+/* A file's identity: the kernel's dev_t of its superblock (MAJOR << 20 | MINOR) and its
+ * inode number. Key of watched_exes and watched_files. */
+struct file_id {
+	__u64 ino;
+	__u32 dev;
+	__u32 pad0;
 };
-_Static_assert(sizeof(struct comm_key) == 16, "comm_key size");
+_Static_assert(sizeof(struct file_id) == 16, "file_id size");
 
-/* Key of the LPM tries `watched_prefixes` and `watched_suffixes` (the latter holds
- * patterns reversed). prefixlen is in bits. */
-struct path_key {
+/* Key of the LPM trie `watched_dirs`: a directory's identity and a name (prefix) in it.
+ * prefixlen is in bits and covers at least the whole directory id (128 bits). */
+struct dir_key {
 	__u32 prefixlen;
-	__u8 path[PATH_LEN];
+	__u32 pad0;
+	struct file_id dir;
+	__u8 name[NAME_LEN];
 };
-_Static_assert(sizeof(struct path_key) == 260, "path_key size");
+_Static_assert(sizeof(struct dir_key) == 88, "dir_key size");
+
+/* Key of the hash `watched_names`: the names of a file's directory and of the file
+ * ("*\/.ssh/authorized_keys": dir ".ssh", name "authorized_keys"), zero padded. */
+struct name_key {
+	__u8 dir[NAME_LEN];
+	__u8 name[NAME_LEN];
+};
+_Static_assert(sizeof(struct name_key) == 128, "name_key size");
 
 struct path_rule {
 	__u16 flags;		/* enum path_flag */
@@ -250,10 +297,22 @@ struct proc_ctx {
 	__u32 uid;
 	__u32 euid;
 	__u32 pad0;
-	__u8 comm[COMM_LEN];
+	__u8 comm[COMM_LEN];	/* display only: the process sets it (prctl) */
 	__u8 parent_comm[COMM_LEN];
+	struct file_id exe;	/* mm->exe_file: what the task runs, as the kernel knows it */
+	__u32 loginuid;		/* audit login uid; 0xFFFFFFFF: not from a login */
+	__u32 sessionid;	/* audit session id; 0xFFFFFFFF: none */
+	__u32 flags;		/* enum ctx_flag */
+	__u32 ancestor_count;	/* entries used in ancestors */
+	struct file_id ancestors[ANCESTORS];	/* exe of real_parent, its real_parent, ... */
+	__u16 exe_path_len;	/* bytes used in exe_path */
+	__u16 exe_path_flags;	/* enum walk_flag */
+	__u32 pad1;
+	/* exe's path as the kernel resolved it (mm->exe_file's dentries): its components
+	 * leaf first, each NUL terminated ("sh\0bin\0usr\0" is /usr/bin/sh) */
+	__u8 exe_path[PATH_LEN];
 };
-_Static_assert(sizeof(struct proc_ctx) == 64, "proc_ctx size");
+_Static_assert(sizeof(struct proc_ctx) == 488, "proc_ctx size");
 
 struct proc_exec_event {
 	struct event_header hdr;
@@ -264,10 +323,10 @@ struct proc_exec_event {
 	__u32 args_len;		/* bytes of argv copied into args (NUL separated) */
 	__u32 args_total;	/* bytes of the whole argv */
 	__u32 pad0;
-	__u8 filename[PATH_LEN];
+	__u8 filename[PATH_LEN];	/* as the caller spelled it */
 	__u8 args[ARGS_LEN];
 };
-_Static_assert(sizeof(struct proc_exec_event) == 616, "proc_exec_event size");
+_Static_assert(sizeof(struct proc_exec_event) == 1040, "proc_exec_event size");
 
 struct proc_exit_event {
 	struct event_header hdr;
@@ -275,22 +334,26 @@ struct proc_exit_event {
 	__u32 exit_code;	/* wait(2) status: exit status << 8, or the signal */
 	__u32 pad0;
 };
-_Static_assert(sizeof(struct proc_exit_event) == 88, "proc_exit_event size");
+_Static_assert(sizeof(struct proc_exit_event) == 512, "proc_exit_event size");
 
+/* Raised when an open returns: the file is the one the returned fd refers to, so any
+ * spelling of its path (relative, dirfd, "//", ".", symlinks, hard links) counts. */
 struct file_open_event {
 	struct event_header hdr;
 	struct proc_ctx proc;
-	__u32 flags;		/* open(2) flags */
+	__u32 flags;		/* file->f_flags (O_CREAT, O_EXCL, O_TRUNC already cleared) */
 	__u32 rule_id;		/* path_rule.id of the matched pattern */
-	__u16 path_len;
+	__u16 path_len;		/* bytes used in path */
 	__u16 syscall;		/* enum open_syscall */
 	__u16 rule_flags;	/* path_rule.flags */
-	__u16 pad0;
-	__u32 mode;
-	__u32 pad1;
-	__u8 path[PATH_LEN];
+	__u16 path_flags;	/* enum walk_flag */
+	__u32 fmode;		/* file->f_mode: FMODE_WRITE 0x2, FMODE_CREATED 0x100000 */
+	__u32 match;		/* enum open_match */
+	struct file_id file;
+	struct file_id dir;	/* the directory the file was opened in (its dentry's parent) */
+	__u8 path[PATH_LEN];	/* resolved path, components leaf first (see proc_ctx) */
 };
-_Static_assert(sizeof(struct file_open_event) == 360, "file_open_event size");
+_Static_assert(sizeof(struct file_open_event) == 816, "file_open_event size");
 
 struct module_load_event {
 	struct event_header hdr;
@@ -299,7 +362,7 @@ struct module_load_event {
 	__u32 pad0;
 	__u8 name[MODULE_NAME_LEN];
 };
-_Static_assert(sizeof(struct module_load_event) == 152, "module_load_event size");
+_Static_assert(sizeof(struct module_load_event) == 576, "module_load_event size");
 
 /* Raised when ptrace(PTRACE_ATTACH | PTRACE_SEIZE) returns; the tracee is read from the
  * tracer's ptraced list, so it is the global task even across pid namespaces. */
@@ -315,7 +378,7 @@ struct ptrace_event {
 	__u32 target_euid;
 	__u8 target_comm[COMM_LEN];
 };
-_Static_assert(sizeof(struct ptrace_event) == 128, "ptrace_event size");
+_Static_assert(sizeof(struct ptrace_event) == 552, "ptrace_event size");
 
 struct bpf_prog_load_event {
 	struct event_header hdr;
@@ -324,7 +387,7 @@ struct bpf_prog_load_event {
 	__u32 insn_cnt;
 	__u8 prog_name[COMM_LEN];
 };
-_Static_assert(sizeof(struct bpf_prog_load_event) == 104, "bpf_prog_load_event size");
+_Static_assert(sizeof(struct bpf_prog_load_event) == 528, "bpf_prog_load_event size");
 
 /* --- network probe, parser (net.bpf.h) --------------------------------------------- */
 
@@ -390,7 +453,7 @@ struct stdio_dup_event {
 	__u8 daddr[16];		/* its remote address, network order */
 	__u64 sock_ino;		/* the socket's inode (socket:[ino] in /proc/PID/fd) */
 };
-_Static_assert(sizeof(struct stdio_dup_event) == 128, "stdio_dup_event size");
+_Static_assert(sizeof(struct stdio_dup_event) == 552, "stdio_dup_event size");
 
 /* Exec of a watched program (COMM_PROGRAM) whose stdin and stdout or stderr are pipes,
  * fifos, ptys or sockets: the shape user space correlates with the other ends. */
@@ -402,6 +465,6 @@ struct proc_stdio_event {
 	__u32 exe_dev;
 	__u32 pad0;
 };
-_Static_assert(sizeof(struct proc_stdio_event) == 168, "proc_stdio_event size");
+_Static_assert(sizeof(struct proc_stdio_event) == 592, "proc_stdio_event size");
 
 #endif

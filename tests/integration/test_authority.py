@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.breachlab import (SERVICE, agent_config, cgroup_path, scoped_rules, service_name,
-                             throwaway_cgroup)
+from agent.breachlab import (SERVICE, agent_config, cgroup_path, scoped_rules, service_exe,
+                             service_name, throwaway_cgroup)
 from agent.enforce.base import InvalidTarget, TargetNotFound
 from agent.enforce.cgroup import cgroup2_mount
 from agent.enforce.process import ProcessEnforcer, ProcessError
@@ -117,11 +117,11 @@ def _agent(lab, tmp: Path, watched: Path) -> AgentProcess:
     agent = AgentProcess(lab.victim, tmp, (
         f"rules_file: {rules}\ninterfaces: [v0]\n"
         "allowlist:\n  management: [192.0.2.0/24]\n"
-        f"breach:\n  service_comms: [swa-none]\n  credential_paths: [{watched}]\n"
+        f"breach:\n  services: []\n  credential_paths: [{watched}]\n"
         "  read_paths: []\n"))
     agent.start()
     probes = cli(agent, "status")["probes"]
-    if not any(p["name"] == "handle_sys_enter_openat" and p["state"] == "loaded" for p in probes):
+    if not any(p["name"] == "handle_sys_exit_openat" and p["state"] == "loaded" for p in probes):
         agent.stop()
         skip_unsupported(f"the file open probe does not run here: {probes}")
     return agent
@@ -155,7 +155,7 @@ def test_unprivileged_credential_write_never_isolates_the_node(lab, tmp_path, se
             wait_for(lambda: any(i["entity"] == entity for i in cli(agent, "incidents")), 5.0)
             (inc,) = cli(agent, "incidents")
             assert (inc["entity"], inc["state"]) == (entity, "escalated")
-            assert inc["rules"] == ["breach.credential_write@1"]
+            assert inc["rules"] == ["breach.credential_write@2"]
             (m,) = cli(agent, "mitigations")
             assert (m["kind"], m["target"]) == (kind, target)
             timeline = cli(agent, "incident", inc["id"])
@@ -170,11 +170,12 @@ def test_unprivileged_credential_write_never_isolates_the_node(lab, tmp_path, se
             shutil.rmtree(watched.parent, ignore_errors=True)
 
 
-def test_unprivileged_process_renamed_as_a_service_cannot_isolate_the_node(lab, tmp_path,
-                                                                          setpriv):
-    """The issue's case: nobody's process names itself like a service (prctl) and starts a
-    shell from the root cgroup. breach.service_shell fires and falls back to the node;
-    authority answers it by killing the actor's session instead."""
+def test_unprivileged_service_shell_cannot_isolate_the_node(lab, tmp_path, setpriv):
+    """A service (by its executable) run by nobody starts a shell from the root cgroup:
+    breach.service_shell fires with scope service and, the process being in no service
+    cgroup, would fall back to the node; authority answers it by killing the actor's
+    session instead. (A process merely renamed like a service is no service at all:
+    tests/integration/test_proc_identity.py.)"""
     name = service_name()
     agent = AgentProcess(lab.victim, tmp_path, agent_config(
         name, scoped_rules(tmp_path / "rules"),
@@ -185,7 +186,7 @@ def test_unprivileged_process_renamed_as_a_service_cannot_isolate_the_node(lab, 
         script = f'echo $$ > "{cgroup2_mount()}/cgroup.procs" && exec "$@"'
         svc = subprocess.Popen(
             ["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim, *AS_NOBODY,
-             "/usr/bin/python3", "-c", SERVICE, name, victim, "9100", "60"],
+             str(service_exe(name)), "-c", SERVICE, name, victim, "9100", "60"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
             assert svc.stdout is not None and svc.stdin is not None
@@ -196,7 +197,7 @@ def test_unprivileged_process_renamed_as_a_service_cannot_isolate_the_node(lab, 
             wait_for(lambda: cli(agent, "incidents") != [], 5.0)
             (inc,) = cli(agent, "incidents")
             assert (inc["entity"], inc["state"]) == (f"user:{NOBODY}", "escalated")
-            assert inc["rules"] == ["breach.service_shell@1"]
+            assert inc["rules"] == ["breach.service_shell@2"]
             assert [m["kind"] for m in cli(agent, "mitigations")] == ["kill_process"]
             fwd = sh("nft", "list", "chain", "inet", "swarm_agent", "isolate_fwd",
                      ns=lab.victim).stdout

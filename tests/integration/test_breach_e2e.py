@@ -4,8 +4,9 @@ service within seconds, an attack through a WireGuard tunnel quarantines the att
 peer, each is an escalated incident listed by the CLI, and `swarm-agent release` undoes it.
 
 Scoping (the process probe's tracepoints are host-global): each agent gets only the
-packaged network rules and breach.service_shell, with breach.service_comms set to a
-name unique to the test (agent.breachlab), so it reacts to the test's own service and to
+packaged network rules and breach.service_shell, with breach.services set to an
+executable unique to the test (agent.breachlab: a copy of the Python interpreter, its own
+inode), so it reacts to the test's own service and to
 nothing else on the host. The agent always runs inside a lab namespace (AgentProcess
 refuses anything else), so no test can isolate the root namespace.
 """
@@ -114,7 +115,7 @@ control:
 
         inc = incident_of(agent, "node")
         assert inc["event_class"] == "security_breach" and inc["state"] == "escalated"
-        assert inc["rules"] == ["breach.service_shell@1"]
+        assert inc["rules"] == ["breach.service_shell@2"]
         assert 0 < inc["mitigated_at"] - inc["first_seen_at"] < 60
         (m,) = cli(agent, "mitigations")
         assert (m["kind"], m["target"], m["expires_at"]) == ("isolate_node", "node", 0)
@@ -143,7 +144,7 @@ def test_service_shell_isolates_only_its_cgroup(lab, tmp_path):
 
         path = cgroup_path(cg)
         inc = incident_of(agent, f"cgroup:{path}")
-        assert inc["state"] == "escalated" and inc["rules"] == ["breach.service_shell@1"]
+        assert inc["state"] == "escalated" and inc["rules"] == ["breach.service_shell@2"]
         (m,) = cli(agent, "mitigations")
         assert (m["kind"], m["target"]) == ("isolate_service", path)
 

@@ -33,16 +33,30 @@ def watched(tmp_path_factory) -> Path:
     """A temp dir that is both the agent's state dir and a credential dir (removed after)."""
     d = tmp_path_factory.mktemp("proc_probe")
     (d / "creds").mkdir()
+    (d / "state").mkdir()       # exists before the probe resolves its watches, as in real life
     (d / "home/u/.ssh").mkdir(parents=True)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def cfg(watched: Path) -> Config:
+def service_exe(watched: Path) -> Path:
+    """A service's executable: a copy of the Python interpreter (its own inode)."""
+    exe = watched / "svc-bin"
+    shutil.copy(os.path.realpath(PY), exe)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def cfg(watched: Path, service_exe: Path) -> Config:
     return Config(state_dir=str(watched / "state"), breach=Breach(
-        credential_paths=(*CREDENTIAL_PATHS, f"{watched}/creds/")),
+        services=(str(service_exe),), credential_paths=(*CREDENTIAL_PATHS, f"{watched}/creds/")),
         probes=Probes(process_owners=str(watched / "owners")))  # not the host's registrations
+
+
+def id_of(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +110,31 @@ sys.exit(subprocess.run(["sh", "-c", "exit 3"]).returncode)
 """
 
 
-def test_shell_from_a_service_and_its_exit(probe, detector):
-    svc = subprocess.Popen([PY, "-c", SERVICE])
+def test_renamed_process_is_no_service(probe, detector):
+    """An unprivileged process renamed "nginx" (prctl) starting a shell: the shell is seen
+    (an interpreter by identity), but nothing below it is a service."""
+    svc = subprocess.Popen([PY, "-c", SERVICE], user=NOBODY)
     assert svc.wait(timeout=20) == 3
     [ex] = wait_for(probe, lambda e: e.kind == "proc.exec" and e.fields["ppid"] == svc.pid)
     f = ex.fields
     assert (f["comm"], f["parent_comm"], f["argv"]) == ("sh", "nginx", ["sh", "-c", "exit 3"])
-    assert f["filename"].endswith("/sh") and (f["uid"], f["euid"]) == (0, 0)
+    assert f["filename"].endswith("/sh") and (f["uid"], f["euid"]) == (NOBODY, NOBODY)
+    assert f["exe"] == os.path.realpath("/bin/sh") and f["exe_is"] == ["shells"]
+    assert f["ancestor_exes"][0] == os.path.realpath(PY) and "services" not in f["ancestors_are"]
     assert "program" in f["reason"] and f["stdio_inet"] == 0
     assert f["cgroup_id"] > 0 and ex.subject == f"pid:{f['pid']}"
-    assert rules_fired(detector, ex) == {"breach.service_shell@1"}
+    assert rules_fired(detector, ex) == set()
+
+
+def test_shell_from_a_service_and_its_exit(probe, detector, service_exe):
+    """The same script run by the service's executable (by inode): a service shell."""
+    svc = subprocess.Popen([str(service_exe), "-c", SERVICE])
+    assert svc.wait(timeout=20) == 3
+    [ex] = wait_for(probe, lambda e: e.kind == "proc.exec" and e.fields["ppid"] == svc.pid)
+    f = ex.fields
+    assert f["parent_is"] == ["services"] and f["ancestor_exes"][0] == str(service_exe)
+    assert {"program", "service_child"} <= set(f["reason"])
+    assert rules_fired(detector, ex) == {"breach.service_shell@2"}
     [end] = wait_for(probe, lambda e: e.kind == "proc.exit" and e.fields["pid"] == f["pid"])
     assert (end.fields["exit_status"], end.fields["signal"]) == (3, 0)
 
@@ -132,11 +161,14 @@ def test_opens_of_watched_paths(probe, detector, watched):
     assert set(by_path) == {"/etc/shadow", str(state / "agent.db"), str(creds), str(keys)}
     shadow = by_path["/etc/shadow"].fields
     assert (shadow["write"], shadow["pattern"], shadow["syscall"]) == (False, "/etc/shadow*", "openat")
+    assert shadow["file_id"] == id_of("/etc/shadow") and shadow["match"] == "file"
     assert rules_fired(detector, by_path["/etc/shadow"]) == set()
-    assert rules_fired(detector, by_path[str(state / "agent.db")]) == {"breach.agent_tamper@1"}
-    assert rules_fired(detector, by_path[str(creds)]) == {"breach.credential_write@1"}
-    assert by_path[str(keys)].fields["pattern"] == "*/.ssh/authorized_keys"   # suffix trie
-    assert rules_fired(detector, by_path[str(keys)]) == {"breach.credential_write@1"}
+    assert rules_fired(detector, by_path[str(state / "agent.db")]) == {"breach.agent_tamper@2"}
+    assert by_path[str(creds)].fields["created"] and by_path[str(creds)].fields["match"] == "dir"
+    assert rules_fired(detector, by_path[str(creds)]) == {"breach.credential_write@2"}
+    assert by_path[str(keys)].fields["pattern"] == "*/.ssh/authorized_keys"   # by names
+    assert by_path[str(keys)].fields["match"] == "name"
+    assert rules_fired(detector, by_path[str(keys)]) == {"breach.credential_write@2"}
 
 
 TRACER = """
@@ -190,7 +222,7 @@ def test_reverse_shell_shape(probe, detector):
     assert (f["comm"], f["stdin"], f["stdout"], f["stderr"], f["stdio_inet"]) == \
         ("sh", "inet", "inet", "inet", 3)
     assert {"program", "socket_stdio"} <= set(f["reason"])
-    assert rules_fired(detector, ev) == {"breach.reverse_shell@1"}
+    assert rules_fired(detector, ev) == {"breach.reverse_shell@2"}
 
 
 LOADER = """
@@ -209,7 +241,7 @@ def test_bpf_program_load_by_another_process(probe, detector):
     ev, *_ = wait_for(probe, lambda e: e.kind == "bpf.prog_load" and e.fields["pid"] == child.pid
                       and e.fields["prog_name"] == "handle_sys_ente", count=4)
     assert ev.fields["prog_type"] == 5 and ev.fields["insn_cnt"] > 0   # BPF_PROG_TYPE_TRACEPOINT
-    assert rules_fired(detector, ev) == {"breach.bpf_load@1"}
+    assert rules_fired(detector, ev) == {"breach.bpf_load@2"}
 
 
 def test_own_process_is_not_reported(probe):

@@ -44,48 +44,66 @@ def _exec(**fields) -> Event:
     return Event("proc.exec", f"pid:{fields.get('pid', 1)}", T0_NS, T0_NS, fields)
 
 
+SVC_SHELL = {"comm": "sh", "exe": "/usr/bin/dash", "exe_is": ["shells"],
+             "ancestors_are": ["services"]}
+
+
 def test_service_scope_isolates_the_cgroup(detector: Detector) -> None:
-    ev = _exec(pid=9, comm="sh", parent_comm="nginx", cgroup="/system.slice/nginx.service")
+    ev = _exec(pid=9, cgroup="/system.slice/nginx.service", **SVC_SHELL)
     [f] = detector.evaluate(ev, T0_NS + 5)
-    assert (f.rule, f.entity, f.action) == ("breach.service_shell@1",
+    assert (f.rule, f.entity, f.action) == ("breach.service_shell@2",
                                              "cgroup:/system.slice/nginx.service", "isolate_service")
-    assert f.evidence["scope"] == "service" and f.evidence["comm"] == "sh"
+    assert f.evidence["scope"] == "service" and f.evidence["exe"] == "/usr/bin/dash"
     assert (f.first_mono_ns, f.detected_mono_ns) == (T0_NS, T0_NS + 5)
 
 
 @pytest.mark.parametrize("cgroup", ["/", None, ""])
 def test_service_scope_without_a_service_falls_back_to_node(detector, cgroup) -> None:
-    [f] = detector.evaluate(_exec(comm="sh", parent_comm="nginx", cgroup=cgroup), T0_NS)
+    [f] = detector.evaluate(_exec(cgroup=cgroup, **SVC_SHELL), T0_NS)
     assert (f.entity, f.action, f.evidence["scope"]) == ("node", "isolate_node", "node")
     assert "scope_fallback" in f.evidence
 
 
 def test_node_scope(detector: Detector) -> None:
-    ev = Event("bpf.prog_load", "pid:3", T0_NS, T0_NS, {"comm": "bpftool", "cgroup": "/x"})
+    ev = Event("bpf.prog_load", "pid:3", T0_NS, T0_NS, {"exe_is": [], "cgroup": "/x"})
     [f] = detector.evaluate(ev, T0_NS)
     assert (f.entity, f.action) == ("node", "isolate_node")
 
 
 def test_configured_lists_change_the_verdict() -> None:
     rules = load_rules(RULES / "breach.yaml")
-    ev = _exec(comm="bash", parent_comm="myapi", cgroup="/system.slice/myapi.service")
+    ev = _exec(exe="/usr/bin/bash", exe_is=["shells"], ancestors_are=[], manager_start=False,
+               cgroup="/system.slice/myapi.service")
     assert Detector(rules, Config()).evaluate(ev, T0_NS) == []
-    by_comm = Config(breach=Breach(service_comms=("myapi",)))
     by_cgroup = Config(breach=Breach(service_cgroups=("/system.slice/myapi*",)))
-    for cfg in (by_comm, by_cgroup):
-        assert [f.rule for f in Detector(rules, cfg).evaluate(ev, T0_NS)] == ["breach.service_shell@1"]
+    assert [f.rule for f in Detector(rules, by_cgroup).evaluate(ev, T0_NS)] == \
+        ["breach.service_shell@2"]
     # the service's own start by its manager is not a shell "spawned by the service"
-    start = _exec(comm="python3", parent_comm="systemd", cgroup="/system.slice/myapi.service")
+    start = _exec(exe="/usr/bin/python3.11", exe_is=["shells"], parent_is=["service_managers"],
+                  manager_start=True, cgroup="/system.slice/myapi.service")
     assert Detector(rules, by_cgroup).evaluate(start, T0_NS) == []
+    # a system directory list without /opt makes /opt executables below a service count
+    helper = _exec(exe="/opt/tool/run", exe_is=[], ancestors_are=["services"], cgroup="/s")
+    assert Detector(rules, Config()).evaluate(helper, T0_NS) == []
+    narrow = Config(breach=Breach(system_exec_dirs=("/usr/*",)))
+    assert [f.rule for f in Detector(rules, narrow).evaluate(helper, T0_NS)] == \
+        ["breach.service_shell@2"]
 
 
 def test_agent_paths_follow_state_dir() -> None:
     rules = load_rules(RULES / "breach.yaml")
     ev = Event("file.open", "/srv/agent/agent.db", T0_NS, T0_NS,
-               {"path": "/srv/agent/agent.db", "write": True, "comm": "sqlite3", "ancestors": []})
+               {"path": "/srv/agent/agent.db", "write": True, "exe_is": [], "ancestors_are": [],
+                "watch_lists": []})
     assert Detector(rules, Config()).evaluate(ev, T0_NS) == []
-    [f] = Detector(rules, Config(state_dir="/srv/agent")).evaluate(ev, T0_NS)
-    assert f.rule == "breach.agent_tamper@1"
+    # which lists a watch belongs to is the probe's (agent.sources.ident.watch_lists)
+    from agent.sources.ident import patterns, watch_lists
+    cfg = Config(state_dir="/srv/agent")
+    pats = patterns(cfg)
+    [rule_id] = [i for i, (_, text, _) in enumerate(pats) if text == "/srv/agent/"]
+    fields = {**ev.fields, "watch_lists": watch_lists(cfg, pats)[rule_id]}
+    [f] = Detector(rules, cfg).evaluate(Event("file.open", ev.subject, T0_NS, T0_NS, fields), T0_NS)
+    assert f.rule == "breach.agent_tamper@2"
 
 
 @pytest.mark.parametrize("op,value,fields,expected", [
@@ -108,13 +126,14 @@ def test_matchers(op, value, fields, expected) -> None:
 def test_named_list_is_resolved() -> None:
     t = match.Test("x", "in", "@shells")
     assert match.holds(t, {"x": "sh"}, {"shells": ("sh",)})
+    assert not match.holds(t, {"x": "sh"}, {"shells": ("bash",)})
     assert not match.holds(t, {"x": "sh"}, {})
 
 
 def _rule(**over) -> dict:
     base = {"id": "breach.test", "version": 1, "class": "security_breach", "severity": "high",
             "scope": "node", "action": "isolate", "event": "proc.exec",
-            "where": {"comm": {"in": "@shells"}}}
+            "where": {"exe_is": {"any_in": ["shells"]}}}
     base.update(over)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -122,11 +141,16 @@ def _rule(**over) -> dict:
 @pytest.mark.parametrize("over,message", [
     ({"where": {"colour": "red"}}, "unknown field 'colour' for proc.exec"),
     ({"where": {"comm": {"like": "sh"}}}, "field comm: unknown test 'like'"),
-    ({"where": {"comm": {"in": "@friends"}}}, "unknown list '@friends'"),
+    ({"where": {"cgroup": {"glob": "@friends"}}}, "unknown list '@friends'"),
     ({"where": {"comm": {"in": "sh"}}}, "in needs a list of values or a named list"),
     ({"where": {"uid": {"gt": "zero"}}}, "gt needs a number"),
     ({"where": {"uid": {"ne_field": "target_uid"}}}, "ne_field names an unknown field 'target_uid'"),
-    ({"where": {"uid": {"ge": "@shells"}}}, "ge cannot take a named list"),
+    ({"where": {"uid": {"ge": "@service_cgroups"}}}, "ge cannot take a named list"),
+    ({"where": {"exe_is": {"any_in": ["shell"]}}},
+     "field exe_is: 'shell' is not an executable list"),
+    # comm is the process's to set: a rule may not compare it with executable lists
+    ({"where": {"comm": {"in": "@shells"}}},
+     "field comm: @shells names executables, which are judged by inode"),
     ({"where": {}}, "where must be a non-empty mapping"),
     ({"where": None, "thresholds": {"syns_per_s": 1}}, "proc.exec conditions take 'where'"),
     ({"scope": None}, "action isolate needs a scope"),
@@ -144,7 +168,7 @@ def test_validation_errors(over: dict, message: str) -> None:
 
 def test_report_action_keeps_the_scope_entity() -> None:
     [rule] = parse_rules({"rules": [_rule(action="report", scope=None)]})
-    [f] = Detector([rule], Config()).evaluate(_exec(comm="sh", cgroup="/a"), T0_NS)
+    [f] = Detector([rule], Config()).evaluate(_exec(exe_is=["shells"], cgroup="/a"), T0_NS)
     assert (f.action, f.entity) == ("report", "node")
 
 

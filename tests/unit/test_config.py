@@ -31,6 +31,16 @@ def test_example_config_is_the_defaults():
     ("interfaces: eth0\n", "interfaces must be a list of strings"),
     ("- a\n- b\n", "must be a mapping"),
     ("a: [\n", "not valid YAML"),
+    # comm names are the process's to set: old comm lists are refused, never guessed
+    ("breach:\n  service_comms: [nginx]\n",
+     "breach.service_comms is no longer read (process names can be forged): list the "
+     "executables' paths in breach.services instead"),
+    ("breach:\n  package_managers: [dpkg]\n",
+     "breach.package_managers: 'dpkg' is not an executable path (write e.g. /usr/bin/dpkg"),
+    ("breach:\n  shells: [/usr/bin/bash, sh]\n", "breach.shells: 'sh' is not an executable path"),
+    ("breach:\n  host_root: host\n", "breach.host_root: 'host' is not an absolute path"),
+    ("breach:\n  credential_paths: ['*authorized_keys']\n",
+     "a suffix pattern names a directory and a file in it"),
 ])
 def test_invalid_config_is_one_clear_sentence(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -80,4 +90,5 @@ def test_executable_lists_need_absolute_paths(tmp_path, key):
     path.write_text(f"breach:\n  {key}: [sshd]\n")
     with pytest.raises(ConfigError) as err:
         config.load(path)
-    assert str(err.value) == f"breach.{key}: 'sshd' is not an absolute executable path or glob"
+    assert str(err.value).startswith(f"breach.{key}: 'sshd' is not an executable path (write "
+                                     "e.g. /usr/bin/sshd")

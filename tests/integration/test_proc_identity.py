@@ -1,0 +1,350 @@
+"""Identities a process cannot forge, against the real kernel: proc.bpf.o loaded once for
+the module, real processes doing what an attacker would. Files are watched by inode, so
+every spelling of a watched file's path is seen; executables are judged by inode, so a
+renamed process or a copied binary is no package manager, admin tool or system shell;
+a shell behind a double fork is still in its service's cgroup. Watched files are scratch
+files under /tmp that the config names (never the host's /etc/shadow)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.breachlab import throwaway_cgroup
+from agent.config import Breach, Config
+from agent.detect.rules import Detector, load_rules
+from agent.sources import capability
+from agent.sources.abi import PROC_OBJECT, ProcProg
+from agent.sources.proc import ProcProbe
+from tests.conftest import skip_unsupported
+
+pytestmark = pytest.mark.privileged
+REPO = Path(__file__).resolve().parents[2]
+PY = os.path.realpath(sys.executable)
+CG_PREFIX = "swa-ident"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Scratch credentials: etc/ (shadow exact, passwd* prefix), a root for useradd
+    --root, a dpkg admin dir; a service executable (a copy of python) and a copied shell."""
+    d = tmp_path_factory.mktemp("ident")
+    (d / "etc").mkdir()
+    (d / "etc/shadow").write_text("root:*:1::::::\n")
+    (d / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    ua = d / "uaroot/etc"
+    ua.mkdir(parents=True)
+    for name, line in (("passwd", "root:x:0:0:root:/root:/bin/sh"), ("group", "root:x:0:"),
+                       ("shadow", "root:*:1::::::"), ("gshadow", "root:*::")):
+        (ua / name).write_text(line + "\n")
+    for sub in ("dpkgdb/updates", "dpkgdb/info"):
+        (d / sub).mkdir(parents=True)
+    (d / "dpkgdb/status").write_text("")
+    (d / "bin").mkdir()
+    shutil.copy(PY, d / "bin/svc")                          # the service's executable
+    shutil.copy(os.path.realpath("/bin/sh"), d / "bin/kworker")   # a shell, renamed
+    shutil.copy(PY, d / "bin/dpkg")                         # python named dpkg
+    shutil.copy(PY, d / "bin/mgr")                          # a service manager
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cfg(root: Path) -> Config:
+    creds = (f"{root}/etc/shadow", f"{root}/etc/passwd*", f"{root}/dpkgdb/",
+             *(f"{root}/uaroot/etc/{n}*" for n in ("passwd", "group", "shadow", "gshadow")))
+    return Config(state_dir=str(root / "state"), breach=Breach(
+        services=(f"{root}/bin/svc",), service_cgroups=(f"/{CG_PREFIX}-*",),
+        service_managers=(f"{root}/bin/mgr",),
+        credential_paths=creds, read_paths=()))
+
+
+@pytest.fixture(scope="module")
+def probe(cfg: Config):
+    if shutil.which("clang") is None and not PROC_OBJECT.exists():
+        skip_unsupported("no clang to build probes/proc.bpf.o")
+    subprocess.run(["make", "-s", "-C", str(REPO / "probes")], check=True, timeout=300)
+    caps = capability.probe()
+    for need in ("btf", "tracepoint", "tracefs"):
+        if not caps[need][0]:
+            skip_unsupported(f"{need}: {caps[need][1]}")
+    p = ProcProbe(cfg)
+    p.open()
+    bad = {k: v for k, v in p.status().items()
+           if v["state"] != "loaded" and k != ProcProg.MODULE_LOAD}
+    if bad:
+        p.close()
+        skip_unsupported(f"process probe degraded here: {bad}")
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def detector(cfg: Config) -> Detector:
+    return Detector(load_rules(), cfg)
+
+
+_SEEN: list = []
+
+
+def events_of(probe: ProcProbe, pid: int, kind: str, count: int = 1, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _SEEN.extend(probe.poll())
+        found = [e for e in _SEEN if e.kind == kind and e.fields["pid"] == pid]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+def fired(detector: Detector, events) -> set[str]:
+    return {f.rule for e in events for f in detector.evaluate(e, e.mono_ns)}
+
+
+def run(*argv: str, **kw) -> int:
+    """Runs a child to completion; its pid."""
+    child = subprocess.Popen(list(argv), **kw)
+    assert child.wait(timeout=30) == 0
+    return child.pid
+
+
+# --- files by identity, not by spelling ---------------------------------------------------
+
+OPENAT2 = """
+import ctypes, os, sys
+how = (ctypes.c_uint64 * 3)(os.O_WRONLY, 0, 0)          # struct open_how
+fd = ctypes.CDLL(None, use_errno=True).syscall(437, -100, sys.argv[1].encode(), how, 24)
+sys.exit(0 if fd >= 0 else 10 + ctypes.get_errno())
+"""
+DIRFD = """
+import os, sys
+d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+os.close(os.open(sys.argv[2], os.O_WRONLY, dir_fd=d))
+"""
+WRITE = "import sys; open(sys.argv[1], 'a').close()"
+
+
+def spellings(root: Path) -> dict[str, tuple[list[str], dict]]:
+    etc = root / "etc"
+    link = root / "link"
+    if not link.exists():
+        link.symlink_to(etc / "shadow")
+    hard = root / "hard"
+    if not hard.exists():
+        os.link(etc / "shadow", hard)
+    return {
+        "relative": ([PY, "-c", WRITE, "shadow"], {"cwd": etc}),
+        "dotdot": ([PY, "-c", WRITE, "../etc/shadow"], {"cwd": root / "bin"}),
+        "dirfd": ([PY, "-c", DIRFD, str(etc), "shadow"], {}),
+        "slashes": ([PY, "-c", WRITE, f"/{root}//etc//shadow"], {}),
+        "dot": ([PY, "-c", WRITE, f"{etc}/./shadow"], {}),
+        "symlink": ([PY, "-c", WRITE, str(link)], {}),
+        "hardlink": ([PY, "-c", WRITE, str(hard)], {}),
+        "openat2": ([PY, "-c", OPENAT2, str(etc / "shadow")], {}),
+    }
+
+
+@pytest.mark.parametrize("spelling", ["relative", "dotdot", "dirfd", "slashes", "dot", "symlink",
+                                      "hardlink", "openat2"])
+def test_every_spelling_of_a_watched_file_is_seen(probe, detector, root, spelling):
+    argv, kw = spellings(root)[spelling]
+    pid = run(*argv, **kw)
+    [ev] = events_of(probe, pid, "file.open")
+    f = ev.fields
+    st = os.stat(root / "etc/shadow")
+    assert f["file_id"] == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
+    # the kernel's path of the dentry opened: a hard link is its own name for the inode
+    want = root / ("hard" if spelling == "hardlink" else "etc/shadow")
+    assert (ev.subject, f["path"], f["write"]) == (str(want), str(want), True)
+    assert f["match"] == "file"        # its inode is watched: first lookup
+    assert f["exe"] == PY and f["exe_is"] == ["shells"]
+    assert fired(detector, [ev]) == {"breach.credential_write@2"}
+
+
+def test_new_file_in_a_watched_directory_and_prefix(probe, detector, root):
+    """A file created under a watched prefix (passwd+: useradd's temp file) by directory
+    inode and name; a read-only open of a write-only watch is not sent."""
+    pid = run(PY, "-c", WRITE + "; open(sys.argv[2]).close()", "passwd+", "passwd", cwd=root / "etc")
+    [ev] = events_of(probe, pid, "file.open", timeout_s=2)
+    assert (ev.fields["path"], ev.fields["match"], ev.fields["created"]) == \
+        (str(root / "etc/passwd+"), "dir", True)
+    assert fired(detector, [ev]) == {"breach.credential_write@2"}
+
+
+def test_rename_over_a_watched_file_is_attributed(probe, detector, root):
+    """sed -i writes a temporary file beside the watched one and renames it over: the
+    kernel reports the creation (a directory holding watched files), the next refresh
+    finds the watched file's new inode and attributes the replacement to sed."""
+    target, sed = root / "etc/passwd", shutil.which("sed") or "/usr/bin/sed"
+    probe.refresh()
+    pid = run(sed, "-i", "s/root/root/", str(target))
+    [tmp] = events_of(probe, pid, "file.open")
+    assert tmp.fields["created"] and tmp.fields["pattern"] is None
+    assert tmp.fields["watch_lists"] == [] and fired(detector, [tmp]) == set()
+    [ev] = probe.refresh()
+    f = ev.fields
+    assert (ev.subject, f["match"], f["replaced"], f["pid"]) == (str(target), "rename", True, pid)
+    assert f["exe"] == os.path.realpath(sed)
+    assert fired(detector, [ev]) == {"breach.credential_write@2"}
+    assert probe.refresh() == []
+    # moved in from a directory that is not watched: no writer known, still a breach
+    (root / "elsewhere").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.rename(root / "elsewhere", target)
+    [ev] = probe.refresh()
+    assert ev.fields["replaced"] and "pid" not in ev.fields
+    assert fired(detector, [ev]) == {"breach.credential_write@2"}
+    # a new watched name moved in, and a temporary file renamed to a new watched name
+    (root / "elsewhere").write_text("x\n")
+    os.rename(root / "elsewhere", root / "etc/passwd.new")
+    pid = run(PY, "-c", "import os; open('tmpfile', 'w').close(); os.rename('tmpfile', 'passwd.py')",
+              cwd=root / "etc")
+    events_of(probe, pid, "file.open")
+    evs = {e.subject: e for e in probe.refresh()}
+    assert set(evs) == {str(root / "etc/passwd.new"), str(root / "etc/passwd.py")}
+    assert "pid" not in evs[str(root / "etc/passwd.new")].fields
+    assert evs[str(root / "etc/passwd.py")].fields["pid"] == pid
+    assert fired(detector, evs.values()) == {"breach.credential_write@2"}
+
+
+# --- executables by identity --------------------------------------------------------------
+
+def test_renamed_dpkg_and_python_named_dpkg_are_no_package_manager(probe, detector, root):
+    rename = "import ctypes, sys; ctypes.CDLL(None).prctl(15, b'dpkg', 0, 0, 0); " + WRITE
+    renamed = run(PY, "-c", rename, str(root / "etc/shadow"))
+    copy = run(str(root / "bin/dpkg"), "-c", WRITE, str(root / "etc/shadow"))
+    [a] = events_of(probe, renamed, "file.open")
+    [b] = events_of(probe, copy, "file.open")
+    assert (a.fields["comm"], a.fields["exe_is"]) == ("dpkg", ["shells"])
+    assert (b.fields["comm"], b.fields["exe"], b.fields["exe_is"]) == \
+        ("dpkg", str(root / "bin/dpkg"), [])
+    assert fired(detector, [a]) == fired(detector, [b]) == {"breach.credential_write@2"}
+
+
+def test_the_real_dpkg_is_a_package_manager(probe, detector, root):
+    dpkg = shutil.which("dpkg")
+    if dpkg is None:
+        skip_unsupported("no dpkg on this host")
+    pid = run(dpkg, f"--admindir={root}/dpkgdb", "--clear-avail")
+    evs = events_of(probe, pid, "file.open", count=3, timeout_s=3)
+    [start] = events_of(probe, pid, "proc.exec")          # a package manager: sent, and
+    assert "package_manager" in start.fields["reason"]    # its exit brings a refresh soon
+    assert events_of(probe, pid, "proc.exit") and probe._refresh_due < time.monotonic() + 1
+    assert {e.fields["path"] for e in evs} >= {f"{root}/dpkgdb/available-new"}
+    assert all(e.fields["exe_is"] == ["package_managers"] for e in evs)
+    assert fired(detector, evs) == set()
+    # a copy of dpkg itself is another inode: a breach
+    shutil.copy(os.path.realpath(dpkg), root / "bin/dpkg-copy")
+    pid = run(str(root / "bin/dpkg-copy"), f"--admindir={root}/dpkgdb", "--clear-avail")
+    evs = events_of(probe, pid, "file.open", count=3, timeout_s=3)
+    assert evs and fired(detector, evs) == {"breach.credential_write@2"}
+
+
+def test_root_useradd_is_administration_and_its_copy_a_breach(probe, detector, root):
+    """The host's /usr/sbin/useradd (by inode) adding a user under a scratch root, then
+    userdel removing it: no breach. The same useradd copied elsewhere: a breach."""
+    useradd, userdel = shutil.which("useradd"), shutil.which("userdel")
+    if not useradd or not userdel or useradd not in (*Breach().admin_tools,):
+        skip_unsupported("no useradd/userdel at their standard paths here")
+    ua = root / "uaroot"
+    pids = [run(useradd, "--root", str(ua), "scratchu"), run(userdel, "--root", str(ua), "scratchu")]
+    evs = [e for pid in pids for e in events_of(probe, pid, "file.open", count=4, timeout_s=3)]
+    assert {"passwd+", "shadow+"} <= {Path(e.fields["path"]).name for e in evs}
+    assert all(e.fields["exe_is"] == ["admin_tools"] for e in evs)
+    assert fired(detector, evs) == set()
+    # useradd replaced shadow by rename: after a refresh the new inode is watched
+    assert probe.refresh() == []       # shadow+ was judged when created: no replacement
+    st = os.stat(ua / "etc/shadow")
+    assert any(k[1] == st.st_ino for k in probe.resolved.files)
+    shutil.copy(useradd, root / "bin/useradd")
+    pid = run(str(root / "bin/useradd"), "--root", str(ua), "scratchv")
+    evs = events_of(probe, pid, "file.open", count=4, timeout_s=3)
+    assert evs and fired(detector, evs) == {"breach.credential_write@2"}
+
+
+# --- service shells ------------------------------------------------------------------------
+
+COPIED = "import subprocess, sys; subprocess.run([sys.argv[1], '-c', 'exit 0'], check=True)"
+DOUBLE_FORK = """
+import os, time
+if os.fork() == 0:
+    mid = os.getpid()
+    if os.fork() == 0:
+        while os.getppid() == mid:     # wait to be reparented (to init or a subreaper)
+            time.sleep(0.01)
+        os.execv("/bin/sh", ["sh", "-c", "exit 0"])
+    os._exit(0)
+os.wait()
+time.sleep(0.5)
+"""
+
+
+def execs_where(probe: ProcProbe, pred, timeout_s: float = 10.0) -> list:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _SEEN.extend(probe.poll())
+        found = [e for e in _SEEN if e.kind == "proc.exec" and pred(e.fields)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+def test_copied_shell_below_a_service(probe, detector, root):
+    svc = subprocess.Popen([str(root / "bin/svc"), "-c", COPIED, str(root / "bin/kworker")])
+    assert svc.wait(timeout=30) == 0
+    [ev] = execs_where(probe, lambda f: f["ppid"] == svc.pid)
+    f = ev.fields
+    assert (f["exe"], f["exe_is"], f["parent_is"]) == (str(root / "bin/kworker"), [], ["services"])
+    assert "service_child" in f["reason"]
+    assert fired(detector, [ev]) == {"breach.service_shell@2"}
+
+
+def test_shell_behind_a_double_fork_in_a_service_cgroup(probe, detector, root):
+    with throwaway_cgroup(CG_PREFIX) as cg:
+        probe.refresh()                 # the agent's timer: configured cgroups resolved
+        script = f'echo $$ > "{cg}/cgroup.procs" && exec "$@"'
+        svc = subprocess.Popen(["sh", "-c", script, "sh", str(root / "bin/svc"), "-c",
+                                DOUBLE_FORK])
+        assert svc.wait(timeout=30) == 0
+        name = "/" + cg.name
+        evs = execs_where(probe, lambda f: f["argv"] == ["sh", "-c", "exit 0"]
+                          and f["cgroup"] == name)
+    [ev] = evs
+    f = ev.fields
+    assert f["service_cgroup"] and f["reparented"] and "services" not in f["ancestors_are"]
+    assert "service_cgroup" in f["reason"] and f["ppid"] != svc.pid
+    assert fired(detector, [ev]) == {"breach.service_shell@2"}
+
+
+MANAGER = """
+import os, sys
+cg, svc, code = sys.argv[1:4]
+pid = os.fork()
+if pid == 0:
+    with open(cg + "/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+    os.execv(svc, [svc, "-c", code])
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.parametrize("manager", [True, False])
+def test_a_service_managers_start_marks_the_cgroup(probe, detector, root, manager):
+    """Not configured: the cgroup is a service's because the kernel saw a service manager
+    (by inode) start a service executable in it; started by anything else it is not."""
+    starter = str(root / "bin/mgr") if manager else PY
+    with throwaway_cgroup("swa-unconf") as cg:
+        mgr = subprocess.Popen([starter, "-c", MANAGER, str(cg), str(root / "bin/svc"),
+                                DOUBLE_FORK])
+        assert mgr.wait(timeout=30) == 0
+        evs = execs_where(probe, lambda f: f["argv"] == ["sh", "-c", "exit 0"]
+                          and f["cgroup"] == "/" + cg.name)
+    [ev] = evs                      # a shell: always sent
+    assert ev.fields["service_cgroup"] is manager and not ev.fields["manager_start"]
+    assert "services" not in ev.fields["ancestors_are"]
+    assert fired(detector, [ev]) == ({"breach.service_shell@2"} if manager else set())
