@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from agent.control import convert
 from agent.control import isolation
-from agent.control.auth import OPERATOR, VIEWER, Caller, caller_of
+from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
 from agent.enforce.base import AllowlistedError, EnforceError
@@ -47,44 +47,44 @@ def rpc(role: str, mutating: bool) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         async def handler(self: ControlService, request, context):
-            caller = caller_of(context, self.agent.cfg.control)
+            caller = self.auth.caller(context)
             name = fn.__name__
             if not caller.may(role):
-                err = CallError(Code.PERMISSION_DENIED,
-                                f"{caller.identity} ({caller.role}) may not call {name}: "
-                                f"it needs the {role} role")
-                self._audit(caller, name, request, err.code.name, err.message)
+                err = CallError(Code.PERMISSION_DENIED, denied(caller, name, role))
+                self.audit_call(caller, name, request, err.code.name, err.message)
                 await context.abort(err.code, err.message)
             try:
                 response, detail = fn(self, request, caller)
             except CallError as err:
                 if mutating:
-                    self._audit(caller, name, request, err.code.name, err.message)
+                    self.audit_call(caller, name, request, err.code.name, err.message)
                 await context.abort(err.code, err.message)
             except Exception as e:  # a bug or a host failure: say so, never a traceback
                 log.exception("control call failed", extra={"method": name})
                 message = f"{name} failed: {e}"
                 if mutating:
-                    self._audit(caller, name, request, Code.INTERNAL.name, message)
+                    self.audit_call(caller, name, request, Code.INTERNAL.name, message)
                 await context.abort(Code.INTERNAL, message)
             if mutating:
-                self._audit(caller, name, request, "OK", detail)
+                self.audit_call(caller, name, request, "OK", detail)
             return response
         return handler
     return wrap
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
-    """Serves one agent: `agent` has cfg, store, responder, status() and reload_rules()."""
+    """Serves one agent: `agent` has cfg, store, responder, status() and reload_rules();
+    `auth` says who each caller is."""
 
-    def __init__(self, agent: Any, hub: WatchHub, clock: Callable[[], float] = time.time):
-        self.agent, self.hub, self.clock = agent, hub, clock
+    def __init__(self, agent: Any, hub: WatchHub, auth: Authenticator,
+                 clock: Callable[[], float] = time.time):
+        self.agent, self.hub, self.auth, self.clock = agent, hub, auth, clock
 
     @property
     def store(self):
         return self.agent.store
 
-    def _audit(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
+    def audit_call(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
         args = json_format.MessageToDict(request, preserving_proto_field_name=True)
         self.store.record_audit(self.clock(), caller.identity, caller.role, method, args,
                                 result, detail)
@@ -137,10 +137,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return pb.ListAuditResponse(entries=[convert.audit_entry(e) for e in entries]), ""
 
     async def WatchIncidents(self, request, context):
-        caller = caller_of(context, self.agent.cfg.control)
+        caller = self.auth.caller(context)
         if not caller.may(VIEWER):
             await context.abort(Code.PERMISSION_DENIED,
-                                f"{caller.identity} ({caller.role}) may not watch incidents")
+                                denied(caller, "WatchIncidents", VIEWER))
         initial = []
         if request.initial:
             live = self.store.incidents(state=(IncidentState.OPEN, IncidentState.MITIGATED,
