@@ -114,13 +114,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.enforce.base import EnforceError
 
-    cfg = _load_config(args.config)
-    if args.dry_run:
-        cfg = replace(cfg, dry_run=True)
     if os.geteuid() != 0:
         print("swarm-agent: permission denied: run needs root (it loads BPF programs and "
               "owns an nftables table)", file=sys.stderr)
         return EXIT_DENIED
+    cfg = _load_config(args.config)
+    if args.dry_run:
+        cfg = replace(cfg, dry_run=True)
     logs.setup(cfg.log_level)
     try:
         daemon.run_forever(cfg)
@@ -134,11 +134,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from agent.enforce.base import EnforceError
     from agent.enforce.nft import NftEnforcer
 
-    cfg = _load_config(args.config)
     if os.geteuid() != 0:
         print("swarm-agent: permission denied: cleanup needs root (it removes the nftables "
               "table inet swarm_agent)", file=sys.stderr)
         return EXIT_DENIED
+    cfg = _load_config(args.config)
     try:
         NftEnforcer(cfg).remove()
     except EnforceError as e:
