@@ -28,10 +28,12 @@ EXIT_NOT_FOUND, EXIT_DENIED, EXIT_REFUSED = 4, 5, 6
 EXIT_CODES_HELP = """exit codes (scripts can rely on them):
   0  success
   1  failure inside the agent (or anything unexpected)
-  2  bad input: arguments, config, an invalid address, lifetime or oversized request
+  2  bad input: arguments, config, an invalid or refused address, lifetime, oversized
+     or control-character text
   3  the agent is not running (or cannot be reached with --remote)
   4  not found: no such incident, mitigation, cgroup, interface or peer
-  5  permission denied: not root, or this client certificate's role may not do that
+  5  permission denied: not root (run and cleanup too), the TLS handshake refused (with
+     the reason), or this identity's role may not do that
   6  refused: an allowlisted target, an incident already closed, unreadable rules,
      an isolation without allowlist (unless --force), the agent's own cgroup"""
 _STATUS_EXIT = {
