@@ -39,8 +39,17 @@ def lifetime_s(base_ttl_s: float, prior: int, policy: MitigationPolicy) -> float
 
 
 def target_of(entity: str) -> str:
-    """"ip:2001:db8::1" -> "2001:db8::1", "service:tcp/80" -> "tcp/80"."""
-    return entity.split(":", 1)[1] if ":" in entity else entity
+    """"ip:2001:db8::1" -> "2001:db8::1", "service:tcp/80" -> "tcp/80". An address in
+    the IPv4-mapped form ("ip:::ffff:10.0.0.1") is its IPv4 address, as parse_target and
+    the enforcer's sets take it, so that the allowlist is checked in the right family."""
+    target = entity.split(":", 1)[1] if ":" in entity else entity
+    if entity.startswith("ip:") and target[:7].lower() == "::ffff:":
+        try:
+            net = parse_target(target)
+        except ValueError:
+            return target
+        return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+    return target
 
 
 def service_of(finding: Finding) -> str | None:

@@ -83,3 +83,32 @@ def test_cleaned_walks_nested_and_repeated_strings():
     assert (out.incident.summary, list(out.incident.rules)) == ("a\\nb", ["r\\x1b"])
     assert out.timeline[0].text == "\\x1b[2J" and out.mitigations[0].reason == "x\\ry"
     assert detail.incident.summary == "a\nb"       # the original is left alone
+
+
+def test_detector_path_takes_mapped_sources_as_ipv4(tmp_path):
+    """The detector's own path: a source in the mapped form is checked against the IPv4
+    allowlist and blocked in IPv4, exactly as a manual block of it would be."""
+    from agent.config import Allowlist, Config
+    from agent.detect.rules import Detector, load_rules
+    from agent.enforce.base import DryRunEnforcer
+    from agent.model import Event
+    from agent.respond.engine import Responder
+    from agent.state.store import Store
+
+    allow = Allowlist(management=("192.0.2.0/24",))
+    cfg = Config(state_dir=str(tmp_path), allowlist=allow)
+    store = Store(cfg.db_path)
+    try:
+        enf = DryRunEnforcer([str(n) for n in allow.networks()])
+        responder = Responder(cfg, store, enf)
+        detector = Detector(load_rules(), cfg)
+        for addr in ("::ffff:192.0.2.5", "::ffff:198.51.100.9"):
+            ev = Event("net.source", addr, 2_000_000_000, 1_000_000_000,
+                       {"syns": 5000, "packets": 5000, "dport": 80, "proto": "tcp"})
+            [finding] = detector.evaluate(ev, 2_000_000_000)
+            responder.handle(finding)
+        assert [a for a in enf.actions if a[0] == "apply"] == \
+            [("apply", "block_ip", "198.51.100.9")]
+        assert [m.target for m in store.mitigations()] == ["198.51.100.9"]
+    finally:
+        store.close()
