@@ -65,7 +65,10 @@ def diagnose(args: argparse.Namespace, timeout_s: float) -> str | None:
         refused = e
     except OSError:
         return None    # not a TLS verdict: the caller reports the agent unreachable
-    why = _own_certificate_problem(args)
+    try:
+        why = _own_certificate_problem(args)
+    except (OSError, ssl.SSLError):
+        why = None
     if why is not None:
         return f"the agent refused the client certificate: {why}"
     return (f"the agent refused the client certificate ({refused.reason or refused}), "

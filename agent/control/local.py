@@ -95,7 +95,7 @@ class LocalFront:
             log.warning("control socket: refused a connection", extra={"pid": pid, "uid": uid})
             writer.close()
             return
-        name = f"swarm-agent-control/{secrets.token_hex(16)}"
+        name = f"swarm-agent-control-{secrets.token_hex(16)}"   # no character to escape
         up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             up.bind("\0" + name)

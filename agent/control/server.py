@@ -4,8 +4,8 @@ Listeners: the unix socket <run_dir>/control.sock for local root (through LocalF
 which checks SO_PEERCRED; gRPC itself listens on a private socket in a 0700 directory and
 answers only connections LocalFront made, see agent.control.auth), and, when
 control.listen is set, TCP with mutual TLS (a client certificate signed by
-control.tls_ca is required by the handshake; its CN is the identity). Requests above MAX_REQUEST_BYTES are refused
-with RESOURCE_EXHAUSTED by gRPC before any handler runs.
+control.tls_ca is required by the handshake; its CN is the identity). Requests above
+MAX_REQUEST_BYTES are refused with RESOURCE_EXHAUSTED by gRPC before any handler runs.
 
 `ControlServer(agent).run()` is a task for the agent's TaskGroup: it serves until
 cancelled, then stops (streams are cancelled after a short grace period).
