@@ -13,6 +13,7 @@ import sys
 
 from agent import __version__, config
 from agent.cli import client, isolation
+from agent.cli.text import clean
 from agent.config import ConfigError
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 1, 2, 3, 5
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"swarm-agent: {e}", file=sys.stderr)
+        print(f"swarm-agent: {clean(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
