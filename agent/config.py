@@ -85,8 +85,9 @@ class Probes:
 @dataclass(frozen=True)
 class Control:
     """The control API: always on the unix socket <run_dir>/control.sock (root only);
-    also on TCP with mutual TLS when `listen` is set. Client certificate identities (CN
-    or a DNS/URI SAN) listed as viewers may read, operators may also act."""
+    also on TCP with mutual TLS when `listen` is set. A client certificate's identity is
+    its subject CN only (agent/control/auth.py); CNs listed as viewers may read,
+    operators may also act."""
 
     listen: str | None = None         # "host:port" for the mTLS listener; null: socket only
     tls_cert: str | None = None       # server certificate (PEM)

@@ -147,8 +147,25 @@ class Mitigation:
 
 
 def parse_target(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """An address or CIDR as a network; raises ValueError with a readable message."""
+    """An address or CIDR as a network; raises ValueError with a readable message.
+
+    An IPv4-mapped IPv6 address or network (::ffff:a.b.c.d, prefix /96 or longer) is the
+    IPv4 one it maps, as the probes report such peers, so that it lands in the IPv4 sets
+    and matches the IPv4 traffic it names. An address with a zone index (fe80::1%eth0) is
+    refused: the sets match a source on every interface, and dropping the zone silently
+    would widen what the operator asked for."""
+    text = text.strip()
+    if "%" in text:
+        addr, _, zone = text.partition("%")
+        raise ValueError(f"{addr}%{zone.split('/')[0]} is a scoped address (zone "
+                         f"{zone.split('/')[0]!r}): a block applies on every interface, so "
+                         "give the address without its zone")
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"not an IP address or CIDR: {text!r}") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        v4 = net.network_address.ipv4_mapped
+        if v4 is not None:
+            return ipaddress.IPv4Network((v4, net.prefixlen - 96))
+    return net

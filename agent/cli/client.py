@@ -12,12 +12,13 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 from google.protobuf import json_format
 
+from agent.cli import tls
+from agent.cli.text import clean, cleaned
 from agent.config import Config
 from agent.proto.swarm.control.v1 import control_pb2 as pb
 from agent.proto.swarm.control.v1 import control_pb2_grpc
@@ -27,10 +28,12 @@ EXIT_NOT_FOUND, EXIT_DENIED, EXIT_REFUSED = 4, 5, 6
 EXIT_CODES_HELP = """exit codes (scripts can rely on them):
   0  success
   1  failure inside the agent (or anything unexpected)
-  2  bad input: arguments, config, an invalid address, lifetime or oversized request
+  2  bad input: arguments, config, an invalid or refused address, lifetime, oversized
+     or control-character text
   3  the agent is not running (or cannot be reached with --remote)
   4  not found: no such incident, mitigation, cgroup, interface or peer
-  5  permission denied: not root, or this client certificate's role may not do that
+  5  permission denied: not root (run and cleanup too), the TLS handshake refused (with
+     the reason), or this identity's role may not do that
   6  refused: an allowlisted target, an incident already closed, unreadable rules,
      an isolation without allowlist (unless --force), the agent's own cgroup"""
 _STATUS_EXIT = {
@@ -65,13 +68,21 @@ def add_connection_args(sp: argparse.ArgumentParser) -> None:
 
 class Client:
     """A ControlStub on the local socket or a remote mTLS listener; `call` raises
-    CommandError with the agent's own message."""
+    CommandError with the agent's own message. Answers for human output (no --json) come
+    back with their free text cleaned for the terminal (agent.cli.text)."""
 
     def __init__(self, cfg: Config, args: argparse.Namespace):
-        self.timeout = args.timeout
+        self.timeout, self.args = args.timeout, args
+        self.clean = not getattr(args, "json", False)
         if args.remote:
             self.where = args.remote
-            self.channel = grpc.secure_channel(args.remote, _tls(args))
+            try:
+                creds = tls.credentials(args)
+            except ValueError as e:
+                raise CommandError(str(e), EXIT_USAGE) from None
+            except OSError as e:
+                raise CommandError(f"cannot read {e.filename}: {e.strerror}", EXIT_USAGE) from None
+            self.channel = grpc.secure_channel(args.remote, creds)
         else:
             sock = cfg.control_socket
             self.where = str(sock)
@@ -86,12 +97,19 @@ class Client:
 
     def call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout)
+            answer = getattr(self.stub, method)(request, timeout=self.timeout)
         except grpc.RpcError as e:
             raise self.error(e) from None
+        return cleaned(answer) if self.clean else answer
 
     def error(self, e: grpc.RpcError) -> CommandError:
         code = e.code()
+        details = e.details() or ""
+        if code is grpc.StatusCode.UNAVAILABLE and self.args.remote and \
+                any(sign in details for sign in tls.HANDSHAKE_SIGNS):
+            why = tls.diagnose(self.args, min(self.timeout, 10.0))
+            if why is not None:
+                return CommandError(f"permission denied: {why}", EXIT_DENIED)
         if code is grpc.StatusCode.UNAVAILABLE:
             return CommandError(f"the agent is not running or cannot be reached at {self.where} "
                                 f"({e.details()})", EXIT_NOT_RUNNING)
@@ -104,19 +122,6 @@ class Client:
         self.channel.close()
 
 
-def _tls(args: argparse.Namespace) -> grpc.ChannelCredentials:
-    missing = [o for o in ("cert", "key", "ca") if not getattr(args, o)]
-    if missing:
-        raise CommandError("--remote needs " + ", ".join(f"--{o}" for o in missing) +
-                           " (the agent only accepts mutual TLS)", EXIT_USAGE)
-    try:
-        return grpc.ssl_channel_credentials(root_certificates=Path(args.ca).read_bytes(),
-                                            private_key=Path(args.key).read_bytes(),
-                                            certificate_chain=Path(args.cert).read_bytes())
-    except OSError as e:
-        raise CommandError(f"cannot read {e.filename}: {e.strerror}", EXIT_USAGE) from None
-
-
 def run(command: Callable[[Client, argparse.Namespace], int], args: argparse.Namespace,
         cfg: Config) -> int:
     client = None
@@ -124,7 +129,7 @@ def run(command: Callable[[Client, argparse.Namespace], int], args: argparse.Nam
         client = Client(cfg, args)
         return command(client, args)
     except CommandError as e:
-        print(f"swarm-agent: {e.message}", file=sys.stderr)
+        print(f"swarm-agent: {clean(e.message)}", file=sys.stderr)
         return e.code
     finally:
         if client is not None:
@@ -171,7 +176,7 @@ def _watch(c: Client, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(to_dict(change), sort_keys=True), flush=True)
             else:
-                print(format_change(change), flush=True)
+                print(format_change(cleaned(change)), flush=True)
     except grpc.RpcError as e:
         if e.code() is grpc.StatusCode.CANCELLED:
             return EXIT_OK

@@ -49,9 +49,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"swarm-agent: unknown pattern {', '.join(unknown)} (see demo --list)", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
-        print("swarm-agent: demo needs root (it creates network namespaces and runs the agent)",
-              file=sys.stderr)
-        return 2
+        print("swarm-agent: permission denied: demo needs root (it creates network namespaces "
+              "and runs the agent)", file=sys.stderr)
+        return 5
     results = []
     for name in names:
         if not args.json:

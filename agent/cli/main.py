@@ -13,9 +13,10 @@ import sys
 
 from agent import __version__, config
 from agent.cli import client, isolation
+from agent.cli.text import clean
 from agent.config import ConfigError
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 1, 2, 3, 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"swarm-agent: {e}", file=sys.stderr)
+        print(f"swarm-agent: {clean(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
@@ -114,12 +115,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.enforce.base import EnforceError
 
+    if os.geteuid() != 0:
+        print("swarm-agent: permission denied: run needs root (it loads BPF programs and "
+              "owns an nftables table)", file=sys.stderr)
+        return EXIT_DENIED
     cfg = _load_config(args.config)
     if args.dry_run:
         cfg = replace(cfg, dry_run=True)
-    if os.geteuid() != 0:
-        print("swarm-agent: run needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)", file=sys.stderr)
-        return EXIT_USAGE
     logs.setup(cfg.log_level)
     try:
         daemon.run_forever(cfg)
@@ -133,18 +135,24 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from agent.enforce.base import EnforceError
     from agent.enforce.nft import NftEnforcer
 
+    if os.geteuid() != 0:
+        print("swarm-agent: permission denied: cleanup needs root (it removes the nftables "
+              "table inet swarm_agent)", file=sys.stderr)
+        return EXIT_DENIED
     cfg = _load_config(args.config)
     try:
         NftEnforcer(cfg).remove()
     except EnforceError as e:
         print(f"swarm-agent: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_DENIED if "not permitted" in str(e) else EXIT_FAILURE
     print("removed table inet swarm_agent")
     return 0
 
 
 def cmd_control(args: argparse.Namespace) -> int:
     """status, incidents, block, ...: one call (or a watch) over the control API."""
+    # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     command = {**client.COMMANDS, **isolation.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 

@@ -5,6 +5,14 @@ listens on a private socket (in a 0700 directory) and this front owns the public
 <run_dir>/control.sock (0600): it reads SO_PEERCRED of every accepted connection, closes
 it at once unless the peer runs as uid 0, and otherwise relays bytes both ways. The
 relay is byte-for-byte, so HTTP/2 streams (watch included) pass through unchanged.
+
+Each relayed connection reaches the private socket from an abstract unix address with a
+random name, which the front registers in `peers` (as gRPC names the peer,
+"unix-abstract:<name>") with the caller's uid and pid for as long as it lives. The
+server's Authenticator accepts a local call only from a registered peer, so a process that
+connects to the private socket directly (root, or anyone if its directory is loosened)
+skipped the credential check and is refused. The name cannot be taken over: the front
+holds the address while the connection lives and unregisters it before closing.
 """
 from __future__ import annotations
 
@@ -12,9 +20,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import struct
 from pathlib import Path
+
+from agent.control.auth import LocalPeer
 
 log = logging.getLogger("swarm_agent")
 
@@ -51,11 +62,13 @@ def peer_uid(sock: socket.socket) -> tuple[int, int]:
 
 class LocalFront:
     """Serves `public` for peers whose uid is in `allowed_uids`, relaying to `backend`.
-    `refused` counts connections closed for their credentials."""
+    `refused` counts connections closed for their credentials; `peers` maps each relayed
+    connection's gRPC peer string to its LocalPeer."""
 
     def __init__(self, public: Path, backend: Path, allowed_uids: tuple[int, ...] = (0,)):
         self.public, self.backend, self.allowed_uids = public, backend, allowed_uids
         self.refused = 0
+        self.peers: dict[str, LocalPeer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[asyncio.Task] = set()
 
@@ -82,18 +95,27 @@ class LocalFront:
             log.warning("control socket: refused a connection", extra={"pid": pid, "uid": uid})
             writer.close()
             return
+        name = f"swarm-agent-control-{secrets.token_hex(16)}"   # no character to escape
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            up_reader, up_writer = await asyncio.open_unix_connection(str(self.backend))
+            up.bind("\0" + name)
+            up.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(up, str(self.backend))
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=up)
         except OSError as e:
+            up.close()
             log.error("control socket: backend unavailable", extra={"error": str(e)})
             writer.close()
             return
+        key = "unix-abstract:" + name
+        self.peers[key] = LocalPeer(pid, uid)
         task = asyncio.current_task()
         self._relays.add(task)
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
             self._relays.discard(task)
+            self.peers.pop(key, None)     # before the address is released
             for w in (writer, up_writer):
                 w.close()
 

@@ -1,10 +1,11 @@
 """The control server: swarm.control.v1.Control, health and reflection over grpc.aio.
 
 Listeners: the unix socket <run_dir>/control.sock for local root (through LocalFront,
-which checks SO_PEERCRED; gRPC itself listens on a private socket in a 0700 directory),
-and, when control.listen is set, TCP with mutual TLS (a client certificate signed by
-control.tls_ca is required by the handshake). Requests above MAX_REQUEST_BYTES are refused
-with RESOURCE_EXHAUSTED by gRPC before any handler runs.
+which checks SO_PEERCRED; gRPC itself listens on a private socket in a 0700 directory and
+answers only connections LocalFront made, see agent.control.auth), and, when
+control.listen is set, TCP with mutual TLS (a client certificate signed by
+control.tls_ca is required by the handshake; its CN is the identity). Requests above
+MAX_REQUEST_BYTES are refused with RESOURCE_EXHAUSTED by gRPC before any handler runs.
 
 `ControlServer(agent).run()` is a task for the agent's TaskGroup: it serves until
 cancelled, then stops (streams are cancelled after a short grace period).
@@ -21,6 +22,7 @@ import grpc
 
 from agent.config import Config, ConfigError
 from agent.control import health, reflection
+from agent.control.auth import Authenticator, Gate
 from agent.control.local import LocalFront, SocketInUse
 from agent.control.service import ControlService
 from agent.control.watch import WatchHub
@@ -54,27 +56,32 @@ class ControlServer:
         """Bind every listener; raises ConfigError with one sentence when one cannot be."""
         self.hub = WatchHub(asyncio.get_running_loop())
         self.agent.responder.observers.append(self.hub.on_change)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        backend = private_socket(self.cfg)
+        front = LocalFront(self.cfg.control_socket, backend, self.allowed_uids)
+        auth = Authenticator(self.cfg.control, front.peers)
+        service = ControlService(self.agent, self.hub, auth)
+        server = grpc.aio.server(interceptors=[Gate(auth, service.audit_call)],
+                                 options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                                           ("grpc.so_reuseport", 0)])
-        control_pb2_grpc.add_ControlServicer_to_server(ControlService(self.agent, self.hub), server)
+        control_pb2_grpc.add_ControlServicer_to_server(service, server)
         health.add_to_server(health.HealthService(lambda: bool(self.agent.ready),
                                                   [CONTROL_SERVICE]), server)
         reflection.add_to_server(server, [CONTROL_SERVICE, health.SERVICE_NAME])
-        backend = self._prepare_dirs()
+        self._prepare_dirs()
         server.add_insecure_port(f"unix:{backend}")
         if self.cfg.control.listen:
             self.tcp_port = self._add_tcp(server)
         await server.start()
         self.server = server
         os.chmod(backend, 0o600)
-        self.front = LocalFront(self.cfg.control_socket, backend, self.allowed_uids)
+        self.front = front
         try:
             await self.front.start()
         except (SocketInUse, OSError) as e:
             await self.stop()
             raise ConfigError(f"control socket: {e}") from None
 
-    def _prepare_dirs(self) -> Path:
+    def _prepare_dirs(self) -> None:
         backend = private_socket(self.cfg)
         try:
             Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -83,7 +90,6 @@ class ControlServer:
             backend.unlink(missing_ok=True)   # ours: the state_dir lock says we own run_dir
         except OSError as e:
             raise ConfigError(f"run_dir {self.cfg.run_dir}: {e.strerror}") from None
-        return backend
 
     def _add_tcp(self, server: grpc.aio.Server) -> int:
         c = self.cfg.control

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import time
+import unicodedata
 from typing import Any, Callable
 
 import grpc
@@ -19,10 +20,11 @@ from google.protobuf import json_format
 
 from agent.control import convert
 from agent.control import isolation
-from agent.control.auth import OPERATOR, VIEWER, Caller, caller_of
+from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
 from agent.enforce.base import AllowlistedError, EnforceError
+from agent.enforce.ifaddr import AddressReader
 from agent.model import EventClass, IncidentState, MitigationKind, MitigationState
 from agent.proto.swarm.control.v1 import control_pb2 as pb
 from agent.proto.swarm.control.v1 import control_pb2_grpc
@@ -33,6 +35,7 @@ Code = grpc.StatusCode
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MAX_TEXT = 1024                  # comment, reason: longer is an oversized request
+_NOT_TEXT = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}   # controls, format, separators
 MIN_PREFIX = {4: 8, 6: 16}       # broader targets than these are refused as absurd
 KINDS = {pb.MITIGATION_KIND_UNSPECIFIED: MitigationKind.BLOCK_IP,
          pb.BLOCK: MitigationKind.BLOCK_IP, pb.RATE_LIMIT: MitigationKind.RATE_LIMIT,
@@ -47,44 +50,44 @@ def rpc(role: str, mutating: bool) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         async def handler(self: ControlService, request, context):
-            caller = caller_of(context, self.agent.cfg.control)
+            caller = self.auth.caller(context)
             name = fn.__name__
             if not caller.may(role):
-                err = CallError(Code.PERMISSION_DENIED,
-                                f"{caller.identity} ({caller.role}) may not call {name}: "
-                                f"it needs the {role} role")
-                self._audit(caller, name, request, err.code.name, err.message)
+                err = CallError(Code.PERMISSION_DENIED, denied(caller, name, role))
+                self.audit_call(caller, name, request, err.code.name, err.message)
                 await context.abort(err.code, err.message)
             try:
                 response, detail = fn(self, request, caller)
             except CallError as err:
                 if mutating:
-                    self._audit(caller, name, request, err.code.name, err.message)
+                    self.audit_call(caller, name, request, err.code.name, err.message)
                 await context.abort(err.code, err.message)
             except Exception as e:  # a bug or a host failure: say so, never a traceback
                 log.exception("control call failed", extra={"method": name})
                 message = f"{name} failed: {e}"
                 if mutating:
-                    self._audit(caller, name, request, Code.INTERNAL.name, message)
+                    self.audit_call(caller, name, request, Code.INTERNAL.name, message)
                 await context.abort(Code.INTERNAL, message)
             if mutating:
-                self._audit(caller, name, request, "OK", detail)
+                self.audit_call(caller, name, request, "OK", detail)
             return response
         return handler
     return wrap
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
-    """Serves one agent: `agent` has cfg, store, responder, status() and reload_rules()."""
+    """Serves one agent: `agent` has cfg, store, responder, status() and reload_rules();
+    `auth` says who each caller is."""
 
-    def __init__(self, agent: Any, hub: WatchHub, clock: Callable[[], float] = time.time):
-        self.agent, self.hub, self.clock = agent, hub, clock
+    def __init__(self, agent: Any, hub: WatchHub, auth: Authenticator,
+                 clock: Callable[[], float] = time.time):
+        self.agent, self.hub, self.auth, self.clock = agent, hub, auth, clock
 
     @property
     def store(self):
         return self.agent.store
 
-    def _audit(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
+    def audit_call(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
         args = json_format.MessageToDict(request, preserving_proto_field_name=True)
         self.store.record_audit(self.clock(), caller.identity, caller.role, method, args,
                                 result, detail)
@@ -137,10 +140,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return pb.ListAuditResponse(entries=[convert.audit_entry(e) for e in entries]), ""
 
     async def WatchIncidents(self, request, context):
-        caller = caller_of(context, self.agent.cfg.control)
+        caller = self.auth.caller(context)
         if not caller.may(VIEWER):
             await context.abort(Code.PERMISSION_DENIED,
-                                f"{caller.identity} ({caller.role}) may not watch incidents")
+                                denied(caller, "WatchIncidents", VIEWER))
         initial = []
         if request.initial:
             live = self.store.incidents(state=(IncidentState.OPEN, IncidentState.MITIGATED,
@@ -279,9 +282,16 @@ def _limit(n: int) -> int:
 
 
 def _text(name: str, value: str) -> str:
+    """A comment or reason: at most MAX_TEXT characters of plain text on one line (no
+    control or format characters: escapes, newlines, bidi overrides are refused)."""
     if len(value) > MAX_TEXT:
         raise CallError(Code.RESOURCE_EXHAUSTED,
                         f"{name} is {len(value)} characters long; the limit is {MAX_TEXT}")
+    for i, c in enumerate(value):
+        if unicodedata.category(c) in _NOT_TEXT:
+            raise CallError(Code.INVALID_ARGUMENT,
+                            f"{name} holds a control character (U+{ord(c):04X} at position "
+                            f"{i}); give plain text on one line")
     return value.strip()
 
 
@@ -307,4 +317,28 @@ def _target(text: str, broad_ok: bool = True) -> str:
         raise CallError(Code.INVALID_ARGUMENT,
                         f"{target} is too broad: the shortest prefix accepted is "
                         f"/{MIN_PREFIX[net.version]} for IPv{net.version}")
+    if not broad_ok and (subnet := _broadcast_of(net)) is not None:
+        raise CallError(Code.INVALID_ARGUMENT,
+                        f"{target} is the broadcast address of this host's subnet {subnet}; "
+                        "it is never a source and cannot be blocked")
     return target
+
+
+def _broadcast_of(net) -> str | None:
+    """The on-link IPv4 subnet whose broadcast address `net` (a single address) is, or
+    None. Only the host's own subnets are knowable: elsewhere a.b.c.255 may be a host."""
+    if net.version != 4 or net.prefixlen != 32:
+        return None
+    try:
+        reader = AddressReader()
+        try:
+            ifaces = reader.interfaces()
+        finally:
+            reader.close()
+    except OSError:
+        return None
+    for iface in ifaces:
+        if iface.version == 4 and iface.network.prefixlen <= 30 and \
+                iface.network.broadcast_address == net.network_address:
+            return str(iface.network)
+    return None

@@ -30,11 +30,15 @@ class AddressReader:
         self._sock.close()
 
     def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return [i.ip for i in self.interfaces()]
+
+    def interfaces(self) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        """Each address with its prefix length (10.0.0.1/24): the on-link networks."""
         self._seq += 1
         body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
         self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR,
                                        NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0) + body)
-        found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        found: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
         while True:
             data = self._sock.recv(65536)
             offset = 0
@@ -53,8 +57,8 @@ class AddressReader:
                     break
 
 
-def _parse_addr(msg: bytes) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    family = msg[0]
+def _parse_addr(msg: bytes) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    family, prefixlen = msg[0], msg[1]
     attrs: dict[int, bytes] = {}
     offset = _IFADDRMSG.size
     while offset + _RTATTR.size <= len(msg):
@@ -67,4 +71,4 @@ def _parse_addr(msg: bytes) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addres
     raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
         return []
-    return [ipaddress.ip_address(raw)]
+    return [ipaddress.ip_interface((ipaddress.ip_address(raw), prefixlen))]

@@ -4,6 +4,7 @@ Pure functions over the config; the responder (engine.py) owns state and side ef
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Mapping
 
@@ -26,6 +27,7 @@ ISOLATION_KINDS = (MitigationKind.ISOLATE_NODE, MitigationKind.ISOLATE_SERVICE,
                    MitigationKind.FREEZE_CGROUP, MitigationKind.REMOVE_PEER)
 # The distributed switch counts the sources one rule mitigated over this span.
 DISTRIBUTED_WINDOW_S = 60.0
+LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 _SERVICE_RE = re.compile(r"^(tcp|udp)/([0-9]{1,5})$")
 
 
@@ -37,8 +39,17 @@ def lifetime_s(base_ttl_s: float, prior: int, policy: MitigationPolicy) -> float
 
 
 def target_of(entity: str) -> str:
-    """"ip:2001:db8::1" -> "2001:db8::1", "service:tcp/80" -> "tcp/80"."""
-    return entity.split(":", 1)[1] if ":" in entity else entity
+    """"ip:2001:db8::1" -> "2001:db8::1", "service:tcp/80" -> "tcp/80". An address in
+    the IPv4-mapped form ("ip:::ffff:10.0.0.1") is its IPv4 address, as parse_target and
+    the enforcer's sets take it, so that the allowlist is checked in the right family."""
+    target = entity.split(":", 1)[1] if ":" in entity else entity
+    if entity.startswith("ip:") and target[:7].lower() == "::ffff:":
+        try:
+            net = parse_target(target)
+        except ValueError:
+            return target
+        return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+    return target
 
 
 def service_of(finding: Finding) -> str | None:
@@ -70,9 +81,10 @@ def _rate(rl: RateLimit) -> dict[str, Any]:
 
 
 def unblockable(target: str) -> str | None:
-    """Why `target` must never be a source mitigation, or None. The unspecified and
-    multicast addresses are never a real attacker's source: blocking them only hides a
-    decoding problem or takes down something shared."""
+    """Why `target` must never be a source mitigation, or None. The unspecified,
+    multicast and limited broadcast (255.255.255.255) addresses are never a real
+    attacker's source: blocking them only hides a decoding problem or takes down something
+    shared."""
     try:
         net = parse_target(target)
     except ValueError:
@@ -82,6 +94,8 @@ def unblockable(target: str) -> str | None:
         return "is the unspecified address"
     if addr.is_multicast:
         return "is a multicast address"
+    if addr == LIMITED_BROADCAST:
+        return "is the limited broadcast address"
     return None
 
 

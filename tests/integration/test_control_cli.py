@@ -15,6 +15,7 @@ import pytest
 from agent import attacks
 from agent.lab import sh, wait_for
 from agent.scenario import AgentProcess
+from tests.integration.nftlab import listener, reaches, wait_reaches
 
 pytestmark = pytest.mark.privileged
 CLI = [sys.executable, "-m", "agent.cli.main"]
@@ -109,7 +110,7 @@ def test_incident_from_an_attack_acknowledged_and_resolved(lab, agent):
     assert table.stdout.splitlines()[0].split()[:3] == ["ID", "CLASS", "STATE"]
     detail = cli(agent, "incident", short)
     assert detail.returncode == 0 and "mitigation_applied" in detail.stdout
-    assert "acknowledged by local:uid=0" in detail.stdout
+    assert "acknowledged by local:uid=0" in detail.stdout   # the CLI's real uid
     resolved = cli_json(agent, "resolve", short, "--false-positive", "--comment", "lab")
     assert resolved["state"] == "false_positive"
     # Marking it a false positive lifted its block, in the kernel too.
@@ -118,6 +119,37 @@ def test_incident_from_an_attack_acknowledged_and_resolved(lab, agent):
     assert again.returncode == 6 and "already closed" in again.stderr
     methods = [e["method"] for e in cli_json(agent, "audit")]
     assert methods[:3] == ["ResolveIncident", "ResolveIncident", "AcknowledgeIncident"]
+
+
+def set_elements(lab, name: str) -> str:
+    return sh("nft", "-j", "list", "set", "inet", "swarm_agent", name, ns=lab.victim).stdout
+
+
+def test_addresses_as_an_operator_may_type_them(lab, agent):
+    """An IPv4-mapped address blocks the IPv4 host (v4 set, its connections really cut);
+    scoped and broadcast addresses are refused with exit 2 and one sentence."""
+    attacker, victim = lab.addr("attacker"), lab.addr("victim")
+    with listener(lab.victim, "0.0.0.0", 8081):
+        assert reaches(lab.attacker, victim, 8081)
+        m = cli_json(agent, "block", f"::ffff:{attacker}", "--ttl", "60")
+        assert (m["target"], m["state"]) == (attacker, "active")
+        wait_for(lambda: attacker in set_elements(lab, "block_v4"), 5)
+        assert "ffff" not in set_elements(lab, "block_v6")
+        wait_reaches(lab.attacker, victim, 8081, expected=False)
+        assert cli(agent, "unblock", f"::ffff:{attacker}").returncode == 0
+        wait_reaches(lab.attacker, victim, 8081, expected=True)
+
+    subnet_broadcast = f"10.{lab.subnet}.0.255"    # the victim's on-link /24
+    for target, text in [
+        ("fe80::1%v0", "fe80::1%v0 is a scoped address (zone 'v0')"),
+        ("255.255.255.255", "255.255.255.255 is the limited broadcast address"),
+        (subnet_broadcast, f"{subnet_broadcast} is the broadcast address of this host's "
+                           f"subnet 10.{lab.subnet}.0.0/24"),
+    ]:
+        done = cli(agent, "block", target)
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr.startswith(f"swarm-agent: {text}") and done.stderr.count("\n") == 1
+    assert cli_json(agent, "mitigations") == []
 
 
 def _read_lines(proc: subprocess.Popen[bytes], n: int, timeout_s: float) -> list[dict]:

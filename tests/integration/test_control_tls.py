@@ -1,7 +1,9 @@
 """The authorization matrix over the TCP listener (mutual TLS, loopback only): no client
-certificate or one from another CA is refused by the handshake; a viewer reads and gets
-PERMISSION_DENIED (audited) when it acts; an operator acts; an unlisted identity gets
-nothing. Certificates are made with openssl for each test run.
+certificate, one from another CA or an expired one is refused by the handshake, and the
+CLI says why with exit 5; a viewer reads and gets PERMISSION_DENIED (audited) when it
+acts; an operator acts; an unlisted identity gets nothing. The identity is the subject CN
+and nothing else: a SAN naming an operator gives no role, a second CN is refused.
+Certificates are made with openssl for each test run.
 """
 from __future__ import annotations
 
@@ -31,13 +33,16 @@ def _ca(d: Path, name: str) -> None:
              cwd=d)
 
 
-def _leaf(d: Path, ca: str, name: str, cn: str, san: str) -> None:
+def _leaf(d: Path, ca: str, name: str, cn: str, san: str, days: int = 2) -> None:
+    """A certificate signed by `ca`; `cn` may be a whole subject ("/CN=a/CN=b");
+    days=-1 makes one that expired yesterday."""
+    subject = cn if cn.startswith("/") else f"/CN={cn}"
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+             "-subj", subject, "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
     (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
     _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-             cwd=d)
+             "-CAcreateserial", "-days", str(days), "-extfile", f"{name}.ext", "-out",
+             f"{name}.pem", cwd=d)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +56,14 @@ def pki(tmp_path_factory):
     _ca(d, "rogue-ca")
     _leaf(d, "ca", "server", "agent", "IP:127.0.0.1,DNS:localhost")
     _leaf(d, "ca", "viewer", "viewer.example", "DNS:viewer.example")
-    _leaf(d, "ca", "operator", "someone", "DNS:ops.example")   # listed by SAN
+    _leaf(d, "ca", "operator", "ops.example", "DNS:ops-host.example")
     _leaf(d, "ca", "stranger", "stranger.example", "DNS:stranger.example")
     _leaf(d, "rogue-ca", "rogue", "ops.example", "DNS:ops.example")
+    # One field only: the SAN naming an operator counts for nothing.
+    _leaf(d, "ca", "viewer-san-op", "viewer.example", "DNS:ops.example")
+    _leaf(d, "ca", "san-op", "someone", "DNS:ops.example,URI:spiffe://x/ops.example")
+    _leaf(d, "ca", "two-cns", "/CN=viewer.example/CN=ops.example", "DNS:viewer.example")
+    _leaf(d, "ca", "expired", "ops.example", "DNS:ops.example", days=-1)
     return d
 
 
@@ -78,7 +88,7 @@ def _stub(s: Served, pki: Path, client: str | None) -> tuple[grpc.Channel, contr
 BLOCK = pb.ApplyMitigationRequest(target="198.51.100.20", ttl_s=60)
 
 
-@pytest.mark.parametrize("client", [None, "rogue"])
+@pytest.mark.parametrize("client", [None, "rogue", "expired"])
 def test_tcp_refuses_clients_without_a_valid_certificate(tls_served, pki, client):
     ch, stub = _stub(tls_served, pki, client)
     with ch:
@@ -110,11 +120,31 @@ def test_operator_acts(tls_served, pki):
     assert [(e.identity, e.role, e.result) for e in audit] == [("ops.example", "operator", "OK")]
 
 
-def test_unlisted_identity_gets_nothing(tls_served, pki):
-    ch, stub = _stub(tls_served, pki, "stranger")
+@pytest.mark.parametrize("client, why", [
+    ("stranger", "CN 'stranger.example' is not listed"),
+    ("san-op", "CN 'someone' is not listed"),
+    ("two-cns", "has 2 Common Names"),
+])
+def test_unlisted_identity_gets_nothing(tls_served, pki, client, why):
+    ch, stub = _stub(tls_served, pki, client)
     with ch:
-        code, _ = code_of(lambda: stub.GetStatus(pb.GetStatusRequest(), timeout=10))
-    assert code is Code.PERMISSION_DENIED
+        code, details = code_of(lambda: stub.GetStatus(pb.GetStatusRequest(), timeout=10))
+        assert code is Code.PERMISSION_DENIED and why in details
+        code, _ = code_of(lambda: stub.ApplyMitigation(BLOCK, timeout=10))
+        assert code is Code.PERMISSION_DENIED
+    assert tls_served.agent.store.mitigations() == []
+    assert {(e["role"], e["result"]) for e in tls_served.agent.store.audit()} == \
+        {("none", "PERMISSION_DENIED")}
+
+
+def test_cn_viewer_with_an_operator_san_is_a_viewer(tls_served, pki):
+    ch, stub = _stub(tls_served, pki, "viewer-san-op")
+    with ch:
+        assert stub.GetStatus(pb.GetStatusRequest(), timeout=10).ready
+        code, details = code_of(lambda: stub.ApplyMitigation(BLOCK, timeout=10))
+    assert code is Code.PERMISSION_DENIED and "viewer.example (viewer)" in details
+    assert [(e["identity"], e["role"]) for e in tls_served.agent.store.audit()] == \
+        [("viewer.example", "viewer")]
 
 
 def test_cli_remote(tls_served, pki, tmp_path):
@@ -134,3 +164,24 @@ def test_cli_remote(tls_served, pki, tmp_path):
     missing = subprocess.run([*base, "status", *remote], capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "--remote needs --cert, --key" in missing.stderr
+
+
+@pytest.mark.parametrize("client, ca, why", [
+    ("rogue", "ca", "the agent refused the client certificate: it is not signed by the CA "
+                    "in --ca (unknown issuer)"),
+    ("expired", "ca", "the agent refused the client certificate: it has expired"),
+    ("operator", "rogue-ca", "the agent's certificate failed verification against --ca"),
+    ("stranger", "ca", "the client certificate's CN 'stranger.example' is not listed in "
+                       "control.viewers or control.operators"),
+])
+def test_cli_tls_failures_are_permission_denied_with_the_reason(tls_served, pki, client, ca,
+                                                                why):
+    done = subprocess.run([sys.executable, "-m", "agent.cli.main", "block", "198.51.100.22",
+                           "--remote", f"127.0.0.1:{tls_served.server.tcp_port}",
+                           "--ca", str(pki / f"{ca}.pem"), "--cert", str(pki / f"{client}.pem"),
+                           "--key", str(pki / f"{client}.key")],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (5, ""), done.stderr
+    assert done.stderr.startswith("swarm-agent: permission denied: " + why)
+    assert done.stderr.count("\n") == 1, done.stderr    # one sentence, no gRPC log lines
+    assert tls_served.agent.store.mitigations() == []
