@@ -64,7 +64,7 @@ from agent.model import Event
 from agent.sources import abi, ident, libbpf, stdio
 from agent.sources.abi import ProcMap, ProcProg
 from agent.sources.cgroups import CgroupNames, ancestors
-from agent.sources.owners import Registry, initial_netns_inode, netns_inode
+from agent.sources.procscope import OwnedScope
 from agent.sources.probe import BpfProbe
 
 SOURCE = "bpf.proc"
@@ -73,7 +73,6 @@ SOURCE = "bpf.proc"
 OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD, ProcProg.DUP2_EXIT}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
-REFRESH_OWNERS_S = 1.0   # how often the host agent re-reads the other agents' registrations
 EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE,
              "service_managers": abi.EXE_MANAGER, "package_managers": abi.EXE_PACKAGER}
 PATH_CACHE = 4096       # executables' paths remembered from events, by (dev, ino)
@@ -91,7 +90,7 @@ def _fid(f: abi.file_id) -> ident.FileId:
     return f.dev, f.ino
 
 
-class ProcProbe(BpfProbe):
+class ProcProbe(OwnedScope, BpfProbe):
     """Loads probes/proc.bpf.o: host-global tracepoints, filtered in the kernel.
 
     open() loads and attaches; programs the kernel refuses, or whose tracepoint this
@@ -99,7 +98,8 @@ class ProcProbe(BpfProbe):
     missing or broken object raises. run() emits one Event per kernel event until
     cancelled and re-resolves the watched executables and files every refresh_s;
     refresh() does it now; poll() returns those queued now. losses() counts events the
-    kernel could not queue. close() detaches everything and is idempotent.
+    kernel could not queue. close() detaches everything and is idempotent. Which
+    processes it reports: agent.sources.procscope.
     """
 
     NAME = "process"
@@ -121,8 +121,7 @@ class ProcProbe(BpfProbe):
         self.patterns = ident.patterns(cfg)
         self._watch_lists = ident.watch_lists(cfg, self.patterns)
         self.cgroups = CgroupNames()
-        self.owners = Registry(cfg.probes.process_owners)
-        self.netns, self.host_scope = 0, False
+        self.init_scope(cfg)
         # the stdio correlator's peers (found in /proc, not in an event) by inode
         self.exes = stdio.ExeIndex(breach_lists(cfg)["remote_access"])
 
@@ -133,22 +132,6 @@ class ProcProbe(BpfProbe):
         self._refresh_due = 0.0
 
     # --- loading -------------------------------------------------------------------------
-
-    def open(self) -> None:
-        """Loads in, and owns the processes of, the calling thread's network namespace
-        (agent.sources.owners); OwnerConflict when another live agent owns them."""
-        self.netns, initial = netns_inode(), initial_netns_inode()
-        self.host_scope = initial == self.netns
-        self.owners.claim(self.netns, os.getpid())
-        try:
-            super().open()
-        except BaseException:
-            self.owners.release(self.netns, os.getpid())
-            raise
-        self._status["process_scope"] = {"state": "loaded", "reason": (
-            "processes of this network namespace and of every one without its own agent"
-            if self.host_scope else "processes of this network namespace" + (
-                "" if initial else " (the host's initial namespace could not be identified)"))}
 
     def _configure(self, obj: libbpf.Object) -> None:
         obj.map(ProcMap.EVENTS).set_max_entries(self.ring_bytes)
@@ -262,55 +245,6 @@ class ProcProbe(BpfProbe):
         finally:
             if task:
                 task.cancel()
-
-    def refresh_owners(self) -> None:
-        """The host agent: leave the namespaces other live agents registered to them, and
-        take back those whose agent is gone (the kernel also does that the moment an
-        owner exits). run() calls this every REFRESH_OWNERS_S."""
-        if not self.host_scope or self._obj is None:
-            return
-        live = {ino: o for ino, o in self.owners.live().items() if ino != self.netns}
-        by_netns, by_pid = self._map(ProcMap.FOREIGN_NETNS), self._map(ProcMap.FOREIGN_AGENTS)
-        u32 = ctypes.c_uint32
-        value = lambda x: getattr(x, "value", x)   # batch reads give ints, others c_uint32
-        for ino, pid in [(value(k), value(v)) for k, v in by_netns.items(u32, u32)]:
-            if ino not in live:
-                by_netns.delete(u32(ino))
-                by_pid.delete(u32(pid))
-        for ino, owner in live.items():
-            by_netns.update(u32(ino), u32(owner.pid))
-            by_pid.update(u32(owner.pid), u32(ino))
-            if not owner.alive():     # exited before its entry was in: the kernel missed it
-                by_netns.delete(u32(ino))
-                by_pid.delete(u32(owner.pid))
-
-    async def _run_scoped(self, emit) -> None:
-        """BpfProbe.run; the host agent also re-reads the other agents' registrations."""
-        if not self.host_scope:
-            return await super().run(emit)
-
-        async def refresh() -> None:
-            scope = dict(self._status["process_scope"])
-            while True:
-                await asyncio.sleep(REFRESH_OWNERS_S)
-                try:
-                    self.refresh_owners()
-                    self._status["process_scope"] = scope
-                except (OSError, RuntimeError) as e:   # keeps the last registrations it read
-                    self._status["process_scope"] = {
-                        "state": "degraded", "reason": f"cannot read the other agents' registrations: {e}"}
-
-        task = asyncio.create_task(refresh())
-        try:
-            await super().run(emit)
-        finally:
-            task.cancel()
-
-    def close(self) -> None:
-        super().close()
-        if self.netns:
-            self.owners.release(self.netns, os.getpid())
-            self.netns = 0
 
     async def run(self, emit) -> None:
         """Emit every event until cancelled; "proc.stdio" events are also correlated off

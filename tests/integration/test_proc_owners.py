@@ -17,7 +17,8 @@ from agent.lab import netns, serving
 from agent.sources import capability
 from agent.sources.abi import PROC_OBJECT, ProcProg
 from agent.sources.owners import OwnerConflict
-from agent.sources.proc import REFRESH_OWNERS_S, ProcProbe
+from agent.sources.proc import ProcProbe
+from agent.sources.procscope import REFRESH_OWNERS_S
 from tests.conftest import skip_unsupported
 
 pytestmark = pytest.mark.privileged
