@@ -16,7 +16,10 @@ user namespace (a container's root mapped to uid 100000 is uid 100000 here).
       session's scope (/user.slice/user-1000.slice/session-3.scope), a container's; the
       service or session is isolated (network cut + freeze), as a service breach is. A
       process with a login (loginuid set) owns only cgroups in /user.slice: a user's
-      cron job inside cron.service is not cron's to lose;
+      cron job inside cron.service is not cron's to lose. A cgroup delegated to the
+      actor (systemd's user@UID.service and what the user creates below it: `systemd-run
+      --user`) is isolated at its top (delegation_root): below it the actor can move its
+      processes to a sibling cgroup the freeze and the cut do not reach;
     * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown)
       its processes: KILL_PROCESS on the acting pid, which kills the members of its
       POSIX session that run as the same uid (agent.enforce.process), never anyone else's.
@@ -33,10 +36,13 @@ service isolated, never the node.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping
 
+from agent.enforce.cgroup import CgroupError, cgroup2_mount
 from agent.model import Finding, MitigationKind
 
 # Breach responses that authority can narrow.
@@ -126,6 +132,29 @@ def own_cgroup(path: str | None) -> bool:
     return bool(leaf) and not _SHARED_UNITS.match(leaf)
 
 
+def delegation_root(path: str, uid: int, root: Path | None = None) -> str:
+    """The cgroup the actor cannot move its processes out of: `path` raised to its
+    top-most ancestor below which the actor may migrate processes -- while the parent's
+    cgroup.procs is the actor's (a delegated subtree), the actor could move a frozen
+    process to a sibling, so the parent is the target. `path` itself when the hierarchy
+    cannot be read (the actor's uid owns nothing above it then either, as far as we know)."""
+    try:
+        root = root or cgroup2_mount()
+    except CgroupError:
+        return path
+    parts = [p for p in path.split("/") if p]
+    top = len(parts)
+    while top > 1:
+        try:
+            owner = os.stat(root.joinpath(*parts[:top - 1], "cgroup.procs")).st_uid
+        except OSError:
+            break
+        if owner != uid:
+            break
+        top -= 1
+    return "/" + "/".join(parts[:top])
+
+
 def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
     """The response an unprivileged actor's breach gets instead of `kind`; None when the
     rule's own response stands (a privileged or unknown actor, or not an isolation)."""
@@ -136,12 +165,21 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         return None
     who = f"actor {actor.describe()} is unprivileged"
     asked = "the node" if kind is MitigationKind.ISOLATE_NODE else f"service {finding.entity}"
+    target = None
     if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
         assert actor.cgroup is not None
-        target = actor.cgroup.rstrip("/")
-        note = f"{finding.rule}: {who}: isolating its own cgroup {target} instead of {asked}"
+        target = delegation_root(actor.cgroup.rstrip("/"), actor.uid)
+        if not own_cgroup(target):
+            target = None
+    if target is not None:
+        assert actor.cgroup is not None
+        own = "its own cgroup"
+        if target != actor.cgroup.rstrip("/"):
+            own = (f"the cgroup delegated to it (it could move its processes anywhere "
+                   f"below, out of {actor.cgroup.rstrip('/')})")
+        note = f"{finding.rule}: {who}: isolating {own} {target} instead of {asked}"
         if kind is MitigationKind.ISOLATE_SERVICE and finding.entity == f"cgroup:{target}":
-            note = f"{finding.rule}: {who}: isolating its own cgroup {target}"
+            note = f"{finding.rule}: {who}: isolating {own} {target}"
         filed = _filed(finding, f"cgroup:{target}", note)
         return Answer(filed, MitigationKind.ISOLATE_SERVICE, target, note, {})
     if actor.pid is None or actor.pid <= 1:

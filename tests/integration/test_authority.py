@@ -11,11 +11,13 @@ only breach.credential_write, with credential_paths set to one file the test cre
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,66 @@ def test_unprivileged_process_renamed_as_a_service_cannot_isolate_the_node(lab, 
         finally:
             svc.kill()
             svc.wait()
+
+
+# Moves every process of cgroup argv[1] to argv[2] once argv[1] is frozen (or its parent
+# is: then this process is frozen too and never gets to).
+MOVER = r"""
+import sys, time
+src, dst = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    if "frozen 1" in open(src + "/cgroup.events").read():
+        for pid in open(src + "/cgroup.procs").read().split():
+            open(dst + "/cgroup.procs", "w").write(pid)
+        print("moved", flush=True)
+        break
+    time.sleep(0.02)
+time.sleep(30)
+"""
+
+
+def test_an_actor_cannot_move_out_of_the_isolation_of_a_cgroup_delegated_to_it(lab, tmp_path,
+                                                                             setpriv):
+    """systemd delegates a subtree to each user (user@UID.service; `systemd-run --user`
+    runs below it): the user owns its cgroup.procs and creates cgroups there. Writing from
+    one of them, with a process of its own in a sibling ready to move it out of the
+    freeze, the actor is isolated at the top of what was delegated: nothing escapes."""
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent), throwaway_cgroup("swa-deleg") as top:
+        for name in ("", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+            os.chown(top / name, NOBODY, NOBODY)
+        subprocess.run([*AS_NOBODY, "mkdir", str(top / "a"), str(top / "b")], check=True)
+        into = lambda cg: ["sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh"]
+        mover = subprocess.Popen([*into(top / "b"), *AS_NOBODY, "/usr/bin/python3", "-c", MOVER,
+                                  str(top / "a"), str(top / "b")], stdout=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        writer = subprocess.Popen(
+            [*into(top / "a"), "ip", "netns", "exec", lab.victim, *AS_NOBODY,
+             "/usr/bin/python3", "-c", WRITER, str(watched)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert writer.stdout is not None and writer.stdin is not None
+            assert writer.stdout.readline().strip() == "ready"
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "wrote"
+            wait_for(lambda: "frozen 1" in (top / "cgroup.events").read_text(), DEADLINE_S)
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["target"]) == ("isolate_service", cgroup_path(top))
+            time.sleep(1.0)
+            assert (top / "a" / "cgroup.procs").read_text().split() == [str(writer.pid)]
+            assert "frozen 1" in (top / "a" / "cgroup.events").read_text()
+        finally:
+            for p in (writer, mover):
+                p.kill()
+                p.wait()
+            for sub in ("a", "b"):
+                with contextlib.suppress(OSError):
+                    (top / sub / "cgroup.kill").write_text("1")
+                with contextlib.suppress(TimeoutError):
+                    wait_for(lambda: not (top / sub / "cgroup.procs").read_text().strip(), 5.0)
+                with contextlib.suppress(OSError):
+                    (top / sub).rmdir()
+            shutil.rmtree(watched.parent, ignore_errors=True)
