@@ -20,7 +20,8 @@ user namespace (a container's root mapped to uid 100000 is uid 100000 here).
       actor (systemd's user@UID.service and what the user creates below it: `systemd-run
       --user`) is isolated at its top (delegation_root): below it the actor can move its
       processes to a sibling cgroup the freeze and the cut do not reach;
-    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown)
+    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown, a
+      cgroup where another non-root uid runs processes: other_user)
       its processes: KILL_PROCESS on the acting pid, which kills the members of its
       POSIX session that run as the same uid (agent.enforce.process), never anyone else's.
 - Unknown (no uid in the evidence: not a process finding): the rule's response stands.
@@ -155,6 +156,33 @@ def delegation_root(path: str, uid: int, root: Path | None = None) -> str:
     return "/" + "/".join(parts[:top])
 
 
+def other_user(path: str, uid: int, root: Path | None = None,
+               proc: Path = Path("/proc")) -> int | None:
+    """A uid other than root's and `uid` that runs a process in cgroup `path` or below it
+    (None when there is none, or the hierarchy cannot be read): such a cgroup is shared
+    (an ssh.service or cron.service holding several users' sessions, php-fpm pools of
+    several users), and isolating it would freeze and cut that user's processes too."""
+    try:
+        top = (root or cgroup2_mount()).joinpath(*[p for p in path.split("/") if p])
+    except CgroupError:
+        return None
+    for d, _, _ in os.walk(top):
+        try:
+            pids = Path(d, "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                status = (proc / pid / "status").read_text()
+            except OSError:
+                continue
+            real = next((int(line.split()[1]) for line in status.splitlines()
+                         if line.startswith("Uid:")), None)
+            if real is not None and real not in (0, uid):
+                return real
+    return None
+
+
 def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
     """The response an unprivileged actor's breach gets instead of `kind`; None when the
     rule's own response stands (a privileged or unknown actor, or not an isolation)."""
@@ -165,12 +193,14 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         return None
     who = f"actor {actor.describe()} is unprivileged"
     asked = "the node" if kind is MitigationKind.ISOLATE_NODE else f"service {finding.entity}"
-    target = None
+    target, why = None, ""
     if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
         assert actor.cgroup is not None
         target = delegation_root(actor.cgroup.rstrip("/"), actor.uid)
         if not own_cgroup(target):
             target = None
+        elif (other := other_user(target, actor.uid)) is not None:
+            target, why = None, f" (it also holds processes of uid {other})"
     if target is not None:
         assert actor.cgroup is not None
         own = "its own cgroup"
@@ -188,7 +218,7 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         note = f"{finding.rule}: {who} and names no process of its own: reported only"
         return Answer(_filed(finding, f"user:{actor.uid}", note), None, None, note, {})
     note = (f"{finding.rule}: {who} and its cgroup {actor.cgroup or '(unknown)'} is not its "
-            f"own: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
+            f"own{why}: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
             f"only) instead of isolating {asked}")
     filed = _filed(finding, f"user:{actor.uid}", note)
     return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note,

@@ -276,3 +276,40 @@ def test_an_actor_cannot_move_out_of_the_isolation_of_a_cgroup_delegated_to_it(l
                 with contextlib.suppress(OSError):
                     (top / sub).rmdir()
             shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_a_cgroup_shared_with_another_user_is_not_isolated_for_one_of_them(lab, tmp_path,
+                                                                           setpriv):
+    """One leaf cgroup holds root's daemon and two users' processes (ssh.service without
+    pam_systemd, cron.service, php-fpm pools): nobody's write kills nobody's session;
+    the cgroup is neither frozen nor cut, the other user's process runs on."""
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent), throwaway_cgroup("swa-shared") as cg:
+        into = ["sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh", "ip", "netns",
+                "exec", lab.victim]
+        other_uid = ["setpriv", f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", "--clear-groups"]
+        daemon = subprocess.Popen([*into, "sleep", "60"], start_new_session=True)
+        other = subprocess.Popen([*into, *other_uid, "sleep", "60"], start_new_session=True)
+        writer = subprocess.Popen([*into, *AS_NOBODY, "/usr/bin/python3", "-c", WRITER,
+                                   str(watched)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        try:
+            assert writer.stdout is not None and writer.stdin is not None
+            assert writer.stdout.readline().strip() == "ready"
+            wait_for(lambda: f"\t{NOBODY - 1}\t" in Path(f"/proc/{other.pid}/status").read_text(), 5.0)
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "wrote"
+            assert writer.wait(timeout=DEADLINE_S) == -9
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["target"]) == ("kill_process", str(writer.pid))
+            (inc,) = cli(agent, "incidents")
+            assert f"it also holds processes of uid {NOBODY - 1}" in str(cli(agent, "incident", inc["id"]))
+            assert "frozen 0" in (cg / "cgroup.events").read_text()
+            assert other.poll() is None and daemon.poll() is None
+        finally:
+            for p in (writer, other, daemon):
+                p.kill()
+                p.wait()
+            shutil.rmtree(watched.parent, ignore_errors=True)

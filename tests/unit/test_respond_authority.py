@@ -223,3 +223,23 @@ def test_a_delegated_cgroup_is_isolated_at_its_top_the_actor_cannot_move_out_of(
         f"{user}/app.slice/run-1.scope"                        # another uid: not delegated to it
     assert authority.delegation_root("/swa/C", 1000, tmp_path) == "/swa"   # never the root
     assert authority.delegation_root("/absent/x", 1000, tmp_path) == "/absent/x"
+
+
+def test_a_cgroup_where_another_user_runs_processes_is_not_the_actors(tmp_path):
+    """ssh.service on a host without pam_systemd, cron.service, php-fpm pools: one cgroup,
+    several users. Root's processes (the daemon) do not make it shared; another uid's do,
+    below it too."""
+    cg, proc = tmp_path / "cg", tmp_path / "proc"
+    procs = {"/system.slice/ssh.service": ["1", "2"], "/system.slice/ssh.service/x": ["3"],
+             "/system.slice/web.service": ["1", "2"]}
+    uids = {"1": 0, "2": 1000, "3": 1001}
+    for path, pids in procs.items():
+        d = cg / path.strip("/")
+        d.mkdir(parents=True)
+        (d / "cgroup.procs").write_text("\n".join(pids) + "\n")
+    for pid, uid in uids.items():
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    assert authority.other_user("/system.slice/ssh.service", 1000, cg, proc) == 1001
+    assert authority.other_user("/system.slice/web.service", 1000, cg, proc) is None
+    assert authority.other_user("/system.slice/absent", 1000, cg, proc) is None
