@@ -221,8 +221,10 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
             f"own{why}: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
             f"only) instead of isolating {asked}")
     filed = _filed(finding, f"user:{actor.uid}", note)
-    return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note,
-                  {"uid": actor.uid})
+    params: dict[str, Any] = {"uid": actor.uid}
+    if (ppid := _int(finding.evidence.get("ppid"))) is not None and ppid > 1:
+        params["ppid"] = ppid     # its session, when the actor is gone by the time of the kill
+    return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note, params)
 
 
 def _filed(finding: Finding, entity: str, note: str) -> Finding:

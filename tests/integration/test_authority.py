@@ -313,3 +313,52 @@ def test_a_cgroup_shared_with_another_user_is_not_isolated_for_one_of_them(lab, 
                 p.kill()
                 p.wait()
             shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_an_actor_that_has_already_exited_gets_its_parents_session_killed(lab, tmp_path,
+                                                                          setpriv):
+    """The usual shape: a shell runs `sh -c 'echo ... >> FILE'`, a child that is gone
+    milliseconds later, before the agent acts. The kill falls back to the child's parent
+    (the evidence's ppid), still only if it runs as the actor's uid: the shell and its
+    session die, not just nothing."""
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent):
+        script = f'echo $$ > "{cgroup2_mount()}/cgroup.procs" && exec "$@"'
+        inner = f"read go; sh -c 'echo x >> {watched}'; echo wrote; exec sleep 60"
+        shell = subprocess.Popen(["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim,
+                                  *AS_NOBODY, "sh", "-c", inner], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert shell.stdout is not None and shell.stdin is not None
+            wait_for(lambda: f"\t{NOBODY}\t" in Path(f"/proc/{shell.pid}/status").read_text(), 5.0)
+            shell.stdin.write("go\n")
+            shell.stdin.flush()
+            assert shell.stdout.readline().strip() == "wrote"
+            assert shell.wait(timeout=DEADLINE_S) == -9            # the session's shell
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["state"]) == ("kill_process", "active")
+            assert m["target"] != str(shell.pid)                  # the child, long gone
+        finally:
+            shell.kill()
+            shell.wait()
+            shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_the_parent_fallback_is_checked_like_the_actor(setpriv):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    root_parent = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        enf = ProcessEnforcer()
+        with pytest.raises(ProcessError, match="belongs to uid 0"):
+            enf.check(str(gone.pid), {"uid": NOBODY, "ppid": root_parent.pid})
+        with pytest.raises(ProcessError, match="PID 1 or the agent"):
+            enf.check(str(gone.pid), {"uid": NOBODY, "ppid": os.getpid()})
+        with pytest.raises(TargetNotFound, match="has exited"):
+            enf.check(str(gone.pid), {"uid": NOBODY, "ppid": 1})     # never PID 1's session
+        with pytest.raises(TargetNotFound, match="has exited"):
+            enf.check(str(gone.pid), {"uid": NOBODY})
+    finally:
+        root_parent.kill()
+        root_parent.wait()
