@@ -3,9 +3,9 @@ breach cannot be answered on a cgroup of its own.
 
 Target: the acting pid ("1234"); params {"uid": N}, the actor's real uid, and optionally
 {"ppid": P}, its parent when it acted. What is killed: the members of that process's POSIX
-session (or, when the actor has already exited -- `sh -c 'cat x >> /etc/passwd'` is done
-in milliseconds -- of its parent's session, if the parent is still there and runs as N) (setsid: a login shell and what it started,
-a daemonised attack and its children) whose real uid is N. Never another user's process
+session (setsid: a login shell and what it started, a daemonised attack and its children)
+whose real uid is N; when the actor has already exited (`sh -c 'cat x >> /etc/passwd'` is
+done in milliseconds), those of its parent's session, if the parent runs as N. Never another user's process
 (a root `sudo` in the same session, the sshd above it), never PID 1 or the agent itself,
 never uid 0 (root's breach is answered with isolation instead).
 
