@@ -5,9 +5,9 @@ Target: the acting pid ("1234"); params {"uid": N}, the actor's real uid, and op
 {"ppid": P}, its parent when it acted. What is killed: the members of that process's POSIX
 session (setsid: a login shell and what it started, a daemonised attack and its children)
 whose real uid is N; when the actor has already exited (`sh -c 'cat x >> /etc/passwd'` is
-done in milliseconds), those of its parent's session, if the parent runs as N. Never another user's process
-(a root `sudo` in the same session, the sshd above it), never PID 1 or the agent itself,
-never uid 0 (root's breach is answered with isolation instead).
+done in milliseconds), those of its parent's session, if the parent runs as N. Never
+another user's process (a root `sudo` in the same session, the sshd above it), never PID 1
+or the agent itself, never uid 0 (root's breach is answered with isolation instead).
 
 Races, which the attacker controls the timing of: the acting process may have exited and
 its pid been reused by the time the agent acts. Each candidate is pinned with a pidfd
