@@ -1,11 +1,13 @@
 """KILL_PROCESS: ending an unprivileged actor's processes (agent.respond.authority), when its
 breach cannot be answered on a cgroup of its own.
 
-Target: the acting pid ("1234"); params {"uid": N}, the actor's real uid. What is killed:
-the members of that process's POSIX session (setsid: a login shell and what it started,
-a daemonised attack and its children) whose real uid is N. Never another user's process
-(a root `sudo` in the same session, the sshd above it), never PID 1 or the agent itself,
-never uid 0 (root's breach is answered with isolation instead).
+Target: the acting pid ("1234"); params {"uid": N}, the actor's real uid, and optionally
+{"ppid": P}, its parent when it acted. What is killed: the members of that process's POSIX
+session (setsid: a login shell and what it started, a daemonised attack and its children)
+whose real uid is N; when the actor has already exited (`sh -c 'cat x >> /etc/passwd'` is
+done in milliseconds), those of its parent's session, if the parent runs as N. Never
+another user's process (a root `sudo` in the same session, the sshd above it), never PID 1
+or the agent itself, never uid 0 (root's breach is answered with isolation instead).
 
 Races, which the attacker controls the timing of: the acting process may have exited and
 its pid been reused by the time the agent acts. Each candidate is pinned with a pidfd
@@ -82,15 +84,28 @@ class ProcessEnforcer:
 
     def check(self, target: str, params: dict[str, Any]) -> str:
         """The normalised pid; raises InvalidTarget, TargetNotFound or ProcessError."""
-        pid = parse_pid(target)
-        uid = _uid_param(params)
-        if pid in self._protect:
-            raise ProcessError(f"refusing to kill process {pid}: PID 1 or the agent itself")
-        owner, _ = identity(pid)
-        if owner != uid:
-            raise ProcessError(f"process {pid} belongs to uid {owner}, not the actor's uid "
-                               f"{uid} (its pid was reused?): nothing killed")
-        return str(pid)
+        self._lead(parse_pid(target), _uid_param(params), params)
+        return str(parse_pid(target))
+
+    def _lead(self, pid: int, uid: int, params: dict[str, Any]) -> int:
+        """The process whose session is killed: `pid`, or its parent (params "ppid") when
+        `pid` has exited; checked as the actor's (uid) and not protected."""
+        ppid = params.get("ppid")
+        if isinstance(ppid, bool) or not isinstance(ppid, int) or ppid <= 1:
+            ppid = None
+        for p in (pid,) if ppid is None else (pid, ppid):
+            if p in self._protect:
+                raise ProcessError(f"refusing to kill process {p}: PID 1 or the agent itself")
+            try:
+                owner, _ = identity(p)
+            except TargetNotFound:
+                continue
+            if owner != uid:
+                raise ProcessError(f"process {p} belongs to uid {owner}, not the actor's uid "
+                                   f"{uid} (its pid was reused?): nothing killed")
+            return p
+        raise TargetNotFound(f"process {pid} has exited" + (
+            "" if ppid is None else f", and so has its parent {ppid}"))
 
     def members(self, sid: int, uid: int) -> list[int]:
         """The processes of session `sid` running as `uid` (PID 1 and the agent excepted)."""
@@ -113,8 +128,8 @@ class ProcessEnforcer:
             raise UnsupportedMitigation(f"the process enforcer does not enforce {m.kind.value}")
         if m.id in self._done:
             return
-        pid = int(self.check(m.target, m.params))
         uid = _uid_param(m.params)
+        pid = self._lead(parse_pid(m.target), uid, m.params)
         pinned: list[int] = []
         try:
             lead = _pin(pid)

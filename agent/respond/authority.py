@@ -16,8 +16,12 @@ user namespace (a container's root mapped to uid 100000 is uid 100000 here).
       session's scope (/user.slice/user-1000.slice/session-3.scope), a container's; the
       service or session is isolated (network cut + freeze), as a service breach is. A
       process with a login (loginuid set) owns only cgroups in /user.slice: a user's
-      cron job inside cron.service is not cron's to lose;
-    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown)
+      cron job inside cron.service is not cron's to lose. A cgroup delegated to the
+      actor (systemd's user@UID.service and what the user creates below it: `systemd-run
+      --user`) is isolated at its top (delegation_root): below it the actor can move its
+      processes to a sibling cgroup the freeze and the cut do not reach;
+    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown, a
+      cgroup where another non-root uid runs processes: other_user)
       its processes: KILL_PROCESS on the acting pid, which kills the members of its
       POSIX session that run as the same uid (agent.enforce.process), never anyone else's.
 - Unknown (no uid in the evidence: not a process finding): the rule's response stands.
@@ -33,10 +37,13 @@ service isolated, never the node.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping
 
+from agent.enforce.cgroup import CgroupError, cgroup2_mount
 from agent.model import Finding, MitigationKind
 
 # Breach responses that authority can narrow.
@@ -126,6 +133,56 @@ def own_cgroup(path: str | None) -> bool:
     return bool(leaf) and not _SHARED_UNITS.match(leaf)
 
 
+def delegation_root(path: str, uid: int, root: Path | None = None) -> str:
+    """The cgroup the actor cannot move its processes out of: `path` raised to its
+    top-most ancestor below which the actor may migrate processes -- while the parent's
+    cgroup.procs is the actor's (a delegated subtree), the actor could move a frozen
+    process to a sibling, so the parent is the target. `path` itself when the hierarchy
+    cannot be read (the actor's uid owns nothing above it then either, as far as we know)."""
+    try:
+        root = root or cgroup2_mount()
+    except CgroupError:
+        return path
+    parts = [p for p in path.split("/") if p]
+    top = len(parts)
+    while top > 1:
+        try:
+            owner = os.stat(root.joinpath(*parts[:top - 1], "cgroup.procs")).st_uid
+        except OSError:
+            break
+        if owner != uid:
+            break
+        top -= 1
+    return "/" + "/".join(parts[:top])
+
+
+def other_user(path: str, uid: int, root: Path | None = None,
+               proc: Path = Path("/proc")) -> int | None:
+    """A uid other than root's and `uid` that runs a process in cgroup `path` or below it
+    (None when there is none, or the hierarchy cannot be read): such a cgroup is shared
+    (an ssh.service or cron.service holding several users' sessions, php-fpm pools of
+    several users), and isolating it would freeze and cut that user's processes too."""
+    try:
+        top = (root or cgroup2_mount()).joinpath(*[p for p in path.split("/") if p])
+    except CgroupError:
+        return None
+    for d, _, _ in os.walk(top):
+        try:
+            pids = Path(d, "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                status = (proc / pid / "status").read_text()
+            except OSError:
+                continue
+            real = next((int(line.split()[1]) for line in status.splitlines()
+                         if line.startswith("Uid:")), None)
+            if real is not None and real not in (0, uid):
+                return real
+    return None
+
+
 def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
     """The response an unprivileged actor's breach gets instead of `kind`; None when the
     rule's own response stands (a privileged or unknown actor, or not an isolation)."""
@@ -136,12 +193,23 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         return None
     who = f"actor {actor.describe()} is unprivileged"
     asked = "the node" if kind is MitigationKind.ISOLATE_NODE else f"service {finding.entity}"
+    target, why = None, ""
     if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
         assert actor.cgroup is not None
-        target = actor.cgroup.rstrip("/")
-        note = f"{finding.rule}: {who}: isolating its own cgroup {target} instead of {asked}"
+        target = delegation_root(actor.cgroup.rstrip("/"), actor.uid)
+        if not own_cgroup(target):
+            target = None
+        elif (other := other_user(target, actor.uid)) is not None:
+            target, why = None, f" (it also holds processes of uid {other})"
+    if target is not None:
+        assert actor.cgroup is not None
+        own = "its own cgroup"
+        if target != actor.cgroup.rstrip("/"):
+            own = (f"the cgroup delegated to it (it could move its processes anywhere "
+                   f"below, out of {actor.cgroup.rstrip('/')})")
+        note = f"{finding.rule}: {who}: isolating {own} {target} instead of {asked}"
         if kind is MitigationKind.ISOLATE_SERVICE and finding.entity == f"cgroup:{target}":
-            note = f"{finding.rule}: {who}: isolating its own cgroup {target}"
+            note = f"{finding.rule}: {who}: isolating {own} {target}"
         filed = _filed(finding, f"cgroup:{target}", note)
         return Answer(filed, MitigationKind.ISOLATE_SERVICE, target, note, {})
     if actor.pid is None or actor.pid <= 1:
@@ -150,11 +218,13 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
         note = f"{finding.rule}: {who} and names no process of its own: reported only"
         return Answer(_filed(finding, f"user:{actor.uid}", note), None, None, note, {})
     note = (f"{finding.rule}: {who} and its cgroup {actor.cgroup or '(unknown)'} is not its "
-            f"own: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
+            f"own{why}: killing its processes (the session of pid {actor.pid}, uid {actor.uid} "
             f"only) instead of isolating {asked}")
     filed = _filed(finding, f"user:{actor.uid}", note)
-    return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note,
-                  {"uid": actor.uid})
+    params: dict[str, Any] = {"uid": actor.uid}
+    if (ppid := _int(finding.evidence.get("ppid"))) is not None and ppid > 1:
+        params["ppid"] = ppid     # its session, when the actor is gone by the time of the kill
+    return Answer(filed, MitigationKind.KILL_PROCESS, str(actor.pid), note, params)
 
 
 def _filed(finding: Finding, entity: str, note: str) -> Finding:

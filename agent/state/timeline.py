@@ -11,7 +11,10 @@ counts every finding.
 Identical: the same rule, action and evidence shape -- the same evidence keys and the same
 non-numeric values (executable, command line, cgroup, path, stdio kinds, ...). Numbers
 (pids, counters, rates, ports) may differ: they differ on every repeat of one attack. The
-line keeps the first finding's evidence and the last one's (`last_evidence`).
+numbers that say who acted or on whom (IDENTITY_KEYS: uids) are not such numbers: another
+user doing the same thing is another line. Authority's note (`authority`) is left out: it
+names the pid, and the rest of what it says follows from the rule, the uids and the
+cgroup. The line keeps the first finding's evidence and the last one's (`last_evidence`).
 
 Line data: rule, action, evidence, shape, count, first_at, last_at (and last_evidence
 once count > 1). The line's `at` stays the first time, so the timeline keeps its order.
@@ -27,13 +30,15 @@ from agent.model import Finding
 
 MAX_FINDING_LINES = 64
 OTHER_SHAPE = "other"
+IDENTITY_KEYS = frozenset({"uid", "euid", "target_uid", "loginuid", "cap_effective"})
+NOT_SHAPE_KEYS = frozenset({"authority"})
 
 
 def shape_of(f: Finding) -> str:
     """A short digest of what makes two findings "identical" (see the module docstring)."""
-    ev: Mapping[str, Any] = f.evidence
-    fixed = sorted((k, v) for k, v in ev.items() if not _is_number(v))
-    numeric = sorted(k for k, v in ev.items() if _is_number(v))
+    ev: Mapping[str, Any] = {k: v for k, v in f.evidence.items() if k not in NOT_SHAPE_KEYS}
+    fixed = sorted((k, v) for k, v in ev.items() if not _is_number(v) or k in IDENTITY_KEYS)
+    numeric = sorted(k for k, v in ev.items() if _is_number(v) and k not in IDENTITY_KEYS)
     text = json.dumps([f.rule, f.action, fixed, numeric], default=str, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -11,11 +11,13 @@ only breach.credential_write, with credential_paths set to one file the test cre
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,152 @@ def test_unprivileged_service_shell_cannot_isolate_the_node(lab, tmp_path, setpr
         finally:
             svc.kill()
             svc.wait()
+
+
+# Moves every process of cgroup argv[1] to argv[2] once argv[1] is frozen (or its parent
+# is: then this process is frozen too and never gets to).
+MOVER = r"""
+import sys, time
+src, dst = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    if "frozen 1" in open(src + "/cgroup.events").read():
+        for pid in open(src + "/cgroup.procs").read().split():
+            open(dst + "/cgroup.procs", "w").write(pid)
+        print("moved", flush=True)
+        break
+    time.sleep(0.02)
+time.sleep(30)
+"""
+
+
+def test_an_actor_cannot_move_out_of_the_isolation_of_a_cgroup_delegated_to_it(lab, tmp_path,
+                                                                             setpriv):
+    """systemd delegates a subtree to each user (user@UID.service; `systemd-run --user`
+    runs below it): the user owns its cgroup.procs and creates cgroups there. Writing from
+    one of them, with a process of its own in a sibling ready to move it out of the
+    freeze, the actor is isolated at the top of what was delegated: nothing escapes."""
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent), throwaway_cgroup("swa-deleg") as top:
+        for name in ("", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+            os.chown(top / name, NOBODY, NOBODY)
+        subprocess.run([*AS_NOBODY, "mkdir", str(top / "a"), str(top / "b")], check=True)
+        into = lambda cg: ["sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh"]
+        mover = subprocess.Popen([*into(top / "b"), *AS_NOBODY, "/usr/bin/python3", "-c", MOVER,
+                                  str(top / "a"), str(top / "b")], stdout=subprocess.PIPE,
+                                 text=True, start_new_session=True)
+        writer = subprocess.Popen(
+            [*into(top / "a"), "ip", "netns", "exec", lab.victim, *AS_NOBODY,
+             "/usr/bin/python3", "-c", WRITER, str(watched)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert writer.stdout is not None and writer.stdin is not None
+            assert writer.stdout.readline().strip() == "ready"
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "wrote"
+            wait_for(lambda: "frozen 1" in (top / "cgroup.events").read_text(), DEADLINE_S)
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["target"]) == ("isolate_service", cgroup_path(top))
+            time.sleep(1.0)
+            assert (top / "a" / "cgroup.procs").read_text().split() == [str(writer.pid)]
+            assert "frozen 1" in (top / "a" / "cgroup.events").read_text()
+        finally:
+            for p in (writer, mover):
+                p.kill()
+                p.wait()
+            for sub in ("a", "b"):
+                with contextlib.suppress(OSError):
+                    (top / sub / "cgroup.kill").write_text("1")
+                with contextlib.suppress(TimeoutError):
+                    wait_for(lambda: not (top / sub / "cgroup.procs").read_text().strip(), 5.0)
+                with contextlib.suppress(OSError):
+                    (top / sub).rmdir()
+            shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_a_cgroup_shared_with_another_user_is_not_isolated_for_one_of_them(lab, tmp_path,
+                                                                           setpriv):
+    """One leaf cgroup holds root's daemon and two users' processes (ssh.service without
+    pam_systemd, cron.service, php-fpm pools): nobody's write kills nobody's session;
+    the cgroup is neither frozen nor cut, the other user's process runs on."""
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent), throwaway_cgroup("swa-shared") as cg:
+        into = ["sh", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "$@"', "sh", "ip", "netns",
+                "exec", lab.victim]
+        other_uid = ["setpriv", f"--reuid={NOBODY - 1}", f"--regid={NOBODY - 1}", "--clear-groups"]
+        daemon = subprocess.Popen([*into, "sleep", "60"], start_new_session=True)
+        other = subprocess.Popen([*into, *other_uid, "sleep", "60"], start_new_session=True)
+        writer = subprocess.Popen([*into, *AS_NOBODY, "/usr/bin/python3", "-c", WRITER,
+                                   str(watched)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True, start_new_session=True)
+        try:
+            assert writer.stdout is not None and writer.stdin is not None
+            assert writer.stdout.readline().strip() == "ready"
+            wait_for(lambda: f"\t{NOBODY - 1}\t" in Path(f"/proc/{other.pid}/status").read_text(), 5.0)
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "wrote"
+            assert writer.wait(timeout=DEADLINE_S) == -9
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["target"]) == ("kill_process", str(writer.pid))
+            (inc,) = cli(agent, "incidents")
+            assert f"it also holds processes of uid {NOBODY - 1}" in str(cli(agent, "incident", inc["id"]))
+            assert "frozen 0" in (cg / "cgroup.events").read_text()
+            assert other.poll() is None and daemon.poll() is None
+        finally:
+            for p in (writer, other, daemon):
+                p.kill()
+                p.wait()
+            shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_an_actor_that_has_already_exited_gets_its_parents_session_killed(lab, tmp_path,
+                                                                          setpriv):
+    """The usual shape: a shell runs `sh -c 'echo ... >> FILE'`, a child that is gone
+    milliseconds later, before the agent acts. The kill falls back to the child's parent
+    (the evidence's ppid), still only if it runs as the actor's uid: the shell and its
+    session die, not just nothing."""
+    watched = _watched_file()
+    agent = _agent(lab, tmp_path, watched)
+    with agent_stopped(agent):
+        script = f'echo $$ > "{cgroup2_mount()}/cgroup.procs" && exec "$@"'
+        inner = f"read go; sh -c 'echo x >> {watched}'; echo wrote; exec sleep 60"
+        shell = subprocess.Popen(["sh", "-c", script, "sh", "ip", "netns", "exec", lab.victim,
+                                  *AS_NOBODY, "sh", "-c", inner], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert shell.stdout is not None and shell.stdin is not None
+            wait_for(lambda: f"\t{NOBODY}\t" in Path(f"/proc/{shell.pid}/status").read_text(), 5.0)
+            shell.stdin.write("go\n")
+            shell.stdin.flush()
+            assert shell.stdout.readline().strip() == "wrote"
+            assert shell.wait(timeout=DEADLINE_S) == -9            # the session's shell
+            (m,) = cli(agent, "mitigations")
+            assert (m["kind"], m["state"]) == ("kill_process", "active")
+            assert m["target"] != str(shell.pid)                  # the child, long gone
+        finally:
+            shell.kill()
+            shell.wait()
+            shutil.rmtree(watched.parent, ignore_errors=True)
+
+
+def test_the_parent_fallback_is_checked_like_the_actor(setpriv):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    root_parent = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        enf = ProcessEnforcer()
+        with pytest.raises(ProcessError, match="belongs to uid 0"):
+            enf.check(str(gone.pid), {"uid": NOBODY, "ppid": root_parent.pid})
+        with pytest.raises(ProcessError, match="PID 1 or the agent"):
+            enf.check(str(gone.pid), {"uid": NOBODY, "ppid": os.getpid()})
+        with pytest.raises(TargetNotFound, match="has exited"):
+            enf.check(str(gone.pid), {"uid": NOBODY, "ppid": 1})     # never PID 1's session
+        with pytest.raises(TargetNotFound, match="has exited"):
+            enf.check(str(gone.pid), {"uid": NOBODY})
+    finally:
+        root_parent.kill()
+        root_parent.wait()

@@ -3,6 +3,7 @@
 A real SQLite file and the recording enforcer (tests/unit/test_respond_isolation.py)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,50 @@ def test_network_findings_are_not_touched(make):
 ])
 def test_own_cgroup(path, own):
     assert authority.own_cgroup(path) is own
+
+
+def _tree(root: Path, owners: dict[str, int]) -> None:
+    """A cgroup-like tree under `root`: each path's cgroup.procs owned by its uid."""
+    for path, uid in owners.items():
+        d = root / path.strip("/")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cgroup.procs").touch()
+        os.chown(d / "cgroup.procs", uid, uid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_delegated_cgroup_is_isolated_at_its_top_the_actor_cannot_move_out_of(tmp_path):
+    """systemd delegates user@UID.service to the user (its cgroup.procs is the user's), and
+    the user owns what it creates below (`systemd-run --user`): from a frozen
+    app.slice/run-1.scope it could move its processes to a sibling. The top of the
+    delegation is the target: moving out of it needs the root-owned slice above."""
+    user = "/user.slice/user-1000.slice/user@1000.service"
+    _tree(tmp_path, {"/user.slice": 0, "/user.slice/user-1000.slice": 0, user: 1000,
+                     f"{user}/app.slice": 1000, f"{user}/app.slice/run-1.scope": 1000,
+                     SESSION: 0, "/swa": 1000, "/swa/C": 1000})
+    assert authority.delegation_root(f"{user}/app.slice/run-1.scope", 1000, tmp_path) == user
+    assert authority.delegation_root(SESSION, 1000, tmp_path) == SESSION
+    assert authority.delegation_root(f"{user}/app.slice/run-1.scope", 1001, tmp_path) == \
+        f"{user}/app.slice/run-1.scope"                        # another uid: not delegated to it
+    assert authority.delegation_root("/swa/C", 1000, tmp_path) == "/swa"   # never the root
+    assert authority.delegation_root("/absent/x", 1000, tmp_path) == "/absent/x"
+
+
+def test_a_cgroup_where_another_user_runs_processes_is_not_the_actors(tmp_path):
+    """ssh.service on a host without pam_systemd, cron.service, php-fpm pools: one cgroup,
+    several users. Root's processes (the daemon) do not make it shared; another uid's do,
+    below it too."""
+    cg, proc = tmp_path / "cg", tmp_path / "proc"
+    procs = {"/system.slice/ssh.service": ["1", "2"], "/system.slice/ssh.service/x": ["3"],
+             "/system.slice/web.service": ["1", "2"]}
+    uids = {"1": 0, "2": 1000, "3": 1001}
+    for path, pids in procs.items():
+        d = cg / path.strip("/")
+        d.mkdir(parents=True)
+        (d / "cgroup.procs").write_text("\n".join(pids) + "\n")
+    for pid, uid in uids.items():
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    assert authority.other_user("/system.slice/ssh.service", 1000, cg, proc) == 1001
+    assert authority.other_user("/system.slice/web.service", 1000, cg, proc) is None
+    assert authority.other_user("/system.slice/absent", 1000, cg, proc) is None

@@ -91,3 +91,30 @@ def test_api_and_cli_show_the_repeat_once(store):
     text = format_detail(detail)
     finding_lines = [ln for ln in text.splitlines() if " finding " in ln]
     assert len(finding_lines) == 1 and "breach.reverse_shell@1 (x25), last at " in finding_lines[0]
+
+
+def test_another_actor_is_its_own_line_whatever_its_pid():
+    """uids say who acted: root's write and a user's setuid write, or a ptrace of root's
+    process and of a user's, are distinct findings, never a count on one line."""
+    f = shell(1)
+    other = lambda **ev: Finding(f.rule_id, f.rule_version, f.event_class, f.severity, f.entity,
+                                 f.action, 1, 2, {**f.evidence, **ev})
+    assert shape_of(other(uid=0)) != shape_of(other(uid=1000))
+    assert shape_of(other(euid=0)) != shape_of(other(euid=1000))
+    assert shape_of(other(target_uid=0)) != shape_of(other(target_uid=1000))
+    assert shape_of(other(uid=1000, pid=5)) == shape_of(other(uid=1000, pid=6))
+
+
+def test_authoritys_note_naming_the_pid_does_not_split_a_repeat(store):
+    note = lambda pid: (f"breach.reverse_shell@1: actor uid 33 is unprivileged and its cgroup / "
+                        f"is not its own: killing its processes (the session of pid {pid}, uid 33 "
+                        "only) instead of isolating the node")
+    for n in range(5):
+        f = shell(1000 + n)
+        inc = store.record_finding(Finding(*[getattr(f, k) for k in (
+            "rule_id", "rule_version", "event_class", "severity", "entity", "action",
+            "first_mono_ns", "detected_mono_ns")], {**f.evidence, "authority": note(1000 + n)}),
+            100.0, 100.0 + n)
+    (line,) = store.incident_events(inc.id)
+    assert line.data["count"] == 5
+    assert line.data["last_evidence"]["authority"] == note(1004)
