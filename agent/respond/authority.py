@@ -1,42 +1,36 @@
 """Authority: the response to a breach fits who acted.
 
 A breach rule asks for node or service isolation; who may bring that about is decided
-here, from the acting process's credentials as the kernel reported them (uid, euid, and
-loginuid/sessionid/cap_effective when the process probe sends them). None of these is the
-process's to choose: the probe reads them from the task's credentials, in the initial
-user namespace (a container's root mapped to uid 100000 is uid 100000 here).
+here, from the acting process's credentials as the kernel reported them (uid, euid,
+cgroup, and cap_effective when an event carries it), in the initial user namespace (a
+container's root mapped to uid 100000 is uid 100000 here).
 
-- Privileged: real or effective uid 0 (a setuid-root program runs with root's power, so
-  its breach is treated as root's: the kernel would let it do anything root can), or,
-  when the event carries `cap_effective`, any capability that amounts to root
-  (ADMIN_CAPS). The rule's own response stands: a node-scoped breach isolates the node.
+- Privileged: real uid 0 (root, sudo, su: they set the real uid too), or, when the event
+  carries `cap_effective`, a capability that amounts to root (ADMIN_CAPS). The rule's own
+  response stands: a node-scoped breach isolates the node. A setuid-root program keeps
+  the real uid of the user who ran it and counts as that user's: passwd, chsh or any
+  setuid helper must not turn a user into someone who can bring down the node.
 - Unprivileged (everyone else): it cannot bring down the node. Its breach is answered on
   what it owns, and the incident is escalated:
     * its cgroup when that cgroup is its own (own_cgroup): a service's unit, a login
       session's scope (/user.slice/user-1000.slice/session-3.scope), a container's; the
-      service or session is isolated (network cut + freeze), as a service breach is. A
-      process with a login (loginuid set) owns only cgroups in /user.slice: a user's
-      cron job inside cron.service is not cron's to lose. A cgroup delegated to the
-      actor (systemd's user@UID.service and what the user creates below it: `systemd-run
-      --user`) is isolated at its top (delegation_root): below it the actor can move its
-      processes to a sibling cgroup the freeze and the cut do not reach;
-    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown, a
-      cgroup where another non-root uid runs processes: other_user)
+      service or session is isolated (network cut + freeze), as a service breach is --
+      raised to the top of a subtree delegated to it (delegation_root), never one that
+      also holds another user's processes (other_user), and never a system service's unit
+      for a login user's uid (UID_MIN..UID_MAX: a user's cron job inside cron.service is not
+      cron's to lose);
+    * else (the root cgroup, a slice shared with others, PID 1's init.scope, unknown)
       its processes: KILL_PROCESS on the acting pid, which kills the members of its
       POSIX session that run as the same uid (agent.enforce.process), never anyone else's.
 - Unknown (no uid in the evidence: not a process finding): the rule's response stands.
 
-Capabilities without uid/euid 0 are not in today's events; such a process counts as
-unprivileged, so its breach is contained (killed or isolated by the agent, which is
-root) rather than answered with the node. loginuid and sessionid never raise or lower
-authority (root from a user's sudo is still root); they are named in the note so the
-security team sees which login the actor came from, and loginuid narrows which cgroup is
-the actor's own (above). Until the probe sends loginuid, a user's process inside a
-system service's cgroup (cron jobs on hosts without pam_systemd for cron) gets that
-service isolated, never the node.
+loginuid and sessionid never raise or lower authority, nor pick the target: a process
+whose loginuid is unset may set it once (/proc/self/loginuid, unless the kernel runs with
+loginuid-immutable), so they are named in the note for the security team, nothing more.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, replace
@@ -70,18 +64,22 @@ class Actor:
 
     @property
     def privileged(self) -> bool:
-        if self.uid == 0 or self.euid == 0:
+        """Real uid 0, or a root-equivalent capability. A setuid-root program (euid 0,
+        real uid a user's: passwd, chsh, any setuid helper) acts for the user who ran it:
+        letting it bring down the node would hand that power to every user."""
+        if self.uid == 0:
             return True
         return self.cap_effective is not None and bool(self.cap_effective & ADMIN_CAPS)
 
-    def owns_session_of(self, cgroup: str | None) -> bool:
-        """A process with a login (loginuid set: SSH, console, a cron or at job) owns a
-        cgroup only inside the users' slice: one in a system service (a cron job inside
-        cron.service, a session on a host without pam_systemd inside ssh.service) is
-        running in somebody else's unit, shared with other users."""
-        if self.loginuid is None or self.loginuid == UNSET_ID:
+    def owns_unit(self, cgroup: str | None) -> bool:
+        """Whether a system service's unit (/system.slice/NAME.service) can be this actor's
+        own: not for a login user's uid (UID_MIN..UID_MAX): a user's cron job inside
+        cron.service, or a session inside ssh.service on a host without pam_systemd, runs
+        in a daemon's unit shared with other users. Decided on the uid, which the kernel
+        holds, not on loginuid, which a process whose loginuid is unset may set once."""
+        if not cgroup or not re.match(r"^/system\.slice/.*\.service(/|$)", cgroup):
             return True
-        return bool(cgroup) and (cgroup + "/").startswith("/user.slice/")
+        return self.uid not in login_uids()
 
     def describe(self) -> str:
         """"uid 1000" with whatever else is known: "uid 1000 (euid 0, login uid 1000, session 3)"."""
@@ -105,6 +103,21 @@ class Answer:
     target: str | None
     note: str
     params: Mapping[str, Any]
+
+
+@functools.lru_cache(maxsize=1)
+def login_uids(login_defs: str = "/etc/login.defs") -> range:
+    """The uids of login users: UID_MIN..UID_MAX from login.defs (1000..60000 when it is
+    unreadable); nobody (65534) and system users are outside."""
+    found = {"UID_MIN": 1000, "UID_MAX": 60000}
+    try:
+        for line in Path(login_defs).read_text(errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] in found and fields[1].isdigit():
+                found[fields[0]] = int(fields[1])
+    except OSError:
+        pass
+    return range(found["UID_MIN"], found["UID_MAX"] + 1)
 
 
 def _int(v: Any) -> int | None:
@@ -194,7 +207,7 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
     who = f"actor {actor.describe()} is unprivileged"
     asked = "the node" if kind is MitigationKind.ISOLATE_NODE else f"service {finding.entity}"
     target, why = None, ""
-    if own_cgroup(actor.cgroup) and actor.owns_session_of(actor.cgroup):
+    if own_cgroup(actor.cgroup) and actor.owns_unit(actor.cgroup):
         assert actor.cgroup is not None
         target = delegation_root(actor.cgroup.rstrip("/"), actor.uid)
         if not own_cgroup(target):

@@ -60,11 +60,12 @@ def test_unprivileged_actor_in_the_root_cgroup_gets_its_processes_killed(make):
     assert "actor uid 1000 is unprivileged" in text and "instead of isolating the node" in text
 
 
-@pytest.mark.parametrize("cgroup", [SESSION, "/system.slice/nginx.service",
-                                    "/kubepods/burstable/pod1/cri-containerd-ab.scope"])
-def test_unprivileged_actor_in_its_own_cgroup_gets_that_cgroup_isolated(make, cgroup):
+@pytest.mark.parametrize("cgroup, uid", [
+    (SESSION, 1000), ("/system.slice/nginx.service", 33),
+    ("/kubepods/burstable/pod1/cri-containerd-ab.scope", 100000)])
+def test_unprivileged_actor_in_its_own_cgroup_gets_that_cgroup_isolated(make, cgroup, uid):
     r, store, enf = make()
-    inc = r.handle(breach(cgroup=cgroup))
+    inc = r.handle(breach(cgroup=cgroup, uid=uid, euid=uid))
     assert enf.actions == [("apply", "isolate_service", cgroup)]
     assert (inc.entity, inc.state) == (f"cgroup:{cgroup}", IncidentState.ESCALATED)
     assert f"isolating its own cgroup {cgroup} instead of the node" in notes(store, inc.id)
@@ -97,7 +98,6 @@ def test_service_scoped_breach_of_a_shared_slice_kills_instead(make):
 
 @pytest.mark.parametrize("fields", [
     {"uid": 0, "euid": 0},
-    {"uid": 1000, "euid": 0},                           # setuid root: root's power
     {"uid": 0, "euid": 1000},                           # root that dropped euid for a while
     {"uid": 1000, "euid": 1000, "cap_effective": 1 << 21},   # CAP_SYS_ADMIN
 ])
@@ -122,17 +122,29 @@ def test_without_credentials_the_rule_response_stands(make, fields):
     assert enf.actions == [("apply", "isolate_node", "node")]
 
 
-@pytest.mark.parametrize("cgroup, loginuid, answer", [
-    ("/system.slice/cron.service", 1000, "kill_process"),     # a user's cron job
-    ("/system.slice/ssh.service", 1000, "kill_process"),      # no pam_systemd
-    (SESSION, 1000, "isolate_service"),
-    (SESSION, authority.UNSET_ID, "isolate_service"),
-    ("/system.slice/nginx.service", authority.UNSET_ID, "isolate_service"),   # a worker
-    ("/system.slice/nginx.service", None, "isolate_service"),  # probe without loginuid
+def test_a_setuid_root_program_acts_for_the_user_who_ran_it(make):
+    """passwd, chsh or any setuid helper: euid 0, but the real uid is the user's; letting
+    it isolate the node would give every user that power."""
+    r, store, enf = make()
+    inc = r.handle(breach(uid=1000, euid=0))
+    assert [a[1] for a in enf.actions] == ["kill_process"]
+    assert "actor uid 1000 (euid 0) is unprivileged" in notes(store, inc.id)
+
+
+@pytest.mark.parametrize("cgroup, uid, loginuid, answer", [
+    ("/system.slice/cron.service", 1000, 1000, "kill_process"),     # a user's cron job
+    ("/system.slice/ssh.service", 1000, None, "kill_process"),      # no pam_systemd
+    (SESSION, 1000, 1000, "isolate_service"),
+    (SESSION, 1000, authority.UNSET_ID, "isolate_service"),
+    ("/system.slice/nginx.service", 33, authority.UNSET_ID, "isolate_service"),   # a worker
+    # loginuid is settable once by a process whose loginuid is unset: it changes nothing
+    ("/system.slice/nginx.service", 33, 1000, "isolate_service"),
+    ("/system.slice/docker-abc.scope", 100000, None, "isolate_service"),   # a container
+    ("/system.slice/legacy.service", 65534, None, "isolate_service"),      # runs as nobody
 ])
-def test_a_login_owns_only_cgroups_in_the_users_slice(make, cgroup, loginuid, answer):
+def test_a_login_users_uid_owns_no_system_service_unit(make, cgroup, uid, loginuid, answer):
     r, _, enf = make()
-    r.handle(breach(cgroup=cgroup, loginuid=loginuid))
+    r.handle(breach(cgroup=cgroup, uid=uid, euid=uid, loginuid=loginuid))
     assert [a[1] for a in enf.actions] == [answer]
 
 
