@@ -13,7 +13,10 @@ Races, which the attacker controls the timing of: the acting process may have ex
 its pid been reused by the time the agent acts. Each candidate is pinned with a pidfd
 first and its uid and session read again afterwards, so a signal goes only to a process
 that matched while pinned; a reused pid of another user is refused ("belongs to uid M").
-Members are all stopped (SIGSTOP) before any is killed, so none can respawn the others.
+Members are all stopped (SIGSTOP) before any is killed, so none can respawn the others,
+and the session is swept again until a scan finds nobody (pid hopping: a fork between a
+scan and the stop leaves a child for the next scan). A process that left the session
+(setsid, before the kill) is out of its reach: the incident is escalated for a human.
 
 A kill cannot be undone: lift does nothing, reconcile does nothing (re-killing a pid after
 a restart could hit an innocent reuse), and applying the same mitigation again (a renewal)
@@ -31,6 +34,7 @@ from agent.enforce.base import (Drift, EnforceError, InvalidTarget, TargetNotFou
 from agent.model import Mitigation, MitigationKind
 
 PROC = Path("/proc")
+SWEEP_ROUNDS = 20          # kill sweeps over a session, until one finds nobody
 
 
 class ProcessError(EnforceError):
@@ -120,6 +124,37 @@ class ProcessEnforcer:
                 continue
         return out
 
+    def _sweep(self, sid: int, uid: int, pinned: list[int], lead_pid: int) -> None:
+        """Stop, then kill, the session's members of `uid`, again and again until a scan
+        finds none (SWEEP_ROUNDS at most): a member that forked between a scan and its
+        SIGSTOP (pid hopping: fork, parent exits, child forks...) leaves a child the next
+        scan finds, and a stopped process forks no more."""
+        for _ in range(SWEEP_ROUNDS):
+            fresh: list[int] = []
+            for p in self.members(sid, uid):
+                if p != lead_pid and (fd := _pin(p)) is not None:
+                    try:
+                        same = identity(p) == (uid, sid)
+                    except (TargetNotFound, StopIteration, IndexError, ValueError, OSError):
+                        same = False
+                    if same:
+                        fresh.append(fd)
+                    else:
+                        os.close(fd)
+            try:
+                for sig in (signal.SIGSTOP, signal.SIGKILL):
+                    for fd in pinned + fresh:
+                        try:
+                            signal.pidfd_send_signal(fd, sig)
+                        except ProcessLookupError:
+                            pass
+            finally:
+                for fd in fresh:
+                    os.close(fd)
+            if not fresh and not pinned:
+                return
+            pinned, lead_pid = [], -1
+
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
         return None
 
@@ -130,35 +165,17 @@ class ProcessEnforcer:
             return
         uid = _uid_param(m.params)
         pid = self._lead(parse_pid(m.target), uid, m.params)
-        pinned: list[int] = []
+        lead = _pin(pid)
+        if lead is None:
+            raise TargetNotFound(f"process {pid} has exited")
         try:
-            lead = _pin(pid)
-            if lead is None:
-                raise TargetNotFound(f"process {pid} has exited")
-            pinned.append(lead)
             owner, sid = identity(pid)        # read again now that the pid is pinned
             if owner != uid:
                 raise ProcessError(f"process {pid} belongs to uid {owner}, not the actor's "
                                    f"uid {uid} (its pid was reused?): nothing killed")
-            for p in self.members(sid, uid):
-                if p != pid and (fd := _pin(p)) is not None:
-                    try:
-                        same = identity(p) == (uid, sid)
-                    except (TargetNotFound, StopIteration, IndexError, ValueError, OSError):
-                        same = False
-                    if same:
-                        pinned.append(fd)
-                    else:
-                        os.close(fd)
-            for sig in (signal.SIGSTOP, signal.SIGKILL):
-                for fd in pinned:
-                    try:
-                        signal.pidfd_send_signal(fd, sig)
-                    except ProcessLookupError:
-                        pass
+            self._sweep(sid, uid, [lead], pid)
         finally:
-            for fd in pinned:
-                os.close(fd)
+            os.close(lead)
         self._done.add(m.id)
 
     def lift(self, m: Mitigation) -> None:

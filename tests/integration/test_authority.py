@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import time
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,49 @@ def test_the_parent_fallback_is_checked_like_the_actor(setpriv):
     finally:
         root_parent.kill()
         root_parent.wait()
+
+
+HOPPER = r"""
+import os, sys, time
+print(os.getpid(), flush=True)
+if os.fork() == 0:                       # the hopper: a new pid every few microseconds
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if os.fork():
+            os._exit(0)
+    os._exit(0)
+time.sleep(20)                           # the anchor
+"""
+
+
+def _session_members(sid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid and alive(int(d.name)):
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def test_kill_process_catches_a_pid_hopping_session(setpriv):
+    """A member that forks and exits in a loop changes pid faster than one /proc scan:
+    the kill sweeps the session until a scan finds nobody."""
+    actor = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", HOPPER], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        assert actor.stdout is not None
+        anchor = int(actor.stdout.readline())
+        wait_for(lambda: len(_session_members(anchor)) >= 2, 5.0)
+        ProcessEnforcer().apply(Mitigation(MitigationKind.KILL_PROCESS, str(anchor), 0.0, None,
+                                           params={"uid": NOBODY}), 0.0)
+        wait_for(lambda: _session_members(anchor) == [], 2.0)
+        time.sleep(0.5)                           # and nothing comes back
+        assert _session_members(anchor) == []
+    finally:
+        for pid in _session_members(actor.pid):
+            os.kill(pid, 9)
+        actor.kill()
+        actor.wait()
