@@ -13,9 +13,11 @@ Races, which the attacker controls the timing of: the acting process may have ex
 its pid been reused by the time the agent acts. Each candidate is pinned with a pidfd
 first and its uid and session read again afterwards, so a signal goes only to a process
 that matched while pinned; a reused pid of another user is refused ("belongs to uid M").
-Members are all stopped (SIGSTOP) before any is killed, so none can respawn the others,
-and the session is swept again until a scan finds nobody (pid hopping: a fork between a
-scan and the stop leaves a child for the next scan). A process that left the session
+First every process group of the session is stopped at once (kill(-pgid, SIGSTOP): the
+kernel gives a group signal to a child forked meanwhile too, so pid hopping by
+fork-and-exit stops), then the members of the actor's uid are killed, one pidfd each,
+sweeping until a scan finds nobody; other uids' processes stopped with their group (a
+setuid program, root's sudo in the user's job) are continued. A process that left the session
 (setsid, before the kill) is out of its reach: the incident is escalated for a human.
 
 A kill cannot be undone: lift does nothing, reconcile does nothing (re-killing a pid after
@@ -124,6 +126,44 @@ class ProcessEnforcer:
                 continue
         return out
 
+    def _stop_groups(self, sid: int) -> set[int]:
+        """SIGSTOP every process group of session `sid` at once (kill(-pgid)): the kernel
+        delivers a group signal to a child forked meanwhile too, so a process hopping
+        pids by fork-and-exit is stopped wherever it is. Never a group holding PID 1 or
+        the agent. Returns the groups stopped."""
+        groups, holds_protected = set(), set()
+        for d in PROC.iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(rest) > 3 and int(rest[3]) == sid:
+                groups.add(int(rest[2]))
+            if int(d.name) in self._protect and len(rest) > 2:
+                holds_protected.add(int(rest[2]))
+        groups -= holds_protected | {os.getpgid(0)}
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGSTOP)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return groups
+
+    def _resume_others(self, groups: set[int], uid: int) -> None:
+        """SIGCONT what _stop_groups stopped that is not the actor's (another uid's process
+        in its job: a setuid program, root's sudo)."""
+        for d in PROC.iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(rest[2]) in groups and identity(int(d.name))[0] != uid:
+                    os.kill(int(d.name), signal.SIGCONT)
+            except (OSError, IndexError, ValueError, StopIteration, TargetNotFound):
+                continue
+
     def _sweep(self, sid: int, uid: int, pinned: list[int], lead_pid: int) -> None:
         """Stop, then kill, the session's members of `uid`, again and again until a scan
         finds none (SWEEP_ROUNDS at most): a member that forked between a scan and its
@@ -173,7 +213,11 @@ class ProcessEnforcer:
             if owner != uid:
                 raise ProcessError(f"process {pid} belongs to uid {owner}, not the actor's "
                                    f"uid {uid} (its pid was reused?): nothing killed")
-            self._sweep(sid, uid, [lead], pid)
+            stopped = self._stop_groups(sid)
+            try:
+                self._sweep(sid, uid, [lead], pid)
+            finally:
+                self._resume_others(stopped, uid)
         finally:
             os.close(lead)
         self._done.add(m.id)

@@ -369,12 +369,14 @@ def test_the_parent_fallback_is_checked_like_the_actor(setpriv):
 HOPPER = r"""
 import os, sys, time
 print(os.getpid(), flush=True)
-if os.fork() == 0:                       # the hopper: a new pid every few microseconds
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if os.fork():
-            os._exit(0)
-    os._exit(0)
+for _ in range(8):                       # hoppers: each a new pid every fork
+    if os.fork() == 0:
+        print("hopping", flush=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if os.fork():
+                os._exit(0)
+        os._exit(0)
 time.sleep(20)                           # the anchor
 """
 
@@ -399,7 +401,7 @@ def test_kill_process_catches_a_pid_hopping_session(setpriv):
     try:
         assert actor.stdout is not None
         anchor = int(actor.stdout.readline())
-        wait_for(lambda: len(_session_members(anchor)) >= 2, 5.0)
+        assert actor.stdout.readline().strip() == "hopping"
         ProcessEnforcer().apply(Mitigation(MitigationKind.KILL_PROCESS, str(anchor), 0.0, None,
                                            params={"uid": NOBODY}), 0.0)
         wait_for(lambda: _session_members(anchor) == [], 2.0)
