@@ -371,7 +371,7 @@ import os, sys, time
 print(os.getpid(), flush=True)
 for _ in range(8):                       # hoppers: each a new pid every fork
     if os.fork() == 0:
-        print("hopping", flush=True)
+        print("hopping", flush=True)   # eight hoppers may write on one line
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if os.fork():
@@ -401,7 +401,7 @@ def test_kill_process_catches_a_pid_hopping_session(setpriv):
     try:
         assert actor.stdout is not None
         anchor = int(actor.stdout.readline())
-        assert actor.stdout.readline().strip() == "hopping"
+        assert "hopping" in actor.stdout.readline()     # the first hopper runs
         ProcessEnforcer().apply(Mitigation(MitigationKind.KILL_PROCESS, str(anchor), 0.0, None,
                                            params={"uid": NOBODY}), 0.0)
         wait_for(lambda: _session_members(anchor) == [], 2.0)
