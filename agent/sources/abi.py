@@ -26,6 +26,7 @@ class NetProg(enum.StrEnum):
     XDP = "handle_xdp"
     INET_SOCK_SET_STATE = "handle_inet_sock_set_state"
     TCP_SEND_RESET = "handle_tcp_send_reset"
+    TC_EGRESS = "handle_tc_egress"
 
 
 # program -> (tracepoint category, tracepoint name)
@@ -43,10 +44,12 @@ class NetMap(enum.StrEnum):
     ALERTS = "alerts"
     LOSSES = "losses"
     RODATA = ".rodata"   # holds `net_cfg` (struct net_config) at offset 0
+    EXCHANGES = "exchanges"   # UDP peers this host sent to (kernel-only key)
+    VERDICTS = "verdicts"     # per-CPU packets seen by XDP: [0] solicited, [1] unsolicited
 
 
 RODATA_VAR = "net_cfg"
-SIZED_MAPS = (NetMap.SOURCES, NetMap.SERVICES, NetMap.REMOTES)  # max_entries from config
+SIZED_MAPS = (NetMap.SOURCES, NetMap.SERVICES, NetMap.REMOTES, NetMap.EXCHANGES)  # max_entries from config
 
 
 class EventKind(enum.IntEnum):

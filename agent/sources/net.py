@@ -134,24 +134,28 @@ class NetProbe(BpfProbe):
     def _attach(self, progs: set[NetProg]) -> None:
         super()._attach(progs)
         if NetProg.XDP in progs:
-            self._attach_xdp()
+            self._attach_each(NetProg.XDP, libbpf.XdpLink, "generic XDP")
+        if NetProg.TC_EGRESS in progs:
+            # Without it, answers from UDP peers this host talks to through an unconnected
+            # socket (wireguard-go, QUIC servers) count as unsolicited: degraded, reported.
+            self._attach_each(NetProg.TC_EGRESS, libbpf.TcLink, "tc egress")
 
-    def _attach_xdp(self) -> None:
+    def _attach_each(self, which: NetProg, link: type, what: str) -> None:
         names = self.interfaces or [n for _, n in socket.if_nameindex() if n != "lo"]
-        prog, errors = self._obj.program(NetProg.XDP), []
+        prog, errors = self._obj.program(which), []
         for name in names:
             try:
-                self._links.append(libbpf.XdpLink(prog, socket.if_nametoindex(name)))
+                self._links.append(link(prog, socket.if_nametoindex(name)))
             except OSError as e:
                 errors.append(f"{name}: {e.strerror}")
         attached = len(names) - len(errors)
         if not names:
-            self._set(NetProg.XDP, "degraded", "no interface to watch")
+            self._set(which, "degraded", "no interface to watch")
         elif errors:
             state = "degraded" if attached else "failed"
-            self._set(NetProg.XDP, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors))
+            self._set(which, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors))
         else:
-            self._set(NetProg.XDP, "loaded", f"generic XDP on {', '.join(names)}")
+            self._set(which, "loaded", f"{what} on {', '.join(names)}")
 
     # --- reading -------------------------------------------------------------------------
 
@@ -167,6 +171,17 @@ class NetProbe(BpfProbe):
             udp=v.udp, ports=estimate_distinct(v.ports), dport=v.dport,
             proto=PROTO_NAMES.get(v.proto, "ip"))
             for k, v in self._map(NetMap.SOURCES).items(abi.addr_key, abi.source_stats)]
+
+    def verdicts(self) -> dict[str, int]:
+        """Packets XDP has seen since load: solicited (never counted) and unsolicited."""
+        m = self._map(NetMap.VERDICTS)
+        ncpu = libbpf.num_possible_cpus()
+        out = {}
+        for index, name in ((0, "solicited"), (1, "unsolicited")):
+            values = (ctypes.c_uint64 * ncpu)()
+            m.lookup(ctypes.c_uint32(index), values)
+            out[name] = sum(values)
+        return out
 
     def _decode(self, record: bytes) -> Event | None:
         return to_event(abi.decode(record), self.cfg.window_ms)

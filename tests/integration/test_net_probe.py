@@ -15,6 +15,7 @@ import pytest
 from agent.config import Probes
 from agent.lab import Lab, netns, sh
 from agent.sources import capability
+from agent.sources.abi import NetProg
 from agent.sources.net import NetProbe
 from tests.conftest import skip_unsupported
 
@@ -68,7 +69,7 @@ def open_probe(ns: str, thresholds: dict[str, int] = THRESHOLDS) -> NetProbe:
         probe = NetProbe(PROBES, [], thresholds)
         probe.open()
     states = {k: v["state"] for k, v in probe.status().items()}
-    if states != dict.fromkeys(states, "loaded") or len(states) != 3:
+    if states != dict.fromkeys(states, "loaded") or len(states) != len(NetProg):
         probe.close()
         skip_unsupported(f"network probe degraded here: {probe.status()}")
     return probe
