@@ -54,6 +54,9 @@ class Enforce:
     set_size: int = 65536
     rate_limit: RateLimit = RateLimit()
     service_rate_limit: RateLimit = RateLimit(packets_per_second=100, burst=200)
+    # Per source, for the unsolicited non-TCP packets of a challenged source and for the
+    # datagrams each source sends to a challenged UDP service (established exchanges pass).
+    challenge_rate_limit: RateLimit = RateLimit(packets_per_second=200, burst=400)
     reroute: Reroute = Reroute()
 
 
@@ -296,6 +299,8 @@ def validate(cfg: Config) -> Config:
         "enforce.rate_limit.burst": cfg.enforce.rate_limit.burst,
         "enforce.service_rate_limit.packets_per_second": cfg.enforce.service_rate_limit.packets_per_second,
         "enforce.service_rate_limit.burst": cfg.enforce.service_rate_limit.burst,
+        "enforce.challenge_rate_limit.packets_per_second": cfg.enforce.challenge_rate_limit.packets_per_second,
+        "enforce.challenge_rate_limit.burst": cfg.enforce.challenge_rate_limit.burst,
         "mitigation.default_ttl_s": cfg.mitigation.default_ttl_s,
         "mitigation.max_ttl_s": cfg.mitigation.max_ttl_s,
         "mitigation.repeat_window_s": cfg.mitigation.repeat_window_s,

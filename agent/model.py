@@ -60,6 +60,10 @@ class MitigationKind(enum.StrEnum):
     ISOLATE_SERVICE = "isolate_service"
     KILL_PROCESS = "kill_process"
     FREEZE_CGROUP = "freeze_cgroup"
+    # Answers to forgeable evidence, which a real owner of the address passes: TCP through
+    # a SYN proxy, other unsolicited traffic under a per-source limit.
+    CHALLENGE = "challenge"                  # target: address or CIDR
+    CHALLENGE_SERVICE = "challenge_service"  # target: "tcp/80" (SYN proxy), "udp/53" (per source)
 
 
 class MitigationState(enum.StrEnum):
