@@ -47,8 +47,8 @@ METRICS: dict[str, dict[str, tuple[str, bool, str]]] = {
 }
 KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                "svc_syns", "svc_packets", "svc_udp", "svc_sources")
-SOURCE_ACTIONS = ("block", "rate_limit", "reroute")
-SERVICE_ACTIONS = ("rate_limit_service",)
+SOURCE_ACTIONS = ("block", "rate_limit", "reroute", "challenge", "challenge_then_block")
+SERVICE_ACTIONS = ("rate_limit_service", "challenge_service")
 ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report")
 SCOPES = ("node", "service")   # what an `isolate` rule cuts off
 LIST_NAMES = {f.name for f in fields(Breach)}

@@ -117,10 +117,22 @@ class Responder:
             # Blocking a tunnel address leaves the peer connected; quarantine the peer.
             return Plan(finding, MitigationKind.REMOVE_PEER, peer,
                         f"{finding.rule}: {target} is WireGuard peer {peer}: quarantining it")
+        if finding.action in policy.VERIFIED_BY_CHALLENGE and self._verified(target, finding, now):
+            return Plan(finding, MitigationKind.BLOCK_IP, target,
+                        f"{finding.rule}: {target} answered the challenge's SYN cookies and "
+                        f"went on: verified, {policy.BLOCKED}")
         if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
                 and self._over_source_bound(finding.rule, now):
-            return self._distributed(finding, target)
+            return self._distributed(finding, target, kind)
         return Plan(finding, kind, target)
+
+    def _verified(self, target: str, finding: Finding, now: float) -> bool:
+        """True when `target` was challenged before this finding's evidence began: then the
+        evidence came through the SYN proxy, which only a real owner of the address
+        passes, and the source is no longer unverified."""
+        challenge = self._in_force(MitigationKind.CHALLENGE, target, now)
+        return challenge is not None and \
+            challenge.created_at <= self._to_wall(finding.first_mono_ns)
 
     def _peer_of(self, target: str) -> str | None:
         """"IFNAME:KEY" of the WireGuard peer whose tunnel address `target` is, or None."""
@@ -132,10 +144,12 @@ class Responder:
         count = self._store.sources_mitigated_by_rule(rule, since)
         return count >= self._cfg.mitigation.max_sources_per_rule
 
-    def _distributed(self, finding: Finding, source: str) -> Plan:
-        """Past the per-rule source bound the attack is treated as distributed: the
-        service is rate-limited instead, so a spoofed flood cannot grow the block set
-        (or the incident table) without bound."""
+    def _distributed(self, finding: Finding, source: str, kind: MitigationKind) -> Plan:
+        """Past the per-rule source bound the attack is treated as distributed and the
+        response moves to the service, so a spoofed flood cannot grow the sets (or the
+        incident table) without bound: a challenge of the service for forgeable evidence
+        (its real clients pass the SYN proxy, or their own per-source limit), a service
+        rate limit only for verified sources."""
         bound = self._cfg.mitigation.max_sources_per_rule
         why = (f"distributed: {finding.rule} mitigated {bound} sources within "
                f"{policy.DISTRIBUTED_WINDOW_S:.0f} s")
@@ -145,6 +159,9 @@ class Responder:
                                              f"{source} reported only")
         filed = replace(finding, entity=f"service:{service}",
                         evidence={**finding.evidence, "source": source})
+        if kind is MitigationKind.CHALLENGE:
+            return Plan(filed, MitigationKind.CHALLENGE_SERVICE, service,
+                        f"{why}; challenging {service} instead of {source}")
         return Plan(filed, MitigationKind.RATE_LIMIT_SERVICE, service,
                     f"{why}; rate-limiting {service} instead of {source}")
 
@@ -158,7 +175,7 @@ class Responder:
                        expires_at=None if ttl_s is None else now + ttl_s,
                        incident_id=incident.id,
                        params={**policy.params_for(plan.kind, self._cfg), "ttl_s": ttl_s},
-                       reason=f"{plan.finding.rule} on {plan.finding.entity}")
+                       reason=_verdict(plan.kind, f"{plan.finding.rule} on {plan.finding.entity}"))
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
         self._record_outcome(incident, m, outcome, error)
 
@@ -172,11 +189,12 @@ class Responder:
                 "ttl_s": m.params.get("ttl_s")}
         if outcome is Outcome.APPLIED:
             self._store.add_incident_event(incident.id, "mitigation_applied",
-                                           f"{what} {_lifetime(m)}", at, data)
+                                           f"{_verdict(m.kind, what)} {_lifetime(m)}", at, data)
             self._mark_mitigated(incident, at)
         elif outcome is Outcome.DRY_RUN:
             self._store.add_incident_event(incident.id, "mitigation_dry_run",
-                                           f"dry run: would apply {what}", at, data)
+                                           f"dry run: would apply {_verdict(m.kind, what)}", at,
+                                           data)
         elif outcome is Outcome.ALLOWLISTED:
             self._store.add_incident_event(incident.id, "note", ALLOWLISTED_NOTE, at, data)
         else:
@@ -374,6 +392,14 @@ class Responder:
         assert incident is not None
         self.notify("incident", incident)
         return incident
+
+
+def _verdict(kind: MitigationKind, text: str) -> str:
+    """`text` prefixed with what an address or service mitigation means to an operator
+    ("unverified source: challenged: ..." or "blocked: ...")."""
+    if kind in (*policy.SOURCE_KINDS, *policy.SERVICE_KINDS):
+        return f"{policy.verdict(kind)}: {text}"
+    return text
 
 
 def _lifetime(m: Mitigation) -> str:

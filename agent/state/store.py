@@ -273,9 +273,9 @@ class Store:
     def sources_mitigated_by_rule(self, rule: str, since: float) -> int:
         """Distinct targets that `rule` mitigated (failed ones excluded) since `since`."""
         sql = ("SELECT COUNT(DISTINCT target) FROM mitigations WHERE rule=? AND created_at >= ? "
-               f"AND kind != ? AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
+               f"AND kind NOT IN (?, ?) AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
         return self._read(sql, (rule, since, MitigationKind.RATE_LIMIT_SERVICE,
-                                *_COUNTED_STATES))[0][0]
+                                MitigationKind.CHALLENGE_SERVICE, *_COUNTED_STATES))[0][0]
 
 
     # -- audit -------------------------------------------------------------------------

@@ -46,12 +46,18 @@ def test_attack_is_mitigated_well_inside_the_deadline(name):
         d = tl.as_dict()
         assert pattern.rule in (tl.rule or ""), d
         kinds = {(m["kind"], m["target"]) for m in active(d["mitigations"])}
-        expected_target = f"tcp/{SERVICE_PORT}" if pattern.kind == "rate_limit_service" else attacker
+        service = pattern.kind in ("rate_limit_service", "challenge_service")
+        expected_target = f"tcp/{SERVICE_PORT}" if service else attacker
         assert (pattern.kind, expected_target) in kinds, d
         assert d["mitigated_ms"] is not None and d["mitigated_ms"] < DEADLINE_MS, d
         if pattern.kind in ("block_ip", "rate_limit_service"):
             # The attacker's own handshakes stop (the service's SYN budget is spent by the flood).
             assert d["cut_off_ms"] is not None and d["cut_off_ms"] < DEADLINE_MS, d
+        if pattern.kind in ("challenge", "challenge_service"):
+            # Forgeable evidence: the address's real owner (the probe, from the same
+            # address) is challenged, passes the SYN proxy and is never cut off.
+            assert d["cut_off_ms"] is None, (d, tl.probe)
+            assert not any(m["kind"] == "block_ip" for m in d["mitigations"]), d
         if pattern.kind == "block_ip":
             set_name = "block_v6" if pattern.v6 else "block_v4"
             assert attacker in elements(sc.lab.victim, set_name)

@@ -65,7 +65,7 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
         box.close()
         store.close()
     assert value(got, "swarm_agent_events_total", source="net", kind="syn_alert") == 1
-    assert value(got, "swarm_agent_findings_total", source="net", rule="net.syn_flood@1") == 1
+    assert value(got, "swarm_agent_findings_total", source="net", rule="net.syn_flood@2") == 1
     assert value(got, "swarm_agent_incidents", event_class="system_attack", state="mitigated") == 1
     assert value(got, "swarm_agent_deadline_misses_total", event_class="system_attack") == 0
     assert value(got, "swarm_agent_deadline_met_total", event_class="system_attack") == 1
@@ -96,12 +96,13 @@ def test_a_running_agent_serves_metrics_on_its_loopback():
 
         def blocked() -> bool:
             with sc.agent.store() as store:
-                return any(m.target == attacker for m in store.active_mitigations(time.time()))
+                return any(m.target == attacker and m.kind == "block_ip"
+                           for m in store.active_mitigations(time.time()))
         wait_for(blocked, timeout_s=10)
         got = samples(sh(sys.executable, "-c", SCRAPE, ns=sc.lab.victim).stdout)
     assert sum(v for (name, labels), v in got.items()
                if name == "swarm_agent_findings_total"
-               and ("rule", "net.port_scan@1") in labels) >= 1
+               and ("rule", "net.connect_scan@1") in labels) >= 1
     assert sum(v for (name, _), v in got.items() if name == "swarm_agent_events_total") >= 1
     assert value(got, "swarm_agent_incidents", event_class="system_attack", state="mitigated") == 1
     assert value(got, "swarm_agent_active_mitigations", kind="block_ip") == 1
