@@ -45,6 +45,15 @@ struct {
 	__type(value, struct remote_stats);
 } remotes SEC(".maps");
 
+/* Resets drawn by handshakes that a SYN proxy verified, per remote: their own windows, so
+ * a source challenged in the middle of a window is judged on what came after. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct addr_key);
+	__type(value, struct remote_stats);
+} verified SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -266,6 +275,7 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 #define EXCHANGE_REFRESH_NS 1000000000ULL	/* rewrite a live entry at most once a second */
 #define IP_MF 0x2000
 #define TC_ACT_OK 0
+#define IFF_LOOPBACK 0x8
 
 /* The parts of a packet a socket lookup needs (addresses and ports in network order),
  * read after parse_packet() accepted it. Only the plain layouts are followed (one VLAN
@@ -531,10 +541,14 @@ static __always_inline void count_remote(const struct addr_key *k, __u16 dport, 
 
 	if (!t)
 		return;
-	r = window_entry(&remotes, k, &fresh, now);
+	r = window_entry(reset == 2 ? (void *)&verified : (void *)&remotes, k, &fresh, now);
 	if (!r)
 		return;
-	if (reset) {
+	if (reset == 2) {
+		n = __sync_add_and_fetch(&r->resets, 1);
+		if (over(n, t->resets))
+			emit_remote(k, r, EVENT_TCP_RESET, REASON_VERIFIED_RESETS, n, dport, now);
+	} else if (reset) {
 		n = __sync_add_and_fetch(&r->resets, 1);
 		if (over(n, t->resets))
 			emit_remote(k, r, EVENT_TCP_RESET, REASON_RESETS, n, dport, now);
@@ -565,6 +579,24 @@ int handle_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		bpf_core_read(k.addr, 16, &ctx->daddr_v6);
 	count_remote(&k, ctx->sport, 0);	/* sport: the local port, host order */
 	return 0;
+}
+
+/* 1 when the reset answers a SYN that a SYN proxy sent on behalf of a client whose cookie
+ * it checked: such SYNs reach the stack through the loopback device with the client's
+ * address, which an off-path sender cannot do. Kernels whose tracepoint lacks the skb
+ * (before 6.10) give 0: a connect scan is then challenged, never blocked. */
+static __always_inline int from_syn_proxy(struct trace_event_raw_tcp_send_reset *ctx)
+{
+	struct sk_buff *skb;
+	unsigned int flags;
+
+	if (!bpf_core_field_exists(ctx->skbaddr) || ctx->skaddr)
+		return 0;
+	skb = (struct sk_buff *)ctx->skbaddr;
+	if (!skb)
+		return 0;
+	flags = BPF_CORE_READ(skb, dev, flags);
+	return (flags & IFF_LOOPBACK) != 0;
 }
 
 SEC("tracepoint/tcp/tcp_send_reset")
@@ -605,5 +637,7 @@ int handle_tcp_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
 	if (is_zero_addr(k.addr))
 		return 0;
 	count_remote(&k, dport, 1);
+	if (from_syn_proxy(ctx))
+		count_remote(&k, dport, 2);
 	return 0;
 }

@@ -117,22 +117,10 @@ class Responder:
             # Blocking a tunnel address leaves the peer connected; quarantine the peer.
             return Plan(finding, MitigationKind.REMOVE_PEER, peer,
                         f"{finding.rule}: {target} is WireGuard peer {peer}: quarantining it")
-        if finding.action in policy.VERIFIED_BY_CHALLENGE and self._verified(target, finding, now):
-            return Plan(finding, MitigationKind.BLOCK_IP, target,
-                        f"{finding.rule}: {target} answered the challenge's SYN cookies and "
-                        f"went on: verified, {policy.BLOCKED}")
         if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
                 and self._over_source_bound(finding.rule, now):
             return self._distributed(finding, target, kind)
         return Plan(finding, kind, target)
-
-    def _verified(self, target: str, finding: Finding, now: float) -> bool:
-        """True when `target` was challenged before this finding's evidence began: then the
-        evidence came through the SYN proxy, which only a real owner of the address
-        passes, and the source is no longer unverified."""
-        challenge = self._in_force(MitigationKind.CHALLENGE, target, now)
-        return challenge is not None and \
-            challenge.created_at <= self._to_wall(finding.first_mono_ns)
 
     def _peer_of(self, target: str) -> str | None:
         """"IFNAME:KEY" of the WireGuard peer whose tunnel address `target` is, or None."""

@@ -19,16 +19,11 @@ ACTION_KINDS: dict[str, MitigationKind] = {
     "isolate_service": MitigationKind.ISOLATE_SERVICE,  # breach rules, scope service (cgroup)
     # Forgeable evidence (SYNs, ports probed by SYNs, UDP/ICMP rates): challenge the source.
     "challenge": MitigationKind.CHALLENGE,
-    # Evidence a challenge verifies (resets drawn while the source is challenged, which
-    # only handshakes that answered the SYN proxy's cookie can draw): challenge first,
-    # block when the evidence arrives from a source already challenged.
-    "challenge_then_block": MitigationKind.CHALLENGE,
     "challenge_service": MitigationKind.CHALLENGE_SERVICE,
 }
 SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE,
                 MitigationKind.CHALLENGE)
 SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.CHALLENGE_SERVICE)
-VERIFIED_BY_CHALLENGE = ("challenge_then_block",)
 # What incidents and `swarm-agent mitigations` say a source mitigation was.
 CHALLENGED = "unverified source: challenged"
 BLOCKED = "blocked"

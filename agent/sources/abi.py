@@ -46,10 +46,12 @@ class NetMap(enum.StrEnum):
     RODATA = ".rodata"   # holds `net_cfg` (struct net_config) at offset 0
     EXCHANGES = "exchanges"   # UDP peers this host sent to (kernel-only key)
     VERDICTS = "verdicts"     # per-CPU packets seen by XDP: [0] solicited, [1] unsolicited
+    VERIFIED = "verified"     # per remote: resets drawn by SYN-proxy-verified handshakes
 
 
 RODATA_VAR = "net_cfg"
-SIZED_MAPS = (NetMap.SOURCES, NetMap.SERVICES, NetMap.REMOTES, NetMap.EXCHANGES)  # max_entries from config
+SIZED_MAPS = (NetMap.SOURCES, NetMap.SERVICES, NetMap.REMOTES, NetMap.EXCHANGES,
+              NetMap.VERIFIED)  # max_entries from config
 
 
 class EventKind(enum.IntEnum):
@@ -75,6 +77,7 @@ class Reason(enum.IntEnum):
     SVC_UDP = 7
     CONNS = 8
     RESETS = 9
+    VERIFIED_RESETS = 10
 
 
 class _S(ctypes.Structure):

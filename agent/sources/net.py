@@ -238,6 +238,7 @@ def to_event(ev: ctypes.Structure | None, window_ms: int) -> Event | None:
             "sources": estimate_distinct(ev.source_bits), "reason": reason,
             "dport": ev.dport, "proto": proto}, SOURCE)
     name, count = (("tcp.established", "conns") if kind == abi.EventKind.TCP_ESTABLISHED
+                   else ("tcp.verified_reset", "resets") if ev.reason == abi.Reason.VERIFIED_RESETS
                    else ("tcp.reset", "resets"))
     return Event(name, address_text(bytes(ev.addr), ev.family), ev.hdr.ts_ns, ev.window_start_ns,
                  {count: ev.count, "dport": ev.dport}, SOURCE)

@@ -37,6 +37,8 @@ enum alert_reason {
 	REASON_SVC_UDP = 7,
 	REASON_CONNS = 8,
 	REASON_RESETS = 9,
+	/* resets drawn by handshakes a SYN proxy verified (SYN looped back from the proxy) */
+	REASON_VERIFIED_RESETS = 10,
 };
 
 /* Distinct-value estimates are hashed bitmaps of this many bits (linear counting). */

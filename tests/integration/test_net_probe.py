@@ -241,7 +241,7 @@ def test_bulk_tcp_on_an_accepted_connection_is_not_counted(lab, v6):
         assert find(events, "net.source", att) == [], [(e.kind, dict(e.fields)) for e in events]
         v = probe.verdicts()
         # Some segments coalesce on the way (GRO); the few unsolicited are the SYN and the FIN.
-        assert v["solicited"] >= 10000 and v["unsolicited"] < 20, v
+        assert v["solicited"] >= 5000 and v["unsolicited"] < 20, v
     finally:
         srv.close()
         probe.close()

@@ -335,23 +335,17 @@ def test_forgeable_evidence_is_challenged_never_blocked(env) -> None:
     assert inc.state is IncidentState.MITIGATED
 
 
-def test_resets_are_blocked_only_once_verified_by_the_challenge(env) -> None:
+def test_verified_resets_block(env) -> None:
     responder, store, enf = env(rules=SHIPPED)
-    scan = dict(kind="tcp.reset", rules=SHIPPED, resets=500, dport=23)
-    inc = responder.handle(flood(env.clock, **scan))     # a decoy could draw these: challenge
-    assert enf.actions == [("apply", "challenge", "198.51.100.7")]
-    env.clock.t_s += 0.5
-    # evidence that began before the challenge is not verified by it
-    responder.handle(flood(env.clock, age_s=1.0, **scan))
-    assert enf.actions == [("apply", "challenge", "198.51.100.7")]
-    env.clock.t_s += 1.0
-    # resets drawn after the challenge began: only cookie-answering handshakes draw them
-    responder.handle(flood(env.clock, age_s=0.5, **scan))
-    assert enf.actions[-1] == ("apply", "block_ip", "198.51.100.7")
-    kinds = {m.kind for m in store.active_mitigations(env.clock())}
-    assert kinds == {MitigationKind.CHALLENGE, MitigationKind.BLOCK_IP}
-    texts = [e.text for e in store.incident_events(inc.id)]
-    assert any("verified, blocked" in t for t in texts)
+    inc = responder.handle(flood(env.clock, kind="tcp.reset", rules=SHIPPED, resets=500,
+                                 dport=23))            # a decoy could draw these: challenge
+    responder.handle(flood(env.clock, kind="tcp.verified_reset", rules=SHIPPED, resets=500,
+                           dport=23))                  # cookie-answering handshakes: block
+    assert enf.actions == [("apply", "challenge", "198.51.100.7"),
+                           ("apply", "block_ip", "198.51.100.7")]
+    assert inc.rules == ["net.port_scan@2"]
+    [blocked] = store.incidents(entity="ip:198.51.100.7")
+    texts = [e.text for e in store.incident_events(blocked.id)]
     assert any(t.startswith("blocked: block_ip 198.51.100.7") for t in texts)
 
 
