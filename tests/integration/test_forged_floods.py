@@ -70,7 +70,7 @@ def _forged_in_the_clients_name(pattern: str, **opts) -> None:
         after = tcpext(sc.lab.victim)
         assert flood["sent"] > 0 and flood["errors"] == 0, flood
         got = mitigations(sc)
-        assert c["ratio"] >= 0.95 and c["successes"] >= 30, (c, got)
+        assert c["ratio"] >= 0.95 and c["successes"] >= 25, (c, got)
         # The evidence was forgeable: the client's address is challenged, never blocked.
         assert ("challenge", client.addr) in got, got
         assert not any(kind in ("block_ip", "rate_limit") for kind, _ in got), got
@@ -105,7 +105,7 @@ def test_random_source_flood_at_the_service_leaves_its_clients_connected():
         after = tcpext(sc.lab.victim)
         got = mitigations(sc)
         assert flood["sent"] >= 20000, flood
-        assert c["ratio"] >= 0.95 and c["successes"] >= 30, (c, got)
+        assert c["ratio"] >= 0.95 and c["successes"] >= 25, (c, got)
         # Never a service-wide limit, never a block: the service is challenged.
         assert ("challenge_service", f"tcp/{SERVICE_PORT}") in got, got
         assert not any(k in ("block_ip", "rate_limit_service") for k, _ in got), got
