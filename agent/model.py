@@ -66,6 +66,19 @@ class MitigationKind(enum.StrEnum):
     CHALLENGE_SERVICE = "challenge_service"  # target: "tcp/80" (SYN proxy), "udp/53" (per source)
 
 
+# What an operator is told a mitigation of an address or service was (incidents, status).
+CHALLENGED = "unverified source: challenged"
+BLOCKED = "blocked"
+
+
+def verdict(kind: MitigationKind) -> str:
+    """"unverified source: challenged" for the answers to forgeable evidence, "blocked" for
+    a block, the kind's name for anything else."""
+    if kind in (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE):
+        return CHALLENGED
+    return BLOCKED if kind is MitigationKind.BLOCK_IP else kind.value.replace("_", " ")
+
+
 class MitigationState(enum.StrEnum):
     ACTIVE = "active"
     DRY_RUN = "dry_run"      # recorded, not applied (dry-run mode)

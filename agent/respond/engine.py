@@ -16,7 +16,7 @@ from agent.config import Config
 from agent.detect.rules import Rule, load_rules
 from agent.enforce.base import AllowlistedError, EnforceError, Enforcer
 from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
-                         MitigationState, mono_to_wall)
+                         MitigationState, mono_to_wall, verdict)
 from agent.respond import policy
 from agent.state.store import Store
 
@@ -386,7 +386,7 @@ def _verdict(kind: MitigationKind, text: str) -> str:
     """`text` prefixed with what an address or service mitigation means to an operator
     ("unverified source: challenged: ..." or "blocked: ...")."""
     if kind in (*policy.SOURCE_KINDS, *policy.SERVICE_KINDS):
-        return f"{policy.verdict(kind)}: {text}"
+        return f"{verdict(kind)}: {text}"
     return text
 
 

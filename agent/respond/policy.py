@@ -24,9 +24,7 @@ ACTION_KINDS: dict[str, MitigationKind] = {
 SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE,
                 MitigationKind.CHALLENGE)
 SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.CHALLENGE_SERVICE)
-# What incidents and `swarm-agent mitigations` say a source mitigation was.
-CHALLENGED = "unverified source: challenged"
-BLOCKED = "blocked"
+
 # Isolations and quarantines: each escalates its incident for a human, and lasts
 # mitigation.isolation_ttl_s (None: until released).
 ISOLATION_KINDS = (MitigationKind.ISOLATE_NODE, MitigationKind.ISOLATE_SERVICE,
@@ -72,13 +70,6 @@ def params_for(kind: MitigationKind, cfg: Config) -> dict[str, Any]:
         rr = cfg.enforce.reroute
         return {"sinkhole_v4": rr.sinkhole_v4, "sinkhole_v6": rr.sinkhole_v6, "mark": rr.mark}
     return {}
-
-
-def verdict(kind: MitigationKind) -> str:
-    """How a mitigation of `kind` reads to an operator: challenged or blocked."""
-    if kind in (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE):
-        return CHALLENGED
-    return BLOCKED if kind is MitigationKind.BLOCK_IP else kind.value.replace("_", " ")
 
 
 def _rate(rl: RateLimit) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
         box.close()
         store.close()
     assert value(got, "swarm_agent_events_total", source="net", kind="syn_alert") == 1
-    assert value(got, "swarm_agent_findings_total", source="net", rule="net.syn_flood@2") == 1
+    assert value(got, "swarm_agent_findings_total", source="net", rule="net.syn_flood@1") == 1
     assert value(got, "swarm_agent_incidents", event_class="system_attack", state="mitigated") == 1
     assert value(got, "swarm_agent_deadline_misses_total", event_class="system_attack") == 0
     assert value(got, "swarm_agent_deadline_met_total", event_class="system_attack") == 1
