@@ -36,6 +36,8 @@ CASES = {
     "decoy_scan": ("decoy_scan", {"ports": "1000-2999", "rate": 2000}, True),
     "random_source": ("distributed_syn_flood", {"port": SERVICE_PORT, "rate": 15000,
                                                 "sources": 4000}, False),
+    "random_source_udp": ("spoofed_udp_flood", {"port": 9999, "rate": 25000,
+                                                 "sources": 4000}, False),
     "own_syn_flood": ("syn_flood", {"port": SERVICE_PORT}, False),
     "own_udp_flood": ("udp_flood", {"port": 9999}, False),
 }

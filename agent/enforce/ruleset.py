@@ -277,6 +277,10 @@ def _filter_rules(cfg: Config) -> list[dict[str, Any]]:
     # and the conntrack table never see an unverified SYN.
     rules += [_rule(c, tcp_syn, _match_saddr(p, f"challenge{s}"), {"notrack": None}) for _, p, _, s in _FAMILIES]
     rules.append(_rule(c, tcp_syn, _in_services(CHALLENGE_SERVICE_SET), {"notrack": None}))
+    # A many-source UDP flood at a challenged service would fill conntrack with one
+    # unreplied entry per spoofed flow: its datagrams skip conntrack too, and each source
+    # gets its own limit (CHALLENGE_CHAIN), established exchanges included.
+    rules.append(_rule(c, is_udp, _in_services(CHALLENGE_SERVICE_SET), {"notrack": None}))
     return rules
 
 
