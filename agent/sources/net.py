@@ -1,5 +1,8 @@
-"""The network probe: XDP counters per source and per service, passive TCP connections and
-sent resets, with threshold crossings pushed from the kernel through a ring buffer.
+"""The network probe: XDP counters per source and per service of unsolicited packets (those
+outside every flow this host accepted or started: probes/flow.bpf.h), passive TCP
+connections, sent resets (and those drawn by SYN-proxy-verified handshakes, as
+"tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
+buffer. A tc egress program records the UDP peers this host sends to.
 
 NetProbe must be opened in the network namespace it watches: the XDP program attaches
 by ifindex there, and the tracepoint programs only count events of that namespace.
