@@ -74,7 +74,8 @@ def one_run(case: str, agent: bool) -> dict:
         mitigations = []
         if agent:
             with s.agent.store() as store:
-                mitigations = sorted({f"{m.kind} {m.target.replace(client, 'CLIENT')}"
+                names = {client: "CLIENT", s.lab.addr("attacker"): "ATTACKER"}
+                mitigations = sorted({f"{m.kind} {names.get(m.target, m.target)}"
                                       for m in store.mitigations()})
         return {"case": case, "agent": agent, "sent": flood["sent"], "rate_pps": flood["rate_pps"],
                 "during": ratio(d), "during_n": d["successes"] + d["failures"],
