@@ -4,7 +4,7 @@
 
 Each run: fresh namespaces and a fresh agent (agent.scenario.Scenario), a real client in
 its own namespace on its own link opening CLIENT_RATE connections/s to the victim's echo
-server (connect, send a line, read the reply; 2 s timeout) while a flood runs, and again
+server (connect, send a line, read the reply; 0.5 s timeout) while a flood runs, and again
 for AFTER_S seconds after it. Reported per case: the client's success ratio during and
 after, the mitigations the agent put in force, the victim's TcpExt.ListenOverflows +
 ListenDrops during the flood and its conntrack entries at the end. The forged cases carry
@@ -64,12 +64,12 @@ def one_run(case: str, agent: bool) -> dict:
         extra = {"spoof_cidr": f"{client}/32", "sources": 1} if forged else {}
         before = netstat(s.lab.victim)
         during = attacks.start(client_ns, "benign", target=target, port=SERVICE_PORT,
-                               rate=CLIENT_RATE, duration_s=FLOOD_S, timeout_ms=2000)
+                               rate=CLIENT_RATE, duration_s=FLOOD_S, timeout_ms=500)
         flood = attacks.run(s.lab.attacker, pattern, timeout_s=120, target=target,
                             duration_s=FLOOD_S, **opts, **extra)
         d = attacks.result(during, timeout_s=60)
         a = attacks.run(client_ns, "benign", timeout_s=60, target=target, port=SERVICE_PORT,
-                        rate=CLIENT_RATE, duration_s=AFTER_S, timeout_ms=2000)
+                        rate=CLIENT_RATE, duration_s=AFTER_S, timeout_ms=500)
         ct = sh("cat", "/proc/sys/net/netfilter/nf_conntrack_count", ns=s.lab.victim, check=False)
         mitigations = []
         if agent:

@@ -26,8 +26,13 @@ SERVICE_SET = "svc_ratelimit"
 SERVICE_METER = "svc_meter"
 CHALLENGE_SERVICE_SET = "svc_challenge"
 CHALLENGE_CHAIN = "challenge_in"
-# The SYN proxy's TCP options towards clients (what a modern client offers anyway).
-SYNPROXY = {"synproxy": {"mss": 1460, "wscale": 7, "flags": ["timestamp", "sack-perm"]}}
+# The SYN proxy's options towards clients: the MSS only. With `timestamp` (which the proxy
+# needs to carry window scaling and SACK in its cookie) every proxied connection to a local
+# listener waited ~1 s on Linux 6.18: the listener ignores the proxy's ACK (its per-
+# connection timestamp offset) and completes only on its SYN-ACK retransmit. Without it the
+# handshake is immediate; the cost, while a challenge lasts, is no window scaling (64 KiB
+# window) and no SACK on the connections it proxies.
+SYNPROXY = {"synproxy": {"mss": 1460}}
 METER_TIMEOUT_S = 60          # idle per-source/per-service limiter state is forgotten after this
 TIMEOUT_TOLERANCE_S = 2.0     # kernel and desired remaining lifetimes may differ this much
 

@@ -51,7 +51,7 @@ class Client:
         self.ns = sc.lab.add_attacker(CLIENT_LINK)
         self.addr = sc.lab.addr("attacker", link=CLIENT_LINK)
         self.proc = attacks.start(self.ns, "benign", target=sc.target(False), port=SERVICE_PORT,
-                                  rate=CLIENT_RATE, duration_s=duration_s, timeout_ms=2000)
+                                  rate=CLIENT_RATE, duration_s=duration_s, timeout_ms=500)
 
     def result(self) -> dict:
         out = attacks.result(self.proc, timeout_s=60)
