@@ -158,7 +158,7 @@ class Responder:
         if plan.kind in policy.ISOLATION_KINDS:
             ttl_s = self._cfg.mitigation.isolation_ttl_s     # None: until released
         else:
-            ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
+            ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None, plan.kind)
         m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
                        expires_at=None if ttl_s is None else now + ttl_s,
                        incident_id=incident.id,
@@ -221,7 +221,8 @@ class Responder:
         if m.expires_at - now >= lifetime_s / 2:
             return
         ttl_s = (self._cfg.mitigation.isolation_ttl_s if m.kind in policy.ISOLATION_KINDS
-                 else None) or self._lifetime_s(plan.finding.rule, m.target, now, m.created_at)
+                 else None) or self._lifetime_s(plan.finding.rule, m.target, now, m.created_at,
+                                                m.kind)
         renewed = replace(m, expires_at=now + ttl_s, params={**m.params, "ttl_s": ttl_s})
         if renewed.state is MitigationState.ACTIVE:
             try:
@@ -239,12 +240,17 @@ class Responder:
             {"mitigation_id": m.id, "ttl_s": ttl_s, "expires_at": renewed.expires_at})
         self.notify("mitigation", renewed)
 
-    def _lifetime_s(self, rule: str, target: str, now: float, until: float | None) -> float:
+    def _lifetime_s(self, rule: str, target: str, now: float, until: float | None,
+                    kind: MitigationKind) -> float:
         """The rule's ttl (or the default), grown for each earlier mitigation of the target
         within repeat_window_s (created before `until` when renewing), capped."""
         pol = self._cfg.mitigation
         base_s = self._ttl_by_rule.get(rule) or pol.default_ttl_s
-        prior = self._store.prior_mitigations(target, now - pol.repeat_window_s, until)
+        # A challenge proves nothing against its target: only earlier challenges lengthen a
+        # challenge, and they never count as offences towards a block.
+        kinds = policy.CHALLENGE_KINDS if kind in policy.CHALLENGE_KINDS else [
+            k for k in MitigationKind if k not in policy.CHALLENGE_KINDS]
+        prior = self._store.prior_mitigations(target, now - pol.repeat_window_s, until, kinds)
         return policy.lifetime_s(base_s, prior, pol)
 
     # -- the shared path ---------------------------------------------------------------

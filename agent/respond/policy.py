@@ -24,6 +24,7 @@ ACTION_KINDS: dict[str, MitigationKind] = {
 SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE,
                 MitigationKind.CHALLENGE)
 SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.CHALLENGE_SERVICE)
+CHALLENGE_KINDS = (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE)
 
 # Isolations and quarantines: each escalates its incident for a human, and lasts
 # mitigation.isolation_ttl_s (None: until released).

@@ -347,6 +347,9 @@ def test_verified_resets_block(env) -> None:
     [blocked] = store.incidents(entity="ip:198.51.100.7")
     texts = [e.text for e in store.incident_events(blocked.id)]
     assert any(t.startswith("blocked: block_ip 198.51.100.7") for t in texts)
+    # the challenge before it is no offence: the block gets net.connect_scan's own ttl
+    [b] = [m for m in store.active_mitigations(env.clock()) if m.kind is MitigationKind.BLOCK_IP]
+    assert b.expires_at - b.created_at == 1800.0
 
 
 def test_forged_many_source_flood_challenges_the_service(env) -> None:
