@@ -84,6 +84,30 @@ def one_run(case: str, agent: bool) -> dict:
                 "mitigations": mitigations}
 
 
+def real_work(agent: bool) -> dict:
+    """iperf3 from the attacker namespace (a peer that is not allowlisted): 4 s of TCP bulk,
+    then 4 s of UDP at 200 Mbit/s; the throughput, and what the agent made of it."""
+    from agent.lab import spawn_in, wait_for
+
+    with (Scenario() if agent else _NoAgent()) as s:
+        target, out = s.lab.addr("victim"), {}
+        for name, args in (("tcp", ["-t", "4"]), ("udp", ["-u", "-b", "200M", "-l", "1200", "-t", "4"])):
+            server = spawn_in(s.lab.victim, "iperf3", "-s", "-1", "-p", "5201")
+            try:
+                wait_for(lambda: ":5201" in sh("ss", "-Htln", ns=s.lab.victim).stdout, 5)
+                end = json.loads(sh("iperf3", "-J", "-c", target, "-p", "5201", *args,
+                                    ns=s.lab.attacker, timeout=30).stdout)["end"]
+            finally:
+                server.kill()
+                server.wait(5)
+            summary = end["sum_received"] if name == "tcp" else end["sum"]
+            out[f"{name}_gbps"] = round(summary["bits_per_second"] / 1e9, 2)
+        if agent:
+            with s.agent.store() as store:
+                out["incidents"], out["mitigations"] = len(store.incidents()), len(store.mitigations())
+        return {"agent": agent, **out}
+
+
 class _NoAgent:
     """A Scenario's lab and echo server without the agent."""
 
@@ -107,8 +131,14 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--no-agent", action="store_true", help="also run every case without the agent")
+    ap.add_argument("--real-work", action="store_true",
+                    help="only measure iperf3 TCP and UDP throughput with and without the agent")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.real_work:
+        for agent in (True, False):
+            print(json.dumps(real_work(agent)))
+        return 0
     rows = []
     for case in args.cases.split(","):
         for agent in ([True, False] if args.no_agent else [True]):
