@@ -4,13 +4,17 @@
 #ifndef SWARM_FLOW_BPF_H
 #define SWARM_FLOW_BPF_H
 
-/* UDP peers this host sent to: (peer address, peer port, local port) -> last send, ns.
+/* Peers this host sent to: (peer address, peer port, local port, protocol) -> last send,
+ * ns. UDP datagrams, and TCP segments of established flows (ACK without SYN or RST) that
+ * no local socket owns: those of containers and other namespaces this host forwards for.
  * Kernel-only (written by handle_tc_egress, read by handle_xdp); LRU keeps it bounded. */
 struct exchange_key {
 	__u8 addr[16];
 	__u32 family;
 	__u16 peer_port;	/* network order */
 	__u16 local_port;	/* network order */
+	__u8 proto;
+	__u8 pad0[3];
 };
 
 struct {
@@ -26,6 +30,9 @@ struct {
 #define EXCHANGE_REFRESH_NS 1000000000ULL	/* rewrite a live entry at most once a second */
 #define IP_MF 0x2000
 #define TC_ACT_OK 0
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
 
 /* The parts of a packet a socket lookup needs (addresses and ports in network order),
  * read after parse_packet() accepted it. Only the plain layouts are followed (one VLAN
@@ -125,6 +132,20 @@ static __always_inline __u32 tuple_of(const struct flow *f, struct bpf_sock_tupl
 	return sizeof(t->ipv4);
 }
 
+static __always_inline int exchanged(const struct flow *f, __u64 now)
+{
+	struct exchange_key k = {};
+	__u64 *last;
+
+	__builtin_memcpy(k.addr, f->saddr, 16);
+	k.family = f->v6 ? AF_INET6 : AF_INET;
+	k.peer_port = f->sport;
+	k.local_port = f->dport;
+	k.proto = f->proto;
+	last = bpf_map_lookup_elem(&exchanges, &k);
+	return last && now - *last <= EXCHANGE_TTL_NS;
+}
+
 /* 1 when the packet belongs to a flow this host accepted or started. The lookups run in
  * the namespace of the receiving device (BPF_F_CURRENT_NETNS). */
 static __always_inline int solicited(struct xdp_md *ctx, const struct pkt *p, __u64 now)
@@ -133,40 +154,28 @@ static __always_inline int solicited(struct xdp_md *ctx, const struct pkt *p, __
 	void *end = (void *)(long)ctx->data_end;
 	struct bpf_sock_tuple t = {};
 	struct flow f = {};
+	struct bpf_sock *sk;
 	__u32 size;
+	int ok = 0;
 
 	if (p->syn || read_flow(data, end, &f) < 0)
 		return 0;
 	size = tuple_of(&f, &t);
 	if (f.proto == IPPROTO_TCP) {
-		struct bpf_sock *sk = bpf_skc_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
-		int ok;
-
-		if (!sk)
-			return 0;
-		/* A listener matches any peer: only a connection's own socket vouches. */
-		ok = sk->state != TCP_LISTEN;
-		bpf_sk_release(sk);
-		return ok;
-	} else {
-		struct bpf_sock *sk = bpf_sk_lookup_udp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
-		struct exchange_key k = {};
-		__u64 *last;
-
+		sk = bpf_skc_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
 		if (sk) {
-			int connected = sk->state == TCP_ESTABLISHED;	/* connect()ed UDP */
-
+			/* A listener matches any peer: only a connection's own socket vouches. */
+			ok = sk->state != TCP_LISTEN;
 			bpf_sk_release(sk);
-			if (connected)
-				return 1;
 		}
-		__builtin_memcpy(k.addr, f.saddr, 16);
-		k.family = f.v6 ? AF_INET6 : AF_INET;
-		k.peer_port = f.sport;
-		k.local_port = f.dport;
-		last = bpf_map_lookup_elem(&exchanges, &k);
-		return last && now - *last <= EXCHANGE_TTL_NS;
+	} else {
+		sk = bpf_sk_lookup_udp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+		if (sk) {
+			ok = sk->state == TCP_ESTABLISHED;	/* a connect()ed UDP socket */
+			bpf_sk_release(sk);
+		}
 	}
+	return ok || exchanged(&f, now);
 }
 
 #endif

@@ -280,7 +280,9 @@ int handle_xdp(struct xdp_md *ctx)
 	return XDP_PASS;	/* observe only: enforcement is nftables' job */
 }
 
-/* Records the UDP peers this host sends to, so their answers count as an exchange. */
+/* Records the peers this host sends to, so their answers count as an exchange: UDP, and
+ * TCP segments of established flows (never SYNs or resets: answering a forged SYN must
+ * not vouch for the forger's next packets). */
 SEC("tc")
 int handle_tc_egress(struct __sk_buff *skb)
 {
@@ -290,12 +292,16 @@ int handle_tc_egress(struct __sk_buff *skb)
 	struct flow f = {};
 	__u64 now, *last;
 
-	if (read_flow(data, end, &f) < 0 || f.proto != IPPROTO_UDP)
+	if (read_flow(data, end, &f) < 0)
+		return TC_ACT_OK;
+	if (f.proto == IPPROTO_TCP &&
+	    (f.tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) != TCPF_ACK)
 		return TC_ACT_OK;
 	__builtin_memcpy(k.addr, f.daddr, 16);
 	k.family = f.v6 ? AF_INET6 : AF_INET;
 	k.peer_port = f.dport;
 	k.local_port = f.sport;
+	k.proto = f.proto;
 	now = bpf_ktime_get_ns();
 	last = bpf_map_lookup_elem(&exchanges, &k);
 	if (!last || now - *last > EXCHANGE_REFRESH_NS)

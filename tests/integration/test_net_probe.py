@@ -276,3 +276,32 @@ def test_udp_from_a_peer_the_host_sends_to_is_not_counted(lab, v6):
         mine.close()
     finally:
         probe.close()
+
+
+def test_forwarded_bulk_tcp_is_not_counted(lab):
+    """A flow the host forwards (to a container or another namespace behind it) has no
+    local socket: its segments are solicited through the egress table of established
+    flows. The victim routes between the attacker (v0) and an inner namespace (v1)."""
+    inner = lab.add_attacker(1)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lab.victim)
+    probe = open_probe(lab.victim, {**THRESHOLDS, "packets": 100})
+    srv = listen(inner, False)
+    try:
+        att, port = lab.addr("attacker"), srv.getsockname()[1]
+
+        def trigger():
+            import threading
+            reader = threading.Thread(target=_drain, args=(srv,))
+            reader.start()
+            attack(lab, BULK, lab.addr("attacker", link=1), port, 20000)
+            reader.join(10)
+
+        events = run_until(probe, trigger, lambda ev: False, timeout_s=0.5)
+        assert [e for e in events if e.kind == "net.source"] == [], \
+            [(e.kind, e.subject, dict(e.fields)) for e in events]
+        v = probe.verdicts()
+        assert v["solicited"] >= 5000 and v["unsolicited"] < 20, v
+        assert att in {s.address for s in probe.read_sources()}    # its SYN was counted
+    finally:
+        srv.close()
+        probe.close()
