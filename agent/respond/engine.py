@@ -113,8 +113,11 @@ class Responder:
         target = policy.target_of(finding.entity)
         if kind in policy.SOURCE_KINDS and (why := policy.unblockable(target)):
             return Plan(finding, None, None, f"{finding.rule}: {target} {why}, reported only")
-        if kind in policy.SOURCE_KINDS and (peer := self._peer_of(target)):
-            # Blocking a tunnel address leaves the peer connected; quarantine the peer.
+        if kind in policy.SOURCE_KINDS and kind not in policy.CHALLENGE_KINDS \
+                and (peer := self._peer_of(target)):
+            # Blocking a tunnel address leaves the peer connected; quarantine the peer. Not
+            # on forgeable evidence: packets outside the tunnel can carry a tunnel address,
+            # and quarantining the peer on them would hand its connection to the forger.
             return Plan(finding, MitigationKind.REMOVE_PEER, peer,
                         f"{finding.rule}: {target} is WireGuard peer {peer}: quarantining it")
         if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
