@@ -40,6 +40,8 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(openssl procps)
 # Tests only: the reverse-shell wirings (nc in a mkfifo pipeline, socat EXEC).
 [ "$with_tests" = 1 ] && packages+=(netcat-openbsd socat)
+# Tests only: real bulk TCP and UDP streams that must never be mitigated.
+[ "$with_tests" = 1 ] && packages+=(iperf3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

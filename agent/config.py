@@ -58,6 +58,9 @@ class Enforce:
     set_size: int = 65536
     rate_limit: RateLimit = RateLimit()
     service_rate_limit: RateLimit = RateLimit(packets_per_second=100, burst=200)
+    # Per source, for the unsolicited non-TCP packets of a challenged source and for the
+    # datagrams each source sends to a challenged UDP service (established exchanges pass).
+    challenge_rate_limit: RateLimit = RateLimit(packets_per_second=200, burst=400)
     reroute: Reroute = Reroute()
 
 
@@ -77,6 +80,11 @@ class MitigationPolicy:
 class Probes:
     map_entries: int = 65536          # LRU size of per-source maps
     window_ms: int = 1000             # kernel counting window
+    # Drop at XDP what the packet parser cannot follow and the kernel would still deliver
+    # (an IPv6 extension-header chain longer than it follows, a first fragment cut inside
+    # the TCP/UDP header, a malformed header): otherwise a flood so wrapped is invisible
+    # to every flood rule. Counted by reason either way.
+    drop_unparsable: bool = True
     # Where the host's agents register the network namespace whose processes each owns
     # (README, "Running it"); shared by every agent on the host, writable by root only.
     process_owners: str = "/run/swarm-agent/process-owners"
@@ -304,6 +312,8 @@ def validate(cfg: Config) -> Config:
         "enforce.rate_limit.burst": cfg.enforce.rate_limit.burst,
         "enforce.service_rate_limit.packets_per_second": cfg.enforce.service_rate_limit.packets_per_second,
         "enforce.service_rate_limit.burst": cfg.enforce.service_rate_limit.burst,
+        "enforce.challenge_rate_limit.packets_per_second": cfg.enforce.challenge_rate_limit.packets_per_second,
+        "enforce.challenge_rate_limit.burst": cfg.enforce.challenge_rate_limit.burst,
         "mitigation.default_ttl_s": cfg.mitigation.default_ttl_s,
         "mitigation.max_ttl_s": cfg.mitigation.max_ttl_s,
         "mitigation.repeat_window_s": cfg.mitigation.repeat_window_s,

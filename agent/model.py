@@ -60,6 +60,23 @@ class MitigationKind(enum.StrEnum):
     ISOLATE_SERVICE = "isolate_service"
     KILL_PROCESS = "kill_process"
     FREEZE_CGROUP = "freeze_cgroup"
+    # Answers to forgeable evidence, which a real owner of the address passes: TCP through
+    # a SYN proxy, other unsolicited traffic under a per-source limit.
+    CHALLENGE = "challenge"                  # target: address or CIDR
+    CHALLENGE_SERVICE = "challenge_service"  # target: "tcp/80" (SYN proxy), "udp/53" (per source)
+
+
+# What an operator is told a mitigation of an address or service was (incidents, status).
+CHALLENGED = "unverified source: challenged"
+BLOCKED = "blocked"
+
+
+def verdict(kind: MitigationKind) -> str:
+    """"unverified source: challenged" for the answers to forgeable evidence, "blocked" for
+    a block, the kind's name for anything else."""
+    if kind in (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE):
+        return CHALLENGED
+    return BLOCKED if kind is MitigationKind.BLOCK_IP else kind.value.replace("_", " ")
 
 
 class MitigationState(enum.StrEnum):

@@ -46,23 +46,27 @@ class Pattern:
 
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (
-    Pattern("syn_flood", "syn_flood", False, {"duration_s": 4}, "net.syn_flood@1", "block_ip",
+    # SYN counts and UDP rates are forgeable: the source is challenged, never blocked, and
+    # its real owner (the handshake probe here) keeps connecting through the SYN proxy.
+    Pattern("syn_flood", "syn_flood", False, {"duration_s": 4}, "net.syn_flood@2", "challenge",
             "SYN flood from one IPv4 source"),
-    Pattern("syn_flood_v6", "syn_flood", True, {"duration_s": 4}, "net.syn_flood@1", "block_ip",
+    Pattern("syn_flood_v6", "syn_flood", True, {"duration_s": 4}, "net.syn_flood@2", "challenge",
             "SYN flood from one IPv6 source"),
-    Pattern("udp_flood", "udp_flood", False, {"duration_s": 4}, "net.udp_flood@1", "block_ip",
+    Pattern("udp_flood", "udp_flood", False, {"duration_s": 4}, "net.udp_flood@2", "challenge",
             "UDP flood from one IPv4 source"),
     # Below the SYN-flood rate, so the connection-rate rule is the one that answers.
     Pattern("conn_flood", "conn_flood", False, {"duration_s": 4, "rate": 120, "count": 480},
             "net.conn_flood@1", "rate_limit", "120 full TCP connections/s from one source"),
+    # A connect scan is challenged at once, then blocked on the resets its completed
+    # (cookie-answering) handshakes draw.
     Pattern("port_scan", "port_scan", False, {"ports": "1000-3000", "duration_s": 4},
-            "net.port_scan@1", "block_ip", "TCP connect scan of 2000 ports"),
+            "net.connect_scan@1", "block_ip", "TCP connect scan of 2000 ports"),
     Pattern("port_scan_v6", "port_scan", True, {"ports": "1000-3000", "duration_s": 4},
-            "net.port_scan@1", "block_ip", "TCP connect scan of 2000 ports over IPv6"),
+            "net.connect_scan@1", "block_ip", "TCP connect scan of 2000 ports over IPv6"),
     Pattern("distributed_syn_flood", "distributed_syn_flood", False,
             {"duration_s": 4, "sources": 4000, "rate": 20000, "count": 80000},
-            "net.distributed_syn_flood@1",
-            "rate_limit_service", "SYN flood from 4000 spoofed sources at one service"),
+            "net.distributed_syn_flood@2",
+            "challenge_service", "SYN flood from 4000 spoofed sources at one service"),
 )}
 
 

@@ -2,6 +2,15 @@
 /* Network probe: per-source and per-service counters at XDP, passive TCP connections and
  * sent resets from tracepoints. Threshold crossings are pushed to the `alerts` ring
  * buffer at once, at most once per window per subject per reason.
+ *
+ * Volume alone is never an attack: the XDP counters see only UNSOLICITED packets, those
+ * outside a flow this host accepted or started. A TCP segment other than a bare SYN that
+ * belongs to a socket (established, connecting, request or time-wait) is solicited; so is
+ * a UDP datagram to a connected socket, or from a peer (address and port) this host sent
+ * to from that local port within EXCHANGE_TTL_NS (the `exchanges` table, written by the
+ * tc egress program). SYNs, datagrams to closed ports or from strangers, stray segments
+ * and everything else are counted. Bulk transfers on accepted connections, tunnels and
+ * UDP exchanges therefore never reach a flood threshold, at any rate.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -9,6 +18,7 @@
 #include <bpf/bpf_core_read.h>
 #include "events.h"
 #include "net.bpf.h"
+#include "flow.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -36,12 +46,29 @@ struct {
 	__type(value, struct remote_stats);
 } remotes SEC(".maps");
 
+/* Resets drawn by handshakes that a SYN proxy verified, per remote: their own windows, so
+ * a source challenged in the middle of a window is judged on what came after. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct addr_key);
+	__type(value, struct remote_stats);
+} verified SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct net_thresholds);
 } thresholds SEC(".maps");
+
+/* Packets seen by handle_xdp: [0] solicited (not counted), [1] unsolicited (counted). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} verdicts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -240,6 +267,14 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 		emit_service(&k, s, REASON_SVC_UDP, now);
 }
 
+static __always_inline void count_verdict(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&verdicts, &which);
+
+	if (n)
+		*n += 1;
+}
+
 SEC("xdp")
 int handle_xdp(struct xdp_md *ctx)
 {
@@ -253,24 +288,65 @@ int handle_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (parsed > 0) {
 		count_unparsed(parsed);
+		/* What the kernel would still deliver but the parser cannot see into would hide
+		 * a flood from every rule: a chain longer than the parser follows, a tiny first
+		 * fragment (RFC 1858), a malformed header. Unknown upper layers and deep VLAN
+		 * stacks carry no TCP/UDP the kernel would read here: they pass. */
+		if (net_cfg.drop_unparsable && (parsed == PARSE_CHAIN_TOO_LONG ||
+						parsed == PARSE_TRUNCATED || parsed == PARSE_BAD_HEADER))
+			return XDP_DROP;
 		if (!p.src.family)
 			return XDP_PASS;	/* counted by reason; no source to count it to */
 		p.proto = 0;	/* what it carries is unknown: no ports, no service */
 		p.syn = 0;
 	}
 	now = bpf_ktime_get_ns();
+	if (solicited(ctx, &p, now)) {
+		count_verdict(0);
+		return XDP_PASS;
+	}
+	count_verdict(1);
 	count_source(&p, t, now);
 	if (p.proto)
 		count_service(&p, t, now);
-	return XDP_PASS;	/* observe only: enforcement is nftables' job */
+	return XDP_PASS;	/* observe only: enforcement is nftables' job (but see above) */
+}
+
+/* Records the peers this host sends to, so their answers count as an exchange: UDP, and
+ * TCP segments of established flows (never SYNs or resets: answering a forged SYN must
+ * not vouch for the forger's next packets). */
+SEC("tc")
+int handle_tc_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct exchange_key k = {};
+	struct flow f = {};
+	__u64 now, *last;
+
+	if (read_flow(data, end, &f) < 0)
+		return TC_ACT_OK;
+	if (f.proto == IPPROTO_TCP &&
+	    (f.tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) != TCPF_ACK)
+		return TC_ACT_OK;
+	__builtin_memcpy(k.addr, f.daddr, 16);
+	k.family = f.v6 ? AF_INET6 : AF_INET;
+	k.peer_port = f.dport;
+	k.local_port = f.sport;
+	k.proto = f.proto;
+	now = bpf_ktime_get_ns();
+	last = bpf_map_lookup_elem(&exchanges, &k);
+	if (!last || now - *last > EXCHANGE_REFRESH_NS)
+		bpf_map_update_elem(&exchanges, &k, &now, BPF_ANY);
+	return TC_ACT_OK;
 }
 
 /* --- TCP tracepoints ---------------------------------------------------------------
  * Tracepoints fire for every namespace; several agents (and the tests) run side by side
  * in different namespaces, so each object keeps only events of net_cfg.netns_ino. */
 
-#define TCP_ESTABLISHED 1
 #define TCP_SYN_RECV 3
+#define IFF_LOOPBACK 0x8
 
 /* tcp_send_reset before Linux 6.10 had separate port/family/address fields; the
  * current layout stores two sockaddrs. CO-RE picks whichever this kernel has. */
@@ -338,10 +414,14 @@ static __always_inline void count_remote(const struct addr_key *k, __u16 dport, 
 
 	if (!t)
 		return;
-	r = window_entry(&remotes, k, &fresh, now);
+	r = window_entry(reset == 2 ? (void *)&verified : (void *)&remotes, k, &fresh, now);
 	if (!r)
 		return;
-	if (reset) {
+	if (reset == 2) {
+		n = __sync_add_and_fetch(&r->resets, 1);
+		if (over(n, t->resets))
+			emit_remote(k, r, EVENT_TCP_RESET, REASON_VERIFIED_RESETS, n, dport, now);
+	} else if (reset) {
 		n = __sync_add_and_fetch(&r->resets, 1);
 		if (over(n, t->resets))
 			emit_remote(k, r, EVENT_TCP_RESET, REASON_RESETS, n, dport, now);
@@ -372,6 +452,24 @@ int handle_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 		bpf_core_read(k.addr, 16, &ctx->daddr_v6);
 	count_remote(&k, ctx->sport, 0);	/* sport: the local port, host order */
 	return 0;
+}
+
+/* 1 when the reset answers a SYN that a SYN proxy sent on behalf of a client whose cookie
+ * it checked: such SYNs reach the stack through the loopback device with the client's
+ * address, which an off-path sender cannot do. Kernels whose tracepoint lacks the skb
+ * (before 6.10) give 0: a connect scan is then challenged, never blocked. */
+static __always_inline int from_syn_proxy(struct trace_event_raw_tcp_send_reset *ctx)
+{
+	struct sk_buff *skb;
+	unsigned int flags;
+
+	if (!bpf_core_field_exists(ctx->skbaddr) || ctx->skaddr)
+		return 0;
+	skb = (struct sk_buff *)ctx->skbaddr;
+	if (!skb)
+		return 0;
+	flags = BPF_CORE_READ(skb, dev, flags);
+	return (flags & IFF_LOOPBACK) != 0;
 }
 
 SEC("tracepoint/tcp/tcp_send_reset")
@@ -412,5 +510,7 @@ int handle_tcp_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
 	if (is_zero_addr(k.addr))
 		return 0;
 	count_remote(&k, dport, 1);
+	if (from_syn_proxy(ctx))
+		count_remote(&k, dport, 2);
 	return 0;
 }

@@ -23,6 +23,8 @@ RUNNERS = {
     "lb_burst": connections.lb_burst,
     "probe": connections.probe,
     "serve": server.serve,
+    "decoy_scan": floods.decoy_scan,
+    "spoofed_udp_flood": floods.spoofed_udp_flood,
 }
 
 # Per-pattern defaults that differ from Options' own.
@@ -46,9 +48,10 @@ HELP = {
     "timeout_ms": "per connection attempt (default 1000; port_scan and probe 50)",
     "interval_ms": "probe: one handshake every this long (default 10)",
     "size": "udp_flood: payload bytes (default 64)",
-    "ports": "port_scan: range FIRST-LAST (default 1-1024)",
-    "sources": "distributed_syn_flood: how many spoofed addresses (default 2000)",
-    "spoof_cidr": "distributed_syn_flood: where they come from "
+    "ports": "port_scan, decoy_scan: range FIRST-LAST (default 1-1024)",
+    "sources": "distributed_syn_flood, decoy_scan, spoofed_udp_flood: how many spoofed "
+               "addresses (default 2000)",
+    "spoof_cidr": "distributed_syn_flood, decoy_scan, spoofed_udp_flood: where they come from "
                   "(default 10.N.200.0/21 or fd00:N:c8::/64 beside the target)",
     "seed": "picks the spoofed sources and sequence numbers (default 1)",
     "bind": "serve: listen address (default :: dual stack)",

@@ -75,6 +75,59 @@ def _send_syns(opts: Options, sources: list[bytes]) -> Tally:
     return tally
 
 
+def _spoofed(opts: Options) -> tuple[str, list[bytes]]:
+    cidr = opts.spoof_cidr or default_spoof_cidr(opts.target)
+    if ipaddress.ip_address(opts.target).version != ipaddress.ip_network(cidr, strict=False).version:
+        raise ValueError(f"--spoof-cidr {cidr} is not the target's address family")
+    sources = spoofed_sources(cidr, opts.sources, opts.seed)
+    if sources[0].version == 6:
+        packets.wait_link_local_ready()
+    return cidr, [a.packed for a in sources]
+
+
+def decoy_scan(opts: Options) -> dict:
+    """SYNs to every port of --ports from spoofed sources, as `nmap -sS -D DECOY` sends in
+    the decoy's name: with --spoof-cidr CLIENT/32 the whole scan carries the client's
+    address."""
+    cidr, sources = _spoofed(opts)
+    first, _, last = opts.ports.partition("-")
+    ports = range(int(first), int(last or first) + 1)
+    builders = [SynBuilder(opts.target, port) for port in ports]
+    sums = [word_sum(s) for s in sources]
+    tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
+    with open_raw(family_of(opts.target)) as sock:
+        i = 0
+        while (now := pacer.next()) is not None:
+            k = i % len(sources)
+            pkt = builders[i % len(builders)].syn(sources[k], sums[k], FIRST_SPORT + i % 50000,
+                                                  (i * 7919) & 0xFFFFFFFF)
+            tally.mark(now)
+            try:
+                sock.sendto(pkt, (opts.target, 0))
+            except OSError as e:
+                tally.error(e)
+            i += 1
+    return tally.report(opts, spoof_cidr=cidr, sources=len(sources), ports=opts.ports)
+
+
+def spoofed_udp_flood(opts: Options) -> dict:
+    """UDP datagrams to --port from spoofed sources (raw IP packets with checksums)."""
+    cidr, sources = _spoofed(opts)
+    builder = packets.UdpBuilder(opts.target, opts.port, bytes(opts.size))
+    tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
+    with open_raw(family_of(opts.target)) as sock:
+        i = 0
+        while (now := pacer.next()) is not None:
+            pkt = builder.datagram(sources[i % len(sources)], FIRST_SPORT + i % 50000)
+            tally.mark(now)
+            try:
+                sock.sendto(pkt, (opts.target, 0))
+            except OSError as e:
+                tally.error(e)
+            i += 1
+    return tally.report(opts, spoof_cidr=cidr, sources=len(sources), size=opts.size)
+
+
 def udp_flood(opts: Options) -> dict:
     payload = bytes(opts.size)
     dest = (opts.target, opts.port)

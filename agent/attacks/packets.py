@@ -81,6 +81,27 @@ class SynBuilder:
         return ip + src + self.dst + tcp
 
 
+class UdpBuilder:
+    """Builds complete IPv4 or IPv6 packets carrying one UDP datagram to `dst`:`dport`."""
+
+    def __init__(self, dst: str, dport: int, payload: bytes):
+        self.v6 = family_of(dst) == socket.AF_INET6
+        self.dst, self.dport, self.payload = packed(dst), dport, payload
+        self.length = 8 + len(payload)
+
+    def datagram(self, src: bytes, sport: int) -> bytes:
+        pseudo = src + self.dst + struct.pack("!HH", socket.IPPROTO_UDP, self.length)
+        udp = struct.pack("!HHHH", sport, self.dport, self.length, 0) + self.payload
+        csum = checksum(pseudo + udp) or 0xFFFF     # 0 means "no checksum" in UDP
+        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+        if self.v6:
+            return struct.pack("!IHBB", 6 << 28, self.length, socket.IPPROTO_UDP, TTL) + src + self.dst + udp
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + self.length, sport & 0xFFFF, 0, TTL,
+                         socket.IPPROTO_UDP, 0) + src + self.dst
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+        return ip + udp
+
+
 def source_for(target: str) -> str:
     """The address this namespace would send from to reach `target` (no packet is sent:
     connecting a UDP socket only picks the route)."""

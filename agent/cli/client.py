@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from agent.cli import tls
 from agent.cli.text import clean, cleaned
 from agent.config import Config
+from agent.model import MitigationKind, verdict
 from agent.proto.swarm.control.v1 import control_pb2 as pb
 from agent.proto.swarm.control.v1 import control_pb2_grpc
 
@@ -149,11 +150,23 @@ def _print_json(value: Any) -> None:
 
 def status(c: Client, args: argparse.Namespace) -> int:
     st = c.call("GetStatus", pb.GetStatusRequest())
+    live = c.call("ListMitigations", pb.ListMitigationsRequest(limit=1000)).mitigations
+    verdicts = mitigation_verdicts(live)
     if args.json:
-        _print_json({"running": True, **to_dict(st)})
+        _print_json({"running": True, **to_dict(st), "mitigation_verdicts": verdicts})
     else:
-        print(format_status(st))
+        print(format_status(st, verdicts))
     return EXIT_OK
+
+
+def mitigation_verdicts(found: list[pb.Mitigation]) -> dict[str, int]:
+    """Mitigations in force by what they mean: "unverified source: challenged" (forgeable
+    evidence), "blocked", and the other kinds by name."""
+    out: dict[str, int] = {}
+    for m in found:
+        key = verdict(MitigationKind(m.kind)) if m.kind in set(MitigationKind) else m.kind
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def incidents(c: Client, args: argparse.Namespace) -> int:
@@ -324,7 +337,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_status(st: pb.Status) -> str:
+def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
     mode = " (dry run)" if st.dry_run else ""
     ready = "running" if st.ready else "starting"
     lines = [f"agent: {ready}{mode}, pid {st.pid} on {st.host}, up {st.uptime_s:.0f} s, "
@@ -338,7 +351,9 @@ def format_status(st: pb.Status) -> str:
              str(c.deadline_met), str(c.deadline_missed)] for c in st.classes]
     lines.append(_table(["CLASS", "TOTAL", "OPEN", "MITIGATED", "ESCALATED", "CLOSED",
                          "DEADLINE", "MET", "MISSED"], rows))
-    lines.append(f"mitigations in force: {st.active_mitigations}; rules: {len(st.rules)}")
+    split = ", ".join(f"{n} {what}" for what, n in sorted((verdicts or {}).items()))
+    lines.append(f"mitigations in force: {st.active_mitigations}" + (f" ({split})" if split else "")
+                 + f"; rules: {len(st.rules)}")
     return "\n".join(lines)
 
 

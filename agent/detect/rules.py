@@ -44,11 +44,13 @@ METRICS: dict[str, dict[str, tuple[str, bool, str]]] = {
     },
     "tcp.established": {"conns_per_s": ("conns", True, "conns")},
     "tcp.reset": {"resets_per_s": ("resets", True, "resets")},
+    # Resets drawn by handshakes a SYN proxy verified: a challenged source's own doing.
+    "tcp.verified_reset": {"resets_per_s": ("resets", True, "resets")},
 }
 KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                "svc_syns", "svc_packets", "svc_udp", "svc_sources")
-SOURCE_ACTIONS = ("block", "rate_limit", "reroute")
-SERVICE_ACTIONS = ("rate_limit_service",)
+SOURCE_ACTIONS = ("block", "rate_limit", "reroute", "challenge")
+SERVICE_ACTIONS = ("rate_limit_service", "challenge_service")
 ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report")
 SCOPES = ("node", "service")   # what an `isolate` rule cuts off
 LIST_NAMES = {f.name for f in fields(Breach)}

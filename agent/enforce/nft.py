@@ -19,18 +19,22 @@ from agent.enforce import isolate, listing
 from agent.enforce.base import AllowlistedError, Drift, EnforceError
 from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
-from agent.enforce.ruleset import (ELEMENT_SETS, FAMILY, TABLE, Key, Service, SetContents,
-                                   desired_contents, element_cmd, elements_json, parse_network,
-                                   set_for, table_batch)
+from agent.enforce.ruleset import (CHALLENGE_KINDS, ELEMENT_SETS, FAMILY, TABLE, Key, Service,
+                                   SetContents, desired_contents, element_cmd, elements_json,
+                                   parse_network, set_for, table_batch)
 from agent.model import Mitigation, MitigationKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+# The SYN proxy must see a connection's ACK as invalid, not pick it up mid-stream as an
+# established flow; that is loose=0. Per network namespace: only the agent's own changes.
+TCP_LOOSE = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
 
 
 class NftEnforcer:
     """The Enforcer (agent.enforce.base) for BLOCK_IP, RATE_LIMIT, REROUTE (address or CIDR)
-    and RATE_LIMIT_SERVICE ("tcp/80"), ISOLATE_NODE (any target, "node" by convention) and
+    and RATE_LIMIT_SERVICE ("tcp/80"), CHALLENGE (address or CIDR) and CHALLENGE_SERVICE
+    ("tcp/80": SYN proxy; "udp/53": per-source limit), ISOLATE_NODE (any target, "node" by convention) and
     the network cut of ISOLATE_SERVICE (a cgroup path; agent.enforce.cgroup freezes it);
     other kinds raise UnsupportedMitigation. `agent_cgroup` (default: this process's) is
     exempt from node isolation and never isolated itself.
@@ -49,6 +53,7 @@ class NftEnforcer:
         self._addrs = AddressReader()
         self._desired: dict[str, Mitigation] = {}
         self._structure: str | None = None     # fingerprint of the table as last created
+        self._loose_saved: str | None = None   # nf_conntrack_tcp_loose before a challenge
         self._allow: list[Network] = self._read_allowlist()
 
     # --- the Enforcer contract -------------------------------------------------------------
@@ -57,6 +62,7 @@ class NftEnforcer:
         """Replace the table with a fresh one holding exactly `desired` (remaining lifetimes)."""
         self._allow = self._read_allowlist()
         self._recreate(desired, now)
+        self._sync_loose(now)
 
     def apply(self, m: Mitigation, now: float) -> None:
         """Put `m` in force; raises AllowlistedError, UnsupportedMitigation or EnforceError
@@ -69,7 +75,13 @@ class NftEnforcer:
         name, _ = set_for(m, self.cfg)
         if m.expires_at is not None and m.expires_at <= now:
             raise EnforceError(f"the {m.kind.value} mitigation of {m.target} has already expired")
-        self._change(name, {**self._desired, m.id: m}, now)
+        new = {**self._desired, m.id: m}
+        self._sync_loose(now, new)     # before the proxy can see a packet
+        try:
+            self._change(name, new, now)
+        except EnforceError:
+            self._sync_loose(now)
+            raise
 
     def check(self, m: Mitigation) -> None:
         """The refusals apply meets, without changing anything (the dry run shares them):
@@ -103,6 +115,7 @@ class NftEnforcer:
             new = {i: d for i, d in new.items() if (d.kind, d.target) != (m.kind, m.target)}
         if len(new) != len(self._desired):
             self._change(name, new, time.time())
+        self._sync_loose(time.time())
 
     def reconcile(self, desired: Sequence[Mitigation], now: float) -> Drift:
         """Compare the kernel's table with `desired` and repair it in one transaction.
@@ -131,6 +144,7 @@ class NftEnforcer:
                     cmds.append(element_cmd("add", name, elements_json(want[name], now)))
             self._send(cmds)
         self._desired = {m.id: m for m in desired}
+        self._sync_loose(now)
         return Drift(False, added, removed)
 
     def remove(self) -> None:
@@ -138,6 +152,8 @@ class NftEnforcer:
         table = {"family": FAMILY, "name": TABLE}
         self._send([{"add": {"table": table}}, {"delete": {"table": table}}])
         self._structure = None
+        self._desired = {}
+        self._sync_loose(time.time())
 
     def is_allowlisted(self, target: str) -> bool:
         """True when `target` lies wholly inside the allowlist (invalid targets: False)."""
@@ -156,6 +172,23 @@ class NftEnforcer:
         self._allow = self._read_allowlist()
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _sync_loose(self, now: float, desired: dict[str, Mitigation] | None = None) -> None:
+        """nf_conntrack_tcp_loose=0 while a challenge is in force, the earlier value after.
+        The cost, documented: while it is 0, a TCP flow conntrack did not see start (one
+        older than the table) is invalid to every ruleset of this namespace."""
+        challenged = any(m.kind in CHALLENGE_KINDS and (m.expires_at is None or m.expires_at > now)
+                         for m in (self._desired if desired is None else desired).values())
+        try:
+            if challenged and self._loose_saved is None:
+                with open(TCP_LOOSE) as f:
+                    self._loose_saved = f.read().strip()
+                _write(TCP_LOOSE, "0")
+            elif not challenged and self._loose_saved is not None:
+                _write(TCP_LOOSE, self._loose_saved)
+                self._loose_saved = None
+        except OSError as e:
+            raise EnforceError(f"cannot set {TCP_LOOSE} for the SYN proxy: {e.strerror}") from None
 
     def _read_allowlist(self) -> list[Network]:
         own = [ipaddress.ip_network(a) for a in self._addrs.addresses()]
@@ -229,6 +262,11 @@ class NftEnforcer:
         rc, _, err = self._nft.json_cmd(batch)
         if rc != 0:
             raise EnforceError(f"nftables refused the change: {_first_line(err)}", batch)
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
 
 
 def _validate(batch: dict[str, Any]) -> None:

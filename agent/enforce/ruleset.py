@@ -24,6 +24,15 @@ FILTER_CHAIN = "filter_prerouting"
 NAT_CHAIN = "nat_prerouting"
 SERVICE_SET = "svc_ratelimit"
 SERVICE_METER = "svc_meter"
+CHALLENGE_SERVICE_SET = "svc_challenge"
+CHALLENGE_CHAIN = "challenge_in"
+# The SYN proxy's options towards clients: the MSS only. With `timestamp` (which the proxy
+# needs to carry window scaling and SACK in its cookie) every proxied connection to a local
+# listener waited ~1 s on Linux 6.18: the listener ignores the proxy's ACK (its per-
+# connection timestamp offset) and completes only on its SYN-ACK retransmit. Without it the
+# handshake is immediate; the cost, while a challenge lasts, is no window scaling (64 KiB
+# window) and no SACK on the connections it proxies.
+SYNPROXY = {"synproxy": {"mss": 1460}}
 METER_TIMEOUT_S = 60          # idle per-source/per-service limiter state is forgotten after this
 TIMEOUT_TOLERANCE_S = 2.0     # kernel and desired remaining lifetimes may differ this much
 
@@ -31,12 +40,15 @@ _ADDR_KINDS = {
     MitigationKind.BLOCK_IP: "block",
     MitigationKind.RATE_LIMIT: "ratelimit",
     MitigationKind.REROUTE: "reroute",
+    MitigationKind.CHALLENGE: "challenge",
 }
 _FAMILIES = ((4, "ip", "ipv4_addr", "_v4"), (6, "ip6", "ipv6_addr", "_v6"))
 _PROTOS = {"tcp": 6, "udp": 17}
-INTERVAL_SETS = tuple(f"{p}{s}" for p in ("allow", "block", "ratelimit", "reroute")
+INTERVAL_SETS = tuple(f"{p}{s}" for p in ("allow", "block", "ratelimit", "reroute", "challenge")
                       for _, _, _, s in _FAMILIES)
-ELEMENT_SETS = (*INTERVAL_SETS, SERVICE_SET)
+SERVICE_SETS = (SERVICE_SET, CHALLENGE_SERVICE_SET)
+ELEMENT_SETS = (*INTERVAL_SETS, *SERVICE_SETS)
+CHALLENGE_KINDS = (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE)
 # Node and service isolation (agent.enforce.isolate fills them): (chain, hook), priority -10.
 ISOLATION_CHAINS = (("isolate_in", "input"), ("isolate_out", "output"), ("isolate_fwd", "forward"))
 
@@ -108,6 +120,8 @@ def set_for(m: Mitigation, cfg: Config) -> tuple[str, Key]:
     """Which set and key a mitigation occupies; raises UnsupportedMitigation/EnforceError."""
     if m.kind is MitigationKind.RATE_LIMIT_SERVICE:
         return SERVICE_SET, parse_service(m.target)
+    if m.kind is MitigationKind.CHALLENGE_SERVICE:
+        return CHALLENGE_SERVICE_SET, parse_service(m.target)
     purpose = _ADDR_KINDS.get(m.kind)
     if purpose is None:
         raise UnsupportedMitigation(f"nftables does not enforce {m.kind.value} mitigations")
@@ -160,7 +174,7 @@ def desired_contents(mitigations: Iterable[Mitigation], cfg: Config, now: float,
     Mitigations this enforcer does not handle, or that are invalid, are skipped: reconcile
     must not fail on them (apply() is where they are refused)."""
     spans: dict[str, list[tuple[Span, float | None]]] = {name: [] for name in INTERVAL_SETS}
-    services: SetContents = {}
+    services: dict[str, SetContents] = {name: {} for name in SERVICE_SETS}
     for m in mitigations:
         if m.expires_at is not None and m.expires_at <= now:
             continue
@@ -169,8 +183,9 @@ def desired_contents(mitigations: Iterable[Mitigation], cfg: Config, now: float,
         except EnforceError:
             continue
         if isinstance(key, Service):
-            old = services.get(key, 0.0)
-            services[key] = None if old is None or m.expires_at is None else max(old, m.expires_at)
+            old = services[name].get(key, 0.0)
+            services[name][key] = (None if old is None or m.expires_at is None
+                                   else max(old, m.expires_at))
         else:
             spans[name].append((key, m.expires_at))
     for net in ipaddress.collapse_addresses([n for n in allow if n.version == 4]):
@@ -178,7 +193,7 @@ def desired_contents(mitigations: Iterable[Mitigation], cfg: Config, now: float,
     for net in ipaddress.collapse_addresses([n for n in allow if n.version == 6]):
         spans["allow_v6"].append((Span.of(net), None))
     out = {name: partition(items) for name, items in spans.items()}
-    out[SERVICE_SET] = services
+    out.update(services)
     return out
 
 
@@ -225,14 +240,16 @@ def _sets(cfg: Config) -> list[dict[str, Any]]:
     cmds = []
     for _, _, addr_type, sfx in _FAMILIES:
         cmds.append({"add": {"set": _obj(name=f"allow{sfx}", type=addr_type, flags=["interval"])}})
-        for purpose in ("block", "ratelimit", "reroute"):
+        for purpose in ("block", "ratelimit", "reroute", "challenge"):
             cmds.append({"add": {"set": _obj(name=f"{purpose}{sfx}", type=addr_type, size=size,
                                              flags=["interval", "timeout"])}})
         # A set used by `update` is a meter (the kernel marks it dynamic itself).
-        cmds.append({"add": {"set": _obj(name=f"rl_meter{sfx}", type=addr_type, size=size,
-                                         flags=["timeout"], timeout=METER_TIMEOUT_S)}})
+        for meter in ("rl_meter", "chl_meter"):
+            cmds.append({"add": {"set": _obj(name=f"{meter}{sfx}", type=addr_type, size=size,
+                                             flags=["timeout"], timeout=METER_TIMEOUT_S)}})
     svc_type = ["inet_proto", "inet_service"]
-    cmds.append({"add": {"set": _obj(name=SERVICE_SET, type=svc_type, size=size, flags=["timeout"])}})
+    for name in SERVICE_SETS:
+        cmds.append({"add": {"set": _obj(name=name, type=svc_type, size=size, flags=["timeout"])}})
     cmds.append({"add": {"set": _obj(name=SERVICE_METER, type=svc_type, size=size, flags=["timeout"],
                                      timeout=METER_TIMEOUT_S)}})
     return cmds
@@ -260,6 +277,53 @@ def _filter_rules(cfg: Config) -> list[dict[str, Any]]:
     if mark is not None:
         set_mark = {"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}}
         rules += [_rule(c, _match_saddr(p, f"reroute{s}"), set_mark, _COUNTER) for _, p, _, s in _FAMILIES]
+    # A challenged source's or service's SYNs bypass conntrack, so the SYN proxy (in
+    # CHALLENGE_CHAIN, after conntrack) answers them with cookies: the listener's queue
+    # and the conntrack table never see an unverified SYN.
+    rules += [_rule(c, tcp_syn, _match_saddr(p, f"challenge{s}"), {"notrack": None}) for _, p, _, s in _FAMILIES]
+    rules.append(_rule(c, tcp_syn, _in_services(CHALLENGE_SERVICE_SET), {"notrack": None}))
+    # A many-source UDP flood at a challenged service would fill conntrack with one
+    # unreplied entry per spoofed flow: its datagrams skip conntrack too, and each source
+    # gets its own limit (CHALLENGE_CHAIN), established exchanges included.
+    rules.append(_rule(c, is_udp, _in_services(CHALLENGE_SERVICE_SET), {"notrack": None}))
+    return rules
+
+
+def _in_services(name: str) -> dict[str, Any]:
+    return {"match": {"op": "==", "left": _SVC_KEY, "right": f"@{name}"}}
+
+
+def _ct_state(*states: str) -> dict[str, Any]:
+    return {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": list(states)}}
+
+
+def _challenge_rules(cfg: Config) -> list[dict[str, Any]]:
+    """The input chain of challenges, after conntrack: what a real owner of the address
+    passes. TCP: a SYN proxy (the client must answer a SYN cookie before the service sees
+    a SYN); anything else unsolicited: a limit per source. Established and related flows,
+    and the allowlist, pass untouched. The SYN proxy needs nf_conntrack_tcp_loose=0 in the
+    namespace (NftEnforcer sets it while a challenge is in force)."""
+    crl, c = cfg.enforce.challenge_rate_limit, CHALLENGE_CHAIN
+    is_tcp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    not_tcp = {"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}
+    is_udp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}
+    rules = [_rule(c, _match_saddr(p, f"allow{s}"), {"accept": None}) for _, p, _, s in _FAMILIES]
+    rules.append(_rule(c, _ct_state("established", "related"), {"accept": None}))
+    for _, p, _, s in _FAMILIES:
+        meter = {"set": {"op": "update", "elem": {"payload": {"protocol": p, "field": "saddr"}},
+                         "set": f"@chl_meter{s}",
+                         "stmt": [_limit(crl.packets_per_second, crl.burst)]}}
+        src = _match_saddr(p, f"challenge{s}")
+        rules.append(_rule(c, is_tcp, src, _ct_state("invalid", "untracked"), _COUNTER, SYNPROXY))
+        rules.append(_rule(c, is_tcp, src, _ct_state("invalid", "untracked"), {"drop": None}))
+        rules.append(_rule(c, not_tcp, src, meter, _COUNTER, {"drop": None}))
+        family = {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                            "right": "ipv4" if p == "ip" else "ipv6"}}
+        rules.append(_rule(c, family, is_udp, _in_services(CHALLENGE_SERVICE_SET), meter,
+                           _COUNTER, {"drop": None}))
+    svc = _in_services(CHALLENGE_SERVICE_SET)
+    rules.append(_rule(c, is_tcp, svc, _ct_state("invalid", "untracked"), _COUNTER, SYNPROXY))
+    rules.append(_rule(c, is_tcp, svc, _ct_state("invalid", "untracked"), {"drop": None}))
     return rules
 
 
@@ -286,6 +350,9 @@ def table_batch(cfg: Config, contents: Mapping[str, SetContents], now: float) ->
     cmds.append({"add": {"chain": _obj(name=FILTER_CHAIN, type="filter", hook="prerouting", prio=-300,
                                        policy="accept")}})
     cmds += _filter_rules(cfg) + _nat_rules(cfg)
+    cmds.append({"add": {"chain": _obj(name=CHALLENGE_CHAIN, type="filter", hook="input", prio=-5,
+                                       policy="accept")}})
+    cmds += _challenge_rules(cfg)
     cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-10, policy="accept")}}
              for name, hook in ISOLATION_CHAINS]
     for name in ELEMENT_SETS:

@@ -16,7 +16,7 @@ from agent.config import Config
 from agent.detect.rules import Rule, load_rules
 from agent.enforce.base import AllowlistedError, EnforceError, Enforcer
 from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
-                         MitigationState, mono_to_wall)
+                         MitigationState, mono_to_wall, verdict)
 from agent.respond import authority, policy
 from agent.state.store import Store
 
@@ -123,13 +123,16 @@ class Responder:
         target = policy.target_of(finding.entity)
         if kind in policy.SOURCE_KINDS and (why := policy.unblockable(target)):
             return Plan(finding, None, None, f"{finding.rule}: {target} {why}, reported only")
-        if kind in policy.SOURCE_KINDS and (peer := self._peer_of(target)):
-            # Blocking a tunnel address leaves the peer connected; quarantine the peer.
+        if kind in policy.SOURCE_KINDS and kind not in policy.CHALLENGE_KINDS \
+                and (peer := self._peer_of(target)):
+            # Blocking a tunnel address leaves the peer connected; quarantine the peer. Not
+            # on forgeable evidence: packets outside the tunnel can carry a tunnel address,
+            # and quarantining the peer on them would hand its connection to the forger.
             return Plan(finding, MitigationKind.REMOVE_PEER, peer,
                         f"{finding.rule}: {target} is WireGuard peer {peer}: quarantining it")
         if kind in policy.SOURCE_KINDS and self._in_force(kind, target, now) is None \
                 and self._over_source_bound(finding.rule, now):
-            return self._distributed(finding, target)
+            return self._distributed(finding, target, kind)
         return Plan(finding, kind, target)
 
     def _peer_of(self, target: str) -> str | None:
@@ -141,10 +144,12 @@ class Responder:
         count = self._store.sources_mitigated_by_rule(rule, since)
         return count >= self._cfg.mitigation.max_sources_per_rule
 
-    def _distributed(self, finding: Finding, source: str) -> Plan:
-        """Past the per-rule source bound the attack is treated as distributed: the
-        service is rate-limited instead, so a spoofed flood cannot grow the block set
-        (or the incident table) without bound."""
+    def _distributed(self, finding: Finding, source: str, kind: MitigationKind) -> Plan:
+        """Past the per-rule source bound the attack is treated as distributed and the
+        response moves to the service, so a spoofed flood cannot grow the sets (or the
+        incident table) without bound: a challenge of the service for forgeable evidence
+        (its real clients pass the SYN proxy, or their own per-source limit), a service
+        rate limit only for verified sources."""
         bound = self._cfg.mitigation.max_sources_per_rule
         why = (f"distributed: {finding.rule} mitigated {bound} sources within "
                f"{policy.DISTRIBUTED_WINDOW_S:.0f} s")
@@ -154,6 +159,9 @@ class Responder:
                                              f"{source} reported only")
         filed = replace(finding, entity=f"service:{service}",
                         evidence={**finding.evidence, "source": source})
+        if kind is MitigationKind.CHALLENGE:
+            return Plan(filed, MitigationKind.CHALLENGE_SERVICE, service,
+                        f"{why}; challenging {service} instead of {source}")
         return Plan(filed, MitigationKind.RATE_LIMIT_SERVICE, service,
                     f"{why}; rate-limiting {service} instead of {source}")
 
@@ -164,13 +172,13 @@ class Responder:
         elif plan.kind is MitigationKind.KILL_PROCESS:
             ttl_s = policy.KILL_RECORD_S
         else:
-            ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None)
+            ttl_s = self._lifetime_s(plan.finding.rule, plan.target, now, None, plan.kind)
         m = Mitigation(kind=plan.kind, target=plan.target, created_at=now,
                        expires_at=None if ttl_s is None else now + ttl_s,
                        incident_id=incident.id,
                        params={**policy.params_for(plan.kind, self._cfg), **plan.params,
                                "ttl_s": ttl_s},
-                       reason=f"{plan.finding.rule} on {plan.finding.entity}")
+                       reason=_verdict(plan.kind, f"{plan.finding.rule} on {plan.finding.entity}"))
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
         self._record_outcome(incident, m, outcome, error)
 
@@ -184,11 +192,12 @@ class Responder:
                 "ttl_s": m.params.get("ttl_s")}
         if outcome is Outcome.APPLIED:
             self._store.add_incident_event(incident.id, "mitigation_applied",
-                                           f"{what} {_lifetime(m)}", at, data)
+                                           f"{_verdict(m.kind, what)} {_lifetime(m)}", at, data)
             self._mark_mitigated(incident, at)
         elif outcome is Outcome.DRY_RUN:
             self._store.add_incident_event(incident.id, "mitigation_dry_run",
-                                           f"dry run: would apply {what}", at, data)
+                                           f"dry run: would apply {_verdict(m.kind, what)}", at,
+                                           data)
         elif outcome is Outcome.ALLOWLISTED:
             self._store.add_incident_event(incident.id, "note", ALLOWLISTED_NOTE, at, data)
         else:
@@ -229,7 +238,8 @@ class Responder:
         if m.expires_at - now >= lifetime_s / 2:
             return
         ttl_s = (self._cfg.mitigation.isolation_ttl_s if m.kind in policy.ISOLATION_KINDS
-                 else None) or self._lifetime_s(plan.finding.rule, m.target, now, m.created_at)
+                 else None) or self._lifetime_s(plan.finding.rule, m.target, now, m.created_at,
+                                                m.kind)
         renewed = replace(m, expires_at=now + ttl_s, params={**m.params, "ttl_s": ttl_s})
         if renewed.state is MitigationState.ACTIVE:
             try:
@@ -247,12 +257,17 @@ class Responder:
             {"mitigation_id": m.id, "ttl_s": ttl_s, "expires_at": renewed.expires_at})
         self.notify("mitigation", renewed)
 
-    def _lifetime_s(self, rule: str, target: str, now: float, until: float | None) -> float:
+    def _lifetime_s(self, rule: str, target: str, now: float, until: float | None,
+                    kind: MitigationKind) -> float:
         """The rule's ttl (or the default), grown for each earlier mitigation of the target
         within repeat_window_s (created before `until` when renewing), capped."""
         pol = self._cfg.mitigation
         base_s = self._ttl_by_rule.get(rule) or pol.default_ttl_s
-        prior = self._store.prior_mitigations(target, now - pol.repeat_window_s, until)
+        # A challenge proves nothing against its target: only earlier challenges lengthen a
+        # challenge, and they never count as offences towards a block.
+        kinds = policy.CHALLENGE_KINDS if kind in policy.CHALLENGE_KINDS else [
+            k for k in MitigationKind if k not in policy.CHALLENGE_KINDS]
+        prior = self._store.prior_mitigations(target, now - pol.repeat_window_s, until, kinds)
         return policy.lifetime_s(base_s, prior, pol)
 
     # -- the shared path ---------------------------------------------------------------
@@ -389,6 +404,14 @@ class Responder:
         assert incident is not None
         self.notify("incident", incident)
         return incident
+
+
+def _verdict(kind: MitigationKind, text: str) -> str:
+    """`text` prefixed with what an address or service mitigation means to an operator
+    ("unverified source: challenged: ..." or "blocked: ...")."""
+    if kind in (*policy.SOURCE_KINDS, *policy.SERVICE_KINDS):
+        return f"{verdict(kind)}: {text}"
+    return text
 
 
 def _lifetime(m: Mitigation) -> str:

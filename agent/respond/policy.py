@@ -18,9 +18,15 @@ ACTION_KINDS: dict[str, MitigationKind] = {
     "rate_limit_service": MitigationKind.RATE_LIMIT_SERVICE,
     "isolate_node": MitigationKind.ISOLATE_NODE,        # breach rules, scope node
     "isolate_service": MitigationKind.ISOLATE_SERVICE,  # breach rules, scope service (cgroup)
+    # Forgeable evidence (SYNs, ports probed by SYNs, UDP/ICMP rates): challenge the source.
+    "challenge": MitigationKind.CHALLENGE,
+    "challenge_service": MitigationKind.CHALLENGE_SERVICE,
 }
-SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE)
-SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE,)
+SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE,
+                MitigationKind.CHALLENGE)
+SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.CHALLENGE_SERVICE)
+CHALLENGE_KINDS = (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE)
+
 # Isolations and quarantines: each escalates its incident for a human, and lasts
 # mitigation.isolation_ttl_s (None: until released).
 ISOLATION_KINDS = (MitigationKind.ISOLATE_NODE, MitigationKind.ISOLATE_SERVICE,
@@ -70,6 +76,8 @@ def params_for(kind: MitigationKind, cfg: Config) -> dict[str, Any]:
         return _rate(cfg.enforce.rate_limit)
     if kind is MitigationKind.RATE_LIMIT_SERVICE:
         return _rate(cfg.enforce.service_rate_limit)
+    if kind in (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE):
+        return _rate(cfg.enforce.challenge_rate_limit)
     if kind is MitigationKind.REROUTE:
         rr = cfg.enforce.reroute
         return {"sinkhole_v4": rr.sinkhole_v4, "sinkhole_v6": rr.sinkhole_v6, "mark": rr.mark}

@@ -26,6 +26,7 @@ class NetProg(enum.StrEnum):
     XDP = "handle_xdp"
     INET_SOCK_SET_STATE = "handle_inet_sock_set_state"
     TCP_SEND_RESET = "handle_tcp_send_reset"
+    TC_EGRESS = "handle_tc_egress"
 
 
 # program -> (tracepoint category, tracepoint name)
@@ -44,10 +45,14 @@ class NetMap(enum.StrEnum):
     LOSSES = "losses"
     RODATA = ".rodata"   # holds `net_cfg` (struct net_config) at offset 0
     UNPARSED = "unparsed"   # per-CPU u64 per enum parse_failure
+    EXCHANGES = "exchanges"   # UDP peers this host sent to (kernel-only key)
+    VERDICTS = "verdicts"     # per-CPU packets seen by XDP: [0] solicited, [1] unsolicited
+    VERIFIED = "verified"     # per remote: resets drawn by SYN-proxy-verified handshakes
 
 
 RODATA_VAR = "net_cfg"
-SIZED_MAPS = (NetMap.SOURCES, NetMap.SERVICES, NetMap.REMOTES)  # max_entries from config
+SIZED_MAPS = (NetMap.SOURCES, NetMap.SERVICES, NetMap.REMOTES, NetMap.EXCHANGES,
+              NetMap.VERIFIED)  # max_entries from config
 
 
 class EventKind(enum.IntEnum):
@@ -75,6 +80,7 @@ class Reason(enum.IntEnum):
     SVC_UDP = 7
     CONNS = 8
     RESETS = 9
+    VERIFIED_RESETS = 10
 
 
 class ParseFailure(enum.IntEnum):
@@ -129,7 +135,7 @@ class net_thresholds(_S):
 
 
 class net_config(_S):
-    _fields_ = [("window_ns", u64), ("netns_ino", u32), ("pad0", u32)]
+    _fields_ = [("window_ns", u64), ("netns_ino", u32), ("drop_unparsable", u32)]
 
 
 class net_source_event(_S):

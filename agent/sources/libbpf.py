@@ -39,6 +39,10 @@ _SIGS: dict[str, tuple[object, list[object]]] = {
     "bpf_link__destroy": (ctypes.c_int, [_P]),
     "bpf_xdp_attach": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _P]),
     "bpf_xdp_detach": (ctypes.c_int, [ctypes.c_int, ctypes.c_uint32, _P]),
+    "bpf_tc_hook_create": (ctypes.c_int, [_P]),
+    "bpf_tc_hook_destroy": (ctypes.c_int, [_P]),
+    "bpf_tc_attach": (ctypes.c_int, [_P, _P]),
+    "bpf_tc_detach": (ctypes.c_int, [_P, _P]),
     "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _P, _P]),
     "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _P, _P, ctypes.c_uint64]),
     "bpf_map_delete_elem": (ctypes.c_int, [ctypes.c_int, _P]),
@@ -238,6 +242,55 @@ class XdpLink:
         if self.ifindex:
             _lib.bpf_xdp_detach(self.ifindex, self.flags, None)
             self.ifindex = 0
+
+
+BPF_TC_EGRESS = 2
+
+
+class _TcHook(ctypes.Structure):
+    # struct bpf_tc_hook (libbpf.h): sz first, so newer libbpf accepts this older layout
+    _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int),
+                ("attach_point", ctypes.c_int), ("parent", ctypes.c_uint32)]
+
+
+class _TcOpts(ctypes.Structure):
+    # struct bpf_tc_opts (libbpf.h)
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32)]
+
+
+class TcLink:
+    """A tc (clsact) egress filter running `prog` on ifindex; destroy() removes the filter
+    and, when this link created the clsact qdisc, the qdisc. Like XdpLink, it must be
+    destroyed from the network namespace it was attached in."""
+
+    def __init__(self, prog: Program, ifindex: int):
+        self._hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex,
+                             attach_point=BPF_TC_EGRESS)
+        ret = _lib.bpf_tc_hook_create(ctypes.byref(self._hook))
+        if ret < 0 and ret != -errno.EEXIST:
+            check(ret, f"create the clsact qdisc on ifindex {ifindex}")
+        self._own_qdisc = ret == 0
+        opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog.fd)
+        try:
+            check(_lib.bpf_tc_attach(ctypes.byref(self._hook), ctypes.byref(opts)),
+                  f"attach {prog.name} to tc egress of ifindex {ifindex}")
+        except OSError:
+            if self._own_qdisc:
+                _lib.bpf_tc_hook_destroy(ctypes.byref(self._hook))
+            raise
+        self._handle, self._priority = opts.handle, opts.priority
+        self.ifindex = ifindex
+
+    def destroy(self) -> None:
+        if not self.ifindex:
+            return
+        opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=self._handle, priority=self._priority)
+        _lib.bpf_tc_detach(ctypes.byref(self._hook), ctypes.byref(opts))
+        if self._own_qdisc:
+            _lib.bpf_tc_hook_destroy(ctypes.byref(self._hook))
+        self.ifindex = 0
 
 
 class Object:

@@ -1,5 +1,8 @@
-"""The network probe: XDP counters per source and per service, passive TCP connections and
-sent resets, with threshold crossings pushed from the kernel through a ring buffer.
+"""The network probe: XDP counters per source and per service of unsolicited packets (those
+outside every flow this host accepted or started: probes/flow.bpf.h), passive TCP
+connections, sent resets (and those drawn by SYN-proxy-verified handshakes, as
+"tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
+buffer. A tc egress program records the UDP peers this host sends to.
 
 NetProbe must be opened in the network namespace it watches: the XDP program attaches
 by ifindex there, and the tracepoint programs only count events of that namespace.
@@ -125,7 +128,8 @@ class NetProbe(BpfProbe):
         for name in abi.SIZED_MAPS:
             obj.map(name).set_max_entries(self.cfg.map_entries)
         cfg = abi.net_config(window_ns=self.cfg.window_ms * 1_000_000,
-                             netns_ino=os.fstat(self._netns_fd).st_ino)
+                             netns_ino=os.fstat(self._netns_fd).st_ino,
+                             drop_unparsable=int(self.cfg.drop_unparsable))
         obj.map(NetMap.RODATA).set_initial_value(bytes(cfg))
 
     def _fill_maps(self) -> None:
@@ -134,24 +138,28 @@ class NetProbe(BpfProbe):
     def _attach(self, progs: set[NetProg]) -> None:
         super()._attach(progs)
         if NetProg.XDP in progs:
-            self._attach_xdp()
+            self._attach_each(NetProg.XDP, libbpf.XdpLink, "generic XDP")
+        if NetProg.TC_EGRESS in progs:
+            # Without it, answers from UDP peers this host talks to through an unconnected
+            # socket (wireguard-go, QUIC servers) count as unsolicited: degraded, reported.
+            self._attach_each(NetProg.TC_EGRESS, libbpf.TcLink, "tc egress")
 
-    def _attach_xdp(self) -> None:
+    def _attach_each(self, which: NetProg, link: type, what: str) -> None:
         names = self.interfaces or [n for _, n in socket.if_nameindex() if n != "lo"]
-        prog, errors = self._obj.program(NetProg.XDP), []
+        prog, errors = self._obj.program(which), []
         for name in names:
             try:
-                self._links.append(libbpf.XdpLink(prog, socket.if_nametoindex(name)))
+                self._links.append(link(prog, socket.if_nametoindex(name)))
             except OSError as e:
                 errors.append(f"{name}: {e.strerror}")
         attached = len(names) - len(errors)
         if not names:
-            self._set(NetProg.XDP, "degraded", "no interface to watch")
+            self._set(which, "degraded", "no interface to watch")
         elif errors:
             state = "degraded" if attached else "failed"
-            self._set(NetProg.XDP, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors))
+            self._set(which, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors))
         else:
-            self._set(NetProg.XDP, "loaded", f"generic XDP on {', '.join(names)}")
+            self._set(which, "loaded", f"{what} on {', '.join(names)}")
 
     # --- reading -------------------------------------------------------------------------
 
@@ -180,6 +188,17 @@ class NetProbe(BpfProbe):
             self._map(NetMap.UNPARSED).lookup(ctypes.c_uint32(why), per_cpu)
             counts[why.name.lower()] = sum(per_cpu)
         return counts
+
+    def verdicts(self) -> dict[str, int]:
+        """Packets XDP has seen since load: solicited (never counted) and unsolicited."""
+        m = self._map(NetMap.VERDICTS)
+        ncpu = libbpf.num_possible_cpus()
+        out = {}
+        for index, name in ((0, "solicited"), (1, "unsolicited")):
+            values = (ctypes.c_uint64 * ncpu)()
+            m.lookup(ctypes.c_uint32(index), values)
+            out[name] = sum(values)
+        return out
 
     def _decode(self, record: bytes) -> Event | None:
         return to_event(abi.decode(record), self.cfg.window_ms)
@@ -236,6 +255,7 @@ def to_event(ev: ctypes.Structure | None, window_ms: int) -> Event | None:
             "sources": estimate_distinct(ev.source_bits), "reason": reason,
             "dport": ev.dport, "proto": proto}, SOURCE)
     name, count = (("tcp.established", "conns") if kind == abi.EventKind.TCP_ESTABLISHED
+                   else ("tcp.verified_reset", "resets") if ev.reason == abi.Reason.VERIFIED_RESETS
                    else ("tcp.reset", "resets"))
     return Event(name, address_text(bytes(ev.addr), ev.family), ev.hdr.ts_ns, ev.window_start_ns,
                  {count: ev.count, "dport": ev.dport}, SOURCE)

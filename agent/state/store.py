@@ -14,7 +14,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from agent.model import (EventClass, Finding, Incident, IncidentState, Mitigation,
                          MitigationKind, MitigationState, Severity)
@@ -259,12 +259,16 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [_mitigation(r) for r in self._read(sql, args)]
 
-    def prior_mitigations(self, target: str, since: float, until: float | None = None) -> int:
-        """How many mitigations of `target` (any kind, failed ones excluded) were created
-        in [since, until) — the repeat-offender count."""
+    def prior_mitigations(self, target: str, since: float, until: float | None = None,
+                          kinds: Sequence[MitigationKind] | None = None) -> int:
+        """How many mitigations of `target` (of `kinds`, default any; failed ones excluded)
+        were created in [since, until) — the repeat-offender count."""
         sql = ("SELECT COUNT(*) FROM mitigations WHERE target=? AND created_at >= ? "
                f"AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
         args: list[Any] = [target, since, *_COUNTED_STATES]
+        if kinds is not None:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args.extend(kinds)
         if until is not None:
             sql += " AND created_at < ?"
             args.append(until)
@@ -273,9 +277,9 @@ class Store:
     def sources_mitigated_by_rule(self, rule: str, since: float) -> int:
         """Distinct targets that `rule` mitigated (failed ones excluded) since `since`."""
         sql = ("SELECT COUNT(DISTINCT target) FROM mitigations WHERE rule=? AND created_at >= ? "
-               f"AND kind != ? AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
+               f"AND kind NOT IN (?, ?) AND state IN ({','.join('?' * len(_COUNTED_STATES))})")
         return self._read(sql, (rule, since, MitigationKind.RATE_LIMIT_SERVICE,
-                                *_COUNTED_STATES))[0][0]
+                                MitigationKind.CHALLENGE_SERVICE, *_COUNTED_STATES))[0][0]
 
 
     # -- audit -------------------------------------------------------------------------

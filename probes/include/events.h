@@ -39,6 +39,8 @@ enum alert_reason {
 	REASON_SVC_UDP = 7,
 	REASON_CONNS = 8,
 	REASON_RESETS = 9,
+	/* resets drawn by handshakes a SYN proxy verified (SYN looped back from the proxy) */
+	REASON_VERIFIED_RESETS = 10,
 };
 
 /* Distinct-value estimates are hashed bitmaps of this many bits (linear counting). */
@@ -125,7 +127,7 @@ _Static_assert(sizeof(struct net_thresholds) == 80, "net_thresholds size");
 struct net_config {
 	__u64 window_ns;
 	__u32 netns_ino;	/* only count tracepoint events of this network namespace */
-	__u32 pad0;
+	__u32 drop_unparsable;	/* 1: XDP_DROP what the parser cannot follow (net.bpf.c) */
 };
 _Static_assert(sizeof(struct net_config) == 16, "net_config size");
 

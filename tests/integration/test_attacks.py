@@ -215,3 +215,32 @@ def test_probe_reports_the_cut_off(lab, server, v6):
     # An attempt begun just before the rule may still have its SYN dropped, so allow one
     # attempt's slack (10 ms interval) before; after, the next attempt must fail.
     assert blocked_from_ns - 20_000_000 <= out["cut_off_mono_ns"] <= blocked_by_ns + 100_000_000
+
+
+@FAMILIES
+def test_udp_builder_checksums_match_a_reference(v6):
+    dst, src = ("fd00:1::2", "fd00:1::9") if v6 else ("10.1.0.2", "10.1.1.9")
+    pkt = packets.UdpBuilder(dst, 53, b"abc").datagram(packets.packed(src), 4242)
+    ip_len = 40 if v6 else 20
+    seg = pkt[ip_len:]
+    pseudo = packets.packed(src) + packets.packed(dst) + struct.pack("!HH", 17, len(seg))
+    assert packets.checksum(pseudo + seg) == 0 and struct.unpack("!HH", seg[:4]) == (4242, 53)
+    assert v6 or packets.checksum(pkt[:20]) == 0
+
+
+@pytest.mark.privileged
+@FAMILIES
+def test_spoofed_udp_flood_and_decoy_scan_carry_the_decoys_address(lab, v6):
+    target, decoy = lab.addr("victim", v6=v6), lab.addr("attacker", v6=v6, link=7)
+    cidr = f"{decoy}/{128 if v6 else 32}"
+    before = counters(lab.victim)
+    out = attacks.run(lab.attacker, "spoofed_udp_flood", target=target, port=9999, count=500,
+                      spoof_cidr=cidr, sources=1)
+    assert (out["sent"], out["errors"], out["sources"]) == (500, 0, 1)
+    keys = ("Udp6InDatagrams", "Udp6NoPorts") if v6 else ("Udp.InDatagrams", "Udp.NoPorts")
+    assert wait_for(lambda: delta(before, counters(lab.victim), *keys) >= 475, 2)
+    out = attacks.run(lab.attacker, "decoy_scan", target=target, ports="7000-7099", count=100,
+                      spoof_cidr=cidr, sources=1)
+    assert (out["sent"], out["errors"]) == (100, 0)
+    # Every SYN hit a closed port and drew a reset addressed to the decoy.
+    assert wait_for(lambda: delta(before, counters(lab.victim), "Tcp.OutRsts") >= 95, 2)

@@ -172,8 +172,10 @@ def test_port_scan_through_the_tunnel_quarantines_the_peer(lab, tmp_path):
 
             inc = incident_of(agent, f"ip:{wg.attacker_tunnel}")
             assert inc["event_class"] == "system_attack" and inc["state"] == "escalated"
-            (m,) = cli(agent, "mitigations")
-            assert (m["kind"], m["target"]) == ("remove_peer", wg.target)   # not a block
+            # The scan's SYNs only challenged the tunnel address; the resets its completed
+            # handshakes drew through the SYN proxy quarantined the peer (not a block).
+            kinds = {(m["kind"], m["target"]) for m in cli(agent, "mitigations")}
+            assert ("remove_peer", wg.target) in kinds and "block_ip" not in {k for k, _ in kinds}
 
             cli(agent, "release", wg.target)
             assert wg.attacker_key in peers(lab, wg.victim_if)

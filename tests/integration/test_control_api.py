@@ -106,7 +106,7 @@ def test_status_health_and_reflection(served, stub):
     st = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
     assert st.ready and st.pid == os.getpid() and st.version
     assert {c.event_class for c in st.classes} == {c.value for c in EventClass}
-    assert "net.syn_flood@1" in st.rules
+    assert "net.syn_flood@2" in st.rules
 
     with served.channel() as ch:
         health = health_pb2_grpc.HealthStub(ch)
@@ -258,11 +258,11 @@ def test_reload_rules_keeps_old_rules_on_error(tmp_path):
     try:
         with s.channel() as ch:
             stub = control_pb2_grpc.ControlStub(ch)
-            assert "net.syn_flood@1" in stub.ReloadRules(pb.ReloadRulesRequest()).rules
+            assert "net.syn_flood@2" in stub.ReloadRules(pb.ReloadRulesRequest()).rules
             rules.write_text("rules: [ {id: broken")
             code, details = code_of(lambda: stub.ReloadRules(pb.ReloadRulesRequest()))
             assert code is Code.FAILED_PRECONDITION and details
-            assert "net.syn_flood@1" in stub.GetStatus(pb.GetStatusRequest()).rules
+            assert "net.syn_flood@2" in stub.GetStatus(pb.GetStatusRequest()).rules
     finally:
         s.close()
 

@@ -60,6 +60,9 @@ def test_status_block_unblock_and_errors(lab, agent):
     listed = cli(agent, "mitigations")
     assert listed.returncode == 0 and target in listed.stdout and "block_ip" in listed.stdout
     assert [x["id"] for x in cli_json(agent, "mitigations")] == [m["id"]]
+    # status says what the mitigations in force are (blocked vs challenged)
+    assert "mitigations in force: 1 (1 blocked)" in cli(agent, "status").stdout
+    assert cli_json(agent, "status")["mitigation_verdicts"] == {"blocked": 1}
 
     unblocked = cli(agent, "unblock", m["id"][:8])
     assert unblocked.returncode == 0 and f"lifted block_ip {target}" in unblocked.stdout

@@ -26,7 +26,7 @@ def test_demo_stops_a_port_scan_and_leaves_nothing_behind():
     out = demo("--patterns", "port_scan", "--json")
     assert out.returncode == 0, out.stderr
     [tl] = json.loads(out.stdout)
-    assert "net.port_scan@1" in tl["rule"]
+    assert "net.connect_scan@1" in tl["rule"]
     assert tl["mitigated_ms"] < 30_000 and tl["cut_off_ms"] is not None
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
 

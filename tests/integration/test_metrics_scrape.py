@@ -98,12 +98,13 @@ def test_a_running_agent_serves_metrics_on_its_loopback():
 
         def blocked() -> bool:
             with sc.agent.store() as store:
-                return any(m.target == attacker for m in store.active_mitigations(time.time()))
+                return any(m.target == attacker and m.kind == "block_ip"
+                           for m in store.active_mitigations(time.time()))
         wait_for(blocked, timeout_s=10)
         got = samples(sh(sys.executable, "-c", SCRAPE, ns=sc.lab.victim).stdout)
     assert sum(v for (name, labels), v in got.items()
                if name == "swarm_agent_findings_total"
-               and ("rule", "net.port_scan@1") in labels) >= 1
+               and ("rule", "net.connect_scan@1") in labels) >= 1
     assert sum(v for (name, _), v in got.items() if name == "swarm_agent_events_total") >= 1
     assert value(got, "swarm_agent_incidents", event_class="system_attack", state="mitigated") == 1
     assert value(got, "swarm_agent_active_mitigations", kind="block_ip") == 1

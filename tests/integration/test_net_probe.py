@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import Probes
-from agent.lab import Lab, netns, sh
+from agent.lab import Lab, netns, sh, wait_for
 from agent.sources import capability
+from agent.sources.abi import NetProg
 from agent.sources.net import NetProbe
 from tests.conftest import skip_unsupported
 
@@ -63,12 +64,13 @@ def attack(lab: Lab, script: str, *args: object, ns: str | None = None) -> None:
     sh("python3", "-c", script, *map(str, args), ns=ns or lab.attacker, timeout=20)
 
 
-def open_probe(ns: str, thresholds: dict[str, int] = THRESHOLDS) -> NetProbe:
+def open_probe(ns: str, thresholds: dict[str, int] = THRESHOLDS,
+               probes: Probes = PROBES) -> NetProbe:
     with netns(ns):
-        probe = NetProbe(PROBES, [], thresholds)
+        probe = NetProbe(probes, [], thresholds)
         probe.open()
     states = {k: v["state"] for k, v in probe.status().items()}
-    if states != dict.fromkeys(states, "loaded") or len(states) != 3:
+    if states != dict.fromkeys(states, "loaded") or len(states) != len(NetProg):
         probe.close()
         skip_unsupported(f"network probe degraded here: {probe.status()}")
     return probe
@@ -194,3 +196,113 @@ def test_probes_in_two_namespaces_see_only_their_own(lab):
 def test_unknown_threshold_is_rejected():
     with pytest.raises(ValueError):
         NetProbe(PROBES, [], {"synz": 1})
+
+
+BULK = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(int(sys.argv[3])): s.sendall(b'x' * 1400)
+s.close()
+"""
+# Answers the victim's datagram from the port it came to, then streams back from there;
+# a second socket (another port, nothing sent to it) streams as a stranger.
+EXCHANGE = """
+import socket, sys
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+peer = socket.socket(fam, socket.SOCK_DGRAM); peer.bind(('', int(sys.argv[2]))); peer.settimeout(5)
+_, victim = peer.recvfrom(100)
+for _ in range(int(sys.argv[3])): peer.sendto(b'y' * 200, victim)
+"""
+
+
+def _drain(srv: socket.socket) -> None:
+    conn, _ = srv.accept()
+    with conn:
+        while conn.recv(1 << 16):
+            pass
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_bulk_tcp_on_an_accepted_connection_is_not_counted(lab, v6):
+    # 100 packets/s is far below the 20k segments this sends within a few seconds.
+    probe = open_probe(lab.victim, {**THRESHOLDS, "packets": 100})
+    srv = listen(lab.victim, v6)
+    try:
+        att, port = canonical(lab.addr("attacker", v6)), srv.getsockname()[1]
+
+        def trigger():
+            import threading
+            reader = threading.Thread(target=_drain, args=(srv,))
+            reader.start()
+            attack(lab, BULK, lab.addr("victim", v6), port, 20000)
+            reader.join(10)
+
+        events = run_until(probe, trigger, lambda ev: False, timeout_s=0.5)
+        assert find(events, "net.source", att) == [], [(e.kind, dict(e.fields)) for e in events]
+        v = probe.verdicts()
+        # Some segments coalesce on the way (GRO); the few unsolicited are the SYN and the FIN.
+        assert v["solicited"] >= 5000 and v["unsolicited"] < 20, v
+    finally:
+        srv.close()
+        probe.close()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_udp_from_a_peer_the_host_sends_to_is_not_counted(lab, v6):
+    probe = open_probe(lab.victim)
+    try:
+        att, vic = canonical(lab.addr("attacker", v6)), lab.addr("victim", v6)
+        with netns(lab.victim):   # an unconnected socket, as wireguard-go uses
+            mine = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+            mine.bind(("::" if v6 else "0.0.0.0", 0))
+        port = mine.getsockname()[1]
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+
+        def trigger():
+            import threading
+            peer = threading.Thread(target=attack, args=(lab, EXCHANGE, vic, 7777, 3000))
+            peer.start()
+            wait_for(lambda: sh("ss", "-Huan", "sport", "=", ":7777", ns=lab.attacker).stdout, 5)
+            mine.sendto(b"hello", (lab.addr("attacker", v6), 7777))
+            peer.join(10)
+
+        events = run_until(probe, trigger, lambda ev: False, timeout_s=0.5)
+        assert find(events, "net.source", att) == [], [(e.kind, dict(e.fields)) for e in events]
+        assert probe.verdicts()["solicited"] >= 3000
+        # The control: the same datagrams from a port the host never sent to are counted.
+        events = run_until(probe, lambda: attack(lab, UDP, vic, port, 30),
+                           lambda ev: find(ev, "net.source", att, reason="udp"))
+        assert find(events, "net.source", att, reason="udp")
+        mine.close()
+    finally:
+        probe.close()
+
+
+def test_forwarded_bulk_tcp_is_not_counted(lab):
+    """A flow the host forwards (to a container or another namespace behind it) has no
+    local socket: its segments are solicited through the egress table of established
+    flows. The victim routes between the attacker (v0) and an inner namespace (v1)."""
+    inner = lab.add_attacker(1)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lab.victim)
+    probe = open_probe(lab.victim, {**THRESHOLDS, "packets": 100})
+    srv = listen(inner, False)
+    try:
+        att, port = lab.addr("attacker"), srv.getsockname()[1]
+
+        def trigger():
+            import threading
+            reader = threading.Thread(target=_drain, args=(srv,))
+            reader.start()
+            attack(lab, BULK, lab.addr("attacker", link=1), port, 20000)
+            reader.join(10)
+
+        events = run_until(probe, trigger, lambda ev: False, timeout_s=0.5)
+        assert [e for e in events if e.kind == "net.source"] == [], \
+            [(e.kind, e.subject, dict(e.fields)) for e in events]
+        v = probe.verdicts()
+        assert v["solicited"] >= 5000 and v["unsolicited"] < 20, v
+        assert att in {s.address for s in probe.read_sources()}    # its SYN was counted
+    finally:
+        srv.close()
+        probe.close()

@@ -11,6 +11,7 @@ import ipaddress
 import socket
 import struct
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from agent.attacks import wrappings as w
 from agent.lab import Lab, netns, sh, wait_for
 from agent.sources.net import NetProbe
 from tests.conftest import skip_unsupported
-from tests.integration.test_net_probe import REPO, built, canonical, find, open_probe  # noqa: F401
+from tests.integration.test_net_probe import (PROBES, REPO, built, canonical, find,  # noqa: F401
+                                              open_probe)
 
 pytestmark = pytest.mark.privileged
 # Per second; the probe scales them to its 2 s window (x2): 20 SYNs, 20 datagrams.
@@ -134,8 +136,9 @@ def _ipv4_short_header(packet: bytes) -> bytes:
     return bytes([0x44]) + packet[1:]
 
 
-def test_what_the_parser_cannot_follow_is_counted_by_reason(lab):
-    probe = open_probe(lab.victim, THRESHOLDS)
+@pytest.mark.parametrize("drop", [False, True], ids=["pass", "drop"])
+def test_what_the_parser_cannot_follow_is_counted_by_reason(lab, drop):
+    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, drop_unparsable=drop))
     try:
         frames, v4, v6 = Frames(lab), lab.addr("victim"), lab.addr("victim", True)
         syn = lambda src, dst: w.tcp_syn(src, dst, 40000, 9000, 1)
@@ -147,6 +150,8 @@ def test_what_the_parser_cannot_follow_is_counted_by_reason(lab):
             "unknown_header": (6, lambda s: w.ipv6(s, v6, 135, opts(6) + syn(s, v6)), ()),  # Mobility
             "truncated_v6": (6, lambda s: w.ipv6(s, v6, 6, syn(s, v6)[:12]), ()),
             "truncated_v4": (4, lambda s: w.ipv4(s, v4, 6, syn(s, v4)[:12]), ()),
+            # RFC 1858's tiny fragment: the first 8 bytes of TCP, flags in the next one
+            "tiny_fragment_v4": (4, lambda s: w.ipv4(s, v4, 6, syn(s, v4)[:8], "fragment"), ()),
             "bad_header": (4, lambda s: _ipv4_short_header(w.ipv4(s, v4, 6, syn(s, v4))), ()),
             "later_fragment_v4": (4, lambda s: _ipv4_later_fragment(w.ipv4(s, v4, 6, syn(s, v4))), ()),
             "later_fragment_v6": (6, lambda s: w.ipv6(s, v6, w.FRAGMENT, struct.pack("!BBHI", 6, 0, 8 << 3, 7)
@@ -157,16 +162,47 @@ def test_what_the_parser_cannot_follow_is_counted_by_reason(lab):
         srcs = {name: frames.source(family, 100 + i) for i, (name, (family, *_)) in enumerate(cases.items())}
         send(lab, [frames.frame(family, build(srcs[name]), tags)
                    for name, (family, build, tags) in cases.items() for _ in range(FLOOD)])
-        want = {"truncated": 2 * FLOOD, "chain_too_long": FLOOD, "unknown_header": FLOOD,
+        want = {"truncated": 3 * FLOOD, "chain_too_long": FLOOD, "unknown_header": FLOOD,
                 "vlan_depth": FLOOD, "bad_header": FLOOD}
         wait_for(lambda: probe.unparsed() == want, 3.0)
         seen = {s.address: s for s in probe.read_sources()}
         got = {name: (lambda s: s and (s.packets, s.syns, s.ports))(seen.get(canonical(src)))
                for name, src in srcs.items()}
         counted_without_ports = (FLOOD, 0, 0)
+        # dropped (probes.drop_unparsable): what the kernel would deliver unseen
+        dropped = ("chain_too_long", "truncated_v6", "truncated_v4", "tiny_fragment_v4",
+                   "bad_header") if drop else ()
         assert got == {"at_the_limit": (FLOOD, FLOOD, 1), "vlan_depth": None,
+                       **{name: None for name in dropped},
                        **{name: counted_without_ports for name in cases
-                          if name not in ("at_the_limit", "vlan_depth")}}
+                          if name not in ("at_the_limit", "vlan_depth", *dropped)}}
+    finally:
+        probe.close()
+
+
+def _tcp_in_segs(ns: str) -> int:
+    """The victim kernel's TCP segments received (both families: Tcp InSegs counts both)."""
+    lines = sh("cat", "/proc/net/snmp", ns=ns).stdout.splitlines()
+    head, values = [ln.split() for ln in lines if ln.startswith("Tcp:")][:2]
+    return int(values[head.index("InSegs")])
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["pass", "drop"])
+def test_a_flood_behind_a_chain_too_long_never_reaches_the_kernel_unseen(lab, drop):
+    """Linux follows any number of extension headers; the parser follows 8. A SYN flood
+    behind 9 reaches the victim's TCP unless XDP drops it (probes.drop_unparsable)."""
+    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, drop_unparsable=drop))
+    try:
+        frames, v6 = Frames(lab), lab.addr("victim", True)
+        src = frames.source(6, 180)
+        packet = w.ipv6(src, v6, 6, w.tcp_syn(src, v6, 40000, 9000, 1), (w.DEST,) * (MAX_EXT_HEADERS + 1))
+        before = _tcp_in_segs(lab.victim)
+        send(lab, [frames.frame(6, packet)] * FLOOD)
+        wait_for(lambda: probe.unparsed().get("chain_too_long") == FLOOD, 3.0)
+        if drop:
+            assert _tcp_in_segs(lab.victim) == before
+        else:
+            wait_for(lambda: _tcp_in_segs(lab.victim) >= before + FLOOD, 3.0)
     finally:
         probe.close()
 

@@ -263,3 +263,29 @@ def test_reconcile_repairs_with_remaining_lifetime(lab, enforcer, damage):
     assert not e.reconcile(desired, time.time())
     with listener(lab.victim, lab.addr("victim"), PORT):
         assert not reaches(lab.attacker, lab.addr("victim"), PORT)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_challenged_source_passes_the_syn_proxy_and_tcp_loose_follows(lab, enforcer, v6):
+    vic, att = lab.addr("victim", v6), lab.addr("attacker", v6)
+    loose = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+    e = enforcer()
+    e.setup([], time.time())
+    with listener(lab.victim, "::" if v6 else "0.0.0.0", PORT, "hi"):
+        assert connect(lab.attacker, vic, PORT) == "hi"
+        with open(loose) as f:
+            before = f.read().strip()
+        m = mit(MitigationKind.CHALLENGE, att)
+        e.apply(m, time.time())
+        with open(loose) as f:
+            assert f.read().strip() == "0"          # the SYN proxy's precondition
+        # The address's real owner answers the cookie and still gets through, via the proxy.
+        for _ in range(5):
+            assert connect(lab.attacker, vic, PORT) == "hi"
+        proxied = sh("cat", "/proc/net/stat/synproxy", ns=lab.victim).stdout.split("\n")[1:]
+        assert sum(int(row.split()[3], 16) for row in proxied if row.strip()) >= 5   # cookie_valid
+        assert kernel_elements(lab, f"challenge_v{6 if v6 else 4}")
+        e.lift(m)
+        with open(loose) as f:
+            assert f.read().strip() == before        # restored with the last challenge
+        assert connect(lab.attacker, vic, PORT) == "hi"

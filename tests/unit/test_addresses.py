@@ -108,7 +108,7 @@ def test_detector_path_takes_mapped_sources_as_ipv4(tmp_path):
             [finding] = detector.evaluate(ev, 2_000_000_000)
             responder.handle(finding)
         assert [a for a in enf.actions if a[0] == "apply"] == \
-            [("apply", "block_ip", "198.51.100.9")]
+            [("apply", "challenge", "198.51.100.9")]     # forgeable SYNs: a challenge
         assert [m.target for m in store.mitigations()] == ["198.51.100.9"]
     finally:
         store.close()

@@ -9,7 +9,7 @@ from agent.config import Config, Enforce, Reroute
 from agent.enforce import listing
 from agent.enforce.base import EnforceError, UnsupportedMitigation
 from agent.enforce.nft import _incremental, _validate
-from agent.enforce.ruleset import (FILTER_CHAIN, NAT_CHAIN, Service, Span, desired_contents,
+from agent.enforce.ruleset import (CHALLENGE_CHAIN, FILTER_CHAIN, NAT_CHAIN, Service, Span, desired_contents,
                                    elements_json, parse_service, partition, set_for, table_batch,
                                    timeout_s)
 from agent.model import Mitigation, MitigationKind as K
@@ -96,6 +96,32 @@ def test_table_batch_order_and_options():
     sizes = {c["add"]["set"]["name"]: c["add"]["set"].get("size") for c in batch if "set" in c.get("add", {})}
     assert sizes["block_v4"] == 123 and sizes["allow_v4"] is None
     assert not _rules(table_batch(Config(), {}, NOW), NAT_CHAIN)
+
+
+
+def test_challenges_take_their_own_sets_and_chain():
+    assert set_for(mit(K.CHALLENGE, "10.0.0.7"), Config()) == ("challenge_v4", span("10.0.0.7"))
+    assert set_for(mit(K.CHALLENGE, "2001:db8::/64"), Config())[0] == "challenge_v6"
+    assert set_for(mit(K.CHALLENGE_SERVICE, "udp/53"), Config()) == ("svc_challenge", Service("udp", 53))
+    with pytest.raises(EnforceError):
+        set_for(mit(K.CHALLENGE_SERVICE, "10.0.0.7"), Config())
+    got = desired_contents([mit(K.CHALLENGE_SERVICE, "tcp/80"), mit(K.RATE_LIMIT_SERVICE, "tcp/80")],
+                           Config(), NOW, [])
+    assert got["svc_challenge"] == {Service("tcp", 80): NOW + 60} == got["svc_ratelimit"]
+    batch = table_batch(Config(), {}, NOW)
+    # Challenged SYNs skip conntrack before it runs; the SYN proxy answers them after it.
+    notrack = [r for r in _rules(batch, FILTER_CHAIN) if {"notrack": None} in r]
+    assert len(notrack) == 4 and sum("syn" in str(r[0]) for r in notrack) == 3
+    chain = _rules(batch, CHALLENGE_CHAIN)
+    assert [r[-1] for r in chain[:3]] == [{"accept": None}] * 3       # allowlist, established
+    proxied = [r for r in chain if "synproxy" in r[-1]]
+    assert len(proxied) == 3
+    assert all(any(e.get("match", {}).get("right") == ["invalid", "untracked"] for e in r)
+               for r in proxied)
+    # Nothing else of a challenged source is dropped outright: only over its own limit.
+    drops = [r for r in chain if r[-1] == {"drop": None}]
+    assert all(any("synproxy" in str(e) or "limit" in str(e) or e.get("match", {}).get("right")
+                   == ["invalid", "untracked"] for e in r) for r in drops)
 
 
 LISTING = {"nftables": [

@@ -16,7 +16,16 @@ from agent.respond.engine import ALLOWLISTED_NOTE, Responder
 from agent.state.store import Store
 
 BASE_S = 1_700_000_000.0        # wall time at mono 0 in these tests
-RULES = load_rules()
+SHIPPED = load_rules()
+# The responder's mechanics (lifetimes, renewal, repeats, expiry, the distributed switch)
+# on rules that block; what the shipped rules answer (a challenge for forgeable evidence,
+# a block once verified) is tested on SHIPPED below.
+RULES = [*parse_rules({"rules": [
+    {"id": "test.block", "version": 1, "class": "system_attack", "severity": "high",
+     "event": "net.source", "thresholds": {"syns_per_s": 200}, "action": "block"},
+    {"id": "test.block_udp", "version": 1, "class": "system_attack", "severity": "high",
+     "event": "net.source", "thresholds": {"udp_per_s": 5000}, "action": "block"}]}),
+    *[r for r in SHIPPED if all(c.event != "net.source" for c in r.conditions)]]
 POLICY = MitigationPolicy(default_ttl_s=600.0, max_ttl_s=3000.0, repeat_factor=2.0,
                           repeat_window_s=86400.0, max_sources_per_rule=3)
 ALLOW = Allowlist(management=("192.0.2.0/24",), load_balancers=("10.20.0.0/16",))
@@ -309,3 +318,49 @@ def test_unspecified_or_multicast_source_is_reported_never_blocked(target):
     assert policy.unblockable(target)
     with pytest.raises(ValueError, match="cannot be blocked"):
         policy.check_target(MitigationKind.BLOCK_IP, target)
+
+
+# --- the response fits the evidence (shipped rules) -------------------------------------
+
+def test_forgeable_evidence_is_challenged_never_blocked(env) -> None:
+    responder, store, enf = env(rules=SHIPPED)
+    inc = responder.handle(flood(env.clock, rules=SHIPPED))          # net.syn_flood
+    responder.handle(flood(env.clock, "198.51.100.8", rules=SHIPPED, udp=9000, dport=53,
+                           proto="udp"))                            # net.udp_flood
+    assert enf.actions == [("apply", "challenge", "198.51.100.7"),
+                           ("apply", "challenge", "198.51.100.8")]
+    [m, _] = store.active_mitigations(env.clock())
+    assert m.reason.startswith("unverified source: challenged: net.syn_flood@2")
+    assert m.params["packets_per_second"] == 200                  # enforce.challenge_rate_limit
+    texts = [e.text for e in store.incident_events(inc.id)]
+    assert any(t.startswith("unverified source: challenged: challenge 198.51.100.7") for t in texts)
+    assert inc.state is IncidentState.MITIGATED
+
+
+def test_verified_resets_block(env) -> None:
+    responder, store, enf = env(rules=SHIPPED)
+    inc = responder.handle(flood(env.clock, kind="tcp.reset", rules=SHIPPED, resets=500,
+                                 dport=23))            # a decoy could draw these: challenge
+    responder.handle(flood(env.clock, kind="tcp.verified_reset", rules=SHIPPED, resets=500,
+                           dport=23))                  # cookie-answering handshakes: block
+    assert enf.actions == [("apply", "challenge", "198.51.100.7"),
+                           ("apply", "block_ip", "198.51.100.7")]
+    assert inc.rules == ["net.port_scan@2"]
+    [blocked] = store.incidents(entity="ip:198.51.100.7")
+    texts = [e.text for e in store.incident_events(blocked.id)]
+    assert any(t.startswith("blocked: block_ip 198.51.100.7") for t in texts)
+    # the challenge before it is no offence: the block gets net.connect_scan's own ttl
+    [b] = [m for m in store.active_mitigations(env.clock()) if m.kind is MitigationKind.BLOCK_IP]
+    assert b.expires_at - b.created_at == 1800.0
+
+
+def test_forged_many_source_flood_challenges_the_service(env) -> None:
+    responder, store, enf = env(rules=SHIPPED)
+    for n in range(1, 8):
+        responder.handle(flood(env.clock, f"198.51.100.{n}", rules=SHIPPED))
+    active = store.active_mitigations(env.clock())
+    assert [m.kind for m in active].count(MitigationKind.CHALLENGE) == 3
+    [svc] = [m for m in active if m.kind is MitigationKind.CHALLENGE_SERVICE]
+    assert svc.target == "tcp/80" and svc.reason.startswith("unverified source: challenged")
+    assert not any(m.kind in (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT_SERVICE)
+                   for m in active)

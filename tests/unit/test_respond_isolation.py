@@ -95,6 +95,14 @@ def test_attack_from_a_wireguard_peer_quarantines_the_peer(make):
     assert store.mitigations()[-1].kind is MitigationKind.BLOCK_IP
 
 
+def test_forgeable_evidence_on_a_tunnel_address_challenges_never_quarantines(make):
+    r, store, _ = make(PeerEnforcer())
+    r.handle(finding("ip:10.9.0.1", "challenge", cls=EventClass.SYSTEM_ATTACK,
+                     rule="net.syn_flood"))
+    (m,) = store.mitigations()
+    assert (m.kind, m.target) == (MitigationKind.CHALLENGE, "10.9.0.1")
+
+
 def test_failed_isolation_is_escalated_with_the_reason(make):
     r, store, _ = make(FailingEnforcer())
     inc = r.handle(finding("node", "isolate_node"))

@@ -70,10 +70,10 @@ def test_finding_contents(detector: Detector) -> None:
                fields={"packets": 300, "syns": 300, "ports": 1, "dport": 80, "proto": "tcp",
                        "family": 6, "extra": "dropped"})
     [f] = detector.evaluate(ev, now_mono_ns=T0_NS + 99)
-    assert f.rule == "net.syn_flood@1"
+    assert f.rule == "net.syn_flood@2"
     assert f.entity == "ip:2001:db8::1"
     assert f.event_class is EventClass.SYSTEM_ATTACK
-    assert f.action == "block"
+    assert f.action == "challenge"     # SYN counts are forgeable: never a block
     assert (f.first_mono_ns, f.detected_mono_ns) == (T0_NS, T0_NS + 99)
     assert dict(f.evidence) == {"packets": 300, "syns": 300, "ports": 1, "dport": 80,
                                 "proto": "tcp", "family": 6}
@@ -83,13 +83,13 @@ def test_service_entity(detector: Detector) -> None:
     ev = Event("net.service", "tcp/80", T0_NS, T0_NS,
                {"syns": 5000, "sources": 900, "dport": 80, "proto": "tcp"})
     [f] = detector.evaluate(ev, T0_NS)
-    assert (f.entity, f.action) == ("service:tcp/80", "rate_limit_service")
+    assert (f.entity, f.action) == ("service:tcp/80", "challenge_service")
 
 
 def test_shorter_kernel_window_scales_rates() -> None:
     det = Detector(load_rules(), Config(probes=Probes(window_ms=100)))
     ev = Event("net.source", "198.51.100.1", T0_NS, T0_NS, {"syns": 25})  # 250/s
-    assert [f.rule for f in det.evaluate(ev, T0_NS)] == ["net.syn_flood@1"]
+    assert [f.rule for f in det.evaluate(ev, T0_NS)] == ["net.syn_flood@2"]
 
 
 def test_kernel_thresholds() -> None:
