@@ -88,7 +88,9 @@ class Lab:
     pair to the victim (`v1`, `v2`, ...) with its own /24.
     """
 
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    # SWARM_LAB_TAG_PREFIX marks a run's labs (tests check that exactly those are gone)
+    tag: str = field(default_factory=lambda: os.environ.get("SWARM_LAB_TAG_PREFIX", "")
+                     + secrets.token_hex(3))
     subnet: int = field(default_factory=lambda: 100 + secrets.randbelow(150))
     namespaces: list[str] = field(default_factory=list)
 

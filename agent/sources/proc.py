@@ -265,11 +265,14 @@ class ProcProbe(OwnedScope, BpfProbe):
         out = super().status()
         c = getattr(self, "correlator", None)
         if c is not None:
+            problems = [text for n, text in (
+                (c.dropped, f"{c.dropped} shells not examined (over {c.max_pending} pending)"),
+                (c.cut_short, f"{c.cut_short} examinations cut short"),
+                (c.failed, f"{c.failed} examinations in error"),
+                (c.partial, f"{c.partial} /proc snapshots incomplete")) if n]
             out["stdio_correlation"] = {
                 "state": "degraded" if c.dropped or c.failed else "loaded",
-                "reason": f"{c.dropped} shells not examined and {c.cut_short} cut short "
-                          f"(over {c.max_pending} pending), {c.failed} failed, "
-                          f"{c.partial} /proc snapshots cut short"}
+                "reason": "; ".join(problems) or "every shell with piped stdio examined"}
         return out
 
     # --- decoding ------------------------------------------------------------------------
