@@ -1,0 +1,484 @@
+"""Where the store's rows live: the database file, or memory while the file cannot be used.
+
+Enforcement must outlive storage: a full or failing disk never stops a write. The first
+write that fails for a storage reason (disk full, I/O error, read-only, cannot open)
+switches the store to a copy of the database in memory (taken from the file, which can
+still be read; a file that cannot even be read leaves a fresh schema seeded by the
+caller) and that write is done there. From then on every read and write goes to memory,
+so the responder sees what it did. `catch_up()` writes the whole memory copy back into
+the file in one transaction (sqlite's backup: all or nothing, a failure leaves the file as
+it was) and switches back; `maybe_catch_up()` tries it with a bounded exponential backoff.
+
+A database that is not one (truncated, garbled, random bytes, a directory, a schema this
+agent cannot read) is moved aside with a timestamped name, kept for forensics, and a
+fresh one is started (`recovered` says what was moved and why; `fresh` that the caller
+must seed the store, from the kernel's table). Nothing here raises on storage trouble
+except `StoreError` for a file that cannot be opened or moved aside at all -- and even
+then only in readonly (CLI) mode: the agent runs on in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from agent.state.schema import MIGRATIONS, SCHEMA_VERSION
+
+log = logging.getLogger("swarm_agent")
+T = TypeVar("T")
+
+# Primary result codes that mean "the storage failed", not "the statement is wrong".
+_STORAGE = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN",
+            "SQLITE_PERM", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_NOLFS", "SQLITE_BUSY",
+            "SQLITE_LOCKED", "SQLITE_PROTOCOL"}
+# ... and of those, the ones that say the file is not a usable database of ours.
+_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+BACKOFF_INITIAL_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (unreadable, or from a newer agent)."""
+
+
+class Corrupt(StoreError):
+    """The file is not a database this agent can read; moving it aside is the cure."""
+
+
+def _primary(e: BaseException) -> str:
+    """"SQLITE_IOERR_WRITE" -> "SQLITE_IOERR" (the primary result code's name)."""
+    return "_".join((getattr(e, "sqlite_errorname", None) or "").split("_")[:2])
+
+
+def is_storage_error(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.Error) and _primary(e) in _STORAGE
+
+
+def _is_corrupt(e: BaseException) -> bool:
+    return _primary(e) in _CORRUPT
+
+
+@dataclass
+class Health:
+    """What `status`, the metrics and the storage incident say about the database."""
+
+    state: str = "ok"                 # ok | degraded
+    reason: str = ""                  # why degraded (the first failure's sentence)
+    since: float | None = None        # when it became degraded
+    write_failures: int = 0           # writes that failed on the file and went to memory
+    catch_up_failures: int = 0        # tries to write the memory copy back that failed
+    catch_ups: int = 0                # times the memory copy was written back
+    recovered: list[str] = field(default_factory=list)   # files moved aside, and why
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "reason": self.reason, "since": self.since,
+                "write_failures": self.write_failures, "catch_ups": self.catch_ups,
+                "catch_up_failures": self.catch_up_failures, "recovered": list(self.recovered)}
+
+
+class Backing:
+    """The connection the store uses, with the fallback above. `read(fn)` and `write(fn)`
+    run `fn(connection)` under one lock (write: in one BEGIN IMMEDIATE transaction)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.readonly = readonly
+        self.clock = clock
+        self.health = Health()
+        self.fresh = False                # no history: the caller seeds it
+        self._lock = threading.RLock()
+        self._disk: sqlite3.Connection | None = None
+        self._mem: sqlite3.Connection | None = None
+        self._base_lost = False           # the memory copy does not hold the file's rows
+        self._next_try = 0.0
+        if readonly:
+            self._disk = _open_readonly(self.path)
+        else:
+            self._open()
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        existed = self.path.exists() and not _is_empty_file(self.path)
+        # Judge the file as found, writing nothing; but a file with a WAL may be only
+        # half checkpointed (a crash), which the read-write open repairs: keep a copy of
+        # the evidence first and let that open decide.
+        suspect = _precheck(self.path) if existed else None
+        copied = None
+        why: str | None = None
+        try:
+            if suspect is not None and not (_has_wal(self.path) and self.path.is_file()):
+                raise Corrupt(suspect)
+            if suspect is not None:
+                copied = self._aside_name()
+                for src, dst in _with_sides(self.path, copied):
+                    shutil.copy2(src, dst)
+            self._disk = _open_checked(self.path)
+            self.fresh = not existed
+            for _, dst in _with_sides(self.path, copied) if copied else ():
+                dst.unlink(missing_ok=True)
+            return
+        except Corrupt as e:
+            why = str(e)
+        except (sqlite3.Error, OSError) as e:
+            self._degrade(f"cannot open {self.path}: {_sentence(e)}")
+        if why is not None:
+            aside = self._move_aside(why, copied)
+            if aside is not None:
+                try:
+                    self._disk = _open_checked(self.path)
+                    self.fresh = True
+                    return
+                except (sqlite3.Error, OSError) as e:
+                    self._degrade(f"cannot create {self.path}: {_sentence(e)}")
+            else:
+                self._degrade(f"{self.path} {why}, and it cannot be moved aside")
+        # Run in memory: from what can still be read of the file, else from nothing.
+        self._mem = _memory()
+        try:
+            if why is not None:
+                raise Corrupt(why)
+            src = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True)
+            try:
+                _check(src, self.path)
+                src.backup(self._mem)
+                self.fresh = not existed
+            finally:
+                src.close()
+        except (sqlite3.Error, OSError):
+            self._mem.close()
+            self._mem = _memory()
+            self._base_lost = existed      # an absent or empty file lost nothing
+            self.fresh = True
+        _migrate(self._mem, self.path)
+
+    def _aside_name(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        return aside
+
+    def _move_aside(self, why: str, copied: Path | None = None) -> Path | None:
+        """Rename the file (and its -wal, -shm: a stale WAL must never meet the fresh
+        file) to a timestamped name; with `copied`, that copy already holds them as they
+        were found and the files here are removed."""
+        aside = copied or self._aside_name()
+        try:
+            for src, dst in _with_sides(self.path, aside):
+                if copied:
+                    if src.is_dir():
+                        shutil.rmtree(src)
+                    else:
+                        src.unlink()
+                else:
+                    os.rename(src, dst)
+        except OSError as e:
+            log.error("corrupt database could not be moved aside",
+                      extra={"path": str(self.path), "reason": why, "error": e.strerror})
+            return None
+        text = f"{self.path} {why}: moved aside to {aside.name}, a fresh database started"
+        self.health.recovered.append(text)
+        log.error("corrupt database moved aside", extra={
+            "path": str(self.path), "reason": why, "moved_to": str(aside)})
+        return aside
+
+    # -- running statements --------------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return self._mem is not None
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            db = self._mem or self._disk
+            assert db is not None
+            return fn(db)
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            if self.readonly:
+                assert self._disk is not None
+                return _transaction(self._disk, fn)
+            if self._mem is None:
+                assert self._disk is not None
+                try:
+                    return _transaction(self._disk, fn)
+                except sqlite3.Error as e:
+                    if not is_storage_error(e):
+                        raise
+                    self.health.write_failures += 1
+                    self._to_memory(f"writing {self.path} failed: {_sentence(e)}")
+            else:
+                self.health.write_failures += self._disk is not None
+            assert self._mem is not None
+            return _transaction(self._mem, fn)
+
+    def _to_memory(self, reason: str) -> None:
+        self._degrade(reason)
+        self._mem = _memory()
+        try:
+            assert self._disk is not None
+            self._disk.backup(self._mem)
+        except sqlite3.Error:
+            self._mem.close()
+            self._mem = _memory()
+            _migrate(self._mem, self.path)
+            self._base_lost = True
+            self.fresh = True
+
+    def _degrade(self, reason: str) -> None:
+        if self.health.state != "degraded":
+            self.health.state, self.health.reason = "degraded", reason
+            self.health.since = self.clock()
+            self._next_try = time.monotonic() + BACKOFF_INITIAL_S
+        log.error("storage degraded: state kept in memory, detection and enforcement go on",
+                  extra={"path": str(self.path), "reason": reason})
+
+    # -- catching up ----------------------------------------------------------------------------
+
+    def maybe_catch_up(self) -> bool | None:
+        """Try `catch_up` if degraded and the backoff allows; None when not tried."""
+        if self._mem is None or time.monotonic() < self._next_try:
+            return None
+        if self.catch_up():
+            return True
+        n = self.health.catch_up_failures
+        cap = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** min(n, 16))
+        self._next_try = time.monotonic() + cap / 2 + cap / 2 * random.random()
+        return False
+
+    def catch_up(self) -> bool:
+        """Write the memory copy into the file and use the file again; False (the file
+        unchanged, still in memory) when it cannot be written yet."""
+        with self._lock:
+            if self._mem is None:
+                return True
+            try:
+                if self._base_lost and self.path.exists():
+                    if self._disk is not None:
+                        self._disk.close()
+                        self._disk = None
+                    if self._move_aside("could not be read") is None:
+                        raise OSError("cannot move the unreadable database aside")
+                    self._base_lost = False
+                if self._disk is None:
+                    self._disk = _connect(self.path)
+                self._mem.backup(self._disk)
+                _check(self._disk, self.path)
+            except (sqlite3.Error, OSError) as e:
+                self.health.catch_up_failures += 1
+                if self.health.catch_up_failures in (1, 10) or \
+                        self.health.catch_up_failures % 100 == 0:
+                    log.warning("storage still failing: state stays in memory, retried",
+                                extra={"path": str(self.path), "error": _sentence(e),
+                                       "tries": self.health.catch_up_failures})
+                return False
+            self._mem.close()
+            self._mem = None
+            was = self.clock() - (self.health.since or self.clock())
+            self.health.state, self.health.reason, self.health.since = "ok", "", None
+            self.health.catch_ups += 1
+            log.warning("storage recovered: the state kept in memory is written",
+                        extra={"path": str(self.path), "degraded_s": round(was, 1)})
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._mem is not None:
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    self.catch_up()     # a last try: what cannot be written is lost now
+            for db in (self._mem, self._disk):
+                if db is not None:
+                    db.close()
+            self._mem = self._disk = None
+
+
+def _transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    # IMMEDIATE takes the write lock now, so a concurrent reader never makes a
+    # read-then-write transaction fail half way with SQLITE_BUSY.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn(db)
+        db.execute("COMMIT")
+        return out
+    except BaseException:
+        # SQLite may have rolled back already (disk full, I/O error).
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    if path.exists() and not path.is_file():
+        raise Corrupt("is not a regular file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        _pragmas(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A reader's connection (the CLI): nothing migrated, moved or written."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)
+        _pragmas(db)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open database {path}: {e}") from None
+    if version != SCHEMA_VERSION:
+        db.close()
+        raise StoreError(f"database {path} has schema version {version}, "
+                         f"this program reads {SCHEMA_VERSION}")
+    return db
+
+
+def _pragmas(db: sqlite3.Connection) -> None:
+    # The agent and a reading CLI may briefly contend for the lock: wait, do not fail.
+    db.execute("PRAGMA busy_timeout=5000")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.row_factory = sqlite3.Row
+
+
+def _memory() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    _pragmas(db)
+    return db
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    """Open, check and migrate the file; Corrupt when it is not ours to read."""
+    try:
+        db = _connect(path)
+    except sqlite3.DatabaseError as e:
+        if _is_corrupt(e):
+            raise Corrupt(f"is not a database ({_sentence(e)})") from None
+        raise
+    try:
+        _check(db, path)
+        _migrate(db, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _precheck(path: Path) -> str | None:
+    """Why the file (its main part, read without writing anything: no WAL replayed or
+    removed, no lock file) is not ours to read, or None."""
+    if not path.is_file():
+        return "is not a regular file"
+    try:
+        db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    except sqlite3.Error:
+        return None                 # the read-write open says what is wrong
+    try:
+        _check(db, path)
+    except Corrupt as e:
+        return str(e)
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return None
+
+
+def _has_wal(path: Path) -> bool:
+    try:
+        return Path(f"{path}-wal").stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _with_sides(path: Path, aside: Path) -> list[tuple[Path, Path]]:
+    """(file, its name aside) for the database and its -wal and -shm that exist."""
+    pairs = [(path, aside)] if path.exists() else []
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            pairs.append((side, Path(f"{aside}{suffix}")))
+    return pairs
+
+
+def _check(db: sqlite3.Connection, path: Path) -> None:
+    """Corrupt unless the file reads whole and holds our schema at a version we know."""
+    try:
+        problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = _columns(db)
+    except sqlite3.DatabaseError as e:
+        if _is_corrupt(e):
+            raise Corrupt(f"is not a database ({_sentence(e)})") from None
+        raise
+    if problems != ["ok"]:
+        raise Corrupt(f"is damaged ({'; '.join(problems[:3])})")
+    if version > SCHEMA_VERSION:
+        raise Corrupt(f"has schema version {version}, newer than this agent's {SCHEMA_VERSION}")
+    if version < 0 or (version == 0 and tables):
+        raise Corrupt("holds tables of another program")
+    want = _expected(version)
+    if any(tables.get(name) != cols for name, cols in want.items()):
+        raise Corrupt(f"does not hold the schema of version {version}")
+
+
+_EXPECTED: dict[int, dict[str, tuple[str, ...]]] = {}
+
+
+def _expected(version: int) -> dict[str, tuple[str, ...]]:
+    """Tables and their columns after the first `version` migrations."""
+    if version not in _EXPECTED:
+        ref = sqlite3.connect(":memory:", isolation_level=None)
+        for statements in MIGRATIONS[:version]:
+            for s in statements:
+                ref.execute(s)
+        _EXPECTED[version] = _columns(ref)
+        ref.close()
+    return _EXPECTED[version]
+
+
+def _columns(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
+    names = [r[0] for r in db.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
+    return {n: tuple(r[1] for r in db.execute(f'PRAGMA table_info("{n}")')) for n in names}
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise Corrupt(f"has schema version {version}, newer than this agent's {SCHEMA_VERSION}")
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        def step(c: sqlite3.Connection, target: int = target) -> None:
+            for statement in MIGRATIONS[target - 1]:
+                c.execute(statement)
+            c.execute(f"PRAGMA user_version={target}")
+        _transaction(db, step)
+
+
+def _is_empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _sentence(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
