@@ -41,8 +41,9 @@ _STORAGE = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN",
             "SQLITE_LOCKED", "SQLITE_PROTOCOL"}
 # ... and of those, the ones that say the file is not a usable database of ours.
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
-BACKOFF_INITIAL_S = 1.0
-BACKOFF_MAX_S = 60.0
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+FREED_BYTES = 64 * 1024      # this much more free space: try at once, backoff or not
 
 
 class StoreError(RuntimeError):
@@ -100,6 +101,7 @@ class Backing:
         self._mem: sqlite3.Connection | None = None
         self._base_lost = False           # the memory copy does not hold the file's rows
         self._next_try = 0.0
+        self._free_at_failure: int | None = None
         if readonly:
             self._disk = _open_readonly(self.path)
         else:
@@ -243,17 +245,25 @@ class Backing:
             self.health.state, self.health.reason = "degraded", reason
             self.health.since = self.clock()
             self._next_try = time.monotonic() + BACKOFF_INITIAL_S
+            self._free_at_failure = _free_bytes(self.path.parent)
         log.error("storage degraded: state kept in memory, detection and enforcement go on",
                   extra={"path": str(self.path), "reason": reason})
 
     # -- catching up ----------------------------------------------------------------------------
 
     def maybe_catch_up(self) -> bool | None:
-        """Try `catch_up` if degraded and the backoff allows; None when not tried."""
-        if self._mem is None or time.monotonic() < self._next_try:
+        """Try `catch_up` if degraded and the backoff allows, or at once when space was
+        freed since the last try (statvfs is cheap); None when not tried."""
+        if self._mem is None:
+            return None
+        free = _free_bytes(self.path.parent)
+        freed = free is not None and self._free_at_failure is not None and \
+            free >= self._free_at_failure + FREED_BYTES
+        if time.monotonic() < self._next_try and not freed:
             return None
         if self.catch_up():
             return True
+        self._free_at_failure = _free_bytes(self.path.parent)
         n = self.health.catch_up_failures
         cap = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** min(n, 16))
         self._next_try = time.monotonic() + cap / 2 + cap / 2 * random.random()
@@ -471,6 +481,14 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
                 c.execute(statement)
             c.execute(f"PRAGMA user_version={target}")
         _transaction(db, step)
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _is_empty_file(path: Path) -> bool:
