@@ -36,6 +36,7 @@ log = logging.getLogger("swarm_agent")
 
 HOUSEKEEPING_S = 0.5
 RECONCILE_EVERY_S = 5.0   # a backstop: change notifications can be lost (ENOBUFS)
+UNSAVED_STATE = "unsaved-state.db"   # in run_dir: the state a degraded run could not write
 STORAGE_CHECK_S = 0.5     # how often degraded storage is looked at (tries are backed off)
 
 
@@ -63,7 +64,6 @@ class Agent:
         self.last_drift_at: float | None = None
         self._lock_fd: int | None = None
         self._storage_incident: str | None = None
-        self._degraded_since: float | None = None
         self.ready = False
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
@@ -74,7 +74,7 @@ class Agent:
         self._ensure_mounts()
         # Never fails on storage: a corrupt file is moved aside, a failing disk leaves the
         # state in memory (agent.state.backing); status, log, metric and incident say so.
-        self.store = Store(self.cfg.db_path)
+        self.store = Store(self.cfg.db_path, spill=Path(self.cfg.run_dir) / UNSAVED_STATE)
         self.enforcer = self._make_enforcer()
         seeded = self._seed_from_kernel() if self.store.fresh else 0
         self.responder = Responder(self.cfg, self.store, self.enforcer)
@@ -86,6 +86,7 @@ class Agent:
                                    status=self.status, losses=self.losses, unparsed=self.unparsed)
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
+        self._storage_incident = health.open_storage_incident(self.store)
         self.check_storage()
 
     def _lock_state_dir(self) -> None:
@@ -242,12 +243,7 @@ class Agent:
             self._storage_incident = incident.id
         elif not self.store.degraded and self._storage_incident is not None:
             incident_id, self._storage_incident = self._storage_incident, None
-            health.storage_recovered(self.store, self.responder.notify, incident_id,
-                                     time.time() - (self._degraded_since or time.time()))
-        if self.store.degraded:
-            self._degraded_since = self._degraded_since or h.since
-        else:
-            self._degraded_since = None
+            health.storage_recovered(self.store, self.responder.notify, incident_id)
 
     async def watch_storage(self) -> None:
         """While the store is in memory, try (backed off) to write it back."""

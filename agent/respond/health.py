@@ -41,14 +41,23 @@ def storage_failing(store: Store, notify: Callable[[str, Any], None], reason: st
     return _notify(store, notify, incident)
 
 
-def storage_recovered(store: Store, notify: Callable[[str, Any], None], incident_id: str,
-                      degraded_s: float) -> Incident | None:
+def open_storage_incident(store: Store) -> str | None:
+    """The id of a storage incident still live (from a run that ended degraded)."""
+    live = store.incidents(state=(IncidentState.OPEN, IncidentState.ESCALATED),
+                           event_class=EventClass.AGENT_HEALTH, entity=ENTITY)
+    return next((i.id for i in live if f"{STORAGE_RULE}@1" in i.rules), None)
+
+
+def storage_recovered(store: Store, notify: Callable[[str, Any], None],
+                      incident_id: str) -> Incident | None:
     """Resolve the storage incident: the state kept in memory is written."""
     incident = store.incident(incident_id)
     if incident is None or incident.state in (IncidentState.RESOLVED,
                                               IncidentState.FALSE_POSITIVE):
         return incident
-    store.set_incident_state(incident_id, IncidentState.RESOLVED, time.time(),
+    now = time.time()
+    degraded_s = max(0.0, now - incident.first_seen_at)
+    store.set_incident_state(incident_id, IncidentState.RESOLVED, now,
                              f"storage recovered after {degraded_s:.0f} s: the state kept "
                              "in memory is written")
     return _notify(store, notify, incident)

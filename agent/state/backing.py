@@ -90,8 +90,9 @@ class Backing:
     run `fn(connection)` under one lock (write: in one BEGIN IMMEDIATE transaction)."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False,
-                 clock: Callable[[], float] = time.time):
+                 spill: str | Path | None = None, clock: Callable[[], float] = time.time):
         self.path = Path(path)
+        self.spill = Path(spill) if spill else None
         self.readonly = readonly
         self.clock = clock
         self.health = Health()
@@ -106,6 +107,7 @@ class Backing:
             self._disk = _open_readonly(self.path)
         else:
             self._open()
+            self._load_spill()
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -121,9 +123,7 @@ class Backing:
             if suspect is not None and not (_has_wal(self.path) and self.path.is_file()):
                 raise Corrupt(suspect)
             if suspect is not None:
-                copied = self._aside_name()
-                for src, dst in _with_sides(self.path, copied):
-                    shutil.copy2(src, dst)
+                copied = self._copy_aside()
             self._disk = _open_checked(self.path)
             self.fresh = not existed
             for _, dst in _with_sides(self.path, copied) if copied else ():
@@ -146,22 +146,90 @@ class Backing:
                 self._degrade(f"{self.path} {why}, and it cannot be moved aside")
         # Run in memory: from what can still be read of the file, else from nothing.
         self._mem = _memory()
-        try:
-            if why is not None:
-                raise Corrupt(why)
-            src = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True)
-            try:
-                _check(src, self.path)
-                src.backup(self._mem)
-                self.fresh = not existed
-            finally:
-                src.close()
-        except (sqlite3.Error, OSError):
-            self._mem.close()
-            self._mem = _memory()
+        if why is None and existed and self._snapshot_file():
+            self.fresh = False
+        else:
             self._base_lost = existed      # an absent or empty file lost nothing
             self.fresh = True
         _migrate(self._mem, self.path)
+
+    def _snapshot_file(self) -> bool:
+        """Copy what the file holds into memory, reading only (its WAL too where the
+        shared-memory file allows); False when it cannot be read whole."""
+        assert self._mem is not None
+        for uri in (f"file:{self.path}?mode=ro", f"file:{self.path}?immutable=1"):
+            try:
+                src = sqlite3.connect(uri, uri=True)
+                try:
+                    _check(src, self.path)
+                    src.backup(self._mem)
+                    return True
+                finally:
+                    src.close()
+            except (sqlite3.Error, OSError, StoreError):
+                self._mem.close()
+                self._mem = _memory()
+        return False
+
+    def _copy_aside(self) -> Path | None:
+        """Copy the file and its WAL aside as found (best effort: a full disk cannot)."""
+        copied = self._aside_name()
+        try:
+            for src, dst in _with_sides(self.path, copied):
+                shutil.copy2(src, dst)
+        except OSError:
+            for _, dst in _with_sides(self.path, copied):
+                with contextlib.suppress(OSError):
+                    dst.unlink()
+            return None
+        return copied
+
+    def _load_spill(self) -> None:
+        """A previous run ended while degraded and left its memory copy in `spill` (on
+        another filesystem: the run directory): it is the newest state, so it is used,
+        and written to the file when the file can take it."""
+        if self.spill is None or not self.spill.exists():
+            return
+        try:
+            src = sqlite3.connect(f"file:{self.spill}?immutable=1", uri=True)
+            try:
+                _check(src, self.spill)
+                mem = _memory()
+                src.backup(mem)
+            finally:
+                src.close()
+        except (sqlite3.Error, OSError, StoreError) as e:
+            log.error("unsaved state of the last run unreadable, ignored",
+                      extra={"path": str(self.spill), "error": _sentence(e)})
+            with contextlib.suppress(OSError):
+                self.spill.unlink()
+            return
+        if self._mem is not None:
+            self._mem.close()
+        self._mem, self._base_lost, self.fresh = mem, False, False
+        self._degrade(f"the last run could not write its state; it is in {self.spill}")
+        log.warning("unsaved state of the last run loaded", extra={"path": str(self.spill)})
+        self.catch_up()
+
+    def _spill_now(self) -> None:
+        """Keep the memory copy in `spill` too, so a restart does not lose it."""
+        if self.spill is None or self._mem is None:
+            return
+        tmp = self.spill.with_name(self.spill.name + ".tmp")
+        try:
+            self.spill.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp.unlink(missing_ok=True)
+            out = sqlite3.connect(tmp)
+            try:
+                self._mem.backup(out)
+            finally:
+                out.close()
+            os.replace(tmp, self.spill)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("cannot keep the unsaved state in the run directory either",
+                        extra={"path": str(self.spill), "error": _sentence(e)})
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _aside_name(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
@@ -264,6 +332,7 @@ class Backing:
         if self.catch_up():
             return True
         self._free_at_failure = _free_bytes(self.path.parent)
+        self._spill_now()
         n = self.health.catch_up_failures
         cap = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** min(n, 16))
         self._next_try = time.monotonic() + cap / 2 + cap / 2 * random.random()
@@ -297,6 +366,9 @@ class Backing:
                 return False
             self._mem.close()
             self._mem = None
+            if self.spill is not None:
+                with contextlib.suppress(OSError):
+                    self.spill.unlink()
             was = self.clock() - (self.health.since or self.clock())
             self.health.state, self.health.reason, self.health.since = "ok", "", None
             self.health.catch_ups += 1
@@ -306,9 +378,8 @@ class Backing:
 
     def close(self) -> None:
         with self._lock:
-            if self._mem is not None:
-                with contextlib.suppress(sqlite3.Error, OSError):
-                    self.catch_up()     # a last try: what cannot be written is lost now
+            if self._mem is not None and not self.catch_up():
+                self._spill_now()       # a last try; else kept in the run directory
             for db in (self._mem, self._disk):
                 if db is not None:
                     db.close()

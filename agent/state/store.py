@@ -51,11 +51,14 @@ class Store:
 
     The agent's store never fails on storage trouble (agent.state.backing): a full or
     failing disk puts it in memory until `catch_up` can write it back; a corrupt file is
-    moved aside and a fresh one started (`fresh`: seed it, `health`: what happened)."""
+    moved aside and a fresh one started (`fresh`: seed it, `health`: what happened).
+    `spill` (the agent's: in its run directory) keeps the memory copy of a run that ends
+    while degraded, for the next start to load."""
 
-    def __init__(self, path: str | Path, *, readonly: bool = False):
+    def __init__(self, path: str | Path, *, readonly: bool = False,
+                 spill: str | Path | None = None):
         self.path = Path(path)
-        self._backing = Backing(self.path, readonly=readonly)
+        self._backing = Backing(self.path, readonly=readonly, spill=spill)
 
     @property
     def schema_version(self) -> int:

@@ -67,19 +67,24 @@ def full_agent(lab, tmp_path):
         fs.close()
 
 
+def block_until_degraded(lab, agent: AgentProcess) -> list[str]:
+    """Manual blocks on a full disk until one had to go to memory; the targets blocked."""
+    targets = [f"198.51.100.{n}" for n in range(1, 21)]
+    for i, target in enumerate(targets):
+        done = cli(agent, "block", target, "--ttl", "300", "--reason", "disk full test")
+        assert done.returncode == 0, done.stderr
+        assert blocked(lab, target)
+        if storage(agent)["state"] == "degraded":
+            return targets[:i + 1]
+    raise AssertionError("the full disk never failed a write")
+
+
 def test_full_disk_blocks_keep_working_and_state_catches_up(lab, full_agent):
     fs, agent = full_agent
     fs.fill()
-    targets = [f"198.51.100.{n}" for n in range(1, 11)]
-    for target in targets:         # the first write that needs space fails over to memory
-        done = cli(agent, "block", target, "--ttl", "300", "--reason", "disk full test")
-        assert done.returncode == 0, done.stderr
-        assert target in table(lab)
-        if storage(agent)["state"] == "degraded":
-            break
+    done = block_until_degraded(lab, agent)   # the first write that needs space: to memory
     st = storage(agent)
     assert st["state"] == "degraded" and "full" in st["reason"], st
-    blocked = targets[:targets.index(target) + 1]
     # An automatic block on the full disk (a port scan: completed handshakes).
     attacker = lab.addr("attacker")
     attacks.run(lab.attacker, "port_scan", timeout_s=30, target=lab.addr("victim"),
@@ -99,7 +104,7 @@ def test_full_disk_blocks_keep_working_and_state_catches_up(lab, full_agent):
     # Everything done meanwhile is on disk now.
     on_disk = {r[0] for r in rows(agent.db_path, "SELECT target FROM mitigations "
                                                  "WHERE state='active'")}
-    assert {*blocked, attacker} <= on_disk, on_disk
+    assert {*done, attacker} <= on_disk, on_disk
     (state,) = rows(agent.db_path, "SELECT state FROM incidents WHERE class='agent_health'")
     assert state == ("resolved",)
     # And new writes go straight to the file again.
@@ -107,6 +112,22 @@ def test_full_disk_blocks_keep_working_and_state_catches_up(lab, full_agent):
     assert rows(agent.db_path, "SELECT 1 FROM mitigations WHERE target='198.51.100.99'")
     assert any("storage degraded" in line for line in agent.log_lines)
     assert any("storage recovered" in line for line in agent.log_lines)
+
+
+def test_restart_on_a_full_disk_keeps_what_the_last_run_did(lab, full_agent):
+    fs, agent = full_agent
+    fs.fill()
+    done = block_until_degraded(lab, agent)
+    assert agent.stop() == 0
+    unsaved = agent.workdir / "run" / "unsaved-state.db"
+    assert unsaved.exists()                  # the memory copy, in the run directory
+    agent.start()                            # still full: starts, keeps the blocks
+    assert all(blocked(lab, t) for t in done), table(lab)
+    assert "last run" in storage(agent)["reason"]
+    fs.free()
+    wait_for(lambda: storage(agent)["state"] == "ok", 10)
+    on_disk = {r[0] for r in rows(agent.db_path, "SELECT target FROM mitigations")}
+    assert set(done) <= on_disk and not unsaved.exists()
 
 
 def test_start_on_a_full_disk_runs_degraded(lab, tmp_path):

@@ -234,3 +234,32 @@ def test_a_healthy_database_is_not_fresh(tmp_path: Path) -> None:
     with Store(tmp_path / "agent.db") as store:
         assert not store.fresh and store.health.recovered == []
         assert len(store.active_mitigations(1100.0)) == 1
+
+
+def test_a_run_ending_degraded_leaves_its_state_for_the_next(fs: SmallFs, tmp_path: Path) -> None:
+    spill = tmp_path / "run" / "unsaved-state.db"       # the run directory: another fs
+    store = Store(fs.path / "agent.db", spill=spill)
+    store.add_mitigation(block("192.0.2.1"))
+    fs.fill()
+    write_until_degraded(store)
+    store.add_mitigation(block("192.0.2.2"))
+    store.close()                                       # still full: nothing written
+    assert spill.exists()
+    assert on_disk(fs.path / "agent.db", "SELECT COUNT(*) FROM mitigations") == 1
+    again = Store(fs.path / "agent.db", spill=spill)    # still full: runs from the spill
+    assert again.degraded and "last run" in again.health.reason and not again.fresh
+    assert len(again.active_mitigations(1100.0)) == 2
+    fs.free()
+    assert again.catch_up(force=True)
+    assert not spill.exists()
+    assert on_disk(fs.path / "agent.db", "SELECT COUNT(*) FROM mitigations") == 2
+    again.close()
+    with Store(fs.path / "agent.db", spill=spill) as third:
+        assert not third.degraded and len(third.active_mitigations(1100.0)) == 2
+
+
+def test_a_garbled_spill_is_ignored(tmp_path: Path) -> None:
+    spill = tmp_path / "unsaved-state.db"
+    spill.write_bytes(b"not a database at all" * 100)
+    with Store(tmp_path / "agent.db", spill=spill) as store:
+        assert not store.degraded and not spill.exists()
