@@ -77,6 +77,7 @@ class Agent:
         self.store = Store(self.cfg.db_path, spill=Path(self.cfg.run_dir) / UNSAVED_STATE)
         self.enforcer = self._make_enforcer()
         seeded = self._seed_from_kernel() if self.store.fresh else 0
+        self.store.on_lost(self._seed_from_kernel)
         self.responder = Responder(self.cfg, self.store, self.enforcer)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)

@@ -103,6 +103,9 @@ class Backing:
         self._base_lost = False           # the memory copy does not hold the file's rows
         self._next_try = 0.0
         self._free_at_failure: int | None = None
+        # Called (under the lock, on the thread that hit the failure) when the memory copy
+        # had to start empty because the file could not be read.
+        self.on_lost: Callable[[], None] | None = None
         if readonly:
             self._disk = _open_readonly(self.path)
         else:
@@ -272,9 +275,19 @@ class Backing:
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
-            db = self._mem or self._disk
-            assert db is not None
-            return fn(db)
+            if self._mem is not None or self.readonly:
+                db = self._mem or self._disk
+                assert db is not None
+                return fn(db)
+            assert self._disk is not None
+            try:
+                return fn(self._disk)
+            except sqlite3.Error as e:
+                if not is_storage_error(e):
+                    raise
+                self._to_memory(f"reading {self.path} failed: {_sentence(e)}")
+            assert self._mem is not None
+            return fn(self._mem)
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
@@ -301,12 +314,21 @@ class Backing:
         try:
             assert self._disk is not None
             self._disk.backup(self._mem)
-        except sqlite3.Error:
+            _check(self._mem, self.path)     # backup copies pages as they are, bad ones too
+        except (sqlite3.Error, StoreError):
             self._mem.close()
             self._mem = _memory()
             _migrate(self._mem, self.path)
             self._base_lost = True
             self.fresh = True
+            if self.on_lost is not None:
+                # The file cannot even be read: the history is gone from this run, and
+                # whoever knows what is in force (the kernel table) must say it now,
+                # before anything asks the store what should be.
+                try:
+                    self.on_lost()
+                except Exception:   # noqa: BLE001 -- the store must go on regardless
+                    log.exception("re-seeding the state kept in memory failed")
 
     def _degrade(self, reason: str) -> None:
         if self.health.state != "degraded":

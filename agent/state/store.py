@@ -82,6 +82,11 @@ class Store:
         `force`); True once written, False if not yet, None when nothing was tried."""
         return self._backing.catch_up() if force else self._backing.maybe_catch_up()
 
+    def on_lost(self, fn: Callable[[], None]) -> None:
+        """Call `fn` when, at run time, the file cannot even be read and the store starts
+        over in memory (`fresh` again): the agent re-records what the kernel holds."""
+        self._backing.on_lost = fn
+
     def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         # Under the lock, so a read from another thread never sees a half-done transaction.
         return self._backing.read(lambda db: db.execute(sql, tuple(args)).fetchall())

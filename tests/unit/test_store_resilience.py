@@ -263,3 +263,32 @@ def test_a_garbled_spill_is_ignored(tmp_path: Path) -> None:
     spill.write_bytes(b"not a database at all" * 100)
     with Store(tmp_path / "agent.db", spill=spill) as store:
         assert not store.degraded and not spill.exists()
+
+
+def test_a_file_that_goes_bad_under_the_agent_starts_over_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    store = Store(path)
+    for n in range(200):
+        store.record_finding(finding(n), 1.0, 1.0)
+    store.add_mitigation(block("192.0.2.1"))
+    lost: list[int] = []
+
+    def reseed() -> None:       # what the agent does: re-record what the kernel holds
+        lost.append(1)
+        store.add_mitigation(block("192.0.2.1"))
+
+    store.on_lost(reseed)
+    store._backing.read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+    size = path.stat().st_size
+    with open(path, "r+b") as f:                 # the same inode, garbage from page 2 on
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    store._backing.read(lambda db: db.execute("PRAGMA shrink_memory"))   # no cached pages
+    store.record_finding(finding(1000), 2.0, 2.0)   # neither raises
+    assert store.degraded and store.fresh and lost == [1]
+    assert [m.target for m in store.active_mitigations(1100.0)] == ["192.0.2.1"]
+    assert "failed" in store.health.reason
+    assert store.catch_up(force=True)            # the bad file goes aside, memory is written
+    assert on_disk(path, "SELECT COUNT(*) FROM mitigations") == 1
+    assert len(list(tmp_path.glob("agent.db.corrupt-*"))) >= 1
+    store.close()
