@@ -114,7 +114,7 @@ class Agent:
         kernel table holds in force, so setup() keeps it instead of wiping it."""
         if self.cfg.dry_run:
             return 0
-        from agent.enforce.recover import in_force, read_table
+        from agent.enforce.recover import in_force, read_table, unrecorded
 
         now = time.time()
         try:
@@ -124,7 +124,12 @@ class Agent:
                       extra={"error": str(e)})
             return 0
         found = in_force(objs or [], now)
+        if n := unrecorded(objs or []):
+            log.error("service isolation rules in the kernel table cannot be re-recorded; "
+                      "re-isolate those services", extra={"rules": n})
         for kind, target, expires_at in found:
+            if kind in policy.ISOLATION_KINDS and self.cfg.mitigation.isolation_ttl_s:
+                expires_at = now + self.cfg.mitigation.isolation_ttl_s
             ttl_s = None if expires_at is None else round(expires_at - now)
             self.store.add_mitigation(Mitigation(
                 kind=kind, target=target, created_at=now, expires_at=expires_at,
