@@ -292,3 +292,29 @@ def test_a_file_that_goes_bad_under_the_agent_starts_over_in_memory(tmp_path: Pa
     assert on_disk(path, "SELECT COUNT(*) FROM mitigations") == 1
     assert len(list(tmp_path.glob("agent.db.corrupt-*"))) >= 1
     store.close()
+
+
+def test_metrics_say_storage_is_degraded(fs: SmallFs) -> None:
+    from prometheus_client import generate_latest
+
+    from agent.report.metrics import Metrics
+
+    store = Store(fs.path / "agent.db")
+    metrics = Metrics(store)
+
+    def scrape() -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("swarm_agent_storage_")}
+
+    assert scrape()["swarm_agent_storage_degraded"] == 0
+    fs.fill()
+    write_until_degraded(store)
+    got = scrape()
+    assert got["swarm_agent_storage_degraded"] == 1
+    assert got["swarm_agent_storage_write_failures_total"] >= 1
+    fs.free()
+    assert store.catch_up(force=True)
+    got = scrape()
+    assert got["swarm_agent_storage_degraded"] == 0 and got["swarm_agent_storage_catch_ups_total"] == 1
+    store.close()
