@@ -7,7 +7,12 @@ still be read; a file that cannot even be read leaves a fresh schema seeded by t
 caller) and that write is done there. From then on every read and write goes to memory,
 so the responder sees what it did. `catch_up()` writes the whole memory copy back into
 the file in one transaction (sqlite's backup: all or nothing, a failure leaves the file as
-it was) and switches back; `maybe_catch_up()` tries it with a bounded exponential backoff.
+it was) and switches back; `maybe_catch_up()` tries it with a bounded exponential backoff,
+or at once when the filesystem has more free space than at the last failed try. A run that
+ends still degraded leaves its memory copy in `spill` (the agent's run directory, another
+filesystem; also refreshed after each failed try), loaded by the next start. A file that
+goes unreadable under a running agent makes the memory copy start empty: `on_lost` is
+called at once so the caller re-records what is in force (from the kernel's table).
 
 A database that is not one (truncated, garbled, random bytes, a directory, a schema this
 agent cannot read) is moved aside with a timestamped name, kept for forensics, and a
@@ -30,41 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from agent.state.schema import MIGRATIONS, SCHEMA_VERSION
+from agent.state import dbfile
+from agent.state.dbfile import Corrupt, StoreError, is_storage_error
 
 log = logging.getLogger("swarm_agent")
 T = TypeVar("T")
-
-# Primary result codes that mean "the storage failed", not "the statement is wrong".
-_STORAGE = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN",
-            "SQLITE_PERM", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_NOLFS", "SQLITE_BUSY",
-            "SQLITE_LOCKED", "SQLITE_PROTOCOL"}
-# ... and of those, the ones that say the file is not a usable database of ours.
-_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 FREED_BYTES = 64 * 1024      # this much more free space: try at once, backoff or not
-
-
-class StoreError(RuntimeError):
-    """The database cannot be used (unreadable, or from a newer agent)."""
-
-
-class Corrupt(StoreError):
-    """The file is not a database this agent can read; moving it aside is the cure."""
-
-
-def _primary(e: BaseException) -> str:
-    """"SQLITE_IOERR_WRITE" -> "SQLITE_IOERR" (the primary result code's name)."""
-    return "_".join((getattr(e, "sqlite_errorname", None) or "").split("_")[:2])
-
-
-def is_storage_error(e: BaseException) -> bool:
-    return isinstance(e, sqlite3.Error) and _primary(e) in _STORAGE
-
-
-def _is_corrupt(e: BaseException) -> bool:
-    return _primary(e) in _CORRUPT
 
 
 @dataclass
@@ -107,7 +85,7 @@ class Backing:
         # had to start empty because the file could not be read.
         self.on_lost: Callable[[], None] | None = None
         if readonly:
-            self._disk = _open_readonly(self.path)
+            self._disk = dbfile.open_readonly(self.path)
         else:
             self._open()
             self._load_spill()
@@ -115,46 +93,46 @@ class Backing:
     # -- opening -----------------------------------------------------------------------------
 
     def _open(self) -> None:
-        existed = self.path.exists() and not _is_empty_file(self.path)
+        existed = self.path.exists() and not dbfile.is_empty_file(self.path)
         # Judge the file as found, writing nothing; but a file with a WAL may be only
         # half checkpointed (a crash), which the read-write open repairs: keep a copy of
         # the evidence first and let that open decide.
-        suspect = _precheck(self.path) if existed else None
+        suspect = dbfile.precheck(self.path) if existed else None
         copied = None
         why: str | None = None
         try:
-            if suspect is not None and not (_has_wal(self.path) and self.path.is_file()):
+            if suspect is not None and not (dbfile.has_wal(self.path) and self.path.is_file()):
                 raise Corrupt(suspect)
             if suspect is not None:
                 copied = self._copy_aside()
-            self._disk = _open_checked(self.path)
+            self._disk = dbfile.open_checked(self.path)
             self.fresh = not existed
-            for _, dst in _with_sides(self.path, copied) if copied else ():
+            for _, dst in dbfile.with_sides(self.path, copied) if copied else ():
                 dst.unlink(missing_ok=True)
             return
         except Corrupt as e:
             why = str(e)
         except (sqlite3.Error, OSError) as e:
-            self._degrade(f"cannot open {self.path}: {_sentence(e)}")
+            self._degrade(f"cannot open {self.path}: {dbfile.sentence(e)}")
         if why is not None:
             aside = self._move_aside(why, copied)
             if aside is not None:
                 try:
-                    self._disk = _open_checked(self.path)
+                    self._disk = dbfile.open_checked(self.path)
                     self.fresh = True
                     return
                 except (sqlite3.Error, OSError) as e:
-                    self._degrade(f"cannot create {self.path}: {_sentence(e)}")
+                    self._degrade(f"cannot create {self.path}: {dbfile.sentence(e)}")
             else:
                 self._degrade(f"{self.path} {why}, and it cannot be moved aside")
         # Run in memory: from what can still be read of the file, else from nothing.
-        self._mem = _memory()
+        self._mem = dbfile.memory()
         if why is None and existed and self._snapshot_file():
             self.fresh = False
         else:
             self._base_lost = existed      # an absent or empty file lost nothing
             self.fresh = True
-        _migrate(self._mem, self.path)
+        dbfile.migrate(self._mem, self.path)
 
     def _snapshot_file(self) -> bool:
         """Copy what the file holds into memory, reading only (its WAL too where the
@@ -164,24 +142,24 @@ class Backing:
             try:
                 src = sqlite3.connect(uri, uri=True)
                 try:
-                    _check(src, self.path)
+                    dbfile.check(src, self.path)
                     src.backup(self._mem)
                     return True
                 finally:
                     src.close()
             except (sqlite3.Error, OSError, StoreError):
                 self._mem.close()
-                self._mem = _memory()
+                self._mem = dbfile.memory()
         return False
 
     def _copy_aside(self) -> Path | None:
         """Copy the file and its WAL aside as found (best effort: a full disk cannot)."""
         copied = self._aside_name()
         try:
-            for src, dst in _with_sides(self.path, copied):
+            for src, dst in dbfile.with_sides(self.path, copied):
                 shutil.copy2(src, dst)
         except OSError:
-            for _, dst in _with_sides(self.path, copied):
+            for _, dst in dbfile.with_sides(self.path, copied):
                 with contextlib.suppress(OSError):
                     dst.unlink()
             return None
@@ -196,14 +174,14 @@ class Backing:
         try:
             src = sqlite3.connect(f"file:{self.spill}?immutable=1", uri=True)
             try:
-                _check(src, self.spill)
-                mem = _memory()
+                dbfile.check(src, self.spill)
+                mem = dbfile.memory()
                 src.backup(mem)
             finally:
                 src.close()
         except (sqlite3.Error, OSError, StoreError) as e:
             log.error("unsaved state of the last run unreadable, ignored",
-                      extra={"path": str(self.spill), "error": _sentence(e)})
+                      extra={"path": str(self.spill), "error": dbfile.sentence(e)})
             with contextlib.suppress(OSError):
                 self.spill.unlink()
             return
@@ -230,7 +208,7 @@ class Backing:
             os.replace(tmp, self.spill)
         except (sqlite3.Error, OSError) as e:
             log.warning("cannot keep the unsaved state in the run directory either",
-                        extra={"path": str(self.spill), "error": _sentence(e)})
+                        extra={"path": str(self.spill), "error": dbfile.sentence(e)})
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -249,7 +227,7 @@ class Backing:
         were found and the files here are removed."""
         aside = copied or self._aside_name()
         try:
-            for src, dst in _with_sides(self.path, aside):
+            for src, dst in dbfile.with_sides(self.path, aside):
                 if copied:
                     if src.is_dir():
                         shutil.rmtree(src)
@@ -285,7 +263,7 @@ class Backing:
             except sqlite3.Error as e:
                 if not is_storage_error(e):
                     raise
-                self._to_memory(f"reading {self.path} failed: {_sentence(e)}")
+                self._to_memory(f"reading {self.path} failed: {dbfile.sentence(e)}")
             assert self._mem is not None
             return fn(self._mem)
 
@@ -293,32 +271,32 @@ class Backing:
         with self._lock:
             if self.readonly:
                 assert self._disk is not None
-                return _transaction(self._disk, fn)
+                return dbfile.transaction(self._disk, fn)
             if self._mem is None:
                 assert self._disk is not None
                 try:
-                    return _transaction(self._disk, fn)
+                    return dbfile.transaction(self._disk, fn)
                 except sqlite3.Error as e:
                     if not is_storage_error(e):
                         raise
                     self.health.write_failures += 1
-                    self._to_memory(f"writing {self.path} failed: {_sentence(e)}")
+                    self._to_memory(f"writing {self.path} failed: {dbfile.sentence(e)}")
             else:
                 self.health.write_failures += self._disk is not None
             assert self._mem is not None
-            return _transaction(self._mem, fn)
+            return dbfile.transaction(self._mem, fn)
 
     def _to_memory(self, reason: str) -> None:
         self._degrade(reason)
-        self._mem = _memory()
+        self._mem = dbfile.memory()
         try:
             assert self._disk is not None
             self._disk.backup(self._mem)
-            _check(self._mem, self.path)     # backup copies pages as they are, bad ones too
+            dbfile.check(self._mem, self.path)     # backup copies pages as they are, bad ones too
         except (sqlite3.Error, StoreError):
             self._mem.close()
-            self._mem = _memory()
-            _migrate(self._mem, self.path)
+            self._mem = dbfile.memory()
+            dbfile.migrate(self._mem, self.path)
             self._base_lost = True
             self.fresh = True
             if self.on_lost is not None:
@@ -335,7 +313,7 @@ class Backing:
             self.health.state, self.health.reason = "degraded", reason
             self.health.since = self.clock()
             self._next_try = time.monotonic() + BACKOFF_INITIAL_S
-            self._free_at_failure = _free_bytes(self.path.parent)
+            self._free_at_failure = dbfile.free_bytes(self.path.parent)
         log.error("storage degraded: state kept in memory, detection and enforcement go on",
                   extra={"path": str(self.path), "reason": reason})
 
@@ -346,14 +324,14 @@ class Backing:
         freed since the last try (statvfs is cheap); None when not tried."""
         if self._mem is None:
             return None
-        free = _free_bytes(self.path.parent)
+        free = dbfile.free_bytes(self.path.parent)
         freed = free is not None and self._free_at_failure is not None and \
             free >= self._free_at_failure + FREED_BYTES
         if time.monotonic() < self._next_try and not freed:
             return None
         if self.catch_up():
             return True
-        self._free_at_failure = _free_bytes(self.path.parent)
+        self._free_at_failure = dbfile.free_bytes(self.path.parent)
         self._spill_now()
         n = self.health.catch_up_failures
         cap = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** min(n, 16))
@@ -375,15 +353,15 @@ class Backing:
                         raise OSError("cannot move the unreadable database aside")
                     self._base_lost = False
                 if self._disk is None:
-                    self._disk = _connect(self.path)
+                    self._disk = dbfile.connect(self.path)
                 self._mem.backup(self._disk)
-                _check(self._disk, self.path)
+                dbfile.check(self._disk, self.path)
             except (sqlite3.Error, OSError) as e:
                 self.health.catch_up_failures += 1
                 if self.health.catch_up_failures in (1, 10) or \
                         self.health.catch_up_failures % 100 == 0:
                     log.warning("storage still failing: state stays in memory, retried",
-                                extra={"path": str(self.path), "error": _sentence(e),
+                                extra={"path": str(self.path), "error": dbfile.sentence(e),
                                        "tries": self.health.catch_up_failures})
                 return False
             self._mem.close()
@@ -406,190 +384,3 @@ class Backing:
                 if db is not None:
                     db.close()
             self._mem = self._disk = None
-
-
-def _transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    # IMMEDIATE takes the write lock now, so a concurrent reader never makes a
-    # read-then-write transaction fail half way with SQLITE_BUSY.
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        out = fn(db)
-        db.execute("COMMIT")
-        return out
-    except BaseException:
-        # SQLite may have rolled back already (disk full, I/O error).
-        if db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    if path.exists() and not path.is_file():
-        raise Corrupt("is not a regular file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        _pragmas(db)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    """A reader's connection (the CLI): nothing migrated, moved or written."""
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                             check_same_thread=False)
-        _pragmas(db)
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.Error as e:
-        raise StoreError(f"cannot open database {path}: {e}") from None
-    if version != SCHEMA_VERSION:
-        db.close()
-        raise StoreError(f"database {path} has schema version {version}, "
-                         f"this program reads {SCHEMA_VERSION}")
-    return db
-
-
-def _pragmas(db: sqlite3.Connection) -> None:
-    # The agent and a reading CLI may briefly contend for the lock: wait, do not fail.
-    db.execute("PRAGMA busy_timeout=5000")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
-    db.row_factory = sqlite3.Row
-
-
-def _memory() -> sqlite3.Connection:
-    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-    _pragmas(db)
-    return db
-
-
-def _open_checked(path: Path) -> sqlite3.Connection:
-    """Open, check and migrate the file; Corrupt when it is not ours to read."""
-    try:
-        db = _connect(path)
-    except sqlite3.DatabaseError as e:
-        if _is_corrupt(e):
-            raise Corrupt(f"is not a database ({_sentence(e)})") from None
-        raise
-    try:
-        _check(db, path)
-        _migrate(db, path)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _precheck(path: Path) -> str | None:
-    """Why the file (its main part, read without writing anything: no WAL replayed or
-    removed, no lock file) is not ours to read, or None."""
-    if not path.is_file():
-        return "is not a regular file"
-    try:
-        db = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
-    except sqlite3.Error:
-        return None                 # the read-write open says what is wrong
-    try:
-        _check(db, path)
-    except Corrupt as e:
-        return str(e)
-    except sqlite3.Error:
-        return None
-    finally:
-        db.close()
-    return None
-
-
-def _has_wal(path: Path) -> bool:
-    try:
-        return Path(f"{path}-wal").stat().st_size > 0
-    except OSError:
-        return False
-
-
-def _with_sides(path: Path, aside: Path) -> list[tuple[Path, Path]]:
-    """(file, its name aside) for the database and its -wal and -shm that exist."""
-    pairs = [(path, aside)] if path.exists() else []
-    for suffix in ("-wal", "-shm"):
-        side = Path(f"{path}{suffix}")
-        if side.exists():
-            pairs.append((side, Path(f"{aside}{suffix}")))
-    return pairs
-
-
-def _check(db: sqlite3.Connection, path: Path) -> None:
-    """Corrupt unless the file reads whole and holds our schema at a version we know."""
-    try:
-        problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = _columns(db)
-    except sqlite3.DatabaseError as e:
-        if _is_corrupt(e):
-            raise Corrupt(f"is not a database ({_sentence(e)})") from None
-        raise
-    if problems != ["ok"]:
-        raise Corrupt(f"is damaged ({'; '.join(problems[:3])})")
-    if version > SCHEMA_VERSION:
-        raise Corrupt(f"has schema version {version}, newer than this agent's {SCHEMA_VERSION}")
-    if version < 0 or (version == 0 and tables):
-        raise Corrupt("holds tables of another program")
-    want = _expected(version)
-    if any(tables.get(name) != cols for name, cols in want.items()):
-        raise Corrupt(f"does not hold the schema of version {version}")
-
-
-_EXPECTED: dict[int, dict[str, tuple[str, ...]]] = {}
-
-
-def _expected(version: int) -> dict[str, tuple[str, ...]]:
-    """Tables and their columns after the first `version` migrations."""
-    if version not in _EXPECTED:
-        ref = sqlite3.connect(":memory:", isolation_level=None)
-        for statements in MIGRATIONS[:version]:
-            for s in statements:
-                ref.execute(s)
-        _EXPECTED[version] = _columns(ref)
-        ref.close()
-    return _EXPECTED[version]
-
-
-def _columns(db: sqlite3.Connection) -> dict[str, tuple[str, ...]]:
-    names = [r[0] for r in db.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
-    return {n: tuple(r[1] for r in db.execute(f'PRAGMA table_info("{n}")')) for n in names}
-
-
-def _migrate(db: sqlite3.Connection, path: Path) -> None:
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise Corrupt(f"has schema version {version}, newer than this agent's {SCHEMA_VERSION}")
-    for target in range(version + 1, SCHEMA_VERSION + 1):
-        def step(c: sqlite3.Connection, target: int = target) -> None:
-            for statement in MIGRATIONS[target - 1]:
-                c.execute(statement)
-            c.execute(f"PRAGMA user_version={target}")
-        _transaction(db, step)
-
-
-def _free_bytes(directory: Path) -> int | None:
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def _is_empty_file(path: Path) -> bool:
-    try:
-        return path.is_file() and path.stat().st_size == 0
-    except OSError:
-        return False
-
-
-def _sentence(e: BaseException) -> str:
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
