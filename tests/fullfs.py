@@ -2,7 +2,8 @@
 
 `SmallFs(path)` mounts a tmpfs of `size_kb` on `path` (root only; the mount is private
 to this mount namespace's view of `path` and removed by `close`, lazily if busy).
-`fill()` writes a filler file until the filesystem is full; `free()` deletes it.
+`fill()` writes a filler file until the filesystem is full; `free()` deletes it;
+`readonly()` remounts it read-only (and back).
 """
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ class SmallFs:
 
     def free(self) -> None:
         self._filler.unlink(missing_ok=True)
+
+    def readonly(self, on: bool = True, pid: int | None = None) -> None:
+        """Remount read-only (every write fails with EROFS), or read-write again; with
+        `pid`, in that process's mount namespace too (`ip netns exec` gives the agent a
+        copy of the mount, whose read-only flag a remount here does not change)."""
+        opt = f"remount,{'ro' if on else 'rw'}"
+        subprocess.run(["mount", "-o", opt, str(self.path)], check=True)
+        if pid is not None:
+            subprocess.run(["nsenter", "-t", str(pid), "-m", "mount", "-o", opt,
+                            str(self.path)], check=True)
 
     def close(self) -> None:
         subprocess.run(["umount", "-l", str(self.path)], check=False)

@@ -128,7 +128,7 @@ class Backing:
         # Run in memory: from what can still be read of the file, else from nothing.
         self._mem = dbfile.memory()
         if why is None and existed and self._snapshot_file():
-            self.fresh = False
+            self.fresh = False                 # (_base_lost: see _snapshot_file)
         else:
             self._base_lost = existed      # an absent or empty file lost nothing
             self.fresh = True
@@ -144,6 +144,10 @@ class Backing:
                 try:
                     dbfile.check(src, self.path)
                     src.backup(self._mem)
+                    if "immutable" in uri and dbfile.has_wal(self.path):
+                        # Read without its WAL: the file holds more than the copy, so
+                        # catching up must not overwrite it (it is moved aside, kept).
+                        self._base_lost = True
                     return True
                 finally:
                     src.close()
@@ -309,6 +313,9 @@ class Backing:
                     log.exception("re-seeding the state kept in memory failed")
 
     def _degrade(self, reason: str) -> None:
+        hint = dbfile.filesystem_hint(self.path.parent)
+        if hint and hint not in reason:
+            reason = f"{reason} ({hint})"
         if self.health.state != "degraded":
             self.health.state, self.health.reason = "degraded", reason
             self.health.since = self.clock()

@@ -221,6 +221,20 @@ def free_bytes(directory: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def filesystem_hint(directory: Path) -> str:
+    """What the filesystem says about writing there: "read-only filesystem", "no space
+    left", or "" (sqlite's own messages, e.g. "unable to open database file", do not)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return ""
+    if st.f_flag & os.ST_RDONLY:
+        return "read-only filesystem"
+    if st.f_bavail == 0 or st.f_favail == 0:
+        return "no space left"
+    return ""
+
+
 def is_empty_file(path: Path) -> bool:
     try:
         return path.is_file() and path.stat().st_size == 0

@@ -147,6 +147,23 @@ def test_start_on_a_full_disk_runs_degraded(lab, tmp_path):
         fs.close()
 
 
+def test_start_on_a_read_only_state_dir_runs_degraded(lab, full_agent):
+    fs, agent = full_agent
+    assert cli(agent, "block", "198.51.100.1", "--ttl", "300").returncode == 0
+    agent.stop()
+    fs.readonly()
+    agent.start()                          # not a crash loop: ready, and says why
+    st = storage(agent)
+    assert st["state"] == "degraded" and "read-only filesystem" in st["reason"], st
+    assert blocked(lab, "198.51.100.1")    # what the file held is still in force
+    assert cli(agent, "block", "198.51.100.2", "--ttl", "300").returncode == 0
+    assert blocked(lab, "198.51.100.2")
+    fs.readonly(False, pid=agent.pid)
+    wait_for(lambda: storage(agent)["state"] == "ok", 40)   # backoff, at most 30 s
+    on_disk = {r[0] for r in rows(agent.db_path, "SELECT target FROM mitigations")}
+    assert {"198.51.100.1", "198.51.100.2"} <= on_disk
+
+
 def _truncate(db: Path) -> None:
     with open(db, "r+b") as f:
         f.truncate(db.stat().st_size // 3)

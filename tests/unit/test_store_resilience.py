@@ -318,3 +318,18 @@ def test_metrics_say_storage_is_degraded(fs: SmallFs) -> None:
     got = scrape()
     assert got["swarm_agent_storage_degraded"] == 0 and got["swarm_agent_storage_catch_ups_total"] == 1
     store.close()
+
+
+def test_a_read_only_filesystem_runs_in_memory(fs: SmallFs) -> None:
+    with Store(fs.path / "agent.db") as first:
+        first.add_mitigation(block("192.0.2.1"))
+    fs.readonly()
+    store = Store(fs.path / "agent.db")
+    assert store.degraded and not store.fresh
+    store.add_mitigation(block("192.0.2.2"))
+    assert len(store.active_mitigations(1100.0)) == 2
+    assert store.catch_up(force=True) is False
+    fs.readonly(False)
+    assert store.catch_up(force=True)
+    assert on_disk(store.path, "SELECT COUNT(*) FROM mitigations") == 2
+    store.close()
