@@ -7,6 +7,11 @@ listens. Control calls run on the same loop thread as the detector, so every hos
 is serialised. The first SIGTERM/SIGINT stops gracefully;
 a second exits at once. Mitigations stay in the kernel across a restart (they carry their
 own timeouts) and are re-asserted from the database on the next start.
+
+Storage never stops the agent (agent.state.backing): a full or failing disk keeps the
+state in memory (an escalated agent_health incident, `storage` in status, metrics) until
+`watch_storage` can write it back; a fresh database (first start, or a corrupt one moved
+aside) is seeded from what the kernel table holds in force before setup() asserts it.
 """
 from __future__ import annotations
 
