@@ -196,7 +196,7 @@ def _storage(store: Store):
                             "1 while the database cannot be written (state kept in memory)",
                             value=int(h.state != "ok"))
     yield CounterMetricFamily(f"{PREFIX}_storage_write_failures",
-                              "Writes that failed on the database file and went to memory",
+                              "Writes that could not go to the database file, kept in memory",
                               value=h.write_failures)
     yield CounterMetricFamily(f"{PREFIX}_storage_catch_ups",
                               "Times the state kept in memory was written back to the file",

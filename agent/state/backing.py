@@ -10,7 +10,8 @@ the file in one transaction (sqlite's backup: all or nothing, a failure leaves t
 it was) and switches back; `maybe_catch_up()` tries it with a bounded exponential backoff,
 or at once when the filesystem has more free space than at the last failed try. A run that
 ends still degraded leaves its memory copy in `spill` (the agent's run directory, another
-filesystem; also refreshed after each failed try), loaded by the next start. A file that
+filesystem; refreshed after each failed try and at most every SPILL_EVERY_S while new
+writes arrive, so a crash loses at most that much), loaded by the next start. A file that
 goes unreadable under a running agent makes the memory copy start empty: `on_lost` is
 called at once so the caller re-records what is in force (from the kernel's table).
 
@@ -42,6 +43,7 @@ log = logging.getLogger("swarm_agent")
 T = TypeVar("T")
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
+SPILL_EVERY_S = 1.0          # while degraded, new writes reach `spill` this often at most
 FREED_BYTES = 64 * 1024      # this much more free space: try at once, backoff or not
 
 
@@ -52,7 +54,7 @@ class Health:
     state: str = "ok"                 # ok | degraded
     reason: str = ""                  # why degraded (the first failure's sentence)
     since: float | None = None        # when it became degraded
-    write_failures: int = 0           # writes that failed on the file and went to memory
+    write_failures: int = 0           # writes that could not go to the file: kept in memory
     catch_up_failures: int = 0        # tries to write the memory copy back that failed
     catch_ups: int = 0                # times the memory copy was written back
     recovered: list[str] = field(default_factory=list)   # files moved aside, and why
@@ -84,6 +86,9 @@ class Backing:
         # Called (under the lock, on the thread that hit the failure) when the memory copy
         # had to start empty because the file could not be read.
         self.on_lost: Callable[[], None] | None = None
+        self._dirty = False               # memory holds writes not yet in `spill`
+        self._spilled_at = 0.0
+        self._spill_failing = False
         if readonly:
             self._disk = dbfile.open_readonly(self.path)
         else:
@@ -198,23 +203,28 @@ class Backing:
 
     def _spill_now(self) -> None:
         """Keep the memory copy in `spill` too, so a restart does not lose it."""
-        if self.spill is None or self._mem is None:
-            return
-        tmp = self.spill.with_name(self.spill.name + ".tmp")
-        try:
-            self.spill.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp.unlink(missing_ok=True)
-            out = sqlite3.connect(tmp)
+        with self._lock:
+            self._spilled_at = time.monotonic()
+            if self.spill is None or self._mem is None:
+                return
+            tmp = self.spill.with_name(self.spill.name + ".tmp")
             try:
-                self._mem.backup(out)
-            finally:
-                out.close()
-            os.replace(tmp, self.spill)
-        except (sqlite3.Error, OSError) as e:
-            log.warning("cannot keep the unsaved state in the run directory either",
-                        extra={"path": str(self.spill), "error": dbfile.sentence(e)})
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+                self.spill.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp.unlink(missing_ok=True)
+                out = sqlite3.connect(tmp)
+                try:
+                    self._mem.backup(out)
+                finally:
+                    out.close()
+                os.replace(tmp, self.spill)
+                self._dirty, self._spill_failing = False, False
+            except (sqlite3.Error, OSError) as e:
+                if not self._spill_failing:     # once per outage, not every second
+                    log.warning("cannot keep the unsaved state in the run directory either",
+                                extra={"path": str(self.spill), "error": dbfile.sentence(e)})
+                self._spill_failing = True
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _aside_name(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
@@ -286,9 +296,11 @@ class Backing:
                     self.health.write_failures += 1
                     self._to_memory(f"writing {self.path} failed: {dbfile.sentence(e)}")
             else:
-                self.health.write_failures += self._disk is not None
+                self.health.write_failures += 1
             assert self._mem is not None
-            return dbfile.transaction(self._mem, fn)
+            out = dbfile.transaction(self._mem, fn)
+            self._dirty = True
+            return out
 
     def _to_memory(self, reason: str) -> None:
         self._degrade(reason)
@@ -335,6 +347,8 @@ class Backing:
         freed = free is not None and self._free_at_failure is not None and \
             free >= self._free_at_failure + FREED_BYTES
         if time.monotonic() < self._next_try and not freed:
+            if self._dirty and time.monotonic() >= self._spilled_at + SPILL_EVERY_S:
+                self._spill_now()       # a crash meanwhile loses at most these seconds
             return None
         if self.catch_up():
             return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -131,6 +132,22 @@ def test_restart_on_a_full_disk_keeps_what_the_last_run_did(lab, full_agent):
     wait_for(lambda: storage(agent)["state"] == "ok", 10)
     on_disk = {r[0] for r in rows(agent.db_path, "SELECT target FROM mitigations")}
     assert set(done) <= on_disk and not unsaved.exists()
+
+
+def test_sigkill_while_degraded_loses_no_block(lab, full_agent):
+    fs, agent = full_agent
+    fs.fill()
+    done = block_until_degraded(lab, agent)
+    unsaved = agent.workdir / "run" / "unsaved-state.db"
+    wait_for(unsaved.exists, 5)              # kept in the run directory within a second
+    time.sleep(1.5)                          # ... and refreshed with the last block
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    assert all(blocked(lab, t) for t in done), table(lab)
+    fs.free()
+    wait_for(lambda: storage(agent)["state"] == "ok", 10)
+    on_disk = {r[0] for r in rows(agent.db_path, "SELECT target FROM mitigations")}
+    assert set(done) <= on_disk
 
 
 def test_start_on_a_full_disk_runs_degraded(lab, tmp_path):
