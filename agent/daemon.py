@@ -31,9 +31,9 @@ from agent.config import Config, ConfigError, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
 from agent.enforce.base import EnforceError
-from agent.model import Event, Mitigation, MitigationState
+from agent.model import Event
 from agent.report.reporting import Reporting
-from agent.respond import health, policy
+from agent.respond import health
 from agent.respond.engine import Responder
 from agent.state.store import Store
 
@@ -117,34 +117,7 @@ class Agent:
     def _seed_from_kernel(self) -> int:
         """A fresh database (first start, or the old one moved aside): record what the
         kernel table holds in force, so setup() keeps it instead of wiping it."""
-        if self.cfg.dry_run:
-            return 0
-        from agent.enforce.recover import in_force, read_table, unrecorded
-
-        now = time.time()
-        try:
-            objs = read_table()
-        except (EnforceError, OSError) as e:
-            log.error("cannot read the kernel table to re-record its mitigations",
-                      extra={"error": str(e)})
-            return 0
-        found = in_force(objs or [], now)
-        if n := unrecorded(objs or []):
-            log.error("service isolation rules in the kernel table cannot be re-recorded; "
-                      "re-isolate those services", extra={"rules": n})
-        for kind, target, expires_at in found:
-            if kind in policy.ISOLATION_KINDS and self.cfg.mitigation.isolation_ttl_s:
-                expires_at = now + self.cfg.mitigation.isolation_ttl_s
-            ttl_s = None if expires_at is None else round(expires_at - now)
-            self.store.add_mitigation(Mitigation(
-                kind=kind, target=target, created_at=now, expires_at=expires_at,
-                params={**policy.params_for(kind, self.cfg), "ttl_s": ttl_s},
-                state=MitigationState.ACTIVE,
-                reason="re-recorded from the kernel table (the database was started afresh)"))
-        if found:
-            log.warning("mitigations in force re-recorded from the kernel table",
-                        extra={"count": len(found)})
-        return len(found)
+        return 0 if self.cfg.dry_run else health.reseed_from_kernel(self.store, self.cfg)
 
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and

@@ -6,14 +6,24 @@ copy is written back; a database found corrupt and moved aside is one incident t
 stays escalated (someone should look at the file kept for forensics). The incident is
 recorded like any other -- while storage is degraded, in the memory copy, so it is
 written when the disk returns.
+
+`reseed_from_kernel`: a store that starts without history (new, a corrupt file moved
+aside, a file unreadable at run time) gets what the kernel table holds in force
+(agent.enforce.recover), the authority then, so nothing asserts an empty table over it.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable
 
-from agent.model import EventClass, Finding, Incident, IncidentState, Severity, mono_ns
+from agent.config import Config
+from agent.model import (EventClass, Finding, Incident, IncidentState, Mitigation,
+                         MitigationState, Severity, mono_ns)
+from agent.respond import policy
 from agent.state.store import Store
+
+log = logging.getLogger("swarm_agent")
 
 STORAGE_RULE = "agent.storage"
 RECOVERY_RULE = "agent.state_recovered"
@@ -80,3 +90,34 @@ def _notify(store: Store, notify: Callable[[str, Any], None], incident: Incident
     incident = store.incident(incident.id) or incident
     notify("incident", incident)
     return incident
+
+
+def reseed_from_kernel(store: Store, cfg: Config) -> int:
+    """Record every mitigation in force in the kernel table; how many (0 when the table
+    cannot be read: logged, never raised -- the start must go on)."""
+    now = time.time()
+    try:
+        from agent.enforce.recover import in_force, read_table, unrecorded
+
+        objs = read_table() or []
+        found, n = in_force(objs, now), unrecorded(objs)
+    except Exception as e:   # noqa: BLE001 -- best effort
+        log.error("cannot read the kernel table to re-record its mitigations",
+                  extra={"error": str(e) or type(e).__name__})
+        return 0
+    if n:
+        log.error("service isolation rules in the kernel table cannot be re-recorded; "
+                  "re-isolate those services", extra={"rules": n})
+    for kind, target, expires_at in found:
+        if kind in policy.ISOLATION_KINDS and cfg.mitigation.isolation_ttl_s:
+            expires_at = now + cfg.mitigation.isolation_ttl_s
+        ttl_s = None if expires_at is None else round(expires_at - now)
+        store.add_mitigation(Mitigation(
+            kind=kind, target=target, created_at=now, expires_at=expires_at,
+            params={**policy.params_for(kind, cfg), "ttl_s": ttl_s},
+            state=MitigationState.ACTIVE,
+            reason="re-recorded from the kernel table (the database was started afresh)"))
+    if found:
+        log.warning("mitigations in force re-recorded from the kernel table",
+                    extra={"count": len(found)})
+    return len(found)
