@@ -7,6 +7,11 @@ listens. Control calls run on the same loop thread as the detector, so every hos
 is serialised. The first SIGTERM/SIGINT stops gracefully;
 a second exits at once. Mitigations stay in the kernel across a restart (they carry their
 own timeouts) and are re-asserted from the database on the next start.
+
+Storage never stops the agent (agent.state.backing): a full or failing disk keeps the
+state in memory (an escalated agent_health incident, `storage` in status, metrics) until
+`watch_storage` can write it back; a fresh database (first start, or a corrupt one moved
+aside) is seeded from what the kernel table holds in force before setup() asserts it.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rule
 from agent.enforce.base import EnforceError
 from agent.model import Event
 from agent.report.reporting import Reporting
+from agent.respond import health
 from agent.respond.engine import Responder
 from agent.state.store import Store
 
@@ -35,6 +41,8 @@ log = logging.getLogger("swarm_agent")
 
 HOUSEKEEPING_S = 0.5
 RECONCILE_EVERY_S = 5.0   # a backstop: change notifications can be lost (ENOBUFS)
+UNSAVED_STATE = "unsaved-state.db"   # in run_dir: the state a degraded run could not write
+STORAGE_CHECK_S = 0.5     # how often degraded storage is looked at (tries are backed off)
 
 
 def netns_id() -> str:
@@ -60,6 +68,7 @@ class Agent:
         self.proc_status: dict[str, dict[str, str]] = {}
         self.last_drift_at: float | None = None
         self._lock_fd: int | None = None
+        self._storage_incident: str | None = None
         self.ready = False
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
@@ -67,19 +76,14 @@ class Agent:
     def prepare(self) -> None:
         check_interfaces(self.cfg)
         check_host_root(self.cfg)
-        state = Path(self.cfg.state_dir)
-        try:
-            state.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._lock_fd = os.open(state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as e:
-            raise ConfigError(f"state_dir {state}: {e.strerror}") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another agent is already running with state_dir {state}") from None
+        self._lock_state_dir()
         self._ensure_mounts()
-        self.store = Store(self.cfg.db_path)
+        # Never fails on storage: a corrupt file is moved aside, a failing disk leaves the
+        # state in memory (agent.state.backing); status, log, metric and incident say so.
+        self.store = Store(self.cfg.db_path, spill=Path(self.cfg.run_dir) / UNSAVED_STATE)
         self.enforcer = self._make_enforcer()
+        seeded = self._seed_from_kernel() if self.store.fresh else 0
+        self.store.on_lost(self._seed_from_kernel)
         self.responder = Responder(self.cfg, self.store, self.enforcer)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
@@ -87,6 +91,34 @@ class Agent:
         self._open_proc_probe()
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
                                    status=self.status, losses=self.losses, unparsed=self.unparsed)
+        for what in self.store.health.recovered:
+            health.state_recovered(self.store, self.responder.notify, what, seeded)
+        self._storage_incident = health.open_storage_incident(self.store)
+        self.check_storage()
+
+    def _lock_state_dir(self) -> None:
+        """One agent per state_dir. A state_dir that cannot be written (read-only, full,
+        gone) does not stop the agent: it runs with its state in memory."""
+        state = Path(self.cfg.state_dir)
+        try:
+            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = os.open(state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self._lock_fd = os.open(state / "agent.lock", os.O_RDONLY)
+            if self._lock_fd is None:
+                log.error("state_dir unusable: running without its lock, state in memory",
+                          extra={"state_dir": str(state), "reason": e.strerror})
+                return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another agent is already running with state_dir {state}") from None
+
+    def _seed_from_kernel(self) -> int:
+        """A fresh database (first start, or the old one moved aside): record what the
+        kernel table holds in force, so setup() keeps it instead of wiping it."""
+        return 0 if self.cfg.dry_run else health.reseed_from_kernel(self.store, self.cfg)
 
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and
@@ -185,6 +217,27 @@ class Agent:
                 last_reconcile = now
             await asyncio.sleep(HOUSEKEEPING_S)
 
+    def check_storage(self) -> None:
+        """Open the storage incident when the store went to memory, resolve it once the
+        memory copy is written back."""
+        h = self.store.health
+        if self.store.degraded and self._storage_incident is None:
+            self.counters["storage.degraded"] += 1
+            incident = health.storage_failing(self.store, self.responder.notify, h.reason,
+                                              h.since)
+            self._storage_incident = incident.id
+        elif not self.store.degraded and self._storage_incident is not None:
+            incident_id, self._storage_incident = self._storage_incident, None
+            health.storage_recovered(self.store, self.responder.notify, incident_id)
+
+    async def watch_storage(self) -> None:
+        """While the store is in memory, try (backed off) to write it back."""
+        while True:
+            await asyncio.sleep(STORAGE_CHECK_S)
+            if self.store.degraded:
+                await asyncio.to_thread(self.store.catch_up)
+            self.check_storage()
+
     async def watch_table(self) -> None:
         if self.cfg.dry_run:
             return
@@ -212,7 +265,8 @@ class Agent:
             "updated_at": time.time(),
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
-            "probes": {**self.probe_status, **self.proc_status},
+            "probes": {**self.probe_status, **self.proc_status, **self._storage_status()},
+            "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},
             "ringbuf_losses": self.losses(),
             # What the packet parser could not follow: in `status` and the control API.
             "counters": {**self.counters,
@@ -221,6 +275,17 @@ class Agent:
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
         }
+
+    def _storage_status(self) -> dict[str, dict[str, str]]:
+        """Storage as one more component in `status` (state ok or degraded, and why)."""
+        if getattr(self, "store", None) is None:
+            return {}
+        h = self.store.health
+        if h.state == "ok":
+            reason = "; ".join(h.recovered)
+        else:
+            reason = f"{h.reason}; state kept in memory, retried"
+        return {"storage": {"state": h.state, "reason": reason}}
 
     def reload_rules(self) -> list[str]:
         """Re-read the rules file and use it everywhere (detector, responder lifetimes,
@@ -251,6 +316,7 @@ class Agent:
                         tg.create_task(probe.run(self.on_event))
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
+                tg.create_task(self.watch_storage())
                 for task in self.reporting.tasks():
                     tg.create_task(task)
                 self.ready = True

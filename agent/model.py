@@ -15,12 +15,14 @@ from typing import Any, Mapping
 
 
 class EventClass(enum.StrEnum):
-    """The four rows of the specification table, with their deadlines."""
+    """The four rows of the specification table, with their deadlines, and the agent's
+    own health (storage failing, state recovered): always escalated to a human."""
 
     SECURITY_BREACH = "security_breach"
     POLICY_VIOLATION = "policy_violation"
     SUSPICIOUS_ACTIVITY = "suspicious_activity"
     SYSTEM_ATTACK = "system_attack"
+    AGENT_HEALTH = "agent_health"
 
     @property
     def deadline_s(self) -> float:
@@ -32,6 +34,7 @@ _DEADLINES_S = {
     EventClass.POLICY_VIOLATION: 300.0,
     EventClass.SUSPICIOUS_ACTIVITY: 900.0,
     EventClass.SYSTEM_ATTACK: 30.0,
+    EventClass.AGENT_HEALTH: 60.0,
 }
 
 

@@ -4,7 +4,8 @@ Counted in process: events and findings per source and rule, time-to-detect and
 time-to-mitigate histograms per event class (from the first evidence), mesh deliveries
 and failed calls, alerts sent and failed posts. Read from the store and the outbox at each
 scrape, so they survive restarts and never drift: incidents per class and state, deadline
-hits and misses per class, active mitigations per kind, outbox depth and drops. The probe's
+hits and misses per class, active mitigations per kind, outbox depth and drops, the
+database's health (degraded, failed writes, catch-ups, files moved aside). The probe's
 ring-buffer losses and the packets its parser could not follow (by reason) come from the
 probe itself. The HTTP server is a daemon thread; a
 scrape reads the store under its lock, like any other reader thread.
@@ -165,6 +166,7 @@ class _StateCollector:
         for kind, n in by_kind.items():
             active.add_metric([kind], n)
         yield from (incidents, misses, met, active)
+        yield from _storage(self._store)
         yield CounterMetricFamily(f"{PREFIX}_ringbuf_lost_events",
                                   "Events the kernel could not put in the ring buffer",
                                   value=self._losses())
@@ -184,6 +186,27 @@ class _StateCollector:
                 depth.add_metric([kind], n)
                 dropped.add_metric([kind], self._outbox.dropped.get(kind, 0))
             yield from (depth, dropped)
+
+
+def _storage(store: Store):
+    """The database's health (agent.state.backing): degraded while the state is kept in
+    memory, writes that went there instead of the file, write-backs, files moved aside."""
+    h = store.health
+    yield GaugeMetricFamily(f"{PREFIX}_storage_degraded",
+                            "1 while the database cannot be written (state kept in memory)",
+                            value=int(h.state != "ok"))
+    yield CounterMetricFamily(f"{PREFIX}_storage_write_failures",
+                              "Writes that could not go to the database file, kept in memory",
+                              value=h.write_failures)
+    yield CounterMetricFamily(f"{PREFIX}_storage_catch_ups",
+                              "Times the state kept in memory was written back to the file",
+                              value=h.catch_ups)
+    yield CounterMetricFamily(f"{PREFIX}_storage_catch_up_failures",
+                              "Tries to write the state kept in memory back that failed",
+                              value=h.catch_up_failures)
+    yield CounterMetricFamily(f"{PREFIX}_storage_recovered_files",
+                              "Corrupt database files moved aside at start (kept)",
+                              value=len(h.recovered))
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -40,7 +40,9 @@ class Reporting:
                  unparsed: Callable[[], dict[str, int]] = dict):
         self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
         self.problems: dict[str, str] = {}     # reporter -> why it is not working
-        self.outbox = Outbox(cfg.db_path, max_reports=cfg.mesh.outbox_max,
+        # The store's own connection: while storage is degraded the outbox lives in memory
+        # with everything else (agent.state.backing).
+        self.outbox = Outbox(store, max_reports=cfg.mesh.outbox_max,
                              hard_max_reports=cfg.mesh.outbox_hard_max)
         standalone = cfg.mesh.endpoint is None
         self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox,
@@ -70,9 +72,12 @@ class Reporting:
 
     def tasks(self) -> list[Coroutine[Any, Any, None]]:
         out: list[Coroutine[Any, Any, None]] = []
-        out.append(self.mesh.run() if self.mesh else self._standalone())
+        if self.mesh is not None:
+            out.append(supervised("mesh reporter", self.mesh.run))
+        else:
+            out.append(supervised("outbox cleanup", self._standalone))
         if self.notifier is not None:
-            out.append(self.notifier.run())
+            out.append(supervised("alert notifier", self.notifier.run))
         return out
 
     async def _standalone(self) -> None:
@@ -109,3 +114,26 @@ class Reporting:
     def close(self) -> None:
         self.metrics.close()
         self.outbox.close()
+
+
+RESTART_S = (1.0, 30.0)     # first and largest delay before a failed reporter is restarted
+
+
+async def supervised(name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `run()` for ever: a reporter that fails is logged and restarted after a growing
+    delay, never allowed to end the agent's TaskGroup (reporting must not stop detection
+    or enforcement; a failing disk once did exactly that through the outbox)."""
+    delay = RESTART_S[0]
+    while True:
+        started = time.monotonic()
+        try:
+            await run()
+            return
+        except Exception as e:   # noqa: BLE001 -- anything but cancellation is survivable
+            log.error("reporter failed; restarting it", exc_info=True,
+                      extra={"reporter": name, "error": str(e) or type(e).__name__,
+                             "restart_in_s": delay})
+        if time.monotonic() - started > 10 * RESTART_S[1]:
+            delay = RESTART_S[0]            # it had been running fine: start over
+        await asyncio.sleep(delay)
+        delay = min(RESTART_S[1], delay * 2)

@@ -15,8 +15,10 @@ the oldest mitigation reports, never an incident; above `hard_max_reports` the o
 reports of any kind go, incidents included, so the database cannot grow without limit in
 a mesh outage that never ends.
 
-The outbox uses its own connection to the database (WAL lets it run beside the store's);
-it only ever touches the `outbox` table.
+Given the agent's Store, the outbox shares its connection, so while storage is degraded
+(agent.state.backing) reports are queued, delivered and acknowledged in the memory copy
+and written with it when the disk returns; given a path it opens its own connection (WAL
+lets it run beside the store's). It only ever touches the `outbox` table.
 """
 from __future__ import annotations
 
@@ -28,13 +30,17 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+if TYPE_CHECKING:
+    from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")
 
 KINDS = ("incident", "mitigation", "heartbeat")
 # Which reports go first when the outbox is over its bound (incidents only past the hard one).
 _DROP_ORDER = ("heartbeat", "mitigation")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,24 +59,37 @@ class Pending:
 class Outbox:
     """Durable queue of mesh reports; every method is one short transaction."""
 
-    def __init__(self, db_path: str | Path, *, max_reports: int, hard_max_reports: int):
+    def __init__(self, db: str | Path | Store, *, max_reports: int, hard_max_reports: int):
         self.max_reports, self.hard_max_reports = max_reports, hard_max_reports
         self.dropped: Counter[str] = Counter()     # kind -> reports dropped at the bound
+        self._own: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.execute("PRAGMA synchronous=FULL")
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name='outbox'").fetchone():
-            self._db.close()
-            raise RuntimeError(f"database {db_path} has no outbox table (open the Store first)")
+        if isinstance(db, (str, Path)):
+            self._own = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            self._own.execute("PRAGMA busy_timeout=5000")
+            self._own.execute("PRAGMA synchronous=FULL")
+            self._store = None
+        else:
+            self._store = db
+        if not self._run(lambda c: c.execute(
+                "SELECT 1 FROM sqlite_master WHERE name='outbox'").fetchone()):
+            self.close()
+            raise RuntimeError(f"database {db} has no outbox table (open the Store first)")
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        if self._store is not None:
+            return self._store._write(fn) if write else self._store._backing.read(fn)
+        assert self._own is not None
+        with self._lock:
+            return fn(self._own)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._own is not None:
+            with self._lock:
+                self._own.close()
 
     def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).rowcount
+        return self._run(lambda c: c.execute(sql, tuple(args)).rowcount, write=True)
 
     def add_heartbeat(self, body: dict[str, Any], at: float) -> str:
         """Queue a heartbeat; returns its id."""
@@ -82,10 +101,9 @@ class Outbox:
     def pending(self, limit: int) -> list[Pending]:
         """Up to `limit` reports to send: incidents and mitigations before heartbeats,
         oldest first within each."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, id, kind, ref, payload, created_at, attempts FROM outbox "
-                "ORDER BY kind = 'heartbeat', seq LIMIT ?", (limit,)).fetchall()
+        rows = self._run(lambda c: c.execute(
+            "SELECT seq, id, kind, ref, payload, created_at, attempts FROM outbox "
+            "ORDER BY kind = 'heartbeat', seq LIMIT ?", (limit,)).fetchall())
         return [Pending(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
     def acknowledge(self, ids: Iterable[str]) -> int:
@@ -106,8 +124,8 @@ class Outbox:
 
     def depth(self) -> dict[str, int]:
         """Queued reports per kind (every kind present, zero included)."""
-        with self._lock:
-            rows = self._db.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall()
+        rows = self._run(lambda c: c.execute(
+            "SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
         return {**dict.fromkeys(KINDS, 0), **dict(rows)}
 
     def clear(self) -> int:
@@ -126,10 +144,9 @@ class Outbox:
                 dropped[kind] += n
                 total -= n
         if total > self.hard_max_reports:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT kind, COUNT(*) FROM (SELECT kind FROM outbox ORDER BY seq LIMIT ?) "
-                    "GROUP BY kind", (total - self.hard_max_reports,)).fetchall()
+            rows = self._run(lambda c: c.execute(
+                "SELECT kind, COUNT(*) FROM (SELECT kind FROM outbox ORDER BY seq LIMIT ?) "
+                "GROUP BY kind", (total - self.hard_max_reports,)).fetchall())
             self._drop_oldest(total - self.hard_max_reports, None)
             dropped.update(dict(rows))
         if dropped:

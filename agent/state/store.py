@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from agent.model import (EventClass, Finding, Incident, IncidentState, Mitigation,
                          MitigationKind, MitigationState, Severity)
 from agent.state import timeline
-from agent.state.schema import MIGRATIONS, SCHEMA_VERSION
+from agent.state.backing import Backing, Health, StoreError
+from agent.state.schema import SCHEMA_VERSION
 
-
-class StoreError(RuntimeError):
-    """The database cannot be used (unreadable, or from a newer agent)."""
+__all__ = ["SCHEMA_VERSION", "IncidentEvent", "Store", "StoreError"]
+T = TypeVar("T")
 
 
 LIVE_INCIDENT_STATES = (IncidentState.OPEN, IncidentState.MITIGATED, IncidentState.ESCALATED)
@@ -48,64 +47,56 @@ class IncidentEvent:
 
 class Store:
     """Durable state of one agent. `readonly=True` opens an existing database for a
-    reader (the CLI) without migrating or writing anything."""
+    reader (the CLI) without migrating or writing anything.
 
-    def __init__(self, path: str | Path, *, readonly: bool = False):
+    The agent's store never fails on storage trouble (agent.state.backing): a full or
+    failing disk puts it in memory until `catch_up` can write it back; a corrupt file is
+    moved aside and a fresh one started (`fresh`: seed it, `health`: what happened).
+    `spill` (the agent's: in its run directory) keeps the memory copy of a run that ends
+    while degraded, for the next start to load."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False,
+                 spill: str | Path | None = None):
         self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self._db = self._connect(readonly)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open database {self.path}: {e}") from None
-        if not readonly:
-            self._migrate()
-        elif self.schema_version != SCHEMA_VERSION:
-            self._db.close()
-            raise StoreError(f"database {self.path} has schema version {self.schema_version}, "
-                             f"this program reads {SCHEMA_VERSION}")
-
-    def _connect(self, readonly: bool) -> sqlite3.Connection:
-        if readonly:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                                 isolation_level=None, check_same_thread=False)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-        # The agent and a reading CLI may briefly contend for the lock: wait, do not fail.
-        db.execute("PRAGMA busy_timeout=5000")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.row_factory = sqlite3.Row
-        return db
-
-    def _migrate(self) -> None:
-        version = self.schema_version
-        if version > SCHEMA_VERSION:
-            self._db.close()
-            raise StoreError(f"database {self.path} has schema version {version}, newer than "
-                             f"this agent's {SCHEMA_VERSION}; upgrade the agent")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self._tx() as db:
-                for statement in MIGRATIONS[target - 1]:
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={target}")
+        self._backing = Backing(self.path, readonly=readonly, spill=spill)
 
     @property
     def schema_version(self) -> int:
         return self._read("PRAGMA user_version")[0][0]
 
+    @property
+    def health(self) -> Health:
+        return self._backing.health
+
+    @property
+    def fresh(self) -> bool:
+        """True when this store holds no history (new, or started after corruption)."""
+        return self._backing.fresh
+
+    @property
+    def degraded(self) -> bool:
+        return self._backing.degraded
+
+    def catch_up(self, *, force: bool = False) -> bool | None:
+        """While degraded: try to write the memory copy to the file (with backoff unless
+        `force`); True once written, False if not yet, None when nothing was tried."""
+        return self._backing.catch_up() if force else self._backing.maybe_catch_up()
+
+    def on_lost(self, fn: Callable[[], None]) -> None:
+        """Call `fn` when, at run time, the file cannot even be read and the store starts
+        over in memory (`fresh` again): the agent re-records what the kernel holds."""
+        self._backing.on_lost = fn
+
     def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         # Under the lock, so a read from another thread never sees a half-done transaction.
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+        return self._backing.read(lambda db: db.execute(sql, tuple(args)).fetchall())
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(db)` in one transaction; on storage failure it runs in memory instead."""
+        return self._backing.write(fn)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._backing.close()
 
     def __enter__(self) -> Store:
         return self
@@ -120,7 +111,7 @@ class Store:
         """Add a finding to the live (open, mitigated or escalated) incident of its
         (class, entity), or open a new one; add it to the timeline (a repeat of an
         identical finding counts on its line: agent.state.timeline); return the incident."""
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             row = db.execute(
                 "SELECT * FROM incidents WHERE class=? AND entity=? AND state IN (?,?,?) "
                 "ORDER BY detected_at DESC LIMIT 1",
@@ -136,6 +127,8 @@ class Store:
                            (incident.severity.value, incident.first_seen_at,
                             json.dumps(incident.rules), incident.findings, incident.id))
             timeline.record(db, incident.id, detected_at, finding)
+            return incident
+        incident = self._write(tx)
         return incident
 
     def incident(self, incident_id: str) -> Incident | None:
@@ -164,28 +157,28 @@ class Store:
                        deadline_missed: bool) -> None:
         """Record the first mitigation of an incident; later ones keep the first time.
         An open incident becomes mitigated; an escalated one stays escalated."""
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             db.execute("UPDATE incidents SET mitigated_at=?, deadline_missed=?, "
                        "state=CASE WHEN state=? THEN ? ELSE state END "
                        "WHERE id=? AND mitigated_at IS NULL",
                        (mitigated_at, int(deadline_missed), IncidentState.OPEN,
                         IncidentState.MITIGATED, incident_id))
-
+        self._write(tx)
     def set_incident_state(self, incident_id: str, state: IncidentState, at: float,
                            note: str = "") -> None:
         """Move an incident to `state` (resolved and false_positive set resolved_at)."""
         closing = state in (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             db.execute("UPDATE incidents SET state=?, resolved_at=? WHERE id=?",
                        (state.value, at if closing else None, incident_id))
             _append_event(db, incident_id, at, "note", note or f"state -> {state.value}",
                           {"state": state.value})
-
+        self._write(tx)
     def add_incident_event(self, incident_id: str, kind: str, text: str, at: float,
                            data: dict[str, Any] | None = None) -> None:
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             _append_event(db, incident_id, at, kind, text, data or {})
-
+        self._write(tx)
     def incident_events(self, incident_id: str) -> list[IncidentEvent]:
         rows = self._read("SELECT * FROM incident_events WHERE incident_id=? ORDER BY seq",
                           (incident_id,))
@@ -210,31 +203,31 @@ class Store:
 
     def add_mitigation(self, m: Mitigation, *, rule: str | None = None) -> None:
         """Insert a mitigation; `rule` ("id@version") is the rule that asked for it."""
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             db.execute("INSERT INTO mitigations VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        (m.id, m.kind.value, m.target, json.dumps(m.params), m.created_at,
                         m.expires_at, m.state.value, m.incident_id, m.reason, rule,
                         m.created_at))
-
+        self._write(tx)
     def mitigation(self, mitigation_id: str) -> Mitigation | None:
         rows = self._read("SELECT * FROM mitigations WHERE id=?", (mitigation_id,))
         return _mitigation(rows[0]) if rows else None
 
     def set_mitigation_state(self, mitigation_id: str, state: MitigationState,
                              at: float) -> None:
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             db.execute("UPDATE mitigations SET state=?, updated_at=? WHERE id=?",
                        (state.value, at, mitigation_id))
-
+        self._write(tx)
     def set_mitigation_expiry(self, mitigation_id: str, expires_at: float | None, at: float,
                               params: dict[str, Any] | None = None) -> None:
         """Renew: a new expiry (and optionally new parameters) for an existing mitigation."""
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             db.execute("UPDATE mitigations SET expires_at=?, updated_at=?, "
                        "params=COALESCE(?, params) WHERE id=?",
                        (expires_at, at, json.dumps(params) if params is not None else None,
                         mitigation_id))
-
+        self._write(tx)
     def active_mitigations(self, now: float) -> list[Mitigation]:
         """What must be in force at `now`: state active and not expired."""
         return self.mitigations(state=MitigationState.ACTIVE, live_at=now)
@@ -287,13 +280,13 @@ class Store:
     def record_audit(self, at: float, identity: str, role: str, method: str,
                      arguments: dict[str, Any], result: str, detail: str = "") -> int:
         """Append one control call to the audit log (durable on return); its seq."""
-        with self._tx() as db:
+        def tx(db: sqlite3.Connection) -> Any:
             cur = db.execute("INSERT INTO audit (at, identity, role, method, arguments, result, "
                              "detail) VALUES (?,?,?,?,?,?,?)",
                              (at, identity, role, method, json.dumps(arguments, default=str),
                               result, detail))
             return int(cur.lastrowid)
-
+        return self._write(tx)
     def audit(self, *, since: float | None = None, identity: str | None = None,
               limit: int = 100) -> list[dict[str, Any]]:
         """Audit entries, newest first: dicts of seq, at, identity, role, method,
@@ -305,30 +298,6 @@ class Store:
         rows = self._read("SELECT * FROM audit" + _where(where) +
                           f" ORDER BY seq DESC LIMIT {int(limit)}", args)
         return [{**dict(r), "arguments": json.loads(r["arguments"])} for r in rows]
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT under the store's lock; ROLLBACK on any exception."""
-
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
-        self._db, self._lock = db, lock
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._lock.acquire()
-        try:
-            # IMMEDIATE takes the write lock now, so a concurrent reader never makes a
-            # read-then-write transaction fail half way with SQLITE_BUSY.
-            self._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._lock.release()
-            raise
-        return self._db
-
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self._lock.release()
 
 
 def _filters(**columns: Any) -> tuple[list[str], list[Any]]:

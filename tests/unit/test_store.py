@@ -145,7 +145,10 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.close()
-    with pytest.raises(StoreError, match="newer than this agent"):
-        Store(path)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        Store(path, readonly=True)          # a reader refuses it
     with pytest.raises(StoreError, match="cannot open"):
         Store(tmp_path / "missing.db", readonly=True)
+    # The agent moves it aside (kept) and starts afresh (tests/unit/test_store_resilience.py).
+    with Store(path) as store:
+        assert "newer than this agent" in store.health.recovered[0] and store.fresh
