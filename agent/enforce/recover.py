@@ -20,13 +20,14 @@ import nftables
 
 from agent.enforce import listing
 from agent.enforce.base import EnforceError
-from agent.enforce.ruleset import (_ADDR_KINDS, FAMILY, ISOLATION_CHAINS, SERVICE_SET, TABLE,
-                                   Service, Span)
+from agent.enforce.ruleset import (_ADDR_KINDS, CHALLENGE_SERVICE_SET, FAMILY,
+                                   ISOLATION_CHAINS, SERVICE_SET, TABLE, Service, Span)
 from agent.model import MitigationKind
 
 _SET_KINDS = {f"{purpose}{suffix}": kind for kind, purpose in _ADDR_KINDS.items()
               for suffix in ("_v4", "_v6")}
 _SET_KINDS[SERVICE_SET] = MitigationKind.RATE_LIMIT_SERVICE
+_SET_KINDS[CHALLENGE_SERVICE_SET] = MitigationKind.CHALLENGE_SERVICE
 _IN, _FWD = ISOLATION_CHAINS[0][0], ISOLATION_CHAINS[2][0]
 NODE_TARGET = "node"
 

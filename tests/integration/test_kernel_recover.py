@@ -48,7 +48,9 @@ def test_what_is_in_force_is_read_back(lab, cfg, inside):
     desired = [m(K.BLOCK_IP, "198.51.100.7"), m(K.BLOCK_IP, "2001:db8::7", 300),
                m(K.BLOCK_IP, "203.0.113.0/24", 900), m(K.BLOCK_IP, "203.0.113.8/29", 1200),
                m(K.RATE_LIMIT, "198.51.100.9"), m(K.REROUTE, "198.51.100.10"),
-               m(K.RATE_LIMIT_SERVICE, "tcp/8080"), m(K.ISOLATE_NODE, "node", None)]
+               m(K.RATE_LIMIT_SERVICE, "tcp/8080"), m(K.ISOLATE_NODE, "node", None),
+               m(K.CHALLENGE, "198.51.100.11"), m(K.CHALLENGE_SERVICE, "tcp/8443"),
+               m(K.CHALLENGE_SERVICE, "udp/4433")]
     nft = NftEnforcer(cfg)
     try:
         nft.setup(desired, now)
@@ -59,7 +61,9 @@ def test_what_is_in_force_is_read_back(lab, cfg, inside):
         got = {(f.kind, f.target) for f in found}
         assert {(K.BLOCK_IP, "198.51.100.7"), (K.BLOCK_IP, "2001:db8::7"),
                 (K.RATE_LIMIT, "198.51.100.9"), (K.REROUTE, "198.51.100.10"),
-                (K.RATE_LIMIT_SERVICE, "tcp/8080"), (K.ISOLATE_NODE, "node")} <= got
+                (K.RATE_LIMIT_SERVICE, "tcp/8080"), (K.ISOLATE_NODE, "node"),
+                (K.CHALLENGE, "198.51.100.11"), (K.CHALLENGE_SERVICE, "tcp/8443"),
+                (K.CHALLENGE_SERVICE, "udp/4433")} <= got
         # The overlapping /24 and /29 come back as the pieces of the kernel's partition.
         pieces = {t for k, t in got if k is K.BLOCK_IP and t.startswith("203.0.113.")}
         assert "203.0.113.8/29" in pieces and len(pieces) > 1
