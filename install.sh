@@ -40,6 +40,8 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(openssl procps)
 # Tests only: the reverse-shell wirings (nc in a mkfifo pipeline, socat EXEC).
 [ "$with_tests" = 1 ] && packages+=(netcat-openbsd socat)
+# Tests only: property-based tests of the config and rules loaders (generated inputs).
+[ "$with_tests" = 1 ] && packages+=(python3-hypothesis)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
