@@ -226,7 +226,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"breach.{key} is no longer read (process names can be forged): "
                               f"list the executables' paths in breach.{REPLACED[key]} instead")
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key}")
+            raise ConfigError(f"unknown config key {prefix}{configcheck.name(key)}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:

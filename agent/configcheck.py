@@ -7,13 +7,12 @@ A key missing from BOUNDS still gets the generic range of a signed 64-bit intege
 finite float, and tests/unit/test_config_bounds.py fails until it is declared: a key
 added to a dataclass gets its bound here, in one line.
 
-Text: no control characters (NUL, escapes, newlines), no lone surrogates, at most
+Text: printable characters only (no NUL, escapes, newlines, bidi overrides), at most
 MAX_TEXT characters; lists and mappings at most MAX_ITEMS entries.
 """
 from __future__ import annotations
 
 import math
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,10 +91,16 @@ def text(key: str, value: Any) -> str:
         raise ValueError(f"{key} must be a string")
     if len(value) > MAX_TEXT:
         raise ValueError(f"{key} is longer than {MAX_TEXT} characters")
-    for c in value:
-        if unicodedata.category(c) in ("Cc", "Cs"):
-            raise ValueError(f"{key} holds a control character ({c!r}); write it without")
+    if not value.isprintable():   # controls, NUL, newlines, bidi overrides, surrogates
+        c = next(c for c in value if not c.isprintable())
+        raise ValueError(f"{key} holds a character that is not printable ({ascii(c)})")
     return value
+
+
+def name(key: Any) -> str:
+    """A key as it can be printed in a message: itself when printable text, else quoted."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 80 else \
+        ascii(key)[:80]
 
 
 def items(key: str, value: list | dict) -> None:

@@ -36,7 +36,7 @@ def read_yaml(path: str | Path, what: str, limit_bytes: int = MiB) -> Any:
     """The data of the YAML file at `path` ("config x.yaml ..." with what="config");
     raises YamlError with one sentence."""
     p = Path(path)
-    label = f"{what} {p}"
+    label = f"{what} {printable(str(p))}"
     try:
         with open(p, "rb") as f:
             st = os.fstat(f.fileno())
@@ -79,7 +79,12 @@ def _size(n: int) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return printable(" ".join(text.split()))
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as its escape."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _marked(e: yaml.MarkedYAMLError) -> str:
@@ -156,6 +161,7 @@ def _show(key: Any) -> str:
 
 
 def _cut(key: str) -> str:
+    key = printable(key)
     return key if len(key) <= 80 else key[:77] + "..."
 
 
