@@ -2,13 +2,14 @@
 careless or hostile one must cost a clear sentence, never a traceback, a hang or memory.
 
 read_yaml() refuses, before parsing, what is not a regular file, larger than its limit,
-holding a NUL byte or not UTF-8; then parses with a SafeLoader that refuses duplicate
-mapping keys (with both lines), nesting deeper than MAX_DEPTH, integers of more than
-MAX_INT_DIGITS digits, more than MAX_ALIASES aliases, and any value PyYAML itself cannot
-build (a 13th month). The data is then walked once as its aliases expand: more than
-MAX_NODES values ("billion laughs" via anchors), a recursive alias, or a number that is
-not finite (.nan, .inf, 1e999) anywhere is refused, naming the key. Every refusal is a
-YamlError whose message is one line.
+holding a NUL byte or not UTF-8; then parses (libyaml's parser under PyYAML's composer
+and SafeConstructor) refusing duplicate mapping keys (with both lines), nesting deeper
+than MAX_DEPTH, more than MAX_NODES values, more than MAX_ALIASES aliases, integers of
+more than MAX_INT_DIGITS digits, and any value PyYAML itself cannot build (a 13th
+month). The data is then walked once as its aliases expand: more than MAX_NODES values
+("billion laughs" via anchors), a recursive alias, or a number that is not finite (.nan,
+.inf, 1.0e+999) anywhere is refused, naming the key. Every refusal is a YamlError whose
+message is one printable line.
 """
 from __future__ import annotations
 
@@ -19,12 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.constructor import ConstructorError
+from yaml.composer import Composer
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.resolver import Resolver
+
+try:   # libyaml's parser (no recursion, 10x faster) under PyYAML's composer, which we limit
+    from yaml._yaml import CParser
+    _PARSER: tuple[type, ...] = (CParser,)
+except ImportError:       # pragma: no cover - PyYAML without libyaml
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+    _PARSER = (Parser, Scanner, Reader)
 
 MiB = 1 << 20
 MAX_DEPTH = 32          # nested mappings/lists; the config needs 4
 MAX_ALIASES = 1000      # alias uses (*name) in one file
-MAX_NODES = 200_000     # values in the data once aliases are expanded
+MAX_NODES = 100_000     # values in the file, and in the data once aliases are expanded
 MAX_INT_DIGITS = 40     # no key takes an integer anywhere near 10**40
 
 
@@ -95,13 +107,22 @@ def _marked(e: yaml.MarkedYAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with duplicate keys, depth, long integers and alias counts refused."""
+class _Loader(Composer, SafeConstructor, Resolver, *_PARSER):  # type: ignore[misc]
+    """A SafeLoader with duplicate keys, depth, size, long integers and alias counts refused."""
 
     def __init__(self, stream: str):
-        super().__init__(stream)
+        if len(_PARSER) == 1:
+            _PARSER[0].__init__(self, stream)
+        else:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
         self._depth = 0
         self._aliases = 0
+        self._nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -111,7 +132,11 @@ class _Loader(yaml.SafeLoader):
                                        self.peek_event().start_mark)
             return super().compose_node(parent, index)
         self._depth += 1
+        self._nodes += 1
         try:
+            if self._nodes > MAX_NODES:
+                raise ConstructorError(None, None, f"more than {MAX_NODES} values",
+                                       self.peek_event().start_mark)
             if self._depth > MAX_DEPTH:
                 raise ConstructorError(None, None, f"nested more than {MAX_DEPTH} levels deep",
                                        self.peek_event().start_mark)

@@ -126,9 +126,12 @@ def test_big_and_bombs_are_refused_quickly(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match=r"is 52428800 bytes; at most 1 MiB is read"):
         config.load(big)
-    with pytest.raises(ConfigError, match="more than 200000 values once its aliases"):
+    with pytest.raises(ConfigError, match="more than 100000 values once its aliases"):
         _load(tmp_path, _laughs())
-    assert time.monotonic() - t0 < 2.0
+    big.write_text("interfaces: [" + ",".join(["a"] * 500_000) + "]\n")   # 1 MiB of values
+    with pytest.raises(ConfigError, match=r"more than 100000 values \(line 1, column"):
+        config.load(big)
+    assert time.monotonic() - t0 < 3.0
 
 
 def test_not_a_regular_file(tmp_path):
@@ -172,7 +175,7 @@ def test_rules_files_get_the_same_reader(tmp_path):
     with pytest.raises(RuleError, match="is not UTF-8 text"):
         load_rules(path)
     path.write_text(_laughs().replace("breach:\n  shells:", "rules:"))
-    with pytest.raises(RuleError, match="more than 200000 values"):
+    with pytest.raises(RuleError, match="more than 100000 values"):
         load_rules(path)
     path.write_bytes(b"rules: []\n" + b"#" * yamlsafe.MiB)
     with pytest.raises(RuleError, match="at most 1 MiB is read"):
