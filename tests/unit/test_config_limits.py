@@ -107,6 +107,23 @@ def test_hostile_config_is_one_sentence(tmp_path, text, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_power_of_two_and_undeclared_keys():
+    ring = configcheck.Bound(4096, 1 << 30, pow2=True)
+    configcheck.BOUNDS["test.ring_bytes"] = ring
+    try:
+        assert configcheck.number("test.ring_bytes", 1 << 20, True) == 1 << 20
+        with pytest.raises(ValueError, match="test.ring_bytes must be a power of two"):
+            configcheck.number("test.ring_bytes", 5000, True)
+    finally:
+        del configcheck.BOUNDS["test.ring_bytes"]
+    # a key without a declared bound still gets a finite, 64-bit range
+    assert configcheck.number("test.other", 2**63 - 1, True) == 2**63 - 1
+    with pytest.raises(ValueError, match="at most 9223372036854775807"):
+        configcheck.number("test.other", 2**63, True)
+    with pytest.raises(ValueError, match="must be a finite number"):
+        configcheck.number("test.other", math.inf, False)
+
+
 def test_merge_keys_are_not_duplicates(tmp_path):
     cfg = _load(tmp_path, "enforce:\n  rate_limit:\n    <<: {packets_per_second: 5, burst: 10}\n"
                 "    burst: 20\n")

@@ -191,7 +191,8 @@ RULE_VALUES = {
     "scope": st.sampled_from(["node", "service", "x"]),
 }
 RULES = st.fixed_dictionaries({"rules": st.lists(st.fixed_dictionaries(
-    {k: RULE_VALUES[k] for k in ("id", "version", "class", "severity", "action")},
+    {k: st.one_of(RULE_VALUES[k], RULE_VALUES[k], RULE_VALUES[k], ANY)
+     for k in ("id", "version", "class", "severity", "action")},
     optional={k: st.one_of(RULE_VALUES.get(k, ANY), ANY) for k in RULE_KEYS
               if k not in ("id", "version", "class", "severity", "action")}), max_size=3)})
 
