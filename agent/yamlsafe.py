@@ -49,8 +49,8 @@ def read_yaml(path: str | Path, what: str, limit_bytes: int = MiB) -> Any:
     raises YamlError with one sentence."""
     p = Path(path)
     label = f"{what} {printable(str(p))}"
-    try:
-        with open(p, "rb") as f:
+    try:   # O_NONBLOCK: a FIFO without a writer must not hang the open
+        with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise YamlError(f"{label} is not a regular file")
@@ -164,8 +164,8 @@ class _Loader(Composer, SafeConstructor, Resolver, *_PARSER):  # type: ignore[mi
                 except TypeError:
                     continue        # unhashable: SafeConstructor reports it
                 if first is not None:
-                    raise ConstructorError(None, None, f"key {_show(key)} given twice (first at line "
-                                           f"{first})", key_node.start_mark)
+                    raise ConstructorError(None, None, f"key {_show(key)} given twice "
+                                           f"(first at line {first})", key_node.start_mark)
                 seen[key] = line
         return super().construct_mapping(node, deep)
 
@@ -173,8 +173,7 @@ class _Loader(Composer, SafeConstructor, Resolver, *_PARSER):  # type: ignore[mi
         digits = len(str(node.value).lstrip("+-").replace("_", ""))
         if digits > MAX_INT_DIGITS:
             raise ConstructorError(None, None, f"an integer of {digits} digits (at most "
-                                   f"{MAX_INT_DIGITS})",
-                                   node.start_mark)
+                                   f"{MAX_INT_DIGITS})", node.start_mark)
         return super().construct_yaml_int(node)
 
 
@@ -182,7 +181,7 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _show(key: Any) -> str:
-    return repr(key) if not isinstance(key, str) else f"'{key}'" if key.isprintable() else repr(key)
+    return _cut(f"'{key}'" if isinstance(key, str) and key.isprintable() else ascii(key))
 
 
 def _cut(key: str) -> str:

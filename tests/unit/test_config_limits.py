@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 import time
@@ -152,6 +153,10 @@ def test_big_and_bombs_are_refused_quickly(tmp_path):
 
 
 def test_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)                     # no writer: opening it must not hang
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        config.load(fifo)
     with pytest.raises(ConfigError, match="is not a regular file"):
         config.load("/dev/zero")
     with pytest.raises(ConfigError, match="cannot read config .*: Is a directory"):
