@@ -31,12 +31,13 @@ class Bound:
     why: str = ""              # where the limit comes from, for the message
 
 
-_RATE = Bound(1, 1_000_000_000, why="nftables limit rate and burst are 32-bit")
-_TTL = Bound(0, YEAR_S, above=True, why="nftables element timeouts")
+_RATE = Bound(1, 1_000_000_000, why="nftables limit rates and bursts are 32-bit")
+_TTL = Bound(0, YEAR_S, above=True, why="one year; nftables refuses timeouts of ten")
 _WAIT = Bound(0, 3600, above=True)
 
 BOUNDS: dict[str, Bound] = {
-    "enforce.set_size": Bound(1, 1 << 24, why="nftables set; the kernel grows it on demand"),
+    "enforce.set_size": Bound(1, 1 << 24, why="a full nftables set of more costs gigabytes of "
+                              "kernel memory"),
     "enforce.rate_limit.packets_per_second": _RATE,
     "enforce.rate_limit.burst": _RATE,
     "enforce.service_rate_limit.packets_per_second": _RATE,
@@ -53,7 +54,7 @@ BOUNDS: dict[str, Bound] = {
         "per entry"),
     "probes.window_ms": Bound(10, 60_000),
     "mesh.heartbeat_s": Bound(0, 86400, above=True),
-    "mesh.batch_size": Bound(1, 100_000),
+    "mesh.batch_size": Bound(1, 1000, why="one call must fit gRPC's 4 MiB message limit"),
     "mesh.timeout_s": _WAIT,
     "mesh.backoff_initial_s": _WAIT,
     "mesh.backoff_max_s": Bound(0, 86400, above=True),
@@ -70,7 +71,11 @@ def number(key: str, value: Any, integer: bool) -> int | float:
     """`value` as the int or float `key` takes; raises ValueError naming the key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             (integer and not isinstance(value, int)):
-        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}")
+        hint = ""
+        if isinstance(value, str) and value.strip() and _looks_numeric(value):
+            hint = f" (YAML reads {value!r} as text: write it with a dot and a signed " \
+                   "exponent, 1.0e+9, or in full)"
+        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}{hint}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number (got {value})")
     b = BOUNDS.get(key, _GENERIC_INT if integer else _GENERIC_FLOAT)
@@ -83,6 +88,13 @@ def number(key: str, value: Any, integer: bool) -> int | float:
     if b.pow2 and value & (value - 1):
         raise ValueError(f"{key} must be a power of two (got {value})")
     return value if integer else float(value)
+
+
+def _looks_numeric(value: str) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def text(key: str, value: Any) -> str:

@@ -87,6 +87,8 @@ def test_bounds_hold_at_their_edges(tmp_path, key):
     ("mitigation:\n  default_ttl_s: .nan\n",
      "mitigation.default_ttl_s must be a finite number (got nan)"),
     ("mesh:\n  heartbeat_s: 1.0e+999\n", "mesh.heartbeat_s must be a finite number (got inf)"),
+    ("mesh:\n  heartbeat_s: 1e9\n", "mesh.heartbeat_s must be a number (YAML reads '1e9' as text"),
+    ("mesh:\n  heartbeat_s: nan\n", "mesh.heartbeat_s must be a number"),
     ("enforce:\n  set_size: 1\nprobes: {}\nenforce:\n  set_size: 2\n",
      "key 'enforce' given twice (first at line 1) (line 4, column 1)"),
     ("alerts:\n  labels: {team: a, team: b}\n", "key 'team' given twice (first at line 2)"),
