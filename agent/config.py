@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from agent import configcheck
 # The `breach:` section's defaults (executables by path, never by comm), re-exported.
 from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, EXE_LISTS,  # noqa: F401
                                    PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
-from agent import configcheck
 from agent.model import EventClass, Severity
 from agent.yamlsafe import YamlError, read_yaml
 
