@@ -2,8 +2,8 @@
 
 Exit codes: see agent.cli.client.EXIT_CODES_HELP (0 success, 1 failure, 2 bad input,
 3 agent not running, 4 not found, 5 permission denied, 6 refused). Users see one
-sentence, never a traceback. Every command but run, cleanup and demo talks to the agent
-through the control API (agent/cli/client.py).
+sentence, never a traceback. Every command but run, cleanup, check-config and demo talks
+to the agent through the control API (agent/cli/client.py).
 """
 from __future__ import annotations
 
