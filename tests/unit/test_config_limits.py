@@ -143,7 +143,7 @@ def test_big_and_bombs_are_refused_quickly(tmp_path):
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:          # 50 MiB, sparse: refused on its size, never read
         f.truncate(50 << 20)
-    t0 = time.monotonic()
+    t0 = time.process_time()   # CPU time: robust to a busy machine
     with pytest.raises(ConfigError, match=r"is 52428800 bytes; at most 1 MiB is read"):
         config.load(big)
     with pytest.raises(ConfigError, match="more than 100000 values once its aliases"):
@@ -151,7 +151,7 @@ def test_big_and_bombs_are_refused_quickly(tmp_path):
     big.write_text("interfaces: [" + ",".join(["a"] * 500_000) + "]\n")   # 1 MiB of values
     with pytest.raises(ConfigError, match=r"more than 100000 values \(line 1, column"):
         config.load(big)
-    assert time.monotonic() - t0 < 3.0
+    assert time.process_time() - t0 < 3.0
 
 
 def test_not_a_regular_file(tmp_path):
