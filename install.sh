@@ -42,6 +42,8 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(netcat-openbsd socat)
 # Tests only: real bulk TCP and UDP streams that must never be mitigated.
 [ "$with_tests" = 1 ] && packages+=(iperf3)
+# Tests only: property-based tests of the config and rules loaders (generated inputs).
+[ "$with_tests" = 1 ] && packages+=(python3-hypothesis)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,17 +12,18 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-import yaml
-
+from agent import configcheck
 # The `breach:` section's defaults (executables by path, never by comm), re-exported.
 from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, EXE_LISTS,  # noqa: F401
                                    PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
 from agent.model import EventClass, Severity
+from agent.yamlsafe import YamlError, read_yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_RULES = PACKAGE_DIR / "rules"   # a directory: every *.yaml in it
 SYSTEM_CONFIG = Path("/etc/swarm-agent/config.yaml")
+CONFIG_MAX_BYTES = 1 << 20
 
 
 class ConfigError(ValueError):
@@ -211,14 +212,12 @@ def load(path: str | Path | None) -> Config:
     if path is None:
         return validate(Config())
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+    try:   # not a regular file, over 1 MiB, not text, duplicate keys, nan, alias bombs
+        data = read_yaml(p, "config", CONFIG_MAX_BYTES)
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {p} must be a mapping of keys to values")
     return validate(_build(Config, data, ""))
@@ -229,12 +228,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    _checked(configcheck.items, prefix.rstrip(".") or "config", data)
     for key in data:
         if prefix == "breach." and key in REPLACED:
             raise ConfigError(f"breach.{key} is no longer read (process names can be forged): "
                               f"list the executables' paths in breach.{REPLACED[key]} instead")
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key}")
+            raise ConfigError(f"unknown config key {prefix}{configcheck.name(key)}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in data:
@@ -254,24 +254,26 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key} must be a list of strings")
-        return tuple(value)
+        _checked(configcheck.items, key, value)
+        return tuple(_checked(configcheck.text, key, v) for v in value)
     if value is None and "None" in text:
         return None
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false")
         return value
-    if hint is int or text.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer")
-        return value
+    if hint is int or text.startswith("int"):   # finite, within its declared bounds
+        return _checked(configcheck.number, key, value, True)
     if hint is float or text.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string")
-    return value
+        return _checked(configcheck.number, key, value, False)
+    return _checked(configcheck.text, key, value)
+
+
+def _checked(check: Any, key: str, *args: Any) -> Any:
+    try:
+        return check(key, *args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _mapping(hint: Any, value: Any, key: str) -> dict[str, Any]:
@@ -279,6 +281,9 @@ def _mapping(hint: Any, value: Any, key: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ConfigError(f"{key} must be a mapping with string keys")
+    _checked(configcheck.items, key, value)
+    for k in value:
+        _checked(configcheck.text, f"{key} key", k)
     value_hint = get_args(hint)[1]
     return {k: _coerce(value_hint, v, f"{key}.{k}") for k, v in value.items()}
 
@@ -336,7 +341,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("probes.process_owners must be an absolute path")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level must be one of debug, info, warning, error")
-    if cfg.rules_file is not None and not Path(cfg.rules_file).exists():
+    if cfg.rules_file is not None and not configcheck.exists(cfg.rules_file):
         raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
     _check_breach(cfg)
     _check_control(cfg.control)
@@ -352,20 +357,20 @@ def _check_control(c: Control) -> None:
         return
     host, sep, port = c.listen.rpartition(":")
     # Port 0 (any free port) is for tests; the server logs the port it got.
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not configcheck.port(port, low=0):
         raise ConfigError(f"control.listen: {c.listen!r} is not host:port")
     for key in ("tls_cert", "tls_key", "tls_ca"):
         path = getattr(c, key)
         if path is None:
             raise ConfigError(f"control.{key} is required when control.listen is set "
                               "(the TCP listener only accepts mutual TLS)")
-        if not Path(path).is_file():
+        if not configcheck.exists(path, "file"):
             raise ConfigError(f"control.{key}: {path} does not exist")
 
 
 def _check_host_port(key: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not configcheck.port(port):
         raise ConfigError(f"{key}: {value!r} is not host:port")
 
 
@@ -384,7 +389,7 @@ def _check_mesh(m: Mesh) -> None:
         if path is None:
             raise ConfigError(f"mesh.{key} is required when mesh.endpoint is set "
                               "(the mesh is only reached over mutual TLS)")
-        if not Path(path).is_file():
+        if not configcheck.exists(path, "file"):
             raise ConfigError(f"mesh.{key}: {path} does not exist")
 
 
@@ -418,7 +423,7 @@ def _check_alerts(a: Alerts) -> None:
 
 def check_host_root(cfg: Config) -> None:
     """breach.host_root must exist (checked at start: a container mounts it at run time)."""
-    if not Path(cfg.breach.host_root).is_dir():
+    if not configcheck.exists(cfg.breach.host_root, "dir"):
         raise ConfigError(f"breach.host_root: {cfg.breach.host_root} is not a directory (the "
                           "host's / as the agent sees it: mount it, or set /)")
 

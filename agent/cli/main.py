@@ -2,8 +2,8 @@
 
 Exit codes: see agent.cli.client.EXIT_CODES_HELP (0 success, 1 failure, 2 bad input,
 3 agent not running, 4 not found, 5 permission denied, 6 refused). Users see one
-sentence, never a traceback. Every command but run, cleanup and demo talks to the agent
-through the control API (agent/cli/client.py).
+sentence, never a traceback. Every command but run, cleanup, check-config and demo talks
+to the agent through the control API (agent/cli/client.py).
 """
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="detect and record, change nothing on the host")
 
     _control_parsers(sub, with_config)
+
+    cc = sub.add_parser("check-config", help="validate the config and its rules files; "
+                        "changes nothing, needs no agent and no root")
+    with_config(cc)
 
     cl = sub.add_parser("cleanup", help="remove the agent's nftables table (and nothing else)")
     with_config(cl)
@@ -149,6 +153,20 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 0 when `run` would accept the config and its rules, 2 with the sentence if not
+    (start-time checks that depend on the host, such as interfaces, are not made)."""
+    from agent.detect.rules import RuleError, load_rules
+
+    cfg = _load_config(args.config)
+    try:
+        rules = load_rules(cfg.rules_path)
+    except RuleError as e:
+        raise ConfigError(str(e)) from None
+    print(f"config {args.config or 'defaults'}: valid, {len(rules)} rules from {cfg.rules_path}")
+    return 0
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     """status, incidents, block, ...: one call (or a watch) over the control API."""
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
@@ -164,6 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
+            "check-config": cmd_check_config,
             **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS)}}
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import yaml
-
 from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
 from agent.detect import match
 from agent.model import Event, EventClass, Finding, Severity
+from agent.yamlsafe import YamlError, read_yaml
 
 
 class RuleError(ValueError):
@@ -61,6 +60,10 @@ EVIDENCE_FIELDS = ("packets", "bytes", "syns", "udp", "ports", "sources", "conns
 
 _RULE_KEYS = {"id", "version", "class", "severity", "event", "thresholds", "match",
               "action", "ttl_s", "exempt", "description", "scope", "where"}
+RULES_MAX_BYTES = 1 << 20   # per file; the packaged ones are a few KiB
+MAX_THRESHOLD = 1_000_000_000   # per second or per window: beyond any NIC, within u64 x window
+MAX_TTL_S = 365 * 86400         # nftables element timeouts (agent/configcheck.py)
+MAX_VERSION = 1_000_000
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
 
@@ -110,14 +113,10 @@ def load_rules(path: str | Path | Sequence[str | Path] | None = None) -> list[Ru
 
 
 def _load_file(p: Path) -> list[Rule]:
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise RuleError(f"cannot read rules file {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RuleError(f"rules file {p} is not valid YAML: {e}") from None
+    try:   # not a regular file, over 1 MiB, not text, duplicate keys, nan, alias bombs
+        data = read_yaml(p, "rules file", RULES_MAX_BYTES)
+    except YamlError as e:
+        raise RuleError(str(e)) from None
     return parse_rules(data, origin=str(p))
 
 
@@ -151,8 +150,8 @@ def _parse_rule(item: Any, origin: str, index: int) -> Rule:
         if key not in item:
             raise RuleError(f"{where}: missing key {key!r}")
     version = item["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise RuleError(f"{where}: version must be a positive integer")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise RuleError(f"{where}: version must be a positive integer (at most {MAX_VERSION})")
     return Rule(
         id=rid, version=version,
         event_class=_enum(EventClass, item["class"], where, "class"),
@@ -230,8 +229,9 @@ def _condition(entry: dict, where: str) -> Condition:
             raise RuleError(f"{where}: unknown threshold {name!r} for {kind} (one of {known})")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RuleError(f"{where}: threshold {name} must be a number")
-        if value <= 0:
-            raise RuleError(f"{where}: threshold {name} must be greater than 0 (got {value})")
+        if not 0 < value <= (65536 if name == "ports" else MAX_THRESHOLD):
+            raise RuleError(f"{where}: threshold {name} must be greater than 0 and at most "
+                            f"{65536 if name == 'ports' else MAX_THRESHOLD} (got {value})")
         pairs.append((name, float(value)))
     return Condition(kind, tuple(pairs))
 
@@ -253,8 +253,10 @@ def _action(item: dict, where: str) -> str:
 def _ttl(value: Any, where: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise RuleError(f"{where}: ttl_s must be a number greater than 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value <= MAX_TTL_S:
+        raise RuleError(f"{where}: ttl_s must be a number greater than 0 and at most "
+                        f"{MAX_TTL_S} (one year)")
     return float(value)
 
 
