@@ -15,10 +15,11 @@ import asyncio
 import json
 import os
 import platform
+import tempfile
 import time
 from collections import Counter
 
-from agent.config import Config
+from agent.config import Config, Probes
 from agent.detect.rules import Detector, load_rules
 from agent.sources.proc import ProcProbe
 
@@ -26,7 +27,8 @@ LOOP = 'i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done'
 
 
 async def measure(spawns: int, loops: int, ring_kib: int, all_execs: bool) -> dict:
-    cfg = Config()
+    # its own registry of process owners: a host agent may own this namespace
+    cfg = Config(probes=Probes(process_owners=tempfile.mkdtemp(prefix="swarm-bench-owners-")))
     detector = Detector(load_rules(), cfg)
     probe = ProcProbe(cfg, all_execs=all_execs, ring_bytes=ring_kib * 1024)
     probe.open()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.breachlab import (BASH_TCP, FIFO, PY_PTY, SOCAT, python_wiring,  # noqa: E402
                              reverse_shell)
-from agent.config import Config  # noqa: E402
+from agent.config import Config, Probes  # noqa: E402
 from agent.detect.rules import Detector, load_rules  # noqa: E402
 from agent.lab import Lab  # noqa: E402
 from agent.sources.proc import ProcProbe  # noqa: E402
@@ -69,7 +69,8 @@ def wirings(tmp: Path) -> dict[str, tuple[str, ...]]:
 
 
 async def measure(runs: int) -> tuple[dict, dict]:
-    cfg = Config()
+    # its own registry of process owners: a host agent may own this namespace
+    cfg = Config(probes=Probes(process_owners=tempfile.mkdtemp(prefix="swarm-bench-owners-")))
     detector = Detector(load_rules(), cfg)
     probe = ProcProbe(cfg)
     probe.open()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.breachlab import throwaway_cgroup
-from agent.config import Breach, Config
+from agent.config import Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
 from agent.sources import capability
 from agent.sources.abi import PROC_OBJECT, ProcProg
@@ -62,7 +62,8 @@ def cfg(root: Path) -> Config:
     return Config(state_dir=str(root / "state"), breach=Breach(
         services=(f"{root}/bin/svc",), service_cgroups=(f"/{CG_PREFIX}-*",),
         service_managers=(f"{root}/bin/mgr",),
-        credential_paths=creds, read_paths=()))
+        credential_paths=creds, read_paths=()),
+        probes=Probes(process_owners=str(root / "owners")))   # not the host's registrations
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from agent.breachlab import (BASH_TCP, FIFO, FIFO_RELAYED, PTY_RELAY, PY_PTY, SO
                              ShellListener, agent_config, cgroup_path, python_wiring,
                              reverse_shell, run_wiring, scoped_rules, throwaway_cgroup)
 from agent.enforce.cgroup import cgroup2_mount
-from agent.config import REMOTE_ACCESS, SERVICE_MANAGERS, Breach, Config
+from agent.config import REMOTE_ACCESS, SERVICE_MANAGERS, Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
 from agent.lab import Lab, wait_for as wait_for_state
 from agent.sources import stdio
@@ -56,7 +56,9 @@ def fakes(tmp_path_factory) -> dict[str, Path]:
 def cfg(fakes, tmp_path_factory) -> Config:
     return Config(state_dir=str(tmp_path_factory.mktemp("state")), breach=Breach(
         remote_access=(*REMOTE_ACCESS, str(fakes["sshd-link"])),
-        service_managers=(*SERVICE_MANAGERS, str(fakes["fake-inetd"]))))
+        service_managers=(*SERVICE_MANAGERS, str(fakes["fake-inetd"]))),
+        # its own registry: a host agent (or another test run) may own this namespace
+        probes=Probes(process_owners=str(tmp_path_factory.mktemp("owners") / "owners")))
 
 
 @pytest.fixture(scope="module")
