@@ -8,6 +8,7 @@ import ipaddress
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,38 @@ def test_probes_in_two_namespaces_see_only_their_own(lab):
             srv.close()
             mine.close()
             theirs.close()
+
+
+FREEBIND_SCAN = """
+import os, socket, sys
+os.setgid(65534); os.setuid(65534)      # nobody: no privilege at all
+for port in range(int(sys.argv[3]), int(sys.argv[3]) + int(sys.argv[4])):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_IPV6, 78, 1)     # IPV6_FREEBIND: any source address
+    s.bind((sys.argv[1], 0))
+    try: s.connect((sys.argv[2], port))
+    except BlockingIOError: pass
+    s.close()
+"""
+
+
+def test_a_local_users_syns_from_any_address_through_lo_are_not_verified(lab):
+    """An unprivileged local user can send SYNs from any IPv6 address to the host's own
+    address (IPV6_FREEBIND), through the loopback device as the SYN proxy's are: the
+    resets they draw must not count as verified, or anyone on the host gets any address
+    blocked (net.connect_scan)."""
+    probe = open_probe(lab.victim)
+    try:
+        innocent, vic = canonical(lab.addr("attacker", True)), lab.addr("victim", True)
+        events = run_until(probe, lambda: attack(lab, FREEBIND_SCAN, innocent, vic, 3000, 40,
+                                                 ns=lab.victim),
+                           lambda ev: find(ev, "tcp.reset", innocent), timeout_s=5)
+        assert find(events, "tcp.reset", innocent), [(e.kind, e.subject) for e in events]
+        time.sleep(0.3)
+        events += probe.poll()
+        assert not find(events, "tcp.verified_reset"), [(e.kind, e.subject) for e in events]
+    finally:
+        probe.close()
 
 
 def test_unknown_threshold_is_rejected():
