@@ -265,6 +265,43 @@ def test_reconcile_repairs_with_remaining_lifetime(lab, enforcer, damage):
         assert not reaches(lab.attacker, lab.addr("victim"), PORT)
 
 
+def test_tcp_loose_is_restored_after_a_restart_or_crash_during_a_challenge(lab, enforcer, tmp_path):
+    """The value before the first challenge outlives the process that saved it: an agent
+    restarted (or crashed) while a challenge is in force, or `swarm-agent cleanup` after
+    it, must not take loose=0 for the host's own setting and keep it for good."""
+    loose = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+    read = lambda: open(loose).read().strip()
+    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=1", ns=lab.victim)
+    m = mit(MitigationKind.CHALLENGE, lab.addr("attacker"))
+    enforcer()      # the fixture's thread is in the victim namespace from here on
+    built: list[NftEnforcer] = []
+
+    def agent() -> NftEnforcer:
+        built.append(NftEnforcer(Config(run_dir=str(tmp_path))))
+        return built[-1]
+
+    try:
+        first = agent()
+        first.setup([], time.time())
+        first.apply(m, time.time())
+        assert read() == "0"
+        # Restart while the challenge is in force: a new enforcer takes over the table.
+        second = agent()
+        second.setup([m], time.time())
+        assert read() == "0"
+        second.lift(m)
+        assert read() == "1"
+        # Crash during a challenge, then `cleanup` (a fresh enforcer's remove()).
+        second.apply(m, time.time())
+        assert read() == "0"
+        agent().remove()
+        assert read() == "1"
+    finally:
+        for e in built:
+            e.remove()
+            e.close()
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_challenged_source_passes_the_syn_proxy_and_tcp_loose_follows(lab, enforcer, v6):
     vic, att = lab.addr("victim", v6), lab.addr("attacker", v6)
