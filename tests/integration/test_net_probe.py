@@ -226,6 +226,48 @@ def test_a_local_users_syns_from_any_address_through_lo_are_not_verified(lab):
         probe.close()
 
 
+TUN_RECEIVER = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 7777)); s.settimeout(1.5)
+print("ready", flush=True)
+n = 0
+try:
+    while True: s.recv(100); n += 1
+except OSError: pass
+print(n, flush=True)
+"""
+
+
+def test_tunnel_traffic_on_an_l3_device_is_not_misread_or_dropped(lab):
+    """A tun device (wireguard-go's; wireguard, ipip and gre are alike) has no Ethernet
+    header: read as one, an inner source in 8.0.0.0/16 looks like EtherType IPv4 and
+    the packet was dropped as unparsable. The probe leaves such devices unwatched."""
+    import fcntl, os, struct
+    from agent.attacks.packets import UdpBuilder
+    from agent.lab import spawn_in
+    with netns(lab.victim):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"tun0", 0x0001 | 0x1000))  # IFF_TUN|IFF_NO_PI
+    try:
+        sh("ip", "addr", "add", "8.0.0.2/24", "dev", "tun0", ns=lab.victim)
+        sh("ip", "link", "set", "tun0", "up", ns=lab.victim)
+        probe = open_probe(lab.victim)
+        try:
+            assert "tun0" in str(probe.status()), probe.status()
+            rx = spawn_in(lab.victim, "python3", "-c", TUN_RECEIVER)
+            assert rx.stdout.readline().strip() == "ready"
+            b = UdpBuilder("8.0.0.2", 7777, b"hello")
+            for i in range(50):   # from the tunnel's far end, as the tunnel delivers them
+                os.write(fd, b.datagram(socket.inet_aton("8.0.0.1"), 4000 + i))
+            assert rx.stdout.readline().strip() == "50"
+            rx.wait(timeout=5)
+            assert not any(probe.unparsed().values()), probe.unparsed()
+        finally:
+            probe.close()
+    finally:
+        os.close(fd)
+
+
 def test_unknown_threshold_is_rejected():
     with pytest.raises(ValueError):
         NetProbe(PROBES, [], {"synz": 1})
