@@ -194,7 +194,7 @@ class NftEnforcer:
                 with open(TCP_LOOSE) as f:
                     self._loose_saved = f.read().strip()
                 with contextlib.suppress(OSError):
-                    self._loose_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    self._loose_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # as the control server makes it
                     self._loose_file.write_text(self._loose_saved)
                 _write(TCP_LOOSE, "0")
             elif not challenged and self._loose_saved is not None:
