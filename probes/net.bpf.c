@@ -454,6 +454,33 @@ int handle_inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	return 0;
 }
 
+#define NFCT_PTRMASK (~7UL)
+
+/* 1 when the packet's conntrack entry was made from a SYN proxy's template (it carries
+ * the NF_CT_EXT_SYNPROXY extension). 0 without conntrack or that extension. */
+static __always_inline int synproxy_conn(struct sk_buff *skb)
+{
+	struct nf_conn *ct;
+	struct nf_ct_ext *ext;
+	__u32 id;
+	__u8 off = 0;
+
+	if (!bpf_core_field_exists(skb->_nfct) ||
+	    !bpf_core_enum_value_exists(enum nf_ct_ext_id, NF_CT_EXT_SYNPROXY))
+		return 0;
+	ct = (struct nf_conn *)(BPF_CORE_READ(skb, _nfct) & NFCT_PTRMASK);
+	if (!ct)
+		return 0;
+	ext = BPF_CORE_READ(ct, ext);
+	if (!ext)
+		return 0;
+	id = bpf_core_enum_value(enum nf_ct_ext_id, NF_CT_EXT_SYNPROXY);
+	if (id >= 32)
+		return 0;
+	bpf_probe_read_kernel(&off, 1, (__u8 *)ext + bpf_core_field_offset(struct nf_ct_ext, offset) + id);
+	return off != 0;
+}
+
 /* 1 when the reset answers a SYN that a SYN proxy sent on behalf of a client whose cookie
  * it checked: such SYNs reach the stack through the loopback device with the client's
  * address, which an off-path sender cannot do. Kernels whose tracepoint lacks the skb
@@ -469,7 +496,13 @@ static __always_inline int from_syn_proxy(struct trace_event_raw_tcp_send_reset 
 	if (!skb)
 		return 0;
 	flags = BPF_CORE_READ(skb, dev, flags);
-	return (flags & IFF_LOOPBACK) != 0;
+	if (!(flags & IFF_LOOPBACK))
+		return 0;
+	/* The loopback device alone proves nothing: any local user may bind a socket to any
+	 * IPv6 address (IPV6_FREEBIND needs no privilege) and send SYNs from it through lo.
+	 * The proxy's SYN carries the proxy's conntrack template, so its connection has the
+	 * SYNPROXY extension; a socket's own SYN never does. */
+	return synproxy_conn(skb);
 }
 
 SEC("tracepoint/tcp/tcp_send_reset")

@@ -7,9 +7,12 @@ nothing changed. Other tables are never touched.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import nftables
@@ -54,6 +57,10 @@ class NftEnforcer:
         self._desired: dict[str, Mitigation] = {}
         self._structure: str | None = None     # fingerprint of the table as last created
         self._loose_saved: str | None = None   # nf_conntrack_tcp_loose before a challenge
+        # ... also kept on tmpfs, per namespace: a restart or crash during a challenge must
+        # not take the agent's own 0 for the host's setting (a reboot resets both).
+        netns = os.stat("/proc/thread-self/ns/net").st_ino
+        self._loose_file = Path(cfg.run_dir) / f"tcp_loose.{netns}"
         self._allow: list[Network] = self._read_allowlist()
 
     # --- the Enforcer contract -------------------------------------------------------------
@@ -180,13 +187,21 @@ class NftEnforcer:
         challenged = any(m.kind in CHALLENGE_KINDS and (m.expires_at is None or m.expires_at > now)
                          for m in (self._desired if desired is None else desired).values())
         try:
+            if self._loose_saved is None:
+                with contextlib.suppress(OSError):
+                    self._loose_saved = self._loose_file.read_text().strip() or None
             if challenged and self._loose_saved is None:
                 with open(TCP_LOOSE) as f:
                     self._loose_saved = f.read().strip()
+                with contextlib.suppress(OSError):
+                    self._loose_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # as the control server makes it
+                    self._loose_file.write_text(self._loose_saved)
                 _write(TCP_LOOSE, "0")
             elif not challenged and self._loose_saved is not None:
                 _write(TCP_LOOSE, self._loose_saved)
                 self._loose_saved = None
+                with contextlib.suppress(OSError):
+                    self._loose_file.unlink()
         except OSError as e:
             raise EnforceError(f"cannot set {TCP_LOOSE} for the SYN proxy: {e.strerror}") from None
 

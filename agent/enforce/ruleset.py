@@ -26,6 +26,8 @@ SERVICE_SET = "svc_ratelimit"
 SERVICE_METER = "svc_meter"
 CHALLENGE_SERVICE_SET = "svc_challenge"
 CHALLENGE_CHAIN = "challenge_in"
+EXCHANGE_CHAIN = "exchange_out"
+UDP_PEERS = "udp_peers"
 # The SYN proxy's options towards clients: the MSS only. With `timestamp` (which the proxy
 # needs to carry window scaling and SACK in its cookie) every proxied connection to a local
 # listener waited ~1 s on Linux 6.18: the listener ignores the proxy's ACK (its per-
@@ -247,6 +249,11 @@ def _sets(cfg: Config) -> list[dict[str, Any]]:
         for meter in ("rl_meter", "chl_meter"):
             cmds.append({"add": {"set": _obj(name=f"{meter}{sfx}", type=addr_type, size=size,
                                              flags=["timeout"], timeout=METER_TIMEOUT_S)}})
+    # The peers each challenged UDP service answered lately (their address and port), kept
+    # by EXCHANGE_CHAIN: their exchanges pass the challenge whatever their rate.
+    for _, _, addr_type, sfx in _FAMILIES:
+        cmds.append({"add": {"set": _obj(name=f"{UDP_PEERS}{sfx}", type=[addr_type, "inet_service"],
+                                         size=size, flags=["timeout"], timeout=METER_TIMEOUT_S)}})
     svc_type = ["inet_proto", "inet_service"]
     for name in SERVICE_SETS:
         cmds.append({"add": {"set": _obj(name=name, type=svc_type, size=size, flags=["timeout"])}})
@@ -319,12 +326,34 @@ def _challenge_rules(cfg: Config) -> list[dict[str, Any]]:
         rules.append(_rule(c, not_tcp, src, meter, _COUNTER, {"drop": None}))
         family = {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
                             "right": "ipv4" if p == "ip" else "ipv6"}}
+        # A peer the service answered lately is in an exchange (its datagrams skip
+        # conntrack here, so `established` cannot say so): never limited, at any rate.
+        peer = {"match": {"op": "==", "left": {"concat": [
+            {"payload": {"protocol": p, "field": "saddr"}}, {"payload": {"protocol": "udp", "field": "sport"}}]},
+            "right": f"@{UDP_PEERS}{s}"}}
+        rules.append(_rule(c, family, is_udp, _in_services(CHALLENGE_SERVICE_SET), peer, {"accept": None}))
         rules.append(_rule(c, family, is_udp, _in_services(CHALLENGE_SERVICE_SET), meter,
                            _COUNTER, {"drop": None}))
     svc = _in_services(CHALLENGE_SERVICE_SET)
     rules.append(_rule(c, is_tcp, svc, _ct_state("invalid", "untracked"), _COUNTER, SYNPROXY))
     rules.append(_rule(c, is_tcp, svc, _ct_state("invalid", "untracked"), {"drop": None}))
     return rules
+
+
+def _exchange_rules() -> list[dict[str, Any]]:
+    """The output chain that records, per challenged UDP service, the peers it answers."""
+    out = []
+    from_svc = {"match": {"op": "==", "right": f"@{CHALLENGE_SERVICE_SET}", "left": {
+        "concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "sport"}}]}}}
+    for _, p, _, s in _FAMILIES:
+        family = {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}},
+                            "right": "ipv4" if p == "ip" else "ipv6"}}
+        peer = {"concat": [{"payload": {"protocol": p, "field": "daddr"}},
+                           {"payload": {"protocol": "udp", "field": "dport"}}]}
+        is_udp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}
+        out.append(_rule(EXCHANGE_CHAIN, family, is_udp, from_svc,
+                         {"set": {"op": "update", "elem": peer, "set": f"@{UDP_PEERS}{s}"}}))
+    return out
 
 
 def _nat_rules(cfg: Config) -> list[dict[str, Any]]:
@@ -353,6 +382,9 @@ def table_batch(cfg: Config, contents: Mapping[str, SetContents], now: float) ->
     cmds.append({"add": {"chain": _obj(name=CHALLENGE_CHAIN, type="filter", hook="input", prio=-5,
                                        policy="accept")}})
     cmds += _challenge_rules(cfg)
+    cmds.append({"add": {"chain": _obj(name=EXCHANGE_CHAIN, type="filter", hook="output", prio=-5,
+                                       policy="accept")}})
+    cmds += _exchange_rules()
     cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-10, policy="accept")}}
              for name, hook in ISOLATION_CHAINS]
     for name in ELEMENT_SETS:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import math
 import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from agent.config import Probes
@@ -87,6 +89,21 @@ def window_thresholds(per_s: dict[str, int], window_ms: int) -> abi.net_threshol
     return t
 
 
+ARPHRD_ETHER = 1
+SIOCGIFHWADDR = 0x8927
+
+
+def _link_type(name: str) -> int | None:
+    """The ARPHRD_* type of interface `name` in the calling thread's namespace (None if it
+    cannot be read: then it is attached to and its errors reported as before)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifr = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("16s16x", name.encode()[:15]))
+    except OSError:
+        return None
+    return struct.unpack_from("H", ifr, 16)[0]
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
         err = ctypes.get_errno()
@@ -146,6 +163,12 @@ class NetProbe(BpfProbe):
 
     def _attach_each(self, which: NetProg, link: type, what: str) -> None:
         names = self.interfaces or [n for _, n in socket.if_nameindex() if n != "lo"]
+        # Both programs read an Ethernet header first. On an L3 device (tun: wireguard-go;
+        # wireguard, ipip, gre) the frame starts at the IP header, which would be misread:
+        # its address bytes taken for an EtherType, legitimate tunnel traffic dropped as
+        # unparsable. Such devices are left unwatched, and the status says so.
+        skipped = [n for n in names if _link_type(n) not in (None, ARPHRD_ETHER)]
+        names = [n for n in names if n not in skipped]
         prog, errors = self._obj.program(which), []
         for name in names:
             try:
@@ -153,13 +176,15 @@ class NetProbe(BpfProbe):
             except OSError as e:
                 errors.append(f"{name}: {e.strerror}")
         attached = len(names) - len(errors)
+        unwatched = f"; not on {', '.join(skipped)} (no Ethernet header)" if skipped else ""
         if not names:
-            self._set(which, "degraded", "no interface to watch")
+            self._set(which, "degraded", "no interface to watch" + unwatched)
         elif errors:
             state = "degraded" if attached else "failed"
-            self._set(which, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors))
+            self._set(which, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors)
+                      + unwatched)
         else:
-            self._set(which, "loaded", f"{what} on {', '.join(names)}")
+            self._set(which, "loaded", f"{what} on {', '.join(names)}" + unwatched)
 
     # --- reading -------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import ipaddress
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,80 @@ def test_probes_in_two_namespaces_see_only_their_own(lab):
             srv.close()
             mine.close()
             theirs.close()
+
+
+FREEBIND_SCAN = """
+import os, socket, sys
+os.setgid(65534); os.setuid(65534)      # nobody: no privilege at all
+for port in range(int(sys.argv[3]), int(sys.argv[3]) + int(sys.argv[4])):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.setblocking(False)
+    s.setsockopt(socket.IPPROTO_IPV6, 78, 1)     # IPV6_FREEBIND: any source address
+    s.bind((sys.argv[1], 0))
+    try: s.connect((sys.argv[2], port))
+    except BlockingIOError: pass
+    s.close()
+"""
+
+
+def test_a_local_users_syns_from_any_address_through_lo_are_not_verified(lab):
+    """An unprivileged local user can send SYNs from any IPv6 address to the host's own
+    address (IPV6_FREEBIND), through the loopback device as the SYN proxy's are: the
+    resets they draw must not count as verified, or anyone on the host gets any address
+    blocked (net.connect_scan)."""
+    probe = open_probe(lab.victim)
+    try:
+        innocent, vic = canonical(lab.addr("attacker", True)), lab.addr("victim", True)
+        events = run_until(probe, lambda: attack(lab, FREEBIND_SCAN, innocent, vic, 3000, 40,
+                                                 ns=lab.victim),
+                           lambda ev: find(ev, "tcp.reset", innocent), timeout_s=5)
+        assert find(events, "tcp.reset", innocent), [(e.kind, e.subject) for e in events]
+        time.sleep(0.3)
+        events += probe.poll()
+        assert not find(events, "tcp.verified_reset"), [(e.kind, e.subject) for e in events]
+    finally:
+        probe.close()
+
+
+TUN_RECEIVER = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 7777)); s.settimeout(1.5)
+print("ready", flush=True)
+n = 0
+try:
+    while True: s.recv(100); n += 1
+except OSError: pass
+print(n, flush=True)
+"""
+
+
+def test_tunnel_traffic_on_an_l3_device_is_not_misread_or_dropped(lab):
+    """A tun device (wireguard-go's; wireguard, ipip and gre are alike) has no Ethernet
+    header: read as one, an inner source in 8.0.0.0/16 looks like EtherType IPv4 and
+    the packet was dropped as unparsable. The probe leaves such devices unwatched."""
+    import fcntl, os, struct
+    from agent.attacks.packets import UdpBuilder
+    from agent.lab import spawn_in
+    with netns(lab.victim):
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"tun0", 0x0001 | 0x1000))  # IFF_TUN|IFF_NO_PI
+    try:
+        sh("ip", "addr", "add", "8.0.0.2/24", "dev", "tun0", ns=lab.victim)
+        sh("ip", "link", "set", "tun0", "up", ns=lab.victim)
+        probe = open_probe(lab.victim)
+        try:
+            assert "tun0" in str(probe.status()), probe.status()
+            rx = spawn_in(lab.victim, "python3", "-c", TUN_RECEIVER)
+            assert rx.stdout.readline().strip() == "ready"
+            b = UdpBuilder("8.0.0.2", 7777, b"hello")
+            for i in range(50):   # from the tunnel's far end, as the tunnel delivers them
+                os.write(fd, b.datagram(socket.inet_aton("8.0.0.1"), 4000 + i))
+            assert rx.stdout.readline().strip() == "50"
+            rx.wait(timeout=5)
+            assert not any(probe.unparsed().values()), probe.unparsed()
+        finally:
+            probe.close()
+    finally:
+        os.close(fd)
 
 
 def test_unknown_threshold_is_rejected():

@@ -3,6 +3,8 @@ namespace, assertions on `nft -j list table inet swarm_agent` in the victim."""
 from __future__ import annotations
 
 import json
+import socket
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -11,7 +13,7 @@ import pytest
 from agent.config import Allowlist, Config, Enforce, RateLimit, Reroute
 from agent.enforce.base import AllowlistedError, EnforceError, UnsupportedMitigation
 from agent.enforce.nft import NftEnforcer
-from agent.lab import Lab, netns, sh, wait_for
+from agent.lab import Lab, netns, serving, sh, wait_for
 from agent.model import Mitigation, MitigationKind
 from tests.integration.nftlab import connect, listener, reaches, wait_reaches
 
@@ -263,6 +265,84 @@ def test_reconcile_repairs_with_remaining_lifetime(lab, enforcer, damage):
     assert not e.reconcile(desired, time.time())
     with listener(lab.victim, lab.addr("victim"), PORT):
         assert not reaches(lab.attacker, lab.addr("victim"), PORT)
+
+
+_UDP_ECHO = r"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 51820))
+print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(2048); s.sendto(d, a)
+"""
+
+
+def _udp_exchange(ns: str, addr: str, count: int = 2000) -> int:
+    """Datagrams answered out of `count` sent to addr:51820 from a connected socket in
+    `ns`, one at a time (a live exchange: a tunnel, a QUIC flow) as fast as they come back."""
+    with netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.connect((addr, 51820))
+        s.settimeout(0.05)
+        got = 0
+        for _ in range(count):
+            s.send(b"x" * 200)
+            try:
+                s.recv(2048)
+                got += 1
+            except OSError:
+                pass
+        return got
+
+
+def test_a_challenged_udp_service_keeps_its_established_peers_at_full_rate(lab, enforcer):
+    """A challenge of udp/PORT follows a many-source flood, which is forgeable: the
+    service's live peers (a WireGuard endpoint's, a QUIC server's) must keep exchanging at
+    any rate, not be cut to the per-source limit with the flood."""
+    e = enforcer(challenge_rate_limit=RateLimit(packets_per_second=50, burst=50))
+    e.setup([], time.time())
+    vic = lab.addr("victim")
+    with serving(lab.victim, sys.executable, "-c", _UDP_ECHO):
+        assert _udp_exchange(lab.attacker, vic, 200) == 200
+        e.apply(mit(MitigationKind.CHALLENGE_SERVICE, "udp/51820"), time.time())
+        assert _udp_exchange(lab.attacker, vic) >= 1990      # 2000 in well under 2 s
+
+
+def test_tcp_loose_is_restored_after_a_restart_or_crash_during_a_challenge(lab, enforcer, tmp_path):
+    """The value before the first challenge outlives the process that saved it: an agent
+    restarted (or crashed) while a challenge is in force, or `swarm-agent cleanup` after
+    it, must not take loose=0 for the host's own setting and keep it for good."""
+    loose = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+    read = lambda: open(loose).read().strip()
+    sh("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=1", ns=lab.victim)
+    m = mit(MitigationKind.CHALLENGE, lab.addr("attacker"))
+    enforcer()      # the fixture's thread is in the victim namespace from here on
+    built: list[NftEnforcer] = []
+
+    def agent() -> NftEnforcer:
+        built.append(NftEnforcer(Config(run_dir=str(tmp_path))))
+        return built[-1]
+
+    try:
+        first = agent()
+        first.setup([], time.time())
+        first.apply(m, time.time())
+        assert read() == "0"
+        # Restart while the challenge is in force: a new enforcer takes over the table.
+        second = agent()
+        second.setup([m], time.time())
+        assert read() == "0"
+        second.lift(m)
+        assert read() == "1"
+        # Crash during a challenge, then `cleanup` (a fresh enforcer's remove()).
+        second.apply(m, time.time())
+        assert read() == "0"
+        agent().remove()
+        assert read() == "1"
+    finally:
+        for e in built:
+            e.remove()
+            e.close()
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
