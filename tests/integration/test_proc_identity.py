@@ -128,6 +128,18 @@ d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 os.close(os.open(sys.argv[2], os.O_WRONLY, dir_fd=d))
 """
 WRITE = "import sys; open(sys.argv[1], 'a').close()"
+BY_HANDLE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class Handle(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int), ("h", ctypes.c_ubyte * 128)]
+h, mount_id = Handle(bytes=128), ctypes.c_int()
+assert libc.name_to_handle_at(-100, sys.argv[1].encode(), ctypes.byref(h),
+                              ctypes.byref(mount_id), 0) == 0, ctypes.get_errno()
+mnt = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)
+fd = libc.open_by_handle_at(mnt, ctypes.byref(h), os.O_WRONLY | os.O_APPEND)
+sys.exit(0 if fd >= 0 else 10 + ctypes.get_errno())
+"""
 
 
 def spellings(root: Path) -> dict[str, tuple[list[str], dict]]:
@@ -147,11 +159,13 @@ def spellings(root: Path) -> dict[str, tuple[list[str], dict]]:
         "symlink": ([PY, "-c", WRITE, str(link)], {}),
         "hardlink": ([PY, "-c", WRITE, str(hard)], {}),
         "openat2": ([PY, "-c", OPENAT2, str(etc / "shadow")], {}),
+        # no path at all: a file handle (root; CAP_DAC_READ_SEARCH)
+        "by_handle": ([PY, "-c", BY_HANDLE, str(etc / "shadow")], {}),
     }
 
 
 @pytest.mark.parametrize("spelling", ["relative", "dotdot", "dirfd", "slashes", "dot", "symlink",
-                                      "hardlink", "openat2"])
+                                      "hardlink", "openat2", "by_handle"])
 def test_every_spelling_of_a_watched_file_is_seen(probe, detector, root, spelling):
     argv, kw = spellings(root)[spelling]
     pid = run(*argv, **kw)
@@ -161,6 +175,8 @@ def test_every_spelling_of_a_watched_file_is_seen(probe, detector, root, spellin
     assert f["file_id"] == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
     # the kernel's path of the dentry opened: a hard link is its own name for the inode
     want = root / ("hard" if spelling == "hardlink" else "etc/shadow")
+    if spelling == "by_handle":     # no name given: any of the inode's names
+        want = Path(f["path"]) if f["path"] in (str(root / "hard"), str(want)) else want
     assert (ev.subject, f["path"], f["write"]) == (str(want), str(want), True)
     assert f["match"] == "file"        # its inode is watched: first lookup
     assert f["exe"] == PY and f["exe_is"] == ["shells"]
