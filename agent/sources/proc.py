@@ -12,7 +12,10 @@ acting process:
   loginuid and sessionid (audit; None when the process is not from a login),
   service_cgroup (bool: the kernel holds its cgroup for a service's),
 - exe (the executable's path as the kernel resolved it, walking mm->exe_file's dentries;
-  None when the walk was truncated), exe_id ("major:minor:inode"), exe_is (sorted names of the
+  None when the walk was truncated, or when that path on the host is not this
+  executable: the walk ends at the root of the process's own mount namespace, where an
+  unprivileged user namespace may bind its own file over /usr/bin/x; then exe_claimed
+  holds the walked path, for display), exe_id ("major:minor:inode"), exe_is (sorted names of the
   config's executable lists, config.EXE_LISTS, whose files on this host ARE this
   executable by (dev, ino): ["shells"], ["admin_tools"], ...),
 - ancestor_exes (paths, or "major:minor:inode" when unknown, of real_parent's
@@ -311,6 +314,9 @@ class ProcProbe(OwnedScope, BpfProbe):
         p = ev.proc
         kind = ev.hdr.kind
         exe = ident.walked_path(p.exe_path, p.exe_path_len, p.exe_path_flags, abi.WALK_COMPLETE)
+        claimed = None
+        if exe is not None and not self._exe_at(exe, _fid(p.exe)):
+            claimed, exe = exe, None
         if exe is not None:     # ancestors' paths, as far as their events were seen
             self._paths[_fid(p.exe)] = exe
             self._paths.move_to_end(_fid(p.exe))
@@ -320,6 +326,8 @@ class ProcProbe(OwnedScope, BpfProbe):
                   "comm": _text(p.comm), "parent_comm": _text(p.parent_comm),
                   "cgroup_id": p.cgroup_id, "cgroup": self.cgroups.path(p.cgroup_id, p.pid),
                   **self._identity(p, exe)}
+        if claimed is not None:
+            common["exe_claimed"] = claimed
         if kind == abi.EventKind.PROC_EXEC:
             name, subject, extra = "proc.exec", f"pid:{p.pid}", _exec_fields(ev)
         elif kind == abi.EventKind.PROC_EXIT:
@@ -363,6 +371,18 @@ class ProcProbe(OwnedScope, BpfProbe):
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
+
+    def _exe_at(self, path: str, fid: ident.FileId) -> bool:
+        """Whether the host's `path` is the executable `fid` (the kernel's walk stops at
+        the process's mount namespace root: a private mount namespace names any file
+        /usr/bin/x; a memfd or a deleted file names nothing on the host)."""
+        if self._paths.get(fid) == path:
+            return True
+        try:
+            st = os.stat(ident.on_host(self.cfg.breach.host_root, path))
+        except (OSError, ValueError):
+            return False
+        return ident.file_id(st) == fid
 
     def _watched_dir(self, dirs: set[ident.FileId], path: str) -> bool:
         """Whether `path`'s directory was watched: then its creation would have been seen."""

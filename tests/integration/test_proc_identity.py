@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -317,6 +318,41 @@ def test_copied_shell_below_a_service(probe, detector, root):
     f = ev.fields
     assert (f["exe"], f["exe_is"], f["parent_is"]) == (str(root / "bin/kworker"), [], ["services"])
     assert "service_child" in f["reason"]
+    assert fired(detector, [ev]) == {"breach.service_shell@2"}
+
+
+# An unprivileged user namespace may bind its own directory over /usr/local/bin: the
+# kernel's dentry walk stops at that mount namespace's root and names the copied shell
+# /usr/local/bin/kworker, a system path. The host's file at that path is not it.
+MOUNTED = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = os.fork()
+if pid == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+    assert libc.unshare(0x10000000 | 0x00020000) == 0, ctypes.get_errno()  # NEWUSER|NEWNS
+    assert libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) == 0     # MS_REC|PRIVATE
+    assert libc.mount(sys.argv[1].encode(), b"/usr/local/bin", None, 0x1000 | 0x4000,
+                      None) == 0, ctypes.get_errno()                     # MS_BIND|MS_REC
+    os.execv("/usr/local/bin/kworker", ["kworker", "-c", "exit 0"])
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_copied_shell_below_a_service_behind_a_private_mount(probe, detector, root):
+    drop = Path(tempfile.mkdtemp(prefix="swa-drop-"))     # nobody can reach it to bind it
+    try:
+        drop.chmod(0o755)
+        shutil.copy(root / "bin/kworker", drop / "kworker")
+        svc = subprocess.Popen([str(root / "bin/svc"), "-c", MOUNTED, str(drop)])
+        assert svc.wait(timeout=30) == 0
+    finally:
+        shutil.rmtree(drop, ignore_errors=True)
+    [ev] = execs_where(probe, lambda f: f["argv"] == ["kworker", "-c", "exit 0"])
+    f = ev.fields
+    assert (f["exe"], f["exe_claimed"], f["uid"]) == (None, "/usr/local/bin/kworker", 65534)
+    assert f["exe_is"] == [] and "services" in f["ancestors_are"]
     assert fired(detector, [ev]) == {"breach.service_shell@2"}
 
 
