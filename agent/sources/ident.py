@@ -8,6 +8,7 @@ useradd/vipw/sed -i replace /etc/shadow by rename, so inodes change.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import stat
@@ -18,9 +19,51 @@ from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
 FileId = tuple[int, int]        # (kernel dev_t: MAJOR << 20 | MINOR, inode number)
 
 
-def file_id(st: os.stat_result) -> FileId:
-    """The kernel's view of a stat result (the superblock's dev_t, not the user ABI's)."""
-    return (os.major(st.st_dev) << 20) | os.minor(st.st_dev), st.st_ino
+def file_id(st: os.stat_result, path: str | None = None, follow: bool = True) -> FileId:
+    """The kernel's view of a stat result: (the superblock's dev_t, the inode number).
+    stat(2)'s st_dev is not always the superblock's: btrfs reports each subvolume's own
+    anonymous device, while the kernel's inode->i_sb->s_dev is the filesystem's. With
+    the path stat()ed, the superblock's dev_t is the one /proc/self/mountinfo gives for
+    the mount statx(STATX_MNT_ID) names."""
+    dev = os.major(st.st_dev), os.minor(st.st_dev)
+    if path is not None:
+        dev = _superblock_dev(path, follow) or dev
+    return (dev[0] << 20) | dev[1], st.st_ino
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_uint32), ("_pad", ctypes.c_uint8 * 140),
+                ("mnt_id", ctypes.c_uint64), ("_rest", ctypes.c_uint8 * 104)]
+
+
+_STATX_MNT_ID = 0x1000
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_MOUNTS: dict[int, tuple[int, int]] = {}    # mount id -> (major, minor) of its superblock
+
+
+def _superblock_dev(path: str, follow: bool) -> tuple[int, int] | None:
+    """(major, minor) of the superblock under `path`; None when statx cannot tell."""
+    buf = _Statx()
+    try:
+        flags = 0 if follow else _AT_SYMLINK_NOFOLLOW
+        if _LIBC.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_MNT_ID, ctypes.byref(buf)):
+            return None
+    except (AttributeError, ValueError):    # a libc without statx; a NUL in the path
+        return None
+    if not buf.mask & _STATX_MNT_ID:
+        return None
+    if buf.mnt_id not in _MOUNTS:           # a new mount: read them again
+        _MOUNTS.clear()
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    mid, _parent, majmin = line.split(" ", 3)[:3]
+                    major, minor = majmin.split(":")
+                    _MOUNTS[int(mid)] = int(major), int(minor)
+        except (OSError, ValueError):
+            return None
+    return _MOUNTS.get(buf.mnt_id)
 
 
 def id_text(ident: FileId) -> str:
@@ -68,7 +111,7 @@ def resolve_exes(cfg: Config) -> dict[FileId, tuple[str, frozenset[str]]]:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                _, lists = out.setdefault(file_id(st), (path[cut:], set()))
+                _, lists = out.setdefault(file_id(st, path), (path[cut:], set()))
                 lists.add(name)
     return {k: (p, frozenset(v)) for k, (p, v) in out.items()}
 
@@ -115,7 +158,7 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved, root: str 
         parent, _, name = text.rpartition("/")
         parent = parent or "/"
         try:
-            dir_id = file_id(os.stat(on_host(root, parent)))
+            dir_id = file_id(os.stat(on_host(root, parent)), on_host(root, parent))
             entries = list(os.scandir(on_host(root, parent)))
         except OSError:
             continue
@@ -135,7 +178,7 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved, root: str 
 
 def _watch_dir(d: str, w: Watch, into: Resolved, root: str) -> None:
     try:
-        into.dirs.setdefault((file_id(os.stat(on_host(root, d))), "", False), w)
+        into.dirs.setdefault((file_id(os.stat(on_host(root, d)), on_host(root, d)), "", False), w)
         entries = list(os.scandir(on_host(root, d)))
     except OSError:
         return
@@ -150,8 +193,9 @@ def _watch_file(path: str, w: Watch, into: Resolved, root: str) -> None:
     except OSError:
         return
     if stat.S_ISREG(st.st_mode):
-        into.files.setdefault(file_id(st), w)
-        into.paths.setdefault(file_id(st), path)
+        fid = file_id(st, on_host(root, path), follow=False)
+        into.files.setdefault(fid, w)
+        into.paths.setdefault(fid, path)
 
 
 def resolve(cfg: Config, pats: list[tuple[str, str, int]],
@@ -177,7 +221,8 @@ def keep_running(old: dict[FileId, tuple[str, frozenset[str]]],
         return
     for pid in pids:
         try:
-            ident = file_id(os.stat(f"{proc}/{pid}/exe"))     # the running file, deleted or not
+            exe = f"{proc}/{pid}/exe"
+            ident = file_id(os.stat(exe), exe)     # the running file, deleted or not
         except OSError:
             continue
         if ident in gone:

@@ -378,19 +378,21 @@ class ProcProbe(OwnedScope, BpfProbe):
         /usr/bin/x; a memfd or a deleted file names nothing on the host)."""
         if self._paths.get(fid) == path:
             return True
+        host = ident.on_host(self.cfg.breach.host_root, path)
         try:
-            st = os.stat(ident.on_host(self.cfg.breach.host_root, path))
+            st = os.stat(host)
         except (OSError, ValueError):
             return False
-        return ident.file_id(st) == fid
+        return ident.file_id(st, host) == fid
 
     def _watched_dir(self, dirs: set[ident.FileId], path: str) -> bool:
         """Whether `path`'s directory was watched: then its creation would have been seen."""
         try:
-            st = os.stat(ident.on_host(self.cfg.breach.host_root, os.path.dirname(path)))
+            d = ident.on_host(self.cfg.breach.host_root, os.path.dirname(path))
+            st = os.stat(d)
         except OSError:
             return False
-        return ident.file_id(st) in dirs
+        return ident.file_id(st, d) in dirs
 
     def _remember_creation(self, fid: ident.FileId, event: Event, direct: bool) -> None:
         self._created[fid] = (event, direct)

@@ -400,3 +400,43 @@ def test_a_service_managers_start_marks_the_cgroup(probe, detector, root, manage
     assert ev.fields["service_cgroup"] is manager and not ev.fields["manager_start"]
     assert "services" not in ev.fields["ancestors_are"]
     assert fired(detector, [ev]) == ({"breach.service_shell@2"} if manager else set())
+
+
+@pytest.fixture
+def btrfs(tmp_path):
+    """A btrfs filesystem on a loop device, with a subvolume: stat(2)'s st_dev there is
+    the subvolume's anonymous device, not the superblock's dev_t the kernel reports."""
+    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+        skip_unsupported("no btrfs-progs (mkfs.btrfs)")
+    img, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    mnt.mkdir()
+    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+    if subprocess.run(["mount", "-o", "loop", str(img), str(mnt)]).returncode:
+        skip_unsupported("cannot mount a btrfs loop image here")
+    try:
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "sub")], check=True,
+                       capture_output=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_watched_file_and_shell_on_btrfs(btrfs, tmp_path):
+    etc = btrfs / "sub/etc"
+    etc.mkdir()
+    (etc / "shadow").write_text("root:*:1::::::\n")
+    shutil.copy(os.path.realpath("/bin/sh"), btrfs / "sub/sh")
+    cfg = Config(state_dir=str(tmp_path / "state"), breach=Breach(
+        shells=(str(btrfs / "sub/sh"),), credential_paths=(str(etc / "shadow"),),
+        read_paths=()))
+    p = ProcProbe(cfg)
+    p.open()
+    try:
+        pid = run(str(btrfs / "sub/sh"), "-c", f"echo x >> {etc}/shadow")
+        [ev] = events_of(p, pid, "file.open")
+        assert ev.fields["path"] == str(etc / "shadow") and ev.fields["exe_is"] == ["shells"]
+        assert fired(Detector(load_rules(), cfg), [ev]) == {"breach.credential_write@2"}
+    finally:
+        p.close()
