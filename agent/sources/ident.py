@@ -89,6 +89,7 @@ class Resolved:
     dirs: dict[tuple[FileId, str, bool], Watch] = field(default_factory=dict)
     names: dict[tuple[str, str], Watch] = field(default_factory=dict)   # "*/dir/name"
     paths: dict[FileId, str] = field(default_factory=dict)   # watched files' paths now
+    dir_paths: set[str] = field(default_factory=set)         # watched directories' paths now
 
 
 def on_host(root: str, path: str) -> str:
@@ -163,6 +164,7 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved, root: str 
         except OSError:
             continue
         into.dirs.setdefault((dir_id, name, how == "exact"), w)
+        into.dir_paths.add(parent)
         holders.add(dir_id)
         for entry in entries:
             if entry.name == name or (how == "prefix" and entry.name.startswith(name)):
@@ -182,6 +184,7 @@ def _watch_dir(d: str, w: Watch, into: Resolved, root: str) -> None:
         entries = list(os.scandir(on_host(root, d)))
     except OSError:
         return
+    into.dir_paths.add(d.rstrip("/") or "/")
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             _watch_file(os.path.join(d, entry.name), w, into, root)

@@ -201,8 +201,10 @@ class ProcProbe(OwnedScope, BpfProbe):
             watch = new.files[fid]
             lists = self._watch_lists[watch.rule_id] if watch.rule_id < len(self._watch_lists) else []
             if rec is None and ("credential_paths" not in lists  # maybe the agent's own
-                                or path not in before and not self._watched_dir(old_dirs, path)):
+                                or path not in before and not self._watched_dir(old_dirs, path)
+                                and os.path.dirname(path) not in old.dir_paths):
                 continue        # (its events are never sent), or a directory not watched
+                                # (a watched directory moved away and made again is one)
             fields = dict(rec[0].fields) if rec else {}
             fields.update(path=path, file_id=ident.id_text(fid), write=True, created=True,
                           match="rename", replaced=True, watch_lists=lists,

@@ -440,3 +440,26 @@ def test_watched_file_and_shell_on_btrfs(btrfs, tmp_path):
         assert fired(Detector(load_rules(), cfg), [ev]) == {"breach.credential_write@2"}
     finally:
         p.close()
+
+
+def test_watched_directory_moved_away_and_made_again(tmp_path):
+    """`mv sudoers.d old; mkdir sudoers.d; echo ... > sudoers.d/x`: the new directory is
+    not watched yet when x is written; the next refresh finds x in a directory that was
+    watched under that path, and judges it a write by an unknown writer."""
+    etc = tmp_path / "etc"
+    (etc / "sudoers.d").mkdir(parents=True)
+    (etc / "sudoers.d/README").write_text("#\n")
+    cfg = Config(state_dir=str(tmp_path / "state"),
+                 breach=Breach(credential_paths=(f"{etc}/sudoers*",), read_paths=()))
+    p = ProcProbe(cfg)
+    p.open()
+    try:
+        run("sh", "-c", 'mv "$0/sudoers.d" "$0/old" && mkdir "$0/sudoers.d" && '
+            'echo "evil ALL=(ALL) NOPASSWD:ALL" > "$0/sudoers.d/evil"', str(etc))
+        [ev] = p.refresh()
+        f = ev.fields
+        assert (ev.subject, f["match"], f["replaced"]) == (str(etc / "sudoers.d/evil"), "rename", True)
+        assert fired(Detector(load_rules(), cfg), [ev]) == {"breach.credential_write@2"}
+        assert p.refresh() == []
+    finally:
+        p.close()
