@@ -19,15 +19,17 @@ from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
 FileId = tuple[int, int]        # (kernel dev_t: MAJOR << 20 | MINOR, inode number)
 
 
-def file_id(st: os.stat_result, path: str | None = None, follow: bool = True) -> FileId:
+def file_id(st: os.stat_result, path: str | None = None, follow: bool = True,
+            mountinfo: str = "/proc/self/mountinfo") -> FileId:
     """The kernel's view of a stat result: (the superblock's dev_t, the inode number).
     stat(2)'s st_dev is not always the superblock's: btrfs reports each subvolume's own
     anonymous device, while the kernel's inode->i_sb->s_dev is the filesystem's. With
     the path stat()ed, the superblock's dev_t is the one /proc/self/mountinfo gives for
-    the mount statx(STATX_MNT_ID) names."""
+    the mount statx(STATX_MNT_ID) names (`mountinfo`: that of the mount namespace the
+    path is in, e.g. /proc/PID/mountinfo for /proc/PID/fd/N)."""
     dev = os.major(st.st_dev), os.minor(st.st_dev)
     if path is not None:
-        dev = _superblock_dev(path, follow) or dev
+        dev = _superblock_dev(path, follow, mountinfo) or dev
     return (dev[0] << 20) | dev[1], st.st_ino
 
 
@@ -39,10 +41,11 @@ class _Statx(ctypes.Structure):
 _STATX_MNT_ID = 0x1000
 _AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_MOUNTS: dict[int, tuple[int, int]] = {}    # mount id -> (major, minor) of its superblock
+_MOUNTS: dict[int, tuple[int, int]] = {}    # mount id (unique host-wide) -> its superblock's
 
 
-def _superblock_dev(path: str, follow: bool) -> tuple[int, int] | None:
+def _superblock_dev(path: str, follow: bool,
+                    mountinfo: str = "/proc/self/mountinfo") -> tuple[int, int] | None:
     """(major, minor) of the superblock under `path`; None when statx cannot tell."""
     buf = _Statx()
     try:
@@ -54,9 +57,10 @@ def _superblock_dev(path: str, follow: bool) -> tuple[int, int] | None:
     if not buf.mask & _STATX_MNT_ID:
         return None
     if buf.mnt_id not in _MOUNTS:           # a new mount: read them again
-        _MOUNTS.clear()
+        if len(_MOUNTS) > 4096:
+            _MOUNTS.clear()
         try:
-            with open("/proc/self/mountinfo") as f:
+            with open(mountinfo) as f:
                 for line in f:
                     mid, _parent, majmin = line.split(" ", 3)[:3]
                     major, minor = majmin.split(":")

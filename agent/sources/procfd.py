@@ -245,3 +245,17 @@ def fifo_id(pid: int, fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+def fifo_kernel_id(pid: int, fd: int) -> tuple[int, int] | None:
+    """(the kernel's dev_t: the superblock's, inode) of a fifo open at pid's fd, as the
+    process probe reports it (stat's st_dev is a btrfs subvolume's own); None for
+    anything else."""
+    from agent.sources.ident import file_id
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return file_id(st, path, mountinfo=f"/proc/{pid}/mountinfo") if stat.S_ISFIFO(st.st_mode) \
+        else None
