@@ -229,7 +229,7 @@ def keep_running(old: dict[FileId, tuple[str, frozenset[str]]],
     for pid in pids:
         try:
             exe = f"{proc}/{pid}/exe"
-            ident = file_id(os.stat(exe), exe)     # the running file, deleted or not
+            ident = file_id(os.stat(exe), exe, mountinfo=f"{proc}/{pid}/mountinfo")     # the running file, deleted or not
         except OSError:
             continue
         if ident in gone:
