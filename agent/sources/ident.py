@@ -12,6 +12,7 @@ import ctypes
 import glob
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 
 from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
@@ -41,7 +42,10 @@ class _Statx(ctypes.Structure):
 _STATX_MNT_ID = 0x1000
 _AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
 _LIBC = ctypes.CDLL(None, use_errno=True)
-_MOUNTS: dict[int, tuple[int, int]] = {}    # mount id (unique host-wide) -> its superblock's
+# mountinfo file -> (when read, mount id -> (major, minor) of its superblock). Mount ids
+# are reused after an unmount: a table is trusted for MOUNTS_TTL_S, then read again.
+_MOUNTS: dict[str, tuple[float, dict[int, tuple[int, int]]]] = {}
+MOUNTS_TTL_S = 1.0
 
 
 def _superblock_dev(path: str, follow: bool,
@@ -56,18 +60,22 @@ def _superblock_dev(path: str, follow: bool,
         return None
     if not buf.mask & _STATX_MNT_ID:
         return None
-    if buf.mnt_id not in _MOUNTS:           # a new mount: read them again
-        if len(_MOUNTS) > 4096:
-            _MOUNTS.clear()
+    now = time.monotonic()
+    at, table = _MOUNTS.get(mountinfo, (0.0, {}))
+    if buf.mnt_id not in table or now - at > MOUNTS_TTL_S:
+        table = {}
         try:
             with open(mountinfo) as f:
                 for line in f:
                     mid, _parent, majmin = line.split(" ", 3)[:3]
                     major, minor = majmin.split(":")
-                    _MOUNTS[int(mid)] = int(major), int(minor)
+                    table[int(mid)] = int(major), int(minor)
         except (OSError, ValueError):
             return None
-    return _MOUNTS.get(buf.mnt_id)
+        if len(_MOUNTS) > 256:
+            _MOUNTS.clear()
+        _MOUNTS[mountinfo] = (now, table)
+    return table.get(buf.mnt_id)
 
 
 def id_text(ident: FileId) -> str:
