@@ -43,8 +43,11 @@ ADMIN_TOOLS = ("/usr/sbin/useradd", "/usr/sbin/usermod", "/usr/sbin/userdel",
                "/usr/bin/passwd", "/usr/bin/gpasswd", "/usr/bin/chage", "/usr/bin/chsh",
                "/usr/bin/chfn", "/usr/sbin/vipw", "/usr/sbin/vigr", "/usr/sbin/visudo",
                "/usr/sbin/pwconv", "/usr/sbin/grpconv")
+# root's ssh files that grant or run something (keys, ~/.ssh/rc run at each login, the
+# environment sshd sets), not the whole directory: root's `ssh` appends known_hosts.
 CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group*",
-                    "/etc/sudoers*", "/root/.ssh/", "*/.ssh/authorized_keys",
+                    "/etc/sudoers*", "/root/.ssh/authorized_keys*", "/root/.ssh/rc",
+                    "/root/.ssh/environment", "*/.ssh/authorized_keys",
                     "*/.ssh/authorized_keys2")
 # The lists of executables (rules test an event's `exe_is`/`ancestors_are` against these
 # names) and the keys older configs used for comm names, refused with one sentence.

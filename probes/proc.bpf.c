@@ -178,6 +178,14 @@ int handle_sys_exit_creat(struct trace_event_raw_sys_exit *ctx)
 	return check_open(ctx->ret, OPEN_CREAT);
 }
 
+/* open_by_handle_at(2) (CAP_DAC_READ_SEARCH) opens a file by its handle, with no path:
+ * the fd it returns is judged like any other. */
+SEC("tracepoint/syscalls/sys_exit_open_by_handle_at")
+int handle_sys_exit_open_by_handle_at(struct trace_event_raw_sys_exit *ctx)
+{
+	return check_open(ctx->ret, OPEN_BY_HANDLE);
+}
+
 /* --- module loads ----------------------------------------------------------------------- */
 
 /* module:module_load's layout (include/trace/events/module.h), stable since 2.6; not in

@@ -165,7 +165,7 @@ EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
 STDIO_NOT_SOCKET = 0xFFFF
 PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
 CREATIONS_ID = 0xFFFFFFFF
-OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat"}
+OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat", 5: "open_by_handle_at"}
 OPEN_MATCHES = {1: "file", 2: "dir", 3: "name"}  # enum open_match
 WALK_COMPLETE, WALK_TRUNCATED = 1, 2              # enum walk_flag
 CTX_SERVICE_CGROUP, CTX_REPARENTED = 1, 2        # enum ctx_flag
@@ -180,6 +180,7 @@ class ProcProg(enum.StrEnum):
     OPENAT2 = "handle_sys_exit_openat2"
     OPEN = "handle_sys_exit_open"
     CREAT = "handle_sys_exit_creat"
+    OPEN_BY_HANDLE = "handle_sys_exit_open_by_handle_at"
     MODULE_LOAD = "handle_module_load"
     PTRACE_ENTER = "handle_sys_enter_ptrace"
     PTRACE_EXIT = "handle_sys_exit_ptrace"
@@ -200,6 +201,7 @@ PROC_TRACEPOINTS = {
     ProcProg.OPENAT2: ("syscalls", "sys_exit_openat2"),
     ProcProg.OPEN: ("syscalls", "sys_exit_open"),
     ProcProg.CREAT: ("syscalls", "sys_exit_creat"),
+    ProcProg.OPEN_BY_HANDLE: ("syscalls", "sys_exit_open_by_handle_at"),
     ProcProg.MODULE_LOAD: ("module", "module_load"),
     ProcProg.PTRACE_ENTER: ("syscalls", "sys_enter_ptrace"),
     ProcProg.PTRACE_EXIT: ("syscalls", "sys_exit_ptrace"),

@@ -8,9 +8,11 @@ useradd/vipw/sed -i replace /etc/shadow by rename, so inodes change.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 
 from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
@@ -18,9 +20,62 @@ from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
 FileId = tuple[int, int]        # (kernel dev_t: MAJOR << 20 | MINOR, inode number)
 
 
-def file_id(st: os.stat_result) -> FileId:
-    """The kernel's view of a stat result (the superblock's dev_t, not the user ABI's)."""
-    return (os.major(st.st_dev) << 20) | os.minor(st.st_dev), st.st_ino
+def file_id(st: os.stat_result, path: str | None = None, follow: bool = True,
+            mountinfo: str = "/proc/self/mountinfo") -> FileId:
+    """The kernel's view of a stat result: (the superblock's dev_t, the inode number).
+    stat(2)'s st_dev is not always the superblock's: btrfs reports each subvolume's own
+    anonymous device, while the kernel's inode->i_sb->s_dev is the filesystem's. With
+    the path stat()ed, the superblock's dev_t is the one /proc/self/mountinfo gives for
+    the mount statx(STATX_MNT_ID) names (`mountinfo`: that of the mount namespace the
+    path is in, e.g. /proc/PID/mountinfo for /proc/PID/fd/N)."""
+    dev = os.major(st.st_dev), os.minor(st.st_dev)
+    if path is not None:
+        dev = _superblock_dev(path, follow, mountinfo) or dev
+    return (dev[0] << 20) | dev[1], st.st_ino
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_uint32), ("_pad", ctypes.c_uint8 * 140),
+                ("mnt_id", ctypes.c_uint64), ("_rest", ctypes.c_uint8 * 104)]
+
+
+_STATX_MNT_ID = 0x1000
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# mountinfo file -> (when read, mount id -> (major, minor) of its superblock). Mount ids
+# are reused after an unmount: a table is trusted for MOUNTS_TTL_S, then read again.
+_MOUNTS: dict[str, tuple[float, dict[int, tuple[int, int]]]] = {}
+MOUNTS_TTL_S = 1.0
+
+
+def _superblock_dev(path: str, follow: bool,
+                    mountinfo: str = "/proc/self/mountinfo") -> tuple[int, int] | None:
+    """(major, minor) of the superblock under `path`; None when statx cannot tell."""
+    buf = _Statx()
+    try:
+        flags = 0 if follow else _AT_SYMLINK_NOFOLLOW
+        if _LIBC.statx(_AT_FDCWD, os.fsencode(path), flags, _STATX_MNT_ID, ctypes.byref(buf)):
+            return None
+    except (AttributeError, ValueError):    # a libc without statx; a NUL in the path
+        return None
+    if not buf.mask & _STATX_MNT_ID:
+        return None
+    now = time.monotonic()
+    at, table = _MOUNTS.get(mountinfo, (0.0, {}))
+    if buf.mnt_id not in table or now - at > MOUNTS_TTL_S:
+        table = {}
+        try:
+            with open(mountinfo) as f:
+                for line in f:
+                    mid, _parent, majmin = line.split(" ", 3)[:3]
+                    major, minor = majmin.split(":")
+                    table[int(mid)] = int(major), int(minor)
+        except (OSError, ValueError):
+            return None
+        if len(_MOUNTS) > 256:
+            _MOUNTS.clear()
+        _MOUNTS[mountinfo] = (now, table)
+    return table.get(buf.mnt_id)
 
 
 def id_text(ident: FileId) -> str:
@@ -46,6 +101,7 @@ class Resolved:
     dirs: dict[tuple[FileId, str, bool], Watch] = field(default_factory=dict)
     names: dict[tuple[str, str], Watch] = field(default_factory=dict)   # "*/dir/name"
     paths: dict[FileId, str] = field(default_factory=dict)   # watched files' paths now
+    dir_paths: set[str] = field(default_factory=set)         # watched directories' paths now
 
 
 def on_host(root: str, path: str) -> str:
@@ -68,7 +124,7 @@ def resolve_exes(cfg: Config) -> dict[FileId, tuple[str, frozenset[str]]]:
                     continue
                 if not stat.S_ISREG(st.st_mode):
                     continue
-                _, lists = out.setdefault(file_id(st), (path[cut:], set()))
+                _, lists = out.setdefault(file_id(st, path), (path[cut:], set()))
                 lists.add(name)
     return {k: (p, frozenset(v)) for k, (p, v) in out.items()}
 
@@ -115,11 +171,12 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved, root: str 
         parent, _, name = text.rpartition("/")
         parent = parent or "/"
         try:
-            dir_id = file_id(os.stat(on_host(root, parent)))
+            dir_id = file_id(os.stat(on_host(root, parent)), on_host(root, parent))
             entries = list(os.scandir(on_host(root, parent)))
         except OSError:
             continue
         into.dirs.setdefault((dir_id, name, how == "exact"), w)
+        into.dir_paths.add(parent)
         holders.add(dir_id)
         for entry in entries:
             if entry.name == name or (how == "prefix" and entry.name.startswith(name)):
@@ -135,10 +192,11 @@ def resolve_watches(pats: list[tuple[str, str, int]], into: Resolved, root: str 
 
 def _watch_dir(d: str, w: Watch, into: Resolved, root: str) -> None:
     try:
-        into.dirs.setdefault((file_id(os.stat(on_host(root, d))), "", False), w)
+        into.dirs.setdefault((file_id(os.stat(on_host(root, d)), on_host(root, d)), "", False), w)
         entries = list(os.scandir(on_host(root, d)))
     except OSError:
         return
+    into.dir_paths.add(d.rstrip("/") or "/")
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             _watch_file(os.path.join(d, entry.name), w, into, root)
@@ -150,8 +208,9 @@ def _watch_file(path: str, w: Watch, into: Resolved, root: str) -> None:
     except OSError:
         return
     if stat.S_ISREG(st.st_mode):
-        into.files.setdefault(file_id(st), w)
-        into.paths.setdefault(file_id(st), path)
+        fid = file_id(st, on_host(root, path), follow=False)
+        into.files.setdefault(fid, w)
+        into.paths.setdefault(fid, path)
 
 
 def resolve(cfg: Config, pats: list[tuple[str, str, int]],
@@ -177,7 +236,8 @@ def keep_running(old: dict[FileId, tuple[str, frozenset[str]]],
         return
     for pid in pids:
         try:
-            ident = file_id(os.stat(f"{proc}/{pid}/exe"))     # the running file, deleted or not
+            exe = f"{proc}/{pid}/exe"
+            ident = file_id(os.stat(exe), exe, mountinfo=f"{proc}/{pid}/mountinfo")     # the running file, deleted or not
         except OSError:
             continue
         if ident in gone:

@@ -12,7 +12,10 @@ acting process:
   loginuid and sessionid (audit; None when the process is not from a login),
   service_cgroup (bool: the kernel holds its cgroup for a service's),
 - exe (the executable's path as the kernel resolved it, walking mm->exe_file's dentries;
-  None when the walk was truncated), exe_id ("major:minor:inode"), exe_is (sorted names of the
+  None when the walk was truncated, or when that path on the host is not this
+  executable: the walk ends at the root of the process's own mount namespace, where an
+  unprivileged user namespace may bind its own file over /usr/bin/x; then exe_claimed
+  holds the walked path, for display), exe_id ("major:minor:inode"), exe_is (sorted names of the
   config's executable lists, config.EXE_LISTS, whose files on this host ARE this
   executable by (dev, ino): ["shells"], ["admin_tools"], ...),
 - ancestor_exes (paths, or "major:minor:inode" when unknown, of real_parent's
@@ -29,7 +32,8 @@ Per kind:
   (the wait status), exit_status, signal.
 - "file.open", subject the path: path (resolved by the kernel from the opened file;
   None when truncated), file_id, dir_id, flags (f_flags), write (opened for writing or
-  created), created, syscall ("openat", "openat2", "open", "creat"), match ("file",
+  created), created, syscall ("openat", "openat2", "open", "creat",
+  "open_by_handle_at"), match ("file",
   "dir", "name": how the kernel matched it), pattern (the watch pattern), ancestors
   (comms of parent, grandparent, ... from /proc, display only).
 - "kernel.module_load", subject "module:<name>": name, taints, ancestors.
@@ -197,8 +201,10 @@ class ProcProbe(OwnedScope, BpfProbe):
             watch = new.files[fid]
             lists = self._watch_lists[watch.rule_id] if watch.rule_id < len(self._watch_lists) else []
             if rec is None and ("credential_paths" not in lists  # maybe the agent's own
-                                or path not in before and not self._watched_dir(old_dirs, path)):
+                                or path not in before and not self._watched_dir(old_dirs, path)
+                                and os.path.dirname(path) not in old.dir_paths):
                 continue        # (its events are never sent), or a directory not watched
+                                # (a watched directory moved away and made again is one)
             fields = dict(rec[0].fields) if rec else {}
             fields.update(path=path, file_id=ident.id_text(fid), write=True, created=True,
                           match="rename", replaced=True, watch_lists=lists,
@@ -313,6 +319,9 @@ class ProcProbe(OwnedScope, BpfProbe):
         p = ev.proc
         kind = ev.hdr.kind
         exe = ident.walked_path(p.exe_path, p.exe_path_len, p.exe_path_flags, abi.WALK_COMPLETE)
+        claimed = None
+        if exe is not None and not self._exe_at(exe, _fid(p.exe)):
+            claimed, exe = exe, None
         if exe is not None:     # ancestors' paths, as far as their events were seen
             self._paths[_fid(p.exe)] = exe
             self._paths.move_to_end(_fid(p.exe))
@@ -322,6 +331,8 @@ class ProcProbe(OwnedScope, BpfProbe):
                   "comm": _text(p.comm), "parent_comm": _text(p.parent_comm),
                   "cgroup_id": p.cgroup_id, "cgroup": self.cgroups.path(p.cgroup_id, p.pid),
                   **self._identity(p, exe)}
+        if claimed is not None:
+            common["exe_claimed"] = claimed
         if kind == abi.EventKind.PROC_EXEC:
             name, subject, extra = "proc.exec", f"pid:{p.pid}", _exec_fields(ev)
         elif kind == abi.EventKind.PROC_EXIT:
@@ -366,13 +377,27 @@ class ProcProbe(OwnedScope, BpfProbe):
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
 
+    def _exe_at(self, path: str, fid: ident.FileId) -> bool:
+        """Whether the host's `path` is the executable `fid` (the kernel's walk stops at
+        the process's mount namespace root: a private mount namespace names any file
+        /usr/bin/x; a memfd or a deleted file names nothing on the host)."""
+        if self._paths.get(fid) == path:
+            return True
+        host = ident.on_host(self.cfg.breach.host_root, path)
+        try:
+            st = os.stat(host)
+        except (OSError, ValueError):
+            return False
+        return ident.file_id(st, host) == fid
+
     def _watched_dir(self, dirs: set[ident.FileId], path: str) -> bool:
         """Whether `path`'s directory was watched: then its creation would have been seen."""
         try:
-            st = os.stat(ident.on_host(self.cfg.breach.host_root, os.path.dirname(path)))
+            d = ident.on_host(self.cfg.breach.host_root, os.path.dirname(path))
+            st = os.stat(d)
         except OSError:
             return False
-        return ident.file_id(st) in dirs
+        return ident.file_id(st, d) in dirs
 
     def _remember_creation(self, fid: ident.FileId, event: Event, direct: bool) -> None:
         self._created[fid] = (event, direct)

@@ -129,7 +129,7 @@ class Conn:
 class NetTable:
     """The connected TCP/UDP sockets of one network namespace, by inode."""
 
-    conns: dict[int, Conn] = field(default_factory=dict)        # remote, not loopback
+    conns: dict[int, Conn] = field(default_factory=dict)        # remote, not loopback; "*": any
     loopback: dict[int, tuple] = field(default_factory=dict)    # inode -> (local, remote)
     by_ends: dict[tuple, int] = field(default_factory=dict)     # (local, remote) -> inode
 
@@ -206,8 +206,10 @@ def _endpoint(hex_ep: str) -> tuple[ipaddress._BaseAddress, int]:
 
 
 def _read_net(pid: int) -> NetTable:
-    """pid's namespace's connected sockets (tcp, tcp6, udp, udp6 of /proc/PID/net)."""
+    """pid's namespace's connected sockets (tcp, tcp6, udp, udp6 of /proc/PID/net), and
+    its bound, unconnected UDP sockets not on loopback: they reach any address ("*:0")."""
     rows = []
+    unconnected: list[int] = []
     listening: set[int] = set()
     for table in NET_TABLES:
         try:
@@ -223,6 +225,8 @@ def _read_net(pid: int) -> NetTable:
                         listening.add(local[1])
                     elif not (tcp and state == TCP_CLOSE) and remote[1] != 0:
                         rows.append((tcp, local, remote, inode))
+                    elif not tcp and local[1] != 0 and not local[0].is_loopback:
+                        unconnected.append(inode)     # sendto() anyone: `socat UDP-SENDTO`
         except (OSError, ValueError):
             continue
     out = NetTable()
@@ -235,6 +239,8 @@ def _read_net(pid: int) -> NetTable:
                 out.by_ends[(local, remote)] = inode
             continue
         out.conns[inode] = Conn(str(remote[0]), remote[1], tcp and local[1] in listening)
+    for inode in unconnected:
+        out.conns[inode] = Conn("*", 0, False)
     return out
 
 
@@ -245,3 +251,17 @@ def fifo_id(pid: int, fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino) if stat.S_ISFIFO(st.st_mode) else None
+
+
+def fifo_kernel_id(pid: int, fd: int) -> tuple[int, int] | None:
+    """(the kernel's dev_t: the superblock's, inode) of a fifo open at pid's fd, as the
+    process probe reports it (stat's st_dev is a btrfs subvolume's own); None for
+    anything else."""
+    from agent.sources.ident import file_id
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return file_id(st, path, mountinfo=f"/proc/{pid}/mountinfo") if stat.S_ISFIFO(st.st_mode) \
+        else None

@@ -52,7 +52,7 @@ from typing import Callable
 from agent.model import Event
 from agent.sources.abi import DUP_SYSCALLS, StdioKind
 from agent.sources.procfd import (Conn, ExeIndex, Snapshot, access, comm, fifo_id,
-                                  tty_index, user_dev, verified_exe)
+                                  fifo_kernel_id, tty_index, verified_exe)
 
 log = logging.getLogger("swarm_agent")
 SOURCE = "bpf.proc.stdio"
@@ -115,8 +115,7 @@ class Examiner:
                     if p != self.shell}
         if kind not in ("pipe", "fifo"):
             return set()
-        ident = (user_dev(stream["dev"]), stream["ino"])
-        if kind == "fifo" and fifo_id(self.shell, fd) != ident:
+        if kind == "fifo" and fifo_kernel_id(self.shell, fd) != (stream["dev"], stream["ino"]):
             return set()           # not the fifo the kernel saw any more
         return self._ends(self.shell, fd, want)
 

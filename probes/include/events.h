@@ -245,6 +245,7 @@ enum open_syscall {
 	OPEN_OPENAT2 = 2,
 	OPEN_OPEN = 3,
 	OPEN_CREAT = 4,
+	OPEN_BY_HANDLE = 5,	/* open_by_handle_at(2): no path at all */
 };
 
 /* Set in .rodata before load. */

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,6 +130,18 @@ d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 os.close(os.open(sys.argv[2], os.O_WRONLY, dir_fd=d))
 """
 WRITE = "import sys; open(sys.argv[1], 'a').close()"
+BY_HANDLE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class Handle(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_uint), ("type", ctypes.c_int), ("h", ctypes.c_ubyte * 128)]
+h, mount_id = Handle(bytes=128), ctypes.c_int()
+assert libc.name_to_handle_at(-100, sys.argv[1].encode(), ctypes.byref(h),
+                              ctypes.byref(mount_id), 0) == 0, ctypes.get_errno()
+mnt = os.open(os.path.dirname(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)
+fd = libc.open_by_handle_at(mnt, ctypes.byref(h), os.O_WRONLY | os.O_APPEND)
+sys.exit(0 if fd >= 0 else 10 + ctypes.get_errno())
+"""
 
 
 def spellings(root: Path) -> dict[str, tuple[list[str], dict]]:
@@ -148,11 +161,13 @@ def spellings(root: Path) -> dict[str, tuple[list[str], dict]]:
         "symlink": ([PY, "-c", WRITE, str(link)], {}),
         "hardlink": ([PY, "-c", WRITE, str(hard)], {}),
         "openat2": ([PY, "-c", OPENAT2, str(etc / "shadow")], {}),
+        # no path at all: a file handle (root; CAP_DAC_READ_SEARCH)
+        "by_handle": ([PY, "-c", BY_HANDLE, str(etc / "shadow")], {}),
     }
 
 
 @pytest.mark.parametrize("spelling", ["relative", "dotdot", "dirfd", "slashes", "dot", "symlink",
-                                      "hardlink", "openat2"])
+                                      "hardlink", "openat2", "by_handle"])
 def test_every_spelling_of_a_watched_file_is_seen(probe, detector, root, spelling):
     argv, kw = spellings(root)[spelling]
     pid = run(*argv, **kw)
@@ -162,6 +177,8 @@ def test_every_spelling_of_a_watched_file_is_seen(probe, detector, root, spellin
     assert f["file_id"] == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
     # the kernel's path of the dentry opened: a hard link is its own name for the inode
     want = root / ("hard" if spelling == "hardlink" else "etc/shadow")
+    if spelling == "by_handle":     # no name given: any of the inode's names
+        want = Path(f["path"]) if f["path"] in (str(root / "hard"), str(want)) else want
     assert (ev.subject, f["path"], f["write"]) == (str(want), str(want), True)
     assert f["match"] == "file"        # its inode is watched: first lookup
     assert f["exe"] == PY and f["exe_is"] == ["shells"]
@@ -305,6 +322,41 @@ def test_copied_shell_below_a_service(probe, detector, root):
     assert fired(detector, [ev]) == {"breach.service_shell@2"}
 
 
+# An unprivileged user namespace may bind its own directory over /usr/local/bin: the
+# kernel's dentry walk stops at that mount namespace's root and names the copied shell
+# /usr/local/bin/kworker, a system path. The host's file at that path is not it.
+MOUNTED = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = os.fork()
+if pid == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+    assert libc.unshare(0x10000000 | 0x00020000) == 0, ctypes.get_errno()  # NEWUSER|NEWNS
+    assert libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) == 0     # MS_REC|PRIVATE
+    assert libc.mount(sys.argv[1].encode(), b"/usr/local/bin", None, 0x1000 | 0x4000,
+                      None) == 0, ctypes.get_errno()                     # MS_BIND|MS_REC
+    os.execv("/usr/local/bin/kworker", ["kworker", "-c", "exit 0"])
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_copied_shell_below_a_service_behind_a_private_mount(probe, detector, root):
+    drop = Path(tempfile.mkdtemp(prefix="swa-drop-"))     # nobody can reach it to bind it
+    try:
+        drop.chmod(0o755)
+        shutil.copy(root / "bin/kworker", drop / "kworker")
+        svc = subprocess.Popen([str(root / "bin/svc"), "-c", MOUNTED, str(drop)])
+        assert svc.wait(timeout=30) == 0
+    finally:
+        shutil.rmtree(drop, ignore_errors=True)
+    [ev] = execs_where(probe, lambda f: f["argv"] == ["kworker", "-c", "exit 0"])
+    f = ev.fields
+    assert (f["exe"], f["exe_claimed"], f["uid"]) == (None, "/usr/local/bin/kworker", 65534)
+    assert f["exe_is"] == [] and "services" in f["ancestors_are"]
+    assert fired(detector, [ev]) == {"breach.service_shell@2"}
+
+
 def test_shell_behind_a_double_fork_in_a_service_cgroup(probe, detector, root):
     with throwaway_cgroup(CG_PREFIX) as cg:
         probe.refresh()                 # the agent's timer: configured cgroups resolved
@@ -349,3 +401,66 @@ def test_a_service_managers_start_marks_the_cgroup(probe, detector, root, manage
     assert ev.fields["service_cgroup"] is manager and not ev.fields["manager_start"]
     assert "services" not in ev.fields["ancestors_are"]
     assert fired(detector, [ev]) == ({"breach.service_shell@2"} if manager else set())
+
+
+@pytest.fixture
+def btrfs(tmp_path):
+    """A btrfs filesystem on a loop device, with a subvolume: stat(2)'s st_dev there is
+    the subvolume's anonymous device, not the superblock's dev_t the kernel reports."""
+    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+        skip_unsupported("no btrfs-progs (mkfs.btrfs)")
+    img, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    mnt.mkdir()
+    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+    if subprocess.run(["mount", "-o", "loop", str(img), str(mnt)]).returncode:
+        skip_unsupported("cannot mount a btrfs loop image here")
+    try:
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "sub")], check=True,
+                       capture_output=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_watched_file_and_shell_on_btrfs(btrfs, tmp_path):
+    etc = btrfs / "sub/etc"
+    etc.mkdir()
+    (etc / "shadow").write_text("root:*:1::::::\n")
+    shutil.copy(os.path.realpath("/bin/sh"), btrfs / "sub/sh")
+    cfg = Config(state_dir=str(tmp_path / "state"), breach=Breach(
+        shells=(str(btrfs / "sub/sh"),), credential_paths=(str(etc / "shadow"),),
+        read_paths=()))
+    p = ProcProbe(cfg)
+    p.open()
+    try:
+        pid = run(str(btrfs / "sub/sh"), "-c", f"echo x >> {etc}/shadow")
+        [ev] = events_of(p, pid, "file.open")
+        assert ev.fields["path"] == str(etc / "shadow") and ev.fields["exe_is"] == ["shells"]
+        assert fired(Detector(load_rules(), cfg), [ev]) == {"breach.credential_write@2"}
+    finally:
+        p.close()
+
+
+def test_watched_directory_moved_away_and_made_again(tmp_path):
+    """`mv sudoers.d old; mkdir sudoers.d; echo ... > sudoers.d/x`: the new directory is
+    not watched yet when x is written; the next refresh finds x in a directory that was
+    watched under that path, and judges it a write by an unknown writer."""
+    etc = tmp_path / "etc"
+    (etc / "sudoers.d").mkdir(parents=True)
+    (etc / "sudoers.d/README").write_text("#\n")
+    cfg = Config(state_dir=str(tmp_path / "state"),
+                 breach=Breach(credential_paths=(f"{etc}/sudoers*",), read_paths=()))
+    p = ProcProbe(cfg)
+    p.open()
+    try:
+        run("sh", "-c", 'mv "$0/sudoers.d" "$0/old" && mkdir "$0/sudoers.d" && '
+            'echo "evil ALL=(ALL) NOPASSWD:ALL" > "$0/sudoers.d/evil"', str(etc))
+        [ev] = p.refresh()
+        f = ev.fields
+        assert (ev.subject, f["match"], f["replaced"]) == (str(etc / "sudoers.d/evil"), "rename", True)
+        assert fired(Detector(load_rules(), cfg), [ev]) == {"breach.credential_write@2"}
+        assert p.refresh() == []
+    finally:
+        p.close()

