@@ -1,6 +1,7 @@
-/* Solicited or not: socket lookups and the table of UDP peers for the XDP program. A packet
- * is solicited when it belongs to a flow this host accepted or started; only unsolicited
- * packets count towards flood thresholds. Kernel-only; included once, by net.bpf.c. */
+/* Solicited or not: socket lookups for the XDP program and the table of peers the tc egress
+ * program records, both on what parse_packet() (net.bpf.h) read. A packet is solicited
+ * when it belongs to a flow this host accepted or started; only unsolicited packets count
+ * towards flood thresholds. Kernel-only; included once, by net.bpf.c. */
 #ifndef SWARM_FLOW_BPF_H
 #define SWARM_FLOW_BPF_H
 

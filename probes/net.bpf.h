@@ -56,25 +56,22 @@ struct ext_hdr {
  * packet bounds per pointer, not per offset. */
 static __always_inline int parse_l4(void *l4, void *end, __u8 proto, struct pkt *p)
 {
-	if (proto == IPPROTO_TCP) {
-		struct tcphdr *th = l4;
+	struct udphdr *uh = l4;	/* a TCP header starts with the same two ports */
+	struct tcphdr *th = l4;
 
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	if ((void *)(uh + 1) > end)
+		return PARSE_TRUNCATED;
+	if (proto == IPPROTO_TCP) {
 		if ((void *)(th + 1) > end)
 			return PARSE_TRUNCATED;
-		p->proto = IPPROTO_TCP;
-		p->sport = bpf_ntohs(th->source);
-		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
 		p->syn = (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
-	} else if (proto == IPPROTO_UDP) {
-		struct udphdr *uh = l4;
-
-		if ((void *)(uh + 1) > end)
-			return PARSE_TRUNCATED;
-		p->proto = IPPROTO_UDP;
-		p->sport = bpf_ntohs(uh->source);
-		p->dport = bpf_ntohs(uh->dest);
 	}
+	p->proto = proto;
+	p->sport = bpf_ntohs(uh->source);
+	p->dport = bpf_ntohs(uh->dest);
 	return 0;
 }
 
