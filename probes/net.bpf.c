@@ -283,7 +283,7 @@ int handle_xdp(struct xdp_md *ctx)
 	__u64 now;
 	int parsed;
 
-	parsed = parse_packet(ctx, &p);
+	parsed = parse_packet((void *)(long)ctx->data, (void *)(long)ctx->data_end, &p);
 	if (!t || parsed < 0)
 		return XDP_PASS;
 	if (parsed > 0) {
@@ -301,7 +301,7 @@ int handle_xdp(struct xdp_md *ctx)
 		p.syn = 0;
 	}
 	now = bpf_ktime_get_ns();
-	if (solicited(ctx, &p, now)) {
+	if (!parsed && solicited(ctx, &p, now)) {
 		count_verdict(0);
 		return XDP_PASS;
 	}
@@ -312,32 +312,15 @@ int handle_xdp(struct xdp_md *ctx)
 	return XDP_PASS;	/* observe only: enforcement is nftables' job (but see above) */
 }
 
-/* Records the peers this host sends to, so their answers count as an exchange: UDP, and
- * TCP segments of established flows (never SYNs or resets: answering a forged SYN must
- * not vouch for the forger's next packets). */
+/* Records the peers this host sends to (record_exchange), parsed as XDP parses what comes
+ * back: a flow wrapped in extension headers, options or VLAN tags is recorded too. */
 SEC("tc")
 int handle_tc_egress(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct exchange_key k = {};
-	struct flow f = {};
-	__u64 now, *last;
+	struct pkt p = {};
 
-	if (read_flow(data, end, &f) < 0)
-		return TC_ACT_OK;
-	if (f.proto == IPPROTO_TCP &&
-	    (f.tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) != TCPF_ACK)
-		return TC_ACT_OK;
-	__builtin_memcpy(k.addr, f.daddr, 16);
-	k.family = f.v6 ? AF_INET6 : AF_INET;
-	k.peer_port = f.dport;
-	k.local_port = f.sport;
-	k.proto = f.proto;
-	now = bpf_ktime_get_ns();
-	last = bpf_map_lookup_elem(&exchanges, &k);
-	if (!last || now - *last > EXCHANGE_REFRESH_NS)
-		bpf_map_update_elem(&exchanges, &k, &now, BPF_ANY);
+	if (parse_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &p) == 0)
+		record_exchange(&p, bpf_ktime_get_ns());
 	return TC_ACT_OK;
 }
 

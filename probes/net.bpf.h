@@ -1,6 +1,8 @@
-/* Packet parsing for the XDP program: Ethernet with up to two VLAN tags (802.1Q, 802.1ad),
- * IPv4 with options and fragments, IPv6 with its extension-header chain (hop-by-hop,
- * routing, fragment, destination options, AH), TCP and UDP. Kernel-only.
+/* Packet parsing for the XDP and tc programs, the one parser of the probe: Ethernet with up
+ * to two VLAN tags (802.1Q, 802.1ad), IPv4 with options and fragments, IPv6 with its
+ * extension-header chain (hop-by-hop, routing, fragment, destination options, AH), TCP and
+ * UDP. The counters and the socket lookups (flow.bpf.h) read the same struct pkt, so a
+ * packet the counters see into is one the lookups see into. Kernel-only.
  *
  * A packet is judged by what it carries, not by how it is wrapped: a SYN behind a chain
  * of extension headers is a SYN. What the parser cannot follow is never passed silently:
@@ -29,11 +31,18 @@
 
 struct pkt {
 	struct addr_key src;
+	__u8 dst[16];	/* destination address, family as src */
 	__u64 len;
+	__u16 sport;	/* host order; 0 when not TCP/UDP */
 	__u16 dport;	/* host order; 0 when not TCP/UDP */
 	__u8 proto;	/* IPPROTO_TCP, IPPROTO_UDP, or 0 for anything else */
 	__u8 syn;	/* SYN without ACK */
+	__u8 tcp_flags;	/* the TCP header's flags byte (CWR..FIN); 0 when not TCP */
 };
+
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
 
 /* The first four bytes every extension header (and AH) starts with; frag_off is only
  * meaningful in a fragment header. */
@@ -47,22 +56,22 @@ struct ext_hdr {
  * packet bounds per pointer, not per offset. */
 static __always_inline int parse_l4(void *l4, void *end, __u8 proto, struct pkt *p)
 {
-	if (proto == IPPROTO_TCP) {
-		struct tcphdr *th = l4;
+	struct udphdr *uh = l4;	/* a TCP header starts with the same two ports */
+	struct tcphdr *th = l4;
 
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	if ((void *)(uh + 1) > end)
+		return PARSE_TRUNCATED;
+	if (proto == IPPROTO_TCP) {
 		if ((void *)(th + 1) > end)
 			return PARSE_TRUNCATED;
-		p->proto = IPPROTO_TCP;
-		p->dport = bpf_ntohs(th->dest);
-		p->syn = th->syn && !th->ack;
-	} else if (proto == IPPROTO_UDP) {
-		struct udphdr *uh = l4;
-
-		if ((void *)(uh + 1) > end)
-			return PARSE_TRUNCATED;
-		p->proto = IPPROTO_UDP;
-		p->dport = bpf_ntohs(uh->dest);
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->syn = (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN;
 	}
+	p->proto = proto;
+	p->sport = bpf_ntohs(uh->source);
+	p->dport = bpf_ntohs(uh->dest);
 	return 0;
 }
 
@@ -145,6 +154,7 @@ static __always_inline int parse_ipv4(void *l3, void *end, struct pkt *p)
 		return PARSE_BAD_HEADER;
 	p->src.family = AF_INET;
 	__builtin_memcpy(p->src.addr, &ip->saddr, 4);
+	__builtin_memcpy(p->dst, &ip->daddr, 4);
 	hlen = ip->ihl * 4;	/* options included */
 	if (hlen < sizeof(*ip))
 		return PARSE_BAD_HEADER;
@@ -166,21 +176,23 @@ static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
 		return PARSE_BAD_HEADER;
 	p->src.family = AF_INET6;
 	__builtin_memcpy(p->src.addr, &ip6->saddr, 16);
+	__builtin_memcpy(p->dst, &ip6->daddr, 16);
 	return parse_chain(ip6 + 1, end, ip6->nexthdr, 1, p);
 }
 
-/* Returns -1 for a frame that is not IP (nothing to count), 0 for a parsed packet, or
- * the enum parse_failure it stopped at; p->src.family is non-zero when the source
- * address was read all the same.
+/* Parses the frame [data, end): an xdp_md's or a __sk_buff's packet pointers (in tc only
+ * the linear part, where the stack puts every header it builds). Returns -1 for a frame
+ * that is not IP (nothing to count), 0 for a parsed packet, or the enum parse_failure it
+ * stopped at; p->src.family is non-zero when the source address was read all the same.
+ * p->proto is non-zero only when the TCP or UDP header was read: the socket lookups rely
+ * on that (a non-first fragment, or a packet that failed to parse, is no flow's).
  *
  * VLAN tags: a tag still in the frame is skipped here. With generic XDP (what the agent
  * attaches) a tag the sender or NIC put in the skb's hwaccel field (a vlan device on a
  * veth, VLAN rx offload) is not in the frame at all: XDP sees the untagged packet,
  * which parses the same way. */
-static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p)
+static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
 	void *l3 = eth + 1;
 	__u16 proto;

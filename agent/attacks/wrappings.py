@@ -43,7 +43,12 @@ def _l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes) -> int:
 
 def tcp_syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
     """A 20-byte TCP SYN with its checksum (pseudo-header of src/dst)."""
-    seg = struct.pack("!HHIIHHHH", sport, dport, seq, 0, (5 << 12) | 0x02, 64240, 0, 0)
+    return tcp_segment(src, dst, sport, dport, seq, 0, 0x02)
+
+
+def tcp_segment(src: str, dst: str, sport: int, dport: int, seq: int, ack: int, flags: int) -> bytes:
+    """A 20-byte TCP segment with `flags` (0x10 ACK, 0x02 SYN, ...) and its checksum."""
+    seg = struct.pack("!HHIIHHHH", sport, dport, seq, ack, (5 << 12) | flags, 64240, 0, 0)
     csum = _l4_checksum(packed(src), packed(dst), socket.IPPROTO_TCP, seg)
     return seg[:16] + struct.pack("!H", csum) + seg[18:]
 

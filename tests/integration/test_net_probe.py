@@ -275,7 +275,14 @@ def test_unknown_threshold_is_rejected():
 
 BULK = """
 import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+if len(sys.argv) > 4:   # every segment, the SYN included, behind a header: see wrap()
+    level, opt, header = int(sys.argv[4]), int(sys.argv[5]), bytes.fromhex(sys.argv[6])
+    s.setsockopt(level, opt, header)
+    assert s.getsockopt(level, opt, 64) == header
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 for _ in range(int(sys.argv[3])): s.sendall(b'x' * 1400)
 s.close()
@@ -291,6 +298,15 @@ for _ in range(int(sys.argv[3])): peer.sendto(b'y' * 200, victim)
 """
 
 
+def wrap(v6: bool) -> tuple[int, int, bytes]:
+    """(level, option, header bytes) that put a header on every packet a socket sends: the
+    longest IPv4 options (NOPs), or an IPv6 destination-options header (PadN; the kernel
+    fills in its next header). Real connections wrapped as an attacker or a tunnel might."""
+    if v6:
+        return socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0])
+    return socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1] * 39 + [0])
+
+
 def _drain(srv: socket.socket) -> None:
     conn, _ = srv.accept()
     with conn:
@@ -298,19 +314,24 @@ def _drain(srv: socket.socket) -> None:
             pass
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_bulk_tcp_on_an_accepted_connection_is_not_counted(lab, v6):
+def test_bulk_tcp_on_an_accepted_connection_is_not_counted(lab, v6, wrapped):
+    """Wrapped: every segment carries IPv4 options or an IPv6 destination-options header;
+    the socket lookup must see through them as the counters do."""
     # 100 packets/s is far below the 20k segments this sends within a few seconds.
     probe = open_probe(lab.victim, {**THRESHOLDS, "packets": 100})
     srv = listen(lab.victim, v6)
     try:
         att, port = canonical(lab.addr("attacker", v6)), srv.getsockname()[1]
+        level, option, header = wrap(v6) if wrapped else (None, None, None)
 
         def trigger():
             import threading
             reader = threading.Thread(target=_drain, args=(srv,))
             reader.start()
-            attack(lab, BULK, lab.addr("victim", v6), port, 20000)
+            attack(lab, BULK, lab.addr("victim", v6), port, 20000,
+                   *((level, option, header.hex()) if wrapped else ()))
             reader.join(10)
 
         events = run_until(probe, trigger, lambda ev: False, timeout_s=0.5)
@@ -323,14 +344,19 @@ def test_bulk_tcp_on_an_accepted_connection_is_not_counted(lab, v6):
         probe.close()
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_udp_from_a_peer_the_host_sends_to_is_not_counted(lab, v6):
+def test_udp_from_a_peer_the_host_sends_to_is_not_counted(lab, v6, wrapped):
+    """Wrapped: what the host sends carries IPv4 options or an IPv6 destination-options
+    header, which the egress program must see through to record the exchange."""
     probe = open_probe(lab.victim)
     try:
         att, vic = canonical(lab.addr("attacker", v6)), lab.addr("victim", v6)
         with netns(lab.victim):   # an unconnected socket, as wireguard-go uses
             mine = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
             mine.bind(("::" if v6 else "0.0.0.0", 0))
+        if wrapped:
+            mine.setsockopt(*wrap(v6))
         port = mine.getsockname()[1]
         mine.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 

@@ -21,7 +21,7 @@ from agent.lab import Lab, netns, sh, wait_for
 from agent.sources.net import NetProbe
 from tests.conftest import skip_unsupported
 from tests.integration.test_net_probe import (PROBES, REPO, built, canonical, find,  # noqa: F401
-                                              open_probe)
+                                              listen, open_probe)
 
 pytestmark = pytest.mark.privileged
 # Per second; the probe scales them to its 2 s window (x2): 20 SYNs, 20 datagrams.
@@ -241,4 +241,62 @@ def test_tags_in_the_skb_are_not_in_the_frame_xdp_sees(lab, vlan_push, mode, in_
             assert s.bytes == FLOOD * (14 + 4 * in_frame + len(packet))
         assert probe.unparsed() == dict.fromkeys(probe.unparsed(), 0)
     finally:
+        probe.close()
+
+
+ACK = 0x10
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_segments_of_an_accepted_connection_are_solicited_under_every_wrapping(lab, family):
+    """A real connection from the attacker to a listener of the victim, then ACKs with its
+    4-tuple, crafted (out of window: the victim's TCP drops them): under every wrapping
+    the socket lookup finds the connection, as the counters see through the wrapping, and
+    the ACKs are solicited, never counted to their source. Controls: the same ACK to a port
+    no socket owns, or behind what the parser cannot follow, is unsolicited."""
+    v6 = family == 6
+    # A window longer than the test, so the source's counter never restarts in between.
+    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, drop_unparsable=False, window_ms=60_000))
+    srv = listen(lab.victim, v6)
+    with netns(lab.attacker):
+        cli = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+    try:
+        cli.connect((lab.addr("victim", v6), srv.getsockname()[1]))
+        frames, src, dst = Frames(lab), lab.addr("attacker", v6), lab.addr("victim", v6)
+        sport, dport = cli.getsockname()[1], srv.getsockname()[1]
+        ack = lambda port: w.tcp_segment(src, dst, sport, port, 1, 1, ACK)
+        wrapped = lambda name, tags=(), port=dport: [frames.frame(family, frames.ip(
+            family, src, socket.IPPROTO_TCP, ack(port), name, n + 1), tags) for n in range(FLOOD)]
+        cases = {(name, "untagged"): wrapped(name) for name in (w.V6_CHAINS if v6 else w.V4_WRAPPINGS)}
+        for name in ("plain", "chain" if v6 else "options"):
+            cases[(name, "qinq")] = wrapped(name, w.VLAN_TAGS["qinq"])
+        controls = {"closed_port": wrapped("plain", port=dport ^ 1),
+                    "truncated": [frames.frame(family, packet[:-8]) for packet in
+                                  (frames.ip(family, src, socket.IPPROTO_TCP, ack(dport), "plain", 1),)] * FLOOD}
+        if v6:
+            controls["chain_too_long"] = [frames.frame(family, w.ipv6(
+                src, dst, socket.IPPROTO_TCP, ack(dport), (w.DEST,) * (MAX_EXT_HEADERS + 1)))] * FLOOD
+
+        def counted() -> tuple[int, int]:
+            """(solicited packets, packets counted to the attacker's address) so far."""
+            s = next((x for x in probe.read_sources() if x.address == canonical(src)), None)
+            return probe.verdicts()["solicited"], s.packets if s else 0
+
+        def outcome(batch: list[bytes]) -> tuple[int, int]:
+            before = counted()
+            send(lab, batch)
+            delta = lambda: tuple(now - then for now, then in zip(counted(), before))
+            try:
+                wait_for(lambda: sum(delta()) >= FLOOD, 3.0)
+            except TimeoutError:
+                pass
+            return delta()
+
+        got = {case: outcome(batch) for case, batch in {**cases, **controls}.items()}
+        assert got == {**dict.fromkeys(cases, (FLOOD, 0)), **dict.fromkeys(controls, (0, FLOOD))}
+        assert probe.unparsed()["truncated"] == FLOOD
+        assert probe.unparsed()["chain_too_long"] == (FLOOD if v6 else 0)
+    finally:
+        cli.close()
+        srv.close()
         probe.close()
