@@ -51,7 +51,11 @@ CREDENTIAL_PATHS = ("/etc/shadow*", "/etc/gshadow*", "/etc/passwd*", "/etc/group
                     "*/.ssh/authorized_keys2")
 # The lists of executables (rules test an event's `exe_is`/`ancestors_are` against these
 # names) and the keys older configs used for comm names, refused with one sentence.
+# Debuggers and profilers root attaches to users' jobs with (breach.ptrace_other_user).
+DEBUGGERS = ("/usr/bin/gdb", "/usr/bin/strace", "/usr/bin/ltrace", "/usr/bin/py-spy",
+             "/usr/local/bin/py-spy", "/usr/bin/perf", "/usr/bin/perf_*", "/usr/bin/lldb*",
+             "/usr/bin/criu")
 EXE_LISTS = ("shells", "services", "service_managers", "package_managers", "admin_tools",
-             "bpf_loaders", "remote_access")
+             "bpf_loaders", "remote_access", "debuggers")
 REPLACED = {"service_comms": "services"}
 REFRESH_S = 10.0
