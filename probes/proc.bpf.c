@@ -233,28 +233,21 @@ int handle_sys_enter_ptrace(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_ptrace")
-int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
+/* The attach's outcome, with the tracee a successful one linked (entry state: request, pid). */
+static __always_inline int report_ptrace(__u64 request, __u64 pid, long ret)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	__u64 id = bpf_get_current_pid_tgid();
-	struct ptrace_pending *p = bpf_map_lookup_elem(&pending_ptrace, &id);
 	struct task_struct *tracee;
 	struct ptrace_event *e;
 	struct list_head *first;
 
-	if (!p)
-		return 0;
 	e = reserve(sizeof(*e), EVENT_PTRACE);
-	if (!e) {
-		bpf_map_delete_elem(&pending_ptrace, &id);
+	if (!e)
 		return 0;
-	}
 	fill_proc_ancestry(&e->proc, task);
-	e->request = p->request;
-	e->target_pid = p->pid;
-	e->result = ctx->ret;
-	bpf_map_delete_elem(&pending_ptrace, &id);
+	e->request = request;
+	e->target_pid = pid;
+	e->result = ret;
 	/* A successful attach links the tracee at the head of the tracer's ptraced list
 	 * (__ptrace_link: list_add), so the newest tracee is ptraced.next. */
 	first = BPF_CORE_READ(task, ptraced.next);
@@ -270,17 +263,28 @@ int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
 	return 0;
 }
 
+SEC("tracepoint/syscalls/sys_exit_ptrace")
+int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ptrace_pending *p = bpf_map_lookup_elem(&pending_ptrace, &id);
+	struct ptrace_pending q;
+
+	if (!p)
+		return 0;
+	q = *p;
+	bpf_map_delete_elem(&pending_ptrace, &id);
+	return report_ptrace(q.request, q.pid, ctx->ret);
+}
+
 /* --- bpf() ------------------------------------------------------------------------------- */
 
-SEC("tracepoint/syscalls/sys_enter_bpf")
-int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
+static __always_inline int report_bpf(__u64 cmd, const void *uattr, __u32 size)
 {
-	const union bpf_attr *uattr = (const void *)ctx->args[1];
-	__u32 size = ctx->args[2];
 	struct bpf_prog_load_event *e;
 	__u32 name_off = __builtin_offsetof(union bpf_attr, prog_name);
 
-	if (ctx->args[0] != BPF_PROG_LOAD_CMD || is_agent())
+	if (cmd != BPF_PROG_LOAD_CMD || is_agent())
 		return 0;
 	if (!owned())
 		return 0;
@@ -291,13 +295,19 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 	/* union bpf_attr is UAPI: fixed offsets, no CO-RE needed. Read no further than the
 	 * caller's size: the rest of its buffer is not ours to interpret. */
 	if (size >= 8) {
-		bpf_probe_read_user(&e->prog_type, 4, (void *)uattr);
-		bpf_probe_read_user(&e->insn_cnt, 4, (void *)uattr + 4);
+		bpf_probe_read_user(&e->prog_type, 4, uattr);
+		bpf_probe_read_user(&e->insn_cnt, 4, uattr + 4);
 	}
 	if (size >= name_off + COMM_LEN)
-		bpf_probe_read_user(e->prog_name, COMM_LEN, (void *)uattr + name_off);
+		bpf_probe_read_user(e->prog_name, COMM_LEN, uattr + name_off);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_bpf")
+int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
+{
+	return report_bpf(ctx->args[0], (const void *)ctx->args[1], ctx->args[2]);
 }
 
 /* --- several agents ------------------------------------------------------------------ */
@@ -407,3 +417,5 @@ int handle_sys_exit_fcntl(struct trace_event_raw_sys_exit *ctx)
 	bpf_map_delete_elem(&pending_dupfd, &id);
 	return check_dup(ctx->ret, DUP_FCNTL);
 }
+
+#include "compat.bpf.h"

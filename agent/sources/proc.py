@@ -112,6 +112,7 @@ class ProcProbe(OwnedScope, BpfProbe):
     RING_MAP = ProcMap.EVENTS
     LOSS_MAP = ProcMap.LOSSES
     OPTIONAL = frozenset(OPTIONAL)
+    RAW = abi.PROC_RAW
 
     def __init__(self, cfg: Config, *, agent_tgid: int | None = None, all_execs: bool = False,
                  ring_bytes: int = 1 << 20, object_path: str | os.PathLike = abi.PROC_OBJECT,
