@@ -335,7 +335,8 @@ int handle_agent_exit(void *ctx)
  *    "Redirect STDOUT/STDIN to Network Connection" watches). Read at the syscall's exit
  *    from the fd it returned, so only a duplication that happened is reported, and only
  *    when that socket is on no other standard fd yet (its arrival on stdio, once).
- * 2. A watched program (shell/interpreter) exec'd with its stdin and its stdout or stderr
+ * 2. A watched program (shell/interpreter), or an executable below none of the system's
+ *    executable directories (system_dirs), exec'd with its stdin and its stdout or stderr
  *    on pipes, fifos, ptys or unix sockets: each stream's kind and identity (pipe inode,
  *    fifo dev+inode, pty number, unix peer's inode) go to user space, which looks for the
  *    processes at the other ends and whether they hold a network connection
@@ -355,13 +356,17 @@ int handle_exec_stdio(void *ctx)
 		return 0;
 	if (!owned())
 		return 0;
-	exe_id(task, &exe);	/* a shell or interpreter by what it runs, not by its comm */
-	if (!(exe_flags(&exe) & EXE_PROGRAM))
-		return 0;
 	classify_fd(task_fd(task, 0), &fd0);
+	if (!is_channel(fd0.kind))
+		return 0;
 	classify_fd(task_fd(task, 1), &fd1);
 	classify_fd(task_fd(task, 2), &fd2);
-	if (!is_channel(fd0.kind) || !(is_channel(fd1.kind) || is_channel(fd2.kind)))
+	if (!(is_channel(fd1.kind) || is_channel(fd2.kind)))
+		return 0;
+	/* a shell or interpreter by what it runs, not by its comm; or any executable that
+	 * is no system file (a copied shell) */
+	exe_id(task, &exe);
+	if (!(exe_flags(&exe) & EXE_PROGRAM) && in_system_dir(task))
 		return 0;
 	e = reserve(sizeof(*e), EVENT_PROC_STDIO);
 	if (!e)

@@ -238,6 +238,7 @@ class ProcMap(enum.StrEnum):
     FOREIGN_NETNS = "foreign_netns"
     FOREIGN_AGENTS = "foreign_agents"
     PENDING_DUPFD = "pending_dupfd"
+    SYSTEM_DIRS = "system_dirs"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 

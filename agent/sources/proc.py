@@ -178,6 +178,9 @@ class ProcProbe(OwnedScope, BpfProbe):
         self._sync(ProcMap.WATCHED_DIR_IDS, [(_file_key(k), ctypes.c_uint8(1))
                                              for k in {d for d, _, _ in new.dirs}],
                    [_file_key(k) for k in {d for d, _, _ in old.dirs}])
+        self._sync(ProcMap.SYSTEM_DIRS, [(_file_key(k), ctypes.c_uint8(1))
+                                         for k in new.system_dirs],
+                   [_file_key(k) for k in old.system_dirs])
         lens = sum(1 << len(n.encode()) for _, n in new.names if len(n.encode()) < abi.NAME_LEN)
         self._map(ProcMap.WATCHED_NAME_LENS).update(ctypes.c_uint32(0), ctypes.c_uint64(lens))
         self._mark_service_cgroups()
