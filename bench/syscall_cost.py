@@ -1,7 +1,8 @@
 """What the process probe adds to every syscall of the host: raw_syscalls:sys_exit (the
 32-bit syscall handler, probes/compat.bpf.h) runs on each one; the syscalls:* tracepoint
 programs run only on their own syscalls. A C loop of N getppid() (built here with gcc),
-timed with no probe and with the probe loaded, alternating, the best of `--reps` each;
+timed with no probe, with the probe loaded without the compat handler, and with the whole
+probe, in turn, the best of `--reps` each;
 and the handler's own time from the kernel's BPF statistics (kernel.bpf_stats_enabled,
 turned on for the run and restored).
 
@@ -38,6 +39,13 @@ int main(int argc, char **argv) {
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
+class WithoutCompat(ProcProbe):
+    """The process probe less its raw_syscalls:sys_exit handler."""
+
+    def _classify(self):
+        return {**super()._classify(), ProcProg.COMPAT_EXIT: "left out for the comparison"}
+
+
 def per_call(binary: Path, calls: int) -> float:
     return float(subprocess.run([str(binary), str(calls)], capture_output=True, text=True,
                                 check=True, timeout=300).stdout)
@@ -60,19 +68,26 @@ def main() -> None:
         src.write_text(LOOP_C)
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(src)], check=True, timeout=120)
         cfg = Config(state_dir=d, probes=Probes(process_owners=str(Path(d) / "owners")))
-        without, with_probe = [], []
+        without, no_compat, with_probe = [], [], []
         stats_before = STATS.read_text().strip() if STATS.exists() else None
         probe = ProcProbe(cfg)
         try:
             for _ in range(args.reps):
                 without.append(per_call(binary, args.calls))
+                other = WithoutCompat(cfg)
+                other.open()
+                try:
+                    no_compat.append(per_call(binary, args.calls))
+                finally:
+                    other.close()
                 probe.open()
                 try:
-                    if STATS.exists():
+                    with_probe.append(per_call(binary, args.calls))
+                    if STATS.exists():      # the statistics' clock reads cost too: apart
                         STATS.write_text("1")
                     fd = probe._obj.program(ProcProg.COMPAT_EXIT).fd
                     t0, c0 = prog_stats(fd)
-                    with_probe.append(per_call(binary, args.calls))
+                    per_call(binary, args.calls)
                     t1, c1 = prog_stats(fd)
                 finally:
                     if stats_before is not None:
@@ -81,8 +96,10 @@ def main() -> None:
         finally:
             probe.close()
     out = {"calls": args.calls, "reps": args.reps, "cpus": os.cpu_count(),
-           "ns_per_syscall_without": min(without), "ns_per_syscall_with": min(with_probe),
-           "added_ns": round(min(with_probe) - min(without), 2),
+           "ns_no_probe": min(without), "ns_probe_without_compat": min(no_compat),
+           "ns_probe": min(with_probe),
+           "compat_added_ns": round(min(with_probe) - min(no_compat), 2),
+           "probe_added_ns": round(min(with_probe) - min(without), 2),
            "handler_ns_per_run": round((t1 - t0) / (c1 - c0), 2) if c1 > c0 else None,
            "handler_runs_last_rep": c1 - c0}
     print(json.dumps(out, indent=1))

@@ -1,15 +1,15 @@
 /* 32-bit syscalls of any process (x86-64 ia32 emulation: `int $0x80`, or a 32-bit
  * binary's sysenter/syscall): the syscalls:sys_enter_* and sys_exit_* tracepoints never
  * fire for them (the kernel's syscall tracer skips compat syscalls), so an open, dup2,
- * fcntl, ptrace or bpf issued that way would pass unseen. One raw tracepoint on
+ * fcntl, ptrace or bpf issued that way would pass unseen. One BTF raw tracepoint on
  * raw_syscalls:sys_exit, which fires for every syscall of the host, returns at once unless
  * the syscall number is one of the i386 numbers below AND the task is in a compat syscall
  * (thread_info.status & TS_COMPAT, set at a 32-bit syscall's entry and cleared on the way
  * back to user space, after this tracepoint), and hands the rest to the same checks as
  * the 64-bit tracepoints. The arguments are read from the saved registers (the kernel
  * leaves bx/cx/dx of a syscall untouched), so no entry handler is needed.
- * x86 only (CO-RE flavors: on another architecture the relocation fails and the program
- * is not loaded; user space does not ask for it there). Included by proc.bpf.c last. */
+ * x86 only (CO-RE flavors: on another architecture the relocation fails, the kernel
+ * refuses the program and status() reports it degraded). Included by proc.bpf.c last. */
 #ifndef SWARM_COMPAT_BPF_H
 #define SWARM_COMPAT_BPF_H
 
@@ -55,24 +55,26 @@ static __always_inline int compat_nr(long nr)
 	return 0;
 }
 
-SEC("raw_tracepoint/sys_exit")
-int handle_compat_sys_exit(struct bpf_raw_tracepoint_args *ctx)
+/* tp_btf: the tracepoint's arguments and the task are BTF pointers, read by plain loads
+ * (no helper call): this runs on every syscall of the host. */
+SEC("tp_btf/sys_exit")
+int handle_compat_sys_exit(__u64 *ctx)
 {
-	struct pt_regs___x86 *regs = (void *)ctx->args[0];
+	struct pt_regs___x86 *regs = (void *)ctx[0];
 	struct task_struct___x86 *task;
-	long ret = ctx->args[1];
-	long nr = BPF_CORE_READ(regs, orig_ax);
+	long ret = ctx[1];
+	long nr = regs->orig_ax;
 	__u32 a1, a2, a3;
 
 	if (!compat_nr(nr))
 		return 0;
-	task = (void *)bpf_get_current_task();
-	if (!(BPF_CORE_READ(task, thread_info.status) & TS_COMPAT))
+	task = (void *)bpf_get_current_task_btf();
+	if (!(task->thread_info.status & TS_COMPAT))
 		return 0;
 	/* i386 arguments: ebx, ecx, edx (32 bits: a 64-bit value in them is truncated) */
-	a1 = BPF_CORE_READ(regs, bx);
-	a2 = BPF_CORE_READ(regs, cx);
-	a3 = BPF_CORE_READ(regs, dx);
+	a1 = regs->bx;
+	a2 = regs->cx;
+	a3 = regs->dx;
 	switch (nr) {
 	case NR32_OPEN:
 		return check_open(ret, OPEN_OPEN);

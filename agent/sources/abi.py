@@ -214,10 +214,10 @@ PROC_TRACEPOINTS = {
     ProcProg.DUP3_EXIT: ("syscalls", "sys_exit_dup3"),
     ProcProg.FCNTL_ENTER: ("syscalls", "sys_enter_fcntl"),
     ProcProg.FCNTL_EXIT: ("syscalls", "sys_exit_fcntl"),
-    ProcProg.COMPAT_EXIT: ("raw_syscalls", "sys_exit"),    # a raw tracepoint (PROC_RAW)
+    ProcProg.COMPAT_EXIT: ("raw_syscalls", "sys_exit"),    # tp_btf (PROC_RAW)
 }
-# Attached as raw tracepoints (by the tracepoint's name alone): no perf record is built
-# for them, which matters on a tracepoint that fires for every syscall of the host.
+# BTF raw tracepoints (tp_btf): no perf record is built and their arguments are read by
+# plain loads, which matters on a tracepoint that fires for every syscall of the host.
 PROC_RAW = frozenset({ProcProg.COMPAT_EXIT})
 
 

@@ -44,7 +44,7 @@ class BpfProbe:
     LOSS_MAP: ClassVar[str]                    # per-CPU u64 at index 0: failed reserves
     # Programs whose tracepoint only some kernels have: ENOENT on attach is expected.
     OPTIONAL: ClassVar[frozenset] = frozenset()
-    # Programs attached as raw tracepoints (BPF_RAW_TRACEPOINT_OPEN by name).
+    # BTF raw tracepoint programs (tp_btf: the tracepoint is in the section name).
     RAW: ClassVar[frozenset] = frozenset()
     # status() reason of an attached tracepoint program.
     ATTACHED: ClassVar[str] = "attached to {category}:{name}"
@@ -136,7 +136,7 @@ class BpfProbe:
     def _attach_tracepoint(self, prog: enum.StrEnum, category: str, name: str) -> None:
         try:
             program = self._obj.program(prog)
-            self._links.append(program.attach_raw_tracepoint(name) if prog in self.RAW
+            self._links.append(program.attach_trace() if prog in self.RAW
                                else program.attach_tracepoint(category, name))
             self._set(prog, "loaded", self.ATTACHED.format(category=category, name=name))
         except OSError as e:

@@ -84,6 +84,8 @@ CREATED_KEPT = 1024     # files seen created, for attributing a rename over a wa
 CREATED_TTL_NS = 60 * 10**9   # ... and for how long (inode numbers are reused)
 SOON_S = 0.5            # refresh this soon after a file is created beside watched ones
 TICK_S = 0.25
+IA32_SYSCTL = "/proc/sys/abi/vsyscall32"   # exists where x86-64 runs 32-bit syscalls
+COMPAT_OFF = "not loaded: probes.compat_syscalls is false"
 
 
 def _text(raw) -> str:
@@ -143,6 +145,17 @@ class ProcProbe(OwnedScope, BpfProbe):
         rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs),
                                  netns_ino=self.netns, host_scope=int(self.host_scope))
         obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
+
+    def _classify(self) -> dict:
+        refused = super()._classify()
+        if not self.cfg.probes.compat_syscalls:
+            refused[ProcProg.COMPAT_EXIT] = COMPAT_OFF
+        return refused
+
+    def open(self) -> None:
+        super().open()
+        if not self.cfg.probes.compat_syscalls:
+            self._set(ProcProg.COMPAT_EXIT, "degraded", COMPAT_OFF)
 
     def _fill_maps(self) -> None:
         self.refresh()
@@ -271,8 +284,15 @@ class ProcProbe(OwnedScope, BpfProbe):
             self.correlator.close()
 
     def status(self) -> dict[str, dict[str, str]]:
-        """BpfProbe.status, plus the stdio correlation's counters while run() runs."""
+        """BpfProbe.status, plus the stdio correlation's counters while run() runs. Where
+        the kernel runs 32-bit syscalls (x86-64 ia32 emulation) and the compat handler
+        is not attached, its entry says what passes unseen."""
         out = super().status()
+        compat = out.get(ProcProg.COMPAT_EXIT.value)
+        if compat and compat["state"] != "loaded" and os.path.exists(IA32_SYSCTL):
+            compat["reason"] += ("; ia32 emulation is on: 32-bit syscalls (int 0x80) of any "
+                                 "process open watched files, dup sockets onto stdio, ptrace "
+                                 "and load BPF unseen")
         c = getattr(self, "correlator", None)
         if c is not None:
             problems = [text for n, text in (

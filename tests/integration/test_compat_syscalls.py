@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from agent.config import Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
 from agent.sources.abi import ProcProg
+from agent.sources.proc import ProcProbe
 from tests.conftest import skip_unsupported
 from tests.integration.test_proc_identity import probe  # noqa: F401 (fixture)
 
@@ -103,3 +105,21 @@ def test_i386_socket_onto_a_standard_stream(probe, detector, root, how, newfd):
     assert [(e.fields["newfd"], e.fields["syscall"]) for e in dups] == \
         [(newfd, "dup2" if how == "dup2" else "fcntl")]
     assert any(r.startswith("breach.socket_dup") for r in fired(detector, dups))
+
+
+def test_off_by_config_is_said_in_status(cfg, root):
+    """probes.compat_syscalls false: the handler is not loaded, and status says what passes
+    unseen while ia32 emulation is on; the rest of the probe runs."""
+    p = ProcProbe(replace(cfg, probes=replace(cfg.probes, compat_syscalls=False)))
+    p.open()
+    try:
+        st = p.status()
+        pid = int80(root, "open", str(root / "etc/shadow"))
+        time.sleep(0.3)
+        assert [e for e in p.poll() if e.fields.get("pid") == pid] == []
+    finally:
+        p.close()
+    assert st[ProcProg.COMPAT_EXIT]["state"] == "degraded"
+    assert "compat_syscalls is false" in st[ProcProg.COMPAT_EXIT]["reason"]
+    assert "ia32 emulation is on" in st[ProcProg.COMPAT_EXIT]["reason"]
+    assert st[ProcProg.OPENAT]["state"] == "loaded"
