@@ -45,7 +45,8 @@ Per kind:
   the exit of dup/dup2/dup3/fcntl F_DUPFD): newfd, syscall, family, remote, dport,
   sport, sock_ino, exe (the executable the kernel held, by inode: a configured one, else
   /proc/PID/exe while still that file, else None).
-- "proc.stdio", subject "pid:<pid>": a watched program exec'd with stdin and stdout or
+- "proc.stdio", subject "pid:<pid>": a watched program, or an executable below no
+  directory of breach.system_exec_dirs (kernel map system_dirs), exec'd with stdin and stdout or
   stderr on pipes/fifos/ptys/unix sockets: stdin/stdout/stderr kinds, stdio (per fd:
   kind, ino, dev, rdev, flags, family, pty), exe. ProcProbe.run correlates these off the
   loop into "proc.stdio_network" (agent/sources/stdio.py).
