@@ -4,6 +4,7 @@
  *   int80 open PATH        open(PATH, O_RDWR|O_APPEND) via i386 open (5)
  *   int80 dup2 PORT        connect to 127.0.0.1:PORT (64-bit), i386 dup2(sock, 1) (63)
  *   int80 fcntl PORT       connect, close(0), i386 fcntl64(sock, F_DUPFD, 0) (221)
+ *   int80 ptrace -         fork a child, i386 ptrace(PTRACE_ATTACH, child) (26), kill it
  * Exits 0 when the 32-bit call succeeded, 2 when it failed (-errno in the message). */
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -11,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static char path[4096];
@@ -54,6 +57,15 @@ int main(int argc, char **argv)
 		s = connected(argv[2]);
 		close(0);
 		r = sys32(221, s, F_DUPFD, 0);
+	} else if (!strcmp(argv[1], "ptrace")) {
+		s = fork();
+		if (s == 0) {
+			pause();
+			_exit(0);
+		}
+		r = sys32(26, 16, s, 0);	/* PTRACE_ATTACH */
+		kill(s, SIGKILL);
+		waitpid(s, NULL, 0);
 	} else {
 		return 1;
 	}

@@ -2,7 +2,8 @@
 syscalls:* tracepoints never fire for them, so proc.bpf.o's raw_syscalls:sys_exit handler
 (probes/compat.bpf.h) must report them. A 64-bit static non-PIE program built here with
 gcc (tests/integration/int80.c) opens a watched scratch file with the i386 open, and
-duplicates a TCP socket onto fd 1 (i386 dup2) and onto fd 0 (i386 fcntl64 F_DUPFD)."""
+duplicates a TCP socket onto fd 1 (i386 dup2) and onto fd 0 (i386 fcntl64 F_DUPFD), and
+attaches to its child with the i386 ptrace."""
 from __future__ import annotations
 
 import platform
@@ -105,6 +106,14 @@ def test_i386_socket_onto_a_standard_stream(probe, detector, root, how, newfd):
     assert [(e.fields["newfd"], e.fields["syscall"]) for e in dups] == \
         [(newfd, "dup2" if how == "dup2" else "fcntl")]
     assert any(r.startswith("breach.socket_dup") for r in fired(detector, dups))
+
+
+def test_i386_ptrace_attach(probe, root):
+    pid = int80(root, "ptrace", "-")
+    [ev] = events_of(probe, pid, "proc.ptrace")
+    f = ev.fields
+    assert (f["request"], f["result"]) == ("attach", 0)
+    assert f["target_tgid"] == f["target_pid"] and f["target_tgid"] != pid
 
 
 def test_off_by_config_is_said_in_status(cfg, root):
