@@ -90,6 +90,10 @@ class Probes:
     # Where the host's agents register the network namespace whose processes each owns
     # (README, "Running it"); shared by every agent on the host, writable by root only.
     process_owners: str = "/run/swarm-agent/process-owners"
+    # Watch 32-bit syscalls (x86-64 ia32 emulation, `int $0x80`), which skip every syscall
+    # tracepoint: one handler on raw_syscalls:sys_exit, ~0.08 us added to every syscall of
+    # the host (bench/RESULTS.md). Off: they pass unseen, and status says so.
+    compat_syscalls: bool = True
 
 
 @dataclass(frozen=True)

@@ -233,28 +233,21 @@ int handle_sys_enter_ptrace(struct trace_event_raw_sys_enter *ctx)
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_ptrace")
-int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
+/* The attach's outcome, with the tracee a successful one linked (entry state: request, pid). */
+static __always_inline int report_ptrace(__u64 request, __u64 pid, long ret)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	__u64 id = bpf_get_current_pid_tgid();
-	struct ptrace_pending *p = bpf_map_lookup_elem(&pending_ptrace, &id);
 	struct task_struct *tracee;
 	struct ptrace_event *e;
 	struct list_head *first;
 
-	if (!p)
-		return 0;
 	e = reserve(sizeof(*e), EVENT_PTRACE);
-	if (!e) {
-		bpf_map_delete_elem(&pending_ptrace, &id);
+	if (!e)
 		return 0;
-	}
 	fill_proc_ancestry(&e->proc, task);
-	e->request = p->request;
-	e->target_pid = p->pid;
-	e->result = ctx->ret;
-	bpf_map_delete_elem(&pending_ptrace, &id);
+	e->request = request;
+	e->target_pid = pid;
+	e->result = ret;
 	/* A successful attach links the tracee at the head of the tracer's ptraced list
 	 * (__ptrace_link: list_add), so the newest tracee is ptraced.next. */
 	first = BPF_CORE_READ(task, ptraced.next);
@@ -270,17 +263,28 @@ int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
 	return 0;
 }
 
+SEC("tracepoint/syscalls/sys_exit_ptrace")
+int handle_sys_exit_ptrace(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ptrace_pending *p = bpf_map_lookup_elem(&pending_ptrace, &id);
+	struct ptrace_pending q;
+
+	if (!p)
+		return 0;
+	q = *p;
+	bpf_map_delete_elem(&pending_ptrace, &id);
+	return report_ptrace(q.request, q.pid, ctx->ret);
+}
+
 /* --- bpf() ------------------------------------------------------------------------------- */
 
-SEC("tracepoint/syscalls/sys_enter_bpf")
-int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
+static __always_inline int report_bpf(__u64 cmd, const void *uattr, __u32 size)
 {
-	const union bpf_attr *uattr = (const void *)ctx->args[1];
-	__u32 size = ctx->args[2];
 	struct bpf_prog_load_event *e;
 	__u32 name_off = __builtin_offsetof(union bpf_attr, prog_name);
 
-	if (ctx->args[0] != BPF_PROG_LOAD_CMD || is_agent())
+	if (cmd != BPF_PROG_LOAD_CMD || is_agent())
 		return 0;
 	if (!owned())
 		return 0;
@@ -291,13 +295,19 @@ int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
 	/* union bpf_attr is UAPI: fixed offsets, no CO-RE needed. Read no further than the
 	 * caller's size: the rest of its buffer is not ours to interpret. */
 	if (size >= 8) {
-		bpf_probe_read_user(&e->prog_type, 4, (void *)uattr);
-		bpf_probe_read_user(&e->insn_cnt, 4, (void *)uattr + 4);
+		bpf_probe_read_user(&e->prog_type, 4, uattr);
+		bpf_probe_read_user(&e->insn_cnt, 4, uattr + 4);
 	}
 	if (size >= name_off + COMM_LEN)
-		bpf_probe_read_user(e->prog_name, COMM_LEN, (void *)uattr + name_off);
+		bpf_probe_read_user(e->prog_name, COMM_LEN, uattr + name_off);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_bpf")
+int handle_sys_enter_bpf(struct trace_event_raw_sys_enter *ctx)
+{
+	return report_bpf(ctx->args[0], (const void *)ctx->args[1], ctx->args[2]);
 }
 
 /* --- several agents ------------------------------------------------------------------ */
@@ -325,7 +335,8 @@ int handle_agent_exit(void *ctx)
  *    "Redirect STDOUT/STDIN to Network Connection" watches). Read at the syscall's exit
  *    from the fd it returned, so only a duplication that happened is reported, and only
  *    when that socket is on no other standard fd yet (its arrival on stdio, once).
- * 2. A watched program (shell/interpreter) exec'd with its stdin and its stdout or stderr
+ * 2. A watched program (shell/interpreter), or an executable below none of the system's
+ *    executable directories (system_dirs), exec'd with its stdin and its stdout or stderr
  *    on pipes, fifos, ptys or unix sockets: each stream's kind and identity (pipe inode,
  *    fifo dev+inode, pty number, unix peer's inode) go to user space, which looks for the
  *    processes at the other ends and whether they hold a network connection
@@ -345,13 +356,17 @@ int handle_exec_stdio(void *ctx)
 		return 0;
 	if (!owned())
 		return 0;
-	exe_id(task, &exe);	/* a shell or interpreter by what it runs, not by its comm */
-	if (!(exe_flags(&exe) & EXE_PROGRAM))
-		return 0;
 	classify_fd(task_fd(task, 0), &fd0);
+	if (!is_channel(fd0.kind))
+		return 0;
 	classify_fd(task_fd(task, 1), &fd1);
 	classify_fd(task_fd(task, 2), &fd2);
-	if (!is_channel(fd0.kind) || !(is_channel(fd1.kind) || is_channel(fd2.kind)))
+	if (!(is_channel(fd1.kind) || is_channel(fd2.kind)))
+		return 0;
+	/* a shell or interpreter by what it runs, not by its comm; or any executable that
+	 * is no system file (a copied shell) */
+	exe_id(task, &exe);
+	if (!(exe_flags(&exe) & EXE_PROGRAM) && in_system_dir(task))
 		return 0;
 	e = reserve(sizeof(*e), EVENT_PROC_STDIO);
 	if (!e)
@@ -407,3 +422,5 @@ int handle_sys_exit_fcntl(struct trace_event_raw_sys_exit *ctx)
 	bpf_map_delete_elem(&pending_dupfd, &id);
 	return check_dup(ctx->ret, DUP_FCNTL);
 }
+
+#include "compat.bpf.h"

@@ -73,6 +73,17 @@ struct {
 	__type(value, __u8);
 } watched_dir_ids SEC(".maps");
 
+/* The system's executable directories (breach.system_exec_dirs: a literal directory
+ * and a star), by the directory's (dev, ino): an executable below none of them that is
+ * exec'd with piped stdio goes to user space as a shell would (a copied shell in a
+ * pipeline). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct file_id);
+	__type(value, __u8);
+} system_dirs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);

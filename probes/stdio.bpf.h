@@ -86,6 +86,34 @@ static __always_inline void classify_fd(struct file *f, struct stdio_fd *out)
 	}
 }
 
+#define SYSTEM_DEPTH 8
+
+/* The executable lies below a directory of system_dirs (its parents, up to SYSTEM_DEPTH
+ * of them, by (dev, ino): d_parent never leaves the superblock, and a directory that is
+ * a mount point (/usr on its own filesystem) is that filesystem's root, whose identity
+ * stat() gave). Deeper, or unknown: not a system file, and user space judges the path. */
+static __always_inline int in_system_dir(struct task_struct *task)
+{
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct dentry *d = BPF_CORE_READ(exe, f_path.dentry), *parent;
+	struct file_id id = {};
+	int i;
+
+	if (!exe)
+		return 0;
+	id.dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
+	for (i = 0; i < SYSTEM_DEPTH; i++) {
+		parent = BPF_CORE_READ(d, d_parent);
+		if (!parent || parent == d)
+			return 0;
+		d = parent;
+		id.ino = BPF_CORE_READ(d, d_inode, i_ino);
+		if (bpf_map_lookup_elem(&system_dirs, &id))
+			return 1;
+	}
+	return 0;
+}
+
 static __always_inline int is_channel(__u16 kind)
 {
 	return kind == STDIO_PIPE || kind == STDIO_FIFO || kind == STDIO_PTY || kind == STDIO_UNIX;

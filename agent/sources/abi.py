@@ -192,6 +192,7 @@ class ProcProg(enum.StrEnum):
     DUP3_EXIT = "handle_sys_exit_dup3"
     FCNTL_ENTER = "handle_sys_enter_fcntl"
     FCNTL_EXIT = "handle_sys_exit_fcntl"
+    COMPAT_EXIT = "handle_compat_sys_exit"
 
 
 PROC_TRACEPOINTS = {
@@ -213,7 +214,11 @@ PROC_TRACEPOINTS = {
     ProcProg.DUP3_EXIT: ("syscalls", "sys_exit_dup3"),
     ProcProg.FCNTL_ENTER: ("syscalls", "sys_enter_fcntl"),
     ProcProg.FCNTL_EXIT: ("syscalls", "sys_exit_fcntl"),
+    ProcProg.COMPAT_EXIT: ("raw_syscalls", "sys_exit"),    # tp_btf (PROC_RAW)
 }
+# BTF raw tracepoints (tp_btf): no perf record is built and their arguments are read by
+# plain loads, which matters on a tracepoint that fires for every syscall of the host.
+PROC_RAW = frozenset({ProcProg.COMPAT_EXIT})
 
 
 class ProcMap(enum.StrEnum):
@@ -233,6 +238,7 @@ class ProcMap(enum.StrEnum):
     FOREIGN_NETNS = "foreign_netns"
     FOREIGN_AGENTS = "foreign_agents"
     PENDING_DUPFD = "pending_dupfd"
+    SYSTEM_DIRS = "system_dirs"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 

@@ -102,6 +102,7 @@ class Resolved:
     names: dict[tuple[str, str], Watch] = field(default_factory=dict)   # "*/dir/name"
     paths: dict[FileId, str] = field(default_factory=dict)   # watched files' paths now
     dir_paths: set[str] = field(default_factory=set)         # watched directories' paths now
+    system_dirs: set[FileId] = field(default_factory=set)    # system_exec_dirs' "DIR/*" dirs
 
 
 def on_host(root: str, path: str) -> str:
@@ -215,11 +216,32 @@ def _watch_file(path: str, w: Watch, into: Resolved, root: str) -> None:
 
 def resolve(cfg: Config, pats: list[tuple[str, str, int]],
             before: Resolved | None = None) -> Resolved:
-    r = Resolved(exes=resolve_exes(cfg))
+    r = Resolved(exes=resolve_exes(cfg), system_dirs=resolve_system_dirs(cfg))
     if before is not None:
         keep_running(before.exes, r.exes)
     resolve_watches(pats, r, cfg.breach.host_root)
     return r
+
+
+def resolve_system_dirs(cfg: Config) -> set[FileId]:
+    """The directories DIR of breach.system_exec_dirs patterns "DIR/*" (DIR literal): the
+    rules' glob puts everything below DIR in the system's executables, so the kernel may
+    skip those by the directory's identity. Other patterns give none (the kernel then
+    sends more, never less, and the rules judge the path). lstat: a symlinked DIR is
+    not followed (the kernel would see the target's files under another path)."""
+    out = set()
+    for pattern in cfg.breach.system_exec_dirs:
+        d = pattern[:-2] if pattern.endswith("/*") else pattern[:-1]   # "/dir/": "/dir/*"
+        if not pattern.endswith(("/*", "/")) or not d.startswith("/") or glob.has_magic(d):
+            continue
+        path = on_host(cfg.breach.host_root, d)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            out.add(file_id(st, path, follow=False))
+    return out
 
 
 def keep_running(old: dict[FileId, tuple[str, frozenset[str]]],

@@ -36,6 +36,7 @@ _SIGS: dict[str, tuple[object, list[object]]] = {
     "bpf_program__fd": (ctypes.c_int, [_P]),
     "bpf_program__set_autoload": (ctypes.c_int, [_P, ctypes.c_bool]),
     "bpf_program__attach_tracepoint": (_P, [_P, ctypes.c_char_p, ctypes.c_char_p]),
+    "bpf_program__attach_trace": (_P, [_P]),
     "bpf_link__destroy": (ctypes.c_int, [_P]),
     "bpf_xdp_attach": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _P]),
     "bpf_xdp_detach": (ctypes.c_int, [ctypes.c_int, ctypes.c_uint32, _P]),
@@ -217,6 +218,11 @@ class Program:
     def attach_tracepoint(self, category: str, name: str) -> "Link":
         ptr = check_ptr(_lib.bpf_program__attach_tracepoint(self.ptr, category.encode(), name.encode()),
                         f"attach {self.name} to tracepoint {category}:{name}")
+        return Link(ptr)
+
+    def attach_trace(self) -> "Link":
+        """A tp_btf (BTF raw tracepoint) program: the target is in its section name."""
+        ptr = check_ptr(_lib.bpf_program__attach_trace(self.ptr), f"attach {self.name}")
         return Link(ptr)
 
 

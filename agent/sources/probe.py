@@ -44,6 +44,8 @@ class BpfProbe:
     LOSS_MAP: ClassVar[str]                    # per-CPU u64 at index 0: failed reserves
     # Programs whose tracepoint only some kernels have: ENOENT on attach is expected.
     OPTIONAL: ClassVar[frozenset] = frozenset()
+    # BTF raw tracepoint programs (tp_btf: the tracepoint is in the section name).
+    RAW: ClassVar[frozenset] = frozenset()
     # status() reason of an attached tracepoint program.
     ATTACHED: ClassVar[str] = "attached to {category}:{name}"
 
@@ -133,7 +135,9 @@ class BpfProbe:
 
     def _attach_tracepoint(self, prog: enum.StrEnum, category: str, name: str) -> None:
         try:
-            self._links.append(self._obj.program(prog).attach_tracepoint(category, name))
+            program = self._obj.program(prog)
+            self._links.append(program.attach_trace() if prog in self.RAW
+                               else program.attach_tracepoint(category, name))
             self._set(prog, "loaded", self.ATTACHED.format(category=category, name=name))
         except OSError as e:
             if prog in self.OPTIONAL and e.errno == errno.ENOENT:

@@ -45,7 +45,8 @@ Per kind:
   the exit of dup/dup2/dup3/fcntl F_DUPFD): newfd, syscall, family, remote, dport,
   sport, sock_ino, exe (the executable the kernel held, by inode: a configured one, else
   /proc/PID/exe while still that file, else None).
-- "proc.stdio", subject "pid:<pid>": a watched program exec'd with stdin and stdout or
+- "proc.stdio", subject "pid:<pid>": a watched program, or an executable below no
+  directory of breach.system_exec_dirs (kernel map system_dirs), exec'd with stdin and stdout or
   stderr on pipes/fifos/ptys/unix sockets: stdin/stdout/stderr kinds, stdio (per fd:
   kind, ino, dev, rdev, flags, family, pty), exe. ProcProbe.run correlates these off the
   loop into "proc.stdio_network" (agent/sources/stdio.py).
@@ -84,6 +85,8 @@ CREATED_KEPT = 1024     # files seen created, for attributing a rename over a wa
 CREATED_TTL_NS = 60 * 10**9   # ... and for how long (inode numbers are reused)
 SOON_S = 0.5            # refresh this soon after a file is created beside watched ones
 TICK_S = 0.25
+IA32_SYSCTL = "/proc/sys/abi/vsyscall32"   # exists where x86-64 runs 32-bit syscalls
+COMPAT_OFF = "not loaded: probes.compat_syscalls is false"
 
 
 def _text(raw) -> str:
@@ -112,6 +115,7 @@ class ProcProbe(OwnedScope, BpfProbe):
     RING_MAP = ProcMap.EVENTS
     LOSS_MAP = ProcMap.LOSSES
     OPTIONAL = frozenset(OPTIONAL)
+    RAW = abi.PROC_RAW
 
     def __init__(self, cfg: Config, *, agent_tgid: int | None = None, all_execs: bool = False,
                  ring_bytes: int = 1 << 20, object_path: str | os.PathLike = abi.PROC_OBJECT,
@@ -142,6 +146,17 @@ class ProcProbe(OwnedScope, BpfProbe):
         rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs),
                                  netns_ino=self.netns, host_scope=int(self.host_scope))
         obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
+
+    def _classify(self) -> dict:
+        refused = super()._classify()
+        if not self.cfg.probes.compat_syscalls:
+            refused[ProcProg.COMPAT_EXIT] = COMPAT_OFF
+        return refused
+
+    def open(self) -> None:
+        super().open()
+        if not self.cfg.probes.compat_syscalls:
+            self._set(ProcProg.COMPAT_EXIT, "degraded", COMPAT_OFF)
 
     def _fill_maps(self) -> None:
         self.refresh()
@@ -177,6 +192,9 @@ class ProcProbe(OwnedScope, BpfProbe):
         self._sync(ProcMap.WATCHED_DIR_IDS, [(_file_key(k), ctypes.c_uint8(1))
                                              for k in {d for d, _, _ in new.dirs}],
                    [_file_key(k) for k in {d for d, _, _ in old.dirs}])
+        self._sync(ProcMap.SYSTEM_DIRS, [(_file_key(k), ctypes.c_uint8(1))
+                                         for k in new.system_dirs],
+                   [_file_key(k) for k in old.system_dirs])
         lens = sum(1 << len(n.encode()) for _, n in new.names if len(n.encode()) < abi.NAME_LEN)
         self._map(ProcMap.WATCHED_NAME_LENS).update(ctypes.c_uint32(0), ctypes.c_uint64(lens))
         self._mark_service_cgroups()
@@ -267,8 +285,15 @@ class ProcProbe(OwnedScope, BpfProbe):
             self.correlator.close()
 
     def status(self) -> dict[str, dict[str, str]]:
-        """BpfProbe.status, plus the stdio correlation's counters while run() runs."""
+        """BpfProbe.status, plus the stdio correlation's counters while run() runs. Where
+        the kernel runs 32-bit syscalls (x86-64 ia32 emulation) and the compat handler
+        is not attached, its entry says what passes unseen."""
         out = super().status()
+        compat = out.get(ProcProg.COMPAT_EXIT.value)
+        if compat and compat["state"] != "loaded" and os.path.exists(IA32_SYSCTL):
+            compat["reason"] += ("; ia32 emulation is on: 32-bit syscalls (int 0x80) of any "
+                                 "process open watched files, dup sockets onto stdio, ptrace "
+                                 "and load BPF unseen")
         c = getattr(self, "correlator", None)
         if c is not None:
             problems = [text for n, text in (

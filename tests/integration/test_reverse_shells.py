@@ -120,7 +120,7 @@ def test_python_dup2_and_pty_spawn(probe, detector, lab):
     assert (f["stdin"], f["input_network"], f["output_network"]) == ("pty", True, True)
     assert f["input_peer_exe"] == str(Path(PY).resolve()) and f["input_hops"] == 0
     assert (f["remote"], f["inbound"]) == (f"{listener.addr}:{listener.port}", False)
-    assert fired(detector, [net]) == {"breach.stdio_network@1"}
+    assert fired(detector, [net]) == {"breach.stdio_network@2"}
 
 
 # the classic, and the same with relays between (cat | cat): followed up to MAX_HOPS
@@ -138,7 +138,44 @@ def test_mkfifo_sh_nc(probe, detector, lab, tmp_path, script, hops):
     assert (f["input_hops"], f["output_hops"]) == hops
     assert set(f["streams"]) == {"stdin", "stdout", "stderr"}
     assert f["remote"] == f"{listener.addr}:{listener.port}"
-    assert fired(detector, nets) == {"breach.stdio_network@1"}
+    assert fired(detector, nets) == {"breach.stdio_network@2"}
+
+
+# a copy of dash under another name in the classic wiring: listed nowhere, but no system
+# file (breach.system_exec_dirs), so the kernel sends its stdio as a shell's
+COPIED_FIFO = 'rm -f "$2"; mkfifo "$2"; cat "$2" | "$3" -i 2>&1 | nc "$0" "$1" > "$2"'
+
+
+def test_mkfifo_copied_shell_nc(probe, detector, lab, tmp_path):
+    shutil.copy2(Path("/bin/sh").resolve(), tmp_path / "x")
+    with reverse_shell(lab, COPIED_FIFO, str(tmp_path / "f"), str(tmp_path / "x")) as (cg, _):
+        nets = shell_network(probe, cg)
+    [net] = [n for n in nets if n.fields["exe"] == str(tmp_path / "x")]
+    assert net.fields["exe_is"] == [] and (net.fields["input_peer_comm"],
+                                           net.fields["output_peer_comm"]) == ("nc", "nc")
+    assert fired(detector, [net]) == {"breach.stdio_network@2"}
+
+
+def test_copied_program_in_a_plain_pipeline_is_quiet(probe, detector, lab, tmp_path):
+    """A non-system executable between pipes is sent by the kernel (it could be a copied
+    shell) and correlated: no network at either end, nothing fires. The system's own cat
+    between pipes is not sent at all."""
+    shutil.copy2(Path("/bin/cat").resolve(), tmp_path / "mycat")
+    with throwaway_cgroup("swa-revsh") as d:
+        proc = run_wiring(lab, d, 'printf "hi\\n" | "$0" | cat | cat > /dev/null; sleep 1',
+                          str(tmp_path / "mycat"))
+        try:
+            sent = events_of(probe, cgroup_path(d), "proc.stdio",
+                             lambda e: e.fields["exe"] == str(tmp_path / "mycat"), timeout_s=5)
+            derived = [stdio.correlate(e, (0.05, 0.3), probe.exes) for e in sent]
+            proc.wait(timeout=10)
+            every = events_of(probe, cgroup_path(d), "proc.stdio", timeout_s=0)
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert len(sent) == 1 and sent[0].fields["stdin"] == "pipe"
+    assert every == sent        # /usr/bin/cat between two pipes: a system file
+    assert derived == [None] and fired(detector, sent) == set()
 
 
 def test_probe_run_correlates_off_the_loop(probe, lab, tmp_path):
@@ -173,14 +210,14 @@ def test_socat_exec(probe, detector, lab):
     [net] = nets
     f = net.fields
     assert (f["stdin"], f["stdout"], f["input_peer_comm"]) == ("unix", "unix", "socat")
-    assert fired(detector, nets) == {"breach.stdio_network@1"}
+    assert fired(detector, nets) == {"breach.stdio_network@2"}
 
 
 def test_pty_relay_without_dup(probe, detector, lab):
     with reverse_shell(lab, *python_wiring(PTY_RELAY)) as (cg, _):
         nets = shell_network(probe, cg)
         dups = events_of(probe, cg, "proc.stdio_dup", timeout_s=0.5)
-    assert dups == [] and fired(detector, nets) == {"breach.stdio_network@1"}
+    assert dups == [] and fired(detector, nets) == {"breach.stdio_network@2"}
 
 
 # --- benign: quiet ---------------------------------------------------------------------
@@ -291,7 +328,7 @@ def test_agent_isolates_a_mkfifo_reverse_shell(lab, tmp_path):
         cgdir = cgroup2_mount() / cg.lstrip("/")
         wait_for_state(lambda: "frozen 1" in (cgdir / "cgroup.events").read_text(), DEADLINE_S)
         inc = incident_of(agent, f"cgroup:{cg}")
-        assert inc["rules"] == ["breach.stdio_network@1"] and inc["state"] == "escalated"
+        assert inc["rules"] == ["breach.stdio_network@2"] and inc["state"] == "escalated"
         (m,) = cli(agent, "mitigations")
         assert (m["kind"], m["target"]) == ("isolate_service", cg)
         listener.conn.sendall(b"echo AGAIN-$((1+1))\n")       # the shell no longer answers
@@ -378,7 +415,7 @@ def test_shell_reading_a_fifo_on_btrfs(probe, detector, lab, btrfs_dir):
     f = net.fields
     assert (f["stdin"], f["input_network"], f["output_network"]) == ("fifo", True, True)
     assert f["input_peer_comm"] == "nc" and f["remote"] == f"{listener.addr}:{listener.port}"
-    assert fired(detector, nets) == {"breach.stdio_network@1"}
+    assert fired(detector, nets) == {"breach.stdio_network@2"}
 
 
 def test_socat_udp_sendto(probe, detector, lab):
@@ -407,4 +444,4 @@ def test_socat_udp_sendto(probe, detector, lab):
     [net] = nets
     f = net.fields
     assert (f["stdin"], f["input_peer_comm"], f["remote"]) == ("unix", "socat", "*:0")
-    assert fired(detector, nets) == {"breach.stdio_network@1"}
+    assert fired(detector, nets) == {"breach.stdio_network@2"}
