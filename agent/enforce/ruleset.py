@@ -29,8 +29,14 @@ CHALLENGE_CHAIN = "challenge_in"
 EXCHANGE_CHAIN = "exchange_out"
 UDP_PEERS = "udp_peers"
 DNAT_CHAIN = "dnat_seen"
+SYN_WAIT_CHAIN = "syn_wait"
 DNAT_PORTS = "dnat_ports"
 DNAT_PORTS_TIMEOUT_S = 86400  # a DNAT'd port is remembered this long after its last new flow
+# Challenged SYNs that keep conntrack (DNAT'd or forwarded, so never proxied) get this much
+# to complete their handshake instead of the kernel's 60-120 s: a forged flood then holds
+# at most rate x 5 s entries (262144 entries: 52k SYN/s) instead of filling the table.
+SYN_WAIT = "challenge_syn_wait"
+SYN_WAIT_S = 5
 # The SYN proxy's options towards clients: the MSS only. With `timestamp` (which the proxy
 # needs to carry window scaling and SACK in its cookie) every proxied connection to a local
 # listener waited ~1 s on Linux 6.18: the listener ignores the proxy's ACK (its per-
@@ -395,6 +401,22 @@ def _dnat_rules() -> list[dict[str, Any]]:
     return out
 
 
+def syn_wait_text() -> str:
+    """A second transaction (text: libnftables 1.0.6 drops a JSON `ct timeout` policy):
+    a challenged SYN that kept conntrack (DNAT'd, forwarded, or to a closed port) has an
+    entry, not yet confirmed, after conntrack and before NAT (SYN_WAIT_CHAIN, priority
+    -150); it gets SYN_WAIT_S to complete its handshake. A kernel without conntrack
+    timeout policies refuses it, and only this is missing."""
+    t, syn = f"{FAMILY} {TABLE}", "tcp flags & (fin|syn|rst|ack) == syn"
+    lines = [f"add ct timeout {t} {SYN_WAIT} {{ protocol tcp; l3proto inet; "
+             f"policy = {{ syn_sent: {SYN_WAIT_S}, syn_recv: {SYN_WAIT_S} }}; }}"]
+    lines += [f'add rule {t} {SYN_WAIT_CHAIN} {syn} {p} saddr @challenge{s} counter ct timeout set "{SYN_WAIT}"'
+              for _, p, _, s in _FAMILIES]
+    lines.append(f'add rule {t} {SYN_WAIT_CHAIN} {syn} meta l4proto . th dport @{CHALLENGE_SERVICE_SET} '
+                 f'counter ct timeout set "{SYN_WAIT}"')
+    return "\n".join(lines) + "\n"
+
+
 def _nat_rules(cfg: Config) -> list[dict[str, Any]]:
     rr = cfg.enforce.reroute
     sinks = [(p, s, addr) for (_, p, _, s), addr in zip(_FAMILIES, (rr.sinkhole_v4, rr.sinkhole_v6)) if addr]
@@ -425,6 +447,8 @@ def table_batch(cfg: Config, contents: Mapping[str, SetContents], now: float) ->
                                        policy="accept")}})
     cmds += _exchange_rules()
     cmds.append({"add": {"chain": _obj(name=DNAT_CHAIN, type="filter", hook="forward", prio=-5,
+                                       policy="accept")}})
+    cmds.append({"add": {"chain": _obj(name=SYN_WAIT_CHAIN, type="filter", hook="prerouting", prio=-150,
                                        policy="accept")}})
     cmds += _dnat_rules()
     cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-10, policy="accept")}}

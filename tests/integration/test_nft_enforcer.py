@@ -409,5 +409,8 @@ def test_a_challenge_never_cuts_off_dnat_or_routed_services(lab, enforcer):
             assert connect(lab.attacker, vic, PORT) == "host"
             if m.target != "tcp/9090":          # the local service is challenged too: proxied
                 assert _synproxy_valid(lab) == before + 1, m.kind
+            else:       # the DNAT'd service's tracked SYNs get a short conntrack timeout
+                waits = sh("nft", "list", "chain", "inet", "swarm_agent", "syn_wait", ns=lab.victim).stdout
+                assert e.syn_wait_refused is None and "counter packets 3 " in waits, waits
             e.lift(m)
         assert connect(lab.attacker, vic, 9090) == "container"

@@ -10,7 +10,7 @@ from agent.config import Config, Enforce, Reroute
 from agent.enforce import listing
 from agent.enforce.base import EnforceError, UnsupportedMitigation
 from agent.enforce.nft import _incremental, _validate
-from agent.enforce.ruleset import (CHALLENGE_CHAIN, DNAT_CHAIN, FILTER_CHAIN, NAT_CHAIN, Service, Span, desired_contents,
+from agent.enforce.ruleset import (CHALLENGE_CHAIN, DNAT_CHAIN, syn_wait_text, FILTER_CHAIN, NAT_CHAIN, Service, Span, desired_contents,
                                    elements_json, parse_service, partition, set_for, table_batch,
                                    timeout_s)
 from agent.model import Mitigation, MitigationKind as K
@@ -120,6 +120,8 @@ def test_challenges_take_their_own_sets_and_chain():
         text = json.dumps(r)
         assert ('"socket"' in text) != ("@dnat_ports" in text), r
         assert "@dnat_ports" not in text or "@challenge_v" in text     # sources only
+    text = syn_wait_text()      # a second, text transaction: the SYN wait of tracked ones
+    assert "policy = { syn_sent: 5, syn_recv: 5 }" in text and text.count("ct timeout set") == 3
     learn = _rules(batch, DNAT_CHAIN)
     assert len(learn) == 2 and all('"dnat"' in json.dumps(r) and "@dnat_ports" in json.dumps(r) for r in learn)
     chain = _rules(batch, CHALLENGE_CHAIN)
