@@ -390,11 +390,17 @@ def _exchange_rules() -> list[dict[str, Any]]:
 
 def _dnat_rules() -> list[dict[str, Any]]:
     """DNAT_CHAIN (forward) and CHALLENGE_CHAIN (input, a redirect) learn the ports that
-    the host's own NAT rules (Docker, kube-proxy) translate, from each new DNAT'd flow."""
+    the host's own NAT rules (Docker, kube-proxy) translate, from each new DNAT'd flow.
+    Never from a rerouted source: the agent's own DNAT (NAT_CHAIN) would let it teach any
+    port, and so take the SYN proxy off a challenged source's closed ports."""
     out = []
-    for proto in _PROTOS:       # `ct original proto-dst` has a type only for a known protocol
+    # `ct original proto-dst` has a type only for a known protocol.
+    for proto, (_, p, _, s) in ((proto, fam) for proto in _PROTOS for fam in _FAMILIES):
+        not_rerouted = {"match": {"op": "!=", "left": {"payload": {"protocol": p, "field": "saddr"}},
+                                  "right": f"@reroute{s}"}}
         learn = [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}},
-                 _ct_state("new"), {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                 not_rerouted, _ct_state("new"),
+                 {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
                  {"set": {"op": "update", "set": f"@{DNAT_PORTS}", "elem": {"concat": [
                      {"meta": {"key": "l4proto"}}, {"ct": {"key": "proto-dst", "dir": "original"}}]}}}]
         out += [_rule(DNAT_CHAIN, *learn), {"insert": {"rule": _obj(chain=CHALLENGE_CHAIN, expr=learn)}}]

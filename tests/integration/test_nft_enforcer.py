@@ -213,6 +213,10 @@ def test_reroute_to_sinkhole(lab, enforcer, v6):
         assert connect(lab.attacker, victim, PORT) == "real"
         e.apply(mit(MitigationKind.REROUTE, lab.addr("attacker", v6)), time.time())
         assert connect(lab.attacker, victim, PORT) == "sinkhole"
+        # The agent's own DNAT never teaches a port as DNAT'd (a rerouted source could
+        # otherwise take the SYN proxy off any port of a challenged one).
+        learned = sh("nft", "list", "set", "inet", "swarm_agent", "dnat_ports", ns=lab.victim).stdout
+        assert f". {PORT}" not in learned, learned
 
 
 def test_reroute_mark_seen_by_a_later_rule_and_remove_leaves_other_tables(lab, enforcer):

@@ -123,7 +123,8 @@ def test_challenges_take_their_own_sets_and_chain():
     text = syn_wait_text()      # a second, text transaction: the SYN wait of tracked ones
     assert "policy = { syn_sent: 5, syn_recv: 5 }" in text and text.count("ct timeout set") == 3
     learn = _rules(batch, DNAT_CHAIN)
-    assert len(learn) == 2 and all('"dnat"' in json.dumps(r) and "@dnat_ports" in json.dumps(r) for r in learn)
+    assert len(learn) == 4 and all('"dnat"' in json.dumps(r) and "@dnat_ports" in json.dumps(r)
+                                   and "@reroute_v" in json.dumps(r) for r in learn)
     chain = _rules(batch, CHALLENGE_CHAIN)
     assert [r[-1] for r in chain[:3]] == [{"accept": None}] * 3       # allowlist, established
     proxied = [r for r in chain if "synproxy" in r[-1]]
