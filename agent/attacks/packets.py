@@ -17,6 +17,7 @@ TTL = 64
 WINDOW = 64240
 TCP_HEADER_BYTES = 20
 SYN_FLAGS = (5 << 12) | 0x02     # data offset 5 words, SYN
+ACK_FLAGS = (5 << 12) | 0x10     # data offset 5 words, ACK (a segment of no flow)
 IPPROTO_TCP = socket.IPPROTO_TCP
 
 
@@ -55,9 +56,10 @@ def open_raw(family: int) -> socket.socket:
 
 
 class SynBuilder:
-    """Builds complete IPv4 or IPv6 packets carrying one TCP SYN to `dst`:`dport`."""
+    """Builds complete IPv4 or IPv6 packets carrying one TCP SYN (or `flags`) to `dst`:`dport`."""
 
-    def __init__(self, dst: str, dport: int):
+    def __init__(self, dst: str, dport: int, flags: int = SYN_FLAGS):
+        self.flags = flags
         self.v6 = family_of(dst) == socket.AF_INET6
         self.dst = packed(dst)
         self.dport = dport
@@ -65,14 +67,14 @@ class SynBuilder:
         # protocol and TCP length (same sum for the v4 and v6 pseudo-headers), and the
         # header words that never change.
         self._tcp_base = (word_sum(self.dst) + IPPROTO_TCP + TCP_HEADER_BYTES
-                          + dport + SYN_FLAGS + WINDOW)
+                          + dport + flags + WINDOW)
         self._ip_base = (0x4500 + 20 + TCP_HEADER_BYTES + ((TTL << 8) | IPPROTO_TCP)
                          + word_sum(self.dst))
 
     def syn(self, src: bytes, src_sum: int, sport: int, seq: int) -> bytes:
         """`src_sum` is word_sum(src), computed once per source address by the caller."""
         tcp_csum = fold(self._tcp_base + src_sum + sport + (seq >> 16) + (seq & 0xFFFF))
-        tcp = struct.pack("!HHIIHHHH", sport, self.dport, seq, 0, SYN_FLAGS, WINDOW, tcp_csum, 0)
+        tcp = struct.pack("!HHIIHHHH", sport, self.dport, seq, 0, self.flags, WINDOW, tcp_csum, 0)
         if self.v6:
             return struct.pack("!IHBB", 6 << 28, TCP_HEADER_BYTES, IPPROTO_TCP, TTL) + src + self.dst + tcp
         ident = seq & 0xFFFF

@@ -24,7 +24,7 @@ from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
 from agent.enforce.ruleset import (CHALLENGE_KINDS, ELEMENT_SETS, FAMILY, TABLE, Key, Service,
                                    SetContents, desired_contents, element_cmd, elements_json,
-                                   parse_network, set_for, table_batch)
+                                   parse_network, set_for, syn_wait_text, table_batch)
 from agent.model import Mitigation, MitigationKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -56,6 +56,7 @@ class NftEnforcer:
         self._addrs = AddressReader()
         self._desired: dict[str, Mitigation] = {}
         self._structure: str | None = None     # fingerprint of the table as last created
+        self.syn_wait_refused: str | None = None   # why the kernel refused ruleset.syn_wait_text
         self._loose_saved: str | None = None   # nf_conntrack_tcp_loose before a challenge
         # ... also kept on tmpfs, per namespace: a restart or crash during a challenge must
         # not take the agent's own 0 for the host's setting (a reboot resets both).
@@ -212,6 +213,9 @@ class NftEnforcer:
     def _recreate(self, desired: Sequence[Mitigation], now: float) -> None:
         contents = desired_contents(desired, self.cfg, now, self._allow)
         self._send(table_batch(self.cfg, contents, now))
+        # Best effort: without it, challenged DNAT'd SYNs keep the kernel's timeouts.
+        rc, _, err = self._nft.cmd(syn_wait_text())
+        self.syn_wait_refused = _first_line(err) if rc != 0 else None
         self._isolated = isolate.Isolation()
         # The isolation rules follow in a second transaction (text: see agent.enforce.isolate).
         iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)

@@ -28,6 +28,15 @@ CHALLENGE_SERVICE_SET = "svc_challenge"
 CHALLENGE_CHAIN = "challenge_in"
 EXCHANGE_CHAIN = "exchange_out"
 UDP_PEERS = "udp_peers"
+DNAT_CHAIN = "dnat_seen"
+SYN_WAIT_CHAIN = "syn_wait"
+DNAT_PORTS = "dnat_ports"
+DNAT_PORTS_TIMEOUT_S = 86400  # a DNAT'd port is remembered this long after its last new flow
+# Challenged SYNs that keep conntrack (DNAT'd or forwarded, so never proxied) get this much
+# to complete their handshake instead of the kernel's 60-120 s: a forged flood then holds
+# at most rate x 5 s entries (262144 entries: 52k SYN/s) instead of filling the table.
+SYN_WAIT = "challenge_syn_wait"
+SYN_WAIT_S = 5
 # The SYN proxy's options towards clients: the MSS only. With `timestamp` (which the proxy
 # needs to carry window scaling and SACK in its cookie) every proxied connection to a local
 # listener waited ~1 s on Linux 6.18: the listener ignores the proxy's ACK (its per-
@@ -230,6 +239,9 @@ def _limit(rate: int, burst: int) -> dict[str, Any]:
 
 
 _COUNTER = {"counter": {"packets": 0, "bytes": 0}}
+# A bare SYN (a connection attempt; before conntrack there is no ct state).
+_TCP_SYN = {"match": {"op": "==", "right": "syn", "left": {
+    "&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["fin", "syn", "rst", "ack"]]}}}
 _SVC_KEY = {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}
 
 
@@ -259,6 +271,8 @@ def _sets(cfg: Config) -> list[dict[str, Any]]:
         cmds.append({"add": {"set": _obj(name=name, type=svc_type, size=size, flags=["timeout"])}})
     cmds.append({"add": {"set": _obj(name=SERVICE_METER, type=svc_type, size=size, flags=["timeout"],
                                      timeout=METER_TIMEOUT_S)}})
+    cmds.append({"add": {"set": _obj(name=DNAT_PORTS, type=svc_type, size=size, flags=["timeout"],
+                                     timeout=DNAT_PORTS_TIMEOUT_S)}})
     return cmds
 
 
@@ -276,8 +290,7 @@ def _filter_rules(cfg: Config) -> list[dict[str, Any]]:
                          "stmt": [_limit(srl.packets_per_second, srl.burst)]}}
     in_svc = {"match": {"op": "==", "left": _SVC_KEY, "right": f"@{SERVICE_SET}"}}
     # Before conntrack there is no ct state: a TCP connection attempt is a bare SYN.
-    tcp_syn = {"match": {"op": "==", "right": "syn", "left": {
-        "&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["fin", "syn", "rst", "ack"]]}}}
+    tcp_syn = _TCP_SYN
     is_udp = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "udp"}}
     rules.append(_rule(c, tcp_syn, in_svc, svc_meter, _COUNTER, {"drop": None}))
     rules.append(_rule(c, is_udp, in_svc, svc_meter, _COUNTER, {"drop": None}))
@@ -286,14 +299,33 @@ def _filter_rules(cfg: Config) -> list[dict[str, Any]]:
         rules += [_rule(c, _match_saddr(p, f"reroute{s}"), set_mark, _COUNTER) for _, p, _, s in _FAMILIES]
     # A challenged source's or service's SYNs bypass conntrack, so the SYN proxy (in
     # CHALLENGE_CHAIN, after conntrack) answers them with cookies: the listener's queue
-    # and the conntrack table never see an unverified SYN.
-    rules += [_rule(c, tcp_syn, _match_saddr(p, f"challenge{s}"), {"notrack": None}) for _, p, _, s in _FAMILIES]
-    rules.append(_rule(c, tcp_syn, _in_services(CHALLENGE_SERVICE_SET), {"notrack": None}))
+    # and the conntrack table never see an unverified SYN. Only SYNs to this host that
+    # are not DNAT'd: an untracked SYN is never translated, so a published container or
+    # Kubernetes port would be cut off. A DNAT is known only after conntrack, so: a SYN
+    # that a local socket takes is proxied; a challenged service with no local socket
+    # is not one of this host's (DNAT'd, or closed); a challenged source's SYN to a port
+    # with no socket is proxied (a connect scan's resets are then verified) unless that
+    # port was seen DNAT'd (DNAT_PORTS, learned from real flows by DNAT_CHAIN).
+    # Forwarded SYNs keep conntrack and NAT and never meet the proxy (input hook).
+    not_dnat = {"match": {"op": "!=", "left": _SVC_KEY, "right": f"@{DNAT_PORTS}"}}
+    for _, p, _, s in _FAMILIES:
+        src = _match_saddr(p, f"challenge{s}")
+        rules.append(_rule(c, tcp_syn, src, _LOCAL_DST, _LOCAL_SOCKET, {"notrack": None}))
+        rules.append(_rule(c, tcp_syn, src, _LOCAL_DST, not_dnat, {"notrack": None}))
+    rules.append(_rule(c, tcp_syn, _in_services(CHALLENGE_SERVICE_SET), _LOCAL_DST, _LOCAL_SOCKET,
+                       {"notrack": None}))
     # A many-source UDP flood at a challenged service would fill conntrack with one
-    # unreplied entry per spoofed flow: its datagrams skip conntrack too, and each source
-    # gets its own limit (CHALLENGE_CHAIN), established exchanges included.
-    rules.append(_rule(c, is_udp, _in_services(CHALLENGE_SERVICE_SET), {"notrack": None}))
+    # unreplied entry per spoofed flow: its datagrams to a local socket skip conntrack
+    # too, and each source gets its own limit (CHALLENGE_CHAIN), exchanges included.
+    rules.append(_rule(c, is_udp, _in_services(CHALLENGE_SERVICE_SET), _LOCAL_DST, _LOCAL_SOCKET,
+                       {"notrack": None}))
     return rules
+
+
+# Destined to this host, and a local socket would take it (nft `socket` finds none: no
+# match). A DNAT'd port has no local socket before NAT.
+_LOCAL_DST = {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}
+_LOCAL_SOCKET = {"match": {"op": "==", "left": {"socket": {"key": "transparent"}}, "right": {"set": [0, 1]}}}
 
 
 def _in_services(name: str) -> dict[str, Any]:
@@ -356,6 +388,41 @@ def _exchange_rules() -> list[dict[str, Any]]:
     return out
 
 
+def _dnat_rules() -> list[dict[str, Any]]:
+    """DNAT_CHAIN (forward) and CHALLENGE_CHAIN (input, a redirect) learn the ports that
+    the host's own NAT rules (Docker, kube-proxy) translate, from each new DNAT'd flow.
+    Never from a rerouted source: the agent's own DNAT (NAT_CHAIN) would let it teach any
+    port, and so take the SYN proxy off a challenged source's closed ports."""
+    out = []
+    # `ct original proto-dst` has a type only for a known protocol.
+    for proto, (_, p, _, s) in ((proto, fam) for proto in _PROTOS for fam in _FAMILIES):
+        not_rerouted = {"match": {"op": "!=", "left": {"payload": {"protocol": p, "field": "saddr"}},
+                                  "right": f"@reroute{s}"}}
+        learn = [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto}},
+                 not_rerouted, _ct_state("new"),
+                 {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                 {"set": {"op": "update", "set": f"@{DNAT_PORTS}", "elem": {"concat": [
+                     {"meta": {"key": "l4proto"}}, {"ct": {"key": "proto-dst", "dir": "original"}}]}}}]
+        out += [_rule(DNAT_CHAIN, *learn), {"insert": {"rule": _obj(chain=CHALLENGE_CHAIN, expr=learn)}}]
+    return out
+
+
+def syn_wait_text() -> str:
+    """A second transaction (text: libnftables 1.0.6 drops a JSON `ct timeout` policy):
+    a challenged SYN that kept conntrack (DNAT'd, forwarded, or to a closed port) has an
+    entry, not yet confirmed, after conntrack and before NAT (SYN_WAIT_CHAIN, priority
+    -150); it gets SYN_WAIT_S to complete its handshake. A kernel without conntrack
+    timeout policies refuses it, and only this is missing."""
+    t, syn = f"{FAMILY} {TABLE}", "tcp flags & (fin|syn|rst|ack) == syn"
+    lines = [f"add ct timeout {t} {SYN_WAIT} {{ protocol tcp; l3proto inet; "
+             f"policy = {{ syn_sent: {SYN_WAIT_S}, syn_recv: {SYN_WAIT_S} }}; }}"]
+    lines += [f'add rule {t} {SYN_WAIT_CHAIN} {syn} {p} saddr @challenge{s} counter ct timeout set "{SYN_WAIT}"'
+              for _, p, _, s in _FAMILIES]
+    lines.append(f'add rule {t} {SYN_WAIT_CHAIN} {syn} meta l4proto . th dport @{CHALLENGE_SERVICE_SET} '
+                 f'counter ct timeout set "{SYN_WAIT}"')
+    return "\n".join(lines) + "\n"
+
+
 def _nat_rules(cfg: Config) -> list[dict[str, Any]]:
     rr = cfg.enforce.reroute
     sinks = [(p, s, addr) for (_, p, _, s), addr in zip(_FAMILIES, (rr.sinkhole_v4, rr.sinkhole_v6)) if addr]
@@ -385,6 +452,11 @@ def table_batch(cfg: Config, contents: Mapping[str, SetContents], now: float) ->
     cmds.append({"add": {"chain": _obj(name=EXCHANGE_CHAIN, type="filter", hook="output", prio=-5,
                                        policy="accept")}})
     cmds += _exchange_rules()
+    cmds.append({"add": {"chain": _obj(name=DNAT_CHAIN, type="filter", hook="forward", prio=-5,
+                                       policy="accept")}})
+    cmds.append({"add": {"chain": _obj(name=SYN_WAIT_CHAIN, type="filter", hook="prerouting", prio=-150,
+                                       policy="accept")}})
+    cmds += _dnat_rules()
     cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-10, policy="accept")}}
              for name, hook in ISOLATION_CHAINS]
     for name in ELEMENT_SETS:

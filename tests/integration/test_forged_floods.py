@@ -168,3 +168,36 @@ def test_real_work_is_never_mitigated():
         with sc.agent.store() as store:
             # ...yet nothing fired: they are solicited traffic.
             assert store.incidents() == [] and store.mitigations() == []
+
+
+def tcp_out_resets(ns: str) -> int:
+    lines = [line.split() for line in sh("cat", "/proc/net/snmp", ns=ns).stdout.splitlines()
+             if line.startswith("Tcp:")]
+    return int(dict(zip(lines[0][1:], lines[1][1:]))["OutRsts"])
+
+
+def test_random_source_ack_flood_is_challenged_and_reflects_no_resets():
+    """ACKs of no flow from 2000 spoofed sources at the service (no SYN, no per-source
+    rate worth a rule): net.distributed_packet_flood challenges the service, whose chain
+    drops segments of no flow, so the host stops reflecting one reset per packet."""
+    with Scenario() as sc:
+        client = Client(sc, duration_s=9)
+        time.sleep(1.0)
+        flood = dict(timeout_s=60, target=sc.target(False), port=SERVICE_PORT, sources=2000,
+                     rate=15000)
+        first = attacks.run(sc.lab.attacker, "distributed_ack_flood", count=45000, duration_s=3,
+                            **flood)
+        wait_for(lambda: ("challenge_service", f"tcp/{SERVICE_PORT}") in mitigations(sc), 5)
+        before = tcp_out_resets(sc.lab.victim)
+        second = attacks.run(sc.lab.attacker, "distributed_ack_flood", count=30000, duration_s=2,
+                             **flood)
+        reflected = tcp_out_resets(sc.lab.victim) - before
+        c = client.result()
+        got = mitigations(sc)
+        with sc.agent.store() as store:
+            rules = {r for inc in store.incidents() for r in inc.rules}
+        assert first["sent"] >= 20000 and second["sent"] >= 15000, (first, second)
+        assert "net.distributed_packet_flood@1" in rules, rules
+        assert not any(k in ("block_ip", "rate_limit_service") for k, _ in got), got
+        assert reflected <= second["sent"] // 100, (reflected, second["sent"])
+        assert c["ratio"] >= 0.95 and c["successes"] >= 35, (c, got)

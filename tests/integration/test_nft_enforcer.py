@@ -213,6 +213,10 @@ def test_reroute_to_sinkhole(lab, enforcer, v6):
         assert connect(lab.attacker, victim, PORT) == "real"
         e.apply(mit(MitigationKind.REROUTE, lab.addr("attacker", v6)), time.time())
         assert connect(lab.attacker, victim, PORT) == "sinkhole"
+        # The agent's own DNAT never teaches a port as DNAT'd (a rerouted source could
+        # otherwise take the SYN proxy off any port of a challenged one).
+        learned = sh("nft", "list", "set", "inet", "swarm_agent", "dnat_ports", ns=lab.victim).stdout
+        assert f". {PORT}" not in learned, learned
 
 
 def test_reroute_mark_seen_by_a_later_rule_and_remove_leaves_other_tables(lab, enforcer):
@@ -369,3 +373,48 @@ def test_challenged_source_passes_the_syn_proxy_and_tcp_loose_follows(lab, enfor
         with open(loose) as f:
             assert f.read().strip() == before        # restored with the last challenge
         assert connect(lab.attacker, vic, PORT) == "hi"
+
+
+def _synproxy_valid(lab: Lab) -> int:
+    rows = sh("cat", "/proc/net/stat/synproxy", ns=lab.victim).stdout.split("\n")[1:]
+    return sum(int(row.split()[3], 16) for row in rows if row.strip())     # cookie_valid
+
+
+def test_a_challenge_never_cuts_off_dnat_or_routed_services(lab, enforcer):
+    """Port 9090 of the victim is DNAT'd to a "container" namespace (Docker/Kubernetes
+    published ports); port PORT is a local listener. A challenge of the client, and of the
+    DNAT'd service, leave the forwarded service reachable (its SYNs keep conntrack and
+    NAT) and the container's own routed connections working under tcp_loose=0, while the
+    local service still goes through the SYN proxy."""
+    cont = lab.add_attacker(2)
+    caddr, vic, att = lab.addr("attacker", link=2), lab.addr("victim"), lab.addr("attacker")
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lab.victim)
+    sh("nft", "-f", "-", ns=lab.victim, input=f"""table ip docker {{
+      chain pre {{ type nat hook prerouting priority -100; tcp dport 9090 dnat to {caddr}:8080; }}
+      chain post {{ type nat hook postrouting priority 100; oifname "v2" masquerade; ip saddr {caddr} masquerade; }}
+      chain filt {{ type filter hook forward priority 0; policy drop;
+                   ct state established,related accept; ct state invalid drop;
+                   tcp dport {{ 8080, 7171 }} accept; }}
+    }}""")
+    sh("ip", "route", "replace", "default", "via", lab.addr("victim", link=2), ns=cont, check=False)
+    e = enforcer()
+    e.setup([], time.time())
+    with listener(cont, "0.0.0.0", 8080, "container"), listener(lab.victim, "0.0.0.0", PORT, "host"), \
+            listener(lab.attacker, "0.0.0.0", 7171, "outside"):
+        assert connect(lab.attacker, vic, 9090) == "container"
+        learned = sh("nft", "list", "set", "inet", "swarm_agent", "dnat_ports", ns=lab.victim).stdout
+        assert "tcp . 9090" in learned and f"tcp . {PORT}" not in learned, learned
+        for m in (mit(MitigationKind.CHALLENGE, att), mit(MitigationKind.CHALLENGE_SERVICE, "tcp/9090"),
+                  mit(MitigationKind.CHALLENGE_SERVICE, f"tcp/{PORT}")):
+            e.apply(m, time.time())
+            assert [connect(lab.attacker, vic, 9090) for _ in range(3)] == ["container"] * 3, m.kind
+            assert connect(cont, att, 7171) == "outside", m.kind      # routed, from the container
+            before = _synproxy_valid(lab)
+            assert connect(lab.attacker, vic, PORT) == "host"
+            if m.target != "tcp/9090":          # the local service is challenged too: proxied
+                assert _synproxy_valid(lab) == before + 1, m.kind
+            else:       # the DNAT'd service's tracked SYNs get a short conntrack timeout
+                waits = sh("nft", "list", "chain", "inet", "swarm_agent", "syn_wait", ns=lab.victim).stdout
+                assert e.syn_wait_refused is None and "counter packets 3 " in waits, waits
+            e.lift(m)
+        assert connect(lab.attacker, vic, 9090) == "container"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
 
@@ -9,7 +10,7 @@ from agent.config import Config, Enforce, Reroute
 from agent.enforce import listing
 from agent.enforce.base import EnforceError, UnsupportedMitigation
 from agent.enforce.nft import _incremental, _validate
-from agent.enforce.ruleset import (CHALLENGE_CHAIN, FILTER_CHAIN, NAT_CHAIN, Service, Span, desired_contents,
+from agent.enforce.ruleset import (CHALLENGE_CHAIN, DNAT_CHAIN, syn_wait_text, FILTER_CHAIN, NAT_CHAIN, Service, Span, desired_contents,
                                    elements_json, parse_service, partition, set_for, table_batch,
                                    timeout_s)
 from agent.model import Mitigation, MitigationKind as K
@@ -110,8 +111,20 @@ def test_challenges_take_their_own_sets_and_chain():
     assert got["svc_challenge"] == {Service("tcp", 80): NOW + 60} == got["svc_ratelimit"]
     batch = table_batch(Config(), {}, NOW)
     # Challenged SYNs skip conntrack before it runs; the SYN proxy answers them after it.
+    # Only those to this host that are not DNAT'd (an untracked SYN is never translated):
+    # a service's when a local socket takes them, a source's unless its port was seen DNAT'd.
     notrack = [r for r in _rules(batch, FILTER_CHAIN) if {"notrack": None} in r]
-    assert len(notrack) == 4 and sum("syn" in str(r[0]) for r in notrack) == 3
+    assert len(notrack) == 6 and sum("syn" in str(r[0]) for r in notrack) == 5
+    assert all('"fib"' in json.dumps(r) for r in notrack)
+    for r in notrack:
+        text = json.dumps(r)
+        assert ('"socket"' in text) != ("@dnat_ports" in text), r
+        assert "@dnat_ports" not in text or "@challenge_v" in text     # sources only
+    text = syn_wait_text()      # a second, text transaction: the SYN wait of tracked ones
+    assert "policy = { syn_sent: 5, syn_recv: 5 }" in text and text.count("ct timeout set") == 3
+    learn = _rules(batch, DNAT_CHAIN)
+    assert len(learn) == 4 and all('"dnat"' in json.dumps(r) and "@dnat_ports" in json.dumps(r)
+                                   and "@reroute_v" in json.dumps(r) for r in learn)
     chain = _rules(batch, CHALLENGE_CHAIN)
     assert [r[-1] for r in chain[:3]] == [{"accept": None}] * 3       # allowlist, established
     proxied = [r for r in chain if "synproxy" in r[-1]]

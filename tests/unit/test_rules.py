@@ -95,7 +95,7 @@ def test_shorter_kernel_window_scales_rates() -> None:
 def test_kernel_thresholds() -> None:
     assert kernel_thresholds(load_rules()) == {
         "syns": 200, "packets": 20000, "udp": 5000, "ports": 30, "conns": 100,
-        "resets": 50, "svc_syns": 1000, "svc_packets": 0, "svc_udp": 20000,
+        "resets": 50, "svc_syns": 1000, "svc_packets": 10000, "svc_udp": 20000,
         "svc_sources": 50}
     assert set(kernel_thresholds([]).values()) == {0}
 
