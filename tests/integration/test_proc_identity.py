@@ -20,13 +20,11 @@ import pytest
 from agent.breachlab import throwaway_cgroup
 from agent.config import Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
-from agent.sources import capability
-from agent.sources.abi import PROC_OBJECT, ProcProg
 from agent.sources.proc import ProcProbe
 from tests.conftest import skip_unsupported
+from tests.integration.test_proc_probe import loaded_probe
 
 pytestmark = pytest.mark.privileged
-REPO = Path(__file__).resolve().parents[2]
 PY = os.path.realpath(sys.executable)
 CG_PREFIX = "swa-ident"
 
@@ -69,22 +67,7 @@ def cfg(root: Path) -> Config:
 
 @pytest.fixture(scope="module")
 def probe(cfg: Config):
-    if shutil.which("clang") is None and not PROC_OBJECT.exists():
-        skip_unsupported("no clang to build probes/proc.bpf.o")
-    subprocess.run(["make", "-s", "-C", str(REPO / "probes")], check=True, timeout=300)
-    caps = capability.probe()
-    for need in ("btf", "tracepoint", "tracefs"):
-        if not caps[need][0]:
-            skip_unsupported(f"{need}: {caps[need][1]}")
-    p = ProcProbe(cfg)
-    p.open()
-    bad = {k: v for k, v in p.status().items()
-           if v["state"] != "loaded" and k != ProcProg.MODULE_LOAD}
-    if bad:
-        p.close()
-        skip_unsupported(f"process probe degraded here: {bad}")
-    yield p
-    p.close()
+    yield from loaded_probe(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ namespaces; the registrations go to a directory of the test's own."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,14 @@ import pytest
 
 from agent.config import Config, Probes
 from agent.lab import netns, serving
-from agent.sources import capability
-from agent.sources.abi import PROC_OBJECT, ProcProg
+from agent.sources.abi import ProcProg
 from agent.sources.owners import OwnerConflict
 from agent.sources.proc import ProcProbe
 from agent.sources.procscope import REFRESH_OWNERS_S
 from tests.conftest import skip_unsupported
+from tests.integration.test_proc_probe import require_proc_probe
 
 pytestmark = pytest.mark.privileged
-REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 # A "web server" that starts a shell: breach.service_shell's shape.
@@ -46,13 +44,7 @@ time.sleep(60)
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    if shutil.which("clang") is None and not PROC_OBJECT.exists():
-        skip_unsupported("no clang to build probes/proc.bpf.o")
-    subprocess.run(["make", "-s", "-C", str(REPO / "probes")], check=True, timeout=300)
-    caps = capability.probe()
-    for need in ("btf", "tracepoint", "tracefs"):
-        if not caps[need][0]:
-            skip_unsupported(f"{need}: {caps[need][1]}")
+    require_proc_probe()
 
 
 @pytest.fixture

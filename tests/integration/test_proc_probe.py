@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -59,9 +60,8 @@ def id_of(path: str) -> str:
     return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
 
 
-@pytest.fixture(scope="module")
-def probe(cfg: Config):
-    """The loaded probe (built first; a no-op when up to date); closed after the module."""
+def require_proc_probe() -> None:
+    """Build the probes (a no-op when up to date); skip where this kernel cannot run them."""
     if shutil.which("clang") is None and not PROC_OBJECT.exists():
         skip_unsupported("no clang to build probes/proc.bpf.o")
     subprocess.run(["make", "-s", "-C", str(REPO / "probes")], check=True, timeout=300)
@@ -69,6 +69,11 @@ def probe(cfg: Config):
     for need in ("btf", "tracepoint", "tracefs"):
         if not caps[need][0]:
             skip_unsupported(f"{need}: {caps[need][1]}")
+
+
+def loaded_probe(cfg: Config) -> Iterator[ProcProbe]:
+    """A process probe for `cfg`, every program loaded (else a skip), closed afterwards."""
+    require_proc_probe()
     p = ProcProbe(cfg)
     p.open()
     bad = {k: v for k, v in p.status().items()
@@ -78,6 +83,12 @@ def probe(cfg: Config):
         skip_unsupported(f"process probe degraded here: {bad}")
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def probe(cfg: Config):
+    """The loaded probe of this module's config; closed after the module."""
+    yield from loaded_probe(cfg)
 
 
 @pytest.fixture(scope="module")
