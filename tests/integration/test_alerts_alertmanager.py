@@ -148,6 +148,9 @@ def test_incidents_reach_alertmanager_routed_escalated_and_resolved(tmp_path, al
             later = await wait_for(
                 lambda: (a := active_alerts(alertmanager, 2))
                 and a.get(breach.id, {}).get("labels", {}).get("severity") == "critical" and a)
+            # Alertmanager may show the alerts before the notifier's post has returned and
+            # counted them: wait for the count, not only for what Alertmanager shows.
+            await wait_for(lambda: sum(sent) >= 5)
             return first, later
         finally:
             task.cancel()
