@@ -315,32 +315,11 @@ def validate(cfg: Config) -> Config:
                 raise ValueError
         except ValueError:
             raise ConfigError(f"enforce.reroute.{key}: {val!r} is not an IPv{version} address") from None
-    if rr.mark is not None and not 0 < rr.mark < 2**32:
-        raise ConfigError("enforce.reroute.mark must be between 1 and 4294967295")
-    positive = {
-        "enforce.set_size": cfg.enforce.set_size,
-        "enforce.rate_limit.packets_per_second": cfg.enforce.rate_limit.packets_per_second,
-        "enforce.rate_limit.burst": cfg.enforce.rate_limit.burst,
-        "enforce.service_rate_limit.packets_per_second": cfg.enforce.service_rate_limit.packets_per_second,
-        "enforce.service_rate_limit.burst": cfg.enforce.service_rate_limit.burst,
-        "enforce.challenge_rate_limit.packets_per_second": cfg.enforce.challenge_rate_limit.packets_per_second,
-        "enforce.challenge_rate_limit.burst": cfg.enforce.challenge_rate_limit.burst,
-        "mitigation.default_ttl_s": cfg.mitigation.default_ttl_s,
-        "mitigation.max_ttl_s": cfg.mitigation.max_ttl_s,
-        "mitigation.repeat_window_s": cfg.mitigation.repeat_window_s,
-        "mitigation.max_sources_per_rule": cfg.mitigation.max_sources_per_rule,
-        "probes.map_entries": cfg.probes.map_entries,
-        "probes.window_ms": cfg.probes.window_ms,
-    }
-    for key, val in positive.items():
-        if val <= 0:
-            raise ConfigError(f"{key} must be greater than 0 (got {val})")
+    _check_bounds(cfg)
     iso_ttl = cfg.mitigation.isolation_ttl_s
     if iso_ttl is not None and not 0 < iso_ttl <= cfg.mitigation.max_ttl_s:
         raise ConfigError("mitigation.isolation_ttl_s must be null (until released) or "
                           "greater than 0 and at most mitigation.max_ttl_s")
-    if cfg.mitigation.repeat_factor < 1:
-        raise ConfigError("mitigation.repeat_factor must be at least 1")
     if cfg.mitigation.max_ttl_s < cfg.mitigation.default_ttl_s:
         raise ConfigError("mitigation.max_ttl_s must not be below mitigation.default_ttl_s")
     if not cfg.probes.process_owners.startswith("/"):
@@ -380,11 +359,22 @@ def _check_host_port(key: str, value: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not host:port")
 
 
+def _check_bounds(cfg: Config) -> None:
+    """Every numeric key within configcheck.BOUNDS: load() checks them as it builds the
+    config; this holds a Config built in code (or the defaults) to the same ranges."""
+    for key in configcheck.BOUNDS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if value is None:
+            continue
+        try:
+            configcheck.number(key, value, isinstance(value, int))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def _check_mesh(m: Mesh) -> None:
-    for key in ("heartbeat_s", "batch_size", "timeout_s", "backoff_initial_s",
-                "backoff_max_s", "outbox_max", "outbox_hard_max"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"mesh.{key} must be greater than 0 (got {getattr(m, key)})")
     if m.outbox_hard_max < m.outbox_max:
         raise ConfigError("mesh.outbox_hard_max must not be below mesh.outbox_max")
     if m.endpoint is None:
@@ -405,9 +395,6 @@ _LABEL_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def _check_alerts(a: Alerts) -> None:
     if a.url is not None and not a.url.startswith(("http://", "https://")):
         raise ConfigError(f"alerts.url: {a.url!r} is not an http:// or https:// URL")
-    for key in ("resend_s", "timeout_s"):
-        if getattr(a, key) <= 0:
-            raise ConfigError(f"alerts.{key} must be greater than 0 (got {getattr(a, key)})")
     classes, severities = {c.value for c in EventClass}, {s.value for s in Severity}
     labelsets = {"alerts.labels": a.labels, "alerts.escalation_labels": a.escalation_labels}
     for key, table, known in (("class_labels", a.class_labels, classes),

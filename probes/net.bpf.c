@@ -90,9 +90,10 @@ struct {
 	__type(value, __u64);
 } unparsed SEC(".maps");
 
-static __always_inline void count_unparsed(__u32 why)
+/* Adds one to slot `index` of a per-CPU u64 array (no atomic needed: the CPU's own). */
+static __always_inline void bump(void *map, __u32 index)
 {
-	__u64 *n = bpf_map_lookup_elem(&unparsed, &why);
+	__u64 *n = bpf_map_lookup_elem(map, &index);
 
 	if (n)
 		*n += 1;
@@ -100,11 +101,7 @@ static __always_inline void count_unparsed(__u32 why)
 
 static __always_inline void count_loss(void)
 {
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&losses, &zero);
-
-	if (n)
-		*n += 1;	/* per-CPU slot: no atomic needed */
+	bump(&losses, 0);
 }
 
 static __always_inline struct net_thresholds *get_thresholds(void)
@@ -267,14 +264,6 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 		emit_service(&k, s, REASON_SVC_UDP, now);
 }
 
-static __always_inline void count_verdict(__u32 which)
-{
-	__u64 *n = bpf_map_lookup_elem(&verdicts, &which);
-
-	if (n)
-		*n += 1;
-}
-
 SEC("xdp")
 int handle_xdp(struct xdp_md *ctx)
 {
@@ -287,7 +276,7 @@ int handle_xdp(struct xdp_md *ctx)
 	if (!t || parsed < 0)
 		return XDP_PASS;
 	if (parsed > 0) {
-		count_unparsed(parsed);
+		bump(&unparsed, parsed);
 		/* What the kernel would still deliver but the parser cannot see into would hide
 		 * a flood from every rule: a chain longer than the parser follows, a tiny first
 		 * fragment (RFC 1858), a malformed header. Unknown upper layers and deep VLAN
@@ -302,10 +291,10 @@ int handle_xdp(struct xdp_md *ctx)
 	}
 	now = bpf_ktime_get_ns();
 	if (!parsed && solicited(ctx, &p, now)) {
-		count_verdict(0);
+		bump(&verdicts, 0);
 		return XDP_PASS;
 	}
-	count_verdict(1);
+	bump(&verdicts, 1);
 	count_source(&p, t, now);
 	if (p.proto)
 		count_service(&p, t, now);
@@ -400,14 +389,11 @@ static __always_inline void count_remote(const struct addr_key *k, __u16 dport, 
 	r = window_entry(reset == 2 ? (void *)&verified : (void *)&remotes, k, &fresh, now);
 	if (!r)
 		return;
-	if (reset == 2) {
+	if (reset) {
 		n = __sync_add_and_fetch(&r->resets, 1);
 		if (over(n, t->resets))
-			emit_remote(k, r, EVENT_TCP_RESET, REASON_VERIFIED_RESETS, n, dport, now);
-	} else if (reset) {
-		n = __sync_add_and_fetch(&r->resets, 1);
-		if (over(n, t->resets))
-			emit_remote(k, r, EVENT_TCP_RESET, REASON_RESETS, n, dport, now);
+			emit_remote(k, r, EVENT_TCP_RESET,
+				    reset == 2 ? REASON_VERIFIED_RESETS : REASON_RESETS, n, dport, now);
 	} else {
 		n = __sync_add_and_fetch(&r->conns, 1);
 		if (over(n, t->conns))

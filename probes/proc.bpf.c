@@ -375,7 +375,8 @@ int handle_exec_stdio(void *ctx)
 	e->fd[0] = fd0;
 	e->fd[1] = fd1;
 	e->fd[2] = fd2;
-	exe_identity(task, &e->exe_ino, &e->exe_dev);
+	e->exe_ino = exe.ino;	/* read once above (exe_id) */
+	e->exe_dev = exe.dev;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

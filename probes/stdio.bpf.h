@@ -33,14 +33,6 @@ static __always_inline struct file *task_fd(struct task_struct *task, __u32 fd)
 	return f;
 }
 
-static __always_inline void exe_identity(struct task_struct *task, __u64 *ino, __u32 *dev)
-{
-	struct inode *exe = BPF_CORE_READ(task, mm, exe_file, f_inode);
-
-	*ino = BPF_CORE_READ(exe, i_ino);
-	*dev = BPF_CORE_READ(exe, i_sb, s_dev);
-}
-
 static __always_inline void classify_fd(struct file *f, struct stdio_fd *out)
 {
 	struct inode *inode;
@@ -151,7 +143,8 @@ static __always_inline int check_dup(long ret, __u16 syscall)
 	if (!e)
 		return 0;
 	fill_proc_ancestry(&e->proc, task);
-	exe_identity(task, &e->exe_ino, &e->exe_dev);
+	e->exe_ino = e->proc.exe.ino;	/* fill_proc_ancestry read it (exe_id) */
+	e->exe_dev = e->proc.exe.dev;
 	e->newfd = ret;
 	e->syscall = syscall;
 	e->family = family;

@@ -39,6 +39,13 @@ def skip_unsupported(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture
+def setpriv() -> None:
+    """Tests that run a process as another user need setpriv (util-linux)."""
+    if shutil.which("setpriv") is None:
+        skip_unsupported("needs setpriv (util-linux)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("privileged"):

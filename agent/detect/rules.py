@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
+from agent.configcheck import YEAR_S
 from agent.detect import match
 from agent.model import Event, EventClass, Finding, Severity
 from agent.yamlsafe import YamlError, read_yaml
@@ -62,7 +63,7 @@ _RULE_KEYS = {"id", "version", "class", "severity", "event", "thresholds", "matc
               "action", "ttl_s", "exempt", "description", "scope", "where"}
 RULES_MAX_BYTES = 1 << 20   # per file; the packaged ones are a few KiB
 MAX_THRESHOLD = 1_000_000_000   # per second or per window: beyond any NIC, within u64 x window
-MAX_TTL_S = 365 * 86400         # nftables element timeouts (agent/configcheck.py)
+MAX_TTL_S = YEAR_S              # nftables element timeouts
 MAX_VERSION = 1_000_000
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 

@@ -263,14 +263,7 @@ class NftEnforcer:
         self._structure = listing.fingerprint(objs) if objs is not None else None
 
     def _list(self) -> list[dict[str, Any]] | None:
-        """The table's objects, or None when it does not exist."""
-        cmd = {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}
-        rc, out, err = self._nft.json_cmd(cmd)
-        if rc != 0:
-            if "No such file or directory" in err:
-                return None
-            raise EnforceError(f"cannot read table {FAMILY} {TABLE}: {_first_line(err)}", cmd)
-        return listing.objects(out)
+        return list_table(self._nft)
 
     def _send(self, cmds: list[dict[str, Any]]) -> None:
         """Send one atomic transaction; EnforceError (carrying the batch) when refused."""
@@ -340,3 +333,15 @@ def _first_line(err: str) -> str:
     lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
     msgs = [ln.split("Error:", 1)[1].strip() for ln in lines if "Error:" in ln]
     return msgs[0] if msgs else (lines[0] if lines else "unknown error")
+
+
+def list_table(nft: nftables.Nftables) -> list[dict[str, Any]] | None:
+    """The agent table's objects through handle `nft` (JSON output on), or None when the
+    table does not exist; EnforceError when it cannot be read."""
+    cmd = {"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]}
+    rc, out, err = nft.json_cmd(cmd)
+    if rc != 0:
+        if "No such file or directory" in err:
+            return None
+        raise EnforceError(f"cannot read table {FAMILY} {TABLE}: {_first_line(err)}", cmd)
+    return listing.objects(out)

@@ -19,9 +19,9 @@ from typing import NamedTuple
 import nftables
 
 from agent.enforce import listing
-from agent.enforce.base import EnforceError
-from agent.enforce.ruleset import (_ADDR_KINDS, CHALLENGE_SERVICE_SET, FAMILY,
-                                   ISOLATION_CHAINS, SERVICE_SET, TABLE, Service, Span)
+from agent.enforce.nft import list_table
+from agent.enforce.ruleset import (_ADDR_KINDS, CHALLENGE_SERVICE_SET, ISOLATION_CHAINS,
+                                   SERVICE_SET, Service, Span)
 from agent.model import MitigationKind
 
 _SET_KINDS = {f"{purpose}{suffix}": kind for kind, purpose in _ADDR_KINDS.items()
@@ -43,13 +43,7 @@ def read_table() -> list[dict] | None:
     when it cannot be read. Run in the network namespace the table belongs to."""
     nft = nftables.Nftables()
     nft.set_json_output(True)
-    rc, out, err = nft.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY,
-                                                                   "name": TABLE}}}]})
-    if rc != 0:
-        if "No such file or directory" in err:
-            return None
-        raise EnforceError(f"cannot read table {FAMILY} {TABLE}: {err.strip()}")
-    return listing.objects(out)
+    return list_table(nft)
 
 
 def in_force(objs: list[dict], now: float) -> list[InForce]:

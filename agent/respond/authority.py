@@ -209,10 +209,14 @@ def narrow(finding: Finding, kind: MitigationKind) -> Answer | None:
     target, why = None, ""
     if own_cgroup(actor.cgroup) and actor.owns_unit(actor.cgroup):
         assert actor.cgroup is not None
-        target = delegation_root(actor.cgroup.rstrip("/"), actor.uid)
+        try:
+            root: Path | None = cgroup2_mount()     # read once for both walks below
+        except CgroupError:
+            root = None
+        target = delegation_root(actor.cgroup.rstrip("/"), actor.uid, root)
         if not own_cgroup(target):
             target = None
-        elif (other := other_user(target, actor.uid)) is not None:
+        elif (other := other_user(target, actor.uid, root)) is not None:
             target, why = None, f" (it also holds processes of uid {other})"
     if target is not None:
         assert actor.cgroup is not None

@@ -207,23 +207,13 @@ class NetProbe(BpfProbe):
         to its source when the source address was readable. {} when nothing is loaded."""
         if self._obj is None:
             return {}
-        per_cpu = (ctypes.c_uint64 * libbpf.num_possible_cpus())()
-        counts = {}
-        for why in abi.ParseFailure:
-            self._map(NetMap.UNPARSED).lookup(ctypes.c_uint32(why), per_cpu)
-            counts[why.name.lower()] = sum(per_cpu)
-        return counts
+        return {why.name.lower(): sum(self._per_cpu(NetMap.UNPARSED, why))
+                for why in abi.ParseFailure}
 
     def verdicts(self) -> dict[str, int]:
         """Packets XDP has seen since load: solicited (never counted) and unsolicited."""
-        m = self._map(NetMap.VERDICTS)
-        ncpu = libbpf.num_possible_cpus()
-        out = {}
-        for index, name in ((0, "solicited"), (1, "unsolicited")):
-            values = (ctypes.c_uint64 * ncpu)()
-            m.lookup(ctypes.c_uint32(index), values)
-            out[name] = sum(values)
-        return out
+        return {name: sum(self._per_cpu(NetMap.VERDICTS, index))
+                for index, name in ((0, "solicited"), (1, "unsolicited"))}
 
     def _decode(self, record: bytes) -> Event | None:
         return to_event(abi.decode(record), self.cfg.window_ms)

@@ -168,8 +168,12 @@ class BpfProbe:
         """The loss counter of every possible CPU; [] when nothing is loaded."""
         if self._ring is None:
             return []
+        return self._per_cpu(self.LOSS_MAP, 0)
+
+    def _per_cpu(self, name: str, index: int) -> list[int]:
+        """Slot `index` of per-CPU u64 array map `name`, one value per possible CPU."""
         values = (ctypes.c_uint64 * libbpf.num_possible_cpus())()
-        self._map(self.LOSS_MAP).lookup(ctypes.c_uint32(0), values)
+        self._map(name).lookup(ctypes.c_uint32(index), values)
         return list(values)
 
     def poll(self) -> list[Event]:

@@ -458,7 +458,7 @@ struct stdio_dup_event {
 };
 _Static_assert(sizeof(struct stdio_dup_event) == 552, "stdio_dup_event size");
 
-/* Exec of a watched program (COMM_PROGRAM) whose stdin and stdout or stderr are pipes,
+/* Exec of a watched program (EXE_PROGRAM) whose stdin and stdout or stderr are pipes,
  * fifos, ptys or sockets: the shape user space correlates with the other ends. */
 struct proc_stdio_event {
 	struct event_header hdr;

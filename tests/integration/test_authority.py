@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from agent.lab import sh, wait_for
 from agent.model import Mitigation, MitigationKind
 from agent.scenario import AgentProcess
 from tests.conftest import skip_unsupported
-from tests.integration.test_breach_e2e import agent_stopped, cli, echoes
+from tests.integration.test_breach_e2e import agent_stopped, cli, echoes, started
 
 pytestmark = pytest.mark.privileged
 NOBODY = 65534
@@ -58,12 +57,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-@pytest.fixture
-def setpriv():
-    if shutil.which("setpriv") is None:
-        skip_unsupported("needs setpriv (util-linux)")
 
 
 def test_kill_process_kills_only_the_actors_session_members(setpriv):
@@ -104,6 +97,15 @@ def test_kill_process_kills_only_the_actors_session_members(setpriv):
             p.wait()
 
 
+def write_now(writer: subprocess.Popen[str]) -> None:
+    """Tell a WRITER to write, once it is ready; return when it has."""
+    assert writer.stdout is not None and writer.stdin is not None
+    assert writer.stdout.readline().strip() == "ready"
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    assert writer.stdout.readline().strip() == "wrote"
+
+
 def _watched_file() -> Path:
     d = Path(tempfile.mkdtemp(prefix="swa-auth-", dir="/tmp"))
     d.chmod(0o755)
@@ -122,12 +124,7 @@ def _agent(lab, tmp: Path, watched: Path) -> AgentProcess:
         "allowlist:\n  management: [192.0.2.0/24]\n"
         f"breach:\n  services: []\n  credential_paths: [{watched}]\n"
         "  read_paths: []\n"))
-    agent.start()
-    probes = cli(agent, "status")["probes"]
-    if not any(p["name"] == "handle_sys_exit_openat" and p["state"] == "loaded" for p in probes):
-        agent.stop()
-        skip_unsupported(f"the file open probe does not run here: {probes}")
-    return agent
+    return started(agent, "handle_sys_exit_openat")
 
 
 @pytest.mark.parametrize("own_cgroup", [True, False], ids=["own-cgroup", "root-cgroup"])
@@ -143,11 +140,7 @@ def test_unprivileged_credential_write_never_isolates_the_node(lab, tmp_path, se
              "/usr/bin/python3", "-c", WRITER, str(watched)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             start_new_session=True)
         try:
-            assert writer.stdout is not None and writer.stdin is not None
-            assert writer.stdout.readline().strip() == "ready"
-            writer.stdin.write("go\n")
-            writer.stdin.flush()
-            assert writer.stdout.readline().strip() == "wrote"
+            write_now(writer)
             if own_cgroup:
                 wait_for(lambda: "frozen 1" in (cg / "cgroup.events").read_text(), DEADLINE_S)
                 entity, kind, target = (f"cgroup:{cgroup_path(cg)}", "isolate_service",
@@ -255,11 +248,7 @@ def test_an_actor_cannot_move_out_of_the_isolation_of_a_cgroup_delegated_to_it(l
              "/usr/bin/python3", "-c", WRITER, str(watched)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            assert writer.stdout is not None and writer.stdin is not None
-            assert writer.stdout.readline().strip() == "ready"
-            writer.stdin.write("go\n")
-            writer.stdin.flush()
-            assert writer.stdout.readline().strip() == "wrote"
+            write_now(writer)
             wait_for(lambda: "frozen 1" in (top / "cgroup.events").read_text(), DEADLINE_S)
             (m,) = cli(agent, "mitigations")
             assert (m["kind"], m["target"]) == ("isolate_service", cgroup_path(top))

@@ -59,14 +59,19 @@ def cli(agent: AgentProcess, *args: str, ns: str | None = None) -> dict | list:
     return json.loads(proc.stdout)
 
 
-def start_agent(lab: Lab, tmp: Path, name: str, extra: str = "") -> AgentProcess:
-    agent = AgentProcess(lab.victim, tmp, agent_config(name, scoped_rules(tmp / "rules"), extra))
+def started(agent: AgentProcess, program: str) -> AgentProcess:
+    """`agent` started, with its probe program `program` loaded (else stopped, skipped)."""
     agent.start()
     probes = cli(agent, "status")["probes"]
-    if not any(p["name"] == "handle_sched_process_exec" and p["state"] == "loaded" for p in probes):
+    if not any(p["name"] == program and p["state"] == "loaded" for p in probes):
         agent.stop()
-        skip_unsupported(f"the process probe does not run here: {probes}")
+        skip_unsupported(f"{program} does not run here: {probes}")
     return agent
+
+
+def start_agent(lab: Lab, tmp: Path, name: str, extra: str = "") -> AgentProcess:
+    agent = AgentProcess(lab.victim, tmp, agent_config(name, scoped_rules(tmp / "rules"), extra))
+    return started(agent, "handle_sched_process_exec")
 
 
 def incident_of(agent: AgentProcess, entity: str) -> dict:

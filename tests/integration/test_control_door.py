@@ -58,11 +58,9 @@ def as_nobody(sock: Path, method: str, request: bytes = b"") -> str:
 
 
 @pytest.fixture
-def open_served(tmp_path):
+def open_served(tmp_path, setpriv):
     """A server whose run_dir, private directory and both sockets anyone may open, so
     only the credential checks refuse; the front allows `served.server.front.allowed_uids`."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
     open_dir = Path(tempfile.mkdtemp(prefix="swarm-door-"))
     os.chmod(open_dir, 0o755)
     s = Served(replace(make_cfg(tmp_path), run_dir=str(open_dir)))
@@ -127,9 +125,7 @@ def test_audit_carries_the_real_uid(open_served):
 
 
 @pytest.mark.parametrize("command", ["run", "cleanup"])
-def test_non_root_run_and_cleanup_exit_5(tmp_path, command):
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
+def test_non_root_run_and_cleanup_exit_5(tmp_path, command, setpriv):
     cfg = tmp_path / "config.yaml"   # unreadable to nobody: the privilege is checked first
     cfg.write_text(f"state_dir: {tmp_path}/state\nrun_dir: {tmp_path}/run\n")
     done = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",

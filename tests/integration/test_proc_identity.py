@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -386,10 +387,10 @@ def test_a_service_managers_start_marks_the_cgroup(probe, detector, root, manage
     assert fired(detector, [ev]) == ({"breach.service_shell@2"} if manager else set())
 
 
-@pytest.fixture
-def btrfs(tmp_path):
-    """A btrfs filesystem on a loop device, with a subvolume: stat(2)'s st_dev there is
-    the subvolume's anonymous device, not the superblock's dev_t the kernel reports."""
+def btrfs_image(tmp_path: Path) -> Iterator[Path]:
+    """A btrfs filesystem on a loop device (its mount point), with a subvolume `sub`:
+    stat(2)'s st_dev there is the subvolume's anonymous device, not the superblock's
+    dev_t the kernel reports. Unmounted afterwards."""
     if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
         skip_unsupported("no btrfs-progs (mkfs.btrfs)")
     img, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
@@ -405,6 +406,11 @@ def btrfs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def btrfs(tmp_path):
+    yield from btrfs_image(tmp_path)
 
 
 def test_watched_file_and_shell_on_btrfs(btrfs, tmp_path):

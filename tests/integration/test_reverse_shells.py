@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from agent.detect.rules import Detector, load_rules
 from agent.lab import Lab, wait_for as wait_for_state
 from agent.sources import stdio
 from tests.conftest import skip_unsupported
+from tests.integration.test_proc_identity import btrfs_image
 from tests.integration.test_proc_probe import probe, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.privileged
@@ -389,23 +389,9 @@ FIFO_DIRECT = 'rm -f "$2"; mkfifo "$2"; sh -i < "$2" 2>&1 | nc "$0" "$1" > "$2"'
 
 @pytest.fixture
 def btrfs_dir(tmp_path):
-    """A btrfs subvolume on a loop image: stat(2)'s st_dev there is the subvolume's own
-    anonymous device, not the superblock's dev_t the kernel reports."""
-    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
-        skip_unsupported("no btrfs-progs (mkfs.btrfs)")
-    img, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
-    with open(img, "wb") as f:
-        f.truncate(128 << 20)
-    mnt.mkdir()
-    subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
-    if subprocess.run(["mount", "-o", "loop", str(img), str(mnt)]).returncode:
-        skip_unsupported("cannot mount a btrfs loop image here")
-    try:
-        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "sub")], check=True,
-                       capture_output=True)
+    """A btrfs subvolume on a loop image (stat's st_dev there is not the kernel's)."""
+    for mnt in btrfs_image(tmp_path):
         yield mnt / "sub"
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_shell_reading_a_fifo_on_btrfs(probe, detector, lab, btrfs_dir):

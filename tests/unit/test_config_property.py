@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # install.sh --test, the [test] extra
+from hypothesis import strategies as st
 
 from agent import config, configcheck  # noqa: E402
 from agent.config import ConfigError  # noqa: E402
@@ -140,8 +139,18 @@ def _check_config(path: Path) -> None:
     assert "NaN" not in batch and "Infinity" not in batch
     pol = cfg.mitigation                                     # the longest ttl is finite
     assert lifetime_s(pol.max_ttl_s, 10**6, pol) <= pol.max_ttl_s
-    t = window_thresholds(PACKAGED, cfg.probes.window_ms)
-    assert all(0 <= getattr(t, name) < 2**64 for name, _ in t._fields_)
+    assert_fits_the_kernel(PACKAGED, cfg.probes.window_ms)
+
+
+def assert_fits_the_kernel(per_s: dict[str, int], window_ms: int) -> None:
+    """Each per-window threshold is below 2**64 before it is packed, and the u64 field
+    holds it unchanged (ctypes would wrap a larger value silently)."""
+    t = window_thresholds(per_s, window_ms)
+    for key in ("syns", "packets", "udp", "conns", "resets", "svc_syns", "svc_packets",
+                "svc_udp"):
+        value = int(per_s.get(key, 0))
+        want = max(1, math.ceil(value * window_ms / 1000)) if value else 0
+        assert want < 2**64 and getattr(t, key) == want, key
 
 
 PACKAGED = kernel_thresholds(load_rules())
@@ -208,8 +217,7 @@ def test_generated_rule_files(data, tail):
         _refused_well(e)
         return
     for cfg_window in (10, 60_000):   # the kernel's thresholds fit its u64 fields
-        t = window_thresholds(kernel_thresholds(rules), cfg_window)
-        assert all(0 <= getattr(t, name) < 2**64 for name, _ in t._fields_)
+        assert_fits_the_kernel(kernel_thresholds(rules), cfg_window)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
