@@ -14,6 +14,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from agent.config import EXE_LISTS, Config, breach_lists, split_pattern
 
@@ -128,6 +129,30 @@ def resolve_exes(cfg: Config) -> dict[FileId, tuple[str, frozenset[str]]]:
                 _, lists = out.setdefault(file_id(st, path), (path[cut:], set()))
                 lists.add(name)
     return {k: (p, frozenset(v)) for k, (p, v) in out.items()}
+
+
+class ListedExes:
+    """The executables of one config list, as a resolution the caller keeps current
+    (`exes`: ProcProbe.resolved.exes, re-resolved on its timer with host_root and the
+    kernel's device numbers): which of them a process runs now, by the kernel's identity
+    of /proc/PID/exe."""
+
+    def __init__(self, exes: Callable[[], dict[FileId, tuple[str, frozenset[str]]]],
+                 name: str):
+        self._exes, self.name = exes, name
+
+    def of_process(self, pid: int) -> str | None:
+        """The listed path of the executable `pid` runs now; None if unlisted or gone."""
+        exe = f"/proc/{pid}/exe"
+        try:
+            st = os.stat(exe)
+        except OSError:
+            return None
+        exes = self._exes()
+        if not any(ino == st.st_ino for _, ino in exes):   # cheap: no mount table read
+            return None
+        hit = exes.get(file_id(st, exe, mountinfo=f"/proc/{pid}/mountinfo"))
+        return hit[0] if hit is not None and self.name in hit[1] else None
 
 
 def patterns(cfg: Config) -> list[tuple[str, str, int]]:

@@ -64,7 +64,7 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from agent.config import REFRESH_S, Config, breach_lists
+from agent.config import REFRESH_S, Config
 from agent.model import Event
 from agent.sources import abi, ident, libbpf, stdio
 from agent.sources.abi import ProcMap, ProcProg
@@ -131,7 +131,7 @@ class ProcProbe(OwnedScope, BpfProbe):
         self.cgroups = CgroupNames()
         self.init_scope(cfg)
         # the stdio correlator's peers (found in /proc, not in an event) by inode
-        self.exes = stdio.ExeIndex(breach_lists(cfg)["remote_access"])
+        self.exes = ident.ListedExes(lambda: self.resolved.exes, "remote_access")
 
         self.resolved = ident.Resolved()
         self._paths: OrderedDict[ident.FileId, str] = OrderedDict()
@@ -394,10 +394,10 @@ class ProcProbe(OwnedScope, BpfProbe):
                      "insn_cnt": ev.insn_cnt, "ancestors": ancestors(p.ppid)}
         elif kind == abi.EventKind.STDIO_DUP:
             name, subject = "proc.stdio_dup", f"pid:{p.pid}"
-            extra = stdio.dup_fields(ev, self.exes)
+            extra = stdio.dup_fields(ev)
         elif kind == abi.EventKind.PROC_STDIO:
             name, subject = "proc.stdio", f"pid:{p.pid}"
-            extra = stdio.exec_stdio_fields(ev, self.exes)
+            extra = stdio.exec_stdio_fields(ev)
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)

@@ -4,11 +4,9 @@ master), the connected TCP/UDP sockets of a network namespace, and executables v
 by inode. Read only; every read tolerates a process that is gone."""
 from __future__ import annotations
 
-import glob
 import ipaddress
 import os
 import stat
-import time
 from dataclasses import dataclass, field
 
 MAX_LINKS = 200_000       # fd links read per snapshot of /proc; beyond it the snapshot is partial
@@ -19,48 +17,6 @@ NET_TABLES = ("tcp", "tcp6", "udp", "udp6")
 def user_dev(kdev: int) -> int:
     """A kernel dev_t (major << 20 | minor) as stat(2)'s st_dev."""
     return os.makedev(kdev >> 20, kdev & 0xFFFFF)
-
-
-class ExeIndex:
-    """(dev, inode) -> path of the executables named by config lists (globs expanded):
-    what a kernel identity is matched against when the process may have exec'd
-    something else since (systemd's child dup2s a socket, then execs the service at
-    once). Re-read when a lookup misses and the index is older than refresh_s (packages
-    replace binaries with new inodes)."""
-
-    def __init__(self, patterns: tuple[str, ...] = (), refresh_s: float = 10.0):
-        self.patterns = patterns
-        self.refresh_s = refresh_s
-        self._paths: dict[tuple[int, int], str] = {}
-        self._at = -refresh_s
-
-    def _build(self) -> None:
-        paths = {}
-        for pattern in self.patterns:
-            for path in sorted(glob.glob(pattern)):
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    continue
-                paths.setdefault((st.st_dev, st.st_ino), path)
-        self._paths, self._at = paths, time.monotonic()
-
-    def path(self, kdev: int, ino: int) -> str | None:
-        """The listed path of the file the kernel knows as (kdev, ino); None if unlisted."""
-        return self._lookup((user_dev(kdev), ino))
-
-    def of_process(self, pid: int) -> str | None:
-        """The listed path of the executable `pid` runs now; None if unlisted or gone."""
-        try:
-            st = os.stat(f"/proc/{pid}/exe")
-        except OSError:
-            return None
-        return self._lookup((st.st_dev, st.st_ino))
-
-    def _lookup(self, key: tuple[int, int]) -> str | None:
-        if key not in self._paths and time.monotonic() - self._at >= self.refresh_s:
-            self._build()
-        return self._paths.get(key)
 
 
 def verified_exe(pid: int, dev: int | None = None, ino: int | None = None) -> str | None:

@@ -51,7 +51,8 @@ from typing import Callable
 
 from agent.model import Event
 from agent.sources.abi import DUP_SYSCALLS, StdioKind
-from agent.sources.procfd import (Conn, ExeIndex, Snapshot, access, comm, fifo_id,
+from agent.sources.ident import ListedExes
+from agent.sources.procfd import (Conn, Snapshot, access, comm, fifo_id,
                                   fifo_kernel_id, tty_index, verified_exe)
 
 log = logging.getLogger("swarm_agent")
@@ -80,7 +81,7 @@ class Examiner:
     """One look at one shell's streams (blocking: run it in a worker thread)."""
 
     def __init__(self, snap: Snapshot, shell_pid: int, streams: list[dict],
-                 exes: ExeIndex | None = None):
+                 exes: ListedExes | None = None):
         self.snap = snap
         self.shell = shell_pid
         self.streams = streams
@@ -168,7 +169,7 @@ class Examiner:
         return None
 
 
-def examine(event: Event, snap: Snapshot, exes: ExeIndex | None = None) -> dict | None:
+def examine(event: Event, snap: Snapshot, exes: ListedExes | None = None) -> dict | None:
     """One look; None when the shell is gone, else the derived fields (maybe empty)."""
     f = event.fields
     pid = f["pid"]
@@ -214,7 +215,7 @@ class StdioCorrelator:
     share /proc snapshots (see _snapshot).
     """
 
-    def __init__(self, emit: Callable[[Event], None], exes: ExeIndex | None = None,
+    def __init__(self, emit: Callable[[Event], None], exes: ListedExes | None = None,
                  check_at_s: tuple[float, ...] = CHECK_AT_S, max_pending: int = MAX_PENDING):
         self.emit = emit
         self.exes = exes
@@ -305,7 +306,7 @@ async def correlate_async(event: Event, check_at_s: tuple[float, ...], look) -> 
 
 
 def correlate(event: Event, check_at_s: tuple[float, ...] = CHECK_AT_S,
-              exes: ExeIndex | None = None) -> Event | None:
+              exes: ListedExes | None = None) -> Event | None:
     """correlate_async, blocking, with a fresh snapshot per look (tests, tools)."""
     async def look(ev: Event) -> dict | None:
         return examine(ev, Snapshot.take(), exes)
@@ -322,7 +323,7 @@ def kind_name(kind: int) -> str:
 
 # --- decoding the kernel's events (agent/sources/proc.py) ---------------------------------
 
-def exec_stdio_fields(ev, exes: ExeIndex | None = None) -> dict:
+def exec_stdio_fields(ev) -> dict:
     """Fields of "proc.stdio": stdin/stdout/stderr kinds, and
     `stdio`: per fd {kind, ino, dev (kernel dev_t), rdev, flags, pty (index or None)}."""
     streams = []
@@ -335,7 +336,7 @@ def exec_stdio_fields(ev, exes: ExeIndex | None = None) -> dict:
             "stderr": streams[2]["kind"], "stdio": streams}
 
 
-def dup_fields(ev, exes: ExeIndex | None = None) -> dict:
+def dup_fields(ev) -> dict:
     """Fields of "proc.stdio_dup": newfd, syscall, family, remote ("addr:port"), dport,
     sport, sock_ino (the process's executable is in the common fields: exe, exe_is)."""
     v6 = ev.family == socket.AF_INET6

@@ -30,7 +30,6 @@ from agent.enforce.process import ProcessEnforcer, ProcessError
 from agent.lab import sh, wait_for
 from agent.model import Mitigation, MitigationKind
 from agent.scenario import AgentProcess
-from tests.conftest import skip_unsupported
 from tests.integration.test_breach_e2e import agent_stopped, cli, echoes, started
 
 pytestmark = pytest.mark.privileged

@@ -6,7 +6,6 @@ a shell behind a double fork is still in its service's cgroup. Watched files are
 files under /tmp that the config names (never the host's /etc/shadow)."""
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess

@@ -19,7 +19,6 @@ import tempfile
 import typing
 from pathlib import Path
 
-import pytest
 import yaml
 
 from hypothesis import HealthCheck, given, settings  # install.sh --test, the [test] extra

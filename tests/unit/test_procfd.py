@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.sources.procfd import ExeIndex, Snapshot, verified_exe
+from agent.config import Breach, Config
+from agent.sources.ident import ListedExes, resolve_exes
+from agent.sources.procfd import Snapshot, verified_exe
 
 SLEEPER = "import time; time.sleep(20)"
 
@@ -28,16 +30,18 @@ def test_exe_verified_by_inode_not_by_path(tmp_path: Path):
         st = os.stat(exe)
         assert verified_exe(proc.pid) == str(exe)
         assert verified_exe(proc.pid, kernel_dev(st.st_dev), st.st_ino) == str(exe)
-        index = ExeIndex((str(tmp_path / "dae*"),), refresh_s=0)
-        assert index.path(kernel_dev(st.st_dev), st.st_ino) == str(exe)
+        cfg = Config(breach=Breach(remote_access=(str(tmp_path / "dae*"),)))
+        resolved = resolve_exes(cfg)
+        index = ListedExes(lambda: resolved, "remote_access")
+        assert index.of_process(proc.pid) == str(exe)
+        assert ListedExes(lambda: resolved, "shells").of_process(proc.pid) is None
         # another file put at the same path: the running process is no longer "daemon"
         shutil.copy2(Path(sys.executable).resolve(), tmp_path / "new")
         os.replace(tmp_path / "new", exe)
         assert verified_exe(proc.pid) is None
-        # the index learns the new file on its next miss, and forgets the old one then
-        new = os.stat(exe)
-        assert index.path(kernel_dev(new.st_dev), new.st_ino) == str(exe)
-        assert index.path(kernel_dev(st.st_dev), st.st_ino) is None
+        # the probe's next resolution has the new file only: the old one is nothing
+        resolved = resolve_exes(cfg)
+        assert index.of_process(proc.pid) is None
     finally:
         proc.kill()
         proc.wait()
