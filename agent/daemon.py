@@ -130,6 +130,10 @@ class Agent:
         for what, problem in (("tracefs", ensure_tracefs()), ("cgroup2", ensure_cgroup2())):
             if problem:
                 log.warning(f"{what} unavailable", extra={"reason": problem})
+        from agent.sources.capability import CAPABILITIES, missing_capabilities
+
+        for cap in missing_capabilities():   # what then fails says why; this says what lacks
+            log.warning(f"{cap} missing", extra={"reason": f"needed to {CAPABILITIES[cap]}"})
 
     def _make_enforcer(self):
         # Dry run is the live enforcer stopping before each host change, so it plans what
