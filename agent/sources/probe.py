@@ -27,10 +27,12 @@ REFUSED = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOE
            errno.ENODEV, errno.EBUSY, 524}  # 524: the kernel's ENOTSUPP
 # A load refused with a verifier log is our program's fault ("failed"), unless the log says
 # the kernel lacks what the program uses: a helper this kernel (or this program type) does
-# not have ("unknown func"), or a field CO-RE found nowhere (libbpf poisons the instruction
-# as a call to unknown#195896080, 0xbad2310). Refusals without a log (EPERM for LSM and
-# fentry, an unknown program type) are the kernel's: "degraded".
-LACKING = ("unknown func", "invalid func unknown#195896080", "cannot use helper")
+# not have ("unknown func"), an instruction it does not know, or a field CO-RE found
+# nowhere (libbpf poisons the instruction as a call to unknown#195896080, 0xbad2310).
+# Refusals without a log (EPERM for LSM and fentry, an unknown program type) are the
+# kernel's: "degraded".
+LACKING = ("unknown func", "invalid func unknown#195896080", "cannot use helper",
+           "unknown opcode")
 
 
 def _verdict(prog: enum.StrEnum, e: OSError, lines: list[str]) -> tuple[str, str] | None:
