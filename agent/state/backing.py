@@ -34,9 +34,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from agent.state import dbfile
+from agent.state.batch import Batch, Syncer, tune
 from agent.state.dbfile import Corrupt, StoreError, is_storage_error
 
 log = logging.getLogger("swarm_agent")
@@ -89,6 +90,8 @@ class Backing:
         self._dirty = False               # memory holds writes not yet in `spill`
         self._spilled_at = 0.0
         self._spill_failing = False
+        self._batch: Batch | None = None     # the open batch() (its thread holds the lock)
+        self._syncer: Syncer | None = None
         if readonly:
             self._disk = dbfile.open_readonly(self.path)
         else:
@@ -277,19 +280,29 @@ class Backing:
             except sqlite3.Error as e:
                 if not is_storage_error(e):
                     raise
-                self._to_memory(f"reading {self.path} failed: {dbfile.sentence(e)}")
+                reason = f"reading {self.path} failed: {dbfile.sentence(e)}"
+                if self._batch is not None:
+                    self._batch_to_memory(self._batch, reason)
+                else:
+                    self._to_memory(reason)
             assert self._mem is not None
             return fn(self._mem)
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """`fn` in one transaction (inside an open batch(): joined to it); `durable`:
+        fsync'd before returning even while a Syncer defers it (the audit log)."""
         with self._lock:
             if self.readonly:
                 assert self._disk is not None
                 return dbfile.transaction(self._disk, fn)
+            if self._batch is not None:
+                return self._in_batch(self._batch, fn)
             if self._mem is None:
                 assert self._disk is not None
                 try:
-                    return dbfile.transaction(self._disk, fn)
+                    out = dbfile.transaction(self._disk, fn)
+                    self._committed(durable)
+                    return out
                 except sqlite3.Error as e:
                     if not is_storage_error(e):
                         raise
@@ -301,6 +314,95 @@ class Backing:
             out = dbfile.transaction(self._mem, fn)
             self._dirty = True
             return out
+
+    def _committed(self, durable: bool = False) -> None:
+        """A commit reached the disk connection: have the syncer make it durable."""
+        if self._syncer is not None:
+            if durable:
+                self._syncer.sync()
+            else:
+                self._syncer.dirty()
+
+    # -- batches (agent.state.batch) ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every write inside joins one transaction, committed at the end; an exception
+        leaves none of them written. Nested batches join the outermost."""
+        with self._lock:
+            if self._batch is not None or self.readonly:
+                yield
+                return
+            b = self._batch = Batch()
+            try:
+                self._batch_begin(b)
+                yield
+                self._batch_commit(b)
+            except BaseException:
+                b.abort()
+                raise
+            finally:
+                self._batch = None
+
+    def _batch_begin(self, b: Batch) -> None:
+        if self._mem is None:
+            assert self._disk is not None
+            try:
+                b.begin(self._disk)
+                return
+            except sqlite3.Error as e:
+                if not is_storage_error(e):
+                    raise
+                self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
+                return
+        self.health.write_failures += 1
+        b.begin(self._mem)
+
+    def _in_batch(self, b: Batch, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return b.run(fn)
+        except sqlite3.Error as e:
+            if b.db is not self._disk or not is_storage_error(e):
+                raise
+            self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
+        return b.run(fn)
+
+    def _batch_commit(self, b: Batch) -> None:
+        if b.db is self._disk:
+            try:
+                b.commit()
+                self._committed()
+                return
+            except sqlite3.Error as e:
+                if not is_storage_error(e):
+                    raise
+                self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
+        b.commit()
+        self._dirty = True
+
+    def _batch_to_memory(self, b: Batch, reason: str) -> None:
+        """The disk failed under an open batch: nothing of it stays there; the state
+        goes to memory and the batch's writes so far are redone in it."""
+        b.abort()
+        self.health.write_failures += 1
+        self._batch = None          # what on_lost re-records is committed on its own
+        try:
+            if self._mem is None:
+                self._to_memory(reason)
+        finally:
+            self._batch = b
+        assert self._mem is not None
+        b.replay(self._mem)
+
+    def start_syncing(self, every_s: float) -> None:
+        """Commit without fsync and have a thread fsync every `every_s` (agent.state.batch)."""
+        if self.readonly or self._syncer is not None:
+            return
+        with self._lock:
+            self._syncer = Syncer(self.path, every_s)
+            if self._disk is not None:
+                tune(self._disk)
+        self._syncer.start()
 
     def _to_memory(self, reason: str) -> None:
         self._degrade(reason)
@@ -375,8 +477,11 @@ class Backing:
                     self._base_lost = False
                 if self._disk is None:
                     self._disk = dbfile.connect(self.path)
+                    if self._syncer is not None:
+                        tune(self._disk)
                 self._mem.backup(self._disk)
                 dbfile.check(self._disk, self.path)
+                self._committed()
             except (sqlite3.Error, OSError) as e:
                 self.health.catch_up_failures += 1
                 if self.health.catch_up_failures in (1, 10) or \
@@ -398,6 +503,8 @@ class Backing:
             return True
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.stop()     # its last fsync; sqlite's closing checkpoint follows
         with self._lock:
             if self._mem is not None and not self.catch_up():
                 self._spill_now()       # a last try; else kept in the run directory
