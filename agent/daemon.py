@@ -336,6 +336,9 @@ class Agent:
             # What the packet parser could not follow: in `status` and the control API.
             "counters": {**self.counters,
                          **{f"events.dropped.{k}": n for k, n in self.queue.dropped.items()},
+                         # The control API carries counters, not the queue dict.
+                         "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
+                         "queue.capacity": self.queue.capacity,
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()}},
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],

@@ -146,7 +146,8 @@ class Responder:
         them on their own, so reconcile keeps rather than lifts them."""
         for m, rule in self._applied or ():
             try:
-                self._store.add_mitigation(m, rule=rule)
+                # Its incident went with the transaction: the row stands alone.
+                self._store.add_mitigation(replace(m, incident_id=None), rule=rule)
             except Exception:   # noqa: BLE001 -- logged; reconcile will lift it
                 log.exception("a mitigation in force could not be recorded",
                               extra={"kind": m.kind.value, "target": m.target})
