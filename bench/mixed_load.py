@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
                   for _ in range(args.exec_loops)]
         floods = [attacks.start(lab.attacker, "distributed_syn_flood", target=target,
                                 port=SERVICE_PORT, sources=4000, seed=n,
-                                duration_s=args.duration_s, count=args.duration_s * 2_000_000)
+                                duration_s=args.duration_s, count=int(args.duration_s * 2_000_000))
                   for n in range(args.senders)]
         time.sleep(1.0)
         scan = attacks.run(lab.attacker, "port_scan", timeout_s=60, target=target,
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         "net_events_to_user_space": net_events,
         "exec_events_per_s": round(execs / elapsed),
         "events": {k[len("events."):]: n for k, n in c.items()
-                   if k.startswith("events.") and not k.startswith("events.dropped.")},
+                   if k.startswith("events.") and not k.startswith(("events.dropped.", "events.failed"))},
         "dropped": {k[len("events.dropped."):]: n for k, n in c.items()
                     if k.startswith("events.dropped.")},
         "queue": {"capacity": c.get("queue.capacity"), "depth_max": c.get("queue.depth_max")},
