@@ -228,7 +228,8 @@ class Agent:
 
     def _failed(self, counter: str, e: Exception, **about: str) -> None:
         self.counters[counter] += 1
-        self.reporting.metrics.failed.labels(counter.split(".")[0].removesuffix("s")).inc()
+        if getattr(self, "reporting", None) is not None:
+            self.reporting.metrics.failed.labels(counter.split(".")[0].removesuffix("s")).inc()
         n = self.counters[counter]
         if n & (n - 1) == 0:     # the 1st, 2nd, 4th, 8th...: a flood of them is no log flood
             log.error("event processing failed; counted, the rest go on", exc_info=e,
