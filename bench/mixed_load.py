@@ -4,7 +4,7 @@ at once, against the real agent; threshold-to-enforced latency, queue depth and 
     sudo .venv/bin/python bench/mixed_load.py [--duration-s 30] [--senders 4] [--json]
     sudo .venv/bin/python bench/mixed_load.py --quick        # 6 s, for a smoke run
 
-One Scenario (agent.scenario: attacker/victim namespaces over a veth pair, the agent in
+One Scenario (swarmlab.scenario: attacker/victim namespaces over a veth pair, the agent in
 the victim, an echo server on SERVICE_PORT). For --duration-s, at once:
 - `--senders` processes flood the victim with SYNs from 4000 spoofed sources (as fast as
   each can; the achieved rate is what the victim's interface received, from its own
@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import attacks  # noqa: E402
-from agent.lab import sh, spawn_in  # noqa: E402
-from agent.scenario import SERVICE_PORT, Scenario, _proc_stat  # noqa: E402
+from swarmlab import attacks  # noqa: E402
+from swarmlab.lab import sh, spawn_in  # noqa: E402
+from swarmlab.scenario import SERVICE_PORT, Scenario, _proc_stat  # noqa: E402
 
 STORM = 'end=$(($(date +%s) + {s})); while [ $(date +%s) -lt $end ]; do ' \
         'for i in 1 2 3 4 5 6 7 8 9 10; do /bin/sh -c :; done; done'

@@ -34,10 +34,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from agent.state import dbfile
-from agent.state.batch import Batch, Syncer, tune
+from agent.state.batch import Batch, Batching, Syncer, tune
 from agent.state.dbfile import Corrupt, StoreError, is_storage_error
 
 log = logging.getLogger("swarm_agent")
@@ -66,7 +66,7 @@ class Health:
                 "catch_up_failures": self.catch_up_failures, "recovered": list(self.recovered)}
 
 
-class Backing:
+class Backing(Batching):
     """The connection the store uses, with the fallback above. `read(fn)` and `write(fn)`
     run `fn(connection)` under one lock (write: in one BEGIN IMMEDIATE transaction)."""
 
@@ -314,95 +314,6 @@ class Backing:
             out = dbfile.transaction(self._mem, fn)
             self._dirty = True
             return out
-
-    def _committed(self, durable: bool = False) -> None:
-        """A commit reached the disk connection: have the syncer make it durable."""
-        if self._syncer is not None:
-            if durable:
-                self._syncer.sync()
-            else:
-                self._syncer.dirty()
-
-    # -- batches (agent.state.batch) ----------------------------------------------------------
-
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Every write inside joins one transaction, committed at the end; an exception
-        leaves none of them written. Nested batches join the outermost."""
-        with self._lock:
-            if self._batch is not None or self.readonly:
-                yield
-                return
-            b = self._batch = Batch()
-            try:
-                self._batch_begin(b)
-                yield
-                self._batch_commit(b)
-            except BaseException:
-                b.abort()
-                raise
-            finally:
-                self._batch = None
-
-    def _batch_begin(self, b: Batch) -> None:
-        if self._mem is None:
-            assert self._disk is not None
-            try:
-                b.begin(self._disk)
-                return
-            except sqlite3.Error as e:
-                if not is_storage_error(e):
-                    raise
-                self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
-                return
-        self.health.write_failures += 1
-        b.begin(self._mem)
-
-    def _in_batch(self, b: Batch, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return b.run(fn)
-        except sqlite3.Error as e:
-            if b.db is not self._disk or not is_storage_error(e):
-                raise
-            self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
-        return b.run(fn)
-
-    def _batch_commit(self, b: Batch) -> None:
-        if b.db is self._disk:
-            try:
-                b.commit()
-                self._committed()
-                return
-            except sqlite3.Error as e:
-                if not is_storage_error(e):
-                    raise
-                self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
-        b.commit()
-        self._dirty = True
-
-    def _batch_to_memory(self, b: Batch, reason: str) -> None:
-        """The disk failed under an open batch: nothing of it stays there; the state
-        goes to memory and the batch's writes so far are redone in it."""
-        b.abort()
-        self.health.write_failures += 1
-        self._batch = None          # what on_lost re-records is committed on its own
-        try:
-            if self._mem is None:
-                self._to_memory(reason)
-        finally:
-            self._batch = b
-        assert self._mem is not None
-        b.replay(self._mem)
-
-    def start_syncing(self, every_s: float) -> None:
-        """Commit without fsync and have a thread fsync every `every_s` (agent.state.batch)."""
-        if self.readonly or self._syncer is not None:
-            return
-        with self._lock:
-            self._syncer = Syncer(self.path, every_s)
-            if self._disk is not None:
-                tune(self._disk)
-        self._syncer.start()
 
     def _to_memory(self, reason: str) -> None:
         self._degrade(reason)

@@ -10,6 +10,9 @@ journal there, so the batch lands whole in the memory copy instead of half on di
 replay runs the same functions on the same rows, so they must not draw their own ids or
 clocks (the store's callers pass them in).
 
+Batching is the part of agent.state.backing that runs them (a mixin: the connections,
+the lock and the fallback to memory are the backing's).
+
 Syncer: the agent commits with synchronous=NORMAL (a commit is written to the WAL, not
 fsync'd) and this thread fsyncs the WAL shortly after (SYNC_EVERY_S), and checkpoints it
 when it grows. A commit survives a crash of the agent at once (the WAL is in the page
@@ -25,7 +28,10 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
+
+from agent.state import dbfile
+from agent.state.dbfile import is_storage_error
 
 log = logging.getLogger("swarm_agent")
 T = TypeVar("T")
@@ -161,3 +167,108 @@ class Syncer:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self.sync()
+
+
+class Batching:
+    """Backing's batches and syncing (agent.state.backing keeps the connections, the lock
+    and the fallback to memory these use)."""
+
+    path: Path
+    readonly: bool
+    health: Any
+    _lock: threading.RLock
+    _disk: sqlite3.Connection | None
+    _mem: sqlite3.Connection | None
+    _batch: Batch | None
+    _syncer: Syncer | None
+    _dirty: bool
+
+    def _to_memory(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _committed(self, durable: bool = False) -> None:
+        """A commit reached the disk connection: have the syncer make it durable."""
+        if self._syncer is not None:
+            if durable:
+                self._syncer.sync()
+            else:
+                self._syncer.dirty()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every write inside joins one transaction, committed at the end; an exception
+        leaves none of them written. Nested batches join the outermost."""
+        with self._lock:
+            if self._batch is not None or self.readonly:
+                yield
+                return
+            b = self._batch = Batch()
+            try:
+                self._batch_begin(b)
+                yield
+                self._batch_commit(b)
+            except BaseException:
+                b.abort()
+                raise
+            finally:
+                self._batch = None
+
+    def _batch_begin(self, b: Batch) -> None:
+        if self._mem is None:
+            assert self._disk is not None
+            try:
+                b.begin(self._disk)
+                return
+            except sqlite3.Error as e:
+                if not is_storage_error(e):
+                    raise
+                self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
+                return
+        self.health.write_failures += 1
+        b.begin(self._mem)
+
+    def _in_batch(self, b: Batch, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return b.run(fn)
+        except sqlite3.Error as e:
+            if b.db is not self._disk or not is_storage_error(e):
+                raise
+            self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
+        return b.run(fn)
+
+    def _batch_commit(self, b: Batch) -> None:
+        if b.db is self._disk:
+            try:
+                b.commit()
+                self._committed()
+                return
+            except sqlite3.Error as e:
+                if not is_storage_error(e):
+                    raise
+                self._batch_to_memory(b, f"writing {self.path} failed: {dbfile.sentence(e)}")
+        b.commit()
+        self._dirty = True
+
+    def _batch_to_memory(self, b: Batch, reason: str) -> None:
+        """The disk failed under an open batch: nothing of it stays there; the state
+        goes to memory and the batch's writes so far are redone in it."""
+        b.abort()
+        self.health.write_failures += 1
+        self._batch = None          # what on_lost re-records is committed on its own
+        try:
+            if self._mem is None:
+                self._to_memory(reason)
+        finally:
+            self._batch = b
+        assert self._mem is not None
+        b.replay(self._mem)
+
+    def start_syncing(self, every_s: float) -> None:
+        """Commit without fsync and have a thread fsync every `every_s` (agent.state.batch)."""
+        if self.readonly or self._syncer is not None:
+            return
+        with self._lock:
+            self._syncer = Syncer(self.path, every_s)
+            if self._disk is not None:
+                tune(self._disk)
+        self._syncer.start()

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from agent.lab import spawn_in
+from swarmlab.lab import spawn_in
 from agent.model import EventClass
-from agent.scenario import PATTERNS, Scenario, active
+from swarmlab.scenario import PATTERNS, Scenario, active
 
 pytestmark = pytest.mark.privileged
 
