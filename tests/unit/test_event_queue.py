@@ -4,10 +4,14 @@ neither push the other kinds out nor make them wait behind its backlog."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
+from agent.report.metrics import Metrics
 from agent.sources.queue import EventQueue
+from agent.state.store import Store
 
 
 def test_bounded_and_every_drop_counted() -> None:
@@ -79,3 +83,15 @@ def test_wait_wakes_on_put_and_sleeps_when_empty() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         EventQueue(0)
+
+
+def test_the_queue_in_the_metrics(tmp_path: Path) -> None:
+    q: EventQueue[int] = EventQueue(2)
+    for n in range(5):
+        q.put("proc.exec", n)
+    with Store(tmp_path / "agent.db") as store:
+        text = generate_latest(Metrics(store, queue=q.status).registry).decode()
+    assert 'swarm_agent_events_dropped_total{kind="proc.exec"} 3.0' in text
+    assert "swarm_agent_event_queue_depth 2.0" in text
+    assert "swarm_agent_event_queue_depth_max 2.0" in text
+    assert "swarm_agent_event_queue_capacity 2.0" in text
