@@ -96,7 +96,7 @@ class Probes:
     compat_syscalls: bool = True
     # Events waiting between the probes and the detector (agent.sources.queue); past it
     # events are dropped and counted per kind (status, swarm_agent_events_dropped).
-    queue_events: int = 65536
+    queue_events: int = 16384
 
 
 @dataclass(frozen=True)

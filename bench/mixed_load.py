@@ -153,7 +153,7 @@ def main() -> int:
     ap.add_argument("--duration-s", type=float, default=30.0)
     ap.add_argument("--senders", type=int, default=4, help="flood processes")
     ap.add_argument("--exec-loops", type=int, default=2, help="shells exec'ing in a loop")
-    ap.add_argument("--queue", type=int, default=65536, help="probes.queue_events")
+    ap.add_argument("--queue", type=int, default=16384, help="probes.queue_events")
     ap.add_argument("--min-pps", type=int, default=200_000)
     ap.add_argument("--min-execs-per-s", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="6 s instead of --duration-s")
