@@ -60,7 +60,9 @@ class BpfProbe:
     "failed" (with the verifier's log); the rest keeps running; a missing or broken object raises, and leaves
     nothing behind. poll() returns the events queued now, run() emits them until
     cancelled; a record that does not decode is counted in `undecoded`, never dropped
-    silently. losses() counts events the kernel could not queue. close() detaches
+    silently (a decoder that raises counts there too, and the rest of the batch goes on);
+    `emit` must be quick (the agent's puts the event in its bounded queue,
+    agent.sources.queue). losses() counts events the kernel could not queue. close() detaches
     everything and is idempotent; the probe is also a context manager (open/close).
 
     Subclasses set the class attributes and implement _configure, _fill_maps and _decode.
@@ -218,7 +220,10 @@ class BpfProbe:
             return []
         events = []
         for record in self._ring.consume():
-            event = self._decode(record)
+            try:
+                event = self._decode(record)
+            except Exception:   # noqa: BLE001 -- one bad record must not lose the batch
+                event = None
             if event is None:
                 self.undecoded += 1
             else:
