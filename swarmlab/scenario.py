@@ -314,7 +314,11 @@ class Scenario:
             tl.kernel_event_mono_ns = tl.detected_mono_ns - int(lag_ms * 1e6)
         done = [i.mitigated_at for i in incidents if i.mitigated_at]
         tl.mitigated_mono_ns = _wall_to_mono_ns(min(done)) if done else None
-        applied = [m.created_at for m in mitigations if m.state in APPLIED_STATES]
+        # In force from when the responder created the mitigation that answers the pattern
+        # (a scan's block, not its challenge), or else its first one.
+        applied = [m for m in mitigations if m.state in APPLIED_STATES]
+        applied = [m.created_at for m in applied if m.kind.value == pattern.kind] or \
+            [m.created_at for m in applied]
         tl.applying_mono_ns = _wall_to_mono_ns(min(applied)) if applied else None
 
 
