@@ -73,6 +73,9 @@ def main() -> int:
     ap.add_argument("--spoofed", type=int, default=0, help="also run a flood from N spoofed sources")
     ap.add_argument("--max-invalid", type=float, default=figures.MAX_INVALID_FRACTION,
                     help="fail (exit 1) when more than this fraction of a pattern's runs is invalid")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="a check of the bench itself: the agent enforces nothing, so every "
+                         "run must come out invalid and the bench exit 1")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     unknown = [n for n in args.patterns.split(",") if n not in PATTERNS]
@@ -84,7 +87,7 @@ def main() -> int:
     for name in args.patterns.split(","):
         runs = []
         for _ in range(runs_per):
-            with Scenario() as sc:
+            with Scenario("dry_run: true\n" if args.dry_run else "") as sc:
                 runs.append(sc.run(PATTERNS[name]).as_dict())
         summaries.append(summarize(name, runs))
         print(json.dumps(summaries[-1]), file=sys.stderr, flush=True)

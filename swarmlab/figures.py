@@ -87,7 +87,10 @@ def spread(values: list[float]) -> dict[str, Any]:
             "max": max(values) if values else None, "n": len(values)}
 
 
-def split(runs: list[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[dict[str, Any]]]:
+Run = Mapping[str, Any]
+
+
+def split(runs: list[Run]) -> tuple[list[Run], list[dict[str, Any]]]:
     """(valid runs, [{"run": index, "reason": ...}] of the invalid ones); a run is a dict
     whose "invalid" key holds its reason or None."""
     valid = [r for r in runs if not r.get("invalid")]

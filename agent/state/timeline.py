@@ -19,7 +19,8 @@ cgroup. The line keeps the first finding's evidence and the last one's (`last_ev
 Line data: rule, action, evidence, shape, count, first_at, last_at (and last_evidence
 once count > 1; event_to_decision_ms, the first finding's time from its event -- the
 kernel's timestamp for probe events -- to the detector's decision, when it was stamped).
-`at` is the decision time (the incident's detected_at). The line's `at` stays the first time, so the timeline keeps its order.
+`at` is the detector's decision time (the incident's detected_at); the line's `at` stays
+the first time, so the timeline keeps its order.
 """
 from __future__ import annotations
 
