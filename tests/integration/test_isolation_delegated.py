@@ -223,3 +223,29 @@ def test_a_cgroup_the_agent_may_freeze_is_frozen_not_stopped():
             agent.close()
             proc.kill()
             proc.wait()
+
+
+def test_a_forking_tenant_is_stopped_whole():
+    """Pid hopping (fork, exit, fork...) races a pid-by-pid stop; the sweeps end only when
+    no new process appears, and a stopped process forks no more."""
+    with delegated() as (_top, work, _spare):
+        path = "/" + str(work.relative_to(cgroup2_mount()))
+        storm = subprocess.Popen(["setpriv", f"--reuid={USER}", f"--regid={USER}",
+                                  "--clear-groups", "sh", "-c",
+                                  "while :; do /bin/true; sh -c 'sleep 30' & done"],
+                                 preexec_fn=lambda: (work / "cgroup.procs").write_text(
+                                     str(os.getpid())))
+        agent = Agent(path)
+        try:
+            time.sleep(0.3)
+            got = agent.step("apply")
+            assert got.get("applied") == "partly", got
+            assert not any("did not stop" in s for s in got["refused"]), got
+            pids = [int(p) for p in (work / "cgroup.procs").read_text().split()]
+            assert len(pids) > 1 and all(stopped(p) or state(p) == "Z" for p in pids)
+            time.sleep(0.2)
+            assert [int(p) for p in (work / "cgroup.procs").read_text().split()] == pids
+        finally:
+            agent.close()
+            (work / "cgroup.kill").write_text("1")
+            storm.wait(timeout=10)
