@@ -94,8 +94,9 @@ class Probes:
     # tracepoint: one handler on raw_syscalls:sys_exit, ~0.08 us added to every syscall of
     # the host (bench/RESULTS.md). Off: they pass unseen, and status says so.
     compat_syscalls: bool = True
-    # Events waiting between the probes and the detector (agent.sources.queue); past it
-    # events are dropped and counted per kind (status, swarm_agent_events_dropped).
+    # Events waiting between the probes and the detector (agent.sources.queue; an urgent
+    # lane of 1/16 as many beside it); past it events are dropped and counted by kind and
+    # lane (status, swarm_agent_events_dropped).
     queue_events: int = 16384
 
 

@@ -28,12 +28,15 @@ log = logging.getLogger("swarm_agent")
 STORAGE_RULE = "agent.storage"
 RECOVERY_RULE = "agent.state_recovered"
 ENTITY = "agent:storage"
+DROPS_RULE = "agent.events_dropped"
+DROPS_ENTITY = "agent:event_queue"
 
 
-def _finding(rule: str, severity: Severity, evidence: dict[str, Any]) -> Finding:
+def _finding(rule: str, severity: Severity, evidence: dict[str, Any],
+             entity: str = ENTITY) -> Finding:
     now = mono_ns()
     return Finding(rule_id=rule, rule_version=1, event_class=EventClass.AGENT_HEALTH,
-                   severity=severity, entity=ENTITY, action="report", first_mono_ns=now,
+                   severity=severity, entity=entity, action="report", first_mono_ns=now,
                    detected_mono_ns=now, evidence=evidence)
 
 
@@ -83,6 +86,22 @@ def state_recovered(store: Store, notify: Callable[[str, Any], None], what: str,
     store.set_incident_state(incident.id, IncidentState.ESCALATED, now,
                              f"escalated: {what}; {seeded} mitigations in force in the "
                              "kernel table re-recorded")
+    return _notify(store, notify, incident)
+
+
+def events_dropped(store: Store, notify: Callable[[str, Any], None], dropped: dict[str, int],
+                   capacity: int) -> Incident:
+    """The event queue's urgent lane dropped events (each one matched a severe rule: a
+    detection lost, agent.detect.triage): open or add to one escalated incident."""
+    now = time.time()
+    incident = store.record_finding(
+        _finding(DROPS_RULE, Severity.HIGH, {"dropped": dropped, "urgent_capacity": capacity},
+                 DROPS_ENTITY), now, now)
+    if incident.state is not IncidentState.ESCALATED:
+        store.set_incident_state(incident.id, IncidentState.ESCALATED, now,
+                                 f"escalated: the event queue's urgent lane dropped "
+                                 f"{sum(dropped.values())} events that matched a severe "
+                                 "rule; their detections are lost")
     return _notify(store, notify, incident)
 
 
