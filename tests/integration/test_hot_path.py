@@ -1,5 +1,6 @@
-"""The hot path degrades instead of losing: the real agent, its event queue cut to 64,
-under an exec storm in its own namespace, still blocks a port scan inside the deadline;
+"""The hot path degrades instead of losing: the real agent, its event queue cut to the
+smallest allowed (1024), under an exec storm in its own namespace, still blocks a port
+scan inside the deadline;
 status shows the queue (capacity, high-water mark never above it, drops by kind) and no
 event failed. And a block put in force whose commit never happened (the agent stopped in
 between) is kept and recorded by the next start, not lifted."""
@@ -32,7 +33,7 @@ def status(sc: Scenario) -> dict:
 
 
 def test_an_exec_storm_does_not_stop_enforcement():
-    with Scenario("probes:\n  queue_events: 64\n") as sc:
+    with Scenario("probes:\n  queue_events: 1024\n") as sc:
         storms = [spawn_in(sc.lab.victim, "sh", "-c", STORM.format(n=3000)) for _ in range(2)]
         try:
             tl = sc.run(PATTERNS["port_scan"])
@@ -49,8 +50,8 @@ def test_an_exec_storm_does_not_stop_enforcement():
                                           for m in active(d["mitigations"])}, d
         assert d["mitigated_ms"] is not None and d["mitigated_ms"] < DEADLINE_MS, d
         counters = {k: int(v) for k, v in status(sc)["counters"].items()}   # int64: text
-        assert counters["queue.capacity"] == 64
-        assert 0 < counters["queue.depth_max"] <= 64, counters
+        assert counters["queue.capacity"] == 1024
+        assert 0 < counters["queue.depth_max"] <= 1024, counters
         # The storm reached the agent: every exec is counted as processed or dropped.
         seen = counters.get("events.proc.exec", 0) + counters.get("events.dropped.proc.exec", 0)
         assert seen >= 1000, counters
