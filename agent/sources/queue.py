@@ -51,7 +51,10 @@ class Lanes(Generic[T]):
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self._queues: dict[Hashable, deque[T]] = {}
-        self._turn: deque[Hashable] = deque()          # keys with queued items, in turn
+        # Keys in serving order; a key emptied by a drop stays until its turn comes (or a
+        # compaction), so no drop pays a search of the turn.
+        self._turn: deque[Hashable] = deque()
+        self._in_turn: set[Hashable] = set()
         self._by_size: dict[int, dict[Hashable, None]] = {}   # size -> keys of that size
         self._largest = 0
         self._size = 0
@@ -74,7 +77,11 @@ class Lanes(Generic[T]):
             self.dropped[str(victim[0])] += 1
         if q is None:
             q = self._queues[key] = deque()
-            self._turn.append(key)
+            if key not in self._in_turn:
+                self._turn.append(key)
+                self._in_turn.add(key)
+                if len(self._turn) > 2 * self.capacity + 16:
+                    self._compact()
         q.append(item)
         self._resize(key, len(q) - 1, len(q))
         self._size += 1
@@ -82,10 +89,15 @@ class Lanes(Generic[T]):
         return True
 
     def take_one(self) -> T:
+        """The next item in turn (the lane must not be empty)."""
+        while self._turn[0] not in self._queues:      # emptied by drops
+            self._in_turn.discard(self._turn.popleft())
         key = self._turn[0]
         item = self._pop(key)
         if key in self._queues:
             self._turn.rotate(-1)
+        else:
+            self._in_turn.discard(self._turn.popleft())
         return item
 
     def _pop(self, key: Hashable) -> T:
@@ -95,8 +107,13 @@ class Lanes(Generic[T]):
         self._size -= 1
         if not q:
             del self._queues[key]
-            self._turn.remove(key)
         return item
+
+    def _compact(self) -> None:
+        """Forget the emptied keys in the turn (a storm over ever new owners); amortised
+        O(1) per put, as the turn has grown past twice the capacity when it runs."""
+        self._turn = deque(k for k in self._turn if k in self._queues)
+        self._in_turn = set(self._turn)
 
     def _resize(self, key: Hashable, old: int, new: int) -> None:
         # Sizes move by one, so the largest moves by at most one too.

@@ -169,3 +169,14 @@ def test_the_largest_sub_queue_is_tracked_exactly() -> None:
         model = {k: v for k, v in model.items() if v}
         assert q._largest == max(map(len, model.values()), default=0)
         assert len(q) == sum(map(len, model.values()))
+
+
+def test_a_storm_over_ever_new_owners_costs_no_search() -> None:
+    """Every put of a full lane of one-event sub-queues drops one: the turn keeps the
+    emptied keys only until compacted, and the order of the rest holds."""
+    q: Lanes[int] = Lanes(1000)
+    for i in range(200_000):
+        q.put("proc.exec", f"cg{i}", i)
+        assert len(q._turn) <= 2 * 1000 + 16
+    assert len(q) == 1000 and q.dropped == {"proc.exec": 199_000}
+    assert [q.take_one() for _ in range(1000)] == list(range(199_000, 200_000))
