@@ -32,7 +32,8 @@
 struct pkt {
 	struct addr_key src;
 	__u8 dst[16];	/* destination address, family as src */
-	__u64 len;
+	__u64 len;	/* bytes: the frame's, or at tc the skb's (all its segments) */
+	__u32 segs;	/* wire packets it stands for: 1, or a GRO/GSO skb's segments at tc */
 	__u16 sport;	/* host order; 0 when not TCP/UDP */
 	__u16 dport;	/* host order; 0 when not TCP/UDP */
 	__u8 proto;	/* IPPROTO_TCP, IPPROTO_UDP, or 0 for anything else */
@@ -187,10 +188,10 @@ static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
  * p->proto is non-zero only when the TCP or UDP header was read: the socket lookups rely
  * on that (a non-first fragment, or a packet that failed to parse, is no flow's).
  *
- * VLAN tags: a tag still in the frame is skipped here. With generic XDP (what the agent
- * attaches) a tag the sender or NIC put in the skb's hwaccel field (a vlan device on a
- * veth, VLAN rx offload) is not in the frame at all: XDP sees the untagged packet,
- * which parses the same way. */
+ * VLAN tags: a tag still in the frame is skipped here. With generic XDP, native XDP on a
+ * veth and tc, a tag the sender or NIC put in the skb's hwaccel field (a vlan device on
+ * a veth, VLAN rx offload) is not in the frame at all: the program sees the untagged
+ * packet, which parses the same way. */
 static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
 {
 	struct ethhdr *eth = data;
@@ -201,6 +202,7 @@ static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
 	if (l3 > end)
 		return -1;
 	p->len = end - data;
+	p->segs = 1;
 	proto = eth->h_proto;
 	for (i = 0; i < MAX_VLAN_TAGS; i++) {
 		struct vlan_hdr *vh = l3;
