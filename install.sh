@@ -71,5 +71,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The lab (swarmlab/: attack generators, namespaces, the demo) stays in the checkout, out
+# of the package; the venv finds it through this path file.
+purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$purelib/swarmlab.pth"
+
 make -s -C probes
 echo "install.sh: ready. Run (as root): .venv/bin/swarm-agent run --config packaging/config.yaml"

@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/attack_latency.py [--runs 10] [--patterns a,b] [--json]
 
 Each run builds a fresh attacker/victim namespace pair and a fresh agent
-(agent.scenario.Scenario), launches the attack beside a handshake probe (one attempt
+(swarmlab.scenario.Scenario), launches the attack beside a handshake probe (one attempt
 every 20 ms, 50 ms timeout) and reads the timeline: detected and mitigated from the
 agent's store, cut off from the probe (start of the first run of 20 failed handshakes,
 i.e. about a second without one). All times are from the attack's first packet, on
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import attacks  # noqa: E402
-from agent.scenario import PATTERNS, SERVICE_PORT, Scenario, _proc_stat, active  # noqa: E402
+from swarmlab import attacks  # noqa: E402
+from swarmlab.scenario import PATTERNS, SERVICE_PORT, Scenario, _proc_stat, active  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -49,7 +49,7 @@ def summarize(name: str, runs: list[dict]) -> dict:
 
 def spoofed_run(n: int) -> dict:
     """n SYNs from n distinct spoofed sources: memory and set sizes must stay bounded."""
-    from agent.lab import sh
+    from swarmlab.lab import sh
 
     with Scenario() as sc:
         t0 = time.monotonic()

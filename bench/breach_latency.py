@@ -1,7 +1,7 @@
 """Time to isolate, end to end through a real agent (`swarm-agent run` in a lab victim with
 its probes, detector, responder and enforcers), from the breach to the kernel enforcing it.
 
-node / service: a service (agent.breachlab.Service) whose executable is listed in
+node / service: a service (swarmlab.breachlab.Service) whose executable is listed in
 breach.services spawns /bin/sh; clock start = CLOCK_MONOTONIC just before the spawn.
 A prober in the attacker namespace sends a numbered UDP datagram every ~0.5 ms to the
 service's echo all along; "in force" = send time of the first datagram never answered.
@@ -31,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc  # noqa: E402
 
-from agent import attacks  # noqa: E402
-from agent.breachlab import (CutProber, Service, agent_config, cgroup_path,  # noqa: E402
+from swarmlab import attacks  # noqa: E402
+from swarmlab.breachlab import (CutProber, Service, agent_config, cgroup_path,  # noqa: E402
                              scoped_rules, service_name, throwaway_cgroup, wireguard_pair)
 from agent.enforce.cgroup import cgroup2_mount  # noqa: E402
 from agent.enforce.wgapi import open_device  # noqa: E402
-from agent.lab import Lab, netns, wait_for  # noqa: E402
+from swarmlab.lab import Lab, netns, wait_for  # noqa: E402
 from agent.proto.swarm.control.v1 import control_pb2 as pb  # noqa: E402
 from agent.proto.swarm.control.v1 import control_pb2_grpc  # noqa: E402
-from agent.scenario import AgentProcess  # noqa: E402
+from swarmlab.scenario import AgentProcess  # noqa: E402
 
 PORT = 9200
 

@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/control_latency.py              # throw-away lab + agent
     sudo .venv/bin/python bench/control_latency.py --calls 2000 --json
 
-It builds a lab (agent.lab), runs `swarm-agent run` for the victim namespace, and times
+It builds a lab (swarmlab.lab), runs `swarm-agent run` for the victim namespace, and times
 round trips from a fresh client through the peer-credential front to the grpc.aio
 server: read calls, and block + lift pairs of a documentation address (198.51.100.0/24)
 that go through the responder and one nftables transaction each. Everything it made is
@@ -26,10 +26,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.lab import Lab  # noqa: E402
+from swarmlab.lab import Lab  # noqa: E402
 from agent.proto.swarm.control.v1 import control_pb2 as pb  # noqa: E402
 from agent.proto.swarm.control.v1 import control_pb2_grpc  # noqa: E402
-from agent.scenario import AgentProcess  # noqa: E402
+from swarmlab.scenario import AgentProcess  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

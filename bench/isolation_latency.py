@@ -21,12 +21,12 @@ from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.breachlab import CutProber, throwaway_cgroup, wireguard_pair  # noqa: E402
+from swarmlab.breachlab import CutProber, throwaway_cgroup, wireguard_pair  # noqa: E402
 from agent.config import Allowlist, Config  # noqa: E402
 from agent.enforce.cgroup import CgroupEnforcer, cgroup2_mount  # noqa: E402
 from agent.enforce.nft import NftEnforcer  # noqa: E402
 from agent.enforce.wireguard import WireGuardEnforcer  # noqa: E402
-from agent.lab import Lab, netns, serving, wait_for  # noqa: E402
+from swarmlab.lab import Lab, netns, serving, wait_for  # noqa: E402
 from agent.model import Mitigation, MitigationKind  # noqa: E402
 
 PORT, WG_PORT = 9000, 51821

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/legit_success.py [--runs 3] [--cases a,b] [--json]
 
-Each run: fresh namespaces and a fresh agent (agent.scenario.Scenario), a real client in
+Each run: fresh namespaces and a fresh agent (swarmlab.scenario.Scenario), a real client in
 its own namespace on its own link opening CLIENT_RATE connections/s to the victim's echo
 server (connect, send a line, read the reply; 0.5 s timeout) while a flood runs, and again
 for AFTER_S seconds after it. Reported per case: the client's success ratio during and
@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import attacks  # noqa: E402
-from agent.lab import Lab, sh  # noqa: E402
-from agent.scenario import SERVICE_PORT, Scenario  # noqa: E402
+from swarmlab import attacks  # noqa: E402
+from swarmlab.lab import Lab, sh  # noqa: E402
+from swarmlab.scenario import SERVICE_PORT, Scenario  # noqa: E402
 
 CLIENT_RATE = 5
 FLOOD_S = 4
@@ -86,7 +86,7 @@ def one_run(case: str, agent: bool) -> dict:
 def real_work(agent: bool) -> dict:
     """iperf3 from the attacker namespace (a peer that is not allowlisted): 4 s of TCP bulk,
     then 4 s of UDP at 200 Mbit/s; the throughput, and what the agent made of it."""
-    from agent.lab import spawn_in, wait_for
+    from swarmlab.lab import spawn_in, wait_for
 
     with (Scenario() if agent else _NoAgent()) as s:
         target, out = s.lab.addr("victim"), {}

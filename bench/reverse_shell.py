@@ -1,7 +1,7 @@
 """Reverse shells however they are wired: time from starting the wiring to the breach
 finding, and what the kernel side costs per invocation.
 
-Each wiring (agent.breachlab: bash /dev/tcp, python dup2 + pty.spawn, mkfifo | sh -i |
+Each wiring (swarmlab.breachlab: bash /dev/tcp, python dup2 + pty.spawn, mkfifo | sh -i |
 nc, socat EXEC) runs in a lab victim namespace against a listener in the attacker
 namespace, while the process probe runs as in the agent (ProcProbe.run on one asyncio
 loop: kernel events, and "proc.stdio" correlated off the loop) and every event goes
@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.breachlab import (BASH_TCP, FIFO, PY_PTY, SOCAT, python_wiring,  # noqa: E402
+from swarmlab.breachlab import (BASH_TCP, FIFO, PY_PTY, SOCAT, python_wiring,  # noqa: E402
                              reverse_shell)
 from agent.config import Config, Probes  # noqa: E402
 from agent.detect.rules import Detector, load_rules  # noqa: E402
-from agent.lab import Lab  # noqa: E402
+from swarmlab.lab import Lab  # noqa: E402
 from agent.sources.proc import ProcProbe  # noqa: E402
 
 BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from agent.lab import Lab
+from swarmlab.lab import Lab
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -59,7 +59,7 @@ def _privileged():
 
 @pytest.fixture
 def lab():
-    """An attacker and a victim namespace joined by veth (see agent.lab.Lab); removed after
+    """An attacker and a victim namespace joined by veth (see swarmlab.lab.Lab); removed after
     the test, with every process left inside them."""
     require_privileges()
     with Lab() as built:

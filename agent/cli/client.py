@@ -32,7 +32,8 @@ EXIT_CODES_HELP = """exit codes (scripts can rely on them):
   2  bad input: arguments, config, an invalid or refused address, lifetime, oversized
      or control-character text
   3  the agent is not running (or cannot be reached with --remote)
-  4  not found: no such incident, mitigation, cgroup, interface or peer
+  4  not found: no such incident, mitigation, cgroup, interface or peer (or the demo, which
+     only a source checkout has)
   5  permission denied: not root (run and cleanup too), the TLS handshake refused (with
      the reason), or this identity's role may not do that
   6  refused: an allowlisted target, an incident already closed, unreadable rules,

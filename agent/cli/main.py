@@ -8,6 +8,7 @@ to the agent through the control API (agent/cli/client.py).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -176,8 +177,17 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.cli import demo
-
+    """The demo's attack generators live in the checkout's lab (swarmlab/), which the
+    packages leave out: a provider machine carries no attack code."""
+    try:
+        demo = importlib.import_module("swarmlab.demo")
+    except ModuleNotFoundError as e:
+        if e.name not in ("swarmlab", "swarmlab.demo"):
+            raise
+        print("swarm-agent: the demo is not part of the installed package (it carries no "
+              "attack code); run it from a source checkout: ./install.sh, then "
+              ".venv/bin/swarm-agent demo", file=sys.stderr)
+        return 4
     return demo.main(args)
 
 

@@ -7,7 +7,7 @@ import socket
 import sys
 from typing import Iterator
 
-from agent.lab import netns, serving, wait_for
+from swarmlab.lab import netns, serving, wait_for
 
 _LISTENER = r"""
 import socket, sys

@@ -1,6 +1,6 @@
 """End to end: the real agent (`ip netns exec VICTIM swarm-agent run`) against real attacks
 from an attacker namespace, asserting on the kernel's own view (nft -j) and the agent's
-SQLite store. Each test builds its namespaces and removes them (agent.scenario.Scenario).
+SQLite store. Each test builds its namespaces and removes them (swarmlab.scenario.Scenario).
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from agent import attacks
-from agent.lab import sh, wait_for
+from swarmlab import attacks
+from swarmlab.lab import sh, wait_for
 from agent.model import EventClass
-from agent.scenario import PATTERNS, SERVICE_PORT, Scenario, active
+from swarmlab.scenario import PATTERNS, SERVICE_PORT, Scenario, active
 
 pytestmark = pytest.mark.privileged
 

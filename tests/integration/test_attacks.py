@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from agent import attacks
-from agent.attacks import floods, packets
-from agent.attacks.common import in_named_netns
-from agent.attacks.__main__ import main as cli_main
-from agent.lab import netns, sh, wait_for
+from swarmlab import attacks
+from swarmlab.attacks import floods, packets
+from swarmlab.attacks.common import in_named_netns
+from swarmlab.attacks.__main__ import main as cli_main
+from swarmlab.lab import netns, sh, wait_for
 
 PORT = 8080
 FAMILIES = pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
@@ -85,7 +85,7 @@ def test_command_maps_keywords_to_flags():
     cmd = attacks.command("ns1", "probe", target="10.1.0.2", duration_s=2, stop_after_failures=5,
                           bind=None)
     assert cmd[:4] == ["ip", "netns", "exec", "ns1"]
-    assert cmd[5:] == ["-m", "agent.attacks", "probe", "--json", "--target", "10.1.0.2",
+    assert cmd[5:] == ["-m", "swarmlab.attacks", "probe", "--json", "--target", "10.1.0.2",
                        "--duration-s", "2", "--stop-after-failures", "5"]
     with pytest.raises(ValueError):
         attacks.command("ns1", "ping_of_death")
@@ -96,7 +96,7 @@ def test_command_maps_keywords_to_flags():
                                   ["syn_flood"]])
 def test_unbounded_or_incomplete_runs_are_refused_before_sending(argv, capsys):
     assert cli_main(argv) == 2
-    assert capsys.readouterr().err.startswith("agent.attacks: ")
+    assert capsys.readouterr().err.startswith("swarmlab.attacks: ")
 
 
 # --- in the lab -------------------------------------------------------------------------

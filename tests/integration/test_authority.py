@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.breachlab import (SERVICE, agent_config, cgroup_path, scoped_rules, service_exe,
+from swarmlab.breachlab import (SERVICE, agent_config, cgroup_path, scoped_rules, service_exe,
                              service_name, throwaway_cgroup)
 from agent.enforce.base import InvalidTarget, TargetNotFound
 from agent.enforce.cgroup import cgroup2_mount
 from agent.enforce.process import ProcessEnforcer, ProcessError
-from agent.lab import sh, wait_for
+from swarmlab.lab import sh, wait_for
 from agent.model import Mitigation, MitigationKind
-from agent.scenario import AgentProcess
+from swarmlab.scenario import AgentProcess
 from tests.integration.test_breach_e2e import agent_stopped, cli, echoes, started
 
 pytestmark = pytest.mark.privileged

@@ -5,7 +5,7 @@ peer, each is an escalated incident listed by the CLI, and `swarm-agent release`
 
 Scoping (the process probe's tracepoints are host-global): each agent gets only the
 packaged network rules and breach.service_shell, with breach.services set to an
-executable unique to the test (agent.breachlab: a copy of the Python interpreter, its own
+executable unique to the test (swarmlab.breachlab: a copy of the Python interpreter, its own
 inode), so it reacts to the test's own service and to
 nothing else on the host. The agent always runs inside a lab namespace (AgentProcess
 refuses anything else), so no test can isolate the root namespace.
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import attacks
-from agent.breachlab import (Service, agent_config, cgroup_path, scoped_rules, service_name,
+from swarmlab import attacks
+from swarmlab.breachlab import (Service, agent_config, cgroup_path, scoped_rules, service_name,
                              throwaway_cgroup, wireguard_pair)
 from agent.enforce.cgroup import cgroup2_mount
-from agent.lab import Lab, netns, sh, wait_for
-from agent.scenario import AgentProcess
+from swarmlab.lab import Lab, netns, sh, wait_for
+from swarmlab.scenario import AgentProcess
 from tests.conftest import skip_unsupported
 from tests.integration.nftlab import connect
 from tests.integration.test_control_tls import _ca, _leaf

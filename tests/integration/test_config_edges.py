@@ -12,7 +12,7 @@ import pytest
 from agent import configcheck
 from agent.config import Config, Enforce, MitigationPolicy, Probes, RateLimit
 from agent.enforce.nft import NftEnforcer
-from agent.lab import Lab, netns, sh
+from swarmlab.lab import Lab, netns, sh
 from agent.model import Mitigation, MitigationKind
 from agent.sources.net import NetProbe
 from tests.conftest import skip_unsupported

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from agent import attacks
-from agent.lab import sh, wait_for
-from agent.scenario import AgentProcess
+from swarmlab import attacks
+from swarmlab.lab import sh, wait_for
+from swarmlab.scenario import AgentProcess
 from tests.integration.nftlab import listener, reaches, wait_reaches
 
 pytestmark = pytest.mark.privileged

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.breachlab import wireguard_pair
+from swarmlab.breachlab import wireguard_pair
 from agent.config import Allowlist, Config
 from agent.enforce.composite import CompositeEnforcer
-from agent.lab import Lab, netns, sh
+from swarmlab.lab import Lab, netns, sh
 from agent.model import EventClass, Finding, IncidentState, MitigationState, Severity
 from agent.respond.engine import ALLOWLISTED_NOTE, Responder
 from agent.state.store import Store

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from agent import attacks
-from agent.lab import sh, spawn_in, wait_for
-from agent.scenario import SERVICE_PORT, Scenario
+from swarmlab import attacks
+from swarmlab.lab import sh, spawn_in, wait_for
+from swarmlab.scenario import SERVICE_PORT, Scenario
 
 pytestmark = pytest.mark.privileged
 CLIENT_LINK = 1

@@ -12,12 +12,12 @@ from typing import Iterator
 
 import pytest
 
-from agent.breachlab import throwaway_cgroup
+from swarmlab.breachlab import throwaway_cgroup
 from agent.config import Allowlist, Config
 from agent.enforce.cgroup import CgroupEnforcer, CgroupError, cgroup2_mount, own_cgroup
 from agent.enforce.isolate import IsolationRefused
 from agent.enforce.nft import NftEnforcer
-from agent.lab import Lab, netns, serving, sh, spawn_in, wait_for
+from swarmlab.lab import Lab, netns, serving, sh, spawn_in, wait_for
 from agent.model import Mitigation, MitigationKind
 from tests.integration.nftlab import _LISTENER, connect, listener, reaches
 

@@ -12,7 +12,7 @@ import pytest
 from agent.config import Allowlist, Config, Enforce, Reroute
 from agent.enforce.nft import NftEnforcer
 from agent.enforce.recover import in_force, read_table, unrecorded
-from agent.lab import Lab, netns, sh
+from swarmlab.lab import Lab, netns, sh
 from agent.model import Mitigation, MitigationKind
 
 pytestmark = pytest.mark.privileged

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import attacks
-from agent.lab import sh, wait_for
-from agent.scenario import AgentProcess
+from swarmlab import attacks
+from swarmlab.lab import sh, wait_for
+from swarmlab.scenario import AgentProcess
 from tests.meshrecv import make_certs, received
 
 pytestmark = pytest.mark.privileged

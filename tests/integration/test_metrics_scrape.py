@@ -10,13 +10,13 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import attacks
-from agent.lab import sh, wait_for
+from swarmlab import attacks
+from swarmlab.lab import sh, wait_for
 from agent.model import (Event, EventClass, Finding, Mitigation, MitigationKind, Severity,
                          mono_ns)
 from agent.report.metrics import Metrics
 from agent.state.outbox import Outbox
-from agent.scenario import Scenario
+from swarmlab.scenario import Scenario
 from agent.state.store import Store
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Probes
-from agent.lab import Lab, netns, sh, wait_for
+from swarmlab.lab import Lab, netns, sh, wait_for
 from agent.sources import capability
 from agent.sources.abi import NetProg
 from agent.sources.net import NetProbe
@@ -243,8 +243,8 @@ def test_tunnel_traffic_on_an_l3_device_is_not_misread_or_dropped(lab):
     header: read as one, an inner source in 8.0.0.0/16 looks like EtherType IPv4 and
     the packet was dropped as unparsable. The probe leaves such devices unwatched."""
     import fcntl, os, struct
-    from agent.attacks.packets import UdpBuilder
-    from agent.lab import spawn_in
+    from swarmlab.attacks.packets import UdpBuilder
+    from swarmlab.lab import spawn_in
     with netns(lab.victim):
         fd = os.open("/dev/net/tun", os.O_RDWR)
         fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"tun0", 0x0001 | 0x1000))  # IFF_TUN|IFF_NO_PI

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.attacks import wrappings as w
-from agent.lab import Lab, netns, sh, wait_for
+from swarmlab.attacks import wrappings as w
+from swarmlab.lab import Lab, netns, sh, wait_for
 from agent.sources.net import NetProbe
 from tests.conftest import skip_unsupported
 from tests.integration.test_net_probe import (PROBES, REPO, built, canonical, find,  # noqa: F401

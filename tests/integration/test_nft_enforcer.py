@@ -13,7 +13,7 @@ import pytest
 from agent.config import Allowlist, Config, Enforce, RateLimit, Reroute
 from agent.enforce.base import AllowlistedError, EnforceError, UnsupportedMitigation
 from agent.enforce.nft import NftEnforcer
-from agent.lab import Lab, netns, serving, sh, wait_for
+from swarmlab.lab import Lab, netns, serving, sh, wait_for
 from agent.model import Mitigation, MitigationKind
 from tests.integration.nftlab import connect, listener, reaches, wait_reaches
 

@@ -10,7 +10,7 @@ import pytest
 from agent.config import Config
 from agent.enforce.monitor import NftMonitor, watch
 from agent.enforce.nft import NftEnforcer
-from agent.lab import netns, sh, wait_for
+from swarmlab.lab import netns, sh, wait_for
 from agent.model import Mitigation, MitigationKind
 
 pytestmark = pytest.mark.privileged

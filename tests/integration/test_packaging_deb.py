@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from agent.lab import sh, wait_for
+from swarmlab.lab import sh, wait_for
 from tests.conftest import skip_unsupported
 
 pytestmark = pytest.mark.privileged
@@ -176,6 +176,18 @@ def namespace() -> Iterator[str]:
         sh("ip", "netns", "del", name, check=False)
 
 
+def assert_no_attack_code(deb: Path) -> None:
+    """The package's own file list (dpkg -c) holds the product only: no lab, no attack
+    generators, no demo scenarios, no tests or benches."""
+    listing = run("dpkg-deb", "-c", str(deb)).stdout
+    paths = [line.split()[-1] for line in listing.splitlines() if line.strip()]
+    assert any(p.endswith("/agent/daemon.py") for p in paths), listing[:2000]
+    banned = ("swarmlab", "/attacks/", "lab.py", "breachlab", "scenario", "demo.py",
+              "/tests/", "/bench/")
+    offending = [p for p in paths if any(b in p for b in banned)]
+    assert not offending, f"the package carries non-product files: {offending}"
+
+
 def install(root: Path, deb: Path) -> None:
     target = root / "tmp" / deb.name
     target.write_bytes(deb.read_bytes())
@@ -234,6 +246,9 @@ def test_deb_installs_runs_and_removes_cleanly(deb_package, debian_root, namespa
         "postinst enables the service"
     assert (root / "var/lib/swarm-agent").stat().st_mode & 0o777 == 0o700
     assert list((root / "usr/lib/swarm-agent/agent").rglob("__pycache__/*.pyc")), "postinst compiles"
+    assert_no_attack_code(deb_package)
+    demo = run("chroot", str(root), "swarm-agent", "demo", "--list", check=False)
+    assert demo.returncode == 4 and "source checkout" in demo.stderr, demo
 
     log = tmp_path / "agent.log"
     with packaged_agent(root, ns, log) as agent:

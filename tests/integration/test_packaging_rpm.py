@@ -70,6 +70,11 @@ def test_rpm_file_list_has_the_whole_package(rpm_package):
     assert any(p.endswith(".bpf.o") for p in expected), "build the probes first (make -C probes)"
     assert expected - files == set()
     assert not any("__pycache__" in f for f in files)
+    # The product only: the lab (attack generators, demo scenarios), tests and benches stay
+    # in the checkout.
+    banned = ("swarmlab", "/attacks/", "lab.py", "breachlab", "scenario", "demo.py",
+              "/tests/", "/bench/")
+    assert not [f for f in files if any(b in f for b in banned)]
 
     flags = run("rpm", "-qp", "--qf", r"[%{FILENAMES} %{FILEFLAGS:fflags}\n]", str(rpm_package))
     config = dict(line.rsplit(" ", 1) for line in flags.splitlines() if line.startswith("/etc/"))

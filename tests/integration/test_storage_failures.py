@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import attacks
-from agent.lab import sh, wait_for
+from swarmlab import attacks
+from swarmlab.lab import sh, wait_for
 from agent.model import EventClass, Finding, Mitigation, MitigationKind, Severity
-from agent.scenario import AgentProcess
+from swarmlab.scenario import AgentProcess
 from agent.state.store import Store
 from tests.fullfs import SmallFs
 

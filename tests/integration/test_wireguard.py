@@ -17,7 +17,7 @@ import pytest
 from agent.enforce.base import UnsupportedMitigation
 from agent.enforce.wgapi import UAPI_DIR, NotWireGuard, WireGuardError
 from agent.enforce.wireguard import WireGuardEnforcer, target_of
-from agent.lab import Lab, netns, sh, wait_for
+from swarmlab.lab import Lab, netns, sh, wait_for
 from agent.model import Mitigation, MitigationKind
 from tests.conftest import skip_unsupported
 from tests.integration.nftlab import connect, listener, wait_reaches

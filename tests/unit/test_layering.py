@@ -1,6 +1,11 @@
 """Data flows sources -> detect -> respond -> enforce, with state and report beside respond
 (DESIGN.md). This walks every module's imports and fails when an arrow points backwards,
-or when the database or the firewall is touched outside the one package that owns it."""
+or when the database or the firewall is touched outside the one package that owns it.
+
+The daemon wires the stages together and the CLI talks to it over the control API; only
+the three commands that work without a running agent reach further (run: the daemon;
+cleanup: the firewall; check-config: the rules). Nothing in the product imports the lab
+(swarmlab/: attack generators), the tests or the benches."""
 from __future__ import annotations
 
 import ast
@@ -19,7 +24,14 @@ ALLOWED = {
     "respond": {"detect", "enforce", "state"},
     "report": {"state", "proto"},
     "control": {"respond", "enforce", "state", "proto", "detect"},
+    # agent/daemon.py: the composition root, everything but the CLI.
+    "daemon": {"sources", "detect", "respond", "enforce", "state", "report", "control", "proto"},
+    "cli": {"proto", "daemon", "enforce", "detect"},
 }
+# What the CLI may take from the packages it reaches (the rest goes over the control API).
+CLI_REACH = {"agent.daemon", "agent.enforce.nft", "agent.enforce.base", "agent.detect.rules"}
+# Top-level packages of the checkout that are not the product.
+NOT_PRODUCT = {"swarmlab", "tests", "bench"}
 # Libraries only one package may use: the database and the firewall.
 OWNED = {"sqlite3": "state", "nftables": "enforce"}
 
@@ -32,12 +44,16 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if node.module == "agent":      # from agent import daemon -> agent.daemon
+                names.update(f"agent.{a.name}" for a in node.names)
     return names
 
 
 def _modules():
     for stage in ALLOWED:
-        for path in sorted((AGENT / stage).glob("*.py")):
+        paths = [AGENT / f"{stage}.py"] if (AGENT / f"{stage}.py").exists() \
+            else sorted((AGENT / stage).glob("*.py"))
+        for path in paths:
             yield stage, path
 
 
@@ -63,3 +79,27 @@ def test_only_enforce_and_state_are_owners_elsewhere():
             continue
         for name in _imports(path):
             assert name.split(".")[0] not in OWNED, f"agent/{rel} uses {name}"
+
+
+def test_the_cli_reaches_only_its_own_commands():
+    for path in sorted((AGENT / "cli").glob("*.py")):
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] == "agent" and len(parts) > 1 and parts[1] in ("daemon", "enforce", "detect"):
+                assert name in CLI_REACH, \
+                    f"agent/cli/{path.name} imports {name}: the CLI goes through the control API"
+
+
+def test_the_product_never_imports_the_lab():
+    for path in AGENT.rglob("*.py"):
+        for name in _imports(path):
+            assert name.split(".")[0] not in NOT_PRODUCT, \
+                f"agent/{path.relative_to(AGENT)} imports {name}: not part of the product"
+
+
+def test_no_attack_code_inside_the_package():
+    # The generators write whole IP packets (forged sources); they belong to the lab only.
+    for path in AGENT.rglob("*.py"):
+        text = path.read_text()
+        assert "IPPROTO_RAW" not in text and "IP_HDRINCL" not in text, \
+            f"agent/{path.relative_to(AGENT)} builds raw packets: attack code belongs in swarmlab/"

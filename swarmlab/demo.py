@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from agent.scenario import PATTERNS, Scenario, Timeline, active
+from swarmlab.scenario import PATTERNS, Scenario, Timeline, active
 
 
 def _fmt_ms(value: float | None) -> str:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
+import agent
 from agent.enforce.cgroup import cgroup2_mount
 from agent.enforce.wgapi import UAPI_DIR
-from agent.lab import Lab, netns, sh, wait_for
+from swarmlab.lab import Lab, netns, sh, wait_for
 
 T = TypeVar("T", int, float)
 
@@ -221,7 +222,7 @@ def scoped_rules(dest: Path, breach_ids: tuple[str, ...] = ("breach.service_shel
     breach rules (the others react to host-wide activity: BPF loads, ptrace, modules)."""
     import yaml
 
-    packaged = Path(__file__).resolve().parent / "rules"
+    packaged = Path(agent.__file__).resolve().parent / "rules"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "network.yaml").write_text((packaged / "network.yaml").read_text())
     rules = yaml.safe_load((packaged / "breach.yaml").read_text())["rules"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from agent.attacks.packets import fold, packed, word_sum
+from swarmlab.attacks.packets import fold, packed, word_sum
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 TPID_8021Q, TPID_8021AD = 0x8100, 0x88A8

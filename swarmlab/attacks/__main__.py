@@ -1,4 +1,4 @@
-"""python -m agent.attacks PATTERN --target ADDR [...]: run one pattern, print one line.
+"""python -m swarmlab.attacks PATTERN --target ADDR [...]: run one pattern, print one line.
 
 Run it inside a lab namespace (`ip netns exec NS ...`); traffic patterns refuse to run in
 any namespace not made by `ip netns add`. Exit codes: 0 done, 1 failed, 2 bad arguments.
@@ -10,8 +10,8 @@ import dataclasses
 import json
 import sys
 
-from agent.attacks import connections, floods, server
-from agent.attacks.common import Options, check_options, in_named_netns
+from swarmlab.attacks import connections, floods, server
+from swarmlab.attacks.common import Options, check_options, in_named_netns
 
 RUNNERS = {
     "syn_flood": floods.syn_flood,
@@ -61,7 +61,7 @@ HELP = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.attacks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m swarmlab.attacks", description=__doc__.splitlines()[0])
     p.add_argument("pattern", choices=list(RUNNERS))
     p.add_argument("--target", default="", help="victim address; IPv4 or IPv6 picks the family")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("refusing to send attack traffic outside a named network "
                                  "namespace; run it with `ip netns exec NS`")
     except ValueError as e:
-        print(f"agent.attacks: {e}", file=sys.stderr)
+        print(f"swarmlab.attacks: {e}", file=sys.stderr)
         return 2
     try:
         outcome = RUNNERS[opts.pattern](opts)
     except (OSError, ValueError) as e:
-        print(f"agent.attacks: {opts.pattern} failed: {e}", file=sys.stderr)
+        print(f"swarmlab.attacks: {opts.pattern} failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

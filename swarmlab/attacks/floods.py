@@ -6,9 +6,9 @@ import random
 import socket
 from typing import Callable
 
-from agent.attacks.common import Options, Pacer, Tally
-from agent.attacks import packets
-from agent.attacks.packets import SynBuilder, family_of, open_raw, packed, source_for, word_sum
+from swarmlab.attacks.common import Options, Pacer, Tally
+from swarmlab.attacks import packets
+from swarmlab.attacks.packets import SynBuilder, family_of, open_raw, packed, source_for, word_sum
 
 FIRST_SPORT = 1024
 

@@ -8,7 +8,7 @@ import signal
 import socket
 import time
 
-from agent.attacks.common import NS_PER_S, Options
+from swarmlab.attacks.common import NS_PER_S, Options
 
 
 def listen(bind: str | None, port: int, backlog: int = 4096) -> socket.socket:

@@ -10,8 +10,8 @@ import time
 from collections import OrderedDict
 from typing import Callable, Iterable
 
-from agent.attacks.common import NS_PER_S, Options, Pacer, Tally
-from agent.attacks.packets import family_of
+from swarmlab.attacks.common import NS_PER_S, Options, Pacer, Tally
+from swarmlab.attacks.packets import family_of
 
 # close() with SO_LINGER 0 sends RST and leaves no TIME_WAIT behind: a flood of graceful
 # closes would exhaust the attacker's ~28k ephemeral ports within seconds.

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import attacks
-from agent.lab import Lab
+import agent
 from agent.model import Mitigation, MitigationState
 from agent.state.store import Store
+from swarmlab import attacks
+from swarmlab.lab import Lab
 
 SERVICE_PORT = 8080
-NETWORK_RULES = Path(__file__).resolve().parent / "rules" / "network.yaml"
+NETWORK_RULES = Path(agent.__file__).resolve().parent / "rules" / "network.yaml"
 READY_TIMEOUT_S = 30.0
 
 

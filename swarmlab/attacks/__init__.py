@@ -6,7 +6,7 @@ benchmarks, run as subprocesses inside lab namespaces.
     outcome = result(proc, timeout_s=30)   # {"sent": 5000, "first_packet_mono_ns": ..., ...}
     stop(srv)                              # {"accepted": ..., "echoed_bytes": ...}
 
-Keyword options map to flags of `python -m agent.attacks` (duration_s=2 -> --duration-s 2;
+Keyword options map to flags of `python -m swarmlab.attacks` (duration_s=2 -> --duration-s 2;
 True -> a bare flag; None/False -> left out). Every pattern is bounded by count and
 duration and prints one JSON line with at least: pattern, target, port, sent, errors,
 error_kinds, first_packet_mono_ns, last_packet_mono_ns (time.monotonic_ns() just before
@@ -41,7 +41,7 @@ def command(ns: str | None, pattern: str, **opts: object) -> list[str]:
     if pattern not in PATTERNS:
         raise ValueError(f"unknown pattern {pattern!r}; one of {', '.join(PATTERNS)}")
     cmd = ["ip", "netns", "exec", ns] if ns else []
-    cmd += [sys.executable, "-m", "agent.attacks", pattern, "--json"]
+    cmd += [sys.executable, "-m", "swarmlab.attacks", pattern, "--json"]
     for key, value in opts.items():
         if value is None or value is False:
             continue
