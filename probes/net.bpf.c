@@ -326,14 +326,16 @@ int handle_xdp(struct xdp_md *ctx)
 SEC("tc")
 int handle_tc_ingress(struct __sk_buff *skb)
 {
+	int hw_tags = skb->vlan_present ? 1 : 0;
 	struct pkt p = {};
-	int parsed = parse_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
+	int parsed = parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, &p, hw_tags);
 	__u32 len = skb->len;
 
 	if (parsed == PARSE_TRUNCATED && len > skb->data_end - skb->data) {
 		bpf_skb_pull_data(skb, len < PULL_MAX_BYTES ? len : PULL_MAX_BYTES);
 		__builtin_memset(&p, 0, sizeof(p));
-		parsed = parse_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
+		parsed = parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
+				     hw_tags);
 	}
 	p.len = len;
 	p.segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
