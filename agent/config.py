@@ -331,7 +331,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("mitigation.max_ttl_s must not be below mitigation.default_ttl_s")
     if cfg.probes.attach_mode not in ATTACH_MODES:
         raise ConfigError(f"probes.attach_mode must be one of {', '.join(ATTACH_MODES)} "
-                          f"(got {configcheck.name(cfg.probes.attach_mode)})")
+                          f"(got {cfg.probes.attach_mode[:40]!r})")
     if not cfg.probes.process_owners.startswith("/"):
         raise ConfigError("probes.process_owners must be an absolute path")
     if cfg.log_level not in ("debug", "info", "warning", "error"):
