@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import fcntl
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -111,14 +112,13 @@ def attach(name: str, configured: str, xdp: libbpf.Program | None,
         try:
             link = _attach_one(mode, xdp, tc, socket.if_nametoindex(name))
         except OSError as e:
-            refused.append(f"{mode} refused: {e.strerror or e}")
+            refused.append(f"{mode} refused: {os.strerror(e.errno) if e.errno else e}")
             continue
         wanted = CONFIGURED.get(configured)
         if wanted is not None:
-            why = "; ".join(refused)
             missed = mode != wanted
-            if missed:
-                why = f"probes.attach_mode is {configured}, which it refused: {why}"
+            why = f"probes.attach_mode is {configured}, which it refused: " \
+                f"{'; '.join(refused)}" if missed else "probes.attach_mode"
             return link, Attached(name, mode, why, missed)
         why = TC_CHEAPER[drv] if mode is Mode.TC and drv in TC_CHEAPER and not refused \
             else f"driver {drv}" if mode is Mode.NATIVE and drv else ""
