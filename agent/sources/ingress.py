@@ -88,7 +88,7 @@ def _attach_one(mode: Mode, xdp: libbpf.Program, tc: libbpf.Program, ifindex: in
     if mode is Mode.NATIVE:
         return libbpf.native_xdp(xdp, ifindex)
     if mode is Mode.GENERIC:
-        return libbpf.XdpLink(xdp, ifindex)
+        return libbpf.generic_xdp(xdp, ifindex)
     try:
         return libbpf.tcx_ingress(tc, ifindex)
     except OSError as e:

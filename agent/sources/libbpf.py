@@ -240,20 +240,6 @@ class Link:
             self.ptr = 0
 
 
-class XdpLink:
-    """An XDP program attached by ifindex; detach from the netns it was attached in."""
-
-    def __init__(self, prog: Program, ifindex: int, flags: int = XDP_FLAGS_SKB_MODE):
-        check(_lib.bpf_xdp_attach(ifindex, prog.fd, flags, None),
-              f"attach {prog.name} to ifindex {ifindex}")
-        self.ifindex, self.flags = ifindex, flags
-
-    def destroy(self) -> None:
-        if self.ifindex:
-            _lib.bpf_xdp_detach(self.ifindex, self.flags, None)
-            self.ifindex = 0
-
-
 class _LinkCreateOpts(ctypes.Structure):
     # struct bpf_link_create_opts (libbpf.h): sz, then flags; the rest stays zero
     _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32)]
@@ -282,6 +268,11 @@ def native_xdp(prog: Program, ifindex: int) -> FdLink:
     return FdLink(prog, ifindex, BPF_XDP, XDP_FLAGS_DRV_MODE, "native XDP")
 
 
+def generic_xdp(prog: Program, ifindex: int) -> FdLink:
+    """`prog` as generic (skb) XDP, as a link: gone with the agent's process."""
+    return FdLink(prog, ifindex, BPF_XDP, XDP_FLAGS_SKB_MODE, "generic XDP")
+
+
 def tcx_ingress(prog: Program, ifindex: int) -> FdLink:
     """`prog` at tc ingress as a tcx link (Linux 6.6); EINVAL on older kernels."""
     return FdLink(prog, ifindex, BPF_TCX_INGRESS, 0, "tcx ingress")
@@ -307,8 +298,8 @@ class _TcOpts(ctypes.Structure):
 class TcLink:
     """A tc (clsact) filter running `prog` on ifindex, at egress unless `ingress`;
     destroy() removes the filter and, when this link created the clsact qdisc, the
-    qdisc. Like XdpLink, it must be destroyed from the network namespace it was attached
-    in."""
+    qdisc. Unlike a BPF link, it must be destroyed from the network namespace it was
+    attached in, and it outlives a killed process."""
 
     def __init__(self, prog: Program, ifindex: int, ingress: bool = False):
         self._hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex,

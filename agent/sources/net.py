@@ -272,8 +272,9 @@ class NetProbe(BpfProbe):
 
     @contextlib.contextmanager
     def _in_own_netns(self):
-        # Generic XDP and clsact filters are detached by ifindex, which only means something in the namespace it was
-        # attached in; the caller may have moved on.
+        # clsact filters (tc egress; tc ingress before tcx) are detached by ifindex, which
+        # only means something in the namespace it was attached in; the caller may have
+        # moved on. (BPF links need no namespace: closing their fd detaches them.)
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             moved = os.fstat(home).st_ino != os.fstat(self._netns_fd).st_ino
