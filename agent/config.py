@@ -101,6 +101,9 @@ class Probes:
     # "native", "tc" or "generic" tries that hook first and falls back, reported, where
     # a link cannot take it.
     attach_mode: str = "auto"
+    # Events waiting between the probes and the detector (agent.sources.queue); past it
+    # events are dropped and counted per kind (status, swarm_agent_events_dropped).
+    queue_events: int = 16384
 
 
 @dataclass(frozen=True)

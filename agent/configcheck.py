@@ -55,6 +55,8 @@ BOUNDS: dict[str, Bound] = {
         1024, 1 << 20, why="three LRU maps preallocate about 600 bytes of kernel memory "
         "per entry"),
     "probes.window_ms": Bound(10, 60_000),
+    "probes.queue_events": Bound(16, 1 << 20, why="a queued event holds about 1 KiB of "
+                                 "memory, an exec with a long argv more"),
     "mesh.heartbeat_s": Bound(0, 86400, above=True),
     "mesh.batch_size": Bound(1, 1000, why="one call must fit gRPC's 4 MiB message limit"),
     "mesh.timeout_s": _WAIT,

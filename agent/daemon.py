@@ -35,6 +35,7 @@ from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
+from agent.sources.queue import EventQueue
 from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")
@@ -43,6 +44,10 @@ HOUSEKEEPING_S = 0.5
 RECONCILE_EVERY_S = 5.0   # a backstop: change notifications can be lost (ENOBUFS)
 UNSAVED_STATE = "unsaved-state.db"   # in run_dir: the state a degraded run could not write
 STORAGE_CHECK_S = 0.5     # how often degraded storage is looked at (tries are backed off)
+# The consumer of the event queue hands the loop back (to the ring-buffer readers, the
+# control server) after this long or this many events, whichever comes first.
+CONSUME_BUDGET_S = 0.005
+CONSUME_BATCH = 256
 
 
 def netns_id() -> str:
@@ -69,6 +74,7 @@ class Agent:
         self.last_drift_at: float | None = None
         self._lock_fd: int | None = None
         self._storage_incident: str | None = None
+        self.queue: EventQueue[Event] = EventQueue(cfg.probes.queue_events)
         self.ready = False
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
@@ -82,15 +88,19 @@ class Agent:
         # state in memory (agent.state.backing); status, log, metric and incident say so.
         self.store = Store(self.cfg.db_path, spill=Path(self.cfg.run_dir) / UNSAVED_STATE)
         self.enforcer = self._make_enforcer()
-        seeded = self._seed_from_kernel() if self.store.fresh else 0
+        seeded = self._seed_from_kernel() if self.store.fresh else self._adopt_from_kernel()
         self.store.on_lost(self._seed_from_kernel)
+        # Commits are fsync'd on a thread from here on (agent.state.batch): the host
+        # change of a finding never waits for a disk.
+        self.store.start_syncing()
         self.responder = Responder(self.cfg, self.store, self.enforcer)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()
         self._open_proc_probe()
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
-                                   status=self.status, losses=self.losses, unparsed=self.unparsed)
+                                   status=self.status, losses=self.losses, unparsed=self.unparsed,
+                                   queue=self.queue_status)
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -120,6 +130,16 @@ class Agent:
         kernel table holds in force, so setup() keeps it instead of wiping it."""
         return 0 if self.cfg.dry_run else health.reseed_from_kernel(self.store, self.cfg)
 
+    def _adopt_from_kernel(self) -> int:
+        """Record what the kernel holds in force and the database does not: a run that
+        stopped between a finding's host change and its commit (agent.respond.engine)."""
+        if self.cfg.dry_run:
+            return 0
+        adopted = health.reseed_from_kernel(self.store, self.cfg, fresh=False)
+        if adopted:
+            self.counters["mitigations.adopted"] += adopted
+        return 0     # not a recovery of the database: state_recovered is not told
+
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and
         without cgroup v2 (nft's socket cgroupv2 match, the freezer, cgroup names): mount
@@ -130,6 +150,10 @@ class Agent:
         for what, problem in (("tracefs", ensure_tracefs()), ("cgroup2", ensure_cgroup2())):
             if problem:
                 log.warning(f"{what} unavailable", extra={"reason": problem})
+        from agent.sources.capability import CAPABILITIES, missing_capabilities
+
+        for cap in missing_capabilities():   # what then fails says why; this says what lacks
+            log.warning(f"{cap} missing", extra={"reason": f"needed to {CAPABILITIES[cap]}"})
 
     def _make_enforcer(self):
         # Dry run is the live enforcer stopping before each host change, so it plans what
@@ -180,16 +204,61 @@ class Agent:
 
     # -- the pipeline -----------------------------------------------------------------------
 
+    def enqueue(self, event: Event) -> None:
+        """What the probes emit to, on the loop thread: queue the event and return (a full
+        queue drops and counts, agent.sources.queue); `consume` takes it from there."""
+        self.queue.put(event.kind, event)
+
+    async def consume(self) -> None:
+        """Run queued events through detector and responder in budgeted batches; one that
+        fails is counted (events.failed) and logged, and the rest go on."""
+        while True:
+            await self.queue.wait()
+            deadline = time.monotonic() + CONSUME_BUDGET_S
+            for _ in range(CONSUME_BATCH):
+                batch = self.queue.take(1)
+                if not batch:
+                    break
+                self._process(batch[0])
+                if time.monotonic() >= deadline:
+                    break
+            await asyncio.sleep(0)      # the readers and the control server get the loop
+
+    def _process(self, event: Event) -> None:
+        try:
+            self.on_event(event)
+        except Exception as e:   # noqa: BLE001 -- one event must not stop the pipeline
+            self._failed("events.failed", e, kind=event.kind, subject=event.subject)
+
+    def _failed(self, counter: str, e: Exception, **about: str) -> None:
+        self.counters[counter] += 1
+        if getattr(self, "reporting", None) is not None:
+            self.reporting.metrics.failed.labels(counter.split(".")[0].removesuffix("s")).inc()
+        n = self.counters[counter]
+        if n & (n - 1) == 0:     # the 1st, 2nd, 4th, 8th...: a flood of them is no log flood
+            log.error("event processing failed; counted, the rest go on", exc_info=e,
+                      extra={"counter": counter, "count": n, "error": str(e) or type(e).__name__,
+                             **about})
+
     def on_event(self, event: Event) -> None:
-        """Called for every decoded kernel alert, on the loop thread."""
+        """One event through the detector and the responder, on the loop thread. A
+        finding the responder fails on is counted (findings.failed); the others go on."""
         self.counters[f"events.{event.kind}"] += 1
         findings = self.detector.evaluate(event, event.mono_ns)
         self.reporting.observe_event(event, findings)
         for finding in findings:
             self.counters[f"findings.{finding.rule}"] += 1
-            incident = self.responder.handle(finding)
+            try:
+                incident = self.responder.handle(finding)
+            except Exception as e:   # noqa: BLE001 -- the next finding must still be handled
+                self._failed("findings.failed", e, rule=finding.rule, entity=finding.entity)
+                continue
             log.info("finding", extra={"rule": finding.rule, "entity": finding.entity,
                                        "incident": incident.id, "state": str(incident.state)})
+
+    def queue_status(self) -> dict:
+        """The event queue: depth now, its high-water mark, capacity, drops by kind."""
+        return self.queue.status()
 
     def on_drift(self) -> None:
         now = time.time()
@@ -268,8 +337,13 @@ class Agent:
             "probes": {**self.probe_status, **self.proc_status, **self._storage_status()},
             "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},
             "ringbuf_losses": self.losses(),
+            "queue": self.queue_status(),
             # What the packet parser could not follow: in `status` and the control API.
             "counters": {**self.counters,
+                         **{f"events.dropped.{k}": n for k, n in self.queue.dropped.items()},
+                         # The control API carries counters, not the queue dict.
+                         "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
+                         "queue.capacity": self.queue.capacity,
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()}},
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
@@ -313,7 +387,8 @@ class Agent:
                 tg.create_task(control.run())
                 for probe in (self.probe, self.proc_probe):
                     if probe is not None:
-                        tg.create_task(probe.run(self.on_event))
+                        tg.create_task(probe.run(self.enqueue))
+                tg.create_task(self.consume())
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
                 tg.create_task(self.watch_storage())

@@ -100,7 +100,7 @@ static __always_inline int check_open(long fd, __u16 syscall)
 	n = walk_path(BPF_CORE_READ(f, f_path.dentry), BPF_CORE_READ(f, f_path.mnt), w->path,
 		      &e->path_flags);
 	e->path_len = n;
-	bpf_probe_read_kernel(e->path, sizeof(e->path), w->path);
+	copy_walked(e->path, w->path, n);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

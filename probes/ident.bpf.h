@@ -111,4 +111,17 @@ static __always_inline __u32 walk_path(struct dentry *d, struct vfsmount *vmnt, 
 	return off;
 }
 
+/* Copies the `n` bytes a walk_path() wrote (at most PATH_LEN) from the scratch buffer to
+ * `dst`, an already zeroed event field. Only those bytes: the buffer is per-CPU and
+ * reused, so past them lie the tails of earlier, longer paths of other processes, which
+ * must not travel to user space (it would read another process's path, whatever the
+ * length field says). */
+static __always_inline void copy_walked(__u8 *dst, const __u8 *buf, __u32 n)
+{
+	if (n > PATH_LEN)
+		n = PATH_LEN;
+	if (n)
+		bpf_probe_read_kernel(dst, n, buf);
+}
+
 #endif /* SWARM_IDENT_BPF_H */

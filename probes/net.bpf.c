@@ -113,13 +113,34 @@ static __always_inline struct net_thresholds *get_thresholds(void)
 	return bpf_map_lookup_elem(&thresholds, &zero);
 }
 
-/* True the first time `reason` is claimed in this window; atomic so two CPUs crossing
- * the same threshold together raise one alert. */
-static __always_inline int claim(__u64 *alerted, __u32 reason)
+/* True the first time `reason` is claimed in the window that started at `start` (what the
+ * caller's window_entry() saw); atomic so two CPUs crossing the same threshold together
+ * raise one alert. The claimed bits carry their window (ALERT_TAG_SHIFT): bits of an
+ * earlier window are ignored, so a new window needs no reset of them, and a claim for a
+ * window already over (a CPU that saw it just before another CPU started the next) is
+ * refused instead of landing in the next window. Each failed compare-and-swap means another
+ * claim succeeded, and a window has at most one per reason: the loop cannot run out while
+ * a claim is still possible (CLAIM_TRIES leaves room for a window change on the way). */
+#define REASON_BITS ((1ULL << ALERT_TAG_SHIFT) - 1)
+#define CLAIM_TRIES 16
+static __always_inline int claim(__u64 *alerted, __u64 start, __u32 reason)
 {
-	__u64 bit = 1ULL << reason;
+	__u64 bit = 1ULL << reason, tag = start & ~REASON_BITS, old, base;
+	__u32 i;
 
-	return !(__sync_fetch_and_or(alerted, bit) & bit);
+	if (start == WINDOW_RESETTING)
+		return 0;	/* counters are being reset: the next packet decides */
+	for (i = 0; i < CLAIM_TRIES; i++) {
+		old = *(volatile __u64 *)alerted;
+		if ((old & ~REASON_BITS) > tag)
+			return 0;		/* a later window has begun */
+		base = (old & ~REASON_BITS) == tag ? old : tag;
+		if (base & bit)
+			return 0;
+		if (__sync_val_compare_and_swap(alerted, old, base | bit) == old)
+			return 1;
+	}
+	return 0;
 }
 
 /* Sets the hashed bit for `h`; returns 1 if it was new. */
@@ -144,11 +165,11 @@ static __always_inline int over(__u64 value, __u64 limit)
 }
 
 static __always_inline void emit_source(const struct addr_key *k, struct source_stats *s,
-					__u32 reason, __u64 now)
+					__u64 start, __u32 reason, __u64 now)
 {
 	struct net_source_event *e;
 
-	if (!claim(&s->alerted, reason))
+	if (!claim(&s->alerted, start, reason))
 		return;
 	e = bpf_ringbuf_reserve(&alerts, sizeof(*e), 0);
 	if (!e) {
@@ -162,7 +183,7 @@ static __always_inline void emit_source(const struct addr_key *k, struct source_
 	__builtin_memcpy(e->addr, k->addr, 16);
 	e->family = k->family;
 	e->reason = reason;
-	e->window_start_ns = s->window_start_ns;
+	e->window_start_ns = start;
 	e->packets = s->packets;
 	e->bytes = s->bytes;
 	e->syns = s->syns;
@@ -174,11 +195,11 @@ static __always_inline void emit_source(const struct addr_key *k, struct source_
 }
 
 static __always_inline void emit_service(const struct service_key *k, struct service_stats *s,
-					 __u32 reason, __u64 now)
+					 __u64 start, __u32 reason, __u64 now)
 {
 	struct net_service_event *e;
 
-	if (!claim(&s->alerted, reason))
+	if (!claim(&s->alerted, start, reason))
 		return;
 	e = bpf_ringbuf_reserve(&alerts, sizeof(*e), 0);
 	if (!e) {
@@ -189,7 +210,7 @@ static __always_inline void emit_service(const struct service_key *k, struct ser
 	e->hdr.kind = EVENT_NET_SERVICE;
 	e->hdr.size = sizeof(*e);
 	e->hdr.ts_ns = now;
-	e->window_start_ns = s->window_start_ns;
+	e->window_start_ns = start;
 	e->packets = s->packets;
 	e->syns = s->syns;
 	e->udp = s->udp;
@@ -200,25 +221,63 @@ static __always_inline void emit_service(const struct service_key *k, struct ser
 	bpf_ringbuf_submit(e, 0);
 }
 
-/* Returns the entry for `key`, starting a new window when the current one is over.
- * A new window replaces the whole value (one update) instead of clearing fields one by
- * one, so readers never see half-reset counters. */
-static __always_inline void *window_entry(void *map, const void *key, void *fresh, __u64 now)
+/* Returns the entry for `key` and in *seen the start of its window, starting a new window
+ * when the current one is over. Every CPU counts into the same entry at once, so:
+ * - An entry is created once (BPF_NOEXIST: of CPUs creating it together one value wins
+ *   and all count into it) and never replaced: replacing it (BPF_ANY) would leave the CPUs
+ *   holding the old value counting into a freed element, which the LRU map hands to
+ *   another key.
+ * - A window is over when `now` is more than window_ns past its start. `now` is signed
+ *   against the start: a CPU whose clock read precedes another CPU's new start sees a
+ *   current window, not one 584 years old.
+ * - Of CPUs that see it over, the one whose compare-and-swap of window_start_ns to
+ *   WINDOW_RESETTING succeeds zeroes the counters in place, then publishes the new start
+ *   (an atomic exchange: ordered after the zeroing). Meanwhile the others count on and
+ *   raise no alert (claim() refuses WINDOW_RESETTING); what they add before the zeroing
+ *   goes with the old window. The alert bits (word `alerted`) are left alone: they carry
+ *   their window (claim()), and zeroing them would let a late claim for the old window
+ *   alert twice.
+ * `size` is the value's size: every stats struct starts with window_start_ns and is made
+ * of u64 words (the _Static_asserts in events.h). */
+static __always_inline void *window_entry(void *map, const void *key, void *fresh, __u32 size,
+					  __u32 alerted, __u64 now, __u64 *seen)
 {
-	__u64 *start = bpf_map_lookup_elem(map, key);
+	__u64 *start = bpf_map_lookup_elem(map, key), *word;
+	__u32 i;
 
-	if (start && now - *start <= net_cfg.window_ns)
+	if (!start) {
+		*(__u64 *)fresh = now;
+		bpf_map_update_elem(map, key, fresh, BPF_NOEXIST);
+		start = bpf_map_lookup_elem(map, key);
+		if (start)
+			*seen = *(volatile __u64 *)start;
 		return start;
-	*(__u64 *)fresh = now;	/* every stats struct starts with window_start_ns */
-	bpf_map_update_elem(map, key, fresh, BPF_ANY);
-	return bpf_map_lookup_elem(map, key);
+	}
+	*seen = *(volatile __u64 *)start;
+	if (*seen == WINDOW_RESETTING || (__s64)(now - *seen) <= (__s64)net_cfg.window_ns)
+		return start;
+	if (__sync_val_compare_and_swap(start, *seen, WINDOW_RESETTING) != *seen) {
+		*seen = WINDOW_RESETTING;	/* another CPU starts the next window */
+		return start;
+	}
+	for (i = 1; i < size / 8; i++) {
+		if (i == alerted / 8)
+			continue;
+		word = start + i;
+		*(volatile __u64 *)word = 0;
+	}
+	__sync_lock_test_and_set(start, now);
+	*seen = now;
+	return start;
 }
 
 static __always_inline void count_source(const struct pkt *p, struct net_thresholds *t, __u64 now)
 {
 	struct source_stats fresh = {}, *s;
+	__u64 start;
 
-	s = window_entry(&sources, &p->src, &fresh, now);
+	s = window_entry(&sources, &p->src, &fresh, sizeof(fresh),
+			 __builtin_offsetof(struct source_stats, alerted), now, &start);
 	if (!s)
 		return;
 	__sync_fetch_and_add(&s->packets, p->segs);
@@ -232,21 +291,23 @@ static __always_inline void count_source(const struct pkt *p, struct net_thresho
 	s->dport = p->dport;
 	s->proto = p->proto;
 	if (over(s->syns, t->syns))
-		emit_source(&p->src, s, REASON_SYNS, now);
+		emit_source(&p->src, s, start, REASON_SYNS, now);
 	if (over(s->packets, t->packets))
-		emit_source(&p->src, s, REASON_PACKETS, now);
+		emit_source(&p->src, s, start, REASON_PACKETS, now);
 	if (over(s->udp, t->udp))
-		emit_source(&p->src, s, REASON_UDP, now);
+		emit_source(&p->src, s, start, REASON_UDP, now);
 	if (over(s->ports, t->port_bits))
-		emit_source(&p->src, s, REASON_PORTS, now);
+		emit_source(&p->src, s, start, REASON_PORTS, now);
 }
 
 static __always_inline void count_service(const struct pkt *p, struct net_thresholds *t, __u64 now)
 {
 	struct service_key k = { .dport = p->dport, .proto = p->proto };
 	struct service_stats fresh = {}, *s;
+	__u64 start;
 
-	s = window_entry(&services, &k, &fresh, now);
+	s = window_entry(&services, &k, &fresh, sizeof(fresh),
+			 __builtin_offsetof(struct service_stats, alerted), now, &start);
 	if (!s)
 		return;
 	__sync_fetch_and_add(&s->packets, p->segs);
@@ -259,11 +320,11 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 	if (s->sources < t->svc_source_bits)
 		return;
 	if (over(s->syns, t->svc_syns))
-		emit_service(&k, s, REASON_SVC_SYNS, now);
+		emit_service(&k, s, start, REASON_SVC_SYNS, now);
 	if (over(s->packets, t->svc_packets))
-		emit_service(&k, s, REASON_SVC_PACKETS, now);
+		emit_service(&k, s, start, REASON_SVC_PACKETS, now);
 	if (over(s->udp, t->svc_udp))
-		emit_service(&k, s, REASON_SVC_UDP, now);
+		emit_service(&k, s, start, REASON_SVC_UDP, now);
 }
 
 /* The verdict on one packet parse_packet() read (`parsed`: its return), the same at every
@@ -385,12 +446,12 @@ static __always_inline int own_netns(const struct sock *sk, const struct sk_buff
 }
 
 static __always_inline void emit_remote(const struct addr_key *k, struct remote_stats *r,
-					__u32 kind, __u32 reason, __u64 count, __u16 dport,
-					__u64 now)
+					__u64 start, __u32 kind, __u32 reason, __u64 count,
+					__u16 dport, __u64 now)
 {
 	struct tcp_remote_event *e;
 
-	if (!claim(&r->alerted, reason))
+	if (!claim(&r->alerted, start, reason))
 		return;
 	e = bpf_ringbuf_reserve(&alerts, sizeof(*e), 0);
 	if (!e) {
@@ -404,7 +465,7 @@ static __always_inline void emit_remote(const struct addr_key *k, struct remote_
 	__builtin_memcpy(e->addr, k->addr, 16);
 	e->family = k->family;
 	e->reason = reason;
-	e->window_start_ns = r->window_start_ns;
+	e->window_start_ns = start;
 	e->count = count;
 	e->dport = dport;
 	bpf_ringbuf_submit(e, 0);
@@ -423,22 +484,24 @@ static __always_inline void count_remote(const struct addr_key *k, __u16 dport, 
 {
 	struct net_thresholds *t = get_thresholds();
 	struct remote_stats fresh = {}, *r;
-	__u64 now = bpf_ktime_get_ns(), n;
+	__u64 now = bpf_ktime_get_ns(), n, start;
 
 	if (!t)
 		return;
-	r = window_entry(reset == 2 ? (void *)&verified : (void *)&remotes, k, &fresh, now);
+	r = window_entry(reset == 2 ? (void *)&verified : (void *)&remotes, k, &fresh,
+			 sizeof(fresh), __builtin_offsetof(struct remote_stats, alerted), now,
+			 &start);
 	if (!r)
 		return;
 	if (reset) {
 		n = __sync_add_and_fetch(&r->resets, 1);
 		if (over(n, t->resets))
-			emit_remote(k, r, EVENT_TCP_RESET,
+			emit_remote(k, r, start, EVENT_TCP_RESET,
 				    reset == 2 ? REASON_VERIFIED_RESETS : REASON_RESETS, n, dport, now);
 	} else {
 		n = __sync_add_and_fetch(&r->conns, 1);
 		if (over(n, t->conns))
-			emit_remote(k, r, EVENT_TCP_ESTABLISHED, REASON_CONNS, n, dport, now);
+			emit_remote(k, r, start, EVENT_TCP_ESTABLISHED, REASON_CONNS, n, dport, now);
 	}
 }
 

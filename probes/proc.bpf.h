@@ -100,7 +100,8 @@ static __always_inline void fill_proc(struct proc_ctx *p, struct task_struct *ta
 		p->flags |= CTX_REPARENTED;
 }
 
-/* The executable's path as the kernel resolves it (uses the scratch path buffer). */
+/* The executable's path as the kernel resolves it (uses the scratch path buffer). `p`
+ * is zeroed: a reserved event, or the exec handler's cleared scratch context. */
 static __always_inline void fill_exe_path(struct proc_ctx *p, struct task_struct *task)
 {
 	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
@@ -110,7 +111,7 @@ static __always_inline void fill_exe_path(struct proc_ctx *p, struct task_struct
 		p->exe_path_len = walk_path(BPF_CORE_READ(exe, f_path.dentry),
 					    BPF_CORE_READ(exe, f_path.mnt), w->path,
 					    &p->exe_path_flags);
-		bpf_probe_read_kernel(p->exe_path, sizeof(p->exe_path), w->path);
+		copy_walked(p->exe_path, w->path, p->exe_path_len);
 	}
 }
 

@@ -7,7 +7,9 @@ scrape, so they survive restarts and never drift: incidents per class and state,
 hits and misses per class, active mitigations per kind, outbox depth and drops, the
 database's health (degraded, failed writes, catch-ups, files moved aside). The probe's
 ring-buffer losses and the packets its parser could not follow (by reason) come from the
-probe itself. The HTTP server is a daemon thread; a
+probe itself; the event queue between probes and detector (depth, high-water mark,
+capacity, drops by kind) from the queue, and events or findings that failed in the
+pipeline from the daemon's counters through it. The HTTP server is a daemon thread; a
 scrape reads the store under its lock, like any other reader thread.
 """
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Metrics:
 
     def __init__(self, store: Store, *, losses: Callable[[], int] = lambda: 0,
                  outbox: Any = None, clock: Callable[[], float] = time.time,
-                 unparsed: Callable[[], dict[str, int]] = dict):
+                 unparsed: Callable[[], dict[str, int]] = dict,
+                 queue: Callable[[], dict[str, Any]] | None = None):
         self.registry = CollectorRegistry()
         self._started_at = clock()
         self._seen_detect: OrderedDict[str, None] = OrderedDict()
@@ -71,7 +74,13 @@ class Metrics:
                                    registry=r)
         self.alert_failures = Counter(f"{PREFIX}_alert_failures",
                                       "Failed posts to Alertmanager", registry=r)
+        self.failed = Counter(f"{PREFIX}_pipeline_failures",
+                              "Events (stage=event) or findings (stage=finding) whose "
+                              "processing raised; counted and logged, the rest went on",
+                              ["stage"], registry=r)
         r.register(_StateCollector(store, losses, outbox, unparsed))
+        if queue is not None:
+            r.register(_QueueCollector(queue))
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -186,6 +195,31 @@ class _StateCollector:
                 depth.add_metric([kind], n)
                 dropped.add_metric([kind], self._outbox.dropped.get(kind, 0))
             yield from (depth, dropped)
+
+
+class _QueueCollector:
+    """The event queue between the probes and the detector (agent.sources.queue)."""
+
+    def __init__(self, queue: Callable[[], dict[str, Any]]):
+        self._queue = queue
+
+    def collect(self):
+        q = self._queue()
+        yield GaugeMetricFamily(f"{PREFIX}_event_queue_depth",
+                                "Events waiting between the probes and the detector",
+                                value=q["depth"])
+        yield GaugeMetricFamily(f"{PREFIX}_event_queue_depth_max",
+                                "The most events that waited at once since start",
+                                value=q["depth_max"])
+        yield GaugeMetricFamily(f"{PREFIX}_event_queue_capacity",
+                                "Events the queue holds before it drops (probes.queue_events)",
+                                value=q["capacity"])
+        dropped = CounterMetricFamily(f"{PREFIX}_events_dropped",
+                                      "Events dropped because the queue was full, by kind",
+                                      labels=["kind"])
+        for kind, n in q["dropped"].items():
+            dropped.add_metric([kind], n)
+        yield dropped
 
 
 def _storage(store: Store):

@@ -33,11 +33,13 @@ _LIVE = (IncidentState.OPEN.value, IncidentState.MITIGATED.value, IncidentState.
 class Reporting:
     """See the module docstring. `status()` is the agent's status dict (for heartbeats),
     `losses()` the probe's lost ring-buffer events, `unparsed()` the packets its parser
-    could not follow, by reason."""
+    could not follow, by reason, `queue()` the event queue's status (depth, depth_max,
+    capacity, dropped by kind)."""
 
     def __init__(self, cfg: Config, store: Store, observers: list, *,
                  status: Callable[[], dict[str, Any]], losses: Callable[[], int],
-                 unparsed: Callable[[], dict[str, int]] = dict):
+                 unparsed: Callable[[], dict[str, int]] = dict,
+                 queue: Callable[[], dict[str, Any]] | None = None):
         self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
         self.problems: dict[str, str] = {}     # reporter -> why it is not working
         # The store's own connection: while storage is degraded the outbox lives in memory
@@ -46,7 +48,7 @@ class Reporting:
                              hard_max_reports=cfg.mesh.outbox_hard_max)
         standalone = cfg.mesh.endpoint is None
         self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox,
-                               unparsed=unparsed)
+                               unparsed=unparsed, queue=queue)
         observers.append(self.metrics.observe)
         self.mesh: MeshReporter | None = None
         if not standalone:

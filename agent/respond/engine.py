@@ -2,15 +2,32 @@
 
 Automatic and manual mitigations go through the same path (`_put_in_force`), so a block
 from the control API and one from the detector are recorded and enforced alike.
+
+One finding is one transaction (Store.batch): its incident, mitigation, timeline and
+outbox rows are committed together after the host change, and observers hear of them only
+once committed. The host change never waits for a commit, let alone an fsync (the store
+syncs on a thread: agent.state.batch). What a crash leaves at each point:
+- before the host change: nothing in the kernel, nothing recorded; the kernel signals the
+  next window of a continuing attack again.
+- after the host change, before the commit: an element in force (with its own timeout)
+  and no row; the next start records it from the kernel table
+  (agent.respond.health.reseed_from_kernel, which adds what the store lacks) before the
+  table is reconciled, so it is kept, not lifted.
+- after the commit, before the sync: an agent crash keeps the row (it is in the WAL in
+  the page cache); a power loss or kernel crash loses the row and the nft table alike.
+- after the sync: durable.
+If the batch fails after the host change (a bug: storage trouble goes to memory instead),
+the mitigation in force is recorded on its own, so it is never forgotten.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from agent.config import Config
 from agent.detect.rules import Rule, load_rules
@@ -73,9 +90,16 @@ class Responder:
         # Called on the caller's thread after every recorded change (the control server's
         # watch stream, the mesh reporter); an observer must be quick and must not raise.
         self.observers: list[Observer] = []
+        self._deferred: list[tuple[str, Any]] | None = None   # notices held until commit
+        # In force but not committed yet (during handle() only).
+        self._applied: list[tuple[Mitigation, str | None]] | None = None
 
     def notify(self, kind: str, obj: Any) -> None:
-        """Tell every observer about a change (also for callers that recorded one)."""
+        """Tell every observer about a change (also for callers that recorded one); while
+        a finding's transaction is open, once it is committed."""
+        if self._deferred is not None:
+            self._deferred.append((kind, obj))
+            return
         for observer in list(self.observers):
             try:
                 observer(kind, obj)
@@ -89,6 +113,46 @@ class Responder:
     # -- findings ----------------------------------------------------------------------
 
     def handle(self, finding: Finding) -> Incident:
+        """Record `finding` in its incident, mitigate per its rule, return the incident:
+        in one transaction, committed after the host change (see the module docstring)."""
+        with self._committed_notices():
+            self._applied = []
+            try:
+                with self._store.batch():
+                    return self._handle(finding)
+            except BaseException:
+                self._record_applied()
+                raise
+            finally:
+                self._applied = None
+
+    @contextlib.contextmanager
+    def _committed_notices(self) -> Iterator[None]:
+        """Hold notify() until the block ends; observers hear nothing of a rolled-back one."""
+        if self._deferred is not None:
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+            held = self._deferred
+        finally:
+            self._deferred = None
+        for kind, obj in held:
+            self.notify(kind, obj)
+
+    def _record_applied(self) -> None:
+        """The finding's transaction failed after mitigations were put in force: record
+        them on their own, so reconcile keeps rather than lifts them."""
+        for m, rule in self._applied or ():
+            try:
+                # Its incident went with the transaction: the row stands alone.
+                self._store.add_mitigation(replace(m, incident_id=None), rule=rule)
+            except Exception:   # noqa: BLE001 -- logged; reconcile will lift it
+                log.exception("a mitigation in force could not be recorded",
+                              extra={"kind": m.kind.value, "target": m.target})
+
+    def _handle(self, finding: Finding) -> Incident:
         """Record `finding` in its incident, mitigate per its rule, return the incident."""
         now = self._clock()
         plan = self._plan(finding, now)
@@ -180,16 +244,21 @@ class Responder:
                                "ttl_s": ttl_s},
                        reason=_verdict(plan.kind, f"{plan.finding.rule} on {plan.finding.entity}"))
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
-        self._record_outcome(incident, m, outcome, error)
+        self._record_outcome(incident, m, outcome, error,
+                             signal_at=self._to_wall(plan.finding.detected_mono_ns))
 
     def _record_outcome(self, incident: Incident, m: Mitigation, outcome: Outcome,
-                        error: EnforceError | None) -> None:
+                        error: EnforceError | None, signal_at: float | None = None) -> None:
         at = self._clock()
         if outcome is not Outcome.ALLOWLISTED:
             self.notify("mitigation", m)
         what = f"{m.kind.value} {m.target}"
         data = {"mitigation_id": m.id, "kind": m.kind.value, "target": m.target,
                 "ttl_s": m.params.get("ttl_s")}
+        if signal_at is not None:
+            # When the evidence reached the agent (the kernel's event time): with the
+            # applied time, what bench/mixed_load.py reports as signal to enforced.
+            data["signal_at"] = signal_at
         if outcome is Outcome.APPLIED:
             self._store.add_incident_event(incident.id, "mitigation_applied",
                                            f"{_verdict(m.kind, what)} {_lifetime(m)}", at, data)
@@ -274,8 +343,10 @@ class Responder:
 
     def _put_in_force(self, m: Mitigation, now: float,
                       rule: str | None) -> tuple[Outcome, EnforceError | None]:
-        """Record and apply one new mitigation. The row is written before the host is
-        changed, so a crash in between is repaired by reconcile rather than forgotten."""
+        """Record and apply one new mitigation. Inside a finding's transaction the row is
+        committed after the host change (a crash in between: the next start records the
+        element from the kernel table); outside one (a manual block) it is written first,
+        so a crash in between is repaired by reconcile."""
         if self._is_allowlisted(m.target):
             return Outcome.ALLOWLISTED, None
         # In dry run the enforcer runs every check the live one does and stops before the
@@ -293,6 +364,8 @@ class Responder:
             self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
             m.state = MitigationState.FAILED
             return Outcome.FAILED, e
+        if not dry and self._applied is not None:
+            self._applied.append((m, rule))
         return (Outcome.DRY_RUN if dry else Outcome.APPLIED), None
 
     def _is_allowlisted(self, target: str) -> bool:

@@ -92,9 +92,11 @@ def _notify(store: Store, notify: Callable[[str, Any], None], incident: Incident
     return incident
 
 
-def reseed_from_kernel(store: Store, cfg: Config) -> int:
-    """Record every mitigation in force in the kernel table; how many (0 when the table
-    cannot be read: logged, never raised -- the start must go on)."""
+def reseed_from_kernel(store: Store, cfg: Config, *, fresh: bool = True) -> int:
+    """Record every mitigation in force in the kernel table that the store does not hold
+    in force; how many (0 when the table cannot be read: logged, never raised -- the start
+    must go on). `fresh`: the store was started afresh (else: elements applied by a run
+    that stopped before committing them, agent.respond.engine)."""
     now = time.time()
     try:
         from agent.enforce.recover import in_force, read_table, unrecorded
@@ -108,6 +110,10 @@ def reseed_from_kernel(store: Store, cfg: Config) -> int:
     if n:
         log.error("service isolation rules in the kernel table cannot be re-recorded; "
                   "re-isolate those services", extra={"rules": n})
+    found = [f for f in found if not store.mitigations(
+        state=MitigationState.ACTIVE, kind=f.kind, target=f.target, live_at=now, limit=1)]
+    why = ("the database was started afresh" if fresh else
+           "in force but not in the database: the agent stopped before recording it")
     for kind, target, expires_at in found:
         if kind in policy.ISOLATION_KINDS and cfg.mitigation.isolation_ttl_s:
             expires_at = now + cfg.mitigation.isolation_ttl_s
@@ -116,7 +122,7 @@ def reseed_from_kernel(store: Store, cfg: Config) -> int:
             kind=kind, target=target, created_at=now, expires_at=expires_at,
             params={**policy.params_for(kind, cfg), "ttl_s": ttl_s},
             state=MitigationState.ACTIVE,
-            reason="re-recorded from the kernel table (the database was started afresh)"))
+            reason=f"re-recorded from the kernel table ({why})"))
     if found:
         log.warning("mitigations in force re-recorded from the kernel table",
                     extra={"count": len(found)})

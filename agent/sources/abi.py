@@ -20,6 +20,7 @@ ABI_OBJECT = PROBES_DIR / "abi.bpf.o"
 
 DISTINCT_BITS = 1024
 DISTINCT_WORDS = DISTINCT_BITS // 64
+WINDOW_RESETTING = (1 << 64) - 1   # window_start_ns while a CPU resets the entry
 
 
 class NetProg(enum.StrEnum):

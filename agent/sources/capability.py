@@ -1,4 +1,6 @@
-"""What this kernel lets the agent load: BPF program types, BTF, kprobes, BPF LSM.
+"""What this kernel lets the agent load: BPF program types, BTF, kprobes, BPF LSM; and
+the capabilities the agent uses (CAPABILITIES: the systemd unit's bounding set, the
+DaemonSet's and packaging/README.md's table are checked against it).
 
 probe() returns name -> (ok, reason) so the loader and `swarm-agent status` can say why a
 probe runs degraded. Loading a type is not the whole story (kprobes load but cannot
@@ -76,3 +78,35 @@ def ensure_tracefs() -> str | None:
         err = ctypes.get_errno()
         return f"tracefs is not mounted and mounting it failed: {os.strerror(err)}"
     return None
+
+
+# Every capability the agent uses, by what needs it. Root keeps only these
+# (packaging/swarm-agent.service CapabilityBoundingSet=, packaging/k8s/daemonset.yaml);
+# tests/unit/test_capabilities.py holds the unit, the DaemonSet and packaging/README.md to
+# this table, and tests/integration/test_capabilities.py runs the probes, the /proc reads
+# and the sysctl write under exactly this set.
+CAPABILITIES = {
+    "CAP_BPF": "load the probes: BPF programs, maps, BTF (kernel >= 5.8)",
+    "CAP_PERFMON": "attach the tracepoint programs (perf events) and use the "
+                   "kernel-memory-reading helpers they need",
+    "CAP_NET_ADMIN": "attach XDP and tc programs, program nftables over netlink, remove "
+                     "WireGuard peers, set nf_conntrack_tcp_loose for the SYN proxy",
+    "CAP_KILL": "kill_process mitigations: signal (pidfd) processes of other users",
+    "CAP_SYS_PTRACE": "read other users' /proc/PID/exe, fdinfo and ns/net (stdio "
+                      "correlation, executable identity, WireGuard owner); the ptrace "
+                      "syscall itself stays filtered",
+    "CAP_DAC_READ_SEARCH": "list other users' /proc/PID/fd (mode 0500, their own) and "
+                           "resolve watched files below other users' private directories",
+}
+_CAP_BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_NET_ADMIN": 12,
+             "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def missing_capabilities(status: str = "/proc/self/status") -> list[str]:
+    """The CAPABILITIES this process does not hold (effective set), in table order."""
+    try:
+        with open(status) as f:
+            eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return list(CAPABILITIES)
+    return [c for c in CAPABILITIES if not eff >> _CAP_BITS[c] & 1]

@@ -8,6 +8,7 @@ so a verifier rejection can be reported with its reason.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -75,13 +76,46 @@ RING_CB = ctypes.CFUNCTYPE(ctypes.c_int, _P, _P, ctypes.c_size_t)
 _PRINT_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, _P)
 
 log_lines: collections.deque[str] = collections.deque(maxlen=200)
+_captures: list[list[str]] = []
+# libbpf prints a rejected program's whole verifier log in one message ("-- BEGIN PROG
+# LOAD LOG --" ... "-- END PROG LOAD LOG --"): room for it, and 1 KiB for every other line.
+VERIFIER_LOG_BYTES = 1 << 20
+_BEGIN, _END = "-- BEGIN PROG LOAD LOG --", "-- END PROG LOAD LOG --"
 
 
 def _print(level: int, fmt: bytes, args: int) -> int:
-    buf = ctypes.create_string_buffer(1024)
-    _libc.vsnprintf(buf, len(buf), fmt, args)
-    log_lines.append(buf.value.decode(errors="replace").rstrip())
+    buf = ctypes.create_string_buffer(VERIFIER_LOG_BYTES if b"LOAD LOG" in fmt else 1024)
+    need = _libc.vsnprintf(buf, len(buf), fmt, args)
+    line = buf.value.decode(errors="replace").rstrip()
+    if need >= len(buf):
+        line += f"\n[{need - len(buf) + 1} more bytes of this message cut]"
+    log_lines.append(line)
+    for lines in _captures:
+        lines.append(line)
     return 0
+
+
+@contextlib.contextmanager
+def captured() -> Iterator[list[str]]:
+    """The libbpf messages printed inside the block, whole (log_lines keeps only the last
+    200)."""
+    lines: list[str] = []
+    _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        _captures.remove(lines)
+
+
+def verifier_log(lines: list[str]) -> str | None:
+    """The verifier's log of a program the kernel rejected, from captured() messages;
+    None when there was none (the kernel refused the program before verifying it)."""
+    for line in lines:
+        start = line.find(_BEGIN)
+        if start >= 0:
+            end = line.find(_END, start)
+            return line[start + len(_BEGIN):end if end >= 0 else None].strip("\n")
+    return None
 
 
 _print_cb = _PRINT_CB(_print)  # module global: libbpf keeps the pointer forever

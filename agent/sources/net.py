@@ -238,7 +238,8 @@ class NetProbe(BpfProbe):
             window_start_ns=v.window_start_ns, packets=v.packets, bytes=v.bytes, syns=v.syns,
             udp=v.udp, ports=estimate_distinct(v.ports), dport=v.dport,
             proto=PROTO_NAMES.get(v.proto, "ip"))
-            for k, v in self._map(NetMap.SOURCES).items(abi.addr_key, abi.source_stats)]
+            for k, v in self._map(NetMap.SOURCES).items(abi.addr_key, abi.source_stats)
+            if v.window_start_ns != abi.WINDOW_RESETTING]   # mid-reset: counters in flux
 
     def unparsed(self) -> dict[str, int]:
         """Packets the ingress parser could not follow, by reason (over all CPUs): "truncated",

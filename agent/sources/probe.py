@@ -12,26 +12,57 @@ import asyncio
 import ctypes
 import enum
 import errno
+import logging
 import os
 from typing import Callable, ClassVar, Self
 
 from agent.model import Event
 from agent.sources import libbpf
 
+logger = logging.getLogger("swarm_agent")
+VERIFIER_TAIL = 8      # lines of a verifier's log in the status reason (all of it in the log)
+
 # What a kernel says when it does not allow something (as opposed to a broken object).
 REFUSED = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT,
            errno.ENODEV, errno.EBUSY, 524}  # 524: the kernel's ENOTSUPP
+# A load refused with a verifier log is our program's fault ("failed"), unless the log says
+# the kernel lacks what the program uses: a helper this kernel (or this program type) does
+# not have ("unknown func"), an instruction it does not know, or a field CO-RE found
+# nowhere (libbpf poisons the instruction as a call to unknown#195896080, 0xbad2310).
+# Refusals without a log (EPERM for LSM and fentry, an unknown program type) are the
+# kernel's: "degraded".
+LACKING = ("unknown func", "invalid func unknown#195896080", "cannot use helper",
+           "unknown opcode")
+
+
+def _verdict(prog: enum.StrEnum, e: OSError, lines: list[str]) -> tuple[str, str] | None:
+    """(state, reason) of a program the kernel would not load; None for an error that is
+    neither the kernel's refusal nor the verifier's (the object is broken: it raises)."""
+    log = libbpf.verifier_log(lines)
+    if log and not any(m in log for m in LACKING):
+        log_text = "\n".join(log.splitlines()[-VERIFIER_TAIL:])
+        logger.error("the verifier rejected program %s (%s); its log:\n%s",
+                     prog.value, e.strerror, log)
+        return "failed", f"the verifier rejected the program ({e.strerror}): {log_text}"
+    if e.errno not in REFUSED:
+        return None
+    said = [x for x in (log or "").splitlines() if any(m in x for m in LACKING)]
+    why = said[0] if said else (lines[-1] if lines else "no log")
+    return "degraded", f"the kernel refused the program: {e.strerror} ({why})"
 
 
 class BpfProbe:
     """One BPF object, its links and its ring buffer.
 
-    open() loads and attaches; programs the kernel refuses, or whose attach it refuses,
-    are reported by status() as "degraded" with the reason ("failed" for other attach
-    errors) and the rest keeps running; a missing or broken object raises, and leaves
+    open() loads and attaches; programs the kernel refuses (it lacks a hook, a helper, a
+    program type), or whose attach it refuses, are reported by status() as "degraded"
+    with the reason; a program the verifier rejects, or another attach error, as
+    "failed" (with the verifier's log); the rest keeps running; a missing or broken object raises, and leaves
     nothing behind. poll() returns the events queued now, run() emits them until
     cancelled; a record that does not decode is counted in `undecoded`, never dropped
-    silently. losses() counts events the kernel could not queue. close() detaches
+    silently (a decoder that raises counts there too, and the rest of the batch goes on);
+    `emit` must be quick (the agent's puts the event in its bounded queue,
+    agent.sources.queue). losses() counts events the kernel could not queue. close() detaches
     everything and is idempotent; the probe is also a context manager (open/close).
 
     Subclasses set the class attributes and implement _configure, _fill_maps and _decode.
@@ -81,8 +112,8 @@ class BpfProbe:
                 self._obj.load()
                 self._fill_maps()
                 self._ring = libbpf.RingBuffer(self._map(self.RING_MAP))
-            for prog, reason in refused.items():
-                self._set(prog, "degraded", f"the kernel refused the program: {reason}")
+            for prog, (state, reason) in refused.items():
+                self._set(prog, state, reason)
             if progs:
                 self._attach(progs)
         except BaseException:
@@ -101,10 +132,13 @@ class BpfProbe:
             raise
         return obj
 
-    def _classify(self) -> dict[enum.StrEnum, str]:
-        """Programs this kernel will not load, with why: first everything at once, and
-        only if that fails, each program alone (a verifier rejection fails the whole
-        object, so this is the only way to learn which one it was)."""
+    def _classify(self) -> dict[enum.StrEnum, tuple[str, str]]:
+        """Programs that will not load here -> (state, reason): first everything at once,
+        and only if that fails, each program alone (a verifier rejection fails the whole
+        object, so this is the only way to learn which one it was). "degraded": the
+        kernel lacks a hook or feature the program needs; "failed": the verifier rejected
+        our program (a bug to fix, not a property of the host): its whole log goes to the
+        agent's log and its last lines into the reason."""
         try:
             self._trial(set(self.PROGS))
             return {}
@@ -112,12 +146,16 @@ class BpfProbe:
             pass
         refused = {}
         for prog in self.PROGS:
-            try:
-                self._trial({prog})
-            except OSError as e:
-                if e.errno not in REFUSED:
-                    raise
-                refused[prog] = f"{e.strerror} ({libbpf.log_tail(1) or 'no log'})"
+            with libbpf.captured() as lines:
+                try:
+                    self._trial({prog})
+                    continue
+                except OSError as e:
+                    error = e
+            verdict = _verdict(prog, error, lines)
+            if verdict is None:
+                raise error
+            refused[prog] = verdict
         return refused
 
     def _trial(self, progs: set[enum.StrEnum]) -> None:
@@ -182,7 +220,10 @@ class BpfProbe:
             return []
         events = []
         for record in self._ring.consume():
-            event = self._decode(record)
+            try:
+                event = self._decode(record)
+            except Exception:   # noqa: BLE001 -- one bad record must not lose the batch
+                event = None
             if event is None:
                 self.undecoded += 1
             else:

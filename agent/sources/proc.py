@@ -150,7 +150,7 @@ class ProcProbe(OwnedScope, BpfProbe):
     def _classify(self) -> dict:
         refused = super()._classify()
         if not self.cfg.probes.compat_syscalls:
-            refused[ProcProg.COMPAT_EXIT] = COMPAT_OFF
+            refused[ProcProg.COMPAT_EXIT] = ("degraded", COMPAT_OFF)
         return refused
 
     def open(self) -> None:

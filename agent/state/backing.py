@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from agent.state import dbfile
+from agent.state.batch import Batch, Batching, Syncer, tune
 from agent.state.dbfile import Corrupt, StoreError, is_storage_error
 
 log = logging.getLogger("swarm_agent")
@@ -65,7 +66,7 @@ class Health:
                 "catch_up_failures": self.catch_up_failures, "recovered": list(self.recovered)}
 
 
-class Backing:
+class Backing(Batching):
     """The connection the store uses, with the fallback above. `read(fn)` and `write(fn)`
     run `fn(connection)` under one lock (write: in one BEGIN IMMEDIATE transaction)."""
 
@@ -89,6 +90,8 @@ class Backing:
         self._dirty = False               # memory holds writes not yet in `spill`
         self._spilled_at = 0.0
         self._spill_failing = False
+        self._batch: Batch | None = None     # the open batch() (its thread holds the lock)
+        self._syncer: Syncer | None = None
         if readonly:
             self._disk = dbfile.open_readonly(self.path)
         else:
@@ -277,19 +280,29 @@ class Backing:
             except sqlite3.Error as e:
                 if not is_storage_error(e):
                     raise
-                self._to_memory(f"reading {self.path} failed: {dbfile.sentence(e)}")
+                reason = f"reading {self.path} failed: {dbfile.sentence(e)}"
+                if self._batch is not None:
+                    self._batch_to_memory(self._batch, reason)
+                else:
+                    self._to_memory(reason)
             assert self._mem is not None
             return fn(self._mem)
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """`fn` in one transaction (inside an open batch(): joined to it); `durable`:
+        fsync'd before returning even while a Syncer defers it (the audit log)."""
         with self._lock:
             if self.readonly:
                 assert self._disk is not None
                 return dbfile.transaction(self._disk, fn)
+            if self._batch is not None:
+                return self._in_batch(self._batch, fn)
             if self._mem is None:
                 assert self._disk is not None
                 try:
-                    return dbfile.transaction(self._disk, fn)
+                    out = dbfile.transaction(self._disk, fn)
+                    self._committed(durable)
+                    return out
                 except sqlite3.Error as e:
                     if not is_storage_error(e):
                         raise
@@ -375,8 +388,11 @@ class Backing:
                     self._base_lost = False
                 if self._disk is None:
                     self._disk = dbfile.connect(self.path)
+                    if self._syncer is not None:
+                        tune(self._disk)
                 self._mem.backup(self._disk)
                 dbfile.check(self._disk, self.path)
+                self._committed()
             except (sqlite3.Error, OSError) as e:
                 self.health.catch_up_failures += 1
                 if self.health.catch_up_failures in (1, 10) or \
@@ -398,6 +414,8 @@ class Backing:
             return True
 
     def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.stop()     # its last fsync; sqlite's closing checkpoint follows
         with self._lock:
             if self._mem is not None and not self.catch_up():
                 self._spill_now()       # a last try; else kept in the run directory

@@ -2,9 +2,11 @@
 
 Only agent/state touches the database (this module; the mesh outbox in outbox.py). WAL
 lets a CLI process read while the agent writes; synchronous=FULL makes every committed
-write survive a crash or power loss; the schema (schema.py) is migrated forward by PRAGMA
+write survive a crash or power loss, unless `start_syncing` hands the fsync to a thread
+(the agent: agent.state.batch says what a crash can then lose); the schema (schema.py) is migrated forward by PRAGMA
 user_version. Every public method is one
-transaction, serialised by a lock so the store may be used from worker threads.
+transaction, serialised by a lock so the store may be used from worker threads; inside
+`batch()` they all join one (the responder's: one transaction per finding).
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import sqlite3
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, Sequence, TypeVar
 
 from agent.model import (EventClass, Finding, Incident, IncidentState, Mitigation,
                          MitigationKind, MitigationState, Severity)
 from agent.state import timeline
 from agent.state.backing import Backing, Health, StoreError
+from agent.state.batch import SYNC_EVERY_S
 from agent.state.schema import SCHEMA_VERSION
 
 __all__ = ["SCHEMA_VERSION", "IncidentEvent", "Store", "StoreError"]
@@ -91,9 +94,21 @@ class Store:
         # Under the lock, so a read from another thread never sees a half-done transaction.
         return self._backing.read(lambda db: db.execute(sql, tuple(args)).fetchall())
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """`fn(db)` in one transaction; on storage failure it runs in memory instead."""
-        return self._backing.write(fn)
+    def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """`fn(db)` in one transaction; on storage failure it runs in memory instead.
+        `fn` may run twice (agent.state.batch): it draws no ids or clocks of its own."""
+        return self._backing.write(fn, durable=durable)
+
+    def batch(self) -> ContextManager[None]:
+        """A context in which every write of this store (on this thread; others wait)
+        is one transaction, committed on leaving it; an exception leaves nothing of it
+        written, on disk or in the memory fallback."""
+        return self._backing.batch()
+
+    def start_syncing(self, every_s: float = SYNC_EVERY_S) -> None:
+        """From now on commits are not fsync'd by the writer but by a thread within
+        `every_s` (agent.state.batch); record_audit still is on return."""
+        self._backing.start_syncing(every_s)
 
     def close(self) -> None:
         self._backing.close()
@@ -111,13 +126,15 @@ class Store:
         """Add a finding to the live (open, mitigated or escalated) incident of its
         (class, entity), or open a new one; add it to the timeline (a repeat of an
         identical finding counts on its line: agent.state.timeline); return the incident."""
+        new_id = uuid.uuid4().hex       # drawn once: a replayed write must not draw another
+
         def tx(db: sqlite3.Connection) -> Any:
             row = db.execute(
                 "SELECT * FROM incidents WHERE class=? AND entity=? AND state IN (?,?,?) "
                 "ORDER BY detected_at DESC LIMIT 1",
                 (finding.event_class.value, finding.entity, *LIVE_INCIDENT_STATES)).fetchone()
             if row is None:
-                incident = _new_incident(finding, first_seen_at, detected_at)
+                incident = _new_incident(finding, first_seen_at, detected_at, new_id)
                 db.execute("INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            _incident_values(incident, None))
             else:
@@ -286,7 +303,7 @@ class Store:
                              (at, identity, role, method, json.dumps(arguments, default=str),
                               result, detail))
             return int(cur.lastrowid)
-        return self._write(tx)
+        return self._write(tx, durable=True)
     def audit(self, *, since: float | None = None, identity: str | None = None,
               limit: int = 100) -> list[dict[str, Any]]:
         """Audit entries, newest first: dicts of seq, at, identity, role, method,
@@ -326,9 +343,10 @@ def _append_event(db: sqlite3.Connection, incident_id: str, at: float, kind: str
                "VALUES (?,?,?,?,?)", (incident_id, at, kind, text, json.dumps(data, default=str)))
 
 
-def _new_incident(f: Finding, first_seen_at: float, detected_at: float) -> Incident:
+def _new_incident(f: Finding, first_seen_at: float, detected_at: float,
+                  incident_id: str) -> Incident:
     details = ", ".join(f"{k}={v}" for k, v in f.evidence.items())
-    return Incident(id=uuid.uuid4().hex, event_class=f.event_class, entity=f.entity,
+    return Incident(id=incident_id, event_class=f.event_class, entity=f.entity,
                     severity=f.severity, state=IncidentState.OPEN,
                     first_seen_at=first_seen_at, detected_at=detected_at, rules=[f.rule],
                     findings=1,

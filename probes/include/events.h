@@ -47,6 +47,14 @@ enum alert_reason {
 #define DISTINCT_BITS 1024
 #define DISTINCT_WORDS (DISTINCT_BITS / 64)
 
+/* A window's counters are reset in place by one CPU (net.bpf.c window_entry): while it
+ * does, window_start_ns holds WINDOW_RESETTING, never a real start; readers skip such an
+ * entry. `alerted` holds the bits (1 << reason) of the alerts raised, below
+ * ALERT_TAG_SHIFT, and above it the window they were raised in
+ * (window_start_ns >> ALERT_TAG_SHIFT): bits of an earlier window do not count. */
+#define WINDOW_RESETTING 0xFFFFFFFFFFFFFFFFULL
+#define ALERT_TAG_SHIFT 12
+
 struct event_header {
 	__u32 kind;
 	__u32 size;
@@ -76,7 +84,7 @@ struct source_stats {
 	__u64 bytes;
 	__u64 syns;		/* SYN without ACK */
 	__u64 udp;
-	__u64 alerted;		/* bit (1 << reason) set once alerted this window */
+	__u64 alerted;		/* alert bits and their window (ALERT_TAG_SHIFT) */
 	__u64 port_bits[DISTINCT_WORDS];
 	__u32 ports;		/* bits set in port_bits */
 	__u16 dport;		/* last destination port */

@@ -1,0 +1,96 @@
+"""One finding, one transaction (agent.respond.engine): observers hear of a finding only
+once its rows are committed, the host change comes before that commit, and a finding
+whose transaction fails after its host change still leaves the mitigation in force on
+record (reconcile would otherwise lift it): a mitigation in force is never forgotten."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.config import Config
+from agent.enforce.base import DryRunEnforcer
+from agent.model import MitigationKind, MitigationState
+from agent.respond.engine import Responder
+from agent.state.store import Store
+from tests.unit.test_respond import ALLOW, BASE_S, POLICY, RULES, Clock, flood
+
+
+def committed(path: Path, sql: str) -> int:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchone()[0]
+    finally:
+        db.close()
+
+
+class BrokenStore(Store):
+    """A store whose incident update fails like a bug would (not a storage failure,
+    which goes to memory): the finding's transaction cannot commit."""
+
+    def mark_mitigated(self, *args, **kwargs) -> None:
+        raise RuntimeError("a bug after the host change")
+
+
+class CheckingEnforcer(DryRunEnforcer):
+    """Notes, at each apply, how many mitigations were already committed: none, because
+    the commit comes after the host change."""
+
+    def __init__(self, path: Path):
+        super().__init__([str(n) for n in ALLOW.networks()])
+        self.path = path
+        self.committed_at_apply: list[int] = []
+
+    def apply(self, m, now) -> None:
+        self.committed_at_apply.append(committed(self.path, "SELECT COUNT(*) FROM mitigations"))
+        super().apply(m, now)
+
+
+def responder(tmp_path: Path, store_class=Store, enforcer=None):
+    cfg = Config(state_dir=str(tmp_path), allowlist=ALLOW, mitigation=POLICY)
+    store = store_class(cfg.db_path)
+    enf = enforcer or DryRunEnforcer([str(n) for n in ALLOW.networks()])
+    clock = Clock()
+    return Responder(cfg, store, enf, clock, rules=RULES,
+                     to_wall=lambda ns: BASE_S + ns / 1e9), store, enf, clock
+
+
+def test_observers_hear_only_committed_findings(tmp_path: Path) -> None:
+    enf = CheckingEnforcer(tmp_path / "agent.db")
+    r, store, _, clock = responder(tmp_path, enforcer=enf)
+    seen: list[tuple[str, int]] = []
+    r.observers.append(lambda kind, obj: seen.append(
+        (kind, committed(store.path, "SELECT COUNT(*) FROM incidents WHERE mitigated_at "
+                                     "IS NOT NULL"))))
+    try:
+        inc = r.handle(flood(clock))
+        assert enf.committed_at_apply == [0]
+        assert seen == [("mitigation", 1), ("incident", 1)]
+        [event] = [e for e in store.incident_events(inc.id) if e.kind == "mitigation_applied"]
+        assert event.data["signal_at"] == BASE_S + clock.t_s     # the kernel's event time
+    finally:
+        store.close()
+
+
+def test_a_failed_transaction_keeps_the_mitigation_in_force_on_record(tmp_path: Path) -> None:
+    r, store, enf, clock = responder(tmp_path, BrokenStore)
+    seen: list[str] = []
+    r.observers.append(lambda kind, obj: seen.append(kind))
+    try:
+        with pytest.raises(RuntimeError, match="bug"):
+            r.handle(flood(clock))
+        assert enf.actions == [("apply", "block_ip", "198.51.100.7")]
+        # The incident's rows are gone with the transaction; the block in force is not.
+        assert store.incidents() == []
+        [m] = store.active_mitigations(clock())
+        assert (m.kind, m.target, m.state) == (MitigationKind.BLOCK_IP, "198.51.100.7",
+                                               MitigationState.ACTIVE)
+        assert seen == []                   # nothing rolled back was announced
+        # The next finding goes on normally (no transaction left open).
+        store.mark_mitigated = Store.mark_mitigated.__get__(store)
+        clock.t_s += 5
+        inc = r.handle(flood(clock, addr="198.51.100.8"))
+        assert store.incident(inc.id) is not None
+    finally:
+        store.close()

@@ -1,0 +1,178 @@
+"""One transaction per finding (Store.batch, agent.state.batch): the incident, mitigation,
+timeline and outbox rows of one finding are written together or not at all -- on disk,
+in the memory fallback, and when the disk fails half way through (a real full tmpfs)."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.model import (EventClass, Finding, Mitigation, MitigationKind, MitigationState,
+                         Severity)
+from agent.state.store import Store
+from tests.fullfs import SmallFs
+
+TABLES = ("incidents", "mitigations", "incident_events", "outbox")
+
+
+def finding(n: int, note: str = "") -> Finding:
+    return Finding(rule_id="net.syn_flood", rule_version=1,
+                   event_class=EventClass.SYSTEM_ATTACK, severity=Severity.HIGH,
+                   entity=f"ip:198.51.100.{n}", action="block", first_mono_ns=1,
+                   detected_mono_ns=2, evidence={"syns": n, "note": note})
+
+
+def block(target: str, incident_id: str | None = None) -> Mitigation:
+    return Mitigation(kind=MitigationKind.BLOCK_IP, target=target, created_at=1000.0,
+                      expires_at=1600.0, state=MitigationState.ACTIVE, reason="test",
+                      incident_id=incident_id)
+
+
+def write_finding(store: Store, n: int, note: str = "") -> str:
+    """What the responder writes for one blocked finding."""
+    inc = store.record_finding(finding(n, note), 100.0, 101.0)
+    m = block(f"198.51.100.{n}", inc.id)
+    store.add_mitigation(m, rule="net.syn_flood@1")
+    store.add_incident_event(inc.id, "mitigation_applied", "blocked", 102.0,
+                             {"mitigation_id": m.id})
+    store.mark_mitigated(inc.id, 102.0, False)
+    return inc.id
+
+
+def counts(path: Path) -> dict[str, int]:
+    """Rows per table as another process sees the file."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES}
+    finally:
+        db.close()
+
+
+def test_a_batch_is_one_commit(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    try:
+        with store.batch():
+            incident_id = write_finding(store, 1)
+            # Inside: the batch reads its own writes; another reader sees none of them.
+            assert store.incident(incident_id).mitigated_at == 102.0
+            assert counts(store.path) == dict.fromkeys(TABLES, 0)
+        after = counts(store.path)
+        assert after["incidents"] == after["mitigations"] == 1
+        assert after["incident_events"] == 2      # the finding and the applied mitigation
+        assert after["outbox"] == 2               # one snapshot per incident and mitigation
+    finally:
+        store.close()
+
+
+def test_an_exception_mid_batch_leaves_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    try:
+        with pytest.raises(RuntimeError, match="half way"):
+            with store.batch():
+                incident_id = write_finding(store, 1)
+                raise RuntimeError("half way")
+        assert counts(store.path) == dict.fromkeys(TABLES, 0)
+        assert store.incident(incident_id) is None
+        # The store goes on: the next batch commits.
+        with store.batch():
+            write_finding(store, 2)
+        assert counts(store.path)["incidents"] == 1
+    finally:
+        store.close()
+
+
+def test_a_failed_write_inside_leaves_nothing_of_itself(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    try:
+        with store.batch():
+            incident_id = write_finding(store, 1)
+            [m] = store.mitigations()
+            with pytest.raises(sqlite3.IntegrityError):
+                store.add_mitigation(m)           # the same id again
+        assert counts(store.path)["mitigations"] == 1
+        assert store.incident(incident_id) is not None
+    finally:
+        store.close()
+
+
+def test_nested_batches_join_the_outer_one(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    try:
+        with pytest.raises(RuntimeError):
+            with store.batch():
+                with store.batch():
+                    write_finding(store, 1)
+                raise RuntimeError("after the inner one")
+        assert counts(store.path) == dict.fromkeys(TABLES, 0)
+    finally:
+        store.close()
+
+
+@pytest.mark.privileged       # mounts a tmpfs
+def test_disk_full_mid_batch_lands_whole_in_memory(tmp_path: Path) -> None:
+    with SmallFs(tmp_path / "state", 512) as fs:
+        store = Store(fs.path / "agent.db")
+        try:
+            write_finding(store, 1)
+            before = counts(store.path)
+            big = "x" * 1000
+            with store.batch():
+                ids = [write_finding(store, 10, big)]
+                fs.fill()                          # the disk fills half way through
+                ids += [write_finding(store, n, big) for n in range(11, 30)]
+            assert store.degraded
+            # Nothing of the batch on disk, all of it in the memory copy.
+            assert counts(store.path) == before
+            assert all(store.incident(i) is not None for i in ids)
+            assert len(store.mitigations(incident_id=ids[-1])) == 1
+            fs.free()
+            assert store.catch_up(force=True)
+            after = counts(store.path)
+            assert after["incidents"] == before["incidents"] + 20
+            assert after["mitigations"] == before["mitigations"] + 20
+        finally:
+            store.close()
+
+
+@pytest.mark.privileged
+def test_a_batch_while_degraded_is_atomic_in_memory(tmp_path: Path) -> None:
+    with SmallFs(tmp_path / "state", 512) as fs:
+        store = Store(fs.path / "agent.db")
+        try:
+            fs.fill()
+            for n in range(1, 200):                # until a write goes to memory
+                write_finding(store, n, "x" * 1000)
+                if store.degraded:
+                    break
+            assert store.degraded
+            kept = len(store.mitigations())
+            with pytest.raises(RuntimeError):
+                with store.batch():
+                    incident_id = write_finding(store, 250)
+                    raise RuntimeError("half way")
+            assert store.incident(incident_id) is None
+            assert len(store.mitigations()) == kept
+            fs.free()
+            assert store.catch_up(force=True)
+            assert counts(store.path)["mitigations"] == kept
+        finally:
+            store.close()
+
+
+def test_syncing_store_commits_and_survives_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path / "agent.db")
+    store.start_syncing(0.01)
+    try:
+        with store.batch():
+            incident_id = write_finding(store, 1)
+        store.record_audit(1.0, "local:uid=0", "admin", "Block", {}, "ok")
+        assert counts(store.path)["incidents"] == 1
+    finally:
+        store.close()
+    again = Store(tmp_path / "agent.db")
+    try:
+        assert again.incident(incident_id).mitigated_at == 102.0
+        assert len(again.audit()) == 1
+    finally:
+        again.close()
