@@ -1,9 +1,8 @@
 """The network probe: ingress counters per source and per service of unsolicited packets
 (those outside every flow this host accepted or started: probes/flow.bpf.h), at native
 XDP, tc ingress or generic XDP, whichever costs each link least (sources/ingress.py),
-passive TCP
-connections, sent resets (and those drawn by SYN-proxy-verified handshakes, as
-"tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
+passive TCP connections, sent resets (and those drawn by SYN-proxy-verified handshakes,
+as "tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
 buffer. A tc egress program records the UDP peers this host sends to.
 
 NetProbe must be opened in the network namespace it watches: the ingress program attaches
@@ -242,16 +241,18 @@ class NetProbe(BpfProbe):
             if v.window_start_ns != abi.WINDOW_RESETTING]   # mid-reset: counters in flux
 
     def unparsed(self) -> dict[str, int]:
-        """Packets the ingress parser could not follow, by reason (over all CPUs): "truncated",
-        "chain_too_long", "unknown_header", "vlan_depth", "bad_header". Each still counted
-        to its source when the source address was readable. {} when nothing is loaded."""
+        """Packets the ingress parser could not follow, by reason (over all CPUs):
+        "truncated", "chain_too_long", "unknown_header", "vlan_depth", "bad_header". Each
+        still counted to its source when the source address was readable. {} when nothing
+        is loaded."""
         if self._obj is None:
             return {}
         return {why.name.lower(): sum(self._per_cpu(NetMap.UNPARSED, why))
                 for why in abi.ParseFailure}
 
     def verdicts(self) -> dict[str, int]:
-        """Packets the ingress program has seen since load: solicited (never counted) and unsolicited."""
+        """Packets the ingress program has seen since load: solicited (never counted) and
+        unsolicited."""
         return {name: sum(self._per_cpu(NetMap.VERDICTS, index))
                 for index, name in ((0, "solicited"), (1, "unsolicited"))}
 
