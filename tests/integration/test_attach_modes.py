@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from dataclasses import replace
@@ -26,6 +28,7 @@ from tests.integration.test_net_wrappings import (FLOOD, MAX_EXT_HEADERS, Frames
 pytestmark = pytest.mark.privileged
 HOOKS = {"tc": "tc ingress", "native": "native XDP", "generic": "generic XDP"}
 COUNT = 25   # datagrams per check (the counters are compared, not the alerts)
+SOL_PACKET, PACKET_VNET_HDR = 263, 15
 
 
 def xdp_on(ns: str, ifname: str) -> tuple[str | None, str | None]:
@@ -191,3 +194,45 @@ def test_a_killed_holder_leaves_nothing_attached(lab, mode):
     before = _tcp_in_segs(lab.victim)
     send(lab, [frames.frame(6, packet)] * FLOOD)
     wait_for(lambda: _tcp_in_segs(lab.victim) >= before + FLOOD, 3.0)
+
+
+def _send_paged(lab: Lab, frames: list[bytes]) -> None:
+    """Frames from a0 whose skb holds only the Ethernet header in its linear part, the rest
+    in pages (a packet socket with a virtio-net header: hdr_len 14), as a NIC that splits
+    headers, or a driver that builds paged skbs, may hand over."""
+    with netns(lab.attacker):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            s.bind(("a0", 0))
+            for frame in frames:
+                s.send(struct.pack("=BBHHHH", 0, 0, 14, 0, 0, 0) + frame)
+        finally:
+            s.close()
+
+
+@pytest.mark.parametrize("mode", ["tc", "generic"])
+def test_headers_in_the_skb_pages_parse_as_in_a_linear_frame(lab, mode):
+    """tc sees only an skb's linear part; a header past it is pulled in and parsed, never
+    taken for a truncated packet (which probes.drop_unparsable would drop): 30 SYNs whose
+    IP and TCP headers sit in the skb's pages are counted to their source and reach the
+    victim's TCP, as generic XDP (which copies the skb whole) sees them. Frames over a page
+    are needed for a paged skb: both ends get MTU 9000 (native XDP on a veth refuses that)."""
+    for ns, ifname in ((lab.attacker, "a0"), (lab.victim, "v0")):
+        sh("ip", "link", "set", ifname, "mtu", "9000", ns=ns)
+    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, attach_mode=mode))
+    try:
+        assert probe.attach_modes() == {"v0": HOOKS[mode]}
+        frames, dst = Frames(lab), lab.addr("victim")
+        src = frames.source(4, 150)
+        packet = frames.ip(4, src, socket.IPPROTO_TCP, w.tcp_syn(src, dst, 40000, 9000, 1) + bytes(5000),
+                           "plain", 1)
+        before = _tcp_in_segs(lab.victim)
+        _send_paged(lab, [frames.frame(4, packet)] * FLOOD)
+        s = wait_for(lambda: next((s for s in probe.read_sources()
+                                   if s.address == src and s.packets >= FLOOD), None), 3)
+        assert (s.packets, s.syns, s.bytes) == (FLOOD, FLOOD, FLOOD * (14 + len(packet)))
+        assert probe.unparsed()["truncated"] == 0
+        wait_for(lambda: _tcp_in_segs(lab.victim) >= before + FLOOD, 3)
+    finally:
+        probe.close()
