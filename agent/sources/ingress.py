@@ -53,7 +53,7 @@ def driver(name: str) -> str | None:
     """The driver of interface `name` in the calling thread's network namespace (ethtool's
     "driver" field), or None where it cannot be read."""
     info = ctypes.create_string_buffer(struct.pack("I", ETHTOOL_GDRVINFO), 196)
-    ifr = bytearray(struct.pack("16sP", name.encode()[:15], ctypes.addressof(info)))
+    ifr = bytearray(struct.pack("16sP16x", name.encode()[:15], ctypes.addressof(info)))  # ifreq
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifr)
