@@ -24,6 +24,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from agent import __version__
@@ -245,6 +246,8 @@ class Agent:
         finding the responder fails on is counted (findings.failed); the others go on."""
         self.counters[f"events.{event.kind}"] += 1
         findings = self.detector.evaluate(event, event.mono_ns)
+        decided_ns = time.monotonic_ns()   # when the detector decided: the incident's detected_at
+        findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
         self.reporting.observe_event(event, findings)
         for finding in findings:
             self.counters[f"findings.{finding.rule}"] += 1

@@ -115,7 +115,13 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """A rule fired. `entity` is "ip:<addr>" or "service:<proto>/<port>"."""
+    """A rule fired. `entity` is "ip:<addr>" or "service:<proto>/<port>".
+
+    Clocks (CLOCK_MONOTONIC): `first_mono_ns` is when the evidence began and
+    `detected_mono_ns` the time of the event the rule fired on (the kernel's, for probe
+    events); `decided_mono_ns` is when the agent's detector decided (user space, stamped by
+    the daemon after the rules ran; 0 where nobody stamped it: the event time stands in).
+    The incident's detected_at is the decision; the kernel's time stays in the timeline."""
 
     rule_id: str
     rule_version: int
@@ -126,6 +132,12 @@ class Finding:
     first_mono_ns: int           # time of the first evidence
     detected_mono_ns: int
     evidence: Mapping[str, Any] = field(default_factory=dict)
+    decided_mono_ns: int = 0
+
+    @property
+    def decision_mono_ns(self) -> int:
+        """When the detector decided, or the event's time where that was not stamped."""
+        return self.decided_mono_ns or self.detected_mono_ns
 
     @property
     def rule(self) -> str:

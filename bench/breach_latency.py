@@ -12,14 +12,24 @@ packet; "in force" = the attacker's peer gone from the victim's device (UAPI, po
 every ~1 ms). Each run is released over the control API, its incident resolved, and
 traffic seen flowing again before the next.
 
-    sudo .venv/bin/python bench/breach_latency.py [--runs 10] [--json]
+Per run, from the clock start: *kernel event* (the probe's timestamp on the event the rule
+fired on), *detected* (the detector's decision, the incident's detected_at), *mitigated*
+(the agent's record: its first mitigation's transaction returned; for the peer that is the
+scan's challenge), *applying* (the responder created the isolating mitigation: isolate_node,
+isolate_service, remove_peer), *frozen 1* (service) and *cut*
+(the prober's first unanswered datagram; the peer: seen removed). A run is invalid (listed,
+left out of the percentiles; swarmlab.figures) when the prober was never answered before
+the breach, nothing was detected or mitigated, the cut came before the mitigation could be
+in force, or never came; more than --max-invalid of a scope's runs invalid: exit 1.
+
+    sudo .venv/bin/python bench/breach_latency.py [--runs 10 | --quick] [--json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -31,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc  # noqa: E402
 
-from swarmlab import attacks  # noqa: E402
+from swarmlab import attacks, figures  # noqa: E402
 from swarmlab.breachlab import (CutProber, Service, agent_config, cgroup_path,  # noqa: E402
                              scoped_rules, service_name, throwaway_cgroup, wireguard_pair)
 from agent.enforce.cgroup import cgroup2_mount  # noqa: E402
@@ -39,23 +49,26 @@ from agent.enforce.wgapi import open_device  # noqa: E402
 from swarmlab.lab import Lab, netns, wait_for  # noqa: E402
 from agent.proto.swarm.control.v1 import control_pb2 as pb  # noqa: E402
 from agent.proto.swarm.control.v1 import control_pb2_grpc  # noqa: E402
-from swarmlab.scenario import AgentProcess  # noqa: E402
+from swarmlab.scenario import AgentProcess, _wall_to_mono_ns  # noqa: E402
 
 PORT = 9200
 
 
 def first_unanswered_ns(ns: str, addr: str, act: Callable[[], int],
-                        limit_s: float = 10.0) -> tuple[int, int]:
-    """(start ns returned by act(), send time of the first datagram never answered)."""
+                        limit_s: float = 10.0) -> tuple[int | None, int | None, bool]:
+    """(start ns returned by act(), send time of the first datagram never answered, whether
+    the prober was answered before act()); (None, None, False) when it never was."""
     with CutProber(ns, addr, PORT, interval_s=0.0005, send_limit_s=limit_s + 1.0,
                    clock=time.monotonic_ns) as probe:
-        probe.wait_answering(5.0)
+        try:
+            probe.wait_answering(5.0)
+        except TimeoutError:
+            return None, None, False
         start = act()
         # Cut once nothing sent in the last 0.3 s came back.
-        wait_for(lambda: probe.silent_for(600), limit_s, 0.01)
-    cut = probe.first_unanswered()
-    assert cut is not None     # silent_for() held: datagrams followed the last answer
-    return start, cut
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: probe.silent_for(600), limit_s, 0.01)
+    return start, probe.first_unanswered(), True
 
 
 class Control:
@@ -66,14 +79,41 @@ class Control:
         self.stub = control_pb2_grpc.ControlStub(self.ch)
 
     def release_and_resolve(self, target: str) -> None:
-        self.stub.Release(pb.ReleaseRequest(target=target), timeout=10)
+        try:
+            self.stub.Release(pb.ReleaseRequest(target=target), timeout=10)
+        except grpc.RpcError as e:   # nothing in force: that run is invalid, the next goes on
+            if e.code() is not grpc.StatusCode.NOT_FOUND:
+                raise
         for i in self.stub.ListIncidents(pb.ListIncidentsRequest(states=["escalated"])).incidents:
             self.stub.ResolveIncident(pb.ResolveIncidentRequest(id=i.id, comment="bench"))
 
-    def recorded_ms(self) -> float | None:
-        """The agent's own first-evidence -> mitigated time of the newest incident."""
-        (i,) = self.stub.ListIncidents(pb.ListIncidentsRequest(limit=1)).incidents
-        return (i.mitigated_at - i.first_seen_at) * 1000 if i.mitigated_at else None
+    def judge(self, start_ns: int | None, end_ns: int | None, answering: bool,
+              since_s: float, kind: str) -> dict[str, float | str | None]:
+        """This run's figures from the newest incident (detected: the detector's decision;
+        kernel: the event it decided on; applying: the responder created the `kind`
+        mitigation that cuts; mitigated: the incident's first mitigation in force), all ms
+        from start_ns, and why the run is invalid (swarmlab.figures) or None."""
+        listed = self.stub.ListIncidents(pb.ListIncidentsRequest(limit=1)).incidents
+        i = listed[0] if listed and listed[0].detected_at >= since_s else None
+        detail = self.stub.GetIncident(pb.GetIncidentRequest(id=i.id)) if i else None
+        lags = [json.loads(e.data_json or "{}").get("event_to_decision_ms")
+                for e in (detail.timeline if detail else []) if e.kind == "finding"]
+        lag_ms = next((v for v in lags if v is not None), None)
+        detected = _wall_to_mono_ns(i.detected_at) if i else None
+        applied = [m.created_at for m in (detail.mitigations if detail else [])
+                   if m.state in ("active", "lifted", "expired") and m.kind == kind]
+        marks = figures.Marks(
+            first_packet=start_ns, probe_first_ok=(start_ns - 1) if answering and start_ns else None,
+            detected=detected, applying=_wall_to_mono_ns(min(applied)) if applied else None,
+            mitigated=_wall_to_mono_ns(i.mitigated_at) if i and i.mitigated_at else None,
+            cut_off=end_ns, expect_cut_off=True,
+            kernel_event=None if lag_ms is None or detected is None else detected - int(lag_ms * 1e6))
+
+        def ms(mono: int | None) -> float | None:
+            return None if mono is None or start_ns is None else (mono - start_ns) / 1e6
+        return {"kernel event": ms(marks.kernel_event), "detected": ms(marks.detected),
+                "mitigated": ms(marks.mitigated), "applying": ms(marks.applying), "cut": ms(end_ns),
+                "invalid": figures.invalid_reason(marks)}
 
 
 def run_agent(lab: Lab, tmp: Path, name: str, extra: str = "") -> AgentProcess:
@@ -82,29 +122,31 @@ def run_agent(lab: Lab, tmp: Path, name: str, extra: str = "") -> AgentProcess:
     return agent
 
 
-def bench_node(lab: Lab, tmp: Path, runs: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"node: exec -> traffic cut": [], "node: agent's record": []}
+Runs = list[dict]
+
+
+def bench_node(lab: Lab, tmp: Path, runs: int) -> dict[str, Runs]:
     name, victim = service_name(), lab.addr("victim")
     agent = run_agent(lab, tmp, name, "allowlist:\n  management: [192.0.2.0/24]\n")
+    out: Runs = []
     try:
         with Service(lab.victim, name, victim, PORT, cgroup2_mount()) as svc:
             api = Control(agent)
             for _ in range(runs):
-                start, cut = first_unanswered_ns(lab.attacker, victim, svc.breach)
-                out["node: exec -> traffic cut"].append((cut - start) / 1e6)
-                out["node: agent's record"].append(api.recorded_ms())
+                since = time.time()
+                start, cut, answering = first_unanswered_ns(lab.attacker, victim, svc.breach)
+                out.append(api.judge(start, cut, answering, since, "isolate_node"))
                 api.release_and_resolve("node")
                 time.sleep(0.2)
     finally:
         agent.stop()
-    return out
+    return {"node: exec -> traffic cut": out}
 
 
-def bench_service(lab: Lab, tmp: Path, runs: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"service: exec -> traffic cut": [],
-                                   "service: exec -> frozen 1": [], "service: agent's record": []}
+def bench_service(lab: Lab, tmp: Path, runs: int) -> dict[str, Runs]:
     name, victim = service_name(), lab.addr("victim")
     agent = run_agent(lab, tmp, name)
+    out: Runs = []
     try:
         with throwaway_cgroup() as cg, Service(lab.victim, name, victim, PORT, cg) as svc:
             api, events = Control(agent), cg / "cgroup.events"
@@ -113,43 +155,46 @@ def bench_service(lab: Lab, tmp: Path, runs: int) -> dict[str, list[float]]:
 
                 def breach() -> int:
                     start = svc.breach()
-                    wait_for(lambda: "frozen 1" in events.read_text(), 10.0, 0.0005)
-                    frozen.append(time.monotonic_ns())
+                    with contextlib.suppress(TimeoutError):
+                        wait_for(lambda: "frozen 1" in events.read_text(), 10.0, 0.0005)
+                        frozen.append(time.monotonic_ns())
                     return start
-                start, cut = first_unanswered_ns(lab.attacker, victim, breach)
-                out["service: exec -> traffic cut"].append((cut - start) / 1e6)
-                out["service: exec -> frozen 1"].append((frozen[0] - start) / 1e6)
-                out["service: agent's record"].append(api.recorded_ms())
+                since = time.time()
+                start, cut, answering = first_unanswered_ns(lab.attacker, victim, breach)
+                run = api.judge(start, cut, answering, since, "isolate_service")
+                run["frozen 1"] = (frozen[0] - start) / 1e6 if frozen and start else None
+                if run["invalid"] is None and run["frozen 1"] is None:
+                    run["invalid"] = "the cgroup never froze"
+                out.append(run)
                 api.release_and_resolve(cgroup_path(cg))
                 wait_for(lambda: "frozen 0" in events.read_text(), 5.0)
                 time.sleep(0.2)
     finally:
         agent.stop()
-    return out
+    return {"service: exec -> traffic cut": out}
 
 
-def bench_peer(lab: Lab, tmp: Path, runs: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"peer: first scan packet -> peer removed": [],
-                                   "peer: agent's record": []}
+def bench_peer(lab: Lab, tmp: Path, runs: int) -> dict[str, Runs]:
+    out: Runs = []
     with wireguard_pair(lab, tmp) as wg:
         agent = run_agent(lab, tmp, service_name())
         try:
             api = Control(agent)
             with Service(lab.victim, service_name(), wg.victim_tunnel, PORT, cgroup2_mount()):
                 for _ in range(runs):
+                    answering = echo(lab.attacker, wg.victim_tunnel)
+                    since = time.time()
                     removed = watch_peer_removed(lab.victim, wg.victim_if, wg.attacker_key)
                     scan = attacks.run(lab.attacker, "port_scan", timeout_s=30,
                                        target=wg.victim_tunnel, ports="1000-3000",
                                        duration_s=2, timeout_ms=200)
-                    gone = removed()
-                    out["peer: first scan packet -> peer removed"].append(
-                        (gone - scan["first_packet_mono_ns"]) / 1e6)
-                    out["peer: agent's record"].append(api.recorded_ms())
+                    out.append(api.judge(scan.get("first_packet_mono_ns"), removed(),
+                                         answering, since, "remove_peer"))
                     api.release_and_resolve(wg.target)
                     wait_for(lambda: echo(lab.attacker, wg.victim_tunnel), 10.0)
         finally:
             agent.stop()
-    return out
+    return {"peer: first scan packet -> peer removed": out}
 
 
 def watch_peer_removed(ns: str, ifname: str, key: str) -> Callable[[], int]:
@@ -168,11 +213,9 @@ def watch_peer_removed(ns: str, ifname: str, key: str) -> Callable[[], int]:
     t = threading.Thread(target=poll)
     t.start()
 
-    def result() -> int:
+    def result() -> int | None:
         t.join()
-        if not seen:
-            raise RuntimeError("the peer was not removed within 20 s")
-        return seen[0]
+        return seen[0] if seen else None      # None: not removed within 20 s (invalid run)
     return result
 
 
@@ -188,30 +231,55 @@ def echo(ns: str, addr: str) -> bool:
             return False
 
 
-def summary(values_ms: list[float]) -> dict[str, float]:
-    ms = sorted(values_ms)
-    p95 = ms[min(len(ms) - 1, max(0, round(0.95 * len(ms)) - 1))]
-    return {"runs": len(ms), "median_ms": round(statistics.median(ms), 1),
-            "p95_ms": round(p95, 1), "max_ms": round(ms[-1], 1)}
+FIGURES = ("kernel event", "detected", "mitigated", "applying", "frozen 1", "cut")
 
 
-def main() -> None:
+def summary(runs: Runs) -> dict:
+    """median / p95 / max per figure over the valid runs; the invalid ones with their reason."""
+    valid, invalid = figures.split(runs)
+    out: dict = {"runs": len(runs), "valid": len(valid), "invalid": invalid}
+    for key in FIGURES:
+        vals = [r[key] for r in valid if r.get(key) is not None]
+        if vals:
+            out[key] = {k: (round(v, 1) if isinstance(v, float) else v)
+                        for k, v in figures.spread(vals).items()}
+    return out
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="3 runs per scope")
+    ap.add_argument("--max-invalid", type=float, default=figures.MAX_INVALID_FRACTION,
+                    help="fail (exit 1) when more than this fraction of a scope's runs is invalid")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict] = {}
     for bench in (bench_node, bench_service, bench_peer):
         with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-            for name, values in bench(lab, Path(tmp), args.runs).items():
-                results[name] = summary([v for v in values if v is not None])
+            for name, runs in bench(lab, Path(tmp), 3 if args.quick else args.runs).items():
+                results[name] = summary(runs)
+                print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
+    failed = [n for n, r in results.items()
+              if figures.too_many_invalid(r["runs"], len(r["invalid"]), args.max_invalid)]
     if args.json:
-        print(json.dumps(results, indent=1))
-        return
-    print(f"{'measure':42} {'runs':>4} {'median ms':>10} {'p95 ms':>8} {'max ms':>8}")
+        print(json.dumps({"scopes": results, "failed": failed}, indent=1))
+        return 1 if failed else 0
+    print("ms from the breach (exec; the peer: the scan's first packet), median / p95 / max "
+          "over the valid runs")
+    print(f"{'measure':42} {'valid':>5} " + " ".join(f"{k:>20}" for k in FIGURES))
     for name, r in results.items():
-        print(f"{name:42} {r['runs']:>4} {r['median_ms']:>10} {r['p95_ms']:>8} {r['max_ms']:>8}")
+        cells = [f"{r[k]['median']} / {r[k]['p95']} / {r[k]['max']}" if k in r else "-"
+                 for k in FIGURES]
+        print(f"{name:42} {r['valid']:>2}/{r['runs']:<2} " + " ".join(f"{c:>20}" for c in cells))
+    for name, r in results.items():
+        for bad in r["invalid"]:
+            print(f"invalid: {name} run {bad['run']}: {bad['reason']}")
+    if failed:
+        print(f"FAILED: more than {args.max_invalid:.0%} of the runs invalid for "
+              f"{', '.join(failed)}: these figures measure nothing", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,14 +1,15 @@
 """The hot path under sustained mixed load: a packet flood, an exec storm and a port scan
 at once, against the real agent; threshold-to-enforced latency, queue depth and drops.
 
-    sudo .venv/bin/python bench/mixed_load.py [--duration-s 30] [--senders 4] [--json]
+    sudo .venv/bin/python bench/mixed_load.py [--duration-s 30] [--sender c|python] [--senders 1] [--json]
     sudo .venv/bin/python bench/mixed_load.py --quick        # 6 s, for a smoke run
 
 One Scenario (swarmlab.scenario: attacker/victim namespaces over a veth pair, the agent in
 the victim, an echo server on SERVICE_PORT). For --duration-s, at once:
-- `--senders` processes flood the victim with SYNs from 4000 spoofed sources (as fast as
-  each can; the achieved rate is what the victim's interface received, from its own
-  counters): the XDP probe aggregates them in the kernel and signals per-source and
+- `--senders` processes flood the victim with SYNs from spoofed sources (as fast as each
+  can: by default synblast, a sendmmsg sender in C, 2000 sources; `--sender python` the
+  Python generator, 4000 sources; the achieved rate is what the victim's interface
+  received, from its own counters): the XDP probe aggregates them in the kernel and signals per-source and
   per-service threshold crossings, every one of which the agent must decide and answer;
 - `--exec-loops` shells in the victim's namespace exec `/bin/sh -c :` in a loop (shells
   are always reported by the process probe), each exec one event through the queue;
@@ -35,6 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from swarmlab import attacks  # noqa: E402
+from swarmlab.attacks import blast  # noqa: E402
+from swarmlab.attacks.floods import default_spoof_cidr  # noqa: E402
 from swarmlab.lab import sh, spawn_in  # noqa: E402
 from swarmlab.scenario import SERVICE_PORT, Scenario, _proc_stat  # noqa: E402
 
@@ -89,14 +92,21 @@ def run(args: argparse.Namespace) -> dict:
         _, cpu0 = _proc_stat(sc.agent.pid)
         storms = [spawn_in(lab.victim, "sh", "-c", STORM.format(s=int(args.duration_s)))
                   for _ in range(args.exec_loops)]
-        floods = [attacks.start(lab.attacker, "distributed_syn_flood", target=target,
-                                port=SERVICE_PORT, sources=4000, seed=n,
-                                duration_s=args.duration_s, count=int(args.duration_s * 2_000_000))
-                  for n in range(args.senders)]
+        if args.sender == "c":
+            base = default_spoof_cidr(target).split("/")[0]
+            floods = [blast.start(lab.attacker, target, SERVICE_PORT, base, sources=2000,
+                                  duration_s=args.duration_s) for _ in range(args.senders)]
+        else:
+            floods = [attacks.start(lab.attacker, "distributed_syn_flood", target=target,
+                                    port=SERVICE_PORT, sources=4000, seed=n,
+                                    duration_s=args.duration_s,
+                                    count=int(args.duration_s * 2_000_000))
+                      for n in range(args.senders)]
         time.sleep(1.0)
         scan = attacks.run(lab.attacker, "port_scan", timeout_s=60, target=target,
                            ports="1000-3000", duration_s=min(4.0, args.duration_s))
-        sent = [attacks.result(p, timeout_s=args.duration_s + 60) for p in floods]
+        collect = blast.result if args.sender == "c" else attacks.result
+        sent = [collect(p, timeout_s=args.duration_s + 60) for p in floods]
         for p in storms:
             try:
                 p.wait(args.duration_s + 60)
@@ -151,7 +161,9 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration-s", type=float, default=30.0)
-    ap.add_argument("--senders", type=int, default=4, help="flood processes")
+    ap.add_argument("--sender", choices=("c", "python"), default="c",
+                    help="flood generator: c (swarmlab/attacks/synblast.c, sendmmsg) or python")
+    ap.add_argument("--senders", type=int, default=1, help="flood processes")
     ap.add_argument("--exec-loops", type=int, default=2, help="shells exec'ing in a loop")
     ap.add_argument("--queue", type=int, default=16384, help="probes.queue_events")
     ap.add_argument("--min-pps", type=int, default=200_000)

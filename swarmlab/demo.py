@@ -29,13 +29,18 @@ def format_timeline(tl: Timeline) -> str:
         last = "  attacker limited  " + f"{_fmt_ms(d['mitigated_ms']):<9}  (a trickle of handshakes still passes)"
     else:
         last = f"  attacker cut off  {_fmt_ms(d['cut_off_ms']):<9}  (no TCP handshake for ~1 s from here)"
-    return "\n".join([
+    lines = [
         f"{tl.pattern}: {pattern.description}",
         f"  first packet      0.0 ms   ({d['packets_sent']} {unit} sent)",
-        f"  detected          {_fmt_ms(d['detected_ms']):<9}  rule {d['rule'] or '-'}",
+        f"  kernel event      {_fmt_ms(d['kernel_event_ms']):<9}  (the probe's timestamp)",
+        f"  detected          {_fmt_ms(d['detected_ms']):<9}  rule {d['rule'] or '-'} "
+        "(the detector's decision)",
         f"  mitigated         {_fmt_ms(d['mitigated_ms']):<9}  {what}",
         last,
-    ])
+    ]
+    if d["invalid"]:
+        lines.append(f"  INVALID RUN: {d['invalid']}")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@
 One scenario run: a fresh Lab (attacker + victim namespaces), the agent started in the
 victim with `ip netns exec VICTIM swarm-agent run`, an echo server on the victim, a
 handshake probe from the attacker, then the attack. The result is a timeline on one clock
-(CLOCK_MONOTONIC, shared by all namespaces): first packet, detected, mitigated, attacker
-cut off. Used by `swarm-agent demo`, the end-to-end tests and bench/attack_latency.py.
+(CLOCK_MONOTONIC, shared by all namespaces): first packet, kernel event, detected (the
+detector's decision), mitigated, attacker cut off, and whether the run is valid
+(swarmlab.figures). Used by `swarm-agent demo`, the end-to-end tests and bench/attack_latency.py.
 """
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ from typing import Any
 import agent
 from agent.model import Mitigation, MitigationState
 from agent.state.store import Store
-from swarmlab import attacks
+from swarmlab import attacks, figures
 from swarmlab.lab import Lab
 
 SERVICE_PORT = 8080
 NETWORK_RULES = Path(agent.__file__).resolve().parent / "rules" / "network.yaml"
 READY_TIMEOUT_S = 30.0
+# Mitigations that were put in force at some point (not failed, not dry-run).
+APPLIED_STATES = frozenset({MitigationState.ACTIVE, MitigationState.EXPIRED,
+                            MitigationState.LIFTED})
 
 
 @dataclass(frozen=True)
@@ -155,11 +159,17 @@ class AgentProcess:
 
 @dataclass
 class Timeline:
+    """One run on CLOCK_MONOTONIC (the clocks: swarmlab.figures): first packet, kernel event,
+    detected (the detector's decision), applying/mitigated, cut off; `invalid` says why
+    the run measured nothing (None when it is valid)."""
+
     pattern: str
     first_packet_mono_ns: int | None = None
     detected_mono_ns: int | None = None
     mitigated_mono_ns: int | None = None
     cut_off_mono_ns: int | None = None
+    kernel_event_mono_ns: int | None = None
+    applying_mono_ns: int | None = None
     rule: str | None = None
     mitigations: list[dict[str, Any]] = field(default_factory=list)
     incidents: int = 0
@@ -173,12 +183,30 @@ class Timeline:
             return None
         return round((mono - self.first_packet_mono_ns) / 1e6, 1)
 
+    @property
+    def invalid(self) -> str | None:
+        pattern = PATTERNS.get(self.pattern)
+        return figures.invalid_reason(figures.Marks(
+            first_packet=self.first_packet_mono_ns,
+            probe_first_ok=self.probe.get("first_success_mono_ns"),
+            detected=self.detected_mono_ns, applying=self.applying_mono_ns,
+            mitigated=self.mitigated_mono_ns, cut_off=self.cut_off_mono_ns,
+            expect_cut_off=pattern is not None and pattern.kind == "block_ip",
+            kernel_event=self.kernel_event_mono_ns))
+
     def as_dict(self) -> dict[str, Any]:
+        kernel_to_detected = None
+        if self.kernel_event_mono_ns is not None and self.detected_mono_ns is not None:
+            kernel_to_detected = round((self.detected_mono_ns - self.kernel_event_mono_ns) / 1e6, 3)
         return {
             "pattern": self.pattern, "rule": self.rule, "incidents": self.incidents,
+            "kernel_event_ms": self.ms(self.kernel_event_mono_ns),
             "detected_ms": self.ms(self.detected_mono_ns),
+            "kernel_to_detected_ms": kernel_to_detected,
+            "applying_ms": self.ms(self.applying_mono_ns),
             "mitigated_ms": self.ms(self.mitigated_mono_ns),
             "cut_off_ms": self.ms(self.cut_off_mono_ns),
+            "invalid": self.invalid,
             "mitigations": self.mitigations,
             "packets_sent": self.attack.get("sent"),
             "agent_peak_rss_kb": self.agent_peak_rss_kb, "agent_cpu_s": self.agent_cpu_s,
@@ -271,14 +299,27 @@ class Scenario:
         with self.agent.store() as store:
             incidents = store.incidents()
             mitigations = store.mitigations()
+            first = min(incidents, key=lambda i: i.detected_at) if incidents else None
+            lines = store.incident_events(first.id) if first else []
         tl.incidents = len(incidents)
         tl.mitigations = [_mitigation_summary(m) for m in mitigations]
-        if incidents:
-            first = min(incidents, key=lambda i: i.detected_at)
-            tl.rule = ",".join(sorted({r for i in incidents for r in i.rules}))
-            tl.detected_mono_ns = _wall_to_mono_ns(first.detected_at)
-            done = [i.mitigated_at for i in incidents if i.mitigated_at]
-            tl.mitigated_mono_ns = _wall_to_mono_ns(min(done)) if done else None
+        if first is None:
+            return
+        tl.rule = ",".join(sorted({r for i in incidents for r in i.rules}))
+        tl.detected_mono_ns = _wall_to_mono_ns(first.detected_at)
+        lag_ms = next((e.data.get("event_to_decision_ms") for e in lines
+                       if e.kind == "finding" and e.data.get("event_to_decision_ms") is not None),
+                      None)
+        if lag_ms is not None and tl.detected_mono_ns is not None:
+            tl.kernel_event_mono_ns = tl.detected_mono_ns - int(lag_ms * 1e6)
+        done = [i.mitigated_at for i in incidents if i.mitigated_at]
+        tl.mitigated_mono_ns = _wall_to_mono_ns(min(done)) if done else None
+        # In force from when the responder created the mitigation that answers the pattern
+        # (a scan's block, not its challenge), or else its first one.
+        applied = [m for m in mitigations if m.state in APPLIED_STATES]
+        applied = [m.created_at for m in applied if m.kind.value == pattern.kind] or \
+            [m.created_at for m in applied]
+        tl.applying_mono_ns = _wall_to_mono_ns(min(applied)) if applied else None
 
 
 def _mitigation_summary(m: Mitigation) -> dict[str, Any]:

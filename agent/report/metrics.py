@@ -59,7 +59,8 @@ class Metrics:
         self.findings = Counter(f"{PREFIX}_findings", "Findings (a rule fired)",
                                 ["source", "rule"], registry=r)
         self.time_to_detect = Histogram(
-            f"{PREFIX}_time_to_detect_seconds", "First evidence to detection, per new incident",
+            f"{PREFIX}_time_to_detect_seconds",
+            "First evidence to the detector's decision, per new incident",
             ["event_class"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.time_to_mitigate = Histogram(
             f"{PREFIX}_time_to_mitigate_seconds",

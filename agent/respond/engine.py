@@ -158,7 +158,7 @@ class Responder:
         plan = self._plan(finding, now)
         incident = self._store.record_finding(plan.finding,
                                               self._to_wall(finding.first_mono_ns),
-                                              self._to_wall(finding.detected_mono_ns))
+                                              self._to_wall(finding.decision_mono_ns))
         if plan.note:
             self._store.add_incident_event(incident.id, "note", plan.note, now)
         if plan.kind is not None and plan.target is not None:

@@ -17,7 +17,10 @@ names the pid, and the rest of what it says follows from the rule, the uids and 
 cgroup. The line keeps the first finding's evidence and the last one's (`last_evidence`).
 
 Line data: rule, action, evidence, shape, count, first_at, last_at (and last_evidence
-once count > 1). The line's `at` stays the first time, so the timeline keeps its order.
+once count > 1; event_to_decision_ms, the first finding's time from its event -- the
+kernel's timestamp for probe events -- to the detector's decision, when it was stamped).
+`at` is the detector's decision time (the incident's detected_at); the line's `at` stays
+the first time, so the timeline keeps its order.
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ def record(db: sqlite3.Connection, incident_id: str, at: float, f: Finding) -> N
     if row is None:
         data = {"rule": f.rule, "action": f.action, "evidence": evidence, "shape": shape,
                 "count": 1, "first_at": at, "last_at": at}
+        if f.decided_mono_ns:   # the event's (kernel's) time -> the detector's decision
+            data["event_to_decision_ms"] = round((f.decided_mono_ns - f.detected_mono_ns) / 1e6, 3)
         text = f.rule
         if shape == OTHER_SHAPE:
             data["rules"] = [f.rule]

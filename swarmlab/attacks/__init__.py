@@ -14,7 +14,8 @@ the first/last packet; CLOCK_MONOTONIC is shared across namespaces) and rate_pps
 syn_flood source; distributed_syn_flood, distributed_ack_flood, decoy_scan and spoofed_udp_flood spoof_cidr,
 sources; udp_flood size; conn_flood,
 lb_burst and port_scan open/refused/timeout/error (port_scan also ports, open_ports);
-benign successes, failures; probe successes, failures, last_success_mono_ns,
+benign successes, failures; probe successes, failures, first_success_mono_ns,
+last_success_mono_ns,
 cut_off_mono_ns (start of the first failed handshake after which none succeeded; None if
 the last one succeeded).
 """

@@ -139,6 +139,7 @@ def probe(opts: Options) -> dict:
     pacer = Pacer(opts.count, opts.duration_s, 1000.0 / opts.interval_ms)
     family, timeout_s = family_of(opts.target), opts.timeout_ms / 1000
     tally, ok, failed, run = Tally(), 0, 0, 0
+    first_ok_ns: int | None = None
     last_ok_ns: int | None = None
     cut_off_ns: int | None = None
     while (now := pacer.next()) is not None:
@@ -155,5 +156,6 @@ def probe(opts: Options) -> dict:
                     break
                 continue
             ok, run, last_ok_ns, cut_off_ns = ok + 1, 0, now, None
-    return tally.report(opts, successes=ok, failures=failed, last_success_mono_ns=last_ok_ns,
-                        cut_off_mono_ns=cut_off_ns)
+            first_ok_ns = first_ok_ns or now
+    return tally.report(opts, successes=ok, failures=failed, first_success_mono_ns=first_ok_ns,
+                        last_success_mono_ns=last_ok_ns, cut_off_mono_ns=cut_off_ns)

@@ -32,9 +32,12 @@ def test_demo_stops_a_port_scan_and_leaves_nothing_behind():
     [tl] = json.loads(out.stdout)
     assert "net.connect_scan@1" in tl["rule"]
     assert tl["mitigated_ms"] < 30_000 and tl["cut_off_ms"] is not None
+    assert tl["invalid"] is None, tl
+    assert tl["kernel_event_ms"] <= tl["detected_ms"] + 2, tl   # decision after the event
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert mark not in listed
 
     human = demo("--patterns", "port_scan")
     assert human.returncode == 0
     assert "attacker cut off" in human.stdout and "block_ip" in human.stdout
+    assert "detector's decision" in human.stdout and "INVALID" not in human.stdout
