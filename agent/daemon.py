@@ -94,7 +94,7 @@ class Agent:
         # state in memory (agent.state.backing); status, log, metric and incident say so.
         self.store = Store(self.cfg.db_path, spill=Path(self.cfg.run_dir) / UNSAVED_STATE)
         self.enforcer = self._make_enforcer()
-        seeded = self._seed_from_kernel() if self.store.fresh else self._adopt_from_kernel()
+        seeded = self._seed_from_kernel() if self.store.fresh else 0
         self.store.on_lost(self._seed_from_kernel)
         # Commits are fsync'd on a thread from here on (agent.state.batch): the host
         # change of a finding never waits for a disk.
@@ -135,16 +135,6 @@ class Agent:
         """A fresh database (first start, or the old one moved aside): record what the
         kernel table holds in force, so setup() keeps it instead of wiping it."""
         return 0 if self.cfg.dry_run else health.reseed_from_kernel(self.store, self.cfg)
-
-    def _adopt_from_kernel(self) -> int:
-        """Record what the kernel holds in force and the database does not: a run that
-        stopped between a finding's host change and its commit (agent.respond.engine)."""
-        if self.cfg.dry_run:
-            return 0
-        adopted = health.reseed_from_kernel(self.store, self.cfg, fresh=False)
-        if adopted:
-            self.counters["mitigations.adopted"] += adopted
-        return 0     # not a recovery of the database: state_recovered is not told
 
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and

@@ -111,11 +111,11 @@ def _notify(store: Store, notify: Callable[[str, Any], None], incident: Incident
     return incident
 
 
-def reseed_from_kernel(store: Store, cfg: Config, *, fresh: bool = True) -> int:
+def reseed_from_kernel(store: Store, cfg: Config) -> int:
     """Record every mitigation in force in the kernel table that the store does not hold
-    in force; how many (0 when the table cannot be read: logged, never raised -- the start
-    must go on). `fresh`: the store was started afresh (else: elements applied by a run
-    that stopped before committing them, agent.respond.engine)."""
+    in force, after the store was started afresh (first start, or the old database moved
+    aside); how many (0 when the table cannot be read: logged, never raised -- the start
+    must go on)."""
     now = time.time()
     try:
         from agent.enforce.recover import in_force, read_table, unrecorded
@@ -131,8 +131,7 @@ def reseed_from_kernel(store: Store, cfg: Config, *, fresh: bool = True) -> int:
                   "re-isolate those services", extra={"rules": n})
     found = [f for f in found if not store.mitigations(
         state=MitigationState.ACTIVE, kind=f.kind, target=f.target, live_at=now, limit=1)]
-    why = ("the database was started afresh" if fresh else
-           "in force but not in the database: the agent stopped before recording it")
+    why = "the database was started afresh"
     for kind, target, expires_at in found:
         if kind in policy.ISOLATION_KINDS and cfg.mitigation.isolation_ttl_s:
             expires_at = now + cfg.mitigation.isolation_ttl_s
