@@ -276,8 +276,11 @@ class Agent:
                if n > self._drops_seen.get(k, 0)}
         urgent = {k: n for k, n in new.items() if k.startswith("urgent.")}
         if urgent and getattr(self, "responder", None) is not None:
-            health.events_dropped(self.store, self.responder.notify, urgent,
-                                  self.queue.urgent.capacity)
+            try:
+                health.events_dropped(self.store, self.responder.notify, urgent,
+                                      self.queue.urgent.capacity)
+            except Exception as e:   # noqa: BLE001 -- the log line below still tells it
+                self._failed("health.failed", e, what="events_dropped incident")
         now = time.monotonic()
         if not new or (not urgent and now - self._drops_logged_at < DROP_LOG_S):
             return      # untold drops stay counted and are told with the next line
@@ -441,13 +444,10 @@ class Agent:
         if getattr(self, "store", None) is not None:
             self.store.close()
 
-
     def drain_at_stop(self, deadline_s: float = STOP_DRAIN_S) -> None:
         """What is still queued at stop goes through the detector and responder for up to
         `deadline_s` (urgent lane first); what is left then is counted
         (events.dropped_at_stop.<kind>) and logged -- never silently discarded."""
-        if not len(self.queue):
-            return
         if getattr(self, "responder", None) is not None and \
                 getattr(self, "reporting", None) is not None:
             deadline = time.monotonic() + deadline_s
