@@ -25,6 +25,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_RULES = PACKAGE_DIR / "rules"   # a directory: every *.yaml in it
 SYSTEM_CONFIG = Path("/etc/swarm-agent/config.yaml")
 CONFIG_MAX_BYTES = 1 << 20
+ATTACH_MODES = ("auto", "native", "tc", "generic")   # probes.attach_mode
 
 
 class ConfigError(ValueError):
@@ -94,8 +95,15 @@ class Probes:
     # tracepoint: one handler on raw_syscalls:sys_exit, ~0.08 us added to every syscall of
     # the host (bench/RESULTS.md). Off: they pass unseen, and status says so.
     compat_syscalls: bool = True
-    # Events waiting between the probes and the detector (agent.sources.queue); past it
-    # events are dropped and counted per kind (status, swarm_agent_events_dropped).
+    # Where the ingress program runs on each watched link (agent/sources/ingress.py):
+    # "auto" picks per driver the hook that costs least (native XDP where the driver has
+    # it, tc ingress on veth and where it has not, generic XDP as the last resort);
+    # "native", "tc" or "generic" tries that hook first and falls back, reported, where
+    # a link cannot take it.
+    attach_mode: str = "auto"
+    # Events waiting between the probes and the detector (agent.sources.queue; an urgent
+    # lane of 1/16 as many beside it); past it events are dropped and counted by kind and
+    # lane (status, swarm_agent_events_dropped).
     queue_events: int = 16384
 
 
@@ -325,6 +333,9 @@ def validate(cfg: Config) -> Config:
                           "greater than 0 and at most mitigation.max_ttl_s")
     if cfg.mitigation.max_ttl_s < cfg.mitigation.default_ttl_s:
         raise ConfigError("mitigation.max_ttl_s must not be below mitigation.default_ttl_s")
+    if cfg.probes.attach_mode not in ATTACH_MODES:
+        raise ConfigError(f"probes.attach_mode must be one of {', '.join(ATTACH_MODES)} "
+                          f"(got {cfg.probes.attach_mode[:40]!r})")
     if not cfg.probes.process_owners.startswith("/"):
         raise ConfigError("probes.process_owners must be an absolute path")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

@@ -55,8 +55,10 @@ BOUNDS: dict[str, Bound] = {
         1024, 1 << 20, why="three LRU maps preallocate about 600 bytes of kernel memory "
         "per entry"),
     "probes.window_ms": Bound(10, 60_000),
-    "probes.queue_events": Bound(16, 1 << 20, why="a queued event holds about 1 KiB of "
-                                 "memory, an exec with a long argv more"),
+    "probes.queue_events": Bound(
+        1024, 1 << 18, why="a queued event holds up to about 4.5 KiB of memory (an exec "
+        "with a full argv, bench/queue_memory.py): the most is about 1.2 GiB with the "
+        "urgent lane; fewer than 1024 drops under any exec burst"),
     "mesh.heartbeat_s": Bound(0, 86400, above=True),
     "mesh.batch_size": Bound(1, 1000, why="one call must fit gRPC's 4 MiB message limit"),
     "mesh.timeout_s": _WAIT,
@@ -77,8 +79,7 @@ def number(key: str, value: Any, integer: bool) -> int | float:
             (integer and not isinstance(value, int)):
         hint = ""
         if isinstance(value, str) and value.strip() and _looks_numeric(value):
-            hint = f" (YAML reads {value!r} as text: write it with a dot and a signed " \
-                   "exponent, 1.0e+9, or in full)"
+            hint = _text_hint(value, integer)
         raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}{hint}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number (got {value})")
@@ -92,6 +93,18 @@ def number(key: str, value: Any, integer: bool) -> int | float:
     if b.pow2 and value & (value - 1):
         raise ValueError(f"{key} must be a power of two (got {value})")
     return value if integer else float(value)
+
+
+def _text_hint(value: str, integer: bool) -> str:
+    """Why YAML read a number as text, and how to write it: quoted ("16384"), or an
+    exponent without a dot (YAML 1.1 reads 1e9 as text)."""
+    plain = value.strip().replace("_", "")
+    if plain.lstrip("+-").isdigit():
+        return f" (got the text {value!r}: write {plain} without quotes)"
+    if integer:
+        return f" (YAML reads {value!r} as text: write it in full, without an exponent)"
+    return f" (YAML reads {value!r} as text: write it with a dot and a signed exponent, " \
+           "1.0e+9, or in full)"
 
 
 def _looks_numeric(value: str) -> bool:

@@ -30,6 +30,7 @@ from pathlib import Path
 from agent import __version__
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
+from agent.detect import triage
 from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
 from agent.enforce.base import EnforceError
 from agent.model import Event
@@ -49,6 +50,8 @@ STORAGE_CHECK_S = 0.5     # how often degraded storage is looked at (tries are b
 # control server) after this long or this many events, whichever comes first.
 CONSUME_BUDGET_S = 0.005
 CONSUME_BATCH = 256
+STOP_DRAIN_S = 2.0        # at stop, queued events still go through the detector this long
+DROP_LOG_S = 10.0         # at most one log line about queue drops this often
 
 
 def netns_id() -> str:
@@ -76,6 +79,8 @@ class Agent:
         self._lock_fd: int | None = None
         self._storage_incident: str | None = None
         self.queue: EventQueue[Event] = EventQueue(cfg.probes.queue_events)
+        self._drops_seen: dict[str, int] = {}      # lane.kind -> drops already told
+        self._drops_logged_at = 0.0
         self.ready = False
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
@@ -89,7 +94,7 @@ class Agent:
         # state in memory (agent.state.backing); status, log, metric and incident say so.
         self.store = Store(self.cfg.db_path, spill=Path(self.cfg.run_dir) / UNSAVED_STATE)
         self.enforcer = self._make_enforcer()
-        seeded = self._seed_from_kernel() if self.store.fresh else self._adopt_from_kernel()
+        seeded = self._seed_from_kernel() if self.store.fresh else 0
         self.store.on_lost(self._seed_from_kernel)
         # Commits are fsync'd on a thread from here on (agent.state.batch): the host
         # change of a finding never waits for a disk.
@@ -130,16 +135,6 @@ class Agent:
         """A fresh database (first start, or the old one moved aside): record what the
         kernel table holds in force, so setup() keeps it instead of wiping it."""
         return 0 if self.cfg.dry_run else health.reseed_from_kernel(self.store, self.cfg)
-
-    def _adopt_from_kernel(self) -> int:
-        """Record what the kernel holds in force and the database does not: a run that
-        stopped between a finding's host change and its commit (agent.respond.engine)."""
-        if self.cfg.dry_run:
-            return 0
-        adopted = health.reseed_from_kernel(self.store, self.cfg, fresh=False)
-        if adopted:
-            self.counters["mitigations.adopted"] += adopted
-        return 0     # not a recovery of the database: state_recovered is not told
 
     def _ensure_mounts(self) -> None:
         """`ip netns exec` gives the agent a fresh /sys without tracefs (tracepoints) and
@@ -207,8 +202,11 @@ class Agent:
 
     def enqueue(self, event: Event) -> None:
         """What the probes emit to, on the loop thread: queue the event and return (a full
-        queue drops and counts, agent.sources.queue); `consume` takes it from there."""
-        self.queue.put(event.kind, event)
+        queue drops and counts, agent.sources.queue); `consume` takes it from there. An
+        event that already matches a severe rule takes the urgent lane, and each lane is
+        fair between the events' owners (agent.detect.triage)."""
+        self.queue.put(event.kind, event, owner=triage.owner(event),
+                       urgent=triage.urgent(self.detector, event))
 
     async def consume(self) -> None:
         """Run queued events through detector and responder in budgeted batches; one that
@@ -260,8 +258,36 @@ class Agent:
                                        "incident": incident.id, "state": str(incident.state)})
 
     def queue_status(self) -> dict:
-        """The event queue: depth now, its high-water mark, capacity, drops by kind."""
+        """The event queue: depth now, its high-water mark, capacity, drops by kind (the
+        urgent lane's under "urgent")."""
         return self.queue.status()
+
+    def queue_drops(self) -> dict[str, int]:
+        """Drops by lane and kind ("ordinary.proc.exec", "urgent.proc.exec")."""
+        return {**{f"ordinary.{k}": n for k, n in self.queue.dropped.items()},
+                **{f"urgent.{k}": n for k, n in self.queue.urgent.dropped.items()}}
+
+    def check_drops(self) -> None:
+        """New queue drops: a log line (at most one per DROP_LOG_S, with what was dropped
+        since the last one); drops from the urgent lane (each one a severe detection lost)
+        also open or add to an escalated agent_health incident."""
+        drops = self.queue_drops()
+        new = {k: n - self._drops_seen.get(k, 0) for k, n in drops.items()
+               if n > self._drops_seen.get(k, 0)}
+        urgent = {k: n for k, n in new.items() if k.startswith("urgent.")}
+        if urgent and getattr(self, "responder", None) is not None:
+            try:
+                health.events_dropped(self.store, self.responder.notify, urgent,
+                                      self.queue.urgent.capacity)
+            except Exception as e:   # noqa: BLE001 -- the log line below still tells it
+                self._failed("health.failed", e, what="events_dropped incident")
+        now = time.monotonic()
+        if not new or (not urgent and now - self._drops_logged_at < DROP_LOG_S):
+            return      # untold drops stay counted and are told with the next line
+        self._drops_logged_at, self._drops_seen = now, drops
+        log.warning("event queue full: events dropped (counted; see status and metrics)",
+                    extra={"dropped": new, "capacity": self.queue.capacity,
+                           "urgent_capacity": self.queue.urgent.capacity})
 
     def on_drift(self) -> None:
         now = time.time()
@@ -290,6 +316,7 @@ class Agent:
             if now - last_reconcile >= RECONCILE_EVERY_S:
                 self.on_drift()
                 last_reconcile = now
+            self.check_drops()
             await asyncio.sleep(HOUSEKEEPING_S)
 
     def check_storage(self) -> None:
@@ -347,6 +374,8 @@ class Agent:
             # What the packet parser could not follow: in `status` and the control API.
             "counters": {**self.counters,
                          **{f"events.dropped.{k}": n for k, n in self.queue.dropped.items()},
+                         **{f"events.dropped_urgent.{k}": n
+                            for k, n in self.queue.urgent.dropped.items()},
                          # The control API carries counters, not the queue dict.
                          "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
                          "queue.capacity": self.queue.capacity,
@@ -412,10 +441,30 @@ class Agent:
         for probe in (self.probe, self.proc_probe):
             if probe is not None:
                 probe.close()
+        self.drain_at_stop()
         if getattr(self, "reporting", None) is not None:
             self.reporting.close()
         if getattr(self, "store", None) is not None:
             self.store.close()
+
+    def drain_at_stop(self, deadline_s: float = STOP_DRAIN_S) -> None:
+        """What is still queued at stop goes through the detector and responder for up to
+        `deadline_s` (urgent lane first); what is left then is counted
+        (events.dropped_at_stop.<kind>) and logged -- never silently discarded."""
+        if getattr(self, "responder", None) is not None and \
+                getattr(self, "reporting", None) is not None:
+            deadline = time.monotonic() + deadline_s
+            while len(self.queue) and time.monotonic() < deadline:
+                for event in self.queue.take(CONSUME_BATCH):
+                    self._process(event)
+        left = Counter(e.kind for e in self.queue.take(len(self.queue)))
+        if left:
+            for kind, n in left.items():
+                self.counters[f"events.dropped_at_stop.{kind}"] += n
+            log.error("stopping: queued events not processed within the deadline, dropped",
+                      extra={"dropped": dict(left), "deadline_s": deadline_s})
+        if getattr(self, "store", None) is not None:
+            self.check_drops()      # an urgent lane that dropped is recorded before the end
 
 
 def sd_notify(message: str) -> None:

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> dict:
         lat, blocks = latencies_ms(sc)
     c = {k: int(v) for k, v in st.get("counters", {}).items()}    # int64 comes as text
     net_events = sum(n for k, n in c.items() if k.startswith("events.net."))
-    execs = c.get("events.proc.exec", 0) + c.get("events.dropped.proc.exec", 0)
+    execs = c.get("events.proc.exec", 0) + c.get("events.dropped.proc.exec", 0) + \
+        c.get("events.dropped_urgent.proc.exec", 0)
     result = {
         "duration_s": round(elapsed, 1), "senders": args.senders,
         "packets_sent": sum(r.get("sent") or 0 for r in sent),
@@ -129,9 +130,12 @@ def run(args: argparse.Namespace) -> dict:
         "net_events_to_user_space": net_events,
         "exec_events_per_s": round(execs / elapsed),
         "events": {k[len("events."):]: n for k, n in c.items()
-                   if k.startswith("events.") and not k.startswith(("events.dropped.", "events.failed"))},
+                   if k.startswith("events.") and not k.startswith(("events.dropped", "events.failed"))},
         "dropped": {k[len("events.dropped."):]: n for k, n in c.items()
                     if k.startswith("events.dropped.")},
+        # events that matched a severe rule (agent.detect.triage): each one a detection lost
+        "dropped_urgent": {k[len("events.dropped_urgent."):]: n for k, n in c.items()
+                           if k.startswith("events.dropped_urgent.")},
         "queue": {"capacity": c.get("queue.capacity"), "depth_max": c.get("queue.depth_max")},
         "failed": {"events": c.get("events.failed", 0), "findings": c.get("findings.failed", 0)},
         "ringbuf_losses": int(st.get("ringbuf_losses") or 0),
@@ -182,7 +186,8 @@ def main() -> int:
               f"({r['net_events_to_user_space']} net events to user space), "
               f"{r['exec_events_per_s']} execs/s")
         print(f"queue: max depth {r['queue']['depth_max']} of {r['queue']['capacity']}, "
-              f"dropped {r['dropped'] or 'none'}, failed {r['failed']}, "
+              f"dropped {r['dropped'] or 'none'} (urgent lane: {r['dropped_urgent'] or 'none'}), "
+              f"failed {r['failed']}, "
               f"ring-buffer losses {r['ringbuf_losses']}")
         print(f"signal -> enforced over {r['mitigations']} mitigations: p50 {lat['p50']} ms, "
               f"p99 {lat['p99']} ms, max {lat['max']} ms; scan blocked in "

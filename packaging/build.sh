@@ -32,6 +32,23 @@ make -s -C probes
 objs=(agent/probes/*.bpf.o)
 [ -e "${objs[0]}" ] || { echo "build.sh: no compiled probes in agent/probes/" >&2; exit 1; }
 
+# What ships: agent/ as git tracks it, plus the compiled probes. Never the lab (attack
+# generators, demo scenarios), tests or benches, whatever the tree holds.
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 \
+  || { echo "build.sh: needs a git checkout (it ships the files git tracks under agent/)" >&2; exit 1; }
+shipped=()
+while IFS= read -r -d '' f; do
+  [ -e "$f" ] || { echo "build.sh: $f is tracked but missing from the tree" >&2; exit 1; }
+  shipped+=("$f")
+done < <(git ls-files -z -- agent)
+for o in "${objs[@]}"; do
+  [ "$(basename "$o")" = abi.bpf.o ] || shipped+=("$o")
+done
+untracked=$(git ls-files --others --exclude-standard -- agent)
+[ -z "$untracked" ] || echo "build.sh: not shipped (untracked): $(echo $untracked)" >&2
+banned=$(printf '%s\n' "${shipped[@]}" | grep -E '(^|/)(swarmlab|attacks|tests|bench)/|(^|/)(lab|breachlab|scenario|demo)\.py$' || true)
+[ -z "$banned" ] || { echo "build.sh: refusing to ship lab or test code: $banned" >&2; exit 1; }
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p dist
@@ -43,9 +60,10 @@ stage() {
   install -d -m 0755 "$root/usr/bin" "$lib" "$root$unitdir" "$root/etc/swarm-agent/rules" \
     "$root/usr/share/doc/swarm-agent"
   install -d -m 0700 "$root/var/lib/swarm-agent"
-  # The whole Python package as it stands (modules, probes, rules, generated gRPC code):
-  # a hand-kept file list would rot as others add modules.
-  tar -C "$top" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.tmp' -cf - agent \
+  # The Python package as committed (modules, rules, generated gRPC code: git's own list,
+  # so a hand-kept list cannot rot and an untracked file in the tree never ships) and the
+  # probes compiled above (abi.bpf.o only mirrors the event structs for tests: not shipped).
+  printf '%s\0' "${shipped[@]}" | tar -C "$top" --null -T - -cf - \
     | tar -C "$lib" -xf - --no-same-owner
   # Rules live in /etc (conffiles: local tuning survives upgrades); the package keeps a
   # symlink where agent.config looks for its default rules.

@@ -29,7 +29,9 @@ struct {
 #define TCP_LISTEN 10
 #define EXCHANGE_TTL_NS (60ULL * 1000000000ULL)	/* ~ conntrack's UDP stream timeout */
 #define EXCHANGE_REFRESH_NS 1000000000ULL	/* rewrite a live entry at most once a second */
+#define TC_ACT_UNSPEC -1
 #define TC_ACT_OK 0
+#define TC_ACT_SHOT 2
 
 /* The socket-lookup tuple of a received packet: its source is the peer. The helpers want
  * network-order ports; struct pkt keeps them in host order for the counters. */
@@ -74,8 +76,8 @@ static __always_inline int exchanged(const struct pkt *p, __u64 now)
  * parse_packet() read from a packet it parsed whole: a bare SYN, or anything without a
  * TCP or UDP header read (a non-first fragment, a packet that failed to parse: proto 0),
  * is never solicited. The lookups run in the namespace of the receiving device
- * (BPF_F_CURRENT_NETNS). */
-static __always_inline int solicited(struct xdp_md *ctx, const struct pkt *p, __u64 now)
+ * (BPF_F_CURRENT_NETNS); `ctx` is the xdp_md or __sk_buff of the hook. */
+static __always_inline int solicited(void *ctx, const struct pkt *p, __u64 now)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk;

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Network probe: per-source and per-service counters at XDP, passive TCP connections and
- * sent resets from tracepoints. Threshold crossings are pushed to the `alerts` ring
- * buffer at once, at most once per window per subject per reason.
+/* Network probe: per-source and per-service counters at ingress (XDP or tc, whichever the
+ * loader attached to each link), passive TCP connections and sent resets from
+ * tracepoints. Threshold crossings are pushed to the `alerts` ring buffer at once, at
+ * most once per window per subject per reason.
  *
- * Volume alone is never an attack: the XDP counters see only UNSOLICITED packets, those
+ * Volume alone is never an attack: the ingress counters see only UNSOLICITED packets, those
  * outside a flow this host accepted or started. A TCP segment other than a bare SYN that
  * belongs to a socket (established, connecting, request or time-wait) is solicited; so is
  * a UDP datagram to a connected socket, or from a peer (address and port) this host sent
@@ -62,7 +63,8 @@ struct {
 	__type(value, struct net_thresholds);
 } thresholds SEC(".maps");
 
-/* Packets seen by handle_xdp: [0] solicited (not counted), [1] unsolicited (counted). */
+/* Packets seen at ingress (handle_xdp, handle_tc_ingress): [0] solicited (not counted),
+ * [1] unsolicited (counted). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 2);
@@ -278,7 +280,7 @@ static __always_inline void count_source(const struct pkt *p, struct net_thresho
 			 __builtin_offsetof(struct source_stats, alerted), now, &start);
 	if (!s)
 		return;
-	__sync_fetch_and_add(&s->packets, 1);
+	__sync_fetch_and_add(&s->packets, p->segs);
 	__sync_fetch_and_add(&s->bytes, p->len);
 	if (p->syn)
 		__sync_fetch_and_add(&s->syns, 1);
@@ -308,7 +310,7 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 			 __builtin_offsetof(struct service_stats, alerted), now, &start);
 	if (!s)
 		return;
-	__sync_fetch_and_add(&s->packets, 1);
+	__sync_fetch_and_add(&s->packets, p->segs);
 	if (p->syn)
 		__sync_fetch_and_add(&s->syns, 1);
 	if (p->proto == IPPROTO_UDP)
@@ -325,17 +327,17 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 		emit_service(&k, s, start, REASON_SVC_UDP, now);
 }
 
-SEC("xdp")
-int handle_xdp(struct xdp_md *ctx)
+/* The verdict on one packet parse_packet() read (`parsed`: its return), the same at every
+ * hook the loader may attach to (native or generic XDP, tc ingress): counts it unless it
+ * is solicited, and returns 1 when it must be dropped (probes.drop_unparsable), else 0.
+ * `ctx` is the hook's own context, for the socket lookups. */
+static __always_inline int judge(void *ctx, struct pkt *p, int parsed)
 {
 	struct net_thresholds *t = get_thresholds();
-	struct pkt p = {};
 	__u64 now;
-	int parsed;
 
-	parsed = parse_packet((void *)(long)ctx->data, (void *)(long)ctx->data_end, &p);
 	if (!t || parsed < 0)
-		return XDP_PASS;
+		return 0;
 	if (parsed > 0) {
 		bump(&unparsed, parsed);
 		/* What the kernel would still deliver but the parser cannot see into would hide
@@ -344,22 +346,61 @@ int handle_xdp(struct xdp_md *ctx)
 		 * stacks carry no TCP/UDP the kernel would read here: they pass. */
 		if (net_cfg.drop_unparsable && (parsed == PARSE_CHAIN_TOO_LONG ||
 						parsed == PARSE_TRUNCATED || parsed == PARSE_BAD_HEADER))
-			return XDP_DROP;
-		if (!p.src.family)
-			return XDP_PASS;	/* counted by reason; no source to count it to */
-		p.proto = 0;	/* what it carries is unknown: no ports, no service */
-		p.syn = 0;
+			return 1;
+		if (!p->src.family)
+			return 0;	/* counted by reason; no source to count it to */
+		p->proto = 0;	/* what it carries is unknown: no ports, no service */
+		p->syn = 0;
 	}
 	now = bpf_ktime_get_ns();
-	if (!parsed && solicited(ctx, &p, now)) {
+	if (!parsed && solicited(ctx, p, now)) {
 		bump(&verdicts, 0);
-		return XDP_PASS;
+		return 0;
 	}
 	bump(&verdicts, 1);
-	count_source(&p, t, now);
-	if (p.proto)
-		count_service(&p, t, now);
-	return XDP_PASS;	/* observe only: enforcement is nftables' job (but see above) */
+	count_source(p, t, now);
+	if (p->proto)
+		count_service(p, t, now);
+	return 0;	/* observe only: enforcement is nftables' job (but see above) */
+}
+
+/* Native (driver) or generic XDP: the whole frame is in [data, data_end). */
+SEC("xdp")
+int handle_xdp(struct xdp_md *ctx)
+{
+	struct pkt p = {};
+	int parsed = parse_packet((void *)(long)ctx->data, (void *)(long)ctx->data_end, &p);
+
+	return judge(ctx, &p, parsed) ? XDP_DROP : XDP_PASS;
+}
+
+/* Headers a tc program may pull into the skb's linear part to read them: more than any
+ * standard MTU's worth, so what XDP sees whole is seen whole here too. */
+#define PULL_MAX_BYTES 4096
+
+/* tc (clsact or tcx) ingress: the same verdicts on the skb. Only the linear part is in
+ * [data, data_end): where a header runs past it (a driver that split the headers, a
+ * paged skb) the headers are pulled in and parsed again; the packet's length and, for a
+ * GRO/GSO skb, its number of segments come from the skb, so a merged burst counts as the
+ * packets it was on the wire. Passing returns TC_ACT_UNSPEC (the next filter or tcx
+ * program still runs: this one only observes), dropping TC_ACT_SHOT. */
+SEC("tc")
+int handle_tc_ingress(struct __sk_buff *skb)
+{
+	int hw_tags = skb->vlan_present ? 1 : 0;
+	struct pkt p = {};
+	int parsed = parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, &p, hw_tags);
+	__u32 len = skb->len;
+
+	if (parsed == PARSE_TRUNCATED && len > skb->data_end - skb->data) {
+		bpf_skb_pull_data(skb, len < PULL_MAX_BYTES ? len : PULL_MAX_BYTES);
+		__builtin_memset(&p, 0, sizeof(p));
+		parsed = parse_frame((void *)(long)skb->data, (void *)(long)skb->data_end, &p,
+				     hw_tags);
+	}
+	p.len = len;
+	p.segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	return judge(skb, &p, parsed) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
 /* Records the peers this host sends to (record_exchange), parsed as XDP parses what comes

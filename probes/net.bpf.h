@@ -32,7 +32,8 @@
 struct pkt {
 	struct addr_key src;
 	__u8 dst[16];	/* destination address, family as src */
-	__u64 len;
+	__u64 len;	/* bytes: the frame's, or at tc the skb's (all its segments) */
+	__u32 segs;	/* wire packets it stands for: 1, or a GRO/GSO skb's segments at tc */
 	__u16 sport;	/* host order; 0 when not TCP/UDP */
 	__u16 dport;	/* host order; 0 when not TCP/UDP */
 	__u8 proto;	/* IPPROTO_TCP, IPPROTO_UDP, or 0 for anything else */
@@ -181,17 +182,20 @@ static __always_inline int parse_ipv6(void *l3, void *end, struct pkt *p)
 }
 
 /* Parses the frame [data, end): an xdp_md's or a __sk_buff's packet pointers (in tc only
- * the linear part, where the stack puts every header it builds). Returns -1 for a frame
+ * the linear part, where the stack puts every header it builds), `hw_tags` VLAN tags
+ * already taken out of it into the skb (tc: the stack moves the outer tag there before
+ * tc ingress runs, so a frame with one tag too many is the same PARSE_VLAN_DEPTH at
+ * every hook). Returns -1 for a frame
  * that is not IP (nothing to count), 0 for a parsed packet, or the enum parse_failure it
  * stopped at; p->src.family is non-zero when the source address was read all the same.
  * p->proto is non-zero only when the TCP or UDP header was read: the socket lookups rely
  * on that (a non-first fragment, or a packet that failed to parse, is no flow's).
  *
- * VLAN tags: a tag still in the frame is skipped here. With generic XDP (what the agent
- * attaches) a tag the sender or NIC put in the skb's hwaccel field (a vlan device on a
- * veth, VLAN rx offload) is not in the frame at all: XDP sees the untagged packet,
- * which parses the same way. */
-static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
+ * VLAN tags: a tag still in the frame is skipped here. With generic XDP, native XDP on a
+ * veth and tc, a tag the sender or NIC put in the skb's hwaccel field (a vlan device on
+ * a veth, VLAN rx offload) is not in the frame at all: the program sees the untagged
+ * packet, which parses the same way. */
+static __always_inline int parse_frame(void *data, void *end, struct pkt *p, int hw_tags)
 {
 	struct ethhdr *eth = data;
 	void *l3 = eth + 1;
@@ -201,12 +205,15 @@ static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
 	if (l3 > end)
 		return -1;
 	p->len = end - data;
+	p->segs = 1;
 	proto = eth->h_proto;
 	for (i = 0; i < MAX_VLAN_TAGS; i++) {
 		struct vlan_hdr *vh = l3;
 
 		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
 			break;
+		if (i + hw_tags >= MAX_VLAN_TAGS)
+			return PARSE_VLAN_DEPTH;
 		if ((void *)(vh + 1) > end)
 			return PARSE_TRUNCATED;
 		proto = vh->h_vlan_encapsulated_proto;
@@ -219,6 +226,12 @@ static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
 	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
 		return PARSE_VLAN_DEPTH;
 	return -1;
+}
+
+/* XDP: every tag the program can know of is in the frame. */
+static __always_inline int parse_packet(void *data, void *end, struct pkt *p)
+{
+	return parse_frame(data, end, p, 0);
 }
 
 #endif

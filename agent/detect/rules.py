@@ -65,6 +65,7 @@ RULES_MAX_BYTES = 1 << 20   # per file; the packaged ones are a few KiB
 MAX_THRESHOLD = 1_000_000_000   # per second or per window: beyond any NIC, within u64 x window
 MAX_TTL_S = YEAR_S              # nftables element timeouts
 MAX_VERSION = 1_000_000
+SEVERE = (Severity.HIGH, Severity.CRITICAL)
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
 
@@ -337,6 +338,15 @@ class Detector:
             if all(match.holds(t, event.fields, self._lists) for t in cond.where):
                 findings.append(_scoped_finding(rule, event, now_mono_ns))
         return findings
+
+    def severe(self, event: Event) -> bool:
+        """Whether a `where` rule of high or critical severity fires on `event` (pure, no
+        finding built): what agent.detect.triage sends to the urgent lane."""
+        if event.kind not in match.FIELDS:
+            return False
+        return any(rule.severity in SEVERE and
+                   all(match.holds(t, event.fields, self._lists) for t in cond.where)
+                   for rule, cond in self._by_kind.get(event.kind, ()))
 
     def _event_window_s(self, event: Event) -> float:
         # Never divide by less than the configured window: a short burst reported with a

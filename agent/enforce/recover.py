@@ -57,9 +57,21 @@ def in_force(objs: list[dict], now: float) -> list[InForce]:
             expires_at = None if remaining is None else now + remaining
             for target in _targets(key):
                 out.append(InForce(kind, target, expires_at))
-    if _rules(objs, _FWD):
+    if _node_isolated(objs):
         out.append(InForce(MitigationKind.ISOLATE_NODE, NODE_TARGET, None))
     return out
+
+
+def _node_isolated(objs: list[dict]) -> bool:
+    """The forward chain ends in the node isolation's own unconditional drop
+    (agent.enforce.isolate: "counter drop"); any other rule there (a stray counter, an
+    accept) is not an isolation to keep in force."""
+    fwd = _rules(objs, _FWD)
+    if not fwd:
+        return False
+    expr = fwd[-1].get("expr") or []
+    keys = [k for e in expr if isinstance(e, dict) for k in e]
+    return "drop" in keys and set(keys) <= {"counter", "drop"}
 
 
 def unrecorded(objs: list[dict]) -> int:

@@ -8,7 +8,7 @@ hits and misses per class, active mitigations per kind, outbox depth and drops, 
 database's health (degraded, failed writes, catch-ups, files moved aside). The probe's
 ring-buffer losses and the packets its parser could not follow (by reason) come from the
 probe itself; the event queue between probes and detector (depth, high-water mark,
-capacity, drops by kind) from the queue, and events or findings that failed in the
+capacity, drops by kind and lane) from the queue, and events or findings that failed in the
 pipeline from the daemon's counters through it. The HTTP server is a daemon thread; a
 scrape reads the store under its lock, like any other reader thread.
 """
@@ -216,10 +216,13 @@ class _QueueCollector:
                                 "Events the queue holds before it drops (probes.queue_events)",
                                 value=q["capacity"])
         dropped = CounterMetricFamily(f"{PREFIX}_events_dropped",
-                                      "Events dropped because the queue was full, by kind",
-                                      labels=["kind"])
+                                      "Events dropped because the queue was full, by kind "
+                                      "and lane (urgent: events that matched a severe rule)",
+                                      labels=["kind", "lane"])
         for kind, n in q["dropped"].items():
-            dropped.add_metric([kind], n)
+            dropped.add_metric([kind, "ordinary"], n)
+        for kind, n in q.get("urgent", {}).get("dropped", {}).items():
+            dropped.add_metric([kind, "urgent"], n)
         yield dropped
 
 

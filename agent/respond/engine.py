@@ -3,21 +3,22 @@
 Automatic and manual mitigations go through the same path (`_put_in_force`), so a block
 from the control API and one from the detector are recorded and enforced alike.
 
-One finding is one transaction (Store.batch): its incident, mitigation, timeline and
-outbox rows are committed together after the host change, and observers hear of them only
-once committed. The host change never waits for a commit, let alone an fsync (the store
-syncs on a thread: agent.state.batch). What a crash leaves at each point:
-- before the host change: nothing in the kernel, nothing recorded; the kernel signals the
+One finding is one transaction (Store.batch) in two steps: its incident, mitigation,
+timeline and outbox rows are committed together before the host change (a commit point:
+written to the WAL, not fsync'd: the store syncs on a thread, agent.state.batch), and what
+the change did (applied or failed, mitigated at) is committed after it. Observers hear of
+them only once committed. What a crash leaves at each point:
+- before the first commit: nothing in the kernel, nothing recorded; the kernel signals the
   next window of a continuing attack again.
-- after the host change, before the commit: an element in force (with its own timeout)
-  and no row; the next start records it from the kernel table
-  (agent.respond.health.reseed_from_kernel, which adds what the store lacks) before the
-  table is reconciled, so it is kept, not lifted.
-- after the commit, before the sync: an agent crash keeps the row (it is in the WAL in
-  the page cache); a power loss or kernel crash loses the row and the nft table alike.
-- after the sync: durable.
-If the batch fails after the host change (a bug: storage trouble goes to memory instead),
-the mitigation in force is recorded on its own, so it is never forgotten.
+- after it, before or during the host change: the row, in force; the next start's
+  reconcile puts it on the host (any kind: a service isolation or a peer quarantine
+  cannot be read back from the host, so the row must come first).
+- after the host change, before the second commit: the row and the change; the
+  incident's timeline lacks its "applied" line.
+- committed, not yet synced: an agent crash keeps the rows (the WAL is in the page
+  cache); a power loss or kernel crash loses them and the nft table alike.
+The start never adopts what the kernel table holds beyond the database's rows (only a
+database started afresh is seeded from it): an element nobody recorded is lifted.
 """
 from __future__ import annotations
 
@@ -92,8 +93,6 @@ class Responder:
         # watch stream, the mesh reporter); an observer must be quick and must not raise.
         self.observers: list[Observer] = []
         self._deferred: list[tuple[str, Any]] | None = None   # notices held until commit
-        # In force but not committed yet (during handle() only).
-        self._applied: list[tuple[Mitigation, str | None]] | None = None
 
     def notify(self, kind: str, obj: Any) -> None:
         """Tell every observer about a change (also for callers that recorded one); while
@@ -115,43 +114,25 @@ class Responder:
 
     def handle(self, finding: Finding) -> Incident:
         """Record `finding` in its incident, mitigate per its rule, return the incident:
-        in one transaction, committed after the host change (see the module docstring)."""
-        with self._committed_notices():
-            self._applied = []
-            try:
-                with self._store.batch():
-                    return self._handle(finding)
-            except BaseException:
-                self._record_applied()
-                raise
-            finally:
-                self._applied = None
+        one transaction, committed in two steps around the host change (module docstring)."""
+        with self._committed_notices(), self._store.batch():
+            return self._handle(finding)
 
     @contextlib.contextmanager
     def _committed_notices(self) -> Iterator[None]:
-        """Hold notify() until the block ends; observers hear nothing of a rolled-back one."""
+        """Hold notify() until the block ends. Notices come only after the commit point
+        (a mitigation once its row is committed, the incident at the end), so what they
+        announce is on record even when the second step fails."""
         if self._deferred is not None:
             yield
             return
         self._deferred = []
         try:
             yield
-            held = self._deferred
         finally:
-            self._deferred = None
-        for kind, obj in held:
-            self.notify(kind, obj)
-
-    def _record_applied(self) -> None:
-        """The finding's transaction failed after mitigations were put in force: record
-        them on their own, so reconcile keeps rather than lifts them."""
-        for m, rule in self._applied or ():
-            try:
-                # Its incident went with the transaction: the row stands alone.
-                self._store.add_mitigation(replace(m, incident_id=None), rule=rule)
-            except Exception:   # noqa: BLE001 -- logged; reconcile will lift it
-                log.exception("a mitigation in force could not be recorded",
-                              extra={"kind": m.kind.value, "target": m.target})
+            held, self._deferred = self._deferred, None
+            for kind, obj in held:
+                self.notify(kind, obj)
 
     def _handle(self, finding: Finding) -> Incident:
         """Record `finding` in its incident, mitigate per its rule, return the incident."""
@@ -355,10 +336,11 @@ class Responder:
 
     def _put_in_force(self, m: Mitigation, now: float,
                       rule: str | None) -> tuple[Outcome, EnforceError | None]:
-        """Record and apply one new mitigation. Inside a finding's transaction the row is
-        committed after the host change (a crash in between: the next start records the
-        element from the kernel table); outside one (a manual block) it is written first,
-        so a crash in between is repaired by reconcile."""
+        """Record and apply one new mitigation. The row is committed before the host is
+        changed (inside a finding's transaction: with the incident, at a commit point,
+        unsynced, so the host change never waits for an fsync), so a crash in between is
+        repaired by reconcile at the next start rather than forgotten; whatever kind it
+        is (a service isolation or a peer quarantine cannot be read back from the host)."""
         if self._is_allowlisted(m.target):
             return Outcome.ALLOWLISTED, None
         # In dry run the enforcer runs every check the live one does and stops before the
@@ -366,6 +348,7 @@ class Responder:
         dry = self._cfg.dry_run
         m.state = MitigationState.DRY_RUN if dry else MitigationState.ACTIVE
         self._store.add_mitigation(m, rule=rule)
+        self._store.commit_point()
         try:
             self._enforcer.apply(m, now)
         except PartiallyApplied as e:
@@ -383,8 +366,6 @@ class Responder:
             self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
             m.state = MitigationState.FAILED
             return Outcome.FAILED, e
-        if not dry and self._applied is not None:
-            self._applied.append((m, rule))
         return (Outcome.DRY_RUN if dry else Outcome.APPLIED), None
 
     def _note_partial(self, m: Mitigation, e: PartiallyApplied, now: float) -> None:

@@ -28,12 +28,15 @@ log = logging.getLogger("swarm_agent")
 STORAGE_RULE = "agent.storage"
 RECOVERY_RULE = "agent.state_recovered"
 ENTITY = "agent:storage"
+DROPS_RULE = "agent.events_dropped"
+DROPS_ENTITY = "agent:event_queue"
 
 
-def _finding(rule: str, severity: Severity, evidence: dict[str, Any]) -> Finding:
+def _finding(rule: str, severity: Severity, evidence: dict[str, Any],
+             entity: str = ENTITY) -> Finding:
     now = mono_ns()
     return Finding(rule_id=rule, rule_version=1, event_class=EventClass.AGENT_HEALTH,
-                   severity=severity, entity=ENTITY, action="report", first_mono_ns=now,
+                   severity=severity, entity=entity, action="report", first_mono_ns=now,
                    detected_mono_ns=now, evidence=evidence)
 
 
@@ -86,17 +89,33 @@ def state_recovered(store: Store, notify: Callable[[str, Any], None], what: str,
     return _notify(store, notify, incident)
 
 
+def events_dropped(store: Store, notify: Callable[[str, Any], None], dropped: dict[str, int],
+                   capacity: int) -> Incident:
+    """The event queue's urgent lane dropped events (each one matched a severe rule: a
+    detection lost, agent.detect.triage): open or add to one escalated incident."""
+    now = time.time()
+    incident = store.record_finding(
+        _finding(DROPS_RULE, Severity.HIGH, {"dropped": dropped, "urgent_capacity": capacity},
+                 DROPS_ENTITY), now, now)
+    if incident.state is not IncidentState.ESCALATED:
+        store.set_incident_state(incident.id, IncidentState.ESCALATED, now,
+                                 f"escalated: the event queue's urgent lane dropped "
+                                 f"{sum(dropped.values())} events that matched a severe "
+                                 "rule; their detections are lost")
+    return _notify(store, notify, incident)
+
+
 def _notify(store: Store, notify: Callable[[str, Any], None], incident: Incident) -> Incident:
     incident = store.incident(incident.id) or incident
     notify("incident", incident)
     return incident
 
 
-def reseed_from_kernel(store: Store, cfg: Config, *, fresh: bool = True) -> int:
+def reseed_from_kernel(store: Store, cfg: Config) -> int:
     """Record every mitigation in force in the kernel table that the store does not hold
-    in force; how many (0 when the table cannot be read: logged, never raised -- the start
-    must go on). `fresh`: the store was started afresh (else: elements applied by a run
-    that stopped before committing them, agent.respond.engine)."""
+    in force, after the store was started afresh (first start, or the old database moved
+    aside); how many (0 when the table cannot be read: logged, never raised -- the start
+    must go on)."""
     now = time.time()
     try:
         from agent.enforce.recover import in_force, read_table, unrecorded
@@ -112,8 +131,7 @@ def reseed_from_kernel(store: Store, cfg: Config, *, fresh: bool = True) -> int:
                   "re-isolate those services", extra={"rules": n})
     found = [f for f in found if not store.mitigations(
         state=MitigationState.ACTIVE, kind=f.kind, target=f.target, live_at=now, limit=1)]
-    why = ("the database was started afresh" if fresh else
-           "in force but not in the database: the agent stopped before recording it")
+    why = "the database was started afresh"
     for kind, target, expires_at in found:
         if kind in policy.ISOLATION_KINDS and cfg.mitigation.isolation_ttl_s:
             expires_at = now + cfg.mitigation.isolation_ttl_s

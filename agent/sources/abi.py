@@ -28,6 +28,7 @@ class NetProg(enum.StrEnum):
     INET_SOCK_SET_STATE = "handle_inet_sock_set_state"
     TCP_SEND_RESET = "handle_tcp_send_reset"
     TC_EGRESS = "handle_tc_egress"
+    TC_INGRESS = "handle_tc_ingress"   # the XDP program's verdicts at tc (sources/ingress.py)
 
 
 # program -> (tracepoint category, tracepoint name)

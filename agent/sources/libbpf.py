@@ -1,7 +1,7 @@
 """A small ctypes binding over the system libbpf (libbpf.so.1).
 
 Only what the probes need: open an object, size maps and fill .rodata before load, load,
-attach (XDP in generic mode, tracepoints), read and write maps, and ring buffers. Negative
+attach (XDP native or generic, tc, tracepoints), read and write maps, and ring buffers. Negative
 errno from libbpf becomes OSError here, once. libbpf's own log lines are kept (last 200)
 so a verifier rejection can be reported with its reason.
 """
@@ -16,6 +16,9 @@ import os
 from typing import Iterator
 
 XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+BPF_XDP = 37               # enum bpf_attach_type
+BPF_TCX_INGRESS = 46       # Linux 6.6
 BPF_ANY = 0
 
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
@@ -41,6 +44,7 @@ _SIGS: dict[str, tuple[object, list[object]]] = {
     "bpf_link__destroy": (ctypes.c_int, [_P]),
     "bpf_xdp_attach": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _P]),
     "bpf_xdp_detach": (ctypes.c_int, [ctypes.c_int, ctypes.c_uint32, _P]),
+    "bpf_link_create": (ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]),
     "bpf_tc_hook_create": (ctypes.c_int, [_P]),
     "bpf_tc_hook_destroy": (ctypes.c_int, [_P]),
     "bpf_tc_attach": (ctypes.c_int, [_P, _P]),
@@ -270,20 +274,45 @@ class Link:
             self.ptr = 0
 
 
-class XdpLink:
-    """An XDP program attached by ifindex; detach from the netns it was attached in."""
+class _LinkCreateOpts(ctypes.Structure):
+    # struct bpf_link_create_opts (libbpf.h): sz, then flags; the rest stays zero
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32)]
 
-    def __init__(self, prog: Program, ifindex: int, flags: int = XDP_FLAGS_SKB_MODE):
-        check(_lib.bpf_xdp_attach(ifindex, prog.fd, flags, None),
-              f"attach {prog.name} to ifindex {ifindex}")
-        self.ifindex, self.flags = ifindex, flags
+
+class FdLink:
+    """A BPF link made with BPF_LINK_CREATE (native XDP with XDP_FLAGS_DRV_MODE, tcx
+    ingress): the kernel detaches it when its fd closes, so a killed agent leaves
+    nothing attached, and it never replaces another owner's program (EBUSY, EEXIST)."""
+
+    def __init__(self, prog: Program, ifindex: int, attach_type: int, flags: int = 0,
+                 what: str = "link"):
+        opts = _LinkCreateOpts(sz=ctypes.sizeof(_LinkCreateOpts), flags=flags)
+        self.fd = check(_lib.bpf_link_create(prog.fd, ifindex, attach_type, ctypes.byref(opts)),
+                        f"attach {prog.name} ({what}) to ifindex {ifindex}")
+        self.ifindex = ifindex
 
     def destroy(self) -> None:
-        if self.ifindex:
-            _lib.bpf_xdp_detach(self.ifindex, self.flags, None)
-            self.ifindex = 0
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
+def native_xdp(prog: Program, ifindex: int) -> FdLink:
+    """`prog` in the driver (native XDP); EOPNOTSUPP where the driver has no XDP."""
+    return FdLink(prog, ifindex, BPF_XDP, XDP_FLAGS_DRV_MODE, "native XDP")
+
+
+def generic_xdp(prog: Program, ifindex: int) -> FdLink:
+    """`prog` as generic (skb) XDP, as a link: gone with the agent's process."""
+    return FdLink(prog, ifindex, BPF_XDP, XDP_FLAGS_SKB_MODE, "generic XDP")
+
+
+def tcx_ingress(prog: Program, ifindex: int) -> FdLink:
+    """`prog` at tc ingress as a tcx link (Linux 6.6); EINVAL on older kernels."""
+    return FdLink(prog, ifindex, BPF_TCX_INGRESS, 0, "tcx ingress")
+
+
+BPF_TC_INGRESS = 1
 BPF_TC_EGRESS = 2
 
 
@@ -301,13 +330,14 @@ class _TcOpts(ctypes.Structure):
 
 
 class TcLink:
-    """A tc (clsact) egress filter running `prog` on ifindex; destroy() removes the filter
-    and, when this link created the clsact qdisc, the qdisc. Like XdpLink, it must be
-    destroyed from the network namespace it was attached in."""
+    """A tc (clsact) filter running `prog` on ifindex, at egress unless `ingress`;
+    destroy() removes the filter and, when this link created the clsact qdisc, the
+    qdisc. Unlike a BPF link, it must be destroyed from the network namespace it was
+    attached in, and it outlives a killed process."""
 
-    def __init__(self, prog: Program, ifindex: int):
+    def __init__(self, prog: Program, ifindex: int, ingress: bool = False):
         self._hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex,
-                             attach_point=BPF_TC_EGRESS)
+                             attach_point=BPF_TC_INGRESS if ingress else BPF_TC_EGRESS)
         ret = _lib.bpf_tc_hook_create(ctypes.byref(self._hook))
         if ret < 0 and ret != -errno.EEXIST:
             check(ret, f"create the clsact qdisc on ifindex {ifindex}")
@@ -315,7 +345,8 @@ class TcLink:
         opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog.fd)
         try:
             check(_lib.bpf_tc_attach(ctypes.byref(self._hook), ctypes.byref(opts)),
-                  f"attach {prog.name} to tc egress of ifindex {ifindex}")
+                  f"attach {prog.name} to tc {'ingress' if ingress else 'egress'} of "
+                  f"ifindex {ifindex}")
         except OSError:
             if self._own_qdisc:
                 _lib.bpf_tc_hook_destroy(ctypes.byref(self._hook))

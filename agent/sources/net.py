@@ -1,10 +1,11 @@
-"""The network probe: XDP counters per source and per service of unsolicited packets (those
-outside every flow this host accepted or started: probes/flow.bpf.h), passive TCP
-connections, sent resets (and those drawn by SYN-proxy-verified handshakes, as
-"tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
+"""The network probe: ingress counters per source and per service of unsolicited packets
+(those outside every flow this host accepted or started: probes/flow.bpf.h), at native
+XDP, tc ingress or generic XDP, whichever costs each link least (sources/ingress.py),
+passive TCP connections, sent resets (and those drawn by SYN-proxy-verified handshakes,
+as "tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
 buffer. A tc egress program records the UDP peers this host sends to.
 
-NetProbe must be opened in the network namespace it watches: the XDP program attaches
+NetProbe must be opened in the network namespace it watches: the ingress program attaches
 by ifindex there, and the tracepoint programs only count events of that namespace.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from agent.config import Probes
 from agent.model import Event
-from agent.sources import abi, libbpf
+from agent.sources import abi, ingress, libbpf
 from agent.sources.abi import NetMap, NetProg
 from agent.sources.probe import BpfProbe
 
@@ -133,6 +134,7 @@ class NetProbe(BpfProbe):
         self.thresholds = window_thresholds(thresholds, probes_cfg.window_ms)
         super().__init__(object_path)
         self._netns_fd: int | None = None
+        self.ingress: list[ingress.Attached] = []   # what each watched link got
 
     # --- loading -------------------------------------------------------------------------
 
@@ -154,21 +156,58 @@ class NetProbe(BpfProbe):
 
     def _attach(self, progs: set[NetProg]) -> None:
         super()._attach(progs)
-        if NetProg.XDP in progs:
-            self._attach_each(NetProg.XDP, libbpf.XdpLink, "generic XDP")
+        if NetProg.XDP in progs or NetProg.TC_INGRESS in progs:
+            self._attach_ingress(progs)
         if NetProg.TC_EGRESS in progs:
             # Without it, answers from UDP peers this host talks to through an unconnected
             # socket (wireguard-go, QUIC servers) count as unsolicited: degraded, reported.
             self._attach_each(NetProg.TC_EGRESS, libbpf.TcLink, "tc egress")
 
-    def _attach_each(self, which: NetProg, link: type, what: str) -> None:
+    def _watched(self) -> tuple[list[str], str]:
+        """The links to attach to, and the status note on those left out."""
         names = self.interfaces or [n for _, n in socket.if_nameindex() if n != "lo"]
-        # Both programs read an Ethernet header first. On an L3 device (tun: wireguard-go;
+        # Every program reads an Ethernet header first. On an L3 device (tun: wireguard-go;
         # wireguard, ipip, gre) the frame starts at the IP header, which would be misread:
         # its address bytes taken for an EtherType, legitimate tunnel traffic dropped as
         # unparsable. Such devices are left unwatched, and the status says so.
         skipped = [n for n in names if _link_type(n) not in (None, ARPHRD_ETHER)]
-        names = [n for n in names if n not in skipped]
+        unwatched = f"; not on {', '.join(skipped)} (no Ethernet header)" if skipped else ""
+        return [n for n in names if n not in skipped], unwatched
+
+    def _attach_ingress(self, progs: set[NetProg]) -> None:
+        """The ingress program on every watched link, by the hook that costs it least
+        (ingress.attach); each program's status names its links, the hook and why."""
+        names, unwatched = self._watched()
+        # A program the kernel refused is not offered: its status already says why.
+        loaded = {p: self._obj.program(p) if p in progs else None
+                  for p in (NetProg.XDP, NetProg.TC_INGRESS)}
+        self.ingress = []
+        for name in names:
+            link, got = ingress.attach(name, self.cfg.attach_mode, loaded[NetProg.XDP],
+                                       loaded[NetProg.TC_INGRESS])
+            if link is not None:
+                self._links.append(link)
+            self.ingress.append(got)
+        failed = [r for r in self.ingress if r.mode is None]
+        lost = "; ".join(f"not on {r.link}: {r.why}" for r in failed)
+        for prog, modes in ((NetProg.XDP, (ingress.Mode.NATIVE, ingress.Mode.GENERIC)),
+                            (NetProg.TC_INGRESS, (ingress.Mode.TC,))):
+            if prog not in progs:
+                continue
+            mine = [r for r in self.ingress if r.mode in modes]
+            parts = [ingress.summary(self.ingress, m) for m in modes]
+            text = "; ".join([p for p in parts if p] + ([lost] if lost else [])) or \
+                "on no link" + ("" if names else " (no interface to watch)")
+            state = "failed" if names and len(failed) == len(names) else \
+                "degraded" if failed or any(r.missed for r in mine) or not names else "loaded"
+            self._set(prog, state, text + unwatched)
+
+    def attach_modes(self) -> dict[str, str | None]:
+        """Watched link -> the hook its ingress program runs at (None: none took it)."""
+        return {r.link: None if r.mode is None else str(r.mode) for r in self.ingress}
+
+    def _attach_each(self, which: NetProg, link: type, what: str) -> None:
+        names, unwatched = self._watched()
         prog, errors = self._obj.program(which), []
         for name in names:
             try:
@@ -176,7 +215,6 @@ class NetProbe(BpfProbe):
             except OSError as e:
                 errors.append(f"{name}: {e.strerror}")
         attached = len(names) - len(errors)
-        unwatched = f"; not on {', '.join(skipped)} (no Ethernet header)" if skipped else ""
         if not names:
             self._set(which, "degraded", "no interface to watch" + unwatched)
         elif errors:
@@ -203,16 +241,18 @@ class NetProbe(BpfProbe):
             if v.window_start_ns != abi.WINDOW_RESETTING]   # mid-reset: counters in flux
 
     def unparsed(self) -> dict[str, int]:
-        """Packets the XDP parser could not follow, by reason (over all CPUs): "truncated",
-        "chain_too_long", "unknown_header", "vlan_depth", "bad_header". Each still counted
-        to its source when the source address was readable. {} when nothing is loaded."""
+        """Packets the ingress parser could not follow, by reason (over all CPUs):
+        "truncated", "chain_too_long", "unknown_header", "vlan_depth", "bad_header". Each
+        still counted to its source when the source address was readable. {} when nothing
+        is loaded."""
         if self._obj is None:
             return {}
         return {why.name.lower(): sum(self._per_cpu(NetMap.UNPARSED, why))
                 for why in abi.ParseFailure}
 
     def verdicts(self) -> dict[str, int]:
-        """Packets XDP has seen since load: solicited (never counted) and unsolicited."""
+        """Packets the ingress program has seen since load: solicited (never counted) and
+        unsolicited."""
         return {name: sum(self._per_cpu(NetMap.VERDICTS, index))
                 for index, name in ((0, "solicited"), (1, "unsolicited"))}
 
@@ -234,8 +274,9 @@ class NetProbe(BpfProbe):
 
     @contextlib.contextmanager
     def _in_own_netns(self):
-        # XDP is detached by ifindex, which only means something in the namespace it was
-        # attached in; the caller may have moved on.
+        # clsact filters (tc egress; tc ingress before tcx) are detached by ifindex, which
+        # only means something in the namespace it was attached in; the caller may have
+        # moved on. (BPF links need no namespace: closing their fd detaches them.)
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             moved = os.fstat(home).st_ino != os.fstat(self._netns_fd).st_ino

@@ -83,7 +83,7 @@ class BpfProbe:
     def __init__(self, object_path: str | os.PathLike):
         self.object_path = str(object_path)
         self._obj: libbpf.Object | None = None
-        self._links: list[libbpf.Link | libbpf.XdpLink] = []
+        self._links: list[libbpf.Link | libbpf.FdLink | libbpf.TcLink] = []
         self._ring: libbpf.RingBuffer | None = None
         self._status: dict[str, dict[str, str]] = {}
         self.undecoded = 0

@@ -315,7 +315,10 @@ class Backing(Batching):
             self._dirty = True
             return out
 
-    def _to_memory(self, reason: str) -> None:
+    def _to_memory(self, reason: str, reseed: bool = True) -> bool:
+        """Move the state to memory: a copy of the file, or, when it cannot be read, an
+        empty store that `on_lost` re-seeds (unless `reseed` is False: the caller does it
+        once its own writes are in). True when the copy started empty."""
         self._degrade(reason)
         self._mem = dbfile.memory()
         try:
@@ -328,7 +331,7 @@ class Backing(Batching):
             dbfile.migrate(self._mem, self.path)
             self._base_lost = True
             self.fresh = True
-            if self.on_lost is not None:
+            if reseed and self.on_lost is not None:
                 # The file cannot even be read: the history is gone from this run, and
                 # whoever knows what is in force (the kernel table) must say it now,
                 # before anything asks the store what should be.
@@ -336,6 +339,8 @@ class Backing(Batching):
                     self.on_lost()
                 except Exception:   # noqa: BLE001 -- the store must go on regardless
                     log.exception("re-seeding the state kept in memory failed")
+            return True
+        return False
 
     def _degrade(self, reason: str) -> None:
         hint = dbfile.filesystem_hint(self.path.parent)

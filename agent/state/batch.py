@@ -45,6 +45,9 @@ class Batch:
     def __init__(self) -> None:
         self.db: sqlite3.Connection | None = None
         self.journal: list[Callable[[sqlite3.Connection], object]] = []
+        # Writes of this batch committed at an earlier commit point (Store.commit_point):
+        # redone only into a memory copy that starts without them (the file was unreadable).
+        self.committed: list[Callable[[sqlite3.Connection], object]] = []
 
     def begin(self, db: sqlite3.Connection) -> None:
         db.execute("BEGIN IMMEDIATE")
@@ -67,11 +70,12 @@ class Batch:
         self.journal.append(fn)
         return out
 
-    def replay(self, db: sqlite3.Connection) -> None:
-        """Begin on `db` and redo every write made so far (the disk failed under them)."""
+    def replay(self, db: sqlite3.Connection, with_committed: bool = False) -> None:
+        """Begin on `db` and redo the writes made since the last commit (the disk failed
+        under them); `with_committed`: those committed earlier in the batch too."""
         self.begin(db)
         try:
-            for fn in self.journal:
+            for fn in (self.committed + self.journal) if with_committed else self.journal:
                 fn(db)
         except BaseException:
             self.abort()
@@ -80,6 +84,8 @@ class Batch:
     def commit(self) -> None:
         assert self.db is not None
         self.db.execute("COMMIT")
+        self.committed += self.journal
+        self.journal = []
 
     def abort(self) -> None:
         if self.db is not None and self.db.in_transaction:
@@ -183,7 +189,9 @@ class Batching:
     _syncer: Syncer | None
     _dirty: bool
 
-    def _to_memory(self, reason: str) -> None:
+    on_lost: Callable[[], None] | None
+
+    def _to_memory(self, reason: str, reseed: bool = True) -> bool:
         raise NotImplementedError
 
     def _committed(self, durable: bool = False) -> None:
@@ -227,6 +235,18 @@ class Batching:
         self.health.write_failures += 1
         b.begin(self._mem)
 
+    def commit_point(self) -> None:
+        """Inside a batch: commit what it wrote so far (unsynced: no fsync on the caller's
+        thread) and go on in a new transaction. The responder commits a finding's incident
+        and mitigation this way before it changes the host, so a crash in between leaves
+        the row, which reconcile applies at the next start; nothing in force is unrecorded."""
+        with self._lock:
+            b = self._batch
+            if b is None:
+                return
+            self._batch_commit(b)
+            self._batch_begin(b)
+
     def _in_batch(self, b: Batch, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             return b.run(fn)
@@ -251,17 +271,27 @@ class Batching:
 
     def _batch_to_memory(self, b: Batch, reason: str) -> None:
         """The disk failed under an open batch: nothing of it stays there; the state
-        goes to memory and the batch's writes so far are redone in it."""
+        goes to memory and the batch's writes so far are redone in it. A memory copy that
+        starts empty (the file unreadable) gets the batch's committed writes too, and only
+        then what the kernel holds (on_lost), which so sees this batch's mitigations and
+        does not record them a second time."""
         b.abort()
         self.health.write_failures += 1
-        self._batch = None          # what on_lost re-records is committed on its own
-        try:
-            if self._mem is None:
-                self._to_memory(reason)
-        finally:
-            self._batch = b
+        fresh = False
+        if self._mem is None:
+            fresh = self._to_memory(reason, reseed=False)
         assert self._mem is not None
-        b.replay(self._mem)
+        b.replay(self._mem, with_committed=fresh)
+        if fresh and self.on_lost is not None:
+            b.commit()
+            self._batch = None          # what on_lost re-records is committed on its own
+            try:
+                self.on_lost()
+            except Exception:   # noqa: BLE001 -- the store must go on regardless
+                log.exception("re-seeding the state kept in memory failed")
+            finally:
+                self._batch = b
+            b.begin(self._mem)
 
     def start_syncing(self, every_s: float) -> None:
         """Commit without fsync and have a thread fsync every `every_s` (agent.state.batch)."""

@@ -105,6 +105,11 @@ class Store:
         written, on disk or in the memory fallback."""
         return self._backing.batch()
 
+    def commit_point(self) -> None:
+        """Inside batch(): commit its writes so far (unsynced) and go on in a new
+        transaction; outside one, nothing to do (agent.state.batch)."""
+        self._backing.commit_point()
+
     def start_syncing(self, every_s: float = SYNC_EVERY_S) -> None:
         """From now on commits are not fsync'd by the writer but by a thread within
         `every_s` (agent.state.batch); record_audit still is on return."""
@@ -126,7 +131,10 @@ class Store:
         """Add a finding to the live (open, mitigated or escalated) incident of its
         (class, entity), or open a new one; add it to the timeline (a repeat of an
         identical finding counts on its line: agent.state.timeline); return the incident."""
-        new_id = uuid.uuid4().hex       # drawn once: a replayed write must not draw another
+        # Drawn once: a replayed write must not draw another. A replay into a memory copy
+        # that lost the file finds no live incident; it opens one under the id the first
+        # run used, which the rest of the batch (mitigation, timeline) refers to.
+        chosen = [uuid.uuid4().hex]
 
         def tx(db: sqlite3.Connection) -> Any:
             row = db.execute(
@@ -134,10 +142,11 @@ class Store:
                 "ORDER BY detected_at DESC LIMIT 1",
                 (finding.event_class.value, finding.entity, *LIVE_INCIDENT_STATES)).fetchone()
             if row is None:
-                incident = _new_incident(finding, first_seen_at, detected_at, new_id)
+                incident = _new_incident(finding, first_seen_at, detected_at, chosen[0])
                 db.execute("INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            _incident_values(incident, None))
             else:
+                chosen[0] = row["id"]
                 incident = _merge(_incident(row), finding, first_seen_at)
                 db.execute("UPDATE incidents SET severity=?, first_seen_at=?, rules=?, "
                            "findings=? WHERE id=?",

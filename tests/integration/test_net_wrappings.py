@@ -1,10 +1,10 @@
-"""Packets by what they carry, not by how they are wrapped: the real XDP program on the
-victim's veth gets the same SYN flood and UDP flood plainly and under every wrapping
+"""Packets by what they carry, not by how they are wrapped: the real ingress program on the
+victim's veth, at each hook it can run at (native XDP, tc ingress, generic XDP), gets the same SYN flood and UDP flood plainly and under every wrapping
 (IPv6 extension headers alone and chained, IPv4 options, first fragments, AH, 802.1Q and
 QinQ tags), each wrapping from its own source and to its own ports, and every one must
 draw the same verdict as the plain flood: the same source and service alerts and the
 same counts. What the parser cannot follow is counted by reason and still counted to
-its source."""
+its source. Every hook draws the same verdicts."""
 from __future__ import annotations
 
 import ipaddress
@@ -36,6 +36,25 @@ CASES = ([(4, name, "untagged") for name in w.V4_WRAPPINGS]
          + [(4, "plain", "vlan"), (4, "plain", "qinq"), (4, "options", "qinq")]
          + [(6, name, "untagged") for name in w.V6_CHAINS]
          + [(6, "plain", "vlan"), (6, "plain", "qinq"), (6, "chain", "qinq")])
+
+
+# The hooks the ingress program can run at on a veth (agent/sources/ingress.py); every
+# test runs at each, and each must give the same verdicts.
+HOOKS = {"tc": "tc ingress", "native": "native XDP", "generic": "generic XDP"}
+
+
+@pytest.fixture(params=list(HOOKS))
+def hook(request) -> str:
+    return request.param
+
+
+def open_at(lab: Lab, hook: str, **probes) -> NetProbe:
+    """The probe in the victim with probes.attach_mode `hook`, which v0 must have got."""
+    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, attach_mode=hook, **probes))
+    if probe.attach_modes() != {"v0": HOOKS[hook]}:
+        probe.close()
+        pytest.fail(f"v0 did not get {HOOKS[hook]}: {probe.status()}")
+    return probe
 
 
 class Frames:
@@ -106,8 +125,8 @@ def verdict(probe_sources: dict, events: list, src: str, index: int) -> tuple:
             sorted(e.fields["reason"] for e in find(events, "net.service", f"udp/{UDP_PORT + index}")))
 
 
-def test_every_wrapping_draws_the_plain_floods_verdict(lab):
-    probe = open_probe(lab.victim, THRESHOLDS)
+def test_every_wrapping_draws_the_plain_floods_verdict(lab, hook):
+    probe = open_at(lab, hook)
     try:
         frames = Frames(lab)
         send(lab, [f for i, case in enumerate(CASES) for f in frames.flood(i, *case)])
@@ -137,8 +156,8 @@ def _ipv4_short_header(packet: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["pass", "drop"])
-def test_what_the_parser_cannot_follow_is_counted_by_reason(lab, drop):
-    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, drop_unparsable=drop))
+def test_what_the_parser_cannot_follow_is_counted_by_reason(lab, hook, drop):
+    probe = open_at(lab, hook, drop_unparsable=drop)
     try:
         frames, v4, v6 = Frames(lab), lab.addr("victim"), lab.addr("victim", True)
         syn = lambda src, dst: w.tcp_syn(src, dst, 40000, 9000, 1)
@@ -188,10 +207,10 @@ def _tcp_in_segs(ns: str) -> int:
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["pass", "drop"])
-def test_a_flood_behind_a_chain_too_long_never_reaches_the_kernel_unseen(lab, drop):
+def test_a_flood_behind_a_chain_too_long_never_reaches_the_kernel_unseen(lab, hook, drop):
     """Linux follows any number of extension headers; the parser follows 8. A SYN flood
     behind 9 reaches the victim's TCP unless XDP drops it (probes.drop_unparsable)."""
-    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, drop_unparsable=drop))
+    probe = open_at(lab, hook, drop_unparsable=drop)
     try:
         frames, v6 = Frames(lab), lab.addr("victim", True)
         src = frames.source(6, 180)
@@ -218,7 +237,7 @@ def vlan_push(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("mode,in_frame", [("vlan", 0), ("qinq", 1)])
-def test_tags_in_the_skb_are_not_in_the_frame_xdp_sees(lab, vlan_push, mode, in_frame):
+def test_tags_in_the_skb_are_not_in_the_frame_xdp_sees(lab, hook, vlan_push, mode, in_frame):
     """What a vlan device (or NIC VLAN offload) does to a tag, done by tc on the attacker's
     egress: generic XDP on the veth sees the outer tag nowhere (it stays in the skb's
     hwaccel field), and the packet parses as if it had one tag fewer: same counts, and
@@ -227,7 +246,7 @@ def test_tags_in_the_skb_are_not_in_the_frame_xdp_sees(lab, vlan_push, mode, in_
             "tc", "filter", "add", "dev", "a0", "egress", "bpf", "da", "obj", str(vlan_push),
             "sec", f"tc/{mode}", ns=lab.attacker, check=False).returncode:
         skip_unsupported("tc cannot attach a BPF classifier here")
-    probe = open_probe(lab.victim, THRESHOLDS)
+    probe = open_at(lab, hook)
     try:
         frames = Frames(lab)
         for family in (4, 6):
@@ -248,7 +267,7 @@ ACK = 0x10
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_segments_of_an_accepted_connection_are_solicited_under_every_wrapping(lab, family):
+def test_segments_of_an_accepted_connection_are_solicited_under_every_wrapping(lab, hook, family):
     """A real connection from the attacker to a listener of the victim, then ACKs with its
     4-tuple, crafted (out of window: the victim's TCP drops them): under every wrapping
     the socket lookup finds the connection, as the counters see through the wrapping, and
@@ -256,7 +275,7 @@ def test_segments_of_an_accepted_connection_are_solicited_under_every_wrapping(l
     no socket owns, or behind what the parser cannot follow, is unsolicited."""
     v6 = family == 6
     # A window longer than the test, so the source's counter never restarts in between.
-    probe = open_probe(lab.victim, THRESHOLDS, replace(PROBES, drop_unparsable=False, window_ms=60_000))
+    probe = open_at(lab, hook, drop_unparsable=False, window_ms=60_000)
     srv = listen(lab.victim, v6)
     with netns(lab.attacker):
         cli = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)

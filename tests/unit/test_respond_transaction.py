@@ -1,7 +1,8 @@
-"""One finding, one transaction (agent.respond.engine): observers hear of a finding only
-once its rows are committed, the host change comes before that commit, and a finding
-whose transaction fails after its host change still leaves the mitigation in force on
-record (reconcile would otherwise lift it): a mitigation in force is never forgotten."""
+"""One finding, one transaction in two steps (agent.respond.engine): the incident and
+its mitigation are committed before the host change (so a crash in between leaves the
+row for reconcile), observers hear of a finding only once its rows are committed, and a
+finding whose second step fails after its host change still has the mitigation in force
+on record with its incident: a mitigation in force is never forgotten."""
 from __future__ import annotations
 
 import sqlite3
@@ -34,8 +35,8 @@ class BrokenStore(Store):
 
 
 class CheckingEnforcer(DryRunEnforcer):
-    """Notes, at each apply, how many mitigations were already committed: none, because
-    the commit comes after the host change."""
+    """Notes, at each apply, how many mitigations and incidents were already committed
+    (read through another connection)."""
 
     def __init__(self, path: Path):
         super().__init__([str(n) for n in ALLOW.networks()])
@@ -43,7 +44,9 @@ class CheckingEnforcer(DryRunEnforcer):
         self.committed_at_apply: list[int] = []
 
     def apply(self, m, now) -> None:
-        self.committed_at_apply.append(committed(self.path, "SELECT COUNT(*) FROM mitigations"))
+        self.committed_at_apply.append(
+            (committed(self.path, "SELECT COUNT(*) FROM mitigations WHERE incident_id IS NOT NULL"),
+             committed(self.path, "SELECT COUNT(*) FROM incidents")))
         super().apply(m, now)
 
 
@@ -65,7 +68,7 @@ def test_observers_hear_only_committed_findings(tmp_path: Path) -> None:
                                      "IS NOT NULL"))))
     try:
         inc = r.handle(flood(clock))
-        assert enf.committed_at_apply == [0]
+        assert enf.committed_at_apply == [(1, 1)]      # the row first, with its incident
         assert seen == [("mitigation", 1), ("incident", 1)]
         [event] = [e for e in store.incident_events(inc.id) if e.kind == "mitigation_applied"]
         assert event.data["signal_at"] == BASE_S + clock.t_s     # the kernel's event time
@@ -73,7 +76,7 @@ def test_observers_hear_only_committed_findings(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_failed_transaction_keeps_the_mitigation_in_force_on_record(tmp_path: Path) -> None:
+def test_a_failed_second_step_keeps_the_mitigation_and_its_incident(tmp_path: Path) -> None:
     r, store, enf, clock = responder(tmp_path, BrokenStore)
     seen: list[str] = []
     r.observers.append(lambda kind, obj: seen.append(kind))
@@ -81,12 +84,13 @@ def test_a_failed_transaction_keeps_the_mitigation_in_force_on_record(tmp_path: 
         with pytest.raises(RuntimeError, match="bug"):
             r.handle(flood(clock))
         assert enf.actions == [("apply", "block_ip", "198.51.100.7")]
-        # The incident's rows are gone with the transaction; the block in force is not.
-        assert store.incidents() == []
+        # The first step (incident and mitigation) was committed before the host change;
+        # only the outcome's lines went with the failed second step.
+        [inc] = store.incidents()
         [m] = store.active_mitigations(clock())
-        assert (m.kind, m.target, m.state) == (MitigationKind.BLOCK_IP, "198.51.100.7",
-                                               MitigationState.ACTIVE)
-        assert seen == []                   # nothing rolled back was announced
+        assert (m.kind, m.target, m.state, m.incident_id) == (
+            MitigationKind.BLOCK_IP, "198.51.100.7", MitigationState.ACTIVE, inc.id)
+        assert seen == ["mitigation"]       # on record, so announced
         # The next finding goes on normally (no transaction left open).
         store.mark_mitigated = Store.mark_mitigated.__get__(store)
         clock.t_s += 5

@@ -3,6 +3,7 @@ timeline and outbox rows of one finding are written together or not at all -- on
 in the memory fallback, and when the disk fails half way through (a real full tmpfs)."""
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -176,3 +177,75 @@ def test_syncing_store_commits_and_survives_reopen(tmp_path: Path) -> None:
         assert len(again.audit()) == 1
     finally:
         again.close()
+
+
+def _garble(path: Path, store: Store) -> None:
+    """The file goes bad under the agent (every page past the first overwritten)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(4096)
+        f.write(os.urandom(size - 4096))
+    store._backing.read(lambda db: db.execute("PRAGMA shrink_memory"))
+
+
+def _seeded(path: Path) -> Store:
+    store = Store(path)
+    for n in range(200):
+        store.record_finding(finding(n), 1.0, 1.0)
+    store._backing.read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+    return store
+
+
+def test_the_file_going_bad_after_the_commit_point_records_the_block_once(tmp_path: Path) -> None:
+    # The responder's order: incident and mitigation committed (commit point), host
+    # changed, then the outcome. The file goes bad before the outcome is written: the
+    # memory copy starts empty, gets the batch's committed rows, and only then what the
+    # kernel holds (on_lost), which must not record the batch's block a second time.
+    path = tmp_path / "agent.db"
+    store = _seeded(path)
+    kernel: set[str] = set()
+
+    def reseed() -> None:
+        for target in kernel:
+            if not store.mitigations(state=MitigationState.ACTIVE, target=target,
+                                     live_at=1100.0, limit=1):
+                store.add_mitigation(block(target))
+
+    store.on_lost(reseed)
+    try:
+        with store.batch():
+            inc = store.record_finding(finding(250), 100.0, 101.0)
+            m = block("198.51.100.250", inc.id)
+            store.add_mitigation(m, rule="net.syn_flood@1")
+            store.commit_point()
+            kernel.add(m.target)
+            _garble(path, store)
+            store.add_incident_event(inc.id, "mitigation_applied", "blocked", 102.0,
+                                     {"mitigation_id": m.id})
+            store.mark_mitigated(inc.id, 102.0, False)
+        assert store.degraded
+        [active] = store.mitigations(state=MitigationState.ACTIVE, target="198.51.100.250")
+        assert active.incident_id == inc.id
+        assert store.incident(inc.id).mitigated_at == 102.0
+    finally:
+        store.close()
+
+
+def test_a_repeat_finding_survives_the_file_going_bad_mid_batch(tmp_path: Path) -> None:
+    # Replayed into a memory copy that lost the file, the repeat finding's incident is
+    # opened under the id the batch already used, so its mitigation still refers to it.
+    path = tmp_path / "agent.db"
+    store = _seeded(path)
+    store.on_lost(lambda: None)
+    try:
+        with store.batch():
+            inc = store.record_finding(finding(7), 100.0, 101.0)     # a repeat offender
+            m = block("198.51.100.7", inc.id)
+            store.add_mitigation(m, rule="net.syn_flood@1")
+            _garble(path, store)
+            store.add_incident_event(inc.id, "mitigation_applied", "blocked", 102.0,
+                                     {"mitigation_id": m.id})
+        [kept] = store.mitigations(target="198.51.100.7")
+        assert kept.incident_id == inc.id and store.incident(inc.id) is not None
+    finally:
+        store.close()
