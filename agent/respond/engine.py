@@ -355,8 +355,6 @@ class Responder:
             # What is in force stays so: the row stays active (reconcile keeps it), and
             # its parameters say what is in force and what was refused (the status).
             self._note_partial(m, e, now)
-            if not dry and self._applied is not None:
-                self._applied.append((m, rule))
             return Outcome.PARTIAL, e
         except AllowlistedError:
             self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
