@@ -485,6 +485,7 @@ class Responder:
             self._enforcer.lift(m)
         now = self._clock()
         self._store.set_mitigation_state(m.id, MitigationState.LIFTED, now)
+        self._store.commit_point()      # degraded storage: kept in the spill before answering
         m.state = MitigationState.LIFTED
         if m.incident_id:
             self._store.add_incident_event(m.incident_id, "mitigation_lifted",
