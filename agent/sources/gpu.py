@@ -11,7 +11,7 @@ the detector as it happens. Events (all source "gpu"):
   gpu.process  subject "pid:<pid>", a process seen on a GPU for the first time (per GPU,
                pid and start time): gpu_index, gpu_uuid, gpu_name, process_type,
                used_memory_bytes, and the gpuproc identity (resolved, cgroup,
-               container_id, uid, euid, exe, comm, start_ticks, gpu_device_fds)
+               container_id, uid, euid, exe, comm, start_ticks, gpu_device_fds, netns)
   gpu.xid      subject "gpu:<uuid>": xid, repeats (the same XID on the same GPU is
                emitted at most once per XID_REPEAT_S; those held back are counted)
   gpu.ecc      subject "gpu:<uuid>": dbe_new (double-bit errors since the last sample,

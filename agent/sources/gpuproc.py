@@ -1,6 +1,6 @@
 """Who a process on a GPU is, from /proc: the pid NVML reports -> its cgroup v2 path,
-container id, real and effective uid, executable, comm, start time and the GPU device
-files it holds open. Standard library only (the GPU source runs standalone, `python3 -m
+container id, real and effective uid, executable, comm, start time, network namespace
+(its owning agent, agent.sources.owners) and the GPU device files it holds open. Standard library only (the GPU source runs standalone, `python3 -m
 agent.sources.gpu`, on machines without the agent's dependencies).
 
 What an attacker controls: comm and argv (display only here, never identity); nothing
@@ -105,8 +105,12 @@ def identify(pid: int, proc: str = "/proc") -> dict:
     except OSError:
         exe = None        # a kernel thread, or no permission
     fds = gpu_device_fds(pid, proc)
+    try:   # which agent owns the process (agent.sources.owners): its network namespace
+        netns = os.stat(f"{proc}/{pid}/ns/net").st_ino
+    except OSError:
+        netns = None
     if start_ticks(pid, proc) != before:
         return {"pid": pid, "resolved": False}
     return {"pid": pid, "resolved": True, "start_ticks": before, "cgroup": cgroup,
             "container_id": container_of(cgroup), "uid": uid, "euid": euid, "exe": exe,
-            "comm": comm, "gpu_device_fds": fds}
+            "comm": comm, "gpu_device_fds": fds, "netns": netns}
