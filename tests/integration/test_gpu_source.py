@@ -202,3 +202,59 @@ def test_absent(lib, tmp_path, how):
     assert out["gpu"]["state"] == "absent" and out["gpus"] == []
     assert {"no library": "cannot load", "no driver": "Driver Not Loaded",
             "no GPU": "no GPU"}[how] in out["gpu"]["reason"]
+
+
+def _cli(agent, *args: str):
+    done = subprocess.run([sys.executable, "-m", "agent.cli.main", *args, "--json",
+                           "--config", str(agent.config_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _gpu_probe(agent) -> dict:
+    return next(p for p in _cli(agent, "status")["probes"] if p["name"] == "gpu")
+
+
+@pytest.mark.privileged
+def test_agent_xid_is_an_operator_incident_and_nvml_failing_is_degraded(lab, lib, script,
+                                                                       tmp_path):
+    """The real agent (its own namespace, the GPU rules only): an XID of a lost GPU is a
+    gpu_health incident, repeats merge into it, nothing is mitigated; NVML failing leaves
+    the agent answering with its GPU source degraded, and it comes back."""
+    from swarmlab.scenario import AgentProcess
+
+    (tmp_path / "agent").mkdir()
+    agent = AgentProcess(lab.victim, tmp_path / "agent", extra_config=(
+        f"rules_file: {RULES}\ngpu:\n  sample_s: 0.2\n  nvml_library: {lib}\n"))
+    agent.start()
+    try:
+        wait_for(lambda: _gpu_probe(agent)["state"] == "loaded", 10)
+        uuid = script.gpus[0]["uuid"]
+        script.xid(0, 79)
+        entity = f"gpu:{uuid}:xid_fatal"
+
+        def incident():
+            found = [i for i in _cli(agent, "incidents") if i["entity"] == entity]
+            return found[0] if found else None
+
+        inc = wait_for(incident, 10)
+        assert inc["event_class"] == "gpu_health" and inc["severity"] == "critical"
+        script.xid(0, 79)                  # held back by the source (within 10 s)
+        time.sleep(0.5)
+        script.xid(1, 79)                  # another GPU: its own incident
+        wait_for(lambda: any(i["entity"] == f"gpu:{script.gpus[1]['uuid']}:xid_fatal"
+                             for i in _cli(agent, "incidents")), 10)
+        assert len([i for i in _cli(agent, "incidents") if i["entity"] == entity]) == 1
+        assert _cli(agent, "mitigations") == []          # never a block or a kill
+
+        script.fail = 15
+        script.write()
+        wait_for(lambda: _gpu_probe(agent)["state"] == "degraded", 10)
+        assert "GPU is lost" in _gpu_probe(agent)["reason"]
+        assert agent.proc.poll() is None
+        script.fail = None
+        script.write()
+        wait_for(lambda: _gpu_probe(agent)["state"] == "loaded", 15)
+    finally:
+        agent.stop()
