@@ -34,10 +34,23 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
-from agent.model import Event
 from agent.sources import gpuproc
 from agent.sources.nvml import DBE_EVENT, XID_EVENT, Absent, Device, Nvml, NvmlFailure, \
     Sample, reason_names
+
+try:
+    from agent.model import Event
+except AttributeError:   # Python < 3.11 (no enum.StrEnum): only the standalone check runs
+    from dataclasses import dataclass, field   # there (bench/gpu_check.sh), never the agent
+
+    @dataclass(frozen=True)
+    class Event:   # type: ignore[no-redef] -- agent.model.Event's fields
+        kind: str
+        subject: str
+        mono_ns: int
+        first_mono_ns: int
+        fields: dict = field(default_factory=dict)
+        source: str = ""
 
 log = logging.getLogger("swarm_agent")
 
