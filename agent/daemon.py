@@ -212,8 +212,9 @@ class Agent:
         if self.gpu is None:
             return {"state": self.gpu_status()}
         per_gpu = Counter(p.get("gpu_uuid") for p in self.gpu.processes())
+        xid_count, last_xid = self.gpu.xids()
         return {"state": self.gpu.status(), "gpus": [asdict(s) for s in self.gpu.samples()],
-                "last_xid": dict(self.gpu.last_xid), "xid_count": dict(self.gpu.xid_count),
+                "last_xid": last_xid, "xid_count": xid_count,
                 "processes": dict(per_gpu), "samples": self.gpu.sample_count,
                 "sample_cpu_s": self.gpu.sample_cpu_s}
 

@@ -101,6 +101,11 @@ class GpuSource:
         with self._lock:
             return [dict(p) for p in self._procs.values()]
 
+    def xids(self) -> tuple[dict[tuple[str, int], int], dict[str, int]]:
+        """(XIDs seen per (GPU uuid, XID), the last XID per GPU uuid), copies."""
+        with self._lock:
+            return dict(self.xid_count), dict(self.last_xid)
+
     def _set_state(self, state: str, reason: str) -> None:
         with self._lock:
             changed = self._state.get("state") != state or self._state.get("reason") != reason
@@ -169,7 +174,7 @@ class GpuSource:
                 next_at = now + self.sample_s
             left_ms = max(1, min(WAIT_SLICE_MS, int((next_at - time.monotonic()) * 1000)))
             got = nvml.wait_event(left_ms)
-            if got is None and nvml._events is None:
+            if got is None and not nvml.has_events:
                 self._stop.wait(left_ms / 1000)
             elif got is not None:
                 self._on_nvml_event(*got)
@@ -232,8 +237,9 @@ class GpuSource:
             return
         if etype & XID_EVENT:
             key = (d.uuid, data)
-            self.xid_count[key] = self.xid_count.get(key, 0) + 1
-            self.last_xid[d.uuid] = data
+            with self._lock:
+                self.xid_count[key] = self.xid_count.get(key, 0) + 1
+                self.last_xid[d.uuid] = data
             now = time.monotonic()
             if now - self._xid_at.get(key, -XID_REPEAT_S) < XID_REPEAT_S:
                 self._xid_held[key] = self._xid_held.get(key, 0) + 1
@@ -251,7 +257,7 @@ def snapshot(source: GpuSource) -> dict:
     per_sample = source.sample_cpu_s / source.sample_count if source.sample_count else None
     return {"gpu": source.status(), "driver": source.driver,
             "gpus": [asdict(s) for s in source.samples()], "processes": source.processes(),
-            "xids": {f"{u}/{x}": n for (u, x), n in source.xid_count.items()},
+            "xids": {f"{u}/{x}": n for (u, x), n in source.xids()[0].items()},
             "sampling": {"samples": source.sample_count, "cpu_s": round(source.sample_cpu_s, 6),
                          "cpu_s_per_sample": per_sample}}
 

@@ -133,6 +133,10 @@ class Nvml:
                 if e.value not in _NO_VALUE:
                     raise _failure(e, f"registering events of GPU {d.index}") from None
 
+    @property
+    def has_events(self) -> bool:
+        return self._events is not None
+
     def close(self) -> None:
         if self._events is not None:
             try:
@@ -170,6 +174,8 @@ class Nvml:
         s.sm_clock_mhz = self._value(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM)
         s.mem_clock_mhz = self._value(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_MEM)
         s.throttle_bits = self._value(nv.nvmlDeviceGetCurrentClocksEventReasons, h)
+        if s.throttle_bits is None:    # drivers before 535 have only the older name
+            s.throttle_bits = self._value(nv.nvmlDeviceGetCurrentClocksThrottleReasons, h)
         s.ecc_dbe_volatile = self._value(nv.nvmlDeviceGetTotalEccErrors, h,
                                          nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                                          nv.NVML_VOLATILE_ECC)

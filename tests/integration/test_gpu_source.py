@@ -159,7 +159,8 @@ def test_xids_ecc_and_throttling_become_gpu_health_findings(source, script):
     [app] = wait_for(lambda: events(source, "gpu.xid", xid=13), 5)
     assert detector.evaluate(app, app.mono_ns) == []
     assert len(events(source, "gpu.xid", xid=79)) == 1
-    assert source.xid_count[(uuid, 79)] == 2 and source.last_xid[uuid] == 13
+    count, last = source.xids()
+    assert count[(uuid, 79)] == 2 and last[uuid] == 13
 
     script.gpus[0].update(dbe=2, reasons=0x40 | 0x4)
     script.write()
@@ -247,6 +248,17 @@ def test_agent_xid_is_an_operator_incident_and_nvml_failing_is_degraded(lab, lib
                              for i in _cli(agent, "incidents")), 10)
         assert len([i for i in _cli(agent, "incidents") if i["entity"] == entity]) == 1
         assert _cli(agent, "mitigations") == []          # never a block or a kill
+        # the agent's /metrics (in its namespace): DCGM names with DCGM labels
+        scrape = subprocess.run(
+            ["ip", "netns", "exec", lab.victim, sys.executable, "-c",
+             "import urllib.request as u; print(u.urlopen("
+             "'http://127.0.0.1:9464/metrics', timeout=10).read().decode())"],
+            capture_output=True, text=True, timeout=30, check=True).stdout
+        host = os.uname().nodename
+        assert f'DCGM_FI_DEV_XID_ERRORS{{Hostname="{host}",UUID="{uuid}",device="nvidia0",' \
+               f'gpu="0",modelName="NVIDIA H200"}} 79.0' in scrape
+        assert f'DCGM_FI_DEV_GPU_UTIL{{Hostname="{host}",UUID="{uuid}"' in scrape
+        assert f'swarm_agent_gpu_xid_events_total{{UUID="{uuid}",xid="79"}} 2.0' in scrape
 
         script.fail = 15
         script.write()
