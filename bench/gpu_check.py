@@ -103,11 +103,13 @@ def start_holder(gpu: int, mib: int, seconds: float, cgroup: Path | None,
     tries = []
     if as_nobody and shutil.which("setpriv") and os.geteuid() == 0:
         tries.append((["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                       *inner], 65534))
-    tries.append((inner, os.getuid()))
+                       *inner], 65534, cgroup))
+    tries.append((inner, os.getuid(), cgroup))
+    if cgroup is not None:          # a cgroup that takes no processes here: without it
+        tries.append((inner, os.getuid(), None))
     last = ""
-    for argv, uid in tries:
-        enter = f'echo $$ > "{cgroup}/cgroup.procs" && ' if cgroup else ""
+    for argv, uid, cg in tries:
+        enter = f'echo $$ > "{cg}/cgroup.procs" && ' if cg else ""
         p = subprocess.Popen(["sh", "-c", enter + 'exec "$@"', "sh", *argv],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = ""                      # "ready PID MONO HOW", or EOF when it failed
@@ -120,7 +122,7 @@ def start_holder(gpu: int, mib: int, seconds: float, cgroup: Path | None,
             return p, int(pid), int(mono), how, uid
         p.wait(30)
         last = p.stderr.read().strip()
-        print(f"  (holder as uid {uid} failed: {last})")
+        print(f"  (holder as uid {uid}{' in ' + str(cg) if cg else ''} failed: {last})")
     raise RuntimeError(last or "no usable CUDA")
 
 
@@ -247,7 +249,7 @@ def demo_authorization(events: list, ok_pid: int, bad_pid: int) -> None:
     try:
         from agent.config import Config
         from agent.detect.rules import Detector, parse_rules
-    except ImportError as e:
+    except Exception as e:   # noqa: BLE001 -- no PyYAML, or a Python before 3.11
         check("unauthorized process flagged", bad.fields["cgroup"] != allowed,
               f"detector not importable here ({e}); by cgroup comparison only")
         return

@@ -16,11 +16,9 @@
 # GPU_CHECK_PYTHON (default python3), GPU_CHECK_TIMEOUT_S (default 170).
 set -u
 cd "$(dirname "$0")/.." || exit 2
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  exec > >(tee "$OUT/gpu_check.txt") 2>&1
-fi
 py=${GPU_CHECK_PYTHON:-python3}
+
+check() {
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname), kernel $(uname -r), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "== 0. the machine"
 if command -v nvidia-smi >/dev/null; then
@@ -42,4 +40,12 @@ PYTHONDONTWRITEBYTECODE=1 timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-170}" \
 rc=$?
 [ $rc -eq 124 ] && echo "gpu_check: TIMED OUT after ${GPU_CHECK_TIMEOUT_S:-170} s"
 echo "== gpu_check exit $rc"
-exit $rc
+return $rc
+}
+
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  check 2>&1 | tee "$OUT/gpu_check.txt"
+  exit "${PIPESTATUS[0]}"
+fi
+check 2>&1

@@ -124,14 +124,19 @@ class Nvml:
         except nv.NVMLError:
             self._events = None
             return
+        registered = 0
         for d in self.devices:
             try:
                 wanted = nv.nvmlDeviceGetSupportedEventTypes(d.handle) & (XID_EVENT | DBE_EVENT)
                 if wanted:
                     nv.nvmlDeviceRegisterEvents(d.handle, wanted, self._events)
+                    registered += 1
             except nv.NVMLError as e:
                 if e.value not in _NO_VALUE:
                     raise _failure(e, f"registering events of GPU {d.index}") from None
+        if not registered:     # nothing to wait on: the thread sleeps between samples
+            nv.nvmlEventSetFree(self._events)
+            self._events = None
 
     @property
     def has_events(self) -> bool:
@@ -184,9 +189,16 @@ class Nvml:
     def processes(self, d: Device) -> list[tuple[int, int | None, str]]:
         """(pid, used GPU memory in bytes or None, "compute" | "graphics") on `d`."""
         out = []
-        for kind, fn in (("compute", nv.nvmlDeviceGetComputeRunningProcesses),
-                         ("graphics", nv.nvmlDeviceGetGraphicsRunningProcesses)):
-            for p in self._value(fn, d.handle) or ():
+        # Versioned calls: the unversioned ones raise a non-NVML error on a driver without
+        # _v3 (before R470), which then answers to _v2 (same record layout).
+        for kind, fns in (("compute", (nv.nvmlDeviceGetComputeRunningProcesses_v3,
+                                       nv.nvmlDeviceGetComputeRunningProcesses_v2)),
+                          ("graphics", (nv.nvmlDeviceGetGraphicsRunningProcesses_v3,
+                                        nv.nvmlDeviceGetGraphicsRunningProcesses_v2))):
+            procs = self._value(fns[0], d.handle)
+            if procs is None:
+                procs = self._value(fns[1], d.handle)
+            for p in procs or ():
                 out.append((int(p.pid), p.usedGpuMemory, kind))
         return out
 
