@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from agent import __version__, config
@@ -92,6 +93,11 @@ def _control_parsers(sub, with_config) -> None:
     sp = add("unblock", "lift the mitigations of an address or CIDR, or one by id")
     sp.add_argument("target", help="address, CIDR or mitigation id (a unique prefix will do)")
     isolation.add_parsers(add)
+    sp = add("rules", "the rules in use with their versions and hit counts; "
+             "`rules reload` re-reads every rule file (as SIGHUP does)")
+    sp.add_argument("action", nargs="?", choices=("list", "reload"), default="list",
+                    help="list (default) or reload: a bad file is rejected whole with file, "
+                    "line and reason (exit 6) and the rules in use stay")
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -120,6 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.enforce.base import EnforceError
 
+    # SIGHUP reloads the rules once the agent has read them (agent.daemon.run_forever);
+    # until then its default (ending the process) must not apply: the rules are read anew.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.geteuid() != 0:
         print("swarm-agent: permission denied: run needs root (it loads BPF programs and "
               "owns an nftables table)", file=sys.stderr)
