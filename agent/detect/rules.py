@@ -119,13 +119,13 @@ def parse_rules(data: Any, origin: str = "rules", lines: Mapping[int, Lines] | N
         raise RuleError(f"{origin}: must be a mapping with one key, 'rules', holding a list",
                         origin, None)
     rules: list[Rule] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for index, item in enumerate(data["rules"]):
         at = _Where(origin, (lines or {}).get(id(item)))
         rule = _parse_rule(item, at, index)
         if rule.id in seen:
-            raise at.error(f"rule {rule.id}: duplicate id", "id")
-        seen.add(rule.id)
+            raise at.error(f"rule {rule.id}: duplicate id (first at {seen[rule.id]})", "id")
+        seen[rule.id] = at.at("id")
         rules.append(rule)
     return rules
 

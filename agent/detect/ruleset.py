@@ -100,7 +100,11 @@ def _load_file(p: Path) -> tuple[Any, list[Rule]]:
     try:   # not a regular file, over 1 MiB, not text, duplicate keys, nan, alias bombs
         data = read_yaml(p, "rules file", RULES_MAX_BYTES, lines)
     except YamlError as e:
-        raise RuleError(str(e), str(p), e.line) from None
+        if e.line is None:
+            raise RuleError(str(e), str(p), None) from None
+        # "FILE:LINE: reason", as every other rule error
+        reason = str(e).removeprefix(f"rules file {printable(str(p))} is ")
+        raise RuleError(f"{printable(str(p))}:{e.line}: {reason}", str(p), e.line) from None
     return data, parse_rules(data, origin=printable(str(p)), lines=lines)
 
 
