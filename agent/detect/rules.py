@@ -167,26 +167,27 @@ def _parse_rule(item: Any, at: _Where, index: int) -> Rule:
         raise at.error(f"rule {rid}: version must be a positive integer (at most "
                        f"{MAX_VERSION})", "version")
 
-    def where(key: str) -> str:   # the prefix of a message about `key`
-        return f"{at.at(key)}: rule {rid}"
+    def checked(key: str, check: Any, *args: Any) -> Any:
+        """check(*args, "FILE:LINE: rule ID") for `key`; its RuleError carries the line."""
+        try:
+            return check(*args, f"{at.at(key)}: rule {rid}")
+        except RuleError as e:
+            e.file, e.line = at.origin, at.line(key)
+            raise
 
     cond_key = "match" if "match" in item else "where" if "where" in item else "thresholds"
-    try:
-        return Rule(
-            id=rid, version=version,
-            event_class=_enum(EventClass, item["class"], where("class"), "class"),
-            severity=_enum(Severity, item["severity"], where("severity"), "severity"),
-            conditions=_conditions(item, where(cond_key)),
-            action=_action(item, where("action")),
-            ttl_s=_ttl(item.get("ttl_s"), where("ttl_s")),
-            exempt=_exempt(item.get("exempt", []), where("exempt")),
-            description=str(item.get("description", "")),
-            scope=_scope(item, where("scope")),
-            source=at.at(),
-        )
-    except RuleError as e:   # the messages start with where(key): file and line are known
-        e.file, e.line = at.origin, e.line or at.line()
-        raise
+    return Rule(
+        id=rid, version=version,
+        event_class=checked("class", _enum, EventClass, item["class"], "class"),
+        severity=checked("severity", _enum, Severity, item["severity"], "severity"),
+        conditions=checked(cond_key, _conditions, item),
+        action=checked("action", _action, item),
+        ttl_s=checked("ttl_s", _ttl, item.get("ttl_s")),
+        exempt=checked("exempt", _exempt, item.get("exempt", [])),
+        description=str(item.get("description", "")),
+        scope=checked("scope", _scope, item),
+        source=at.at(),
+    )
 
 
 def _scope(item: dict, where: str) -> str | None:
@@ -198,7 +199,7 @@ def _scope(item: dict, where: str) -> str | None:
     return scope
 
 
-def _enum(cls: Any, value: Any, where: str, key: str) -> Any:
+def _enum(cls: Any, value: Any, key: str, where: str) -> Any:
     try:
         return cls(value)
     except ValueError:
