@@ -166,14 +166,16 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Exit 0 when `run` would accept the config and its rules, 2 with the sentence if not
     (start-time checks that depend on the host, such as interfaces, are not made)."""
-    from agent.detect.rules import RuleError, load_rules
+    from agent.detect.rules import RuleError
+    from agent.detect.ruleset import load_ruleset
 
     cfg = _load_config(args.config)
     try:
-        rules = load_rules(cfg.rules_path)
+        rules = load_ruleset(cfg.rules_path)
     except RuleError as e:
         raise ConfigError(str(e)) from None
-    print(f"config {args.config or 'defaults'}: valid, {len(rules)} rules from {cfg.rules_path}")
+    print(f"config {args.config or 'defaults'}: valid, {len(rules.rules)} rules from "
+          f"{cfg.rules_path} (rule set {rules.version})")
     return 0
 
 
