@@ -122,6 +122,10 @@ def _reload_and_reject(lab, agent, target):
     flood(lab.sources[1], lab.addr("victim", link=1))
     wait_for(lambda: hits(agent).get("net.syn_flood@2", 0) > 0, 5)
     first_hits = hits(agent)["net.syn_flood@2"]
+    human = cli(agent, "rules")
+    assert human.returncode == 0 and f"rule set {v2}: 1 rules" in human.stdout, human.stderr
+    row = next(line for line in human.stdout.splitlines() if line.startswith("net.syn_flood@2"))
+    assert f" {first_hits} " in row and f"{agent.rules}:2" in row, row
     mitigations = json.loads(cli(agent, "mitigations", "--json").stdout)
     challenge = [m for m in mitigations if m["kind"] == "challenge"]
     assert [m["target"] for m in challenge] == [lab.addr("attacker", link=1)], mitigations
