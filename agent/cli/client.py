@@ -279,25 +279,6 @@ def audit(c: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def rules(c: Client, args: argparse.Namespace) -> int:
-    """`rules`: the rules in use with versions and hits; `rules reload`: re-read them."""
-    if args.action == "reload":
-        done = c.call("ReloadRules", pb.ReloadRulesRequest())
-        if args.json:
-            _print_json(to_dict(done))
-        else:
-            how = "reloaded" if done.changed else "reloaded, unchanged"
-            print(f"rules {how}: {len(done.rules)} rules, version {done.ruleset_version} "
-                  f"(in use {done.took_s * 1e3:.1f} ms after the request)")
-        return EXIT_OK
-    listing = c.call("ListRules", pb.ListRulesRequest())
-    if args.json:
-        _print_json(to_dict(listing))
-    else:
-        print(format_rules(listing))
-    return EXIT_OK
-
-
 def _incident_id(c: Client, given: str) -> str:
     """A full id from a unique prefix (the tables show 12 characters)."""
     if len(given) >= 32:
@@ -380,23 +361,6 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_rules(listing: pb.ListRulesResponse) -> str:
-    rs = listing.ruleset
-    lines = [f"rule set {rs.version}: {len(listing.rules)} rules, loaded {_ago(rs.loaded_at)}, "
-             f"{rs.reloads} reloads, {rs.reload_failures} rejected"]
-    if rs.last_error:
-        lines.append(f"last rejected reload ({_ago(rs.last_error_at)}): {rs.last_error}")
-    rows = [[f"{r.id}@{r.version}", r.event_class, r.severity,
-             r.action + (f"/{r.scope}" if r.scope else ""), str(r.hits), _ago(r.last_hit_at),
-             r.source] for r in listing.rules]
-    lines.append(_table(["RULE", "CLASS", "SEVERITY", "ACTION", "HITS", "LAST HIT", "FROM"],
-                        rows))
-    if listing.retired_hits:
-        lines.append("hits of rules no longer in use: " + ", ".join(
-            f"{name} {n}" for name, n in sorted(listing.retired_hits.items())))
-    return "\n".join(lines)
-
-
 def format_incidents(found: list[pb.Incident]) -> str:
     if not found:
         return "no incidents"
@@ -452,5 +416,5 @@ def format_audit(entries: list[pb.AuditEntry]) -> str:
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": status, "incidents": incidents, "incident": incident, "ack": ack,
     "resolve": resolve, "mitigations": mitigations, "block": block, "unblock": unblock,
-    "audit": audit, "rules": rules}
+    "audit": audit}
 

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import client, isolation
+from agent.cli import client, isolation, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -93,11 +93,7 @@ def _control_parsers(sub, with_config) -> None:
     sp = add("unblock", "lift the mitigations of an address or CIDR, or one by id")
     sp.add_argument("target", help="address, CIDR or mitigation id (a unique prefix will do)")
     isolation.add_parsers(add)
-    sp = add("rules", "the rules in use with their versions and hit counts; "
-             "`rules reload` re-reads every rule file (as SIGHUP does)")
-    sp.add_argument("action", nargs="?", choices=("list", "reload"), default="list",
-                    help="list (default) or reload: a bad file is rejected whole with file, "
-                    "line and reason (exit 6) and the rules in use stay")
+    rules.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -171,11 +167,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args.config)
     try:
-        rules = load_ruleset(cfg.rules_path)
+        loaded = load_ruleset(cfg.rules_path)
     except RuleError as e:
         raise ConfigError(str(e)) from None
-    print(f"config {args.config or 'defaults'}: valid, {len(rules.rules)} rules from "
-          f"{cfg.rules_path} (rule set {rules.version})")
+    print(f"config {args.config or 'defaults'}: valid, {len(loaded.rules)} rules from "
+          f"{cfg.rules_path} (rule set {loaded.version})")
     return 0
 
 
@@ -183,7 +179,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     """status, incidents, block, ...: one call (or a watch) over the control API."""
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    command = {**client.COMMANDS, **isolation.COMMANDS}[args.command]
+    command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 
 
@@ -204,7 +200,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
             "check-config": cmd_check_config,
-            **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS)}}
+            **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
+                                               *rules.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())
