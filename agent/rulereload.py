@@ -135,6 +135,8 @@ class RuleReloader:
             await self.reload(origin)
         except ReloadError:
             pass        # logged, counted and in status
+        except Exception:   # noqa: BLE001 -- a signal's task has no caller to tell
+            log.exception("rules reload failed", extra={"origin": origin})
 
     # -- what status, heartbeats and `swarm-agent rules` show -----------------------------
 
