@@ -302,6 +302,9 @@ class Agent:
             log.error("reconcile failed", extra={"error": str(e)})
             self.counters["reconcile.failed"] += 1
             return
+        if drift.notes:
+            self.counters["reconcile.tampered"] += len(drift.notes)
+            self.responder.record_tampering(drift.notes)
         if drift:
             self.last_drift_at = now
             self.counters["reconcile.repaired"] += 1

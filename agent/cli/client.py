@@ -326,6 +326,19 @@ def _entry(e: pb.TimelineEntry) -> str:
     return f"{e.text}, last at {_ago(float(data.get('last_at') or 0))}"
 
 
+def partial(m: pb.Mitigation) -> str:
+    """"" for a mitigation wholly in force; else what of it is in force and what was
+    refused (a service isolation whose freeze the kernel refused, say)."""
+    try:
+        part = json.loads(m.params_json or "{}").get("partial")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(part, dict):
+        return ""
+    return clean("partly applied: in force: " + "; ".join(map(str, part.get("in_force", [])))
+                 + ". Refused: " + "; ".join(map(str, part.get("refused", []))))
+
+
 def _left(m: pb.Mitigation) -> str:
     if not m.expires_at:
         return "until lifted"
@@ -390,7 +403,8 @@ def format_detail(d: pb.IncidentDetail) -> str:
 def format_mitigations(found: list[pb.Mitigation]) -> str:
     if not found:
         return "no mitigations in force"
-    rows = [[m.id[:12], m.kind, m.target, m.state, _left(m) if m.state in ("active", "dry_run")
+    rows = [[m.id[:12], m.kind, m.target, m.state + (" (partly)" if partial(m) else ""),
+             _left(m) if m.state in ("active", "dry_run")
              else "-", m.incident_id[:12] or "manual", m.reason] for m in found]
     return _table(["ID", "KIND", "TARGET", "STATE", "EXPIRES", "INCIDENT", "REASON"], rows)
 

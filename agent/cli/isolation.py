@@ -6,7 +6,7 @@ import argparse
 from typing import Callable
 
 from agent.cli.client import (EXIT_OK, EXIT_USAGE, Client, CommandError, _left, _print_json,
-                              _unique, to_dict)
+                              _unique, partial, to_dict)
 from agent.proto.swarm.control.v1 import control_pb2 as pb
 
 SCOPES = {"node": pb.NODE, "service": pb.SERVICE, "peer": pb.PEER}
@@ -44,6 +44,8 @@ def isolate(c: Client, args: argparse.Namespace) -> int:
     else:
         print(f"{m.kind} {m.target}: {m.state}, {_left(m).replace('lifted', 'released')} "
               f"(id {m.id}, incident {m.incident_id[:12]})")
+        if part := partial(m):
+            print(part)
     return EXIT_OK
 
 

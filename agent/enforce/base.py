@@ -36,6 +36,18 @@ class TargetNotFound(EnforceError):
     process)."""
 
 
+class PartiallyApplied(EnforceError):
+    """Part of a mitigation is in force and stays so; part was refused. `in_force` and
+    `refused` say which, one sentence each (the refusals with their reason). The caller
+    records the mitigation as active (reconcile keeps what is in force) and tells a human."""
+
+    def __init__(self, in_force: list[str], refused: list[str]):
+        super().__init__("in force: " + "; ".join(in_force or ["nothing"]) +
+                         ". Refused: " + "; ".join(refused))
+        self.in_force = list(in_force)
+        self.refused = list(refused)
+
+
 @dataclass
 class Drift:
     """What reconcile found different from the desired state and put right."""
@@ -43,9 +55,13 @@ class Drift:
     table_recreated: bool = False
     elements_added: list[str] = field(default_factory=list)
     elements_removed: list[str] = field(default_factory=list)
+    # (mitigation id, sentence): what somebody did against a mitigation in force (thawed
+    # it, continued or moved its processes) and what reconcile did about it; for its incident.
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return self.table_recreated or bool(self.elements_added or self.elements_removed)
+        return self.table_recreated or bool(self.elements_added or self.elements_removed
+                                            or self.notes)
 
 
 class Enforcer(Protocol):

@@ -4,8 +4,11 @@ enforcer that owns its kind of host state.
     block_ip, rate_limit, reroute,        -> NftEnforcer (table inet swarm_agent)
     rate_limit_service, isolate_node
     isolate_service                       -> nftables cut first, then the cgroup freeze;
-                                             a failed freeze undoes the cut
-    freeze_cgroup                         -> CgroupEnforcer (cgroup.freeze)
+                                             a refused freeze keeps the cut in force
+                                             (PartiallyApplied: isolation degrades, it
+                                             never vanishes)
+    freeze_cgroup                         -> CgroupEnforcer (cgroup.freeze; SIGSTOP
+                                             where the freezer is refused)
     remove_peer ("IFNAME:BASE64KEY")      -> WireGuardEnforcer (saved peers in state_dir)
     kill_process (a pid, params uid)      -> ProcessEnforcer (the actor's session)
 
@@ -28,7 +31,7 @@ from typing import Any, Sequence
 from agent.config import Config
 from agent.enforce import isolate
 from agent.enforce.base import (AllowlistedError, Drift, EnforceError, InvalidTarget,
-                                TargetNotFound)
+                                PartiallyApplied, TargetNotFound)
 from agent.enforce.cgroup import CgroupEnforcer, CgroupError, cgroup2_mount, normalise
 from agent.enforce.nft import NftEnforcer
 from agent.enforce.process import ProcessEnforcer
@@ -39,6 +42,8 @@ from agent.model import Mitigation, MitigationKind
 log = logging.getLogger("swarm_agent")
 
 CGROUP_KINDS = (MitigationKind.ISOLATE_SERVICE, MitigationKind.FREEZE_CGROUP)
+CUT = ("network cut: every socket of the cgroup dropped in and out "
+       "(nftables socket cgroupv2)")
 PEER_CACHE_S = 1.0
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -50,9 +55,11 @@ class CompositeEnforcer:
     """The Enforcer contract (agent.enforce.base) over nftables, the cgroup freezer and
     WireGuard. Construct it inside the network namespace it protects (as NftEnforcer).
 
-    Contract: apply either puts the whole mitigation in force or raises with nothing
-    changed (isolate_service included); lift tries every part and raises the first error
-    after; reconcile repairs every part and raises only after all were tried."""
+    Contract: apply either puts the whole mitigation in force, or raises with nothing
+    changed, or -- isolate_service and freeze_cgroup only -- raises PartiallyApplied when
+    a part is in force and a part was refused (the caller keeps it active: isolation
+    degrades, it never vanishes); lift tries every part and raises the first error after;
+    reconcile repairs every part and raises only after all were tried."""
 
     def __init__(self, cfg: Config, *, nft: NftEnforcer | None = None,
                  cgroups: CgroupEnforcer | None = None, wg: WireGuardEnforcer | None = None,
@@ -101,17 +108,17 @@ class CompositeEnforcer:
 
     def _isolate_service(self, m: Mitigation, now: float) -> None:
         # The cut first: traffic stops at once, even while the freeze is still settling.
+        # A freeze that fails (a delegated cgroup whose freezer the agent may not write,
+        # and whose processes would not stop either) leaves the cut in force: an operator
+        # is better served by a service cut off the network and said so, than by nothing.
         self.cgroups.check(m.target)
         self.nft.apply(m, now)
         try:
             self.cgroups.apply(m, now)
-        except EnforceError:
-            try:
-                self.nft.lift(m)
-            except EnforceError as e:
-                log.error("could not undo a service cut", extra={"target": m.target,
-                                                                 "error": str(e)})
-            raise
+        except PartiallyApplied as e:
+            raise PartiallyApplied([CUT, *e.in_force], e.refused) from None
+        except EnforceError as e:
+            raise PartiallyApplied([CUT], [f"the freeze: {e}"]) from None
 
     def lift(self, m: Mitigation) -> None:
         if self.dry_run:
@@ -142,6 +149,7 @@ class CompositeEnforcer:
             out.table_recreated |= d.table_recreated
             out.elements_added += d.elements_added
             out.elements_removed += d.elements_removed
+            out.notes += d.notes
         return out
 
     def remove(self) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from agent.config import Config
 from agent.detect.rules import Rule, load_rules
-from agent.enforce.base import AllowlistedError, EnforceError, Enforcer
+from agent.enforce.base import AllowlistedError, EnforceError, Enforcer, PartiallyApplied
 from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
                          MitigationState, mono_to_wall, verdict)
 from agent.respond import authority, policy
@@ -49,6 +49,7 @@ class Outcome(enum.Enum):
     DRY_RUN = "dry_run"
     ALLOWLISTED = "allowlisted"
     FAILED = "failed"
+    PARTIAL = "partial"        # part in force (kept active), part refused: escalated
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,14 @@ class Responder:
                                            data)
         elif outcome is Outcome.ALLOWLISTED:
             self._store.add_incident_event(incident.id, "note", ALLOWLISTED_NOTE, at, data)
+        elif outcome is Outcome.PARTIAL and isinstance(error, PartiallyApplied):
+            self._store.add_incident_event(
+                incident.id, "mitigation_partial", f"{what} partly applied: {error}", at,
+                {**data, "in_force": error.in_force, "refused": error.refused})
+            self._mark_mitigated(incident, at)
+            self._store.set_incident_state(
+                incident.id, IncidentState.ESCALATED, at,
+                f"escalated: {what} only partly applied; refused: {'; '.join(error.refused)}")
         else:
             text = (f"dry run: {what} would fail: {error}" if self._cfg.dry_run
                     else f"{what} failed: {error}")
@@ -294,6 +303,9 @@ class Responder:
         if renewed.state is MitigationState.ACTIVE:
             try:
                 self._enforcer.apply(renewed, now)
+            except PartiallyApplied as e:
+                renewed.params = {**renewed.params,
+                                  "partial": {"in_force": e.in_force, "refused": e.refused}}
             except EnforceError as e:
                 self._store.add_incident_event(
                     incident.id, "mitigation_failed",
@@ -339,6 +351,11 @@ class Responder:
         self._store.commit_point()
         try:
             self._enforcer.apply(m, now)
+        except PartiallyApplied as e:
+            # What is in force stays so: the row stays active (reconcile keeps it), and
+            # its parameters say what is in force and what was refused (the status).
+            self._note_partial(m, e, now)
+            return Outcome.PARTIAL, e
         except AllowlistedError:
             self._store.set_mitigation_state(m.id, MitigationState.FAILED, now)
             m.state = MitigationState.FAILED
@@ -348,6 +365,31 @@ class Responder:
             m.state = MitigationState.FAILED
             return Outcome.FAILED, e
         return (Outcome.DRY_RUN if dry else Outcome.APPLIED), None
+
+    def _note_partial(self, m: Mitigation, e: PartiallyApplied, now: float) -> None:
+        m.params = {**m.params, "partial": {"in_force": e.in_force, "refused": e.refused}}
+        self._store.set_mitigation_expiry(m.id, m.expires_at, now, m.params)
+        log.warning("mitigation partly applied", extra={
+            "kind": m.kind.value, "target": m.target, "in_force": e.in_force,
+            "refused": e.refused})
+
+    def record_tampering(self, notes: Sequence[tuple[str, str]]) -> None:
+        """Reconcile found a mitigation undone by somebody (a tenant thawing its delegated
+        cgroup, continuing or moving its processes) and put it back: note it in the
+        mitigation's incident and escalate it."""
+        now = self._clock()
+        for mitigation_id, text in notes:
+            m = self._store.mitigation(mitigation_id)
+            if m is None or not m.incident_id:
+                log.warning("mitigation tampered with", extra={"mitigation": mitigation_id,
+                                                               "note": text})
+                continue
+            self._store.add_incident_event(m.incident_id, "mitigation_tampered", text, now,
+                                           {"mitigation_id": m.id, "kind": m.kind.value,
+                                            "target": m.target})
+            self._escalate(m.incident_id, "", f"{m.kind.value} {m.target}: {text}")
+            if (incident := self._store.incident(m.incident_id)) is not None:
+                self.notify("incident", incident)
 
     def _is_allowlisted(self, target: str) -> bool:
         if self._enforcer.is_allowlisted(target):
@@ -414,15 +456,19 @@ class Responder:
         if outcome is Outcome.ALLOWLISTED:
             raise AllowlistedError(f"{target} is allowlisted: it is never blocked")
         self.notify("mitigation", m)
-        if error is not None:
+        if error is not None and outcome is not Outcome.PARTIAL:
             raise error
-        return m
+        return m        # partly applied: m.params["partial"] says what is in force
 
     def _extend_manual(self, m: Mitigation, expires_at: float | None, ttl_s: float | None,
                        now: float) -> Mitigation:
         renewed = replace(m, expires_at=expires_at, params={**m.params, "ttl_s": ttl_s})
         if renewed.state is MitigationState.ACTIVE:
-            self._enforcer.apply(renewed, now)
+            try:
+                self._enforcer.apply(renewed, now)
+            except PartiallyApplied as e:
+                renewed.params = {**renewed.params,
+                                  "partial": {"in_force": e.in_force, "refused": e.refused}}
         self._store.set_mitigation_expiry(m.id, expires_at, now, renewed.params)
         self.notify("mitigation", renewed)
         return renewed
@@ -439,6 +485,7 @@ class Responder:
             self._enforcer.lift(m)
         now = self._clock()
         self._store.set_mitigation_state(m.id, MitigationState.LIFTED, now)
+        self._store.commit_point()      # degraded storage: kept in the spill before answering
         m.state = MitigationState.LIFTED
         if m.incident_id:
             self._store.add_incident_event(m.incident_id, "mitigation_lifted",

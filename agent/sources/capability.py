@@ -91,7 +91,8 @@ CAPABILITIES = {
                    "kernel-memory-reading helpers they need",
     "CAP_NET_ADMIN": "attach XDP and tc programs, program nftables over netlink, remove "
                      "WireGuard peers, set nf_conntrack_tcp_loose for the SYN proxy",
-    "CAP_KILL": "kill_process mitigations: signal (pidfd) processes of other users",
+    "CAP_KILL": "kill_process mitigations: signal (pidfd) processes of other users; stop "
+                "(SIGSTOP) the processes of a cgroup whose freezer is refused",
     "CAP_SYS_PTRACE": "read other users' /proc/PID/exe, fdinfo and ns/net (stdio "
                       "correlation, executable identity, WireGuard owner); the ptrace "
                       "syscall itself stays filtered",

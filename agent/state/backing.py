@@ -79,6 +79,10 @@ class Backing(Batching):
         self.health = Health()
         self.fresh = False                # no history: the caller seeds it
         self._lock = threading.RLock()
+        # Held while the file is replaced (catch_up) and by the Syncer's checkpoint, which
+        # opens the file and its WAL by name in two steps: never a new file's WAL paired
+        # with the old one's pages. The writer never takes it.
+        self._file_lock = threading.Lock()
         self._disk: sqlite3.Connection | None = None
         self._mem: sqlite3.Connection | None = None
         self._base_lost = False           # the memory copy does not hold the file's rows
@@ -380,7 +384,7 @@ class Backing(Batching):
     def catch_up(self) -> bool:
         """Write the memory copy into the file and use the file again; False (the file
         unchanged, still in memory) when it cannot be written yet."""
-        with self._lock:
+        with self._lock, self._file_lock:
             if self._mem is None:
                 return True
             try:

@@ -105,8 +105,11 @@ class Syncer:
     `sync()` does it now on the caller's. Failures are counted in `failures` and logged
     once per run of them (the next write meets the disk's trouble and degrades)."""
 
-    def __init__(self, path: Path, every_s: float = SYNC_EVERY_S):
+    def __init__(self, path: Path, every_s: float = SYNC_EVERY_S,
+                 file_lock: threading.Lock | None = None):
         self.path, self.every_s = path, every_s
+        # The backing's: held while catch_up replaces the file (see _checkpoint).
+        self._file_lock = file_lock or threading.Lock()
         self.wal = Path(f"{path}-wal")
         self.failures = 0
         self.syncs = 0
@@ -151,14 +154,18 @@ class Syncer:
     def _checkpoint(self) -> None:
         # Its own connection: a PASSIVE checkpoint never waits for the agent's writer,
         # and mode=rw never creates a file that was moved aside meanwhile.
-        try:
-            db = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=0)
+        # Under the file lock: sqlite opens the file here and its WAL (by name) at the
+        # checkpoint; a catch_up replacing the file in between would pair the new WAL with
+        # the old file and lose the new one's pages.
+        with self._file_lock:
             try:
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            finally:
-                db.close()
-        except sqlite3.Error as e:
-            self._fail(e)
+                db = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=0)
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    db.close()
+            except sqlite3.Error as e:
+                self._fail(e)
 
     def _fail(self, e: Exception) -> None:
         self.failures += 1
@@ -188,10 +195,14 @@ class Batching:
     _batch: Batch | None
     _syncer: Syncer | None
     _dirty: bool
+    _file_lock: threading.Lock
 
     on_lost: Callable[[], None] | None
 
     def _to_memory(self, reason: str, reseed: bool = True) -> bool:
+        raise NotImplementedError
+
+    def _spill_now(self) -> None:
         raise NotImplementedError
 
     def _committed(self, durable: bool = False) -> None:
@@ -242,10 +253,14 @@ class Batching:
         the row, which reconcile applies at the next start; nothing in force is unrecorded."""
         with self._lock:
             b = self._batch
-            if b is None:
-                return
-            self._batch_commit(b)
-            self._batch_begin(b)
+            if b is not None:
+                self._batch_commit(b)
+            if self._mem is not None and self._dirty:
+                # Degraded: the memory copy outlives a crash only in the spill file, and a
+                # start lifts what no row holds; so it is written now, before the host change.
+                self._spill_now()
+            if b is not None:
+                self._batch_begin(b)
 
     def _in_batch(self, b: Batch, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -298,7 +313,7 @@ class Batching:
         if self.readonly or self._syncer is not None:
             return
         with self._lock:
-            self._syncer = Syncer(self.path, every_s)
+            self._syncer = Syncer(self.path, every_s, self._file_lock)
             if self._disk is not None:
                 tune(self._disk)
         self._syncer.start()

@@ -251,3 +251,19 @@ def test_corrupt_database_is_moved_aside_and_kernel_mitigations_kept(lab, tmp_pa
         assert any("corrupt database moved aside" in line for line in agent.log_lines)
     finally:
         agent.stop()
+
+
+def test_sigkill_right_after_a_degraded_block_keeps_it_in_force(lab, full_agent):
+    # A block put in force while the store is in memory is in the spill file before the
+    # host change (commit point): a SIGKILL right after it, before any periodic spill,
+    # must not make the next start lift it (a start lifts what no row holds).
+    fs, agent = full_agent
+    fs.fill()
+    block_until_degraded(lab, agent)
+    target = "198.51.100.77"
+    done = cli(agent, "block", target, "--ttl", "300", "--reason", "operator block, disk full")
+    assert done.returncode == 0, done.stderr
+    assert blocked(lab, target)
+    agent.stop(signal.SIGKILL)
+    agent.start()
+    assert blocked(lab, target), "the block in force before the crash was lifted by the start"

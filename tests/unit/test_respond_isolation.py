@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Allowlist, Config, MitigationPolicy
-from agent.enforce.base import DryRunEnforcer, EnforceError
+from agent.enforce.base import DryRunEnforcer, EnforceError, PartiallyApplied
 from agent.model import (EventClass, Finding, IncidentState, Mitigation, MitigationKind,
                          MitigationState, Severity)
 from agent.respond import isolation
@@ -125,3 +125,44 @@ def test_manual_isolation_opens_an_escalated_incident_once(make):
     assert lifted.state is MitigationState.LIFTED
     with pytest.raises(ValueError, match="not an isolation"):
         isolation.isolate(r, MitigationKind.BLOCK_IP, "10.0.0.1", None, "")
+
+
+class PartialEnforcer(DryRunEnforcer):
+    """Cuts the service but the freeze is refused (a delegated cgroup, as
+    agent.enforce.composite reports it)."""
+
+    def apply(self, m: Mitigation, now: float) -> None:
+        super().apply(m, now)
+        raise PartiallyApplied(["network cut"], ["the freezer: Permission denied"])
+
+
+def test_a_partly_applied_isolation_stays_in_force_says_what_was_refused_and_escalates(make):
+    r, store, seen = make(PartialEnforcer())
+    inc = r.handle(finding("cgroup:/user.slice/u.service", "isolate_service"))
+    (m,) = store.mitigations()
+    # Active: reconcile keeps the cut in force (a FAILED row would let it lift the cut).
+    assert m.state is MitigationState.ACTIVE
+    assert m.params["partial"] == {"in_force": ["network cut"],
+                                   "refused": ["the freezer: Permission denied"]}
+    assert [d.id for d in r.desired(BASE_S + 5.0)] == [m.id]
+    assert inc.state is IncidentState.ESCALATED and inc.mitigated_at is not None
+    (ev,) = [e for e in store.incident_events(inc.id) if e.kind == "mitigation_partial"]
+    assert "in force: network cut" in ev.text and "Refused: the freezer: Permission denied" \
+        in ev.text
+    assert not [e for e in store.incident_events(inc.id) if e.kind == "mitigation_failed"]
+    # An operator's isolation of the same kind: returned, not raised, and says so too.
+    m2 = r.apply_manual(MitigationKind.ISOLATE_SERVICE, "/user.slice/v.service", None, "")
+    assert m2.state is MitigationState.ACTIVE and "partial" in m2.params
+
+
+def test_tampering_found_by_reconcile_lands_in_the_incident_and_escalates(make):
+    r, store, seen = make()
+    inc = r.handle(finding("cgroup:/user.slice/u.service", "isolate_service"))
+    (m,) = store.mitigations()
+    store.set_incident_state(inc.id, IncidentState.MITIGATED, BASE_S + 3.0)
+    r.record_tampering([(m.id, "processes [42] were running again: stopped again"),
+                        ("no-such-mitigation", "ignored")])
+    (ev,) = [e for e in store.incident_events(inc.id) if e.kind == "mitigation_tampered"]
+    assert "[42] were running again" in ev.text
+    assert store.incident(inc.id).state is IncidentState.ESCALATED
+    assert seen[-1][0] == "incident"

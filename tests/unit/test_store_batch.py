@@ -249,3 +249,57 @@ def test_a_repeat_finding_survives_the_file_going_bad_mid_batch(tmp_path: Path) 
         assert kept.incident_id == inc.id and store.incident(inc.id) is not None
     finally:
         store.close()
+
+
+def test_a_checkpoint_racing_catch_up_loses_nothing_written_while_degraded(tmp_path, monkeypatch):
+    # The Syncer's checkpoint opens the file, then its WAL by name in the next statement;
+    # a catch_up that replaced the file in between paired the new file's WAL with the old
+    # (moved-aside) file: what was written while degraded was lost. Forced interleaving:
+    # the checkpoint is held between its two steps while catch_up runs.
+    import threading
+    import time
+    import types
+
+    from agent.state import batch
+
+    path = tmp_path / "agent.db"
+    store = Store(path)
+    store.start_syncing(60.0)            # the thread idles: _checkpoint is driven here
+    now = time.time()
+    store.add_mitigation(Mitigation(MitigationKind.BLOCK_IP, "198.51.100.1", now, now + 600,
+                                    state=MitigationState.ACTIVE, reason="before"))
+    b = store._backing
+    b._to_memory("test: the file cannot be read")
+    b._base_lost = True
+    store.add_mitigation(Mitigation(MitigationKind.BLOCK_IP, "198.51.100.2", now, now + 600,
+                                    state=MitigationState.ACTIVE, reason="while degraded"))
+    opened, gate = threading.Event(), threading.Event()
+    real = sqlite3.connect
+
+    def connect(*a, **k):
+        c = real(*a, **k)
+        opened.set()
+        gate.wait(5)
+        return c
+
+    monkeypatch.setattr(batch, "sqlite3", types.SimpleNamespace(connect=connect,
+                                                                Error=sqlite3.Error))
+    checkpoint = threading.Thread(target=b._syncer._checkpoint)
+    checkpoint.start()
+    assert opened.wait(5)
+    caught: list[bool] = []
+    catching = threading.Thread(target=lambda: caught.append(store.catch_up(force=True)))
+    catching.start()
+    time.sleep(0.2)                      # catch_up waits for the checkpoint, not under it
+    gate.set()
+    checkpoint.join(5)
+    catching.join(10)
+    monkeypatch.undo()
+    store.close()
+    assert caught == [True]
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        targets = {r[0] for r in db.execute("SELECT target FROM mitigations")}
+    finally:
+        db.close()
+    assert "198.51.100.2" in targets, targets
