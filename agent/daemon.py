@@ -104,6 +104,8 @@ class Agent:
         # change of a finding never waits for a disk.
         self.store.start_syncing()
         self.responder = Responder(self.cfg, self.store, self.enforcer)
+        self.rulebook.audit = lambda result, detail: self.store.record_audit(
+            time.time(), "signal:SIGHUP", "local", "ReloadRules", {}, result, detail)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()

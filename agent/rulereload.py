@@ -18,7 +18,8 @@ config's list names when it is validated).
 Reloads are serialised: one that comes while another runs waits for it, then reads the
 files afresh. SIGHUPs coalesce: while one is waiting, another adds nothing. A SIGHUP
 before the agent is ready is kept and served once it is (the rules read at start-up may
-already be stale).
+already be stale). A SIGHUP's reload is audited as the control call's is (identity
+"signal:SIGHUP").
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class RuleReloader:
         self._hup_waiting = False
         self._hup_before_ready = False
         self._tasks: set[asyncio.Task] = set()
+        # (result, detail) of a SIGHUP reload -> the audit log; set by the agent.
+        self.audit: Callable[[str, str], None] | None = None
 
     def hit(self, name: str) -> None:
         self.last_hit_at[name] = self._clock()
@@ -131,12 +134,26 @@ class RuleReloader:
             self.on_sighup(True)
 
     async def _reload_quietly(self, origin: str) -> None:
+        """A signal's reload: no caller to answer, so the audit log gets what a control
+        call's would (identity "signal:SIGHUP")."""
         try:
-            await self.reload(origin)
-        except ReloadError:
-            pass        # logged, counted and in status
+            done = await self.reload(origin)
+        except ReloadError as e:
+            self._audit("FAILED_PRECONDITION", str(e))   # also logged, counted, in status
+            return
         except Exception:   # noqa: BLE001 -- a signal's task has no caller to tell
             log.exception("rules reload failed", extra={"origin": origin})
+            return
+        self._audit("OK", f"{len(done.ruleset.rules)} rules, {done.ruleset.version}"
+                    + ("" if done.changed else " (unchanged)"))
+
+    def _audit(self, result: str, detail: str) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit(result, detail)
+        except Exception:   # noqa: BLE001 -- the reload is done; the log still says it
+            log.exception("audit of a SIGHUP reload failed")
 
     # -- what status, heartbeats and `swarm-agent rules` show -----------------------------
 

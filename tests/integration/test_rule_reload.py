@@ -169,8 +169,10 @@ def _reload_and_reject(lab, agent, target):
     time.sleep(0.5)
     assert len(json.loads(cli(agent, "incidents", "--json").stdout)) == before_incidents
     audit = json.loads(cli(agent, "audit", "--json").stdout)
-    assert [e["result"] for e in audit if e["method"] == "ReloadRules"][:2] == \
-        ["OK", "FAILED_PRECONDITION"]
+    reloads = [(e["identity"], e["result"]) for e in reversed(audit)
+               if e["method"] == "ReloadRules"]
+    assert reloads == [("signal:SIGHUP", "OK"), *[("local:uid=0", "FAILED_PRECONDITION")] * 4,
+                       ("local:uid=0", "OK")], reloads
 
 
 def test_sighup_during_startup_is_kept_not_fatal(lab, tmp_path):
