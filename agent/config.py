@@ -194,6 +194,16 @@ class Breach:
 
 
 @dataclass(frozen=True)
+class Gpu:
+    """The GPU source (agent/sources/gpu.py): NVML in its own thread. No library, driver
+    or GPU: status says "absent" and the agent runs on."""
+
+    enabled: bool = True
+    sample_s: float = 5.0             # counters and processes read this often (XIDs at once)
+    nvml_library: str | None = None   # a libnvidia-ml.so path; null: the system's .so.1
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/swarm-agent"
     run_dir: str = "/run/swarm-agent"
@@ -210,6 +220,7 @@ class Config:
     alerts: Alerts = Alerts()
     metrics: Metrics = Metrics()
     breach: Breach = Breach()
+    gpu: Gpu = Gpu()
 
     @property
     def rules_path(self) -> Path:
@@ -343,6 +354,9 @@ def validate(cfg: Config) -> Config:
     if cfg.rules_file is not None and not configcheck.exists(cfg.rules_file):
         raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
     _check_breach(cfg)
+    if cfg.gpu.nvml_library is not None and not cfg.gpu.nvml_library.startswith("/"):
+        raise ConfigError("gpu.nvml_library must be an absolute path (or null: the "
+                          "system's libnvidia-ml.so.1)")
     _check_control(cfg.control)
     _check_mesh(cfg.mesh)
     _check_alerts(cfg.alerts)

@@ -68,6 +68,8 @@ BOUNDS: dict[str, Bound] = {
     "mesh.outbox_hard_max": Bound(1, 10_000_000),
     "alerts.resend_s": Bound(0, 86400, above=True),
     "alerts.timeout_s": _WAIT,
+    "gpu.sample_s": Bound(0.1, 3600, why="NVML counters change no faster; an hour is the "
+                          "longest a process may use a GPU unseen"),
 }
 _GENERIC_INT = Bound(-(2**63), 2**63 - 1)
 _GENERIC_FLOAT = Bound(-math.inf, math.inf)

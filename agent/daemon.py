@@ -79,6 +79,7 @@ class Agent:
         self.proc_probe = None
         self.probe_status: dict[str, dict[str, str]] = {}
         self.proc_status: dict[str, dict[str, str]] = {}
+        self.gpu = None           # agent.sources.gpu.GpuSource, when gpu.enabled
         self.last_drift_at: float | None = None
         self._lock_fd: int | None = None
         self._storage_incident: str | None = None
@@ -110,9 +111,10 @@ class Agent:
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()
         self._open_proc_probe()
+        self._open_gpu()
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
-                                   queue=self.queue_status)
+                                   queue=self.queue_status, gpus=self.gpu_metrics)
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -195,6 +197,32 @@ class Agent:
             return
         self.proc_probe = probe
         self.proc_status = probe.status()
+
+    def _open_gpu(self) -> None:
+        """The GPU source (NVML in its own thread; agent.sources.gpu). Opening NVML happens
+        in that thread: no driver, no GPU or a failing NVML never delays or stops the start."""
+        if self.cfg.gpu.enabled:
+            from agent.sources.gpu import GpuSource
+
+            self.gpu = GpuSource(self.cfg.gpu.sample_s, self.cfg.gpu.nvml_library)
+
+    def gpu_status(self) -> dict[str, str]:
+        if self.gpu is None:
+            return {"state": "disabled", "reason": "gpu.enabled is false"}
+        return self.gpu.status()
+
+    def gpu_metrics(self) -> dict:
+        """What the GPU metrics read at each scrape (agent.report.gpumetrics)."""
+        from dataclasses import asdict
+
+        if self.gpu is None:
+            return {"state": self.gpu_status()}
+        per_gpu = Counter(p.get("gpu_uuid") for p in self.gpu.processes())
+        xid_count, last_xid = self.gpu.xids()
+        return {"state": self.gpu.status(), "gpus": [asdict(s) for s in self.gpu.samples()],
+                "last_xid": last_xid, "xid_count": xid_count,
+                "processes": dict(per_gpu), "samples": self.gpu.sample_count,
+                "sample_cpu_s": self.gpu.sample_cpu_s}
 
     def losses(self) -> int:
         """Events both probes' kernels could not queue."""
@@ -374,7 +402,10 @@ class Agent:
             "updated_at": time.time(),
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
-            "probes": {**self.probe_status, **self.proc_status, **self._storage_status()},
+            "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
+                       "gpu": self.gpu_status()},
+            "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
+                    "processes": len(self.gpu.processes()) if self.gpu else 0},
             "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},
             "ringbuf_losses": self.losses(),
             "queue": self.queue_status(),
@@ -435,7 +466,7 @@ class Agent:
             await control.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(control.run())
-                for probe in (self.probe, self.proc_probe):
+                for probe in (self.probe, self.proc_probe, self.gpu):
                     if probe is not None:
                         tg.create_task(probe.run(self.enqueue))
                 tg.create_task(self.consume())
@@ -457,6 +488,8 @@ class Agent:
         for probe in (self.probe, self.proc_probe):
             if probe is not None:
                 probe.close()
+        if self.gpu is not None:
+            self.gpu.stop()
         self.drain_at_stop()
         if getattr(self, "reporting", None) is not None:
             self.reporting.close()

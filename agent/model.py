@@ -15,14 +15,18 @@ from typing import Any, Mapping
 
 
 class EventClass(enum.StrEnum):
-    """The four rows of the specification table, with their deadlines, and the agent's
-    own health (storage failing, state recovered): always escalated to a human."""
+    """The four rows of the specification table, with their deadlines, the agent's
+    own health (storage failing, state recovered): always escalated to a human, and the
+    GPUs' health (operator incidents, reported only)."""
 
     SECURITY_BREACH = "security_breach"
     POLICY_VIOLATION = "policy_violation"
     SUSPICIOUS_ACTIVITY = "suspicious_activity"
     SYSTEM_ATTACK = "system_attack"
     AGENT_HEALTH = "agent_health"
+    # A GPU failing (XIDs of a broken or lost GPU, double-bit ECC errors, thermal or power
+    # slowdown): for the operators, reported, never a block or a kill.
+    GPU_HEALTH = "gpu_health"
 
     @property
     def deadline_s(self) -> float:
@@ -35,6 +39,7 @@ _DEADLINES_S = {
     EventClass.SUSPICIOUS_ACTIVITY: 900.0,
     EventClass.SYSTEM_ATTACK: 30.0,
     EventClass.AGENT_HEALTH: 60.0,
+    EventClass.GPU_HEALTH: 60.0,
 }
 
 

@@ -97,7 +97,12 @@ def one_run(case: str, agent: bool) -> dict:
                 names = {client: "CLIENT", s.lab.addr("attacker"): "ATTACKER"}
                 mitigations = sorted({f"{m.kind} {names.get(m.target, m.target)}"
                                       for m in store.mitigations()})
-                done = [i.mitigated_at for i in store.incidents() if i.mitigated_at]
+                # The attack's own mitigation: one of an incident the flood opened (not a
+                # mitigation of the client, unless the flood carried the client's address).
+                answering = {m.incident_id for m in store.mitigations()
+                             if m.incident_id and (forged or m.target != client)}
+                done = [i.mitigated_at for i in store.incidents()
+                        if i.mitigated_at and i.id in answering]
                 mitigated_ns = _wall_to_mono_ns(min(done)) if done else None
         run = {"case": case, "agent": agent, "sent": flood["sent"], "rate_pps": flood["rate_pps"],
                "before": ratio(pre), "during": ratio(d), "during_n": d["successes"] + d["failures"],
@@ -137,6 +142,8 @@ def invalid(run: dict, agent: bool, metered: bool) -> str | None:
         return "the attack sent no packet"
     if agent and run["mitigated_ms"] is None:
         return "the mitigation never came"
+    if agent and run["mitigated_ms"] < -figures.SKEW_NS / 1e6:
+        return "mitigated before the attack's first packet: it answers something else"
     if metered and run["containment"] is None:
         return "the mitigation came after the attack's last packet: nothing left to contain"
     return None

@@ -59,6 +59,9 @@ def invalid_reason(m: Marks) -> str | None:
         return "detected before the first packet: the clocks disagree"
     if m.kernel_event is not None and m.kernel_event > m.detected + SKEW_NS:
         return "the kernel event is later than the decision: the clocks disagree"
+    if m.kernel_event is not None and m.kernel_event < m.first_packet - SKEW_NS:
+        return ("the kernel event came before the attack's first packet: the incident "
+                "answers something else, or the clocks disagree")
     if m.mitigated is None:
         return "the mitigation never came"
     if m.mitigated < m.detected - SKEW_NS:

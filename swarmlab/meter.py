@@ -5,7 +5,10 @@ one input chain at priority 100, after every chain of the agent's table (input h
 -10 and -5; XDP runs before all of them): it counts the packets to the service's port
 that nothing before it dropped or consumed (a SYN proxy consumes the SYNs it answers), from
 any address but the legitimate client's. For TCP it counts SYNs (a handshake's first
-packet, the flood's unit); for UDP every datagram. A sampler thread reads the counter every
+packet, the flood's unit: an ACK or stray-segment flood is not what it measures); for UDP
+every datagram; IPv4 and IPv6 each have their own counter and exclusions. nft counts
+packets as the stack sees them: a GSO skb from a local sender (UDP_SEGMENT) counts once,
+so the benches' generators send plain datagrams. A sampler thread reads the counters every
 `interval_s` with its CLOCK_MONOTONIC time, so the count from any instant on (the
 mitigation's) can be read off afterwards.
 """
@@ -29,7 +32,7 @@ class ServiceMeter:
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be tcp or udp, not {proto!r}")
         self.ns, self.proto, self.port = ns, proto, port
-        self.exclude = [a for a in exclude if ":" not in a]
+        self.exclude = list(exclude)
         self.interval_s = interval_s
         self.samples: list[tuple[int, int]] = []    # (mono ns, packets so far)
         self._stop = threading.Event()
@@ -37,10 +40,15 @@ class ServiceMeter:
 
     def __enter__(self) -> "ServiceMeter":
         match = "tcp flags & (syn | ack) == syn" if self.proto == "tcp" else ""
-        skip = (f"ip saddr != {{ {', '.join(self.exclude)} }} " if self.exclude else "")
+        rules = []
+        for family, kw in (("ipv4", "ip"), ("ipv6", "ip6")):      # one counter each
+            mine = [a for a in self.exclude if (":" in a) == (family == "ipv6")]
+            skip = f"{kw} saddr != {{ {', '.join(mine)} }} " if mine else ""
+            rules.append(f"  meta nfproto {family} {skip}{self.proto} dport {self.port} "
+                         f"{match} counter\n")
         sh("nft", "-f", "-", ns=self.ns, input=(
             f"table inet {TABLE} {{\n chain input {{\n  type filter hook input priority 100; "
-            f"policy accept;\n  {skip}{self.proto} dport {self.port} {match} counter\n }}\n}}\n"))
+            f"policy accept;\n{''.join(rules)} }}\n}}\n"))
         self.samples.append((time.monotonic_ns(), self.read()))
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -53,14 +61,14 @@ class ServiceMeter:
         sh("nft", "delete", "table", "inet", TABLE, ns=self.ns, check=False)
 
     def read(self) -> int:
-        """Packets counted so far."""
+        """Packets counted so far (both families)."""
         out = json.loads(sh("nft", "-j", "list", "chain", "inet", TABLE, "input",
                             ns=self.ns).stdout)
-        for item in out["nftables"]:
-            for expr in item.get("rule", {}).get("expr", []):
-                if "counter" in expr:
-                    return int(expr["counter"]["packets"])
-        raise RuntimeError(f"no counter in table inet {TABLE}")
+        counts = [int(expr["counter"]["packets"]) for item in out["nftables"]
+                  for expr in item.get("rule", {}).get("expr", []) if "counter" in expr]
+        if len(counts) != 2:
+            raise RuntimeError(f"expected two counters in table inet {TABLE}, found {len(counts)}")
+        return sum(counts)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):

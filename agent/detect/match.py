@@ -56,6 +56,13 @@ FIELDS: dict[str, tuple[str, ...]] = {
                            "input_peer_exe", "input_peer_is", "input_hops", "output_peer_pid",
                            "output_peer_comm", "output_peer_exe", "output_peer_is", "output_hops", "remote",
                            "inbound", "checks"),
+    # the GPU source (agent/sources/gpu.py); gpu.process for GPU authorization rules
+    "gpu.process": ("gpu_index", "gpu_uuid", "gpu_name", "process_type", "used_memory_bytes",
+                    "pid", "resolved", "start_ticks", "cgroup", "container_id", "uid", "euid",
+                    "exe", "comm", "gpu_device_fds", "netns"),
+    "gpu.xid": ("gpu_index", "gpu_uuid", "gpu_name", "xid", "repeats"),
+    "gpu.ecc": ("gpu_index", "gpu_uuid", "gpu_name", "dbe_new", "ecc_dbe_volatile"),
+    "gpu.throttle": ("gpu_index", "gpu_uuid", "gpu_name", "reasons", "active", "throttle_bits"),
 }
 
 

@@ -71,6 +71,7 @@ MAX_THRESHOLD = 1_000_000_000   # per second or per window: beyond any NIC, with
 MAX_TTL_S = YEAR_S              # nftables element timeouts
 MAX_VERSION = 1_000_000
 SEVERE = (Severity.HIGH, Severity.CRITICAL)
+GPU_HEALTH_EVENTS = ("gpu.xid", "gpu.ecc", "gpu.throttle")
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
 
@@ -176,11 +177,13 @@ def _parse_rule(item: Any, at: _Where, index: int) -> Rule:
             raise
 
     cond_key = "match" if "match" in item else "where" if "where" in item else "thresholds"
+    event_class = checked("class", _enum, EventClass, item["class"], "class")
+    conditions = checked(cond_key, _conditions, item)
+    checked("class", _check_gpu_health, event_class, item["action"], conditions)
     return Rule(
-        id=rid, version=version,
-        event_class=checked("class", _enum, EventClass, item["class"], "class"),
+        id=rid, version=version, event_class=event_class,
         severity=checked("severity", _enum, Severity, item["severity"], "severity"),
-        conditions=checked(cond_key, _conditions, item),
+        conditions=conditions,
         action=checked("action", _action, item),
         ttl_s=checked("ttl_s", _ttl, item.get("ttl_s")),
         exempt=checked("exempt", _exempt, item.get("exempt", [])),
@@ -188,6 +191,20 @@ def _parse_rule(item: Any, at: _Where, index: int) -> Rule:
         scope=checked("scope", _scope, item),
         source=at.at(),
     )
+
+
+def _check_gpu_health(event_class: EventClass, action: Any,
+                      conditions: tuple[Condition, ...], where: str) -> None:
+    """GPU health is for the operators: its rules report, and its evidence (XIDs, ECC
+    errors, throttling: a tenant's own faulty job can raise some of them) feeds nothing
+    else -- never a block, an isolation or a kill."""
+    kinds = {c.event for c in conditions}
+    if event_class is EventClass.GPU_HEALTH and (
+            action != "report" or any(not k.startswith("gpu.") for k in kinds)):
+        raise RuleError(f"{where}: class gpu_health takes GPU events and action report only")
+    if kinds & set(GPU_HEALTH_EVENTS) and event_class is not EventClass.GPU_HEALTH:
+        raise RuleError(f"{where}: {', '.join(sorted(kinds & set(GPU_HEALTH_EVENTS)))} "
+                        "events are GPU health: class gpu_health, action report")
 
 
 def _scope(item: dict, where: str) -> str | None:
@@ -426,6 +443,9 @@ def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
         scope, evidence["scope_fallback"] = "node", f"no service cgroup ({cgroup!r})"
     evidence["scope"] = scope
     entity = f"cgroup:{cgroup}" if scope == "service" else "node"
+    if rule.event_class is EventClass.GPU_HEALTH:
+        # One live incident per GPU and reason (the rule), however often it repeats.
+        entity = f"gpu:{event.fields.get('gpu_uuid')}:{rule.id.removeprefix('gpu.')}"
     action = f"isolate_{scope}" if rule.action == "isolate" else rule.action
     return Finding(
         rule_id=rule.id, rule_version=rule.version, event_class=rule.event_class,

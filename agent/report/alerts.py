@@ -2,9 +2,9 @@
 they follow the routing, grouping and silences the operators already have.
 
 Each incident is one alert. Its labels identify it and route it: alertname, event_class,
-severity, entity, incident_id, node and escalated, then the configured `labels`, the
-labels of its class and of its severity, and `escalation_labels` when it needs a human
-(its class is in `escalate_classes`, or the responder escalated it because a mitigation
+severity, entity, incident_id, node and escalated (GPU health: also UUID and reason),
+then the configured `labels`, the labels of its class and of its severity, and
+`escalation_labels` when it needs a human (its class is in `escalate_classes`, or the responder escalated it because a mitigation
 failed). State and times are annotations, so the alert keeps its identity while the
 incident moves from open to mitigated.
 
@@ -58,6 +58,9 @@ def labels_for(cfg: Alerts, incident: Incident, node: str) -> dict[str, str]:
     labels = {"alertname": ALERTNAME, "event_class": incident.event_class.value,
               "severity": incident.severity.value, "entity": incident.entity,
               "node": node, "escalated": "true" if escalated else "false"}
+    if incident.entity.startswith("gpu:"):   # gpu_health: "gpu:<UUID>:<reason>"
+        _, uuid, reason = (incident.entity.split(":", 2) + ["", ""])[:3]
+        labels.update({"UUID": uuid, "reason": reason})
     labels.update(cfg.labels)
     labels.update(cfg.class_labels.get(incident.event_class.value, {}))
     labels.update(cfg.severity_labels.get(incident.severity.value, {}))

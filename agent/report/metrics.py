@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.model import Event, Finding, Incident, MitigationKind
+from agent.report.gpumetrics import GpuCollector
 from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")
@@ -47,7 +48,8 @@ class Metrics:
     def __init__(self, store: Store, *, losses: Callable[[], int] = lambda: 0,
                  outbox: Any = None, clock: Callable[[], float] = time.time,
                  unparsed: Callable[[], dict[str, int]] = dict,
-                 queue: Callable[[], dict[str, Any]] | None = None):
+                 queue: Callable[[], dict[str, Any]] | None = None,
+                 gpus: Callable[[], dict[str, Any]] | None = None):
         self.registry = CollectorRegistry()
         self._started_at = clock()
         self._seen_detect: OrderedDict[str, None] = OrderedDict()
@@ -82,6 +84,8 @@ class Metrics:
         r.register(_StateCollector(store, losses, outbox, unparsed))
         if queue is not None:
             r.register(_QueueCollector(queue))
+        if gpus is not None:    # DCGM exporter names (agent/report/gpumetrics.py)
+            r.register(GpuCollector(gpus))
 
     # -- hooks ---------------------------------------------------------------------------
 

@@ -39,7 +39,8 @@ class Reporting:
     def __init__(self, cfg: Config, store: Store, observers: list, *,
                  status: Callable[[], dict[str, Any]], losses: Callable[[], int],
                  unparsed: Callable[[], dict[str, int]] = dict,
-                 queue: Callable[[], dict[str, Any]] | None = None):
+                 queue: Callable[[], dict[str, Any]] | None = None,
+                 gpus: Callable[[], dict[str, Any]] | None = None):
         self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
         self.problems: dict[str, str] = {}     # reporter -> why it is not working
         # The store's own connection: while storage is degraded the outbox lives in memory
@@ -48,7 +49,7 @@ class Reporting:
                              hard_max_reports=cfg.mesh.outbox_hard_max)
         standalone = cfg.mesh.endpoint is None
         self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox,
-                               unparsed=unparsed, queue=queue)
+                               unparsed=unparsed, queue=queue, gpus=gpus)
         observers.append(self.metrics.observe)
         self.mesh: MeshReporter | None = None
         if not standalone:

@@ -135,3 +135,12 @@ def test_containment_and_sent_after() -> None:
     assert figures.containment(75, 750.0) == pytest.approx(0.9)
     assert figures.containment(0, 750.0) == 1.0
     assert figures.containment(5, 0.0) is None
+
+
+def test_a_kernel_event_before_the_first_packet_makes_the_run_invalid():
+    # The rule fired on something else (a previous window, the prober's own traffic).
+    s = 1_000_000_000
+    m = figures.Marks(first_packet=10 * s, probe_first_ok=9 * s, detected=int(10.01 * s),
+                      applying=int(10.02 * s), mitigated=int(10.03 * s), cut_off=None,
+                      kernel_event=int(9.5 * s))
+    assert "before the attack's first packet" in figures.invalid_reason(m)

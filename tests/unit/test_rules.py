@@ -152,3 +152,34 @@ def test_load_roundtrip(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"rules": [_rule(ttl_s=60, exempt=["mesh"])]}))
     [rule] = load_rules(path)
     assert (rule.name, rule.ttl_s, rule.exempt) == ("net.test@1", 60.0, ("mesh",))
+
+
+_XID = {"match": [{"event": "gpu.xid", "where": {"xid": {"in": [79]}}}]}
+
+
+@pytest.mark.parametrize("over,message", [
+    # GPU health is for operators: never a block, an isolation or a kill.
+    ({"class": "gpu_health", "action": "block", "event": None, "thresholds": None, **_XID},
+     "class gpu_health takes GPU events and action report only"),
+    ({"class": "gpu_health", "action": "isolate", "scope": "node", "event": None,
+      "thresholds": None, **_XID}, "class gpu_health takes GPU events and action report only"),
+    ({"class": "gpu_health", "action": "report"},
+     "class gpu_health takes GPU events and action report only"),
+    ({"class": "security_breach", "action": "isolate", "scope": "node", "event": None,
+      "thresholds": None, **_XID}, "gpu.xid events are GPU health: class gpu_health"),
+    ({"class": "system_attack", "action": "report", "event": None, "thresholds": None,
+      "match": [{"event": "gpu.throttle", "where": {"reasons": {"any_in": ["hw_thermal"]}}}]},
+     "gpu.throttle events are GPU health"),
+])
+def test_gpu_health_rules_only_report(over: dict, message: str) -> None:
+    with pytest.raises(RuleError, match=re.escape(message)):
+        parse_rules({"rules": [_rule(**over)]})
+
+
+def test_gpu_health_entity_per_gpu_and_rule(detector: Detector) -> None:
+    """One live incident per GPU and reason: the entity names both."""
+    ev = to_event({"kind": "gpu.xid", "subject": "gpu:GPU-aaaa",
+                   "fields": {"gpu_index": 0, "gpu_uuid": "GPU-aaaa", "xid": 79}})
+    [f] = detector.evaluate(ev, T0_NS + 2 * 10**9)
+    assert (f.entity, f.action, f.event_class.value) == \
+        ("gpu:GPU-aaaa:xid_fatal", "report", "gpu_health")
