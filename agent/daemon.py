@@ -31,12 +31,14 @@ from agent import __version__
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect import triage
-from agent.detect.rules import Detector, RuleError, kernel_thresholds, load_rules
+from agent.detect.rules import Detector, RuleError, kernel_thresholds
+from agent.detect.ruleset import RuleSet, load_ruleset
 from agent.enforce.base import EnforceError
 from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
+from agent.rulereload import Reloaded, RuleReloader
 from agent.sources.queue import EventQueue
 from agent.state.store import Store
 
@@ -65,10 +67,12 @@ class Agent:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         try:
-            self.rules = load_rules(cfg.rules_path)
+            ruleset = load_ruleset(cfg.rules_path)
         except RuleError as e:
             raise ConfigError(str(e)) from None
+        self.rules = list(ruleset.rules)
         self.detector = Detector(self.rules, cfg)
+        self.rulebook = RuleReloader(cfg, ruleset, self._use_rules)
         self.counters: Counter[str] = Counter()
         self.started_at = time.time()
         self.probe = None
@@ -101,6 +105,8 @@ class Agent:
         # change of a finding never waits for a disk.
         self.store.start_syncing()
         self.responder = Responder(self.cfg, self.store, self.enforcer)
+        self.rulebook.audit = lambda result, detail: self.store.record_audit(
+            time.time(), "signal:SIGHUP", "local", "ReloadRules", {}, result, detail)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()
@@ -276,7 +282,8 @@ class Agent:
         findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
         self.reporting.observe_event(event, findings)
         for finding in findings:
-            self.counters[f"findings.{finding.rule}"] += 1
+            self.counters[f"findings.{finding.rule}"] += 1   # the rule's hits
+            self.rulebook.hit(finding.rule)
             try:
                 incident = self.responder.handle(finding)
             except Exception as e:   # noqa: BLE001 -- the next finding must still be handled
@@ -413,6 +420,7 @@ class Agent:
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()}},
             "last_drift_at": self.last_drift_at,
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
+            "ruleset": self.rulebook.status(),
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
         }
 
@@ -427,20 +435,27 @@ class Agent:
             reason = f"{h.reason}; state kept in memory, retried"
         return {"storage": {"state": h.state, "reason": reason}}
 
-    def reload_rules(self) -> list[str]:
-        """Re-read the rules file and use it everywhere (detector, responder lifetimes,
-        kernel thresholds); raises ConfigError and keeps the old rules on a bad file."""
-        try:
-            rules = load_rules(self.cfg.rules_path)
-        except RuleError as e:
-            raise ConfigError(str(e)) from None
-        detector = Detector(rules, self.cfg)
+    async def reload_rules(self, origin: str = "control") -> Reloaded:
+        """Re-read every rule file and use the set everywhere (agent.rulereload); raises
+        ConfigError naming file, line and reason, and keeps the rules in use."""
+        return await self.rulebook.reload(origin)
+
+    def _use_rules(self, ruleset: RuleSet, detector: Detector) -> None:
+        """Put a validated set in use, on the loop thread (so between two events): the
+        kernel thresholds first -- one map element, written whole or not at all, the only
+        step that can fail (OSError, and then nothing changed) -- then the rest."""
+        rules = list(ruleset.rules)
         if self.probe is not None:
             self.probe.set_thresholds(kernel_thresholds(rules))
+        if getattr(self, "responder", None) is not None:
+            self.responder.set_rules(rules)
         self.rules, self.detector = rules, detector
-        self.responder.set_rules(rules)
-        log.info("rules reloaded", extra={"rules": len(rules)})
-        return [f"{r.id}@{r.version}" for r in rules]
+
+    def rule_listing(self) -> dict:
+        """The rules in use with their hits, and hits of rules no longer in use."""
+        return {"ruleset": self.rulebook.status(),
+                "rules": self.rulebook.listing(self.counters),
+                "retired_hits": self.rulebook.retired_hits(self.counters)}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -461,6 +476,7 @@ class Agent:
                 for task in self.reporting.tasks():
                     tg.create_task(task)
                 self.ready = True
+                self.rulebook.started()     # a SIGHUP during start-up is served now
                 sd_notify("READY=1")
                 log.info("agent ready", extra={"probes": {**self.probe_status, **self.proc_status},
                                                "dry_run": self.cfg.dry_run})
@@ -511,7 +527,12 @@ def sd_notify(message: str) -> None:
 
 
 def run_forever(cfg: Config) -> None:
-    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run until SIGTERM/SIGINT; a second signal exits at once. SIGHUP reloads the rules
+    (agent.rulereload); one before the loop runs is kept for when the agent is ready."""
+    early_hup: list[int] = []
+    # From here on a SIGHUP is remembered (its default would end the process); before
+    # this, cmd_run ignores it: the rules are not read yet.
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
     agent = Agent(cfg)
 
     async def main() -> None:
@@ -529,6 +550,9 @@ def run_forever(cfg: Config) -> None:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: agent.rulebook.on_sighup(agent.ready))
+        if early_hup:
+            agent.rulebook.on_sighup(False)
         with contextlib.suppress(asyncio.CancelledError):
             await agent.run()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,27 @@ MAX_INT_DIGITS = 40     # no key takes an integer anywhere near 10**40
 
 
 class YamlError(ValueError):
-    """A file that cannot be taken as YAML data; the message is one line for the operator."""
+    """A file that cannot be taken as YAML data; the message is one line for the operator.
+    `line`: the (1-based) line the parser stopped at, when it says."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.line = line
 
 
-def read_yaml(path: str | Path, what: str, limit_bytes: int = MiB) -> Any:
+@dataclass(frozen=True)
+class Lines:
+    """Where a mapping starts in its file, and the line of each of its (scalar) keys."""
+
+    line: int
+    keys: dict[Any, int]
+
+
+def read_yaml(path: str | Path, what: str, limit_bytes: int = MiB,
+              lines: dict[int, Lines] | None = None) -> Any:
     """The data of the YAML file at `path` ("config x.yaml ..." with what="config");
-    raises YamlError with one sentence."""
+    raises YamlError with one sentence. With `lines`, it is filled with where each mapping
+    of the data starts (see parse)."""
     p = Path(path)
     label = f"{what} {printable(str(p))}"
     try:   # O_NONBLOCK: a FIFO without a writer must not hang the open
@@ -69,20 +85,29 @@ def read_yaml(path: str | Path, what: str, limit_bytes: int = MiB) -> Any:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise YamlError(f"{label} is not UTF-8 text (invalid byte at offset {e.start})") from None
-    return parse(text, label)
+    return parse(text, label, lines)
 
 
-def parse(text: str, label: str) -> Any:
-    """YAML text to data, with the limits above; `label` starts every message."""
+def parse(text: str, label: str, lines: dict[int, Lines] | None = None) -> Any:
+    """YAML text to data, with the limits above; `label` starts every message. With
+    `lines`: id() of every mapping in the data -> Lines (its first line and each scalar
+    key's line), valid while the data lives (rule files name the line of an error)."""
+    loader = _Loader(text)
     try:
-        data = yaml.load(text, Loader=_Loader)   # noqa: S506 - a SafeLoader subclass
+        data = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
-        raise YamlError(f"{label} is not valid YAML: {_marked(e)}") from None
+        mark = e.problem_mark or e.context_mark
+        raise YamlError(f"{label} is not valid YAML: {_marked(e)}",
+                        mark.line + 1 if mark else None) from None
     except yaml.YAMLError as e:
         raise YamlError(f"{label} is not valid YAML: {_one_line(str(e))}") from None
     except RecursionError:
         raise YamlError(f"{label} is nested too deeply") from None
+    finally:
+        loader.dispose()
     _walk(data, label)
+    if lines is not None:
+        lines.update(loader.lines)
     return data
 
 
@@ -123,6 +148,7 @@ class _Loader(Composer, SafeConstructor, Resolver, *_PARSER):  # type: ignore[mi
         self._depth = 0
         self._aliases = 0
         self._nodes = 0
+        self.lines: dict[int, Lines] = {}
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -146,10 +172,15 @@ class _Loader(Composer, SafeConstructor, Resolver, *_PARSER):  # type: ignore[mi
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
-            return super().construct_object(node, deep)
+            data = super().construct_object(node, deep)
         except (ValueError, OverflowError) as e:   # a 13th month, an out-of-range date
             raise ConstructorError(None, None, f"cannot read {node.value!r:.40}: {e}",
                                    node.start_mark) from None
+        if isinstance(node, yaml.MappingNode) and isinstance(data, dict):
+            self.lines[id(data)] = Lines(node.start_mark.line + 1, {
+                k.value: k.start_mark.line + 1 for k, _ in node.value
+                if isinstance(k, yaml.ScalarNode)})
+        return data
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):

@@ -36,7 +36,8 @@ EXIT_CODES_HELP = """exit codes (scripts can rely on them):
      only a source checkout has)
   5  permission denied: not root (run and cleanup too), the TLS handshake refused (with
      the reason), or this identity's role may not do that
-  6  refused: an allowlisted target, an incident already closed, unreadable rules,
+  6  refused: an allowlisted target, an incident already closed, a rules reload
+     rejected (file:line: reason; the rules in use stay),
      an isolation without allowlist (unless --force), the agent's own cgroup"""
 _STATUS_EXIT = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
@@ -367,7 +368,9 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
                          "DEADLINE", "MET", "MISSED"], rows))
     split = ", ".join(f"{n} {what}" for what, n in sorted((verdicts or {}).items()))
     lines.append(f"mitigations in force: {st.active_mitigations}" + (f" ({split})" if split else "")
-                 + f"; rules: {len(st.rules)}")
+                 + f"; rules: {len(st.rules)} ({st.ruleset.version})")
+    if st.ruleset.last_error:
+        lines.append(f"last rejected rules reload: {st.ruleset.last_error}")
     return "\n".join(lines)
 
 

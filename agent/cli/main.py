@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import client, isolation
+from agent.cli import client, isolation, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -92,6 +93,7 @@ def _control_parsers(sub, with_config) -> None:
     sp = add("unblock", "lift the mitigations of an address or CIDR, or one by id")
     sp.add_argument("target", help="address, CIDR or mitigation id (a unique prefix will do)")
     isolation.add_parsers(add)
+    rules.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -120,6 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon, logs
     from agent.enforce.base import EnforceError
 
+    # SIGHUP reloads the rules once the agent has read them (agent.daemon.run_forever);
+    # until then its default (ending the process) must not apply: the rules are read anew.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.geteuid() != 0:
         print("swarm-agent: permission denied: run needs root (it loads BPF programs and "
               "owns an nftables table)", file=sys.stderr)
@@ -157,14 +162,16 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Exit 0 when `run` would accept the config and its rules, 2 with the sentence if not
     (start-time checks that depend on the host, such as interfaces, are not made)."""
-    from agent.detect.rules import RuleError, load_rules
+    from agent.detect.rules import RuleError
+    from agent.detect.ruleset import load_ruleset
 
     cfg = _load_config(args.config)
     try:
-        rules = load_rules(cfg.rules_path)
+        loaded = load_ruleset(cfg.rules_path)
     except RuleError as e:
         raise ConfigError(str(e)) from None
-    print(f"config {args.config or 'defaults'}: valid, {len(rules)} rules from {cfg.rules_path}")
+    print(f"config {args.config or 'defaults'}: valid, {len(loaded.rules)} rules from "
+          f"{cfg.rules_path} (rule set {loaded.version})")
     return 0
 
 
@@ -172,7 +179,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     """status, incidents, block, ...: one call (or a watch) over the control API."""
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    command = {**client.COMMANDS, **isolation.COMMANDS}[args.command]
+    command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 
 
@@ -193,7 +200,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
             "check-config": cmd_check_config,
-            **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS)}}
+            **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
+                                               *rules.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -63,7 +63,27 @@ def status(st: Mapping[str, Any], counts: Mapping[str, Mapping[str, int]], activ
                      counters={k: int(v) for k, v in (st.get("counters") or {}).items()},
                      classes=class_stats(counts), active_mitigations=active,
                      rules=list(st.get("rules") or []),
-                     last_drift_at=st.get("last_drift_at") or 0.0)
+                     last_drift_at=st.get("last_drift_at") or 0.0,
+                     ruleset=ruleset(st.get("ruleset") or {}))
+
+
+def ruleset(rs: Mapping[str, Any]) -> pb.RuleSetInfo:
+    """From agent.rulereload.RuleReloader.status()."""
+    return pb.RuleSetInfo(version=rs.get("version", ""), loaded_at=rs.get("loaded_at", 0.0),
+                          files=list(rs.get("files") or []), reloads=rs.get("reloads", 0),
+                          reload_failures=rs.get("reload_failures", 0),
+                          last_error=rs.get("last_error", ""),
+                          last_error_at=rs.get("last_error_at", 0.0))
+
+
+def rule_listing(listing: Mapping[str, Any]) -> pb.ListRulesResponse:
+    """From the agent's rule_listing()."""
+    rules = [pb.RuleInfo(id=r["id"], version=r["version"], event_class=r["class"],
+                         severity=r["severity"], action=r["action"], scope=r["scope"],
+                         description=r["description"], source=r["source"], hits=r["hits"],
+                         last_hit_at=r["last_hit_at"]) for r in listing["rules"]]
+    return pb.ListRulesResponse(ruleset=ruleset(listing["ruleset"]), rules=rules,
+                                retired_hits=dict(listing["retired_hits"]))
 
 
 def audit_entry(e: Mapping[str, Any]) -> pb.AuditEntry:

@@ -9,6 +9,7 @@ included, are written to the audit table before the answer leaves.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import time
@@ -57,7 +58,10 @@ def rpc(role: str, mutating: bool) -> Callable:
                 self.audit_call(caller, name, request, err.code.name, err.message)
                 await context.abort(err.code, err.message)
             try:
-                response, detail = fn(self, request, caller)
+                answer = fn(self, request, caller)
+                # A coroutine handler (a rules reload) runs on the loop too; while it
+                # awaits, the detector goes on with the rules in use.
+                response, detail = await answer if inspect.isawaitable(answer) else answer
             except CallError as err:
                 if mutating:
                     self.audit_call(caller, name, request, err.code.name, err.message)
@@ -76,7 +80,8 @@ def rpc(role: str, mutating: bool) -> Callable:
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
-    """Serves one agent: `agent` has cfg, store, responder, status() and reload_rules();
+    """Serves one agent: `agent` has cfg, store, responder, status(), reload_rules() and
+    rule_listing();
     `auth` says who each caller is."""
 
     def __init__(self, agent: Any, hub: WatchHub, auth: Authenticator,
@@ -234,12 +239,20 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 "released " + ", ".join(f"{m.kind.value} {m.target}" for m in lifted))
 
     @rpc(OPERATOR, mutating=True)
-    def ReloadRules(self, request, caller):
+    async def ReloadRules(self, request, caller):
         try:
-            names = self.agent.reload_rules()
-        except ValueError as e:   # ConfigError / RuleError: the old rules stay
+            done = await self.agent.reload_rules(f"control:{caller.identity}")
+        except ValueError as e:   # ConfigError / RuleError: the rules in use stay
             raise CallError(Code.FAILED_PRECONDITION, str(e)) from None
-        return pb.ReloadRulesResponse(rules=names), f"{len(names)} rules"
+        rs = done.ruleset
+        detail = (f"{len(rs.rules)} rules, {rs.version}"
+                  + ("" if done.changed else " (unchanged)"))
+        return pb.ReloadRulesResponse(rules=rs.names, ruleset_version=rs.version,
+                                      changed=done.changed, took_s=done.took_s), detail
+
+    @rpc(VIEWER, mutating=False)
+    def ListRules(self, request, caller):
+        return convert.rule_listing(self.agent.rule_listing()), ""
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -21,11 +21,16 @@ from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
 from agent.configcheck import YEAR_S
 from agent.detect import match
 from agent.model import Event, EventClass, Finding, Severity
-from agent.yamlsafe import YamlError, read_yaml
+from agent.yamlsafe import Lines
 
 
 class RuleError(ValueError):
-    """An invalid rule file; the message names the rule and key, meant for the operator."""
+    """An invalid rule file; the message names the file, line, rule and key and is meant
+    for the operator. `file` and `line` say the same for programs (None: not known)."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None):
+        super().__init__(message)
+        self.file, self.line = file, line
 
 
 # event kind -> threshold name -> (event field, per second?, kernel threshold key)
@@ -91,6 +96,7 @@ class Rule:
     exempt: tuple[str, ...] = ()     # allowlist groups whose sources never match
     description: str = ""
     scope: str | None = None         # isolate rules: "node" or "service"
+    source: str = field(default="", compare=False)   # "FILE:LINE" it was read from
 
     @property
     def name(self) -> str:
@@ -99,74 +105,91 @@ class Rule:
 
 def load_rules(path: str | Path | Sequence[str | Path] | None = None) -> list[Rule]:
     """Read and validate a rules file, every *.yaml of a directory, or a list of either
-    (None: the packaged defaults); ids must be unique across all; raises RuleError."""
-    paths = [path] if isinstance(path, (str, Path)) else list(path or [DEFAULT_RULES])
-    files = []
-    for p in map(Path, paths):
-        files.extend(sorted(p.glob("*.yaml")) if p.is_dir() else [p])
-    rules: list[Rule] = []
-    for p in files:
-        rules.extend(_load_file(p))
-    seen: set[str] = set()
-    for rule in rules:
-        if rule.id in seen:
-            raise RuleError(f"rule {rule.id}: duplicate id (in more than one rules file)")
-        seen.add(rule.id)
-    return rules
+    (None: the packaged defaults); ids must be unique across all; raises RuleError naming
+    file, line and reason (agent.detect.ruleset.load_ruleset, which also versions them)."""
+    from agent.detect.ruleset import load_ruleset
+
+    return list(load_ruleset(path).rules)
 
 
-def _load_file(p: Path) -> list[Rule]:
-    try:   # not a regular file, over 1 MiB, not text, duplicate keys, nan, alias bombs
-        data = read_yaml(p, "rules file", RULES_MAX_BYTES)
-    except YamlError as e:
-        raise RuleError(str(e)) from None
-    return parse_rules(data, origin=str(p))
-
-
-def parse_rules(data: Any, origin: str = "rules") -> list[Rule]:
-    """Validate `{"rules": [...]}` as read from YAML; raises RuleError naming rule and key."""
+def parse_rules(data: Any, origin: str = "rules", lines: Mapping[int, Lines] | None = None
+                ) -> list[Rule]:
+    """Validate `{"rules": [...]}` as read from YAML; raises RuleError naming rule and key,
+    and with `lines` (agent.yamlsafe.parse) the line in `origin`."""
     if not isinstance(data, dict) or set(data) != {"rules"} or not isinstance(data["rules"], list):
-        raise RuleError(f"{origin}: must be a mapping with one key, 'rules', holding a list")
+        raise RuleError(f"{origin}: must be a mapping with one key, 'rules', holding a list",
+                        origin, None)
     rules: list[Rule] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for index, item in enumerate(data["rules"]):
-        rule = _parse_rule(item, origin, index)
+        at = _Where(origin, (lines or {}).get(id(item)))
+        rule = _parse_rule(item, at, index)
         if rule.id in seen:
-            raise RuleError(f"{origin}: rule {rule.id}: duplicate id")
-        seen.add(rule.id)
+            raise at.error(f"rule {rule.id}: duplicate id (first at {seen[rule.id]})", "id")
+        seen[rule.id] = at.at("id")
         rules.append(rule)
     return rules
 
 
-def _parse_rule(item: Any, origin: str, index: int) -> Rule:
+class _Where:
+    """A rule's place in its file: `at(key)` is "FILE:LINE" of that key (or of the rule)."""
+
+    def __init__(self, origin: str, lines: Lines | None):
+        self.origin, self.lines = origin, lines
+
+    def line(self, key: str | None = None) -> int | None:
+        if self.lines is None:
+            return None
+        return self.lines.keys.get(key, self.lines.line) if key else self.lines.line
+
+    def at(self, key: str | None = None) -> str:
+        line = self.line(key)
+        return f"{self.origin}:{line}" if line else self.origin
+
+    def error(self, reason: str, key: str | None = None) -> RuleError:
+        return RuleError(f"{self.at(key)}: {reason}", self.origin, self.line(key))
+
+
+def _parse_rule(item: Any, at: _Where, index: int) -> Rule:
     if not isinstance(item, dict):
-        raise RuleError(f"{origin}: rule #{index + 1} must be a mapping")
+        raise at.error(f"rule #{index + 1} must be a mapping")
     rid = item.get("id")
     if not isinstance(rid, str) or not _ID_RE.match(rid):
-        raise RuleError(f"{origin}: rule #{index + 1}: id must look like 'net.syn_flood' "
-                        f"(got {rid!r})")
-    where = f"{origin}: rule {rid}"
+        raise at.error(f"rule #{index + 1}: id must look like 'net.syn_flood' (got {rid!r})",
+                       "id")
     for key in item:
         if key not in _RULE_KEYS:
-            raise RuleError(f"{where}: unknown key {key!r}")
+            raise at.error(f"rule {rid}: unknown key {key!r}", key)
     for key in ("version", "class", "severity", "action"):
         if key not in item:
-            raise RuleError(f"{where}: missing key {key!r}")
+            raise at.error(f"rule {rid}: missing key {key!r}")
     version = item["version"]
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise RuleError(f"{where}: version must be a positive integer (at most {MAX_VERSION})")
-    event_class = _enum(EventClass, item["class"], where, "class")
-    conditions = _conditions(item, where)
-    _check_gpu_health(event_class, item["action"], conditions, where)
+        raise at.error(f"rule {rid}: version must be a positive integer (at most "
+                       f"{MAX_VERSION})", "version")
+
+    def checked(key: str, check: Any, *args: Any) -> Any:
+        """check(*args, "FILE:LINE: rule ID") for `key`; its RuleError carries the line."""
+        try:
+            return check(*args, f"{at.at(key)}: rule {rid}")
+        except RuleError as e:
+            e.file, e.line = at.origin, at.line(key)
+            raise
+
+    cond_key = "match" if "match" in item else "where" if "where" in item else "thresholds"
+    event_class = checked("class", _enum, EventClass, item["class"], "class")
+    conditions = checked(cond_key, _conditions, item)
+    checked("class", _check_gpu_health, event_class, item["action"], conditions)
     return Rule(
         id=rid, version=version, event_class=event_class,
-        severity=_enum(Severity, item["severity"], where, "severity"),
+        severity=checked("severity", _enum, Severity, item["severity"], "severity"),
         conditions=conditions,
-        action=_action(item, where),
-        ttl_s=_ttl(item.get("ttl_s"), where),
-        exempt=_exempt(item.get("exempt", []), where),
+        action=checked("action", _action, item),
+        ttl_s=checked("ttl_s", _ttl, item.get("ttl_s")),
+        exempt=checked("exempt", _exempt, item.get("exempt", [])),
         description=str(item.get("description", "")),
-        scope=_scope(item, where),
+        scope=checked("scope", _scope, item),
+        source=at.at(),
     )
 
 
@@ -193,7 +216,7 @@ def _scope(item: dict, where: str) -> str | None:
     return scope
 
 
-def _enum(cls: Any, value: Any, where: str, key: str) -> Any:
+def _enum(cls: Any, value: Any, key: str, where: str) -> Any:
     try:
         return cls(value)
     except ValueError:

@@ -112,7 +112,9 @@ class Reporting:
                 "ready": bool(s.get("ready")), "dry_run": self.cfg.dry_run, "probes": probes,
                 "active_mitigations": len(self._store.active_mitigations(time.time())),
                 "live_incidents": sum(c[state] for c in counts for state in _LIVE),
-                "ringbuf_losses": self._losses()}
+                "ringbuf_losses": self._losses(),
+                "ruleset_version": str((s.get("ruleset") or {}).get("version") or ""),
+                "rules": [str(r) for r in s.get("rules") or []]}
 
     def close(self) -> None:
         self.metrics.close()

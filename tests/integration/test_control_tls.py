@@ -120,6 +120,24 @@ def test_operator_acts(tls_served, pki):
     assert [(e.identity, e.role, e.result) for e in audit] == [("ops.example", "operator", "OK")]
 
 
+def test_rules_viewer_lists_operator_reloads(tls_served, pki):
+    ch, stub = _stub(tls_served, pki, "viewer")
+    with ch:
+        listed = stub.ListRules(pb.ListRulesRequest(), timeout=10)
+        assert listed.rules and listed.ruleset.version.startswith("sha256:")
+        code, details = code_of(lambda: stub.ReloadRules(pb.ReloadRulesRequest(), timeout=10))
+        assert code is Code.PERMISSION_DENIED and "operator" in details
+    assert tls_served.agent.rulebook.reloads == 0
+    ch, stub = _stub(tls_served, pki, "operator")
+    with ch:
+        done = stub.ReloadRules(pb.ReloadRulesRequest(), timeout=10)
+        assert done.ruleset_version == listed.ruleset.version and not done.changed
+    assert [(e["identity"], e["method"], e["result"]) for e in tls_served.agent.store.audit()
+            if e["method"] == "ReloadRules"] == [("ops.example", "ReloadRules", "OK"),
+                                                  ("viewer.example", "ReloadRules",
+                                                   "PERMISSION_DENIED")]
+
+
 @pytest.mark.parametrize("client, why", [
     ("stranger", "CN 'stranger.example' is not listed"),
     ("san-op", "CN 'someone' is not listed"),

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.detect.ruleset import load_ruleset
 from swarmlab import attacks
 from swarmlab.lab import sh, wait_for
-from swarmlab.scenario import AgentProcess
+from swarmlab.scenario import NETWORK_RULES, AgentProcess
 from tests.meshrecv import make_certs, received
 
 pytestmark = pytest.mark.privileged
@@ -141,6 +142,10 @@ metrics:
     assert any(r["kind"] == "mitigation" for r in rows)
     heartbeats = [r for r in rows if r["kind"] == "heartbeat"]
     assert heartbeats and all(json.loads(r["payload"])["heartbeat"]["ready"] for r in heartbeats[-1:])
+    # Heartbeats say which rule set is in use: its content version and id@version list.
+    loaded = load_ruleset(NETWORK_RULES)
+    last = json.loads(heartbeats[-1]["payload"])["heartbeat"]
+    assert (last["ruleset_version"], last["rules"]) == (loaded.version, loaded.names)
     # Two replies were lost, so reports came twice; each id was processed once.
     assert stats["duplicates"] >= 1
     assert stats["deliveries"] == len(rows) + stats["duplicates"]

@@ -29,7 +29,8 @@ ALLOWED = {
     "cli": {"proto", "daemon", "enforce", "detect"},
 }
 # What the CLI may take from the packages it reaches (the rest goes over the control API).
-CLI_REACH = {"agent.daemon", "agent.enforce.nft", "agent.enforce.base", "agent.detect.rules"}
+CLI_REACH = {"agent.daemon", "agent.enforce.nft", "agent.enforce.base", "agent.detect.rules",
+             "agent.detect.ruleset"}
 # Top-level packages of the checkout that are not the product.
 NOT_PRODUCT = {"swarmlab", "tests", "bench"}
 # Libraries only one package may use: the database and the firewall.

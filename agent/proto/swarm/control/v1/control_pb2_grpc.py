@@ -74,6 +74,11 @@ class ControlStub(object):
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesRequest.SerializeToString,
                 response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesResponse.FromString,
                 )
+        self.ListRules = channel.unary_unary(
+                '/swarm.control.v1.Control/ListRules',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListRulesRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListRulesResponse.FromString,
+                )
         self.ListAudit = channel.unary_unary(
                 '/swarm.control.v1.Control/ListAudit',
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
@@ -160,7 +165,16 @@ class ControlServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ReloadRules(self, request, context):
-        """Re-read the rules file; on an error the old rules stay in force.
+        """Re-read every rule file and switch to the set (detector, kernel thresholds, responder
+        lifetimes together); a bad set (FAILED_PRECONDITION, naming file, line and reason)
+        changes nothing and the rules in use stay. Operator role; audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRules(self, request, context):
+        """The rules in use with their version and hit counts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -234,6 +248,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ReloadRules,
                     request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesRequest.FromString,
                     response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesResponse.SerializeToString,
+            ),
+            'ListRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRules,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListRulesRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListRulesResponse.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -451,6 +470,23 @@ class Control(object):
         return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ReloadRules',
             swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesRequest.SerializeToString,
             swarm_dot_control_dot_v1_dot_control__pb2.ReloadRulesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListRules',
+            swarm_dot_control_dot_v1_dot_control__pb2.ListRulesRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.ListRulesResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
