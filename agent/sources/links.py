@@ -101,12 +101,13 @@ def lowers(names: list[str], infos: list[LinkInfo] | None = None) -> dict[str, l
     return {n: below[n] for n in names if n in below}
 
 
-def without_uppers(names: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+def without_uppers(names: list[str], infos: list[LinkInfo] | None = None
+                   ) -> tuple[list[str], dict[str, list[str]]]:
     """`names` less each device every lower link of which is in `names` too (a frame that
     reaches it came up through one of them and was judged there), and what was left out:
     {upper: its lowers}. An upper with a lower that is not watched stays watched."""
     try:
-        below = lowers(names)
+        below = lowers(names, infos)
     except OSError:
         return names, {}      # cannot tell: watch all, as before
     watched = set(names)
