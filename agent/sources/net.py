@@ -237,32 +237,41 @@ class NetProbe(BpfProbe):
         chain (TC_ACT_OK) hides the link's traffic from it. Read from the kernel each time."""
         out = super().status()
         late: dict[str, list[str]] = {}
-        if self._obj is None or self._netns_fd is None:
+        tcx = [k for k in self._links if getattr(k, "attach_type", None) in
+               (libbpf.BPF_TCX_INGRESS, libbpf.BPF_TCX_EGRESS)]
+        if self._obj is None or self._netns_fd is None or not tcx:
             return out
-        with self._in_own_netns():
-            for link in self._links:
-                which = {libbpf.BPF_TCX_INGRESS: NetProg.TC_INGRESS,
-                         libbpf.BPF_TCX_EGRESS: NetProg.TC_EGRESS}.get(getattr(link, "attach_type", None))
-                if which is None or link.fd < 0:
-                    continue
-                try:
-                    ahead = links.before(link.ifindex, link.attach_type,
-                                         links.prog_id(self._obj.program(which).fd))
-                    name = socket.if_indextoname(link.ifindex)
-                except OSError as e:
-                    late.setdefault(which, []).append(f"tcx chain unreadable: {e.strerror}")
-                    continue
-                if ahead:
-                    progs = ", ".join(f"{links.prog_name(i)} (id {i})" for i in ahead)
-                    late.setdefault(which, []).append(f"program {progs} runs before ours on {name}")
-                elif ahead is None:
-                    late.setdefault(which, []).append(f"ours is no longer on {name}")
+        try:
+            with self._in_own_netns():
+                for link in tcx:
+                    self._check_first(link, late)
+        except OSError as e:      # the namespace cannot be entered: say so, raise nothing
+            for which in (NetProg.TC_INGRESS, NetProg.TC_EGRESS):
+                late.setdefault(which, []).append(f"tcx chains unreadable: {e.strerror}")
         for which, why in late.items():
             if which.value in out:
                 st = out[which.value]
                 st["state"] = "degraded" if st["state"] == "loaded" else st["state"]
                 st["reason"] += "; degraded: " + "; ".join(why)
         return out
+
+    def _check_first(self, link: object, late: dict[str, list[str]]) -> None:
+        which = {libbpf.BPF_TCX_INGRESS: NetProg.TC_INGRESS,
+                 libbpf.BPF_TCX_EGRESS: NetProg.TC_EGRESS}[link.attach_type]
+        if link.fd < 0:
+            return
+        try:
+            ahead = links.before(link.ifindex, link.attach_type,
+                                 links.prog_id(self._obj.program(which).fd))
+            name = socket.if_indextoname(link.ifindex)
+        except OSError as e:
+            late.setdefault(which, []).append(f"tcx chain unreadable: {e.strerror}")
+            return
+        if ahead:
+            progs = ", ".join(f"{links.prog_name(i)} (id {i})" for i in ahead)
+            late.setdefault(which, []).append(f"program {progs} runs before ours on {name}")
+        elif ahead is None:
+            late.setdefault(which, []).append(f"ours is no longer on {name}")
 
     # --- reading -------------------------------------------------------------------------
 
