@@ -420,7 +420,10 @@ int handle_tc_ingress(struct __sk_buff *skb)
 }
 
 /* Records the peers this host sends to (record_exchange), parsed as XDP parses what comes
- * back: a flow wrapped in extension headers, options or VLAN tags is recorded too. */
+ * back: a flow wrapped in extension headers, options or VLAN tags is recorded too. Returns
+ * TC_ACT_UNSPEC: it only observes, and TC_ACT_OK would end the chain (tcx: TCX_PASS, and
+ * the clsact filters behind it are skipped too), hiding the packet from every program
+ * after ours (a CNI's, a firewall's). */
 SEC("tc")
 int handle_tc_egress(struct __sk_buff *skb)
 {
@@ -428,7 +431,7 @@ int handle_tc_egress(struct __sk_buff *skb)
 
 	if (parse_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &p) == 0)
 		record_exchange(&p, bpf_ktime_get_ns());
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 /* --- TCP tracepoints ---------------------------------------------------------------

@@ -235,3 +235,55 @@ def test_a_tcx_program_put_before_ours_is_reported(lab, tmp_path):
     finally:
         obj.close()
         probe.close()
+
+
+DROP_TC = r"""
+#include <linux/bpf.h>
+__attribute__((section("tc"), used)) int drop_all(struct __sk_buff *skb) { return 2; }
+char LICENSE[] __attribute__((section("license"), used)) = "GPL";
+"""
+
+
+def test_programs_after_ours_still_run(lab, tmp_path):
+    """Ours only observe: at ingress and egress they let the chain go on (TC_ACT_UNSPEC),
+    so a program attached after them (here: one that drops everything) still decides."""
+    src, obj_path = tmp_path / "drop.bpf.c", tmp_path / "drop.bpf.o"
+    src.write_text(DROP_TC)
+    subprocess.run(["clang", "-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c", str(src),
+                    "-o", str(obj_path)], check=True)
+    probe = open_probe(lab.victim, THRESHOLDS)
+    obj = libbpf.Object(str(obj_path))
+    obj.load()
+    try:
+        # victim -> attacker leaves by v0's egress, attacker -> victim enters by its ingress
+        for attach_type, to, sender in ((libbpf.BPF_TCX_EGRESS, lab.attacker, lab.victim),
+                                        (libbpf.BPF_TCX_INGRESS, lab.victim, lab.attacker)):
+            with netns(lab.victim):
+                after = libbpf.FdLink(obj.program("drop_all"), socket.if_nametoindex("v0"),
+                                      attach_type, 0, "a program after ours")
+            try:
+                got = _delivered(lab, to, sender)
+                assert got == 0, f"attach type {attach_type}: {got} datagrams passed"
+            finally:
+                after.destroy()
+        assert _delivered(lab, lab.attacker, lab.victim) == 10
+        assert probe.status()[NetProg.TC_INGRESS]["state"] == "loaded"
+    finally:
+        obj.close()
+        probe.close()
+
+
+def _delivered(lab, to_ns: str, from_ns: str) -> int:
+    """Of 10 datagrams sent from `from_ns` to a socket in `to_ns`, how many arrived."""
+    to = lab.addr("victim" if to_ns == lab.victim else "attacker")
+    srv = spawn_in(to_ns, "python3", "-c", COUNTER, "1.5", "7300")
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        sh("python3", "-c", "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+           "for _ in range(10): s.sendto(b'x', (sys.argv[1], 7300))", to, ns=from_ns, timeout=10)
+        out, _ = srv.communicate(timeout=10)
+        return int(out.strip())
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
