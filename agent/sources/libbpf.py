@@ -20,6 +20,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 BPF_XDP = 37               # enum bpf_attach_type
 BPF_TCX_INGRESS = 46       # Linux 6.6
 BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3      # tcx: with no relative program, first on the chain
 BPF_ANY = 0
 
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
@@ -309,13 +310,16 @@ def generic_xdp(prog: Program, ifindex: int) -> FdLink:
 
 
 def tcx_ingress(prog: Program, ifindex: int) -> FdLink:
-    """`prog` at tc ingress as a tcx link (Linux 6.6); EINVAL on older kernels."""
-    return FdLink(prog, ifindex, BPF_TCX_INGRESS, 0, "tcx ingress")
+    """`prog` at tc ingress as a tcx link (Linux 6.6), first on the chain (it passes every
+    packet it does not drop on to the next: a program that ends the chain before it would
+    hide the link from it); EINVAL on older kernels."""
+    return FdLink(prog, ifindex, BPF_TCX_INGRESS, BPF_F_BEFORE, "tcx ingress")
 
 
 def tcx_egress(prog: Program, ifindex: int) -> FdLink:
-    """`prog` at tc egress as a tcx link (Linux 6.6); EINVAL on older kernels."""
-    return FdLink(prog, ifindex, BPF_TCX_EGRESS, 0, "tcx egress")
+    """`prog` at tc egress as a tcx link (Linux 6.6), first on the chain; EINVAL on older
+    kernels."""
+    return FdLink(prog, ifindex, BPF_TCX_EGRESS, BPF_F_BEFORE, "tcx egress")
 
 
 BPF_TC_INGRESS = 1

@@ -18,9 +18,11 @@ from agent.enforce.nft import NftEnforcer
 from agent.model import Mitigation, MitigationKind
 from agent.sources import libbpf, links
 from agent.sources.abi import NetProg
+from agent.sources.net import NetProbe
 from swarmlab.lab import netns, sh, spawn_in
 from swarmlab.scenario import Scenario
-from tests.integration.test_net_probe import THRESHOLDS, UDP, built, open_probe  # noqa: F401
+from tests.integration.test_net_probe import (PROBES, THRESHOLDS, UDP, built,  # noqa: F401
+                                              open_probe)
 
 pytestmark = pytest.mark.privileged
 
@@ -235,6 +237,37 @@ def test_a_tcx_program_put_before_ours_is_reported(lab, tmp_path):
     finally:
         obj.close()
         probe.close()
+
+
+def test_ours_goes_first_on_a_chain_another_program_holds(lab, tmp_path):
+    """A program already on the chain (a CNI's) that ends it does not hide the link from
+    ours: ours is attached first on the chain."""
+    src, obj_path = tmp_path / "pass.bpf.c", tmp_path / "pass.bpf.o"
+    src.write_text(PASS_TC)
+    subprocess.run(["clang", "-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c",
+                    str(src), "-o", str(obj_path)], check=True)
+    obj = libbpf.Object(str(obj_path))
+    obj.load()
+    try:
+        with netns(lab.victim):
+            other = libbpf.FdLink(obj.program("pass_all"), socket.if_nametoindex("v0"),
+                                  libbpf.BPF_TCX_INGRESS, 0, "a CNI's tcx")
+        try:
+            with netns(lab.victim):    # not open_probe(): it skips a degraded probe
+                probe = NetProbe(PROBES, [], THRESHOLDS)
+                probe.open()
+            try:
+                before = probe.verdicts()["unsolicited"]
+                sh("python3", "-c", UDP, lab.addr("victim"), "9999", "25", ns=lab.attacker, timeout=20)
+                time.sleep(0.3)
+                assert probe.verdicts()["unsolicited"] - before == 25
+                assert probe.status()[NetProg.TC_INGRESS]["state"] == "loaded"
+            finally:
+                probe.close()
+        finally:
+            other.destroy()
+    finally:
+        obj.close()
 
 
 DROP_TC = r"""
