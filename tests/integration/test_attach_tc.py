@@ -320,3 +320,48 @@ def _delivered(lab, to_ns: str, from_ns: str) -> int:
         if srv.poll() is None:
             srv.kill()
             srv.wait()
+
+
+ECHO_FIRST = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)
+s.bind(('0.0.0.0', 7200)); s.settimeout(0.5); n = 0; end = time.monotonic() + 3
+print('ready', flush=True)
+while time.monotonic() < end:
+    try: data, peer = s.recvfrom(65536)
+    except socket.timeout: continue
+    n += 1
+    if n == 1: s.sendto(b'hello', peer)      # the service answers its client's first datagram
+print(n, flush=True)
+"""
+CLIENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 6100))
+s.sendto(b'initial', (sys.argv[1], 8443)); s.settimeout(2); s.recv(100)   # its answer
+s.setsockopt(socket.SOL_UDP, 103, 100)
+for _ in range(10):
+    s.sendto(b'x' * 6400, (sys.argv[1], 8443)); time.sleep(0.005)
+"""
+
+
+def test_a_gso_client_of_a_dnatted_service_is_never_dropped(lab):
+    """The innocent party of the GSO drop: a QUIC-like client of a service published by
+    DNAT (here a redirect of udp/8443 to the socket on 7200) that sends GSO bursts, over
+    the udp threshold, after the service answered its first datagram: the answer leaves
+    with the published port (NAT undone before tc egress), the exchange is recorded, its
+    bursts are solicited and all 640 datagrams arrive."""
+    nat = ("table ip t {\n chain pre {\n  type nat hook prerouting priority -100;\n"
+           "  udp dport 8443 redirect to :7200\n }\n}\n")
+    sh("nft", "-f", "-", ns=lab.victim, input=nat)
+    probe = open_probe(lab.victim, THRESHOLDS)
+    srv = spawn_in(lab.victim, "python3", "-c", ECHO_FIRST)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        sh("python3", "-c", CLIENT, lab.addr("victim"), ns=lab.attacker, timeout=20)
+        out, _ = srv.communicate(timeout=10)
+        assert int(out.strip()) == 1 + 640, out
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+        probe.close()
