@@ -78,7 +78,8 @@ def hook(lab: Lab, agent_pid: int | None) -> tuple[str | None, int | None]:
     if agent_pid is not None:
         for fd in Path(f"/proc/{agent_pid}/fdinfo").iterdir():
             info = fd.read_text()
-            if "link_type:\ttcx" in info and f"ifindex:\t{link['ifindex']}\n" in info:
+            if "link_type:\ttcx" in info and f"ifindex:\t{link['ifindex']}\n" in info \
+                    and "attach_type:\t46 " in info:        # ingress (47: the egress program)
                 return "tc", int(re.search(r"prog_id:\t(\d+)", info).group(1))
     filters = json.loads(sh("tc", "-j", "filter", "show", "dev", "v0", "ingress",
                             ns=lab.victim, check=False).stdout or "[]")

@@ -92,13 +92,18 @@ struct {
 	__type(value, __u64);
 } unparsed SEC(".maps");
 
-/* Adds one to slot `index` of a per-CPU u64 array (no atomic needed: the CPU's own). */
-static __always_inline void bump(void *map, __u32 index)
+/* Adds `by` to slot `index` of a per-CPU u64 array (no atomic needed: the CPU's own). */
+static __always_inline void bump_by(void *map, __u32 index, __u64 by)
 {
 	__u64 *n = bpf_map_lookup_elem(map, &index);
 
 	if (n)
-		*n += 1;
+		*n += by;
+}
+
+static __always_inline void bump(void *map, __u32 index)
+{
+	bump_by(map, index, 1);
 }
 
 static __always_inline void count_loss(void)
@@ -271,7 +276,13 @@ static __always_inline void *window_entry(void *map, const void *key, void *fres
 	return start;
 }
 
-static __always_inline void count_source(const struct pkt *p, struct net_thresholds *t, __u64 now)
+/* Counts one unsolicited skb to its source; returns 1 when it must be dropped: a UDP
+ * GSO/GRO skb (segs > 1: a local sender's UDP_SEGMENT burst at tc, up to 64 datagrams)
+ * from a source already over its udp threshold in this window. nftables counts skbs, not
+ * datagrams, so such a burst would pass a challenged source's per-source limit
+ * (enforce.challenge_rate_limit) 64 datagrams per token; here it stops at the threshold.
+ * Plain datagrams, solicited flows and sources under the threshold are never dropped. */
+static __always_inline int count_source(const struct pkt *p, struct net_thresholds *t, __u64 now)
 {
 	struct source_stats fresh = {}, *s;
 	__u64 start;
@@ -279,13 +290,15 @@ static __always_inline void count_source(const struct pkt *p, struct net_thresho
 	s = window_entry(&sources, &p->src, &fresh, sizeof(fresh),
 			 __builtin_offsetof(struct source_stats, alerted), now, &start);
 	if (!s)
-		return;
+		return 0;
+	/* A GRO/GSO skb is one flow: each of its segments is a packet, a datagram or a SYN
+	 * of that flow, in every counter. */
 	__sync_fetch_and_add(&s->packets, p->segs);
 	__sync_fetch_and_add(&s->bytes, p->len);
 	if (p->syn)
-		__sync_fetch_and_add(&s->syns, 1);
+		__sync_fetch_and_add(&s->syns, p->segs);
 	if (p->proto == IPPROTO_UDP)
-		__sync_fetch_and_add(&s->udp, 1);
+		__sync_fetch_and_add(&s->udp, p->segs);
 	if (p->proto && mark_distinct(s->port_bits, p->dport + 1))
 		__sync_fetch_and_add(&s->ports, 1);
 	s->dport = p->dport;
@@ -298,6 +311,7 @@ static __always_inline void count_source(const struct pkt *p, struct net_thresho
 		emit_source(&p->src, s, start, REASON_UDP, now);
 	if (over(s->ports, t->port_bits))
 		emit_source(&p->src, s, start, REASON_PORTS, now);
+	return p->proto == IPPROTO_UDP && p->segs > 1 && over(s->udp, t->udp);
 }
 
 static __always_inline void count_service(const struct pkt *p, struct net_thresholds *t, __u64 now)
@@ -312,9 +326,9 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 		return;
 	__sync_fetch_and_add(&s->packets, p->segs);
 	if (p->syn)
-		__sync_fetch_and_add(&s->syns, 1);
+		__sync_fetch_and_add(&s->syns, p->segs);
 	if (p->proto == IPPROTO_UDP)
-		__sync_fetch_and_add(&s->udp, 1);
+		__sync_fetch_and_add(&s->udp, p->segs);
 	if (mark_distinct(s->source_bits, hash_addr(&p->src)))
 		__sync_fetch_and_add(&s->sources, 1);
 	if (s->sources < t->svc_source_bits)
@@ -329,12 +343,14 @@ static __always_inline void count_service(const struct pkt *p, struct net_thresh
 
 /* The verdict on one packet parse_packet() read (`parsed`: its return), the same at every
  * hook the loader may attach to (native or generic XDP, tc ingress): counts it unless it
- * is solicited, and returns 1 when it must be dropped (probes.drop_unparsable), else 0.
+ * is solicited, and returns 1 when it must be dropped (probes.drop_unparsable, or a UDP
+ * GSO burst past its source's udp threshold: count_source()), else 0.
  * `ctx` is the hook's own context, for the socket lookups. */
 static __always_inline int judge(void *ctx, struct pkt *p, int parsed)
 {
 	struct net_thresholds *t = get_thresholds();
 	__u64 now;
+	int drop;
 
 	if (!t || parsed < 0)
 		return 0;
@@ -354,14 +370,14 @@ static __always_inline int judge(void *ctx, struct pkt *p, int parsed)
 	}
 	now = bpf_ktime_get_ns();
 	if (!parsed && solicited(ctx, p, now)) {
-		bump(&verdicts, 0);
+		bump_by(&verdicts, 0, p->segs);
 		return 0;
 	}
-	bump(&verdicts, 1);
-	count_source(p, t, now);
+	bump_by(&verdicts, 1, p->segs);
+	drop = count_source(p, t, now);
 	if (p->proto)
 		count_service(p, t, now);
-	return 0;	/* observe only: enforcement is nftables' job (but see above) */
+	return drop;	/* else observe only: enforcement is nftables' job */
 }
 
 /* Native (driver) or generic XDP: the whole frame is in [data, data_end). */
@@ -404,7 +420,10 @@ int handle_tc_ingress(struct __sk_buff *skb)
 }
 
 /* Records the peers this host sends to (record_exchange), parsed as XDP parses what comes
- * back: a flow wrapped in extension headers, options or VLAN tags is recorded too. */
+ * back: a flow wrapped in extension headers, options or VLAN tags is recorded too. Returns
+ * TC_ACT_UNSPEC: it only observes, and TC_ACT_OK would end the chain (tcx: TCX_PASS, and
+ * the clsact filters behind it are skipped too), hiding the packet from every program
+ * after ours (a CNI's, a firewall's). */
 SEC("tc")
 int handle_tc_egress(struct __sk_buff *skb)
 {
@@ -412,7 +431,7 @@ int handle_tc_egress(struct __sk_buff *skb)
 
 	if (parse_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &p) == 0)
 		record_exchange(&p, bpf_ktime_get_ns());
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC;
 }
 
 /* --- TCP tracepoints ---------------------------------------------------------------

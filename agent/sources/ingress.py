@@ -92,12 +92,12 @@ def _attach_one(mode: Mode, xdp: libbpf.Program, tc: libbpf.Program, ifindex: in
     try:
         return libbpf.tcx_ingress(tc, ifindex)
     except OSError as e:
-        if e.errno not in _NO_TCX:
+        if e.errno not in NO_TCX:
             raise
     return libbpf.TcLink(tc, ifindex, ingress=True)  # before Linux 6.6: a clsact filter
 
 
-_NO_TCX = {22, 95, 524}  # EINVAL, EOPNOTSUPP, ENOTSUPP: no tcx links in this kernel
+NO_TCX = {22, 95, 524}  # EINVAL, EOPNOTSUPP, ENOTSUPP: no tcx links in this kernel
 
 
 def attach(name: str, configured: str, xdp: libbpf.Program | None,

@@ -19,6 +19,8 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 BPF_XDP = 37               # enum bpf_attach_type
 BPF_TCX_INGRESS = 46       # Linux 6.6
+BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3      # tcx: with no relative program, first on the chain
 BPF_ANY = 0
 
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
@@ -289,7 +291,7 @@ class FdLink:
         opts = _LinkCreateOpts(sz=ctypes.sizeof(_LinkCreateOpts), flags=flags)
         self.fd = check(_lib.bpf_link_create(prog.fd, ifindex, attach_type, ctypes.byref(opts)),
                         f"attach {prog.name} ({what}) to ifindex {ifindex}")
-        self.ifindex = ifindex
+        self.ifindex, self.attach_type = ifindex, attach_type
 
     def destroy(self) -> None:
         if self.fd >= 0:
@@ -308,8 +310,16 @@ def generic_xdp(prog: Program, ifindex: int) -> FdLink:
 
 
 def tcx_ingress(prog: Program, ifindex: int) -> FdLink:
-    """`prog` at tc ingress as a tcx link (Linux 6.6); EINVAL on older kernels."""
-    return FdLink(prog, ifindex, BPF_TCX_INGRESS, 0, "tcx ingress")
+    """`prog` at tc ingress as a tcx link (Linux 6.6), first on the chain (it passes every
+    packet it does not drop on to the next: a program that ends the chain before it would
+    hide the link from it); EINVAL on older kernels."""
+    return FdLink(prog, ifindex, BPF_TCX_INGRESS, BPF_F_BEFORE, "tcx ingress")
+
+
+def tcx_egress(prog: Program, ifindex: int) -> FdLink:
+    """`prog` at tc egress as a tcx link (Linux 6.6), first on the chain; EINVAL on older
+    kernels."""
+    return FdLink(prog, ifindex, BPF_TCX_EGRESS, BPF_F_BEFORE, "tcx egress")
 
 
 BPF_TC_INGRESS = 1
@@ -329,11 +339,17 @@ class _TcOpts(ctypes.Structure):
                 ("priority", ctypes.c_uint32)]
 
 
+BPF_TC_F_REPLACE = 1
+# The one handle and priority the agent's clsact filters take: a restart after a kill -9
+# replaces the dead agent's filter in place (BPF_TC_F_REPLACE) instead of adding another.
+TC_HANDLE, TC_PRIORITY = 0x5741, 0x5741
+
+
 class TcLink:
     """A tc (clsact) filter running `prog` on ifindex, at egress unless `ingress`;
     destroy() removes the filter and, when this link created the clsact qdisc, the
     qdisc. Unlike a BPF link, it must be destroyed from the network namespace it was
-    attached in, and it outlives a killed process."""
+    attached in, and it outlives a killed process: the next one replaces it (TC_HANDLE)."""
 
     def __init__(self, prog: Program, ifindex: int, ingress: bool = False):
         self._hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex,
@@ -342,7 +358,8 @@ class TcLink:
         if ret < 0 and ret != -errno.EEXIST:
             check(ret, f"create the clsact qdisc on ifindex {ifindex}")
         self._own_qdisc = ret == 0
-        opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog.fd)
+        opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog.fd, flags=BPF_TC_F_REPLACE,
+                       handle=TC_HANDLE, priority=TC_PRIORITY)
         try:
             check(_lib.bpf_tc_attach(ctypes.byref(self._hook), ctypes.byref(opts)),
                   f"attach {prog.name} to tc {'ingress' if ingress else 'egress'} of "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from agent.config import Probes
 from agent.model import Event
-from agent.sources import abi, ingress, libbpf
+from agent.sources import abi, ingress, libbpf, links
 from agent.sources.abi import NetMap, NetProg
 from agent.sources.probe import BpfProbe
 
@@ -161,7 +161,7 @@ class NetProbe(BpfProbe):
         if NetProg.TC_EGRESS in progs:
             # Without it, answers from UDP peers this host talks to through an unconnected
             # socket (wireguard-go, QUIC servers) count as unsolicited: degraded, reported.
-            self._attach_each(NetProg.TC_EGRESS, libbpf.TcLink, "tc egress")
+            self._attach_each(NetProg.TC_EGRESS, egress_link, "tc egress")
 
     def _watched(self) -> tuple[list[str], str]:
         """The links to attach to, and the status note on those left out."""
@@ -172,7 +172,14 @@ class NetProbe(BpfProbe):
         # unparsable. Such devices are left unwatched, and the status says so.
         skipped = [n for n in names if _link_type(n) not in (None, ARPHRD_ETHER)]
         unwatched = f"; not on {', '.join(skipped)} (no Ethernet header)" if skipped else ""
-        return [n for n in names if n not in skipped], unwatched
+        # A frame through a bridge or bond port (or the link under a vlan) meets that
+        # link's hook, then its upper device's: only the lowest watched link judges it, so
+        # every packet is counted once (forwarded between ports or delivered to the
+        # bridge's own address). An upper with an unwatched lower stays watched.
+        names, uppers = links.without_uppers([n for n in names if n not in skipped])
+        unwatched += "".join(f"; not on {u} (judged on {', '.join(low)} below it)"
+                             for u, low in uppers.items())
+        return names, unwatched
 
     def _attach_ingress(self, progs: set[NetProg]) -> None:
         """The ingress program on every watched link, by the hook that costs it least
@@ -223,6 +230,48 @@ class NetProbe(BpfProbe):
                       + unwatched)
         else:
             self._set(which, "loaded", f"{what} on {', '.join(names)}" + unwatched)
+
+    def status(self) -> dict[str, dict[str, str]]:
+        """As BpfProbe.status(), and a tcx program (ours at tc ingress or egress) that is
+        not first on its link's chain is "degraded": any program before ours that ends the
+        chain (TC_ACT_OK) hides the link's traffic from it. Read from the kernel each time."""
+        out = super().status()
+        late: dict[str, list[str]] = {}
+        tcx = [k for k in self._links if getattr(k, "attach_type", None) in
+               (libbpf.BPF_TCX_INGRESS, libbpf.BPF_TCX_EGRESS)]
+        if self._obj is None or self._netns_fd is None or not tcx:
+            return out
+        try:
+            with self._in_own_netns():
+                for link in tcx:
+                    self._check_first(link, late)
+        except OSError as e:      # the namespace cannot be entered: say so, raise nothing
+            for which in (NetProg.TC_INGRESS, NetProg.TC_EGRESS):
+                late.setdefault(which, []).append(f"tcx chains unreadable: {e.strerror}")
+        for which, why in late.items():
+            if which.value in out:
+                st = out[which.value]
+                st["state"] = "degraded" if st["state"] == "loaded" else st["state"]
+                st["reason"] += "; degraded: " + "; ".join(why)
+        return out
+
+    def _check_first(self, link: object, late: dict[str, list[str]]) -> None:
+        which = {libbpf.BPF_TCX_INGRESS: NetProg.TC_INGRESS,
+                 libbpf.BPF_TCX_EGRESS: NetProg.TC_EGRESS}[link.attach_type]
+        if link.fd < 0:
+            return
+        try:
+            ahead = links.before(link.ifindex, link.attach_type,
+                                 links.prog_id(self._obj.program(which).fd))
+            name = socket.if_indextoname(link.ifindex)
+        except OSError as e:
+            late.setdefault(which, []).append(f"tcx chain unreadable: {e.strerror}")
+            return
+        if ahead:
+            progs = ", ".join(f"{links.prog_name(i)} (id {i})" for i in ahead)
+            late.setdefault(which, []).append(f"program {progs} runs before ours on {name}")
+        elif ahead is None:
+            late.setdefault(which, []).append(f"ours is no longer on {name}")
 
     # --- reading -------------------------------------------------------------------------
 
@@ -289,6 +338,18 @@ class NetProbe(BpfProbe):
                     _setns(home)
         finally:
             os.close(home)
+
+
+def egress_link(prog: libbpf.Program, ifindex: int):
+    """The egress program on `ifindex` as a tcx link (Linux 6.6: the kernel detaches it when
+    the agent's process ends, and deleting the clsact qdisc does not remove it), else a
+    clsact filter, which replaces one a killed agent left (libbpf.TC_HANDLE)."""
+    try:
+        return libbpf.tcx_egress(prog, ifindex)
+    except OSError as e:
+        if e.errno not in ingress.NO_TCX:
+            raise
+    return libbpf.TcLink(prog, ifindex)
 
 
 def to_event(ev: ctypes.Structure | None, window_ms: int) -> Event | None:

@@ -41,15 +41,17 @@ def xdp_on(ns: str, ifname: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def tcx_links(ifindex: int, pid: str = "self") -> list[int]:
-    """Program ids of the tcx links process `pid` holds on `ifindex`."""
+def tcx_links(ifindex: int, pid: str = "self", attach_type: int = 46) -> list[int]:
+    """Program ids of the tcx links process `pid` holds on `ifindex` at ingress (46; the
+    egress program's are 47)."""
     ids = []
     for fd in Path(f"/proc/{pid}/fdinfo").iterdir():
         try:
             info = fd.read_text()
         except OSError:
             continue
-        if "link_type:\ttcx" in info and f"ifindex:\t{ifindex}\n" in info:
+        if "link_type:\ttcx" in info and f"ifindex:\t{ifindex}\n" in info and \
+                f"attach_type:\t{attach_type} " in info:
             ids.append(int(re.search(r"prog_id:\t(\d+)", info).group(1)))
     return ids
 
@@ -75,6 +77,7 @@ def test_each_mode_is_the_hook_the_kernel_shows_and_is_gone_after_close(lab):
         finally:
             probe.close()
         assert xdp_on(lab.victim, "v0") == (None, None) and tcx_links(v0) == []
+        assert tcx_links(v0, attach_type=47) == []
 
 
 def test_auto_gives_a_veth_tc_ingress_and_says_why(lab):
