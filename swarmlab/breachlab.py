@@ -142,13 +142,18 @@ def throwaway_cgroup(prefix: str = "swa-breach") -> Iterator[Path]:
     try:
         yield d
     finally:
-        with contextlib.suppress(OSError):
-            (d / "cgroup.freeze").write_text("0")
-            (d / "cgroup.kill").write_text("1")
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 5.0)
-        with contextlib.suppress(OSError):
-            d.rmdir()
+        remove_cgroup(d)
+
+
+def remove_cgroup(d: Path) -> None:
+    """Thaw `d`, kill what is in it, wait (bounded) for it to empty, remove it."""
+    with contextlib.suppress(OSError):
+        (d / "cgroup.freeze").write_text("0")
+        (d / "cgroup.kill").write_text("1")
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 5.0)
+    with contextlib.suppress(OSError):
+        d.rmdir()
 
 
 @dataclass

@@ -8,10 +8,11 @@ brings (gcc), into .cache/swarmlab/ of the checkout.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
+
+from swarmlab import attacks
 
 SOURCE = Path(__file__).resolve().with_name("synblast.c")
 BINARY = Path(__file__).resolve().parents[2] / ".cache" / "swarmlab" / "synblast"
@@ -48,12 +49,5 @@ def start(ns: str, target: str, port: int, source_base: str, *, sources: int = 4
 
 
 def result(proc: subprocess.Popen[str], timeout_s: float = 120.0) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise BlastError(f"synblast ran past {timeout_s} s") from None
-    if proc.returncode != 0 or not out.strip():
-        raise BlastError(f"synblast exited {proc.returncode}: {err.strip()[-500:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    """Its JSON line (swarmlab.attacks.result: killed on timeout, AttackError on failure)."""
+    return attacks.result(proc, timeout_s)

@@ -28,7 +28,7 @@ import pytest
 
 from agent.enforce.cgroup import cgroup2_mount
 from agent.sources.capability import CAPABILITIES
-from swarmlab.breachlab import throwaway_cgroup
+from swarmlab.breachlab import remove_cgroup, throwaway_cgroup
 from swarmlab.lab import wait_for
 
 pytestmark = pytest.mark.privileged
@@ -113,13 +113,7 @@ def delegated() -> Iterator[tuple[Path, Path, Path]]:
             yield top, work, spare
         finally:
             for d in (work, spare):
-                with contextlib.suppress(OSError):
-                    (d / "cgroup.freeze").write_text("0")
-                    (d / "cgroup.kill").write_text("1")
-                with contextlib.suppress(TimeoutError):
-                    wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 5.0)
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+                remove_cgroup(d)
 
 
 class Agent:
