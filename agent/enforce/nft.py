@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import nftables
 
 from agent.config import Config
-from agent.enforce import isolate, listing
+from agent.enforce import egress, isolate, listing
 from agent.enforce.base import AllowlistedError, Drift, EnforceError
 from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
@@ -51,6 +51,7 @@ class NftEnforcer:
         self.cfg = cfg
         self._agent_cgroup = agent_cgroup or own_cgroup()
         self._isolated = isolate.Isolation()   # what the isolation chains hold
+        self._egress = egress.Egress()         # what the egress chains hold
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._addrs = AddressReader()
@@ -144,6 +145,11 @@ class NftEnforcer:
             added += sorted(iso.labels() - self._isolated.labels())
             removed += sorted(self._isolated.labels() - iso.labels())
             self._send_isolation(iso)
+        eg = egress.desired(self.cfg)     # a waiting cgroup may have appeared, or gone
+        if eg.lines != self._egress.lines:
+            added += [f"egress:{s.policy}:{s.scope}" for s in sorted(set(eg.scopes) - set(self._egress.scopes), key=str)]
+            removed += [f"egress:{s.policy}:{s.scope}" for s in sorted(set(self._egress.scopes) - set(eg.scopes), key=str)]
+            self._send_egress(eg)
         if drifted:
             cmds: list[dict[str, Any]] = []
             for name in drifted:
@@ -173,6 +179,15 @@ class NftEnforcer:
 
     def close(self) -> None:
         self._addrs.close()
+
+    def egress_counts(self) -> dict[egress.Scope, int]:
+        """Packets the egress policy dropped so far, per policy rule and scope (counters
+        restart from 0 when the table is recreated)."""
+        return egress.counts(self._list() or [], self._egress)
+
+    def egress_status(self) -> dict[str, Any]:
+        """The egress policy in force: per rule its scopes, and the cgroups waited for."""
+        return self._egress.status()
 
     def refresh_allowlist(self) -> None:
         """Re-read the host's own addresses into the allowlist (setup and reconcile do it
@@ -221,6 +236,8 @@ class NftEnforcer:
         iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
         if iso:
             self._send_isolation(iso)
+        self._egress = egress.Egress()
+        self._send_egress(egress.desired(self.cfg))
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
@@ -259,6 +276,16 @@ class NftEnforcer:
         if rc != 0:
             raise EnforceError(f"nftables refused the isolation change: {_first_line(err)}", text)
         self._isolated = iso
+        objs = self._list()
+        self._structure = listing.fingerprint(objs) if objs is not None else None
+
+    def _send_egress(self, eg: egress.Egress) -> None:
+        """Rewrite the egress chains as one text transaction (like the isolation's)."""
+        text = egress.rules_text(eg)
+        rc, _, err = self._nft.cmd(text)
+        if rc != 0:
+            raise EnforceError(f"nftables refused the egress policy: {_first_line(err)}", text)
+        self._egress = eg
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
 
