@@ -28,7 +28,8 @@ from agent.enforce.cgroup import CgroupError, resolve
 from agent.enforce.ruleset import EGRESS_CHAINS, FAMILY, TABLE
 from agent.policyconfig import EgressRule
 
-_OUT, _FWD = (name for name, _ in EGRESS_CHAINS)
+CHAINS = tuple(name for name, _ in EGRESS_CHAINS)
+_OUT, _FWD = CHAINS
 _LOOPBACK = ("127.0.0.0/8", "::1/128")
 COMMENT_PREFIX = "egress #"
 

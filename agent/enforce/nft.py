@@ -183,7 +183,14 @@ class NftEnforcer:
     def egress_counts(self) -> dict[egress.Scope, int]:
         """Packets the egress policy dropped so far, per policy rule and scope (counters
         restart from 0 when the table is recreated)."""
-        return egress.counts(self._list() or [], self._egress)
+        objs: list[dict[str, Any]] = []
+        for chain in egress.CHAINS:     # the chains only: the sets may be large
+            cmd = {"nftables": [{"list": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}}]}
+            rc, out, err = self._nft.json_cmd(cmd)
+            if rc != 0:
+                raise EnforceError(f"cannot read chain {chain}: {_first_line(err)}", cmd)
+            objs += listing.objects(out)
+        return egress.counts(objs, self._egress)
 
     def egress_status(self) -> dict[str, Any]:
         """The egress policy in force: per rule its scopes, and the cgroups waited for."""
