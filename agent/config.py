@@ -370,15 +370,15 @@ def validate(cfg: Config) -> Config:
     if cfg.gpu.nvml_library is not None and not cfg.gpu.nvml_library.startswith("/"):
         raise ConfigError("gpu.nvml_library must be an absolute path (or null: the "
                           "system's libnvidia-ml.so.1)")
-    try:
-        policyconfig.check(cfg.policy, (*cfg.allowlist.management, *cfg.allowlist.mesh))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     _check_control(cfg.control)
     _check_mesh(cfg.mesh)
     _check_alerts(cfg.alerts)
     if cfg.metrics.listen is not None:
         _check_host_port("metrics.listen", cfg.metrics.listen)
+    try:
+        policyconfig.check(cfg.policy, (*cfg.allowlist.management, *cfg.allowlist.mesh))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

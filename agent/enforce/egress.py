@@ -59,10 +59,18 @@ class Egress:
         return {"enforced": enforced, "waiting": list(self.waiting)}
 
 
-def desired(cfg: Config) -> Egress:
-    """The egress chains' contents for `cfg.policy`, with the cgroups present now."""
+def desired(cfg: Config, agent_cgroup: str = "/") -> Egress:
+    """The egress chains' contents for `cfg.policy`, with the cgroups present now. The
+    agent's own cgroup (unless the root: that would exempt everything) is exempt: a policy
+    over a parent of it must not cut the agent's notifications or its mesh by name."""
     exempt = _exempt(cfg)
     lines: list[tuple[str, str]] = [(c, line) for c in (_OUT, _FWD) for line in exempt]
+    if cfg.policy.egress and agent_cgroup != "/":
+        try:
+            me = resolve(agent_cgroup)
+            lines.append((_OUT, f'socket cgroupv2 level {me.level} "{me.nft_path}" accept'))
+        except CgroupError:
+            pass
     scopes: list[Scope] = []
     waiting: list[str] = []
     for rule in cfg.policy.egress:

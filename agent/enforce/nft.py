@@ -145,7 +145,7 @@ class NftEnforcer:
             added += sorted(iso.labels() - self._isolated.labels())
             removed += sorted(self._isolated.labels() - iso.labels())
             self._send_isolation(iso)
-        eg = egress.desired(self.cfg)     # a waiting cgroup may have appeared, or gone
+        eg = egress.desired(self.cfg, self._agent_cgroup)     # a waiting cgroup may have appeared, or gone
         if eg.lines != self._egress.lines:
             added += [f"egress:{s.policy}:{s.scope}" for s in sorted(set(eg.scopes) - set(self._egress.scopes), key=str)]
             removed += [f"egress:{s.policy}:{s.scope}" for s in sorted(set(self._egress.scopes) - set(eg.scopes), key=str)]
@@ -244,7 +244,7 @@ class NftEnforcer:
         if iso:
             self._send_isolation(iso)
         self._egress = egress.Egress()
-        self._send_egress(egress.desired(self.cfg))
+        self._send_egress(egress.desired(self.cfg, self._agent_cgroup))
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None

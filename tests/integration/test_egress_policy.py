@@ -175,3 +175,22 @@ def test_bad_policy_exits_2(tmp_path):
         assert out.returncode == 2, out
         assert "policy.egress[x].destinations: '1.2.3.999' is not an IP address or CIDR" in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_the_agents_own_cgroup_is_never_cut(lab, restricted):
+    """A policy over a parent of the agent's cgroup: the agent still gets out (its
+    notifications, the mesh by name); its sibling workloads do not."""
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    agent_cg, job = restricted / "agent", restricted / "job"
+    agent_cg.mkdir()
+    job.mkdir()
+    rule = EgressRule(name="metadata", cgroups=(cgroup_path(restricted),), destinations=(METADATA_V4,))
+    with listener(lab.attacker, METADATA, PORT, "secret"), netns(lab.victim):
+        e = NftEnforcer(Config(policy=Policy(egress=(rule,))), agent_cgroup=cgroup_path(agent_cg))
+        try:
+            e.setup([], time.time())
+            assert connect_from(agent_cg, lab.victim, METADATA, PORT) == "secret"
+            assert connect_from(job, lab.victim, METADATA, PORT) == ""
+        finally:
+            e.remove()
+            e.close()
