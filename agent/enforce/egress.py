@@ -120,6 +120,11 @@ def _matches(rule: EgressRule) -> list[str]:
     return out
 
 
+def labels(new: Egress, old: Egress) -> list[str]:
+    """Drift labels ("egress:POLICY:SCOPE") of the scopes in `new` and not in `old`."""
+    return sorted({f"egress:{s.policy}:{s.scope}" for s in set(new.scopes) - set(old.scopes)})
+
+
 def rules_text(egress: Egress) -> str:
     """One nft transaction replacing the egress chains' rules with `egress`."""
     lines = [f"flush chain {FAMILY} {TABLE} {c}" for c in (_OUT, _FWD)]

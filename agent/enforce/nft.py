@@ -134,9 +134,17 @@ class NftEnforcer:
         Finding nothing changes nothing, so reconciling on every notification is quiet."""
         self._allow = self._read_allowlist()
         want = desired_contents(desired, self.cfg, now, self._allow)
+        # First the egress policy's own changes, which are no tampering: a waiting cgroup
+        # appeared, or one went (a container ended; made again: another id).
+        eg = egress.desired(self.cfg, self._agent_cgroup)
+        eg_added, eg_removed = egress.labels(eg, self._egress), egress.labels(self._egress, eg)
+        if eg.lines != self._egress.lines and self._structure is not None:
+            with contextlib.suppress(EnforceError):   # no table: recreated below
+                self._send_egress(eg)
         objs = self._list()
         have = listing.elements(objs or [])
         added, removed, drifted = _diff(want, have, now)
+        added, removed = added + eg_added, removed + eg_removed
         if objs is None or self._structure is None or listing.fingerprint(objs) != self._structure:
             self._recreate(desired, now)
             return Drift(True, added, removed)
@@ -145,11 +153,6 @@ class NftEnforcer:
             added += sorted(iso.labels() - self._isolated.labels())
             removed += sorted(self._isolated.labels() - iso.labels())
             self._send_isolation(iso)
-        eg = egress.desired(self.cfg, self._agent_cgroup)     # a waiting cgroup may have appeared, or gone
-        if eg.lines != self._egress.lines:
-            added += [f"egress:{s.policy}:{s.scope}" for s in sorted(set(eg.scopes) - set(self._egress.scopes), key=str)]
-            removed += [f"egress:{s.policy}:{s.scope}" for s in sorted(set(self._egress.scopes) - set(eg.scopes), key=str)]
-            self._send_egress(eg)
         if drifted:
             cmds: list[dict[str, Any]] = []
             for name in drifted:

@@ -108,7 +108,12 @@ def test_port_rule_and_waiting_cgroup(lab, restricted):
                 assert connect_from(new, lab.victim, lab.addr("attacker"), PORT) == ""
                 assert e.egress_status()["enforced"] == {"mining": [f"cgroup:{later}"]}
             finally:
+                wait_for(lambda: not (new / "cgroup.procs").read_text().strip(), 5.0)
                 new.rmdir()
+            # The workload ended: its rule goes, the table is not rebuilt for it.
+            drift = e.reconcile([], time.time())
+            assert not drift.table_recreated and drift.elements_removed == [f"egress:mining:cgroup:{later}"]
+            assert e.egress_status()["waiting"] == [f"mining: {later}"]
         finally:
             e.remove()
             e.close()
