@@ -19,6 +19,8 @@ from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, DEBUGGERS,  # 
                                    PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
 from agent.model import EventClass, Severity
+from agent import policyconfig
+from agent.policyconfig import EgressRule, Policy  # noqa: F401  (the policy: section)
 from agent.yamlsafe import YamlError, read_yaml
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -221,6 +223,7 @@ class Config:
     metrics: Metrics = Metrics()
     breach: Breach = Breach()
     gpu: Gpu = Gpu()
+    policy: Policy = Policy()
 
     @property
     def rules_path(self) -> Path:
@@ -277,6 +280,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if is_dataclass(hint):
         return _build(hint, value if value is not None else {}, key + ".")
     text = str(hint)
+    item = get_args(hint)[0] if text.startswith("tuple") and get_args(hint) else None
+    if item is int or is_dataclass(item):   # ports, policy.egress rules
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list")
+        _checked(configcheck.items, key, value)
+        if item is int:
+            return tuple(_checked(configcheck.number, key, v, True) for v in value)
+        return tuple(_build(item, v, f"{key}[{i}].") for i, v in enumerate(value))
     if text.startswith("tuple"):
         if value is None:
             return ()
@@ -362,6 +375,10 @@ def validate(cfg: Config) -> Config:
     _check_alerts(cfg.alerts)
     if cfg.metrics.listen is not None:
         _check_host_port("metrics.listen", cfg.metrics.listen)
+    try:
+        policyconfig.check(cfg.policy, (*cfg.allowlist.management, *cfg.allowlist.mesh))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -70,6 +70,8 @@ BOUNDS: dict[str, Bound] = {
     "alerts.timeout_s": _WAIT,
     "gpu.sample_s": Bound(0.1, 3600, why="NVML counters change no faster; an hour is the "
                           "longest a process may use a GPU unseen"),
+    "policy.egress_poll_s": Bound(0.05, 60, why="the counters are read this often; past "
+                                  "a minute an attempt waits too long to become an incident"),
 }
 _GENERIC_INT = Bound(-(2**63), 2**63 - 1)
 _GENERIC_FLOAT = Bound(-math.inf, math.inf)

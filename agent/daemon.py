@@ -38,6 +38,7 @@ from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
+from agent import egresswatch
 from agent.rulereload import Reloaded, RuleReloader
 from agent.sources.queue import EventQueue
 from agent.state.store import Store
@@ -417,12 +418,24 @@ class Agent:
                          # The control API carries counters, not the queue dict.
                          "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
                          "queue.capacity": self.queue.capacity,
-                         **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()}},
+                         **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()},
+                         **self._egress_counters()},
             "last_drift_at": self.last_drift_at,
+            # The egress policy in force (config policy.egress, read at start only).
+            "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "ruleset": self.rulebook.status(),
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
         }
+
+    def _egress_counters(self) -> dict[str, int]:
+        """The egress policy in counters (what the control API carries): the scopes in
+        force and the configured cgroups that do not exist (yet)."""
+        if getattr(self, "enforcer", None) is None:
+            return {}
+        eg = self.enforcer.egress_status()
+        return {"egress.scopes_enforced": sum(len(v) for v in eg.get("enforced", {}).values()),
+                "egress.cgroups_waiting": len(eg.get("waiting", []))}
 
     def _storage_status(self) -> dict[str, dict[str, str]]:
         """Storage as one more component in `status` (state ok or degraded, and why)."""
@@ -473,6 +486,10 @@ class Agent:
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
                 tg.create_task(self.watch_storage())
+                if self.cfg.policy.egress and not self.cfg.dry_run:
+                    tg.create_task(egresswatch.watch(
+                        self.cfg, self.enforcer.egress_counts, self.enqueue,
+                        lambda e: self._failed("egress.read_failed", e)))
                 for task in self.reporting.tasks():
                     tg.create_task(task)
                 self.ready = True

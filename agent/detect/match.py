@@ -63,6 +63,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "gpu.xid": ("gpu_index", "gpu_uuid", "gpu_name", "xid", "repeats"),
     "gpu.ecc": ("gpu_index", "gpu_uuid", "gpu_name", "dbe_new", "ecc_dbe_volatile"),
     "gpu.throttle": ("gpu_index", "gpu_uuid", "gpu_name", "reasons", "active", "throttle_bits"),
+    # drops of the egress policy (agent/egresswatch.py): applies_to is "cgroup:/path" or
+    # "iif:name", with the path in cgroup or the name in interface
+    "policy.egress_denied": ("policy", "applies_to", "cgroup", "interface", "packets",
+                             "packets_total"),
 }
 
 

@@ -446,6 +446,9 @@ def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
     if rule.event_class is EventClass.GPU_HEALTH:
         # One live incident per GPU and reason (the rule), however often it repeats.
         entity = f"gpu:{event.fields.get('gpu_uuid')}:{rule.id.removeprefix('gpu.')}"
+    elif event.kind == "policy.egress_denied":
+        # One live incident per egress rule and what it applies to (the subject).
+        entity = event.subject
     action = f"isolate_{scope}" if rule.action == "isolate" else rule.action
     return Finding(
         rule_id=rule.id, rule_version=rule.version, event_class=rule.event_class,

@@ -94,6 +94,12 @@ class Enforcer(Protocol):
     def is_allowlisted(self, target: str) -> bool:
         """True when `target` (address or CIDR) lies within the allowlist."""
 
+    def egress_counts(self) -> dict[Any, int]:
+        """Packets the egress policy dropped so far, per agent.enforce.egress.Scope."""
+
+    def egress_status(self) -> dict[str, Any]:
+        """The egress policy in force (per rule its scopes) and the cgroups waited for."""
+
 
 class DryRunEnforcer:
     """A recording stand-in for tests of the enforcer's callers (responder, control API):
@@ -133,6 +139,12 @@ class DryRunEnforcer:
 
     def remove(self) -> None:
         self.actions.append(("remove", "", ""))
+
+    def egress_counts(self) -> dict[Any, int]:
+        return {}
+
+    def egress_status(self) -> dict[str, Any]:
+        return {"enforced": {}, "waiting": []}
 
     def is_allowlisted(self, target: str) -> bool:
         import ipaddress

@@ -167,6 +167,15 @@ class CompositeEnforcer:
     def close(self) -> None:
         self.nft.close()
 
+    def egress_counts(self) -> dict[Any, int]:
+        return {} if self.dry_run else self.nft.egress_counts()
+
+    def egress_status(self) -> dict[str, Any]:
+        """What the egress chains hold; the dry run applies no egress policy."""
+        if self.dry_run:
+            return {"enforced": {}, "waiting": [], "dry_run": "not applied"}
+        return self.nft.egress_status()
+
     def peer_for_address(self, addr: str) -> str | None:
         """The "IFNAME:KEY" target of the WireGuard peer whose allowed IPs route `addr`
         (longest prefix, as WireGuard's cryptokey routing): a live peer, else one already

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import nftables
 
 from agent.config import Config
-from agent.enforce import isolate, listing
+from agent.enforce import egress, isolate, listing
 from agent.enforce.base import AllowlistedError, Drift, EnforceError
 from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
@@ -51,6 +51,7 @@ class NftEnforcer:
         self.cfg = cfg
         self._agent_cgroup = agent_cgroup or own_cgroup()
         self._isolated = isolate.Isolation()   # what the isolation chains hold
+        self._egress = egress.Egress()         # what the egress chains hold
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._addrs = AddressReader()
@@ -133,9 +134,17 @@ class NftEnforcer:
         Finding nothing changes nothing, so reconciling on every notification is quiet."""
         self._allow = self._read_allowlist()
         want = desired_contents(desired, self.cfg, now, self._allow)
+        # First the egress policy's own changes, which are no tampering: a waiting cgroup
+        # appeared, or one went (a container ended; made again: another id).
+        eg = egress.desired(self.cfg, self._agent_cgroup)
+        eg_added, eg_removed = egress.labels(eg, self._egress), egress.labels(self._egress, eg)
+        if eg.lines != self._egress.lines and self._structure is not None:
+            with contextlib.suppress(EnforceError):   # no table: recreated below
+                self._send_egress(eg)
         objs = self._list()
         have = listing.elements(objs or [])
         added, removed, drifted = _diff(want, have, now)
+        added, removed = added + eg_added, removed + eg_removed
         if objs is None or self._structure is None or listing.fingerprint(objs) != self._structure:
             self._recreate(desired, now)
             return Drift(True, added, removed)
@@ -173,6 +182,22 @@ class NftEnforcer:
 
     def close(self) -> None:
         self._addrs.close()
+
+    def egress_counts(self) -> dict[egress.Scope, int]:
+        """Packets the egress policy dropped so far, per policy rule and scope (counters
+        restart from 0 when the table is recreated)."""
+        objs: list[dict[str, Any]] = []
+        for chain in egress.CHAINS:     # the chains only: the sets may be large
+            cmd = {"nftables": [{"list": {"chain": {"family": FAMILY, "table": TABLE, "name": chain}}}]}
+            rc, out, err = self._nft.json_cmd(cmd)
+            if rc != 0:
+                raise EnforceError(f"cannot read chain {chain}: {_first_line(err)}", cmd)
+            objs += listing.objects(out)
+        return egress.counts(objs, self._egress)
+
+    def egress_status(self) -> dict[str, Any]:
+        """The egress policy in force: per rule its scopes, and the cgroups waited for."""
+        return self._egress.status()
 
     def refresh_allowlist(self) -> None:
         """Re-read the host's own addresses into the allowlist (setup and reconcile do it
@@ -221,6 +246,8 @@ class NftEnforcer:
         iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
         if iso:
             self._send_isolation(iso)
+        self._egress = egress.Egress()
+        self._send_egress(egress.desired(self.cfg, self._agent_cgroup))
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
@@ -259,6 +286,16 @@ class NftEnforcer:
         if rc != 0:
             raise EnforceError(f"nftables refused the isolation change: {_first_line(err)}", text)
         self._isolated = iso
+        objs = self._list()
+        self._structure = listing.fingerprint(objs) if objs is not None else None
+
+    def _send_egress(self, eg: egress.Egress) -> None:
+        """Rewrite the egress chains as one text transaction (like the isolation's)."""
+        text = egress.rules_text(eg)
+        rc, _, err = self._nft.cmd(text)
+        if rc != 0:
+            raise EnforceError(f"nftables refused the egress policy: {_first_line(err)}", text)
+        self._egress = eg
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
 

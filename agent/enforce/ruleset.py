@@ -62,6 +62,8 @@ ELEMENT_SETS = (*INTERVAL_SETS, *SERVICE_SETS)
 CHALLENGE_KINDS = (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE)
 # Node and service isolation (agent.enforce.isolate fills them): (chain, hook), priority -10.
 ISOLATION_CHAINS = (("isolate_in", "input"), ("isolate_out", "output"), ("isolate_fwd", "forward"))
+# Egress policy (agent.enforce.egress fills them): (chain, hook), priority -20.
+EGRESS_CHAINS = (("egress_out", "output"), ("egress_fwd", "forward"))
 
 
 @dataclass(frozen=True, order=True)
@@ -459,6 +461,8 @@ def table_batch(cfg: Config, contents: Mapping[str, SetContents], now: float) ->
     cmds += _dnat_rules()
     cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-10, policy="accept")}}
              for name, hook in ISOLATION_CHAINS]
+    cmds += [{"add": {"chain": _obj(name=name, type="filter", hook=hook, prio=-20, policy="accept")}}
+             for name, hook in EGRESS_CHAINS]
     for name in ELEMENT_SETS:
         elems = elements_json(contents.get(name, {}), now)
         if elems:

@@ -1,0 +1,124 @@
+"""The `policy:` section of the config: egress policy (agent/enforce/egress.py applies it).
+
+An egress rule names who may not reach what:
+    name          a short name (letters, digits, . _ -): incident entities and nft comments
+    cgroups       cgroup v2 paths whose processes' sockets are denied (the whole subtree:
+                  "/kubepods.slice" covers every pod under it); matched in the output hook
+                  by the socket's cgroup, which the kernel sets and the process cannot forge
+    interfaces    input interfaces of forwarded traffic ("docker0", "br-*", "cali*"): a
+                  bridged container's packets leave its own network namespace and reach
+                  this host's forward hook with no socket, so they are matched by where
+                  they came in, which the container cannot change either
+    destinations  CIDRs that may not be reached (none: every destination, by port)
+    ports         destination ports (none: every port, every protocol)
+    proto         tcp, udp or any (with ports, any means tcp and udp)
+
+Management and mesh networks are never cut: the egress chains accept them first, and a
+destination lying wholly inside them is refused here (it could never take effect).
+
+Values here are checked to the character because they are written into an nft text
+transaction (libnftables 1.0.6's JSON has no `socket cgroupv2`): cgroup paths and
+interface names carry no quotes, spaces or anything else nft would read as syntax.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+METADATA_V4 = "169.254.169.254/32"     # AWS, GCP, Azure, OpenStack, Oracle, DigitalOcean...
+METADATA_V6 = "fd00:ec2::254/128"      # AWS's IPv6 instance metadata endpoint
+# Where the usual workload managers put their workloads (whole subtrees, present or not):
+# Kubernetes (systemd and cgroupfs drivers), Docker's cgroupfs driver, libvirt/nspawn
+# machines, and users' login sessions (tenants' SSH). Docker's systemd driver puts each
+# container beside the host's services (/system.slice/docker-ID.scope): its bridged
+# containers are covered by the interfaces below; a host-network one by its own cgroup.
+WORKLOAD_CGROUPS = ("/kubepods.slice", "/kubepods", "/docker", "/machine.slice", "/user.slice")
+# Docker's default and user bridges, the CNI bridge, Calico's and Cilium's pod interfaces.
+WORKLOAD_INTERFACES = ("docker0", "br-*", "cni0", "cali*", "lxc*")
+PROTOS = ("tcp", "udp", "any")
+MAX_RULES = 256
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+# A cgroup path as nft text takes it quoted: systemd and container runtimes use these.
+_CGROUP_RE = re.compile(r"^(/[A-Za-z0-9_.:@=+,-]+)+$")
+_IFACE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}\*?$")
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    name: str = ""
+    cgroups: tuple[str, ...] = ()
+    interfaces: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    proto: str = "any"
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(d, strict=False) for d in self.destinations]
+
+
+# The default: no workload reaches the cloud's instance metadata service (credentials of
+# the machine's cloud identity, user data with bootstrap secrets). The host's own services
+# (cloud-init, the provider's agents: /system.slice) keep it. Mining-pool ports are not
+# denied by default: 3333, 4444, 5555, 7777, 14444 are also used by ordinary software
+# (adb, game servers, dev servers); packaging/config.yaml carries them as an example.
+METADATA = EgressRule(name="metadata", cgroups=WORKLOAD_CGROUPS,
+                      interfaces=WORKLOAD_INTERFACES, destinations=(METADATA_V4, METADATA_V6))
+
+
+@dataclass(frozen=True)
+class Policy:
+    egress: tuple[EgressRule, ...] = (METADATA,)
+    # How often the egress chains' counters are read: an attempt becomes an incident
+    # within about this long (the drop itself is immediate, in the kernel).
+    egress_poll_s: float = 1.0
+
+
+def check(policy: Policy, never_cut: Iterable[str]) -> None:
+    """Raise ValueError (one sentence naming the key) for a policy that cannot be applied
+    exactly as written; `never_cut` are the management and mesh networks."""
+    if len(policy.egress) > MAX_RULES:
+        raise ValueError(f"policy.egress has {len(policy.egress)} rules (at most {MAX_RULES})")
+    keep = [ipaddress.ip_network(n, strict=False) for n in never_cut]
+    seen: set[str] = set()
+    for i, rule in enumerate(policy.egress):
+        key = f"policy.egress[{i}]"
+        if not _NAME_RE.match(rule.name):
+            raise ValueError(f"{key}.name must be 1-40 letters, digits, '.', '_' or '-' "
+                             f"(got {rule.name[:50]!r})")
+        key = f"policy.egress[{rule.name}]"
+        if rule.name in seen:
+            raise ValueError(f"{key}: the name {rule.name!r} is used twice")
+        seen.add(rule.name)
+        _check_rule(rule, key, keep)
+
+
+def _check_rule(rule: EgressRule, key: str, keep: list) -> None:
+    if not rule.cgroups and not rule.interfaces:
+        raise ValueError(f"{key} applies to nobody: give cgroups, interfaces or both")
+    if not rule.destinations and not rule.ports:
+        raise ValueError(f"{key} would deny everything to everyone it covers: give "
+                         "destinations, ports or both")
+    for c in rule.cgroups:
+        if c == "/" or not _CGROUP_RE.match(c) or "/../" in c + "/" or "/./" in c + "/":
+            raise ValueError(f"{key}.cgroups: {c[:80]!r} is not a cgroup v2 path below the "
+                             "root (\"/kubepods.slice\", letters, digits and . _ - : @ = + ,)")
+    for name in rule.interfaces:
+        if not _IFACE_RE.match(name):
+            raise ValueError(f"{key}.interfaces: {name[:40]!r} is not an interface name "
+                             "(at most 15 characters, optionally ending in *)")
+    for d in rule.destinations:
+        try:
+            net = ipaddress.ip_network(d, strict=False)
+        except ValueError:
+            raise ValueError(f"{key}.destinations: {d[:80]!r} is not an IP address or CIDR") from None
+        if any(net.version == k.version and net.subnet_of(k) for k in keep):
+            raise ValueError(f"{key}.destinations: {d} lies inside the management or mesh "
+                             "allowlist, which egress policy never cuts")
+    for p in rule.ports:
+        if not 0 < p < 65536:
+            raise ValueError(f"{key}.ports: {p} is not a port (1-65535)")
+    if rule.proto not in PROTOS:
+        raise ValueError(f"{key}.proto must be one of {', '.join(PROTOS)} (got {rule.proto[:20]!r})")
