@@ -31,10 +31,12 @@ METADATA_V4 = "169.254.169.254/32"     # AWS, GCP, Azure, OpenStack, Oracle, Dig
 METADATA_V6 = "fd00:ec2::254/128"      # AWS's IPv6 instance metadata endpoint
 # Where the usual workload managers put their workloads (whole subtrees, present or not):
 # Kubernetes (systemd and cgroupfs drivers), Docker's cgroupfs driver, libvirt/nspawn
-# machines, and users' login sessions (tenants' SSH). Docker's systemd driver puts each
+# machines. Not users' login sessions (/user.slice): the operators' own shells and tools
+# live there and often read the metadata service; add it where tenants log in to the
+# host itself. Docker's systemd driver puts each
 # container beside the host's services (/system.slice/docker-ID.scope): its bridged
 # containers are covered by the interfaces below; a host-network one by its own cgroup.
-WORKLOAD_CGROUPS = ("/kubepods.slice", "/kubepods", "/docker", "/machine.slice", "/user.slice")
+WORKLOAD_CGROUPS = ("/kubepods.slice", "/kubepods", "/docker", "/machine.slice")
 # Docker's default and user bridges, the CNI bridge, Calico's and Cilium's pod interfaces.
 WORKLOAD_INTERFACES = ("docker0", "br-*", "cni0", "cali*", "lxc*")
 PROTOS = ("tcp", "udp", "any")
