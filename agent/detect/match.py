@@ -59,7 +59,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     # the GPU source (agent/sources/gpu.py); gpu.process for GPU authorization rules
     "gpu.process": ("gpu_index", "gpu_uuid", "gpu_name", "process_type", "used_memory_bytes",
                     "pid", "resolved", "start_ticks", "cgroup", "container_id", "uid", "euid",
-                    "exe", "comm", "gpu_device_fds", "netns"),
+                    "exe", "comm", "gpu_device_fds", "netns",
+                    # the detector's verdict (agent.gpugrant.GpuPolicy), not the source's
+                    "authorized", "system"),
     "gpu.xid": ("gpu_index", "gpu_uuid", "gpu_name", "xid", "repeats"),
     "gpu.ecc": ("gpu_index", "gpu_uuid", "gpu_name", "dbe_new", "ecc_dbe_volatile"),
     "gpu.throttle": ("gpu_index", "gpu_uuid", "gpu_name", "reasons", "active", "throttle_bits"),
