@@ -400,6 +400,9 @@ class Detector:
         finding built): what agent.detect.triage sends to the urgent lane."""
         if event.kind not in match.FIELDS:
             return False
+        if event.kind == "gpu.process":
+            event = replace(event, fields={**event.fields,
+                                           **self.gpu_policy.verdict(event.fields)})
         return any(rule.severity in SEVERE and
                    all(match.holds(t, event.fields, self._lists) for t in cond.where)
                    for rule, cond in self._by_kind.get(event.kind, ()))
