@@ -122,9 +122,9 @@ class GpuGuard:
                              fields={**rec, **fresh, "rechecked": True}))
             sent += 1
         # forget identities no longer on a GPU (bounded by the processes NVML lists)
-        self._judged = {k: v for k, v in self._judged.items() if k in live or
-                        (k[0], k[1]) in {(r.get("gpu_uuid"), r.get("pid"))
-                                         for r in source.processes()}}
+        listed = {(r.get("gpu_uuid"), r.get("pid")) for r in source.processes()}
+        self._judged = {k: v for k, v in self._judged.items()
+                        if k in live or (k[0], k[1]) in listed}
         return sent
 
     def due(self, now: float) -> bool:

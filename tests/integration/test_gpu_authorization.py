@@ -227,3 +227,30 @@ def test_exact_kill_refuses_another_process_or_cgroup(workloads):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.privileged
+def test_a_process_moved_out_of_its_authorized_workload_is_judged_again(lab, lib, script,
+                                                                        workloads, tmp_path):
+    """Judged authorized at first sight, then moved (by whoever may write the other
+    cgroup's cgroup.procs) into a workload with no grant: the periodic re-check (every
+    2 s) judges it where it is now and it is killed."""
+    ok_cg, other_cg = workloads / "train", workloads / "elsewhere"
+    agent = start_agent(lab, lib, tmp_path, authorized=(
+        f"  authorized:\n    - workload: {path_of(ok_cg)}\n      gpus: all\n"))
+    job = None
+    try:
+        job = run_in(ok_cg)
+        script.procs.append({"gpu": 0, "pid": job.pid, "mem": 512 * MIB})
+        script.write()
+        stays_running(job, agent)
+        other_cg.mkdir()
+        (other_cg / "cgroup.procs").write_text(str(job.pid))
+        assert job.wait(10) == -9
+        wait_for(lambda: incidents_of(agent, f"cgroup:{path_of(other_cg)}"), 10)
+        assert incidents_of(agent, f"cgroup:{path_of(ok_cg)}") == []
+    finally:
+        if job is not None:
+            job.kill()
+            job.wait()
+        agent.stop()
