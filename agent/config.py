@@ -212,6 +212,9 @@ class Gpu:
     on_violation: str = "kill"        # kill (the process), freeze (its cgroup) or report
     system_cgroups: tuple[str, ...] = SYSTEM_CGROUPS   # never acted on (and below them)
     system_exes: tuple[str, ...] = SYSTEM_EXES   # root, /system.slice/, no container only
+    # Opens of character devices of this major are reported by the process probe at the
+    # open (gpu.open: before the process has a GPU context); 0: not reported.
+    device_major: int = 195
 
 
 @dataclass(frozen=True)

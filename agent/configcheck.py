@@ -70,6 +70,8 @@ BOUNDS: dict[str, Bound] = {
     "alerts.timeout_s": _WAIT,
     "gpu.sample_s": Bound(0.1, 3600, why="NVML counters change no faster; an hour is the "
                           "longest a process may use a GPU unseen"),
+    "gpu.device_major": Bound(0, 4095, why="a character device major (NVIDIA's is 195; "
+                              "0: the kernel reports no GPU device opens)"),
 }
 _GENERIC_INT = Bound(-(2**63), 2**63 - 1)
 _GENERIC_FLOAT = Bound(-math.inf, math.inf)

@@ -69,6 +69,21 @@ class Grant:
             self.gpu.isdigit() and isinstance(gpu_index, int) and int(self.gpu) == gpu_index)
 
 
+_CONTAINER_IN_CGROUP = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
+
+
+def container_of(cgroup: Any) -> str | None:
+    """The container id a cgroup path names (docker-<id>.scope, /docker/<id>,
+    cri-containerd-<id>, crio-<id>, libpod-<id>: as agent.sources.gpuproc reads it)."""
+    if not isinstance(cgroup, str):
+        return None
+    for part in reversed(cgroup.split("/")[-3:]):
+        m = _CONTAINER_IN_CGROUP.search(part)
+        if m:
+            return m.group(1)
+    return None
+
+
 def within(path: str, prefix: str) -> bool:
     """Whether cgroup `path` is `prefix` or below it (whole components only:
     /a/job-1 is not within /a/job)."""
@@ -183,16 +198,25 @@ class GpuPolicy:
     agent_cgroup: str | None = None
     version: int = 0
 
-    def verdict(self, f: Mapping[str, Any]) -> dict[str, Any]:
-        """{"authorized": bool, "system": bool} for a gpu.process event's fields; a
-        record whose pid could not be pinned (resolved false) is neither: rules never
-        act on it."""
-        if f.get("resolved") is not True:
+    def verdict(self, f: Mapping[str, Any], kind: str = "gpu.process") -> dict[str, Any]:
+        """{"authorized": bool, "system": bool, "container_id"} for a gpu.process event's
+        fields (a record whose pid could not be pinned, resolved false, gets nothing:
+        rules never act on it), or a gpu.open's (the kernel's, at the open of a
+        /dev/nvidia* device: authorized when the workload holds a grant for any GPU --
+        the device's minor number is not NVML's index, so which GPU is judged at NVML's
+        sample)."""
+        if kind == "gpu.process" and f.get("resolved") is not True:
             return {}
-        cgroup, container = f.get("cgroup"), f.get("container_id")
-        authorized = any(g.covers(cgroup, container, f.get("gpu_uuid"), f.get("gpu_index"))
-                         for g in self.grants)
-        return {"authorized": authorized, "system": self.is_system(f)}
+        cgroup = f.get("cgroup")
+        container = f.get("container_id") or container_of(cgroup)
+        if kind == "gpu.open":
+            authorized = any(g.covers(cgroup, container, g.gpu, int(g.gpu) if
+                                      g.gpu.isdigit() else None) for g in self.grants)
+        else:
+            authorized = any(g.covers(cgroup, container, f.get("gpu_uuid"),
+                                      f.get("gpu_index")) for g in self.grants)
+        return {"authorized": authorized, "system": self.is_system(
+            {**f, "container_id": container}), "container_id": container}
 
     def is_system(self, f: Mapping[str, Any]) -> bool:
         cgroup = f.get("cgroup")

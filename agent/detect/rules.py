@@ -74,6 +74,7 @@ MAX_TTL_S = YEAR_S              # nftables element timeouts
 MAX_VERSION = 1_000_000
 SEVERE = (Severity.HIGH, Severity.CRITICAL)
 GPU_HEALTH_EVENTS = ("gpu.xid", "gpu.ecc", "gpu.throttle")
+GPU_JUDGED_EVENTS = ("gpu.process", "gpu.open")   # by the GPU authorizations in force
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
 
@@ -382,15 +383,15 @@ class Detector:
     def _evaluate_where(self, event: Event, candidates: list[tuple[Rule, Condition]],
                         now_mono_ns: int) -> list[Finding]:
         findings: list[Finding] = []
-        if event.kind == "gpu.process":
-            event = replace(event, fields={**event.fields,
-                                           **self.gpu_policy.verdict(event.fields)})
+        if event.kind in GPU_JUDGED_EVENTS:
+            event = replace(event, fields={
+                **event.fields, **self.gpu_policy.verdict(event.fields, event.kind)})
         for rule, cond in candidates:
             if any(f.rule_id == rule.id for f in findings):
                 continue
             if all(match.holds(t, event.fields, self._lists) for t in cond.where):
                 finding = _scoped_finding(rule, event, now_mono_ns)
-                if event.kind == "gpu.process" and finding.action == "kill":
+                if event.kind in GPU_JUDGED_EVENTS and finding.action == "kill":
                     finding = replace(finding, action=self._gpu_action)  # gpu.on_violation
                 findings.append(finding)
         return findings
@@ -400,9 +401,9 @@ class Detector:
         finding built): what agent.detect.triage sends to the urgent lane."""
         if event.kind not in match.FIELDS:
             return False
-        if event.kind == "gpu.process":
-            event = replace(event, fields={**event.fields,
-                                           **self.gpu_policy.verdict(event.fields)})
+        if event.kind in GPU_JUDGED_EVENTS:
+            event = replace(event, fields={
+                **event.fields, **self.gpu_policy.verdict(event.fields, event.kind)})
         return any(rule.severity in SEVERE and
                    all(match.holds(t, event.fields, self._lists) for t in cond.where)
                    for rule, cond in self._by_kind.get(event.kind, ()))
@@ -465,7 +466,7 @@ def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
     if rule.event_class is EventClass.GPU_HEALTH:
         # One live incident per GPU and reason (the rule), however often it repeats.
         entity = f"gpu:{event.fields.get('gpu_uuid')}:{rule.id.removeprefix('gpu.')}"
-    elif event.kind == "gpu.process" and isinstance(cgroup, str) and cgroup.startswith("/"):
+    elif event.kind in GPU_JUDGED_EVENTS and isinstance(cgroup, str) and cgroup.startswith("/"):
         # A GPU authorization violation is the workload's (its cgroup), never the node's:
         # one incident per workload, a mitigation per process.
         entity, evidence["scope"] = f"cgroup:{cgroup}", "workload"

@@ -254,3 +254,37 @@ def test_a_process_moved_out_of_its_authorized_workload_is_judged_again(lab, lib
             job.kill()
             job.wait()
         agent.stop()
+
+
+@pytest.mark.privileged
+def test_device_open_of_an_unauthorized_workload_is_killed_before_nvml(lab, lib, script,
+                                                                      workloads, tmp_path):
+    """The kernel side: the process probe reports an open of a character device of
+    gpu.device_major at the open (no NVML involved: the stand-in lists nobody). There is
+    no NVIDIA driver here, so the test names another major, the memory devices' (1:
+    /dev/full), and opens that; the workload with a grant keeps running, the other one's
+    process is killed, the incident is its workload's (policy.gpu_device_open@1)."""
+    ok_cg, bad_cg = workloads / "train", workloads / "intruder"
+    agent = start_agent(lab, lib, tmp_path, authorized=(
+        f"  device_major: 1\n  authorized:\n    - workload: {path_of(ok_cg)}\n"
+        f"      gpus: [0]\n"))
+    procs = []
+    try:
+        for cg in (ok_cg, bad_cg):
+            cg.mkdir()
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", lab.victim, "sh", "-c",
+                 "exec 3</dev/full; exec sleep 300"],
+                preexec_fn=lambda cg=cg: (cg / "cgroup.procs").write_text(str(os.getpid()))))
+        ok, bad = procs
+        assert bad.wait(10) == -9
+        [inc] = wait_for(lambda: incidents_of(agent, f"cgroup:{path_of(bad_cg)}"), 10)
+        assert "policy.gpu_device_open@1" in inc["rules"]
+        stays_running(ok, agent)
+        assert incidents_of(agent, f"cgroup:{path_of(ok_cg)}") == []
+        assert script.procs == []                       # NVML never listed either
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        agent.stop()

@@ -68,9 +68,16 @@ def test_what_a_grant_covers():
 
 def test_verdict_and_what_is_system():
     pol = GpuPolicy((Grant("/kubepods.slice/pod-1", "0"),), agent_cgroup="/")
-    assert pol.verdict(proc()) == {"authorized": True, "system": False}
-    assert pol.verdict(proc(gpu_index=1, gpu_uuid="GPU-b")) == {"authorized": False,
-                                                                "system": False}
+    assert pol.verdict(proc()) == {"authorized": True, "system": False, "container_id": None}
+    assert pol.verdict(proc(gpu_index=1, gpu_uuid="GPU-b")) == {
+        "authorized": False, "system": False, "container_id": None}
+    # at the device open the GPU is not known yet: any grant of the workload will do
+    assert pol.verdict(proc(gpu_index=None), "gpu.open")["authorized"] is True
+    assert pol.verdict(proc(cgroup="/kubepods.slice/pod-2"), "gpu.open")["authorized"] is False
+    # a kernel event names no container: read from the cgroup path, as the GPU source does
+    cpol = GpuPolicy((Grant(f"container:{CID}", "all"),))
+    assert cpol.verdict({"cgroup": f"/system.slice/docker-{CID}.scope"}, "gpu.open") == \
+        {"authorized": True, "system": False, "container_id": CID}
     assert pol.verdict({"pid": 1, "resolved": False}) == {}     # never acted on
     # the agent's own cgroup is exact: an agent in "/" exempts nobody else
     assert pol.verdict(proc(cgroup="/"))["system"] is True
