@@ -105,7 +105,8 @@ def test_config_key(tmp_path):
                        ("  authorized:\n    - gpus: all\n", "#1: each entry"),
                        ("  authorized: /a\n", "must be a list"),
                        ("  on_violation: shoot\n", "gpu.on_violation must be one of"),
-                       ("  system_exes: [nvidia-smi]\n", "not an absolute path")):
+                       ("  system_exes: [nvidia-smi]\n", "not an absolute path"),
+                       ("  device_major: 5000\n", "gpu.device_major must be at least 0")):
         p.write_text("gpu:\n" + body)
         with pytest.raises(ConfigError, match=says):
             load(p)
