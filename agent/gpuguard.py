@@ -107,11 +107,10 @@ class GpuGuard:
             if rec.get("resolved") is not True:
                 continue
             pid = rec.get("pid")
-            fresh = gpuproc.identify(pid, self._proc) if isinstance(pid, int) else {}
-            if fresh.get("resolved") is not True or \
-                    fresh.get("start_ticks") != rec.get("start_ticks"):
+            fresh = self._where_now(pid, rec.get("start_ticks"))
+            if fresh is None:
                 continue             # gone or reused: the next sample says what runs there
-            key = (rec.get("gpu_uuid"), pid, fresh["start_ticks"], fresh.get("cgroup"))
+            key = (rec.get("gpu_uuid"), pid, rec.get("start_ticks"), fresh["cgroup"])
             live.add(key)
             if self._judged.get(key) == self._version:
                 continue
@@ -126,6 +125,22 @@ class GpuGuard:
         self._judged = {k: v for k, v in self._judged.items()
                         if k in live or (k[0], k[1]) in listed}
         return sent
+
+    def _where_now(self, pid: object, start: object) -> dict | None:
+        """The process's cgroup now (and the container it names), read between two reads
+        of its start time; None when the pid no longer names the judged process. Cheap on
+        purpose (three small /proc reads, on the loop thread; no scan of open files): the
+        other fields stay the sample's (uid and executable only matter to the system
+        exemption, which also needs root in a system unit), a cgroup move is what this
+        looks for."""
+        if not isinstance(pid, int) or isinstance(pid, bool) or start is None:
+            return None
+        if gpuproc.start_ticks(pid, self._proc) != start:
+            return None
+        cgroup = gpuproc.cgroup_of(pid, self._proc)
+        if cgroup is None or gpuproc.start_ticks(pid, self._proc) != start:
+            return None
+        return {"cgroup": cgroup, "container_id": gpuproc.container_of(cgroup)}
 
     def due(self, now: float) -> bool:
         return now - self._rechecked_at >= RECHECK_S
