@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from agent import configcheck
+from agent import configcheck, gpugrant
 # The `breach:` section's defaults (executables by path, never by comm), re-exported.
 from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, DEBUGGERS,  # noqa: F401
                                    EXE_LISTS,
                                    PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
+from agent.gpugrant import SYSTEM_CGROUPS, SYSTEM_EXES, Grant
 from agent.model import EventClass, Severity
 from agent import policyconfig
 from agent.policyconfig import EgressRule, Policy  # noqa: F401  (the policy: section)
@@ -195,6 +196,9 @@ class Breach:
     host_root: str = "/"
 
 
+GPU_VIOLATION_ACTIONS = ("kill", "freeze", "report")
+
+
 @dataclass(frozen=True)
 class Gpu:
     """The GPU source (agent/sources/gpu.py): NVML in its own thread. No library, driver
@@ -203,6 +207,16 @@ class Gpu:
     enabled: bool = True
     sample_s: float = 5.0             # counters and processes read this often (XIDs at once)
     nvml_library: str | None = None   # a libnvidia-ml.so path; null: the system's .so.1
+    # GPU authorization (agent.gpugrant): workloads that may use GPUs, besides those a
+    # scheduler authorizes through the control API; any other workload's GPU process is
+    # a policy violation (policy.gpu_unauthorized), answered per on_violation.
+    authorized: tuple[Grant, ...] = ()
+    on_violation: str = "kill"        # kill (the process), freeze (its cgroup) or report
+    system_cgroups: tuple[str, ...] = SYSTEM_CGROUPS   # never acted on (and below them)
+    system_exes: tuple[str, ...] = SYSTEM_EXES   # root, /system.slice/, no container only
+    # Opens of character devices of this major are reported by the process probe at the
+    # open (gpu.open: before the process has a GPU context); 0: not reported.
+    device_major: int = 195
 
 
 @dataclass(frozen=True)
@@ -275,6 +289,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if key == "gpu.authorized":
+        return _checked(gpugrant.parse_config, key, value)
     if get_origin(hint) is dict:
         return _mapping(hint, value, key)
     if is_dataclass(hint):
@@ -370,6 +386,7 @@ def validate(cfg: Config) -> Config:
     if cfg.gpu.nvml_library is not None and not cfg.gpu.nvml_library.startswith("/"):
         raise ConfigError("gpu.nvml_library must be an absolute path (or null: the "
                           "system's libnvidia-ml.so.1)")
+    _check_gpu_authorization(cfg.gpu)
     _check_control(cfg.control)
     _check_mesh(cfg.mesh)
     _check_alerts(cfg.alerts)
@@ -380,6 +397,16 @@ def validate(cfg: Config) -> Config:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+def _check_gpu_authorization(g: Gpu) -> None:
+    if g.on_violation not in GPU_VIOLATION_ACTIONS:
+        raise ConfigError(f"gpu.on_violation must be one of {', '.join(GPU_VIOLATION_ACTIONS)} "
+                          f"(got {g.on_violation[:40]!r})")
+    _checked(gpugrant.parse_system_cgroups, "gpu.system_cgroups", g.system_cgroups)
+    for exe in g.system_exes:
+        if not exe.startswith("/"):
+            raise ConfigError(f"gpu.system_exes: {exe[:80]!r} is not an absolute path")
 
 
 def _check_control(c: Control) -> None:

@@ -72,6 +72,8 @@ BOUNDS: dict[str, Bound] = {
                           "longest a process may use a GPU unseen"),
     "policy.egress_poll_s": Bound(0.05, 60, why="the counters are read this often; past "
                                   "a minute an attempt waits too long to become an incident"),
+    "gpu.device_major": Bound(0, 4095, why="a character device major (NVIDIA's is 195; "
+                              "0: the kernel reports no GPU device opens)"),
 }
 _GENERIC_INT = Bound(-(2**63), 2**63 - 1)
 _GENERIC_FLOAT = Bound(-math.inf, math.inf)

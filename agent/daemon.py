@@ -34,6 +34,8 @@ from agent.detect import triage
 from agent.detect.rules import Detector, RuleError, kernel_thresholds
 from agent.detect.ruleset import RuleSet, load_ruleset
 from agent.enforce.base import EnforceError
+from agent.enforce.cgroup import own_cgroup
+from agent.gpuguard import GpuGuard
 from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond import health
@@ -113,6 +115,9 @@ class Agent:
         self._open_probe()
         self._open_proc_probe()
         self._open_gpu()
+        self.gpu_guard = GpuGuard(self.cfg, self.store, self._use_gpu_policy, self.enqueue,
+                                  agent_cgroup=_own_cgroup())
+        self.detector.gpu_policy = self.gpu_guard.policy
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
                                    queue=self.queue_status, gpus=self.gpu_metrics)
@@ -353,6 +358,8 @@ class Agent:
                 self.on_drift()
                 last_reconcile = now
             self.check_drops()
+            if self.gpu is not None and self.gpu_guard.due(time.monotonic()):
+                self.gpu_guard.recheck(self.gpu)   # processes that moved cgroups
             await asyncio.sleep(HOUSEKEEPING_S)
 
     def check_storage(self) -> None:
@@ -462,7 +469,14 @@ class Agent:
             self.probe.set_thresholds(kernel_thresholds(rules))
         if getattr(self, "responder", None) is not None:
             self.responder.set_rules(rules)
+        if getattr(self, "gpu_guard", None) is not None:
+            detector.gpu_policy = self.gpu_guard.policy
         self.rules, self.detector = rules, detector
+
+    def _use_gpu_policy(self, policy) -> None:
+        """New GPU authorizations (agent.gpuguard), on the loop thread: judged by from the
+        next event on."""
+        self.detector.gpu_policy = policy
 
     def rule_listing(self) -> dict:
         """The rules in use with their hits, and hits of rules no longer in use."""
@@ -479,9 +493,11 @@ class Agent:
             await control.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(control.run())
-                for probe in (self.probe, self.proc_probe, self.gpu):
+                for probe in (self.probe, self.proc_probe):
                     if probe is not None:
                         tg.create_task(probe.run(self.enqueue))
+                if self.gpu is not None:
+                    tg.create_task(self.gpu.run(self.gpu_guard.observe))
                 tg.create_task(self.consume())
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
@@ -531,6 +547,13 @@ class Agent:
                       extra={"dropped": dict(left), "deadline_s": deadline_s})
         if getattr(self, "store", None) is not None:
             self.check_drops()      # an urgent lane that dropped is recorded before the end
+
+
+def _own_cgroup() -> str | None:
+    try:
+        return own_cgroup()
+    except OSError:
+        return None
 
 
 def sd_notify(message: str) -> None:

@@ -11,10 +11,11 @@ library + the vendored pynvml only, no PyYAML/grpc needed).
    what it allocated), cgroup, uid, executable and open /dev/nvidia* files; the time from
    its first allocation to the source's event (NVML-only detection latency); the source's
    CPU per sample and per second of wall time while it ran.
-4. What the detector would see: the unauthorized process's gpu.process event, and (where
-   PyYAML is there to import the detector) the finding of a policy rule "processes on a
-   GPU outside the authorized cgroup". Stopping it is GPU authorization (issue 10 item 6),
-   not part of this check.
+4. GPU authorization (issue 10 item 6): the first holder's cgroup is granted every GPU
+   (agent.gpugrant); both events judged (the detector with policy.gpu_unauthorized where
+   PyYAML and Python 3.11 are there, the verdict alone otherwise); the unauthorized
+   holder killed by the agent's exact kill (agent.enforce.process: pidfd-pinned, start
+   time and cgroup checked), the authorized one still running a second later.
 Each check prints PASS, FAIL or SKIP with its reason. Exit: 0 no FAIL, 1 a FAIL, 2 no
 NVML/GPU, 3 no usable CUDA for the test processes.
 """
@@ -172,7 +173,7 @@ def main() -> int:
         cpu_run = (src.sample_cpu_s, src.sample_count, time.monotonic() - t_run)
         summary["processes"] = [verify(h, mib, events) for h, mib in holders]
         smi_cross_check(pids)
-        demo_authorization(events, holders[0][0][1], holders[1][0][1])
+        demo_authorization(events, holders[0][0], holders[1][0])
     finally:
         for (p, *_), _mib in holders:
             p.terminate()
@@ -236,32 +237,64 @@ def smi_cross_check(pids: set[int]) -> None:
     check("nvidia-smi agrees", pids <= listed, f"nvidia-smi lists {sorted(listed)}")
 
 
-def demo_authorization(events: list, ok_pid: int, bad_pid: int) -> None:
-    print("== 4. what the detector would see (GPU authorization, item 6, is not built yet)")
+def demo_authorization(events: list, ok_holder, bad_holder) -> None:
+    """GPU authorization (issue 10 item 6) on the real driver's evidence: the authorized
+    holder's cgroup gets a grant (agent.gpugrant), both events are judged with it, and the
+    unauthorized holder is killed by the agent's exact, pidfd-pinned kill; the authorized
+    one must keep running."""
+    print("== 4. GPU authorization: the unauthorized process judged and stopped")
+    ok_proc, ok_pid = ok_holder[0], ok_holder[1]
+    bad_proc, bad_pid = bad_holder[0], bad_holder[1]
     by_pid = {e.fields["pid"]: e for e in list(events) if e.kind == "gpu.process"}
     ok, bad = by_pid.get(ok_pid), by_pid.get(bad_pid)
     if ok is None or bad is None:
         check("unauthorized process flagged", None, "a holder was not seen")
         return
+    from agent.gpugrant import GpuPolicy, Grant
     allowed = ok.fields["cgroup"]
-    print(f"  authorized cgroup: {allowed}")
+    policy = GpuPolicy((Grant(allowed, "all"),))
+    print(f"  grant: {allowed} may use every GPU")
     print(f"  event: {bad.kind} {bad.subject} {json.dumps(dict(bad.fields), default=str)}")
+    v_bad, v_ok = policy.verdict(bad.fields), policy.verdict(ok.fields)
     try:
         from agent.config import Config
         from agent.detect.rules import Detector, parse_rules
-    except Exception as e:   # noqa: BLE001 -- no PyYAML, or a Python before 3.11
-        check("unauthorized process flagged", bad.fields["cgroup"] != allowed,
-              f"detector not importable here ({e}); by cgroup comparison only")
+        rule = {"id": "policy.gpu_unauthorized", "version": 1, "class": "policy_violation",
+                "severity": "high", "action": "kill", "match": [
+                    {"event": "gpu.process", "where": {
+                        "resolved": True, "authorized": False, "system": False,
+                        "cgroup": {"prefix": "/"}}}]}   # as agent/rules/policy.yaml
+        det = Detector(parse_rules({"rules": [rule]}), Config(), policy)
+        found_bad = det.evaluate(bad, bad.mono_ns)
+        found_ok = det.evaluate(ok, ok.mono_ns)
+        check("unauthorized process flagged", bool(found_bad) and not found_ok,
+              f"{[f.rule + ' on ' + f.entity + ' -> ' + f.action for f in found_bad]}; "
+              f"authorized one: {[f.rule for f in found_ok] or 'no finding'}")
+    except ImportError as e:   # no PyYAML, or a Python before 3.11
+        check("unauthorized process flagged",
+              v_bad.get("authorized") is False and v_ok.get("authorized") is True,
+              f"verdicts {v_bad} / authorized one {v_ok} (detector not importable: {e})")
+    try:
+        from agent.enforce.process import ProcessEnforcer
+        from agent.model import Mitigation, MitigationKind
+    except ImportError as e:
+        check("unauthorized process stopped", None, f"enforcer not importable here ({e})")
         return
-    rule = {"id": "policy.gpu_unauthorized", "version": 1, "class": "policy_violation",
-            "severity": "high", "action": "report", "match": [
-                {"event": "gpu.process", "where": {"cgroup": {"not_in": [allowed]}}}]}
-    det = Detector(parse_rules({"rules": [rule]}), Config())
-    found_bad = det.evaluate(bad, bad.mono_ns)
-    found_ok = det.evaluate(ok, ok.mono_ns)
-    check("unauthorized process flagged", bool(found_bad) and not found_ok,
-          f"{[f.rule + ' on ' + f.entity for f in found_bad]}; authorized one: "
-          f"{[f.rule for f in found_ok] or 'no finding'}")
+    t0 = time.monotonic()
+    try:
+        ProcessEnforcer().apply(Mitigation(
+            MitigationKind.KILL_PROCESS, str(bad_pid), time.time(), None,
+            params={"start_ticks": bad.fields["start_ticks"], "cgroup": bad.fields["cgroup"]}),
+            time.time())
+        rc = bad_proc.wait(10)
+    except Exception as e:   # noqa: BLE001 -- a refusal is this check's FAIL, with its reason
+        check("unauthorized process stopped", False, f"{type(e).__name__}: {e}")
+        return
+    check("unauthorized process stopped", rc == -9,
+          f"exit {rc} {1e3 * (time.monotonic() - t0):.1f} ms after the kill was asked")
+    time.sleep(1.0)
+    check("authorized process keeps running", ok_proc.poll() is None,
+          f"exit {ok_proc.poll()}" if ok_proc.poll() is not None else "running")
 
 
 def finish(summary: dict, a, code: int) -> int:

@@ -7,10 +7,12 @@
 # python3 and the NVML binding vendored in agent/_vendor (PyYAML/grpc not needed): NVML's
 # view of every GPU, the sampling cost, two small CUDA processes (CUDA driver API through
 # ctypes; torch only as a fallback) seen on the GPU with pid, memory, cgroup, user and
-# executable, and the event an unauthorized one gives the detector. Every check prints
+# executable, and GPU authorization: the unauthorized one judged and killed by the agent's
+# exact kill while the authorized one runs on. Every check prints
 # PASS/FAIL/SKIP. Output also goes to $OUT/gpu_check.txt (and the summary to
 # $OUT/gpu_check.json) when $OUT is set. It changes nothing on the machine but two empty
-# cgroups it creates and removes (swa-gpucheck-*); never the network or the firewall.
+# cgroups it creates and removes (swa-gpucheck-*) and its own test process it kills;
+# never the network or the firewall.
 # Exit: 0 no FAIL, 1 a FAIL, 2 no NVML/GPU, 3 no usable CUDA for the test processes.
 # Environment: GPU_CHECK_ARGS (extra arguments, e.g. "--hold-s 30 --mib 1024"),
 # GPU_CHECK_PYTHON (default python3), GPU_CHECK_TIMEOUT_S (default 170).

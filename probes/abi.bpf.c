@@ -31,3 +31,4 @@ enum parse_failure abi_parse_failure;
 struct stdio_fd abi_stdio_fd;
 struct stdio_dup_event abi_stdio_dup_event;
 struct proc_stdio_event abi_proc_stdio_event;
+struct gpu_open_event abi_gpu_open_event;

@@ -55,6 +55,38 @@ static __always_inline struct path_rule *match_file(struct work *w, struct file 
 	return bpf_map_lookup_elem(&watched_names, &w->names);
 }
 
+#ifndef S_IFCHR
+#define S_IFCHR 0020000
+#endif
+
+/* An open of a GPU character device (major proc_cfg.gpu_major): a gpu_open_event, by the
+ * device number (a container's /dev/nvidia0 is its own node, with its own inode). 1 when
+ * the file was such a device (reported, or the report lost and counted). */
+static __always_inline int gpu_device_open(struct task_struct *task, struct file *f,
+					   __u16 syscall)
+{
+	struct inode *inode = BPF_CORE_READ(f, f_inode);
+	struct gpu_open_event *e;
+	__u32 rdev;
+
+	if ((BPF_CORE_READ(inode, i_mode) & S_IFMT) != S_IFCHR)
+		return 0;
+	rdev = BPF_CORE_READ(inode, i_rdev);
+	if ((rdev >> 20) != proc_cfg.gpu_major)		/* the kernel's dev_t: MAJOR << 20 */
+		return 0;
+	e = reserve(sizeof(*e), EVENT_GPU_OPEN);
+	if (!e)
+		return 1;
+	fill_proc_ancestry(&e->proc, task);
+	e->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+	e->major = rdev >> 20;
+	e->minor = rdev & 0xfffff;
+	e->flags = BPF_CORE_READ(f, f_flags);
+	e->syscall = syscall;
+	bpf_ringbuf_submit(e, 0);
+	return 1;
+}
+
 static __always_inline int check_open(long fd, __u16 syscall)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -76,6 +108,8 @@ static __always_inline int check_open(long fd, __u16 syscall)
 	fds = BPF_CORE_READ(fdt, fd);
 	bpf_core_read(&f, sizeof(f), &fds[fd]);
 	if (!f)
+		return 0;
+	if (proc_cfg.gpu_major && gpu_device_open(task, f, syscall))
 		return 0;
 	r = match_file(w, f, &how);
 	if (!r)

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import client, isolation, rules
+from agent.cli import client, gpu, isolation, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -94,6 +94,7 @@ def _control_parsers(sub, with_config) -> None:
     sp.add_argument("target", help="address, CIDR or mitigation id (a unique prefix will do)")
     isolation.add_parsers(add)
     rules.add_parsers(add)
+    gpu.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -179,7 +180,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     """status, incidents, block, ...: one call (or a watch) over the control API."""
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS}[args.command]
+    command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS,
+               **gpu.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 
 
@@ -201,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
             "check-config": cmd_check_config,
             **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
-                                               *rules.COMMANDS)}}
+                                               *rules.COMMANDS, *gpu.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())

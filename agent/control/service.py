@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.control import convert
-from agent.control import isolation
+from agent.control import gpu, isolation
 from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
@@ -253,6 +253,18 @@ class ControlService(control_pb2_grpc.ControlServicer):
     @rpc(VIEWER, mutating=False)
     def ListRules(self, request, caller):
         return convert.rule_listing(self.agent.rule_listing()), ""
+
+    @rpc(OPERATOR, mutating=True)
+    def AuthorizeGpu(self, request, caller):
+        return gpu.authorize(self.agent, request, caller, self.clock())
+
+    @rpc(OPERATOR, mutating=True)
+    def RevokeGpu(self, request, caller):
+        return gpu.revoke(self.agent, request)
+
+    @rpc(VIEWER, mutating=False)
+    def ListGpuAuthorizations(self, request, caller):
+        return pb.GpuAuthorizations(authorizations=gpu.listing(self.agent)), ""
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -59,7 +59,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     # the GPU source (agent/sources/gpu.py); gpu.process for GPU authorization rules
     "gpu.process": ("gpu_index", "gpu_uuid", "gpu_name", "process_type", "used_memory_bytes",
                     "pid", "resolved", "start_ticks", "cgroup", "container_id", "uid", "euid",
-                    "exe", "comm", "gpu_device_fds", "netns"),
+                    "exe", "comm", "gpu_device_fds", "netns",
+                    # the detector's verdict (agent.gpugrant.GpuPolicy), not the source's
+                    "authorized", "system"),
+    # the process probe: an open of a GPU character device (/dev/nvidia*), at the open
+    "gpu.open": (*_PROC, "major", "minor", "device", "gpu_index", "flags", "syscall",
+                 "start_ticks", "container_id", "authorized", "system"),
     "gpu.xid": ("gpu_index", "gpu_uuid", "gpu_name", "xid", "repeats"),
     "gpu.ecc": ("gpu_index", "gpu_uuid", "gpu_name", "dbe_new", "ecc_dbe_volatile"),
     "gpu.throttle": ("gpu_index", "gpu_uuid", "gpu_name", "reasons", "active", "throttle_bits"),

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
 from agent.configcheck import YEAR_S
 from agent.detect import match
+from agent.gpugrant import GpuPolicy
 from agent.model import Event, EventClass, Finding, Severity
 from agent.yamlsafe import Lines
 
@@ -56,7 +57,8 @@ KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                "svc_syns", "svc_packets", "svc_udp", "svc_sources")
 SOURCE_ACTIONS = ("block", "rate_limit", "reroute", "challenge")
 SERVICE_ACTIONS = ("rate_limit_service", "challenge_service")
-ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report")
+PROCESS_ACTIONS = ("kill", "freeze")   # policy rules: the process / its cgroup
+ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report", *PROCESS_ACTIONS)
 SCOPES = ("node", "service")   # what an `isolate` rule cuts off
 LIST_NAMES = {f.name for f in fields(Breach)}
 EXEMPTIONS = ("management", "mesh", "load_balancers")
@@ -72,6 +74,7 @@ MAX_TTL_S = YEAR_S              # nftables element timeouts
 MAX_VERSION = 1_000_000
 SEVERE = (Severity.HIGH, Severity.CRITICAL)
 GPU_HEALTH_EVENTS = ("gpu.xid", "gpu.ecc", "gpu.throttle")
+GPU_JUDGED_EVENTS = ("gpu.process", "gpu.open")   # by the GPU authorizations in force
 _ID_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 
 
@@ -285,6 +288,9 @@ def _action(item: dict, where: str) -> str:
     kinds = [c.event for c in _conditions(item, where)]
     if action == "isolate" and any(k not in match.FIELDS for k in kinds):
         raise RuleError(f"{where}: action isolate needs process events")
+    if action in PROCESS_ACTIONS and any(k not in match.FIELDS or k in GPU_HEALTH_EVENTS
+                                         for k in kinds):
+        raise RuleError(f"{where}: action {action} needs process events")
     if action in SERVICE_ACTIONS and any(k != "net.service" for k in kinds):
         raise RuleError(f"{where}: action {action} needs net.service events")
     if action in SOURCE_ACTIONS and any(k == "net.service" or k in match.FIELDS for k in kinds):
@@ -337,7 +343,12 @@ class Detector:
     no I/O and reads no clock.
     """
 
-    def __init__(self, rules: Sequence[Rule], cfg: Config):
+    def __init__(self, rules: Sequence[Rule], cfg: Config, gpu_policy: GpuPolicy | None = None):
+        # gpu.process events are judged against the GPU authorizations in force (set
+        # anew by the daemon whenever they change: a snapshot, so evaluation stays pure).
+        self.gpu_policy = gpu_policy or GpuPolicy(cfg.gpu.authorized, cfg.gpu.system_cgroups,
+                                                  cfg.gpu.system_exes)
+        self._gpu_action = cfg.gpu.on_violation
         self._by_kind: dict[str, list[tuple[Rule, Condition]]] = {}
         for rule in rules:
             for cond in rule.conditions:
@@ -372,11 +383,17 @@ class Detector:
     def _evaluate_where(self, event: Event, candidates: list[tuple[Rule, Condition]],
                         now_mono_ns: int) -> list[Finding]:
         findings: list[Finding] = []
+        if event.kind in GPU_JUDGED_EVENTS:
+            event = replace(event, fields={
+                **event.fields, **self.gpu_policy.verdict(event.fields, event.kind)})
         for rule, cond in candidates:
             if any(f.rule_id == rule.id for f in findings):
                 continue
             if all(match.holds(t, event.fields, self._lists) for t in cond.where):
-                findings.append(_scoped_finding(rule, event, now_mono_ns))
+                finding = _scoped_finding(rule, event, now_mono_ns)
+                if event.kind in GPU_JUDGED_EVENTS and finding.action == "kill":
+                    finding = replace(finding, action=self._gpu_action)  # gpu.on_violation
+                findings.append(finding)
         return findings
 
     def severe(self, event: Event) -> bool:
@@ -384,6 +401,9 @@ class Detector:
         finding built): what agent.detect.triage sends to the urgent lane."""
         if event.kind not in match.FIELDS:
             return False
+        if event.kind in GPU_JUDGED_EVENTS:
+            event = replace(event, fields={
+                **event.fields, **self.gpu_policy.verdict(event.fields, event.kind)})
         return any(rule.severity in SEVERE and
                    all(match.holds(t, event.fields, self._lists) for t in cond.where)
                    for rule, cond in self._by_kind.get(event.kind, ()))
@@ -449,6 +469,10 @@ def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
     elif event.kind == "policy.egress_denied":
         # One live incident per egress rule and what it applies to (the subject).
         entity = event.subject
+    elif event.kind in GPU_JUDGED_EVENTS and isinstance(cgroup, str) and cgroup.startswith("/"):
+        # A GPU authorization violation is the workload's (its cgroup), never the node's:
+        # one incident per workload, a mitigation per process.
+        entity, evidence["scope"] = f"cgroup:{cgroup}", "workload"
     action = f"isolate_{scope}" if rule.action == "isolate" else rule.action
     return Finding(
         rule_id=rule.id, rule_version=rule.version, event_class=rule.event_class,

@@ -20,6 +20,14 @@ sweeping until a scan finds nobody; other uids' processes stopped with their gro
 setuid program, root's sudo in the user's job) are continued. A process that left the session
 (setsid, before the kill) is out of its reach: the incident is escalated for a human.
 
+A policy rule's kill (policy.gpu_unauthorized: params {"start_ticks": T, "cgroup": C}) is
+exact: only that process, pinned with a pidfd and then checked to still be the process the
+evidence named (its start time T, field 22 of /proc/PID/stat) in the workload it was
+judged in (cgroup C); a reused pid or a process that moved cgroups is refused, nothing is
+signalled. Its uid may be 0 (a container's root is a tenant; the host's own GPU services
+are never judged violations: agent.gpugrant). NVML reports the host's pids: an agent
+outside the host's pid namespace refuses (its /proc would name other processes).
+
 A kill cannot be undone: lift does nothing, reconcile does nothing (re-killing a pid after
 a restart could hit an innocent reuse), and applying the same mitigation again (a renewal)
 does not signal twice.
@@ -63,6 +71,37 @@ def identity(pid: int) -> tuple[int, int]:
     return uid, int(rest[3])                  # state ppid pgrp session ...
 
 
+def start_ticks(pid: int) -> int | None:
+    """When the process now holding `pid` started (field 22 of /proc/PID/stat)."""
+    try:
+        rest = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(rest[19]) if len(rest) > 19 else None
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The process's cgroup v2 path, None when it is gone."""
+    try:
+        for line in (PROC / str(pid) / "cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:] or "/"
+    except OSError:
+        pass
+    return None
+
+
+def host_pid_namespace() -> bool:
+    """Whether the agent sees the host's pids (NSpid has one level only there)."""
+    try:
+        for line in (PROC / "self" / "status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return len(line.split()) == 2
+    except OSError:
+        return False
+    return True             # a kernel without NSpid (< 4.1) has no nested pid namespaces
+
+
 def _pin(pid: int) -> int | None:
     """A pidfd on `pid` (None when it is gone): signals through it reach this process only."""
     try:
@@ -90,6 +129,11 @@ class ProcessEnforcer:
 
     def check(self, target: str, params: dict[str, Any]) -> str:
         """The normalised pid; raises InvalidTarget, TargetNotFound or ProcessError."""
+        if "start_ticks" in params:
+            pid = parse_pid(target)
+            fd = self._pin_exact(pid, params)
+            os.close(fd)
+            return str(pid)
         self._lead(parse_pid(target), _uid_param(params), params)
         return str(parse_pid(target))
 
@@ -195,6 +239,33 @@ class ProcessEnforcer:
                 return
             pinned, lead_pid = [], -1
 
+    def _pin_exact(self, pid: int, params: dict[str, Any]) -> int:
+        """A pidfd on `pid`, once it is checked to be the process params name (start
+        time, cgroup); the caller closes it. Raises TargetNotFound or ProcessError."""
+        start, cgroup = params.get("start_ticks"), params.get("cgroup")
+        if isinstance(start, bool) or not isinstance(start, int) or not isinstance(cgroup, str):
+            raise InvalidTarget("an exact kill needs params start_ticks (int) and cgroup")
+        if pid in self._protect:
+            raise ProcessError(f"refusing to kill process {pid}: PID 1 or the agent itself")
+        if not host_pid_namespace():
+            raise ProcessError("the agent is not in the host's pid namespace, where NVML's "
+                               "process ids are: nothing killed")
+        fd = _pin(pid)
+        if fd is None:
+            raise TargetNotFound(f"process {pid} has exited")
+        # Read after pinning: if the pid named the judged process when pinned, these reads
+        # show it; if it had been reused, they show another start time.
+        if start_ticks(pid) != start:
+            os.close(fd)
+            raise TargetNotFound(f"process {pid} has exited (the pid now names another "
+                                 "process): nothing killed")
+        now_in = cgroup_of(pid)
+        if now_in != cgroup:
+            os.close(fd)
+            raise ProcessError(f"process {pid} moved from cgroup {cgroup} to {now_in} since "
+                               "it was judged: nothing killed (judged again where it is)")
+        return fd
+
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
         return None
 
@@ -202,6 +273,16 @@ class ProcessEnforcer:
         if m.kind is not MitigationKind.KILL_PROCESS:
             raise UnsupportedMitigation(f"the process enforcer does not enforce {m.kind.value}")
         if m.id in self._done:
+            return
+        if "start_ticks" in m.params:
+            fd = self._pin_exact(parse_pid(m.target), m.params)
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass             # it exited meanwhile: the same end
+            finally:
+                os.close(fd)
+            self._done.add(m.id)
             return
         uid = _uid_param(m.params)
         pid = self._lead(parse_pid(m.target), uid, m.params)

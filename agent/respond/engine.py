@@ -163,6 +163,12 @@ class Responder:
         if kind is None:
             return Plan(finding, None, None, f"{finding.rule}: action {finding.action}, "
                                              "reported only")
+        if kind is MitigationKind.KILL_PROCESS:      # a policy rule's kill: that process
+            exact = policy.exact_kill(finding)
+            if isinstance(exact, str):
+                return Plan(finding, None, None, f"{finding.rule}: {exact}, reported only")
+            return Plan(finding, kind, exact[0], f"{finding.rule}: killing process {exact[0]}",
+                        params=exact[1])
         if (answer := authority.narrow(finding, kind)) is not None:
             return Plan(answer.finding, answer.kind, answer.target, answer.note,
                         escalate=True, params=answer.params)

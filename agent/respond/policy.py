@@ -21,6 +21,9 @@ ACTION_KINDS: dict[str, MitigationKind] = {
     # Forgeable evidence (SYNs, ports probed by SYNs, UDP/ICMP rates): challenge the source.
     "challenge": MitigationKind.CHALLENGE,
     "challenge_service": MitigationKind.CHALLENGE_SERVICE,
+    # Policy rules (policy.gpu_unauthorized): the violating process, or its workload.
+    "kill": MitigationKind.KILL_PROCESS,
+    "freeze": MitigationKind.FREEZE_CGROUP,
 }
 SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE,
                 MitigationKind.CHALLENGE)
@@ -123,6 +126,22 @@ def check_target(kind: MitigationKind, target: str) -> str:
             raise ValueError(f"not a service like 'tcp/80': {target!r}")
         return f"{m.group(1)}/{int(m.group(2))}"
     return target.strip()
+
+
+def exact_kill(finding: Finding) -> tuple[str, dict[str, Any]] | str:
+    """A policy rule's kill: (pid, params naming exactly that process: its start time and
+    cgroup, which the enforcer checks again on the pinned process, so a reused pid or a
+    process that moved is never hit), or why there is nothing to kill."""
+    ev = finding.evidence
+    pid, start, cgroup = ev.get("pid"), ev.get("start_ticks"), ev.get("cgroup")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+        return f"no process id in the evidence ({pid!r})"
+    if isinstance(start, bool) or not isinstance(start, int) or not isinstance(cgroup, str):
+        return f"process {pid} is not pinned (no start time or cgroup in the evidence)"
+    uid = ev.get("uid")
+    return str(pid), {"start_ticks": start, "cgroup": cgroup,
+                      **({"uid": uid} if isinstance(uid, int) and not isinstance(uid, bool)
+                         else {})}
 
 
 # A kill (authority's answer to an unprivileged actor) is done once; its record stays in

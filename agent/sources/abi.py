@@ -70,6 +70,7 @@ class EventKind(enum.IntEnum):
     BPF_PROG_LOAD = 10
     STDIO_DUP = 11
     PROC_STDIO = 12
+    GPU_OPEN = 13
 
 
 class Reason(enum.IntEnum):
@@ -248,7 +249,8 @@ PROC_RODATA_VAR = "proc_cfg"
 
 
 class proc_config(_S):
-    _fields_ = [("agent_tgid", u32), ("all_execs", u32), ("netns_ino", u32), ("host_scope", u32)]
+    _fields_ = [("agent_tgid", u32), ("all_execs", u32), ("netns_ino", u32), ("host_scope", u32),
+                ("gpu_major", u32)]
 
 
 class file_id(_S):
@@ -346,13 +348,19 @@ class proc_stdio_event(_S):
                 ("exe_ino", u64), ("exe_dev", u32), ("pad0", u32)]
 
 
+class gpu_open_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("start_ns", u64), ("major", u32),
+                ("minor", u32), ("flags", u32), ("syscall", u16), ("pad0", u16)]
+
+
 # Every struct shared with C, for the ABI test.
 SHARED_STRUCTS = (event_header, addr_key, service_key, source_stats, service_stats,
                   remote_stats, net_thresholds, net_config, net_source_event,
                   net_service_event, tcp_remote_event,
                   proc_config, file_id, dir_key, name_key, path_rule, proc_ctx, proc_exec_event,
                   proc_exit_event, file_open_event, module_load_event, ptrace_event,
-                  bpf_prog_load_event, stdio_fd, stdio_dup_event, proc_stdio_event)
+                  bpf_prog_load_event, stdio_fd, stdio_dup_event, proc_stdio_event,
+                  gpu_open_event)
 
 DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.NET_SOURCE: net_source_event,
@@ -367,6 +375,7 @@ DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.BPF_PROG_LOAD: bpf_prog_load_event,
     EventKind.STDIO_DUP: stdio_dup_event,
     EventKind.PROC_STDIO: proc_stdio_event,
+    EventKind.GPU_OPEN: gpu_open_event,
 }
 
 

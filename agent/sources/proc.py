@@ -144,7 +144,8 @@ class ProcProbe(OwnedScope, BpfProbe):
     def _configure(self, obj: libbpf.Object) -> None:
         obj.map(ProcMap.EVENTS).set_max_entries(self.ring_bytes)
         rodata = abi.proc_config(agent_tgid=self.agent_tgid, all_execs=int(self.all_execs),
-                                 netns_ino=self.netns, host_scope=int(self.host_scope))
+                                 netns_ino=self.netns, host_scope=int(self.host_scope),
+                                 gpu_major=self.cfg.gpu.device_major)
         obj.map(ProcMap.RODATA).set_initial_value(bytes(rodata))
 
     def _classify(self) -> dict:
@@ -398,6 +399,8 @@ class ProcProbe(OwnedScope, BpfProbe):
         elif kind == abi.EventKind.PROC_STDIO:
             name, subject = "proc.stdio", f"pid:{p.pid}"
             extra = stdio.exec_stdio_fields(ev)
+        elif kind == abi.EventKind.GPU_OPEN:
+            name, subject, extra = "gpu.open", f"pid:{p.pid}", gpu_open_fields(ev)
         else:
             return None
         return Event(name, subject, ev.hdr.ts_ns, ev.hdr.ts_ns, {**common, **extra}, SOURCE)
@@ -483,3 +486,18 @@ def _exec_fields(ev: abi.proc_exec_event) -> dict:
             "stdin": fams[0], "stdout": fams[1], "stderr": fams[2],
             "stdio_inet": sum(f in ("inet", "inet6") for f in fams),
             "reason": [n for bit, n in abi.EXEC_REASONS.items() if ev.reason & bit]}
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def gpu_open_fields(ev: abi.gpu_open_event) -> dict:
+    """An open of /dev/nvidia*: the device, and the process's start time in the clock
+    ticks of /proc/PID/stat (start_boottime / (NSEC_PER_SEC / USER_HZ), as the kernel
+    computes it), which pins the process for the response."""
+    minor = ev.minor
+    return {"major": ev.major, "minor": minor, "flags": ev.flags, "syscall": ev.syscall,
+            "start_ticks": ev.start_ns // (1_000_000_000 // CLK_TCK),
+            "gpu_index": minor if minor < 254 else None,      # 254 modeset, 255 nvidiactl
+            "device": f"/dev/nvidia{minor}" if minor < 254 else
+            {255: "/dev/nvidiactl", 254: "/dev/nvidia-modeset"}.get(minor, f"minor {minor}")}

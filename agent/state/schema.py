@@ -68,5 +68,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                            "'reason', NEW.reason, 'rule', NEW.rule, 'params', json(NEW.params))"),
           ) for event in ("insert", "update")),
     ),
+    (
+        # GPU authorizations a scheduler made through the control API (agent.gpugrant;
+        # those of the config are not stored): one row per workload and GPU.
+        """CREATE TABLE gpu_grants (
+            workload TEXT NOT NULL, gpu TEXT NOT NULL, job TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL, by TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (workload, gpu))""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

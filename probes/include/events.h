@@ -26,6 +26,7 @@ enum event_kind {
 	EVENT_BPF_PROG_LOAD = 10,
 	EVENT_STDIO_DUP = 11,
 	EVENT_PROC_STDIO = 12,
+	EVENT_GPU_OPEN = 13,
 };
 
 /* Why an alert fired; bit (1 << reason) marks "already alerted in this window". */
@@ -262,8 +263,10 @@ struct proc_config {
 	__u32 all_execs;	/* 1: emit every exec (benchmarks), 0: only what rules need */
 	__u32 netns_ino;	/* the agent's network namespace: its processes are the agent's */
 	__u32 host_scope;	/* 1: also those of every namespace not in map foreign_netns */
+	__u32 gpu_major;	/* opens of character devices of this major (NVIDIA's: 195) are
+				 * gpu_open_events; 0: none */
 };
-_Static_assert(sizeof(struct proc_config) == 16, "proc_config size");
+_Static_assert(sizeof(struct proc_config) == 20, "proc_config size");
 
 /* A file's identity: the kernel's dev_t of its superblock (MAJOR << 20 | MINOR) and its
  * inode number. Key of watched_exes and watched_files. */
@@ -477,5 +480,21 @@ struct proc_stdio_event {
 	__u32 pad0;
 };
 _Static_assert(sizeof(struct proc_stdio_event) == 592, "proc_stdio_event size");
+
+/* An open of a GPU character device (/dev/nvidia0.., /dev/nvidiactl: major
+ * proc_config.gpu_major), raised when the open returned a file: judged by the device
+ * number, whatever the node's path or inode (a container's /dev has its own nodes). The
+ * process is pinned for the response by its start time. */
+struct gpu_open_event {
+	struct event_header hdr;
+	struct proc_ctx proc;
+	__u64 start_ns;		/* the thread group leader's start_boottime */
+	__u32 major;
+	__u32 minor;		/* /dev/nvidiaN: N; nvidiactl 255, nvidia-modeset 254 */
+	__u32 flags;		/* file->f_flags */
+	__u16 syscall;		/* enum open_syscall */
+	__u16 pad0;
+};
+_Static_assert(sizeof(struct gpu_open_event) == 528, "gpu_open_event size");
 
 #endif

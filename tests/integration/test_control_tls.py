@@ -203,3 +203,31 @@ def test_cli_tls_failures_are_permission_denied_with_the_reason(tls_served, pki,
     assert done.stderr.startswith("swarm-agent: permission denied: " + why)
     assert done.stderr.count("\n") == 1, done.stderr    # one sentence, no gRPC log lines
     assert tls_served.agent.store.mitigations() == []
+
+
+def test_gpu_authorizations_viewer_lists_operator_authorizes(tls_served, pki):
+    """GPU authorization (agent.gpuguard): a viewer lists, and is refused (audited) when
+    it authorizes or revokes; an operator authorizes."""
+    from agent.gpuguard import GpuGuard
+
+    agent = tls_served.agent
+    agent.gpu_guard = GpuGuard(agent.cfg, agent.store, lambda policy: None, lambda e: None)
+    ask = pb.AuthorizeGpuRequest(workload="/kubepods.slice/pod-1", gpus=["0"], job="j1")
+    ch, stub = _stub(tls_served, pki, "viewer")
+    with ch:
+        assert not stub.ListGpuAuthorizations(pb.ListGpuAuthorizationsRequest(),
+                                              timeout=10).authorizations
+        for call, req in ((stub.AuthorizeGpu, ask),
+                          (stub.RevokeGpu, pb.RevokeGpuRequest(workload="/kubepods.slice/pod-1"))):
+            code, details = code_of(lambda: call(req, timeout=10))
+            assert code is Code.PERMISSION_DENIED and "operator" in details
+    assert agent.gpu_guard.listing() == []
+    ch, stub = _stub(tls_served, pki, "operator")
+    with ch:
+        [a] = stub.AuthorizeGpu(ask, timeout=10).authorizations
+        assert (a.workload, a.gpu, a.source, a.job, a.by) == \
+            ("/kubepods.slice/pod-1", "0", "api", "j1", "ops.example")
+    assert [(e["identity"], e["method"], e["result"]) for e in agent.store.audit()] == [
+        ("ops.example", "AuthorizeGpu", "OK"),
+        ("viewer.example", "RevokeGpu", "PERMISSION_DENIED"),
+        ("viewer.example", "AuthorizeGpu", "PERMISSION_DENIED")]

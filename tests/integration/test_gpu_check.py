@@ -44,6 +44,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert ok["seen"] and bad["seen"] and ok["cgroup"] != bad["cgroup"], text
     assert ok["cgroup"].startswith("/swa-gpucheck-ok-") and ok["used_memory_bytes"] == 512 << 20
     assert "[PASS] unauthorized process flagged" in text
+    assert "[PASS] unauthorized process stopped" in text          # the agent's exact kill
+    assert "[PASS] authorized process keeps running" in text
     assert summary["sampling"]["samples"] >= 4 and summary["nvml"]["gpus"] == 1
     assert "== gpu_check exit 1" in text
     assert not list(Path("/sys/fs/cgroup/unified").glob("swa-gpucheck-*")) and \

@@ -84,6 +84,21 @@ class ControlStub(object):
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
                 )
+        self.AuthorizeGpu = channel.unary_unary(
+                '/swarm.control.v1.Control/AuthorizeGpu',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.AuthorizeGpuRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.FromString,
+                )
+        self.RevokeGpu = channel.unary_unary(
+                '/swarm.control.v1.Control/RevokeGpu',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RevokeGpuRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RevokeGpuResponse.FromString,
+                )
+        self.ListGpuAuthorizations = channel.unary_unary(
+                '/swarm.control.v1.Control/ListGpuAuthorizations',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListGpuAuthorizationsRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.FromString,
+                )
 
 
 class ControlServicer(object):
@@ -186,6 +201,29 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeGpu(self, request, context):
+        """GPU authorization: which workloads (cgroup path prefixes, container:<id>) may use
+        which GPUs (all, uuids, indexes); a scheduler calls these as it starts and ends jobs.
+        Stored (they survive a restart); a revoke re-checks the processes on the GPUs at once.
+        operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGpu(self, request, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGpuAuthorizations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +296,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListAuditRequest.FromString,
                     response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'AuthorizeGpu': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeGpu,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.AuthorizeGpuRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.SerializeToString,
+            ),
+            'RevokeGpu': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGpu,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RevokeGpuRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RevokeGpuResponse.SerializeToString,
+            ),
+            'ListGpuAuthorizations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGpuAuthorizations,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListGpuAuthorizationsRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -504,5 +557,56 @@ class Control(object):
         return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListAudit',
             swarm_dot_control_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
             swarm_dot_control_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def AuthorizeGpu(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/AuthorizeGpu',
+            swarm_dot_control_dot_v1_dot_control__pb2.AuthorizeGpuRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RevokeGpu(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/RevokeGpu',
+            swarm_dot_control_dot_v1_dot_control__pb2.RevokeGpuRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.RevokeGpuResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListGpuAuthorizations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListGpuAuthorizations',
+            swarm_dot_control_dot_v1_dot_control__pb2.ListGpuAuthorizationsRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
