@@ -12,8 +12,10 @@ import pytest
 
 from agent.sources import watched
 from agent.sources.abi import NetProg
-from swarmlab.lab import sh, wait_for
-from tests.integration.test_net_probe import THRESHOLDS, UDP, built, open_probe  # noqa: F401
+from agent.sources.net import NetProbe
+from swarmlab.lab import netns, sh, wait_for
+from tests.integration.test_net_probe import (PROBES, THRESHOLDS, UDP, built,  # noqa: F401
+                                             open_probe)
 
 pytestmark = pytest.mark.privileged
 
@@ -132,5 +134,38 @@ def test_link_churn_costs_a_bounded_number_of_relistings(lab):
         egress = probe.status()[NetProg.TC_EGRESS]
         assert egress["state"] == "loaded" and egress["reason"].startswith("tc egress on v0, ")
         assert sorted(egress["reason"].split(", ")[1:]) == ["dkeep", "pkeep"]
+    finally:
+        probe.close()
+
+
+def test_with_an_explicit_list_a_listed_link_is_followed_and_others_ignored(lab):
+    """probes.interfaces [v0, v1]: v1 deleted is reported missing (degraded), re-created it
+    is attached again; a link not on the list (v2) is never attached."""
+    lab.add_attacker(1)
+    with netns(lab.victim):
+        probe = NetProbe(PROBES, ["v0", "v1"], THRESHOLDS)
+        probe.open()
+    try:
+        assert probe.attach_modes() == {"v0": "tc ingress", "v1": "tc ingress"}
+
+        def body():
+            sh("ip", "link", "del", "v1", ns=lab.victim)
+            wait_for(lambda: "no such link" in probe.status()[NetProg.TC_EGRESS]["reason"], 3)
+            gone = probe.status()
+            lab.add_attacker(2)
+            sh("ip", "link", "add", "v1", "type", "veth", "peer", "name", "p1", ns=lab.victim)
+            wait_for(lambda: "v1" in probe.attach_modes(), 3)
+            time.sleep(2 * watched.RESYNC_MIN_S)       # v2 had its chance to be (wrongly) taken
+            return gone
+
+        gone = on_loop(probe, body)
+        assert gone[NetProg.TC_INGRESS]["state"] == "degraded"
+        assert "not on v1: no such link" in gone[NetProg.TC_INGRESS]["reason"]
+        assert gone[NetProg.TC_EGRESS]["reason"] == "attached to 1/2: v1: no such link"
+        assert probe.attach_modes() == {"v0": "tc ingress", "v1": "tc ingress"}
+        status = probe.status()
+        assert status[NetProg.TC_EGRESS] == {"state": "loaded", "reason": "tc egress on v0, v1"}
+        assert status[NetProg.TC_INGRESS]["state"] == "loaded"
+        assert "v2" not in status[NetProg.TC_INGRESS]["reason"]
     finally:
         probe.close()
