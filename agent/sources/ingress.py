@@ -101,16 +101,21 @@ NO_TCX = {22, 95, 524}  # EINVAL, EOPNOTSUPP, ENOTSUPP: no tcx links in this ker
 
 
 def attach(name: str, configured: str, xdp: libbpf.Program | None,
-           tc: libbpf.Program | None) -> tuple[object | None, Attached]:
+           tc: libbpf.Program | None, ifindex: int | None = None
+           ) -> tuple[object | None, Attached]:
     """Attach the ingress program to link `name` by the first hook it takes; returns the
     link (None when every hook refused) and what it got. Raises nothing for a refusal.
     A program that is None (the kernel refused to load it) is not tried."""
     drv = driver(name)
+    try:
+        ifindex = ifindex or socket.if_nametoindex(name)
+    except OSError as e:          # gone since it was listed
+        return None, Attached(name, None, os.strerror(e.errno) if e.errno else str(e))
     modes = [m for m in order(configured, drv) if (tc if m is Mode.TC else xdp) is not None]
     refused: list[str] = []
     for mode in modes:
         try:
-            link = _attach_one(mode, xdp, tc, socket.if_nametoindex(name))
+            link = _attach_one(mode, xdp, tc, ifindex)
         except OSError as e:
             refused.append(f"{mode} refused: {os.strerror(e.errno) if e.errno else e}")
             continue

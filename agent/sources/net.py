@@ -3,26 +3,29 @@
 XDP, tc ingress or generic XDP, whichever costs each link least (sources/ingress.py),
 passive TCP connections, sent resets (and those drawn by SYN-proxy-verified handshakes,
 as "tcp.verified_reset"), with threshold crossings pushed from the kernel through a ring
-buffer. A tc egress program records the UDP peers this host sends to.
+buffer. A tc egress program records the UDP peers this host sends to. The watched links
+follow the namespace's (sources/watched.py): a link created later is attached within
+about a second while run() is on the loop, a deleted one leaves the status.
 
 NetProbe must be opened in the network namespace it watches: the ingress program attaches
 by ifindex there, and the tracepoint programs only count events of that namespace.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
-import fcntl
 import ipaddress
+import logging
 import math
 import os
 import socket
-import struct
+import time
 from dataclasses import dataclass
 
 from agent.config import Probes
 from agent.model import Event
-from agent.sources import abi, ingress, libbpf, links
+from agent.sources import abi, ingress, libbpf, links, watched
 from agent.sources.abi import NetMap, NetProg
 from agent.sources.probe import BpfProbe
 
@@ -31,6 +34,7 @@ THRESHOLD_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                   "svc_syns", "svc_packets", "svc_udp", "svc_sources")
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 _libc = ctypes.CDLL(None, use_errno=True)
+logger = logging.getLogger("swarm_agent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,21 +94,6 @@ def window_thresholds(per_s: dict[str, int], window_ms: int) -> abi.net_threshol
     return t
 
 
-ARPHRD_ETHER = 1
-SIOCGIFHWADDR = 0x8927
-
-
-def _link_type(name: str) -> int | None:
-    """The ARPHRD_* type of interface `name` in the calling thread's namespace (None if it
-    cannot be read: then it is attached to and its errors reported as before)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            ifr = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("16s16x", name.encode()[:15]))
-    except OSError:
-        return None
-    return struct.unpack_from("H", ifr, 16)[0]
-
-
 def _setns(fd: int) -> None:
     if _libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
         err = ctypes.get_errno()
@@ -116,7 +105,8 @@ class NetProbe(BpfProbe):
 
     open() loads and attaches; what the kernel refuses is reported by status() as
     "degraded" (or "failed" for other errors) and the rest keeps running; a missing or
-    broken object raises. run() emits one Event per kernel alert until cancelled.
+    broken object raises. run() emits one Event per kernel alert until cancelled, and
+    attaches to links created since (sync_links(), on rtnetlink's word, rate-limited).
     close() detaches everything (from the namespace open() ran in) and is idempotent.
     """
 
@@ -135,6 +125,11 @@ class NetProbe(BpfProbe):
         super().__init__(object_path)
         self._netns_fd: int | None = None
         self.ingress: list[ingress.Attached] = []   # what each watched link got
+        self.linkset: watched.LinkSet | None = None
+        self._changes: watched.LinkChanges | None = None
+        self._changes_error = ""
+        self._progs: set[NetProg] = set()
+        self._last_sync = 0.0
 
     # --- loading -------------------------------------------------------------------------
 
@@ -156,80 +151,82 @@ class NetProbe(BpfProbe):
 
     def _attach(self, progs: set[NetProg]) -> None:
         super()._attach(progs)
-        if NetProg.XDP in progs or NetProg.TC_INGRESS in progs:
-            self._attach_ingress(progs)
-        if NetProg.TC_EGRESS in progs:
-            # Without it, answers from UDP peers this host talks to through an unconnected
-            # socket (wireguard-go, QUIC servers) count as unsolicited: degraded, reported.
-            self._attach_each(NetProg.TC_EGRESS, egress_link, "tc egress")
-
-    def _watched(self) -> tuple[list[str], str]:
-        """The links to attach to, and the status note on those left out."""
-        names = self.interfaces or [n for _, n in socket.if_nameindex() if n != "lo"]
-        # Every program reads an Ethernet header first. On an L3 device (tun: wireguard-go;
-        # wireguard, ipip, gre) the frame starts at the IP header, which would be misread:
-        # its address bytes taken for an EtherType, legitimate tunnel traffic dropped as
-        # unparsable. Such devices are left unwatched, and the status says so.
-        skipped = [n for n in names if _link_type(n) not in (None, ARPHRD_ETHER)]
-        unwatched = f"; not on {', '.join(skipped)} (no Ethernet header)" if skipped else ""
-        # A frame through a bridge or bond port (or the link under a vlan) meets that
-        # link's hook, then its upper device's: only the lowest watched link judges it, so
-        # every packet is counted once (forwarded between ports or delivered to the
-        # bridge's own address). An upper with an unwatched lower stays watched.
-        names, uppers = links.without_uppers([n for n in names if n not in skipped])
-        unwatched += "".join(f"; not on {u} (judged on {', '.join(low)} below it)"
-                             for u, low in uppers.items())
-        return names, unwatched
-
-    def _attach_ingress(self, progs: set[NetProg]) -> None:
-        """The ingress program on every watched link, by the hook that costs it least
-        (ingress.attach); each program's status names its links, the hook and why."""
-        names, unwatched = self._watched()
         # A program the kernel refused is not offered: its status already says why.
-        loaded = {p: self._obj.program(p) if p in progs else None
-                  for p in (NetProg.XDP, NetProg.TC_INGRESS)}
-        self.ingress = []
-        for name in names:
-            link, got = ingress.attach(name, self.cfg.attach_mode, loaded[NetProg.XDP],
-                                       loaded[NetProg.TC_INGRESS])
-            if link is not None:
-                self._links.append(link)
-            self.ingress.append(got)
-        failed = [r for r in self.ingress if r.mode is None]
-        lost = "; ".join(f"not on {r.link}: {r.why}" for r in failed)
-        for prog, modes in ((NetProg.XDP, (ingress.Mode.NATIVE, ingress.Mode.GENERIC)),
-                            (NetProg.TC_INGRESS, (ingress.Mode.TC,))):
-            if prog not in progs:
-                continue
-            mine = [r for r in self.ingress if r.mode in modes]
-            parts = [ingress.summary(self.ingress, m) for m in modes]
-            text = "; ".join([p for p in parts if p] + ([lost] if lost else [])) or \
-                "on no link" + ("" if names else " (no interface to watch)")
-            state = "failed" if names and len(failed) == len(names) else \
-                "degraded" if failed or any(r.missed for r in mine) or not names else "loaded"
-            self._set(prog, state, text + unwatched)
+        offered = {p: self._obj.program(p) if p in progs else None
+                   for p in (NetProg.XDP, NetProg.TC_INGRESS, NetProg.TC_EGRESS)}
+        # Without egress, answers from UDP peers this host talks to through an unconnected
+        # socket (wireguard-go, QUIC servers) count as unsolicited: degraded, reported.
+        self.linkset = watched.LinkSet(self.interfaces, self.cfg.attach_mode,
+                                       offered[NetProg.XDP], offered[NetProg.TC_INGRESS],
+                                       offered[NetProg.TC_EGRESS], egress_link, self._links)
+        self._progs = progs
+        try:
+            self._changes = watched.LinkChanges()
+        except OSError as e:     # links are then those of now: the status says so
+            self._changes_error = f"; links added later are not watched ({e.strerror})"
+        self.sync_links()
+
+    def sync_links(self) -> bool:
+        """Attach to the links that appeared since the last call, let go of those that went
+        (or are now judged below: a bridge whose ports are all watched), and update the
+        status; True if anything changed. Raises nothing: a refusal degrades its link."""
+        if self.linkset is None or self._netns_fd is None:
+            return False
+        self._last_sync = time.monotonic()
+        try:
+            with self._in_own_netns():
+                changed = self.linkset.sync()
+        except OSError as e:   # the namespace or its link list unreadable: keep what we have
+            for prog in (NetProg.XDP, NetProg.TC_INGRESS, NetProg.TC_EGRESS):
+                if prog.value in self._status:
+                    self._status[prog.value]["reason"] += f"; links not re-read: {e.strerror}"
+            return False
+        self.ingress = [w.got for w in self.linkset.links.values() if w.got is not None]
+        note = self._changes_error
+        loaded = {k for k, p in (("xdp", NetProg.XDP), ("tc", NetProg.TC_INGRESS))
+                  if p in self._progs}
+        for key, (state, text) in self.linkset.ingress_status(loaded).items():
+            self._set(NetProg.XDP if key == "xdp" else NetProg.TC_INGRESS, state, text + note)
+        if NetProg.TC_EGRESS in self._progs:
+            state, text = self.linkset.egress_status("tc egress")
+            self._set(NetProg.TC_EGRESS, state, text + note)
+        return changed
 
     def attach_modes(self) -> dict[str, str | None]:
         """Watched link -> the hook its ingress program runs at (None: none took it)."""
         return {r.link: None if r.mode is None else str(r.mode) for r in self.ingress}
 
-    def _attach_each(self, which: NetProg, link: type, what: str) -> None:
-        names, unwatched = self._watched()
-        prog, errors = self._obj.program(which), []
-        for name in names:
+    async def run(self, emit) -> None:
+        """As BpfProbe.run(), and follows link changes: rtnetlink's word that a link came,
+        went or changed schedules sync_links(), at most once every watched.RESYNC_MIN_S."""
+        if self._changes is None:
+            return await super().run(emit)
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def resync() -> None:
+            nonlocal timer
+            timer = None
+            self.sync_links()
+
+        def changed() -> None:
+            nonlocal timer
             try:
-                self._links.append(link(prog, socket.if_nametoindex(name)))
+                news = self._changes.drain()
             except OSError as e:
-                errors.append(f"{name}: {e.strerror}")
-        attached = len(names) - len(errors)
-        if not names:
-            self._set(which, "degraded", "no interface to watch" + unwatched)
-        elif errors:
-            state = "degraded" if attached else "failed"
-            self._set(which, state, f"attached to {attached}/{len(names)}: " + "; ".join(errors)
-                      + unwatched)
-        else:
-            self._set(which, "loaded", f"{what} on {', '.join(names)}" + unwatched)
+                logger.warning("link changes unreadable: %s", e.strerror)
+                news = True
+            if news and timer is None:
+                wait = self._last_sync + watched.RESYNC_MIN_S - time.monotonic()
+                timer = loop.call_later(max(0.0, wait), resync)
+
+        loop.add_reader(self._changes.fileno(), changed)
+        try:
+            await super().run(emit)
+        finally:
+            loop.remove_reader(self._changes.fileno())
+            if timer is not None:
+                timer.cancel()
 
     def status(self) -> dict[str, dict[str, str]]:
         """As BpfProbe.status(), and a tcx program (ours at tc ingress or egress) that is
@@ -311,7 +308,11 @@ class NetProbe(BpfProbe):
     # --- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None
         super().close()
+        self.linkset = None
         if self._netns_fd is not None:
             os.close(self._netns_fd)
             self._netns_fd = None
