@@ -44,6 +44,9 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(iperf3)
 # Tests only: property-based tests of the config and rules loaders (generated inputs).
 [ "$with_tests" = 1 ] && packages+=(python3-hypothesis)
+# Tests only: the suite runs on two workers (pytest -n 2): most integration tests wait on
+# namespaces, agents and timers, not on a CPU.
+[ "$with_tests" = 1 ] && packages+=(python3-pytest-xdist)
 # Tests only: a static program making i386 syscalls (int 0x80), and a btrfs loop image
 # (stat's device numbers differ from the kernel's there).
 [ "$with_tests" = 1 ] && packages+=(gcc libc6-dev btrfs-progs)

@@ -25,7 +25,8 @@ import pytest
 from swarmlab.lab import sh, wait_for
 from tests.conftest import skip_unsupported
 
-pytestmark = pytest.mark.privileged
+# Both build the packages from this checkout (packaging/build.sh, dist/): one worker.
+pytestmark = [pytest.mark.privileged, pytest.mark.xdist_group("packaging")]
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "packaging"

@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import skip_unsupported
 
-pytestmark = pytest.mark.privileged
+# Both build the packages from this checkout (packaging/build.sh, dist/): one worker.
+pytestmark = [pytest.mark.privileged, pytest.mark.xdist_group("packaging")]
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

@@ -419,7 +419,7 @@ def test_watched_file_and_shell_on_btrfs(btrfs, tmp_path):
     shutil.copy(os.path.realpath("/bin/sh"), btrfs / "sub/sh")
     cfg = Config(state_dir=str(tmp_path / "state"), breach=Breach(
         shells=(str(btrfs / "sub/sh"),), credential_paths=(str(etc / "shadow"),),
-        read_paths=()))
+        read_paths=()), probes=Probes(process_owners=str(tmp_path / "owners")))
     p = ProcProbe(cfg)
     p.open()
     try:
@@ -439,7 +439,8 @@ def test_watched_directory_moved_away_and_made_again(tmp_path):
     (etc / "sudoers.d").mkdir(parents=True)
     (etc / "sudoers.d/README").write_text("#\n")
     cfg = Config(state_dir=str(tmp_path / "state"),
-                 breach=Breach(credential_paths=(f"{etc}/sudoers*",), read_paths=()))
+                 breach=Breach(credential_paths=(f"{etc}/sudoers*",), read_paths=()),
+                 probes=Probes(process_owners=str(tmp_path / "owners")))  # not the host's
     p = ProcProbe(cfg)
     p.open()
     try:
