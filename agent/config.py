@@ -211,7 +211,9 @@ class Gpu:
     # scheduler authorizes through the control API; any other workload's GPU process is
     # a policy violation (policy.gpu_unauthorized), answered per on_violation.
     authorized: tuple[Grant, ...] = ()
-    on_violation: str = "kill"        # kill (the process), freeze (its cgroup) or report
+    # report (default): an agent installed before the scheduler makes grants must not kill
+    # every GPU job on the machine; kill (the process) or freeze (its cgroup) once it does.
+    on_violation: str = "report"
     system_cgroups: tuple[str, ...] = SYSTEM_CGROUPS   # never acted on (and below them)
     system_exes: tuple[str, ...] = SYSTEM_EXES   # root, /system.slice/, no container only
     # Opens of character devices of this major are reported by the process probe at the

@@ -36,7 +36,9 @@ SYSTEM_CGROUPS = ("/system.slice/nvidia-persistenced.service",
                   "/system.slice/nvidia-dcgm.service", "/system.slice/dcgm.service",
                   "/system.slice/nvidia-fabricmanager.service",
                   "/system.slice/dcgm-exporter.service")
-SYSTEM_EXES = ("/usr/bin/nvidia-persistenced", "/usr/sbin/nvidia-persistenced",
+SYSTEM_EXES = ("/usr/bin/nvidia-container-cli", "/usr/bin/nvidia-container-runtime-hook",
+               "/usr/bin/nvidia-container-toolkit", "/usr/bin/nvidia-ctk",
+               "/usr/bin/nvidia-persistenced", "/usr/sbin/nvidia-persistenced",
                "/usr/bin/nv-hostengine", "/usr/bin/nvidia-smi", "/usr/bin/dcgm-exporter",
                "/usr/bin/nv-fabricmanager", "/usr/bin/nvidia-cuda-mps-server",
                "/usr/bin/nvidia-cuda-mps-control")
@@ -72,12 +74,22 @@ class Grant:
 _CONTAINER_IN_CGROUP = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
 
 
+# Where container runtimes put their containers' cgroups (systemd and cgroupfs drivers of
+# Docker/containerd/CRI-O, Kubernetes, rootful podman/libvirt). A cgroup path is a name
+# anyone who may create cgroups chooses (a login user's delegated user@UID.service, rootless
+# podman, a container with a writable cgroupfs): a container id is believed only under
+# these roots, and the first from the root (a nested cgroup named after another container
+# inside a real one is still the outer container's).
+RUNTIME_ROOTS = ("/system.slice/", "/docker/", "/kubepods.slice/", "/kubepods/",
+                 "/machine.slice/")
+
+
 def container_of(cgroup: Any) -> str | None:
-    """The container id a cgroup path names (docker-<id>.scope, /docker/<id>,
-    cri-containerd-<id>, crio-<id>, libpod-<id>: as agent.sources.gpuproc reads it)."""
-    if not isinstance(cgroup, str):
+    """The container id a runtime's cgroup path names (docker-<id>.scope, /docker/<id>,
+    cri-containerd-<id>, crio-<id>, libpod-<id>), None elsewhere."""
+    if not isinstance(cgroup, str) or not cgroup.startswith(RUNTIME_ROOTS):
         return None
-    for part in reversed(cgroup.split("/")[-3:]):
+    for part in cgroup.split("/"):
         m = _CONTAINER_IN_CGROUP.search(part)
         if m:
             return m.group(1)
@@ -208,7 +220,7 @@ class GpuPolicy:
         if kind == "gpu.process" and f.get("resolved") is not True:
             return {}
         cgroup = f.get("cgroup")
-        container = f.get("container_id") or container_of(cgroup)
+        container = container_of(cgroup)     # never the event's own reading: anchored here
         if kind == "gpu.open":
             authorized = any(g.covers(cgroup, container, g.gpu, int(g.gpu) if
                                       g.gpu.isdigit() else None) for g in self.grants)
@@ -226,8 +238,11 @@ class GpuPolicy:
             return True
         if any(within(cgroup, c) for c in self.system_cgroups):
             return True
+        # Root's own GPU tools: in a system unit, or in root's login session (an admin's
+        # nvidia-smi over SSH), never in a container.
         return (f.get("exe") in self.system_exes and f.get("uid") == 0
-                and f.get("container_id") is None and cgroup.startswith("/system.slice/"))
+                and f.get("container_id") is None
+                and cgroup.startswith(("/system.slice/", "/user.slice/user-0.slice/")))
 
     def listing(self) -> list[dict[str, Any]]:
         return [{"workload": g.workload, "gpu": g.gpu, "source": g.source, "job": g.job,

@@ -138,7 +138,7 @@ def main() -> int:
         script.write()
         (tmp_p / "agent").mkdir()
         agent = AgentProcess(lab.victim, tmp_p / "agent", extra_config=(
-            f"rules_file: {RULES}\ngpu:\n  sample_s: {args.sample_s}\n  nvml_library: {lib}\n"
+            f"rules_file: {RULES}\ngpu:\n  sample_s: {args.sample_s}\n  on_violation: kill\n  nvml_library: {lib}\n"
             + ("  device_major: 1\n" if args.via == "open" else "") +
             f"  authorized:\n    - workload: {rel(ok_cg)}\n      gpus: all\n"))
         agent.start()

@@ -92,7 +92,7 @@ def start_agent(lab, lib, tmp_path, authorized: str = ""):
 
     (tmp_path / "agent").mkdir(exist_ok=True)
     agent = AgentProcess(lab.victim, tmp_path / "agent", extra_config=(
-        f"rules_file: {RULES}\ngpu:\n  sample_s: 0.2\n  nvml_library: {lib}\n{authorized}"))
+        f"rules_file: {RULES}\ngpu:\n  sample_s: 0.2\n  on_violation: kill\n  nvml_library: {lib}\n{authorized}"))
     agent.start()
     wait_for(lambda: next(p for p in json.loads(cli(agent, "status").stdout)["probes"]
                           if p["name"] == "gpu")["state"] == "loaded", 10)

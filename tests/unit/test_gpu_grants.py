@@ -87,8 +87,29 @@ def test_verdict_and_what_is_system():
     # a system executable's name is forgeable inside a container, or by a user
     host = proc(cgroup="/system.slice/my-dcgm.service", uid=0, exe="/usr/bin/nv-hostengine")
     assert pol.verdict(host)["system"] is True
-    for forged in (dict(container_id=CID), dict(uid=1000), dict(cgroup="/user.slice/u.scope")):
+    for forged in (dict(cgroup=f"/system.slice/docker-{CID}.scope"), dict(uid=1000),
+                   dict(cgroup="/user.slice/u.scope")):
         assert pol.verdict({**host, **forged})["system"] is False, forged
+    # root's own nvidia-smi over SSH (its login session) is the host's, not a workload's
+    admin = proc(cgroup="/user.slice/user-0.slice/session-3.scope", uid=0,
+                 exe="/usr/bin/nvidia-smi")
+    assert pol.verdict(admin, "gpu.open")["system"] is True
+    assert pol.verdict({**admin, "uid": 1000}, "gpu.open")["system"] is False
+
+
+def test_a_cgroup_named_after_a_granted_container_is_not_that_container():
+    # Found by a red-team review: a container id was read from any of the last components
+    # of a cgroup path, which anyone who may create cgroups names (a login user's
+    # delegated user@UID.service, rootless podman, a writable cgroupfs in a container).
+    cpol = GpuPolicy((Grant(f"container:{CID}", "all"),))
+    for forged in (f"/user.slice/user-1000.slice/user@1000.service/docker-{CID}.scope",
+                   f"/swa-x/user@1000.service/docker-{CID}.scope",
+                   f"/system.slice/docker-{'a' * 64}.scope/docker-{CID}.scope"):
+        v = cpol.verdict(proc(cgroup=forged))
+        assert v["authorized"] is False, forged
+    assert cpol.verdict(proc(cgroup=f"/system.slice/docker-{CID}.scope"))["authorized"] is True
+    k8s = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{CID}.scope"
+    assert cpol.verdict(proc(cgroup=k8s))["authorized"] is True
 
 
 def test_config_key(tmp_path):
