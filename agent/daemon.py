@@ -472,6 +472,10 @@ class Agent:
         if getattr(self, "gpu_guard", None) is not None:
             detector.gpu_policy = self.gpu_guard.policy
         self.rules, self.detector = rules, detector
+        if getattr(self, "gpu_guard", None) is not None:
+            # New rules judge the processes already on the GPUs too, not only new ones.
+            self.gpu_guard.refresh()
+            self.gpu_guard.recheck(getattr(self, "gpu", None))
 
     def _use_gpu_policy(self, policy) -> None:
         """New GPU authorizations (agent.gpuguard), on the loop thread: judged by from the

@@ -116,6 +116,10 @@ def _check_rule(rule: EgressRule, key: str, keep: list) -> None:
             net = ipaddress.ip_network(d, strict=False)
         except ValueError:
             raise ValueError(f"{key}.destinations: {d[:80]!r} is not an IP address or CIDR") from None
+        if net.version == 6 and net.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96")):
+            # Such packets leave as IPv4: an ip6 rule would never match them.
+            raise ValueError(f"{key}.destinations: {d} is an IPv4-mapped IPv6 address; "
+                             "write the IPv4 address")
         if any(net.version == k.version and net.subnet_of(k) for k in keep):
             raise ValueError(f"{key}.destinations: {d} lies inside the management or mesh "
                              "allowlist, which egress policy never cuts")

@@ -82,6 +82,12 @@ def load_ruleset(path: str | Path | Sequence[str | Path] | None = None) -> RuleS
             raise RuleError(f"rules file {printable(str(p))} changed while being read (a "
                             "write in progress?); nothing was loaded: reload once it is "
                             "complete, and write rule files atomically (rename)", str(p), None)
+    if rule_files(path) != files:
+        # The directory's listing changed under the read (a symlinked directory swapped,
+        # as a ConfigMap update does): the files read may be of neither version.
+        raise RuleError("the rules directory changed while being read (a swap in "
+                        "progress?); nothing was loaded: reload once it is complete",
+                        str(path), None)
     blob = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     version = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     return RuleSet(tuple(rules), version, tuple(str(p) for p in files))

@@ -119,3 +119,11 @@ def test_event_becomes_one_incident_entity_per_scope() -> None:
     assert f.event_class.value == "policy_violation" and f.evidence["cgroup"] == "/kubepods.slice"
     [g] = det.evaluate(event_of(Scope("mining", "iif:docker0"), 1, 1, 1, 2), 2)
     assert (g.rule, g.entity) == ("policy.egress_denied@1", "egress:mining:iif:docker0")
+
+
+def test_an_ipv4_mapped_destination_is_refused():
+    # Found by a red-team review: accepted, it became an ip6 rule that IPv4 packets never meet.
+    from agent.policyconfig import EgressRule, Policy, check
+    rule = EgressRule(name="m", cgroups=("/docker",), destinations=("::ffff:169.254.169.254/128",))
+    with pytest.raises(ValueError, match="IPv4-mapped"):
+        check(Policy(egress=(rule,)), [])
