@@ -87,9 +87,10 @@ def fired(detector: Detector, events) -> set[str]:
     return {f.rule for e in events for f in detector.evaluate(e, e.mono_ns)}
 
 
-def shell_network(probe, cg: str) -> list:
-    """The derived events of every shell the wiring exec'd with piped stdio."""
-    shells = events_of(probe, cg, "proc.stdio", timeout_s=3.0)
+def shell_network(probe, cg: str, pred=lambda e: True) -> list:
+    """The derived events of the shells the wiring exec'd with piped stdio (those `pred`
+    takes: waiting for the one a test is about, not the first of the pipeline's)."""
+    shells = events_of(probe, cg, "proc.stdio", pred, timeout_s=3.0)
     derived = [stdio.correlate(e, exes=probe.exes) for e in shells]
     return [d for d in derived if d is not None]
 
@@ -128,7 +129,7 @@ def test_python_dup2_and_pty_spawn(probe, detector, lab):
                          ids=["mkfifo", "mkfifo-relayed"])
 def test_mkfifo_sh_nc(probe, detector, lab, tmp_path, script, hops):
     with reverse_shell(lab, script, str(tmp_path / "f")) as (cg, listener):
-        nets = shell_network(probe, cg)
+        nets = shell_network(probe, cg, lambda e: e.fields.get("comm") == "sh")
     [net] = [n for n in nets if n.fields["comm"] == "sh"]
     f = net.fields
     assert (f["stdin"], f["stdout"], f["input_network"], f["output_network"]) == \
@@ -149,7 +150,7 @@ COPIED_FIFO = 'rm -f "$2"; mkfifo "$2"; cat "$2" | "$3" -i 2>&1 | nc "$0" "$1" >
 def test_mkfifo_copied_shell_nc(probe, detector, lab, tmp_path):
     shutil.copy2(Path("/bin/sh").resolve(), tmp_path / "x")
     with reverse_shell(lab, COPIED_FIFO, str(tmp_path / "f"), str(tmp_path / "x")) as (cg, _):
-        nets = shell_network(probe, cg)
+        nets = shell_network(probe, cg, lambda e: e.fields.get("exe") == str(tmp_path / "x"))
     [net] = [n for n in nets if n.fields["exe"] == str(tmp_path / "x")]
     assert net.fields["exe_is"] == [] and (net.fields["input_peer_comm"],
                                            net.fields["output_peer_comm"]) == ("nc", "nc")
@@ -396,7 +397,7 @@ def btrfs_dir(tmp_path):
 
 def test_shell_reading_a_fifo_on_btrfs(probe, detector, lab, btrfs_dir):
     with reverse_shell(lab, FIFO_DIRECT, str(btrfs_dir / "f")) as (cg, listener):
-        nets = shell_network(probe, cg)
+        nets = shell_network(probe, cg, lambda e: e.fields.get("comm") == "sh")
     [net] = [n for n in nets if n.fields["comm"] == "sh"]
     f = net.fields
     assert (f["stdin"], f["input_network"], f["output_network"]) == ("fifo", True, True)
