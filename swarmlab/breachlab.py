@@ -146,12 +146,19 @@ def throwaway_cgroup(prefix: str = "swa-breach") -> Iterator[Path]:
 
 
 def remove_cgroup(d: Path) -> None:
-    """Thaw `d`, kill what is in it, wait (bounded) for it to empty, remove it."""
+    """Thaw `d`, kill what is in it (cgroup.kill takes its subtree too), wait (bounded)
+    for it to empty, remove it and every cgroup a test made below it, deepest first."""
     with contextlib.suppress(OSError):
         (d / "cgroup.freeze").write_text("0")
         (d / "cgroup.kill").write_text("1")
     with contextlib.suppress(TimeoutError):
         wait_for(lambda: not (d / "cgroup.procs").read_text().strip(), 5.0)
+    with contextlib.suppress(OSError):
+        below = sorted((p for p in d.rglob("*") if p.is_dir()),
+                       key=lambda p: len(p.parts), reverse=True)
+        for sub in below:
+            with contextlib.suppress(OSError):
+                sub.rmdir()
     with contextlib.suppress(OSError):
         d.rmdir()
 
