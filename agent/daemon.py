@@ -469,11 +469,10 @@ class Agent:
             self.probe.set_thresholds(kernel_thresholds(rules))
         if getattr(self, "responder", None) is not None:
             self.responder.set_rules(rules)
-        if getattr(self, "gpu_guard", None) is not None:
-            detector.gpu_policy = self.gpu_guard.policy
         self.rules, self.detector = rules, detector
         if getattr(self, "gpu_guard", None) is not None:
-            # New rules judge the processes already on the GPUs too, not only new ones.
+            # refresh() gives the new detector the GPU policy (_use_gpu_policy) under a new
+            # version, so the processes already on the GPUs are judged by the new rules too.
             self.gpu_guard.refresh()
             self.gpu_guard.recheck(getattr(self, "gpu", None))
 

@@ -111,15 +111,10 @@ def main() -> int:
         print(f"| {s['pattern']} | {', '.join(s['mitigations'])} | {s['valid']}/{s['runs']} | "
               f"{mp('kernel_event_ms')} | {mp('detected_ms')} | {mp('mitigated_ms')} | "
               f"{mp('cut_off_ms')} | {s['peak_rss_mb']:.1f} | {s['max_cpu_s']:.2f} |")
-    for s in summaries:
-        for bad in s["invalid"]:
-            print(f"invalid: {s['pattern']} run {bad['run']}: {bad['reason']}")
     if spoofed:
         print(f"\nspoofed flood: {json.dumps(spoofed)}")
-    if failed:
-        print(f"FAILED: more than {args.max_invalid:.0%} of the runs invalid for "
-              f"{', '.join(failed)}: these figures measure nothing", file=sys.stderr)
-    return 1 if failed else 0
+    return figures.print_invalid(((s["pattern"], s["invalid"]) for s in summaries), failed,
+                                 args.max_invalid)
 
 
 if __name__ == "__main__":

@@ -272,13 +272,8 @@ def main() -> int:
         cells = [f"{r[k]['median']} / {r[k]['p95']} / {r[k]['max']}" if k in r else "-"
                  for k in FIGURES]
         print(f"{name:42} {r['valid']:>2}/{r['runs']:<2} " + " ".join(f"{c:>20}" for c in cells))
-    for name, r in results.items():
-        for bad in r["invalid"]:
-            print(f"invalid: {name} run {bad['run']}: {bad['reason']}")
-    if failed:
-        print(f"FAILED: more than {args.max_invalid:.0%} of the runs invalid for "
-              f"{', '.join(failed)}: these figures measure nothing", file=sys.stderr)
-    return 1 if failed else 0
+    return figures.print_invalid(((n, r["invalid"]) for n, r in results.items()), failed,
+                                 args.max_invalid)
 
 
 if __name__ == "__main__":

@@ -248,14 +248,9 @@ def main() -> int:
               f"{_pct(r['after_min'])} | {_pct(r['containment_min'], 2)} / "
               f"{_pct(r['containment_median'], 2)} | {r['listen_drops_max']} | "
               f"{r['conntrack_max']} | {', '.join(r['mitigations']) or '-'} |")
-    for r in rows:
-        for b in r["invalid"]:
-            print(f"invalid: {r['case']} (agent {'on' if r['agent'] else 'off'}) run {b['run']}: "
-                  f"{b['reason']}")
-    if failed:
-        print(f"FAILED: more than {args.max_invalid:.0%} of the runs invalid for "
-              f"{', '.join(failed)}: these figures measure nothing", file=sys.stderr)
-    return 1 if failed else 0
+    return figures.print_invalid(
+        ((f"{r['case']} (agent {'on' if r['agent'] else 'off'})", r["invalid"]) for r in rows),
+        failed, args.max_invalid)
 
 
 def _pct(v: float | None, digits: int = 0) -> str:

@@ -22,6 +22,7 @@ bench exits non-zero when more than its allowed fraction of runs is invalid.
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -122,3 +123,16 @@ def sent_after(sent: int, first_ns: int, last_ns: int, at_ns: int) -> float:
     if at_ns >= last_ns or last_ns <= first_ns:
         return 0.0
     return sent * (last_ns - at_ns) / (last_ns - first_ns)
+
+
+def print_invalid(named: Iterable[tuple[str, list[Mapping[str, Any]]]], failed: list[str],
+                  max_invalid: float) -> int:
+    """Every bench's tail: each invalid run with its reason, the cases with too many of
+    them, and the exit status (1 when any case failed)."""
+    for name, invalid in named:
+        for bad in invalid:
+            print(f"invalid: {name} run {bad['run']}: {bad['reason']}")
+    if failed:
+        print(f"FAILED: more than {max_invalid:.0%} of the runs invalid for "
+              f"{', '.join(failed)}: these figures measure nothing", file=sys.stderr)
+    return 1 if failed else 0
