@@ -6,6 +6,7 @@ into exit code 2 before anything is applied to the host.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -226,6 +227,9 @@ class Config:
     state_dir: str = "/var/lib/swarm-agent"
     run_dir: str = "/run/swarm-agent"
     rules_file: str | None = None
+    # Operators' own rule files (*.yaml), loaded after rules_file's and reloaded with
+    # them; a directory that is missing or holds none adds nothing.
+    rules_extra: str | None = None
     dry_run: bool = False
     log_level: str = "info"
     interfaces: tuple[str, ...] = ()  # empty: every non-loopback interface in the namespace
@@ -244,6 +248,15 @@ class Config:
     @property
     def rules_path(self) -> Path:
         return Path(self.rules_file) if self.rules_file else DEFAULT_RULES
+
+    @property
+    def rule_paths(self) -> list[Path]:
+        """rules_path, then rules_extra's *.yaml files (when there are any): what the
+        agent loads and reloads."""
+        extra = Path(self.rules_extra) if self.rules_extra else None
+        if extra is None or not extra.is_dir() or not any(extra.glob("*.yaml")):
+            return [self.rules_path]
+        return [self.rules_path, extra]
 
     @property
     def db_path(self) -> Path:
@@ -384,6 +397,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("log_level must be one of debug, info, warning, error")
     if cfg.rules_file is not None and not configcheck.exists(cfg.rules_file):
         raise ConfigError(f"rules_file {cfg.rules_file} does not exist")
+    if cfg.rules_extra is not None and os.path.exists(cfg.rules_extra) \
+            and not os.path.isdir(cfg.rules_extra):
+        raise ConfigError(f"rules_extra {cfg.rules_extra} is not a directory")
     _check_breach(cfg)
     if cfg.gpu.nvml_library is not None and not cfg.gpu.nvml_library.startswith("/"):
         raise ConfigError("gpu.nvml_library must be an absolute path (or null: the "
@@ -396,6 +412,7 @@ def validate(cfg: Config) -> Config:
         _check_host_port("metrics.listen", cfg.metrics.listen)
     try:
         policyconfig.check(cfg.policy, (*cfg.allowlist.management, *cfg.allowlist.mesh))
+        policyconfig.check_exec(cfg.policy)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg
@@ -548,4 +565,5 @@ def breach_lists(cfg: Config) -> dict[str, tuple[str, ...]]:
     b = cfg.breach
     lists = {f.name: getattr(b, f.name) for f in fields(Breach)}
     lists["agent_paths"] = (*b.agent_paths, cfg.state_dir.rstrip("/") + "/")
+    lists.update(policyconfig.exec_lists(cfg.policy))
     return lists

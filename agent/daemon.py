@@ -70,7 +70,7 @@ class Agent:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         try:
-            ruleset = load_ruleset(cfg.rules_path)
+            ruleset = load_ruleset(cfg.rule_paths)
         except RuleError as e:
             raise ConfigError(str(e)) from None
         self.rules = list(ruleset.rules)
@@ -201,6 +201,7 @@ class Agent:
             self.proc_status = {"proc": {"state": "failed", "reason": reason}}
             log.error("process probe unavailable", extra={"reason": reason})
             return
+        probe.set_exec_policy(self.detector.exec_needs)   # what the loaded rules need
         self.proc_probe = probe
         self.proc_status = probe.status()
 
@@ -465,8 +466,15 @@ class Agent:
         kernel thresholds first -- one map element, written whole or not at all, the only
         step that can fail (OSError, and then nothing changed) -- then the rest."""
         rules = list(ruleset.rules)
+        if self.proc_probe is not None:     # the exec policy's kernel switch (one element)
+            self.proc_probe.set_exec_policy(detector.exec_needs)
         if self.probe is not None:
-            self.probe.set_thresholds(kernel_thresholds(rules))
+            try:
+                self.probe.set_thresholds(kernel_thresholds(rules))
+            except OSError:
+                if self.proc_probe is not None:     # nothing changed: switch it back
+                    self.proc_probe.set_exec_policy(self.detector.exec_needs)
+                raise
         if getattr(self, "responder", None) is not None:
             self.responder.set_rules(rules)
         self.rules, self.detector = rules, detector

@@ -70,12 +70,78 @@ METADATA = EgressRule(name="metadata", cgroups=WORKLOAD_CGROUPS,
                       interfaces=WORKLOAD_INTERFACES, destinations=(METADATA_V4, METADATA_V6))
 
 
+EXEC_ACTIONS = ("report", "kill", "freeze")
+EXEC_HASH_MAX_BYTES = 64 << 20      # larger executables are not hashed (exe_sha256 None)
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CONTAINER_RE = re.compile(r"^[0-9a-f]{12,64}$")
+
+
 @dataclass(frozen=True)
 class Policy:
     egress: tuple[EgressRule, ...] = (METADATA,)
     # How often the egress chains' counters are read: an attempt becomes an incident
     # within about this long (the drop itself is immediate, in the kernel).
     egress_poll_s: float = 1.0
+    # The exec policy (agent/rules/exec.yaml): named lists its deny rules read (@name),
+    # empty by default. Paths are globs of the kernel-resolved executable path; hashes
+    # SHA-256 hex of the file executed; users uids (real or effective); cgroups globs of
+    # cgroup v2 paths; containers ids (full or a 12+ digit prefix).
+    exec_denied_paths: tuple[str, ...] = ()
+    exec_denied_sha256: tuple[str, ...] = ()
+    exec_denied_users: tuple[int, ...] = ()
+    exec_denied_cgroups: tuple[str, ...] = ()
+    exec_denied_containers: tuple[str, ...] = ()
+    # Where exec from a workload-writable location (tmp, shm, memfd, deleted) is judged:
+    # cgroup subtrees (the egress policy's workload managers by default) ...
+    exec_workload_cgroups: tuple[str, ...] = WORKLOAD_CGROUPS
+    # ... and what is done then: report (default: `go run`, runc's memfd re-exec and build
+    # tools exec from /tmp or memfds legitimately), kill (the process) or freeze (its cgroup).
+    exec_writable_action: str = "report"
+    exec_hash_max_bytes: int = EXEC_HASH_MAX_BYTES
+
+
+def exec_lists(policy: Policy) -> dict[str, tuple]:
+    """The named lists exec rules refer to ("@exec_denied_paths"); workload cgroups as
+    globs of their subtrees."""
+    return {"exec_denied_paths": policy.exec_denied_paths,
+            "exec_denied_sha256": policy.exec_denied_sha256,
+            "exec_denied_users": policy.exec_denied_users,
+            "exec_denied_cgroups": policy.exec_denied_cgroups,
+            "exec_denied_containers": tuple(c + "*" for c in policy.exec_denied_containers),
+            "exec_workload_cgroups": tuple(g for c in policy.exec_workload_cgroups
+                                           for g in (c, c.rstrip("/") + "/*"))}
+
+
+EXEC_LIST_NAMES = frozenset(exec_lists(Policy()))
+
+
+def check_exec(policy: Policy) -> None:
+    """Raise ValueError (one sentence naming the key) for exec policy values that could
+    never match as the operator means them."""
+    for p in policy.exec_denied_paths:
+        if not p.startswith("/"):
+            raise ValueError(f"policy.exec_denied_paths: {p[:80]!r} is not an absolute path "
+                             "or glob (\"/usr/bin/nc\", \"/opt/miners/*\")")
+    for h in policy.exec_denied_sha256:
+        if not _SHA256_RE.match(h):
+            raise ValueError(f"policy.exec_denied_sha256: {h[:80]!r} is not a SHA-256 in "
+                             "lower-case hex (64 digits)")
+    for u in policy.exec_denied_users:
+        if u < 0:
+            raise ValueError(f"policy.exec_denied_users: {u} is not a uid")
+    for c in (*policy.exec_denied_cgroups, *policy.exec_workload_cgroups):
+        if not c.startswith("/") or c == "/":
+            raise ValueError(f"policy.exec_*_cgroups: {c[:80]!r} is not a cgroup v2 path "
+                             "(or glob) below the root")
+    for c in policy.exec_denied_containers:
+        if not _CONTAINER_RE.match(c):
+            raise ValueError(f"policy.exec_denied_containers: {c[:80]!r} is not a container "
+                             "id (12 to 64 lower-case hex digits)")
+    if policy.exec_writable_action not in EXEC_ACTIONS:
+        raise ValueError(f"policy.exec_writable_action must be one of "
+                         f"{', '.join(EXEC_ACTIONS)} (got {policy.exec_writable_action[:20]!r})")
+    if not 0 < policy.exec_hash_max_bytes <= 1 << 32:
+        raise ValueError("policy.exec_hash_max_bytes must be between 1 and 4294967296")
 
 
 def check(policy: Policy, never_cut: Iterable[str]) -> None:

@@ -82,7 +82,7 @@ class RuleReloader:
         async with self._lock:
             self._hup_waiting = False   # a SIGHUP from now on needs a read after this one
             try:
-                ruleset = await asyncio.to_thread(load_ruleset, self.cfg.rules_path)
+                ruleset = await asyncio.to_thread(load_ruleset, self.cfg.rule_paths)
                 detector = Detector(ruleset.rules, self.cfg)
                 self._use(ruleset, detector)    # on the loop thread: between two events
             except (RuleError, OSError) as e:

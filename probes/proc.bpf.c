@@ -97,6 +97,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 		reason |= EXEC_SOCKET_STDIO;
 	if (proc_cfg.all_execs)
 		reason |= EXEC_ALL;
+	if (exec_policy_on())
+		reason |= EXEC_POLICY;
 	if (!reason)
 		return 0;
 
@@ -122,6 +124,8 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 		n = ARGS_LEN;
 	if (n && !bpf_probe_read_user(e->args, n, (void *)start))
 		e->args_len = n;
+	e->start_ns = BPF_CORE_READ(task, group_leader, start_boottime);
+	exe_nature(task, e);
 	tgid = e->proc.pid;
 	bpf_ringbuf_submit(e, 0);
 	bpf_map_update_elem(&tracked, &tgid, &(__u8){1}, BPF_ANY);

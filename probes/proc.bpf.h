@@ -152,5 +152,38 @@ static __always_inline int is_inet(__u16 family)
 	return family == AF_INET || family == AF_INET6;
 }
 
+/* --- the exec policy ------------------------------------------------------------------ */
+
+static __always_inline int exec_policy_on(void)
+{
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&exec_policy, &zero);
+
+	return on && *on;
+}
+
+/* The executed file's nature, from its inode and dentry (the process can name the file
+ * anything it likes, but not change these): unlinked (i_nlink 0), a memfd (memfd_create
+ * makes a pseudo dentry that is its own parent, named "memfd:<name>"; a file merely
+ * named so lives in a directory), and its filesystem's magic. */
+static __always_inline void exe_nature(struct task_struct *task, struct proc_exec_event *e)
+{
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct dentry *d;
+	char name[6] = {};
+
+	if (!exe)
+		return;
+	e->exe_nlink = BPF_CORE_READ(exe, f_inode, i_nlink);
+	e->exe_magic = BPF_CORE_READ(exe, f_inode, i_sb, s_magic);
+	if (!e->exe_nlink)
+		e->exe_nature |= EXE_UNLINKED;
+	d = BPF_CORE_READ(exe, f_path.dentry);
+	if (d && BPF_CORE_READ(d, d_parent) == d &&
+	    bpf_probe_read_kernel(name, sizeof(name), BPF_CORE_READ(d, d_name.name)) == 0 &&
+	    name[0] == 'm' && name[1] == 'e' && name[2] == 'm' && name[3] == 'f' &&
+	    name[4] == 'd' && name[5] == ':')
+		e->exe_nature |= EXE_MEMFD;
+}
 
 #endif /* SWARM_PROC_BPF_H */

@@ -145,4 +145,13 @@ struct {
 	__type(value, __u32);
 } foreign_agents SEC(".maps");
 
+/* The exec policy's switch, set by user space: nonzero while a loaded rule judges every
+ * exec (a policy_violation rule on proc.exec), zero when a reload removed the last one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} exec_policy SEC(".maps");
+
 #endif /* SWARM_PROC_MAPS_BPF_H */

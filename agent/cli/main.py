@@ -168,11 +168,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args.config)
     try:
-        loaded = load_ruleset(cfg.rules_path)
+        loaded = load_ruleset(cfg.rule_paths)
     except RuleError as e:
         raise ConfigError(str(e)) from None
     print(f"config {args.config or 'defaults'}: valid, {len(loaded.rules)} rules from "
-          f"{cfg.rules_path} (rule set {loaded.version})")
+          f"{', '.join(map(str, cfg.rule_paths))} (rule set {loaded.version})")
     return 0
 
 

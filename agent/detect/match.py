@@ -40,7 +40,10 @@ _PROC = ("pid", "tid", "ppid", "uid", "euid", "cgroup_id", "cgroup", "comm", "pa
          "loginuid", "sessionid", "service_cgroup", "reparented", "manager_start")
 FIELDS: dict[str, tuple[str, ...]] = {
     "proc.exec": (*_PROC, "filename", "argv", "args", "stdin", "stdout", "stderr",
-                  "stdio_inet", "reason"),
+                  "stdio_inet", "reason",
+                  # the exec policy's facts (agent/sources/execfacts.py)
+                  "exe_path", "exe_location", "exe_fs", "exe_nlink", "exe_memfd", "exe_unlinked",
+                  "exe_known", "start_ticks", "container", "exe_sha256", "exe_sha256_state"),
     "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
     "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern",
                   "file_id", "dir_id", "created", "match", "watch_lists", "replaced"),

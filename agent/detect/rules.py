@@ -20,7 +20,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
 from agent.configcheck import YEAR_S
 from agent.detect import match
+from agent.detect import execpolicy
 from agent.gpugrant import GpuPolicy
+from agent.policyconfig import EXEC_LIST_NAMES
 from agent.model import Event, EventClass, Finding, Severity
 from agent.yamlsafe import Lines
 
@@ -60,7 +62,7 @@ SERVICE_ACTIONS = ("rate_limit_service", "challenge_service")
 PROCESS_ACTIONS = ("kill", "freeze")   # policy rules: the process / its cgroup
 ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report", *PROCESS_ACTIONS)
 SCOPES = ("node", "service")   # what an `isolate` rule cuts off
-LIST_NAMES = {f.name for f in fields(Breach)}
+LIST_NAMES = {f.name for f in fields(Breach)} | EXEC_LIST_NAMES
 EXEMPTIONS = ("management", "mesh", "load_balancers")
 # Copied into a finding's evidence when the event carries them.
 EVIDENCE_FIELDS = ("packets", "bytes", "syns", "udp", "ports", "sources", "conns", "resets",
@@ -349,6 +351,7 @@ class Detector:
         self.gpu_policy = gpu_policy or GpuPolicy(cfg.gpu.authorized, cfg.gpu.system_cgroups,
                                                   cfg.gpu.system_exes)
         self._gpu_action = cfg.gpu.on_violation
+        self._writable_action = cfg.policy.exec_writable_action
         self._by_kind: dict[str, list[tuple[Rule, Condition]]] = {}
         for rule in rules:
             for cond in rule.conditions:
@@ -358,6 +361,7 @@ class Detector:
                                for n in getattr(cfg.allowlist, name)] for name in EXEMPTIONS}
         self._lists = {name: match.path_globs(v) if name.endswith("_paths") else v
                        for name, v in breach_lists(cfg).items()}
+        self.exec_needs = execpolicy.needs(rules, self._lists)   # for the process probe
 
     def evaluate(self, event: Event, now_mono_ns: int) -> list[Finding]:
         candidates = self._by_kind.get(event.kind)
@@ -393,6 +397,8 @@ class Detector:
                 finding = _scoped_finding(rule, event, now_mono_ns)
                 if event.kind in GPU_JUDGED_EVENTS and finding.action == "kill":
                     finding = replace(finding, action=self._gpu_action)  # gpu.on_violation
+                elif rule.id == execpolicy.WRITABLE_RULE:   # policy.exec_writable_action
+                    finding = replace(finding, action=self._writable_action)
                 findings.append(finding)
         return findings
 
@@ -469,8 +475,9 @@ def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
     elif event.kind == "policy.egress_denied":
         # One live incident per egress rule and what it applies to (the subject).
         entity = event.subject
-    elif event.kind in GPU_JUDGED_EVENTS and isinstance(cgroup, str) and cgroup.startswith("/"):
-        # A GPU authorization violation is the workload's (its cgroup), never the node's:
+    elif (event.kind in GPU_JUDGED_EVENTS or event.kind == execpolicy.EXEC and rule.event_class
+          is EventClass.POLICY_VIOLATION) and isinstance(cgroup, str) and cgroup.startswith("/"):
+        # A GPU authorization or exec policy violation is the workload's (its cgroup), never the node's:
         # one incident per workload, a mitigation per process.
         entity, evidence["scope"] = f"cgroup:{cgroup}", "workload"
     action = f"isolate_{scope}" if rule.action == "isolate" else rule.action

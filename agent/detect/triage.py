@@ -37,7 +37,9 @@ Fields = Mapping[str, Any]
 # rule's cases against it.
 HINTS: dict[str, Callable[[Fields], bool]] = {
     "proc.exec": lambda f: bool(f.get("stdio_inet")) or bool(f.get("service_cgroup"))
-    or "services" in (f.get("ancestors_are") or ()),
+    or "services" in (f.get("ancestors_are") or ())
+    # the exec policy's rules (agent/rules/exec.yaml) may fire on any exec
+    or "policy" in (f.get("reason") or ()),
     "proc.exit": lambda f: False,
     "file.open": lambda f: bool(f.get("write")) and bool(f.get("watch_lists")),
     "proc.ptrace": lambda f: f.get("result") == 0,

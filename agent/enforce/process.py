@@ -91,6 +91,31 @@ def cgroup_of(pid: int) -> str | None:
     return None
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_procs(cgroup: str) -> list[int]:
+    """The processes of cgroup v2 `cgroup` (its cgroup.procs), none when unreadable."""
+    if not cgroup.startswith("/") or "/../" in cgroup + "/":
+        return []
+    try:
+        text = (CGROUP_ROOT / cgroup.lstrip("/") / "cgroup.procs").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split() if x.isdigit()]
+
+
+def _runs(pid: int, ino: int, since: int) -> bool:
+    """Whether `pid` runs the executable inode `ino` and started at `since` or later."""
+    try:
+        if os.stat(PROC / str(pid) / "exe").st_ino != ino:
+            return False
+    except OSError:
+        return False
+    start = start_ticks(pid)
+    return start is not None and start >= since
+
+
 def host_pid_namespace() -> bool:
     """Whether the agent sees the host's pids (NSpid has one level only there)."""
     try:
@@ -266,6 +291,42 @@ class ProcessEnforcer:
                                "it was judged: nothing killed (judged again where it is)")
         return fd
 
+    def _sweep_forks(self, params: dict[str, Any]) -> int:
+        """An exec policy kill: the denied program may have forked before the SIGKILL
+        landed (a fork stays in its cgroup and runs the same inode). Stop, then kill,
+        every process of the cgroup running that inode that started no earlier than it,
+        each pinned with a pidfd and checked again after pinning, round after round until
+        one finds none (a stopped process forks no more). Returns how many were killed.
+        What identifies them is the kernel's (inode, cgroup, start time), nothing the
+        program says; a fork that exec'd another program is judged by its own exec."""
+        ino = int(params["exe_id"].rsplit(":", 1)[1])
+        cgroup, since, killed = params["cgroup"], params["start_ticks"], 0
+        for _ in range(SWEEP_ROUNDS):
+            fds = []
+            for pid in _cgroup_procs(cgroup):
+                if pid in self._protect or not _runs(pid, ino, since):
+                    continue
+                if (fd := _pin(pid)) is None:
+                    continue
+                if _runs(pid, ino, since) and cgroup_of(pid) == cgroup:
+                    fds.append(fd)
+                else:
+                    os.close(fd)
+            try:
+                for sig in (signal.SIGSTOP, signal.SIGKILL):
+                    for fd in fds:
+                        try:
+                            signal.pidfd_send_signal(fd, sig)
+                        except ProcessLookupError:
+                            pass
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            killed += len(fds)
+            if not fds:
+                break
+        return killed
+
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:
         return None
 
@@ -282,6 +343,8 @@ class ProcessEnforcer:
                 pass             # it exited meanwhile: the same end
             finally:
                 os.close(fd)
+            if isinstance(m.params.get("exe_id"), str):
+                self._sweep_forks(m.params)
             self._done.add(m.id)
             return
         uid = _uid_param(m.params)

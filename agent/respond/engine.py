@@ -88,7 +88,7 @@ class Responder:
         self._allow = cfg.allowlist.networks()
         if cfg.dry_run and not enforcer.dry_run:
             raise ValueError("dry run needs the enforcer in dry-run mode")
-        self.set_rules(load_rules(cfg.rules_path) if rules is None else rules)
+        self.set_rules(load_rules(cfg.rule_paths) if rules is None else rules)
         # Called on the caller's thread after every recorded change (the control server's
         # watch stream, the mesh reporter); an observer must be quick and must not raise.
         self.observers: list[Observer] = []

@@ -139,9 +139,14 @@ def exact_kill(finding: Finding) -> tuple[str, dict[str, Any]] | str:
     if isinstance(start, bool) or not isinstance(start, int) or not isinstance(cgroup, str):
         return f"process {pid} is not pinned (no start time or cgroup in the evidence)"
     uid = ev.get("uid")
-    return str(pid), {"start_ticks": start, "cgroup": cgroup,
-                      **({"uid": uid} if isinstance(uid, int) and not isinstance(uid, bool)
-                         else {})}
+    params = {"start_ticks": start, "cgroup": cgroup,
+              **({"uid": uid} if isinstance(uid, int) and not isinstance(uid, bool) else {})}
+    if "exe_location" in ev:        # an exec policy violation (a proc.exec event)
+        if ev.get("exe_known") is not True or not isinstance(ev.get("exe_id"), str):
+            return f"process {pid}: the kernel gave no executable (inode) to judge"
+        # its forks run the same inode: killed with it (agent.enforce.process)
+        params["exe_id"] = ev["exe_id"]
+    return str(pid), params
 
 
 # A kill (authority's answer to an unprivileged actor) is done once; its record stays in

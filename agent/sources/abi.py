@@ -164,7 +164,8 @@ COMM_LEN, PATH_LEN, ARGS_LEN, MODULE_NAME_LEN = 16, 256, 256, 64
 NAME_LEN, ANCESTORS = 64, 8
 EXE_PROGRAM, EXE_SERVICE, EXE_MANAGER, EXE_PACKAGER = 1, 2, 4, 8  # enum exe_flag
 EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
-                16: "service_cgroup", 32: "package_manager"}
+                16: "service_cgroup", 32: "package_manager", 64: "policy"}
+EXE_UNLINKED, EXE_MEMFD = 1, 2      # enum exe_nature (proc_exec_event.exe_nature)
 STDIO_NOT_SOCKET = 0xFFFF
 PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
 CREATIONS_ID = 0xFFFFFFFF
@@ -242,6 +243,7 @@ class ProcMap(enum.StrEnum):
     FOREIGN_AGENTS = "foreign_agents"
     PENDING_DUPFD = "pending_dupfd"
     SYSTEM_DIRS = "system_dirs"
+    EXEC_POLICY = "exec_policy"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 
@@ -282,7 +284,8 @@ class proc_exec_event(_S):
     _fields_ = [("hdr", event_header), ("proc", proc_ctx), ("stdio_family", u16 * 3),
                 ("reason", u16), ("filename_len", u32), ("args_len", u32),
                 ("args_total", u32), ("pad0", u32), ("filename", u8 * PATH_LEN),
-                ("args", u8 * ARGS_LEN)]
+                ("args", u8 * ARGS_LEN), ("start_ns", u64), ("exe_magic", u64),
+                ("exe_nlink", u32), ("exe_nature", u16), ("pad1", u16)]
 
 
 class proc_exit_event(_S):

@@ -66,7 +66,7 @@ from typing import Callable
 
 from agent.config import REFRESH_S, Config
 from agent.model import Event
-from agent.sources import abi, ident, libbpf, stdio
+from agent.sources import abi, execfacts, ident, libbpf, stdio
 from agent.sources.abi import ProcMap, ProcProg
 from agent.sources.cgroups import CgroupNames, ancestors
 from agent.sources.procscope import OwnedScope
@@ -138,6 +138,21 @@ class ProcProbe(OwnedScope, BpfProbe):
         # files seen created: (dev, ino) -> (event, created under a watched name)
         self._created: OrderedDict[ident.FileId, tuple[Event, bool]] = OrderedDict()
         self._refresh_due = 0.0
+        self.hasher: execfacts.ExeHasher | None = None      # set_exec_policy
+        self._tmp_devs = execfacts.own_mount_devs(execfacts.TMP_DIRS, cfg.breach.host_root or "/")
+        self._shm_devs = execfacts.own_mount_devs(execfacts.SHM_DIRS, cfg.breach.host_root or "/")
+
+    def set_exec_policy(self, needs) -> None:
+        """Switch the kernel's exec policy map (every exec emitted, reason "policy") and
+        the hashing of executables, as the loaded rules need (an
+        agent.detect.execpolicy.ExecNeeds); OSError: nothing changed."""
+        self._map(ProcMap.EXEC_POLICY).update(ctypes.c_uint32(0),
+                                              ctypes.c_uint32(int(needs.every_exec)))
+        self.exec_needs = needs
+        if not needs.hash_exes:
+            self.hasher = None
+        elif self.hasher is None:
+            self.hasher = execfacts.ExeHasher(self.cfg.policy.exec_hash_max_bytes)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -361,6 +376,8 @@ class ProcProbe(OwnedScope, BpfProbe):
             common["exe_claimed"] = claimed
         if kind == abi.EventKind.PROC_EXEC:
             name, subject, extra = "proc.exec", f"pid:{p.pid}", _exec_fields(ev)
+            extra.update(execfacts.exec_fields(ev, exe or claimed, common["cgroup"],
+                                               self._tmp_devs, self._shm_devs, self.hasher))
         elif kind == abi.EventKind.PROC_EXIT:
             if "package_managers" in common["exe_is"]:     # binaries may have changed
                 self._refresh_due = min(self._refresh_due, time.monotonic() + SOON_S)

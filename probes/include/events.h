@@ -213,6 +213,13 @@ enum exec_reason {
 	EXEC_ALL = 8,		/* proc_config.all_execs */
 	EXEC_SERVICE_CGROUP = 16,	/* runs in a service cgroup (map service_cgroups) */
 	EXEC_PACKAGE_MANAGER = 32,	/* a package manager (EXE_PACKAGER) */
+	EXEC_POLICY = 64,	/* map exec_policy is on: exec policy rules judge every exec */
+};
+
+/* proc_exec_event.exe_nature bits: what the kernel knows of the executed file. */
+enum exe_nature {
+	EXE_UNLINKED = 1,	/* i_nlink == 0: deleted after exec, a memfd, an O_TMPFILE */
+	EXE_MEMFD = 2,		/* a memfd_create() file: a pseudo dentry "memfd:..." */
 };
 
 /* proc_exec_event.stdio_family: 0 fd not open, STDIO_NOT_SOCKET, else the socket family */
@@ -339,8 +346,14 @@ struct proc_exec_event {
 	__u32 pad0;
 	__u8 filename[PATH_LEN];	/* as the caller spelled it */
 	__u8 args[ARGS_LEN];
+	/* the exec policy's facts (added at the end: older readers ignore them) */
+	__u64 start_ns;		/* the thread group leader's start_boottime (pins it) */
+	__u64 exe_magic;	/* the executable's superblock s_magic (TMPFS_MAGIC...) */
+	__u32 exe_nlink;	/* its i_nlink when exec'd */
+	__u16 exe_nature;	/* enum exe_nature bits */
+	__u16 pad1;
 };
-_Static_assert(sizeof(struct proc_exec_event) == 1040, "proc_exec_event size");
+_Static_assert(sizeof(struct proc_exec_event) == 1064, "proc_exec_event size");
 
 struct proc_exit_event {
 	struct event_header hdr;

@@ -8,14 +8,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import Allowlist, Config, Probes
+from agent.config import Allowlist, Config, Policy, Probes
 from agent.detect.rules import (Detector, RuleError, kernel_thresholds, load_rules,
                                 parse_rules)
 from agent.model import Event, EventClass
 
 CASES_DIR = Path(__file__).resolve().parents[1] / "rules"
+# tests/rules/exec.cases reads these lists (empty by default)
+EXEC_LISTS = Policy(exec_denied_paths=("/usr/bin/nc*", "/opt/miners/"),
+                    exec_denied_sha256=("a" * 64,), exec_denied_users=(4000,),
+                    exec_denied_cgroups=("/kubepods.slice/*banned*",),
+                    exec_denied_containers=("deadbeef0000",))
 CFG = Config(allowlist=Allowlist(load_balancers=("10.20.0.0/16", "fd00:1b::/64")),
-             probes=Probes(window_ms=1000))
+             probes=Probes(window_ms=1000), policy=EXEC_LISTS)
 T0_NS = 5_000_000_000
 
 

@@ -1,0 +1,48 @@
+"""What the loaded rules ask of the process probe for the exec policy (issue 10 item 2).
+
+Most execs never reach user space: the kernel emits only those the breach rules read.
+A policy_violation rule on proc.exec (a deny list, exec from a writable location) judges
+every exec, so while one is loaded the kernel's exec_policy map is on (reason "policy");
+a reload that removes the last one switches it off. Executables are hashed only while a
+loaded rule reads exe_sha256 (hashing is the one costly fact).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from agent.model import EventClass
+
+EXEC = "proc.exec"
+# The packaged rule whose action the config chooses (policy.exec_writable_action).
+WRITABLE_RULE = "policy.exec_writable_location"
+
+
+@dataclass(frozen=True)
+class ExecNeeds:
+    every_exec: bool        # the kernel emits every exec (map exec_policy)
+    hash_exes: bool         # proc.exec events carry exe_sha256
+
+
+POSITIVE = {"eq", "in", "glob", "prefix", "any_in"}
+
+
+def _dead(cond, lists: Mapping[str, tuple]) -> bool:
+    """A condition that can never hold: a positive test of an empty named list (the
+    default deny lists are empty: their rules cost nothing until an operator fills them)."""
+    return any(t.op in POSITIVE and isinstance(t.value, str) and t.value.startswith("@")
+               and not lists.get(t.value[1:]) for t in cond.where)
+
+
+def needs(rules: Iterable, lists: Mapping[str, tuple]) -> ExecNeeds:
+    """What the loaded rules need, given the config's named lists."""
+    every = hashed = False
+    for rule in rules:
+        for cond in rule.conditions:
+            if cond.event != EXEC or _dead(cond, lists):
+                continue
+            if rule.event_class is EventClass.POLICY_VIOLATION:
+                every = True
+            if any(t.field in ("exe_sha256", "exe_sha256_state") for t in cond.where):
+                hashed = True
+    return ExecNeeds(every, hashed)
