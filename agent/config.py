@@ -565,5 +565,4 @@ def breach_lists(cfg: Config) -> dict[str, tuple[str, ...]]:
     b = cfg.breach
     lists = {f.name: getattr(b, f.name) for f in fields(Breach)}
     lists["agent_paths"] = (*b.agent_paths, cfg.state_dir.rstrip("/") + "/")
-    lists.update(policyconfig.exec_lists(cfg.policy))
     return lists

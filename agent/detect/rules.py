@@ -22,7 +22,7 @@ from agent.configcheck import YEAR_S
 from agent.detect import match
 from agent.detect import execpolicy
 from agent.gpugrant import GpuPolicy
-from agent.policyconfig import EXEC_LIST_NAMES
+from agent.policyconfig import EXEC_LIST_NAMES, exec_lists
 from agent.model import Event, EventClass, Finding, Severity
 from agent.yamlsafe import Lines
 
@@ -359,8 +359,10 @@ class Detector:
         self._window_s = cfg.probes.window_ms / 1000.0
         self._exempt = {name: [ipaddress.ip_network(n, strict=False)
                                for n in getattr(cfg.allowlist, name)] for name in EXEMPTIONS}
+        # with the exec policy's lists (policy.exec_*: no file watches, unlike breach's)
         self._lists = {name: match.path_globs(v) if name.endswith("_paths") else v
-                       for name, v in breach_lists(cfg).items()}
+                       for name, v in (*breach_lists(cfg).items(),
+                                       *exec_lists(cfg.policy).items())}
         self.exec_needs = execpolicy.needs(rules, self._lists)   # for the process probe
 
     def evaluate(self, event: Event, now_mono_ns: int) -> list[Finding]:
