@@ -229,7 +229,7 @@ class Config:
     rules_file: str | None = None
     # Operators' own rule files (*.yaml), loaded after rules_file's and reloaded with
     # them; a directory that is missing or holds none adds nothing.
-    rules_extra: str | None = None
+    rules_extra: str | None = "/etc/swarm-agent/rules.d"
     dry_run: bool = False
     log_level: str = "info"
     interfaces: tuple[str, ...] = ()  # empty: every non-loopback interface in the namespace

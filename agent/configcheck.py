@@ -72,6 +72,8 @@ BOUNDS: dict[str, Bound] = {
                           "longest a process may use a GPU unseen"),
     "policy.egress_poll_s": Bound(0.05, 60, why="the counters are read this often; past "
                                   "a minute an attempt waits too long to become an incident"),
+    "policy.exec_hash_max_bytes": Bound(1, 1 << 32, why="executables larger than this are "
+                                        "not hashed (read on the event loop: keep it small)"),
     "gpu.device_major": Bound(0, 4095, why="a character device major (NVIDIA's is 195; "
                               "0: the kernel reports no GPU device opens)"),
 }

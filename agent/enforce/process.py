@@ -24,7 +24,9 @@ A policy rule's kill (policy.gpu_unauthorized: params {"start_ticks": T, "cgroup
 exact: only that process, pinned with a pidfd and then checked to still be the process the
 evidence named (its start time T, field 22 of /proc/PID/stat) in the workload it was
 judged in (cgroup C); a reused pid or a process that moved cgroups is refused, nothing is
-signalled. Its uid may be 0 (a container's root is a tenant; the host's own GPU services
+signalled. An exec policy kill (params also {"exe_id": "maj:min:ino"}) then sweeps the
+denied program's forks: the processes of cgroup C running that inode, started no earlier
+(_sweep_forks). Its uid may be 0 (a container's root is a tenant; the host's own GPU services
 are never judged violations: agent.gpugrant). NVML reports the host's pids: an agent
 outside the host's pid namespace refuses (its /proc would name other processes).
 
@@ -150,6 +152,7 @@ class ProcessEnforcer:
 
     def __init__(self, protect: Sequence[int] = ()):
         self._protect = {1, os.getpid(), *protect}
+        self._own_cgroup = cgroup_of(os.getpid())      # an exec kill never reaches into it
         self._done: set[str] = set()            # mitigation ids already carried out
 
     def check(self, target: str, params: dict[str, Any]) -> str:
@@ -272,6 +275,9 @@ class ProcessEnforcer:
             raise InvalidTarget("an exact kill needs params start_ticks (int) and cgroup")
         if pid in self._protect:
             raise ProcessError(f"refusing to kill process {pid}: PID 1 or the agent itself")
+        if "exe_id" in params and cgroup == self._own_cgroup:
+            raise ProcessError(f"refusing to kill process {pid}: it runs in the agent's own "
+                               f"cgroup {cgroup}")
         if not host_pid_namespace():
             raise ProcessError("the agent is not in the host's pid namespace, where NVML's "
                                "process ids are: nothing killed")

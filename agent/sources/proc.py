@@ -27,7 +27,10 @@ Per kind:
   at most 256 bytes of it), args (argv joined by spaces), stdin/stdout/stderr ("closed",
   "file", "unix", "inet", "inet6", "af<N>"), stdio_inet (how many of the three are inet
   sockets), reason (why the kernel sent it: "program", "service_child", "socket_stdio",
-  "all", "service_cgroup", "package_manager": its exit brings a refresh).
+  "all", "service_cgroup", "package_manager": its exit brings a refresh; "policy": the
+  exec policy's map is on), and the exec policy's facts (agent/sources/execfacts.py):
+  exe_path, exe_location, exe_fs, exe_nlink, exe_memfd, exe_unlinked, exe_known,
+  start_ticks, container, and exe_sha256/exe_sha256_state while a rule reads them.
 - "proc.exit", subject "pid:<pid>" (only of processes whose exec was sent): exit_code
   (the wait status), exit_status, signal.
 - "file.open", subject the path: path (resolved by the kernel from the opened file;
@@ -310,6 +313,11 @@ class ProcProbe(OwnedScope, BpfProbe):
             compat["reason"] += ("; ia32 emulation is on: 32-bit syscalls (int 0x80) of any "
                                  "process open watched files, dup sockets onto stdio, ptrace "
                                  "and load BPF unseen")
+        needs = getattr(self, "exec_needs", None)
+        if needs is not None:
+            out["exec_policy"] = {"state": "loaded", "reason": (
+                "every exec judged" + (", executables hashed" if needs.hash_exes else "")
+                if needs.every_exec else "off: no loaded exec policy rule can fire")}
         c = getattr(self, "correlator", None)
         if c is not None:
             problems = [text for n, text in (
