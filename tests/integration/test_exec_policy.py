@@ -260,3 +260,29 @@ def test_reload_switches_the_kernel_filter_and_a_bad_file_changes_nothing(lab, w
         stop_all(*procs)
         agent.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.privileged
+def test_freeze_holds_the_workloads_cgroup_not_its_neighbours(lab, workloads, tmp_path):
+    """exec_writable_action freeze: the workload's cgroup is frozen (the kernel's own
+    cgroup.events says so), a neighbour's is not."""
+    tmp_copy = copy_sleep(Path("/tmp") / f"swa-exec-frz-{os.getpid()}" / "dropper")
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
+        "  exec_writable_action: freeze\n"))
+    tenant, other = workloads / "tenant", workloads / "other"
+    procs = []
+    try:
+        procs.append(run(lab, other, SLEEP, "300"))
+        procs.append(p := run(lab, tenant, str(tmp_copy), "300"))
+        wait_for(lambda: "frozen 1" in (tenant / "cgroup.events").read_text(), 10)
+        assert p.poll() is None                     # held, not killed
+        assert "frozen 0" in (other / "cgroup.events").read_text()
+        kinds = {(m["kind"], m["target"]) for m in json.loads(cli(agent, "mitigations").stdout)}
+        assert ("freeze_cgroup", path_of(tenant)) in kinds
+    finally:
+        with contextlib.suppress(OSError):
+            (tenant / "cgroup.freeze").write_text("0")
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(tmp_copy.parent, ignore_errors=True)
