@@ -21,7 +21,7 @@ from agent.model import Event, EventClass, IncidentState
 from agent.report.reporting import Reporting
 from agent.respond.engine import Responder
 from agent.state.store import Store
-from tests.unit.test_rules import CASES, to_event
+from tests.unit.test_rules import CASES, CFG, to_event
 
 T0 = 10**12
 
@@ -113,8 +113,9 @@ def test_a_socket_on_stdio_alone_is_not_urgent(agent: Agent) -> None:
 @pytest.mark.parametrize("where,spec,expected", CASES, ids=[c[0] for c in CASES])
 def test_triage_sends_every_severe_case_to_the_urgent_lane(where, spec, expected) -> None:
     """The cheap hints (triage.HINTS) are necessary conditions of the shipped severe rules:
-    every annotated case that fires one is urgent, every other is not."""
-    cfg = Config()
+    every annotated case that fires one is urgent, every other is not (with the case
+    files' config: its exec deny lists)."""
+    cfg = CFG
     rules = load_rules()
     severe = {r.name for r in rules if r.severity in SEVERE and r.conditions[0].where}
     assert triage.urgent(Detector(rules, cfg), to_event(spec)) == bool(expected & severe), where
