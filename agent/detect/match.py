@@ -42,7 +42,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "proc.exec": (*_PROC, "filename", "argv", "args", "stdin", "stdout", "stderr",
                   "stdio_inet", "reason",
                   # the exec policy's facts (agent/sources/execfacts.py)
-                  "exe_path", "exe_location", "exe_fs", "exe_nlink", "exe_memfd", "exe_unlinked",
+                  "exe_path", "exe_location", "exe_fs", "exe_nlink", "exe_memfd",
+                  "exe_unlinked",
                   "exe_known", "start_ticks", "container", "exe_sha256", "exe_sha256_state"),
     "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
     "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern",

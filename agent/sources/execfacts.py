@@ -22,7 +22,10 @@ exe_sha256 is read through /proc/PID/exe (the very file the process runs, delete
 memfd alike; the path is never resolved again), checked to be the kernel's inode, and
 cached by (dev, ino, mtime, size), bounded. Files over the size limit are not read:
 exe_sha256 None, exe_sha256_state "too_large"; a process gone before it was read:
-"gone"; another file by then (it exec'd again): "changed".
+"gone"; another file by then (it exec'd again): "changed". The kernel refuses
+writes to a regular file while it is executed (ETXTBSY), but an unsealed memfd can be
+rewritten through its own fd after the exec, so its hash is of the bytes when read:
+deny fileless programs by location (memfd) rather than trust the hash alone.
 """
 from __future__ import annotations
 
@@ -150,11 +153,12 @@ def exec_fields(ev: abi.proc_exec_event, walked: str | None, cgroup: str | None,
     from agent.sources.gpuproc import container_of
     exe = (ev.proc.exe.dev, ev.proc.exe.ino)
     known = exe[1] != 0
-    out = {"exe_path": walked,          # the kernel's walk, in the process's mount namespace
+    memfd = bool(ev.exe_nature & abi.EXE_MEMFD)
+    out = {"exe_path": None if memfd else walked,   # the kernel's walk (its mount namespace)
            "exe_location": location(walked, ev.exe_nature, exe[0], tmp_devs, shm_devs)
            if known else None,
            "exe_fs": fs_name(ev.exe_magic), "exe_nlink": ev.exe_nlink,
-           "exe_memfd": bool(ev.exe_nature & abi.EXE_MEMFD),
+           "exe_memfd": memfd,
            "exe_unlinked": bool(ev.exe_nature & abi.EXE_UNLINKED),
            "exe_known": known,
            # the process's start time in /proc/PID/stat's clock ticks: pins it
