@@ -137,6 +137,12 @@ def check_exec(policy: Policy) -> None:
         if not _CONTAINER_RE.match(c):
             raise ValueError(f"policy.exec_denied_containers: {c[:80]!r} is not a container "
                              "id (12 to 64 lower-case hex digits)")
+    if policy.exec_writable_action == "freeze":
+        for c in policy.exec_workload_cgroups:
+            if c.rstrip("/") in ("/system.slice", "/init.scope") or c.startswith("/*"):
+                raise ValueError(f"policy.exec_workload_cgroups: {c} holds the host's own "
+                                 "services: exec_writable_action freeze would freeze them "
+                                 "(name the workloads' cgroups, e.g. /system.slice/docker-*.scope)")
     if policy.exec_writable_action not in EXEC_ACTIONS:
         raise ValueError(f"policy.exec_writable_action must be one of "
                          f"{', '.join(EXEC_ACTIONS)} (got {policy.exec_writable_action[:20]!r})")
