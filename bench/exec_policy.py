@@ -16,9 +16,10 @@ exits 1 then (swarmlab.figures.print_invalid).
 
 Cost: execs per second of a shell loop of /bin/true (in the agent's namespace, so its
 execs are the agent's to judge) with the network rules only (the kernel's exec_policy
-map off: these execs never leave the kernel) and with the exec rules (map on: every exec
-goes to user space, its executable hashed -- a cache hit after the first); the median of
-3 loops each. The difference is what the exec policy costs an exec-heavy workload.
+map off: these execs never leave the kernel) and with the exec rules too (map on: every
+exec goes to user space, its executable hashed -- a cache hit after the first). One
+agent, switched by `swarm-agent rules reload` between loops, off and on alternately
+(3 pairs: drift on a shared machine hits both alike); medians, and every pair listed.
 """
 from __future__ import annotations
 
@@ -80,6 +81,11 @@ def incident_of(db: Path, entity: str) -> bool:
         con.close()
 
 
+def reload_rules(agent: AgentProcess) -> None:
+    subprocess.run([sys.executable, "-m", "agent.cli.main", "rules", "reload", "--config",
+                    str(agent.config_path)], check=True, capture_output=True, timeout=60)
+
+
 def agent_with(lab: Lab, work: Path, rules: Path, policy: str) -> AgentProcess:
     work.mkdir()
     agent = AgentProcess(lab.victim, work, extra_config=f"rules_file: {rules}\npolicy:\n{policy}")
@@ -126,10 +132,14 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs, execs = (8, 500) if args.quick else (args.runs, args.execs)
-    results, rates = [], {}
+    results, pairs = [], []
     with tempfile.TemporaryDirectory(prefix="exec-bench-") as tmp, Lab() as lab, \
             throwaway_cgroup("swa-execbench") as outer:
         home = Path("/var/lib") / f"swa-execbench-{os.getpid()}"
+        rules = Path(tmp) / "rules"
+        rules.mkdir()
+        shutil.copy2(RULES / "network.yaml", rules)
+        shutil.copy2(RULES / "exec.yaml", rules)
         try:
             home.mkdir()
             denied = home / "denied"
@@ -137,22 +147,26 @@ def main() -> int:
             policy = (f"  exec_denied_paths: [\"{denied}\"]\n"
                       f"  exec_denied_sha256: [\"{'0' * 64}\"]\n"    # hashing on, no match
                       "  exec_workload_cgroups: [\"/nowhere\"]\n")
-            agent = agent_with(lab, Path(tmp) / "exec", RULES / "exec.yaml", policy)
+            agent = agent_with(lab, Path(tmp) / "agent", rules, policy)
             try:
                 for n in range(runs):
                     results.append(one_run(lab, outer / f"run-{n}", denied, agent.db_path))
-                rates["exec_rules"] = statistics.median(
-                    exec_rate(lab, outer / "loop-on", execs) for _ in range(3))
-            finally:
-                agent.stop()
-            agent = agent_with(lab, Path(tmp) / "none", RULES / "network.yaml", policy)
-            try:
-                rates["network_rules_only"] = statistics.median(
-                    exec_rate(lab, outer / "loop-off", execs) for _ in range(3))
+                for i in range(3):
+                    pair = {}
+                    for state in ("off", "on"):
+                        if state == "off":
+                            (rules / "exec.yaml").rename(Path(tmp) / "exec.yaml")
+                        else:
+                            (Path(tmp) / "exec.yaml").rename(rules / "exec.yaml")
+                        reload_rules(agent)
+                        pair[state] = round(exec_rate(lab, outer / f"loop-{i}-{state}", execs))
+                    pairs.append(pair)
             finally:
                 agent.stop()
         finally:
             shutil.rmtree(home, ignore_errors=True)
+    rates = {"network_rules_only": statistics.median(p["off"] for p in pairs),
+             "exec_rules": statistics.median(p["on"] for p in pairs)}
     killed = [r["killed_ms"] for r in results if not r["invalid"]]
     invalid = [{"run": i, "reason": r["invalid"]} for i, r in enumerate(results) if r["invalid"]]
     failed = ["exec -> killed"] if too_many_invalid(len(results), len(invalid), 0.0) else []
@@ -162,6 +176,7 @@ def main() -> int:
                          "max": max(killed) if killed else None},
            "execs_per_s": {k: round(v) for k, v in rates.items()},
            "exec_cost_fraction": round(1 - rates["exec_rules"] / rates["network_rules_only"], 3),
+           "exec_rate_pairs": pairs,
            "samples_ms": killed}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -171,7 +186,8 @@ def main() -> int:
               f"({len(killed)}/{runs} valid runs)")
         print(f"execs/s of a /bin/true loop: {out['execs_per_s']['network_rules_only']} with "
               f"the network rules only, {out['execs_per_s']['exec_rules']} with the exec rules "
-              f"(every exec judged: {out['exec_cost_fraction']:.1%} fewer)")
+              f"(every exec judged: {out['exec_cost_fraction']:.1%} fewer; pairs off/on "
+              + ", ".join(f"{p['off']}/{p['on']}" for p in pairs) + ")")
     return print_invalid([("exec -> killed", invalid)], failed, 0.0) or (0 if killed else 1)
 
 
