@@ -159,7 +159,12 @@ class ProcessEnforcer:
         """The normalised pid; raises InvalidTarget, TargetNotFound or ProcessError."""
         if "start_ticks" in params:
             pid = parse_pid(target)
-            fd = self._pin_exact(pid, params)
+            try:
+                fd = self._pin_exact(pid, params)
+            except TargetNotFound:
+                if isinstance(params.get("exe_id"), str):
+                    return str(pid)      # gone: apply still sweeps its forks
+                raise
             os.close(fd)
             return str(pid)
         self._lead(parse_pid(target), _uid_param(params), params)
@@ -307,6 +312,8 @@ class ProcessEnforcer:
         program says; a fork that exec'd another program is judged by its own exec."""
         ino = int(params["exe_id"].rsplit(":", 1)[1])
         cgroup, since, killed = params["cgroup"], params["start_ticks"], 0
+        if cgroup == self._own_cgroup:
+            return 0
         for _ in range(SWEEP_ROUNDS):
             fds = []
             for pid in _cgroup_procs(cgroup):
@@ -342,14 +349,23 @@ class ProcessEnforcer:
         if m.id in self._done:
             return
         if "start_ticks" in m.params:
-            fd = self._pin_exact(parse_pid(m.target), m.params)
+            exec_kill = isinstance(m.params.get("exe_id"), str)
+            try:
+                fd = self._pin_exact(parse_pid(m.target), m.params)
+            except TargetNotFound:
+                # The denied program exited before the kill (fork and exit: a daemon):
+                # its forks are found by inode, cgroup and start time all the same.
+                if not exec_kill or not self._sweep_forks(m.params):
+                    raise
+                self._done.add(m.id)
+                return
             try:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass             # it exited meanwhile: the same end
             finally:
                 os.close(fd)
-            if isinstance(m.params.get("exe_id"), str):
+            if exec_kill:
                 self._sweep_forks(m.params)
             self._done.add(m.id)
             return
