@@ -52,7 +52,20 @@ class GpuGuard:
         g = self._cfg.gpu
         self._version += 1
         return GpuPolicy(tuple(g.authorized) + tuple(gpugrants.grants(self._store)),
-                         g.system_cgroups, g.system_exes, self._agent_cgroup, self._version)
+                         g.system_cgroups, g.system_exes, self._agent_cgroup, self._version,
+                         enrolled=bool(g.authorized)
+                         or gpugrants.enrolled_at(self._store) is not None)
+
+    def status(self) -> dict[str, str]:
+        """What an unauthorized GPU process gets now (gpu.on_violation, auto resolved), as
+        a line of `status`'s probes: state enforcing (kill, freeze) or reporting."""
+        on, p = self._cfg.gpu.on_violation, self.policy
+        acting = on if on != "auto" else ("kill" if p.enrolled else "report")
+        why = {"auto": "on_violation auto, " + ("enrolled" if p.enrolled else
+                                                  "no workload ever authorized here")}
+        return {"state": "reporting" if acting == "report" else "enforcing",
+                "reason": f"unauthorized GPU processes: {acting} ({why.get(on, 'on_violation ' + on)}"
+                          f"; {len(p.grants)} grants in force)"}
 
     def refresh(self) -> GpuPolicy:
         self.policy = self._build()

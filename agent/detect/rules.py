@@ -392,9 +392,16 @@ class Detector:
             if all(match.holds(t, event.fields, self._lists) for t in cond.where):
                 finding = _scoped_finding(rule, event, now_mono_ns)
                 if event.kind in GPU_JUDGED_EVENTS and finding.action == "kill":
-                    finding = replace(finding, action=self._gpu_action)  # gpu.on_violation
+                    finding = replace(finding, action=self._gpu_violation())
                 findings.append(finding)
         return findings
+
+    def _gpu_violation(self) -> str:
+        """gpu.on_violation; auto: kill once the node is enrolled (the config grants a
+        workload, or a scheduler has authorized one), report before."""
+        if self._gpu_action != "auto":
+            return self._gpu_action
+        return "kill" if self.gpu_policy.enrolled else "report"
 
     def severe(self, event: Event) -> bool:
         """Whether a `where` rule of high or critical severity fires on `event` (pure, no
