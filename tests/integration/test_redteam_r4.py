@@ -10,10 +10,13 @@ R4-2  Egress policy off between the two transactions of every table (re)creation
       address gets packets out.
 R4-3  The default `metadata` rule names /machine.slice (libvirt, nspawn, podman) but none
       of their bridges: a VM or a bridged podman container reaches 169.254.169.254.
+R4-6  A GPU device opened through io_uring (IORING_OP_OPENAT) is no gpu.open: an
+      unauthorized workload gets its device files, and a context, unseen by the kernel side.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +31,8 @@ from swarmlab.breachlab import throwaway_cgroup
 from swarmlab.lab import netns, sh, spawn_in, wait_for
 from tests.integration.nftlab import connect, listener
 from tests.integration.test_egress_policy import METADATA, PORT, arrived, cgroup_path, metadata_service
+from tests.integration.test_gpu_authorization import (  # noqa: F401 (fixtures)
+    incidents_of, lib, path_of, script, start_agent, workloads)
 
 pytestmark = pytest.mark.privileged
 REPO = Path(__file__).resolve().parents[2]
@@ -167,3 +172,45 @@ def test_r4_3_default_policy_covers_the_bridges_of_the_machines_it_names(lab, br
         finally:
             e.remove()
             e.close()
+
+
+# -- R4-6 -------------------------------------------------------------------------------------
+
+def test_r4_6_device_open_through_io_uring_is_seen(lab, lib, script, workloads, tmp_path):
+    """As test_gpu_authorization's device-open test (gpu.device_major 1, /dev/full standing
+    in for /dev/nvidia0; the stand-in NVML lists nobody): one unauthorized workload opens
+    the device with open(2) -- killed, the probe works -- and another through io_uring's
+    IORING_OP_OPENAT. Found: the second is never reported (probes/proc.bpf.c watches the
+    open syscalls' exits only) and keeps the device open; the README's limit on io_uring
+    opens is written for watched files, not for GPU devices."""
+    opener = tmp_path / "uring_open"
+    subprocess.run(["cc", "-O2", "-o", str(opener), str(Path(__file__).with_name("uring_open.c"))],
+                   check=True, timeout=60)
+    ok_cg, plain_cg, uring_cg = workloads / "train", workloads / "plain", workloads / "uring"
+    agent = start_agent(lab, lib, tmp_path, authorized=(
+        f"  device_major: 1\n  authorized:\n    - workload: {path_of(ok_cg)}\n"
+        f"      gpus: [0]\n"))
+    procs = []
+    try:
+        for cg, argv in ((plain_cg, ["sh", "-c", "exec 3</dev/full; exec sleep 300"]),
+                         (uring_cg, [str(opener), "/dev/full"])):
+            cg.mkdir()
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", lab.victim, *argv], stdout=subprocess.PIPE, text=True,
+                preexec_fn=lambda cg=cg: (cg / "cgroup.procs").write_text(str(os.getpid()))))
+        plain, uring = procs
+        assert plain.wait(10) == -9                       # the probe is there and acts
+        assert uring.stdout is not None and uring.stdout.readline().startswith("fd ")
+        try:
+            uring.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        seen = incidents_of(agent, f"cgroup:{path_of(uring_cg)}")
+        assert uring.poll() is not None or seen, (
+            "a process of a workload with no GPU grant holds the GPU device it opened "
+            "through io_uring: no gpu.open, no incident, not killed")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        agent.stop()
