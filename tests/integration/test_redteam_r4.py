@@ -10,6 +10,9 @@ R4-2  Egress policy off between the two transactions of every table (re)creation
       address gets packets out.
 R4-3  The default `metadata` rule names /machine.slice (libvirt, nspawn, podman) but none
       of their bridges: a VM or a bridged podman container reaches 169.254.169.254.
+R4-7  A container on a macvlan network (Docker's macvlan driver, Multus macvlan/ipvlan in
+      GPU clusters) sends from its own namespace straight out of the host's uplink: no
+      hook of the host's nftables sees it, and it reaches 169.254.169.254.
 R4-6  A GPU device opened through io_uring (IORING_OP_OPENAT) is no gpu.open: an
       unauthorized workload gets its device files, and a context, unseen by the kernel side.
 """
@@ -214,3 +217,39 @@ def test_r4_6_device_open_through_io_uring_is_seen(lab, lib, script, workloads, 
             p.kill()
             p.wait()
         agent.stop()
+
+
+# -- R4-7 -------------------------------------------------------------------------------------
+
+def test_r4_7_macvlan_container_cannot_reach_metadata(lab):
+    """The default policy on the "host" (the victim namespace, uplink v0); a "container"
+    namespace attached to the uplink by a macvlan, as Docker's macvlan driver and Multus
+    attach them. Found: its packets leave through the uplink without passing the host's
+    output or forward hook (the only hooks agent/enforce/egress.py uses), so the metadata
+    service answers it; the README names no such limit. (A netdev egress hook on the
+    uplink sees them.)"""
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    ctr = f"swa-ctr-{lab.tag}"
+    sh("ip", "netns", "add", ctr)
+    lab.namespaces.append(ctr)
+    lab._prepare(ctr)
+    sh("ip", "link", "add", "mv0", "link", "v0", "type", "macvlan", "mode", "bridge", ns=lab.victim)
+    sh("ip", "link", "set", "mv0", "netns", ctr, ns=lab.victim)
+    sh("ip", "addr", "add", f"10.{lab.subnet}.0.77/24", "dev", "mv0", ns=ctr)
+    sh("ip", "link", "set", "mv0", "up", ns=ctr)
+    sh("ip", "route", "add", f"{METADATA}/32", "via", lab.addr("attacker"), ns=ctr)
+    with listener(lab.attacker, METADATA, PORT, "secret"), \
+            listener(lab.attacker, lab.addr("attacker"), PORT, "public"):
+        with netns(lab.victim):
+            e = NftEnforcer(Config())
+            e.setup([], time.time())
+        try:
+            assert connect(ctr, lab.addr("attacker"), PORT) == "public"   # the link works
+            got = connect(ctr, METADATA, PORT)
+            assert got is None and arrived(lab.attacker) == 0, (
+                f"a macvlan container read {got!r} from the metadata service "
+                f"({arrived(lab.attacker)} packets arrived) under the default policy")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
