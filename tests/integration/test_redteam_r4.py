@@ -10,11 +10,11 @@ R4-2  Egress policy off between the two transactions of every table (re)creation
       address gets packets out.
 R4-3  The default `metadata` rule names /machine.slice (libvirt, nspawn, podman) but none
       of their bridges: a VM or a bridged podman container reaches 169.254.169.254.
+R4-6  A GPU device opened through io_uring (IORING_OP_OPENAT) is no gpu.open: an
+      unauthorized workload gets its device files, and a context, unseen by the kernel side.
 R4-7  A container on a macvlan network (Docker's macvlan driver, Multus macvlan/ipvlan in
       GPU clusters) sends from its own namespace straight out of the host's uplink: no
       hook of the host's nftables sees it, and it reaches 169.254.169.254.
-R4-6  A GPU device opened through io_uring (IORING_OP_OPENAT) is no gpu.open: an
-      unauthorized workload gets its device files, and a context, unseen by the kernel side.
 """
 from __future__ import annotations
 
