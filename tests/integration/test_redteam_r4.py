@@ -3,7 +3,7 @@ fails on the code as it was attacked and passes once the finding is fixed. Real 
 objects throughout: cgroup v2 groups, network namespaces, nftables, processes.
 
 R4-1  GPU authorization judged from a cgroup namespace (the shipped DaemonSet: not
-      privileged, so containerd/CRI-O/Docker give it its own cgroup namespace on a
+      privileged, so containerd's CRI (like Docker and Podman) gives it its own cgroup namespace on a
       cgroup v2 node): every authorized job reads as "/../..." and is a violation.
 R4-2  Egress policy off between the two transactions of every table (re)creation (agent
       start or restart, reconcile after drift): a workload hammering the metadata
