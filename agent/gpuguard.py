@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from agent import cgroupview
 from agent.config import Config
 from agent.gpugrant import GpuPolicy, Grant, GrantError, parse_gpus, parse_job, parse_workload
 from agent.model import Event
@@ -63,9 +64,13 @@ class GpuGuard:
         acting = on if on != "auto" else ("kill" if p.enrolled else "report")
         why = {"auto": "on_violation auto, " + ("enrolled" if p.enrolled else
                                                   "no workload ever authorized here")}
-        return {"state": "reporting" if acting == "report" else "enforcing",
-                "reason": f"unauthorized GPU processes: {acting} ({why.get(on, 'on_violation ' + on)}"
-                          f"; {len(p.grants)} grants in force)"}
+        reason = (f"unauthorized GPU processes: {acting} ({why.get(on, 'on_violation ' + on)}"
+                  f"; {len(p.grants)} grants in force)")
+        if cgroupview.namespace_root() is None:
+            return {"state": "degraded", "reason": reason + "; the agent's cgroup namespace "
+                    "is not found in the host's hierarchy (mount the host's /sys/fs/cgroup): "
+                    "processes outside it are unresolved, never acted on"}
+        return {"state": "reporting" if acting == "report" else "enforcing", "reason": reason}
 
     def refresh(self) -> GpuPolicy:
         self.policy = self._build()
