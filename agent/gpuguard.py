@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from agent import cgroupview
 from agent.config import Config
-from agent.gpugrant import GpuPolicy, Grant, GrantError, parse_gpus, parse_job, parse_workload
+from agent.gpugrant import (MAX_GRANTS, GpuPolicy, Grant, GrantError, parse_gpus, parse_job,
+                            parse_workload)
 from agent.model import Event
 from agent.sources import gpuproc
 from agent.state import gpugrants
@@ -83,6 +84,12 @@ class GpuGuard:
                   now: float) -> tuple[str, tuple[str, ...]]:
         """Store a grant (GrantError, one sentence, for bad input; nothing stored then)."""
         workload, gpus, job = parse_workload(workload), parse_gpus(gpus), parse_job(job)
+        stored = {(g.workload, g.gpu) for g in gpugrants.grants(self._store)}
+        new = {(workload, g) for g in gpus} - stored
+        if len(stored) + len(new) > MAX_GRANTS:
+            raise GrantError(f"this would make {len(stored) + len(new)} stored GPU "
+                             f"authorizations, over the limit of {MAX_GRANTS}: revoke those of "
+                             "ended jobs first")
         gpugrants.authorize(self._store, workload, gpus, job, now, by)
         self.refresh()
         return workload, gpus

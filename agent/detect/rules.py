@@ -393,6 +393,11 @@ class Detector:
                 finding = _scoped_finding(rule, event, now_mono_ns)
                 if event.kind in GPU_JUDGED_EVENTS and finding.action == "kill":
                     finding = replace(finding, action=self._gpu_violation())
+                if event.kind in GPU_JUDGED_EVENTS and event.fields.get("system") is True \
+                        and finding.action != "report":
+                    # The host's GPU services and the agent are never acted on, whatever
+                    # a rule says (one without `system: false`): reported only.
+                    finding = replace(finding, action="report")
                 findings.append(finding)
         return findings
 

@@ -221,6 +221,9 @@ def test_r4_6_device_open_through_io_uring_is_seen(lab, lib, script, workloads, 
 
 # -- R4-7 -------------------------------------------------------------------------------------
 
+@pytest.mark.xfail(strict=True, reason="known gap, named in the README (Policy: egress, Not "
+                   "covered): a macvlan/ipvlan container's packets pass no hook of the host's IP "
+                   "stack; a netdev egress hook on the uplink would close it")
 def test_r4_7_macvlan_container_cannot_reach_metadata(lab):
     """The default policy on the "host" (the victim namespace, uplink v0); a "container"
     namespace attached to the uplink by a macvlan, as Docker's macvlan driver and Multus
