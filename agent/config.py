@@ -197,7 +197,7 @@ class Breach:
     host_root: str = "/"
 
 
-GPU_VIOLATION_ACTIONS = ("kill", "freeze", "report")
+GPU_VIOLATION_ACTIONS = ("auto", "kill", "freeze", "report")
 
 
 @dataclass(frozen=True)
@@ -212,9 +212,11 @@ class Gpu:
     # scheduler authorizes through the control API; any other workload's GPU process is
     # a policy violation (policy.gpu_unauthorized), answered per on_violation.
     authorized: tuple[Grant, ...] = ()
-    # report (default): an agent installed before the scheduler makes grants must not kill
-    # every GPU job on the machine; kill (the process) or freeze (its cgroup) once it does.
-    on_violation: str = "report"
+    # auto (default): kill once the node is enrolled (gpu.authorized lists a workload, or a
+    # scheduler has authorized one through the control API, ever), report before: an
+    # agent installed before the scheduler makes grants must not kill every GPU job on the
+    # machine. kill (the process), freeze (its cgroup), report: always that.
+    on_violation: str = "auto"
     system_cgroups: tuple[str, ...] = SYSTEM_CGROUPS   # never acted on (and below them)
     system_exes: tuple[str, ...] = SYSTEM_EXES   # root, /system.slice/, no container only
     # Opens of character devices of this major are reported by the process probe at the

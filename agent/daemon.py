@@ -412,7 +412,9 @@ class Agent:
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
             "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
-                       "gpu": self.gpu_status()},
+                       "gpu": self.gpu_status(),
+                       **({"gpu_authorization": self.gpu_guard.status()}
+                          if getattr(self, "gpu_guard", None) else {})},
             "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
                     "processes": len(self.gpu.processes()) if self.gpu else 0},
             "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},

@@ -209,6 +209,10 @@ class GpuPolicy:
     system_exes: tuple[str, ...] = SYSTEM_EXES
     agent_cgroup: str | None = None
     version: int = 0
+    # Whether GPU authorization is in use on this node: the config grants some workload,
+    # or a scheduler has authorized one (ever: agent.state.gpugrants.enrolled_at). What
+    # gpu.on_violation auto turns into kill; before it, report.
+    enrolled: bool = False
 
     def verdict(self, f: Mapping[str, Any], kind: str = "gpu.process") -> dict[str, Any]:
         """{"authorized": bool, "system": bool, "container_id"} for a gpu.process event's

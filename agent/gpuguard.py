@@ -22,8 +22,10 @@ import logging
 import time
 from typing import Any, Callable
 
+from agent import cgroupview
 from agent.config import Config
-from agent.gpugrant import GpuPolicy, Grant, GrantError, parse_gpus, parse_job, parse_workload
+from agent.gpugrant import (MAX_GRANTS, GpuPolicy, Grant, GrantError, parse_gpus, parse_job,
+                            parse_workload)
 from agent.model import Event
 from agent.sources import gpuproc
 from agent.state import gpugrants
@@ -52,7 +54,24 @@ class GpuGuard:
         g = self._cfg.gpu
         self._version += 1
         return GpuPolicy(tuple(g.authorized) + tuple(gpugrants.grants(self._store)),
-                         g.system_cgroups, g.system_exes, self._agent_cgroup, self._version)
+                         g.system_cgroups, g.system_exes, self._agent_cgroup, self._version,
+                         enrolled=bool(g.authorized)
+                         or gpugrants.enrolled_at(self._store) is not None)
+
+    def status(self) -> dict[str, str]:
+        """What an unauthorized GPU process gets now (gpu.on_violation, auto resolved), as
+        a line of `status`'s probes: state enforcing (kill, freeze) or reporting."""
+        on, p = self._cfg.gpu.on_violation, self.policy
+        acting = on if on != "auto" else ("kill" if p.enrolled else "report")
+        why = {"auto": "on_violation auto, " + ("enrolled" if p.enrolled else
+                                                  "no workload ever authorized here")}
+        reason = (f"unauthorized GPU processes: {acting} ({why.get(on, 'on_violation ' + on)}"
+                  f"; {len(p.grants)} grants in force)")
+        if cgroupview.namespace_root() is None:
+            return {"state": "degraded", "reason": reason + "; the agent's cgroup namespace "
+                    "is not found in the host's hierarchy (mount the host's /sys/fs/cgroup): "
+                    "processes outside it are unresolved, never acted on"}
+        return {"state": "reporting" if acting == "report" else "enforcing", "reason": reason}
 
     def refresh(self) -> GpuPolicy:
         self.policy = self._build()
@@ -65,6 +84,12 @@ class GpuGuard:
                   now: float) -> tuple[str, tuple[str, ...]]:
         """Store a grant (GrantError, one sentence, for bad input; nothing stored then)."""
         workload, gpus, job = parse_workload(workload), parse_gpus(gpus), parse_job(job)
+        stored = {(g.workload, g.gpu) for g in gpugrants.grants(self._store)}
+        new = {(workload, g) for g in gpus} - stored
+        if len(stored) + len(new) > MAX_GRANTS:
+            raise GrantError(f"this would make {len(stored) + len(new)} stored GPU "
+                             f"authorizations, over the limit of {MAX_GRANTS}: revoke those of "
+                             "ended jobs first")
         gpugrants.authorize(self._store, workload, gpus, job, now, by)
         self.refresh()
         return workload, gpus

@@ -37,8 +37,9 @@ METADATA_V6 = "fd00:ec2::254/128"      # AWS's IPv6 instance metadata endpoint
 # container beside the host's services (/system.slice/docker-ID.scope): its bridged
 # containers are covered by the interfaces below; a host-network one by its own cgroup.
 WORKLOAD_CGROUPS = ("/kubepods.slice", "/kubepods", "/docker", "/machine.slice")
-# Docker's default and user bridges, the CNI bridge, Calico's and Cilium's pod interfaces.
-WORKLOAD_INTERFACES = ("docker0", "br-*", "cni0", "cali*", "lxc*")
+# Docker's default and user bridges, the CNI bridge, Calico's and Cilium's pod interfaces,
+# libvirt's networks (the VMs of /machine.slice), podman's and LXD's bridges.
+WORKLOAD_INTERFACES = ("docker0", "br-*", "cni0", "cali*", "lxc*", "virbr*", "podman*", "lxdbr*")
 PROTOS = ("tcp", "udp", "any")
 MAX_RULES = 256
 

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from swarmlab import attacks, figures  # noqa: E402
-from swarmlab.scenario import PATTERNS, SERVICE_PORT, Scenario, _proc_stat, active  # noqa: E402
+from swarmlab.scenario import PATTERNS, SERVICE_PORT, Scenario, proc_stat, active  # noqa: E402
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
@@ -49,12 +49,12 @@ def spoofed_run(n: int) -> dict:
 
     with Scenario() as sc:
         t0 = time.monotonic()
-        _, cpu_before = _proc_stat(sc.agent.pid)
+        _, cpu_before = proc_stat(sc.agent.pid)
         res = attacks.run(sc.lab.attacker, "distributed_syn_flood", timeout_s=300,
                           target=sc.target(False), port=SERVICE_PORT, sources=n, count=n,
                           spoof_cidr="172.16.0.0/12", duration_s=120)
         elapsed = time.monotonic() - t0
-        hwm_kb, cpu_after = _proc_stat(sc.agent.pid)
+        hwm_kb, cpu_after = proc_stat(sc.agent.pid)
         listing = json.loads(sh("nft", "-j", "list", "table", "inet", "swarm_agent", ns=sc.lab.victim).stdout)
         sizes = {i["set"]["name"]: len(i["set"].get("elem", [])) for i in listing["nftables"] if "set" in i}
         with sc.agent.store() as store:

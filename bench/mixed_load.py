@@ -39,7 +39,7 @@ from swarmlab import attacks  # noqa: E402
 from swarmlab.attacks import blast  # noqa: E402
 from swarmlab.attacks.floods import default_spoof_cidr  # noqa: E402
 from swarmlab.lab import sh, spawn_in  # noqa: E402
-from swarmlab.scenario import SERVICE_PORT, Scenario, _proc_stat  # noqa: E402
+from swarmlab.scenario import SERVICE_PORT, Scenario, proc_stat  # noqa: E402
 
 STORM = 'end=$(($(date +%s) + {s})); while [ $(date +%s) -lt $end ]; do ' \
         'for i in 1 2 3 4 5 6 7 8 9 10; do /bin/sh -c :; done; done'
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     with sc:
         lab, target = sc.lab, sc.target(False)
         rx0, t0 = rx_packets(lab.victim), time.monotonic()
-        _, cpu0 = _proc_stat(sc.agent.pid)
+        _, cpu0 = proc_stat(sc.agent.pid)
         storms = [spawn_in(lab.victim, "sh", "-c", STORM.format(s=int(args.duration_s)))
                   for _ in range(args.exec_loops)]
         if args.sender == "c":
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                 p.wait()
         elapsed = time.monotonic() - t0
         rx = rx_packets(lab.victim) - rx0
-        rss, cpu1 = _proc_stat(sc.agent.pid)
+        rss, cpu1 = proc_stat(sc.agent.pid)
         time.sleep(1.0)       # what is queued now is decided within the deadline anyway
         st = agent_status(sc)
         lat, blocks = latencies_ms(sc)

@@ -428,4 +428,34 @@ int handle_sys_exit_fcntl(struct trace_event_raw_sys_exit *ctx)
 	return check_dup(ctx->ret, DUP_FCNTL);
 }
 
+/* --- opens through io_uring --------------------------------------------------------------- */
+
+#define IORING_OP_OPENAT 18
+#define IORING_OP_OPENAT2 28
+
+struct io_kiocb___open {
+	__u8 opcode;
+} __attribute__((preserve_access_index));
+
+/* io_uring's IORING_OP_OPENAT/OPENAT2 open a file with no open syscall: judged at the
+ * request's completion like a syscall's exit. The completion runs in a thread of the
+ * submitting process (the submitter, or one of its io-wq workers: same thread group,
+ * same fd table), so the fd in the completion's result is looked up as any other. A
+ * request that put the file in the ring's fixed-file table instead returns 0, not an fd:
+ * such a file cannot be ioctl'd as a device, and fd 0 judged then is at worst a second
+ * look at what fd 0 holds. tp_btf: this fires for every io_uring completion of the host,
+ * so it returns after two loads unless the request is an open. A kernel without io_uring
+ * lacks the tracepoint: this program alone is refused (status says so). */
+SEC("tp_btf/io_uring_complete")
+int handle_io_uring_complete(__u64 *ctx)
+{
+	struct io_kiocb___open *req = (void *)ctx[1];	/* (ring, req, cqe) */
+	struct io_uring_cqe *cqe = (void *)ctx[2];
+	__u8 op = BPF_CORE_READ(req, opcode);
+
+	if (op != IORING_OP_OPENAT && op != IORING_OP_OPENAT2)
+		return 0;
+	return check_open(BPF_CORE_READ(cqe, res), OPEN_IO_URING);
+}
+
 #include "compat.bpf.h"

@@ -219,7 +219,7 @@ def _wall_to_mono_ns(wall: float | None) -> int | None:
     return time.monotonic_ns() - int((time.time() - wall) * 1e9)
 
 
-def _proc_stat(pid: int) -> tuple[int | None, float | None]:
+def proc_stat(pid: int) -> tuple[int | None, float | None]:
     """(peak RSS in kB, CPU seconds used) of a live process."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -282,10 +282,10 @@ class Scenario:
                               duration_s=probe_s, interval_ms=20, timeout_ms=50,
                               stop_after_failures=cut_off_failures)
         time.sleep(0.3)   # a few successful handshakes first, so a cut-off is meaningful
-        _, cpu_before = _proc_stat(self.agent.pid)
+        _, cpu_before = proc_stat(self.agent.pid)
         attack = attacks.run(ns, pattern.attack, timeout_s=60, target=target,
                              port=SERVICE_PORT, **pattern.opts)
-        rss, cpu_after = _proc_stat(self.agent.pid)
+        rss, cpu_after = proc_stat(self.agent.pid)
         probed = attacks.result(probe, timeout_s=probe_s + 30)
         tl = Timeline(pattern.name, attack=attack, probe=probed,
                       first_packet_mono_ns=attack.get("first_packet_mono_ns"),

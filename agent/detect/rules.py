@@ -398,11 +398,23 @@ class Detector:
             if all(match.holds(t, event.fields, self._lists) for t in cond.where):
                 finding = _scoped_finding(rule, event, now_mono_ns)
                 if event.kind in GPU_JUDGED_EVENTS and finding.action == "kill":
-                    finding = replace(finding, action=self._gpu_action)  # gpu.on_violation
+                    finding = replace(finding, action=self._gpu_violation())
                 elif rule.id == execpolicy.WRITABLE_RULE:   # policy.exec_writable_action
                     finding = replace(finding, action=self._writable_action)
+                if event.kind in GPU_JUDGED_EVENTS and event.fields.get("system") is True \
+                        and finding.action != "report":
+                    # The host's GPU services and the agent are never acted on, whatever
+                    # a rule says (one without `system: false`): reported only.
+                    finding = replace(finding, action="report")
                 findings.append(finding)
         return findings
+
+    def _gpu_violation(self) -> str:
+        """gpu.on_violation; auto: kill once the node is enrolled (the config grants a
+        workload, or a scheduler has authorized one), report before."""
+        if self._gpu_action != "auto":
+            return self._gpu_action
+        return "kill" if self.gpu_policy.enrolled else "report"
 
     def severe(self, event: Event) -> bool:
         """Whether a `where` rule of high or critical severity fires on `event` (pure, no

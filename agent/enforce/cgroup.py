@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from agent import cgroupview
 from agent.enforce import stop
 from agent.enforce.base import Drift, EnforceError, PartiallyApplied, UnsupportedMitigation
 from agent.model import Mitigation, MitigationKind
@@ -100,12 +101,9 @@ def ensure_cgroup2() -> str | None:
 
 
 def own_cgroup(pid: int | str = "self") -> str:
-    """The cgroup v2 path of a process ("/" when it is in the root)."""
-    with open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return line[3:].strip() or "/"
-    return "/"
+    """The cgroup v2 path of a process as the host names it ("/" when it is in the root,
+    or when it cannot be read or named: callers exempt nothing by "/")."""
+    return cgroupview.cgroup_of(pid) or "/"
 
 
 def normalise(target: str) -> str:

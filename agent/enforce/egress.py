@@ -125,10 +125,10 @@ def labels(new: Egress, old: Egress) -> list[str]:
     return sorted({f"egress:{s.policy}:{s.scope}" for s in set(new.scopes) - set(old.scopes)})
 
 
-def rules_text(egress: Egress) -> str:
+def rules_text(egress: Egress, table: str = TABLE) -> str:
     """One nft transaction replacing the egress chains' rules with `egress`."""
-    lines = [f"flush chain {FAMILY} {TABLE} {c}" for c in (_OUT, _FWD)]
-    lines += [f"add rule {FAMILY} {TABLE} {chain} {rule}" for chain, rule in egress.lines]
+    lines = [f"flush chain {FAMILY} {table} {c}" for c in (_OUT, _FWD)]
+    lines += [f"add rule {FAMILY} {table} {chain} {rule}" for chain, rule in egress.lines]
     return "\n".join(lines) + "\n"
 
 

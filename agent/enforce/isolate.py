@@ -141,13 +141,13 @@ def _node_rules(iso: Isolation) -> list[tuple[str, str]]:
     return rules
 
 
-def rules_text(iso: Isolation) -> str:
+def rules_text(iso: Isolation, table: str = TABLE) -> str:
     """One nft transaction replacing the isolation chains' rules with `iso`."""
-    lines = [f"flush chain {FAMILY} {TABLE} {c}" for c in (_IN, _OUT, _FWD)]
+    lines = [f"flush chain {FAMILY} {table} {c}" for c in (_IN, _OUT, _FWD)]
     rules = [(c, f"{_cg(s)} counter drop") for s in iso.services for c in (_IN, _OUT)]
     if iso.node:
         rules += _node_rules(iso)
-    lines += [f"add rule {FAMILY} {TABLE} {chain} {rule}" for chain, rule in rules]
+    lines += [f"add rule {FAMILY} {table} {chain} {rule}" for chain, rule in rules]
     return "\n".join(lines) + "\n"
 
 

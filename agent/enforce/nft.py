@@ -22,9 +22,9 @@ from agent.enforce import egress, isolate, listing
 from agent.enforce.base import AllowlistedError, Drift, EnforceError
 from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
-from agent.enforce.ruleset import (CHALLENGE_KINDS, ELEMENT_SETS, FAMILY, TABLE, Key, Service,
-                                   SetContents, desired_contents, element_cmd, elements_json,
-                                   parse_network, set_for, syn_wait_text, table_batch)
+from agent.enforce.ruleset import (BRIDGE_TABLE, CHALLENGE_KINDS, EGRESS_CHAINS, ELEMENT_SETS,
+                                   FAMILY, ISOLATION_CHAINS, TABLE, Key, Service, SetContents,
+                                   desired_contents, element_cmd, elements_json, parse_network, set_for, syn_wait_text, table_batch)
 from agent.model import Mitigation, MitigationKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -165,9 +165,11 @@ class NftEnforcer:
         return Drift(False, added, removed)
 
     def remove(self) -> None:
-        """Delete table inet swarm_agent; no error when it is absent."""
+        """Delete table inet swarm_agent (and a bridge table an agent killed while it
+        replaced the table left); no error when they are absent."""
         table = {"family": FAMILY, "name": TABLE}
         self._send([{"add": {"table": table}}, {"delete": {"table": table}}])
+        self._nft.cmd(f"add table {FAMILY} {BRIDGE_TABLE}\ndelete table {FAMILY} {BRIDGE_TABLE}\n")
         self._structure = None
         self._desired = {}
         self._sync_loose(time.time())
@@ -236,6 +238,40 @@ class NftEnforcer:
         return [*LOOPBACK, *self.cfg.allowlist.networks(), *own]
 
     def _recreate(self, desired: Sequence[Mitigation], now: float) -> None:
+        # The table is replaced by one JSON transaction, and the isolation and egress rules
+        # (text: no socket cgroupv2 in 1.0.6's JSON) follow in others: until then a bridge
+        # table holds them, so no isolated node or denied workload gets a packet out in
+        # between (at every start and every repair of drift).
+        iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
+        eg = egress.desired(self.cfg, self._agent_cgroup)
+        self._bridge(iso, eg)
+        try:
+            self._rebuild(desired, now, iso, eg)
+        finally:
+            self._nft.cmd(f"add table {FAMILY} {BRIDGE_TABLE}\ndelete table {FAMILY} {BRIDGE_TABLE}\n")
+
+    def _bridge(self, iso: isolate.Isolation, eg: egress.Egress) -> None:
+        """The bridge table: the isolation and egress chains with `iso` and `eg`, made
+        afresh in one transaction (a bridge left by a killed agent is replaced)."""
+        chains = [(name, hook, -10) for name, hook in ISOLATION_CHAINS if iso] + \
+                 [(name, hook, -20) for name, hook in EGRESS_CHAINS if eg.lines]
+        if not chains:
+            return
+        text = [f"add table {FAMILY} {BRIDGE_TABLE}", f"delete table {FAMILY} {BRIDGE_TABLE}",
+                f"add table {FAMILY} {BRIDGE_TABLE}"]
+        text += [f"add chain {FAMILY} {BRIDGE_TABLE} {name} {{ type filter hook {hook} "
+                 f"priority {prio}; policy accept; }}" for name, hook, prio in chains]
+        body = "\n".join(text) + "\n"
+        if iso:
+            body += isolate.rules_text(iso, BRIDGE_TABLE)
+        if eg.lines:
+            body += egress.rules_text(eg, BRIDGE_TABLE)
+        rc, _, err = self._nft.cmd(body)
+        if rc != 0:
+            raise EnforceError(f"nftables refused the bridge table: {_first_line(err)}", body)
+
+    def _rebuild(self, desired: Sequence[Mitigation], now: float, iso: isolate.Isolation,
+                 eg: egress.Egress) -> None:
         contents = desired_contents(desired, self.cfg, now, self._allow)
         self._send(table_batch(self.cfg, contents, now))
         # Best effort: without it, challenged DNAT'd SYNs keep the kernel's timeouts.
@@ -243,11 +279,10 @@ class NftEnforcer:
         self.syn_wait_refused = _first_line(err) if rc != 0 else None
         self._isolated = isolate.Isolation()
         # The isolation rules follow in a second transaction (text: see agent.enforce.isolate).
-        iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
         if iso:
             self._send_isolation(iso)
         self._egress = egress.Egress()
-        self._send_egress(egress.desired(self.cfg, self._agent_cgroup))
+        self._send_egress(eg)
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None

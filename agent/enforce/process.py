@@ -41,6 +41,7 @@ import signal
 from pathlib import Path
 from typing import Any, Sequence
 
+from agent import cgroupview
 from agent.enforce.base import (Drift, EnforceError, InvalidTarget, TargetNotFound,
                                 UnsupportedMitigation)
 from agent.model import Mitigation, MitigationKind
@@ -83,14 +84,8 @@ def start_ticks(pid: int) -> int | None:
 
 
 def cgroup_of(pid: int) -> str | None:
-    """The process's cgroup v2 path, None when it is gone."""
-    try:
-        for line in (PROC / str(pid) / "cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:] or "/"
-    except OSError:
-        pass
-    return None
+    """The process's cgroup v2 path as the host names it, None when it is gone."""
+    return cgroupview.cgroup_of(pid, str(PROC))
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

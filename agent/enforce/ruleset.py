@@ -64,6 +64,9 @@ CHALLENGE_KINDS = (MitigationKind.CHALLENGE, MitigationKind.CHALLENGE_SERVICE)
 ISOLATION_CHAINS = (("isolate_in", "input"), ("isolate_out", "output"), ("isolate_fwd", "forward"))
 # Egress policy (agent.enforce.egress fills them): (chain, hook), priority -20.
 EGRESS_CHAINS = (("egress_out", "output"), ("egress_fwd", "forward"))
+# Holds the isolation and egress rules while the table is being replaced (NftEnforcer
+# _recreate): present only for those milliseconds, or after an agent died in them.
+BRIDGE_TABLE = "swarm_agent_bridge"
 
 
 @dataclass(frozen=True, order=True)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from agent import cgroupview
+
 PROC = Path("/proc")
 SWEEPS = 20          # sweeps of the subtree, until one finds no new process
 SETTLE_S = 1.0       # how long a signalled process may take to show it is stopped
@@ -57,14 +59,8 @@ def stat(pid: int) -> tuple[str, int] | None:
 
 
 def cgroup_of(pid: int) -> str | None:
-    """The cgroup v2 path of `pid`; None when it is gone."""
-    try:
-        for line in (PROC / str(pid) / "cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:].strip() or "/"
-    except OSError:
-        return None
-    return None
+    """The cgroup v2 path of `pid` as the host names it; None when it is gone."""
+    return cgroupview.cgroup_of(pid, str(PROC))
 
 
 def inside(path: str, cgroup: str | None) -> bool:

@@ -1,6 +1,7 @@
 """Prometheus metrics, served on loopback by default (config `metrics.listen`).
 
-Counted in process: events and findings per source and rule, time-to-detect and
+Counted in process: events and findings per source and rule (a rule's hits, by
+"id@version"), what kernel-enforced policies refused per policy rule, time-to-detect and
 time-to-mitigate histograms per event class (from the first evidence), mesh deliveries
 and failed calls, alerts sent and failed posts. Read from the store and the outbox at each
 scrape, so they survive restarts and never drift: incidents per class and state, deadline
@@ -36,6 +37,9 @@ log = logging.getLogger("swarm_agent")
 PREFIX = "swarm_agent"
 # From well under the System Attack deadline (30 s) to the Suspicious Activity one (900 s).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+# Reports of what a kernel-enforced policy refused: event kind -> (policy_kind, the field
+# holding how many since the report before).
+POLICY_DENIED = {"policy.egress_denied": ("egress", "packets")}
 _SEEN_MAX = 100_000       # incidents remembered so each latency is observed once
 
 
@@ -77,6 +81,13 @@ class Metrics:
                                    registry=r)
         self.alert_failures = Counter(f"{PREFIX}_alert_failures",
                                       "Failed posts to Alertmanager", registry=r)
+        # What a policy enforced in the kernel refused, per policy rule (config
+        # policy.egress names: packets dropped; policy.files names: opens denied), counted
+        # from the rate-limited reports, which carry the counts since the one before.
+        self.policy_denied = Counter(f"{PREFIX}_policy_denied",
+                                     "Actions a kernel-enforced policy refused, per policy "
+                                     "rule (egress: packets dropped; files: opens denied)",
+                                     ["policy_kind", "policy"], registry=r)
         self.failed = Counter(f"{PREFIX}_pipeline_failures",
                               "Events (stage=event) or findings (stage=finding) whose "
                               "processing raised; counted and logged, the rest went on",
@@ -94,6 +105,11 @@ class Metrics:
         self.events.labels(source, event.kind).inc()
         for f in findings:
             self.findings.labels(source, f.rule).inc()
+        denied = POLICY_DENIED.get(event.kind)
+        if denied is not None:
+            count = event.fields.get(denied[1])
+            if isinstance(count, int) and count > 0:
+                self.policy_denied.labels(denied[0], str(event.fields.get("policy", ""))).inc(count)
 
     def observe(self, kind: str, obj: Any) -> None:
         if kind != "incident":

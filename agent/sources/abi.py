@@ -169,7 +169,8 @@ EXE_UNLINKED, EXE_MEMFD = 1, 2      # enum exe_nature (proc_exec_event.exe_natur
 STDIO_NOT_SOCKET = 0xFFFF
 PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
 CREATIONS_ID = 0xFFFFFFFF
-OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat", 5: "open_by_handle_at"}
+OPEN_SYSCALLS = {1: "openat", 2: "openat2", 3: "open", 4: "creat", 5: "open_by_handle_at",
+                 6: "io_uring"}
 OPEN_MATCHES = {1: "file", 2: "dir", 3: "name"}  # enum open_match
 WALK_COMPLETE, WALK_TRUNCATED = 1, 2              # enum walk_flag
 CTX_SERVICE_CGROUP, CTX_REPARENTED = 1, 2        # enum ctx_flag
@@ -197,6 +198,7 @@ class ProcProg(enum.StrEnum):
     FCNTL_ENTER = "handle_sys_enter_fcntl"
     FCNTL_EXIT = "handle_sys_exit_fcntl"
     COMPAT_EXIT = "handle_compat_sys_exit"
+    IO_URING_OPEN = "handle_io_uring_complete"
 
 
 PROC_TRACEPOINTS = {
@@ -219,10 +221,11 @@ PROC_TRACEPOINTS = {
     ProcProg.FCNTL_ENTER: ("syscalls", "sys_enter_fcntl"),
     ProcProg.FCNTL_EXIT: ("syscalls", "sys_exit_fcntl"),
     ProcProg.COMPAT_EXIT: ("raw_syscalls", "sys_exit"),    # tp_btf (PROC_RAW)
+    ProcProg.IO_URING_OPEN: ("io_uring", "io_uring_complete"),    # tp_btf (PROC_RAW)
 }
 # BTF raw tracepoints (tp_btf): no perf record is built and their arguments are read by
 # plain loads, which matters on a tracepoint that fires for every syscall of the host.
-PROC_RAW = frozenset({ProcProg.COMPAT_EXIT})
+PROC_RAW = frozenset({ProcProg.COMPAT_EXIT, ProcProg.IO_URING_OPEN})
 
 
 class ProcMap(enum.StrEnum):

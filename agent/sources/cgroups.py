@@ -7,22 +7,11 @@ import os
 import time
 from pathlib import Path
 
+from agent import cgroupview
+from agent.cgroupview import cgroup2_mount  # noqa: F401 (used here and re-exported)
+
 RESCAN_S = 1.0          # at most one walk of the cgroup tree per second
 MAX_ANCESTORS = 16
-
-
-def cgroup2_mount() -> Path | None:
-    """Where the unified (v2) hierarchy is mounted: /sys/fs/cgroup, or
-    /sys/fs/cgroup/unified on hybrid hosts."""
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        if right.split(" ", 1)[0] == "cgroup2":
-            return Path(left.split()[4])
-    return None
 
 
 class CgroupNames:
@@ -49,12 +38,10 @@ class CgroupNames:
     def _from_proc(self, cgroup_id: int, pid: int) -> bool:
         # The process's own view, checked by inode: it may have moved since the event.
         try:
-            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-                if line.startswith("0::"):
-                    rel = line[3:]
-                    if os.stat(self.root / rel.lstrip("/")).st_ino == cgroup_id:
-                        self._paths[cgroup_id] = rel
-                        return True
+            rel = cgroupview.cgroup_of(pid)
+            if rel is not None and os.stat(self.root / rel.lstrip("/")).st_ino == cgroup_id:
+                self._paths[cgroup_id] = rel
+                return True
         except OSError:
             pass
         return False

@@ -18,6 +18,8 @@ import re
 import stat
 from pathlib import Path
 
+from agent import cgroupview
+
 NVIDIA_MAJOR = 195        # /dev/nvidia0.. and /dev/nvidiactl (nvidia-uvm's is dynamic)
 MAX_FDS = 4096            # open files looked at per process (a GPU job holds tens)
 # Container runtimes' cgroup names: docker-<id>.scope, /docker/<id>, cri-containerd-<id>,
@@ -26,14 +28,9 @@ _CONTAINER_RE = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
 
 
 def cgroup_of(pid: int, proc: str = "/proc") -> str | None:
-    """The process's cgroup v2 path ("0::" line), None when gone or v1 only."""
-    try:
-        for line in Path(f"{proc}/{pid}/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:] or "/"
-    except OSError:
-        pass
-    return None
+    """The process's cgroup v2 path as the host names it ("0::" line), None when gone,
+    v1 only, or outside the agent's cgroup namespace where it cannot be named."""
+    return cgroupview.cgroup_of(pid, proc)
 
 
 def container_of(cgroup: str | None) -> str | None:

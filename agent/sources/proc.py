@@ -36,7 +36,7 @@ Per kind:
 - "file.open", subject the path: path (resolved by the kernel from the opened file;
   None when truncated), file_id, dir_id, flags (f_flags), write (opened for writing or
   created), created, syscall ("openat", "openat2", "open", "creat",
-  "open_by_handle_at"), match ("file",
+  "open_by_handle_at", "io_uring"), match ("file",
   "dir", "name": how the kernel matched it), pattern (the watch pattern), ancestors
   (comms of parent, grandparent, ... from /proc, display only).
 - "kernel.module_load", subject "module:<name>": name, taints, ancestors.

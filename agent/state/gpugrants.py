@@ -17,13 +17,27 @@ def grants(store: Store) -> list[Grant]:
             for r in rows]
 
 
+ENROLLED = "gpu.enrolled_at"
+
+
+def enrolled_at(store: Store) -> float | None:
+    """When a scheduler first authorized a GPU workload on this node (the first
+    AuthorizeGpu); None if never. Revoking every grant does not undo it: a node between
+    two jobs is still one whose GPUs are handed out by its scheduler."""
+    rows = store._read("SELECT value FROM settings WHERE key = ?", (ENROLLED,))
+    return float(rows[0]["value"]) if rows else None
+
+
 def authorize(store: Store, workload: str, gpus: Iterable[str], job: str, at: float,
               by: str) -> int:
-    """Add (or renew: job, time and caller replaced) a grant per GPU; one transaction,
-    durable on return. The number of rows written."""
+    """Add (or renew: job, time and caller replaced) a grant per GPU, and mark the node
+    enrolled (enrolled_at) the first time; one transaction, durable on return. The number
+    of rows written."""
     rows = [(workload, g, job, at, by) for g in gpus]
 
     def tx(db: sqlite3.Connection) -> Any:
+        db.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
+                   (ENROLLED, repr(at)))
         db.executemany("INSERT INTO gpu_grants (workload, gpu, job, created_at, by) "
                        "VALUES (?,?,?,?,?) ON CONFLICT (workload, gpu) DO UPDATE SET "
                        "job = excluded.job, created_at = excluded.created_at, "

@@ -76,5 +76,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at REAL NOT NULL, by TEXT NOT NULL DEFAULT '',
             PRIMARY KEY (workload, gpu))""",
     ),
+    (
+        # Facts of this node that outlive a restart and are no table's rows:
+        # "gpu.enrolled_at", when a scheduler first authorized a GPU workload here.
+        """CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -262,6 +262,7 @@ enum open_syscall {
 	OPEN_OPEN = 3,
 	OPEN_CREAT = 4,
 	OPEN_BY_HANDLE = 5,	/* open_by_handle_at(2): no path at all */
+	OPEN_IO_URING = 6,	/* IORING_OP_OPENAT/OPENAT2, at its completion */
 };
 
 /* Set in .rodata before load. */

@@ -49,6 +49,11 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
                     severity=Severity.HIGH, entity="ip:192.0.2.1", action="block",
                     first_mono_ns=1, detected_mono_ns=2)
         metrics.observe_event(event, [f])
+        for packets in (3, 2):      # two rate-limited reports of drops by the egress policy
+            metrics.observe_event(Event(kind="policy.egress_denied", subject="egress:metadata",
+                                        mono_ns=mono_ns(), first_mono_ns=mono_ns(),
+                                        fields={"policy": "metadata", "packets": packets},
+                                        source="nft.egress"), [])
         inc = store.record_finding(f, 100.0, 100.2)
         metrics.observe("incident", inc)
         store.add_mitigation(Mitigation(kind=MitigationKind.BLOCK_IP, target="192.0.2.1",
@@ -67,6 +72,8 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
         store.close()
     assert value(got, "swarm_agent_events_total", source="net", kind="syn_alert") == 1
     assert value(got, "swarm_agent_findings_total", source="net", rule="net.syn_flood@1") == 1
+    assert value(got, "swarm_agent_policy_denied_total", policy_kind="egress",
+                 policy="metadata") == 5
     assert value(got, "swarm_agent_incidents", event_class="system_attack", state="mitigated") == 1
     assert value(got, "swarm_agent_deadline_misses_total", event_class="system_attack") == 0
     assert value(got, "swarm_agent_deadline_met_total", event_class="system_attack") == 1

@@ -12,6 +12,7 @@ from agent.config import Config, ConfigError, Gpu, load
 from agent.detect.rules import Detector, load_rules
 from agent.enforce.base import DryRunEnforcer
 from agent.gpugrant import GpuPolicy, Grant, GrantError, parse_gpus, parse_workload
+from agent.gpuguard import GpuGuard
 from agent.model import Event
 from agent.respond.engine import Responder
 from agent.state import gpugrants
@@ -191,3 +192,32 @@ def test_response(tmp_path, on_violation, kind, target):
         if kind == "kill_process":
             assert enforcer.applied[0].params["start_ticks"] == 9000
             assert enforcer.applied[0].params["cgroup"] == "/kubepods.slice/pod-1/c1"
+
+
+def test_auto_kills_only_once_the_node_is_enrolled(tmp_path):
+    """on_violation auto (the default): report while no workload was ever authorized here,
+    kill once the config lists one or a scheduler's AuthorizeGpu made one; revoking every
+    grant leaves the node enrolled (stored), so a miner between two jobs is killed."""
+    ev = Event(kind="gpu.process", subject="pid:4242", mono_ns=2, first_mono_ns=1,
+               fields=proc())
+    cfg = Config(state_dir=str(tmp_path))
+    assert cfg.gpu.on_violation == "auto"
+    det = Detector(load_rules(RULES), cfg)
+    with Store(tmp_path / "a.db") as store:
+        guard = GpuGuard(cfg, store, lambda p: setattr(det, "gpu_policy", p), lambda e: None)
+        det.gpu_policy = guard.policy
+        assert [f.action for f in det.evaluate(ev, 3)] == ["report"]
+        assert guard.status()["state"] == "reporting"
+        guard.authorize("/kubepods.slice/pod-other", ["0"], "job-1", "sched", now=10.0)
+        assert [f.action for f in det.evaluate(ev, 3)] == ["kill"]
+        guard.revoke("/kubepods.slice/pod-other", [], None)
+        assert guard.policy.grants == () and guard.policy.enrolled
+        assert [f.action for f in det.evaluate(ev, 3)] == ["kill"]
+        assert guard.status()["state"] == "enforcing"
+    with Store(tmp_path / "a.db") as store:     # after a restart: still enrolled
+        assert GpuGuard(cfg, store, lambda p: None, lambda e: None).policy.enrolled
+    listed = Config(gpu=Gpu(authorized=(Grant("/kubepods.slice/pod-9", "all"),)))
+    det = Detector(load_rules(RULES), listed)
+    with Store(tmp_path / "b.db") as store:
+        det.gpu_policy = GpuGuard(listed, store, lambda p: None, lambda e: None).policy
+    assert [f.action for f in det.evaluate(ev, 3)] == ["kill"]
