@@ -88,15 +88,15 @@ def cgroup_of(pid: int) -> str | None:
     return cgroupview.cgroup_of(pid, str(PROC))
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
 def _cgroup_procs(cgroup: str) -> list[int]:
     """The processes of cgroup v2 `cgroup` (its cgroup.procs), none when unreadable."""
     if not cgroup.startswith("/") or "/../" in cgroup + "/":
         return []
+    root = cgroupview.cgroup2_mount()      # the host's hierarchy (host paths join it)
+    if root is None:
+        return []
     try:
-        text = (CGROUP_ROOT / cgroup.lstrip("/") / "cgroup.procs").read_text()
+        text = (root / cgroup.lstrip("/") / "cgroup.procs").read_text()
     except OSError:
         return []
     return [int(x) for x in text.split() if x.isdigit()]
