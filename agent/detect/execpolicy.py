@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from agent.model import EventClass
+from agent.model import EventClass, Severity
 
 EXEC = "proc.exec"
 # The packaged rule whose action the config chooses (policy.exec_writable_action).
@@ -22,6 +22,7 @@ WRITABLE_RULE = "policy.exec_writable_location"
 class ExecNeeds:
     every_exec: bool        # the kernel emits every exec (map exec_policy)
     hash_exes: bool         # proc.exec events carry exe_sha256
+    severe: bool = False    # one of those rules is high or critical (the urgent lane)
 
 
 POSITIVE = {"eq", "in", "glob", "prefix", "any_in"}
@@ -36,13 +37,14 @@ def _dead(cond, lists: Mapping[str, tuple]) -> bool:
 
 def needs(rules: Iterable, lists: Mapping[str, tuple]) -> ExecNeeds:
     """What the loaded rules need, given the config's named lists."""
-    every = hashed = False
+    every = hashed = severe = False
     for rule in rules:
         for cond in rule.conditions:
             if cond.event != EXEC or _dead(cond, lists):
                 continue
             if rule.event_class is EventClass.POLICY_VIOLATION:
                 every = True
+                severe = severe or rule.severity in (Severity.HIGH, Severity.CRITICAL)
             if any(t.field in ("exe_sha256", "exe_sha256_state") for t in cond.where):
                 hashed = True
-    return ExecNeeds(every, hashed)
+    return ExecNeeds(every, hashed, severe)

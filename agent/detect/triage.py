@@ -37,9 +37,7 @@ Fields = Mapping[str, Any]
 # rule's cases against it.
 HINTS: dict[str, Callable[[Fields], bool]] = {
     "proc.exec": lambda f: bool(f.get("stdio_inet")) or bool(f.get("service_cgroup"))
-    or "services" in (f.get("ancestors_are") or ())
-    # the exec policy's rules (agent/rules/exec.yaml) may fire on any exec
-    or "policy" in (f.get("reason") or ()),
+    or "services" in (f.get("ancestors_are") or ()),
     "proc.exit": lambda f: False,
     "file.open": lambda f: bool(f.get("write")) and bool(f.get("watch_lists")),
     "proc.ptrace": lambda f: f.get("result") == 0,
@@ -50,11 +48,19 @@ def urgent(detector: Detector, event: Event) -> bool:
     """Whether `event` goes to the urgent lane (never raises on malformed fields)."""
     hint = HINTS.get(event.kind)
     try:
-        if hint is not None and not hint(event.fields):
+        if hint is not None and not hint(event.fields) and not _exec_policy(detector, event):
             return False
         return detector.severe(event)
     except Exception:   # noqa: BLE001 -- triage must not lose the event; the detector decides
         return False
+
+
+def _exec_policy(detector: Detector, event: Event) -> bool:
+    """An exec the kernel sent for the exec policy, while a severe exec policy rule can
+    fire (agent/rules/exec.yaml: a deny list is filled): any exec may be its violation.
+    With the lists empty an exec storm costs the rules once, as before."""
+    return event.kind == "proc.exec" and detector.exec_needs.severe \
+        and "policy" in (event.fields.get("reason") or ())
 
 
 def owner(event: Event) -> Hashable:

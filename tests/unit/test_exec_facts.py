@@ -115,3 +115,17 @@ def test_rules_extra_is_loaded_after_the_packaged_rules_when_present(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match="is not a directory"):
         validate(Config(rules_extra=str(tmp_path / "f")))
+
+
+def test_policy_execs_take_the_urgent_lane_only_while_a_deny_list_is_filled():
+    from agent.detect import triage
+    from agent.model import Event
+    fields = {"pid": 7, "uid": 1000, "euid": 1000, "cgroup": "/kubepods.slice/p/c",
+              "exe_known": True, "exe_path": "/opt/x/miner", "reason": ["policy"]}
+    ev = Event("proc.exec", "pid:7", 1, 1, fields)
+    rules = load_rules()
+    assert not triage.urgent(Detector(rules, validate(Config())), ev)
+    denying = Detector(rules, validate(Config(policy=Policy(exec_denied_paths=("/opt/x/*",)))))
+    assert denying.exec_needs.severe and triage.urgent(denying, ev)
+    other = Event("proc.exec", "pid:7", 1, 1, {**fields, "exe_path": "/usr/bin/true"})
+    assert not triage.urgent(denying, other)
