@@ -97,7 +97,7 @@ int handle_sched_process_exec(struct trace_event_raw_sched_process_exec *ctx)
 		reason |= EXEC_SOCKET_STDIO;
 	if (proc_cfg.all_execs)
 		reason |= EXEC_ALL;
-	if (exec_policy_on())
+	if (exec_policy_wants(task))
 		reason |= EXEC_POLICY;
 	if (!reason)
 		return 0;

@@ -154,12 +154,82 @@ static __always_inline int is_inet(__u16 family)
 
 /* --- the exec policy ------------------------------------------------------------------ */
 
-static __always_inline int exec_policy_on(void)
+#define TMPFS_MAGIC 0x01021994
+#define RAMFS_MAGIC 0x858458f6
+#define WRITABLE_DEPTH 16
+
+static __always_inline int is_tmp_name(struct dentry *d)
+{
+	char name[4] = {};
+
+	if (bpf_probe_read_kernel(name, sizeof(name), BPF_CORE_READ(d, d_name.name)))
+		return 0;
+	return name[0] == 't' && name[1] == 'm' && name[2] == 'p' && name[3] == 0;
+}
+
+/* Whether a directory named "tmp" is on the way from `d` up to `root` (`d` itself
+ * too unless skip_first: the file's own name does not count). */
+static __always_inline int tmp_on_chain(struct dentry *d, struct dentry *root, int skip_first)
+{
+	struct dentry *parent;
+	__u32 i;
+
+	for (i = 0; i < WRITABLE_DEPTH; i++) {
+		parent = BPF_CORE_READ(d, d_parent);
+		if (d == root || !parent || parent == d)
+			return 0;
+		if ((i || !skip_first) && is_tmp_name(d))
+			return 1;
+		d = parent;
+	}
+	return 0;
+}
+
+/* Whether the executable may be a file a workload wrote where it may write (the
+ * EXEC_POLICY_WRITABLE prefilter; a superset of user space's exe_location, which
+ * decides): unlinked, on tmpfs or ramfs (/dev/shm, a tmpfs /tmp, memfds), on a device
+ * of writable_devs, or a directory named "tmp" on its path within its filesystem or on
+ * the path of that filesystem's mount point in the mount above (one level: a mount on
+ * a mount below /tmp is not seen). */
+static __always_inline int writable_candidate(struct task_struct *task)
+{
+	struct file *exe = BPF_CORE_READ(task, mm, exe_file);
+	struct vfsmount *vmnt;
+	struct mount *mnt, *up;
+	__u64 magic, mnt_off;
+	__u32 dev;
+
+	if (!exe)
+		return 0;
+	if (!BPF_CORE_READ(exe, f_inode, i_nlink))
+		return 1;
+	magic = BPF_CORE_READ(exe, f_inode, i_sb, s_magic);
+	if (magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
+		return 1;
+	dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
+	if (bpf_map_lookup_elem(&writable_devs, &dev))
+		return 1;
+	vmnt = BPF_CORE_READ(exe, f_path.mnt);
+	if (tmp_on_chain(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(vmnt, mnt_root), 1))
+		return 1;
+	mnt_off = bpf_core_field_offset(struct mount, mnt);
+	mnt = (void *)vmnt - mnt_off;
+	up = BPF_CORE_READ(mnt, mnt_parent);
+	if (!up || up == mnt)
+		return 0;
+	return tmp_on_chain(BPF_CORE_READ(mnt, mnt_mountpoint),
+			    BPF_CORE_READ(&up->mnt, mnt_root), 0);
+}
+
+/* Whether the exec policy needs this exec (map exec_policy's mode). */
+static __always_inline int exec_policy_wants(struct task_struct *task)
 {
 	__u32 zero = 0;
-	__u32 *on = bpf_map_lookup_elem(&exec_policy, &zero);
+	__u32 *mode = bpf_map_lookup_elem(&exec_policy, &zero);
 
-	return on && *on;
+	if (!mode || *mode == EXEC_POLICY_OFF)
+		return 0;
+	return *mode == EXEC_POLICY_ALL || writable_candidate(task);
 }
 
 /* The executed file's nature, from its inode and dentry (the process can name the file

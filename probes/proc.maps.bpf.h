@@ -154,4 +154,13 @@ struct {
 	__type(value, __u32);
 } exec_policy SEC(".maps");
 
+/* Superblock devices of the host's /tmp, /var/tmp and /dev/shm where they are their own
+ * filesystems (EXEC_POLICY_WRITABLE: a bind mount of them elsewhere counts too). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8);
+	__type(key, __u32);
+	__type(value, __u8);
+} writable_devs SEC(".maps");
+
 #endif /* SWARM_PROC_MAPS_BPF_H */

@@ -2,8 +2,11 @@
 
 Most execs never reach user space: the kernel emits only those the breach rules read.
 A policy_violation rule on proc.exec (a deny list, exec from a writable location) judges
-every exec, so while one is loaded the kernel's exec_policy map is on (reason "policy");
-a reload that removes the last one switches it off. Executables are hashed only while a
+every exec, so while one can fire the kernel's exec_policy map is on (reason "policy");
+a reload that removes the last one switches it off. While the packaged writable location
+rule is the only one, the kernel sends only the execs of files that may lie where a
+workload writes (EXEC_POLICY_WRITABLE, probes/proc.bpf.h: a superset that user space
+narrows down); any other (a filled deny list, an operator's rule) needs every exec. Executables are hashed only while a
 loaded rule reads exe_sha256 (hashing is the one costly fact).
 """
 from __future__ import annotations
@@ -23,6 +26,9 @@ class ExecNeeds:
     every_exec: bool        # the kernel emits every exec (map exec_policy)
     hash_exes: bool         # proc.exec events carry exe_sha256
     severe: bool = False    # one of those rules is high or critical (the urgent lane)
+    # the only live one is the writable location rule: the kernel sends only execs of
+    # files a workload may have written (EXEC_POLICY_WRITABLE), not every exec
+    writable_only: bool = False
 
 
 POSITIVE = {"eq", "in", "glob", "prefix", "any_in"}
@@ -38,6 +44,7 @@ def _dead(cond, lists: Mapping[str, tuple]) -> bool:
 def needs(rules: Iterable, lists: Mapping[str, tuple]) -> ExecNeeds:
     """What the loaded rules need, given the config's named lists."""
     every = hashed = severe = False
+    others = False
     for rule in rules:
         for cond in rule.conditions:
             if cond.event != EXEC or _dead(cond, lists):
@@ -45,6 +52,7 @@ def needs(rules: Iterable, lists: Mapping[str, tuple]) -> ExecNeeds:
             if rule.event_class is EventClass.POLICY_VIOLATION:
                 every = True
                 severe = severe or rule.severity in (Severity.HIGH, Severity.CRITICAL)
+                others = others or rule.id != WRITABLE_RULE
             if any(t.field in ("exe_sha256", "exe_sha256_state") for t in cond.where):
                 hashed = True
-    return ExecNeeds(every, hashed, severe)
+    return ExecNeeds(every, hashed, severe, every and not others)

@@ -166,6 +166,7 @@ EXE_PROGRAM, EXE_SERVICE, EXE_MANAGER, EXE_PACKAGER = 1, 2, 4, 8  # enum exe_fla
 EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
                 16: "service_cgroup", 32: "package_manager", 64: "policy"}
 EXE_UNLINKED, EXE_MEMFD = 1, 2      # enum exe_nature (proc_exec_event.exe_nature)
+EXEC_POLICY_OFF, EXEC_POLICY_ALL, EXEC_POLICY_WRITABLE = 0, 1, 2   # enum exec_policy_mode
 STDIO_NOT_SOCKET = 0xFFFF
 PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
 CREATIONS_ID = 0xFFFFFFFF
@@ -247,6 +248,7 @@ class ProcMap(enum.StrEnum):
     PENDING_DUPFD = "pending_dupfd"
     SYSTEM_DIRS = "system_dirs"
     EXEC_POLICY = "exec_policy"
+    WRITABLE_DEVS = "writable_devs"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 

@@ -149,8 +149,11 @@ class ProcProbe(OwnedScope, BpfProbe):
         """Switch the kernel's exec policy map (every exec emitted, reason "policy") and
         the hashing of executables, as the loaded rules need (an
         agent.detect.execpolicy.ExecNeeds); OSError: nothing changed."""
-        self._map(ProcMap.EXEC_POLICY).update(ctypes.c_uint32(0),
-                                              ctypes.c_uint32(int(needs.every_exec)))
+        mode = (abi.EXEC_POLICY_OFF if not needs.every_exec else
+                abi.EXEC_POLICY_WRITABLE if needs.writable_only else abi.EXEC_POLICY_ALL)
+        for dev in self._tmp_devs | self._shm_devs:
+            self._map(ProcMap.WRITABLE_DEVS).update(ctypes.c_uint32(dev), ctypes.c_uint8(1))
+        self._map(ProcMap.EXEC_POLICY).update(ctypes.c_uint32(0), ctypes.c_uint32(mode))
         self.exec_needs = needs
         if not needs.hash_exes:
             self.hasher = None
@@ -316,7 +319,9 @@ class ProcProbe(OwnedScope, BpfProbe):
         needs = getattr(self, "exec_needs", None)
         if needs is not None:
             out["exec_policy"] = {"state": "loaded", "reason": (
-                "every exec judged" + (", executables hashed" if needs.hash_exes else "")
+                ("execs of files in writable locations judged" if needs.writable_only
+                 else "every exec judged")
+                + (", executables hashed" if needs.hash_exes else "")
                 if needs.every_exec else "off: no loaded exec policy rule can fire")}
         c = getattr(self, "correlator", None)
         if c is not None:

@@ -216,6 +216,16 @@ enum exec_reason {
 	EXEC_POLICY = 64,	/* map exec_policy is on: exec policy rules judge every exec */
 };
 
+/* Values of map exec_policy: which execs the exec policy's rules need. */
+enum exec_policy_mode {
+	EXEC_POLICY_OFF = 0,
+	EXEC_POLICY_ALL = 1,		/* every exec (a deny list is filled) */
+	EXEC_POLICY_WRITABLE = 2,	/* only execs of files a workload may have written:
+					 * unlinked, on tmpfs/ramfs, on a device in map
+					 * writable_devs, or with a "tmp" directory or mount
+					 * point on their path (a superset: user space decides) */
+};
+
 /* proc_exec_event.exe_nature bits: what the kernel knows of the executed file. */
 enum exe_nature {
 	EXE_UNLINKED = 1,	/* i_nlink == 0: deleted after exec, a memfd, an O_TMPFILE */

@@ -124,3 +124,36 @@ def test_the_map_off_keeps_ordinary_execs_in_the_kernel(probe, places):
     p = subprocess.Popen([str(home / "plain"), "0"])
     p.wait()
     assert wait_for(probe, lambda e: e.kind == "proc.exec" and e.fields["pid"] == p.pid)
+
+
+def test_writable_mode_sends_only_execs_of_files_where_a_workload_writes(probe, places):
+    """EXEC_POLICY_WRITABLE (the writable location rule alone): /tmp, /dev/shm, a memfd
+    reach user space, a program in /var/lib does not."""
+    tmp = Path("/tmp") / f"swa-facts-w-{os.getpid()}"
+    shm = Path("/dev/shm") / f"swa-facts-w-{os.getpid()}"
+    home = Path("/var/lib") / f"swa-facts-w-{os.getpid()}"
+    places += [tmp, shm, home]
+    tmp.mkdir()
+    home.mkdir()
+    (tmp / "deep" / "er").mkdir(parents=True)
+    for dest in (tmp / "deep" / "er" / "x", shm, home / "plain"):
+        shutil.copy2(SLEEP, dest)
+    probe.set_exec_policy(ExecNeeds(every_exec=True, hash_exes=False, writable_only=True))
+    try:
+        def reported(argv, argv0=None) -> bool:
+            p = subprocess.Popen(argv)
+            try:
+                return bool(wait_for(probe, lambda e: e.kind == "proc.exec"
+                                     and e.fields["pid"] == p.pid
+                                     and "policy" in e.fields["reason"]
+                                     and (argv0 is None or e.fields["argv"][:1] == [argv0]),
+                                     timeout_s=2.0))
+            finally:
+                p.kill()
+                p.wait()
+        assert reported([str(tmp / "deep" / "er" / "x"), "5"])
+        assert reported([str(shm), "5"])
+        assert reported([sys.executable, "-c", FILELESS, "memfd", str(home), SLEEP], "payload")
+        assert not reported([str(home / "plain"), "5"])
+    finally:
+        probe.set_exec_policy(ExecNeeds(every_exec=True, hash_exes=True))

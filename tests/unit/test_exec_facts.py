@@ -83,6 +83,10 @@ def test_the_kernel_filter_is_on_only_while_a_rule_can_fire():
     assert empty.exec_needs.every_exec is False and empty.exec_needs.hash_exes is False
     default = Detector(rules, validate(Config()))
     assert default.exec_needs.every_exec is True and default.exec_needs.hash_exes is False
+    # the writable location rule alone: the kernel's prefilter, not every exec
+    assert default.exec_needs.writable_only is True
+    denying = Detector(rules, validate(Config(policy=Policy(exec_denied_users=(7,)))))
+    assert denying.exec_needs.every_exec and not denying.exec_needs.writable_only
     hashing = Detector(rules, validate(Config(policy=Policy(exec_denied_sha256=("a" * 64,)))))
     assert hashing.exec_needs.every_exec and hashing.exec_needs.hash_exes
     network_only = [r for r in rules if not r.id.startswith("policy.")]
