@@ -41,6 +41,7 @@ from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
 from agent import egresswatch
+from agent.filepolicy import FilePolicy
 from agent.rulereload import Reloaded, RuleReloader
 from agent.sources.queue import EventQueue
 from agent.state.store import Store
@@ -90,6 +91,7 @@ class Agent:
         self._drops_seen: dict[str, int] = {}      # lane.kind -> drops already told
         self._drops_logged_at = 0.0
         self.ready = False
+        self.files = FilePolicy(cfg)    # policy.files: opens refused by fanotify
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 
@@ -121,6 +123,7 @@ class Agent:
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
                                    queue=self.queue_status, gpus=self.gpu_metrics)
+        self.reporting.metrics.registry.register(self.files)
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -426,10 +429,11 @@ class Agent:
                          "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
                          "queue.capacity": self.queue.capacity,
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()},
-                         **self._egress_counters()},
+                         **self._egress_counters(), **self.files.counters()},
             "last_drift_at": self.last_drift_at,
             # The egress policy in force (config policy.egress, read at start only).
             "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
+            "files": self.files.status(),     # the file policy (config policy.files, at start)
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "ruleset": self.rulebook.status(),
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
@@ -509,6 +513,8 @@ class Agent:
                     tg.create_task(egresswatch.watch(
                         self.cfg, self.enforcer.egress_counts, self.enqueue,
                         lambda e: self._failed("egress.read_failed", e)))
+                self.files.start(asyncio.get_running_loop(), self.enqueue, self.cfg.dry_run)
+                tg.create_task(self.files.watch())
                 for task in self.reporting.tasks():
                     tg.create_task(task)
                 self.ready = True
@@ -521,6 +527,7 @@ class Agent:
 
     def close(self) -> None:
         self.ready = False
+        self.files.close()
         for probe in (self.probe, self.proc_probe):
             if probe is not None:
                 probe.close()
