@@ -414,7 +414,7 @@ class Agent:
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
             "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
-                       "gpu": self.gpu_status()},
+                       "gpu": self.gpu_status(), "file_policy": self.files.state_reason()},
             "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
                     "processes": len(self.gpu.processes()) if self.gpu else 0},
             "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},

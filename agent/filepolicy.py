@@ -194,9 +194,14 @@ class FilePolicy:
                 "allowed_on_error": gate.allowed_on_error if gate is not None else 0,
                 "rules": rules}
 
+    def state_reason(self) -> dict[str, str]:
+        """As a component in `status` (the control API carries state and reason)."""
+        return {"state": self.state, "reason": self.reason}
+
     def counters(self) -> dict[str, int]:
         gate = self.gate
         return {"files.denied": sum(self.denied.values()),
+                **{f"files.denied.{r.name}": self.denied[r.name] for r in self.rules},
                 "files.marks": gate.marks() if gate is not None else 0,
                 "files.missing": sum(len(g.missing) for g in gate.rules) if gate else 0}
 
