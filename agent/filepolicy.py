@@ -203,6 +203,8 @@ class FilePolicy:
         return {"files.denied": sum(self.denied.values()),
                 **{f"files.denied.{r.name}": self.denied[r.name] for r in self.rules},
                 "files.marks": gate.marks() if gate is not None else 0,
+                "files.answered": gate.answered if gate is not None else 0,
+                "files.allowed_on_error": gate.allowed_on_error if gate is not None else 0,
                 "files.missing": sum(len(g.missing) for g in gate.rules) if gate else 0}
 
     def collect(self):
