@@ -79,7 +79,8 @@ def _init() -> int:
                              os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
-        why = {errno.EPERM: "no CAP_SYS_ADMIN",
+        why = {errno.EPERM: "refused (EPERM): no CAP_SYS_ADMIN, or a seccomp filter without "
+                            "fanotify_init",
                errno.EINVAL: "the kernel has no fanotify permission events "
                              "(CONFIG_FANOTIFY_ACCESS_PERMISSIONS)",
                errno.ENOSYS: "the kernel has no fanotify"}.get(err, os.strerror(err))
