@@ -23,7 +23,10 @@ interface names carry no quotes, spaces or anything else nft would read as synta
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import sys
+import sysconfig
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -208,3 +211,22 @@ def _check_file_path(p: str, key: str) -> None:
     if p.rstrip("/") in ("", "/proc", "/sys", "/dev"):
         raise ValueError(f"{key}: {p!r} cannot be denied (the whole root or a kernel "
                          "filesystem: every open on the host would wait for the agent)")
+    own = next((d for d in _agents_own_files() if _overlaps(p.rstrip("/"), d)), None)
+    if own is not None:
+        # The thread that answers the opens may itself open these (a lazy import, a
+        # traceback's source lines): waiting on its own answer, it would hang them all.
+        raise ValueError(f"{key}: {p!r} covers the agent's own code or interpreter ({own}), "
+                         "which the agent must open to answer")
+
+
+def _agents_own_files() -> set[str]:
+    """The interpreter, its library directories and the agent's package, as named and as
+    resolved."""
+    paths = {k: v for k, v in sysconfig.get_paths().items()
+             if k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs = [*paths.values(), sys.executable, os.path.dirname(os.path.abspath(__file__))]
+    return {p.rstrip("/") for d in dirs for p in (d, os.path.realpath(d))}
+
+
+def _overlaps(path: str, d: str) -> bool:
+    return d == path or d.startswith(path + "/") or path.startswith(d + "/")

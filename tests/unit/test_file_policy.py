@@ -38,6 +38,9 @@ def test_default_keeps_workloads_out_of_the_agents_config_only() -> None:
     ("{name: a, paths: [/], cgroups: [/x]}", "policy.files[a].paths: '/' cannot be denied"),
     ("{name: a, paths: [/proc/], cgroups: [/x]}", "policy.files[a].paths: '/proc/' cannot be denied"),
     ("{name: a, paths: [], cgroups: [/x]}", "policy.files[a].paths is empty"),
+    # The answering thread's own opens (a lazy import) would wait on itself.
+    ("{name: a, paths: [/usr/], cgroups: [/x]}", "policy.files[a].paths: '/usr/' covers the agent's own code"),
+    (f"{{name: a, paths: [{Path(config.__file__).parent}/], cgroups: [/x]}}", "covers the agent's own code"),
     ("{name: a, paths: [/etc/shadow]}", "policy.files[a] applies to nobody"),
     ("{name: a, paths: [/etc/shadow], cgroups: [/]}",
      "policy.files[a].cgroups: '/' is not a cgroup v2 path below the root"),
