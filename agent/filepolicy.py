@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ TICK_S = 1.0             # how often pending reports are looked at
 RESCAN_S = 5.0           # new files, subdirectories and paths under the rules get marked
 MAX_SCOPES = 4096        # (rule, cgroup) pairs remembered; more share one overflow entry
 OVERFLOW = "(other workloads)"
+SWITCH_INTERVAL_S = 0.0005
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,10 @@ class FilePolicy:
             log.error("file policy not enforced", extra={"reason": self.reason})
             return
         self.gate.start()
+        # A waiting open is answered once the answering thread gets the interpreter: a
+        # busy loop thread gives it up after the switch interval (5 ms by default). The
+        # other threads mostly sleep, so a shorter interval costs little.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._judge_state()
         log.info("file policy enforced", extra={"marks": self.gate.marks()})
 

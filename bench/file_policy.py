@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/file_policy.py                 # 2000 opens, 20 denials
     sudo .venv/bin/python bench/file_policy.py --quick --json  # 300 opens, 5 denials
+    sudo .venv/bin/python bench/file_policy.py --busy          # the tax again under an exec storm
 
 It builds a lab (swarmlab.lab) and runs `swarm-agent run` for the victim namespace with
 agent/rules/files.yaml and one file rule: a temp directory's files (a directory mark plus
@@ -14,6 +15,11 @@ the opener itself. Every open of the marked file waits for the agent's answering
 the unmarked one never does. The run is invalid when the agent's answer counter did not
 grow by at least the number of marked opens (the mark was not in force: the figure would
 measure nothing), or when a marked open failed.
+
+With --busy the tax is measured a second time while a shell in the victim namespace execs
+`/bin/sh -c :` in a loop (bounded by the measurement): the agent's process probe reads every
+exec and its detector takes each event, so the answering thread competes with the agent's
+own loop for the interpreter (the GIL) -- the case the idle figure hides.
 
 Incident: per sample a fresh cgroup below the denied one (its own scope, so its own
 incident) starts a process that reads CLOCK_MONOTONIC just before it opens the denied file;
@@ -45,6 +51,20 @@ from swarmlab.lab import Lab  # noqa: E402
 from swarmlab.scenario import AgentProcess  # noqa: E402
 
 RULES = Path(__file__).resolve().parents[1] / "agent" / "rules" / "files.yaml"
+# With --busy, beside files.yaml: a rule that takes every exec event and never fires, so
+# the agent's process probe reads each exec and its detector evaluates it (load, no act).
+_LOAD_RULE = """rules:
+  - id: bench.exec_load
+    version: 1
+    class: suspicious_activity
+    severity: low
+    action: report
+    description: bench load only; never fires
+    match:
+      - event: proc.exec
+        where:
+          exe: {eq: /nonexistent/swarm-bench-never}
+"""
 TIMEOUT_S = 10.0
 _TAX = r"""
 import json, os, sys, time
@@ -100,7 +120,32 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
-def run(opens: int, denials: int) -> dict:
+def measure_tax(agent: AgentProcess, data: Path, opens: int, invalid: list[dict], name: str) -> dict:
+    before = counters(agent)["files.answered"]
+    tax = in_cgroup(None, sys.executable, "-c", _TAX, str(data / "marked" / "secret"),
+                    str(data / "free"), str(opens))
+    answered = counters(agent)["files.answered"] - before
+    if tax["failed"]:
+        invalid.append({"run": name, "reason": f"{tax['failed']} allowed opens failed"})
+    if answered < opens:
+        invalid.append({"run": name, "reason": f"the agent answered {answered} of {opens} "
+                                               "marked opens: the mark was not in force"})
+    marked, unmarked = summary(tax["marked"]), summary(tax["unmarked"])
+    both = marked["n"] and unmarked["n"]
+    return {"marked": marked, "unmarked": unmarked, "agent_answered": answered,
+            "tax_p50": _r(marked["p50"] - unmarked["p50"]) if both else None,
+            "tax_p95": _r(marked["p95"] - unmarked["p95"]) if both else None}
+
+
+def exec_storm(ns: str) -> subprocess.Popen:
+    """Execs of a shell (a watched program: the kernel side passes each to the agent),
+    for at most 120 s."""
+    return subprocess.Popen(["ip", "netns", "exec", ns, "sh", "-c",
+                             "end=$(($(date +%s) + 120)); while [ $(date +%s) -lt $end ]; do "
+                             + "/bin/sh -c :; " * 8 + "done"])
+
+
+def run(opens: int, denials: int, busy: bool) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="swarm-files-bench-"))
     data = Path(tempfile.mkdtemp(prefix="swarm-files-data-"))
     (data / "marked").mkdir()
@@ -111,20 +156,31 @@ def run(opens: int, denials: int) -> dict:
     with contextlib.ExitStack() as stack, Lab() as lab:
         denied = stack.enter_context(throwaway_cgroup("swa-filebench"))
         path = "/" + str(denied.relative_to(cgroup2_mount()))
-        cfg = (f"rules_file: {RULES}\npolicy:\n  files:\n"
+        rules = tmp / "rules"
+        rules.mkdir()
+        shutil.copy(RULES, rules / "files.yaml")
+        if busy:
+            (rules / "load.yaml").write_text(_LOAD_RULE)
+        cfg = (f"rules_file: {rules}\npolicy:\n  files:\n"
                f"    - {{name: bench, paths: [{data}/marked/], cgroups: [{path}]}}\n")
         agent = AgentProcess(lab.victim, tmp, cfg)
         agent.start()
         stack.callback(agent.stop)
-        before = counters(agent)
-        tax = in_cgroup(None, sys.executable, "-c", _TAX, str(data / "marked" / "secret"),
-                        str(data / "free"), str(opens))
-        answered = counters(agent)["files.answered"] - before["files.answered"]
-        if tax["failed"]:
-            invalid.append({"run": "tax", "reason": f"{tax['failed']} allowed opens failed"})
-        if answered < opens:
-            invalid.append({"run": "tax", "reason": f"the agent answered {answered} of {opens} "
-                                                    "marked opens: the mark was not in force"})
+        tax = {"idle": measure_tax(agent, data, opens, invalid, "tax")}
+        if busy:
+            storm = exec_storm(lab.victim)
+            try:
+                time.sleep(1.0)
+                before = counters(agent).get("events.proc.exec", 0)
+                tax["busy"] = measure_tax(agent, data, opens, invalid, "tax_busy")
+                seen = counters(agent).get("events.proc.exec", 0) - before
+            finally:
+                storm.kill()
+                storm.wait()
+            tax["busy"]["agent_exec_events_during"] = seen
+            if seen < opens // 10:      # the storm did not reach the agent: nothing measured
+                invalid.append({"run": "tax_busy", "reason": f"the agent took {seen} events "
+                                                             "during the storm"})
         for i in range(denials):
             job = denied / f"job{i}"
             job.mkdir()
@@ -147,12 +203,8 @@ def run(opens: int, denials: int) -> dict:
                 incident_ms.append(seen - r["t0_ns"] / 1e6)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)
-    marked, unmarked = summary(tax["marked"]), summary(tax["unmarked"])
     return {
-        "opens_each": opens, "agent_answered": answered,
-        "open_close_us": {"marked": marked, "unmarked": unmarked,
-                          "tax_p50": _r(marked["p50"] - unmarked["p50"]) if marked["n"] and unmarked["n"] else None,
-                          "tax_p95": _r(marked["p95"] - unmarked["p95"]) if marked["n"] and unmarked["n"] else None},
+        "opens_each": opens, "open_close_us": tax,
         "denied_open_to_incident_ms": summary(incident_ms),
         "invalid": invalid,
         "host": {"kernel": platform.release(), "python": platform.python_version()},
@@ -162,16 +214,18 @@ def run(opens: int, denials: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 opens and 5 denials instead of 2000 and 20")
+    ap.add_argument("--busy", action="store_true", help="measure the tax again under an exec storm")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
-    result = run(300, 5) if args.quick else run(2000, 20)
+    result = run(300, 5, args.busy) if args.quick else run(2000, 20, args.busy)
     if args.json:
         print(json.dumps(result))
     else:
-        o = result["open_close_us"]
-        print(f"open+close, allowed, {result['opens_each']} each (us): marked p50 {o['marked']['p50']} "
-              f"p95 {o['marked']['p95']} p99 {o['marked']['p99']}; unmarked p50 {o['unmarked']['p50']} "
-              f"p95 {o['unmarked']['p95']} p99 {o['unmarked']['p99']}; tax p50 {o['tax_p50']} p95 {o['tax_p95']}")
+        for name, o in result["open_close_us"].items():
+            print(f"open+close, allowed, agent {name}, {result['opens_each']} each (us): marked p50 "
+                  f"{o['marked']['p50']} p95 {o['marked']['p95']} p99 {o['marked']['p99']}; unmarked "
+                  f"p50 {o['unmarked']['p50']} p95 {o['unmarked']['p95']} p99 {o['unmarked']['p99']}; "
+                  f"tax p50 {o['tax_p50']} p95 {o['tax_p95']}")
         d = result["denied_open_to_incident_ms"]
         print(f"denied open -> incident: p50 {d['p50']} ms, p95 {d['p95']} ms over {d['n']} workloads")
         for bad in result["invalid"]:
