@@ -84,8 +84,9 @@ class FilePolicy:
         self._loop, self._emit = loop, emit
         try:
             self.gate = FileGate([(r.name, r.paths) for r in self.rules], self._judge, self._on_denied)
-        except Unsupported as e:
-            self.state, self.reason = "degraded", e.strerror
+        except OSError as e:    # Unsupported: no fanotify here; else no fd for it
+            self.state, self.reason = "degraded", e.strerror if isinstance(e, Unsupported) \
+                else f"fanotify: {e.strerror}"
             log.error("file policy not enforced", extra={"reason": self.reason})
             return
         self.gate.start()
@@ -175,6 +176,9 @@ class FilePolicy:
         gate = self.gate
         if gate is None:
             return
+        if gate.failed:
+            self.state, self.reason = "degraded", gate.failed
+            return
         gaps = [f"{g.name}: {u}" for g in gate.rules for u in g.uncovered]
         missing = [f"{g.name}: {m}" for g in gate.rules for m in g.missing]
         if gaps:
@@ -185,6 +189,7 @@ class FilePolicy:
                 if missing else ""
 
     def status(self) -> dict[str, Any]:
+        self._judge_state()
         gate = self.gate
         rules = {}
         for i, r in enumerate(self.rules):
@@ -202,6 +207,7 @@ class FilePolicy:
 
     def state_reason(self) -> dict[str, str]:
         """As a component in `status` (the control API carries state and reason)."""
+        self._judge_state()
         return {"state": self.state, "reason": self.reason}
 
     def counters(self) -> dict[str, int]:

@@ -125,6 +125,7 @@ class FileGate:
         self._thread: threading.Thread | None = None
         self.answered = 0
         self.allowed_on_error = 0
+        self.failed = ""          # why answering stopped (the groups are closed then)
         try:
             for g in self.rules:
                 g.group = _init()
@@ -225,6 +226,20 @@ class FileGate:
         self._thread.start()
 
     def _serve(self) -> None:
+        """Answer until stopped. Should answering itself break (a read error, an event
+        layout this code does not know), the groups are closed: the kernel then allows
+        every waiting open and drops the marks -- never opens left waiting on nobody."""
+        try:
+            self._answer_all()
+        except Exception as e:   # noqa: BLE001 -- fail open, say so
+            self.failed = f"answering stopped: {e}; the groups were closed (nothing refused)"
+            log.exception("file policy: answering failed; groups closed, opens allowed")
+            for g in self.rules:
+                if g.group >= 0:
+                    os.close(g.group)
+                    g.group = -1
+
+    def _answer_all(self) -> None:
         poller = select.poll()
         by_fd = {}
         for i, g in enumerate(self.rules):
@@ -241,18 +256,15 @@ class FileGate:
         g = self.rules[index]
         try:
             buf = os.read(g.group, READ_BYTES)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            log.error("file policy: reading fanotify failed", extra={"reason": e.strerror})
+        except (BlockingIOError, InterruptedError):
             return
         size = ctypes.sizeof(_Metadata)
         off = 0
         while off + size <= len(buf):
             meta = _Metadata.from_buffer_copy(buf, off)
             if meta.event_len < size or meta.vers != METADATA_VERSION:
-                log.error("file policy: unexpected fanotify event layout")
-                return
+                raise OSError(errno.EPROTO, f"fanotify event version {meta.vers}, "
+                                            f"length {meta.event_len}")
             off += meta.event_len
             if meta.fd != FAN_NOFD:
                 self._answer(index, g, meta)

@@ -195,6 +195,22 @@ def test_a_judge_that_fails_allows(tmp_path, restricted, running):
     assert r.policy.gate.allowed_on_error == 1
 
 
+def test_answering_that_breaks_closes_the_groups(tmp_path, restricted, running):
+    """Should the answering loop itself fail, the groups are closed: the waiting open and
+    every later one go through (fail open), and status says so."""
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    r = start(running, FileRule(name="s", paths=(str(secret),), cgroups=(cgroup_path(restricted),)))
+
+    def broken(index: int) -> None:
+        raise OSError(5, "a read that failed")
+    r.policy.gate._drain = broken
+    assert open_from(restricted, secret) == "OK"
+    assert open_from(restricted, secret) == "OK"
+    assert r.policy.status()["state"] == "degraded"
+    assert "answering stopped" in r.policy.reason
+
+
 def test_agent_stopped_or_killed_leaves_no_hanging_open(tmp_path, restricted):
     """The real agent, SIGSTOPped while a denied workload's open waits on it, then killed:
     the kernel drops its fanotify fds and the waiting open proceeds. A graceful stop
