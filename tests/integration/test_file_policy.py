@@ -162,6 +162,20 @@ def test_directory_rule_covers_new_files_links_and_renames(tmp_path, restricted,
     assert r.policy.status()["rules"]["dir"]["uncovered"] == []
 
 
+def test_a_bind_mount_into_another_mount_namespace_is_covered(tmp_path, restricted, running):
+    """A host file bind-mounted into a "container" (a private mount namespace, as a
+    runtime's volume mount): the same inode, the same refusal."""
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    (tmp_path / "mnt").write_text("")
+    start(running, FileRule(name="s", paths=(str(secret),), cgroups=(cgroup_path(restricted),)))
+    script = (f'echo $$ > "{restricted}/cgroup.procs" && exec unshare -m sh -c '
+              f'"mount --bind {secret} {tmp_path}/mnt && cat {tmp_path}/mnt"')
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "Operation not permitted" in out.stderr, out
+    assert out.stdout == ""
+
+
 def test_exec_of_a_denied_file_is_refused(tmp_path, restricted, running):
     tool = tmp_path / "tool"
     tool.write_text("#!/bin/sh\necho ran\n")
