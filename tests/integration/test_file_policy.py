@@ -5,6 +5,7 @@ opener's own open(2) returns is the evidence; the agent's counters are checked b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from agent.enforce.cgroup import cgroup2_mount
 from agent.filepolicy import FilePolicy
 from agent.model import EventClass
 from agent.policyconfig import FileRule, Policy
-from swarmlab.breachlab import throwaway_cgroup
+from swarmlab.breachlab import remove_cgroup, throwaway_cgroup
 from swarmlab.lab import wait_for
 from swarmlab.scenario import Scenario
 
@@ -174,6 +175,41 @@ def test_a_bind_mount_into_another_mount_namespace_is_covered(tmp_path, restrict
     out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=20)
     assert out.returncode != 0 and "Operation not permitted" in out.stderr, out
     assert out.stdout == ""
+
+
+@pytest.fixture
+def containers() -> Iterator[tuple[Path, Path, str]]:
+    """Two "containers" as Docker's systemd driver names them
+    (/system.slice/docker-ID.scope); /system.slice made for them when absent, and removed
+    after if so. The first's id is returned."""
+    import secrets
+    root = cgroup2_mount() / "system.slice"
+    made_root = not root.exists()
+    root.mkdir(exist_ok=True)
+    ids = [secrets.token_hex(32) for _ in range(2)]
+    cgs = [root / f"docker-{i}.scope" for i in ids]
+    for cg in cgs:
+        cg.mkdir()
+    try:
+        yield cgs[0], cgs[1], ids[0]
+    finally:
+        for cg in cgs:
+            remove_cgroup(cg)
+        if made_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+def test_container_rule_by_id(tmp_path, containers, running):
+    denied, other, cid = containers
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    r = start(running, FileRule(name="c", paths=(str(secret),), containers=(cid,)))
+    assert open_from(denied, secret) == "EPERM"
+    assert open_from(other, secret) == "OK"
+    assert r.policy.denied["c"] == 1
+    [event] = wait_for(lambda: r.tick(), 5.0)
+    assert event.fields["container_id"] == cid
 
 
 def test_exec_of_a_denied_file_is_refused(tmp_path, restricted, running):
