@@ -160,15 +160,20 @@ class FilePolicy:
                      fields, source="fanotify")
 
     async def watch(self) -> None:
-        """Report pending denials every TICK_S; mark what appeared every RESCAN_S."""
+        """Report pending denials every TICK_S and re-mark the configured files (one
+        replaced by a new inode is covered again within a tick); mark what appeared in
+        the directories every RESCAN_S."""
         next_scan = time.monotonic() + RESCAN_S
         while True:
             await asyncio.sleep(TICK_S)
             self.flush()
-            if self.gate is not None and time.monotonic() >= next_scan:
+            if self.gate is None:
+                continue
+            full = time.monotonic() >= next_scan
+            if full:
                 next_scan = time.monotonic() + RESCAN_S
-                await asyncio.to_thread(self.gate.rescan)
-                self._judge_state()
+            await asyncio.to_thread(self.gate.rescan, not full)
+            self._judge_state()
 
     # -- status --------------------------------------------------------------------------
 

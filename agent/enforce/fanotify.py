@@ -103,6 +103,8 @@ class Guarded:
     paths: tuple[str, ...]
     group: int = -1
     marked: set[tuple[int, int]] = field(default_factory=set)    # (st_dev, st_ino)
+    # configured path -> (missing, uncovered, inodes marked) at its last scan
+    found: dict[str, tuple[list[str], list[str], set[tuple[int, int]]]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     uncovered: list[str] = field(default_factory=list)
 
@@ -139,21 +141,33 @@ class FileGate:
     def marks(self) -> int:
         return sum(len(g.marked) for g in self.rules)
 
-    def rescan(self) -> None:
-        """(Re)mark every configured path: new files, new subdirectories, paths that
-        appeared since. Marks are only added; one on a deleted inode goes with it."""
+    def rescan(self, files_only: bool = False) -> None:
+        """(Re)mark the configured paths: every file path (a file replaced by a new inode,
+        as editors and passwd do, gets its mark here), and unless `files_only` every
+        directory tree too (new files, new subdirectories, paths that appeared). Marking
+        an inode twice is harmless; a deleted inode's mark goes with it."""
         for g in self.rules:
-            missing: list[str] = []
-            uncovered: list[str] = []
             for path in g.paths:
-                if path.endswith("/") and len(path) > 1:
-                    self._mark_tree(g, path.rstrip("/"), missing, uncovered)
+                is_dir = path.endswith("/") and len(path) > 1
+                if files_only and is_dir:
+                    continue
+                missing: list[str] = []
+                uncovered: list[str] = []
+                seen: set[tuple[int, int]] = set()
+                # What the other paths hold leaves this one the rest of MAX_MARKS.
+                budget = MAX_MARKS - self.marks() + len(g.found.get(path, ([], [], set()))[2])
+                if is_dir:
+                    self._mark_tree(g, path.rstrip("/"), missing, uncovered, seen, budget)
                 else:
-                    self._mark_path(g, path, FAN_OPEN_PERM, missing, uncovered)
-            g.missing, g.uncovered = missing, uncovered
+                    self._mark_path(g, path, FAN_OPEN_PERM, missing, uncovered, seen, budget)
+                with self._lock:
+                    g.found[path] = (missing, uncovered, seen)
+                    g.marked = set().union(*(f[2] for f in g.found.values()))
+            g.missing = [m for f in g.found.values() for m in f[0]]
+            g.uncovered = [u for f in g.found.values() for u in f[1]]
 
     def _mark_path(self, g: Guarded, path: str, mask: int, missing: list[str],
-                   uncovered: list[str]) -> bool:
+                   uncovered: list[str], seen: set[tuple[int, int]], budget: int) -> bool:
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -163,21 +177,21 @@ class FileGate:
             uncovered.append(f"{path}: {e.strerror}")
             return False
         key = (st.st_dev, st.st_ino)
-        with self._lock:
-            if key in g.marked:
-                return True
-            if self.marks() >= MAX_MARKS:
-                uncovered.append(f"{path}: past {MAX_MARKS} marks")
-                return False
-            try:
-                _mark(g.group, mask, AT_FDCWD, path)
-            except OSError as e:
-                uncovered.append(f"{path}: {e.strerror}")
-                return False
-            g.marked.add(key)
+        if key in seen:
+            return True
+        if len(seen) >= budget:
+            uncovered.append(f"{path}: past {MAX_MARKS} marks")
+            return False
+        try:
+            _mark(g.group, mask, AT_FDCWD, path)
+        except OSError as e:
+            uncovered.append(f"{path}: {e.strerror}")
+            return False
+        seen.add(key)
         return True
 
-    def _mark_tree(self, g: Guarded, top: str, missing: list[str], uncovered: list[str]) -> None:
+    def _mark_tree(self, g: Guarded, top: str, missing: list[str], uncovered: list[str],
+                   seen: set[tuple[int, int]], budget: int) -> None:
         if not os.path.isdir(top):
             (missing if not os.path.exists(top) else uncovered).append(
                 top + "/" if not os.path.exists(top) else f"{top}/: not a directory")
@@ -186,7 +200,8 @@ class FileGate:
         files: list[str] = []
         while stack:        # directories first: they cover their files' opens
             d, depth = stack.pop()
-            if not self._mark_path(g, d, FAN_OPEN_PERM | FAN_EVENT_ON_CHILD, missing, uncovered):
+            if not self._mark_path(g, d, FAN_OPEN_PERM | FAN_EVENT_ON_CHILD, missing, uncovered,
+                                   seen, budget):
                 continue
             try:
                 entries = list(os.scandir(d))
@@ -202,7 +217,7 @@ class FileGate:
                 elif e.is_file(follow_symlinks=False):
                     files.append(e.path)
         for f in files:     # hard links made elsewhere to these stay covered
-            self._mark_path(g, f, FAN_OPEN_PERM, [], uncovered)
+            self._mark_path(g, f, FAN_OPEN_PERM, [], uncovered, seen, budget)
 
     def _mark_fd(self, g: Guarded, fd: int) -> None:
         """A file opened through a directory mark gets its own inode mark (bounded)."""

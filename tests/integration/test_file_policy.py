@@ -233,6 +233,19 @@ def test_missing_path_is_reported_and_marked_when_it_appears(tmp_path, restricte
     assert r.policy.status()["rules"]["later"]["missing"] == [] and r.policy.reason == ""
 
 
+def test_a_file_replaced_by_a_new_inode_is_marked_again(tmp_path, restricted, running):
+    """passwd, editors and config managers replace a file (write a new one, rename it
+    over): the new inode has no mark until the next per-tick rescan of the file paths."""
+    secret = tmp_path / "secret"
+    secret.write_text("old")
+    r = start(running, FileRule(name="s", paths=(str(secret),), cgroups=(cgroup_path(restricted),)))
+    (tmp_path / "secret.new").write_text("new")
+    os.rename(tmp_path / "secret.new", secret)
+    r.policy.gate.rescan(files_only=True)
+    assert open_from(restricted, secret) == "EPERM"
+    assert r.policy.status()["rules"]["s"]["marks"] == 1
+
+
 def test_a_judge_that_fails_allows(tmp_path, restricted, running):
     secret = tmp_path / "secret"
     secret.write_text("key")
