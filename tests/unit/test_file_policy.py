@@ -115,3 +115,27 @@ def test_one_incident_entity_per_rule_and_workload(tmp_path) -> None:
     [finding] = det.evaluate(out[0], out[0].mono_ns)
     assert finding.entity == "file:r:cgroup:/k/a" and finding.rule_id == "policy.file_denied"
     assert finding.action == "report"
+
+
+def test_no_fanotify_degrades_with_the_reason(monkeypatch) -> None:
+    """The kernel's refusal (tests/integration/test_capabilities.py shows the real one)
+    leaves the policy degraded with the reason, and the agent running."""
+    import asyncio
+    import errno
+
+    from agent.enforce.fanotify import Unsupported
+
+    def refused(*args, **kwargs):
+        raise Unsupported(errno.EINVAL, "fanotify: the kernel has no fanotify permission "
+                                        "events (CONFIG_FANOTIFY_ACCESS_PERMISSIONS)")
+    monkeypatch.setattr(filepolicy, "FileGate", refused)
+    policy = FilePolicy(Config())
+    loop = asyncio.new_event_loop()
+    try:
+        policy.start(loop, lambda e: None)
+    finally:
+        loop.close()
+    assert policy.state_reason() == {
+        "state": "degraded", "reason": "fanotify: the kernel has no fanotify permission "
+                                       "events (CONFIG_FANOTIFY_ACCESS_PERMISSIONS)"}
+    assert policy.status()["marks"] == 0 and policy.counters()["files.denied"] == 0
