@@ -91,7 +91,7 @@ class Agent:
         self._drops_seen: dict[str, int] = {}      # lane.kind -> drops already told
         self._drops_logged_at = 0.0
         self.ready = False
-        self.files = FilePolicy(cfg)    # policy.files: opens refused by fanotify
+        self.files = FilePolicy(cfg, agent_cgroup=_own_cgroup())   # policy.files (fanotify)
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 

@@ -4,7 +4,8 @@ Every open of a marked file waits until the agent's answering thread has judged 
 a process whose cgroup (read from /proc/PID/cgroup while its open is blocked; the kernel
 sets it, the process cannot) lies in a rule's cgroup subtree, or names one of its
 containers, gets EPERM. Everyone else -- the operators' shells in /user.slice, the host's
-services, the agent itself -- is allowed, and so is every open the agent fails to judge.
+services, the agent and its own cgroup -- is allowed, and so is every open the agent fails
+to judge.
 
 Each denial counts per rule (status, the Prometheus counter
 swarm_agent_file_policy_denied_total{policy}) and becomes a `policy.file_denied` event,
@@ -64,8 +65,11 @@ class FilePolicy:
     """Owns the gate; `emit` takes events on the loop thread. Never raises for the host's
     lack of fanotify: status says degraded and why."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, agent_cgroup: str | None = None):
         self.rules = cfg.policy.files
+        # The agent's own cgroup is never refused (like egress): its CLI run by
+        # `kubectl exec` in its pod, under a rule over /kubepods.slice, reads its config.
+        self.agent_cgroup = agent_cgroup if agent_cgroup not in (None, "/") else None
         self.state, self.reason = ("off", "no policy.files rules") if not self.rules else ("starting", "")
         self.denied: Counter[str] = Counter()
         self._pending: dict[tuple[str, str], _Pending] = {}
@@ -108,7 +112,7 @@ class FilePolicy:
     def _judge(self, index: int, pid: int) -> str | None:
         rule = self.rules[index]
         cgroup = cgroup_of(pid)
-        if cgroup is None:
+        if cgroup is None or cgroup == self.agent_cgroup:
             return None
         if any(within(cgroup, c) for c in rule.cgroups):
             return cgroup

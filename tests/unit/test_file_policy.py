@@ -85,6 +85,14 @@ def test_who_is_denied(monkeypatch, cgroup, denied) -> None:
     assert (judged(rule, cgroup, monkeypatch) == cgroup) is denied
 
 
+def test_the_agents_own_cgroup_is_never_refused(monkeypatch) -> None:
+    rule = FileRule(name="r", paths=("/x",), cgroups=("/kubepods.slice",))
+    pod = "/kubepods.slice/pod-agent/agent"
+    monkeypatch.setattr(filepolicy, "cgroup_of", lambda pid: pod)
+    assert FilePolicy(Config(policy=Policy(files=(rule,))), agent_cgroup=pod)._judge(0, 1) is None
+    assert FilePolicy(Config(policy=Policy(files=(rule,))), agent_cgroup="/other")._judge(0, 1) == pod
+
+
 def test_reports_rate_limited_per_rule_and_workload() -> None:
     policy = FilePolicy(Config(policy=Policy(files=(FileRule(name="r", paths=("/x",), cgroups=("/k",)),))))
     out: list = []
