@@ -326,6 +326,7 @@ def test_denial_becomes_a_policy_violation_incident(tmp_path, restricted):
              str(sc.agent.config_path)], capture_output=True, text=True, timeout=60).stdout)
         with sc.agent.store() as store:
             assert len(store.incidents(event_class=EventClass.POLICY_VIOLATION)) == 1
+    assert open_from(restricted, secret) == "OK"      # a graceful stop leaves no mark
     assert inc.event_class is EventClass.POLICY_VIOLATION
     assert inc.rules == ["policy.file_denied@1"], inc
     assert took_s < 2.0
