@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, egresswatch
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect import triage
@@ -35,12 +35,13 @@ from agent.detect.rules import Detector, RuleError, kernel_thresholds
 from agent.detect.ruleset import RuleSet, load_ruleset
 from agent.enforce.base import EnforceError
 from agent.enforce.cgroup import own_cgroup
+from agent.enforce.egress import EgressMeter
+from agent.filepolicy import FilePolicy
 from agent.gpuguard import GpuGuard
 from agent.model import Event
 from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
-from agent import egresswatch
 from agent.rulereload import Reloaded, RuleReloader
 from agent.sources.queue import EventQueue
 from agent.state.store import Store
@@ -90,6 +91,8 @@ class Agent:
         self._drops_seen: dict[str, int] = {}      # lane.kind -> drops already told
         self._drops_logged_at = 0.0
         self.ready = False
+        self.files = FilePolicy(cfg, agent_cgroup=_own_cgroup())   # policy.files (fanotify)
+        self.egress_meter = EgressMeter(egresswatch.REPORT_EVERY_S)   # egress drop totals
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 
@@ -120,7 +123,8 @@ class Agent:
         self.detector.gpu_policy = self.gpu_guard.policy
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
-                                   queue=self.queue_status, gpus=self.gpu_metrics)
+                                   queue=self.queue_status, gpus=self.gpu_metrics,
+                                   policy_denied=self.policy_denied)
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -230,6 +234,14 @@ class Agent:
                 "last_xid": last_xid, "xid_count": xid_count,
                 "processes": dict(per_gpu), "samples": self.gpu.sample_count,
                 "sample_cpu_s": self.gpu.sample_cpu_s}
+
+    def policy_denied(self) -> dict[tuple[str, str], int]:
+        """What kernel-enforced policies refused so far, per policy rule (metrics)."""
+        out: dict[tuple[str, str], int] = {}
+        for scope, n in self.egress_meter.total.items():
+            out[("egress", scope.policy)] = out.get(("egress", scope.policy), 0) + n
+        out.update({("files", name): n for name, n in self.files.denied.items()})
+        return out
 
     def losses(self) -> int:
         """Events both probes' kernels could not queue."""
@@ -412,7 +424,7 @@ class Agent:
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
             "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
-                       "gpu": self.gpu_status(),
+                       "gpu": self.gpu_status(), "file_policy": self.files.state_reason(),
                        **({"gpu_authorization": self.gpu_guard.status()}
                           if getattr(self, "gpu_guard", None) else {})},
             "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
@@ -429,10 +441,11 @@ class Agent:
                          "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
                          "queue.capacity": self.queue.capacity,
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()},
-                         **self._egress_counters()},
+                         **self._egress_counters(), **self.files.counters()},
             "last_drift_at": self.last_drift_at,
             # The egress policy in force (config policy.egress, read at start only).
             "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
+            "files": self.files.status(),     # the file policy (config policy.files, at start)
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "ruleset": self.rulebook.status(),
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
@@ -518,7 +531,9 @@ class Agent:
                 if self.cfg.policy.egress and not self.cfg.dry_run:
                     tg.create_task(egresswatch.watch(
                         self.cfg, self.enforcer.egress_counts, self.enqueue,
-                        lambda e: self._failed("egress.read_failed", e)))
+                        lambda e: self._failed("egress.read_failed", e), self.egress_meter))
+                self.files.start(asyncio.get_running_loop(), self.enqueue, self.cfg.dry_run)
+                tg.create_task(self.files.watch())
                 for task in self.reporting.tasks():
                     tg.create_task(task)
                 self.ready = True
@@ -531,6 +546,7 @@ class Agent:
 
     def close(self) -> None:
         self.ready = False
+        self.files.close()
         for probe in (self.probe, self.proc_probe):
             if probe is not None:
                 probe.close()

@@ -35,10 +35,11 @@ def event_of(scope: Scope, packets: int, total: int, first_mono_ns: int, mono_ns
 
 
 async def watch(cfg: Config, counts: Callable[[], dict[Scope, int]],
-                emit: Callable[[Event], None], failed: Callable[[Exception], None]) -> None:
+                emit: Callable[[Event], None], failed: Callable[[Exception], None],
+                meter: EgressMeter | None = None) -> None:
     """Read `counts()` every poll and `emit` the events; a failed reading is passed to
-    `failed` and the next one tried."""
-    meter = EgressMeter(REPORT_EVERY_S)
+    `failed` and the next one tried. `meter` keeps the totals (metrics read them)."""
+    meter = meter if meter is not None else EgressMeter(REPORT_EVERY_S)
     last_ns = time.monotonic_ns()
     while True:
         await asyncio.sleep(cfg.policy.egress_poll_s)

@@ -23,7 +23,10 @@ interface names carry no quotes, spaces or anything else nft would read as synta
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import sys
+import sysconfig
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -75,6 +78,35 @@ EXEC_ACTIONS = ("report", "kill", "freeze")
 EXEC_HASH_MAX_BYTES = 64 << 20      # larger executables are not hashed (exe_sha256 None)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CONTAINER_RE = re.compile(r"^[0-9a-f]{12,64}$")
+# -- file policy -----------------------------------------------------------------------
+# A file rule names who may not open what (agent/filepolicy.py; refused in the kernel by
+# fanotify permission events, so the open fails with EPERM):
+#     name        as for egress; the incident entity is file:NAME:cgroup:/the/opener's/cgroup
+#     paths       absolute paths: a file (its inode: hard links, bind mounts and renames
+#                 of it are covered), or a directory written with a trailing "/" (its files
+#                 and those created later, its subdirectories to MAX_DEPTH levels)
+#     cgroups     cgroup v2 subtrees whose processes may not open them
+#     containers  container ids (64 hex digits) whose processes may not open them
+MAX_FILE_RULES = 32
+MAX_FILE_PATHS = 64      # per rule
+_CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class FileRule:
+    name: str = ""
+    paths: tuple[str, ...] = ()
+    cgroups: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+
+
+# The default: no workload opens the agent's own configuration (its control API's TLS key,
+# mesh and Alertmanager credentials). Only the agent's files: every open of a marked file
+# waits for the agent's answer, so a default on files the host itself opens at login
+# (/etc/shadow, /root/.ssh/) would tie the operators' logins to the agent's health; add
+# those where that trade is wanted (packaging/config.yaml shows kubelet's credentials).
+AGENT_SECRETS = FileRule(name="agent-config", paths=("/etc/swarm-agent/",),
+                         cgroups=WORKLOAD_CGROUPS)
 
 
 @dataclass(frozen=True)
@@ -83,6 +115,8 @@ class Policy:
     # How often the egress chains' counters are read: an attempt becomes an incident
     # within about this long (the drop itself is immediate, in the kernel).
     egress_poll_s: float = 1.0
+    # File policy (agent/filepolicy.py): paths a workload may not open.
+    files: tuple[FileRule, ...] = (AGENT_SECRETS,)
     # The exec policy (agent/rules/exec.yaml): named lists its deny rules read (@name),
     # empty by default. Paths are globs of the kernel-resolved executable path; hashes
     # SHA-256 hex of the file executed; users uids (real or effective); cgroups globs of
@@ -168,6 +202,7 @@ def check(policy: Policy, never_cut: Iterable[str]) -> None:
             raise ValueError(f"{key}: the name {rule.name!r} is used twice")
         seen.add(rule.name)
         _check_rule(rule, key, keep)
+    check_files(policy.files)
 
 
 def _check_rule(rule: EgressRule, key: str, keep: list) -> None:
@@ -201,3 +236,67 @@ def _check_rule(rule: EgressRule, key: str, keep: list) -> None:
             raise ValueError(f"{key}.ports: {p} is not a port (1-65535)")
     if rule.proto not in PROTOS:
         raise ValueError(f"{key}.proto must be one of {', '.join(PROTOS)} (got {rule.proto[:20]!r})")
+
+
+def check_files(rules: tuple[FileRule, ...]) -> None:
+    """Raise ValueError (one sentence naming the key) for a file policy that cannot be
+    applied exactly as written. Paths that do not exist are not an error: status says so."""
+    if len(rules) > MAX_FILE_RULES:
+        raise ValueError(f"policy.files has {len(rules)} rules (at most {MAX_FILE_RULES})")
+    seen: set[str] = set()
+    for i, rule in enumerate(rules):
+        if not _NAME_RE.match(rule.name):
+            raise ValueError(f"policy.files[{i}].name must be 1-40 letters, digits, '.', '_' "
+                             f"or '-' (got {rule.name[:50]!r})")
+        key = f"policy.files[{rule.name}]"
+        if rule.name in seen:
+            raise ValueError(f"{key}: the name {rule.name!r} is used twice")
+        seen.add(rule.name)
+        if not rule.cgroups and not rule.containers:
+            raise ValueError(f"{key} applies to nobody: give cgroups, containers or both")
+        if not rule.paths:
+            raise ValueError(f"{key}.paths is empty: give the files or directories (\"/dir/\") "
+                             "its workloads may not open")
+        if len(rule.paths) > MAX_FILE_PATHS:
+            raise ValueError(f"{key}.paths has {len(rule.paths)} entries (at most {MAX_FILE_PATHS})")
+        for c in rule.cgroups:
+            # "/" would put the operators' shells and the host's services under the rule.
+            if c == "/" or not _CGROUP_RE.match(c) or "/../" in c + "/" or "/./" in c + "/":
+                raise ValueError(f"{key}.cgroups: {c[:80]!r} is not a cgroup v2 path below the "
+                                 "root (\"/kubepods.slice\", letters, digits and . _ - : @ = + ,)")
+        for c in rule.containers:
+            if not _CONTAINER_ID_RE.match(c):
+                raise ValueError(f"{key}.containers: {c[:80]!r} is not a container id "
+                                 "(64 lower-case hex digits)")
+        for p in rule.paths:
+            _check_file_path(p, f"{key}.paths")
+
+
+def _check_file_path(p: str, key: str) -> None:
+    if not p.startswith("/") or "\0" in p or len(p) > 1024:
+        raise ValueError(f"{key}: {p[:80]!r} is not an absolute path")
+    parts = p.rstrip("/").split("/")[1:]
+    if any(part in ("", ".", "..") for part in parts) and p != "/":
+        raise ValueError(f"{key}: {p[:80]!r} is not a plain absolute path (no //, . or ..)")
+    if p.rstrip("/") in ("", "/proc", "/sys", "/dev"):
+        raise ValueError(f"{key}: {p!r} cannot be denied (the whole root or a kernel "
+                         "filesystem: every open on the host would wait for the agent)")
+    own = next((d for d in _agents_own_files() if _overlaps(p.rstrip("/"), d)), None)
+    if own is not None:
+        # The thread that answers the opens may itself open these (a lazy import, a
+        # traceback's source lines): waiting on its own answer, it would hang them all.
+        raise ValueError(f"{key}: {p!r} covers the agent's own code or interpreter ({own}), "
+                         "which the agent must open to answer")
+
+
+def _agents_own_files() -> set[str]:
+    """The interpreter, its library directories and the agent's package, as named and as
+    resolved."""
+    paths = {k: v for k, v in sysconfig.get_paths().items()
+             if k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs = [*paths.values(), sys.executable, os.path.dirname(os.path.abspath(__file__))]
+    return {p.rstrip("/") for d in dirs for p in (d, os.path.realpath(d))}
+
+
+def _overlaps(path: str, d: str) -> bool:
+    return d == path or d.startswith(path + "/") or path.startswith(d + "/")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -110,23 +109,20 @@ class AgentProcess:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout_s
         first = len(self.log_lines)   # a restart must not see the last run's "ready"
+        # One thread reads the log from the start: a select() on the pipe beside readline()
+        # misses lines already in the reader's buffer (two log lines in one pipe read).
+        # It keeps draining after: an agent that logs a lot (a finding a line) would block
+        # on a full pipe and stop answering.
+        self._drain = threading.Thread(target=self._read_log, args=(self.proc.stderr,), daemon=True)
+        self._drain.start()
         while not any('"agent ready"' in line for line in self.log_lines[first:]):
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
+            if time.monotonic() >= deadline or self.proc.poll() is not None:
                 self.stop()
                 raise RuntimeError("agent did not become ready: " + "".join(self.log_lines[-5:]))
-            ready, _, _ = select.select([self.proc.stderr], [], [], min(left, 0.5))
-            if ready:
-                line = self.proc.stderr.readline()
-                if line:
-                    self.log_lines.append(line)
+            time.sleep(0.02)
         if os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
             self.stop()
             raise RuntimeError(f"the agent runs in this process's network namespace, not {self.ns}")
-        # Keep draining its log: an agent that logs a lot (a finding a line) would block on
-        # a full pipe and stop answering.
-        self._drain = threading.Thread(target=self._read_log, args=(self.proc.stderr,), daemon=True)
-        self._drain.start()
 
     def _read_log(self, stream) -> None:
         for line in stream:

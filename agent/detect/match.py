@@ -76,6 +76,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     # "iif:name", with the path in cgroup or the name in interface
     "policy.egress_denied": ("policy", "applies_to", "cgroup", "interface", "packets",
                              "packets_total"),
+    # opens refused by the file policy (agent/filepolicy.py): opens since the last event
+    "policy.file_denied": ("policy", "cgroup", "container_id", "pid", "exe", "path", "opens",
+                           "opens_total"),
 }
 
 

@@ -486,8 +486,9 @@ def _scoped_finding(rule: Rule, event: Event, now_mono_ns: int) -> Finding:
     if rule.event_class is EventClass.GPU_HEALTH:
         # One live incident per GPU and reason (the rule), however often it repeats.
         entity = f"gpu:{event.fields.get('gpu_uuid')}:{rule.id.removeprefix('gpu.')}"
-    elif event.kind == "policy.egress_denied":
-        # One live incident per egress rule and what it applies to (the subject).
+    elif event.kind in ("policy.egress_denied", "policy.file_denied"):
+        # One live incident per egress rule and what it applies to (the subject); per file
+        # rule and opening workload.
         entity = event.subject
     elif (event.kind in GPU_JUDGED_EVENTS or event.kind == execpolicy.EXEC and rule.event_class
           is EventClass.POLICY_VIOLATION) and isinstance(cgroup, str) and cgroup.startswith("/"):

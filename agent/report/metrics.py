@@ -37,9 +37,6 @@ log = logging.getLogger("swarm_agent")
 PREFIX = "swarm_agent"
 # From well under the System Attack deadline (30 s) to the Suspicious Activity one (900 s).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
-# Reports of what a kernel-enforced policy refused: event kind -> (policy_kind, the field
-# holding how many since the report before).
-POLICY_DENIED = {"policy.egress_denied": ("egress", "packets")}
 _SEEN_MAX = 100_000       # incidents remembered so each latency is observed once
 
 
@@ -53,7 +50,8 @@ class Metrics:
                  outbox: Any = None, clock: Callable[[], float] = time.time,
                  unparsed: Callable[[], dict[str, int]] = dict,
                  queue: Callable[[], dict[str, Any]] | None = None,
-                 gpus: Callable[[], dict[str, Any]] | None = None):
+                 gpus: Callable[[], dict[str, Any]] | None = None,
+                 policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None):
         self.registry = CollectorRegistry()
         self._started_at = clock()
         self._seen_detect: OrderedDict[str, None] = OrderedDict()
@@ -81,13 +79,6 @@ class Metrics:
                                    registry=r)
         self.alert_failures = Counter(f"{PREFIX}_alert_failures",
                                       "Failed posts to Alertmanager", registry=r)
-        # What a policy enforced in the kernel refused, per policy rule (config
-        # policy.egress names: packets dropped; policy.files names: opens denied), counted
-        # from the rate-limited reports, which carry the counts since the one before.
-        self.policy_denied = Counter(f"{PREFIX}_policy_denied",
-                                     "Actions a kernel-enforced policy refused, per policy "
-                                     "rule (egress: packets dropped; files: opens denied)",
-                                     ["policy_kind", "policy"], registry=r)
         self.failed = Counter(f"{PREFIX}_pipeline_failures",
                               "Events (stage=event) or findings (stage=finding) whose "
                               "processing raised; counted and logged, the rest went on",
@@ -97,6 +88,8 @@ class Metrics:
             r.register(_QueueCollector(queue))
         if gpus is not None:    # DCGM exporter names (agent/report/gpumetrics.py)
             r.register(GpuCollector(gpus))
+        if policy_denied is not None:
+            r.register(_PolicyCollector(policy_denied))
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -105,11 +98,6 @@ class Metrics:
         self.events.labels(source, event.kind).inc()
         for f in findings:
             self.findings.labels(source, f.rule).inc()
-        denied = POLICY_DENIED.get(event.kind)
-        if denied is not None:
-            count = event.fields.get(denied[1])
-            if isinstance(count, int) and count > 0:
-                self.policy_denied.labels(denied[0], str(event.fields.get("policy", ""))).inc(count)
 
     def observe(self, kind: str, obj: Any) -> None:
         if kind != "incident":
@@ -278,3 +266,21 @@ class _V6Server(_Server):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:   # no access log on stderr
         pass
+
+
+class _PolicyCollector:
+    """What kernel-enforced policies refused, per policy rule, read at each scrape:
+    (policy_kind, policy) -> count (egress: packets dropped, counted from the drop
+    counters; files: opens refused, counted by the answering thread)."""
+
+    def __init__(self, read: Callable[[], dict[tuple[str, str], int]]):
+        self._read = read
+
+    def collect(self):
+        c = CounterMetricFamily(f"{PREFIX}_policy_denied",
+                                "Actions a kernel-enforced policy refused, per policy rule "
+                                "(egress: packets dropped; files: opens refused)",
+                                labels=["policy_kind", "policy"])
+        for (kind, name), n in sorted(self._read().items()):
+            c.add_metric([kind, name], n)
+        yield c

@@ -98,9 +98,12 @@ CAPABILITIES = {
                       "syscall itself stays filtered",
     "CAP_DAC_READ_SEARCH": "list other users' /proc/PID/fd (mode 0500, their own) and "
                            "resolve watched files below other users' private directories",
+    "CAP_SYS_ADMIN": "the file policy: fanotify permission events (FAN_CLASS_CONTE"
+                     "NT), which refuse an open while the agent judges its opener; without it the file policy is degraded",
 }
 _CAP_BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_KILL": 5, "CAP_NET_ADMIN": 12,
-             "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
+             "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39,
+             "CAP_SYS_ADMIN": 21}
 
 
 def missing_capabilities(status: str = "/proc/self/status") -> list[str]:

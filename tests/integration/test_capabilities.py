@@ -65,6 +65,14 @@ def loose():      # the value it has, written back: nothing changes
 
 
 attempt("tcp_loose", loose)
+
+
+def fanotify():   # a permission-event group: the file policy's
+    from agent.enforce.fanotify import _init
+    os.close(_init())
+
+
+attempt("fanotify", fanotify)
 print(json.dumps(out))
 """
 
@@ -107,7 +115,13 @@ def test_everything_works_with_exactly_the_units_capabilities(lab, nobody_sleep,
                   if v["state"] != "loaded"}
     # this kernel has no module:module_load tracepoint (built without modules' one)
     assert set(not_loaded) <= {"handle_module_load"}, not_loaded
-    assert [out[k] for k in ("fd", "fdinfo", "exe", "netns", "tcp_loose")] == ["ok"] * 5
+    assert [out[k] for k in ("fd", "fdinfo", "exe", "netns", "tcp_loose", "fanotify")] == ["ok"] * 6
+
+
+def test_without_sys_admin_no_file_policy(lab, nobody_sleep, setpriv, tmp_path):
+    out = run_with(lab, [c for c in CAPABILITIES if c != "CAP_SYS_ADMIN"], nobody_sleep, tmp_path)
+    assert out["missing"] == ["CAP_SYS_ADMIN"]
+    assert out["fanotify"].startswith("fanotify: refused (EPERM): no CAP_SYS_ADMIN"), out
 
 
 @pytest.mark.parametrize("dropped, fails", [
@@ -123,6 +137,8 @@ def test_each_proc_capability_is_needed(lab, nobody_sleep, setpriv, tmp_path, dr
 
 def test_without_perfmon_the_tracepoints_do_not_load(lab, nobody_sleep, setpriv, tmp_path):
     require_proc_probe()
-    out = run_with(lab, [c for c in CAPABILITIES if c != "CAP_PERFMON"], nobody_sleep, tmp_path)
+    # CAP_SYS_ADMIN is the older, wider grant of the same (the kernel accepts either)
+    out = run_with(lab, [c for c in CAPABILITIES if c not in ("CAP_PERFMON", "CAP_SYS_ADMIN")],
+                   nobody_sleep, tmp_path)
     assert out["proc"]["handle_sched_process_exec"]["state"] != "loaded"
     assert out["net"]["handle_inet_sock_set_state"]["state"] != "loaded"

@@ -40,7 +40,8 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
     store = Store(tmp_path / "agent.db")
     box = Outbox(store.path, max_reports=100, hard_max_reports=200)
     metrics = Metrics(store, losses=lambda: 7, outbox=box, clock=lambda: 0.0,
-                      unparsed=lambda: {"chain_too_long": 4, "truncated": 0})
+                      unparsed=lambda: {"chain_too_long": 4, "truncated": 0},
+                      policy_denied=lambda: {("egress", "metadata"): 5, ("files", "keys"): 2})
     metrics.serve("127.0.0.1:0")
     try:
         event = Event(kind="syn_alert", subject="192.0.2.1", mono_ns=mono_ns(),
@@ -49,11 +50,6 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
                     severity=Severity.HIGH, entity="ip:192.0.2.1", action="block",
                     first_mono_ns=1, detected_mono_ns=2)
         metrics.observe_event(event, [f])
-        for packets in (3, 2):      # two rate-limited reports of drops by the egress policy
-            metrics.observe_event(Event(kind="policy.egress_denied", subject="egress:metadata",
-                                        mono_ns=mono_ns(), first_mono_ns=mono_ns(),
-                                        fields={"policy": "metadata", "packets": packets},
-                                        source="nft.egress"), [])
         inc = store.record_finding(f, 100.0, 100.2)
         metrics.observe("incident", inc)
         store.add_mitigation(Mitigation(kind=MitigationKind.BLOCK_IP, target="192.0.2.1",
@@ -74,6 +70,7 @@ def test_metrics_cover_the_pipeline_the_store_and_the_outbox(tmp_path):
     assert value(got, "swarm_agent_findings_total", source="net", rule="net.syn_flood@1") == 1
     assert value(got, "swarm_agent_policy_denied_total", policy_kind="egress",
                  policy="metadata") == 5
+    assert value(got, "swarm_agent_policy_denied_total", policy_kind="files", policy="keys") == 2
     assert value(got, "swarm_agent_incidents", event_class="system_attack", state="mitigated") == 1
     assert value(got, "swarm_agent_deadline_misses_total", event_class="system_attack") == 0
     assert value(got, "swarm_agent_deadline_met_total", event_class="system_attack") == 1

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 UNIT = REPO / "packaging" / "swarm-agent.service"
 # packaging/README.md records the score; a change that loosens the sandbox must say so there.
-EXPOSURE_BUDGET = 3.5
+EXPOSURE_BUDGET = 3.7   # 3.4 + CAP_SYS_ADMIN (0.3) for the file policy
 
 
 def run(*args: str, timeout: float = 300) -> str:

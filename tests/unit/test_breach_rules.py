@@ -177,8 +177,9 @@ def test_load_rules_file_directory_and_list(tmp_path: Path) -> None:
     assert {"net.syn_flood", "breach.reverse_shell"} <= names          # packaged directory
     assert {r.id for r in load_rules(RULES)} == names
     assert {r.id for r in load_rules([RULES / "network.yaml", RULES / "breach.yaml",
-                                      RULES / "gpu.yaml", RULES / "egress.yaml", RULES / "exec.yaml",
-                                      RULES / "policy.yaml"])} == names
+                                      RULES / "gpu.yaml", RULES / "egress.yaml",
+                                      RULES / "exec.yaml", RULES / "policy.yaml",
+                                      RULES / "files.yaml"])} == names
     assert all(r.id.startswith("net.") for r in load_rules(RULES / "network.yaml"))
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"rules": [_rule()]}))
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"rules": [_rule()]}))

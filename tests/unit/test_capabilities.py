@@ -50,7 +50,8 @@ def test_the_units_sandbox_leaves_what_the_code_writes_and_reads():
 def test_missing_capabilities_reads_the_effective_set(tmp_path):
     status = tmp_path / "status"
     status.write_text("Name:\tx\nCapEff:\t000000c000001020\n")   # BPF PERFMON NET_ADMIN KILL
-    assert missing_capabilities(str(status)) == ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
-    status.write_text("CapEff:\t000000c000081024\n")
+    assert missing_capabilities(str(status)) == ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH",
+                                                 "CAP_SYS_ADMIN"]
+    status.write_text("CapEff:\t000000c000281024\n")
     assert missing_capabilities(str(status)) == []
     assert missing_capabilities(str(tmp_path / "none")) == list(CAPABILITIES)
