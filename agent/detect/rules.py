@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from agent.config import DEFAULT_RULES, Breach, Config, breach_lists
+from agent.config import Breach, Config, breach_lists
 from agent.configcheck import YEAR_S
 from agent.detect import match
 from agent.detect import execpolicy

@@ -1,0 +1,133 @@
+"""What the agent shows of itself: `status` (the CLI, the control API, the mesh
+heartbeat), the rule listing, and what the metrics read at each scrape. The base class of
+agent.daemon.Agent: reads the agent's parts, changes nothing.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+
+from agent import __version__
+
+
+def netns_id() -> str:
+    """The inode of this process's network namespace, to tell agents apart."""
+    return os.readlink("/proc/self/ns/net")
+
+
+class AgentView:
+    """Read-only views of agent.daemon.Agent's state (the attributes it sets)."""
+
+    def gpu_status(self) -> dict[str, str]:
+        if self.gpu is None:
+            return {"state": "disabled", "reason": "gpu.enabled is false"}
+        return self.gpu.status()
+
+    def gpu_metrics(self) -> dict:
+        """What the GPU metrics read at each scrape (agent.report.gpumetrics)."""
+        from dataclasses import asdict
+
+        if self.gpu is None:
+            return {"state": self.gpu_status()}
+        per_gpu = Counter(p.get("gpu_uuid") for p in self.gpu.processes())
+        xid_count, last_xid = self.gpu.xids()
+        return {"state": self.gpu.status(), "gpus": [asdict(s) for s in self.gpu.samples()],
+                "last_xid": last_xid, "xid_count": xid_count,
+                "processes": dict(per_gpu), "samples": self.gpu.sample_count,
+                "sample_cpu_s": self.gpu.sample_cpu_s}
+
+    def policy_denied(self) -> dict[tuple[str, str], int]:
+        """What kernel-enforced policies refused so far, per policy rule (metrics)."""
+        out: dict[tuple[str, str], int] = {}
+        for scope, n in self.egress_meter.total.items():
+            out[("egress", scope.policy)] = out.get(("egress", scope.policy), 0) + n
+        out.update({("files", name): n for name, n in self.files.denied.items()})
+        return out
+
+    def losses(self) -> int:
+        """Events both probes' kernels could not queue."""
+        return sum(p.losses() for p in (self.probe, self.proc_probe) if p is not None)
+
+    def unparsed(self) -> dict[str, int]:
+        """Packets the network probe's parser could not follow, by reason."""
+        return self.probe.unparsed() if self.probe is not None else {}
+
+    def queue_status(self) -> dict:
+        """The event queue: depth now, its high-water mark, capacity, drops by kind (the
+        urgent lane's under "urgent")."""
+        return self.queue.status()
+
+    def queue_drops(self) -> dict[str, int]:
+        """Drops by lane and kind ("ordinary.proc.exec", "urgent.proc.exec")."""
+        return {**{f"ordinary.{k}": n for k, n in self.queue.dropped.items()},
+                **{f"urgent.{k}": n for k, n in self.queue.urgent.dropped.items()}}
+
+    def status(self) -> dict:
+        if self.probe is not None:
+            self.probe_status = self.probe.status()
+        if self.proc_probe is not None:
+            self.proc_status = self.proc_probe.status()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "netns": netns_id(),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "ready": self.ready,
+            "dry_run": self.cfg.dry_run,
+            "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
+                       "gpu": self.gpu_status(), "file_policy": self.files.state_reason(),
+                       **({"gpu_authorization": self.gpu_guard.status()}
+                          if getattr(self, "gpu_guard", None) else {})},
+            "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
+                    "processes": len(self.gpu.processes()) if self.gpu else 0},
+            "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},
+            "ringbuf_losses": self.losses(),
+            "queue": self.queue_status(),
+            # What the packet parser could not follow: in `status` and the control API.
+            "counters": {**self.counters,
+                         **{f"events.dropped.{k}": n for k, n in self.queue.dropped.items()},
+                         **{f"events.dropped_urgent.{k}": n
+                            for k, n in self.queue.urgent.dropped.items()},
+                         # The control API carries counters, not the queue dict.
+                         "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
+                         "queue.capacity": self.queue.capacity,
+                         **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()},
+                         **self._egress_counters(), **self.files.counters()},
+            "last_drift_at": self.last_drift_at,
+            # The egress policy in force (config policy.egress, read at start only).
+            "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
+            "files": self.files.status(),     # the file policy (config policy.files, at start)
+            "rules": [f"{r.id}@{r.version}" for r in self.rules],
+            "ruleset": self.rulebook.status(),
+            "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
+        }
+
+    def _egress_counters(self) -> dict[str, int]:
+        """The egress policy in counters (what the control API carries): the scopes in
+        force and the configured cgroups that do not exist (yet)."""
+        if getattr(self, "enforcer", None) is None:
+            return {}
+        eg = self.enforcer.egress_status()
+        return {"egress.scopes_enforced": sum(len(v) for v in eg.get("enforced", {}).values()),
+                "egress.cgroups_waiting": len(eg.get("waiting", []))}
+
+    def _storage_status(self) -> dict[str, dict[str, str]]:
+        """Storage as one more component in `status` (state ok or degraded, and why)."""
+        if getattr(self, "store", None) is None:
+            return {}
+        h = self.store.health
+        if h.state == "ok":
+            reason = "; ".join(h.recovered)
+        else:
+            reason = f"{h.reason}; state kept in memory, retried"
+        return {"storage": {"state": h.state, "reason": reason}}
+
+    def rule_listing(self) -> dict:
+        """The rules in use with their hits, and hits of rules no longer in use."""
+        return {"ruleset": self.rulebook.status(),
+                "rules": self.rulebook.listing(self.counters),
+                "retired_hits": self.rulebook.retired_hits(self.counters)}
