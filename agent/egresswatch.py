@@ -29,7 +29,10 @@ def event_of(scope: Scope, packets: int, total: int, first_mono_ns: int, mono_ns
     fields: dict[str, Any] = {"policy": scope.policy, "applies_to": scope.scope,
                               "packets": packets, "packets_total": total}
     how, _, what = scope.scope.partition(":")
-    fields["cgroup" if how == "cgroup" else "interface"] = what
+    if how == "uplink":     # a macvlan/ipvlan workload, seen at a host link's egress
+        fields["uplink"] = True
+    else:
+        fields["cgroup" if how == "cgroup" else "interface"] = what
     return Event(KIND, f"egress:{scope.policy}:{scope.scope}", mono_ns, first_mono_ns,
                  fields, source="nft.egress")
 

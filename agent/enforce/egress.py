@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from agent.config import Config
+from agent.enforce import uplink
 from agent.enforce.cgroup import CgroupError, resolve
+from agent.enforce.uplink import Uplink
 from agent.enforce.ruleset import EGRESS_CHAINS, FAMILY, TABLE
 from agent.policyconfig import EgressRule
 
@@ -49,6 +51,7 @@ class Egress:
     lines: tuple[tuple[str, str], ...] = ()
     scopes: tuple[Scope, ...] = ()        # index N is the rule commented "egress #N"
     waiting: tuple[str, ...] = ()         # "policy: /cgroup" not there (yet)
+    uplink: Uplink = Uplink()             # the netdev table's (agent.enforce.uplink)
 
     def status(self) -> dict[str, Any]:
         enforced: dict[str, list[str]] = {}
@@ -59,8 +62,10 @@ class Egress:
         return {"enforced": enforced, "waiting": list(self.waiting)}
 
 
-def desired(cfg: Config, agent_cgroup: str = "/") -> Egress:
-    """The egress chains' contents for `cfg.policy`, with the cgroups present now. The
+def desired(cfg: Config, agent_cgroup: str = "/", devices: Iterable[str] = (),
+            own: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = ()) -> Egress:
+    """The egress chains' contents for `cfg.policy`, with the cgroups present now, and the
+    uplink table's for `devices` and the host's own addresses `own`. The
     agent's own cgroup (unless the root: that would exempt everything) is exempt: a policy
     over a parent of it must not cut the agent's notifications or its mesh by name."""
     exempt = _exempt(cfg)
@@ -88,7 +93,11 @@ def desired(cfg: Config, agent_cgroup: str = "/") -> Egress:
             for what in _matches(rule):
                 lines.append((chain, f'{who} {what} counter drop comment "{COMMENT_PREFIX}{len(scopes)}"'))
                 scopes.append(Scope(rule.name, scope))
-    return Egress(tuple(lines), tuple(scopes), tuple(waiting))
+    base = len(scopes)
+    up, names = uplink.desired(cfg.policy.egress, devices, own, _matches,
+                               lambda i: f"{COMMENT_PREFIX}{base + i}")
+    scopes += [Scope(name, "uplink") for name in names]
+    return Egress(tuple(lines), tuple(scopes), tuple(waiting), up)
 
 
 def _exempt(cfg: Config) -> list[str]:
@@ -150,6 +159,16 @@ def counts(objs: Iterable[Mapping[str, Any]], egress: Egress) -> dict[Scope, int
                       if isinstance(e, dict) and isinstance(e.get("counter"), dict))
         scope = egress.scopes[index]
         out[scope] = out.get(scope, 0) + packets
+    return out
+
+
+def uplink_counts(objs: Iterable[Mapping[str, Any]], egress: Egress) -> dict[Scope, int]:
+    """Packets dropped so far per scope by the uplink table (a JSON listing of its chain)."""
+    out: dict[Scope, int] = {}
+    for index, packets in uplink.packets(objs, COMMENT_PREFIX).items():
+        if index < len(egress.scopes):
+            scope = egress.scopes[index]
+            out[scope] = out.get(scope, 0) + packets
     return out
 
 

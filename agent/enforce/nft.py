@@ -18,13 +18,14 @@ from typing import Any, Sequence
 import nftables
 
 from agent.config import Config
-from agent.enforce import egress, isolate, listing
+from agent.enforce import egress, isolate, listing, uplink
 from agent.enforce.base import AllowlistedError, Drift, EnforceError
 from agent.enforce.cgroup import own_cgroup
 from agent.enforce.ifaddr import AddressReader
 from agent.enforce.ruleset import (BRIDGE_TABLE, CHALLENGE_KINDS, EGRESS_CHAINS, ELEMENT_SETS,
                                    FAMILY, ISOLATION_CHAINS, TABLE, Key, Service, SetContents,
                                    desired_contents, element_cmd, elements_json, parse_network, set_for, syn_wait_text, table_batch)
+from agent.linktype import ethernet_links
 from agent.model import Mitigation, MitigationKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -52,6 +53,7 @@ class NftEnforcer:
         self._agent_cgroup = agent_cgroup or own_cgroup()
         self._isolated = isolate.Isolation()   # what the isolation chains hold
         self._egress = egress.Egress()         # what the egress chains hold
+        self._uplink = uplink.Uplink()         # what table netdev swarm_agent_uplink holds
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._addrs = AddressReader()
@@ -136,11 +138,13 @@ class NftEnforcer:
         want = desired_contents(desired, self.cfg, now, self._allow)
         # First the egress policy's own changes, which are no tampering: a waiting cgroup
         # appeared, or one went (a container ended; made again: another id).
-        eg = egress.desired(self.cfg, self._agent_cgroup)
+        eg = self._egress_desired()
         eg_added, eg_removed = egress.labels(eg, self._egress), egress.labels(self._egress, eg)
         if eg.lines != self._egress.lines and self._structure is not None:
             with contextlib.suppress(EnforceError):   # no table: recreated below
                 self._send_egress(eg)
+        if eg.uplink != self._uplink or (eg.uplink.lines and not self._uplink_present()):
+            self._send_uplink(eg.uplink)    # devices or addresses changed, or it was deleted
         objs = self._list()
         have = listing.elements(objs or [])
         added, removed, drifted = _diff(want, have, now)
@@ -165,11 +169,13 @@ class NftEnforcer:
         return Drift(False, added, removed)
 
     def remove(self) -> None:
-        """Delete table inet swarm_agent (and a bridge table an agent killed while it
-        replaced the table left); no error when they are absent."""
+        """Delete table inet swarm_agent, the egress policy's uplink table and a bridge
+        table an agent killed while it replaced the table left; no error when absent."""
         table = {"family": FAMILY, "name": TABLE}
         self._send([{"add": {"table": table}}, {"delete": {"table": table}}])
         self._nft.cmd(f"add table {FAMILY} {BRIDGE_TABLE}\ndelete table {FAMILY} {BRIDGE_TABLE}\n")
+        self._nft.cmd(uplink.text(uplink.Uplink()))
+        self._uplink = uplink.Uplink()
         self._structure = None
         self._desired = {}
         self._sync_loose(time.time())
@@ -195,7 +201,16 @@ class NftEnforcer:
             if rc != 0:
                 raise EnforceError(f"cannot read chain {chain}: {_first_line(err)}", cmd)
             objs += listing.objects(out)
-        return egress.counts(objs, self._egress)
+        counted = egress.counts(objs, self._egress)
+        if self._uplink.lines:
+            cmd = {"nftables": [{"list": {"chain": {"family": "netdev", "table": uplink.UPLINK_TABLE,
+                                                    "name": uplink.CHAIN}}}]}
+            rc, out, err = self._nft.json_cmd(cmd)
+            if rc != 0:
+                raise EnforceError(f"cannot read the uplink chain: {_first_line(err)}", cmd)
+            for scope, n in egress.uplink_counts(listing.objects(out), self._egress).items():
+                counted[scope] = counted.get(scope, 0) + n
+        return counted
 
     def egress_status(self) -> dict[str, Any]:
         """The egress policy in force: per rule its scopes, and the cgroups waited for."""
@@ -243,7 +258,7 @@ class NftEnforcer:
         # table holds them, so no isolated node or denied workload gets a packet out in
         # between (at every start and every repair of drift).
         iso = isolate.desired(desired, self.cfg, now, self._agent_cgroup)
-        eg = egress.desired(self.cfg, self._agent_cgroup)
+        eg = self._egress_desired()
         self._bridge(iso, eg)
         try:
             self._rebuild(desired, now, iso, eg)
@@ -283,6 +298,8 @@ class NftEnforcer:
             self._send_isolation(iso)
         self._egress = egress.Egress()
         self._send_egress(eg)
+        if eg.uplink != self._uplink or (eg.uplink.lines and not self._uplink_present()):
+            self._send_uplink(eg.uplink)
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
@@ -323,6 +340,24 @@ class NftEnforcer:
         self._isolated = iso
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
+
+    def _egress_desired(self) -> egress.Egress:
+        """The egress policy for the cgroups, links and addresses of the namespace now."""
+        return egress.desired(self.cfg, self._agent_cgroup,
+                              ethernet_links(self.cfg.interfaces), self._addrs.addresses())
+
+    def _send_uplink(self, up: uplink.Uplink) -> None:
+        """Make table netdev swarm_agent_uplink anew (agent.enforce.uplink), one transaction."""
+        text = uplink.text(up)
+        rc, _, err = self._nft.cmd(text)
+        if rc != 0:
+            raise EnforceError(f"nftables refused the egress policy's uplink hook: "
+                               f"{_first_line(err)}", text)
+        self._uplink = up
+
+    def _uplink_present(self) -> bool:
+        rc, _, _ = self._nft.cmd(f"list chain netdev {uplink.UPLINK_TABLE} {uplink.CHAIN}\n")
+        return rc == 0
 
     def _send_egress(self, eg: egress.Egress) -> None:
         """Rewrite the egress chains as one text transaction (like the isolation's)."""

@@ -12,30 +12,16 @@ in a loop costs the agent one re-listing per interval, however fast the loop.
 from __future__ import annotations
 
 import errno
-import fcntl
 import socket
-import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from agent.linktype import ARPHRD_ETHER, link_type
 from agent.sources import ingress, libbpf, links
 
-ARPHRD_ETHER = 1
-SIOCGIFHWADDR = 0x8927
 RESYNC_MIN_S = 0.5         # the least time between two re-listings of the links
 RTMGRP_LINK = 1            # rtnetlink multicast group of RTM_NEWLINK / RTM_DELLINK
 DRAIN_MAX = 64             # messages read per wake-up (the rest wake the loop again)
-
-
-def _link_type(name: str) -> int | None:
-    """The ARPHRD_* type of interface `name` in the calling thread's namespace (None if it
-    cannot be read: then it is attached to and its errors reported as before)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            ifr = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("16s16x", name.encode()[:15]))
-    except OSError:
-        return None
-    return struct.unpack_from("H", ifr, 16)[0]
 
 
 def choose(interfaces: list[str]) -> tuple[dict[int, str], list[str], str]:
@@ -49,7 +35,7 @@ def choose(interfaces: list[str]) -> tuple[dict[int, str], list[str], str]:
     # wireguard, ipip, gre) the frame starts at the IP header, which would be misread:
     # its address bytes taken for an EtherType, legitimate tunnel traffic dropped as
     # unparsable. Such devices are left unwatched, and the status says so.
-    skipped = [n for n in names if _link_type(n) not in (None, ARPHRD_ETHER)]
+    skipped = [n for n in names if link_type(n) not in (None, ARPHRD_ETHER)]
     unwatched = f"; not on {', '.join(skipped)} (no Ethernet header)" if skipped else ""
     # A frame through a bridge or bond port (or the link under a vlan) meets that
     # link's hook, then its upper device's: only the lowest watched link judges it, so

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Config
+from agent.enforce.egress import Scope
 from agent.enforce.nft import NftEnforcer
 from agent.policyconfig import METADATA_V4, EgressRule, Policy
 from swarmlab.breachlab import throwaway_cgroup
@@ -221,9 +222,6 @@ def test_r4_6_device_open_through_io_uring_is_seen(lab, lib, script, workloads, 
 
 # -- R4-7 -------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="known gap, named in the README (Policy: egress, Not "
-                   "covered): a macvlan/ipvlan container's packets pass no hook of the host's IP "
-                   "stack; a netdev egress hook on the uplink would close it")
 def test_r4_7_macvlan_container_cannot_reach_metadata(lab):
     """The default policy on the "host" (the victim namespace, uplink v0); a "container"
     namespace attached to the uplink by a macvlan, as Docker's macvlan driver and Multus
@@ -252,6 +250,11 @@ def test_r4_7_macvlan_container_cannot_reach_metadata(lab):
             assert got is None and arrived(lab.attacker) == 0, (
                 f"a macvlan container read {got!r} from the metadata service "
                 f"({arrived(lab.attacker)} packets arrived) under the default policy")
+            with netns(lab.victim):
+                counted = e.egress_counts()
+            assert counted.get(Scope("metadata", "uplink"), 0) >= 1, counted
+            # the host itself, through the same link, still reaches it
+            assert connect(lab.victim, METADATA, PORT) == "secret"
         finally:
             with netns(lab.victim):
                 e.remove()
