@@ -1,0 +1,113 @@
+"""Red team round 5, the exec policy end to end (the real agent, the real process probe,
+real processes in real cgroups): findings that fail until fixed."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import subprocess
+
+from tests.integration.test_exec_policy import (SH, SLEEP, copy_sleep, path_of, run, runs_on,
+                                                start_agent, stop_all, workloads)
+
+__all__ = ["workloads"]          # the fixture, re-used
+LDSO = "/lib64/ld-linux-x86-64.so.2"
+
+
+def killed(proc, timeout_s: float = 8) -> bool:
+    try:
+        return proc.wait(timeout_s) == -9
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.mark.privileged
+def test_denied_hash_is_killed_after_a_rewrite_that_restores_mtime(lab, workloads, tmp_path):
+    """R5EXEC-1 end to end: a workload runs a harmless file once (the agent hashes and
+    caches it), writes the denied program over it (same size, same inode), puts the old
+    mtime back (`touch -d`) and runs it: the agent's cache answers the old hash."""
+    home = Path("/var/lib") / f"swa-r5-hash-{os.getpid()}"
+    prog = copy_sleep(home / "job")
+    benign = prog.read_bytes()
+    evil = benign[:-1] + bytes([benign[-1] ^ 0xFF])          # still runs: a trailing byte
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_denied_sha256: [\"{hashlib.sha256(evil).hexdigest()}\"]\n"))
+    procs = []
+    try:
+        control = home / "control"                             # the denied bytes, fresh
+        control.write_bytes(evil)
+        control.chmod(0o755)
+        procs.append(c := run(lab, workloads / "job", str(control), "300"))
+        assert killed(c)                                       # the policy is live
+        st = prog.stat()
+        procs.append(first := run(lab, workloads / "job", str(prog), "300"))
+        assert runs_on(first, 2.0)                             # hashed, cached, allowed
+        stop_all(first)
+        with open(prog, "r+b") as f:
+            f.write(evil)
+        os.utime(prog, ns=(st.st_atime_ns, st.st_mtime_ns))
+        procs.append(second := run(lab, workloads / "job", str(prog), "300"))
+        assert killed(second), "the denied bytes ran: the cache keyed on mtime answered"
+    finally:
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.privileged
+def test_denied_program_run_through_the_dynamic_loader_is_killed(lab, workloads, tmp_path):
+    """R5EXEC-2: `ld-linux-x86-64.so.2 ./miner` maps and runs the miner, but the kernel's
+    mm->exe_file is the loader: exe_path, exe_sha256 and exe_location are the loader's.
+    A path-denied and a hash-denied program both run untouched this way."""
+    home = Path("/var/lib") / f"swa-r5-ldso-{os.getpid()}"
+    denied = copy_sleep(home / "denied" / "miner")
+    by_hash = copy_sleep(home / "hashed")
+    by_hash.write_bytes(by_hash.read_bytes() + b"\0")          # its own hash
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_denied_paths: [\"{home}/denied/*\"]\n"
+        f"  exec_denied_sha256: [\"{hashlib.sha256(by_hash.read_bytes()).hexdigest()}\"]\n"))
+    procs = []
+    try:
+        procs.append(direct := run(lab, workloads / "job", str(denied), "300"))
+        assert killed(direct)                                  # the policy is live
+        procs.append(a := run(lab, workloads / "job", LDSO, str(denied), "300"))
+        procs.append(b := run(lab, workloads / "job", LDSO, str(by_hash), "300"))
+        missed = [w for w, p in (("path-denied via ld.so", a), ("hash-denied via ld.so", b))
+                  if not killed(p, 4)]
+        assert not missed, missed
+    finally:
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.privileged
+def test_tmp_program_run_through_the_loader_or_as_a_script_is_seen(lab, workloads, tmp_path):
+    """R5EXEC-2/4: with exec_writable_action kill, a dropper in /tmp exec'd directly is
+    killed; the same dropper started as `ld.so /tmp/x`, or a `#!/bin/sh` script in /tmp
+    exec'd directly (the kernel's exe_file is the interpreter), runs untouched."""
+    d = Path("/tmp") / f"swa-r5-tmp-{os.getpid()}"
+    dropper = copy_sleep(d / "dropper")
+    script = d / "dropper.sh"
+    script.write_text(f"#!{SH}\nexec 3</dev/null\nwhile :; do {SLEEP} 1; done\n")
+    script.chmod(0o755)
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
+        "  exec_writable_action: kill\n"))
+    procs = []
+    try:
+        procs.append(direct := run(lab, workloads / "tenant", str(dropper), "300"))
+        assert killed(direct)                                  # the policy is live
+        procs.append(a := run(lab, workloads / "tenant", LDSO, str(dropper), "300"))
+        procs.append(b := run(lab, workloads / "tenant", str(script)))
+        missed = [w for w, p in (("/tmp program via ld.so", a), ("/tmp #! script", b))
+                  if not killed(p, 4)]
+        assert not missed, missed
+    finally:
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(d, ignore_errors=True)
