@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import subprocess
+import sys
+import time
 
 from tests.integration.test_exec_policy import (SH, SLEEP, copy_sleep, path_of, run, runs_on,
                                                 start_agent, stop_all, workloads)
@@ -111,3 +113,26 @@ def test_tmp_program_run_through_the_loader_or_as_a_script_is_seen(lab, workload
         stop_all(*procs)
         agent.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.privileged
+def test_a_denied_users_exec_does_not_kill_other_users_programs(lab, workloads, tmp_path):
+    """R5EXEC-5: the kill's fork sweep takes every process of the cgroup running the same
+    inode that started no earlier than the denied process -- and that start time is its
+    fork, not its exec. A denied user's process forked long ago (a sidecar, a daemon)
+    that execs /bin/sleep gets every later `sleep` of the cgroup killed, whoever runs
+    it: here root's job, started after it and no fork of it."""
+    agent = start_agent(lab, tmp_path, "  exec_denied_users: [65534]\n")
+    cg = workloads / "shared"
+    procs = []
+    try:
+        code = ("import os,sys,time; os.setgid(65534); os.setuid(65534); time.sleep(4); "
+                f"os.execv({SLEEP!r}, ['sleep', '300'])")
+        procs.append(nobody := run(lab, cg, sys.executable, "-c", code))
+        time.sleep(1.5)                         # root's job starts after nobody's fork
+        procs.append(job := run(lab, cg, SLEEP, "300"))
+        assert killed(nobody, 12)               # the denied user's exec: killed
+        assert runs_on(job, 2.0), "root's own sleep, no fork of the denied one, was killed"
+    finally:
+        stop_all(*procs)
+        agent.stop()
