@@ -136,3 +136,46 @@ def test_a_denied_users_exec_does_not_kill_other_users_programs(lab, workloads, 
     finally:
         stop_all(*procs)
         agent.stop()
+
+
+@pytest.mark.privileged
+def test_the_fork_sweep_does_not_kill_another_files_same_inode_number(lab, workloads,
+                                                                      tmp_path):
+    """R5EXEC-8: the sweep matches forks by inode number only (agent/enforce/process.py
+    _runs: st_ino, no device). Two filesystems reuse inode numbers (two fresh tmpfs give
+    their first files the same one; a workload can also create files on /dev/shm until
+    the number it wants comes up). A dropper in /tmp (writable location, action kill),
+    exec'd by a process forked before the innocent job started, gets the job -- another
+    file on another filesystem that shares the dropper's inode number -- killed too."""
+    base = Path("/tmp") / f"swa-r5-ino-{os.getpid()}"
+    other = Path("/var/lib") / f"swa-r5-ino-{os.getpid()}"
+    for d in (base, other):
+        d.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "swa-r5", str(d)], check=True)
+    agent = None
+    procs = []
+    try:
+        dropper = copy_sleep(base / "dropper")
+        job = copy_sleep(other / "job")
+        assert dropper.stat().st_ino == job.stat().st_ino
+        assert dropper.stat().st_dev != job.stat().st_dev
+        agent = start_agent(lab, tmp_path, (
+            f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
+            "  exec_writable_action: kill\n"))
+        cg = workloads / "tenant"
+        procs.append(control := run(lab, cg, str(job), "300"))   # the job alone: not judged
+        assert runs_on(control, 1.0)
+        code = f"import os,time; time.sleep(4); os.execv({str(dropper)!r}, ['d', '300'])"
+        procs.append(attacker := run(lab, cg, sys.executable, "-c", code))
+        time.sleep(1.5)                          # the job starts after the attacker's fork
+        procs.append(innocent := run(lab, cg, str(job), "300"))
+        assert killed(attacker, 12)              # the dropper: killed
+        assert runs_on(control, 0.1)             # started before the attacker's fork
+        assert runs_on(innocent, 2.0), "another file that shares the inode number was killed"
+    finally:
+        stop_all(*procs)
+        if agent is not None:
+            agent.stop()
+        for d in (base, other):
+            subprocess.run(["umount", "-l", str(d)], check=False)
+            shutil.rmtree(d, ignore_errors=True)
