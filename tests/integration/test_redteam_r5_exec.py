@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-import subprocess
-import sys
-import time
-
-from tests.integration.test_exec_policy import (SH, SLEEP, copy_sleep, path_of, run, runs_on,
+from tests.integration.test_exec_policy import (EXEC_RULES, SH, SLEEP, copy_sleep, incidents,
+                                                path_of, run, runs_on,
                                                 start_agent, stop_all, workloads)
 
 __all__ = ["workloads"]          # the fixture, re-used
@@ -179,3 +179,53 @@ def test_the_fork_sweep_does_not_kill_another_files_same_inode_number(lab, workl
         for d in (base, other):
             subprocess.run(["umount", "-l", str(d)], check=False)
             shutil.rmtree(d, ignore_errors=True)
+
+
+SITE_RULE = """rules:
+  - id: site.no_{name}
+    version: 1
+    class: {cls}
+    severity: high
+    action: kill
+    description: the site's own exec rule
+    match:
+      - event: proc.exec
+        where:
+          exe_known: true
+          exe_path: {{glob: "{path}"}}
+"""
+
+
+@pytest.mark.parametrize("cls", ["policy_violation", "security_breach", "suspicious_activity"])
+@pytest.mark.privileged
+def test_an_operators_exec_rule_of_another_class_sees_every_exec(lab, workloads, tmp_path,
+                                                                 cls):
+    """R5EXEC-9: README: "while a deny list is filled (or an operator's exec rule is
+    loaded), every exec goes to user space". agent/detect/execpolicy.needs() switches the
+    kernel's exec_policy map on only for class policy_violation: an operator's rule on
+    proc.exec of any other class loads without a word and never sees the execs it names
+    (a copied sleep is no watched program): no incident. policy_violation is the
+    control (passes today)."""
+    home = Path("/var/lib") / f"swa-r5-cls-{os.getpid()}"
+    target = copy_sleep(home / "forbidden")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    shutil.copy2(EXEC_RULES.with_name("policy.yaml"), rules / "policy.yaml")
+    extra = tmp_path / "rules.d"
+    extra.mkdir()
+    (extra / "site.yaml").write_text(SITE_RULE.format(name="forbidden", cls=cls, path=target))
+    agent = start_agent(lab, tmp_path, "  exec_workload_cgroups: [\"/nowhere\"]\n",
+                        rules=rules, extra=extra)
+    p = None
+    try:
+        p = run(lab, workloads / "w", str(target), "300")
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline and not any(
+                "site.no_forbidden@1" in i["rules"] for i in incidents(agent)):
+            time.sleep(0.5)
+        assert any("site.no_forbidden@1" in i["rules"] for i in incidents(agent)), \
+            f"an operator's {cls} rule on proc.exec never saw the exec"
+    finally:
+        stop_all(p)
+        agent.stop()
+        shutil.rmtree(home, ignore_errors=True)
