@@ -229,3 +229,31 @@ def test_an_operators_exec_rule_of_another_class_sees_every_exec(lab, workloads,
         stop_all(p)
         agent.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("depth", [20, 45])
+@pytest.mark.privileged
+def test_a_dropper_deep_below_tmp_is_seen(lab, workloads, tmp_path, depth):
+    """R5EXEC-10: a dropper in /tmp, but `depth` directories down. The kernel prefilter
+    (EXEC_POLICY_WRITABLE, probes/proc.bpf.h tmp_on_chain) looks for a "tmp" directory
+    only WRITABLE_DEPTH (16) dentries up, and the path walk (probes/ident.bpf.h
+    WALK_DEPTH 40) gives no exe_path past 40: with /tmp on the root filesystem (no device
+    of its own) exe_location is "" either way. `mkdir -p /tmp/a/a/.../a` is all it takes
+    to exec from /tmp unseen with exec_writable_action kill."""
+    top = Path("/tmp") / f"swa-r5-deep-{os.getpid()}"
+    deep = top.joinpath(*(["d"] * depth))
+    dropper = copy_sleep(deep / "dropper")
+    shallow = copy_sleep(top / "dropper")
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
+        "  exec_writable_action: kill\n"))
+    procs = []
+    try:
+        procs.append(direct := run(lab, workloads / "tenant", str(shallow), "300"))
+        assert killed(direct)                                  # the policy is live
+        procs.append(p := run(lab, workloads / "tenant", str(dropper), "300"))
+        assert killed(p), f"a dropper {depth} directories below /tmp ran unseen"
+    finally:
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(top, ignore_errors=True)
