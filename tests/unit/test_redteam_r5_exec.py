@@ -8,6 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from agent.policyconfig import Policy, check_exec
 from agent.sources.execfacts import ExeHasher
 from agent.sources.gpuproc import container_of
 
@@ -67,3 +70,15 @@ def test_container_of_is_not_the_name_a_workload_gave_its_own_subcgroup():
     (allowed) container: the innermost match wins, so the denied container's processes
     carry the allowed id (or an innocent one's id: its deny rule, its incidents)."""
     assert container_of(f"/system.slice/docker-{CID}.scope/docker-{OTHER}.scope") == CID
+
+
+@pytest.mark.parametrize("glob", ["/system.slice/*", "/system.slice*", "/system.slice/**",
+                                  "/init.scope*"])
+def test_freeze_refuses_every_spelling_of_the_hosts_services(glob):
+    """R5EXEC-11: check_exec refuses exec_writable_action freeze over "/system.slice" and
+    "/init.scope" spelt exactly so, but not "/system.slice/*" or "/system.slice*", which
+    name the same services (every subtree glob is expanded the same way, exec_lists): a
+    service that runs a helper from /tmp (a build, an installer's postinst, `go run`)
+    gets its whole cgroup frozen -- sshd's, the container runtime's."""
+    with pytest.raises(ValueError):
+        check_exec(Policy(exec_workload_cgroups=(glob,), exec_writable_action="freeze"))
