@@ -257,3 +257,30 @@ def test_a_dropper_deep_below_tmp_is_seen(lab, workloads, tmp_path, depth):
         stop_all(*procs)
         agent.stop()
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.privileged
+def test_a_dropper_in_another_world_writable_directory_is_seen(lab, workloads, tmp_path):
+    """R5EXEC-12: exe_location knows /tmp, /var/tmp and /dev/shm by name (and their own
+    devices). /run/lock is world-writable (1777) on every Debian host (a tmpfs of its
+    own there, a plain directory here): any unprivileged job writes a program there and
+    execs it, exe_location "", unseen with exec_writable_action kill. The issue names
+    "location the workload could write": every sticky world-writable directory is one."""
+    lock = Path("/run/lock")
+    if not lock.is_dir() or (lock.stat().st_mode & 0o1777) != 0o1777:
+        pytest.skip("no world-writable /run/lock on this host")
+    dropper = copy_sleep(lock / f"swa-r5-{os.getpid()}")
+    os.chown(dropper, 65534, 65534)                 # written by an unprivileged job
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
+        "  exec_writable_action: kill\n"))
+    p = None
+    try:
+        code = ("import os; os.setgid(65534); os.setuid(65534); "
+                f"os.execv({str(dropper)!r}, ['d', '300'])")
+        p = run(lab, workloads / "tenant", sys.executable, "-c", code)
+        assert killed(p), "a dropper in /run/lock (1777) ran unseen"
+    finally:
+        stop_all(p)
+        agent.stop()
+        dropper.unlink(missing_ok=True)
