@@ -284,3 +284,34 @@ def test_a_dropper_in_another_world_writable_directory_is_seen(lab, workloads, t
         stop_all(p)
         agent.stop()
         dropper.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("how", ["bind", "tmpfs"])
+@pytest.mark.privileged
+def test_a_dropper_in_tmp_reached_through_a_users_own_mount_is_seen(lab, workloads, tmp_path,
+                                                                     how):
+    """R5EXEC-13: an unprivileged job (uid 65534) makes a user namespace with its own mount
+    namespace (`unshare -Urm`, allowed on this host as on stock Debian 12) and either
+    bind-mounts its /tmp directory on /mnt, or mounts a fresh tmpfs there and copies the
+    dropper in; then execs /mnt/dropper. exe_path is the path in its own mount namespace
+    (/mnt/dropper), /tmp is no filesystem of its own here (the device test cannot help),
+    the kernel prefilter's "tmp" chain stops at the bind's root: exe_location "", the
+    dropper runs with exec_writable_action kill."""
+    d = Path("/tmp") / f"swa-r5-bind-{os.getpid()}"
+    dropper = copy_sleep(d / "dropper")
+    agent = start_agent(lab, tmp_path, (
+        f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
+        "  exec_writable_action: kill\n"))
+    script = (f"mount --bind {d} /mnt && exec /mnt/dropper 300" if how == "bind" else
+              f"mount -t tmpfs x /mnt && cp {dropper} /mnt/d && exec /mnt/d 300")
+    p = None
+    try:
+        p = run(lab, workloads / "tenant", "setpriv", "--reuid", "65534", "--regid", "65534",
+                "--clear-groups", "unshare", "-Urm", SH, "-c", script)
+        ok = killed(p)
+        assert ok or p.poll() is None, f"the setup failed (exit {p.returncode})"
+        assert ok, f"a /tmp dropper exec'd through a user's own {how} mount ran unseen"
+    finally:
+        stop_all(p)
+        agent.stop()
+        shutil.rmtree(d, ignore_errors=True)
