@@ -22,6 +22,7 @@ interface names carry no quotes, spaces or anything else nft would read as synta
 """
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -150,6 +151,24 @@ def exec_lists(policy: Policy) -> dict[str, tuple]:
 EXEC_LIST_NAMES = frozenset(exec_lists(Policy()))
 
 
+# Cgroups a freeze must never reach, however a pattern is spelt: the host's services, its
+# init, the operators' login sessions.
+_HOST_CGROUPS = ("/system.slice", "/system.slice/ssh.service", "/system.slice/sshd.service",
+                 "/system.slice/containerd.service", "/system.slice/docker.service",
+                 "/system.slice/systemd-journald.service", "/init.scope", "/user.slice",
+                 "/user.slice/user-0.slice/session-1.scope")
+
+
+def _host_cgroup_covered(pattern: str) -> str | None:
+    """The first of _HOST_CGROUPS that `pattern` (a glob covering its subtree) matches."""
+    pat = pattern.rstrip("/") or "/"
+    for c in _HOST_CGROUPS:
+        if fnmatch.fnmatchcase(c, pat) or fnmatch.fnmatchcase(c, pat + "/*") or \
+                c.startswith(pat.rstrip("*") + "/") and "*" not in pat.rstrip("*"):
+            return c
+    return None
+
+
 def check_exec(policy: Policy) -> None:
     """Raise ValueError (one sentence naming the key) for exec policy values that could
     never match as the operator means them."""
@@ -174,10 +193,12 @@ def check_exec(policy: Policy) -> None:
                              "id (12 to 64 lower-case hex digits)")
     if policy.exec_writable_action == "freeze":
         for c in policy.exec_workload_cgroups:
-            if c.rstrip("/") in ("/system.slice", "/init.scope") or c.startswith("/*"):
-                raise ValueError(f"policy.exec_workload_cgroups: {c} holds the host's own "
-                                 "services: exec_writable_action freeze would freeze them "
-                                 "(name the workloads' cgroups, e.g. /system.slice/docker-*.scope)")
+            hit = _host_cgroup_covered(c)
+            if hit:
+                raise ValueError(f"policy.exec_workload_cgroups: {c} covers {hit}, the host's "
+                                 "own services or the operators' sessions: "
+                                 "exec_writable_action freeze would freeze them (name the "
+                                 "workloads' cgroups, e.g. /system.slice/docker-*.scope)")
     if policy.exec_writable_action not in EXEC_ACTIONS:
         raise ValueError(f"policy.exec_writable_action must be one of "
                          f"{', '.join(EXEC_ACTIONS)} (got {policy.exec_writable_action[:20]!r})")

@@ -41,15 +41,44 @@ def _dead(cond, lists: Mapping[str, tuple]) -> bool:
                and not lists.get(t.value[1:]) for t in cond.where)
 
 
+# What the kernel's exec filter sends without the exec_policy map (probes/proc.bpf.c): a
+# condition holding one of these positive tests only matches execs it sends anyway.
+_KERNEL_LISTS = {"exe_is": {"shells", "package_managers"}, "ancestors_are": {"services"}}
+_KERNEL_REASONS = {"program", "service_child", "socket_stdio", "service_cgroup",
+                   "package_manager"}
+
+
+def _kernel_sent(cond) -> bool:
+    """Whether the kernel sends every exec `cond` can match without the exec_policy map
+    (the packaged breach rules): one of its tests names what the kernel filters on."""
+    for t in cond.where:
+        v = t.value
+        if t.field in _KERNEL_LISTS and t.op == "any_in" and isinstance(v, (list, tuple)) \
+                and v and set(v) <= _KERNEL_LISTS[t.field]:
+            return True
+        if t.field == "service_cgroup" and t.op == "eq" and v is True:
+            return True
+        if t.field == "stdio_inet" and ((t.op == "ge" and v >= 1) or (t.op == "gt" and v >= 0)):
+            return True
+        if t.field == "cgroup" and t.op == "glob" and v == "@service_cgroups":
+            return True
+        if t.field == "reason" and t.op in ("any_in", "in") and isinstance(v, (list, tuple)) \
+                and v and set(v) <= _KERNEL_REASONS:
+            return True
+    return False
+
+
 def needs(rules: Iterable, lists: Mapping[str, tuple]) -> ExecNeeds:
-    """What the loaded rules need, given the config's named lists."""
+    """What the loaded rules need, given the config's named lists: a policy rule on
+    proc.exec, or a rule of any class whose condition the kernel's own filter does not
+    cover (an operator's), needs every exec."""
     every = hashed = severe = False
     others = False
     for rule in rules:
         for cond in rule.conditions:
             if cond.event != EXEC or _dead(cond, lists):
                 continue
-            if rule.event_class is EventClass.POLICY_VIOLATION:
+            if rule.event_class is EventClass.POLICY_VIOLATION or not _kernel_sent(cond):
                 every = True
                 severe = severe or rule.severity in (Severity.HIGH, Severity.CRITICAL)
                 others = others or rule.id != WRITABLE_RULE

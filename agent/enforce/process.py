@@ -102,15 +102,25 @@ def _cgroup_procs(cgroup: str) -> list[int]:
     return [int(x) for x in text.split() if x.isdigit()]
 
 
-def _runs(pid: int, ino: int, since: int) -> bool:
-    """Whether `pid` runs the executable inode `ino` and started at `since` or later."""
+def _runs(pid: int, exe: tuple[int, int, int], since: int, uid: int | None) -> bool:
+    """Whether `pid` runs the executable `exe` (major, minor, inode: the kernel's, whose
+    device is the superblock's), started at `since` or later, as real uid `uid` (None:
+    any)."""
     try:
-        if os.stat(PROC / str(pid) / "exe").st_ino != ino:
-            return False
+        st = os.stat(PROC / str(pid) / "exe")
     except OSError:
         return False
+    if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) != exe:
+        return False
     start = start_ticks(pid)
-    return start is not None and start >= since
+    if start is None or start < since:
+        return False
+    if uid is not None:
+        try:
+            return identity(pid)[0] == uid
+        except (TargetNotFound, StopIteration, ValueError):
+            return False
+    return True
 
 
 def host_pid_namespace() -> bool:
@@ -305,18 +315,21 @@ class ProcessEnforcer:
         one finds none (a stopped process forks no more). Returns how many were killed.
         What identifies them is the kernel's (inode, cgroup, start time), nothing the
         program says; a fork that exec'd another program is judged by its own exec."""
-        ino = int(params["exe_id"].rsplit(":", 1)[1])
-        cgroup, since, killed = params["cgroup"], params["start_ticks"], 0
+        major, minor, ino = (int(x) for x in params["exe_id"].split(":"))
+        exe = (major, minor, ino)
+        uid = params.get("uid") if isinstance(params.get("uid"), int) else None
+        cgroup, killed = params["cgroup"], 0
+        since = max(params["start_ticks"], params.get("since_ticks") or 0)
         if cgroup == self._own_cgroup:
             return 0
         for _ in range(SWEEP_ROUNDS):
             fds = []
             for pid in _cgroup_procs(cgroup):
-                if pid in self._protect or not _runs(pid, ino, since):
+                if pid in self._protect or not _runs(pid, exe, since, uid):
                     continue
                 if (fd := _pin(pid)) is None:
                     continue
-                if _runs(pid, ino, since) and cgroup_of(pid) == cgroup:
+                if _runs(pid, exe, since, uid) and cgroup_of(pid) == cgroup:
                     fds.append(fd)
                 else:
                     os.close(fd)

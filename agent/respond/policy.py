@@ -144,8 +144,13 @@ def exact_kill(finding: Finding) -> tuple[str, dict[str, Any]] | str:
     if "exe_location" in ev:        # an exec policy violation (a proc.exec event)
         if ev.get("exe_known") is not True or not isinstance(ev.get("exe_id"), str):
             return f"process {pid}: the kernel gave no executable (inode) to judge"
-        # its forks run the same inode: killed with it (agent.enforce.process)
+        # its forks run the same inode: killed with it (agent.enforce.process), those
+        # started since its exec (not since its fork: another process may have started
+        # in between) and of its uid
         params["exe_id"] = ev["exe_id"]
+        exec_ticks = ev.get("exec_ticks")
+        if isinstance(exec_ticks, int) and not isinstance(exec_ticks, bool):
+            params["since_ticks"] = max(start, exec_ticks)
     return str(pid), params
 
 

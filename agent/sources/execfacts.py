@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
 
 from agent.sources import abi
@@ -93,7 +94,7 @@ class ExeHasher:
 
     def __init__(self, max_bytes: int, entries: int = HASH_CACHE, proc: str = "/proc"):
         self.max_bytes, self.entries, self.proc = max_bytes, entries, proc
-        self._cache: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
         self.hashed = 0          # files read (cache misses)
 
     def digest(self, pid: int, exe: FileId) -> tuple[str | None, str]:
@@ -110,7 +111,9 @@ class ExeHasher:
             # the inode number (st_dev is not the superblock's on btrfs subvolumes)
             if st.st_ino != exe[1]:
                 return None, "changed"          # it exec'd something else since
-            key = (exe[0], st.st_ino, st.st_mtime_ns, st.st_size)
+            # ctime too: a file's owner can put its mtime back after rewriting it (touch
+            # -d), nobody can set its ctime
+            key = (exe[0], st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
@@ -124,7 +127,8 @@ class ExeHasher:
                 left -= len(chunk)
             if left <= 0:
                 return None, "too_large"       # grew while read
-            if os.fstat(fd).st_mtime_ns != st.st_mtime_ns:
+            after = os.fstat(fd)
+            if (after.st_mtime_ns, after.st_ctime_ns) != (st.st_mtime_ns, st.st_ctime_ns):
                 return None, "changed"         # written while read: no stable content
         except OSError:
             return None, "unreadable"
@@ -145,6 +149,13 @@ def fs_name(magic: int) -> str:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def boottime_ticks(mono_ns: int) -> int:
+    """A CLOCK_MONOTONIC time (the probe's bpf_ktime_get_ns) in /proc/PID/stat's clock
+    ticks since boot (CLOCK_BOOTTIME: the same but for time suspended, read now)."""
+    offset = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    return (mono_ns + offset) // (1_000_000_000 // CLK_TCK)
+
+
 def exec_fields(ev: abi.proc_exec_event, walked: str | None, cgroup: str | None,
                 tmp_devs: frozenset[int], shm_devs: frozenset[int],
                 hasher: ExeHasher | None) -> dict:
@@ -163,6 +174,9 @@ def exec_fields(ev: abi.proc_exec_event, walked: str | None, cgroup: str | None,
            "exe_known": known,
            # the process's start time in /proc/PID/stat's clock ticks: pins it
            "start_ticks": ev.start_ns // (1_000_000_000 // CLK_TCK) if ev.start_ns else None,
+           # when it exec'd, in the same clock (CLOCK_BOOTTIME ticks): the start time is
+           # its fork's, and a fork sweep must not reach processes started in between
+           "exec_ticks": boottime_ticks(ev.hdr.ts_ns),
            "container": container_of(cgroup)}
     if hasher is not None and known:
         out["exe_sha256"], out["exe_sha256_state"] = hasher.digest(ev.proc.pid, exe)

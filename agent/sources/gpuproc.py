@@ -34,10 +34,12 @@ def cgroup_of(pid: int, proc: str = "/proc") -> str | None:
 
 
 def container_of(cgroup: str | None) -> str | None:
-    """The container id in a cgroup path, None outside a container."""
+    """The container id in a cgroup path, None outside a container: the outermost
+    component that names one (the host's runtime made it; below it, a container with a
+    delegated subtree names its own cgroups, maybe after another container)."""
     if not cgroup:
         return None
-    for part in reversed(cgroup.split("/")[-3:]):
+    for part in cgroup.split("/"):
         m = _CONTAINER_RE.search(part)
         if m:
             return m.group(1)

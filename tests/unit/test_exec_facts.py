@@ -100,7 +100,7 @@ def test_the_kernel_filter_is_on_only_while_a_rule_can_fire():
     (Policy(exec_workload_cgroups=("/",)), "below the root"),
     (Policy(exec_writable_action="nuke"), "exec_writable_action must be one of"),
     (Policy(exec_writable_action="freeze", exec_workload_cgroups=("/system.slice",)),
-     "holds the host's own services"),
+     "covers /system.slice, the host's own services"),
 ])
 def test_bad_exec_policy_values_are_one_sentence(policy, sentence):
     with pytest.raises(ConfigError, match=sentence):
