@@ -185,6 +185,30 @@ static __always_inline int tmp_on_chain(struct dentry *d, struct dentry *root, i
 	return 0;
 }
 
+#define WRITABLE_DIR_DEPTH 48
+
+/* EXE_IN_WRITABLE or EXE_DEEP for the file `d` (its parents within its filesystem, up to
+ * the filesystem's root: mounts are not followed, so a bind mount of a directory below
+ * /tmp is still below /tmp), else 0. */
+static __always_inline __u16 writable_dir_above(struct dentry *d)
+{
+	struct file_id id = {};
+	struct dentry *parent;
+	__u32 i;
+
+	id.dev = BPF_CORE_READ(d, d_sb, s_dev);
+	for (i = 0; i < WRITABLE_DIR_DEPTH; i++) {
+		parent = BPF_CORE_READ(d, d_parent);
+		if (!parent || parent == d)
+			return 0;
+		id.ino = BPF_CORE_READ(parent, d_inode, i_ino);
+		if (bpf_map_lookup_elem(&writable_dirs, &id))
+			return EXE_IN_WRITABLE;
+		d = parent;
+	}
+	return EXE_DEEP;
+}
+
 /* Whether the executable may be a file a workload wrote where it may write (the
  * EXEC_POLICY_WRITABLE prefilter; a superset of user space's exe_location, which
  * decides): unlinked, on tmpfs or ramfs (/dev/shm, a tmpfs /tmp, memfds), on a device
@@ -208,6 +232,8 @@ static __always_inline int writable_candidate(struct task_struct *task)
 		return 1;
 	dev = BPF_CORE_READ(exe, f_inode, i_sb, s_dev);
 	if (bpf_map_lookup_elem(&writable_devs, &dev))
+		return 1;
+	if (writable_dir_above(BPF_CORE_READ(exe, f_path.dentry)))
 		return 1;
 	vmnt = BPF_CORE_READ(exe, f_path.mnt);
 	if (tmp_on_chain(BPF_CORE_READ(exe, f_path.dentry), BPF_CORE_READ(vmnt, mnt_root), 1))
@@ -249,6 +275,8 @@ static __always_inline void exe_nature(struct task_struct *task, struct proc_exe
 	if (!e->exe_nlink)
 		e->exe_nature |= EXE_UNLINKED;
 	d = BPF_CORE_READ(exe, f_path.dentry);
+	if (d)
+		e->exe_nature |= writable_dir_above(d);
 	if (d && BPF_CORE_READ(d, d_parent) == d &&
 	    bpf_probe_read_kernel(name, sizeof(name), BPF_CORE_READ(d, d_name.name)) == 0 &&
 	    name[0] == 'm' && name[1] == 'e' && name[2] == 'm' && name[3] == 'f' &&

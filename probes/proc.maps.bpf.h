@@ -163,4 +163,14 @@ struct {
 	__type(value, __u8);
 } writable_devs SEC(".maps");
 
+/* The host's world-writable directories (/tmp, /var/tmp, /dev/shm, /run/lock) by (dev,
+ * ino): an executable below one of them, within its filesystem, is EXE_IN_WRITABLE
+ * whatever mount (a bind mount in a user's own mount namespace) it was run through. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, struct file_id);
+	__type(value, __u8);
+} writable_dirs SEC(".maps");
+
 #endif /* SWARM_PROC_MAPS_BPF_H */

@@ -165,7 +165,7 @@ NAME_LEN, ANCESTORS = 64, 8
 EXE_PROGRAM, EXE_SERVICE, EXE_MANAGER, EXE_PACKAGER = 1, 2, 4, 8  # enum exe_flag
 EXEC_REASONS = {1: "program", 2: "service_child", 4: "socket_stdio", 8: "all",
                 16: "service_cgroup", 32: "package_manager", 64: "policy"}
-EXE_UNLINKED, EXE_MEMFD = 1, 2      # enum exe_nature (proc_exec_event.exe_nature)
+EXE_UNLINKED, EXE_MEMFD, EXE_IN_WRITABLE, EXE_DEEP = 1, 2, 4, 8   # enum exe_nature
 EXEC_POLICY_OFF, EXEC_POLICY_ALL, EXEC_POLICY_WRITABLE = 0, 1, 2   # enum exec_policy_mode
 STDIO_NOT_SOCKET = 0xFFFF
 PATH_EXACT, PATH_READS, PATH_CREATIONS = 1, 2, 4  # enum path_flag
@@ -249,6 +249,7 @@ class ProcMap(enum.StrEnum):
     SYSTEM_DIRS = "system_dirs"
     EXEC_POLICY = "exec_policy"
     WRITABLE_DEVS = "writable_devs"
+    WRITABLE_DIRS = "writable_dirs"
     RODATA = ".rodata"   # holds `proc_cfg` (struct proc_config) at offset 0
 
 

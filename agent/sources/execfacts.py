@@ -36,7 +36,8 @@ from collections import OrderedDict
 
 from agent.sources import abi
 
-TMP_DIRS = ("/tmp", "/var/tmp")
+# Where anyone may write: /run/lock is 1777 on Debian too.
+TMP_DIRS = ("/tmp", "/var/tmp", "/run/lock")
 SHM_DIRS = ("/dev/shm",)
 HASH_CACHE = 4096
 CHUNK = 1 << 20
@@ -73,8 +74,11 @@ def _below(path: str | None, dirs: tuple[str, ...]) -> bool:
     return path is not None and any(path.startswith(d + "/") for d in dirs)
 
 
+TMPFS_MAGIC, RAMFS_MAGIC = 0x01021994, 0x858458f6
+
+
 def location(walked: str | None, nature: int, dev: int, tmp_devs: frozenset[int] = frozenset(),
-             shm_devs: frozenset[int] = frozenset()) -> str:
+             shm_devs: frozenset[int] = frozenset(), magic: int = 0) -> str:
     """exe_location (module docstring) from the kernel's walked path (in the process's
     own mount namespace), exe_nature bits and the file's kernel dev_t."""
     if nature & abi.EXE_MEMFD:
@@ -83,9 +87,25 @@ def location(walked: str | None, nature: int, dev: int, tmp_devs: frozenset[int]
         return "deleted"
     if _below(walked, SHM_DIRS) or dev in shm_devs:
         return "shm"
-    if _below(walked, TMP_DIRS) or dev in tmp_devs:
-        return "tmp"
+    if _below(walked, TMP_DIRS) or dev in tmp_devs or nature & abi.EXE_IN_WRITABLE:
+        return "tmp"    # the last: below the host's /tmp... in its filesystem, however mounted
+    if magic in (TMPFS_MAGIC, RAMFS_MAGIC):
+        return "tmpfs"  # a tmpfs of its own (a user namespace's mount, an emptyDir)
+    if nature & abi.EXE_DEEP:
+        return "deep"   # more directories deep than the kernel looks: nobody installs there
     return ""
+
+
+def dir_ids(dirs: tuple[str, ...], root: str = "/") -> list[FileId]:
+    """(kernel dev_t, inode) of those of `dirs` that exist (map writable_dirs)."""
+    out = []
+    for d in dirs:
+        try:
+            st = os.stat(os.path.join(root, d.lstrip("/")))
+        except OSError:
+            continue
+        out.append((_kernel_dev(st.st_dev), st.st_ino))
+    return out
 
 
 class ExeHasher:
@@ -166,7 +186,8 @@ def exec_fields(ev: abi.proc_exec_event, walked: str | None, cgroup: str | None,
     known = exe[1] != 0
     memfd = bool(ev.exe_nature & abi.EXE_MEMFD)
     out = {"exe_path": None if memfd else walked,   # the kernel's walk (its mount namespace)
-           "exe_location": location(walked, ev.exe_nature, exe[0], tmp_devs, shm_devs)
+           "exe_location": location(walked, ev.exe_nature, exe[0], tmp_devs, shm_devs,
+                                    ev.exe_magic)
            if known else None,
            "exe_fs": fs_name(ev.exe_magic), "exe_nlink": ev.exe_nlink,
            "exe_memfd": memfd,

@@ -153,6 +153,10 @@ class ProcProbe(OwnedScope, BpfProbe):
                 abi.EXEC_POLICY_WRITABLE if needs.writable_only else abi.EXEC_POLICY_ALL)
         for dev in self._tmp_devs | self._shm_devs:
             self._map(ProcMap.WRITABLE_DEVS).update(ctypes.c_uint32(dev), ctypes.c_uint8(1))
+        for dev, ino in execfacts.dir_ids(execfacts.TMP_DIRS + execfacts.SHM_DIRS,
+                                          self.cfg.breach.host_root or "/"):
+            self._map(ProcMap.WRITABLE_DIRS).update(abi.file_id(ino=ino, dev=dev),
+                                                     ctypes.c_uint8(1))
         self._map(ProcMap.EXEC_POLICY).update(ctypes.c_uint32(0), ctypes.c_uint32(mode))
         self.exec_needs = needs
         if not needs.hash_exes:

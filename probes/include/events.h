@@ -230,6 +230,9 @@ enum exec_policy_mode {
 enum exe_nature {
 	EXE_UNLINKED = 1,	/* i_nlink == 0: deleted after exec, a memfd, an O_TMPFILE */
 	EXE_MEMFD = 2,		/* a memfd_create() file: a pseudo dentry "memfd:..." */
+	EXE_IN_WRITABLE = 4,	/* a directory of map writable_dirs (the host's /tmp...) is
+				 * among its ancestors within its filesystem, however mounted */
+	EXE_DEEP = 8,		/* more than WRITABLE_DIR_DEPTH directories deep */
 };
 
 /* proc_exec_event.stdio_family: 0 fd not open, STDIO_NOT_SOCKET, else the socket family */
