@@ -159,9 +159,9 @@ def test_the_fork_sweep_does_not_kill_another_files_same_inode_number(lab, workl
         job = copy_sleep(other / "job")
         assert dropper.stat().st_ino == job.stat().st_ino
         assert dropper.stat().st_dev != job.stat().st_dev
-        agent = start_agent(lab, tmp_path, (
-            f"  exec_workload_cgroups: [\"{path_of(workloads)}/tenant\"]\n"
-            "  exec_writable_action: kill\n"))
+        # the dropper denied by its path (a tmpfs is itself a writable location now, so
+        # the job, reported there, must not be killed as one: the writable rule reports)
+        agent = start_agent(lab, tmp_path, f"  exec_denied_paths: [\"{dropper}\"]\n")
         cg = workloads / "tenant"
         procs.append(control := run(lab, cg, str(job), "300"))   # the job alone: not judged
         assert runs_on(control, 1.0)
