@@ -56,6 +56,13 @@ DEBUGGERS = ("/usr/bin/gdb", "/usr/bin/strace", "/usr/bin/ltrace", "/usr/bin/py-
              "/usr/local/bin/py-spy", "/usr/bin/perf", "/usr/bin/perf_*", "/usr/bin/lldb*",
              "/usr/bin/criu")
 EXE_LISTS = ("shells", "services", "service_managers", "package_managers", "admin_tools",
-             "bpf_loaders", "remote_access", "debuggers")
+             "bpf_loaders", "remote_access", "debuggers", "loaders")
+# The dynamic loaders: run as a program (ld.so ./miner) the kernel's executable is the
+# loader, so its exec is always sent and the program it runs is judged too (exec policy).
+LOADERS = ("/usr/lib64/ld-linux-x86-64.so.2", "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+           "/usr/lib/ld-linux-aarch64.so.1", "/usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+           "/usr/lib/ld-linux.so.2", "/usr/lib/i386-linux-gnu/ld-linux.so.2",
+           "/usr/lib/ld-musl-x86_64.so.1", "/usr/lib/ld-musl-aarch64.so.1",
+           "/lib/ld-musl-x86_64.so.1", "/lib/ld-musl-aarch64.so.1")
 REPLACED = {"service_comms": "services"}
 REFRESH_S = 10.0

@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from agent import configcheck, gpugrant
 # The `breach:` section's defaults (executables by path, never by comm), re-exported.
-from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, DEBUGGERS,  # noqa: F401
+from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, DEBUGGERS, LOADERS,  # noqa: F401
                                    EXE_LISTS,
                                    PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
@@ -179,6 +179,7 @@ class Breach:
     package_managers: tuple[str, ...] = PACKAGE_MANAGERS  # may write credential/agent files
     admin_tools: tuple[str, ...] = ADMIN_TOOLS    # root's user administration: not a breach
     debuggers: tuple[str, ...] = DEBUGGERS        # root's ptrace of a user's job: not a breach
+    loaders: tuple[str, ...] = LOADERS            # ld.so: exec always seen, its program judged
     bpf_loaders: tuple[str, ...] = ("/usr/lib/systemd/systemd",)  # may load BPF programs
     bpf_loader_cgroups: tuple[str, ...] = ("/system.slice/swarm-agent*.service",)  # agents
     # where the system's own executables live (globs of the kernel-resolved path): below

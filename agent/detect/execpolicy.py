@@ -82,6 +82,7 @@ def needs(rules: Iterable, lists: Mapping[str, tuple]) -> ExecNeeds:
                 every = True
                 severe = severe or rule.severity in (Severity.HIGH, Severity.CRITICAL)
                 others = others or rule.id != WRITABLE_RULE
-            if any(t.field in ("exe_sha256", "exe_sha256_state") for t in cond.where):
+            if any(t.field in ("exe_sha256", "exe_sha256_state", "target_sha256",
+                               "target_sha256_state") for t in cond.where):
                 hashed = True
     return ExecNeeds(every, hashed, severe, every and not others)

@@ -44,7 +44,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
                   # the exec policy's facts (agent/sources/execfacts.py)
                   "exe_path", "exe_location", "exe_fs", "exe_nlink", "exe_memfd",
                   "exe_unlinked",
-                  "exe_known", "start_ticks", "container", "exe_sha256", "exe_sha256_state"),
+                  "exe_known", "start_ticks", "container", "exe_sha256", "exe_sha256_state",
+                  # what a script's interpreter or the loader run as a program runs
+                  # (agent/sources/exectarget.py)
+                  "target_path", "target_location", "target_sha256", "target_sha256_state",
+                  "exec_ticks"),
     "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
     "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern",
                   "file_id", "dir_id", "created", "match", "watch_lists", "replaced"),

@@ -131,29 +131,35 @@ class ExeHasher:
             # the inode number (st_dev is not the superblock's on btrfs subvolumes)
             if st.st_ino != exe[1]:
                 return None, "changed"          # it exec'd something else since
-            # ctime too: a file's owner can put its mtime back after rewriting it (touch
-            # -d), nobody can set its ctime
-            key = (exe[0], st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit, "ok"
-            if st.st_size > self.max_bytes:
-                return None, "too_large"
-            h = hashlib.sha256()
-            left = self.max_bytes + 1
-            while left > 0 and (chunk := os.read(fd, min(CHUNK, left))):
-                h.update(chunk)
-                left -= len(chunk)
-            if left <= 0:
-                return None, "too_large"       # grew while read
-            after = os.fstat(fd)
-            if (after.st_mtime_ns, after.st_ctime_ns) != (st.st_mtime_ns, st.st_ctime_ns):
-                return None, "changed"         # written while read: no stable content
+            return self.digest_fd(fd, exe[0], st)
         except OSError:
             return None, "unreadable"
         finally:
             os.close(fd)
+
+    def digest_fd(self, fd: int, dev: int, st: os.stat_result) -> tuple[str | None, str]:
+        """The same for an open file `fd` (fstat `st`) on kernel device `dev`; OSError
+        when it cannot be read."""
+        # ctime too: a file's owner can put its mtime back after rewriting it (touch -d),
+        # nobody can set its ctime
+        key = (dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit, "ok"
+        if st.st_size > self.max_bytes:
+            return None, "too_large"
+        h = hashlib.sha256()
+        left, offset = self.max_bytes + 1, 0
+        while left > 0 and (chunk := os.pread(fd, min(CHUNK, left), offset)):
+            h.update(chunk)
+            left -= len(chunk)
+            offset += len(chunk)
+        if left <= 0:
+            return None, "too_large"       # grew while read
+        after = os.fstat(fd)
+        if (after.st_mtime_ns, after.st_ctime_ns) != (st.st_mtime_ns, st.st_ctime_ns):
+            return None, "changed"         # written while read: no stable content
         self.hashed += 1
         digest = h.hexdigest()
         self._cache[key] = digest

@@ -69,7 +69,7 @@ from typing import Callable
 
 from agent.config import REFRESH_S, Config
 from agent.model import Event
-from agent.sources import abi, execfacts, ident, libbpf, stdio
+from agent.sources import abi, execfacts, exectarget, ident, libbpf, stdio
 from agent.sources.abi import ProcMap, ProcProg
 from agent.sources.cgroups import CgroupNames, ancestors
 from agent.sources.procscope import OwnedScope
@@ -81,7 +81,7 @@ SOURCE = "bpf.proc"
 OPTIONAL = {ProcProg.OPEN, ProcProg.CREAT, ProcProg.MODULE_LOAD, ProcProg.DUP2_EXIT}
 FAMILIES = {0: "closed", abi.STDIO_NOT_SOCKET: "file", 1: "unix", 2: "inet", 10: "inet6"}
 REQUESTS = {16: "attach", 0x4206: "seize"}
-EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE,
+EXE_FLAGS = {"shells": abi.EXE_PROGRAM, "loaders": abi.EXE_PROGRAM, "services": abi.EXE_SERVICE,
              "service_managers": abi.EXE_MANAGER, "package_managers": abi.EXE_PACKAGER}
 PATH_CACHE = 4096       # executables' paths remembered from events, by (dev, ino)
 CREATED_KEPT = 1024     # files seen created, for attributing a rename over a watched file
@@ -395,6 +395,15 @@ class ProcProbe(OwnedScope, BpfProbe):
             name, subject, extra = "proc.exec", f"pid:{p.pid}", _exec_fields(ev)
             extra.update(execfacts.exec_fields(ev, exe or claimed, common["cgroup"],
                                                self._tmp_devs, self._shm_devs, self.hasher))
+            needs = getattr(self, "exec_needs", None)
+            if needs is not None and needs.every_exec and extra["exe_known"] and (
+                    "loaders" in common["exe_is"] or exectarget.is_loader(exe or claimed)
+                    or "shells" in common["exe_is"]):
+                # a script's interpreter or the loader run as a program: what it runs
+                extra.update(exectarget.target_fields(
+                    p.pid, _fid(p.exe), exe or claimed, extra["filename"], extra["argv"],
+                    self._tmp_devs, self._shm_devs, self.hasher,
+                    loader="loaders" in common["exe_is"]))
         elif kind == abi.EventKind.PROC_EXIT:
             if "package_managers" in common["exe_is"]:     # binaries may have changed
                 self._refresh_due = min(self._refresh_due, time.monotonic() + SOON_S)

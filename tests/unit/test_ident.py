@@ -68,7 +68,7 @@ def test_a_replaced_executable_keeps_its_identity_while_it_runs(tmp_path):
     shutil.copy(os.path.realpath(sys.executable), pm)
     cfg = Config(breach=Breach(package_managers=(str(pm),), shells=(), services=(),
                                service_managers=(), admin_tools=(), bpf_loaders=(),
-                               remote_access=(), debuggers=()))
+                               remote_access=(), debuggers=(), loaders=()))
     running = subprocess.Popen([str(pm), "-c", "import time; time.sleep(30)"])
     try:
         first = resolve(cfg, [])

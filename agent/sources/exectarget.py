@@ -1,0 +1,117 @@
+"""The file an exec runs besides its executable (issue 10 item 2, red-team R5EXEC-2/4).
+
+The kernel's `mm->exe_file` is the interpreter of a `#!` script and the dynamic loader
+when the loader is run as a program (`/lib64/ld-linux-x86-64.so.2 ./miner`): the path,
+hash and location of what really runs are another file's. That file is judged too, as
+`target_path`, `target_location` and `target_sha256`:
+- a script: the file named by the exec's filename (what the caller passed to execve)
+  when it is not the executable the kernel ran;
+- the loader run as a program (its kernel-walked path's name is a loader's:
+  ld-linux*.so*, ld-musl-*.so*, ld.so): the program named by its first argument that is
+  not one of its options.
+The name is the caller's, but it is resolved here in the process's own root and working
+directory to the file behind it (a regular file only, opened O_PATH first: a FIFO or a
+device is never opened for reading), and that file's identity, location and bytes are
+judged, not the name. What a process could do with it: make the agent judge another
+file than its interpreter reads a moment later (a rename in between) -- the same race
+the interpreter itself has; and, in a container, an absolute symlink resolves against
+the host's root. A copied and renamed loader is not recognised (its own exe_location
+still is judged). Documented in the README.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import stat
+
+from agent.sources import abi, execfacts
+
+LOADER_RE = re.compile(r"^ld(?:-linux(?:-[A-Za-z0-9_-]+)?|-musl-[A-Za-z0-9_]+)?\.so(?:\.\d+)*$")
+# glibc's ld.so options that take a value (ld.so --help), musl's --library-path/--preload
+_LOADER_VALUE_OPTS = {"--library-path", "--inhibit-rpath", "--audit", "--preload", "--argv0",
+                      "--glibc-hwcaps-prepend", "--glibc-hwcaps-mask"}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def loader_program(argv: list[str]) -> str | None:
+    """The program a loader run as a program is asked to run: its first argument that is
+    not an option (nor an option's value); None for --list, --verify, --help..."""
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if a in _LOADER_VALUE_OPTS:
+            i += 2
+            continue
+        if a.startswith("--"):
+            if a in ("--list", "--verify", "--help", "--version", "--list-tunables",
+                     "--list-diagnostics"):
+                return None
+            i += 1
+            continue
+        return a
+    return None
+
+
+def is_loader(exe_path: str | None) -> bool:
+    return bool(exe_path) and bool(LOADER_RE.match(os.path.basename(exe_path)))
+
+
+def _magic(fd: int) -> int:
+    buf = ctypes.create_string_buffer(128)     # struct statfs; f_type is its first long
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _open(pid: int, name: str, proc: str) -> int | None:
+    """An O_RDONLY fd on the regular file `name` means in process `pid` (its root and
+    working directory), None if there is none."""
+    base = f"{proc}/{pid}/root" if name.startswith("/") else f"{proc}/{pid}/cwd"
+    try:
+        path_fd = os.open(os.path.join(base, name.lstrip("/")), os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
+            return None
+        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    finally:
+        os.close(path_fd)
+
+
+def target_fields(pid: int, exe_id: tuple[int, int], exe_path: str | None, filename: str,
+                  argv: list[str], tmp_devs: frozenset[int], shm_devs: frozenset[int],
+                  hasher: execfacts.ExeHasher | None, proc: str = "/proc",
+                  loader: bool = False) -> dict:
+    """{"target_path", "target_location", "target_sha256"...} when the exec runs a file
+    other than its executable (module docstring), else {}. `loader`: the executable is
+    one of the config's loaders (by inode)."""
+    name = loader_program(argv) if loader or is_loader(exe_path) else filename
+    if not name:
+        return {}
+    fd = _open(pid, name, proc)
+    if fd is None:
+        return {}
+    try:
+        st = os.fstat(fd)
+        if st.st_ino == exe_id[1]:
+            return {}                       # the executable itself: an ordinary exec
+        dev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+        nature = abi.EXE_UNLINKED if st.st_nlink == 0 else 0
+        path = os.path.normpath(name if name.startswith("/") else
+                                os.path.join(os.readlink(f"{proc}/{pid}/cwd"), name))
+        out = {"target_path": path,
+               "target_location": execfacts.location(path, nature, dev, tmp_devs, shm_devs,
+                                                     _magic(fd))}
+        if hasher is not None:
+            out["target_sha256"], out["target_sha256_state"] = hasher.digest_fd(fd, dev, st)
+        return out
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
