@@ -1,0 +1,153 @@
+"""Red team, round 5: the file policy (fanotify). Each test fails on the code as found and
+passes once its finding is fixed. Real fanotify groups, real cgroup v2 groups, real
+processes; whatever could hang the host is confined to a private mount namespace or to
+files in a temp directory."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent.config import Config
+from agent.filepolicy import FilePolicy
+from agent.policyconfig import FileRule, Policy
+from swarmlab.breachlab import throwaway_cgroup
+from tests.integration.test_file_policy import cgroup_path, open_from
+
+pytestmark = pytest.mark.privileged
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def restricted() -> Iterator[Path]:
+    with throwaway_cgroup("swa-r5f") as cg:
+        yield cg
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    s = tmp_path / "agent_side.py"
+    s.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + textwrap.dedent(body))
+    return s
+
+
+def test_r5f_1_agent_loading_a_library_through_a_marked_file_deadlocks(tmp_path, restricted):
+    """Any agent thread that opens a marked file while holding the interpreter lock (a
+    dlopen: ctypes.CDLL, an extension module's import, the dynamic loader reading
+    /etc/ld.so.cache) waits for an answer only the answering thread -- which needs that
+    lock -- can give: the agent hangs, and with it every open of every marked file on the
+    host, until the agent is killed. The real path: the GPU source with no driver calls
+    CDLL("libnvidia-ml.so.1") at start and every 60 s after (ABSENT_RETRY_S), and the
+    loader reads /etc/ld.so.cache; a rule over /etc/ (or the library directories) is
+    accepted at load: only Python's own directories are refused. Here the marked
+    /etc/ld.so.cache is a copy bind-mounted in a private mount namespace, so the host's
+    is never marked. Expected: refused at load, or answered without the lock (no hang)."""
+    cache = tmp_path / "ld.so.cache"
+    cache.write_bytes(Path("/etc/ld.so.cache").read_bytes())
+    script = _script(tmp_path, f"""
+        import asyncio, time
+        from agent.config import Config
+        from agent.filepolicy import FilePolicy
+        from agent.policyconfig import FileRule, Policy, check_files
+        from agent.sources.nvml import Nvml
+        rules = (FileRule(name="etc", paths=("/etc/",), cgroups=({cgroup_path(restricted)!r},)),)
+        try:
+            check_files(rules)
+        except ValueError as e:
+            print("REFUSED", e, flush=True); raise SystemExit(0)
+        p = FilePolicy(Config(policy=Policy(files=rules)))
+        p.start(asyncio.new_event_loop(), lambda e: None)
+        assert p.state == "loaded", p.status()
+        print("LOADED", p.status()["marks"], flush=True)
+        t = time.monotonic()
+        try:
+            Nvml(None).open()      # the GPU source's open: no driver here -> Absent
+        except Exception as e:
+            print("nvml:", type(e).__name__, flush=True)
+        print("DONE", round(time.monotonic() - t, 3), flush=True)
+        p.close()
+        """)
+    # /etc in the private namespace: a tmpfs with the host's entries bind-mounted read
+    # only would still be the host's inodes, so only ld.so.cache is a copy; the rule
+    # marks the tmpfs (the namespace's /etc) and that copy, nothing of the host's.
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "ld.so.cache").write_bytes(cache.read_bytes())
+    sh = f'mount --bind "{etc}" /etc && exec "{sys.executable}" "{script}"'
+    try:
+        out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", sh],
+                             capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the agent deadlocked on its own dlopen of a marked file: {e.stdout!r}"
+                    f" {e.stderr!r}")
+    assert "REFUSED" in out.stdout or "DONE" in out.stdout, out
+
+
+def test_r5f_2_agent_in_its_own_pid_namespace_enforces_nothing_but_says_loaded(tmp_path, restricted):
+    """An agent started in a pid namespace of its own (a DaemonSet without hostPID, a
+    container run without --pid=host) sees every opener as pid 0, which it allows: no
+    open is refused, and status says "loaded" with no reason. Expected: enforced, or
+    status degraded saying why (the exec/GPU code already detects this namespace)."""
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    script = _script(tmp_path, f"""
+        import asyncio
+        from agent.config import Config
+        from agent.filepolicy import FilePolicy
+        from agent.policyconfig import FileRule, Policy
+        rules = (FileRule(name="s", paths=({str(secret)!r},), cgroups=({cgroup_path(restricted)!r},)),)
+        p = FilePolicy(Config(policy=Policy(files=rules)))
+        p.start(asyncio.new_event_loop(), lambda e: None)
+        print("STATE", p.state, flush=True)
+        sys.stdin.readline()
+        p.close()
+        """)
+    agent = subprocess.Popen(["unshare", "-pf", "--mount-proc", sys.executable, str(script)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        state = agent.stdout.readline().split()[-1]
+        got = open_from(restricted, secret)
+    finally:
+        agent.communicate("x\n", timeout=20)
+    assert got == "EPERM" or state != "loaded", \
+        f"the workload read the denied file ({got}) while the policy said {state!r}"
+
+
+def test_r5f_3_a_planted_symlink_makes_the_agent_mark_what_load_refuses(tmp_path, restricted):
+    """A configured path that does not exist yet is marked by the rescan after it appears,
+    following symlinks. A workload that can create that name (a world-writable parent,
+    a user's home, a shared scratch) makes it a symlink to /proc/..., /, /usr/lib or the
+    agent's own code -- the very paths refused at load -- and the next rescan marks
+    there (up to 20,000 inodes, 8 levels deep): every open on the host under them then
+    waits on the agent (or deadlocks it, see r5f_1). Here the target is the agent's own
+    package (this worktree's copy: no other process uses it), which load refuses because
+    the answering thread may open it. Expected: the rescan does not follow a symlink to a
+    place load would refuse (re-validate the resolved path, or mark with
+    FAN_MARK_DONT_FOLLOW and walk with O_NOFOLLOW)."""
+    ws = tmp_path / "scratch"
+    ws.mkdir()
+    ws.chmod(0o1777)
+    target = str(REPO / "agent" / "sources")
+    from agent.policyconfig import check_files
+    with pytest.raises(ValueError, match="agent's own code"):
+        check_files((FileRule(name="p", paths=(target + "/",), cgroups=("/x",)),))
+    p = FilePolicy(Config(policy=Policy(files=(
+        FileRule(name="w", paths=(f"{ws}/secrets/",), cgroups=(cgroup_path(restricted),)),))))
+    p.start(asyncio.new_event_loop(), lambda e: None)
+    try:
+        assert open_from(restricted, f"{target}/abi.py") == "OK"
+        # The workload plants the name (any user who may write the scratch directory).
+        os.symlink(target, ws / "secrets")
+        p.gate.rescan()
+        got = open_from(restricted, f"{target}/abi.py")
+        marks = p.status()["marks"]
+    finally:
+        p.close()
+    assert got == "OK" and marks == 0, \
+        f"the agent marked {target} through a planted symlink ({marks} marks; open: {got})"
