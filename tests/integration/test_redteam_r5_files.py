@@ -19,7 +19,8 @@ from agent.config import Config
 from agent.filepolicy import FilePolicy
 from agent.policyconfig import FileRule, Policy
 from swarmlab.breachlab import throwaway_cgroup
-from tests.integration.test_file_policy import cgroup_path, open_from
+from agent.policyconfig import AGENT_SECRETS
+from tests.integration.test_file_policy import cgroup_path, containers, open_from  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.privileged
 REPO = Path(__file__).resolve().parents[2]
@@ -151,3 +152,29 @@ def test_r5f_3_a_planted_symlink_makes_the_agent_mark_what_load_refuses(tmp_path
         p.close()
     assert got == "OK" and marks == 0, \
         f"the agent marked {target} through a planted symlink ({marks} marks; open: {got})"
+
+
+def test_r5f_4_default_rule_leaves_docker_containers_of_the_systemd_driver_free(tmp_path, containers):
+    """The default rule ("no workload opens the agent's configuration": its control API's
+    TLS key, mesh and Alertmanager credentials) names WORKLOAD_CGROUPS: /kubepods.slice,
+    /kubepods, /docker, /machine.slice. Docker's systemd cgroup driver -- its default on
+    a cgroup v2 host with systemd (Debian 12, Ubuntu 22.04+, RHEL 9) -- puts every
+    container at /system.slice/docker-ID.scope, which no default names: a container run
+    with a host mount (-v /etc:/host/etc, -v /:/host) reads the agent's keys. The egress
+    default covers those containers by their bridge; the file policy has no such
+    fallback, and its config cannot name them (cgroups are subtrees -- /system.slice is
+    the host's services -- and containers are exact ids). Expected: the default refuses
+    a /system.slice/docker-ID.scope container (e.g. by runtime-scope patterns)."""
+    container, _, _ = containers
+    secret = tmp_path / "swarm-agent" / "tls.key"
+    secret.parent.mkdir()
+    secret.write_text("key")
+    rule = FileRule(name=AGENT_SECRETS.name, paths=(f"{secret.parent}/",),
+                    cgroups=AGENT_SECRETS.cgroups, containers=AGENT_SECRETS.containers)
+    p = FilePolicy(Config(policy=Policy(files=(rule,))))
+    p.start(asyncio.new_event_loop(), lambda e: None)
+    try:
+        got = open_from(container, secret)
+    finally:
+        p.close()
+    assert got == "EPERM", f"a Docker container ({cgroup_path(container)}) read the agent's key: {got}"
