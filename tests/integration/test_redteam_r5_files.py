@@ -178,3 +178,39 @@ def test_r5f_4_default_rule_leaves_docker_containers_of_the_systemd_driver_free(
     finally:
         p.close()
     assert got == "EPERM", f"a Docker container ({cgroup_path(container)}) read the agent's key: {got}"
+
+
+def test_r5f_5_files_written_in_a_covered_directory_grow_the_kernel_marks_without_bound(tmp_path):
+    """MAX_MARKS (README: "up to 20,000 marks in all") bounds only the agent's own
+    count, and that count is rebuilt from the last walk at every rescan (5 s), dropping
+    the marks added at first open (_mark_fd) although the kernel keeps them. A workload
+    allowed to write somewhere under a rule's directory (a rule over /var/lib/kubelet/
+    holds the pods' emptyDirs; a rule keeping team A out of team B's /data/b/ is written
+    by team B) makes files: each gets a permanent inode mark (at its creating open, then
+    at each rescan, newest first), every one pinning its inode in kernel memory charged
+    to the agent's memory cgroup -- without bound -- while status shows a handful of
+    marks. Expected: the kernel's marks stay within MAX_MARKS."""
+    from agent.enforce.fanotify import MAX_MARKS
+    scratch = Path("/dev/shm") / f"swa-r5f-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        p = FilePolicy(Config(policy=Policy(files=(
+            FileRule(name="data", paths=(f"{scratch}/",), cgroups=("/swa-r5f-nobody.slice",)),))))
+        p.start(asyncio.new_event_loop(), lambda e: None)
+        try:
+            writer = ("import os,sys\nd,a,b=sys.argv[1],int(sys.argv[2]),int(sys.argv[3])\n"
+                      "for i in range(a,b): os.close(os.open(f'{d}/f{i}', os.O_CREAT|os.O_WRONLY))\n")
+            per = MAX_MARKS * 3 // 4
+            for cycle in range(2):     # two rescan periods of the workload writing files
+                subprocess.run([sys.executable, "-c", writer, str(scratch), str(cycle * per),
+                                str((cycle + 1) * per)], check=True, timeout=120)
+                p.gate.rescan()
+            with open(f"/proc/self/fdinfo/{p.gate.rules[0].group}") as f:
+                held = sum(1 for line in f if line.startswith("fanotify ino:"))
+            counted = p.status()["marks"]
+        finally:
+            p.close()
+    finally:
+        subprocess.run(["rm", "-rf", str(scratch)], timeout=60)
+    assert held <= MAX_MARKS + 1, \
+        f"the kernel holds {held} marks of this gate (MAX_MARKS {MAX_MARKS}; status says {counted})"
