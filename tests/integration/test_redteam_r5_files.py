@@ -214,3 +214,24 @@ def test_r5f_5_files_written_in_a_covered_directory_grow_the_kernel_marks_withou
         subprocess.run(["rm", "-rf", str(scratch)], timeout=60)
     assert held <= MAX_MARKS + 1, \
         f"the kernel holds {held} marks of this gate (MAX_MARKS {MAX_MARKS}; status says {counted})"
+
+
+def test_r5f_6_a_directory_written_without_its_slash_protects_nothing_and_says_loaded(tmp_path, restricted):
+    """`paths: [/etc/kubernetes/pki]` -- a directory written the way every other tool
+    takes one, without the trailing "/" -- is marked as a file: the directory's own inode,
+    no FAN_EVENT_ON_CHILD. Its files are not covered, and load, status ("loaded", no
+    reason, nothing uncovered) and check-config all accept it. Expected: refused at load
+    ("a directory: write it with a trailing /"), marked as a directory, or degraded."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    (d / "ca.key").write_text("key")
+    p = FilePolicy(Config(policy=Policy(files=(
+        FileRule(name="pki", paths=(str(d),), cgroups=(cgroup_path(restricted),)),))))
+    p.start(asyncio.new_event_loop(), lambda e: None)
+    try:
+        got = open_from(restricted, d / "ca.key")
+        st = p.status()
+    finally:
+        p.close()
+    assert got == "EPERM" or st["state"] != "loaded", \
+        f"the workload read {d}/ca.key ({got}) while the policy said {st['state']!r} {st['reason']!r}"
