@@ -235,3 +235,28 @@ def test_r5f_6_a_directory_written_without_its_slash_protects_nothing_and_says_l
         p.close()
     assert got == "EPERM" or st["state"] != "loaded", \
         f"the workload read {d}/ca.key ({got}) while the policy said {st['state']!r} {st['reason']!r}"
+
+
+def test_r5f_7_short_jobs_fill_the_scope_table_forever_and_later_violators_go_unnamed():
+    """Denials are rate-limited per (rule, opening cgroup) in a table of MAX_SCOPES
+    entries that never forgets one: 4096 cheap short jobs (Slurm gives each its own
+    cgroup; one denied open each) fill it for the agent's lifetime, and from then on
+    every other workload's refusals -- hours later, of a different tenant -- are
+    reported as cgroup "(other workloads)", no container, one shared incident: the
+    violator is never named. Expected: scopes idle and reported are forgotten (or the
+    least recent evicted), so a new violator is reported under its own cgroup."""
+    from agent.filepolicy import MAX_SCOPES, REPORT_EVERY_S
+    events: list = []
+    p = FilePolicy(Config(policy=Policy(files=(
+        FileRule(name="s", paths=("/nonexistent-r5f/",), cgroups=("/system.slice/slurmstepd.scope",)),))))
+    p._emit = events.append          # as start() sets it; no fanotify needed for this
+    t0 = time.monotonic()
+    for i in range(MAX_SCOPES):      # the jobs: one refused open each, then they end
+        p._on_denied(0, 1000 + i, f"/system.slice/slurmstepd.scope/job_{i}", "/usr/bin/cat", "/x")
+    p.flush(t0)
+    # An hour later, another tenant's job is refused.
+    victim = "/system.slice/slurmstepd.scope/job_99999"
+    p._on_denied(0, 99999, victim, "/usr/bin/python3", "/x")
+    p.flush(t0 + 3600 + REPORT_EVERY_S)
+    last = events[-1].fields
+    assert last["cgroup"] == victim, f"reported as {last['cgroup']!r}, entity {events[-1].subject!r}"
