@@ -15,6 +15,7 @@ with the opens since. The refusal itself never waits for that: it was the open's
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import sys
 import threading
@@ -27,6 +28,7 @@ from typing import Any, Callable
 from agent import cgroupview
 from agent.config import Config
 from agent.enforce.fanotify import FileGate, Unsupported
+from agent.enforce.process import host_pid_namespace
 from agent.gpugrant import container_of, within
 from agent.model import Event
 
@@ -52,6 +54,16 @@ class _Pending:
     path: str = ""
 
 
+def _covers(cgroup: str, rule_cgroup: str) -> bool:
+    """Whether `cgroup` lies in the subtree `rule_cgroup` names: a path, or a glob any of
+    `cgroup`'s ancestors (or itself) matches whole ("/system.slice/docker-*.scope")."""
+    if "*" not in rule_cgroup:
+        return within(cgroup, rule_cgroup)
+    parts = cgroup.split("/")
+    return any(fnmatch.fnmatchcase("/".join(parts[:i]), rule_cgroup)
+               for i in range(2, len(parts) + 1))
+
+
 def cgroup_of(pid: int) -> str | None:
     """The cgroup v2 path of `pid` as the host names it (agent.cgroupview)."""
     return cgroupview.cgroup_of(pid)
@@ -68,6 +80,7 @@ class FilePolicy:
         self.agent_cgroup = agent_cgroup if agent_cgroup not in (None, "/") else None
         self.state, self.reason = ("off", "no policy.files rules") if not self.rules else ("starting", "")
         self.denied: Counter[str] = Counter()
+        self._host_pids = host_pid_namespace()
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,7 +123,7 @@ class FilePolicy:
         cgroup = cgroup_of(pid)
         if cgroup is None or cgroup == self.agent_cgroup:
             return None
-        if any(within(cgroup, c) for c in rule.cgroups):
+        if any(_covers(cgroup, c) for c in rule.cgroups):
             return cgroup
         if rule.containers and container_of(cgroup) in rule.containers:
             return cgroup
@@ -122,7 +135,8 @@ class FilePolicy:
         with self._lock:
             self.denied[name] += 1
             key = (name, cgroup)
-            if key not in self._pending and len(self._pending) >= MAX_SCOPES:
+            if key not in self._pending and len(self._pending) >= MAX_SCOPES \
+                    and not self._evict_idle():
                 key = (name, OVERFLOW)
             p = self._pending.setdefault(key, _Pending())
             if not p.opens:
@@ -133,6 +147,17 @@ class FilePolicy:
             first = p.reported_at == 0.0
         if first and self._loop is not None:
             self._loop.call_soon_threadsafe(self.flush)    # the first at once
+
+    def _evict_idle(self) -> bool:
+        """Forget the scope reported longest ago with nothing pending (a short job's cgroup
+        long gone, most likely); False when every scope has opens waiting for their
+        report. Under self._lock."""
+        idle = [(p.reported_at, k) for k, p in self._pending.items()
+                if not p.opens and p.reported_at]
+        if not idle:
+            return False
+        del self._pending[min(idle)[1]]
+        return True
 
     # -- on the loop ---------------------------------------------------------------------
 
@@ -183,6 +208,13 @@ class FilePolicy:
             return
         if gate.failed:
             self.state, self.reason = "degraded", gate.failed
+            return
+        if not self._host_pids:
+            # fanotify gives the opener's pid in the listener's pid namespace: from
+            # another, every opener is pid 0 and allowed
+            self.state, self.reason = "degraded", (
+                "the agent does not see the host's pids (run it in the host's pid "
+                "namespace: hostPID): openers cannot be told apart, nothing is refused")
             return
         gaps = [f"{g.name}: {u}" for g in gate.rules for u in g.uncovered]
         missing = [f"{g.name}: {m}" for g in gate.rules for m in g.missing]

@@ -50,6 +50,7 @@ MAX_RULES = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 # A cgroup path as nft text takes it quoted: systemd and container runtimes use these.
 _CGROUP_RE = re.compile(r"^(/[A-Za-z0-9_.:@=+,-]+)+$")
+_CGROUP_GLOB_RE = re.compile(r"^(/[A-Za-z0-9_.:@=+,*-]+)+$")     # file rules match in Python
 _IFACE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}\*?$")
 
 
@@ -106,8 +107,11 @@ class FileRule:
 # waits for the agent's answer, so a default on files the host itself opens at login
 # (/etc/shadow, /root/.ssh/) would tie the operators' logins to the agent's health; add
 # those where that trade is wanted (packaging/config.yaml shows kubelet's credentials).
+# Docker's systemd cgroup driver (its default on cgroup v2) puts each container beside the
+# host's services: a glob names them (file rules are judged in Python; nft cannot glob).
+DOCKER_SCOPES = "/system.slice/docker-*.scope"
 AGENT_SECRETS = FileRule(name="agent-config", paths=("/etc/swarm-agent/",),
-                         cgroups=WORKLOAD_CGROUPS)
+                         cgroups=(*WORKLOAD_CGROUPS, DOCKER_SCOPES))
 
 
 @dataclass(frozen=True)
@@ -282,9 +286,14 @@ def check_files(rules: tuple[FileRule, ...]) -> None:
             raise ValueError(f"{key}.paths has {len(rule.paths)} entries (at most {MAX_FILE_PATHS})")
         for c in rule.cgroups:
             # "/" would put the operators' shells and the host's services under the rule.
-            if c == "/" or not _CGROUP_RE.match(c) or "/../" in c + "/" or "/./" in c + "/":
+            if c == "/" or not _CGROUP_GLOB_RE.match(c) or "/../" in c + "/" or "/./" in c + "/":
                 raise ValueError(f"{key}.cgroups: {c[:80]!r} is not a cgroup v2 path below the "
-                                 "root (\"/kubepods.slice\", letters, digits and . _ - : @ = + ,)")
+                                 "root (\"/kubepods.slice\", \"/system.slice/docker-*.scope\": "
+                                 "letters, digits, . _ - : @ = + , and * in a glob)")
+            hit = _host_cgroup_covered(c) if "*" in c else None
+            if hit:
+                raise ValueError(f"{key}.cgroups: the glob {c} covers {hit}, the host's own "
+                                 "services or the operators' sessions: name those exactly")
         for c in rule.containers:
             if not _CONTAINER_ID_RE.match(c):
                 raise ValueError(f"{key}.containers: {c[:80]!r} is not a container id "
@@ -299,24 +308,48 @@ def _check_file_path(p: str, key: str) -> None:
     parts = p.rstrip("/").split("/")[1:]
     if any(part in ("", ".", "..") for part in parts) and p != "/":
         raise ValueError(f"{key}: {p[:80]!r} is not a plain absolute path (no //, . or ..)")
-    if p.rstrip("/") in ("", "/proc", "/sys", "/dev"):
+    if p.rstrip("/") in ("", "/dev") or p.rstrip("/").split("/")[1] in ("proc", "sys"):
         raise ValueError(f"{key}: {p!r} cannot be denied (the whole root or a kernel "
                          "filesystem: every open on the host would wait for the agent)")
     own = next((d for d in _agents_own_files() if _overlaps(p.rstrip("/"), d)), None)
     if own is not None:
         # The thread that answers the opens may itself open these (a lazy import, a
         # traceback's source lines): waiting on its own answer, it would hang them all.
-        raise ValueError(f"{key}: {p!r} covers the agent's own code or interpreter ({own}), "
-                         "which the agent must open to answer")
+        raise ValueError(f"{key}: {p!r} covers the agent's own code, interpreter or a file "
+                         f"its libraries read ({own}), which the agent must open to answer")
+
+
+# What the C libraries under the agent open while its thread holds the interpreter's lock
+# (the dynamic loader for ctypes and extension modules: NVML is looked for every minute;
+# libc's time zone and user databases): such an open of a marked file waits for the
+# answering thread, which needs that lock: every marked open on the host would hang.
+LIBRARY_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
+                 "/etc/ld.so.preload", "/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32",
+                 "/usr/lib64", "/usr/local/lib", "/etc/localtime", "/usr/share/zoneinfo",
+                 "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
 
 
 def _agents_own_files() -> set[str]:
-    """The interpreter, its library directories and the agent's package, as named and as
-    resolved."""
+    """The interpreter, its library directories, the agent's package, the libraries
+    mapped into it and what the loader and libc read, as named and as resolved."""
     paths = {k: v for k, v in sysconfig.get_paths().items()
              if k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    dirs = [*paths.values(), sys.executable, os.path.dirname(os.path.abspath(__file__))]
+    dirs = [*paths.values(), sys.executable, os.path.dirname(os.path.abspath(__file__)),
+            *LIBRARY_FILES, *_mapped_dirs()]
     return {p.rstrip("/") for d in dirs for p in (d, os.path.realpath(d))}
+
+
+def _mapped_dirs() -> set[str]:
+    """The files mapped into this process: a shared object's directory (its neighbours
+    may be loaded next), any other file itself (the interpreter's executable)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    files = {parts[5] for parts in (ln.split(None, 5) for ln in lines)
+             if len(parts) == 6 and parts[5].startswith("/")}
+    return {os.path.dirname(f) if ".so" in os.path.basename(f) else f for f in files}
 
 
 def _overlaps(path: str, d: str) -> bool:

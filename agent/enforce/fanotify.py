@@ -40,6 +40,7 @@ FAN_NONBLOCK = 0x02
 FAN_CLASS_CONTENT = 0x04
 FAN_UNLIMITED_MARKS = 0x20
 FAN_MARK_ADD = 0x01
+FAN_MARK_DONT_FOLLOW = 0x04   # a symlink put there since it was looked at is not followed
 FAN_OPEN_PERM = 0x00010000
 FAN_EVENT_ON_CHILD = 0x08000000
 FAN_ALLOW = 0x01
@@ -89,7 +90,8 @@ def _init() -> int:
 
 
 def _mark(group: int, mask: int, dirfd: int, path: str | None) -> None:
-    if _libc.fanotify_mark(group, FAN_MARK_ADD, mask, dirfd,
+    flags = FAN_MARK_ADD | (FAN_MARK_DONT_FOLLOW if path is not None else 0)
+    if _libc.fanotify_mark(group, flags, mask, dirfd,
                            os.fsencode(path) if path is not None else None) < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
@@ -102,7 +104,9 @@ class Guarded:
     name: str
     paths: tuple[str, ...]
     group: int = -1
-    marked: set[tuple[int, int]] = field(default_factory=set)    # (st_dev, st_ino)
+    # (st_dev, st_ino) of every mark made: the kernel keeps one until its inode goes, so
+    # this only grows (an upper bound of what the kernel holds, bounded by MAX_MARKS)
+    marked: set[tuple[int, int]] = field(default_factory=set)
     # configured path -> (missing, uncovered, inodes marked) at its last scan
     found: dict[str, tuple[list[str], list[str], set[tuple[int, int]]]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
@@ -148,50 +152,62 @@ class FileGate:
         an inode twice is harmless; a deleted inode's mark goes with it."""
         for g in self.rules:
             for path in g.paths:
-                is_dir = path.endswith("/") and len(path) > 1
+                # a directory written without its trailing "/" is one all the same
+                is_dir = (path.endswith("/") and len(path) > 1) or \
+                    (os.path.isdir(path) and not os.path.islink(path))
                 if files_only and is_dir:
                     continue
                 missing: list[str] = []
                 uncovered: list[str] = []
                 seen: set[tuple[int, int]] = set()
-                # What the other paths hold leaves this one the rest of MAX_MARKS.
-                budget = MAX_MARKS - self.marks() + len(g.found.get(path, ([], [], set()))[2])
-                if is_dir:
-                    self._mark_tree(g, path.rstrip("/"), missing, uncovered, seen, budget)
+                real = os.path.realpath(path)
+                if os.path.exists(path) and real != path.rstrip("/"):
+                    # a symlink on the way (maybe one a workload planted where the path
+                    # was missing): marking where it leads could cover what load refuses
+                    uncovered.append(f"{path}: a symlink on its way (to {real}): not marked")
+                elif is_dir:
+                    self._mark_tree(g, path.rstrip("/"), missing, uncovered, seen)
                 else:
-                    self._mark_path(g, path, FAN_OPEN_PERM, missing, uncovered, seen, budget)
+                    self._mark_path(g, path, FAN_OPEN_PERM, missing, uncovered, seen)
                 with self._lock:
                     g.found[path] = (missing, uncovered, seen)
-                    g.marked = set().union(*(f[2] for f in g.found.values()))
+                    # the kernel keeps a mark until its inode goes: never forgotten here
+                    g.marked |= seen
             g.missing = [m for f in g.found.values() for m in f[0]]
             g.uncovered = [u for f in g.found.values() for u in f[1]]
 
     def _mark_path(self, g: Guarded, path: str, mask: int, missing: list[str],
-                   uncovered: list[str], seen: set[tuple[int, int]], budget: int) -> bool:
+                   uncovered: list[str], seen: set[tuple[int, int]]) -> bool:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             missing.append(path)
             return False
         except OSError as e:
             uncovered.append(f"{path}: {e.strerror}")
             return False
+        if stat.S_ISLNK(st.st_mode):
+            uncovered.append(f"{path}: a symlink: not marked")
+            return False
         key = (st.st_dev, st.st_ino)
         if key in seen:
             return True
-        if len(seen) >= budget:
-            uncovered.append(f"{path}: past {MAX_MARKS} marks")
-            return False
+        with self._lock:    # marks the kernel holds (counted since made: never fewer)
+            if key not in g.marked and self.marks() >= MAX_MARKS:
+                uncovered.append(f"{path}: past {MAX_MARKS} marks")
+                return False
         try:
             _mark(g.group, mask, AT_FDCWD, path)
         except OSError as e:
             uncovered.append(f"{path}: {e.strerror}")
             return False
+        with self._lock:
+            g.marked.add(key)
         seen.add(key)
         return True
 
     def _mark_tree(self, g: Guarded, top: str, missing: list[str], uncovered: list[str],
-                   seen: set[tuple[int, int]], budget: int) -> None:
+                   seen: set[tuple[int, int]]) -> None:
         if not os.path.isdir(top):
             (missing if not os.path.exists(top) else uncovered).append(
                 top + "/" if not os.path.exists(top) else f"{top}/: not a directory")
@@ -201,7 +217,7 @@ class FileGate:
         while stack:        # directories first: they cover their files' opens
             d, depth = stack.pop()
             if not self._mark_path(g, d, FAN_OPEN_PERM | FAN_EVENT_ON_CHILD, missing, uncovered,
-                                   seen, budget):
+                                   seen):
                 continue
             try:
                 entries = list(os.scandir(d))
@@ -217,7 +233,7 @@ class FileGate:
                 elif e.is_file(follow_symlinks=False):
                     files.append(e.path)
         for f in files:     # hard links made elsewhere to these stay covered
-            self._mark_path(g, f, FAN_OPEN_PERM, [], uncovered, seen, budget)
+            self._mark_path(g, f, FAN_OPEN_PERM, [], uncovered, seen)
 
     def _mark_fd(self, g: Guarded, fd: int) -> None:
         """A file opened through a directory mark gets its own inode mark (bounded)."""

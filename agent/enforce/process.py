@@ -123,8 +123,16 @@ def _runs(pid: int, exe: tuple[int, int, int], since: int, uid: int | None) -> b
     return True
 
 
+PROC_PID_INIT_INO = 0xEFFFFFFC      # the initial pid namespace's inode (include/linux/proc_ns.h)
+
+
 def host_pid_namespace() -> bool:
-    """Whether the agent sees the host's pids (NSpid has one level only there)."""
+    """Whether the agent sees the host's pids: its pid namespace is the initial one (by
+    its fixed inode number, whichever procfs is mounted), else NSpid has one level."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == PROC_PID_INIT_INO
+    except OSError:
+        pass
     try:
         for line in (PROC / "self" / "status").read_text().splitlines():
             if line.startswith("NSpid:"):

@@ -27,7 +27,8 @@ def test_default_keeps_workloads_out_of_the_agents_config_only() -> None:
     cfg = config.load(None)
     assert cfg.policy.files == (AGENT_SECRETS,)
     assert AGENT_SECRETS.paths == ("/etc/swarm-agent/",)
-    assert AGENT_SECRETS.cgroups == WORKLOAD_CGROUPS and "/user.slice" not in WORKLOAD_CGROUPS
+    assert AGENT_SECRETS.cgroups == (*WORKLOAD_CGROUPS, "/system.slice/docker-*.scope")
+    assert "/user.slice" not in WORKLOAD_CGROUPS
 
 
 @pytest.mark.parametrize("entry, message", [
