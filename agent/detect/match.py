@@ -48,7 +48,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                   # what a script's interpreter or the loader run as a program runs
                   # (agent/sources/exectarget.py)
                   "target_path", "target_location", "target_sha256", "target_sha256_state",
-                  "exec_ticks"),
+                  "exec_ticks", "exe_st_dev"),
     "proc.exit": (*_PROC, "exit_code", "exit_status", "signal"),
     "file.open": (*_PROC, "ancestors", "path", "flags", "write", "syscall", "pattern",
                   "file_id", "dir_id", "created", "match", "watch_lists", "replaced"),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,6 +49,7 @@ from agent.model import Mitigation, MitigationKind
 
 PROC = Path("/proc")
 SWEEP_ROUNDS = 20          # kill sweeps over a session, until one finds nobody
+SWEEP_CONFIRM_S = 0.01     # the pause before the exec kill's sweep confirms an empty cgroup
 
 
 class ProcessError(EnforceError):
@@ -102,15 +104,14 @@ def _cgroup_procs(cgroup: str) -> list[int]:
     return [int(x) for x in text.split() if x.isdigit()]
 
 
-def _runs(pid: int, exe: tuple[int, int, int], since: int, uid: int | None) -> bool:
-    """Whether `pid` runs the executable `exe` (major, minor, inode: the kernel's, whose
-    device is the superblock's), started at `since` or later, as real uid `uid` (None:
-    any)."""
+def _runs(pid: int, ino: int, st_dev: int | None, since: int, uid: int | None) -> bool:
+    """Whether `pid` runs the executable inode `ino` on device `st_dev` (as stat() gives
+    it; None: any), started at `since` or later, as real uid `uid` (None: any)."""
     try:
         st = os.stat(PROC / str(pid) / "exe")
     except OSError:
         return False
-    if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) != exe:
+    if st.st_ino != ino or (st_dev is not None and st.st_dev != st_dev):
         return False
     start = start_ticks(pid)
     if start is None or start < since:
@@ -140,6 +141,17 @@ def host_pid_namespace() -> bool:
     except OSError:
         return False
     return True             # a kernel without NSpid (< 4.1) has no nested pid namespaces
+
+
+def _stop_then_kill(fds: list[int]) -> None:
+    """SIGSTOP every pinned process first (a stopped process forks no more), then SIGKILL
+    them; one already gone is passed over."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for fd in fds:
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except ProcessLookupError:
+                pass
 
 
 def _pin(pid: int) -> int | None:
@@ -272,12 +284,7 @@ class ProcessEnforcer:
                     else:
                         os.close(fd)
             try:
-                for sig in (signal.SIGSTOP, signal.SIGKILL):
-                    for fd in pinned + fresh:
-                        try:
-                            signal.pidfd_send_signal(fd, sig)
-                        except ProcessLookupError:
-                            pass
+                _stop_then_kill(pinned + fresh)
             finally:
                 for fd in fresh:
                     os.close(fd)
@@ -323,37 +330,40 @@ class ProcessEnforcer:
         one finds none (a stopped process forks no more). Returns how many were killed.
         What identifies them is the kernel's (inode, cgroup, start time), nothing the
         program says; a fork that exec'd another program is judged by its own exec."""
-        major, minor, ino = (int(x) for x in params["exe_id"].split(":"))
-        exe = (major, minor, ino)
+        ino = int(params["exe_id"].rsplit(":", 1)[1])
+        st_dev = params.get("exe_st_dev") if isinstance(params.get("exe_st_dev"), int) else None
         uid = params.get("uid") if isinstance(params.get("uid"), int) else None
         cgroup, killed = params["cgroup"], 0
         since = max(params["start_ticks"], params.get("since_ticks") or 0)
         if cgroup == self._own_cgroup:
             return 0
+        confirmed = False
         for _ in range(SWEEP_ROUNDS):
             fds = []
             for pid in _cgroup_procs(cgroup):
-                if pid in self._protect or not _runs(pid, exe, since, uid):
+                if pid in self._protect or not _runs(pid, ino, st_dev, since, uid):
                     continue
                 if (fd := _pin(pid)) is None:
                     continue
-                if _runs(pid, exe, since, uid) and cgroup_of(pid) == cgroup:
+                if _runs(pid, ino, st_dev, since, uid) and cgroup_of(pid) == cgroup:
                     fds.append(fd)
                 else:
                     os.close(fd)
             try:
-                for sig in (signal.SIGSTOP, signal.SIGKILL):
-                    for fd in fds:
-                        try:
-                            signal.pidfd_send_signal(fd, sig)
-                        except ProcessLookupError:
-                            pass
+                _stop_then_kill(fds)
             finally:
                 for fd in fds:
                     os.close(fd)
             killed += len(fds)
             if not fds:
-                break
+                if confirmed:
+                    break
+                # a fork the kill met half-way through clone() shows up a moment later:
+                # one more look before calling the cgroup clean
+                confirmed = True
+                time.sleep(SWEEP_CONFIRM_S)
+            else:
+                confirmed = False
         return killed
 
     def setup(self, desired: Sequence[Mitigation], now: float) -> None:

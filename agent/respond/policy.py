@@ -148,6 +148,9 @@ def exact_kill(finding: Finding) -> tuple[str, dict[str, Any]] | str:
         # started since its exec (not since its fork: another process may have started
         # in between) and of its uid
         params["exe_id"] = ev["exe_id"]
+        st_dev = ev.get("exe_st_dev")
+        if isinstance(st_dev, int) and not isinstance(st_dev, bool):
+            params["exe_st_dev"] = st_dev
         exec_ticks = ev.get("exec_ticks")
         if isinstance(exec_ticks, int) and not isinstance(exec_ticks, bool):
             params["since_ticks"] = max(start, exec_ticks)

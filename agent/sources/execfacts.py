@@ -175,6 +175,15 @@ def fs_name(magic: int) -> str:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _st_dev(pid: int, ino: int, proc: str = "/proc") -> int | None:
+    """st_dev of what `pid` runs, while it still runs inode `ino`; None otherwise."""
+    try:
+        st = os.stat(f"{proc}/{pid}/exe")
+    except OSError:
+        return None
+    return st.st_dev if st.st_ino == ino else None
+
+
 def boottime_ticks(mono_ns: int) -> int:
     """A CLOCK_MONOTONIC time (the probe's bpf_ktime_get_ns) in /proc/PID/stat's clock
     ticks since boot (CLOCK_BOOTTIME: the same but for time suspended, read now)."""
@@ -204,6 +213,9 @@ def exec_fields(ev: abi.proc_exec_event, walked: str | None, cgroup: str | None,
            # when it exec'd, in the same clock (CLOCK_BOOTTIME ticks): the start time is
            # its fork's, and a fork sweep must not reach processes started in between
            "exec_ticks": boottime_ticks(ev.hdr.ts_ns),
+           # the file's device as stat() gives it (on overlayfs or a btrfs subvolume not
+           # the superblock's the kernel names): what the fork sweep compares forks by
+           "exe_st_dev": _st_dev(ev.proc.pid, exe[1]) if known else None,
            "container": container_of(cgroup)}
     if hasher is not None and known:
         out["exe_sha256"], out["exe_sha256_state"] = hasher.digest(ev.proc.pid, exe)
