@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                         "changes nothing, needs no agent and no root")
     with_config(cc)
 
-    cl = sub.add_parser("cleanup", help="remove the agent's nftables table (and nothing else)")
+    cl = sub.add_parser("cleanup", help="remove the agent's nftables tables (and nothing else)")
     with_config(cl)
 
     demo = sub.add_parser("demo", help="attack a throw-away victim namespace and show the timeline")
@@ -156,7 +156,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     except EnforceError as e:
         print(f"swarm-agent: {e}", file=sys.stderr)
         return EXIT_DENIED if "not permitted" in str(e) else EXIT_FAILURE
-    print("removed table inet swarm_agent")
+    print("removed table inet swarm_agent (and netdev swarm_agent_uplink, inet "
+          "swarm_agent_bridge where present)")
     return 0
 
 
