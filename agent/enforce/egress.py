@@ -59,7 +59,10 @@ class Egress:
             enforced.setdefault(s.policy, [])
             if s.scope not in enforced[s.policy]:
                 enforced[s.policy].append(s.scope)
-        return {"enforced": enforced, "waiting": list(self.waiting)}
+        return {"enforced": enforced, "waiting": list(self.waiting),
+                # the links whose egress hook also holds the rules for workloads in
+                # namespaces of their own (macvlan, ipvlan: agent.enforce.uplink)
+                "uplink_devices": list(self.uplink.devices) if self.uplink.lines else []}
 
 
 def desired(cfg: Config, agent_cgroup: str = "/", devices: Iterable[str] = (),
