@@ -85,7 +85,7 @@ def test_absent_cgroup_waits() -> None:
     rule = EgressRule(name="m", cgroups=("/swa-no-such-cgroup",), ports=(3333,), proto="tcp")
     eg = egress.desired(Config(policy=Policy(egress=(rule,))))
     assert eg.waiting == ("m: /swa-no-such-cgroup",) and not eg.scopes
-    assert eg.status() == {"enforced": {}, "waiting": ["m: /swa-no-such-cgroup"]}
+    assert eg.status() == {"enforced": {}, "waiting": ["m: /swa-no-such-cgroup"], "uplink_devices": []}
 
 
 def test_counts_from_a_listing() -> None:
