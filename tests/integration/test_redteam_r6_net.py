@@ -1,0 +1,128 @@
+"""Red-team round 6 (egress: table netdev swarm_agent_uplink). Each test fails on the code
+as attacked and passes once the finding is fixed. Real namespaces, links and nftables.
+
+R6NET-1  The uplink chain flushed (or its rules deleted): reconcile only asks whether the
+         chain exists, so a macvlan container reaches the metadata service again for
+         good, and no drift is reported.
+R6NET-2  A macvlan container that takes the host's own address as its source passes the
+         uplink table (`ip saddr != { host's }`): it reaches the metadata service,
+         answers included (its ARP traffic points the neighbour at its own MAC).
+R6NET-3  The uplink lines ignore which interfaces a rule names: a host that routes for
+         others (a routed VM, a Calico-style pod, a LAN behind it) has every forwarded
+         packet to a denied destination dropped, though the rule names only docker0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from agent.config import Config
+from agent.enforce.nft import NftEnforcer
+from agent.policyconfig import EgressRule, Policy
+from swarmlab.lab import netns, sh
+from tests.integration.nftlab import connect, listener
+from tests.integration.test_egress_policy import METADATA, PORT, arrived, metadata_service
+
+pytestmark = pytest.mark.privileged
+
+
+def _macvlan_container(lab, addr: str) -> str:
+    ctr = f"swa-ctr-{lab.tag}"
+    sh("ip", "netns", "add", ctr)
+    lab.namespaces.append(ctr)
+    lab._prepare(ctr)
+    sh("ip", "link", "add", "mv0", "link", "v0", "type", "macvlan", "mode", "bridge", ns=lab.victim)
+    sh("ip", "link", "set", "mv0", "netns", ctr, ns=lab.victim)
+    sh("ip", "addr", "add", f"{addr}/24", "dev", "mv0", ns=ctr)
+    sh("ip", "link", "set", "mv0", "up", ns=ctr)
+    sh("ip", "route", "add", f"{METADATA}/32", "via", lab.addr("attacker"), ns=ctr)
+    return ctr
+
+
+def test_r6net_1_flushed_uplink_chain_is_repaired(lab):
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    ctr = _macvlan_container(lab, f"10.{lab.subnet}.0.77")
+    with listener(lab.attacker, METADATA, PORT, "secret"):
+        with netns(lab.victim):
+            e = NftEnforcer(Config())
+            e.setup([], time.time())
+        try:
+            assert connect(ctr, METADATA, PORT) is None          # the uplink table works
+            sh("nft", "flush", "chain", "netdev", "swarm_agent_uplink", "egress", ns=lab.victim)
+            with netns(lab.victim):
+                drift = e.reconcile([], time.time())
+            got = connect(ctr, METADATA, PORT)
+            assert got is None, (
+                f"after `nft flush chain netdev swarm_agent_uplink egress` and a reconcile "
+                f"(drift reported: {drift}), a macvlan container read {got!r} from the "
+                f"metadata service: reconcile only checks that the chain exists")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
+
+
+def test_r6net_2_container_forging_host_address_reaches_metadata(lab):
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    host = lab.addr("victim")
+    ctr = _macvlan_container(lab, host)        # the container takes the host's address
+    with listener(lab.attacker, METADATA, PORT, "secret"):
+        with netns(lab.victim):
+            e = NftEnforcer(Config())
+            e.setup([], time.time())
+        try:
+            got = None
+            for _ in range(3):
+                got = connect(ctr, METADATA, PORT) or got
+            assert got is None and arrived(lab.attacker) == 0, (
+                f"a macvlan container using the host's address {host} as its source read "
+                f"{got!r} from the metadata service ({arrived(lab.attacker)} packets "
+                f"arrived) under the default policy")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
+
+
+def test_r6net_3_routed_neighbour_not_named_by_rule_is_not_dropped(lab):
+    """The victim routes for a LAN namespace (no NAT) over link v9; a rule denies the
+    attacker's port for what comes in on docker0 only. The LAN's traffic is no one the
+    rule names, yet the uplink table drops it at v0's egress."""
+    lan = f"swa-lan-{lab.tag}"
+    sh("ip", "netns", "add", lan)
+    lab.namespaces.append(lan)
+    lab._prepare(lan)
+    sh("ip", "link", "add", "l0", "type", "veth", "peer", "name", "v9", ns=lab.victim)
+    sh("ip", "link", "set", "l0", "netns", lan, ns=lab.victim)
+    net = f"10.{lab.subnet}.9"
+    sh("ip", "addr", "add", f"{net}.1/24", "dev", "v9", ns=lab.victim)
+    sh("ip", "link", "set", "v9", "up", ns=lab.victim)
+    sh("ip", "addr", "add", f"{net}.2/24", "dev", "l0", ns=lan)
+    sh("ip", "link", "set", "l0", "up", ns=lan)
+    sh("ip", "route", "add", "default", "via", f"{net}.1", ns=lan)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=lab.victim)
+    sh("ip", "route", "add", f"{net}.0/24", "via", lab.addr("victim"), ns=lab.attacker)
+    target = lab.addr("attacker")
+    rule = EgressRule(name="no-port-for-docker", destinations=(f"{target}/32",), ports=(PORT,),
+                      proto="tcp", interfaces=("docker0",))
+    cfg = dataclasses.replace(Config(), policy=Policy(egress=(rule,)))
+    with listener(lab.attacker, target, PORT, "public"):
+        assert connect(lan, target, PORT) == "public"    # the routed path works
+        with netns(lab.victim):
+            e = NftEnforcer(cfg)
+            e.setup([], time.time())
+        try:
+            got = connect(lan, target, PORT)
+            if got != "public":     # whose drop: without the uplink table it passes
+                sh("nft", "delete", "table", "netdev", "swarm_agent_uplink", ns=lab.victim)
+                assert connect(lan, target, PORT) == "public"
+            assert got == "public", (
+                "a routed LAN host (in on v9, not docker0) lost its connection to "
+                f"{target}:{PORT} once a rule naming only docker0 was enforced: the uplink "
+                "table drops every forwarded packet whose source is not the host's")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
