@@ -10,6 +10,9 @@ R6NET-2  A macvlan container that takes the host's own address as its source pas
 R6NET-3  The uplink lines ignore which interfaces a rule names: a host that routes for
          others (a routed VM, a Calico-style pod, a LAN behind it) has every forwarded
          packet to a denied destination dropped, though the rule names only docker0.
+R6NET-4  More than 256 Ethernet links (containers' veths): the uplink chain's device list
+         passes the kernel's cap, nft refuses, setup raises and every reconcile raises
+         before it repairs anything (a deleted inet table stays deleted).
 """
 from __future__ import annotations
 
@@ -122,6 +125,44 @@ def test_r6net_3_routed_neighbour_not_named_by_rule_is_not_dropped(lab):
                 "a routed LAN host (in on v9, not docker0) lost its connection to "
                 f"{target}:{PORT} once a rule naming only docker0 was enforced: the uplink "
                 "table drops every forwarded packet whose source is not the host's")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
+
+
+def test_r6net_4_many_links_do_not_turn_the_egress_policy_off(lab):
+    """A node with more than 256 Ethernet links (the host side veth of each container: a
+    busy Docker host, a tenant that starts containers): every one goes into the uplink
+    chain's device list, which the kernel caps at 256 (NFT_NETDEVICE_MAX, "File too
+    large"). Found: setup raises, and every later reconcile raises at the uplink table
+    before it repairs anything: a macvlan container reaches the metadata service and a
+    deleted inet table is never made again."""
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    ctr = _macvlan_container(lab, f"10.{lab.subnet}.0.77")
+    batch = "".join(f"link add r6a{i} type veth peer name r6b{i}\n" for i in range(130))
+    sh("ip", "-batch", "-", ns=lab.victim, input=batch)
+    with listener(lab.attacker, METADATA, PORT, "secret"):
+        with netns(lab.victim):
+            e = NftEnforcer(Config())
+        try:
+            errors = []
+            with netns(lab.victim):
+                try:
+                    e.setup([], time.time())
+                except Exception as err:  # noqa: BLE001 -- what the daemon sees
+                    errors.append(f"setup: {err}")
+            sh("nft", "delete", "table", "inet", "swarm_agent", ns=lab.victim)
+            with netns(lab.victim):
+                try:
+                    e.reconcile([], time.time())
+                except Exception as err:  # noqa: BLE001
+                    errors.append(f"reconcile: {err}")
+            got = connect(ctr, METADATA, PORT)
+            tables = sh("nft", "list", "tables", ns=lab.victim).stdout
+            assert not errors and got is None and "inet swarm_agent\n" in tables + "\n", (
+                f"with 260 more links on the host: {errors}; a macvlan container read "
+                f"{got!r} from the metadata service; tables after a reconcile: {tables!r}")
         finally:
             with netns(lab.victim):
                 e.remove()
