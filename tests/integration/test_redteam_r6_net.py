@@ -13,20 +13,31 @@ R6NET-3  The uplink lines ignore which interfaces a rule names: a host that rout
 R6NET-4  More than 256 Ethernet links (containers' veths): the uplink chain's device list
          passes the kernel's cap, nft refuses, setup raises and every reconcile raises
          before it repairs anything (a deleted inet table stays deleted).
+R6NET-5  agent/cgroupview.py, an agent in its own cgroup namespace whose cgroup2 mount is
+         the namespace's own: _locate answers "/" (host namespace) and host_path turns
+         "/../job" into "/job", a path that is not the job's (documented: None).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from agent.cgroupview import cgroup2_mount
 from agent.config import Config
 from agent.enforce.nft import NftEnforcer
 from agent.policyconfig import EgressRule, Policy
-from swarmlab.lab import netns, sh
+from swarmlab.breachlab import throwaway_cgroup
+from swarmlab.lab import netns, sh, wait_for
 from tests.integration.nftlab import connect, listener
-from tests.integration.test_egress_policy import METADATA, PORT, arrived, metadata_service
+from tests.integration.test_egress_policy import METADATA, PORT, arrived, cgroup_path, metadata_service
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.privileged
 
@@ -167,3 +178,44 @@ def test_r6net_4_many_links_do_not_turn_the_egress_policy_off(lab):
             with netns(lab.victim):
                 e.remove()
                 e.close()
+
+
+_NAME_FROM_NAMESPACE = r"""
+import json, sys
+from agent import cgroupview
+print(json.dumps({"root": cgroupview.namespace_root(),
+                  "job": cgroupview.cgroup_of(int(sys.argv[1]))}))
+"""
+
+
+def test_r6net_5_agent_with_its_namespace_own_cgroup_mount_names_no_wrong_path():
+    """The agent in its own cgroup namespace with the cgroup2 mount the runtime gives a
+    container (the namespace's own, not the host's: a DaemonSet without the hostPath
+    mount). agent/cgroupview.py's docstring: the root cannot be found there, so paths
+    climbing out ("/..") are None. Found: the mount's root cgroup.procs lists the agent, so
+    _locate answers "/" (the host's own namespace), and host_path normalizes "/../job"
+    to "/job": a sibling job is named by a path that is not its own (a grant for its real
+    path misses: an authorized job is a violation; a rule for "/job" hits a stranger)."""
+    with throwaway_cgroup("swa-r6ns") as outer:
+        agent_cg, job_cg = outer / "agent", outer / "job"
+        agent_cg.mkdir()
+        job_cg.mkdir()
+        job = subprocess.Popen(["sh", "-c", f'echo $$ > "{job_cg}/cgroup.procs" && exec sleep 30'])
+        try:
+            wait_for(lambda: str(job.pid) in (job_cg / "cgroup.procs").read_text(), 5.0)
+            inner = (f'umount {cgroup2_mount()} && mount -t cgroup2 none {cgroup2_mount()} && exec "{sys.executable}" -c '
+                     f'"$0" "$@"')
+            judge = subprocess.run(
+                ["sh", "-c", f'echo $$ > "{agent_cg}/cgroup.procs" && exec unshare --cgroup '
+                 f'--mount --propagation private sh -c \'{inner}\' "$0" "$@"',
+                 _NAME_FROM_NAMESPACE, str(job.pid)],
+                capture_output=True, text=True, timeout=30, cwd=REPO)
+            assert judge.returncode == 0, judge.stderr
+            seen = json.loads(judge.stdout)
+        finally:
+            job.kill()
+            job.wait(timeout=5)
+    real = cgroup_path(job_cg)
+    assert seen["job"] in (None, real), (
+        f"an agent in its own cgroup namespace, with the namespace's own cgroup2 mount, "
+        f"names the job at {real} as {seen['job']!r} (namespace root found: {seen['root']!r})")
