@@ -16,6 +16,9 @@ R6NET-4  More than 256 Ethernet links (containers' veths): the uplink chain's de
 R6NET-5  agent/cgroupview.py, an agent in its own cgroup namespace whose cgroup2 mount is
          the namespace's own: _locate answers "/" (host namespace) and host_path turns
          "/../job" into "/job", a path that is not the job's (documented: None).
+R6NET-6  A macvlan container's packet socket (CAP_NET_RAW, Docker's default) bound to
+         another protocol sends IPv4 frames whose skb->protocol is not IPv4: the uplink's
+         `ip daddr` never matches and they reach the metadata address.
 """
 from __future__ import annotations
 
@@ -219,3 +222,61 @@ def test_r6net_5_agent_with_its_namespace_own_cgroup_mount_names_no_wrong_path()
     assert seen["job"] in (None, real), (
         f"an agent in its own cgroup namespace, with the namespace's own cgroup2 mount, "
         f"names the job at {real} as {seen['job']!r} (namespace root found: {seen['root']!r})")
+
+
+_RAW_SEND = r"""
+import socket, struct, sys
+dev, dst_mac, src_ip, dst_ip, port, proto = sys.argv[1:7]
+port, proto = int(port), int(proto, 16)
+def csum(b):
+    s = sum(struct.unpack(f"!{len(b)//2}H", b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+payload = b"GET /latest/meta-data/iam/ HTTP/1.0\r\n\r\n"
+udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                  socket.inet_aton(src_ip), socket.inet_aton(dst_ip))
+hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+s.bind((dev, proto))
+src_mac = s.getsockname()[4]
+frame = bytes.fromhex(dst_mac.replace(":", "")) + src_mac + b"\x08\x00" + hdr + udp
+for _ in range(5):
+    try:
+        s.send(frame)
+    except OSError:          # ENOBUFS: dropped on the way (the egress hook)
+        pass
+"""
+
+
+def test_r6net_6_raw_frame_with_another_skb_protocol_passes_the_uplink(lab):
+    """A macvlan container with CAP_NET_RAW (Docker's default set) writes IPv4 frames to
+    its link through a packet socket bound to another protocol (0x88b5). The kernel takes
+    skb->protocol from the socket, not the frame; the uplink's `ip daddr` match (netdev
+    family: meta protocol ip first) does not match, and the frame leaves as IPv4 to the
+    metadata address. (Control: the same frames from a socket of protocol 0x0800 are
+    dropped.) The container's kernel RSTs to the replies are dropped by the uplink table
+    itself, so a user-space TCP over such frames works too."""
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    ctr = _macvlan_container(lab, f"10.{lab.subnet}.0.77")
+    mac = sh("cat", "/sys/class/net/a0/address", ns=lab.attacker).stdout.strip()
+    with netns(lab.victim):
+        e = NftEnforcer(Config())
+        e.setup([], time.time())
+    try:
+        def send(proto: str) -> int:
+            before = arrived(lab.attacker)
+            run = sh(sys.executable, "-c", _RAW_SEND, "mv0", mac, f"10.{lab.subnet}.0.77",
+                     METADATA, str(PORT), proto, ns=ctr, check=False)
+            assert run.returncode == 0, run.stderr
+            time.sleep(0.2)
+            return arrived(lab.attacker) - before
+        assert send("0800") == 0            # the control: an honest skb->protocol is dropped
+        leaked = send("88b5")
+        assert leaked == 0, (
+            f"{leaked} of 5 IPv4 frames from a macvlan container's packet socket bound to "
+            f"protocol 0x88b5 reached the metadata address past table netdev swarm_agent_uplink")
+    finally:
+        with netns(lab.victim):
+            e.remove()
+            e.close()
