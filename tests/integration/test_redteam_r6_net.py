@@ -19,6 +19,8 @@ R6NET-5  agent/cgroupview.py, an agent in its own cgroup namespace whose cgroup2
 R6NET-6  A macvlan container's packet socket (CAP_NET_RAW, Docker's default) bound to
          another protocol sends IPv4 frames whose skb->protocol is not IPv4: the uplink's
          `ip daddr` never matches and they reach the metadata address.
+R6NET-7  The host's own traffic from an address it got since the last reconcile (DHCP,
+         IPv6 temporary address, VIP) is dropped by the uplink table as a workload's.
 """
 from __future__ import annotations
 
@@ -280,3 +282,33 @@ def test_r6net_6_raw_frame_with_another_skb_protocol_passes_the_uplink(lab):
         with netns(lab.victim):
             e.remove()
             e.close()
+
+
+def test_r6net_7_host_traffic_from_a_new_address_is_not_dropped(lab):
+    """The host gets a new address (a DHCP lease that changes, an IPv6 temporary address,
+    a VIP moving in) and uses it: the uplink table still holds the addresses of the last
+    reconcile (every RECONCILE_EVERY_S = 5 s, and nothing triggers one on an address
+    change), so the host's own traffic to the metadata service from the new address is
+    dropped as a foreign workload's (cloud-init, the node's credential refresh)."""
+    metadata_service(lab, lab.attacker, lab.addr("attacker"))
+    _macvlan_container(lab, f"10.{lab.subnet}.0.77")   # an uplink rule in force
+    new = f"10.{lab.subnet}.0.50"
+    with listener(lab.attacker, METADATA, PORT, "secret"):
+        with netns(lab.victim):
+            e = NftEnforcer(Config())
+            e.setup([], time.time())
+        try:
+            assert connect(lab.victim, METADATA, PORT) == "secret"
+            sh("ip", "addr", "add", f"{new}/24", "dev", "v0", ns=lab.victim)
+            got = connect(lab.victim, METADATA, PORT, src=new)
+            if got != "secret":     # whose drop: after a reconcile it passes
+                with netns(lab.victim):
+                    e.reconcile([], time.time())
+                assert connect(lab.victim, METADATA, PORT, src=new) == "secret"
+            assert got == "secret", (
+                f"the host's own connection to the metadata service from its new address "
+                f"{new} got {got!r}: the uplink table drops it until the next reconcile")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
