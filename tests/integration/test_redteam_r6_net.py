@@ -21,6 +21,8 @@ R6NET-6  A macvlan container's packet socket (CAP_NET_RAW, Docker's default) bou
          `ip daddr` never matches and they reach the metadata address.
 R6NET-7  The host's own traffic from an address it got since the last reconcile (DHCP,
          IPv6 temporary address, VIP) is dropped by the uplink table as a workload's.
+R6NET-8  Node isolation does not reach a macvlan container of the isolated node: it keeps
+         talking to any address (the uplink hook carries the egress policy only).
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ from pathlib import Path
 import pytest
 
 from agent.cgroupview import cgroup2_mount
-from agent.config import Config
+from agent.config import Allowlist, Config
 from agent.enforce.nft import NftEnforcer
+from agent.model import Mitigation, MitigationKind
 from agent.policyconfig import EgressRule, Policy
 from swarmlab.breachlab import throwaway_cgroup
 from swarmlab.lab import netns, sh, wait_for
@@ -308,6 +311,38 @@ def test_r6net_7_host_traffic_from_a_new_address_is_not_dropped(lab):
             assert got == "secret", (
                 f"the host's own connection to the metadata service from its new address "
                 f"{new} got {got!r}: the uplink table drops it until the next reconcile")
+        finally:
+            with netns(lab.victim):
+                e.remove()
+                e.close()
+
+
+def test_r6net_8_isolated_node_cuts_its_macvlan_containers_too(lab):
+    """Node isolation (the breach response: only the mesh and management networks reach
+    the node) is made of the inet table's input/output/forward chains only; the uplink
+    hook that R4-7 added for the egress policy carries none of it. Found: a container on a
+    macvlan of the isolated node keeps talking to anyone (and anyone to it), though it
+    runs on the breached kernel and a bridged container is cut."""
+    friend = f"10.{lab.subnet}.0.99"
+    sh("ip", "addr", "add", f"{friend}/24", "dev", "a0", ns=lab.attacker)
+    ctr = _macvlan_container(lab, f"10.{lab.subnet}.0.77")
+    attacker = lab.addr("attacker")
+    with listener(lab.attacker, attacker, PORT, "outside"):
+        with netns(lab.victim):
+            e = NftEnforcer(dataclasses.replace(
+                Config(), allowlist=Allowlist(management=(f"{friend}/32",))))
+            e.setup([], time.time())
+        try:
+            assert connect(ctr, attacker, PORT) == "outside"       # before: it works
+            now = time.time()
+            with netns(lab.victim):
+                e.apply(Mitigation(MitigationKind.ISOLATE_NODE, "node", now, now + 600), now)
+            assert connect(lab.victim, attacker, PORT) is None      # the host is cut
+            got = connect(ctr, attacker, PORT)
+            assert got is None, (
+                f"a macvlan container of the isolated node read {got!r} from {attacker} "
+                f"(not in the isolation allowlist): node isolation does not reach the "
+                f"host's links")
         finally:
             with netns(lab.victim):
                 e.remove()
