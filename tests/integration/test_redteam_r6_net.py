@@ -23,6 +23,7 @@ R6NET-7  The host's own traffic from an address it got since the last reconcile 
          IPv6 temporary address, VIP) is dropped by the uplink table as a workload's.
 R6NET-8  Node isolation does not reach a macvlan container of the isolated node: it keeps
          talking to any address (the uplink hook carries the egress policy only).
+R6NET-9  The uplink table deleted is made again by reconcile but reported as no drift.
 """
 from __future__ import annotations
 
@@ -347,3 +348,23 @@ def test_r6net_8_isolated_node_cuts_its_macvlan_containers_too(lab):
             with netns(lab.victim):
                 e.remove()
                 e.close()
+
+
+def test_r6net_9_deleting_the_uplink_table_is_reported_as_drift(lab):
+    """`nft delete table netdev swarm_agent_uplink` (an intruder with root turning the
+    macvlan egress policy off): reconcile makes it again but reports nothing (Drift false:
+    no reconcile.tampered, no last_drift_at), while deleting table inet swarm_agent is
+    reported. The window in between (up to RECONCILE_EVERY_S) leaves no trace."""
+    with netns(lab.victim):
+        e = NftEnforcer(Config())
+        e.setup([], time.time())
+    try:
+        sh("nft", "delete", "table", "netdev", "swarm_agent_uplink", ns=lab.victim)
+        with netns(lab.victim):
+            drift = e.reconcile([], time.time())
+        assert "swarm_agent_uplink" in sh("nft", "list", "tables", ns=lab.victim).stdout
+        assert drift, f"the uplink table deleted and made again: reconcile reported {drift}"
+    finally:
+        with netns(lab.victim):
+            e.remove()
+            e.close()
