@@ -58,6 +58,17 @@ def cgroup2_mount() -> Path | None:
     return None
 
 
+PROC_CGROUP_INIT_INO = 0xEFFFFFFB   # the initial cgroup namespace (include/linux/proc_ns.h)
+
+
+def _initial_namespace() -> bool | None:
+    """Whether this process is in the host's (initial) cgroup namespace; None: unknown."""
+    try:
+        return os.stat("/proc/self/ns/cgroup").st_ino == PROC_CGROUP_INIT_INO
+    except OSError:
+        return None
+
+
 def _locate(root: Path | None = None) -> str | None:
     """The host path of this process's cgroup namespace root; None if not found."""
     pid = os.getpid()
@@ -65,7 +76,12 @@ def _locate(root: Path | None = None) -> str | None:
     root = root or cgroup2_mount()
     if own is None or root is None:
         return None
+    initial = _initial_namespace()
     if _lists(root / own.lstrip("/"), pid):
+        if initial is False and own in ("", "/"):
+            # in a namespace of our own and this mount is rooted where we are: it is the
+            # namespace's own mount, not the host's, and says nothing of where that is
+            return None
         return "/"          # the paths we read are the host's (no namespace of our own)
     seen = 0
     for dirpath, dirnames, _ in os.walk(root):

@@ -65,8 +65,9 @@ class Egress:
                 "uplink_devices": list(self.uplink.devices) if self.uplink.lines else []}
 
 
-def desired(cfg: Config, agent_cgroup: str = "/", devices: Iterable[str] = (),
-            own: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = ()) -> Egress:
+def desired(cfg: Config, agent_cgroup: str = "/", devices: Iterable[tuple[str, str]] = (),
+            own: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = (),
+            isolated: bool = False) -> Egress:
     """The egress chains' contents for `cfg.policy`, with the cgroups present now, and the
     uplink table's for `devices` and the host's own addresses `own`. The
     agent's own cgroup (unless the root: that would exempt everything) is exempt: a policy
@@ -98,7 +99,7 @@ def desired(cfg: Config, agent_cgroup: str = "/", devices: Iterable[str] = (),
                 scopes.append(Scope(rule.name, scope))
     base = len(scopes)
     up, names = uplink.desired(cfg.policy.egress, devices, own, _matches,
-                               lambda i: f"{COMMENT_PREFIX}{base + i}")
+                               lambda i: f"{COMMENT_PREFIX}{base + i}", isolated)
     scopes += [Scope(name, "uplink") for name in names]
     return Egress(tuple(lines), tuple(scopes), tuple(waiting), up)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ from agent.enforce.ifaddr import AddressReader
 from agent.enforce.ruleset import (BRIDGE_TABLE, CHALLENGE_KINDS, EGRESS_CHAINS, ELEMENT_SETS,
                                    FAMILY, ISOLATION_CHAINS, TABLE, Key, Service, SetContents,
                                    desired_contents, element_cmd, elements_json, parse_network, set_for, syn_wait_text, table_batch)
-from agent.linktype import ethernet_links
+from agent.linktype import uplinks
+from agent.policyconfig import WORKLOAD_INTERFACES
 from agent.model import Mitigation, MitigationKind
 
+log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 # The SYN proxy must see a connection's ACK as invalid, not pick it up mid-stream as an
@@ -54,6 +57,7 @@ class NftEnforcer:
         self._isolated = isolate.Isolation()   # what the isolation chains hold
         self._egress = egress.Egress()         # what the egress chains hold
         self._uplink = uplink.Uplink()         # what table netdev swarm_agent_uplink holds
+        self.uplink_error = ""                 # why the kernel refused it, "" when applied
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._addrs = AddressReader()
@@ -143,8 +147,10 @@ class NftEnforcer:
         if eg.lines != self._egress.lines and self._structure is not None:
             with contextlib.suppress(EnforceError):   # no table: recreated below
                 self._send_egress(eg)
-        if eg.uplink != self._uplink or (eg.uplink.lines and not self._uplink_present()):
-            self._send_uplink(eg.uplink)    # devices or addresses changed, or it was deleted
+        if self._uplink_due(eg.uplink):         # links or addresses changed, or tampered
+            if self._uplink.lines and eg.uplink == self._uplink:
+                eg_added.append("egress:uplink")    # deleted or flushed by someone: drift
+            self._send_uplink(eg.uplink)
         objs = self._list()
         have = listing.elements(objs or [])
         added, removed, drifted = _diff(want, have, now)
@@ -203,12 +209,10 @@ class NftEnforcer:
             objs += listing.objects(out)
         counted = egress.counts(objs, self._egress)
         if self._uplink.lines:
-            cmd = {"nftables": [{"list": {"chain": {"family": "netdev", "table": uplink.UPLINK_TABLE,
-                                                    "name": uplink.CHAIN}}}]}
-            rc, out, err = self._nft.json_cmd(cmd)
-            if rc != 0:
-                raise EnforceError(f"cannot read the uplink chain: {_first_line(err)}", cmd)
-            for scope, n in egress.uplink_counts(listing.objects(out), self._egress).items():
+            objs = self._uplink_listing()
+            if objs is None:
+                raise EnforceError("cannot read table netdev swarm_agent_uplink")
+            for scope, n in egress.uplink_counts(objs, self._egress).items():
                 counted[scope] = counted.get(scope, 0) + n
         return counted
 
@@ -298,8 +302,9 @@ class NftEnforcer:
             self._send_isolation(iso)
         self._egress = egress.Egress()
         self._send_egress(eg)
-        if eg.uplink != self._uplink or (eg.uplink.lines and not self._uplink_present()):
-            self._send_uplink(eg.uplink)
+        up = self._egress_desired().uplink      # with the isolation now in force
+        if self._uplink_due(up):
+            self._send_uplink(up)
         self._desired = {m.id: m for m in desired}
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
@@ -340,24 +345,49 @@ class NftEnforcer:
         self._isolated = iso
         objs = self._list()
         self._structure = listing.fingerprint(objs) if objs is not None else None
+        up = self._egress_desired().uplink      # node isolation cuts macvlan workloads too
+        if self._uplink_due(up):
+            self._send_uplink(up)
 
     def _egress_desired(self) -> egress.Egress:
         """The egress policy for the cgroups, links and addresses of the namespace now."""
-        return egress.desired(self.cfg, self._agent_cgroup,
-                              ethernet_links(self.cfg.interfaces), self._addrs.addresses())
+        patterns = tuple({*WORKLOAD_INTERFACES, *(i for r in self.cfg.policy.egress
+                                                  for i in r.interfaces)})
+        try:
+            links = uplinks(self.cfg.interfaces, patterns)
+        except OSError:
+            links = []
+        return egress.desired(self.cfg, self._agent_cgroup, links, self._addrs.addresses(),
+                              self._isolated.node)
 
     def _send_uplink(self, up: uplink.Uplink) -> None:
-        """Make table netdev swarm_agent_uplink anew (agent.enforce.uplink), one transaction."""
+        """Make table netdev swarm_agent_uplink anew (agent.enforce.uplink), one
+        transaction. A refusal is kept for status and never stops the caller: the inet
+        table's repair must not wait on the uplink hook."""
         text = uplink.text(up)
         rc, _, err = self._nft.cmd(text)
         if rc != 0:
-            raise EnforceError(f"nftables refused the egress policy's uplink hook: "
-                               f"{_first_line(err)}", text)
+            self.uplink_error = f"nftables refused the uplink hook: {_first_line(err)}"
+            log.error("egress uplink hook not applied", extra={"reason": self.uplink_error})
+            self._uplink = uplink.Uplink(("(refused)",))    # try again at the next reconcile
+            return
+        self.uplink_error = ""
         self._uplink = up
 
-    def _uplink_present(self) -> bool:
-        rc, _, _ = self._nft.cmd(f"list chain netdev {uplink.UPLINK_TABLE} {uplink.CHAIN}\n")
-        return rc == 0
+    def _uplink_listing(self) -> list[dict[str, Any]] | None:
+        cmd = {"nftables": [{"list": {"table": {"family": "netdev", "name": uplink.UPLINK_TABLE}}}]}
+        rc, out, _ = self._nft.json_cmd(cmd)
+        return listing.objects(out) if rc == 0 else None
+
+    def _uplink_due(self, want: uplink.Uplink) -> bool:
+        """Whether the uplink table must be made anew: other contents are wanted, or the
+        kernel's is not what was made (deleted, a chain flushed or edited)."""
+        if want != self._uplink:
+            return True
+        if not want.lines:
+            return False
+        objs = self._uplink_listing()
+        return objs is None or uplink.rule_count(objs) != len(want.lines) * len(uplink.chains(want))
 
     def _send_egress(self, eg: egress.Egress) -> None:
         """Rewrite the egress chains as one text transaction (like the isolation's)."""

@@ -12,79 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import struct
-from dataclasses import dataclass
 
 from agent.sources import libbpf
 
-RTM_NEWLINK, RTM_GETLINK = 16, 18
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_LINK_NETNSID = 3, 5, 10, 18, 37
-IFLA_INFO_KIND = 1
-# Devices whose IFLA_LINK is the link they receive through (their frames are that link's
-# first). A veth's IFLA_LINK is its peer, a tunnel's its underlay: neither is stacked so.
-STACKED_KINDS = {"vlan", "macvlan", "macvtap", "ipvlan", "ipvtap"}
-_NLMSGHDR = struct.Struct("=IHHII")
-_IFINFOMSG = struct.Struct("=BxHiII")
-_RTATTR = struct.Struct("=HH")
-
-
-@dataclass(frozen=True)
-class LinkInfo:
-    index: int
-    name: str
-    kind: str          # IFLA_INFO_KIND ("bridge", "vlan", "veth"...), "" when none
-    lower: int         # the ifindex it receives through (vlan, macvlan...), 0 when none
-    master: int        # its bridge, bond or team, 0 when none
-
-
-def _attrs(buf: bytes, offset: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + _RTATTR.size <= len(buf):
-        length, kind = _RTATTR.unpack_from(buf, offset)
-        if length < _RTATTR.size:
-            break
-        out[kind & 0x3FFF] = buf[offset + _RTATTR.size:offset + length]   # no NLA_F_NESTED
-        offset += (length + 3) & ~3
-    return out
-
-
-def _parse(msg: bytes) -> LinkInfo:
-    _, _, index, _, _ = _IFINFOMSG.unpack_from(msg)
-    a = _attrs(msg, _IFINFOMSG.size)
-    kind = _attrs(a.get(IFLA_LINKINFO, b""), 0).get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
-    lower = struct.unpack("=i", a[IFLA_LINK])[0] if IFLA_LINK in a else 0
-    if kind not in STACKED_KINDS or IFLA_LINK_NETNSID in a:
-        lower = 0   # not stacked, or stacked on a link of another namespace
-    return LinkInfo(index, a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"), kind,
-                    lower, struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0)
-
-
-def dump() -> list[LinkInfo]:
-    """Every link of the calling thread's network namespace."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-        s.bind((0, 0))
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        s.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP,
-                              1, 0) + body)
-        found: list[LinkInfo] = []
-        while True:
-            data, offset = s.recv(1 << 16), 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
-                if kind == NLMSG_DONE:
-                    return found
-                if kind == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                    if err:
-                        raise OSError(-err, "RTM_GETLINK failed")
-                elif kind == RTM_NEWLINK:
-                    found.append(_parse(data[offset + _NLMSGHDR.size:offset + length]))
-                if length == 0:
-                    break
-                offset += (length + 3) & ~3
+from agent.linktype import LinkInfo, dump  # noqa: F401 (rtnetlink's links: shared with the enforcer)
 
 
 def lowers(names: list[str], infos: list[LinkInfo] | None = None) -> dict[str, list[str]]:

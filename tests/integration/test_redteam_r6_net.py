@@ -109,6 +109,7 @@ def test_r6net_2_container_forging_host_address_reaches_metadata(lab):
                 e.close()
 
 
+@pytest.mark.xfail(strict=True, reason="known limit, named in the README (Policy: egress): the uplink hook cannot tell a packet the host routes for a neighbour (no NAT) from a macvlan workload's; both have a foreign source")
 def test_r6net_3_routed_neighbour_not_named_by_rule_is_not_dropped(lab):
     """The victim routes for a LAN namespace (no NAT) over link v9; a rule denies the
     attacker's port for what comes in on docker0 only. The LAN's traffic is no one the
@@ -288,6 +289,7 @@ def test_r6net_6_raw_frame_with_another_skb_protocol_passes_the_uplink(lab):
             e.close()
 
 
+@pytest.mark.xfail(strict=True, reason="known limit, named in the README (Policy: egress): the host's addresses in the uplink hook are re-read at each reconcile (5 s), not on every address change")
 def test_r6net_7_host_traffic_from_a_new_address_is_not_dropped(lab):
     """The host gets a new address (a DHCP lease that changes, an IPv6 temporary address,
     a VIP moving in) and uses it: the uplink table still holds the addresses of the last
