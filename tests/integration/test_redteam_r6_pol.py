@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,37 @@ def test_a_tmp_script_named_so_the_agent_cannot_resolve_it(lab, workloads, tmp_p
         agent.stop()
         shutil.rmtree(Path("/tmp") / f"swa-r6-sc-{os.getpid()}", ignore_errors=True)
         Path(f"/tmp/swa-r6-live-{os.getpid()}").unlink(missing_ok=True)
+
+
+@pytest.mark.privileged
+def test_a_denied_scripts_kill_does_not_sweep_the_workloads_other_shells(lab, workloads,
+                                                                         tmp_path):
+    """R6POL-3: a path-denied `#!/bin/sh` script is judged by its target_path (R5EXEC-4's
+    fix), but the kill's fork sweep (agent/respond/policy.py exact_kill -> exe_id, and
+    agent/enforce/process.py _sweep_forks) is keyed on the EXECUTABLE's inode, which for a
+    script is /bin/sh's: every shell of the workload's cgroup and uid started since the
+    denied exec is killed with it -- here an innocent `sh -c 'sleep 300; :'` job the
+    workload started a moment later, which runs no denied file. Only the denied script's
+    process (and its own forks) should be hit."""
+    home = Path("/var/lib") / f"swa-r6-sweep-{os.getpid()}"
+    (home / "bad").mkdir(parents=True, exist_ok=True)
+    script = home / "bad" / "miner.sh"
+    script.write_text(f"#!{SH}\nwhile :; do sleep 1; done\n")
+    script.chmod(0o755)
+    agent = start_agent(lab, tmp_path, f"  exec_denied_paths: [\"{home}/bad/*\"]\n")
+    procs = []
+    try:
+        procs.append(alone := run(lab, workloads / "job", SH, "-c", "sleep 300; :"))
+        time.sleep(1.0)
+        assert alone.poll() is None          # the same job alone runs: the policy allows it
+        procs.append(denied := run(lab, workloads / "job", str(script)))
+        procs.append(innocent := run(lab, workloads / "job", SH, "-c", "sleep 300; :"))
+        assert killed(denied), "the denied script ran (the policy is not live)"
+        time.sleep(1.0)
+        assert innocent.poll() is None, (
+            f"an innocent shell of the same workload was killed with the denied script "
+            f"(returncode {innocent.returncode})")
+    finally:
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(home, ignore_errors=True)
