@@ -88,14 +88,35 @@ def test_a_denied_scripts_kill_does_not_sweep_the_workloads_other_shells(lab, wo
         procs.append(alone := run(lab, workloads / "job", SH, "-c", "sleep 300; :"))
         time.sleep(1.0)
         assert alone.poll() is None          # the same job alone runs: the policy allows it
-        procs.append(denied := run(lab, workloads / "job", str(script)))
-        procs.append(innocent := run(lab, workloads / "job", SH, "-c", "sleep 300; :"))
-        assert killed(denied), "the denied script ran (the policy is not live)"
-        time.sleep(1.0)
-        assert innocent.poll() is None, (
-            f"an innocent shell of the same workload was killed with the denied script "
-            f"(returncode {innocent.returncode})")
+        # the workload's own shell starts the denied script in the background, then an
+        # innocent job a moment later (its exit status lands in `rc`)
+        rc, pidf = home / "rc", home / "pid"
+        procs.append(outer := run(lab, workloads / "job", SH, "-c",
+                                  f"{script} & echo $! > {pidf}; sh -c 'sleep 300; :'; "
+                                  f"echo $? > {rc}"))
+        deadline = time.monotonic() + 5
+        while not (pidf.exists() and pidf.read_text().strip()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        bg = int(pidf.read_text())
+        deadline = time.monotonic() + 5
+        while _alive(bg) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(bg), "the denied script ran (the policy is not live)"
+        time.sleep(0.5)
+        assert not rc.exists() and outer.poll() is None, (
+            "an innocent shell of the same workload was killed with the denied script "
+            f"(its exit status {rc.read_text().strip() if rc.exists() else '?'})")
     finally:
         stop_all(*procs)
         agent.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
