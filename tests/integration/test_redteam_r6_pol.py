@@ -120,3 +120,44 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.privileged
+def test_a_script_on_the_workloads_own_fuse_mount_does_not_stall_the_agent(lab, workloads,
+                                                                           tmp_path):
+    """R6POL-4: exectarget.target_fields runs on the agent's event loop (the ring buffer's
+    reader) and opens the script the caller named, O_RDONLY, through /proc/PID/root. A
+    workload with FUSE (gcsfuse, s3fs, rclone mounts of its data sets, or its own daemon)
+    runs a `#!` script from its mount and never answers the agent's FUSE OPEN (the request
+    carries the opener's pid, so only the agent's is held): the agent's loop blocks in
+    open(2) and every detection and response on the host stops -- a /tmp dropper started
+    afterwards runs untouched. (The exe hasher's open of /proc/PID/exe has the same
+    exposure for hash rules.)"""
+    from tests.integration.minifuse import MiniFuse
+
+    held = set()
+
+    def hang(pid: int) -> bool:          # the workload's daemon: hold only the agent's
+        return pid in held
+    mnt = Path("/tmp") / f"swa-r6-fuse-{os.getpid()}"
+    mnt.mkdir(exist_ok=True)
+    dropper = copy_sleep(Path("/tmp") / f"swa-r6-fz-{os.getpid()}" / "dropper")
+    (workloads / "tenant").mkdir(exist_ok=True)
+    agent = _agent(lab, tmp_path, workloads)
+    held.add(agent.pid)
+    fs = MiniFuse(str(mnt), "job.sh", f"#!{SH}\nwhile :; do sleep 1; done\n".encode(), hang)
+    procs = []
+    try:
+        procs.append(first := run(lab, workloads / "tenant", str(dropper), "300"))
+        assert killed(first)                                   # the policy is live
+        procs.append(run(lab, workloads / "tenant", str(mnt / "job.sh")))
+        time.sleep(1.0)
+        procs.append(later := run(lab, workloads / "tenant", str(dropper), "300"))
+        assert killed(later, 8), (f"the agent stalled: a /tmp dropper ran untouched "
+                                  f"({fs.hung} FUSE requests of the agent held)")
+    finally:
+        fs.close()                   # first: whatever waits on the daemon fails now
+        stop_all(*procs)
+        agent.stop()
+        shutil.rmtree(dropper.parent, ignore_errors=True)
+        mnt.rmdir()
