@@ -187,7 +187,7 @@ class ProcessEnforcer:
             try:
                 fd = self._pin_exact(pid, params)
             except TargetNotFound:
-                if isinstance(params.get("exe_id"), str):
+                if isinstance(params.get("exe_id"), str) and params.get("sweep", True):
                     return str(pid)      # gone: apply still sweeps its forks
                 raise
             os.close(fd)
@@ -375,7 +375,10 @@ class ProcessEnforcer:
         if m.id in self._done:
             return
         if "start_ticks" in m.params:
-            exec_kill = isinstance(m.params.get("exe_id"), str)
+            # the fork sweep, unless the violation was the file an interpreter or the
+            # loader runs (a script): its inode is the interpreter's, shared with every
+            # other shell of the workload, so only the process itself is killed
+            exec_kill = isinstance(m.params.get("exe_id"), str) and m.params.get("sweep", True)
             try:
                 fd = self._pin_exact(parse_pid(m.target), m.params)
             except TargetNotFound:

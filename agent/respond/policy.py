@@ -148,6 +148,10 @@ def exact_kill(finding: Finding) -> tuple[str, dict[str, Any]] | str:
         # started since its exec (not since its fork: another process may have started
         # in between) and of its uid
         params["exe_id"] = ev["exe_id"]
+        if ev.get("target_location") is not None or ev.get("target_path") is not None:
+            # a script or the loader's program: the executable is the interpreter's,
+            # shared with the workload's other shells: no sweep by it
+            params["sweep"] = False
         st_dev = ev.get("exe_st_dev")
         if isinstance(st_dev, int) and not isinstance(st_dev, bool):
             params["exe_st_dev"] = st_dev

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections import OrderedDict
 
@@ -46,6 +47,10 @@ FS_MAGIC = {0x01021994: "tmpfs", 0x858458f6: "ramfs", 0x958458f6: "hugetlbfs",
             0x9123683e: "btrfs", 0x6969: "nfs", 0x65735546: "fuse", 0x73717368: "squashfs"}
 
 FileId = tuple[int, int]
+# Filesystems whose files the agent never opens or stats on its event loop: a FUSE mount
+# is the workload's own daemon, which can hold a request for ever (and a hung network
+# filesystem can too): FUSE, NFS, CIFS/SMB2, 9P, Ceph.
+UNREAD_FS = frozenset({0x65735546, 0x6969, 0xFF534D42, 0xFE534D42, 0x01021997, 0x00C36400})
 
 
 def _kernel_dev(st_dev: int) -> int:
@@ -116,6 +121,7 @@ class ExeHasher:
         self.max_bytes, self.entries, self.proc = max_bytes, entries, proc
         self._cache: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
         self.hashed = 0          # files read (cache misses)
+        self._lock = threading.Lock()
 
     def digest(self, pid: int, exe: FileId) -> tuple[str | None, str]:
         """(hex digest or None, state: "ok", "too_large", "gone", "changed", "unreadable")
@@ -143,10 +149,11 @@ class ExeHasher:
         # ctime too: a file's owner can put its mtime back after rewriting it (touch -d),
         # nobody can set its ctime
         key = (dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit, "ok"
+        with self._lock:        # targets are read on their own threads (exectarget)
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit, "ok"
         if st.st_size > self.max_bytes:
             return None, "too_large"
         h = hashlib.sha256()
@@ -160,11 +167,12 @@ class ExeHasher:
         after = os.fstat(fd)
         if (after.st_mtime_ns, after.st_ctime_ns) != (st.st_mtime_ns, st.st_ctime_ns):
             return None, "changed"         # written while read: no stable content
-        self.hashed += 1
         digest = h.hexdigest()
-        self._cache[key] = digest
-        while len(self._cache) > self.entries:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self.hashed += 1
+            self._cache[key] = digest
+            while len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
         return digest, "ok"
 
 
@@ -215,8 +223,12 @@ def exec_fields(ev: abi.proc_exec_event, walked: str | None, cgroup: str | None,
            "exec_ticks": boottime_ticks(ev.hdr.ts_ns),
            # the file's device as stat() gives it (on overlayfs or a btrfs subvolume not
            # the superblock's the kernel names): what the fork sweep compares forks by
-           "exe_st_dev": _st_dev(ev.proc.pid, exe[1]) if known else None,
+           "exe_st_dev": _st_dev(ev.proc.pid, exe[1])
+           if known and ev.exe_magic not in UNREAD_FS else None,
            "container": container_of(cgroup)}
     if hasher is not None and known:
-        out["exe_sha256"], out["exe_sha256_state"] = hasher.digest(ev.proc.pid, exe)
+        if ev.exe_magic in UNREAD_FS:
+            out["exe_sha256"], out["exe_sha256_state"] = None, "not_read"
+        else:
+            out["exe_sha256"], out["exe_sha256_state"] = hasher.digest(ev.proc.pid, exe)
     return out

@@ -24,6 +24,8 @@ import ctypes
 import os
 import re
 import stat
+import threading
+from typing import Any, Callable
 
 from agent.sources import abi, execfacts
 
@@ -66,12 +68,60 @@ def _magic(fd: int) -> int:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
+_FD_NAME = re.compile(r"^/(?:dev/fd|proc/self/fd|proc/thread-self/fd)/(\d+)(/.*)?$")
+TARGET_TIMEOUT_S = 0.1      # how long the loop waits for a target to be opened and read
+MAX_STUCK = 4               # looks still hanging (a workload's FUSE daemon holding them)
+_stuck = 0                  # ... now; past MAX_STUCK no target is looked at (unjudged)
+_stuck_lock = threading.Lock()
+
+
+def _bounded(fn: Callable[[], dict]) -> dict | None:
+    """fn() in a daemon thread, waited for TARGET_TIMEOUT_S: a file on a workload's own
+    FUSE mount (or a hung network filesystem) can hold its open or read for ever, and the
+    event loop must not wait with it. None when it did not finish in time (or too many
+    earlier ones still hang)."""
+    global _stuck
+    with _stuck_lock:
+        if _stuck >= MAX_STUCK:
+            return None
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        global _stuck
+        try:
+            box["v"] = fn()
+        except Exception:       # noqa: BLE001 -- a look that failed judges nothing
+            box["v"] = {}
+        finally:
+            done.set()
+            with _stuck_lock:
+                if box.get("late"):
+                    _stuck -= 1
+
+    threading.Thread(target=run, name="exec-target", daemon=True).start()
+    if done.wait(TARGET_TIMEOUT_S):
+        return box.get("v")
+    with _stuck_lock:
+        if not done.is_set():
+            box["late"] = True
+            _stuck += 1
+            return None
+    return box.get("v")
+
+
 def _open(pid: int, name: str, proc: str) -> int | None:
     """An O_RDONLY fd on the regular file `name` means in process `pid` (its root and
-    working directory), None if there is none."""
-    base = f"{proc}/{pid}/root" if name.startswith("/") else f"{proc}/{pid}/cwd"
+    working directory; /dev/fd/N and /proc/self/fd/N are its fd N), None if none."""
+    m = _FD_NAME.match(name)
+    if m:
+        where = f"{proc}/{pid}/fd/{m.group(1)}" + (m.group(2) or "")
+    elif name.startswith("/"):
+        where = os.path.join(f"{proc}/{pid}/root", name.lstrip("/"))
+    else:
+        where = os.path.join(f"{proc}/{pid}/cwd", name)
     try:
-        path_fd = os.open(os.path.join(base, name.lstrip("/")), os.O_PATH | os.O_CLOEXEC)
+        path_fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -87,13 +137,24 @@ def _open(pid: int, name: str, proc: str) -> int | None:
 def target_fields(pid: int, exe_id: tuple[int, int], exe_path: str | None, filename: str,
                   argv: list[str], tmp_devs: frozenset[int], shm_devs: frozenset[int],
                   hasher: execfacts.ExeHasher | None, proc: str = "/proc",
-                  loader: bool = False) -> dict:
+                  loader: bool = False, truncated: bool = False) -> dict:
     """{"target_path", "target_location", "target_sha256"...} when the exec runs a file
     other than its executable (module docstring), else {}. `loader`: the executable is
     one of the config's loaders (by inode)."""
     name = loader_program(argv) if loader or is_loader(exe_path) else filename
     if not name:
         return {}
+    if truncated and name == filename:
+        # the kernel's copy of the name was cut: what it names cannot be looked at
+        return {"target_path": None, "target_location": "unresolved"}
+    got = _bounded(lambda: _look(pid, name, exe_id, tmp_devs, shm_devs, hasher, proc))
+    if got is None:     # not judged (no rule reads "unjudged": a stall is no evidence)
+        return {"target_path": None, "target_location": "unjudged"}
+    return got
+
+
+def _look(pid: int, name: str, exe_id: tuple[int, int], tmp_devs: frozenset[int],
+          shm_devs: frozenset[int], hasher: execfacts.ExeHasher | None, proc: str) -> dict:
     fd = _open(pid, name, proc)
     if fd is None:
         return {}
@@ -103,8 +164,12 @@ def target_fields(pid: int, exe_id: tuple[int, int], exe_path: str | None, filen
             return {}                       # the executable itself: an ordinary exec
         dev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
         nature = abi.EXE_UNLINKED if st.st_nlink == 0 else 0
-        path = os.path.normpath(name if name.startswith("/") else
-                                os.path.join(os.readlink(f"{proc}/{pid}/cwd"), name))
+        m = _FD_NAME.match(name)
+        if m:       # the file behind its fd, as the process's namespace names it
+            path = os.path.normpath(os.readlink(f"{proc}/{pid}/fd/{m.group(1)}") + (m.group(2) or ""))
+        else:
+            path = os.path.normpath(name if name.startswith("/") else
+                                    os.path.join(os.readlink(f"{proc}/{pid}/cwd"), name))
         out = {"target_path": path,
                "target_location": execfacts.location(path, nature, dev, tmp_devs, shm_devs,
                                                      _magic(fd))}

@@ -403,7 +403,8 @@ class ProcProbe(OwnedScope, BpfProbe):
                 extra.update(exectarget.target_fields(
                     p.pid, _fid(p.exe), exe or claimed, extra["filename"], extra["argv"],
                     self._tmp_devs, self._shm_devs, self.hasher,
-                    loader="loaders" in common["exe_is"]))
+                    loader="loaders" in common["exe_is"],
+                    truncated=ev.filename_len >= len(ev.filename) - 1))
         elif kind == abi.EventKind.PROC_EXIT:
             if "package_managers" in common["exe_is"]:     # binaries may have changed
                 self._refresh_due = min(self._refresh_due, time.monotonic() + SOON_S)
