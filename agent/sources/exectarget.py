@@ -75,6 +75,12 @@ _stuck = 0                  # ... now; past MAX_STUCK no target is looked at (un
 _stuck_lock = threading.Lock()
 
 
+def stuck() -> int:
+    """Looks at targets still hanging (status says degraded past MAX_STUCK)."""
+    with _stuck_lock:
+        return _stuck
+
+
 def _bounded(fn: Callable[[], dict]) -> dict | None:
     """fn() in a daemon thread, waited for TARGET_TIMEOUT_S: a file on a workload's own
     FUSE mount (or a hung network filesystem) can hold its open or read for ever, and the

@@ -327,6 +327,11 @@ class ProcProbe(OwnedScope, BpfProbe):
                  else "every exec judged")
                 + (", executables hashed" if needs.hash_exes else "")
                 if needs.every_exec else "off: no loaded exec policy rule can fire")}
+            if exectarget.stuck() >= exectarget.MAX_STUCK:
+                out["exec_policy"] = {"state": "degraded", "reason": (
+                    f"{exectarget.stuck()} looks at scripts' files still hang (a workload's "
+                    "FUSE daemon?): scripts and the loader's programs are not judged until "
+                    "they end")}
         c = getattr(self, "correlator", None)
         if c is not None:
             problems = [text for n, text in (
