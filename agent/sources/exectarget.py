@@ -147,7 +147,15 @@ def target_fields(pid: int, exe_id: tuple[int, int], exe_path: str | None, filen
     """{"target_path", "target_location", "target_sha256"...} when the exec runs a file
     other than its executable (module docstring), else {}. `loader`: the executable is
     one of the config's loaders (by inode)."""
-    name = loader_program(argv) if loader or is_loader(exe_path) else filename
+    as_loader = loader or is_loader(exe_path)
+    if truncated and not as_loader:
+        # the kernel's copy of the name was cut: what it names cannot be looked at
+        return {"target_path": None, "target_location": "unresolved"}
+    if not as_loader and filename not in argv[1:3]:
+        # the kernel hands a #! script's name to its interpreter as its first argument
+        # (after the #! line's one option): anything else is the interpreter run itself
+        return {}
+    name = loader_program(argv) if as_loader else filename
     if not name:
         return {}
     if truncated and name == filename:
