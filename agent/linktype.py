@@ -46,15 +46,6 @@ def uplinks(interfaces: list[str] | tuple[str, ...], workload_patterns: tuple[st
     return out
 
 
-def ethernet_links(interfaces: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The Ethernet links of the namespace now: those of `interfaces` that exist, or
-    every one but lo when it is empty (an L3 device, tun or wireguard, is none)."""
-    present = [n for _, n in socket.if_nameindex()]
-    names = [n for n in interfaces if n in present] if interfaces else \
-        [n for n in present if n != "lo"]
-    return [n for n in names if link_type(n) in (None, ARPHRD_ETHER)]
-
-
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300

@@ -53,7 +53,8 @@ FileId = tuple[int, int]
 UNREAD_FS = frozenset({0x65735546, 0x6969, 0xFF534D42, 0xFE534D42, 0x01021997, 0x00C36400})
 
 
-def _kernel_dev(st_dev: int) -> int:
+def kernel_dev(st_dev: int) -> int:
+    """stat()'s st_dev as the kernel's dev_t (MAJOR << 20 | MINOR)."""
     return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
@@ -71,7 +72,7 @@ def own_mount_devs(dirs: tuple[str, ...], root: str = "/") -> frozenset[int]:
         except OSError:
             continue
         if st.st_dev != root_dev:
-            out.add(_kernel_dev(st.st_dev))
+            out.add(kernel_dev(st.st_dev))
     return frozenset(out)
 
 
@@ -109,7 +110,7 @@ def dir_ids(dirs: tuple[str, ...], root: str = "/") -> list[FileId]:
             st = os.stat(os.path.join(root, d.lstrip("/")))
         except OSError:
             continue
-        out.append((_kernel_dev(st.st_dev), st.st_ino))
+        out.append((kernel_dev(st.st_dev), st.st_ino))
     return out
 
 

@@ -176,7 +176,7 @@ def _look(pid: int, name: str, exe_id: tuple[int, int], tmp_devs: frozenset[int]
         st = os.fstat(fd)
         if st.st_ino == exe_id[1]:
             return {}                       # the executable itself: an ordinary exec
-        dev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+        dev = execfacts.kernel_dev(st.st_dev)
         nature = abi.EXE_UNLINKED if st.st_nlink == 0 else 0
         m = _FD_NAME.match(name)
         if m:       # the file behind its fd, as the process's namespace names it

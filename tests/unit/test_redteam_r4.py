@@ -14,13 +14,13 @@ import pytest
 
 from agent.config import Config, Gpu
 from agent.detect.rules import Detector, RuleError, parse_rules
-from agent.enforce.base import DryRunEnforcer
 from agent.gpuguard import GpuGuard
 from agent.gpugrant import MAX_GRANTS, GrantError
 from agent.model import Event
 from agent.respond.engine import Responder
 from agent.state import gpugrants
 from agent.state.store import Store
+from tests.unit.test_gpu_grants import _Enforcer  # the responder's live path, recorded
 
 # A site rule as an operator writes it from the documentation ("a process of a workload not
 # authorized for this GPU"), without the packaged rule's `system: false` line.
@@ -29,18 +29,6 @@ _SITE_RULE = {"rules": [{
     "severity": "high", "action": "kill",
     "description": "no unauthorized process on our GPUs",
     "match": [{"event": "gpu.process", "where": {"resolved": True, "authorized": False}}]}]}
-
-
-class _Enforcer(DryRunEnforcer):
-    dry_run = False             # the responder's live path, recording what it applies
-
-    def __init__(self):
-        super().__init__()
-        self.applied: list = []
-
-    def apply(self, m, now):
-        super().apply(m, now)
-        self.applied.append(m)
 
 
 @pytest.mark.parametrize("on_violation", ["kill", "freeze"])
