@@ -39,7 +39,7 @@ from agent.enforce.cgroup import own_cgroup
 from agent.enforce.egress import EgressMeter
 from agent.filepolicy import FilePolicy
 from agent.gpuguard import GpuGuard
-from agent.model import Event
+from agent.model import Event, Finding
 from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
@@ -255,13 +255,17 @@ class Agent(AgentView):
                              **about})
 
     def on_event(self, event: Event) -> None:
-        """One event through the detector and the responder, on the loop thread. A
-        finding the responder fails on is counted (findings.failed); the others go on."""
+        """One event through the detector and the responder, on the loop thread."""
         self.counters[f"events.{event.kind}"] += 1
         findings = self.detector.evaluate(event, event.mono_ns)
         decided_ns = time.monotonic_ns()   # when the detector decided: the incident's detected_at
         findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
         self.reporting.observe_event(event, findings)
+        self.handle_findings(findings)
+
+    def handle_findings(self, findings: list[Finding]) -> None:
+        """Findings (of the rules or the anomaly models) to the responder, on the loop
+        thread; one the responder fails on is counted (findings.failed), the others go on."""
         for finding in findings:
             self.counters[f"findings.{finding.rule}"] += 1   # the rule's hits
             self.rulebook.hit(finding.rule)
