@@ -69,6 +69,7 @@ class AgentView:
             self.probe_status = self.probe.status()
         if self.proc_probe is not None:
             self.proc_status = self.proc_probe.status()
+        feedback = self.feedback_status()
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -96,7 +97,13 @@ class AgentView:
                          "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
                          "queue.capacity": self.queue.capacity,
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()},
-                         **self._egress_counters(), **self.files.counters()},
+                         **self._egress_counters(), **self.files.counters(),
+                         **(self.investigator.status()
+                            if getattr(self, "investigator", None) else {}),
+                         # The control API carries counters: false positives per rule too.
+                         **{f"false_positives.{rule}": c["false_positives"]
+                            for rule, c in (feedback.get("rules") or {}).items()
+                            if c["false_positives"]}},
             "last_drift_at": self.last_drift_at,
             # The egress policy in force (config policy.egress, read at start only).
             "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
@@ -104,7 +111,23 @@ class AgentView:
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "ruleset": self.rulebook.status(),
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
+            # Per rule or model: hits, incidents marked false positive, findings suppressed.
+            "feedback": feedback,
         }
+
+    def feedback_status(self) -> dict:
+        """Live feedback records, and per rule ("id@version") its hits since start, the
+        incidents marked false positive and the findings feedback kept back."""
+        book = getattr(self, "feedback", None)
+        if book is None:
+            return {}
+        per_rule = {rule: {"hits": 0, **c} for rule, c in book.counts().items()}
+        for key, n in self.counters.items():
+            if key.startswith("findings.") and key != "findings.failed":
+                rule = key.removeprefix("findings.")
+                per_rule.setdefault(rule, {"hits": 0, "false_positives": 0,
+                                           "suppressed": 0})["hits"] = n
+        return {"live_records": book.status()["live"], "rules": per_rule}
 
     def _egress_counters(self) -> dict[str, int]:
         """The egress policy in counters (what the control API carries): the scopes in
@@ -128,6 +151,13 @@ class AgentView:
 
     def rule_listing(self) -> dict:
         """The rules in use with their hits, and hits of rules no longer in use."""
+        rules = self.rulebook.listing(self.counters)
+        book = getattr(self, "feedback", None)
+        counts = book.counts() if book is not None else {}
+        for r in rules:
+            c = counts.get(f"{r['id']}@{r['version']}", {})
+            r["false_positives"] = c.get("false_positives", 0)
+            r["suppressed"] = c.get("suppressed", 0)
         return {"ruleset": self.rulebook.status(),
-                "rules": self.rulebook.listing(self.counters),
+                "rules": rules,
                 "retired_hits": self.rulebook.retired_hits(self.counters)}

@@ -156,7 +156,9 @@ class Alerts:
     resend_s: float = 60.0            # live incidents are re-sent so Alertmanager keeps them firing
     timeout_s: float = 5.0
     labels: dict[str, str] = field(default_factory=dict)
-    class_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Investigations go to the security team (routing labels; replaced whole when set).
+    class_labels: dict[str, dict[str, str]] = field(default_factory=lambda: {
+        "suspicious_activity": {"team": "security", "route": "investigation"}})
     severity_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     escalate_classes: tuple[str, ...] = ("security_breach", "suspicious_activity")
     escalation_labels: dict[str, str] = field(default_factory=dict)
@@ -226,6 +228,22 @@ class Gpu:
 
 
 @dataclass(frozen=True)
+class Investigation:
+    """Evidence bundles of suspicious_activity investigations (agent/respond/investigate.py)."""
+
+    refresh_s: float = 300.0          # collected again at most this often while it stays open
+    timeout_s: float = 2.0            # collection stops here; what was gathered is kept
+    max_bytes: int = 256 * 1024       # the bundle's JSON; longer lists are cut (marked)
+
+
+@dataclass(frozen=True)
+class FeedbackPolicy:
+    """False-positive verdicts as scoped exceptions (agent/respond/feedbackbook.py)."""
+
+    max_ttl_s: float = 365 * 86400.0  # longest lifetime of a record (default 30 days)
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: str = "/var/lib/swarm-agent"
     run_dir: str = "/run/swarm-agent"
@@ -247,6 +265,8 @@ class Config:
     breach: Breach = Breach()
     gpu: Gpu = Gpu()
     policy: Policy = Policy()
+    investigation: Investigation = Investigation()
+    feedback: FeedbackPolicy = FeedbackPolicy()
 
     @property
     def rules_path(self) -> Path:

@@ -74,6 +74,12 @@ BOUNDS: dict[str, Bound] = {
                                   "a minute an attempt waits too long to become an incident"),
     "policy.exec_hash_max_bytes": Bound(1, 1 << 32, why="executables larger than this are "
                                         "not hashed (read on the event loop: keep it small)"),
+    "investigation.refresh_s": Bound(1, 86400),
+    "investigation.timeout_s": Bound(0.1, 30, why="collection runs on a thread of its own; "
+                                     "longer delays the evidence an analyst waits for"),
+    "investigation.max_bytes": Bound(4096, 2 << 20, why="a bundle goes to the mesh in one "
+                                     "report; gRPC's limit is 4 MiB a call"),
+    "feedback.max_ttl_s": _TTL,
     "gpu.device_major": Bound(0, 4095, why="a character device major (NVIDIA's is 195; "
                               "0: the kernel reports no GPU device opens)"),
 }

@@ -43,6 +43,9 @@ from agent.model import Event, Finding
 from agent.report.reporting import Reporting
 from agent.respond import health
 from agent.respond.engine import Responder
+from agent.respond.feedbackbook import FeedbackBook
+from agent.respond.investigate import Investigator
+from agent.respond.policy import INVESTIGATE
 from agent.rulereload import Reloaded, RuleReloader
 from agent.sources.queue import EventQueue
 from agent.state.store import Store
@@ -89,6 +92,9 @@ class Agent(AgentView):
         self.ready = False
         self.files = FilePolicy(cfg, agent_cgroup=_own_cgroup())   # policy.files (fanotify)
         self.egress_meter = EgressMeter(egresswatch.REPORT_EVERY_S)   # egress drop totals
+        # Set by prepare() (they need the store): false-positive verdicts, investigations.
+        self.feedback: FeedbackBook | None = None
+        self.investigator: Investigator | None = None
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 
@@ -107,6 +113,9 @@ class Agent(AgentView):
         # change of a finding never waits for a disk.
         self.store.start_syncing()
         self.responder = Responder(self.cfg, self.store, self.enforcer)
+        self.node = self.cfg.mesh.node_id or socket.gethostname()
+        self.feedback = FeedbackBook(self.store, self.node,
+                                     max_ttl_s=self.cfg.feedback.max_ttl_s, learn=self._learn)
         self.rulebook.audit = lambda result, detail: self.store.record_audit(
             time.time(), "signal:SIGHUP", "local", "ReloadRules", {}, result, detail)
         now = time.time()
@@ -120,7 +129,16 @@ class Agent(AgentView):
         self.reporting = Reporting(self.cfg, self.store, self.responder.observers,
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
                                    queue=self.queue_status, gpus=self.gpu_metrics,
-                                   policy_denied=self.policy_denied)
+                                   policy_denied=self.policy_denied,
+                                   feedback=self.feedback.counts)
+        inv = self.cfg.investigation
+        self.investigator = Investigator(
+            self.store, refresh_s=inv.refresh_s, timeout_s=inv.timeout_s,
+            max_bytes=inv.max_bytes, recent=self._recent,
+            gpu_processes=lambda: self.gpu.processes() if self.gpu is not None else [],
+            counters=lambda: {**self.counters, "ringbuf_losses": self.losses()},
+            notify=lambda incident: self.responder.notify("incident", incident),
+            outbox_add=self.reporting.outbox.add_evidence)
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -269,13 +287,38 @@ class Agent(AgentView):
         for finding in findings:
             self.counters[f"findings.{finding.rule}"] += 1   # the rule's hits
             self.rulebook.hit(finding.rule)
+            # An operator's false-positive verdict on this rule and scope: counted, not
+            # handled (agent.respond.feedbackbook). Feedback failing never hides a finding.
+            try:
+                kept = self.feedback.check(finding) if self.feedback is not None else None
+            except Exception as e:   # noqa: BLE001
+                self._failed("feedback.failed", e, rule=finding.rule, entity=finding.entity)
+                kept = None
+            if kept is not None:
+                self.counters[f"findings_suppressed.{finding.rule}"] += 1
+                log.debug("finding suppressed by feedback", extra={
+                    "rule": finding.rule, "entity": finding.entity, "feedback": kept.id})
+                continue
             try:
                 incident = self.responder.handle(finding)
+                if finding.action == INVESTIGATE and self.investigator is not None:
+                    self.investigator.on_finding(incident, finding)
             except Exception as e:   # noqa: BLE001 -- the next finding must still be handled
                 self._failed("findings.failed", e, rule=finding.rule, entity=finding.entity)
                 continue
             log.info("finding", extra={"rule": finding.rule, "entity": finding.entity,
                                        "incident": incident.id, "state": str(incident.state)})
+
+    def _learn(self, evidence) -> None:
+        """Feedback's "learn as normal": the anomaly engine's, when the agent has one."""
+        engine = getattr(self, "anomaly", None)
+        if engine is not None:
+            engine.learn(dict(evidence))
+
+    def _recent(self, workload: str) -> list:
+        """A workload's recent exec/connect events, for evidence (the anomaly engine's)."""
+        engine = getattr(self, "anomaly", None)
+        return list(engine.recent(workload)) if engine is not None else []
 
     def check_drops(self) -> None:
         """New queue drops: a log line (at most one per DROP_LOG_S, with what was dropped
@@ -327,6 +370,8 @@ class Agent(AgentView):
                 self.on_drift()
                 last_reconcile = now
             self.check_drops()
+            if self.feedback is not None:
+                self.feedback.flush()
             if self.gpu is not None and self.gpu_guard.due(time.monotonic()):
                 self.gpu_guard.recheck(self.gpu)   # processes that moved cgroups
             await asyncio.sleep(HOUSEKEEPING_S)
@@ -439,6 +484,8 @@ class Agent(AgentView):
         if self.gpu is not None:
             self.gpu.stop()
         self.drain_at_stop()
+        if self.feedback is not None:
+            self.feedback.flush()
         if getattr(self, "reporting", None) is not None:
             self.reporting.close()
         if getattr(self, "store", None) is not None:

@@ -206,3 +206,33 @@ def parse_target(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         if v4 is not None:
             return ipaddress.IPv4Network((v4, net.prefixlen - 96))
     return net
+
+
+FEEDBACK_SCOPES = ("exe", "address", "cgroup", "container", "node")
+FEEDBACK_ACTIONS = ("suppress", "learn")
+
+
+@dataclass(slots=True)
+class Feedback:
+    """An operator's verdict turned into a scoped exception (agent.detect.feedback): a
+    finding of `rule` (the rule or detector id, no version) whose scope matches is counted
+    and not handled. `rule_version` is recorded for review, never matched. Always expires.
+    `hits`: findings it kept from the responder."""
+
+    id: str
+    rule: str
+    rule_version: int
+    scope_kind: str
+    scope_value: str
+    action: str
+    created_at: float
+    expires_at: float
+    reason: str = ""
+    by: str = ""
+    incident_id: str = ""
+    reverted_at: float | None = None
+    reverted_by: str = ""
+    hits: int = 0
+
+    def live(self, now: float) -> bool:
+        return self.reverted_at is None and now < self.expires_at

@@ -216,10 +216,14 @@ def ack(c: Client, args: argparse.Namespace) -> int:
 
 
 def resolve(c: Client, args: argparse.Namespace) -> int:
+    from agent.cli import feedback
     req = pb.ResolveIncidentRequest(id=_incident_id(c, args.id), comment=args.comment or "",
                                     false_positive=args.false_positive)
+    feedback.fill_resolve(req, args)
     done = c.call("ResolveIncident", req)
-    return _show_incident(done, args, done.state.replace("_", " "))
+    if not args.false_positive or args.no_feedback:
+        return _show_incident(done, args, done.state.replace("_", " "))
+    return feedback.show_resolved(c, done, args)
 
 
 def _show_incident(i: pb.Incident, args: argparse.Namespace, verb: str) -> int:
@@ -394,6 +398,8 @@ def format_detail(d: pb.IncidentDetail) -> str:
         lines.append(f"  acknowledged by {i.acknowledged_by} at {_ago(i.acknowledged_at)}")
     lines.append("timeline:")
     lines += [f"  {_ago(e.at)}  {e.kind:<20} {_entry(e)}" for e in d.timeline]
+    from agent.cli import evidence
+    lines += evidence.format_findings(d.timeline) + evidence.format_latest(d.timeline)
     lines.append("mitigations:")
     lines += [f"  {m.id[:12]}  {m.kind:<18} {m.target:<24} {m.state:<8} {_left(m)}"
               for m in d.mitigations] or ["  (none)"]

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import client, gpu, isolation, rules
+from agent.cli import client, feedback, gpu, isolation, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -77,8 +77,11 @@ def _control_parsers(sub, with_config) -> None:
     sp = add("resolve", "resolve an incident (or mark it a false positive)")
     sp.add_argument("id", help="incident id (a unique prefix will do)")
     sp.add_argument("--false-positive", action="store_true",
-                    help="it was not an attack: also lift its mitigations")
+                    help="it was not an attack: also lift its mitigations, and keep its rules "
+                    "from alerting on the same thing again (a feedback record per rule; see "
+                    "`swarm-agent feedback`)")
     sp.add_argument("--comment", help="why, for the timeline")
+    feedback.add_resolve_args(sp)
     sp = add("mitigations", "mitigations in force")
     sp.add_argument("--all", action="store_true", help="also lifted, expired and failed ones")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -95,6 +98,7 @@ def _control_parsers(sub, with_config) -> None:
     isolation.add_parsers(add)
     rules.add_parsers(add)
     gpu.add_parsers(add)
+    feedback.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -182,7 +186,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS,
-               **gpu.COMMANDS}[args.command]
+               **gpu.COMMANDS, **feedback.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 
 
@@ -204,7 +208,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
             "check-config": cmd_check_config,
             **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
-                                               *rules.COMMANDS, *gpu.COMMANDS)}}
+                                               *rules.COMMANDS, *gpu.COMMANDS,
+                                               *feedback.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,10 +44,11 @@ def format_rules(listing: pb.ListRulesResponse) -> str:
     if rs.last_error:
         lines.append(f"last rejected reload ({_ago(rs.last_error_at)}): {rs.last_error}")
     rows = [[f"{r.id}@{r.version}", r.event_class, r.severity,
-             r.action + (f"/{r.scope}" if r.scope else ""), str(r.hits), _ago(r.last_hit_at),
+             r.action + (f"/{r.scope}" if r.scope else ""), str(r.hits),
+             str(r.false_positives), str(r.suppressed), _ago(r.last_hit_at),
              r.source] for r in listing.rules]
-    lines.append(_table(["RULE", "CLASS", "SEVERITY", "ACTION", "HITS", "LAST HIT", "FROM"],
-                        rows))
+    lines.append(_table(["RULE", "CLASS", "SEVERITY", "ACTION", "HITS", "FALSE POS",
+                         "SUPPRESSED", "LAST HIT", "FROM"], rows))
     if listing.retired_hits:
         lines.append("hits of rules no longer in use: " + ", ".join(
             f"{name} {n}" for name, n in sorted(listing.retired_hits.items())))

@@ -81,7 +81,9 @@ def rule_listing(listing: Mapping[str, Any]) -> pb.ListRulesResponse:
     rules = [pb.RuleInfo(id=r["id"], version=r["version"], event_class=r["class"],
                          severity=r["severity"], action=r["action"], scope=r["scope"],
                          description=r["description"], source=r["source"], hits=r["hits"],
-                         last_hit_at=r["last_hit_at"]) for r in listing["rules"]]
+                         last_hit_at=r["last_hit_at"],
+                         false_positives=r.get("false_positives", 0),
+                         suppressed=r.get("suppressed", 0)) for r in listing["rules"]]
     return pb.ListRulesResponse(ruleset=ruleset(listing["ruleset"]), rules=rules,
                                 retired_hits=dict(listing["retired_hits"]))
 
@@ -91,3 +93,13 @@ def audit_entry(e: Mapping[str, Any]) -> pb.AuditEntry:
                          method=e["method"],
                          arguments_json=json.dumps(e["arguments"], sort_keys=True),
                          result=e["result"], detail=e["detail"])
+
+
+def feedback(r: Any, now: float) -> pb.FeedbackRecord:
+    """From an agent.model.Feedback."""
+    return pb.FeedbackRecord(id=r.id, rule=r.rule, rule_version=max(0, r.rule_version),
+                             scope_kind=r.scope_kind, scope_value=r.scope_value,
+                             action=r.action, created_at=r.created_at,
+                             expires_at=r.expires_at, reason=r.reason, by=r.by,
+                             incident_id=r.incident_id, reverted_at=r.reverted_at or 0.0,
+                             reverted_by=r.reverted_by, hits=r.hits, live=r.live(now))

@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.control import convert
-from agent.control import gpu, isolation
+from agent.control import feedback, gpu, isolation
 from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
@@ -175,14 +175,21 @@ class ControlService(control_pb2_grpc.ControlServicer):
         comment = _text("comment", request.comment)
         i = self._incident(request.id, open_only=True)
         state = IncidentState.FALSE_POSITIVE if request.false_positive else IncidentState.RESOLVED
+        # Checked whole before anything changes: a refused scope leaves the incident open.
+        records = feedback.plan(self.agent, request, i.id, caller.identity, comment)
         lifted = []
         if request.false_positive:
             # A false positive's mitigations were wrong: lift them (the usual lift path).
             for m in self.store.mitigations(incident_id=i.id, state=IN_FORCE):
                 lifted.append(self.agent.responder.lift(m.id).id)
         note = f"{state.value} by {caller.identity}" + (f": {comment}" if comment else "")
-        done = self.agent.responder.set_incident_state(i.id, state, note)
-        detail = state.value + (f", lifted {', '.join(lifted)}" if lifted else "")
+        with self.store.batch():      # the verdict and its feedback records together
+            done = self.agent.responder.set_incident_state(i.id, state, note)
+            if records:
+                self.agent.feedback.commit(records)
+        detail = state.value + (f", lifted {', '.join(lifted)}" if lifted else "") + "".join(
+            f", feedback {r.id} ({r.action} {r.rule} on {r.scope_kind} {r.scope_value})"
+            for r in records)
         return convert.incident(done, self.store.incident_events(i.id)), detail
 
     @rpc(OPERATOR, mutating=True)
@@ -265,6 +272,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
     @rpc(VIEWER, mutating=False)
     def ListGpuAuthorizations(self, request, caller):
         return pb.GpuAuthorizations(authorizations=gpu.listing(self.agent)), ""
+
+    @rpc(VIEWER, mutating=False)
+    def ListFeedback(self, request, caller):
+        return feedback.listing(self.agent, request, _limit(request.limit), self.clock()), ""
+
+    @rpc(OPERATOR, mutating=True)
+    def RevertFeedback(self, request, caller):
+        return feedback.revert(self.agent, request, caller.identity,
+                               _text("comment", request.comment), self.clock())
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -60,7 +60,8 @@ KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
 SOURCE_ACTIONS = ("block", "rate_limit", "reroute", "challenge")
 SERVICE_ACTIONS = ("rate_limit_service", "challenge_service")
 PROCESS_ACTIONS = ("kill", "freeze")   # policy rules: the process / its cgroup
-ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report", *PROCESS_ACTIONS)
+ACTIONS = (*SOURCE_ACTIONS, *SERVICE_ACTIONS, "isolate", "report", *PROCESS_ACTIONS,
+           "investigate")   # investigate: an escalated investigation, no mitigation
 SCOPES = ("node", "service")   # what an `isolate` rule cuts off
 LIST_NAMES = {f.name for f in fields(Breach)} | EXEC_LIST_NAMES
 EXEMPTIONS = ("management", "mesh", "load_balancers")

@@ -74,6 +74,13 @@ def to_report(p: Pending, node_id: str) -> mesh_pb2.Report:
             updated_at=body.get("updated_at") or p.created_at,
             reason=body.get("reason") or "", rule=body.get("rule") or "",
             params_json=json.dumps(body.get("params") or {}, sort_keys=True)))
+    elif p.kind == "evidence":
+        bundle = body.get("bundle") or {}
+        r.evidence.CopyFrom(mesh_pb2.EvidenceReport(
+            incident_id=body["incident_id"], evidence_id=body["evidence_id"],
+            collected_at=float(bundle.get("collected_at") or p.created_at),
+            summary=str(bundle.get("summary") or ""),
+            bundle_json=json.dumps(bundle, sort_keys=True)))
     else:
         r.heartbeat.CopyFrom(mesh_pb2.Heartbeat(**body))
     return r

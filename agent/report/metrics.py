@@ -51,7 +51,8 @@ class Metrics:
                  unparsed: Callable[[], dict[str, int]] = dict,
                  queue: Callable[[], dict[str, Any]] | None = None,
                  gpus: Callable[[], dict[str, Any]] | None = None,
-                 policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None):
+                 policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 feedback: Callable[[], dict[str, dict[str, int]]] | None = None):
         self.registry = CollectorRegistry()
         self._started_at = clock()
         self._seen_detect: OrderedDict[str, None] = OrderedDict()
@@ -90,6 +91,8 @@ class Metrics:
             r.register(GpuCollector(gpus))
         if policy_denied is not None:
             r.register(_PolicyCollector(policy_denied))
+        if feedback is not None:
+            r.register(_FeedbackCollector(feedback))
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -284,3 +287,25 @@ class _PolicyCollector:
         for (kind, name), n in sorted(self._read().items()):
             c.add_metric([kind, name], n)
         yield c
+
+
+class _FeedbackCollector:
+    """Operators' verdicts per rule or model ("id@version"), read at each scrape
+    (agent.respond.feedbackbook): incidents marked false positive (from the store: they
+    survive restarts) and findings that feedback kept from the responder (since start)."""
+
+    def __init__(self, read: Callable[[], dict[str, dict[str, int]]]):
+        self._read = read
+
+    def collect(self):
+        fp = CounterMetricFamily(f"{PREFIX}_false_positives",
+                                 "Incidents marked false positive, per rule of their findings",
+                                 labels=["rule"])
+        kept = CounterMetricFamily(f"{PREFIX}_findings_suppressed",
+                                   "Findings feedback kept from the responder, per rule",
+                                   labels=["rule"])
+        for rule, c in sorted(self._read().items()):
+            fp.add_metric([rule], c.get("false_positives", 0))
+            kept.add_metric([rule], c.get("suppressed", 0))
+        yield fp
+        yield kept

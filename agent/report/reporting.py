@@ -41,7 +41,8 @@ class Reporting:
                  unparsed: Callable[[], dict[str, int]] = dict,
                  queue: Callable[[], dict[str, Any]] | None = None,
                  gpus: Callable[[], dict[str, Any]] | None = None,
-                 policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None):
+                 policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None,
+                 feedback: Callable[[], dict[str, dict[str, int]]] | None = None):
         self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
         self.problems: dict[str, str] = {}     # reporter -> why it is not working
         # The store's own connection: while storage is degraded the outbox lives in memory
@@ -51,7 +52,7 @@ class Reporting:
         standalone = cfg.mesh.endpoint is None
         self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox,
                                unparsed=unparsed, queue=queue, gpus=gpus,
-                               policy_denied=policy_denied)
+                               policy_denied=policy_denied, feedback=feedback)
         observers.append(self.metrics.observe)
         self.mesh: MeshReporter | None = None
         if not standalone:

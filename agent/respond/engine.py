@@ -63,6 +63,7 @@ class Plan:
     note: str = ""
     escalate: bool = False             # a human must look (authority narrowed a breach)
     params: Mapping[str, Any] = field(default_factory=dict)
+    why: str = ""                      # with escalate: the escalation's reason (else note)
 
 
 class Responder:
@@ -153,12 +154,17 @@ class Responder:
         if plan.kind in policy.ISOLATION_KINDS:
             self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
         elif plan.escalate:
-            self._escalate(incident.id, "", plan.note or finding.rule)
+            self._escalate(incident.id, "", plan.why or plan.note or finding.rule)
         incident = self._store.incident(incident.id) or incident
         self.notify("incident", incident)
         return incident
 
     def _plan(self, finding: Finding, now: float) -> Plan:
+        if finding.action == policy.INVESTIGATE:
+            # Suspicious activity (the anomaly models): a human decides, nothing is
+            # mitigated automatically; the incident is escalated once, when it opens.
+            return Plan(finding, None, None, escalate=True,
+                        why=f"{policy.INVESTIGATION_OPENED} ({finding.rule})")
         kind = policy.ACTION_KINDS.get(finding.action)
         if kind is None:
             return Plan(finding, None, None, f"{finding.rule}: action {finding.action}, "

@@ -25,6 +25,9 @@ ACTION_KINDS: dict[str, MitigationKind] = {
     "kill": MitigationKind.KILL_PROCESS,
     "freeze": MitigationKind.FREEZE_CGROUP,
 }
+# A finding's action that opens an investigation: escalated, never mitigated by itself.
+INVESTIGATE = "investigate"
+INVESTIGATION_OPENED = "investigation opened for the security team"
 SOURCE_KINDS = (MitigationKind.BLOCK_IP, MitigationKind.RATE_LIMIT, MitigationKind.REROUTE,
                 MitigationKind.CHALLENGE)
 SERVICE_KINDS = (MitigationKind.RATE_LIMIT_SERVICE, MitigationKind.CHALLENGE_SERVICE)

@@ -37,9 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarm_agent")
 
-KINDS = ("incident", "mitigation", "heartbeat")
+KINDS = ("incident", "mitigation", "heartbeat", "evidence")
 # Which reports go first when the outbox is over its bound (incidents only past the hard one).
-_DROP_ORDER = ("heartbeat", "mitigation")
+_DROP_ORDER = ("heartbeat", "evidence", "mitigation")
+# One delivery call carries at most this many payload bytes (gRPC's limit is 4 MiB; an
+# investigation's evidence bundle is up to investigation.max_bytes).
+MAX_BATCH_BYTES = 3 << 20
 T = TypeVar("T")
 
 
@@ -98,13 +101,31 @@ class Outbox:
                     "VALUES (?, 'heartbeat', '', ?, ?)", (report_id, json.dumps(body), at))
         return report_id
 
-    def pending(self, limit: int) -> list[Pending]:
-        """Up to `limit` reports to send: incidents and mitigations before heartbeats,
-        oldest first within each."""
+    def add_evidence(self, incident_id: str, evidence_id: str, bundle: dict[str, Any],
+                     at: float) -> None:
+        """Queue an investigation's evidence bundle (agent.respond.investigate); inside the
+        store's transaction that records it. `ref` is its evidence id: the mesh
+        de-duplicates on it as well as on the report id."""
+        body = {"incident_id": incident_id, "evidence_id": evidence_id, "bundle": bundle}
+        self._write("INSERT INTO outbox (id, kind, ref, payload, created_at) "
+                    "VALUES (?, 'evidence', ?, ?, ?)",
+                    (uuid.uuid4().hex, evidence_id, json.dumps(body, default=str), at))
+
+    def pending(self, limit: int, max_bytes: int = MAX_BATCH_BYTES) -> list[Pending]:
+        """Up to `limit` reports to send (and at most `max_bytes` of payload, one at
+        least): incidents and mitigations before evidence and heartbeats, oldest first
+        within each."""
         rows = self._run(lambda c: c.execute(
             "SELECT seq, id, kind, ref, payload, created_at, attempts FROM outbox "
-            "ORDER BY kind = 'heartbeat', seq LIMIT ?", (limit,)).fetchall())
-        return [Pending(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
+            "ORDER BY kind = 'heartbeat', kind = 'evidence', seq LIMIT ?",
+            (limit,)).fetchall())
+        out, size = [], 0
+        for r in rows:
+            size += len(r[4])
+            if out and size > max_bytes:
+                break
+            out.append(Pending(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]))
+        return out
 
     def acknowledge(self, ids: Iterable[str]) -> int:
         """Remove reports the mesh has processed; returns how many were still queued (a

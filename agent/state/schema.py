@@ -81,5 +81,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # "gpu.enrolled_at", when a scheduler first authorized a GPU workload here.
         """CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
     ),
+    (
+        # Feedback (agent.state.feedback): an operator's false-positive verdict as a scoped
+        # exception to one rule or detector; reverted rows stay (their history is audit).
+        """CREATE TABLE feedback (
+            id TEXT PRIMARY KEY, rule TEXT NOT NULL, rule_version INTEGER NOT NULL,
+            scope_kind TEXT NOT NULL, scope_value TEXT NOT NULL, action TEXT NOT NULL,
+            created_at REAL NOT NULL, expires_at REAL NOT NULL,
+            reason TEXT NOT NULL DEFAULT '', by TEXT NOT NULL DEFAULT '',
+            incident_id TEXT NOT NULL DEFAULT '', reverted_at REAL,
+            reverted_by TEXT NOT NULL DEFAULT '', hits INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX feedback_by_rule ON feedback (rule, reverted_at, expires_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

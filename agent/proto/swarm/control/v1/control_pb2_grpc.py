@@ -99,6 +99,16 @@ class ControlStub(object):
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListGpuAuthorizationsRequest.SerializeToString,
                 response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.FromString,
                 )
+        self.ListFeedback = channel.unary_unary(
+                '/swarm.control.v1.Control/ListFeedback',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFeedbackRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFeedbackResponse.FromString,
+                )
+        self.RevertFeedback = channel.unary_unary(
+                '/swarm.control.v1.Control/RevertFeedback',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RevertFeedbackRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.FeedbackRecord.FromString,
+                )
 
 
 class ControlServicer(object):
@@ -224,6 +234,21 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFeedback(self, request, context):
+        """Feedback: the scoped exceptions that false-positive verdicts (ResolveIncident with
+        false_positive) created; reverting one makes its rule alert again at once. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevertFeedback(self, request, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +336,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListGpuAuthorizations,
                     request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListGpuAuthorizationsRequest.FromString,
                     response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.SerializeToString,
+            ),
+            'ListFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeedback,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFeedbackRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFeedbackResponse.SerializeToString,
+            ),
+            'RevertFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevertFeedback,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RevertFeedbackRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.FeedbackRecord.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -608,5 +643,39 @@ class Control(object):
         return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListGpuAuthorizations',
             swarm_dot_control_dot_v1_dot_control__pb2.ListGpuAuthorizationsRequest.SerializeToString,
             swarm_dot_control_dot_v1_dot_control__pb2.GpuAuthorizations.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListFeedback',
+            swarm_dot_control_dot_v1_dot_control__pb2.ListFeedbackRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.ListFeedbackResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RevertFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/RevertFeedback',
+            swarm_dot_control_dot_v1_dot_control__pb2.RevertFeedbackRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.FeedbackRecord.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
