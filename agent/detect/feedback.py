@@ -119,11 +119,11 @@ def check_scope(kind: str, value: str | None, scopes: Mapping[str, set[str]], no
             raise ValueError(f"scope node={value} is not this node ({node})")
         return kind, node
     if not value:
-        if kind == "address":
-            return default_scope({"address": have}) if len(have) == 1 else _none(kind, have)
+        if kind == "exe":      # the content hash names the program; a file id only a file
+            have = {v for v in have if _SHA256.match(v)} or have
         if len(have) != 1:
             return _none(kind, have)
-        return kind, next(iter(have))
+        return default_scope({kind: have}) if kind == "address" else (kind, next(iter(have)))
     if kind == "address":
         net = _network(value)
         if net is None:

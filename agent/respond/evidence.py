@@ -252,6 +252,7 @@ def _endpoint(text: str, v6: bool) -> tuple[str, int]:
 def fit(bundle: dict[str, Any], max_bytes: int) -> dict[str, Any]:
     """Halve the longest list until the JSON fits in `max_bytes`; `truncated` says which."""
     lists = ("recent", "connections", "processes", "listening", "gpu_processes")
+    found = {k: len(bundle.get(k) or []) for k in lists}
     while len(json.dumps(bundle, default=str)) > max_bytes:
         name = max(lists, key=lambda k: len(bundle.get(k) or []))
         items = bundle.get(name) or []
@@ -261,7 +262,7 @@ def fit(bundle: dict[str, Any], max_bytes: int) -> dict[str, Any]:
                 bundle["targets"] = {"dropped": "too large"}
             break
         bundle[name] = items[:len(items) // 2]
-        note = f"{name}: {len(items)} cut to {len(bundle[name])} to fit {max_bytes} bytes"
+        note = f"{name}: {found[name]} cut to {len(bundle[name])} to fit {max_bytes} bytes"
         bundle["truncated"] = [t for t in bundle["truncated"] if not t.startswith(name + ":")]
         bundle["truncated"].append(note)
     return bundle
