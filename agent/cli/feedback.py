@@ -45,8 +45,7 @@ def fill_resolve(req: pb.ResolveIncidentRequest, args: argparse.Namespace) -> No
 def show_resolved(c: Client, done: pb.Incident, args: argparse.Namespace) -> int:
     made = c.call("ListFeedback", pb.ListFeedbackRequest(incident_id=done.id, limit=100))
     if args.json:
-        _print_json({"incident": to_dict(done),
-                     "feedback": [to_dict(r) for r in made.records]})
+        _print_json({**to_dict(done), "feedback": [to_dict(r) for r in made.records]})
         return EXIT_OK
     print(f"incident {done.id} marked false positive ({done.event_class} on {done.entity})")
     for r in made.records:
