@@ -6,7 +6,9 @@ severity, entity, incident_id, node and escalated (GPU health: also UUID and rea
 then the configured `labels`, the labels of its class and of its severity, and
 `escalation_labels` when it needs a human (its class is in `escalate_classes`, or the responder escalated it because a mitigation
 failed). State and times are annotations, so the alert keeps its identity while the
-incident moves from open to mitigated.
+incident moves from open to mitigated. An investigation (suspicious_activity) also carries
+its finding's summary, the features that drove it and what its evidence bundle holds; by
+default its class labels route it to the security team (config alerts.class_labels).
 
 Alertmanager forgets an alert that is not re-sent, so live incidents are re-sent every
 `resend_s` with an end time 4 x resend_s ahead; changes are sent at once. A closed
@@ -28,7 +30,7 @@ import urllib.request
 from typing import Any, Callable, Iterable
 
 from agent.config import Alerts
-from agent.model import Incident, IncidentState
+from agent.model import EventClass, Incident, IncidentState
 from agent.state.store import LIVE_INCIDENT_STATES, Store
 
 log = logging.getLogger("swarm_agent")
@@ -37,6 +39,7 @@ ALERTNAME = "SwarmAgentIncident"
 MAX_LIVE = 5000          # live incidents re-sent per round (the newest)
 CHUNK = 500              # alerts per POST
 RETRY_S = 5.0            # after a failed POST, before the next one
+MAX_NOTE = 1024          # characters of an investigation's annotation
 _CLOSED = (IncidentState.RESOLVED, IncidentState.FALSE_POSITIVE)
 # Never through an environment proxy: Alertmanager is on the operators' own network.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -75,11 +78,12 @@ def _iso(t: float) -> str:
 
 
 def to_alert(cfg: Alerts, incident: Incident, node: str, now: float,
-             escalation_note: str = "") -> dict[str, Any]:
-    """The v2 API's postable alert for `incident` at `now`."""
+             escalation_note: str = "", notes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The v2 API's postable alert for `incident` at `now`; `notes`: more annotations
+    (an investigation's finding summary, drivers and evidence)."""
     ann = {"summary": incident.summary, "state": incident.state.value,
            "detected_at": _iso(incident.detected_at), "rules": ", ".join(incident.rules),
-           "findings": str(incident.findings)}
+           "findings": str(incident.findings), **(notes or {})}
     if incident.mitigated_at is not None:
         ann["mitigated_at"] = _iso(incident.mitigated_at)
     why = needs_human(cfg, incident, escalation_note)
@@ -141,6 +145,26 @@ class Notifier:
             except TimeoutError:
                 pass
 
+    def _investigation_notes(self, incident: Incident) -> dict[str, str]:
+        """For a suspicious_activity incident: the latest finding's one-line summary and
+        what drove it (the anomaly models' evidence), and what its evidence bundle holds."""
+        if incident.event_class is not EventClass.SUSPICIOUS_ACTIVITY:
+            return {}
+        notes: dict[str, str] = {}
+        for e in self._store.incident_events(incident.id):
+            ev = e.data.get("last_evidence") or e.data.get("evidence")
+            if e.kind == "finding" and isinstance(ev, dict):
+                if ev.get("summary"):
+                    notes["finding_summary"] = str(ev["summary"])[:MAX_NOTE]
+                drivers = [d for d in ev.get("drivers") or [] if isinstance(d, dict)]
+                if drivers:
+                    notes["drivers"] = "; ".join(
+                        f"{d.get('feature')}={d.get('value')} (baseline {d.get('baseline')})"
+                        for d in drivers[:5])[:MAX_NOTE]
+            elif e.kind == "evidence":
+                notes["evidence"] = e.text[:MAX_NOTE]
+        return notes
+
     def _escalation_note(self, incident: Incident) -> str:
         if incident.state is not IncidentState.ESCALATED:
             return ""
@@ -153,7 +177,8 @@ class Notifier:
         now = time.time()
         alerts, sent = [], {}
         for incident in incidents:
-            alert = to_alert(self.cfg, incident, self.node, now, self._escalation_note(incident))
+            alert = to_alert(self.cfg, incident, self.node, now, self._escalation_note(incident),
+                             self._investigation_notes(incident))
             old = self._sent.get(incident.id)
             if old is not None and old != alert["labels"]:
                 alerts.append({"labels": old, "annotations": alert["annotations"],

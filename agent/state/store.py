@@ -355,6 +355,8 @@ def _append_event(db: sqlite3.Connection, incident_id: str, at: float, kind: str
 def _new_incident(f: Finding, first_seen_at: float, detected_at: float,
                   incident_id: str) -> Incident:
     details = ", ".join(f"{k}={v}" for k, v in f.evidence.items())
+    if isinstance(f.evidence.get("summary"), str):    # the anomaly models' one line
+        details = f.evidence["summary"]
     return Incident(id=incident_id, event_class=f.event_class, entity=f.entity,
                     severity=f.severity, state=IncidentState.OPEN,
                     first_seen_at=first_seen_at, detected_at=detected_at, rules=[f.rule],

@@ -26,6 +26,8 @@ route:
   receiver: default
   group_wait: 1s
   routes:
+    - matchers: ['team="security"', 'route="investigation"']
+      receiver: security-investigations
     - matchers: ['escalated="true"']
       receiver: security-oncall
     - matchers: ['team="netops"']
@@ -34,6 +36,7 @@ receivers:
   - name: default
   - name: security-oncall
   - name: netops
+  - name: security-investigations
 """
 CFG = Alerts(url="", resend_s=30.0, timeout_s=5.0, labels={"cluster": "test"},
              class_labels={"system_attack": {"team": "netops"},
@@ -171,3 +174,45 @@ def test_incidents_reach_alertmanager_routed_escalated_and_resolved(tmp_path, al
     assert set(later) == {breach.id, failed.id}
     assert later[breach.id]["labels"]["priority"] == "P1"
     assert sum(sent) >= 5
+
+
+def test_an_investigation_goes_to_the_security_team_with_its_summary(tmp_path, alertmanager):
+    """The default alerts config routes suspicious_activity to the security team; the alert
+    carries the finding's summary, its drivers and what the evidence bundle holds."""
+    cfg = Alerts(url=alertmanager, resend_s=30.0)          # default class_labels
+    store = Store(tmp_path / "agent.db")
+    f = Finding(rule_id="anomaly.beacon", rule_version=3,
+                event_class=EventClass.SUSPICIOUS_ACTIVITY, severity=Severity.MEDIUM,
+                entity="cgroup:/kubepods.slice/pod1", action="investigate", first_mono_ns=1,
+                detected_mono_ns=2,
+                evidence={"summary": "beacon every 5.1 s +- 9% to 203.0.113.7:443",
+                          "drivers": [{"feature": "interval_dispersion", "value": 0.09,
+                                       "baseline": 0.8, "contribution": 0.7}]})
+    inc = store.record_finding(f, 1.0, 2.0)
+    store.set_incident_state(inc.id, IncidentState.ESCALATED, 2.0,
+                             "escalated: investigation opened for the security team")
+    store.add_incident_event(inc.id, "evidence", "evidence: 3 processes, 1 listening sockets",
+                             2.5, {"processes": []})
+    notifier = Notifier(cfg, store, "node-a")
+
+    async def scenario() -> dict:
+        task = asyncio.create_task(notifier.run())
+        try:
+            deadline = time.monotonic() + 20
+            while not (found := await asyncio.to_thread(active_alerts, alertmanager, 1)):
+                assert time.monotonic() < deadline, "the investigation never reached Alertmanager"
+                await asyncio.sleep(0.1)
+            return found
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    alert = asyncio.run(scenario())[inc.id]
+    store.close()
+    assert [r["name"] for r in alert["receivers"]] == ["security-investigations"]
+    assert alert["labels"]["team"] == "security" and alert["labels"]["escalated"] == "true"
+    ann = alert["annotations"]
+    assert ann["finding_summary"] == "beacon every 5.1 s +- 9% to 203.0.113.7:443"
+    assert ann["drivers"] == "interval_dispersion=0.09 (baseline 0.8)"
+    assert ann["evidence"] == "evidence: 3 processes, 1 listening sockets"
+    assert ann["escalation"] == "escalated: investigation opened for the security team"
