@@ -4,6 +4,7 @@ with de-duplication, and refusal of an untrusted client."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import time
@@ -65,7 +66,7 @@ def test_every_change_is_queued_with_it_and_newer_snapshots_replace_older(store)
         store.add_mitigation(m)
     assert len(box.pending(10)) == 2
     assert box.acknowledge([p.id for p in box.pending(10)]) == 2
-    assert box.depth() == {"incident": 0, "mitigation": 0, "heartbeat": 0}
+    assert box.depth() == {"incident": 0, "mitigation": 0, "heartbeat": 0, "evidence": 0}
     box.close()
 
 
@@ -79,7 +80,7 @@ def test_the_bound_drops_heartbeats_then_mitigations_and_incidents_only_past_the
                                         expires_at=3.0, incident_id=inc.id))
     assert sum(box.depth().values()) == 18
     assert box.trim() == {"heartbeat": 6, "mitigation": 2}
-    assert box.depth() == {"incident": 8, "mitigation": 2, "heartbeat": 0}
+    assert box.depth() == {"incident": 8, "mitigation": 2, "heartbeat": 0, "evidence": 0}
     for i in range(8, 14):
         store.record_finding(finding(f"ip:198.51.100.{i}"), 1.0, 2.0)
     # 16 queued: the 2 mitigations go, the soft bound keeps incidents, so only the hard
@@ -175,3 +176,54 @@ def test_a_client_without_a_trusted_certificate_is_refused(store, certs, tmp_pat
     assert received(db)[0] == []
     assert box.depth()["incident"] == 1        # still queued for when it is fixed
     assert box.pending(10)[0].attempts >= 2
+
+
+def test_evidence_bundles_reach_the_mesh_in_calls_under_grpcs_limit(store, certs, tmp_path):
+    """Investigations' evidence (up to investigation.max_bytes each) is delivered in batches
+    of at most MAX_BATCH_BYTES of payload, each bundle once; over the bound it is dropped
+    before mitigation reports, never before incidents."""
+    from agent.state.outbox import MAX_BATCH_BYTES
+
+    box = outbox_for(store)
+    inc = store.record_finding(finding(), 1.0, 2.0)
+    bundle = {"processes": [{"pid": i, "cmdline": "x" * 1000} for i in range(200)],
+              "summary": "evidence: 200 processes", "collected_at": 3.0}
+    ids = [f"ev{i:02d}" for i in range(30)]        # 30 x ~210 KB: more than one call holds
+    for evidence_id in ids:
+        box.add_evidence(inc.id, evidence_id, bundle, 3.0)
+    first = box.pending(200)
+    assert 1 < len(first) < 32 and first[0].kind == "incident"
+    assert sum(len(json.dumps(p.payload)) for p in first) <= MAX_BATCH_BYTES
+    db = tmp_path / "recv.db"
+
+    async def scenario() -> None:
+        server, port, _ = await serve("127.0.0.1:0", certs, db)
+        reporter = MeshReporter(mesh_cfg(certs, port, batch_size=200), box,
+                                lambda: {"version": "t"})
+        task = asyncio.create_task(reporter.run())
+        try:
+            await wait_until(lambda: box.depth()["evidence"] == 0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    rows, _ = received(db)
+    evidence = [r for r in rows if r["kind"] == "evidence"]
+    assert sorted(r["ref"] for r in evidence) == ids
+    report = json.loads(evidence[0]["payload"])
+    assert report["evidence"]["incident_id"] == inc.id
+    assert report["evidence"]["summary"] == "evidence: 200 processes"
+    assert len(json.loads(report["evidence"]["bundle_json"])["processes"]) == 200
+
+    small = outbox_for(store, max_reports=3, hard=10)
+    small.add_evidence(inc.id, "late", {"summary": "x"}, 4.0)
+    store.add_mitigation(Mitigation(kind=MitigationKind.BLOCK_IP, target="x", created_at=2.0,
+                                    expires_at=3.0, incident_id=inc.id))
+    small.add_heartbeat({"seq": 1}, 4.0)
+    store.record_finding(finding("ip:198.51.100.98"), 1.0, 2.0)
+    store.record_finding(finding("ip:198.51.100.99"), 1.0, 2.0)
+    assert small.trim() == {"heartbeat": 1, "evidence": 1}        # 5 queued, bound 3
+    assert small.depth() == {"incident": 2, "mitigation": 1, "heartbeat": 0, "evidence": 0}
+    small.close()
