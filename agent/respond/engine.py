@@ -155,6 +155,10 @@ class Responder:
             self._escalate(incident.id, f"{plan.kind.value} {plan.target}")
         elif plan.escalate:
             self._escalate(incident.id, "", plan.why or plan.note or finding.rule)
+        if finding.action == policy.INVESTIGATE:
+            # The response the Suspicious Activity row asks for is the investigation: its
+            # deadline is met (mitigated_at: time to investigation) when it opens.
+            self._mark_mitigated(incident, now)
         incident = self._store.incident(incident.id) or incident
         self.notify("incident", incident)
         return incident
