@@ -375,6 +375,11 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
                  + f"; rules: {len(st.rules)} ({st.ruleset.version})")
     if st.ruleset.last_error:
         lines.append(f"last rejected rules reload: {st.ruleset.last_error}")
+    fp = sum(n for k, n in st.counters.items() if k.startswith("false_positives."))
+    kept = sum(n for k, n in st.counters.items() if k.startswith("findings_suppressed."))
+    if fp or kept:
+        lines.append(f"feedback: {fp} incidents marked false positive, {kept} findings "
+                     "suppressed since start (per rule: swarm-agent rules)")
     return "\n".join(lines)
 
 

@@ -88,13 +88,15 @@ def match(records: Sequence[Feedback], finding: Finding, node: str,
 
 def default_scope(scopes: Mapping[str, set[str]]) -> tuple[str, str]:
     """The most specific scope an incident's findings give: one destination address
-    (/32, /128), else one executable (by sha256 when known), else one container, else one
-    cgroup. Never the node. Raises ValueError with a sentence when none is single."""
+    (/32, /128), else one executable (by its sha256: a file id only when named), else one
+    container, else one cgroup. Never the node. Raises ValueError with a sentence when
+    none is single."""
     for kind in _DEFAULT_ORDER:
         values = scopes.get(kind, set())
         if kind == "exe":
-            hashes = {v for v in values if _SHA256.match(v)}
-            values = hashes or values
+            # By content only: a kernel file id (device, inode) is reused once the file is
+            # deleted, and an exception must not pass to whatever file gets it next.
+            values = {v for v in values if _SHA256.match(v)}
         if len(values) == 1:
             value = next(iter(values))
             if kind == "address":

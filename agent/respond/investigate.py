@@ -26,6 +26,7 @@ from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")
 MAX_IN_FLIGHT = 4
+MAX_REMEMBERED = 10_000     # incidents whose last collection time is kept in memory
 EVIDENCE = "evidence"       # the timeline entry's kind
 
 
@@ -72,6 +73,9 @@ class Investigator:
             return
         targets = evidence.targets_of(incident.entity, finding.evidence)
         self._in_flight.add(incident.id)
+        if len(self._last) >= MAX_REMEMBERED:     # the oldest are read back from the store
+            for old in sorted(self._last, key=self._last.__getitem__)[:MAX_REMEMBERED // 2]:
+                del self._last[old]
         self._last[incident.id] = self._clock()
         bundle = evidence.Bundle({**targets, "incident_id": incident.id,
                                   "rule": finding.rule, "entity": incident.entity})

@@ -76,6 +76,9 @@ def test_default_scope_is_the_most_specific_and_never_the_node() -> None:
     del scopes["address"]
     assert fb.default_scope(scopes) == ("exe", SHA)        # the sha256, not the file id
     assert fb.default_scope({"cgroup": {CG}, "node": {NODE}}) == ("cgroup", CG)
+    # A kernel file id alone is no default: the inode is reused once the file is deleted.
+    assert fb.default_scope({"exe": {"8:1:42"}, "container": {"c1"}}) == ("container", "c1")
+    assert fb.check_scope("exe", "8:1:42", {"exe": {"8:1:42"}}, NODE) == ("exe", "8:1:42")
     with pytest.raises(ValueError, match="no single narrow scope"):
         fb.default_scope({"node": {NODE}})
 
