@@ -32,6 +32,12 @@ def plan(agent: Any, request: pb.ResolveIncidentRequest, incident_id: str, by: s
             raise CallError(Code.INVALID_ARGUMENT,
                             "no_feedback makes no record: drop scope, learn and ttl_s")
         return []
+    if agent.feedback is None:
+        # Not reachable in the agent (the control server starts after prepare() made the
+        # book); an agent assembled without one (tests' harnesses) records the verdict only.
+        if request.scope or request.learn or request.HasField("ttl_s"):
+            raise CallError(Code.FAILED_PRECONDITION, "this agent keeps no feedback")
+        return []
     if len(request.scope) > MAX_SCOPE:
         raise CallError(Code.INVALID_ARGUMENT, f"scope is at most {MAX_SCOPE} characters")
     ttl_s = request.ttl_s if request.HasField("ttl_s") else None
