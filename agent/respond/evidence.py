@@ -8,7 +8,8 @@ collected from /proc at the moment the investigation opens.
 - sockets: their TCP and UDP sockets, read from /proc/PID/net/{tcp,tcp6,udp,udp6} (the
   process's own network namespace, once per namespace) and tied to pids by the socket
   inodes in /proc/PID/fd: listening sockets apart from connections.
-- recent: the workload's recent exec/connect events (the anomaly engine's `recent`).
+- recent: the workload's recent exec/connect events (the anomaly engine's `recent`, asked
+  for each "cgroup:<path>" involved, or "node").
 - gpu: the processes on the GPUs at the GPU source's last sample.
 - agent: the agent's counters at that moment.
 
@@ -76,7 +77,10 @@ def targets_of(entity: str, evidence: Mapping[str, Any]) -> dict[str, list]:
         cgroups.add(value)
     if kind == "pid" and value.isdigit():
         pids.add(int(value))
-    return {"cgroups": sorted(cgroups)[:16], "pids": sorted(pids)[:64]}
+    kept = sorted(cgroups)[:16]
+    # The keys the anomaly engine's recent() takes: the findings' entities.
+    workloads = [f"cgroup:{c}" for c in kept] or (["node"] if entity == "node" else [])
+    return {"cgroups": kept, "pids": sorted(pids)[:64], "workloads": workloads}
 
 
 def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
@@ -100,11 +104,11 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
     if time.monotonic() > deadline:
         return
     _sockets(proc, [p["pid"] for p in d["processes"]], deadline, d)
-    for cg in t["cgroups"]:
+    for workload in t.get("workloads") or []:
         if recent is None or time.monotonic() > deadline:
             break
         try:
-            d["recent"].extend(recent(f"cgroup:{cg}") or [])
+            d["recent"].extend(recent(workload) or [])
         except Exception:   # noqa: BLE001 -- another part's hook: never fail the bundle
             d["errors"] += 1
     if gpu_processes is not None:

@@ -97,6 +97,7 @@ def test_the_investigator_stores_the_bundle_with_its_incident(tmp_path: Path, ch
     inv.on_finding(incident, f)                 # no event loop here: collected at once
     [e] = [e for e in store.incident_events(incident.id) if e.kind == "evidence"]
     assert e.data["processes"][0]["pid"] == pid and e.text.startswith("evidence: 1 processes")
+    assert e.data["recent"] == [{"kind": "activity.exec_new", "workload": "node"}]
     assert queued and queued[0][1] == e.data["evidence_id"] and notified
     inv.on_finding(incident, f)                 # within refresh_s: not again
     assert len([e for e in store.incident_events(incident.id) if e.kind == "evidence"]) == 1
