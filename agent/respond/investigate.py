@@ -98,7 +98,10 @@ class Investigator:
 
         def work() -> None:
             self._collect(bundle, deadline)
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:    # the loop is gone (stopped): nobody waits any more
+                pass
         # Its own daemon thread, not the default executor: a read that blocks for ever
         # must not hold a pool thread that everything else waits on.
         threading.Thread(target=work, name="evidence", daemon=True).start()

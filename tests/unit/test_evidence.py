@@ -102,3 +102,34 @@ def test_the_investigator_stores_the_bundle_with_its_incident(tmp_path: Path, ch
     inv.on_finding(incident, f)                 # within refresh_s: not again
     assert len([e for e in store.incident_events(incident.id) if e.kind == "evidence"]) == 1
     store.close()
+
+
+def test_a_collection_that_hangs_is_stored_at_its_deadline(tmp_path: Path) -> None:
+    """A read that blocks (here: the recent-events hook) costs a thread, never the
+    investigation: at timeout_s what was gathered is stored, marked truncated by time."""
+    import asyncio
+    import threading
+
+    release = threading.Event()
+    store = Store(tmp_path / "state.db")
+    inv = Investigator(store, refresh_s=300, timeout_s=0.3, max_bytes=256 * 1024,
+                       recent=lambda w: release.wait(10) and [])
+    f = Finding("anomaly.workload", 2, EventClass.SUSPICIOUS_ACTIVITY, Severity.MEDIUM,
+                "node", "investigate", 1, 2, {"pid": os.getpid()})
+    incident = store.record_finding(f, time.time(), time.time())
+
+    async def run() -> float:
+        t0 = time.monotonic()
+        inv.on_finding(incident, f)
+        await asyncio.gather(*inv.tasks)
+        return time.monotonic() - t0
+    try:
+        took = asyncio.run(run())
+    finally:
+        release.set()
+    assert 0.25 < took < 2.0
+    [e] = [e for e in store.incident_events(incident.id) if e.kind == "evidence"]
+    assert "time" in e.data["truncated"] and not e.data["complete"]
+    assert [p["pid"] for p in e.data["processes"]] == [os.getpid()]   # gathered before it
+    assert inv.stats["evidence_timed_out"] == 1
+    store.close()
