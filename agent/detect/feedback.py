@@ -79,9 +79,14 @@ def scope_holds(kind: str, value: str, have: Iterable[str]) -> bool:
 
 def match(records: Sequence[Feedback], finding: Finding, node: str,
           now: float) -> Feedback | None:
-    """The first live record that matches `finding`, or None."""
+    """The first live record that matches `finding`, or None (its scope read once)."""
+    have: dict[str, set[str]] | None = None
     for rec in records:
-        if matches(rec, finding, node, now):
+        if not rec.live(now) or rec.rule != finding.rule_id:
+            continue
+        if have is None:
+            have = scopes_of(finding.entity, finding.evidence, node)
+        if scope_holds(rec.scope_kind, rec.scope_value, have.get(rec.scope_kind, set())):
             return rec
     return None
 

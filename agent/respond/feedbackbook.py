@@ -44,6 +44,7 @@ class FeedbackBook:
     # -- the hot path ------------------------------------------------------------------
 
     def reload(self) -> None:
+        self.flush()          # hits counted in memory first: the records are read back
         now = self._clock()
         self._live = stored.records(self._store, live_at=now)
         self._loaded_at = now
