@@ -78,7 +78,8 @@ class Receiver(mesh_pb2_grpc.MeshReportingServicer):
             body = getattr(r, kind)
             ref = getattr(body, "incident_id", "") if kind == "incident" else \
                 getattr(body, "mitigation_id", "") if kind == "mitigation" else \
-                getattr(body, "evidence_id", "") if kind == "evidence" else ""
+                getattr(body, "evidence_id", "") if kind == "evidence" else \
+                getattr(body, "feedback_id", "") if kind == "feedback" else ""
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO reports VALUES (?,?,?,?,?,?,?,?)",
                 (r.id, kind, ref, getattr(body, "state", ""), r.node_id, peer,

@@ -81,6 +81,10 @@ def to_report(p: Pending, node_id: str) -> mesh_pb2.Report:
             collected_at=float(bundle.get("collected_at") or p.created_at),
             summary=str(bundle.get("summary") or ""),
             bundle_json=json.dumps(bundle, sort_keys=True)))
+    elif p.kind == "feedback":
+        r.feedback.CopyFrom(mesh_pb2.FeedbackReport(
+            **{k: v for k, v in body.items() if v is not None and k != "feedback_id"},
+            feedback_id=body["feedback_id"]))
     else:
         r.heartbeat.CopyFrom(mesh_pb2.Heartbeat(**body))
     return r

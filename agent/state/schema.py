@@ -92,6 +92,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             incident_id TEXT NOT NULL DEFAULT '', reverted_at REAL,
             reverted_by TEXT NOT NULL DEFAULT '', hits INTEGER NOT NULL DEFAULT 0)""",
         "CREATE INDEX feedback_by_rule ON feedback (rule, reverted_at, expires_at)",
+        # The mesh hears of every record made or reverted (kind 'feedback' in the outbox),
+        # in the same transaction; a hits count going up is no news.
+        *(f"""CREATE TRIGGER outbox_feedback_{event} AFTER {event.upper()} ON feedback
+            {cond} BEGIN
+            DELETE FROM outbox WHERE kind = 'feedback' AND ref = NEW.id;
+            INSERT INTO outbox (id, kind, ref, payload, created_at) VALUES
+              (lower(hex(randomblob(16))), 'feedback', NEW.id, json_object(
+                'feedback_id', NEW.id, 'rule', NEW.rule, 'rule_version', NEW.rule_version,
+                'scope_kind', NEW.scope_kind, 'scope_value', NEW.scope_value,
+                'action', NEW.action, 'created_at', NEW.created_at,
+                'expires_at', NEW.expires_at, 'reason', NEW.reason, 'by', NEW.by,
+                'incident_id', NEW.incident_id, 'reverted_at', NEW.reverted_at,
+                'reverted_by', NEW.reverted_by),
+               (julianday('now') - 2440587.5) * 86400.0);
+          END""" for event, cond in (
+              ("insert", ""),
+              ("update", "WHEN OLD.reverted_at IS NOT NEW.reverted_at"))),
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -66,7 +66,8 @@ def test_every_change_is_queued_with_it_and_newer_snapshots_replace_older(store)
         store.add_mitigation(m)
     assert len(box.pending(10)) == 2
     assert box.acknowledge([p.id for p in box.pending(10)]) == 2
-    assert box.depth() == {"incident": 0, "mitigation": 0, "heartbeat": 0, "evidence": 0}
+    assert box.depth() == {"incident": 0, "mitigation": 0, "heartbeat": 0, "evidence": 0,
+                           "feedback": 0}
     box.close()
 
 
@@ -80,7 +81,8 @@ def test_the_bound_drops_heartbeats_then_mitigations_and_incidents_only_past_the
                                         expires_at=3.0, incident_id=inc.id))
     assert sum(box.depth().values()) == 18
     assert box.trim() == {"heartbeat": 6, "mitigation": 2}
-    assert box.depth() == {"incident": 8, "mitigation": 2, "heartbeat": 0, "evidence": 0}
+    assert box.depth() == {"incident": 8, "mitigation": 2, "heartbeat": 0, "evidence": 0,
+                           "feedback": 0}
     for i in range(8, 14):
         store.record_finding(finding(f"ip:198.51.100.{i}"), 1.0, 2.0)
     # 16 queued: the 2 mitigations go, the soft bound keeps incidents, so only the hard
@@ -225,5 +227,46 @@ def test_evidence_bundles_reach_the_mesh_in_calls_under_grpcs_limit(store, certs
     store.record_finding(finding("ip:198.51.100.98"), 1.0, 2.0)
     store.record_finding(finding("ip:198.51.100.99"), 1.0, 2.0)
     assert small.trim() == {"heartbeat": 1, "evidence": 1}        # 5 queued, bound 3
-    assert small.depth() == {"incident": 2, "mitigation": 1, "heartbeat": 0, "evidence": 0}
+    assert small.depth() == {"incident": 2, "mitigation": 1, "heartbeat": 0, "evidence": 0,
+                             "feedback": 0}
     small.close()
+
+
+def test_feedback_made_and_reverted_reaches_the_mesh(store, certs, tmp_path):
+    """Each verdict made or reverted is a report queued in its own transaction (a trigger);
+    its hits going up is not; the mesh keeps the newest snapshot per feedback_id."""
+    from agent.respond.feedbackbook import FeedbackBook
+
+    box = outbox_for(store)
+    inc = store.record_finding(finding("ip:198.51.100.44"), 1.0, 2.0)
+    book = FeedbackBook(store, "node-a", max_ttl_s=86400.0)
+    [rec] = book.plan(inc.id, by="local:uid=0", reason="scanner we run")
+    book.commit([rec])
+    assert box.depth()["feedback"] == 1
+    book.check(finding("ip:198.51.100.44"))
+    book.flush()                                   # hits stored: no new report
+    assert [p.payload.get("reverted_at") for p in box.pending(100)
+            if p.kind == "feedback"] == [None]
+    db = tmp_path / "recv.db"
+
+    async def scenario() -> None:
+        server, port, _ = await serve("127.0.0.1:0", certs, db)
+        reporter = MeshReporter(mesh_cfg(certs, port), box, lambda: {"version": "t"})
+        task = asyncio.create_task(reporter.run())
+        try:
+            await wait_until(lambda: box.depth()["feedback"] == 0)
+            book.revert(rec.id, "ops.example", "wrong call")
+            reporter.wake()
+            await wait_until(lambda: box.depth()["feedback"] == 0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(scenario())
+    rows, _ = received(db)
+    reports = [json.loads(r["payload"])["feedback"] for r in rows if r["kind"] == "feedback"]
+    assert [r["feedback_id"] for r in reports] == [rec.id, rec.id]
+    assert (reports[0]["rule"], reports[0]["scope_kind"], reports[0]["scope_value"]) == \
+        ("net.syn_flood", "address", "198.51.100.44/32")
+    assert "reverted_at" not in reports[0] and reports[1]["reverted_by"] == "ops.example"
