@@ -27,7 +27,6 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from agent import cgroupview
