@@ -301,11 +301,14 @@ class Agent(AgentView):
                 continue
             try:
                 incident = self.responder.handle(finding)
-                if finding.action == INVESTIGATE and self.investigator is not None:
-                    self.investigator.on_finding(incident, finding)
             except Exception as e:   # noqa: BLE001 -- the next finding must still be handled
                 self._failed("findings.failed", e, rule=finding.rule, entity=finding.entity)
                 continue
+            if finding.action == INVESTIGATE and self.investigator is not None:
+                try:     # its evidence, on a thread: never holds up or fails the finding
+                    self.investigator.on_finding(incident, finding)
+                except Exception as e:   # noqa: BLE001
+                    self._failed("investigation.failed", e, incident=incident.id)
             log.info("finding", extra={"rule": finding.rule, "entity": finding.entity,
                                        "incident": incident.id, "state": str(incident.state)})
 

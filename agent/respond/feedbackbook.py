@@ -92,11 +92,15 @@ class FeedbackBook:
             for ev in evidences:
                 for kind, values in match.scopes_of(entity, ev, self.node).items():
                     scopes.setdefault(kind, set()).update(values)
-            if scope is None:
-                kind, value = match.default_scope(scopes)
-            else:
-                kind, value = match.check_scope(*match.parse_scope(scope), scopes, self.node,
-                                                force)
+            try:
+                if scope is None:
+                    kind, value = match.default_scope(scopes)
+                else:
+                    kind, value = match.check_scope(*match.parse_scope(scope), scopes,
+                                                    self.node, force)
+            except ValueError as e:
+                # Several rules: say which one's findings the scope does not fit.
+                raise ValueError(f"{rule}: {e}" if len(per_rule) > 1 else str(e)) from None
             out.append(Feedback(id=uuid.uuid4().hex, rule=rule, rule_version=version,
                                 scope_kind=kind, scope_value=value, action=action,
                                 created_at=now, expires_at=now + ttl, reason=reason, by=by,
