@@ -144,6 +144,19 @@ def run_investigation(lab, agent, cg, pid, child_pid, local_port, peer) -> None:
     assert "evidence (collected 1 time(s)" in human and "the process's own claim" in human
     assert f"{peer}:{PEER_PORT} {conn['state']} pid {pid}" in human
 
+    # Refused verdicts: exit 2, one sentence, nothing changed.
+    exe = str(Path(shutil.which("swarm-agent") or ".venv/bin/swarm-agent"))
+    for args, words in [(("--false-positive", "--scope", "address=0.0.0.0/0"), "wider than /16"),
+                        (("--false-positive", "--scope", "cgroup=/"), "every workload"),
+                        (("--false-positive", "--scope", "uid=0"), "unknown scope kind"),
+                        (("--scope", "node"), "go with --false-positive")]:
+        done = subprocess.run([exe, "resolve", inc["id"][:12], *args, "--config",
+                               str(agent.config_path)], capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert [i["state"] for i in suspicious(agent)] == ["escalated"]
+
     # A false positive (default scope): the same pattern no longer alerts.
     done = cli(agent, "resolve", inc["id"][:12], "--false-positive", "--comment", "lab job")
     assert done["state"] == "false_positive"
@@ -155,6 +168,8 @@ def run_investigation(lab, agent, cg, pid, child_pid, local_port, peer) -> None:
     wait_for(lambda: counter(agent, "findings_suppressed.test.sh_exec@1") >= 1, 10)
     assert [(i["id"], i["state"]) for i in suspicious(agent)] == \
         [(inc["id"], "false_positive")]                 # no new incident
+    assert "feedback: 1 incidents marked false positive, 1 findings suppressed" in \
+        cli(agent, "status", json_out=False)
     # Another rule on the same workload still alerts.
     trigger(lab, cg, "bash")
     wait_for(lambda: any(i["rules"] == ["test.bash_exec@1"] and i["state"] == "escalated"
