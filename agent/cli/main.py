@@ -80,7 +80,8 @@ def _control_parsers(sub, with_config) -> None:
                     help="it was not an attack: also lift its mitigations, and keep its rules "
                     "from alerting on the same thing again (a feedback record per rule; see "
                     "`swarm-agent feedback`)")
-    sp.add_argument("--comment", help="why, for the timeline")
+    sp.add_argument("--comment", help="why, for the timeline (required with --false-positive "
+                    "unless --no-feedback: the exception's recorded reason)")
     feedback.add_resolve_args(sp)
     sp = add("mitigations", "mitigations in force")
     sp.add_argument("--all", action="store_true", help="also lifted, expired and failed ones")

@@ -38,6 +38,10 @@ def plan(agent: Any, request: pb.ResolveIncidentRequest, incident_id: str, by: s
         if request.scope or request.learn or request.HasField("ttl_s"):
             raise CallError(Code.FAILED_PRECONDITION, "this agent keeps no feedback")
         return []
+    if not comment:
+        raise CallError(Code.INVALID_ARGUMENT, "a false positive that changes detection needs "
+                        "a comment (why it was benign: the reviewers' record); or give "
+                        "no_feedback")
     if len(request.scope) > MAX_SCOPE:
         raise CallError(Code.INVALID_ARGUMENT, f"scope is at most {MAX_SCOPE} characters")
     ttl_s = request.ttl_s if request.HasField("ttl_s") else None

@@ -57,18 +57,24 @@ def handled(served: Served, finding: Finding) -> str | None:
 def test_refused_verdicts_change_nothing(served, stub):
     inc = handled(served, flood("203.0.113.9"))
     for req, code, words in [
-        (pb.ResolveIncidentRequest(id=inc, false_positive=True, scope="address=203.0.0.0/8"),
+        (pb.ResolveIncidentRequest(id=inc, false_positive=True, comment="c",
+                                   scope="address=203.0.0.0/8"),
          Code.INVALID_ARGUMENT, "wider than /16"),
-        (pb.ResolveIncidentRequest(id=inc, false_positive=True, scope="address=198.51.100.1"),
+        (pb.ResolveIncidentRequest(id=inc, false_positive=True, comment="c",
+                                   scope="address=198.51.100.1"),
          Code.INVALID_ARGUMENT, "does not cover this incident"),
-        (pb.ResolveIncidentRequest(id=inc, false_positive=True, scope="pid=1"),
+        (pb.ResolveIncidentRequest(id=inc, false_positive=True, comment="c",
+                                   scope="pid=1"),
          Code.INVALID_ARGUMENT, "unknown scope kind"),
-        (pb.ResolveIncidentRequest(id=inc, false_positive=True, ttl_s=86401),
+        (pb.ResolveIncidentRequest(id=inc, false_positive=True, comment="c",
+                                   ttl_s=86401),
          Code.INVALID_ARGUMENT, "at most 86400"),
         (pb.ResolveIncidentRequest(id=inc, scope="node"), Code.INVALID_ARGUMENT,
          "go with false_positive"),
         (pb.ResolveIncidentRequest(id=inc, false_positive=True, no_feedback=True, learn=True),
          Code.INVALID_ARGUMENT, "no_feedback makes no record"),
+        (pb.ResolveIncidentRequest(id=inc, false_positive=True, comment=" "),
+         Code.INVALID_ARGUMENT, "needs a comment"),
     ]:
         got, text = code_of(lambda: stub.ResolveIncident(req, timeout=10))
         assert got is code and words in text, text
@@ -77,7 +83,7 @@ def test_refused_verdicts_change_nothing(served, stub):
         ["active"]                                                   # nothing lifted
     assert list(stub.ListFeedback(pb.ListFeedbackRequest(all=True), timeout=10).records) == []
     refused = [e for e in served.agent.store.audit() if e["method"] == "ResolveIncident"]
-    assert len(refused) == 6 and {e["result"] for e in refused} == {"INVALID_ARGUMENT"}
+    assert len(refused) == 7 and {e["result"] for e in refused} == {"INVALID_ARGUMENT"}
     assert code_of(lambda: stub.RevertFeedback(pb.RevertFeedbackRequest(id="nope"),
                                                timeout=10))[0] is Code.NOT_FOUND
 

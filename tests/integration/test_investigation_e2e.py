@@ -146,9 +146,11 @@ def run_investigation(lab, agent, cg, pid, child_pid, local_port, peer) -> None:
 
     # Refused verdicts: exit 2, one sentence, nothing changed.
     exe = str(Path(shutil.which("swarm-agent") or ".venv/bin/swarm-agent"))
-    for args, words in [(("--false-positive", "--scope", "address=0.0.0.0/0"), "wider than /16"),
-                        (("--false-positive", "--scope", "cgroup=/"), "every workload"),
-                        (("--false-positive", "--scope", "uid=0"), "unknown scope kind"),
+    fp = ("--false-positive", "--comment", "benign")
+    for args, words in [((*fp, "--scope", "address=0.0.0.0/0"), "wider than /16"),
+                        ((*fp, "--scope", "cgroup=/"), "every workload"),
+                        ((*fp, "--scope", "uid=0"), "unknown scope kind"),
+                        (("--false-positive",), "needs a comment"),
                         (("--scope", "node"), "go with --false-positive")]:
         done = subprocess.run([exe, "resolve", inc["id"][:12], *args, "--config",
                                str(agent.config_path)], capture_output=True, text=True,
