@@ -89,7 +89,8 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
     """Fill `bundle` (see the module docstring); returns when done or past `deadline`."""
     d = bundle.data
     t = d["targets"]
-    d["agent"] = dict(counters or {})
+    if counters is not None:
+        d["agent"] = dict(counters)
     pids = _members(proc, t["cgroups"], t["pids"], deadline, d)
     for pid in pids[:MAX_PROCESSES]:
         if time.monotonic() > deadline:

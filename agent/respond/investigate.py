@@ -79,6 +79,14 @@ class Investigator:
         self._last[incident.id] = self._clock()
         bundle = evidence.Bundle({**targets, "incident_id": incident.id,
                                   "rule": finding.rule, "entity": incident.entity})
+        # Read here, on the caller's (the loop's) thread, where they change: the counters
+        # and the anomaly engine's recent events (bounded lists, quick to copy).
+        bundle.data["agent"] = dict(self.counters())
+        for workload in targets["workloads"] if self.recent is not None else []:
+            try:
+                bundle.data["recent"].extend(list(self.recent(workload) or []))
+            except Exception:   # noqa: BLE001 -- another part's hook: never fail the bundle
+                bundle.data["errors"] += 1
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -113,8 +121,7 @@ class Investigator:
 
     def _collect(self, bundle: evidence.Bundle, deadline: float) -> None:
         try:
-            evidence.collect(bundle, deadline=deadline, recent=self.recent,
-                             gpu_processes=self.gpu_processes, counters=self.counters())
+            evidence.collect(bundle, deadline=deadline, gpu_processes=self.gpu_processes)
         except Exception:   # noqa: BLE001 -- what was gathered is still stored
             self.stats["evidence_failed"] += 1
             log.exception("evidence collection failed; what was gathered is kept")

@@ -105,15 +105,16 @@ def test_the_investigator_stores_the_bundle_with_its_incident(tmp_path: Path, ch
 
 
 def test_a_collection_that_hangs_is_stored_at_its_deadline(tmp_path: Path) -> None:
-    """A read that blocks (here: the recent-events hook) costs a thread, never the
-    investigation: at timeout_s what was gathered is stored, marked truncated by time."""
+    """A read that blocks (here: the GPU source's hook, read on the collecting thread)
+    costs a thread, never the investigation: at timeout_s what was gathered is stored,
+    marked truncated by time."""
     import asyncio
     import threading
 
     release = threading.Event()
     store = Store(tmp_path / "state.db")
     inv = Investigator(store, refresh_s=300, timeout_s=0.3, max_bytes=256 * 1024,
-                       recent=lambda w: release.wait(10) and [])
+                       gpu_processes=lambda: release.wait(10) and [])
     f = Finding("anomaly.workload", 2, EventClass.SUSPICIOUS_ACTIVITY, Severity.MEDIUM,
                 "node", "investigate", 1, 2, {"pid": os.getpid()})
     incident = store.record_finding(f, time.time(), time.time())
