@@ -55,7 +55,8 @@ def format_latest(timeline: list[pb.TimelineEntry]) -> list[str]:
     procs = b.get("processes") or []
     lines.append(f"  processes ({len(procs)}; comm and cmdline are the process's own claim):")
     for depth, p in _tree(procs)[:SHOWN]:
-        lines.append(f"    {'  ' * depth}{p.get('pid')} ppid {p.get('ppid')} uid {p.get('uid')} "
+        lines.append(f"    {'  ' * depth}{'(parent) ' if p.get('ancestor') else ''}"
+                     f"{p.get('pid')} ppid {p.get('ppid')} uid {p.get('uid')} "
                      f"exe {clean(str(p.get('exe')))} [claims: {clean(str(p.get('comm')))}: "
                      f"{clean(str(p.get('cmdline'))[:120])}]")
     for name in ("listening", "connections"):

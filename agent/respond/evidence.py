@@ -2,9 +2,9 @@
 collected from /proc at the moment the investigation opens.
 
 - processes: every process in the workloads involved (their cgroups, host-view paths, and
-  the pids the findings name): pid, ppid, uid, exe (the kernel's /proc/PID/exe), start
-  time, and comm and cmdline marked as the process's own claim (it can set them to
-  anything); shown as a tree by ppid.
+  the pids the findings name with their ancestors and descendants): pid, ppid, uid, exe
+  (the kernel's /proc/PID/exe), start time, and comm and cmdline marked as the process's
+  own claim (it can set them to anything); shown as a tree by ppid.
 - sockets: their TCP and UDP sockets, read from /proc/PID/net/{tcp,tcp6,udp,udp6} (the
   process's own network namespace, once per namespace) and tied to pids by the socket
   inodes in /proc/PID/fd: listening sockets apart from connections.
@@ -34,6 +34,7 @@ from agent import cgroupview
 MAX_PROCESSES = 512
 MAX_SOCKETS = 2048
 MAX_TEXT = 512              # characters of a cmdline kept
+MAX_ANCESTORS = 8           # a named process's parents shown above it
 CLAIM = "the process's own claim"
 TCP_STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2",
               6: "time_wait", 7: "close", 8: "close_wait", 9: "last_ack", 10: "listen",
@@ -91,11 +92,13 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
     t = d["targets"]
     if counters is not None:
         d["agent"] = dict(counters)
-    pids = _members(proc, t["cgroups"], t["pids"], deadline, d)
-    for pid in pids[:MAX_PROCESSES]:
+    pids, ancestors = _members(proc, t["cgroups"], t["pids"], deadline, d)
+    for pid in (pids[:MAX_PROCESSES] + ancestors):
         if time.monotonic() > deadline:
             return
         if (p := _process(proc, pid)) is not None:
+            if pid in ancestors:
+                p["ancestor"] = True         # shown for context: not the workload's own
             d["processes"].append(p)
         else:
             d["errors"] += 1
@@ -103,7 +106,7 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
         d["truncated"].append(f"processes: {len(pids)} found, {MAX_PROCESSES} kept")
     if time.monotonic() > deadline:
         return
-    _sockets(proc, [p["pid"] for p in d["processes"]], deadline, d)
+    _sockets(proc, [p["pid"] for p in d["processes"] if not p.get("ancestor")], deadline, d)
     for workload in t.get("workloads") or []:
         if recent is None or time.monotonic() > deadline:
             break
@@ -121,22 +124,56 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
 
 def _members(proc: str, cgroups: list[str], pids: list[int], deadline: float,
              d: dict[str, Any]) -> list[int]:
-    """Pids in any of `cgroups` (or below), plus `pids`, in pid order."""
+    """(pids in any of `cgroups` (or below), plus `pids` and their descendants; the
+    named pids' ancestors up to MAX_ANCESTORS, not otherwise in), each in pid order."""
     found = set(p for p in pids if os.path.isdir(f"{proc}/{p}"))
-    if cgroups:
-        try:
-            names = [n for n in os.listdir(proc) if n.isdigit()]
-        except OSError:
-            names = []
-        for n in names:
-            if time.monotonic() > deadline:
-                d["truncated"].append("time: process scan")
-                break
+    if not cgroups and not found:
+        return [], []
+    try:
+        names = [int(n) for n in os.listdir(proc) if n.isdigit()]
+    except OSError:
+        names = []
+    parent: dict[int, int] = {}
+    for n in names:
+        if time.monotonic() > deadline:
+            d["truncated"].append("time: process scan")
+            break
+        if cgroups:
             cg = cgroupview.cgroup_of(n, proc)
             if cg is not None and any(cg == c or cg.startswith(c.rstrip("/") + "/")
                                       for c in cgroups):
-                found.add(int(n))
-    return sorted(found)
+                found.add(n)
+        if pids and (ppid := _ppid(proc, n)) is not None:
+            parent[n] = ppid
+    named = set(pids) & found
+    children: dict[int, list[int]] = {}
+    for child, ppid in parent.items():
+        children.setdefault(ppid, []).append(child)
+    todo = list(named)                       # everything the named processes started
+    while todo and len(found) <= MAX_PROCESSES:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    ancestors: set[int] = set()
+    for pid in named:                        # and their ancestry, for context only
+        up = parent.get(pid)
+        for _ in range(MAX_ANCESTORS):
+            if up is None or up <= 1 or up in found:
+                break
+            ancestors.add(up)
+            up = parent.get(up)
+    return sorted(found), sorted(ancestors)
+
+
+def _ppid(proc: str, pid: int) -> int | None:
+    stat = _read(f"{proc}/{pid}/stat", 512)
+    if stat is None or ")" not in stat:
+        return None
+    try:
+        return int(stat[stat.rindex(")") + 2:].split()[1])
+    except (ValueError, IndexError):
+        return None
 
 
 def _read(path: str, limit: int = 65536) -> str | None:
