@@ -57,9 +57,10 @@ def plan(agent: Any, request: pb.ResolveIncidentRequest, incident_id: str, by: s
 
 def listing(agent: Any, request: pb.ListFeedbackRequest, limit: int,
             now: float) -> pb.ListFeedbackResponse:
-    found = agent.feedback.records(include_all=request.all, limit=limit)
-    if request.incident_id:
-        found = [r for r in found if r.incident_id == request.incident_id]
+    if len(request.incident_id) > 64:
+        raise CallError(Code.INVALID_ARGUMENT, "an incident id is at most 64 characters")
+    found = agent.feedback.records(include_all=request.all, limit=limit,
+                                   incident_id=request.incident_id or None)
     return pb.ListFeedbackResponse(records=[convert.feedback(r, now) for r in found])
 
 

@@ -127,10 +127,12 @@ class FeedbackBook:
         self.reload()
         return done
 
-    def records(self, include_all: bool = False, limit: int = 1000) -> list[Feedback]:
+    def records(self, include_all: bool = False, limit: int = 1000,
+                incident_id: str | None = None) -> list[Feedback]:
+        """Live records (`include_all`: reverted and expired too), newest first."""
         self.flush()
         return stored.records(self._store, live_at=None if include_all else self._clock(),
-                              limit=limit)
+                              incident_id=incident_id, limit=limit)
 
     def record(self, record_id: str) -> Feedback | None:
         return stored.record(self._store, record_id)
