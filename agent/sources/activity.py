@@ -1,0 +1,340 @@
+"""The activity probe: what the anomaly models learn a machine's normal from
+(probes/activity.bpf.c; CONTRACT11 "Events"). Events (agent.model.Event, source
+"activity"); every one carries, where known, the acting process: pid, uid, comm (its own
+claim: display only), cgroup_id, cgroup (host view, None when it cannot be named),
+container ("" outside one), exe_id ("major:minor:inode", the kernel's), exe (path for
+display; None when unknown, exe_claimed when the kernel's walk named a path that on the
+host is another file).
+
+- "flow.connect", subject the destination address: an outbound TCP connection's outcome,
+  "established", "refused" (a RST answered the SYN) or "failed" (timeout, unreachable,
+  closed while connecting); daddr, dport, saddr, sport, family (4|6), proto "tcp", outcome,
+  err (sk_err). first_mono_ns: SYN_SENT; mono_ns: the outcome.
+- "flow.close", subject the destination: an established outbound connection closed;
+  as flow.connect (outcome "closed") + bytes_out (acknowledged), bytes_in, duration_ns.
+- "flow.listen", subject "tcp/<port>": a socket entered LISTEN; addr, port, family.
+- "flow.bytes", subject the destination ("" for unconnected UDP): bytes sent per (cgroup,
+  destination, port, protocol) since the last poll: daddr, dport, proto, family,
+  bytes_out, sends, window_ns. Every poll_s for entries that changed, the largest
+  bytes_per_poll of them (the rest counted). Needs sock:sock_send_length (Linux >= 6.3);
+  without it status says so and bytes come only with flow.close.
+- "activity.exec_new", subject "pid:<pid>": the first exec of a file in a cgroup;
+  exe_sha256 (None when not read: too large, or the process gone), exe_sha256_state.
+- "activity.counts", subject "cgroup:<path or id>": per-cgroup counters since the last
+  poll: execs, connects (attempts), flows_dropped and exec_new_dropped (events the
+  kernel's per-cgroup caps held back), window_ns.
+
+Scope: the processes this agent owns (agent.sources.owners), as the process probe; the
+agent's own never.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import os
+import time
+from collections import OrderedDict
+
+from agent.config import Config
+from agent.model import Event
+from agent.sources import abi, execfacts, ident, libbpf
+from agent.sources.abi import ActivityMap, ActivityProg, FlowOutcome
+from agent.sources.cgroups import CgroupNames
+from agent.sources.gpuproc import container_of
+from agent.sources.owners import initial_netns_inode, netns_inode
+from agent.sources.probe import BpfProbe
+from agent.sources.procscope import REFRESH_OWNERS_S, OwnedScope
+
+SOURCE = "activity"
+POLL_S = 5.0
+NO_SEND_TP = ("this kernel has no tracepoint sock:sock_send_length (Linux < 6.3): "
+              "flow.bytes not sent, bytes come only with flow.close")
+OUTCOMES = {FlowOutcome.ESTABLISHED: "established", FlowOutcome.REFUSED: "refused",
+            FlowOutcome.FAILED: "failed", FlowOutcome.CLOSED: "closed"}
+PROTOS = {6: "tcp", 17: "udp"}
+EXE_CACHE = 4096
+
+
+def _text(raw) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def address(raw, family: int) -> tuple[str, int]:
+    """(text, 4|6) of a kernel address; an IPv4-mapped IPv6 address (a v6 socket talking
+    to a v4 peer) is the IPv4 address: one destination, one name."""
+    if family == 2:
+        return str(ipaddress.IPv4Address(bytes(raw[:4]))), 4
+    a = ipaddress.IPv6Address(bytes(raw[:16]))
+    return (str(a.ipv4_mapped), 4) if a.ipv4_mapped else (str(a), 6)
+
+
+class ActivityProbe(OwnedScope, BpfProbe):
+    """Loads probes/activity.bpf.o. open() loads and attaches (programs the kernel refuses
+    are reported degraded by status(), the rest runs); run() emits the ring buffer's
+    events and, every poll_s, the counters' deltas (poll_counters) until cancelled.
+    Scope as the process probe's: it shares that probe's registration in
+    probes.process_owners, or makes its own when there is none (OwnerConflict when
+    another live agent owns this namespace)."""
+
+    NAME = "activity"
+    PROGS = ActivityProg
+    TRACEPOINTS = abi.ACTIVITY_TRACEPOINTS
+    RING_MAP = ActivityMap.EVENTS
+    LOSS_MAP = ActivityMap.LOSSES
+    OPTIONAL = frozenset({ActivityProg.SEND})
+
+    def __init__(self, cfg: Config, *, agent_tgid: int | None = None, ring_bytes: int = 1 << 18,
+                 flows: int = 16384, bytes_entries: int = 8192, cgroup_entries: int = 4096,
+                 seen_entries: int = 16384, flow_cap: int = 256, exec_new_cap: int = 64,
+                 poll_s: float = POLL_S, bytes_per_poll: int = 512, counts_per_poll: int = 512,
+                 object_path: str | os.PathLike = abi.ACTIVITY_OBJECT):
+        self.cfg = cfg
+        self.agent_tgid = os.getpid() if agent_tgid is None else agent_tgid
+        self.sizes = {ActivityMap.EVENTS: ring_bytes, ActivityMap.FLOWS: flows,
+                      ActivityMap.FLOW_BYTES: bytes_entries, ActivityMap.CGROUPS: cgroup_entries,
+                      ActivityMap.SEEN: seen_entries}
+        self.flow_cap, self.exec_new_cap = flow_cap, exec_new_cap
+        self.poll_s, self.bytes_per_poll, self.counts_per_poll = poll_s, bytes_per_poll, counts_per_poll
+        super().__init__(object_path)
+        self.init_scope(cfg)
+        self._claimed = False
+        self.cgroups = CgroupNames()
+        self.hasher = execfacts.ExeHasher(cfg.policy.exec_hash_max_bytes)
+        self._exes: OrderedDict[ident.FileId, str] = OrderedDict()
+        self._bytes_seen: dict[bytes, tuple[int, int]] = {}     # key -> (bytes, sends)
+        self._counts_seen: dict[int, tuple[int, ...]] = {}      # cgroup id -> counters
+        self._polled_ns: int | None = None
+        self.dropped = {"flow.bytes": 0, "activity.counts": 0}  # over the per-poll caps
+        self.polls = 0
+
+    # --- loading -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Loads in the calling thread's network namespace, for the processes of it (and,
+        in the host's, of every namespace without its own agent)."""
+        self.netns, initial = netns_inode(), initial_netns_inode()
+        self.host_scope = initial == self.netns
+        owner = self.owners.live().get(self.netns)
+        if owner is None or owner.pid != os.getpid():
+            self.owners.claim(self.netns, os.getpid())
+            self._claimed = True
+        try:
+            BpfProbe.open(self)
+        except BaseException:
+            self.close()
+            raise
+        self._status["activity_scope"] = {"state": "loaded", "reason": (
+            "processes of this network namespace and of every one without its own agent"
+            if self.host_scope else "processes of this network namespace")}
+
+    def _configure(self, obj: libbpf.Object) -> None:
+        for name, size in self.sizes.items():
+            obj.map(name).set_max_entries(size)
+        rodata = abi.activity_config(
+            window_ns=int(self.poll_s * 1e9), agent_tgid=self.agent_tgid, netns_ino=self.netns,
+            host_scope=int(self.host_scope), flow_cap=self.flow_cap,
+            exec_new_cap=self.exec_new_cap)
+        obj.map(ActivityMap.RODATA).set_initial_value(bytes(rodata))
+
+    def _fill_maps(self) -> None:
+        self.refresh_owners()
+
+    def _attach_tracepoint(self, prog, category: str, name: str) -> None:
+        super()._attach_tracepoint(prog, category, name)
+        if prog is ActivityProg.SEND and self._status[prog.value]["state"] != "loaded":
+            self._status[prog.value]["reason"] = NO_SEND_TP
+
+    def close(self) -> None:
+        BpfProbe.close(self)
+        if self._claimed:
+            self.owners.release(self.netns, os.getpid())
+            self._claimed = False
+
+    # --- reading -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, dict[str, str]]:
+        """BpfProbe.status, plus one "activity" line: what the probe sends, and what its
+        bounds held back."""
+        out = super().status()
+        progs = [out.get(p.value, {}).get("state") for p in ActivityProg]
+        held = ", ".join(f"{n} {kind} entries over the per-poll cap" for kind, n in self.dropped.items() if n)
+        if self._obj is None:
+            line = {"state": "failed", "reason": "not loaded"}
+        elif all(s == "loaded" for s in progs):
+            line = {"state": "loaded", "reason": "connections, listeners, bytes, execs" +
+                    (f"; {held}" if held else "")}
+        else:
+            line = {"state": "degraded", "reason": "; ".join(
+                f"{p.value}: {out[p.value]['reason']}" for p in ActivityProg
+                if out.get(p.value, {}).get("state") != "loaded") + (f"; {held}" if held else "")}
+        out["activity"] = line
+        return out
+
+    async def run(self, emit) -> None:
+        """Emit every event until cancelled: the ring buffer's as they come, the counters'
+        every poll_s (read off the loop), and the other agents' registrations re-read
+        every REFRESH_OWNERS_S."""
+        async def poller() -> None:
+            due = time.monotonic() + self.poll_s
+            while True:
+                await asyncio.sleep(min(REFRESH_OWNERS_S, self.poll_s))
+                try:
+                    self.refresh_owners()
+                except (OSError, RuntimeError):
+                    pass        # the last registrations read stay in force
+                if time.monotonic() >= due:
+                    due += self.poll_s
+                    for event in await asyncio.to_thread(self.poll_counters, time.monotonic_ns()):
+                        emit(event)
+
+        task = asyncio.create_task(poller()) if self._ring is not None else None
+        try:
+            await BpfProbe.run(self, emit)
+        finally:
+            if task:
+                task.cancel()
+
+    def poll_counters(self, now_ns: int) -> list[Event]:
+        """flow.bytes and activity.counts: what changed since the last call (the first
+        call only takes the baseline of counters that existed before)."""
+        if self._obj is None:
+            return []
+        window = 0 if self._polled_ns is None else now_ns - self._polled_ns
+        first = self._polled_ns is None
+        self._polled_ns = now_ns
+        self.polls += 1
+        out = self._poll_bytes(now_ns, window, first)
+        out += self._poll_counts(now_ns, window, first)
+        return out
+
+    def _poll_bytes(self, now_ns: int, window: int, first: bool) -> list[Event]:
+        cpus = libbpf.num_possible_cpus()
+        seen, changed = {}, []
+        for key, per_cpu in self._map(ActivityMap.FLOW_BYTES).items(
+                abi.flow_bytes_key, abi.flow_bytes * cpus):
+            k = bytes(key)
+            total = (sum(v.bytes for v in per_cpu), sum(v.sends for v in per_cpu))
+            seen[k] = total
+            old = self._bytes_seen.get(k, (0, 0))
+            if total[0] < old[0] or total[1] < old[1]:
+                old = (0, 0)      # evicted and made again since: all of it is new
+            if total[1] > old[1] and not first:
+                changed.append((total[0] - old[0], total[1] - old[1],
+                                abi.flow_bytes_key.from_buffer_copy(k)))
+        self._bytes_seen = seen
+        changed.sort(key=lambda c: c[0], reverse=True)
+        self.dropped["flow.bytes"] += max(0, len(changed) - self.bytes_per_poll)
+        out = []
+        for nbytes, sends, key in changed[:self.bytes_per_poll]:
+            daddr, fam = address(key.daddr, key.family)
+            if not any(key.daddr):
+                daddr = ""
+            cgroup = self.cgroups.path(key.cgroup_id)
+            out.append(Event("flow.bytes", daddr, now_ns, now_ns - window, {
+                "cgroup_id": key.cgroup_id, "cgroup": cgroup,
+                "container": container_of(cgroup) or "", "daddr": daddr, "dport": key.dport,
+                "proto": PROTOS.get(key.proto, str(key.proto)), "family": fam,
+                "bytes_out": nbytes, "sends": sends, "window_ns": window}, SOURCE))
+        return out
+
+    def _poll_counts(self, now_ns: int, window: int, first: bool) -> list[Event]:
+        names = ("execs", "connects", "flows_dropped", "exec_new_dropped")
+        seen, changed = {}, []
+        for key, value in self._map(ActivityMap.CGROUPS).items(ctypes.c_uint64, abi.cgroup_activity):
+            cgid = getattr(key, "value", key)
+            total = tuple(getattr(value, n) for n in names)
+            seen[cgid] = total
+            old = self._counts_seen.get(cgid, (0,) * len(names))
+            if any(t < o for t, o in zip(total, old)):
+                old = (0,) * len(names)
+            delta = tuple(t - o for t, o in zip(total, old))
+            if any(delta) and not first:
+                changed.append((delta, cgid))
+        self._counts_seen = seen
+        changed.sort(key=lambda c: c[0][0] + c[0][1], reverse=True)
+        self.dropped["activity.counts"] += max(0, len(changed) - self.counts_per_poll)
+        out = []
+        for delta, cgid in changed[:self.counts_per_poll]:
+            cgroup = self.cgroups.path(cgid)
+            out.append(Event("activity.counts", f"cgroup:{cgroup or cgid}", now_ns, now_ns - window, {
+                "cgroup_id": cgid, "cgroup": cgroup, "container": container_of(cgroup) or "",
+                **dict(zip(names, delta)), "window_ns": window}, SOURCE))
+        return out
+
+    # --- decoding ------------------------------------------------------------------------
+
+    def _decode(self, record: bytes) -> Event | None:
+        return self.to_event(abi.decode(record))
+
+    def to_event(self, ev) -> Event | None:
+        if isinstance(ev, abi.exec_new_event):
+            return self._exec_new(ev)
+        if not isinstance(ev, abi.flow_event):
+            return None
+        common = self._common(ev.proc)
+        if ev.hdr.kind == abi.EventKind.FLOW_LISTEN:
+            addr, fam = address(ev.saddr, ev.family)
+            return Event("flow.listen", f"tcp/{ev.sport}", ev.hdr.ts_ns, ev.hdr.ts_ns,
+                         {**common, "addr": addr, "port": ev.sport, "family": fam}, SOURCE)
+        daddr, fam = address(ev.daddr, ev.family)
+        saddr, _ = address(ev.saddr, ev.family)
+        fields = {**common, "daddr": daddr, "dport": ev.dport, "saddr": saddr,
+                  "sport": ev.sport, "family": fam, "proto": "tcp",
+                  "outcome": OUTCOMES.get(ev.outcome, str(ev.outcome)), "err": ev.err}
+        if ev.hdr.kind == abi.EventKind.FLOW_CLOSE:
+            fields.update(bytes_out=ev.bytes_acked, bytes_in=ev.bytes_received,
+                          duration_ns=ev.hdr.ts_ns - ev.start_ns)
+            return Event("flow.close", daddr, ev.hdr.ts_ns, ev.start_ns, fields, SOURCE)
+        return Event("flow.connect", daddr, ev.hdr.ts_ns, ev.start_ns, fields, SOURCE)
+
+    def _exec_new(self, ev: abi.exec_new_event) -> Event:
+        p, fid = ev.proc, (ev.proc.exe.dev, ev.proc.exe.ino)
+        walked = ident.walked_path(ev.exe_path, ev.exe_path_len, ev.exe_path_flags,
+                                   abi.WALK_COMPLETE)
+        claimed = None
+        if walked is not None and self._exe_at(walked, fid):
+            self._remember(fid, walked)
+        elif walked is not None:
+            claimed = walked
+        fields = self._common(p)
+        if claimed is not None:
+            fields["exe_claimed"] = claimed
+        fields["exe_sha256"], fields["exe_sha256_state"] = self.hasher.digest(p.pid, fid)
+        return Event("activity.exec_new", f"pid:{p.pid}", ev.hdr.ts_ns, ev.hdr.ts_ns, fields, SOURCE)
+
+    def _common(self, p: abi.act_proc) -> dict:
+        fid = (p.exe.dev, p.exe.ino)
+        cgroup = self.cgroups.path(p.cgroup_id, p.pid)
+        return {"pid": p.pid, "uid": p.uid, "comm": _text(p.comm), "cgroup_id": p.cgroup_id,
+                "cgroup": cgroup, "container": container_of(cgroup) or "",
+                "exe_id": ident.id_text(fid) if p.exe.ino else None,
+                "exe": self._exe_of(p.pid, fid)}
+
+    def _exe_of(self, pid: int, fid: ident.FileId) -> str | None:
+        """The executable's host path: remembered from an exec_new, else /proc/PID/exe
+        while the process still runs that very file."""
+        hit = self._exes.get(fid)
+        if hit is not None or not fid[1]:
+            return hit
+        try:
+            path = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return None
+        if path.endswith(" (deleted)") or not self._exe_at(path, fid):
+            return None
+        self._remember(fid, path)
+        return path
+
+    def _exe_at(self, path: str, fid: ident.FileId) -> bool:
+        host = ident.on_host(self.cfg.breach.host_root, path)
+        try:
+            return ident.file_id(os.stat(host), host) == fid
+        except (OSError, ValueError):
+            return False
+
+    def _remember(self, fid: ident.FileId, path: str) -> None:
+        self._exes[fid] = path
+        self._exes.move_to_end(fid)
+        while len(self._exes) > EXE_CACHE:
+            self._exes.popitem(last=False)
