@@ -355,10 +355,11 @@ int handle_activity_send(struct trace_event_raw_sock_msg_length *ctx)
 	k.family = ctx->family;
 	k.proto = ctx->protocol;
 	k.dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	/* sizes spelled out: BPF_CORE_READ_INTO would copy sizeof(*k.daddr), one byte */
 	if (ctx->family == AF_INET)
-		BPF_CORE_READ_INTO(k.daddr, sk, __sk_common.skc_daddr);
+		bpf_core_read(k.daddr, 4, &sk->__sk_common.skc_daddr);
 	else
-		BPF_CORE_READ_INTO(k.daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		bpf_core_read(k.daddr, 16, &sk->__sk_common.skc_v6_daddr);
 	v = bpf_map_lookup_elem(&flow_bytes, &k);
 	if (v) {
 		v->bytes += ctx->ret;	/* this CPU's value: no atomic needed */

@@ -40,6 +40,7 @@ from agent.config import Config
 from agent.model import Event
 from agent.sources import abi, execfacts, ident, libbpf
 from agent.sources.abi import ActivityMap, ActivityProg, FlowOutcome
+from agent.sources.capability import TRACEFS
 from agent.sources.cgroups import CgroupNames
 from agent.sources.gpuproc import container_of
 from agent.sources.owners import initial_netns_inode, netns_inode
@@ -48,8 +49,8 @@ from agent.sources.procscope import REFRESH_OWNERS_S, OwnedScope
 
 SOURCE = "activity"
 POLL_S = 5.0
-NO_SEND_TP = ("this kernel has no tracepoint sock:sock_send_length (Linux < 6.3): "
-              "flow.bytes not sent, bytes come only with flow.close")
+NO_SEND_TP = "this kernel has no tracepoint sock:sock_send_length (Linux < 6.3)"
+NO_BYTES = "flow.bytes not sent, bytes come only with flow.close"
 OUTCOMES = {FlowOutcome.ESTABLISHED: "established", FlowOutcome.REFUSED: "refused",
             FlowOutcome.FAILED: "failed", FlowOutcome.CLOSED: "closed"}
 PROTOS = {6: "tcp", 17: "udp"}
@@ -124,6 +125,12 @@ class ActivityProbe(OwnedScope, BpfProbe):
         except BaseException:
             self.close()
             raise
+        send = self._status.get(ActivityProg.SEND.value)
+        if send and send["state"] != "loaded":
+            events = TRACEFS / "events"
+            if events.is_dir() and not (events / "sock" / "sock_send_length").exists():
+                send["reason"] = NO_SEND_TP
+            send["reason"] += ": " + NO_BYTES
         self._status["activity_scope"] = {"state": "loaded", "reason": (
             "processes of this network namespace and of every one without its own agent"
             if self.host_scope else "processes of this network namespace")}
@@ -139,11 +146,6 @@ class ActivityProbe(OwnedScope, BpfProbe):
 
     def _fill_maps(self) -> None:
         self.refresh_owners()
-
-    def _attach_tracepoint(self, prog, category: str, name: str) -> None:
-        super()._attach_tracepoint(prog, category, name)
-        if prog is ActivityProg.SEND and self._status[prog.value]["state"] != "loaded":
-            self._status[prog.value]["reason"] = NO_SEND_TP
 
     def close(self) -> None:
         BpfProbe.close(self)
