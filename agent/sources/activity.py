@@ -18,8 +18,12 @@ host is another file).
   bytes_out, sends, window_ns. Every poll_s for entries that changed, the largest
   bytes_per_poll of them (the rest counted). Needs sock:sock_send_length (Linux >= 6.3);
   without it status says so and bytes come only with flow.close.
-- "activity.exec_new", subject "pid:<pid>": the first exec of a file in a cgroup;
-  exe_sha256 (None when not read: too large, or the process gone), exe_sha256_state.
+- "activity.exec_new", subject "pid:<pid>": the first exec of a file in a cgroup, as the
+  kernel's bounded memory (LRU map seen, shared by every cgroup) knows it: an evicted
+  entry is reported again, so novelty is for the model's own memory to judge;
+  exe_sha256 (None when not read), exe_sha256_state ("ok", "gone": the process ended
+  before it was opened, "changed", "too_large", "unreadable", "skipped": more than
+  MAX_HASHING being read). The file is opened at decode and read off the loop.
 - "activity.counts", subject "cgroup:<path or id>": per-cgroup counters since the last
   poll: execs, connects (attempts), flows_dropped and exec_new_dropped (events the
   kernel's per-cgroup caps held back), window_ns.
@@ -30,8 +34,7 @@ agent's own never.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ipaddress
+import dataclasses
 import os
 import time
 from collections import OrderedDict
@@ -40,6 +43,7 @@ from agent.config import Config
 from agent.model import Event
 from agent.sources import abi, execfacts, ident, libbpf
 from agent.sources.abi import ActivityMap, ActivityProg, FlowOutcome
+from agent.sources.activitycounts import CounterPolls, address
 from agent.sources.capability import TRACEFS
 from agent.sources.cgroups import CgroupNames
 from agent.sources.gpuproc import container_of
@@ -53,24 +57,20 @@ NO_SEND_TP = "this kernel has no tracepoint sock:sock_send_length (Linux < 6.3)"
 NO_BYTES = "flow.bytes not sent, bytes come only with flow.close"
 OUTCOMES = {FlowOutcome.ESTABLISHED: "established", FlowOutcome.REFUSED: "refused",
             FlowOutcome.FAILED: "failed", FlowOutcome.CLOSED: "closed"}
-PROTOS = {6: "tcp", 17: "udp"}
 EXE_CACHE = 4096
+HELD = {"flow.bytes": "flow.bytes entries not sent (over bytes_per_poll)",
+        "activity.counts": "activity.counts entries not sent (over counts_per_poll)",
+        "exe_sha256": "new executables not hashed (over MAX_HASHING at once)",
+        "flows_capped": "flow events held back by the kernel's per-cgroup cap",
+        "exec_new_capped": "exec_new events held back by the kernel's per-cgroup cap"}
+MAX_HASHING = 4         # exec_new executables hashed at once, off the loop; more: skipped
 
 
 def _text(raw) -> str:
     return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
-def address(raw, family: int) -> tuple[str, int]:
-    """(text, 4|6) of a kernel address; an IPv4-mapped IPv6 address (a v6 socket talking
-    to a v4 peer) is the IPv4 address: one destination, one name."""
-    if family == 2:
-        return str(ipaddress.IPv4Address(bytes(raw[:4]))), 4
-    a = ipaddress.IPv6Address(bytes(raw[:16]))
-    return (str(a.ipv4_mapped), 4) if a.ipv4_mapped else (str(a), 6)
-
-
-class ActivityProbe(OwnedScope, BpfProbe):
+class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
     """Loads probes/activity.bpf.o. open() loads and attaches (programs the kernel refuses
     are reported degraded by status(), the rest runs); run() emits the ring buffer's
     events and, every poll_s, the counters' deltas (poll_counters) until cancelled.
@@ -106,7 +106,12 @@ class ActivityProbe(OwnedScope, BpfProbe):
         self._bytes_seen: dict[bytes, tuple[int, int]] = {}     # key -> (bytes, sends)
         self._counts_seen: dict[int, tuple[int, ...]] = {}      # cgroup id -> counters
         self._polled_ns: int | None = None
-        self.dropped = {"flow.bytes": 0, "activity.counts": 0}  # over the per-poll caps
+        # over the per-poll caps; exec_new hashes not read (over MAX_HASHING at once)
+        self.dropped = dict.fromkeys(HELD, 0)
+        self._opened: dict[tuple[int, int], tuple[int, int, os.stat_result]] = {}
+        self._hash_off_loop = False
+        self._hashing = 0
+        self.full_polls: dict[str, int] = {}     # map -> polls that found it nearly full
         self.polls = 0
 
     # --- loading -------------------------------------------------------------------------
@@ -125,6 +130,7 @@ class ActivityProbe(OwnedScope, BpfProbe):
         except BaseException:
             self.close()
             raise
+        self._polled_ns = time.monotonic_ns()       # the maps start empty now
         send = self._status.get(ActivityProg.SEND.value)
         if send and send["state"] != "loaded":
             events = TRACEFS / "events"
@@ -149,6 +155,9 @@ class ActivityProbe(OwnedScope, BpfProbe):
 
     def close(self) -> None:
         BpfProbe.close(self)
+        for fd, _, _ in self._opened.values():
+            os.close(fd)
+        self._opened.clear()
         if self._claimed:
             self.owners.release(self.netns, os.getpid())
             self._claimed = False
@@ -160,16 +169,18 @@ class ActivityProbe(OwnedScope, BpfProbe):
         bounds held back."""
         out = super().status()
         progs = [out.get(p.value, {}).get("state") for p in ActivityProg]
-        held = ", ".join(f"{n} {kind} entries over the per-poll cap" for kind, n in self.dropped.items() if n)
+        held = "; ".join([f"{n} {HELD[kind]}" for kind, n in self.dropped.items() if n] +
+                         [f"map {m} nearly full at {n} polls: counts of evicted entries lost"
+                          for m, n in self.full_polls.items()])
         if self._obj is None:
             line = {"state": "failed", "reason": "not loaded"}
-        elif all(s == "loaded" for s in progs):
+        elif all(s == "loaded" for s in progs) and not self.full_polls:
             line = {"state": "loaded", "reason": "connections, listeners, bytes, execs" +
                     (f"; {held}" if held else "")}
         else:
             line = {"state": "degraded", "reason": "; ".join(
-                f"{p.value}: {out[p.value]['reason']}" for p in ActivityProg
-                if out.get(p.value, {}).get("state") != "loaded") + (f"; {held}" if held else "")}
+                [f"{p.value}: {out[p.value]['reason']}" for p in ActivityProg
+                 if out.get(p.value, {}).get("state") != "loaded"] + ([held] if held else []))}
         out["activity"] = line
         return out
 
@@ -190,79 +201,35 @@ class ActivityProbe(OwnedScope, BpfProbe):
                     for event in await asyncio.to_thread(self.poll_counters, time.monotonic_ns()):
                         emit(event)
 
+        async def hashed(event: Event) -> None:
+            try:
+                emit(await asyncio.to_thread(self.finish_hash, event))
+            finally:
+                self._hashing -= 1
+
+        hashing: set[asyncio.Task] = set()
+
+        def deliver(event: Event) -> None:
+            if event.fields.get("exe_sha256_state") != "pending":
+                emit(event)
+            elif self._hashing >= MAX_HASHING:
+                emit(self._skip_hash(event))
+            else:
+                self._hashing += 1
+                t = asyncio.create_task(hashed(event))
+                hashing.add(t)
+                t.add_done_callback(hashing.discard)
+
+        self._hash_off_loop = True
         task = asyncio.create_task(poller()) if self._ring is not None else None
         try:
-            await BpfProbe.run(self, emit)
+            await BpfProbe.run(self, deliver)
         finally:
+            self._hash_off_loop = False
             if task:
                 task.cancel()
-
-    def poll_counters(self, now_ns: int) -> list[Event]:
-        """flow.bytes and activity.counts: what changed since the last call (the first
-        call only takes the baseline of counters that existed before)."""
-        if self._obj is None:
-            return []
-        window = 0 if self._polled_ns is None else now_ns - self._polled_ns
-        first = self._polled_ns is None
-        self._polled_ns = now_ns
-        self.polls += 1
-        out = self._poll_bytes(now_ns, window, first)
-        out += self._poll_counts(now_ns, window, first)
-        return out
-
-    def _poll_bytes(self, now_ns: int, window: int, first: bool) -> list[Event]:
-        cpus = libbpf.num_possible_cpus()
-        seen, changed = {}, []
-        for key, per_cpu in self._map(ActivityMap.FLOW_BYTES).items(
-                abi.flow_bytes_key, abi.flow_bytes * cpus):
-            k = bytes(key)
-            total = (sum(v.bytes for v in per_cpu), sum(v.sends for v in per_cpu))
-            seen[k] = total
-            old = self._bytes_seen.get(k, (0, 0))
-            if total[0] < old[0] or total[1] < old[1]:
-                old = (0, 0)      # evicted and made again since: all of it is new
-            if total[1] > old[1] and not first:
-                changed.append((total[0] - old[0], total[1] - old[1],
-                                abi.flow_bytes_key.from_buffer_copy(k)))
-        self._bytes_seen = seen
-        changed.sort(key=lambda c: c[0], reverse=True)
-        self.dropped["flow.bytes"] += max(0, len(changed) - self.bytes_per_poll)
-        out = []
-        for nbytes, sends, key in changed[:self.bytes_per_poll]:
-            daddr, fam = address(key.daddr, key.family)
-            if not any(key.daddr):
-                daddr = ""
-            cgroup = self.cgroups.path(key.cgroup_id)
-            out.append(Event("flow.bytes", daddr, now_ns, now_ns - window, {
-                "cgroup_id": key.cgroup_id, "cgroup": cgroup,
-                "container": container_of(cgroup) or "", "daddr": daddr, "dport": key.dport,
-                "proto": PROTOS.get(key.proto, str(key.proto)), "family": fam,
-                "bytes_out": nbytes, "sends": sends, "window_ns": window}, SOURCE))
-        return out
-
-    def _poll_counts(self, now_ns: int, window: int, first: bool) -> list[Event]:
-        names = ("execs", "connects", "flows_dropped", "exec_new_dropped")
-        seen, changed = {}, []
-        for key, value in self._map(ActivityMap.CGROUPS).items(ctypes.c_uint64, abi.cgroup_activity):
-            cgid = getattr(key, "value", key)
-            total = tuple(getattr(value, n) for n in names)
-            seen[cgid] = total
-            old = self._counts_seen.get(cgid, (0,) * len(names))
-            if any(t < o for t, o in zip(total, old)):
-                old = (0,) * len(names)
-            delta = tuple(t - o for t, o in zip(total, old))
-            if any(delta) and not first:
-                changed.append((delta, cgid))
-        self._counts_seen = seen
-        changed.sort(key=lambda c: c[0][0] + c[0][1], reverse=True)
-        self.dropped["activity.counts"] += max(0, len(changed) - self.counts_per_poll)
-        out = []
-        for delta, cgid in changed[:self.counts_per_poll]:
-            cgroup = self.cgroups.path(cgid)
-            out.append(Event("activity.counts", f"cgroup:{cgroup or cgid}", now_ns, now_ns - window, {
-                "cgroup_id": cgid, "cgroup": cgroup, "container": container_of(cgroup) or "",
-                **dict(zip(names, delta)), "window_ns": window}, SOURCE))
-        return out
+            for t in hashing:
+                t.cancel()
 
     # --- decoding ------------------------------------------------------------------------
 
@@ -302,8 +269,54 @@ class ActivityProbe(OwnedScope, BpfProbe):
         fields = self._common(p)
         if claimed is not None:
             fields["exe_claimed"] = claimed
-        fields["exe_sha256"], fields["exe_sha256_state"] = self.hasher.digest(p.pid, fid)
+        fields["exe_sha256"], fields["exe_sha256_state"] = None, self._open_exe(p.pid, fid, ev.hdr.ts_ns)
         return Event("activity.exec_new", f"pid:{p.pid}", ev.hdr.ts_ns, ev.hdr.ts_ns, fields, SOURCE)
+
+    def _open_exe(self, pid: int, fid: ident.FileId, ts_ns: int) -> str:
+        """Open what `pid` runs now, while it still runs (the hash is read later, off the
+        loop: finish_hash); "pending", or why it cannot be read ("gone", "changed")."""
+        try:
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return "gone"
+        except OSError:
+            return "unreadable"
+        st = os.fstat(fd)
+        if st.st_ino != fid[1]:
+            os.close(fd)
+            return "changed"            # it exec'd something else since
+        self._opened[(pid, ts_ns)] = (fd, fid[0], st)
+        return "pending"
+
+    def finish_hash(self, event: Event) -> Event:
+        """The exec_new `event` with exe_sha256 read from the file opened at decode
+        (blocking: up to policy.exec_hash_max_bytes are read)."""
+        opened = self._opened.pop((event.fields["pid"], event.mono_ns), None)
+        if opened is None:
+            return event
+        fd, dev, st = opened
+        try:
+            digest, state = self.hasher.digest_fd(fd, dev, st)
+        except OSError:
+            digest, state = None, "unreadable"
+        finally:
+            os.close(fd)
+        return dataclasses.replace(event, fields={**event.fields, "exe_sha256": digest,
+                                                  "exe_sha256_state": state})
+
+    def _skip_hash(self, event: Event) -> Event:
+        opened = self._opened.pop((event.fields["pid"], event.mono_ns), None)
+        if opened is not None:
+            os.close(opened[0])
+        self.dropped["exe_sha256"] += 1
+        return dataclasses.replace(event, fields={**event.fields, "exe_sha256_state": "skipped"})
+
+    def poll(self) -> list[Event]:
+        """BpfProbe.poll; without run() (tests, tools) exec_new hashes are read here."""
+        events = super().poll()
+        if self._hash_off_loop:
+            return events
+        return [self.finish_hash(e) if e.kind == "activity.exec_new" else e for e in events]
 
     def _common(self, p: abi.act_proc) -> dict:
         fid = (p.exe.dev, p.exe.ino)

@@ -205,14 +205,15 @@ def test_exec_new_once_per_cgroup_file_and_again_elsewhere(probe, tmp_path):
 SENDER = r"""
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.create_connection((host, port), timeout=5)
 s.sendall(b"x" * 100000)
 s.close()
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u = socket.socket(fam, socket.SOCK_DGRAM)
 u.connect((host, 9999))
 for _ in range(7):
     u.send(b"y" * 300)
-n = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n = socket.socket(fam, socket.SOCK_DGRAM)
 for _ in range(3):
     n.sendto(b"z" * 200, (host, 9998))
 """
@@ -333,3 +334,70 @@ def test_another_agents_namespace_is_left_to_it(cfg, lab):
     # the first exec of true in the cgroup that this agent owns: not the other namespace's
     assert [e.fields["pid"] for e in new] == [int(ours.stdout)]
     assert int(theirs.stdout) != int(ours.stdout)
+
+
+def test_run_hashes_new_executables_off_the_loop_and_polls_counters(cfg, tmp_path):
+    """As the daemon runs it: the ring buffer's events on the loop, the executable's
+    SHA-256 read on a thread, the counters every poll_s."""
+    import asyncio
+    import hashlib
+
+    exe = tmp_path / "fresh-sleep"
+    shutil.copy("/usr/bin/sleep", exe)
+    want = hashlib.sha256(exe.read_bytes()).hexdigest()
+    probe = open_probe(cfg, poll_s=0.5)
+    got: list = []
+
+    async def scenario(cg: Path) -> None:
+        task = asyncio.create_task(probe.run(got.append))
+        await asyncio.sleep(0.2)
+        script = f'echo $$ > "{cg}/cgroup.procs" && exec "{exe}" 1.5'
+        child = await asyncio.create_subprocess_exec("sh", "-c", script)
+        deadline = time.monotonic() + 5
+        mine = lambda e: e.fields.get("cgroup") == "/" + cg.name
+        while time.monotonic() < deadline and not (
+                any(mine(e) and e.kind == "activity.exec_new" for e in got)
+                and any(mine(e) and e.kind == "activity.counts" for e in got)):
+            await asyncio.sleep(0.05)
+        await child.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    import contextlib
+    try:
+        with throwaway_cgroup("swa-act") as cg:
+            asyncio.run(scenario(cg))
+    finally:
+        probe.close()
+    new = [e for e in got if e.kind == "activity.exec_new" and e.fields["cgroup"] == "/" + cg.name]
+    assert len(new) == 1 and new[0].fields["exe_sha256"] == want
+    assert new[0].fields["exe_sha256_state"] == "ok" and new[0].fields["exe"] == str(exe)
+    counts = [e for e in got if e.kind == "activity.counts" and e.fields["cgroup"] == "/" + cg.name]
+    assert counts and counts[0].fields["execs"] == 1
+
+
+def test_ipv6_connect_and_bytes(probe, lab):
+    seen = Collector(probe)
+    v6 = lab.addr("victim", v6=True)
+    sink = subprocess.Popen(["ip", "netns", "exec", lab.victim, PY, "-c",
+                             SINK.replace('"0.0.0.0"', '"::"').replace("socket.socket()",
+                                                                       "socket.socket(socket.AF_INET6)")
+                             .replace("socket.AF_INET, socket.SOCK_DGRAM", "socket.AF_INET6, socket.SOCK_DGRAM")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        with throwaway_cgroup("swa-act") as cg:
+            probe.poll_counters(time.monotonic_ns())
+            in_cgroup(cg, [PY, "-c", SENDER, v6, str(port)], ns=lab.attacker)
+            conn = seen.until(lambda e: e.kind == "flow.connect" and e.fields["cgroup"] == "/" + cg.name)
+            got = {(e.fields["proto"], e.fields["daddr"]): e.fields for e in probe.poll_counters(
+                time.monotonic_ns()) if e.kind == "flow.bytes" and e.fields["cgroup"] == "/" + cg.name}
+    finally:
+        sink.kill()
+        sink.wait()
+    f = conn[0].fields
+    assert conn[0].subject == v6 and f["family"] == 6 and f["outcome"] == "established"
+    assert f["saddr"] == lab.addr("attacker", v6=True)
+    assert got[("tcp", v6)]["bytes_out"] == 100000 and got[("tcp", v6)]["family"] == 6
+    assert got[("udp", v6)]["bytes_out"] == 2100
