@@ -401,3 +401,32 @@ def test_ipv6_connect_and_bytes(probe, lab):
     assert f["saddr"] == lab.addr("attacker", v6=True)
     assert got[("tcp", v6)]["bytes_out"] == 100000 and got[("tcp", v6)]["family"] == 6
     assert got[("udp", v6)]["bytes_out"] == 2100
+
+
+def test_the_agent_opens_it_and_status_shows_its_line(cfg, tmp_path):
+    """The daemon's wiring: probes.activity opens the probe, status lists it and its
+    programs; false leaves it out, said so."""
+    from dataclasses import replace
+
+    from agent.config import Metrics
+    from agent.daemon import Agent
+
+    require_probe()
+    base = replace(cfg, state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
+                   metrics=Metrics(listen=None))
+    agent = Agent(base)
+    agent._open_activity_probe()
+    try:
+        probes = agent.status()["probes"]
+        assert probes["activity"]["state"] == "loaded", probes["activity"]
+        assert probes[ActivityProg.SEND.value]["state"] == "loaded"
+        assert agent.losses() == 0
+    finally:
+        agent.close()
+    assert agent.activity_probe._obj is None            # closed with the agent
+    off = Agent(replace(base, probes=replace(base.probes, activity=False)))
+    off._open_activity_probe()
+    assert off.activity_probe is None
+    assert off.status()["probes"]["activity"] == {"state": "disabled",
+                                                  "reason": "probes.activity is false"}
+    off.close()
