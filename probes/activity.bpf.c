@@ -393,6 +393,9 @@ int handle_activity_exec(void *ctx)
 		__sync_fetch_and_add(&c->execs, 1);
 	k.cgroup_id = cgid;
 	exe_id(task, &k.exe);
+	/* a lookup first: an LRU update takes a free node even when the key exists */
+	if (bpf_map_lookup_elem(&seen, &k))
+		return 0;
 	/* NOEXIST: of two CPUs exec'ing the same new file at once, one reports it */
 	if (bpf_map_update_elem(&seen, &k, &one, BPF_NOEXIST))
 		return 0;
