@@ -40,3 +40,4 @@ struct flow_bytes_key abi_flow_bytes_key;
 struct flow_bytes abi_flow_bytes;
 struct cgroup_activity abi_cgroup_activity;
 enum flow_outcome abi_flow_outcome;
+enum activity_cap abi_activity_cap;

@@ -15,9 +15,10 @@
  *   exec of each file (dev, ino) in each cgroup (LRU map `seen`) as an event.
  *
  * Bounded: ring buffer size, LRU map sizes, and per cgroup and window at most
- * activity_config.flow_cap flow events and exec_new_cap exec_new events (the excess is
- * counted in `cgroups`, a failed reserve in `losses`): one workload's connect or exec
- * storm fills neither the ring buffer nor the agent's queue for the others.
+ * activity_config.flow_cap connections, listen_cap listeners and exec_new_cap exec_new
+ * events (the excess is counted in `cgroups`, a failed reserve in `losses`): one
+ * workload's connect or exec storm fills neither the ring buffer nor the agent's queue
+ * for the others, and caps of their own keep one kind of storm from hiding another.
  * Only the processes this agent owns (owned(): README, "Running it"), never its own.
  */
 #include "vmlinux.h"
@@ -185,29 +186,25 @@ static __always_inline struct cgroup_activity *cgroup_of(__u64 id)
 	return bpf_map_lookup_elem(&cgroups, &id);
 }
 
-/* Whether one more event of this cgroup fits its window's cap (which=0: flows, 1:
- * exec_new); counts it, or counts the drop. Two CPUs may both start a new window: the
- * cap is then off by a few, never unbounded. */
+/* Whether one more event of this cgroup fits its window's cap `which` (enum
+ * activity_cap, a constant at every call); counts it, or counts the drop. Two CPUs may
+ * both start a new window: the cap is then off by a few, never unbounded. */
 static __always_inline int within_cap(struct cgroup_activity *c, int which, __u64 now)
 {
-	__u32 cap = which ? act_cfg.exec_new_cap : act_cfg.flow_cap;
-	__u32 n;
+	__u32 cap = which == CAP_FLOWS ? act_cfg.flow_cap :
+		    which == CAP_EXEC_NEW ? act_cfg.exec_new_cap : act_cfg.listen_cap;
 
 	if (!cap)
 		return 1;
 	if (now - c->window_start_ns >= act_cfg.window_ns) {
 		c->window_start_ns = now;
-		c->flows_in_window = 0;
-		c->new_in_window = 0;
+		c->in_window[CAP_FLOWS] = 0;
+		c->in_window[CAP_EXEC_NEW] = 0;
+		c->in_window[CAP_LISTENS] = 0;
 	}
-	n = which ? __sync_fetch_and_add(&c->new_in_window, 1)
-		  : __sync_fetch_and_add(&c->flows_in_window, 1);
-	if (n < cap)
+	if (__sync_fetch_and_add(&c->in_window[which], 1) < cap)
 		return 1;
-	if (which)
-		__sync_fetch_and_add(&c->exec_new_dropped, 1);
-	else
-		__sync_fetch_and_add(&c->flows_dropped, 1);
+	__sync_fetch_and_add(&c->dropped[which], 1);
 	return 0;
 }
 
@@ -275,7 +272,7 @@ static __always_inline int on_syn_sent(__u64 key)
 	c = cgroup_of(cgid);
 	if (c) {
 		__sync_fetch_and_add(&c->connects, 1);
-		if (!within_cap(c, 0, now))
+		if (!within_cap(c, CAP_FLOWS, now))
 			return 0;
 	}
 	fill_act(&r.proc, task, cgid);
@@ -294,8 +291,11 @@ static __always_inline int on_listen(struct trace_event_raw_inet_sock_set_state 
 	if (!owned())
 		return 0;
 	c = cgroup_of(cgid);
-	if (c && !within_cap(c, 0, now))
-		return 0;
+	if (c) {
+		__sync_fetch_and_add(&c->listens, 1);
+		if (!within_cap(c, CAP_LISTENS, now))
+			return 0;
+	}
 	fill_act(&r.proc, task, cgid);
 	r.start_ns = now;
 	return report_flow(ctx, &r, EVENT_FLOW_LISTEN, FLOW_LISTENING, ctx->skaddr);
@@ -399,7 +399,7 @@ int handle_activity_exec(void *ctx)
 	/* NOEXIST: of two CPUs exec'ing the same new file at once, one reports it */
 	if (bpf_map_update_elem(&seen, &k, &one, BPF_NOEXIST))
 		return 0;
-	if (c && !within_cap(c, 1, now)) {
+	if (c && !within_cap(c, CAP_EXEC_NEW, now)) {
 		bpf_map_delete_elem(&seen, &k);	/* not reported: still new next time */
 		return 0;
 	}

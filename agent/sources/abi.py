@@ -412,7 +412,7 @@ ACTIVITY_RODATA_VAR = "act_cfg"
 
 class activity_config(_S):
     _fields_ = [("window_ns", u64), ("agent_tgid", u32), ("netns_ino", u32),
-                ("host_scope", u32), ("flow_cap", u32), ("exec_new_cap", u32), ("pad0", u32)]
+                ("host_scope", u32), ("flow_cap", u32), ("exec_new_cap", u32), ("listen_cap", u32)]
 
 
 class act_proc(_S):
@@ -441,10 +441,20 @@ class flow_bytes(_S):
     _fields_ = [("bytes", u64), ("sends", u64)]
 
 
+class ActivityCap(enum.IntEnum):
+    """enum activity_cap: the index of cgroup_activity.dropped and .in_window."""
+    FLOWS = 0
+    EXEC_NEW = 1
+    LISTENS = 2
+
+
+ACTIVITY_CAPS = 3
+
+
 class cgroup_activity(_S):
-    _fields_ = [("execs", u64), ("connects", u64), ("flows_dropped", u64),
-                ("exec_new_dropped", u64), ("window_start_ns", u64),
-                ("flows_in_window", u32), ("new_in_window", u32)]
+    _fields_ = [("execs", u64), ("connects", u64), ("listens", u64),
+                ("dropped", u64 * ACTIVITY_CAPS), ("window_start_ns", u64),
+                ("in_window", u32 * ACTIVITY_CAPS), ("pad0", u32)]
 
 
 # Every struct shared with C, for the ABI test.

@@ -25,8 +25,9 @@ host is another file).
   before it was opened, "changed", "too_large", "unreadable", "skipped": more than
   MAX_HASHING being read). The file is opened at decode and read off the loop.
 - "activity.counts", subject "cgroup:<path or id>": per-cgroup counters since the last
-  poll: execs, connects (attempts), flows_dropped and exec_new_dropped (events the
-  kernel's per-cgroup caps held back), window_ns.
+  poll: execs, connects (attempts), listens, flows_dropped, exec_new_dropped and
+  listens_dropped (events the kernel's per-cgroup caps held back: per 5 s at most 256
+  connections, 64 exec_new, 32 listeners, each cap its own), window_ns.
 
 Scope: the processes this agent owns (agent.sources.owners), as the process probe; the
 agent's own never.
@@ -58,11 +59,13 @@ NO_BYTES = "flow.bytes not sent, bytes come only with flow.close"
 OUTCOMES = {FlowOutcome.ESTABLISHED: "established", FlowOutcome.REFUSED: "refused",
             FlowOutcome.FAILED: "failed", FlowOutcome.CLOSED: "closed"}
 EXE_CACHE = 4096
+UNNAMED_TTL_S = 60.0    # an executable with no host path is looked for again after this
 HELD = {"flow.bytes": "flow.bytes entries not sent (over bytes_per_poll)",
         "activity.counts": "activity.counts entries not sent (over counts_per_poll)",
         "exe_sha256": "new executables not hashed (over MAX_HASHING at once)",
-        "flows_capped": "flow events held back by the kernel's per-cgroup cap",
-        "exec_new_capped": "exec_new events held back by the kernel's per-cgroup cap"}
+        "flows_dropped": "connections not sent (the kernel's per-cgroup cap)",
+        "exec_new_dropped": "exec_new events not sent (the kernel's per-cgroup cap)",
+        "listens_dropped": "listeners not sent (the kernel's per-cgroup cap)"}
 MAX_HASHING = 4         # exec_new executables hashed at once, off the loop; more: skipped
 
 
@@ -88,6 +91,7 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
     def __init__(self, cfg: Config, *, agent_tgid: int | None = None, ring_bytes: int = 1 << 18,
                  flows: int = 16384, bytes_entries: int = 8192, cgroup_entries: int = 4096,
                  seen_entries: int = 16384, flow_cap: int = 256, exec_new_cap: int = 64,
+                 listen_cap: int = 32,
                  poll_s: float = POLL_S, bytes_per_poll: int = 512, counts_per_poll: int = 512,
                  object_path: str | os.PathLike = abi.ACTIVITY_OBJECT):
         self.cfg = cfg
@@ -95,7 +99,7 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         self.sizes = {ActivityMap.EVENTS: ring_bytes, ActivityMap.FLOWS: flows,
                       ActivityMap.FLOW_BYTES: bytes_entries, ActivityMap.CGROUPS: cgroup_entries,
                       ActivityMap.SEEN: seen_entries}
-        self.flow_cap, self.exec_new_cap = flow_cap, exec_new_cap
+        self.flow_cap, self.exec_new_cap, self.listen_cap = flow_cap, exec_new_cap, listen_cap
         self.poll_s, self.bytes_per_poll, self.counts_per_poll = poll_s, bytes_per_poll, counts_per_poll
         super().__init__(object_path)
         self.init_scope(cfg)
@@ -103,6 +107,7 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         self.cgroups = CgroupNames()
         self.hasher = execfacts.ExeHasher(cfg.policy.exec_hash_max_bytes)
         self._exes: OrderedDict[ident.FileId, str] = OrderedDict()
+        self._unnamed: OrderedDict[ident.FileId, float] = OrderedDict()   # -> retry after
         self._bytes_seen: dict[bytes, tuple[int, int]] = {}     # key -> (bytes, sends)
         self._counts_seen: dict[int, tuple[int, ...]] = {}      # cgroup id -> counters
         self._polled_ns: int | None = None
@@ -147,7 +152,7 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         rodata = abi.activity_config(
             window_ns=int(self.poll_s * 1e9), agent_tgid=self.agent_tgid, netns_ino=self.netns,
             host_scope=int(self.host_scope), flow_cap=self.flow_cap,
-            exec_new_cap=self.exec_new_cap)
+            exec_new_cap=self.exec_new_cap, listen_cap=self.listen_cap)
         obj.map(ActivityMap.RODATA).set_initial_value(bytes(rodata))
 
     def _fill_maps(self) -> None:
@@ -332,11 +337,18 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         hit = self._exes.get(fid)
         if hit is not None or not fid[1]:
             return hit
+        now = time.monotonic()
+        if self._unnamed.get(fid, 0.0) > now:
+            return None         # looked at lately: a container's or a deleted file
         try:
             path = os.readlink(f"/proc/{pid}/exe")
         except OSError:
-            return None
+            return None         # gone: another process of it may still tell
         if path.endswith(" (deleted)") or not self._exe_at(path, fid):
+            self._unnamed[fid] = now + UNNAMED_TTL_S
+            self._unnamed.move_to_end(fid)
+            while len(self._unnamed) > EXE_CACHE:
+                self._unnamed.popitem(last=False)
             return None
         self._remember(fid, path)
         return path

@@ -15,6 +15,8 @@ from agent.sources.gpuproc import container_of
 
 SOURCE = "activity"
 PROTOS = {6: "tcp", 17: "udp"}
+# activity.counts' fields: cgroup_activity's counters, then its dropped[] (enum activity_cap)
+COUNTS = ("execs", "connects", "listens", "flows_dropped", "exec_new_dropped", "listens_dropped")
 FULL = 0.9              # an LRU map this full evicts entries (status says so)
 
 
@@ -78,11 +80,11 @@ class CounterPolls:
         return out
 
     def _poll_counts(self, now_ns: int, window: int) -> list[Event]:
-        names = ("execs", "connects", "flows_dropped", "exec_new_dropped")
+        names = COUNTS
         seen, changed = {}, []
         for key, value in self._map(ActivityMap.CGROUPS).items(ctypes.c_uint64, abi.cgroup_activity):
             cgid = getattr(key, "value", key)
-            total = tuple(getattr(value, n) for n in names)
+            total = (value.execs, value.connects, value.listens, *value.dropped)
             seen[cgid] = total
             old = self._counts_seen.get(cgid, (0,) * len(names))
             if any(t < o for t, o in zip(total, old)):
@@ -90,8 +92,8 @@ class CounterPolls:
             delta = tuple(t - o for t, o in zip(total, old))
             if any(delta):
                 changed.append((delta, cgid))
-                self.dropped["flows_capped"] += delta[2]
-                self.dropped["exec_new_capped"] += delta[3]
+                for name, n in zip(names[3:], delta[3:]):
+                    self.dropped[name] += n
         self._counts_seen = seen
         self._check_full(ActivityMap.CGROUPS, len(seen))
         changed.sort(key=lambda c: c[0][0] + c[0][1], reverse=True)

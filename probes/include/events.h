@@ -545,9 +545,10 @@ struct activity_config {
 	__u32 agent_tgid;	/* never report this process (the agent itself); 0: none */
 	__u32 netns_ino;	/* the agent's network namespace: its processes are the agent's */
 	__u32 host_scope;	/* 1: also those of every namespace not in map foreign_netns */
-	__u32 flow_cap;		/* flow events (connect + listen) per cgroup per window; 0: no cap */
+	__u32 flow_cap;		/* flow.connect/close per cgroup per window (at SYN_SENT); 0: no cap */
 	__u32 exec_new_cap;	/* exec_new events per cgroup per window; 0: no cap */
-	__u32 pad0;
+	__u32 listen_cap;	/* flow.listen events per cgroup per window (its own: a connect
+				 * storm must not hide a new listener); 0: no cap */
 };
 _Static_assert(sizeof(struct activity_config) == 32, "activity_config size");
 
@@ -612,18 +613,26 @@ struct flow_bytes {
 };
 _Static_assert(sizeof(struct flow_bytes) == 16, "flow_bytes size");
 
+/* The per-cgroup caps (index of cgroup_activity.dropped and .in_window). */
+enum activity_cap {
+	CAP_FLOWS = 0,		/* activity_config.flow_cap */
+	CAP_EXEC_NEW = 1,	/* exec_new_cap */
+	CAP_LISTENS = 2,	/* listen_cap */
+};
+#define ACTIVITY_CAPS 3
+
 /* Value of the LRU map cgroups (key: cgroup id): cumulative counters, and the window the
  * per-cgroup caps count in. */
 struct cgroup_activity {
 	__u64 execs;
 	__u64 connects;		/* SYN_SENT, over the cap too */
-	__u64 flows_dropped;	/* flow events not sent: over activity_config.flow_cap */
-	__u64 exec_new_dropped;	/* exec_new events not sent: over exec_new_cap */
+	__u64 listens;		/* sockets entering LISTEN, over the cap too */
+	__u64 dropped[ACTIVITY_CAPS];	/* events not sent, over each cap */
 	__u64 window_start_ns;
-	__u32 flows_in_window;
-	__u32 new_in_window;
+	__u32 in_window[ACTIVITY_CAPS];	/* events sent in this window, per cap */
+	__u32 pad0;
 };
-_Static_assert(sizeof(struct cgroup_activity) == 48, "cgroup_activity size");
+_Static_assert(sizeof(struct cgroup_activity) == 72, "cgroup_activity size");
 
 
 #endif

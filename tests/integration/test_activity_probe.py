@@ -258,24 +258,34 @@ def test_flow_bytes_for_tcp_and_udp(probe, lab):
     assert all(e.subject == e.fields["daddr"] and e.fields["window_ns"] > 0 for e in got)
 
 
-def test_a_connect_storm_is_capped_per_cgroup_and_counted(cfg, lab):
+def test_a_connect_storm_is_capped_per_cgroup_and_hides_no_listener(cfg, lab):
+    """Past its cap a cgroup's connections are only counted; a listener it opens after
+    the storm is still reported (a cap of its own)."""
     capped = open_probe(cfg, flow_cap=5, poll_s=60.0)
     try:
         seen = Collector(capped)
         storm = ("import socket\nfor _ in range(20):\n try: socket.create_connection"
-                 "(('%s', 1), timeout=5)\n except ConnectionRefusedError: pass\n") % lab.addr("victim")
+                 "(('%s', 1), timeout=5)\n except ConnectionRefusedError: pass\n"
+                 "s = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.listen()\n"
+                 "print(s.getsockname()[1])\n") % lab.addr("victim")
         with throwaway_cgroup("swa-act") as cg:
             capped.poll_counters(time.monotonic_ns())
-            in_cgroup(cg, [PY, "-c", storm], ns=lab.attacker)
+            port = int(in_cgroup(cg, [PY, "-c", storm], ns=lab.attacker).stdout)
+            mine = lambda e: e.fields["cgroup"] == "/" + cg.name
+            listen = seen.until(lambda e: e.kind == "flow.listen" and mine(e))
             seen.settle()
-            flows = [e for e in seen.events if e.kind == "flow.connect"
-                     and e.fields["cgroup"] == "/" + cg.name]
+            flows = [e for e in seen.events if e.kind == "flow.connect" and mine(e)]
             counts = [e for e in capped.poll_counters(time.monotonic_ns())
-                      if e.kind == "activity.counts" and e.fields["cgroup"] == "/" + cg.name]
+                      if e.kind == "activity.counts" and mine(e)]
+            status = capped.status()["activity"]
     finally:
         capped.close()
     assert len(flows) == 5 and all(e.fields["outcome"] == "refused" for e in flows)
-    assert counts[0].fields["connects"] == 20 and counts[0].fields["flows_dropped"] == 15
+    f = counts[0].fields
+    assert f["connects"] == 20 and f["flows_dropped"] == 15
+    assert f["listens"] == 1 and f["listens_dropped"] == 0
+    assert [e.fields["port"] for e in listen] == [port]
+    assert "15 connections not sent (the kernel's per-cgroup cap)" in status["reason"]
 
 
 DEGRADED = """

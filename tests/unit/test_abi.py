@@ -145,3 +145,12 @@ def test_flow_outcomes_match_c(built):
     assert enums, "enum flow_outcome missing from abi.bpf.o BTF"
     assert {v["name"]: v["val"] for v in enums[0]["values"]} == {
         f"FLOW_{o.name}": o.value for o in abi.FlowOutcome}
+
+
+def test_activity_caps_match_c(built):
+    enums = [t for t in _btf(abi.ABI_OBJECT).values()
+             if t["kind"] == "ENUM" and t["name"] == "activity_cap"]
+    assert enums, "enum activity_cap missing from abi.bpf.o BTF"
+    assert {v["name"]: v["val"] for v in enums[0]["values"]} == {
+        f"CAP_{c.name}": c.value for c in abi.ActivityCap}
+    assert abi.ACTIVITY_CAPS == len(abi.ActivityCap)
