@@ -6,94 +6,17 @@ host-global, so every assertion matches the cgroup or pids this test made."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from agent.config import Config, Probes
-from agent.sources import capability
-from agent.sources.abi import ACTIVITY_OBJECT, ActivityProg
-from agent.sources.activity import ActivityProbe
 from swarmlab.breachlab import throwaway_cgroup
-from swarmlab.lab import wait_for
-from tests.conftest import skip_unsupported
+from tests.integration.activitykit import (PY, Collector, cfg, id_of, in_cgroup,  # noqa: F401
+                                          probe)
 
 pytestmark = pytest.mark.privileged
-REPO = Path(__file__).resolve().parents[2]
-PY = os.path.realpath(sys.executable)
-
-
-def id_of(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
-
-
-def require_probe() -> None:
-    if shutil.which("clang") is None and not ACTIVITY_OBJECT.exists():
-        skip_unsupported("no clang to build probes/activity.bpf.o")
-    subprocess.run(["make", "-s", "-C", str(REPO / "probes")], check=True, timeout=300)
-    caps = capability.probe()
-    for need in ("btf", "tracepoint", "tracefs"):
-        if not caps[need][0]:
-            skip_unsupported(f"{need}: {caps[need][1]}")
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> Config:
-    d = tmp_path_factory.mktemp("activity")
-    return Config(state_dir=str(d), probes=Probes(process_owners=str(d / "owners")))
-
-
-def open_probe(cfg: Config, **kw) -> ActivityProbe:
-    require_probe()
-    p = ActivityProbe(cfg, **kw)
-    p.open()
-    bad = {k: v for k, v in p.status().items() if v["state"] != "loaded"}
-    if bad:
-        p.close()
-        skip_unsupported(f"activity probe degraded here: {bad}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def probe(cfg):
-    p = open_probe(cfg)
-    yield p
-    p.close()
-
-
-class Collector:
-    """Every event the probe queued, kept across polls (the ring buffer is shared by the
-    module's tests)."""
-
-    def __init__(self, probe: ActivityProbe):
-        self.probe, self.events = probe, []
-
-    def until(self, pred, timeout_s: float = 5.0) -> list:
-        def seen():
-            self.events += self.probe.poll()
-            return [e for e in self.events if pred(e)]
-        return wait_for(seen, timeout_s)
-
-    def settle(self, s: float = 0.3) -> None:
-        """Let late events arrive (none expected), and take them."""
-        time.sleep(s)
-        self.events += self.probe.poll()
-
-
-def in_cgroup(cg: Path, argv: list[str], ns: str | None = None) -> subprocess.CompletedProcess:
-    """Run argv in cgroup `cg` (and in network namespace `ns`: entered after joining the
-    cgroup, as `ip netns exec` mounts a /sys of its own), waiting for it."""
-    pre = ["ip", "netns", "exec", ns] if ns else []
-    script = f'echo $$ > "{cg}/cgroup.procs" && exec "$@"'
-    return subprocess.run(["sh", "-c", script, "sh", *pre, *argv], capture_output=True,
-                          text=True, timeout=30, check=True)
-
 
 CLIENT = r"""
 import ctypes, json, os, socket, sys
@@ -258,135 +181,6 @@ def test_flow_bytes_for_tcp_and_udp(probe, lab):
     assert all(e.subject == e.fields["daddr"] and e.fields["window_ns"] > 0 for e in got)
 
 
-def test_a_connect_storm_is_capped_per_cgroup_and_hides_no_listener(cfg, lab):
-    """Past its cap a cgroup's connections are only counted; a listener it opens after
-    the storm is still reported (a cap of its own)."""
-    capped = open_probe(cfg, flow_cap=5, poll_s=60.0)
-    try:
-        seen = Collector(capped)
-        storm = ("import socket\nfor _ in range(20):\n try: socket.create_connection"
-                 "(('%s', 1), timeout=5)\n except ConnectionRefusedError: pass\n"
-                 "s = socket.socket()\ns.bind(('0.0.0.0', 0))\ns.listen()\n"
-                 "print(s.getsockname()[1])\n") % lab.addr("victim")
-        with throwaway_cgroup("swa-act") as cg:
-            capped.poll_counters(time.monotonic_ns())
-            port = int(in_cgroup(cg, [PY, "-c", storm], ns=lab.attacker).stdout)
-            mine = lambda e: e.fields["cgroup"] == "/" + cg.name
-            listen = seen.until(lambda e: e.kind == "flow.listen" and mine(e))
-            seen.settle()
-            flows = [e for e in seen.events if e.kind == "flow.connect" and mine(e)]
-            counts = [e for e in capped.poll_counters(time.monotonic_ns())
-                      if e.kind == "activity.counts" and mine(e)]
-            status = capped.status()["activity"]
-    finally:
-        capped.close()
-    assert len(flows) == 5 and all(e.fields["outcome"] == "refused" for e in flows)
-    f = counts[0].fields
-    assert f["connects"] == 20 and f["flows_dropped"] == 15
-    assert f["listens"] == 1 and f["listens_dropped"] == 0
-    assert [e.fields["port"] for e in listen] == [port]
-    assert "15 connections not sent (the kernel's per-cgroup cap)" in status["reason"]
-
-
-DEGRADED = """
-import json, sys
-from agent.config import Config, Probes
-from agent.sources.activity import ActivityProbe
-p = ActivityProbe(Config(probes=Probes(process_owners=sys.argv[1])))
-p.open()
-print(json.dumps(p.status()))
-p.close()
-"""
-
-
-def test_degrades_with_a_reason_without_tracefs(lab, tmp_path):
-    """`ip netns exec` gives a fresh /sys without tracefs: every tracepoint is refused,
-    the probe says why and does not crash."""
-    require_probe()
-    out = subprocess.run(["ip", "netns", "exec", lab.victim, sys.executable, "-c", DEGRADED,
-                          str(tmp_path / "owners")], capture_output=True, text=True, timeout=60,
-                         cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    status = json.loads(out.stdout.splitlines()[-1])
-    for prog in ActivityProg:
-        assert status[prog.value]["state"] == "degraded", status
-        assert "tracepoint" in status[prog.value]["reason"], status
-    assert status[ActivityProg.SEND.value]["reason"].endswith("flow.bytes not sent, bytes "
-                                                              "come only with flow.close")
-    assert "Linux < 6.3" not in status[ActivityProg.SEND.value]["reason"]
-    assert status["activity"]["state"] == "degraded"
-
-
-def test_another_agents_namespace_is_left_to_it(cfg, lab):
-    """The host agent's probe leaves a namespace whose own live agent registered it."""
-    from agent.sources.owners import Registry
-
-    probe = open_probe(cfg)
-    seen = Collector(probe)
-    ino = os.stat(f"/run/netns/{lab.attacker}").st_ino
-    holder = subprocess.Popen(["sleep", "30"])       # the other namespace's "agent"
-    try:
-        Registry(cfg.probes.process_owners).claim(ino, holder.pid)
-        probe.refresh_owners()
-        with throwaway_cgroup("swa-act") as cg:
-            theirs = in_cgroup(cg, ["sh", "-c", "echo $$; exec /usr/bin/true"], ns=lab.attacker)
-            ours = in_cgroup(cg, ["sh", "-c", "echo $$; exec /usr/bin/true"])
-            true_id = id_of("/usr/bin/true")
-            mine = lambda e: (e.kind == "activity.exec_new" and e.fields["cgroup"] == "/" + cg.name
-                              and e.fields["exe_id"] == true_id)
-            seen.until(mine)
-            seen.settle()
-            new = [e for e in seen.events if mine(e)]
-    finally:
-        holder.kill()
-        holder.wait()
-        probe.close()
-    # the first exec of true in the cgroup that this agent owns: not the other namespace's
-    assert [e.fields["pid"] for e in new] == [int(ours.stdout)]
-    assert int(theirs.stdout) != int(ours.stdout)
-
-
-def test_run_hashes_new_executables_off_the_loop_and_polls_counters(cfg, tmp_path):
-    """As the daemon runs it: the ring buffer's events on the loop, the executable's
-    SHA-256 read on a thread, the counters every poll_s."""
-    import asyncio
-    import hashlib
-
-    exe = tmp_path / "fresh-sleep"
-    shutil.copy("/usr/bin/sleep", exe)
-    want = hashlib.sha256(exe.read_bytes()).hexdigest()
-    probe = open_probe(cfg, poll_s=0.5)
-    got: list = []
-
-    async def scenario(cg: Path) -> None:
-        task = asyncio.create_task(probe.run(got.append))
-        await asyncio.sleep(0.2)
-        script = f'echo $$ > "{cg}/cgroup.procs" && exec "{exe}" 1.5'
-        child = await asyncio.create_subprocess_exec("sh", "-c", script)
-        deadline = time.monotonic() + 5
-        mine = lambda e: e.fields.get("cgroup") == "/" + cg.name
-        while time.monotonic() < deadline and not (
-                any(mine(e) and e.kind == "activity.exec_new" for e in got)
-                and any(mine(e) and e.kind == "activity.counts" for e in got)):
-            await asyncio.sleep(0.05)
-        await child.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    import contextlib
-    try:
-        with throwaway_cgroup("swa-act") as cg:
-            asyncio.run(scenario(cg))
-    finally:
-        probe.close()
-    new = [e for e in got if e.kind == "activity.exec_new" and e.fields["cgroup"] == "/" + cg.name]
-    assert len(new) == 1 and new[0].fields["exe_sha256"] == want
-    assert new[0].fields["exe_sha256_state"] == "ok" and new[0].fields["exe"] == str(exe)
-    counts = [e for e in got if e.kind == "activity.counts" and e.fields["cgroup"] == "/" + cg.name]
-    assert counts and counts[0].fields["execs"] == 1
-
-
 def test_ipv6_connect_and_bytes(probe, lab):
     seen = Collector(probe)
     v6 = lab.addr("victim", v6=True)
@@ -413,30 +207,3 @@ def test_ipv6_connect_and_bytes(probe, lab):
     assert got[("udp", v6)]["bytes_out"] == 2100
 
 
-def test_the_agent_opens_it_and_status_shows_its_line(cfg, tmp_path):
-    """The daemon's wiring: probes.activity opens the probe, status lists it and its
-    programs; false leaves it out, said so."""
-    from dataclasses import replace
-
-    from agent.config import Metrics
-    from agent.daemon import Agent
-
-    require_probe()
-    base = replace(cfg, state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"),
-                   metrics=Metrics(listen=None))
-    agent = Agent(base)
-    agent._open_activity_probe()
-    try:
-        probes = agent.status()["probes"]
-        assert probes["activity"]["state"] == "loaded", probes["activity"]
-        assert probes[ActivityProg.SEND.value]["state"] == "loaded"
-        assert agent.losses() == 0
-    finally:
-        agent.close()
-    assert agent.activity_probe._obj is None            # closed with the agent
-    off = Agent(replace(base, probes=replace(base.probes, activity=False)))
-    off._open_activity_probe()
-    assert off.activity_probe is None
-    assert off.status()["probes"]["activity"] == {"state": "disabled",
-                                                  "reason": "probes.activity is false"}
-    off.close()
