@@ -71,14 +71,17 @@ def test_connects_listen_and_close_with_identity_from_the_kernel(probe, lab):
                             ns=lab.attacker)
             me = json.loads(out.stdout)
             assert int(server.stdout.readline()) == 50000
-            mine = lambda e: e.fields.get("pid") == me["pid"]
-            got = seen.until(lambda e: mine(e) and e.kind in ("flow.connect", "flow.close")
-                             and len([x for x in seen.events if mine(x)]) >= 4)
+            flows = lambda: [e for e in seen.events if e.fields.get("pid") == me["pid"]
+                             and e.kind in ("flow.connect", "flow.close")]
+            seen.until(lambda e: len(flows()) >= 4)      # established, refused, failed, close
+            seen.settle()
+            got = flows()
             listen = seen.until(lambda e: e.kind == "flow.listen" and e.subject == f"tcp/{port}")
     finally:
         server.kill()
         server.wait()
     by = {(e.kind, e.fields["outcome"]): e for e in got}
+    assert len(got) == len(by) == 4, got             # each once
     est = by[("flow.connect", "established")]
     f = est.fields
     assert est.subject == lab.addr("victim") and f["daddr"] == lab.addr("victim")
