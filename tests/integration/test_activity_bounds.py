@@ -179,3 +179,48 @@ def test_the_agent_opens_it_and_status_shows_its_line(cfg, tmp_path):
     assert off.status()["probes"]["activity"] == {"state": "disabled",
                                                   "reason": "probes.activity is false"}
     off.close()
+
+
+UDP_SINK = """
+import socket, time
+socks = []
+for port in range(40000, 40012):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    socks.append(s)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_flow_bytes_past_the_per_poll_cap_and_a_full_map_are_counted(cfg, lab):
+    """One flow.bytes per poll (the largest), the rest counted; a bytes map that fills
+    up is reported (its evicted entries' bytes are lost, and status says so)."""
+    small = open_probe(cfg, bytes_per_poll=1, bytes_entries=8, poll_s=60.0)
+    sink = subprocess.Popen(["ip", "netns", "exec", lab.victim, PY, "-c", UDP_SINK],
+                            stdout=subprocess.PIPE, text=True)
+    sends = ("import socket\nfor port in range(40000, 40012):\n"
+             " u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             " u.connect(('%s', port))\n"
+             " for _ in range(50 if port == 40011 else 1): u.send(b'x' * 1000)\n"
+             % lab.addr("victim"))
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        with throwaway_cgroup("swa-act") as cg:
+            small.poll_counters(time.monotonic_ns())
+            before = small.dropped["flow.bytes"]
+            in_cgroup(cg, [PY, "-c", sends], ns=lab.attacker)
+            got = [e for e in small.poll_counters(time.monotonic_ns())
+                   if e.kind == "flow.bytes"]
+            status = small.status()["activity"]
+    finally:
+        small.close()
+        sink.kill()
+        sink.wait()
+    # one destination port per map entry: 12 of them in an 8-entry map
+    assert len(got) == 1 and small.dropped["flow.bytes"] - before >= 6
+    mine = [e for e in got if e.fields["cgroup"] == "/" + cg.name]
+    assert not mine or (mine[0].fields["dport"] == 40011 and mine[0].fields["bytes_out"] == 50000)
+    assert small.full_polls.get("flow_bytes", 0) >= 1
+    assert status["state"] == "degraded" and "map flow_bytes nearly full" in status["reason"]
+    assert "flow.bytes entries not sent (over bytes_per_poll)" in status["reason"]
