@@ -117,6 +117,7 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         self._hash_off_loop = False
         self._hashing = 0
         self.full_polls: dict[str, int] = {}     # map -> polls that found it nearly full
+        self.full_now: dict[str, bool] = {}      # map -> whether the last poll did
         self.polls = 0
 
     # --- loading -------------------------------------------------------------------------
@@ -174,12 +175,13 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         bounds held back."""
         out = super().status()
         progs = [out.get(p.value, {}).get("state") for p in ActivityProg]
-        held = "; ".join([f"{n} {HELD[kind]}" for kind, n in self.dropped.items() if n] +
-                         [f"map {m} nearly full at {n} polls: counts of evicted entries lost"
-                          for m, n in self.full_polls.items()])
+        full = [f"map {m} nearly full at {n} polls" + (" (the last too)" if self.full_now.get(m)
+                                                       else "") + ": counts of evicted entries lost"
+                for m, n in self.full_polls.items()]
+        held = "; ".join([f"{n} {HELD[kind]}" for kind, n in self.dropped.items() if n] + full)
         if self._obj is None:
             line = {"state": "failed", "reason": "not loaded"}
-        elif all(s == "loaded" for s in progs) and not self.full_polls:
+        elif all(s == "loaded" for s in progs) and not any(self.full_now.values()):
             line = {"state": "loaded", "reason": "connections, listeners, bytes, execs" +
                     (f"; {held}" if held else "")}
         else:

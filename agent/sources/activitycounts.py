@@ -31,7 +31,7 @@ def address(raw, family: int) -> tuple[str, int]:
 
 class CounterPolls:
     """Mixin for ActivityProbe: needs _map(), sizes, cgroups, bytes_per_poll,
-    counts_per_poll, dropped and full_polls (set by the probe)."""
+    counts_per_poll, dropped, full_polls and full_now (set by the probe)."""
 
     _polled_ns: int | None = None
     polls = 0
@@ -108,6 +108,9 @@ class CounterPolls:
 
     def _check_full(self, name: ActivityMap, entries: int) -> None:
         """An LRU map this full evicts: what an evicted entry counted since the last
-        poll is lost. Counted per poll, shown by status()."""
-        if entries >= self.sizes[name] * FULL:
+        poll is lost. Counted per poll; status() is degraded while the last poll found
+        one so."""
+        full = entries >= self.sizes[name] * FULL
+        self.full_now[name.value] = full
+        if full:
             self.full_polls[name.value] = self.full_polls.get(name.value, 0) + 1
