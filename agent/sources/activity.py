@@ -14,8 +14,9 @@ host is another file).
   as flow.connect (outcome "closed") + bytes_out (acknowledged), bytes_in, duration_ns.
 - "flow.listen", subject "tcp/<port>": a socket entered LISTEN; addr, port, family.
 - "flow.bytes", subject the destination ("" for unconnected UDP): bytes sent per (cgroup,
-  destination, port, protocol) since the last poll: daddr, dport, proto, family,
-  bytes_out, sends, window_ns. Every poll_s for entries that changed, the largest
+  destination, port, protocol) since the last poll, on any TCP or UDP socket of the
+  sending task (a server's replies to its clients included: the destination is then the
+  client, the port the client's): daddr, dport, proto, family, bytes_out, sends, window_ns. Every poll_s for entries that changed, the largest
   bytes_per_poll of them (the rest counted). Needs sock:sock_send_length (Linux >= 6.3);
   without it status says so and bytes come only with flow.close.
 - "activity.exec_new", subject "pid:<pid>": the first exec of a file in a cgroup, as the
