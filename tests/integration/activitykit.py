@@ -14,7 +14,7 @@ import pytest
 
 from agent.config import Config, Probes
 from agent.sources import capability
-from agent.sources.abi import ACTIVITY_OBJECT
+from agent.sources.abi import ACTIVITY_OBJECT, ActivityProg
 from agent.sources.activity import ActivityProbe
 from swarmlab.lab import wait_for
 from tests.conftest import skip_unsupported
@@ -45,14 +45,24 @@ def cfg(tmp_path_factory) -> Config:
 
 
 def open_probe(cfg: Config, **kw) -> ActivityProbe:
+    """The probe loaded (closed by the caller); a skip where a program other than the
+    bytes counter (sock:sock_send_length, Linux >= 6.3: need_bytes) cannot run."""
     require_probe()
     p = ActivityProbe(cfg, **kw)
     p.open()
-    bad = {k: v for k, v in p.status().items() if v["state"] != "loaded"}
+    bad = {k: v for k, v in p.status().items() if v["state"] != "loaded"
+           and k not in (ActivityProg.SEND.value, "activity")}
     if bad:
         p.close()
         skip_unsupported(f"activity probe degraded here: {bad}")
     return p
+
+
+def need_bytes(p: ActivityProbe) -> None:
+    """Skip a test of flow.bytes where this kernel has no sock:sock_send_length."""
+    send = p.status()[ActivityProg.SEND.value]
+    if send["state"] != "loaded":
+        skip_unsupported(send["reason"])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from swarmlab.breachlab import throwaway_cgroup
 from tests.integration.activitykit import (PY, Collector, cfg, id_of, in_cgroup,  # noqa: F401
-                                          probe)
+                                          need_bytes, probe)
 
 pytestmark = pytest.mark.privileged
 
@@ -162,6 +162,7 @@ time.sleep(30)                        # the UDP sockets stay (killed by the test
 
 
 def test_flow_bytes_for_tcp_and_udp(probe, lab):
+    need_bytes(probe)
     sink = subprocess.Popen(["ip", "netns", "exec", lab.victim, PY, "-c", SINK],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -185,6 +186,7 @@ def test_flow_bytes_for_tcp_and_udp(probe, lab):
 
 
 def test_ipv6_connect_and_bytes(probe, lab):
+    need_bytes(probe)
     seen = Collector(probe)
     v6 = lab.addr("victim", v6=True)
     sink = subprocess.Popen(["ip", "netns", "exec", lab.victim, PY, "-c",
