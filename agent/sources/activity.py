@@ -55,7 +55,7 @@ from agent.sources.procscope import REFRESH_OWNERS_S, OwnedScope
 
 SOURCE = "activity"
 POLL_S = 5.0
-NO_SEND_TP = "this kernel has no tracepoint sock:sock_send_length (Linux < 6.3)"
+NO_SEND_TP = "this kernel has no tracepoint sock:sock_send_length (it came with Linux 6.3)"
 NO_BYTES = "flow.bytes not sent, bytes come only with flow.close"
 OUTCOMES = {FlowOutcome.ESTABLISHED: "established", FlowOutcome.REFUSED: "refused",
             FlowOutcome.FAILED: "failed", FlowOutcome.CLOSED: "closed"}
@@ -141,7 +141,8 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
         send = self._status.get(ActivityProg.SEND.value)
         if send and send["state"] != "loaded":
             events = TRACEFS / "events"
-            if events.is_dir() and not (events / "sock" / "sock_send_length").exists():
+            category, name = self.TRACEPOINTS[ActivityProg.SEND]
+            if events.is_dir() and not (events / category / name).exists():
                 send["reason"] = NO_SEND_TP
             send["reason"] += ": " + NO_BYTES
         self._status["activity_scope"] = {"state": "loaded", "reason": (

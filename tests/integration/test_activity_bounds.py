@@ -230,3 +230,35 @@ def test_flow_bytes_past_the_per_poll_cap_and_a_full_map_are_counted(cfg, lab):
     assert small.full_polls.get("flow_bytes", 0) >= 1
     assert status["state"] == "degraded" and "map flow_bytes nearly full" in status["reason"]
     assert "flow.bytes entries not sent (over bytes_per_poll)" in status["reason"]
+
+
+def test_without_the_send_tracepoint_the_rest_runs_and_status_says_why(cfg, lab):
+    """A kernel without sock:sock_send_length (before 6.3), played by a tracepoint name
+    this kernel does not have: that program is degraded with the reason, flow.bytes is
+    said to be missing, and connections are still reported."""
+    from agent.sources.abi import ACTIVITY_TRACEPOINTS
+    from agent.sources.activity import ActivityProbe
+
+    class OldKernel(ActivityProbe):
+        TRACEPOINTS = {**ACTIVITY_TRACEPOINTS, ActivityProg.SEND: ("sock", "swa_no_such_tp")}
+
+    require_probe()
+    old = OldKernel(cfg)
+    old.open()
+    try:
+        seen = Collector(old)
+        status = old.status()
+        with throwaway_cgroup("swa-act") as cg:
+            in_cgroup(cg, [PY, "-c", "import socket\ntry: socket.create_connection(('%s', 1), "
+                           "timeout=5)\nexcept ConnectionRefusedError: pass\n" % lab.addr("victim")],
+                      ns=lab.attacker)
+            got = seen.until(lambda e: e.kind == "flow.connect" and e.fields["cgroup"] == "/" + cg.name)
+    finally:
+        old.close()
+    send = status[ActivityProg.SEND.value]
+    assert send["state"] == "degraded"
+    assert send["reason"] == ("this kernel has no tracepoint sock:sock_send_length (it came "
+                              "with Linux 6.3): flow.bytes not sent, bytes come only with flow.close")
+    assert status["activity"]["state"] == "degraded" and "flow.bytes not sent" in status["activity"]["reason"]
+    assert status[ActivityProg.SOCK_STATE.value]["state"] == "loaded"
+    assert got[0].fields["outcome"] == "refused"
