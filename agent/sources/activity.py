@@ -12,7 +12,8 @@ host is another file).
   err (sk_err). first_mono_ns: SYN_SENT; mono_ns: the outcome.
 - "flow.close", subject the destination: an established outbound connection closed;
   as flow.connect (outcome "closed") + bytes_out (acknowledged), bytes_in, duration_ns.
-- "flow.listen", subject "tcp/<port>": a socket entered LISTEN; addr, port, family.
+- "flow.listen", subject "tcp/<port>": a socket entered LISTEN; addr, port, family
+  (listen() on a socket never bound gets its port only after the state change: port 0).
 - "flow.bytes", subject the destination ("" for unconnected UDP): bytes sent per (cgroup,
   destination, port, protocol) since the last poll, on any TCP or UDP socket of the
   sending task (a server's replies to its clients included: the destination is then the
