@@ -198,6 +198,13 @@ static __always_inline int on_syn_sent(__u64 key)
 	return 0;
 }
 
+static __always_inline int listen_exit_attached(void)
+{
+	__u32 zero = 0, *on = bpf_map_lookup_elem(&listen_exit_on, &zero);
+
+	return on && *on;
+}
+
 static __always_inline int on_listen(struct trace_event_raw_inet_sock_set_state *ctx)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -215,6 +222,13 @@ static __always_inline int on_listen(struct trace_event_raw_inet_sock_set_state 
 	}
 	fill_act(&r.proc, task, cgid);
 	r.start_ns = now;
+	if (!ctx->sport && listen_exit_attached()) {
+		struct pending_listen p = {.r = r, .sk = (__u64)(unsigned long)ctx->skaddr};
+		__u64 tid = bpf_get_current_pid_tgid();
+
+		bpf_map_update_elem(&pending_listen, &tid, &p, BPF_ANY);
+		return 0;
+	}
 	return report_flow(ctx, &r, EVENT_FLOW_LISTEN, FLOW_LISTENING, ctx->skaddr);
 }
 
@@ -249,6 +263,40 @@ int handle_activity_sock_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	else if (r->established_ns)
 		report_flow(ctx, r, EVENT_FLOW_CLOSE, FLOW_CLOSED, sk);
 	bpf_map_delete_elem(&flows, &key);
+	return 0;
+}
+
+/* The listener whose port the kernel picked during listen(): reported now, with it. (An
+ * io_uring listen has no syscall exit: its entry waits for the thread's next listen()
+ * or the LRU.) */
+SEC("tracepoint/syscalls/sys_exit_listen")
+int handle_activity_listen_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	struct pending_listen *p = bpf_map_lookup_elem(&pending_listen, &tid);
+	const struct sock *sk;
+	struct flow_event *e;
+
+	if (!p)
+		return 0;
+	if (ctx->ret != 0)
+		goto done;
+	sk = (const struct sock *)(unsigned long)p->sk;
+	e = reserve(sizeof(*e), EVENT_FLOW_LISTEN);
+	if (!e)
+		goto done;
+	e->proc = p->r.proc;
+	e->start_ns = p->r.start_ns;
+	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	if (e->family == AF_INET)
+		bpf_core_read(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+	else
+		bpf_core_read(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+	e->outcome = FLOW_LISTENING;
+	bpf_ringbuf_submit(e, 0);
+done:
+	bpf_map_delete_elem(&pending_listen, &tid);
 	return 0;
 }
 

@@ -90,4 +90,28 @@ struct {
 	__type(value, __u32);
 } foreign_agents SEC(".maps");
 
+/* A listen() on a socket never bound: the kernel picks its port after the state change
+ * (inet_csk_listen_start), so the listener is reported at the syscall's exit instead,
+ * keyed by thread. */
+struct pending_listen {
+	struct flow_rec r;
+	__u64 sk;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct pending_listen);
+} pending_listen SEC(".maps");
+
+/* [0]: 1 once user space attached handle_activity_listen_exit (else such a listener is
+ * reported at once, with port 0). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} listen_exit_on SEC(".maps");
+
 #endif /* SWARM_ACTIVITY_MAPS_BPF_H */

@@ -383,6 +383,7 @@ class ActivityProg(enum.StrEnum):
     SEND = "handle_activity_send"
     EXEC = "handle_activity_exec"
     AGENT_EXIT = "handle_activity_agent_exit"
+    LISTEN_EXIT = "handle_activity_listen_exit"
 
 
 ACTIVITY_TRACEPOINTS = {
@@ -390,6 +391,7 @@ ACTIVITY_TRACEPOINTS = {
     ActivityProg.SEND: ("sock", "sock_send_length"),      # Linux >= 6.3
     ActivityProg.EXEC: ("sched", "sched_process_exec"),
     ActivityProg.AGENT_EXIT: ("sched", "sched_process_exit"),
+    ActivityProg.LISTEN_EXIT: ("syscalls", "sys_exit_listen"),
 }
 
 
@@ -404,6 +406,8 @@ class ActivityMap(enum.StrEnum):
     ZEROES = "zeroes"
     FOREIGN_NETNS = "foreign_netns"     # the same names as ProcMap's: procscope reads them
     FOREIGN_AGENTS = "foreign_agents"
+    PENDING_LISTEN = "pending_listen"   # listen() on an unbound socket, until its exit
+    LISTEN_EXIT_ON = "listen_exit_on"   # [0] = 1 once handle_activity_listen_exit is attached
     RODATA = ".rodata"   # holds `act_cfg` (struct activity_config) at offset 0
 
 

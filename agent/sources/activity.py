@@ -13,7 +13,9 @@ host is another file).
 - "flow.close", subject the destination: an established outbound connection closed;
   as flow.connect (outcome "closed") + bytes_out (acknowledged), bytes_in, duration_ns.
 - "flow.listen", subject "tcp/<port>": a socket entered LISTEN; addr, port, family
-  (listen() on a socket never bound gets its port only after the state change: port 0).
+  (listen() on a socket never bound gets its port during the call: reported at the
+  syscall's exit, with it; where syscalls:sys_exit_listen cannot attach, at once with
+  port 0).
 - "flow.bytes", subject the destination ("" for unconnected UDP): bytes sent per (cgroup,
   destination, port, protocol) since the last poll, on any TCP or UDP socket of the
   sending task (a server's replies to its clients included: the destination is then the
@@ -37,6 +39,7 @@ agent's own never.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import os
 import time
@@ -88,7 +91,7 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
     TRACEPOINTS = abi.ACTIVITY_TRACEPOINTS
     RING_MAP = ActivityMap.EVENTS
     LOSS_MAP = ActivityMap.LOSSES
-    OPTIONAL = frozenset({ActivityProg.SEND})
+    OPTIONAL = frozenset({ActivityProg.SEND, ActivityProg.LISTEN_EXIT})
 
     def __init__(self, cfg: Config, *, agent_tgid: int | None = None, ring_bytes: int = 1 << 18,
                  flows: int = 16384, bytes_entries: int = 8192, cgroup_entries: int = 4096,
@@ -139,6 +142,13 @@ class ActivityProbe(CounterPolls, OwnedScope, BpfProbe):
             self.close()
             raise
         self._polled_ns = time.monotonic_ns()       # the maps start empty now
+        if self._status.get(ActivityProg.LISTEN_EXIT.value, {}).get("state") == "loaded":
+            self._map(ActivityMap.LISTEN_EXIT_ON).update(ctypes.c_uint32(0), ctypes.c_uint32(1))
+        else:
+            self._status.setdefault(ActivityProg.LISTEN_EXIT.value, {"state": "degraded",
+                                                                       "reason": "not loaded"})
+            self._status[ActivityProg.LISTEN_EXIT.value]["reason"] += (
+                ": a listen() on a socket never bound is reported with port 0")
         send = self._status.get(ActivityProg.SEND.value)
         if send and send["state"] != "loaded":
             events = TRACEFS / "events"

@@ -212,3 +212,16 @@ def test_ipv6_connect_and_bytes(probe, lab):
     assert got[("udp", v6)]["bytes_out"] == 2100
 
 
+
+
+def test_a_listener_never_bound_is_reported_with_the_port_it_got(probe):
+    """listen() without bind(): the kernel picks the port inside the call, after the
+    state change; the event comes at the syscall's exit, with that port."""
+    seen = Collector(probe)
+    code = ("import socket, time\ns = socket.socket()\ns.listen()\n"
+            "print(s.getsockname()[1], flush=True)\ntime.sleep(0.5)\n")
+    with throwaway_cgroup("swa-act") as cg:
+        port = int(in_cgroup(cg, [PY, "-c", code]).stdout)
+        got = seen.until(lambda e: e.kind == "flow.listen" and e.fields["cgroup"] == "/" + cg.name)
+    assert port and [(e.subject, e.fields["port"], e.fields["addr"]) for e in got] == \
+        [(f"tcp/{port}", port, "0.0.0.0")]
