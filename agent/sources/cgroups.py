@@ -12,6 +12,7 @@ from agent import cgroupview
 from agent.cgroupview import cgroup2_mount  # noqa: F401 (used here and re-exported)
 
 RESCAN_S = 1.0          # at most one walk of the cgroup tree per second
+MAX_ANCESTORS = 16
 FILEID_KERNFS = 0xFE    # the file handle type of kernfs (cgroup2): 8 bytes, the node id
 
 
@@ -21,7 +22,6 @@ class _FileHandle(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-MAX_ANCESTORS = 16
 
 
 class CgroupNames:
