@@ -262,3 +262,16 @@ def test_without_the_send_tracepoint_the_rest_runs_and_status_says_why(cfg, lab)
     assert status["activity"]["state"] == "degraded" and "flow.bytes not sent" in status["activity"]["reason"]
     assert status[ActivityProg.SOCK_STATE.value]["state"] == "loaded"
     assert got[0].fields["outcome"] == "refused"
+
+
+def test_a_cgroup_is_named_by_its_id_once_its_processes_are_gone():
+    """cgroup ids from the kernel -> host paths: by file handle, exact and immediate
+    (no walk of the tree, which runs at most once a second)."""
+    from agent.sources.cgroups import CgroupNames
+
+    names = CgroupNames()
+    names._scanned_at = time.monotonic() + 3600          # no walk during this test
+    with throwaway_cgroup("swa-act") as cg:
+        (cg / "sub").mkdir()
+        assert names.path(os.stat(cg / "sub").st_ino) == f"/{cg.name}/sub"
+    assert names.path(2**40 + 12345) is None              # no such cgroup
