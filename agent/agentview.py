@@ -47,8 +47,9 @@ class AgentView:
         return out
 
     def losses(self) -> int:
-        """Events both probes' kernels could not queue."""
-        return sum(p.losses() for p in (self.probe, self.proc_probe) if p is not None)
+        """Events the probes' kernels could not queue."""
+        return sum(p.losses() for p in (self.probe, self.proc_probe,
+                                        self.activity_probe) if p is not None)
 
     def unparsed(self) -> dict[str, int]:
         """Packets the network probe's parser could not follow, by reason."""
@@ -69,6 +70,8 @@ class AgentView:
             self.probe_status = self.probe.status()
         if self.proc_probe is not None:
             self.proc_status = self.proc_probe.status()
+        if self.activity_probe is not None:
+            self.activity_status = self.activity_probe.status()
         feedback = self.feedback_status()
         return {
             "version": __version__,
@@ -79,7 +82,8 @@ class AgentView:
             "updated_at": time.time(),
             "ready": self.ready,
             "dry_run": self.cfg.dry_run,
-            "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
+            "probes": {**self.probe_status, **self.proc_status,
+                       **self.activity_status, **self._storage_status(),
                        "gpu": self.gpu_status(), "file_policy": self.files.state_reason(),
                        **({"gpu_authorization": self.gpu_guard.status()}
                           if getattr(self, "gpu_guard", None) else {})},

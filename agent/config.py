@@ -109,6 +109,10 @@ class Probes:
     # lane of 1/16 as many beside it); past it events are dropped and counted by kind and
     # lane (status, swarm_agent_events_dropped).
     queue_events: int = 16384
+    # The activity probe (agent/sources/activity.py): outbound TCP connections and their
+    # outcome, listeners, bytes sent per destination, execs per cgroup and the first exec
+    # of each file in each cgroup, for the anomaly models. Off: none of those events.
+    activity: bool = True
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ class Agent(AgentView):
         self.started_at = time.time()
         self.probe = None
         self.proc_probe = None
+        self.activity_probe = None     # agent.sources.activity, when probes.activity
+        self.activity_status: dict[str, dict[str, str]] = {}
         self.probe_status: dict[str, dict[str, str]] = {}
         self.proc_status: dict[str, dict[str, str]] = {}
         self.gpu = None           # agent.sources.gpu.GpuSource, when gpu.enabled
@@ -122,6 +124,7 @@ class Agent(AgentView):
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_probe()
         self._open_proc_probe()
+        self._open_activity_probe()
         self._open_gpu()
         self.gpu_guard = GpuGuard(self.cfg, self.store, self._use_gpu_policy, self.enqueue,
                                   agent_cgroup=_own_cgroup())
@@ -222,6 +225,27 @@ class Agent(AgentView):
         probe.set_exec_policy(self.detector.exec_needs)   # what the loaded rules need
         self.proc_probe = probe
         self.proc_status = probe.status()
+
+    def _open_activity_probe(self) -> None:
+        """The activity probe (connections, listeners, bytes, execs: what the anomaly
+        models learn from), for the same processes as the process probe. Off with
+        probes.activity false; without it the agent runs on, reported degraded."""
+        if not self.cfg.probes.activity:
+            self.activity_status = {"activity": {"state": "disabled",
+                                                 "reason": "probes.activity is false"}}
+            return
+        try:
+            from agent.sources.activity import ActivityProbe
+
+            probe = ActivityProbe(self.cfg)
+            probe.open()
+        except (OSError, RuntimeError, ImportError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            self.activity_status = {"activity": {"state": "failed", "reason": reason}}
+            log.error("activity probe unavailable", extra={"reason": reason})
+            return
+        self.activity_probe = probe
+        self.activity_status = probe.status()
 
     def _open_gpu(self) -> None:
         """The GPU source (NVML in its own thread; agent.sources.gpu). Opening NVML happens
@@ -453,7 +477,7 @@ class Agent(AgentView):
             await control.start()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(control.run())
-                for probe in (self.probe, self.proc_probe):
+                for probe in (self.probe, self.proc_probe, self.activity_probe):
                     if probe is not None:
                         tg.create_task(probe.run(self.enqueue))
                 if self.gpu is not None:
@@ -473,7 +497,8 @@ class Agent(AgentView):
                 self.ready = True
                 self.rulebook.started()     # a SIGHUP during start-up is served now
                 sd_notify("READY=1")
-                log.info("agent ready", extra={"probes": {**self.probe_status, **self.proc_status},
+                log.info("agent ready", extra={"probes": {**self.probe_status, **self.proc_status,
+                                                          **self.activity_status},
                                                "dry_run": self.cfg.dry_run})
         finally:
             self.close()
@@ -481,7 +506,7 @@ class Agent(AgentView):
     def close(self) -> None:
         self.ready = False
         self.files.close()
-        for probe in (self.probe, self.proc_probe):
+        for probe in (self.probe, self.proc_probe, self.activity_probe):
             if probe is not None:
                 probe.close()
         if self.gpu is not None:

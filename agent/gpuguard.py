@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from agent import cgroupview
@@ -119,7 +120,18 @@ class GpuGuard:
         if event.kind == "gpu.process" and f.get("resolved") is True:
             self._judged[(f.get("gpu_uuid"), f.get("pid"), f.get("start_ticks"),
                           f.get("cgroup"))] = self._version
+        if event.kind == "gpu.usage":
+            event = replace(event, fields={**f, **self.usage_verdict(f)})
         self._emit(event)
+
+    def usage_verdict(self, f: Any) -> dict[str, bool]:
+        """A gpu.usage sample under the policy in force: authorized when a grant covers
+        the workload on every GPU it uses; system when it is one of the host's own."""
+        verdicts = [self.policy.verdict({"resolved": True, "cgroup": f.get("cgroup"),
+                                         "gpu_uuid": uuid, "gpu_index": index})
+                    for index, uuid in zip(f.get("gpu_indexes") or (), f.get("gpu_uuids") or ())]
+        return {"authorized": bool(verdicts) and all(v.get("authorized") for v in verdicts),
+                "system": bool(verdicts) and all(v.get("system") for v in verdicts)}
 
     def recheck(self, source: Any, now: float | None = None) -> int:
         """Send the detector every process on a GPU whose identity was last judged under

@@ -27,6 +27,8 @@ static __always_inline void exe_id(struct task_struct *task, struct file_id *id)
 		inode_id(BPF_CORE_READ(exe, f_inode), id);
 }
 
+/* activity.bpf.c wants the identities and the walk only (it has no watched_exes). */
+#ifndef IDENT_NO_ANCESTRY
 static __always_inline __u32 exe_flags(struct file_id *id)
 {
 	__u32 *flags;
@@ -57,6 +59,7 @@ static __always_inline __u32 fill_ancestry(struct proc_ctx *p, struct task_struc
 	}
 	return flags;
 }
+#endif /* IDENT_NO_ANCESTRY */
 
 /* Walks from `d` (on mount `vmnt`) to the root, crossing mounts (struct mount's
  * mnt_parent and mnt_mountpoint, as Tetragon and Tracee do), and writes the components

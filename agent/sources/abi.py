@@ -17,6 +17,7 @@ PROBES_DIR = Path(__file__).resolve().parent.parent / "probes"
 NET_OBJECT = PROBES_DIR / "net.bpf.o"
 PROC_OBJECT = PROBES_DIR / "proc.bpf.o"
 ABI_OBJECT = PROBES_DIR / "abi.bpf.o"
+ACTIVITY_OBJECT = PROBES_DIR / "activity.bpf.o"
 
 DISTINCT_BITS = 1024
 DISTINCT_WORDS = DISTINCT_BITS // 64
@@ -71,6 +72,10 @@ class EventKind(enum.IntEnum):
     STDIO_DUP = 11
     PROC_STDIO = 12
     GPU_OPEN = 13
+    FLOW_CONNECT = 14
+    FLOW_CLOSE = 15
+    FLOW_LISTEN = 16
+    EXEC_NEW = 17
 
 
 class Reason(enum.IntEnum):
@@ -362,6 +367,100 @@ class gpu_open_event(_S):
                 ("minor", u32), ("flags", u32), ("syscall", u16), ("pad0", u16)]
 
 
+# --- activity probe (activity.bpf.c) ---------------------------------------------------
+
+class FlowOutcome(enum.IntEnum):
+    """enum flow_outcome: what a flow_event reports."""
+    ESTABLISHED = 1
+    REFUSED = 2
+    FAILED = 3
+    CLOSED = 4
+    LISTENING = 5
+
+
+class ActivityProg(enum.StrEnum):
+    SOCK_STATE = "handle_activity_sock_state"
+    SEND = "handle_activity_send"
+    EXEC = "handle_activity_exec"
+    AGENT_EXIT = "handle_activity_agent_exit"
+    LISTEN_EXIT = "handle_activity_listen_exit"
+
+
+ACTIVITY_TRACEPOINTS = {
+    ActivityProg.SOCK_STATE: ("sock", "inet_sock_set_state"),
+    ActivityProg.SEND: ("sock", "sock_send_length"),      # Linux >= 6.3
+    ActivityProg.EXEC: ("sched", "sched_process_exec"),
+    ActivityProg.AGENT_EXIT: ("sched", "sched_process_exit"),
+    ActivityProg.LISTEN_EXIT: ("syscalls", "sys_exit_listen"),
+}
+
+
+class ActivityMap(enum.StrEnum):
+    EVENTS = "events"
+    LOSSES = "losses"
+    FLOWS = "flows"
+    FLOW_BYTES = "flow_bytes"
+    CGROUPS = "cgroups"
+    SEEN = "seen"
+    SCRATCH = "scratch"
+    ZEROES = "zeroes"
+    FOREIGN_NETNS = "foreign_netns"     # the same names as ProcMap's: procscope reads them
+    FOREIGN_AGENTS = "foreign_agents"
+    PENDING_LISTEN = "pending_listen"   # listen() on an unbound socket, until its exit
+    LISTEN_EXIT_ON = "listen_exit_on"   # [0] = 1 once handle_activity_listen_exit is attached
+    RODATA = ".rodata"   # holds `act_cfg` (struct activity_config) at offset 0
+
+
+ACTIVITY_RODATA_VAR = "act_cfg"
+
+
+class activity_config(_S):
+    _fields_ = [("window_ns", u64), ("agent_tgid", u32), ("netns_ino", u32),
+                ("host_scope", u32), ("flow_cap", u32), ("exec_new_cap", u32), ("listen_cap", u32)]
+
+
+class act_proc(_S):
+    _fields_ = [("cgroup_id", u64), ("pid", u32), ("uid", u32), ("exe", file_id),
+                ("comm", u8 * COMM_LEN)]
+
+
+class flow_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", act_proc), ("start_ns", u64),
+                ("established_ns", u64), ("bytes_acked", u64), ("bytes_received", u64),
+                ("saddr", u8 * 16), ("daddr", u8 * 16), ("sport", u16), ("dport", u16),
+                ("family", u16), ("outcome", u16), ("err", u32), ("pad0", u32)]
+
+
+class exec_new_event(_S):
+    _fields_ = [("hdr", event_header), ("proc", act_proc), ("exe_path_len", u16),
+                ("exe_path_flags", u16), ("pad0", u32), ("exe_path", u8 * PATH_LEN)]
+
+
+class flow_bytes_key(_S):
+    _fields_ = [("cgroup_id", u64), ("daddr", u8 * 16), ("dport", u16), ("proto", u8),
+                ("family", u8), ("pad0", u32)]
+
+
+class flow_bytes(_S):
+    _fields_ = [("bytes", u64), ("sends", u64)]
+
+
+class ActivityCap(enum.IntEnum):
+    """enum activity_cap: the index of cgroup_activity.dropped and .in_window."""
+    FLOWS = 0
+    EXEC_NEW = 1
+    LISTENS = 2
+
+
+ACTIVITY_CAPS = 3
+
+
+class cgroup_activity(_S):
+    _fields_ = [("execs", u64), ("connects", u64), ("listens", u64),
+                ("dropped", u64 * ACTIVITY_CAPS), ("window_start_ns", u64),
+                ("in_window", u32 * ACTIVITY_CAPS), ("pad0", u32)]
+
+
 # Every struct shared with C, for the ABI test.
 SHARED_STRUCTS = (event_header, addr_key, service_key, source_stats, service_stats,
                   remote_stats, net_thresholds, net_config, net_source_event,
@@ -369,7 +468,8 @@ SHARED_STRUCTS = (event_header, addr_key, service_key, source_stats, service_sta
                   proc_config, file_id, dir_key, name_key, path_rule, proc_ctx, proc_exec_event,
                   proc_exit_event, file_open_event, module_load_event, ptrace_event,
                   bpf_prog_load_event, stdio_fd, stdio_dup_event, proc_stdio_event,
-                  gpu_open_event)
+                  gpu_open_event, activity_config, act_proc, flow_event, exec_new_event,
+                  flow_bytes_key, flow_bytes, cgroup_activity)
 
 DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.NET_SOURCE: net_source_event,
@@ -385,6 +485,10 @@ DECODERS: dict[int, type[ctypes.Structure]] = {
     EventKind.STDIO_DUP: stdio_dup_event,
     EventKind.PROC_STDIO: proc_stdio_event,
     EventKind.GPU_OPEN: gpu_open_event,
+    EventKind.FLOW_CONNECT: flow_event,
+    EventKind.FLOW_CLOSE: flow_event,
+    EventKind.FLOW_LISTEN: flow_event,
+    EventKind.EXEC_NEW: exec_new_event,
 }
 
 

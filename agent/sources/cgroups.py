@@ -3,6 +3,7 @@ ancestry (comms up to pid 1) from /proc. Both are best effort and cheap: a proce
 cgroup that is already gone gives None or a shorter list, never an error."""
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,15 @@ from agent.cgroupview import cgroup2_mount  # noqa: F401 (used here and re-expor
 
 RESCAN_S = 1.0          # at most one walk of the cgroup tree per second
 MAX_ANCESTORS = 16
+FILEID_KERNFS = 0xFE    # the file handle type of kernfs (cgroup2): 8 bytes, the node id
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 8)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CgroupNames:
@@ -31,6 +41,8 @@ class CgroupNames:
             return hit
         if pid and self._from_proc(cgroup_id, pid):
             return self._paths[cgroup_id]
+        if self._by_handle(cgroup_id):
+            return self._paths[cgroup_id]
         if time.monotonic() - self._scanned_at >= RESCAN_S:
             self._scan()
         return self._paths.get(cgroup_id)
@@ -45,6 +57,35 @@ class CgroupNames:
         except OSError:
             pass
         return False
+
+    def _by_handle(self, cgroup_id: int) -> bool:
+        """The cgroup opened by its id (cgroup2 file handles are kernfs node ids, the same
+        number bpf_get_current_cgroup_id gives; open_by_handle_at needs
+        CAP_DAC_READ_SEARCH): exact, even once every process of it is gone."""
+        handle = _FileHandle(8, FILEID_KERNFS)
+        handle.f_handle[:] = cgroup_id.to_bytes(8, "little")
+        try:
+            mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(handle),
+                                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            os.close(mount_fd)
+        if fd < 0:
+            return False
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        root = str(self.root).rstrip("/")
+        if where != root and not where.startswith(root + "/"):
+            return False
+        self._paths[cgroup_id] = where[len(root):] or "/"
+        return True
 
     def _scan(self) -> None:
         self._scanned_at = time.monotonic()

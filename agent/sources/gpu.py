@@ -18,6 +18,13 @@ the detector as it happens. Events (all source "gpu"):
                or an ECC event), ecc_dbe_volatile
   gpu.throttle subject "gpu:<uuid>": reasons (those that became active), active (all),
                throttle_bits -- on each change, never per sample
+  gpu.usage    subject "cgroup:<path>", every sample for each cgroup with a process on a
+               GPU: cgroup, container ("" outside one), gpu_util (the SM utilisation of
+               its processes, NVML's per-process samples since the last sample, 0-100 per
+               GPU summed over GPUs), util_known (false where NVML does not answer per
+               process: gpu_util is then 0), gpu_memory_bytes, gpu_indexes and gpu_uuids
+               (in step), pids, window_ns; the agent's GPU guard adds authorized (a grant
+               covers the workload on every GPU it uses) and system
 
 State (`status`): "loaded", "absent" (no library, driver or GPU: looked for again every
 ABSENT_RETRY_S) or "degraded" (NVML failed mid-run: closed and reopened with backoff,
@@ -78,6 +85,7 @@ class GpuSource:
         self._dbe: dict[str, int] = {}
         self._xid_at: dict[tuple[str, int], float] = {}
         self._xid_held: dict[tuple[str, int], int] = {}
+        self._util_seen: dict[str, int] = {}    # GPU uuid -> newest utilisation sample (us)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.driver = ""
@@ -181,18 +189,34 @@ class GpuSource:
 
     def sample_once(self, nvml: Nvml) -> None:
         cpu0 = time.thread_time()
-        samples, procs = {}, {}
+        samples, procs, usage = {}, {}, {}
         for d in nvml.devices:
             s = nvml.sample(d)
             samples[d.uuid] = s
-            for pid, used, kind in nvml.processes(d):
-                procs[(d.uuid, pid)] = self._process(d, pid, used, kind)
+            listed = nvml.processes(d)
+            util = self._process_util(nvml, d) if listed else ({}, 0)
+            for pid, used, kind in listed:
+                procs[(d.uuid, pid)] = rec = self._process(d, pid, used, kind)
+                _add_usage(usage, rec, d, used, None if util is None else util[0].get(pid, 0))
             self._health(d, s)
         with self._lock:
             self._samples, self._procs = samples, procs
         self._seen = {k: v for k, v in self._seen.items() if k in procs}
+        for cgroup, u in usage.items():
+            gpus, pids = sorted(u.pop("gpus")), sorted(u.pop("pids"))
+            self._event("gpu.usage", f"cgroup:{cgroup}", {
+                **u, "gpu_indexes": [i for i, _ in gpus], "gpu_uuids": [g for _, g in gpus],
+                "pids": pids, "window_ns": int(self.sample_s * 1e9)})
         self.sample_cpu_s += time.thread_time() - cpu0
         self.sample_count += 1
+
+    def _process_util(self, nvml: Nvml, d: Device) -> tuple[dict[int, int], int] | None:
+        """Per-process SM utilisation on `d` since the last sample (None: not answered)."""
+        since = self._util_seen.get(d.uuid, int((time.time() - self.sample_s) * 1e6))
+        got = nvml.process_util(d, since)
+        if got is not None:
+            self._util_seen[d.uuid] = got[1]
+        return got
 
     # -- events -------------------------------------------------------------------------
 
@@ -250,6 +274,24 @@ class GpuSource:
         elif etype & DBE_EVENT:
             self._event("gpu.ecc", f"gpu:{d.uuid}", {**self._gpu_fields(d), "dbe_new": 1,
                         "ecc_dbe_volatile": self._dbe.get(d.uuid)})
+
+
+def _add_usage(usage: dict, rec: dict, d: Device, used: int | None, util: int | None) -> None:
+    """Count one process's sample to its cgroup's gpu.usage (a process whose identity
+    could not be read is nobody's: its gpu.process event says so)."""
+    cgroup = rec.get("cgroup") if rec.get("resolved") else None
+    if cgroup is None:
+        return
+    u = usage.setdefault(cgroup, {"cgroup": cgroup, "container": rec.get("container_id") or "",
+                                  "gpu_util": 0, "gpu_memory_bytes": 0, "util_known": True,
+                                  "gpus": set(), "pids": set()})
+    u["gpu_memory_bytes"] += used or 0
+    u["gpus"].add((d.index, d.uuid))
+    u["pids"].add(rec["pid"])
+    if util is None:
+        u["util_known"] = False
+    else:
+        u["gpu_util"] += util
 
 
 def snapshot(source: GpuSource) -> dict:

@@ -202,6 +202,44 @@ class Nvml:
                 out.append((int(p.pid), p.usedGpuMemory, kind))
         return out
 
+    def process_util(self, d: Device, since_us: int) -> tuple[dict[int, int], int] | None:
+        """({pid: SM utilisation %, the mean of NVML's samples of it newer than since_us},
+        the newest sample's timestamp) on `d`; ({}, since_us) when NVML has no sample
+        since; None where it does not answer (not supported, an older driver)."""
+        def call(buf, count):
+            fn = nv._nvmlGetFunctionPointer("nvmlDeviceGetProcessUtilization")
+            return fn(d.handle, buf, ctypes.byref(count), ctypes.c_ulonglong(since_us))
+
+        count = ctypes.c_uint(0)
+        try:
+            ret = call(None, count)
+        except nv.NVMLError as e:          # no such function in this library
+            if e.value in _NO_VALUE:
+                return None
+            raise _failure(e, "nvmlDeviceGetProcessUtilization") from None
+        if ret == nv.NVML_ERROR_NOT_FOUND:
+            return {}, since_us
+        if ret in _NO_VALUE:
+            return None
+        if ret not in (nv.NVML_SUCCESS, nv.NVML_ERROR_INSUFFICIENT_SIZE):
+            raise _failure(nv.NVMLError(ret), "nvmlDeviceGetProcessUtilization")
+        buf = (nv.c_nvmlProcessUtilizationSample_t * max(1, count.value))()
+        ret = call(buf, count)
+        if ret == nv.NVML_ERROR_NOT_FOUND:
+            return {}, since_us
+        if ret != nv.NVML_SUCCESS:
+            if ret in _NO_VALUE:
+                return None
+            raise _failure(nv.NVMLError(ret), "nvmlDeviceGetProcessUtilization")
+        sums: dict[int, list[int]] = {}
+        newest = since_us
+        for sample in buf[:count.value]:
+            acc = sums.setdefault(int(sample.pid), [0, 0])
+            acc[0] += int(sample.smUtil)
+            acc[1] += 1
+            newest = max(newest, int(sample.timeStamp))
+        return {pid: round(total / n) for pid, (total, n) in sums.items()}, newest
+
     def wait_event(self, timeout_ms: int) -> tuple[Device | None, int, int] | None:
         """The next XID/ECC event (device, event type, data: the XID), None on timeout
         or without an event set."""

@@ -27,6 +27,10 @@ enum event_kind {
 	EVENT_STDIO_DUP = 11,
 	EVENT_PROC_STDIO = 12,
 	EVENT_GPU_OPEN = 13,
+	EVENT_FLOW_CONNECT = 14,
+	EVENT_FLOW_CLOSE = 15,
+	EVENT_FLOW_LISTEN = 16,
+	EVENT_EXEC_NEW = 17,
 };
 
 /* Why an alert fired; bit (1 << reason) marks "already alerted in this window". */
@@ -523,5 +527,112 @@ struct gpu_open_event {
 	__u16 pad0;
 };
 _Static_assert(sizeof(struct gpu_open_event) == 528, "gpu_open_event size");
+
+/* --- activity probe (activity.bpf.c): what the anomaly models learn from ---------------- */
+
+/* flow_event.outcome */
+enum flow_outcome {
+	FLOW_ESTABLISHED = 1,	/* SYN_SENT -> ESTABLISHED */
+	FLOW_REFUSED = 2,	/* SYN_SENT -> CLOSE with sk_err ECONNREFUSED (a RST to the SYN) */
+	FLOW_FAILED = 3,	/* SYN_SENT -> CLOSE otherwise (timeout, unreachable, closed) */
+	FLOW_CLOSED = 4,	/* an established outbound connection reached CLOSE */
+	FLOW_LISTENING = 5,	/* a socket entered LISTEN */
+};
+
+/* Set in .rodata before load. */
+struct activity_config {
+	__u64 window_ns;	/* the per-cgroup caps count per window of this length */
+	__u32 agent_tgid;	/* never report this process (the agent itself); 0: none */
+	__u32 netns_ino;	/* the agent's network namespace: its processes are the agent's */
+	__u32 host_scope;	/* 1: also those of every namespace not in map foreign_netns */
+	__u32 flow_cap;		/* flow.connect/close per cgroup per window (at SYN_SENT); 0: no cap */
+	__u32 exec_new_cap;	/* exec_new events per cgroup per window; 0: no cap */
+	__u32 listen_cap;	/* flow.listen events per cgroup per window (its own: a connect
+				 * storm must not hide a new listener); 0: no cap */
+};
+_Static_assert(sizeof(struct activity_config) == 32, "activity_config size");
+
+/* Who acted: read in process context (connect, listen, exec), never from the process's
+ * claims but comm (display only). */
+struct act_proc {
+	__u64 cgroup_id;	/* cgroup v2 id of the task */
+	__u32 pid;		/* tgid, init pid namespace */
+	__u32 uid;
+	struct file_id exe;	/* mm->exe_file */
+	__u8 comm[COMM_LEN];
+};
+_Static_assert(sizeof(struct act_proc) == 48, "act_proc size");
+
+/* flow.connect (kind EVENT_FLOW_CONNECT), flow.close, flow.listen: one outbound TCP
+ * connection's outcome or end, or a new listener. Addresses network order (IPv4 in the
+ * first 4 bytes), ports host order. */
+struct flow_event {
+	struct event_header hdr;
+	struct act_proc proc;	/* the connecting (listening) task, recorded at SYN_SENT */
+	__u64 start_ns;		/* SYN_SENT (listen: the event time) */
+	__u64 established_ns;	/* ESTABLISHED; 0: never */
+	__u64 bytes_acked;	/* flow.close: tcp_sock.bytes_acked (sent and acknowledged) */
+	__u64 bytes_received;	/* flow.close: tcp_sock.bytes_received */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u16 family;		/* AF_INET 2, AF_INET6 10 */
+	__u16 outcome;		/* enum flow_outcome */
+	__u32 err;		/* sk_err at the outcome (ECONNREFUSED, ETIMEDOUT, ...) */
+	__u32 pad0;
+};
+_Static_assert(sizeof(struct flow_event) == 144, "flow_event size");
+
+/* activity.exec_new: the first exec of a file (dev, ino) in a cgroup (LRU map seen). */
+struct exec_new_event {
+	struct event_header hdr;
+	struct act_proc proc;	/* after the exec: exe is the new executable */
+	__u16 exe_path_len;	/* bytes used in exe_path */
+	__u16 exe_path_flags;	/* enum walk_flag */
+	__u32 pad0;
+	__u8 exe_path[PATH_LEN];	/* components leaf first (see proc_ctx) */
+};
+_Static_assert(sizeof(struct exec_new_event) == 328, "exec_new_event size");
+
+/* Key of the per-CPU LRU map flow_bytes: bytes a cgroup sent to one destination. An
+ * unconnected UDP socket's destination is unknown here (all zero). */
+struct flow_bytes_key {
+	__u64 cgroup_id;
+	__u8 daddr[16];
+	__u16 dport;		/* host order */
+	__u8 proto;		/* 6 tcp, 17 udp */
+	__u8 family;		/* AF_INET 2, AF_INET6 10 */
+	__u32 pad0;
+};
+_Static_assert(sizeof(struct flow_bytes_key) == 32, "flow_bytes_key size");
+
+struct flow_bytes {
+	__u64 bytes;		/* cumulative, this CPU's */
+	__u64 sends;
+};
+_Static_assert(sizeof(struct flow_bytes) == 16, "flow_bytes size");
+
+/* The per-cgroup caps (index of cgroup_activity.dropped and .in_window). */
+enum activity_cap {
+	CAP_FLOWS = 0,		/* activity_config.flow_cap */
+	CAP_EXEC_NEW = 1,	/* exec_new_cap */
+	CAP_LISTENS = 2,	/* listen_cap */
+};
+#define ACTIVITY_CAPS 3
+
+/* Value of the LRU map cgroups (key: cgroup id): cumulative counters, and the window the
+ * per-cgroup caps count in. */
+struct cgroup_activity {
+	__u64 execs;
+	__u64 connects;		/* SYN_SENT, over the cap too */
+	__u64 listens;		/* sockets entering LISTEN, over the cap too */
+	__u64 dropped[ACTIVITY_CAPS];	/* events not sent, over each cap */
+	__u64 window_start_ns;
+	__u32 in_window[ACTIVITY_CAPS];	/* events sent in this window, per cap */
+	__u32 pad0;
+};
+_Static_assert(sizeof(struct cgroup_activity) == 72, "cgroup_activity size");
+
 
 #endif

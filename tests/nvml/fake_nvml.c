@@ -8,7 +8,9 @@
  *   gpu index=0 uuid=GPU-0 name=NVIDIA_H200 util=37 memutil=12 total=N used=N temp=41
  *       power=mW sm=MHz mem=MHz reasons=BITS dbe=N unsupported=power,temp,ecc,clocks,util
  *       (underscores in name= are spaces)
- *   proc gpu=0 pid=1234 mem=BYTES graphics=0|1
+ *   proc gpu=0 pid=1234 mem=BYTES graphics=0|1 util=SM%   (util: its per-process
+ *       utilisation sample, nvmlDeviceGetProcessUtilization; "procutil" in the GPU's
+ *       unsupported= list: that call answers Not Supported)
  *   event gpu=0 id=1 type=8 data=79     (each id is delivered once per event set;
  *                                        type 8 = XID critical error, data = the XID)
  *   fail CODE                           (every call but nvmlShutdown/nvmlErrorString)
@@ -30,7 +32,7 @@ enum { OK = 0, E_UNINIT = 1, E_INVALID = 2, E_UNSUPPORTED = 3, E_NOT_FOUND = 6,
 
 struct gpu { unsigned index; char uuid[96], name[96]; unsigned util, memutil, temp, power,
              sm, mem; unsigned long long total, used, reasons, dbe; char unsupported[128]; };
-struct proc { unsigned gpu, pid, graphics; unsigned long long mem; };
+struct proc { unsigned gpu, pid, graphics, util; unsigned long long mem; };
 struct event { unsigned gpu; unsigned long long id, type, data; };
 struct state { char driver[80]; int fail, init_fail, ngpus, nprocs, nevents;
                struct gpu gpus[MAX_GPUS]; struct proc procs[MAX_PROCS];
@@ -100,6 +102,7 @@ static void load(void)
                 else if (!strcmp(kv, "pid")) p->pid = num(v);
                 else if (!strcmp(kv, "mem")) p->mem = num(v);
                 else if (!strcmp(kv, "graphics")) p->graphics = num(v);
+                else if (!strcmp(kv, "util")) p->util = num(v);
             } else {
                 if (!strcmp(kv, "gpu")) e->gpu = num(v);
                 else if (!strcmp(kv, "id")) e->id = num(v);
@@ -240,6 +243,32 @@ int nvmlDeviceGetGraphicsRunningProcesses_v3(void *h, unsigned *c, proc_info *p)
 { return processes(h, c, p, 1); }
 int nvmlDeviceGetGraphicsRunningProcesses_v2(void *h, unsigned *c, proc_info *p)
 { return processes(h, c, p, 1); }
+
+/* One sample per process of the GPU, stamped now (microseconds), when newer than
+ * lastSeen: what the real call answers between two of its own samples is NOT_FOUND. */
+typedef struct { unsigned pid; unsigned long long ts; unsigned sm, mem, enc, dec; } util_sample;
+
+int nvmlDeviceGetProcessUtilization(void *h, util_sample *out, unsigned *count,
+                                    unsigned long long last_seen)
+{
+    DEVICE(g, h); COUNTER(g, "procutil");
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    unsigned long long now = t.tv_sec * 1000000ULL + t.tv_nsec / 1000;
+    unsigned n = 0;
+    for (int i = 0; i < S.nprocs; i++)
+        if (S.procs[i].gpu == g->index) n++;
+    if (!n || last_seen >= now) return E_NOT_FOUND;
+    if (!out || *count < n) { *count = n; return E_INSUFFICIENT; }
+    n = 0;
+    for (int i = 0; i < S.nprocs; i++)
+        if (S.procs[i].gpu == g->index) {
+            out[n] = (util_sample){S.procs[i].pid, now, S.procs[i].util, 0, 0, 0};
+            n++;
+        }
+    *count = n;
+    return OK;
+}
 
 int nvmlDeviceGetSupportedEventTypes(void *h, unsigned long long *types)
 { DEVICE(g, h); *types = 0x2 | 0x8; return OK; }   /* double-bit ECC, XID */

@@ -124,3 +124,33 @@ def test_parse_failures_match_c(built):
     assert {v["name"]: v["val"] for v in enums[0]["values"]} == {
         f"PARSE_{r.name}": r.value for r in abi.ParseFailure}
     assert abi.PARSE_FAILURES == max(abi.ParseFailure) + 1
+
+
+def test_activity_program_and_map_names(built):
+    types = _btf(abi.ACTIVITY_OBJECT)
+    funcs = {t["name"] for t in types.values() if t["kind"] == "FUNC" and t["linkage"] == "global"}
+    assert {p.value for p in abi.ActivityProg} == funcs
+    assert set(abi.ACTIVITY_TRACEPOINTS) == set(abi.ActivityProg)
+    maps = _datasec_vars(types, ".maps")
+    assert {m.value for m in abi.ActivityMap if m is not abi.ActivityMap.RODATA} == set(maps)
+    rodata = _datasec_vars(types, ".rodata")
+    assert list(rodata) == [abi.ACTIVITY_RODATA_VAR]
+    var = rodata[abi.ACTIVITY_RODATA_VAR]
+    assert var["offset"] == 0 and var["size"] == ctypes.sizeof(abi.activity_config)
+
+
+def test_flow_outcomes_match_c(built):
+    enums = [t for t in _btf(abi.ABI_OBJECT).values()
+             if t["kind"] == "ENUM" and t["name"] == "flow_outcome"]
+    assert enums, "enum flow_outcome missing from abi.bpf.o BTF"
+    assert {v["name"]: v["val"] for v in enums[0]["values"]} == {
+        f"FLOW_{o.name}": o.value for o in abi.FlowOutcome}
+
+
+def test_activity_caps_match_c(built):
+    enums = [t for t in _btf(abi.ABI_OBJECT).values()
+             if t["kind"] == "ENUM" and t["name"] == "activity_cap"]
+    assert enums, "enum activity_cap missing from abi.bpf.o BTF"
+    assert {v["name"]: v["val"] for v in enums[0]["values"]} == {
+        f"CAP_{c.name}": c.value for c in abi.ActivityCap}
+    assert abi.ACTIVITY_CAPS == len(abi.ActivityCap)
