@@ -371,6 +371,12 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
                  + f"; rules: {len(st.rules)} ({st.ruleset.version})")
     if st.ruleset.last_error:
         lines.append(f"last rejected rules reload: {st.ruleset.last_error}")
+    b = st.ruleset.bundle
+    if b.number:
+        lines.append(f"bundle in force: {b.number} {b.version}" + (f" ({b.label})" if b.label
+                                                                  else "") + f", by {b.by}")
+    if st.ruleset.bundle_problem:
+        lines.append(f"bundle: degraded: {st.ruleset.bundle_problem}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import client, gpu, isolation, rules
+from agent.cli import bundle, client, gpu, isolation, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -95,6 +95,7 @@ def _control_parsers(sub, with_config) -> None:
     isolation.add_parsers(add)
     rules.add_parsers(add)
     gpu.add_parsers(add)
+    bundle.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
     sp.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -182,7 +183,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS,
-               **gpu.COMMANDS}[args.command]
+               **gpu.COMMANDS, **bundle.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 
 
@@ -204,7 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
             "check-config": cmd_check_config,
             **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
-                                               *rules.COMMANDS, *gpu.COMMANDS)}}
+                                               *rules.COMMANDS, *gpu.COMMANDS,
+                                               *bundle.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())

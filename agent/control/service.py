@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.control import convert
-from agent.control import gpu, isolation
+from agent.control import bundles, gpu, isolation
 from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
@@ -93,7 +93,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return self.agent.store
 
     def audit_call(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
-        args = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        args = (bundles.audit_args(request) if isinstance(request, pb.ApplyBundleRequest)
+                else json_format.MessageToDict(request, preserving_proto_field_name=True))
         self.store.record_audit(self.clock(), caller.identity, caller.role, method, args,
                                 result, detail)
 
@@ -265,6 +266,20 @@ class ControlService(control_pb2_grpc.ControlServicer):
     @rpc(VIEWER, mutating=False)
     def ListGpuAuthorizations(self, request, caller):
         return pb.GpuAuthorizations(authorizations=gpu.listing(self.agent)), ""
+
+    @rpc(OPERATOR, mutating=True)
+    async def ApplyBundle(self, request, caller):
+        return await bundles.apply(self.agent, request, caller,
+                                   _text("comment", request.comment))
+
+    @rpc(VIEWER, mutating=False)
+    def ListBundles(self, request, caller):
+        return bundles.listing(self.agent), ""
+
+    @rpc(OPERATOR, mutating=True)
+    async def RollbackBundle(self, request, caller):
+        _text("comment", request.comment)
+        return await bundles.rollback(self.agent)
 
     # -- checks ------------------------------------------------------------------------------
 
