@@ -36,8 +36,8 @@ EXIT_CODES_HELP = """exit codes (scripts can rely on them):
      only a source checkout has)
   5  permission denied: not root (run and cleanup too), the TLS handshake refused (with
      the reason), or this identity's role may not do that
-  6  refused: an allowlisted target, an incident already closed, a rules reload
-     rejected (file:line: reason; the rules in use stay),
+  6  refused: an allowlisted target, an incident already closed, a rules reload or
+     bundle rejected (file:line: reason; the rules in use stay), nothing to roll back,
      an isolation without allowlist (unless --force), the agent's own cgroup"""
 _STATUS_EXIT = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
