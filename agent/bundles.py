@@ -319,6 +319,17 @@ class BundleManager:
         Raises BundleError when there is nothing to roll back or the switch fails."""
         async with self._serial():
             now = self.in_force
+            if now == 0 and self.problem:
+                # the stored bundle was left out at start: rolling back drops the pointer
+                # to it, so the next start is clean too (the rules in use do not change)
+                broken = self._current_or_none()
+                try:
+                    self.store.point(0)
+                except OSError as e:
+                    raise BundleConflict(f"the bundle pointer could not be removed: "
+                                         f"{e.strerror}") from None
+                self.problem = ""
+                return broken, 0
             if now == 0:
                 raise BundleConflict("no bundle is in force: nothing to roll back")
             to = 0

@@ -201,3 +201,15 @@ def test_only_so_many_are_kept(agent, monkeypatch):
     for i in range(5):
         apply(agent, {"site.yaml": rule(f"r{i}")})
     assert agent.bundles.store.numbers() == [3, 4, 5]
+
+
+def test_rollback_of_a_bundle_left_out_at_start_clears_it(tmp_path):
+    cfg = Config(state_dir=str(tmp_path / "s"), run_dir=str(tmp_path / "r"), rules_extra=None)
+    apply(Agent(cfg), {"site.yaml": rule("kept")})
+    (Path(cfg.state_dir) / "bundles" / "b000001" / "meta.json").write_text("[]")
+    agent = Agent(cfg)
+    assert agent.bundles.problem
+    assert asyncio.run(agent.rollback_bundle()) == (1, 0)
+    assert not agent.bundles.problem and not Agent(cfg).bundles.problem
+    with pytest.raises(BundleConflict, match="nothing to roll back"):
+        asyncio.run(agent.rollback_bundle())
