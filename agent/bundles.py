@@ -62,6 +62,10 @@ class BundleError(ValueError):
     """A bundle refused for what it is (names, sizes, a part); nothing changed."""
 
 
+class BundleTooLarge(BundleError):
+    """A bundle over MAX_BYTES or MAX_FILES."""
+
+
 class BundleConflict(BundleError):
     """A bundle or rollback refused for what the agent has (the full rule set does not
     load with it, nothing to roll back, the disk); nothing changed."""
@@ -82,10 +86,11 @@ def check(rules: dict[str, bytes], parts: dict[str, bytes]) -> Bundle:
     if not rules and not parts:
         raise BundleError("an empty bundle: give at least one rule file or config part")
     if len(rules) + len(parts) > MAX_FILES:
-        raise BundleError(f"a bundle holds at most {MAX_FILES} files, not {len(rules) + len(parts)}")
+        raise BundleTooLarge(f"a bundle holds at most {MAX_FILES} files, not "
+                             f"{len(rules) + len(parts)}")
     size = sum(map(len, rules.values())) + sum(map(len, parts.values()))
     if size > MAX_BYTES:
-        raise BundleError(f"the bundle is {size} bytes; at most {MAX_BYTES} (1 MiB)")
+        raise BundleTooLarge(f"the bundle is {size} bytes; at most {MAX_BYTES} (1 MiB)")
     texts: dict[str, str] = {}
     for name, content in rules.items():
         if not NAME_RE.fullmatch(name) or ".." in name:
@@ -351,7 +356,8 @@ class BundleManager:
     async def _switch(self, number: int, parts: dict[str, Any], reload: Reload,
                       origin: str) -> None:
         """Pointer to `number`, reload, parts; on any failure everything back."""
-        old_pointer, old_in_force, old_problem = self._current_or_none(), self.in_force, self.problem
+        old_pointer, old_in_force = self._current_or_none(), self.in_force
+        old_problem = self.problem
         try:
             self.store.point(number)
         except OSError as e:

@@ -1,8 +1,9 @@
 """The bundle calls (ApplyBundle, ListBundles, RollbackBundle): request checks and error
 mapping around agent.bundles, so service.py stays a list of calls. A malformed request
-(names, sizes, a part without a validator, a part its validator refuses) is
-INVALID_ARGUMENT; a rule set that does not load with the bundle, or nothing to roll back,
-FAILED_PRECONDITION; an oversized one RESOURCE_EXHAUSTED. Nothing changed on any error.
+(names, a part without a validator, a part its validator refuses) is INVALID_ARGUMENT;
+an oversized one (over 1 MiB, over 64 files) RESOURCE_EXHAUSTED; a rule set that does not
+load with the bundle, or nothing to roll back, FAILED_PRECONDITION. Nothing changed on
+any error.
 The audit log records the bundle's names, sizes and digest, never its content."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Mapping
 
 import grpc
 
-from agent.bundles import MAX_BYTES, BundleConflict, BundleError
+from agent.bundles import MAX_BYTES, BundleConflict, BundleError, BundleTooLarge
 from agent.control.auth import Caller
 from agent.control.errors import CallError
 from agent.proto.swarm.control.v1 import control_pb2 as pb
@@ -47,6 +48,8 @@ async def apply(agent: Any, request: pb.ApplyBundleRequest, caller: Caller,
         meta = await agent.apply_bundle(rules, parts, request.label, comment, caller.identity)
     except BundleConflict as e:
         raise CallError(Code.FAILED_PRECONDITION, str(e)) from None
+    except BundleTooLarge as e:
+        raise CallError(Code.RESOURCE_EXHAUSTED, str(e)) from None
     except BundleError as e:
         raise CallError(Code.INVALID_ARGUMENT, str(e)) from None
     rs = agent.rulebook.ruleset

@@ -9,7 +9,9 @@ included, are written to the audit table before the answer leaves.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import logging
 import math
 import time
@@ -36,6 +38,7 @@ Code = grpc.StatusCode
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MAX_TEXT = 1024                  # comment, reason: longer is an oversized request
+AUDIT_ARGS_MAX = 16 * 1024       # what the audit log keeps of one request's arguments
 _NOT_TEXT = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}   # controls, format, separators
 MIN_PREFIX = {4: 8, 6: 16}       # broader targets than these are refused as absurd
 KINDS = {pb.MITIGATION_KIND_UNSPECIFIED: MitigationKind.BLOCK_IP,
@@ -95,6 +98,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def audit_call(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
         args = (bundles.audit_args(request) if isinstance(request, pb.ApplyBundleRequest)
                 else json_format.MessageToDict(request, preserving_proto_field_name=True))
+        size = len(json.dumps(args, sort_keys=True))
+        if size > AUDIT_ARGS_MAX:        # an oversized request (refused): its size, not it
+            args = {"oversized_request_bytes": request.ByteSize(),
+                    "sha256": hashlib.sha256(request.SerializeToString()).hexdigest()[:16]}
         self.store.record_audit(self.clock(), caller.identity, caller.role, method, args,
                                 result, detail)
 

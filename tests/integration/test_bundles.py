@@ -138,3 +138,37 @@ def test_a_corrupt_bundle_dir_at_start_degrades_not_crashes(lab, agent, tmp_path
     st = status(agent)
     assert st["rules"] == ["net.udp_flood@1", "net.syn_flood@3"]
     assert not st["ruleset"].get("bundle_problem")
+
+
+def test_a_bundle_of_1_mib_passes_and_more_is_refused(lab, agent, tmp_path):
+    import grpc
+
+    from agent.bundles import MAX_BYTES
+    from agent.proto.swarm.control.v1 import control_pb2 as pb
+    from agent.proto.swarm.control.v1 import control_pb2_grpc
+
+    head = RULE.format(version=1, syns=200)
+    big = tmp_path / "big.yaml"
+    lines = (MAX_BYTES - len(head) - 1024) // 1000
+    big.write_text(head + ("#" + "x" * 998 + "\n") * lines)
+    done = apply(agent, big)
+    assert done.returncode == 0, done.stderr
+    big.write_text(head + ("#" + "x" * 998 + "\n") * (lines + 2))
+    done = apply(agent, big)
+    assert done.returncode == 2 and "over 1048576 bytes" in done.stderr, done.stderr
+    # past the CLI's check, straight to the API: gRPC refuses it before any handler
+    sock = tmp_path / "run" / "control.sock"
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = control_pb2_grpc.ControlStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ApplyBundle(pb.ApplyBundleRequest(rules=[pb.BundleFile(
+                name="big.yaml", content=b"#" * (MAX_BYTES + 128 * 1024))]), timeout=30)
+        assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as e:       # the handler's own limit, audited
+            stub.ApplyBundle(pb.ApplyBundleRequest(rules=[pb.BundleFile(
+                name="big.yaml", content=b"#" * (MAX_BYTES + 1))]), timeout=30)
+        assert e.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 1048576" in e.value.details()
+    assert listing(agent)["ruleset"]["files"][-1].endswith("/b000001/rules/big.yaml")
+    audit = json.loads(cli(agent, "audit", "--json").stdout)
+    assert all(len(e["arguments_json"]) < 20_000 for e in audit)
