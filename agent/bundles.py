@@ -363,20 +363,25 @@ class BundleManager:
         except OSError as e:
             raise BundleConflict(f"the bundle pointer could not be swapped: {e.strerror}") from None
         self.in_force, self.problem = number, ""
+        reloaded = False
         try:
             await reload(origin)
+            reloaded = True
             if self.use_parts is not None:
                 self.use_parts(parts)
-        except (ValueError, OSError) as e:
+        except Exception as e:     # noqa: BLE001 -- whatever failed, everything goes back
             try:
                 self.store.point(old_pointer)
             except OSError:
                 log.exception("bundle pointer not swapped back")
             self.in_force, self.problem = old_in_force, old_problem
-            try:
-                await reload(f"{origin} undone")
-            except (ValueError, OSError):
-                log.exception("rules not restored after a refused bundle")
+            if reloaded:            # a refused reload changed nothing: nothing to undo
+                try:
+                    await reload(f"{origin} undone")
+                except (ValueError, OSError):
+                    log.exception("rules not restored after a refused bundle")
+            if not isinstance(e, (ValueError, OSError)):
+                raise
             raise BundleConflict(f"{origin} not applied, nothing changed: {e}") from None
 
     def _current_or_none(self) -> int:

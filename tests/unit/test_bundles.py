@@ -214,3 +214,20 @@ def test_rollback_of_a_bundle_left_out_at_start_clears_it(tmp_path):
     assert not agent.bundles.problem and not Agent(cfg).bundles.problem
     with pytest.raises(BundleConflict, match="nothing to roll back"):
         asyncio.run(agent.rollback_bundle())
+
+
+def test_a_refused_reload_swaps_back_without_a_second_reload(agent):
+    """The reload path refuses the set after the swap (the kernel refused a map write):
+    the pointer goes back, and the rules were never switched."""
+    apply(agent, {"site.yaml": rule("one")})
+    reloads, version = agent.rulebook.reloads, agent.rulebook.ruleset.version
+
+    def refuse(ruleset, detector):
+        raise OSError(1, "Operation not permitted")
+
+    agent.rulebook._use = refuse
+    with pytest.raises(BundleConflict, match="the kernel refused the new thresholds"):
+        apply(agent, {"site.yaml": rule("two")})
+    assert agent.bundles.store.current() == 1 and agent.bundles.in_force == 1
+    assert (agent.rulebook.reloads, agent.rulebook.ruleset.version) == (reloads, version)
+    assert agent.rulebook.failures == 1
