@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent import egresswatch
 from agent.agentview import AgentView
+from agent.bundles import BundleManager
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
 from agent.detect import triage
@@ -69,13 +70,18 @@ class Agent(AgentView):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # the bundle in force (agent.bundles) loads after the packaged rules and
+        # rules_extra; one whose rules do not load is left out, status says why
+        self.bundles = BundleManager(cfg.state_dir)
         try:
-            ruleset = load_ruleset(cfg.rule_paths)
+            ruleset = self.bundles.start(self._check_rules, list(cfg.rule_paths))
         except RuleError as e:
             raise ConfigError(str(e)) from None
         self.rules = list(ruleset.rules)
         self.detector = Detector(self.rules, cfg)
         self.rulebook = RuleReloader(cfg, ruleset, self._use_rules)
+        self.rulebook.paths = lambda: list(cfg.rule_paths) + self.bundles.rule_dirs()
+        self.rulebook.bundle = self.bundles.status
         self.counters: Counter[str] = Counter()
         self.started_at = time.time()
         self.probe = None
@@ -439,6 +445,22 @@ class Agent(AgentView):
         """Re-read every rule file and use the set everywhere (agent.rulereload); raises
         ConfigError naming file, line and reason, and keeps the rules in use."""
         return await self.rulebook.reload(origin)
+
+    def _check_rules(self, paths: list[Path]) -> RuleSet:
+        """The full rule set of `paths`, read and its detector built (RuleError if not)."""
+        ruleset = load_ruleset(paths)
+        Detector(list(ruleset.rules), self.cfg)
+        return ruleset
+
+    async def apply_bundle(self, rules: dict[str, bytes], parts: dict[str, bytes],
+                           label: str, comment: str, by: str) -> dict:
+        """A rule/config bundle from the control API (agent.bundles); raises BundleError."""
+        return await self.bundles.apply(rules, parts, label, comment, by,
+                                        list(self.cfg.rule_paths), self._check_rules,
+                                        self.rulebook.reload)
+
+    async def rollback_bundle(self) -> tuple[int, int]:
+        return await self.bundles.rollback(self.rulebook.reload)
 
     def _use_rules(self, ruleset: RuleSet, detector: Detector) -> None:
         """Put a validated set in use, on the loop thread (so between two events): the

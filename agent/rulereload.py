@@ -28,6 +28,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from agent.config import Config, ConfigError
@@ -57,6 +58,10 @@ class RuleReloader:
     def __init__(self, cfg: Config, ruleset: RuleSet,
                  use: Callable[[RuleSet, Detector], None], clock: Callable[[], float] = time.time):
         self.cfg, self.ruleset, self._use, self._clock = cfg, ruleset, use, clock
+        # the rule files and directories a reload reads, in load order: the config's,
+        # then the bundle in force (agent.bundles), set by the agent
+        self.paths: Callable[[], list[Path]] = lambda: list(cfg.rule_paths)
+        self.bundle: Callable[[], dict[str, Any]] = dict      # what status shows of it
         self.loaded_at = clock()
         self.reloads = 0
         self.failures = 0
@@ -82,7 +87,7 @@ class RuleReloader:
         async with self._lock:
             self._hup_waiting = False   # a SIGHUP from now on needs a read after this one
             try:
-                ruleset = await asyncio.to_thread(load_ruleset, self.cfg.rule_paths)
+                ruleset = await asyncio.to_thread(load_ruleset, self.paths())
                 detector = Detector(ruleset.rules, self.cfg)
                 self._use(ruleset, detector)    # on the loop thread: between two events
             except (RuleError, OSError) as e:
@@ -161,7 +166,7 @@ class RuleReloader:
         return {"version": self.ruleset.version, "loaded_at": self.loaded_at,
                 "files": list(self.ruleset.files), "reloads": self.reloads,
                 "reload_failures": self.failures, "last_error": self.last_error or "",
-                "last_error_at": self.last_error_at}
+                "last_error_at": self.last_error_at, "bundle": self.bundle()}
 
     def listing(self, counters: Counter[str]) -> list[dict[str, Any]]:
         """Every rule in use with its hits (findings of its id@version since start)."""

@@ -36,8 +36,8 @@ EXIT_CODES_HELP = """exit codes (scripts can rely on them):
      only a source checkout has)
   5  permission denied: not root (run and cleanup too), the TLS handshake refused (with
      the reason), or this identity's role may not do that
-  6  refused: an allowlisted target, an incident already closed, a rules reload
-     rejected (file:line: reason; the rules in use stay),
+  6  refused: an allowlisted target, an incident already closed, a rules reload or
+     bundle rejected (file:line: reason; the rules in use stay), nothing to roll back,
      an isolation without allowlist (unless --force), the agent's own cgroup"""
 _STATUS_EXIT = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
@@ -380,6 +380,12 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
     if fp or kept:
         lines.append(f"feedback: {fp} incidents marked false positive, {kept} findings "
                      "suppressed since start (per rule: swarm-agent rules)")
+    b = st.ruleset.bundle
+    if b.number:
+        lines.append(f"bundle in force: {b.number} {b.version}" + (f" ({b.label})" if b.label
+                                                                  else "") + f", by {b.by}")
+    if st.ruleset.bundle_problem:
+        lines.append(f"bundle: degraded: {st.ruleset.bundle_problem}")
     return "\n".join(lines)
 
 

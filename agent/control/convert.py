@@ -73,7 +73,18 @@ def ruleset(rs: Mapping[str, Any]) -> pb.RuleSetInfo:
                           files=list(rs.get("files") or []), reloads=rs.get("reloads", 0),
                           reload_failures=rs.get("reload_failures", 0),
                           last_error=rs.get("last_error", ""),
-                          last_error_at=rs.get("last_error_at", 0.0))
+                          last_error_at=rs.get("last_error_at", 0.0),
+                          bundle=_bundle(rs.get("bundle") or {}),
+                          bundle_problem=(rs.get("bundle") or {}).get("problem", ""))
+
+
+def _bundle(b: Mapping[str, Any]) -> pb.BundleInfo | None:
+    """The bundle in force, from agent.bundles.BundleManager.status() (None: no bundle)."""
+    if not b.get("number"):
+        return None
+    return pb.BundleInfo(number=b["number"], version=b.get("version", ""),
+                         label=b.get("label", ""), applied_at=b.get("applied_at", 0.0),
+                         by=b.get("by", ""), in_force=True)
 
 
 def rule_listing(listing: Mapping[str, Any]) -> pb.ListRulesResponse:

@@ -5,7 +5,10 @@ which checks SO_PEERCRED; gRPC itself listens on a private socket in a 0700 dire
 answers only connections LocalFront made, see agent.control.auth), and, when
 control.listen is set, TCP with mutual TLS (a client certificate signed by
 control.tls_ca is required by the handshake; its CN is the identity). Requests above
-MAX_REQUEST_BYTES are refused with RESOURCE_EXHAUSTED by gRPC before any handler runs.
+MAX_REQUEST_BYTES are refused with RESOURCE_EXHAUSTED by gRPC before any handler runs:
+a rule bundle's 1 MiB (agent.bundles.MAX_BYTES) and 64 KiB for the rest of its request;
+every other call's text fields are limited by its handler (1024 characters), and what
+the audit log keeps of a request is capped (agent.control.service.AUDIT_ARGS_MAX).
 
 `ControlServer(agent).run()` is a task for the agent's TaskGroup: it serves until
 cancelled, then stops (streams are cancelled after a short grace period).
@@ -20,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from agent import bundles
 from agent.config import Config, ConfigError
 from agent.control import health, reflection
 from agent.control.auth import Authenticator, Gate
@@ -30,7 +34,7 @@ from agent.proto.swarm.control.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger("swarm_agent")
 
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = bundles.MAX_BYTES + 64 * 1024
 STOP_GRACE_S = 1.0
 CONTROL_SERVICE = control_pb2.DESCRIPTOR.services_by_name["Control"].full_name
 

@@ -9,7 +9,9 @@ included, are written to the audit table before the answer leaves.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import logging
 import math
 import time
@@ -20,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.control import convert
-from agent.control import feedback, gpu, isolation
+from agent.control import bundles, feedback, gpu, isolation
 from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
@@ -36,6 +38,7 @@ Code = grpc.StatusCode
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MAX_TEXT = 1024                  # comment, reason: longer is an oversized request
+AUDIT_ARGS_MAX = 16 * 1024       # what the audit log keeps of one request's arguments
 _NOT_TEXT = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}   # controls, format, separators
 MIN_PREFIX = {4: 8, 6: 16}       # broader targets than these are refused as absurd
 KINDS = {pb.MITIGATION_KIND_UNSPECIFIED: MitigationKind.BLOCK_IP,
@@ -93,7 +96,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return self.agent.store
 
     def audit_call(self, caller: Caller, method: str, request, result: str, detail: str) -> None:
-        args = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        args = (bundles.audit_args(request) if isinstance(request, pb.ApplyBundleRequest)
+                else json_format.MessageToDict(request, preserving_proto_field_name=True))
+        size = len(json.dumps(args, sort_keys=True))
+        if size > AUDIT_ARGS_MAX:        # an oversized request (refused): its size, not it
+            args = {"oversized_request_bytes": request.ByteSize(),
+                    "sha256": hashlib.sha256(request.SerializeToString()).hexdigest()[:16]}
         self.store.record_audit(self.clock(), caller.identity, caller.role, method, args,
                                 result, detail)
 
@@ -281,6 +289,20 @@ class ControlService(control_pb2_grpc.ControlServicer):
     def RevertFeedback(self, request, caller):
         return feedback.revert(self.agent, request, caller.identity,
                                _text("comment", request.comment), self.clock())
+
+    @rpc(OPERATOR, mutating=True)
+    async def ApplyBundle(self, request, caller):
+        return await bundles.apply(self.agent, request, caller,
+                                   _text("comment", request.comment))
+
+    @rpc(VIEWER, mutating=False)
+    def ListBundles(self, request, caller):
+        return bundles.listing(self.agent), ""
+
+    @rpc(OPERATOR, mutating=True)
+    async def RollbackBundle(self, request, caller):
+        _text("comment", request.comment)
+        return await bundles.rollback(self.agent)
 
     # -- checks ------------------------------------------------------------------------------
 

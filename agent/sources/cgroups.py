@@ -4,7 +4,9 @@ cgroup that is already gone gives None or a shorter list, never an error."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -13,17 +15,6 @@ from agent.cgroupview import cgroup2_mount  # noqa: F401 (used here and re-expor
 
 RESCAN_S = 1.0          # at most one walk of the cgroup tree per second
 MAX_ANCESTORS = 16
-FILEID_KERNFS = 0xFE    # the file handle type of kernfs (cgroup2): 8 bytes, the node id
-
-
-class _FileHandle(ctypes.Structure):
-    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
-                ("f_handle", ctypes.c_ubyte * 8)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 class CgroupNames:
     """cgroup id (bpf_get_current_cgroup_id: the cgroup directory's inode) -> path
     relative to the v2 root ("/system.slice/nginx.service"), cached."""
@@ -32,6 +23,7 @@ class CgroupNames:
         self.root = root or cgroup2_mount()
         self._paths: dict[int, str] = {}
         self._scanned_at = 0.0
+        self._handle_off = False        # open_by_handle_at refused (no CAP_DAC_READ_SEARCH)
 
     def path(self, cgroup_id: int, pid: int | None = None) -> str | None:
         if self.root is None or not cgroup_id:
@@ -41,6 +33,9 @@ class CgroupNames:
             return hit
         if pid and self._from_proc(cgroup_id, pid):
             return self._paths[cgroup_id]
+        # The process may be gone already (`sh -c 'x & exit 0'` exits in a millisecond,
+        # before a loaded agent reads its exec) and a walk ran less than RESCAN_S ago:
+        # the cgroup is opened by its id instead, one syscall, no walk.
         if self._by_handle(cgroup_id):
             return self._paths[cgroup_id]
         if time.monotonic() - self._scanned_at >= RESCAN_S:
@@ -59,32 +54,36 @@ class CgroupNames:
         return False
 
     def _by_handle(self, cgroup_id: int) -> bool:
-        """The cgroup opened by its id (cgroup2 file handles are kernfs node ids, the same
-        number bpf_get_current_cgroup_id gives; open_by_handle_at needs
-        CAP_DAC_READ_SEARCH): exact, even once every process of it is gone."""
-        handle = _FileHandle(8, FILEID_KERNFS)
-        handle.f_handle[:] = cgroup_id.to_bytes(8, "little")
+        """The path of cgroup `cgroup_id` by open_by_handle_at (a cgroup2 file handle is
+        its 64-bit id: FILEID_KERNFS), checked by inode on the opened directory. Needs
+        CAP_DAC_READ_SEARCH; False without it, for a removed cgroup, or off the root."""
+        if self._handle_off:
+            return False
         try:
             mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
-            fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(handle),
-                                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = _open_by_handle(mount_fd, cgroup_id)
         finally:
             os.close(mount_fd)
-        if fd < 0:
+        if fd is None:
+            return False
+        if fd < 0:                              # EPERM, ENOSYS: not here, stop asking
+            self._handle_off = True
             return False
         try:
-            where = os.readlink(f"/proc/self/fd/{fd}")
+            if os.fstat(fd).st_ino != cgroup_id:
+                return False
+            full = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             return False
         finally:
             os.close(fd)
         root = str(self.root).rstrip("/")
-        if where != root and not where.startswith(root + "/"):
+        if full.endswith(" (deleted)") or not (full == root or full.startswith(root + "/")):
             return False
-        self._paths[cgroup_id] = where[len(root):] or "/"
+        self._paths[cgroup_id] = full[len(root):] or "/"
         return True
 
     def _scan(self) -> None:
@@ -96,6 +95,30 @@ class CgroupNames:
                 continue
             rel = "/" + os.path.relpath(dirpath, self.root)
             self._paths[ino] = "/" if rel == "/." else rel
+
+
+FILEID_KERNFS = 0xFE     # include/linux/exportfs.h: a kernfs node's 64-bit id
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * 8)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _open_by_handle(mount_fd: int, cgroup_id: int) -> int | None:
+    """An O_PATH fd on the cgroup directory with id `cgroup_id` under `mount_fd`; None
+    when there is none (removed: ESTALE), -1 when the kernel refuses the call here."""
+    fh = _FileHandle(8, FILEID_KERNFS)
+    fh.f_handle[:] = list(struct.pack("=Q", cgroup_id & (2**64 - 1)))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh),
+                                 os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    return -1 if err in (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) else None
 
 
 def ancestors(ppid: int, limit: int = MAX_ANCESTORS) -> list[str]:

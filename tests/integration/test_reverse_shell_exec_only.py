@@ -76,15 +76,20 @@ def test_its_own_exec_storm_does_not_hide_it(probe, cfg, lab, tmp_path):
     thread.start()
     try:
         with reverse_shell(lab, *python_wiring(STORM + NO_DUP)) as (cg, _):
+            # its own shell's exec, by cgroup: the probe sees the whole host, where another
+            # test (another xdist worker) may run a reverse shell `sh -i` at the same time
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not any(
-                    e.kind == "proc.exec" and e.fields["argv"] == ["sh", "-i"] for e in polled):
+                    e.kind == "proc.exec" and e.fields["argv"] == ["sh", "-i"]
+                    and e.fields.get("cgroup") == cg for e in list(polled)):
                 time.sleep(0.05)
     finally:
         stop.set()
         thread.join()
     assert probe.losses() == losses, "the kernel ring buffer lost events (a busy host?)"
     mine = [e for e in polled if e.fields.get("cgroup") == cg]
+    assert any(e.kind == "proc.exec" and e.fields["argv"] == ["sh", "-i"] for e in mine), \
+        "the shell's exec was not polled within 10 s"
     storm = [e for e in mine
              if e.kind == "proc.exec" and e.fields["argv"] == ["/bin/sh", "-c", ":"]]
     assert len(storm) >= STORM_EXECS - 10, len(storm)

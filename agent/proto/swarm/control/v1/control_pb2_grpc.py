@@ -109,6 +109,21 @@ class ControlStub(object):
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RevertFeedbackRequest.SerializeToString,
                 response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.FeedbackRecord.FromString,
                 )
+        self.ApplyBundle = channel.unary_unary(
+                '/swarm.control.v1.Control/ApplyBundle',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ApplyBundleRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ApplyBundleResponse.FromString,
+                )
+        self.ListBundles = channel.unary_unary(
+                '/swarm.control.v1.Control/ListBundles',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListBundlesRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListBundlesResponse.FromString,
+                )
+        self.RollbackBundle = channel.unary_unary(
+                '/swarm.control.v1.Control/RollbackBundle',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleResponse.FromString,
+                )
 
 
 class ControlServicer(object):
@@ -249,6 +264,30 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyBundle(self, request, context):
+        """Rule/model-config bundles: rule files (and config parts such as "anomaly") checked
+        whole with the packaged rules and rules_extra, applied atomically, versioned, kept
+        across restarts; a bad bundle (INVALID_ARGUMENT or FAILED_PRECONDITION) changes
+        nothing. Rollback returns to the bundle before the one in force (or to none).
+        operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBundles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackBundle(self, request, context):
+        """operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -346,6 +385,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RevertFeedback,
                     request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RevertFeedbackRequest.FromString,
                     response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.FeedbackRecord.SerializeToString,
+            ),
+            'ApplyBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyBundle,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ApplyBundleRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ApplyBundleResponse.SerializeToString,
+            ),
+            'ListBundles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBundles,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListBundlesRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListBundlesResponse.SerializeToString,
+            ),
+            'RollbackBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackBundle,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,5 +731,56 @@ class Control(object):
         return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/RevertFeedback',
             swarm_dot_control_dot_v1_dot_control__pb2.RevertFeedbackRequest.SerializeToString,
             swarm_dot_control_dot_v1_dot_control__pb2.FeedbackRecord.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ApplyBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ApplyBundle',
+            swarm_dot_control_dot_v1_dot_control__pb2.ApplyBundleRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.ApplyBundleResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListBundles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListBundles',
+            swarm_dot_control_dot_v1_dot_control__pb2.ListBundlesRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.ListBundlesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RollbackBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/RollbackBundle',
+            swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
