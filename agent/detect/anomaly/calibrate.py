@@ -17,7 +17,7 @@ import bisect
 import math
 from typing import Any
 
-LEVEL = 0.98          # initial threshold: this empirical quantile
+LEVEL = 0.96          # initial threshold: this empirical quantile (8 peaks from 200 windows)
 RESERVOIR = 2000
 PEAKS = 600
 REFIT = 64

@@ -14,7 +14,7 @@ from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
 from agent.detect.anomaly.features import (DIM, NAMES, exe_key, prefix, profile_of, scale)
-from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
+from agent.detect.anomaly.profile import LEARNED_MAX, PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
 MODEL_VERSION = 1
@@ -31,6 +31,7 @@ class AnomalyEngine:
 
     def __init__(self, cfg: AnomalyConfig, node: str, known: tuple[str, ...] = ()):
         self.cfg, self.node_name = cfg, node
+        self.ignore_cgroups = tuple(cfg.ignore_cgroups)   # the daemon adds its own
         self.dets = tuple(cfg.detectors)
         self.models = tuple(d for d in self.dets if d in MODELS)
         nets = [ipaddress.ip_network(n, strict=False) for n in (*cfg.known_destinations, *known)]
@@ -74,7 +75,7 @@ class AnomalyEngine:
         cgroup = f.get("cgroup") or ""
         cgroup = cgroup if isinstance(cgroup, str) else ""
         if cgroup and any(cgroup == p or cgroup.startswith(p.rstrip("/") + "/")
-                          for p in self.cfg.ignore_cgroups):
+                          for p in self.ignore_cgroups):
             return
         if kind == "flow.bytes":
             self.kernel_bytes = True
@@ -177,7 +178,8 @@ class AnomalyEngine:
             return False
         if det in ("newexe", "drift"):
             return True
-        return self._calibrator(det, kind).n >= self.cfg.warmup_windows
+        cal = self._calibrator(det, kind)
+        return cal.n >= self.cfg.warmup_windows and cal.fit is not None
 
     def _close(self, start: int, end: int, now: int) -> list[Finding]:
         out: list[Finding] = []
@@ -205,6 +207,10 @@ class AnomalyEngine:
                 self.counters[f"windows.{det}"] += 1
                 n = w.flag(det, flagged, start)
                 if flagged and n >= self.cfg.persistence_k or tail <= self.cfg.false_alarm_rate:
+                    if p.covered(x):      # learned as normal (feedback)
+                        self.counters[f"learned_match.{det}"] += 1
+                        fired.add(det)    # and the node's window does not repeat it
+                        continue
                     if w is self.node and det in fired:
                         self.counters[f"covered.{det}"] += 1
                         continue
@@ -223,7 +229,7 @@ class AnomalyEngine:
                 f = self._drift(w, p, x, start, end, now, warm)
                 if f is not None:
                     out.append(f)
-            if not warm or p.windows < PROFILE_MIN or not near:
+            if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
                 p.learn(x)
                 p.known.commit(w.window, self.kernel_bytes)
             p.windows += 1
@@ -238,6 +244,8 @@ class AnomalyEngine:
         far = self.cfg.false_alarm_rate
         ev = self._evidence(det, s, cal.threshold(far), far, start, end, drv, sc, new)
         ev["tail_probability"] = tail
+        ev["vector"] = [round(v, 4) for v in x]     # what learn() takes as normal
+        ev["profile"] = w.profile
         ev["summary"] = fx.window_summary(det, w, tail, drv, sc, new)
         sev = Severity.HIGH if tail <= far / HIGH_FACTOR else Severity.MEDIUM
         return self._emit(det, kind, w, tail, sev, w.run_start.get(det, start), now, ev,
@@ -250,7 +258,7 @@ class AnomalyEngine:
         paths = [self.exe_paths.get(k, k) for k in new["exes"][:3]]
         ev["summary"] = (f"newexe: {fx.name(w)} ran {int(raw[1])} executable(s) never seen "
                          f"on this node: {', '.join(paths)}")
-        return self._emit("newexe", "workload", w, 0.0, Severity.MEDIUM, start, now, ev)
+        return self._emit("newexe", "workload", w, None, Severity.MEDIUM, start, now, ev)
 
     def _drift(self, w, p, x, start, end, now, warm):
         if warm and p.frozen is None and p.windows >= PROFILE_MIN:
@@ -279,7 +287,7 @@ class AnomalyEngine:
                          f"{(now - p.drift_since) / 3.6e12:.1f} h: " +
                          ", ".join(f"{d['feature']} {d['value']:.3g} (reference "
                                    f"{d['baseline']:.3g})" for d in drv[:3]))
-        return self._emit("drift", "workload", w, 0.0, Severity.MEDIUM, p.drift_since, now, ev)
+        return self._emit("drift", "workload", w, None, Severity.MEDIUM, p.drift_since, now, ev)
 
     def _beacons(self, now: int) -> list[Finding]:
         out = []
@@ -326,10 +334,10 @@ class AnomalyEngine:
         key = f"{det}:{group}" if group else det
         last = w.last_alert.get(key)
         if last is not None and now - last[0] < self.cfg.dedup_s * 1e9 and \
-                tail > last[1] / HIGH_FACTOR:
+                (tail is None or tail > last[1] / HIGH_FACTOR):
             self.counters[f"dedup.{det}"] += 1
             return None
-        w.last_alert[key] = [now, tail]
+        w.last_alert[key] = [now, 1.0 if tail is None else tail]
         alerting = self.alerting(det, kind)
         self._count(det, alerting)
         f = fx.finding(det, MODEL_VERSION, w.entity, sev, int(first_ns), now, ev)
@@ -367,6 +375,11 @@ class AnomalyEngine:
                 p.known.ports.add(str(port))
             for lst in new.get("listens", ()):
                 p.known.listens.add(str(lst))
+        vec = evidence.get("vector")
+        if isinstance(vec, list) and len(vec) == DIM and \
+                all(isinstance(v, (int, float)) for v in vec):
+            p = self._profile(str(evidence.get("profile") or pkey))
+            p.learned = (p.learned + [[float(v) for v in vec]])[-LEARNED_MAX:]
         det = evidence.get("detector")
         if det == "beacon":
             for d in sc.get("dst", ()):

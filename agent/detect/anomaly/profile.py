@@ -10,6 +10,8 @@ from agent.detect.anomaly.detectors import (FLOOR, HalfSpaceTrees, Loda, RobustM
 from agent.detect.anomaly.features import DIM, Known, Window
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
+LEARNED_MAX = 32      # windows learned as normal (feedback) kept per profile
+LEARN_TOLERANCE = 0.05
 
 
 class Profile:
@@ -33,6 +35,9 @@ class Profile:
         self.slow = list(d.get("slow", [0.0] * DIM))
         self.slow_n = int(d.get("slow_n", 0))
         self.drift_since = d.get("drift_since")
+        # Windows learned as normal by feedback: a window no higher than one of them in
+        # every feature (within LEARN_TOLERANCE) is normal for this profile.
+        self.learned: list[list[float]] = [list(v) for v in d.get("learned", ())][-LEARNED_MAX:]
 
     def score(self, model: str, x: list[float]) -> float:
         return self.stats.score(x) if model == "zscore" else self.models[model].score(x)
@@ -44,6 +49,11 @@ class Profile:
         self.stats.learn(x)
         for m in self.models.values():
             m.learn(x)
+
+    def covered(self, x: list[float]) -> bool:
+        """Whether a window learned as normal covers x."""
+        return any(all(v <= lv + LEARN_TOLERANCE for v, lv in zip(x, lvec))
+                   for lvec in self.learned)
 
     def drift(self, x: list[float], alpha: float) -> float | None:
         """Update the slow mean; its largest robust z against the frozen reference."""
@@ -70,7 +80,7 @@ class Profile:
         d = {"windows": self.windows, "last_ns": self.last_ns, "stats": self.stats.dump(),
              "known": self.known.dump(), "slow": [round(v, 7) for v in self.slow],
              "slow_n": self.slow_n, "drift_since": self.drift_since,
-             "frozen": self.frozen.dump() if self.frozen else None}
+             "frozen": self.frozen.dump() if self.frozen else None, "learned": self.learned}
         for name, m in self.models.items():
             d[name] = m.dump()
         return d
