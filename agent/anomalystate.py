@@ -41,7 +41,7 @@ def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
         with open(path, encoding="utf-8") as f:
             snap = json.load(f)
         eng = AnomalyEngine.restore(cfg.anomaly, node, snap, now_mono, now_wall, known=known)
-        eng.ignore_cgroups = (*eng.ignore_cgroups, *ignore)
+        eng.ignore_cgroups = (*eng.ignore_cgroups, *_cgroups(ignore))
         return eng
     except FileNotFoundError:
         pass
@@ -55,9 +55,14 @@ def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
             note = f"fresh start: {reason}; the old state could not be moved aside ({e2.strerror})"
         log.error("anomaly state not restored; warm-up starts again", extra={"reason": note})
     eng = AnomalyEngine(cfg.anomaly, node, known=known)
-    eng.ignore_cgroups = (*eng.ignore_cgroups, *ignore)
+    eng.ignore_cgroups = (*eng.ignore_cgroups, *_cgroups(ignore))
     eng.restored = note
     return eng
+
+
+def _cgroups(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The agent's own cgroup, never the root one (that would be every workload)."""
+    return tuple(p.rstrip("/") for p in paths if p.rstrip("/"))
 
 
 def snapshot_text(eng: AnomalyEngine) -> str:

@@ -77,7 +77,7 @@ def test_calibrated_threshold_gives_the_asked_false_alarm_rate(dist, rate):
         cal.add(draw())
     cal.refit()
     thr = cal.threshold(rate)
-    n = 400_000
+    n = 200_000
     observed = sum(draw() > thr for _ in range(n)) / n
     # Never far above the asked rate; below it by at most 15 times (the tail fit does not
     # fit shapes under 0: for light tails it is conservative).

@@ -20,13 +20,12 @@ from collections import OrderedDict, deque
 from typing import Any
 
 MIN_INTERVAL_S = 1.0
-CONFIRM = 2          # consecutive scorings over the threshold before a finding
 SKEW_SPREAD = 0.1     # MAD/median under which the skew is discounted
 
 
 class Pair:
     __slots__ = ("times", "sizes", "exes", "dirty", "benign", "last_alert_ns", "first_ns",
-                 "new_dst", "run")
+                 "new_dst")
 
     def __init__(self, history: int, d: dict[str, Any] | None = None):
         d = d or {}
@@ -38,12 +37,11 @@ class Pair:
         self.last_alert_ns = d.get("last_alert_ns")
         self.first_ns = int(d.get("first_ns", 0))
         self.new_dst = bool(d.get("new_dst", False))
-        self.run = int(d.get("run", 0))     # consecutive scorings over the threshold
 
     def dump(self) -> dict[str, Any]:
         return {"times": list(self.times), "sizes": list(self.sizes), "exes": self.exes,
                 "benign": self.benign, "last_alert_ns": self.last_alert_ns,
-                "first_ns": self.first_ns, "new_dst": self.new_dst, "run": self.run}
+                "first_ns": self.first_ns, "new_dst": self.new_dst}
 
 
 class BeaconTracker:
@@ -111,16 +109,19 @@ class BeaconTracker:
                 continue
             self.scored += 1
             s = self.score(pair)
-            over = s is not None and s["score"] >= self.cfg.threshold
-            pair.run = pair.run + 1 if over else 0
-            # Twice in a row (two connections): a Poisson client's chance run of regular
-            # intervals is 10 times rarer, a beacon costs one more period.
-            if pair.run >= CONFIRM:
-                out.append((key, pair, s))
+            # Over the threshold with the newest connection and without it (the scoring
+            # before): a Poisson client's chance run of regular intervals is 10 times
+            # rarer, a beacon costs one more period.
+            if s is None or s["score"] < self.cfg.threshold:
+                continue
+            if len(pair.times) > self.cfg.min_conns:
+                before = self.score(pair, drop_last=True)
+                if before is not None and before["score"] >= self.cfg.threshold:
+                    out.append((key, pair, s))
         return out
 
-    def score(self, pair: Pair) -> dict[str, Any] | None:
-        times = sorted(pair.times)
+    def score(self, pair: Pair, drop_last: bool = False) -> dict[str, Any] | None:
+        times = sorted(pair.times)[: -1 if drop_last else None]
         iv = [(b - a) / 1e9 for a, b in zip(times, times[1:])]
         med = _median(iv)
         if med < MIN_INTERVAL_S or med > self.cfg.max_interval_s:
@@ -130,7 +131,7 @@ class BeaconTracker:
         # dispersion three quarters (a 5 s +-30% beacon is then found by its 6th-12th
         # connection in 98% of draws; a Poisson client scores about 0.45).
         ts = 0.25 * _skew_score(ts_skew, ts_mad) + 0.75 * max(0.0, 1.0 - ts_mad)
-        sizes = list(pair.sizes)
+        sizes = list(pair.sizes)[: -1 if drop_last and pair.sizes else None]
         size_med = _median(sizes) if sizes else 0.0
         if size_med > self.cfg.max_median_bytes:
             return None

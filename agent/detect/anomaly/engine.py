@@ -31,7 +31,8 @@ class AnomalyEngine:
 
     def __init__(self, cfg: AnomalyConfig, node: str, known: tuple[str, ...] = ()):
         self.cfg, self.node_name = cfg, node
-        self.ignore_cgroups = tuple(cfg.ignore_cgroups)   # the daemon adds its own
+        # Cgroups not modelled (the daemon adds its own); "/" would be every one: skipped.
+        self.ignore_cgroups = tuple(p.rstrip("/") for p in cfg.ignore_cgroups if p.rstrip("/"))
         self.dets = tuple(cfg.detectors)
         self.models = tuple(d for d in self.dets if d in MODELS)
         nets = [ipaddress.ip_network(n, strict=False) for n in (*cfg.known_destinations, *known)]
@@ -74,7 +75,7 @@ class AnomalyEngine:
         f, kind = ev.fields, ev.kind
         cgroup = f.get("cgroup") or ""
         cgroup = cgroup if isinstance(cgroup, str) else ""
-        if cgroup and any(cgroup == p or cgroup.startswith(p.rstrip("/") + "/")
+        if cgroup and any(cgroup == p or cgroup.startswith(p + "/")
                           for p in self.ignore_cgroups):
             return
         if kind == "flow.bytes":
