@@ -36,14 +36,18 @@ class _Injector:
     """Schedules each behaviour once a day in its own slot of the day (after the warm-up on
     day 0), low_and_slow once, during the warm-up, running to the end."""
 
-    def __init__(self, day: "NodeDay", names: Iterable[str]):
+    def __init__(self, day: "NodeDay", names: Iterable[str],
+                 schedule: Iterable[tuple[float, str]] | None = None):
         self.day, self.node = day, day.node
         self.rng = self.node.rng("inject")
         self.plan: list[tuple[float, str]] = []
-        names = [n for n in names if n in BEHAVIOURS]
+        names = list(names) + [n for _, n in schedule or ()]
         unknown = set(names) - set(BEHAVIOURS)
         if unknown:
-            raise ValueError(f"unknown behaviour(s) {sorted(unknown)}: known are {BEHAVIOURS}")
+            raise ValueError(f"unknown behaviour(s) {sorted(unknown)}: known are {', '.join(BEHAVIOURS)}")
+        if schedule is not None:      # explicit times (seconds since t = 0)
+            self.plan = sorted((float(t), n) for t, n in schedule)
+            return
         if "low_and_slow" in names:
             self.plan.append((min(1200.0, day.warmup_s / 3), "low_and_slow"))
         daily = [n for n in names if n in attacks.INJECT]
@@ -61,7 +65,7 @@ class _Injector:
         out = []
         for t, name in [p for p in self.plan if t0 <= p[0] < t1]:
             rng = self.node.rng(f"inject:{name}:{t:.3f}")
-            if name == "low_and_slow":
+            if name == "low_and_slow":   # runs to the end (or its container's)
                 acts, truth = attacks.low_and_slow(self.node, rng, self.day.web, self.day.training,
                                                    t, self.day.days * DAY_S)
             else:
@@ -75,7 +79,10 @@ class _Injector:
 
 class NodeDay:
     def __init__(self, seed: int = 1, days: int = 1, inject: Iterable[str] = (),
-                 warmup_s: float = 3600.0, base_ns: int = BASE_NS, node: str = "gpu-node-07"):
+                 warmup_s: float = 3600.0, base_ns: int = BASE_NS, node: str = "gpu-node-07",
+                 schedule: Iterable[tuple[float, str]] | None = None):
+        """`inject`: behaviours scheduled once a day (low_and_slow once, during the
+        warm-up); `schedule`: [(t_s, behaviour)] at explicit times instead."""
         if days < 1:
             raise ValueError("days must be at least 1")
         self.seed, self.days, self.warmup_s, self.base_ns = seed, days, warmup_s, base_ns
@@ -84,7 +91,7 @@ class NodeDay:
         self.training = Training(self.node, days)
         self.activities = [self.web, self.training, *system(self.node, self.web)]
         self.truth: list[Behaviour] = []
-        self.injector = _Injector(self, inject) if inject else None
+        self.injector = _Injector(self, inject, schedule) if inject or schedule else None
         self.end_ns = base_ns + int(days * DAY_S * NS)
 
     def events(self, hours: float | None = None) -> Iterator[Event]:

@@ -162,7 +162,8 @@ class Kernel:
         yield Event("gpu.process", f"pid:{p.pid}", mono, mono, {
             "gpu_index": gpu_index, "gpu_uuid": f"GPU-{gpu_index:08x}-5e1f-4c2a-9d7b-0123456789ab",
             "gpu_name": "NVIDIA H100 80GB HBM3", "process_type": "C", "used_memory_bytes": mem,
-            "resolved": True, "cgroup": p.cg.path, "container_id": p.cg.container or None,
+            "pid": p.pid, "resolved": True, "cgroup": p.cg.path,
+            "container_id": p.cg.container or None,
             "uid": p.uid, "euid": p.uid, "exe": p.exe.path, "comm": p.comm,
             "start_ticks": int(t * 100), "gpu_device_fds": 3, "netns": 4026532000}, "gpu")
 
