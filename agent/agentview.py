@@ -81,7 +81,8 @@ class AgentView:
             "probes": {**self.probe_status, **self.proc_status, **self._storage_status(),
                        "gpu": self.gpu_status(), "file_policy": self.files.state_reason(),
                        **({"gpu_authorization": self.gpu_guard.status()}
-                          if getattr(self, "gpu_guard", None) else {})},
+                          if getattr(self, "gpu_guard", None) else {}),
+                       **self._anomaly_probe()},
             "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
                     "processes": len(self.gpu.processes()) if self.gpu else 0},
             "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},
@@ -96,7 +97,8 @@ class AgentView:
                          "queue.depth": len(self.queue), "queue.depth_max": self.queue.depth_max,
                          "queue.capacity": self.queue.capacity,
                          **{f"net.unparsed.{why}": n for why, n in self.unparsed().items()},
-                         **self._egress_counters(), **self.files.counters()},
+                         **self._egress_counters(), **self.files.counters(),
+                         **self._anomaly_counters()},
             "last_drift_at": self.last_drift_at,
             # The egress policy in force (config policy.egress, read at start only).
             "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
@@ -104,7 +106,41 @@ class AgentView:
             "rules": [f"{r.id}@{r.version}" for r in self.rules],
             "ruleset": self.rulebook.status(),
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
+            "anomaly": self.anomaly_status(),
         }
+
+    def anomaly_status(self) -> dict:
+        """The anomaly engine: per detector mode (shadow|alerting), windows, threshold,
+        hits, shadow hits; workloads tracked; the state file's size and last save."""
+        eng = getattr(self, "anomaly", None)
+        if eng is None:
+            return {"enabled": False}
+        saved = getattr(self, "anomaly_saved", {})
+        return {"enabled": True, **eng.status(), "state_bytes": saved.get("bytes", 0),
+                "saved_at": saved.get("at", 0.0), "save_error": saved.get("error", "")}
+
+    def _anomaly_counters(self) -> dict[str, int]:
+        """The engine's figures as counters (what the control API's Status carries)."""
+        st = self.anomaly_status()
+        if not st.get("enabled"):
+            return {}
+        out = {"anomaly.state_bytes": int(st["state_bytes"]), "anomaly.workloads": st["workloads"]}
+        for det, d in st["detectors"].items():
+            out[f"anomaly.{det}.alerting"] = int(d["mode"] == "alerting")
+            for k in ("windows", "hits", "shadow_hits", "deduplicated"):
+                out[f"anomaly.{det}.{k}"] = int(d[k])
+        return out
+
+    def _anomaly_probe(self) -> dict[str, dict[str, str]]:
+        """The engine as one component line: warming up (shadow) or alerting, and how its
+        state was restored."""
+        st = self.anomaly_status()
+        if not st.get("enabled"):
+            return {}
+        modes = ", ".join(f"{k} {d['mode']}" for k, d in st["detectors"].items())
+        err = f"; last save failed: {st['save_error']}" if st["save_error"] else ""
+        return {"anomaly": {"state": "ok" if st["warm"] else "warming up",
+                            "reason": f"{modes}; {st['restored']}{err}"}}
 
     def _egress_counters(self) -> dict[str, int]:
         """The egress policy in counters (what the control API carries): the scopes in
@@ -128,6 +164,28 @@ class AgentView:
 
     def rule_listing(self) -> dict:
         """The rules in use with their hits, and hits of rules no longer in use."""
+        rows = self._anomaly_rules()
+        in_use = {f"{r['id']}@{r['version']}" for r in rows}
         return {"ruleset": self.rulebook.status(),
-                "rules": self.rulebook.listing(self.counters),
-                "retired_hits": self.rulebook.retired_hits(self.counters)}
+                "rules": self.rulebook.listing(self.counters) + rows,
+                "retired_hits": {k: n for k, n in self.rulebook.retired_hits(self.counters).items()
+                                 if k not in in_use}}
+
+    def _anomaly_rules(self) -> list[dict]:
+        """The anomaly detectors in use, listed like rules (their findings are counted
+        under the same findings.<id>@<version> counters)."""
+        eng = getattr(self, "anomaly", None)
+        if eng is None:
+            return []
+        from agent.detect.anomaly import MODEL_VERSION
+
+        rows = []
+        for det, d in eng.status()["detectors"].items():
+            name = f"anomaly.{det}@{MODEL_VERSION}"
+            rows.append({"id": f"anomaly.{det}", "version": MODEL_VERSION,
+                         "class": "suspicious_activity", "severity": "medium",
+                         "action": "investigate", "scope": "workload",
+                         "description": f"anomaly detector {det} ({d['mode']})",
+                         "source": "anomaly engine", "hits": self.counters.get(f"findings.{name}", 0),
+                         "last_hit_at": self.rulebook.last_hit_at.get(name, 0.0)})
+        return rows

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from agent import egresswatch
+from agent import anomalystate, egresswatch
 from agent.agentview import AgentView
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
@@ -89,6 +89,8 @@ class Agent(AgentView):
         self.ready = False
         self.files = FilePolicy(cfg, agent_cgroup=_own_cgroup())   # policy.files (fanotify)
         self.egress_meter = EgressMeter(egresswatch.REPORT_EVERY_S)   # egress drop totals
+        self.anomaly = None       # agent.detect.anomaly.AnomalyEngine, when anomaly.enabled
+        self.anomaly_saved = {"at": 0.0, "bytes": 0, "error": ""}
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 
@@ -121,6 +123,7 @@ class Agent(AgentView):
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
                                    queue=self.queue_status, gpus=self.gpu_metrics,
                                    policy_denied=self.policy_denied)
+        self._open_anomaly()
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -205,6 +208,17 @@ class Agent(AgentView):
         self.proc_probe = probe
         self.proc_status = probe.status()
 
+    def _open_anomaly(self) -> None:
+        """The anomaly engine from its saved state (agent.anomalystate): a bad file is moved
+        aside and warm-up starts again, never a failed start."""
+        if not self.cfg.anomaly.enabled:
+            return
+        own = _own_cgroup()
+        self.anomaly = anomalystate.open_engine(self.cfg, self.cfg.mesh.node_id or
+                                                socket.gethostname(), (own,) if own else ())
+        self.reporting.metrics.registry.register(
+            anomalystate.AnomalyCollector(self.anomaly_status))
+
     def _open_gpu(self) -> None:
         """The GPU source (NVML in its own thread; agent.sources.gpu). Opening NVML happens
         in that thread: no driver, no GPU or a failing NVML never delays or stops the start."""
@@ -262,6 +276,54 @@ class Agent(AgentView):
         findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
         self.reporting.observe_event(event, findings)
         self.handle_findings(findings)
+        if self.anomaly is not None:
+            try:    # cheap (a window's counters); never stops the rules' pipeline
+                self.anomaly.observe(event)
+            except Exception as e:   # noqa: BLE001
+                self._failed("anomaly.failed", e, kind=event.kind)
+
+    def anomaly_tick(self) -> None:
+        """Close due windows and score them (agent.detect.anomaly), on the loop thread;
+        the findings go to the responder like the rules' do."""
+        if self.anomaly is None:
+            return
+        try:
+            findings = self.anomaly.tick(time.monotonic_ns())
+        except Exception as e:   # noqa: BLE001 -- counted and logged; the agent goes on
+            self._failed("anomaly.failed", e, what="tick")
+            return
+        decided_ns = time.monotonic_ns()
+        findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
+        for f in findings:
+            self.reporting.metrics.findings.labels("anomaly", f.rule).inc()
+        self.handle_findings(findings)
+
+    async def save_anomaly(self, now: float, force: bool = False) -> None:
+        """The engine's state to its file every anomaly.save_every_s (written on a thread,
+        taken on the loop); a failure is logged and status says it, the agent goes on."""
+        if self.anomaly is None or not force and \
+                now - self.anomaly_saved["at"] < self.cfg.anomaly.save_every_s:
+            return
+        self.anomaly_saved["at"] = now
+        text = anomalystate.snapshot_text(self.anomaly)
+        try:
+            n = await asyncio.to_thread(anomalystate.write, anomalystate.state_path(self.cfg), text)
+        except OSError as e:
+            self.anomaly_saved["error"] = e.strerror or str(e)
+            self.counters["anomaly.save_failed"] += 1
+            log.error("anomaly state not saved", extra={"reason": self.anomaly_saved["error"]})
+            return
+        self.anomaly_saved.update(bytes=n, error="")
+
+    def save_anomaly_now(self) -> None:
+        """At stop: the state written before the process ends."""
+        if self.anomaly is None:
+            return
+        try:
+            text = anomalystate.snapshot_text(self.anomaly)
+            self.anomaly_saved["bytes"] = anomalystate.write(anomalystate.state_path(self.cfg), text)
+        except (OSError, ValueError) as e:
+            log.error("anomaly state not saved at stop", extra={"reason": str(e)})
 
     def handle_findings(self, findings: list[Finding]) -> None:
         """Findings (of the rules or the anomaly models) to the responder, on the loop
@@ -327,6 +389,8 @@ class Agent(AgentView):
                 self.on_drift()
                 last_reconcile = now
             self.check_drops()
+            self.anomaly_tick()
+            await self.save_anomaly(now)
             if self.gpu is not None and self.gpu_guard.due(time.monotonic()):
                 self.gpu_guard.recheck(self.gpu)   # processes that moved cgroups
             await asyncio.sleep(HOUSEKEEPING_S)
@@ -439,6 +503,7 @@ class Agent(AgentView):
         if self.gpu is not None:
             self.gpu.stop()
         self.drain_at_stop()
+        self.save_anomaly_now()
         if getattr(self, "reporting", None) is not None:
             self.reporting.close()
         if getattr(self, "store", None) is not None:
