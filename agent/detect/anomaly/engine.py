@@ -35,6 +35,7 @@ class AnomalyEngine:
         self.ignore_cgroups = tuple(p.rstrip("/") for p in cfg.ignore_cgroups if p.rstrip("/"))
         self.dets = tuple(cfg.detectors)
         self.models = tuple(d for d in self.dets if d in MODELS)
+        self.beacons_on = "beacon" in self.dets
         nets = [ipaddress.ip_network(n, strict=False) for n in (*cfg.known_destinations, *known)]
         self.known_nets = nets
         self.window_ns = int(cfg.window_s * 1e9)
@@ -90,14 +91,14 @@ class AnomalyEngine:
             if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:
                 self.exe_paths[key] = str(f.get("exe"))
             target.recent.append(_recent(ev))
-        if kind == "flow.connect":
+        if kind == "flow.connect" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             p = self._profile(target.profile)
             pf = prefix(dst)
             new = pf not in p.known.dsts and pf not in self.profiles["node"].known.dsts
             self.beacon.connect(target.key, dst, port, int(ev.first_mono_ns or ev.mono_ns),
                                 exe_key(f), new)
-        elif kind == "flow.close":
+        elif kind == "flow.close" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             self.beacon.closed(target.key, dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
@@ -164,7 +165,8 @@ class AnomalyEngine:
             start, end = self.window_start, self.window_start + self.window_ns
             out += self._close(start, end, now_ns)
             self.window_start = now_ns - now_ns % self.window_ns
-        out += self._beacons(now_ns)
+        if self.beacons_on:
+            out += self._beacons(now_ns)
         return out
 
     def warm(self, now_ns: int | None = None) -> bool:
