@@ -5,6 +5,7 @@ engine starts afresh (warm-up again) and status says why. The engine itself is p
 (agent.detect.anomaly); this is its I/O."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -90,6 +91,29 @@ def write(path: Path, text: str) -> int:
     finally:
         os.close(dfd)
     return len(data)
+
+
+async def save(eng: AnomalyEngine, cfg, saved: dict[str, Any], counters) -> None:
+    """Snapshot on the loop thread (consistent between two events), write on a thread; a
+    failure is logged, counted (anomaly.save_failed) and in status; the agent goes on."""
+    saved["at"] = time.time()
+    text = snapshot_text(eng)
+    try:
+        n = await asyncio.to_thread(write, state_path(cfg), text)
+    except OSError as e:
+        saved["error"] = e.strerror or str(e)
+        counters["anomaly.save_failed"] += 1
+        log.error("anomaly state not saved", extra={"reason": saved["error"]})
+        return
+    saved.update(bytes=n, error="")
+
+
+def save_now(eng: AnomalyEngine, cfg, saved: dict[str, Any]) -> None:
+    """At stop, on the loop thread."""
+    try:
+        saved["bytes"] = write(state_path(cfg), snapshot_text(eng))
+    except (OSError, ValueError) as e:
+        log.error("anomaly state not saved at stop", extra={"reason": str(e)})
 
 
 class AnomalyCollector:

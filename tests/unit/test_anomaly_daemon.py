@@ -4,6 +4,7 @@ atomically and restored, a bad state file is moved aside, and status, metrics an
 listing show its detectors. Real store, responder with the dry-run enforcer."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -74,8 +75,13 @@ def test_state_is_saved_and_restored_and_a_bad_file_moved_aside(tmp_path: Path) 
     for e in beacon_events(time.monotonic_ns()):
         agent.on_event(e)
     agent.anomaly_tick()
-    agent.save_anomaly_now()
     path = tmp_path / anomalystate.STATE_FILE
+    asyncio.run(agent.save_anomaly(time.time()))       # the periodic save, on a thread
+    assert path.exists() and agent.anomaly_saved["bytes"] == path.stat().st_size
+    path.unlink()
+    asyncio.run(agent.save_anomaly(time.time()))       # not due again yet (save_every_s)
+    assert not path.exists()
+    agent.save_anomaly_now()
     saved = json.loads(path.read_text())
     assert saved["format"] == 1 and saved["taken_wall"] > 0
     assert not list(tmp_path.glob(".*.tmp"))
