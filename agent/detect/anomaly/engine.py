@@ -224,8 +224,9 @@ class AnomalyEngine:
                                              end, now)
                     if f is not None:
                         out.append(f)
-            if "newexe" in self.dets and w is not self.node and raw[1] >= 1:
+            if "newexe" in self.dets and w is not self.node:
                 self.counters["windows.newexe"] += 1
+            if "newexe" in self.dets and w is not self.node and raw[1] >= 1:
                 f = self._newexe_finding(w, p, x, raw, new, start, end, now)
                 if f is not None:
                     out.append(f)
