@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from agent.detect.anomaly.detectors import (FLOOR, HalfSpaceTrees, Loda, RobustMahalanobis,
-                                            Stats)
+from agent.detect.anomaly.detectors import HalfSpaceTrees, Loda, RobustMahalanobis, Stats
+from agent.detect.anomaly.features import FLOORS
 from agent.detect.anomaly.features import DIM, Known, Window
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
@@ -63,8 +63,8 @@ class Profile:
             self.slow[i] += a * (v - self.slow[i])
         if self.frozen is None:
             return None
-        return max(abs(s - m) / (1.4826 * dv + FLOOR)
-                   for s, m, dv in zip(self.slow, self.frozen.mean, self.frozen.dev))
+        return max(abs(s - m) / max(1.4826 * dv, f)
+                   for s, m, dv, f in zip(self.slow, self.frozen.mean, self.frozen.dev, FLOORS))
 
     def freeze(self) -> None:
         self.frozen = Stats(self.stats.dump())
