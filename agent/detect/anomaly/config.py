@@ -26,7 +26,10 @@ class Beacon:
     min_conns: int = 6              # connections before a pair is scored
     history: int = 32               # connection times kept per pair (at least min_conns)
     threshold: float = 0.8          # periodicity score (0..1) to report
-    max_interval_s: float = 3600.0  # slower than this is not looked at
+    # Slower than this is not looked at: an hourly cron job's ping is as periodic as any
+    # implant, and a slower beacon takes hours to show here anyway (left to the workload
+    # models, known lists and feedback).
+    max_interval_s: float = 900.0
     max_median_bytes: int = 1 << 20  # bulk transfers (checkpoints) are not beacons
     prevalence_max: int = 3         # a destination this many workloads use is shared
     max_pairs: int = 4096           # (workload, destination, port) pairs tracked

@@ -61,6 +61,7 @@ class AnomalyEngine:
         self.window_start: int | None = None
         self.now = 0
         self.kernel_bytes = False
+        self.unattributed = False
         self.restored = "fresh start"
         self._rebase_from: int | None = None    # snapshot time awaiting the first clock
 
@@ -88,6 +89,8 @@ class AnomalyEngine:
             self.kernel_bytes = True
         self.node.window.add(kind, f, ev.subject)
         w = self._workload(f, cgroup, ev.mono_ns)
+        if w is None:
+            self.unattributed = True      # the node window holds activity of no workload
         target = w or self.node
         if w is not None:
             w.window.add(kind, f, ev.subject)
@@ -219,7 +222,9 @@ class AnomalyEngine:
                         self.counters[f"learned_match.{det}"] += 1
                         fired.add(det)    # and the node's window does not repeat it
                         continue
-                    if w is self.node and det in fired:
+                    # The node speaks for activity of no workload: what its workloads did
+                    # is their models' to judge (a cold profile learns first).
+                    if w is self.node and (det in fired or not self.unattributed):
                         self.counters[f"covered.{det}"] += 1
                         continue
                     fired.add(det)
@@ -245,6 +250,7 @@ class AnomalyEngine:
             p.known.commit(w.window, self.kernel_bytes)
             p.windows += 1
             w.window = type(w.window)()
+        self.unattributed = False
         return out
 
     # -- findings -------------------------------------------------------------------------

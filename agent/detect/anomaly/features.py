@@ -39,9 +39,13 @@ _ID = re.compile(r"[0-9a-f]{16,}|[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0
                  r"[-_][0-9a-f]{12}")
 
 
+_NUM = re.compile(r"\d+")
+
+
 def profile_of(cgroup: str) -> str:
-    """The cgroup path with container ids and pod uids replaced by "*"."""
-    return _ID.sub("*", cgroup)
+    """The cgroup path with container ids, pod uids and numbers (session-42.scope,
+    user-1000.slice) replaced by "*": one profile for every instance of a kind."""
+    return _NUM.sub("*", _ID.sub("*", cgroup))
 
 
 # The smallest spread each feature is given (log1p units): a count that is usually 0
@@ -51,7 +55,8 @@ def profile_of(cgroup: str) -> str:
 _NOVEL, _COUNT, _BYTES = math.log1p(1) / 5.5, math.log1p(3), math.log(10)
 FLOORS_LOG = {"execs": _COUNT, "new_exes": _NOVEL, "new_exes_here": _NOVEL, "conns": _COUNT,
               "fanout": _COUNT, "new_dsts": _NOVEL, "new_ports": _NOVEL, "failed": _COUNT,
-              "egress_bytes": _BYTES, "new_dst_bytes": _BYTES, "new_listens": _NOVEL,
+              "egress_bytes": _BYTES, "new_dst_bytes": _BYTES,
+              "new_listens": math.log1p(1) / 10,   # a new service port: about 10 sigma
               "gpu_procs": _NOVEL, "gpu_util": math.log1p(10), "gpu_unauth_bytes": _BYTES}
 
 
