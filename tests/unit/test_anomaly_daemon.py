@@ -1,5 +1,5 @@
 """The anomaly engine in the agent (agent.daemon, agent.anomalystate): events reach it from
-on_event, its findings reach the responder from the housekeeping tick (the incident's escalation is part I's), its state is saved
+on_event, its findings reach the responder from the housekeeping tick, its state is saved
 atomically and restored, a bad state file is moved aside, and status, metrics and the rule
 listing show its detectors. Real store, responder with the dry-run enforcer."""
 from __future__ import annotations
