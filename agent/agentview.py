@@ -86,7 +86,8 @@ class AgentView:
                        **self.activity_status, **self._storage_status(),
                        "gpu": self.gpu_status(), "file_policy": self.files.state_reason(),
                        **({"gpu_authorization": self.gpu_guard.status()}
-                          if getattr(self, "gpu_guard", None) else {})},
+                          if getattr(self, "gpu_guard", None) else {}),
+                       **self._anomaly_probe()},
             "gpu": {**self.gpu_status(), "gpus": len(self.gpu.samples()) if self.gpu else 0,
                     "processes": len(self.gpu.processes()) if self.gpu else 0},
             "storage": self.store.health.as_dict() if getattr(self, "store", None) else {},
@@ -107,7 +108,8 @@ class AgentView:
                          # The control API carries counters: false positives per rule too.
                          **{f"false_positives.{rule}": c["false_positives"]
                             for rule, c in (feedback.get("rules") or {}).items()
-                            if c["false_positives"]}},
+                            if c["false_positives"]},
+                         **self._anomaly_counters()},
             "last_drift_at": self.last_drift_at,
             # The egress policy in force (config policy.egress, read at start only).
             "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
@@ -117,6 +119,7 @@ class AgentView:
             "reporting": self.reporting.status() if getattr(self, "reporting", None) else {},
             # Per rule or model: hits, incidents marked false positive, findings suppressed.
             "feedback": feedback,
+            "anomaly": self.anomaly_status(),
         }
 
     def feedback_status(self) -> dict:
@@ -132,6 +135,39 @@ class AgentView:
                 per_rule.setdefault(rule, {"hits": 0, "false_positives": 0,
                                            "suppressed": 0})["hits"] = n
         return {"live_records": book.status()["live"], "rules": per_rule}
+
+    def anomaly_status(self) -> dict:
+        """The anomaly engine: per detector mode (shadow|alerting), windows, threshold,
+        hits, shadow hits; workloads tracked; the state file's size and last save."""
+        eng = getattr(self, "anomaly", None)
+        if eng is None:
+            return {"enabled": False}
+        saved = getattr(self, "anomaly_saved", {})
+        return {"enabled": True, **eng.status(), "state_bytes": saved.get("bytes", 0),
+                "saved_at": saved.get("at", 0.0), "save_error": saved.get("error", "")}
+
+    def _anomaly_counters(self) -> dict[str, int]:
+        """The engine's figures as counters (what the control API's Status carries)."""
+        st = self.anomaly_status()
+        if not st.get("enabled"):
+            return {}
+        out = {"anomaly.state_bytes": int(st["state_bytes"]), "anomaly.workloads": st["workloads"]}
+        for det, d in st["detectors"].items():
+            out[f"anomaly.{det}.alerting"] = int(d["mode"] == "alerting")
+            for k in ("windows", "hits", "shadow_hits", "deduplicated"):
+                out[f"anomaly.{det}.{k}"] = int(d[k])
+        return out
+
+    def _anomaly_probe(self) -> dict[str, dict[str, str]]:
+        """The engine as one component line: warming up (shadow) or alerting, and how its
+        state was restored."""
+        st = self.anomaly_status()
+        if not st.get("enabled"):
+            return {}
+        modes = ", ".join(f"{k} {d['mode']}" for k, d in st["detectors"].items())
+        err = f"; last save failed: {st['save_error']}" if st["save_error"] else ""
+        return {"anomaly": {"state": "ok" if st["warm"] else "warming up",
+                            "reason": f"{modes}; {st['restored']}{err}"}}
 
     def _egress_counters(self) -> dict[str, int]:
         """The egress policy in counters (what the control API carries): the scopes in
@@ -155,7 +191,9 @@ class AgentView:
 
     def rule_listing(self) -> dict:
         """The rules in use with their hits, and hits of rules no longer in use."""
-        rules = self.rulebook.listing(self.counters)
+        rows = self._anomaly_rules()
+        in_use = {f"{r['id']}@{r['version']}" for r in rows}
+        rules = self.rulebook.listing(self.counters) + rows
         book = getattr(self, "feedback", None)
         counts = book.counts() if book is not None else {}
         for r in rules:
@@ -164,4 +202,24 @@ class AgentView:
             r["suppressed"] = c.get("suppressed", 0)
         return {"ruleset": self.rulebook.status(),
                 "rules": rules,
-                "retired_hits": self.rulebook.retired_hits(self.counters)}
+                "retired_hits": {k: n for k, n in self.rulebook.retired_hits(self.counters).items()
+                                 if k not in in_use}}
+
+    def _anomaly_rules(self) -> list[dict]:
+        """The anomaly detectors in use, listed like rules (their findings are counted
+        under the same findings.<id>@<version> counters)."""
+        eng = getattr(self, "anomaly", None)
+        if eng is None:
+            return []
+        from agent.detect.anomaly import MODEL_VERSION
+
+        rows = []
+        for det, d in eng.status()["detectors"].items():
+            name = f"anomaly.{det}@{MODEL_VERSION}"
+            rows.append({"id": f"anomaly.{det}", "version": MODEL_VERSION,
+                         "class": "suspicious_activity", "severity": "medium",
+                         "action": "investigate", "scope": "workload",
+                         "description": f"anomaly detector {det} ({d['mode']})",
+                         "source": "anomaly engine", "hits": self.counters.get(f"findings.{name}", 0),
+                         "last_hit_at": self.rulebook.last_hit_at.get(name, 0.0)})
+        return rows

@@ -20,6 +20,7 @@ from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, DEBUGGERS, LOA
                                    PACKAGE_MANAGERS, REFRESH_S, REMOTE_ACCESS, REPLACED,
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
 from agent.gpugrant import SYSTEM_CGROUPS, SYSTEM_EXES, Grant
+from agent.detect.anomaly.config import AnomalyConfig
 from agent.model import EventClass, Severity
 from agent import policyconfig
 from agent.policyconfig import EgressRule, Policy  # noqa: F401  (the policy: section)
@@ -271,6 +272,7 @@ class Config:
     policy: Policy = Policy()
     investigation: Investigation = Investigation()
     feedback: FeedbackPolicy = FeedbackPolicy()
+    anomaly: AnomalyConfig = AnomalyConfig()   # online anomaly detection (issue 11)
 
     @property
     def rules_path(self) -> Path:
@@ -397,6 +399,7 @@ def _check_networks(key: str, values: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks that need more than a type; raises ConfigError."""
+    cfg.anomaly.check()
     for name in ("management", "mesh", "load_balancers"):
         _check_networks(f"allowlist.{name}", getattr(cfg.allowlist, name))
     rr = cfg.enforce.reroute

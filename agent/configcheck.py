@@ -83,6 +83,10 @@ BOUNDS: dict[str, Bound] = {
     "gpu.device_major": Bound(0, 4095, why="a character device major (NVIDIA's is 195; "
                               "0: the kernel reports no GPU device opens)"),
 }
+# The anomaly engine's keys (agent/detect/anomaly/config.py declares their ranges).
+from agent.detect.anomaly.config import BOUNDS_HELP as _ANOMALY_BOUNDS  # noqa: E402
+
+BOUNDS.update({k: Bound(lo, hi) for k, (lo, hi) in _ANOMALY_BOUNDS.items()})
 _GENERIC_INT = Bound(-(2**63), 2**63 - 1)
 _GENERIC_FLOAT = Bound(-math.inf, math.inf)
 

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from agent import egresswatch
+from agent import anomalystate, egresswatch
 from agent.agentview import AgentView
 from agent.bundles import BundleManager
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
@@ -103,6 +103,8 @@ class Agent(AgentView):
         # Set by prepare() (they need the store): false-positive verdicts, investigations.
         self.feedback: FeedbackBook | None = None
         self.investigator: Investigator | None = None
+        self.anomaly = None       # agent.detect.anomaly.AnomalyEngine, when anomaly.enabled
+        self.anomaly_saved = {"at": 0.0, "bytes": 0, "error": ""}
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 
@@ -148,6 +150,7 @@ class Agent(AgentView):
             counters=lambda: {**self.counters, "ringbuf_losses": self.losses()},
             notify=lambda incident: self.responder.notify("incident", incident),
             outbox_add=self.reporting.outbox.add_evidence)
+        self._open_anomaly()
         for what in self.store.health.recovered:
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
@@ -253,6 +256,17 @@ class Agent(AgentView):
         self.activity_probe = probe
         self.activity_status = probe.status()
 
+    def _open_anomaly(self) -> None:
+        """The anomaly engine from its saved state (agent.anomalystate): a bad file is moved
+        aside and warm-up starts again, never a failed start."""
+        if not self.cfg.anomaly.enabled:
+            return
+        own = _own_cgroup()
+        self.anomaly = anomalystate.open_engine(self.cfg, self.cfg.mesh.node_id or
+                                                socket.gethostname(), (own,) if own else ())
+        self.reporting.metrics.registry.register(
+            anomalystate.AnomalyCollector(self.anomaly_status))
+
     def _open_gpu(self) -> None:
         """The GPU source (NVML in its own thread; agent.sources.gpu). Opening NVML happens
         in that thread: no driver, no GPU or a failing NVML never delays or stops the start."""
@@ -310,6 +324,38 @@ class Agent(AgentView):
         findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
         self.reporting.observe_event(event, findings)
         self.handle_findings(findings)
+        if self.anomaly is not None:
+            try:    # cheap (a window's counters); never stops the rules' pipeline
+                self.anomaly.observe(event)
+            except Exception as e:   # noqa: BLE001
+                self._failed("anomaly.failed", e, kind=event.kind)
+
+    def anomaly_tick(self) -> None:
+        """Close due windows and score them (agent.detect.anomaly), on the loop thread;
+        the findings go to the responder like the rules' do."""
+        if self.anomaly is None:
+            return
+        try:
+            findings = self.anomaly.tick(time.monotonic_ns())
+        except Exception as e:   # noqa: BLE001 -- counted and logged; the agent goes on
+            self._failed("anomaly.failed", e, what="tick")
+            return
+        decided_ns = time.monotonic_ns()
+        findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
+        for f in findings:
+            self.reporting.metrics.findings.labels("anomaly", f.rule).inc()
+        self.handle_findings(findings)
+
+    async def save_anomaly(self, now: float) -> None:
+        """The engine's state to its file every anomaly.save_every_s (agent.anomalystate)."""
+        if self.anomaly is not None and \
+                now - self.anomaly_saved["at"] >= self.cfg.anomaly.save_every_s:
+            await anomalystate.save(self.anomaly, self.cfg, self.anomaly_saved, self.counters)
+
+    def save_anomaly_now(self) -> None:
+        """At stop: the state written before the process ends."""
+        if self.anomaly is not None:
+            anomalystate.save_now(self.anomaly, self.cfg, self.anomaly_saved)
 
     def handle_findings(self, findings: list[Finding]) -> None:
         """Findings (of the rules or the anomaly models) to the responder, on the loop
@@ -405,6 +451,8 @@ class Agent(AgentView):
             self.check_drops()
             if self.feedback is not None:
                 self.feedback.flush()
+            self.anomaly_tick()
+            await self.save_anomaly(now)
             if self.gpu is not None and self.gpu_guard.due(time.monotonic()):
                 self.gpu_guard.recheck(self.gpu)   # processes that moved cgroups
             await asyncio.sleep(HOUSEKEEPING_S)
@@ -536,6 +584,7 @@ class Agent(AgentView):
         self.drain_at_stop()
         if self.feedback is not None:
             self.feedback.flush()
+        self.save_anomaly_now()
         if getattr(self, "reporting", None) is not None:
             self.reporting.close()
         if getattr(self, "store", None) is not None:

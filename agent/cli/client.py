@@ -386,7 +386,25 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
                                                                   else "") + f", by {b.by}")
     if st.ruleset.bundle_problem:
         lines.append(f"bundle: degraded: {st.ruleset.bundle_problem}")
+    lines += _anomaly_lines(st.counters)
     return "\n".join(lines)
+
+
+def _anomaly_lines(counters) -> list[str]:
+    """One line per anomaly detector, from the counters the Status carries."""
+    dets = sorted({k.split(".")[1] for k in counters
+                   if k.startswith("anomaly.") and k.endswith(".alerting")})
+    if not dets:
+        return []
+    lines = [f"anomaly detection: {counters.get('anomaly.workloads', 0)} workloads, "
+             f"state {counters.get('anomaly.state_bytes', 0)} bytes"]
+    for d in dets:
+        c = {k: counters.get(f"anomaly.{d}.{k}", 0)
+             for k in ("alerting", "windows", "hits", "shadow_hits", "deduplicated")}
+        lines.append(f"  {d:<12} {'alerting' if c['alerting'] else 'shadow':<9} "
+                     f"windows {c['windows']}, findings {c['hits']}, shadow {c['shadow_hits']}, "
+                     f"deduplicated {c['deduplicated']}")
+    return lines
 
 
 def format_incidents(found: list[pb.Incident]) -> str:

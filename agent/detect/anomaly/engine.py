@@ -1,0 +1,427 @@
+"""The anomaly engine: windows per entity -> features -> streaming detectors -> calibrated
+tail probabilities -> persistence and dedup -> findings. Pure: no I/O, no clock of its
+own (events' mono_ns and tick's argument drive everything)."""
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import Counter, deque
+from typing import Any
+
+from agent.detect.anomaly import findings as fx
+from agent.detect.anomaly import slow
+from agent.detect.anomaly.beacon import BeaconTracker
+from agent.detect.anomaly.calibrate import Calibrator
+from agent.detect.anomaly.config import MODELS, AnomalyConfig
+from agent.detect.anomaly.detectors import drivers as drivers_of
+from agent.detect.anomaly.features import (DIM, INDEX, exe_key, port_key, prefix, profile_of,
+                                           scale)
+from agent.detect.anomaly.profile import LEARNED_MAX, PROFILE_MIN, Profile, Workload
+from agent.model import Event, Finding, Severity
+
+MODEL_VERSION = 1
+USED = frozenset(("flow.connect", "flow.close", "flow.listen", "flow.bytes", "activity.exec_new",
+                  "activity.counts", "proc.exec", "gpu.process", "gpu.usage"))
+NEAR_P = 0.01         # windows this unusual teach the models nothing
+HIGH_FACTOR = 100.0   # a tail probability this much under the budget: severity high
+SHADOW_KEEP = 20
+NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
+                            "new_dst_bytes", "new_listens", "gpu_unauth_bytes")]
+
+
+class AnomalyEngine:
+    """observe(event) -> tick(now) -> findings; snapshot()/restore() for persistence;
+    learn(evidence) for "learn as normal" feedback; status(); recent(workload)."""
+
+    def __init__(self, cfg: AnomalyConfig, node: str, known: tuple[str, ...] = ()):
+        self.cfg, self.node_name = cfg, node
+        # Cgroups not modelled (the daemon adds its own); "/" would be every one: skipped.
+        self.ignore_cgroups = tuple(p.rstrip("/") for p in cfg.ignore_cgroups if p.rstrip("/"))
+        self.dets = tuple(cfg.detectors)
+        self.models = tuple(d for d in self.dets if d in MODELS)
+        self.beacons_on = "beacon" in self.dets
+        self.version = MODEL_VERSION
+        nets = [ipaddress.ip_network(n, strict=False) for n in (*cfg.known_destinations, *known)]
+        self.known_nets = nets
+        self.window_ns = int(cfg.window_s * 1e9)
+        k, m = cfg.persistence_k, max(cfg.persistence_k, cfg.persistence_m)
+        self.persist_m = m
+        # Per-window level so that k flagged windows of m cost the budget (independent
+        # windows): C(m, k) * p^k = false_alarm_rate.
+        self.p_window = (cfg.false_alarm_rate / math.comb(m, k)) ** (1.0 / k)
+        self.profiles: dict[str, Profile] = {}
+        self.workloads: dict[str, Workload] = {}
+        self.node = self._new_workload("node", "", "", "node")
+        self.cal: dict[str, Calibrator] = {}
+        self.beacon = BeaconTracker(cfg, nets)
+        self.counters: Counter[str] = Counter()
+        self.shadow: deque[dict[str, Any]] = deque(maxlen=SHADOW_KEEP)
+        self.exe_paths: dict[str, str] = {}
+        self.started_ns: int | None = None
+        self.window_start: int | None = None
+        self.now = 0
+        self.kernel_bytes = False
+        self.unattributed = False
+        self._reported = False      # the window being closed produced a finding
+        self.restored = "fresh start"
+        self._rebase_from: int | None = None    # snapshot time awaiting the first clock
+
+    # -- input --------------------------------------------------------------------------
+
+    def observe(self, event: Event) -> None:
+        if event.kind not in USED:
+            return
+        if self._rebase_from is not None:
+            self._rebase(event.mono_ns)
+        try:
+            self._observe(event)
+        except (TypeError, ValueError, AttributeError) as e:   # malformed fields: counted
+            self.counters["events_malformed"] += 1
+            self.counters[f"malformed.{type(e).__name__}"] += 1
+
+    def _observe(self, ev: Event) -> None:
+        f, kind = ev.fields, ev.kind
+        cgroup = f.get("cgroup") or ""
+        cgroup = cgroup if isinstance(cgroup, str) else ""
+        if cgroup and any(cgroup == p or cgroup.startswith(p + "/")
+                          for p in self.ignore_cgroups):
+            return
+        if kind == "flow.bytes":
+            self.kernel_bytes = True
+        self.node.window.add(kind, f, ev.subject)
+        w = self._workload(f, cgroup, ev.mono_ns)
+        if w is None:
+            self.unattributed = True      # the node window holds activity of no workload
+        target = w or self.node
+        if w is not None:
+            w.window.add(kind, f, ev.subject)
+        if kind in ("proc.exec", "activity.exec_new", "flow.connect"):
+            key = exe_key(f)
+            if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:
+                self.exe_paths[key] = str(f.get("exe"))
+            target.recent.append(_recent(ev))
+        if kind == "flow.connect" and self.beacons_on:
+            dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
+            p = self._profile(target.profile)
+            pf = prefix(dst)
+            new = pf not in p.known.dsts and pf not in self.profiles["node"].known.dsts
+            self.beacon.connect(target.key, dst, port, int(ev.first_mono_ns or ev.mono_ns),
+                                exe_key(f), new)
+        elif kind == "flow.close" and self.beacons_on:
+            dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
+            self.beacon.closed(target.key, dst, port,
+                               int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
+
+    def _workload(self, f, cgroup: str, now: int) -> Workload | None:
+        container = f.get("container") or f.get("container_id") or ""
+        container = container if isinstance(container, str) else ""
+        key = container or cgroup
+        if not key:
+            return None
+        w = self.workloads.get(key)
+        if w is None:
+            if len(self.workloads) >= self.cfg.max_workloads:
+                self._evict()
+            w = self._new_workload(key, cgroup, container, profile_of(cgroup or container))
+        elif cgroup and not w.cgroup:
+            w.cgroup = cgroup
+        w.last_ns = now
+        return w
+
+    def _new_workload(self, key: str, cgroup: str, container: str, profile: str) -> Workload:
+        w = Workload(key, cgroup, container, profile, self.persist_m,
+                     self.cfg.recent_events)
+        if key != "node":
+            self.workloads[key] = w
+        self._profile(profile)
+        return w
+
+    def _evict(self) -> None:
+        idle = min(self.workloads.values(), key=lambda w: (w.window.active, w.last_ns))
+        del self.workloads[idle.key]
+        self.counters["workloads_evicted"] += 1
+        used = {w.profile for w in self.workloads.values()} | {"node"}
+        if len(self.profiles) > self.cfg.max_workloads:
+            victim = min((p for k, p in self.profiles.items() if k not in used),
+                         key=lambda p: p.last_ns, default=None)
+            if victim is not None:
+                self.profiles = {k: p for k, p in self.profiles.items() if p is not victim}
+                self.counters["profiles_evicted"] += 1
+
+    def _profile(self, key: str) -> Profile:
+        p = self.profiles.get(key)
+        if p is None:
+            p = self.profiles[key] = Profile(self.cfg, self.models)
+        return p
+
+    def _calibrator(self, det: str, kind: str) -> Calibrator:
+        return self.cal.setdefault(f"{det}/{kind}", Calibrator())
+
+    # -- windows --------------------------------------------------------------------------
+
+    def tick(self, now_ns: int) -> list[Finding]:
+        """Close the window if due, score it, score beacons; the findings to handle
+        (shadow-mode ones are counted and kept in status instead)."""
+        if self._rebase_from is not None:
+            self._rebase(now_ns)
+        self.now = max(self.now, now_ns)
+        if self.started_ns is None:
+            self.started_ns = now_ns
+        if self.window_start is None:
+            self.window_start = now_ns - now_ns % self.window_ns
+        out: list[Finding] = []
+        if now_ns >= self.window_start + self.window_ns:
+            start, end = self.window_start, self.window_start + self.window_ns
+            out += self._close(start, end, now_ns)
+            self.window_start = now_ns - now_ns % self.window_ns
+        if self.beacons_on:
+            out += slow.beacon_findings(self, now_ns)
+        return out
+
+    def warm(self, now_ns: int | None = None) -> bool:
+        now = self.now if now_ns is None else now_ns
+        return self.started_ns is not None and \
+            now - self.started_ns >= self.cfg.warmup_s * 1e9
+
+    def alerting(self, det: str, kind: str = "workload") -> bool:
+        if det == "beacon":
+            return True
+        if not self.warm():
+            return False
+        if det in ("newexe", "drift"):
+            return True
+        cal = self._calibrator(det, kind)
+        return cal.n >= self.cfg.warmup_windows and cal.fit is not None
+
+    def _close(self, start: int, end: int, now: int) -> list[Finding]:
+        out: list[Finding] = []
+        node_known = self.profiles["node"].known
+        warm = self.warm(now)
+        fired: set[str] = set()     # detectors a workload fired on in this window
+        reported: set[str] = set()  # never-seen items findings of this window named
+        # The node last: a node finding that only repeats a workload's is left out.
+        for w in [*self.workloads.values(), self.node]:
+            if w is not self.node and not w.window.active:
+                continue
+            kind = "node" if w is self.node else "workload"
+            p = self._profile(w.profile)
+            p.last_ns = now
+            raw, new = w.window.vector(p.known, node_known, self.kernel_bytes)
+            x = scale(raw)
+            near = False
+            for det in self.models if p.windows >= PROFILE_MIN else ():
+                s = p.score(det, x)
+                cal = self._calibrator(det, kind)
+                tail = cal.tail(s)
+                flagged = tail <= self.p_window
+                near |= tail <= NEAR_P
+                if not flagged:
+                    cal.add(s)
+                self.counters[f"windows.{det}"] += 1
+                n = w.flag(det, flagged, start)
+                if flagged and n >= self.cfg.persistence_k or tail <= self.cfg.false_alarm_rate:
+                    if p.covered(x):      # learned as normal (feedback)
+                        self.counters[f"learned_match.{det}"] += 1
+                        fired.add(det)    # and the node's window does not repeat it
+                        continue
+                    # The node speaks for activity of no workload: what its workloads did
+                    # is their models' to judge (a cold profile learns first).
+                    if w is self.node and (det in fired or not self.unattributed):
+                        self.counters[f"covered.{det}"] += 1
+                        continue
+                    fired.add(det)
+                    f = self._window_finding(det, kind, w, p, x, raw, new, s, tail, cal, start,
+                                             end, now)
+                    if f is not None:
+                        out.append(f)
+            if "newexe" in self.dets and w is not self.node:
+                self.counters["windows.newexe"] += 1
+            if "newexe" in self.dets and w is not self.node and raw[1] >= 1:
+                f = self._newexe_finding(w, p, x, raw, new, start, end, now)
+                if f is not None:
+                    out.append(f)
+            if "drift" in self.dets:
+                self.counters["windows.drift"] += 1
+                f = slow.drift_finding(self, w, p, x, start, end, now, warm)
+                if f is not None:
+                    out.append(f)
+            if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
+                p.learn(x)
+            # What a finding reported stays never-seen (here and node-wide) until feedback
+            # says "learn": the same destination or binary next time is news again, not
+            # the attacker's now-familiar infrastructure. Everything else is known now.
+            if self._reported:
+                reported |= {*new["exes"], *new["dsts"], *new["ports"], *new["listens"]}
+            else:
+                p.known.commit(w.window, self.kernel_bytes,
+                               reported if w is self.node else frozenset())
+            self._reported = False
+            p.windows += 1
+            w.window = type(w.window)()
+        self.unattributed = False
+        return out
+
+    # -- findings -------------------------------------------------------------------------
+
+    def _window_finding(self, det, kind, w, p, x, raw, new, s, tail, cal, start, end, now):
+        if self.cfg.require_novelty and not any(raw[i] > 0 for i in NOVEL):
+            self.counters[f"volume_only.{det}"] += 1     # see AnomalyConfig.require_novelty
+            return None
+        drv = drivers_of(p.scorer(det), x, p.stats.mean)
+        sc = fx.scope(w, self.node_name, drv, new, self.kernel_bytes)
+        far = self.cfg.false_alarm_rate
+        ev = self._evidence(det, s, cal.threshold(far), far, start, end, drv, sc, new)
+        ev["tail_probability"] = tail
+        ev["vector"] = [round(v, 4) for v in x]     # what learn() takes as normal
+        ev["profile"] = w.profile
+        ev["summary"] = fx.window_summary(det, w, tail, drv, sc, new)
+        sev = Severity.HIGH if tail <= far / HIGH_FACTOR else Severity.MEDIUM
+        return self._emit(det, kind, w, tail, sev, w.run_start.get(det, start), now, ev,
+                          fx.group(drv))
+
+    def _newexe_finding(self, w, p, x, raw, new, start, end, now):
+        drv = [{"feature": "new_exes", "value": raw[1], "baseline": 0, "contribution": 1.0}]
+        sc = fx.scope(w, self.node_name, drv, new, self.kernel_bytes)
+        ev = self._evidence("newexe", raw[1], 0.5, None, start, end, drv, sc, new)
+        paths = [self.exe_paths.get(k, k) for k in new["exes"][:3]]
+        ev["summary"] = (f"newexe: {fx.name(w)} ran {int(raw[1])} executable(s) never seen "
+                         f"on this node: {', '.join(paths)}")
+        return self._emit("newexe", "workload", w, None, Severity.MEDIUM, start, now, ev)
+
+    def _evidence(self, det, score, threshold, far, start, end, drv, sc, new) -> dict[str, Any]:
+        return {"detector": det, "model_version": MODEL_VERSION, "score": _round(score),
+                "threshold": _round(threshold), "false_alarm_rate": far,
+                "window_s": self.cfg.window_s, "windows": [int(start), int(end)],
+                "drivers": drv, "scope": sc, "new": new, "node": self.node_name}
+
+    def _emit(self, det, kind, w, tail, sev, first_ns, now, ev, group="") -> Finding | None:
+        """Dedup (one per workload, detector and kind of driver -- executables, network,
+        listeners, GPU -- per dedup_s unless 100 times less likely), then shadow (counted,
+        kept in status) or returned."""
+        self._reported = True
+        key = f"{det}:{group}" if group else det
+        last = w.last_alert.get(key)
+        if last is not None and now - last[0] < self.cfg.dedup_s * 1e9 and \
+                (tail is None or tail > last[1] / HIGH_FACTOR):
+            self.counters[f"dedup.{det}"] += 1
+            return None
+        w.last_alert[key] = [now, 1.0 if tail is None else tail]
+        alerting = self.alerting(det, kind)
+        self._count(det, alerting)
+        f = fx.finding(det, MODEL_VERSION, w.entity, sev, int(first_ns), now, ev)
+        if alerting:
+            return f
+        self.shadow.append({"rule": f.rule_id, "entity": f.entity, "detected_mono_ns": now,
+                            "summary": ev.get("summary", "")})
+        return None
+
+    def _count(self, det: str, alerting: bool) -> None:
+        self.counters[f"{'hits' if alerting else 'shadow_hits'}.{det}"] += 1
+
+    # -- feedback, evidence, status -------------------------------------------------------
+
+    def learn(self, evidence: dict[str, Any]) -> None:
+        """"Learn as normal" feedback for one finding's evidence: its executables and
+        destinations become known to the workload's profile (and the node); a beacon pair
+        becomes benign; a drift's reference is frozen anew."""
+        if not isinstance(evidence, dict):
+            return
+        sc = evidence.get("scope") or {}
+        new = evidence.get("new") or {}
+        wkey = sc.get("container") or sc.get("cgroup") or "node"
+        w = self.node if wkey == "node" else self.workloads.get(wkey)
+        pkey = w.profile if w is not None else profile_of(sc.get("cgroup") or wkey)
+        targets = [self._profile(pkey), self._profile("node")]
+        exes = [f"sha256:{s}" for s in sc.get("exe_sha256", ())] + \
+            [f"id:{i}" for i in sc.get("exe_id", ())] + list(new.get("exes", ()))
+        for p in targets:
+            for k in exes:
+                p.known.exes.add(str(k))
+            for d in [*sc.get("dst", ()), *new.get("dsts", ())]:
+                p.known.dsts.add(prefix(str(d)))
+            for port in sc.get("dport", ()):
+                p.known.ports.add(port_key(int(port)))
+            for port in new.get("ports", ()):
+                p.known.ports.add(str(port))
+            for lst in new.get("listens", ()):
+                p.known.listens.add(str(lst))
+        vec = evidence.get("vector")
+        if isinstance(vec, list) and len(vec) == DIM and \
+                all(isinstance(v, (int, float)) for v in vec):
+            p = self._profile(str(evidence.get("profile") or pkey))
+            p.learned = (p.learned + [[float(v) for v in vec]])[-LEARNED_MAX:]
+        det = evidence.get("detector")
+        if det == "beacon":
+            for d in sc.get("dst", ()):
+                for port in sc.get("dport", ()) or [None]:
+                    self.beacon.learn(wkey, str(d), None if port is None else int(port))
+        elif det == "drift":
+            targets[0].freeze()
+        self.counters["learned"] += 1
+
+    def recent(self, workload: str) -> list[dict[str, Any]]:
+        """Recent exec/connect events of a workload (container id, cgroup path or entity
+        "cgroup:<path>"; "node" for events without a workload), oldest first."""
+        key = workload[len("cgroup:"):] if workload.startswith("cgroup:") else workload
+        if key == "node":
+            return list(self.node.recent)
+        w = self.workloads.get(key) or next(
+            (w for w in self.workloads.values() if w.cgroup == key), None)
+        return list(w.recent) if w is not None else []
+
+    def status(self) -> dict[str, Any]:
+        dets = {}
+        far = self.cfg.false_alarm_rate
+        for det in self.dets:
+            cal = self.cal.get(f"{det}/workload")
+            thr = cal.threshold(far) if cal is not None and det in MODELS else \
+                self.cfg.beacon.threshold if det == "beacon" else \
+                self.cfg.drift.z if det == "drift" else 0.5 if det == "newexe" else None
+            dets[det] = {"mode": "alerting" if self.alerting(det) else "shadow",
+                         "windows": self.counters[f"windows.{det}"] if det != "beacon"
+                         else self.beacon.scored,
+                         "threshold": _round(thr), "false_alarm_rate": far if det in MODELS else None,
+                         "hits": self.counters[f"hits.{det}"],
+                         "shadow_hits": self.counters[f"shadow_hits.{det}"],
+                         "deduplicated": self.counters[f"dedup.{det}"]}
+        return {"model_version": MODEL_VERSION, "detectors": dets,
+                "warm": self.warm(), "workloads": len(self.workloads),
+                "profiles": len(self.profiles), "beacon_pairs": len(self.beacon.pairs),
+                "evicted": self.counters["workloads_evicted"] + self.beacon.evicted,
+                "malformed_events": self.counters["events_malformed"],
+                "learned": self.counters["learned"], "restored": self.restored,
+                "volume_only": {d: self.counters[f"volume_only.{d}"] for d in self.models},
+                "shadow": list(self.shadow)}
+
+    def _rebase(self, now_ns: int) -> None:
+        from agent.detect.anomaly.persist import rebase
+
+        rebase(self, now_ns - self._rebase_from)
+        self._rebase_from = None
+
+    def snapshot(self, wall_s: float | None = None) -> dict[str, Any]:
+        from agent.detect.anomaly.persist import snapshot
+
+        return snapshot(self, wall_s)
+
+    @classmethod
+    def restore(cls, cfg: AnomalyConfig, node: str, snap: dict[str, Any],
+                now_mono_ns: int | None = None, now_wall_s: float | None = None,
+                known: tuple[str, ...] = ()) -> "AnomalyEngine":
+        """An engine from a snapshot; raises ValueError (one sentence) on a snapshot of an
+        unknown format or another feature set. Times are rebased: onto now_mono_ns less the
+        wall-clock downtime where both clocks are given, else onto the first time seen."""
+        from agent.detect.anomaly.persist import restore
+
+        return restore(cls(cfg, node, known), snap, now_mono_ns, now_wall_s)
+
+
+def _recent(ev: Event) -> dict[str, Any]:
+    f = ev.fields
+    keep = ("pid", "uid", "comm", "exe", "exe_id", "exe_sha256", "daddr", "dport", "outcome")
+    return {"kind": ev.kind, "mono_ns": ev.mono_ns, "subject": ev.subject,
+            **{k: f.get(k) for k in keep if f.get(k) is not None}}
+
+
+def _round(v):
+    return None if v is None else round(float(v), 6)

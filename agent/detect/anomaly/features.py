@@ -1,0 +1,263 @@
+"""Per-window features of one entity (the node or one workload) and the bounded
+never-seen sets they are measured against.
+
+A workload is its container id where there is one, else its cgroup path; its *profile* is
+the cgroup path with container and pod ids replaced by "*", so a new container of a known
+kind (a job restarted in a new container) is scored by the model its predecessors trained.
+Counts enter the models as log1p, scaled by a fixed cap to [0, 1]."""
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections import OrderedDict
+from typing import Any, Iterable
+
+# (name, cap of log1p(value)): the order is the models' vector order; ADD at the end.
+FEATURES: tuple[tuple[str, float], ...] = (
+    ("execs", math.log1p(1000)),
+    ("new_exes", math.log1p(20)),            # never seen on this node
+    ("new_exes_here", math.log1p(20)),       # seen on the node, never in this profile
+    ("conns", math.log1p(5000)),             # outbound connection attempts
+    ("fanout", math.log1p(1000)),            # distinct destinations (address, port)
+    ("new_dsts", math.log1p(100)),           # destination /16 or /32 never seen here
+    ("new_ports", math.log1p(50)),           # destination port never seen here
+    ("failed", math.log1p(1000)),            # refused or failed connections
+    ("egress_bytes", math.log1p(1e11)),
+    ("new_dst_bytes", math.log1p(1e11)),     # egress to destinations never seen here
+    ("new_listens", math.log1p(20)),         # a listening port never seen here
+    ("gpu_procs", math.log1p(64)),           # processes newly on a GPU
+    ("gpu_util", math.log1p(800)),
+    ("gpu_unauth_bytes", math.log1p(1e12)),  # GPU memory of unauthorized use
+)
+EPHEMERAL = 32768
+NAMES = tuple(n for n, _ in FEATURES)
+INDEX = {n: i for i, n in enumerate(NAMES)}
+DIM = len(FEATURES)
+
+_ID = re.compile(r"[0-9a-f]{16,}|[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
+                 r"[-_][0-9a-f]{12}")
+
+
+_NUM = re.compile(r"\d+")
+
+
+def profile_of(cgroup: str) -> str:
+    """The cgroup path with container ids, pod uids and numbers (session-42.scope,
+    user-1000.slice) replaced by "*": one profile for every instance of a kind."""
+    return _NUM.sub("*", _ID.sub("*", cgroup))
+
+
+# The smallest spread each feature is given (log1p units): a count that is usually 0
+# going to 2 is not a 20-sigma event. Novelty features (a thing never seen) keep a small
+# one (one new executable: about 5.5 sigma); counts move by a few for nothing; bytes by a
+# factor of 10.
+_NOVEL, _COUNT, _BYTES = math.log1p(1) / 5.5, math.log1p(3), math.log(10)
+FLOORS_LOG = {"execs": _COUNT, "new_exes": _NOVEL, "new_exes_here": _NOVEL, "conns": _COUNT,
+              "fanout": _COUNT, "new_dsts": _NOVEL, "new_ports": _NOVEL, "failed": _COUNT,
+              "egress_bytes": _BYTES, "new_dst_bytes": _BYTES,
+              "new_listens": math.log1p(1) / 10,   # a new service port: about 10 sigma
+              "gpu_procs": _NOVEL, "gpu_util": math.log1p(10), "gpu_unauth_bytes": _BYTES}
+
+
+def scale(raw: list[float]) -> list[float]:
+    return [min(math.log1p(max(v, 0.0)) / cap, 1.0) for v, (_, cap) in zip(raw, FEATURES)]
+
+
+def unscale(i: int, x: float) -> float:
+    """A scaled feature value back in its own unit (for drivers)."""
+    return math.expm1(x * FEATURES[i][1])
+
+
+# A destination is "never seen" by its /16 (IPv4) or /32 (IPv6): CDNs and object stores
+# hand out addresses from many /24s of the same provider block (a checkpoint upload, an
+# apt mirror, a SaaS API land on a new /24 every few hours), which made /24 novelty a
+# false alarm a day; a provider block never seen is still news. ADDING bits here changes
+# the snapshot's signature (persist.signature).
+PREFIX_V4, PREFIX_V6 = 16, 32
+
+
+def prefix(addr: str) -> str:
+    """The /16 (IPv4) or /32 (IPv6) of a destination; the text itself if not an address."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    bits = PREFIX_V4 if ip.version == 4 else PREFIX_V6
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+
+
+class Novelty:
+    """A bounded set of things seen (least recently seen evicted first)."""
+
+    def __init__(self, limit: int, items: Iterable[str] = ()):
+        self.limit = limit
+        self.items: OrderedDict[str, None] = OrderedDict((i, None) for i in items)
+        self.evicted = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def add(self, key: str) -> None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return
+        self.items[key] = None
+        if len(self.items) > self.limit:
+            self.items.popitem(last=False)
+            self.evicted += 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def dump(self) -> list[str]:
+        return list(self.items)
+
+
+class Window:
+    """What one entity did in the open window; `vector()` turns it into features against
+    the never-seen sets (`known` is the profile's, `node` the node-wide ones)."""
+
+    __slots__ = ("execs_counted", "execs_seen", "exes", "conns", "dsts", "failed",
+                 "bytes_by_dst", "close_bytes_by_dst", "listens", "gpu_procs", "gpu_util",
+                 "gpu_unauth", "active")
+
+    def __init__(self) -> None:
+        self.execs_counted = 0     # the kernel's per-cgroup count (activity.counts)
+        self.execs_seen = 0        # exec events
+        self.exes: dict[str, dict[str, Any]] = {}      # exe key -> {exe, exe_id, sha256}
+        self.conns = 0
+        self.dsts: dict[tuple[str, int], int] = {}     # (address, port) -> connections
+        self.failed = 0
+        self.bytes_by_dst: dict[tuple[str, int], int] = {}      # flow.bytes
+        self.close_bytes_by_dst: dict[tuple[str, int], int] = {}  # flow.close
+        self.listens: set[str] = set()
+        self.gpu_procs = 0
+        self.gpu_util = 0.0
+        self.gpu_unauth = 0.0
+        self.active = False
+
+    def add(self, kind: str, f: dict[str, Any], subject: str) -> None:
+        self.active = True
+        if kind in ("proc.exec", "activity.exec_new"):
+            if kind == "proc.exec":
+                self.execs_seen += 1
+            key = exe_key(f)
+            if key and len(self.exes) < 256:
+                self.exes.setdefault(key, {"exe": f.get("exe"), "exe_id": f.get("exe_id"),
+                                           "exe_sha256": f.get("exe_sha256")})
+        elif kind == "activity.counts":
+            self.execs_counted += _int(f.get("execs"))
+        elif kind == "flow.connect":
+            dst = (str(f.get("daddr") or subject), _int(f.get("dport")))
+            self.conns += 1
+            if len(self.dsts) < 4096 or dst in self.dsts:
+                self.dsts[dst] = self.dsts.get(dst, 0) + 1
+            if f.get("outcome") in ("refused", "failed"):
+                self.failed += 1
+        elif kind == "flow.close":
+            dst = (str(f.get("daddr") or subject), _int(f.get("dport")))
+            if len(self.close_bytes_by_dst) < 4096 or dst in self.close_bytes_by_dst:
+                self.close_bytes_by_dst[dst] = self.close_bytes_by_dst.get(dst, 0) + \
+                    _int(f.get("bytes_out"))
+        elif kind == "flow.bytes":
+            dst = (str(f.get("daddr") or subject), _int(f.get("dport")))
+            if len(self.bytes_by_dst) < 4096 or dst in self.bytes_by_dst:
+                self.bytes_by_dst[dst] = self.bytes_by_dst.get(dst, 0) + _int(f.get("bytes_out"))
+        elif kind == "flow.listen":
+            port = _int(f.get("port"))
+            # Ephemeral ports (NCCL, RPC frameworks) are drawn at random on every start: as
+            # one key per family, a new one is not news, a new fixed port is.
+            self.listens.add(f"{f.get('family', 4)}/{'ephemeral' if port >= EPHEMERAL else port}")
+        elif kind == "gpu.process":
+            self.gpu_procs += 1
+        elif kind == "gpu.usage":
+            self.gpu_util = max(self.gpu_util, float(f.get("gpu_util") or 0))
+            if f.get("authorized") is False:
+                self.gpu_unauth = max(self.gpu_unauth, float(f.get("gpu_memory_bytes") or 0))
+
+    def egress(self, use_kernel_bytes: bool) -> dict[tuple[str, int], int]:
+        """Bytes sent per destination: the kernel's per-destination counts where the kernel
+        gives them (flow.bytes), else what closed connections carried."""
+        return self.bytes_by_dst if use_kernel_bytes else self.close_bytes_by_dst
+
+    def vector(self, known: "Known", node: "Known", use_kernel_bytes: bool) -> tuple[list[float], dict]:
+        """Raw features and what was new (for evidence and for committing to the sets)."""
+        new_node = [k for k in self.exes if k not in node.exes]
+        new_here = [k for k in self.exes if k in node.exes and k not in known.exes]
+        egress = self.egress(use_kernel_bytes)
+        dsts = set(self.dsts) | set(egress)
+        new_pfx = {prefix(a) for a, _ in dsts if a and prefix(a) not in known.dsts}
+        new_ports = {port_key(p) for _, p in dsts if p and port_key(p) not in known.ports}
+        new_bytes = sum(b for (a, _), b in egress.items() if prefix(a) in new_pfx)
+        new_listens = [p for p in self.listens if p not in known.listens]
+        raw = [0.0] * DIM
+        raw[0] = max(self.execs_counted, self.execs_seen)
+        raw[1], raw[2] = len(new_node), len(new_here)
+        raw[3], raw[4] = self.conns, len(dsts)
+        raw[5], raw[6] = len(new_pfx), len(new_ports)
+        raw[7] = self.failed
+        raw[8] = sum(egress.values())
+        raw[9] = new_bytes
+        raw[10] = len(new_listens)
+        raw[11], raw[12], raw[13] = self.gpu_procs, self.gpu_util, self.gpu_unauth
+        new = {"exes": new_node + new_here, "dsts": sorted(new_pfx), "ports": sorted(new_ports),
+               "listens": sorted(new_listens)}
+        return raw, new
+
+
+class Known:
+    """The never-seen sets of one profile (or of the node)."""
+
+    def __init__(self, limit: int, d: dict[str, list[str]] | None = None):
+        d = d or {}
+        self.exes = Novelty(limit, d.get("exes", ()))
+        self.dsts = Novelty(limit, d.get("dsts", ()))
+        self.ports = Novelty(limit, d.get("ports", ()))
+        self.listens = Novelty(limit, d.get("listens", ()))
+
+    def commit(self, w: Window, use_kernel_bytes: bool, skip: set[str] = frozenset()) -> None:
+        """What the window saw becomes known, but for `skip` (what findings reported)."""
+        for k in w.exes:
+            if k not in skip:
+                self.exes.add(k)
+        for a, p in set(w.dsts) | set(w.egress(use_kernel_bytes)):
+            if a and prefix(a) not in skip:
+                self.dsts.add(prefix(a))
+            if p and port_key(p) not in skip:
+                self.ports.add(port_key(p))
+        for p in w.listens:
+            if p not in skip:
+                self.listens.add(p)
+
+    def dump(self) -> dict[str, list[str]]:
+        return {"exes": self.exes.dump(), "dsts": self.dsts.dump(), "ports": self.ports.dump(),
+                "listens": self.listens.dump()}
+
+    def size(self) -> int:
+        return len(self.exes) + len(self.dsts) + len(self.ports) + len(self.listens)
+
+
+def port_key(port: int) -> str:
+    """A destination port for novelty: service ports each, ephemeral ones (peers' dynamic
+    ports: NCCL, load-balanced streams) as one."""
+    return "ephemeral" if port >= EPHEMERAL else str(port)
+
+
+def exe_key(f: dict[str, Any]) -> str:
+    """An executable's identity: its content hash where known, else the kernel file id."""
+    sha = f.get("exe_sha256")
+    if sha:
+        return f"sha256:{sha}"
+    ident = f.get("exe_id")
+    return f"id:{ident}" if ident else ""
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+FLOORS = [FLOORS_LOG[n] / cap for n, cap in FEATURES]   # scaled units

@@ -1,0 +1,211 @@
+"""The anomaly engine end to end on a synthetic stream (tests/unit/anomaly_stream.py):
+shadow mode during warm-up, contract-shaped findings with drivers and scope, persistence
+and dedup, learn(), snapshot/restore."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.detect.anomaly import AnomalyConfig, AnomalyEngine
+from agent.model import EventClass, Severity
+from tests.unit.anomaly_stream import (S, WEB, WEB_ID, beacon, benign, config, connect, ev,
+                                       replay)
+
+KEYS = {"detector", "model_version", "score", "threshold", "false_alarm_rate", "window_s",
+        "windows", "drivers", "scope", "summary"}
+
+
+@pytest.fixture(scope="module")
+def warmed():
+    """An engine that saw 50 benign minutes (warm-up 20), and its snapshot."""
+    eng = AnomalyEngine(config(), "node-1")
+    found = replay(eng, benign(1, 0, 3000), 0, 3000)
+    return eng, eng.snapshot(), found
+
+
+def fresh(snap):
+    return AnomalyEngine.restore(config(), "node-1", json.loads(json.dumps(snap)))
+
+
+def test_benign_stream_raises_nothing_and_detectors_leave_shadow(warmed):
+    eng, _, found = warmed
+    assert [f.rule_id for _, f in found] == []
+    st = eng.status()
+    assert st["warm"] is True
+    for det in ("mahalanobis", "hst", "zscore", "beacon"):
+        assert st["detectors"][det]["mode"] == "alerting", det
+    assert st["detectors"]["mahalanobis"]["windows"] > 100
+
+
+def test_shadow_mode_during_warm_up_counts_but_does_not_return():
+    eng = AnomalyEngine(config(warmup_s=1e6), "n")
+    evs = benign(2, 0, 900) + [ev("proc.exec", 850, "pid:9", exe="/tmp/m", exe_id="8:1:5",
+                                  cgroup=WEB, container=WEB_ID)]
+    found = replay(eng, evs, 0, 900)
+    assert [f.rule_id for _, f in found] == []
+    st = eng.status()
+    assert st["detectors"]["newexe"]["mode"] == "shadow"
+    # The first executables of the warm-up are new too: shadow hits as well.
+    assert st["detectors"]["newexe"]["shadow_hits"] >= 1
+    assert any(s["rule"] == "anomaly.newexe" and "/tmp/m" in s["summary"]
+               for s in st["shadow"])
+
+
+def test_new_executable_opens_a_finding_with_evidence(warmed):
+    eng = fresh(warmed[1])
+    evs = benign(3, 3000, 3300) + [ev("proc.exec", 3101, "pid:9", exe="/tmp/miner",
+                                      exe_id="8:1:4242", exe_sha256="bb" * 32,
+                                      cgroup=WEB, container=WEB_ID)]
+    found = replay(eng, evs, 3000, 3300)
+    rules = {f.rule_id for _, f in found}
+    assert {"anomaly.newexe", "anomaly.zscore"} <= rules
+    t, f = next((t, f) for t, f in found if f.rule_id == "anomaly.mahalanobis")
+    assert t - 3101 <= 60
+    assert f.event_class is EventClass.SUSPICIOUS_ACTIVITY and f.action == "investigate"
+    assert f.entity == f"cgroup:{WEB}" and f.severity in (Severity.MEDIUM, Severity.HIGH)
+    assert KEYS <= set(f.evidence)
+    assert f.evidence["drivers"][0]["feature"] in ("new_exes", "execs")
+    assert f.evidence["scope"]["exe_sha256"] == ["bb" * 32]
+    assert f.evidence["scope"]["container"] == WEB_ID
+    assert f.evidence["windows"][0] <= 3101 * S < f.evidence["windows"][1]
+    assert "/tmp/miner" in next(f.evidence["summary"] for _, f in found
+                                if f.rule_id == "anomaly.newexe")
+
+
+def test_one_finding_per_workload_and_detector_within_dedup(warmed):
+    eng = fresh(warmed[1])
+    evs = benign(4, 3000, 3600)
+    for i in range(10):   # a new executable every minute
+        evs.append(ev("proc.exec", 3050 + 60 * i, "pid:9", exe=f"/tmp/m{i}", exe_id=f"8:1:{900 + i}",
+                      cgroup=WEB, container=WEB_ID))
+    found = replay(eng, evs, 3000, 3600)
+    assert sum(f.rule_id == "anomaly.newexe" for _, f in found) == 1
+    assert eng.status()["detectors"]["newexe"]["deduplicated"] >= 8
+
+
+def test_learn_stops_the_same_pattern_but_not_another(warmed):
+    eng = fresh(warmed[1])
+    # 5 MB a second for 20 s to a destination never seen: an exfiltration burst.
+    exfil = [e for i in range(20) for e in connect(3101 + i, "198.51.100.9", 8443, size=5_000_000)]
+    found = replay(eng, benign(5, 3000, 3300) + exfil, 3000, 3300)
+    hits = [f for _, f in found if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
+    assert any(f.rule_id == "anomaly.mahalanobis" for f in hits)
+    for f in hits:     # the incident's findings, marked "learn as normal"
+        eng.learn(f.evidence)
+    # The same burst again, later: normal now; a new executable still alerts.
+    again = [e for i in range(20) for e in connect(9001 + i, "198.51.100.9", 8443, size=5_000_000)]
+    other = [ev("proc.exec", 9101, "pid:7", exe="/tmp/other", exe_id="8:1:31337",
+                cgroup=WEB, container=WEB_ID)]
+    later = replay(eng, benign(6, 8900, 9200) + again + other, 8900, 9200)
+    assert not [f for _, f in later if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
+    assert any(f.rule_id == "anomaly.newexe" for _, f in later)
+    assert any(f.rule_id == "anomaly.mahalanobis" and f.evidence["scope"].get("exe_id")
+               for _, f in later)
+    assert eng.status()["learned"] == len(hits)
+
+
+def test_snapshot_round_trip_keeps_scores_and_sets(warmed):
+    eng, snap, _ = warmed
+    back = fresh(snap)
+    assert back.snapshot()["profiles"] == json.loads(json.dumps(snap))["profiles"]
+    x = [0.1] * 14
+    p1, p2 = eng.profiles["node"], back.profiles["node"]
+    for det in ("mahalanobis", "hst", "loda", "zscore"):
+        assert p1.score(det, x) == pytest.approx(p2.score(det, x), rel=1e-4), det
+    assert back.status()["warm"] is True and back.restored.startswith("restored")
+
+
+def test_restore_rebases_times_onto_the_new_clock(warmed):
+    _, snap, _ = warmed
+    taken = snap["taken_mono_ns"]
+    # A reboot: the new monotonic clock is at 100 s, the agent was down 60 s (wall).
+    back = AnomalyEngine.restore(config(), "node-1", snap, now_mono_ns=100 * S,
+                                 now_wall_s=1000.0 + 60) if False else None
+    snap2 = dict(snap, taken_wall=1000.0)
+    back = AnomalyEngine.restore(config(), "node-1", snap2, now_mono_ns=100 * S, now_wall_s=1060.0)
+    delta = 100 * S - 60 * S - taken
+    assert back.started_ns == snap["started_ns"] + delta
+    assert back.warm(100 * S)   # warm-up already done before the restart
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"format": 99}, "format 99"),
+    ([], "not a JSON object"),
+])
+def test_restore_refuses_unknown_state(bad, why):
+    with pytest.raises(ValueError, match=why):
+        AnomalyEngine.restore(config(), "n", bad)
+
+
+def test_restore_refuses_other_features(warmed):
+    snap = json.loads(json.dumps(warmed[1]))
+    snap["signature"]["features"] = snap["signature"]["features"][:-1]
+    with pytest.raises(ValueError, match="other features"):
+        AnomalyEngine.restore(config(), "n", snap)
+
+
+def test_beacon_during_warm_up_is_still_found():
+    eng = AnomalyEngine(config(), "n")
+    found = replay(eng, benign(7, 0, 600) + beacon(8, 100, 600), 0, 600)
+    t, f = next((t, f) for t, f in found if f.rule_id == "anomaly.beacon")
+    assert t - 100 <= 60
+    assert f.evidence["scope"]["dst"] == ["203.0.113.7"] and f.evidence["scope"]["dport"] == [443]
+    assert "beacon every" in f.evidence["summary"]
+    assert f.first_mono_ns == 100 * S
+
+
+def test_malformed_events_are_counted_not_raised():
+    eng = AnomalyEngine(config(), "n")
+    eng.observe(ev("flow.connect", 1, "x", daddr="203.0.113.1", dport="not a port", cgroup=WEB))
+    eng.observe(ev("flow.close", 1, "x", cgroup=["not", "text"], bytes_out="x"))
+    eng.tick(20 * S)
+    assert eng.status()["malformed_events"] >= 1
+
+
+def test_config_errors_are_one_sentence():
+    with pytest.raises(ValueError, match="unknown detector 'magic'"):
+        AnomalyConfig.from_dict({"detectors": ["magic"]})
+    with pytest.raises(ValueError, match="anomaly.window_s must be"):
+        AnomalyConfig.from_dict({"window_s": 0})
+    with pytest.raises(ValueError, match="not an IP address"):
+        AnomalyConfig.from_dict({"known_destinations": ["nope"]})
+
+
+def test_drift_finds_a_boiling_frog_and_learn_refreezes_the_reference():
+    """Egress of one workload doubling every 10 minutes after warm-up: each window is close
+    to the last (the adaptive models follow), the slow mean leaves the frozen reference."""
+    import random
+
+    r = random.Random(9)
+    cfg = config(detectors=["drift", "zscore"], warmup_s=1200, drift={"z": 6, "min_s": 600,
+                                                                     "halflife_s": 300})
+    eng = AnomalyEngine(cfg, "n")
+    evs = []
+    for k in range(0, 7200, 5):
+        grow = 2 ** (max(0, k - 1800) / 600)
+        evs += connect(k + r.random(), "10.0.0.5", 5432, size=int(2000 * grow * r.uniform(0.8, 1.2)))
+    found = replay(eng, evs, 0, 7200)
+    drift = [(t, f) for t, f in found if f.rule_id == "anomaly.drift"]
+    assert drift, [f.rule_id for _, f in found]
+    t, f = drift[0]
+    assert t > 1800 and f.evidence["drivers"][0]["feature"] == "egress_bytes"
+    assert "moved away from its reference" in f.evidence["summary"]
+    eng.learn(f.evidence)          # "learn as normal": the reference is frozen anew
+    assert eng.profiles[eng.workloads[WEB_ID].profile].drift_since is None
+
+
+def test_what_a_finding_reported_stays_news(warmed):
+    """The attacker's destination, reported once, is not "known" the next time: a second
+    burst to it from a new container of the same kind is found again (until feedback)."""
+    eng = fresh(warmed[1])
+    first = [e for i in range(20) for e in connect(3101 + i, "198.51.100.9", 8443, size=5_000_000)]
+    found = replay(eng, benign(5, 3000, 3300) + first, 3000, 3300)
+    assert any("198.51.100.9" in f.evidence["scope"].get("dst", []) for _, f in found)
+    other = "b" * 24
+    second = [e for i in range(20) for e in connect(
+        9001 + i, "198.51.100.9", 8443, size=5_000_000, container=other,
+        cgroup=WEB.replace(WEB_ID, other))]
+    later = replay(eng, benign(6, 8900, 9200) + second, 8900, 9200)
+    hits = [f for _, f in later if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
+    assert hits and hits[0].evidence["scope"]["container"] == other
