@@ -2,10 +2,16 @@
 (tmp + fsync + rename) every `anomaly.save_every_s` and at stop. A corrupt file, one of
 an unknown format or of another feature set is moved aside (`<name>.bad-<time>`), the
 engine starts afresh (warm-up again) and status says why. The engine itself is pure
-(agent.detect.anomaly); this is its I/O."""
+(agent.detect.anomaly); this is its I/O.
+
+A rule/model bundle (agent.bundles) may carry an `anomaly` part: keys of the `anomaly:`
+section laid over the config file's, checked whole (`bundle_validator`) and put in force
+with the learned state kept (`reconfigure`); rolling the bundle back returns to the
+config file's section. `state_path` is the host's and a bundle cannot set it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.detect.anomaly import AnomalyEngine
+from agent.detect.anomaly import AnomalyConfig, AnomalyEngine
 
 log = logging.getLogger("swarm_agent")
 STATE_FILE = "anomaly-state.json"
@@ -30,8 +36,43 @@ def known_networks(cfg) -> tuple[str, ...]:
     return (*cfg.allowlist.mesh, *cfg.allowlist.management)
 
 
-def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
-    """The engine from its state file, or a fresh one (the reason in status)."""
+def bundle_validator(base: AnomalyConfig):
+    """The check of a bundle's `anomaly` part: a mapping of `anomaly:` keys laid over
+    `base` (the config file's section), giving the AnomalyConfig to use; ValueError with
+    one sentence otherwise."""
+    def validate(doc: Any) -> AnomalyConfig:
+        if not isinstance(doc, dict):
+            raise ValueError("the anomaly part must be a mapping of anomaly: keys "
+                             "(as in the config file's anomaly: section)")
+        if "state_path" in doc:
+            raise ValueError("anomaly.state_path is the host's: set it in the config file, "
+                             "not in a bundle")
+        merged = json.loads(json.dumps(dataclasses.asdict(base)))    # tuples as lists
+        for key, value in doc.items():      # a sub-section (beacon:, drift:) key by key
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                value = {**merged[key], **value}
+            merged[key] = value
+        return AnomalyConfig.from_dict(merged)
+    return validate
+
+
+def reconfigure(eng: AnomalyEngine, acfg: AnomalyConfig, node: str, cfg,
+                ignore: tuple[str, ...] = ()) -> AnomalyEngine:
+    """`eng` under `acfg`, what it learned kept (its snapshot restored under the new
+    config); ValueError with one sentence where the state does not fit it."""
+    now_mono, now_wall = time.monotonic_ns(), time.time()
+    new = AnomalyEngine.restore(acfg, node, eng.snapshot(now_wall), now_mono, now_wall,
+                                known=known_networks(cfg))
+    new.ignore_cgroups = (*new.ignore_cgroups, *_cgroups(ignore))
+    new.restored = getattr(eng, "restored", "")
+    return new
+
+
+def open_engine(cfg, node: str, ignore: tuple[str, ...] = (),
+                acfg: AnomalyConfig | None = None) -> AnomalyEngine:
+    """The engine from its state file, or a fresh one (the reason in status), under
+    `acfg` (a bundle's) or the config file's section."""
+    acfg = acfg or cfg.anomaly
     path = state_path(cfg)
     known = known_networks(cfg)
     now_mono, now_wall = time.monotonic_ns(), time.time()
@@ -41,7 +82,7 @@ def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
             raise ValueError(f"the anomaly state is larger than {MAX_STATE_BYTES >> 20} MiB")
         with open(path, encoding="utf-8") as f:
             snap = json.load(f)
-        eng = AnomalyEngine.restore(cfg.anomaly, node, snap, now_mono, now_wall, known=known)
+        eng = AnomalyEngine.restore(acfg, node, snap, now_mono, now_wall, known=known)
         eng.ignore_cgroups = (*eng.ignore_cgroups, *_cgroups(ignore))
         return eng
     except FileNotFoundError:
@@ -55,7 +96,7 @@ def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
         except OSError as e2:
             note = f"fresh start: {reason}; the old state could not be moved aside ({e2.strerror})"
         log.error("anomaly state not restored; warm-up starts again", extra={"reason": note})
-    eng = AnomalyEngine(cfg.anomaly, node, known=known)
+    eng = AnomalyEngine(acfg, node, known=known)
     eng.ignore_cgroups = (*eng.ignore_cgroups, *_cgroups(ignore))
     eng.restored = note
     return eng

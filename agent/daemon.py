@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from agent import anomalystate, egresswatch
+from agent import anomalystate, bundles, egresswatch
 from agent.agentview import AgentView
 from agent.bundles import BundleManager
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
@@ -72,7 +72,9 @@ class Agent(AgentView):
         self.cfg = cfg
         # the bundle in force (agent.bundles) loads after the packaged rules and
         # rules_extra; one whose rules do not load is left out, status says why
+        bundles.VALIDATORS["anomaly"] = anomalystate.bundle_validator(cfg.anomaly)
         self.bundles = BundleManager(cfg.state_dir)
+        self.bundles.use_parts = self._use_parts
         try:
             ruleset = self.bundles.start(self._check_rules, list(cfg.rule_paths))
         except RuleError as e:
@@ -258,14 +260,40 @@ class Agent(AgentView):
 
     def _open_anomaly(self) -> None:
         """The anomaly engine from its saved state (agent.anomalystate): a bad file is moved
-        aside and warm-up starts again, never a failed start."""
-        if not self.cfg.anomaly.enabled:
-            return
-        own = _own_cgroup()
-        self.anomaly = anomalystate.open_engine(self.cfg, self.cfg.mesh.node_id or
-                                                socket.gethostname(), (own,) if own else ())
+        aside and warm-up starts again, never a failed start. Its config: the bundle's
+        anomaly part in force, else the config file's section."""
         self.reporting.metrics.registry.register(
             anomalystate.AnomalyCollector(self.anomaly_status))
+        acfg = self.cfg.anomaly
+        try:
+            acfg = self.bundles.parts_now().get("anomaly") or acfg
+        except ValueError as e:     # the bundle's rules were checked; its part no longer is
+            log.error("the bundle's anomaly part is not used", extra={"reason": str(e)})
+        if acfg.enabled:
+            self.anomaly = anomalystate.open_engine(self.cfg, self._node(), self._unmodelled(),
+                                                    acfg)
+
+    def _use_parts(self, parts: dict) -> None:
+        """A bundle's config parts put in force, or the config file's again at a rollback
+        to none (agent.bundles calls it; raising undoes the bundle)."""
+        acfg = parts.get("anomaly") or self.cfg.anomaly
+        if not acfg.enabled:
+            self.save_anomaly_now()     # kept for a later bundle that turns it on again
+            self.anomaly = None
+        elif self.anomaly is None:
+            self.anomaly = anomalystate.open_engine(self.cfg, self._node(), self._unmodelled(),
+                                                    acfg)
+        else:
+            self.anomaly = anomalystate.reconfigure(self.anomaly, acfg, self._node(), self.cfg,
+                                                    self._unmodelled())
+
+    def _node(self) -> str:
+        return self.cfg.mesh.node_id or socket.gethostname()
+
+    @staticmethod
+    def _unmodelled() -> tuple[str, ...]:
+        own = _own_cgroup()             # the agent's own activity is not a workload's
+        return (own,) if own else ()
 
     def _open_gpu(self) -> None:
         """The GPU source (NVML in its own thread; agent.sources.gpu). Opening NVML happens
