@@ -262,8 +262,9 @@ class Agent(AgentView):
         """The anomaly engine from its saved state (agent.anomalystate): a bad file is moved
         aside and warm-up starts again, never a failed start. Its config: the bundle's
         anomaly part in force, else the config file's section."""
-        self.reporting.metrics.registry.register(
-            anomalystate.AnomalyCollector(self.anomaly_status))
+        if getattr(self, "reporting", None) is not None:    # a bundle may turn it on later
+            self.reporting.metrics.registry.register(
+                anomalystate.AnomalyCollector(self.anomaly_status))
         acfg = self.cfg.anomaly
         try:
             acfg = self.bundles.parts_now().get("anomaly") or acfg
