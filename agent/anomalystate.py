@@ -5,6 +5,7 @@ engine starts afresh (warm-up again) and status says why. The engine itself is p
 (agent.detect.anomaly); this is its I/O."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
         with open(path, encoding="utf-8") as f:
             snap = json.load(f)
         eng = AnomalyEngine.restore(cfg.anomaly, node, snap, now_mono, now_wall, known=known)
-        eng.ignore_cgroups = (*eng.ignore_cgroups, *ignore)
+        eng.ignore_cgroups = (*eng.ignore_cgroups, *_cgroups(ignore))
         return eng
     except FileNotFoundError:
         pass
@@ -55,9 +56,14 @@ def open_engine(cfg, node: str, ignore: tuple[str, ...] = ()) -> AnomalyEngine:
             note = f"fresh start: {reason}; the old state could not be moved aside ({e2.strerror})"
         log.error("anomaly state not restored; warm-up starts again", extra={"reason": note})
     eng = AnomalyEngine(cfg.anomaly, node, known=known)
-    eng.ignore_cgroups = (*eng.ignore_cgroups, *ignore)
+    eng.ignore_cgroups = (*eng.ignore_cgroups, *_cgroups(ignore))
     eng.restored = note
     return eng
+
+
+def _cgroups(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The agent's own cgroup, never the root one (that would be every workload)."""
+    return tuple(p.rstrip("/") for p in paths if p.rstrip("/"))
 
 
 def snapshot_text(eng: AnomalyEngine) -> str:
@@ -85,6 +91,29 @@ def write(path: Path, text: str) -> int:
     finally:
         os.close(dfd)
     return len(data)
+
+
+async def save(eng: AnomalyEngine, cfg, saved: dict[str, Any], counters) -> None:
+    """Snapshot on the loop thread (consistent between two events), write on a thread; a
+    failure is logged, counted (anomaly.save_failed) and in status; the agent goes on."""
+    saved["at"] = time.time()
+    text = snapshot_text(eng)
+    try:
+        n = await asyncio.to_thread(write, state_path(cfg), text)
+    except OSError as e:
+        saved["error"] = e.strerror or str(e)
+        counters["anomaly.save_failed"] += 1
+        log.error("anomaly state not saved", extra={"reason": saved["error"]})
+        return
+    saved.update(bytes=n, error="")
+
+
+def save_now(eng: AnomalyEngine, cfg, saved: dict[str, Any]) -> None:
+    """At stop, on the loop thread."""
+    try:
+        saved["bytes"] = write(state_path(cfg), snapshot_text(eng))
+    except (OSError, ValueError) as e:
+        log.error("anomaly state not saved at stop", extra={"reason": str(e)})
 
 
 class AnomalyCollector:

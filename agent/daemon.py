@@ -298,32 +298,16 @@ class Agent(AgentView):
             self.reporting.metrics.findings.labels("anomaly", f.rule).inc()
         self.handle_findings(findings)
 
-    async def save_anomaly(self, now: float, force: bool = False) -> None:
-        """The engine's state to its file every anomaly.save_every_s (written on a thread,
-        taken on the loop); a failure is logged and status says it, the agent goes on."""
-        if self.anomaly is None or not force and \
-                now - self.anomaly_saved["at"] < self.cfg.anomaly.save_every_s:
-            return
-        self.anomaly_saved["at"] = now
-        text = anomalystate.snapshot_text(self.anomaly)
-        try:
-            n = await asyncio.to_thread(anomalystate.write, anomalystate.state_path(self.cfg), text)
-        except OSError as e:
-            self.anomaly_saved["error"] = e.strerror or str(e)
-            self.counters["anomaly.save_failed"] += 1
-            log.error("anomaly state not saved", extra={"reason": self.anomaly_saved["error"]})
-            return
-        self.anomaly_saved.update(bytes=n, error="")
+    async def save_anomaly(self, now: float) -> None:
+        """The engine's state to its file every anomaly.save_every_s (agent.anomalystate)."""
+        if self.anomaly is not None and \
+                now - self.anomaly_saved["at"] >= self.cfg.anomaly.save_every_s:
+            await anomalystate.save(self.anomaly, self.cfg, self.anomaly_saved, self.counters)
 
     def save_anomaly_now(self) -> None:
         """At stop: the state written before the process ends."""
-        if self.anomaly is None:
-            return
-        try:
-            text = anomalystate.snapshot_text(self.anomaly)
-            self.anomaly_saved["bytes"] = anomalystate.write(anomalystate.state_path(self.cfg), text)
-        except (OSError, ValueError) as e:
-            log.error("anomaly state not saved at stop", extra={"reason": str(e)})
+        if self.anomaly is not None:
+            anomalystate.save_now(self.anomaly, self.cfg, self.anomaly_saved)
 
     def handle_findings(self, findings: list[Finding]) -> None:
         """Findings (of the rules or the anomaly models) to the responder, on the loop

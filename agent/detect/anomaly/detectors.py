@@ -141,7 +141,7 @@ def _build(rng: random.Random, nodes: list, node: int, lo: list[float], hi: list
 
 class RobustMahalanobis:
     HUBER = 3.0          # distances beyond this pull the estimate with weight HUBER/d
-    RIDGE = 1e-3         # added to the diagonal: a feature that never varied stays invertible
+    RIDGE = 1e-4         # added to the diagonal: a feature that never varied stays invertible
 
     def __init__(self, halflife: float = 500.0, d: dict[str, Any] | None = None):
         d = d or {}

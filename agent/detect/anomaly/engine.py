@@ -9,11 +9,12 @@ from collections import Counter, deque
 from typing import Any
 
 from agent.detect.anomaly import findings as fx
+from agent.detect.anomaly import slow
 from agent.detect.anomaly.beacon import BeaconTracker
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
-from agent.detect.anomaly.features import (DIM, NAMES, exe_key, prefix, profile_of, scale)
+from agent.detect.anomaly.features import DIM, exe_key, prefix, profile_of, scale
 from agent.detect.anomaly.profile import LEARNED_MAX, PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
@@ -31,9 +32,12 @@ class AnomalyEngine:
 
     def __init__(self, cfg: AnomalyConfig, node: str, known: tuple[str, ...] = ()):
         self.cfg, self.node_name = cfg, node
-        self.ignore_cgroups = tuple(cfg.ignore_cgroups)   # the daemon adds its own
+        # Cgroups not modelled (the daemon adds its own); "/" would be every one: skipped.
+        self.ignore_cgroups = tuple(p.rstrip("/") for p in cfg.ignore_cgroups if p.rstrip("/"))
         self.dets = tuple(cfg.detectors)
         self.models = tuple(d for d in self.dets if d in MODELS)
+        self.beacons_on = "beacon" in self.dets
+        self.version = MODEL_VERSION
         nets = [ipaddress.ip_network(n, strict=False) for n in (*cfg.known_destinations, *known)]
         self.known_nets = nets
         self.window_ns = int(cfg.window_s * 1e9)
@@ -74,7 +78,7 @@ class AnomalyEngine:
         f, kind = ev.fields, ev.kind
         cgroup = f.get("cgroup") or ""
         cgroup = cgroup if isinstance(cgroup, str) else ""
-        if cgroup and any(cgroup == p or cgroup.startswith(p.rstrip("/") + "/")
+        if cgroup and any(cgroup == p or cgroup.startswith(p + "/")
                           for p in self.ignore_cgroups):
             return
         if kind == "flow.bytes":
@@ -89,14 +93,14 @@ class AnomalyEngine:
             if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:
                 self.exe_paths[key] = str(f.get("exe"))
             target.recent.append(_recent(ev))
-        if kind == "flow.connect":
+        if kind == "flow.connect" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             p = self._profile(target.profile)
             pf = prefix(dst)
             new = pf not in p.known.dsts and pf not in self.profiles["node"].known.dsts
             self.beacon.connect(target.key, dst, port, int(ev.first_mono_ns or ev.mono_ns),
                                 exe_key(f), new)
-        elif kind == "flow.close":
+        elif kind == "flow.close" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             self.beacon.closed(target.key, dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
@@ -163,7 +167,8 @@ class AnomalyEngine:
             start, end = self.window_start, self.window_start + self.window_ns
             out += self._close(start, end, now_ns)
             self.window_start = now_ns - now_ns % self.window_ns
-        out += self._beacons(now_ns)
+        if self.beacons_on:
+            out += slow.beacon_findings(self, now_ns)
         return out
 
     def warm(self, now_ns: int | None = None) -> bool:
@@ -219,14 +224,15 @@ class AnomalyEngine:
                                              end, now)
                     if f is not None:
                         out.append(f)
-            if "newexe" in self.dets and w is not self.node and raw[1] >= 1:
+            if "newexe" in self.dets and w is not self.node:
                 self.counters["windows.newexe"] += 1
+            if "newexe" in self.dets and w is not self.node and raw[1] >= 1:
                 f = self._newexe_finding(w, p, x, raw, new, start, end, now)
                 if f is not None:
                     out.append(f)
             if "drift" in self.dets:
                 self.counters["windows.drift"] += 1
-                f = self._drift(w, p, x, start, end, now, warm)
+                f = slow.drift_finding(self, w, p, x, start, end, now, warm)
                 if f is not None:
                     out.append(f)
             if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
@@ -259,67 +265,6 @@ class AnomalyEngine:
         ev["summary"] = (f"newexe: {fx.name(w)} ran {int(raw[1])} executable(s) never seen "
                          f"on this node: {', '.join(paths)}")
         return self._emit("newexe", "workload", w, None, Severity.MEDIUM, start, now, ev)
-
-    def _drift(self, w, p, x, start, end, now, warm):
-        if warm and p.frozen is None and p.windows >= PROFILE_MIN:
-            p.freeze()
-        halflife_windows = max(1.0, self.cfg.drift.halflife_s / self.cfg.window_s)
-        z = p.drift(x, 1.0 - 0.5 ** (1.0 / halflife_windows))
-        if z is None or z < self.cfg.drift.z:
-            p.drift_since = None
-            return None
-        if p.drift_since is None:
-            p.drift_since = start
-        if now - p.drift_since < self.cfg.drift.min_s * 1e9:
-            return None
-        zs = [abs(s - m) / (1.4826 * d + 0.02)
-              for s, m, d in zip(p.slow, p.frozen.mean, p.frozen.dev)]
-        order = sorted(range(DIM), key=lambda i: -zs[i])[:5]
-        total = sum(zs[i] for i in order) or 1.0
-        from agent.detect.anomaly.features import unscale
-        drv = [{"feature": NAMES[i], "value": round(unscale(i, p.slow[i]), 3),
-                "baseline": round(unscale(i, p.frozen.mean[i]), 3),
-                "contribution": round(zs[i] / total, 3)} for i in order if zs[i] > 0]
-        sc = fx.scope(w, self.node_name, [], {}, self.kernel_bytes)
-        ev = self._evidence("drift", round(z, 3), self.cfg.drift.z, None, p.drift_since, end,
-                            drv, sc, {})
-        ev["summary"] = (f"drift: {fx.name(w)} has moved away from its reference for "
-                         f"{(now - p.drift_since) / 3.6e12:.1f} h: " +
-                         ", ".join(f"{d['feature']} {d['value']:.3g} (reference "
-                                   f"{d['baseline']:.3g})" for d in drv[:3]))
-        return self._emit("drift", "workload", w, None, Severity.MEDIUM, p.drift_since, now, ev)
-
-    def _beacons(self, now: int) -> list[Finding]:
-        out = []
-        for (wkey, dst, port), pair, s in self.beacon.due():
-            if pair.last_alert_ns is not None and now - pair.last_alert_ns < self.cfg.dedup_s * 1e9:
-                self.counters["dedup.beacon"] += 1
-                continue
-            pair.last_alert_ns = now
-            w = self.node if wkey == "node" else self.workloads.get(wkey)
-            w = w or Workload(wkey, wkey if wkey.startswith("/") else "",
-                              "" if wkey.startswith("/") else wkey, "", 1, 0)
-            sc = {"node": self.node_name, "dst": [dst], "dport": [port]}
-            if w.key != "node":
-                sc["cgroup"] = w.cgroup
-                if w.container:
-                    sc["container"] = w.container
-            shas = [k[7:] for k in pair.exes if k.startswith("sha256:")]
-            ids = [k[3:] for k in pair.exes if k.startswith("id:")]
-            if shas:
-                sc["exe_sha256"] = shas
-            if ids:
-                sc["exe_id"] = ids
-            times = list(pair.times)
-            ev = self._evidence("beacon", s["score"], self.cfg.beacon.threshold, None,
-                                times[0], now, fx.beacon_drivers(s), sc, {})
-            ev["beacon"] = s
-            exe = self.exe_paths.get(pair.exes[0]) if pair.exes else None
-            ev["summary"] = fx.beacon_summary(s, dst, port, exe, fx.name(w), pair.new_dst)
-            sev = Severity.HIGH if pair.new_dst else Severity.MEDIUM
-            self._count("beacon", True)
-            out.append(fx.finding("beacon", MODEL_VERSION, w.entity, sev, times[0], now, ev))
-        return out
 
     def _evidence(self, det, score, threshold, far, start, end, drv, sc, new) -> dict[str, Any]:
         return {"detector": det, "model_version": MODEL_VERSION, "score": _round(score),

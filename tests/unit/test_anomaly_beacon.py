@@ -1,0 +1,93 @@
+"""anomaly.beacon: a jittered beacon is found within a minute of its start; benign
+periodic traffic (heartbeats to the mesh, shared endpoints, 30-min checkpoint uploads,
+a service's Poisson client traffic) is not; feedback marks a pair benign."""
+from __future__ import annotations
+
+import random
+
+from agent.detect.anomaly import AnomalyEngine
+from tests.unit.anomaly_stream import S, WEB, benign, beacon, config, connect, replay
+
+
+def beacons(found):
+    return [(t, f) for t, f in found if f.rule_id == "anomaly.beacon"]
+
+
+def test_jittered_beacon_found_within_a_minute():
+    for seed in range(8):      # 5 s +-30%, several draws of the jitter
+        eng = AnomalyEngine(config(), "n")
+        found = beacons(replay(eng, beacon(seed, 300, 900), 0, 900))
+        assert found, seed
+        t, f = found[0]
+        assert t - 300 <= 60, (seed, t)
+        b = f.evidence["beacon"]
+        assert 3.5 <= b["interval_s"] <= 6.5
+        assert f.evidence["scope"]["exe_id"] == ["8:1:777"]
+        assert len(found) == 1      # deduplicated per pair
+
+
+def test_a_beacon_repeats_after_the_dedup_period():
+    eng = AnomalyEngine(config(dedup_s=600), "n")
+    found = beacons(replay(eng, beacon(1, 0, 1500), 0, 1500))
+    assert len(found) == 3
+
+
+def test_heartbeats_to_the_mesh_and_known_destinations_are_not_beacons():
+    eng = AnomalyEngine(config(known_destinations=["192.0.2.0/24"]), "n", known=("10.9.0.0/16",))
+    evs = beacon(1, 0, 900, dst="192.0.2.10") + beacon(2, 0, 900, dst="10.9.0.1", period=2.0)
+    assert beacons(replay(eng, evs, 0, 900)) == []
+
+
+def test_checkpoint_uploads_every_30_minutes_are_not_beacons():
+    r = random.Random(3)
+    evs = []
+    for i in range(12):        # 6 hours of 2 GB checkpoints, a few seconds' jitter
+        evs += connect(600 + 1800 * i + r.uniform(-5, 5), "198.51.100.20", 443,
+                       size=2_000_000_000 + r.randrange(10**6))
+    eng = AnomalyEngine(config(), "n")
+    assert beacons(replay(eng, evs, 0, 600 + 1800 * 12, step=5.0)) == []
+
+
+def test_small_periodic_uploads_every_30_minutes_are_found():
+    # The same rhythm with small check-ins is a slow beacon: the size rule is what spares
+    # checkpoints, not the period.
+    r = random.Random(4)
+    evs = []
+    for i in range(8):
+        evs += connect(600 + 1800 * i + r.uniform(-60, 60), "198.51.100.21", 443,
+                       size=700 + r.randrange(50))
+    eng = AnomalyEngine(config(), "n")
+    assert beacons(replay(eng, evs, 0, 600 + 1800 * 8, step=5.0))
+
+
+def test_poisson_client_traffic_is_not_a_beacon():
+    eng = AnomalyEngine(config(), "n")
+    assert beacons(replay(eng, benign(5, 0, 1800), 0, 1800)) == []
+
+
+def test_a_destination_many_workloads_use_is_shared_not_a_beacon():
+    evs = []
+    for k in range(3):     # three workloads heartbeat the same endpoint (NTP-like, metrics)
+        cg = f"/system.slice/svc{k}.service"
+        evs += beacon(k, 0, 600, dst="198.51.100.30", port=4317, cgroup=cg, container="")
+    eng = AnomalyEngine(config(), "n")
+    assert beacons(replay(eng, evs, 0, 600)) == []
+
+
+def test_learn_marks_the_pair_benign_and_another_beacon_still_alerts():
+    eng = AnomalyEngine(config(dedup_s=60), "n")
+    found = beacons(replay(eng, beacon(1, 0, 300), 0, 300))
+    eng.learn(found[0][1].evidence)
+    later = replay(eng, beacon(2, 300, 900) + beacon(3, 300, 900, dst="203.0.113.99"), 300, 900)
+    dsts = {f.evidence["scope"]["dst"][0] for _, f in beacons(later)}
+    assert dsts == {"203.0.113.99"}
+
+
+def test_beacon_state_survives_a_snapshot():
+    eng = AnomalyEngine(config(), "n")
+    replay(eng, beacon(1, 0, 20), 0, 20)     # 4-5 connections: not yet scored
+    back = AnomalyEngine.restore(config(), "n", eng.snapshot(), now_mono_ns=eng.now)
+    rest = [e for e in beacon(1, 0, 120) if e.mono_ns > 19.5 * S]
+    found = beacons(replay(back, rest, 20, 120))
+    assert found and found[0][1].first_mono_ns == 0
+    assert WEB in found[0][1].entity
