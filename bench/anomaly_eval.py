@@ -347,7 +347,8 @@ def print_table(results: list[dict], args) -> None:
     print(f"\nshipped configuration ({', '.join(shipped['detectors'])}):")
     for b in shipped["behaviours"]:
         late = b["tti_s"] is None or b["tti_s"] > TARGET_TTI_S
-        warm = "" if b["tti_after_warmup_s"] is None else f" ({b['tti_after_warmup_s']:.0f} s after warm-up)"
+        w = b["tti_after_warmup_s"]
+        warm = "" if w is None else f" ({w:.0f} s after warm-up)" if w >= 0 else " (during the warm-up)"
         print(f"  {'MISS' if late else 'ok  '} seed {b['seed']} {b['behaviour']:<13} "
               f"at {b['start_s']:>8.0f} s in {b['workload']}: "
               + (f"{b['tti_s']:.1f} s{warm} by {b['by']}: {b['summary']}" if b["found"] else "not found")
@@ -356,7 +357,7 @@ def print_table(results: list[dict], args) -> None:
     print(f"  {'ok  ' if ok else 'MISS'} {shipped['false_per_day']:.2f} false investigations per "
           f"node-day (target <= {TARGET_FALSE_PER_DAY}; 95% upper bound "
           f"{shipped['false_per_day_upper95']:.2f}) over {shipped['node_days']} node-days; "
-          f"by detector {shipped['false_by_detector']}; per day {shipped['false_by_day']}, "
+          f"by detector {shipped['false_by_detector']}; per day (each seed) {shipped['false_by_day']}, "
           f"{shipped['false_per_day_after_day0']} a day after the install day")
     for e in shipped["false_examples"]:
         print(f"    false: seed {e['seed']} t={e['at_s']} s {e['rule']} {e['entity'][:70]}: {e['summary']}")
