@@ -47,7 +47,7 @@ def beacon_events(now_ns: int) -> list[Event]:
     return out
 
 
-def test_a_beacon_becomes_an_escalated_investigation(tmp_path: Path) -> None:
+def test_a_beacon_becomes_a_suspicious_activity_incident(tmp_path: Path) -> None:
     agent = agent_on(tmp_path)
     for e in beacon_events(time.monotonic_ns()):
         agent.on_event(e)

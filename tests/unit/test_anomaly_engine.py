@@ -170,3 +170,26 @@ def test_config_errors_are_one_sentence():
         AnomalyConfig.from_dict({"window_s": 0})
     with pytest.raises(ValueError, match="not an IP address"):
         AnomalyConfig.from_dict({"known_destinations": ["nope"]})
+
+
+def test_drift_finds_a_boiling_frog_and_learn_refreezes_the_reference():
+    """Egress of one workload doubling every 10 minutes after warm-up: each window is close
+    to the last (the adaptive models follow), the slow mean leaves the frozen reference."""
+    import random
+
+    r = random.Random(9)
+    cfg = config(detectors=["drift", "zscore"], warmup_s=1200, drift={"z": 6, "min_s": 600,
+                                                                     "halflife_s": 300})
+    eng = AnomalyEngine(cfg, "n")
+    evs = []
+    for k in range(0, 7200, 5):
+        grow = 2 ** (max(0, k - 1800) / 600)
+        evs += connect(k + r.random(), "10.0.0.5", 5432, size=int(2000 * grow * r.uniform(0.8, 1.2)))
+    found = replay(eng, evs, 0, 7200)
+    drift = [(t, f) for t, f in found if f.rule_id == "anomaly.drift"]
+    assert drift, [f.rule_id for _, f in found]
+    t, f = drift[0]
+    assert t > 1800 and f.evidence["drivers"][0]["feature"] == "egress_bytes"
+    assert "moved away from its reference" in f.evidence["summary"]
+    eng.learn(f.evidence)          # "learn as normal": the reference is frozen anew
+    assert eng.profiles[eng.workloads[WEB_ID].profile].drift_since is None

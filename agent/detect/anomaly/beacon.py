@@ -9,7 +9,8 @@ intervals (weight 0.7) and the mean of the two over sizes (0.3). It learns nothi
 while the models warm up is still found.
 
 What is not a beacon: destinations in `known_destinations` and the mesh/management
-allowlists (never tracked); destinations many workloads use (prevalence >=
+allowlists, and internal ones (RFC 1918, CGNAT, ULA, link-local: kubelet's probes,
+scrapes; unless `internal`) are never tracked; destinations many workloads use (prevalence >=
 `prevalence_max`: a shared NTP, DNS or metrics endpoint); bulk transfers (median size
 over `max_median_bytes`: a checkpoint upload every 30 min); intervals under 1 s (a
 connection pool) or over `max_interval_s`; pairs marked benign by feedback ("learn")."""
@@ -20,7 +21,10 @@ from collections import OrderedDict, deque
 from typing import Any
 
 MIN_INTERVAL_S = 1.0
-SKEW_SPREAD = 0.1     # MAD/median under which the skew is discounted
+INTERNAL = [ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
+    "fc00::/7", "fe80::/10")]
+SKEW_SPREAD = 0.3     # MAD/median under which the skew is discounted
 
 
 class Pair:
@@ -64,6 +68,8 @@ class BeaconTracker:
             ip = ipaddress.ip_address(dst)
         except ValueError:
             return True      # not an address: nothing to score
+        if not self.cfg.internal and any(ip in net for net in INTERNAL):
+            return True
         return ip.is_loopback or any(ip in net for net in self.known)
 
     def connect(self, workload: str, dst: str, port: int, t_ns: int, exe: str | None,
@@ -138,7 +144,9 @@ class BeaconTracker:
         if len(sizes) >= self.cfg.min_conns and size_med > 0:
             ds_skew, ds_mad = _bowley(sizes), _mad(sizes) / size_med
             ds = (_skew_score(ds_skew, ds_mad) + max(0.0, 1.0 - ds_mad)) / 2.0
-            score = 0.7 * ts + 0.3 * ds
+            # Consistent sizes support a beacon, varying ones do not clear it: a
+            # check-in's answer varies with the tasks it brings.
+            score = max(ts, 0.7 * ts + 0.3 * ds)
         else:
             ds_skew = ds_mad = None
             score = ts

@@ -26,10 +26,17 @@ class Beacon:
     min_conns: int = 6              # connections before a pair is scored
     history: int = 32               # connection times kept per pair (at least min_conns)
     threshold: float = 0.8          # periodicity score (0..1) to report
-    max_interval_s: float = 3600.0  # slower than this is not looked at
+    # Slower than this is not looked at: an hourly cron job's ping is as periodic as any
+    # implant, and a slower beacon takes hours to show here anyway (left to the workload
+    # models, known lists and feedback).
+    max_interval_s: float = 900.0
     max_median_bytes: int = 1 << 20  # bulk transfers (checkpoints) are not beacons
     prevalence_max: int = 3         # a destination this many workloads use is shared
     max_pairs: int = 4096           # (workload, destination, port) pairs tracked
+    # Internal destinations (RFC 1918, CGNAT, ULA, link-local): a command-and-control
+    # server sits outside; inside are kubelet's probes, scrapes, service meshes, all
+    # periodic. true scores them too.
+    internal: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class AnomalyConfig:
     persistence_k: int = 2              # k of the last m windows over the per-window level
     persistence_m: int = 3              # (taken as at least k)
     dedup_s: float = 3600.0             # one finding per (workload, detector) this often
+    # A window model's finding needs something never seen in the window (an executable, a
+    # destination block, a port, a listener, a GPU process, unauthorized GPU memory):
+    # volume alone (a checkpoint upload, a burst of clients) is counted in status
+    # (volume_only) and left to anomaly.drift. false: volume alone opens findings too.
+    require_novelty: bool = True
     max_workloads: int = 256
     novelty_max: int = 4096             # entries per never-seen set
     recent_events: int = 64             # per workload, for evidence

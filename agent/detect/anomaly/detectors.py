@@ -21,10 +21,7 @@ import math
 import random
 from typing import Any, Callable
 
-from agent.detect.anomaly.features import DIM, NAMES, unscale
-
-FLOOR = 0.02       # dispersion floor, scaled units: a feature that never moved is not
-                   # infinitely surprising when it moves by a hair
+from agent.detect.anomaly.features import DIM, FLOORS, NAMES, unscale
 
 
 class Stats:
@@ -43,7 +40,9 @@ class Stats:
             self.mean[i] += a * (v - self.mean[i])
 
     def z(self, x: list[float]) -> list[float]:
-        return [abs(v - m) / (1.4826 * s + FLOOR) for v, m, s in zip(x, self.mean, self.dev)]
+        # The spread never under the feature's floor: a feature that never moved is not
+        # infinitely surprising when it moves by a hair.
+        return [abs(v - m) / max(1.4826 * s, f) for v, m, s, f in zip(x, self.mean, self.dev, FLOORS)]
 
     def score(self, x: list[float]) -> float:
         return max(self.z(x))
@@ -141,7 +140,6 @@ def _build(rng: random.Random, nodes: list, node: int, lo: list[float], hi: list
 
 class RobustMahalanobis:
     HUBER = 3.0          # distances beyond this pull the estimate with weight HUBER/d
-    RIDGE = 1e-4         # added to the diagonal: a feature that never varied stays invertible
 
     def __init__(self, halflife: float = 500.0, d: dict[str, Any] | None = None):
         d = d or {}
@@ -153,7 +151,9 @@ class RobustMahalanobis:
 
     def _inverse(self) -> list[list[float]]:
         if self._inv is None:
-            a = [[self.cov[i][j] + (self.RIDGE if i == j else 0.0) for j in range(DIM)]
+            # Each feature's floor (features.FLOORS) added to its variance: a feature that
+            # never varied stays invertible and a move of a few counts stays ordinary.
+            a = [[self.cov[i][j] + (FLOORS[i] ** 2 if i == j else 0.0) for j in range(DIM)]
                  for i in range(DIM)]
             self._inv = _invert(a)
         return self._inv

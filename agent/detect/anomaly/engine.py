@@ -14,7 +14,8 @@ from agent.detect.anomaly.beacon import BeaconTracker
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
-from agent.detect.anomaly.features import DIM, exe_key, prefix, profile_of, scale
+from agent.detect.anomaly.features import (DIM, INDEX, exe_key, port_key, prefix, profile_of,
+                                           scale)
 from agent.detect.anomaly.profile import LEARNED_MAX, PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
@@ -24,6 +25,8 @@ USED = frozenset(("flow.connect", "flow.close", "flow.listen", "flow.bytes", "ac
 NEAR_P = 0.01         # windows this unusual teach the models nothing
 HIGH_FACTOR = 100.0   # a tail probability this much under the budget: severity high
 SHADOW_KEEP = 20
+NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
+                            "new_dst_bytes", "new_listens", "gpu_unauth_bytes")]
 
 
 class AnomalyEngine:
@@ -58,6 +61,7 @@ class AnomalyEngine:
         self.window_start: int | None = None
         self.now = 0
         self.kernel_bytes = False
+        self.unattributed = False
         self.restored = "fresh start"
         self._rebase_from: int | None = None    # snapshot time awaiting the first clock
 
@@ -85,6 +89,8 @@ class AnomalyEngine:
             self.kernel_bytes = True
         self.node.window.add(kind, f, ev.subject)
         w = self._workload(f, cgroup, ev.mono_ns)
+        if w is None:
+            self.unattributed = True      # the node window holds activity of no workload
         target = w or self.node
         if w is not None:
             w.window.add(kind, f, ev.subject)
@@ -216,7 +222,9 @@ class AnomalyEngine:
                         self.counters[f"learned_match.{det}"] += 1
                         fired.add(det)    # and the node's window does not repeat it
                         continue
-                    if w is self.node and det in fired:
+                    # The node speaks for activity of no workload: what its workloads did
+                    # is their models' to judge (a cold profile learns first).
+                    if w is self.node and (det in fired or not self.unattributed):
                         self.counters[f"covered.{det}"] += 1
                         continue
                     fired.add(det)
@@ -237,14 +245,20 @@ class AnomalyEngine:
                     out.append(f)
             if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
                 p.learn(x)
-                p.known.commit(w.window, self.kernel_bytes)
+            # Never-seen is news once: what a flagged window saw is known from now on (the
+            # finding told it; the models above still learn nothing from that window).
+            p.known.commit(w.window, self.kernel_bytes)
             p.windows += 1
             w.window = type(w.window)()
+        self.unattributed = False
         return out
 
     # -- findings -------------------------------------------------------------------------
 
     def _window_finding(self, det, kind, w, p, x, raw, new, s, tail, cal, start, end, now):
+        if self.cfg.require_novelty and not any(raw[i] > 0 for i in NOVEL):
+            self.counters[f"volume_only.{det}"] += 1     # see AnomalyConfig.require_novelty
+            return None
         drv = drivers_of(p.scorer(det), x, p.stats.mean)
         sc = fx.scope(w, self.node_name, drv, new, self.kernel_bytes)
         far = self.cfg.false_alarm_rate
@@ -316,7 +330,9 @@ class AnomalyEngine:
                 p.known.exes.add(str(k))
             for d in [*sc.get("dst", ()), *new.get("dsts", ())]:
                 p.known.dsts.add(prefix(str(d)))
-            for port in [*sc.get("dport", ()), *new.get("ports", ())]:
+            for port in sc.get("dport", ()):
+                p.known.ports.add(port_key(int(port)))
+            for port in new.get("ports", ()):
                 p.known.ports.add(str(port))
             for lst in new.get("listens", ()):
                 p.known.listens.add(str(lst))
@@ -365,6 +381,7 @@ class AnomalyEngine:
                 "evicted": self.counters["workloads_evicted"] + self.beacon.evicted,
                 "malformed_events": self.counters["events_malformed"],
                 "learned": self.counters["learned"], "restored": self.restored,
+                "volume_only": {d: self.counters[f"volume_only.{d}"] for d in self.models},
                 "shadow": list(self.shadow)}
 
     def _rebase(self, now_ns: int) -> None:

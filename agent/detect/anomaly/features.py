@@ -20,7 +20,7 @@ FEATURES: tuple[tuple[str, float], ...] = (
     ("new_exes_here", math.log1p(20)),       # seen on the node, never in this profile
     ("conns", math.log1p(5000)),             # outbound connection attempts
     ("fanout", math.log1p(1000)),            # distinct destinations (address, port)
-    ("new_dsts", math.log1p(100)),           # destination /24 or /48 never seen here
+    ("new_dsts", math.log1p(100)),           # destination /16 or /32 never seen here
     ("new_ports", math.log1p(50)),           # destination port never seen here
     ("failed", math.log1p(1000)),            # refused or failed connections
     ("egress_bytes", math.log1p(1e11)),
@@ -39,9 +39,25 @@ _ID = re.compile(r"[0-9a-f]{16,}|[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0
                  r"[-_][0-9a-f]{12}")
 
 
+_NUM = re.compile(r"\d+")
+
+
 def profile_of(cgroup: str) -> str:
-    """The cgroup path with container ids and pod uids replaced by "*"."""
-    return _ID.sub("*", cgroup)
+    """The cgroup path with container ids, pod uids and numbers (session-42.scope,
+    user-1000.slice) replaced by "*": one profile for every instance of a kind."""
+    return _NUM.sub("*", _ID.sub("*", cgroup))
+
+
+# The smallest spread each feature is given (log1p units): a count that is usually 0
+# going to 2 is not a 20-sigma event. Novelty features (a thing never seen) keep a small
+# one (one new executable: about 5.5 sigma); counts move by a few for nothing; bytes by a
+# factor of 10.
+_NOVEL, _COUNT, _BYTES = math.log1p(1) / 5.5, math.log1p(3), math.log(10)
+FLOORS_LOG = {"execs": _COUNT, "new_exes": _NOVEL, "new_exes_here": _NOVEL, "conns": _COUNT,
+              "fanout": _COUNT, "new_dsts": _NOVEL, "new_ports": _NOVEL, "failed": _COUNT,
+              "egress_bytes": _BYTES, "new_dst_bytes": _BYTES,
+              "new_listens": math.log1p(1) / 10,   # a new service port: about 10 sigma
+              "gpu_procs": _NOVEL, "gpu_util": math.log1p(10), "gpu_unauth_bytes": _BYTES}
 
 
 def scale(raw: list[float]) -> list[float]:
@@ -53,13 +69,21 @@ def unscale(i: int, x: float) -> float:
     return math.expm1(x * FEATURES[i][1])
 
 
+# A destination is "never seen" by its /16 (IPv4) or /32 (IPv6): CDNs and object stores
+# hand out addresses from many /24s of the same provider block (a checkpoint upload, an
+# apt mirror, a SaaS API land on a new /24 every few hours), which made /24 novelty a
+# false alarm a day; a provider block never seen is still news. ADDING bits here changes
+# the snapshot's signature (persist.signature).
+PREFIX_V4, PREFIX_V6 = 16, 32
+
+
 def prefix(addr: str) -> str:
-    """The /24 (IPv4) or /48 (IPv6) of a destination; the text itself if not an address."""
+    """The /16 (IPv4) or /32 (IPv6) of a destination; the text itself if not an address."""
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
         return addr
-    bits = 24 if ip.version == 4 else 48
+    bits = PREFIX_V4 if ip.version == 4 else PREFIX_V6
     return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
 
 
@@ -164,7 +188,7 @@ class Window:
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
         new_pfx = {prefix(a) for a, _ in dsts if a and prefix(a) not in known.dsts}
-        new_ports = {str(p) for _, p in dsts if p and str(p) not in known.ports}
+        new_ports = {port_key(p) for _, p in dsts if p and port_key(p) not in known.ports}
         new_bytes = sum(b for (a, _), b in egress.items() if prefix(a) in new_pfx)
         new_listens = [p for p in self.listens if p not in known.listens]
         raw = [0.0] * DIM
@@ -199,7 +223,7 @@ class Known:
             if a:
                 self.dsts.add(prefix(a))
             if p:
-                self.ports.add(str(p))
+                self.ports.add(port_key(p))
         for p in w.listens:
             self.listens.add(p)
 
@@ -209,6 +233,12 @@ class Known:
 
     def size(self) -> int:
         return len(self.exes) + len(self.dsts) + len(self.ports) + len(self.listens)
+
+
+def port_key(port: int) -> str:
+    """A destination port for novelty: service ports each, ephemeral ones (peers' dynamic
+    ports: NCCL, load-balanced streams) as one."""
+    return "ephemeral" if port >= EPHEMERAL else str(port)
 
 
 def exe_key(f: dict[str, Any]) -> str:
@@ -225,3 +255,6 @@ def _int(v: Any) -> int:
         return int(v or 0)
     except (TypeError, ValueError):
         return 0
+
+
+FLOORS = [FLOORS_LOG[n] / cap for n, cap in FEATURES]   # scaled units

@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.detect.anomaly.beacon import BeaconTracker
 from agent.detect.anomaly.calibrate import Calibrator
-from agent.detect.anomaly.features import NAMES
+from agent.detect.anomaly.features import NAMES, PREFIX_V4, PREFIX_V6
 from agent.detect.anomaly.profile import Profile, Workload
 
 FORMAT = 1
@@ -19,7 +19,8 @@ def signature(eng) -> dict[str, Any]:
     loaded (its models would score vectors they never saw)."""
     c = eng.cfg
     return {"features": list(NAMES), "hst": [c.hst.trees, c.hst.depth], "seed": c.seed,
-            "loda": c.loda_projections, "window_s": c.window_s}
+            "loda": c.loda_projections, "window_s": c.window_s,
+            "prefix": [PREFIX_V4, PREFIX_V6]}
 
 
 def snapshot(eng, wall_s: float | None) -> dict[str, Any]:

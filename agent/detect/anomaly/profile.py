@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from agent.detect.anomaly.detectors import (FLOOR, HalfSpaceTrees, Loda, RobustMahalanobis,
-                                            Stats)
+from agent.detect.anomaly.detectors import HalfSpaceTrees, Loda, RobustMahalanobis, Stats
+from agent.detect.anomaly.features import FLOORS
 from agent.detect.anomaly.features import DIM, Known, Window
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
 LEARNED_MAX = 32      # windows learned as normal (feedback) kept per profile
 LEARN_TOLERANCE = 0.05
+# The slow mean moves less than a window does: its floors are a third of the windows'
+# (a sustained factor of 2-3 in a count, of 2 in bytes, is a drift worth a look).
+DRIFT_FLOOR_DIV = 3.0
 
 
 class Profile:
@@ -63,8 +66,8 @@ class Profile:
             self.slow[i] += a * (v - self.slow[i])
         if self.frozen is None:
             return None
-        return max(abs(s - m) / (1.4826 * dv + FLOOR)
-                   for s, m, dv in zip(self.slow, self.frozen.mean, self.frozen.dev))
+        return max(abs(s - m) / max(1.4826 * dv, f / DRIFT_FLOOR_DIV)
+                   for s, m, dv, f in zip(self.slow, self.frozen.mean, self.frozen.dev, FLOORS))
 
     def freeze(self) -> None:
         self.frozen = Stats(self.stats.dump())

@@ -5,8 +5,8 @@ engine.py readable."""
 from __future__ import annotations
 
 from agent.detect.anomaly import findings as fx
-from agent.detect.anomaly.features import DIM, NAMES, unscale
-from agent.detect.anomaly.profile import PROFILE_MIN, Workload
+from agent.detect.anomaly.features import DIM, FLOORS, NAMES, unscale
+from agent.detect.anomaly.profile import DRIFT_FLOOR_DIV, PROFILE_MIN, Workload
 from agent.model import Finding, Severity
 
 
@@ -23,8 +23,8 @@ def drift_finding(self, w, p, x, start, end, now, warm):
         p.drift_since = start
     if now - p.drift_since < self.cfg.drift.min_s * 1e9:
         return None
-    zs = [abs(s - m) / (1.4826 * d + 0.02)
-          for s, m, d in zip(p.slow, p.frozen.mean, p.frozen.dev)]
+    zs = [abs(s - m) / max(1.4826 * d, f / DRIFT_FLOOR_DIV)
+          for s, m, d, f in zip(p.slow, p.frozen.mean, p.frozen.dev, FLOORS)]
     order = sorted(range(DIM), key=lambda i: -zs[i])[:5]
     total = sum(zs[i] for i in order) or 1.0
     drv = [{"feature": NAMES[i], "value": round(unscale(i, p.slow[i]), 3),
