@@ -157,15 +157,19 @@ def investigations(findings: list, reopen_s: float) -> list:
     return opened
 
 
-def names_behaviour(f, b, args) -> bool:
-    """Whether finding f is behaviour b's: a finding naming destinations is b's only when
-    it names b's; one naming only a workload (or a binary) is b's when it is b's workload
-    and comes within grace_s of b's start (or of the warm-up's end, for a behaviour that
-    began during it: the engine is silent until then)."""
+def names_behaviour(f, b, args, injected_dsts=frozenset()) -> bool:
+    """Whether finding f is behaviour b's: it names b's destination; or it names b's workload
+    (or binary) within grace_s of b's start (or of the warm-up's end, for a behaviour that
+    began during it: the engine is silent until then) and names no other injected
+    behaviour's destination (a finding of the all-day low-and-slow export in the same
+    container is not the beacon's). Benign findings are already left out: the same finding
+    in the benign run of the seed is not the injection's."""
     scope = (f.evidence or {}).get("scope") or {}
-    dsts = scope.get("dst") or ()
-    if dsts:
-        return bool(b.dst) and b.dst in dsts
+    dsts = set(scope.get("dst") or ())
+    if b.dst and b.dst in dsts:
+        return True
+    if dsts & (set(injected_dsts) - {b.dst}):
+        return False
     if b.exe_sha256 and b.exe_sha256 in (scope.get("exe_sha256") or ()) and b.name == "miner":
         return True
     same_workload = f.entity == f"cgroup:{b.cgroup}" or (
@@ -198,12 +202,13 @@ def summarise(name: str, arm: dict, benign: dict, truth: list, args, windows: in
                          and abs(f.detected_mono_ns - g.detected_mono_ns) <= args.same_s * NS)
     extra = [f for f in found if not any(same(f, g) for g in benign)]
     per_behaviour, invalid, claimed = [], [], set()
+    dsts = frozenset(b.dst for b in truth if b.dst)
     for b in truth:
         if b.start_s > days * DAY_S - args.grace_s:
             invalid.append({"behaviour": b.name, "reason": "started too late in the run to judge"})
             continue
         hits = [f for f in extra if b.start_ns - NS <= f.detected_mono_ns <= b.end_ns + args.grace_s * NS
-                and names_behaviour(f, b, args)]
+                and names_behaviour(f, b, args, dsts)]
         claimed.update(id(f) for f in hits)
         first = min(hits, key=lambda f: f.detected_mono_ns) if hits else None
         tti = (first.detected_mono_ns - b.start_ns) / NS if first else None

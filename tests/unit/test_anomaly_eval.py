@@ -53,8 +53,11 @@ def test_a_finding_is_a_behaviours_by_its_destination_or_its_workload_near_its_s
     b = behaviour()
     web = f"cgroup:{b.cgroup}"
     assert ae.names_behaviour(finding(10_050, web, dst=[b.dst]), b, ARGS)
-    # it names other destinations: another behaviour's (or benign), even in the same workload
-    assert not ae.names_behaviour(finding(10_050, web, dst=["203.0.113.10"]), b, ARGS)
+    # it names another injected behaviour's destination, even in the same workload: not b's
+    assert not ae.names_behaviour(finding(10_050, web, dst=["203.0.113.10"]), b, ARGS,
+                                  {b.dst, "203.0.113.10"})
+    # destinations of no behaviour (the window's other traffic): the workload decides
+    assert ae.names_behaviour(finding(10_050, web, dst=["10.0.1.101"]), b, ARGS, {b.dst})
     assert ae.names_behaviour(finding(10_300, "cgroup:/other", container=b.container), b, ARGS)
     assert not ae.names_behaviour(finding(10_000 + 601, web), b, ARGS)
     assert not ae.names_behaviour(finding(10_050, "cgroup:/other"), b, ARGS)
