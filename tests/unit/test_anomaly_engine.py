@@ -193,3 +193,19 @@ def test_drift_finds_a_boiling_frog_and_learn_refreezes_the_reference():
     assert "moved away from its reference" in f.evidence["summary"]
     eng.learn(f.evidence)          # "learn as normal": the reference is frozen anew
     assert eng.profiles[eng.workloads[WEB_ID].profile].drift_since is None
+
+
+def test_what_a_finding_reported_stays_news(warmed):
+    """The attacker's destination, reported once, is not "known" the next time: a second
+    burst to it from a new container of the same kind is found again (until feedback)."""
+    eng = fresh(warmed[1])
+    first = [e for i in range(20) for e in connect(3101 + i, "198.51.100.9", 8443, size=5_000_000)]
+    found = replay(eng, benign(5, 3000, 3300) + first, 3000, 3300)
+    assert any("198.51.100.9" in f.evidence["scope"].get("dst", []) for _, f in found)
+    other = "b" * 24
+    second = [e for i in range(20) for e in connect(
+        9001 + i, "198.51.100.9", 8443, size=5_000_000, container=other,
+        cgroup=WEB.replace(WEB_ID, other))]
+    later = replay(eng, benign(6, 8900, 9200) + second, 8900, 9200)
+    hits = [f for _, f in later if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
+    assert hits and hits[0].evidence["scope"]["container"] == other

@@ -62,6 +62,7 @@ class AnomalyEngine:
         self.now = 0
         self.kernel_bytes = False
         self.unattributed = False
+        self._reported = False      # the window being closed produced a finding
         self.restored = "fresh start"
         self._rebase_from: int | None = None    # snapshot time awaiting the first clock
 
@@ -197,6 +198,7 @@ class AnomalyEngine:
         node_known = self.profiles["node"].known
         warm = self.warm(now)
         fired: set[str] = set()     # detectors a workload fired on in this window
+        reported: set[str] = set()  # never-seen items findings of this window named
         # The node last: a node finding that only repeats a workload's is left out.
         for w in [*self.workloads.values(), self.node]:
             if w is not self.node and not w.window.active:
@@ -245,9 +247,15 @@ class AnomalyEngine:
                     out.append(f)
             if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
                 p.learn(x)
-            # Never-seen is news once: what a flagged window saw is known from now on (the
-            # finding told it; the models above still learn nothing from that window).
-            p.known.commit(w.window, self.kernel_bytes)
+            # What a finding reported stays never-seen (here and node-wide) until feedback
+            # says "learn": the same destination or binary next time is news again, not
+            # the attacker's now-familiar infrastructure. Everything else is known now.
+            if self._reported:
+                reported |= {*new["exes"], *new["dsts"], *new["ports"], *new["listens"]}
+            else:
+                p.known.commit(w.window, self.kernel_bytes,
+                               reported if w is self.node else frozenset())
+            self._reported = False
             p.windows += 1
             w.window = type(w.window)()
         self.unattributed = False
@@ -290,6 +298,7 @@ class AnomalyEngine:
         """Dedup (one per workload, detector and kind of driver -- executables, network,
         listeners, GPU -- per dedup_s unless 100 times less likely), then shadow (counted,
         kept in status) or returned."""
+        self._reported = True
         key = f"{det}:{group}" if group else det
         last = w.last_alert.get(key)
         if last is not None and now - last[0] < self.cfg.dedup_s * 1e9 and \

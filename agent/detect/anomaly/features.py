@@ -216,16 +216,19 @@ class Known:
         self.ports = Novelty(limit, d.get("ports", ()))
         self.listens = Novelty(limit, d.get("listens", ()))
 
-    def commit(self, w: Window, use_kernel_bytes: bool) -> None:
+    def commit(self, w: Window, use_kernel_bytes: bool, skip: set[str] = frozenset()) -> None:
+        """What the window saw becomes known, but for `skip` (what findings reported)."""
         for k in w.exes:
-            self.exes.add(k)
+            if k not in skip:
+                self.exes.add(k)
         for a, p in set(w.dsts) | set(w.egress(use_kernel_bytes)):
-            if a:
+            if a and prefix(a) not in skip:
                 self.dsts.add(prefix(a))
-            if p:
+            if p and port_key(p) not in skip:
                 self.ports.add(port_key(p))
         for p in w.listens:
-            self.listens.add(p)
+            if p not in skip:
+                self.listens.add(p)
 
     def dump(self) -> dict[str, list[str]]:
         return {"exes": self.exes.dump(), "dsts": self.dsts.dump(), "ports": self.ports.dump(),
