@@ -16,6 +16,7 @@ from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
 from agent.detect.anomaly.features import (DIM, INDEX, exe_key, port_key, prefix, profile_of,
                                            scale)
+from agent.detect.anomaly.replaced import Replacements
 from agent.detect.anomaly.profile import LEARNED_MAX, PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
@@ -57,6 +58,7 @@ class AnomalyEngine:
         self.counters: Counter[str] = Counter()
         self.shadow: deque[dict[str, Any]] = deque(maxlen=SHADOW_KEEP)
         self.exe_paths: dict[str, str] = {}
+        self.replaced = Replacements(cfg.novelty_max)   # executables a package replaced
         self.started_ns: int | None = None
         self.window_start: int | None = None
         self.now = 0
@@ -95,6 +97,9 @@ class AnomalyEngine:
         target = w or self.node
         if w is not None:
             w.window.add(kind, f, ev.subject)
+        if kind in ("proc.exec", "activity.exec_new") and self.replaced.exec(
+                f, self._profile(target.profile).known, self.profiles["node"].known, ev.mono_ns):
+            self.counters["replaced_exes"] += 1
         if kind in ("proc.exec", "activity.exec_new", "flow.connect"):
             key = exe_key(f)
             if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:
@@ -390,6 +395,7 @@ class AnomalyEngine:
                 "evicted": self.counters["workloads_evicted"] + self.beacon.evicted,
                 "malformed_events": self.counters["events_malformed"],
                 "learned": self.counters["learned"], "restored": self.restored,
+                "replaced_exes": self.counters["replaced_exes"],
                 "volume_only": {d: self.counters[f"volume_only.{d}"] for d in self.models},
                 "shadow": list(self.shadow)}
 

@@ -1,0 +1,63 @@
+"""Executables a package manager replaced: a new file at a path the host already ran.
+
+An upgrade (apt, dpkg) gives /usr/bin/curl a new inode and hash; without this, the next
+cron run of curl is "an executable never seen on this node". A new file counts as the old
+one's replacement only when ALL of these hold (narrow on purpose; an attacker can ride
+anything wider):
+- it runs in no container (host cgroups only: a container's root cannot plant it);
+- the same path ran before, as a file the node knew, on the same device (same filesystem);
+- a package manager (PACKAGE_MANAGERS, itself a file the node knew) ran on the host AFTER
+  that last run of the old file and at most REPLACE_WITHIN_S before this one.
+Residual risk, said plainly: root on the host who overwrites a binary in place (same path,
+same filesystem) after a package manager ran and before the binary's next run is not
+reported as a new executable (its other features, connections and listeners, still are);
+root on the host has other ways in anyway. What is accepted is counted (status
+"replaced_exes") and the path's history is bounded (least recently run evicted)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from agent.detect.anomaly.features import Known, exe_key
+
+PACKAGE_MANAGERS = frozenset(("/usr/bin/dpkg", "/bin/dpkg", "/usr/bin/rpm", "/bin/rpm",
+                              "/sbin/apk", "/usr/bin/pacman"))
+REPLACE_WITHIN_S = 26 * 3600     # a daily job runs the upgraded binary up to a day later
+
+
+def _dev(exe_id: Any) -> str:
+    """The device part of a kernel file id ("259:2:131000" -> "259:2")."""
+    return str(exe_id).rsplit(":", 1)[0] if exe_id else ""
+
+
+class Replacements:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.paths: OrderedDict[str, list] = OrderedDict()   # path -> [key, dev, last_ns]
+        self.pm_ns: int | None = None      # last run of a known package manager on the host
+        self.accepted = 0
+
+    def exec(self, f: dict[str, Any], profile: Known, node: Known, now: int) -> bool:
+        """One exec on this host; True when its file was taken as a package's replacement
+        (then known to the node, and to the profile where the old file was)."""
+        path, key = f.get("exe"), exe_key(f)
+        if not key or not isinstance(path, str) or f.get("container") or f.get("container_id"):
+            return False
+        dev = _dev(f.get("exe_id"))
+        accepted = False
+        prev = self.paths.get(path)
+        if key not in node.exes and prev is not None and prev[0] != key and dev and \
+                prev[1] == dev and prev[0] in node.exes and self.pm_ns is not None and \
+                prev[2] <= self.pm_ns <= now and now - self.pm_ns <= REPLACE_WITHIN_S * 1e9:
+            node.exes.add(key)
+            if prev[0] in profile.exes:
+                profile.exes.add(key)
+            self.accepted += 1
+            accepted = True
+        if path in PACKAGE_MANAGERS and key in node.exes:
+            self.pm_ns = now
+        self.paths[path] = [key, dev, now]
+        self.paths.move_to_end(path)
+        if len(self.paths) > self.limit:
+            self.paths.popitem(last=False)
+        return accepted
