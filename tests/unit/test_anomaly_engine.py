@@ -202,6 +202,9 @@ def test_what_a_finding_reported_stays_news(warmed):
     first = [e for i in range(20) for e in connect(3101 + i, "198.51.100.9", 8443, size=5_000_000)]
     found = replay(eng, benign(5, 3000, 3300) + first, 3000, 3300)
     assert any("198.51.100.9" in f.evidence["scope"].get("dst", []) for _, f in found)
+    # Its block stays news; the service port alone becomes known (a port is no one's).
+    known = eng.profiles[eng.workloads[WEB_ID].profile].known
+    assert "198.51.0.0/16" not in known.dsts and "8443" in known.ports
     other = "b" * 24
     second = [e for i in range(20) for e in connect(
         9001 + i, "198.51.100.9", 8443, size=5_000_000, container=other,

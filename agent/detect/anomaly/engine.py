@@ -256,7 +256,12 @@ class AnomalyEngine:
             # says "learn": the same destination or binary next time is news again, not
             # the attacker's now-familiar infrastructure. Everything else is known now.
             if self._reported:
-                reported |= {*new["exes"], *new["dsts"], *new["ports"], *new["listens"]}
+                # A port number alone is no one's infrastructure (every job's first NFS
+                # 2049 or 443 would be news again): it becomes known; listeners stay news.
+                reported |= {*new["exes"], *new["dsts"], *new["listens"]}
+                for port in new["ports"]:
+                    p.known.ports.add(port)
+                    node_known.ports.add(port)
             else:
                 p.known.commit(w.window, self.kernel_bytes,
                                reported if w is self.node else frozenset())
