@@ -22,8 +22,8 @@ Invalid runs (an engine that scored no window, a behaviour that started too late
 run to be judged) are listed with their reason and left out; the exit status is 1 when
 any run is invalid (figures that measure nothing are not averaged).
 
-    .venv/bin/python bench/anomaly_eval.py --quick            # 2 node-days, 1 seed
-    .venv/bin/python bench/anomaly_eval.py --days 10 --json   # the recorded figures
+    .venv/bin/python bench/anomaly_eval.py --quick            # 2 node-days, 3 arms
+    .venv/bin/python bench/anomaly_eval.py --jobs 8 --json    # 2 nodes x 8 days, every arm
 """
 from __future__ import annotations
 
@@ -157,15 +157,19 @@ def investigations(findings: list, reopen_s: float) -> list:
     return opened
 
 
-def names_behaviour(f, b, args) -> bool:
-    """Whether finding f is behaviour b's: a finding naming destinations is b's only when
-    it names b's; one naming only a workload (or a binary) is b's when it is b's workload
-    and comes within grace_s of b's start (or of the warm-up's end, for a behaviour that
-    began during it: the engine is silent until then)."""
+def names_behaviour(f, b, args, injected_dsts=frozenset()) -> bool:
+    """Whether finding f is behaviour b's: it names b's destination; or it names b's workload
+    (or binary) within grace_s of b's start (or of the warm-up's end, for a behaviour that
+    began during it: the engine is silent until then) and names no other injected
+    behaviour's destination (a finding of the all-day low-and-slow export in the same
+    container is not the beacon's). Benign findings are already left out: the same finding
+    in the benign run of the seed is not the injection's."""
     scope = (f.evidence or {}).get("scope") or {}
-    dsts = scope.get("dst") or ()
-    if dsts:
-        return bool(b.dst) and b.dst in dsts
+    dsts = set(scope.get("dst") or ())
+    if b.dst and b.dst in dsts:
+        return True
+    if dsts & (set(injected_dsts) - {b.dst}):
+        return False
     if b.exe_sha256 and b.exe_sha256 in (scope.get("exe_sha256") or ()) and b.name == "miner":
         return True
     same_workload = f.entity == f"cgroup:{b.cgroup}" or (
@@ -198,12 +202,13 @@ def summarise(name: str, arm: dict, benign: dict, truth: list, args, windows: in
                          and abs(f.detected_mono_ns - g.detected_mono_ns) <= args.same_s * NS)
     extra = [f for f in found if not any(same(f, g) for g in benign)]
     per_behaviour, invalid, claimed = [], [], set()
+    dsts = frozenset(b.dst for b in truth if b.dst)
     for b in truth:
         if b.start_s > days * DAY_S - args.grace_s:
             invalid.append({"behaviour": b.name, "reason": "started too late in the run to judge"})
             continue
         hits = [f for f in extra if b.start_ns - NS <= f.detected_mono_ns <= b.end_ns + args.grace_s * NS
-                and names_behaviour(f, b, args)]
+                and names_behaviour(f, b, args, dsts)]
         claimed.update(id(f) for f in hits)
         first = min(hits, key=lambda f: f.detected_mono_ns) if hits else None
         tti = (first.detected_mono_ns - b.start_ns) / NS if first else None
@@ -223,6 +228,9 @@ def summarise(name: str, arm: dict, benign: dict, truth: list, args, windows: in
             "benign_findings": len(benign), "false_investigations": k,
             "false_per_day": round(k / days, 3), "false_per_day_upper95": round(poisson_upper(k, days), 3),
             "false_by_detector": _count(detector_of(f) for f in opened),
+            # day 0 is a fresh install: its daily jobs, updates and images are all new
+            "false_by_day": [sum(int((f.detected_mono_ns - args.base_ns) // (DAY_S * NS)) == d
+                                 for f in opened) for d in range(days)],
             "false_examples": [{"rule": f.rule_id, "entity": f.entity,
                                 "at_s": round((f.detected_mono_ns - args.base_ns) / NS),
                                 "summary": (f.evidence or {}).get("summary")} for f in opened[:5]],
@@ -290,7 +298,11 @@ def merge(per_seed: list[list[dict]], days: int) -> list[dict]:
         for r in runs:
             for d, n in r["false_by_detector"].items():
                 by_det[d] = by_det.get(d, 0) + n
+        later = sum(sum(r["false_by_day"][1:]) for r in runs)
+        later_days = (days - 1) * len(runs)
         merged.append({
+            "false_per_day_after_day0": round(later / later_days, 3) if later_days else None,
+            "false_by_day": [r["false_by_day"] for r in runs],
             "arm": runs[0]["arm"], "detectors": runs[0]["detectors"], "node_days": exposure,
             "false_investigations": k, "false_per_day": round(k / exposure, 3),
             "false_per_day_upper95": round(poisson_upper(k, exposure), 3),
@@ -340,7 +352,8 @@ def print_table(results: list[dict], args) -> None:
     print(f"\nshipped configuration ({', '.join(shipped['detectors'])}):")
     for b in shipped["behaviours"]:
         late = b["tti_s"] is None or b["tti_s"] > TARGET_TTI_S
-        warm = "" if b["tti_after_warmup_s"] is None else f" ({b['tti_after_warmup_s']:.0f} s after warm-up)"
+        w = b["tti_after_warmup_s"]
+        warm = "" if w is None else f" ({w:.0f} s after warm-up)" if w >= 0 else " (during the warm-up)"
         print(f"  {'MISS' if late else 'ok  '} seed {b['seed']} {b['behaviour']:<13} "
               f"at {b['start_s']:>8.0f} s in {b['workload']}: "
               + (f"{b['tti_s']:.1f} s{warm} by {b['by']}: {b['summary']}" if b["found"] else "not found")
@@ -349,7 +362,8 @@ def print_table(results: list[dict], args) -> None:
     print(f"  {'ok  ' if ok else 'MISS'} {shipped['false_per_day']:.2f} false investigations per "
           f"node-day (target <= {TARGET_FALSE_PER_DAY}; 95% upper bound "
           f"{shipped['false_per_day_upper95']:.2f}) over {shipped['node_days']} node-days; "
-          f"by detector {shipped['false_by_detector']}")
+          f"by detector {shipped['false_by_detector']}; per day (each seed) {shipped['false_by_day']}, "
+          f"{shipped['false_per_day_after_day0']} a day after the install day")
     for e in shipped["false_examples"]:
         print(f"    false: seed {e['seed']} t={e['at_s']} s {e['rule']} {e['entity'][:70]}: {e['summary']}")
 
@@ -357,10 +371,13 @@ def print_table(results: list[dict], args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--days", type=int, default=10, help="consecutive node-days per seed (10)")
+    # 16 node-days: with no false investigation, the 95% upper bound is 3.0/16 = 0.19 a day,
+    # the least that shows the 0.2/day target met.
+    ap.add_argument("--days", type=int, default=8, help="consecutive node-days per seed (8)")
     ap.add_argument("--seed", type=int, default=1, help="first seed (1)")
-    ap.add_argument("--seeds", type=int, default=1, help="how many nodes (seeds) (1)")
-    ap.add_argument("--quick", action="store_true", help="2 node-days, shipped arm and baselines only")
+    ap.add_argument("--seeds", type=int, default=2, help="how many nodes (seeds) (2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 node-days of one node, the shipped arm and the two baselines only")
     ap.add_argument("--json", action="store_true", help="the figures as JSON")
     ap.add_argument("--arms", default="shipped,each",
                     help="comma list: shipped, each (every detector alone) or detector names")
@@ -383,7 +400,7 @@ def main(argv=None) -> int:
     args.warmup_s = float(base.get("warmup_s", cfg_cls().warmup_s))
     args.base_ns = BASE_NS
     if args.quick:
-        args.days = min(args.days, 2)
+        args.days, args.seeds = min(args.days, 2), 1
         if args.arms == "shipped,each":
             args.arms = "shipped,newexe,zscore"
     args.behaviours = tuple(b for b in args.behaviours.split(",") if b)

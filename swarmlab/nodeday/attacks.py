@@ -1,7 +1,8 @@
 """Injected suspicious behaviours, each with its ground truth (start = the attacker's first
 action, end, the workload it runs in, its destination). They use the workload's own
 identities where a real attacker would (its python for a beacon or an export: no new
-binary to see), and attacker addresses from the documentation ranges.
+binary to see), and attacker addresses in public hosting ranges the benign services never use, a new /16
+for every trial.
 
 - beacon:       an implant calling home every 4-8 s +- 30 % (new TCP connection each time,
                 a few hundred bytes) from the web service's python, 10-30 min.
@@ -23,6 +24,16 @@ from swarmlab.nodeday.node import Node
 from swarmlab.nodeday.workloads import PY, Training, Web
 
 BEHAVIOURS = ("beacon", "exfil", "miner", "listener", "low_and_slow")
+# First octets of public ranges none of the node's benign services use (hosting providers'):
+# each trial's attacker address gets its own /16, so one trial's destination being seen
+# never hides the next (no traffic is ever sent to them: the events are synthetic).
+ATTACKER_FIRST_OCTETS = (5, 31, 37, 45, 46, 62, 77, 79, 80, 82, 85, 87, 89, 91, 92, 93, 94,
+                         95, 109, 141, 146, 176, 178, 185, 188, 193, 194, 195, 212, 213, 217)
+
+
+def attacker_addr(rng: random.Random) -> str:
+    return (f"{rng.choice(ATTACKER_FIRST_OCTETS)}.{rng.randrange(256)}.{rng.randrange(256)}."
+            f"{rng.randrange(1, 255)}")
 
 
 @dataclass
@@ -54,7 +65,7 @@ def _truth(name: str, start: float, end: float, cg: Cgroup, **kw) -> Behaviour:
 def beacon(node: Node, rng: random.Random, web: Web, train: Training, t: float):
     cg = web.at(t)
     p = node.proc(cg, node.image_exe(cg, cg.image, PY), 1000, "python3", attacker=True)
-    dst, period, dur = f"203.0.113.{rng.randrange(2, 250)}", rng.uniform(4, 8), rng.uniform(600, 1800)
+    dst, period, dur = attacker_addr(rng), rng.uniform(4, 8), rng.uniform(600, 1800)
     out: list = []
     s = t
     while s < t + dur:
@@ -73,7 +84,7 @@ def exfil(node: Node, rng: random.Random, web: Web, train: Training, t: float):
         cg = web.at(t)
         exe = node.image_exe(cg, cg.image, PY)
     p = node.proc(cg, exe, 1000, "python3", attacker=True)
-    dst, size, dur = f"198.51.100.{rng.randrange(2, 250)}", rng.randint(1, 4) * 2**30, rng.uniform(60, 180)
+    dst, size, dur = attacker_addr(rng), rng.randint(1, 4) * 2**30, rng.uniform(60, 180)
     out: list = []
     node.upload(out, rng, t, p, dst, 443, size, dur)
     return out, _truth("exfil", t, t + dur, cg, dst=dst, dport=443, exe_sha256=exe.sha256,
@@ -85,9 +96,10 @@ def miner(node: Node, rng: random.Random, web: Web, train: Training, t: float):
     if job is None:     # between jobs: the next one's container, once it runs
         job = next(j for j in train.jobs if j.start > t)
         t = job.start + 600
-    exe = node.image_exe(job.cg, "attacker", "/tmp/.cache/kworkerd")
+    # each trial's build differs (its pool and wallet are compiled in): a new hash each time
+    exe = node.image_exe(job.cg, f"attacker:{rng.getrandbits(64):x}", "/tmp/.cache/kworkerd")
     p = node.proc(job.cg, exe, 1000, "kworkerd", attacker=True)
-    dst, dport, dur = f"198.51.100.{rng.randrange(2, 250)}", rng.choice((3333, 4444, 14444)), rng.uniform(600, 1800)
+    dst, dport, dur = attacker_addr(rng), rng.choice((3333, 4444, 14444)), rng.uniform(600, 1800)
     out = [node.exec(t, p)]
     c = node.connection(out, rng, t + 0.5, p, dst, dport, dur, int(dur * 40), int(dur * 60), rtt_s=0.05)
     c.streamed = True
@@ -115,7 +127,7 @@ def low_and_slow(node: Node, rng: random.Random, web: Web, train: Training, t: f
                  until: float):
     cg = web.at(t)
     p = node.proc(cg, node.image_exe(cg, cg.image, PY), 1000, "python3", attacker=True)
-    dst = f"203.0.113.{rng.randrange(2, 250)}"
+    dst = attacker_addr(rng)
     until = min([until] + [r for r in web.redeploys.values() if r > t])   # dies with its container
     out: list = []
     s = t
