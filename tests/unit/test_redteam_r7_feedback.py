@@ -1,0 +1,93 @@
+"""Red team r7 (area B): feedback records whose scope an attacker can piggyback on.
+
+A finding's scope lists up to 8 executables and destinations, and a record matches when
+ANY of them is in its scope. A suppressed (not learned) executable stays never-seen, so it
+is in the scope of every later window that runs it. An attacker who runs that benign,
+already-excused executable in the same window as a miner gets the miner's findings kept
+back: the exception silences more than "exactly that" pattern."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.detect.anomaly import AnomalyEngine
+from agent.respond.feedbackbook import FeedbackBook
+from agent.state.store import Store
+from tests.unit.anomaly_stream import WEB, WEB_ID, benign, config, ev, replay
+
+NODE = "node-1"
+BENIGN_SHA, MINER_SHA = "bb" * 32, "cc" * 32
+
+
+@pytest.fixture(scope="module")
+def snap():
+    eng = AnomalyEngine(config(), NODE)
+    replay(eng, benign(1, 0, 3000), 0, 3000)
+    return json.loads(json.dumps(eng.snapshot()))
+
+
+class Clock:
+    t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_benign_executable_run_beside_a_miner_does_not_hide_the_miner(snap, tmp_path: Path):
+    eng = AnomalyEngine.restore(config(), NODE, snap)
+    # 1. A benign new tool (say, a package update's helper) runs once: findings.
+    evs = benign(3, 3000, 3300) + [ev("proc.exec", 3101, "pid:9", exe="/usr/bin/helper",
+                                      exe_id="8:1:4242", exe_sha256=BENIGN_SHA,
+                                      cgroup=WEB, container=WEB_ID)]
+    first = [f for _, f in replay(eng, evs, 3000, 3300)]
+    assert first, "the benign tool raised no finding (precondition)"
+    store = Store(tmp_path / "state.db")
+    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=Clock())
+    incident = None
+    for f in first:
+        incident = store.record_finding(f, 999_990.0, 999_995.0).id
+    # 2. The operator marks it a false positive with the default scope (the helper's sha).
+    planned = book.plan(incident, by="local:uid=0", reason="apt's helper")
+    assert planned and all(r.scope_kind == "exe" or r.scope_kind == "address"
+                           for r in planned)
+    book.commit(planned)
+    # 3. Later the attacker runs a miner, and the helper in the same window.
+    evs = benign(5, 3300, 4700) + [
+        ev("proc.exec", 4503, "pid:20", exe="/usr/bin/helper", exe_id="8:1:4242",
+           exe_sha256=BENIGN_SHA, cgroup=WEB, container=WEB_ID),
+        ev("proc.exec", 4503.2, "pid:21", exe="/tmp/.miner", exe_id="8:1:6666",
+           exe_sha256=MINER_SHA, cgroup=WEB, container=WEB_ID)]
+    second = [f for _, f in replay(eng, evs, 3300, 4700)
+              if MINER_SHA in f.evidence.get("scope", {}).get("exe_sha256", [])]
+    assert second, "the miner raised no finding (precondition)"
+    kept_back = [f.rule_id for f in second if book.check(f) is not None]
+    # What should happen: the miner is not the pattern the operator excused; it alerts.
+    assert kept_back == [], f"the miner's findings were silenced by the helper's " \
+        f"exception: {kept_back}"
+    store.close()
+
+
+def test_excusing_a_new_executable_does_not_silence_the_workloads_usual_destination(
+        snap, tmp_path: Path):
+    """The benign helper's window also had the workload's usual database connections; a
+    detector whose drivers included a network feature lists 10.0.0.5 (not new) in its
+    scope.dst, and the default scope takes an address before an executable: the verdict
+    "this helper is fine" becomes "this detector never alerts on anything that talks to
+    the database" -- on every workload of the node."""
+    eng = AnomalyEngine.restore(config(), NODE, snap)
+    evs = benign(3, 3000, 3300) + [ev("proc.exec", 3101, "pid:9", exe="/usr/bin/helper",
+                                      exe_id="8:1:4242", exe_sha256=BENIGN_SHA,
+                                      cgroup=WEB, container=WEB_ID)]
+    first = [f for _, f in replay(eng, evs, 3000, 3300)]
+    store = Store(tmp_path / "state.db")
+    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=Clock())
+    incident = None
+    for f in first:
+        incident = store.record_finding(f, 999_990.0, 999_995.0).id
+    planned = book.plan(incident, by="local:uid=0", reason="apt's helper")
+    scopes = {(r.rule, r.scope_kind, r.scope_value) for r in planned}
+    assert not [s for s in scopes if s[1] == "address"], \
+        f"a never-new destination became a default scope: {sorted(scopes)}"
+    store.close()
