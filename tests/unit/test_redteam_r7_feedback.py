@@ -8,11 +8,13 @@ back: the exception silences more than "exactly that" pattern."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from agent.detect.anomaly import AnomalyEngine
+from agent.model import EventClass, Finding, Severity
 from agent.respond.feedbackbook import FeedbackBook
 from agent.state.store import Store
 from tests.unit.anomaly_stream import WEB, WEB_ID, benign, config, ev, replay
@@ -91,3 +93,49 @@ def test_excusing_a_new_executable_does_not_silence_the_workloads_usual_destinat
     assert not [s for s in scopes if s[1] == "address"], \
         f"a never-new destination became a default scope: {sorted(scopes)}"
     store.close()
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}"
+
+
+def _exe_finding(exe_id: str, dst: str) -> Finding:
+    scope = {"node": NODE, "cgroup": WEB, "container": WEB_ID, "exe_id": [exe_id],
+             "dst": [dst], "dport": [443]}
+    return Finding(rule_id="anomaly.beacon", rule_version=3,
+                   event_class=EventClass.SUSPICIOUS_ACTIVITY, severity=Severity.MEDIUM,
+                   entity=f"cgroup:{WEB}", action="investigate", first_mono_ns=1,
+                   detected_mono_ns=2, evidence={"detector": "beacon", "scope": scope})
+
+
+def test_scope_exe_without_a_value_does_not_take_a_reusable_file_id(tmp_path: Path):
+    """exe_sha256 may be None (CONTRACT11); `--scope exe` then silently takes the kernel
+    file id (dev:ino), which README says happens only when the id is named. Once the
+    excused file is deleted, the next file created gets its inode (ext4 reuses it at
+    once), and that file's findings are kept back."""
+    helper = tmp_path / "helper"
+    helper.write_bytes(b"#!/bin/sh\nexit 0\n")
+    helper_id = _file_id(helper)
+    # (The attacker's swap is done first here only so that the store's own files do not
+    # take the freed inode in this test; the record holds the id text either way.)
+    helper.unlink()
+    miner = tmp_path / "miner"
+    miner.write_bytes(b"\x7fELF a miner")
+    if _file_id(miner) != helper_id:
+        pytest.skip("this filesystem did not reuse the inode")
+    (tmp_path / "db").mkdir()
+    store = Store(tmp_path / "db" / "state.db")
+    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=Clock())
+    incident = store.record_finding(_exe_finding(helper_id, "203.0.113.7"),
+                                    999_990.0, 999_995.0).id
+    try:
+        planned = book.plan(incident, scope="exe", by="local:uid=0", reason="our helper")
+    except ValueError:
+        store.close()
+        return      # refused (asks for the id by name, or for content): what should happen
+    book.commit(planned)
+    kept = book.check(_exe_finding(_file_id(miner), "198.51.100.66"))
+    store.close()
+    assert kept is None, f"the miner (same inode, other content, other destination) was " \
+        f"kept back by {kept.scope_kind}={kept.scope_value}"
