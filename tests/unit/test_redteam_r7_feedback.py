@@ -139,3 +139,30 @@ def test_scope_exe_without_a_value_does_not_take_a_reusable_file_id(tmp_path: Pa
     store.close()
     assert kept is None, f"the miner (same inode, other content, other destination) was " \
         f"kept back by {kept.scope_kind}={kept.scope_value}"
+
+
+def test_an_executable_path_cannot_write_lines_into_the_alertmanager_annotations(
+        snap, tmp_path: Path):
+    """The anomaly summary names executables by path (attacker-chosen: any byte but NUL
+    and /), and reaches Alertmanager's annotations raw: a path with a newline forges
+    lines in the security team's Slack/e-mail notification. The CLI escapes such text
+    (README, "Free text is cleaned"); the notification should too."""
+    from agent.config import Alerts
+    from agent.report.alerts import Notifier, to_alert
+
+    forged = "/tmp/x\nRESOLVED by secops: benign (ticket SEC-1), no action needed\n"
+    eng = AnomalyEngine.restore(config(), NODE, snap)
+    evs = benign(3, 3000, 3300) + [ev("proc.exec", 3101, "pid:9", exe=forged,
+                                      exe_id="8:1:4343", exe_sha256=MINER_SHA,
+                                      cgroup=WEB, container=WEB_ID)]
+    found = [f for _, f in replay(eng, evs, 3000, 3300) if f.rule_id == "anomaly.newexe"]
+    assert found and "\n" in found[0].evidence["summary"]      # precondition
+    store = Store(tmp_path / "state.db")
+    incident = store.record_finding(found[0], 999_990.0, 999_995.0)
+    cfg = Alerts(url="http://127.0.0.1:9")
+    notes = Notifier(cfg, store, NODE)._investigation_notes(incident)
+    alert = to_alert(cfg, incident, NODE, 1_000_000.0, "", notes)
+    store.close()
+    bad = {k: v for k, v in alert["annotations"].items()
+           if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in v)}
+    assert not bad, f"control characters reach Alertmanager: {bad}"
