@@ -166,3 +166,22 @@ def test_an_executable_path_cannot_write_lines_into_the_alertmanager_annotations
     bad = {k: v for k, v in alert["annotations"].items()
            if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in v)}
     assert not bad, f"control characters reach Alertmanager: {bad}"
+
+
+def test_a_decoy_executable_does_not_buy_an_hour_without_findings(snap):
+    """Dedup is per (workload, detector, kind of driver) for dedup_s (3600 s) unless 100
+    times less likely: a decoy never-seen executable at t opens the findings (and maybe
+    an operator's false-positive verdict), and a miner started in the same workload ten
+    minutes later raises NO finding from any detector -- it is never named to anyone."""
+    eng = AnomalyEngine.restore(config(), NODE, snap)
+    evs = benign(3, 3000, 4000) + [
+        ev("proc.exec", 3101, "pid:9", exe="/tmp/decoy", exe_id="8:1:4242",
+           exe_sha256=BENIGN_SHA, cgroup=WEB, container=WEB_ID),
+        ev("proc.exec", 3701, "pid:10", exe="/tmp/.miner", exe_id="8:1:6666",
+           exe_sha256=MINER_SHA, cgroup=WEB, container=WEB_ID)]
+    found = replay(eng, evs, 3000, 4000)
+    assert any(BENIGN_SHA in f.evidence["scope"].get("exe_sha256", []) for _, f in found)
+    named = [f.rule_id for _, f in found
+             if MINER_SHA in f.evidence["scope"].get("exe_sha256", [])]
+    assert named, "the miner, a second never-seen executable, raised no finding " \
+        "(deduplicated behind the decoy's)"
