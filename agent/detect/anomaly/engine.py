@@ -23,6 +23,7 @@ MODEL_VERSION = 1
 USED = frozenset(("flow.connect", "flow.close", "flow.listen", "flow.bytes", "activity.exec_new",
                   "activity.counts", "proc.exec", "gpu.process", "gpu.usage"))
 NEAR_P = 0.01         # windows this unusual teach the models nothing
+DEDUP_NEWS = 64      # new things remembered per deduplicated kind of finding
 HIGH_FACTOR = 100.0   # a tail probability this much under the budget: severity high
 SHADOW_KEEP = 20
 NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
@@ -301,11 +302,18 @@ class AnomalyEngine:
         self._reported = True
         key = f"{det}:{group}" if group else det
         last = w.last_alert.get(key)
-        if last is not None and now - last[0] < self.cfg.dedup_s * 1e9 and \
-                (tail is None or tail > last[1] / HIGH_FACTOR):
+        # What is new in it (executables, destinations, ports, listeners): a finding that
+        # brings something the last one of its kind did not is no duplicate (a decoy must
+        # not buy the attacker dedup_s of silence for what comes after it).
+        news = {f"{k}:{v}" for k, vs in (ev.get("new") or {}).items()
+                if isinstance(vs, list) for v in vs}
+        told = set(last[2]) if last is not None and len(last) > 2 else set()
+        recent = last is not None and now - last[0] < self.cfg.dedup_s * 1e9
+        if recent and (tail is None or tail > last[1] / HIGH_FACTOR) and news <= told:
             self.counters[f"dedup.{det}"] += 1
             return None
-        w.last_alert[key] = [now, 1.0 if tail is None else tail]
+        told = (told if recent else set()) | news
+        w.last_alert[key] = [now, 1.0 if tail is None else tail, sorted(told)[:DEDUP_NEWS]]
         alerting = self.alerting(det, kind)
         self._count(det, alerting)
         f = fx.finding(det, MODEL_VERSION, w.entity, sev, int(first_ns), now, ev)
