@@ -1,0 +1,48 @@
+"""Red team round 7, area A (anomaly engine): evasions found by replay through the real
+engine. Each test fails while the evasion works and passes once it is fixed."""
+from __future__ import annotations
+
+import random
+
+from agent.detect.anomaly import AnomalyEngine
+from tests.unit.anomaly_stream import config, connect, replay
+
+USER_APP = "/user.slice/user-1000.slice/user@1000.service/app.slice"
+SERVICE = "/system.slice/cron.service"
+
+
+def _beacon_over(cgroups, t0=300.0, t1=900.0):
+    """A jittered 5 s beacon to one external address from one executable, each connection
+    made from the next cgroup of `cgroups` (round robin)."""
+    r = random.Random(3)
+    evs, t, i = [], t0, 0
+    while t < t1:
+        evs += connect(t, "203.0.113.7", 443, cgroup=cgroups[i % len(cgroups)], container="",
+                       exe="/tmp/.x", exe_id="8:1:777", size=int(r.gauss(600, 20)))
+        t += 5 * r.uniform(0.7, 1.3)
+        i += 1
+    return evs
+
+
+def _beacon_findings(cgroups):
+    eng = AnomalyEngine(config(), "n")
+    found = replay(eng, _beacon_over(cgroups), 0, 900)
+    return [(t, f) for t, f in found if f.rule_id == "anomaly.beacon" and t - 300 <= 60]
+
+
+def test_control_beacon_from_one_cgroup_is_found():
+    assert _beacon_findings([SERVICE])
+
+
+def test_beacon_rotated_over_three_child_cgroups_is_still_found():
+    # Root in a service (or any delegated cgroup) makes x.service/a, /b, /c and connects
+    # from each in turn: each child is its own workload, so the destination has 3 "users"
+    # (prevalence_max) and is treated as shared; no pair is ever scored.
+    assert _beacon_findings([f"{SERVICE}/{c}" for c in "abc"])
+
+
+def test_beacon_from_a_fresh_transient_scope_per_connection_is_still_found():
+    # Unprivileged: `systemd-run --user --scope curl ...` puts every connection in a new
+    # run-r<id>.scope, a new workload key: no pair reaches min_conns, prevalence is full.
+    scopes = [f"{USER_APP}/run-r{k:x}0a.scope" for k in range(400)]
+    assert _beacon_findings(scopes)
