@@ -76,3 +76,25 @@ def test_one_beacon_over_eight_addresses_is_one_investigation():
     eng = AnomalyEngine(config(), "n")
     found = [f for t, f in replay(eng, _rotating_beacon(8), 0, 900) if f.rule_id == "anomaly.beacon"]
     assert len(found) == 1, [f.evidence["scope"].get("dst") for f in found]
+
+
+def test_failed_connect_flood_does_not_evict_the_beacon_pair():
+    # A 2-min beacon plus, from the same container, non-blocking connect()+close() to
+    # ever-new unroutable addresses (outcome "failed", 36/s: under the probe's per-cgroup
+    # cap of 256 per 5 s). Every failed connect is a beacon pair; the global LRU of
+    # max_pairs (4096) turns over every ~2 min, so the beacon's pair never holds min_conns.
+    # Without the flood it is found at ~734 s.
+    from tests.unit.anomaly_stream import WEB, WEB_ID, ev
+    eng = AnomalyEngine(config(), "n")
+    r = random.Random(3)
+    evs, t = [], 300.0
+    while t < 2400:
+        evs += connect(t, "198.51.100.9", 443, exe="/tmp/.x", exe_id="8:1:777",
+                       size=int(r.gauss(600, 20)))
+        t += 120 * r.uniform(0.8, 1.2)
+    for k in range((2400 - 300) * 36):
+        ip = f"45.{(k >> 16) & 255}.{(k >> 8) & 255}.{k & 255}"
+        evs.append(ev("flow.connect", 300 + k / 36, ip, daddr=ip, dport=80, outcome="failed",
+                      cgroup=WEB, container=WEB_ID))
+    found = replay(eng, evs, 0, 2400, step=1.0)
+    assert [t for t, f in found if f.rule_id == "anomaly.beacon"]
