@@ -74,7 +74,8 @@ def test_one_beacon_over_eight_addresses_is_one_investigation():
     # Over 8 addresses it is found at ~250 s, but as 8 findings (one per address) inside
     # the dedup period: 8 investigations for one implant.
     eng = AnomalyEngine(config(), "n")
-    found = [f for t, f in replay(eng, _rotating_beacon(8), 0, 900) if f.rule_id == "anomaly.beacon"]
+    found = [f for t, f in replay(eng, _rotating_beacon(8), 0, 900)
+             if f.rule_id == "anomaly.beacon"]
     assert len(found) == 1, [f.evidence["scope"].get("dst") for f in found]
 
 
