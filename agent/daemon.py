@@ -29,6 +29,8 @@ from pathlib import Path
 
 from agent import anomalystate, bundles, egresswatch
 from agent.agentview import AgentView
+from agent.anomalyhost import AnomalyHost
+from agent.probehost import ProbeHost
 from agent.bundles import BundleManager
 from agent.config import Config, ConfigError, check_host_root, check_interfaces
 from agent.control.server import ControlServer
@@ -65,7 +67,7 @@ STOP_DRAIN_S = 2.0        # at stop, queued events still go through the detector
 DROP_LOG_S = 10.0         # at most one log line about queue drops this often
 
 
-class Agent(AgentView):
+class Agent(AgentView, ProbeHost, AnomalyHost):
     """Wires one namespace's sources, detector, responder and enforcer together."""
 
     def __init__(self, cfg: Config):
@@ -204,106 +206,6 @@ class Agent(AgentView):
 
         return CompositeEnforcer(self.cfg, dry_run=self.cfg.dry_run)
 
-    def _open_probe(self) -> None:
-        try:
-            from agent.sources.net import NetProbe
-
-            probe = NetProbe(self.cfg.probes, list(self.cfg.interfaces), kernel_thresholds(self.rules))
-            probe.open()
-        except (OSError, RuntimeError, ImportError) as e:
-            # The agent keeps enforcing and answering without its network probe.
-            reason = getattr(e, "strerror", None) or str(e)
-            self.probe_status = {"net": {"state": "failed", "reason": reason}}
-            log.error("network probe unavailable", extra={"reason": reason})
-            return
-        self.probe = probe
-        self.probe_status = probe.status()
-
-    def _open_proc_probe(self) -> None:
-        """The process probe (breach rules) beside the network probe, for the processes this
-        agent owns (agent.sources.owners: its namespace's; the host agent's also those of
-        namespaces without an agent). Without it the agent runs on, reported degraded."""
-        try:
-            from agent.sources.proc import ProcProbe
-
-            probe = ProcProbe(self.cfg)
-            probe.open()
-        except (OSError, RuntimeError, ImportError) as e:
-            reason = getattr(e, "strerror", None) or str(e)
-            self.proc_status = {"proc": {"state": "failed", "reason": reason}}
-            log.error("process probe unavailable", extra={"reason": reason})
-            return
-        probe.set_exec_policy(self.detector.exec_needs)   # what the loaded rules need
-        self.proc_probe = probe
-        self.proc_status = probe.status()
-
-    def _open_activity_probe(self) -> None:
-        """The activity probe (connections, listeners, bytes, execs: what the anomaly
-        models learn from), for the same processes as the process probe. Off with
-        probes.activity false; without it the agent runs on, reported degraded."""
-        if not self.cfg.probes.activity:
-            self.activity_status = {"activity": {"state": "disabled",
-                                                 "reason": "probes.activity is false"}}
-            return
-        try:
-            from agent.sources.activity import ActivityProbe
-
-            probe = ActivityProbe(self.cfg)
-            probe.open()
-        except (OSError, RuntimeError, ImportError) as e:
-            reason = getattr(e, "strerror", None) or str(e)
-            self.activity_status = {"activity": {"state": "failed", "reason": reason}}
-            log.error("activity probe unavailable", extra={"reason": reason})
-            return
-        self.activity_probe = probe
-        self.activity_status = probe.status()
-
-    def _open_anomaly(self) -> None:
-        """The anomaly engine from its saved state (agent.anomalystate): a bad file is moved
-        aside and warm-up starts again, never a failed start. Its config: the bundle's
-        anomaly part in force, else the config file's section."""
-        if getattr(self, "reporting", None) is not None:    # a bundle may turn it on later
-            self.reporting.metrics.registry.register(
-                anomalystate.AnomalyCollector(self.anomaly_status))
-        acfg = self.cfg.anomaly
-        try:
-            acfg = self.bundles.parts_now().get("anomaly") or acfg
-        except ValueError as e:     # the bundle's rules were checked; its part no longer is
-            log.error("the bundle's anomaly part is not used", extra={"reason": str(e)})
-        if acfg.enabled:
-            self.anomaly = anomalystate.open_engine(self.cfg, self._node(), self._unmodelled(),
-                                                    acfg)
-
-    def _use_parts(self, parts: dict) -> None:
-        """A bundle's config parts put in force, or the config file's again at a rollback
-        to none (agent.bundles calls it; raising undoes the bundle)."""
-        acfg = parts.get("anomaly") or self.cfg.anomaly
-        if not acfg.enabled:
-            self.save_anomaly_now()     # kept for a later bundle that turns it on again
-            self.anomaly = None
-        elif self.anomaly is None:
-            self.anomaly = anomalystate.open_engine(self.cfg, self._node(), self._unmodelled(),
-                                                    acfg)
-        else:
-            self.anomaly = anomalystate.reconfigure(self.anomaly, acfg, self._node(), self.cfg,
-                                                    self._unmodelled())
-
-    def _node(self) -> str:
-        return self.cfg.mesh.node_id or socket.gethostname()
-
-    @staticmethod
-    def _unmodelled() -> tuple[str, ...]:
-        own = _own_cgroup()             # the agent's own activity is not a workload's
-        return (own,) if own else ()
-
-    def _open_gpu(self) -> None:
-        """The GPU source (NVML in its own thread; agent.sources.gpu). Opening NVML happens
-        in that thread: no driver, no GPU or a failing NVML never delays or stops the start."""
-        if self.cfg.gpu.enabled:
-            from agent.sources.gpu import GpuSource
-
-            self.gpu = GpuSource(self.cfg.gpu.sample_s, self.cfg.gpu.nvml_library)
-
     # -- the pipeline -----------------------------------------------------------------------
 
     def enqueue(self, event: Event) -> None:
@@ -359,33 +261,6 @@ class Agent(AgentView):
             except Exception as e:   # noqa: BLE001
                 self._failed("anomaly.failed", e, kind=event.kind)
 
-    def anomaly_tick(self) -> None:
-        """Close due windows and score them (agent.detect.anomaly), on the loop thread;
-        the findings go to the responder like the rules' do."""
-        if self.anomaly is None:
-            return
-        try:
-            findings = self.anomaly.tick(time.monotonic_ns())
-        except Exception as e:   # noqa: BLE001 -- counted and logged; the agent goes on
-            self._failed("anomaly.failed", e, what="tick")
-            return
-        decided_ns = time.monotonic_ns()
-        findings = [replace(f, decided_mono_ns=decided_ns) for f in findings]
-        for f in findings:
-            self.reporting.metrics.findings.labels("anomaly", f.rule).inc()
-        self.handle_findings(findings)
-
-    async def save_anomaly(self, now: float) -> None:
-        """The engine's state to its file every anomaly.save_every_s (agent.anomalystate)."""
-        if self.anomaly is not None and \
-                now - self.anomaly_saved["at"] >= self.cfg.anomaly.save_every_s:
-            await anomalystate.save(self.anomaly, self.cfg, self.anomaly_saved, self.counters)
-
-    def save_anomaly_now(self) -> None:
-        """At stop: the state written before the process ends."""
-        if self.anomaly is not None:
-            anomalystate.save_now(self.anomaly, self.cfg, self.anomaly_saved)
-
     def handle_findings(self, findings: list[Finding]) -> None:
         """Findings (of the rules or the anomaly models) to the responder, on the loop
         thread; one the responder fails on is counted (findings.failed), the others go on."""
@@ -416,17 +291,6 @@ class Agent(AgentView):
                     self._failed("investigation.failed", e, incident=incident.id)
             log.info("finding", extra={"rule": finding.rule, "entity": finding.entity,
                                        "incident": incident.id, "state": str(incident.state)})
-
-    def _learn(self, evidence) -> None:
-        """Feedback's "learn as normal": the anomaly engine's, when the agent has one."""
-        engine = getattr(self, "anomaly", None)
-        if engine is not None:
-            engine.learn(dict(evidence))
-
-    def _recent(self, workload: str) -> list:
-        """A workload's recent exec/connect events, for evidence (the anomaly engine's)."""
-        engine = getattr(self, "anomaly", None)
-        return list(engine.recent(workload)) if engine is not None else []
 
     def check_drops(self) -> None:
         """New queue drops: a log line (at most one per DROP_LOG_S, with what was dropped

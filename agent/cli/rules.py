@@ -39,8 +39,10 @@ def rules(c: Client, args: argparse.Namespace) -> int:
 
 def format_rules(listing: pb.ListRulesResponse) -> str:
     rs = listing.ruleset
-    lines = [f"rule set {rs.version}: {len(listing.rules)} rules, loaded {_ago(rs.loaded_at)}, "
-             f"{rs.reloads} reloads, {rs.reload_failures} rejected"]
+    models = sum(r.id.startswith("anomaly.") for r in listing.rules)   # listed beside them
+    lines = [f"rule set {rs.version}: {len(listing.rules) - models} rules"
+             + (f" (and {models} anomaly detectors)" if models else "")
+             + f", loaded {_ago(rs.loaded_at)}, {rs.reloads} reloads, {rs.reload_failures} rejected"]
     if rs.last_error:
         lines.append(f"last rejected reload ({_ago(rs.last_error_at)}): {rs.last_error}")
     rows = [[f"{r.id}@{r.version}", r.event_class, r.severity,

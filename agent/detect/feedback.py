@@ -3,9 +3,12 @@ responder. Pure functions over agent.model.Feedback records and findings.
 
 A record matches a finding when the rule id is the same (the version is recorded, never
 matched: a new version of a rule that was wrong about this is still wrong about it) AND
-the record's scope holds the finding's:
-- exe: the executable's sha256 or kernel file id is among the finding's,
-- address: the CIDR contains the entity's address or one of the evidence's destinations,
+the record's scope holds the finding's -- all of it: a finding that names the excused
+executable beside a miner, or the excused destination beside a new one, is not the
+pattern the operator excused and still alerts:
+- exe: every executable the finding names (sha256, or kernel file id where it has no
+  sha256) is the record's,
+- address: the CIDR contains the entity's address and every destination it names,
 - cgroup: the finding's cgroup is the path or below it,
 - container: the same container id,
 - node: every finding of the rule on this node (only when asked for by name).
@@ -33,10 +36,14 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DEFAULT_ORDER = ("address", "exe", "container", "cgroup")
 
 
-def scopes_of(entity: str, evidence: Mapping[str, Any], node: str) -> dict[str, set[str]]:
+def scopes_of(entity: str, evidence: Mapping[str, Any], node: str,
+              defaults: bool = False) -> dict[str, set[str]]:
     """What a finding can be scoped to: {kind: values}, from its evidence's "scope"
     (the anomaly engine's), its top-level evidence (the rules': exe_sha256, cgroup,
-    container) and its entity ("ip:ADDR", "cgroup:PATH")."""
+    container) and its entity ("ip:ADDR", "cgroup:PATH"). With `defaults`, what a
+    default scope may be chosen from: of a window model's finding, executables and
+    destinations only where something new of their kind drove it (the workload's usual
+    database beside a new helper is not what the verdict was about)."""
     out: dict[str, set[str]] = {k: set() for k in FEEDBACK_SCOPES}
     scope = evidence.get("scope")
     scope = scope if isinstance(scope, Mapping) else {}
@@ -53,7 +60,29 @@ def scopes_of(entity: str, evidence: Mapping[str, Any], node: str) -> dict[str, 
     out["node"].update(_texts(scope.get("node")) or {node})
     out["address"] = {a for a in out["address"] if _address(a) is not None}
     out["cgroup"] = {c for c in out["cgroup"] if c.startswith("/")}
+    new = evidence.get("new")
+    if defaults and isinstance(new, Mapping) and evidence.get("detector") != "beacon":
+        if not new.get("dsts"):
+            out["address"] = set()
+        if not new.get("exes"):
+            out["exe"] = set()
     return {k: v for k, v in out.items() if v}
+
+
+def _identities(have: set[str]) -> set[str]:
+    """A finding's executables, each once: its sha256s where every one it names has one
+    (the same program is named by both), else all it names (one without a sha256 is not
+    held by a record of another's)."""
+    shas = {v for v in have if _SHA256.match(v)}
+    ids = have - shas
+    return shas if shas and len(ids) <= len(shas) else have
+
+
+def covers(kind: str, value: str, have: set[str]) -> bool:
+    """Whether a record's scope holds ALL of a finding's values of `kind` (and it has
+    some): what a record keeps back is exactly what it excused."""
+    have = _identities(have) if kind == "exe" else have
+    return bool(have) and all(scope_holds(kind, value, (v,)) for v in have)
 
 
 def matches(rec: Feedback, finding: Finding, node: str, now: float) -> bool:
@@ -61,7 +90,7 @@ def matches(rec: Feedback, finding: Finding, node: str, now: float) -> bool:
     if not rec.live(now) or rec.rule != finding.rule_id:
         return False
     have = scopes_of(finding.entity, finding.evidence, node).get(rec.scope_kind, set())
-    return scope_holds(rec.scope_kind, rec.scope_value, have)
+    return covers(rec.scope_kind, rec.scope_value, have)
 
 
 def scope_holds(kind: str, value: str, have: Iterable[str]) -> bool:
@@ -86,7 +115,7 @@ def match(records: Sequence[Feedback], finding: Finding, node: str,
             continue
         if have is None:
             have = scopes_of(finding.entity, finding.evidence, node)
-        if scope_holds(rec.scope_kind, rec.scope_value, have.get(rec.scope_kind, set())):
+        if covers(rec.scope_kind, rec.scope_value, have.get(rec.scope_kind, set())):
             return rec
     return None
 
@@ -127,7 +156,13 @@ def check_scope(kind: str, value: str | None, scopes: Mapping[str, set[str]], no
         return kind, node
     if not value:
         if kind == "exe":      # the content hash names the program; a file id only a file
-            have = {v for v in have if _SHA256.match(v)} or have
+            shas = {v for v in have if _SHA256.match(v)}
+            if not shas and have:
+                raise ValueError("this incident's executables have no sha256, only kernel "
+                                 "file ids, which the filesystem reuses once the file is "
+                                 "deleted; name one with --scope exe=MAJOR:MINOR:INODE if you "
+                                 "mean that file")
+            have = shas
         if len(have) != 1:
             return _none(kind, have)
         return default_scope({kind: have}) if kind == "address" else (kind, next(iter(have)))

@@ -163,6 +163,11 @@ def _parse_rule(item: Any, at: _Where, index: int) -> Rule:
     if not isinstance(rid, str) or not _ID_RE.match(rid):
         raise at.error(f"rule #{index + 1}: id must look like 'net.syn_flood' (got {rid!r})",
                        "id")
+    if rid.startswith("anomaly."):
+        # the anomaly models' ids: feedback, hits and false-positive counts are keyed by
+        # id, so a rule taking one would share them (and its verdicts) with a detector
+        raise at.error(f"rule {rid}: ids starting with 'anomaly.' are the anomaly "
+                       "detectors'; name the rule otherwise", "id")
     for key in item:
         if key not in _RULE_KEYS:
             raise at.error(f"rule {rid}: unknown key {key!r}", key)

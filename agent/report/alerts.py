@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable
 from agent.config import Alerts
 from agent.model import EventClass, Incident, IncidentState
 from agent.state.store import LIVE_INCIDENT_STATES, Store
+from agent.yamlsafe import printable
 
 log = logging.getLogger("swarm_agent")
 
@@ -91,6 +92,9 @@ def to_alert(cfg: Alerts, incident: Incident, node: str, now: float,
         ann["escalation"] = why
     closed = incident.state in _CLOSED
     ends = (incident.resolved_at or now) if closed else now + 4 * cfg.resend_s
+    # Executable paths, cgroup names, destinations in summaries are the workload's to
+    # choose: a newline or an escape must not forge lines in the team's notification.
+    ann = {k: printable(v) for k, v in ann.items()}
     return {"labels": labels_for(cfg, incident, node), "annotations": ann,
             "startsAt": _iso(incident.first_seen_at), "endsAt": _iso(ends)}
 

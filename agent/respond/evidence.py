@@ -80,7 +80,15 @@ def targets_of(entity: str, evidence: Mapping[str, Any]) -> dict[str, list]:
     kept = sorted(cgroups)[:16]
     # The keys the anomaly engine's recent() takes: the findings' entities.
     workloads = [f"cgroup:{c}" for c in kept] or (["node"] if entity == "node" else [])
-    return {"cgroups": kept, "pids": sorted(pids)[:64], "workloads": workloads}
+    # The executables the finding names (kernel file ids): their processes come first
+    # when a workload has more than MAX_PROCESSES (decoys must not push them out).
+    exe_ids = set()
+    for source in (scope if isinstance(scope, Mapping) else {}, evidence):
+        v = source.get("exe_id")
+        exe_ids.update(x for x in ([v] if isinstance(v, str) else v if isinstance(v, list)
+                                   else []) if isinstance(x, str))
+    return {"cgroups": kept, "pids": sorted(pids)[:64], "workloads": workloads,
+            "exe_ids": sorted(exe_ids)[:16]}
 
 
 def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
@@ -93,6 +101,9 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
     if counters is not None:
         d["agent"] = dict(counters)
     pids, ancestors = _members(proc, t["cgroups"], t["pids"], deadline, d)
+    if len(pids) > MAX_PROCESSES:
+        pids = _first_what_matters(proc, pids, set(t["pids"]), set(t.get("exe_ids") or ()),
+                                   deadline)
     for pid in (pids[:MAX_PROCESSES] + ancestors):
         if time.monotonic() > deadline:
             return
@@ -120,6 +131,30 @@ def collect(bundle: Bundle, *, deadline: float, proc: str = "/proc",
         except Exception:   # noqa: BLE001
             d["errors"] += 1
     d["complete"] = True
+
+
+def _first_what_matters(proc: str, pids: list[int], named: set[int], exe_ids: set[str],
+                        deadline: float) -> list[int]:
+    """`pids` with the ones a cut must keep first: those the finding names, those running
+    an executable it names, then those holding sockets; each group in pid order."""
+    def rank(pid: int) -> int:
+        if pid in named:
+            return 0
+        if time.monotonic() > deadline:
+            return 3
+        try:
+            if exe_ids:
+                st = os.stat(f"{proc}/{pid}/exe")
+                if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}" in exe_ids:
+                    return 0
+            fds = os.listdir(f"{proc}/{pid}/fd")
+            if any(os.readlink(f"{proc}/{pid}/fd/{fd}").startswith("socket:")
+                   for fd in fds[:256]):
+                return 1
+        except OSError:
+            pass
+        return 2
+    return sorted(pids, key=lambda pid: (rank(pid), pid))
 
 
 def _members(proc: str, cgroups: list[str], pids: list[int], deadline: float,

@@ -90,7 +90,8 @@ class FeedbackBook:
         for rule, (version, entity, evidences) in per_rule.items():
             scopes: dict[str, set[str]] = {}
             for ev in evidences:
-                for kind, values in match.scopes_of(entity, ev, self.node).items():
+                for kind, values in match.scopes_of(entity, ev, self.node,
+                                                    defaults=scope is None).items():
                     scopes.setdefault(kind, set()).update(values)
             try:
                 if scope is None:

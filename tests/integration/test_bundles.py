@@ -46,13 +46,15 @@ def test_apply_fire_refuse_rollback_restart(lab, agent, tmp_path):
 
     server = attacks.start_server(lab.victim, SERVICE_PORT, duration_s=120)
     try:
-        # bundle 1: net.syn_flood@1 at 200 SYNs/s, with a config part nobody validates
+        # bundle 1: net.syn_flood@1 at 200 SYNs/s, with an anomaly part its validator
+        # refuses (the whole bundle is refused, nothing changes)
         b1 = tmp_path / "b1"
         (b1 / "rules").mkdir(parents=True)
         (b1 / "rules" / "syn.yaml").write_text(RULE.format(version=1, syns=200))
         (b1 / "anomaly.yaml").write_text("threshold: 1\n")
         refused = apply(agent, b1)
-        assert refused.returncode == 2 and "no validator" in refused.stderr, refused.stderr
+        assert refused.returncode == 2 and \
+            "unknown config key anomaly.threshold" in refused.stderr, refused.stderr
         assert status(agent)["rules"] == ["net.udp_flood@1"]
         os.unlink(b1 / "anomaly.yaml")
         done = apply(agent, b1, "--label", "syn-200", "--comment", "tighter")

@@ -68,7 +68,9 @@ def listing(agent: AgentProcess) -> dict:
 
 
 def hits(agent: AgentProcess) -> dict[str, int]:
-    return {f"{r['id']}@{r['version']}": int(r["hits"]) for r in listing(agent)["rules"]}
+    """The rules' hits (the anomaly detectors, listed beside them, are not rules)."""
+    return {f"{r['id']}@{r['version']}": int(r["hits"]) for r in listing(agent)["rules"]
+            if not r["id"].startswith("anomaly.")}
 
 
 def flood(ns: str, target: str) -> dict:

@@ -76,12 +76,24 @@ def test_new_executable_opens_a_finding_with_evidence(warmed):
 def test_one_finding_per_workload_and_detector_within_dedup(warmed):
     eng = fresh(warmed[1])
     evs = benign(4, 3000, 3600)
-    for i in range(10):   # a new executable every minute
-        evs.append(ev("proc.exec", 3050 + 60 * i, "pid:9", exe=f"/tmp/m{i}", exe_id=f"8:1:{900 + i}",
+    for i in range(10):   # the same new executable every minute: one finding
+        evs.append(ev("proc.exec", 3050 + 60 * i, "pid:9", exe="/tmp/m0", exe_id="8:1:900",
                       cgroup=WEB, container=WEB_ID))
     found = replay(eng, evs, 3000, 3600)
     assert sum(f.rule_id == "anomaly.newexe" for _, f in found) == 1
     assert eng.status()["detectors"]["newexe"]["deduplicated"] >= 8
+
+
+def test_something_new_is_no_duplicate_of_what_came_before(warmed):
+    """A decoy executable must not buy dedup_s of silence for the next new one (red team
+    r7): each never-seen executable is its own finding (they join one investigation)."""
+    eng = fresh(warmed[1])
+    evs = benign(4, 3000, 3600)
+    for i in range(4):   # a new executable every two minutes
+        evs.append(ev("proc.exec", 3050 + 120 * i, "pid:9", exe=f"/tmp/m{i}",
+                      exe_id=f"8:1:{900 + i}", cgroup=WEB, container=WEB_ID))
+    found = replay(eng, evs, 3000, 3600)
+    assert sum(f.rule_id == "anomaly.newexe" for _, f in found) == 4
 
 
 def test_learn_stops_the_same_pattern_but_not_another(warmed):

@@ -17,19 +17,34 @@ connection pool) or over `max_interval_s`; pairs marked benign by feedback ("lea
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import OrderedDict, deque
 from typing import Any
+
+from agent.detect.anomaly.features import profile_of
 
 MIN_INTERVAL_S = 1.0
 INTERNAL = [ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
     "fc00::/7", "fe80::/10")]
 SKEW_SPREAD = 0.3     # MAD/median under which the skew is discounted
+_UNIT = re.compile(r"^(.*?\.(?:service|scope))(?:/|$)")
+
+
+def beacon_key(container: str, cgroup: str) -> str:
+    """Whose connections a beacon pair gathers: the container; else the systemd unit the
+    cgroup is in (its sub-cgroups are the unit's: root in x.service may make x.service/a,
+    /b, /c), with numbers and ids made wildcards (a fresh `systemd-run --scope` or session
+    per connection is the same kind), else the cgroup path."""
+    if container:
+        return container
+    m = _UNIT.match(cgroup)
+    return profile_of(m.group(1) if m else cgroup)
 
 
 class Pair:
     __slots__ = ("times", "sizes", "exes", "dirty", "benign", "last_alert_ns", "first_ns",
-                 "new_dst")
+                 "new_dst", "workload")
 
     def __init__(self, history: int, d: dict[str, Any] | None = None):
         d = d or {}
@@ -41,11 +56,12 @@ class Pair:
         self.last_alert_ns = d.get("last_alert_ns")
         self.first_ns = int(d.get("first_ns", 0))
         self.new_dst = bool(d.get("new_dst", False))
+        self.workload = str(d.get("workload", ""))   # the last workload that connected
 
     def dump(self) -> dict[str, Any]:
         return {"times": list(self.times), "sizes": list(self.sizes), "exes": self.exes,
                 "benign": self.benign, "last_alert_ns": self.last_alert_ns,
-                "first_ns": self.first_ns, "new_dst": self.new_dst}
+                "first_ns": self.first_ns, "new_dst": self.new_dst, "workload": self.workload}
 
 
 class BeaconTracker:
@@ -73,7 +89,10 @@ class BeaconTracker:
         return ip.is_loopback or any(ip in net for net in self.known)
 
     def connect(self, workload: str, dst: str, port: int, t_ns: int, exe: str | None,
-                new_dst: bool) -> None:
+                new_dst: bool, owner: str = "") -> None:
+        """One established outbound connection. `workload` is the beacon's key (the
+        container, else the unit the cgroup belongs to: see `beacon_key`), `owner` the
+        workload it came from (the finding's entity)."""
         if not dst or self._known(dst):
             return
         users = self.users.setdefault(dst, [])
@@ -85,16 +104,30 @@ class BeaconTracker:
         key = (workload, dst, port)
         pair = self.pairs.get(key)
         if pair is None:
+            self._make_room(workload)
             pair = self.pairs[key] = Pair(self.history)
             pair.first_ns, pair.new_dst = t_ns, new_dst
-            while len(self.pairs) > self.cfg.max_pairs:
-                self.pairs.popitem(last=False)
-                self.evicted += 1
+        pair.workload = owner or workload
         self.pairs.move_to_end(key)
         pair.times.append(t_ns)
         if exe and exe not in pair.exes and len(pair.exes) < 4:
             pair.exes.append(exe)
         pair.dirty = True
+
+    def _make_room(self, workload: str) -> None:
+        """Room for one more pair: a workload holds at most a quarter of the table (its
+        one-connection pairs go first, then its oldest), so a flood of connections to
+        ever-new addresses evicts its own noise, not its beacon nor other workloads'
+        pairs; then the table's oldest."""
+        own = [k for k in self.pairs if k[0] == workload] \
+            if len(self.pairs) >= self.cfg.max_pairs // 4 else []
+        if len(own) >= max(1, self.cfg.max_pairs // 4):
+            victim = next((k for k in own if len(self.pairs[k].times) <= 1), own[0])
+            del self.pairs[victim]
+            self.evicted += 1
+        while len(self.pairs) >= self.cfg.max_pairs:
+            self.pairs.popitem(last=False)
+            self.evicted += 1
 
     def closed(self, workload: str, dst: str, port: int, size: int) -> None:
         pair = self.pairs.get((workload, dst, port))

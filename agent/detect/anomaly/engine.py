@@ -10,7 +10,7 @@ from typing import Any
 
 from agent.detect.anomaly import findings as fx
 from agent.detect.anomaly import slow
-from agent.detect.anomaly.beacon import BeaconTracker
+from agent.detect.anomaly.beacon import BeaconTracker, beacon_key
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
@@ -24,6 +24,7 @@ MODEL_VERSION = 1
 USED = frozenset(("flow.connect", "flow.close", "flow.listen", "flow.bytes", "activity.exec_new",
                   "activity.counts", "proc.exec", "gpu.process", "gpu.usage"))
 NEAR_P = 0.01         # windows this unusual teach the models nothing
+DEDUP_NEWS = 64      # new things remembered per deduplicated kind of finding
 HIGH_FACTOR = 100.0   # a tail probability this much under the budget: severity high
 SHADOW_KEEP = 20
 NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
@@ -105,17 +106,28 @@ class AnomalyEngine:
             if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:
                 self.exe_paths[key] = str(f.get("exe"))
             target.recent.append(_recent(ev))
-        if kind == "flow.connect" and self.beacons_on:
+        # Beacons: established connections only (a flood of failed connects to ever-new
+        # addresses is no check-in and must not crowd the table), gathered per container
+        # or systemd unit (beacon_key: rotating sub-cgroups or scopes is one beacon).
+        if kind == "flow.connect" and self.beacons_on and \
+                f.get("outcome", "established") == "established":
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             p = self._profile(target.profile)
             pf = prefix(dst)
             new = pf not in p.known.dsts and pf not in self.profiles["node"].known.dsts
-            self.beacon.connect(target.key, dst, port, int(ev.first_mono_ns or ev.mono_ns),
-                                exe_key(f), new)
+            self.beacon.connect(self._beacon_key(w, f, cgroup), dst, port,
+                                int(ev.first_mono_ns or ev.mono_ns), exe_key(f), new,
+                                owner=target.key)
         elif kind == "flow.close" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
-            self.beacon.closed(target.key, dst, port,
+            self.beacon.closed(self._beacon_key(w, f, cgroup), dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
+
+    @staticmethod
+    def _beacon_key(w, f, cgroup: str) -> str:
+        if w is None:
+            return "node"
+        return beacon_key(w.container, cgroup) or w.key
 
     def _workload(self, f, cgroup: str, now: int) -> Workload | None:
         container = f.get("container") or f.get("container_id") or ""
@@ -311,11 +323,18 @@ class AnomalyEngine:
         self._reported = True
         key = f"{det}:{group}" if group else det
         last = w.last_alert.get(key)
-        if last is not None and now - last[0] < self.cfg.dedup_s * 1e9 and \
-                (tail is None or tail > last[1] / HIGH_FACTOR):
+        # What is new in it (executables, destinations, ports, listeners): a finding that
+        # brings something the last one of its kind did not is no duplicate (a decoy must
+        # not buy the attacker dedup_s of silence for what comes after it).
+        news = {f"{k}:{v}" for k, vs in (ev.get("new") or {}).items()
+                if isinstance(vs, list) for v in vs}
+        told = set(last[2]) if last is not None and len(last) > 2 else set()
+        recent = last is not None and now - last[0] < self.cfg.dedup_s * 1e9
+        if recent and (tail is None or tail > last[1] / HIGH_FACTOR) and news <= told:
             self.counters[f"dedup.{det}"] += 1
             return None
-        w.last_alert[key] = [now, 1.0 if tail is None else tail]
+        told = (told if recent else set()) | news
+        w.last_alert[key] = [now, 1.0 if tail is None else tail, sorted(told)[:DEDUP_NEWS]]
         alerting = self.alerting(det, kind)
         self._count(det, alerting)
         f = fx.finding(det, MODEL_VERSION, w.entity, sev, int(first_ns), now, ev)
@@ -362,9 +381,11 @@ class AnomalyEngine:
             p.learned = (p.learned + [[float(v) for v in vec]])[-LEARNED_MAX:]
         det = evidence.get("detector")
         if det == "beacon":
+            bkey = "node" if wkey == "node" else \
+                beacon_key(str(sc.get("container") or ""), str(sc.get("cgroup") or "")) or wkey
             for d in sc.get("dst", ()):
                 for port in sc.get("dport", ()) or [None]:
-                    self.beacon.learn(wkey, str(d), None if port is None else int(port))
+                    self.beacon.learn(bkey, str(d), None if port is None else int(port))
         elif det == "drift":
             targets[0].freeze()
         self.counters["learned"] += 1

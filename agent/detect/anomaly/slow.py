@@ -47,6 +47,7 @@ def beacon_findings(self, now: int) -> list[Finding]:
             self.counters["dedup.beacon"] += 1
             continue
         pair.last_alert_ns = now
+        wkey = pair.workload or wkey          # the workload that last connected
         w = self.node if wkey == "node" else self.workloads.get(wkey)
         w = w or Workload(wkey, wkey if wkey.startswith("/") else "",
                           "" if wkey.startswith("/") else wkey, "", 1, 0)
