@@ -4,15 +4,10 @@ finding, and a jittered beacon started after it is found within 60 s of its firs
 connection. The clock is the events' (injected), ticked every 0.5 s as the daemon does."""
 from __future__ import annotations
 
-import pytest
-
+from agent.detect.anomaly import AnomalyConfig, AnomalyEngine
 from swarmlab.nodeday import NodeDay
 from swarmlab.nodeday.node import MESH
 
-# The engine comes with the model branch (wip-model); on the evaluation branch alone there
-# is nothing to replay through yet.
-anomaly = pytest.importorskip("agent.detect.anomaly", reason="the anomaly engine is not merged yet")
-AnomalyConfig, AnomalyEngine = anomaly.AnomalyConfig, anomaly.AnomalyEngine
 NS = 1_000_000_000
 WARMUP_S = 1200.0
 BEACON_AT_S = WARMUP_S + 3600.0
