@@ -47,26 +47,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from swarmlab.breachlab import cgroup_path, throwaway_cgroup  # noqa: E402
 from swarmlab.lab import Lab, sh, spawn_in  # noqa: E402
 from swarmlab.scenario import AgentProcess  # noqa: E402
+from swarmlab.sink import SINK  # noqa: E402
 
 PY = sys.executable
 C2, EXFIL, POOL = "198.51.100.7", "198.51.100.20", "203.0.113.9"
-SERVER = """
-import socket, sys, threading
-def drain(c):
-    while c.recv(65536):
-        pass
-    c.close()
-def serve(srv):
-    while True:
-        c, _ = srv.accept()
-        threading.Thread(target=drain, args=(c,), daemon=True).start()
-for p in sys.argv[2:]:
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((sys.argv[1], int(p))); srv.listen(64)
-    threading.Thread(target=serve, args=(srv,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait(float(3600))
-"""
 # Periodic client: dst port period jitter(0..1) bytes count
 CLIENT = """
 import random, socket, sys, time
@@ -130,7 +114,7 @@ def run(a: argparse.Namespace) -> dict:
         for addr in (C2, EXFIL, POOL):
             sh("ip", "addr", "add", f"{addr}/32", "dev", "lo", ns=lab.attacker)
         att, vic = lab.addr("attacker"), lab.addr("victim")
-        srv = spawn_in(lab.attacker, PY, "-c", SERVER, "0.0.0.0", "443", "3333", "9100")
+        srv = spawn_in(lab.attacker, PY, "-c", SINK, "0.0.0.0", "3600", "443", "3333", "9100")
         procs.append(srv)
         assert srv.stdout.readline().strip() == "ready"
         agent = AgentProcess(lab.victim, Path(tmp), (

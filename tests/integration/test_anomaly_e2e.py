@@ -38,6 +38,7 @@ import pytest
 from swarmlab.breachlab import cgroup_path, throwaway_cgroup
 from swarmlab.lab import sh, spawn_in, wait_for
 from swarmlab.scenario import AgentProcess
+from swarmlab.sink import SINK
 
 pytestmark = pytest.mark.privileged
 DST1, DST2 = "198.51.100.7", "198.51.100.8"
@@ -62,24 +63,6 @@ for i in range(n):
         time.sleep(period * rng.uniform(0.9, 1.1))
 print("done", flush=True)
 time.sleep(hold)
-"""
-# The C2 side: accepts on every port given, reads until the client closes.
-SERVER = """
-import socket, sys, threading
-def drain(c):
-    while c.recv(4096):
-        pass
-    c.close()
-def serve(srv):
-    while True:
-        c, _ = srv.accept()
-        threading.Thread(target=drain, args=(c,), daemon=True).start()
-for p in sys.argv[1:]:
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", int(p))); srv.listen(64)
-    threading.Thread(target=serve, args=(srv,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait(300)
 """
 
 
@@ -132,7 +115,7 @@ def agent(lab, tmp_path):
 def test_beacon_investigation_feedback_restart_and_revert(lab, agent):
     for dst in (DST1, DST2):
         sh("ip", "addr", "add", f"{dst}/32", "dev", "lo", ns=lab.attacker)
-    server = spawn_in(lab.attacker, sys.executable, "-c", SERVER, *map(str, PORTS))
+    server = spawn_in(lab.attacker, sys.executable, "-c", SINK, "0.0.0.0", "300", *map(str, PORTS))
     try:
         assert server.stdout.readline().strip() == "ready"
         with throwaway_cgroup("swa-anb") as cg:
