@@ -93,3 +93,48 @@ def test_beacon_state_survives_a_snapshot():
     found = beacons(replay(back, rest, 20, 120))
     assert found and found[0][1].first_mono_ns == 0
     assert WEB in found[0][1].entity
+
+
+def _reference_order(ops, max_pairs: int) -> list:
+    """The pair table's eviction rule by a scan of the whole table (the rule's plain
+    statement): a workload at a quarter of the table loses its oldest one-connection pair,
+    else its oldest; then the table's oldest."""
+    from collections import OrderedDict
+    table: OrderedDict = OrderedDict()
+    for w, dst in ops:
+        key = (w, dst, 443)
+        if key not in table:
+            own = [k for k in table if k[0] == w]
+            if len(own) >= max(1, max_pairs // 4):
+                del table[next((k for k in own if table[k] <= 1), own[0])]
+            while len(table) >= max_pairs:
+                table.popitem(last=False)
+            table[key] = 0
+        table[key] += 1
+        table.move_to_end(key)
+    return list(table)
+
+
+def test_the_pair_table_evicts_by_its_rule_without_scanning():
+    """The tracker keeps an index per workload (a flood of ever-new addresses makes a new
+    pair per connection: a scan of the table per connection would be the flood's cost to
+    the agent); its table must end exactly as the plain rule's, flood or not."""
+    cfg = config(beacon={"max_pairs": 32})
+    rng = random.Random(5)
+    for _ in range(20):
+        ops = []
+        for _ in range(600):
+            w = rng.choice(["flood", "web", "job", "cron"])
+            pool = 200 if w == "flood" else 12        # the flood: mostly ever-new addresses
+            ops.append((w, f"198.51.{rng.randrange(pool) // 250}.{rng.randrange(pool) % 250}"))
+        eng = AnomalyEngine(cfg, "n")
+        tr = eng.beacon
+        for i, (w, dst) in enumerate(ops):
+            tr.connect(w, dst, 443, i * S, None, False)
+        assert list(tr.pairs) == _reference_order(ops, 32)
+        indexed = {k for side in (tr._singles, tr._multis) for own in side.values() for k in own}
+        assert indexed == set(tr.pairs)
+        back = AnomalyEngine.restore(cfg, "n", eng.snapshot(), now_mono_ns=eng.now).beacon
+        assert list(back.pairs) == list(tr.pairs)
+        tr.forget("flood")
+        assert all(k[0] != "flood" for k in tr.pairs) and "flood" not in tr._singles

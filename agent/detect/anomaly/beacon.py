@@ -71,9 +71,14 @@ class BeaconTracker:
         self.known = known_nets
         d = d or {}
         self.pairs: OrderedDict[tuple[str, str, int], Pair] = OrderedDict()
+        # per workload, its keys in the table's order, one-connection pairs apart from the
+        # others: room for a new pair is made in O(1), not by a scan of the table (a flood
+        # of ever-new addresses makes a new pair per connection)
+        self._singles: dict[str, OrderedDict[tuple[str, str, int], None]] = {}
+        self._multis: dict[str, OrderedDict[tuple[str, str, int], None]] = {}
         for item in d.get("pairs", ()):
             w, dst, port, p = item
-            self.pairs[(w, dst, int(port))] = Pair(self.history, p)
+            self._put((w, dst, int(port)), Pair(self.history, p))
         self.users: OrderedDict[str, list[str]] = OrderedDict(
             (k, list(v)) for k, v in d.get("users", {}).items())
         self.evicted = int(d.get("evicted", 0))
@@ -105,11 +110,11 @@ class BeaconTracker:
         pair = self.pairs.get(key)
         if pair is None:
             self._make_room(workload)
-            pair = self.pairs[key] = Pair(self.history)
+            pair = self._put(key, Pair(self.history))
             pair.first_ns, pair.new_dst = t_ns, new_dst
         pair.workload = owner or workload
-        self.pairs.move_to_end(key)
         pair.times.append(t_ns)
+        self._touch(key, pair)
         if exe and exe not in pair.exes and len(pair.exes) < 4:
             pair.exes.append(exe)
         pair.dirty = True
@@ -119,15 +124,46 @@ class BeaconTracker:
         one-connection pairs go first, then its oldest), so a flood of connections to
         ever-new addresses evicts its own noise, not its beacon nor other workloads'
         pairs; then the table's oldest."""
-        own = [k for k in self.pairs if k[0] == workload] \
-            if len(self.pairs) >= self.cfg.max_pairs // 4 else []
-        if len(own) >= max(1, self.cfg.max_pairs // 4):
-            victim = next((k for k in own if len(self.pairs[k].times) <= 1), own[0])
-            del self.pairs[victim]
+        singles, multis = self._singles.get(workload, {}), self._multis.get(workload, {})
+        if len(singles) + len(multis) >= max(1, self.cfg.max_pairs // 4):
+            self._drop(next(iter(singles or multis)))
             self.evicted += 1
         while len(self.pairs) >= self.cfg.max_pairs:
-            self.pairs.popitem(last=False)
+            self._drop(next(iter(self.pairs)))
             self.evicted += 1
+
+    def _side(self, pair: Pair) -> dict:
+        return self._singles if len(pair.times) <= 1 else self._multis
+
+    def _put(self, key: tuple[str, str, int], pair: Pair) -> Pair:
+        self.pairs[key] = pair
+        self._side(pair).setdefault(key[0], OrderedDict())[key] = None
+        return pair
+
+    def _touch(self, key: tuple[str, str, int], pair: Pair) -> None:
+        """The pair was used: last in the table's order and its workload's; a second
+        connection moves it from the one-connection pairs to the others."""
+        self.pairs.move_to_end(key)
+        w = key[0]
+        single = self._singles.get(w)
+        if single is not None and key in single:
+            if len(pair.times) <= 1:
+                single.move_to_end(key)
+                return
+            del single[key]
+            if not single:
+                del self._singles[w]
+        self._multis.setdefault(w, OrderedDict())[key] = None
+        self._multis[w].move_to_end(key)
+
+    def _drop(self, key: tuple[str, str, int]) -> None:
+        del self.pairs[key]
+        for side in (self._singles, self._multis):
+            own = side.get(key[0])
+            if own is not None and key in own:
+                del own[key]
+                if not own:
+                    del side[key[0]]
 
     def closed(self, workload: str, dst: str, port: int, size: int) -> None:
         pair = self.pairs.get((workload, dst, port))
@@ -197,13 +233,15 @@ class BeaconTracker:
                 pair.benign, n = True, n + 1
         if n == 0:
             for p in ([port] if port is not None else []):
-                self.pairs[(workload, dst, p)] = pair = Pair(self.history)
-                pair.benign, n = True, 1
+                self._put((workload, dst, p), Pair(self.history)).benign = True
+                n = 1
         return n
 
     def forget(self, workload: str) -> None:
-        for key in [k for k in self.pairs if k[0] == workload and not self.pairs[k].benign]:
-            del self.pairs[key]
+        own = [*self._singles.get(workload, ()), *self._multis.get(workload, ())]
+        for key in own:
+            if not self.pairs[key].benign:
+                self._drop(key)
 
     def rebase(self, delta_ns: int) -> None:
         for pair in self.pairs.values():
