@@ -20,7 +20,8 @@ def _f(path, sha, exe_id, **kw):
 
 
 @pytest.mark.parametrize("case", ["upgrade", "no_package_manager", "package_manager_before",
-                                  "other_device", "container", "too_late", "unknown_old"])
+                                  "other_device", "container", "too_late", "unknown_old",
+                                  "user_path", "local_path"])
 def test_replacement_rule(case):
     r, node, prof = Replacements(64), Known(64), Known(64)
     node.exes.add("sha256:" + DPKG)
@@ -28,15 +29,17 @@ def test_replacement_rule(case):
         node.exes.add("sha256:" + OLD)
         prof.exes.add("sha256:" + OLD)
     t = 100
+    path = {"user_path": "/home/ops/bin/sync", "local_path": "/usr/local/bin/curl"}.get(
+        case, "/usr/bin/curl")
     if case == "package_manager_before":
         r.exec(_f("/usr/bin/dpkg", DPKG, "259:2:7"), Known(64), node, t * S)
-    r.exec(_f("/usr/bin/curl", OLD, "259:2:100"), prof, node, (t + 10) * S)
+    r.exec(_f(path, OLD, "259:2:100"), prof, node, (t + 10) * S)
     if case not in ("no_package_manager", "package_manager_before"):
         r.exec(_f("/usr/bin/dpkg", DPKG, "259:2:7"), Known(64), node, (t + 20) * S)
     when = t + 30 + (REPLACE_WITHIN_S + 1 if case == "too_late" else 0)
     dev = "259:3:555" if case == "other_device" else "259:2:555"
     kw = {"container": "c" * 64} if case == "container" else {}
-    took = r.exec(_f("/usr/bin/curl", NEW, dev, **kw), prof, node, when * S)
+    took = r.exec(_f(path, NEW, dev, **kw), prof, node, when * S)
     assert took is (case == "upgrade")
     assert (("sha256:" + NEW) in node.exes) is (case == "upgrade")
     assert (("sha256:" + NEW) in prof.exes) is (case == "upgrade")

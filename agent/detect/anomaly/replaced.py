@@ -5,6 +5,9 @@ cron run of curl is "an executable never seen on this node". A new file counts a
 one's replacement only when ALL of these hold (narrow on purpose; an attacker can ride
 anything wider):
 - it runs in no container (host cgroups only: a container's root cannot plant it);
+- its path is in a directory packages install into and only root writes (PACKAGE_DIRS:
+  /usr/bin, /usr/lib..., not /usr/local, /opt or a home): a host user's own tool at
+  ~/bin/tool, replaced by that user after the daily unattended upgrade, stays new;
 - the same path ran before, as a file the node knew, on the same device (same filesystem);
 - a package manager (PACKAGE_MANAGERS, itself a file the node knew) ran on the host AFTER
   that last run of the old file and at most REPLACE_WITHIN_S before this one.
@@ -22,6 +25,8 @@ from agent.detect.anomaly.features import Known, exe_key
 
 PACKAGE_MANAGERS = frozenset(("/usr/bin/dpkg", "/bin/dpkg", "/usr/bin/rpm", "/bin/rpm",
                               "/sbin/apk", "/usr/bin/pacman"))
+PACKAGE_DIRS = ("/usr/bin/", "/usr/sbin/", "/usr/lib/", "/usr/libexec/", "/usr/lib64/",
+                "/bin/", "/sbin/", "/lib/", "/lib64/")
 REPLACE_WITHIN_S = 26 * 3600     # a daily job runs the upgraded binary up to a day later
 
 
@@ -42,6 +47,8 @@ class Replacements:
         (then known to the node, and to the profile where the old file was)."""
         path, key = f.get("exe"), exe_key(f)
         if not key or not isinstance(path, str) or f.get("container") or f.get("container_id"):
+            return False
+        if not path.startswith(PACKAGE_DIRS) or "/../" in path:
             return False
         dev = _dev(f.get("exe_id"))
         accepted = False
