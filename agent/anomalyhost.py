@@ -89,11 +89,16 @@ class AnomalyHost:
         if self.anomaly is not None:
             anomalystate.save_now(self.anomaly, self.cfg, self.anomaly_saved)
 
-    def _learn(self, evidence) -> None:
+    def _learn(self, evidence, record_id: str = "") -> None:
         """Feedback's "learn as normal": the anomaly engine's, when the agent has one."""
         engine = getattr(self, "anomaly", None)
         if engine is not None:
-            engine.learn(dict(evidence))
+            engine.learn(dict(evidence), record_id)
+
+    def _unlearn(self, record_id: str) -> dict | None:
+        """A "learn" record reverted: the engine takes back what it taught."""
+        engine = getattr(self, "anomaly", None)
+        return None if engine is None else engine.unlearn(record_id)
 
     def _recent(self, workload: str) -> list:
         """A workload's recent exec/connect events, for evidence (the anomaly engine's)."""

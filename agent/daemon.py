@@ -129,7 +129,8 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
         self.responder = Responder(self.cfg, self.store, self.enforcer)
         self.node = self.cfg.mesh.node_id or socket.gethostname()
         self.feedback = FeedbackBook(self.store, self.node,
-                                     max_ttl_s=self.cfg.feedback.max_ttl_s, learn=self._learn)
+                                     max_ttl_s=self.cfg.feedback.max_ttl_s, learn=self._learn,
+                                     unlearn=self._unlearn)
         self.rulebook.audit = lambda result, detail: self.store.record_audit(
             time.time(), "signal:SIGHUP", "local", "ReloadRules", {}, result, detail)
         now = time.time()

@@ -27,14 +27,16 @@ RELOAD_S = 60.0    # live records are re-read at least this often (expiries)
 
 
 class FeedbackBook:
-    """See the module docstring. `learn(evidence)` is the anomaly engine's "learn as
-    normal" hook (None: no engine); `clock` gives wall seconds."""
+    """See the module docstring. `learn(evidence, record_id)` is the anomaly engine's
+    "learn as normal" hook and `unlearn(record_id)` its undoing when the record is reverted
+    (None: no engine); `clock` gives wall seconds."""
 
     def __init__(self, store: Store, node: str, *, max_ttl_s: float,
-                 learn: Callable[[Mapping[str, Any]], None] | None = None,
+                 learn: Callable[[Mapping[str, Any], str], None] | None = None,
+                 unlearn: Callable[[str], Any] | None = None,
                  clock: Callable[[], float] = time.time):
         self._store, self.node, self.max_ttl_s = store, node, max_ttl_s
-        self.learn, self._clock = learn, clock
+        self.learn, self.unlearn, self._clock = learn, unlearn, clock
         self.suppressed: Counter[str] = Counter()     # rule id@version -> findings kept back
         self._pending_hits: Counter[str] = Counter()  # record id -> hits not yet stored
         self._live: list[Feedback] = []
@@ -122,9 +124,17 @@ class FeedbackBook:
         self.reload()
 
     def revert(self, record_id: str, by: str, comment: str = "") -> Feedback:
-        """Stop a record at once. KeyError: unknown id; ValueError: already reverted."""
+        """Stop a record at once; a "learn" record's teaching is taken back (what it made
+        known is news again). KeyError: unknown id; ValueError: already reverted."""
         done = stored.revert(self._store, record_id, by, self._clock(), comment)
         log.info("feedback reverted", extra={"feedback": record_id, "by": by})
+        if done.action == "learn" and self.unlearn is not None:
+            try:
+                undone = self.unlearn(record_id)
+                log.info("feedback's learning taken back",
+                         extra={"feedback": record_id, "undone": undone})
+            except Exception:   # noqa: BLE001 -- the revert itself stands
+                log.exception("anomaly model could not unlearn", extra={"feedback": record_id})
         self.reload()
         return done
 
@@ -179,7 +189,7 @@ class FeedbackBook:
             return
         for evidence in evidences:
             try:
-                self.learn(evidence)
+                self.learn(evidence, rec.id)
             except Exception:   # noqa: BLE001 -- the model refusing must not lose the verdict
                 log.exception("anomaly model could not learn from feedback",
                               extra={"feedback": rec.id})

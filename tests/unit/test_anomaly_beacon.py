@@ -138,3 +138,28 @@ def test_the_pair_table_evicts_by_its_rule_without_scanning():
         assert list(back.pairs) == list(tr.pairs)
         tr.forget("flood")
         assert all(k[0] != "flood" for k in tr.pairs) and "flood" not in tr._singles
+
+
+def test_a_reverted_learning_is_taken_back_and_nothing_else():
+    """"Learn as normal" tagged with its feedback record; the record reverted (unlearn):
+    the beacon is found again, even across a restart, and what the node knew before the
+    verdict (a destination its windows had seen) stays known."""
+    eng = AnomalyEngine(config(dedup_s=60), "n")
+    found = beacons(replay(eng, beacon(1, 0, 300), 0, 300))
+    evidence = found[0][1].evidence
+    pkey = eng.workloads[evidence["scope"].get("container") or evidence["scope"]["cgroup"]].profile
+    known = eng.profiles[pkey].known
+    known.dsts.add("192.0.2.0/24")                       # known before the verdict
+    eng.learn({**evidence, "new": {"dsts": ["192.0.2.1"], "exes": ["sha256:" + "ab" * 32]}},
+              tag="rec-1")
+    assert "sha256:" + "ab" * 32 in known.exes
+    assert not beacons(replay(eng, beacon(1, 300, 600), 300, 600))   # learned: quiet
+    back = AnomalyEngine.restore(config(dedup_s=60), "n", eng.snapshot(), now_mono_ns=eng.now)
+    done = back.unlearn("rec-1")
+    assert done.get("beacon") and done.get("known")
+    known = back.profiles[pkey].known
+    assert "192.0.2.0/24" in known.dsts                  # the node's own knowledge stays
+    assert "sha256:" + "ab" * 32 not in known.exes       # the verdict's is news again
+    assert beacons(replay(back, beacon(1, 600, 900), 600, 900))   # the beacon alerts again
+    assert back.unlearn("rec-1") == {"unknown": 1}       # once
+    assert back.status()["unlearned"] == 1

@@ -138,7 +138,9 @@ def test_book_plans_commits_suppresses_reverts_and_survives_restart(tmp_path: Pa
     clock, learned = Clock(), []
     db = tmp_path / "state.db"
     store = Store(db)
-    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, learn=learned.append, clock=clock)
+    unlearned: list = []
+    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, learn=lambda e, t: learned.append(e),
+                        unlearn=unlearned.append, clock=clock)
     incident = open_incident(store, beacon())
     planned = book.plan(incident, by="local:uid=0", reason="the metrics pusher")
     assert [(r.rule, r.rule_version, r.scope_kind, r.scope_value) for r in planned] == \
@@ -156,13 +158,15 @@ def test_book_plans_commits_suppresses_reverts_and_survives_restart(tmp_path: Pa
     store.close()
 
     store = Store(db)                                    # a restart keeps the record
-    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=clock)
+    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=clock,
+                        unlearn=unlearned.append)
     [rec] = book.records()
     assert rec.hits == 1 and rec.by == "local:uid=0" and rec.reason == "the metrics pusher"
     assert book.check(beacon()) is not None
     done = book.revert(rec.id, "local:uid=0", "it was not the pusher")
     assert done.reverted_at == clock.t
     assert book.check(beacon()) is None                  # reverted: alerts again
+    assert not unlearned                                 # a suppression taught nothing
     with pytest.raises(ValueError, match="already reverted"):
         book.revert(rec.id, "someone")
     with pytest.raises(KeyError):
@@ -173,15 +177,17 @@ def test_book_plans_commits_suppresses_reverts_and_survives_restart(tmp_path: Pa
 
 
 def test_book_expiry_learn_and_false_positive_counts(tmp_path: Path) -> None:
-    clock, learned = Clock(), []
+    clock, learned, unlearned = Clock(), [], []
     store = Store(tmp_path / "state.db")
-    book = FeedbackBook(store, NODE, max_ttl_s=86400, learn=learned.append, clock=clock)
+    book = FeedbackBook(store, NODE, max_ttl_s=86400, clock=clock,
+                        learn=lambda e, tag: learned.append((e, tag)), unlearn=unlearned.append)
     incident = open_incident(store, beacon())
     store.set_incident_state(incident, IncidentState.FALSE_POSITIVE, clock.t)
     planned = book.plan(incident, scope="exe", learn=True, ttl_s=60)
     book.commit(planned)
     assert [r.action for r in planned] == ["learn"]
-    assert len(learned) == 1 and learned[0]["summary"] == "beacon to 203.0.113.7"
+    assert len(learned) == 1 and learned[0][0]["summary"] == "beacon to 203.0.113.7"
+    assert learned[0][1] == planned[0].id         # tagged with its record, for the revert
     assert book.check(beacon(dst="198.51.100.1")) is not None   # same exe, any destination
     assert len(learned) == 2          # the first finding it keeps back is taught once
     assert book.check(beacon()) is not None and len(learned) == 2
@@ -192,4 +198,7 @@ def test_book_expiry_learn_and_false_positive_counts(tmp_path: Path) -> None:
         book.plan(incident, ttl_s=86401)
     with pytest.raises(ValueError, match="does not cover"):
         book.plan(incident, scope="address=198.51.100.0/24")
+    assert not unlearned                  # expiry ends the exception, not what was learned
+    book.revert(planned[0].id, "local:uid=0")
+    assert unlearned == [planned[0].id]   # a revert takes the learning back
     store.close()

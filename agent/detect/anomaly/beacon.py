@@ -225,17 +225,32 @@ class BeaconTracker:
                 "size_mad_ratio": None if ds_mad is None else round(ds_mad, 3),
                 "connections": len(times)}
 
-    def learn(self, workload: str, dst: str, port: int | None) -> int:
-        """Mark the workload's pairs to dst (one port, or all) benign; returns how many."""
-        n = 0
+    def learn(self, workload: str, dst: str, port: int | None) -> list[tuple[str, str, int]]:
+        """Mark the workload's pairs to dst (one port, or all) benign; the pairs this made
+        benign (a pair for that port is made when there is none)."""
+        done, any_pair = [], False
         for (w, d, p), pair in self.pairs.items():
             if w == workload and d == dst and (port is None or p == port):
-                pair.benign, n = True, n + 1
-        if n == 0:
-            for p in ([port] if port is not None else []):
-                self._put((workload, dst, p), Pair(self.history)).benign = True
-                n = 1
-        return n
+                any_pair = True
+                if not pair.benign:
+                    pair.benign = True
+                    done.append((w, d, p))
+        if not any_pair and port is not None:
+            self._put((workload, dst, port), Pair(self.history)).benign = True
+            done.append((workload, dst, port))
+        return done
+
+    def unlearn(self, workload: str, dst: str, port: int) -> None:
+        """Undo `learn` for one pair: scored again (a pair learn made, with no connection
+        since, goes)."""
+        key = (workload, dst, port)
+        pair = self.pairs.get(key)
+        if pair is None:
+            return
+        if not pair.times:
+            self._drop(key)
+        else:
+            pair.benign, pair.dirty = False, True
 
     def forget(self, workload: str) -> None:
         own = [*self._singles.get(workload, ()), *self._multis.get(workload, ())]

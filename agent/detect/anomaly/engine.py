@@ -9,15 +9,14 @@ from collections import Counter, deque
 from typing import Any
 
 from agent.detect.anomaly import findings as fx
-from agent.detect.anomaly import slow
+from agent.detect.anomaly import slow, teach
 from agent.detect.anomaly.beacon import BeaconTracker, beacon_key
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig
 from agent.detect.anomaly.detectors import drivers as drivers_of
-from agent.detect.anomaly.features import (DIM, INDEX, exe_key, port_key, prefix, profile_of,
-                                           scale)
+from agent.detect.anomaly.features import INDEX, exe_key, prefix, profile_of, scale
 from agent.detect.anomaly.replaced import Replacements
-from agent.detect.anomaly.profile import LEARNED_MAX, PROFILE_MIN, Profile, Workload
+from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
 MODEL_VERSION = 1
@@ -60,6 +59,7 @@ class AnomalyEngine:
         self.shadow: deque[dict[str, Any]] = deque(maxlen=SHADOW_KEEP)
         self.exe_paths: dict[str, str] = {}
         self.replaced = Replacements(cfg.novelty_max)   # executables a package replaced
+        self.taught = teach.Taught()    # what each "learn" feedback changed (for its revert)
         self.started_ns: int | None = None
         self.window_start: int | None = None
         self.now = 0
@@ -349,46 +349,14 @@ class AnomalyEngine:
 
     # -- feedback, evidence, status -------------------------------------------------------
 
-    def learn(self, evidence: dict[str, Any]) -> None:
-        """"Learn as normal" feedback for one finding's evidence: its executables and
-        destinations become known to the workload's profile (and the node); a beacon pair
-        becomes benign; a drift's reference is frozen anew."""
-        if not isinstance(evidence, dict):
-            return
-        sc = evidence.get("scope") or {}
-        new = evidence.get("new") or {}
-        wkey = sc.get("container") or sc.get("cgroup") or "node"
-        w = self.node if wkey == "node" else self.workloads.get(wkey)
-        pkey = w.profile if w is not None else profile_of(sc.get("cgroup") or wkey)
-        targets = [self._profile(pkey), self._profile("node")]
-        exes = [f"sha256:{s}" for s in sc.get("exe_sha256", ())] + \
-            [f"id:{i}" for i in sc.get("exe_id", ())] + list(new.get("exes", ()))
-        for p in targets:
-            for k in exes:
-                p.known.exes.add(str(k))
-            for d in [*sc.get("dst", ()), *new.get("dsts", ())]:
-                p.known.dsts.add(prefix(str(d)))
-            for port in sc.get("dport", ()):
-                p.known.ports.add(port_key(int(port)))
-            for port in new.get("ports", ()):
-                p.known.ports.add(str(port))
-            for lst in new.get("listens", ()):
-                p.known.listens.add(str(lst))
-        vec = evidence.get("vector")
-        if isinstance(vec, list) and len(vec) == DIM and \
-                all(isinstance(v, (int, float)) for v in vec):
-            p = self._profile(str(evidence.get("profile") or pkey))
-            p.learned = (p.learned + [[float(v) for v in vec]])[-LEARNED_MAX:]
-        det = evidence.get("detector")
-        if det == "beacon":
-            bkey = "node" if wkey == "node" else \
-                beacon_key(str(sc.get("container") or ""), str(sc.get("cgroup") or "")) or wkey
-            for d in sc.get("dst", ()):
-                for port in sc.get("dport", ()) or [None]:
-                    self.beacon.learn(bkey, str(d), None if port is None else int(port))
-        elif det == "drift":
-            targets[0].freeze()
-        self.counters["learned"] += 1
+    def learn(self, evidence: dict[str, Any], tag: str = "") -> None:
+        """"Learn as normal" feedback for one finding's evidence (agent.detect.anomaly.teach);
+        `tag` (the feedback record) remembers what it changed, for `unlearn`."""
+        teach.learn(self, evidence, tag)
+
+    def unlearn(self, tag: str) -> dict[str, int]:
+        """The feedback record `tag` reverted: what its learning changed is news again."""
+        return teach.unlearn(self, tag)
 
     def recent(self, workload: str) -> list[dict[str, Any]]:
         """Recent exec/connect events of a workload (container id, cgroup path or entity
@@ -420,7 +388,8 @@ class AnomalyEngine:
                 "profiles": len(self.profiles), "beacon_pairs": len(self.beacon.pairs),
                 "evicted": self.counters["workloads_evicted"] + self.beacon.evicted,
                 "malformed_events": self.counters["events_malformed"],
-                "learned": self.counters["learned"], "restored": self.restored,
+                "learned": self.counters["learned"], "unlearned": self.counters["unlearned"],
+                "unlearn_lost": self.taught.lost, "restored": self.restored,
                 "replaced_exes": self.counters["replaced_exes"],
                 "volume_only": {d: self.counters[f"volume_only.{d}"] for d in self.models},
                 "shadow": list(self.shadow)}

@@ -107,6 +107,9 @@ class Novelty:
             self.items.popitem(last=False)
             self.evicted += 1
 
+    def discard(self, key: str) -> None:
+        self.items.pop(key, None)
+
     def __len__(self) -> int:
         return len(self.items)
 

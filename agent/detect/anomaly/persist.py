@@ -10,6 +10,7 @@ from agent.detect.anomaly.beacon import BeaconTracker
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.features import NAMES, PREFIX_V4, PREFIX_V6
 from agent.detect.anomaly.profile import Profile, Workload
+from agent.detect.anomaly.teach import Taught
 
 FORMAT = 1
 
@@ -36,6 +37,7 @@ def snapshot(eng, wall_s: float | None) -> dict[str, Any]:
         "beacon": eng.beacon.dump(),
         "counters": dict(eng.counters),
         "exe_paths": eng.exe_paths,
+        "taught": eng.taught.dump(),
     }
 
 
@@ -86,6 +88,7 @@ def _load(eng, snap: dict[str, Any]) -> None:
     eng.beacon = BeaconTracker(cfg, eng.known_nets, snap.get("beacon"))
     eng.counters = Counter({k: int(v) for k, v in snap.get("counters", {}).items()})
     eng.exe_paths = {str(k): str(v) for k, v in snap.get("exe_paths", {}).items()}
+    eng.taught = Taught(snap.get("taught"))
 
 
 def rebase(eng, delta: int) -> None:
