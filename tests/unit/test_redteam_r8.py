@@ -93,3 +93,49 @@ def test_one_unprivileged_user_cannot_make_its_c2_a_shared_destination():
     eng = AnomalyEngine(config(), "n")
     found = replay(eng, evs, 0, 900)
     assert [t for t, f in found if f.rule_id == "anomaly.beacon" and t - 300 <= 60]
+
+
+ACME = "/system.slice/acme-agent.service"
+APT = "/system.slice/apt-daily.service"
+USER_SESSION = "/user.slice/user-1000.slice/session-4.scope"
+OLD, NEW, DPKG = "ab" * 32, "ee" * 32, "dd" * 32
+
+
+def _in_place_overwrite(user_dpkg: bool):
+    from tests.unit.anomaly_stream import benign
+    evs = benign(1, 0, 3600)
+    evs.append(ev("proc.exec", 50, "pid:2", exe="/usr/bin/dpkg", exe_id="259:2:7",
+                  exe_sha256=DPKG, cgroup=APT, uid=0))
+    for t in range(100, 3000, 60):     # a vendor collector a root service runs each minute
+        evs.append(ev("proc.exec", t, "pid:3", exe="/usr/lib/acme/collect", exe_id="259:2:100",
+                      exe_sha256=OLD, cgroup=ACME, uid=0))
+    if user_dpkg:                       # `dpkg -l` as the unprivileged user
+        evs.append(ev("proc.exec", 3010, "pid:4", exe="/usr/bin/dpkg", exe_id="259:2:7",
+                      exe_sha256=DPKG, cgroup=USER_SESSION, uid=1000))
+    # the same inode (259:2:100), new content: written in place, not installed by a package
+    evs.append(ev("proc.exec", 3100, "pid:3", exe="/usr/lib/acme/collect", exe_id="259:2:100",
+                  exe_sha256=NEW, cgroup=ACME, uid=0))
+    eng = AnomalyEngine(config(detectors=["mahalanobis", "beacon", "drift"]), "n")
+    return eng, [(t, f) for t, f in replay(eng, evs, 0, 3600) if t >= 3100]
+
+
+def test_control_in_place_overwrite_without_a_package_manager_run_is_found():
+    _, found = _in_place_overwrite(False)
+    assert found
+
+
+def test_an_unprivileged_dpkg_query_does_not_launder_an_in_place_overwrite():
+    """Attack (non-root host account, careless operator): a vendor tool under /usr/lib that a
+    root service runs every minute is writable by the user (a vendor installer's 0777, a
+    group-writable tree). The user overwrites it IN PLACE with a payload (same inode: it
+    cannot rename into the root-owned directory), runs `dpkg -l` (any uid may; it is the
+    node's known dpkg on the host), and waits for the service's next run. replaced.py takes
+    the new content as the package manager's replacement (same path, same device, known old
+    file, package manager since its last run) and makes its hash known node-wide: the
+    payload, now running as root, is no new executable; the same overwrite without the
+    `dpkg -l` is found at once (control). A package manager never writes a binary in place
+    (dpkg/rpm write a new file and rename it: a new inode), and a dpkg run by uid 1000
+    installs nothing. Expected: reported; e.g. require a new inode (exe_id differs from the
+    old file's) and count only package-manager runs with uid/euid 0."""
+    eng, found = _in_place_overwrite(True)
+    assert found, f"replaced_exes={eng.status()['replaced_exes']}"
