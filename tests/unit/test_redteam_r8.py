@@ -139,3 +139,36 @@ def test_an_unprivileged_dpkg_query_does_not_launder_an_in_place_overwrite():
     old file's) and count only package-manager runs with uid/euid 0."""
     eng, found = _in_place_overwrite(True)
     assert found, f"replaced_exes={eng.status()['replaced_exes']}"
+
+
+def _scan_then_pool(scan: bool):
+    from tests.unit.anomaly_stream import benign
+    evs = benign(1, 0, 3600)
+    if scan:      # refused connects to ports 1..4000 of an internal host, in 4 s
+        for p in range(1, 4001):
+            evs.append(ev("flow.connect", 3100 + p / 1000, "10.0.0.9", daddr="10.0.0.9",
+                          dport=p, outcome="refused", cgroup=WEB, container=WEB_ID,
+                          exe="/usr/bin/web", exe_id="8:1:100"))
+    # later: 4 MB to a stratum/exfil service on port 3333 of a host in a known block
+    for k in range(20):
+        evs += connect(3400 + k * 3, "10.0.3.3", 3333, size=200_000)
+    eng = AnomalyEngine(config(detectors=["mahalanobis", "beacon", "drift"]), "n")
+    return [(t, f) for t, f in replay(eng, evs, 0, 3600) if t >= 3400]
+
+
+def test_control_a_new_service_port_is_found():
+    assert _scan_then_pool(False)
+
+
+def test_one_reported_port_scan_does_not_make_every_scanned_port_known():
+    """Attack (container root): a port scan (4000 refused connects in 4 s) from the job's
+    container. It is reported (new_ports), and since cfd4880 a reported window's ports all
+    become known, to the profile (every container of the job's kind) and node-wide: one
+    finding -- whose summary says "new_ports 50" -- silently turns off port novelty for
+    4000 ports (and, past novelty_max, evicts the profile's real ports). Five minutes later
+    the same container (or any sibling of its profile) sends 4 MB to port 3333 of a host
+    in a block it already talks to: nothing (before cfd4880, and without the scan, it is
+    found at once: the port stayed news). Expected: found; e.g. make a reported window's
+    ports known only when few (a scan or fan-out keeps them news), only from established
+    connections, or keyed with their destination block."""
+    assert _scan_then_pool(True)
