@@ -1,6 +1,7 @@
 """A package manager's replacement of a host binary is not a new executable; the same new
-file without a package manager run since the old file's last run, on another device, in a
-container, or long after the package manager, still is."""
+file without a package manager run (as root) since the old file's last run, written in
+place, on another device, in a container, outside the package directories, or long after
+the package manager, still is."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def _f(path, sha, exe_id, **kw):
 
 @pytest.mark.parametrize("case", ["upgrade", "no_package_manager", "package_manager_before",
                                   "other_device", "container", "too_late", "unknown_old",
-                                  "user_path", "local_path"])
+                                  "user_path", "local_path", "in_place", "user_dpkg"])
 def test_replacement_rule(case):
     r, node, prof = Replacements(64), Known(64), Known(64)
     node.exes.add("sha256:" + DPKG)
@@ -32,12 +33,14 @@ def test_replacement_rule(case):
     path = {"user_path": "/home/ops/bin/sync", "local_path": "/usr/local/bin/curl"}.get(
         case, "/usr/bin/curl")
     if case == "package_manager_before":
-        r.exec(_f("/usr/bin/dpkg", DPKG, "259:2:7"), Known(64), node, t * S)
+        r.exec(_f("/usr/bin/dpkg", DPKG, "259:2:7", uid=0), Known(64), node, t * S)
     r.exec(_f(path, OLD, "259:2:100"), prof, node, (t + 10) * S)
     if case not in ("no_package_manager", "package_manager_before"):
-        r.exec(_f("/usr/bin/dpkg", DPKG, "259:2:7"), Known(64), node, (t + 20) * S)
+        uid = 1000 if case == "user_dpkg" else 0       # `dpkg -l` by a user installs nothing
+        r.exec(_f("/usr/bin/dpkg", DPKG, "259:2:7", uid=uid), Known(64), node, (t + 20) * S)
     when = t + 30 + (REPLACE_WITHIN_S + 1 if case == "too_late" else 0)
-    dev = "259:3:555" if case == "other_device" else "259:2:555"
+    # a package writes a new file (inode) and renames it; "in_place": the old inode rewritten
+    dev = {"other_device": "259:3:555", "in_place": "259:2:100"}.get(case, "259:2:555")
     kw = {"container": "c" * 64} if case == "container" else {}
     took = r.exec(_f(path, NEW, dev, **kw), prof, node, when * S)
     assert took is (case == "upgrade")
@@ -52,9 +55,9 @@ def test_engine_takes_an_upgraded_host_binary_as_known():
         evs.append(ev("proc.exec", t, "pid:1", exe="/usr/bin/curl", exe_id="259:2:100",
                       exe_sha256=OLD, cgroup=SVC))
     evs.append(ev("proc.exec", 1550, "pid:2", exe="/usr/bin/dpkg", exe_id="259:2:7",
-                  exe_sha256=DPKG, cgroup=APT))
+                  exe_sha256=DPKG, cgroup=APT, uid=0))
     evs.append(ev("proc.exec", 50, "pid:2", exe="/usr/bin/dpkg", exe_id="259:2:7",
-                  exe_sha256=DPKG, cgroup=APT))
+                  exe_sha256=DPKG, cgroup=APT, uid=0))
     evs.append(ev("proc.exec", 1600, "pid:3", exe="/usr/bin/curl", exe_id="259:2:555",
                   exe_sha256=NEW, cgroup=SVC))
     found = replay(eng, evs, 0, 1800)

@@ -26,6 +26,7 @@ NEAR_P = 0.01         # windows this unusual teach the models nothing
 DEDUP_NEWS = 64      # new things remembered per deduplicated kind of finding
 HIGH_FACTOR = 100.0   # a tail probability this much under the budget: severity high
 SHADOW_KEEP = 20
+PORTS_KNOWN_MAX = 3   # a reported window's new service ports that become known (else news)
 NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
                             "new_dst_bytes", "new_listens", "gpu_unauth_bytes")]
 
@@ -269,11 +270,16 @@ class AnomalyEngine:
             # the attacker's now-familiar infrastructure. Everything else is known now.
             if self._reported:
                 # A port number alone is no one's infrastructure (every job's first NFS
-                # 2049 or 443 would be news again): it becomes known; listeners stay news.
+                # 2049 or 443 would be news again): a few become known; a scan's or a
+                # fan-out's many stay news (one finding must not make 4000 ports known);
+                # listeners stay news.
                 reported |= {*new["exes"], *new["dsts"], *new["listens"]}
-                for port in new["ports"]:
-                    p.known.ports.add(port)
-                    node_known.ports.add(port)
+                if len(new["ports"]) <= PORTS_KNOWN_MAX:
+                    for port in new["ports"]:
+                        p.known.ports.add(port)
+                        node_known.ports.add(port)
+                else:
+                    reported |= set(new["ports"])
             else:
                 p.known.commit(w.window, self.kernel_bytes,
                                reported if w is self.node else frozenset())

@@ -8,9 +8,12 @@ anything wider):
 - its path is in a directory packages install into and only root writes (PACKAGE_DIRS:
   /usr/bin, /usr/lib..., not /usr/local, /opt or a home): a host user's own tool at
   ~/bin/tool, replaced by that user after the daily unattended upgrade, stays new;
-- the same path ran before, as a file the node knew, on the same device (same filesystem);
-- a package manager (PACKAGE_MANAGERS, itself a file the node knew) ran on the host AFTER
-  that last run of the old file and at most REPLACE_WITHIN_S before this one.
+- the same path ran before, as a file the node knew, on the same device (same filesystem)
+  but another inode: dpkg and rpm write a new file and rename it over the old one, never
+  in place (a file rewritten in place by whoever could write it stays new);
+- a package manager (PACKAGE_MANAGERS, itself a file the node knew) ran on the host as
+  root (a user's `dpkg -l` installs nothing) AFTER that last run of the old file and at
+  most REPLACE_WITHIN_S before this one.
 Residual risk, said plainly: root on the host who overwrites a binary in place (same path,
 same filesystem) after a package manager ran and before the binary's next run is not
 reported as a new executable (its other features, connections and listeners, still are);
@@ -35,10 +38,16 @@ def _dev(exe_id: Any) -> str:
     return str(exe_id).rsplit(":", 1)[0] if exe_id else ""
 
 
+def _root(f: dict[str, Any]) -> bool:
+    """Run as root (effective uid where the event has it)."""
+    uid = f.get("euid", f.get("uid"))
+    return uid is not None and int(uid) == 0
+
+
 class Replacements:
     def __init__(self, limit: int):
         self.limit = limit
-        self.paths: OrderedDict[str, list] = OrderedDict()   # path -> [key, dev, last_ns]
+        self.paths: OrderedDict[str, list] = OrderedDict()   # path -> [key, file id, last_ns]
         self.pm_ns: int | None = None      # last run of a known package manager on the host
         self.accepted = 0
 
@@ -50,20 +59,22 @@ class Replacements:
             return False
         if not path.startswith(PACKAGE_DIRS) or "/../" in path:
             return False
-        dev = _dev(f.get("exe_id"))
+        file_id = str(f.get("exe_id") or "")
+        dev = _dev(file_id)
         accepted = False
         prev = self.paths.get(path)
         if key not in node.exes and prev is not None and prev[0] != key and dev and \
-                prev[1] == dev and prev[0] in node.exes and self.pm_ns is not None and \
-                prev[2] <= self.pm_ns <= now and now - self.pm_ns <= REPLACE_WITHIN_S * 1e9:
+                _dev(prev[1]) == dev and prev[1] != file_id and prev[0] in node.exes and \
+                self.pm_ns is not None and prev[2] <= self.pm_ns <= now and \
+                now - self.pm_ns <= REPLACE_WITHIN_S * 1e9:
             node.exes.add(key)
             if prev[0] in profile.exes:
                 profile.exes.add(key)
             self.accepted += 1
             accepted = True
-        if path in PACKAGE_MANAGERS and key in node.exes:
+        if path in PACKAGE_MANAGERS and key in node.exes and _root(f):
             self.pm_ns = now
-        self.paths[path] = [key, dev, now]
+        self.paths[path] = [key, file_id, now]
         self.paths.move_to_end(path)
         if len(self.paths) > self.limit:
             self.paths.popitem(last=False)
