@@ -20,9 +20,10 @@ def ev(kind: str, t: float, subject: str = "", **f) -> Event:
 
 
 def connect(t: float, dst: str, port: int, cgroup: str = WEB, container: str = WEB_ID,
-            exe: str = "/usr/bin/web", exe_id: str = "8:1:100", size: int | None = None):
+            exe: str = "/usr/bin/web", exe_id: str = "8:1:100", size: int | None = None,
+            **more):
     out = [ev("flow.connect", t, dst, daddr=dst, dport=port, outcome="established",
-              cgroup=cgroup, container=container, exe=exe, exe_id=exe_id)]
+              cgroup=cgroup, container=container, exe=exe, exe_id=exe_id, **more)]
     if size is not None:
         out.append(ev("flow.close", t + 0.05, dst, daddr=dst, dport=port, outcome="closed",
                       bytes_out=size, bytes_in=200, cgroup=cgroup, container=container))

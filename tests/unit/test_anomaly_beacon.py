@@ -98,18 +98,27 @@ def test_beacon_state_survives_a_snapshot():
 def _reference_order(ops, max_pairs: int) -> list:
     """The pair table's eviction rule by a scan of the whole table (the rule's plain
     statement): a workload at a quarter of the table loses its oldest one-connection pair,
-    else its oldest; then the table's oldest."""
+    else its oldest; then the table's oldest. An evicted one-connection pair is remembered
+    (the last 2 x max_pairs): its next connection makes a pair of two."""
     from collections import OrderedDict
     table: OrderedDict = OrderedDict()
+    ghosts: OrderedDict = OrderedDict()      # evicted one-connection pairs (their first)
+
+    def evict(k):
+        if table.pop(k) == 1:
+            ghosts[k] = None
+            if len(ghosts) > 2 * max_pairs:
+                ghosts.popitem(last=False)
+
     for w, dst in ops:
         key = (w, dst, 443)
         if key not in table:
             own = [k for k in table if k[0] == w]
             if len(own) >= max(1, max_pairs // 4):
-                del table[next((k for k in own if table[k] <= 1), own[0])]
+                evict(next((k for k in own if table[k] <= 1), own[0]))
             while len(table) >= max_pairs:
-                table.popitem(last=False)
-            table[key] = 0
+                evict(next(iter(table)))
+            table[key] = 1 if ghosts.pop(key, 0) is None else 0
         table[key] += 1
         table.move_to_end(key)
     return list(table)

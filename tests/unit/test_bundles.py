@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import bundles
-from agent.bundles import BundleConflict, BundleError, BundleManager, check
+from agent.bundles import BundleConflict, BundleError, check
 from agent.config import Config
 from agent.daemon import Agent
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from agent.detect.anomaly import AnomalyEngine
-from tests.unit.anomaly_stream import S, WEB, WEB_ID, config, connect, ev, replay
+from tests.unit.anomaly_stream import WEB, WEB_ID, config, connect, ev, replay
 
 C2 = "104.16.200.5"          # a C2 fronted by a CDN block the job may well use anyway
 
@@ -64,7 +64,7 @@ def _user_beacon(t0=300.0, t1=900.0):
     evs, t = [], t0
     while t < t1:
         evs += connect(t, "203.0.113.7", 443, cgroup=SESSION, container="", exe="/tmp/.x",
-                       exe_id="8:1:777", size=int(r.gauss(600, 20)))
+                       exe_id="8:1:777", size=int(r.gauss(600, 20)), uid=1000)
         t += 5 * r.uniform(0.7, 1.3)
     return evs
 
@@ -87,9 +87,9 @@ def test_one_unprivileged_user_cannot_make_its_c2_a_shared_destination():
     is found as in the control."""
     evs = _user_beacon()
     evs += connect(100, "203.0.113.7", 443, cgroup=USER_MGR, container="", exe="/usr/bin/curl",
-                   exe_id="8:1:50")
+                   exe_id="8:1:50", uid=1000)
     evs += connect(120, "203.0.113.7", 443, cgroup=CRON, container="", exe="/usr/bin/curl",
-                   exe_id="8:1:50")
+                   exe_id="8:1:50", uid=1000)
     eng = AnomalyEngine(config(), "n")
     found = replay(eng, evs, 0, 900)
     assert [t for t, f in found if f.rule_id == "anomaly.beacon" and t - 300 <= 60]

@@ -28,6 +28,7 @@ INTERNAL = [ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
     "fc00::/7", "fe80::/10")]
 SKEW_SPREAD = 0.3     # MAD/median under which the skew is discounted
+GHOSTS_PER_PAIR = 2    # evicted one-connection pairs remembered, per pair of the table
 _UNIT = re.compile(r"^(.*?\.(?:service|scope))(?:/|$)")
 
 
@@ -76,9 +77,16 @@ class BeaconTracker:
         # of ever-new addresses makes a new pair per connection)
         self._singles: dict[str, OrderedDict[tuple[str, str, int], None]] = {}
         self._multis: dict[str, OrderedDict[tuple[str, str, int], None]] = {}
+        # One-connection pairs evicted to make room, remembered compactly (key -> first
+        # connection's time, size, new_dst), so that a second connection still makes a
+        # pair of two: a flood of ever-new addresses from the beacon's own workload must
+        # not evict a slow beacon before its second check-in. In memory only, bounded.
+        self._ghosts: OrderedDict[tuple[str, str, int], tuple[int, int, bool]] = OrderedDict()
+        self.ghost_max = GHOSTS_PER_PAIR * self.cfg.max_pairs
         for item in d.get("pairs", ()):
             w, dst, port, p = item
-            self._put((w, dst, int(port)), Pair(self.history, p))
+            if (w, dst, int(port)) not in self.pairs:     # a damaged file's duplicate: once
+                self._put((w, dst, int(port)), Pair(self.history, p))
         self.users: OrderedDict[str, list[str]] = OrderedDict(
             (k, list(v)) for k, v in d.get("users", {}).items())
         self.evicted = int(d.get("evicted", 0))
@@ -94,16 +102,19 @@ class BeaconTracker:
         return ip.is_loopback or any(ip in net for net in self.known)
 
     def connect(self, workload: str, dst: str, port: int, t_ns: int, exe: str | None,
-                new_dst: bool, owner: str = "") -> None:
+                new_dst: bool, owner: str = "", user: str = "") -> None:
         """One established outbound connection. `workload` is the beacon's key (the
         container, else the unit the cgroup belongs to: see `beacon_key`), `owner` the
-        workload it came from (the finding's entity)."""
+        workload it came from (the finding's entity), `user` who it counts as for the
+        destination's prevalence (default: the workload; one host account's units are one
+        user, so a user cannot make its C2 "shared" from its session, cron and user units)."""
         if not dst or self._known(dst):
             return
         users = self.users.setdefault(dst, [])
         self.users.move_to_end(dst)
-        if workload not in users and len(users) < self.cfg.prevalence_max:
-            users.append(workload)
+        user = user or workload
+        if user not in users and len(users) < self.cfg.prevalence_max:
+            users.append(user)
         while len(self.users) > self.cfg.max_pairs:
             self.users.popitem(last=False)
         key = (workload, dst, port)
@@ -112,6 +123,12 @@ class BeaconTracker:
             self._make_room(workload)
             pair = self._put(key, Pair(self.history))
             pair.first_ns, pair.new_dst = t_ns, new_dst
+            ghost = self._ghosts.pop(key, None)
+            if ghost is not None:     # its first connection, evicted from the table
+                pair.first_ns, size, pair.new_dst = ghost
+                pair.times.append(pair.first_ns)
+                if size >= 0:
+                    pair.sizes.append(size)
         pair.workload = owner or workload
         pair.times.append(t_ns)
         self._touch(key, pair)
@@ -126,11 +143,19 @@ class BeaconTracker:
         pairs; then the table's oldest."""
         singles, multis = self._singles.get(workload, {}), self._multis.get(workload, {})
         if len(singles) + len(multis) >= max(1, self.cfg.max_pairs // 4):
-            self._drop(next(iter(singles or multis)))
-            self.evicted += 1
+            self._evict(next(iter(singles or multis)))
         while len(self.pairs) >= self.cfg.max_pairs:
-            self._drop(next(iter(self.pairs)))
-            self.evicted += 1
+            self._evict(next(iter(self.pairs)))
+
+    def _evict(self, key: tuple[str, str, int]) -> None:
+        pair = self.pairs[key]
+        if len(pair.times) == 1 and not pair.benign:
+            self._ghosts[key] = (pair.times[0], pair.sizes[0] if pair.sizes else -1,
+                                 pair.new_dst)
+            if len(self._ghosts) > self.ghost_max:
+                self._ghosts.popitem(last=False)
+        self._drop(key)
+        self.evicted += 1
 
     def _side(self, pair: Pair) -> dict:
         return self._singles if len(pair.times) <= 1 else self._multis

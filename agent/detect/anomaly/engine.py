@@ -116,9 +116,10 @@ class AnomalyEngine:
             p = self._profile(target.profile)
             pf = prefix(dst)
             new = pf not in p.known.dsts and pf not in self.profiles["node"].known.dsts
-            self.beacon.connect(self._beacon_key(w, f, cgroup), dst, port,
-                                int(ev.first_mono_ns or ev.mono_ns), exe_key(f), new,
-                                owner=target.key)
+            bkey = self._beacon_key(w, f, cgroup)
+            self.beacon.connect(bkey, dst, port, int(ev.first_mono_ns or ev.mono_ns),
+                                exe_key(f), new, owner=target.key,
+                                user=_prevalence_user(w, f, bkey))
         elif kind == "flow.close" and self.beacons_on:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             self.beacon.closed(self._beacon_key(w, f, cgroup), dst, port,
@@ -421,6 +422,19 @@ class AnomalyEngine:
         from agent.detect.anomaly.persist import restore
 
         return restore(cls(cfg, node, known), snap, now_mono_ns, now_wall_s)
+
+
+def _prevalence_user(w, f: dict[str, Any], bkey: str) -> str:
+    """Who a connection counts as for its destination's prevalence: a container is itself;
+    on the host, an account other than root is one user whatever unit it runs in (its
+    session, `systemd-run --user`, its crontab in cron.service); root's units each."""
+    if w is not None and w.container:
+        return bkey
+    uid = f.get("uid")
+    try:
+        return f"uid:{int(uid)}" if uid is not None and int(uid) != 0 else bkey
+    except (TypeError, ValueError):
+        return bkey
 
 
 def _recent(ev: Event) -> dict[str, Any]:
