@@ -9,7 +9,7 @@ import pytest
 
 from agent.detect.anomaly import AnomalyConfig, AnomalyEngine
 from agent.model import EventClass, Severity
-from tests.unit.anomaly_stream import (S, WEB, WEB_ID, beacon, benign, config, connect, ev,
+from tests.unit.anomaly_stream import (CRON, S, WEB, WEB_ID, beacon, benign, config, connect, ev,
                                        replay)
 
 KEYS = {"detector", "model_version", "score", "threshold", "false_alarm_rate", "window_s",
@@ -79,9 +79,17 @@ def test_one_finding_per_workload_and_detector_within_dedup(warmed):
     for i in range(10):   # the same new executable every minute: one finding
         evs.append(ev("proc.exec", 3050 + 60 * i, "pid:9", exe="/tmp/m0", exe_id="8:1:900",
                       cgroup=WEB, container=WEB_ID))
+    # and once more, later, in another workload: news there (its own finding)
+    evs.append(ev("proc.exec", 3400, "pid:10", exe="/tmp/m0", exe_id="8:1:900",
+                  cgroup=CRON, container=""))
     found = replay(eng, evs, 3000, 3600)
-    assert sum(f.rule_id == "anomaly.newexe" for _, f in found) == 1
-    assert eng.status()["detectors"]["newexe"]["deduplicated"] >= 8
+    newexe = [f for _, f in found if f.rule_id == "anomaly.newexe"]
+    # reported once, it is no news to this workload's profile again (its investigation
+    # has it)...
+    assert [f.entity for f in newexe].count(f"cgroup:{WEB}") == 1
+    assert "id:8:1:900" in eng.reported_news
+    # ...but still news node-wide, so to any other profile
+    assert [f.entity for f in newexe].count(f"cgroup:{CRON}") == 1
 
 
 def test_something_new_is_no_duplicate_of_what_came_before(warmed):
@@ -224,3 +232,81 @@ def test_what_a_finding_reported_stays_news(warmed):
     later = replay(eng, benign(6, 8900, 9200) + second, 8900, 9200)
     hits = [f for _, f in later if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
     assert hits and hits[0].evidence["scope"]["container"] == other
+
+
+def test_what_a_workload_reported_is_no_news_to_it_again(warmed):
+    """Reported once, the same destination from the same workload an hour later is no new
+    finding (its investigation has it; the eval's timesyncd re-raised its pool server at
+    every poll); a job image's executables are no news to the kind's next container."""
+    eng = fresh(warmed[1])
+    burst = lambda t0, **kw: [e for i in range(20) for e in connect(  # noqa: E731
+        t0 + i, "198.51.100.9", 8443, size=5_000_000, **kw)]
+    image = [ev("proc.exec", 3150, "pid:7", exe="/opt/job/train", exe_id="8:1:31",
+                exe_sha256="cc" * 32, cgroup=WEB, container=WEB_ID)]
+    found = replay(eng, benign(5, 3000, 3300) + burst(3101) + image, 3000, 3300)
+    assert any("198.51.100.9" in f.evidence["scope"].get("dst", []) for _, f in found)
+    assert any("cc" * 32 in f.evidence["scope"].get("exe_sha256", []) for _, f in found)
+    other = "b" * 24
+    again = burst(6601) + [ev("proc.exec", 6650, "pid:8", exe="/opt/job/train",
+                              exe_id="8:1:31", exe_sha256="cc" * 32,
+                              cgroup=WEB.replace(WEB_ID, other), container=other)]
+    later = replay(eng, benign(6, 6500, 6800) + again, 6500, 6800)
+    assert not [f for _, f in later if f.entity == f"cgroup:{WEB}"]
+    assert not [f for _, f in later if "cc" * 32 in f.evidence["scope"].get("exe_sha256", [])]
+    # still news node-wide: another kind of workload running it is found
+    other_kind = [ev("proc.exec", 9050, "pid:9", exe="/opt/job/train", exe_id="8:1:31",
+                     exe_sha256="cc" * 32, cgroup=CRON)]
+    last = replay(eng, benign(7, 9000, 9300) + other_kind, 9000, 9300)
+    assert [f for _, f in last if f.entity == f"cgroup:{CRON}"]
+
+
+@pytest.mark.parametrize("unit, container, quiet", [
+    ("/system.slice/systemd-timesyncd.service", "", True),
+    ("/system.slice/backup.service", "", False),              # not a rotating service
+    ("/kubepods.slice/kubepods-pod9.slice/cri-containerd-" + "d" * 24 + ".scope",
+     "d" * 24, False)])                                       # a container never is one
+def test_a_rotating_service_new_pool_server_is_no_news(unit, container, quiet):
+    """NTP pool servers rotate by design (anomaly.rotating_services): timesyncd's new
+    server on 123 is no new destination; the same from another unit or a container is."""
+    eng = AnomalyEngine(config(detectors=["mahalanobis", "beacon", "drift"]), "n")
+    def ntp(t0, t1, dst):
+        return [e for t in range(int(t0), int(t1), 64) for e in connect(
+            t, dst, 123, cgroup=unit, container=container, exe="/lib/systemd/timesyncd",
+            exe_id="8:1:12", size=48)]
+    evs = benign(8, 0, 4200) + ntp(0, 3600, "192.0.2.10") + ntp(3700, 4200, "203.0.113.123")
+    found = replay(eng, evs, 0, 4200)
+    mine = [f for t, f in found if t >= 3700 and f.entity == f"cgroup:{unit}"]
+    assert (not mine) is quiet, [f.evidence["summary"] for f in mine]
+
+
+def test_rotating_services_are_checked():
+    with pytest.raises(ValueError, match="rotating_services"):
+        AnomalyConfig.from_dict({"rotating_services": ["timesyncd:123"]})
+    with pytest.raises(ValueError, match="rotating_services"):
+        AnomalyConfig.from_dict({"rotating_services": ["a.service:0"]})
+
+
+def test_a_new_containers_image_programs_are_no_news_but_a_running_ones_are(warmed):
+    """A new container of a known kind runs its image's programs in its first
+    image_grace_s (a new job version): no news. The same never-seen program run by a
+    container that has been running past the grace (a miner dropped into a job) is; so is
+    a new container's never-seen destination; and after a restart, a container first seen
+    by this process is not taken as new."""
+    eng = fresh(warmed[1])
+    new_c = "e" * 24
+    cg = WEB.replace(WEB_ID, new_c)
+    start = [ev("proc.exec", 3200, "pid:20", exe="/opt/v2/train", exe_id="8:1:60",
+                exe_sha256="e1" * 32, cgroup=cg, container=new_c)]
+    dropped = [ev("proc.exec", 3400, "pid:21", exe="/tmp/.k", exe_id="8:1:61",
+                  exe_sha256="e2" * 32, cgroup=cg, container=new_c)]
+    found = replay(eng, benign(9, 3000, 3600) + start + dropped, 3000, 3600)
+    shas = [s for _, f in found for s in f.evidence["scope"].get("exe_sha256", [])]
+    assert "e1" * 32 not in shas and "e2" * 32 in shas
+    assert eng.status()["image_exes"] >= 1
+    # a restart: the next container's first programs are news (not known to be new)
+    back = AnomalyEngine.restore(config(), "node-1", eng.snapshot(), now_mono_ns=eng.now)
+    c3 = "f" * 24
+    later = [ev("proc.exec", 3610, "pid:22", exe="/opt/v3/train", exe_id="8:1:62",
+                exe_sha256="e3" * 32, cgroup=WEB.replace(WEB_ID, c3), container=c3)]
+    found = replay(back, benign(10, 3600, 3900) + later, 3600, 3900)
+    assert any("e3" * 32 in f.evidence["scope"].get("exe_sha256", []) for _, f in found)

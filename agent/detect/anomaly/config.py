@@ -3,6 +3,7 @@ false-alarm budget, beacon scorer and persistence. Numeric ranges are declared i
 agent/configcheck.py BOUNDS (keys "anomaly.*"); `check()` adds what one key cannot say."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,9 @@ from typing import Any
 DETECTORS = ("mahalanobis", "hst", "loda", "zscore", "newexe", "beacon", "drift")
 MODELS = ("mahalanobis", "hst", "loda", "zscore")   # scored windows, calibrated
 DEFAULT_DETECTORS = ("mahalanobis", "beacon", "drift")
+ROTATING_SERVICES = ("systemd-timesyncd.service:123", "chrony.service:123",
+                     "chronyd.service:123", "ntp.service:123", "ntpsec.service:123",
+                     "openntpd.service:123", "systemd-resolved.service:53")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,14 @@ class AnomalyConfig:
     recent_events: int = 64             # per workload, for evidence
     known_destinations: tuple[str, ...] = ()   # CIDRs never scored as beacons
     ignore_cgroups: tuple[str, ...] = ()       # cgroup paths (and below) not modelled
+    # Host services whose destinations rotate by design ("unit:port"): a new destination
+    # they reach on that port is no news (NTP pool servers, DNS resolvers); their
+    # connections and bytes still count. Host systemd units only: a container is never one.
+    rotating_services: tuple[str, ...] = ROTATING_SERVICES
+    # A new container of a known kind: the programs it runs in its first image_grace_s are
+    # its image's (a new job version) and no news; its destinations and listeners are.
+    # 0: every never-seen program is news.
+    image_grace_s: float = 120.0
     state_path: str | None = None       # default <state_dir>/anomaly-state.json
     save_every_s: float = 300.0
     seed: int = 1
@@ -101,9 +113,25 @@ class AnomalyConfig:
             if not path.startswith("/"):
                 raise _error(f"anomaly.ignore_cgroups: {path!r} is not a cgroup path "
                              "(it starts with /)")
+        for item in self.rotating_services:
+            unit, _, port = str(item).rpartition(":")
+            if not unit.endswith(".service") or "/" in unit or not port.isdigit() or \
+                    not 0 < int(port) < 65536:
+                raise _error(f"anomaly.rotating_services: {item!r} is not UNIT.service:PORT")
         if self.state_path is not None and not self.state_path.startswith("/"):
             raise _error("anomaly.state_path must be an absolute path")
         return self
+
+
+@functools.lru_cache(maxsize=4096)
+def rotating_ports(cfg: AnomalyConfig, cgroup: str, container: str) -> frozenset[int]:
+    """The ports on which a workload's destinations rotate by design: a host unit's
+    (its cgroup's last component) listed in rotating_services; none for a container."""
+    if container or not cgroup:
+        return frozenset()
+    unit = cgroup.rstrip("/").rsplit("/", 1)[-1]
+    return frozenset(int(port) for u, _, port in
+                     (str(i).rpartition(":") for i in cfg.rotating_services) if u == unit)
 
 
 def _error(message: str) -> ValueError:
@@ -126,6 +154,7 @@ BOUNDS_HELP = {   # the anomaly keys' ranges (agent/configcheck.py BOUNDS), as (
     "anomaly.novelty_max": (16, 1_000_000),
     "anomaly.recent_events": (0, 10_000),
     "anomaly.save_every_s": (1, 86400),
+    "anomaly.image_grace_s": (0, 3600),
     "anomaly.seed": (0, 2**31 - 1),
     "anomaly.hst.trees": (1, 256),
     "anomaly.hst.depth": (2, 16),

@@ -12,9 +12,9 @@ from agent.detect.anomaly import findings as fx
 from agent.detect.anomaly import slow, teach
 from agent.detect.anomaly.beacon import BeaconTracker, beacon_key
 from agent.detect.anomaly.calibrate import Calibrator
-from agent.detect.anomaly.config import MODELS, AnomalyConfig
+from agent.detect.anomaly.config import MODELS, AnomalyConfig, rotating_ports
 from agent.detect.anomaly.detectors import drivers as drivers_of
-from agent.detect.anomaly.features import INDEX, exe_key, prefix, profile_of, scale
+from agent.detect.anomaly.features import INDEX, Novelty, exe_key, prefix, profile_of, scale
 from agent.detect.anomaly.replaced import Replacements
 from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
@@ -61,7 +61,9 @@ class AnomalyEngine:
         self.exe_paths: dict[str, str] = {}
         self.replaced = Replacements(cfg.novelty_max)   # executables a package replaced
         self.taught = teach.Taught()    # what each "learn" feedback changed (for its revert)
+        self.reported_news = Novelty(cfg.novelty_max)   # what findings reported: news node-wide
         self.started_ns: int | None = None
+        self.up_ns: int | None = None
         self.window_start: int | None = None
         self.now = 0
         self.kernel_bytes = False
@@ -110,8 +112,11 @@ class AnomalyEngine:
         # Beacons: established connections only (a flood of failed connects to ever-new
         # addresses is no check-in and must not crowd the table), gathered per container
         # or systemd unit (beacon_key: rotating sub-cgroups or scopes is one beacon).
+        # A rotating service's port (NTP polls) is periodic by design: not scored.
         if kind == "flow.connect" and self.beacons_on and \
-                f.get("outcome", "established") == "established":
+                f.get("outcome", "established") == "established" and not (
+                    w is not None and int(f.get("dport") or 0) in
+                    rotating_ports(self.cfg, w.cgroup, w.container)):
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             p = self._profile(target.profile)
             pf = prefix(dst)
@@ -124,6 +129,15 @@ class AnomalyEngine:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             self.beacon.closed(self._beacon_key(w, f, cgroup), dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
+
+    def _image_start(self, w, p, start: int) -> bool:
+        """Whether window `start` is within image_grace_s of a container's first event, for
+        a container of a kind already modelled, first seen once this process had run that
+        long (after a start or restart, a running container is not new)."""
+        grace = int(self.cfg.image_grace_s * 1e9)
+        return bool(grace and w.container and p.windows >= PROFILE_MIN and w.first_ns and
+                    self.up_ns is not None and w.first_ns - self.up_ns > grace and
+                    start - w.first_ns <= grace)
 
     @staticmethod
     def _beacon_key(w, f, cgroup: str) -> str:
@@ -142,6 +156,7 @@ class AnomalyEngine:
             if len(self.workloads) >= self.cfg.max_workloads:
                 self._evict()
             w = self._new_workload(key, cgroup, container, profile_of(cgroup or container))
+            w.first_ns = now
         elif cgroup and not w.cgroup:
             w.cgroup = cgroup
         w.last_ns = now
@@ -186,6 +201,8 @@ class AnomalyEngine:
         self.now = max(self.now, now_ns)
         if self.started_ns is None:
             self.started_ns = now_ns
+        if self.up_ns is None:
+            self.up_ns = now_ns      # this process's first tick (not restored)
         if self.window_start is None:
             self.window_start = now_ns - now_ns % self.window_ns
         out: list[Finding] = []
@@ -225,7 +242,16 @@ class AnomalyEngine:
             kind = "node" if w is self.node else "workload"
             p = self._profile(w.profile)
             p.last_ns = now
-            raw, new = w.window.vector(p.known, node_known, self.kernel_bytes)
+            if self._image_start(w, p, start):
+                # A new container of a known kind: the programs it runs in its first
+                # image_grace_s are its image's (a new job version), known to the kind
+                # from now on; its destinations and listeners are still news.
+                for k in w.window.exes:
+                    if k not in p.known.exes:
+                        p.known.exes.add(k)
+                        self.counters["image_exes"] += 1
+            raw, new = w.window.vector(p.known, node_known, self.kernel_bytes, w.seen,
+                                       rotating_ports(self.cfg, w.cgroup, w.container))
             x = scale(raw)
             near = False
             for det in self.models if p.windows >= PROFILE_MIN else ():
@@ -281,8 +307,22 @@ class AnomalyEngine:
                         node_known.ports.add(port)
                 else:
                     reported |= set(new["ports"])
+                # ...but not where they were reported: its investigation has them. Its
+                # executables become known to its profile (a job image's programs in the
+                # job's next container, a daily job's binaries: the profile's), its
+                # destinations and listeners to this workload alone (a timesyncd's new
+                # pool server; the attacker's destination from the next container of the
+                # kind is news again). Node-wide and to other profiles all stay news
+                # (reported_news) until feedback.
+                if w is not self.node:
+                    for item in new["exes"]:
+                        p.known.exes.add(item)
+                    for item in (*new["dsts"], *new["listens"]):
+                        w.seen.add(item)
+                    for item in (*new["exes"], *new["dsts"], *new["listens"]):
+                        self.reported_news.add(item)
             else:
-                p.known.commit(w.window, self.kernel_bytes,
+                p.known.commit(w.window, self.kernel_bytes, self.reported_news,
                                reported if w is self.node else frozenset())
             self._reported = False
             p.windows += 1
@@ -398,6 +438,7 @@ class AnomalyEngine:
                 "learned": self.counters["learned"], "unlearned": self.counters["unlearned"],
                 "unlearn_lost": self.taught.lost, "restored": self.restored,
                 "replaced_exes": self.counters["replaced_exes"],
+                "image_exes": self.counters["image_exes"],
                 "volume_only": {d: self.counters[f"volume_only.{d}"] for d in self.models},
                 "shadow": list(self.shadow)}
 

@@ -184,16 +184,22 @@ class Window:
         gives them (flow.bytes), else what closed connections carried."""
         return self.bytes_by_dst if use_kernel_bytes else self.close_bytes_by_dst
 
-    def vector(self, known: "Known", node: "Known", use_kernel_bytes: bool) -> tuple[list[float], dict]:
-        """Raw features and what was new (for evidence and for committing to the sets)."""
-        new_node = [k for k in self.exes if k not in node.exes]
+    def vector(self, known: "Known", node: "Known", use_kernel_bytes: bool,
+               seen: "Novelty | frozenset" = frozenset(),
+               rotating: frozenset[int] = frozenset()) -> tuple[list[float], dict]:
+        """Raw features and what was new (for evidence and for committing to the sets).
+        `seen`: destinations and listeners this workload's findings already reported (no
+        news to it again); `rotating`: ports on which its destinations rotate by design (a
+        new one there is no news: AnomalyConfig.rotating_services)."""
+        new_node = [k for k in self.exes if k not in node.exes and k not in known.exes]
         new_here = [k for k in self.exes if k in node.exes and k not in known.exes]
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
-        new_pfx = {prefix(a) for a, _ in dsts if a and prefix(a) not in known.dsts}
+        new_pfx = {prefix(a) for a, p in dsts if a and p not in rotating
+                   and prefix(a) not in known.dsts and prefix(a) not in seen}
         new_ports = {port_key(p) for _, p in dsts if p and port_key(p) not in known.ports}
         new_bytes = sum(b for (a, _), b in egress.items() if prefix(a) in new_pfx)
-        new_listens = [p for p in self.listens if p not in known.listens]
+        new_listens = [p for p in self.listens if p not in known.listens and p not in seen]
         raw = [0.0] * DIM
         raw[0] = max(self.execs_counted, self.execs_seen)
         raw[1], raw[2] = len(new_node), len(new_here)
@@ -219,8 +225,10 @@ class Known:
         self.ports = Novelty(limit, d.get("ports", ()))
         self.listens = Novelty(limit, d.get("listens", ()))
 
-    def commit(self, w: Window, use_kernel_bytes: bool, skip: set[str] = frozenset()) -> None:
-        """What the window saw becomes known, but for `skip` (what findings reported)."""
+    def commit(self, w: Window, use_kernel_bytes: bool, *skip) -> None:
+        """What the window saw becomes known, but for what is in any of `skip` (sets of
+        what findings reported)."""
+        skip = _Any(skip)
         for k in w.exes:
             if k not in skip:
                 self.exes.add(k)
@@ -239,6 +247,18 @@ class Known:
 
     def size(self) -> int:
         return len(self.exes) + len(self.dsts) + len(self.ports) + len(self.listens)
+
+
+class _Any:
+    """Membership in any of several sets (without building their union)."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self, sets) -> None:
+        self.sets = sets
+
+    def __contains__(self, key: str) -> bool:
+        return any(key in s for s in self.sets)
 
 
 def port_key(port: int) -> str:

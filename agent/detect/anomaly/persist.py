@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.detect.anomaly.beacon import BeaconTracker
 from agent.detect.anomaly.calibrate import Calibrator
-from agent.detect.anomaly.features import NAMES, PREFIX_V4, PREFIX_V6
+from agent.detect.anomaly.features import NAMES, PREFIX_V4, PREFIX_V6, Novelty
 from agent.detect.anomaly.profile import Profile, Workload
 from agent.detect.anomaly.teach import Taught
 
@@ -38,6 +38,7 @@ def snapshot(eng, wall_s: float | None) -> dict[str, Any]:
         "counters": dict(eng.counters),
         "exe_paths": eng.exe_paths,
         "taught": eng.taught.dump(),
+        "reported_news": eng.reported_news.dump(),
     }
 
 
@@ -89,6 +90,7 @@ def _load(eng, snap: dict[str, Any]) -> None:
     eng.counters = Counter({k: int(v) for k, v in snap.get("counters", {}).items()})
     eng.exe_paths = {str(k): str(v) for k, v in snap.get("exe_paths", {}).items()}
     eng.taught = Taught(snap.get("taught"))
+    eng.reported_news = Novelty(cfg.novelty_max, map(str, snap.get("reported_news", ())))
 
 
 def rebase(eng, delta: int) -> None:

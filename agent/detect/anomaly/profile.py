@@ -7,10 +7,11 @@ from typing import Any
 
 from agent.detect.anomaly.detectors import HalfSpaceTrees, Loda, RobustMahalanobis, Stats
 from agent.detect.anomaly.features import FLOORS
-from agent.detect.anomaly.features import DIM, Known, Window
+from agent.detect.anomaly.features import DIM, Known, Novelty, Window
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
 LEARNED_MAX = 32      # windows learned as normal (feedback) kept per profile
+SEEN_MAX = 256        # destinations and listeners a workload's findings reported, kept
 LEARN_TOLERANCE = 0.05
 # The slow mean moves less than a window does: its floors are a third of the windows'
 # (a sustained factor of 2-3 in a count, of 2 in bytes, is a drift worth a look).
@@ -99,10 +100,14 @@ class Workload:
         self.window = Window()
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self.last_ns = int(d.get("last_ns", 0))
+        self.first_ns = int(d.get("first_ns", 0))    # first event seen of it
         self.flags: dict[str, deque[bool]] = {}
         self.m = m
         self.run_start: dict[str, int] = {k: int(v) for k, v in d.get("run_start", {}).items()}
         self.last_alert: dict[str, list] = {k: list(v) for k, v in d.get("last_alert", {}).items()}
+        # Destinations and listeners this workload's findings reported: no news to it
+        # again (its investigation has them); still news to every other workload.
+        self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
 
     @property
     def entity(self) -> str:
@@ -120,11 +125,12 @@ class Workload:
 
     def rebase(self, delta: int) -> None:
         self.last_ns += delta
+        self.first_ns += delta
         self.run_start = {k: v + delta for k, v in self.run_start.items()}
         for v in self.last_alert.values():
             v[0] += delta
 
     def dump(self) -> dict[str, Any]:
         return {"cgroup": self.cgroup, "container": self.container, "profile": self.profile,
-                "last_ns": self.last_ns, "run_start": self.run_start,
-                "last_alert": self.last_alert}
+                "last_ns": self.last_ns, "first_ns": self.first_ns, "run_start": self.run_start,
+                "last_alert": self.last_alert, "seen": self.seen.dump()}
