@@ -84,11 +84,10 @@ def test_one_finding_per_workload_and_detector_within_dedup(warmed):
                   cgroup=CRON, container=""))
     found = replay(eng, evs, 3000, 3600)
     newexe = [f for _, f in found if f.rule_id == "anomaly.newexe"]
-    # reported once, it is no news to this workload's profile again (its investigation
-    # has it)...
+    # reported once, it is no news to this workload again (its investigation has it)...
     assert [f.entity for f in newexe].count(f"cgroup:{WEB}") == 1
-    assert "id:8:1:900" in eng.reported_news
-    # ...but still news node-wide, so to any other profile
+    assert "id:8:1:900" in eng.reported_exes and "id:8:1:900" in eng.workloads[WEB_ID].seen
+    # ...but still news node-wide, so to any other workload
     assert [f.entity for f in newexe].count(f"cgroup:{CRON}") == 1
 
 
@@ -237,7 +236,8 @@ def test_what_a_finding_reported_stays_news(warmed):
 def test_what_a_workload_reported_is_no_news_to_it_again(warmed):
     """Reported once, the same destination from the same workload an hour later is no new
     finding (its investigation has it; the eval's timesyncd re-raised its pool server at
-    every poll); a job image's executables are no news to the kind's next container."""
+    every poll); a job image's programs are no news to the kind's next container, in a new
+    pod, at its start (the image grace)."""
     eng = fresh(warmed[1])
     burst = lambda t0, **kw: [e for i in range(20) for e in connect(  # noqa: E731
         t0 + i, "198.51.100.9", 8443, size=5_000_000, **kw)]
@@ -249,7 +249,8 @@ def test_what_a_workload_reported_is_no_news_to_it_again(warmed):
     other = "b" * 24
     again = burst(6601) + [ev("proc.exec", 6650, "pid:8", exe="/opt/job/train",
                               exe_id="8:1:31", exe_sha256="cc" * 32,
-                              cgroup=WEB.replace(WEB_ID, other), container=other)]
+                              cgroup=WEB.replace(WEB_ID, other).replace("pod1", "pod4"),
+                              container=other)]
     later = replay(eng, benign(6, 6500, 6800) + again, 6500, 6800)
     assert not [f for _, f in later if f.entity == f"cgroup:{WEB}"]
     assert not [f for _, f in later if "cc" * 32 in f.evidence["scope"].get("exe_sha256", [])]
@@ -294,7 +295,7 @@ def test_a_new_containers_image_programs_are_no_news_but_a_running_ones_are(warm
     by this process is not taken as new."""
     eng = fresh(warmed[1])
     new_c = "e" * 24
-    cg = WEB.replace(WEB_ID, new_c)
+    cg = WEB.replace(WEB_ID, new_c).replace("pod1", "pod2")    # a new pod
     start = [ev("proc.exec", 3200, "pid:20", exe="/opt/v2/train", exe_id="8:1:60",
                 exe_sha256="e1" * 32, cgroup=cg, container=new_c)]
     dropped = [ev("proc.exec", 3400, "pid:21", exe="/tmp/.k", exe_id="8:1:61",
@@ -307,6 +308,7 @@ def test_a_new_containers_image_programs_are_no_news_but_a_running_ones_are(warm
     back = AnomalyEngine.restore(config(), "node-1", eng.snapshot(), now_mono_ns=eng.now)
     c3 = "f" * 24
     later = [ev("proc.exec", 3610, "pid:22", exe="/opt/v3/train", exe_id="8:1:62",
-                exe_sha256="e3" * 32, cgroup=WEB.replace(WEB_ID, c3), container=c3)]
+                exe_sha256="e3" * 32, cgroup=WEB.replace(WEB_ID, c3).replace("pod1", "pod3"),
+                container=c3)]
     found = replay(back, benign(10, 3600, 3900) + later, 3600, 3900)
     assert any("e3" * 32 in f.evidence["scope"].get("exe_sha256", []) for _, f in found)

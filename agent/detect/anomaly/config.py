@@ -129,9 +129,11 @@ def rotating_ports(cfg: AnomalyConfig, cgroup: str, container: str) -> frozenset
     (its cgroup's last component) listed in rotating_services; none for a container."""
     if container or not cgroup:
         return frozenset()
-    unit = cgroup.rstrip("/").rsplit("/", 1)[-1]
+    # a system unit only: /system.slice/UNIT (a user's `systemd-run --user --unit=NAME`
+    # lands under user.slice and is no system service)
     return frozenset(int(port) for u, _, port in
-                     (str(i).rpartition(":") for i in cfg.rotating_services) if u == unit)
+                     (str(i).rpartition(":") for i in cfg.rotating_services)
+                     if cgroup.rstrip("/") == f"/system.slice/{u}")
 
 
 def _error(message: str) -> ValueError:

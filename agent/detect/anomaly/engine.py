@@ -27,6 +27,9 @@ DEDUP_NEWS = 64      # new things remembered per deduplicated kind of finding
 HIGH_FACTOR = 100.0   # a tail probability this much under the budget: severity high
 SHADOW_KEEP = 20
 PORTS_KNOWN_MAX = 3   # a reported window's new service ports that become known (else news)
+REPORTED_PER_FINDING = 16   # destinations and listeners one finding keeps as news
+IMAGE_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/app/", "/srv/",
+              "/workspace/")   # where images keep programs (not /tmp, /dev/shm, volumes)
 NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
                             "new_dst_bytes", "new_listens", "gpu_unauth_bytes")]
 
@@ -62,6 +65,8 @@ class AnomalyEngine:
         self.replaced = Replacements(cfg.novelty_max)   # executables a package replaced
         self.taught = teach.Taught()    # what each "learn" feedback changed (for its revert)
         self.reported_news = Novelty(cfg.novelty_max)   # what findings reported: news node-wide
+        self.reported_exes = Novelty(cfg.novelty_max)   # programs apart (a flood cannot evict)
+        self.pods = Novelty(cfg.novelty_max)    # parent cgroups of containers seen (image grace)
         self.started_ns: int | None = None
         self.up_ns: int | None = None
         self.window_start: int | None = None
@@ -132,12 +137,14 @@ class AnomalyEngine:
 
     def _image_start(self, w, p, start: int) -> bool:
         """Whether window `start` is within image_grace_s of a container's first event, for
-        a container of a kind already modelled, first seen once this process had run that
-        long (after a start or restart, a running container is not new)."""
+        a container of a kind already modelled, in a pod (parent cgroup) never seen before
+        (a container restarted in its pod, or evicted and seen again, is not new), first
+        seen once this process had run that long (after a (re)start, a running container
+        is not new)."""
         grace = int(self.cfg.image_grace_s * 1e9)
-        return bool(grace and w.container and p.windows >= PROFILE_MIN and w.first_ns and
-                    self.up_ns is not None and w.first_ns - self.up_ns > grace and
-                    start - w.first_ns <= grace)
+        return bool(grace and w.container and w.new_pod and p.windows >= PROFILE_MIN and
+                    w.first_ns and self.up_ns is not None and
+                    w.first_ns - self.up_ns > grace and start - w.first_ns <= grace)
 
     @staticmethod
     def _beacon_key(w, f, cgroup: str) -> str:
@@ -157,6 +164,10 @@ class AnomalyEngine:
                 self._evict()
             w = self._new_workload(key, cgroup, container, profile_of(cgroup or container))
             w.first_ns = now
+            pod = cgroup.rstrip("/").rsplit("/", 1)[0] if container and cgroup else ""
+            w.new_pod = bool(pod) and pod not in self.pods
+            if pod:
+                self.pods.add(pod)
         elif cgroup and not w.cgroup:
             w.cgroup = cgroup
         w.last_ns = now
@@ -243,12 +254,15 @@ class AnomalyEngine:
             p = self._profile(w.profile)
             p.last_ns = now
             if self._image_start(w, p, start):
-                # A new container of a known kind: the programs it runs in its first
-                # image_grace_s are its image's (a new job version), known to the kind
-                # from now on; its destinations and listeners are still news.
-                for k in w.window.exes:
-                    if k not in p.known.exes:
-                        p.known.exes.add(k)
+                # A new container (in a new pod) of a known kind: the programs it runs from
+                # its image's directories in its first image_grace_s are its image's (a
+                # new job version): no news to this container (Workload.seen), neither
+                # known to its kind (a running sibling that runs one is news) nor
+                # node-wide; its destinations and listeners are still news.
+                for k, info in w.window.exes.items():
+                    if k not in p.known.exes and k not in w.seen and \
+                            _image_path(info.get("exe")):
+                        w.seen.add(k)
                         self.counters["image_exes"] += 1
             raw, new = w.window.vector(p.known, node_known, self.kernel_bytes, w.seen,
                                        rotating_ports(self.cfg, w.cgroup, w.container))
@@ -307,23 +321,21 @@ class AnomalyEngine:
                         node_known.ports.add(port)
                 else:
                     reported |= set(new["ports"])
-                # ...but not where they were reported: its investigation has them. Its
-                # executables become known to its profile (a job image's programs in the
-                # job's next container, a daily job's binaries: the profile's), its
-                # destinations and listeners to this workload alone (a timesyncd's new
-                # pool server; the attacker's destination from the next container of the
-                # kind is news again). Node-wide and to other profiles all stay news
-                # (reported_news) until feedback.
+                # ...but not to the workload that reported them: its investigation has
+                # them (a daily job's binaries, a timesyncd's new pool server). To every
+                # other workload, of its kind too, and node-wide they stay news
+                # (reported_exes, reported_news) until feedback.
                 if w is not self.node:
                     for item in new["exes"]:
-                        p.known.exes.add(item)
-                    for item in (*new["dsts"], *new["listens"]):
                         w.seen.add(item)
-                    for item in (*new["exes"], *new["dsts"], *new["listens"]):
+                        self.reported_exes.add(item)
+                    # a flood's thousands of destinations must not evict the rest
+                    for item in [*new["dsts"], *new["listens"]][:REPORTED_PER_FINDING]:
+                        w.seen.add(item)
                         self.reported_news.add(item)
             else:
                 p.known.commit(w.window, self.kernel_bytes, self.reported_news,
-                               reported if w is self.node else frozenset())
+                               self.reported_exes, reported if w is self.node else w.seen)
             self._reported = False
             p.windows += 1
             w.window = type(w.window)()
@@ -463,6 +475,12 @@ class AnomalyEngine:
         from agent.detect.anomaly.persist import restore
 
         return restore(cls(cfg, node, known), snap, now_mono_ns, now_wall_s)
+
+
+def _image_path(path: Any) -> bool:
+    """A program path an image ships (IMAGE_DIRS), not one dropped at run time."""
+    return isinstance(path, str) and path.startswith(IMAGE_DIRS) and "/../" not in path \
+        and not path.endswith(" (deleted)")
 
 
 def _prevalence_user(w, f: dict[str, Any], bkey: str) -> str:

@@ -188,11 +188,13 @@ class Window:
                seen: "Novelty | frozenset" = frozenset(),
                rotating: frozenset[int] = frozenset()) -> tuple[list[float], dict]:
         """Raw features and what was new (for evidence and for committing to the sets).
-        `seen`: destinations and listeners this workload's findings already reported (no
-        news to it again); `rotating`: ports on which its destinations rotate by design (a
+        `seen`: what this workload's findings already reported, and its image's programs
+        (no news to it again); `rotating`: ports on which its destinations rotate by design (a
         new one there is no news: AnomalyConfig.rotating_services)."""
-        new_node = [k for k in self.exes if k not in node.exes and k not in known.exes]
-        new_here = [k for k in self.exes if k in node.exes and k not in known.exes]
+        new_node = [k for k in self.exes if k not in node.exes and k not in known.exes
+                    and k not in seen]
+        new_here = [k for k in self.exes if k in node.exes and k not in known.exes
+                    and k not in seen]
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
         new_pfx = {prefix(a) for a, p in dsts if a and p not in rotating

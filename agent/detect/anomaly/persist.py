@@ -39,6 +39,8 @@ def snapshot(eng, wall_s: float | None) -> dict[str, Any]:
         "exe_paths": eng.exe_paths,
         "taught": eng.taught.dump(),
         "reported_news": eng.reported_news.dump(),
+        "reported_exes": eng.reported_exes.dump(),
+        "pods": eng.pods.dump(),
     }
 
 
@@ -91,6 +93,8 @@ def _load(eng, snap: dict[str, Any]) -> None:
     eng.exe_paths = {str(k): str(v) for k, v in snap.get("exe_paths", {}).items()}
     eng.taught = Taught(snap.get("taught"))
     eng.reported_news = Novelty(cfg.novelty_max, map(str, snap.get("reported_news", ())))
+    eng.reported_exes = Novelty(cfg.novelty_max, map(str, snap.get("reported_exes", ())))
+    eng.pods = Novelty(cfg.novelty_max, map(str, snap.get("pods", ())))
 
 
 def rebase(eng, delta: int) -> None:

@@ -101,12 +101,13 @@ class Workload:
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
         self.last_ns = int(d.get("last_ns", 0))
         self.first_ns = int(d.get("first_ns", 0))    # first event seen of it
+        self.new_pod = bool(d.get("new_pod", False))  # a container in a never-seen pod
         self.flags: dict[str, deque[bool]] = {}
         self.m = m
         self.run_start: dict[str, int] = {k: int(v) for k, v in d.get("run_start", {}).items()}
         self.last_alert: dict[str, list] = {k: list(v) for k, v in d.get("last_alert", {}).items()}
-        # Destinations and listeners this workload's findings reported: no news to it
-        # again (its investigation has them); still news to every other workload.
+        # Destinations and listeners this workload's findings reported, and its image's
+        # programs (image grace): no news to it again; still news to every other workload.
         self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
 
     @property
@@ -132,5 +133,6 @@ class Workload:
 
     def dump(self) -> dict[str, Any]:
         return {"cgroup": self.cgroup, "container": self.container, "profile": self.profile,
-                "last_ns": self.last_ns, "first_ns": self.first_ns, "run_start": self.run_start,
+                "last_ns": self.last_ns, "first_ns": self.first_ns, "new_pod": self.new_pod,
+                "run_start": self.run_start,
                 "last_alert": self.last_alert, "seen": self.seen.dump()}
