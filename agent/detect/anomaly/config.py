@@ -74,12 +74,13 @@ class AnomalyConfig:
     known_destinations: tuple[str, ...] = ()   # CIDRs never scored as beacons
     ignore_cgroups: tuple[str, ...] = ()       # cgroup paths (and below) not modelled
     # Host services whose destinations rotate by design ("unit:port"): a new destination
-    # they reach on that port is no news (NTP pool servers, DNS resolvers); their
-    # connections and bytes still count. Host systemd units only: a container is never one.
+    # they reach on that port is no news and not beacon-scored (NTP pool servers, DNS
+    # resolvers); their connections and bytes still count. /system.slice/UNIT only: a
+    # container or a user's unit is never one.
     rotating_services: tuple[str, ...] = ROTATING_SERVICES
-    # A new container of a known kind: the programs it runs in its first image_grace_s are
-    # its image's (a new job version) and no news; its destinations and listeners are.
-    # 0: every never-seen program is news.
+    # A new container (in a never-seen pod) of a known kind: the programs it runs from image
+    # directories in its first image_grace_s are its image's (a new job version), no news
+    # to it; its destinations and listeners are. 0: every never-seen program is news.
     image_grace_s: float = 120.0
     state_path: str | None = None       # default <state_dir>/anomaly-state.json
     save_every_s: float = 300.0
