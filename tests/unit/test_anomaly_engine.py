@@ -312,3 +312,15 @@ def test_a_new_containers_image_programs_are_no_news_but_a_running_ones_are(warm
                 container=c3)]
     found = replay(back, benign(10, 3600, 3900) + later, 3600, 3900)
     assert any("e3" * 32 in f.evidence["scope"].get("exe_sha256", []) for _, f in found)
+
+
+def test_a_listener_stays_news_to_its_own_workload(warmed):
+    """A bind shell on port 4444, reported, then again on 4444 in the same container a day
+    later: found again (a listener is no pool server that rotates)."""
+    eng = fresh(warmed[1])
+    def listen(t):
+        return [ev("flow.listen", t, "", port=4444, family=4, cgroup=WEB, container=WEB_ID)]
+    first = replay(eng, benign(11, 3000, 3300) + listen(3100), 3000, 3300)
+    assert any("4/4444" in str(f.evidence.get("new")) for _, f in first)
+    again = replay(eng, benign(12, 90000, 90300) + listen(90100), 90000, 90300)
+    assert any("4/4444" in str(f.evidence.get("new")) for _, f in again)

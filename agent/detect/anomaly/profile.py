@@ -106,7 +106,7 @@ class Workload:
         self.m = m
         self.run_start: dict[str, int] = {k: int(v) for k, v in d.get("run_start", {}).items()}
         self.last_alert: dict[str, list] = {k: list(v) for k, v in d.get("last_alert", {}).items()}
-        # Destinations and listeners this workload's findings reported, and its image's
+        # Programs and destinations this workload's findings reported, and its image's
         # programs (image grace): no news to it again; still news to every other workload.
         self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
 
