@@ -27,7 +27,6 @@ are killed and the cgroup emptied at the end.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from swarmlab.breachlab import cgroup_path, throwaway_cgroup
 from swarmlab.lab import sh, spawn_in, wait_for
 from swarmlab.scenario import AgentProcess
 from swarmlab.sink import SINK
+from tests.integration.test_investigation_e2e import cli
 
 pytestmark = pytest.mark.privileged
 DST1, DST2 = "198.51.100.7", "198.51.100.8"
@@ -64,14 +64,6 @@ for i in range(n):
 print("done", flush=True)
 time.sleep(hold)
 """
-
-
-def cli(agent: AgentProcess, *args: str, json_out: bool = True):
-    exe = str(Path(shutil.which("swarm-agent") or ".venv/bin/swarm-agent"))
-    cmd = [exe, *args, *(["--json"] if json_out else []), "--config", str(agent.config_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout) if json_out else proc.stdout
 
 
 def counter(agent: AgentProcess, name: str) -> int:

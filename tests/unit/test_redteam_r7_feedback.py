@@ -37,19 +37,27 @@ class Clock:
         return self.t
 
 
-def test_a_benign_executable_run_beside_a_miner_does_not_hide_the_miner(snap, tmp_path: Path):
+def _helper_incident(snap, tmp_path: Path):
+    """A warm engine sees a benign new tool (a package update's helper) run once in the
+    web workload; its findings recorded as one incident, with a feedback book on the
+    store: (engine, store, book, findings, incident id)."""
     eng = AnomalyEngine.restore(config(), NODE, snap)
-    # 1. A benign new tool (say, a package update's helper) runs once: findings.
     evs = benign(3, 3000, 3300) + [ev("proc.exec", 3101, "pid:9", exe="/usr/bin/helper",
                                       exe_id="8:1:4242", exe_sha256=BENIGN_SHA,
                                       cgroup=WEB, container=WEB_ID)]
     first = [f for _, f in replay(eng, evs, 3000, 3300)]
-    assert first, "the benign tool raised no finding (precondition)"
     store = Store(tmp_path / "state.db")
     book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=Clock())
     incident = None
     for f in first:
         incident = store.record_finding(f, 999_990.0, 999_995.0).id
+    return eng, store, book, first, incident
+
+
+def test_a_benign_executable_run_beside_a_miner_does_not_hide_the_miner(snap, tmp_path: Path):
+    # 1. A benign new tool (say, a package update's helper) runs once: findings.
+    eng, store, book, first, incident = _helper_incident(snap, tmp_path)
+    assert first, "the benign tool raised no finding (precondition)"
     # 2. The operator marks it a false positive with the default scope (the helper's sha).
     planned = book.plan(incident, by="local:uid=0", reason="apt's helper")
     assert planned and all(r.scope_kind == "exe" or r.scope_kind == "address"
@@ -78,16 +86,7 @@ def test_excusing_a_new_executable_does_not_silence_the_workloads_usual_destinat
     scope.dst, and the default scope takes an address before an executable: the verdict
     "this helper is fine" becomes "this detector never alerts on anything that talks to
     the database" -- on every workload of the node."""
-    eng = AnomalyEngine.restore(config(), NODE, snap)
-    evs = benign(3, 3000, 3300) + [ev("proc.exec", 3101, "pid:9", exe="/usr/bin/helper",
-                                      exe_id="8:1:4242", exe_sha256=BENIGN_SHA,
-                                      cgroup=WEB, container=WEB_ID)]
-    first = [f for _, f in replay(eng, evs, 3000, 3300)]
-    store = Store(tmp_path / "state.db")
-    book = FeedbackBook(store, NODE, max_ttl_s=86400 * 365, clock=Clock())
-    incident = None
-    for f in first:
-        incident = store.record_finding(f, 999_990.0, 999_995.0).id
+    eng, store, book, first, incident = _helper_incident(snap, tmp_path)
     planned = book.plan(incident, by="local:uid=0", reason="apt's helper")
     scopes = {(r.rule, r.scope_kind, r.scope_value) for r in planned}
     assert not [s for s in scopes if s[1] == "address"], \

@@ -3,7 +3,6 @@ false-alarm budget, beacon scorer and persistence. Numeric ranges are declared i
 agent/configcheck.py BOUNDS (keys "anomaly.*"); `check()` adds what one key cannot say."""
 from __future__ import annotations
 
-import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +123,6 @@ class AnomalyConfig:
         return self
 
 
-@functools.lru_cache(maxsize=4096)
 def rotating_ports(cfg: AnomalyConfig, cgroup: str, container: str) -> frozenset[int]:
     """The ports on which a workload's destinations rotate by design: a host unit's
     (its cgroup's last component) listed in rotating_services; none for a container."""

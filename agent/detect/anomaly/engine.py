@@ -120,8 +120,7 @@ class AnomalyEngine:
         # A rotating service's port (NTP polls) is periodic by design: not scored.
         if kind == "flow.connect" and self.beacons_on and \
                 f.get("outcome", "established") == "established" and not (
-                    w is not None and int(f.get("dport") or 0) in
-                    rotating_ports(self.cfg, w.cgroup, w.container)):
+                    w is not None and int(f.get("dport") or 0) in self._rotating(w)):
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             p = self._profile(target.profile)
             pf = prefix(dst)
@@ -134,6 +133,63 @@ class AnomalyEngine:
             dst, port = str(f.get("daddr") or ev.subject), int(f.get("dport") or 0)
             self.beacon.closed(self._beacon_key(w, f, cgroup), dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
+
+    def _remember(self, w, p, new: dict, reported: set[str], node_known) -> None:
+        """What the closed window saw becomes known to its profile (and the node's
+        window's to the node), but for what findings reported (`reported` collects this
+        tick's, for the node's window)."""
+        # What a finding reported stays never-seen (here and node-wide) until feedback
+        # says "learn": the same destination or binary next time is news again, not
+        # the attacker's now-familiar infrastructure. Everything else is known now.
+        if self._reported:
+            # A port number alone is no one's infrastructure (every job's first NFS
+            # 2049 or 443 would be news again): a few become known; a scan's or a
+            # fan-out's many stay news (one finding must not make 4000 ports known);
+            # listeners stay news.
+            reported |= {*new["exes"], *new["dsts"], *new["listens"]}
+            if len(new["ports"]) <= PORTS_KNOWN_MAX:
+                for port in new["ports"]:
+                    p.known.ports.add(port)
+                    node_known.ports.add(port)
+            else:
+                reported |= set(new["ports"])
+            # ...but not to the workload that reported them: its investigation has
+            # them (a daily job's binaries, a timesyncd's new pool server). To every
+            # other workload, of its kind too, and node-wide they stay news
+            # (reported_exes, reported_news) until feedback.
+            if w is not self.node:
+                for item in new["exes"]:
+                    w.seen.add(item)
+                    self.reported_exes.add(item)
+                # a flood's thousands of destinations must not evict the rest
+                for item in new["dsts"][:REPORTED_PER_FINDING]:
+                    w.seen.add(item)
+                    self.reported_news.add(item)
+                # a listener stays news, to this workload too: a bind shell on the
+                # same port days later is found again (the 16 node-day eval missed 6)
+                for item in new["listens"][:REPORTED_PER_FINDING]:
+                    self.reported_news.add(item)
+        else:
+            p.known.commit(w.window, self.kernel_bytes, self.reported_news,
+                           self.reported_exes, reported if w is self.node else w.seen)
+
+    def _image_programs(self, w, p) -> None:
+        """A new container (in a new pod) of a known kind: the programs it runs from its
+        image's directories in its first image_grace_s are its image's (a new job
+        version): no news to this container (Workload.seen), neither known to its kind (a
+        running sibling that runs one is news) nor node-wide; its destinations and
+        listeners are still news."""
+        for k, info in w.window.exes.items():
+            if k not in p.known.exes and k not in w.seen and _image_path(info.get("exe")):
+                w.seen.add(k)
+                self.counters["image_exes"] += 1
+
+    def _rotating(self, w) -> frozenset[int]:
+        """The workload's rotating-service ports (AnomalyConfig.rotating_services), worked
+        out once per workload: the connect path asks for them on every connection."""
+        if w.rotating is None:
+            w.rotating = rotating_ports(self.cfg, w.cgroup, w.container)
+        return w.rotating
 
     def _image_start(self, w, p, start: int) -> bool:
         """Whether window `start` is within image_grace_s of a container's first event, for
@@ -254,18 +310,9 @@ class AnomalyEngine:
             p = self._profile(w.profile)
             p.last_ns = now
             if self._image_start(w, p, start):
-                # A new container (in a new pod) of a known kind: the programs it runs from
-                # its image's directories in its first image_grace_s are its image's (a
-                # new job version): no news to this container (Workload.seen), neither
-                # known to its kind (a running sibling that runs one is news) nor
-                # node-wide; its destinations and listeners are still news.
-                for k, info in w.window.exes.items():
-                    if k not in p.known.exes and k not in w.seen and \
-                            _image_path(info.get("exe")):
-                        w.seen.add(k)
-                        self.counters["image_exes"] += 1
+                self._image_programs(w, p)
             raw, new = w.window.vector(p.known, node_known, self.kernel_bytes, w.seen,
-                                       rotating_ports(self.cfg, w.cgroup, w.container))
+                                       self._rotating(w))
             x = scale(raw)
             near = False
             for det in self.models if p.windows >= PROFILE_MIN else ():
@@ -306,40 +353,7 @@ class AnomalyEngine:
                     out.append(f)
             if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
                 p.learn(x)
-            # What a finding reported stays never-seen (here and node-wide) until feedback
-            # says "learn": the same destination or binary next time is news again, not
-            # the attacker's now-familiar infrastructure. Everything else is known now.
-            if self._reported:
-                # A port number alone is no one's infrastructure (every job's first NFS
-                # 2049 or 443 would be news again): a few become known; a scan's or a
-                # fan-out's many stay news (one finding must not make 4000 ports known);
-                # listeners stay news.
-                reported |= {*new["exes"], *new["dsts"], *new["listens"]}
-                if len(new["ports"]) <= PORTS_KNOWN_MAX:
-                    for port in new["ports"]:
-                        p.known.ports.add(port)
-                        node_known.ports.add(port)
-                else:
-                    reported |= set(new["ports"])
-                # ...but not to the workload that reported them: its investigation has
-                # them (a daily job's binaries, a timesyncd's new pool server). To every
-                # other workload, of its kind too, and node-wide they stay news
-                # (reported_exes, reported_news) until feedback.
-                if w is not self.node:
-                    for item in new["exes"]:
-                        w.seen.add(item)
-                        self.reported_exes.add(item)
-                    # a flood's thousands of destinations must not evict the rest
-                    for item in new["dsts"][:REPORTED_PER_FINDING]:
-                        w.seen.add(item)
-                        self.reported_news.add(item)
-                    # a listener stays news, to this workload too: a bind shell on the
-                    # same port days later is found again (the 16 node-day eval missed 6)
-                    for item in new["listens"][:REPORTED_PER_FINDING]:
-                        self.reported_news.add(item)
-            else:
-                p.known.commit(w.window, self.kernel_bytes, self.reported_news,
-                               self.reported_exes, reported if w is self.node else w.seen)
+            self._remember(w, p, new, reported, node_known)
             self._reported = False
             p.windows += 1
             w.window = type(w.window)()

@@ -109,6 +109,7 @@ class Workload:
         # Programs and destinations this workload's findings reported, and its image's
         # programs (image grace): no news to it again; still news to every other workload.
         self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
+        self.rotating: frozenset[int] | None = None   # AnomalyEngine._rotating's
 
     @property
     def entity(self) -> str:
