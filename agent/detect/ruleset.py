@@ -10,8 +10,10 @@ A file being rewritten in place (a non-atomic copy, an editor saving) can be rea
 written. Most such files fail validation (a rule cut mid-way lacks keys, YAML breaks),
 but one cut between two rules is valid YAML with fewer rules: so every file's identity,
 size and modification time are taken before reading and compared after the whole set is
-validated, and a file that changed in between rejects the set ("changed while being
-read"). Writing rule files atomically (write a temporary file, then rename it) avoids
+validated, and a file that changed in between makes the set be read again (a few times,
+about a second in all), then rejected ("changed while being read"). A file that fails
+validation and changed under the read is treated the same way (it was likely cut by the
+write). Writing rule files atomically (write a temporary file, then rename it) avoids
 both.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,34 +63,63 @@ def rule_files(path: str | Path | Sequence[str | Path] | None) -> list[Path]:
     return files
 
 
-def load_ruleset(path: str | Path | Sequence[str | Path] | None = None) -> RuleSet:
+def load_ruleset(path: str | Path | Sequence[str | Path] | None = None,
+                 attempts: int = 4) -> RuleSet:
     """Read and validate every rule file of `path` (see rule_files); ids must be unique
-    across all files. Raises RuleError (file, line, reason) and then nothing was loaded."""
+    across all files. Raises RuleError (file, line and reason) and then nothing was loaded.
+
+    A set that changed while it was read (a copy or a swap in progress) is read again, up
+    to `attempts` times over about a second: a write that completes meanwhile loads, one
+    still going after that is refused ("changed while being read")."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _load_once(path)
+        except _Changing as e:
+            if attempt == attempts:
+                raise RuleError(str(e), e.file, None) from None
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
+class _Changing(RuleError):
+    """The files moved under the read: reading again may succeed."""
+
+
+def _load_once(path: str | Path | Sequence[str | Path] | None) -> RuleSet:
     files = rule_files(path)
     before = {p: _identity(p) for p in files}
+
+    def changed() -> None:
+        for p in files:
+            if _identity(p) != before[p]:
+                raise _Changing(f"rules file {printable(str(p))} changed while being read "
+                                "(a write in progress?); nothing was loaded: reload once it "
+                                "is complete, and write rule files atomically (rename)",
+                                str(p), None)
+        if rule_files(path) != files:
+            # The directory's listing changed under the read (a symlinked directory
+            # swapped, as a ConfigMap update does): the files read may be of neither version.
+            raise _Changing("the rules directory changed while being read (a swap in "
+                            "progress?); nothing was loaded: reload once it is complete",
+                            str(path), None)
+
     rules: list[Rule] = []
     content: list[Any] = []
     where: dict[str, str] = {}
-    for p in files:
-        data, found = _load_file(p)
-        content.append(data)
-        for rule in found:
-            if rule.id in where:
-                raise RuleError(f"{rule.source}: rule {rule.id}: duplicate id (first at "
-                                f"{where[rule.id]})", str(p), _line_of(rule.source))
-            where[rule.id] = rule.source
-        rules.extend(found)
-    for p in files:
-        if _identity(p) != before[p]:
-            raise RuleError(f"rules file {printable(str(p))} changed while being read (a "
-                            "write in progress?); nothing was loaded: reload once it is "
-                            "complete, and write rule files atomically (rename)", str(p), None)
-    if rule_files(path) != files:
-        # The directory's listing changed under the read (a symlinked directory swapped,
-        # as a ConfigMap update does): the files read may be of neither version.
-        raise RuleError("the rules directory changed while being read (a swap in "
-                        "progress?); nothing was loaded: reload once it is complete",
-                        str(path), None)
+    try:
+        for p in files:
+            data, found = _load_file(p)
+            content.append(data)
+            for rule in found:
+                if rule.id in where:
+                    raise RuleError(f"{rule.source}: rule {rule.id}: duplicate id (first "
+                                    f"at {where[rule.id]})", str(p), _line_of(rule.source))
+                where[rule.id] = rule.source
+            rules.extend(found)
+    except RuleError:
+        changed()      # a file cut mid-write is invalid: say so, it may be whole next read
+        raise
+    changed()
     blob = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     version = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
     return RuleSet(tuple(rules), version, tuple(str(p) for p in files))

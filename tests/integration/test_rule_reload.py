@@ -184,8 +184,9 @@ def test_sighup_during_startup_is_kept_not_fatal(lab, tmp_path):
     sent: list[float] = []
 
     def hup_while_starting() -> None:
-        # Once the agent catches SIGHUP (after it read the rules) and before it is ready,
-        # change the rules and send SIGHUP: the agent must survive and use them once ready.
+        # Once the agent catches SIGHUP (from just before it reads the rules) and before
+        # it is ready, rewrite the rules in place and send SIGHUP: the agent must survive
+        # (a rewrite during its first read is read again) and use them once ready.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not sent:
             p = proc.proc

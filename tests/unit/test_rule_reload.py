@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,20 +91,55 @@ def test_empty_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_file_changed_while_being_read_is_refused(tmp_path: Path, monkeypatch) -> None:
-    # A writer appending to the file while the set is read: the stand-in is only the
-    # timing (the write lands between the read and the check), the files are real.
+    # A writer that keeps appending to the file while the set is read, longer than the
+    # re-reads wait: the stand-in is only the timing (each write lands between a read
+    # and its check), the files are real.
     p = rules_file(tmp_path)
     real = ruleset_mod._load_file
 
     def read_then_writer_appends(path: Path):
         out = real(path)
         with open(path, "a") as f:
-            f.write("  - id: net.more\n")
+            f.write("# more\n")
         return out
 
     monkeypatch.setattr(ruleset_mod, "_load_file", read_then_writer_appends)
     with pytest.raises(RuleError, match="changed while being read"):
         load_ruleset(p)
+
+
+def test_write_that_completes_during_the_read_is_read_again(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    # The first read sees the file cut mid-rule (invalid) while the writer finishes it:
+    # the set is read again and the whole file loads (a start-up must not fail on it).
+    p = rules_file(tmp_path)
+    whole = p.read_text()
+    p.write_text(whole[: len(whole) // 2])
+    real = ruleset_mod._load_file
+    reads: list[Path] = []
+
+    def writer_finishes_during_first_read(path: Path):
+        reads.append(path)
+        try:
+            return real(path)
+        finally:
+            if len(reads) == 1:
+                p.write_text(whole)
+
+    monkeypatch.setattr(ruleset_mod, "_load_file", writer_finishes_during_first_read)
+    loaded = load_ruleset(p)
+    assert len(reads) == 2
+    assert loaded.version == load_ruleset(p, attempts=1).version
+
+
+def test_invalid_file_that_did_not_change_is_refused_at_once(tmp_path: Path) -> None:
+    p = tmp_path / "rules.yaml"
+    p.write_text("rules:\n  - id: net.cut\n")
+    started = time.monotonic()
+    with pytest.raises(RuleError) as e:
+        load_ruleset(p)
+    assert "changed while being read" not in str(e.value)
+    assert time.monotonic() - started < 0.1
 
 
 # -- the reloader ------------------------------------------------------------------------
