@@ -233,7 +233,7 @@ def summarise(name: str, arm: dict, benign: dict, truth: list, args, windows: in
                                  for f in opened) for d in range(days)],
             "false_examples": [{"rule": f.rule_id, "entity": f.entity,
                                 "at_s": round((f.detected_mono_ns - args.base_ns) / NS),
-                                "summary": (f.evidence or {}).get("summary")} for f in opened[:5]],
+                                "summary": (f.evidence or {}).get("summary")} for f in opened[:200]],
             "injected_run_extra_false": len(investigations(unclaimed, args.reopen_s)),
             "behaviours": per_behaviour, "invalid": invalid,
             # CPU and state of the benign run (the steady state, no attack in it)
@@ -310,7 +310,7 @@ def merge(per_seed: list[list[dict]], days: int) -> list[dict]:
             "benign_findings": sum(r["benign_findings"] for r in runs),
             "injected_run_extra_false": sum(r["injected_run_extra_false"] for r in runs),
             "behaviours": [dict(b, seed=r["seed"]) for r in runs for b in r["behaviours"]],
-            "false_examples": [dict(e, seed=r["seed"]) for r in runs for e in r["false_examples"]][:8],
+            "false_examples": [dict(e, seed=r["seed"]) for r in runs for e in r["false_examples"]],
             "invalid": [dict(i, seed=r["seed"]) for r in runs for i in r["invalid"]],
             "cpu_ms_per_window": round(sum(r["cpu_ms_per_window"] for r in runs) / len(runs), 3),
             "state_bytes": max(r["state_bytes"] for r in runs),
