@@ -178,6 +178,24 @@ def names_behaviour(f, b, args, injected_dsts=frozenset()) -> bool:
     return same_workload and f.detected_mono_ns <= since + args.grace_s * NS
 
 
+def near_miss(b, found: list, benign: list, same, args) -> list[dict]:
+    """For a behaviour not found: the injected run's findings in its time on its workload
+    or destination, and why none counted (the benign run raised the same, or it names
+    another behaviour), so a miss can be told from a judging artefact."""
+    out = []
+    for f in found:
+        if not b.start_ns - NS <= f.detected_mono_ns <= b.end_ns + args.grace_s * NS:
+            continue
+        scope = (f.evidence or {}).get("scope") or {}
+        if not (f.entity == f"cgroup:{b.cgroup}" or b.dst in (scope.get("dst") or ())
+                or (b.container and scope.get("container") == b.container)):
+            continue
+        out.append({"rule": f.rule_id, "at_s": round((f.detected_mono_ns - b.start_ns) / NS, 1),
+                    "in_benign_run": any(same(f, g) for g in benign),
+                    "summary": (f.evidence or {}).get("summary")})
+    return out[:10]
+
+
 def poisson_upper(k: int, exposure: float, conf: float = 0.95) -> float:
     """Upper `conf` bound of a Poisson rate seen k times in `exposure` (bisection)."""
     def cdf(lam):
@@ -221,7 +239,8 @@ def summarise(name: str, arm: dict, benign: dict, truth: list, args, windows: in
             "tti_s": None if tti is None else round(tti, 1),
             "tti_after_warmup_s": None if since_warm is None else round(since_warm, 1),
             "by": None if first is None else first.rule_id,
-            "summary": None if first is None else (first.evidence or {}).get("summary")})
+            "summary": None if first is None else (first.evidence or {}).get("summary"),
+            "near": [] if first else near_miss(b, found, benign, same, args)})
     unclaimed = [f for f in extra if id(f) not in claimed]
     k = len(opened)
     return {"arm": name, "detectors": list(arm["detectors"]),
@@ -358,6 +377,9 @@ def print_table(results: list[dict], args) -> None:
               f"at {b['start_s']:>8.0f} s in {b['workload']}: "
               + (f"{b['tti_s']:.1f} s{warm} by {b['by']}: {b['summary']}" if b["found"] else "not found")
               + f" [{b['detail']}]")
+        for n in b.get("near") or ():
+            print(f"       near: {n['at_s']:+.0f} s {n['rule']}"
+                  f"{' (the benign run raised it too)' if n['in_benign_run'] else ''}: {n['summary']}")
     ok = shipped["false_per_day"] <= TARGET_FALSE_PER_DAY
     print(f"  {'ok  ' if ok else 'MISS'} {shipped['false_per_day']:.2f} false investigations per "
           f"node-day (target <= {TARGET_FALSE_PER_DAY}; 95% upper bound "
