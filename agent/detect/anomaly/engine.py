@@ -32,6 +32,11 @@ IMAGE_DIRS = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/", "/app/", 
               "/workspace/")   # where images keep programs (not /tmp, /dev/shm, volumes)
 NOVEL = [INDEX[n] for n in ("new_exes", "new_exes_here", "new_dsts", "new_ports",
                             "new_dst_bytes", "new_listens", "gpu_unauth_bytes")]
+# A listener is one window's event: persistence (k flagged windows of m) cannot apply to
+# it, so a flagged window holding a never-seen listener counts on its own. (Alone it
+# scores about 10 sigma, which sits on the 1e-5 level's calibrated threshold: the window
+# after it holds nothing, and a bind shell was then found only by its shell's execs.)
+LISTEN = INDEX["new_listens"]
 
 
 class AnomalyEngine:
@@ -325,7 +330,8 @@ class AnomalyEngine:
                     cal.add(s)
                 self.counters[f"windows.{det}"] += 1
                 n = w.flag(det, flagged, start)
-                if flagged and n >= self.cfg.persistence_k or tail <= self.cfg.false_alarm_rate:
+                if flagged and (n >= self.cfg.persistence_k or raw[LISTEN] >= 1) or \
+                        tail <= self.cfg.false_alarm_rate:
                     if p.covered(x):      # learned as normal (feedback)
                         self.counters[f"learned_match.{det}"] += 1
                         fired.add(det)    # and the node's window does not repeat it
