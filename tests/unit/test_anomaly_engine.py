@@ -347,3 +347,21 @@ def test_a_listener_stays_news_to_its_own_workload(warmed):
     assert any("4/4444" in str(f.evidence.get("new")) for _, f in first)
     again = replay(eng, benign(12, 90000, 90300) + listen(90100), 90000, 90300)
     assert any("4/4444" in str(f.evidence.get("new")) for _, f in again)
+
+
+def test_what_a_warm_up_window_flagged_in_shadow_saw_is_learned():
+    """What a warm-up window that a detector flagged saw (a shadow finding: no
+    investigation anyone can answer) is learned with the rest of the warm-up: known to its
+    kind, not kept as reported news. Before, it stayed news for good and every later job
+    container raised it again (the 16 node-day eval's S3 block, in a window flagged for
+    something else)."""
+    eng = AnomalyEngine(config(), "node-1")
+    early = [ev("proc.exec", 900, "pid:9", exe="/tmp/setup", exe_id="8:1:31",
+                exe_sha256="c1" * 32, cgroup=WEB, container=WEB_ID),
+             *connect(901, "3.5.7.9", 443, size=80_000)]
+    replay(eng, benign(21, 0, 1000) + early, 0, 1000)
+    assert any("/tmp/setup" in s["summary"] for s in eng.status()["shadow"])
+    assert not eng.warm()
+    profile = eng.workloads[WEB_ID].profile
+    assert "3.5.0.0/16" in eng.profiles[profile].known.dsts
+    assert "3.5.0.0/16" not in eng.reported_news and "sha256:" + "c1" * 32 not in eng.reported_exes

@@ -402,8 +402,11 @@ class AnomalyEngine:
     def _emit(self, det, kind, w, tail, sev, first_ns, now, ev, group="") -> Finding | None:
         """Dedup (one per workload, detector and kind of driver -- executables, network,
         listeners, GPU -- per dedup_s unless 100 times less likely), then shadow (counted,
-        kept in status) or returned."""
-        self._reported = True
+        kept in status) or returned. Only a returned finding (or a duplicate of one)
+        marks what its window saw as reported (engine._remember): a shadow finding of the
+        warm-up is no investigation anyone can answer, so what it saw is learned as the
+        rest of the warm-up is (it stayed news for good: one day-0 S3 block, seen in a
+        warm-up window that was flagged, was raised again in every later job container)."""
         key = f"{det}:{group}" if group else det
         last = w.last_alert.get(key)
         # What is new in it (executables, destinations, ports, listeners): a finding that
@@ -415,17 +418,20 @@ class AnomalyEngine:
         recent = last is not None and now - last[0] < self.cfg.dedup_s * 1e9
         if recent and (tail is None or tail > last[1] / HIGH_FACTOR) and news <= told:
             self.counters[f"dedup.{det}"] += 1
+            self._reported = True
             return None
-        told = (told if recent else set()) | news
-        w.last_alert[key] = [now, 1.0 if tail is None else tail, sorted(told)[:DEDUP_NEWS]]
         alerting = self.alerting(det, kind)
         self._count(det, alerting)
         f = fx.finding(det, MODEL_VERSION, w.entity, sev, int(first_ns), now, ev)
-        if alerting:
-            return f
-        self.shadow.append({"rule": f.rule_id, "entity": f.entity, "detected_mono_ns": now,
-                            "summary": ev.get("summary", "")})
-        return None
+        if not alerting:
+            # neither reported nor a reason to deduplicate the first finding after it
+            self.shadow.append({"rule": f.rule_id, "entity": f.entity, "detected_mono_ns": now,
+                                "summary": ev.get("summary", "")})
+            return None
+        self._reported = True
+        told = (told if recent else set()) | news
+        w.last_alert[key] = [now, 1.0 if tail is None else tail, sorted(told)[:DEDUP_NEWS]]
+        return f
 
     def _count(self, det: str, alerting: bool) -> None:
         self.counters[f"{'hits' if alerting else 'shadow_hits'}.{det}"] += 1
