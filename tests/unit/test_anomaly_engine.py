@@ -86,7 +86,8 @@ def test_one_finding_per_workload_and_detector_within_dedup(warmed):
     newexe = [f for _, f in found if f.rule_id == "anomaly.newexe"]
     # reported once, it is no news to this workload again (its investigation has it)...
     assert [f.entity for f in newexe].count(f"cgroup:{WEB}") == 1
-    assert "id:8:1:900" in eng.reported_exes and "id:8:1:900" in eng.workloads[WEB_ID].seen
+    profile = eng.profiles[eng.workloads[WEB_ID].profile]
+    assert "id:8:1:900" in eng.reported_exes and "id:8:1:900" in profile.told
     # ...but still news node-wide, so to any other workload
     assert [f.entity for f in newexe].count(f"cgroup:{CRON}") == 1
 
@@ -214,14 +215,15 @@ def test_drift_finds_a_boiling_frog_and_learn_refreezes_the_reference():
     assert eng.profiles[eng.workloads[WEB_ID].profile].drift_since is None
 
 
-def test_what_a_finding_reported_stays_news(warmed):
-    """The attacker's destination, reported once, is not "known" the next time: a second
-    burst to it from a new container of the same kind is found again (until feedback)."""
+def test_what_a_finding_reported_stays_news_to_other_kinds(warmed):
+    """The attacker's destination, reported once, is not "known": no news to the kind that
+    reported it (the next container of the kind: its investigation has it), news again to
+    a workload of another kind (until feedback)."""
     eng = fresh(warmed[1])
     first = [e for i in range(20) for e in connect(3101 + i, "198.51.100.9", 8443, size=5_000_000)]
     found = replay(eng, benign(5, 3000, 3300) + first, 3000, 3300)
     assert any("198.51.100.9" in f.evidence["scope"].get("dst", []) for _, f in found)
-    # Its block stays news; the service port alone becomes known (a port is no one's).
+    # Its block stays out of the known set; the service port alone becomes known.
     known = eng.profiles[eng.workloads[WEB_ID].profile].known
     assert "198.51.0.0/16" not in known.dsts and "8443" in known.ports
     other = "b" * 24
@@ -229,8 +231,17 @@ def test_what_a_finding_reported_stays_news(warmed):
         9001 + i, "198.51.100.9", 8443, size=5_000_000, container=other,
         cgroup=WEB.replace(WEB_ID, other))]
     later = replay(eng, benign(6, 8900, 9200) + second, 8900, 9200)
-    hits = [f for _, f in later if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
-    assert hits and hits[0].evidence["scope"]["container"] == other
+    assert not [f for _, f in later if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
+    unit = "/system.slice/backup.service"
+    third = [e for i in range(20) for e in connect(
+        9601 + i, "198.51.100.9", 8443, size=5_000_000, container="", cgroup=unit,
+        exe="/usr/bin/rclone", exe_id="8:1:700")]
+    warm_unit = [e for t in range(9000, 9600, 7) for e in connect(
+        t, "10.0.0.5", 5432, container="", cgroup=unit, exe="/usr/bin/rclone",
+        exe_id="8:1:700", size=800)]
+    last = replay(eng, benign(7, 9000, 9900) + warm_unit + third, 9000, 9900)
+    hits = [f for _, f in last if "198.51.100.9" in f.evidence["scope"].get("dst", [])]
+    assert hits and hits[0].entity == f"cgroup:{unit}"
 
 
 def test_what_a_workload_reported_is_no_news_to_it_again(warmed):

@@ -14,7 +14,8 @@ from agent.detect.anomaly.beacon import BeaconTracker, beacon_key
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig, rotating_ports
 from agent.detect.anomaly.detectors import drivers as drivers_of
-from agent.detect.anomaly.features import INDEX, Novelty, exe_key, prefix, profile_of, scale
+from agent.detect.anomaly.features import (INDEX, Either, Novelty, exe_key, prefix,
+                                             profile_of, scale)
 from agent.detect.anomaly.replaced import Replacements
 from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
@@ -158,17 +159,18 @@ class AnomalyEngine:
                     node_known.ports.add(port)
             else:
                 reported |= set(new["ports"])
-            # ...but not to the workload that reported them: its investigation has
-            # them (a daily job's binaries, a timesyncd's new pool server). To every
-            # other workload, of its kind too, and node-wide they stay news
+            # ...but not to the workloads of the kind that reported them (Profile.told):
+            # its investigation has them (a daily job's binaries, a timesyncd's new pool
+            # server, the object store the next job container reads from, the next ssh
+            # session's git clone). To other kinds and node-wide they stay news
             # (reported_exes, reported_news) until feedback.
             if w is not self.node:
                 for item in new["exes"]:
-                    w.seen.add(item)
+                    p.told.add(item)
                     self.reported_exes.add(item)
                 # a flood's thousands of destinations must not evict the rest
                 for item in new["dsts"][:REPORTED_PER_FINDING]:
-                    w.seen.add(item)
+                    p.told.add(item)
                     self.reported_news.add(item)
                 # a listener stays news, to this workload too: a bind shell on the
                 # same port days later is found again (the 16 node-day eval missed 6)
@@ -176,7 +178,7 @@ class AnomalyEngine:
                     self.reported_news.add(item)
         else:
             p.known.commit(w.window, self.kernel_bytes, self.reported_news,
-                           self.reported_exes, reported if w is self.node else w.seen)
+                           self.reported_exes, reported if w is self.node else w.seen, p.told)
 
     def _image_programs(self, w, p) -> None:
         """A new container (in a new pod) of a known kind: the programs it runs from its
@@ -316,8 +318,8 @@ class AnomalyEngine:
             p.last_ns = now
             if self._image_start(w, p, start):
                 self._image_programs(w, p)
-            raw, new = w.window.vector(p.known, node_known, self.kernel_bytes, w.seen,
-                                       self._rotating(w))
+            raw, new = w.window.vector(p.known, node_known, self.kernel_bytes,
+                                       Either(w.seen, p.told), self._rotating(w))
             x = scale(raw)
             near = False
             for det in self.models if p.windows >= PROFILE_MIN else ():

@@ -230,7 +230,7 @@ class Known:
     def commit(self, w: Window, use_kernel_bytes: bool, *skip) -> None:
         """What the window saw becomes known, but for what is in any of `skip` (sets of
         what findings reported)."""
-        skip = _Any(skip)
+        skip = Either(*skip)
         for k in w.exes:
             if k not in skip:
                 self.exes.add(k)
@@ -251,12 +251,12 @@ class Known:
         return len(self.exes) + len(self.dsts) + len(self.ports) + len(self.listens)
 
 
-class _Any:
+class Either:
     """Membership in any of several sets (without building their union)."""
 
     __slots__ = ("sets",)
 
-    def __init__(self, sets) -> None:
+    def __init__(self, *sets) -> None:
         self.sets = sets
 
     def __contains__(self, key: str) -> bool:

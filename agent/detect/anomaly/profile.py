@@ -11,7 +11,8 @@ from agent.detect.anomaly.features import DIM, Known, Novelty, Window
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
 LEARNED_MAX = 32      # windows learned as normal (feedback) kept per profile
-SEEN_MAX = 256        # destinations and listeners a workload's findings reported, kept
+SEEN_MAX = 256        # image programs a workload was given (image grace), kept
+TOLD_MAX = 1024       # programs and destinations a profile's findings reported, kept
 LEARN_TOLERANCE = 0.05
 # The slow mean moves less than a window does: its floors are a third of the windows'
 # (a sustained factor of 2-3 in a count, of 2 in bytes, is a drift worth a look).
@@ -42,6 +43,11 @@ class Profile:
         # Windows learned as normal by feedback: a window no higher than one of them in
         # every feature (within LEARN_TOLERANCE) is normal for this profile.
         self.learned: list[list[float]] = [list(v) for v in d.get("learned", ())][-LEARNED_MAX:]
+        # Programs and destinations its workloads' findings reported: no news to any
+        # workload of this kind again (the next job container, the next ssh session:
+        # its investigation has them), not known either; still news to other kinds and
+        # node-wide (engine.reported_news) until feedback.
+        self.told = Novelty(TOLD_MAX, map(str, d.get("told", ())))
 
     def score(self, model: str, x: list[float]) -> float:
         return self.stats.score(x) if model == "zscore" else self.models[model].score(x)
@@ -84,7 +90,8 @@ class Profile:
         d = {"windows": self.windows, "last_ns": self.last_ns, "stats": self.stats.dump(),
              "known": self.known.dump(), "slow": [round(v, 7) for v in self.slow],
              "slow_n": self.slow_n, "drift_since": self.drift_since,
-             "frozen": self.frozen.dump() if self.frozen else None, "learned": self.learned}
+             "frozen": self.frozen.dump() if self.frozen else None, "learned": self.learned,
+             "told": self.told.dump()}
         for name, m in self.models.items():
             d[name] = m.dump()
         return d
@@ -106,8 +113,8 @@ class Workload:
         self.m = m
         self.run_start: dict[str, int] = {k: int(v) for k, v in d.get("run_start", {}).items()}
         self.last_alert: dict[str, list] = {k: list(v) for k, v in d.get("last_alert", {}).items()}
-        # Programs and destinations this workload's findings reported, and its image's
-        # programs (image grace): no news to it again; still news to every other workload.
+        # Its image's programs (image grace): no news to it again; still news to every
+        # other workload (what its findings reported: Profile.told).
         self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
         self.rotating: frozenset[int] | None = None   # AnomalyEngine._rotating's
 
