@@ -158,7 +158,8 @@ def investigations(findings: list, reopen_s: float) -> list:
 
 
 def names_behaviour(f, b, args, injected_dsts=frozenset()) -> bool:
-    """Whether finding f is behaviour b's: it names b's destination; or it names b's workload
+    """Whether finding f is behaviour b's: it names b's destination (a listener: its port, in
+    its workload); or it names b's workload
     (or binary) within grace_s of b's start (or of the warm-up's end, for a behaviour that
     began during it: the engine is silent until then) and names no other injected
     behaviour's destination (a finding of the all-day low-and-slow export in the same
@@ -167,6 +168,12 @@ def names_behaviour(f, b, args, injected_dsts=frozenset()) -> bool:
     scope = (f.evidence or {}).get("scope") or {}
     dsts = set(scope.get("dst") or ())
     if b.dst and b.dst in dsts:
+        return True
+    # a listener's finding names its port (its scope may list the window's destinations,
+    # the all-day low-and-slow export's among them, when fan-out drove it too)
+    listens = ((f.evidence or {}).get("new") or {}).get("listens") or ()
+    if b.name == "listener" and b.dport and f.entity == f"cgroup:{b.cgroup}" and \
+            any(str(x).endswith(f"/{b.dport}") for x in listens):
         return True
     if dsts & (set(injected_dsts) - {b.dst}):
         return False

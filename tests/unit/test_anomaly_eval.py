@@ -64,3 +64,18 @@ def test_a_finding_is_a_behaviours_by_its_destination_or_its_workload_near_its_s
     slow = behaviour("low_and_slow", 1200.0, 86_400.0)   # began in the warm-up
     assert ae.names_behaviour(finding(3600 + 500, web), slow, ARGS)
     assert not ae.names_behaviour(finding(3600 + 700, web), slow, ARGS)
+
+
+def test_a_listeners_finding_names_it_by_its_port_in_its_workload():
+    # the window's destinations (the low-and-slow export's among them) do not disown it
+    b = behaviour("listener", dst="")
+    b.dport = 4444
+    web = f"cgroup:{b.cgroup}"
+    f = finding(10_006, web, dst=["203.0.113.10"])
+    f.evidence["new"] = {"listens": ["4/4444"]}
+    assert ae.names_behaviour(f, b, ARGS, {"203.0.113.10"})
+    other = finding(10_006, "cgroup:/other", dst=["203.0.113.10"])
+    other.evidence["new"] = {"listens": ["4/4444"]}
+    assert not ae.names_behaviour(other, b, ARGS, {"203.0.113.10"})
+    f.evidence["new"] = {"listens": ["4/1337"]}
+    assert not ae.names_behaviour(f, b, ARGS, {"203.0.113.10"})
