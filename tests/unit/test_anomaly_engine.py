@@ -376,3 +376,33 @@ def test_what_a_warm_up_window_flagged_in_shadow_saw_is_learned():
     profile = eng.workloads[WEB_ID].profile
     assert "3.5.0.0/16" in eng.profiles[profile].known.dsts
     assert "3.5.0.0/16" not in eng.reported_news and "sha256:" + "c1" * 32 not in eng.reported_exes
+
+
+@pytest.mark.parametrize("cgroup, container, exe, uid, news", [
+    # a daily job's first logrotate, run by root in a host system service: no news
+    (CRON, "", "/usr/sbin/logrotate", 0, False),
+    (CRON, "", "/usr/sbin/logrotate", 33, True),          # a service account's run
+    (CRON, "", "/usr/local/bin/logrotate", 0, True),      # outside the package directories
+    (CRON, "", "/tmp/logrotate", 0, True),
+    (CRON, "", "/usr/bin/../../tmp/x", 0, True),
+    ("/user.slice/user-0.slice/session-3.scope", "", "/usr/sbin/logrotate", 0, True),
+    (WEB, WEB_ID, "/usr/sbin/logrotate", 0, True)])       # a container's root is not the host's
+def test_a_package_program_run_by_root_in_a_system_service_is_no_news(
+        warmed, cgroup, container, exe, uid, news):
+    eng = fresh(warmed[1])
+    run = [ev("proc.exec", 3100 + i * 0.3, f"pid:{40 + i}", exe=f"{exe}{i or ''}",
+              exe_id=f"8:1:{500 + i}",
+              exe_sha256=f"{i:02x}" * 32, uid=uid, cgroup=cgroup, container=container)
+           for i in range(6)]
+    found = replay(eng, benign(31, 3000, 3300) + run, 3000, 3300)
+    shas = {s for _, f in found for s in f.evidence["scope"].get("exe_sha256", [])}
+    assert bool(shas & {f"{i:02x}" * 32 for i in range(6)}) is news, \
+        [f.evidence["summary"] for _, f in found]
+
+
+def test_a_setuid_program_run_by_a_service_account_is_news(warmed):
+    eng = fresh(warmed[1])
+    run = [ev("proc.exec", 3100, "pid:40", exe="/usr/bin/pkexec", exe_id="8:1:600",
+              exe_sha256="5e" * 32, uid=33, euid=0, cgroup=CRON, container="")]
+    found = replay(eng, benign(32, 3000, 3300) + run, 3000, 3300)
+    assert any("5e" * 32 in f.evidence["scope"].get("exe_sha256", []) for _, f in found)

@@ -15,7 +15,7 @@ from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig, rotating_ports
 from agent.detect.anomaly.detectors import drivers as drivers_of
 from agent.detect.anomaly.features import (INDEX, Either, Novelty, exe_key, prefix,
-                                             profile_of, scale)
+                                             profile_of, scale, system_program)
 from agent.detect.anomaly.replaced import Replacements
 from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
@@ -105,16 +105,25 @@ class AnomalyEngine:
             return
         if kind == "flow.bytes":
             self.kernel_bytes = True
-        self.node.window.add(kind, f, ev.subject)
+        execs = kind in ("proc.exec", "activity.exec_new")
+        # A package's program run by root in a host system service is no news as a
+        # program, unless its path ran before as another file: a changed file there is
+        # a replacement only as replaced.py allows (a package manager's new inode).
+        system = execs and system_program(f) and self.replaced.unchanged(f)
+        self.node.window.add(kind, f, ev.subject, system)
         w = self._workload(f, cgroup, ev.mono_ns)
         if w is None:
             self.unattributed = True      # the node window holds activity of no workload
         target = w or self.node
         if w is not None:
-            w.window.add(kind, f, ev.subject)
-        if kind in ("proc.exec", "activity.exec_new") and self.replaced.exec(
-                f, self._profile(target.profile).known, self.profiles["node"].known, ev.mono_ns):
+            w.window.add(kind, f, ev.subject, system)
+        old = self.replaced.exec(f, self.profiles["node"].known, ev.mono_ns) if execs else None
+        if old is not None:
+            # the new file is known wherever the old one was
             self.counters["replaced_exes"] += 1
+            for p in self.profiles.values():
+                if old in p.known.exes:
+                    p.known.exes.add(exe_key(f))
         if kind in ("proc.exec", "activity.exec_new", "flow.connect"):
             key = exe_key(f)
             if key and f.get("exe") and len(self.exe_paths) < 4 * self.cfg.novelty_max:

@@ -31,6 +31,9 @@ FEATURES: tuple[tuple[str, float], ...] = (
     ("gpu_unauth_bytes", math.log1p(1e12)),  # GPU memory of unauthorized use
 )
 EPHEMERAL = 32768
+# Directories packages install into and only root writes (not /usr/local, /opt, a home).
+PACKAGE_DIRS = ("/usr/bin/", "/usr/sbin/", "/usr/lib/", "/usr/libexec/", "/usr/lib64/",
+                "/bin/", "/sbin/", "/lib/", "/lib64/")
 NAMES = tuple(n for n, _ in FEATURES)
 INDEX = {n: i for i, n in enumerate(NAMES)}
 DIM = len(FEATURES)
@@ -140,15 +143,20 @@ class Window:
         self.gpu_unauth = 0.0
         self.active = False
 
-    def add(self, kind: str, f: dict[str, Any], subject: str) -> None:
+    def add(self, kind: str, f: dict[str, Any], subject: str, system: bool = False) -> None:
+        """One event; `system`: an exec that is no news as a program (AnomalyEngine:
+        a package's program run by root in a host system service)."""
         self.active = True
         if kind in ("proc.exec", "activity.exec_new"):
             if kind == "proc.exec":
                 self.execs_seen += 1
             key = exe_key(f)
             if key and len(self.exes) < 256:
-                self.exes.setdefault(key, {"exe": f.get("exe"), "exe_id": f.get("exe_id"),
-                                           "exe_sha256": f.get("exe_sha256")})
+                info = self.exes.setdefault(key, {"exe": f.get("exe"), "exe_id": f.get("exe_id"),
+                                                  "exe_sha256": f.get("exe_sha256"),
+                                                  "system": True})
+                if not system:
+                    info["system"] = False
         elif kind == "activity.counts":
             self.execs_counted += _int(f.get("execs"))
         elif kind == "flow.connect":
@@ -191,10 +199,10 @@ class Window:
         `seen`: what this workload's findings already reported, and its image's programs
         (no news to it again); `rotating`: ports on which its destinations rotate by design (a
         new one there is no news: AnomalyConfig.rotating_services)."""
-        new_node = [k for k in self.exes if k not in node.exes and k not in known.exes
-                    and k not in seen]
-        new_here = [k for k in self.exes if k in node.exes and k not in known.exes
-                    and k not in seen]
+        fresh = [k for k, i in self.exes.items() if k not in known.exes and k not in seen
+                 and not i["system"]]
+        new_node = [k for k in fresh if k not in node.exes]
+        new_here = [k for k in fresh if k in node.exes]
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
         new_pfx = {prefix(a) for a, p in dsts if a and p not in rotating
@@ -261,6 +269,29 @@ class Either:
 
     def __contains__(self, key: str) -> bool:
         return any(key in s for s in self.sets)
+
+
+def system_program(f: dict[str, Any]) -> bool:
+    """An exec of a package's program by root in a host system service (a cgroup under
+    /system.slice/, no container): a daily job's first logrotate, an upgrade's dpkg, the
+    /bin/sh that an upgrade replaced. It is no news as a program (AnomalyEngine: the
+    destinations, listeners and volume of that service still are): only root puts a file
+    there or runs a unit there, and root on the host has other ways in anyway. A non-root
+    service (an exploited www-data daemon), a user's session, a container, or a program
+    outside the package directories (/usr/local, /opt, /tmp) is news as before."""
+    path, cgroup = f.get("exe"), f.get("cgroup")
+    if f.get("container") or f.get("container_id") or not isinstance(path, str) or \
+            not isinstance(cgroup, str) or not cgroup.startswith("/system.slice/"):
+        return False
+    if not path.startswith(PACKAGE_DIRS) or "/../" in path or path.endswith(" (deleted)"):
+        return False
+    # real and effective uid both root (where given): a setuid program run by a service
+    # account is not root's run
+    ids = [f[k] for k in ("uid", "euid") if f.get(k) is not None]
+    try:
+        return bool(ids) and all(int(i) == 0 for i in ids)
+    except (TypeError, ValueError):
+        return False
 
 
 def port_key(port: int) -> str:

@@ -10,6 +10,7 @@ from agent.detect.anomaly.beacon import BeaconTracker
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.features import NAMES, PREFIX_V4, PREFIX_V6, Novelty
 from agent.detect.anomaly.profile import Profile, Workload
+from agent.detect.anomaly.replaced import Replacements
 from agent.detect.anomaly.teach import Taught
 
 FORMAT = 1
@@ -41,6 +42,7 @@ def snapshot(eng, wall_s: float | None) -> dict[str, Any]:
         "reported_news": eng.reported_news.dump(),
         "reported_exes": eng.reported_exes.dump(),
         "pods": eng.pods.dump(),
+        "replaced": eng.replaced.dump(),
     }
 
 
@@ -95,6 +97,7 @@ def _load(eng, snap: dict[str, Any]) -> None:
     eng.reported_news = Novelty(cfg.novelty_max, map(str, snap.get("reported_news", ())))
     eng.reported_exes = Novelty(cfg.novelty_max, map(str, snap.get("reported_exes", ())))
     eng.pods = Novelty(cfg.novelty_max, map(str, snap.get("pods", ())))
+    eng.replaced = Replacements(cfg.novelty_max, snap.get("replaced"))
 
 
 def rebase(eng, delta: int) -> None:
@@ -108,3 +111,4 @@ def rebase(eng, delta: int) -> None:
     for w in [eng.node, *eng.workloads.values()]:
         w.rebase(delta)
     eng.beacon.rebase(delta)
+    eng.replaced.rebase(delta)

@@ -24,12 +24,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from agent.detect.anomaly.features import Known, exe_key
+from agent.detect.anomaly.features import PACKAGE_DIRS, Known, exe_key
 
 PACKAGE_MANAGERS = frozenset(("/usr/bin/dpkg", "/bin/dpkg", "/usr/bin/rpm", "/bin/rpm",
                               "/sbin/apk", "/usr/bin/pacman"))
-PACKAGE_DIRS = ("/usr/bin/", "/usr/sbin/", "/usr/lib/", "/usr/libexec/", "/usr/lib64/",
-                "/bin/", "/sbin/", "/lib/", "/lib64/")
 REPLACE_WITHIN_S = 26 * 3600     # a daily job runs the upgraded binary up to a day later
 
 
@@ -45,33 +43,53 @@ def _root(f: dict[str, Any]) -> bool:
 
 
 class Replacements:
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, d: dict[str, Any] | None = None):
+        d = d or {}
         self.limit = limit
-        self.paths: OrderedDict[str, list] = OrderedDict()   # path -> [key, file id, last_ns]
-        self.pm_ns: int | None = None      # last run of a known package manager on the host
-        self.accepted = 0
+        # path -> [key, file id, last_ns]; kept across restarts (the engine's state): a
+        # file changed in place while the agent was down is still a changed file
+        self.paths: OrderedDict[str, list] = OrderedDict(
+            (str(p), [str(k), str(i), int(t)]) for p, k, i, t in d.get("paths", ())[-limit:])
+        pm = d.get("pm_ns")
+        self.pm_ns: int | None = None if pm is None else int(pm)   # last known PM run as root
+        self.accepted = int(d.get("accepted", 0))
 
-    def exec(self, f: dict[str, Any], profile: Known, node: Known, now: int) -> bool:
-        """One exec on this host; True when its file was taken as a package's replacement
-        (then known to the node, and to the profile where the old file was)."""
+    def dump(self) -> dict[str, Any]:
+        return {"paths": [[p, *v] for p, v in self.paths.items()], "pm_ns": self.pm_ns,
+                "accepted": self.accepted}
+
+    def rebase(self, delta: int) -> None:
+        for v in self.paths.values():
+            v[2] += delta
+        if self.pm_ns is not None:
+            self.pm_ns += delta
+
+    def unchanged(self, f: dict[str, Any]) -> bool:
+        """Whether the exec's path never ran before as another file (in this bounded
+        history): a first run, or the same file again."""
+        prev = self.paths.get(f.get("exe"))    # type: ignore[arg-type]
+        return prev is None or prev[0] == exe_key(f)
+
+    def exec(self, f: dict[str, Any], node: Known, now: int) -> str | None:
+        """One exec on this host; the old file's key when its file was taken as a
+        package's replacement (then known to the node; the engine makes it known to every
+        profile that knew the old one), else None."""
         path, key = f.get("exe"), exe_key(f)
         if not key or not isinstance(path, str) or f.get("container") or f.get("container_id"):
-            return False
+            return None
         if not path.startswith(PACKAGE_DIRS) or "/../" in path:
-            return False
+            return None
         file_id = str(f.get("exe_id") or "")
         dev = _dev(file_id)
-        accepted = False
+        accepted = None
         prev = self.paths.get(path)
         if key not in node.exes and prev is not None and prev[0] != key and dev and \
                 _dev(prev[1]) == dev and prev[1] != file_id and prev[0] in node.exes and \
                 self.pm_ns is not None and prev[2] <= self.pm_ns <= now and \
                 now - self.pm_ns <= REPLACE_WITHIN_S * 1e9:
             node.exes.add(key)
-            if prev[0] in profile.exes:
-                profile.exes.add(key)
             self.accepted += 1
-            accepted = True
+            accepted = prev[0]
         if path in PACKAGE_MANAGERS and key in node.exes and _root(f):
             self.pm_ns = now
         self.paths[path] = [key, file_id, now]
