@@ -48,28 +48,37 @@ class Web:
     def hour(self, t0: float, t1: float) -> list:
         out, self.boot = self.boot, []
         day = int(t0 // DAY_S)
+        served = [(self.cg, t0, t1)]       # which container the load balancers reach, when
+        switch, before = t1, self.workers  # the old container's workers serve until switch
         if t0 <= self.redeploys.get(day, -1) < t1:
             t = self.redeploys[day]
             if self.rng.random() < 0.5:
                 self.version += 1          # a new image: its python is a new file too
+            old, switch = self.cg, t
             self.cg = self._deploy(t, out)
             self.history.append((t, self.cg))
+            # the new container has no traffic before it starts (a stream from the hour's
+            # start made it "first seen" before its own start: no image grace)
+            served = [(old, t0, t), (self.cg, t + 2.0, t1)]
+        workers = lambda t: before if t < switch else self.workers   # noqa: E731
         fail = self.failovers.get(day, -1)
         load = lambda t: diurnal(t)   # noqa: E731
         for daddr, dport, base, peak in ((DB, 5432, 0.3, 2.0), (CACHE, 6379, 0.2, 1.0)):
             for t in poisson_times(self.rng, t0, t1, lambda t: base + peak * load(t)):
-                w = self.rng.choice(self.workers)
+                w = self.rng.choice(workers(t))
                 refused = fail <= t < fail + 30 and daddr == DB
                 self.node.connection(out, self.rng, t, w, daddr, dport,
                                      self.rng.expovariate(1 / 0.05), self.rng.randint(300, 3000),
                                      self.rng.randint(500, 60_000),
                                      "refused" if refused else "established", rtt_s=0.0003)
         rate = 20_000 + 800_000 * load(t0 + 1800)
-        for i, lb in enumerate(LBS):
-            out.append(self.node.act(t0, "stream", self.cg, lb, 40000 + (int(t0 // 3600) * 7 + i) % 20000,
-                                     "tcp", rate / 3, rate / 3 / 8000, t1))
+        for cg, s0, s1 in served:
+            for i, lb in enumerate(LBS):
+                out.append(self.node.act(s0, "stream", cg, lb,
+                                         40000 + (int(t0 // 3600) * 7 + i) % 20000,
+                                         "tcp", rate / 3, rate / 3 / 8000, s1))
         for t in poisson_times(self.rng, t0, t1, lambda t: 0.004 + 0.02 * load(t)):
-            self.node.connection(out, self.rng, t, self.rng.choice(self.workers), pool(SAAS, self.rng),
+            self.node.connection(out, self.rng, t, self.rng.choice(workers(t)), pool(SAAS, self.rng),
                                  443, self.rng.uniform(0.1, 1.5), self.rng.randint(2000, 9000),
                                  self.rng.randint(1000, 20_000), rtt_s=0.015)
         return out

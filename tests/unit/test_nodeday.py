@@ -138,3 +138,15 @@ def test_explicit_schedule_and_bad_names():
     with pytest.raises(ValueError):
         NodeDay(days=0)
     assert DAY_S == 86400.0
+
+
+def test_a_redeployed_web_container_has_no_traffic_before_it_starts():
+    """The load balancers and the workers reach the new container from its deploy on, the
+    old one until then (a stream from the hour's start made it "first seen" before its own
+    start, and the anomaly engine's image grace, rightly, did not apply)."""
+    day = next(d for d in (NodeDay(s, 3) for s in range(1, 40)) if d.web.redeploys)
+    deployed = day.web.redeploys[min(day.web.redeploys)]
+    evs = list(day.events(hours=deployed // 3600 + 2))
+    new = day.web.at(deployed + 1).container
+    first = min(e.mono_ns for e in evs if (e.fields.get("container") or "") == new)
+    assert first >= day.base_ns + int(deployed * 1e9)
