@@ -328,7 +328,9 @@ class AnomalyEngine:
             if self._image_start(w, p, start):
                 self._image_programs(w, p)
             raw, new = w.window.vector(p.known, node_known, self.kernel_bytes,
-                                       Either(w.seen, p.told), self._rotating(w))
+                                       Either(w.seen, p.told), self._rotating(w), w.fresh)
+            if warm and p.windows >= PROFILE_MIN:    # (a start-up's every block is new)
+                w.keep_fresh(w.window, new["dsts"], self.kernel_bytes, now)
             x = scale(raw)
             near = False
             for det in self.models if p.windows >= PROFILE_MIN else ():

@@ -194,21 +194,24 @@ class Window:
 
     def vector(self, known: "Known", node: "Known", use_kernel_bytes: bool,
                seen: "Novelty | frozenset" = frozenset(),
-               rotating: frozenset[int] = frozenset()) -> tuple[list[float], dict]:
+               rotating: frozenset[int] = frozenset(),
+               fresh: "dict[str, int] | frozenset" = frozenset()) -> tuple[list[float], dict]:
         """Raw features and what was new (for evidence and for committing to the sets).
         `seen`: what this workload's findings already reported, and its image's programs
         (no news to it again); `rotating`: ports on which its destinations rotate by design (a
-        new one there is no news: AnomalyConfig.rotating_services)."""
-        fresh = [k for k, i in self.exes.items() if k not in known.exes and k not in seen
-                 and not i["system"]]
-        new_node = [k for k in fresh if k not in node.exes]
-        new_here = [k for k in fresh if k in node.exes]
+        new one there is no news: AnomalyConfig.rotating_services); `fresh`: addresses whose
+        block was never seen when first reached (Workload.fresh): bytes to them count as
+        bytes to never-seen destinations."""
+        unseen = [k for k, i in self.exes.items() if k not in known.exes and k not in seen
+                  and not i["system"]]
+        new_node = [k for k in unseen if k not in node.exes]
+        new_here = [k for k in unseen if k in node.exes]
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
         new_pfx = {prefix(a) for a, p in dsts if a and p not in rotating
                    and prefix(a) not in known.dsts and prefix(a) not in seen}
         new_ports = {port_key(p) for _, p in dsts if p and port_key(p) not in known.ports}
-        new_bytes = sum(b for (a, _), b in egress.items() if prefix(a) in new_pfx)
+        new_bytes = sum(b for (a, _), b in egress.items() if a in fresh or prefix(a) in new_pfx)
         new_listens = [p for p in self.listens if p not in known.listens and p not in seen]
         raw = [0.0] * DIM
         raw[0] = max(self.execs_counted, self.execs_seen)

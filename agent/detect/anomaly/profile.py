@@ -7,13 +7,15 @@ from typing import Any
 
 from agent.detect.anomaly.detectors import HalfSpaceTrees, Loda, RobustMahalanobis, Stats
 from agent.detect.anomaly.features import FLOORS
-from agent.detect.anomaly.features import DIM, Known, Novelty, Window
+from agent.detect.anomaly.features import DIM, Known, Novelty, Window, prefix
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
 LEARNED_MAX = 32      # windows learned as normal (feedback) kept per profile
 SEEN_MAX = 256        # image programs a workload was given (image grace), kept
 TOLD_MAX = 1024       # programs and destinations a profile's findings reported, kept
 LEARN_TOLERANCE = 0.05
+FRESH_S = 600         # how long bytes to a newly reached block count as new
+FRESH_MAX = 64        # fresh destinations kept per workload
 # The slow mean moves less than a window does: its floors are a third of the windows'
 # (a sustained factor of 2-3 in a count, of 2 in bytes, is a drift worth a look).
 DRIFT_FLOOR_DIV = 3.0
@@ -117,6 +119,11 @@ class Workload:
         # other workload (what its findings reported: Profile.told).
         self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
         self.rotating: frozenset[int] | None = None   # AnomalyEngine._rotating's
+        # Addresses in a block that was never seen when this workload first reached them
+        # -> when (ns): bytes sent to them stay "bytes to never-seen destinations" for
+        # FRESH_S (an export that connects in one window and sends in the next must not
+        # find the block already known).
+        self.fresh: dict[str, int] = {str(a): int(t) for a, t in d.get("fresh", {}).items()}
 
     @property
     def entity(self) -> str:
@@ -138,9 +145,24 @@ class Workload:
         self.run_start = {k: v + delta for k, v in self.run_start.items()}
         for v in self.last_alert.values():
             v[0] += delta
+        self.fresh = {a: t + delta for a, t in self.fresh.items()}
+
+    def keep_fresh(self, window: Window, new_dsts: list[str], use_kernel_bytes: bool,
+                   now: int) -> None:
+        """After a window: its addresses in blocks it found never seen become fresh, for
+        FRESH_S from then (not extended by traffic: a service first reached at start-up is
+        not new for good). At most FRESH_MAX (a flood of new blocks keeps its latest)."""
+        blocks = set(new_dsts)
+        for a, _ in (*window.dsts, *window.egress(use_kernel_bytes)):
+            if a and a not in self.fresh and prefix(a) in blocks:
+                self.fresh[a] = now
+        since = now - FRESH_S * 1_000_000_000
+        self.fresh = {a: t for a, t in self.fresh.items() if t >= since}
+        if len(self.fresh) > FRESH_MAX:
+            self.fresh = dict(sorted(self.fresh.items(), key=lambda kv: kv[1])[-FRESH_MAX:])
 
     def dump(self) -> dict[str, Any]:
         return {"cgroup": self.cgroup, "container": self.container, "profile": self.profile,
                 "last_ns": self.last_ns, "first_ns": self.first_ns, "new_pod": self.new_pod,
                 "run_start": self.run_start,
-                "last_alert": self.last_alert, "seen": self.seen.dump()}
+                "last_alert": self.last_alert, "seen": self.seen.dump(), "fresh": self.fresh}
