@@ -17,7 +17,7 @@ from agent.detect.anomaly.detectors import drivers as drivers_of
 from agent.detect.anomaly.features import (INDEX, Either, Novelty, exe_key, prefix,
                                              profile_of, scale, system_program)
 from agent.detect.anomaly.replaced import Replacements
-from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
+from agent.detect.anomaly.profile import PENDING_MAX, PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
 MODEL_VERSION = 1
@@ -149,10 +149,14 @@ class AnomalyEngine:
             self.beacon.closed(self._beacon_key(w, f, cgroup), dst, port,
                                int(f.get("bytes_out") or 0) + int(f.get("bytes_in") or 0))
 
-    def _remember(self, w, p, new: dict, reported: set[str], node_known) -> None:
+    def _remember(self, w, p, new: dict, reported: set[str], node_known,
+                  hold: bool = False) -> None:
         """What the closed window saw becomes known to its profile (and the node's
         window's to the node), but for what findings reported (`reported` collects this
-        tick's, for the node's window)."""
+        tick's, for the node's window). `hold`: a model flagged the window and no finding
+        came (yet): what it saw never seen stays news for the persistence horizon
+        (Workload.pending; no learning from flagged windows), so the miner whose first
+        window was unusual but alone is still new in the next one."""
         # What a finding reported stays never-seen (here and node-wide) until feedback
         # says "learn": the same destination or binary next time is news again, not
         # the attacker's now-familiar infrastructure. Everything else is known now.
@@ -186,8 +190,21 @@ class AnomalyEngine:
                 for item in new["listens"][:REPORTED_PER_FINDING]:
                     self.reported_news.add(item)
         else:
+            held = {i for vs in new.values() for i in vs} if hold else ()
             p.known.commit(w.window, self.kernel_bytes, self.reported_news,
-                           self.reported_exes, reported if w is self.node else w.seen, p.told)
+                           self.reported_exes, reported if w is self.node else w.seen, p.told,
+                           held)
+            if held:
+                w.pending = [*w.pending, [self.now + self.persist_m * self.window_ns, new]][
+                    -PENDING_MAX:]
+
+    def _settle(self, w, p) -> None:
+        """Held items whose persistence horizon passed without a finding become known."""
+        due = [n for until, n in w.pending if until <= self.now]
+        if due:
+            w.pending = [e for e in w.pending if e[0] > self.now]
+            for n in due:
+                p.known.add_items(n, self.reported_news, self.reported_exes, w.seen, p.told)
 
     def _image_programs(self, w, p) -> None:
         """A new container (in a new pod) of a known kind: the programs it runs from its
@@ -325,6 +342,8 @@ class AnomalyEngine:
             kind = "node" if w is self.node else "workload"
             p = self._profile(w.profile)
             p.last_ns = now
+            if w.pending:
+                self._settle(w, p)
             if self._image_start(w, p, start):
                 self._image_programs(w, p)
             raw, new = w.window.vector(p.known, node_known, self.kernel_bytes,
@@ -332,13 +351,14 @@ class AnomalyEngine:
             if warm and p.windows >= PROFILE_MIN:    # (a start-up's every block is new)
                 w.keep_fresh(w.window, new["dsts"], self.kernel_bytes, now)
             x = scale(raw)
-            near = False
+            near = held = False
             for det in self.models if p.windows >= PROFILE_MIN else ():
                 s = p.score(det, x)
                 cal = self._calibrator(det, kind)
                 tail = cal.tail(s)
                 flagged = tail <= self.p_window
                 near |= tail <= NEAR_P
+                held |= flagged
                 if not flagged:
                     cal.add(s)
                 self.counters[f"windows.{det}"] += 1
@@ -372,7 +392,8 @@ class AnomalyEngine:
                     out.append(f)
             if not warm or p.windows < PROFILE_MIN or not near or p.covered(x):
                 p.learn(x)
-            self._remember(w, p, new, reported, node_known)
+            self._remember(w, p, new, reported, node_known,
+                           hold=held and warm and w is not self.node)
             self._reported = False
             p.windows += 1
             w.window = type(w.window)()

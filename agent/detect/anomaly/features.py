@@ -254,6 +254,14 @@ class Known:
             if p not in skip:
                 self.listens.add(p)
 
+    def add_items(self, new: dict[str, list[str]], *skip) -> None:
+        """Items of a window's "new" (vector()) become known, but for those in `skip`."""
+        skip = Either(*skip)
+        for name in ("exes", "dsts", "ports", "listens"):
+            for item in new.get(name) or ():
+                if item not in skip:
+                    getattr(self, name).add(item)
+
     def dump(self) -> dict[str, list[str]]:
         return {"exes": self.exes.dump(), "dsts": self.dsts.dump(), "ports": self.ports.dump(),
                 "listens": self.listens.dump()}

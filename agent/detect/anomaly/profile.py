@@ -16,6 +16,7 @@ TOLD_MAX = 1024       # programs and destinations a profile's findings reported,
 LEARN_TOLERANCE = 0.05
 FRESH_S = 600         # how long bytes to a newly reached block count as new
 FRESH_MAX = 64        # fresh destinations kept per workload
+PENDING_MAX = 8       # flagged windows' never-seen items held per workload
 # The slow mean moves less than a window does: its floors are a third of the windows'
 # (a sustained factor of 2-3 in a count, of 2 in bytes, is a drift worth a look).
 DRIFT_FLOOR_DIV = 3.0
@@ -124,6 +125,10 @@ class Workload:
         # FRESH_S (an export that connects in one window and sends in the next must not
         # find the block already known).
         self.fresh: dict[str, int] = {str(a): int(t) for a, t in d.get("fresh", {}).items()}
+        # [until_ns, {"exes": [...], "dsts": [...], ...}]: what a flagged window saw never
+        # seen, held out of the known sets while persistence may still make it a finding
+        # (engine._remember), then known if none did.
+        self.pending: list[list] = [[int(t), dict(n)] for t, n in d.get("pending", ())][-PENDING_MAX:]
 
     @property
     def entity(self) -> str:
@@ -146,6 +151,8 @@ class Workload:
         for v in self.last_alert.values():
             v[0] += delta
         self.fresh = {a: t + delta for a, t in self.fresh.items()}
+        for entry in self.pending:
+            entry[0] += delta
 
     def keep_fresh(self, window: Window, new_dsts: list[str], use_kernel_bytes: bool,
                    now: int) -> None:
@@ -165,4 +172,5 @@ class Workload:
         return {"cgroup": self.cgroup, "container": self.container, "profile": self.profile,
                 "last_ns": self.last_ns, "first_ns": self.first_ns, "new_pod": self.new_pod,
                 "run_start": self.run_start,
-                "last_alert": self.last_alert, "seen": self.seen.dump(), "fresh": self.fresh}
+                "last_alert": self.last_alert, "seen": self.seen.dump(), "fresh": self.fresh,
+                "pending": self.pending}
