@@ -71,14 +71,12 @@ def load_ruleset(path: str | Path | Sequence[str | Path] | None = None,
     A set that changed while it was read (a copy or a swap in progress) is read again, up
     to `attempts` times over about a second: a write that completes meanwhile loads, one
     still going after that is refused ("changed while being read")."""
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return _load_once(path)
-        except _Changing as e:
-            if attempt == attempts:
-                raise RuleError(str(e), e.file, None) from None
+        except _Changing:
             time.sleep(0.1 * attempt)
-    raise AssertionError("unreachable")
+    return _load_once(path)      # a set still changing: its _Changing is a RuleError
 
 
 class _Changing(RuleError):

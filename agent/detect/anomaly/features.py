@@ -282,10 +282,16 @@ class Either:
         return any(key in s for s in self.sets)
 
 
+def package_path(path: str) -> bool:
+    """A path under the directories packages install into (PACKAGE_DIRS), not walked out."""
+    return path.startswith(PACKAGE_DIRS) and "/../" not in path
+
+
 def system_program(f: dict[str, Any]) -> bool:
     """An exec of a package's program by root in a host system service (a cgroup under
-    /system.slice/, no container): a daily job's first logrotate, an upgrade's dpkg, the
-    /bin/sh that an upgrade replaced. It is no news as a program (AnomalyEngine: the
+    /system.slice/, no container): a daily job's first logrotate, an upgrade's first dpkg
+    (the engine adds: a path that ran before as another file is not one; replaced.py
+    judges that). It is no news as a program (AnomalyEngine: the
     destinations, listeners and volume of that service still are): only root puts a file
     there or runs a unit there, and root on the host has other ways in anyway. A non-root
     service (an exploited www-data daemon), a user's session, a container, or a program
@@ -294,7 +300,7 @@ def system_program(f: dict[str, Any]) -> bool:
     if f.get("container") or f.get("container_id") or not isinstance(path, str) or \
             not isinstance(cgroup, str) or not cgroup.startswith("/system.slice/"):
         return False
-    if not path.startswith(PACKAGE_DIRS) or "/../" in path or path.endswith(" (deleted)"):
+    if not package_path(path) or path.endswith(" (deleted)"):
         return False
     # real and effective uid both root (where given): a setuid program run by a service
     # account is not root's run

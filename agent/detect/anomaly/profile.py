@@ -159,10 +159,13 @@ class Workload:
         """After a window: its addresses in blocks it found never seen become fresh, for
         FRESH_S from then (not extended by traffic: a service first reached at start-up is
         not new for good). At most FRESH_MAX (a flood of new blocks keeps its latest)."""
-        blocks = set(new_dsts)
-        for a, _ in (*window.dsts, *window.egress(use_kernel_bytes)):
-            if a and a not in self.fresh and prefix(a) in blocks:
-                self.fresh[a] = now
+        if new_dsts:       # (no address parsed in a window without a new block)
+            blocks = set(new_dsts)
+            for a, _ in (*window.dsts, *window.egress(use_kernel_bytes)):
+                if a and a not in self.fresh and prefix(a) in blocks:
+                    self.fresh[a] = now
+        if not self.fresh:
+            return
         since = now - FRESH_S * 1_000_000_000
         self.fresh = {a: t for a, t in self.fresh.items() if t >= since}
         if len(self.fresh) > FRESH_MAX:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from agent.detect.anomaly.features import PACKAGE_DIRS, Known, exe_key
+from agent.detect.anomaly.features import Known, exe_key, package_path
 
 PACKAGE_MANAGERS = frozenset(("/usr/bin/dpkg", "/bin/dpkg", "/usr/bin/rpm", "/bin/rpm",
                               "/sbin/apk", "/usr/bin/pacman"))
@@ -77,7 +77,7 @@ class Replacements:
         path, key = f.get("exe"), exe_key(f)
         if not key or not isinstance(path, str) or f.get("container") or f.get("container_id"):
             return None
-        if not path.startswith(PACKAGE_DIRS) or "/../" in path:
+        if not package_path(path):
             return None
         file_id = str(f.get("exe_id") or "")
         dev = _dev(file_id)
