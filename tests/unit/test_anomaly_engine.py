@@ -325,18 +325,24 @@ def test_a_new_containers_image_programs_are_no_news_but_a_running_ones_are(warm
     assert any("e3" * 32 in f.evidence["scope"].get("exe_sha256", []) for _, f in found)
 
 
+def _clamp_tails(monkeypatch, eng):
+    """No window passes the 1e-5 budget alone: each flagged one needs a second (what the
+    16 node-day eval saw for a miner's first window, at 3e-4)."""
+    from agent.detect.anomaly import calibrate
+    real = calibrate.Calibrator.tail
+    level = eng.p_window
+    monkeypatch.setattr(calibrate.Calibrator, "tail",
+                        lambda self, s: max(real(self, s), level / 10))
+
+
 def test_a_new_listener_needs_no_second_window(warmed, monkeypatch):
     """A listener is one window's event: a window flagged at the per-window level that
     holds a never-seen listener is a finding on its own; a never-seen executable in one
     window at the same level is not (persistence: k of m windows). The calibrator is set
     so that no window passes the 1e-5 budget alone (what the 16 node-day eval saw: a bind
     shell at 5e-5, found only by its shell's execs)."""
-    from agent.detect.anomaly import calibrate
-    real = calibrate.Calibrator.tail
     eng = fresh(warmed[1])
-    level = eng.p_window
-    monkeypatch.setattr(calibrate.Calibrator, "tail",
-                        lambda self, s: max(real(self, s), level / 10))
+    _clamp_tails(monkeypatch, eng)
     listen = [ev("flow.listen", 3100, "", port=4444, family=4, cgroup=WEB, container=WEB_ID)]
     found = replay(eng, benign(13, 3000, 3300) + listen, 3000, 3300)
     hits = [(t, f) for t, f in found if f.rule_id == "anomaly.mahalanobis"]
@@ -414,12 +420,8 @@ def test_an_export_that_connects_in_one_window_and_sends_in_the_next_is_found(wa
     ones (the 16 node-day eval missed 4 exports so: the first window was unusual but alone,
     its block became known, and the upload was then volume alone). The calibrator is set so
     that no window passes the budget alone (as there: the connect window at 1e-3)."""
-    from agent.detect.anomaly import calibrate
-    real = calibrate.Calibrator.tail
     eng = fresh(warmed[1])
-    level = eng.p_window
-    monkeypatch.setattr(calibrate.Calibrator, "tail",
-                        lambda self, s: max(real(self, s), level / 10))
+    _clamp_tails(monkeypatch, eng)
     export = [ev("flow.connect", 3101, "203.0.113.9", daddr="203.0.113.9", dport=443,
                  outcome="established", cgroup=WEB, container=WEB_ID, exe="/usr/bin/web",
                  exe_id="8:1:100")]
@@ -430,16 +432,6 @@ def test_an_export_that_connects_in_one_window_and_sends_in_the_next_is_found(wa
     hits = [(t, f) for t, f in found if "203.0.113.9" in f.evidence["scope"].get("dst", [])]
     assert hits and hits[0][0] - 3101 <= 60, [f.evidence["summary"] for _, f in found]
     assert "new_dst_bytes" in str(hits[0][1].evidence["drivers"])
-
-
-def _clamp_tails(monkeypatch, eng):
-    """No window passes the 1e-5 budget alone: each flagged one needs a second (what the
-    16 node-day eval saw for a miner's first window, at 3e-4)."""
-    from agent.detect.anomaly import calibrate
-    real = calibrate.Calibrator.tail
-    level = eng.p_window
-    monkeypatch.setattr(calibrate.Calibrator, "tail",
-                        lambda self, s: max(real(self, s), level / 10))
 
 
 def test_what_a_flagged_window_saw_stays_news_while_persistence_may_need_it(warmed,
