@@ -8,7 +8,8 @@ import pytest
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.detectors import (HalfSpaceTrees, Loda, RobustMahalanobis, Stats,
                                             drivers)
-from agent.detect.anomaly.features import DIM, INDEX, Novelty, profile_of, prefix
+from agent.detect.anomaly.features import (DIM, INDEX, Known, Novelty, Window, profile_of,
+                                            prefix)
 
 
 def normal_window(r: random.Random) -> list[float]:
@@ -110,3 +111,21 @@ def test_profiles_and_prefixes():
     assert profile_of("/system.slice/cron.service") == "/system.slice/cron.service"
     assert prefix("203.0.113.7") == "203.0.0.0/16"
     assert prefix("2001:db8:1:2::1") == "2001:db8::/32"
+
+
+def _ports(known_dsts: list[str], known_ports: list[str], connects) -> tuple[float, list]:
+    known = Known(64, {"dsts": known_dsts, "ports": known_ports})
+    w = Window()
+    for dst, port in connects:
+        w.add("flow.connect", {"daddr": dst, "dport": port, "outcome": "established"}, dst)
+    raw, new = w.vector(known, Known(64), False)
+    return raw[INDEX["new_ports"]], new["ports"]
+
+
+def test_a_dynamic_port_is_news_only_to_a_never_seen_destination():
+    # a known peer's NCCL port (a job's first peers, a crashed job's ranks reconnecting)
+    assert _ports(["10.8.0.0/16"], ["443"], [("10.8.3.4", 45123)]) == (0, [])
+    # the same port number to a never-seen destination: news, besides new_dsts
+    assert _ports(["10.8.0.0/16"], ["443"], [("203.0.113.9", 45123)]) == (1, ["ephemeral"])
+    # a service port is news to a known destination too (ssh to a known peer)
+    assert _ports(["10.8.0.0/16"], ["443"], [("10.8.3.4", 22)]) == (1, ["22"])

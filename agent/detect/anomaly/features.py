@@ -210,7 +210,12 @@ class Window:
         dsts = set(self.dsts) | set(egress)
         new_pfx = {prefix(a) for a, p in dsts if a and p not in rotating
                    and prefix(a) not in known.dsts and prefix(a) not in seen}
-        new_ports = {port_key(p) for _, p in dsts if p and port_key(p) not in known.ports}
+        # A dynamic port (>= EPHEMERAL: NCCL's, a load balancer's) names no service: to a
+        # known destination it is no news (a training job's first NCCL peers, a crashed
+        # job's ranks reconnecting); to a never-seen one new_dsts says it already, and the
+        # dynamic port counts besides.
+        new_ports = {port_key(p) for a, p in dsts if p and port_key(p) not in known.ports
+                     and (p < EPHEMERAL or prefix(a) in new_pfx)}
         new_bytes = sum(b for (a, _), b in egress.items() if a in fresh or prefix(a) in new_pfx)
         new_listens = [p for p in self.listens if p not in known.listens and p not in seen]
         raw = [0.0] * DIM
