@@ -64,7 +64,7 @@ class Node:
         self.devs = itertools.count(60)          # overlayfs anonymous devices 0:N
         self.inodes = itertools.count(131_000)
         self.pod_ips = itertools.count(10)
-        self.host_exes: dict[str, Exe] = {}
+        self.host_exes: dict[str, list[tuple[float, Exe]]] = {}   # path -> (since, file)
         self.upgrades = 0
         self.cgroups: dict[str, Cgroup] = {}
 
@@ -72,17 +72,23 @@ class Node:
         return random.Random(f"{self.seed}:{name}")
 
     # -- identities --------------------------------------------------------------------
-    def host_exe(self, path: str) -> Exe:
-        """A host executable; an upgrade gives the path a new file (inode, hash)."""
-        if path not in self.host_exes:
-            self.host_exes[path] = Exe(path, _sha(f"host:{path}:0"), f"259:2:{next(self.inodes)}")
-        return self.host_exes[path]
+    def host_exe(self, path: str, t: float | None = None) -> Exe:
+        """A host executable as it is at time t (its latest file where t is None): an
+        upgrade gives the path a new file (inode, hash) from the upgrade's time on. (The
+        activities of an hour are generated one after another: a cron run after an
+        upgrade in the same hour must run the new file, not the one it replaced.)"""
+        versions = self.host_exes.get(path)
+        if versions is None:
+            versions = self.host_exes[path] = [
+                (-math.inf, Exe(path, _sha(f"host:{path}:0"), f"259:2:{next(self.inodes)}"))]
+        return next(e for since, e in reversed(versions) if t is None or since <= t)
 
-    def upgrade(self, path: str) -> Exe:
+    def upgrade(self, path: str, t: float) -> Exe:
         self.upgrades += 1
-        self.host_exes[path] = Exe(path, _sha(f"host:{path}:{self.upgrades}"),
-                                   f"259:2:{next(self.inodes)}")
-        return self.host_exes[path]
+        exe = Exe(path, _sha(f"host:{path}:{self.upgrades}"), f"259:2:{next(self.inodes)}")
+        since = t if path in self.host_exes else -math.inf    # never run before: its only file
+        self.host_exes.setdefault(path, []).append((since, exe))
+        return exe
 
     def cgroup(self, path: str, container: str = "", addr: str = NODE_ADDR) -> Cgroup:
         if path not in self.cgroups:

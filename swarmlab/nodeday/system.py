@@ -129,7 +129,7 @@ class Cron:
         out = []
         for p in paths:
             t += self.rng.uniform(0.002, 0.2)
-            out.append(self.node.exec(t, self.node.proc(self.cg, self.node.host_exe(p))))
+            out.append(self.node.exec(t, self.node.proc(self.cg, self.node.host_exe(p, t))))
         return out
 
     def hour(self, t0: float, t1: float) -> list:
@@ -139,7 +139,7 @@ class Cron:
                                                "/usr/lib/sysstat/sadc"))
         t = t0 + 17 * 60 + 1
         out += self._run(t, self.HOURLY)
-        curl = self.node.proc(self.cg, self.node.host_exe("/usr/bin/curl"))
+        curl = self.node.proc(self.cg, self.node.host_exe("/usr/bin/curl", t + 0.5))
         self.node.connection(out, self.rng, t + 0.5, curl, HEALTHCHECK, 443,
                              self.rng.uniform(0.1, 0.4), 900, 4200, rtt_s=0.02)
         if int((t0 % DAY_S) // 3600) == 6:
@@ -165,7 +165,7 @@ class Apt:
         self.plan: list[tuple[float, str]] = []
 
     def _fetch(self, out: list, t: float, cg, n: int, big: bool) -> float:
-        http = self.node.proc(cg, self.node.host_exe("/usr/lib/apt/methods/http"))
+        http = self.node.proc(cg, self.node.host_exe("/usr/lib/apt/methods/http", t))
         for _ in range(n):
             dur = self.rng.uniform(1, 20)
             self.node.connection(out, self.rng, t, http, pool(DEBIAN_CDN, self.rng), 80, dur,
@@ -188,15 +188,15 @@ class Apt:
             t = when
             for p in paths:
                 t += self.rng.uniform(0.01, 0.5)
-                out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(p))))
+                out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(p, t))))
             t = self._fetch(out, t, cg, self.rng.randint(2, 4), False)
             if what == "upgrade" and self.rng.random() < 0.35:
                 t = self._fetch(out, t, cg, self.rng.randint(1, 3), True)
                 for p in ("/usr/bin/dpkg",) * self.rng.randint(3, 9) + ("/usr/bin/dpkg-deb",):
                     t += self.rng.uniform(0.05, 2)
-                    out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(p))))
+                    out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(p, t))))
                 for p in self.rng.sample(self.UPGRADABLE, self.rng.randint(1, 2)):
-                    self.node.upgrade(p)
+                    self.node.upgrade(p, t)
         self.plan = [p for p in self.plan if p[0] >= t1]
         return out
 
@@ -223,18 +223,19 @@ class Ssh:
         self.session += 1
         cg = self.node.cgroup(f"/user.slice/user-1000.slice/session-{self.session}.scope")
         t = t0 + self.rng.uniform(0, 3000)
-        out = [self.node.exec(t, self.node.proc(cg, self.node.host_exe("/bin/bash"), 1000))]
+        out = [self.node.exec(t, self.node.proc(cg, self.node.host_exe("/bin/bash", t), 1000))]
         tools = list(self.COMMANDS)
         if self.rng.random() < 0.1:
             tools.append(self.rng.choice(self.NEW_TOOLS))
             for p in ("/usr/bin/sudo", "/usr/bin/apt", "/usr/lib/apt/methods/http", "/usr/bin/dpkg"):
                 t += self.rng.uniform(0.5, 3)
-                out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(p))))
+                out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(p, t))))
         for _ in range(self.rng.randint(15, 60)):
             t += self.rng.expovariate(1 / 30)
-            out.append(self.node.exec(t, self.node.proc(cg, self.node.host_exe(self.rng.choice(tools)), 1000)))
+            out.append(self.node.exec(t, self.node.proc(
+                cg, self.node.host_exe(self.rng.choice(tools), t), 1000)))
         if self.rng.random() < 0.2:
-            git = self.node.proc(cg, self.node.host_exe("/usr/bin/git"), 1000)
+            git = self.node.proc(cg, self.node.host_exe("/usr/bin/git", t), 1000)
             out.append(self.node.exec(t, git))
             self.node.connection(out, self.rng, t + 0.1, git, pool(GITHUB, self.rng), 443,
                                  self.rng.uniform(1, 8), 20_000, 30_000_000, rtt_s=0.03)
@@ -253,4 +254,5 @@ def system(node: Node, web) -> list:
                      8428, 30.0, 0.3, (50_000, 200_000)),
             Periodic(node, "scrape", "/system.slice/prometheus-node-exporter.service",
                      PROMETHEUS, 43122, 15.0, 0.05, (40_000, 80_000)),
-            Liveness(node, web), Ntp(node), Dns(node), Cron(node), Apt(node), Ssh(node)]
+            # Apt first: an upgrade is on record before the same hour's runs look a file up
+            Liveness(node, web), Ntp(node), Dns(node), Apt(node), Cron(node), Ssh(node)]

@@ -150,3 +150,25 @@ def test_a_redeployed_web_container_has_no_traffic_before_it_starts():
     new = day.web.at(deployed + 1).container
     first = min(e.mono_ns for e in evs if (e.fields.get("container") or "") == new)
     assert first >= day.base_ns + int(deployed * 1e9)
+
+
+def test_a_host_program_runs_the_file_it_was_at_that_time():
+    """After an upgrade, every run of the path is of the new file, also a run in the
+    same hour (a cron run generated before the upgrade's hour ran the replaced file after
+    its replacement: the anomaly engine rightly took that for a new program)."""
+    for seed in range(1, 40):
+        day = NodeDay(seed, 3)
+        evs = list(day.events())          # (one pass: the activities keep state)
+        node = day.node
+        upgraded = {p for p, versions in node.host_exes.items() if len(versions) > 1}
+        if upgraded:
+            break
+    assert upgraded
+    runs = 0
+    for ev in evs:
+        path = ev.fields.get("exe")
+        if ev.kind == "proc.exec" and path in upgraded and not ev.fields.get("container"):
+            t = (ev.mono_ns - day.base_ns) / 1e9
+            assert ev.fields["exe_id"] == node.host_exe(path, t).exe_id, (path, t)
+            runs += 1
+    assert runs
