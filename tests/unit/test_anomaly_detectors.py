@@ -113,8 +113,9 @@ def test_profiles_and_prefixes():
     assert prefix("2001:db8:1:2::1") == "2001:db8::/32"
 
 
-def _ports(known_dsts: list[str], known_ports: list[str], connects) -> tuple[float, list]:
-    known = Known(64, {"dsts": known_dsts, "ports": known_ports})
+def _ports(known_dsts: list[str], known_ports: list[str], connects,
+           listens: tuple[str, ...] = ("4/ephemeral",)) -> tuple[float, list]:
+    known = Known(64, {"dsts": known_dsts, "ports": known_ports, "listens": list(listens)})
     w = Window()
     for dst, port in connects:
         w.add("flow.connect", {"daddr": dst, "dport": port, "outcome": "established"}, dst)
@@ -122,9 +123,13 @@ def _ports(known_dsts: list[str], known_ports: list[str], connects) -> tuple[flo
     return raw[INDEX["new_ports"]], new["ports"]
 
 
-def test_a_dynamic_port_is_news_only_to_a_never_seen_destination():
-    # a known peer's NCCL port (a job's first peers, a crashed job's ranks reconnecting)
+def test_a_dynamic_port_is_news_only_to_a_never_seen_destination_of_a_peer_to_peer_kind():
+    # a known peer's NCCL port, from a kind that listens on dynamic ports itself (a job's
+    # first peers, a crashed job's ranks reconnecting)
     assert _ports(["10.8.0.0/16"], ["443"], [("10.8.3.4", 45123)]) == (0, [])
+    # a kind that never listened on one: a relay in its known block on 45700 is news
+    assert _ports(["10.8.0.0/16"], ["443"], [("10.8.3.4", 45123)], listens=("4/8080",)) == \
+        (1, ["ephemeral"])
     # the same port number to a never-seen destination: news, besides new_dsts
     assert _ports(["10.8.0.0/16"], ["443"], [("203.0.113.9", 45123)]) == (1, ["ephemeral"])
     # a service port is news to a known destination too (ssh to a known peer)

@@ -152,6 +152,9 @@ def test_an_export_behind_64_addresses_of_its_own_block_is_found(warmed, monkeyp
     assert _naming(found, DROP, after=3161), [f.evidence["summary"] for _, f in found]
 
 
+@pytest.mark.xfail(strict=True, reason="README limit: bytes to a block first reached count as "
+                   "new for 10 min (anomaly FRESH_S) from the first contact; an export that "
+                   "waits longer is volume to a known block, left to drift")
 def test_an_export_that_waits_out_fresh_s_is_found(warmed, monkeypatch):
     """Attack (container): connect to DROP (flagged, alone), keep the connection idle for
     11 minutes, then send 2.4 GB over it. FRESH_S (600 s) is counted from the first
@@ -250,11 +253,12 @@ def _restarted(snap, monkeypatch, first, t_restart, t_new=None):
     _clamp_tails(monkeypatch, eng)
     replay(eng, benign(46, 3000, t_restart) + first, 3000, t_restart)
     w = eng.workloads[WEB_ID]
-    assert w.fresh and w.pending, "the first window was flagged and held"
+    p = eng.profiles[w.profile]
+    assert p.fresh and w.pending, "the first window was flagged and held"
     state = json.loads(json.dumps(eng.snapshot(wall_s=5000.0)))
     now = int((t_new or t_restart + 0.5) * S)
     back = AnomalyEngine.restore(config(), "node-1", state, now_mono_ns=now, now_wall_s=5000.5)
-    assert set(back.workloads[WEB_ID].fresh) == set(w.fresh)
+    assert set(back.profiles[w.profile].fresh) == set(p.fresh)
     assert [n for _, n in back.workloads[WEB_ID].pending] == [n for _, n in w.pending]
     return back
 
@@ -289,15 +293,16 @@ def test_holds_fresh_and_pending_survive_a_restart_mid_horizon(warmed, monkeypat
 
 def test_holds_fresh_and_pending_stay_bounded_under_a_flood_of_new_blocks(warmed):
     """Holds (c): a container reaches 20 never-seen /16s every second for 5 minutes (6000
-    blocks, ~30,000 addresses): fresh keeps FRESH_MAX addresses, pending at most
-    PENDING_MAX windows (in practice the horizon's few), in memory and in the snapshot;
+    blocks, ~30,000 addresses): fresh keeps FRESH_MAX blocks, pending at most
+    max(PENDING_MAX, m + 1) windows (in practice the horizon's few), in memory and in the snapshot;
     once the flood stops the held windows settle."""
     eng = fresh(warmed)
     flood = [_connect(3100 + k / 20, f"{11 + (k // 250) % 200}.{k % 250}.{k % 7}.1", 443)
              for k in range(6000)]
     replay(eng, benign(48, 3000, 3500) + flood, 3000, 3500)
     w = eng.workloads[WEB_ID]
-    assert len(w.fresh) <= FRESH_MAX and len(w.pending) <= PENDING_MAX
+    p = eng.profiles[w.profile]
+    assert len(p.fresh) <= FRESH_MAX and len(w.pending) <= max(PENDING_MAX, eng.persist_m + 1)
     snap = eng.snapshot()
-    assert len(snap["workloads"][WEB_ID]["fresh"]) <= FRESH_MAX
+    assert len(snap["profiles"][w.profile]["fresh"]) <= FRESH_MAX
     assert not w.pending, "settled after the horizon"

@@ -17,7 +17,7 @@ from agent.detect.anomaly.detectors import drivers as drivers_of
 from agent.detect.anomaly.features import (INDEX, Either, Novelty, exe_key, prefix,
                                              profile_of, scale, system_program)
 from agent.detect.anomaly.replaced import Replacements
-from agent.detect.anomaly.profile import PENDING_MAX, PROFILE_MIN, Profile, Workload
+from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
 
 MODEL_VERSION = 1
@@ -196,7 +196,7 @@ class AnomalyEngine:
                            held)
             if held:
                 w.pending = [*w.pending, [self.now + self.persist_m * self.window_ns, new]][
-                    -PENDING_MAX:]
+                    -w.pending_max:]
 
     def _settle(self, w, p) -> None:
         """Held items whose persistence horizon passed without a finding become known."""
@@ -347,9 +347,9 @@ class AnomalyEngine:
             if self._image_start(w, p, start):
                 self._image_programs(w, p)
             raw, new = w.window.vector(p.known, node_known, self.kernel_bytes,
-                                       Either(w.seen, p.told), self._rotating(w), w.fresh)
+                                       Either(w.seen, p.told), self._rotating(w), p.fresh)
             if warm and p.windows >= PROFILE_MIN:    # (a start-up's every block is new)
-                w.keep_fresh(w.window, new["dsts"], self.kernel_bytes, now)
+                p.keep_fresh(new["dsts"], now)
             x = scale(raw)
             near = held = False
             for det in self.models if p.windows >= PROFILE_MIN else ():
@@ -450,7 +450,8 @@ class AnomalyEngine:
                 if isinstance(vs, list) for v in vs}
         told = set(last[2]) if last is not None and len(last) > 2 else set()
         recent = last is not None and now - last[0] < self.cfg.dedup_s * 1e9
-        if recent and (tail is None or tail > last[1] / HIGH_FACTOR) and news <= told:
+        # (>=: a tail that underflowed to 0.0 is not less likely than a last one of 0.0)
+        if recent and (tail is None or tail >= last[1] / HIGH_FACTOR) and news <= told:
             self.counters[f"dedup.{det}"] += 1
             self._reported = True
             return None

@@ -31,6 +31,7 @@ FEATURES: tuple[tuple[str, float], ...] = (
     ("gpu_unauth_bytes", math.log1p(1e12)),  # GPU memory of unauthorized use
 )
 EPHEMERAL = 32768
+_DYNAMIC_LISTENS = ("4/ephemeral", "6/ephemeral")   # Window.listens' keys
 # Directories packages install into and only root writes (not /usr/local, /opt, a home).
 PACKAGE_DIRS = ("/usr/bin/", "/usr/sbin/", "/usr/lib/", "/usr/libexec/", "/usr/lib64/",
                 "/bin/", "/sbin/", "/lib/", "/lib64/")
@@ -199,24 +200,35 @@ class Window:
         """Raw features and what was new (for evidence and for committing to the sets).
         `seen`: what this workload's findings already reported, and its image's programs
         (no news to it again); `rotating`: ports on which its destinations rotate by design (a
-        new one there is no news: AnomalyConfig.rotating_services); `fresh`: addresses whose
-        block was never seen when first reached (Workload.fresh): bytes to them count as
-        bytes to never-seen destinations."""
+        new one there is no news: AnomalyConfig.rotating_services); `fresh`: blocks first
+        reached, never seen, a few minutes ago (Profile.fresh): bytes to them count as
+        bytes to never-seen destinations, and the block as news (unless in `seen`: what
+        was reported is no news to its kind)."""
         unseen = [k for k, i in self.exes.items() if k not in known.exes and k not in seen
                   and not i["system"]]
         new_node = [k for k in unseen if k not in node.exes]
         new_here = [k for k in unseen if k in node.exes]
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
-        new_pfx = {prefix(a) for a, p in dsts if a and p not in rotating
-                   and prefix(a) not in known.dsts and prefix(a) not in seen}
-        # A dynamic port (>= EPHEMERAL: NCCL's, a load balancer's) names no service: to a
-        # known destination it is no news (a training job's first NCCL peers, a crashed
-        # job's ranks reconnecting); to a never-seen one new_dsts says it already, and the
-        # dynamic port counts besides.
+        pfx = {a: prefix(a) for a in {a for a, _ in dsts} if a}    # each address parsed once
+        new_pfx = {pfx[a] for a, p in dsts if a and p not in rotating
+                   and pfx[a] not in known.dsts and pfx[a] not in seen}
+        # A dynamic port (>= EPHEMERAL) names no service. A kind that listens on dynamic
+        # ports itself is peer-to-peer (NCCL, Gloo, Ray): its peers' dynamic ports at a
+        # known destination are no news (a training job's first NCCL peers, a crashed
+        # job's ranks reconnecting). To any other kind, and to a never-seen destination,
+        # the first dynamic port is (a C2 relay in the cluster's own block on 45700).
+        peer = any(k in known.listens or k in self.listens for k in _DYNAMIC_LISTENS)
         new_ports = {port_key(p) for a, p in dsts if p and port_key(p) not in known.ports
-                     and (p < EPHEMERAL or prefix(a) in new_pfx)}
-        new_bytes = sum(b for (a, _), b in egress.items() if a in fresh or prefix(a) in new_pfx)
+                     and (p < EPHEMERAL or not peer or pfx.get(a) in new_pfx)}
+        new_bytes, fresh_sent = 0, set()
+        for (a, _), b in egress.items():
+            block = pfx.get(a)
+            if block in new_pfx:
+                new_bytes += b
+            elif block in fresh and block not in seen and b > 0:
+                new_bytes += b
+                fresh_sent.add(block)
         new_listens = [p for p in self.listens if p not in known.listens and p not in seen]
         raw = [0.0] * DIM
         raw[0] = max(self.execs_counted, self.execs_seen)
@@ -228,7 +240,10 @@ class Window:
         raw[9] = new_bytes
         raw[10] = len(new_listens)
         raw[11], raw[12], raw[13] = self.gpu_procs, self.gpu_util, self.gpu_unauth
-        new = {"exes": new_node + new_here, "dsts": sorted(new_pfx), "ports": sorted(new_ports),
+        # (a fresh block that carried bytes is news: a decoy finding's dedup must not
+        # swallow the export that follows it)
+        new = {"exes": new_node + new_here, "dsts": sorted(new_pfx | fresh_sent),
+               "ports": sorted(new_ports),
                "listens": sorted(new_listens)}
         return raw, new
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from agent.detect.anomaly.detectors import HalfSpaceTrees, Loda, RobustMahalanobis, Stats
 from agent.detect.anomaly.features import FLOORS
-from agent.detect.anomaly.features import DIM, Known, Novelty, Window, prefix
+from agent.detect.anomaly.features import DIM, Known, Novelty, Window
 
 PROFILE_MIN = 30      # windows a profile learns before its models score
 LEARNED_MAX = 32      # windows learned as normal (feedback) kept per profile
@@ -15,8 +15,8 @@ SEEN_MAX = 256        # image programs a workload was given (image grace), kept
 TOLD_MAX = 1024       # programs and destinations a profile's findings reported, kept
 LEARN_TOLERANCE = 0.05
 FRESH_S = 600         # how long bytes to a newly reached block count as new
-FRESH_MAX = 64        # fresh destinations kept per workload
-PENDING_MAX = 8       # flagged windows' never-seen items held per workload
+FRESH_MAX = 64        # fresh blocks kept per profile
+PENDING_MAX = 8       # flagged windows' never-seen items held per workload (at least m + 1)
 # The slow mean moves less than a window does: its floors are a third of the windows'
 # (a sustained factor of 2-3 in a count, of 2 in bytes, is a drift worth a look).
 DRIFT_FLOOR_DIV = 3.0
@@ -51,6 +51,12 @@ class Profile:
         # its investigation has them), not known either; still news to other kinds and
         # node-wide (engine.reported_news) until feedback.
         self.told = Novelty(TOLD_MAX, map(str, d.get("told", ())))
+        # Blocks never seen when a workload of this kind first reached them -> when (ns):
+        # bytes to them stay "bytes to never-seen destinations" for FRESH_S, from any of
+        # its workloads (an export that connects in one window and sends in the next, or
+        # whose sidecar sends, must not find the block already known). One entry per
+        # block: addresses of the attacker's own block cannot push its drop host out.
+        self.fresh: dict[str, int] = {str(b): int(t) for b, t in d.get("fresh", {}).items()}
 
     def score(self, model: str, x: list[float]) -> float:
         return self.stats.score(x) if model == "zscore" else self.models[model].score(x)
@@ -84,17 +90,32 @@ class Profile:
         self.slow = list(self.stats.mean)
         self.drift_since = None
 
+    def keep_fresh(self, new_dsts: list[str], now: int) -> None:
+        """After a window: its never-seen blocks become fresh, for FRESH_S from when one
+        was first reached (not extended by traffic: a service first reached at start-up
+        is not new for good). At most FRESH_MAX (a flood of new blocks keeps its latest)."""
+        for b in new_dsts:
+            self.fresh.setdefault(b, now)
+        if not self.fresh:
+            return
+        since = now - FRESH_S * 1_000_000_000
+        if min(self.fresh.values()) < since:
+            self.fresh = {b: t for b, t in self.fresh.items() if t >= since}
+        if len(self.fresh) > FRESH_MAX:
+            self.fresh = dict(sorted(self.fresh.items(), key=lambda kv: kv[1])[-FRESH_MAX:])
+
     def rebase(self, delta: int) -> None:
         self.last_ns += delta
         if self.drift_since is not None:
             self.drift_since += delta
+        self.fresh = {b: t + delta for b, t in self.fresh.items()}
 
     def dump(self) -> dict[str, Any]:
         d = {"windows": self.windows, "last_ns": self.last_ns, "stats": self.stats.dump(),
              "known": self.known.dump(), "slow": [round(v, 7) for v in self.slow],
              "slow_n": self.slow_n, "drift_since": self.drift_since,
              "frozen": self.frozen.dump() if self.frozen else None, "learned": self.learned,
-             "told": self.told.dump()}
+             "told": self.told.dump(), "fresh": self.fresh}
         for name, m in self.models.items():
             d[name] = m.dump()
         return d
@@ -120,15 +141,12 @@ class Workload:
         # other workload (what its findings reported: Profile.told).
         self.seen = Novelty(SEEN_MAX, d.get("seen", ()))
         self.rotating: frozenset[int] | None = None   # AnomalyEngine._rotating's
-        # Addresses in a block that was never seen when this workload first reached them
-        # -> when (ns): bytes sent to them stay "bytes to never-seen destinations" for
-        # FRESH_S (an export that connects in one window and sends in the next must not
-        # find the block already known).
-        self.fresh: dict[str, int] = {str(a): int(t) for a, t in d.get("fresh", {}).items()}
         # [until_ns, {"exes": [...], "dsts": [...], ...}]: what a flagged window saw never
         # seen, held out of the known sets while persistence may still make it a finding
         # (engine._remember), then known if none did.
-        self.pending: list[list] = [[int(t), dict(n)] for t, n in d.get("pending", ())][-PENDING_MAX:]
+        self.pending_max = max(PENDING_MAX, m + 1)    # entries live m windows
+        self.pending: list[list] = [[int(t), dict(n)] for t, n in d.get("pending", ())][
+            -self.pending_max:]
 
     @property
     def entity(self) -> str:
@@ -150,30 +168,11 @@ class Workload:
         self.run_start = {k: v + delta for k, v in self.run_start.items()}
         for v in self.last_alert.values():
             v[0] += delta
-        self.fresh = {a: t + delta for a, t in self.fresh.items()}
         for entry in self.pending:
             entry[0] += delta
-
-    def keep_fresh(self, window: Window, new_dsts: list[str], use_kernel_bytes: bool,
-                   now: int) -> None:
-        """After a window: its addresses in blocks it found never seen become fresh, for
-        FRESH_S from then (not extended by traffic: a service first reached at start-up is
-        not new for good). At most FRESH_MAX (a flood of new blocks keeps its latest)."""
-        if new_dsts:       # (no address parsed in a window without a new block)
-            blocks = set(new_dsts)
-            for a, _ in (*window.dsts, *window.egress(use_kernel_bytes)):
-                if a and a not in self.fresh and prefix(a) in blocks:
-                    self.fresh[a] = now
-        if not self.fresh:
-            return
-        since = now - FRESH_S * 1_000_000_000
-        self.fresh = {a: t for a, t in self.fresh.items() if t >= since}
-        if len(self.fresh) > FRESH_MAX:
-            self.fresh = dict(sorted(self.fresh.items(), key=lambda kv: kv[1])[-FRESH_MAX:])
 
     def dump(self) -> dict[str, Any]:
         return {"cgroup": self.cgroup, "container": self.container, "profile": self.profile,
                 "last_ns": self.last_ns, "first_ns": self.first_ns, "new_pod": self.new_pod,
                 "run_start": self.run_start,
-                "last_alert": self.last_alert, "seen": self.seen.dump(), "fresh": self.fresh,
-                "pending": self.pending}
+                "last_alert": self.last_alert, "seen": self.seen.dump(), "pending": self.pending}
