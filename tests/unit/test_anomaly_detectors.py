@@ -134,3 +134,23 @@ def test_a_dynamic_port_is_news_only_to_a_never_seen_destination_of_a_peer_to_pe
     assert _ports(["10.8.0.0/16"], ["443"], [("203.0.113.9", 45123)]) == (1, ["ephemeral"])
     # a service port is news to a known destination too (ssh to a known peer)
     assert _ports(["10.8.0.0/16"], ["443"], [("10.8.3.4", 22)]) == (1, ["22"])
+
+
+def _here(cgroup: str, exe: str, container: str = "") -> float:
+    key = {"exe": exe, "exe_id": "259:2:77", "exe_sha256": "c3" * 32, "uid": 1000,
+           "cgroup": cgroup, "container": container}
+    node = Known(64, {"exes": ["sha256:" + "c3" * 32]})      # the node ran it (cron, a unit)
+    w = Window()
+    w.add("proc.exec", key, "pid:9")
+    raw, _ = w.vector(Known(64), node, False)
+    return raw[INDEX["new_exes_here"]]
+
+
+def test_a_login_sessions_package_program_the_node_knows_is_no_news_to_it():
+    session = "/user.slice/user-1000.slice/session-7.scope"
+    assert _here(session, "/usr/bin/crictl") == 0          # a person's choice at a shell
+    assert _here(session, "/home/op/bin/crictl") == 1       # not a package's file
+    assert _here("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service",
+                 "/usr/bin/crictl") == 1                      # a user's unit, no login shell
+    web = "/kubepods.slice/kubepods-pod1.slice/cri-containerd-" + "a" * 24 + ".scope"
+    assert _here(web, "/usr/bin/crictl", container="a" * 24) == 1   # a container: news

@@ -155,9 +155,11 @@ class Window:
             if key and len(self.exes) < 256:
                 info = self.exes.setdefault(key, {"exe": f.get("exe"), "exe_id": f.get("exe_id"),
                                                   "exe_sha256": f.get("exe_sha256"),
-                                                  "system": True})
+                                                  "system": True, "login": True})
                 if not system:
                     info["system"] = False
+                if not login_program(f):
+                    info["login"] = False
         elif kind == "activity.counts":
             self.execs_counted += _int(f.get("execs"))
         elif kind == "flow.connect":
@@ -207,7 +209,9 @@ class Window:
         unseen = [k for k, i in self.exes.items() if k not in known.exes and k not in seen
                   and not i["system"]]
         new_node = [k for k in unseen if k not in node.exes]
-        new_here = [k for k in unseen if k in node.exes]
+        # (a login session's package program the node knows is no news to it: see
+        # login_program)
+        new_here = [k for k in unseen if k in node.exes and not self.exes[k]["login"]]
         egress = self.egress(use_kernel_bytes)
         dsts = set(self.dsts) | set(egress)
         pfx = {a: prefix(a) for a in {a for a, _ in dsts} if a}    # each address parsed once
@@ -305,6 +309,27 @@ class Either:
 def package_path(path: str) -> bool:
     """A path under the directories packages install into (PACKAGE_DIRS), not walked out."""
     return path.startswith(PACKAGE_DIRS) and "/../" not in path
+
+
+_LOGIN_SESSION = re.compile(r"/user\.slice/user-\d+\.slice/session-[^/]+\.scope")
+
+
+def login_program(f: dict[str, Any]) -> bool:
+    """An exec of a package's program (only root writes there) in a host login session
+    (systemd-logind's session-N.scope: an operator's ssh or console shell). A program the
+    node already knows is no news to such a session (new_exes_here): what a person runs
+    at a shell is theirs to choose, and the session kind learns its set only a few
+    sessions a week (the 16 node-day eval's ssh sessions were 5 of its 5 false
+    investigations, 2 of them only that). A program the node never ran (new_exes), a
+    file outside the package directories (a download in a home, /tmp), and the session's
+    destinations, ports and listeners are news as before. Residual risk, in the README:
+    an intruder's login session running the node's own programs raises no
+    never-seen-program signal (its network novelty still does)."""
+    path, cgroup = f.get("exe"), f.get("cgroup")
+    if f.get("container") or f.get("container_id") or not isinstance(path, str) or \
+            not isinstance(cgroup, str) or not _LOGIN_SESSION.fullmatch(cgroup):
+        return False
+    return package_path(path) and not path.endswith(" (deleted)")
 
 
 def system_program(f: dict[str, Any]) -> bool:
