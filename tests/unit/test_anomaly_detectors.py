@@ -8,8 +8,8 @@ import pytest
 from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.detectors import (HalfSpaceTrees, Loda, RobustMahalanobis, Stats,
                                             drivers)
-from agent.detect.anomaly.features import (DIM, INDEX, Known, Novelty, Window, profile_of,
-                                            prefix)
+from agent.detect.anomaly.features import (DIM, INDEX, Known, Novelty, Window,
+                                            login_program, profile_of, prefix)
 
 
 def normal_window(r: random.Random) -> list[float]:
@@ -141,7 +141,7 @@ def _here(cgroup: str, exe: str, container: str = "") -> float:
            "cgroup": cgroup, "container": container}
     node = Known(64, {"exes": ["sha256:" + "c3" * 32]})      # the node ran it (cron, a unit)
     w = Window()
-    w.add("proc.exec", key, "pid:9")
+    w.add("proc.exec", key, "pid:9", login=login_program(key))    # as the engine does
     raw, _ = w.vector(Known(64), node, False)
     return raw[INDEX["new_exes_here"]]
 

@@ -156,7 +156,7 @@ def test_a_host_program_runs_the_file_it_was_at_that_time():
     """After an upgrade, every run of the path is of the new file, also a run in the
     same hour (a cron run generated before the upgrade's hour ran the replaced file after
     its replacement: the anomaly engine rightly took that for a new program)."""
-    for seed in range(1, 40):
+    for seed in range(3, 40):     # (seed 3 is the first with one: each try is 3 node-days)
         day = NodeDay(seed, 3)
         evs = list(day.events())          # (one pass: the activities keep state)
         node = day.node

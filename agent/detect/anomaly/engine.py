@@ -15,7 +15,8 @@ from agent.detect.anomaly.calibrate import Calibrator
 from agent.detect.anomaly.config import MODELS, AnomalyConfig, rotating_ports
 from agent.detect.anomaly.detectors import drivers as drivers_of
 from agent.detect.anomaly.features import (INDEX, Either, Novelty, exe_key, prefix,
-                                             profile_of, scale, system_program)
+                                             login_program, profile_of, scale,
+                                             system_program)
 from agent.detect.anomaly.replaced import Replacements
 from agent.detect.anomaly.profile import PROFILE_MIN, Profile, Workload
 from agent.model import Event, Finding, Severity
@@ -110,13 +111,14 @@ class AnomalyEngine:
         # program, unless its path ran before as another file: a changed file there is
         # a replacement only as replaced.py allows (a package manager's new inode).
         system = execs and system_program(f) and self.replaced.unchanged(f)
-        self.node.window.add(kind, f, ev.subject, system)
+        login = execs and login_program(f)      # (worked out once for both windows)
+        self.node.window.add(kind, f, ev.subject, system, login)
         w = self._workload(f, cgroup, ev.mono_ns)
         if w is None:
             self.unattributed = True      # the node window holds activity of no workload
         target = w or self.node
         if w is not None:
-            w.window.add(kind, f, ev.subject, system)
+            w.window.add(kind, f, ev.subject, system, login)
         old = self.replaced.exec(f, self.profiles["node"].known, ev.mono_ns) if execs else None
         if old is not None:
             # the new file is known wherever the old one was

@@ -144,9 +144,11 @@ class Window:
         self.gpu_unauth = 0.0
         self.active = False
 
-    def add(self, kind: str, f: dict[str, Any], subject: str, system: bool = False) -> None:
+    def add(self, kind: str, f: dict[str, Any], subject: str, system: bool = False,
+            login: bool = False) -> None:
         """One event; `system`: an exec that is no news as a program (AnomalyEngine:
-        a package's program run by root in a host system service)."""
+        a package's program run by root in a host system service); `login`: a package's
+        program in a host login session (login_program)."""
         self.active = True
         if kind in ("proc.exec", "activity.exec_new"):
             if kind == "proc.exec":
@@ -158,7 +160,7 @@ class Window:
                                                   "system": True, "login": True})
                 if not system:
                     info["system"] = False
-                if not login_program(f):
+                if not login:
                     info["login"] = False
         elif kind == "activity.counts":
             self.execs_counted += _int(f.get("execs"))
@@ -311,6 +313,16 @@ def package_path(path: str) -> bool:
     return path.startswith(PACKAGE_DIRS) and "/../" not in path
 
 
+def _host_package_exec(f: dict[str, Any]) -> str | None:
+    """The cgroup of an exec of a package's file (PACKAGE_DIRS, not deleted) in no
+    container, else None."""
+    path, cgroup = f.get("exe"), f.get("cgroup")
+    if f.get("container") or f.get("container_id") or not isinstance(path, str) or \
+            not isinstance(cgroup, str) or not package_path(path) or path.endswith(" (deleted)"):
+        return None
+    return cgroup
+
+
 _LOGIN_SESSION = re.compile(r"/user\.slice/user-\d+\.slice/session-[^/]+\.scope")
 
 
@@ -325,11 +337,8 @@ def login_program(f: dict[str, Any]) -> bool:
     destinations, ports and listeners are news as before. Residual risk, in the README:
     an intruder's login session running the node's own programs raises no
     never-seen-program signal (its network novelty still does)."""
-    path, cgroup = f.get("exe"), f.get("cgroup")
-    if f.get("container") or f.get("container_id") or not isinstance(path, str) or \
-            not isinstance(cgroup, str) or not _LOGIN_SESSION.fullmatch(cgroup):
-        return False
-    return package_path(path) and not path.endswith(" (deleted)")
+    cgroup = _host_package_exec(f)
+    return cgroup is not None and _LOGIN_SESSION.fullmatch(cgroup) is not None
 
 
 def system_program(f: dict[str, Any]) -> bool:
@@ -341,11 +350,8 @@ def system_program(f: dict[str, Any]) -> bool:
     there or runs a unit there, and root on the host has other ways in anyway. A non-root
     service (an exploited www-data daemon), a user's session, a container, or a program
     outside the package directories (/usr/local, /opt, /tmp) is news as before."""
-    path, cgroup = f.get("exe"), f.get("cgroup")
-    if f.get("container") or f.get("container_id") or not isinstance(path, str) or \
-            not isinstance(cgroup, str) or not cgroup.startswith("/system.slice/"):
-        return False
-    if not package_path(path) or path.endswith(" (deleted)"):
+    cgroup = _host_package_exec(f)
+    if cgroup is None or not cgroup.startswith("/system.slice/"):
         return False
     # real and effective uid both root (where given): a setuid program run by a service
     # account is not root's run
