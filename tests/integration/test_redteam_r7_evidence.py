@@ -44,12 +44,25 @@ def test_decoys_do_not_push_the_findings_executable_out_of_the_evidence(tmp_path
             (cg / "cgroup.procs").write_text(str(p.pid))
             procs.append(p)
             return p
-        for _ in range(evidence.MAX_PROCESSES + 8):
-            start(["sleep", "60"])
+        def stop(batch: list[subprocess.Popen]) -> None:
+            for p in batch:
+                p.send_signal(signal.SIGKILL)
+            for p in batch:
+                p.wait()
+                procs.remove(p)
         miner_exe = tmp_path / "kworker"          # a copy: its own file id
         shutil.copy("/bin/sleep", miner_exe)
-        miner = start([str(miner_exe), "60"])
-        assert miner.pid > max(p.pid for p in procs[:-1]), "pids wrapped (rerun)"
+        # the miner must come after every decoy in pid order. pid_max can be 32768, so
+        # the pids may wrap inside a batch: then the batch is dropped and started again
+        # (a second wrap needs another 32768 forks, far more than one batch)
+        for _ in range(3):
+            decoys = [start(["sleep", "60"]) for _ in range(evidence.MAX_PROCESSES + 8)]
+            miner = start([str(miner_exe), "60"])
+            if miner.pid > max(p.pid for p in decoys):
+                break
+            stop(decoys + [miner])
+        else:
+            pytest.fail("pids wrapped in three batches running")
         path = "/" + name
         finding_evidence = {"scope": {"cgroup": path, "exe_id": [_file_id(str(miner_exe))],
                                       "node": "n"}}
