@@ -25,7 +25,7 @@ fi
 # libbpf1, nftables, iproute2. Build: clang/llvm and libbpf headers for the CO-RE probes,
 # bpftool to generate vmlinux.h from the kernel's BTF.
 packages=(python3 python3-venv python3-nftables nftables libnftables1 libbpf1 iproute2
-          python3-yaml python3-grpcio python3-protobuf python3-prometheus-client
+          python3-yaml python3-grpcio python3-protobuf python3-prometheus-client python3-cryptography
           clang llvm libbpf-dev bpftool make)
 # WireGuard peer quarantine: pyroute2 for kernel WireGuard (userspace uses the UAPI socket);
 # the tests run two wireguard-go nodes configured with wg.
@@ -44,6 +44,9 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(iperf3)
 # Tests only: property-based tests of the config and rules loaders (generated inputs).
 [ "$with_tests" = 1 ] && packages+=(python3-hypothesis)
+# Tests only: the fleet tests start a real NATS JetStream server and a throwaway PostgreSQL
+# cluster (the mesh service's production store) themselves.
+[ "$with_tests" = 1 ] && packages+=(nats-server postgresql python3-psycopg2)
 # Tests only: the suite runs on two workers (pytest -n 2): most integration tests wait on
 # namespaces, agents and timers, not on a CPU.
 [ "$with_tests" = 1 ] && packages+=(python3-pytest-xdist)

@@ -1,0 +1,1 @@
+"""Fleet decisions: the signed decision format shared by the mesh and the agents."""
