@@ -1,0 +1,4 @@
+"""`python -m mesh`: the swarm-mesh command."""
+from mesh.cli import main
+
+main()

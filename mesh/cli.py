@@ -1,0 +1,243 @@
+"""The `swarm-mesh` command.
+
+    swarm-mesh run [--config F]        serve the reporting API until SIGTERM/SIGINT
+    swarm-mesh nodes | incidents | proposals | decisions | refusals [--config F] [--json]
+
+Query commands read the store named in the config (while the service runs, too) and
+print human tables, or JSON for scripts with --json. Exit codes: 0 success, 1 an
+unexpected failure, 2 bad input (config, store, address, TLS files). Errors are one
+sentence on stderr, never a traceback.
+
+Subcommands live in COMMANDS; another module adds its own with register() (the decision
+service's block, revoke, keygen, nats-config).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from agent import __version__
+from agent.logs import JsonFormatter
+from mesh import config as mesh_config
+from mesh import views
+from mesh.config import MeshConfig, MeshConfigError
+from mesh.server import MeshServer, StartError
+from mesh.store import Store, StoreError, open_store
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("swarm_mesh")
+
+
+class UsageError(ValueError):
+    """Bad input from the command line; one sentence, exit 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace, MeshConfig], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None],
+             handler: Callable[[argparse.Namespace, MeshConfig], int]) -> None:
+    """Add a subcommand; `handler(args, cfg)` returns the exit code and may raise
+    MeshConfigError, StoreError, StartError or UsageError (printed as one sentence)."""
+    COMMANDS[name] = Command(name, help, add_args, handler)
+
+
+# ---- run
+class PlainFormatter(logging.Formatter):
+    """One readable line: time, level, message, then key=value extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = json.loads(JsonFormatter().format(record))
+        ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(data.pop("ts")))
+        head = f"{ts} {data.pop('level')} {data.pop('msg')}"
+        data.pop("logger", None)
+        return " ".join([head, *(f"{k}={json.dumps(v, default=str)}" for k, v in data.items())])
+
+
+def setup_logging(cfg: MeshConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if cfg.log_format == "json" else PlainFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level.upper())
+
+
+async def serve(cfg: MeshConfig, store: Store) -> None:
+    """Serve until SIGTERM or SIGINT; a second one exits at once."""
+    # The decision service (mesh/decide.py) plugs in here: on_proposal=decider.on_proposal,
+    # and its own start (republish pending decisions) and stop beside the server's.
+    server = MeshServer(cfg, store, on_proposal=None)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(EXIT_FAILURE)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    print(json.dumps({"listening": server.address}), flush=True)
+    log.info("mesh service ready", extra={"listen": server.address, "store": store.dialect,
+                                          "version": __version__})
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await server.stop()
+        log.info("stopped", extra={"counters": server.service.counters})
+
+
+def _run(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    cfg.require_tls()
+    setup_logging(cfg)
+    store = open_store(cfg.store)
+    try:
+        asyncio.run(serve(cfg, store))
+    finally:
+        store.close()
+    return EXIT_OK
+
+
+# ---- queries
+def _query(args: argparse.Namespace, cfg: MeshConfig, fetch: Callable[[Store], list[dict]],
+           lines: Callable[[list[dict], float], list[str]]) -> int:
+    store = open_store(cfg.store, create=False)
+    try:
+        rows = fetch(store)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True, default=str))
+    else:
+        print("\n".join(lines(rows, time.time())))
+    return EXIT_OK
+
+
+def _nodes(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    now = time.time()
+    return _query(args, cfg, lambda s: views.with_status(s.nodes(), now, cfg.node_stale_s),
+                  views.nodes_lines)
+
+
+def _incidents(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    state = None if args.state == "all" else args.state
+    return _query(args, cfg, lambda s: s.incidents(event_class=args.event_class, state=state,
+                                                   node=args.node, limit=args.limit),
+                  views.incidents_lines)
+
+
+def _proposals(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    return _query(args, cfg, lambda s: s.proposals(target=args.target, node=args.node,
+                                                   limit=args.limit), views.proposals_lines)
+
+
+def _decisions(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    active_at = time.time() if args.active else None
+    return _query(args, cfg, lambda s: s.decisions(active_at=active_at, limit=args.limit,
+                                                   target=args.target, state=args.state),
+                  views.decisions_lines)
+
+
+def _refusals(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    return _query(args, cfg, lambda s: s.refusals(limit=args.limit, node=args.node),
+                  views.refusals_lines)
+
+
+def _limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+
+
+def _incident_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class", dest="event_class", help="only this event class")
+    p.add_argument("--state", default="live",
+                   help="live (open, mitigated, escalated: the default), all, or one state")
+    p.add_argument("--node", help="only this node")
+    _limit(p)
+
+
+def _proposal_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", help="only this node's")
+    p.add_argument("--target", help="only for this target (as proposed, e.g. 203.0.113.7/32)")
+    _limit(p)
+
+
+def _decision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", choices=("pending", "published"), help="only in this state")
+    p.add_argument("--target", help="only for this target (normal form, e.g. 203.0.113.7/32)")
+    p.add_argument("--active", action="store_true", help="only those not expired yet")
+    _limit(p)
+
+
+def _refusal_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", help="only this node's")
+    _limit(p)
+
+
+register("run", "serve the mesh reporting API (mutual TLS) until SIGTERM", lambda p: None, _run)
+register("nodes", "every node: alive or stale, versions, fleet sequence, open incidents",
+         lambda p: None, _nodes)
+register("incidents", "incidents across the fleet (live ones by default), by class",
+         _incident_args, _incidents)
+register("proposals", "blocks nodes asked the fleet to enforce, newest first",
+         _proposal_args, _proposals)
+register("decisions", "fleet decisions, newest first", _decision_args, _decisions)
+register("refusals", "proposals and decisions refused, with the reason, newest first",
+         _refusal_args, _refusals)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm-mesh", description="The Swarm mesh service: "
+                                "receives every node's reports and decides fleet blocks.",
+                                epilog="exit codes: 0 success, 1 failure, 2 bad input")
+    p.add_argument("--version", action="version", version=f"swarm-mesh {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        sp = sub.add_parser(cmd.name, help=cmd.help)
+        sp.add_argument("--config", metavar="FILE", help="YAML config (default: "
+                        f"{mesh_config.SYSTEM_CONFIG} if present, else built-in defaults)")
+        if cmd.name != "run":
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        cmd.add_args(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        cfg = mesh_config.load(args.config)
+        code = COMMANDS[args.command].handler(args, cfg)
+    except (MeshConfigError, StoreError, StartError, UsageError) as e:
+        print(f"swarm-mesh: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = EXIT_FAILURE
+    except BrokenPipeError:          # `swarm-mesh nodes | head`
+        sys.stderr.close()
+        code = EXIT_OK
+    except Exception as e:           # a bug: still one line for the operator
+        log.debug("unexpected failure", exc_info=True)
+        print(f"swarm-mesh: unexpected failure: {type(e).__name__}: {e}", file=sys.stderr)
+        code = EXIT_FAILURE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
