@@ -127,11 +127,15 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
 def split_listen(listen: str) -> tuple[str, int]:
     """("host", port) of a "host:port" or "[v6]:port" listen address."""
     host, sep, port = listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    bad = MeshConfigError(f"listen must be host:port (got {printable(listen)!r})")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    bad = MeshConfigError(f"listen must be host:port, [IPv6]:port for IPv6 "
+                          f"(got {printable(listen)!r})")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise bad
-    if ":" in host:
+    if ":" in host or bracketed:
+        if not bracketed:
+            raise bad
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
