@@ -58,8 +58,8 @@ class MeshProcess:
     one); stop() sends SIGTERM and waits; kill() is SIGKILL. Stderr (the JSON log) is kept
     in a file beside the config."""
 
-    def __init__(self, config: Path):
-        self.config = config
+    def __init__(self, config: Path, prefix: tuple[str, ...] = ()):
+        self.config, self.prefix = config, prefix     # prefix: ("ip", "netns", "exec", ns)
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
         self.log = config.with_suffix(".log")
@@ -69,11 +69,10 @@ class MeshProcess:
         if self.port:                     # restart on the port clients already use
             text = cfg.read_text()
             cfg = cfg.with_suffix(".restart.yaml")
-            cfg.write_text(text.replace('listen: "127.0.0.1:0"',
-                                        f'listen: "127.0.0.1:{self.port}"'))
+            cfg.write_text(text.replace(':0"\n', f':{self.port}"\n', 1))
         with open(self.log, "a") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mesh", "run", "--config", str(cfg)],
-                                         cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+            self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "mesh", "run",
+                                          "--config", str(cfg)], cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
         line = self.proc.stdout.readline() if ready else ""
         if '"listening"' not in line:
