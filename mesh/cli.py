@@ -161,8 +161,19 @@ def _refusals(args: argparse.Namespace, cfg: MeshConfig) -> int:
                   views.refusals_lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return n
+
+
 def _limit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    p.add_argument("--limit", type=_positive_int, default=1000,
+                   help="at most this many (default 1000)")
 
 
 def _incident_args(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from mesh.config import MeshConfigError, store_kind
 from mesh.schema import columns
 
 LIVE_STATES = ("open", "mitigated", "escalated")   # incidents(state="live")
+CLOCK_SKEW_S = 300.0      # a heartbeat time further ahead of the mesh's clock is not trusted
 _PROPOSAL_KEYS = ("proposal_id", "node", "provider", "target", "rule", "rule_version",
                   "incident_id", "operator", "evidence", "created_at", "ttl_s",
                   "event_class", "received_at")
@@ -162,10 +163,12 @@ class Store:
             if self._add_proposal(cur, p):
                 out.proposals.append(p)
         elif kind == "heartbeat":
+            # Not older than the last one (a late duplicate changes nothing), unless the
+            # last one claimed a time well past ours: that node's clock was wrong then.
             values = row.values
             sets = ", ".join(f"{c} = ?" for c in values)
-            cur.run(f"UPDATE nodes SET {sets} WHERE node = ? AND hb_at <= ?",
-                    [*values.values(), node, values["hb_at"]])
+            cur.run(f"UPDATE nodes SET {sets} WHERE node = ? AND (hb_at <= ? OR hb_at > ?)",
+                    [*values.values(), node, values["hb_at"], received_at + CLOCK_SKEW_S])
 
     def prune_reports(self, before: float) -> int:
         """Forget processed report ids received before `before` (raw rejected/unknown

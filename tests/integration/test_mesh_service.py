@@ -279,6 +279,8 @@ def test_the_cli_shows_the_fleet_and_says_one_sentence_on_errors(certs, tmp_path
         incidents = mesh.cli("incidents", "--class", "system_attack")
         proposals = mesh.cli("proposals", "--json")
         assert mesh.cli("decisions", "--json") == [] and mesh.cli("refusals", "--json") == []
+        assert mesh.stop() == 0                 # SIGTERM: a graceful stop
+    assert '"msg": "stopped"' in mesh.log.read_text()
     assert "node-b" in table and "alive" in table and "1 nodes: 1 alive, 0 stale" in table
     assert "1 incidents by class: system_attack=1" in incidents
     assert [(p["node"], p["provider"], p["target"]) for p in proposals] == \

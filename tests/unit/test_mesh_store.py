@@ -104,6 +104,10 @@ def test_heartbeats_update_the_node_and_an_older_one_changes_nothing(store: Stor
             n["rules"], n["fleet_seq"], n["fleet_active"], n["fleet_refused"],
             n["outbox_depth"]) == ("prov-a", True, False, {"net": "loaded"}, "sha256:abcd",
                                    ["net.syn_flood@1"], 7, 2, 1, 3)
+    # A node whose clock once ran a day ahead is not frozen on that heartbeat.
+    store.record_reports("n1", "prov-a", [heartbeat("h3", 300.0 + 86400, "3.0")], 300.0)
+    store.record_reports("n1", "prov-a", [heartbeat("h4", 310.0, "4.0")], 310.0)
+    assert store.nodes()[0]["version"] == "4.0"
 
 
 def test_nodes_count_their_live_incidents_by_class(store: Store):
