@@ -87,3 +87,20 @@ def test_the_fleet_view_marks_stale_nodes_and_cleans_what_nodes_sent():
     assert lines[-1] == "2 nodes: 1 alive, 1 stale"
     assert "system_attack=2" in lines[1]
     assert views.ago(0, now) == "-" and views.ago(now - 7200, now) == "2h ago"
+
+
+def test_the_decision_proposal_and_refusal_tables_render():
+    now = 1000.0
+    d = {"id": "d" * 32, "action": "block", "target": "203.0.113.7/32", "issued_at": 990.0,
+         "expires_at": 1600.0, "reason": "corroborated", "provenance": {},
+         "scope": {"stage": "canary", "nodes": ["a"]}, "revokes": "", "v": 1,
+         "state": "published", "seq": 4, "published_at": 991.0}
+    lines = views.decisions_lines([d, {**d, "expires_at": 995.0, "seq": 0}], now)
+    assert "in 600s" in lines[1] and "canary" in lines[1] and "expired" in lines[2]
+    p = {"node": "a", "provider": "", "target": "203.0.113.7/32", "operator": "",
+         "rule": "net.port_scan", "rule_version": 2, "received_at": 999.0, "evidence": "x\ny"}
+    lines = views.proposals_lines([p, {**p, "operator": "alice"}], now)
+    assert "net.port_scan@2" in lines[1] and "x\\ny" in lines[1] and "operator alice" in lines[2]
+    r = {"at": 999.0, "node": "a", "provider": "p", "target": "0.0.0.0/1", "source": "proposal",
+         "reason": "prefix /1 is wider than /24"}
+    assert "prefix /1 is wider" in views.refusals_lines([r], now)[1]
