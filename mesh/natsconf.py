@@ -5,7 +5,7 @@
   own inbox prefix `_INBOX_MESH`, which no node may subscribe to;
 - node users only read. They may create EPHEMERAL consumers on SWARM_DECISIONS, read the
   stream's info and single messages, answer flow control, and subscribe on `_INBOX.>`
-  (where their consumers deliver) and `swarm.decisions.>`. They publish nothing on
+  (where their consumers deliver; not on swarm.> itself). They publish nothing on
   swarm.> and cannot create, update, delete or purge streams, delete messages or delete
   or list consumers (denied explicitly as well as by the allow list).
 
@@ -66,8 +66,11 @@ def _node_permissions() -> dict[str, dict[str, list[str]]]:
                      "$JS.API.CONSUMER.DURABLE.>", "$JS.API.CONSUMER.LIST.>",
                      "$JS.API.CONSUMER.NAMES.>"],
         },
-        "subscribe": {"allow": [f"{NODE_INBOX}.>", f"{SUBJECT_PREFIX}.>"],
-                      "deny": [f"{MESH_INBOX}.>"]},
+        # Not swarm.decisions.> itself: a core subscription there would show the reply
+        # subjects of the mesh's publishes (its inbox), which a consumer's deliver subject
+        # (not checked against permissions by the server) could then be pointed at.
+        "subscribe": {"allow": [f"{NODE_INBOX}.>"],
+                      "deny": [f"{MESH_INBOX}.>", "swarm.>"]},
     }
 
 

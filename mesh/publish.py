@@ -211,6 +211,9 @@ class Publisher:
                     raise PublishError(f"JetStream refused {subject}: {e.description}") from None
                 except nats_errors.Error as e:
                     raise PublishError(f"publishing {subject} failed: {e}") from None
+                except (ValueError, TypeError, KeyError):
+                    raise PublishError(f"nats-server answered the publish of {subject} with "
+                                       f"something that is not an acknowledgement") from None
             raise AssertionError("unreachable")
 
     async def close(self) -> None:
