@@ -189,3 +189,27 @@ def write(path: str | Path, settings: ServerSettings, users: list[User]) -> Path
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def write_fleet(directory: str | Path, settings: ServerSettings,
+                nodes: tuple[str, ...] = ("node",)) -> dict[str, Path]:
+    """A fleet's NATS files in `directory`: nats.conf and one `<user>.password` per user
+    (the mesh user "mesh" and the node users named in `nodes`, fresh passwords), all 0600.
+    An existing password file is kept, so rewriting the config does not lock anyone out.
+    Returns {"config": path, "<user>": password path, ...}."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    users, paths = [], {}
+    for name, role in [("mesh", "mesh")] + [(n, "node") for n in nodes]:
+        path = directory / f"{name}.password"
+        if path.exists():
+            password = path.read_text().strip()
+        else:
+            password = new_password()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+        users.append(User(name, password, role))
+        paths[name] = path
+    paths["config"] = write(directory / "nats.conf", settings, users)
+    return paths

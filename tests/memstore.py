@@ -1,7 +1,8 @@
 """An in-memory stand-in for mesh.store.Store (the methods the decider uses, with the
-semantics FLEET-SPEC.md gives them), for the decider's tests before the real SQLite and
-PostgreSQL stores are merged: the same tests must pass against `open_store(...)`.
-Thread-safe (the decider calls the store through asyncio.to_thread)."""
+semantics FLEET-SPEC.md and mesh/store.py give them: lists newest first, latest by
+issued_at), so the decider's tests run without a database; where mesh.store is present
+they run against the real SQLite store as well. Thread-safe (the decider calls the store
+through asyncio.to_thread)."""
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,7 @@ class MemStore:
             out = [copy.deepcopy(p) for p in self._proposals
                    if (target is None or p["target"] == target) and p["received_at"] >= since
                    and (node is None or p["node"] == node)]
-        return out[-limit:]
+        return out[::-1][:limit]
 
     def count_proposals(self, node: str, since: float) -> int:
         with self._lock:
@@ -43,7 +44,9 @@ class MemStore:
 
     def add_decision(self, d: dict[str, Any], envelope: bytes) -> None:
         with self._lock:
-            self._decisions.append({**copy.deepcopy(d), "state": "pending", "seq": None})
+            if any(x["id"] == d["id"] for x in self._decisions):
+                return
+            self._decisions.append({**copy.deepcopy(d), "state": "pending", "seq": 0})
             self._envelopes[d["id"]] = envelope
 
     def mark_published(self, decision_id: str, seq: int) -> None:
@@ -54,19 +57,22 @@ class MemStore:
 
     def pending_decisions(self) -> list[tuple[dict[str, Any], bytes]]:
         with self._lock:
+            rows = sorted((d for d in self._decisions if d["state"] == "pending"),
+                          key=lambda d: (d["issued_at"], d["id"]))
             return [({k: v for k, v in d.items() if k not in ("state", "seq")},
-                     self._envelopes[d["id"]]) for d in self._decisions if d["state"] == "pending"]
+                     self._envelopes[d["id"]]) for d in rows]
 
     def latest_decision(self, target: str) -> dict[str, Any] | None:
         with self._lock:
             mine = [d for d in self._decisions if d["target"] == target]
-            return copy.deepcopy(max(mine, key=lambda d: d["issued_at"])) if mine else None
+            return copy.deepcopy(max(mine, key=lambda d: (d["issued_at"], d["id"]))) \
+                if mine else None
 
     def decisions(self, active_at: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         with self._lock:
             out = [copy.deepcopy(d) for d in self._decisions
                    if active_at is None or d["expires_at"] > active_at]
-        return out[-limit:]
+        return sorted(out, key=lambda d: (d["issued_at"], d["id"]), reverse=True)[:limit]
 
     def add_refusal(self, r: dict[str, Any]) -> None:
         with self._lock:
@@ -74,7 +80,7 @@ class MemStore:
 
     def refusals(self, limit: int = 1000, since: float = 0) -> list[dict[str, Any]]:
         with self._lock:
-            return [dict(r) for r in self._refusals if r["at"] >= since][-limit:]
+            return [dict(r) for r in self._refusals if r["at"] >= since][::-1][:limit]
 
     def nodes(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -82,3 +88,21 @@ class MemStore:
 
     def close(self) -> None:
         pass
+
+
+def _real_store():
+    try:
+        from mesh.store import open_store
+    except ImportError:         # mesh/store.py lives on another branch until the merge
+        return None
+    return open_store
+
+
+STORE_KINDS = ["memory"] + (["sqlite"] if _real_store() else [])
+
+
+def make_store(kind: str, directory) -> Any:
+    """A fresh store of `kind` ("memory", or "sqlite": the real mesh.store in `directory`)."""
+    if kind == "memory":
+        return MemStore()
+    return _real_store()(f"sqlite:///{directory}/mesh.db")

@@ -3,8 +3,8 @@ JetStream in tmp_path, the configuration mesh.natsconf writes, killed at the end
 arrive signed on their subject, the stream keeps the latest per target, node users can
 only read, a republish after a restart is deduplicated, a flood is refused and recorded.
 
-The store is tests/memstore.py (the Store contract); the lead runs these against the real
-SQLite store after the merge. Node connections follow the consumer recipe in
+The store is tests/memstore.py (the Store contract) and, where mesh/store.py is present,
+also the real SQLite store for the tests that lean on it. Node connections follow the consumer recipe in
 mesh/natsconf.py, the one the agent uses."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from agent.fleet.decision import STREAM, Decision, Signer, Verifier, subject_for
 from mesh.decide import Decider
 from mesh.policy import Policy, PolicyConfig
 from mesh.publish import NatsOptions, Publisher, PublishError
-from tests.memstore import MemStore
+from tests.memstore import STORE_KINDS, MemStore, make_store
 from tests.natsserver import NatsServer, free_port, nats_binary
 
 KEY = Ed25519PrivateKey.generate()
@@ -33,6 +33,13 @@ def srv(tmp_path):
     """A running nats-server with the fleet config (users mesh, node-1, node-2); killed after."""
     with NatsServer(tmp_path / "nats") as s:
         yield s
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request, tmp_path):
+    s = make_store(request.param, tmp_path)
+    yield s
+    s.close()
 
 
 def publisher(srv, **kw) -> Publisher:
@@ -83,7 +90,7 @@ def prop(node_name, provider, target, n=0, now=None):
     now = now or time.time()
     return {"proposal_id": f"{node_name}-{target}-{n}", "node": node_name, "provider": provider,
             "target": target, "rule": "net.ssh_bruteforce", "rule_version": "2",
-            "incident_id": "i", "operator": "", "evidence": {}, "created_at": now - 1,
+            "incident_id": "i", "operator": "", "evidence": "{}", "created_at": now - 1,
             "ttl_s": 0, "event_class": "system_attack", "received_at": now}
 
 
@@ -94,9 +101,9 @@ def test_generated_config_passes_nats_server_check(srv):
     assert srv.config_path.stat().st_mode & 0o777 == 0o600
 
 
-def test_decision_arrives_signed_on_its_subject(srv):
+def test_decision_arrives_signed_on_its_subject(srv, store):
     async def go():
-        dec, pub = decider(srv, min_nodes=2, min_providers=2)
+        dec, pub = decider(srv, store=store, min_nodes=2, min_providers=2)
         for n, p in (("node-1", "p1"), ("node-2", "p2")):
             out = await dec.submit(prop(n, p, "203.0.113.7/32"))
         nc, errors = await node(srv)
@@ -195,9 +202,8 @@ def test_a_node_user_can_only_read(srv):
     assert any('"_inbox_mesh.>"' in e.lower() for e in subs), errors
 
 
-def test_republish_after_a_restart_is_deduplicated(srv):
+def test_republish_after_a_restart_is_deduplicated(srv, store):
     async def go():
-        store = MemStore()
         dec, pub = decider(srv, store=store)
         # A crash between the ack and mark_published: stored, sent, still pending.
         out = dec.policy.operator_block("203.0.113.9", 600, "", "alice", time.time())
@@ -219,9 +225,9 @@ def test_republish_after_a_restart_is_deduplicated(srv):
     assert info.state.messages == 1 and info.state.last_seq == 1
 
 
-def test_a_flood_from_one_node_is_refused_and_recorded(srv):
+def test_a_flood_from_one_node_is_refused_and_recorded(srv, store):
     async def go():
-        dec, pub = decider(srv, rate_limit=30)
+        dec, pub = decider(srv, store=store, rate_limit=30)
         kinds = [(await dec.submit(prop("node-1", "p1", f"198.51.100.{i}/32"))).kind
                  for i in range(50)]
         ok = [(await dec.submit(prop(n, p, "198.51.100.1/32"))).kind
@@ -316,3 +322,43 @@ def test_the_node_recipe_survives_a_server_restart(srv):
     got, errors = asyncio.run(go())
     assert got[:2] == [1, 2], (got, errors)
     assert not [e for e in errors if "permission" in e.lower()], errors
+
+
+def test_tls_with_client_certificates(tmp_path):
+    """natsconf's TLS: the server verifies client certificates; the publisher connects with
+    its CA and client pair; a client without a certificate is turned away."""
+    from tests.meshrecv import make_certs
+    certs = make_certs(tmp_path / "certs")
+    with NatsServer(tmp_path / "nats", tls_cert=str(certs["server_cert"]),
+                    tls_key=str(certs["server_key"]), tls_ca=str(certs["ca"])) as s:
+        async def go():
+            pub = Publisher(NatsOptions(url=s.url, **s.creds("mesh"), tls_ca=str(certs["ca"]),
+                                        tls_cert=str(certs["client_cert"]),
+                                        tls_key=str(certs["client_key"])), max_ttl_s=3600)
+            seq = await pub.publish(subject_for("203.0.113.9/32"), b"{}", "tls-1")
+            await pub.close()
+            bare = Publisher(NatsOptions(url=s.url, **s.creds("mesh"), tls_ca=str(certs["ca"]),
+                                         connect_timeout_s=1.0), max_ttl_s=3600)
+            with pytest.raises(PublishError) as e:
+                await bare.connect()
+            return seq, str(e.value)
+
+        seq, message = asyncio.run(go())
+    assert s.url.startswith("tls://") and seq == 1
+    assert message.startswith("cannot connect to nats-server at tls://")
+
+
+def test_a_deleted_stream_is_recreated_on_the_next_publish(srv):
+    async def go():
+        dec, pub = decider(srv)
+        await dec.block("203.0.113.1", 600, "", "alice")
+        created = (await pub._js.stream_info(STREAM)).created
+        await pub._js.delete_stream(STREAM)              # an operator reset the stream
+        await dec.block("203.0.113.2", 600, "", "alice")
+        info = await pub._js.stream_info(STREAM)
+        await pub.close()
+        return created, info, dec
+
+    created, info, dec = asyncio.run(go())
+    assert info.created != created and info.state.messages == 1
+    assert dec.store.latest_decision("203.0.113.2/32")["seq"] == 1 and dec.publish_failures == 0

@@ -1,0 +1,1 @@
+"""swarm-mesh: the Swarm mesh service (reporting API, fleet store, fleet decisions)."""
