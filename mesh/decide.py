@@ -22,9 +22,10 @@ import logging
 import time
 from typing import Any, Callable, Protocol
 
-from agent.fleet.decision import Decision, DecisionError, Signer, normalize_target, subject_for
-from mesh.policy import Outcome, Policy
-from mesh.publish import PublishError
+from agent.fleet.decision import (Decision, DecisionError, Signer, load_private_key,
+                                  normalize_target, subject_for)
+from mesh.policy import Outcome, Policy, PolicyConfig
+from mesh.publish import NatsOptions, Publisher, PublishError
 
 log = logging.getLogger("swarm.mesh.decide")
 
@@ -49,6 +50,29 @@ class Decider:
         self._lock = asyncio.Lock()
         self.publish_failures = 0
         self.last_publish_error = ""
+
+    @classmethod
+    def from_config(cls, store: Any, nats: dict[str, Any] | None, signing: dict[str, Any] | None,
+                    policy: dict[str, Any] | None, clock: Callable[[], float] = time.time
+                    ) -> "Decider":
+        """The decider of the mesh config's `nats:`, `signing:` (private_key: the Ed25519
+        PEM path) and `policy:` sections; ValueError with one sentence when one is wrong.
+        Nothing connects yet: the first publish (or `run`) does."""
+        cfg = PolicyConfig.from_dict(policy)
+        options = NatsOptions.from_dict(nats)
+        signing = dict(signing or {})
+        unknown = sorted(set(signing) - {"private_key"})
+        if unknown:
+            raise ValueError(f"unknown signing setting {unknown[0]!r}")
+        if not isinstance(signing.get("private_key"), str) or not signing["private_key"]:
+            raise ValueError("signing private_key (the Ed25519 key file) is required")
+        signer = Signer(load_private_key(signing["private_key"]))
+        return cls(store, Policy(cfg), signer, Publisher(options, cfg.max_ttl_s), clock)
+
+    async def close(self) -> None:
+        close = getattr(self.publisher, "close", None)
+        if close is not None:
+            await close()
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)

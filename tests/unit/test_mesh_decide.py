@@ -219,3 +219,23 @@ def test_run_retries_with_backoff_until_nats_is_back(store):
     failures = run(go())
     assert failures == 2                            # the first try and one retry, not 6
     assert store.pending_decisions() == [] and len(pub.sent) == 1
+
+
+def test_from_config_names_the_wrong_setting(tmp_path):
+    from agent.fleet.decision import generate_key
+    from mesh.decide import Decider
+    generate_key(tmp_path / "k.pem", tmp_path / "k.pub")
+    nats = {"url": "nats://127.0.0.1:4222", "user": "mesh", "password_file": "/x"}
+    dec = Decider.from_config(None, nats, {"private_key": str(tmp_path / "k.pem")},
+                              {"min_nodes": 2})
+    assert dec.policy.config.min_nodes == 2 and dec.publisher.options.user == "mesh"
+    assert dec.publisher.config.max_age == 86400 + 3600
+    for nats_, signing, policy, message in (
+            ({}, {}, {}, "signing private_key .* is required"),
+            ({}, {"key": "x"}, {}, "unknown signing setting 'key'"),
+            ({"url": "http://x"}, {"private_key": "x"}, {}, "must start with nats:// or tls://"),
+            ({"server": "x"}, {"private_key": "x"}, {}, "unknown nats setting 'server'"),
+            ({}, {"private_key": "x"}, {"min_nodes": 0}, "policy min_nodes must be between"),
+            ({}, {"private_key": str(tmp_path / "none")}, {}, "not an Ed25519 private key")):
+        with pytest.raises(ValueError, match=message):
+            Decider.from_config(None, nats_, signing, policy)
