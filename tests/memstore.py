@@ -1,0 +1,108 @@
+"""An in-memory stand-in for mesh.store.Store (the methods the decider uses, with the
+semantics FLEET-SPEC.md and mesh/store.py give them: lists newest first, latest by
+issued_at), so the decider's tests run without a database; where mesh.store is present
+they run against the real SQLite store as well. Thread-safe (the decider calls the store
+through asyncio.to_thread)."""
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any
+
+
+class MemStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proposals: list[dict[str, Any]] = []
+        self._proposal_ids: set[tuple[str, str]] = set()
+        self._decisions: list[dict[str, Any]] = []          # insertion order
+        self._envelopes: dict[str, bytes] = {}
+        self._refusals: list[dict[str, Any]] = []
+        self._nodes: dict[str, dict[str, Any]] = {}
+
+    def add_proposal(self, p: dict[str, Any]) -> bool:
+        with self._lock:
+            key = (p["node"], p["proposal_id"])
+            if key in self._proposal_ids:
+                return False
+            self._proposal_ids.add(key)
+            self._proposals.append(copy.deepcopy(p))
+            self._nodes.setdefault(p["node"], {"node": p["node"], "provider": p.get("provider", "")})
+            return True
+
+    def proposals(self, target: str | None = None, since: float = 0, node: str | None = None,
+                  limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            out = [copy.deepcopy(p) for p in self._proposals
+                   if (target is None or p["target"] == target) and p["received_at"] >= since
+                   and (node is None or p["node"] == node)]
+        return out[::-1][:limit]
+
+    def count_proposals(self, node: str, since: float) -> int:
+        with self._lock:
+            return sum(1 for p in self._proposals if p["node"] == node and p["received_at"] >= since)
+
+    def add_decision(self, d: dict[str, Any], envelope: bytes) -> None:
+        with self._lock:
+            if any(x["id"] == d["id"] for x in self._decisions):
+                return
+            self._decisions.append({**copy.deepcopy(d), "state": "pending", "seq": 0})
+            self._envelopes[d["id"]] = envelope
+
+    def mark_published(self, decision_id: str, seq: int) -> None:
+        with self._lock:
+            for d in self._decisions:
+                if d["id"] == decision_id:
+                    d["state"], d["seq"] = "published", seq
+
+    def pending_decisions(self) -> list[tuple[dict[str, Any], bytes]]:
+        with self._lock:
+            rows = sorted((d for d in self._decisions if d["state"] == "pending"),
+                          key=lambda d: (d["issued_at"], d["id"]))
+            return [({k: v for k, v in d.items() if k not in ("state", "seq")},
+                     self._envelopes[d["id"]]) for d in rows]
+
+    def latest_decision(self, target: str) -> dict[str, Any] | None:
+        with self._lock:
+            mine = [d for d in self._decisions if d["target"] == target]
+            return copy.deepcopy(max(mine, key=lambda d: (d["issued_at"], d["id"]))) \
+                if mine else None
+
+    def decisions(self, active_at: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            out = [copy.deepcopy(d) for d in self._decisions
+                   if active_at is None or d["expires_at"] > active_at]
+        return sorted(out, key=lambda d: (d["issued_at"], d["id"]), reverse=True)[:limit]
+
+    def add_refusal(self, r: dict[str, Any]) -> None:
+        with self._lock:
+            self._refusals.append(dict(r))
+
+    def refusals(self, limit: int = 1000, since: float = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._refusals if r["at"] >= since][::-1][:limit]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(n) for n in self._nodes.values()]
+
+    def close(self) -> None:
+        pass
+
+
+def _real_store():
+    try:
+        from mesh.store import open_store
+    except ImportError:         # mesh/store.py lives on another branch until the merge
+        return None
+    return open_store
+
+
+STORE_KINDS = ["memory"] + (["sqlite"] if _real_store() else [])
+
+
+def make_store(kind: str, directory) -> Any:
+    """A fresh store of `kind` ("memory", or "sqlite": the real mesh.store in `directory`)."""
+    if kind == "memory":
+        return MemStore()
+    return _real_store()(f"sqlite:///{directory}/mesh.db")
