@@ -2,6 +2,7 @@
 
     swarm-mesh run [--config F]        serve the reporting API until SIGTERM/SIGINT
     swarm-mesh nodes | incidents | proposals | decisions | refusals [--config F] [--json]
+    swarm-mesh keygen | nats-config | block | revoke   (mesh/fleetcmd.py)
 
 Query commands read the store named in the config (while the service runs, too) and
 print human tables, or JSON for scripts with --json. Exit codes: 0 success, 1 an
@@ -33,6 +34,7 @@ from mesh.server import MeshServer, StartError
 from mesh.store import Store, StoreError, open_store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+STOP_DECIDER_S = 10.0
 log = logging.getLogger("swarm_mesh")
 
 
@@ -78,11 +80,11 @@ def setup_logging(cfg: MeshConfig) -> None:
     root.setLevel(cfg.log_level.upper())
 
 
-async def serve(cfg: MeshConfig, store: Store) -> None:
-    """Serve until SIGTERM or SIGINT; a second one exits at once."""
-    # The decision service (mesh/decide.py) plugs in here: on_proposal=decider.on_proposal,
-    # and its own start (republish pending decisions) and stop beside the server's.
-    server = MeshServer(cfg, store, on_proposal=None)
+async def serve(cfg: MeshConfig, store: Store, decider=None) -> None:
+    """Serve until SIGTERM or SIGINT; a second one exits at once. With a decider (the
+    config has signing:), proposals go to it, its loop republishes pending decisions and
+    promotes canaries, and proposals stored before a crash are decided on at start."""
+    server = MeshServer(cfg, store, on_proposal=decider.on_proposal if decider else None)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,14 +96,28 @@ async def serve(cfg: MeshConfig, store: Store) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    print(json.dumps({"listening": server.address}), flush=True)
+    tasks = []
+    if decider is not None:
+        tasks.append(asyncio.create_task(decider.run(stop)))
+        tasks.append(asyncio.create_task(decider.sweep()))
+    print(json.dumps({"listening": server.address, "decisions": decider is not None}),
+          flush=True)
     log.info("mesh service ready", extra={"listen": server.address, "store": store.dialect,
-                                          "version": __version__})
+                                          "version": __version__,
+                                          "decisions": decider is not None})
     try:
         await stop.wait()
         log.info("stopping")
     finally:
+        stop.set()
+        for t in tasks:
+            try:
+                await asyncio.wait_for(t, STOP_DECIDER_S)
+            except Exception as e:          # a stuck publish: log, stop anyway
+                log.warning("decision service stopped uncleanly", extra={"error": str(e)})
         await server.stop()
+        if decider is not None:
+            await decider.close()
         log.info("stopped", extra={"counters": server.service.counters})
 
 
@@ -110,7 +126,13 @@ def _run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     setup_logging(cfg)
     store = open_store(cfg.store)
     try:
-        asyncio.run(serve(cfg, store))
+        decider = None
+        if cfg.signing:
+            from mesh.fleetcmd import decider_of
+            decider = decider_of(cfg, store)
+        else:
+            log.warning("no signing: section: reports are stored, no fleet decisions are made")
+        asyncio.run(serve(cfg, store, decider))
     finally:
         store.close()
     return EXIT_OK
@@ -212,6 +234,9 @@ register("proposals", "blocks nodes asked the fleet to enforce, newest first",
 register("decisions", "fleet decisions, newest first", _decision_args, _decisions)
 register("refusals", "proposals and decisions refused, with the reason, newest first",
          _refusal_args, _refusals)
+
+
+from mesh import fleetcmd  # noqa: E402,F401  (registers keygen, nats-config, block, revoke)
 
 
 def parser() -> argparse.ArgumentParser:

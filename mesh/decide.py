@@ -17,10 +17,14 @@ proposal itself counts in its node's rate; `submit` does both for callers that h
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import ipaddress
 import logging
+import os
 import time
-from typing import Any, Callable, Protocol
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from agent.fleet.decision import (Decision, DecisionError, Signer, load_private_key,
                                   normalize_target, subject_for)
@@ -41,13 +45,21 @@ class Decider:
     the signer and the publisher. `clock` gives wall seconds (time.time)."""
 
     def __init__(self, store: Any, policy: Policy, signer: Signer, publisher: Publishes,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, lock_path: str | Path | None = None):
         self.store = store
         self.policy = policy
         self.signer = signer
         self.publisher = publisher
         self.clock = clock
-        self._lock = asyncio.Lock()
+        self._mutex = asyncio.Lock()
+        # the service and a `swarm-mesh block` run beside it decide under one file lock, so
+        # for one target a newer decision is never published before an older one
+        self._lock_fd = None
+        if lock_path is not None:
+            try:
+                self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise ValueError(f"cannot open the decision lock {lock_path}: {e.strerror}") from None
         self.publish_failures = 0
         self.last_publish_error = ""
 
@@ -61,18 +73,36 @@ class Decider:
         cfg = PolicyConfig.from_dict(policy)
         options = NatsOptions.from_dict(nats)
         signing = dict(signing or {})
-        unknown = sorted(set(signing) - {"private_key"})
+        unknown = sorted(set(signing) - {"private_key", "lock_file"})
         if unknown:
             raise ValueError(f"unknown signing setting {unknown[0]!r}")
         if not isinstance(signing.get("private_key"), str) or not signing["private_key"]:
             raise ValueError("signing private_key (the Ed25519 key file) is required")
         signer = Signer(load_private_key(signing["private_key"]))
-        return cls(store, Policy(cfg), signer, Publisher(options, cfg.max_ttl_s), clock)
+        lock_path = signing.get("lock_file") or str(signing["private_key"]) + ".lock"
+        return cls(store, Policy(cfg), signer, Publisher(options, cfg.max_ttl_s), clock,
+                   lock_path=lock_path)
 
     async def close(self) -> None:
         close = getattr(self.publisher, "close", None)
         if close is not None:
             await close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextlib.asynccontextmanager
+    async def _lock(self) -> AsyncIterator[None]:
+        """This process's mutex, then the file lock other processes deciding share."""
+        async with self._mutex:
+            if self._lock_fd is None:
+                yield
+                return
+            await asyncio.to_thread(fcntl.flock, self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -88,7 +118,7 @@ class Decider:
     async def on_proposal(self, p: dict[str, Any]) -> Outcome:
         """The outcome of an already stored proposal; refusals are recorded, decisions
         persisted and published (or left pending when nats-server is away)."""
-        async with self._lock:
+        async with self._lock():
             now = self.clock()
             history = await self._db(self._history, p, now)
             outcome = self.policy.evaluate(p, now=now, **history)
@@ -100,6 +130,32 @@ class Decider:
             log.info("proposal %s from %s for %s: %s (%s)", p.get("proposal_id"),
                      p.get("node"), p.get("target"), outcome.kind, outcome.reason)
             return outcome
+
+    async def sweep(self) -> int:
+        """After a start: decides again on the newest proposal for each target proposed
+        within the corroboration window that no active block covers. The server stores a
+        proposal before the decider sees it, so one stored just before a crash is decided
+        here, not lost (the node will not send it again). Returns how many were decided on."""
+        now = self.clock()
+        window = self.policy.config.corroboration_window_s
+        rows = await self._db(self.store.proposals, since=now - window, limit=100_000)
+        refused = {(r.get("node"), r.get("proposal_id"))
+                   for r in await self._db(self.store.refusals, since=now - window, limit=100_000)}
+        newest: dict[str, dict[str, Any]] = {}
+        for p in rows:                                   # newest first
+            if (p.get("node"), p.get("proposal_id")) not in refused:
+                newest.setdefault(p.get("target", ""), p)
+        done = 0
+        for target, p in newest.items():
+            try:
+                latest = await self._db(self.store.latest_decision, normalize_target(target))
+            except DecisionError:
+                latest = None
+            if latest and latest.get("action") == "block" and latest.get("expires_at", 0) > now:
+                continue
+            await self.on_proposal(p)
+            done += 1
+        return done
 
     def _history(self, p: dict[str, Any], now: float) -> dict[str, Any]:
         """What the policy needs, read in one thread hop: the node's recent proposal count,
@@ -137,7 +193,7 @@ class Decider:
                     operator: str) -> Outcome:
         """An operator's block: authoritative (no corroboration), still bounded by the
         allowlists, the prefix limit and the lifetime cap; refusals are recorded."""
-        async with self._lock:
+        async with self._lock():
             now = self.clock()
             outcome = self.policy.operator_block(target, ttl_s, reason, operator, now)
             await self._conclude(outcome, target, operator, now)
@@ -146,7 +202,7 @@ class Decider:
     async def revoke(self, target: str, reason: str, operator: str) -> Outcome:
         """Revokes the target's active block: a revoke decision on the same subject (the
         stream keeps only it), kept until the block would have expired."""
-        async with self._lock:
+        async with self._lock():
             now = self.clock()
             try:
                 latest = await self._db(self.store.latest_decision, normalize_target(target))
@@ -168,7 +224,7 @@ class Decider:
         """Publishes for every node each canary decision that was out for stage_s and is
         still its target's latest."""
         promoted = []
-        async with self._lock:
+        async with self._lock():
             now = self.clock() if now is None else now
             rows = await self._db(self.store.decisions, active_at=now)
             for row in rows:
@@ -205,7 +261,7 @@ class Decider:
         """Publishes every stored decision not yet marked published, oldest first; stops at
         the first failure (the rest stay pending). Returns (settled, left pending): settled
         counts those published and those retired unsent (superseded or expired)."""
-        async with self._lock:
+        async with self._lock():
             pending = sorted(await self._db(self.store.pending_decisions),
                              key=lambda de: (de[0]["issued_at"], de[0]["id"]))
             now = self.clock()
@@ -226,13 +282,23 @@ class Decider:
             return len(pending), 0
 
     async def run(self, stop: asyncio.Event, tick_s: float = 1.0) -> None:
-        """Until `stop`: republish pending decisions (backoff 1 s doubling to 30 s while
-        nats-server fails) and promote due canaries, every tick_s."""
+        """Until `stop`: connect (creating the stream), republish pending decisions (backoff
+        1 s doubling to 30 s while nats-server fails) and promote due canaries, every tick_s."""
         backoff, next_try = 0.0, 0.0
         while not stop.is_set():
             mono = time.monotonic()
             if mono >= next_try:
-                _, left = await self.republish_pending()
+                try:
+                    # connected and the stream in place before any decision: agents
+                    # subscribe to a stream that exists from the service's first start
+                    connect = getattr(self.publisher, "connect", None)
+                    if connect is not None:
+                        await connect()
+                except PublishError as e:
+                    self._failed(e)
+                    left = 1
+                else:
+                    _, left = await self.republish_pending()
                 backoff = min(MAX_BACKOFF_S, backoff * 2 or 1.0) if left else 0.0
                 next_try = mono + backoff
             if not backoff:
