@@ -120,6 +120,7 @@ class AgentView:
             # Per rule or model: hits, incidents marked false positive, findings suppressed.
             "feedback": feedback,
             "anomaly": self.anomaly_status(),
+            "fleet": self.fleet_status() if hasattr(self, "fleet_status") else {"enabled": False},
         }
 
     def feedback_status(self) -> dict:
