@@ -62,7 +62,8 @@ class NatsServer:
         raise RuntimeError("nats-server did not start")
 
     async def _ping(self) -> None:
-        nc = await nats.connect(self.url, connect_timeout=1, allow_reconnect=False)
+        nc = await nats.connect(self.url, connect_timeout=1, allow_reconnect=False,
+                                error_cb=_quiet)
         await nc.close()
 
     def stop(self) -> None:
@@ -78,6 +79,10 @@ class NatsServer:
         self.stop()
 
 
+async def _quiet(*_: object) -> None:
+    return None
+
+
 def run(coro, ns: str | None = None):
     """Run `coro` to completion, its sockets opened inside network namespace `ns`."""
     if ns is None:
@@ -88,7 +93,7 @@ def run(coro, ns: str | None = None):
 
 
 async def _with_js(url: str, fn):
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, error_cb=_quiet)
     try:
         return await fn(nc.jetstream())
     finally:
