@@ -109,7 +109,7 @@ class AgentView:
                          **{f"false_positives.{rule}": c["false_positives"]
                             for rule, c in (feedback.get("rules") or {}).items()
                             if c["false_positives"]},
-                         **self._anomaly_counters()},
+                         **self._anomaly_counters(), **self._fleet_counters()},
             "last_drift_at": self.last_drift_at,
             # The egress policy in force (config policy.egress, read at start only).
             "egress": self.enforcer.egress_status() if getattr(self, "enforcer", None) else {},
@@ -120,7 +120,18 @@ class AgentView:
             # Per rule or model: hits, incidents marked false positive, findings suppressed.
             "feedback": feedback,
             "anomaly": self.anomaly_status(),
+            "fleet": self.fleet_status() if hasattr(self, "fleet_status") else {"enabled": False},
         }
+
+    def _fleet_counters(self) -> dict[str, int]:
+        """The control API carries counters: the fleet's figures as fleet.* ones."""
+        f = self.fleet_status() if hasattr(self, "fleet_status") else {}
+        if not f.get("enabled"):
+            return {}
+        return {"fleet.connected": int(bool(f.get("connected"))), "fleet.seq": f.get("seq", 0),
+                "fleet.lag": f.get("lag", 0), "fleet.in_force": f.get("in_force", 0),
+                "fleet.applied": f.get("applied", 0), "fleet.snapshots": f.get("snapshots", 0),
+                **{f"fleet.refused.{r}": n for r, n in (f.get("refused") or {}).items()}}
 
     def feedback_status(self) -> dict:
         """Live feedback records, and per rule ("id@version") its hits since start, the

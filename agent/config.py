@@ -21,6 +21,7 @@ from agent.breach_defaults import (ADMIN_TOOLS, CREDENTIAL_PATHS, DEBUGGERS, LOA
                                    SERVICE_MANAGERS, SERVICES, SHELLS)
 from agent.gpugrant import SYSTEM_CGROUPS, SYSTEM_EXES, Grant
 from agent.detect.anomaly.config import AnomalyConfig
+from agent.fleet.config import FleetConfig
 from agent.model import EventClass, Severity
 from agent import policyconfig
 from agent.policyconfig import EgressRule, Policy  # noqa: F401  (the policy: section)
@@ -273,6 +274,7 @@ class Config:
     investigation: Investigation = Investigation()
     feedback: FeedbackPolicy = FeedbackPolicy()
     anomaly: AnomalyConfig = AnomalyConfig()   # online anomaly detection (issue 11)
+    fleet: FleetConfig = FleetConfig()         # fleet decisions over NATS (issue 12)
 
     @property
     def rules_path(self) -> Path:
@@ -359,7 +361,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(_checked(configcheck.text, key, v) for v in value)
     if value is None and "None" in text:
         return None
-    if hint is bool:
+    if hint is bool or text == "bool | None":
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false")
         return value
@@ -437,6 +439,10 @@ def validate(cfg: Config) -> Config:
     _check_gpu_authorization(cfg.gpu)
     _check_control(cfg.control)
     _check_mesh(cfg.mesh)
+    try:
+        cfg.fleet.check(cfg.mesh.endpoint)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_alerts(cfg.alerts)
     if cfg.metrics.listen is not None:
         _check_host_port("metrics.listen", cfg.metrics.listen)

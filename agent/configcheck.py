@@ -87,6 +87,9 @@ BOUNDS: dict[str, Bound] = {
 from agent.detect.anomaly.config import BOUNDS_HELP as _ANOMALY_BOUNDS  # noqa: E402
 
 BOUNDS.update({k: Bound(lo, hi) for k, (lo, hi) in _ANOMALY_BOUNDS.items()})
+from agent.fleet.config import BOUNDS_HELP as _FLEET_BOUNDS  # noqa: E402
+
+BOUNDS.update({k: Bound(lo, hi) for k, (lo, hi) in _FLEET_BOUNDS.items()})
 _GENERIC_INT = Bound(-(2**63), 2**63 - 1)
 _GENERIC_FLOAT = Bound(-math.inf, math.inf)
 

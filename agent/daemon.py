@@ -109,6 +109,7 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
         self.investigator: Investigator | None = None
         self.anomaly = None       # agent.detect.anomaly.AnomalyEngine, when anomaly.enabled
         self.anomaly_saved = {"at": 0.0, "bytes": 0, "error": ""}
+        self.fleet = None         # agent.fleet.subscriber.FleetSubscriber, when fleet.nats_url
 
     # -- start-up: everything that can fail with a clear sentence happens here -------------
 
@@ -135,6 +136,7 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
             time.time(), "signal:SIGHUP", "local", "ReloadRules", {}, result, detail)
         now = time.time()
         self.enforcer.setup(self.responder.desired(now), now)
+        self._open_fleet()
         self._open_probe()
         self._open_proc_probe()
         self._open_activity_probe()
@@ -146,7 +148,7 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
                                    status=self.status, losses=self.losses, unparsed=self.unparsed,
                                    queue=self.queue_status, gpus=self.gpu_metrics,
                                    policy_denied=self.policy_denied,
-                                   feedback=self.feedback.counts)
+                                   feedback=self.feedback.counts, fleet=self.fleet_status)
         inv = self.cfg.investigation
         self.investigator = Investigator(
             self.store, refresh_s=inv.refresh_s, timeout_s=inv.timeout_s,
@@ -160,6 +162,23 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
             health.state_recovered(self.store, self.responder.notify, what, seeded)
         self._storage_incident = health.open_storage_incident(self.store)
         self.check_storage()
+
+    def _open_fleet(self) -> None:
+        """Fleet decisions (config fleet:): the fleet table made from the database now,
+        the subscriber started with the other tasks. A key file that does not load is a
+        ConfigError: decisions are never applied unverified."""
+        if not self.cfg.fleet.enabled:
+            return
+        from agent.enforce.fleet import FleetEnforcer
+        from agent.fleet.subscriber import FleetSubscriber
+
+        self.fleet = FleetSubscriber(self.cfg, self.store, FleetEnforcer(dry_run=self.cfg.dry_run),
+                                     self.node, self.enforcer.nft.allow_networks)
+        self.fleet.start()
+
+    def fleet_status(self) -> dict:
+        fleet = getattr(self, "fleet", None)
+        return fleet.status() if fleet is not None else {"enabled": False}
 
     def _lock_state_dir(self) -> None:
         """One agent per state_dir. A state_dir that cannot be written (read-only, full,
@@ -447,6 +466,8 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
                 if self.gpu is not None:
                     tg.create_task(self.gpu.run(self.gpu_guard.observe))
                 tg.create_task(self.consume())
+                if self.fleet is not None:
+                    tg.create_task(self.fleet.run())
                 tg.create_task(self.watch_table())
                 tg.create_task(self.housekeeping())
                 tg.create_task(self.watch_storage())

@@ -375,6 +375,13 @@ def format_status(st: pb.Status, verdicts: dict[str, int] | None = None) -> str:
                  + f"; rules: {len(st.rules)} ({st.ruleset.version})")
     if st.ruleset.last_error:
         lines.append(f"last rejected rules reload: {st.ruleset.last_error}")
+    if "fleet.seq" in st.counters:
+        c = st.counters
+        refused = ", ".join(f"{k.removeprefix('fleet.refused.')} {n}" for k, n in
+                            sorted(c.items()) if k.startswith("fleet.refused."))
+        lines.append(f"fleet: {'connected' if c['fleet.connected'] else 'not connected'}, "
+                     f"stream seq {c['fleet.seq']} applied (lag {c.get('fleet.lag', 0)}), "
+                     f"{c.get('fleet.in_force', 0)} decisions in force, refused: {refused or 'none'}")
     fp = sum(n for k, n in st.counters.items() if k.startswith("false_positives."))
     kept = sum(n for k, n in st.counters.items() if k.startswith("findings_suppressed."))
     if fp or kept:

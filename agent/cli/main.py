@@ -163,7 +163,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         print(f"swarm-agent: {e}", file=sys.stderr)
         return EXIT_DENIED if "not permitted" in str(e) else EXIT_FAILURE
     print("removed table inet swarm_agent (and netdev swarm_agent_uplink, inet "
-          "swarm_agent_bridge where present)")
+          "swarm_agent_bridge, inet swarm_agent_fleet where present)")
     return 0
 
 

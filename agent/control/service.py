@@ -209,7 +209,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         ttl_s = self._ttl(request)
         reason = _text("reason", request.reason) or f"manual, by {caller.identity}"
         try:
-            m = self.agent.responder.apply_manual(kind, target, ttl_s, reason)
+            m = self.agent.responder.apply_manual(kind, target, ttl_s, reason,
+                                                  operator=caller.identity)
         except AllowlistedError as e:
             raise CallError(Code.FAILED_PRECONDITION, str(e)) from None
         except EnforceError as e:

@@ -33,6 +33,7 @@ from agent.model import Mitigation, MitigationKind
 log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+FLEET_TABLE = "swarm_agent_fleet"      # agent.enforce.fleet.TABLE (removed with the rest)
 # The SYN proxy must see a connection's ACK as invalid, not pick it up mid-stream as an
 # established flow; that is loose=0. Per network namespace: only the agent's own changes.
 TCP_LOOSE = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
@@ -180,6 +181,8 @@ class NftEnforcer:
         table = {"family": FAMILY, "name": TABLE}
         self._send([{"add": {"table": table}}, {"delete": {"table": table}}])
         self._nft.cmd(f"add table {FAMILY} {BRIDGE_TABLE}\ndelete table {FAMILY} {BRIDGE_TABLE}\n")
+        # The fleet's decisions (agent.enforce.fleet) are the agent's too.
+        self._nft.cmd(f"add table {FAMILY} {FLEET_TABLE}\ndelete table {FAMILY} {FLEET_TABLE}\n")
         self._nft.cmd(uplink.text(uplink.Uplink()))
         self._uplink = uplink.Uplink()
         self._structure = None
@@ -193,6 +196,11 @@ class NftEnforcer:
         except EnforceError:
             return False
         return any(net.version == a.version and net.subnet_of(a) for a in self._allow)  # type: ignore[arg-type]
+
+    def allow_networks(self) -> list[Network]:
+        """The allowlist in force: loopback, the configured networks, this host's own
+        addresses (as of the last setup, reconcile or refresh)."""
+        return list(self._allow)
 
     def close(self) -> None:
         self._addrs.close()

@@ -85,6 +85,8 @@ def to_report(p: Pending, node_id: str) -> mesh_pb2.Report:
         r.feedback.CopyFrom(mesh_pb2.FeedbackReport(
             **{k: v for k, v in body.items() if v is not None and k != "feedback_id"},
             feedback_id=body["feedback_id"]))
+    elif p.kind == "proposal":
+        r.proposal.CopyFrom(mesh_pb2.Proposal(**{k: v for k, v in body.items() if v is not None}))
     else:
         r.heartbeat.CopyFrom(mesh_pb2.Heartbeat(**body))
     return r

@@ -52,7 +52,8 @@ class Metrics:
                  queue: Callable[[], dict[str, Any]] | None = None,
                  gpus: Callable[[], dict[str, Any]] | None = None,
                  policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None,
-                 feedback: Callable[[], dict[str, dict[str, int]]] | None = None):
+                 feedback: Callable[[], dict[str, dict[str, int]]] | None = None,
+                 fleet: Callable[[], dict[str, Any]] | None = None):
         self.registry = CollectorRegistry()
         self._started_at = clock()
         self._seen_detect: OrderedDict[str, None] = OrderedDict()
@@ -93,6 +94,8 @@ class Metrics:
             r.register(_PolicyCollector(policy_denied))
         if feedback is not None:
             r.register(_FeedbackCollector(feedback))
+        if fleet is not None:
+            r.register(_FleetCollector(fleet))
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -207,6 +210,35 @@ class _StateCollector:
                 depth.add_metric([kind], n)
                 dropped.add_metric([kind], self._outbox.dropped.get(kind, 0))
             yield from (depth, dropped)
+
+
+class _FleetCollector:
+    """Fleet decisions (agent.fleet.subscriber): applied, refused by reason, in force,
+    the stream sequence applied and how far behind the stream it is."""
+
+    def __init__(self, fleet: Callable[[], dict[str, Any]]):
+        self._fleet = fleet
+
+    def collect(self):
+        f = self._fleet()
+        if not f.get("enabled"):
+            return
+        yield GaugeMetricFamily(f"{PREFIX}_fleet_connected", "1 while the decision stream is read",
+                                value=1 if f.get("connected") else 0)
+        yield GaugeMetricFamily(f"{PREFIX}_fleet_seq", "Last decision stream sequence applied",
+                                value=f.get("seq") or 0)
+        yield GaugeMetricFamily(f"{PREFIX}_fleet_seq_lag",
+                                "Stream sequences not applied yet (as of the last look)",
+                                value=f.get("lag") or 0)
+        yield GaugeMetricFamily(f"{PREFIX}_fleet_in_force", "Fleet blocks in force",
+                                value=f.get("in_force") or 0)
+        yield CounterMetricFamily(f"{PREFIX}_fleet_applied", "Fleet decisions applied",
+                                  value=f.get("applied") or 0)
+        refused = CounterMetricFamily(f"{PREFIX}_fleet_refused", "Fleet decisions refused",
+                                      labels=["reason"])
+        for reason, n in sorted((f.get("refused") or {}).items()):
+            refused.add_metric([reason], n)
+        yield refused
 
 
 class _QueueCollector:

@@ -42,8 +42,10 @@ class Reporting:
                  queue: Callable[[], dict[str, Any]] | None = None,
                  gpus: Callable[[], dict[str, Any]] | None = None,
                  policy_denied: Callable[[], dict[tuple[str, str], int]] | None = None,
-                 feedback: Callable[[], dict[str, dict[str, int]]] | None = None):
+                 feedback: Callable[[], dict[str, dict[str, int]]] | None = None,
+                 fleet: Callable[[], dict[str, Any]] | None = None):
         self.cfg, self._store, self._status, self._losses = cfg, store, status, losses
+        self._fleet = fleet
         self.problems: dict[str, str] = {}     # reporter -> why it is not working
         # The store's own connection: while storage is degraded the outbox lives in memory
         # with everything else (agent.state.backing).
@@ -52,7 +54,7 @@ class Reporting:
         standalone = cfg.mesh.endpoint is None
         self.metrics = Metrics(store, losses=losses, outbox=None if standalone else self.outbox,
                                unparsed=unparsed, queue=queue, gpus=gpus,
-                               policy_denied=policy_denied, feedback=feedback)
+                               policy_denied=policy_denied, feedback=feedback, fleet=fleet)
         observers.append(self.metrics.observe)
         self.mesh: MeshReporter | None = None
         if not standalone:
@@ -117,7 +119,15 @@ class Reporting:
                 "live_incidents": sum(c[state] for c in counts for state in _LIVE),
                 "ringbuf_losses": self._losses(),
                 "ruleset_version": str((s.get("ruleset") or {}).get("version") or ""),
-                "rules": [str(r) for r in s.get("rules") or []]}
+                "rules": [str(r) for r in s.get("rules") or []], **self._fleet_fields()}
+
+    def _fleet_fields(self) -> dict[str, int]:
+        """The heartbeat's fleet figures (no MitigationReport per fleet decision)."""
+        f = self._fleet() if self._fleet is not None else {}
+        if not f.get("enabled"):
+            return {}
+        return {"fleet_seq": int(f.get("seq") or 0), "fleet_active": int(f.get("in_force") or 0),
+                "fleet_refused": sum((f.get("refused") or {}).values())}
 
     def close(self) -> None:
         self.metrics.close()

@@ -35,7 +35,8 @@ from agent.detect.rules import Rule, load_rules
 from agent.enforce.base import AllowlistedError, EnforceError, Enforcer, PartiallyApplied
 from agent.model import (Finding, Incident, IncidentState, Mitigation, MitigationKind,
                          MitigationState, mono_to_wall, verdict)
-from agent.respond import authority, policy
+from agent.respond import authority, policy, proposal
+from agent.state import fleet as fleetstate
 from agent.state.store import Store
 
 ALLOWLISTED_NOTE = "allowlisted: reported, never blocked"
@@ -242,6 +243,8 @@ class Responder:
                                "ttl_s": ttl_s},
                        reason=_verdict(plan.kind, f"{plan.finding.rule} on {plan.finding.entity}"))
         outcome, error = self._put_in_force(m, now, rule=plan.finding.rule)
+        if outcome is Outcome.APPLIED:
+            self._propose(m, now, finding=plan.finding)
         self._record_outcome(incident, m, outcome, error,
                              signal_at=self._to_wall(plan.finding.detected_mono_ns))
 
@@ -382,6 +385,19 @@ class Responder:
             return Outcome.FAILED, e
         return (Outcome.DRY_RUN if dry else Outcome.APPLIED), None
 
+    def _propose(self, m: Mitigation, now: float, finding: Finding | None = None,
+                 operator: str = "") -> None:
+        """A block this agent put in force (a rule's, on unforgeable evidence by design,
+        or an operator's) becomes a proposal to the fleet, queued in the outbox in the
+        block's own transaction. Never in dry run, never for anything but block_ip (a
+        fleet decision is no mitigation row here: it is never proposed back)."""
+        if m.kind is not MitigationKind.BLOCK_IP or self._cfg.dry_run \
+                or not self._cfg.fleet.proposing(self._cfg.mesh.endpoint):
+            return
+        body = proposal.body(m, now, finding, operator)
+        if body is not None:
+            fleetstate.queue_proposal(self._store, body, now)
+
     def _note_partial(self, m: Mitigation, e: PartiallyApplied, now: float) -> None:
         m.params = {**m.params, "partial": {"in_force": e.in_force, "refused": e.refused}}
         self._store.set_mitigation_expiry(m.id, m.expires_at, now, m.params)
@@ -452,7 +468,7 @@ class Responder:
         return self._store.active_mitigations(self._clock() if now is None else now)
 
     def apply_manual(self, kind: MitigationKind | str, target: str, ttl_s: float | None,
-                     reason: str) -> Mitigation:
+                     reason: str, operator: str = "") -> Mitigation:
         """An operator's mitigation (ttl_s None: until lifted). Raises ValueError for a bad
         kind or target, AllowlistedError for an allowlisted target, EnforceError when the
         host change failed (the FAILED mitigation is recorded)."""
@@ -471,6 +487,8 @@ class Responder:
         outcome, error = self._put_in_force(m, now, rule=None)
         if outcome is Outcome.ALLOWLISTED:
             raise AllowlistedError(f"{target} is allowlisted: it is never blocked")
+        if outcome is Outcome.APPLIED:
+            self._propose(m, now, operator=operator or reason or "operator")
         self.notify("mitigation", m)
         if error is not None and outcome is not Outcome.PARTIAL:
             raise error

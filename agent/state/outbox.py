@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarm_agent")
 
-KINDS = ("incident", "mitigation", "heartbeat", "evidence", "feedback")
+KINDS = ("incident", "mitigation", "heartbeat", "evidence", "feedback", "proposal")
 # Which reports go first when the outbox is over its bound (incidents only past the hard one).
 _DROP_ORDER = ("heartbeat", "evidence", "mitigation")
 # One delivery call carries at most this many payload bytes (gRPC's limit is 4 MiB; an

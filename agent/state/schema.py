@@ -110,5 +110,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
               ("insert", ""),
               ("update", "WHEN OLD.reverted_at IS NOT NEW.reverted_at"))),
     ),
+    (
+        # Fleet decisions (agent.state.fleet): the latest applied decision per target (a
+        # block in force, or a revoke remembered until the block it lifted would have
+        # expired, so a replayed old block cannot undo it), the stream cursor, and a
+        # bounded list of refused decisions. No outbox triggers: a 100,000-decision
+        # snapshot must not become 100,000 mesh reports (the heartbeat carries counts).
+        """CREATE TABLE fleet_decisions (
+            target TEXT PRIMARY KEY, id TEXT NOT NULL, action TEXT NOT NULL,
+            issued_at REAL NOT NULL, expires_at REAL NOT NULL, seq INTEGER NOT NULL,
+            reason TEXT NOT NULL DEFAULT '', provenance TEXT NOT NULL DEFAULT '{}',
+            applied_at REAL NOT NULL)""",
+        "CREATE INDEX fleet_decisions_by_expiry ON fleet_decisions (expires_at)",
+        """CREATE TABLE fleet_cursor (
+            id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL,
+            stream_created TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL)""",
+        """CREATE TABLE fleet_refusals (
+            n INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, seq INTEGER NOT NULL,
+            subject TEXT NOT NULL, target TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '')""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,174 @@
+"""What a batch of fleet decisions does to the decisions in force: pure, no I/O, no clock.
+
+Every message goes through, in order: the envelope and signature (Verifier.open: key,
+signature, form, lifetime cap, subject, expiry), the scope (a canary decision for other
+nodes is skipped, not refused), the agent's own prefix floor, the local allowlist (a block
+overlapping loopback, this host's addresses, the management or mesh networks or any allow
+set is refused: local allowlists always win), then per target the monotonic issued_at (a
+decision older than the newest applied one is refused as stale: a replayed block cannot
+undo a revocation). A block becomes an entry in force; a revoke is kept as an entry too,
+until the block it lifted would have expired, so the stale check still has its time.
+
+A snapshot (the whole stream, after a reset) also lifts every entry whose target the
+snapshot does not name.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from agent.fleet.decision import Decision, DecisionError, Verifier
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# DecisionError sentences -> the reason a refusal is counted under (first match wins).
+_REASONS = (("untrusted key", "untrusted_key"), ("bad signature", "bad_signature"),
+            ("not JSON", "malformed"), ("envelope", "malformed"), ("bytes is over", "oversized"),
+            ("over the cap", "lifetime_over_cap"), ("came on", "wrong_subject"),
+            ("in the future", "issued_in_future"), ("expired", "expired"))
+REASONS = ("untrusted_key", "bad_signature", "malformed", "oversized", "lifetime_over_cap",
+           "wrong_subject", "issued_in_future", "expired", "too_wide", "allowlisted", "stale")
+
+
+def reason_of(error: DecisionError) -> str:
+    text = str(error)
+    for needle, reason in _REASONS:
+        if needle in text:
+            return reason
+    return "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stream message: its stream sequence, subject and body."""
+    seq: int
+    subject: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The latest decision applied for one target ("block": in force until expires_at)."""
+    target: str
+    id: str
+    action: str
+    issued_at: float
+    expires_at: float
+    seq: int
+    applied_at: float
+    reason: str = ""
+    provenance: str = "{}"     # JSON text, as stored
+
+    @property
+    def blocking(self) -> bool:
+        return self.action == "block"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    seq: int
+    subject: str
+    target: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Outcome:
+    """What a batch changes: `upserts` (target -> new entry), `removed` (targets whose
+    entry goes), `refusals`, and the stream sequence it brings the cursor to."""
+    upserts: dict[str, Entry] = field(default_factory=dict)
+    removed: set[str] = field(default_factory=set)
+    refusals: list[Refusal] = field(default_factory=list)
+    cursor: int = 0
+    applied: int = 0
+    skipped: int = 0           # out of scope, or already applied
+
+    def blocks(self) -> dict[str, float]:
+        """Targets to put (or keep) in force, with their expiry."""
+        return {t: e.expires_at for t, e in self.upserts.items() if e.blocking}
+
+    def lifts(self, before: Mapping[str, Entry]) -> set[str]:
+        """Targets blocked before that are not blocked after."""
+        gone = {t for t in self.removed if t in before and before[t].blocking}
+        gone |= {t for t, e in self.upserts.items()
+                 if not e.blocking and t in before and before[t].blocking}
+        return gone
+
+
+@dataclass(frozen=True)
+class Checks:
+    """The agent's side of every decision: keys, who it is, its floor and allowlist."""
+    verifier: Verifier
+    node_id: str
+    allow: Sequence[Network] = ()
+    max_prefix: Mapping[int, int] = field(default_factory=lambda: {4: 16, 6: 32})
+    max_lifetime_s: float = 7 * 86400.0
+
+
+def local_refusal(d: Decision, checks: Checks) -> str | None:
+    """Why the agent's own limits refuse block `d` ("too_wide", "allowlisted"), or None."""
+    net = ipaddress.ip_network(d.target)
+    if net.prefixlen < checks.max_prefix[net.version]:
+        return "too_wide"
+    if any(net.version == a.version and net.overlaps(a) for a in checks.allow):  # type: ignore[arg-type]
+        return "allowlisted"
+    return None
+
+
+def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Checks,
+         now: float, *, snapshot: bool = False, cursor: int = 0) -> Outcome:
+    """The outcome of applying `messages` (in stream order) on top of `entries`."""
+    out = Outcome(cursor=cursor)
+    current = dict(entries)
+    named: set[str] = set()
+    for msg in messages:
+        out.cursor = max(out.cursor, msg.seq)
+        try:
+            d = checks.verifier.open(msg.body, msg.subject, now, checks.max_lifetime_s)
+        except DecisionError as e:
+            out.refusals.append(Refusal(msg.seq, msg.subject, "", reason_of(e), str(e)[:200]))
+            continue
+        named.add(d.target)
+        if not d.applies_to(checks.node_id):
+            out.skipped += 1
+            continue
+        if d.action == "block" and (why := local_refusal(d, checks)):
+            named.discard(d.target)      # a snapshot's refused block lifts what we had
+            out.refusals.append(Refusal(msg.seq, msg.subject, d.target, why, _why(why, d)))
+            continue
+        cur = current.get(d.target)
+        if cur is not None and cur.id == d.id:
+            out.skipped += 1
+            continue
+        if cur is not None and d.issued_at <= cur.issued_at:
+            out.refusals.append(Refusal(msg.seq, msg.subject, d.target, "stale",
+                                        f"issued at {d.issued_at:.3f}, not after the applied "
+                                        f"decision {cur.id} of {cur.issued_at:.3f}"))
+            continue
+        entry = Entry(d.target, d.id, d.action, float(d.issued_at), float(d.expires_at),
+                      msg.seq, now, d.reason[:200],
+                      json.dumps(d.provenance, sort_keys=True)[:2000])
+        current[d.target] = entry
+        out.upserts[d.target] = entry
+        out.removed.discard(d.target)
+        out.applied += 1
+    if snapshot:
+        for target in set(current) - named:
+            out.upserts.pop(target, None)
+            if target in entries:
+                out.removed.add(target)
+    return out
+
+
+def _why(reason: str, d: Decision) -> str:
+    if reason == "too_wide":
+        return f"{d.target} is wider than this agent's floor"
+    return f"{d.target} overlaps this node's allowlist (local allowlists always win)"
+
+
+def expired(entries: Mapping[str, Entry], now: float) -> list[str]:
+    """Targets whose entry has run out (its block expired in the kernel by itself)."""
+    return [t for t, e in entries.items() if e.expires_at <= now]

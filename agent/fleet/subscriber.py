@@ -1,0 +1,297 @@
+"""FleetSubscriber: the agent's side of fleet decisions, one task on its loop.
+
+It reads stream SWARM_DECISIONS (subjects swarm.decisions.>) through an ordered
+JetStream consumer that starts at the last applied stream sequence + 1 (the cursor, in
+the agent's database). The stream keeps one message per subject (the latest decision per
+target), so replaying from the cursor is the whole catch-up after any disconnect. When
+the stream was reset (its last sequence is below the cursor, or its creation time is not
+the one recorded) the agent loads the whole stream -- the snapshot -- and lifts what it
+no longer names. Each batch (one live message, a catch-up's worth, a snapshot) is
+verified and planned on a worker thread (agent.fleet.apply), recorded in ONE SQLite
+transaction with its cursor, then put in force in ONE nftables transaction
+(agent.enforce.fleet). Reconnects are jittered (agent.report.mesh.backoff_s); while the
+mesh or NATS is away the kernel keeps enforcing what is in force until each element's
+own timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from agent._vendor import nats
+from agent._vendor.nats.js.api import ConsumerConfig, DeliverPolicy
+from agent.config import Config, ConfigError
+from agent.enforce.base import EnforceError
+from agent.enforce.fleet import FleetEnforcer, Network
+from agent.fleet import apply as fleetapply
+from agent.fleet.apply import Checks, Entry, Message, Outcome
+from agent.fleet.decision import STREAM, SUBJECT_PREFIX, DecisionError, Verifier, load_public_key
+from agent.report.mesh import backoff_s
+from agent.state import fleet as fleetdb
+from agent.state.store import Store
+
+log = logging.getLogger("swarm_agent")
+
+STREAM_CHECK_S = 5.0        # how often the stream's state is read (reset, lag)
+RECONCILE_S = 30.0          # how often the fleet table is compared with what should be
+EXPIRE_S = 30.0             # how often run-out entries are forgotten
+CATCH_UP_WAIT_S = 0.2       # while catching up, wait this long for more to batch
+SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this long...
+SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
+REFUSAL_LOG_S = 60.0        # one log line per refusal reason per minute
+
+
+class StreamReset(Exception):
+    """The stream is not the one the cursor belongs to: load a snapshot."""
+
+
+def verifier_of(cfg: Config) -> Verifier:
+    try:
+        return Verifier([load_public_key(p) for p in cfg.fleet.keys])
+    except DecisionError as e:
+        raise ConfigError(f"fleet.keys: {e}") from None
+
+
+class FleetSubscriber:
+    """See the module docstring. `allow()` gives the allowlist in force now (loopback,
+    host addresses, configured networks); `status()` is for status, heartbeat, metrics."""
+
+    def __init__(self, cfg: Config, store: Store, enforcer: FleetEnforcer, node_id: str,
+                 allow: Callable[[], Sequence[Network]], clock: Callable[[], float] = time.time):
+        self.cfg, self.fc = cfg, cfg.fleet
+        self.store, self.enforcer, self.node_id = store, enforcer, node_id
+        self._allow, self._clock = allow, clock
+        self.verifier = verifier_of(cfg)
+        self.entries: dict[str, Entry] = {}
+        self.cursor, self.stream_created = 0, ""
+        self.stream_last_seq = 0
+        self.connected = False
+        self.server = ""
+        self.failures = 0
+        self.last_error = ""
+        self.refused: Counter[str] = Counter()
+        self.applied = 0
+        self.snapshots = 0
+        self.last_batch: dict[str, float] = {}
+        self._logged: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    # -- start-up (sync, before the agent is ready) ---------------------------------------
+
+    def start(self) -> None:
+        """Load what the database holds and make the fleet table hold exactly that."""
+        now = self._clock()
+        self.entries = fleetdb.entries(self.store)
+        self.cursor, self.stream_created = fleetdb.cursor(self.store)
+        self.enforcer.setup(self.blocks(now), self._allow(), now)
+
+    def blocks(self, now: float) -> dict[str, float]:
+        return {t: e.expires_at for t, e in self.entries.items()
+                if e.blocking and e.expires_at > now}
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        return {"enabled": True, "connected": self.connected, "server": self.server,
+                "seq": self.cursor, "stream_last_seq": self.stream_last_seq,
+                "lag": max(0, self.stream_last_seq - self.cursor),
+                "in_force": len(self.blocks(now)), "refused": dict(self.refused),
+                "applied": self.applied, "snapshots": self.snapshots,
+                "last_error": self.last_error, "last_batch": dict(self.last_batch),
+                "dry_run": self.enforcer.dry_run}
+
+    # -- the task -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # noqa: BLE001 -- any failure: reconnect, jittered
+                self._lost(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            self.failures += 1
+            await asyncio.sleep(backoff_s(self.failures, self.fc.reconnect_initial_s,
+                                          self.fc.reconnect_max_s, random.random()))
+
+    def _lost(self, why: str) -> None:
+        if self.connected or self.last_error != why:
+            log.warning("fleet stream unavailable; decisions in force stay enforced",
+                        extra={"error": why, "servers": self.fc.servers, "cursor": self.cursor})
+        self.connected, self.last_error = False, why
+
+    async def _connect(self) -> Any:
+        opts: dict[str, Any] = {"servers": self.fc.servers, "allow_reconnect": False,
+                                "connect_timeout": 2, "ping_interval": 5,
+                                "max_outstanding_pings": 2, "name": f"swarm-agent {self.node_id}"}
+        if self.fc.user:
+            opts["user"] = self.fc.user
+            password = self.fc.password
+            if self.fc.password_file:
+                password = Path(self.fc.password_file).read_text().splitlines()[0].strip()
+            opts["password"] = password or ""
+        if self.fc.tls_ca or self.fc.tls_cert or any(u.startswith("tls://") for u in self.fc.servers):
+            ctx = ssl.create_default_context(cafile=self.fc.tls_ca)
+            if self.fc.tls_cert:
+                ctx.load_cert_chain(self.fc.tls_cert, self.fc.tls_key)
+            opts["tls"] = ctx
+
+        async def quiet(*_: Any) -> None:    # failures surface through _session
+            return None
+        return await nats.connect(**opts, error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet)
+
+    async def _session(self) -> None:
+        nc = await self._connect()
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(STREAM)
+            created = _created(info)
+            self.stream_last_seq = info.state.last_seq
+            reset = self.cursor == 0 or (self.stream_created and created != self.stream_created) \
+                or info.state.last_seq < self.cursor
+            self.connected, self.server = True, str(nc.connected_url.netloc if nc.connected_url else "")
+            if self.failures or self.last_error:
+                log.info("fleet stream reachable", extra={"server": self.server,
+                                                          "after_failures": self.failures})
+            self.failures, self.last_error = 0, ""
+            if reset:
+                sub = await js.subscribe(f"{SUBJECT_PREFIX}.>", stream=STREAM, ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.ALL, idle_heartbeat=2.0)
+                await self._snapshot(sub, info.state.last_seq, created)
+            else:
+                sub = await js.subscribe(f"{SUBJECT_PREFIX}.>", stream=STREAM, ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                         config=ConsumerConfig(opt_start_seq=self.cursor + 1),
+                                         idle_heartbeat=2.0)
+            await self._follow(js, nc, sub, created, info.state.last_seq)
+        finally:
+            self.connected = False
+            try:
+                await asyncio.wait_for(nc.close(), 2)
+            except Exception:   # noqa: BLE001 -- a dead connection closes as it can
+                pass
+
+    async def _snapshot(self, sub: Any, last_seq: int, created: str) -> None:
+        """Read the whole stream (up to its last sequence at connect) and apply it as the
+        complete set of decisions: what it does not name is lifted."""
+        msgs: list[Message] = []
+        deadline = time.monotonic() + SNAPSHOT_MAX_S
+        seq = 0
+        while seq < last_seq and time.monotonic() < deadline:
+            try:
+                m = await sub.next_msg(timeout=SNAPSHOT_IDLE_S)
+            except (asyncio.TimeoutError, TimeoutError):
+                break       # deleted messages at the end: nothing more is coming
+            seq = m.metadata.sequence.stream
+            msgs.append(Message(seq, m.subject, m.data))
+        await self.apply(msgs, snapshot=True, created=created, cursor=max(seq, last_seq))
+        self.snapshots += 1
+        log.info("fleet snapshot loaded", extra={"messages": len(msgs), "seq": self.cursor,
+                                                 "in_force": len(self.blocks(self._clock()))})
+
+    async def _follow(self, js: Any, nc: Any, sub: Any, created: str, last_seq: int) -> None:
+        """Apply what arrives, batched; every STREAM_CHECK_S look at the stream (a reset
+        ends the session: the next one loads the snapshot), run out entries, reconcile."""
+        checked = reconciled = expired = time.monotonic()
+        while True:
+            if not nc.is_connected:
+                raise ConnectionError("connection to NATS lost")
+            batch: list[Message] = []
+            try:
+                m = await sub.next_msg(timeout=1.0)
+                batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
+                while len(batch) < self.fc.batch_max:
+                    catching_up = batch[-1].seq < last_seq
+                    if sub.pending_msgs == 0 and not catching_up:
+                        break
+                    try:
+                        m = await sub.next_msg(timeout=CATCH_UP_WAIT_S if catching_up else 0.001)
+                    except (asyncio.TimeoutError, TimeoutError):
+                        break
+                    batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            if batch:
+                await self.apply(batch, created=created)
+            now = time.monotonic()
+            if now - checked >= STREAM_CHECK_S:
+                checked = now
+                info = await asyncio.wait_for(js.stream_info(STREAM), 3)
+                self.stream_last_seq = info.state.last_seq
+                if _created(info) != created or info.state.last_seq < self.cursor:
+                    raise StreamReset("the decision stream was reset: loading its snapshot")
+            if now - expired >= EXPIRE_S:
+                expired = now
+                await self.forget_expired()
+            if now - reconciled >= RECONCILE_S:
+                reconciled = now
+                await self.reconcile()
+
+    # -- applying -------------------------------------------------------------------------
+
+    async def apply(self, msgs: list[Message], *, snapshot: bool = False, created: str = "",
+                    cursor: int = 0) -> Outcome:
+        """Verify, plan, record and enforce one batch (the heavy parts on a thread)."""
+        async with self._lock:
+            return await asyncio.to_thread(self._apply, msgs, snapshot, created or self.stream_created,
+                                           max(cursor, self.cursor))
+
+    def _apply(self, msgs: list[Message], snapshot: bool, created: str, cursor: int) -> Outcome:
+        t0 = time.monotonic()
+        now = self._clock()
+        checks = Checks(self.verifier, self.node_id, list(self._allow()),
+                        {4: self.fc.max_prefix_v4, 6: self.fc.max_prefix_v6},
+                        self.fc.max_lifetime_s)
+        outcome = fleetapply.plan(self.entries, msgs, checks, now, snapshot=snapshot, cursor=cursor)
+        t1 = time.monotonic()
+        fleetdb.commit(self.store, outcome, created, now, self.fc.refusals_kept)
+        t2 = time.monotonic()
+        entries = {t: e for t, e in self.entries.items() if t not in outcome.removed}
+        entries.update(outcome.upserts)
+        self.entries = entries
+        self.cursor, self.stream_created = outcome.cursor, created
+        try:
+            self.enforcer.change(self.blocks(now), now)
+        except EnforceError as e:     # recorded: the next reconcile puts it in force
+            log.error("fleet decisions not put in force", extra={"error": str(e)})
+        t3 = time.monotonic()
+        self.applied += outcome.applied
+        self.last_batch = {"messages": len(msgs), "verify_s": round(t1 - t0, 4),
+                           "store_s": round(t2 - t1, 4), "nft_s": round(t3 - t2, 4)}
+        self._count_refusals(outcome)
+        return outcome
+
+    def _count_refusals(self, outcome: Outcome) -> None:
+        now = time.monotonic()
+        for r in outcome.refusals:
+            self.refused[r.reason] += 1
+            if now - self._logged.get(r.reason, -REFUSAL_LOG_S) >= REFUSAL_LOG_S:
+                self._logged[r.reason] = now
+                log.warning("fleet decision refused", extra={
+                    "reason": r.reason, "detail": r.detail, "subject": r.subject,
+                    "seq": r.seq, "refused_so_far": self.refused[r.reason]})
+
+    async def forget_expired(self) -> None:
+        async with self._lock:
+            gone = fleetapply.expired(self.entries, self._clock())
+            if gone:
+                await asyncio.to_thread(fleetdb.forget, self.store, gone)
+                self.entries = {t: e for t, e in self.entries.items() if t not in set(gone)}
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            try:
+                if await asyncio.to_thread(self.enforcer.reconcile, list(self._allow()), self._clock()):
+                    log.warning("fleet table repaired", extra={"in_force": len(self.enforcer.blocks)})
+            except EnforceError as e:
+                log.error("fleet reconcile failed", extra={"error": str(e)})
+
+
+def _created(info: Any) -> str:
+    created = getattr(info, "created", None)
+    return created.isoformat() if hasattr(created, "isoformat") else str(created or "")
