@@ -112,7 +112,7 @@ def test_nested_batches_join_the_outer_one(tmp_path: Path) -> None:
 
 @pytest.mark.privileged       # mounts a tmpfs
 def test_disk_full_mid_batch_lands_whole_in_memory(tmp_path: Path) -> None:
-    with SmallFs(tmp_path / "state", 512) as fs:
+    with SmallFs(tmp_path / "state", 1024) as fs:
         store = Store(fs.path / "agent.db")
         try:
             write_finding(store, 1)
