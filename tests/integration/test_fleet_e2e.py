@@ -233,6 +233,11 @@ def test_a_block_on_node_a_is_enforced_on_b_to_e_and_a_revocation_lifts_it(fleet
     assert [(d["action"], d["target"], d["state"]) for d in decisions] == \
         [("block", f"{attacker}/32", "published")]
     assert decisions[0]["provenance"]["nodes"] == ["node-a"]
+    # what node B's operator sees: the fleet's block, who decided it, in the CLI
+    seen = json.loads(fleet.agent_cli("b", "fleet", "--json"))
+    assert seen["enabled"] and seen["in_force"] == 1
+    assert [d["target"] for d in seen["decisions"]] == [f"{attacker}/32"]
+    assert "fleet: 1 blocks decided by the mesh" in fleet.agent_cli("b", "mitigations")
     fleet.mesh_cli("revoke", attacker, "--reason", "false positive", "--operator", "sec")
     assert wait_for(lambda: not any(attacker in fleet.in_force(n) for n in others),
                     timeout_s=20, interval_s=0.05)
