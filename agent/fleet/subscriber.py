@@ -260,7 +260,13 @@ class FleetSubscriber:
         self.entries = entries
         self.cursor, self.stream_created = outcome.cursor, created
         try:
-            self.enforcer.change(self.blocks(now), now)
+            if snapshot:
+                self.enforcer.change(self.blocks(now), now)
+            else:               # only what this batch touched: O(batch), not O(in force)
+                touched = set(outcome.upserts) | outcome.removed
+                self.enforcer.update({t: (e.expires_at if (e := entries.get(t)) is not None
+                                          and e.blocking and e.expires_at > now else None)
+                                      for t in touched}, now)
         except EnforceError as e:     # recorded: the next reconcile puts it in force
             log.error("fleet decisions not put in force", extra={"error": str(e)})
         t3 = time.monotonic()
