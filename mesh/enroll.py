@@ -41,7 +41,7 @@ FILES = ("node.pem", "node.key", "ca.pem", "decisions.pub", "nats.password", "ag
 
 
 def check_safe(what: str, value: str) -> str:
-    if not SAFE_NAME.match(value):
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
         raise cli.UsageError(f"{what} {value!r} is not a safe name: 1-63 letters, digits, "
                              "'.', '_' or '-', starting with a letter or digit")
     return value

@@ -83,7 +83,7 @@ def check_name(name: str) -> str:
         return str(ipaddress.ip_address(name))
     except ValueError:
         pass
-    if not _DNS.match(name):
+    if not _DNS.fullmatch(name):
         raise cli.UsageError(f"--name {name!r} is neither an IP address nor a DNS name")
     return name.rstrip(".").lower()
 
