@@ -1,7 +1,7 @@
 """`swarm-mesh init`: everything a one-machine mesh needs, in one directory.
 
     swarm-mesh init --dir /etc/swarm-mesh [--listen 0.0.0.0:7443] [--name mesh.example ...]
-                    [--nats-listen 0.0.0.0:4222] [--state-dir /var/lib/swarm-mesh]
+                    [--nats-listen 0.0.0.0:4222] [--state-dir /var/lib/swarm-mesh] [--store URL]
 
 It makes, and never overwrites (a second run keeps what exists, fills what is missing and
 says which is which):
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from agent.fleet.decision import generate_key, key_id, load_private_key
 from mesh import cli, pki
-from mesh.config import MeshConfig, split_listen
+from mesh.config import MeshConfig, split_listen, store_kind
 from mesh.natsconf import ServerSettings, write_fleet
 from mesh.policy import defaults as policy_defaults
 
@@ -232,8 +232,11 @@ def config_text(lay: Layout, listen: str, nats_listen: str, store: str) -> str:
 
 
 def init_mesh(directory: Path, names: list[str], listen: str, nats_listen: str,
-              state: Path) -> tuple[list[Step], list[str]]:
-    """Makes what is missing; returns the steps (made or kept) and the certificate's names."""
+              state: Path, store: str | None = None) -> tuple[list[Step], list[str]]:
+    """Makes what is missing; returns the steps (made or kept) and the certificate's names.
+    `store`: the store URL for the config (default: SQLite in `state`)."""
+    if store is not None:
+        store_kind(store)
     split_listen(listen)
     split_listen(nats_listen)
     sans = server_names(names, listen, nats_listen)
@@ -253,7 +256,7 @@ def init_mesh(directory: Path, names: list[str], listen: str, nats_listen: str,
     if lay.config.exists():
         steps.append(Step(lay.config, False, "service config"))
     else:
-        text = config_text(lay, listen, nats_listen, f"sqlite:///{state / 'mesh.db'}")
+        text = config_text(lay, listen, nats_listen, store or f"sqlite:///{state / 'mesh.db'}")
         pki.write_new(lay.config, text.encode(), 0o640)
         steps.append(Step(lay.config, True, "service config"))
     return steps, pki.names_of(pki.load_cert(lay.cert))
@@ -264,7 +267,8 @@ def _init(args: argparse.Namespace, cfg: MeshConfig) -> int:
     state = Path(args.state_dir).absolute() if args.state_dir else DEFAULT_STATE
     names = [check_name(n) for n in args.name] if args.name else default_names()
     try:
-        steps, sans = init_mesh(directory, names, args.listen, args.nats_listen, state)
+        steps, sans = init_mesh(directory, names, args.listen, args.nats_listen, state,
+                                args.store)
     except pki.PkiError as e:
         raise cli.UsageError(str(e)) from None
     lay = Layout(directory)
@@ -297,6 +301,8 @@ def _init_args(p: argparse.ArgumentParser) -> None:
                    help=f"nats-server's host:port (default {DEFAULT_NATS_LISTEN})")
     p.add_argument("--state-dir", help=f"where the SQLite store and JetStream live "
                    f"(default {DEFAULT_STATE})")
+    p.add_argument("--store", metavar="URL", help="the store instead of SQLite in the state "
+                   "directory, e.g. postgresql://swarm_mesh@db.example/swarm_mesh")
 
 
 cli.register("init", "make a mesh in one directory: CA, certificates, signing key, "

@@ -237,3 +237,23 @@ def test_nats_server_is_kept_apart_from_how_the_service_connects():
                            ({"config": ""}, "nats.server.config must be a non-empty string")):
         with pytest.raises(MeshConfigError, match=needle):
             from_dict({"nats": {"server": server}})
+
+
+def test_the_example_mesh_config_is_true_to_the_code():
+    """packaging/mesh.yaml loads, names every key, and its policy is the defaults."""
+    from mesh.config import MeshConfig
+    from mesh.policy import PolicyConfig, defaults
+    from mesh.publish import NatsOptions
+    path = REPO / "packaging" / "mesh.yaml"
+    cfg = load(path)
+    text = path.read_text()
+    for key in set(MeshConfig.__dataclass_fields__) - {"path", "nats_server"}:
+        assert f"\n{key}:" in text, key
+    for key in [*NatsOptions.__dataclass_fields__, "server", "config", "binary", "log_file",
+                "private_key", "lock_file", *defaults()]:
+        assert f" {key}:" in text, key
+    assert PolicyConfig.from_dict(cfg.policy) == PolicyConfig.from_dict({})
+    assert NatsOptions.from_dict(cfg.nats).url == "tls://127.0.0.1:4222"
+    assert cfg.nats_server is not None and cfg.store == "sqlite:///var/lib/swarm-mesh/mesh.db"
+    assert (cfg.node_stale_s, cfg.report_ids_keep_s, cfg.max_message_bytes) == (
+        MeshConfig.node_stale_s, MeshConfig.report_ids_keep_s, MeshConfig.max_message_bytes)
