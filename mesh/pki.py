@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -126,7 +127,7 @@ def signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
                                ec.ECDSA(cert.signature_hash_algorithm))
-    except Exception:       # InvalidSignature, or a key of another kind
+    except (InvalidSignature, TypeError, AttributeError):   # or a key of another kind
         return False
     return True
 

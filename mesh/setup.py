@@ -28,6 +28,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,11 @@ def _init(args: argparse.Namespace, cfg: MeshConfig) -> int:
     except pki.PkiError as e:
         raise cli.UsageError(str(e)) from None
     lay = Layout(directory)
+    if all(n in LOOPBACK for n in sans):
+        print(f"swarm-mesh: warning: the certificate names only {', '.join(sans)}; nodes on "
+              "other machines cannot verify it (move mesh.pem and mesh.key away and run init "
+              "again with --name)",
+              file=sys.stderr)
     run = f"swarm-mesh run --config {lay.config}"
     enroll = f"swarm-mesh enroll NODE --provider PROVIDER --dir {directory} --out ./NODE"
     if args.json:
