@@ -349,6 +349,8 @@ def test_tls_with_client_certificates(tmp_path):
 
 
 def test_a_deleted_stream_is_recreated_on_the_next_publish(srv):
+    """The publish that finds the stream gone recreates it, then every target's current
+    decision is published again (agents reload the new stream's snapshot)."""
     async def go():
         dec, pub = decider(srv)
         await dec.block("203.0.113.1", 600, "", "alice")
@@ -360,5 +362,6 @@ def test_a_deleted_stream_is_recreated_on_the_next_publish(srv):
         return created, info, dec
 
     created, info, dec = asyncio.run(go())
-    assert info.created != created and info.state.messages == 1
+    assert info.created != created and info.state.messages == 2
     assert dec.store.latest_decision("203.0.113.2/32")["seq"] == 1 and dec.publish_failures == 0
+    assert dec.store.latest_decision("203.0.113.1/32")["seq"] == 2
