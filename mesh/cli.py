@@ -235,7 +235,9 @@ def _proposal_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state", choices=("pending", "published"), help="only in this state")
+    p.add_argument("--state", choices=("pending", "published", "failed"),
+                   help="only in this state (failed: nats-server refused it for good; "
+                        "`swarm-mesh refusals` says why)")
     p.add_argument("--target", help="only for this target (normal form, e.g. 203.0.113.7/32)")
     p.add_argument("--active", action="store_true", help="only those not expired yet")
     _limit(p)

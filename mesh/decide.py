@@ -8,7 +8,17 @@ pending ones with backoff and `republish_pending` on start sends them again (Jet
 drops the duplicates it already has within its duplicate window). One lock serialises
 deciding and publishing, so for one target a newer decision is never published before an
 older one; a pending decision that a newer one for its target superseded, or one that
-expired while pending, is never sent: it is marked published with sequence 0.
+expired while pending, is never sent: it is marked published with sequence 0. A decision
+nats-server refuses for good (PublishError.permanent: a subject or payload it will never
+take) is marked "failed", recorded as a refusal with the server's reason, and the others
+go on; only "nats-server is away" keeps the rest pending behind it.
+
+When the publisher had to (re)create the stream (a new nats-server, a wiped JetStream
+store, `nats stream rm`), every target's current decision in the store is published again,
+oldest first, so agents that reload the snapshot of the new stream get them back.
+
+The policy's unoverridable allowlist gets the fleet's own decision channel: the host of
+nats.url (its addresses, when it is a name) and the mesh's listen address.
 
 Every refusal is recorded in the store with its reason (`add_refusal`). Proposals are
 stored by the store (record_reports/add_proposal) BEFORE `on_proposal` sees them, so the
@@ -18,16 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
 import logging
 import os
+import socket
 import time
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from agent.fleet.decision import (Decision, DecisionError, Signer, load_private_key,
-                                  normalize_target, subject_for)
+from agent.fleet.decision import (MAX_BODY_BYTES, Decision, DecisionError, Signer,
+                                  load_private_key, normalize_target, subject_for)
+from mesh import records
 from mesh.policy import Outcome, Policy, PolicyConfig
 from mesh.publish import NatsOptions, Publisher, PublishError
 
@@ -62,16 +76,23 @@ class Decider:
                 raise ValueError(f"cannot open the decision lock {lock_path}: {e.strerror}") from None
         self.publish_failures = 0
         self.last_publish_error = ""
+        self._resets_done = 0          # the publisher's stream_resets already republished
 
     @classmethod
     def from_config(cls, store: Any, nats: dict[str, Any] | None, signing: dict[str, Any] | None,
-                    policy: dict[str, Any] | None, clock: Callable[[], float] = time.time
-                    ) -> "Decider":
+                    policy: dict[str, Any] | None, clock: Callable[[], float] = time.time,
+                    listen: str | None = None) -> "Decider":
         """The decider of the mesh config's `nats:`, `signing:` (private_key: the Ed25519
         PEM path) and `policy:` sections; ValueError with one sentence when one is wrong.
-        Nothing connects yet: the first publish (or `run`) does."""
+        The hosts of nats.url and of `listen` (the reporting API's host:port) join the
+        policy's unoverridable allowlist. Nothing connects yet: the first publish (or
+        `run`) does."""
         cfg = PolicyConfig.from_dict(policy)
         options = NatsOptions.from_dict(nats)
+        own = _own_networks("the fleet's NATS server (nats.url)", urlsplit(options.url).hostname)
+        if listen:
+            own += _own_networks("the mesh service (listen)", listen.rpartition(":")[0])
+        cfg = dataclasses.replace(cfg, allowed=cfg.allowed + tuple(own))
         signing = dict(signing or {})
         unknown = sorted(set(signing) - {"private_key", "lock_file"})
         if unknown:
@@ -111,6 +132,7 @@ class Decider:
     async def submit(self, p: dict[str, Any]) -> Outcome | None:
         """Stores proposal `p` and decides on it; None when it was stored before (a retry
         of the same proposal by its node decides nothing twice)."""
+        p = records.bounded_proposal(p)
         if not await self._db(self.store.add_proposal, p):
             return None
         return await self.on_proposal(p)
@@ -159,28 +181,30 @@ class Decider:
 
     def _history(self, p: dict[str, Any], now: float) -> dict[str, Any]:
         """What the policy needs, read in one thread hop: the node's recent proposal count,
-        proposals for the target and every network covering it down to the prefix limit,
-        the target's latest decision, and (for drawn canaries) the fleet's nodes."""
+        the votes (one per node, refused ones aside) for the target and every network
+        covering it down to the prefix limit, the target's latest decision, the standing
+        revocations, and (for drawn canaries) the fleet's nodes."""
         cfg = self.policy.config
         node_count = self.store.count_proposals(p.get("node", ""), now - cfg.rate_window_s)
         votes: list[dict[str, Any]] = []
-        latest = None
+        latest, revoked = None, []
         try:
             net = ipaddress.ip_network(normalize_target(p.get("target")))
         except DecisionError:
             net = None
         if net is not None:
             latest = self.store.latest_decision(str(net))
-            since = now - cfg.corroboration_window_s
+            revoked = self.store.current_decisions(now, action="revoke")
             limit = cfg.max_prefix_v4 if net.version == 4 else cfg.max_prefix_v6
-            for plen in range(net.prefixlen, limit - 1, -1):
-                votes += self.store.proposals(target=str(net.supernet(new_prefix=plen)),
-                                              since=since)
+            targets = [str(net.supernet(new_prefix=plen))
+                       for plen in range(net.prefixlen, limit - 1, -1)]
+            votes = self.store.votes(targets, since=now - cfg.corroboration_window_s, now=now,
+                                     window_s=cfg.corroboration_window_s)
         known: list[str] = []
         if isinstance(cfg.stage_canary, int) and cfg.stage_canary and cfg.stage_s > 0:
             known = [n["node"] for n in self.store.nodes() if n.get("node")]
         return {"node_count": node_count, "votes": votes, "latest": latest,
-                "known_nodes": known}
+                "known_nodes": known, "revoked": revoked}
 
     async def _refuse(self, reason: str, target: str, node: str, provider: str,
                       proposal_id: str, source: str, now: float) -> None:
@@ -226,10 +250,8 @@ class Decider:
         promoted = []
         async with self._lock():
             now = self.clock() if now is None else now
-            rows = await self._db(self.store.decisions, active_at=now)
+            rows = await self._db(self.store.due_canaries, now - self.policy.config.stage_s, now)
             for row in rows:
-                if (row.get("scope") or {}).get("stage") != "canary":
-                    continue
                 latest = await self._db(self.store.latest_decision, row["target"])
                 d = self.policy.promotion(row, latest, now)
                 if d is not None:
@@ -239,23 +261,75 @@ class Decider:
 
     # -- persist, publish, republish --------------------------------------------------------
     async def _issue(self, d: Decision) -> None:
-        """Persist, then publish; a failed publish leaves it pending for `run`."""
+        """Persist, then publish; a failed publish leaves it pending for `run` (or marks
+        it failed when nats-server will never take it)."""
         envelope = self.signer.envelope(d)
+        if len(envelope) > MAX_BODY_BYTES:
+            # The policy bounds what a decision carries; this is the last guard: agents
+            # refuse an envelope this big unread, so it is never persisted or sent.
+            await self._refuse(f"decision of {len(envelope)} bytes is over the agents' limit "
+                               f"of {MAX_BODY_BYTES}", d.target, "", "", "", "publish",
+                               self.clock())
+            log.error("decision for %s not issued: %d bytes", d.target, len(envelope))
+            return
         await self._db(self.store.add_decision, d.to_dict(), envelope)
         try:
             await self._send(d.to_dict(), envelope)
         except PublishError as e:
-            self._failed(e)
+            await self._failed(d.to_dict(), e)
+        else:
+            await self._after_reset()
 
     async def _send(self, d: dict[str, Any], envelope: bytes) -> int:
         seq = await self.publisher.publish(subject_for(d["target"]), envelope, d["id"])
         await self._db(self.store.mark_published, d["id"], seq)
         return seq
 
-    def _failed(self, e: Exception) -> None:
+    async def _failed(self, d: dict[str, Any], e: PublishError) -> None:
+        """A publish failed: pending (retried by `run`), or failed for good, recorded."""
         self.publish_failures += 1
         self.last_publish_error = str(e)
-        log.warning("decision left pending: %s", e)
+        if not getattr(e, "permanent", False):
+            log.warning("decision left pending: %s", e)
+            return
+        await self._db(self.store.mark_failed, d["id"])
+        await self._refuse(f"decision {d['id']} cannot be published: {e}", d["target"], "", "",
+                           "", "publish", self.clock())
+        log.error("decision %s for %s failed for good: %s", d["id"], d["target"], e)
+
+    def _connect_failed(self, e: PublishError) -> None:
+        self.publish_failures += 1
+        self.last_publish_error = str(e)
+        log.warning("nats-server not reachable; decisions stay pending: %s", e)
+
+    async def _after_reset(self) -> bool:
+        """When the publisher (re)created the stream since the last look: publish every
+        target's current decision again, oldest first (a new stream is empty; agents load
+        its snapshot and would lift what it lacks). Under the decision lock. False when
+        a publish failed (the next call tries again)."""
+        resets = getattr(self.publisher, "stream_resets", 0)
+        if resets == self._resets_done:
+            return True
+        now = self.clock()
+        rows = await self._db(self.store.current_decisions, now, envelopes=True)
+        sent = 0
+        for row in rows:
+            if row["state"] != "published":
+                continue                   # pending ones: republish_pending sends them
+            envelope = row.pop("envelope")
+            try:
+                await self._send(row, envelope)
+            except PublishError as e:
+                if getattr(e, "permanent", False):
+                    log.error("decision %s not republished: %s", row["id"], e)
+                    continue
+                self._connect_failed(e)
+                return False
+            sent += 1
+        self._resets_done = resets
+        log.warning("stream %s was (re)created: republished %d current decisions",
+                    "SWARM_DECISIONS", sent)
+        return True
 
     async def republish_pending(self) -> tuple[int, int]:
         """Publishes every stored decision not yet marked published, oldest first; stops at
@@ -277,8 +351,12 @@ class Decider:
                 try:
                     await self._send(d, envelope)
                 except PublishError as e:
-                    self._failed(e)
+                    await self._failed(d, e)
+                    if getattr(e, "permanent", False):
+                        continue            # marked failed: the others go on
                     return i, len(pending) - i
+            if not await self._after_reset():
+                return len(pending), 1
             return len(pending), 0
 
     async def run(self, stop: asyncio.Event, tick_s: float = 1.0) -> None:
@@ -295,7 +373,7 @@ class Decider:
                     if connect is not None:
                         await connect()
                 except PublishError as e:
-                    self._failed(e)
+                    self._connect_failed(e)
                     left = 1
                 else:
                     _, left = await self.republish_pending()
@@ -307,3 +385,24 @@ class Decider:
                 await asyncio.wait_for(stop.wait(), tick_s)
             except asyncio.TimeoutError:
                 pass
+
+
+def _own_networks(label: str, host: str | None) -> list[tuple[str, ipaddress.IPv4Network |
+                                                              ipaddress.IPv6Network]]:
+    """(label, /32 or /128) for each address of `host` (an address, or a name resolved
+    now); nothing for an unspecified or absent host. A name that does not resolve is
+    logged: the allowlist then lacks it, the configured infrastructure list still holds."""
+    host = (host or "").strip("[]")
+    if not host:
+        return []
+    try:
+        addrs = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as e:
+            log.warning("cannot resolve %s (%s) to allowlist it: %s", host, label, e)
+            return []
+        addrs = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    return [(label, ipaddress.ip_network(a)) for a in sorted(addrs, key=str)
+            if not a.is_unspecified]

@@ -33,7 +33,7 @@ def decider_of(cfg: MeshConfig, store) -> Decider:
     if not cfg.signing:
         raise MeshConfigError("signing: private_key is not set (swarm-mesh keygen makes one)")
     try:
-        return Decider.from_config(store, cfg.nats, cfg.signing, cfg.policy)
+        return Decider.from_config(store, cfg.nats, cfg.signing, cfg.policy, listen=cfg.listen)
     except (ValueError, DecisionError) as e:
         raise MeshConfigError(str(e)) from None
 

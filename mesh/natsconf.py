@@ -25,7 +25,27 @@ tests/integration/test_mesh_nats.py, which runs it as a node user):
 
 Pass `stream=` always: without it nats-py asks $JS.API.STREAM.NAMES, which nodes may not.
 Never pass `durable=` or `config.name`: only $JS.API.CONSUMER.CREATE.SWARM_DECISIONS (the
-ephemeral form) is allowed, so a node cannot create durable consumers that outlive it.
+ephemeral form) is allowed. Do not set inactive_threshold above 60 s (leave it unset:
+nats-server gives ephemeral consumers 5 s).
+
+CONSUMERS THAT OUTLIVE THEIR NODE. The ephemeral form still lets a node ask for a pull
+consumer, a push consumer delivering anywhere, or an inactive_threshold of a year, and
+leave it behind. nats-server 2.9.10 has nothing to stop that per user: no per-user consumer
+limit (only accounts have JetStream limits, and an account-wide or a stream's
+max_consumers is shared by the whole fleet, so one node could fill it and lock the honest
+ones out), no cap on a consumer's inactive_threshold (the stream's consumer_limits came in
+2.10). So the mesh reaps them: while connected, its publisher (mesh/publish.py) lists
+SWARM_DECISIONS' consumers every 2 s as the mesh user and deletes every durable or pull
+consumer, every one delivering outside `_INBOX.`, and every one whose inactive_threshold is
+unset or over NODE_CONSUMER_MAX_IDLE_S (60 s); nats-server removes the rest by itself
+within that long of their node going away. A node still connected can keep consumers
+bound to its inbox alive while it stays connected; that ends when it disconnects (or its
+user is removed from this config).
+
+Nodes share the `_INBOX.>` prefix here, so one node could subscribe to another's delivery
+subjects (it can read the decisions anyway: they are the same for every node). Giving
+each node user its own prefix (`_INBOX.<user>.>`, inbox_prefix=f"_INBOX.{user}" in the
+agent) would close that; it needs the agent to pass its prefix first.
 The ordered consumer recreates itself (same subject) after missed heartbeats or a gap;
 its flow-control replies go to $JS.FC.SWARM_DECISIONS.>. A single target's latest
 decision: js.get_last_msg("SWARM_DECISIONS", subject) ($JS.API.STREAM.MSG.GET...).

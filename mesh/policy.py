@@ -9,7 +9,8 @@ the CN and O of the proposing node's client certificate) ends in one of four out
   allowlisted range (the fleet's own infrastructure, CGNAT 100.64.0.0/10, private, loopback,
   link-local, multicast, unspecified and IPv4-mapped ranges, configured CDN/crawler
   ranges); the node is over its proposal rate; the proposal is stale or names neither a
-  rule nor an operator; or an operator revoked the target and the revocation still stands;
+  rule nor an operator; or an operator revoked the target, or a network overlapping it,
+  and the revocation still stands;
 - pending: not yet corroborated (fewer than `min_nodes` distinct nodes of `min_providers`
   distinct providers proposed this target, or a network covering it, within the window);
   the proposal stays recorded and counts when the next ones arrive;
@@ -23,15 +24,30 @@ the CN and O of the proposing node's client certificate) ends in one of four out
 A proposal that carries `operator` is one node's vote like any other. A human acting on the
 mesh itself (`swarm-mesh block`) is authoritative: no corroboration, no staging unless
 `stage_operator`, but still bound by the allowlists, the prefix limit and the lifetime cap.
+
+Votes: one per node (its newest proposal for the target or a network covering it); a
+proposal that was refused (rate limit, stale, ...) is no vote, nor is one from a node
+whose certificate names no provider (O); providers compare case-folded with whitespace
+collapsed ("Acme " and "acme" are one provider). An operator's revocation that still
+stands refuses every proposal whose target overlaps the revoked one (covering or inside).
+
+What a decision carries is bounded, whatever the voters sent, so a signed envelope stays
+well under agent.fleet.decision.MAX_BODY_BYTES (budgets in mesh/bounds.py): each
+provenance list keeps at most PROVENANCE_MAX_ITEMS entries (node_count, provider_count,
+rule_count, proposal_count say how many there were), each string at most
+PROVENANCE_MAX_BYTES of JSON, the reason REASON_MAX_BYTES; a canary scope names whole node
+names until SCOPE_MAX_BYTES (the rest get the decision when it is promoted).
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from agent.fleet.decision import MAX_LIFETIME_S, Decision, DecisionError, normalize_target
+from mesh.bounds import REASON_MAX_BYTES, SCOPE_MAX_BYTES, bounded as _bounded, short
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -54,6 +70,11 @@ ALWAYS_ALLOWED: tuple[tuple[str, str], ...] = (
     ("IPv4-mapped", "::ffff:0:0/96"),
     ("IPv4-translated (NAT64)", "64:ff9b::/96"),
 )
+
+def provider_key(provider: Any) -> str:
+    """The provider a certificate's O names: case-folded, whitespace collapsed."""
+    return " ".join(str(provider or "").split()).casefold()
+
 
 _DEFAULTS: dict[str, Any] = {
     "infrastructure": [], "allowlist": [], "max_prefix_v4": 24, "max_prefix_v6": 48,
@@ -204,12 +225,14 @@ class Policy:
     # -- proposals ------------------------------------------------------------------------
     def evaluate(self, p: dict[str, Any], *, now: float, node_count: int,
                  votes: Iterable[dict[str, Any]], latest: dict[str, Any] | None,
-                 known_nodes: Iterable[str] = ()) -> Outcome:
+                 known_nodes: Iterable[str] = (),
+                 revoked: Iterable[dict[str, Any]] = ()) -> Outcome:
         """The outcome of proposal `p`. `node_count`: proposals from p's node received in
-        the last rate_window_s, p included. `votes`: stored proposals for p's target or a
-        network covering it (extra ones are filtered out here). `latest`: the target's
-        latest decision (a dict with its fields) or None. `known_nodes`: the fleet's nodes,
-        to draw `stage_canary` extra canaries from."""
+        the last rate_window_s, p included. `votes`: stored proposals, not refused, for p's
+        target or a network covering it (extra ones are filtered out here). `latest`: the
+        target's latest decision (a dict with its fields) or None. `known_nodes`: the
+        fleet's nodes, to draw `stage_canary` extra canaries from. `revoked`: revocations
+        still standing (each its target's latest decision, unexpired), any target."""
         cfg = self.config
         if node_count > cfg.rate_limit:
             return _refuse(f"rate limit: {node_count} proposals from {p.get('node')} in "
@@ -231,28 +254,53 @@ class Policy:
             if prov.get("kind") == "operator":
                 return _refuse(f"revoked by operator {prov.get('operator', '?')} until "
                                f"{latest['expires_at']:.0f}")
+        standing = self._revocation_over(net, revoked, now)
+        if standing is not None:
+            prov = standing.get("provenance") or {}
+            return _refuse(f"overlaps {standing['target']}, revoked by operator "
+                           f"{prov.get('operator', '?')} until {standing['expires_at']:.0f}")
         if latest is not None:
             since = max(since, float(latest.get("issued_at", 0)))   # a decision uses its votes
         counted = self._votes(p, target, net, votes, since, now)
         nodes = sorted({v["node"] for v in counted})
-        providers = sorted({v.get("provider", "") for v in counted})
+        providers = sorted({provider_key(v.get("provider")) for v in counted})
         if len(nodes) < cfg.min_nodes or len(providers) < cfg.min_providers:
             return Outcome("pending", f"waiting for corroboration: {len(nodes)} of "
                                       f"{cfg.min_nodes} nodes, {len(providers)} of "
                                       f"{cfg.min_providers} providers")
-        rules = sorted({f"{v['rule']}@{v.get('rule_version', '')}".rstrip("@")
-                        for v in counted if v.get("rule")})
-        operators = sorted({v["operator"] for v in counted if v.get("operator")})
-        provenance = {"kind": "corroborated", "nodes": nodes, "providers": providers,
-                      "rules": rules, "proposals": sorted(v["proposal_id"] for v in counted)}
+        rules = {f"{v['rule']}@{v.get('rule_version', '')}".rstrip("@")
+                 for v in counted if v.get("rule")}
+        operators = {v["operator"] for v in counted if v.get("operator")}
+        provenance = {"kind": "corroborated", "nodes": _bounded(nodes),
+                      "providers": _bounded(providers), "rules": _bounded(rules),
+                      "proposals": _bounded(v["proposal_id"] for v in counted),
+                      "node_count": len(nodes), "provider_count": len(providers),
+                      "rule_count": len(rules), "proposal_count": len(counted)}
         if operators:
-            provenance["operators"] = operators
+            provenance["operators"] = _bounded(operators)
         ttl = self.lifetime(v.get("ttl_s") for v in counted)
+        why = ", ".join(sorted(rules or operators))
         decision = Decision(action="block", target=target, issued_at=now, expires_at=now + ttl,
-                            reason=f"corroborated by {len(nodes)} nodes of {len(providers)} "
-                                   f"providers: {', '.join(rules or operators)}",
+                            reason=short(f"corroborated by {len(nodes)} nodes of "
+                                         f"{len(providers)} providers: {why}", REASON_MAX_BYTES),
                             provenance=provenance, scope=self._scope(target, nodes, known_nodes))
         return Outcome("decide", decision.reason, decision)
+
+    @staticmethod
+    def _revocation_over(net: Network, revoked: Iterable[dict[str, Any]],
+                         now: float) -> dict[str, Any] | None:
+        """An operator's standing revocation of a target overlapping `net`, if any."""
+        for r in revoked:
+            if r.get("action") != "revoke" or float(r.get("expires_at", 0)) <= now \
+                    or (r.get("provenance") or {}).get("kind") != "operator":
+                continue
+            try:
+                rnet = ipaddress.ip_network(r["target"])
+            except (KeyError, ValueError, TypeError):
+                continue
+            if rnet.version == net.version and rnet.overlaps(net):
+                return r
+        return None
 
     def _stale(self, p: dict[str, Any], now: float) -> bool:
         created = p.get("created_at") or 0
@@ -264,10 +312,15 @@ class Policy:
             or (ttl > 0 and created + ttl <= now)
 
     def _votes(self, p, target, net, votes, since, now) -> list[dict[str, Any]]:
-        """One vote per (node, proposal): p itself and stored proposals received since
-        `since` for the target or a network that covers it, not stale."""
-        out = {(p["node"], p["proposal_id"]): p}
-        for v in votes:
+        """One vote per node: p itself, else the node's newest stored proposal received
+        since `since` for the target or a network that covers it, not stale. A node whose
+        certificate names no provider casts no vote (it could pose as a second provider)."""
+        out: dict[str, dict[str, Any]] = {}
+        if provider_key(p.get("provider")):
+            out[p["node"]] = p
+        for v in sorted(votes, key=lambda v: float(v.get("received_at") or 0), reverse=True):
+            if not provider_key(v.get("provider")) or v.get("node") in out:
+                continue
             try:
                 vnet = ipaddress.ip_network(v["target"], strict=True)
             except (KeyError, ValueError, TypeError):
@@ -278,7 +331,7 @@ class Policy:
                 continue
             if self.check_target(v["target"])[1] is None:
                 continue                # a refused proposal (wide, allowlisted) is no vote
-            out.setdefault((v["node"], v["proposal_id"]), v)
+            out[v["node"]] = v
         return list(out.values())
 
     def _scope(self, target: str, nodes: list[str], known: Iterable[str],
@@ -286,15 +339,25 @@ class Policy:
         cfg = self.config
         if cfg.stage_s <= 0 or (operator and not cfg.stage_operator):
             return {"stage": "all"}
-        canary = set(nodes)
-        if isinstance(cfg.stage_canary, tuple):
-            canary.update(cfg.stage_canary)
-        elif cfg.stage_canary:
+        # Named canaries first, then the proposing nodes (in a per-target hash order),
+        # then drawn ones, while the names fit in SCOPE_MAX_BYTES: node names are whole
+        # (an agent compares its own), so those that do not fit wait for the promotion.
+        order = lambda n: hashlib.sha256(f"{target}|{n}".encode()).digest()  # noqa: E731
+        wanted = list(cfg.stage_canary) if isinstance(cfg.stage_canary, tuple) else []
+        wanted += sorted(set(nodes) - set(wanted), key=order)
+        if isinstance(cfg.stage_canary, int) and cfg.stage_canary:
             # Other nodes, drawn per target (a stable hash order), so one node is not the
             # canary of every decision.
-            others = sorted((n for n in set(known) if n not in canary),
-                            key=lambda n: hashlib.sha256(f"{target}|{n}".encode()).digest())
-            canary.update(others[:cfg.stage_canary])
+            others = sorted((n for n in set(known) if n not in set(wanted)), key=order)
+            wanted += others[:cfg.stage_canary]
+        canary: list[str] = []
+        used = 0
+        for n in wanted:
+            size = len(json.dumps(n, ensure_ascii=True)) + 1
+            if n in canary or used + size > SCOPE_MAX_BYTES:
+                continue
+            canary.append(n)
+            used += size
         return {"stage": "canary", "nodes": sorted(canary)}
 
     # -- staged rollout -------------------------------------------------------------------
@@ -323,8 +386,9 @@ class Policy:
         if net is None:
             return _refuse(norm)
         ttl = self.lifetime([ttl_s] if ttl_s else [])
+        operator = short(operator)
         d = Decision(action="block", target=norm, issued_at=now, expires_at=now + ttl,
-                     reason=reason or f"blocked by operator {operator}",
+                     reason=short(reason or f"blocked by operator {operator}", REASON_MAX_BYTES),
                      provenance={"kind": "operator", "operator": operator},
                      scope=self._scope(norm, [], (), operator=True))
         return Outcome("decide", d.reason, d)
@@ -340,9 +404,10 @@ class Policy:
             return _refuse(f"invalid target: {e}")
         if latest is None or latest.get("action") != "block" or latest.get("expires_at", 0) <= now:
             return _refuse(f"{norm} has no active block to revoke")
+        operator = short(operator)
         d = Decision(action="revoke", target=norm, issued_at=now,
                      expires_at=max(float(latest["expires_at"]), now + 1.0),
-                     reason=reason or f"revoked by operator {operator}",
+                     reason=short(reason or f"revoked by operator {operator}", REASON_MAX_BYTES),
                      provenance={"kind": "operator", "operator": operator},
                      revokes=latest["id"])
         return Outcome("decide", d.reason, d)

@@ -9,6 +9,18 @@ the original sequence instead of stored twice.
 Errors are one sentence (PublishError). While nats-server is unreachable `publish` fails
 at once rather than queueing: the decision stays pending in the store and the decider
 retries with backoff. Once connected, the client reconnects on its own indefinitely.
+A refusal that no retry can change (a subject or payload the client or JetStream will never
+take) is a PublishError with `permanent` set: the decider marks that decision failed and
+goes on. `stream_resets` counts the times the publisher had to create the stream (it was
+missing): the decider then publishes every current decision again.
+
+While connected, the publisher also keeps the stream's consumers to what nodes need
+(nats-server 2.9 cannot: no per-user consumer limit, no cap on a consumer's
+inactive_threshold): every REAP_EVERY_S it lists SWARM_DECISIONS' consumers as the mesh
+user and deletes every one that is durable, pull (nodes cannot fetch), delivers outside
+`_INBOX.`, or would outlive its subscriber by more than NODE_CONSUMER_MAX_IDLE_S
+(inactive_threshold unset or larger). What is left, nats-server removes by itself within
+NODE_CONSUMER_MAX_IDLE_S of its node going away.
 """
 from __future__ import annotations
 
@@ -30,10 +42,37 @@ log = logging.getLogger("swarm.mesh.publish")
 
 STREAM_MARGIN_S = 3600.0        # the stream keeps a decision this long past the lifetime cap
 DUPLICATE_WINDOW_S = 600.0
+REAP_EVERY_S = 2.0
+NODE_CONSUMER_MAX_IDLE_S = 60.0  # a node's consumer: inactive_threshold at most this
+_LIST_PAGES_MAX = 400            # 256 consumers a page (nats-server's list limit)
 
 
 class PublishError(RuntimeError):
-    """Publishing failed; the message is one sentence for the operator."""
+    """Publishing failed; the message is one sentence for the operator. `permanent`: no
+    retry will change it (the server is there and refuses this message)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def unwanted_consumer(info: Any) -> str | None:
+    """Why a consumer of SWARM_DECISIONS is no node's (see the module docstring), or None.
+    The agents' ordered consumers are ephemeral push consumers on `_INBOX.`; nats-server
+    gives them an inactive_threshold of 5 s."""
+    cfg = info.config
+    if cfg is None:
+        return None
+    if cfg.durable_name:
+        return "durable"
+    if not cfg.deliver_subject:
+        return "a pull consumer"
+    if not str(cfg.deliver_subject).startswith("_INBOX."):
+        return f"delivers to {cfg.deliver_subject}"
+    idle = cfg.inactive_threshold
+    if not idle or idle > NODE_CONSUMER_MAX_IDLE_S:
+        return f"inactive_threshold {idle or 'unset'} over {NODE_CONSUMER_MAX_IDLE_S:g} s"
+    return None
 
 
 @dataclass(frozen=True)
@@ -107,7 +146,10 @@ class Publisher:
         self._js: Any = None
         self._stream_ok = False
         self._lock = asyncio.Lock()
+        self._reaper: asyncio.Task | None = None
         self.last_error = ""
+        self.stream_resets = 0          # times the stream was missing and created
+        self.consumers_reaped = 0
 
     @property
     def connected(self) -> bool:
@@ -156,6 +198,8 @@ class Publisher:
             self.last_error = ""
             raise PublishError(f"cannot connect to nats-server at {o.url}: {why}") from None
         self._nc, self._js, self._stream_ok = nc, nc.jetstream(timeout=o.ack_timeout_s), False
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_loop())
 
     @staticmethod
     async def _discard(nc: Any) -> None:
@@ -172,7 +216,8 @@ class Publisher:
                 info = await self._js.stream_info(STREAM)
             except js_errors.NotFoundError:
                 await self._js.add_stream(self.config)
-                log.info("nats: created stream %s", STREAM)
+                self.stream_resets += 1
+                log.warning("nats: created stream %s (it was missing)", STREAM)
             else:
                 have = info.config
                 want = self.config
@@ -207,8 +252,14 @@ class Publisher:
                 except (asyncio.TimeoutError, nats_errors.TimeoutError):
                     raise PublishError(f"nats-server did not acknowledge {subject} within "
                                        f"{self.options.ack_timeout_s:g} s") from None
+                except js_errors.BadRequestError as e:
+                    raise PublishError(f"JetStream refused {subject}: {e.description}",
+                                       permanent=True) from None
                 except js_errors.APIError as e:
                     raise PublishError(f"JetStream refused {subject}: {e.description}") from None
+                except (nats_errors.BadSubjectError, nats_errors.MaxPayloadError) as e:
+                    raise PublishError(f"publishing {subject} is refused: "
+                                       f"{e or type(e).__name__}", permanent=True) from None
                 except nats_errors.Error as e:
                     raise PublishError(f"publishing {subject} failed: {e}") from None
                 except (ValueError, TypeError, KeyError):
@@ -216,7 +267,51 @@ class Publisher:
                                        f"something that is not an acknowledgement") from None
             raise AssertionError("unreachable")
 
+    async def reap_consumers(self) -> int:
+        """Deletes the stream's consumers no node should have (unwanted_consumer); returns
+        how many. Quiet when disconnected or the stream is missing."""
+        js = self._js
+        if js is None or not self.connected:
+            return 0
+        found: list[Any] = []
+        try:
+            for _ in range(_LIST_PAGES_MAX):
+                page = await js.consumers_info(STREAM, offset=len(found))
+                if not page:
+                    break
+                found += page
+        except js_errors.NotFoundError:
+            return 0
+        except (asyncio.TimeoutError, nats_errors.Error) as e:
+            log.warning("nats: cannot list the consumers of %s: %s", STREAM, e or type(e).__name__)
+            return 0
+        deleted = 0
+        for info in found:
+            why = unwanted_consumer(info)
+            if why is None:
+                continue
+            try:
+                await js.delete_consumer(STREAM, info.name)
+            except js_errors.NotFoundError:
+                continue                          # gone by itself meanwhile
+            except (asyncio.TimeoutError, nats_errors.Error) as e:
+                log.warning("nats: cannot delete consumer %s: %s", info.name, e or type(e).__name__)
+                continue
+            deleted += 1
+            log.warning("nats: deleted consumer %s of %s: %s", info.name, STREAM, why)
+        self.consumers_reaped += deleted
+        return deleted
+
+    async def _reap_loop(self) -> None:
+        while self._nc is not None:
+            await self.reap_consumers()
+            await asyncio.sleep(REAP_EVERY_S)
+
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+            self._reaper = None
         if self._nc is not None:
             nc, self._nc, self._js = self._nc, None, None
             await self._discard(nc)

@@ -14,6 +14,15 @@ from typing import Any
 from agent.proto.swarm.mesh.v1 import mesh_pb2
 
 MAX_ID = 200     # characters of a report id or a record id (agents send 32 hex digits)
+# The one rule for what a proposal may carry: its free text (rule, incident_id, operator,
+# event_class, evidence) is cut to these many characters when it is stored, so one node
+# cannot make its proposal, or a decision it votes for, any bigger; the proposal still
+# counts. Its identifiers are not cut, since a cut would change what they name: a
+# proposal_id over MAX_ID or a target over TARGET_MAX_CHARS makes the report "rejected"
+# (kept raw, with the reason; never a vote), and Store.add_proposal a ValueError.
+PROPOSAL_TEXT_MAX_CHARS = {"rule": 128, "incident_id": MAX_ID, "operator": 128,
+                           "event_class": 64, "evidence": 4096}
+TARGET_MAX_CHARS = 64            # as agent.fleet.decision.normalize_target
 DEADLINES = {mesh_pb2.DEADLINE_PENDING: "pending", mesh_pb2.DEADLINE_MET: "met",
              mesh_pb2.DEADLINE_MISSED: "missed"}
 
@@ -93,7 +102,24 @@ def problem(r: mesh_pb2.Report) -> str | None:
             return f"a {kind} id longer than {MAX_ID} characters"
     if kind == "proposal" and not r.proposal.target:
         return "a proposal without a target"
+    if kind == "proposal":
+        return proposal_problem(convert(r).values)
     return None
+
+
+def proposal_problem(p: dict[str, Any]) -> str | None:
+    """Why proposal `p` (its column values) is not kept: an identifier over its limit."""
+    for key, limit in (("proposal_id", MAX_ID), ("target", TARGET_MAX_CHARS)):
+        value = p.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            return f"a proposal {key} longer than {limit} characters"
+    return None
+
+
+def bounded_proposal(p: dict[str, Any]) -> dict[str, Any]:
+    """`p` with its free text cut to PROPOSAL_TEXT_MAX_CHARS."""
+    return {k: v[:PROPOSAL_TEXT_MAX_CHARS[k]]
+            if k in PROPOSAL_TEXT_MAX_CHARS and isinstance(v, str) else v for k, v in p.items()}
 
 
 def usable_id(r: mesh_pb2.Report) -> bool:

@@ -9,7 +9,10 @@ SCHEMA_VERSION is stored in `meta`; a store written by a newer version is refuse
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# 2: refusals indexed by (node, proposal_id) (a refused proposal is no vote); decisions
+#    may be in state "failed". Tables and indexes are CREATE ... IF NOT EXISTS, so the
+#    service upgrades a version 1 store at start by running them again.
 
 _TYPES = {
     "sqlite": {"text": "TEXT", "real": "REAL", "int": "INTEGER", "json": "TEXT",
@@ -78,7 +81,8 @@ TABLES: dict[str, tuple[list[tuple[str, str, str | None]], str | None, list[str]
                    ("event_class", "text", "''"), ("received_at", "real", None)],
                   "node, proposal_id", ["target, received_at", "received_at"]),
     # Signed decisions: persisted (pending) before they are published, then published
-    # with the stream sequence.
+    # with the stream sequence; "failed" when nats-server refused it for good (never in
+    # force: latest_decision and the policy ignore it; the refusal says why).
     "decisions": ([("id", "text", None), ("target", "text", None), ("action", "text", None),
                    ("body", "json", None), ("envelope", "bytes", None),
                    ("issued_at", "real", None), ("expires_at", "real", None),
@@ -89,7 +93,7 @@ TABLES: dict[str, tuple[list[tuple[str, str, str | None]], str | None, list[str]
                   ("provider", "text", "''"), ("target", "text", "''"),
                   ("reason", "text", None), ("proposal_id", "text", "''"),
                   ("source", "text", "''"), ("detail", "json", "'{}'")],
-                 None, ["at"]),
+                 None, ["at", "node, proposal_id"]),
 }
 
 

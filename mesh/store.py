@@ -159,7 +159,8 @@ class Store:
             cur.run(_insert("evidence", columns("evidence"), " ON CONFLICT DO NOTHING"),
                     [values[c] for c in columns("evidence")])
         elif kind == "proposal":
-            p = {**row.values, "node": node, "provider": provider, "received_at": received_at}
+            p = records.bounded_proposal({**row.values, "node": node, "provider": provider,
+                                          "received_at": received_at})
             if self._add_proposal(cur, p):
                 out.proposals.append(p)
         elif kind == "heartbeat":
@@ -180,14 +181,18 @@ class Store:
     # ---- proposals
     def add_proposal(self, p: dict[str, Any]) -> bool:
         """Keep a proposal (keys: _PROPOSAL_KEYS; node, proposal_id, target and
-        received_at required); False when that node's proposal_id was already stored."""
+        received_at required; free text cut as records.bounded_proposal does, an over-long
+        identifier a ValueError); False when that node's proposal_id was already stored."""
         with self.tx() as cur:
-            return self._add_proposal(cur, p)
+            return self._add_proposal(cur, records.bounded_proposal(p))
 
     def _add_proposal(self, cur: Cursor, p: dict[str, Any]) -> bool:
         unknown = set(p) - set(_PROPOSAL_KEYS)
         if unknown:
             raise ValueError(f"unknown proposal keys {sorted(unknown)}")
+        why = records.proposal_problem(p)
+        if why:
+            raise ValueError(why)
         cols = [k for k in _PROPOSAL_KEYS if k in p]
         return cur.run(_insert("proposals", cols, " ON CONFLICT DO NOTHING"),
                        [p[k] for k in cols]) == 1
@@ -205,6 +210,30 @@ class Store:
         with self.tx(write=False) as cur:
             return cur.all(f"SELECT * FROM proposals WHERE {' AND '.join(where)} "
                            "ORDER BY received_at DESC, proposal_id LIMIT ?", [*params, limit])
+
+    def votes(self, targets: Sequence[str], since: float, now: float,
+              window_s: float) -> list[dict[str, Any]]:
+        """The votes for a target (the policy's corroboration): for each node and each of
+        `targets`, its newest proposal received at or after `since` that was not refused
+        and is not stale (created more than `window_s` before it was received, or its own
+        ttl_s over at `now`: the test Policy._stale makes). One row per node and target,
+        however many a node sent, so a flood from one node crowds out nobody."""
+        if not targets:
+            return []
+        marks = ", ".join("?" * len(targets))
+        sql = ("SELECT * FROM (SELECT p.*, ROW_NUMBER() OVER (PARTITION BY p.node, p.target "
+               "ORDER BY p.received_at DESC, p.proposal_id) AS rn FROM proposals p "
+               f"WHERE p.target IN ({marks}) AND p.received_at >= ? "
+               "AND (p.created_at = 0 OR (p.created_at >= p.received_at - ? "
+               "AND (p.ttl_s <= 0 OR p.created_at + p.ttl_s > ?))) "
+               "AND NOT EXISTS (SELECT 1 FROM refusals r WHERE r.node = p.node "
+               "AND r.proposal_id = p.proposal_id)) AS v WHERE rn = 1 "
+               "ORDER BY received_at DESC, node")
+        with self.tx(write=False) as cur:
+            rows = cur.all(sql, [*targets, since, window_s, now])
+        for row in rows:
+            row.pop("rn", None)
+        return rows
 
     def count_proposals(self, node: str, since: float) -> int:
         """Proposals from `node` received at or after `since` (the mesh's clock)."""
@@ -229,6 +258,12 @@ class Store:
             cur.run("UPDATE decisions SET state = 'published', seq = ?, published_at = ? "
                     "WHERE id = ?", (seq, time.time() if at is None else at, decision_id))
 
+    def mark_failed(self, decision_id: str) -> None:
+        """nats-server refused the decision for good: it was never in force."""
+        with self.tx() as cur:
+            cur.run("UPDATE decisions SET state = 'failed' WHERE id = ? AND state = 'pending'",
+                    (decision_id,))
+
     def pending_decisions(self) -> list[tuple[dict[str, Any], bytes]]:
         """Decisions stored but not yet published, oldest first, with their envelopes."""
         with self.tx(write=False) as cur:
@@ -237,11 +272,43 @@ class Store:
         return [(json.loads(r["body"]), bytes(r["envelope"])) for r in rows]
 
     def latest_decision(self, target: str) -> dict[str, Any] | None:
-        """The newest decision (by issued_at) for `target`, with state, seq, published_at."""
+        """The newest decision (by issued_at) for `target`, with state, seq, published_at;
+        failed ones (never in force) do not count."""
         with self.tx(write=False) as cur:
             row = cur.one("SELECT body, state, seq, published_at FROM decisions "
-                          "WHERE target = ? ORDER BY issued_at DESC, id DESC LIMIT 1", (target,))
+                          "WHERE target = ? AND state != 'failed' "
+                          "ORDER BY issued_at DESC, id DESC LIMIT 1", (target,))
         return _decision(row) if row else None
+
+    def current_decisions(self, now: float, action: str | None = None,
+                          envelopes: bool = False) -> list[dict[str, Any]]:
+        """Every target's latest decision (failed ones aside) not expired at `now`, oldest
+        first; `action`: only blocks or only revokes; `envelopes`: with "envelope" (bytes).
+        No row limit: what the stream should hold, and the standing revocations."""
+        where, params = [_LATEST, "d.expires_at > ?"], [now]
+        if action is not None:
+            where.append("d.action = ?")
+            params.append(action)
+        with self.tx(write=False) as cur:
+            rows = cur.all("SELECT d.body, d.state, d.seq, d.published_at, d.envelope "
+                           f"FROM decisions d WHERE {' AND '.join(where)} "
+                           "ORDER BY d.issued_at, d.id", params)
+        return [{**_decision(r), **({"envelope": bytes(r["envelope"])} if envelopes else {})}
+                for r in rows]
+
+    def due_canaries(self, issued_before: float, now: float) -> list[dict[str, Any]]:
+        """Published canary decisions issued at or before `issued_before`, unexpired at
+        `now` and still their target's latest: those due for promotion. No row limit."""
+        with self.tx(write=False) as cur:
+            # The LIKE only narrows the rows (the body is json.dumps: '"stage": "canary"'
+            # cannot come from inside a string, whose quotes are escaped); the body decides.
+            rows = cur.all("SELECT d.body, d.state, d.seq, d.published_at FROM decisions d "
+                           f"WHERE {_LATEST} AND d.state = 'published' AND d.action = 'block' "
+                           "AND d.issued_at <= ? AND d.expires_at > ? "
+                           "AND d.body LIKE ? ORDER BY d.issued_at, d.id",
+                           (issued_before, now, '%"stage": "canary"%'))
+        out = [_decision(r) for r in rows]
+        return [d for d in out if (d.get("scope") or {}).get("stage") == "canary"]
 
     def decisions(self, active_at: float | None = None, limit: int = 1000,
                   target: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
@@ -340,6 +407,12 @@ class Store:
         for row in rows:
             row["params"] = json.loads(row["params"] or "{}")
         return rows
+
+
+# d is its target's latest decision: no newer one for the target that did not fail.
+_LATEST = ("d.state != 'failed' AND NOT EXISTS (SELECT 1 FROM decisions n WHERE "
+           "n.target = d.target AND n.state != 'failed' AND (n.issued_at > d.issued_at "
+           "OR (n.issued_at = d.issued_at AND n.id > d.id)))")
 
 
 def _decision(row: dict[str, Any]) -> dict[str, Any]:

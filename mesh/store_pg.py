@@ -95,7 +95,11 @@ class PgStore(Store):
             if version == SCHEMA_VERSION:
                 return
             if not create:
-                raise StoreError(f"store {_shown(self.url)} is not a mesh store (no schema)")
+                shown = _shown(self.url)
+                raise StoreError(f"store {shown} is not a mesh store (no schema)" if version is None
+                                 else f"store {shown} has schema version {version}, older than "
+                                 f"this mesh service's {SCHEMA_VERSION}: start the service once to "
+                                 "upgrade it")
             for sql in create_statements("postgresql"):
                 cur.execute(sql)
             cur.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) "

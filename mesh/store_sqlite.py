@@ -72,7 +72,11 @@ class SqliteStore(Store):
         if version == SCHEMA_VERSION:
             return
         if not create:
-            raise StoreError(f"store {printable(str(self.path))} is not a mesh store (no schema)")
+            shown = printable(str(self.path))
+            raise StoreError(f"store {shown} is not a mesh store (no schema)" if version is None
+                             else f"store {shown} has schema version {version}, older than "
+                             f"this mesh service's {SCHEMA_VERSION}: start the service once to "
+                             "upgrade it")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             for sql in create_statements("sqlite"):

@@ -38,6 +38,22 @@ class MemStore:
                    and (node is None or p["node"] == node)]
         return out[::-1][:limit]
 
+    def votes(self, targets, since: float, now: float, window_s: float) -> list[dict[str, Any]]:
+        with self._lock:
+            refused = {(r.get("node"), r.get("proposal_id")) for r in self._refusals}
+            best: dict[tuple[str, str], dict[str, Any]] = {}
+            for p in self._proposals:
+                created, ttl = p.get("created_at") or 0, p.get("ttl_s") or 0
+                stale = created and (created < p["received_at"] - window_s
+                                     or (ttl > 0 and created + ttl <= now))
+                if p["target"] not in targets or p["received_at"] < since or stale \
+                        or (p["node"], p["proposal_id"]) in refused:
+                    continue
+                key = (p["node"], p["target"])
+                if key not in best or p["received_at"] >= best[key]["received_at"]:
+                    best[key] = copy.deepcopy(p)
+        return sorted(best.values(), key=lambda p: p["received_at"], reverse=True)
+
     def count_proposals(self, node: str, since: float) -> int:
         with self._lock:
             return sum(1 for p in self._proposals if p["node"] == node and p["received_at"] >= since)
@@ -55,6 +71,12 @@ class MemStore:
                 if d["id"] == decision_id:
                     d["state"], d["seq"] = "published", seq
 
+    def mark_failed(self, decision_id: str) -> None:
+        with self._lock:
+            for d in self._decisions:
+                if d["id"] == decision_id and d["state"] == "pending":
+                    d["state"] = "failed"
+
     def pending_decisions(self) -> list[tuple[dict[str, Any], bytes]]:
         with self._lock:
             rows = sorted((d for d in self._decisions if d["state"] == "pending"),
@@ -64,9 +86,23 @@ class MemStore:
 
     def latest_decision(self, target: str) -> dict[str, Any] | None:
         with self._lock:
-            mine = [d for d in self._decisions if d["target"] == target]
+            mine = [d for d in self._decisions if d["target"] == target and d["state"] != "failed"]
             return copy.deepcopy(max(mine, key=lambda d: (d["issued_at"], d["id"]))) \
                 if mine else None
+
+    def current_decisions(self, now: float, action: str | None = None,
+                          envelopes: bool = False) -> list[dict[str, Any]]:
+        latest = [self.latest_decision(t) for t in {d["target"] for d in self._decisions}]
+        out = [d for d in latest if d is not None and d["expires_at"] > now
+               and (action is None or d["action"] == action)]
+        if envelopes:
+            out = [{**d, "envelope": self._envelopes[d["id"]]} for d in out]
+        return sorted(out, key=lambda d: (d["issued_at"], d["id"]))
+
+    def due_canaries(self, issued_before: float, now: float) -> list[dict[str, Any]]:
+        return [d for d in self.current_decisions(now, action="block")
+                if d["state"] == "published" and d["issued_at"] <= issued_before
+                and (d.get("scope") or {}).get("stage") == "canary"]
 
     def decisions(self, active_at: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         with self._lock:

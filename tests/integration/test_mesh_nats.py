@@ -349,6 +349,8 @@ def test_tls_with_client_certificates(tmp_path):
 
 
 def test_a_deleted_stream_is_recreated_on_the_next_publish(srv):
+    """The publish that finds the stream gone recreates it, then every target's current
+    decision is published again (agents reload the new stream's snapshot)."""
     async def go():
         dec, pub = decider(srv)
         await dec.block("203.0.113.1", 600, "", "alice")
@@ -360,5 +362,33 @@ def test_a_deleted_stream_is_recreated_on_the_next_publish(srv):
         return created, info, dec
 
     created, info, dec = asyncio.run(go())
-    assert info.created != created and info.state.messages == 1
+    assert info.created != created and info.state.messages == 2
     assert dec.store.latest_decision("203.0.113.2/32")["seq"] == 1 and dec.publish_failures == 0
+    assert dec.store.latest_decision("203.0.113.1/32")["seq"] == 2
+
+
+def test_the_publisher_reaps_consumers_no_node_needs_and_keeps_the_agents_ones(srv):
+    """A node's ordered consumer (the agent's recipe) survives the publisher's reaping; a
+    pull consumer and a push one asking for an hour's inactive_threshold are deleted."""
+    async def go():
+        pub = Publisher(NatsOptions(url=srv.url, **srv.creds("mesh")), max_ttl_s=3600)
+        await pub.publish(subject_for("203.0.113.9/32"), b"{}", "r-1")
+        nc = await nats.connect(srv.url, **srv.creds("node-1"), max_reconnect_attempts=1)
+        js = nc.jetstream(timeout=2)
+        sub = await js.subscribe("swarm.decisions.>", stream=STREAM, ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.ALL, idle_heartbeat=2.0)
+        await js.add_consumer(STREAM, ConsumerConfig(inactive_threshold=3600.0))
+        await js.add_consumer(STREAM, ConsumerConfig(deliver_subject="_INBOX.x",
+                                                     inactive_threshold=3600.0))
+        await asyncio.sleep(0.2)
+        await pub.reap_consumers()
+        deleted = pub.consumers_reaped      # this call's or the background loop's
+        left = await pub._js.consumers_info(STREAM)
+        got = await sub.next_msg(timeout=2)
+        await nc.close()
+        await pub.close()
+        return deleted, left, got
+
+    deleted, left, got = asyncio.run(go())
+    assert deleted == 2 and len(left) == 1 and left[0].config.inactive_threshold == 5.0
+    assert got.subject == subject_for("203.0.113.9/32")
