@@ -38,8 +38,8 @@ def _who(provenance_json: str) -> str:
         return "?"
     if p.get("kind") == "operator":
         return f"operator {p.get('operator', '?')}"
-    nodes = p.get("nodes") or []
-    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}" + (
+    n = p.get("node_count", len(p.get("nodes") or []))     # the lists are capped at 10
+    return f"{n} node{'s' if n != 1 else ''}" + (
         f" ({', '.join(p.get('rules') or [])})" if p.get("rules") else "")
 
 

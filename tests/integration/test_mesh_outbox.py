@@ -67,7 +67,7 @@ def test_every_change_is_queued_with_it_and_newer_snapshots_replace_older(store)
     assert len(box.pending(10)) == 2
     assert box.acknowledge([p.id for p in box.pending(10)]) == 2
     assert box.depth() == {"incident": 0, "mitigation": 0, "heartbeat": 0, "evidence": 0,
-                           "feedback": 0}
+                           "feedback": 0, "proposal": 0}
     box.close()
 
 
@@ -82,7 +82,7 @@ def test_the_bound_drops_heartbeats_then_mitigations_and_incidents_only_past_the
     assert sum(box.depth().values()) == 18
     assert box.trim() == {"heartbeat": 6, "mitigation": 2}
     assert box.depth() == {"incident": 8, "mitigation": 2, "heartbeat": 0, "evidence": 0,
-                           "feedback": 0}
+                           "feedback": 0, "proposal": 0}
     for i in range(8, 14):
         store.record_finding(finding(f"ip:198.51.100.{i}"), 1.0, 2.0)
     # 16 queued: the 2 mitigations go, the soft bound keeps incidents, so only the hard
@@ -228,7 +228,7 @@ def test_evidence_bundles_reach_the_mesh_in_calls_under_grpcs_limit(store, certs
     store.record_finding(finding("ip:198.51.100.99"), 1.0, 2.0)
     assert small.trim() == {"heartbeat": 1, "evidence": 1}        # 5 queued, bound 3
     assert small.depth() == {"incident": 2, "mitigation": 1, "heartbeat": 0, "evidence": 0,
-                             "feedback": 0}
+                             "feedback": 0, "proposal": 0}
     small.close()
 
 
