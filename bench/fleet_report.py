@@ -74,9 +74,9 @@ def human(o: dict[str, Any]) -> str:
                      f"(reconnected {_p(p['reconnected_after_heal'])}), "
                      f"all: {'yes' if p['all_caught_up'] else 'NO'}")
     s = o["storm"]
-    lines += [f"reconnect storm: nats-server restarted in {s['restart_s']} s; all {n} back "
-              f"{s['all_back_after_ready_s']} s after it was ready (reconnects "
-              f"{_p(s['reconnected_after_ready'])}); server CPU until then "
+    lines += [f"reconnect storm: nats-server restarted in {s['restart_s']} s; all {n} nodes and "
+              f"agents following {s['all_following_after_ready_s']} s after it was ready (sims "
+              f"reconnected {_p(s['sims_reconnected_after_ready'])}); server CPU until then "
               f"{s['nats_until_all_back']['cpu_s']} s",
               f"  decision after it: last sim {_p(s['decision_after']['last_sim_in_force'])}, "
               f"agents {_p(s['decision_after'].get('agents_in_force', {}))}",
