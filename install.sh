@@ -4,14 +4,18 @@
 #
 #   sudo ./install.sh          # runtime: system packages, .venv, probes
 #   sudo ./install.sh --test   # the same plus the test dependencies
+#   sudo ./install.sh --mesh   # the same plus what the mesh service needs (nats-server,
+#                              # python3-psycopg2 for a PostgreSQL store)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 with_tests=0
+with_mesh=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_tests=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    --mesh) with_mesh=1 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -44,6 +48,8 @@ packages+=(python3-pyroute2)
 [ "$with_tests" = 1 ] && packages+=(iperf3)
 # Tests only: property-based tests of the config and rules loaders (generated inputs).
 [ "$with_tests" = 1 ] && packages+=(python3-hypothesis)
+# The mesh service (swarm-mesh): its embedded nats-server, and the PostgreSQL driver.
+[ "$with_mesh" = 1 ] && packages+=(nats-server python3-psycopg2)
 # Tests only: the fleet tests start a real NATS JetStream server and a throwaway PostgreSQL
 # cluster (the mesh service's production store) themselves.
 [ "$with_tests" = 1 ] && packages+=(nats-server postgresql python3-psycopg2)

@@ -3,6 +3,8 @@
     swarm-mesh run [--config F]        serve the reporting API until SIGTERM/SIGINT
     swarm-mesh nodes | incidents | proposals | decisions | refusals [--config F] [--json]
     swarm-mesh keygen | nats-config | block | revoke   (mesh/fleetcmd.py)
+    swarm-mesh init | enroll                          (mesh/setup.py: a mesh in one directory,
+                                                       a node's credentials)
 
 Query commands read the store named in the config (while the service runs, too) and
 print human tables, or JSON for scripts with --json. Exit codes: 0 success, 1 an
@@ -48,16 +50,18 @@ class Command:
     help: str
     add_args: Callable[[argparse.ArgumentParser], None]
     handler: Callable[[argparse.Namespace, MeshConfig], int]
+    uses_config: bool = True      # False: no --config, the handler gets the built-in defaults
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None],
-             handler: Callable[[argparse.Namespace, MeshConfig], int]) -> None:
+             handler: Callable[[argparse.Namespace, MeshConfig], int],
+             uses_config: bool = True) -> None:
     """Add a subcommand; `handler(args, cfg)` returns the exit code and may raise
     MeshConfigError, StoreError, StartError or UsageError (printed as one sentence)."""
-    COMMANDS[name] = Command(name, help, add_args, handler)
+    COMMANDS[name] = Command(name, help, add_args, handler, uses_config)
 
 
 # ---- run
@@ -83,7 +87,22 @@ def setup_logging(cfg: MeshConfig) -> None:
 async def serve(cfg: MeshConfig, store: Store, decider=None) -> None:
     """Serve until SIGTERM or SIGINT; a second one exits at once. With a decider (the
     config has signing:), proposals go to it, its loop republishes pending decisions and
-    promotes canaries, and proposals stored before a crash are decided on at start."""
+    promotes canaries, and proposals stored before a crash are decided on at start.
+    With nats.server, nats-server is started first (ready before anything connects),
+    restarted whenever it dies, and stopped last."""
+    embedded = None
+    if cfg.nats_server is not None:
+        from mesh.natsproc import EmbeddedNats
+        embedded = EmbeddedNats(cfg.nats_server)
+        await embedded.start()
+    try:
+        await _serve(cfg, store, decider, embedded)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _serve(cfg: MeshConfig, store: Store, decider, embedded) -> None:
     server = MeshServer(cfg, store, on_proposal=decider.on_proposal if decider else None)
     await server.start()
     stop = asyncio.Event()
@@ -97,14 +116,17 @@ async def serve(cfg: MeshConfig, store: Store, decider=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     tasks = []
+    if embedded is not None:
+        tasks.append(asyncio.create_task(embedded.supervise(stop)))
     if decider is not None:
         tasks.append(asyncio.create_task(decider.run(stop)))
         tasks.append(asyncio.create_task(decider.sweep()))
-    print(json.dumps({"listening": server.address, "decisions": decider is not None}),
-          flush=True)
+    print(json.dumps({"listening": server.address, "decisions": decider is not None,
+                      "nats_pid": embedded.pid if embedded else None}), flush=True)
     log.info("mesh service ready", extra={"listen": server.address, "store": store.dialect,
                                           "version": __version__,
-                                          "decisions": decider is not None})
+                                          "decisions": decider is not None,
+                                          "embedded_nats": embedded is not None})
     try:
         await stop.wait()
         log.info("stopping")
@@ -237,6 +259,7 @@ register("refusals", "proposals and decisions refused, with the reason, newest f
 
 
 from mesh import fleetcmd  # noqa: E402,F401  (registers keygen, nats-config, block, revoke)
+from mesh import enroll, setup  # noqa: E402,F401  (register init, enroll)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,8 +270,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         sp = sub.add_parser(cmd.name, help=cmd.help)
-        sp.add_argument("--config", metavar="FILE", help="YAML config (default: "
-                        f"{mesh_config.SYSTEM_CONFIG} if present, else built-in defaults)")
+        if cmd.uses_config:
+            sp.add_argument("--config", metavar="FILE", help="YAML config (default: "
+                            f"{mesh_config.SYSTEM_CONFIG} if present, else built-in defaults)")
         if cmd.name != "run":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         cmd.add_args(sp)
@@ -258,7 +282,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
-        cfg = mesh_config.load(args.config)
+        cmd = COMMANDS[args.command]
+        cfg = mesh_config.load(args.config) if cmd.uses_config else MeshConfig()
         code = COMMANDS[args.command].handler(args, cfg)
     except (MeshConfigError, StoreError, StartError, UsageError) as e:
         print(f"swarm-mesh: {e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Every problem is one MeshConfigError sentence naming the key; the CLI prints it and exits 2.
 The `nats:`, `signing:` and `policy:` sections belong to the decision service
-(mesh/decide.py and friends): here they are only checked to be mappings and kept as dicts.
+(mesh/decide.py and friends): here they are only checked to be mappings and kept as dicts,
+except `nats.server`, the embedded nats-server (mesh/natsproc.py), which is validated here
+and kept apart in `nats_server` (`nats` holds only how the service connects).
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ class MeshConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class NatsServerConfig:
+    """`nats.server`: `swarm-mesh run` starts nats-server itself, as a child process."""
+    config: str                       # nats-server's config file (swarm-mesh init writes one)
+    binary: str = "nats-server"       # a name looked up on PATH and in /usr/sbin, or a path
+    log_file: str | None = None       # its output appended here; None: into the service's log
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """The whole config. `tls_*` are required only to serve (`swarm-mesh run`); the query
     commands need only `store`."""
@@ -44,6 +54,7 @@ class MeshConfig:
     nats: dict[str, Any] = field(default_factory=dict)
     signing: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
+    nats_server: NatsServerConfig | None = None   # nats.server (None: an external nats-server)
     path: str | None = None           # the file it came from (None: built-in defaults)
 
     def require_tls(self) -> None:
@@ -85,7 +96,7 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
     where = f"config {printable(path)}" if path else "config"
     if not isinstance(data, dict):
         raise MeshConfigError(f"{where} must be a mapping of keys to values")
-    known = set(MeshConfig.__dataclass_fields__) - {"path"}
+    known = set(MeshConfig.__dataclass_fields__) - {"path", "nats_server"}
     for key in data:
         if key not in known:
             raise MeshConfigError(f"unknown config key {printable(str(key))!r} in {where}")
@@ -112,6 +123,8 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
         if not isinstance(value, dict):
             raise MeshConfigError(f"{key} must be a mapping (got {type(value).__name__})")
         kw[key] = dict(value)
+    if "server" in kw.get("nats", {}):
+        kw["nats_server"] = _nats_server(kw["nats"].pop("server"))
     cfg = MeshConfig(**kw)
     split_listen(cfg.listen)
     store_kind(cfg.store)
@@ -122,6 +135,22 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
         raise MeshConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)} "
                               f"(got {printable(cfg.log_level)!r})")
     return cfg
+
+
+def _nats_server(value: Any) -> NatsServerConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MeshConfigError(f"nats.server must be a mapping (got {type(value).__name__})")
+    unknown = sorted(set(value) - set(NatsServerConfig.__dataclass_fields__))
+    if unknown:
+        raise MeshConfigError(f"unknown config key nats.server.{printable(str(unknown[0]))}")
+    if "config" not in value:
+        raise MeshConfigError("nats.server needs config: the nats-server config file to run")
+    kw = {k: _string(f"nats.server.{k}", value[k]) for k in ("config", "binary") if k in value}
+    if value.get("log_file") is not None:
+        kw["log_file"] = _string("nats.server.log_file", value["log_file"])
+    return NatsServerConfig(**kw)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -63,6 +63,11 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+def defaults() -> dict[str, Any]:
+    """The policy settings and their defaults (what an empty `policy:` means)."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in _DEFAULTS.items()}
+
+
 def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"policy {name} must be a number, not {value!r}")

@@ -14,6 +14,7 @@ to start). Same arguments to `NatsServer` from another test give an independent 
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -44,18 +45,20 @@ class NatsServer:
     """One nats-server process with its config, store and log under `workdir`."""
 
     def __init__(self, workdir: Path, nodes: tuple[str, ...] = ("node-1", "node-2"),
-                 port: int | None = None, **settings):
+                 port: int | None = None, host: str = "127.0.0.1", ns: str | None = None,
+                 **settings):
         self.binary = nats_binary()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.host, self.ns = host, ns           # ns: run it inside that network namespace
         self.store_dir = self.workdir / "jetstream"
         self.config_path = self.workdir / "nats.conf"
         self.log_path = self.workdir / "nats.log"
         self.users = {"mesh": natsconf.User("mesh", natsconf.new_password(), "mesh")}
         for n in nodes:
             self.users[n] = natsconf.User(n, natsconf.new_password(), "node")
-        self.settings = natsconf.ServerSettings(store_dir=str(self.store_dir), host="127.0.0.1",
+        self.settings = natsconf.ServerSettings(store_dir=str(self.store_dir), host=host,
                                                 port=self.port, **settings)
         natsconf.write(self.config_path, self.settings, list(self.users.values()))
         self.proc: subprocess.Popen | None = None
@@ -63,7 +66,7 @@ class NatsServer:
     @property
     def url(self) -> str:
         scheme = "tls" if self.settings.tls_cert else "nats"
-        return f"{scheme}://127.0.0.1:{self.port}"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def creds(self, name: str) -> dict[str, str]:
         u = self.users[name]
@@ -72,7 +75,8 @@ class NatsServer:
     def start(self, timeout_s: float = 15.0) -> "NatsServer":
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.config_path)],
+        prefix = ["ip", "netns", "exec", self.ns] if self.ns else []
+        self.proc = subprocess.Popen([*prefix, self.binary, "-c", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -89,8 +93,12 @@ class NatsServer:
                            f"{self.log_path.read_text()[-3000:]}")
 
     def _accepts(self) -> bool:
+        ctx = contextlib.nullcontext()
+        if self.ns:
+            from swarmlab.lab import netns
+            ctx = netns(self.ns)
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+            with ctx, socket.create_connection((self.host, self.port), timeout=0.5):
                 return True
         except OSError:
             return False

@@ -242,6 +242,13 @@ def mitigations(c: Client, args: argparse.Namespace) -> int:
         _print_json([to_dict(m) for m in found])
     else:
         print(format_mitigations(found))
+        try:        # the fleet's blocks are enforced beside these (an older agent: no call)
+            fleet = c.call("ListFleet", pb.ListFleetRequest(limit=1))
+        except CommandError:
+            fleet = None
+        if fleet is not None and fleet.enabled:
+            print(f"fleet: {fleet.in_force} blocks decided by the mesh in force here "
+                  "(swarm-agent fleet)")
     return EXIT_OK
 
 

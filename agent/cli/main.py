@@ -14,7 +14,7 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import bundle, client, feedback, gpu, isolation, rules
+from agent.cli import bundle, client, feedback, fleet, gpu, isolation, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -100,6 +100,7 @@ def _control_parsers(sub, with_config) -> None:
     rules.add_parsers(add)
     gpu.add_parsers(add)
     feedback.add_parsers(add)
+    fleet.add_parsers(add)
     bundle.add_parsers(add)
     sp = add("audit", "the audit log of control calls, newest first")
     sp.add_argument("--identity", help="only calls by this identity")
@@ -188,7 +189,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     # gRPC's own log lines (a failed handshake, ...) would come on top of our sentence.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     command = {**client.COMMANDS, **isolation.COMMANDS, **rules.COMMANDS,
-               **gpu.COMMANDS, **feedback.COMMANDS, **bundle.COMMANDS}[args.command]
+               **gpu.COMMANDS, **feedback.COMMANDS, **fleet.COMMANDS,
+               **bundle.COMMANDS}[args.command]
     return client.run(command, args, _load_config(args.config))
 
 
@@ -211,7 +213,8 @@ COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
             "check-config": cmd_check_config,
             **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
                                                *rules.COMMANDS, *gpu.COMMANDS,
-                                               *feedback.COMMANDS, *bundle.COMMANDS)}}
+                                               *feedback.COMMANDS, *fleet.COMMANDS,
+                                               *bundle.COMMANDS)}}
 
 if __name__ == "__main__":
     sys.exit(main())

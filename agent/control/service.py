@@ -22,7 +22,7 @@ import grpc
 from google.protobuf import json_format
 
 from agent.control import convert
-from agent.control import bundles, feedback, gpu, isolation
+from agent.control import bundles, feedback, fleetlist, gpu, isolation
 from agent.control.auth import OPERATOR, VIEWER, Authenticator, Caller, denied
 from agent.control.errors import CallError
 from agent.control.watch import WatchHub
@@ -304,6 +304,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def RollbackBundle(self, request, caller):
         _text("comment", request.comment)
         return await bundles.rollback(self.agent)
+
+    @rpc(VIEWER, mutating=False)
+    def ListFleet(self, request, caller):
+        return fleetlist.listing(self.agent, request, self.clock()), ""
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ STREAM = "SWARM_DECISIONS"
 SUBJECT_PREFIX = "swarm.decisions"
 MAX_BODY_BYTES = 16384            # a decision is small; anything bigger is refused unread
 MAX_LIFETIME_S = 7 * 86400.0      # hard cap an agent applies whatever the mesh says
+_TARGET_CHARS = re.compile(r"[0-9A-Fa-f.:/]+")
 
 
 class DecisionError(ValueError):
@@ -59,6 +61,10 @@ def normalize_target(target: str) -> str:
     ambiguous which was meant), as is anything that is not an address or a network."""
     if not isinstance(target, str) or not target or len(target) > 64:
         raise DecisionError(f"target {target!r} is not an address or network")
+    if _TARGET_CHARS.fullmatch(target.strip()) is None:
+        # Python accepts an IPv6 zone ("fe80::1%eth0"): nftables does not, and a zone
+        # with spaces is not even a NATS subject. Only the digits of an address pass.
+        raise DecisionError(f"target {target!r} has characters no address or network has")
     try:
         net = ipaddress.ip_network(target.strip(), strict=True)
     except ValueError as e:

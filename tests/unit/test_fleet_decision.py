@@ -79,7 +79,7 @@ def test_a_decision_replayed_on_another_targets_subject_is_refused(pair):
 @pytest.mark.parametrize("change, reason", [
     ({"action": "allow"}, "action"),
     ({"target": "203.0.113.7/24"}, "host bits"),
-    ({"target": "example.com"}, "does not appear"),
+    ({"target": "example.com"}, "characters no address"),
     ({"expires_at": NOW - 1}, "expires before"),
     ({"expires_at": NOW + 30 * 86400}, "over the cap"),
     ({"issued_at": NOW + 3600, "expires_at": NOW + 7200}, "future"),

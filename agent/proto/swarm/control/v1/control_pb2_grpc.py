@@ -124,6 +124,11 @@ class ControlStub(object):
                 request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleRequest.SerializeToString,
                 response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleResponse.FromString,
                 )
+        self.ListFleet = channel.unary_unary(
+                '/swarm.control.v1.Control/ListFleet',
+                request_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFleetRequest.SerializeToString,
+                response_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFleetResponse.FromString,
+                )
 
 
 class ControlServicer(object):
@@ -288,6 +293,14 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFleet(self, request, context):
+        """Fleet decisions (config fleet:): the blocks the mesh decided for the fleet that are in
+        force here, and the decisions this agent refused (bad signature, its allowlist...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -400,6 +413,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.RollbackBundle,
                     request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleRequest.FromString,
                     response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleResponse.SerializeToString,
+            ),
+            'ListFleet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFleet,
+                    request_deserializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFleetRequest.FromString,
+                    response_serializer=swarm_dot_control_dot_v1_dot_control__pb2.ListFleetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -782,5 +800,22 @@ class Control(object):
         return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/RollbackBundle',
             swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleRequest.SerializeToString,
             swarm_dot_control_dot_v1_dot_control__pb2.RollbackBundleResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListFleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/swarm.control.v1.Control/ListFleet',
+            swarm_dot_control_dot_v1_dot_control__pb2.ListFleetRequest.SerializeToString,
+            swarm_dot_control_dot_v1_dot_control__pb2.ListFleetResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
