@@ -289,6 +289,7 @@ policy:
             for t in targets:
                 wait(lambda: self.everywhere(t, others), 30, 0.1)
             time.sleep(max(0.0, cut + a.partition_s - time.time()))
+            at_heal = self.part.ask("status")   # failed sessions so far: the backoff reached
         finally:
             sh("nft", "delete", "table", "inet", "fleet_partition", ns=self.part_ns)
         healed = time.time()
@@ -304,6 +305,7 @@ policy:
             "group": a.partition, "seconds": round(healed - cut, 1), "decisions": len(targets),
             "all_caught_up": ok, "caught_up_after_heal": summary(caught),
             "reconnected_after_heal": summary(reconn),
+            "failed_sessions_per_node_at_heal": round(at_heal["failures"] / a.partition, 1),
             "had_all_before_heal": sum(1 for s in done if max(s[t][1] for t in targets) < healed),
             "rest_of_fleet": self.propagation(targets, [w for w in self.workers if w is not self.part])}
 

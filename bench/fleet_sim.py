@@ -39,7 +39,7 @@ WATCH_S = 0.02          # how often connection state is sampled
 
 
 class MemorySet:
-    """FleetEnforcer's contract (setup, change, reconcile, remove, blocks, allow, dry_run)
+    """FleetEnforcer's contract (setup, change, update, reconcile, remove, blocks, allow, dry_run)
     over a dict: what a simulated node has "in force". Records the wall time each target
     was first put in force (`applied_at`)."""
 
@@ -60,6 +60,16 @@ class MemorySet:
             if t not in self.blocks:
                 self.applied_at.setdefault(t, at)
         self.blocks = live
+
+    def update(self, delta: Mapping[str, float | None], now: float) -> None:
+        at = time.time()
+        for t, e in delta.items():
+            if e is None or e <= now:
+                self.blocks.pop(t, None)
+            else:
+                if t not in self.blocks:
+                    self.applied_at.setdefault(t, at)
+                self.blocks[t] = e
 
     def reconcile(self, allow: Iterable[Any], now: float) -> bool:
         self.allow = list(allow)
