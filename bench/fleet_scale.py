@@ -291,8 +291,8 @@ policy:
             time.sleep(max(0.0, cut + a.partition_s - time.time()))
             at_heal = self.part.ask("status")   # failed sessions so far: the backoff reached
         finally:
+            healed = time.time()        # the earliest the link could carry a packet again
             sh("nft", "delete", "table", "inet", "fleet_partition", ns=self.part_ns)
-        healed = time.time()
         ok = wait(lambda: all(self.everywhere(t, [self.part], agents=False) for t in targets),
                   a.catch_up_timeout_s, 0.1)
         per_sub = self.times(targets, [self.part])
