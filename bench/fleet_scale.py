@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import math
 import os
 import queue
 import shutil
