@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from agent._vendor import nats
+from agent._vendor.nats.errors import NoServersError
 from agent._vendor.nats.js.api import ConsumerConfig, DeliverPolicy
 from agent.config import Config, ConfigError
 from agent.enforce.base import EnforceError
@@ -142,9 +143,23 @@ class FleetSubscriber:
                 ctx.load_cert_chain(self.fc.tls_cert, self.fc.tls_key)
             opts["tls"] = ctx
 
-        async def quiet(*_: Any) -> None:    # failures surface through _session
+        last: list[Exception] = []
+
+        async def remember(e: Exception) -> None:   # failures surface through _session
+            last[:] = [e]
+
+        async def quiet(*_: Any) -> None:
             return None
-        return await nats.connect(**opts, error_cb=quiet, disconnected_cb=quiet, closed_cb=quiet)
+        try:
+            # A bounded try per server (nats-py tries each twice before giving up on it):
+            # left to itself, connect() retries an unreachable server every 2 s for about
+            # two minutes, allow_reconnect or not, which replaces run()'s jittered backoff
+            # with a fixed period that keeps a whole fleet retrying in step.
+            return await nats.connect(**opts, max_reconnect_attempts=1, reconnect_time_wait=0,
+                                      error_cb=remember, disconnected_cb=quiet, closed_cb=quiet)
+        except NoServersError:
+            raise ConnectionError("no NATS server reachable" + (f": {last[0]}" if last else "")) \
+                from None
 
     async def _session(self) -> None:
         nc = await self._connect()
