@@ -131,6 +131,11 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
         except DecisionError as e:
             out.refusals.append(Refusal(msg.seq, msg.subject, "", reason_of(e), str(e)[:200]))
             continue
+        except Exception as e:   # noqa: BLE001 -- a message nobody foresaw is refused, never
+            # raised: an exception here would stop every agent at this sequence for ever
+            out.refusals.append(Refusal(msg.seq, msg.subject, "", "malformed",
+                                        f"cannot be read: {type(e).__name__}: {e}"[:200]))
+            continue
         named.add(d.target)
         if not d.applies_to(checks.node_id):
             out.skipped += 1

@@ -230,6 +230,8 @@ class Verifier:
             env = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise DecisionError("message is not JSON") from None
+        except RecursionError:      # 16 kB of "[[[[": parsed before it can be verified
+            raise DecisionError("message is not JSON (nested too deeply)") from None
         if not isinstance(env, dict) or set(env) != {"d", "k", "s"}:
             raise DecisionError("message is not a signed decision envelope")
         key = self.keys.get(env["k"]) if isinstance(env["k"], str) else None
@@ -238,7 +240,7 @@ class Verifier:
         try:
             sig = base64.b64decode(env["s"], validate=True)
             key.verify(sig, canonical(env["d"]))
-        except (InvalidSignature, binascii.Error, TypeError, ValueError):
+        except (InvalidSignature, binascii.Error, TypeError, ValueError, RecursionError):
             raise DecisionError("bad signature") from None
         try:
             decision = Decision.from_dict(env["d"])
