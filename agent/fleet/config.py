@@ -7,8 +7,12 @@ agent/configcheck.py BOUNDS (keys "fleet.*"); `check()` adds what one key cannot
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from agent import configcheck
 from agent.fleet.decision import MAX_LIFETIME_S
@@ -43,6 +47,18 @@ class FleetConfig:
     @property
     def servers(self) -> list[str]:
         return [u for u in (self.nats_url, *self.nats_urls) if u]
+
+    def server_hosts(self) -> list[str]:
+        """The host part of every server URL ("198.51.100.20", "nats.example", "::1")."""
+        hosts = []
+        for url in self.servers:
+            try:
+                host = urlsplit(url).hostname
+            except ValueError:
+                host = None
+            if host:
+                hosts.append(host)
+        return hosts
 
     def proposing(self, mesh_endpoint: str | None) -> bool:
         """Whether blocks become proposals: `propose`, or by default whenever there is a
@@ -80,6 +96,42 @@ class FleetConfig:
             raise ValueError("fleet.password needs fleet.user")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("fleet.reconnect_max_s must not be below fleet.reconnect_initial_s")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+RESOLVE_WAIT_S = 3.0       # names of NATS servers resolved at start, waited for this long
+
+
+def server_networks(hosts: list[str], resolve: Callable[..., Any] = socket.getaddrinfo,
+                    wait_s: float = RESOLVE_WAIT_S) -> tuple[list[Network], list[str]]:
+    """The addresses of the fleet's NATS servers (one /32 or /128 each), and the names
+    that did not resolve. An address is taken as written; a name is resolved once, with
+    every address it has, waiting at most `wait_s` in all (a hung resolver must not hold
+    the agent's start; the address it connects to is added when it connects)."""
+    nets: list[Network] = []
+    names: list[str] = []
+    for host in hosts:
+        try:
+            nets.append(ipaddress.ip_network(host))
+        except ValueError:
+            names.append(host)
+    if not names:
+        return nets, []
+    found: dict[str, list[Network]] = {}
+
+    def lookup() -> None:
+        for name in names:
+            try:
+                infos = resolve(name, None, 0, socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                continue
+            found[name] = [ipaddress.ip_network(i[4][0].split("%", 1)[0]) for i in infos]
+    worker = threading.Thread(target=lookup, name="fleet-resolve", daemon=True)
+    worker.start()
+    worker.join(wait_s)
+    for name in names:
+        nets.extend(found.get(name, ()))
+    return nets, [n for n in names if n not in found]
 
 
 BOUNDS_HELP: dict[str, tuple[float, float]] = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import logging
 import random
 import ssl
@@ -33,6 +34,7 @@ from agent.enforce.base import EnforceError
 from agent.enforce.fleet import FleetEnforcer, Network
 from agent.fleet import apply as fleetapply
 from agent.fleet.apply import Checks, Entry, Message, Outcome
+from agent.fleet.config import server_networks
 from agent.fleet.decision import STREAM, SUBJECT_PREFIX, DecisionError, Verifier, load_public_key
 from agent.report.mesh import backoff_s
 from agent.state import fleet as fleetdb
@@ -46,6 +48,7 @@ EXPIRE_S = 30.0             # how often run-out entries are forgotten
 CATCH_UP_WAIT_S = 0.2       # while catching up, wait this long for more to batch
 SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this long...
 SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
+MAX_SERVER_ALLOW = 64       # NATS server addresses allowlisted at most (configured + met)
 REFUSAL_LOG_S = 60.0        # one log line per refusal reason per minute
 
 
@@ -68,7 +71,11 @@ class FleetSubscriber:
                  allow: Callable[[], Sequence[Network]], clock: Callable[[], float] = time.time):
         self.cfg, self.fc = cfg, cfg.fleet
         self.store, self.enforcer, self.node_id = store, enforcer, node_id
-        self._allow, self._clock = allow, clock
+        self._allow_local, self._clock = allow, clock
+        # The NATS servers the decisions (and their revocations) come from: allowlisted in
+        # the fleet's checks and its table whatever allowlist.mesh says, so no decision
+        # can cut the node off from the channel that would lift it.
+        self.server_allow: list[Network] = []
         self.verifier = verifier_of(cfg)
         self.entries: dict[str, Entry] = {}
         self.cursor, self.stream_created = 0, ""
@@ -89,9 +96,32 @@ class FleetSubscriber:
     def start(self) -> None:
         """Load what the database holds and make the fleet table hold exactly that."""
         now = self._clock()
+        self.server_allow, unresolved = server_networks(self.fc.server_hosts())
+        if unresolved:
+            log.warning("fleet servers not resolved at start: allowlisted when connected",
+                        extra={"names": unresolved})
         self.entries = fleetdb.entries(self.store)
         self.cursor, self.stream_created = fleetdb.cursor(self.store)
         self.enforcer.setup(self.blocks(now), self._allow(), now)
+
+    def _allow(self) -> list[Network]:
+        """The allowlist every decision is checked against and the fleet table accepts
+        first: the agent's (loopback, host addresses, configured) and the NATS servers."""
+        return [*self._allow_local(), *self.server_allow]
+
+    def _allow_server(self, nc: Any) -> bool:
+        """Add the address this connection reached (a name resolved differently now, a
+        server of the cluster learnt from the one configured); True when it is new."""
+        try:
+            peer = nc._transport._io_writer.get_extra_info("peername")[0]
+            net = ipaddress.ip_network(str(peer).split("%", 1)[0])
+        except (AttributeError, TypeError, IndexError, ValueError):
+            return False
+        if net in self.server_allow or len(self.server_allow) >= MAX_SERVER_ALLOW:
+            return False
+        self.server_allow.append(net)
+        log.info("fleet server allowlisted", extra={"address": str(net)})
+        return True
 
     def blocks(self, now: float) -> dict[str, float]:
         return {t: e.expires_at for t, e in self.entries.items()
@@ -175,6 +205,8 @@ class FleetSubscriber:
                 log.info("fleet stream reachable", extra={"server": self.server,
                                                           "after_failures": self.failures})
             self.failures, self.last_error = 0, ""
+            if self._allow_server(nc):
+                await self.reconcile()      # the fleet table accepts it from now on
             if reset:
                 sub = await js.subscribe(f"{SUBJECT_PREFIX}.>", stream=STREAM, ordered_consumer=True,
                                          deliver_policy=DeliverPolicy.ALL, idle_heartbeat=2.0)
