@@ -20,7 +20,12 @@ element's timeout is its decision's remaining lifetime, so a partitioned agent k
 enforcing what it has until it runs out.
 
 Every change is one transaction; not thread-safe: its caller serialises (the fleet
-subscriber runs it on one worker thread at a time).
+subscriber runs it on one worker thread at a time). One element the kernel refuses must
+not sink every later change (each carries what is in force when it falls back to a
+rebuild): a target that is no address or network is left out before any batch, and when
+the kernel still refuses a rebuild, the table is made empty and the blocks added by
+halves, so each refused element is found, left out and reported (`take_rejected`) while
+the rest goes in force. A rejected target is not tried again while it stays wanted.
 """
 from __future__ import annotations
 
@@ -166,42 +171,60 @@ def change_batch(old: Mapping[str, float], new: Mapping[str, float], now: float)
     return cmds
 
 
+def well_formed(target: str) -> bool:
+    """Whether nftables can take `target` as an element: an address or network, no zone."""
+    if not isinstance(target, str) or "%" in target:
+        return False
+    try:
+        ipaddress.ip_network(target)
+    except ValueError:
+        return False
+    return True
+
+
 class FleetEnforcer:
     """The fleet table of this network namespace (construct it inside the namespace).
-    `dry_run`: record what would be in force, change nothing. `blocks` is what it holds."""
+    `dry_run`: record what would be in force, change nothing. `blocks` is what it holds;
+    `rejected` the wanted targets it could not put in force (target -> why)."""
 
     def __init__(self, dry_run: bool = False):
         self.dry_run = dry_run
         self.blocks: dict[str, float] = {}
         self.allow: list[Network] = []
+        self.rejected: dict[str, str] = {}
+        self._new_rejects: list[tuple[str, str]] = []
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
 
     def setup(self, blocks: Mapping[str, float], allow: Iterable[Network], now: float) -> None:
-        """Replace the table with one holding the live ones of `blocks` (one transaction)."""
-        live = {t: e for t, e in blocks.items() if e > now}
+        """Replace the table with one holding the live ones of `blocks` (one transaction,
+        unless the kernel refuses an element: see the module docstring)."""
+        self.rejected = {}
+        live = self._usable({t: e for t, e in blocks.items() if e > now})
         self.allow = list(allow)
         if not self.dry_run:
-            self._send(table_batch(live, self.allow, now))
+            live = self._rebuild(live, now)
         self.blocks = live
 
     def change(self, new: Mapping[str, float], now: float) -> None:
         """Put exactly `new` in force (one transaction of the difference); when the kernel
         refuses it (the table gone, an element edited), the whole table is made anew."""
-        live = {t: e for t, e in new.items() if e > now}
+        self.rejected = {t: why for t, why in self.rejected.items() if t in new}
+        live = self._usable({t: e for t, e in new.items() if e > now})
         if not self.dry_run:
             try:
                 self._send(change_batch(self.blocks, live, now))
             except EnforceError:
-                self._send(table_batch(live, self.allow, now))
+                live = self._rebuild(live, now)
         self.blocks = live
 
     def update(self, delta: Mapping[str, float | None], now: float) -> None:
         """Change only the targets in `delta` (target -> expiry, None: not blocked), so a
         live decision costs the same with 10 or 100,000 in force. Networks share an
         interval set that is rewritten whole: a delta naming one takes change()'s way."""
-        if any(not is_host(t) for t in delta):
+        if any(not is_host(t) for t in delta if well_formed(t)):
             new = dict(self.blocks)
+            new.update({t: 0.0 for t in self.rejected})     # still wanted, still refused
             for t, e in delta.items():
                 if e is None:
                     new.pop(t, None)
@@ -209,21 +232,74 @@ class FleetEnforcer:
                     new[t] = e
             self.change(new, now)
             return
+        for t, e in delta.items():
+            if e is None:
+                self.rejected.pop(t, None)
         old = {t: self.blocks[t] for t in delta if t in self.blocks}
-        live = {t: e for t, e in delta.items() if e is not None and e > now}
+        live = self._usable({t: e for t, e in delta.items() if e is not None and e > now})
         if not self.dry_run:
             try:
                 self._send(change_batch(old, live, now))
             except EnforceError:
                 merged = {t: e for t, e in self.blocks.items() if t not in delta}
                 merged.update(live)
-                self._send(table_batch({t: e for t, e in merged.items() if e > now},
-                                       self.allow, now))
+                self.blocks = self._rebuild({t: e for t, e in merged.items() if e > now}, now)
+                return
         for t in delta:
             if t in live:
                 self.blocks[t] = live[t]
             else:
                 self.blocks.pop(t, None)
+
+    def take_rejected(self) -> list[tuple[str, str]]:
+        """The targets newly found unenforceable since the last call, with why."""
+        taken, self._new_rejects = self._new_rejects, []
+        return taken
+
+    def _usable(self, blocks: Mapping[str, float]) -> dict[str, float]:
+        """`blocks` less the targets known refused and those no element can be."""
+        out: dict[str, float] = {}
+        for t, e in blocks.items():
+            if t in self.rejected:
+                continue
+            if not well_formed(t):
+                self._reject(t, "not an address or network nftables can hold")
+                continue
+            out[t] = e
+        return out
+
+    def _reject(self, target: str, why: str) -> None:
+        self.rejected[target] = why
+        self._new_rejects.append((target, why))
+
+    def _rebuild(self, live: dict[str, float], now: float) -> dict[str, float]:
+        """The table made anew with `live` in one transaction; when the kernel refuses that,
+        made empty (allowlist and chain: a failure there is no element's fault and
+        surfaces), then `live` added by halves: each refused element is left out and
+        reported, the rest put in force. Returns what is in force."""
+        try:
+            self._send(table_batch(live, self.allow, now))
+            return live
+        except EnforceError:
+            pass
+        self._send(table_batch({}, self.allow, now))
+        kept: dict[str, float] = {}
+
+        def add(items: list[tuple[str, float]]) -> None:
+            trial = {**kept, **dict(items)}
+            try:
+                self._send(change_batch(kept, trial, now))
+                kept.update(items)
+            except EnforceError as e:
+                if len(items) == 1:
+                    self._reject(items[0][0], str(e)[:200])
+                    return
+                add(items[:len(items) // 2])
+                add(items[len(items) // 2:])
+        items = sorted(live.items())
+        if items:
+            add(items)
+        return kept
 
     def reconcile(self, allow: Iterable[Network], now: float) -> bool:
         """Compare the kernel's table with what should be there; remake it when it
@@ -237,8 +313,7 @@ class FleetEnforcer:
         have = self._listing()
         if have is None or not _matches(have, live, allow):
             self.allow = allow
-            self._send(table_batch(live, allow, now))
-            self.blocks = live
+            self.blocks = self._rebuild(live, now)
             return True
         self.blocks, self.allow = live, allow
         return False

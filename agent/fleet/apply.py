@@ -29,7 +29,8 @@ _REASONS = (("untrusted key", "untrusted_key"), ("bad signature", "bad_signature
             ("over the cap", "lifetime_over_cap"), ("came on", "wrong_subject"),
             ("in the future", "issued_in_future"), ("expired", "expired"))
 REASONS = ("untrusted_key", "bad_signature", "malformed", "oversized", "lifetime_over_cap",
-           "wrong_subject", "issued_in_future", "expired", "too_wide", "allowlisted", "stale")
+           "wrong_subject", "issued_in_future", "expired", "too_wide", "allowlisted", "stale",
+           "not_enforceable")
 
 
 def reason_of(error: DecisionError) -> str:

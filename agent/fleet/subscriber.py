@@ -33,7 +33,7 @@ from agent.config import Config, ConfigError
 from agent.enforce.base import EnforceError
 from agent.enforce.fleet import FleetEnforcer, Network
 from agent.fleet import apply as fleetapply
-from agent.fleet.apply import Checks, Entry, Message, Outcome
+from agent.fleet.apply import Checks, Entry, Message, Outcome, Refusal
 from agent.fleet.config import server_networks
 from agent.fleet.decision import STREAM, SUBJECT_PREFIX, DecisionError, Verifier, load_public_key
 from agent.report.mesh import backoff_s
@@ -103,6 +103,7 @@ class FleetSubscriber:
         self.entries = fleetdb.entries(self.store)
         self.cursor, self.stream_created = fleetdb.cursor(self.store)
         self.enforcer.setup(self.blocks(now), self._allow(), now)
+        self._record_rejected()
 
     def _allow(self) -> list[Network]:
         """The allowlist every decision is checked against and the fleet table accepts
@@ -316,12 +317,27 @@ class FleetSubscriber:
                                       for t in touched}, now)
         except EnforceError as e:     # recorded: the next reconcile puts it in force
             log.error("fleet decisions not put in force", extra={"error": str(e)})
+        self._record_rejected()
         t3 = time.monotonic()
         self.applied += outcome.applied
         self.last_batch = {"messages": len(msgs), "verify_s": round(t1 - t0, 4),
                            "store_s": round(t2 - t1, 4), "nft_s": round(t3 - t2, 4)}
         self._count_refusals(outcome)
         return outcome
+
+    def _record_rejected(self) -> None:
+        """Targets the kernel would not take (the rest of their batch is in force): each a
+        refusal "not_enforceable", recorded and counted; the entry stays, so a replay of
+        the same decision is still stale."""
+        rejected = self.enforcer.take_rejected()
+        if not rejected:
+            return
+        refusals = [Refusal(e.seq if (e := self.entries.get(t)) is not None else 0, "", t,
+                            "not_enforceable", why[:200]) for t, why in rejected]
+        try:
+            fleetdb.record_refusals(self.store, refusals, self._clock(), self.fc.refusals_kept)
+        finally:
+            self._count_refusals(Outcome(refusals=refusals))
 
     def _count_refusals(self, outcome: Outcome) -> None:
         now = time.monotonic()
@@ -347,6 +363,7 @@ class FleetSubscriber:
                     log.warning("fleet table repaired", extra={"in_force": len(self.enforcer.blocks)})
             except EnforceError as e:
                 log.error("fleet reconcile failed", extra={"error": str(e)})
+            await asyncio.to_thread(self._record_rejected)
 
 
 def _trim() -> None:

@@ -13,7 +13,7 @@ import sqlite3
 import uuid
 from typing import Any
 
-from agent.fleet.apply import Entry, Outcome
+from agent.fleet.apply import Entry, Outcome, Refusal
 from agent.state.store import Store
 
 _COLUMNS = ("target", "id", "action", "issued_at", "expires_at", "seq", "applied_at",
@@ -44,14 +44,23 @@ def commit(store: Store, outcome: Outcome, stream_created: str, at: float, keep:
                             for e in outcome.upserts.values()])
         db.execute("INSERT OR REPLACE INTO fleet_cursor (id, seq, stream_created, updated_at) "
                    "VALUES (1, ?, ?, ?)", (outcome.cursor, stream_created, at))
-        if outcome.refusals:
-            db.executemany("INSERT INTO fleet_refusals (at, seq, subject, target, reason, detail) "
-                           "VALUES (?, ?, ?, ?, ?, ?)",
-                           [(at, r.seq, r.subject, r.target, r.reason, r.detail)
-                            for r in outcome.refusals])
-            db.execute("DELETE FROM fleet_refusals WHERE n <= (SELECT MAX(n) FROM fleet_refusals) - ?",
-                       (keep,))
+        _refusals(db, outcome.refusals, at, keep)
     store._write(tx)
+
+
+def record_refusals(store: Store, refusals: list[Refusal], at: float, keep: int) -> None:
+    """Refusals found after a batch was committed (the kernel refused an element)."""
+    if refusals:
+        store._write(lambda db: _refusals(db, refusals, at, keep))
+
+
+def _refusals(db: sqlite3.Connection, refusals: list[Refusal], at: float, keep: int) -> None:
+    if refusals:
+        db.executemany("INSERT INTO fleet_refusals (at, seq, subject, target, reason, detail) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       [(at, r.seq, r.subject, r.target, r.reason, r.detail) for r in refusals])
+        db.execute("DELETE FROM fleet_refusals WHERE n <= (SELECT MAX(n) FROM fleet_refusals) - ?",
+                   (keep,))
 
 
 def forget(store: Store, targets: list[str]) -> None:

@@ -104,3 +104,44 @@ def test_config_fleet_section(tmp_path):
     y.write_text(f"fleet:\n  nats_url: nats://h:4222\n  keys: [{pub}]\n  max_prefix_v4: 0\n")
     with pytest.raises(C.ConfigError, match="max_prefix_v4"):
         C.load(y)
+
+
+class RefusingEnforcer:
+    """A FleetEnforcer whose 'kernel' refuses any batch naming one poisoned address and
+    keeps the host elements of the batches it accepted (no nftables touched)."""
+
+    @staticmethod
+    def make(poison: str):
+        from agent.enforce.base import EnforceError
+        from agent.enforce.fleet import FleetEnforcer
+
+        class Enforcer(FleetEnforcer):
+            def _send(self, cmds):
+                if poison in json.dumps(cmds):
+                    raise EnforceError("nftables refused the fleet change: poisoned")
+                for cmd in cmds:
+                    if "delete" in cmd and "table" in cmd["delete"]:
+                        self.kernel = set()
+                    elif "add" in cmd and "element" in cmd["add"]:
+                        self.kernel |= {e["elem"]["val"] if isinstance(e, dict) else e
+                                        for e in cmd["add"]["element"]["elem"]
+                                        if not isinstance(e, dict) or "elem" in e}
+                    elif "delete" in cmd and "element" in cmd["delete"]:
+                        self.kernel -= set(cmd["delete"]["element"]["elem"])
+        enf = Enforcer(dry_run=False)
+        enf.kernel = set()
+        return enf
+
+
+def test_an_element_the_kernel_refuses_does_not_sink_the_batch_or_later_ones():
+    enf = RefusingEnforcer.make("198.51.100.66")
+    enf.setup({}, [ipaddress.ip_network("127.0.0.0/8")], NOW)
+    blocks = {f"198.51.100.{i}/32": NOW + 600 for i in range(60, 70)}
+    enf.change(blocks, NOW)
+    assert enf.take_rejected()[0][0] == "198.51.100.66/32" and enf.take_rejected() == []
+    assert set(enf.blocks) == set(blocks) - {"198.51.100.66/32"}
+    assert enf.kernel == {t.split("/")[0] for t in enf.blocks}
+    enf.update({"203.0.113.1/32": NOW + 600}, NOW)          # an ordinary delta again
+    assert "203.0.113.1" in enf.kernel and enf.take_rejected() == []
+    enf.update({"198.51.100.66/32": None}, NOW)             # revoked: forgotten
+    assert "198.51.100.66/32" not in enf.rejected
