@@ -57,6 +57,13 @@ METRICS: dict[str, dict[str, tuple[str, bool, str]]] = {
 }
 KERNEL_KEYS = ("syns", "packets", "udp", "ports", "conns", "resets",
                "svc_syns", "svc_packets", "svc_udp", "svc_sources")
+# Evidence an off-path sender cannot forge (README "The response fits the evidence"):
+# completed handshakes, resets drawn by handshakes that answered the SYN proxy's cookie,
+# and a local process's own actions. Every other kind -- a source's SYN, packet and UDP
+# counts, ports probed by SYNs, resets drawn by SYNs, a service's many-source counts --
+# can be sent in a victim's name. Listed by what is proven, so a new kind is forgeable
+# until someone says otherwise.
+UNFORGEABLE_EVENTS = frozenset({"tcp.established", "tcp.verified_reset", *match.FIELDS})
 SOURCE_ACTIONS = ("block", "rate_limit", "reroute", "challenge")
 SERVICE_ACTIONS = ("rate_limit_service", "challenge_service")
 PROCESS_ACTIONS = ("kill", "freeze")   # policy rules: the process / its cgroup
@@ -107,6 +114,12 @@ class Rule:
     @property
     def name(self) -> str:
         return f"{self.id}@{self.version}"
+
+    @property
+    def unforgeable(self) -> bool:
+        """Whether every condition rests on evidence nobody can forge off-path (a rule
+        with `match` fires on any one of them, and a finding does not say which)."""
+        return all(c.event in UNFORGEABLE_EVENTS for c in self.conditions)
 
 
 def load_rules(path: str | Path | Sequence[str | Path] | None = None) -> list[Rule]:

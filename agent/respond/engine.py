@@ -111,6 +111,7 @@ class Responder:
     def set_rules(self, rules: Sequence[Rule]) -> None:
         """Use these rules' ttl_s from now on (after a rules reload)."""
         self._ttl_by_rule = {r.name: r.ttl_s for r in rules}
+        self._proposable = {r.name for r in rules if r.unforgeable}
 
     # -- findings ----------------------------------------------------------------------
 
@@ -387,12 +388,17 @@ class Responder:
 
     def _propose(self, m: Mitigation, now: float, finding: Finding | None = None,
                  operator: str = "") -> None:
-        """A block this agent put in force (a rule's, on unforgeable evidence by design,
-        or an operator's) becomes a proposal to the fleet, queued in the outbox in the
-        block's own transaction. Never in dry run, never for anything but block_ip (a
-        fleet decision is no mitigation row here: it is never proposed back)."""
+        """A block this agent put in force (an operator's, or a rule's whose every
+        condition rests on unforgeable evidence) becomes a proposal to the fleet, queued in
+        the outbox in the block's own transaction. A rule that blocks on forgeable evidence
+        (an operator's own `action: block` on net.source SYN rates) stays this node's
+        choice: spread, spoofed packets would block their victim on every node. Never in
+        dry run, never for anything but block_ip (a fleet decision is no mitigation row
+        here: it is never proposed back)."""
         if m.kind is not MitigationKind.BLOCK_IP or self._cfg.dry_run \
                 or not self._cfg.fleet.proposing(self._cfg.mesh.endpoint):
+            return
+        if finding is not None and finding.rule not in self._proposable:
             return
         body = proposal.body(m, now, finding, operator)
         if body is not None:
