@@ -12,6 +12,17 @@ transaction with its cursor, then put in force in ONE nftables transaction
 (agent.enforce.fleet). Reconnects are jittered (agent.report.mesh.backoff_s); while the
 mesh or NATS is away the kernel keeps enforcing what is in force until each element's
 own timeout.
+
+Refusals that may not last are not final. A decision refused as issued in the future
+(this node's clock is behind: NTP broken) is remembered by its subject (in memory, at most
+RETRY_MAX; after a restart, from the refusals table) and its subject's latest message is
+fetched again (js.get_last_msg) at the start of each session and every RETRY_S, at most
+RETRY_BATCH a round, only up to the cursor (the consumer brings the rest): applied once
+the clock allows, dropped once applied or superseded, a repeat refusal not recorded
+again. A decision signed by a key not trusted yet (the mesh rotated its key before the
+agents) cannot pass without a restart that adds the key: the key ids the last complete
+snapshot was verified with are recorded, and a start with a different set loads the
+whole stream again as a snapshot (a removed key's decisions are lifted by it too).
 """
 from __future__ import annotations
 
@@ -20,22 +31,21 @@ import ctypes
 import ipaddress
 import logging
 import random
-import ssl
 import time
 from collections import Counter
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from agent._vendor import nats
-from agent._vendor.nats.errors import NoServersError
-from agent._vendor.nats.js.api import ConsumerConfig, DeliverPolicy
+from agent._vendor.nats.js import errors as js_errors
 from agent.config import Config, ConfigError
 from agent.enforce.base import EnforceError
 from agent.enforce.fleet import FleetEnforcer, Network
 from agent.fleet import apply as fleetapply
+from agent.fleet import connect as fleetconnect
 from agent.fleet.apply import Checks, Entry, Message, Outcome, Refusal
 from agent.fleet.config import server_networks
-from agent.fleet.decision import STREAM, SUBJECT_PREFIX, DecisionError, Verifier, load_public_key
+from agent.fleet.decision import STREAM, DecisionError, Verifier, load_public_key
 from agent.report.mesh import backoff_s
 from agent.state import fleet as fleetdb
 from agent.state.store import Store
@@ -50,6 +60,10 @@ SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this
 SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
 MAX_SERVER_ALLOW = 64       # NATS server addresses allowlisted at most (configured + met)
 REFUSAL_LOG_S = 60.0        # one log line per refusal reason per minute
+RETRIED = ("issued_in_future",)   # refusals whose subject is fetched again later
+RETRY_S = 30.0              # how often they are
+RETRY_MAX = 1000            # subjects remembered at most (the oldest go first)
+RETRY_BATCH = 100           # fetched per round at most
 
 
 class StreamReset(Exception):
@@ -87,6 +101,9 @@ class FleetSubscriber:
         self.refused: Counter[str] = Counter()
         self.applied = 0
         self.snapshots = 0
+        self.snapshots_incomplete = 0
+        self.retry: dict[str, None] = {}      # subjects to fetch again (an ordered set)
+        self._keys_changed = False
         self.last_batch: dict[str, float] = {}
         self._logged: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -102,6 +119,10 @@ class FleetSubscriber:
                         extra={"names": unresolved})
         self.entries = fleetdb.entries(self.store)
         self.cursor, self.stream_created = fleetdb.cursor(self.store)
+        self._keys_changed = fleetdb.trusted_keys(self.store) != sorted(self.verifier.keys)
+        for subject in reversed(fleetdb.refused_subjects(self.store, RETRIED,
+                                                         now - self.fc.max_lifetime_s, RETRY_MAX)):
+            self._remember(subject)
         self.enforcer.setup(self.blocks(now), self._allow(), now)
         self._record_rejected()
 
@@ -135,6 +156,7 @@ class FleetSubscriber:
                 "lag": max(0, self.stream_last_seq - self.cursor),
                 "in_force": len(self.blocks(now)), "refused": dict(self.refused),
                 "applied": self.applied, "snapshots": self.snapshots,
+                "snapshots_incomplete": self.snapshots_incomplete,
                 "last_error": self.last_error, "last_batch": dict(self.last_batch),
                 "dry_run": self.enforcer.dry_run}
 
@@ -158,49 +180,15 @@ class FleetSubscriber:
                         extra={"error": why, "servers": self.fc.servers, "cursor": self.cursor})
         self.connected, self.last_error = False, why
 
-    async def _connect(self) -> Any:
-        opts: dict[str, Any] = {"servers": self.fc.servers, "allow_reconnect": False,
-                                "connect_timeout": 2, "ping_interval": 5,
-                                "max_outstanding_pings": 2, "name": f"swarm-agent {self.node_id}"}
-        if self.fc.user:
-            opts["user"] = self.fc.user
-            password = self.fc.password
-            if self.fc.password_file:
-                password = Path(self.fc.password_file).read_text().splitlines()[0].strip()
-            opts["password"] = password or ""
-        if self.fc.tls_ca or self.fc.tls_cert or any(u.startswith("tls://") for u in self.fc.servers):
-            ctx = ssl.create_default_context(cafile=self.fc.tls_ca)
-            if self.fc.tls_cert:
-                ctx.load_cert_chain(self.fc.tls_cert, self.fc.tls_key)
-            opts["tls"] = ctx
-
-        last: list[Exception] = []
-
-        async def remember(e: Exception) -> None:   # failures surface through _session
-            last[:] = [e]
-
-        async def quiet(*_: Any) -> None:
-            return None
-        try:
-            # A bounded try per server (nats-py tries each twice before giving up on it):
-            # left to itself, connect() retries an unreachable server every 2 s for about
-            # two minutes, allow_reconnect or not, which replaces run()'s jittered backoff
-            # with a fixed period that keeps a whole fleet retrying in step.
-            return await nats.connect(**opts, max_reconnect_attempts=1, reconnect_time_wait=0,
-                                      error_cb=remember, disconnected_cb=quiet, closed_cb=quiet)
-        except NoServersError:
-            raise ConnectionError("no NATS server reachable" + (f": {last[0]}" if last else "")) \
-                from None
-
     async def _session(self) -> None:
-        nc = await self._connect()
+        nc = await fleetconnect.connect(self.fc, self.node_id)
         try:
             js = nc.jetstream()
             info = await js.stream_info(STREAM)
             created = _created(info)
             self.stream_last_seq = info.state.last_seq
             reset = self.cursor == 0 or (self.stream_created and created != self.stream_created) \
-                or info.state.last_seq < self.cursor
+                or info.state.last_seq < self.cursor or self._keys_changed
             self.connected, self.server = True, str(nc.connected_url.netloc if nc.connected_url else "")
             if self.failures or self.last_error:
                 log.info("fleet stream reachable", extra={"server": self.server,
@@ -209,14 +197,10 @@ class FleetSubscriber:
             if self._allow_server(nc):
                 await self.reconcile()      # the fleet table accepts it from now on
             if reset:
-                sub = await js.subscribe(f"{SUBJECT_PREFIX}.>", stream=STREAM, ordered_consumer=True,
-                                         deliver_policy=DeliverPolicy.ALL, idle_heartbeat=2.0)
-                await self._snapshot(sub, info.state.last_seq, created)
+                sub = await fleetconnect.subscribe(js, None)
+                await self._snapshot(sub, info.state.last_seq, created, info.state.messages)
             else:
-                sub = await js.subscribe(f"{SUBJECT_PREFIX}.>", stream=STREAM, ordered_consumer=True,
-                                         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                         config=ConsumerConfig(opt_start_seq=self.cursor + 1),
-                                         idle_heartbeat=2.0)
+                sub = await fleetconnect.subscribe(js, self.cursor + 1)
             await self._follow(js, nc, sub, created, info.state.last_seq)
         finally:
             self.connected = False
@@ -225,31 +209,50 @@ class FleetSubscriber:
             except Exception:   # noqa: BLE001 -- a dead connection closes as it can
                 pass
 
-    async def _snapshot(self, sub: Any, last_seq: int, created: str) -> None:
+    async def _snapshot(self, sub: Any, last_seq: int, created: str, messages: int = -1) -> None:
         """Read the whole stream (up to its last sequence at connect) and apply it as the
-        complete set of decisions: what it does not name is lifted."""
+        complete set of decisions: what it does not name is lifted. Only a complete read
+        lifts: one that ends early (SNAPSHOT_IDLE_S without a message, SNAPSHOT_MAX_S in
+        all) applies what it read as ordinary decisions, lifts nothing and sets the cursor
+        to the last message read, so the consumer goes on from there. `messages`: how many
+        the stream held at connect (0: empty, the snapshot is complete unread)."""
         msgs: list[Message] = []
         deadline = time.monotonic() + SNAPSHOT_MAX_S
         seq = 0
-        while seq < last_seq and time.monotonic() < deadline:
+        complete = messages == 0 or last_seq == 0
+        while not complete and time.monotonic() < deadline:
             try:
                 m = await sub.next_msg(timeout=SNAPSHOT_IDLE_S)
             except (asyncio.TimeoutError, TimeoutError):
-                break       # deleted messages at the end: nothing more is coming
+                break
             seq = m.metadata.sequence.stream
             msgs.append(Message(seq, m.subject, m.data))
-        await self.apply(msgs, snapshot=True, created=created, cursor=max(seq, last_seq))
+            # the last sequence may be gone since (deleted, aged out): nothing pending
+            # after this one says the read is whole as surely as reaching it
+            complete = seq >= last_seq or _nothing_pending(m)
+        await self.apply(msgs, snapshot=complete, created=created,
+                         cursor=max(seq, last_seq) if complete else seq, rebase=True)
         count = len(msgs)
         del msgs
         _trim()                 # hand the snapshot's transient memory back to the system
-        self.snapshots += 1
-        log.info("fleet snapshot loaded", extra={"messages": count, "seq": self.cursor,
-                                                 "in_force": len(self.blocks(self._clock()))})
+        if complete:
+            keys = sorted(self.verifier.keys)
+            await asyncio.to_thread(fleetdb.set_trusted_keys, self.store, keys)
+            self._keys_changed = False
+            self.snapshots += 1
+            log.info("fleet snapshot loaded", extra={"messages": count, "seq": self.cursor,
+                                                     "in_force": len(self.blocks(self._clock()))})
+        else:
+            self.snapshots_incomplete += 1
+            log.warning("fleet snapshot ended early: nothing lifted, reading on from its "
+                        "last message", extra={"messages": count, "seq": self.cursor,
+                                               "stream_last_seq": last_seq})
 
     async def _follow(self, js: Any, nc: Any, sub: Any, created: str, last_seq: int) -> None:
         """Apply what arrives, batched; every STREAM_CHECK_S look at the stream (a reset
         ends the session: the next one loads the snapshot), run out entries, reconcile."""
         checked = reconciled = expired = time.monotonic()
+        retried = -RETRY_S          # the first round at once: the clock may be right now
         while True:
             if not nc.is_connected:
                 raise ConnectionError("connection to NATS lost")
@@ -277,6 +280,9 @@ class FleetSubscriber:
                 self.stream_last_seq = info.state.last_seq
                 if _created(info) != created or info.state.last_seq < self.cursor:
                     raise StreamReset("the decision stream was reset: loading its snapshot")
+            if self.retry and now - retried >= RETRY_S:
+                retried = now
+                await self._retry(js)
             if now - expired >= EXPIRE_S:
                 expired = now
                 await self.forget_expired()
@@ -287,21 +293,58 @@ class FleetSubscriber:
     # -- applying -------------------------------------------------------------------------
 
     async def apply(self, msgs: list[Message], *, snapshot: bool = False, created: str = "",
-                    cursor: int = 0) -> Outcome:
-        """Verify, plan, record and enforce one batch (the heavy parts on a thread)."""
+                    cursor: int = 0, rebase: bool = False, again: bool = False) -> Outcome:
+        """Verify, plan, record and enforce one batch (the heavy parts on a thread).
+        `rebase`: a new stream's first batch, whose `cursor` replaces the old stream's.
+        `again`: messages fetched again; their repeated RETRIED refusals are not recorded."""
         async with self._lock:
             return await asyncio.to_thread(self._apply, msgs, snapshot, created or self.stream_created,
-                                           max(cursor, self.cursor))
+                                           cursor if rebase else max(cursor, self.cursor), again)
 
-    def _apply(self, msgs: list[Message], snapshot: bool, created: str, cursor: int) -> Outcome:
+    async def _retry(self, js: Any) -> None:
+        """Fetch again the latest decision of subjects refused for a passing reason (the
+        module docstring) and apply what is already behind the cursor."""
+        subjects = list(self.retry)[:RETRY_BATCH]
+        msgs: list[Message] = []
+        for subject in subjects:
+            try:
+                m = await asyncio.wait_for(js.get_last_msg(STREAM, subject), 3)
+            except js_errors.NotFoundError:
+                m = None                    # gone (purged, aged out): nothing to apply
+            except (nats.errors.Error, asyncio.TimeoutError, TimeoutError) as e:
+                log.warning("fleet decisions refused earlier not fetched again",
+                            extra={"error": f"{type(e).__name__}: {e}", "pending": len(self.retry)})
+                return                      # kept for the next round
+            if m is not None and m.seq is not None and m.seq <= self.cursor:
+                msgs.append(Message(int(m.seq), m.subject or subject, m.data or b""))
+        for subject in subjects:            # refused again: remembered again, at the end
+            self.retry.pop(subject, None)
+        if msgs:
+            await self.apply(msgs, again=True)
+
+    def _remember(self, subject: str) -> None:
+        self.retry.pop(subject, None)
+        self.retry[subject] = None
+        while len(self.retry) > RETRY_MAX:
+            self.retry.pop(next(iter(self.retry)))
+
+    def _apply(self, msgs: list[Message], snapshot: bool, created: str, cursor: int,
+               again: bool = False) -> Outcome:
         t0 = time.monotonic()
         now = self._clock()
         checks = Checks(self.verifier, self.node_id, list(self._allow()),
                         {4: self.fc.max_prefix_v4, 6: self.fc.max_prefix_v6},
                         self.fc.max_lifetime_s)
         outcome = fleetapply.plan(self.entries, msgs, checks, now, snapshot=snapshot, cursor=cursor)
+        for r in outcome.refusals:
+            if r.reason in RETRIED and r.subject:
+                self._remember(r.subject)
+        recorded = outcome
+        if again:                           # refused again for the same passing reason
+            recorded = replace(outcome, refusals=[r for r in outcome.refusals
+                                                  if r.reason not in RETRIED])
         t1 = time.monotonic()
-        fleetdb.commit(self.store, outcome, created, now, self.fc.refusals_kept)
+        fleetdb.commit(self.store, recorded, created, now, self.fc.refusals_kept)
         t2 = time.monotonic()
         entries = {t: e for t, e in self.entries.items() if t not in outcome.removed}
         entries.update(outcome.upserts)
@@ -322,7 +365,7 @@ class FleetSubscriber:
         self.applied += outcome.applied
         self.last_batch = {"messages": len(msgs), "verify_s": round(t1 - t0, 4),
                            "store_s": round(t2 - t1, 4), "nft_s": round(t3 - t2, 4)}
-        self._count_refusals(outcome)
+        self._count_refusals(recorded)
         return outcome
 
     def _record_rejected(self) -> None:
@@ -373,6 +416,15 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _nothing_pending(m: Any) -> bool:
+    """Whether the server said no message of the stream follows this one for its
+    consumer (JetStream metadata num_pending); False when it did not say."""
+    try:
+        return int(m.metadata.num_pending) == 0
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _created(info: Any) -> str:

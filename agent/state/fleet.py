@@ -97,3 +97,30 @@ def queue_proposal(store: Store, body: dict[str, Any], at: float) -> str:
         "INSERT INTO outbox (id, kind, ref, payload, created_at) VALUES (?, 'proposal', ?, ?, ?)",
         (report_id, body["proposal_id"], json.dumps(body, sort_keys=True), at)))
     return report_id
+
+
+_TRUSTED_KEYS = "fleet.trusted_keys"
+
+
+def trusted_keys(store: Store) -> list[str] | None:
+    """The decision key ids the last complete snapshot was verified with (None: never
+    recorded: an agent from before they were, or none loaded yet)."""
+    rows = store._read("SELECT value FROM settings WHERE key = ?", (_TRUSTED_KEYS,))
+    return sorted(json.loads(rows[0][0])) if rows else None
+
+
+def set_trusted_keys(store: Store, ids: list[str]) -> None:
+    store._write(lambda db: db.execute(
+        "INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+        (_TRUSTED_KEYS, json.dumps(sorted(ids)))))
+
+
+def refused_subjects(store: Store, reasons: tuple[str, ...], since: float,
+                     limit: int) -> list[str]:
+    """The subjects of decisions refused for one of `reasons` since `since`, newest first
+    (what a restarted agent fetches again: the refusal may no longer hold)."""
+    marks = ",".join("?" * len(reasons))
+    rows = store._read(f"SELECT subject FROM fleet_refusals WHERE reason IN ({marks}) "
+                       f"AND at > ? AND subject != '' GROUP BY subject ORDER BY MAX(n) DESC "
+                       f"LIMIT ?", (*reasons, since, int(limit)))
+    return [r[0] for r in rows]
