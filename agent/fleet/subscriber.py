@@ -180,8 +180,12 @@ class FleetSubscriber:
                         extra={"error": why, "servers": self.fc.servers, "cursor": self.cursor})
         self.connected, self.last_error = False, why
 
+    async def _connect(self) -> Any:
+        """A connection to one of the servers (agent/fleet/connect.py), or ConnectionError."""
+        return await fleetconnect.connect(self.fc, self.node_id)
+
     async def _session(self) -> None:
-        nc = await fleetconnect.connect(self.fc, self.node_id)
+        nc = await self._connect()
         try:
             js = nc.jetstream()
             info = await js.stream_info(STREAM)
