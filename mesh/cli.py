@@ -36,7 +36,7 @@ from mesh.server import MeshServer, StartError
 from mesh.store import Store, StoreError, open_store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-STOP_DECIDER_S = 10.0
+STOP_DECIDER_S = 3.0
 log = logging.getLogger("swarm_mesh")
 
 
@@ -132,11 +132,14 @@ async def _serve(cfg: MeshConfig, store: Store, decider, embedded) -> None:
         log.info("stopping")
     finally:
         stop.set()
-        for t in tasks:
-            try:
-                await asyncio.wait_for(t, STOP_DECIDER_S)
-            except Exception as e:          # a stuck publish: log, stop anyway
-                log.warning("decision service stopped uncleanly", extra={"error": str(e)})
+        if tasks:
+            done, stuck = await asyncio.wait(tasks, timeout=STOP_DECIDER_S)
+            for t in stuck:                 # a stuck publish or lock: say where, stop anyway
+                where = "".join(f"{f.f_code.co_filename}:{f.f_lineno} " for f in t.get_stack(limit=8))
+                log.warning("decision service stopped uncleanly: a task did not finish",
+                            extra={"task": t.get_coro().__qualname__, "at": where})
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         await server.stop()
         if decider is not None:
             await decider.close()

@@ -134,3 +134,22 @@ def server(tmp: Path, **kw) -> Iterator[NatsServer]:
     s = NatsServer(tmp / "nats", **kw)
     with s:
         yield s
+
+
+def fleet_in_force(ns: str) -> set[str]:
+    """Addresses and networks in the fleet sets of namespace `ns`, read from its kernel
+    (table inet swarm_agent_fleet); nothing when the table is not there."""
+    import json
+    from swarmlab.lab import sh
+    out: set[str] = set()
+    for name in ("fleet_v4", "fleet_v6", "fleet_net_v4", "fleet_net_v6"):
+        r = sh("nft", "-j", "list", "set", "inet", "swarm_agent_fleet", name, ns=ns, check=False)
+        if r.returncode != 0:
+            continue
+        for item in json.loads(r.stdout)["nftables"]:
+            for e in item.get("set", {}).get("elem", []):
+                v = e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
+                if isinstance(v, dict) and "prefix" in v:
+                    v = f"{v['prefix']['addr']}/{v['prefix']['len']}"
+                out.add(str(v))
+    return out

@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ import pytest
 from swarmlab.lab import sh, wait_for
 from swarmlab.scenario import AgentProcess
 from tests.integration.nftlab import listener, reaches
+from tests.fleetnats import fleet_in_force
 from tests.meshkit import MeshProcess, node_cert, write_config
 from tests.meshrecv import make_certs
 from tests.natsserver import NatsServer
@@ -156,8 +158,9 @@ fleet:
 metrics:
   listen: null
 """)
-        for agent in self.agents.values():
-            agent.start()
+        with ThreadPoolExecutor(len(self.agents)) as pool:      # five starts at once
+            for done in [pool.submit(a.start) for a in self.agents.values()]:
+                done.result()
 
     def __exit__(self, *exc: object) -> None:
         for agent in self.agents.values():
@@ -183,19 +186,7 @@ metrics:
 
     def in_force(self, name: str) -> set[str]:
         """Addresses in node `name`'s fleet sets, read from its kernel."""
-        got: set[str] = set()
-        for set_name in ("fleet_v4", "fleet_net_v4"):
-            r = sh("nft", "-j", "list", "set", "inet", "swarm_agent_fleet", set_name,
-                   ns=self.agents[name].ns, check=False)
-            if r.returncode:
-                continue
-            for item in json.loads(r.stdout)["nftables"]:
-                for e in item.get("set", {}).get("elem", []):
-                    v = e["elem"]["val"] if isinstance(e, dict) and "elem" in e else e
-                    if isinstance(v, dict) and "prefix" in v:
-                        v = f"{v['prefix']['addr']}/{v['prefix']['len']}"
-                    got.add(str(v))
-        return got
+        return fleet_in_force(self.agents[name].ns)
 
     def enforced_on(self, names, target: str) -> bool:
         return all(target in self.in_force(n) for n in names)
@@ -219,8 +210,19 @@ def fleet(request, tmp_path):
         yield f
 
 
-@pytest.mark.parametrize("fleet", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("fleet", ["postgresql"], indirect=True)
 def test_a_block_on_node_a_is_enforced_on_b_to_e_and_a_revocation_lifts_it(fleet):
+    block_on_a_spreads_and_a_revocation_lifts_it(fleet)
+
+
+@pytest.mark.parametrize("fleet", ["sqlite"], indirect=True)
+def test_the_same_on_sqlite_then_a_node_cut_off_30_s_and_a_killed_mesh(fleet):
+    """One fleet (its setup is 20 s) for both: the block and revoke, then the partition."""
+    block_on_a_spreads_and_a_revocation_lifts_it(fleet)
+    node_cut_off_for_30_s_catches_up_and_a_killed_mesh_loses_nothing(fleet)
+
+
+def block_on_a_spreads_and_a_revocation_lifts_it(fleet):
     attacker = ATTACKER
     others = ["b", "c", "d", "e"]
     assert all(fleet.reaches(others))
@@ -247,8 +249,7 @@ def test_a_block_on_node_a_is_enforced_on_b_to_e_and_a_revocation_lifts_it(fleet
     print(f"\nblock on A -> enforced on B..E: {took_s:.2f} s")
 
 
-@pytest.mark.parametrize("fleet", ["sqlite"], indirect=True)
-def test_a_node_cut_off_for_30_s_catches_up_and_a_killed_mesh_loses_nothing(fleet):
+def node_cut_off_for_30_s_catches_up_and_a_killed_mesh_loses_nothing(fleet):
     first, second = "198.51.100.7", "198.51.100.8"
     e = fleet.agents["e"].ns
     # cut E off from the hub (its NATS and mesh) for 30 s: a table of the test's own
@@ -274,4 +275,4 @@ def test_a_node_cut_off_for_30_s_catches_up_and_a_killed_mesh_loses_nothing(flee
     assert wait_for(lambda: fleet.enforced_on(["e"], first) and fleet.enforced_on(["e"], second),
                     timeout_s=60, interval_s=0.1)
     print(f"\nE caught up {time.monotonic() - back:.1f} s after the partition ended")
-    assert len(fleet.mesh_cli("decisions")) == 2
+    assert {d["target"] for d in fleet.mesh_cli("decisions")} >= {f"{first}/32", f"{second}/32"}
