@@ -163,6 +163,8 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
         out.applied += 1
     if snapshot:
         for target in set(current) - named:
+            if current[target].action == "revoke":
+                continue        # kept to its expiry: a replayed block stays stale
             out.upserts.pop(target, None)
             if target in entries:
                 out.removed.add(target)

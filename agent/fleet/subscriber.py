@@ -5,8 +5,12 @@ JetStream consumer that starts at the last applied stream sequence + 1 (the curs
 the agent's database). The stream keeps one message per subject (the latest decision per
 target), so replaying from the cursor is the whole catch-up after any disconnect. When
 the stream was reset (its last sequence is below the cursor, or its creation time is not
-the one recorded) the agent loads the whole stream -- the snapshot -- and lifts what it
-no longer names. Each batch (one live message, a catch-up's worth, a snapshot) is
+the one recorded) the agent loads the whole stream -- the snapshot. What the snapshot does
+not name is NOT lifted on the server's word: a reset, an empty stream, "nothing pending"
+are what a hostile or broken NATS server says, and it cannot sign anything. Blocks end by
+a signed revoke (the mesh republishes every target's latest decision, revokes included,
+into a recreated stream) or at their own bounded expiry in the kernel. Only a local cause
+lifts by omission: a changed set of trusted keys (below). Each batch (one live message, a catch-up's worth, a snapshot) is
 verified and planned on a worker thread (agent.fleet.apply), recorded in ONE SQLite
 transaction with its cursor, then put in force in ONE nftables transaction
 (agent.enforce.fleet). Reconnects are jittered (agent.report.mesh.backoff_s); while the
@@ -214,9 +218,9 @@ class FleetSubscriber:
                 pass
 
     async def _snapshot(self, sub: Any, last_seq: int, created: str, messages: int = -1) -> None:
-        """Read the whole stream (up to its last sequence at connect) and apply it as the
-        complete set of decisions: what it does not name is lifted. Only a complete read
-        lifts: one that ends early (SNAPSHOT_IDLE_S without a message, SNAPSHOT_MAX_S in
+        """Read the whole stream (up to its last sequence at connect) and apply it. After a
+        change of the trusted keys a complete read is the whole set of decisions: what it
+        does not name is lifted; otherwise nothing is lifted by omission. One that ends early (SNAPSHOT_IDLE_S without a message, SNAPSHOT_MAX_S in
         all) applies what it read as ordinary decisions, lifts nothing and sets the cursor
         to the last message read, so the consumer goes on from there. `messages`: how many
         the stream held at connect (0: empty, the snapshot is complete unread)."""
@@ -234,7 +238,9 @@ class FleetSubscriber:
             # the last sequence may be gone since (deleted, aged out): nothing pending
             # after this one says the read is whole as surely as reaching it
             complete = seq >= last_seq or _nothing_pending(m)
-        await self.apply(msgs, snapshot=complete, created=created,
+        # lift by omission only when this agent itself asked for the reload (its trusted
+        # keys changed), never because the server says the stream was reset or is whole
+        await self.apply(msgs, snapshot=complete and self._keys_changed, created=created,
                          cursor=max(seq, last_seq) if complete else seq, rebase=True)
         count = len(msgs)
         del msgs
