@@ -263,6 +263,7 @@ class Decider:
     async def _issue(self, d: Decision) -> None:
         """Persist, then publish; a failed publish leaves it pending for `run` (or marks
         it failed when nats-server will never take it)."""
+        d = await self._after_latest(d)
         envelope = self.signer.envelope(d)
         if len(envelope) > MAX_BODY_BYTES:
             # The policy bounds what a decision carries; this is the last guard: agents
@@ -279,6 +280,19 @@ class Decider:
             await self._failed(d.to_dict(), e)
         else:
             await self._after_reset()
+
+    async def _after_latest(self, d: Decision) -> Decision:
+        """Agents apply a target's decisions in issued_at order and refuse an older or
+        equal one as stale (a replayed block must not undo a revocation). A mesh clock that
+        stepped back (NTP) or two decisions in one clock tick would make an operator's
+        revoke stale everywhere: a decision is issued just after its target's latest
+        (its expiry kept, or its lifetime when that expiry would come first)."""
+        latest = await self._db(self.store.latest_decision, d.target)
+        if latest is None or float(latest["issued_at"]) < d.issued_at:
+            return d
+        issued = float(latest["issued_at"]) + 0.001
+        expires = d.expires_at if d.expires_at > issued else issued + (d.expires_at - d.issued_at)
+        return dataclasses.replace(d, issued_at=issued, expires_at=expires)
 
     async def _send(self, d: dict[str, Any], envelope: bytes) -> int:
         seq = await self.publisher.publish(subject_for(d["target"]), envelope, d["id"])

@@ -239,3 +239,22 @@ def test_from_config_names_the_wrong_setting(tmp_path):
             ({}, {"private_key": str(tmp_path / "none")}, {}, "not an Ed25519 private key")):
         with pytest.raises(ValueError, match=message):
             Decider.from_config(None, nats_, signing, policy)
+
+
+def test_a_revoke_after_the_mesh_clock_stepped_back_still_comes_after_the_block(store):
+    """Agents refuse a decision not newer than the target's latest (a replayed block must
+    not undo a revocation); an NTP step back on the mesh, or a block and its revoke in one
+    clock tick, must not make the operator's revoke stale everywhere (red team r12 lead)."""
+    dec, store, pub, clock = make(store)
+
+    async def go():
+        await dec.block("203.0.113.9", 600, "seen by the SOC", "alice")
+        clock.now -= 60                  # the mesh's clock stepped back
+        await dec.revoke("203.0.113.9/32", "false positive", "bob")
+        await dec.block("203.0.113.10", 600, "one tick", "alice")
+        await dec.revoke("203.0.113.10/32", "same tick", "bob")
+    run(go())
+    block, revoke, block2, revoke2 = pub.decisions(clock.now)
+    assert revoke.issued_at > block.issued_at
+    assert revoke.expires_at == block.expires_at      # kept until the block would end
+    assert revoke2.issued_at > block2.issued_at
