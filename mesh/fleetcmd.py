@@ -86,16 +86,10 @@ def _decide(args: argparse.Namespace, cfg: MeshConfig, revoke: bool) -> int:
             await decider.close()
     try:
         outcome = asyncio.run(go())
+        d = outcome.decision
+        published = (store.latest_decision(d.target) or {}).get("state") if d else None
     finally:
         store.close()
-    d = outcome.decision
-    published = None
-    if d is not None:
-        row = open_store(cfg.store, create=False)
-        try:
-            published = (row.latest_decision(d.target) or {}).get("state")
-        finally:
-            row.close()
     if args.json:
         print(json.dumps({"outcome": outcome.kind, "reason": outcome.reason,
                           "decision": d.to_dict() if d else None, "state": published}))

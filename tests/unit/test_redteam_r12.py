@@ -16,56 +16,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import config as C
 from agent.enforce.fleet import FleetEnforcer
 from agent.fleet.apply import Checks, Message, plan
-from agent.fleet.decision import MAX_BODY_BYTES, Decision, Signer, Verifier
-from mesh.decide import Decider
+from agent.fleet.decision import MAX_BODY_BYTES, Decision
 from mesh.policy import Policy, PolicyConfig
-from tests.memstore import STORE_KINDS, make_store
 
-T0 = 1_800_000_000.0
-KEY = Ed25519PrivateKey.generate()
-SIGNER = Signer(KEY)
-VERIFIER = Verifier([KEY.public_key()])
+# the r11 round's key, store fixture and decider (with its clock and recording publisher)
+from tests.unit.test_redteam_r11 import KEY, SIGNER, T0, VERIFIER, decider, store  # noqa: F401
+
 TARGET = "203.0.113.7/32"
 CHECKS = Checks(VERIFIER, "node-a", allow=[ipaddress.ip_network("127.0.0.0/8")])
-
-
-# -- helpers ---------------------------------------------------------------------------------
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, str]] = []
-
-    async def publish(self, subject: str, body: bytes, msg_id: str) -> int:
-        self.sent.append((subject, body, msg_id))
-        return len(self.sent)
-
-
-@pytest.fixture(params=STORE_KINDS)
-def store(request, tmp_path):
-    s = make_store(request.param, tmp_path)
-    yield s
-    s.close()
-
-
-def decider(store, **cfg):
-    cfg.setdefault("min_nodes", 3)
-    cfg.setdefault("min_providers", 2)
-    cfg.setdefault("stage_s", 0)
-    pub, clock = Recorder(), Clock()
-    dec = Decider(store, Policy(PolicyConfig.from_dict(cfg)), SIGNER, pub, clock=clock)
-    return dec, pub, clock
 
 
 def prop(node, provider, target=TARGET, n=0, now=T0, **kw):
