@@ -102,7 +102,7 @@ def fleet_yaml(node: str, provider: str, prefix: str, endpoint: str, server_name
         f"# Node {node} of provider {provider}: written by `swarm-mesh enroll` "
         f"({time.strftime('%Y-%m-%d')}).",
         f"# 1. Copy every file of this directory to {p}/ on the node (root, 0700)"
-        + (f",\n#    beside node.key, which swarm-agent mesh-csr made there." if own_key else "."),
+        + (",\n#    beside node.key, which swarm-agent mesh-csr made there." if own_key else "."),
         "# 2. Put these two sections into /etc/swarm-agent/config.yaml in place of its",
         "#    mesh: and fleet: sections (keys not named here keep their defaults).",
         "# 3. systemctl restart swarm-agent; then `swarm-mesh nodes` on the mesh lists it.",
@@ -209,6 +209,10 @@ def enroll(directory: Path, node: str, provider: str, out: Path, prefix: str,
         raise cli.UsageError(str(e)) from None
     request = load_csr(csr, ledger) if csr is not None else None
     after = revoked_at(store_url, node)
+    if after is not None and after > time.time() + pki.BACKDATE_S:
+        raise cli.UsageError(f"{node} was revoked on {iso(after)}, in the future of this "
+                             f"machine's clock ({iso(time.time())}): a certificate must start "
+                             "after that and would not work until then; check both clocks")
     _outdir(out, force)
     if request is not None:
         key = None

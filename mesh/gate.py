@@ -6,7 +6,7 @@ The check is per call, not per connection, so a channel a node opened before it 
 revoked is cut at its next call. The node's latest revocation time is read from the store
 at most once every CACHE_S per node name; Store.record_reports checks again inside the
 transaction that would store a batch, so no report of a revoked certificate is stored in
-that window either. When the store cannot be read the last known time is used, else the
+that window either (and what it finds is learnt here). When the store cannot be read the last known time is used, else the
 call goes on to its handler: Report then fails on the store itself (UNAVAILABLE, the node
 keeps its batch), and health and reflection say nothing a revoked node could use.
 """
@@ -72,6 +72,13 @@ class RevocationGate(grpc.aio.ServerInterceptor):
             self.on_refused(who, revoked_at)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 revocation.refusal(who.node, revoked_at))
+
+    def learn(self, node: str, revoked_at: float) -> None:
+        """A revocation the store reported elsewhere (Report's own transaction): the
+        node's next calls are refused here at once, whatever the cache held."""
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[node] = (revoked_at, self.clock())
 
     async def revoked_at(self, node: str) -> float | None:
         now = self.clock()

@@ -25,7 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
 LEAF_DAYS = 730
-_BACKDATE = datetime.timedelta(minutes=5)       # clocks of nodes a little behind the mesh's
+BACKDATE_S = 300                                # clocks of nodes a little behind the mesh's
+_BACKDATE = datetime.timedelta(seconds=BACKDATE_S)
 
 
 class PkiError(ValueError):

@@ -56,6 +56,7 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
              "refused_calls", "revoked_calls", "store_errors", "proposals",
              "proposals_dropped"), 0)
         self._said: set[tuple[str, ...]] = set()     # what was logged once
+        self.gate: RevocationGate | None = None       # MeshServer sets it
 
     def _once(self, key: tuple[str, ...], msg: str, **extra: Any) -> None:
         if key not in self._said and len(self._said) < 10_000:
@@ -87,6 +88,8 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
                                            reports, time.time(), who.not_before)
         except revocation.NodeRevoked as e:      # revoked since the gate's look
             self.refused_revoked(who, e.revoked_at)
+            if self.gate is not None:
+                self.gate.learn(who.node, e.revoked_at)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except StoreError as e:
             self.counters["store_errors"] += 1
@@ -158,8 +161,8 @@ class MeshServer:
                                                 require_client_auth=True)
         except (RuntimeError, ValueError) as e:
             raise StartError(f"TLS files not usable: {e}") from None
-        gate = RevocationGate(self.store, self.service.refused_revoked)
-        server = grpc.aio.server(interceptors=[gate], options=[
+        self.service.gate = RevocationGate(self.store, self.service.refused_revoked)
+        server = grpc.aio.server(interceptors=[self.service.gate], options=[
             ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),              # a second service must not share the port
             # Agents keep their channel alive with a ping every 30 s.
