@@ -19,6 +19,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.cli.text import clean
+
 MAX_CSR_BYTES = 64 * 1024
 _HOW = "swarm-agent mesh-csr on the node makes a key and a CSR for it"
 
@@ -80,10 +82,10 @@ def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
 
 
 def ignored(csr: x509.CertificateSigningRequest) -> list[str]:
-    """What the CSR asked for that the certificate does not take from it."""
+    """What the CSR asked for that the certificate does not take from it (printable)."""
     out = []
-    if len(csr.subject):
-        out.append(f"subject {csr.subject.rfc4514_string()[:200]}")
+    if len(csr.subject):          # the attacker's text: cleaned for the operator's terminal
+        out.append(f"subject {clean(csr.subject.rfc4514_string()[:200])}")
     try:
         exts = [e.oid.dotted_string if isinstance(e.value, x509.UnrecognizedExtension)
                 else type(e.value).__name__ for e in csr.extensions]

@@ -209,7 +209,9 @@ class Decider:
                                      window_s=cfg.corroboration_window_s)
         known: list[str] = []
         if isinstance(cfg.stage_canary, int) and cfg.stage_canary and cfg.stage_s > 0:
-            known = [n["node"] for n in self.store.nodes() if n.get("node")]
+            # a revoked node is no canary: its results would tell nobody anything
+            known = [n["node"] for n in self.store.nodes()
+                     if n.get("node") and not n.get("revoked")]
         return {"node_count": node_count, "votes": votes, "latest": latest,
                 "known_nodes": known, "revoked": revoked,
                 "node_revoked_at": self.store.node_revoked_at(p.get("node", ""))}

@@ -9,7 +9,8 @@ next call, and its proposals stop counting, as votes and as proposals still wait
 corroboration. Decisions already made stay in force: an operator lifts a block with
 `swarm-mesh revoke`. `swarm-mesh enroll NODE --force` gives the node a new certificate
 that works (its notBefore follows the revocation); the old one stays refused.
-It writes the store only (one transaction), so it works while the service is down too.
+It writes the store only (one transaction), so it works while the service is down too;
+the store must exist (the service makes it at its first start).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def bounded(limit: int):
 
 def _revoke(args: argparse.Namespace, cfg) -> int:
     operator = operator_of(args)
-    store = open_store(cfg.store)
+    # create=False: a wrong --config must not make an empty store and revoke into it
+    store = open_store(cfg.store, create=False)
     try:
         done = store.revoke_node(args.node, args.reason or f"revoked by operator {operator}",
                                  operator, time.time(), unknown_ok=args.force)

@@ -85,7 +85,8 @@ def test_a_hostile_csr_gets_the_meshs_subject_and_extensions_only(mesh_dir: Path
                            data_encipherment=False, key_agreement=False, encipher_only=False,
                            decipher_only=False), True),
             (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)]
-    path = csr_file(tmp_path / "evil.csr", cn="mesh.example", org="swarm-mesh", extensions=asks)
+    path = csr_file(tmp_path / "evil.csr", cn="mesh.example", org="swarm-mesh\x1b[2J",
+                    extensions=asks)
     result = enroll(mesh_dir, "gpu-2", "acme", tmp_path / "out", "/p", csr=path)
     cert = pki.load_cert(tmp_path / "out" / "node.pem")
     assert names(cert, NameOID.COMMON_NAME) == ["gpu-2"]
@@ -97,7 +98,7 @@ def test_a_hostile_csr_gets_the_meshs_subject_and_extensions_only(mesh_dir: Path
     with pytest.raises(x509.ExtensionNotFound):
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert result["csr_ignored"] == [
-        "subject O=swarm-mesh,CN=mesh.example",
+        "subject O=swarm-mesh\\x1b[2J,CN=mesh.example",       # no terminal control
         "extensions BasicConstraints, SubjectAlternativeName, KeyUsage, ExtendedKeyUsage"]
 
 

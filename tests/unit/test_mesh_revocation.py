@@ -193,6 +193,20 @@ def test_a_revoked_nodes_votes_stop_counting_and_its_waiting_proposals_are_refus
     assert store.latest_decision("203.0.113.7/32")["action"] == "block"
 
 
+def test_a_revoked_node_is_drawn_as_no_canary(store: Store):
+    policy = Policy(PolicyConfig.from_dict({"min_nodes": 3, "min_providers": 2, "stage_s": 60,
+                                            "stage_canary": 1}))
+    dec = Decider(store, policy, Signer(Ed25519PrivateKey.generate()), Recorder(),
+                  clock=lambda: T0)
+    store.record_reports("n4", "c", [heartbeat("h")], T0 - 5, not_before=OLD)
+    store.revoke_node("n4", "", "op", T0 - 1)
+    for node, prov in (("n1", "a"), ("n2", "a"), ("n3", "b")):
+        store.record_reports(node, prov, [proposal("r", "p1")], T0, not_before=OLD)
+    outcome = asyncio.run(dec.on_proposal(store.proposals(node="n3")[0]))
+    assert outcome.kind == "decide"
+    assert outcome.decision.scope == {"stage": "canary", "nodes": ["n1", "n2", "n3"]}
+
+
 # ---- the command line
 def swarm_mesh(capsys, *args: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as done:
@@ -209,6 +223,7 @@ def config(store_url: str, tmp_path: Path) -> str:
 
 
 def test_node_revoke_from_the_command_line(config: str, store_url: str, capsys):
+    open_store(store_url).close()                     # the service has run once
     code, out, err = swarm_mesh(capsys, "node-revoke", "gpu-1", "--config", config)
     assert code == 2 and "gpu-1 has never reported to this mesh" in err and "--force" in err
     s = open_store(store_url)
@@ -240,3 +255,6 @@ def test_node_revoke_with_the_store_down_is_one_sentence_and_writes_nothing(tmp_
     code, out, err = swarm_mesh(capsys, "node-revoke", "gpu-1", "--force", "--config", str(cfg))
     assert code == 2 and err.startswith("swarm-mesh: cannot connect to store")
     assert "Traceback" not in err and out == "" and len(err.strip().splitlines()) == 1
+    cfg.write_text(f'store: "sqlite:///{tmp_path}/typo/mesh.db"\n')     # a wrong --config
+    code, out, err = swarm_mesh(capsys, "node-revoke", "gpu-1", "--force", "--config", str(cfg))
+    assert code == 2 and "does not exist" in err and not (tmp_path / "typo").exists()
