@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from agent.proto.swarm.mesh.v1 import mesh_pb2
-from mesh import records
-from mesh import revocation
+from mesh import records, revocation
 from mesh.config import MeshConfigError, store_kind
 from mesh.revocation import REVOKED_PROPOSAL, NodeRevocations
 from mesh.schema import columns

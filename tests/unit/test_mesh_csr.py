@@ -111,7 +111,7 @@ def bad_signature(path: Path) -> Path:
 
 
 def foreign_key(path: Path, kind: str) -> Path:
-    key = rsa.generate_private_key(65537, 2048) if kind == "rsa" else \
+    key = rsa.generate_private_key(65537, 1024) if kind == "rsa" else \
         ec.generate_private_key(ec.SECP384R1())
     return csr_file(path, key=key)
 

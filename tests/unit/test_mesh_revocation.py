@@ -39,6 +39,14 @@ def store(store_url: str):
     s.close()
 
 
+@pytest.fixture
+def sqlite_store(tmp_path: Path):
+    """Where the store's SQL is not what is tested (that is, above, on both backends)."""
+    s = open_store(f"sqlite:///{tmp_path}/mesh.db")
+    yield s
+    s.close()
+
+
 def heartbeat(rid: str) -> mesh_pb2.Report:
     r = mesh_pb2.Report(id=rid, node_id="n1", created_at=T0)
     r.heartbeat.CopyFrom(mesh_pb2.Heartbeat(seq=1, version="1.0"))
@@ -164,7 +172,9 @@ def prop(node: str, provider: str, n: int, not_before: float) -> dict:
             "created_at": T0 - 1, "received_at": T0, "cert_not_before": not_before}
 
 
-def test_a_revoked_nodes_votes_stop_counting_and_its_waiting_proposals_are_refused(store: Store):
+def test_a_revoked_nodes_votes_stop_counting_and_its_waiting_proposals_are_refused(
+        sqlite_store: Store):
+    store = sqlite_store
     policy = Policy(PolicyConfig.from_dict({"min_nodes": 3, "min_providers": 2, "stage_s": 0}))
     dec = Decider(store, policy, Signer(Ed25519PrivateKey.generate()), Recorder(),
                   clock=lambda: T0)
@@ -193,7 +203,8 @@ def test_a_revoked_nodes_votes_stop_counting_and_its_waiting_proposals_are_refus
     assert store.latest_decision("203.0.113.7/32")["action"] == "block"
 
 
-def test_a_revoked_node_is_drawn_as_no_canary(store: Store):
+def test_a_revoked_node_is_drawn_as_no_canary(sqlite_store: Store):
+    store = sqlite_store
     policy = Policy(PolicyConfig.from_dict({"min_nodes": 3, "min_providers": 2, "stage_s": 60,
                                             "stage_canary": 1}))
     dec = Decider(store, policy, Signer(Ed25519PrivateKey.generate()), Recorder(),
@@ -215,14 +226,10 @@ def swarm_mesh(capsys, *args: str) -> tuple[int, str, str]:
     return done.value.code, out, err
 
 
-@pytest.fixture
-def config(store_url: str, tmp_path: Path) -> str:
-    path = tmp_path / "mesh.yaml"
-    path.write_text(f'store: "{store_url}"\nnode_stale_s: 600\n')
-    return str(path)
-
-
-def test_node_revoke_from_the_command_line(config: str, store_url: str, capsys):
+def test_node_revoke_from_the_command_line(tmp_path: Path, capsys):
+    store_url = f"sqlite:///{tmp_path}/mesh.db"
+    config = str(tmp_path / "mesh.yaml")
+    Path(config).write_text(f'store: "{store_url}"\nnode_stale_s: 600\n')
     open_store(store_url).close()                     # the service has run once
     code, out, err = swarm_mesh(capsys, "node-revoke", "gpu-1", "--config", config)
     assert code == 2 and "gpu-1 has never reported to this mesh" in err and "--force" in err
