@@ -5,6 +5,8 @@
     swarm-mesh keygen | nats-config | block | revoke   (mesh/fleetcmd.py)
     swarm-mesh init | enroll                          (mesh/setup.py: a mesh in one directory,
                                                        a node's credentials)
+    swarm-mesh node-revoke | node-revocations         (mesh/nodecmd.py: a node's certificates
+                                                       refused, its votes void)
 
 Query commands read the store named in the config (while the service runs, too) and
 print human tables, or JSON for scripts with --json. Exit codes: 0 success, 1 an
@@ -51,6 +53,7 @@ class Command:
     add_args: Callable[[argparse.ArgumentParser], None]
     handler: Callable[[argparse.Namespace, MeshConfig], int]
     uses_config: bool = True      # False: no --config, the handler gets the built-in defaults
+    epilog: str = ""              # more for the command's --help
 
 
 COMMANDS: dict[str, Command] = {}
@@ -58,10 +61,10 @@ COMMANDS: dict[str, Command] = {}
 
 def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None],
              handler: Callable[[argparse.Namespace, MeshConfig], int],
-             uses_config: bool = True) -> None:
+             uses_config: bool = True, epilog: str = "") -> None:
     """Add a subcommand; `handler(args, cfg)` returns the exit code and may raise
     MeshConfigError, StoreError, StartError or UsageError (printed as one sentence)."""
-    COMMANDS[name] = Command(name, help, add_args, handler, uses_config)
+    COMMANDS[name] = Command(name, help, add_args, handler, uses_config, epilog)
 
 
 # ---- run
@@ -164,8 +167,8 @@ def _run(args: argparse.Namespace, cfg: MeshConfig) -> int:
 
 
 # ---- queries
-def _query(args: argparse.Namespace, cfg: MeshConfig, fetch: Callable[[Store], list[dict]],
-           lines: Callable[[list[dict], float], list[str]]) -> int:
+def query(args: argparse.Namespace, cfg: MeshConfig, fetch: Callable[[Store], list[dict]],
+          lines: Callable[[list[dict], float], list[str]]) -> int:
     store = open_store(cfg.store, create=False)
     try:
         rows = fetch(store)
@@ -180,31 +183,31 @@ def _query(args: argparse.Namespace, cfg: MeshConfig, fetch: Callable[[Store], l
 
 def _nodes(args: argparse.Namespace, cfg: MeshConfig) -> int:
     now = time.time()
-    return _query(args, cfg, lambda s: views.with_status(s.nodes(), now, cfg.node_stale_s),
+    return query(args, cfg, lambda s: views.with_status(s.nodes(), now, cfg.node_stale_s),
                   views.nodes_lines)
 
 
 def _incidents(args: argparse.Namespace, cfg: MeshConfig) -> int:
     state = None if args.state == "all" else args.state
-    return _query(args, cfg, lambda s: s.incidents(event_class=args.event_class, state=state,
+    return query(args, cfg, lambda s: s.incidents(event_class=args.event_class, state=state,
                                                    node=args.node, limit=args.limit),
                   views.incidents_lines)
 
 
 def _proposals(args: argparse.Namespace, cfg: MeshConfig) -> int:
-    return _query(args, cfg, lambda s: s.proposals(target=args.target, node=args.node,
+    return query(args, cfg, lambda s: s.proposals(target=args.target, node=args.node,
                                                    limit=args.limit), views.proposals_lines)
 
 
 def _decisions(args: argparse.Namespace, cfg: MeshConfig) -> int:
     active_at = time.time() if args.active else None
-    return _query(args, cfg, lambda s: s.decisions(active_at=active_at, limit=args.limit,
+    return query(args, cfg, lambda s: s.decisions(active_at=active_at, limit=args.limit,
                                                    target=args.target, state=args.state),
                   views.decisions_lines)
 
 
 def _refusals(args: argparse.Namespace, cfg: MeshConfig) -> int:
-    return _query(args, cfg, lambda s: s.refusals(limit=args.limit, node=args.node),
+    return query(args, cfg, lambda s: s.refusals(limit=args.limit, node=args.node),
                   views.refusals_lines)
 
 
@@ -218,7 +221,7 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _limit(p: argparse.ArgumentParser) -> None:
+def add_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive_int, default=1000,
                    help="at most this many (default 1000)")
 
@@ -228,13 +231,13 @@ def _incident_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", default="live",
                    help="live (open, mitigated, escalated: the default), all, or one state")
     p.add_argument("--node", help="only this node")
-    _limit(p)
+    add_limit(p)
 
 
 def _proposal_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", help="only this node's")
     p.add_argument("--target", help="only for this target (as proposed, e.g. 203.0.113.7/32)")
-    _limit(p)
+    add_limit(p)
 
 
 def _decision_args(p: argparse.ArgumentParser) -> None:
@@ -243,16 +246,17 @@ def _decision_args(p: argparse.ArgumentParser) -> None:
                         "`swarm-mesh refusals` says why)")
     p.add_argument("--target", help="only for this target (normal form, e.g. 203.0.113.7/32)")
     p.add_argument("--active", action="store_true", help="only those not expired yet")
-    _limit(p)
+    add_limit(p)
 
 
 def _refusal_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", help="only this node's")
-    _limit(p)
+    add_limit(p)
 
 
 register("run", "serve the mesh reporting API (mutual TLS) until SIGTERM", lambda p: None, _run)
-register("nodes", "every node: alive or stale, versions, fleet sequence, open incidents",
+register("nodes", "every node: alive, stale or revoked, versions, fleet sequence, open "
+         "incidents",
          lambda p: None, _nodes)
 register("incidents", "incidents across the fleet (live ones by default), by class",
          _incident_args, _incidents)
@@ -265,6 +269,7 @@ register("refusals", "proposals and decisions refused, with the reason, newest f
 
 from mesh import fleetcmd  # noqa: E402,F401  (registers keygen, nats-config, block, revoke)
 from mesh import enroll, setup  # noqa: E402,F401  (register init, enroll)
+from mesh import nodecmd  # noqa: E402,F401  (registers node-revoke, node-revocations)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -274,7 +279,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"swarm-mesh {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
-        sp = sub.add_parser(cmd.name, help=cmd.help)
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
+                            epilog=cmd.epilog or None)
         if cmd.uses_config:
             sp.add_argument("--config", metavar="FILE", help="YAML config (default: "
                             f"{mesh_config.SYSTEM_CONFIG} if present, else built-in defaults)")

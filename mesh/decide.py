@@ -44,6 +44,7 @@ from agent.fleet.decision import (MAX_BODY_BYTES, Decision, DecisionError, Signe
 from mesh import records
 from mesh.policy import Outcome, Policy, PolicyConfig
 from mesh.publish import NatsOptions, Publisher, PublishError
+from mesh.revocation import covers
 
 log = logging.getLogger("swarm.mesh.decide")
 
@@ -155,7 +156,8 @@ class Decider:
 
     async def sweep(self) -> int:
         """After a start: decides again on the newest proposal for each target proposed
-        within the corroboration window that no active block covers. The server stores a
+        within the corroboration window that no active block covers (refused proposals and
+        those of revoked certificates aside). The server stores a
         proposal before the decider sees it, so one stored just before a crash is decided
         here, not lost (the node will not send it again). Returns how many were decided on."""
         now = self.clock()
@@ -163,9 +165,13 @@ class Decider:
         rows = await self._db(self.store.proposals, since=now - window, limit=100_000)
         refused = {(r.get("node"), r.get("proposal_id"))
                    for r in await self._db(self.store.refusals, since=now - window, limit=100_000)}
+        revoked: dict[str, float] = {}
+        for r in await self._db(self.store.node_revocations, limit=1_000_000):
+            revoked[r["node"]] = max(revoked.get(r["node"], 0.0), float(r["revoked_at"]))
         newest: dict[str, dict[str, Any]] = {}
         for p in rows:                                   # newest first
-            if (p.get("node"), p.get("proposal_id")) not in refused:
+            if (p.get("node"), p.get("proposal_id")) not in refused and not \
+                    covers(revoked.get(p.get("node", "")), float(p.get("cert_not_before") or 0)):
                 newest.setdefault(p.get("target", ""), p)
         done = 0
         for target, p in newest.items():
@@ -181,9 +187,10 @@ class Decider:
 
     def _history(self, p: dict[str, Any], now: float) -> dict[str, Any]:
         """What the policy needs, read in one thread hop: the node's recent proposal count,
-        the votes (one per node, refused ones aside) for the target and every network
-        covering it down to the prefix limit, the target's latest decision, the standing
-        revocations, and (for drawn canaries) the fleet's nodes."""
+        the votes (one per node, refused ones and revoked certificates' aside) for the
+        target and every network covering it down to the prefix limit, the target's latest
+        decision, the standing revocations, (for drawn canaries) the fleet's nodes, and
+        the latest revocation of the proposing node."""
         cfg = self.policy.config
         node_count = self.store.count_proposals(p.get("node", ""), now - cfg.rate_window_s)
         votes: list[dict[str, Any]] = []
@@ -202,9 +209,12 @@ class Decider:
                                      window_s=cfg.corroboration_window_s)
         known: list[str] = []
         if isinstance(cfg.stage_canary, int) and cfg.stage_canary and cfg.stage_s > 0:
-            known = [n["node"] for n in self.store.nodes() if n.get("node")]
+            # a revoked node is no canary: its results would tell nobody anything
+            known = [n["node"] for n in self.store.nodes()
+                     if n.get("node") and not n.get("revoked")]
         return {"node_count": node_count, "votes": votes, "latest": latest,
-                "known_nodes": known, "revoked": revoked}
+                "known_nodes": known, "revoked": revoked,
+                "node_revoked_at": self.store.node_revoked_at(p.get("node", ""))}
 
     async def _refuse(self, reason: str, target: str, node: str, provider: str,
                       proposal_id: str, source: str, now: float) -> None:

@@ -1,7 +1,8 @@
 """`swarm-mesh enroll`: one node's credentials and the config lines that join it.
 
     swarm-mesh enroll gpu-node-17 --provider acme --dir /etc/swarm-mesh --out ./gpu-node-17
-        [--install-prefix /etc/swarm-agent/mesh] [--endpoint HOST:PORT] [--nats-url URL]
+        [--csr node.csr] [--install-prefix /etc/swarm-agent/mesh] [--endpoint HOST:PORT]
+        [--nats-url URL] [--force]
 
 writes into OUTDIR (made 0700; it must be new or empty):
 
@@ -15,8 +16,16 @@ writes into OUTDIR (made 0700; it must be new or empty):
 
 The reporting API knows the node by its certificate's CN and the provider by its O, never
 by what a report claims, so a name once given is not given again without --force: DIR's
-enrolled.json records each enrolment. The node's key is made here and travels with the
-rest; OUTDIR is as secret as the key.
+enrolled.json records each enrolment. Without --csr the node's key is made here and
+travels with the rest; OUTDIR is as secret as the key. With --csr (made on the node by
+`swarm-agent mesh-csr`) the key never leaves the node: the CSR's public key is certified
+once its signature verifies, whatever subject or extensions it asks for (mesh/csr.py),
+and OUTDIR gets everything but node.key. A key is certified once: the ledger refuses a
+CSR for a key it certified before (after a revocation, the old key may be the thief's).
+
+A node revoked with `swarm-mesh node-revoke` gets a certificate whose notBefore follows
+its latest revocation (read from the store named in DIR/config.yaml), so the new one
+works and the revoked ones stay refused (mesh/revocation.py).
 """
 from __future__ import annotations
 
@@ -31,13 +40,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 
-from mesh import cli, pki
+from mesh import cli, csr as csrs, pki
 from mesh.config import MeshConfigError, load, split_listen
+from mesh.revocation import iso
 from mesh.setup import LOOPBACK, NODE_USER, Layout, host_port, q
+from mesh.store import StoreAbsent, StoreError, open_store
 
 DEFAULT_PREFIX = "/etc/swarm-agent/mesh"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 FILES = ("node.pem", "node.key", "ca.pem", "decisions.pub", "nats.password", "agent-fleet.yaml")
+PREVIOUS_KEYS_MAX = 100         # key ids of a node's earlier certificates kept in the ledger
 
 
 def check_safe(what: str, value: str) -> str:
@@ -83,13 +95,14 @@ def where(lay: Layout, endpoint: str | None, nats_url: str | None) -> tuple[str,
 
 
 def fleet_yaml(node: str, provider: str, prefix: str, endpoint: str, server_name: str,
-               nats_url: str, mesh_addresses: list[str]) -> str:
+               nats_url: str, mesh_addresses: list[str], own_key: bool = False) -> str:
     p = prefix.rstrip("/") or "/"
     f = {n: os.path.join(p, n) for n in FILES}
     lines = [
         f"# Node {node} of provider {provider}: written by `swarm-mesh enroll` "
         f"({time.strftime('%Y-%m-%d')}).",
-        f"# 1. Copy every file of this directory to {p}/ on the node (root, 0700).",
+        f"# 1. Copy every file of this directory to {p}/ on the node (root, 0700)"
+        + (",\n#    beside node.key, which swarm-agent mesh-csr made there." if own_key else "."),
         "# 2. Put these two sections into /etc/swarm-agent/config.yaml in place of its",
         "#    mesh: and fleet: sections (keys not named here keep their defaults).",
         "# 3. systemctl restart swarm-agent; then `swarm-mesh nodes` on the mesh lists it.",
@@ -126,10 +139,55 @@ def _outdir(out: Path, force: bool) -> None:
     os.chmod(out, 0o700)
 
 
+def revoked_at(store_url: str, node: str) -> float | None:
+    """The node's latest revocation in the mesh's store; None when it has none, or when
+    there is no store yet (the service never ran: nothing was revoked)."""
+    try:
+        store = open_store(store_url, create=False)
+    except StoreAbsent:
+        return None
+    except StoreError as e:
+        raise cli.UsageError(f"cannot read {node}'s revocations, which its certificate must "
+                             f"start after: {e}") from None
+    try:
+        return store.node_revoked_at(node)
+    except StoreError as e:
+        raise cli.UsageError(f"cannot read {node}'s revocations, which its certificate must "
+                             f"start after: {e}") from None
+    finally:
+        store.close()
+
+
+def certified_keys(ledger: dict[str, dict]) -> dict[str, str]:
+    """key id -> the node it was certified for, from every ledger record."""
+    out: dict[str, str] = {}
+    for name, rec in ledger.items():
+        for kid in [rec.get("key_sha256"), *(rec.get("previous_keys") or [])]:
+            if isinstance(kid, str) and kid:
+                out[kid] = name
+    return out
+
+
+def load_csr(path: Path, ledger: dict[str, dict]):
+    """The node's CSR, checked (mesh/csr.py), its key not certified before."""
+    try:
+        request = csrs.load(path)
+    except csrs.CsrError as e:
+        raise cli.UsageError(str(e)) from None
+    seen = certified_keys(ledger).get(csrs.key_id(request.public_key()))
+    if seen is not None:
+        raise cli.UsageError(f"the key of the CSR {path} was certified before (node {seen}); "
+                             "every certificate needs a new key: on the node, "
+                             "swarm-agent mesh-csr --force makes one")
+    return request
+
+
 def enroll(directory: Path, node: str, provider: str, out: Path, prefix: str,
            endpoint: str | None = None, nats_url: str | None = None,
-           force: bool = False) -> dict:
-    """Issues the node's certificate and writes OUTDIR; returns what the ledger records."""
+           force: bool = False, csr: Path | None = None) -> dict:
+    """Issues the node's certificate (for the key of `csr`, else for a key made here)
+    and writes OUTDIR; returns what the ledger records. Every input is checked before
+    anything is written."""
     check_safe("NODE", node)
     check_safe("--provider", provider)
     lay = Layout(directory)
@@ -141,37 +199,68 @@ def enroll(directory: Path, node: str, provider: str, out: Path, prefix: str,
         had = ledger[node]
         raise cli.UsageError(f"node {node} was enrolled on {had.get('enrolled', '?')} for "
                              f"provider {had.get('provider', '?')}; --force issues it a new "
-                             "certificate (the old one stays valid until it expires)")
+                             "certificate (the old one stays valid until it expires, unless "
+                             f"swarm-mesh node-revoke {node} revokes it first)")
     try:
         ca = pki.load_authority(lay.ca_cert, lay.ca_key)
         endpoint, server_name, nats_url = where(lay, endpoint, nats_url)
+        store_url = load(lay.config).store
     except (pki.PkiError, MeshConfigError) as e:
         raise cli.UsageError(str(e)) from None
+    request = load_csr(csr, ledger) if csr is not None else None
+    after = revoked_at(store_url, node)
+    if after is not None and after > time.time() + pki.BACKDATE_S:
+        raise cli.UsageError(f"{node} was revoked on {iso(after)}, in the future of this "
+                             f"machine's clock ({iso(time.time())}): a certificate must start "
+                             "after that and would not work until then; check both clocks")
     _outdir(out, force)
-    cert, key = pki.node_cert(ca, node, provider)
+    if request is not None:
+        key = None
+        cert = pki.node_cert_for(ca, node, provider, request.public_key(), after)
+    else:
+        cert, key = pki.node_cert(ca, node, provider, after)
     mesh_ips = [str(ipaddress.ip_network(n)) for n in pki.names_of(pki.load_cert(lay.cert))
                 if n not in LOOPBACK and _is_ip(n)]
     files = {
         "node.pem": (pki.cert_pem(cert), 0o644),
-        "node.key": (pki.key_pem(key), 0o600),
+        **({"node.key": (pki.key_pem(key), 0o600)} if key is not None else {}),
         "ca.pem": (lay.ca_cert.read_bytes(), 0o644),
         "decisions.pub": (lay.signing_pub.read_bytes(), 0o644),
         "nats.password": (lay.node_password.read_bytes(), 0o600),
         "agent-fleet.yaml": (fleet_yaml(node, provider, prefix, endpoint, server_name, nats_url,
-                                        mesh_ips).encode(), 0o644),
+                                        mesh_ips, own_key=key is None).encode(), 0o644),
     }
+    if key is None:                      # a key of an earlier enrolment into OUT: not this one's
+        (out / "node.key").unlink(missing_ok=True)
     for name, (data, mode) in files.items():
         pki.write_replace(out / name, data, mode)
-    record = {"provider": provider, "serial": format(cert.serial_number, "x"),
-              "sha256": cert.fingerprint(hashes.SHA256()).hex(),
-              "enrolled": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "not_after": cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-              .isoformat(timespec="seconds"), "out": str(out)}
+    record = _record(provider, cert, out, ledger.get(node), key is None)
     ledger[node] = record
     pki.write_replace(lay.ledger, (json.dumps({"nodes": ledger}, indent=1, sort_keys=True)
                                    + "\n").encode(), 0o600)
     return {"node": node, **record, "endpoint": endpoint, "server_name": server_name,
-            "nats_url": nats_url, "files": [str(out / n) for n in files]}
+            "nats_url": nats_url, "files": [str(out / n) for n in files],
+            "revoked_at": after, "csr_ignored": csrs.ignored(request) if request else []}
+
+
+def _utc(t: datetime.datetime) -> str:
+    return t.replace(tzinfo=datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _record(provider: str, cert, out: Path, before: dict | None, own_key: bool) -> dict:
+    """The ledger's record of an enrolment; the key ids of the node's earlier
+    certificates are carried on, so none of those keys is certified again."""
+    previous = []
+    if before:
+        previous = [k for k in [*(before.get("previous_keys") or []), before.get("key_sha256")]
+                    if isinstance(k, str) and k][-PREVIOUS_KEYS_MAX:]
+    return {"provider": provider, "serial": format(cert.serial_number, "x"),
+            "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+            "key_sha256": csrs.key_id(cert.public_key()), "key": "node" if own_key else "mesh",
+            "previous_keys": previous,
+            "enrolled": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "not_before": _utc(cert.not_valid_before), "not_after": _utc(cert.not_valid_after),
+            "out": str(out)}
 
 
 def _is_ip(name: str) -> bool:
@@ -185,15 +274,22 @@ def _is_ip(name: str) -> bool:
 def _enroll(args: argparse.Namespace, cfg) -> int:
     out = Path(args.out).absolute()
     result = enroll(Path(args.dir).absolute(), args.node, args.provider, out,
-                    args.install_prefix, args.endpoint, args.nats_url, args.force)
+                    args.install_prefix, args.endpoint, args.nats_url, args.force,
+                    Path(args.csr) if args.csr else None)
     if args.json:
         print(json.dumps(result))
         return cli.EXIT_OK
     print(f"enrolled {args.node} (provider {args.provider}): certificate {result['serial']}, "
-          f"valid until {result['not_after']}")
+          f"valid from {result['not_before']} until {result['not_after']}")
+    if result["revoked_at"] is not None:
+        print(f"  {args.node} was revoked on {iso(result['revoked_at'])}: this certificate "
+              "starts after that, the revoked ones stay refused")
+    for what in result["csr_ignored"]:
+        print(f"  ignored from the CSR: {what} (the mesh sets subject and extensions)")
     for f in result["files"]:
         print(f"  {f}")
-    print(f"on the node: copy {out}/* to {args.install_prefix}/ (root, 0700), put "
+    kept = " (node.key stays where swarm-agent mesh-csr made it)" if args.csr else ""
+    print(f"on the node: copy {out}/* to {args.install_prefix}/ (root, 0700){kept}, put "
           f"agent-fleet.yaml's sections into /etc/swarm-agent/config.yaml, "
           "systemctl restart swarm-agent")
     return cli.EXIT_OK
@@ -204,6 +300,9 @@ def _enroll_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", required=True, help="the node's provider (its certificate's O)")
     p.add_argument("--dir", required=True, help="the mesh directory swarm-mesh init made")
     p.add_argument("--out", required=True, help="where the node's files go (new or empty)")
+    p.add_argument("--csr", metavar="FILE", help="certify the key of this CSR (PEM or DER, "
+                   "from `swarm-agent mesh-csr` on the node) instead of making one here: the "
+                   "key never leaves the node; the CSR's subject and extensions are ignored")
     p.add_argument("--install-prefix", default=DEFAULT_PREFIX,
                    help=f"where the files will be on the node (default {DEFAULT_PREFIX})")
     p.add_argument("--endpoint", help="host:port nodes reach the reporting API at (default: "
@@ -211,7 +310,8 @@ def _enroll_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", help="nats-server's URL for nodes (default: tls://, the same "
                    "name and the configured port)")
     p.add_argument("--force", action="store_true",
-                   help="enrol a node name again, and write into a non-empty --out")
+                   help="enrol a node name again (its earlier certificate stays valid unless "
+                   "revoked: swarm-mesh node-revoke), and write into a non-empty --out")
 
 
 cli.register("enroll", "issue a node's certificate and write what it needs to join",

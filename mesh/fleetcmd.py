@@ -69,7 +69,7 @@ def _nats_config(args: argparse.Namespace, cfg: MeshConfig) -> int:
     return cli.EXIT_OK
 
 
-def _operator(args: argparse.Namespace) -> str:
+def operator_of(args: argparse.Namespace) -> str:
     return args.operator or os.environ.get("SUDO_USER") or getpass.getuser()
 
 
@@ -80,8 +80,8 @@ def _decide(args: argparse.Namespace, cfg: MeshConfig, revoke: bool) -> int:
     async def go():
         try:
             if revoke:
-                return await decider.revoke(args.target, args.reason, _operator(args))
-            return await decider.block(args.target, args.ttl, args.reason, _operator(args))
+                return await decider.revoke(args.target, args.reason, operator_of(args))
+            return await decider.block(args.target, args.ttl, args.reason, operator_of(args))
         finally:
             await decider.close()
     try:
@@ -145,5 +145,6 @@ cli.register("nats-config", "write nats-server's config (JetStream, mesh and nod
              _nats_args, _nats_config)
 cli.register("block", "an operator's fleet block (signed, published to every node)",
              _block_args, lambda a, c: _decide(a, c, revoke=False))
-cli.register("revoke", "lift a fleet block everywhere", _revoke_args,
+cli.register("revoke", "lift a fleet block everywhere (a node's certificate: node-revoke)",
+             _revoke_args,
              lambda a, c: _decide(a, c, revoke=True))

@@ -5,9 +5,12 @@ one Organization (O). gRPC has already verified the chain to the configured CA (
 with require_client_auth); here the PEM gRPC hands over (`x509_pem_cert` in the call's
 auth context) is parsed with cryptography, because gRPC reports only the first CN and no
 O at all. A certificate with several CNs or several Os names no one: it is refused.
+Its notBefore comes along: a node revocation covers the certificates of that node issued
+at or before it (mesh/revocation.py).
 """
 from __future__ import annotations
 
+import datetime
 import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -22,6 +25,7 @@ MAX_NAME = 200
 class Identity:
     node: str           # the subject CN
     provider: str       # the subject O; "" when the certificate names none
+    not_before: float = 0.0     # the certificate's notBefore, in seconds since the epoch
 
 
 class IdentityError(ValueError):
@@ -60,4 +64,5 @@ def from_pem(pem: bytes) -> Identity:
         if len(value) > MAX_NAME or not value.isprintable():
             raise IdentityError(f"the client certificate's {what} is longer than {MAX_NAME} "
                                 "characters or not printable")
-    return Identity(node, provider)
+    not_before = cert.not_valid_before.replace(tzinfo=datetime.timezone.utc).timestamp()
+    return Identity(node, provider, not_before)

@@ -2,7 +2,8 @@
 client certificate per node, all EC P-256 (what gRPC, nats-server and every TLS stack
 take), made with `cryptography`.
 
-The CA lives ten years, the certificates it signs two. A node's certificate names the
+The CA lives ten years, the certificates it signs two. A node's key is made here
+(node_cert) or on the node, which sends a CSR (node_cert_for, mesh/csr.py). A node's certificate names the
 node in its subject CN and the provider in its O: that is how the reporting API knows
 who calls (mesh/identity.py). Private keys are written 0600 and never over an existing
 file (O_EXCL); certificates are public.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
 LEAF_DAYS = 730
-_BACKDATE = datetime.timedelta(minutes=5)       # clocks of nodes a little behind the mesh's
+BACKDATE_S = 300                                # clocks of nodes a little behind the mesh's
+_BACKDATE = datetime.timedelta(seconds=BACKDATE_S)
 
 
 class PkiError(ValueError):
@@ -48,11 +51,19 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int,
+             after: float | None = None) -> x509.CertificateBuilder:
+    """notBefore a little in the past (_BACKDATE), or the first whole second after
+    `after` (a revocation of the name: mesh/revocation.py) when that is later. X.509
+    times are whole seconds."""
     now = datetime.datetime.now(datetime.timezone.utc)
+    start = (now - _BACKDATE).replace(microsecond=0)
+    if after is not None:
+        start = max(start, datetime.datetime.fromtimestamp(math.floor(after) + 1,
+                                                           datetime.timezone.utc))
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
             .public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE).not_valid_after(now + datetime.timedelta(days=days)))
+            .not_valid_before(start).not_valid_after(now + datetime.timedelta(days=days)))
 
 
 def make_ca(common_name: str = "swarm-mesh CA") -> Authority:
@@ -71,9 +82,10 @@ def make_ca(common_name: str = "swarm-mesh CA") -> Authority:
     return Authority(cert, key)
 
 
-def _leaf(ca: Authority, subject: x509.Name, key: ec.EllipticCurvePrivateKey,
-          usage: list, sans: list[x509.GeneralName] | None) -> x509.Certificate:
-    b = (_builder(subject, ca.cert.subject, key.public_key(), LEAF_DAYS)
+def _leaf(ca: Authority, subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
+          usage: list, sans: list[x509.GeneralName] | None,
+          after: float | None = None) -> x509.Certificate:
+    b = (_builder(subject, ca.cert.subject, public_key, LEAF_DAYS, after)
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
          .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
                                       content_commitment=False, data_encipherment=False,
@@ -99,16 +111,27 @@ def server_cert(ca: Authority, names: list[str]) -> tuple[x509.Certificate, ec.E
     """The mesh's certificate for the reporting API and nats-server (serverAuth, and
     clientAuth too so the mesh may present it to a NATS that verifies clients)."""
     key = new_key()
-    cert = _leaf(ca, _name(names[0], "swarm-mesh"), key,
+    cert = _leaf(ca, _name(names[0], "swarm-mesh"), key.public_key(),
                  [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
                  [general_name(n) for n in names])
     return cert, key
 
 
-def node_cert(ca: Authority, node: str, provider: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A node's client certificate: CN=node, O=provider, clientAuth only."""
+def node_cert(ca: Authority, node: str, provider: str, after: float | None = None
+              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A node's client certificate and its new key: CN=node, O=provider, clientAuth only;
+    `after`: the node's latest revocation, which its notBefore must follow."""
     key = new_key()
-    return _leaf(ca, _name(node, provider), key, [ExtendedKeyUsageOID.CLIENT_AUTH], None), key
+    return node_cert_for(ca, node, provider, key.public_key(), after), key
+
+
+def node_cert_for(ca: Authority, node: str, provider: str,
+                  public_key: ec.EllipticCurvePublicKey,
+                  after: float | None = None) -> x509.Certificate:
+    """The same for a key the node keeps (from its CSR, mesh/csr.py): subject, extensions
+    and lifetime are the mesh's alone."""
+    return _leaf(ca, _name(node, provider), public_key, [ExtendedKeyUsageOID.CLIENT_AUTH],
+                 None, after)
 
 
 def names_of(cert: x509.Certificate) -> list[str]:

@@ -5,7 +5,8 @@ A proposal (a dict: proposal_id, node, provider, target, rule, rule_version, inc
 operator, evidence, created_at, ttl_s, event_class, received_at; `node` and `provider` are
 the CN and O of the proposing node's client certificate) ends in one of four outcomes:
 
-- refuse: the target is malformed, wider than the maximum prefix, or overlaps an
+- refuse: the proposing node's certificate was revoked (`swarm-mesh node-revoke`); the
+  target is malformed, wider than the maximum prefix, or overlaps an
   allowlisted range (the fleet's own infrastructure, CGNAT 100.64.0.0/10, private, loopback,
   link-local, multicast, unspecified and IPv4-mapped ranges, configured CDN/crawler
   ranges); the node is over its proposal rate; the proposal is stale or names neither a
@@ -27,7 +28,8 @@ mesh itself (`swarm-mesh block`) is authoritative: no corroboration, no staging 
 
 Votes: one per node (its newest proposal for the target or a network covering it); a
 proposal that was refused (rate limit, stale, ...) is no vote, nor is one from a node
-whose certificate names no provider (O); providers compare case-folded with whitespace
+whose certificate names no provider (O), nor one sent with a certificate a node
+revocation covers (the store leaves those out of the votes); providers compare case-folded with whitespace
 collapsed ("Acme " and "acme" are one provider). An operator's revocation that still
 stands refuses every proposal whose target overlaps the revoked one (covering or inside).
 
@@ -48,6 +50,7 @@ from typing import Any, Iterable
 
 from agent.fleet.decision import MAX_LIFETIME_S, Decision, DecisionError, normalize_target
 from mesh.bounds import REASON_MAX_BYTES, SCOPE_MAX_BYTES, bounded as _bounded, short
+from mesh.revocation import covers
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -226,14 +229,20 @@ class Policy:
     def evaluate(self, p: dict[str, Any], *, now: float, node_count: int,
                  votes: Iterable[dict[str, Any]], latest: dict[str, Any] | None,
                  known_nodes: Iterable[str] = (),
-                 revoked: Iterable[dict[str, Any]] = ()) -> Outcome:
+                 revoked: Iterable[dict[str, Any]] = (),
+                 node_revoked_at: float | None = None) -> Outcome:
         """The outcome of proposal `p`. `node_count`: proposals from p's node received in
         the last rate_window_s, p included. `votes`: stored proposals, not refused, for p's
         target or a network covering it (extra ones are filtered out here). `latest`: the
         target's latest decision (a dict with its fields) or None. `known_nodes`: the
         fleet's nodes, to draw `stage_canary` extra canaries from. `revoked`: revocations
-        still standing (each its target's latest decision, unexpired), any target."""
+        still standing (each its target's latest decision, unexpired), any target.
+        `node_revoked_at`: the latest revocation of p's node (None: never revoked); it
+        covers p when p's certificate (cert_not_before) is not newer."""
         cfg = self.config
+        if covers(node_revoked_at, float(p.get("cert_not_before") or 0)):
+            return _refuse(f"the certificate of node {p.get('node')} that sent this proposal "
+                           "was revoked (swarm-mesh node-revoke): its proposals no longer count")
         if node_count > cfg.rate_limit:
             return _refuse(f"rate limit: {node_count} proposals from {p.get('node')} in "
                            f"{cfg.rate_window_s:.0f} s (limit {cfg.rate_limit})")

@@ -9,10 +9,21 @@ SCHEMA_VERSION is stored in `meta`; a store written by a newer version is refuse
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # 2: refusals indexed by (node, proposal_id) (a refused proposal is no vote); decisions
 #    may be in state "failed". Tables and indexes are CREATE ... IF NOT EXISTS, so the
 #    service upgrades a version 1 store at start by running them again.
+# 3: node_revocations; nodes and proposals record the notBefore of the certificate that
+#    sent them (cert_not_before), added to an older store by ADDED_COLUMNS. Rows from
+#    before have 0 there: any revocation of their node covers them.
+
+# Columns added to tables that existed before: (version, table, column). Their type and
+# default come from TABLES; the backends add each one a store lacks (ALTER TABLE) before
+# the CREATE INDEX statements run.
+ADDED_COLUMNS: tuple[tuple[int, str, str], ...] = (
+    (3, "nodes", "cert_not_before"),
+    (3, "proposals", "cert_not_before"),
+)
 
 _TYPES = {
     "sqlite": {"text": "TEXT", "real": "REAL", "int": "INTEGER", "json": "TEXT",
@@ -40,7 +51,8 @@ TABLES: dict[str, tuple[list[tuple[str, str, str | None]], str | None, list[str]
                ("ringbuf_losses", "int", "0"), ("outbox_depth", "int", "0"),
                ("outbox_dropped", "int", "0"), ("ruleset_version", "text", "''"),
                ("rules", "json", "'[]'"), ("fleet_seq", "int", "0"),
-               ("fleet_active", "int", "0"), ("fleet_refused", "int", "0")],
+               ("fleet_active", "int", "0"), ("fleet_refused", "int", "0"),
+               ("cert_not_before", "real", "0")],
               "node", []),
     "incidents": ([("node", "text", None), ("incident_id", "text", None),
                    ("event_class", "text", None), ("entity", "text", None),
@@ -78,7 +90,8 @@ TABLES: dict[str, tuple[list[tuple[str, str, str | None]], str | None, list[str]
                    ("rule_version", "int", "0"), ("incident_id", "text", "''"),
                    ("operator", "text", "''"), ("evidence", "text", "''"),
                    ("created_at", "real", "0"), ("ttl_s", "real", "0"),
-                   ("event_class", "text", "''"), ("received_at", "real", None)],
+                   ("event_class", "text", "''"), ("received_at", "real", None),
+                   ("cert_not_before", "real", "0")],
                   "node, proposal_id", ["target, received_at", "received_at"]),
     # Signed decisions: persisted (pending) before they are published, then published
     # with the stream sequence; "failed" when nats-server refused it for good (never in
@@ -94,28 +107,60 @@ TABLES: dict[str, tuple[list[tuple[str, str, str | None]], str | None, list[str]
                   ("reason", "text", None), ("proposal_id", "text", "''"),
                   ("source", "text", "''"), ("detail", "json", "'{}'")],
                  None, ["at", "node, proposal_id"]),
+    # Node revocations (swarm-mesh node-revoke): every certificate naming `node` (its CN)
+    # whose notBefore is at or before `revoked_at` is refused, and what it sent counts no
+    # more (mesh/nodes.py says why by notBefore and not by serial). Never deleted.
+    "node_revocations": ([("id", "serial", None), ("node", "text", None),
+                          ("revoked_at", "real", None), ("reason", "text", "''"),
+                          ("operator", "text", "''"), ("at", "real", None)],
+                         None, ["node, revoked_at"]),
 }
 
 
+def _column(dialect: str, name: str, kind: str, default: str | None) -> str:
+    col = f"{name} {_TYPES[dialect][kind]}"
+    if kind != "serial":
+        col += f" DEFAULT {default}" if default is not None else " NOT NULL"
+    return col
+
+
 def create_statements(dialect: str) -> list[str]:
-    """CREATE TABLE/INDEX IF NOT EXISTS statements for `dialect` ("sqlite", "postgresql")."""
-    types = _TYPES[dialect]
+    """CREATE TABLE IF NOT EXISTS statements for `dialect` ("sqlite", "postgresql")."""
     out = []
-    for table, (columns, key, indexes) in TABLES.items():
-        cols = []
-        for name, kind, default in columns:
-            col = f"{name} {types[kind]}"
-            if kind != "serial":
-                col += f" DEFAULT {default}" if default is not None else " NOT NULL"
-            cols.append(col)
+    for table, (columns, key, _) in TABLES.items():
+        cols = [_column(dialect, *c) for c in columns]
         if key:
             cols.append(f"PRIMARY KEY ({key})")
         out.append(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)})")
-        for index in indexes:
-            name = f"{table}_{index.replace(', ', '_')}"
-            out.append(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({index})")
     return out
+
+
+def index_statements() -> list[str]:
+    """CREATE INDEX IF NOT EXISTS statements (the same SQL for both dialects); they run
+    after the added columns are in place."""
+    return [f"CREATE INDEX IF NOT EXISTS {table}_{index.replace(', ', '_')} ON {table} ({index})"
+            for table, (_, _, indexes) in TABLES.items() for index in indexes]
+
+
+def add_column_statement(dialect: str, table: str, column: str) -> str:
+    """ALTER TABLE ... ADD COLUMN for one of ADDED_COLUMNS (the backend runs it only when
+    the column is missing: SQLite has no ADD COLUMN IF NOT EXISTS)."""
+    spec = next(c for c in TABLES[table][0] if c[0] == column)
+    return f"ALTER TABLE {table} ADD COLUMN {_column(dialect, *spec)}"
 
 
 def columns(table: str) -> list[str]:
     return [name for name, _, _ in TABLES[table][0]]
+
+
+def upgrade_statements(dialect: str, columns_of) -> list[str]:
+    """Everything that brings a store of any older version (or none) to SCHEMA_VERSION:
+    CREATE TABLE IF NOT EXISTS, ADD COLUMN for the ADDED_COLUMNS a table that already
+    exists lacks (`columns_of(table)`: its column names, empty when it does not exist),
+    then the indexes."""
+    alters = []
+    for _, table, column in ADDED_COLUMNS:
+        have = columns_of(table)
+        if have and column not in have:
+            alters.append(add_column_statement(dialect, table, column))
+    return create_statements(dialect) + alters + index_statements()

@@ -9,6 +9,10 @@ batch is stored, to `on_proposal(dict)` one at a time in arrival order by one ta
 decider plugs in there); a slow decider never delays a node's acknowledgement. The
 proposals are in the store whatever happens to that queue.
 
+A revoked node's certificate (`swarm-mesh node-revoke`) is refused on every call with
+PERMISSION_DENIED (mesh/gate.py, and again inside the batch's transaction), counted in
+`revoked_calls` and logged once per certificate.
+
 Health (grpc.health.v1) and reflection are served beside it; a pruning task forgets
 processed report ids after cfg.report_ids_keep_s.
 """
@@ -23,8 +27,9 @@ import grpc
 
 from agent.control import health, reflection
 from agent.proto.swarm.mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from mesh import identity
+from mesh import identity, revocation
 from mesh.config import MeshConfig
+from mesh.gate import RevocationGate
 from mesh.store import Store, StoreError
 
 log = logging.getLogger("swarm_mesh")
@@ -39,7 +44,7 @@ OnProposal = Callable[[dict[str, Any]], Awaitable[None]]
 
 class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
     """The MeshReporting servicer. `counters` (reports, batches, duplicates, mismatched,
-    rejected, unknown, skipped, refused_calls, store_errors, proposals,
+    rejected, unknown, skipped, refused_calls, revoked_calls, store_errors, proposals,
     proposals_dropped) are for logs and tests."""
 
     def __init__(self, store: Store, on_proposal: OnProposal | None = None):
@@ -48,13 +53,23 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(PROPOSAL_QUEUE_MAX)
         self.counters = dict.fromkeys(
             ("reports", "batches", "duplicates", "mismatched", "rejected", "unknown", "skipped",
-             "refused_calls", "store_errors", "proposals", "proposals_dropped"), 0)
+             "refused_calls", "revoked_calls", "store_errors", "proposals",
+             "proposals_dropped"), 0)
         self._said: set[tuple[str, ...]] = set()     # what was logged once
+        self.gate: RevocationGate | None = None       # MeshServer sets it
 
     def _once(self, key: tuple[str, ...], msg: str, **extra: Any) -> None:
         if key not in self._said and len(self._said) < 10_000:
             self._said.add(key)
             log.warning(msg, extra=extra)
+
+    def refused_revoked(self, who: identity.Identity, revoked_at: float) -> None:
+        """A call from a revoked certificate was refused: counted, logged once."""
+        self.counters["revoked_calls"] += 1
+        self._once(("revoked", who.node, str(who.not_before)),
+                   "call refused: the node's certificate is revoked", node=who.node,
+                   provider=who.provider, not_before=revocation.iso(who.not_before),
+                   revoked_at=revocation.iso(revoked_at))
 
     async def Report(self, request: mesh_pb2.ReportBatch, context) -> mesh_pb2.ReportAck:
         try:
@@ -70,7 +85,12 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
         reports = list(request.reports)
         try:
             done = await asyncio.to_thread(self.store.record_reports, who.node, who.provider,
-                                           reports, time.time())
+                                           reports, time.time(), who.not_before)
+        except revocation.NodeRevoked as e:      # revoked since the gate's look
+            self.refused_revoked(who, e.revoked_at)
+            if self.gate is not None:
+                self.gate.learn(who.node, e.revoked_at)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         except StoreError as e:
             self.counters["store_errors"] += 1
             log.error("reports not stored; the node will send them again",
@@ -141,7 +161,8 @@ class MeshServer:
                                                 require_client_auth=True)
         except (RuntimeError, ValueError) as e:
             raise StartError(f"TLS files not usable: {e}") from None
-        server = grpc.aio.server(options=[
+        self.service.gate = RevocationGate(self.store, self.service.refused_revoked)
+        server = grpc.aio.server(interceptors=[self.service.gate], options=[
             ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),              # a second service must not share the port
             # Agents keep their channel alive with a ping every 30 s.

@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from agent.proto.swarm.mesh.v1 import mesh_pb2
-from mesh import records
+from mesh import records, revocation
 from mesh.config import MeshConfigError, store_kind
+from mesh.revocation import REVOKED_PROPOSAL, NodeRevocations
 from mesh.schema import columns
 
 LIVE_STATES = ("open", "mitigated", "escalated")   # incidents(state="live")
 CLOCK_SKEW_S = 300.0      # a heartbeat time further ahead of the mesh's clock is not trusted
 _PROPOSAL_KEYS = ("proposal_id", "node", "provider", "target", "rule", "rule_version",
                   "incident_id", "operator", "evidence", "created_at", "ttl_s",
-                  "event_class", "received_at")
+                  "event_class", "received_at", "cert_not_before")
 _REFUSAL_KEYS = ("at", "node", "provider", "target", "reason", "proposal_id", "source")
 _SNAPSHOTS = {"incident": ("incidents", "incident_id"),
               "mitigation": ("mitigations", "mitigation_id"),
@@ -39,6 +40,10 @@ _SNAPSHOTS = {"incident": ("incidents", "incident_id"),
 
 class StoreError(RuntimeError):
     """The store cannot be opened or a transaction failed; the message is one sentence."""
+
+
+class StoreAbsent(StoreError):
+    """Opened with create=False: there is no store there yet (no file, or no schema)."""
 
 
 @dataclass
@@ -81,8 +86,9 @@ def _snapshot_sql(table: str, key: str) -> str:
                                 f"WHERE excluded.updated_at >= {table}.updated_at")
 
 
-class Store:
-    """Backends implement _transaction (yielding a Cursor), _close and create_schema."""
+class Store(NodeRevocations):
+    """Backends implement _transaction (yielding a Cursor), _close and create_schema.
+    Node revocations: mesh/revocation.py."""
 
     dialect = ""
     url = ""
@@ -112,25 +118,33 @@ class Store:
 
     # ---- reports from nodes
     def record_reports(self, node: str, provider: str, reports: Iterable[mesh_pb2.Report],
-                       received_at: float) -> Recorded:
-        """Store a batch from `node` (its certificate's CN) of `provider` (its O) in one
-        transaction. Report.node_id is kept as "claimed" only."""
+                       received_at: float, not_before: float = 0.0) -> Recorded:
+        """Store a batch from `node` (its certificate's CN) of `provider` (its O), whose
+        certificate's notBefore is `not_before`, in one transaction. Report.node_id is
+        kept as "claimed" only. Raises revocation.NodeRevoked, storing nothing, when a
+        revocation of the node covers that certificate (checked in this transaction: a
+        revocation committed before it is never missed)."""
         out = Recorded()
         with self.tx() as cur:
-            cur.run(_insert("nodes", ("node", "provider", "first_seen", "last_seen"),
+            revocation.check(cur, node, not_before)
+            cur.run(_insert("nodes", ("node", "provider", "first_seen", "last_seen",
+                                      "cert_not_before"),
                             " ON CONFLICT (node) DO UPDATE SET provider = excluded.provider, "
                             "last_seen = CASE WHEN excluded.last_seen > nodes.last_seen "
-                            "THEN excluded.last_seen ELSE nodes.last_seen END"),
-                    (node, provider, received_at, received_at))
+                            "THEN excluded.last_seen ELSE nodes.last_seen END, "
+                            "cert_not_before = CASE WHEN excluded.cert_not_before > "
+                            "nodes.cert_not_before THEN excluded.cert_not_before "
+                            "ELSE nodes.cert_not_before END"),
+                    (node, provider, received_at, received_at, not_before))
             for r in reports:
-                self._record_one(cur, node, provider, r, received_at, out)
+                self._record_one(cur, node, provider, r, received_at, out, not_before)
             if out.mismatched:
                 cur.run("UPDATE nodes SET claim_mismatches = claim_mismatches + ? "
                         "WHERE node = ?", (out.mismatched, node))
         return out
 
     def _record_one(self, cur: Cursor, node: str, provider: str, r: mesh_pb2.Report,
-                    received_at: float, out: Recorded) -> None:
+                    received_at: float, out: Recorded, not_before: float) -> None:
         if not records.usable_id(r):
             out.skipped += 1
             return
@@ -160,7 +174,8 @@ class Store:
                     [values[c] for c in columns("evidence")])
         elif kind == "proposal":
             p = records.bounded_proposal({**row.values, "node": node, "provider": provider,
-                                          "received_at": received_at})
+                                          "received_at": received_at,
+                                          "cert_not_before": not_before})
             if self._add_proposal(cur, p):
                 out.proposals.append(p)
         elif kind == "heartbeat":
@@ -216,8 +231,9 @@ class Store:
         """The votes for a target (the policy's corroboration): for each node and each of
         `targets`, its newest proposal received at or after `since` that was not refused
         and is not stale (created more than `window_s` before it was received, or its own
-        ttl_s over at `now`: the test Policy._stale makes). One row per node and target,
-        however many a node sent, so a flood from one node crowds out nobody."""
+        ttl_s over at `now`: the test Policy._stale makes), nor sent with a certificate
+        a revocation of its node covers. One row per node and target, however many a node
+        sent, so a flood from one node crowds out nobody."""
         if not targets:
             return []
         marks = ", ".join("?" * len(targets))
@@ -227,7 +243,8 @@ class Store:
                "AND (p.created_at = 0 OR (p.created_at >= p.received_at - ? "
                "AND (p.ttl_s <= 0 OR p.created_at + p.ttl_s > ?))) "
                "AND NOT EXISTS (SELECT 1 FROM refusals r WHERE r.node = p.node "
-               "AND r.proposal_id = p.proposal_id)) AS v WHERE rn = 1 "
+               f"AND r.proposal_id = p.proposal_id) AND NOT {REVOKED_PROPOSAL}) AS v "
+               "WHERE rn = 1 "
                "ORDER BY received_at DESC, node")
         with self.tx(write=False) as cur:
             rows = cur.all(sql, [*targets, since, window_s, now])
@@ -351,10 +368,13 @@ class Store:
 
     # ---- the fleet view
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node that ever reported, by name, with its last heartbeat's figures and
-        `open_incidents` ({class: number of its live incidents})."""
+        """Every node that ever reported, by name, with its last heartbeat's figures,
+        `open_incidents` ({class: number of its live incidents}), `revoked_at` (its latest
+        revocation, None if none) and `revoked` (whether that covers the newest certificate
+        it reported with)."""
         with self.tx(write=False) as cur:
-            rows = cur.all("SELECT * FROM nodes ORDER BY node")
+            rows = cur.all("SELECT n.*, (SELECT MAX(r.revoked_at) FROM node_revocations r "
+                           "WHERE r.node = n.node) AS revoked_at FROM nodes n ORDER BY n.node")
             counts = cur.all("SELECT node, event_class, COUNT(*) AS n FROM incidents WHERE state "
                              f"IN ({', '.join('?' * len(LIVE_STATES))}) "
                              "GROUP BY node, event_class", LIVE_STATES)
@@ -366,6 +386,7 @@ class Store:
             row["rules"] = json.loads(row["rules"] or "[]")
             row["ready"], row["dry_run"] = bool(row["ready"]), bool(row["dry_run"])
             row["open_incidents"] = by_node.get(row["node"], {})
+            row["revoked"] = revocation.covers(row["revoked_at"], float(row["cert_not_before"]))
         return rows
 
     def incidents(self, event_class: str | None = None, state: str | Sequence[str] | None = None,
@@ -391,7 +412,7 @@ class Store:
     def count(self, table: str, node: str | None = None) -> int:
         """Rows in one of the store's tables (for tests and the CLI's summaries)."""
         if table not in ("reports", "nodes", "incidents", "mitigations", "evidence", "feedback",
-                         "proposals", "decisions", "refusals"):
+                         "proposals", "decisions", "refusals", "node_revocations"):
             raise ValueError(f"no table {table!r}")
         sql = f"SELECT COUNT(*) AS n FROM {table}" + (" WHERE node = ?" if node else "")
         with self.tx(write=False) as cur:

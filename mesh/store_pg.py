@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from agent.yamlsafe import printable
-from mesh.schema import SCHEMA_VERSION, create_statements
-from mesh.store import Cursor, Store, StoreError
+from mesh.schema import SCHEMA_VERSION, upgrade_statements
+from mesh.store import Cursor, Store, StoreAbsent, StoreError
 
 try:
     import psycopg2
@@ -96,11 +96,18 @@ class PgStore(Store):
                 return
             if not create:
                 shown = _shown(self.url)
-                raise StoreError(f"store {shown} is not a mesh store (no schema)" if version is None
-                                 else f"store {shown} has schema version {version}, older than "
+                if version is None:
+                    raise StoreAbsent(f"store {shown} is not a mesh store (no schema)")
+                raise StoreError(f"store {shown} has schema version {version}, older than "
                                  f"this mesh service's {SCHEMA_VERSION}: start the service once to "
                                  "upgrade it")
-            for sql in create_statements("postgresql"):
+
+            def columns_of(table: str) -> set[str]:
+                cur.execute("SELECT column_name FROM information_schema.columns WHERE "
+                            "table_schema = current_schema() AND table_name = %s", (table,))
+                return {row[0] for row in cur.fetchall()}
+
+            for sql in upgrade_statements("postgresql", columns_of):
                 cur.execute(sql)
             cur.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) "
                         "DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))

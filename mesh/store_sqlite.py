@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from agent.yamlsafe import printable
-from mesh.schema import SCHEMA_VERSION, create_statements
-from mesh.store import Cursor, Store, StoreError
+from mesh.schema import SCHEMA_VERSION, upgrade_statements
+from mesh.store import Cursor, Store, StoreAbsent, StoreError
 
 BUSY_TIMEOUT_S = 10.0
 
@@ -36,7 +36,7 @@ class SqliteStore(Store):
         self.url = f"sqlite://{self.path.resolve()}" if self.path.is_absolute() else str(path)
         shown = printable(str(self.path))
         if not create and not self.path.exists():
-            raise StoreError(f"store {shown} does not exist (the mesh service creates it "
+            raise StoreAbsent(f"store {shown} does not exist (the mesh service creates it "
                              "when it starts)")
         try:
             if create:
@@ -73,13 +73,14 @@ class SqliteStore(Store):
             return
         if not create:
             shown = printable(str(self.path))
-            raise StoreError(f"store {shown} is not a mesh store (no schema)" if version is None
-                             else f"store {shown} has schema version {version}, older than "
+            if version is None:
+                raise StoreAbsent(f"store {shown} is not a mesh store (no schema)")
+            raise StoreError(f"store {shown} has schema version {version}, older than "
                              f"this mesh service's {SCHEMA_VERSION}: start the service once to "
                              "upgrade it")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql in create_statements("sqlite"):
+            for sql in upgrade_statements("sqlite", self._columns):
                 self._conn.execute(sql)
             self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                                (str(SCHEMA_VERSION),))
@@ -87,6 +88,9 @@ class SqliteStore(Store):
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Cursor]:

@@ -12,7 +12,10 @@ from agent.cli.text import clean
 
 
 def node_status(node: dict[str, Any], now: float, stale_s: float) -> str:
-    """"alive" when the node reported within stale_s, else "stale"."""
+    """"revoked" when its latest revocation covers the newest certificate it reported
+    with, else "alive" when the node reported within stale_s, else "stale"."""
+    if node.get("revoked"):
+        return "revoked"
     return "alive" if now - float(node["last_seen"]) <= stale_s else "stale"
 
 
@@ -51,9 +54,11 @@ def nodes_lines(nodes: list[dict[str, Any]], now: float) -> list[str]:
              "yes" if n["ready"] else "no", by_class(n["open_incidents"]))
             for n in nodes]
     alive = sum(1 for n in nodes if n["status"] == "alive")
+    revoked = sum(1 for n in nodes if n["status"] == "revoked")
     return table(("NODE", "PROVIDER", "STATUS", "LAST SEEN", "VERSION", "RULES", "FLEET SEQ",
                   "READY", "OPEN INCIDENTS"), rows) + [
-        f"{len(nodes)} nodes: {alive} alive, {len(nodes) - alive} stale"]
+        f"{len(nodes)} nodes: {alive} alive, {len(nodes) - alive - revoked} stale"
+        + (f", {revoked} revoked (swarm-mesh node-revocations)" if revoked else "")]
 
 
 def incidents_lines(incidents: list[dict[str, Any]], now: float) -> list[str]:
@@ -93,3 +98,13 @@ def refusals_lines(refusals: list[dict[str, Any]], now: float) -> list[str]:
              r["source"] or "-", r["reason"]) for r in refusals]
     return table(("WHEN", "NODE", "PROVIDER", "TARGET", "SOURCE", "REASON"), rows) + [
         f"{len(refusals)} refusals"]
+
+
+def revocations_lines(revocations: list[dict[str, Any]], now: float) -> list[str]:
+    def now_state(current: bool | None) -> str:
+        return {None: "never reported", True: "refused", False: "re-enrolled since"}[current]
+    rows = [(r["node"], ago(r["revoked_at"], now), r["operator"] or "-", now_state(r["current"]),
+             r["reason"]) for r in revocations]
+    return table(("NODE", "REVOKED", "BY", "NOW", "REASON"), rows) + [
+        f"{len(revocations)} revocations (each refuses the node's certificates issued "
+        "until then)"]

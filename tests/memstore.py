@@ -19,6 +19,7 @@ class MemStore:
         self._envelopes: dict[str, bytes] = {}
         self._refusals: list[dict[str, Any]] = []
         self._nodes: dict[str, dict[str, Any]] = {}
+        self._revoked: dict[str, float] = {}                 # node -> latest revocation
 
     def add_proposal(self, p: dict[str, Any]) -> bool:
         with self._lock:
@@ -46,8 +47,10 @@ class MemStore:
                 created, ttl = p.get("created_at") or 0, p.get("ttl_s") or 0
                 stale = created and (created < p["received_at"] - window_s
                                      or (ttl > 0 and created + ttl <= now))
+                revoked = self._revoked.get(p["node"])
                 if p["target"] not in targets or p["received_at"] < since or stale \
-                        or (p["node"], p["proposal_id"]) in refused:
+                        or (p["node"], p["proposal_id"]) in refused \
+                        or (revoked is not None and p.get("cert_not_before", 0) <= revoked):
                     continue
                 key = (p["node"], p["target"])
                 if key not in best or p["received_at"] >= best[key]["received_at"]:
@@ -117,6 +120,22 @@ class MemStore:
     def refusals(self, limit: int = 1000, since: float = 0) -> list[dict[str, Any]]:
         with self._lock:
             return [dict(r) for r in self._refusals if r["at"] >= since][::-1][:limit]
+
+    def revoke_node(self, node: str, reason: str, operator: str, now: float,
+                    unknown_ok: bool = False) -> dict[str, Any] | None:
+        with self._lock:
+            previous = self._revoked.get(node)
+            self._revoked[node] = max(now, previous + 1.0 if previous is not None else 0.0)
+            return {"node": node, "revoked_at": self._revoked[node], "previous": previous}
+
+    def node_revoked_at(self, node: str) -> float | None:
+        with self._lock:
+            return self._revoked.get(node)
+
+    def node_revocations(self, node: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"node": n, "revoked_at": t} for n, t in self._revoked.items()
+                    if node is None or n == node][:limit]
 
     def nodes(self) -> list[dict[str, Any]]:
         with self._lock:

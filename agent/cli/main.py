@@ -2,8 +2,8 @@
 
 Exit codes: see agent.cli.client.EXIT_CODES_HELP (0 success, 1 failure, 2 bad input,
 3 agent not running, 4 not found, 5 permission denied, 6 refused). Users see one
-sentence, never a traceback. Every command but run, cleanup, check-config and demo talks
-to the agent through the control API (agent/cli/client.py).
+sentence, never a traceback. Every command but run, cleanup, check-config, mesh-csr and
+demo talks to the agent through the control API (agent/cli/client.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import signal
 import sys
 
 from agent import __version__, config
-from agent.cli import bundle, client, feedback, fleet, gpu, isolation, rules
+from agent.cli import bundle, client, feedback, fleet, gpu, isolation, meshcsr, rules
 from agent.cli.text import clean
 from agent.config import ConfigError
 
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("check-config", help="validate the config and its rules files; "
                         "changes nothing, needs no agent and no root")
     with_config(cc)
+
+    meshcsr.add_parser(sub)
 
     cl = sub.add_parser("cleanup", help="remove the agent's nftables tables (and nothing else)")
     with_config(cl)
@@ -210,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "cleanup": cmd_cleanup, "demo": cmd_demo,
-            "check-config": cmd_check_config,
+            "check-config": cmd_check_config, "mesh-csr": meshcsr.cmd,
             **{name: cmd_control for name in (*client.COMMANDS, *isolation.COMMANDS,
                                                *rules.COMMANDS, *gpu.COMMANDS,
                                                *feedback.COMMANDS, *fleet.COMMANDS,
