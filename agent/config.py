@@ -151,6 +151,10 @@ class Mesh:
     outbox_max: int = 10000           # above it: oldest heartbeats, then mitigation reports dropped
     outbox_hard_max: int = 50000      # above it: oldest reports of any kind dropped
 
+    def host(self) -> str:
+        """The endpoint's host, a name or an address without brackets ("" without one)."""
+        return (self.endpoint or "").rpartition(":")[0].strip("[]")
+
 
 @dataclass(frozen=True)
 class Alerts:

@@ -135,6 +135,7 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
         self.rulebook.audit = lambda result, detail: self.store.record_audit(
             time.time(), "signal:SIGHUP", "local", "ReloadRules", {}, result, detail)
         now = time.time()
+        self.enforcer.nft.infrastructure[:] = self._infrastructure()
         self.enforcer.setup(self.responder.desired(now), now)
         self._open_fleet()
         self._open_probe()
@@ -173,8 +174,25 @@ class Agent(AgentView, ProbeHost, AnomalyHost):
         from agent.fleet.subscriber import FleetSubscriber
 
         self.fleet = FleetSubscriber(self.cfg, self.store, FleetEnforcer(dry_run=self.cfg.dry_run),
-                                     self.node, self.enforcer.nft.allow_networks)
+                                     self.node, self.enforcer.nft.allow_networks,
+                                     servers=self.enforcer.nft.infrastructure)
         self.fleet.start()
+
+    def _infrastructure(self) -> list:
+        """The addresses of the mesh's reporting endpoint and of the fleet's NATS servers
+        (a name resolved once, waiting RESOLVE_WAIT_S at most): the agent's own table never
+        blocks them, whatever allowlist.mesh says -- a local block of the mesh (a rule
+        fooled by forged packets in its name) would cut the node off from the channel that
+        reports it and lifts fleet decisions."""
+        from agent.fleet.config import server_networks
+
+        hosts = list(self.cfg.fleet.server_hosts()) if self.cfg.fleet.enabled else []
+        hosts.append(self.cfg.mesh.host())
+        nets, unresolved = server_networks([h for h in hosts if h])
+        if unresolved:
+            log.warning("mesh or fleet servers not resolved at start: not allowlisted until "
+                        "met", extra={"names": unresolved})
+        return nets
 
     def fleet_status(self) -> dict:
         fleet = getattr(self, "fleet", None)

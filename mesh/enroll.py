@@ -121,8 +121,8 @@ def fleet_yaml(node: str, provider: str, prefix: str, endpoint: str, server_name
         f"  keys: [{q(f['decisions.pub'])}]",
     ]
     if mesh_addresses:
-        lines += ["# The mesh's addresses belong in the agent's allowlist, so that no block ever",
-                  "# cuts the node off from it:",
+        lines += ["# The agent never blocks mesh.endpoint and the NATS servers above; the mesh's",
+                  "# other addresses belong in its allowlist, so that no block ever cuts them:",
                   "# allowlist:",
                   f"#   mesh: [{', '.join(mesh_addresses)}]"]
     return "\n".join(lines) + "\n"

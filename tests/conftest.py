@@ -46,6 +46,16 @@ def setpriv() -> None:
         skip_unsupported("needs setpriv (util-linux)")
 
 
+def pytest_configure(config):
+    """The in-process probes attach tracepoints, which need tracefs at /sys/kernel/tracing.
+    systemd mounts it on a normal host; a bare one (a container, a fresh VM) may lack it,
+    and the agent only mounts it in its own mount namespace: mount it here, as root."""
+    if os.geteuid() == 0:
+        from agent.sources.capability import ensure_tracefs
+
+        ensure_tracefs()     # what still fails is said by the skips (failures in CI)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("privileged"):

@@ -70,6 +70,10 @@ class NftEnforcer:
         # not take the agent's own 0 for the host's setting (a reboot resets both).
         netns = os.stat("/proc/thread-self/ns/net").st_ino
         self._loose_file = Path(cfg.run_dir) / f"tcp_loose.{netns}"
+        # The mesh's reporting endpoint and the fleet's NATS servers (agent.daemon resolves
+        # them; the fleet subscriber adds an address it meets): never blocked here either,
+        # whatever allowlist.mesh says, so no local block cuts the node off from the mesh.
+        self.infrastructure: list[Network] = []
         self._allow: list[Network] = self._read_allowlist()
 
     # --- the Enforcer contract -------------------------------------------------------------
@@ -195,11 +199,13 @@ class NftEnforcer:
             net = parse_network(target)
         except EnforceError:
             return False
-        return any(net.version == a.version and net.subnet_of(a) for a in self._allow)  # type: ignore[arg-type]
+        return any(net.version == a.version and net.subnet_of(a)  # type: ignore[arg-type]
+                   for a in (*self._allow, *self.infrastructure))   # one met just now too
 
     def allow_networks(self) -> list[Network]:
-        """The allowlist in force: loopback, the configured networks, this host's own
-        addresses (as of the last setup, reconcile or refresh)."""
+        """The allowlist in force: loopback, the configured networks, the mesh's and the
+        fleet's servers, this host's own addresses (as of the last setup, reconcile or
+        refresh)."""
         return list(self._allow)
 
     def close(self) -> None:
@@ -262,7 +268,7 @@ class NftEnforcer:
 
     def _read_allowlist(self) -> list[Network]:
         own = [ipaddress.ip_network(a) for a in self._addrs.addresses()]
-        return [*LOOPBACK, *self.cfg.allowlist.networks(), *own]
+        return [*LOOPBACK, *self.cfg.allowlist.networks(), *self.infrastructure, *own]
 
     def _recreate(self, desired: Sequence[Mitigation], now: float) -> None:
         # The table is replaced by one JSON transaction, and the isolation and egress rules

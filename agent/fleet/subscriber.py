@@ -86,14 +86,18 @@ class FleetSubscriber:
     host addresses, configured networks); `status()` is for status, heartbeat, metrics."""
 
     def __init__(self, cfg: Config, store: Store, enforcer: FleetEnforcer, node_id: str,
-                 allow: Callable[[], Sequence[Network]], clock: Callable[[], float] = time.time):
+                 allow: Callable[[], Sequence[Network]], clock: Callable[[], float] = time.time,
+                 servers: list[Network] | None = None):
         self.cfg, self.fc = cfg, cfg.fleet
         self.store, self.enforcer, self.node_id = store, enforcer, node_id
         self._allow_local, self._clock = allow, clock
         # The NATS servers the decisions (and their revocations) come from: allowlisted in
         # the fleet's checks and its table whatever allowlist.mesh says, so no decision
-        # can cut the node off from the channel that would lift it.
-        self.server_allow: list[Network] = []
+        # can cut the node off from the channel that would lift it. `servers`, when given,
+        # is resolved already and shared with the agent's own table (agent.daemon), which
+        # then learns the addresses met on connecting too.
+        self.server_allow: list[Network] = servers if servers is not None else []
+        self._resolve = servers is None
         self.verifier = verifier_of(cfg)
         self.entries: dict[str, Entry] = {}
         self.cursor, self.stream_created = 0, ""
@@ -117,7 +121,9 @@ class FleetSubscriber:
     def start(self) -> None:
         """Load what the database holds and make the fleet table hold exactly that."""
         now = self._clock()
-        self.server_allow, unresolved = server_networks(self.fc.server_hosts())
+        unresolved: list[str] = []
+        if self._resolve:
+            self.server_allow[:], unresolved = server_networks(self.fc.server_hosts())
         if unresolved:
             log.warning("fleet servers not resolved at start: allowlisted when connected",
                         extra={"names": unresolved})

@@ -2,6 +2,7 @@
 namespace, assertions on `nft -j list table inet swarm_agent` in the victim."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import sys
@@ -102,6 +103,31 @@ def test_allowlist_refused_and_wins_over_covering_block(lab, enforcer):
     victim = lab.addr("victim")
     with listener(lab.victim, victim, PORT):
         assert reaches(lab.attacker, victim, PORT, src=friend)
+        assert not reaches(lab.attacker, victim, PORT, src=lab.addr("attacker"))
+
+
+def test_mesh_and_fleet_servers_are_never_blocked_here_either(lab, enforcer):
+    """The daemon hands the mesh's and the NATS servers' addresses over as infrastructure
+    (no allowlist.mesh configured): refused as targets, and accepted before a covering
+    block; one met after setup is refused at once and in the table after a reconcile."""
+    mesh, nats = f"10.{lab.subnet}.0.77", f"10.{lab.subnet}.0.78"
+    for addr in (mesh, nats):
+        sh("ip", "addr", "add", f"{addr}/24", "dev", "a0", ns=lab.attacker)
+    e = enforcer()
+    e.infrastructure[:] = [ipaddress.ip_network(mesh)]
+    e.setup([], time.time())
+    covering = block(f"10.{lab.subnet}.0.0/24")
+    e.apply(covering, time.time())
+    e.infrastructure.append(ipaddress.ip_network(nats))      # met on connecting
+    for target in (mesh, nats):
+        with pytest.raises(AllowlistedError):
+            e.apply(block(target), time.time())
+    victim = lab.addr("victim")
+    with listener(lab.victim, victim, PORT):
+        assert reaches(lab.attacker, victim, PORT, src=mesh)
+        assert not reaches(lab.attacker, victim, PORT, src=nats)
+        e.reconcile([covering], time.time())
+        assert reaches(lab.attacker, victim, PORT, src=nats)
         assert not reaches(lab.attacker, victim, PORT, src=lab.addr("attacker"))
 
 

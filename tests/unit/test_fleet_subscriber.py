@@ -77,3 +77,29 @@ def test_a_changed_trusted_key_set_reloads_the_snapshot(tmp_path):
         assert subscriber(tmp_path, lambda: T0, [pem(tmp_path, KEY, "k.pub"), new])[0]._keys_changed
     finally:
         store.close()
+
+
+def test_the_mesh_and_nats_servers_are_the_agent_tables_infrastructure(tmp_path):
+    """agent.daemon resolves the mesh endpoint and the NATS servers for its own table; the
+    subscriber shares that list (no second resolution) and adds the server it meets."""
+    from agent.daemon import Agent
+
+    cfg = C.Config(state_dir=str(tmp_path),
+                   mesh=C.Mesh(endpoint="[2001:db8::7]:7443"),
+                   fleet=C.FleetConfig(nats_url="nats://198.51.100.5:4222",
+                                       nats_urls=("tls://203.0.113.9:4222",),
+                                       keys=(pem(tmp_path, KEY, "k.pub"),)))
+    nets = Agent._infrastructure(SimpleNamespace(cfg=cfg))
+    assert [str(n) for n in nets] == ["198.51.100.5/32", "203.0.113.9/32", "2001:db8::7/128"]
+    no_fleet = C.Config(mesh=C.Mesh(endpoint="192.0.2.1:7443"))
+    assert [str(n) for n in Agent._infrastructure(SimpleNamespace(cfg=no_fleet))] == ["192.0.2.1/32"]
+    assert Agent._infrastructure(SimpleNamespace(cfg=C.Config())) == []
+
+    sub = fs.FleetSubscriber(cfg, Store(cfg.db_path), FleetEnforcer(dry_run=True), "node-a",
+                             lambda: [], clock=lambda: T0, servers=nets)
+    sub.start()
+    assert sub.server_allow is nets and len(nets) == 3
+    peer = SimpleNamespace(_transport=SimpleNamespace(_io_writer=SimpleNamespace(
+        get_extra_info=lambda what: ("192.0.2.44", 4222))))
+    assert sub._allow_server(peer)
+    assert ipaddress.ip_network("192.0.2.44/32") in nets      # the agent's table sees it too
