@@ -107,7 +107,13 @@ async def serve(cfg: MeshConfig, store: Store, decider=None) -> None:
 
 async def _serve(cfg: MeshConfig, store: Store, decider, embedded) -> None:
     server = MeshServer(cfg, store, on_proposal=decider.on_proposal if decider else None)
-    await server.start()
+    metrics = _metrics(cfg, store, server, decider, embedded)
+    try:
+        await server.start()
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -125,7 +131,8 @@ async def _serve(cfg: MeshConfig, store: Store, decider, embedded) -> None:
         tasks.append(asyncio.create_task(decider.run(stop)))
         tasks.append(asyncio.create_task(decider.sweep()))
     print(json.dumps({"listening": server.address, "decisions": decider is not None,
-                      "nats_pid": embedded.pid if embedded else None}), flush=True)
+                      "nats_pid": embedded.pid if embedded else None,
+                      "metrics": _address(metrics.address) if metrics else None}), flush=True)
     log.info("mesh service ready", extra={"listen": server.address, "store": store.dialect,
                                           "version": __version__,
                                           "decisions": decider is not None,
@@ -146,7 +153,31 @@ async def _serve(cfg: MeshConfig, store: Store, decider, embedded) -> None:
         await server.stop()
         if decider is not None:
             await decider.close()
+        if metrics is not None:
+            metrics.close()
         log.info("stopped", extra={"counters": server.service.counters})
+
+
+def _address(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _metrics(cfg: MeshConfig, store: Store, server: MeshServer, decider, embedded):
+    """The Prometheus endpoint (mesh/metrics.py), bound before anything serves; None when
+    metrics_listen is null. StartError when the address cannot be bound."""
+    if cfg.metrics_listen is None:
+        return None
+    from mesh.metrics import MeshMetrics
+
+    metrics = MeshMetrics(store, lambda: dict(server.service.counters), decider=decider,
+                          embedded=embedded, stale_s=cfg.node_stale_s)
+    try:
+        metrics.serve(cfg.metrics_listen)
+    except OSError as e:
+        raise StartError(f"cannot serve metrics on {cfg.metrics_listen}: "
+                         f"{e.strerror or e} (metrics_listen: null turns them off)") from None
+    return metrics
 
 
 def _run(args: argparse.Namespace, cfg: MeshConfig) -> int:

@@ -51,6 +51,7 @@ class MeshConfig:
     max_message_bytes: int = 64 << 20        # largest ReportBatch accepted
     log_format: str = "json"
     log_level: str = "info"
+    metrics_listen: str | None = "127.0.0.1:9465"   # Prometheus /metrics (mesh/metrics.py); null: off
     nats: dict[str, Any] = field(default_factory=dict)
     signing: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +105,7 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
     for key in ("listen", "store", "log_format", "log_level"):
         if key in data:
             kw[key] = _string(key, data[key])
-    for key in ("tls_cert", "tls_key", "tls_ca"):
+    for key in ("tls_cert", "tls_key", "tls_ca", "metrics_listen"):
         if data.get(key) is not None:
             kw[key] = _string(key, data[key])
     for key in ("node_stale_s", "report_ids_keep_s"):
@@ -125,8 +126,12 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
         kw[key] = dict(value)
     if "server" in kw.get("nats", {}):
         kw["nats_server"] = _nats_server(kw["nats"].pop("server"))
+    if "metrics_listen" in data and data["metrics_listen"] is None:
+        kw["metrics_listen"] = None
     cfg = MeshConfig(**kw)
     split_listen(cfg.listen)
+    if cfg.metrics_listen is not None:
+        split_listen(cfg.metrics_listen, "metrics_listen")
     store_kind(cfg.store)
     if cfg.log_format not in LOG_FORMATS:
         raise MeshConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)} "
@@ -153,12 +158,12 @@ def _nats_server(value: Any) -> NatsServerConfig | None:
     return NatsServerConfig(**kw)
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """("host", port) of a "host:port" or "[v6]:port" listen address."""
+def split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
+    """("host", port) of a "host:port" or "[v6]:port" listen address (config `key`)."""
     host, sep, port = listen.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    bad = MeshConfigError(f"listen must be host:port, [IPv6]:port for IPv6 "
+    bad = MeshConfigError(f"{key} must be host:port, [IPv6]:port for IPv6 "
                           f"(got {printable(listen)!r})")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise bad

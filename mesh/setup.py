@@ -2,6 +2,7 @@
 
     swarm-mesh init --dir /etc/swarm-mesh [--listen 0.0.0.0:7443] [--name mesh.example ...]
                     [--nats-listen 0.0.0.0:4222] [--state-dir /var/lib/swarm-mesh] [--store URL]
+                    [--metrics-listen 127.0.0.1:9465]
 
 It makes, and never overwrites (a second run keeps what exists, fills what is missing and
 says which is which):
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import re
 import socket
 import sys
@@ -41,6 +41,7 @@ from mesh.policy import defaults as policy_defaults
 
 DEFAULT_LISTEN = "0.0.0.0:7443"
 DEFAULT_NATS_LISTEN = "0.0.0.0:4222"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9465"   # loopback: a scraper on the host, or a proxy
 DEFAULT_STATE = Path("/var/lib/swarm-mesh")
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 NODE_USER = "node"
@@ -202,7 +203,8 @@ def q(value: object) -> str:
     return json.dumps(str(value))
 
 
-def config_text(lay: Layout, listen: str, nats_listen: str, store: str) -> str:
+def config_text(lay: Layout, listen: str, nats_listen: str, store: str,
+                metrics_listen: str = DEFAULT_METRICS_LISTEN) -> str:
     host, port = split_listen(nats_listen)
     local = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
     return "\n".join([
@@ -216,6 +218,7 @@ def config_text(lay: Layout, listen: str, nats_listen: str, store: str) -> str:
         f"tls_ca: {q(lay.ca_cert)}   # node certificates must chain to it",
         f"store: {json.dumps(store)}   # or postgresql://user@host/db",
         "log_format: json",
+        f"metrics_listen: {q(metrics_listen)}   # Prometheus /metrics; null: off",
         "nats:",
         f"  url: {json.dumps('tls://' + host_port(local, port))}",
         "  user: mesh",
@@ -233,13 +236,15 @@ def config_text(lay: Layout, listen: str, nats_listen: str, store: str) -> str:
 
 
 def init_mesh(directory: Path, names: list[str], listen: str, nats_listen: str,
-              state: Path, store: str | None = None) -> tuple[list[Step], list[str]]:
+              state: Path, store: str | None = None,
+              metrics_listen: str = DEFAULT_METRICS_LISTEN) -> tuple[list[Step], list[str]]:
     """Makes what is missing; returns the steps (made or kept) and the certificate's names.
     `store`: the store URL for the config (default: SQLite in `state`)."""
     if store is not None:
         store_kind(store)
     split_listen(listen)
     split_listen(nats_listen)
+    split_listen(metrics_listen, "--metrics-listen")
     sans = server_names(names, listen, nats_listen)
     lay = Layout(directory)
     needs_state = not (lay.config.exists() and lay.nats_conf.exists())
@@ -257,7 +262,8 @@ def init_mesh(directory: Path, names: list[str], listen: str, nats_listen: str,
     if lay.config.exists():
         steps.append(Step(lay.config, False, "service config"))
     else:
-        text = config_text(lay, listen, nats_listen, store or f"sqlite:///{state / 'mesh.db'}")
+        text = config_text(lay, listen, nats_listen, store or f"sqlite:///{state / 'mesh.db'}",
+                           metrics_listen)
         pki.write_new(lay.config, text.encode(), 0o640)
         steps.append(Step(lay.config, True, "service config"))
     return steps, pki.names_of(pki.load_cert(lay.cert))
@@ -269,7 +275,7 @@ def _init(args: argparse.Namespace, cfg: MeshConfig) -> int:
     names = [check_name(n) for n in args.name] if args.name else default_names()
     try:
         steps, sans = init_mesh(directory, names, args.listen, args.nats_listen, state,
-                                args.store)
+                                args.store, args.metrics_listen)
     except pki.PkiError as e:
         raise cli.UsageError(str(e)) from None
     lay = Layout(directory)
@@ -305,6 +311,8 @@ def _init_args(p: argparse.ArgumentParser) -> None:
                         "gives nodes; default: this host's name and addresses)")
     p.add_argument("--nats-listen", default=DEFAULT_NATS_LISTEN,
                    help=f"nats-server's host:port (default {DEFAULT_NATS_LISTEN})")
+    p.add_argument("--metrics-listen", default=DEFAULT_METRICS_LISTEN,
+                   help=f"Prometheus /metrics host:port (default {DEFAULT_METRICS_LISTEN})")
     p.add_argument("--state-dir", help=f"where the SQLite store and JetStream live "
                    f"(default {DEFAULT_STATE})")
     p.add_argument("--store", metavar="URL", help="the store instead of SQLite in the state "

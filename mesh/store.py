@@ -302,7 +302,7 @@ class Store(NodeRevocations):
         """Every target's latest decision (failed ones aside) not expired at `now`, oldest
         first; `action`: only blocks or only revokes; `envelopes`: with "envelope" (bytes).
         No row limit: what the stream should hold, and the standing revocations."""
-        where, params = [_LATEST, "d.expires_at > ?"], [now]
+        where, params = [LATEST, "d.expires_at > ?"], [now]
         if action is not None:
             where.append("d.action = ?")
             params.append(action)
@@ -320,7 +320,7 @@ class Store(NodeRevocations):
             # The LIKE only narrows the rows (the body is json.dumps: '"stage": "canary"'
             # cannot come from inside a string, whose quotes are escaped); the body decides.
             rows = cur.all("SELECT d.body, d.state, d.seq, d.published_at FROM decisions d "
-                           f"WHERE {_LATEST} AND d.state = 'published' AND d.action = 'block' "
+                           f"WHERE {LATEST} AND d.state = 'published' AND d.action = 'block' "
                            "AND d.issued_at <= ? AND d.expires_at > ? "
                            "AND d.body LIKE ? ORDER BY d.issued_at, d.id",
                            (issued_before, now, '%"stage": "canary"%'))
@@ -431,7 +431,8 @@ class Store(NodeRevocations):
 
 
 # d is its target's latest decision: no newer one for the target that did not fail.
-_LATEST = ("d.state != 'failed' AND NOT EXISTS (SELECT 1 FROM decisions n WHERE "
+# A decision `d` that is its target's latest (failed ones aside): SQL for a WHERE clause.
+LATEST = ("d.state != 'failed' AND NOT EXISTS (SELECT 1 FROM decisions n WHERE "
            "n.target = d.target AND n.state != 'failed' AND (n.issued_at > d.issued_at "
            "OR (n.issued_at = d.issued_at AND n.id > d.id)))")
 

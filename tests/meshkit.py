@@ -48,6 +48,7 @@ tls_key: {certs['server_key']}
 tls_ca: {certs['ca']}
 store: "{store}"
 log_format: json
+metrics_listen: "127.0.0.1:0"
 {extra}""")
     return path
 

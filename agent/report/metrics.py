@@ -128,16 +128,7 @@ class Metrics:
     def serve(self, listen: str) -> None:
         """Serve /metrics on `listen` ("host:port", "[v6]:port") in a daemon thread;
         raises OSError when the address cannot be bound."""
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
-        try:
-            v6 = ipaddress.ip_address(host).version == 6
-        except ValueError:
-            v6 = False       # a host name; bind resolves it
-        server_class = _V6Server if v6 else _Server
-        self._server = make_server(host, int(port), make_wsgi_app(self.registry),
-                                   server_class, handler_class=_QuietHandler)
-        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+        self._server = serve_registry(self.registry, listen)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -288,6 +279,22 @@ def _storage(store: Store):
     yield CounterMetricFamily(f"{PREFIX}_storage_recovered_files",
                               "Corrupt database files moved aside at start (kept)",
                               value=len(h.recovered))
+
+
+def serve_registry(registry: CollectorRegistry, listen: str) -> WSGIServer:
+    """Serve `registry` as /metrics on `listen` ("host:port", "[v6]:port") in a daemon
+    thread (the mesh service's metrics use it too); raises OSError when the address cannot
+    be bound. `shutdown()` and `server_close()` stop it."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        v6 = False       # a host name; bind resolves it
+    server = make_server(host, int(port), make_wsgi_app(registry),
+                         _V6Server if v6 else _Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -19,9 +19,11 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
 from agent import config as agent_config
@@ -82,9 +84,11 @@ def joined(tmp_path: Path):
     (its files named where they are). Stopped after the test."""
     nats_binary()                               # skips (fails in CI) without nats-server
     d = tmp_path / "mesh"
+    metrics_port = free_port()
     r = swarm_mesh("init", "--dir", str(d), "--state-dir", str(tmp_path / "state"),
                    "--name", "127.0.0.1", "--listen", f"127.0.0.1:{free_port()}",
-                   "--nats-listen", f"127.0.0.1:{free_port()}")
+                   "--nats-listen", f"127.0.0.1:{free_port()}",
+                   "--metrics-listen", f"127.0.0.1:{metrics_port}")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "gpu-1"
     r = swarm_mesh("enroll", "gpu-1", "--provider", "acme", "--dir", str(d), "--out", str(out),
@@ -92,7 +96,7 @@ def joined(tmp_path: Path):
     assert r.returncode == 0, r.stderr
     mesh = MeshProcess(d / "config.yaml").start()
     try:
-        yield {"mesh": mesh, "dir": d, "out": out,
+        yield {"mesh": mesh, "dir": d, "out": out, "metrics": f"127.0.0.1:{metrics_port}",
                "agent": agent_config.load(out / "agent-fleet.yaml")}
     finally:
         mesh.stop()
@@ -172,6 +176,15 @@ def test_an_enrolled_node_reports_reads_decisions_and_cannot_publish_them(joined
     assert any("permissions violation" in e.lower() for e in errors), errors
     assert before == after == 1, "a node's publish reached the stream"
 
+    text = urllib.request.urlopen(f"http://{joined['metrics']}/metrics", timeout=5).read()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text.decode()) for s in fam.samples}
+    assert got[("swarm_mesh_nodes", (("status", "alive"),))] == 1
+    assert got[("swarm_mesh_decisions", (("action", "block"), ("state", "published")))] == 1
+    assert got[("swarm_mesh_blocks_in_force", ())] == 1
+    assert got[("swarm_mesh_decisions_enabled", ())] == got[("swarm_mesh_nats_connected", ())] == 1
+    assert got[("swarm_mesh_reports_total", ())] >= 1
+
 
 def test_the_embedded_nats_server_is_restarted_after_sigkill_and_stopped_with_the_service(
         joined):
@@ -204,7 +217,8 @@ def test_the_embedded_nats_server_is_restarted_after_sigkill_and_stopped_with_th
 def test_a_missing_nats_server_binary_is_one_sentence(tmp_path: Path):
     d = tmp_path / "mesh"
     assert swarm_mesh("init", "--dir", str(d), "--state-dir", str(tmp_path / "s"),
-                      "--name", "127.0.0.1", "--listen", "127.0.0.1:0").returncode == 0
+                      "--name", "127.0.0.1", "--listen", "127.0.0.1:0",
+                      "--metrics-listen", "127.0.0.1:0").returncode == 0
     cfg = d / "config.yaml"
     cfg.write_text(cfg.read_text().replace("binary: nats-server", "binary: no-such-nats-server"))
     r = swarm_mesh("run", "--config", str(cfg))
