@@ -4,14 +4,15 @@ What a platform team alerts on: nodes gone stale, live incidents across the flee
 class, decisions stuck pending (nats-server away: the oldest pending decision's age), decisions
 nats-server refused for good, the decision service's connection to NATS, refusals by reason
 (a flood of proposals, an allowlisted target asked for), calls refused for an unidentified
-or revoked certificate, store failures, and restarts of the embedded nats-server.
+or a revoked certificate, store failures, and restarts of the embedded nats-server.
 
 Counted in process (reset by a restart): the reporting API's counters (mesh/server.py),
 the decision service's publish failures, stream re-creations and reaped consumers, and the
 embedded nats-server's restarts. Read from the store at a scrape, so they survive restarts
 and never drift, in one read transaction cached for CACHE_S (a scraper every second costs
 the store one read every CACHE_S): nodes by status, live incidents by class, decisions by
-state and action, blocks in force, the oldest pending decision, refusals by reason.
+state and action, blocks in force, the oldest pending decision, refusals by reason,
+revoked node names.
 `swarm_mesh_store_up` is 0 when that read failed (the store-read figures are then absent).
 """
 from __future__ import annotations
@@ -42,7 +43,8 @@ SERVICE_COUNTERS = {
     "rejected": ("reports_rejected", "Reports kept raw, not understood as their kind"),
     "unknown": ("reports_unknown", "Reports of a kind this version does not know, kept raw"),
     "skipped": ("reports_skipped", "Reports without a usable id, neither kept nor acknowledged"),
-    "refused_calls": ("calls_refused", "Calls refused: caller not identified or revoked"),
+    "refused_calls": ("calls_unidentified", "Calls refused: the caller's certificate names no node"),
+    "revoked_calls": ("calls_revoked", "Calls refused: the node's certificate is revoked"),
     "store_errors": ("store_errors", "Batches the store failed to take (the node retries)"),
     "proposals": ("proposals", "Proposals received"),
     "proposals_dropped": ("proposals_queue_dropped",
@@ -167,6 +169,7 @@ def read_state(store: Store, now: float, stale_s: float) -> dict[str, Any]:
         pending = cur.one("SELECT MIN(issued_at) AS oldest FROM decisions WHERE state = 'pending'")
         refusals = cur.all(f"SELECT {_REFUSAL_KIND} AS kind, COUNT(*) AS n FROM refusals "
                            "GROUP BY kind", [v for pair in REFUSAL_KINDS for v in pair[::-1]])
+        revoked = cur.one("SELECT COUNT(DISTINCT node) AS n FROM node_revocations")
         in_force = cur.one(f"SELECT COUNT(*) AS n FROM decisions d WHERE {LATEST} AND "
                            "d.expires_at > ? AND d.action = 'block'", (now,))
     oldest = pending["oldest"] if pending else None
@@ -175,6 +178,7 @@ def read_state(store: Store, now: float, stale_s: float) -> dict[str, Any]:
         "incidents": {r["event_class"]: int(r["n"]) for r in incidents},
         "decisions": {(r["state"], r["action"]): int(r["n"]) for r in decisions},
         "in_force": int(in_force["n"]) if in_force else 0,
+        "revoked": int(revoked["n"]) if revoked else 0,
         "pending_age": max(0.0, now - float(oldest)) if oldest is not None else 0.0,
         "refusals": {r["kind"]: int(r["n"]) for r in refusals},
     }
@@ -186,6 +190,8 @@ def _store_families(s: dict[str, Any]):
     for status, n in s["nodes"].items():
         nodes.add_metric([status], n)
     yield nodes
+    yield GaugeMetricFamily(f"{PREFIX}_nodes_revoked", "Node names with a certificate "
+                            "revocation (swarm-mesh node-revoke)", value=s["revoked"])
     inc = GaugeMetricFamily(f"{PREFIX}_incidents_live", "Live incidents (open, mitigated, "
                             "escalated) across the fleet, by class", labels=["event_class"])
     for cls, n in sorted(s["incidents"].items()):

@@ -40,12 +40,14 @@ def fill(store: Store) -> None:
                    "something nobody foresaw"):
         store.add_refusal({"at": NOW - 1, "node": "n9", "target": "x", "reason": reason,
                            "source": "proposal"})
+    store.revoke_node("n2", "stolen", "ana", NOW - 2)
+    store.revoke_node("n2", "again", "ana", NOW - 1)        # one node, however often
 
 
 def test_the_fleet_figures_come_from_the_store_and_the_service(store: Store):
     fill(store)
     clock = [NOW]
-    counters = {"reports": 7, "refused_calls": 2, "proposals": 3}
+    counters = {"reports": 7, "revoked_calls": 2, "proposals": 3}
     m = mm.MeshMetrics(store, lambda: counters, stale_s=90.0, clock=lambda: clock[0])
     m.serve("127.0.0.1:0")
     try:
@@ -56,6 +58,7 @@ def test_the_fleet_figures_come_from_the_store_and_the_service(store: Store):
         assert got[("swarm_mesh_incidents_live", (("event_class", "security_breach"),))] == 1
         assert got[("swarm_mesh_decisions", (("action", "block"), ("state", "published")))] == 2
         assert got[("swarm_mesh_decisions", (("action", "block"), ("state", "pending")))] == 1
+        assert got[("swarm_mesh_nodes_revoked", ())] == 1
         assert got[("swarm_mesh_blocks_in_force", ())] == 2          # d1, d2; d3 expired
         assert got[("swarm_mesh_oldest_pending_decision_age_seconds", ())] == 30
         refusals = {dict(k[1])["reason"]: v for k, v in got.items()
@@ -63,7 +66,7 @@ def test_the_fleet_figures_come_from_the_store_and_the_service(store: Store):
         assert refusals == {"rate_limit": 2, "too_wide": 1, "allowlisted": 1,
                             "operator_revocation": 1, "other": 1}
         assert got[("swarm_mesh_reports_total", ())] == 7
-        assert got[("swarm_mesh_calls_refused_total", ())] == 2
+        assert got[("swarm_mesh_calls_revoked_total", ())] == 2
         assert got[("swarm_mesh_store_errors_total", ())] == 0
         assert got[("swarm_mesh_decisions_enabled", ())] == 0
         assert got[("swarm_mesh_store_up", ())] == 1
