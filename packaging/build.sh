@@ -227,7 +227,7 @@ build_mesh-deb() {
   stage_mesh "$root" /lib/systemd/system
   # postinst makes them, owned by the service's user (absent at build time); shipped, dpkg
   # would set them back to root's on every upgrade.
-  rmdir "$root/etc/swarm-mesh" "$root/var/lib/swarm-mesh" "$root/var/lib" "$root/var"
+  rmdir "$root/etc/swarm-mesh" "$root/etc" "$root/var/lib/swarm-mesh" "$root/var/lib" "$root/var"
   install -d "$root/DEBIAN"
   install -m 0755 packaging/deb/swarm-mesh/postinst packaging/deb/swarm-mesh/prerm \
     packaging/deb/swarm-mesh/postrm "$root/DEBIAN/"
