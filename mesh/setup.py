@@ -2,7 +2,7 @@
 
     swarm-mesh init --dir /etc/swarm-mesh [--listen 0.0.0.0:7443] [--name mesh.example ...]
                     [--nats-listen 0.0.0.0:4222] [--state-dir /var/lib/swarm-mesh] [--store URL]
-                    [--metrics-listen 127.0.0.1:9465]
+                    [--metrics-listen 127.0.0.1:9465] [--group swarm-mesh]
 
 It makes, and never overwrites (a second run keeps what exists, fills what is missing and
 says which is which):
@@ -19,13 +19,18 @@ says which is which):
                                  STATE/mesh.db, the embedded nats-server, signing, policy
 
 so `swarm-mesh init --dir D && swarm-mesh run --config D/config.yaml` is the whole mesh.
+With --group G (the packaged service's group, swarm-mesh) the files `run` and its
+nats-server read become readable by G (0640, directories 0750) and stay the owner's to
+change; the CA key, the node password and the ledger stay the owner's alone.
 The DIR layout is shared with `swarm-mesh enroll` (mesh/enroll.py) through Layout.
 """
 from __future__ import annotations
 
 import argparse
+import grp
 import ipaddress
 import json
+import os
 import re
 import socket
 import sys
@@ -45,6 +50,9 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9465"   # loopback: a scraper on the host, o
 DEFAULT_STATE = Path("/var/lib/swarm-mesh")
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 NODE_USER = "node"
+# What `swarm-mesh run` and its nats-server read (Layout attributes): shared with --group.
+SERVICE_READS = ("config", "cert", "key", "ca_cert", "signing_key", "signing_pub",
+                 "nats_conf", "mesh_password")
 _DNS = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -203,7 +211,7 @@ def q(value: object) -> str:
     return json.dumps(str(value))
 
 
-def config_text(lay: Layout, listen: str, nats_listen: str, store: str,
+def config_text(lay: Layout, listen: str, nats_listen: str, store: str, state: Path,
                 metrics_listen: str = DEFAULT_METRICS_LISTEN) -> str:
     host, port = split_listen(nats_listen)
     local = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
@@ -231,6 +239,8 @@ def config_text(lay: Layout, listen: str, nats_listen: str, store: str,
         "    log_file: null          # null: its lines go into the service's log",
         "signing:",
         f"  private_key: {q(lay.signing_key)}",
+        # In the state directory, not beside the key: the service may write only there.
+        f"  lock_file: {q(state / 'decisions.lock')}",
         "policy:                     # the trust policy; defaults shown (mesh/policy.py)",
         *_policy_lines(), ""])
 
@@ -263,10 +273,32 @@ def init_mesh(directory: Path, names: list[str], listen: str, nats_listen: str,
         steps.append(Step(lay.config, False, "service config"))
     else:
         text = config_text(lay, listen, nats_listen, store or f"sqlite:///{state / 'mesh.db'}",
-                           metrics_listen)
+                           state, metrics_listen)
         pki.write_new(lay.config, text.encode(), 0o640)
         steps.append(Step(lay.config, True, "service config"))
     return steps, pki.names_of(pki.load_cert(lay.cert))
+
+
+def share_with_group(lay: Layout, group: str) -> None:
+    """Lets `group` (the service's) read what the service reads: files 0640, directories
+    0750, the owner unchanged, so the service can read its keys but not rewrite
+    its config. The CA key is made 0600 (the service never signs certificates), the node
+    password and the ledger are left as they are (0600)."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise cli.UsageError(f"--group {group}: no such group") from None
+    try:
+        for d in (lay.dir, lay.nats_dir):
+            os.chown(d, -1, gid)
+            os.chmod(d, 0o750)
+        for name in SERVICE_READS:
+            path = getattr(lay, name)
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o640)
+        os.chmod(lay.ca_key, 0o600)
+    except OSError as e:
+        raise cli.UsageError(f"--group {group}: cannot share {e.filename}: {e.strerror}") from None
 
 
 def _init(args: argparse.Namespace, cfg: MeshConfig) -> int:
@@ -276,6 +308,8 @@ def _init(args: argparse.Namespace, cfg: MeshConfig) -> int:
     try:
         steps, sans = init_mesh(directory, names, args.listen, args.nats_listen, state,
                                 args.store, args.metrics_listen)
+        if args.group:
+            share_with_group(Layout(directory), args.group)
     except pki.PkiError as e:
         raise cli.UsageError(str(e)) from None
     lay = Layout(directory)
@@ -315,6 +349,8 @@ def _init_args(p: argparse.ArgumentParser) -> None:
                    help=f"Prometheus /metrics host:port (default {DEFAULT_METRICS_LISTEN})")
     p.add_argument("--state-dir", help=f"where the SQLite store and JetStream live "
                    f"(default {DEFAULT_STATE})")
+    p.add_argument("--group", help="the service's group: it may read the keys and config "
+                   "the service needs (the packaged command passes swarm-mesh when run as root)")
     p.add_argument("--store", metavar="URL", help="the store instead of SQLite in the state "
                    "directory, e.g. postgresql://swarm_mesh@db.example/swarm_mesh")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -285,7 +286,7 @@ def repack(deb: Path, version: str, out_dir: Path) -> Path:
     run("dpkg-deb", "-R", str(deb), str(tree))
     control = tree / "DEBIAN" / "control"
     control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.M))
-    new = out_dir / f"swarm-agent_{version}_amd64.deb"
+    new = out_dir / f"{deb.name.split('_')[0]}_{version}_amd64.deb"
     run("dpkg-deb", "--root-owner-group", "--build", str(tree), str(new))
     return new
 
@@ -309,3 +310,104 @@ def test_deb_upgrade_keeps_local_config_and_state(deb_package, debian_root, tmp_
     link = root / "usr/lib/swarm-agent/agent/rules/network.yaml"
     assert os.readlink(link) == "/etc/swarm-agent/rules/network.yaml"
     assert run("chroot", str(root), "swarm-agent", "--version").stdout.strip() == f"swarm-agent {VERSION}"
+
+
+# ---- swarm-mesh
+MESH_LAUNCHER = "/usr/bin/swarm-mesh"
+# The unit's process, as near as a host without systemd gets: its user and group alone, no
+# capabilities, no new privileges, MemoryDenyWriteExecute (the kernel's PR_SET_MDWE, kept
+# across exec), the environment systemd gives it.
+AS_THE_UNIT = ("setpriv --reuid=swarm-mesh --regid=swarm-mesh --clear-groups --bounding-set=-all "
+               "--inh-caps=-all --no-new-privs env -i HOME=/var/lib/swarm-mesh PATH=/usr/bin:/bin "
+               "python3 -I -c 'import ctypes, os, sys; ctypes.CDLL(None).prctl(65, 1, 0, 0, 0); "
+               "os.execv(sys.argv[1], sys.argv[1:])' ")
+HEALTH = """import grpc, sys
+sys.path.insert(0, "/usr/lib/swarm-mesh")
+from agent.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+read = lambda name: open("/root/n1/" + name, "rb").read()
+creds = grpc.ssl_channel_credentials(read("ca.pem"), read("node.key"), read("node.pem"))
+channel = grpc.secure_channel("127.0.0.1:7443", creds)   # a SAN of the mesh certificate
+print(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_deb() -> Path:
+    proc = run(str(REPO / "packaging" / "build.sh"), "mesh-deb", timeout=600)
+    deb = REPO / proc.stdout.strip().splitlines()[-1]
+    assert deb.name.startswith(f"swarm-mesh_{VERSION}_"), deb.name
+    return deb
+
+
+def owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def test_mesh_deb_installs_inits_serves_as_its_user_and_purges(mesh_deb, debian_root, namespace,
+                                                               tmp_path):
+    root, ns = debian_root, namespace
+    root.chmod(0o755)          # as a real /: the cached tarball keeps mkdtemp's 0700
+    install(root, mesh_deb)
+    assert not (root / "usr/lib/swarm-agent").exists(), "the mesh pulls in no agent"
+    assert run("chroot", str(root), "swarm-mesh", "--version").stdout.strip() == f"swarm-mesh {VERSION}"
+    uid, gid = (int(x) for x in run("chroot", str(root), "getent", "passwd", "swarm-mesh")
+                .stdout.split(":")[2:4])
+    assert uid != 0 and owner_and_mode(root / "var/lib/swarm-mesh") == (uid, gid, 0o700)
+    assert owner_and_mode(root / "etc/swarm-mesh") == (0, gid, 0o750)
+    assert (root / "etc/systemd/system/multi-user.target.wants/swarm-mesh.service").is_symlink()
+
+    # As root: the launcher passes --group swarm-mesh to init; enroll a node for the check.
+    run("chroot", str(root), "swarm-mesh", "init", "--dir", "/etc/swarm-mesh", "--name", "localhost",
+        "--listen", "127.0.0.1:7443", "--nats-listen", "127.0.0.1:4222")
+    etc = root / "etc/swarm-mesh"
+    assert owner_and_mode(etc / "ca.key") == (0, 0, 0o600), "the service cannot read the CA key"
+    for name in ("config.yaml", "mesh.key", "decisions.key", "nats/nats.conf", "nats/mesh.password"):
+        assert owner_and_mode(etc / name) == (0, gid, 0o640), name
+    run("chroot", str(root), "swarm-mesh", "enroll", "n1", "--provider", "p1",
+        "--dir", "/etc/swarm-mesh", "--out", "/root/n1")
+
+    log = tmp_path / "mesh.log"
+    script = f'exec chroot "{root}" {AS_THE_UNIT}{MESH_LAUNCHER} run --config /etc/swarm-mesh/config.yaml'
+    with open(log, "wb") as out:
+        mesh = subprocess.Popen(["ip", "netns", "exec", ns, "sh", "-c", script],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def ready():
+            assert mesh.poll() is None, f"mesh exited {mesh.returncode}:\n{log.read_text()[-3000:]}"
+            line = next((x for x in log.read_text().splitlines() if x.startswith('{"listening"')), None)
+            return json.loads(line) if line else None
+        try:
+            up = wait_for(ready, timeout_s=30, interval_s=0.2)
+        except TimeoutError:
+            pytest.fail(f"packaged mesh never came up:\n{log.read_text()[-3000:]}")
+        health = sh("chroot", str(root), "python3", "-I", "-c", HEALTH, ns=ns, check=False)
+        assert health.stdout.strip() == "1", health.stderr[-2000:]          # SERVING
+        status = Path(f"/proc/{up['nats_pid']}/status").read_text()
+        assert re.search(rf"^Uid:\t{uid}\t", status, re.M) and "CapEff:\t0000000000000000" in status
+        # Root's query runs as the service user (the launcher), so the store stays its own.
+        nodes = sh("chroot", str(root), "swarm-mesh", "nodes", ns=ns, check=False)
+        assert nodes.returncode == 0, nodes.stderr
+    finally:
+        mesh.send_signal(signal.SIGTERM)
+        try:
+            mesh.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            mesh.kill()
+            mesh.wait(timeout=5)
+    assert mesh.returncode == 0, log.read_text()[-3000:]
+    state = root / "var/lib/swarm-mesh"
+    made = [p for p in state.rglob("*")]
+    assert state / "mesh.db" in made and state / "decisions.lock" in made and state / "jetstream" in made
+    assert {p.stat().st_uid for p in made} == {uid}, "everything in the state is the service's"
+
+    config = (etc / "config.yaml").read_bytes()
+    install(root, repack(mesh_deb, f"{VERSION}+upgrade1", tmp_path))
+    assert (etc / "config.yaml").read_bytes() == config and (etc / "ca.key").is_file()
+    assert owner_and_mode(state) == (uid, gid, 0o700) and (state / "mesh.db").is_file()
+
+    run("chroot", str(root), *APT, "remove", "swarm-mesh")
+    assert not (root / "usr/lib/swarm-mesh").exists()
+    assert (etc / "ca.key").is_file() and (state / "mesh.db").is_file(), "remove keeps keys and state"
+    run("chroot", str(root), *APT, "purge", "swarm-mesh")
+    assert not etc.exists() and not state.exists()

@@ -156,3 +156,96 @@ def test_unit_verifies_without_warnings(tmp_path):
     unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/swarm-agent", "ExecStart=/bin/true"))
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+# ---- swarm-mesh
+MESH_UNIT = REPO / "packaging" / "swarm-mesh.service"
+MESH_EXPOSURE_BUDGET = 1.1    # packaging/README.md records the score
+
+
+@pytest.fixture(scope="module")
+def mesh_rpm() -> Path:
+    if shutil.which("rpmbuild") is None:
+        skip_unsupported("needs rpmbuild (apt-get install rpm; install.sh --test does)")
+    out = run(str(REPO / "packaging" / "build.sh"), "mesh-rpm", timeout=600)
+    rpm = REPO / out.strip().splitlines()[-1]
+    assert rpm.name == f"swarm-mesh-{VERSION}-1.x86_64.rpm", rpm.name
+    return rpm
+
+
+def mesh_needs() -> list[str]:
+    """The agent files the mesh imports, as packaging/mesh_imports.py finds them."""
+    return run("python3", str(REPO / "packaging" / "mesh_imports.py"), str(REPO)).split()
+
+
+def test_mesh_rpm_carries_the_mesh_and_only_the_agent_modules_it_imports(mesh_rpm):
+    files = set(run("rpm", "-qp", "--list", str(mesh_rpm)).split())
+    lib = "/usr/lib/swarm-mesh"
+    expected = {f"{lib}/mesh/{p.name}" for p in (REPO / "mesh").glob("*.py")}
+    expected |= {f"{lib}/{p}" for p in mesh_needs()}
+    assert {f"{lib}/agent/fleet/decision.py", f"{lib}/agent/_vendor/nats/__init__.py",
+            f"{lib}/agent/proto/swarm/mesh/v1/mesh_pb2.py"} <= expected
+    assert expected - files == set()
+    shipped_agent = {f for f in files if f.startswith(f"{lib}/agent/") and f.endswith(".py")}
+    assert shipped_agent <= expected, "only what the mesh imports"
+    assert f"{lib}/agent/daemon.py" not in files and not any("/probes/" in f for f in files)
+    assert {"/usr/bin/swarm-mesh", "/usr/lib/systemd/system/swarm-mesh.service",
+            "/etc/swarm-mesh", "/var/lib/swarm-mesh"} <= files
+    owners = run("rpm", "-qp", "--qf", r"[%{FILENAMES} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEMODES:perms}\n]",
+                 str(mesh_rpm))
+    assert "/etc/swarm-mesh root:swarm-mesh drwxr-x---" in owners
+    assert "/var/lib/swarm-mesh swarm-mesh:swarm-mesh drwx------" in owners
+
+    declared = {"required": set(), "pre": set(), "recommends": set()}
+    for line in (REPO / "packaging" / "mesh-dependencies").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            cols = [c.strip() for c in line.split("|")] + [""]
+            declared[cols[2] or "required"].add(cols[1])
+    requires = {r.strip() for r in run("rpm", "-qp", "--requires", str(mesh_rpm)).splitlines()}
+    assert {r for r in requires if not r.startswith("rpmlib(") and r != "/bin/sh"} == \
+        declared["required"] | declared["pre"]
+    assert set(run("rpm", "-qp", "--recommends", str(mesh_rpm)).split("\n")) - {""} == \
+        declared["recommends"] == {"python3-psycopg2"}
+    assert "swarm-agent" not in " ".join(requires), "the mesh host runs no agent daemon"
+
+    scripts = run("rpm", "-qp", "--scripts", str(mesh_rpm))
+    assert "useradd -r -g swarm-mesh" in scripts
+    assert "swarm-mesh init" not in scripts.replace('echo "  swarm-mesh init', ""), \
+        "no keys are made at install"
+
+
+def test_mesh_rpm_launcher_runs_from_the_installed_tree(mesh_rpm, tmp_path):
+    """Every mesh module imports from the installed tree alone (python3 -I: no checkout on
+    the path), and the launcher answers --help and --version."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run("rpm", "--root", str(scratch), "--initdb")
+    run("rpm", "--root", str(scratch), "-i", "--nodeps", "--noscripts", str(mesh_rpm))
+    lib = scratch / "usr/lib/swarm-mesh"
+    exec_start = re.findall(r"^ExecStart=(.*)$", MESH_UNIT.read_text(), re.M)[0].split()
+    launcher = scratch / exec_start[0].lstrip("/")
+    text = launcher.read_text()
+    assert text.startswith("#!/usr/bin/python3 -I\n") and '"/usr/lib/swarm-mesh"' in text
+    relocated = tmp_path / "swarm-mesh"
+    relocated.write_text(text.replace('"/usr/lib/swarm-mesh"', repr(str(lib))))
+    modules = sorted(f"mesh.{p.stem}" for p in (lib / "mesh").glob("*.py") if p.stem != "__main__")
+    run("/usr/bin/python3", "-I", "-c",
+        f"import sys, importlib; sys.path.insert(0, {str(lib)!r}); "
+        f"[importlib.import_module(m) for m in {modules!r}]; import agent, mesh; "
+        "assert agent.__file__.startswith(sys.path[0]) and mesh.__file__.startswith(sys.path[0])")
+    assert "init" in run("/usr/bin/python3", "-I", str(relocated), "--help")
+    assert run("/usr/bin/python3", "-I", str(relocated), "--version").strip() == f"swarm-mesh {VERSION}"
+
+
+def test_mesh_unit_verifies_and_stays_within_its_exposure_budget(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        skip_unsupported("needs systemd-analyze")
+    unit = tmp_path / "swarm-mesh.service"
+    unit.write_text(MESH_UNIT.read_text().replace("ExecStart=/usr/bin/swarm-mesh", "ExecStart=/bin/true"))
+    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(MESH_UNIT)],
+                          capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+)", proc.stdout)
+    assert m, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert float(m.group(1)) <= MESH_EXPOSURE_BUDGET, proc.stdout

@@ -3,7 +3,9 @@ the files and their modes, idempotence, refusals, and the certificates checked w
 `cryptography` (subject, extensions, the chain to the CA). Everything in tmp_path."""
 from __future__ import annotations
 
+import grp
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from mesh import cli, pki
 from mesh.config import MeshConfigError, from_dict, load
 from mesh.decide import Decider
 from mesh.enroll import enroll
-from mesh.setup import Layout, init_mesh
+from mesh.cli import UsageError
+from mesh.setup import SERVICE_READS, Layout, init_mesh, share_with_group
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["mesh.example", "203.0.113.5"]
@@ -61,6 +64,8 @@ def test_init_makes_every_file_with_its_mode_and_a_config_that_loads(tmp_path: P
     assert cfg.nats_server.config == str(lay.nats_conf) and cfg.nats_server.log_file is None
     assert cfg.policy == {}                     # every default shown, commented out
     assert "# min_nodes: 3" in lay.config.read_text()
+    # The decision lock lives in the state directory: a sandboxed service writes only there.
+    assert cfg.signing["lock_file"] == str(tmp_path / "state/decisions.lock")
     Decider.from_config(None, cfg.nats, cfg.signing, cfg.policy)     # signing key, policy ok
 
     conf = lay.nats_conf.read_text()
@@ -68,6 +73,27 @@ def test_init_makes_every_file_with_its_mode_and_a_config_that_loads(tmp_path: P
     assert f'cert_file: "{lay.cert}"' in conf and "verify" not in conf   # passwords, not certs
     assert 'user: "mesh"' in conf and 'user: "node"' in conf
     assert load_private_key(lay.signing_key) and load_public_key(lay.signing_pub)
+
+
+def test_init_group_shares_what_the_service_reads_and_not_the_ca_key(tmp_path: Path):
+    """--group (the packaged service's): the service's group reads its config, keys and
+    nats files but owns none of them; the CA key, node password and ledger stay private."""
+    group = grp.getgrgid(os.getgid() if os.getgid() else 1)     # root: daemon (gid 1)
+    lay = Layout(tmp_path / "mesh")
+    make(tmp_path)
+    share_with_group(lay, group.gr_name)
+    for d in (lay.dir, lay.nats_dir):
+        assert (mode(d), d.stat().st_gid) == (0o750, group.gr_gid), d
+    for name in SERVICE_READS:
+        path = getattr(lay, name)
+        assert (mode(path), path.stat().st_gid) == (0o640, group.gr_gid), path
+        assert path.stat().st_uid == os.getuid()
+    assert mode(lay.ca_key) == 0o600 and mode(lay.node_password) == 0o600
+    with pytest.raises(UsageError, match="no such group"):
+        share_with_group(lay, "no-such-group-swarm")
+    out = swarm_mesh("init", "--dir", str(lay.dir), "--state-dir", str(tmp_path / "state"),
+                     "--name", "mesh.example", "--group", group.gr_name)
+    assert out.returncode == 0 and mode(lay.config) == 0o640, out.stderr
 
 
 def test_the_ca_and_the_server_certificate(tmp_path: Path):
