@@ -287,3 +287,20 @@ def test_a_sqlite_store_is_wal_and_synchronous_full(tmp_path: Path):
         assert cur.one("PRAGMA journal_mode")["journal_mode"] == "wal"
         assert cur.one("PRAGMA synchronous")["synchronous"] == 2
     s.close()
+
+
+def test_root_opening_the_services_store_leaves_its_side_files_to_the_service(tmp_path: Path):
+    """`swarm-mesh enroll` runs as root and reads the store the service (user swarm-mesh)
+    owns: the -wal and -shm files that root's open makes belong to the store's owner."""
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to own files as another user)")
+    path = tmp_path / "mesh.db"
+    open_store(f"sqlite:///{path}").close()
+    os.chown(path, 65534, 65534)
+    s = open_store(f"sqlite:///{path}", create=False)
+    try:
+        sides = [path.with_name(path.name + x) for x in ("-wal", "-shm")]
+        assert [p.stat().st_uid for p in sides if p.exists()] == [65534, 65534]
+    finally:
+        s.close()
