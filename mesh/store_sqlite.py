@@ -2,9 +2,6 @@
 report survives a power cut), a busy timeout so the CLI can read while the service writes."""
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +10,6 @@ from typing import Any, Iterator, Sequence
 from agent.yamlsafe import printable
 from mesh.schema import SCHEMA_VERSION, upgrade_statements
 from mesh.store import Cursor, Store, StoreAbsent, StoreError
-
-log = logging.getLogger("swarm_mesh")
 
 BUSY_TIMEOUT_S = 10.0
 
@@ -56,7 +51,6 @@ class SqliteStore(Store):
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._schema(create)
-            _keep_owner(self.path)
         except sqlite3.Error as e:
             self._conn.close()
             raise StoreError(f"cannot use store {shown}: {e}") from None
@@ -121,23 +115,3 @@ class SqliteStore(Store):
 
     def _close(self) -> None:
         self._conn.close()
-
-
-def _keep_owner(path: Path) -> None:
-    """Root opening the service's store (`swarm-mesh enroll` reads revocations from it)
-    makes its -wal and -shm files when they are not there: give them to the store's owner,
-    or the service (user swarm-mesh) could no longer write its own store."""
-    if os.geteuid() != 0:
-        return
-    try:
-        st = path.stat()
-        if st.st_uid == 0:
-            return
-        for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            with contextlib.suppress(FileNotFoundError):
-                if side.stat().st_uid != st.st_uid:
-                    os.chown(side, st.st_uid, st.st_gid)
-    except OSError as e:
-        log.warning("cannot give the store's side files to its owner",
-                    extra={"store": str(path), "error": e.strerror})

@@ -291,7 +291,8 @@ def test_a_sqlite_store_is_wal_and_synchronous_full(tmp_path: Path):
 
 def test_root_opening_the_services_store_leaves_its_side_files_to_the_service(tmp_path: Path):
     """`swarm-mesh enroll` runs as root and reads the store the service (user swarm-mesh)
-    owns: the -wal and -shm files that root's open makes belong to the store's owner."""
+    owns: the -wal and -shm files that root's open makes belong to the store's owner
+    (SQLite's unix VFS gives them to the database file's owner when it runs as root)."""
     import os
     if os.geteuid() != 0:
         pytest.skip("needs root (to own files as another user)")
