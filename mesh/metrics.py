@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent import __version__
-from agent.report.metrics import serve_registry
+from agent.report.promserve import serve_registry
 from mesh.store import LATEST, LIVE_STATES, Store, StoreError
 
 log = logging.getLogger("swarm_mesh")

@@ -15,21 +15,18 @@ scrape reads the store under its lock, like any other reader thread.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-import threading
 import time
 from collections import OrderedDict
-from socketserver import ThreadingMixIn
 from typing import Any, Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.model import Event, Finding, Incident, MitigationKind
 from agent.report.gpumetrics import GpuCollector
+from agent.report.promserve import serve_registry
 from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")
@@ -279,35 +276,6 @@ def _storage(store: Store):
     yield CounterMetricFamily(f"{PREFIX}_storage_recovered_files",
                               "Corrupt database files moved aside at start (kept)",
                               value=len(h.recovered))
-
-
-def serve_registry(registry: CollectorRegistry, listen: str) -> WSGIServer:
-    """Serve `registry` as /metrics on `listen` ("host:port", "[v6]:port") in a daemon
-    thread (the mesh service's metrics use it too); raises OSError when the address cannot
-    be bound. `shutdown()` and `server_close()` stop it."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    try:
-        v6 = ipaddress.ip_address(host).version == 6
-    except ValueError:
-        v6 = False       # a host name; bind resolves it
-    server = make_server(host, int(port), make_wsgi_app(registry),
-                         _V6Server if v6 else _Server, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _V6Server(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:   # no access log on stderr
-        pass
 
 
 class _PolicyCollector:
