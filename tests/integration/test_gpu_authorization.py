@@ -174,23 +174,26 @@ def test_authorization_survives_restart_and_revoke_makes_a_violation(lab, lib, s
         agent.stop()
 
 
-@pytest.mark.privileged
-@pytest.mark.parametrize("args, says", [
+BAD_AUTHORIZE = [
     (("relative/path", "0"), "is not a workload"),
     (("/", "all"), "root cgroup"),
     (("/a/b", "GPU0"), "is not a GPU"),
     (("/a/b",), "at least one GPU"),
     (("container:abc", "0"), "64-hex-digit"),
     (("/a/b", "all", "1"), "alone"),
-])
-def test_bad_authorize_input_is_exit_2_with_one_sentence(lab, lib, script, tmp_path, args,
-                                                         says):
+]
+
+
+@pytest.mark.privileged
+def test_bad_authorize_input_is_exit_2_with_one_sentence(lab, lib, script, tmp_path):
+    """Every bad input against one agent (an agent start per case cost ~10 s each)."""
     agent = start_agent(lab, lib, tmp_path)
     try:
-        done = cli(agent, "gpu", "authorize", *args, check=False)
-        assert done.returncode == 2, done
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and says in lines[0] and "Traceback" not in done.stderr
+        for args, says in BAD_AUTHORIZE:
+            done = cli(agent, "gpu", "authorize", *args, check=False)
+            assert done.returncode == 2, (args, done)
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and says in lines[0] and "Traceback" not in done.stderr, args
         assert json.loads(cli(agent, "gpu", "list").stdout) == []
         gone = cli(agent, "gpu", "revoke", "/never/authorized", check=False)
         assert gone.returncode == 4 and "no GPU authorization" in gone.stderr
