@@ -440,6 +440,29 @@ def test_finding_revoking_an_address_leaves_it_blocked_by_a_covering_network(sto
         f"revoke said {outcome.kind!r} ({outcome.reason}) while {dropping} still drops {X}")
 
 
+def test_finding_a_forward_step_of_the_mesh_clock_makes_a_target_unblockable(store):
+    """Attack: the mesh's clock steps a day ahead for a minute (an unauthenticated NTP
+    answer to the mesh host, attacker (c)) while an operator (or a corroborated proposal)
+    blocks X. That block B1 is issued a day ahead: every agent refuses it as
+    issued_in_future. When the clock is back, the operator blocks X again: _after_latest
+    issues B2 "just after its target's latest" -- a day ahead as well -- so it is refused
+    everywhere too, and a corroborated proposal for X is answered "active" (B1 looks in
+    force to the mesh). Attacker controls: the mesh host's time for a minute. Harm: X (the
+    attacker's own address) cannot be blocked fleet-wide by anyone for a day, and B1 and
+    B2 then fire a day late on whoever holds X by then. Fix: never issue past now + the
+    agents' 300 s tolerance: a latest decision dated beyond that is a clock fault, to be
+    superseded by one issued now (and the mesh re-issues the target's current decision)."""
+    dec, pub, clock = decider(store)
+    clock.now = T0 + 86400                      # the step
+    run(dec.block(X, 3600, "scanner", "ana"))
+    clock.now = T0 + 60                         # corrected
+    run(dec.block(X, 3600, "scanner, again", "ana"))
+    sent = [Message(i + 1, s, body) for i, (s, body, _) in enumerate(pub.sent)]
+    out = plan({}, sent, CHECKS, T0 + 61)
+    assert X in out.blocks(), (f"after the mesh clock came back X could not be blocked: "
+                               f"{[r.reason for r in out.refusals]}")
+
+
 # ============================================================================================
 # Withstood (pass on the current code)
 # ============================================================================================
