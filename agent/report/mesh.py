@@ -30,6 +30,10 @@ _DEADLINE = {None: mesh_pb2.DEADLINE_PENDING, 0: mesh_pb2.DEADLINE_MET,
              1: mesh_pb2.DEADLINE_MISSED}
 
 
+# The mesh does not take this certificate: not a network failure, and no retry cures it.
+REFUSED_CODES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
 def backoff_s(failures: int, initial_s: float, max_s: float, rand: float) -> float:
     """Delay before the next try after `failures` consecutive failed calls: the cap
     initial_s * 2^(failures-1), at most max_s, with equal jitter (half fixed, half random
@@ -109,6 +113,10 @@ class MeshReporter:
         self._seq = 0
         self.failures = 0                       # consecutive failed calls
         self.reachable: bool | None = None
+        # Why the mesh refuses this node's certificate (revoked: `swarm-mesh node-revoke`;
+        # not of its CA; no node name), "" otherwise: a cause no retry cures, so it is said
+        # as an error and in status until a call succeeds (a new certificate, a restart).
+        self.refused = ""
 
     def wake(self) -> None:
         """Something new is queued (called from the responder's observer hook)."""
@@ -167,6 +175,8 @@ class MeshReporter:
         try:
             ack = await stub.Report(request, timeout=self.cfg.timeout_s)
         except grpc.aio.AioRpcError as e:
+            if e.code() in REFUSED_CODES:
+                self._refused(e.details() or e.code().name)
             self._failed(batch, f"{e.code().name}: {e.details()}")
             return False
         sent = {p.id: p.kind for p in batch}
@@ -184,8 +194,15 @@ class MeshReporter:
         if self.reachable is not True:
             log.info("mesh reachable", extra={"endpoint": self.cfg.endpoint,
                                               "after_failures": self.failures})
-        self.reachable, self.failures = True, 0
+        self.reachable, self.failures, self.refused = True, 0, ""
         return True
+
+    def _refused(self, why: str) -> None:
+        if why != self.refused:
+            log.error("the mesh refuses this node's certificate; reports stay queued until "
+                      "the node is enrolled again (swarm-mesh enroll) or the mesh accepts it",
+                      extra={"endpoint": self.cfg.endpoint, "reason": why[:300]})
+        self.refused = why[:300]
 
     def _failed(self, batch: list[Pending], why: str) -> None:
         self.outbox.failed(p.id for p in batch)

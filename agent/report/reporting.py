@@ -100,6 +100,8 @@ class Reporting:
             mesh = "standalone"
         else:
             mesh = {None: "connecting", True: "reachable", False: "unreachable"}[self.mesh.reachable]
+            if self.mesh.refused:
+                mesh = f"refused: {self.mesh.refused}"
         out: dict[str, Any] = {"mesh": mesh, "problems": dict(self.problems)}
         if self.mesh is not None:
             out["outbox"] = self.outbox.depth()

@@ -14,7 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent.config import Mesh as AgentMesh
 from agent.proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from agent.report.mesh import MeshReporter
+from agent.state.outbox import Outbox
+from agent.state.store import Store as AgentStore
 from agent.proto.swarm.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from mesh import cli, pki
 from mesh.config import from_dict
@@ -81,6 +85,7 @@ def test_a_revoked_node_is_cut_at_its_next_call_and_comes_back_only_with_a_new_c
             cut = await refused(stub.Report(batch("r2"), timeout=5))   # the same channel
             health = await refused(health_pb2_grpc.HealthStub(old).Check(
                 health_pb2.HealthCheckRequest(), timeout=5))
+        told = await agent_is_told(server.port)
         revoked_at = server.store.node_revoked_at("gpu-1")
         new_cert, new_key = pki.node_cert(ca, "gpu-1", "acme", after=revoked_at)
         await asyncio.sleep(wait_s(new_cert))
@@ -89,7 +94,7 @@ def test_a_revoked_node_is_cut_at_its_next_call_and_comes_back_only_with_a_new_c
         async with channel(ca, server.port, old_cert, old_key) as again:
             still = await refused(mesh_pb2_grpc.MeshReportingStub(again).Report(
                 batch("r4"), timeout=5))
-        return cut, health, back, still, dict(server.service.counters)
+        return cut, health, back, still, told, dict(server.service.counters)
 
     async def run():
         store = open_store(url)
@@ -102,12 +107,34 @@ def test_a_revoked_node_is_cut_at_its_next_call_and_comes_back_only_with_a_new_c
             store.close()
 
     caplog.set_level(logging.WARNING, logger="swarm_mesh")
-    cut, health, back, still, counters = asyncio.run(run())
+    async def agent_is_told(port: int) -> str:
+        """The agent's own reporter, with the revoked certificate: refused, and it says why."""
+        for name, data in (("node.pem", pki.cert_pem(old_cert)), ("node.key", pki.key_pem(old_key))):
+            (tmp_path / name).write_bytes(data)
+        mesh = AgentMesh(endpoint=f"127.0.0.1:{port}", server_name="127.0.0.1",
+                         tls_cert=str(tmp_path / "node.pem"), tls_key=str(tmp_path / "node.key"),
+                         tls_ca=str(files["ca"]), node_id="gpu-1", backoff_max_s=0.2)
+        box = Outbox(AgentStore(tmp_path / "agent.db").path, max_reports=10, hard_max_reports=20)
+        reporter = MeshReporter(mesh, box, lambda: {"version": "t", "ready": True})
+        reporter.queue_heartbeat()
+        task = asyncio.create_task(reporter.run())
+        try:
+            deadline = time.monotonic() + 10
+            while not reporter.refused and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert box.depth()["heartbeat"] >= 1               # heartbeats stay queued
+        return reporter.refused
+
+    cut, health, back, still, told, counters = asyncio.run(run())
+    assert "gpu-1's certificate was revoked" in told
     for e in (cut, health, still):
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
         assert "gpu-1's certificate was revoked" in e.details()
     assert list(back.accepted) == ["r3"]
-    assert counters["revoked_calls"] == 3 and counters["batches"] == 2
+    assert counters["revoked_calls"] >= 4 and counters["batches"] == 2
     said = [r for r in caplog.records if "certificate is revoked" in r.getMessage()]
     assert len(said) == 1                       # one certificate, logged once
     store = open_store(url, create=False)
