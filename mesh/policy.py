@@ -184,6 +184,7 @@ class Outcome:
     kind: str
     reason: str = ""
     decision: Decision | None = None
+    covering: tuple[dict[str, Any], ...] = ()   # a revoke: covering blocks still in force
 
 
 def _refuse(reason: str) -> Outcome:
@@ -415,8 +416,11 @@ class Policy:
         return Outcome("decide", d.reason, d)
 
     def operator_revoke(self, target: Any, latest: dict[str, Any] | None, reason: str,
-                        operator: str, now: float) -> Outcome:
-        """A revoke of the target's active block, kept until that block would have expired."""
+                        operator: str, now: float, outlive: float = 0.0) -> Outcome:
+        """A revoke of the target's active block, kept until that block would have expired,
+        and until `outlive` (the latest expiry of any block ever issued for the target):
+        agents forget a revoke when it expires, and a relay replaying an older, longer
+        block then would block the target again."""
         if not operator:
             return _refuse("an operator revocation names the operator")
         try:
@@ -427,7 +431,8 @@ class Policy:
             return _refuse(f"{norm} has no active block to revoke")
         operator = short(operator)
         d = Decision(action="revoke", target=norm, issued_at=now,
-                     expires_at=max(float(latest["expires_at"]), now + 1.0),
+                     expires_at=min(max(float(latest["expires_at"]), outlive, now + 1.0),
+                                    now + MAX_LIFETIME_S),
                      reason=short(reason or f"revoked by operator {operator}", REASON_MAX_BYTES),
                      provenance={"kind": "operator", "operator": operator},
                      revokes=latest["id"])
