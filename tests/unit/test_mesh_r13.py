@@ -72,24 +72,6 @@ def test_the_periodic_sweep_decides_the_most_proposed_targets_first(store):
     assert [json.loads(b)["d"]["target"] for _, b, _ in pub.sent] == [X]
 
 
-def test_proposals_and_refusals_go_after_their_retention_in_bounded_rounds(tmp_path):
-    st = open_store(f"sqlite:///{tmp_path}/mesh.db")
-    try:
-        for i in range(30):
-            st.add_proposal({"proposal_id": f"p{i}", "node": "n", "target": X,
-                             "received_at": 100.0 + i})
-            st.add_refusal({"at": 100.0 + i, "node": "n", "reason": "rate limit",
-                            "proposal_id": f"p{i}"})
-        # refusals are never pruned before the proposals they refuse
-        assert st.prune_reports(0.0, proposals_before=110.0, refusals_before=200.0) == 20
-        assert (st.count("proposals"), st.count("refusals")) == (20, 20)
-        assert st.prune_reports(0.0, proposals_before=200.0, refusals_before=200.0,
-                                limit=15) == 30
-        assert (st.count("proposals"), st.count("refusals")) == (5, 5)
-    finally:
-        st.close()
-
-
 @pytest.mark.parametrize("data, message", [
     ({"proposals_keep_s": 600}, "proposals_keep_s (600) must be at least the policy's"),
     ({"proposals_keep_s": 7200, "policy": {"corroboration_window_s": 9000}}, "(9000 s)"),
