@@ -68,7 +68,8 @@ class Periodic:
             await self._reissue(latest, now)
 
     async def _reissue(self, row: dict[str, Any], now: float) -> None:
-        await self._db(self.store.retire_decision, row["id"])
+        # every decision of the target dated that far ahead: the latest is issued again
+        await self._db(self.store.retire_future, row["target"], now + supersede.AGENT_FUTURE_S)
         await self._refuse(supersede.ahead_reason(row, now), row["target"], "", "", "",
                            "clock", now)
         log.warning("%s", supersede.ahead_reason(row, now))

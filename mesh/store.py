@@ -331,11 +331,12 @@ class Store(NodeRevocations):
                            (after,))
         return [_decision(r) for r in rows]
 
-    def retire_decision(self, decision_id: str) -> None:
-        """Mark a decision "failed": never in force (every agent refused it), so no longer
-        its target's latest."""
+    def retire_future(self, target: str, after: float) -> int:
+        """Mark every decision for `target` issued after `after` "failed": never in force
+        (every agent refused it as dated in the future), so none is its target's latest."""
         with self.tx() as cur:
-            cur.run("UPDATE decisions SET state = 'failed' WHERE id = ?", (decision_id,))
+            return cur.run("UPDATE decisions SET state = 'failed' WHERE target = ? "
+                           "AND issued_at > ? AND state != 'failed'", (target, after))
 
     def current_decisions(self, now: float, action: str | None = None,
                           envelopes: bool = False) -> list[dict[str, Any]]:

@@ -103,11 +103,13 @@ class MemStore:
         return sorted((d for d in latest if d is not None and d["issued_at"] > after),
                       key=lambda d: (d["issued_at"], d["id"]))
 
-    def retire_decision(self, decision_id: str) -> None:
+    def retire_future(self, target: str, after: float) -> int:
         with self._lock:
-            for d in self._decisions:
-                if d["id"] == decision_id:
-                    d["state"] = "failed"
+            mine = [d for d in self._decisions if d["target"] == target
+                    and d["issued_at"] > after and d["state"] != "failed"]
+            for d in mine:
+                d["state"] = "failed"
+            return len(mine)
 
     def current_decisions(self, now: float, action: str | None = None,
                           envelopes: bool = False) -> list[dict[str, Any]]:

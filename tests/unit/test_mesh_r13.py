@@ -1,7 +1,8 @@
 """The mesh's answers to red team r13 that tests/unit/test_redteam_r13.py does not cover
 itself: a future-dated decision retired and re-issued by the periodic pass, the margin a
-decision is never dated past, the periodic sweep's order, the retention of proposals and
-refusals, and what `swarm-mesh revoke` tells the operator about covering blocks."""
+decision is never dated past, the periodic sweep's order, the retention settings, and what
+`swarm-mesh revoke` tells the operator about covering blocks. (Retention pruning itself:
+tests/unit/test_mesh_store.py, on both backends.)"""
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,10 @@ def sent(pub):
 
 def test_a_decision_dated_past_what_agents_take_is_retired_and_issued_again(store):
     dec, pub, clock = decider(store)
-    clock.now = T0 + 86400                              # the mesh's clock a day ahead
-    run(dec.block(X, 3600, "scanner", "ana"))
+    clock.now = T0 + 86300                              # the mesh's clock a day ahead
+    run(dec.block(X, 600, "scanner", "ana"))
+    clock.now = T0 + 86400
+    run(dec.block(X, 3600, "scanner", "ana"))           # the latest: the one issued again
     clock.now = T0 + 60                                 # back; nobody acts on X
     assert run(dec.supersede_future()) == 1 and run(dec.supersede_future()) == 0
     again = json.loads(pub.sent[-1][1])["d"]
