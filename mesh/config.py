@@ -48,6 +48,8 @@ class MeshConfig:
     store: str = DEFAULT_STORE        # sqlite:///path, a plain path, or postgresql://...
     node_stale_s: float = 90.0        # no report for this long: the node is "stale"
     report_ids_keep_s: float = 2 * 86400.0   # how long processed report ids are remembered
+    proposals_keep_s: float = 7 * 86400.0    # proposals kept (>= the corroboration window)
+    refusals_keep_s: float = 30 * 86400.0    # refusals kept (>= proposals_keep_s)
     max_message_bytes: int = 64 << 20        # largest ReportBatch accepted
     log_format: str = "json"
     log_level: str = "info"
@@ -108,7 +110,7 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
     for key in ("tls_cert", "tls_key", "tls_ca", "metrics_listen"):
         if data.get(key) is not None:
             kw[key] = _string(key, data[key])
-    for key in ("node_stale_s", "report_ids_keep_s"):
+    for key in ("node_stale_s", "report_ids_keep_s", "proposals_keep_s", "refusals_keep_s"):
         if key in data:
             kw[key] = _positive(key, data[key])
     if "max_message_bytes" in data:
@@ -129,6 +131,7 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
     if "metrics_listen" in data and data["metrics_listen"] is None:
         kw["metrics_listen"] = None
     cfg = MeshConfig(**kw)
+    _check_retention(cfg)
     split_listen(cfg.listen)
     if cfg.metrics_listen is not None:
         split_listen(cfg.metrics_listen, "metrics_listen")
@@ -140,6 +143,23 @@ def from_dict(data: Any, path: str | None = None) -> MeshConfig:
         raise MeshConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)} "
                               f"(got {printable(cfg.log_level)!r})")
     return cfg
+
+
+def _check_retention(cfg: MeshConfig) -> None:
+    """Proposals are votes for the corroboration window and count against their node's
+    rate for rate_window_s: kept at least that long. A refusal marks its proposal as no
+    vote: kept at least as long as proposals are."""
+    policy = cfg.policy or {}
+    needed = max((float(policy.get(k, default)) for k, default in
+                  (("corroboration_window_s", 1800.0), ("rate_window_s", 600.0))
+                  if isinstance(policy.get(k, default), (int, float))), default=0.0)
+    if cfg.proposals_keep_s < needed:
+        raise MeshConfigError(f"proposals_keep_s ({cfg.proposals_keep_s:g}) must be at least the "
+                              f"policy's corroboration and rate windows ({needed:g} s)")
+    if cfg.refusals_keep_s < cfg.proposals_keep_s:
+        raise MeshConfigError(f"refusals_keep_s ({cfg.refusals_keep_s:g}) must be at least "
+                              f"proposals_keep_s ({cfg.proposals_keep_s:g}): a refused proposal "
+                              "would count as a vote again")
 
 
 def _nats_server(value: Any) -> NatsServerConfig | None:

@@ -41,10 +41,10 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 from agent.fleet.decision import (MAX_BODY_BYTES, Decision, DecisionError, Signer,
                                   load_private_key, normalize_target, subject_for)
-from mesh import records
+from mesh import records, supersede
+from mesh.periodic import SWEEP_EVERY_S, Periodic
 from mesh.policy import Outcome, Policy, PolicyConfig
 from mesh.publish import NatsOptions, Publisher, PublishError
-from mesh.revocation import covers
 
 log = logging.getLogger("swarm.mesh.decide")
 
@@ -55,7 +55,7 @@ class Publishes(Protocol):
     async def publish(self, subject: str, body: bytes, msg_id: str) -> int: ...
 
 
-class Decider:
+class Decider(Periodic):
     """Wires the policy, the store (mesh.store.Store: sync methods, called in a thread),
     the signer and the publisher. `clock` gives wall seconds (time.time)."""
 
@@ -143,47 +143,19 @@ class Decider:
         persisted and published (or left pending when nats-server is away)."""
         async with self._lock():
             now = self.clock()
+            await self._clock_fault(p.get("target"), now)
             history = await self._db(self._history, p, now)
             outcome = self.policy.evaluate(p, now=now, **history)
             if outcome.kind == "refuse":
                 await self._refuse(outcome.reason, p.get("target", ""), p.get("node", ""),
                                    p.get("provider", ""), p.get("proposal_id", ""), "proposal", now)
             elif outcome.kind == "decide":
-                await self._issue(outcome.decision)
+                why = await self._issue(outcome.decision)
+                if why:             # no refusal: the proposal stays a vote, swept later
+                    outcome = Outcome("pending", why)
             log.info("proposal %s from %s for %s: %s (%s)", p.get("proposal_id"),
                      p.get("node"), p.get("target"), outcome.kind, outcome.reason)
             return outcome
-
-    async def sweep(self) -> int:
-        """After a start: decides again on the newest proposal for each target proposed
-        within the corroboration window that no active block covers (refused proposals and
-        those of revoked certificates aside). The server stores a
-        proposal before the decider sees it, so one stored just before a crash is decided
-        here, not lost (the node will not send it again). Returns how many were decided on."""
-        now = self.clock()
-        window = self.policy.config.corroboration_window_s
-        rows = await self._db(self.store.proposals, since=now - window, limit=100_000)
-        refused = {(r.get("node"), r.get("proposal_id"))
-                   for r in await self._db(self.store.refusals, since=now - window, limit=100_000)}
-        revoked: dict[str, float] = {}
-        for r in await self._db(self.store.node_revocations, limit=1_000_000):
-            revoked[r["node"]] = max(revoked.get(r["node"], 0.0), float(r["revoked_at"]))
-        newest: dict[str, dict[str, Any]] = {}
-        for p in rows:                                   # newest first
-            if (p.get("node"), p.get("proposal_id")) not in refused and not \
-                    covers(revoked.get(p.get("node", "")), float(p.get("cert_not_before") or 0)):
-                newest.setdefault(p.get("target", ""), p)
-        done = 0
-        for target, p in newest.items():
-            try:
-                latest = await self._db(self.store.latest_decision, normalize_target(target))
-            except DecisionError:
-                latest = None
-            if latest and latest.get("action") == "block" and latest.get("expires_at", 0) > now:
-                continue
-            await self.on_proposal(p)
-            done += 1
-        return done
 
     def _history(self, p: dict[str, Any], now: float) -> dict[str, Any]:
         """What the policy needs, read in one thread hop: the node's recent proposal count,
@@ -229,29 +201,45 @@ class Decider:
         allowlists, the prefix limit and the lifetime cap; refusals are recorded."""
         async with self._lock():
             now = self.clock()
+            await self._clock_fault(target, now)
             outcome = self.policy.operator_block(target, ttl_s, reason, operator, now)
-            await self._conclude(outcome, target, operator, now)
-            return outcome
+            return await self._conclude(outcome, target, operator, now)
 
     async def revoke(self, target: str, reason: str, operator: str) -> Outcome:
         """Revokes the target's active block: a revoke decision on the same subject (the
-        stream keeps only it), kept until the block would have expired."""
+        stream keeps only it), kept until every block ever issued for the target would
+        have expired. The outcome names the blocks of covering networks still in force
+        (they still drop the target's traffic), in its reason and `covering`."""
         async with self._lock():
             now = self.clock()
             try:
-                latest = await self._db(self.store.latest_decision, normalize_target(target))
+                norm = normalize_target(target)
             except DecisionError:
-                latest = None
-            outcome = self.policy.operator_revoke(target, latest, reason, operator, now)
-            await self._conclude(outcome, target, operator, now)
-            return outcome
+                norm = None
+            latest, outlive, covering = None, 0.0, ()
+            if norm is not None:
+                await self._clock_fault(norm, now)
+                latest = await self._db(self.store.latest_decision, norm)
+                outlive = await self._db(self.store.block_expiry, norm)
+                blocks = await self._db(self.store.current_decisions, now, action="block")
+                covering = supersede.covering(norm, blocks)
+            outcome = self.policy.operator_revoke(target, latest, reason, operator, now,
+                                                  outlive=outlive)
+            outcome = supersede.with_covering(outcome, norm or "", covering)
+            return await self._conclude(outcome, target, operator, now)
 
-    async def _conclude(self, outcome: Outcome, target: str, operator: str, now: float) -> None:
+    async def _conclude(self, outcome: Outcome, target: str, operator: str,
+                        now: float) -> Outcome:
+        """Records a refusal or issues the decision; the final outcome (a decision that
+        cannot be dated after its target's latest is refused)."""
+        if outcome.kind == "decide":
+            why = await self._issue(outcome.decision)
+            if why:
+                outcome = Outcome("refuse", why, covering=outcome.covering)
         if outcome.kind == "refuse":
             await self._refuse(outcome.reason, target, "", "", "", f"operator:{operator}", now)
-        elif outcome.kind == "decide":
-            await self._issue(outcome.decision)
         log.info("operator %s on %s: %s (%s)", operator, target, outcome.kind, outcome.reason)
+        return outcome
 
     # -- staged rollout ---------------------------------------------------------------------
     async def promote_due(self, now: float | None = None) -> list[Decision]:
@@ -264,16 +252,21 @@ class Decider:
             for row in rows:
                 latest = await self._db(self.store.latest_decision, row["target"])
                 d = self.policy.promotion(row, latest, now)
-                if d is not None:
-                    await self._issue(d)
+                if d is not None and not await self._issue(d):
                     promoted.append(d)
         return promoted
 
     # -- persist, publish, republish --------------------------------------------------------
-    async def _issue(self, d: Decision) -> None:
+    async def _issue(self, d: Decision) -> str:
         """Persist, then publish; a failed publish leaves it pending for `run` (or marks
-        it failed when nats-server will never take it)."""
-        d = await self._after_latest(d)
+        it failed when nats-server will never take it). Returns why it was not issued
+        ("" when it was)."""
+        latest = await self._db(self.store.latest_decision, d.target)
+        why = supersede.too_far_ahead(latest, d)
+        if why:
+            log.warning("decision for %s not issued: %s", d.target, why)
+            return why
+        d = self._after_latest(d, latest)
         envelope = self.signer.envelope(d)
         if len(envelope) > MAX_BODY_BYTES:
             # The policy bounds what a decision carries; this is the last guard: agents
@@ -282,7 +275,7 @@ class Decider:
                                f"of {MAX_BODY_BYTES}", d.target, "", "", "", "publish",
                                self.clock())
             log.error("decision for %s not issued: %d bytes", d.target, len(envelope))
-            return
+            return f"the decision's envelope is over the agents' limit of {MAX_BODY_BYTES} bytes"
         await self._db(self.store.add_decision, d.to_dict(), envelope)
         try:
             await self._send(d.to_dict(), envelope)
@@ -290,14 +283,16 @@ class Decider:
             await self._failed(d.to_dict(), e)
         else:
             await self._after_reset()
+        return ""
 
-    async def _after_latest(self, d: Decision) -> Decision:
+    @staticmethod
+    def _after_latest(d: Decision, latest: dict[str, Any] | None) -> Decision:
         """Agents apply a target's decisions in issued_at order and refuse an older or
         equal one as stale (a replayed block must not undo a revocation). A mesh clock that
         stepped back (NTP) or two decisions in one clock tick would make an operator's
-        revoke stale everywhere: a decision is issued just after its target's latest
-        (its expiry kept, or its lifetime when that expiry would come first)."""
-        latest = await self._db(self.store.latest_decision, d.target)
+        revoke stale everywhere: a decision is issued just after its target's `latest`
+        (its expiry kept, or its lifetime when that expiry would come first); _issue
+        checked that this is at most supersede.FUTURE_MARGIN_S past now."""
         if latest is None or float(latest["issued_at"]) < d.issued_at:
             return d
         issued = float(latest["issued_at"]) + 0.001
@@ -385,10 +380,16 @@ class Decider:
 
     async def run(self, stop: asyncio.Event, tick_s: float = 1.0) -> None:
         """Until `stop`: connect (creating the stream), republish pending decisions (backoff
-        1 s doubling to 30 s while nats-server fails) and promote due canaries, every tick_s."""
+        1 s doubling to 30 s while nats-server fails) and promote due canaries, every tick_s;
+        every SWEEP_EVERY_S, supersede future-dated decisions and sweep undecided proposals
+        (mesh/periodic.py)."""
         backoff, next_try = 0.0, 0.0
+        next_sweep = time.monotonic() + SWEEP_EVERY_S    # the start-up sweep runs beside
         while not stop.is_set():
             mono = time.monotonic()
+            if mono >= next_sweep:
+                next_sweep = mono + SWEEP_EVERY_S
+                await self._sweep_round()
             if mono >= next_try:
                 try:
                     # connected and the stream in place before any decision: agents

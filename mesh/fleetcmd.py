@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from agent.fleet.decision import DecisionError, generate_key
-from mesh import cli
+from mesh import cli, supersede
 from mesh.config import MeshConfig, MeshConfigError
 from mesh.decide import Decider
 from mesh.natsconf import ServerSettings, write_fleet
@@ -92,11 +92,14 @@ def _decide(args: argparse.Namespace, cfg: MeshConfig, revoke: bool) -> int:
         store.close()
     if args.json:
         print(json.dumps({"outcome": outcome.kind, "reason": outcome.reason,
-                          "decision": d.to_dict() if d else None, "state": published}))
+                          "decision": d.to_dict() if d else None, "state": published,
+                          "covering": list(outcome.covering)}))
     elif outcome.kind == "decide":
         print(f"{d.action} {d.target} until {d.expires_at:.0f} (decision {d.id}): {published}"
               + ("" if published == "published" else
                  "; nats-server is unreachable, the service publishes it when it can"))
+        if outcome.covering:
+            print("warning: " + supersede.covering_note(d.target, outcome.covering))
     else:
         print(f"{outcome.kind}: {outcome.reason}")
     return cli.EXIT_OK if outcome.kind == "decide" else cli.EXIT_FAILURE

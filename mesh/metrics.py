@@ -49,6 +49,9 @@ SERVICE_COUNTERS = {
     "proposals": ("proposals", "Proposals received"),
     "proposals_dropped": ("proposals_queue_dropped",
                           "Proposals not queued for the decider (still in the store)"),
+    "proposals_deferred": ("proposals_queue_deferred",
+                           "Proposals not queued: their node held its share of the queue "
+                           "(still in the store, swept)"),
 }
 
 

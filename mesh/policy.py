@@ -8,8 +8,9 @@ the CN and O of the proposing node's client certificate) ends in one of four out
 - refuse: the proposing node's certificate was revoked (`swarm-mesh node-revoke`); the
   target is malformed, wider than the maximum prefix, or overlaps an
   allowlisted range (the fleet's own infrastructure, CGNAT 100.64.0.0/10, private, loopback,
-  link-local, multicast, unspecified and IPv4-mapped ranges, configured CDN/crawler
-  ranges); the node is over its proposal rate; the proposal is stale or names neither a
+  link-local, multicast, unspecified ranges, the IPv6 forms that carry IPv4 (mapped,
+  compatible, NAT64, Teredo; a 6to4 network is judged as its IPv4 too: mesh/translated.py),
+  configured CDN/crawler ranges); the node is over its proposal rate; the proposal is stale or names neither a
   rule nor an operator; or an operator revoked the target, or a network overlapping it,
   and the revocation still stands;
 - pending: not yet corroborated (fewer than `min_nodes` distinct nodes of `min_providers`
@@ -50,6 +51,7 @@ from typing import Any, Iterable
 
 from agent.fleet.decision import MAX_LIFETIME_S, Decision, DecisionError, normalize_target
 from mesh.bounds import REASON_MAX_BYTES, SCOPE_MAX_BYTES, bounded as _bounded, short
+from mesh import translated
 from mesh.revocation import covers
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -70,9 +72,7 @@ ALWAYS_ALLOWED: tuple[tuple[str, str], ...] = (
     ("link-local", "fe80::/10"),
     ("unique local (private)", "fc00::/7"),
     ("multicast", "ff00::/8"),
-    ("IPv4-mapped", "::ffff:0:0/96"),
-    ("IPv4-translated (NAT64)", "64:ff9b::/96"),
-)
+) + translated.REFUSED
 
 def provider_key(provider: Any) -> str:
     """The provider a certificate's O names: case-folded, whitespace collapsed."""
@@ -184,6 +184,7 @@ class Outcome:
     kind: str
     reason: str = ""
     decision: Decision | None = None
+    covering: tuple[dict[str, Any], ...] = ()   # a revoke: covering blocks still in force
 
 
 def _refuse(reason: str) -> Outcome:
@@ -214,10 +215,22 @@ class Policy:
         limit = self.config.max_prefix_v4 if net.version == 4 else self.config.max_prefix_v6
         if net.prefixlen < limit:
             return f"prefix /{net.prefixlen} is wider than the limit of /{limit}", None
+        why = self._allowlisted(norm, net)
+        v4 = translated.embedded_v4(net)
+        if not why and v4 is not None:       # 6to4: judged as the IPv4 it carries, too
+            if v4.prefixlen < self.config.max_prefix_v4:
+                why = (f"{norm} carries the IPv4 network {v4} (6to4), wider than the limit "
+                       f"of /{self.config.max_prefix_v4}")
+            elif (inner := self._allowlisted(str(v4), v4)):
+                why = f"{norm} carries {v4} (6to4): {inner}"
+        return (why, None) if why else (norm, net)
+
+    def _allowlisted(self, norm: str, net: Network) -> str:
+        """The refusal reason when `net` overlaps an allowlisted range, else ""."""
         for label, allowed in self.allowed:
             if allowed.version == net.version and net.overlaps(allowed):
-                return f"{norm} overlaps the allowlisted {label} range {allowed}", None
-        return norm, net
+                return f"{norm} overlaps the allowlisted {label} range {allowed}"
+        return ""
 
     def lifetime(self, requested: Iterable[Any]) -> float:
         asked = [float(t) for t in requested
@@ -403,8 +416,11 @@ class Policy:
         return Outcome("decide", d.reason, d)
 
     def operator_revoke(self, target: Any, latest: dict[str, Any] | None, reason: str,
-                        operator: str, now: float) -> Outcome:
-        """A revoke of the target's active block, kept until that block would have expired."""
+                        operator: str, now: float, outlive: float = 0.0) -> Outcome:
+        """A revoke of the target's active block, kept until that block would have expired,
+        and until `outlive` (the latest expiry of any block ever issued for the target):
+        agents forget a revoke when it expires, and a relay replaying an older, longer
+        block then would block the target again."""
         if not operator:
             return _refuse("an operator revocation names the operator")
         try:
@@ -415,7 +431,8 @@ class Policy:
             return _refuse(f"{norm} has no active block to revoke")
         operator = short(operator)
         d = Decision(action="revoke", target=norm, issued_at=now,
-                     expires_at=max(float(latest["expires_at"]), now + 1.0),
+                     expires_at=min(max(float(latest["expires_at"]), outlive, now + 1.0),
+                                    now + MAX_LIFETIME_S),
                      reason=short(reason or f"revoked by operator {operator}", REASON_MAX_BYTES),
                      provenance={"kind": "operator", "operator": operator},
                      revokes=latest["id"])

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from agent.fleet.decision import DecisionError, normalize_target
 from agent.proto.swarm.mesh.v1 import mesh_pb2
 
 MAX_ID = 200     # characters of a report id or a record id (agents send 32 hex digits)
@@ -117,9 +118,17 @@ def proposal_problem(p: dict[str, Any]) -> str | None:
 
 
 def bounded_proposal(p: dict[str, Any]) -> dict[str, Any]:
-    """`p` with its free text cut to PROPOSAL_TEXT_MAX_CHARS."""
-    return {k: v[:PROPOSAL_TEXT_MAX_CHARS[k]]
-            if k in PROPOSAL_TEXT_MAX_CHARS and isinstance(v, str) else v for k, v in p.items()}
+    """`p` with its free text cut to PROPOSAL_TEXT_MAX_CHARS and its target in normal form
+    ("203.0.113.7" -> "203.0.113.7/32": one target is one string, or the votes of nodes
+    spelling it differently would never meet); a target that is no address or network is
+    kept as sent (the policy refuses it)."""
+    out = {k: v[:PROPOSAL_TEXT_MAX_CHARS[k]]
+           if k in PROPOSAL_TEXT_MAX_CHARS and isinstance(v, str) else v for k, v in p.items()}
+    try:
+        out["target"] = normalize_target(out["target"])
+    except (KeyError, DecisionError):
+        pass
+    return out
 
 
 def usable_id(r: mesh_pb2.Report) -> bool:

@@ -6,15 +6,18 @@ node_id claims. A batch is stored in one transaction (Store.record_reports, in a
 and the reply lists the ids processed, now or before; a store failure answers UNAVAILABLE
 so the agent keeps the batch and retries. Proposals new in a batch are handed, after the
 batch is stored, to `on_proposal(dict)` one at a time in arrival order by one task (the
-decider plugs in there); a slow decider never delays a node's acknowledgement. The
-proposals are in the store whatever happens to that queue.
+decider plugs in there); a slow decider never delays a node's acknowledgement. One node
+holds at most 1/NODE_SHARE of the queue, so a node's flood cannot crowd out the others'
+proposals. The proposals are in the store whatever happens to that queue; those not queued
+are decided by the decider's periodic sweep.
 
 A revoked node's certificate (`swarm-mesh node-revoke`) is refused on every call with
 PERMISSION_DENIED (mesh/gate.py, and again inside the batch's transaction), counted in
 `revoked_calls` and logged once per certificate.
 
 Health (grpc.health.v1) and reflection are served beside it; a pruning task forgets
-processed report ids after cfg.report_ids_keep_s.
+processed report ids after cfg.report_ids_keep_s, proposals after cfg.proposals_keep_s and
+refusals after cfg.refusals_keep_s (an hourly pass of bounded transactions).
 """
 from __future__ import annotations
 
@@ -30,13 +33,15 @@ from agent.proto.swarm.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from mesh import identity, revocation
 from mesh.config import MeshConfig
 from mesh.gate import RevocationGate
-from mesh.store import Store, StoreError
+from mesh.store import PRUNE_BATCH, Store, StoreError
 
 log = logging.getLogger("swarm_mesh")
 
 SERVICE_NAME = mesh_pb2.DESCRIPTOR.services_by_name["MeshReporting"].full_name
 PROPOSAL_QUEUE_MAX = 10_000
+NODE_SHARE = 64             # one node holds at most 1/64 of the queue (156 proposals)
 PRUNE_EVERY_S = 3600.0
+PRUNE_ROUNDS_MAX = 200      # bounded transactions per pruning pass; the rest waits an hour
 STOP_GRACE_S = 5.0
 
 OnProposal = Callable[[dict[str, Any]], Awaitable[None]]
@@ -45,16 +50,20 @@ OnProposal = Callable[[dict[str, Any]], Awaitable[None]]
 class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
     """The MeshReporting servicer. `counters` (reports, batches, duplicates, mismatched,
     rejected, unknown, skipped, refused_calls, revoked_calls, store_errors, proposals,
-    proposals_dropped) are for logs and tests."""
+    proposals_dropped (queue full), proposals_deferred (the node's share of the queue
+    full)) are for logs, metrics and tests."""
 
     def __init__(self, store: Store, on_proposal: OnProposal | None = None):
         self.store = store
         self.on_proposal = on_proposal
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(PROPOSAL_QUEUE_MAX)
+        # per-node fairness: one node's flood takes at most this many queue slots
+        self.per_node_max = max(1, PROPOSAL_QUEUE_MAX // NODE_SHARE)
+        self.queued: dict[str, int] = {}              # node -> its proposals in the queue
         self.counters = dict.fromkeys(
             ("reports", "batches", "duplicates", "mismatched", "rejected", "unknown", "skipped",
              "refused_calls", "revoked_calls", "store_errors", "proposals",
-             "proposals_dropped"), 0)
+             "proposals_dropped", "proposals_deferred"), 0)
         self._said: set[tuple[str, ...]] = set()     # what was logged once
         self.gate: RevocationGate | None = None       # MeshServer sets it
 
@@ -110,15 +119,29 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
                        rejected=done.rejected, unknown=done.unknown, skipped=done.skipped)
         for p in done.proposals:
             c["proposals"] += 1
-            if self.on_proposal is None:
-                continue
-            try:
-                self.queue.put_nowait(p)
-            except asyncio.QueueFull:
-                c["proposals_dropped"] += 1
-                self._once(("queue-full",), "proposal queue full; proposals stay in the store",
-                           limit=PROPOSAL_QUEUE_MAX)
+            if self.on_proposal is not None:
+                self._enqueue(p)
         return mesh_pb2.ReportAck(accepted=done.accepted)
+
+    def _enqueue(self, p: dict[str, Any]) -> None:
+        """Queue a stored proposal for the decider, unless its node already holds its
+        share of the queue (deferred) or the queue is full (dropped): those stay in the
+        store, and the decider's periodic sweep decides on them (Decider.run)."""
+        node = p.get("node", "")
+        if self.queued.get(node, 0) >= self.per_node_max:
+            self.counters["proposals_deferred"] += 1
+            self._once(("node-share", node), "a node's proposals fill its share of the "
+                       "queue; the rest stay in the store for the periodic sweep", node=node,
+                       limit=self.per_node_max)
+            return
+        try:
+            self.queue.put_nowait(p)
+        except asyncio.QueueFull:
+            self.counters["proposals_dropped"] += 1
+            self._once(("queue-full",), "proposal queue full; proposals stay in the store",
+                       limit=PROPOSAL_QUEUE_MAX)
+            return
+        self.queued[node] = self.queued.get(node, 0) + 1
 
     async def deliver_proposals(self) -> None:
         """Hand queued proposals to on_proposal, one at a time, until cancelled."""
@@ -131,6 +154,12 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
                 log.exception("on_proposal failed", extra={"proposal_id": p.get("proposal_id"),
                                                            "node": p.get("node")})
             finally:
+                node = p.get("node", "")
+                left = self.queued.get(node, 1) - 1
+                if left > 0:
+                    self.queued[node] = left
+                else:
+                    self.queued.pop(node, None)
                 self.queue.task_done()
 
 
@@ -187,15 +216,29 @@ class MeshServer:
         self.ready = True
 
     async def _prune(self) -> None:
+        """Every PRUNE_EVERY_S: forget report ids, proposals and refusals past their
+        retention, in short bounded transactions (reports keep flowing in between)."""
         while True:
-            before = time.time() - self.cfg.report_ids_keep_s
-            try:
-                n = await asyncio.to_thread(self.store.prune_reports, before)
-                if n:
-                    log.info("forgot old report ids", extra={"pruned": n})
-            except StoreError as e:
-                log.warning("pruning report ids failed", extra={"error": str(e)})
+            await self.prune_once()
             await asyncio.sleep(PRUNE_EVERY_S)
+
+    async def prune_once(self) -> int:
+        now, total = time.time(), 0
+        cutoffs = (now - self.cfg.report_ids_keep_s, now - self.cfg.proposals_keep_s,
+                   now - self.cfg.refusals_keep_s)
+        try:
+            for _ in range(PRUNE_ROUNDS_MAX):
+                n = await asyncio.to_thread(self.store.prune_reports, *cutoffs)
+                total += n
+                if n < PRUNE_BATCH:
+                    break
+                await asyncio.sleep(0.1)
+        except StoreError as e:
+            log.warning("pruning old report ids, proposals and refusals failed",
+                        extra={"error": str(e)})
+        if total:
+            log.info("forgot old report ids, proposals and refusals", extra={"pruned": total})
+        return total
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         self.ready = False

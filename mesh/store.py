@@ -28,6 +28,7 @@ from mesh.revocation import REVOKED_PROPOSAL, NodeRevocations
 from mesh.schema import columns
 
 LIVE_STATES = ("open", "mitigated", "escalated")   # incidents(state="live")
+PRUNE_BATCH = 5000        # rows of each table one pruning transaction deletes at most
 CLOCK_SKEW_S = 300.0      # a heartbeat time further ahead of the mesh's clock is not trusted
 _PROPOSAL_KEYS = ("proposal_id", "node", "provider", "target", "rule", "rule_version",
                   "incident_id", "operator", "evidence", "created_at", "ttl_s",
@@ -186,12 +187,27 @@ class Store(NodeRevocations):
             cur.run(f"UPDATE nodes SET {sets} WHERE node = ? AND (hb_at <= ? OR hb_at > ?)",
                     [*values.values(), node, values["hb_at"], received_at + CLOCK_SKEW_S])
 
-    def prune_reports(self, before: float) -> int:
+    def prune_reports(self, before: float, proposals_before: float | None = None,
+                      refusals_before: float | None = None, limit: int = PRUNE_BATCH) -> int:
         """Forget processed report ids received before `before` (raw rejected/unknown
-        reports are kept); returns how many."""
+        reports are kept), proposals received before `proposals_before` and refusals
+        made before `refusals_before` (None: `before`); at most `limit` rows of each table
+        in one short transaction (the caller repeats while it returns `limit` or more).
+        Returns how many rows went. A refusal must outlive its proposal (a proposal whose
+        refusal is gone would count as a vote): refusals_before is never after
+        proposals_before."""
+        p_before = before if proposals_before is None else proposals_before
+        r_before = min(before if refusals_before is None else refusals_before, p_before)
         with self.tx() as cur:
-            return cur.run("DELETE FROM reports WHERE received_at < ? "
-                           "AND kind NOT IN ('rejected', 'unknown')", (before,))
+            n = cur.run("DELETE FROM reports WHERE (node, id) IN (SELECT node, id FROM "
+                        "reports WHERE received_at < ? AND kind NOT IN ('rejected', "
+                        "'unknown') LIMIT ?)", (before, limit))
+            n += cur.run("DELETE FROM proposals WHERE (node, proposal_id) IN (SELECT node, "
+                         "proposal_id FROM proposals WHERE received_at < ? LIMIT ?)",
+                         (p_before, limit))
+            n += cur.run("DELETE FROM refusals WHERE id IN (SELECT id FROM refusals "
+                         "WHERE at < ? LIMIT ?)", (r_before, limit))
+        return n
 
     # ---- proposals
     def add_proposal(self, p: dict[str, Any]) -> bool:
@@ -296,6 +312,31 @@ class Store(NodeRevocations):
                           "WHERE target = ? AND state != 'failed' "
                           "ORDER BY issued_at DESC, id DESC LIMIT 1", (target,))
         return _decision(row) if row else None
+
+    def block_expiry(self, target: str) -> float:
+        """The latest expiry of any block ever issued for `target` (failed ones aside;
+        0 when none): a revoke must outlive them all, or a relay replaying an older,
+        longer block after the revoke ran out on the agents would block it again."""
+        with self.tx(write=False) as cur:
+            row = cur.one("SELECT MAX(expires_at) AS t FROM decisions WHERE target = ? "
+                          "AND action = 'block' AND state != 'failed'", (target,))
+        return float(row["t"]) if row and row["t"] is not None else 0.0
+
+    def future_decisions(self, after: float) -> list[dict[str, Any]]:
+        """Targets' latest decisions (failed ones aside) issued after `after`: issued while
+        the mesh's clock was ahead, refused by every agent as dated in the future."""
+        with self.tx(write=False) as cur:
+            rows = cur.all("SELECT d.body, d.state, d.seq, d.published_at FROM decisions d "
+                           f"WHERE d.issued_at > ? AND {LATEST} ORDER BY d.issued_at, d.id",
+                           (after,))
+        return [_decision(r) for r in rows]
+
+    def retire_future(self, target: str, after: float) -> int:
+        """Mark every decision for `target` issued after `after` "failed": never in force
+        (every agent refused it as dated in the future), so none is its target's latest."""
+        with self.tx() as cur:
+            return cur.run("UPDATE decisions SET state = 'failed' WHERE target = ? "
+                           "AND issued_at > ? AND state != 'failed'", (target, after))
 
     def current_decisions(self, now: float, action: str | None = None,
                           envelopes: bool = False) -> list[dict[str, Any]]:

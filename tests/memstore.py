@@ -93,6 +93,24 @@ class MemStore:
             return copy.deepcopy(max(mine, key=lambda d: (d["issued_at"], d["id"]))) \
                 if mine else None
 
+    def block_expiry(self, target: str) -> float:
+        with self._lock:
+            return max((d["expires_at"] for d in self._decisions if d["target"] == target
+                        and d["action"] == "block" and d["state"] != "failed"), default=0.0)
+
+    def future_decisions(self, after: float) -> list[dict[str, Any]]:
+        latest = [self.latest_decision(t) for t in {d["target"] for d in self._decisions}]
+        return sorted((d for d in latest if d is not None and d["issued_at"] > after),
+                      key=lambda d: (d["issued_at"], d["id"]))
+
+    def retire_future(self, target: str, after: float) -> int:
+        with self._lock:
+            mine = [d for d in self._decisions if d["target"] == target
+                    and d["issued_at"] > after and d["state"] != "failed"]
+            for d in mine:
+                d["state"] = "failed"
+            return len(mine)
+
     def current_decisions(self, now: float, action: str | None = None,
                           envelopes: bool = False) -> list[dict[str, Any]]:
         latest = [self.latest_decision(t) for t in {d["target"] for d in self._decisions}]

@@ -80,6 +80,11 @@ def test_config_errors_are_one_sentence(cfg, message):
     ("fd00::1", "unique local (private) range fc00::/7"),
     ("ff02::1", "multicast range ff00::/8"),
     ("::ffff:203.0.113.7", "IPv4-mapped range"),
+    ("::203.0.113.7", "IPv4-compatible (deprecated) range ::/96"),
+    ("64:ff9b::cb00:7107", "IPv4-translated (NAT64) range"),
+    ("64:ff9b:1::/48", "local-use NAT64) range 64:ff9b:1::/48"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo (IPv4 tunnelled) range 2001::/32"),
+    ("2002:0a00:0001::/48", "carries 10.0.0.1/32 (6to4): 10.0.0.1/32 overlaps the allowlisted"),
     ("203.0.113.7/24", "invalid target"),
     ("not an address", "invalid target"),
     ("", "invalid target"),
@@ -98,6 +103,14 @@ def test_configured_infrastructure_and_cdn_ranges_are_refused():
     # A wider proposal that merely contains an allowlisted range is refused too.
     pol = policy(max_prefix_v4=16, infrastructure=["198.51.100.0/28"])
     assert evaluate(pol, prop(target="198.51.0.0/16")).kind == "refuse"
+
+
+def test_a_6to4_network_is_judged_as_the_ipv4_it_carries():
+    pol = policy(infrastructure=["198.51.100.10/32"], max_prefix_v6=32)
+    assert evaluate(pol, prop(target="2002:cb00:7107::/48")).kind == "pending"   # 203.0.113.7
+    assert "carries 198.51.100.10/32 (6to4)" in evaluate(pol, prop(target="2002:c633:640a::/48")).reason
+    assert "carries the IPv4 network 198.51.0.0/16 (6to4), wider than the limit of /24" in \
+        evaluate(pol, prop(target="2002:c633::/32")).reason
 
 
 def test_rate_limit_counts_the_proposal_itself():

@@ -237,6 +237,20 @@ def test_pruned_report_ids_arriving_again_change_nothing(store: Store):
     assert store.incidents()[0]["state"] == "resolved"
 
 
+def test_proposals_and_refusals_go_after_their_retention_in_bounded_rounds(store: Store):
+    for i in range(30):
+        store.add_proposal({"proposal_id": f"p{i}", "node": "n", "target": "203.0.113.7/32",
+                            "received_at": 100.0 + i})
+        store.add_refusal({"at": 100.0 + i, "node": "n", "reason": "rate limit",
+                           "proposal_id": f"p{i}"})
+    # refusals are never pruned before the proposals they refuse
+    assert store.prune_reports(0.0, proposals_before=110.0, refusals_before=200.0) == 20
+    assert (store.count("proposals"), store.count("refusals")) == (20, 20)
+    assert store.prune_reports(0.0, proposals_before=200.0, refusals_before=200.0,
+                               limit=15) == 30
+    assert (store.count("proposals"), store.count("refusals")) == (5, 5)
+
+
 def test_the_schema_is_made_once_and_a_newer_one_is_refused(store_url: str):
     s = open_store(store_url)
     s.record_reports("n1", "", [incident("r1", "i1")], 100.0)
