@@ -66,6 +66,10 @@ REFUSAL_KINDS = (
     ("operator_revocation", "revoked by operator %"),
     ("operator_revocation", "overlaps %, revoked by operator %"),
     ("no_provenance", "the proposal names neither%"),
+    ("revoked_node", "the certificate of node %"),
+    ("allowlisted", "% carries % (6to4): %"),
+    ("too_wide", "% carries the IPv4 network % (6to4), wider %"),
+    ("nothing_to_revoke", "% has no active block to revoke"),
 )
 _REFUSAL_KIND = ("CASE " + " ".join("WHEN reason LIKE ? THEN ?" for _ in REFUSAL_KINDS)
                  + " ELSE 'other' END")
@@ -211,8 +215,10 @@ def _store_families(s: dict[str, Any]):
     yield GaugeMetricFamily(f"{PREFIX}_oldest_pending_decision_age_seconds",
                             "Age of the oldest decision not yet published (0: none pending)",
                             value=s["pending_age"])
-    ref = CounterMetricFamily(f"{PREFIX}_refusals", "Proposals and decisions refused, by the "
-                              "kind of reason (`swarm-mesh refusals` has each sentence)",
+    # A gauge: refusals older than refusals_keep_s are pruned, so the stored count falls.
+    ref = GaugeMetricFamily(f"{PREFIX}_refusals_kept", "Refusals of proposals and decisions "
+                            "in the store (refusals_keep_s), by the kind of reason "
+                            "(`swarm-mesh refusals` has each sentence)",
                               labels=["reason"])
     for reason, n in sorted(s["refusals"].items()):
         ref.add_metric([reason], n)

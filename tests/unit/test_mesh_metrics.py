@@ -62,7 +62,7 @@ def test_the_fleet_figures_come_from_the_store_and_the_service(store: Store):
         assert got[("swarm_mesh_blocks_in_force", ())] == 2          # d1, d2; d3 expired
         assert got[("swarm_mesh_oldest_pending_decision_age_seconds", ())] == 30
         refusals = {dict(k[1])["reason"]: v for k, v in got.items()
-                    if k[0] == "swarm_mesh_refusals_total"}
+                    if k[0] == "swarm_mesh_refusals_kept"}
         assert refusals == {"rate_limit": 2, "too_wide": 1, "allowlisted": 1,
                             "operator_revocation": 1, "other": 1}
         assert got[("swarm_mesh_reports_total", ())] == 7
