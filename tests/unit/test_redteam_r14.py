@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -271,3 +272,66 @@ def test_finding_on_postgresql_a_batch_in_flight_is_stored_after_node_revoke_ret
         watcher.close()
         store.close()
         revoker.close()
+
+
+def test_finding_a_revoked_nodes_old_key_sent_as_a_compressed_point_is_certified_again(
+        mesh_dir: Path, tmp_path: Path):
+    """"A key is certified once" compares csr.key_id, the SHA-256 of the key's DER
+    SubjectPublicKeyInfo, and cryptography (38, OpenSSL) re-encodes a key in the point
+    form it was read in: the very key of a revoked certificate, sent again as an X9.62
+    compressed point, has another key id and is certified again. Whoever holds the stolen
+    key and can put a CSR before the operator (swapping the node's own on its way) gets a
+    working certificate for it."""
+    old = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "old.csr").write_bytes(csr_der(old))
+    enroll(mesh_dir, "gpu-1", "acme", tmp_path / "o1", "/p", csr=tmp_path / "old.csr")
+    pub = old.public_key()
+    plain = pub.public_bytes(serialization.Encoding.DER,
+                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    alg = plain[2:2 + 2 + plain[3]]                 # the AlgorithmIdentifier SEQUENCE
+    point = pub.public_bytes(serialization.Encoding.X962,
+                             serialization.PublicFormat.CompressedPoint)
+    compressed = _tlv(0x30, alg + _tlv(0x03, b"\x00" + point))
+
+    def swap(tbs: bytes) -> bytes:
+        body = tbs[2 + (tbs[1] & 0x7f if tbs[1] & 0x80 else 0):]
+        return _tlv(0x30, body.replace(plain, compressed))
+    key = old
+    tbs = swap(x509.load_der_x509_csr(csr_der(old)).tbs_certrequest_bytes)
+    sig = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    der = _tlv(0x30, tbs + _tlv(0x30, _tlv(0x06, bytes.fromhex("2a8648ce3d040302")))
+               + _tlv(0x03, b"\x00" + sig))
+    assert compressed in der
+    (tmp_path / "c.csr").write_bytes(der)
+    with pytest.raises(cli.UsageError, match="certified before"):
+        enroll(mesh_dir, "gpu-1", "acme", tmp_path / "o2", "/p", force=True,
+               csr=tmp_path / "c.csr")
+
+
+def test_finding_idle_connections_to_the_metrics_port_pin_a_thread_each_without_bound(
+        tmp_path: Path):
+    """The metrics server (agent/report/promserve.py, the mesh's and the agent's) is a
+    ThreadingMixIn WSGIServer with no request timeout: every connection that sends nothing
+    holds a thread of the mesh service's process for as long as it stays open. Any local
+    user (127.0.0.1:9465) opens thousands: the service runs into its task limit, and then
+    asyncio.to_thread, which every Report and every revocation check uses, cannot start
+    a thread."""
+    store = open_store(f"sqlite:///{tmp_path}/mesh.db")
+    metrics = MeshMetrics(store, dict)
+    metrics.serve("127.0.0.1:0")
+    socks: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(8):        # 5 at a time: the listen backlog is 5 (no SYN retries)
+            socks += [socket.create_connection(metrics.address, timeout=2) for _ in range(5)]
+            deadline = time.monotonic() + 1
+            while time.monotonic() < deadline and \
+                    threading.active_count() - before < len(socks):
+                time.sleep(0.01)
+        pinned = threading.active_count() - before
+    finally:
+        for s in socks:
+            s.close()
+        metrics.close()
+        store.close()
+    assert pinned < 32, f"40 idle connections hold {pinned} threads of the service"
