@@ -188,20 +188,19 @@ def test_holds_metrics_name_no_node_and_no_reason(tmp_path: Path):
         assert secret not in text
 
 
-def _launcher_command():
-    """packaging/swarm-mesh's command() alone (the script runs main when executed)."""
+def _launcher_function(name: str):
     tree = ast.parse(LAUNCHER.read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "command")
-    ns: dict = {}
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns: dict = {"os": os}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), str(LAUNCHER), "exec"), ns)
-    return ns["command"]
+    return ns[name]
 
 
 def test_holds_the_launcher_cannot_be_talked_into_root_by_an_argument_named_like_a_root_command():
     """Which command runs as root is the first word not starting with '-', and swarm-mesh
     has no global option taking a value: a node or target named "enroll" or "init" is an
     argument of a command that drops to the service user."""
-    command = _launcher_command()
+    command = _launcher_function("command")
     assert command(["node-revoke", "enroll", "--force"]) == "node-revoke"
     assert command(["--version"]) is None
     assert command(["block", "init", "--reason", "enroll"]) == "block"
@@ -335,3 +334,34 @@ def test_finding_idle_connections_to_the_metrics_port_pin_a_thread_each_without_
         metrics.close()
         store.close()
     assert pinned < 32, f"40 idle connections hold {pinned} threads of the service"
+
+
+def test_finding_a_root_shells_node_revoke_is_recorded_as_the_service_user():
+    """The launcher drops every command but init/enroll/keygen/nats-config to the service
+    user and sets USER and LOGNAME to it; operator_of() falls back to getpass.getuser(),
+    which reads LOGNAME. From a root login (no sudo: SUDO_USER unset) `swarm-mesh
+    node-revoke`, `block` and `revoke` record the service user as the operator: the audit
+    trail of who revoked a node names no one. Run in a forked child as the launcher
+    would (nobody standing in for swarm-mesh)."""
+    if os.geteuid() != 0:
+        pytest.skip("the privilege drop needs root")
+    import argparse
+    import pwd
+    from mesh.fleetcmd import operator_of
+    as_service_user = _launcher_function("as_service_user")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: never returns to pytest
+        try:
+            os.close(r)
+            os.environ.pop("SUDO_USER", None)
+            os.environ.update(USER="root", LOGNAME="root")
+            as_service_user(pwd.getpwuid(NOBODY))
+            os.write(w, operator_of(argparse.Namespace(operator=None)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        recorded = f.read().decode()
+    os.waitpid(pid, 0)
+    assert recorded == "root", f"root's node-revoke is recorded as operator {recorded!r}"
