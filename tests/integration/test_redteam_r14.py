@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from agent.proto.grpc.reflection.v1 import reflection_pb2, reflection_pb2_grpc
 from agent.proto.swarm.mesh.v1 import mesh_pb2_grpc
@@ -66,3 +67,34 @@ def test_finding_a_stream_opened_before_the_revocation_keeps_being_answered(tmp_
     assert cut == grpc.StatusCode.PERMISSION_DENIED
     assert not isinstance(after, reflection_pb2.ServerReflectionResponse), \
         "the revoked certificate's reflection stream answered after the revocation"
+
+
+def test_finding_the_meshs_server_key_reports_as_a_node(tmp_path: Path):
+    """The unit test's finding against the real API: a Report over mutual TLS with the
+    mesh's own server certificate and key (mesh.pem/mesh.key) is accepted and stored as
+    a node of provider swarm-mesh."""
+    ca, files = write_pki(tmp_path)
+    url = f"sqlite:///{tmp_path}/mesh.db"
+    cfg = from_dict({"listen": "127.0.0.1:0", "tls_cert": str(files["cert"]),
+                     "tls_key": str(files["key"]), "tls_ca": str(files["ca"]), "store": url})
+    cert = pki.load_cert(files["cert"])
+    key = serialization.load_pem_private_key(files["key"].read_bytes(), None)
+
+    async def run():
+        store = open_store(url)
+        server = MeshServer(cfg, store)
+        await server.start()
+        try:
+            async with channel(ca, server.port, cert, key) as ch:
+                try:
+                    await mesh_pb2_grpc.MeshReportingStub(ch).Report(batch("r1"), timeout=5)
+                except grpc.aio.AioRpcError as e:
+                    return e.code(), []
+            return None, store.nodes()
+        finally:
+            await server.stop(0.5)
+            store.close()
+
+    refused, nodes = asyncio.run(run())
+    assert refused is not None, \
+        f"the mesh's server certificate reported as {[(n['node'], n['provider']) for n in nodes]}"

@@ -365,3 +365,20 @@ def test_finding_a_root_shells_node_revoke_is_recorded_as_the_service_user():
         recorded = f.read().decode()
     os.waitpid(pid, 0)
     assert recorded == "root", f"root's node-revoke is recorded as operator {recorded!r}"
+
+
+def test_finding_the_meshs_own_server_certificate_is_accepted_as_a_node(mesh_dir: Path):
+    """mesh.pem carries clientAuth (for a NATS that verifies clients) and chains to the CA
+    that the reporting API trusts for nodes; mesh/identity.py takes its CN and O as a
+    node and provider ("mesh.example" of provider "swarm-mesh"). Whoever reads mesh.key
+    (0640, group swarm-mesh: the service and its nats-server child) reports and votes as
+    an extra provider no one enrolled, under a name no `enroll` ledger holds and that
+    `node-revoke` only covers with --force."""
+    from mesh.identity import IdentityError, from_pem
+    pem = Layout(mesh_dir).cert.read_bytes()
+    try:
+        who = from_pem(pem)
+    except IdentityError:
+        return                                   # refused: what the test asks for
+    pytest.fail(f"the mesh's server certificate identifies as node {who.node!r} of "
+                f"provider {who.provider!r}")
