@@ -382,3 +382,17 @@ def test_finding_the_meshs_own_server_certificate_is_accepted_as_a_node(mesh_dir
         return                                   # refused: what the test asks for
     pytest.fail(f"the mesh's server certificate identifies as node {who.node!r} of "
                 f"provider {who.provider!r}")
+
+
+def test_finding_a_postgresql_password_given_as_a_url_parameter_is_printed(tmp_path: Path,
+                                                                          capsys):
+    """libpq takes the password as ?password=... as well as user:password@; the store's
+    messages hide only the second. `swarm-mesh enroll` or `node-revoke` while PostgreSQL is
+    down prints the password (and the service logs it to the journal)."""
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text('store: "postgresql://mesh@127.0.0.1:1/mesh?password=hunter2'
+                   '&connect_timeout=1"\n')
+    with pytest.raises(SystemExit):
+        cli.main(["node-revoke", "gpu-1", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "hunter2" not in err, err
