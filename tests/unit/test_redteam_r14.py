@@ -396,3 +396,31 @@ def test_finding_a_postgresql_password_given_as_a_url_parameter_is_printed(tmp_p
         cli.main(["node-revoke", "gpu-1", "--config", str(cfg)])
     err = capsys.readouterr().err
     assert "cannot connect" in err and "hunter2" not in err, err
+
+
+def test_finding_a_clock_stepped_back_lets_a_never_seen_certificate_outlive_its_revocation(
+        mesh_dir: Path, tmp_path: Path):
+    """revoke_node's time is max(now, previous revocation + 1, newest notBefore the service
+    has seen). A certificate stolen from the enrolment's OUT directory before the node ever
+    reported (or of a node "enrolled but never started", the case --force is for) is in
+    none of those: after the mesh's clock stepped back (a VM snapshot restored, NTP
+    correcting a fast clock) by more than the 300 s backdating, `node-revoke --force`
+    writes a revocation before its notBefore, and the stolen certificate keeps working.
+    The enrolment ledger (enrolled.json) knows that notBefore; node-revoke never reads it."""
+    from mesh.identity import from_pem
+    from mesh.revocation import covers
+    enroll(mesh_dir, "gpu-1", "acme", tmp_path / "out", "/p")
+    stolen = from_pem((tmp_path / "out" / "node.pem").read_bytes())
+    store = open_store(load_store_url(mesh_dir))
+    try:
+        done = store.revoke_node("gpu-1", "stolen before install", "op",
+                                 time.time() - 3600, unknown_ok=True)
+    finally:
+        store.close()
+    assert covers(done["revoked_at"], stolen.not_before), \
+        "the revocation is dated before the stolen certificate's notBefore"
+
+
+def load_store_url(mesh_dir: Path) -> str:
+    from mesh.config import load
+    return load(Layout(mesh_dir).config).store
