@@ -20,23 +20,35 @@ enrolled.json records each enrolment. Without --csr the node's key is made here 
 travels with the rest; OUTDIR is as secret as the key. With --csr (made on the node by
 `swarm-agent mesh-csr`) the key never leaves the node: the CSR's public key is certified
 once its signature verifies, whatever subject or extensions it asks for (mesh/csr.py),
-and OUTDIR gets everything but node.key. A key is certified once: the ledger refuses a
-CSR for a key it certified before (after a revocation, the old key may be the thief's).
+and OUTDIR gets everything but node.key. A key is certified once: the ledger keeps the id
+of every key it certified (earlier ones as 128-bit prefixes) and refuses a CSR for any of
+them (after a revocation, the old key may be the thief's).
+
+OUTDIR, if it exists, must be this user's own directory, in a directory no other user can
+write (or sticky, like /tmp): whoever could replace OUTDIR or its files before they are
+copied to the node would choose the node's CA and decision key. Two enrolments at once
+take turns (a lock on DIR), so neither loses the other's ledger record.
 
 A node revoked with `swarm-mesh node-revoke` gets a certificate whose notBefore follows
 its latest revocation (read from the store named in DIR/config.yaml), so the new one
-works and the revoked ones stay refused (mesh/revocation.py).
+works and the revoked ones stay refused (mesh/revocation.py). Each certificate's notBefore
+is recorded in that store too (made here if the service never ran), before OUTDIR is
+written, so a later revocation covers it even if it never reported.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import ipaddress
 import json
 import os
 import re
+import stat
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from cryptography.hazmat.primitives import hashes
 
@@ -44,12 +56,13 @@ from mesh import cli, csr as csrs, pki
 from mesh.config import MeshConfigError, load, split_listen
 from mesh.revocation import iso
 from mesh.setup import LOOPBACK, NODE_USER, Layout, host_port, q
-from mesh.store import StoreAbsent, StoreError, open_store
+from mesh.store import StoreError, open_store
 
 DEFAULT_PREFIX = "/etc/swarm-agent/mesh"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 FILES = ("node.pem", "node.key", "ca.pem", "decisions.pub", "nats.password", "agent-fleet.yaml")
-PREVIOUS_KEYS_MAX = 100         # key ids of a node's earlier certificates kept in the ledger
+KEY_PREFIX_HEX = 32             # earlier key ids are kept as 128-bit prefixes: a collision
+                                # can only refuse a new key, never certify an old one
 
 
 def check_safe(what: str, value: str) -> str:
@@ -128,43 +141,90 @@ def fleet_yaml(node: str, provider: str, prefix: str, endpoint: str, server_name
     return "\n".join(lines) + "\n"
 
 
-def _outdir(out: Path, force: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise cli.UsageError(f"--out {out} exists and is not a directory")
+def _own_dir(out: Path, st: os.stat_result) -> None:
+    """OUTDIR as it is: this user's directory, not a link to one."""
+    if stat.S_ISLNK(st.st_mode):
+        raise cli.UsageError(f"--out {out} is a symbolic link; give the directory itself")
+    if not stat.S_ISDIR(st.st_mode):
+        raise cli.UsageError(f"--out {out} exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        raise cli.UsageError(f"--out {out} belongs to uid {st.st_uid}, not to this user: its "
+                             "owner could replace the node's ca.pem and decisions.pub before "
+                             "they are copied; choose a new directory of your own")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuses an OUTDIR that someone else could replace, or its files (see above)."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        _own_dir(out, st)
         if any(out.iterdir()) and not force:
             raise cli.UsageError(f"--out {out} is not empty; choose a new directory "
                                  "(or --force to replace its files)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    pst = os.stat(parent)
+    if pst.st_uid not in (0, os.geteuid()) or (pst.st_mode & 0o022
+                                               and not pst.st_mode & stat.S_ISVTX):
+        raise cli.UsageError(f"--out {out} would be in {parent}, which another user can "
+                             "write: they could replace it before its files are copied to "
+                             "the node; choose a directory only you can write")
+
+
+def _outdir(out: Path) -> None:
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _own_dir(out, os.lstat(out))            # made by someone else in between: refused
     os.chmod(out, 0o700)
 
 
-def revoked_at(store_url: str, node: str) -> float | None:
-    """The node's latest revocation in the mesh's store; None when it has none, or when
-    there is no store yet (the service never ran: nothing was revoked)."""
+@contextmanager
+def _ledger_lock(lay: Layout) -> Iterator[None]:
+    """One enrolment at a time per mesh directory (an flock on DIR itself): two at once
+    would each write the ledger they read, and one record would be lost."""
     try:
-        store = open_store(store_url, create=False)
-    except StoreAbsent:
-        return None
-    except StoreError as e:
-        raise cli.UsageError(f"cannot read {node}'s revocations, which its certificate must "
-                             f"start after: {e}") from None
+        fd = os.open(lay.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise cli.UsageError(f"cannot open --dir {lay.dir}: {e.strerror}") from None
     try:
-        return store.node_revoked_at(node)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _store_error(node: str, e: StoreError) -> cli.UsageError:
+    return cli.UsageError(f"cannot read {node}'s revocations, which its certificate must "
+                          f"start after: {e}")
+
+
+@contextmanager
+def enrolment_store(store_url: str, node: str):
+    """The mesh's store, made if the service never ran (enroll records the notBefore of
+    every certificate it issues there, mesh/revocation.py); a store that cannot be used
+    is one sentence."""
+    try:
+        store = open_store(store_url)
     except StoreError as e:
-        raise cli.UsageError(f"cannot read {node}'s revocations, which its certificate must "
-                             f"start after: {e}") from None
+        raise _store_error(node, e) from None
+    try:
+        yield store
+    except StoreError as e:
+        raise _store_error(node, e) from None
     finally:
         store.close()
 
 
 def certified_keys(ledger: dict[str, dict]) -> dict[str, str]:
-    """key id -> the node it was certified for, from every ledger record."""
+    """key id prefix (KEY_PREFIX_HEX) -> the node it was certified for, from every record."""
     out: dict[str, str] = {}
     for name, rec in ledger.items():
         for kid in [rec.get("key_sha256"), *(rec.get("previous_keys") or [])]:
             if isinstance(kid, str) and kid:
-                out[kid] = name
+                out[kid[:KEY_PREFIX_HEX]] = name
     return out
 
 
@@ -174,7 +234,9 @@ def load_csr(path: Path, ledger: dict[str, dict]):
         request = csrs.load(path)
     except csrs.CsrError as e:
         raise cli.UsageError(str(e)) from None
-    seen = certified_keys(ledger).get(csrs.key_id(request.public_key()))
+    known = certified_keys(ledger)
+    seen = next((known[k[:KEY_PREFIX_HEX]] for k in csrs.key_ids(request.public_key())
+                 if k[:KEY_PREFIX_HEX] in known), None)
     if seen is not None:
         raise cli.UsageError(f"the key of the CSR {path} was certified before (node {seen}); "
                              "every certificate needs a new key: on the node, "
@@ -187,13 +249,20 @@ def enroll(directory: Path, node: str, provider: str, out: Path, prefix: str,
            force: bool = False, csr: Path | None = None) -> dict:
     """Issues the node's certificate (for the key of `csr`, else for a key made here)
     and writes OUTDIR; returns what the ledger records. Every input is checked before
-    anything is written."""
+    anything is written (but the store, made if absent)."""
     check_safe("NODE", node)
     check_safe("--provider", provider)
     lay = Layout(directory)
     for p in (lay.ca_cert, lay.ca_key, lay.cert, lay.signing_pub, lay.node_password, lay.config):
         if not p.exists():
             raise cli.UsageError(f"{p} does not exist; run swarm-mesh init --dir {directory} first")
+    with _ledger_lock(lay):
+        return _enroll_locked(lay, node, provider, out, prefix, endpoint, nats_url, force, csr)
+
+
+def _enroll_locked(lay: Layout, node: str, provider: str, out: Path, prefix: str,
+                   endpoint: str | None, nats_url: str | None, force: bool,
+                   csr: Path | None) -> dict:
     ledger = read_ledger(lay.ledger)
     if node in ledger and not force:
         had = ledger[node]
@@ -208,17 +277,23 @@ def enroll(directory: Path, node: str, provider: str, out: Path, prefix: str,
     except (pki.PkiError, MeshConfigError) as e:
         raise cli.UsageError(str(e)) from None
     request = load_csr(csr, ledger) if csr is not None else None
-    after = revoked_at(store_url, node)
-    if after is not None and after > time.time() + pki.BACKDATE_S:
-        raise cli.UsageError(f"{node} was revoked on {iso(after)}, in the future of this "
-                             f"machine's clock ({iso(time.time())}): a certificate must start "
-                             "after that and would not work until then; check both clocks")
-    _outdir(out, force)
-    if request is not None:
-        key = None
-        cert = pki.node_cert_for(ca, node, provider, request.public_key(), after)
-    else:
-        cert, key = pki.node_cert(ca, node, provider, after)
+    _check_out(out, force)
+    with enrolment_store(store_url, node) as store:
+        after = store.node_revoked_at(node)
+        if after is not None and after > time.time() + pki.BACKDATE_S:
+            raise cli.UsageError(f"{node} was revoked on {iso(after)}, in the future of this "
+                                 f"machine's clock ({iso(time.time())}): a certificate must "
+                                 "start after that and would not work until then; check "
+                                 "both clocks")
+        if request is not None:
+            key = None
+            cert = pki.node_cert_for(ca, node, provider, request.public_key(), after)
+        else:
+            cert, key = pki.node_cert(ca, node, provider, after)
+        store.record_enrolment(node, cert.not_valid_before.replace(
+            tzinfo=datetime.timezone.utc).timestamp(), format(cert.serial_number, "x"),
+            time.time())
+    _outdir(out)
     mesh_ips = [str(ipaddress.ip_network(n)) for n in pki.names_of(pki.load_cert(lay.cert))
                 if n not in LOOPBACK and _is_ip(n)]
     files = {
@@ -252,8 +327,9 @@ def _record(provider: str, cert, out: Path, before: dict | None, own_key: bool) 
     certificates are carried on, so none of those keys is certified again."""
     previous = []
     if before:
-        previous = [k for k in [*(before.get("previous_keys") or []), before.get("key_sha256")]
-                    if isinstance(k, str) and k][-PREVIOUS_KEYS_MAX:]
+        previous = [k[:KEY_PREFIX_HEX] for k in [*(before.get("previous_keys") or []),
+                                                 before.get("key_sha256")]
+                    if isinstance(k, str) and k]
     return {"provider": provider, "serial": format(cert.serial_number, "x"),
             "sha256": cert.fingerprint(hashes.SHA256()).hex(),
             "key_sha256": csrs.key_id(cert.public_key()), "key": "node" if own_key else "mesh",

@@ -10,15 +10,23 @@ corroboration. Decisions already made stay in force: an operator lifts a block w
 `swarm-mesh revoke`. `swarm-mesh enroll NODE --force` gives the node a new certificate
 that works (its notBefore follows the revocation); the old one stays refused.
 It writes the store only (one transaction), so it works while the service is down too;
-the store must exist (the service makes it at its first start).
+the store must exist (the service, or the first `enroll`, makes it). The revocation is
+dated no earlier than any notBefore `enroll` gave the node: the store records those
+(mesh/revocation.py), and the ledger beside --config (DIR/enrolled.json) is read as well
+for enrolments older than that record, when this user can read it (root's 0600: the
+packaged command runs node-revoke as the service user, who cannot, and then relies on the
+store alone; a node enrolled before the store recorded enrolments and never reported is
+then covered only while the clock has not stepped back).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
+from pathlib import Path
 
-from mesh import cli, views
+from mesh import cli, config as mesh_config, views
 from mesh.fleetcmd import operator_of
 from mesh.identity import MAX_NAME
 from mesh.revocation import OPERATOR_MAX_CHARS, REASON_MAX_CHARS, iso
@@ -41,13 +49,25 @@ def bounded(limit: int):
     return check
 
 
+def ledger_not_before(config: str | None, node: str) -> float:
+    """The notBefore the enrolment ledger beside the config records for `node` (0 when
+    the ledger is absent, unreadable for this user, or has no such record)."""
+    path = Path(config or mesh_config.SYSTEM_CONFIG).parent / "enrolled.json"
+    try:
+        rec = json.loads(path.read_text())["nodes"][node]
+        return datetime.datetime.fromisoformat(rec["not_before"]).timestamp()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0.0
+
+
 def _revoke(args: argparse.Namespace, cfg) -> int:
     operator = operator_of(args)
     # create=False: a wrong --config must not make an empty store and revoke into it
     store = open_store(cfg.store, create=False)
     try:
         done = store.revoke_node(args.node, args.reason or f"revoked by operator {operator}",
-                                 operator, time.time(), unknown_ok=args.force)
+                                 operator, time.time(), unknown_ok=args.force,
+                                 not_before=ledger_not_before(args.config, args.node))
     finally:
         store.close()
     if done is None:

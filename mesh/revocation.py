@@ -18,9 +18,17 @@ enrols again), and a certificate with a notBefore after the revocation is not co
 which only the holder of the CA key can make (and that holder could make any name).
 
 The times are the mesh's wall clock. A revocation is at least its node's newest
-certificate's notBefore (as seen by the service) and at least one second after the
-previous revocation, so a clock stepped back still covers a re-enrolled node's
-certificate. Revocations are only ever added, each in one transaction.
+certificate's notBefore (as seen by the service, and as `swarm-mesh enroll` recorded it in
+the store's enrolments: a certificate that never reported, say stolen from the enrolment's
+OUT directory), and at least one second after the previous revocation, so a clock stepped
+back still covers every certificate the mesh knows of. Revocations are only ever added,
+each in one transaction.
+
+A batch from a node and a revocation of it are serialised: on SQLite by the write lock
+both take, on PostgreSQL (READ COMMITTED) by a transaction-scoped advisory lock on the
+node's name (Store.lock_node) that the batch takes before its revocation check and
+revoke_node before it writes. So a batch either commits before the revocation does, or
+its check sees it: none is stored after `swarm-mesh node-revoke` returned.
 """
 from __future__ import annotations
 
@@ -66,6 +74,12 @@ def latest(cur: "Cursor", node: str) -> float | None:
     return None if row is None or row["t"] is None else float(row["t"])
 
 
+def enrolled(cur: "Cursor", node: str) -> float:
+    """The newest notBefore enrol recorded for the node (0 when none)."""
+    row = cur.one("SELECT not_before FROM enrolments WHERE node = ?", (node,))
+    return float(row["not_before"]) if row else 0.0
+
+
 def check(cur: "Cursor", node: str, not_before: float) -> None:
     """Raises NodeRevoked when a revocation of `node` covers a certificate with
     `not_before`; inside the caller's transaction, so nothing of a batch is stored
@@ -83,24 +97,43 @@ REVOKED_PROPOSAL = ("EXISTS (SELECT 1 FROM node_revocations x WHERE x.node = p.n
 class NodeRevocations:
     """The store's part (mixed into mesh.store.Store): methods are one transaction each."""
 
+    def lock_node(self, cur: "Cursor", node: str) -> None:
+        """Serialises a node's batches with its revocations (the backend's; SQLite's
+        write transactions already are)."""
+
     def revoke_node(self, node: str, reason: str, operator: str, now: float,
-                    unknown_ok: bool = False) -> dict[str, Any] | None:
+                    unknown_ok: bool = False,
+                    not_before: float = 0.0) -> dict[str, Any] | None:
         """Revokes every certificate of `node` issued so far, in one transaction; returns
         the revocation ({node, revoked_at, reason, operator, at, previous, known}), or
-        None (nothing written) when the node never reported and not `unknown_ok`."""
+        None (nothing written) when the node never reported and not `unknown_ok`.
+        `not_before`: a notBefore it must cover besides those the store knows (the
+        enrolment ledger's, for enrolments from before the store recorded them)."""
         with self.tx() as cur:
+            self.lock_node(cur, node)
             seen = cur.one("SELECT cert_not_before FROM nodes WHERE node = ?", (node,))
             if seen is None and not unknown_ok:
                 return None
             previous = latest(cur, node)
             revoked_at = max(now, previous + 1.0 if previous is not None else 0.0,
-                             float(seen["cert_not_before"]) if seen else 0.0)
+                             float(seen["cert_not_before"]) if seen else 0.0,
+                             enrolled(cur, node), not_before)
             row = {"node": node, "revoked_at": revoked_at,
                    "reason": (reason or "")[:REASON_MAX_CHARS],
                    "operator": (operator or "")[:OPERATOR_MAX_CHARS], "at": now}
             cur.run("INSERT INTO node_revocations (node, revoked_at, reason, operator, at) "
                     "VALUES (?, ?, ?, ?, ?)", list(row.values()))
         return {**row, "previous": previous, "known": seen is not None}
+
+    def record_enrolment(self, node: str, not_before: float, serial: str, at: float) -> None:
+        """`swarm-mesh enroll` issued `node` a certificate starting at `not_before`: later
+        revocations of the node are never dated before it."""
+        with self.tx() as cur:
+            cur.run("INSERT INTO enrolments (node, not_before, serial, at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (node) DO UPDATE SET not_before = excluded.not_before, "
+                    "serial = excluded.serial, at = excluded.at "
+                    "WHERE excluded.not_before > enrolments.not_before",
+                    (node, not_before, serial, at))
 
     def node_revoked_at(self, node: str) -> float | None:
         """The node's latest revocation time, None when it was never revoked."""

@@ -9,13 +9,15 @@ SCHEMA_VERSION is stored in `meta`; a store written by a newer version is refuse
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # 2: refusals indexed by (node, proposal_id) (a refused proposal is no vote); decisions
 #    may be in state "failed". Tables and indexes are CREATE ... IF NOT EXISTS, so the
 #    service upgrades a version 1 store at start by running them again.
 # 3: node_revocations; nodes and proposals record the notBefore of the certificate that
 #    sent them (cert_not_before), added to an older store by ADDED_COLUMNS. Rows from
 #    before have 0 there: any revocation of their node covers them.
+# 4: enrolments (`swarm-mesh enroll` records each certificate's notBefore, so a revocation
+#    covers a certificate that never reported, whatever the clock did since).
 
 # Columns added to tables that existed before: (version, table, column). Their type and
 # default come from TABLES; the backends add each one a store lacks (ALTER TABLE) before
@@ -114,6 +116,12 @@ TABLES: dict[str, tuple[list[tuple[str, str, str | None]], str | None, list[str]
                           ("revoked_at", "real", None), ("reason", "text", "''"),
                           ("operator", "text", "''"), ("at", "real", None)],
                          None, ["node, revoked_at"]),
+    # The newest notBefore `swarm-mesh enroll` gave each node's certificates (and that
+    # certificate's serial): a revocation is never dated before it (mesh/revocation.py),
+    # even for a certificate that never reported. One row per node, only ever raised.
+    "enrolments": ([("node", "text", None), ("not_before", "real", None),
+                    ("serial", "text", "''"), ("at", "real", None)],
+                   "node", []),
 }
 
 

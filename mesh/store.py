@@ -127,7 +127,6 @@ class Store(NodeRevocations):
         revocation committed before it is never missed)."""
         out = Recorded()
         with self.tx() as cur:
-            revocation.check(cur, node, not_before)
             cur.run(_insert("nodes", ("node", "provider", "first_seen", "last_seen",
                                       "cert_not_before"),
                             " ON CONFLICT (node) DO UPDATE SET provider = excluded.provider, "
@@ -137,6 +136,11 @@ class Store(NodeRevocations):
                             "nodes.cert_not_before THEN excluded.cert_not_before "
                             "ELSE nodes.cert_not_before END"),
                     (node, provider, received_at, received_at, not_before))
+            # After the row lock above, not before: revoke_node takes lock_node and never
+            # that row, so a revocation waits for a batch that passed its check, and a
+            # batch that waited sees the revocation in its check (a new snapshot).
+            self.lock_node(cur, node)
+            revocation.check(cur, node, not_before)
             for r in reports:
                 self._record_one(cur, node, provider, r, received_at, out, not_before)
             if out.mismatched:
@@ -453,7 +457,8 @@ class Store(NodeRevocations):
     def count(self, table: str, node: str | None = None) -> int:
         """Rows in one of the store's tables (for tests and the CLI's summaries)."""
         if table not in ("reports", "nodes", "incidents", "mitigations", "evidence", "feedback",
-                         "proposals", "decisions", "refusals", "node_revocations"):
+                         "proposals", "decisions", "refusals", "node_revocations",
+                         "enrolments"):
             raise ValueError(f"no table {table!r}")
         sql = f"SELECT COUNT(*) AS n FROM {table}" + (" WHERE node = ?" if node else "")
         with self.tx(write=False) as cur:

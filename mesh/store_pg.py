@@ -22,6 +22,8 @@ except ImportError:            # pragma: no cover - python3-psycopg2 is a depend
 CONNECT_TIMEOUT_S = 10
 # The schema is created once even when two mesh services start together.
 _SCHEMA_LOCK = 7_443_001
+# With a node name's hash: one node's batches and revocations (mesh/revocation.py).
+_NODE_LOCK = 7_443_002
 
 
 def _shown(url: str) -> str:
@@ -111,6 +113,10 @@ class PgStore(Store):
                 cur.execute(sql)
             cur.execute("INSERT INTO meta VALUES ('schema_version', %s) ON CONFLICT (key) "
                         "DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+
+    def lock_node(self, cur: Cursor, node: str) -> None:
+        """Until this transaction ends (a hash collision only serialises two nodes)."""
+        cur.run("SELECT pg_advisory_xact_lock(?, hashtext(?))", (_NODE_LOCK, node))
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Cursor]:

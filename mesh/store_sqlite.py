@@ -1,11 +1,18 @@
 """The SQLite backend of the mesh store: one file, WAL, synchronous=FULL (an acknowledged
-report survives a power cut), a busy timeout so the CLI can read while the service writes."""
+report survives a power cut), a busy timeout so the CLI can read while the service writes.
+
+Opened by root (`swarm-mesh enroll` records enrolments, and creates the store when the
+service never ran) in a directory another user owns (the service's state directory), the
+files root made there (the database, its -wal and -shm) are given to that user: a
+root-owned store or journal would stop the service from writing."""
 from __future__ import annotations
 
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import os
 
 from agent.yamlsafe import printable
 from mesh.schema import SCHEMA_VERSION, upgrade_statements
@@ -51,6 +58,11 @@ class SqliteStore(Store):
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._schema(create)
+            self._give_to_directory_owner()
+        except OSError as e:
+            self._conn.close()
+            raise StoreError(f"cannot give store {shown} to its directory's owner: "
+                             f"{e.strerror}") from None
         except sqlite3.Error as e:
             self._conn.close()
             raise StoreError(f"cannot use store {shown}: {e}") from None
@@ -88,6 +100,20 @@ class SqliteStore(Store):
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+
+    def _give_to_directory_owner(self) -> None:
+        if os.geteuid() != 0:
+            return
+        owner = os.stat(self.path.parent)
+        if owner.st_uid == 0:
+            return
+        for name in (self.path.name, f"{self.path.name}-wal", f"{self.path.name}-shm"):
+            p = self.path.parent / name
+            try:
+                if os.lstat(p).st_uid == 0:
+                    os.lchown(p, owner.st_uid, owner.st_gid)
+            except FileNotFoundError:
+                pass
 
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}

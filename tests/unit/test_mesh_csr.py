@@ -122,7 +122,7 @@ def foreign_key(path: Path, kind: str) -> Path:
      "is not a certificate signing request"),
     (lambda p: (p.write_bytes(b""), p)[1], "is empty"),
     (lambda p: (p.write_bytes(b"A" * (64 * 1024 + 1)), p)[1], "is larger than 64 KiB"),
-    (lambda p: Path("/dev/zero"), "is larger than 64 KiB"),
+    (lambda p: Path("/dev/zero"), "is not a regular file"),
     (lambda p: p.parent, "cannot read the CSR"),
     (bad_signature, "does not verify"),
     (lambda p: foreign_key(p, "rsa"), "carries a RSA key; the mesh certifies EC P-256"),
