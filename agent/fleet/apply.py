@@ -1,7 +1,7 @@
 """What a batch of fleet decisions does to the decisions in force: pure, no I/O, no clock.
 
 Every message goes through, in order: the envelope and signature (Verifier.open: key,
-signature, form, lifetime cap, subject, expiry), the scope (a canary decision for other
+signature, subject, form, lifetime cap, expiry), the scope (a canary decision for other
 nodes is skipped, not refused), the agent's own prefix floor, the local allowlist (a block
 overlapping loopback, this host's addresses, the management or mesh networks or any allow
 set is refused: local allowlists always win), then per target the monotonic issued_at (a

@@ -199,6 +199,14 @@ def generate_key(private_path: str | Path, public_path: str | Path) -> str:
     return key_id(key.public_key())
 
 
+def _subject_of(target: Any) -> str | None:
+    """The subject of a target in normal form; None for anything else (check() says why)."""
+    try:
+        return subject_for(normalize_target(target))
+    except (DecisionError, ValueError, TypeError):
+        return None
+
+
 class Signer:
     """The mesh's side: signs decisions into envelopes."""
 
@@ -246,9 +254,13 @@ class Verifier:
             decision = Decision.from_dict(env["d"])
         except TypeError as e:
             raise DecisionError(f"malformed decision: {e}") from None
+        # The subject before the times: a genuine decision copied onto other subjects is
+        # refused as such, never as "issued in the future" (which is fetched again later:
+        # copies would fill the re-fetch list and push the real subject out).
+        own = _subject_of(decision.target)
+        if own is not None and subject != own:
+            raise DecisionError(f"came on {subject}, but its target's subject is {own}")
         decision.check(now, max_lifetime_s)
-        if subject != decision.subject:
-            raise DecisionError(f"came on {subject}, but its target's subject is {decision.subject}")
         if decision.expires_at <= now:
             raise DecisionError("expired")
         return decision
