@@ -8,10 +8,11 @@ A decision is one JSON object, signed by the mesh with Ed25519 over its canonica
 
 The stream keeps one message per subject (the latest decision per target wins); a revoke
 is a decision on the same subject. What an agent checks, in order, before it acts: the
-envelope parses, the key id is one it trusts, the signature verifies, the fields are
-well formed (a network with no host bits, an action it knows, a lifetime within its cap),
-the message came on the subject its target names (a signed decision replayed on another
-target's subject must not supersede that target's latest), and it has not expired. The
+envelope parses, the key id is one it trusts, the signature verifies, the message came
+on the subject its target names (a signed decision replayed on another target's subject
+must not supersede that target's latest), the fields are well formed (a network with no
+host bits, an action it knows, a lifetime within its cap, not issued in the future), and
+it has not expired. The
 caller also keeps, per target, the newest `issued_at` it applied and ignores anything
 older: a signed block replayed after its revocation changes nothing.
 
