@@ -177,6 +177,13 @@ def _why(reason: str, d: Decision) -> str:
     return f"{d.target} overlaps this node's allowlist (local allowlists always win)"
 
 
-def expired(entries: Mapping[str, Entry], now: float) -> list[str]:
-    """Targets whose entry has run out (its block expired in the kernel by itself)."""
-    return [t for t, e in entries.items() if e.expires_at <= now]
+FORGET_AFTER_S = 7 * 86400.0   # an entry is forgotten this long after it ran out
+
+
+def expired(entries: Mapping[str, Entry], now: float,
+            margin_s: float = FORGET_AFTER_S) -> list[str]:
+    """Targets whose entry ran out more than `margin_s` ago (its block expired in the
+    kernel by itself). The margin is for the wall clock: a step forward (a bad NTP answer)
+    must not delete blocks and revoke tombstones for good; the entries wait, and
+    blocks(now) takes them back when the clock is right again."""
+    return [t for t, e in entries.items() if e.expires_at + margin_s <= now]

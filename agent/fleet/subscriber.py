@@ -418,7 +418,10 @@ class FleetSubscriber:
     async def reconcile(self) -> None:
         async with self._lock:
             try:
-                if await asyncio.to_thread(self.enforcer.reconcile, list(self._allow()), self._clock()):
+                now = self._clock()     # what the entries want: a block the wall clock
+                # passed by a forward step is back in force when the clock is right again
+                if await asyncio.to_thread(self.enforcer.reconcile, list(self._allow()), now,
+                                           self.blocks(now)):
                     log.warning("fleet table repaired", extra={"in_force": len(self.enforcer.blocks)})
             except EnforceError as e:
                 log.error("fleet reconcile failed", extra={"error": str(e)})
