@@ -233,6 +233,12 @@ class Verifier:
              max_lifetime_s: float = MAX_LIFETIME_S) -> Decision:
         """The decision in an envelope received on `subject`, verified and checked; raises
         DecisionError with the reason otherwise. Expired decisions are refused too."""
+        return self.open_signed(body, subject, now, max_lifetime_s)[0]
+
+    def open_signed(self, body: bytes, subject: str, now: float,
+                    max_lifetime_s: float = MAX_LIFETIME_S) -> tuple[Decision, str]:
+        """open(), and the id of the key that signed it (the agent records it with the
+        entry: a change of trusted keys lifts only what an untrusted key signed)."""
         if len(body) > MAX_BODY_BYTES:
             raise DecisionError(f"message of {len(body)} bytes is over {MAX_BODY_BYTES}")
         try:
@@ -264,4 +270,4 @@ class Verifier:
         decision.check(now, max_lifetime_s)
         if decision.expires_at <= now:
             raise DecisionError("expired")
-        return decision
+        return decision, env["k"]

@@ -62,6 +62,9 @@ EXPIRE_S = 30.0             # how often run-out entries are forgotten
 CATCH_UP_WAIT_S = 0.2       # while catching up, wait this long for more to batch
 SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this long...
 SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
+CHUNK_MAX = 1000            # a snapshot is applied in chunks of this many messages...
+CHUNK_MAX_BYTES = 4 << 20   # ... or bytes at most (a batch of _follow: 4x that), so what a
+                            # server sends never accumulates in memory
 MAX_SERVER_ALLOW = 64       # NATS server addresses allowlisted at most (configured + met)
 REFUSAL_LOG_S = 60.0        # one log line per refusal reason per minute
 RETRIED = ("issued_in_future",)   # refusals whose subject is fetched again later
@@ -112,6 +115,7 @@ class FleetSubscriber:
         self.snapshots_incomplete = 0
         self.retry: dict[str, None] = {}      # subjects to fetch again (an ordered set)
         self._keys_changed = False
+        self._keys_before: list[str] | None = None
         self.last_batch: dict[str, float] = {}
         self._logged: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -129,7 +133,8 @@ class FleetSubscriber:
                         extra={"names": unresolved})
         self.entries = fleetdb.entries(self.store)
         self.cursor, self.stream_created = fleetdb.cursor(self.store)
-        self._keys_changed = fleetdb.trusted_keys(self.store) != sorted(self.verifier.keys)
+        self._keys_before = fleetdb.trusted_keys(self.store)
+        self._keys_changed = self._keys_before != sorted(self.verifier.keys)
         for subject in reversed(fleetdb.refused_subjects(self.store, RETRIED,
                                                          now - self.fc.max_lifetime_s, RETRY_MAX)):
             self._remember(subject)
@@ -224,15 +229,19 @@ class FleetSubscriber:
                 pass
 
     async def _snapshot(self, sub: Any, last_seq: int, created: str, messages: int = -1) -> None:
-        """Read the whole stream (up to its last sequence at connect) and apply it. After a
-        change of the trusted keys a complete read is the whole set of decisions: what it
-        does not name is lifted; otherwise nothing is lifted by omission. One that ends early (SNAPSHOT_IDLE_S without a message, SNAPSHOT_MAX_S in
-        all) applies what it read as ordinary decisions, lifts nothing and sets the cursor
-        to the last message read, so the consumer goes on from there. `messages`: how many
-        the stream held at connect (0: empty, the snapshot is complete unread)."""
-        msgs: list[Message] = []
+        """Read the whole stream (up to its last sequence at connect) and apply it, in
+        chunks (CHUNK_MAX messages or CHUNK_MAX_BYTES: a hostile server streaming junk
+        costs a chunk of memory, not what it sends), each with the cursor it reaches and
+        lifting nothing. After a change of the trusted keys a complete read ends by lifting
+        what only a key no longer trusted signed (agent.fleet.apply); otherwise nothing is
+        lifted by omission. One that ends early (SNAPSHOT_IDLE_S without a message,
+        SNAPSHOT_MAX_S in all) leaves the cursor at the last message read, so the consumer
+        goes on from there. `messages`: how many the stream held at connect (0: empty, the
+        snapshot is complete unread)."""
+        chunk: list[Message] = []
+        size = count = seq = 0
+        rebase = True               # the first chunk's cursor replaces the old stream's
         deadline = time.monotonic() + SNAPSHOT_MAX_S
-        seq = 0
         complete = messages == 0 or last_seq == 0
         while not complete and time.monotonic() < deadline:
             try:
@@ -240,21 +249,24 @@ class FleetSubscriber:
             except (asyncio.TimeoutError, TimeoutError):
                 break
             seq = m.metadata.sequence.stream
-            msgs.append(Message(seq, m.subject, m.data))
+            chunk.append(Message(seq, m.subject, m.data))
+            size, count = size + len(m.data or b""), count + 1
             # the last sequence may be gone since (deleted, aged out): nothing pending
             # after this one says the read is whole as surely as reaching it
             complete = seq >= last_seq or _nothing_pending(m)
+            if not complete and (len(chunk) >= CHUNK_MAX or size >= CHUNK_MAX_BYTES):
+                await self.apply(chunk, created=created, cursor=seq, rebase=rebase)
+                chunk, size, rebase = [], 0, False
         # lift by omission only when this agent itself asked for the reload (its trusted
         # keys changed), never because the server says the stream was reset or is whole
-        await self.apply(msgs, snapshot=complete and self._keys_changed, created=created,
-                         cursor=max(seq, last_seq) if complete else seq, rebase=True)
-        count = len(msgs)
-        del msgs
+        await self.apply(chunk, snapshot=complete and self._keys_changed, created=created,
+                         cursor=max(seq, last_seq) if complete else seq, rebase=rebase)
+        del chunk
         _trim()                 # hand the snapshot's transient memory back to the system
         if complete:
             keys = sorted(self.verifier.keys)
             await asyncio.to_thread(fleetdb.set_trusted_keys, self.store, keys)
-            self._keys_changed = False
+            self._keys_changed, self._keys_before = False, keys
             self.snapshots += 1
             log.info("fleet snapshot loaded", extra={"messages": count, "seq": self.cursor,
                                                      "in_force": len(self.blocks(self._clock()))})
@@ -276,7 +288,8 @@ class FleetSubscriber:
             try:
                 m = await sub.next_msg(timeout=1.0)
                 batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-                while len(batch) < self.fc.batch_max:
+                size = len(m.data or b"")
+                while len(batch) < self.fc.batch_max and size < 4 * CHUNK_MAX_BYTES:
                     catching_up = batch[-1].seq < last_seq
                     if sub.pending_msgs == 0 and not catching_up:
                         break
@@ -285,6 +298,7 @@ class FleetSubscriber:
                     except (asyncio.TimeoutError, TimeoutError):
                         break
                     batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
+                    size += len(m.data or b"")
             except (asyncio.TimeoutError, TimeoutError):
                 pass
             if batch:
@@ -351,7 +365,8 @@ class FleetSubscriber:
         checks = Checks(self.verifier, self.node_id, list(self._allow()),
                         {4: self.fc.max_prefix_v4, 6: self.fc.max_prefix_v6},
                         self.fc.max_lifetime_s)
-        outcome = fleetapply.plan(self.entries, msgs, checks, now, snapshot=snapshot, cursor=cursor)
+        outcome = fleetapply.plan(self.entries, msgs, checks, now, snapshot=snapshot,
+                                  cursor=cursor, keys_before=self._keys_before)
         for r in outcome.refusals:
             if r.reason in RETRIED and r.subject:
                 self._remember(r.subject)
