@@ -71,6 +71,7 @@ RETRIED = ("issued_in_future",)   # refusals whose subject is fetched again late
 RETRY_S = 30.0              # how often they are
 RETRY_MAX = 1000            # subjects remembered at most (the oldest go first)
 RETRY_BATCH = 100           # fetched per round at most
+AUDIT_S = 600.0             # every subject's latest is read again about this often
 
 
 class StreamReset(Exception):
@@ -220,7 +221,7 @@ class FleetSubscriber:
                 await self._snapshot(sub, info.state.last_seq, created, info.state.messages)
             else:
                 sub = await fleetconnect.subscribe(js, self.cursor + 1)
-            await self._follow(js, nc, sub, created, info.state.last_seq)
+            await self._follow(js, nc, sub, created, info.state.last_seq, audit_now=not reset)
         finally:
             self.connected = False
             try:
@@ -276,49 +277,120 @@ class FleetSubscriber:
                         "last message", extra={"messages": count, "seq": self.cursor,
                                                "stream_last_seq": last_seq})
 
-    async def _follow(self, js: Any, nc: Any, sub: Any, created: str, last_seq: int) -> None:
+    async def _follow(self, js: Any, nc: Any, sub: Any, created: str, last_seq: int,
+                      audit_now: bool = True) -> None:
         """Apply what arrives, batched; every STREAM_CHECK_S look at the stream (a reset
-        ends the session: the next one loads the snapshot), run out entries, reconcile."""
+        ends the session: the next one loads the snapshot), run out entries, reconcile;
+        at the start (unless a snapshot was just read) and every AUDIT_S, jittered, the
+        anti-entropy read (_audit) runs beside it."""
         checked = reconciled = expired = time.monotonic()
         retried = -RETRY_S          # the first round at once: the clock may be right now
-        while True:
-            if not nc.is_connected:
-                raise ConnectionError("connection to NATS lost")
-            batch: list[Message] = []
-            try:
-                m = await sub.next_msg(timeout=1.0)
+        audit_at = checked if audit_now else checked + _jittered(AUDIT_S)
+        audit: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if not nc.is_connected:
+                    raise ConnectionError("connection to NATS lost")
+                batch = await self._next_batch(sub, last_seq)
+                if batch:
+                    await self.apply(batch, created=created)
+                now = time.monotonic()
+                if now - checked >= STREAM_CHECK_S:
+                    checked = now
+                    info = await asyncio.wait_for(js.stream_info(STREAM), 3)
+                    self.stream_last_seq = info.state.last_seq
+                    if _created(info) != created or info.state.last_seq < self.cursor:
+                        raise StreamReset("the decision stream was reset: loading its snapshot")
+                if now >= audit_at and (audit is None or audit.done()):
+                    audit_at = now + _jittered(AUDIT_S)
+                    audit = asyncio.create_task(self._audit(js))
+                if self.retry and now - retried >= RETRY_S:
+                    retried = now
+                    await self._retry(js)
+                if now - expired >= EXPIRE_S:
+                    expired = now
+                    await self.forget_expired()
+                if now - reconciled >= RECONCILE_S:
+                    reconciled = now
+                    await self.reconcile()
+        finally:
+            if audit is not None:
+                audit.cancel()
+                await asyncio.gather(audit, return_exceptions=True)
+
+    async def _next_batch(self, sub: Any, last_seq: int) -> list[Message]:
+        """What arrives within a second, and while catching up (below `last_seq`) or more
+        is pending, up to batch_max messages or 4 x CHUNK_MAX_BYTES."""
+        batch: list[Message] = []
+        try:
+            m = await sub.next_msg(timeout=1.0)
+            batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
+            size = len(m.data or b"")
+            while len(batch) < self.fc.batch_max and size < 4 * CHUNK_MAX_BYTES:
+                catching_up = batch[-1].seq < last_seq
+                if sub.pending_msgs == 0 and not catching_up:
+                    break
+                try:
+                    m = await sub.next_msg(timeout=CATCH_UP_WAIT_S if catching_up else 0.001)
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
                 batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-                size = len(m.data or b"")
-                while len(batch) < self.fc.batch_max and size < 4 * CHUNK_MAX_BYTES:
-                    catching_up = batch[-1].seq < last_seq
-                    if sub.pending_msgs == 0 and not catching_up:
-                        break
-                    try:
-                        m = await sub.next_msg(timeout=CATCH_UP_WAIT_S if catching_up else 0.001)
-                    except (asyncio.TimeoutError, TimeoutError):
-                        break
-                    batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-                    size += len(m.data or b"")
+                size += len(m.data or b"")
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        return batch
+
+    async def _audit(self, js: Any) -> None:
+        """Anti-entropy: read every subject's latest message (DeliverPolicy
+        LAST_PER_SUBJECT) and apply, as ordinary decisions, those at or below the cursor
+        that this agent does not hold (the consumer brings the rest). A message a server
+        once left out (a revoke, a block), or one refused while the clock was wrong, is
+        applied so. It lifts nothing by omission; a message whose sequence an entry holds
+        is not verified again, so 100,000 decisions cost their receipt. Bounded: chunks
+        of CHUNK_MAX or CHUNK_MAX_BYTES, SNAPSHOT_MAX_S in all. A failure is logged: the
+        next round comes."""
+        try:
+            sub = await asyncio.wait_for(fleetconnect.subscribe_latest(js), 5)
+            try:
+                read, applied = await self._read_latest(sub, self.stream_last_seq)
+            finally:
+                try:
+                    await sub.unsubscribe()
+                except Exception:   # noqa: BLE001 -- the consumer goes with its session
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:      # noqa: BLE001 -- any failure: the next round
+            log.warning("fleet anti-entropy read failed", extra={"error": f"{type(e).__name__}: {e}"})
+            return
+        if applied:
+            log.info("fleet anti-entropy read applied decisions not held",
+                     extra={"read": read, "applied": applied, "seq": self.cursor})
+
+    async def _read_latest(self, sub: Any, last_seq: int) -> tuple[int, int]:
+        """(messages read, decisions applied) of one anti-entropy read (_audit)."""
+        held = {e.seq for e in self.entries.values()}
+        chunk: list[Message] = []
+        size = read = applied = 0
+        deadline = time.monotonic() + SNAPSHOT_MAX_S
+        while time.monotonic() < deadline:
+            try:
+                m = await sub.next_msg(timeout=SNAPSHOT_IDLE_S)
             except (asyncio.TimeoutError, TimeoutError):
-                pass
-            if batch:
-                await self.apply(batch, created=created)
-            now = time.monotonic()
-            if now - checked >= STREAM_CHECK_S:
-                checked = now
-                info = await asyncio.wait_for(js.stream_info(STREAM), 3)
-                self.stream_last_seq = info.state.last_seq
-                if _created(info) != created or info.state.last_seq < self.cursor:
-                    raise StreamReset("the decision stream was reset: loading its snapshot")
-            if self.retry and now - retried >= RETRY_S:
-                retried = now
-                await self._retry(js)
-            if now - expired >= EXPIRE_S:
-                expired = now
-                await self.forget_expired()
-            if now - reconciled >= RECONCILE_S:
-                reconciled = now
-                await self.reconcile()
+                break
+            seq, read = m.metadata.sequence.stream, read + 1
+            if seq <= self.cursor and seq not in held:
+                chunk.append(Message(seq, m.subject, m.data))
+                size += len(m.data or b"")
+            done = seq >= last_seq or _nothing_pending(m)
+            if chunk and (done or len(chunk) >= CHUNK_MAX or size >= CHUNK_MAX_BYTES):
+                applied += (await self.apply(chunk, again=True)).applied
+                chunk, size = [], 0
+            if done:
+                break
+        if chunk:
+            applied += (await self.apply(chunk, again=True)).applied
+        return read, applied
 
     # -- applying -------------------------------------------------------------------------
 
@@ -450,6 +522,11 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _jittered(period_s: float) -> float:
+    """A period spread over [0.5, 1.5) of itself, so a fleet's agents do not go in step."""
+    return period_s * (0.5 + random.random())
 
 
 def _nothing_pending(m: Any) -> bool:
