@@ -26,7 +26,17 @@ the clock allows, dropped once applied or superseded, a repeat refusal not recor
 again. A decision signed by a key not trusted yet (the mesh rotated its key before the
 agents) cannot pass without a restart that adds the key: the key ids the last complete
 snapshot was verified with are recorded, and a start with a different set loads the
-whole stream again as a snapshot (a removed key's decisions are lifted by it too).
+whole stream again as a snapshot, which ends by lifting the blocks only a removed key
+signed (each entry records its key: agent.fleet.apply); a key only added lifts nothing.
+
+What a server leaves out is fetched again: at each session start (unless a snapshot was
+just read) and every AUDIT_S, jittered, the anti-entropy read (_audit) takes every
+subject's latest message and applies, as ordinary decisions, those this agent does not
+hold -- a revoke or block a relay withheld while the cursor moved on, a decision refused
+as expired while the clock was ahead. Entries are forgotten only FORGET_AFTER_S (7 days)
+after they run out, so a forward step of the wall clock lifts nothing for good. Nothing
+a server sends accumulates: a snapshot or read is applied in chunks (CHUNK_MAX messages,
+CHUNK_MAX_BYTES), a live batch is bounded in bytes too.
 """
 from __future__ import annotations
 
