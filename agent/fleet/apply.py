@@ -134,7 +134,7 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
     `snapshot`: they end a complete reload after a change of trusted keys (`keys_before`:
     the key ids trusted until then, None: not known); see the module docstring."""
     out = Outcome(cursor=cursor)
-    current = dict(entries)
+    current = out.upserts         # looked up first, then `entries` (no copy of 100,000)
     for msg in messages:
         out.cursor = max(out.cursor, msg.seq)
         try:
@@ -153,10 +153,10 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
         if d.action == "block" and (why := local_refusal(d, checks)):
             out.refusals.append(Refusal(msg.seq, msg.subject, d.target, why, _why(why, d)))
             continue
-        cur = current.get(d.target)
+        cur = current.get(d.target) or entries.get(d.target)
         if cur is not None and cur.id == d.id:
             if cur.key != key:          # the same decision under another key: record it
-                current[d.target] = out.upserts[d.target] = replace(cur, key=key)
+                current[d.target] = replace(cur, key=key)
             out.skipped += 1
             continue
         if cur is not None and d.issued_at <= cur.issued_at:
@@ -168,11 +168,9 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
                       msg.seq, now, d.reason[:200],
                       json.dumps(d.provenance, sort_keys=True)[:2000], key)
         current[d.target] = entry
-        out.upserts[d.target] = entry
-        out.removed.discard(d.target)
         out.applied += 1
     if snapshot:
-        for target in untrusted(current, checks.verifier.keys, keys_before):
+        for target in untrusted({**entries, **current}, checks.verifier.keys, keys_before):
             out.upserts.pop(target, None)
             if target in entries:
                 out.removed.add(target)

@@ -72,7 +72,7 @@ EXPIRE_S = 30.0             # how often run-out entries are forgotten
 CATCH_UP_WAIT_S = 0.2       # while catching up, wait this long for more to batch
 SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this long...
 SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
-CHUNK_MAX = 1000            # a snapshot is applied in chunks of this many messages...
+CHUNK_MAX = 10_000          # a snapshot is applied in chunks of this many messages...
 CHUNK_MAX_BYTES = 4 << 20   # ... or bytes at most (a batch of _follow: 4x that), so what a
                             # server sends never accumulates in memory
 MAX_SERVER_ALLOW = 64       # NATS server addresses allowlisted at most (configured + met)
@@ -252,7 +252,8 @@ class FleetSubscriber:
         chunk: list[Message] = []
         size = count = seq = 0
         rebase = True               # the first chunk's cursor replaces the old stream's
-        deadline = time.monotonic() + SNAPSHOT_MAX_S
+        applying: asyncio.Task[Outcome] | None = None   # a chunk applied while the next
+        deadline = time.monotonic() + SNAPSHOT_MAX_S    # is read (two in memory at most)
         complete = messages == 0 or last_seq == 0
         while not complete and time.monotonic() < deadline:
             try:
@@ -266,8 +267,14 @@ class FleetSubscriber:
             # after this one says the read is whole as surely as reaching it
             complete = seq >= last_seq or _nothing_pending(m)
             if not complete and (len(chunk) >= CHUNK_MAX or size >= CHUNK_MAX_BYTES):
-                await self.apply(chunk, created=created, cursor=seq, rebase=rebase)
+                if applying is not None:
+                    await applying
+                applying = asyncio.create_task(self.apply(chunk, created=created, cursor=seq,
+                                                          rebase=rebase))
                 chunk, size, rebase = [], 0, False
+        if applying is not None:
+            await applying
+            del applying
         # lift by omission only when this agent itself asked for the reload (its trusted
         # keys changed), never because the server says the stream was reset or is whole
         await self.apply(chunk, snapshot=complete and self._keys_changed, created=created,
