@@ -41,7 +41,6 @@ CHUNK_MAX_BYTES), a live batch is bounded in bytes too.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ipaddress
 import logging
 import random
@@ -60,6 +59,9 @@ from agent.fleet import connect as fleetconnect
 from agent.fleet.apply import Checks, Entry, Message, Outcome, Refusal
 from agent.fleet.config import server_networks
 from agent.fleet.decision import STREAM, DecisionError, Verifier, load_public_key
+from agent.fleet.reading import (CHUNK_MAX, CHUNK_MAX_BYTES, SNAPSHOT_IDLE_S, SNAPSHOT_MAX_S,
+                                 created_of, jittered, next_batch, nothing_pending,
+                                 read_latest, trim)
 from agent.report.mesh import backoff_s
 from agent.state import fleet as fleetdb
 from agent.state.store import Store
@@ -69,12 +71,6 @@ log = logging.getLogger("swarm_agent")
 STREAM_CHECK_S = 5.0        # how often the stream's state is read (reset, lag)
 RECONCILE_S = 30.0          # how often the fleet table is compared with what should be
 EXPIRE_S = 30.0             # how often run-out entries are forgotten
-CATCH_UP_WAIT_S = 0.2       # while catching up, wait this long for more to batch
-SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this long...
-SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
-CHUNK_MAX = 10_000          # a snapshot is applied in chunks of this many messages...
-CHUNK_MAX_BYTES = 4 << 20   # ... or bytes at most (a batch of _follow: 4x that), so what a
-                            # server sends never accumulates in memory
 MAX_SERVER_ALLOW = 64       # NATS server addresses allowlisted at most (configured + met)
 REFUSAL_LOG_S = 60.0        # one log line per refusal reason per minute
 RETRIED = ("issued_in_future",)   # refusals whose subject is fetched again later
@@ -215,7 +211,7 @@ class FleetSubscriber:
         try:
             js = nc.jetstream()
             info = await js.stream_info(STREAM)
-            created = _created(info)
+            created = created_of(info)
             self.stream_last_seq = info.state.last_seq
             reset = self.cursor == 0 or (self.stream_created and created != self.stream_created) \
                 or info.state.last_seq < self.cursor or self._keys_changed
@@ -265,7 +261,7 @@ class FleetSubscriber:
             size, count = size + len(m.data or b""), count + 1
             # the last sequence may be gone since (deleted, aged out): nothing pending
             # after this one says the read is whole as surely as reaching it
-            complete = seq >= last_seq or _nothing_pending(m)
+            complete = seq >= last_seq or nothing_pending(m)
             if not complete and (len(chunk) >= CHUNK_MAX or size >= CHUNK_MAX_BYTES):
                 if applying is not None:
                     await applying
@@ -280,7 +276,7 @@ class FleetSubscriber:
         await self.apply(chunk, snapshot=complete and self._keys_changed, created=created,
                          cursor=max(seq, last_seq) if complete else seq, rebase=rebase)
         del chunk
-        _trim()                 # hand the snapshot's transient memory back to the system
+        trim()                 # hand the snapshot's transient memory back to the system
         if complete:
             keys = sorted(self.verifier.keys)
             await asyncio.to_thread(fleetdb.set_trusted_keys, self.store, keys)
@@ -302,13 +298,13 @@ class FleetSubscriber:
         anti-entropy read (_audit) runs beside it."""
         checked = reconciled = expired = time.monotonic()
         retried = -RETRY_S          # the first round at once: the clock may be right now
-        audit_at = checked if audit_now else checked + _jittered(AUDIT_S)
+        audit_at = checked if audit_now else checked + jittered(AUDIT_S)
         audit: asyncio.Task[None] | None = None
         try:
             while True:
                 if not nc.is_connected:
                     raise ConnectionError("connection to NATS lost")
-                batch = await self._next_batch(sub, last_seq)
+                batch = await next_batch(sub, last_seq, self.fc.batch_max)
                 if batch:
                     await self.apply(batch, created=created)
                 now = time.monotonic()
@@ -316,10 +312,10 @@ class FleetSubscriber:
                     checked = now
                     info = await asyncio.wait_for(js.stream_info(STREAM), 3)
                     self.stream_last_seq = info.state.last_seq
-                    if _created(info) != created or info.state.last_seq < self.cursor:
+                    if created_of(info) != created or info.state.last_seq < self.cursor:
                         raise StreamReset("the decision stream was reset: loading its snapshot")
                 if now >= audit_at and (audit is None or audit.done()):
-                    audit_at = now + _jittered(AUDIT_S)
+                    audit_at = now + jittered(AUDIT_S)
                     audit = asyncio.create_task(self._audit(js))
                 if self.retry and now - retried >= RETRY_S:
                     retried = now
@@ -335,28 +331,6 @@ class FleetSubscriber:
                 audit.cancel()
                 await asyncio.gather(audit, return_exceptions=True)
 
-    async def _next_batch(self, sub: Any, last_seq: int) -> list[Message]:
-        """What arrives within a second, and while catching up (below `last_seq`) or more
-        is pending, up to batch_max messages or 4 x CHUNK_MAX_BYTES."""
-        batch: list[Message] = []
-        try:
-            m = await sub.next_msg(timeout=1.0)
-            batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-            size = len(m.data or b"")
-            while len(batch) < self.fc.batch_max and size < 4 * CHUNK_MAX_BYTES:
-                catching_up = batch[-1].seq < last_seq
-                if sub.pending_msgs == 0 and not catching_up:
-                    break
-                try:
-                    m = await sub.next_msg(timeout=CATCH_UP_WAIT_S if catching_up else 0.001)
-                except (asyncio.TimeoutError, TimeoutError):
-                    break
-                batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-                size += len(m.data or b"")
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
-        return batch
-
     async def _audit(self, js: Any) -> None:
         """Anti-entropy: read every subject's latest message (DeliverPolicy
         LAST_PER_SUBJECT) and apply, as ordinary decisions, those at or below the cursor
@@ -369,7 +343,9 @@ class FleetSubscriber:
         try:
             sub = await asyncio.wait_for(fleetconnect.subscribe_latest(js), 5)
             try:
-                read, applied = await self._read_latest(sub, self.stream_last_seq)
+                held = {e.seq for e in self.entries.values()}
+                read, applied = await read_latest(sub, self.stream_last_seq, held,
+                                                  lambda: self.cursor, self._apply_again)
             finally:
                 try:
                     await sub.unsubscribe()
@@ -384,30 +360,8 @@ class FleetSubscriber:
             log.info("fleet anti-entropy read applied decisions not held",
                      extra={"read": read, "applied": applied, "seq": self.cursor})
 
-    async def _read_latest(self, sub: Any, last_seq: int) -> tuple[int, int]:
-        """(messages read, decisions applied) of one anti-entropy read (_audit)."""
-        held = {e.seq for e in self.entries.values()}
-        chunk: list[Message] = []
-        size = read = applied = 0
-        deadline = time.monotonic() + SNAPSHOT_MAX_S
-        while time.monotonic() < deadline:
-            try:
-                m = await sub.next_msg(timeout=SNAPSHOT_IDLE_S)
-            except (asyncio.TimeoutError, TimeoutError):
-                break
-            seq, read = m.metadata.sequence.stream, read + 1
-            if seq <= self.cursor and seq not in held:
-                chunk.append(Message(seq, m.subject, m.data))
-                size += len(m.data or b"")
-            done = seq >= last_seq or _nothing_pending(m)
-            if chunk and (done or len(chunk) >= CHUNK_MAX or size >= CHUNK_MAX_BYTES):
-                applied += (await self.apply(chunk, again=True)).applied
-                chunk, size = [], 0
-            if done:
-                break
-        if chunk:
-            applied += (await self.apply(chunk, again=True)).applied
-        return read, applied
+    async def _apply_again(self, msgs: list[Message]) -> int:
+        return (await self.apply(msgs, again=True)).applied
 
     # -- applying -------------------------------------------------------------------------
 
@@ -530,31 +484,3 @@ class FleetSubscriber:
             except EnforceError as e:
                 log.error("fleet reconcile failed", extra={"error": str(e)})
             await asyncio.to_thread(self._record_rejected)
-
-
-def _trim() -> None:
-    """glibc's malloc_trim(0): a 100,000-decision snapshot's messages and nft batch are
-    freed after it, but glibc keeps the pages; elsewhere (musl) a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _jittered(period_s: float) -> float:
-    """A period spread over [0.5, 1.5) of itself, so a fleet's agents do not go in step."""
-    return period_s * (0.5 + random.random())
-
-
-def _nothing_pending(m: Any) -> bool:
-    """Whether the server said no message of the stream follows this one for its
-    consumer (JetStream metadata num_pending); False when it did not say."""
-    try:
-        return int(m.metadata.num_pending) == 0
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
-def _created(info: Any) -> str:
-    created = getattr(info, "created", None)
-    return created.isoformat() if hasattr(created, "isoformat") else str(created or "")
