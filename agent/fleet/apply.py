@@ -155,8 +155,10 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
             continue
         cur = current.get(d.target) or entries.get(d.target)
         if cur is not None and cur.id == d.id:
-            if cur.key != key:          # the same decision under another key: record it
-                current[d.target] = replace(cur, key=key)
+            # the same decision under another key or at another sequence (a recreated
+            # stream): record them, so the anti-entropy read knows it holds this message
+            if cur.key != key or cur.seq != msg.seq:
+                current[d.target] = replace(cur, key=key, seq=msg.seq)
             out.skipped += 1
             continue
         if cur is not None and d.issued_at <= cur.issued_at:

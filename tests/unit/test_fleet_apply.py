@@ -93,6 +93,16 @@ def test_a_key_change_reload_lifts_only_what_an_untrusted_key_signed():
     assert out.removed == {a.target, c.target}
 
 
+def test_the_same_decision_at_another_sequence_records_it_and_changes_nothing_else():
+    """A recreated stream holds the decisions at new sequences: the entry takes the new
+    one (the anti-entropy read skips what an entry holds, unverified)."""
+    b = block("203.0.113.7/32")
+    have = plan({}, [msg(1, b)], CHECKS, NOW).upserts
+    out = plan(have, [msg(40, b)], CHECKS, NOW + 1)
+    assert out.upserts[b.target].seq == 40 and out.skipped == 1 and not out.applied
+    assert out.upserts[b.target].applied_at == NOW and out.lifts(have) == set()
+
+
 def test_fleet_table_batches_split_hosts_from_networks_and_partition_overlaps():
     blocks = {"203.0.113.7/32": NOW + 60, "2001:db8::1/128": NOW + 60,
               "198.51.100.0/24": NOW + 60, "198.51.100.0/25": NOW + 120}
