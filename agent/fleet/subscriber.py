@@ -10,7 +10,7 @@ not name is NOT lifted on the server's word: a reset, an empty stream, "nothing 
 are what a hostile or broken NATS server says, and it cannot sign anything. Blocks end by
 a signed revoke (the mesh republishes every target's latest decision, revokes included,
 into a recreated stream) or at their own bounded expiry in the kernel. Only a local cause
-lifts by omission: a changed set of trusted keys (below). Each batch (one live message, a catch-up's worth, a snapshot) is
+lifts by omission: a changed set of trusted keys (below). Each batch (one live message, a catch-up's worth, a chunk of a snapshot) is
 verified and planned on a worker thread (agent.fleet.apply), recorded in ONE SQLite
 transaction with its cursor, then put in force in ONE nftables transaction
 (agent.enforce.fleet). Reconnects are jittered (agent.report.mesh.backoff_s); while the
