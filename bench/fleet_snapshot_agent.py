@@ -116,6 +116,12 @@ metrics:
                 deadline = t0 + 600
                 count = 0
                 while time.monotonic() < deadline:
+                    # the kernel is listed once the agent says it loaded the snapshot: a
+                    # listing of a set that fills by chunks costs up to a second of CPU,
+                    # which the agent shares on a small machine
+                    if not any("fleet snapshot loaded" in ln for ln in agent.log_lines):
+                        time.sleep(0.05)
+                        continue
                     count = in_kernel(lab.victim)
                     if count >= args.n:
                         break

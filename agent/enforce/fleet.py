@@ -301,12 +301,17 @@ class FleetEnforcer:
             add(items)
         return kept
 
-    def reconcile(self, allow: Iterable[Network], now: float) -> bool:
-        """Compare the kernel's table with what should be there; remake it when it
-        differs (missing, elements missing or extra, the allowlist changed). True when
-        something was repaired. Lists the whole table: call it on a worker thread."""
+    def reconcile(self, allow: Iterable[Network], now: float,
+                  want: Mapping[str, float] | None = None) -> bool:
+        """Compare the kernel's table with what should be there (`want`, target ->
+        expiry; None: what it holds); remake it when it differs (missing, elements
+        missing or extra, the allowlist changed). True when something was repaired.
+        Lists the whole table: call it on a worker thread."""
         allow = list(allow)
-        live = {t: e for t, e in self.blocks.items() if e > now}
+        if want is not None:
+            self.rejected = {t: why for t, why in self.rejected.items() if t in want}
+        live = {t: e for t, e in (self.blocks if want is None
+                                  else self._usable(want)).items() if e > now}
         if self.dry_run:
             self.blocks, self.allow = live, allow
             return False

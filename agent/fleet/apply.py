@@ -1,7 +1,7 @@
 """What a batch of fleet decisions does to the decisions in force: pure, no I/O, no clock.
 
 Every message goes through, in order: the envelope and signature (Verifier.open: key,
-signature, form, lifetime cap, subject, expiry), the scope (a canary decision for other
+signature, subject, form, lifetime cap, expiry), the scope (a canary decision for other
 nodes is skipped, not refused), the agent's own prefix floor, the local allowlist (a block
 overlapping loopback, this host's addresses, the management or mesh networks or any allow
 set is refused: local allowlists always win), then per target the monotonic issued_at (a
@@ -9,15 +9,22 @@ decision older than the newest applied one is refused as stale: a replayed block
 undo a revocation). A block becomes an entry in force; a revoke is kept as an entry too,
 until the block it lifted would have expired, so the stale check still has its time.
 
-A snapshot (the whole stream, after a reset) also lifts every entry whose target the
-snapshot does not name.
+Each entry records the id of the key that signed it. A complete reload after a change of
+the trusted keys (plan(..., snapshot=True)) lifts the blocks signed by a key no longer
+trusted -- unless the reload brought the same decision, or a newer one, under a trusted
+key -- and nothing else: a key only added lifts nothing, whatever the server omits.
+Entries applied before keys were recorded (key '') are lifted by such a reload only when
+a key trusted before is gone (or which were trusted is unknown) and the reload did not
+vouch for them under a trusted key: the agent cannot tell whether the removed key signed
+them, and a removed key is the operator's word against its decisions.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Collection, Iterable, Mapping, Sequence
 
 from agent.fleet.decision import Decision, DecisionError, Verifier
 
@@ -61,6 +68,7 @@ class Entry:
     applied_at: float
     reason: str = ""
     provenance: str = "{}"     # JSON text, as stored
+    key: str = ""              # the id of the key that signed it ('': not recorded)
 
     @property
     def blocking(self) -> bool:
@@ -120,15 +128,17 @@ def local_refusal(d: Decision, checks: Checks) -> str | None:
 
 
 def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Checks,
-         now: float, *, snapshot: bool = False, cursor: int = 0) -> Outcome:
-    """The outcome of applying `messages` (in stream order) on top of `entries`."""
+         now: float, *, snapshot: bool = False, cursor: int = 0,
+         keys_before: Collection[str] | None = None) -> Outcome:
+    """The outcome of applying `messages` (in stream order) on top of `entries`.
+    `snapshot`: they end a complete reload after a change of trusted keys (`keys_before`:
+    the key ids trusted until then, None: not known); see the module docstring."""
     out = Outcome(cursor=cursor)
-    current = dict(entries)
-    named: set[str] = set()
+    current = out.upserts         # looked up first, then `entries` (no copy of 100,000)
     for msg in messages:
         out.cursor = max(out.cursor, msg.seq)
         try:
-            d = checks.verifier.open(msg.body, msg.subject, now, checks.max_lifetime_s)
+            d, key = checks.verifier.open_signed(msg.body, msg.subject, now, checks.max_lifetime_s)
         except DecisionError as e:
             out.refusals.append(Refusal(msg.seq, msg.subject, "", reason_of(e), str(e)[:200]))
             continue
@@ -137,16 +147,18 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
             out.refusals.append(Refusal(msg.seq, msg.subject, "", "malformed",
                                         f"cannot be read: {type(e).__name__}: {e}"[:200]))
             continue
-        named.add(d.target)
         if not d.applies_to(checks.node_id):
             out.skipped += 1
             continue
         if d.action == "block" and (why := local_refusal(d, checks)):
-            named.discard(d.target)      # a snapshot's refused block lifts what we had
             out.refusals.append(Refusal(msg.seq, msg.subject, d.target, why, _why(why, d)))
             continue
-        cur = current.get(d.target)
+        cur = current.get(d.target) or entries.get(d.target)
         if cur is not None and cur.id == d.id:
+            # the same decision under another key or at another sequence (a recreated
+            # stream): record them, so the anti-entropy read knows it holds this message
+            if cur.key != key or cur.seq != msg.seq:
+                current[d.target] = replace(cur, key=key, seq=msg.seq)
             out.skipped += 1
             continue
         if cur is not None and d.issued_at <= cur.issued_at:
@@ -156,19 +168,25 @@ def plan(entries: Mapping[str, Entry], messages: Iterable[Message], checks: Chec
             continue
         entry = Entry(d.target, d.id, d.action, float(d.issued_at), float(d.expires_at),
                       msg.seq, now, d.reason[:200],
-                      json.dumps(d.provenance, sort_keys=True)[:2000])
+                      json.dumps(d.provenance, sort_keys=True)[:2000], key)
         current[d.target] = entry
-        out.upserts[d.target] = entry
-        out.removed.discard(d.target)
         out.applied += 1
     if snapshot:
-        for target in set(current) - named:
-            if current[target].action == "revoke":
-                continue        # kept to its expiry: a replayed block stays stale
+        for target in untrusted({**entries, **current}, checks.verifier.keys, keys_before):
             out.upserts.pop(target, None)
             if target in entries:
                 out.removed.add(target)
     return out
+
+
+def untrusted(entries: Mapping[str, Entry], keys: Collection[str],
+              keys_before: Collection[str] | None) -> list[str]:
+    """The blocks a complete reload after a change of trusted keys lifts (the module
+    docstring): signed by a key not in `keys`, or by no recorded key when one of
+    `keys_before` is gone. Revokes stay to their expiry: a replayed block stays stale."""
+    key_gone = keys_before is None or bool(set(keys_before) - set(keys))
+    return [t for t, e in entries.items() if e.blocking
+            and (e.key not in keys if e.key else key_gone)]
 
 
 def _why(reason: str, d: Decision) -> str:
@@ -177,6 +195,13 @@ def _why(reason: str, d: Decision) -> str:
     return f"{d.target} overlaps this node's allowlist (local allowlists always win)"
 
 
-def expired(entries: Mapping[str, Entry], now: float) -> list[str]:
-    """Targets whose entry has run out (its block expired in the kernel by itself)."""
-    return [t for t, e in entries.items() if e.expires_at <= now]
+FORGET_AFTER_S = 7 * 86400.0   # an entry is forgotten this long after it ran out
+
+
+def expired(entries: Mapping[str, Entry], now: float,
+            margin_s: float = FORGET_AFTER_S) -> list[str]:
+    """Targets whose entry ran out more than `margin_s` ago (its block expired in the
+    kernel by itself). The margin is for the wall clock: a step forward (a bad NTP answer)
+    must not delete blocks and revoke tombstones for good; the entries wait, and
+    blocks(now) takes them back when the clock is right again."""
+    return [t for t, e in entries.items() if e.expires_at + margin_s <= now]

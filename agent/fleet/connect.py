@@ -69,3 +69,11 @@ async def subscribe(js: Any, start_seq: int | None) -> Any:
                               deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                               config=ConsumerConfig(opt_start_seq=start_seq),
                               idle_heartbeat=IDLE_HEARTBEAT_S)
+
+
+async def subscribe_latest(js: Any) -> Any:
+    """An ordered consumer of every subject's latest decision (the agent's anti-entropy
+    read). Ephemeral, like the others: the node user may create no other kind."""
+    return await js.subscribe(f"{SUBJECT_PREFIX}.>", stream=STREAM, ordered_consumer=True,
+                              deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                              idle_heartbeat=IDLE_HEARTBEAT_S)

@@ -8,10 +8,11 @@ A decision is one JSON object, signed by the mesh with Ed25519 over its canonica
 
 The stream keeps one message per subject (the latest decision per target wins); a revoke
 is a decision on the same subject. What an agent checks, in order, before it acts: the
-envelope parses, the key id is one it trusts, the signature verifies, the fields are
-well formed (a network with no host bits, an action it knows, a lifetime within its cap),
-the message came on the subject its target names (a signed decision replayed on another
-target's subject must not supersede that target's latest), and it has not expired. The
+envelope parses, the key id is one it trusts, the signature verifies, the message came
+on the subject its target names (a signed decision replayed on another target's subject
+must not supersede that target's latest), the fields are well formed (a network with no
+host bits, an action it knows, a lifetime within its cap, not issued in the future), and
+it has not expired. The
 caller also keeps, per target, the newest `issued_at` it applied and ignores anything
 older: a signed block replayed after its revocation changes nothing.
 
@@ -199,6 +200,14 @@ def generate_key(private_path: str | Path, public_path: str | Path) -> str:
     return key_id(key.public_key())
 
 
+def _subject_of(target: Any) -> str | None:
+    """The subject of a target in normal form; None for anything else (check() says why)."""
+    try:
+        return subject_for(normalize_target(target))
+    except (DecisionError, ValueError, TypeError):
+        return None
+
+
 class Signer:
     """The mesh's side: signs decisions into envelopes."""
 
@@ -224,6 +233,12 @@ class Verifier:
              max_lifetime_s: float = MAX_LIFETIME_S) -> Decision:
         """The decision in an envelope received on `subject`, verified and checked; raises
         DecisionError with the reason otherwise. Expired decisions are refused too."""
+        return self.open_signed(body, subject, now, max_lifetime_s)[0]
+
+    def open_signed(self, body: bytes, subject: str, now: float,
+                    max_lifetime_s: float = MAX_LIFETIME_S) -> tuple[Decision, str]:
+        """open(), and the id of the key that signed it (the agent records it with the
+        entry: a change of trusted keys lifts only what an untrusted key signed)."""
         if len(body) > MAX_BODY_BYTES:
             raise DecisionError(f"message of {len(body)} bytes is over {MAX_BODY_BYTES}")
         try:
@@ -246,9 +261,13 @@ class Verifier:
             decision = Decision.from_dict(env["d"])
         except TypeError as e:
             raise DecisionError(f"malformed decision: {e}") from None
+        # The subject before the times: a genuine decision copied onto other subjects is
+        # refused as such, never as "issued in the future" (which is fetched again later:
+        # copies would fill the re-fetch list and push the real subject out).
+        own = _subject_of(decision.target)
+        if own is not None and subject != own:
+            raise DecisionError(f"came on {subject}, but its target's subject is {own}")
         decision.check(now, max_lifetime_s)
-        if subject != decision.subject:
-            raise DecisionError(f"came on {subject}, but its target's subject is {decision.subject}")
         if decision.expires_at <= now:
             raise DecisionError("expired")
-        return decision
+        return decision, env["k"]

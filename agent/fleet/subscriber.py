@@ -10,7 +10,7 @@ not name is NOT lifted on the server's word: a reset, an empty stream, "nothing 
 are what a hostile or broken NATS server says, and it cannot sign anything. Blocks end by
 a signed revoke (the mesh republishes every target's latest decision, revokes included,
 into a recreated stream) or at their own bounded expiry in the kernel. Only a local cause
-lifts by omission: a changed set of trusted keys (below). Each batch (one live message, a catch-up's worth, a snapshot) is
+lifts by omission: a changed set of trusted keys (below). Each batch (one live message, a catch-up's worth, a chunk of a snapshot) is
 verified and planned on a worker thread (agent.fleet.apply), recorded in ONE SQLite
 transaction with its cursor, then put in force in ONE nftables transaction
 (agent.enforce.fleet). Reconnects are jittered (agent.report.mesh.backoff_s); while the
@@ -26,12 +26,21 @@ the clock allows, dropped once applied or superseded, a repeat refusal not recor
 again. A decision signed by a key not trusted yet (the mesh rotated its key before the
 agents) cannot pass without a restart that adds the key: the key ids the last complete
 snapshot was verified with are recorded, and a start with a different set loads the
-whole stream again as a snapshot (a removed key's decisions are lifted by it too).
+whole stream again as a snapshot, which ends by lifting the blocks only a removed key
+signed (each entry records its key: agent.fleet.apply); a key only added lifts nothing.
+
+What a server leaves out is fetched again: at each session start (unless a snapshot was
+just read) and every AUDIT_S, jittered, the anti-entropy read (_audit) takes every
+subject's latest message and applies, as ordinary decisions, those this agent does not
+hold -- a revoke or block a relay withheld while the cursor moved on, a decision refused
+as expired while the clock was ahead. Entries are forgotten only FORGET_AFTER_S (7 days)
+after they run out, so a forward step of the wall clock lifts nothing for good. Nothing
+a server sends accumulates: a snapshot or read is applied in chunks (CHUNK_MAX messages,
+CHUNK_MAX_BYTES), a live batch is bounded in bytes too.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import ipaddress
 import logging
 import random
@@ -50,6 +59,9 @@ from agent.fleet import connect as fleetconnect
 from agent.fleet.apply import Checks, Entry, Message, Outcome, Refusal
 from agent.fleet.config import server_networks
 from agent.fleet.decision import STREAM, DecisionError, Verifier, load_public_key
+from agent.fleet.reading import (CHUNK_MAX, CHUNK_MAX_BYTES, SNAPSHOT_IDLE_S, SNAPSHOT_MAX_S,
+                                 created_of, jittered, next_batch, nothing_pending,
+                                 read_latest, trim)
 from agent.report.mesh import backoff_s
 from agent.state import fleet as fleetdb
 from agent.state.store import Store
@@ -59,15 +71,13 @@ log = logging.getLogger("swarm_agent")
 STREAM_CHECK_S = 5.0        # how often the stream's state is read (reset, lag)
 RECONCILE_S = 30.0          # how often the fleet table is compared with what should be
 EXPIRE_S = 30.0             # how often run-out entries are forgotten
-CATCH_UP_WAIT_S = 0.2       # while catching up, wait this long for more to batch
-SNAPSHOT_IDLE_S = 2.0       # a snapshot load ends when the stream is quiet this long...
-SNAPSHOT_MAX_S = 120.0      # ... or after this long whatever
 MAX_SERVER_ALLOW = 64       # NATS server addresses allowlisted at most (configured + met)
 REFUSAL_LOG_S = 60.0        # one log line per refusal reason per minute
 RETRIED = ("issued_in_future",)   # refusals whose subject is fetched again later
 RETRY_S = 30.0              # how often they are
 RETRY_MAX = 1000            # subjects remembered at most (the oldest go first)
 RETRY_BATCH = 100           # fetched per round at most
+AUDIT_S = 600.0             # every subject's latest is read again about this often
 
 
 class StreamReset(Exception):
@@ -112,6 +122,7 @@ class FleetSubscriber:
         self.snapshots_incomplete = 0
         self.retry: dict[str, None] = {}      # subjects to fetch again (an ordered set)
         self._keys_changed = False
+        self._keys_before: list[str] | None = None
         self.last_batch: dict[str, float] = {}
         self._logged: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -129,7 +140,8 @@ class FleetSubscriber:
                         extra={"names": unresolved})
         self.entries = fleetdb.entries(self.store)
         self.cursor, self.stream_created = fleetdb.cursor(self.store)
-        self._keys_changed = fleetdb.trusted_keys(self.store) != sorted(self.verifier.keys)
+        self._keys_before = fleetdb.trusted_keys(self.store)
+        self._keys_changed = self._keys_before != sorted(self.verifier.keys)
         for subject in reversed(fleetdb.refused_subjects(self.store, RETRIED,
                                                          now - self.fc.max_lifetime_s, RETRY_MAX)):
             self._remember(subject)
@@ -199,7 +211,7 @@ class FleetSubscriber:
         try:
             js = nc.jetstream()
             info = await js.stream_info(STREAM)
-            created = _created(info)
+            created = created_of(info)
             self.stream_last_seq = info.state.last_seq
             reset = self.cursor == 0 or (self.stream_created and created != self.stream_created) \
                 or info.state.last_seq < self.cursor or self._keys_changed
@@ -215,7 +227,7 @@ class FleetSubscriber:
                 await self._snapshot(sub, info.state.last_seq, created, info.state.messages)
             else:
                 sub = await fleetconnect.subscribe(js, self.cursor + 1)
-            await self._follow(js, nc, sub, created, info.state.last_seq)
+            await self._follow(js, nc, sub, created, info.state.last_seq, audit_now=not reset)
         finally:
             self.connected = False
             try:
@@ -224,15 +236,20 @@ class FleetSubscriber:
                 pass
 
     async def _snapshot(self, sub: Any, last_seq: int, created: str, messages: int = -1) -> None:
-        """Read the whole stream (up to its last sequence at connect) and apply it. After a
-        change of the trusted keys a complete read is the whole set of decisions: what it
-        does not name is lifted; otherwise nothing is lifted by omission. One that ends early (SNAPSHOT_IDLE_S without a message, SNAPSHOT_MAX_S in
-        all) applies what it read as ordinary decisions, lifts nothing and sets the cursor
-        to the last message read, so the consumer goes on from there. `messages`: how many
-        the stream held at connect (0: empty, the snapshot is complete unread)."""
-        msgs: list[Message] = []
-        deadline = time.monotonic() + SNAPSHOT_MAX_S
-        seq = 0
+        """Read the whole stream (up to its last sequence at connect) and apply it, in
+        chunks (CHUNK_MAX messages or CHUNK_MAX_BYTES: a hostile server streaming junk
+        costs a chunk of memory, not what it sends), each with the cursor it reaches and
+        lifting nothing. After a change of the trusted keys a complete read ends by lifting
+        what only a key no longer trusted signed (agent.fleet.apply); otherwise nothing is
+        lifted by omission. One that ends early (SNAPSHOT_IDLE_S without a message,
+        SNAPSHOT_MAX_S in all) leaves the cursor at the last message read, so the consumer
+        goes on from there. `messages`: how many the stream held at connect (0: empty, the
+        snapshot is complete unread)."""
+        chunk: list[Message] = []
+        size = count = seq = 0
+        rebase = True               # the first chunk's cursor replaces the old stream's
+        applying: asyncio.Task[Outcome] | None = None   # a chunk applied while the next
+        deadline = time.monotonic() + SNAPSHOT_MAX_S    # is read (two in memory at most)
         complete = messages == 0 or last_seq == 0
         while not complete and time.monotonic() < deadline:
             try:
@@ -240,21 +257,30 @@ class FleetSubscriber:
             except (asyncio.TimeoutError, TimeoutError):
                 break
             seq = m.metadata.sequence.stream
-            msgs.append(Message(seq, m.subject, m.data))
+            chunk.append(Message(seq, m.subject, m.data))
+            size, count = size + len(m.data or b""), count + 1
             # the last sequence may be gone since (deleted, aged out): nothing pending
             # after this one says the read is whole as surely as reaching it
-            complete = seq >= last_seq or _nothing_pending(m)
+            complete = seq >= last_seq or nothing_pending(m)
+            if not complete and (len(chunk) >= CHUNK_MAX or size >= CHUNK_MAX_BYTES):
+                if applying is not None:
+                    await applying
+                applying = asyncio.create_task(self.apply(chunk, created=created, cursor=seq,
+                                                          rebase=rebase))
+                chunk, size, rebase = [], 0, False
+        if applying is not None:
+            await applying
+            del applying
         # lift by omission only when this agent itself asked for the reload (its trusted
         # keys changed), never because the server says the stream was reset or is whole
-        await self.apply(msgs, snapshot=complete and self._keys_changed, created=created,
-                         cursor=max(seq, last_seq) if complete else seq, rebase=True)
-        count = len(msgs)
-        del msgs
-        _trim()                 # hand the snapshot's transient memory back to the system
+        await self.apply(chunk, snapshot=complete and self._keys_changed, created=created,
+                         cursor=max(seq, last_seq) if complete else seq, rebase=rebase)
+        del chunk
+        trim()                 # hand the snapshot's transient memory back to the system
         if complete:
             keys = sorted(self.verifier.keys)
             await asyncio.to_thread(fleetdb.set_trusted_keys, self.store, keys)
-            self._keys_changed = False
+            self._keys_changed, self._keys_before = False, keys
             self.snapshots += 1
             log.info("fleet snapshot loaded", extra={"messages": count, "seq": self.cursor,
                                                      "in_force": len(self.blocks(self._clock()))})
@@ -264,47 +290,78 @@ class FleetSubscriber:
                         "last message", extra={"messages": count, "seq": self.cursor,
                                                "stream_last_seq": last_seq})
 
-    async def _follow(self, js: Any, nc: Any, sub: Any, created: str, last_seq: int) -> None:
+    async def _follow(self, js: Any, nc: Any, sub: Any, created: str, last_seq: int,
+                      audit_now: bool = True) -> None:
         """Apply what arrives, batched; every STREAM_CHECK_S look at the stream (a reset
-        ends the session: the next one loads the snapshot), run out entries, reconcile."""
+        ends the session: the next one loads the snapshot), run out entries, reconcile;
+        at the start (unless a snapshot was just read) and every AUDIT_S, jittered, the
+        anti-entropy read (_audit) runs beside it."""
         checked = reconciled = expired = time.monotonic()
         retried = -RETRY_S          # the first round at once: the clock may be right now
-        while True:
-            if not nc.is_connected:
-                raise ConnectionError("connection to NATS lost")
-            batch: list[Message] = []
+        audit_at = checked if audit_now else checked + jittered(AUDIT_S)
+        audit: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if not nc.is_connected:
+                    raise ConnectionError("connection to NATS lost")
+                batch = await next_batch(sub, last_seq, self.fc.batch_max)
+                if batch:
+                    await self.apply(batch, created=created)
+                now = time.monotonic()
+                if now - checked >= STREAM_CHECK_S:
+                    checked = now
+                    info = await asyncio.wait_for(js.stream_info(STREAM), 3)
+                    self.stream_last_seq = info.state.last_seq
+                    if created_of(info) != created or info.state.last_seq < self.cursor:
+                        raise StreamReset("the decision stream was reset: loading its snapshot")
+                if now >= audit_at and (audit is None or audit.done()):
+                    audit_at = now + jittered(AUDIT_S)
+                    audit = asyncio.create_task(self._audit(js))
+                if self.retry and now - retried >= RETRY_S:
+                    retried = now
+                    await self._retry(js)
+                if now - expired >= EXPIRE_S:
+                    expired = now
+                    await self.forget_expired()
+                if now - reconciled >= RECONCILE_S:
+                    reconciled = now
+                    await self.reconcile()
+        finally:
+            if audit is not None:
+                audit.cancel()
+                await asyncio.gather(audit, return_exceptions=True)
+
+    async def _audit(self, js: Any) -> None:
+        """Anti-entropy: read every subject's latest message (DeliverPolicy
+        LAST_PER_SUBJECT) and apply, as ordinary decisions, those at or below the cursor
+        that this agent does not hold (the consumer brings the rest). A message a server
+        once left out (a revoke, a block), or one refused while the clock was wrong, is
+        applied so. It lifts nothing by omission; a message whose sequence an entry holds
+        is not verified again, so 100,000 decisions cost their receipt. Bounded: chunks
+        of CHUNK_MAX or CHUNK_MAX_BYTES, SNAPSHOT_MAX_S in all. A failure is logged: the
+        next round comes."""
+        try:
+            sub = await asyncio.wait_for(fleetconnect.subscribe_latest(js), 5)
             try:
-                m = await sub.next_msg(timeout=1.0)
-                batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-                while len(batch) < self.fc.batch_max:
-                    catching_up = batch[-1].seq < last_seq
-                    if sub.pending_msgs == 0 and not catching_up:
-                        break
-                    try:
-                        m = await sub.next_msg(timeout=CATCH_UP_WAIT_S if catching_up else 0.001)
-                    except (asyncio.TimeoutError, TimeoutError):
-                        break
-                    batch.append(Message(m.metadata.sequence.stream, m.subject, m.data))
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
-            if batch:
-                await self.apply(batch, created=created)
-            now = time.monotonic()
-            if now - checked >= STREAM_CHECK_S:
-                checked = now
-                info = await asyncio.wait_for(js.stream_info(STREAM), 3)
-                self.stream_last_seq = info.state.last_seq
-                if _created(info) != created or info.state.last_seq < self.cursor:
-                    raise StreamReset("the decision stream was reset: loading its snapshot")
-            if self.retry and now - retried >= RETRY_S:
-                retried = now
-                await self._retry(js)
-            if now - expired >= EXPIRE_S:
-                expired = now
-                await self.forget_expired()
-            if now - reconciled >= RECONCILE_S:
-                reconciled = now
-                await self.reconcile()
+                held = {e.seq for e in self.entries.values()}
+                read, applied = await read_latest(sub, self.stream_last_seq, held,
+                                                  lambda: self.cursor, self._apply_again)
+            finally:
+                try:
+                    await sub.unsubscribe()
+                except Exception:   # noqa: BLE001 -- the consumer goes with its session
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:      # noqa: BLE001 -- any failure: the next round
+            log.warning("fleet anti-entropy read failed", extra={"error": f"{type(e).__name__}: {e}"})
+            return
+        if applied:
+            log.info("fleet anti-entropy read applied decisions not held",
+                     extra={"read": read, "applied": applied, "seq": self.cursor})
+
+    async def _apply_again(self, msgs: list[Message]) -> int:
+        return (await self.apply(msgs, again=True)).applied
 
     # -- applying -------------------------------------------------------------------------
 
@@ -351,7 +408,8 @@ class FleetSubscriber:
         checks = Checks(self.verifier, self.node_id, list(self._allow()),
                         {4: self.fc.max_prefix_v4, 6: self.fc.max_prefix_v6},
                         self.fc.max_lifetime_s)
-        outcome = fleetapply.plan(self.entries, msgs, checks, now, snapshot=snapshot, cursor=cursor)
+        outcome = fleetapply.plan(self.entries, msgs, checks, now, snapshot=snapshot,
+                                  cursor=cursor, keys_before=self._keys_before)
         for r in outcome.refusals:
             if r.reason in RETRIED and r.subject:
                 self._remember(r.subject)
@@ -418,31 +476,11 @@ class FleetSubscriber:
     async def reconcile(self) -> None:
         async with self._lock:
             try:
-                if await asyncio.to_thread(self.enforcer.reconcile, list(self._allow()), self._clock()):
+                now = self._clock()     # what the entries want: a block the wall clock
+                # passed by a forward step is back in force when the clock is right again
+                if await asyncio.to_thread(self.enforcer.reconcile, list(self._allow()), now,
+                                           self.blocks(now)):
                     log.warning("fleet table repaired", extra={"in_force": len(self.enforcer.blocks)})
             except EnforceError as e:
                 log.error("fleet reconcile failed", extra={"error": str(e)})
             await asyncio.to_thread(self._record_rejected)
-
-
-def _trim() -> None:
-    """glibc's malloc_trim(0): a 100,000-decision snapshot's messages and nft batch are
-    freed after it, but glibc keeps the pages; elsewhere (musl) a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _nothing_pending(m: Any) -> bool:
-    """Whether the server said no message of the stream follows this one for its
-    consumer (JetStream metadata num_pending); False when it did not say."""
-    try:
-        return int(m.metadata.num_pending) == 0
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
-def _created(info: Any) -> str:
-    created = getattr(info, "created", None)
-    return created.isoformat() if hasattr(created, "isoformat") else str(created or "")

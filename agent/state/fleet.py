@@ -1,5 +1,5 @@
 """Fleet decisions in the store (tables fleet_decisions, fleet_cursor, fleet_refusals;
-migration 7 in agent/state/schema.py), and the proposals queued for the mesh.
+migrations 7 and 8 in agent/state/schema.py), and the proposals queued for the mesh.
 
 A batch of decisions (one live message, or a whole catch-up or snapshot) is one
 transaction: its entries, the cursor it reaches and its refusals commit together, so
@@ -17,12 +17,16 @@ from agent.fleet.apply import Entry, Outcome, Refusal
 from agent.state.store import Store
 
 _COLUMNS = ("target", "id", "action", "issued_at", "expires_at", "seq", "applied_at",
-            "reason", "provenance")
+            "reason", "provenance", "key_id")
 
 
 def entries(store: Store) -> dict[str, Entry]:
     rows = store._read(f"SELECT {','.join(_COLUMNS)} FROM fleet_decisions")
     return {r[0]: Entry(*r) for r in rows}
+
+
+def _row(e: Entry) -> tuple[Any, ...]:
+    return (*(getattr(e, c) for c in _COLUMNS[:-1]), e.key)
 
 
 def cursor(store: Store) -> tuple[int, str]:
@@ -40,8 +44,7 @@ def commit(store: Store, outcome: Outcome, stream_created: str, at: float, keep:
         if outcome.upserts:
             db.executemany(f"INSERT OR REPLACE INTO fleet_decisions ({','.join(_COLUMNS)}) "
                            f"VALUES ({','.join('?' * len(_COLUMNS))})",
-                           [tuple(getattr(e, c) for c in _COLUMNS)
-                            for e in outcome.upserts.values()])
+                           [_row(e) for e in outcome.upserts.values()])
         db.execute("INSERT OR REPLACE INTO fleet_cursor (id, seq, stream_created, updated_at) "
                    "VALUES (1, ?, ?, ?)", (outcome.cursor, stream_created, at))
         _refusals(db, outcome.refusals, at, keep)

@@ -130,5 +130,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             subject TEXT NOT NULL, target TEXT NOT NULL DEFAULT '', reason TEXT NOT NULL,
             detail TEXT NOT NULL DEFAULT '')""",
     ),
+    (
+        # The id of the mesh key that signed each applied fleet decision: after a change of
+        # fleet.keys only what a key no longer trusted signed is lifted. Rows from before
+        # have '' (agent.fleet.apply.plan says how those are treated).
+        "ALTER TABLE fleet_decisions ADD COLUMN key_id TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

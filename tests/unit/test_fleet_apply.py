@@ -67,12 +67,40 @@ def test_scope_canary_for_others_is_skipped_not_refused():
     assert not out.upserts and not out.refusals and out.skipped == 1
 
 
-def test_a_snapshot_lifts_what_it_does_not_name():
-    have = plan({}, [msg(1, block("203.0.113.1/32")), msg(2, block("203.0.113.2/32"))],
-                CHECKS, NOW).upserts
-    out = plan(have, [msg(7, block("203.0.113.2/32", at=NOW + 1))], CHECKS, NOW + 1, snapshot=True)
-    assert out.removed == {"203.0.113.1/32"} and set(out.blocks()) == {"203.0.113.2/32"}
-    assert out.lifts(have) == {"203.0.113.1/32"}
+def test_a_key_change_reload_lifts_only_what_an_untrusted_key_signed():
+    """After fleet.keys changed, a complete reload lifts the blocks of a key no longer
+    trusted that it did not bring again under a trusted key, and nothing else."""
+    from dataclasses import replace
+    from agent.fleet.decision import key_id
+
+    both = Checks(Verifier([KEY.public_key(), OTHER.public_key()]), "node-a")
+    a, b, c = block("203.0.113.1/32"), block("203.0.113.2/32"), block("203.0.113.3/32")
+    have = plan({}, [msg(1, a), msg(2, b), msg(3, c, Signer(OTHER))], both, NOW).upserts
+    assert have[a.target].key == key_id(KEY.public_key())
+    # OTHER is kept, KEY added: nothing is lifted, whatever the reload omits
+    assert not plan(have, [], both, NOW + 1, snapshot=True, keys_before=[key_id(OTHER.public_key())]).removed
+    # KEY removed: its block a goes; b, re-signed by the kept key, stays (key recorded)
+    only_other = Checks(Verifier([OTHER.public_key()]), "node-a")
+    out = plan(have, [msg(7, b, Signer(OTHER))], only_other, NOW + 1, snapshot=True,
+               keys_before=sorted(both.verifier.keys))
+    assert out.removed == {a.target} and out.upserts[b.target].key == key_id(OTHER.public_key())
+    # entries from before keys were recorded: kept while every key trusted before is
+    keyless = {t: replace(e, key="") for t, e in have.items()}
+    assert not plan(keyless, [], both, NOW + 1, snapshot=True,
+                    keys_before=sorted(both.verifier.keys)).removed
+    out = plan(keyless, [msg(7, b, Signer(OTHER))], only_other, NOW + 1, snapshot=True,
+               keys_before=sorted(both.verifier.keys))
+    assert out.removed == {a.target, c.target}
+
+
+def test_the_same_decision_at_another_sequence_records_it_and_changes_nothing_else():
+    """A recreated stream holds the decisions at new sequences: the entry takes the new
+    one (the anti-entropy read skips what an entry holds, unverified)."""
+    b = block("203.0.113.7/32")
+    have = plan({}, [msg(1, b)], CHECKS, NOW).upserts
+    out = plan(have, [msg(40, b)], CHECKS, NOW + 1)
+    assert out.upserts[b.target].seq == 40 and out.skipped == 1 and not out.applied
+    assert out.upserts[b.target].applied_at == NOW and out.lifts(have) == set()
 
 
 def test_fleet_table_batches_split_hosts_from_networks_and_partition_overlaps():

@@ -103,3 +103,23 @@ def test_the_mesh_and_nats_servers_are_the_agent_tables_infrastructure(tmp_path)
         get_extra_info=lambda what: ("192.0.2.44", 4222))))
     assert sub._allow_server(peer)
     assert ipaddress.ip_network("192.0.2.44/32") in nets      # the agent's table sees it too
+
+
+def test_a_block_lifted_by_a_forward_clock_step_is_put_back_when_the_clock_returns(tmp_path):
+    """The entry outlives the step (forgotten a margin after it ran out) and reconcile puts
+    what the entries want back in the fleet table, not only what the table held."""
+    now = {"t": T0}
+    sub, store = subscriber(tmp_path, lambda: now["t"], [pem(tmp_path, KEY, "k.pub")])
+    d = Decision("block", "203.0.113.3/32", T0, T0 + 3600)
+    try:
+        asyncio.run(sub.apply([Message(1, d.subject, Signer(KEY).envelope(d))]))
+        assert d.target in sub.enforcer.blocks
+        now["t"] = T0 + 2 * 86400                           # the step forward
+        asyncio.run(sub.forget_expired())
+        asyncio.run(sub.reconcile())
+        assert sub.enforcer.blocks == {}
+        now["t"] = T0 + 60                                  # corrected
+        asyncio.run(sub.reconcile())
+        assert d.target in sub.enforcer.blocks and fleetdb.entries(store)[d.target].key
+    finally:
+        store.close()
