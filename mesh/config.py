@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,14 @@ def split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
     return host, int(port)
 
 
+def shown_url(url: str) -> str:
+    """A store URL for messages and logs, its secrets masked: the password of
+    user:password@ and of libpq's ?password= / ?sslpassword= parameters."""
+    url = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    return printable(re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", url,
+                            flags=re.IGNORECASE))
+
+
 def store_kind(url: str) -> str:
     """"sqlite" or "postgresql" for a store URL or path; raises for anything else."""
     if url.startswith(("postgresql://", "postgres://")):
@@ -205,7 +214,7 @@ def store_kind(url: str) -> str:
         return "sqlite"
     if "://" in url or not url:
         raise MeshConfigError(f"store must be sqlite:///PATH, a file path or postgresql://... "
-                              f"(got {printable(url)!r})")
+                              f"(got {shown_url(url)!r})")
     return "sqlite"
 
 

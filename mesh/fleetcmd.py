@@ -69,8 +69,16 @@ def _nats_config(args: argparse.Namespace, cfg: MeshConfig) -> int:
     return cli.EXIT_OK
 
 
+LOGIN_VAR = "SWARM_MESH_LOGIN"      # set by the packaged launcher (packaging/swarm-mesh)
+
+
 def operator_of(args: argparse.Namespace) -> str:
-    return args.operator or os.environ.get("SUDO_USER") or getpass.getuser()
+    """Who decides, for the record: --operator, else the login the packaged launcher
+    names when it drops from root to the service user (whose USER and LOGNAME it sets),
+    else sudo's caller, else the login name. Each is a claim of whoever ran the command
+    (the launcher's, root's), not a proof."""
+    return (args.operator or os.environ.get(LOGIN_VAR) or os.environ.get("SUDO_USER")
+            or getpass.getuser())
 
 
 def _decide(args: argparse.Namespace, cfg: MeshConfig, revoke: bool) -> int:

@@ -3,12 +3,18 @@ health, reflection), from a certificate that a node revocation covers is refused
 PERMISSION_DENIED before its handler runs (mesh/revocation.py says which certificates).
 
 The check is per call, not per connection, so a channel a node opened before it was
-revoked is cut at its next call. The node's latest revocation time is read from the store
-at most once every CACHE_S per node name; Store.record_reports checks again inside the
-transaction that would store a batch, so no report of a revoked certificate is stored in
-that window either (and what it finds is learnt here). When the store cannot be read the last known time is used, else the
-call goes on to its handler: Report then fails on the store itself (UNAVAILABLE, the node
-keeps its batch), and health and reflection say nothing a revoked node could use.
+revoked is cut at its next call; a streaming call (reflection, health's Watch) is checked
+again before each message it reads or writes, so a stream opened before the revocation
+ends at its next message. A certificate that names no node (mesh/identity.py: the mesh's
+own server certificate among them) is refused UNAUTHENTICATED on every service.
+
+The node's latest revocation time is read from the store at most once every CACHE_S per
+node name (a message of a stream costs a dictionary look); Store.record_reports checks
+again inside the transaction that would store a batch, so no report of a revoked
+certificate is stored in that window either (and what it finds is learnt here). When the
+store cannot be read the last known time is used, else the call goes on to its handler:
+Report then fails on the store itself (UNAVAILABLE, the node keeps its batch), and health
+and reflection say nothing a revoked node could use.
 """
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ CACHE_MAX = 10_000
 
 class RevocationGate(grpc.aio.ServerInterceptor):
     """`store.node_revoked_at(node)` is read through a small cache; `on_refused(who,
-    revoked_at)` is told of each refused call (to count it and log it once)."""
+    revoked_at)` is told of each refused call (to count it and log it once), and
+    `on_unidentified(error, context)` of each call refused for its certificate."""
 
     def __init__(self, store: Any, on_refused: Callable[[identity.Identity, float], None],
-                 cache_s: float = CACHE_S, clock: Callable[[], float] = time.monotonic):
-        self.store, self.on_refused = store, on_refused
+                 cache_s: float = CACHE_S, clock: Callable[[], float] = time.monotonic,
+                 on_unidentified: Callable[[identity.IdentityError, Any], None] | None = None):
+        self.store, self.on_refused, self.on_unidentified = store, on_refused, on_unidentified
         self.cache_s, self.clock = cache_s, clock
         self._cache: dict[str, tuple[float | None, float]] = {}
 
@@ -43,30 +51,51 @@ class RevocationGate(grpc.aio.ServerInterceptor):
         for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             inner = getattr(handler, name)
             if inner is not None:
-                return handler._replace(**{name: self._guard(inner)})
+                return handler._replace(**{name: self._guard(inner, name.startswith("stream"))})
         return handler
 
-    def _guard(self, inner: Callable) -> Callable:
+    def _guard(self, inner: Callable, streamed_requests: bool) -> Callable:
+        """The handler behind the gate: checked when the call starts, and a streaming
+        call again before each message it reads or writes (a stream opened before the
+        revocation ends at its next message)."""
         if inspect.isasyncgenfunction(inner):
             async def streamed(request, context):
-                await self.check(context)
+                who = await self.check(context)
+                if streamed_requests:
+                    request = self._each_checked(request, who, context)
                 async for item in inner(request, context):
+                    await self.recheck(who, context)
                     yield item
             return streamed
 
         async def called(request, context):
-            await self.check(context)
+            who = await self.check(context)
+            if streamed_requests:
+                request = self._each_checked(request, who, context)
             result = inner(request, context)
             return await result if inspect.isawaitable(result) else result
         return called
 
-    async def check(self, context) -> None:
-        """Aborts the call when its certificate is revoked. A caller that cannot be
-        identified goes on: the handler refuses it with the reason (UNAUTHENTICATED)."""
+    async def _each_checked(self, requests, who: identity.Identity, context):
+        async for request in requests:
+            await self.recheck(who, context)
+            yield request
+
+    async def check(self, context) -> identity.Identity:
+        """The caller, unless its certificate names no node (UNAUTHENTICATED, with the
+        reason: the mesh's own server certificate, say) or is revoked (PERMISSION_DENIED):
+        then the call is aborted, on every service."""
         try:
             who = identity.from_auth_context(context.auth_context())
-        except identity.IdentityError:
-            return
+        except identity.IdentityError as e:
+            if self.on_unidentified is not None:
+                self.on_unidentified(e, context)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        await self.recheck(who, context)
+        return who
+
+    async def recheck(self, who: identity.Identity, context) -> None:
+        """Aborts the call when `who`'s certificate is revoked (a cache look, mostly)."""
         revoked_at = await self.revoked_at(who.node)
         if revocation.covers(revoked_at, who.not_before):
             self.on_refused(who, revoked_at)

@@ -13,7 +13,9 @@ are decided by the decider's periodic sweep.
 
 A revoked node's certificate (`swarm-mesh node-revoke`) is refused on every call with
 PERMISSION_DENIED (mesh/gate.py, and again inside the batch's transaction), counted in
-`revoked_calls` and logged once per certificate.
+`revoked_calls` and logged once per certificate; a certificate that names no node (the
+mesh's own server certificate, say: mesh/identity.py) is refused UNAUTHENTICATED on every
+call, counted in `refused_calls`.
 
 Health (grpc.health.v1) and reflection are served beside it; a pruning task forgets
 processed report ids after cfg.report_ids_keep_s, proposals after cfg.proposals_keep_s and
@@ -80,13 +82,17 @@ class ReportingService(mesh_pb2_grpc.MeshReportingServicer):
                    provider=who.provider, not_before=revocation.iso(who.not_before),
                    revoked_at=revocation.iso(revoked_at))
 
+    def refused_unidentified(self, error: identity.IdentityError, context) -> None:
+        """A call whose certificate names no node was refused: counted, logged once."""
+        self.counters["refused_calls"] += 1
+        self._once(("identity", str(error)), "call refused: caller not identified",
+                   peer=context.peer(), error=str(error))
+
     async def Report(self, request: mesh_pb2.ReportBatch, context) -> mesh_pb2.ReportAck:
-        try:
+        try:                 # the gate refused it already; this server may run without one
             who = identity.from_auth_context(context.auth_context())
         except identity.IdentityError as e:
-            self.counters["refused_calls"] += 1
-            self._once(("identity", str(e)), "report refused: caller not identified",
-                       peer=context.peer(), error=str(e))
+            self.refused_unidentified(e, context)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         if not who.provider:
             self._once(("no-provider", who.node), "node certificate names no provider (O)",
@@ -190,7 +196,8 @@ class MeshServer:
                                                 require_client_auth=True)
         except (RuntimeError, ValueError) as e:
             raise StartError(f"TLS files not usable: {e}") from None
-        self.service.gate = RevocationGate(self.store, self.service.refused_revoked)
+        self.service.gate = RevocationGate(self.store, self.service.refused_revoked,
+                                           on_unidentified=self.service.refused_unidentified)
         server = grpc.aio.server(interceptors=[self.service.gate], options=[
             ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),              # a second service must not share the port

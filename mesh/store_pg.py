@@ -6,11 +6,11 @@ answers UNAVAILABLE and the agent retries) and is opened again by the next one.
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from agent.yamlsafe import printable
+from mesh.config import shown_url
 from mesh.schema import SCHEMA_VERSION, upgrade_statements
 from mesh.store import Cursor, Store, StoreAbsent, StoreError
 
@@ -24,11 +24,6 @@ CONNECT_TIMEOUT_S = 10
 _SCHEMA_LOCK = 7_443_001
 # With a node name's hash: one node's batches and revocations (mesh/revocation.py).
 _NODE_LOCK = 7_443_002
-
-
-def _shown(url: str) -> str:
-    """The URL without its password, for messages."""
-    return printable(re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url))
 
 
 def _sentence(e: Exception) -> str:
@@ -68,7 +63,7 @@ class PgStore(Store):
             self._schema(create)
         except psycopg2.Error as e:
             self._close()
-            raise StoreError(f"cannot use store {_shown(url)}: {_sentence(e)}") from None
+            raise StoreError(f"cannot use store {shown_url(url)}: {_sentence(e)}") from None
         except StoreError:
             self._close()
             raise
@@ -77,7 +72,7 @@ class PgStore(Store):
         try:
             self._conn = psycopg2.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg2.Error as e:
-            raise StoreError(f"cannot connect to store {_shown(self.url)}: {_sentence(e)}") \
+            raise StoreError(f"cannot connect to store {shown_url(self.url)}: {_sentence(e)}") \
                 from None
 
     def _schema(self, create: bool) -> None:
@@ -92,12 +87,12 @@ class PgStore(Store):
                 row = cur.fetchone()
                 version = int(row[0]) if row else None
             if version is not None and version > SCHEMA_VERSION:
-                raise StoreError(f"store {_shown(self.url)} has schema version {version}, "
+                raise StoreError(f"store {shown_url(self.url)} has schema version {version}, "
                                  f"newer than this mesh service's {SCHEMA_VERSION}")
             if version == SCHEMA_VERSION:
                 return
             if not create:
-                shown = _shown(self.url)
+                shown = shown_url(self.url)
                 if version is None:
                     raise StoreAbsent(f"store {shown} is not a mesh store (no schema)")
                 raise StoreError(f"store {shown} has schema version {version}, older than "
@@ -129,9 +124,9 @@ class PgStore(Store):
                 yield _PgCursor(cur)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
             self._close()                        # the next transaction connects again
-            raise StoreError(f"store {_shown(self.url)}: {_sentence(e)}") from None
+            raise StoreError(f"store {shown_url(self.url)}: {_sentence(e)}") from None
         except psycopg2.Error as e:
-            raise StoreError(f"store {_shown(self.url)}: {_sentence(e)}") from None
+            raise StoreError(f"store {shown_url(self.url)}: {_sentence(e)}") from None
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from mesh import views
-from mesh.config import MeshConfig, MeshConfigError, from_dict, load, split_listen, store_kind
+from mesh.config import (MeshConfig, MeshConfigError, from_dict, load, shown_url, split_listen,
+                         store_kind)
 
 
 def test_defaults_and_the_decision_services_sections_are_kept_as_dicts(tmp_path: Path):
@@ -72,6 +73,15 @@ def test_listen_and_store_forms():
     assert split_listen("0.0.0.0:0") == ("0.0.0.0", 0)
     assert store_kind("postgres://u@h/db") == "postgresql"
     assert store_kind("sqlite:///x.db") == store_kind("x.db") == "sqlite"
+
+
+def test_a_store_url_is_shown_without_its_passwords():
+    assert shown_url("postgresql://mesh:pw1@db/mesh?sslpassword=pw2&sslmode=verify-full"
+                     "&PASSWORD=pw3") == ("postgresql://mesh:***@db/mesh?sslpassword=***"
+                                          "&sslmode=verify-full&PASSWORD=***")
+    with pytest.raises(MeshConfigError) as e:
+        store_kind("postgresql+psycopg2://mesh:pw1@db/mesh")
+    assert "pw1" not in str(e.value)
 
 
 def test_the_fleet_view_marks_stale_nodes_and_cleans_what_nodes_sent():

@@ -85,3 +85,43 @@ def test_the_fleet_figures_come_from_the_store_and_the_service(store: Store):
         assert got[("swarm_mesh_reports_total", ())] == 7
     finally:
         m.close()
+
+
+def test_connections_beyond_the_cap_get_a_503_and_scrapes_go_on_once_the_idle_ones_leave():
+    """agent/report/promserve.py: idle connections hold at most MAX_HANDLERS threads; the
+    next one (accepted after them, in order) is answered 503 at once; once the idle ones
+    close, their threads end and a scrape is served."""
+    import socket
+    import time
+    import urllib.error
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from agent.report import promserve
+
+    registry = CollectorRegistry()
+    Counter("probe", "a sample", registry=registry).inc()
+    server = promserve.serve_registry(registry, "127.0.0.1:0")
+    host, port = server.server_address[:2]
+    try:
+        idle = [socket.create_connection((host, port), timeout=5)
+                for _ in range(promserve.MAX_HANDLERS)]
+        try:
+            with socket.create_connection((host, port), timeout=5) as extra:
+                assert extra.recv(200).startswith(b"HTTP/1.0 503")
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 5
+        while True:                      # the idle ones' threads see EOF and end
+            try:
+                text = urllib.request.urlopen(f"http://{host}:{port}/metrics",
+                                              timeout=5).read().decode()
+                break
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and time.monotonic() < deadline
+                time.sleep(0.01)
+        assert "probe_total 1.0" in text
+    finally:
+        server.shutdown()
+        server.server_close()
