@@ -323,7 +323,7 @@ def test_finding_idle_connections_to_the_metrics_port_pin_a_thread_each_without_
         before = threading.active_count()
         for _ in range(8):        # 5 at a time: the listen backlog is 5 (no SYN retries)
             socks += [socket.create_connection(metrics.address, timeout=2) for _ in range(5)]
-            deadline = time.monotonic() + 1
+            deadline = time.monotonic() + 0.25     # a thread starts in milliseconds
             while time.monotonic() < deadline and \
                     threading.active_count() - before < len(socks):
                 time.sleep(0.01)
