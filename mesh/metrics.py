@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent import __version__
-from agent.report.promserve import serve_registry
+from agent.report.promserve import Endpoint
 from mesh.store import LATEST, LIVE_STATES, Store, StoreError
 
 log = logging.getLogger("swarm_mesh")
@@ -75,7 +75,7 @@ _REFUSAL_KIND = ("CASE " + " ".join("WHEN reason LIKE ? THEN ?" for _ in REFUSAL
                  + " ELSE 'other' END")
 
 
-class MeshMetrics:
+class MeshMetrics(Endpoint):
     """The registry and its HTTP server. `counters()` gives the reporting API's counters,
     `decider` and `embedded` (optional) the decision service and the embedded nats-server."""
 
@@ -85,20 +85,6 @@ class MeshMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(store, counters, decider, embedded, stale_s, clock))
         self._server: Any = None
-
-    def serve(self, listen: str) -> None:
-        """Raises OSError when `listen` cannot be bound."""
-        self._server = serve_registry(self.registry, listen)
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        return self._server.server_address[:2] if self._server else None
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 class _Collector:

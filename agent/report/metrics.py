@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.model import Event, Finding, Incident, MitigationKind
 from agent.report.gpumetrics import GpuCollector
-from agent.report.promserve import serve_registry
+from agent.report.promserve import Endpoint
 from agent.state.store import Store
 
 log = logging.getLogger("swarm_agent")
@@ -37,7 +37,7 @@ LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 3
 _SEEN_MAX = 100_000       # incidents remembered so each latency is observed once
 
 
-class Metrics:
+class Metrics(Endpoint):
     """The agent's metrics. `observe_event` is called by the pipeline, `observe` is the
     responder's observer hook; `losses()` gives the probe's lost ring-buffer events,
     `unparsed()` the packets its parser could not follow by reason, and `outbox`
@@ -121,21 +121,6 @@ class Metrics:
             self.delivered.labels(kind).inc(n)
 
     # -- serving -------------------------------------------------------------------------
-
-    def serve(self, listen: str) -> None:
-        """Serve /metrics on `listen` ("host:port", "[v6]:port") in a daemon thread;
-        raises OSError when the address cannot be bound."""
-        self._server = serve_registry(self.registry, listen)
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        return self._server.server_address[:2] if self._server else None
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 def _first(seen: OrderedDict[str, None], key: str) -> bool:

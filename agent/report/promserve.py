@@ -85,3 +85,25 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:   # no access log on stderr
         pass
+
+
+class Endpoint:
+    """A registry served on demand: the agent's Metrics and the mesh's MeshMetrics."""
+
+    registry: CollectorRegistry
+    _server: Any = None
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on `listen` ("host:port", "[v6]:port") in a daemon thread;
+        raises OSError when the address cannot be bound."""
+        self._server = serve_registry(self.registry, listen)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self._server.server_address[:2] if self._server else None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
