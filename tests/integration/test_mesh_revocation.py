@@ -106,7 +106,6 @@ def test_a_revoked_node_is_cut_at_its_next_call_and_comes_back_only_with_a_new_c
             await server.stop()
             store.close()
 
-    caplog.set_level(logging.WARNING, logger="swarm_mesh")
     async def agent_is_told(port: int) -> str:
         """The agent's own reporter, with the revoked certificate: refused, and it says why."""
         for name, data in (("node.pem", pki.cert_pem(old_cert)), ("node.key", pki.key_pem(old_key))):
@@ -128,6 +127,7 @@ def test_a_revoked_node_is_cut_at_its_next_call_and_comes_back_only_with_a_new_c
         assert box.depth()["heartbeat"] >= 1               # heartbeats stay queued
         return reporter.refused
 
+    caplog.set_level(logging.WARNING, logger="swarm_mesh")
     cut, health, back, still, told, counters = asyncio.run(run())
     assert "gpu-1's certificate was revoked" in told
     for e in (cut, health, still):

@@ -20,23 +20,10 @@ from mesh.revocation import NodeRevoked
 from mesh.schema import SCHEMA_VERSION
 from mesh.store import Store, StoreError, open_store
 from tests.pgcluster import pg_cluster, pg_url  # noqa: F401  (fixtures)
+from tests.unit.test_mesh_store import store, store_url  # noqa: F401  (fixtures: both backends)
 
 T0 = 1_800_000_000.0
 OLD, NEW = T0 - 86400, T0 + 1        # notBefore of a node's certificate before / after
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/mesh.db"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-def store(store_url: str):
-    s = open_store(store_url)
-    yield s
-    s.close()
 
 
 @pytest.fixture
