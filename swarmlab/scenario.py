@@ -30,7 +30,7 @@ from swarmlab.lab import Lab
 
 SERVICE_PORT = 8080
 NETWORK_RULES = Path(agent.__file__).resolve().parent / "rules" / "network.yaml"
-READY_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 60.0     # an agent is ready in a few seconds; this is for a loaded host
 # Mitigations that were put in force at some point (not failed, not dry-run).
 APPLIED_STATES = frozenset({MitigationState.ACTIVE, MitigationState.EXPIRED,
                             MitigationState.LIFTED})
