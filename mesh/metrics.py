@@ -84,7 +84,6 @@ class MeshMetrics(Endpoint):
                  clock: Callable[[], float] = time.time):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(store, counters, decider, embedded, stale_s, clock))
-        self._server: Any = None
 
 
 class _Collector:
